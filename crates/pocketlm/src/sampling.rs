@@ -1,0 +1,1 @@
+//! Sampling: a chain of logit processors, then a draw.
