@@ -163,7 +163,12 @@ impl GroupParams {
     }
 
     /// A candle tensor of `shape` in the stored dtype.
-    fn to_tensor(&self, shape: &[usize], device: &Device, name: &str) -> Result<Tensor, QuantError> {
+    fn to_tensor(
+        &self,
+        shape: &[usize],
+        device: &Device,
+        name: &str,
+    ) -> Result<Tensor, QuantError> {
         let t = match self {
             Self::F32(v) => Tensor::from_slice(v, shape, device),
             Self::F16(v) => Tensor::from_slice(v, shape, device),
@@ -294,7 +299,7 @@ impl AffineQuantized {
         let mut expected_scales = lead.to_vec();
         expected_scales.push(words * 32 / bits);
         expected_scales[lead.len()] /= group_size;
-        if (words * 32) % (bits * group_size) != 0 || sdims != expected_scales.as_slice() {
+        if !(words * 32).is_multiple_of(bits * group_size) || sdims != expected_scales.as_slice() {
             return Err(QuantError::ShapeMismatch {
                 name: "scales".into(),
                 expected: expected_scales,
@@ -479,6 +484,11 @@ impl AffineQuantized {
 /// `bias` = the value and all codes 0 (all-zero groups: `scale = -1e-7`, `bias = 0`). Note
 /// that `scale` is negative when `|w_max| >= |w_min|`.
 ///
+/// Round-trip error (f32 parameters, up to f32 rounding): `|w - dequantized| <= |scale| / 2`
+/// for values whose code is below `n_bins`, but only `<= |scale|` in general: making `edge`
+/// exact can shrink `|scale|` (by at most a factor `1 - 1 / n_bins`), so the value at the other
+/// end of the group may need a code past `n_bins` and be clamped.
+///
 /// Errors: unsupported `bits` / `group_size`, `cols % group_size != 0`, `w.len() !=
 /// rows * cols`, a NaN or infinite value in `w` (MLX would produce garbage silently).
 pub fn quantize(
@@ -551,7 +561,12 @@ pub fn quantized_matmul(x: &[f32], m: usize, q: &AffineQuantized) -> Result<Vec<
     let k = q.cols;
     let n = q.rows;
     let len = checked_len("x", m, k)?;
-    check_len("x", x.len(), len, &format!("[{m}, {k}] (k = in features of the weight)"))?;
+    check_len(
+        "x",
+        x.len(),
+        len,
+        &format!("[{m}, {k}] (k = in features of the weight)"),
+    )?;
     if m == 0 || n == 0 {
         return Ok(vec![0f32; m * n]);
     }
@@ -601,8 +616,8 @@ pub fn quantize_tensor(
             rank: dims.len(),
         });
     }
-    let dtype =
-        ParamDtype::from_candle(w.dtype()).ok_or_else(|| unsupported_float_dtype("w", w.dtype()))?;
+    let dtype = ParamDtype::from_candle(w.dtype())
+        .ok_or_else(|| unsupported_float_dtype("w", w.dtype()))?;
     let cols = dims[dims.len() - 1];
     check_aligned("w", cols, group_size)?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -620,7 +635,9 @@ pub fn quantize_tensor(
     gshape[last] = q.groups_per_row();
     Ok((
         weight.reshape(wshape).map_err(candle_err("weight"))?,
-        scales.reshape(gshape.clone()).map_err(candle_err("scales"))?,
+        scales
+            .reshape(gshape.clone())
+            .map_err(candle_err("scales"))?,
         biases.reshape(gshape).map_err(candle_err("biases"))?,
     ))
 }
@@ -790,7 +807,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn check_aligned(name: &str, cols: usize, group_size: usize) -> Result<(), QuantError> {
-    if cols % group_size != 0 {
+    if !cols.is_multiple_of(group_size) {
         return Err(QuantError::NotGroupAligned {
             name: name.into(),
             cols,
@@ -902,7 +919,7 @@ mod tests {
                 let n_bins = (1u32 << bits) - 1;
                 for r in 0..rows {
                     let c = codes(&q, r);
-                    for col in 0..cols {
+                    for (col, &code) in c.iter().enumerate() {
                         let g = r * q.groups_per_row() + col / gs;
                         let s = q.scales().get(g).unwrap().abs();
                         let b = q.biases().get(g).unwrap().abs();
@@ -913,7 +930,7 @@ mod tests {
                             err <= s + round,
                             "bits {bits} gs {gs} row {r} col {col}: err {err} > scale {s}"
                         );
-                        if c[col] < n_bins {
+                        if code < n_bins {
                             assert!(
                                 err <= 0.5 * s + round,
                                 "bits {bits} gs {gs} row {r} col {col}: err {err} > scale/2 {s}"
@@ -935,7 +952,10 @@ mod tests {
         // and bias are rounded: the error grows by n_bins * |Δscale| + |Δbias|.
         let (rows, cols) = (5, 128);
         let w = weight(11, rows, cols);
-        for (dtype, unit) in [(ParamDtype::F16, 2f32.powi(-11)), (ParamDtype::BF16, 2f32.powi(-8))] {
+        for (dtype, unit) in [
+            (ParamDtype::F16, 2f32.powi(-11)),
+            (ParamDtype::BF16, 2f32.powi(-8)),
+        ] {
             for bits in [4, 8] {
                 let q = quantize(&w, rows, cols, 32, bits, dtype).unwrap();
                 let deq = q.dequantize();
@@ -990,7 +1010,9 @@ mod tests {
         let mut y = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] = (0..k).map(|l| x[i * k + l] as f64 * w[j * k + l] as f64).sum();
+                y[i * n + j] = (0..k)
+                    .map(|l| x[i * k + l] as f64 * w[j * k + l] as f64)
+                    .sum();
             }
         }
         y
@@ -1017,7 +1039,10 @@ mod tests {
                                 .sum();
                             let tol = k as f64 * f32::EPSILON as f64 * mag + 1e-30;
                             let d = (y[i * n + j] as f64 - reference[i * n + j]).abs();
-                            assert!(d <= tol, "bits {bits} gs {gs} n {n} k {k} m {m}: {d} > {tol}");
+                            assert!(
+                                d <= tol,
+                                "bits {bits} gs {gs} n {n} k {k} m {m}: {d} > {tol}"
+                            );
                         }
                     }
                     cases += 1;
@@ -1033,7 +1058,9 @@ mod tests {
         let q = quantize(&w, 2, 64, 64, 4, ParamDtype::F32).unwrap();
         assert!(q.matmul(&[], 0).unwrap().is_empty());
         let err = q.matmul(&[0.0; 63], 1).unwrap_err();
-        assert!(matches!(err, QuantError::LengthMismatch { ref name, expected: 64, got: 63, .. } if name == "x"));
+        assert!(
+            matches!(err, QuantError::LengthMismatch { ref name, expected: 64, got: 63, .. } if name == "x")
+        );
     }
 
     #[test]
@@ -1043,12 +1070,29 @@ mod tests {
         assert!(matches!(err, QuantError::UnsupportedBits { bits: 7 }));
         assert!(err.to_string().contains("bits = 7"));
         let err = quantize(&w, 2, 64, 16, 4, ParamDtype::F32).unwrap_err();
-        assert!(matches!(err, QuantError::UnsupportedGroupSize { group_size: 16 }));
+        assert!(matches!(
+            err,
+            QuantError::UnsupportedGroupSize { group_size: 16 }
+        ));
         let w96 = vec![0.5f32; 96];
         let err = quantize(&w96, 1, 96, 64, 4, ParamDtype::F32).unwrap_err();
-        assert!(matches!(err, QuantError::NotGroupAligned { cols: 96, group_size: 64, .. }));
+        assert!(matches!(
+            err,
+            QuantError::NotGroupAligned {
+                cols: 96,
+                group_size: 64,
+                ..
+            }
+        ));
         let err = quantize(&w, 3, 64, 64, 4, ParamDtype::F32).unwrap_err();
-        assert!(matches!(err, QuantError::LengthMismatch { expected: 192, got: 128, .. }));
+        assert!(matches!(
+            err,
+            QuantError::LengthMismatch {
+                expected: 192,
+                got: 128,
+                ..
+            }
+        ));
         let mut bad = w.clone();
         bad[70] = f32::NAN;
         let err = quantize(&bad, 2, 64, 64, 4, ParamDtype::F32).unwrap_err();
@@ -1059,19 +1103,30 @@ mod tests {
         let (wq, s, b) = (q.weight().to_vec(), q.scales().clone(), q.biases().clone());
         let err = AffineQuantized::from_parts(wq[1..].to_vec(), s.clone(), b.clone(), 2, 64, 32, 3)
             .unwrap_err();
-        assert!(matches!(err, QuantError::LengthMismatch { ref name, expected: 12, got: 11, .. } if name == "weight"));
+        assert!(
+            matches!(err, QuantError::LengthMismatch { ref name, expected: 12, got: 11, .. } if name == "weight")
+        );
         let err = AffineQuantized::from_parts(wq.clone(), s.clone(), b.clone(), 2, 64, 64, 3)
             .unwrap_err();
-        assert!(matches!(err, QuantError::LengthMismatch { ref name, expected: 2, got: 4, .. } if name == "scales"));
+        assert!(
+            matches!(err, QuantError::LengthMismatch { ref name, expected: 2, got: 4, .. } if name == "scales")
+        );
         let b32 = GroupParams::F32(b.to_f32_vec());
-        let err = AffineQuantized::from_parts(wq.clone(), s.clone(), b32, 2, 64, 32, 3).unwrap_err();
+        let err =
+            AffineQuantized::from_parts(wq.clone(), s.clone(), b32, 2, 64, 32, 3).unwrap_err();
         assert!(matches!(err, QuantError::UnsupportedDtype { ref name, .. } if name == "biases"));
         let back = AffineQuantized::from_parts(wq, s, b, 2, 64, 32, 3).unwrap();
         assert_eq!(back, q);
 
         let mut row = vec![0f32; 64];
-        assert!(matches!(q.dequantize_row(2, &mut row), Err(QuantError::RowOutOfRange { row: 2, rows: 2 })));
-        assert!(matches!(q.dequantize_row(0, &mut row[..10]), Err(QuantError::LengthMismatch { .. })));
+        assert!(matches!(
+            q.dequantize_row(2, &mut row),
+            Err(QuantError::RowOutOfRange { row: 2, rows: 2 })
+        ));
+        assert!(matches!(
+            q.dequantize_row(0, &mut row[..10]),
+            Err(QuantError::LengthMismatch { .. })
+        ));
         q.dequantize_row(1, &mut row).unwrap();
         assert_eq!(row, q.dequantize()[64..]);
     }
@@ -1107,7 +1162,10 @@ mod tests {
         assert!(matches!(e, QuantError::UnsupportedDtype { ref name, .. } if name == "weight"));
         // bits that do not match the packed width
         let e = dequantize_tensor(&wq, &s, &b, 32, 4).unwrap_err();
-        assert!(matches!(e, QuantError::ShapeMismatch { ref name, .. } if name == "scales"), "{e}");
+        assert!(
+            matches!(e, QuantError::ShapeMismatch { ref name, .. } if name == "scales"),
+            "{e}"
+        );
         let e = dequantize_tensor(&wq, &s, &b.narrow(2, 0, 1)?, 32, 6).unwrap_err();
         assert!(matches!(e, QuantError::ShapeMismatch { ref name, .. } if name == "biases"));
         let e = dequantize_tensor(&wq, &s, &b.to_dtype(DType::F32)?, 32, 6).unwrap_err();

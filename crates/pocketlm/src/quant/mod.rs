@@ -20,7 +20,9 @@ pub enum QuantError {
         bits: usize,
     },
     /// A group size the format does not define.
-    #[error("unsupported group_size = {group_size}; MLX affine quantization supports 32, 64 and 128")]
+    #[error(
+        "unsupported group_size = {group_size}; MLX affine quantization supports 32, 64 and 128"
+    )]
     UnsupportedGroupSize {
         /// The group size requested.
         group_size: usize,
