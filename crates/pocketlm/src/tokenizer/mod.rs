@@ -258,8 +258,8 @@ impl Tokenizer {
                 )
             })
         };
-        let bos = token_field("bos_token")?;
-        let eos = token_field("eos_token")?;
+        let mut bos = token_field("bos_token")?;
+        let mut eos = token_field("eos_token")?;
         let unk = token_field("unk_token")?;
         let pad = token_field("pad_token")?;
 
@@ -303,13 +303,24 @@ impl Tokenizer {
                 };
                 let plain = probe(false)?;
                 let with = probe(true)?;
-                let added_front = with.len() > plain.len() && with.get(1..) == Some(&plain[..]);
-                let added_back = with.len() > plain.len() && with.starts_with(&plain);
-                let first = with.first().copied();
-                let last = with.last().copied();
-                let add_bos = added_front && (bos.is_none() || first == bos);
-                let add_eos = !added_front && added_back && (eos.is_none() || last == eos);
-                (add_bos, add_eos)
+                // Where the plain ids sit inside the post-processed ones.
+                let at = (0..=with.len().saturating_sub(plain.len()))
+                    .find(|&k| with[k..].starts_with(&plain))
+                    .ok_or_else(|| {
+                        file_err(
+                            tokenizer_json,
+                            format!("post-processor changed the ids: {plain:?} -> {with:?}"),
+                        )
+                    })?;
+                let front = (at > 0).then(|| with[0]);
+                let back = (with.len() > at + plain.len()).then(|| with[with.len() - 1]);
+                // Without a configured token, the one the post-processor adds is taken.
+                bos = bos.or(front);
+                eos = eos.or(back);
+                (
+                    front.is_some() && front == bos,
+                    back.is_some() && back == eos,
+                )
             }
         };
         if add_bos && bos.is_none() && mode == SpecialsMode::Manual {
@@ -525,24 +536,38 @@ mod tests {
         tokenizers::Tokenizer::new(model)
     }
 
-    /// Writes `tokenizer.json` (the single-byte GPT-2 vocabulary, optionally with a
-    /// post-processor adding `<|endoftext|>` in front) and, if given, `tokenizer_config.json`.
-    fn hf_folder(post_processor: bool, config: Option<&str>) -> tempfile::TempDir {
+    /// A `TemplateProcessing` post-processor: `<|endoftext|>` in front, and at the end too if
+    /// `both`.
+    fn template(both: bool) -> serde_json::Value {
+        let special = serde_json::json!({"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}});
+        let mut single = vec![
+            special.clone(),
+            serde_json::json!({"Sequence": {"id": "A", "type_id": 0}}),
+        ];
+        if both {
+            single.push(special);
+        }
+        serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": single,
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [256], "tokens": ["<|endoftext|>"]}}
+        })
+    }
+
+    /// Writes `tokenizer.json` (the single-byte GPT-2 vocabulary, with the given
+    /// post-processor) and, if given, `tokenizer_config.json`.
+    fn hf_folder(
+        post_processor: Option<serde_json::Value>,
+        config: Option<&str>,
+    ) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("tempdir");
         let tok = Tokenizer::from_gguf_metadata(&super::test_util::single_byte_gpt2())
             .expect("tokenizer");
         let mut json: serde_json::Value =
             serde_json::from_str(&tok.inner().to_string(false).expect("serialize")).expect("json");
-        if post_processor {
-            json["post_processor"] = serde_json::json!({
-                "type": "TemplateProcessing",
-                "single": [
-                    {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
-                    {"Sequence": {"id": "A", "type_id": 0}}
-                ],
-                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [256], "tokens": ["<|endoftext|>"]}}
-            });
+        if let Some(pp) = post_processor {
+            json["post_processor"] = pp;
         }
         std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).expect("write");
         if let Some(cfg) = config {
@@ -563,7 +588,7 @@ mod tests {
     fn from_files_reads_specials_from_config() {
         let cfg = r#"{"bos_token": "<|endoftext|>", "add_bos_token": true,
                       "eos_token": {"content": "<|endoftext|>", "special": true}, "pad_token": null}"#;
-        let dir = hf_folder(false, Some(cfg));
+        let dir = hf_folder(None, Some(cfg));
         let tok = load(&dir, true).expect("tokenizer");
         let h = tok.token_to_id("h").expect("h");
         assert_eq!(tok.encode("h", true).expect("encode"), vec![256, h]);
@@ -582,7 +607,10 @@ mod tests {
 
     #[test]
     fn from_files_keeps_post_processor_unless_config_sets_flags() {
-        let dir = hf_folder(true, Some(r#"{"bos_token": "<|endoftext|>"}"#));
+        let dir = hf_folder(
+            Some(template(false)),
+            Some(r#"{"bos_token": "<|endoftext|>"}"#),
+        );
         let tok = load(&dir, true).expect("tokenizer");
         let h = tok.token_to_id("h").expect("h");
         assert_eq!(tok.encode("h", true).expect("encode"), vec![256, h]);
@@ -591,31 +619,41 @@ mod tests {
 
         // An explicit flag wins over the post-processor (transformers `update_post_processor`).
         let dir = hf_folder(
-            true,
+            Some(template(false)),
             Some(r#"{"bos_token": "<|endoftext|>", "add_bos_token": false}"#),
         );
         let tok = load(&dir, true).expect("tokenizer");
         assert_eq!(tok.encode("h", true).expect("encode"), vec![h]);
         assert!(!tok.add_bos());
+
+        // BOS and EOS from the post-processor, their tokens taken from it without a config.
+        let dir = hf_folder(Some(template(true)), None);
+        let tok = load(&dir, false).expect("tokenizer");
+        assert_eq!(tok.encode("h", true).expect("encode"), vec![256, h, 256]);
+        assert!(tok.add_bos() && tok.add_eos());
+        assert_eq!(
+            (tok.bos_token_id(), tok.eos_token_id()),
+            (Some(256), Some(256))
+        );
     }
 
     #[test]
     fn from_files_errors_name_file_and_field() {
-        let dir = hf_folder(false, Some(r#"{"bos_token": "<nope>"}"#));
+        let dir = hf_folder(None, Some(r#"{"bos_token": "<nope>"}"#));
         let err = load(&dir, true).expect_err("unknown bos token").to_string();
         assert!(
             err.contains("tokenizer_config.json") && err.contains("bos_token"),
             "{err}"
         );
 
-        let dir = hf_folder(false, Some(r#"{"add_bos_token": "yes"}"#));
+        let dir = hf_folder(None, Some(r#"{"add_bos_token": "yes"}"#));
         let err = load(&dir, true).expect_err("bad flag").to_string();
         assert!(
             err.contains("tokenizer_config.json") && err.contains("add_bos_token"),
             "{err}"
         );
 
-        let dir = hf_folder(false, Some(r#"{"add_bos_token": true}"#));
+        let dir = hf_folder(None, Some(r#"{"add_bos_token": true}"#));
         let err = load(&dir, true)
             .expect_err("add_bos without bos")
             .to_string();
@@ -624,7 +662,7 @@ mod tests {
             "{err}"
         );
 
-        let dir = hf_folder(false, Some("{not json"));
+        let dir = hf_folder(None, Some("{not json"));
         let err = load(&dir, true).expect_err("bad json").to_string();
         assert!(err.contains("tokenizer_config.json"), "{err}");
 
