@@ -11,7 +11,7 @@ How to run (from the repository root):
     python3 -m venv /root/venv-tmpl
     /root/venv-tmpl/bin/pip install jinja2==3.1.6 gguf==0.19.0 numpy==2.4.6
     # optional cross-check against transformers itself (used: transformers==5.23.0):
-    /root/venv-tmpl/bin/pip install transformers
+    /root/venv-tmpl/bin/pip install transformers==5.23.0
     /root/venv-tmpl/bin/python scripts/golden/chat_template.py
 
 Inputs:

@@ -1,1 +1,839 @@
 //! Sampling: a chain of logit processors, then a draw.
+//!
+//! Each step is a small pure function over a `&mut [f32]` of length `vocab` (f32 logits or
+//! log-probabilities); [`Sampler`] chains them in the order of mlx-lm
+//! (`mlx_lm/sample_utils.py`: `make_logits_processors`, then `make_sampler`; `generate_step`
+//! in between turns logits into log-probabilities):
+//!
+//! 1. NaN logits become `-inf` (never drawn), `+inf` becomes `f32::MAX` (see [`sanitize`]);
+//! 2. [`apply_repetition_penalty`] on the raw logits (when `repetition_penalty != 1`);
+//! 3. `temperature == 0`: [`argmax`] (lowest index on ties), done;
+//! 4. [`log_softmax`] (a constant shift: [`Sampler`] computes it only when top-p needs
+//!    probabilities, the other steps do not change under a shift);
+//! 5. [`apply_top_p`], [`apply_min_p`], [`apply_top_k`] on those untempered log-probabilities
+//!    (each masks tokens to `-inf`, none renormalizes, as in mlx-lm);
+//! 6. [`apply_temperature`] (multiply by `1 / temperature`) and a [`categorical`] draw.
+//!
+//! Note that, as in mlx-lm, the top-p mass is measured at temperature 1, before the
+//! temperature is applied (Hugging Face applies the temperature first).
+//!
+//! All three filters of step 5 keep a prefix of the same ranking (log-probability descending,
+//! lower token id first on ties) and measure probabilities against the full vocabulary, so
+//! [`Sampler`] may run them in any order with the same result; it runs top-k and min-p first so
+//! that top-p sees few survivors. Nothing sorts the whole vocabulary: top-k uses
+//! `select_nth_unstable` on the values, top-p a bucketed pass that sorts one bucket.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Sampling parameters, as mlx-lm's `generate` / MLX Swift's `GenerateParameters`.
+///
+/// [`Default`] is mlx-lm's CLI defaults (`mlx_lm/generate.py`: `DEFAULT_TEMP = 0.0`,
+/// `DEFAULT_TOP_P = 1.0`, `DEFAULT_MIN_P = 0.0`, `DEFAULT_TOP_K = 0`, `DEFAULT_SEED = None`),
+/// i.e. greedy decoding, plus repetition penalty off (`1.0`, mlx-lm's CLI does not apply one)
+/// with a window of 64 tokens (mlx-lm's library default window is 20).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature, `>= 0`; `0` means greedy (argmax). Default `0.0`.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of most probable tokens whose probability mass
+    /// reaches `top_p` (always at least one). In `[0, 1]`; `0` and `1` are off. Default `1.0`.
+    pub top_p: f32,
+    /// Keep only the `top_k` most probable tokens; `0` is off. Default `0`.
+    pub top_k: usize,
+    /// Keep tokens whose probability is at least `min_p` times the top token's. In `[0, 1]`;
+    /// `0` is off. Default `0.0`.
+    pub min_p: f32,
+    /// CTRL repetition penalty (`> 0`): logits of recently seen tokens are divided by it when
+    /// positive, multiplied when negative; `1` is off. Default `1.0`.
+    pub repetition_penalty: f32,
+    /// How many of the most recent tokens the repetition penalty looks at (`0`: none).
+    /// Default `64`.
+    pub repetition_context_size: usize,
+    /// Seed of the random generator; `None` seeds from the operating system. Default `None`.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            repetition_context_size: 64,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every field's range.
+    ///
+    /// Errors: [`SamplingError::InvalidParameter`] naming the field, e.g. a negative or NaN
+    /// temperature, `top_p` outside `[0, 1]`, a repetition penalty `<= 0`.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let bad = |name: &'static str, value: f32, expected: &'static str| {
+            Err(SamplingError::InvalidParameter {
+                name,
+                value: value.to_string(),
+                expected,
+            })
+        };
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", self.temperature, "a finite number >= 0");
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return bad("top_p", self.top_p, "a number in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "a number in [0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "a finite number > 0",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the sampling parameters.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplingError {
+    /// A parameter is out of its range.
+    #[error("sampling parameter `{name}` is {value}; expected {expected}")]
+    InvalidParameter {
+        /// The field of [`SamplingParams`].
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// The accepted range.
+        expected: &'static str,
+    },
+}
+
+impl From<SamplingError> for crate::Error {
+    fn from(e: SamplingError) -> Self {
+        crate::Error::InvalidArgument(e.to_string())
+    }
+}
+
+/// Draws one token per step from a model's logits with [`SamplingParams`]; owns the random
+/// generator (`StdRng`, seeded from `seed`) and scratch buffers reused across steps.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    buf: Vec<f32>,
+    values: Vec<f32>,
+    idx: Vec<u32>,
+}
+
+impl Sampler {
+    /// A sampler for `params`; the same seed gives the same tokens for the same logits.
+    ///
+    /// Errors: [`SamplingError`] when a parameter is out of range (see
+    /// [`SamplingParams::validate`]).
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Ok(Sampler {
+            params,
+            rng,
+            buf: Vec::new(),
+            values: Vec::new(),
+            idx: Vec::new(),
+        })
+    }
+
+    /// The parameters this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token id from `logits` (`[vocab]` f32, the model's last position) given
+    /// `recent_tokens` (ids of the prompt and generated text so far, oldest first; only the last
+    /// `repetition_context_size` matter). The chain is described in the module documentation.
+    ///
+    /// Never panics: NaN logits are never drawn, ids in `recent_tokens` beyond the vocabulary
+    /// are ignored, and if every logit is `-inf`/NaN (or `logits` is empty) it returns 0.
+    pub fn sample(&mut self, logits: &[f32], recent_tokens: &[u32]) -> u32 {
+        let p = &self.params;
+        self.buf.clear();
+        self.buf.extend_from_slice(logits);
+        sanitize(&mut self.buf);
+        if p.repetition_penalty != 1.0 {
+            apply_repetition_penalty(
+                &mut self.buf,
+                recent_tokens,
+                p.repetition_penalty,
+                p.repetition_context_size,
+            );
+        }
+        if p.temperature == 0.0 {
+            return argmax(&self.buf);
+        }
+        if p.top_p > 0.0 && p.top_p < 1.0 {
+            // Only top-p needs normalized probabilities; the other steps are shift-invariant.
+            log_softmax(&mut self.buf);
+        }
+        // Same result as mlx-lm's top_p -> min_p -> top_k (see the module docs), cheaper.
+        if p.top_k > 0 {
+            top_k_with(&mut self.buf, p.top_k, &mut self.values);
+        }
+        if p.min_p > 0.0 {
+            apply_min_p(&mut self.buf, p.min_p);
+        }
+        if p.top_p > 0.0 && p.top_p < 1.0 {
+            top_p_with(&mut self.buf, p.top_p, &mut self.idx);
+        }
+        apply_temperature(&mut self.buf, p.temperature);
+        categorical_in_place(&mut self.buf, &mut self.rng)
+    }
+}
+
+/// Makes logits safe for the chain: NaN becomes `-inf` (never drawn) and `+inf` becomes
+/// `f32::MAX` (so `+inf` tokens share the whole probability, without `inf - inf = NaN`).
+pub fn sanitize(logits: &mut [f32]) {
+    for l in logits.iter_mut() {
+        if l.is_nan() {
+            *l = f32::NEG_INFINITY;
+        } else if *l == f32::INFINITY {
+            *l = f32::MAX;
+        }
+    }
+}
+
+/// CTRL repetition penalty (Keskar et al. 2019, arXiv:1909.05858; as Hugging Face's
+/// `RepetitionPenaltyLogitsProcessor` and mlx-lm's `make_repetition_penalty`): for each distinct
+/// id among the last `context_size` of `recent_tokens`, a logit `< 0` is multiplied by
+/// `penalty` and a logit `>= 0` divided by it, once however often the id occurs.
+/// `logits`: `[vocab]`; ids `>= vocab` are ignored.
+pub fn apply_repetition_penalty(
+    logits: &mut [f32],
+    recent_tokens: &[u32],
+    penalty: f32,
+    context_size: usize,
+) {
+    let start = recent_tokens.len().saturating_sub(context_size);
+    let mut ids: Vec<u32> = recent_tokens[start..].to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+}
+
+/// `x - logsumexp(x)` in place (mlx-lm's `generate_step`): logits `[vocab]` to
+/// log-probabilities (`exp` in f32, summed in f64). All `-inf` input is left as it is.
+pub fn log_softmax(logits: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY || max.is_nan() {
+        return;
+    }
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| **l > f32::NEG_INFINITY)
+        .map(|&l| f64::from((l - max).exp()))
+        .sum();
+    let lse = f64::from(max) + sum.ln();
+    for l in logits.iter_mut() {
+        *l = (f64::from(*l) - lse) as f32;
+    }
+}
+
+/// Divides by the temperature (mlx-lm's `categorical_sampling`: `logits * (1 / temp)`).
+/// `temperature` must be `> 0`; other values leave `logits` unchanged.
+pub fn apply_temperature(logits: &mut [f32], temperature: f32) {
+    // Also catches NaN: it is neither `> 0` nor anything else.
+    if temperature.is_nan() || temperature <= 0.0 || temperature == 1.0 {
+        return;
+    }
+    let inv = 1.0 / temperature;
+    for l in logits.iter_mut() {
+        *l *= inv;
+    }
+}
+
+/// Ranking used by every filter: larger value first, then lower token id.
+fn rank(values: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + '_ {
+    move |a: &u32, b: &u32| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    }
+}
+
+/// Keeps the `k` largest entries of `logits` (`[vocab]`; ties go to the lower id), sets the
+/// others to `-inf` (mlx-lm's `apply_top_k`). `k == 0` or `k >=` the number of
+/// entries above `-inf`: unchanged. Linear time: `select_nth_unstable` finds the k-th value,
+/// one pass masks.
+pub fn apply_top_k(logits: &mut [f32], k: usize) {
+    top_k_with(logits, k, &mut Vec::new());
+}
+
+fn top_k_with(logits: &mut [f32], k: usize, values: &mut Vec<f32>) {
+    if k == 0 {
+        return;
+    }
+    values.clear();
+    values.extend(logits.iter().copied().filter(|l| *l > f32::NEG_INFINITY));
+    if values.len() <= k {
+        return;
+    }
+    let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let kth = *kth;
+    let greater = logits.iter().filter(|l| **l > kth).count();
+    let mut ties_left = k - greater;
+    for l in logits.iter_mut() {
+        if *l > kth {
+            continue;
+        }
+        if *l == kth && ties_left > 0 {
+            ties_left -= 1;
+            continue;
+        }
+        *l = f32::NEG_INFINITY;
+    }
+}
+
+/// Min-p (Nguyen et al. 2024, arXiv:2407.01082; mlx-lm's `apply_min_p` with
+/// `min_tokens_to_keep = 1`): sets to `-inf` every token whose probability is below
+/// `min_p * p_max`, i.e. `x < max(x) + ln(min_p)`. Works on logits or log-probabilities
+/// (`[vocab]`); the top token always stays. `min_p <= 0`: unchanged.
+pub fn apply_min_p(logprobs: &mut [f32], min_p: f32) {
+    if min_p.is_nan() || min_p <= 0.0 {
+        return;
+    }
+    let max = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY || max.is_nan() {
+        return;
+    }
+    let threshold = max + min_p.ln();
+    for l in logprobs.iter_mut() {
+        if *l < threshold {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Nucleus (top-p) filtering (Holtzman et al. 2019, arXiv:1904.09751; mlx-lm's
+/// `apply_top_p`, Hugging Face's `TopPLogitsWarper`): `logprobs` are log-probabilities
+/// (`[vocab]`, normalized over the vocabulary: use [`log_softmax`] first). Ranked by
+/// probability (ties: lower id first), a token is kept when the probability of the tokens
+/// ranked above it is `< top_p`: the smallest set whose mass reaches `top_p`, at least one
+/// token. Others become `-inf`. `top_p` outside `(0, 1)`: unchanged. Masses are `exp` in f32
+/// summed in f64.
+///
+/// Linear time: tokens go to [`TOP_P_BUCKETS`] buckets by distance to the top log-probability;
+/// only the bucket where the cumulative mass crosses `top_p` is sorted.
+pub fn apply_top_p(logprobs: &mut [f32], top_p: f32) {
+    top_p_with(logprobs, top_p, &mut Vec::new());
+}
+
+/// Number of buckets of [`apply_top_p`]; they split the `TOP_P_RANGE` nats below the top
+/// log-probability evenly, the last one also holds everything further down.
+pub const TOP_P_BUCKETS: usize = 1024;
+const TOP_P_RANGE: f32 = 32.0;
+
+fn top_p_with(logprobs: &mut [f32], top_p: f32, idx: &mut Vec<u32>) {
+    if !(top_p > 0.0 && top_p < 1.0) {
+        return;
+    }
+    let max = logprobs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY || max.is_nan() {
+        return;
+    }
+    let target = f64::from(top_p);
+    let scale = (TOP_P_BUCKETS - 1) as f32 / TOP_P_RANGE;
+    let bucket_of = |l: f32| (((max - l) * scale) as usize).min(TOP_P_BUCKETS - 1);
+    let mut mass = [0.0f64; TOP_P_BUCKETS];
+    for &l in logprobs.iter() {
+        if l > f32::NEG_INFINITY {
+            mass[bucket_of(l)] += f64::from(l.exp());
+        }
+    }
+    // The bucket where the mass of everything ranked above reaches `target`.
+    let mut above = 0.0f64;
+    let mut crossing = None;
+    for (b, m) in mass.iter().enumerate() {
+        if above + m >= target {
+            crossing = Some(b);
+            break;
+        }
+        above += m;
+    }
+    let Some(crossing) = crossing else {
+        return; // (rounding) the whole vocabulary is below `target`: keep all
+    };
+    idx.clear();
+    idx.extend(
+        (0..logprobs.len() as u32)
+            .filter(|&i| logprobs[i as usize] > f32::NEG_INFINITY)
+            .filter(|&i| bucket_of(logprobs[i as usize]) == crossing),
+    );
+    idx.sort_unstable_by(rank(logprobs));
+    // Inside the crossing bucket: keep while the mass ranked above is < target.
+    let mut first_dropped = idx.len();
+    for (pos, &i) in idx.iter().enumerate() {
+        if above >= target {
+            first_dropped = pos;
+            break;
+        }
+        above += f64::from(logprobs[i as usize].exp());
+    }
+    for &i in &idx[first_dropped..] {
+        logprobs[i as usize] = f32::NEG_INFINITY;
+    }
+    for l in logprobs.iter_mut() {
+        if *l > f32::NEG_INFINITY && bucket_of(*l) > crossing {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Index of the largest value, the lowest index on ties; NaN never wins. Returns 0 when there
+/// is no value above `-inf` (or `logits` is empty).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best_value {
+            best = i;
+            best_value = l;
+        }
+    }
+    best as u32
+}
+
+/// Draws an index with probability `softmax(logits)` (`[vocab]`; `-inf` and NaN have
+/// probability 0) from one uniform `f64` of `rng`, by inverse CDF in index order (weights
+/// `exp(x - max)` in f32, summed in f64). Falls back to [`argmax`] when nothing is drawable.
+pub fn categorical<R: Rng + ?Sized>(logits: &[f32], rng: &mut R) -> u32 {
+    categorical_in_place(&mut logits.to_vec(), rng)
+}
+
+/// [`categorical`], overwriting `logits` with the unnormalized weights (no allocation).
+fn categorical_in_place<R: Rng + ?Sized>(logits: &mut [f32], rng: &mut R) -> u32 {
+    let fallback = argmax(logits);
+    let max = logits
+        .get(fallback as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    if max == f32::NEG_INFINITY || max.is_nan() {
+        return fallback;
+    }
+    let mut total = 0.0f64;
+    for l in logits.iter_mut() {
+        // NaN and -inf give weight 0.
+        *l = if *l > f32::NEG_INFINITY {
+            (*l - max).exp()
+        } else {
+            0.0
+        };
+        total += f64::from(*l);
+    }
+    if !(total > 0.0 && total.is_finite()) {
+        return fallback;
+    }
+    let target = rng.random::<f64>() * total;
+    let mut acc = 0.0f64;
+    let mut last = fallback;
+    for (i, &w) in logits.iter().enumerate() {
+        if w > 0.0 {
+            acc += f64::from(w);
+            last = i as u32;
+            if target < acc {
+                return last;
+            }
+        }
+    }
+    // Rounding left `target` at the very end: the last drawable index.
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEG: f32 = f32::NEG_INFINITY;
+
+    fn kept(values: &[f32]) -> Vec<usize> {
+        values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v > NEG)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn logprobs_of(probs: &[f64]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln() as f32).collect()
+    }
+
+    /// A pseudo-random logit vector (fixed seed) with ties and a wide range.
+    fn random_logits(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let x: f32 = rng.random_range(-8.0..8.0);
+                if rng.random_bool(0.05) {
+                    1.5 // deliberate ties
+                } else {
+                    x
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn default_params_are_mlx_cli_defaults_and_greedy() {
+        let p = SamplingParams::default();
+        assert_eq!(
+            (p.temperature, p.top_p, p.top_k, p.min_p),
+            (0.0, 1.0, 0, 0.0)
+        );
+        assert_eq!(
+            (p.repetition_penalty, p.repetition_context_size, p.seed),
+            (1.0, 64, None)
+        );
+        let mut s = Sampler::new(p).unwrap();
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0], &[]), 1);
+    }
+
+    #[test]
+    fn invalid_params_are_typed_errors() {
+        let cases = [
+            (
+                SamplingParams {
+                    temperature: -0.5,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: -0.1,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+        ];
+        for (params, field) in cases {
+            match Sampler::new(params) {
+                Err(SamplingError::InvalidParameter { name, .. }) => assert_eq!(name, field),
+                Ok(_) => panic!("{field}: accepted"),
+            }
+        }
+        let e: crate::Error = SamplingParams {
+            top_p: 2.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .into();
+        assert!(e.to_string().contains("top_p"), "{e}");
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_multiplies_negative_once() {
+        let mut l = vec![2.0, -2.0, 4.0, 1.0, 0.0];
+        // Token 0 appears three times, token 7 is beyond the vocabulary.
+        apply_repetition_penalty(&mut l, &[0, 1, 0, 7, 0, 4], 2.0, 64);
+        assert_eq!(l, vec![1.0, -4.0, 4.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn repetition_penalty_only_looks_at_the_last_context_tokens() {
+        let mut l = vec![2.0, 2.0, 2.0, 2.0];
+        apply_repetition_penalty(&mut l, &[0, 1, 2, 3], 2.0, 2);
+        assert_eq!(l, vec![2.0, 2.0, 1.0, 1.0]);
+        let mut l = vec![2.0, 2.0];
+        apply_repetition_penalty(&mut l, &[0, 1], 2.0, 0);
+        assert_eq!(l, vec![2.0, 2.0]);
+    }
+
+    #[test]
+    fn temperature_scales_by_inverse() {
+        let mut l = vec![1.0, -2.0, NEG];
+        apply_temperature(&mut l, 0.5);
+        assert_eq!(l, vec![2.0, -4.0, NEG]);
+        let mut same = vec![1.0, 2.0];
+        apply_temperature(&mut same, 0.0);
+        assert_eq!(same, vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn log_softmax_normalizes() {
+        let mut l = vec![1.0, 2.0, 3.0, NEG];
+        log_softmax(&mut l);
+        let total: f64 = l.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        let e = (1.0f64.exp() + 2.0f64.exp() + 3.0f64.exp()).ln();
+        assert!((f64::from(l[2]) - (3.0 - e)).abs() < 1e-6);
+        assert_eq!(l[3], NEG);
+    }
+
+    #[test]
+    fn top_k_keeps_k_largest_lowest_index_on_ties() {
+        let mut l = vec![1.0, 5.0, 3.0, 5.0, 3.0, NEG];
+        apply_top_k(&mut l, 3);
+        assert_eq!(kept(&l), vec![1, 2, 3]);
+        let mut all = vec![1.0, 2.0];
+        apply_top_k(&mut all, 5);
+        assert_eq!(kept(&all), vec![0, 1]);
+        apply_top_k(&mut all, 0);
+        assert_eq!(kept(&all), vec![0, 1]);
+        let mut ties = vec![3.0, 1.0, 3.0, f32::NAN, 3.0, 3.0, 4.0];
+        apply_top_k(&mut ties, 3);
+        assert_eq!(kept(&ties), vec![0, 2, 6]);
+        // against a full sort on random vectors with ties
+        let mut rng = StdRng::seed_from_u64(11);
+        for n in [2usize, 10, 500, 20_000] {
+            let l = random_logits(&mut rng, n);
+            for k in [1usize, 2, 7, 64, n - 1].into_iter().filter(|&k| k <= n) {
+                let mut fast = l.clone();
+                apply_top_k(&mut fast, k);
+                let mut order: Vec<u32> = (0..n as u32).collect();
+                order.sort_by(rank(&l));
+                let mut want: Vec<usize> = order[..k].iter().map(|&i| i as usize).collect();
+                want.sort_unstable();
+                assert_eq!(kept(&fast), want, "n={n} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_set_reaching_p() {
+        // probabilities 0.5, 0.3, 0.15, 0.05 (shuffled ids)
+        let lp = logprobs_of(&[0.15, 0.5, 0.05, 0.3]);
+        let run = |p: f32| {
+            let mut v = lp.clone();
+            apply_top_p(&mut v, p);
+            kept(&v)
+        };
+        assert_eq!(run(0.4), vec![1]); // 0.5 >= 0.4 already
+        assert_eq!(run(0.55), vec![1, 3]); // mass above id 3 is 0.5 < 0.55
+        assert_eq!(run(0.85), vec![0, 1, 3]);
+        assert_eq!(run(0.9), vec![0, 1, 3]); // mass above id 2 is 0.95
+        assert_eq!(run(0.96), vec![0, 1, 2, 3]);
+        assert_eq!(run(0.01), vec![1]); // always at least one
+        assert_eq!(run(1.0), vec![0, 1, 2, 3]); // off
+    }
+
+    #[test]
+    fn top_p_buckets_match_full_sort() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut inputs: Vec<Vec<f32>> = [1usize, 5, 63, 64, 65, 300, 5000]
+            .iter()
+            .map(|&n| random_logits(&mut rng, n))
+            .collect();
+        // flat (one bucket), and spread far beyond the bucket range (tail bucket)
+        inputs.push(vec![0.25; 3000]);
+        inputs.push((0..3000).map(|i| -0.05 * i as f32).collect());
+        for mut l in inputs {
+            let n = l.len();
+            log_softmax(&mut l);
+            for p in [0.05f32, 0.3, 0.9, 0.999, 0.999999] {
+                let mut fast = l.clone();
+                apply_top_p(&mut fast, p);
+                // reference: full sort, cumulative mass before each token
+                let mut order: Vec<u32> = (0..n as u32).collect();
+                order.sort_by(rank(&l));
+                let mut mass = 0.0f64;
+                let mut want = vec![false; n];
+                for &i in &order {
+                    if mass < f64::from(p) {
+                        want[i as usize] = true;
+                    }
+                    mass += f64::from(l[i as usize].exp());
+                }
+                let want: Vec<usize> = (0..n).filter(|&i| want[i]).collect();
+                assert_eq!(kept(&fast), want, "n={n} p={p}");
+            }
+        }
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_above_fraction_of_max() {
+        let mut lp = logprobs_of(&[0.5, 0.3, 0.05, 0.15]);
+        apply_min_p(&mut lp, 0.25); // threshold 0.125
+        assert_eq!(kept(&lp), vec![0, 1, 3]);
+        let mut lp = logprobs_of(&[0.5, 0.5]);
+        apply_min_p(&mut lp, 1.0);
+        assert_eq!(kept(&lp), vec![0, 1]);
+    }
+
+    #[test]
+    fn argmax_lowest_index_on_ties_and_ignores_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 2.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[NEG, NEG]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn categorical_frequencies_follow_softmax() {
+        let logits = logprobs_of(&[0.1, 0.6, 0.3]);
+        let mut rng = StdRng::seed_from_u64(1234);
+        let mut counts = [0usize; 3];
+        let draws = 60_000;
+        for _ in 0..draws {
+            counts[categorical(&logits, &mut rng) as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([0.1, 0.6, 0.3]) {
+            let f = *c as f64 / draws as f64;
+            assert!((f - p).abs() < 0.01, "{counts:?}");
+        }
+        // -inf and NaN are never drawn
+        let masked = [NEG, 0.0, f32::NAN, 0.0];
+        for _ in 0..1000 {
+            let t = categorical(&masked, &mut rng);
+            assert!(t == 1 || t == 3);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            ..Default::default()
+        };
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 20.0).collect();
+        let run = |params: SamplingParams| {
+            let mut s = Sampler::new(params).unwrap();
+            (0..50).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(params.clone()), run(params.clone()));
+        assert_ne!(
+            run(params.clone()),
+            run(SamplingParams {
+                seed: Some(43),
+                ..params
+            })
+        );
+    }
+
+    #[test]
+    fn sampler_chain_matches_mlx_order() {
+        // mlx-lm: processors on logits, log_softmax, top_p -> min_p -> top_k, temperature,
+        // categorical. The Sampler runs the filters in another order; the kept set and the draw
+        // must be identical.
+        let mut rng = StdRng::seed_from_u64(99);
+        for trial in 0..40 {
+            let n = [10usize, 100, 2000][trial % 3];
+            let logits = random_logits(&mut rng, n);
+            let recent: Vec<u32> = (0..20).map(|_| rng.random_range(0..n as u32 + 5)).collect();
+            let params = SamplingParams {
+                temperature: [0.3f32, 0.7, 1.0, 1.8][trial % 4],
+                top_p: [0.0f32, 0.5, 0.9, 0.95][trial % 4],
+                top_k: [0usize, 1, 5, 50][(trial / 4) % 4],
+                min_p: [0.0f32, 0.05, 0.2][trial % 3],
+                repetition_penalty: [1.0f32, 1.3][trial % 2],
+                repetition_context_size: 10,
+                seed: Some(trial as u64),
+            };
+            let mut reference = logits.clone();
+            sanitize(&mut reference);
+            if params.repetition_penalty != 1.0 {
+                apply_repetition_penalty(&mut reference, &recent, params.repetition_penalty, 10);
+            }
+            log_softmax(&mut reference);
+            apply_top_p(&mut reference, params.top_p);
+            apply_min_p(&mut reference, params.min_p);
+            apply_top_k(&mut reference, params.top_k);
+            apply_temperature(&mut reference, params.temperature);
+            let mut ref_rng = StdRng::seed_from_u64(trial as u64);
+            let mut sampler = Sampler::new(params).unwrap();
+            for _ in 0..5 {
+                let want = categorical(&reference, &mut ref_rng);
+                assert_eq!(sampler.sample(&logits, &recent), want, "trial {trial}");
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_with_repetition_penalty() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(params).unwrap();
+        // token 0 would win, but it was just generated: 3.0 / 2 < 2.0
+        assert_eq!(s.sample(&[3.0, 2.0, -1.0], &[0]), 1);
+    }
+
+    #[test]
+    fn nan_and_inf_logits_do_not_panic() {
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 3,
+            min_p: 0.1,
+            repetition_penalty: 1.2,
+            seed: Some(1),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(params).unwrap();
+        assert_eq!(s.sample(&[f32::NAN, f32::NAN], &[0, 1]), 0);
+        assert_eq!(s.sample(&[NEG, NEG, NEG], &[]), 0);
+        assert_eq!(s.sample(&[], &[5]), 0);
+        for _ in 0..20 {
+            let t = s.sample(&[f32::NAN, 1.0, f32::INFINITY, NEG, f32::INFINITY], &[9]);
+            assert!(t == 2 || t == 4, "{t}");
+        }
+        let mut greedy = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(greedy.sample(&[f32::NAN, 1.0, f32::INFINITY], &[]), 2);
+    }
+
+    #[test]
+    fn large_vocabulary_top_k_small() {
+        let n = 150_000;
+        let mut rng = StdRng::seed_from_u64(5);
+        let logits = random_logits(&mut rng, n);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.7,
+            top_k: 20,
+            top_p: 0.95,
+            seed: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut top: Vec<u32> = (0..n as u32).collect();
+        top.sort_by(rank(&logits));
+        let allowed: std::collections::HashSet<u32> = top[..20].iter().copied().collect();
+        for _ in 0..10 {
+            assert!(allowed.contains(&s.sample(&logits, &[])));
+        }
+    }
+}
