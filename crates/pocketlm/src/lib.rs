@@ -7,18 +7,28 @@
 //! - [`sampling`]: the chain of logit processors (repetition penalty, temperature, top-k, top-p, min-p).
 //! - [`nn`]: shared layers (RMSNorm, RoPE, attention, linear layers that may be quantized).
 //! - [`kv_cache`]: key/value caches behind one trait.
+//! - [`weights`]: named-weight sources (GGUF, safetensors) that the model code loads from.
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
-//! - [`loader`]: from a path or id to a ready [`loader::LoadedModel`].
+//! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
+//! - [`memory`]: resident and peak memory readings.
 //! - [`fetch`]: downloading the default model from a package registry.
-//! - [`memory`]: resident/peak memory readings.
+//! - [`quant`]: quantization formats.
 
 pub mod chat_template;
 pub mod device;
 pub mod error;
 pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod kv_cache;
+pub mod loader;
+pub mod memory;
+pub mod models;
+pub mod nn;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};

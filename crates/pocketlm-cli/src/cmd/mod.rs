@@ -1,0 +1,5 @@
+//! One module per subcommand, plus the shared model/sampling arguments.
+
+pub mod chat;
+pub mod generate;
+pub mod model;

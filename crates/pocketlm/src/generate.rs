@@ -1,0 +1,379 @@
+//! Text generation: prefill the prompt, then decode token by token with a KV cache, exposed
+//! as an iterator of [`Event`]s (the shape of mlx-lm's `stream_generate` and MLX Swift's
+//! `generate` stream). The CLI, the chat session and the server all consume it.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use crate::kv_cache::KvCache;
+use crate::memory;
+use crate::models::{CausalLM, Logits};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::{Error, Result};
+
+/// What to generate and when to stop.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Most new tokens to generate.
+    pub max_tokens: usize,
+    /// Sampler settings.
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends before the first occurrence of any of them, which is not
+    /// part of the returned text.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens (for benchmarks and reference comparisons).
+    pub ignore_eos: bool,
+    /// Prompt tokens processed per forward pass during prefill (bounds activation memory).
+    pub prefill_chunk: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// A stop string was produced (the string is given).
+    Stop(String),
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+}
+
+impl FinishReason {
+    /// The OpenAI-style name: `stop` or `length`.
+    pub fn as_openai(&self) -> &'static str {
+        match self {
+            Self::Eos | Self::Stop(_) => "stop",
+            Self::MaxTokens | Self::ContextFull => "length",
+        }
+    }
+}
+
+/// Figures about one generation.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    /// Tokens prefilled (the prompt, less what the cache already held).
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Wall time of the prefill.
+    pub prefill_time: Duration,
+    /// Wall time of decoding (from the first generated token's forward pass on).
+    pub decode_time: Duration,
+    /// Peak resident memory of the process, bytes (Linux).
+    pub peak_memory_bytes: Option<u64>,
+}
+
+impl GenerationStats {
+    /// Prefill tokens per second.
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_time)
+    }
+    /// Decode tokens per second: tokens after the first over the decode time (the first token
+    /// comes out of the prefill).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        rate(self.generated_tokens.saturating_sub(1), self.decode_time)
+    }
+}
+
+fn rate(n: usize, t: Duration) -> f64 {
+    if t.is_zero() {
+        0.0
+    } else {
+        n as f64 / t.as_secs_f64()
+    }
+}
+
+/// One step of a generation stream.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A token was generated. `text` is the text that became final with it (may be empty when
+    /// bytes of a multi-byte character or a possible stop string are held back).
+    Token {
+        /// The token id.
+        id: u32,
+        /// Newly final text.
+        text: String,
+    },
+    /// Text held back earlier (a possible stop-string prefix or an incomplete character)
+    /// that became final when generation ended. Comes just before [`Event::Finished`].
+    Text(String),
+    /// Generation ended.
+    Finished {
+        /// Why.
+        reason: FinishReason,
+        /// Counts and speeds.
+        stats: GenerationStats,
+    },
+}
+
+/// A running generation: iterate it for [`Event`]s. Dropping it early cancels; the cache then
+/// holds the prompt and the tokens generated so far.
+pub struct Generation<'a> {
+    model: &'a dyn CausalLM,
+    tokenizer: &'a Tokenizer,
+    cache: &'a mut KvCache,
+    params: GenerateParams,
+    sampler: Sampler,
+    pending_prompt: Vec<u32>,
+    history: Vec<u32>,
+    next_token: Option<u32>,
+    decoder: StreamDecoder<&'a Tokenizer>,
+    text: String,
+    emitted: usize,
+    stats: GenerationStats,
+    decode_started: Option<Instant>,
+    queue: std::collections::VecDeque<Event>,
+    done: bool,
+}
+
+/// Starts generating after `prompt` (token ids). The prompt is appended to whatever `cache`
+/// already holds (pass a fresh `model.new_cache()` for a one-shot generation).
+///
+/// Errors: [`Error::ContextOverflow`] when the prompt does not fit in the model's context;
+/// [`Error::InvalidArgument`] for an empty prompt on an empty cache.
+pub fn generate<'a>(
+    model: &'a dyn CausalLM,
+    tokenizer: &'a Tokenizer,
+    cache: &'a mut KvCache,
+    prompt: &[u32],
+    params: GenerateParams,
+) -> Result<Generation<'a>> {
+    let ctx = model.info().context_length;
+    if prompt.is_empty() && cache.offset() == 0 {
+        return Err(Error::InvalidArgument("the prompt is empty".into()));
+    }
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prompt adds no tokens to the cache".into(),
+        ));
+    }
+    if cache.offset() + prompt.len() >= ctx {
+        return Err(Error::ContextOverflow {
+            prompt_tokens: cache.offset() + prompt.len(),
+            context_length: ctx,
+            max_tokens: params.max_tokens,
+        });
+    }
+    let vocab = model.info().vocab_size;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::InvalidArgument(format!(
+            "token id {bad} is outside the vocabulary ({vocab})"
+        )));
+    }
+    Ok(Generation {
+        model,
+        tokenizer,
+        cache,
+        sampler: Sampler::new(params.sampling.clone())?,
+        params,
+        pending_prompt: prompt.to_vec(),
+        history: prompt.to_vec(),
+        next_token: None,
+        decoder: StreamDecoder::new(tokenizer, true),
+        text: String::new(),
+        emitted: 0,
+        stats: GenerationStats::default(),
+        decode_started: None,
+        queue: Default::default(),
+        done: false,
+    })
+}
+
+impl Generation<'_> {
+    fn logits_to_token(&mut self, logits: &Tensor) -> Result<u32> {
+        let l: Vec<f32> = logits
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        let window = self.params.sampling.repetition_context_size;
+        let recent = &self.history[self.history.len().saturating_sub(window)..];
+        Ok(self.sampler.sample(&l, recent))
+    }
+
+    fn prefill(&mut self) -> Result<u32> {
+        let t0 = Instant::now();
+        let prompt = std::mem::take(&mut self.pending_prompt);
+        let chunk = self.params.prefill_chunk.max(1);
+        let mut last = None;
+        for part in prompt.chunks(chunk) {
+            let ids = Tensor::new(part, self.model_device())?.unsqueeze(0)?;
+            last = Some(self.model.forward(&ids, self.cache, Logits::Last)?);
+        }
+        let logits = last.ok_or_else(|| Error::InvalidArgument("the prompt is empty".into()))?;
+        let tok = self.logits_to_token(&logits)?;
+        self.stats.prompt_tokens = prompt.len();
+        self.stats.prefill_time = t0.elapsed();
+        Ok(tok)
+    }
+
+    fn model_device(&self) -> &candle_core::Device {
+        self.model.device()
+    }
+
+    /// Queues the held-back text (if any) and the final event.
+    fn finish(&mut self, reason: FinishReason, flush: bool) -> Result<()> {
+        if flush {
+            let tail = self.decoder.flush()?.unwrap_or_default();
+            self.text.push_str(&tail);
+            if self.emitted < self.text.len() {
+                self.queue
+                    .push_back(Event::Text(self.text[self.emitted..].to_string()));
+                self.emitted = self.text.len();
+            }
+        }
+        if let Some(t) = self.decode_started {
+            self.stats.decode_time = t.elapsed();
+        }
+        self.stats.peak_memory_bytes = memory::snapshot().peak_resident_bytes;
+        self.queue.push_back(Event::Finished {
+            reason,
+            stats: self.stats.clone(),
+        });
+        self.done = true;
+        Ok(())
+    }
+
+    /// Length of the longest suffix of `self.text` that is a proper prefix of a stop string.
+    fn held_back(&self) -> usize {
+        let mut hold = 0;
+        for s in &self.params.stop {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.text.ends_with(&s[..i]) {
+                    hold = hold.max(i);
+                }
+            }
+        }
+        hold
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let tok = match self.next_token.take() {
+            Some(t) => t,
+            None => self.prefill()?,
+        };
+        if self.decode_started.is_none() {
+            self.decode_started = Some(Instant::now());
+        }
+        if !self.params.ignore_eos && self.tokenizer.is_eog(tok) {
+            return self.finish(FinishReason::Eos, true);
+        }
+        self.stats.generated_tokens += 1;
+        self.history.push(tok);
+        let piece = self.decoder.push(tok)?.unwrap_or_default();
+        self.text.push_str(&piece);
+        // Stop strings: search only the region that the new text could complete.
+        let longest = self.params.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.emitted.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let hit = self
+            .params
+            .stop
+            .iter()
+            .filter_map(|s| {
+                self.text[from..]
+                    .find(s.as_str())
+                    .map(|p| (from + p, s.clone()))
+            })
+            .min_by_key(|(p, _)| *p);
+        if let Some((pos, stop)) = hit {
+            let text = self.text[self.emitted.min(pos)..pos].to_string();
+            self.emitted = pos;
+            self.queue.push_back(Event::Token { id: tok, text });
+            return self.finish(FinishReason::Stop(stop), false);
+        }
+        let safe = self.text.len() - self.held_back();
+        let text = self.text[self.emitted..safe].to_string();
+        self.emitted = safe;
+        self.queue.push_back(Event::Token { id: tok, text });
+        if self.stats.generated_tokens >= self.params.max_tokens {
+            return self.finish(FinishReason::MaxTokens, true);
+        }
+        if self.cache.offset() + 1 >= self.model.info().context_length {
+            return self.finish(FinishReason::ContextFull, true);
+        }
+        // Run the next forward pass now, so each event follows one forward pass.
+        let ids = Tensor::new(&[tok], self.model_device())?.unsqueeze(0)?;
+        let logits = self.model.forward(&ids, self.cache, Logits::Last)?;
+        self.next_token = Some(self.logits_to_token(&logits)?);
+        Ok(())
+    }
+}
+
+impl Iterator for Generation<'_> {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.queue.pop_front() {
+            return Some(Ok(e));
+        }
+        if self.done {
+            return None;
+        }
+        match self.step() {
+            Ok(()) => self.queue.pop_front().map(Ok),
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// The whole result of a generation, for callers that do not stream.
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    /// The generated text (stop string excluded).
+    pub text: String,
+    /// The generated token ids (end-of-generation token excluded).
+    pub token_ids: Vec<u32>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Counts and speeds.
+    pub stats: GenerationStats,
+}
+
+impl Generation<'_> {
+    /// Runs the generation to its end and collects the result.
+    pub fn collect_output(self) -> Result<GenerationOutput> {
+        let mut text = String::new();
+        let mut token_ids = Vec::new();
+        for ev in self {
+            match ev? {
+                Event::Token { id, text: t } => {
+                    token_ids.push(id);
+                    text.push_str(&t);
+                }
+                Event::Text(t) => text.push_str(&t),
+                Event::Finished { reason, stats } => {
+                    return Ok(GenerationOutput {
+                        text,
+                        token_ids,
+                        finish_reason: reason,
+                        stats,
+                    })
+                }
+            }
+        }
+        Err(Error::InvalidArgument(
+            "generation ended without a finish event".into(),
+        ))
+    }
+}

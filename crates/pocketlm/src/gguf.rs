@@ -1,0 +1,305 @@
+//! Reading GGUF files: metadata and tensors. Quantized tensors stay quantized (as candle
+//! `QTensor`s); float tensors are returned as `f32` candle tensors.
+//!
+//! Format reference: ggml's `docs/gguf.md` (version 2 and 3 files). Parsing is done by
+//! `candle_core::quantized::gguf_file`; this module adds file-named errors, typed metadata
+//! accessors and the Hugging Face <-> GGUF tensor-name mapping.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// An opened GGUF file: its parsed header (metadata and tensor directory) and a reader for
+/// tensor data.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: Mutex<BufReader<File>>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.content.tensor_infos.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Opens and parses the header of a GGUF file.
+    ///
+    /// Errors: [`Error::Io`] when the file cannot be opened; [`Error::Model`] naming the file
+    /// when it is not a GGUF file, is truncated, or its tensor directory points past the end.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| {
+            Error::Model(format!("{}: not a valid GGUF file ({e})", path.display()))
+        })?;
+        // Check every tensor lies inside the file, so a truncated download is reported up front
+        // with the name of the first tensor that is cut off.
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bs = info.ggml_dtype.block_size();
+            if !elems.is_multiple_of(bs) {
+                return Err(Error::Model(format!(
+                    "{}: tensor `{name}` has {elems} elements, not a multiple of the {:?} block size {bs}",
+                    path.display(),
+                    info.ggml_dtype
+                )));
+            }
+            let size = (elems / bs * info.ggml_dtype.type_size()) as u64;
+            let end = content.tensor_data_offset + info.offset + size;
+            if end > file_len {
+                return Err(Error::Model(format!(
+                    "{}: truncated GGUF file: tensor `{name}` ends at byte {end} but the file has {file_len} bytes",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Self {
+            path,
+            content,
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All metadata key/values.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// `general.architecture` (e.g. `llama`, `qwen2`, `gemma3`).
+    pub fn architecture(&self) -> Result<String> {
+        self.get_str("general.architecture")
+    }
+
+    /// Names of all tensors in the file.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.content.tensor_infos.keys().map(String::as_str)
+    }
+
+    /// Whether the file holds a tensor of this (GGUF) name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Shape (row-major, outermost first, e.g. `[vocab, hidden]` for `token_embd.weight`) and
+    /// type of a tensor.
+    pub fn tensor_info(&self, name: &str) -> Result<(Vec<usize>, GgmlDType)> {
+        let info =
+            self.content.tensor_infos.get(name).ok_or_else(|| {
+                Error::tensor(name, format!("missing from {}", self.path.display()))
+            })?;
+        Ok((info.shape.dims().to_vec(), info.ggml_dtype))
+    }
+
+    /// Total bytes of tensor data in the file.
+    pub fn tensor_data_bytes(&self) -> u64 {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|i| {
+                (i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64
+            })
+            .sum()
+    }
+
+    /// Reads a tensor as stored (quantized types stay quantized), checking its shape against
+    /// `expected` (row-major dims, e.g. `[out_features, in_features]` for a linear weight).
+    ///
+    /// Errors: [`Error::Tensor`] naming the tensor when it is missing or its shape differs.
+    pub fn qtensor(&self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor> {
+        let (dims, _) = self.tensor_info(name)?;
+        if dims != expected {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "has shape {dims:?} in {}, expected {expected:?}",
+                    self.path.display()
+                ),
+            ));
+        }
+        let mut reader = self
+            .reader
+            .lock()
+            .map_err(|_| Error::Model("GGUF reader lock poisoned".into()))?;
+        self.content
+            .tensor(&mut *reader, name, device)
+            .map_err(|e| Error::tensor(name, format!("{} ({e})", self.path.display())))
+    }
+
+    /// Reads a tensor and dequantizes it to `f32`. `expected` as in [`Self::qtensor`].
+    pub fn tensor_f32(&self, name: &str, expected: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(self.qtensor(name, expected, device)?.dequantize(device)?)
+    }
+
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.content.metadata.get(key).ok_or_else(|| {
+            Error::Model(format!(
+                "{}: metadata field `{key}` is missing",
+                self.path.display()
+            ))
+        })
+    }
+
+    fn bad_type(&self, key: &str, want: &str) -> Error {
+        Error::Model(format!(
+            "{}: metadata field `{key}` is not {want}",
+            self.path.display()
+        ))
+    }
+
+    /// A string metadata value.
+    pub fn get_str(&self, key: &str) -> Result<String> {
+        match self.get(key)? {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(self.bad_type(key, "a string")),
+        }
+    }
+
+    /// An unsigned integer metadata value (any integer width, non-negative).
+    pub fn get_usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key)?;
+        let n = match v {
+            Value::U8(x) => *x as i128,
+            Value::I8(x) => *x as i128,
+            Value::U16(x) => *x as i128,
+            Value::I16(x) => *x as i128,
+            Value::U32(x) => *x as i128,
+            Value::I32(x) => *x as i128,
+            Value::U64(x) => *x as i128,
+            Value::I64(x) => *x as i128,
+            _ => return Err(self.bad_type(key, "an integer")),
+        };
+        usize::try_from(n).map_err(|_| self.bad_type(key, "a non-negative integer"))
+    }
+
+    /// A float metadata value (f32 or f64 in the file).
+    pub fn get_f64(&self, key: &str) -> Result<f64> {
+        match self.get(key)? {
+            Value::F32(x) => Ok(*x as f64),
+            Value::F64(x) => Ok(*x),
+            _ => Err(self.bad_type(key, "a float")),
+        }
+    }
+
+    /// A boolean metadata value.
+    pub fn get_bool(&self, key: &str) -> Result<bool> {
+        match self.get(key)? {
+            Value::Bool(b) => Ok(*b),
+            _ => Err(self.bad_type(key, "a boolean")),
+        }
+    }
+
+    /// Whether a metadata key exists.
+    pub fn has(&self, key: &str) -> bool {
+        self.content.metadata.contains_key(key)
+    }
+
+    /// An optional integer: `Ok(None)` when absent, an error when present with another type.
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.has(key).then(|| self.get_usize(key)).transpose()
+    }
+
+    /// An optional float: `Ok(None)` when absent, an error when present with another type.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.has(key).then(|| self.get_f64(key)).transpose()
+    }
+
+    /// An optional string: `Ok(None)` when absent, an error when present with another type.
+    pub fn opt_str(&self, key: &str) -> Result<Option<String>> {
+        self.has(key).then(|| self.get_str(key)).transpose()
+    }
+}
+
+/// Maps a Hugging Face tensor name (e.g. `model.layers.3.self_attn.q_proj.weight`) to the name
+/// llama.cpp's converter gives it in GGUF (`blk.3.attn_q.weight`). Covers the Llama-family
+/// names shared by the architectures we support (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
+/// Returns `None` for names with no GGUF counterpart.
+pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_llama_names() {
+        assert_eq!(
+            hf_to_gguf_name("model.layers.12.self_attn.k_proj.weight").as_deref(),
+            Some("blk.12.attn_k.weight")
+        );
+        assert_eq!(
+            hf_to_gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(
+            hf_to_gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
+            Some("blk.0.ffn_down.weight")
+        );
+        assert_eq!(hf_to_gguf_name("model.layers.x.mlp.down_proj.weight"), None);
+        assert_eq!(hf_to_gguf_name("vision_tower.foo"), None);
+    }
+
+    #[test]
+    fn not_gguf_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.gguf");
+        std::fs::write(&p, b"this is not gguf at all").unwrap();
+        let e = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.gguf") && e.contains("not a valid GGUF"),
+            "{e}"
+        );
+        let e = GgufFile::open(dir.path().join("missing.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.gguf"), "{e}");
+    }
+}

@@ -1,0 +1,40 @@
+//! Process memory readings (Linux `/proc/self/status`): what users budget for is the weights
+//! plus the KV cache, and these readings show whether that holds.
+
+/// Memory figures of this process, in bytes. `None` where the platform does not report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemorySnapshot {
+    /// Resident set size now (`VmRSS`).
+    pub resident_bytes: Option<u64>,
+    /// Highest resident set size so far (`VmHWM`).
+    pub peak_resident_bytes: Option<u64>,
+}
+
+/// Reads the current and peak resident memory of this process.
+pub fn snapshot() -> MemorySnapshot {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return MemorySnapshot::default();
+    };
+    let field = |name: &str| {
+        status.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?.trim();
+            let kb: u64 = rest.strip_suffix("kB")?.trim().parse().ok()?;
+            Some(kb * 1024)
+        })
+    };
+    MemorySnapshot {
+        resident_bytes: field("VmRSS:"),
+        peak_resident_bytes: field("VmHWM:"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn reads_linux_status() {
+        let s = super::snapshot();
+        let (r, p) = (s.resident_bytes.unwrap(), s.peak_resident_bytes.unwrap());
+        assert!(r > 0 && p >= r);
+    }
+}

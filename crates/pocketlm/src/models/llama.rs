@@ -1,0 +1,389 @@
+//! Llama architecture (Llama 2/3.x, Mistral, SmolLM): RMSNorm, RoPE, grouped-query attention,
+//! SwiGLU MLP, optionally tied embeddings. Reference: Hugging Face `modeling_llama.py` and
+//! mlx-lm `models/llama.py`.
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::gguf::GgufFile;
+use crate::kv_cache::{KvCache, LayerKvCache};
+use crate::models::{CausalLM, Logits, ModelInfo};
+use crate::nn::{
+    causal_mask, scaled_dot_product_attention, Embedding, Linear, RmsNorm, RopeScaling,
+    RotaryEmbedding,
+};
+use crate::weights::{WeightFormat, Weights};
+use crate::{Error, Result};
+
+/// config.json of a Llama-family model (Hugging Face field names and defaults).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to `num_attention_heads`.
+    pub num_key_value_heads: Option<usize>,
+    /// Head width; defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// RoPE scaling (`rope_scaling` object), parsed by [`RopeScaling::from_config`].
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Per-frequency RoPE divisors from GGUF `rope_freqs.weight` (not a Hugging Face field).
+    #[serde(default)]
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// Longest context.
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Output layer shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Sliding-window attention span (Mistral), in tokens.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_ctx() -> usize {
+    2048
+}
+
+impl LlamaConfig {
+    fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+    fn validate(&self) -> Result<()> {
+        let bad = |f: &str, m: String| Err(Error::Model(format!("config field `{f}`: {m}")));
+        if self.num_attention_heads == 0 || self.n_kv_heads() == 0 {
+            return bad("num_attention_heads", "must be positive".into());
+        }
+        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.n_kv_heads(),
+                    self.num_attention_heads
+                ),
+            );
+        }
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return bad(
+                "head_dim",
+                format!("{} must be even and positive", self.head_dim()),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Reads an HF-style config from GGUF metadata (`{arch}.*` keys, llama.cpp naming).
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let arch = g.architecture()?;
+    let k = |s: &str| format!("{arch}.{s}");
+    let heads = g.get_usize(&k("attention.head_count"))?;
+    let hidden = g.get_usize(&k("embedding_length"))?;
+    let vocab = match g.opt_usize(&k("vocab_size"))? {
+        Some(v) => v,
+        None => g.tensor_info("token_embd.weight")?.0[0],
+    };
+    let head_dim = match g.opt_usize(&k("attention.key_length"))? {
+        Some(d) => d,
+        None => g
+            .opt_usize(&k("rope.dimension_count"))?
+            .unwrap_or(hidden / heads.max(1)),
+    };
+    let rope_scaling = match g.opt_str(&k("rope.scaling.type"))?.as_deref() {
+        None | Some("none") => serde_json::Value::Null,
+        Some("linear") => serde_json::json!({
+            "rope_type": "linear",
+            "factor": g.get_f64(&k("rope.scaling.factor"))?,
+        }),
+        Some(other) => {
+            return Err(Error::Model(format!(
+                "{}: `{arch}.rope.scaling.type` `{other}` is not supported",
+                g.path().display()
+            )))
+        }
+    };
+    let rope_freq_factors = if g.has_tensor("rope_freqs.weight") {
+        let t = g.tensor_f32("rope_freqs.weight", &[head_dim / 2], &Device::Cpu)?;
+        Some(t.to_vec1::<f32>()?)
+    } else {
+        None
+    };
+    Ok(serde_json::json!({
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": g.get_usize(&k("feed_forward_length"))?,
+        "num_hidden_layers": g.get_usize(&k("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": g.opt_usize(&k("attention.head_count_kv"))?.unwrap_or(heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": g.opt_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+        "rope_scaling": rope_scaling,
+        "rope_freq_factors": rope_freq_factors,
+        "max_position_embeddings": g.opt_usize(&k("context_length"))?.unwrap_or(2048),
+        "vocab_size": vocab,
+        "tie_word_embeddings": !g.has_tensor("output.weight"),
+        "sliding_window": g.opt_usize(&k("attention.sliding_window"))?,
+    }))
+}
+
+/// Builds a Llama model from an HF-style config and weights.
+pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
+    let cfg: LlamaConfig = serde_json::from_value(config.clone())
+        .map_err(|e| Error::Model(format!("config.json: {e}")))?;
+    Ok(Box::new(Llama::new(cfg, w)?))
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        cache: &mut dyn LayerKvCache,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, h, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = shape(self.q_proj.forward(x)?, self.n_heads)?;
+        let k = shape(self.k_proj.forward(x)?, self.n_kv_heads)?;
+        let v = shape(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
+        let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
+        let (k, v) = cache.update(&k, &v)?;
+        let o = scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask,
+            1.0 / (self.head_dim as f64).sqrt(),
+            None,
+        )?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, s, self.n_heads * self.head_dim))?;
+        self.o_proj.forward(&o)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// SwiGLU (Shazeer 2020): `down(silu(gate(x)) * up(x))`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(g * u)?)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    sliding_window: Option<usize>,
+    info: ModelInfo,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads the weights named as in Hugging Face `LlamaForCausalLM`.
+    pub fn new(cfg: LlamaConfig, w: &dyn Weights) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+        let norm = |name: &str| RmsNorm::new(w.tensor(name, &[h])?, cfg.rms_norm_eps, false);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ab = cfg.attention_bias;
+            let mb = cfg.mlp_bias;
+            layers.push(Block {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, ab)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, ab)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, ab)?,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: w.linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        cfg.intermediate_size,
+                        h,
+                        mb,
+                    )?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, mb)?,
+                    down_proj: w.linear(
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        cfg.intermediate_size,
+                        mb,
+                    )?,
+                },
+            });
+        }
+        let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+            embed_tokens.as_linear()?
+        } else {
+            w.linear("lm_head", cfg.vocab_size, h, false)?
+        };
+        let scaling = match &cfg.rope_freq_factors {
+            Some(ff) => RopeScaling::FreqFactors(ff.clone()),
+            None => RopeScaling::from_config(cfg.rope_scaling.as_ref())?,
+        };
+        // llama.cpp's converter permutes Llama q/k rows so that adjacent-pair rotation applies.
+        let interleaved = w.format() == WeightFormat::Gguf;
+        let rope = RotaryEmbedding::new(hd, cfg.rope_theta, &scaling, interleaved, w.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            rope,
+            sliding_window: cfg.sliding_window,
+            device: w.device().clone(),
+            info: ModelInfo {
+                architecture: "llama".into(),
+                vocab_size: cfg.vocab_size,
+                n_layers: cfg.num_hidden_layers,
+                hidden_size: h,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                context_length: cfg.max_position_embeddings,
+            },
+        })
+    }
+}
+
+impl CausalLM for Llama {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let (_b, s) = input_ids.dims2()?;
+        if cache.n_layers() != self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache has {} layers, model has {}",
+                cache.n_layers(),
+                self.layers.len()
+            )));
+        }
+        let offset = cache.offset();
+        let kv_len = offset + s;
+        let needs_window = self.sliding_window.is_some_and(|w| kv_len > w);
+        let mask = if s > 1 || needs_window {
+            Some(causal_mask(
+                s,
+                kv_len,
+                self.sliding_window,
+                input_ids.device(),
+            )?)
+        } else {
+            None
+        };
+        let cos_sin = self.rope.cos_sin(offset, s)?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache
+                .layer(i)
+                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+            let r = x.clone();
+            let hn = layer.input_layernorm.forward(&x)?;
+            x = (layer
+                .self_attn
+                .forward(&hn, &self.rope, &cos_sin, c, mask.as_ref())?
+                + r)?;
+            let r = x.clone();
+            let hn = layer.post_attention_layernorm.forward(&x)?;
+            x = (layer.mlp.forward(&hn)? + r)?;
+        }
+        let x = match logits {
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+            Logits::All => x,
+        };
+        let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(match logits {
+            Logits::Last => out.squeeze(1)?,
+            Logits::All => out,
+        })
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::growing(self.layers.len())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}

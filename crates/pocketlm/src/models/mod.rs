@@ -1,0 +1,119 @@
+//! Model architectures, one file each, and the registry keyed by config.json `model_type`
+//! (and GGUF `general.architecture`).
+
+pub mod llama;
+
+use candle_core::Tensor;
+
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: `[batch, vocab]`.
+    Last,
+    /// Every position: `[batch, seq, vocab]`.
+    All,
+}
+
+/// Facts about a loaded model that callers need (context length, cache sizing).
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Architecture name (`model_type`).
+    pub architecture: String,
+    /// Vocabulary size (rows of the output layer).
+    pub vocab_size: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// Key/value heads per layer.
+    pub n_kv_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Longest context the model supports (`max_position_embeddings`), in tokens.
+    pub context_length: usize,
+}
+
+impl ModelInfo {
+    /// Bytes of f32 KV cache per token (keys and values, all layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+    }
+}
+
+/// A decoder-only language model.
+pub trait CausalLM: Send + Sync {
+    /// Runs the model on `input_ids: [batch, seq]` (u32), at positions continuing from
+    /// `cache.offset()`, appending to the cache. Returns f32 logits `[batch, vocab]`
+    /// ([`Logits::Last`]) or `[batch, seq, vocab]` ([`Logits::All`]).
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor>;
+    /// An empty cache sized for this model.
+    fn new_cache(&self) -> KvCache;
+    /// Facts about the model.
+    fn info(&self) -> &ModelInfo;
+    /// The device the weights live on (inputs must be created there).
+    fn device(&self) -> &candle_core::Device;
+}
+
+/// One registry entry.
+pub struct Architecture {
+    /// config.json `model_type` values (the first is the canonical name).
+    pub model_types: &'static [&'static str],
+    /// GGUF `general.architecture` values.
+    pub gguf_architectures: &'static [&'static str],
+    /// Builds an HF-style config (config.json field names) from GGUF metadata.
+    pub config_from_gguf: fn(&GgufFile) -> Result<serde_json::Value>,
+    /// Builds the model from an HF-style config and weights.
+    pub build: fn(&serde_json::Value, &dyn Weights) -> Result<Box<dyn CausalLM>>,
+}
+
+/// All supported architectures.
+pub static REGISTRY: &[Architecture] = &[Architecture {
+    model_types: &["llama", "mistral"],
+    gguf_architectures: &["llama", "mistral"],
+    config_from_gguf: llama::config_from_gguf,
+    build: llama::build,
+}];
+
+fn supported() -> String {
+    REGISTRY
+        .iter()
+        .flat_map(|a| a.model_types.iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The registry entry for a config.json `model_type`.
+pub fn by_model_type(model_type: &str) -> Result<&'static Architecture> {
+    REGISTRY
+        .iter()
+        .find(|a| a.model_types.contains(&model_type))
+        .ok_or_else(|| Error::UnsupportedArchitecture {
+            name: model_type.to_string(),
+            supported: supported(),
+        })
+}
+
+/// The registry entry for a GGUF `general.architecture`.
+pub fn by_gguf_architecture(arch: &str) -> Result<&'static Architecture> {
+    REGISTRY
+        .iter()
+        .find(|a| a.gguf_architectures.contains(&arch))
+        .ok_or_else(|| Error::UnsupportedArchitecture {
+            name: arch.to_string(),
+            supported: supported(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unknown_architecture_lists_supported() {
+        let e = super::by_model_type("gpt-17").err().unwrap().to_string();
+        assert!(e.contains("gpt-17") && e.contains("llama"), "{e}");
+    }
+}

@@ -1,0 +1,171 @@
+//! Scaled dot-product attention (Vaswani et al. 2017) with grouped-query attention
+//! (Ainslie et al. 2023, "GQA") and an optional causal mask.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::Result;
+
+/// Repeats key/value heads for grouped-query attention:
+/// `[batch, kv_heads, seq, head_dim]` -> `[batch, kv_heads * n_rep, seq, head_dim]`
+/// (each kv head repeated `n_rep` times consecutively, as HF `repeat_kv`).
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))?)
+}
+
+/// Additive causal mask `[q_len, kv_len]` f32 for queries at positions
+/// `kv_len - q_len .. kv_len`: 0 where a query may attend, `-inf` elsewhere. With
+/// `sliding_window = Some(w)` a query also cannot see keys more than `w - 1` positions back.
+pub fn causal_mask(
+    q_len: usize,
+    kv_len: usize,
+    sliding_window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let offset = kv_len - q_len;
+    let mut m = vec![0f32; q_len * kv_len];
+    for i in 0..q_len {
+        let qpos = offset + i;
+        for j in 0..kv_len {
+            let future = j > qpos;
+            let too_old = sliding_window.is_some_and(|w| qpos >= w && j <= qpos - w);
+            if future || too_old {
+                m[i * kv_len + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (q_len, kv_len), device)?)
+}
+
+/// `softmax(q k^T * scale + mask) v`.
+///
+/// `q: [batch, heads, q_len, head_dim]`, `k`, `v: [batch, kv_heads, kv_len, head_dim]`
+/// (`heads` a multiple of `kv_heads`), `mask: [q_len, kv_len]` additive, or `None` (no mask,
+/// e.g. one query attending to the whole cache). `softcap`: Gemma 2's `tanh` logit capping
+/// `c * tanh(s / c)`. Returns `[batch, heads, q_len, head_dim]`.
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let (b, heads, q_len, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let n_rep = heads / kv_heads;
+    let kv_len = k.dim(2)?;
+    // Group query heads by their kv head so that no copy of k/v is needed:
+    // q: [b, kv_heads, n_rep * q_len, d]
+    let q = q.reshape((b, kv_heads, n_rep * q_len, d))?;
+    let k = k.contiguous()?;
+    let v = v.contiguous()?;
+    let mut att = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(c) = softcap {
+        att = ((att / c)?.tanh()? * c)?;
+    }
+    if let Some(m) = mask {
+        let att4 = att.reshape((b, kv_heads, n_rep, q_len, kv_len))?;
+        att = att4.broadcast_add(&m.to_dtype(att4.dtype())?)?.reshape((
+            b,
+            kv_heads,
+            n_rep * q_len,
+            kv_len,
+        ))?;
+    }
+    let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?;
+    let out = att.to_dtype(v.dtype())?.matmul(&v)?;
+    Ok(out.reshape((b, heads, q_len, d))?.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        h: usize,
+        kvh: usize,
+        ql: usize,
+        kl: usize,
+        d: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; h * ql * d];
+        let rep = h / kvh;
+        for hh in 0..h {
+            let kh = hh / rep;
+            for i in 0..ql {
+                let qpos = kl - ql + i;
+                let mut s: Vec<f32> = (0..kl)
+                    .map(|j| {
+                        if j > qpos {
+                            f32::NEG_INFINITY
+                        } else {
+                            (0..d)
+                                .map(|t| q[(hh * ql + i) * d + t] * k[(kh * kl + j) * d + t])
+                                .sum::<f32>()
+                                / (d as f32).sqrt()
+                        }
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = s
+                    .iter_mut()
+                    .map(|x| {
+                        *x = (*x - m).exp();
+                        *x
+                    })
+                    .sum();
+                for t in 0..d {
+                    out[(hh * ql + i) * d + t] =
+                        (0..kl).map(|j| s[j] / z * v[(kh * kl + j) * d + t]).sum();
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gqa_matches_naive() {
+        let dev = Device::Cpu;
+        let (h, kvh, ql, kl, d) = (6, 2, 3, 5, 4);
+        let gen = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * s).sin()).collect() };
+        let q = gen(h * ql * d, 0.37);
+        let k = gen(kvh * kl * d, 0.71);
+        let v = gen(kvh * kl * d, 1.13);
+        let qt = Tensor::from_vec(q.clone(), (1, h, ql, d), &dev).unwrap();
+        let kt = Tensor::from_vec(k.clone(), (1, kvh, kl, d), &dev).unwrap();
+        let vt = Tensor::from_vec(v.clone(), (1, kvh, kl, d), &dev).unwrap();
+        let m = causal_mask(ql, kl, None, &dev).unwrap();
+        let o: Vec<f32> =
+            scaled_dot_product_attention(&qt, &kt, &vt, Some(&m), 1.0 / (d as f64).sqrt(), None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        let r = naive(&q, &k, &v, h, kvh, ql, kl, d);
+        for (a, b) in o.iter().zip(&r) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn sliding_window_mask() {
+        let m: Vec<Vec<f32>> = causal_mask(3, 5, Some(2), &Device::Cpu)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        // query at position 2 sees keys 1,2; position 4 sees keys 3,4.
+        assert!(m[0][0].is_infinite() && m[0][1] == 0.0 && m[0][2] == 0.0 && m[0][3].is_infinite());
+        assert!(m[2][2].is_infinite() && m[2][3] == 0.0 && m[2][4] == 0.0);
+    }
+}

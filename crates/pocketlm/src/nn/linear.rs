@@ -1,0 +1,119 @@
+//! Linear layers and embeddings whose weights may be dense (float) or quantized.
+//! "Quantization is a property of a layer": the loader decides which variant a layer gets.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Module, Tensor};
+
+use crate::Result;
+
+/// A linear layer `y = x W^T + b`.
+///
+/// `x: [.., in_features]` (f32) -> `[.., out_features]` (f32). The weight is stored
+/// `[out_features, in_features]` as in PyTorch / Hugging Face.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// Float weight `[out, in]` and optional bias `[out]`.
+    Dense(candle_nn::Linear),
+    /// A GGUF block-quantized weight (`Q4_0`, `Q4_1`, `Q8_0`, k-quants, ...); the product
+    /// quantizes activations like llama.cpp's `ggml_mul_mat` on CPU.
+    Gguf {
+        /// The quantized weight `[out, in]`.
+        weight: QMatMul,
+        /// Optional float bias `[out]`.
+        bias: Option<Tensor>,
+        /// `out_features`.
+        out_features: usize,
+        /// `in_features`.
+        in_features: usize,
+    },
+}
+
+impl Linear {
+    /// A dense layer from a weight `[out, in]` and an optional bias `[out]`.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::Dense(candle_nn::Linear::new(weight, bias))
+    }
+
+    /// A layer over a GGUF quantized weight of shape `[out, in]`.
+    pub fn gguf(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.shape().dims2()?;
+        Ok(Self::Gguf {
+            weight: QMatMul::from_arc(weight)?,
+            bias,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        match self {
+            Self::Dense(l) => l.weight().dim(1).unwrap_or(0),
+            Self::Gguf { in_features, .. } => *in_features,
+        }
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        match self {
+            Self::Dense(l) => l.weight().dim(0).unwrap_or(0),
+            Self::Gguf { out_features, .. } => *out_features,
+        }
+    }
+
+    /// `x: [.., in]` -> `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => Ok(l.forward(x)?),
+            Self::Gguf { weight, bias, .. } => {
+                let y = weight.forward(x)?;
+                Ok(match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+}
+
+/// A token embedding table `[vocab, hidden]`, dense or GGUF-quantized. Quantized tables are
+/// dequantized row by row at lookup, so the table stays at its quantized size in memory.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// Float table `[vocab, hidden]`.
+    Dense(Tensor),
+    /// Quantized table `[vocab, hidden]`.
+    Gguf(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// `ids: [..] u32` -> `[.., hidden]` f32.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(1)?);
+                Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?)
+            }
+            Self::Gguf(q) => Ok(q.embedding(ids)?),
+        }
+    }
+
+    /// The same weights as an output projection (`hidden -> vocab`), for tied embeddings.
+    pub fn as_linear(&self) -> Result<Linear> {
+        match self {
+            Self::Dense(w) => Ok(Linear::dense(w.clone(), None)),
+            Self::Gguf(q) => Linear::gguf(q.clone(), None),
+        }
+    }
+
+    /// `(vocab, hidden)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Dense(w) => w.dims2()?,
+            Self::Gguf(q) => q.shape().dims2()?,
+        })
+    }
+}

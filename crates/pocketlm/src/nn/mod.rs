@@ -1,0 +1,12 @@
+//! Layers shared by the architectures: linear layers that may be dense or quantized,
+//! embeddings, RMSNorm, rotary position embeddings and attention.
+
+pub mod attention;
+pub mod linear;
+pub mod norm;
+pub mod rope;
+
+pub use attention::{causal_mask, repeat_kv, scaled_dot_product_attention};
+pub use linear::{Embedding, Linear};
+pub use norm::RmsNorm;
+pub use rope::{RopeScaling, RotaryEmbedding};

@@ -1,0 +1,288 @@
+//! Rotary position embeddings (RoPE; Su et al. 2021, "RoFormer", arXiv:2104.09864) and the
+//! frequency-scaling variants of Hugging Face `modeling_rope_utils.py`.
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// How RoPE frequencies are scaled for longer contexts (`rope_scaling` in config.json).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum RopeScaling {
+    /// Plain RoPE: `inv_freq[i] = theta^(-2i/d)`.
+    #[default]
+    None,
+    /// Position interpolation: all frequencies divided by `factor`.
+    Linear {
+        /// Scaling factor.
+        factor: f64,
+    },
+    /// Llama 3.1 scaling (HF `_compute_llama3_parameters`): low frequencies divided by
+    /// `factor`, high ones kept, a smooth blend between.
+    Llama3 {
+        /// Scaling factor.
+        factor: f64,
+        /// Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// Context length the model was pre-trained with.
+        original_max_position_embeddings: f64,
+    },
+    /// Per-frequency divisors given explicitly (GGUF `rope_freqs.weight`, `[head_dim / 2]`),
+    /// which is how llama.cpp stores Llama 3.1 scaling.
+    FreqFactors(Vec<f32>),
+}
+
+#[derive(Deserialize)]
+struct RawScaling {
+    #[serde(alias = "type")]
+    rope_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+impl RopeScaling {
+    /// Parses config.json's `rope_scaling` object (`null` or absent gives [`RopeScaling::None`]).
+    ///
+    /// Errors name the missing field or the unsupported `rope_type`.
+    pub fn from_config(v: Option<&serde_json::Value>) -> Result<Self> {
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(Self::None);
+        };
+        let raw: RawScaling = serde_json::from_value(v.clone())
+            .map_err(|e| Error::Model(format!("config.json: bad `rope_scaling`: {e}")))?;
+        let need = |x: Option<f64>, f: &str| {
+            x.ok_or_else(|| Error::Model(format!("config.json: `rope_scaling.{f}` is missing")))
+        };
+        match raw.rope_type.as_deref().unwrap_or("default") {
+            "default" => Ok(Self::None),
+            "linear" => Ok(Self::Linear {
+                factor: need(raw.factor, "factor")?,
+            }),
+            "llama3" => Ok(Self::Llama3 {
+                factor: need(raw.factor, "factor")?,
+                low_freq_factor: need(raw.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: need(raw.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: need(
+                    raw.original_max_position_embeddings,
+                    "original_max_position_embeddings",
+                )?,
+            }),
+            other => Err(Error::Model(format!(
+                "config.json: `rope_scaling.rope_type` `{other}` is not supported (default, linear, llama3)"
+            ))),
+        }
+    }
+
+    /// Applies the scaling to `inv_freq` (`[rotary_dim / 2]`).
+    pub fn apply(&self, inv_freq: &mut [f64]) -> Result<()> {
+        match self {
+            Self::None => {}
+            Self::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen < high_wavelen {
+                        // kept
+                    } else if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            Self::FreqFactors(ff) => {
+                if ff.len() != inv_freq.len() {
+                    return Err(Error::tensor(
+                        "rope_freqs.weight",
+                        format!("has {} factors, expected {}", ff.len(), inv_freq.len()),
+                    ));
+                }
+                inv_freq
+                    .iter_mut()
+                    .zip(ff)
+                    .for_each(|(f, d)| *f /= *d as f64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rotary position embedding for one attention layout. The cos/sin values are computed per
+/// call for the positions in use, so any context length works without a table.
+///
+/// `interleaved` selects the pairing of dimensions: `false` rotates `(x[i], x[i + d/2])`
+/// (Hugging Face / GPT-NeoX layout), `true` rotates `(x[2i], x[2i+1])` (the original
+/// RoFormer/Meta layout, which llama.cpp's GGUF Llama weights expect, since its converter
+/// permutes the q/k projection rows).
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    inv_freq: Vec<f32>,
+    rotary_dim: usize,
+    interleaved: bool,
+    device: Device,
+}
+
+impl RotaryEmbedding {
+    /// `rotary_dim`: dimensions rotated per head (usually `head_dim`); `theta`: `rope_theta`.
+    pub fn new(
+        rotary_dim: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        interleaved: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(Error::Model(format!(
+                "rotary dimension {rotary_dim} must be even and positive"
+            )));
+        }
+        let half = rotary_dim / 2;
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
+            .collect();
+        scaling.apply(&mut inv_freq)?;
+        Ok(Self {
+            inv_freq: inv_freq.iter().map(|f| *f as f32).collect(),
+            rotary_dim,
+            interleaved,
+            device: device.clone(),
+        })
+    }
+
+    /// cos and sin `[seq, rotary_dim / 2]` for positions `offset..offset+seq`, computed in f32
+    /// as `pos * inv_freq` like the reference implementations.
+    pub fn cos_sin(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for p in offset..offset + seq {
+            for f in &self.inv_freq {
+                let a = (p as f32) * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq, half), &self.device)?,
+            Tensor::from_vec(sin, (seq, half), &self.device)?,
+        ))
+    }
+
+    /// Rotates `x: [batch, heads, seq, head_dim]` with tables from [`Self::cos_sin`].
+    pub fn apply_with(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let head_dim = x.dim(3)?;
+        let rot = |t: &Tensor| -> Result<Tensor> {
+            let t = t.contiguous()?;
+            Ok(if self.interleaved {
+                candle_nn::rotary_emb::rope_i(&t, cos, sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&t, cos, sin)?
+            })
+        };
+        if self.rotary_dim == head_dim {
+            rot(x)
+        } else {
+            let head = x.narrow(3, 0, self.rotary_dim)?;
+            let tail = x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?;
+            Ok(Tensor::cat(&[rot(&head)?, tail], 3)?)
+        }
+    }
+
+    /// Rotates `x: [batch, heads, seq, head_dim]` for positions `offset..offset+seq`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (cos, sin) = self.cos_sin(offset, x.dim(2)?)?;
+        self.apply_with(x, &cos, &sin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_matches_reference_values() {
+        // Llama 3.1 8B: theta 500000, factor 8, low 1, high 4, original 8192.
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let d = 128;
+        let mut f: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / 500000f64.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        let orig = f.clone();
+        s.apply(&mut f).unwrap();
+        assert_eq!(f[0], orig[0]); // highest frequency kept
+        assert!((f[63] - orig[63] / 8.0).abs() < 1e-18); // lowest scaled by factor
+        assert!(
+            f[45] < orig[45] && f[45] > orig[45] / 8.0
+                || f[45] == orig[45]
+                || f[45] == orig[45] / 8.0
+        );
+    }
+
+    #[test]
+    fn interleaved_and_half_layouts_agree_after_permutation() {
+        // Rotating interleaved pairs of a permuted vector equals rotating half-split pairs.
+        let dev = Device::Cpu;
+        let d = 8;
+        let x: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
+        let xt = Tensor::from_vec(x.clone(), (1, 1, 1, d), &dev).unwrap();
+        let half = RotaryEmbedding::new(d, 10000.0, &RopeScaling::None, false, &dev).unwrap();
+        let inter = RotaryEmbedding::new(d, 10000.0, &RopeScaling::None, true, &dev).unwrap();
+        let perm: Vec<f32> = (0..d / 2).flat_map(|i| [x[i], x[i + d / 2]]).collect();
+        let pt = Tensor::from_vec(perm, (1, 1, 1, d), &dev).unwrap();
+        let a: Vec<f32> = half
+            .apply(&xt, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = inter
+            .apply(&pt, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for i in 0..d / 2 {
+            assert!((a[i] - b[2 * i]).abs() < 1e-5);
+            assert!((a[i + d / 2] - b[2 * i + 1]).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn parses_config_scaling() {
+        let v: serde_json::Value = serde_json::json!({"rope_type": "linear", "factor": 2.0});
+        assert_eq!(
+            RopeScaling::from_config(Some(&v)).unwrap(),
+            RopeScaling::Linear { factor: 2.0 }
+        );
+        let v = serde_json::json!({"type": "weird", "factor": 2.0});
+        assert!(RopeScaling::from_config(Some(&v))
+            .unwrap_err()
+            .to_string()
+            .contains("weird"));
+        let v = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+        assert!(RopeScaling::from_config(Some(&v))
+            .unwrap_err()
+            .to_string()
+            .contains("low_freq_factor"));
+    }
+}

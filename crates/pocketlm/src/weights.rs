@@ -1,0 +1,141 @@
+//! Where model code gets its weights from. Architectures ask for tensors by their Hugging Face
+//! names; each source maps those names to its own (the "sanitize" step happens here, at load,
+//! never in the forward pass) and decides whether a layer is dense or quantized.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::gguf::{hf_to_gguf_name, GgufFile};
+use crate::nn::{Embedding, Linear};
+use crate::{Error, Result};
+
+/// The on-disk format the weights come from; a few architectures need to know it (llama.cpp
+/// permutes Llama's q/k projection rows for its RoPE layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A GGUF file (llama.cpp naming and layout).
+    Gguf,
+    /// Hugging Face safetensors (possibly MLX-quantized).
+    Safetensors,
+}
+
+/// A source of named weights (Hugging Face names).
+pub trait Weights {
+    /// A linear layer `prefix.weight` `[out, in]` (and `prefix.bias` `[out]` when `bias`).
+    fn linear(
+        &self,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Linear>;
+    /// An embedding table `name` `[vocab, hidden]`.
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding>;
+    /// A float tensor of the given shape, as f32.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// Whether a tensor exists.
+    fn contains(&self, name: &str) -> bool;
+    /// The device tensors are loaded onto.
+    fn device(&self) -> &Device;
+    /// Where the weights come from.
+    fn format(&self) -> WeightFormat;
+}
+
+/// Weights read from a GGUF file.
+#[derive(Debug)]
+pub struct GgufWeights<'a> {
+    file: &'a GgufFile,
+    device: Device,
+    dequantize: bool,
+}
+
+impl<'a> GgufWeights<'a> {
+    /// Weights from `file`, loaded onto `device`.
+    pub fn new(file: &'a GgufFile, device: Device) -> Self {
+        Self {
+            file,
+            device,
+            dequantize: false,
+        }
+    }
+
+    /// Dequantize every weight to f32 at load (dense layers only): the model then computes
+    /// exactly what the float reference does with these weights, at 4-8x the memory.
+    pub fn dequantized(mut self, yes: bool) -> Self {
+        self.dequantize = yes;
+        self
+    }
+
+    fn gguf_name(&self, name: &str) -> Result<String> {
+        hf_to_gguf_name(name).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!(
+                    "has no GGUF counterpart (in {})",
+                    self.file.path().display()
+                ),
+            )
+        })
+    }
+}
+
+impl Weights for GgufWeights<'_> {
+    fn linear(
+        &self,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let w = self.gguf_name(&format!("{prefix}.weight"))?;
+        let q = self
+            .file
+            .qtensor(&w, &[out_features, in_features], &self.device)?;
+        let b = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out_features])?)
+        } else {
+            None
+        };
+        if self.dequantize || is_float(q.dtype()) {
+            Ok(Linear::dense(
+                q.dequantize(&self.device)?.to_dtype(DType::F32)?,
+                b,
+            ))
+        } else {
+            Linear::gguf(Arc::new(q), b)
+        }
+    }
+
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        let g = self.gguf_name(name)?;
+        let q = self.file.qtensor(&g, &[vocab, hidden], &self.device)?;
+        if self.dequantize || is_float(q.dtype()) {
+            Ok(Embedding::Dense(q.dequantize(&self.device)?))
+        } else {
+            Ok(Embedding::Gguf(Arc::new(q)))
+        }
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let g = self.gguf_name(name)?;
+        self.file.tensor_f32(&g, shape, &self.device)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        hf_to_gguf_name(name).is_some_and(|g| self.file.has_tensor(&g))
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn format(&self) -> WeightFormat {
+        WeightFormat::Gguf
+    }
+}
+
+fn is_float(t: candle_core::quantized::GgmlDType) -> bool {
+    use candle_core::quantized::GgmlDType as G;
+    matches!(t, G::F32 | G::F16 | G::BF16)
+}
