@@ -1,0 +1,210 @@
+//! The `pocketlm` binary end to end: a real answer from the default model, and clear errors
+//! with a non-zero exit (never a panic) for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+fn pocketlm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(args)
+        .output()
+        .expect("running pocketlm")
+}
+
+/// Asserts a clean failure: exit code 1, an `error:` line containing every `needle`, no panic.
+fn assert_clean_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(stderr.contains("error:"), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "expected {n:?} in: {stderr}");
+    }
+}
+
+fn default_model() -> String {
+    let out = pocketlm(&["fetch"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Writes a tiny Llama GGUF (f32 weights). `arch` sets `general.architecture`; `bad_tensor`
+/// gives that tensor a wrong shape.
+fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
+    let dev = Device::Cpu;
+    let (h, ff, vocab, heads, kv) = (8usize, 16usize, 16usize, 2u32, 1u32);
+    let hd = h / heads as usize;
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("token_embd.weight".into(), vec![vocab, h]),
+        ("output_norm.weight".into(), vec![h]),
+        ("blk.0.attn_norm.weight".into(), vec![h]),
+        ("blk.0.ffn_norm.weight".into(), vec![h]),
+        ("blk.0.attn_q.weight".into(), vec![h, h]),
+        ("blk.0.attn_k.weight".into(), vec![kv as usize * hd, h]),
+        ("blk.0.attn_v.weight".into(), vec![kv as usize * hd, h]),
+        ("blk.0.attn_output.weight".into(), vec![h, h]),
+        ("blk.0.ffn_gate.weight".into(), vec![ff, h]),
+        ("blk.0.ffn_up.weight".into(), vec![ff, h]),
+        ("blk.0.ffn_down.weight".into(), vec![h, ff]),
+    ];
+    for (name, shape) in shapes.iter_mut() {
+        if Some(name.as_str()) == bad_tensor {
+            shape[0] += 1;
+        }
+    }
+    let tensors: Vec<(String, QTensor)> = shapes
+        .iter()
+        .map(|(n, s)| {
+            let t = Tensor::ones(s.as_slice(), candle_core::DType::F32, &dev).unwrap();
+            (n.clone(), QTensor::quantize(&t, GgmlDType::F32).unwrap())
+        })
+        .collect();
+    let tokens: Vec<Value> = (0..vocab).map(|i| Value::String(format!("t{i}"))).collect();
+    let md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.block_count"), Value::U32(1)),
+        (format!("{arch}.context_length"), Value::U32(32)),
+        (format!("{arch}.embedding_length"), Value::U32(h as u32)),
+        (format!("{arch}.feed_forward_length"), Value::U32(ff as u32)),
+        (format!("{arch}.attention.head_count"), Value::U32(heads)),
+        (format!("{arch}.attention.head_count_kv"), Value::U32(kv)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+    ];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+}
+
+#[test]
+fn generate_streams_an_answer_from_the_default_model() {
+    let out = pocketlm(&[
+        "generate",
+        "--prompt",
+        "What is 2 + 2?",
+        "--max-tokens",
+        "12",
+        "--verbose",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    assert!(
+        stderr.contains("tokens-per-sec") && stderr.contains("Peak memory"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    let out = pocketlm(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_error(&out, &["/nonexistent/model.gguf"]);
+}
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = pocketlm(&[
+        "generate",
+        "--model",
+        cut.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_error(&out, &["cut.gguf", "truncated"]);
+    // Cut inside the header too.
+    std::fs::write(&cut, &bytes[..1000]).unwrap();
+    let out = pocketlm(&[
+        "generate",
+        "--model",
+        cut.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_error(&out, &["cut.gguf"]);
+}
+
+#[test]
+fn wrong_tensor_shape_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad_shape.gguf");
+    tiny_gguf(&p, "llama", Some("blk.0.attn_k.weight"));
+    let out = pocketlm(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_error(&out, &["blk.0.attn_k.weight", "shape"]);
+}
+
+#[test]
+fn unknown_architecture_lists_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("arch.gguf");
+    tiny_gguf(&p, "gpt-17", None);
+    let out = pocketlm(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clean_error(&out, &["gpt-17", "supported", "llama"]);
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_a_clear_error() {
+    let model = default_model();
+    let prompt = "hello ".repeat(9000); // > 8192 tokens
+    let out = pocketlm(&[
+        "generate",
+        "--model",
+        &model,
+        "--no-chat-template",
+        "--prompt",
+        &prompt,
+    ]);
+    assert_clean_error(&out, &["context"]);
+}
+
+#[test]
+fn chat_keeps_the_conversation_and_resets() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["chat", "--max-tokens", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello!\n/reset\nWhat is the capital of France?\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("conversation reset"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| !l.trim().is_empty()).count() >= 2,
+        true,
+        "{stdout}"
+    );
+}
