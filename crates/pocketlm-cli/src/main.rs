@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "pocketlm", version, about, long_about = None)]
 struct Cli {
+    /// Compute threads (default: all cores; sets RAYON_NUM_THREADS).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,6 +22,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Chat with a model in the terminal (multi-turn; /reset, /exit).
     Chat(cmd::chat::ChatArgs),
+    /// Measure prefill (pp) and decode (tg) speed, like llama-bench.
+    Bench(cmd::bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
     Fetch,
 }
@@ -32,9 +37,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        // Before any compute thread starts: candle and rayon read it when their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+    }
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

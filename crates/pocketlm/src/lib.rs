@@ -11,10 +11,12 @@
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
+//! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
 //! - [`memory`]: resident and peak memory readings.
 //! - [`fetch`]: downloading the default model from a package registry.
 //! - [`quant`]: quantization formats.
 
+pub mod bench;
 pub mod chat_template;
 pub mod device;
 pub mod error;
