@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 
 /// Run language models locally: private, offline, on your own machine.
 #[derive(Parser, Debug)]
-#[command(name = "pocketlm", version, about, long_about = None)]
+#[command(
+    name = "pocketlm",
+    version,
+    about = "Run language models locally: private, offline, on your own machine."
+)]
 struct Cli {
     /// Compute threads (default: all cores; sets RAYON_NUM_THREADS).
     #[arg(short = 't', long, global = true)]
