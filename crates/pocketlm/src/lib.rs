@@ -17,6 +17,7 @@ pub mod chat_template;
 pub mod device;
 pub mod error;
 pub mod fetch;
+pub mod kernels;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
