@@ -182,6 +182,43 @@ fn shape_table(quick: bool) {
 
 /// Scalar vs SIMD and thread scaling at m = 1 on the largest Q4_1 matrix.
 fn backends_and_threads() {
+    {
+        // Per-call cost of a small product (attn_k, 69 KB) on 1 thread vs handed to the pool.
+        let mut rng = StdRng::seed_from_u64(4);
+        let q = quantize(&mut rng, GgmlDType::Q4_1, KV, HIDDEN);
+        let w = GgufMatrix::from_qtensor("attn_k", &q).unwrap();
+        let x = rand_vec(&mut rng, HIDDEN);
+        let mut out = vec![0f32; KV];
+        println!("\nattn_k 192x576 Q4_1, m = 1 (per-call overhead):");
+        for threads in [1, rayon::current_num_threads()] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (b, m) = pool.install(|| {
+                time(
+                    || w.matmul(&x, 1, &mut out).unwrap(),
+                    100,
+                    Duration::from_millis(200),
+                )
+            });
+            println!(
+                "  {threads} thread(s), called inside the pool: {} [{}]",
+                fmt_dur(b),
+                fmt_dur(m)
+            );
+        }
+        let (b, m) = time(
+            || w.matmul(&x, 1, &mut out).unwrap(),
+            100,
+            Duration::from_millis(200),
+        );
+        println!(
+            "  global pool, called from outside it: {} [{}]",
+            fmt_dur(b),
+            fmt_dur(m)
+        );
+    }
     let mut rng = StdRng::seed_from_u64(2);
     let q = quantize(&mut rng, GgmlDType::Q4_1, FFN, HIDDEN);
     let w = GgufMatrix::from_qtensor("ffn_up", &q).unwrap();
@@ -331,6 +368,31 @@ fn model_sweeps(quick: bool) {
         fmt_dur(b2),
         fmt_dur(m2),
         1.0 / b2.as_secs_f64()
+    );
+    // The same token with the whole pass inside the pool (`rayon::scope` runs its body on a
+    // worker): the kernels' parallel loops then start on a worker instead of handing each call
+    // from this thread to the pool.
+    let (b3, m3) = time(
+        || {
+            rayon::scope(|_| {
+                for l in &layers {
+                    matmul_fused(&[&l.q, &l.k, &l.v], &x, 1, &mut [&mut q, &mut k, &mut v])
+                        .unwrap();
+                    l.o.matmul(&x, 1, &mut o).unwrap();
+                    matmul_fused(&[&l.gate, &l.up], &x, 1, &mut [&mut g, &mut u]).unwrap();
+                    l.down.matmul(&xf, 1, &mut d).unwrap();
+                }
+                out_w.matmul(&x, 1, &mut logits).unwrap();
+            })
+        },
+        10,
+        Duration::from_secs(2),
+    );
+    println!(
+        "  decode, ours (fused, inside rayon::scope): {} [{}] per token = {:.0} tok/s",
+        fmt_dur(b3),
+        fmt_dur(m3),
+        1.0 / b3.as_secs_f64()
     );
     std::thread::sleep(Duration::from_millis(50));
     let xt = Tensor::from_vec(x.clone(), (1, HIDDEN), &Device::Cpu).unwrap();
