@@ -150,8 +150,8 @@ fn quantize_row(
 /// Quantizes one block (32 or 256 values) into `q`, returning `(d, Σq)`.
 fn quantize_block(backend: Backend, x: &[f32], q: &mut [i8]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Avx2 && x.len().is_multiple_of(32) {
-        // SAFETY: the Avx2 backend is only used when the CPU has AVX2 (checked by callers
+    if matches!(backend, Backend::Avx2 | Backend::Avx512Vnni) && x.len().is_multiple_of(32) {
+        // SAFETY: these backends are only used when the CPU has AVX2 (checked by callers
         // through `Backend::is_available`); lengths are equal multiples of 32.
         return unsafe { quantize_block_avx2(x, q) };
     }

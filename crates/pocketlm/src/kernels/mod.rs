@@ -14,8 +14,9 @@
 //! - [`matmul_fused`] / [`forward_fused`]: several matrices sharing one input (q/k/v,
 //!   gate/up) with one activation quantization and one parallel pass.
 //! - [`Backend`]: the instruction set used, chosen at run time ([`Backend::detect`]): AVX2, FMA
-//!   and F16C on x86-64, NEON on aarch64, and a portable scalar fallback. All three compute the
-//!   same integers; results differ only by float summation order.
+//!   and F16C on x86-64 (with AVX512-VNNI's `vpdpbusd` where the CPU has it), NEON on aarch64,
+//!   and a portable scalar fallback. All compute the same integers; results differ only by
+//!   float summation order.
 //!
 //! Threads: work is split with rayon's global pool over tiles of output rows (and, for prefill,
 //! of activation rows, so that each weight tile is read from L1 once per group of 4 activation
@@ -130,6 +131,10 @@ pub enum Backend {
     Scalar,
     /// x86-64 with AVX2, FMA and F16C (checked at run time).
     Avx2,
+    /// [`Backend::Avx2`] plus AVX512-VNNI and AVX512VL: the 8-bit dot products of `Q4_0`,
+    /// `Q4_1` and `Q8_0` use `vpdpbusd` on 256-bit registers (as ggml does when built with
+    /// `GGML_AVX512_VNNI`). Same integers, same float operations as `Avx2`.
+    Avx512Vnni,
     /// aarch64 Advanced SIMD (baseline on every aarch64 CPU).
     Neon,
 }
@@ -139,7 +144,7 @@ impl Backend {
     pub fn detect() -> Self {
         static DETECTED: OnceLock<Backend> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            [Self::Avx2, Self::Neon]
+            [Self::Avx512Vnni, Self::Avx2, Self::Neon]
                 .into_iter()
                 .find(|b| b.is_available())
                 .unwrap_or(Self::Scalar)
@@ -156,6 +161,19 @@ impl Backend {
                     is_x86_feature_detected!("avx2")
                         && is_x86_feature_detected!("fma")
                         && is_x86_feature_detected!("f16c")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    false
+                }
+            }
+            Self::Avx512Vnni => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    Self::Avx2.is_available()
+                        && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512vnni")
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
@@ -899,7 +917,9 @@ pub(crate) type TileFn = unsafe fn(&Tile<'_>);
 fn tile_fn(backend: Backend, dtype: GgufType) -> TileFn {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => x86::tile_fn(dtype),
+        Backend::Avx2 => x86::tile_fn(dtype, false),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512Vnni => x86::tile_fn(dtype, true),
         #[cfg(target_arch = "aarch64")]
         Backend::Neon => neon::tile_fn(dtype),
         _ => scalar::tile_fn(dtype),

@@ -27,11 +27,15 @@ const TYPES: [GgufType; 5] = [
 ];
 
 fn backends() -> Vec<Backend> {
-    let mut b = vec![Backend::Scalar];
-    if Backend::detect() != Backend::Scalar {
-        b.push(Backend::detect());
-    }
-    b
+    [
+        Backend::Scalar,
+        Backend::Avx2,
+        Backend::Avx512Vnni,
+        Backend::Neon,
+    ]
+    .into_iter()
+    .filter(|b| b.is_available())
+    .collect()
 }
 
 /// Uniform values in `[-1, 1)` with an occasional outlier (as real activations have).
