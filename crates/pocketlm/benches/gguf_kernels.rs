@@ -222,29 +222,43 @@ fn backends_and_threads() {
     let mut rng = StdRng::seed_from_u64(2);
     let q = quantize(&mut rng, GgmlDType::Q4_1, FFN, HIDDEN);
     let w = GgufMatrix::from_qtensor("ffn_up", &q).unwrap();
-    let x = rand_vec(&mut rng, HIDDEN);
-    let mut out = vec![0f32; FFN];
-    let budget = Duration::from_millis(300);
-    println!("\nffn_up 1536x576 Q4_1, m = 1:");
-    for backend in [Backend::Scalar, Backend::detect()] {
-        for threads in [1, rayon::current_num_threads()] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let (b, m) = pool.install(|| {
-                time(
-                    || w.matmul_with(backend, &x, 1, &mut out).unwrap(),
-                    30,
-                    budget,
-                )
-            });
-            println!(
-                "  {backend:?} {threads} thread(s): {} [{}]  {:.1} GB/s",
-                fmt_dur(b),
-                fmt_dur(m),
-                w.bytes().len() as f64 / b.as_secs_f64() / 1e9
-            );
+    let backends: Vec<Backend> = [
+        Backend::Scalar,
+        Backend::Avx2,
+        Backend::Avx512Vnni,
+        Backend::Neon,
+    ]
+    .into_iter()
+    .filter(|b| b.is_available())
+    .collect();
+    for m in [1usize, 512] {
+        let x = rand_vec(&mut rng, m * HIDDEN);
+        let mut out = vec![0f32; m * FFN];
+        println!("\nffn_up 1536x576 Q4_1, m = {m}:");
+        for &backend in &backends {
+            if backend == Backend::Scalar && m > 1 {
+                continue;
+            }
+            for threads in [1, rayon::current_num_threads()] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let (b, med) = pool.install(|| {
+                    time(
+                        || w.matmul_with(backend, &x, m, &mut out).unwrap(),
+                        if m == 1 { 30 } else { 3 },
+                        Duration::from_millis(if m == 1 { 300 } else { 1000 }),
+                    )
+                });
+                println!(
+                    "  {backend:?} {threads} thread(s): {} [{}]  {:.1} GB/s  {:.1} GFLOP/s",
+                    fmt_dur(b),
+                    fmt_dur(med),
+                    w.bytes().len() as f64 / b.as_secs_f64() / 1e9,
+                    2.0 * (m * FFN * HIDDEN) as f64 / b.as_secs_f64() / 1e9
+                );
+            }
         }
     }
 }

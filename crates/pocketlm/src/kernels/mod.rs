@@ -18,9 +18,12 @@
 //!   and a portable scalar fallback. All compute the same integers; results differ only by
 //!   float summation order.
 //!
-//! Threads: work is split with rayon's global pool over tiles of output rows (and, for prefill,
-//! of activation rows, so that each weight tile is read from L1 once per group of 4 activation
-//! rows). Rayon's workers sleep when idle; nothing here spins between calls.
+//! Threads: work is split with rayon over tiles of output rows (and, for prefill, of
+//! activation rows, so that each weight tile is read from L1 once per group of 4 activation
+//! rows); small products stay on the calling thread. Rayon's workers sleep when idle; nothing
+//! here spins between calls. Each call made from outside the pool pays a hand-off to the pool
+//! (a few microseconds, measured by `benches/gguf_kernels.rs`); a model that runs its whole
+//! forward pass inside the pool (`rayon::scope(|_| ...)` or `ThreadPool::install`) avoids it.
 
 mod act;
 mod scalar;
@@ -929,9 +932,13 @@ fn tile_fn(backend: Backend, dtype: GgufType) -> TileFn {
 /// Weight bytes a prefill tile keeps hot (re-read once per group of 4 activation rows): half
 /// of a typical 32-48 KiB L1d.
 const TILE_BYTES: usize = 16 * 1024;
-/// Below this many weight bytes × activation rows a product runs on the calling thread (the
-/// hand-off to the pool costs a few microseconds).
-const SERIAL_WORK: usize = 48 * 1024;
+/// Below this many weight bytes × activation rows a product runs on the calling thread when
+/// that thread is a rayon worker (splitting costs well under a microsecond there, about
+/// 2 µs of kernel work at 16 GB/s).
+const SERIAL_WORK_IN_POOL: usize = 32 * 1024;
+/// The same threshold for a caller outside the pool: handing the work to the pool and waking
+/// the caller again costs several microseconds (about 160 KiB of kernel work).
+const SERIAL_WORK_OUTSIDE: usize = 160 * 1024;
 /// Activation rows per prefill tile.
 const TILE_M: usize = 64;
 
@@ -985,7 +992,12 @@ fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
 fn run_jobs(backend: Backend, jobs: &[Job<'_>], m: usize, _k: usize) {
     let threads = rayon::current_num_threads();
     let work: usize = jobs.iter().map(|j| j.n * j.row_bytes).sum::<usize>() * m;
-    let threads = if work < SERIAL_WORK { 1 } else { threads };
+    let serial_below = if rayon::current_thread_index().is_some() {
+        SERIAL_WORK_IN_POOL
+    } else {
+        SERIAL_WORK_OUTSIDE
+    };
+    let threads = if work < serial_below { 1 } else { threads };
     let fns: Vec<TileFn> = jobs.iter().map(|j| tile_fn(backend, j.dtype)).collect();
     let run = |t: &Task| {
         let job = &jobs[t.job];
