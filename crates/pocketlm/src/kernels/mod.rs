@@ -844,7 +844,7 @@ pub fn forward_fused(mats: &[&GgufMatrix], x: &Tensor) -> crate::Result<Vec<Tens
             )))
         }
     }
-    let m = x.elem_count() / k.max(1);
+    let m: usize = dims[..dims.len() - 1].iter().product();
     let x = x.contiguous()?;
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; m * w.rows]).collect();
     {

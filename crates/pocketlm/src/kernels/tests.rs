@@ -341,6 +341,28 @@ fn forward_and_embedding_match_candle() {
 }
 
 #[test]
+fn empty_shapes_are_handled() {
+    // k = 0: every output is an empty sum.
+    let w = GgufMatrix::new("w", WeightBytes::owned(Vec::new()), GgufType::Q8_0, 2, 0).unwrap();
+    let x = Tensor::zeros((3, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let y = w.forward(&x).unwrap();
+    assert_eq!(y.dims(), &[3, 2]);
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![0.0; 6]
+    );
+    // m = 0 and n = 0.
+    let mut rng = StdRng::seed_from_u64(13);
+    let w = quantized_weight(&mut rng, GgufType::Q4_1, 3, 64).mat;
+    w.matmul(&[], 0, &mut []).unwrap();
+    let x = Tensor::zeros((0, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(w.forward(&x).unwrap().dims(), &[0, 3]);
+    let e = GgufMatrix::new("e", WeightBytes::owned(Vec::new()), GgufType::Q4K, 0, 256).unwrap();
+    e.matmul(&[0.5; 256], 1, &mut []).unwrap();
+    assert_eq!(e.embedding(&[]).unwrap(), Vec::<f32>::new());
+}
+
+#[test]
 fn bad_input_gives_typed_errors_naming_the_tensor() {
     let bytes = vec![0u8; 2 * 18 * 3];
     // 2 rows × 96 cols of Q4_0 need 2 × 3 blocks of 18 bytes: one byte short.
