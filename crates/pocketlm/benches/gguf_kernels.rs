@@ -468,12 +468,12 @@ fn model_sweeps(quick: bool) {
     );
     if !quick {
         std::thread::sleep(Duration::from_millis(50));
-        // Candle on 2 layers (compute-bound, so it scales linearly), extrapolated to 30.
+        // Candle on 1 layer (compute-bound, so it scales linearly), extrapolated to 30.
         let xt = Tensor::from_vec(x.clone(), (mt, HIDDEN), &Device::Cpu).unwrap();
         let xft = Tensor::from_vec(xf.clone(), (mt, FFN), &Device::Cpu).unwrap();
         let (cb, _) = time(
             || {
-                for l in &layers[..2] {
+                for l in &layers[..1] {
                     for (i, c) in l.cq.iter().enumerate() {
                         let inp = if i == 6 { &xft } else { &xt };
                         black_box(c.forward(inp).unwrap());
@@ -483,9 +483,9 @@ fn model_sweeps(quick: bool) {
             1,
             Duration::ZERO,
         );
-        let cb = cb * (LAYERS as u32 / 2);
+        let cb = cb * LAYERS as u32;
         println!(
-            "  prefill 512, candle (2 layers × 15): {} = {:.0} tok/s  (candle/ours {:.1}x)",
+            "  prefill 512, candle (1 layer × 30): {} = {:.0} tok/s  (candle/ours {:.1}x)",
             fmt_dur(cb),
             mt as f64 / cb.as_secs_f64(),
             cb.as_secs_f64() / pb.as_secs_f64()

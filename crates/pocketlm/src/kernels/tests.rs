@@ -340,6 +340,58 @@ fn forward_and_embedding_match_candle() {
     }
 }
 
+/// CPU ticks (utime + stime) used so far by this process's threads whose name starts with
+/// `prefix` (Linux `/proc/self/task/*/stat`, fields 14 and 15).
+#[cfg(target_os = "linux")]
+fn thread_cpu_ticks(prefix: &str) -> (usize, u64) {
+    let mut found = 0;
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // `after` starts at field 3 (state), so fields 14 and 15 are at 11 and 12.
+        ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        found += 1;
+    }
+    (found, ticks)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn idle_workers_do_not_spin() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .thread_name(|i| format!("kidle{i}"))
+        .build()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(14);
+    let w = quantized_weight(&mut rng, GgufType::Q4_1, 512, 576).mat;
+    let x = rand_vec(&mut rng, 64 * 576);
+    let mut out = vec![0f32; 64 * 512];
+    for _ in 0..5 {
+        pool.install(|| w.matmul(&x, 64, &mut out)).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (n0, t0) = thread_cpu_ticks("kidle");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let (n1, t1) = thread_cpu_ticks("kidle");
+    assert_eq!((n0, n1), (2, 2));
+    // A spinning worker would use ~60 ticks (at 100 Hz) in 600 ms; sleeping ones use none.
+    assert!(
+        t1 - t0 <= 3,
+        "idle workers used {} CPU ticks in 600 ms",
+        t1 - t0
+    );
+}
+
 #[test]
 fn empty_shapes_are_handled() {
     // k = 0: every output is an empty sum.
