@@ -439,6 +439,10 @@ pub fn mmap_gguf(path: impl AsRef<Path>) -> crate::Result<(Arc<Mmap>, Content)> 
     let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
     // SAFETY: read-only private mapping; the file is documented not to change while mapped.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| crate::Error::io(path, e))?;
+    // Ask the kernel to read ahead: decode touches every weight page once per token. Only a
+    // hint, so a failure is ignored.
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::WillNeed);
     let content = Content::read(&mut std::io::Cursor::new(&map[..])).map_err(|e| {
         crate::Error::Model(format!("{}: not a valid GGUF file ({e})", path.display()))
     })?;
