@@ -14,6 +14,7 @@
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
 //! - [`memory`]: resident and peak memory readings.
 //! - [`fetch`]: downloading the default model from a package registry.
+//! - [`kernels`]: CPU kernels for GGUF quantized matrix products (AVX2, NEON, scalar).
 //! - [`quant`]: quantization formats.
 
 pub mod bench;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod kv_cache;
 pub mod loader;
 pub mod memory;
