@@ -6,23 +6,24 @@
 //! accessors and the Hugging Face <-> GGUF tensor-name mapping.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::BufReader;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
+use crate::kernels::GgufMatrix;
 use crate::{Error, Result};
 
-/// An opened GGUF file: its parsed header (metadata and tensor directory) and a reader for
-/// tensor data.
+/// An opened GGUF file: its parsed header (metadata and tensor directory) and the file
+/// memory-mapped, so that quantized weights are used in place (no copy, near-zero load time;
+/// resident memory grows only with the pages actually read).
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: Mutex<BufReader<File>>,
+    map: Arc<memmap2::Mmap>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -41,12 +42,8 @@ impl GgufFile {
     /// when it is not a GGUF file, is truncated, or its tensor directory points past the end.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| {
-            Error::Model(format!("{}: not a valid GGUF file ({e})", path.display()))
-        })?;
+        let (map, content) = crate::kernels::mmap_gguf(&path)?;
+        let file_len = map.len() as u64;
         // Check every tensor lies inside the file, so a truncated download is reported up front
         // with the name of the first tensor that is cut off.
         for (name, info) in &content.tensor_infos {
@@ -68,11 +65,7 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(Self {
-            path,
-            content,
-            reader: Mutex::new(reader),
-        })
+        Ok(Self { path, content, map })
     }
 
     /// The file's path.
@@ -136,13 +129,28 @@ impl GgufFile {
                 ),
             ));
         }
-        let mut reader = self
-            .reader
-            .lock()
-            .map_err(|_| Error::Model("GGUF reader lock poisoned".into()))?;
         self.content
-            .tensor(&mut *reader, name, device)
+            .tensor(&mut Cursor::new(&self.map[..]), name, device)
             .map_err(|e| Error::tensor(name, format!("{} ({e})", self.path.display())))
+    }
+
+    /// A quantized weight `[rows, cols]` used in place from the mapped file, for the CPU
+    /// kernels. `expected` as in [`Self::qtensor`].
+    ///
+    /// Errors: [`Error::Tensor`] when missing, of another shape, or of a type the kernels do
+    /// not handle.
+    pub fn matrix(&self, name: &str, expected: &[usize]) -> Result<GgufMatrix> {
+        let (dims, _) = self.tensor_info(name)?;
+        if dims != expected {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "has shape {dims:?} in {}, expected {expected:?}",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(GgufMatrix::from_gguf(&self.map, &self.content, name)?)
     }
 
     /// Reads a tensor and dequantizes it to `f32`. `expected` as in [`Self::qtensor`].

@@ -67,6 +67,16 @@ impl<'a> GgufWeights<'a> {
         self
     }
 
+    /// Whether a tensor goes to our CPU kernels: quantized, of a type they handle, on the CPU,
+    /// and not asked to be dequantized.
+    fn uses_kernels(&self, gguf_name: &str) -> Result<bool> {
+        let (_, dtype) = self.file.tensor_info(gguf_name)?;
+        Ok(self.device.is_cpu()
+            && !self.dequantize
+            && !is_float(dtype)
+            && crate::kernels::GgufType::from_ggml(dtype).is_some())
+    }
+
     fn gguf_name(&self, name: &str) -> Result<String> {
         hf_to_gguf_name(name).ok_or_else(|| {
             Error::tensor(
@@ -89,14 +99,18 @@ impl Weights for GgufWeights<'_> {
         bias: bool,
     ) -> Result<Linear> {
         let w = self.gguf_name(&format!("{prefix}.weight"))?;
-        let q = self
-            .file
-            .qtensor(&w, &[out_features, in_features], &self.device)?;
         let b = if bias {
             Some(self.tensor(&format!("{prefix}.bias"), &[out_features])?)
         } else {
             None
         };
+        if self.uses_kernels(&w)? {
+            let weight = self.file.matrix(&w, &[out_features, in_features])?;
+            return Ok(Linear::Kernel { weight, bias: b });
+        }
+        let q = self
+            .file
+            .qtensor(&w, &[out_features, in_features], &self.device)?;
         if self.dequantize || is_float(q.dtype()) {
             Ok(Linear::dense(
                 q.dequantize(&self.device)?.to_dtype(DType::F32)?,
@@ -109,6 +123,9 @@ impl Weights for GgufWeights<'_> {
 
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         let g = self.gguf_name(name)?;
+        if self.uses_kernels(&g)? {
+            return Ok(Embedding::Kernel(self.file.matrix(&g, &[vocab, hidden])?));
+        }
         let q = self.file.qtensor(&g, &[vocab, hidden], &self.device)?;
         if self.dequantize || is_float(q.dtype()) {
             Ok(Embedding::Dense(q.dequantize(&self.device)?))

@@ -134,11 +134,17 @@ fn quantize_row(
 ) {
     let bs = fmt.block();
     for (b, (xb, qb)) in x.chunks_exact(bs).zip(qs.chunks_exact_mut(bs)).enumerate() {
-        let (db, sum) = quantize_block(backend, xb, qb);
-        d[b] = db;
+        let (db, id, sum) = quantize_block(backend, xb, qb);
         match fmt {
-            ActFormat::Q8_32 => s[b] = db * sum as f32,
+            // ggml's `quantize_row_q8_0`/`q8_1` store `d = amax / 127` and `s = d * Σq` as f16;
+            // the dot products read them back, so round the same way.
+            ActFormat::Q8_32 => {
+                d[b] = f16_round(db);
+                s[b] = f16_round(db * sum as f32);
+            }
+            // ggml's `quantize_row_q8_K` stores `d = 1 / iscale` in f32.
             ActFormat::Q8K => {
+                d[b] = if id != 0.0 { 1.0 / id } else { 0.0 };
                 for (j, q16) in qb.chunks_exact(16).enumerate() {
                     bsums[b * 16 + j] = q16.iter().map(|&q| q as i16).sum();
                 }
@@ -147,8 +153,13 @@ fn quantize_row(
     }
 }
 
-/// Quantizes one block (32 or 256 values) into `q`, returning `(d, Σq)`.
-fn quantize_block(backend: Backend, x: &[f32], q: &mut [i8]) -> (f32, i32) {
+fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// Quantizes one block (32 or 256 values) into `q`, returning `(d, id, Σq)` with
+/// `d = amax / 127` and the multiplier `id = 127 / amax` (0 for an all-zero block), as ggml.
+fn quantize_block(backend: Backend, x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     #[cfg(target_arch = "x86_64")]
     if matches!(backend, Backend::Avx2 | Backend::Avx512Vnni) && x.len().is_multiple_of(32) {
         // SAFETY: these backends are only used when the CPU has AVX2 (checked by callers
@@ -160,10 +171,10 @@ fn quantize_block(backend: Backend, x: &[f32], q: &mut [i8]) -> (f32, i32) {
 }
 
 /// Portable version (also the reference the SIMD version is tested against).
-pub(crate) fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+pub(crate) fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (qi, &xi) in q.iter_mut().zip(x) {
         // `as` saturates and maps NaN to 0; `|x * id| <= 127` up to one rounding.
@@ -171,12 +182,12 @@ pub(crate) fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> (f32, i32) {
         *qi = v as i8;
         sum += v;
     }
-    (d, sum)
+    (d, id, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     use std::arch::x86_64::*;
     let n = x.len();
     let xp = x.as_ptr();
@@ -192,7 +203,7 @@ unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
     let amax = _mm_cvtss_f32(m1);
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let vid = _mm256_set1_ps(id);
     let lo = _mm256_set1_epi32(-127);
     let hi = _mm256_set1_epi32(127);
@@ -220,5 +231,5 @@ unsafe fn quantize_block_avx2(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     );
     let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
     let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
-    (d, _mm_cvtsi128_si32(s1))
+    (d, id, _mm_cvtsi128_si32(s1))
 }

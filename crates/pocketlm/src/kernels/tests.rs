@@ -129,15 +129,21 @@ fn check(rng: &mut StdRng, w: &Weight, m: usize, backend: Backend) {
             let wr = &w.deq[c * k..(c + 1) * k];
             let or = &w.off[c * k..(c + 1) * k];
             let (mut exact, mut mag, mut naive, mut act_err) = (0f64, 0f64, 0f64, 0f64);
+            // The activation scale `d` and block sum `s = d * Σq` are stored as f16 (as ggml
+            // does): `|x - d q| <= d (1/2 + 127 * 2^-11)`, and the offset term of Q4_1 uses the
+            // rounded `s`, off by at most `2^-11 * |m| * Σ|d q|` per block.
+            let (f16_rel, mut s_err) = (2f64.powi(-11), 0f64);
             for j in 0..k {
                 let wj = wr[j] as f64;
                 exact += wj * xq[j];
                 mag += (wj.abs() + 2.0 * or[j]) * xq[j].abs();
                 naive += wj * x[r * k + j] as f64;
-                act_err += wj.abs() * acts.d[(r * k + j) / bs] as f64 * (0.5 + 2e-5);
+                act_err +=
+                    wj.abs() * acts.d[(r * k + j) / bs] as f64 * (0.5 + 127.0 * f16_rel + 2e-5);
+                s_err += or[j] * xq[j].abs() * f16_rel;
             }
             let got = out[r * n + c] as f64;
-            let tol = (k / 32 + 16) as f64 * f32::EPSILON as f64 * mag + 1e-30;
+            let tol = (k / 32 + 16) as f64 * f32::EPSILON as f64 * mag + s_err + 1e-30;
             assert!(
                 (got - exact).abs() <= tol,
                 "{:?} {backend:?} m={m} n={n} k={k} [{r},{c}]: {got} vs exact {exact} (tol {tol:e})",
@@ -258,12 +264,12 @@ fn simd_activation_quantization_is_bit_identical() {
     let mut q = [0i8; 32];
     let mut xs = [0f32; 32];
     xs[..8].copy_from_slice(&[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -126.6]);
-    let (d, sum) = quantize_block_scalar(&xs, &mut q);
-    assert_eq!(d, 1.0);
+    let (d, id, sum) = quantize_block_scalar(&xs, &mut q);
+    assert_eq!((d, id), (1.0, 1.0));
     assert_eq!(q[..8], [127, 0, 2, 2, 0, -2, -2, -127]);
     assert_eq!(sum, 127 + 2 + 2 - 2 - 2 - 127);
-    let (d0, s0) = quantize_block_scalar(&[0.0; 32], &mut q);
-    assert_eq!((d0, s0, q), (0.0, 0, [0i8; 32]));
+    let (d0, id0, s0) = quantize_block_scalar(&[0.0; 32], &mut q);
+    assert_eq!((d0, id0, s0, q), (0.0, 0.0, 0, [0i8; 32]));
 }
 
 #[test]

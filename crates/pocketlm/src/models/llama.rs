@@ -191,9 +191,15 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = shape(self.q_proj.forward(x)?, self.n_heads)?;
-        let k = shape(self.k_proj.forward(x)?, self.n_kv_heads)?;
-        let v = shape(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let mut qkv =
+            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?.into_iter();
+        let mut next = || {
+            qkv.next()
+                .ok_or_else(|| Error::InvalidArgument("q/k/v projection missing".into()))
+        };
+        let q = shape(next()?, self.n_heads)?;
+        let k = shape(next()?, self.n_kv_heads)?;
+        let v = shape(next()?, self.n_kv_heads)?;
         let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
         let (k, v) = cache.update(&k, &v)?;
@@ -222,9 +228,10 @@ struct Mlp {
 impl Mlp {
     /// SwiGLU (Shazeer 2020): `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(g * u)?)
+        let gu = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?;
+        let [g, u] = <[Tensor; 2]>::try_from(gu)
+            .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
+        self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 
+use crate::kernels::{forward_fused, GgufMatrix};
 use crate::Result;
 
 /// A linear layer `y = x W^T + b`.
@@ -27,6 +28,13 @@ pub enum Linear {
         out_features: usize,
         /// `in_features`.
         in_features: usize,
+    },
+    /// A GGUF block-quantized weight used in place by our CPU kernels ([`crate::kernels`]).
+    Kernel {
+        /// The quantized weight `[out, in]`.
+        weight: GgufMatrix,
+        /// Optional float bias `[out]`.
+        bias: Option<Tensor>,
     },
 }
 
@@ -52,6 +60,7 @@ impl Linear {
         match self {
             Self::Dense(l) => l.weight().dim(1).unwrap_or(0),
             Self::Gguf { in_features, .. } => *in_features,
+            Self::Kernel { weight, .. } => weight.cols(),
         }
     }
 
@@ -60,6 +69,24 @@ impl Linear {
         match self {
             Self::Dense(l) => l.weight().dim(0).unwrap_or(0),
             Self::Gguf { out_features, .. } => *out_features,
+            Self::Kernel { weight, .. } => weight.rows(),
+        }
+    }
+
+    /// Several layers applied to the same input, `x: [.., in]` -> one `[.., out_i]` each. When
+    /// all use our CPU kernels the input is quantized once and one parallel pass runs them all
+    /// (q/k/v, gate/up); otherwise each runs on its own.
+    pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let mats: Option<Vec<&GgufMatrix>> = layers
+            .iter()
+            .map(|l| match l {
+                Self::Kernel { weight, bias: None } => Some(weight),
+                _ => None,
+            })
+            .collect();
+        match mats {
+            Some(m) if m.len() > 1 && x.device().is_cpu() => forward_fused(&m, x),
+            _ => layers.iter().map(|l| l.forward(x)).collect(),
         }
     }
 
@@ -67,15 +94,17 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => Ok(l.forward(x)?),
-            Self::Gguf { weight, bias, .. } => {
-                let y = weight.forward(x)?;
-                Ok(match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
-            }
+            Self::Gguf { weight, bias, .. } => add_bias(weight.forward(x)?, bias),
+            Self::Kernel { weight, bias } => add_bias(weight.forward(x)?, bias),
         }
     }
+}
+
+fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 /// A token embedding table `[vocab, hidden]`, dense or GGUF-quantized. Quantized tables are
@@ -86,6 +115,8 @@ pub enum Embedding {
     Dense(Tensor),
     /// Quantized table `[vocab, hidden]`.
     Gguf(Arc<QTensor>),
+    /// Quantized table `[vocab, hidden]` used in place by our CPU kernels.
+    Kernel(GgufMatrix),
 }
 
 impl Embedding {
@@ -98,6 +129,13 @@ impl Embedding {
                 Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?)
             }
             Self::Gguf(q) => Ok(q.embedding(ids)?),
+            Self::Kernel(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.cols());
+                let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let rows = w.embedding(&flat)?;
+                Ok(Tensor::from_vec(rows, dims, ids.device())?)
+            }
         }
     }
 
@@ -106,6 +144,10 @@ impl Embedding {
         match self {
             Self::Dense(w) => Ok(Linear::dense(w.clone(), None)),
             Self::Gguf(q) => Linear::gguf(q.clone(), None),
+            Self::Kernel(w) => Ok(Linear::Kernel {
+                weight: w.clone(),
+                bias: None,
+            }),
         }
     }
 
@@ -114,6 +156,7 @@ impl Embedding {
         Ok(match self {
             Self::Dense(w) => w.dims2()?,
             Self::Gguf(q) => q.shape().dims2()?,
+            Self::Kernel(w) => (w.rows(), w.cols()),
         })
     }
 }
