@@ -3,3 +3,4 @@
 pub mod chat;
 pub mod generate;
 pub mod model;
+pub mod serve;
