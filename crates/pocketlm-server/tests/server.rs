@@ -534,6 +534,36 @@ fn queue_full_then_disconnect_frees_the_slot() {
     assert_eq!(e["code"], "queue_full");
     // Disconnect; the slot must come back long before 4000 tokens could be generated.
     drop(s);
+    wait_for_free_slot(&a, &base);
+
+    // The same for a non-streamed request whose client leaves while it is generating.
+    let mut long: Value = serde_json::from_str(&long).expect("json");
+    long["stream"] = json!(false);
+    let s = raw_post(&base, "/v1/chat/completions", &long.to_string());
+    let t0 = Instant::now();
+    loop {
+        let status = a
+            .post(format!("{base}/v1/completions"))
+            .send(short.as_bytes())
+            .expect("send")
+            .status()
+            .as_u16();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the long request was not admitted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(s);
+    wait_for_free_slot(&a, &base);
+}
+
+/// Sends a one-token completion until it is answered 200 (at most 60 s of 503s).
+fn wait_for_free_slot(a: &ureq::Agent, base: &str) {
+    let short = json!({"prompt": "Hello", "max_tokens": 1}).to_string();
     let t0 = Instant::now();
     loop {
         let mut resp = a
