@@ -452,3 +452,116 @@ pub struct ModelList {
     /// The loaded model.
     pub data: Vec<ModelCard>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(body: &str) -> Result<GenerateParams, ApiError> {
+        let req: ChatCompletionRequest = serde_json::from_str(body).expect("parses");
+        req.common.to_generate_params(100)
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let p = params(r#"{"messages": []}"#).expect("valid");
+        assert_eq!(p.max_tokens, 100);
+        assert_eq!(p.sampling.temperature, 1.0);
+        assert_eq!(p.sampling.top_p, 1.0);
+        assert_eq!(p.sampling.seed, None);
+        assert!(p.stop.is_empty());
+        assert!(!p.ignore_eos);
+    }
+
+    #[test]
+    fn fields_map_to_generation_parameters() {
+        let p = params(
+            r#"{"messages": [], "max_tokens": 7, "max_completion_tokens": 5, "temperature": 0,
+                "top_p": 0.5, "seed": -1, "stop": ["", "END"], "n": 1, "ignore_eos": true}"#,
+        )
+        .expect("valid");
+        assert_eq!(p.max_tokens, 5, "max_completion_tokens wins");
+        assert_eq!(p.sampling.temperature, 0.0);
+        assert_eq!(p.sampling.top_p, 0.5);
+        assert_eq!(p.sampling.seed, Some(u64::MAX));
+        assert_eq!(
+            p.stop,
+            vec!["END".to_string()],
+            "empty stop strings are dropped"
+        );
+        assert!(p.ignore_eos);
+        let p = params(r#"{"messages": [], "max_tokens": 100000, "stop": "x"}"#).expect("valid");
+        assert_eq!(p.max_tokens, 100, "capped at the context");
+        assert_eq!(p.stop, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (body, param) in [
+            (r#"{"messages": [], "n": 3}"#, "n"),
+            (r#"{"messages": [], "temperature": 2.5}"#, "temperature"),
+            (r#"{"messages": [], "temperature": 1e300}"#, "temperature"),
+            (r#"{"messages": [], "top_p": 1.5}"#, "top_p"),
+            (
+                r#"{"messages": [], "max_completion_tokens": 0}"#,
+                "max_completion_tokens",
+            ),
+            (
+                r#"{"messages": [], "stop": ["a", "b", "c", "d", "e"]}"#,
+                "stop",
+            ),
+        ] {
+            let e = params(body).expect_err(body);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+    }
+
+    #[test]
+    fn messages_accept_text_parts_and_developer_role() {
+        let req: ChatCompletionRequest = serde_json::from_str(
+            r#"{"messages": [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null}]}"#,
+        )
+        .expect("parses");
+        let m = req.messages().expect("valid");
+        assert_eq!(
+            m,
+            vec![
+                Message::system("Be brief."),
+                Message::user("ab"),
+                Message::assistant("")
+            ]
+        );
+    }
+
+    #[test]
+    fn completion_prompt_is_one_string() {
+        let one: CompletionRequest = serde_json::from_str(r#"{"prompt": ["hi"]}"#).expect("parses");
+        assert_eq!(one.prompt().expect("valid"), "hi");
+        let two: CompletionRequest =
+            serde_json::from_str(r#"{"prompt": ["a", "b"]}"#).expect("parses");
+        assert_eq!(
+            two.prompt().expect_err("batch").param.as_deref(),
+            Some("prompt")
+        );
+        let lp: CompletionRequest =
+            serde_json::from_str(r#"{"prompt": "a", "logprobs": 2}"#).expect("parses");
+        assert_eq!(
+            lp.prompt().expect_err("logprobs").param.as_deref(),
+            Some("logprobs")
+        );
+    }
+
+    #[test]
+    fn error_body_has_openai_shape() {
+        let e = ApiError::bad_param("top_p", "bad").to_json();
+        let v: serde_json::Value = serde_json::from_str(&e).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"message": "bad", "type": "invalid_request_error",
+                "param": "top_p", "code": null}})
+        );
+    }
+}
