@@ -7,8 +7,15 @@ use clap::{Parser, Subcommand};
 
 /// Run language models locally: private, offline, on your own machine.
 #[derive(Parser, Debug)]
-#[command(name = "pocketlm", version, about, long_about = None)]
+#[command(
+    name = "pocketlm",
+    version,
+    about = "Run language models locally: private, offline, on your own machine."
+)]
 struct Cli {
+    /// Compute threads (default: all cores; sets RAYON_NUM_THREADS).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,6 +26,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Chat with a model in the terminal (multi-turn; /reset, /exit).
     Chat(cmd::chat::ChatArgs),
+    /// Measure prefill (pp) and decode (tg) speed, like llama-bench.
+    Bench(cmd::bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
     Fetch,
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
@@ -34,9 +43,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        // Before any compute thread starts: candle and rayon read it when their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+    }
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };

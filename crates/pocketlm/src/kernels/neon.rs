@@ -1,0 +1,278 @@
+//! aarch64 Advanced SIMD (NEON) kernels, after ggml-cpu's ARM `ggml_vec_dot_*`
+//! (`arch/arm/quants.c`) without the optional `dotprod`/`i8mm` extensions: 8-bit products
+//! with `smull`/`smull2` widened into 32-bit lanes with `sadalp`, so every aarch64 CPU runs
+//! them. Same structure as the AVX2 kernels: one weight row against `R <= 4` activation rows,
+//! each weight block unpacked once.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::aarch64::*;
+
+use super::scalar::{f16_at, scale_min_k4};
+use super::{GgufType, Tile, TileFn};
+
+pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
+    match dtype {
+        GgufType::Q4_0 => tile_q4_0,
+        GgufType::Q4_1 => tile_q4_1,
+        GgufType::Q8_0 => tile_q8_0,
+        GgufType::Q4K => tile_q4k,
+        GgufType::Q6K => tile_q6k,
+    }
+}
+
+macro_rules! tile_impl {
+    ($name:ident, $dot:ident $(, $arg:tt)*) => {
+        /// # Safety
+        /// See [`TileFn`].
+        unsafe fn $name(t: &Tile<'_>) {
+            let mut r = t.ms.start;
+            while r + 4 <= t.ms.end {
+                for j in t.rows.clone() {
+                    let v = unsafe { $dot::<4 $(, $arg)*>(t, j, r) };
+                    unsafe { store(t, r, j, &v) };
+                }
+                r += 4;
+            }
+            match t.ms.end - r {
+                3 => {
+                    for j in t.rows.clone() {
+                        let v = unsafe { $dot::<3 $(, $arg)*>(t, j, r) };
+                        unsafe { store(t, r, j, &v) };
+                    }
+                }
+                2 => {
+                    for j in t.rows.clone() {
+                        let v = unsafe { $dot::<2 $(, $arg)*>(t, j, r) };
+                        unsafe { store(t, r, j, &v) };
+                    }
+                }
+                1 => {
+                    for j in t.rows.clone() {
+                        let v = unsafe { $dot::<1 $(, $arg)*>(t, j, r) };
+                        unsafe { store(t, r, j, &v) };
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+}
+
+tile_impl!(tile_q4_0, dot_q4, true);
+tile_impl!(tile_q4_1, dot_q4, false);
+tile_impl!(tile_q8_0, dot_q8_0);
+tile_impl!(tile_q4k, dot_q4k);
+tile_impl!(tile_q6k, dot_q6k);
+
+/// # Safety
+/// `out[(r + i) * ldo + j]` must be valid and owned by this tile for `i < R`.
+#[inline(always)]
+unsafe fn store<const R: usize>(t: &Tile<'_>, r: usize, j: usize, v: &[f32; R]) {
+    for (i, &x) in v.iter().enumerate() {
+        unsafe { *t.out.add((r + i) * t.ldo + j) = x };
+    }
+}
+
+/// `acc + Σ a·b` over 16 `i8` lanes, in 4 `i32` lanes (no 16-bit overflow: each `smull`
+/// product is at most 2^14 and is widened before it is added).
+#[inline(always)]
+unsafe fn dot16(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    unsafe {
+        let acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+        vpadalq_s16(acc, vmull_high_s8(a, b))
+    }
+}
+
+/// The 16 bytes at `p` as signed lanes.
+#[inline(always)]
+unsafe fn load_s8(p: *const i8) -> int8x16_t {
+    unsafe { vld1q_s8(p) }
+}
+
+/// `Q4_0` (`Q4_0 = true`: offset `-8·d`) and `Q4_1` against `Q8_32` activations.
+///
+/// # Safety
+/// `j` is a weight row and `r..r + R` activation rows of the tile (see [`TileFn`]).
+#[inline(always)]
+unsafe fn dot_q4<const R: usize, const Q4_0: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let (bs, qoff) = if Q4_0 { (18, 2) } else { (20, 4) };
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        let m4 = vdupq_n_u8(0x0F);
+        for b in 0..nb {
+            let blk = &row[b * bs..(b + 1) * bs];
+            let d = f16_at(blk, 0);
+            let m = if Q4_0 { -8.0 * d } else { f16_at(blk, 2) };
+            let v = vld1q_u8(blk.as_ptr().add(qoff));
+            let lo = vreinterpretq_s8_u8(vandq_u8(v, m4));
+            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+            for i in 0..R {
+                let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
+                let s = dot16(
+                    dot16(vdupq_n_s32(0), lo, load_s8(y)),
+                    hi,
+                    load_s8(y.add(16)),
+                );
+                let dy = *a.d.get_unchecked((r + i) * nb + b);
+                let sy = *a.s.get_unchecked((r + i) * nb + b);
+                acc[i] += d * dy * vaddvq_s32(s) as f32 + m * sy;
+            }
+        }
+    }
+    acc
+}
+
+/// `Q8_0` against `Q8_32` activations.
+///
+/// # Safety
+/// As [`dot_q4`].
+#[inline(always)]
+unsafe fn dot_q8_0<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        for b in 0..nb {
+            let blk = &row[b * 34..(b + 1) * 34];
+            let d = f16_at(blk, 0);
+            let q0 = load_s8(blk.as_ptr().add(2) as *const i8);
+            let q1 = load_s8(blk.as_ptr().add(18) as *const i8);
+            for i in 0..R {
+                let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
+                let s = dot16(
+                    dot16(vdupq_n_s32(0), q0, load_s8(y)),
+                    q1,
+                    load_s8(y.add(16)),
+                );
+                let dy = *a.d.get_unchecked((r + i) * nb + b);
+                acc[i] += d * dy * vaddvq_s32(s) as f32;
+            }
+        }
+    }
+    acc
+}
+
+/// `Q4_K` against `Q8_K` activations.
+///
+/// # Safety
+/// As [`dot_q4`].
+#[inline(always)]
+unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        let m4 = vdupq_n_u8(0x0F);
+        for b in 0..nb {
+            let blk = &row[b * 144..(b + 1) * 144];
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let mut sc = [0i32; 8];
+            let mut mn = [0i32; 8];
+            for s in 0..8 {
+                let (a_, b_) = scale_min_k4(s, &blk[4..16]);
+                sc[s] = a_ as i32;
+                mn[s] = b_ as i32;
+            }
+            let qs = blk.as_ptr().add(16);
+            let mut isum = [0i32; R];
+            for c in 0..4 {
+                let q0 = vld1q_u8(qs.add(32 * c));
+                let q1 = vld1q_u8(qs.add(32 * c + 16));
+                let l0 = vreinterpretq_s8_u8(vandq_u8(q0, m4));
+                let l1 = vreinterpretq_s8_u8(vandq_u8(q1, m4));
+                let h0 = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q0));
+                let h1 = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q1));
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 64 * c);
+                    let zero = vdupq_n_s32(0);
+                    let sl = dot16(dot16(zero, l0, load_s8(y)), l1, load_s8(y.add(16)));
+                    let sh = dot16(dot16(zero, h0, load_s8(y.add(32))), h1, load_s8(y.add(48)));
+                    isum[i] += sc[2 * c] * vaddvq_s32(sl) + sc[2 * c + 1] * vaddvq_s32(sh);
+                }
+            }
+            for i in 0..R {
+                let bsums = &a.bsums[(r + i) * nbs + 16 * b..(r + i) * nbs + 16 * b + 16];
+                let mut msum = 0i32;
+                for s in 0..8 {
+                    msum += mn[s] * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32);
+                }
+                let dy = *a.d.get_unchecked((r + i) * nb + b);
+                acc[i] += d * dy * isum[i] as f32 - dmin * dy * msum as f32;
+            }
+        }
+    }
+    acc
+}
+
+/// `Q6_K` against `Q8_K` activations.
+///
+/// # Safety
+/// As [`dot_q4`].
+#[inline(always)]
+unsafe fn dot_q6k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        let m4 = vdupq_n_u8(0x0F);
+        let m3 = vdupq_n_u8(0x03);
+        for b in 0..nb {
+            let blk = &row[b * 210..(b + 1) * 210];
+            let d = f16_at(blk, 208);
+            let mut sc = [0i32; 16];
+            for s in 0..16 {
+                sc[s] = blk[192 + s] as i8 as i32;
+            }
+            let mut isum = [0i32; R];
+            for h in 0..2 {
+                let ql = blk.as_ptr().add(64 * h);
+                let qh = blk.as_ptr().add(128 + 32 * h);
+                for half in 0..2 {
+                    let l0 = 16 * half;
+                    let qla = vld1q_u8(ql.add(l0));
+                    let qlb = vld1q_u8(ql.add(32 + l0));
+                    let qhv = vld1q_u8(qh.add(l0));
+                    let q = [
+                        vorrq_u8(vandq_u8(qla, m4), vshlq_n_u8::<4>(vandq_u8(qhv, m3))),
+                        vorrq_u8(
+                            vandq_u8(qlb, m4),
+                            vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<2>(qhv), m3)),
+                        ),
+                        vorrq_u8(
+                            vshrq_n_u8::<4>(qla),
+                            vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<4>(qhv), m3)),
+                        ),
+                        vorrq_u8(vshrq_n_u8::<4>(qlb), vshlq_n_u8::<4>(vshrq_n_u8::<6>(qhv))),
+                    ];
+                    for i in 0..R {
+                        let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 128 * h + l0);
+                        for (kk, qv) in q.iter().enumerate() {
+                            let s = dot16(
+                                vdupq_n_s32(0),
+                                vreinterpretq_s8_u8(*qv),
+                                load_s8(y.add(32 * kk)),
+                            );
+                            isum[i] += sc[8 * h + half + 2 * kk] * vaddvq_s32(s);
+                        }
+                    }
+                }
+            }
+            for i in 0..R {
+                let bsums = &a.bsums[(r + i) * nbs + 16 * b..(r + i) * nbs + 16 * b + 16];
+                let mut corr = 0i32;
+                for s in 0..16 {
+                    corr += sc[s] * bsums[s] as i32;
+                }
+                let dy = *a.d.get_unchecked((r + i) * nb + b);
+                acc[i] += d * dy * (isum[i] - 32 * corr) as f32;
+            }
+        }
+    }
+    acc
+}

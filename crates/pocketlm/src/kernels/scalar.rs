@@ -1,0 +1,265 @@
+//! Portable kernels (any CPU) and the GGUF block decoders shared with the SIMD versions.
+//!
+//! The dot products follow ggml's generic `ggml_vec_dot_*` (ggml-cpu `quants.c`): an integer
+//! sum per block, then one float multiply-add with the block scales.
+
+use half::f16;
+
+use super::{Acts, GgufType, Tile, TileFn};
+
+/// `f16` at `p` (little-endian) as `f32`.
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], p: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[p], b[p + 1]])).to_f32()
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) of a `Q4_K`
+/// block's 12 scale bytes.
+#[inline(always)]
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Decodes one row of GGUF bytes into `out` (ggml's `dequantize_row_*`).
+/// `row` holds `out.len() / block_size` whole blocks.
+pub(crate) fn dequantize_row(dtype: GgufType, row: &[u8], out: &mut [f32]) {
+    let bs = dtype.block_size();
+    let ts = dtype.type_size();
+    for (blk, y) in row.chunks_exact(ts).zip(out.chunks_exact_mut(bs)) {
+        match dtype {
+            GgufType::Q4_0 => {
+                let d = f16_at(blk, 0);
+                for j in 0..16 {
+                    let q = blk[2 + j];
+                    y[j] = ((q & 0xF) as i32 - 8) as f32 * d;
+                    y[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+            GgufType::Q4_1 => {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                for j in 0..16 {
+                    let q = blk[4 + j];
+                    y[j] = (q & 0xF) as f32 * d + m;
+                    y[j + 16] = (q >> 4) as f32 * d + m;
+                }
+            }
+            GgufType::Q8_0 => {
+                let d = f16_at(blk, 0);
+                for j in 0..32 {
+                    y[j] = blk[2 + j] as i8 as f32 * d;
+                }
+            }
+            GgufType::Q4K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let scales = &blk[4..16];
+                let qs = &blk[16..144];
+                for c in 0..4 {
+                    let (sc1, m1) = scale_min_k4(2 * c, scales);
+                    let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+                    let (d1, mm1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, mm2) = (d * sc2 as f32, dmin * m2 as f32);
+                    for l in 0..32 {
+                        let q = qs[32 * c + l];
+                        y[64 * c + l] = d1 * (q & 0xF) as f32 - mm1;
+                        y[64 * c + 32 + l] = d2 * (q >> 4) as f32 - mm2;
+                    }
+                }
+            }
+            GgufType::Q6K => {
+                let d = f16_at(blk, 208);
+                for half in 0..2 {
+                    let ql = &blk[64 * half..64 * half + 64];
+                    let qh = &blk[128 + 32 * half..128 + 32 * half + 32];
+                    let sc = &blk[192 + 8 * half..192 + 8 * half + 8];
+                    let y = &mut y[128 * half..128 * half + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * (sc[is] as i8 as f32) * q1 as f32;
+                        y[l + 32] = d * (sc[is + 2] as i8 as f32) * q2 as f32;
+                        y[l + 64] = d * (sc[is + 4] as i8 as f32) * q3 as f32;
+                        y[l + 96] = d * (sc[is + 6] as i8 as f32) * q4 as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The tile function of a weight type.
+pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
+    match dtype {
+        GgufType::Q4_0 => tile::<Q4_0>,
+        GgufType::Q4_1 => tile::<Q4_1>,
+        GgufType::Q8_0 => tile::<Q8_0>,
+        GgufType::Q4K => tile::<Q4K>,
+        GgufType::Q6K => tile::<Q6K>,
+    }
+}
+
+/// A row dot product: weight row bytes against activation row `r`.
+trait RowDot {
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32;
+}
+
+struct Q4_0;
+struct Q4_1;
+struct Q8_0;
+struct Q4K;
+struct Q6K;
+
+/// Activation block `b` of row `r` (32 values) and its `(d, s)`.
+#[inline(always)]
+fn act32(a: &Acts, r: usize, b: usize) -> (&[i8], f32, f32) {
+    let nb = a.k / 32;
+    let q = &a.qs[r * a.k + 32 * b..r * a.k + 32 * b + 32];
+    (q, a.d[r * nb + b], a.s[r * nb + b])
+}
+
+/// `Σ_j nibble_j · y_j` of a 16-byte `Q4_x` quant array against 32 activations.
+#[inline(always)]
+fn q4_isum(qs: &[u8], y: &[i8]) -> i32 {
+    let mut s = 0i32;
+    for j in 0..16 {
+        s += (qs[j] & 0xF) as i32 * y[j] as i32 + (qs[j] >> 4) as i32 * y[j + 16] as i32;
+    }
+    s
+}
+
+impl RowDot for Q4_0 {
+    // Σ d·(q - 8)·dy·y = d·dy·Σ q·y - 8·d·(dy·Σy): the block sum `s` of the activations.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(18).enumerate() {
+            let (y, dy, sy) = act32(a, r, b);
+            let d = f16_at(blk, 0);
+            acc += d * dy * q4_isum(&blk[2..18], y) as f32 - 8.0 * d * sy;
+        }
+        acc
+    }
+}
+
+impl RowDot for Q4_1 {
+    // ggml_vec_dot_q4_1_q8_1: Σ (d·q + m)·dy·y = d·dy·Σ q·y + m·s.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(20).enumerate() {
+            let (y, dy, sy) = act32(a, r, b);
+            let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+            acc += d * dy * q4_isum(&blk[4..20], y) as f32 + m * sy;
+        }
+        acc
+    }
+}
+
+impl RowDot for Q8_0 {
+    // ggml_vec_dot_q8_0_q8_0.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(34).enumerate() {
+            let (y, dy, _) = act32(a, r, b);
+            let d = f16_at(blk, 0);
+            let mut s = 0i32;
+            for j in 0..32 {
+                s += blk[2 + j] as i8 as i32 * y[j] as i32;
+            }
+            acc += d * dy * s as f32;
+        }
+        acc
+    }
+}
+
+impl RowDot for Q4K {
+    // ggml_vec_dot_q4_K_q8_K: d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s m_s·Σy.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let nb = a.k / 256;
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(144).enumerate() {
+            let y = &a.qs[r * a.k + 256 * b..r * a.k + 256 * b + 256];
+            let bsums = &a.bsums[r * (a.k / 16) + 16 * b..r * (a.k / 16) + 16 * b + 16];
+            let dy = a.d[r * nb + b];
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let scales = &blk[4..16];
+            let qs = &blk[16..144];
+            let mut isum = 0i32;
+            let mut msum = 0i32;
+            for c in 0..4 {
+                let (sc1, m1) = scale_min_k4(2 * c, scales);
+                let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+                let (mut s1, mut s2) = (0i32, 0i32);
+                for l in 0..32 {
+                    let q = qs[32 * c + l];
+                    s1 += (q & 0xF) as i32 * y[64 * c + l] as i32;
+                    s2 += (q >> 4) as i32 * y[64 * c + 32 + l] as i32;
+                }
+                isum += sc1 as i32 * s1 + sc2 as i32 * s2;
+                msum += m1 as i32 * (bsums[4 * c] as i32 + bsums[4 * c + 1] as i32)
+                    + m2 as i32 * (bsums[4 * c + 2] as i32 + bsums[4 * c + 3] as i32);
+            }
+            acc += d * dy * isum as f32 - dmin * dy * msum as f32;
+        }
+        acc
+    }
+}
+
+impl RowDot for Q6K {
+    // ggml_vec_dot_q6_K_q8_K: d·dy·Σ_s sc_s·Σ (q - 32)·y, with Σ 32·y from the bsums.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let nb = a.k / 256;
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(210).enumerate() {
+            let y = &a.qs[r * a.k + 256 * b..r * a.k + 256 * b + 256];
+            let bsums = &a.bsums[r * (a.k / 16) + 16 * b..r * (a.k / 16) + 16 * b + 16];
+            let dy = a.d[r * nb + b];
+            let d = f16_at(blk, 208);
+            let sc = &blk[192..208];
+            let mut sub = [0i32; 16];
+            for half in 0..2 {
+                let ql = &blk[64 * half..64 * half + 64];
+                let qh = &blk[128 + 32 * half..128 + 32 * half + 32];
+                let y = &y[128 * half..128 * half + 128];
+                for l in 0..32 {
+                    let is = 8 * half + l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32;
+                    sub[is] += q1 * y[l] as i32;
+                    sub[is + 2] += q2 * y[l + 32] as i32;
+                    sub[is + 4] += q3 * y[l + 64] as i32;
+                    sub[is + 6] += q4 * y[l + 96] as i32;
+                }
+            }
+            let mut isum = 0i32;
+            for s in 0..16 {
+                isum += (sc[s] as i8 as i32) * (sub[s] - 32 * bsums[s] as i32);
+            }
+            acc += d * dy * isum as f32;
+        }
+        acc
+    }
+}
+
+/// # Safety
+/// See [`TileFn`].
+unsafe fn tile<K: RowDot>(t: &Tile<'_>) {
+    for r in t.ms.clone() {
+        for j in t.rows.clone() {
+            let w = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+            let v = K::dot(w, t.acts, r);
+            // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that this
+            // element belongs to this tile only.
+            unsafe { *t.out.add(r * t.ldo + j) = v };
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! Kernel tests: every backend against two references on random data over many shapes.
+//!
+//! 1. The exact product of the same quantized operands, in `f64`: weights dequantized by
+//!    candle's `QTensor::dequantize` (exact up to one `f32` rounding per value), activations
+//!    `d·q` from our `Q8` quantization. The kernels compute this sum with integer dot products
+//!    and `f32` block accumulation, so the tolerance is a few `f32` roundings per block
+//!    relative to the magnitude of the terms the kernel adds (`(k/32 + 16)·ε·Σ|terms|`).
+//! 2. The `f32` product with the dequantized weight and the *unquantized* activations. Each
+//!    activation moves by at most half a quantization step `d/2` (`d = amax/127` of its block,
+//!    plus `2e-5·d` for the rounding of `x·(1/d)`), so `|y - y_ref| <= Σ_j |w_j|·d_j·(0.5 + 2e-5)`
+//!    plus the tolerance of (1).
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::act::quantize_block_scalar;
+use super::*;
+
+const TYPES: [GgufType; 5] = [
+    GgufType::Q4_0,
+    GgufType::Q4_1,
+    GgufType::Q8_0,
+    GgufType::Q4K,
+    GgufType::Q6K,
+];
+
+fn backends() -> Vec<Backend> {
+    [
+        Backend::Scalar,
+        Backend::Avx2,
+        Backend::Avx512Vnni,
+        Backend::Neon,
+    ]
+    .into_iter()
+    .filter(|b| b.is_available())
+    .collect()
+}
+
+/// Uniform values in `[-1, 1)` with an occasional outlier (as real activations have).
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let v: f32 = rng.random_range(-1.0..1.0);
+            if rng.random_range(0..64) == 0 {
+                v * 8.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+struct Weight {
+    mat: GgufMatrix,
+    /// candle's dequantization, `[n, k]`.
+    deq: Vec<f32>,
+    /// Per element, the size of the offset the kernels subtract or add (see `offsets`).
+    off: Vec<f64>,
+}
+
+fn quantized_weight(rng: &mut StdRng, dtype: GgufType, n: usize, k: usize) -> Weight {
+    let w = rand_vec(rng, n * k);
+    let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, dtype.to_ggml()).unwrap();
+    weight_from_qtensor(&q)
+}
+
+fn weight_from_qtensor(q: &QTensor) -> Weight {
+    let deq = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mat = GgufMatrix::from_qtensor("test.weight", q).unwrap();
+    let off = offsets(mat.dtype(), mat.bytes());
+    Weight { mat, deq, off }
+}
+
+/// Per element, the magnitude of the offset term that the kernels handle separately from the
+/// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K`: `|dmin·m_s|`, `Q6_K`: `32|d·sc_s|`),
+/// decoded here straight from ggml's block layouts.
+fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
+    let h = |b: &[u8], p: usize| half::f16::from_le_bytes([b[p], b[p + 1]]).to_f64();
+    let mut out = Vec::new();
+    for blk in bytes.chunks_exact(dtype.type_size()) {
+        match dtype {
+            GgufType::Q4_0 => out.extend([8.0 * h(blk, 0).abs(); 32]),
+            GgufType::Q4_1 => out.extend([h(blk, 2).abs(); 32]),
+            GgufType::Q8_0 => out.extend([0.0; 32]),
+            GgufType::Q4K => {
+                let sc = &blk[4..16];
+                for s in 0..8 {
+                    let m = if s < 4 {
+                        sc[s + 4] & 63
+                    } else {
+                        (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4)
+                    };
+                    out.extend([(h(blk, 2) * m as f64).abs(); 32]);
+                }
+            }
+            GgufType::Q6K => {
+                for s in 0..16 {
+                    out.extend([32.0 * (h(blk, 208) * blk[192 + s] as i8 as f64).abs(); 16]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Checks one product on one backend against both references.
+fn check(rng: &mut StdRng, w: &Weight, m: usize, backend: Backend) {
+    let (n, k) = (w.mat.rows(), w.mat.cols());
+    let x = rand_vec(rng, m * k);
+    let mut out = vec![f32::NAN; m * n];
+    w.mat.matmul_with(backend, &x, m, &mut out).unwrap();
+    let fmt = w.mat.dtype().act_format();
+    let acts = quantize_acts(Backend::Scalar, fmt, &x, m, k);
+    let bs = fmt.block();
+    for r in 0..m {
+        let xq: Vec<f64> = (0..k)
+            .map(|j| acts.d[(r * k + j) / bs] as f64 * acts.qs[r * k + j] as f64)
+            .collect();
+        for c in 0..n {
+            let wr = &w.deq[c * k..(c + 1) * k];
+            let or = &w.off[c * k..(c + 1) * k];
+            let (mut exact, mut mag, mut naive, mut act_err) = (0f64, 0f64, 0f64, 0f64);
+            for j in 0..k {
+                let wj = wr[j] as f64;
+                exact += wj * xq[j];
+                mag += (wj.abs() + 2.0 * or[j]) * xq[j].abs();
+                naive += wj * x[r * k + j] as f64;
+                act_err += wj.abs() * acts.d[(r * k + j) / bs] as f64 * (0.5 + 2e-5);
+            }
+            let got = out[r * n + c] as f64;
+            let tol = (k / 32 + 16) as f64 * f32::EPSILON as f64 * mag + 1e-30;
+            assert!(
+                (got - exact).abs() <= tol,
+                "{:?} {backend:?} m={m} n={n} k={k} [{r},{c}]: {got} vs exact {exact} (tol {tol:e})",
+                w.mat.dtype()
+            );
+            assert!(
+                (got - naive).abs() <= act_err + tol,
+                "{:?} {backend:?} m={m} n={n} k={k} [{r},{c}]: {got} vs f32 {naive} (tol {:e})",
+                w.mat.dtype(),
+                act_err + tol
+            );
+        }
+    }
+}
+
+#[test]
+fn kernels_match_references_over_shapes() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for dtype in TYPES {
+        let ks: &[usize] = if dtype.block_size() == 32 {
+            &[32, 256, 576, 1536]
+        } else {
+            &[256, 512, 1536]
+        };
+        for &k in ks {
+            for n in [1, 6, 33] {
+                let w = quantized_weight(&mut rng, dtype, n, k);
+                for m in [1, 2, 7, 64] {
+                    for backend in backends() {
+                        check(&mut rng, &w, m, backend);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_match_references_on_wide_matrices() {
+    // Enough rows that decode (m = 1) and prefill (m = 64) split into several parallel tiles.
+    let mut rng = StdRng::seed_from_u64(8);
+    for (dtype, n, k) in [
+        (GgufType::Q4_1, 577, 576),
+        (GgufType::Q8_0, 400, 576),
+        (GgufType::Q4_0, 130, 1536),
+        (GgufType::Q4K, 130, 1536),
+        (GgufType::Q6K, 131, 768),
+    ] {
+        let w = quantized_weight(&mut rng, dtype, n, k);
+        for m in [1, 13] {
+            for backend in backends() {
+                check(&mut rng, &w, m, backend);
+            }
+        }
+    }
+}
+
+/// Random bytes with finite scales: bit patterns `QTensor::quantize` never writes (`Q8_0`
+/// weights of -128, all 6-bit `Q4_K` scales and mins, negative `Q6_K` scales).
+fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..blocks * dtype.type_size())
+        .map(|_| rng.random())
+        .collect();
+    let f16 = |rng: &mut StdRng| half::f16::from_f32(rng.random_range(-0.05..0.05)).to_le_bytes();
+    for blk in bytes.chunks_exact_mut(dtype.type_size()) {
+        let fields: &[usize] = match dtype {
+            GgufType::Q4_0 | GgufType::Q8_0 => &[0],
+            GgufType::Q4_1 | GgufType::Q4K => &[0, 2],
+            GgufType::Q6K => &[208],
+        };
+        for &p in fields {
+            blk[p..p + 2].copy_from_slice(&f16(rng));
+        }
+    }
+    bytes
+}
+
+#[test]
+fn kernels_match_references_on_arbitrary_block_bytes() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for dtype in TYPES {
+        let (n, k) = (9, 512);
+        let bytes = random_block_bytes(&mut rng, dtype, n * k / dtype.block_size());
+        let storage = QStorage::from_data(
+            std::borrow::Cow::Borrowed(&bytes[..]),
+            &Device::Cpu,
+            dtype.to_ggml(),
+        )
+        .unwrap();
+        let q = QTensor::new(storage, (n, k)).unwrap();
+        let w = weight_from_qtensor(&q);
+        // Our decoder gives candle's values exactly.
+        assert_eq!(w.mat.dequantize(), w.deq, "{dtype:?} dequantize");
+        for m in [1, 5] {
+            for backend in backends() {
+                check(&mut rng, &w, m, backend);
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_activation_quantization_is_bit_identical() {
+    let mut rng = StdRng::seed_from_u64(10);
+    let mut x = rand_vec(&mut rng, 4 * 512);
+    x[..32].fill(0.0); // an all-zero block
+    for (i, v) in x[32..64].iter_mut().enumerate() {
+        *v = i as f32 * 0.5 - 8.0; // ties at .5 steps
+    }
+    for backend in backends() {
+        for fmt in [ActFormat::Q8_32, ActFormat::Q8K] {
+            let a = quantize_acts(backend, fmt, &x, 4, 512);
+            let s = quantize_acts(Backend::Scalar, fmt, &x, 4, 512);
+            assert_eq!(a, s, "{backend:?} {fmt:?}");
+        }
+    }
+    // The formula: d = amax / 127 (here 1.0), q = x / d rounded half to even.
+    let mut q = [0i8; 32];
+    let mut xs = [0f32; 32];
+    xs[..8].copy_from_slice(&[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -126.6]);
+    let (d, sum) = quantize_block_scalar(&xs, &mut q);
+    assert_eq!(d, 1.0);
+    assert_eq!(q[..8], [127, 0, 2, 2, 0, -2, -2, -127]);
+    assert_eq!(sum, 127 + 2 + 2 - 2 - 2 - 127);
+    let (d0, s0) = quantize_block_scalar(&[0.0; 32], &mut q);
+    assert_eq!((d0, s0, q), (0.0, 0, [0i8; 32]));
+}
+
+#[test]
+fn rows_do_not_depend_on_batching_fusing_or_threads() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (k, m) = (576, 7);
+    let q = quantized_weight(&mut rng, GgufType::Q4_1, 96, k).mat;
+    let kk = quantized_weight(&mut rng, GgufType::Q8_0, 32, k).mat;
+    let x = rand_vec(&mut rng, m * k);
+    for backend in backends() {
+        let mut batched = vec![0f32; m * 96];
+        q.matmul_with(backend, &x, m, &mut batched).unwrap();
+        for r in 0..m {
+            let mut one = vec![0f32; 96];
+            q.matmul_with(backend, &x[r * k..(r + 1) * k], 1, &mut one)
+                .unwrap();
+            assert_eq!(one, batched[r * 96..(r + 1) * 96], "{backend:?} row {r}");
+        }
+        let (mut fq, mut fk) = (vec![0f32; m * 96], vec![0f32; m * 32]);
+        matmul_fused_with(backend, &[&q, &kk], &x, m, &mut [&mut fq, &mut fk]).unwrap();
+        let mut sk = vec![0f32; m * 32];
+        kk.matmul_with(backend, &x, m, &mut sk).unwrap();
+        assert_eq!((&fq, &fk), (&batched, &sk), "{backend:?} fused");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut serial = vec![0f32; m * 96];
+        pool.install(|| q.matmul_with(backend, &x, m, &mut serial))
+            .unwrap();
+        assert_eq!(serial, batched, "{backend:?} one thread");
+    }
+}
+
+#[test]
+fn forward_and_embedding_match_candle() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for dtype in [GgufType::Q8_0, GgufType::Q4_1, GgufType::Q6K] {
+        let (n, k) = (40, 256);
+        let w = quantized_weight(&mut rng, dtype, n, k);
+        // embedding: exactly candle's dequantized rows.
+        let ids = [3u32, 0, 39, 3];
+        let e = w.mat.embedding(&ids).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            assert_eq!(
+                e[i * k..(i + 1) * k],
+                w.deq[id * k..(id + 1) * k],
+                "{dtype:?}"
+            );
+        }
+        // forward over a [2, 3, k] tensor equals the slice product.
+        let x = rand_vec(&mut rng, 6 * k);
+        let xt = Tensor::from_vec(x.clone(), (2, 3, k), &Device::Cpu).unwrap();
+        let y = w.mat.forward(&xt).unwrap();
+        assert_eq!(y.dims(), &[2, 3, n]);
+        let mut want = vec![0f32; 6 * n];
+        w.mat.matmul(&x, 6, &mut want).unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        // and a non-contiguous input (a transposed view) gives the same as its copy.
+        let xt2 = Tensor::from_vec(x.clone(), (k, 6), &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        let y2 = w.mat.forward(&xt2).unwrap();
+        let y3 = w.mat.forward(&xt2.contiguous().unwrap()).unwrap();
+        assert_eq!(
+            y2.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            y3.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let ys = forward_fused(&[&w.mat, &w.mat], &xt).unwrap();
+        assert_eq!(ys.len(), 2);
+        assert_eq!(ys[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
+}
+
+/// CPU ticks (utime + stime) used so far by this process's threads whose name starts with
+/// `prefix` (Linux `/proc/self/task/*/stat`, fields 14 and 15).
+#[cfg(target_os = "linux")]
+fn thread_cpu_ticks(prefix: &str) -> (usize, u64) {
+    let mut found = 0;
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // `after` starts at field 3 (state), so fields 14 and 15 are at 11 and 12.
+        ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        found += 1;
+    }
+    (found, ticks)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn idle_workers_do_not_spin() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .thread_name(|i| format!("kidle{i}"))
+        .build()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(14);
+    let w = quantized_weight(&mut rng, GgufType::Q4_1, 512, 576).mat;
+    let x = rand_vec(&mut rng, 64 * 576);
+    let mut out = vec![0f32; 64 * 512];
+    for _ in 0..5 {
+        pool.install(|| w.matmul(&x, 64, &mut out)).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (n0, t0) = thread_cpu_ticks("kidle");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let (n1, t1) = thread_cpu_ticks("kidle");
+    assert_eq!((n0, n1), (2, 2));
+    // A spinning worker would use ~60 ticks (at 100 Hz) in 600 ms; sleeping ones use none.
+    assert!(
+        t1 - t0 <= 3,
+        "idle workers used {} CPU ticks in 600 ms",
+        t1 - t0
+    );
+}
+
+#[test]
+fn empty_shapes_are_handled() {
+    // k = 0: every output is an empty sum.
+    let w = GgufMatrix::new("w", WeightBytes::owned(Vec::new()), GgufType::Q8_0, 2, 0).unwrap();
+    let x = Tensor::zeros((3, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let y = w.forward(&x).unwrap();
+    assert_eq!(y.dims(), &[3, 2]);
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![0.0; 6]
+    );
+    // m = 0 and n = 0.
+    let mut rng = StdRng::seed_from_u64(13);
+    let w = quantized_weight(&mut rng, GgufType::Q4_1, 3, 64).mat;
+    w.matmul(&[], 0, &mut []).unwrap();
+    let x = Tensor::zeros((0, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(w.forward(&x).unwrap().dims(), &[0, 3]);
+    let e = GgufMatrix::new("e", WeightBytes::owned(Vec::new()), GgufType::Q4K, 0, 256).unwrap();
+    e.matmul(&[0.5; 256], 1, &mut []).unwrap();
+    assert_eq!(e.embedding(&[]).unwrap(), Vec::<f32>::new());
+}
+
+#[test]
+fn bad_input_gives_typed_errors_naming_the_tensor() {
+    let bytes = vec![0u8; 2 * 18 * 3];
+    // 2 rows × 96 cols of Q4_0 need 2 × 3 blocks of 18 bytes: one byte short.
+    let e = GgufMatrix::new(
+        "blk.0.attn_q.weight",
+        WeightBytes::owned(bytes[1..].to_vec()),
+        GgufType::Q4_0,
+        2,
+        96,
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        KernelError::ByteLength {
+            expected: 108,
+            got: 107,
+            ..
+        }
+    ));
+    assert!(e.to_string().contains("blk.0.attn_q.weight"), "{e}");
+    let e = GgufMatrix::new(
+        "w",
+        WeightBytes::owned(bytes.clone()),
+        GgufType::Q4_0,
+        2,
+        100,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, KernelError::NotBlockAligned { cols: 100, .. }),
+        "{e}"
+    );
+    let w = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q4_0, 2, 96).unwrap();
+    let mut out = vec![0f32; 2];
+    let e = w.matmul(&[0.0; 95], 1, &mut out).unwrap_err();
+    assert!(matches!(e, KernelError::ArgLength { arg: "x", .. }), "{e}");
+    let e = w.matmul(&[0.0; 96], 1, &mut out[..1]).unwrap_err();
+    assert!(
+        matches!(e, KernelError::ArgLength { arg: "out", .. }),
+        "{e}"
+    );
+    let e = w.embedding(&[2]).unwrap_err();
+    assert!(
+        matches!(e, KernelError::IdOutOfRange { id: 2, rows: 2, .. }),
+        "{e}"
+    );
+    let x = Tensor::zeros((1, 95), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = w.forward(&x).unwrap_err();
+    assert!(
+        e.to_string().contains("`w`") && e.to_string().contains("95"),
+        "{e}"
+    );
+    let x = Tensor::zeros((1, 96), candle_core::DType::F16, &Device::Cpu).unwrap();
+    assert!(w.forward(&x).is_err());
+    let other = GgufMatrix::new(
+        "w2",
+        WeightBytes::owned(vec![0u8; 34 * 2]),
+        GgufType::Q8_0,
+        1,
+        64,
+    )
+    .unwrap();
+    let e = matmul_fused(
+        &[&w, &other],
+        &[0.0; 96],
+        1,
+        &mut [&mut [0.0; 2], &mut [0.0; 1]],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("w2"), "{e}");
+    let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q5 = QTensor::quantize(&t, GgmlDType::Q5K);
+    if let Ok(q5) = q5 {
+        let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
+        assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
+    }
+    let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+    let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
+    assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
+    let e: crate::Error = e.into();
+    assert!(
+        matches!(e, crate::Error::Tensor { ref name, .. } if name == "w5"),
+        "{e}"
+    );
+}

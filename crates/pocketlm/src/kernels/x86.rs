@@ -1,0 +1,485 @@
+//! x86-64 kernels, after ggml-cpu's AVX2 `ggml_vec_dot_*` (`arch/x86/quants.c`) and candle's
+//! port of them (`candle-core/src/quantized/avx.rs`), built twice: AVX2 + FMA + F16C, and the
+//! same plus AVX512-VNNI, whose `vpdpbusd` replaces the `vpmaddubsw` + `vpmaddwd` pair of the
+//! 32-value block types.
+//!
+//! Each kernel takes one weight row against `R <= 4` activation rows: the weight block is
+//! loaded and unpacked once and reused for every activation row, so prefill reads each weight
+//! byte once per 4 activation rows. Integer products use `vpmaddubsw` (unsigned × signed
+//! bytes), which is why 4-bit quants stay unsigned (`0..16`) and their offsets are applied
+//! through the activation block sums (`Q4_0`: `-8·d·s`, `Q4_1`: `m·s`, `Q4_K`: mins × bsums,
+//! `Q6_K`: `-32` × bsums); `Q8_0` weights are signed and use ggml's `vpsignb` trick.
+//! Per-row float operations happen in the same order for every `R`, so a row's result does
+//! not depend on how rows are grouped.
+
+#![allow(clippy::needless_range_loop)]
+
+use super::{GgufType, TileFn};
+
+/// The tile function of a weight type; `vnni` picks the AVX512-VNNI build.
+pub(crate) fn tile_fn(dtype: GgufType, vnni: bool) -> TileFn {
+    if vnni {
+        vnni::tile_fn(dtype)
+    } else {
+        avx2::tile_fn(dtype)
+    }
+}
+
+/// Byte shuffles that broadcast the 16-bit scale `i` (0..8) of a 128-bit lane to all lanes
+/// (ggml's `get_scale_shuffle_k4`).
+const SHUFFLE_K4: [[u8; 32]; 8] = {
+    let mut t = [[0u8; 32]; 8];
+    let mut i = 0;
+    while i < 8 {
+        let mut l = 0;
+        while l < 16 {
+            t[i][2 * l] = 2 * i as u8;
+            t[i][2 * l + 1] = 2 * i as u8 + 1;
+            l += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// Byte shuffles that spread bytes `2i` and `2i + 1` over 8 bytes each (ggml's
+/// `get_scale_shuffle`).
+const SHUFFLE_Q6: [[u8; 16]; 8] = {
+    let mut t = [[0u8; 16]; 8];
+    let mut i = 0;
+    while i < 8 {
+        let mut l = 0;
+        while l < 8 {
+            t[i][l] = 2 * i as u8;
+            t[i][l + 8] = 2 * i as u8 + 1;
+            l += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// Tile driver: groups of 4 activation rows against every weight row of the tile, then the
+/// 1-3 rows left over. With 1 or 2 activation rows (decode), `W` = `$w` weight rows go
+/// through the kernel together so that `$w·R` independent accumulator chains hide the FMA
+/// latency; each output still sums its blocks in the same order, so results do not depend
+/// on the grouping.
+macro_rules! tile_impl {
+    ($feat:literal, $name:ident, $dot:ident, $w:literal $(, $arg:tt)*) => {
+        /// # Safety
+        /// See [`TileFn`]; the CPU must have the module's features.
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(t: &Tile<'_>) {
+            let mut r = t.ms.start;
+            while r + 4 <= t.ms.end {
+                for j in t.rows.clone() {
+                    let v = $dot::<1, 4 $(, $arg)*>(t, j, r);
+                    store(t, r, j, &v);
+                }
+                r += 4;
+            }
+            macro_rules! narrow {
+                ($r:literal) => {{
+                    let mut j = t.rows.start;
+                    let w: usize = $w;
+                    while j + w <= t.rows.end {
+                        let v = $dot::<$w, $r $(, $arg)*>(t, j, r);
+                        store(t, r, j, &v);
+                        j += w;
+                    }
+                    while j < t.rows.end {
+                        let v = $dot::<1, $r $(, $arg)*>(t, j, r);
+                        store(t, r, j, &v);
+                        j += 1;
+                    }
+                }};
+            }
+            match t.ms.end - r {
+                3 => {
+                    for j in t.rows.clone() {
+                        let v = $dot::<1, 3 $(, $arg)*>(t, j, r);
+                        store(t, r, j, &v);
+                    }
+                }
+                2 => narrow!(2),
+                1 => narrow!(1),
+                _ => {}
+            }
+        }
+    };
+}
+
+/// The kernels, compiled once per feature set. `$dot` gives the `u8 × i8` dot-product step:
+/// `vpmaddubsw` + `vpmaddwd` on AVX2, one `vpdpbusd` with AVX512-VNNI (256-bit, AVX512VL).
+macro_rules! kernels {
+    ($feat:literal, |$x:ident, $y:ident| $dot:expr) => {
+        use std::arch::x86_64::*;
+
+        use super::super::{GgufType, Tile, TileFn};
+        use super::{SHUFFLE_K4, SHUFFLE_Q6};
+
+        pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
+            match dtype {
+                GgufType::Q4_0 => tile_q4_0,
+                GgufType::Q4_1 => tile_q4_1,
+                GgufType::Q8_0 => tile_q8_0,
+                GgufType::Q4K => tile_q4k,
+                GgufType::Q6K => tile_q6k,
+            }
+        }
+
+        tile_impl!($feat, tile_q4_0, dot_q4, 2, true);
+        tile_impl!($feat, tile_q4_1, dot_q4, 2, false);
+        tile_impl!($feat, tile_q8_0, dot_q8_0, 2);
+        tile_impl!($feat, tile_q4k, dot_q4k, 1);
+        tile_impl!($feat, tile_q6k, dot_q6k, 1);
+
+        /// # Safety
+        /// `out[(r + i) * ldo + j + w]` must be valid and owned by this tile for `i < R`, `w < W`.
+        #[inline(always)]
+        unsafe fn store<const W: usize, const R: usize>(
+            t: &Tile<'_>,
+            r: usize,
+            j: usize,
+            v: &[[f32; R]; W],
+        ) {
+            for (w, vw) in v.iter().enumerate() {
+                for (i, &x) in vw.iter().enumerate() {
+                    unsafe { *t.out.add((r + i) * t.ldo + j + w) = x };
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hsum_ps(x: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+            hsum_ps128(s)
+        }
+
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hsum_ps128(s: __m128) -> f32 {
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+
+        /// `f16` bits at `p` as `f32`.
+        ///
+        /// # Safety
+        /// `p` must be valid for a 2-byte read.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn f16_at(p: *const u8) -> f32 {
+            let bits = unsafe { (p as *const u16).read_unaligned() };
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+
+        /// Pairwise `u8 × i8` products summed by 4 into 8 `i32` lanes.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn dot_u8i8($x: __m256i, $y: __m256i) -> __m256i {
+            $dot
+        }
+
+        /// `Q4_0` (`Q4_0 = true`: offset `-8·d`) and `Q4_1` (`m` from the block) against `Q8_32`
+        /// activations: `Σ_b d·dy·Σ q·y + m·s`, for weight rows `j..j + W` and activation rows
+        /// `r..r + R`.
+        ///
+        /// # Safety
+        /// `j..j + W` are weight rows and `r..r + R` activation rows of the tile (see [`TileFn`]).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q4<const W: usize, const R: usize, const Q4_0: bool>(
+            t: &Tile<'_>,
+            j: usize,
+            r: usize,
+        ) -> [[f32; R]; W] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 32);
+            let (bs, qoff) = if Q4_0 { (18, 2) } else { (20, 4) };
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let ys = a.s.as_ptr().add(r * nb);
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                let mut accm = [[0f32; R]; W];
+                for b in 0..nb {
+                    for wi in 0..W {
+                        let blk = w.add(wi * t.row_bytes + b * bs);
+                        let (d, m) = if Q4_0 {
+                            let d = f16_at(blk);
+                            (d, -8.0 * d)
+                        } else {
+                            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                                (blk as *const i32).read_unaligned(),
+                            ));
+                            (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+                        };
+                        // ggml's bytes_from_nibbles_32: low nibbles are values 0..16, high ones 16..32.
+                        let tmp = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
+                        let qx = _mm256_and_si256(
+                            _mm256_inserti128_si256::<1>(
+                                _mm256_castsi128_si256(tmp),
+                                _mm_srli_epi16(tmp, 4),
+                            ),
+                            m4,
+                        );
+                        for i in 0..R {
+                            let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                            let p = _mm256_cvtepi32_ps(dot_u8i8(qx, y));
+                            let dy = *yd.add(i * nb + b);
+                            acc[wi][i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[wi][i]);
+                            accm[wi][i] = m.mul_add(*ys.add(i * nb + b), accm[wi][i]);
+                        }
+                    }
+                }
+                let mut out = [[0f32; R]; W];
+                for wi in 0..W {
+                    for i in 0..R {
+                        out[wi][i] = hsum_ps(acc[wi][i]) + accm[wi][i];
+                    }
+                }
+                out
+            }
+        }
+
+        /// `Q8_0` against `Q8_32` activations: `Σ_b d·dy·Σ q·y`, with ggml's sign trick
+        /// (`|q|` as unsigned, the sign moved onto `y`).
+        ///
+        /// # Safety
+        /// As [`dot_q4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q8_0<const W: usize, const R: usize>(
+            t: &Tile<'_>,
+            j: usize,
+            r: usize,
+        ) -> [[f32; R]; W] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 32);
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                for b in 0..nb {
+                    for wi in 0..W {
+                        let blk = w.add(wi * t.row_bytes + b * 34);
+                        let d = f16_at(blk);
+                        let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                        let ax = _mm256_sign_epi8(qx, qx);
+                        for i in 0..R {
+                            let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                            let p = _mm256_cvtepi32_ps(dot_u8i8(ax, _mm256_sign_epi8(y, qx)));
+                            let dy = *yd.add(i * nb + b);
+                            acc[wi][i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[wi][i]);
+                        }
+                    }
+                }
+                let mut out = [[0f32; R]; W];
+                for wi in 0..W {
+                    for i in 0..R {
+                        out[wi][i] = hsum_ps(acc[wi][i]);
+                    }
+                }
+                out
+            }
+        }
+
+        /// `Q4_K` against `Q8_K` activations (ggml `ggml_vec_dot_q4_K_q8_K`, AVX2):
+        /// `Σ_b d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s m_s·bsum_s`.
+        ///
+        /// # Safety
+        /// As [`dot_q4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q4k<const W: usize, const R: usize>(
+            t: &Tile<'_>,
+            j: usize,
+            r: usize,
+        ) -> [[f32; R]; W] {
+            const { assert!(W == 1) };
+            const KMASK1: u32 = 0x3f3f3f3f;
+            const KMASK2: u32 = 0x0f0f0f0f;
+            const KMASK3: u32 = 0x03030303;
+            let a = t.acts;
+            let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let ybs = a.bsums.as_ptr().add(r * nbs);
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut accm = [_mm_setzero_ps(); R];
+                for b in 0..nb {
+                    let blk = w.add(b * 144);
+                    let d = f16_at(blk);
+                    let dmin = f16_at(blk.add(2));
+                    let sp = blk.add(4) as *const u32;
+                    let (u0, u1, u2) = (
+                        sp.read_unaligned(),
+                        sp.add(1).read_unaligned(),
+                        sp.add(2).read_unaligned(),
+                    );
+                    // 8 scales then 8 mins, 6 bits each.
+                    let s03 = u0 & KMASK1;
+                    let s47 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+                    let m03 = u1 & KMASK1;
+                    let m47 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+                    let mins_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
+                        m47 as i32, m03 as i32, s47 as i32, s03 as i32,
+                    ));
+                    let sc128 = _mm256_castsi256_si128(mins_scales);
+                    let scales = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(sc128), sc128);
+                    let mins = _mm256_extracti128_si256::<1>(mins_scales);
+                    let qs = blk.add(16);
+                    let mut sumi = [_mm256_setzero_si256(); R];
+                    for c in 0..4 {
+                        let sl = _mm256_shuffle_epi8(
+                            scales,
+                            _mm256_loadu_si256(SHUFFLE_K4[2 * c].as_ptr() as *const __m256i),
+                        );
+                        let sh = _mm256_shuffle_epi8(
+                            scales,
+                            _mm256_loadu_si256(SHUFFLE_K4[2 * c + 1].as_ptr() as *const __m256i),
+                        );
+                        let q4 = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                        let ql = _mm256_and_si256(q4, m4);
+                        let qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                        for i in 0..R {
+                            let y = yq.add(i * k + 256 * b + 64 * c);
+                            let yl = _mm256_loadu_si256(y as *const __m256i);
+                            let yh = _mm256_loadu_si256(y.add(32) as *const __m256i);
+                            let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(ql, yl));
+                            let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(qh, yh));
+                            sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(pl, ph));
+                        }
+                    }
+                    for i in 0..R {
+                        let dy = *yd.add(i * nb + b);
+                        acc[i] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * dy),
+                            _mm256_cvtepi32_ps(sumi[i]),
+                            acc[i],
+                        );
+                        let bs = _mm256_loadu_si256(ybs.add(i * nbs + 16 * b) as *const __m256i);
+                        let bs32 = _mm_hadd_epi16(
+                            _mm256_castsi256_si128(bs),
+                            _mm256_extracti128_si256::<1>(bs),
+                        );
+                        let prod = _mm_madd_epi16(mins, bs32);
+                        accm[i] =
+                            _mm_fmadd_ps(_mm_set1_ps(-dmin * dy), _mm_cvtepi32_ps(prod), accm[i]);
+                    }
+                }
+                let mut out = [[0f32; R]; W];
+                for i in 0..R {
+                    out[0][i] = hsum_ps(acc[i]) + hsum_ps128(accm[i]);
+                }
+                out
+            }
+        }
+
+        /// `Q6_K` against `Q8_K` activations (ggml `ggml_vec_dot_q6_K_q8_K`, AVX2):
+        /// `Σ_b d·dy·Σ_s sc_s·(Σ q·y - 32·bsum_s)` with `q` in `0..64`.
+        ///
+        /// # Safety
+        /// As [`dot_q4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q6k<const W: usize, const R: usize>(
+            t: &Tile<'_>,
+            j: usize,
+            r: usize,
+        ) -> [[f32; R]; W] {
+            const { assert!(W == 1) };
+            let a = t.acts;
+            let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let ybs = a.bsums.as_ptr().add(r * nbs);
+                let m4 = _mm256_set1_epi8(0x0F);
+                let m2 = _mm256_set1_epi8(3);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let blk = w.add(b * 210);
+                    let d = f16_at(blk.add(208));
+                    let scales = _mm_loadu_si128(blk.add(192) as *const __m128i);
+                    let mut sumi = [_mm256_setzero_si256(); R];
+                    for h in 0..2 {
+                        let ql = blk.add(64 * h);
+                        let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+                        let l1 = _mm256_loadu_si256(ql as *const __m256i);
+                        let l2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                        let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
+                        let h1 =
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
+                        let h2 =
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
+                        let h3 =
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
+                        let q = [
+                            _mm256_or_si256(_mm256_and_si256(l1, m4), h0),
+                            _mm256_or_si256(_mm256_and_si256(l2, m4), h1),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h2),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), m4), h3),
+                        ];
+                        let mut sc = [_mm256_setzero_si256(); 4];
+                        for (s, v) in sc.iter_mut().enumerate() {
+                            let shuf =
+                                _mm_loadu_si128(SHUFFLE_Q6[4 * h + s].as_ptr() as *const __m128i);
+                            *v = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuf));
+                        }
+                        for i in 0..R {
+                            let y = yq.add(i * k + 256 * b + 128 * h);
+                            let mut s = sumi[i];
+                            for c in 0..4 {
+                                let yv = _mm256_loadu_si256(y.add(32 * c) as *const __m256i);
+                                let p = _mm256_madd_epi16(sc[c], _mm256_maddubs_epi16(q[c], yv));
+                                s = _mm256_add_epi32(s, p);
+                            }
+                            sumi[i] = s;
+                        }
+                    }
+                    let sc16 = _mm256_cvtepi8_epi16(scales);
+                    for i in 0..R {
+                        let bs = _mm256_loadu_si256(ybs.add(i * nbs + 16 * b) as *const __m256i);
+                        let corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+                        let s = _mm256_sub_epi32(sumi[i], corr);
+                        let dy = *yd.add(i * nb + b);
+                        acc[i] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(s), acc[i]);
+                    }
+                }
+                let mut out = [[0f32; R]; W];
+                for i in 0..R {
+                    out[0][i] = hsum_ps(acc[i]);
+                }
+                out
+            }
+        }
+    };
+}
+
+/// AVX2 + FMA + F16C.
+mod avx2 {
+    kernels!("avx2,fma,f16c", |x, y| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(x, y),
+        _mm256_set1_epi16(1)
+    ));
+}
+
+/// The same with AVX512-VNNI's `vpdpbusd` (on 256-bit registers, so AVX512VL) for the 8-bit
+/// dot products of `Q4_0`, `Q4_1` and `Q8_0`.
+mod vnni {
+    kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |x, y| {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
+    });
+}
