@@ -30,6 +30,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
     Fetch,
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn main() {
@@ -49,6 +51,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

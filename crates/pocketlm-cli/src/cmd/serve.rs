@@ -1,0 +1,47 @@
+//! `pocketlm serve`: an OpenAI-compatible HTTP server over one model (see the
+//! `pocketlm-server` crate for the routes and behaviour).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use pocketlm_server::ServerConfig;
+
+use super::model::{load, ModelArgs};
+
+/// Arguments of `serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (loopback by default; use 0.0.0.0 to expose it on the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// TCP port.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Generations that run at once (1 suits a CPU: one generation uses every core).
+    #[arg(long, default_value_t = 1)]
+    pub max_concurrency: usize,
+    /// Requests that may wait beyond the running ones; more are answered 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue_size: usize,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "POCKETLM_API_KEY")]
+    pub api_key: Option<String>,
+    /// Print loading details.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+/// Runs `serve` until Ctrl-C.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let m = load(&args.model, args.verbose)?;
+    let config = ServerConfig {
+        host: args.host,
+        port: args.port,
+        max_concurrency: args.max_concurrency,
+        queue_size: args.queue_size,
+        api_key: args.api_key,
+        ..ServerConfig::default()
+    };
+    pocketlm_server::run(m, config).context("serving")
+}

@@ -1,0 +1,567 @@
+//! Request and response bodies of the OpenAI API subset served here (field names and shapes
+//! from OpenAI's API reference: "Create chat completion", "Create completion", "List models";
+//! streaming chunks in the `chat.completion.chunk` shape). Unknown request fields are ignored.
+
+use pocketlm::chat_template::Message;
+use pocketlm::generate::GenerateParams;
+use pocketlm::sampling::SamplingParams;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+
+/// Most stop strings per request (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+
+/// `stop`: one string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// A single stop string.
+    One(String),
+    /// Up to [`MAX_STOP_STRINGS`] stop strings.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and empty `choices`) before `data: [DONE]`.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// Sampling and stopping fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonParams {
+    /// Model id; any value is accepted (the server holds one model) and the answer names the
+    /// loaded model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Softmax temperature in `[0, 2]`; `0` is greedy. Default `1` (OpenAI's default).
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass in `[0, 1]`. Default `1` (off).
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Most new tokens, `>= 1`. Default: up to the end of the context.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Newer name of `max_tokens` (chat); wins when both are given.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    /// Stop strings; the answer ends before the first one, which is not included.
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// Seed of the sampler: same seed and request, same answer.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Number of choices; only `1` is supported.
+    #[serde(default)]
+    pub n: Option<u64>,
+    /// Stream the answer as server-sent events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Extension (as vLLM's): keep generating past end-of-generation tokens.
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+}
+
+impl CommonParams {
+    /// Checks the values and builds the library's generation parameters.
+    ///
+    /// `context_length`: the model's context (the default for `max_tokens`).
+    /// Errors: 400 naming the field (`n` other than 1, `temperature` outside `[0, 2]`,
+    /// `top_p` outside `[0, 1]`, `max_tokens` 0, more than 4 stop strings).
+    pub fn to_generate_params(&self, context_length: usize) -> Result<GenerateParams, ApiError> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ApiError::bad_param(
+                    "n",
+                    format!("`n` is {n}; only n = 1 is supported"),
+                ));
+            }
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+            return Err(ApiError::bad_param(
+                "temperature",
+                format!("`temperature` is {temperature}; expected a number in [0, 2]"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p.is_finite() && (0.0..=1.0).contains(&top_p)) {
+            return Err(ApiError::bad_param(
+                "top_p",
+                format!("`top_p` is {top_p}; expected a number in [0, 1]"),
+            ));
+        }
+        let (name, max) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let max_tokens = match max {
+            Some(0) => {
+                return Err(ApiError::bad_param(
+                    name,
+                    format!("`{name}` is 0; expected an integer >= 1"),
+                ))
+            }
+            Some(m) => usize::try_from(m).unwrap_or(usize::MAX).min(context_length),
+            None => context_length,
+        };
+        let stop: Vec<String> = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::bad_param(
+                "stop",
+                format!(
+                    "`stop` has {} strings; at most {MAX_STOP_STRINGS} are allowed",
+                    stop.len()
+                ),
+            ));
+        }
+        Ok(GenerateParams {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                // A seed is any integer; negative ones are reinterpreted bit for bit.
+                seed: self.seed.map(|s| s as u64),
+                ..SamplingParams::default()
+            },
+            // An empty stop string would end every answer before it starts: ignore it.
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            ..GenerateParams::default()
+        })
+    }
+
+    /// Whether the answer is streamed.
+    pub fn stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether a streamed answer ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+/// One part of a list-valued message `content` (`{"type": "text", "text": "..."}`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// Part type; only `text` is supported.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a `text` part.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// A message `content`: a string or a list of text parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Text parts, concatenated.
+    Parts(Vec<ContentPart>),
+}
+
+/// One chat message of a request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `developer`, `user`, `assistant`, `tool`.
+    pub role: String,
+    /// Text (null is an empty message).
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// Body of `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// The conversation; at least one message.
+    pub messages: Vec<ChatMessage>,
+    /// Sampling, stopping and streaming fields.
+    #[serde(flatten)]
+    pub common: CommonParams,
+    /// Log probabilities are not supported; `true` is refused with a 400.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+}
+
+impl ChatCompletionRequest {
+    /// The messages as the chat template takes them (`developer` is passed as `system`, as
+    /// OpenAI documents it as the newer name; text parts are concatenated).
+    ///
+    /// Errors: 400 for an empty list, a non-text part, or `logprobs: true`.
+    pub fn messages(&self) -> Result<Vec<Message>, ApiError> {
+        if self.logprobs == Some(true) {
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "`logprobs` is not supported by this server",
+            ));
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::bad_param(
+                "messages",
+                "`messages` is empty; give at least one message",
+            ));
+        }
+        let mut out = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.iter().enumerate() {
+            let text = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut t = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(s)) => t.push_str(s),
+                            _ => {
+                                return Err(ApiError::bad_param(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    format!(
+                                        "`messages[{i}].content[{j}]` is a `{}` part; only text parts with a `text` field are supported",
+                                        p.kind
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    t
+                }
+            };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
+            };
+            out.push(Message::new(role, text));
+        }
+        Ok(out)
+    }
+}
+
+/// `prompt` of a completion: a string or a list holding exactly one string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CompletionPrompt {
+    /// One prompt.
+    Text(String),
+    /// A batch of prompts; only batches of one are supported.
+    Batch(Vec<String>),
+}
+
+/// Body of `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The prompt text.
+    pub prompt: CompletionPrompt,
+    /// Sampling, stopping and streaming fields.
+    #[serde(flatten)]
+    pub common: CommonParams,
+    /// Log probabilities are not supported; a non-null, non-zero value is refused.
+    #[serde(default)]
+    pub logprobs: Option<u64>,
+}
+
+impl CompletionRequest {
+    /// The prompt text. Errors: 400 for a batch of other than one prompt or `logprobs`.
+    pub fn prompt(&self) -> Result<String, ApiError> {
+        if matches!(self.logprobs, Some(n) if n > 0) {
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "`logprobs` is not supported by this server",
+            ));
+        }
+        match &self.prompt {
+            CompletionPrompt::Text(t) => Ok(t.clone()),
+            CompletionPrompt::Batch(v) if v.len() == 1 => Ok(v[0].clone()),
+            CompletionPrompt::Batch(v) => Err(ApiError::bad_param(
+                "prompt",
+                format!(
+                    "`prompt` is a list of {} prompts; only one prompt per request is supported",
+                    v.len()
+                ),
+            )),
+        }
+    }
+}
+
+/// Token counts of an answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens of the prompt as the model saw it (chat template applied).
+    pub prompt_tokens: usize,
+    /// Tokens generated (end-of-generation token excluded).
+    pub completion_tokens: usize,
+    /// The sum.
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    /// Counts with their sum.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// An assistant message of an answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The generated text.
+    pub content: String,
+}
+
+/// One choice of a chat completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    /// Always 0 (n = 1).
+    pub index: u32,
+    /// The answer.
+    pub message: AssistantMessage,
+    /// Always null (log probabilities are not supported).
+    pub logprobs: Option<()>,
+    /// `stop` (end-of-generation token or stop string) or `length`.
+    pub finish_reason: &'static str,
+}
+
+/// Answer of a non-streamed chat completion (`object: chat.completion`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Unix time, seconds.
+    pub created: u64,
+    /// The loaded model's id.
+    pub model: String,
+    /// One choice.
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// One choice of a text completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    /// The generated text (a fragment in a streamed chunk).
+    pub text: String,
+    /// Always 0.
+    pub index: u32,
+    /// Always null.
+    pub logprobs: Option<()>,
+    /// `stop`, `length`, or null in a streamed chunk before the last.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// Answer (or streamed chunk) of a text completion (`object: text_completion`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    /// `cmpl-...`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    /// Unix time, seconds.
+    pub created: u64,
+    /// The loaded model's id.
+    pub model: String,
+    /// One choice (none in a final usage chunk).
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts (in a stream only in the final usage chunk; null elsewhere).
+    pub usage: Option<Usage>,
+}
+
+/// `delta` of a streamed chat chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Delta {
+    /// `assistant` in the first chunk only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One choice of a streamed chat chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkChoice {
+    /// Always 0.
+    pub index: u32,
+    /// What is new.
+    pub delta: Delta,
+    /// Always null.
+    pub logprobs: Option<()>,
+    /// Null until the last content chunk.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A streamed chat chunk (`object: chat.completion.chunk`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionChunk {
+    /// Same id for every chunk of an answer.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix time, seconds.
+    pub created: u64,
+    /// The loaded model's id.
+    pub model: String,
+    /// One choice, or none in the final usage chunk.
+    pub choices: Vec<ChunkChoice>,
+    /// Null except in the final usage chunk (`stream_options.include_usage`).
+    pub usage: Option<Usage>,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCard {
+    /// Model id (the file name without `.gguf`).
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// Unix time the server started, seconds.
+    pub created: u64,
+    /// `pocketlm`.
+    pub owned_by: &'static str,
+}
+
+/// `GET /v1/models` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// The loaded model.
+    pub data: Vec<ModelCard>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(body: &str) -> Result<GenerateParams, ApiError> {
+        let req: ChatCompletionRequest = serde_json::from_str(body).expect("parses");
+        req.common.to_generate_params(100)
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let p = params(r#"{"messages": []}"#).expect("valid");
+        assert_eq!(p.max_tokens, 100);
+        assert_eq!(p.sampling.temperature, 1.0);
+        assert_eq!(p.sampling.top_p, 1.0);
+        assert_eq!(p.sampling.seed, None);
+        assert!(p.stop.is_empty());
+        assert!(!p.ignore_eos);
+    }
+
+    #[test]
+    fn fields_map_to_generation_parameters() {
+        let p = params(
+            r#"{"messages": [], "max_tokens": 7, "max_completion_tokens": 5, "temperature": 0,
+                "top_p": 0.5, "seed": -1, "stop": ["", "END"], "n": 1, "ignore_eos": true}"#,
+        )
+        .expect("valid");
+        assert_eq!(p.max_tokens, 5, "max_completion_tokens wins");
+        assert_eq!(p.sampling.temperature, 0.0);
+        assert_eq!(p.sampling.top_p, 0.5);
+        assert_eq!(p.sampling.seed, Some(u64::MAX));
+        assert_eq!(
+            p.stop,
+            vec!["END".to_string()],
+            "empty stop strings are dropped"
+        );
+        assert!(p.ignore_eos);
+        let p = params(r#"{"messages": [], "max_tokens": 100000, "stop": "x"}"#).expect("valid");
+        assert_eq!(p.max_tokens, 100, "capped at the context");
+        assert_eq!(p.stop, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (body, param) in [
+            (r#"{"messages": [], "n": 3}"#, "n"),
+            (r#"{"messages": [], "temperature": 2.5}"#, "temperature"),
+            (r#"{"messages": [], "temperature": 1e300}"#, "temperature"),
+            (r#"{"messages": [], "top_p": 1.5}"#, "top_p"),
+            (
+                r#"{"messages": [], "max_completion_tokens": 0}"#,
+                "max_completion_tokens",
+            ),
+            (
+                r#"{"messages": [], "stop": ["a", "b", "c", "d", "e"]}"#,
+                "stop",
+            ),
+        ] {
+            let e = params(body).expect_err(body);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+        }
+    }
+
+    #[test]
+    fn messages_accept_text_parts_and_developer_role() {
+        let req: ChatCompletionRequest = serde_json::from_str(
+            r#"{"messages": [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null}]}"#,
+        )
+        .expect("parses");
+        let m = req.messages().expect("valid");
+        assert_eq!(
+            m,
+            vec![
+                Message::system("Be brief."),
+                Message::user("ab"),
+                Message::assistant("")
+            ]
+        );
+    }
+
+    #[test]
+    fn completion_prompt_is_one_string() {
+        let one: CompletionRequest = serde_json::from_str(r#"{"prompt": ["hi"]}"#).expect("parses");
+        assert_eq!(one.prompt().expect("valid"), "hi");
+        let two: CompletionRequest =
+            serde_json::from_str(r#"{"prompt": ["a", "b"]}"#).expect("parses");
+        assert_eq!(
+            two.prompt().expect_err("batch").param.as_deref(),
+            Some("prompt")
+        );
+        let lp: CompletionRequest =
+            serde_json::from_str(r#"{"prompt": "a", "logprobs": 2}"#).expect("parses");
+        assert_eq!(
+            lp.prompt().expect_err("logprobs").param.as_deref(),
+            Some("logprobs")
+        );
+    }
+
+    #[test]
+    fn error_body_has_openai_shape() {
+        let e = ApiError::bad_param("top_p", "bad").to_json();
+        let v: serde_json::Value = serde_json::from_str(&e).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"message": "bad", "type": "invalid_request_error",
+                "param": "top_p", "code": null}})
+        );
+    }
+}

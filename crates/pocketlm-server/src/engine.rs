@@ -1,0 +1,200 @@
+//! Runs generations for the handlers: a bounded, first-come-first-served queue in front of a
+//! semaphore of `max_concurrency` permits; each admitted request generates on a blocking
+//! thread (`tokio::task::spawn_blocking`) with its own KV cache over the shared model, and
+//! sends its text through a channel. A request whose receiver is gone (the client
+//! disconnected) stops generating at the next token.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use pocketlm::generate::{generate, Event, GenerateParams};
+use pocketlm::loader::{LoadedModel, Prompt};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::error::ApiError;
+
+/// Messages from a generation to its handler.
+#[derive(Debug)]
+pub enum Msg {
+    /// Newly final text (never empty).
+    Delta(String),
+    /// The generation ended normally.
+    Done {
+        /// `stop` or `length`.
+        finish_reason: &'static str,
+        /// Tokens generated.
+        completion_tokens: usize,
+    },
+    /// The generation failed.
+    Error(ApiError),
+}
+
+/// Text chunks buffered per request before the generating thread waits for the client.
+const CHANNEL_CAPACITY: usize = 32;
+
+/// The model and the admission bounds, shared by all requests.
+#[derive(Debug)]
+pub struct Engine {
+    model: Arc<LoadedModel>,
+    permits: Arc<Semaphore>,
+    admitted: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+/// A place in the queue (running or waiting); given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    admitted: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Engine {
+    /// `max_concurrency` generations run at once (at least 1); `queue_size` more wait.
+    pub fn new(model: Arc<LoadedModel>, max_concurrency: usize, queue_size: usize) -> Self {
+        let max_concurrency = max_concurrency.max(1);
+        Engine {
+            model,
+            permits: Arc::new(Semaphore::new(max_concurrency)),
+            admitted: Arc::new(AtomicUsize::new(0)),
+            capacity: max_concurrency.saturating_add(queue_size),
+        }
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
+    }
+
+    /// Takes a place in the queue. Errors: 503 `queue_full` when `max_concurrency +
+    /// queue_size` requests are already running or waiting.
+    pub fn admit(&self) -> Result<Slot, ApiError> {
+        let cap = self.capacity;
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .map_err(|_| ApiError::queue_full(cap))?;
+        Ok(Slot {
+            admitted: self.admitted.clone(),
+        })
+    }
+
+    /// Token ids of a prompt (chat template applied), computed on a blocking thread.
+    ///
+    /// Errors: 400 when the template refuses the conversation or the prompt leaves no room
+    /// in the context (`code: context_length_exceeded`).
+    pub async fn encode(&self, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+        let model = self.model.clone();
+        let ids = tokio::task::spawn_blocking(move || model.encode(&prompt))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))?
+            .map_err(ApiError::from_library)?;
+        let ctx = self.model.model.info().context_length;
+        if ids.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty"));
+        }
+        if ids.len() >= ctx {
+            return Err(ApiError::bad_param(
+                "messages",
+                format!(
+                    "the prompt has {} tokens but the model's context holds {ctx}",
+                    ids.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        Ok(ids)
+    }
+
+    /// Starts a generation: waits (in arrival order) for a permit, then generates on a
+    /// blocking thread. The returned receiver yields [`Msg::Delta`]s then one [`Msg::Done`]
+    /// or [`Msg::Error`]. Dropping the receiver cancels the generation (or its wait).
+    pub fn start(&self, slot: Slot, ids: Vec<u32>, params: GenerateParams) -> mpsc::Receiver<Msg> {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let permits = self.permits.clone();
+        let model = self.model.clone();
+        tokio::spawn(async move {
+            let permit = tokio::select! {
+                p = permits.acquire_owned() => p,
+                () = tx.closed() => return,
+            };
+            let Ok(permit) = permit else {
+                let _ = tx
+                    .send(Msg::Error(ApiError::internal(
+                        "the server is shutting down",
+                    )))
+                    .await;
+                return;
+            };
+            let worker_tx = tx.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let _slot = slot;
+                run_generation(&model, &ids, params, &worker_tx);
+            })
+            .await;
+            if let Err(e) = joined {
+                let _ = tx
+                    .send(Msg::Error(ApiError::internal(format!(
+                        "the generation thread failed: {e}"
+                    ))))
+                    .await;
+            }
+        });
+        rx
+    }
+}
+
+/// Generates on the current (blocking) thread, sending text as it becomes final. Returns
+/// early when the receiver is gone.
+fn run_generation(
+    model: &LoadedModel,
+    ids: &[u32],
+    params: GenerateParams,
+    tx: &mpsc::Sender<Msg>,
+) {
+    if tx.is_closed() {
+        return;
+    }
+    let mut cache = model.model.new_cache();
+    let gen = match generate(
+        model.model.as_ref(),
+        &model.tokenizer,
+        &mut cache,
+        ids,
+        params,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = tx.blocking_send(Msg::Error(ApiError::from_library(e)));
+            return;
+        }
+    };
+    for ev in gen {
+        if tx.is_closed() {
+            return;
+        }
+        let msg = match ev {
+            Ok(Event::Token { text, .. }) | Ok(Event::Text(text)) => {
+                if text.is_empty() {
+                    continue;
+                }
+                Msg::Delta(text)
+            }
+            Ok(Event::Finished { reason, stats }) => Msg::Done {
+                finish_reason: reason.as_openai(),
+                completion_tokens: stats.generated_tokens,
+            },
+            Err(e) => Msg::Error(ApiError::from_library(e)),
+        };
+        let last = !matches!(msg, Msg::Delta(_));
+        if tx.blocking_send(msg).is_err() || last {
+            return;
+        }
+    }
+}

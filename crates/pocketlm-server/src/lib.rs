@@ -1,0 +1,534 @@
+//! An OpenAI-compatible HTTP server over one loaded model (`pocketlm serve`).
+//!
+//! Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`,
+//! `POST /v1/completions` (non-streamed, or streamed as server-sent events:
+//! `data: {json}\n\n` chunks then `data: [DONE]\n\n`, as OpenAI's API reference describes).
+//! Errors are OpenAI's JSON shape with the matching status (400, 401, 404, 405, 413, 503).
+//!
+//! Requests are admitted into a bounded queue (503 beyond it), then run in arrival order, at
+//! most `max_concurrency` at a time, each on a blocking thread with its own KV cache over the
+//! shared model ([`engine`]). A client that disconnects stops its generation.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pocketlm::loader::{LoadedModel, Prompt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::api::*;
+use crate::engine::{Engine, Msg};
+pub use crate::error::ApiError;
+
+/// Server settings (the flags of `pocketlm serve`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind; loopback by default.
+    pub host: String,
+    /// TCP port; 0 picks a free one.
+    pub port: u16,
+    /// Generations that run at once (default 1: on a CPU one generation already uses every
+    /// core).
+    pub max_concurrency: usize,
+    /// Requests that may wait beyond the running ones; more get 503.
+    pub queue_size: usize,
+    /// When set, `/v1/*` requires `Authorization: Bearer <api_key>` (401 otherwise).
+    pub api_key: Option<String>,
+    /// Largest request body, bytes (413 beyond). Default 1 MiB.
+    pub body_limit: usize,
+    /// Model id reported by `/v1/models` and in answers; default the file name without
+    /// extension.
+    pub model_id: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_concurrency: 1,
+            queue_size: 64,
+            api_key: None,
+            body_limit: 1 << 20,
+            model_id: None,
+        }
+    }
+}
+
+/// Errors of [`run`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The address could not be bound or served.
+    #[error("{addr}: {source}")]
+    Io {
+        /// `host:port`.
+        addr: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    model_id: Arc<str>,
+    created: u64,
+    api_key: Option<Arc<str>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The id a model is served under: `config.model_id`, else the file name without `.gguf`.
+pub fn model_id(model: &LoadedModel, config: &ServerConfig) -> String {
+    config.model_id.clone().unwrap_or_else(|| {
+        model
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pocketlm".into())
+    })
+}
+
+/// The application: every route, the body limit, authentication and the JSON fallbacks.
+pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
+    let state = AppState {
+        model_id: model_id(&model, config).into(),
+        engine: Arc::new(Engine::new(
+            model,
+            config.max_concurrency,
+            config.queue_size,
+        )),
+        created: unix_now(),
+        api_key: config.api_key.as_deref().map(Arc::from),
+    };
+    let v1 = Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/health", get(health))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds `config.host:config.port` and serves `model` until Ctrl-C, on a new multi-threaded
+/// tokio runtime. Prints the base URL on stderr.
+///
+/// Errors: [`ServerError::Io`] when the runtime cannot start or the address cannot be bound.
+pub fn run(model: LoadedModel, config: ServerConfig) -> Result<(), ServerError> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let io = |source| ServerError::Io {
+        addr: addr.clone(),
+        source,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io)?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr).await.map_err(io)?;
+        let local: SocketAddr = listener.local_addr().map_err(io)?;
+        let app = router(Arc::new(model), &config);
+        eprintln!("pocketlm: serving on http://{local}/v1 (Ctrl-C to stop)");
+        serve(listener, app, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(io)
+    })
+}
+
+async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            None => {
+                return ApiError::unauthorized(
+                    "missing API key: send the header `Authorization: Bearer <key>`",
+                )
+                .into_response()
+            }
+            Some(g) if !constant_time_eq(g.as_bytes(), key.as_bytes()) => {
+                return ApiError::unauthorized("incorrect API key").into_response()
+            }
+            Some(_) => {}
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("unknown route: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(format!("method {method} is not allowed on {}", uri.path()))
+}
+
+async fn list_models(State(s): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: s.model_id.to_string(),
+            object: "model",
+            created: s.created,
+            owned_by: "pocketlm",
+        }],
+    })
+}
+
+/// Reads and parses a JSON body: 413 over the limit, 400 for anything unreadable.
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(format!("the request body is too large: {}", r.body_text()))
+        } else {
+            ApiError::bad_request(format!(
+                "could not read the request body: {}",
+                r.body_text()
+            ))
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
+}
+
+fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{:x}{nanos:08x}{n:x}", unix_now())
+}
+
+async fn chat_completions(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatCompletionRequest = parse_body(body)?;
+    let messages = req.messages()?;
+    let ctx = s.engine.model().model.info().context_length;
+    let params = req.common.to_generate_params(ctx)?;
+    let slot = s.engine.admit()?;
+    let ids = s.engine.encode(Prompt::Chat(messages)).await?;
+    let prompt_tokens = ids.len();
+    let rx = s.engine.start(slot, ids, params);
+    let fmt = StreamFormat {
+        kind: Kind::Chat,
+        id: new_id("chatcmpl"),
+        created: unix_now(),
+        model: s.model_id.to_string(),
+        include_usage: req.common.include_usage(),
+        prompt_tokens,
+    };
+    if req.common.stream() {
+        return Ok(sse(rx, fmt));
+    }
+    let (text, finish_reason, completion_tokens) = collect(rx).await?;
+    Ok(Json(ChatCompletion {
+        id: fmt.id,
+        object: "chat.completion",
+        created: fmt.created,
+        model: fmt.model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: text,
+            },
+            logprobs: None,
+            finish_reason,
+        }],
+        usage: Usage::new(prompt_tokens, completion_tokens),
+    })
+    .into_response())
+}
+
+async fn completions(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(body)?;
+    let prompt = req.prompt()?;
+    let ctx = s.engine.model().model.info().context_length;
+    let params = req.common.to_generate_params(ctx)?;
+    let slot = s.engine.admit()?;
+    let ids =
+        s.engine
+            .encode(Prompt::Text(prompt))
+            .await
+            .map_err(|e| match e.param.as_deref() {
+                Some("messages") => e.with_param("prompt"),
+                _ => e,
+            })?;
+    let prompt_tokens = ids.len();
+    let rx = s.engine.start(slot, ids, params);
+    let fmt = StreamFormat {
+        kind: Kind::Completion,
+        id: new_id("cmpl"),
+        created: unix_now(),
+        model: s.model_id.to_string(),
+        include_usage: req.common.include_usage(),
+        prompt_tokens,
+    };
+    if req.common.stream() {
+        return Ok(sse(rx, fmt));
+    }
+    let (text, finish_reason, completion_tokens) = collect(rx).await?;
+    Ok(Json(Completion {
+        id: fmt.id,
+        object: "text_completion",
+        created: fmt.created,
+        model: fmt.model,
+        choices: vec![CompletionChoice {
+            text,
+            index: 0,
+            logprobs: None,
+            finish_reason: Some(finish_reason),
+        }],
+        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+    })
+    .into_response())
+}
+
+/// Gathers a whole answer: (text, finish reason, completion tokens).
+async fn collect(mut rx: mpsc::Receiver<Msg>) -> Result<(String, &'static str, usize), ApiError> {
+    let mut text = String::new();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Msg::Delta(t) => text.push_str(&t),
+            Msg::Done {
+                finish_reason,
+                completion_tokens,
+            } => return Ok((text, finish_reason, completion_tokens)),
+            Msg::Error(e) => return Err(e),
+        }
+    }
+    Err(ApiError::internal("the generation ended without an answer"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Writes the server-sent events of one streamed answer.
+struct StreamFormat {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    prompt_tokens: usize,
+}
+
+fn event<T: Serialize>(value: &T) -> String {
+    match serde_json::to_string(value) {
+        Ok(json) => format!("data: {json}\n\n"),
+        Err(e) => format!(
+            "data: {}\n\n",
+            ApiError::internal(format!("serializing a chunk failed: {e}")).to_json()
+        ),
+    }
+}
+
+impl StreamFormat {
+    fn chat_chunk(&self, delta: Delta, finish_reason: Option<&'static str>) -> String {
+        event(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason,
+            }],
+            usage: None,
+        })
+    }
+
+    fn completion_chunk(&self, text: String, finish_reason: Option<&'static str>) -> String {
+        event(&Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![CompletionChoice {
+                text,
+                index: 0,
+                logprobs: None,
+                finish_reason,
+            }],
+            usage: None,
+        })
+    }
+
+    /// The first event: the assistant role (chat only).
+    fn start(&self) -> String {
+        match self.kind {
+            Kind::Chat => self.chat_chunk(
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                None,
+            ),
+            Kind::Completion => String::new(),
+        }
+    }
+
+    fn delta(&self, text: String) -> String {
+        match self.kind {
+            Kind::Chat => self.chat_chunk(
+                Delta {
+                    role: None,
+                    content: Some(text),
+                },
+                None,
+            ),
+            Kind::Completion => self.completion_chunk(text, None),
+        }
+    }
+
+    /// The finish chunk, the usage chunk when asked for, and `[DONE]`.
+    fn done(&self, finish_reason: &'static str, completion_tokens: usize) -> String {
+        let mut out = match self.kind {
+            Kind::Chat => self.chat_chunk(Delta::default(), Some(finish_reason)),
+            Kind::Completion => self.completion_chunk(String::new(), Some(finish_reason)),
+        };
+        if self.include_usage {
+            let usage = Some(Usage::new(self.prompt_tokens, completion_tokens));
+            out.push_str(&match self.kind {
+                Kind::Chat => event(&ChatCompletionChunk {
+                    id: self.id.clone(),
+                    object: "chat.completion.chunk",
+                    created: self.created,
+                    model: self.model.clone(),
+                    choices: Vec::new(),
+                    usage,
+                }),
+                Kind::Completion => event(&Completion {
+                    id: self.id.clone(),
+                    object: "text_completion",
+                    created: self.created,
+                    model: self.model.clone(),
+                    choices: Vec::new(),
+                    usage,
+                }),
+            });
+        }
+        out.push_str("data: [DONE]\n\n");
+        out
+    }
+}
+
+/// A streamed answer. The body owns the receiver: when the client goes away the body is
+/// dropped, the generating thread's next send fails and it stops.
+fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
+    struct St {
+        rx: mpsc::Receiver<Msg>,
+        fmt: StreamFormat,
+        started: bool,
+        finished: bool,
+    }
+    let st = St {
+        rx,
+        fmt,
+        started: false,
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if !st.started {
+            st.started = true;
+            let first = st.fmt.start();
+            if !first.is_empty() {
+                return Some((Ok::<_, std::convert::Infallible>(first), st));
+            }
+        }
+        if st.finished {
+            return None;
+        }
+        let out = match st.rx.recv().await {
+            Some(Msg::Delta(t)) => st.fmt.delta(t),
+            Some(Msg::Done {
+                finish_reason,
+                completion_tokens,
+            }) => {
+                st.finished = true;
+                st.fmt.done(finish_reason, completion_tokens)
+            }
+            Some(Msg::Error(e)) => {
+                st.finished = true;
+                format!("data: {}\n\ndata: [DONE]\n\n", e.to_json())
+            }
+            None => {
+                st.finished = true;
+                let e = ApiError::internal("the generation ended without an answer");
+                format!("data: {}\n\ndata: [DONE]\n\n", e.to_json())
+            }
+        };
+        Some((Ok(out), st))
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    (headers, Body::from_stream(stream)).into_response()
+}

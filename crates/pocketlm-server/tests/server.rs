@@ -1,0 +1,587 @@
+//! End-to-end tests of the OpenAI-compatible server on loopback, with the real default model
+//! (SmolLM2-135M-Instruct Q4_1, found through `$POCKETLM_HOME` or fetched by
+//! `pocketlm::fetch::ensure_default_model`). Answers are kept to a few tokens.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use pocketlm::chat_template::Message;
+use pocketlm::loader::{self, LoadOptions, LoadedModel, Prompt};
+use pocketlm_server::{router, serve, ServerConfig};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+const KEY: &str = "sk-test-key";
+
+fn model() -> Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = pocketlm::fetch::ensure_default_model(&mut |_| {}).unwrap_or_else(|e| {
+                panic!(
+                    "the default model is needed at {} and could not be fetched: {e}",
+                    pocketlm::fetch::default_model_path().display()
+                )
+            });
+            Arc::new(
+                loader::load(&path, &LoadOptions::default())
+                    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display())),
+            )
+        })
+        .clone()
+}
+
+/// Starts a server on a free loopback port in a background thread; returns its base URL.
+fn start(config: ServerConfig) -> String {
+    let m = model();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind loopback");
+            tx.send(listener.local_addr().expect("local addr"))
+                .expect("send addr");
+            serve(listener, router(m, &config), std::future::pending())
+                .await
+                .expect("serve");
+        });
+    });
+    let addr = rx.recv().expect("server address");
+    format!("http://{addr}")
+}
+
+/// The shared server: API key set, one generation at a time, a deep queue.
+fn base() -> &'static str {
+    static BASE: OnceLock<String> = OnceLock::new();
+    BASE.get_or_init(|| {
+        start(ServerConfig {
+            port: 0,
+            api_key: Some(KEY.into()),
+            queue_size: 1024,
+            ..ServerConfig::default()
+        })
+    })
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+/// POSTs `body` (raw bytes) with the API key; returns (status, body text).
+fn post_raw(agent: &ureq::Agent, path: &str, body: &[u8]) -> (u16, String) {
+    let mut resp = agent
+        .post(format!("{}{path}", base()))
+        .header("Authorization", format!("Bearer {KEY}"))
+        .header("Content-Type", "application/json")
+        .send(body)
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_string()
+        .expect("body");
+    (status, text)
+}
+
+fn post(path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = post_raw(&agent(), path, body.to_string().as_bytes());
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
+/// Checks OpenAI's error shape and returns the error object.
+fn assert_error(status: u16, expected: u16, body: &Value) -> Value {
+    assert_eq!(status, expected, "{body}");
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(e["type"].as_str().is_some(), "{body}");
+    let obj = e.as_object().expect("error object");
+    assert!(
+        obj.contains_key("param") && obj.contains_key("code"),
+        "{body}"
+    );
+    e.clone()
+}
+
+/// The data payloads of a server-sent-event body, in order.
+fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("event without `data: `: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+fn chat_prompt_tokens(messages: &[Message]) -> usize {
+    model()
+        .encode(&Prompt::Chat(messages.to_vec()))
+        .expect("encode")
+        .len()
+}
+
+#[test]
+fn health_and_models() {
+    let a = agent();
+    let mut r = a
+        .get(format!("{}/health", base()))
+        .call()
+        .expect("GET /health");
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value =
+        serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json");
+    assert_eq!(v["status"], "ok");
+    let mut r = a
+        .get(format!("{}/v1/models", base()))
+        .header("Authorization", format!("Bearer {KEY}"))
+        .call()
+        .expect("GET /v1/models");
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value =
+        serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json");
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(v["data"][0]["object"], "model");
+}
+
+#[test]
+fn chat_non_stream_and_stream_agree() {
+    let question = "What is the capital of France?";
+    let req = json!({
+        "model": "anything",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "unknown_field": {"ignored": true},
+    });
+    let (status, v) = post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "SmolLM2-135M-Instruct.Q4_1");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let content = choice["message"]["content"].as_str().expect("content");
+    assert!(!content.trim().is_empty(), "{v}");
+    let finish = choice["finish_reason"].as_str().expect("finish_reason");
+    let usage = &v["usage"];
+    let prompt_tokens = chat_prompt_tokens(&[Message::user(question)]);
+    assert_eq!(usage["prompt_tokens"], prompt_tokens);
+    let completion = usage["completion_tokens"]
+        .as_u64()
+        .expect("completion_tokens");
+    match finish {
+        "length" => assert_eq!(completion, 6),
+        "stop" => assert!((1..6).contains(&completion)),
+        other => panic!("finish_reason {other}"),
+    }
+    assert_eq!(usage["total_tokens"], prompt_tokens as u64 + completion);
+    // The greedy completion decodes back to the same tokens.
+    let ids = model().tokenizer.encode(content, false).expect("encode");
+    assert!(ids.len() as u64 <= completion, "{content:?}");
+
+    // Streamed: same greedy text, role first, one finish chunk, usage, [DONE].
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    sreq["stream_options"] = json!({"include_usage": true});
+    let (status, text) = post_raw(
+        &agent(),
+        "/v1/chat/completions",
+        sreq.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk json"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut streamed = String::new();
+    let mut finishes = Vec::new();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+        if let Some(ch) = c["choices"].get(0) {
+            if let Some(t) = ch["delta"]["content"].as_str() {
+                streamed.push_str(t);
+            }
+            if let Some(f) = ch["finish_reason"].as_str() {
+                finishes.push(f.to_string());
+            }
+        }
+    }
+    assert_eq!(streamed, content);
+    assert_eq!(finishes, vec![finish.to_string()]);
+    let last = chunks.last().expect("usage chunk");
+    assert_eq!(last["choices"].as_array().map(Vec::len), Some(0));
+    assert_eq!(&last["usage"], usage);
+}
+
+#[test]
+fn completions_honour_stop_strings() {
+    let base_req = json!({
+        "prompt": "The days of the week are Monday, Tuesday,",
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    let (status, v) = post("/v1/completions", &base_req);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let full = v["choices"][0]["text"].as_str().expect("text").to_string();
+    assert!(full.chars().count() >= 4, "too short to cut: {full:?}");
+    // Stop at a piece of the greedy answer from its middle; the answer ends just before it.
+    let cut = full
+        .char_indices()
+        .nth(full.chars().count() / 2)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let cut = if cut == 0 { 1 } else { cut };
+    let stop: String = full[cut..].chars().take(2).collect();
+    let expected = &full[..full.find(&stop).expect("stop is in the text")];
+    for stop_value in [
+        json!(stop.clone()),
+        json!(["never-produced-xyz", stop.clone()]),
+    ] {
+        let mut req = base_req.clone();
+        req["stop"] = stop_value;
+        let (status, v) = post("/v1/completions", &req);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["text"], expected,
+            "stop {stop:?} in {full:?}"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        // Streamed, the stop string is held back and never sent.
+        req["stream"] = json!(true);
+        let (status, text) = post_raw(&agent(), "/v1/completions", req.to_string().as_bytes());
+        assert_eq!(status, 200, "{text}");
+        let mut streamed = String::new();
+        let mut finish = None;
+        for d in sse_data(&text) {
+            if d == "[DONE]" {
+                break;
+            }
+            let c: Value = serde_json::from_str(&d).expect("chunk");
+            streamed.push_str(c["choices"][0]["text"].as_str().unwrap_or(""));
+            if let Some(f) = c["choices"][0]["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+        assert_eq!(streamed, expected);
+        assert_eq!(finish.as_deref(), Some("stop"));
+    }
+}
+
+#[test]
+fn error_statuses_and_shapes() {
+    let a = agent();
+    // 401: missing and wrong key.
+    let url = format!("{}/v1/chat/completions", base());
+    let body =
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
+    for auth in [None, Some("Bearer wrong"), Some(KEY)] {
+        let mut r = a.post(&url);
+        if let Some(h) = auth {
+            r = r.header("Authorization", h);
+        }
+        let mut resp = r.send(body.as_bytes()).expect("send");
+        let v: Value =
+            serde_json::from_str(&resp.body_mut().read_to_string().expect("body")).expect("json");
+        let e = assert_error(resp.status().as_u16(), 401, &v);
+        assert_eq!(e["type"], "authentication_error");
+    }
+    // 404: unknown route (JSON, not an empty body).
+    let mut resp = a
+        .get(format!("{}/v1/nothing-here", base()))
+        .call()
+        .expect("get");
+    let v: Value =
+        serde_json::from_str(&resp.body_mut().read_to_string().expect("body")).expect("json");
+    assert_error(resp.status().as_u16(), 404, &v);
+    // 400s.
+    let cases: Vec<(&[u8], Option<&str>)> = vec![
+        (b"{\"messages\": [", None),
+        (b"not json at all", None),
+        (br#"{"messages": "hello"}"#, None),
+        (
+            br#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+            None,
+        ),
+        (
+            br#"{"messages": [{"role": "user", "content": "x"}], "temperature": 5}"#,
+            Some("temperature"),
+        ),
+        (
+            br#"{"messages": [{"role": "user", "content": "x"}], "top_p": -1}"#,
+            Some("top_p"),
+        ),
+        (
+            br#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+            Some("n"),
+        ),
+        (
+            br#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}"#,
+            Some("max_tokens"),
+        ),
+        (
+            br#"{"messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}"#,
+            Some("stop"),
+        ),
+        (br#"{"messages": []}"#, Some("messages")),
+        (
+            br#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+            Some("messages[0].content[0]"),
+        ),
+    ];
+    for (body, param) in cases {
+        let (status, text) = post_raw(&a, "/v1/chat/completions", body);
+        let v: Value = serde_json::from_str(&text).expect("json");
+        let e = assert_error(status, 400, &v);
+        assert_eq!(e["type"], "invalid_request_error");
+        if let Some(p) = param {
+            assert_eq!(e["param"], p, "{v}");
+        }
+    }
+    // A prompt longer than the context: 400 context_length_exceeded.
+    let long = "hello ".repeat(model().model.info().context_length + 10);
+    let (status, v) = post("/v1/completions", &json!({"prompt": long, "max_tokens": 1}));
+    let e = assert_error(status, 400, &v);
+    assert_eq!(e["code"], "context_length_exceeded");
+    // 413: body over 1 MiB.
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(2 << 20));
+    let (status, text) = post_raw(&a, "/v1/completions", big.as_bytes());
+    let v: Value = serde_json::from_str(&text).expect("json");
+    assert_error(status, 413, &v);
+}
+
+/// 1,000 malformed bodies of several kinds: every answer is a 4xx JSON error, and the server
+/// still answers /health afterwards.
+#[test]
+fn fuzz_malformed_bodies() {
+    let a = agent();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let valid = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "temperature": 0.5,
+        "stop": ["x"],
+    })
+    .to_string();
+    let junk_values = [
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!("text"),
+        json!({"a": [1, {"b": null}]}),
+        json!([[[]]]),
+        json!(1.5e300),
+    ];
+    for i in 0..1000 {
+        let body: Vec<u8> = match i % 6 {
+            // Random bytes.
+            0 => (0..rng.random_range(0..300))
+                .map(|_| rng.random())
+                .collect(),
+            // Truncated valid JSON.
+            1 => valid.as_bytes()[..rng.random_range(0..valid.len() - 1)].to_vec(),
+            // A field of the wrong type.
+            2 => {
+                let field = [
+                    "messages",
+                    "temperature",
+                    "top_p",
+                    "max_tokens",
+                    "stop",
+                    "seed",
+                    "n",
+                    "stream",
+                ][rng.random_range(0..8)];
+                let mut v: Value = serde_json::from_str(&valid).expect("valid");
+                let wrong = match field {
+                    "messages" => json!({"role": "user"}),
+                    "stop" => json!(17),
+                    "stream" => json!("yes"),
+                    _ => json!({"nested": ["junk"]}),
+                };
+                v[field] = wrong;
+                v.to_string().into_bytes()
+            }
+            // Huge or out-of-range numbers.
+            3 => {
+                let (field, num) = [
+                    ("max_tokens", "1e400"),
+                    ("max_tokens", "-5"),
+                    ("temperature", "1e308"),
+                    ("temperature", "-0.5"),
+                    ("seed", "123456789012345678901234567890"),
+                    ("n", "18446744073709551616"),
+                    ("top_p", "7"),
+                ][rng.random_range(0..7)];
+                format!(r#"{{"messages":[{{"role":"user","content":"hi"}}],"{field}":{num}}}"#)
+                    .into_bytes()
+            }
+            // Deeply nested junk.
+            4 => {
+                let depth = rng.random_range(100..5000);
+                format!("{}{}", "[".repeat(depth), "]".repeat(depth)).into_bytes()
+            }
+            // A JSON value that is not a request (no `messages`, junk in its place).
+            _ => {
+                let j = &junk_values[rng.random_range(0..junk_values.len())];
+                json!({"message": j, "content": j, "prompt_": j})
+                    .to_string()
+                    .into_bytes()
+            }
+        };
+        let path = if rng.random_bool(0.5) {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let (status, text) = post_raw(&a, path, &body);
+        assert!(
+            (400..500).contains(&status),
+            "case {i} {}: {status} {text}",
+            String::from_utf8_lossy(&body)
+        );
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("case {i}: not JSON ({e}): {text}"));
+        assert_error(status, status, &v);
+    }
+    let r = a
+        .get(format!("{}/health", base()))
+        .call()
+        .expect("GET /health");
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+/// Sends a raw HTTP/1.1 POST and returns the open connection.
+fn raw_post(base: &str, path: &str, body: &str) -> TcpStream {
+    let addr = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    s
+}
+
+/// With one generation slot and no queue, a second request gets 503 while a stream runs; when
+/// the streaming client disconnects its generation stops and frees the slot.
+#[test]
+fn queue_full_then_disconnect_frees_the_slot() {
+    let base = start(ServerConfig {
+        port: 0,
+        max_concurrency: 1,
+        queue_size: 0,
+        ..ServerConfig::default()
+    });
+    // A long generation (ignore_eos, 4000 tokens: minutes on a CPU).
+    let long = json!({
+        "messages": [{"role": "user", "content": "Count to ten thousand."}],
+        "max_tokens": 4000,
+        "ignore_eos": true,
+        "stream": true,
+    })
+    .to_string();
+    let mut s = raw_post(&base, "/v1/chat/completions", &long);
+    // Wait for the first content chunk: the generation holds the slot.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"delta\":{\"content\"") {
+        let n = s.read(&mut buf).expect("read stream");
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let short = json!({"prompt": "Hello", "max_tokens": 1}).to_string();
+    let a = agent();
+    let mut resp = a
+        .post(format!("{base}/v1/completions"))
+        .send(short.as_bytes())
+        .expect("send");
+    let v: Value =
+        serde_json::from_str(&resp.body_mut().read_to_string().expect("body")).expect("json");
+    let e = assert_error(resp.status().as_u16(), 503, &v);
+    assert_eq!(e["code"], "queue_full");
+    // Disconnect; the slot must come back long before 4000 tokens could be generated.
+    drop(s);
+    wait_for_free_slot(&a, &base);
+
+    // The same for a non-streamed request whose client leaves while it is generating.
+    let mut long: Value = serde_json::from_str(&long).expect("json");
+    long["stream"] = json!(false);
+    let s = raw_post(&base, "/v1/chat/completions", &long.to_string());
+    let t0 = Instant::now();
+    loop {
+        let status = a
+            .post(format!("{base}/v1/completions"))
+            .send(short.as_bytes())
+            .expect("send")
+            .status()
+            .as_u16();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the long request was not admitted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(s);
+    wait_for_free_slot(&a, &base);
+}
+
+/// Sends a one-token completion until it is answered 200 (at most 60 s of 503s).
+fn wait_for_free_slot(a: &ureq::Agent, base: &str) {
+    let short = json!({"prompt": "Hello", "max_tokens": 1}).to_string();
+    let t0 = Instant::now();
+    loop {
+        let mut resp = a
+            .post(format!("{base}/v1/completions"))
+            .send(short.as_bytes())
+            .expect("send");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().expect("body");
+        if status == 200 {
+            let v: Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(v["usage"]["completion_tokens"], 1);
+            break;
+        }
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the slot was not freed after the disconnect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
