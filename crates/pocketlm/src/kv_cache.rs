@@ -31,6 +31,10 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     }
     /// Bytes held by the cache's buffers.
     fn nbytes(&self) -> usize;
+    /// The held keys and values in time order (`[batch, kv_heads, held, head_dim]`, float,
+    /// dequantized for a quantized cache), or `None` when empty. `held < offset()` for a
+    /// rotating cache that dropped positions.
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>>;
     /// Forgets everything.
     fn reset(&mut self);
     /// Drops all positions from `len` on (`len <= offset()`), to resume from a shared prefix.
@@ -102,6 +106,15 @@ impl LayerKvCache for GrowingKvCache {
 
     fn offset(&self) -> usize {
         self.len
+    }
+
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) if self.len > 0 => {
+                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+            }
+            _ => Ok(None),
+        }
     }
 
     fn nbytes(&self) -> usize {
@@ -333,6 +346,16 @@ impl LayerKvCache for RotatingKvCache {
         }
     }
 
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.held == 0 {
+            return Ok(None);
+        }
+        match (self.ordered(&self.k)?, self.ordered(&self.v)?) {
+            (Some(k), Some(v)) => Ok(Some((k, v))),
+            _ => Ok(None),
+        }
+    }
+
     fn nbytes(&self) -> usize {
         [&self.k, &self.v]
             .iter()
@@ -526,6 +549,18 @@ impl LayerKvCache for QuantizedKvCache {
         self.len
     }
 
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        let dev = candle_core::Device::Cpu;
+        let like = Tensor::zeros(1, self.dtype, &dev)?;
+        Ok(Some((
+            self.dequantize(&self.k, &like)?,
+            self.dequantize(&self.v, &like)?,
+        )))
+    }
+
     fn nbytes(&self) -> usize {
         self.k
             .iter()
@@ -658,6 +693,15 @@ impl KvCache {
     /// Layer `i`'s cache.
     pub fn layer(&mut self, i: usize) -> Option<&mut (dyn LayerKvCache + 'static)> {
         self.layers.get_mut(i).map(|b| b.as_mut())
+    }
+
+    /// Layer `i`'s held keys and values in time order ([`LayerKvCache::state`]); `None` when
+    /// empty or past the last layer.
+    pub fn layer_state(&self, i: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match self.layers.get(i) {
+            Some(l) => l.state(),
+            None => Ok(None),
+        }
     }
 
     /// Number of layers.

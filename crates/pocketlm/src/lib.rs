@@ -11,6 +11,8 @@
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
+//! - [`prompt_cache`]: KV caches of prompt prefixes saved to and loaded from safetensors.
+//! - [`session`]: multi-turn chat that keeps its KV cache between turns.
 //! - [`memory`]: resident and peak memory readings.
 //! - [`fetch`]: downloading the default model from a package registry.
 //! - [`quant`]: quantization formats.
@@ -26,8 +28,10 @@ pub mod loader;
 pub mod memory;
 pub mod models;
 pub mod nn;
+pub mod prompt_cache;
 pub mod quant;
 pub mod sampling;
+pub mod session;
 pub mod tokenizer;
 pub mod weights;
 
