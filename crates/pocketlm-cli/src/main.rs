@@ -19,6 +19,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Chat with a model in the terminal (multi-turn; /reset, /exit).
     Chat(cmd::chat::ChatArgs),
+    /// Prefill a prompt and save its KV cache (for --prompt-cache-file).
+    CachePrompt(cmd::cache::CachePromptArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
     Fetch,
 }
@@ -35,6 +37,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
+        Command::CachePrompt(a) => cmd::cache::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {
