@@ -18,7 +18,14 @@ fn model() -> Arc<LoadedModel> {
         "the default model is needed at {} (run `pocketlm fetch`, or set POCKETLM_HOME)",
         path.display()
     );
-    Arc::new(load(&path, &LoadOptions::default()).expect("loading the default model"))
+    // f32 weights: the cached and the fresh run prefill in different chunks, and with Q4_1
+    // weights 8-bit activation quantization can turn that into different greedy paths at
+    // near-ties (see tests/session.rs).
+    let opts = LoadOptions {
+        dequantize: true,
+        ..Default::default()
+    };
+    Arc::new(load(&path, &opts).expect("loading the default model"))
 }
 
 const SYSTEM: &str = "You are a librarian. The library opens at 9 am and closes at 6 pm on \

@@ -8,21 +8,36 @@
 
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use pocketlm::chat_template::Message;
 use pocketlm::generate::{generate, Event, GenerateParams, GenerationOutput};
 use pocketlm::kv_cache::{KvCache, KvCacheConfig};
 use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
+use pocketlm::models::Logits;
 use pocketlm::session::{common_prefix_len, ChatSession, OverflowStrategy, SessionOptions};
 use pocketlm::Error;
 
-fn model() -> Arc<LoadedModel> {
+/// The default model; `dequantize`: with f32 weights. Comparisons of token paths that are
+/// computed in different chunkings (incremental vs full prefill, quantized vs float cache) use
+/// f32 weights: with Q4_1 weights every matrix product quantizes its activations to 8 bits,
+/// which turns summation-order differences of 1e-7 into logit changes of ~0.2 on this 135M
+/// model (see `generation_golden.rs`), so greedy paths part at near-ties.
+fn model_with(dequantize: bool) -> Arc<LoadedModel> {
     let path = pocketlm::fetch::default_model_path();
     assert!(
         path.exists(),
         "the default model is needed at {} (run `pocketlm fetch`, or set POCKETLM_HOME)",
         path.display()
     );
-    Arc::new(load(&path, &LoadOptions::default()).expect("loading the default model"))
+    let opts = LoadOptions {
+        dequantize,
+        ..Default::default()
+    };
+    Arc::new(load(&path, &opts).expect("loading the default model"))
+}
+
+fn model() -> Arc<LoadedModel> {
+    model_with(true)
 }
 
 fn greedy(max_tokens: usize) -> GenerateParams {
@@ -168,7 +183,7 @@ fn long_message(i: usize, words: usize) -> String {
 
 #[test]
 fn rotating_cache_runs_a_4000_token_conversation() {
-    let m = model();
+    let m = model_with(false);
     let info = m.model.info().clone();
     let mut s = ChatSession::new(
         m.clone(),
@@ -205,7 +220,7 @@ fn rotating_cache_runs_a_4000_token_conversation() {
 
 #[test]
 fn overflow_strategies() {
-    let m = model();
+    let m = model_with(false);
     let opts = |overflow| SessionOptions {
         params: greedy(8),
         overflow,
@@ -254,53 +269,95 @@ const QUANT_PROMPTS: [&str; 3] = [
     "List five tips for learning a new language.",
 ];
 
+/// Largest gap between the float cache's best and second-best logits at which the quantized
+/// cache may pick the other token (8-bit keys/values move this model's logits by up to ~0.4).
+const NEAR_TIE: f32 = 0.1;
+
+fn argmax_and_gap(l: &[f32]) -> (u32, f32) {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    let mut second = f32::NEG_INFINITY;
+    for (i, &v) in l.iter().enumerate() {
+        if v > best.1 {
+            second = best.1;
+            best = (i, v);
+        } else if v > second {
+            second = v;
+        }
+    }
+    (best.0 as u32, best.1 - second)
+}
+
+/// Follows the float cache's greedy path for `steps` tokens, feeding the same tokens to a
+/// cache of kind `cfg`; returns per step (float token, its top-2 gap, the other cache's token)
+/// and both caches.
+fn teacher_forced(
+    m: &LoadedModel,
+    ids: &[u32],
+    cfg: &KvCacheConfig,
+    steps: usize,
+) -> (Vec<(u32, f32, u32)>, KvCache, KvCache) {
+    let info = m.model.info();
+    let mut float = m.model.new_cache();
+    let mut other = KvCache::new(info, cfg).unwrap();
+    let mut input = ids.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let t = Tensor::new(input.as_slice(), m.model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = |c: &mut KvCache| -> Vec<f32> {
+            m.model
+                .forward(&t, c, Logits::Last)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (tok, gap) = argmax_and_gap(&logits(&mut float));
+        let (qtok, _) = argmax_and_gap(&logits(&mut other));
+        out.push((tok, gap, qtok));
+        input = vec![tok];
+    }
+    (out, float, other)
+}
+
 #[test]
 fn quantized_cache_is_small_and_follows_the_float_cache() {
     let m = model();
     let info = m.model.info().clone();
-    let steps = 64;
-    let params = GenerateParams {
-        ignore_eos: true,
-        ..greedy(steps)
-    };
+    let steps = 32;
     for bits in [8usize, 4] {
-        let mut matches = Vec::new();
         for p in QUANT_PROMPTS {
             let ids = m.encode(&Prompt::Chat(vec![Message::user(p)])).unwrap();
-            let mut float = m.model.new_cache();
-            let want = generate(
-                m.model.as_ref(),
-                &m.tokenizer,
-                &mut float,
-                &ids,
-                params.clone(),
-            )
-            .unwrap()
-            .collect_output()
-            .unwrap();
             let cfg = KvCacheConfig {
                 kv_bits: Some(bits),
                 ..Default::default()
             };
-            let mut q = KvCache::new(&info, &cfg).unwrap();
-            let got = generate(m.model.as_ref(), &m.tokenizer, &mut q, &ids, params.clone())
-                .unwrap()
-                .collect_output()
-                .unwrap();
+            let (path, float, q) = teacher_forced(&m, &ids, &cfg, steps);
             assert_eq!(q.offset(), float.offset());
             let exact_float = q.offset() * info.kv_bytes_per_token();
             let ratio = q.nbytes() as f64 / exact_float as f64;
             assert!(ratio <= 0.35, "{bits} bits: {ratio}");
             assert!(q.nbytes() as f64 <= 0.35 * float.nbytes() as f64);
-            let same = common_prefix_len(&want.token_ids, &got.token_ids);
+            // Free-running greedy paths are equal up to the first differing step.
+            let same = path.iter().take_while(|(f, _, q)| f == q).count();
+            let agree = path.iter().filter(|(f, _, q)| f == q).count();
+            let parted_at = path.get(same).map(|(_, gap, _)| *gap);
             eprintln!(
-                "{bits}-bit KV cache: {:.1}% of the float cache's bytes; greedy tokens equal for {same} of {steps} steps on {p:?}",
+                "{bits}-bit KV cache: {:.1}% of the float cache's bytes; greedy tokens equal for the first {same} of {steps} steps (parting at a top-2 gap of {parted_at:?}), {agree} of {steps} teacher-forced steps agree, on {p:?}",
                 100.0 * ratio
             );
-            matches.push(same);
-        }
-        if bits == 8 {
-            assert!(matches.iter().all(|&n| n >= 16), "{matches:?}");
+            if bits == 8 {
+                // The first 16 steps agree, except at near-ties of the float logits.
+                for (i, (f, gap, q)) in path.iter().take(16).enumerate() {
+                    assert!(
+                        f == q || *gap < NEAR_TIE,
+                        "{p:?} step {i}: float {f}, quantized {q}, gap {gap}"
+                    );
+                }
+            }
         }
     }
 }
