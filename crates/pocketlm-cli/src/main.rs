@@ -28,6 +28,8 @@ enum Command {
     Chat(cmd::chat::ChatArgs),
     /// Measure prefill (pp) and decode (tg) speed, like llama-bench.
     Bench(cmd::bench::BenchArgs),
+    /// Prefill a prompt and save its KV cache (for --prompt-cache-file).
+    CachePrompt(cmd::cache::CachePromptArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
     Fetch,
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
@@ -52,6 +54,7 @@ fn main() {
         Command::Chat(a) => cmd::chat::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::CachePrompt(a) => cmd::cache::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

@@ -207,3 +207,125 @@ fn chat_keeps_the_conversation_and_resets() {
         "{stdout}"
     );
 }
+
+#[test]
+fn prompt_cache_file_round_trip_and_kv_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.safetensors");
+    let file_s = file.to_str().unwrap();
+    let system = "You are a helpful assistant who answers in one short sentence.";
+    let prompt = "What is the capital of Italy?";
+    let out = pocketlm(&[
+        "cache-prompt",
+        "--system",
+        system,
+        "--prompt",
+        prompt,
+        "--prompt-cache-file",
+        file_s,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = |extra: &[&str]| -> Output {
+        let mut a = vec![
+            "generate",
+            "--system",
+            system,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "12",
+            "--verbose",
+        ];
+        a.extend_from_slice(extra);
+        pocketlm(&a)
+    };
+    let plain = run(&[]);
+    assert!(plain.status.success());
+    let cached = run(&["--prompt-cache-file", file_s]);
+    let stderr = String::from_utf8_lossy(&cached.stderr);
+    assert!(cached.status.success(), "{stderr}");
+    assert!(stderr.contains("reusing"), "{stderr}");
+    // Only the last prompt token is prefilled again.
+    assert!(stderr.contains("Prompt: 1 tokens"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&cached.stdout),
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    for flags in [
+        &["--kv-bits", "8"][..],
+        &["--kv-bits", "4", "--kv-group-size", "32"][..],
+        &["--max-kv-size", "64"][..],
+    ] {
+        let out = run(flags);
+        assert!(
+            out.status.success(),
+            "{flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    }
+    assert_clean_error(&run(&["--kv-bits", "7"]), &["bits"]);
+    assert_clean_error(
+        &run(&["--kv-bits", "8", "--max-kv-size", "64"]),
+        &["rotating", "quantized"],
+    );
+    // A cache made by another model file (a copy elsewhere) is refused.
+    let copy = dir.path().join("copy.gguf");
+    std::fs::copy(default_model(), &copy).unwrap();
+    let other = dir.path().join("other.safetensors");
+    let out = pocketlm(&[
+        "cache-prompt",
+        "--model",
+        copy.to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--prompt-cache-file",
+        other.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_clean_error(
+        &run(&["--prompt-cache-file", other.to_str().unwrap()]),
+        &["another model", "model.path", "other.safetensors"],
+    );
+}
+
+#[test]
+fn chat_with_a_rotating_cache_and_truncation() {
+    use std::io::Write;
+    for flags in [
+        &["--max-kv-size", "128", "--overflow", "rotate"][..],
+        &["--overflow", "truncate", "--max-context", "200"][..],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args(["chat", "--max-tokens", "16"])
+            .args(flags)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let turns = "Tell me about the sea.\nAnd about mountains?\nAnd rivers?\nAnd deserts?\nAnd forests?\n/exit\n";
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(turns.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{flags:?}: {stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.lines().filter(|l| !l.trim().is_empty()).count() >= 5,
+            "{flags:?}: {stdout}"
+        );
+    }
+}

@@ -1,10 +1,17 @@
 //! Key/value caches. The model asks its cache to append new keys/values and gets back all
 //! keys/values to attend to; it does not know which kind of cache it got (the design of
 //! `mlx_lm/models/cache.py` and MLX Swift's `KVCache` protocol).
+//!
+//! Three kinds: [`GrowingKvCache`] (every position, preallocated in steps),
+//! [`RotatingKvCache`] (the first `keep` positions plus a sliding window, at most `max_size`
+//! positions held, as mlx-lm's `RotatingKVCache`) and [`QuantizedKvCache`] (keys and values
+//! stored with MLX affine group quantization, as mlx-lm's `QuantizedKVCache`).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-use crate::Result;
+use crate::models::ModelInfo;
+use crate::quant::mlx_affine::{self, AffineQuantized, GroupParams, ParamDtype};
+use crate::{Error, Result};
 
 /// One attention layer's cache.
 ///
@@ -13,13 +20,27 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     /// Appends `k`, `v` (`[batch, kv_heads, new, head_dim]`) and returns the keys and values to
     /// attend to (`[batch, kv_heads, len, head_dim]`).
     fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
-    /// Number of positions processed so far (the RoPE offset of the next token).
+    /// Number of positions processed so far (the RoPE offset of the next token). A rotating
+    /// cache holds fewer positions than this.
     fn offset(&self) -> usize;
+    /// How many keys/values the next [`LayerKvCache::update`] with `new` positions returns (the
+    /// `kv_len` of the attention mask); the last `new` of them are the new positions and come
+    /// after all the others in time. Default: `offset() + new` (every position is kept).
+    fn attend_len(&self, new: usize) -> usize {
+        self.offset() + new
+    }
     /// Bytes held by the cache's buffers.
     fn nbytes(&self) -> usize;
+    /// The held keys and values in time order (`[batch, kv_heads, held, head_dim]`, float,
+    /// dequantized for a quantized cache), or `None` when empty. `held < offset()` for a
+    /// rotating cache that dropped positions.
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>>;
     /// Forgets everything.
     fn reset(&mut self);
     /// Drops all positions from `len` on (`len <= offset()`), to resume from a shared prefix.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when `len > offset()`, or when the positions
+    /// before `len` are no longer all held (a rotating cache that dropped some of them).
     fn truncate(&mut self, len: usize) -> Result<()>;
 }
 
@@ -87,6 +108,15 @@ impl LayerKvCache for GrowingKvCache {
         self.len
     }
 
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) if self.len > 0 => {
+                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn nbytes(&self) -> usize {
         [&self.k, &self.v]
             .iter()
@@ -113,6 +143,509 @@ impl LayerKvCache for GrowingKvCache {
     }
 }
 
+/// Concatenates along the sequence axis (dim 2), skipping empty parts.
+fn cat_seq(parts: &[Tensor]) -> Result<Tensor> {
+    let parts: Vec<&Tensor> = parts.iter().filter(|t| t.dims()[2] > 0).collect();
+    match parts.as_slice() {
+        [] => Err(Error::InvalidArgument(
+            "nothing to concatenate in a KV cache".into(),
+        )),
+        [one] => Ok((*one).clone()),
+        many => Ok(Tensor::cat(many, 2)?),
+    }
+}
+
+/// A cache of bounded size: it keeps the first `keep` positions (the "attention sink", e.g. the
+/// system prompt's first tokens) and a sliding window over the most recent ones, holding at most
+/// `max_size` positions (mlx-lm `RotatingKVCache`, after StreamingLLM, Xiao et al. 2023).
+///
+/// Positions keep counting: [`LayerKvCache::offset`] is the total number of positions seen
+/// (the RoPE offset), while at most `max_size` are held. Single-token updates on a full cache
+/// overwrite the oldest window slot in place (a ring buffer) and return the keys in slot order,
+/// which attention does not care about (no mask is needed for one query; RoPE is already
+/// applied). Multi-token updates return the held positions in time order, at most
+/// `max_size - 1` of them, followed by the new ones, so that each new query sees at least
+/// `max_size` keys (its own included), as mlx-lm's `_update_concat`; the cache then keeps
+/// `keep` + the newest `max_size - keep`.
+///
+/// Keys and values are `[batch, kv_heads, seq, head_dim]`; buffers grow in steps of `step`
+/// positions up to `max_size`.
+#[derive(Debug)]
+pub struct RotatingKvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    keep: usize,
+    max_size: usize,
+    step: usize,
+    /// Positions held (<= max_size).
+    held: usize,
+    /// Total positions seen.
+    offset: usize,
+    /// Next ring slot to overwrite when full (the oldest window position), in `keep..max_size`.
+    idx: usize,
+}
+
+impl RotatingKvCache {
+    /// A cache holding at most `max_size` positions, the first `keep` of which never leave.
+    ///
+    /// Errors: [`Error::InvalidArgument`] unless `keep < max_size` and `max_size >= 2`.
+    pub fn new(max_size: usize, keep: usize) -> Result<Self> {
+        if max_size < 2 || keep >= max_size {
+            return Err(Error::InvalidArgument(format!(
+                "a rotating KV cache needs max_kv_size >= 2 and keep < max_kv_size (got max_kv_size {max_size}, keep {keep})"
+            )));
+        }
+        Ok(Self {
+            k: None,
+            v: None,
+            keep,
+            max_size,
+            step: 256,
+            held: 0,
+            offset: 0,
+            idx: 0,
+        })
+    }
+
+    /// Most positions held.
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+
+    /// Positions held now (`<= max_size`).
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// The held positions in time order.
+    fn ordered(&self, buf: &Option<Tensor>) -> Result<Option<Tensor>> {
+        let Some(b) = buf else { return Ok(None) };
+        if self.held < self.max_size || self.idx == self.keep {
+            return Ok(Some(b.narrow(2, 0, self.held)?));
+        }
+        let parts = [
+            b.narrow(2, 0, self.keep)?,
+            b.narrow(2, self.idx, self.max_size - self.idx)?,
+            b.narrow(2, self.keep, self.idx - self.keep)?,
+        ];
+        Ok(Some(cat_seq(&parts)?))
+    }
+
+    /// Old positions (time order) that a multi-token update of `new` positions attends to.
+    fn retained(&self, new: usize) -> usize {
+        if self.held + new <= self.max_size {
+            self.held
+        } else {
+            self.held.min(self.max_size - 1)
+        }
+    }
+
+    /// Stores `t` (time order, `len <= max_size`) as the new buffer contents.
+    fn store(&self, t: &Tensor) -> Result<Tensor> {
+        let (b, h, len, d) = t.dims4()?;
+        let cap = (len.div_ceil(self.step) * self.step)
+            .min(self.max_size)
+            .max(len);
+        let buf = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+        buf.slice_set(&t.contiguous()?, 2, 0)?;
+        Ok(buf)
+    }
+
+    /// Keeps the first `keep` and the last `max_size - keep` positions of `t` (time order).
+    fn trim(&self, t: &Tensor) -> Result<Tensor> {
+        let len = t.dim(2)?;
+        if len <= self.max_size {
+            return Ok(t.clone());
+        }
+        let tail = self.max_size - self.keep;
+        cat_seq(&[t.narrow(2, 0, self.keep)?, t.narrow(2, len - tail, tail)?])
+    }
+
+    fn update_concat(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        let r = self.retained(n);
+        let mut out = Vec::with_capacity(2);
+        for (buf, new) in [(&self.k, k), (&self.v, v)] {
+            let full = match self.ordered(buf)? {
+                Some(old) if r > 0 => {
+                    let old = if r < self.held {
+                        let tail = r - self.keep.min(r);
+                        cat_seq(&[
+                            old.narrow(2, 0, self.keep.min(r))?,
+                            old.narrow(2, self.held - tail, tail)?,
+                        ])?
+                    } else {
+                        old
+                    };
+                    cat_seq(&[old, new.contiguous()?])?
+                }
+                _ => new.contiguous()?,
+            };
+            out.push(full);
+        }
+        let (fk, fv) = (out[0].clone(), out[1].clone());
+        let (sk, sv) = (self.trim(&fk)?, self.trim(&fv)?);
+        self.held = sk.dim(2)?;
+        self.k = Some(self.store(&sk)?);
+        self.v = Some(self.store(&sv)?);
+        self.idx = if self.held == self.max_size {
+            self.keep
+        } else {
+            self.held
+        };
+        self.offset += n;
+        Ok((fk, fv))
+    }
+}
+
+impl LayerKvCache for RotatingKvCache {
+    fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(2)?;
+        let ring = n == 1 && self.held == self.max_size;
+        let append = self.held + n <= self.max_size
+            && self
+                .k
+                .as_ref()
+                .is_some_and(|b| b.dim(2).is_ok_and(|c| c >= self.held + n))
+            && (self.held < self.max_size || self.idx == self.keep);
+        if !ring && !append {
+            return self.update_concat(k, v);
+        }
+        let slot = if ring { self.idx } else { self.held };
+        let (Some(kb), Some(vb)) = (&self.k, &self.v) else {
+            return self.update_concat(k, v);
+        };
+        kb.slice_set(&k.contiguous()?, 2, slot)?;
+        vb.slice_set(&v.contiguous()?, 2, slot)?;
+        if ring {
+            self.idx += 1;
+            if self.idx == self.max_size {
+                self.idx = self.keep;
+            }
+        } else {
+            self.held += n;
+            self.idx = if self.held == self.max_size {
+                self.keep
+            } else {
+                self.held
+            };
+        }
+        self.offset += n;
+        Ok((kb.narrow(2, 0, self.held)?, vb.narrow(2, 0, self.held)?))
+    }
+
+    fn offset(&self) -> usize {
+        self.offset
+    }
+
+    fn attend_len(&self, new: usize) -> usize {
+        if new == 1 && self.held == self.max_size {
+            self.max_size
+        } else {
+            self.retained(new) + new
+        }
+    }
+
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.held == 0 {
+            return Ok(None);
+        }
+        match (self.ordered(&self.k)?, self.ordered(&self.v)?) {
+            (Some(k), Some(v)) => Ok(Some((k, v))),
+            _ => Ok(None),
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        [&self.k, &self.v]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    fn reset(&mut self) {
+        self.k = None;
+        self.v = None;
+        self.held = 0;
+        self.offset = 0;
+        self.idx = 0;
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.offset {
+            return Err(Error::InvalidArgument(format!(
+                "cannot truncate a KV cache of {} positions to {len}",
+                self.offset
+            )));
+        }
+        let dropped = self.offset - self.held;
+        let window_start = self.offset - (self.held - self.keep.min(self.held));
+        if dropped > 0 && len > self.keep && len < window_start {
+            return Err(Error::InvalidArgument(format!(
+                "the rotating KV cache no longer holds positions {}..{window_start} (it keeps the first {} and the last {}), so it cannot be cut back to {len}",
+                self.keep,
+                self.keep,
+                self.held - self.keep
+            )));
+        }
+        // Put the held positions in time order, then drop the newest ones.
+        let k = self.ordered(&self.k)?;
+        let v = self.ordered(&self.v)?;
+        let new_held = self.held - (self.offset - len).min(self.held);
+        let new_held = if len <= self.keep { len } else { new_held };
+        match (k, v) {
+            (Some(k), Some(v)) if new_held > 0 => {
+                self.k = Some(self.store(&k.narrow(2, 0, new_held)?)?);
+                self.v = Some(self.store(&v.narrow(2, 0, new_held)?)?);
+            }
+            _ => {
+                self.k = None;
+                self.v = None;
+            }
+        }
+        self.held = new_held;
+        self.offset = len;
+        self.idx = if self.held == self.max_size {
+            self.keep
+        } else {
+            self.held
+        };
+        Ok(())
+    }
+}
+
+/// A cache that stores keys and values with MLX affine group quantization
+/// ([`crate::quant::mlx_affine`]: each `group_size` run of a head vector gets an f32 scale and
+/// bias, each value a `bits`-bit code), as mlx-lm's `QuantizedKVCache`. `update` quantizes the
+/// new positions and returns all keys/values dequantized to the input dtype (so attention
+/// sees quantized values for the new positions too, as in mlx-lm).
+///
+/// Memory per position and head: `head_dim * bits / 8` bytes of codes plus
+/// `2 * 4 * head_dim / group_size` bytes of scales and biases, e.g. 28% of f32 at 8 bits and
+/// 16% at 4 bits with `group_size = 64`. Quantized data lives in host memory; the returned
+/// tensors are on the input's device. Keys and values are `[batch, kv_heads, seq, head_dim]`.
+#[derive(Debug)]
+pub struct QuantizedKvCache {
+    bits: usize,
+    group_size: usize,
+    /// `[batch * kv_heads]` streams of keys then values.
+    k: Vec<QStream>,
+    v: Vec<QStream>,
+    shape: Option<(usize, usize, usize)>,
+    dtype: DType,
+    len: usize,
+}
+
+/// The quantized positions of one (batch, head): codes and group parameters, position-major.
+#[derive(Debug, Default, Clone)]
+struct QStream {
+    codes: Vec<u32>,
+    scales: Vec<f32>,
+    biases: Vec<f32>,
+}
+
+impl QuantizedKvCache {
+    /// A cache quantizing to `bits` (2, 3, 4, 5, 6 or 8) with groups of `group_size` (32, 64 or
+    /// 128) values along the head dimension.
+    ///
+    /// Errors: [`Error::Quant`] for unsupported `bits` or `group_size`.
+    pub fn new(bits: usize, group_size: usize) -> Result<Self> {
+        mlx_affine::check_params(group_size, bits)?;
+        Ok(Self {
+            bits,
+            group_size,
+            k: Vec::new(),
+            v: Vec::new(),
+            shape: None,
+            dtype: DType::F32,
+            len: 0,
+        })
+    }
+
+    fn words_per_pos(&self, d: usize) -> usize {
+        d * self.bits / 32
+    }
+
+    fn push(&self, streams: &mut [QStream], t: &Tensor, name: &str) -> Result<()> {
+        let (_, _, n, d) = t.dims4()?;
+        let flat: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        for (i, s) in streams.iter_mut().enumerate() {
+            let part = &flat[i * n * d..(i + 1) * n * d];
+            let q =
+                AffineQuantized::quantize(part, n, d, self.group_size, self.bits, ParamDtype::F32)
+                    .map_err(|e| Error::tensor(name, format!("quantizing the KV cache: {e}")))?;
+            s.codes.extend_from_slice(q.weight());
+            s.scales.extend(q.scales().to_f32_vec());
+            s.biases.extend(q.biases().to_f32_vec());
+        }
+        Ok(())
+    }
+
+    fn dequantize(&self, streams: &[QStream], like: &Tensor) -> Result<Tensor> {
+        let Some((b, h, d)) = self.shape else {
+            return Err(Error::InvalidArgument("the KV cache is empty".into()));
+        };
+        let mut out = Vec::with_capacity(b * h * self.len * d);
+        for s in streams {
+            let q = AffineQuantized::from_parts(
+                s.codes.clone(),
+                GroupParams::F32(s.scales.clone()),
+                GroupParams::F32(s.biases.clone()),
+                self.len,
+                d,
+                self.group_size,
+                self.bits,
+            )?;
+            out.extend(q.dequantize());
+        }
+        Ok(Tensor::from_vec(out, (b, h, self.len, d), like.device())?.to_dtype(self.dtype)?)
+    }
+}
+
+impl LayerKvCache for QuantizedKvCache {
+    fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, n, d) = k.dims4()?;
+        if v.dims() != k.dims() {
+            return Err(Error::tensor(
+                "values",
+                format!("shape {:?} differs from the keys' {:?}", v.dims(), k.dims()),
+            ));
+        }
+        if !d.is_multiple_of(self.group_size) {
+            return Err(Error::InvalidArgument(format!(
+                "the head dimension {d} is not a multiple of the KV cache group size {}",
+                self.group_size
+            )));
+        }
+        match self.shape {
+            None => {
+                self.shape = Some((b, h, d));
+                self.dtype = k.dtype();
+                self.k = vec![QStream::default(); b * h];
+                self.v = vec![QStream::default(); b * h];
+            }
+            Some(s) if s != (b, h, d) => {
+                return Err(Error::tensor(
+                    "keys",
+                    format!("shape {:?} does not continue the cached {s:?}", k.dims()),
+                ))
+            }
+            _ => {}
+        }
+        let mut ks = std::mem::take(&mut self.k);
+        let mut vs = std::mem::take(&mut self.v);
+        let r = self
+            .push(&mut ks, k, "keys")
+            .and_then(|_| self.push(&mut vs, v, "values"));
+        self.k = ks;
+        self.v = vs;
+        r?;
+        self.len += n;
+        Ok((self.dequantize(&self.k, k)?, self.dequantize(&self.v, v)?))
+    }
+
+    fn offset(&self) -> usize {
+        self.len
+    }
+
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        let dev = candle_core::Device::Cpu;
+        let like = Tensor::zeros(1, self.dtype, &dev)?;
+        Ok(Some((
+            self.dequantize(&self.k, &like)?,
+            self.dequantize(&self.v, &like)?,
+        )))
+    }
+
+    fn nbytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|s| 4 * (s.codes.len() + s.scales.len() + s.biases.len()))
+            .sum()
+    }
+
+    fn reset(&mut self) {
+        self.k.clear();
+        self.v.clear();
+        self.shape = None;
+        self.len = 0;
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            return Err(Error::InvalidArgument(format!(
+                "cannot truncate a KV cache of {} positions to {len}",
+                self.len
+            )));
+        }
+        if let Some((_, _, d)) = self.shape {
+            let words = len * self.words_per_pos(d);
+            let groups = len * d / self.group_size;
+            for s in self.k.iter_mut().chain(self.v.iter_mut()) {
+                s.codes.truncate(words);
+                s.scales.truncate(groups);
+                s.biases.truncate(groups);
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// Which kind of KV cache to build (mlx-lm's `max_kv_size`, `kv_bits`, `kv_group_size`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvCacheConfig {
+    /// Hold at most this many positions (a [`RotatingKvCache`]); `None`: keep all.
+    pub max_kv_size: Option<usize>,
+    /// Positions a rotating cache never drops (mlx-lm's default: 4).
+    pub keep: usize,
+    /// Quantize keys and values to this many bits (a [`QuantizedKvCache`]); `None`: float.
+    pub kv_bits: Option<usize>,
+    /// Group size of the quantized cache (mlx-lm's default: 64).
+    pub kv_group_size: usize,
+}
+
+impl Default for KvCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_kv_size: None,
+            keep: 4,
+            kv_bits: None,
+            kv_group_size: 64,
+        }
+    }
+}
+
+impl KvCacheConfig {
+    /// Checks the combination. Errors: [`Error::InvalidArgument`] for both a size bound and
+    /// quantization (not combined here, as in mlx-lm), a bad `keep`/`max_kv_size`;
+    /// [`Error::Quant`] for unsupported bits or group size.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_kv_size.is_some() && self.kv_bits.is_some() {
+            return Err(Error::InvalidArgument(
+                "a KV cache cannot be both rotating (max_kv_size) and quantized (kv_bits)".into(),
+            ));
+        }
+        if let Some(m) = self.max_kv_size {
+            RotatingKvCache::new(m, self.keep)?;
+        }
+        if let Some(b) = self.kv_bits {
+            QuantizedKvCache::new(b, self.kv_group_size)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every position stays in the cache (a growing or quantized cache).
+    pub fn keeps_everything(&self) -> bool {
+        self.max_kv_size.is_none()
+    }
+}
+
 /// The caches of all layers of a model.
 #[derive(Debug)]
 pub struct KvCache {
@@ -129,6 +662,29 @@ impl KvCache {
         }
     }
 
+    /// The cache `config` describes, one per layer of a model with `info`.
+    ///
+    /// Errors: as [`KvCacheConfig::validate`]; a quantized cache whose group size does not
+    /// divide the model's head dimension.
+    pub fn new(info: &ModelInfo, config: &KvCacheConfig) -> Result<Self> {
+        config.validate()?;
+        if config.kv_bits.is_some() && !info.head_dim.is_multiple_of(config.kv_group_size) {
+            return Err(Error::InvalidArgument(format!(
+                "kv_group_size {} does not divide the model's head dimension {}",
+                config.kv_group_size, info.head_dim
+            )));
+        }
+        let mut layers: Vec<Box<dyn LayerKvCache>> = Vec::with_capacity(info.n_layers);
+        for _ in 0..info.n_layers {
+            layers.push(match (config.max_kv_size, config.kv_bits) {
+                (Some(m), _) => Box::new(RotatingKvCache::new(m, config.keep)?),
+                (None, Some(b)) => Box::new(QuantizedKvCache::new(b, config.kv_group_size)?),
+                (None, None) => Box::new(GrowingKvCache::new(256)),
+            });
+        }
+        Ok(Self { layers })
+    }
+
     /// A cache made of the given per-layer caches.
     pub fn from_layers(layers: Vec<Box<dyn LayerKvCache>>) -> Self {
         Self { layers }
@@ -139,6 +695,15 @@ impl KvCache {
         self.layers.get_mut(i).map(|b| b.as_mut())
     }
 
+    /// Layer `i`'s held keys and values in time order ([`LayerKvCache::state`]); `None` when
+    /// empty or past the last layer.
+    pub fn layer_state(&self, i: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match self.layers.get(i) {
+            Some(l) => l.state(),
+            None => Ok(None),
+        }
+    }
+
     /// Number of layers.
     pub fn n_layers(&self) -> usize {
         self.layers.len()
@@ -147,6 +712,12 @@ impl KvCache {
     /// Positions processed so far (layer 0's offset).
     pub fn offset(&self) -> usize {
         self.layers.first().map_or(0, |l| l.offset())
+    }
+
+    /// Keys/values the next update of `new` positions attends to (layer 0's
+    /// [`LayerKvCache::attend_len`]).
+    pub fn attend_len(&self, new: usize) -> usize {
+        self.layers.first().map_or(new, |l| l.attend_len(new))
     }
 
     /// Bytes held by all layers.
@@ -198,5 +769,190 @@ mod tests {
         assert_eq!(kv.len(), 20);
         assert_eq!(kv[8], 100.0);
         assert!(c.truncate(99).is_err());
+    }
+
+    /// `[1, 1, n, 1]` tensor whose values are the positions `from..from + n`.
+    fn pos(from: usize, n: usize) -> Tensor {
+        let v: Vec<f32> = (from..from + n).map(|p| p as f32).collect();
+        Tensor::from_vec(v, (1, 1, n, 1), &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<usize> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(|x| x as usize).collect()
+    }
+
+    /// Reference of what a rotating cache returns for an update of `n` positions after
+    /// `seen` positions: multi-token updates attend to `keep` + the newest old positions up to
+    /// `max - 1` old ones; single tokens on a full cache to `keep` + the newest `max - keep`.
+    fn expected(seen: usize, n: usize, max: usize, keep: usize, held: &[usize]) -> Vec<usize> {
+        let retained = if held.len() + n <= max {
+            held.len()
+        } else {
+            held.len().min(max - 1)
+        };
+        let tail = retained - keep.min(retained);
+        let mut out: Vec<usize> = held[..keep.min(retained)].to_vec();
+        out.extend(&held[held.len() - tail..]);
+        out.extend(seen..seen + n);
+        out
+    }
+
+    #[test]
+    fn rotating_cache_matches_reference() {
+        for (max, keep) in [(8, 2), (5, 0), (6, 4)] {
+            let mut c = RotatingKvCache::new(max, keep).unwrap();
+            let mut held: Vec<usize> = Vec::new();
+            let mut seen = 0;
+            for n in [
+                3, 1, 1, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 1, 1, 2, 1, 1, 1, 9, 1,
+            ] {
+                assert_eq!(c.attend_len(n), expected(seen, n, max, keep, &held).len());
+                let (k, v) = c.update(&pos(seen, n), &pos(seen, n)).unwrap();
+                let mut got = values(&k);
+                let mut want = expected(seen, n, max, keep, &held);
+                assert_eq!(values(&v), got);
+                if n == 1 && held.len() == max {
+                    // Ring order: same positions, any order.
+                    got.sort();
+                    want.sort();
+                } else {
+                    // Time order, the new positions last.
+                    assert_eq!(&got[got.len() - n..], &want[want.len() - n..]);
+                }
+                assert_eq!(got, want, "max {max} keep {keep} after {seen} + {n}");
+                held = if want.len() > max {
+                    let mut h = want[..keep].to_vec();
+                    h.extend(&want[want.len() - (max - keep)..]);
+                    h
+                } else {
+                    want.clone()
+                };
+                held.sort();
+                seen += n;
+                assert_eq!(c.offset(), seen);
+                assert_eq!(c.held(), held.len());
+            }
+        }
+    }
+
+    #[test]
+    fn rotating_cache_truncates_only_to_held_prefixes() {
+        let mut c = RotatingKvCache::new(6, 2).unwrap();
+        c.update(&pos(0, 4), &pos(0, 4)).unwrap();
+        c.truncate(3).unwrap();
+        let (k, _) = c.update(&pos(3, 1), &pos(3, 1)).unwrap();
+        assert_eq!(values(&k), vec![0, 1, 2, 3]);
+        for p in 4..10 {
+            c.update(&pos(p, 1), &pos(p, 1)).unwrap();
+        }
+        // Holds 0, 1 and 6..10; 2..6 are gone.
+        assert_eq!(c.offset(), 10);
+        assert!(c.truncate(4).is_err());
+        assert!(c.truncate(11).is_err());
+        c.truncate(8).unwrap();
+        let (k, _) = c.update(&pos(8, 2), &pos(8, 2)).unwrap();
+        assert_eq!(values(&k), vec![0, 1, 6, 7, 8, 9]);
+        c.truncate(2).unwrap();
+        let (k, _) = c.update(&pos(2, 1), &pos(2, 1)).unwrap();
+        assert_eq!(values(&k), vec![0, 1, 2]);
+        assert!(RotatingKvCache::new(4, 4).is_err());
+    }
+
+    #[test]
+    fn quantized_cache_round_trips_within_the_quantization_bound() {
+        let dev = Device::Cpu;
+        let (h, d) = (2, 64);
+        let data = |n: usize, s: f32| -> Tensor {
+            let v: Vec<f32> = (0..h * n * d).map(|i| (i as f32 * s).sin()).collect();
+            Tensor::from_vec(v, (1, h, n, d), &dev).unwrap()
+        };
+        for bits in [4usize, 8] {
+            let mut c = QuantizedKvCache::new(bits, 32).unwrap();
+            let a = data(5, 0.37);
+            let b = data(1, 0.91);
+            c.update(&a, &a).unwrap();
+            let (k, v) = c.update(&b, &b).unwrap();
+            assert_eq!(k.dims(), &[1, h, 6, d]);
+            let want = Tensor::cat(&[&a, &b], 2).unwrap();
+            // Values in [-1, 1]: |scale| <= 2 / (2^bits - 1); the error is at most |scale|.
+            let bound = 2.0 / ((1u32 << bits) - 1) as f32 + 1e-6;
+            for t in [&k, &v] {
+                let err: f32 = (t - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(err <= bound, "{bits} bits: error {err} > {bound}");
+                assert!(err > 0.0);
+            }
+            // codes + f32 scales and biases, keys and values
+            let per_pos = h * (d * bits / 32 + 2 * d / 32) * 4;
+            assert_eq!(c.nbytes(), 2 * 6 * per_pos);
+            c.truncate(2).unwrap();
+            assert_eq!(c.offset(), 2);
+            let (k2, _) = c.update(&b, &b).unwrap();
+            assert_eq!(k2.dims(), &[1, h, 3, d]);
+            let first: Vec<f32> = k2
+                .narrow(2, 0, 2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let before: Vec<f32> = k
+                .narrow(2, 0, 2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(first, before);
+            assert!(c.truncate(9).is_err());
+        }
+        assert!(QuantizedKvCache::new(7, 64).is_err());
+        assert!(QuantizedKvCache::new(4, 48).is_err());
+    }
+
+    #[test]
+    fn config_builds_each_kind() {
+        let info = ModelInfo {
+            architecture: "llama".into(),
+            vocab_size: 10,
+            n_layers: 3,
+            hidden_size: 128,
+            n_kv_heads: 2,
+            head_dim: 64,
+            context_length: 100,
+        };
+        let c = KvCache::new(&info, &KvCacheConfig::default()).unwrap();
+        assert_eq!(c.n_layers(), 3);
+        let rot = KvCacheConfig {
+            max_kv_size: Some(16),
+            ..Default::default()
+        };
+        assert!(KvCache::new(&info, &rot).is_ok());
+        let q = KvCacheConfig {
+            kv_bits: Some(8),
+            ..Default::default()
+        };
+        assert!(KvCache::new(&info, &q).is_ok());
+        let both = KvCacheConfig {
+            max_kv_size: Some(16),
+            kv_bits: Some(4),
+            ..Default::default()
+        };
+        assert!(KvCache::new(&info, &both).is_err());
+        let odd = KvCacheConfig {
+            kv_bits: Some(4),
+            kv_group_size: 128,
+            ..Default::default()
+        };
+        assert!(KvCache::new(&info, &odd).is_err());
     }
 }

@@ -12,6 +12,8 @@
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
+//! - [`prompt_cache`]: KV caches of prompt prefixes saved to and loaded from safetensors.
+//! - [`session`]: multi-turn chat that keeps its KV cache between turns.
 //! - [`memory`]: resident and peak memory readings.
 //! - [`fetch`]: downloading the default model from a package registry.
 //! - [`kernels`]: CPU kernels for GGUF quantized matrix products (AVX2, NEON, scalar).
@@ -30,8 +32,10 @@ pub mod loader;
 pub mod memory;
 pub mod models;
 pub mod nn;
+pub mod prompt_cache;
 pub mod quant;
 pub mod sampling;
+pub mod session;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,15 +1,30 @@
-//! `pocketlm chat`: an interactive multi-turn conversation in the terminal.
+//! `pocketlm chat`: an interactive multi-turn conversation in the terminal. The conversation
+//! is a library `ChatSession`, which keeps its KV cache between turns and prefills only the
+//! tokens each turn adds.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use clap::Args;
-use pocketlm::chat_template::Message;
-use pocketlm::generate::{generate, Event, GenerateParams};
-use pocketlm::loader::Prompt;
+use clap::{Args, ValueEnum};
+use pocketlm::generate::{Event, GenerateParams};
+use pocketlm::session::{ChatSession, OverflowStrategy, SessionOptions};
 
+use super::cache::KvArgs;
 use super::generate::print_stats;
 use super::model::{load, ModelArgs, SamplingArgs};
+
+/// What to do when the conversation fills the context.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Refuse the turn.
+    Error,
+    /// Keep the first tokens and a sliding window in a rotating cache (--max-kv-size, 2048 by
+    /// default).
+    Rotate,
+    /// Drop the oldest turns.
+    Truncate,
+}
 
 /// Arguments of `chat`.
 #[derive(Args, Debug)]
@@ -24,6 +39,14 @@ pub struct ChatArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
+    /// What to do when the conversation no longer fits in the context.
+    #[arg(long, value_enum, default_value_t = Overflow::Error)]
+    pub overflow: Overflow,
+    /// Tokens the conversation may use (default: the model's context length).
+    #[arg(long)]
+    pub max_context: Option<usize>,
     /// Print statistics after each reply.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -31,20 +54,38 @@ pub struct ChatArgs {
 
 /// Runs `chat`: reads user turns from stdin until `/exit` or end of input.
 pub fn run(args: ChatArgs) -> Result<()> {
-    let m = load(&args.model, args.verbose)?;
+    let m = Arc::new(load(&args.model, args.verbose)?);
     if m.chat_template.is_none() {
         bail!(
             "{} has no chat template; use `pocketlm generate`",
             m.path.display()
         );
     }
+    let options = SessionOptions {
+        system: args.system.clone(),
+        params: GenerateParams {
+            max_tokens: args.max_tokens,
+            sampling: args.sampling.params(),
+            ..Default::default()
+        },
+        cache: args.kv.config(),
+        overflow: match args.overflow {
+            Overflow::Error => OverflowStrategy::Error,
+            Overflow::Rotate => OverflowStrategy::Rotate,
+            Overflow::Truncate => OverflowStrategy::TruncateOldestTurns,
+        },
+        context_length: args.max_context,
+    };
+    let mut session = ChatSession::new(m.clone(), options)?;
+    let load_prompt_cache = |session: &mut ChatSession| -> Result<()> {
+        if args.kv.prompt_cache_file.is_some() {
+            let (cache, ids) = args.kv.cache(&m, args.verbose)?;
+            session.with_cache(cache, ids)?;
+        }
+        Ok(())
+    };
+    load_prompt_cache(&mut session)?;
     let interactive = std::io::stdin().is_terminal();
-    let start: Vec<Message> = args
-        .system
-        .iter()
-        .map(|s| Message::new("system", s))
-        .collect();
-    let mut history = start.clone();
     if interactive {
         eprintln!(
             "Chatting with {}. Type /reset to start over, /exit to quit.",
@@ -66,25 +107,16 @@ pub fn run(args: ChatArgs) -> Result<()> {
             "" => continue,
             "/exit" | "/quit" => break,
             "/reset" => {
-                history = start.clone();
+                session.reset();
+                load_prompt_cache(&mut session)?;
                 eprintln!("(conversation reset)");
                 continue;
             }
             _ => {}
         }
-        history.push(Message::new("user", text));
-        let ids = m.encode(&Prompt::Chat(history.clone()))?;
-        let params = GenerateParams {
-            max_tokens: args.max_tokens,
-            sampling: args.sampling.params(),
-            ..Default::default()
-        };
-        let mut cache = m.model.new_cache();
-        let mut reply = String::new();
-        for ev in generate(m.model.as_ref(), &m.tokenizer, &mut cache, &ids, params)? {
+        for ev in session.respond_stream(text)? {
             match ev? {
                 Event::Token { text, .. } | Event::Text(text) => {
-                    reply.push_str(&text);
                     out.write_all(text.as_bytes())?;
                     out.flush()?;
                 }
@@ -96,7 +128,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 }
             }
         }
-        history.push(Message::new("assistant", reply.trim()));
     }
     Ok(())
 }

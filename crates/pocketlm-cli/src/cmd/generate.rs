@@ -8,6 +8,7 @@ use pocketlm::chat_template::Message;
 use pocketlm::generate::{generate, Event, GenerateParams, GenerationStats};
 use pocketlm::loader::Prompt;
 
+use super::cache::KvArgs;
 use super::model::{load, ModelArgs, SamplingArgs};
 
 /// Arguments of `generate`.
@@ -26,6 +27,8 @@ pub struct GenerateArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
     /// Stop when this string is generated (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
@@ -89,8 +92,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         stop: args.stop.clone(),
         ..Default::default()
     };
-    let mut cache = m.model.new_cache();
-    let stream = generate(m.model.as_ref(), &m.tokenizer, &mut cache, &ids, params)?;
+    let (mut cache, cached) = args.kv.cache(&m, args.verbose)?;
+    let reused = pocketlm::prompt_cache::reuse_prefix(&mut cache, &cached, &ids);
+    if args.verbose && args.kv.prompt_cache_file.is_some() {
+        eprintln!("reusing {reused} cached prompt tokens");
+    }
+    let stream = generate(
+        m.model.as_ref(),
+        &m.tokenizer,
+        &mut cache,
+        &ids[reused..],
+        params,
+    )?;
     let mut out = std::io::stdout().lock();
     for ev in stream {
         match ev? {

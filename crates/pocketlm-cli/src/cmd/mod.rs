@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the shared model/sampling arguments.
 
 pub mod bench;
+pub mod cache;
 pub mod chat;
 pub mod generate;
 pub mod model;

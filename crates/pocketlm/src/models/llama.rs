@@ -342,8 +342,10 @@ impl CausalLM for Llama {
                 self.layers.len()
             )));
         }
+        // RoPE positions continue from all positions seen; the mask spans the keys the cache
+        // will return (fewer than `offset + s` for a rotating cache).
         let offset = cache.offset();
-        let kv_len = offset + s;
+        let kv_len = cache.attend_len(s);
         let needs_window = self.sliding_window.is_some_and(|w| kv_len > w);
         let mask = if s > 1 || needs_window {
             Some(causal_mask(
