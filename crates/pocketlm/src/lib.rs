@@ -27,6 +27,7 @@ pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod quant;
+pub mod safetensors_weights;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
