@@ -21,6 +21,8 @@ enum Command {
     Chat(cmd::chat::ChatArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
     Fetch,
+    /// Convert a GGUF file or Hugging Face folder to an MLX-format folder (optionally quantized).
+    Convert(cmd::convert::ConvertArgs),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

@@ -9,6 +9,7 @@
 //! - [`kv_cache`]: key/value caches behind one trait.
 //! - [`weights`]: named-weight sources (GGUF, safetensors) that the model code loads from.
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
+//! - [`convert`]: GGUF or Hugging Face folders to MLX-format folders (optionally quantized).
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
 //! - [`memory`]: resident and peak memory readings.
@@ -16,6 +17,7 @@
 //! - [`quant`]: quantization formats.
 
 pub mod chat_template;
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod fetch;

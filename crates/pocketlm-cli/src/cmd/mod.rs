@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the shared model/sampling arguments.
 
 pub mod chat;
+pub mod convert;
 pub mod generate;
 pub mod model;
