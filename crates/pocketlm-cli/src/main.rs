@@ -34,6 +34,8 @@ enum Command {
     Fetch,
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
     Serve(cmd::serve::ServeArgs),
+    /// Convert a GGUF file or Hugging Face folder to an MLX-format folder (optionally quantized).
+    Convert(cmd::convert::ConvertArgs),
 }
 
 fn main() {
@@ -55,6 +57,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::CachePrompt(a) => cmd::cache::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

@@ -9,6 +9,7 @@
 //! - [`kv_cache`]: key/value caches behind one trait.
 //! - [`weights`]: named-weight sources (GGUF, safetensors) that the model code loads from.
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
+//! - [`convert`]: GGUF or Hugging Face folders to MLX-format folders (optionally quantized).
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
@@ -21,6 +22,7 @@
 
 pub mod bench;
 pub mod chat_template;
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod fetch;
@@ -34,6 +36,7 @@ pub mod models;
 pub mod nn;
 pub mod prompt_cache;
 pub mod quant;
+pub mod safetensors_weights;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cache;
 pub mod chat;
+pub mod convert;
 pub mod generate;
 pub mod model;
 pub mod serve;

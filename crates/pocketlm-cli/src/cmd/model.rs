@@ -13,7 +13,7 @@ use pocketlm::sampling::SamplingParams;
 /// Which model, and where to run it.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model to load: a .gguf file. Omitted: the default model (SmolLM2-135M-Instruct Q4_1),
+    /// Model to load: a .gguf file or a Hugging Face / MLX model folder. Omitted: the default model (SmolLM2-135M-Instruct Q4_1),
     /// downloaded into $POCKETLM_HOME (default ~/.cache/pocketlm) on first use.
     #[arg(long, short = 'm')]
     pub model: Option<String>,

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
 use crate::kernels::{forward_fused, GgufMatrix};
-use crate::Result;
+use crate::quant::mlx_affine::AffineQuantized;
+use crate::{Error, Result};
 
 /// A linear layer `y = x W^T + b`.
 ///
@@ -36,6 +37,16 @@ pub enum Linear {
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
+    /// An MLX affine group-quantized weight (`QuantizedLinear` of mlx-community checkpoints):
+    /// `y = x (scale * q + bias)^T`, computed in f32 like `mx.quantized_matmul(x, w, scales,
+    /// biases, transpose=True)` with an f32 `x` (see [`AffineQuantized::matmul`]). Runs on the
+    /// CPU; inputs on another device are copied there and back.
+    Mlx {
+        /// The quantized weight, `rows = out_features`, `cols = in_features`.
+        weight: Arc<AffineQuantized>,
+        /// Optional float bias `[out]`.
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -55,12 +66,19 @@ impl Linear {
         })
     }
 
+    /// A layer over an MLX affine quantized weight (`rows = out`, `cols = in`) and an optional
+    /// float bias `[out]`.
+    pub fn mlx(weight: Arc<AffineQuantized>, bias: Option<Tensor>) -> Self {
+        Self::Mlx { weight, bias }
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
         match self {
             Self::Dense(l) => l.weight().dim(1).unwrap_or(0),
             Self::Gguf { in_features, .. } => *in_features,
             Self::Kernel { weight, .. } => weight.cols(),
+            Self::Mlx { weight, .. } => weight.cols(),
         }
     }
 
@@ -70,6 +88,7 @@ impl Linear {
             Self::Dense(l) => l.weight().dim(0).unwrap_or(0),
             Self::Gguf { out_features, .. } => *out_features,
             Self::Kernel { weight, .. } => weight.rows(),
+            Self::Mlx { weight, .. } => weight.rows(),
         }
     }
 
@@ -96,6 +115,7 @@ impl Linear {
             Self::Dense(l) => Ok(l.forward(x)?),
             Self::Gguf { weight, bias, .. } => add_bias(weight.forward(x)?, bias),
             Self::Kernel { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
         }
     }
 }
@@ -105,6 +125,27 @@ fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })
+}
+
+/// `x: [.., in]` (any float dtype, any device) -> `[.., out]` f32 on `x`'s device.
+fn mlx_matmul(w: &AffineQuantized, x: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = dims.pop().unwrap_or(0);
+    if k != w.cols() {
+        return Err(Error::InvalidArgument(format!(
+            "quantized linear layer takes {} input features, got {k}",
+            w.cols()
+        )));
+    }
+    let m: usize = dims.iter().product();
+    let xs = x
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let y = w.matmul(&xs, m)?;
+    dims.push(w.rows());
+    Ok(Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?.to_device(x.device())?)
 }
 
 /// A token embedding table `[vocab, hidden]`, dense or GGUF-quantized. Quantized tables are
@@ -117,6 +158,10 @@ pub enum Embedding {
     Gguf(Arc<QTensor>),
     /// Quantized table `[vocab, hidden]` used in place by our CPU kernels.
     Kernel(GgufMatrix),
+    /// MLX affine quantized table (`QuantizedEmbedding`), `rows = vocab`, `cols = hidden`;
+    /// looked-up rows are dequantized like `mx.dequantize` (in the dtype of the scales, then
+    /// widened to f32).
+    Mlx(Arc<AffineQuantized>),
 }
 
 impl Embedding {
@@ -136,6 +181,21 @@ impl Embedding {
                 let rows = w.embedding(&flat)?;
                 Ok(Tensor::from_vec(rows, dims, ids.device())?)
             }
+            Self::Mlx(q) => {
+                let flat = ids
+                    .flatten_all()?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec1::<u32>()?;
+                let h = q.cols();
+                let mut out = vec![0f32; flat.len() * h];
+                for (id, row) in flat.iter().zip(out.chunks_exact_mut(h.max(1))) {
+                    q.dequantize_row(*id as usize, row)?;
+                }
+                let mut dims = ids.dims().to_vec();
+                dims.push(h);
+                Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?
+                    .to_device(ids.device())?)
+            }
         }
     }
 
@@ -148,6 +208,7 @@ impl Embedding {
                 weight: w.clone(),
                 bias: None,
             }),
+            Self::Mlx(q) => Ok(Linear::mlx(q.clone(), None)),
         }
     }
 
@@ -157,6 +218,7 @@ impl Embedding {
             Self::Dense(w) => w.dims2()?,
             Self::Gguf(q) => q.shape().dims2()?,
             Self::Kernel(w) => (w.rows(), w.cols()),
+            Self::Mlx(q) => (q.rows(), q.cols()),
         })
     }
 }

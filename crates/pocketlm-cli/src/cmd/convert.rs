@@ -1,0 +1,81 @@
+//! `pocketlm convert`: a GGUF file or a Hugging Face / MLX folder to an MLX-format folder.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use pocketlm::convert::{convert, parse_dtype, ConvertEvent, ConvertOptions};
+use pocketlm::safetensors_weights::QuantParams;
+
+/// Arguments of `convert` (mlx-lm's `mlx_lm.convert` names).
+#[derive(Args, Debug, Clone)]
+pub struct ConvertArgs {
+    /// Source: a .gguf file or a Hugging Face / MLX model folder. Omitted: the default model.
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Output folder (must not exist; written atomically).
+    #[arg(long = "out", alias = "mlx-path")]
+    pub out: PathBuf,
+    /// Quantize Linear and Embedding weights (MLX affine).
+    #[arg(long, short = 'q')]
+    pub quantize: bool,
+    /// Bits per weight when quantizing: 2, 3, 4, 5, 6 or 8.
+    #[arg(long, default_value_t = 4)]
+    pub q_bits: usize,
+    /// Weights per quantization group: 32, 64 or 128.
+    #[arg(long, default_value_t = 64)]
+    pub q_group_size: usize,
+    /// Float dtype of the written weights: f32, f16 or bf16 (default: the source's; f16 for GGUF).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Dequantize an MLX-quantized source back to float.
+    #[arg(long, short = 'd', conflicts_with = "quantize")]
+    pub dequantize: bool,
+}
+
+/// Runs `convert`, with a progress bar on a terminal.
+pub fn run(a: ConvertArgs) -> Result<()> {
+    let src = match a.model {
+        Some(m) => m,
+        None => super::model::fetch_default()?,
+    };
+    let opts = ConvertOptions {
+        quantize: a.quantize.then_some(QuantParams {
+            group_size: a.q_group_size,
+            bits: a.q_bits,
+        }),
+        dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
+        dequantize: a.dequantize,
+        max_shard_bytes: None,
+    };
+    if let Some(p) = opts.quantize {
+        pocketlm::quant::mlx_affine::check_params(p.group_size, p.bits)?;
+    }
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let summary = convert(&src, &a.out, &opts, &mut |e| match e {
+        ConvertEvent::Begin { tensors } => bar.set_length(tensors as u64),
+        ConvertEvent::Tensor { index, name } => {
+            bar.set_position(index as u64 + 1);
+            bar.set_message(name);
+        }
+    })
+    .with_context(|| format!("converting {} to {}", src.display(), a.out.display()))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "pocketlm: wrote {} ({} tensors, {} quantized layers, {:.1} MB of weights)",
+        summary.out.display(),
+        summary.tensors_written,
+        summary.quantized_layers,
+        summary.weight_bytes as f64 / 1e6
+    );
+    Ok(())
+}

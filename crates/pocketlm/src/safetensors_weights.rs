@@ -1,0 +1,470 @@
+//! Weights from Hugging Face / MLX safetensors files (one file or shards listed in
+//! `model.safetensors.index.json`), memory-mapped.
+//!
+//! Float tensors (F32, F16, BF16) are converted to f32 for compute. A layer whose
+//! `{prefix}.scales` and `{prefix}.biases` sit next to a U32 `{prefix}.weight` is MLX affine
+//! group-quantized (mlx-community checkpoints) and becomes [`Linear::Mlx`] /
+//! [`Embedding::Mlx`], with `group_size` / `bits` from config.json `quantization` and its
+//! per-layer overrides, as mlx-lm's `load_model` reads them (`mlx_lm/utils.py`: the class
+//! predicate quantizes a layer when `f"{p}.scales"` is in the weights and takes
+//! `quantization[p]` when present).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::nn::{Embedding, Linear};
+use crate::quant::mlx_affine::{check_params, AffineQuantized};
+use crate::weights::{WeightFormat, Weights};
+use crate::{Error, Result};
+
+/// Name of the shard index written by `save_pretrained` and mlx-lm.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// `group_size` and `bits` of one MLX affine quantized layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantParams {
+    /// Values per group (32, 64 or 128).
+    pub group_size: usize,
+    /// Bits per code (2, 3, 4, 5, 6 or 8).
+    pub bits: usize,
+}
+
+/// config.json `quantization`: defaults plus per-layer overrides keyed by the layer's
+/// Hugging Face path (`"model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 8}` or
+/// `false` for a layer left in float).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantConfig {
+    /// The defaults.
+    pub default: QuantParams,
+    /// Per-layer overrides; `None` means the layer is not quantized.
+    pub overrides: HashMap<String, Option<QuantParams>>,
+}
+
+impl QuantConfig {
+    /// Reads `config["quantization"]`; `Ok(None)` when it is absent or null.
+    ///
+    /// Errors: [`Error::Model`] naming the field when `group_size` / `bits` are missing, not
+    /// supported by MLX affine quantization, or `mode` is not `"affine"`.
+    pub fn from_config(config: &serde_json::Value) -> Result<Option<Self>> {
+        let q = match config.get("quantization") {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(q) => q,
+        };
+        let obj = q.as_object().ok_or_else(|| {
+            Error::Model("config.json `quantization`: expected an object".to_string())
+        })?;
+        if let Some(mode) = obj.get("mode") {
+            if mode.as_str() != Some("affine") {
+                return Err(Error::Model(format!(
+                    "config.json `quantization.mode` is {mode}; only \"affine\" is supported"
+                )));
+            }
+        }
+        let default = parse_params(q, "quantization")?;
+        let mut overrides = HashMap::new();
+        for (k, v) in obj {
+            if matches!(k.as_str(), "group_size" | "bits" | "mode") {
+                continue;
+            }
+            match v {
+                serde_json::Value::Bool(false) => {
+                    overrides.insert(k.clone(), None);
+                }
+                serde_json::Value::Bool(true) => {
+                    overrides.insert(k.clone(), Some(default));
+                }
+                serde_json::Value::Object(_) => {
+                    let field = format!("quantization[\"{k}\"]");
+                    overrides.insert(k.clone(), Some(parse_params(v, &field)?));
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(Self { default, overrides }))
+    }
+
+    /// Parameters for the layer at `prefix` (e.g. `model.layers.0.mlp.down_proj`); `None` when
+    /// an override marks it unquantized.
+    pub fn for_layer(&self, prefix: &str) -> Option<QuantParams> {
+        match self.overrides.get(prefix) {
+            Some(p) => *p,
+            None => Some(self.default),
+        }
+    }
+
+    /// The `quantization` object for config.json (defaults and overrides).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("group_size".into(), self.default.group_size.into());
+        m.insert("bits".into(), self.default.bits.into());
+        let mut keys: Vec<_> = self.overrides.keys().collect();
+        keys.sort();
+        for k in keys {
+            let v = match self.overrides[k] {
+                None => serde_json::Value::Bool(false),
+                Some(p) => serde_json::json!({"group_size": p.group_size, "bits": p.bits}),
+            };
+            m.insert(k.clone(), v);
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+fn parse_params(v: &serde_json::Value, field: &str) -> Result<QuantParams> {
+    let get = |k: &str| -> Result<usize> {
+        v.get(k)
+            .and_then(|x| x.as_u64())
+            .map(|x| x as usize)
+            .ok_or_else(|| {
+                Error::Model(format!(
+                    "config.json `{field}.{k}`: missing or not a non-negative integer"
+                ))
+            })
+    };
+    let p = QuantParams {
+        group_size: get("group_size")?,
+        bits: get("bits")?,
+    };
+    check_params(p.group_size, p.bits)
+        .map_err(|e| Error::Model(format!("config.json `{field}`: {e}")))?;
+    Ok(p)
+}
+
+/// Memory-mapped safetensors weights with Hugging Face names.
+pub struct SafetensorsWeights {
+    st: MmapedSafetensors,
+    names: BTreeSet<String>,
+    files: Vec<PathBuf>,
+    device: Device,
+    quant: Option<QuantConfig>,
+    dequantize: bool,
+}
+
+impl std::fmt::Debug for SafetensorsWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsWeights")
+            .field("files", &self.files)
+            .field("tensors", &self.names.len())
+            .field("quant", &self.quant)
+            .finish()
+    }
+}
+
+impl SafetensorsWeights {
+    /// The safetensors files of a model folder: the shards named by `model.safetensors.index.json`
+    /// (`weight_map` values) when it exists, otherwise every `*.safetensors` file, sorted.
+    ///
+    /// Errors: [`Error::Model`] for an unreadable index, a shard it names that is missing, or a
+    /// folder without safetensors files; [`Error::Io`] for an unreadable folder.
+    pub fn folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
+        let index = dir.join(INDEX_FILE);
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Model(format!("{}: not valid JSON: {e}", index.display())))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    Error::Model(format!("{}: no `weight_map` object", index.display()))
+                })?;
+            let mut shards = BTreeSet::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    Error::Model(format!(
+                        "{}: `weight_map[\"{tensor}\"]` is not a file name",
+                        index.display()
+                    ))
+                })?;
+                shards.insert(file.to_string());
+            }
+            let mut files = Vec::new();
+            for s in shards {
+                let p = dir.join(&s);
+                if !p.is_file() {
+                    return Err(Error::Model(format!(
+                        "{}: shard `{s}` listed in `weight_map` is missing ({})",
+                        index.display(),
+                        p.display()
+                    )));
+                }
+                files.push(p);
+            }
+            return Ok(files);
+        }
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let p = entry.map_err(|e| Error::io(dir, e))?.path();
+            if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::Model(format!(
+                "{}: no *.safetensors files in the folder",
+                dir.display()
+            )));
+        }
+        Ok(files)
+    }
+
+    /// Opens the weights of a model folder ([`Self::folder_files`]) with the quantization of
+    /// its `config` (config.json as JSON).
+    pub fn open_folder(dir: &Path, config: &serde_json::Value, device: Device) -> Result<Self> {
+        let files = Self::folder_files(dir)?;
+        Self::open(&files, QuantConfig::from_config(config)?, device)
+    }
+
+    /// Memory-maps `files` (a tensor present in several is taken from the last).
+    ///
+    /// Errors: [`Error::Io`] / [`Error::Model`] naming a file that cannot be opened or is not
+    /// valid safetensors.
+    pub fn open(files: &[PathBuf], quant: Option<QuantConfig>, device: Device) -> Result<Self> {
+        for f in files {
+            std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        }
+        // SAFETY: the files are mapped read-only; as with every memory-mapped model loader
+        // (candle, safetensors, mlx), the caller must not truncate them while they are in use.
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+            Error::Model(format!(
+                "not a valid safetensors file ({e}) among {files:?}"
+            ))
+        })?;
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self {
+            st,
+            names,
+            files: files.to_vec(),
+            device,
+            quant,
+            dequantize: false,
+        })
+    }
+
+    /// Dequantize MLX quantized layers to dense f32 at load (for comparisons with float
+    /// references).
+    pub fn dequantized(mut self, yes: bool) -> Self {
+        self.dequantize = yes;
+        self
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    /// The files, in the order given.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Total size of the files in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// The quantization read from config.json, if any.
+    pub fn quant_config(&self) -> Option<&QuantConfig> {
+        self.quant.as_ref()
+    }
+
+    /// The shape and safetensors dtype name (`"F32"`, `"BF16"`, `"U32"`, ...) of `name`.
+    ///
+    /// Errors: [`Error::Tensor`] when it is absent.
+    pub fn info(&self, name: &str) -> Result<(Vec<usize>, String)> {
+        if !self.names.contains(name) {
+            return Err(Error::tensor(
+                name,
+                format!("not found in {}", self.files_list()),
+            ));
+        }
+        let v = self
+            .st
+            .get(name)
+            .map_err(|e| Error::tensor(name, e.to_string()))?;
+        Ok((v.shape().to_vec(), format!("{:?}", v.dtype())))
+    }
+
+    fn files_list(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// A tensor as stored (any dtype candle supports), on the CPU, shape checked when
+    /// `shape` is given.
+    ///
+    /// Errors: [`Error::Tensor`] for a missing tensor, a wrong shape, or a dtype candle cannot
+    /// hold.
+    pub fn raw(&self, name: &str, shape: Option<&[usize]>) -> Result<Tensor> {
+        let (vshape, dt) = self.info(name)?;
+        if let Some(shape) = shape {
+            if vshape != shape {
+                return Err(Error::tensor(
+                    name,
+                    format!("has shape {vshape:?}, expected {shape:?}"),
+                ));
+            }
+        }
+        self.st
+            .load(name, &Device::Cpu)
+            .map_err(|e| Error::tensor(name, format!("dtype {dt}: {e}")))
+    }
+
+    /// A float tensor (F32, F16 or BF16 on disk) in its stored dtype, on the CPU.
+    ///
+    /// Errors: [`Error::Tensor`] naming the tensor and its dtype when it is not a float type
+    /// we support; missing tensor; wrong shape.
+    pub fn float(&self, name: &str, shape: Option<&[usize]>) -> Result<Tensor> {
+        let (_, dt) = self.info(name)?;
+        if !matches!(dt.as_str(), "F32" | "F16" | "BF16") {
+            return Err(Error::tensor(
+                name,
+                format!("has dtype {dt}; supported float dtypes are F32, F16 and BF16"),
+            ));
+        }
+        self.raw(name, shape)
+    }
+
+    /// The MLX quantized weight of the layer at `prefix` (`rows x cols` after unpacking), or
+    /// `None` when the layer has no `{prefix}.scales`.
+    ///
+    /// Errors: [`Error::Tensor`] / [`Error::Model`] when config.json has no `quantization`,
+    /// marks the layer `false`, or its `bits` / `group_size` do not match the packed width of
+    /// `{prefix}.weight` or the shape of `{prefix}.scales`; a weight that is not U32.
+    pub fn quantized(
+        &self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<AffineQuantized>> {
+        let (wn, sn, bn) = (
+            format!("{prefix}.weight"),
+            format!("{prefix}.scales"),
+            format!("{prefix}.biases"),
+        );
+        if !self.contains(&sn) {
+            return Ok(None);
+        }
+        let quant = self.quant.as_ref().ok_or_else(|| {
+            Error::tensor(
+                &sn,
+                "exists (an MLX quantized layer) but config.json has no `quantization`",
+            )
+        })?;
+        let p = quant.for_layer(prefix).ok_or_else(|| {
+            Error::tensor(
+                &sn,
+                format!("exists but config.json `quantization[\"{prefix}\"]` is false"),
+            )
+        })?;
+        let (wshape, wdt) = self.info(&wn)?;
+        if wdt != "U32" {
+            return Err(Error::tensor(
+                &wn,
+                format!("has dtype {wdt}; a quantized weight (with `{sn}`) must be U32"),
+            ));
+        }
+        let expected_w = [rows, cols * p.bits / 32];
+        let expected_s = [rows, cols / p.group_size.max(1)];
+        let (sshape, _) = self.info(&sn)?;
+        if wshape != expected_w || sshape != expected_s || !cols.is_multiple_of(p.group_size) {
+            return Err(Error::tensor(
+                &wn,
+                format!(
+                    "config.json quantization for `{prefix}` says bits = {}, group_size = {}, \
+                     so a [{rows}, {cols}] layer stores weight {expected_w:?} and scales \
+                     {expected_s:?}, but the file has weight {wshape:?} and scales {sshape:?}",
+                    p.bits, p.group_size
+                ),
+            ));
+        }
+        let w = self.raw(&wn, Some(&expected_w))?;
+        let s = self.float(&sn, Some(&expected_s))?;
+        let b = self.float(&bn, Some(&expected_s))?;
+        let q = AffineQuantized::from_tensors(&w, &s, &b, p.group_size, p.bits)
+            .map_err(|e| Error::tensor(prefix, e.to_string()))?;
+        Ok(Some(q))
+    }
+
+    fn f32_on_device(&self, t: Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
+    }
+
+    fn dense_from_quantized(&self, q: &AffineQuantized) -> Result<Tensor> {
+        let t = Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?;
+        self.f32_on_device(t)
+    }
+
+    fn float_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (_, dt) = self.info(name)?;
+        if dt == "U32" {
+            let prefix = name.strip_suffix(".weight").unwrap_or(name);
+            return Err(Error::tensor(
+                name,
+                format!("is packed U32 but there is no `{prefix}.scales` next to it"),
+            ));
+        }
+        self.f32_on_device(self.float(name, Some(shape))?)
+    }
+}
+
+impl Weights for SafetensorsWeights {
+    fn linear(
+        &self,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let b = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out_features])?)
+        } else {
+            None
+        };
+        match self.quantized(prefix, out_features, in_features)? {
+            Some(q) if self.dequantize => Ok(Linear::dense(self.dense_from_quantized(&q)?, b)),
+            Some(q) => Ok(Linear::mlx(Arc::new(q), b)),
+            None => Ok(Linear::dense(
+                self.float_weight(&format!("{prefix}.weight"), &[out_features, in_features])?,
+                b,
+            )),
+        }
+    }
+
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        match self.quantized(prefix, vocab, hidden)? {
+            Some(q) if self.dequantize => Ok(Embedding::Dense(self.dense_from_quantized(&q)?)),
+            Some(q) => Ok(Embedding::Mlx(Arc::new(q))),
+            None => Ok(Embedding::Dense(self.float_weight(name, &[vocab, hidden])?)),
+        }
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.f32_on_device(self.float(name, Some(shape))?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn format(&self) -> WeightFormat {
+        WeightFormat::Safetensors
+    }
+}

@@ -1,0 +1,304 @@
+//! `convert` against references: MLX-quantized output equals what `mx.quantize` wrote
+//! (`tests/golden/folders/tiny_llama_q8`, from `scripts/golden/tiny_folders.py`) bit for bit,
+//! converted folders load and compute what their source computes, and the real default GGUF
+//! converted to a float folder gives the same greedy tokens as the GGUF itself (dequantized).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use pocketlm::chat_template::Message;
+use pocketlm::convert::{convert, ConvertEvent, ConvertOptions};
+use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
+use pocketlm::models::Logits;
+use pocketlm::safetensors_weights::QuantParams;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/folders")
+}
+
+fn cpu(dequantize: bool) -> LoadOptions {
+    LoadOptions {
+        device: pocketlm::device::DeviceSpec::Cpu,
+        dequantize,
+    }
+}
+
+fn run(src: &Path, out: &Path, opts: &ConvertOptions) -> Res<usize> {
+    let mut done = 0;
+    let mut total = 0;
+    convert(src, out, opts, &mut |e| match e {
+        ConvertEvent::Begin { tensors } => total = tensors,
+        ConvertEvent::Tensor { .. } => done += 1,
+    })?;
+    assert_eq!(done, total, "progress reported every tensor");
+    Ok(total)
+}
+
+fn tensors(dir: &Path) -> Res<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(
+        dir.join("model.safetensors"),
+        &Device::Cpu,
+    )?)
+}
+
+fn config(dir: &Path) -> Res<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        dir.join("config.json"),
+    )?)?)
+}
+
+fn logits(m: &LoadedModel, ids: &Tensor) -> Res<Tensor> {
+    let mut cache = m.model.new_cache();
+    Ok(m.model
+        .forward(&ids.unsqueeze(0)?, &mut cache, Logits::All)?
+        .squeeze(0)?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn same_bits(a: &Tensor, b: &Tensor) -> Res<bool> {
+    if a.dtype() != b.dtype() || a.dims() != b.dims() {
+        return Ok(false);
+    }
+    let (a, b) = (
+        a.to_dtype(candle_core::DType::F32)?.flatten_all()?,
+        b.to_dtype(candle_core::DType::F32)?.flatten_all()?,
+    );
+    let (a, b) = (a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+    Ok(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()))
+}
+
+#[test]
+fn quantized_conversion_equals_mx_quantize() -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("q8");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 8,
+        }),
+        ..Default::default()
+    };
+    run(&golden_dir().join("tiny_llama"), &out, &opts)?;
+    let ours = tensors(&out)?;
+    let mlx = tensors(&golden_dir().join("tiny_llama_q8"))?;
+    // Layers the golden file quantizes with other parameters (per-layer overrides).
+    let overridden = [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.o_proj",
+    ];
+    let mut compared = 0;
+    for (name, want) in &mlx {
+        if overridden.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let got = ours.get(name).ok_or(format!("{name} missing"))?;
+        assert!(same_bits(got, want)?, "{name} differs from mx.quantize");
+        compared += 1;
+    }
+    // 2 layers x 7 linears + embedding + lm_head quantized (3 tensors each), minus the 2
+    // overridden, plus 5 norms.
+    assert_eq!(compared, (2 * 7 + 2 - 2) * 3 + 5);
+    assert_eq!(
+        config(&out)?["quantization"],
+        serde_json::json!({"group_size": 64, "bits": 8})
+    );
+    // It loads (the logits of loaded MLX folders are checked in tests/folders_golden.rs).
+    let m = load(&out, &cpu(false))?;
+    // Tokenizer files came along.
+    assert_eq!(
+        m.render_chat(&[Message::user("hi")])?,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    Ok(())
+}
+
+#[test]
+fn dequantize_and_copy_conversions() -> Res<()> {
+    let g = candle_core::safetensors::load(golden_dir().join("logits.safetensors"), &Device::Cpu)?;
+    let tmp = tempfile::tempdir()?;
+    // A plain copy keeps the MLX quantization (with its per-layer overrides).
+    let copy = tmp.path().join("copy");
+    run(
+        &golden_dir().join("tiny_llama_q8"),
+        &copy,
+        &ConvertOptions::default(),
+    )?;
+    let mlx = tensors(&golden_dir().join("tiny_llama_q8"))?;
+    let ours = tensors(&copy)?;
+    assert_eq!(ours.len(), mlx.len());
+    for (k, v) in &mlx {
+        assert!(same_bits(&ours[k], v)?, "{k}");
+    }
+    let m = load(&copy, &cpu(false))?;
+    let d = max_abs_diff(&logits(&m, &g["ids"])?, &g["q8"])?;
+    assert!(d <= 1e-4, "copy: {d}");
+
+    // --dequantize: float (bf16, the dtype of the scales) weights, no quantization left.
+    let deq = tmp.path().join("deq");
+    let opts = ConvertOptions {
+        dequantize: true,
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
+    run(&golden_dir().join("tiny_llama_q8"), &deq, &opts)?;
+    assert!(config(&deq)?.get("quantization").is_none());
+    assert!(tensors(&deq)?.keys().all(|k| !k.ends_with(".scales")));
+    let m = load(&deq, &cpu(false))?;
+    // The written weights are `mx.dequantize`'s (rounded to bf16, the dtype of the scales),
+    // which is also what loading the quantized folder with `dequantize: true` computes.
+    let q = load(golden_dir().join("tiny_llama_q8"), &cpu(true))?;
+    let d = max_abs_diff(&logits(&m, &g["ids"])?, &logits(&q, &g["ids"])?)?;
+    assert!(d <= 1e-5, "dequantized: {d}");
+    Ok(())
+}
+
+#[test]
+fn sharded_output_loads() -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("sharded");
+    let opts = ConvertOptions {
+        max_shard_bytes: Some(64 * 1024),
+        ..Default::default()
+    };
+    run(&golden_dir().join("tiny_llama"), &out, &opts)?;
+    assert!(!out.join("model.safetensors").exists());
+    let index = std::fs::read_to_string(out.join("model.safetensors.index.json"))?;
+    let index: serde_json::Value = serde_json::from_str(&index)?;
+    let map = index["weight_map"].as_object().ok_or("no weight_map")?;
+    assert_eq!(map.len(), 21);
+    let shards: std::collections::BTreeSet<&str> =
+        map.values().filter_map(|v| v.as_str()).collect();
+    // 230 KB of bf16 weights in shards of at most 64 KB (the 40 KB embedding alone).
+    let n = shards.len();
+    assert!(n >= 4, "{shards:?}");
+    for i in 1..=n {
+        let f = format!("model-{i:05}-of-{n:05}.safetensors");
+        assert!(shards.contains(f.as_str()) && out.join(&f).is_file(), "{f}");
+    }
+    let m = load(&out, &cpu(false))?;
+    let g = candle_core::safetensors::load(golden_dir().join("logits.safetensors"), &Device::Cpu)?;
+    let d = max_abs_diff(&logits(&m, &g["ids"])?, &g["float"])?;
+    assert!(d <= 1e-4, "{d}");
+    Ok(())
+}
+
+#[test]
+fn output_is_atomic() -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("exists");
+    std::fs::create_dir(&out)?;
+    let e = convert(
+        &golden_dir().join("tiny_llama"),
+        &out,
+        &ConvertOptions::default(),
+        &mut |_| {},
+    )
+    .err()
+    .ok_or("converted into an existing folder")?;
+    assert!(e.to_string().contains("already exists"), "{e}");
+
+    // A failing conversion (a source tensor of an unsupported dtype) leaves nothing behind.
+    let bad = tmp.path().join("bad_src");
+    std::fs::create_dir(&bad)?;
+    for e in std::fs::read_dir(golden_dir().join("tiny_llama"))? {
+        let p = e?.path();
+        std::fs::copy(&p, bad.join(p.file_name().ok_or("name")?))?;
+    }
+    let mut all = tensors(&bad)?;
+    let name = "model.norm.weight";
+    let t = all[name].to_dtype(candle_core::DType::F64)?;
+    all.insert(name.into(), t);
+    candle_core::safetensors::save(&all, bad.join("model.safetensors"))?;
+    let dst = tmp.path().join("never");
+    let e = convert(&bad, &dst, &ConvertOptions::default(), &mut |_| {})
+        .err()
+        .ok_or("converted a bad source")?;
+    assert!(
+        e.to_string().contains(name) && e.to_string().contains("F64"),
+        "{e}"
+    );
+    assert!(!dst.exists());
+    let left: Vec<_> = std::fs::read_dir(tmp.path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".pocketlm-convert"))
+        .collect();
+    assert!(left.is_empty(), "temporary folders left: {left:?}");
+    Ok(())
+}
+
+fn default_gguf() -> PathBuf {
+    let home = std::env::var("POCKETLM_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pocketlm")
+        });
+    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "the default model is needed at {} (run `pocketlm fetch`)",
+        p.display()
+    );
+    p
+}
+
+fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Res<Vec<u32>> {
+    let mut cache = m.model.new_cache();
+    let dev = m.model.device().clone();
+    let mut input = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let l = m.model.forward(&input, &mut cache, Logits::Last)?;
+        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(t);
+        input = Tensor::new(&[t], &dev)?.unsqueeze(0)?;
+    }
+    Ok(out)
+}
+
+#[test]
+fn default_gguf_converts_to_float_and_quantized_folders() -> Res<()> {
+    let gguf = default_gguf();
+    let reference = load(&gguf, &cpu(true))?;
+    let messages = [Message::user("What is the capital of France?")];
+    let prompt = reference.encode(&Prompt::Chat(messages.to_vec()))?;
+    let want = greedy(&reference, &prompt, 16)?;
+
+    let tmp = tempfile::tempdir()?;
+    let float = tmp.path().join("f32");
+    let opts = ConvertOptions {
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
+    run(&gguf, &float, &opts)?;
+    let m = load(&float, &cpu(false))?;
+    // Same tokenizer and template through tokenizer.json / tokenizer_config.json.
+    assert_eq!(m.encode(&Prompt::Chat(messages.to_vec()))?, prompt);
+    assert_eq!(
+        m.encode(&Prompt::Text("Hello world, 123!".into()))?,
+        reference.encode(&Prompt::Text("Hello world, 123!".into()))?
+    );
+    assert_eq!(greedy(&m, &prompt, 16)?, want, "float conversion");
+
+    let q8 = tmp.path().join("q8");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 8,
+        }),
+        ..Default::default()
+    };
+    run(&gguf, &q8, &opts)?;
+    let mq = load(&q8, &cpu(false))?;
+    let got = greedy(&mq, &prompt, 16)?;
+    let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+    eprintln!("8-bit conversion follows the float tokens for {same} of 16 steps");
+    assert!(same >= 4, "8-bit conversion: {got:?} vs {want:?}");
+    Ok(())
+}
