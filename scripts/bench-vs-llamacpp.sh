@@ -18,6 +18,8 @@ bench_bin="$lc/build/bin/llama-bench"
 
 if [ ! -x "$bench_bin" ]; then
   command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
+  # `pip download` of an sdist without build isolation needs its build backend installed.
+  python3 -c "import scikit_build_core" 2>/dev/null || python3 -m pip install -q scikit-build-core
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$tmp" llama-cpp-python==0.3.36
   tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
