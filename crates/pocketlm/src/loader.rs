@@ -78,7 +78,28 @@ pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         &GgufWeights::new(&gguf, device).dequantized(opts.dequantize),
     )?;
     let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
-    let chat_template = match gguf.opt_str("tokenizer.chat_template")? {
+    let template = gguf.opt_str("tokenizer.chat_template")?;
+    assemble(
+        path,
+        model,
+        tokenizer,
+        template,
+        gguf.tensor_data_bytes(),
+        t0,
+    )
+}
+
+/// Puts a loaded model together: compiles its chat template (if any) with the tokenizer's
+/// BOS/EOS strings and checks the tokenizer fits the model's output layer.
+fn assemble(
+    path: &Path,
+    model: Box<dyn CausalLM>,
+    tokenizer: Tokenizer,
+    template_source: Option<String>,
+    weights_bytes: u64,
+    t0: Instant,
+) -> Result<LoadedModel> {
+    let chat_template = match template_source {
         Some(src) => Some(ChatTemplate::new(
             &src,
             tokenizer.bos_token().unwrap_or(""),
@@ -99,7 +120,7 @@ pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         tokenizer,
         chat_template,
         path: path.to_path_buf(),
-        weights_bytes: gguf.tensor_data_bytes(),
+        weights_bytes,
         load_time: t0.elapsed(),
     })
 }
@@ -215,30 +236,8 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let tok_cfg = dir.join("tokenizer_config.json");
     let tokenizer =
         Tokenizer::from_files(&tok_json, tok_cfg.is_file().then_some(tok_cfg.as_path()))?;
-    let chat_template = match folder_chat_template(dir)? {
-        Some(src) => Some(ChatTemplate::new(
-            &src,
-            tokenizer.bos_token().unwrap_or(""),
-            tokenizer.eos_token().unwrap_or(""),
-        )?),
-        None => None,
-    };
-    if tokenizer.vocab_size() > model.info().vocab_size {
-        return Err(Error::Model(format!(
-            "{}: the tokenizer has {} tokens but the model's output layer only {}",
-            dir.display(),
-            tokenizer.vocab_size(),
-            model.info().vocab_size
-        )));
-    }
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-        path: dir.to_path_buf(),
-        weights_bytes: weights.bytes(),
-        load_time: t0.elapsed(),
-    })
+    let template = folder_chat_template(dir)?;
+    assemble(dir, model, tokenizer, template, weights.bytes(), t0)
 }
 
 impl LoadedModel {
