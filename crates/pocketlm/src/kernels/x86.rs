@@ -160,7 +160,19 @@ macro_rules! kernels {
         #[target_feature(enable = $feat)]
         unsafe fn f16_at(p: *const u8) -> f32 {
             let bits = unsafe { (p as *const u16).read_unaligned() };
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            // `vmovd` zeroes the upper lanes. Written as intrinsics, LLVM inserts the half
+            // into whatever register is at hand (only lane 0 is used), which was once the
+            // FMA accumulator: a false dependency that made the Q8_0 loop 2x slower.
+            let v: __m128i;
+            unsafe {
+                std::arch::asm!(
+                    "vmovd {v}, {b:e}",
+                    v = out(xmm_reg) v,
+                    b = in(reg) bits as u32,
+                    options(pure, nomem, nostack, preserves_flags)
+                );
+            }
+            _mm_cvtss_f32(_mm_cvtph_ps(v))
         }
 
         /// Pairwise `u8 × i8` products summed by 4 into 8 `i32` lanes.
