@@ -22,8 +22,8 @@
 //! activation rows, so that each weight tile is read from L1 once per group of 4 activation
 //! rows); small products stay on the calling thread. Rayon's workers sleep when idle; nothing
 //! here spins between calls. Each call made from outside the pool pays a hand-off to the pool
-//! (a few microseconds, measured by `benches/gguf_kernels.rs`); a model that runs its whole
-//! forward pass inside the pool (`rayon::scope(|_| ...)` or `ThreadPool::install`) avoids it.
+//! and back (thread wake-ups, measured by `benches/gguf_kernels.rs`); a model that runs its
+//! whole forward pass inside the pool ([`in_pool`]) avoids it.
 
 mod act;
 mod scalar;
@@ -873,6 +873,18 @@ pub fn forward_fused(mats: &[&GgufMatrix], x: &Tensor) -> crate::Result<Vec<Tens
             Ok(Tensor::from_vec(o, shape.as_slice(), &Device::Cpu)?)
         })
         .collect()
+}
+
+/// Runs `f` on a worker thread of rayon's global pool and returns its result (the caller
+/// blocks meanwhile; inside a worker already, `f` simply runs).
+///
+/// Kernel calls made inside `f` start their parallel loops on a pool thread, while the other
+/// workers are still awake from the previous call, instead of handing every call from a
+/// foreign thread to the pool and back (two thread wake-ups per call). Wrap a whole forward
+/// pass, or the whole generation loop, in it; `benches/gguf_kernels.rs` measures both ways on
+/// a decode token of the default model.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// A raw output pointer shared by the worker threads. Every tile writes a disjoint set of
