@@ -949,12 +949,12 @@ fn tile_fn(backend: Backend, dtype: GgufType) -> TileFn {
 /// of a typical 32-48 KiB L1d.
 const TILE_BYTES: usize = 16 * 1024;
 /// Below this many weight bytes × activation rows a product runs on the calling thread when
-/// that thread is a rayon worker (splitting costs well under a microsecond there, about
-/// 2 µs of kernel work at 16 GB/s).
-const SERIAL_WORK_IN_POOL: usize = 32 * 1024;
-/// The same threshold for a caller outside the pool: handing the work to the pool and waking
-/// the caller again costs several microseconds (about 160 KiB of kernel work).
-const SERIAL_WORK_OUTSIDE: usize = 160 * 1024;
+/// that thread is a rayon worker. Measured break-even on the 2-core benchmark machine (hot
+/// `Q4_1` weights, k = 576): 45 KB took 3.2 µs serial vs 3.3 µs split, 67 KB 4.6 vs 4.1 µs.
+const SERIAL_WORK_IN_POOL: usize = 48 * 1024;
+/// The same for a caller outside the pool, which pays a hand-off to the pool and back
+/// (about 5 µs): 202 KB took 12.9 µs serial vs 13.4 µs split, 270 KB 17.1 vs 15.5 µs.
+const SERIAL_WORK_OUTSIDE: usize = 224 * 1024;
 /// Activation rows per prefill tile.
 const TILE_M: usize = 64;
 
