@@ -806,7 +806,7 @@ pub fn matmul_fused_with(
             out: SyncPtr(out.as_mut_ptr()),
         })
         .collect();
-    run_jobs(backend, &jobs, m, k);
+    run_jobs(backend, &jobs, m);
     Ok(())
 }
 
@@ -1005,9 +1005,13 @@ fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
     tasks
 }
 
-fn run_jobs(backend: Backend, jobs: &[Job<'_>], m: usize, _k: usize) {
+fn run_jobs(backend: Backend, jobs: &[Job<'_>], m: usize) {
     let threads = rayon::current_num_threads();
-    let work: usize = jobs.iter().map(|j| j.n * j.row_bytes).sum::<usize>() * m;
+    let work = jobs
+        .iter()
+        .map(|j| j.n * j.row_bytes)
+        .sum::<usize>()
+        .saturating_mul(m);
     let serial_below = if rayon::current_thread_index().is_some() {
         SERIAL_WORK_IN_POOL
     } else {
