@@ -3,7 +3,8 @@
 //! kv 192, ffn 1536, vocab 49152; Q4_1 matrices and a Q8_0 tied output).
 //!
 //! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
-//! prefill rows, which take a while with candle's scalar `Q4_1`). Numbers are noisy when other
+//! prefill rows, which take a while with candle's scalar `Q4_1`, and/or section names
+//! `bandwidth`, `table`, `backends`, `sweeps` to run only those). Numbers are noisy when other
 //! processes share the cores: each row is the best of several runs (median in brackets).
 //!
 //! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use pocketlm::kernels::{matmul_fused, Backend, GgufMatrix};
+use pocketlm::kernels::{in_pool, matmul_fused, Backend, GgufMatrix};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -180,7 +181,7 @@ fn shape_table(quick: bool) {
     }
 }
 
-/// Scalar vs SIMD and thread scaling at m = 1 on the largest Q4_1 matrix.
+/// Scalar vs SIMD and thread scaling on the largest Q4_1 matrix and on the output matrix.
 fn backends_and_threads() {
     {
         // Per-call cost of a small product (attn_k, 69 KB) on 1 thread vs handed to the pool.
@@ -220,8 +221,18 @@ fn backends_and_threads() {
         );
     }
     let mut rng = StdRng::seed_from_u64(2);
-    let q = quantize(&mut rng, GgmlDType::Q4_1, FFN, HIDDEN);
-    let w = GgufMatrix::from_qtensor("ffn_up", &q).unwrap();
+    for (name, dtype, n, k, ms) in [
+        ("ffn_up", GgmlDType::Q4_1, FFN, HIDDEN, &[1usize, 512][..]),
+        ("output", GgmlDType::Q8_0, VOCAB, HIDDEN, &[1usize][..]),
+    ] {
+        let q = quantize(&mut rng, dtype, n, k);
+        let w = GgufMatrix::from_qtensor(name, &q).unwrap();
+        backends_for(&mut rng, &w, ms);
+    }
+}
+
+fn backends_for(rng: &mut StdRng, w: &GgufMatrix, ms: &[usize]) {
+    let (n, k) = (w.rows(), w.cols());
     let backends: Vec<Backend> = [
         Backend::Scalar,
         Backend::Avx2,
@@ -231,10 +242,10 @@ fn backends_and_threads() {
     .into_iter()
     .filter(|b| b.is_available())
     .collect();
-    for m in [1usize, 512] {
-        let x = rand_vec(&mut rng, m * HIDDEN);
-        let mut out = vec![0f32; m * FFN];
-        println!("\nffn_up 1536x576 Q4_1, m = {m}:");
+    for &m in ms {
+        let x = rand_vec(rng, m * k);
+        let mut out = vec![0f32; m * n];
+        println!("\n{} {n}x{k} {:?}, m = {m}:", w.name(), w.dtype());
         for &backend in &backends {
             if backend == Backend::Scalar && m > 1 {
                 continue;
@@ -256,7 +267,7 @@ fn backends_and_threads() {
                     fmt_dur(b),
                     fmt_dur(med),
                     w.bytes().len() as f64 / b.as_secs_f64() / 1e9,
-                    2.0 * (m * FFN * HIDDEN) as f64 / b.as_secs_f64() / 1e9
+                    2.0 * (m * n * k) as f64 / b.as_secs_f64() / 1e9
                 );
             }
         }
@@ -383,12 +394,12 @@ fn model_sweeps(quick: bool) {
         fmt_dur(m2),
         1.0 / b2.as_secs_f64()
     );
-    // The same token with the whole pass inside the pool (`rayon::scope` runs its body on a
+    // The same token with the whole pass inside the pool (`in_pool` runs its body on a
     // worker): the kernels' parallel loops then start on a worker instead of handing each call
     // from this thread to the pool.
     let (b3, m3) = time(
         || {
-            rayon::scope(|_| {
+            in_pool(|| {
                 for l in &layers {
                     matmul_fused(&[&l.q, &l.k, &l.v], &x, 1, &mut [&mut q, &mut k, &mut v])
                         .unwrap();
@@ -403,7 +414,7 @@ fn model_sweeps(quick: bool) {
         Duration::from_secs(2),
     );
     println!(
-        "  decode, ours (fused, inside rayon::scope): {} [{}] per token = {:.0} tok/s",
+        "  decode, ours (fused, inside in_pool):  {} [{}] per token = {:.0} tok/s",
         fmt_dur(b3),
         fmt_dur(m3),
         1.0 / b3.as_secs_f64()
@@ -494,14 +505,31 @@ fn model_sweeps(quick: bool) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "quick");
+    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`); all by default.
+    let sections = ["bandwidth", "table", "backends", "sweeps"];
+    let chosen: Vec<&str> = sections
+        .iter()
+        .copied()
+        .filter(|s| args.iter().any(|a| a == s))
+        .collect();
+    let run = |s: &str| chosen.is_empty() || chosen.contains(&s);
     println!(
         "pocketlm GGUF kernels: backend {:?}, {} rayon threads",
         Backend::detect(),
         rayon::current_num_threads()
     );
-    memory_bandwidth();
-    shape_table(quick);
-    backends_and_threads();
-    model_sweeps(quick);
+    if run("bandwidth") {
+        memory_bandwidth();
+    }
+    if run("table") {
+        shape_table(quick);
+    }
+    if run("backends") {
+        backends_and_threads();
+    }
+    if run("sweeps") {
+        model_sweeps(quick);
+    }
 }

@@ -22,8 +22,8 @@
 //! activation rows, so that each weight tile is read from L1 once per group of 4 activation
 //! rows); small products stay on the calling thread. Rayon's workers sleep when idle; nothing
 //! here spins between calls. Each call made from outside the pool pays a hand-off to the pool
-//! (a few microseconds, measured by `benches/gguf_kernels.rs`); a model that runs its whole
-//! forward pass inside the pool (`rayon::scope(|_| ...)` or `ThreadPool::install`) avoids it.
+//! and back (thread wake-ups, measured by `benches/gguf_kernels.rs`); a model that runs its
+//! whole forward pass inside the pool ([`in_pool`]) avoids it.
 
 mod act;
 mod scalar;
@@ -806,7 +806,7 @@ pub fn matmul_fused_with(
             out: SyncPtr(out.as_mut_ptr()),
         })
         .collect();
-    run_jobs(backend, &jobs, m, k);
+    run_jobs(backend, &jobs, m);
     Ok(())
 }
 
@@ -875,6 +875,18 @@ pub fn forward_fused(mats: &[&GgufMatrix], x: &Tensor) -> crate::Result<Vec<Tens
         .collect()
 }
 
+/// Runs `f` on a worker thread of rayon's global pool and returns its result (the caller
+/// blocks meanwhile; inside a worker already, `f` simply runs).
+///
+/// Kernel calls made inside `f` start their parallel loops on a pool thread, while the other
+/// workers are still awake from the previous call, instead of handing every call from a
+/// foreign thread to the pool and back (two thread wake-ups per call). Wrap a whole forward
+/// pass, or the whole generation loop, in it; `benches/gguf_kernels.rs` measures both ways on
+/// a decode token of the default model.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// A raw output pointer shared by the worker threads. Every tile writes a disjoint set of
 /// output elements, so concurrent writes never alias.
 #[derive(Clone, Copy)]
@@ -937,12 +949,12 @@ fn tile_fn(backend: Backend, dtype: GgufType) -> TileFn {
 /// of a typical 32-48 KiB L1d.
 const TILE_BYTES: usize = 16 * 1024;
 /// Below this many weight bytes × activation rows a product runs on the calling thread when
-/// that thread is a rayon worker (splitting costs well under a microsecond there, about
-/// 2 µs of kernel work at 16 GB/s).
-const SERIAL_WORK_IN_POOL: usize = 32 * 1024;
-/// The same threshold for a caller outside the pool: handing the work to the pool and waking
-/// the caller again costs several microseconds (about 160 KiB of kernel work).
-const SERIAL_WORK_OUTSIDE: usize = 160 * 1024;
+/// that thread is a rayon worker. Measured break-even on the 2-core benchmark machine (hot
+/// `Q4_1` weights, k = 576): 45 KB took 3.2 µs serial vs 3.3 µs split, 67 KB 4.6 vs 4.1 µs.
+const SERIAL_WORK_IN_POOL: usize = 48 * 1024;
+/// The same for a caller outside the pool, which pays a hand-off to the pool and back
+/// (about 5 µs): 202 KB took 12.9 µs serial vs 13.4 µs split, 270 KB 17.1 vs 15.5 µs.
+const SERIAL_WORK_OUTSIDE: usize = 224 * 1024;
 /// Activation rows per prefill tile.
 const TILE_M: usize = 64;
 
@@ -993,9 +1005,13 @@ fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
     tasks
 }
 
-fn run_jobs(backend: Backend, jobs: &[Job<'_>], m: usize, _k: usize) {
+fn run_jobs(backend: Backend, jobs: &[Job<'_>], m: usize) {
     let threads = rayon::current_num_threads();
-    let work: usize = jobs.iter().map(|j| j.n * j.row_bytes).sum::<usize>() * m;
+    let work = jobs
+        .iter()
+        .map(|j| j.n * j.row_bytes)
+        .sum::<usize>()
+        .saturating_mul(m);
     let serial_below = if rayon::current_thread_index().is_some() {
         SERIAL_WORK_IN_POOL
     } else {

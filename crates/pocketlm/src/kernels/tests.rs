@@ -399,6 +399,23 @@ fn idle_workers_do_not_spin() {
 }
 
 #[test]
+fn in_pool_runs_on_a_worker_and_returns_the_result() {
+    assert!(rayon::current_thread_index().is_none());
+    let mut rng = StdRng::seed_from_u64(15);
+    let w = quantized_weight(&mut rng, GgufType::Q4_1, 300, 576).mat;
+    let x = rand_vec(&mut rng, 576);
+    let mut outside = vec![0f32; 300];
+    w.matmul(&x, 1, &mut outside).unwrap();
+    let (on_worker, inside) = in_pool(|| {
+        let mut o = vec![0f32; 300];
+        w.matmul(&x, 1, &mut o).unwrap();
+        (rayon::current_thread_index().is_some(), o)
+    });
+    assert!(on_worker);
+    assert_eq!(inside, outside);
+}
+
+#[test]
 fn empty_shapes_are_handled() {
     // k = 0: every output is an empty sum.
     let w = GgufMatrix::new("w", WeightBytes::owned(Vec::new()), GgufType::Q8_0, 2, 0).unwrap();

@@ -59,13 +59,13 @@ const SHUFFLE_Q6: [[u8; 16]; 8] = {
     t
 };
 
-/// Tile driver: groups of 4 activation rows against every weight row of the tile, then the
-/// 1-3 rows left over. With 1 or 2 activation rows (decode), `W` = `$w` weight rows go
-/// through the kernel together so that `$w·R` independent accumulator chains hide the FMA
-/// latency; each output still sums its blocks in the same order, so results do not depend
-/// on the grouping.
+/// Tile driver: groups of 4 activation rows, then the 1-3 left over, each against every
+/// weight row of the tile, one weight row at a time. (Two weight rows per call, to hide the
+/// FMA latency at `m = 1`, measured 3-4x slower on weights streamed from memory for some row
+/// strides, e.g. `Q8_0` with k = 576 and `Q4_1` with k = 1536: the prefetchers lose the two
+/// interleaved streams.)
 macro_rules! tile_impl {
-    ($feat:literal, $name:ident, $dot:ident, $w:literal $(, $arg:tt)*) => {
+    ($feat:literal, $name:ident, $dot:ident $(, $arg:tt)*) => {
         /// # Safety
         /// See [`TileFn`]; the CPU must have the module's features.
         #[target_feature(enable = $feat)]
@@ -73,36 +73,30 @@ macro_rules! tile_impl {
             let mut r = t.ms.start;
             while r + 4 <= t.ms.end {
                 for j in t.rows.clone() {
-                    let v = $dot::<1, 4 $(, $arg)*>(t, j, r);
+                    let v = $dot::<4 $(, $arg)*>(t, j, r);
                     store(t, r, j, &v);
                 }
                 r += 4;
             }
-            macro_rules! narrow {
-                ($r:literal) => {{
-                    let mut j = t.rows.start;
-                    let w: usize = $w;
-                    while j + w <= t.rows.end {
-                        let v = $dot::<$w, $r $(, $arg)*>(t, j, r);
-                        store(t, r, j, &v);
-                        j += w;
-                    }
-                    while j < t.rows.end {
-                        let v = $dot::<1, $r $(, $arg)*>(t, j, r);
-                        store(t, r, j, &v);
-                        j += 1;
-                    }
-                }};
-            }
             match t.ms.end - r {
                 3 => {
                     for j in t.rows.clone() {
-                        let v = $dot::<1, 3 $(, $arg)*>(t, j, r);
+                        let v = $dot::<3 $(, $arg)*>(t, j, r);
                         store(t, r, j, &v);
                     }
                 }
-                2 => narrow!(2),
-                1 => narrow!(1),
+                2 => {
+                    for j in t.rows.clone() {
+                        let v = $dot::<2 $(, $arg)*>(t, j, r);
+                        store(t, r, j, &v);
+                    }
+                }
+                1 => {
+                    for j in t.rows.clone() {
+                        let v = $dot::<1 $(, $arg)*>(t, j, r);
+                        store(t, r, j, &v);
+                    }
+                }
                 _ => {}
             }
         }
@@ -128,25 +122,18 @@ macro_rules! kernels {
             }
         }
 
-        tile_impl!($feat, tile_q4_0, dot_q4, 2, true);
-        tile_impl!($feat, tile_q4_1, dot_q4, 2, false);
-        tile_impl!($feat, tile_q8_0, dot_q8_0, 2);
-        tile_impl!($feat, tile_q4k, dot_q4k, 1);
-        tile_impl!($feat, tile_q6k, dot_q6k, 1);
+        tile_impl!($feat, tile_q4_0, dot_q4, true);
+        tile_impl!($feat, tile_q4_1, dot_q4, false);
+        tile_impl!($feat, tile_q8_0, dot_q8_0);
+        tile_impl!($feat, tile_q4k, dot_q4k);
+        tile_impl!($feat, tile_q6k, dot_q6k);
 
         /// # Safety
-        /// `out[(r + i) * ldo + j + w]` must be valid and owned by this tile for `i < R`, `w < W`.
+        /// `out[(r + i) * ldo + j]` must be valid and owned by this tile for `i < R`.
         #[inline(always)]
-        unsafe fn store<const W: usize, const R: usize>(
-            t: &Tile<'_>,
-            r: usize,
-            j: usize,
-            v: &[[f32; R]; W],
-        ) {
-            for (w, vw) in v.iter().enumerate() {
-                for (i, &x) in vw.iter().enumerate() {
-                    unsafe { *t.out.add((r + i) * t.ldo + j + w) = x };
-                }
+        unsafe fn store<const R: usize>(t: &Tile<'_>, r: usize, j: usize, v: &[f32; R]) {
+            for (i, &x) in v.iter().enumerate() {
+                unsafe { *t.out.add((r + i) * t.ldo + j) = x };
             }
         }
 
@@ -173,7 +160,19 @@ macro_rules! kernels {
         #[target_feature(enable = $feat)]
         unsafe fn f16_at(p: *const u8) -> f32 {
             let bits = unsafe { (p as *const u16).read_unaligned() };
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            // `vmovd` zeroes the upper lanes. Written as intrinsics, LLVM inserts the half
+            // into whatever register is at hand (only lane 0 is used), which was once the
+            // FMA accumulator: a false dependency that made the Q8_0 loop 2x slower.
+            let v: __m128i;
+            unsafe {
+                std::arch::asm!(
+                    "vmovd {v}, {b:e}",
+                    v = out(xmm_reg) v,
+                    b = in(reg) bits as u32,
+                    options(pure, nomem, nostack, preserves_flags)
+                );
+            }
+            _mm_cvtss_f32(_mm_cvtph_ps(v))
         }
 
         /// Pairwise `u8 × i8` products summed by 4 into 8 `i32` lanes.
@@ -183,19 +182,18 @@ macro_rules! kernels {
             $dot
         }
 
-        /// `Q4_0` (`Q4_0 = true`: offset `-8·d`) and `Q4_1` (`m` from the block) against `Q8_32`
-        /// activations: `Σ_b d·dy·Σ q·y + m·s`, for weight rows `j..j + W` and activation rows
-        /// `r..r + R`.
+        /// `Q4_0` (`Q4_0 = true`: offset `-8·d`) and `Q4_1` (`m` from the block) against
+        /// `Q8_32` activations: `Σ_b d·dy·Σ q·y + m·s`.
         ///
         /// # Safety
-        /// `j..j + W` are weight rows and `r..r + R` activation rows of the tile (see [`TileFn`]).
+        /// `j` is a weight row and `r..r + R` activation rows of the tile (see [`TileFn`]).
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn dot_q4<const W: usize, const R: usize, const Q4_0: bool>(
+        unsafe fn dot_q4<const R: usize, const Q4_0: bool>(
             t: &Tile<'_>,
             j: usize,
             r: usize,
-        ) -> [[f32; R]; W] {
+        ) -> [f32; R] {
             let a = t.acts;
             let (k, nb) = (a.k, a.k / 32);
             let (bs, qoff) = if Q4_0 { (18, 2) } else { (20, 4) };
@@ -205,43 +203,39 @@ macro_rules! kernels {
                 let yd = a.d.as_ptr().add(r * nb);
                 let ys = a.s.as_ptr().add(r * nb);
                 let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc = [[_mm256_setzero_ps(); R]; W];
-                let mut accm = [[0f32; R]; W];
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut accm = [0f32; R];
                 for b in 0..nb {
-                    for wi in 0..W {
-                        let blk = w.add(wi * t.row_bytes + b * bs);
-                        let (d, m) = if Q4_0 {
-                            let d = f16_at(blk);
-                            (d, -8.0 * d)
-                        } else {
-                            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                                (blk as *const i32).read_unaligned(),
-                            ));
-                            (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
-                        };
-                        // ggml's bytes_from_nibbles_32: low nibbles are values 0..16, high ones 16..32.
-                        let tmp = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
-                        let qx = _mm256_and_si256(
-                            _mm256_inserti128_si256::<1>(
-                                _mm256_castsi128_si256(tmp),
-                                _mm_srli_epi16(tmp, 4),
-                            ),
-                            m4,
-                        );
-                        for i in 0..R {
-                            let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
-                            let p = _mm256_cvtepi32_ps(dot_u8i8(qx, y));
-                            let dy = *yd.add(i * nb + b);
-                            acc[wi][i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[wi][i]);
-                            accm[wi][i] = m.mul_add(*ys.add(i * nb + b), accm[wi][i]);
-                        }
+                    let blk = w.add(b * bs);
+                    let (d, m) = if Q4_0 {
+                        let d = f16_at(blk);
+                        (d, -8.0 * d)
+                    } else {
+                        let dm =
+                            _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+                        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+                    };
+                    // ggml's bytes_from_nibbles_32: low nibbles are values 0..16, high ones
+                    // 16..32.
+                    let tmp = _mm_loadu_si128(blk.add(qoff) as *const __m128i);
+                    let qx = _mm256_and_si256(
+                        _mm256_inserti128_si256::<1>(
+                            _mm256_castsi128_si256(tmp),
+                            _mm_srli_epi16(tmp, 4),
+                        ),
+                        m4,
+                    );
+                    for i in 0..R {
+                        let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                        let p = _mm256_cvtepi32_ps(dot_u8i8(qx, y));
+                        let dy = *yd.add(i * nb + b);
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[i]);
+                        accm[i] = m.mul_add(*ys.add(i * nb + b), accm[i]);
                     }
                 }
-                let mut out = [[0f32; R]; W];
-                for wi in 0..W {
-                    for i in 0..R {
-                        out[wi][i] = hsum_ps(acc[wi][i]) + accm[wi][i];
-                    }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(acc[i]) + accm[i];
                 }
                 out
             }
@@ -254,37 +248,29 @@ macro_rules! kernels {
         /// As [`dot_q4`].
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn dot_q8_0<const W: usize, const R: usize>(
-            t: &Tile<'_>,
-            j: usize,
-            r: usize,
-        ) -> [[f32; R]; W] {
+        unsafe fn dot_q8_0<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
             let a = t.acts;
             let (k, nb) = (a.k, a.k / 32);
             unsafe {
                 let w = t.w.as_ptr().add(j * t.row_bytes);
                 let yq = a.qs.as_ptr().add(r * k);
                 let yd = a.d.as_ptr().add(r * nb);
-                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                let mut acc = [_mm256_setzero_ps(); R];
                 for b in 0..nb {
-                    for wi in 0..W {
-                        let blk = w.add(wi * t.row_bytes + b * 34);
-                        let d = f16_at(blk);
-                        let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                        let ax = _mm256_sign_epi8(qx, qx);
-                        for i in 0..R {
-                            let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
-                            let p = _mm256_cvtepi32_ps(dot_u8i8(ax, _mm256_sign_epi8(y, qx)));
-                            let dy = *yd.add(i * nb + b);
-                            acc[wi][i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[wi][i]);
-                        }
+                    let blk = w.add(b * 34);
+                    let d = f16_at(blk);
+                    let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    for i in 0..R {
+                        let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                        let p = _mm256_cvtepi32_ps(dot_u8i8(ax, _mm256_sign_epi8(y, qx)));
+                        let dy = *yd.add(i * nb + b);
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[i]);
                     }
                 }
-                let mut out = [[0f32; R]; W];
-                for wi in 0..W {
-                    for i in 0..R {
-                        out[wi][i] = hsum_ps(acc[wi][i]);
-                    }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(acc[i]);
                 }
                 out
             }
@@ -297,12 +283,7 @@ macro_rules! kernels {
         /// As [`dot_q4`].
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn dot_q4k<const W: usize, const R: usize>(
-            t: &Tile<'_>,
-            j: usize,
-            r: usize,
-        ) -> [[f32; R]; W] {
-            const { assert!(W == 1) };
+        unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
             const KMASK1: u32 = 0x3f3f3f3f;
             const KMASK2: u32 = 0x0f0f0f0f;
             const KMASK3: u32 = 0x03030303;
@@ -377,9 +358,9 @@ macro_rules! kernels {
                             _mm_fmadd_ps(_mm_set1_ps(-dmin * dy), _mm_cvtepi32_ps(prod), accm[i]);
                     }
                 }
-                let mut out = [[0f32; R]; W];
+                let mut out = [0f32; R];
                 for i in 0..R {
-                    out[0][i] = hsum_ps(acc[i]) + hsum_ps128(accm[i]);
+                    out[i] = hsum_ps(acc[i]) + hsum_ps128(accm[i]);
                 }
                 out
             }
@@ -392,12 +373,7 @@ macro_rules! kernels {
         /// As [`dot_q4`].
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn dot_q6k<const W: usize, const R: usize>(
-            t: &Tile<'_>,
-            j: usize,
-            r: usize,
-        ) -> [[f32; R]; W] {
-            const { assert!(W == 1) };
+        unsafe fn dot_q6k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
             let a = t.acts;
             let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
             unsafe {
@@ -458,9 +434,9 @@ macro_rules! kernels {
                             _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(s), acc[i]);
                     }
                 }
-                let mut out = [[0f32; R]; W];
+                let mut out = [0f32; R];
                 for i in 0..R {
-                    out[0][i] = hsum_ps(acc[i]);
+                    out[i] = hsum_ps(acc[i]);
                 }
                 out
             }
