@@ -26,6 +26,7 @@
 //! whole forward pass inside the pool ([`in_pool`]) avoids it.
 
 mod act;
+pub mod float;
 mod scalar;
 
 #[cfg(target_arch = "aarch64")]

@@ -2,14 +2,14 @@
 //! SwiGLU MLP, optionally tied embeddings. Reference: Hugging Face `modeling_llama.py` and
 //! mlx-lm `models/llama.py`.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::models::{CausalLM, Logits, ModelInfo};
 use crate::nn::{
-    causal_mask, scaled_dot_product_attention, Embedding, Linear, RmsNorm, RopeScaling,
+    attention::causal_attention, causal_mask, Embedding, Linear, RmsNorm, RopeScaling,
     RotaryEmbedding,
 };
 use crate::weights::{WeightFormat, Weights};
@@ -184,6 +184,7 @@ impl Attention {
         cos_sin: &(Tensor, Tensor),
         cache: &mut dyn LayerKvCache,
         mask: Option<&Tensor>,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let shape = |t: Tensor, h: usize| -> Result<Tensor> {
@@ -203,17 +204,8 @@ impl Attention {
         let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
         let (k, v) = cache.update(&k, &v)?;
-        let o = scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask,
-            1.0 / (self.head_dim as f64).sqrt(),
-            None,
-        )?;
-        let o = o
-            .transpose(1, 2)?
-            .reshape((b, s, self.n_heads * self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let o = causal_attention(&q, &k, &v, scale, window, mask)?;
         self.o_proj.forward(&o)
     }
 }
@@ -231,6 +223,17 @@ impl Mlp {
         let gu = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?;
         let [g, u] = <[Tensor; 2]>::try_from(gu)
             .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
+        if g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32 {
+            // ggml's SwiGLU rounding, see `kernels::float::swiglu`.
+            let (gv, uv) = (
+                g.flatten_all()?.to_vec1::<f32>()?,
+                u.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let mut y = vec![0f32; gv.len()];
+            crate::kernels::float::swiglu(&gv, &uv, &mut y);
+            let y = Tensor::from_vec(y, g.shape(), g.device())?;
+            return self.down_proj.forward(&y);
+        }
         self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
     }
 }
@@ -347,7 +350,10 @@ impl CausalLM for Llama {
         let offset = cache.offset();
         let kv_len = cache.attend_len(s);
         let needs_window = self.sliding_window.is_some_and(|w| kv_len > w);
-        let mask = if s > 1 || needs_window {
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        // The CPU f32 attention kernel masks by position itself.
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let mask = if !cpu_f32 && (s > 1 || needs_window) {
             Some(causal_mask(
                 s,
                 kv_len,
@@ -358,17 +364,20 @@ impl CausalLM for Llama {
             None
         };
         let cos_sin = self.rope.cos_sin(offset, s)?;
-        let mut x = self.embed_tokens.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache
                 .layer(i)
                 .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
             let r = x.clone();
             let hn = layer.input_layernorm.forward(&x)?;
-            x = (layer
-                .self_attn
-                .forward(&hn, &self.rope, &cos_sin, c, mask.as_ref())?
-                + r)?;
+            x = (layer.self_attn.forward(
+                &hn,
+                &self.rope,
+                &cos_sin,
+                c,
+                mask.as_ref(),
+                self.sliding_window,
+            )? + r)?;
             let r = x.clone();
             let hn = layer.post_attention_layernorm.forward(&x)?;
             x = (layer.mlp.forward(&hn)? + r)?;

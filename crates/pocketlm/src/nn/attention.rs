@@ -1,9 +1,104 @@
 //! Scaled dot-product attention (Vaswani et al. 2017) with grouped-query attention
 //! (Ainslie et al. 2023, "GQA") and an optional causal mask.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
-use crate::Result;
+use crate::kernels::float::{attention as float_attention, AttentionShape};
+use crate::{Error, Result};
+
+/// Causal attention of `q: [b, heads, s, d]` over `k`, `v: [b, kv_heads, kv_len, d]` (the last
+/// `s` keys are the queries' own positions), with an optional sliding `window`; returns
+/// `[b, s, heads · d]`, the input of the output projection.
+///
+/// `f32` on the CPU runs [`crate::kernels::float::attention`] (ggml's numerics, no mask
+/// tensor, no transposed copies); other devices and dtypes build `mask` (passed in, from
+/// [`causal_mask`]) and run [`scaled_dot_product_attention`].
+///
+/// Errors: shapes that do not agree (heads not a multiple of kv heads, fewer keys than
+/// queries, different head dims).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let (kb, kv_heads, kv_len, kd) = k.dims4()?;
+    if kb != b
+        || kd != d
+        || v.dims() != k.dims()
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || kv_len < s
+    {
+        return Err(Error::InvalidArgument(format!(
+            "attention shapes: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let cpu_f32 = [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !cpu_f32 {
+        let o = scaled_dot_product_attention(q, k, v, mask, scale, None)?;
+        return Ok(o.transpose(1, 2)?.reshape((b, s, heads * d))?);
+    }
+    let q = q.contiguous()?;
+    let qv = q.flatten_all()?.to_vec1::<f32>()?;
+    // k and v as slices of their storage: rows of `d` values, heads `stride[1]` apart.
+    let packed = |t: &Tensor| -> Result<Tensor> {
+        let st = t.stride();
+        Ok(if st[3] == 1 && st[2] == d {
+            t.clone()
+        } else {
+            t.contiguous()?
+        })
+    };
+    let (k, v) = (packed(k)?, packed(v)?);
+    let mut out = vec![0f32; b * s * heads * d];
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return Err(Error::InvalidArgument(
+            "attention: k/v not on the CPU".into(),
+        ));
+    };
+    let (kall, vall) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+    for bi in 0..b {
+        let ko = kl.start_offset() + bi * kl.stride()[0];
+        let vo = vl.start_offset() + bi * vl.stride()[0];
+        let (khs, vhs) = (kl.stride()[1], vl.stride()[1]);
+        if khs != vhs && kv_heads > 1 {
+            return Err(Error::InvalidArgument(
+                "attention: k and v head strides differ".into(),
+            ));
+        }
+        let hs = if kv_heads > 1 { khs } else { kv_len * d };
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            queries: s,
+            kv_len,
+            head_dim: d,
+            kv_head_stride: hs,
+        };
+        let span = (kv_heads - 1) * hs + kv_len * d;
+        float_attention(
+            &qv[bi * heads * s * d..][..heads * s * d],
+            &kall[ko..ko + span],
+            &vall[vo..vo + span],
+            shape,
+            scale as f32,
+            window,
+            &mut out[bi * s * heads * d..][..s * heads * d],
+        );
+    }
+    Ok(Tensor::from_vec(out, (b, s, heads * d), q.device())?)
+}
 
 /// Repeats key/value heads for grouped-query attention:
 /// `[batch, kv_heads, seq, head_dim]` -> `[batch, kv_heads * n_rep, seq, head_dim]`

@@ -1,7 +1,7 @@
 //! RMSNorm (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization"):
 //! `y = x / sqrt(mean(x^2) + eps) * weight`, as in Hugging Face `LlamaRMSNorm`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::Result;
 
@@ -34,6 +34,21 @@ impl RmsNorm {
         } else {
             x.contiguous()?
         };
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            // ggml's rounding (f64 sum of squares), see `kernels::float::rms_norm`.
+            let w = self.weight.to_vec1::<f32>()?;
+            if x.dims().last() != Some(&w.len()) {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "RMSNorm of {:?} with a weight of {} values",
+                    x.dims(),
+                    w.len()
+                )));
+            }
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut y = vec![0f32; xs.len()];
+            crate::kernels::float::rms_norm(&xs, &w, self.eps, &mut y);
+            return Ok(Tensor::from_vec(y, x.shape(), x.device())?);
+        }
         Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?)
     }
 }

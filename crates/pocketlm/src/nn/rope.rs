@@ -1,7 +1,7 @@
 //! Rotary position embeddings (RoPE; Su et al. 2021, "RoFormer", arXiv:2104.09864) and the
 //! frequency-scaling variants of Hugging Face `modeling_rope_utils.py`.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -130,13 +130,29 @@ impl RopeScaling {
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
+    /// The angles as ggml computes them, for GGUF models (see [`Self::new`]).
+    ggml: Option<GgmlAngles>,
     rotary_dim: usize,
     interleaved: bool,
     device: Device,
 }
 
+/// ggml's rope parameters: `theta_base`, `freq_scale` (`1 / factor` of linear scaling) and
+/// per-frequency divisors (`rope_freqs.weight`, Llama 3 scaling).
+#[derive(Debug, Clone)]
+struct GgmlAngles {
+    base: f32,
+    freq_scale: f32,
+    freq_factors: Option<Vec<f32>>,
+}
+
 impl RotaryEmbedding {
     /// `rotary_dim`: dimensions rotated per head (usually `head_dim`); `theta`: `rope_theta`.
+    ///
+    /// With `interleaved` (GGUF weights) and no scaling, linear scaling or frequency factors,
+    /// the angles are computed as llama.cpp computes them (`pos · base^(-2i/d)` by repeated
+    /// `f32` multiplication, see [`crate::kernels::float::rope_cos_sin`]), so that a GGUF
+    /// model follows llama.cpp's numerics; otherwise as Hugging Face does (`pos · inv_freq`).
     pub fn new(
         rotary_dim: usize,
         theta: f64,
@@ -154,7 +170,19 @@ impl RotaryEmbedding {
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
             .collect();
         scaling.apply(&mut inv_freq)?;
+        let ggml = match (interleaved, scaling) {
+            (false, _) | (true, RopeScaling::Llama3 { .. }) => None,
+            (true, RopeScaling::None) => Some((1.0, None)),
+            (true, RopeScaling::Linear { factor }) => Some(((1.0 / factor) as f32, None)),
+            (true, RopeScaling::FreqFactors(f)) => Some((1.0, Some(f.clone()))),
+        }
+        .map(|(freq_scale, freq_factors)| GgmlAngles {
+            base: theta as f32,
+            freq_scale,
+            freq_factors,
+        });
         Ok(Self {
+            ggml,
             inv_freq: inv_freq.iter().map(|f| *f as f32).collect(),
             rotary_dim,
             interleaved,
@@ -169,6 +197,18 @@ impl RotaryEmbedding {
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
         for p in offset..offset + seq {
+            if let Some(g) = &self.ggml {
+                let cs = crate::kernels::float::rope_cos_sin(
+                    p,
+                    self.rotary_dim,
+                    g.base,
+                    g.freq_scale,
+                    g.freq_factors.as_deref(),
+                );
+                cos.extend(cs.iter().map(|c| c.0));
+                sin.extend(cs.iter().map(|c| c.1));
+                continue;
+            }
             for f in &self.inv_freq {
                 let a = (p as f32) * f;
                 cos.push(a.cos());
@@ -186,6 +226,9 @@ impl RotaryEmbedding {
         let head_dim = x.dim(3)?;
         let rot = |t: &Tensor| -> Result<Tensor> {
             let t = t.contiguous()?;
+            if t.device().is_cpu() && t.dtype() == DType::F32 && cos.dtype() == DType::F32 {
+                return self.rotate_cpu(&t, cos, sin);
+            }
             Ok(if self.interleaved {
                 candle_nn::rotary_emb::rope_i(&t, cos, sin)?
             } else {
@@ -199,6 +242,29 @@ impl RotaryEmbedding {
             let tail = x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?;
             Ok(Tensor::cat(&[rot(&head)?, tail], 3)?)
         }
+    }
+
+    /// `x: [batch, heads, seq, rotary_dim]` contiguous `f32` on the CPU, rotated with
+    /// [`crate::kernels::float::rope_apply`] (ggml's rounding: `x0·cos - x1·sin` with one
+    /// fused multiply-add).
+    fn rotate_cpu(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, h, s, d) = x.dims4()?;
+        let cos = cos.flatten_all()?.to_vec1::<f32>()?;
+        let sin = sin.flatten_all()?.to_vec1::<f32>()?;
+        let half = d / 2;
+        if cos.len() != s * half || sin.len() != s * half {
+            return Err(Error::InvalidArgument(format!(
+                "rope tables of {} values for {s} positions of {d} dimensions",
+                cos.len()
+            )));
+        }
+        let cs: Vec<(f32, f32)> = cos.into_iter().zip(sin).collect();
+        let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        for (i, row) in v.chunks_exact_mut(d).enumerate() {
+            let t = i % s;
+            crate::kernels::float::rope_apply(row, &cs[t * half..][..half], self.interleaved);
+        }
+        Ok(Tensor::from_vec(v, (b, h, s, d), x.device())?)
     }
 
     /// Rotates `x: [batch, heads, seq, head_dim]` for positions `offset..offset+seq`.

@@ -1,0 +1,468 @@
+//! The float operations of a transformer layer on `f32` slices, computed with ggml-cpu's
+//! numerics bit for bit (llama.cpp's CPU backend as built with AVX-512 on x86-64, the
+//! reference our golden files record), on every CPU: every rounding step of ggml is
+//! reproduced with IEEE operations (`mul_add` is a fused multiply-add), so the result does
+//! not depend on the instruction set we run on.
+//!
+//! Why: with quantized weights every matrix product quantizes its input activations to 8 bits
+//! (as ggml does), so a difference of one unit in the last place before a product can move a
+//! logit of a 135M model by ~0.1 and flip a greedy token at a near-tie. Mirroring ggml's
+//! order of operations is the only way to follow llama.cpp's token paths.
+//!
+//! Sources (llama.cpp `ggml/src/ggml-cpu`): `ops.cpp` (`ggml_compute_forward_rms_norm_f32`,
+//! `ggml_rope_cache_init`, `rotate_pairs`, `ggml_compute_forward_soft_max_f32`), `vec.h`
+//! (`ggml_v_expf`, `ggml_v_silu`, AVX-512 variants), `vec.cpp` (`ggml_vec_dot_f32`,
+//! `ggml_vec_soft_max_f32`, `ggml_vec_swiglu_f32`), `llamafile/sgemm.cpp` (`tinyBLAS`, used
+//! for `f32` products whose right operand is contiguous).
+
+/// Runs `$f(args)` compiled with FMA and AVX2 when the CPU has them (so that `mul_add` is
+/// one instruction and the loops vectorize), otherwise as plain code (`mul_add` is then
+/// libm's `fmaf`, as exact but slower). Both give identical results.
+macro_rules! fma_dispatch {
+    ($f:ident($($a:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: the CPU has the features `fma_impl` is compiled for.
+            return unsafe { fma_impl::$f($($a),*) };
+        }
+        $f($($a),*)
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_fma() -> bool {
+    std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// The hot loops compiled with AVX2 + FMA (their bodies are `#[inline(always)]`).
+#[cfg(target_arch = "x86_64")]
+mod fma_impl {
+    use super::AttentionShape;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu_impl(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        super::swiglu_impl(gate, up, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attention_row(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: &AttentionShape,
+        scale: f32,
+        window: Option<usize>,
+        idx: usize,
+        o: &mut [f32],
+    ) {
+        super::attention_row(q, k, v, shape, scale, window, idx, o)
+    }
+}
+
+/// Lanes of ggml's AVX-512 `f32` vectors.
+pub const LANES: usize = 16;
+
+/// `exp(x)` as ggml's vectorized `ggml_v_expf` computes it (AVX-512 variant): a range
+/// reduction `x = n·ln2 + b` with `n` rounded to nearest by the `1.5·2^23` trick, a degree-5
+/// polynomial in `b`, and a scaling by `2^n`; `0` or `inf` when `|n| > 192`. Within 1.5 ulp
+/// of `expf`.
+#[inline(always)]
+pub fn expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e),                  // ln2 low part
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // ln2 high part
+    );
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010)
+        .mul_add(b, f32::from_bits(0x3d2b_9f17))
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)),
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6).mul_add(b, 1.0));
+    let res = scalef(j, n.clamp(-193.0, 193.0));
+    // Branch-free selects, so that loops over `expf` vectorize.
+    let out_of_range = if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    if n.abs() > 192.0 {
+        out_of_range
+    } else {
+        res
+    }
+}
+
+/// `j · 2^n` for an integral `n` in `[-193, 193]`, rounded once (`_mm512_scalef_ps`): the
+/// product is exact in `f64`, the conversion to `f32` rounds.
+#[inline(always)]
+fn scalef(j: f32, n: f32) -> f32 {
+    let p = f64::from_bits(((n as i32 + 1023) as u64) << 52);
+    (j as f64 * p) as f32
+}
+
+/// SiLU `x / (1 + exp(-x))` (Elfwing et al. 2017), as `ggml_v_silu`.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + expf(0.0 - x))
+}
+
+/// SwiGLU (Shazeer 2020): `out[i] = silu(gate[i]) · up[i]` (`ggml_vec_swiglu_f32`).
+/// All three slices have the same length.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    fma_dispatch!(swiglu_impl(gate, up, out))
+}
+
+#[inline(always)]
+fn swiglu_impl(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+/// RMSNorm (Zhang & Sennrich 2019) of each row of `x: [rows, n]` into `out`, times `weight:
+/// [n]`: the sum of squares is accumulated in `f64` (each square rounded to `f32` first), the
+/// mean rounded to `f32`, `scale = 1 / sqrtf(mean + eps)`, then `out = x · scale · weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    if n == 0 {
+        return;
+    }
+    for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((y, &v), &w) in yr.iter_mut().zip(xr).zip(weight) {
+            *y = v * scale * w;
+        }
+    }
+}
+
+/// Horizontal sum of 16 lanes in the order of GCC's `_mm512_reduce_add_ps`: halves of 8,
+/// then of 4, then `(s0 + s2) + (s1 + s3)`.
+#[inline(always)]
+pub fn reduce_add16(v: &[f32; LANES]) -> f32 {
+    let mut h = [0f32; 8];
+    for i in 0..8 {
+        h[i] = v[i] + v[i + 8];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Dot product as llamafile's `tinyBLAS` computes an `f32` GEMM element with AVX-512: 16
+/// lanes, each a chain of fused multiply-adds over the elements `l, l + 16, ...`, then
+/// [`reduce_add16`]. A trailing partial chunk counts as zero-padded (ggml's operands are
+/// padded with zeros). `a` and `b` have the same length.
+#[inline(always)]
+pub fn dot_tinyblas(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (xa, xb) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] = xa[l].mul_add(xb[l], acc[l]);
+        }
+    }
+    for (l, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[l] = x.mul_add(y, acc[l]);
+    }
+    reduce_add16(&acc)
+}
+
+/// Dot product as `ggml_vec_dot_f32` computes it with AVX-512: steps of 64 elements into 4
+/// accumulators of 16 lanes (fused multiply-adds), reduced lane-wise `(a0 + a2) + (a1 + a3)`
+/// then by [`reduce_add16`]; the elements after the last full step are added one by one
+/// (`sumf += x·y`, contracted to a fused multiply-add).
+#[inline(always)]
+pub fn dot_vec(a: &[f32], b: &[f32]) -> f32 {
+    const STEP: usize = 4 * LANES;
+    let n = a.len().min(b.len());
+    let np = n / STEP * STEP;
+    let mut acc = [[0f32; LANES]; 4];
+    for (xa, xb) in a[..np].chunks_exact(STEP).zip(b[..np].chunks_exact(STEP)) {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            let xa: &[f32; LANES] = xa[j * LANES..][..LANES].try_into().expect("16 lanes");
+            let xb: &[f32; LANES] = xb[j * LANES..][..LANES].try_into().expect("16 lanes");
+            for l in 0..LANES {
+                accj[l] = xa[l].mul_add(xb[l], accj[l]);
+            }
+        }
+    }
+    let mut s = [0f32; LANES];
+    for l in 0..LANES {
+        s[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    let mut sum = reduce_add16(&s);
+    for i in np..n {
+        sum = a[i].mul_add(b[i], sum);
+    }
+    sum
+}
+
+/// Softmax of `x` in place after `x = x · scale` (masked entries are `-inf` already), as
+/// ggml's `soft_max`: the maximum, then chunks of 16 values `expf(x - max)` whose
+/// [`reduce_add16`] sums are accumulated in `f64`, then a multiplication by `(f32)(1 / sum)`.
+/// Values after the last full chunk use the same [`expf`] (ggml pads rows to 256 with
+/// masked entries, so it never sees a partial chunk). An all-masked row gives zeros.
+#[inline(always)]
+pub fn softmax_scaled(x: &mut [f32], scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for v in x.iter_mut() {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    if max == f32::NEG_INFINITY {
+        x.fill(0.0);
+        return;
+    }
+    let mut sum = 0f64;
+    for c in x.chunks_mut(LANES) {
+        let mut e = [0f32; LANES];
+        for (ei, v) in e.iter_mut().zip(c.iter_mut()) {
+            *v = expf(*v - max);
+            *ei = *v;
+        }
+        sum += reduce_add16(&e) as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// The cos/sin table of rotary position embeddings (Su et al. 2021, RoFormer) for one
+/// position, as `ggml_rope_cache_init` computes it: `theta_0 = pos`, `theta_{i+1} = theta_i ·
+/// theta_scale` in `f32` with `theta_scale = base^(-2/dims)`, each divided by its frequency
+/// factor when there are any, then `cosf`/`sinf` (plain rope: no YaRN ramp, `mscale = 1`,
+/// `freq_scale` multiplies `theta`). Returns `[dims / 2]` pairs `(cos, sin)`.
+pub fn rope_cos_sin(
+    pos: usize,
+    dims: usize,
+    base: f32,
+    freq_scale: f32,
+    freq_factors: Option<&[f32]>,
+) -> Vec<(f32, f32)> {
+    let theta_scale = base.powf(-2.0 / dims as f32);
+    let mut theta = pos as f32;
+    let mut out = Vec::with_capacity(dims / 2);
+    for i in 0..dims / 2 {
+        let ff = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+        let t = freq_scale * (theta / ff);
+        out.push((t.cos(), t.sin()));
+        theta *= theta_scale;
+    }
+    out
+}
+
+/// Rotates one head vector `x: [dims]` in place with a table from [`rope_cos_sin`]:
+/// `interleaved` pairs `(x[2i], x[2i+1])` (ggml's `NORMAL` mode, GGUF Llama weights) or
+/// halves `(x[i], x[i + dims/2])` (`NEOX` mode, Hugging Face layout). Each output is
+/// `x0·cos - x1·sin` and `x0·sin + x1·cos`, rounded as ggml does.
+pub fn rope_apply(x: &mut [f32], cs: &[(f32, f32)], interleaved: bool) {
+    let half = cs.len();
+    for (i, &(c, s)) in cs.iter().enumerate() {
+        let (i0, i1) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (x0, x1) = (x[i0], x[i1]);
+        x[i0] = x0.mul_add(c, -(x1 * s));
+        x[i1] = x0.mul_add(s, x1 * c);
+    }
+}
+
+/// Shapes of one [`attention`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention: query head `h` reads kv head
+    /// `h / (heads / kv_heads)`).
+    pub kv_heads: usize,
+    /// Query positions (the last `queries` of the `kv_len` cached positions).
+    pub queries: usize,
+    /// Cached positions, the new ones included.
+    pub kv_len: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Distance in values between the key (value) heads of `k` (`v`): `kv_len · head_dim`
+    /// for a packed cache, more for a view into a preallocated one.
+    pub kv_head_stride: usize,
+}
+
+/// Causal scaled dot-product attention (Vaswani et al. 2017) with ggml's numerics, for
+/// `q: [heads, queries, head_dim]`, `k`, `v: [kv_heads, kv_len, head_dim]` (heads
+/// `kv_head_stride` apart), into
+/// `out: [queries, heads, head_dim]` (the layout the output projection reads). Query `t`
+/// sits at position `kv_len - queries + t` and sees keys `j <= ` its position, and with a
+/// `window` only those with `pos - j < window`.
+///
+/// The scores are `q·k` as ggml's `mul_mat` computes them, with `ggml_vec_dot_f32`
+/// ([`dot_vec`]; the query operand is never a contiguous matrix of 2+ columns); then
+/// [`softmax_scaled`]; then `Σ p_j v_j` over the positions (ggml multiplies by the transposed
+/// value cache) as `ggml_vec_dot_f32` does for one query (llamafile's `tinyBLAS` declines
+/// one-column products) and as `tinyBLAS` ([`dot_tinyblas`]) does for several, without
+/// materializing a transposed `v`. Rows run in parallel on the rayon pool.
+///
+/// # Panics
+/// If a slice is shorter than its shape says or `heads` is not a multiple of `kv_heads`
+/// (internal callers check shapes first).
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    scale: f32,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let AttentionShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        kv_head_stride: hs,
+    } = shape;
+    assert!(kv_heads > 0 && heads % kv_heads == 0 && kv_len >= queries);
+    assert!(q.len() >= heads * queries * d && out.len() >= heads * queries * d);
+    assert!(hs >= kv_len * d);
+    let kv_need = (kv_heads - 1) * hs + kv_len * d;
+    assert!(k.len() >= kv_need && v.len() >= kv_need);
+    let row = |(idx, o): (usize, &mut [f32])| {
+        fma_dispatch!(attention_row(q, k, v, &shape, scale, window, idx, o))
+    };
+    let rows = out[..heads * queries * d].chunks_mut(d).enumerate();
+    if heads * queries * kv_len * d >= 1 << 15 {
+        rows.collect::<Vec<_>>().into_par_iter().for_each(row);
+    } else {
+        rows.for_each(row);
+    }
+}
+
+/// One output row of [`attention`]: query head `idx % heads` at query `idx / heads`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_row(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &AttentionShape,
+    scale: f32,
+    window: Option<usize>,
+    idx: usize,
+    o: &mut [f32],
+) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        kv_head_stride: hs,
+    } = *shape;
+    let rep = heads / kv_heads;
+    let offset = kv_len - queries;
+    let (t, h) = (idx / heads, idx % heads);
+    let kh = h / rep;
+    let qv = &q[(h * queries + t) * d..][..d];
+    let kk = &k[kh * hs..][..kv_len * d];
+    let vv = &v[kh * hs..][..kv_len * d];
+    let pos = offset + t;
+    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let mut p = vec![f32::NEG_INFINITY; kv_len];
+    for (j, pj) in p.iter_mut().enumerate().take(pos + 1).skip(first) {
+        let kj = &kk[j * d..][..d];
+        *pj = dot_vec(qv, kj);
+    }
+    softmax_scaled(&mut p, scale);
+    // acc[g][l][c]: lane l of accumulator g for output dimension c; position j goes to
+    // lane j % 16 of accumulator (j / 16) % groups.
+    let groups = if queries == 1 { 4 } else { 1 };
+    let mut acc = vec![0f32; groups * LANES * d];
+    for (j, &pj) in p.iter().enumerate().take(pos + 1) {
+        let lane = &mut acc[(j % (groups * LANES)) * d..][..d];
+        for (a, &x) in lane.iter_mut().zip(&vv[j * d..][..d]) {
+            *a = pj.mul_add(x, *a);
+        }
+    }
+    let mut lanes = [0f32; LANES];
+    for (c, oc) in o.iter_mut().enumerate() {
+        for (l, x) in lanes.iter_mut().enumerate() {
+            let at = |g: usize| acc[(g * LANES + l) * d + c];
+            *x = if groups == 4 {
+                (at(0) + at(2)) + (at(1) + at(3))
+            } else {
+                at(0)
+            };
+        }
+        *oc = reduce_add16(&lanes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_within_two_ulp_of_libm() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (expf(x), x.exp());
+            let ulp = (a.to_bits() as i64 - b.to_bits() as i64).abs();
+            assert!(ulp <= 2, "exp({x}): {a} vs {b}");
+            x += 0.01237;
+        }
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(200.0), f32::INFINITY);
+        // Subnormal results round once.
+        assert!((expf(-100.0) - (-100f32).exp()).abs() <= f32::from_bits(2));
+    }
+
+    #[test]
+    fn reductions_sum_correctly() {
+        let a: Vec<f32> = (0..100).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let b: Vec<f32> = (0..100).map(|i| (i % 7) as f32 - 3.0).collect();
+        let exact: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
+        assert!((dot_tinyblas(&a, &b) as f64 - exact).abs() < 1e-3);
+        assert!((dot_vec(&a, &b) as f64 - exact).abs() < 1e-3);
+        let mut v = [0f32; 16];
+        v.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+        assert_eq!(reduce_add16(&v), 120.0);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_masks() {
+        let mut x = vec![1.0, 2.0, f32::NEG_INFINITY, 3.0, 0.5];
+        softmax_scaled(&mut x, 0.5);
+        assert_eq!(x[2], 0.0);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[3] > x[1] && x[1] > x[0]);
+        let mut m = vec![f32::NEG_INFINITY; 3];
+        softmax_scaled(&mut m, 1.0);
+        assert_eq!(m, vec![0.0; 3]);
+    }
+
+    #[test]
+    fn rms_norm_and_rope_match_their_formulas() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w = [1.0f32, 2.0, 0.5, 1.0];
+        let mut y = [0f32; 4];
+        rms_norm(&x, &w, 1e-5, &mut y);
+        let r = (x.iter().map(|v| v * v).sum::<f32>() / 4.0 + 1e-5).sqrt();
+        for i in 0..4 {
+            assert!((y[i] - x[i] / r * w[i]).abs() < 1e-6);
+        }
+        let cs = rope_cos_sin(3, 4, 10000.0, 1.0, None);
+        assert!((cs[0].0 - 3f32.cos()).abs() < 1e-6);
+        assert!((cs[1].1 - (3.0 / 100f32).sin()).abs() < 1e-6);
+        let mut v = [1.0f32, 0.0, 0.0, 1.0];
+        rope_apply(&mut v, &cs, true);
+        assert!((v[0] - 3f32.cos()).abs() < 1e-6 && (v[1] - 3f32.sin()).abs() < 1e-6);
+    }
+}
