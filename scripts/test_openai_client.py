@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
 """Checks `pocketlm serve` with the official `openai` Python client as a real client.
 
-Setup (versions used): python3 -m venv /root/venv-server &&
-    /root/venv-server/bin/pip install openai==3.54.0
+Setup (versions used: Python 3.11.7, openai 3.54.0 with pydantic 2.14.3):
+    python3 -m venv /root/venv-server && /root/venv-server/bin/pip install openai==3.54.0
 Run: start a server, e.g. `pocketlm serve --port 8080 --api-key sk-local`, then
     /root/venv-server/bin/python scripts/test_openai_client.py --base-url http://127.0.0.1:8080/v1 --api-key sk-local
+The Rust test `crates/pocketlm-server/tests/openai_client.rs` does all of this by itself
+(venv under the target dir, server on a free loopback port) and also runs scripts/test_curl.sh.
 Exits non-zero on the first failed check. Checks: model list; non-streamed and streamed chat
 completions (content, finish_reason, usage counts, stream == non-stream for greedy decoding);
-stop strings; text completions; 400/401 errors surfacing as the client's exception types.
+stop strings; text completions; log-probabilities (chat `logprobs`/`top_logprobs`, streamed
+and not, and legacy completion `logprobs`); 400/401 errors surfacing as the client's
+exception types.
 """
 
 import argparse
+import math
 import sys
 
 import openai
@@ -23,12 +28,86 @@ def check(cond, what):
     print(f"ok: {what}")
 
 
+def check_top(entries, k, greedy):
+    """Each entry has k alternatives, sorted, the chosen token first when decoding greedily."""
+    for e in entries:
+        check_quiet(e.logprob <= 0 and len(e.top_logprobs) == k, f"{k} alternatives, logprob <= 0: {e}")
+        tops = [t.logprob for t in e.top_logprobs]
+        check_quiet(tops == sorted(tops, reverse=True), f"top_logprobs sorted: {tops}")
+        check_quiet(sum(math.exp(t) for t in tops) <= 1 + 1e-4, "alternatives hold at most all the mass")
+        check_quiet(e.bytes is not None and bytes(e.bytes).decode("utf-8", "replace") == e.token
+                    or "\ufffd" in e.token, f"bytes spell the token: {e}")
+        if greedy and k:
+            check_quiet(e.top_logprobs[0].token == e.token and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-6,
+                        f"greedy token is the most likely: {e}")
+
+
+def check_quiet(cond, what):
+    if not cond:
+        print(f"FAIL: {what}")
+        sys.exit(1)
+
+
+def check_logprobs(client, model, messages):
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    check(len(content) == r.usage.completion_tokens, f"chat logprobs: one entry per token ({len(content)})")
+    check_top(content, 3, greedy=True)
+    joined = b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace")
+    check(joined == r.choices[0].message.content, f"chat logprobs bytes spell the answer {joined!r}")
+    print("ok: chat logprobs entries sorted, greedy token first")
+
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = []
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.content:
+                streamed.extend(c.logprobs.content)
+    check_top(streamed, 3, greedy=True)
+    ok = len(streamed) == len(content) and all(
+        a.token == b.token and abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(streamed, content))
+    check(ok, f"streamed chat logprobs equal non-streamed ({len(streamed)} tokens)")
+
+    # Temperature changes the draw, not the reported distribution (raw logits).
+    hot = client.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=1.8, seed=5,
+                                         logprobs=True, top_logprobs=3)
+    h = hot.choices[0].logprobs.content[0]
+    check_top([h], 3, greedy=False)
+    check([(t.token, round(t.logprob, 4)) for t in h.top_logprobs]
+          == [(t.token, round(t.logprob, 4)) for t in content[0].top_logprobs],
+          "logprobs are those of the raw logits, whatever the temperature")
+
+    prompt = "One, two, three,"
+    c = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    n = c.usage.completion_tokens
+    check(len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n,
+          f"legacy logprobs lists of {n} tokens")
+    check("".join(lp.tokens) == c.choices[0].text, f"legacy tokens spell the text {lp.tokens}")
+    offsets, at = [], 0
+    for t in lp.tokens:
+        offsets.append(at)
+        at += len(t)
+    check(lp.text_offset == offsets, f"text_offset {lp.text_offset}")
+    for t, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        check_quiet(2 <= len(top) <= 3 and abs(top[t] - l) < 1e-6 and max(top.values()) == l,
+                    f"legacy top_logprobs {top} hold the greedy token {t!r} ({l})")
+    print("ok: legacy top_logprobs hold the chosen (most likely) token")
+    try:
+        client.chat.completions.create(model=model, messages=messages, logprobs=True, top_logprobs=21)
+        check(False, "top_logprobs=21 refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and e.body.get("param") == "top_logprobs", "top_logprobs=21 -> 400")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     ap.add_argument("--api-key", default="sk-local")
     args = ap.parse_args()
-    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0)
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
 
     models = client.models.list()
     ids = [m.id for m in models.data]
@@ -79,12 +158,14 @@ def main():
     chat_stop = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, stop=text[2:4])
     check(chat_stop.choices[0].message.content == text[: text.index(text[2:4])], f"chat stop {text[2:4]!r}")
 
+    check_logprobs(client, model, messages)
+
     try:
         client.chat.completions.create(model=model, messages=messages, n=2)
         check(False, "n=2 refused")
     except openai.BadRequestError as e:
         check(e.status_code == 400 and e.body.get("param") == "n", f"n=2 -> 400 ({e.body.get('message')})")
-    bad = openai.OpenAI(base_url=args.base_url, api_key="wrong-key", max_retries=0)
+    bad = openai.OpenAI(base_url=args.base_url, api_key="wrong-key", max_retries=0, timeout=120)
     try:
         bad.models.list()
         check(False, "wrong key refused")

@@ -8,9 +8,24 @@ use pocketlm::sampling::SamplingParams;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::logprobs::{ChatLogprobs, CompletionLogprobs};
 
 /// Most stop strings per request (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
+
+/// Most alternatives per token in `top_logprobs` (chat, OpenAI's limit) and `logprobs`
+/// (legacy completions: OpenAI allows 5, vLLM 20; 20 here).
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+fn check_top(param: &str, n: u64) -> Result<usize, ApiError> {
+    if n > MAX_TOP_LOGPROBS {
+        return Err(ApiError::bad_param(
+            param,
+            format!("`{param}` is {n}; expected an integer in [0, {MAX_TOP_LOGPROBS}]"),
+        ));
+    }
+    Ok(n as usize)
+}
 
 /// `stop`: one string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
@@ -195,23 +210,37 @@ pub struct ChatCompletionRequest {
     /// Sampling, stopping and streaming fields.
     #[serde(flatten)]
     pub common: CommonParams,
-    /// Log probabilities are not supported; `true` is refused with a 400.
+    /// Return the log-probability of each generated token (`choices[].logprobs.content`).
     #[serde(default)]
     pub logprobs: Option<bool>,
+    /// With `logprobs: true`: how many most likely alternatives to list per token, `0..=20`.
+    #[serde(default)]
+    pub top_logprobs: Option<u64>,
 }
 
 impl ChatCompletionRequest {
+    /// The `k` of [`GenerateParams::logprobs`]: `None` without `logprobs: true`, else
+    /// `top_logprobs` (default 0).
+    ///
+    /// Errors: 400 naming `top_logprobs` when it is above 20, or above 0 without
+    /// `logprobs: true` (as OpenAI's API answers).
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let top = check_top("top_logprobs", self.top_logprobs.unwrap_or(0))?;
+        match self.logprobs {
+            Some(true) => Ok(Some(top)),
+            _ if top > 0 => Err(ApiError::bad_param(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            )),
+            _ => Ok(None),
+        }
+    }
+
     /// The messages as the chat template takes them (`developer` is passed as `system`, as
     /// OpenAI documents it as the newer name; text parts are concatenated).
     ///
-    /// Errors: 400 for an empty list, a non-text part, or `logprobs: true`.
+    /// Errors: 400 for an empty list or a non-text part.
     pub fn messages(&self) -> Result<Vec<Message>, ApiError> {
-        if self.logprobs == Some(true) {
-            return Err(ApiError::bad_param(
-                "logprobs",
-                "`logprobs` is not supported by this server",
-            ));
-        }
         if self.messages.is_empty() {
             return Err(ApiError::bad_param(
                 "messages",
@@ -271,20 +300,20 @@ pub struct CompletionRequest {
     /// Sampling, stopping and streaming fields.
     #[serde(flatten)]
     pub common: CommonParams,
-    /// Log probabilities are not supported; a non-null, non-zero value is refused.
+    /// Legacy log-probabilities: `N` (`0..=20`) returns each generated token's
+    /// log-probability and the `N` most likely alternatives; null returns none.
     #[serde(default)]
     pub logprobs: Option<u64>,
 }
 
 impl CompletionRequest {
-    /// The prompt text. Errors: 400 for a batch of other than one prompt or `logprobs`.
+    /// The `k` of [`GenerateParams::logprobs`]. Errors: 400 naming `logprobs` above 20.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        self.logprobs.map(|n| check_top("logprobs", n)).transpose()
+    }
+
+    /// The prompt text. Errors: 400 for a batch of other than one prompt.
     pub fn prompt(&self) -> Result<String, ApiError> {
-        if matches!(self.logprobs, Some(n) if n > 0) {
-            return Err(ApiError::bad_param(
-                "logprobs",
-                "`logprobs` is not supported by this server",
-            ));
-        }
         match &self.prompt {
             CompletionPrompt::Text(t) => Ok(t.clone()),
             CompletionPrompt::Batch(v) if v.len() == 1 => Ok(v[0].clone()),
@@ -337,8 +366,8 @@ pub struct ChatChoice {
     pub index: u32,
     /// The answer.
     pub message: AssistantMessage,
-    /// Always null (log probabilities are not supported).
-    pub logprobs: Option<()>,
+    /// Per-token log-probabilities when `logprobs: true`, else null.
+    pub logprobs: Option<ChatLogprobs>,
     /// `stop` (end-of-generation token or stop string) or `length`.
     pub finish_reason: &'static str,
 }
@@ -367,8 +396,9 @@ pub struct CompletionChoice {
     pub text: String,
     /// Always 0.
     pub index: u32,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// Legacy log-probabilities when `logprobs` was given (in a stream: of this chunk's
+    /// tokens), else null.
+    pub logprobs: Option<CompletionLogprobs>,
     /// `stop`, `length`, or null in a streamed chunk before the last.
     pub finish_reason: Option<&'static str>,
 }
@@ -408,8 +438,8 @@ pub struct ChunkChoice {
     pub index: u32,
     /// What is new.
     pub delta: Delta,
-    /// Always null.
-    pub logprobs: Option<()>,
+    /// Log-probabilities of this chunk's tokens when `logprobs: true`, else null.
+    pub logprobs: Option<ChatLogprobs>,
     /// Null until the last content chunk.
     pub finish_reason: Option<&'static str>,
 }
@@ -546,12 +576,51 @@ mod tests {
             two.prompt().expect_err("batch").param.as_deref(),
             Some("prompt")
         );
-        let lp: CompletionRequest =
-            serde_json::from_str(r#"{"prompt": "a", "logprobs": 2}"#).expect("parses");
+    }
+
+    #[test]
+    fn logprob_fields_are_checked() {
+        let chat = |body: &str| {
+            serde_json::from_str::<ChatCompletionRequest>(body)
+                .expect("parses")
+                .logprobs()
+        };
+        assert_eq!(chat(r#"{"messages": []}"#).expect("valid"), None);
         assert_eq!(
-            lp.prompt().expect_err("logprobs").param.as_deref(),
-            Some("logprobs")
+            chat(r#"{"messages": [], "logprobs": false, "top_logprobs": 0}"#).expect("valid"),
+            None
         );
+        assert_eq!(
+            chat(r#"{"messages": [], "logprobs": true}"#).expect("valid"),
+            Some(0)
+        );
+        assert_eq!(
+            chat(r#"{"messages": [], "logprobs": true, "top_logprobs": 20}"#).expect("valid"),
+            Some(20)
+        );
+        for body in [
+            r#"{"messages": [], "logprobs": true, "top_logprobs": 21}"#,
+            r#"{"messages": [], "top_logprobs": 3}"#,
+        ] {
+            let e = chat(body).expect_err(body);
+            assert_eq!(e.param.as_deref(), Some("top_logprobs"), "{body}");
+        }
+        let comp = |body: &str| {
+            serde_json::from_str::<CompletionRequest>(body)
+                .expect("parses")
+                .logprobs()
+        };
+        assert_eq!(comp(r#"{"prompt": "a"}"#).expect("valid"), None);
+        assert_eq!(
+            comp(r#"{"prompt": "a", "logprobs": 0}"#).expect("valid"),
+            Some(0)
+        );
+        assert_eq!(
+            comp(r#"{"prompt": "a", "logprobs": 5}"#).expect("valid"),
+            Some(5)
+        );
+        let e = comp(r#"{"prompt": "a", "logprobs": 21}"#).expect_err("too many");
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
     }
 
     #[test]

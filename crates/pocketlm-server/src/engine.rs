@@ -12,12 +12,20 @@ use pocketlm::loader::{LoadedModel, Prompt};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::error::ApiError;
+use crate::logprobs::StepLogprobs;
 
 /// Messages from a generation to its handler.
 #[derive(Debug)]
 pub enum Msg {
-    /// Newly final text (never empty).
-    Delta(String),
+    /// Newly final text, and the log-probabilities of the token that produced it when they
+    /// were asked for. The text may be empty only when `logprobs` is set (a token whose text
+    /// is held back: part of a character or of a possible stop string).
+    Delta {
+        /// The text.
+        text: String,
+        /// The generated token's log-probabilities (`GenerateParams::logprobs` set).
+        logprobs: Option<Box<StepLogprobs>>,
+    },
     /// The generation ended normally.
     Done {
         /// `stop` or `length`.
@@ -112,7 +120,8 @@ impl Engine {
     }
 
     /// Starts a generation: waits (in arrival order) for a permit, then generates on a
-    /// blocking thread. The returned receiver yields [`Msg::Delta`]s then one [`Msg::Done`]
+    /// blocking thread. The returned receiver yields [`Msg::Delta`]s (one per generated token
+    /// when `params.logprobs` is set) then one [`Msg::Done`]
     /// or [`Msg::Error`]. Dropping the receiver cancels the generation (or its wait).
     pub fn start(&self, slot: Slot, ids: Vec<u32>, params: GenerateParams) -> mpsc::Receiver<Msg> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -162,7 +171,7 @@ fn run_generation(
         return;
     }
     let mut cache = model.model.new_cache();
-    let gen = match generate(
+    let mut gen = match generate(
         model.model.as_ref(),
         &model.tokenizer,
         &mut cache,
@@ -175,16 +184,28 @@ fn run_generation(
             return;
         }
     };
-    for ev in gen {
+    while let Some(ev) = gen.next() {
         if tx.is_closed() {
             return;
         }
         let msg = match ev {
-            Ok(Event::Token { text, .. }) | Ok(Event::Text(text)) => {
+            Ok(Event::Token { text, .. }) => {
+                let logprobs = gen
+                    .logprobs()
+                    .map(|lp| Box::new(StepLogprobs::new(&model.tokenizer, lp)));
+                if text.is_empty() && logprobs.is_none() {
+                    continue;
+                }
+                Msg::Delta { text, logprobs }
+            }
+            Ok(Event::Text(text)) => {
                 if text.is_empty() {
                     continue;
                 }
-                Msg::Delta(text)
+                Msg::Delta {
+                    text,
+                    logprobs: None,
+                }
             }
             Ok(Event::Finished { reason, stats }) => Msg::Done {
                 finish_reason: reason.as_openai(),
@@ -192,7 +213,7 @@ fn run_generation(
             },
             Err(e) => Msg::Error(ApiError::from_library(e)),
         };
-        let last = !matches!(msg, Msg::Delta(_));
+        let last = !matches!(msg, Msg::Delta { .. });
         if tx.blocking_send(msg).is_err() || last {
             return;
         }

@@ -2,7 +2,8 @@
 //!
 //! Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`,
 //! `POST /v1/completions` (non-streamed, or streamed as server-sent events:
-//! `data: {json}\n\n` chunks then `data: [DONE]\n\n`, as OpenAI's API reference describes).
+//! `data: {json}\n\n` chunks then `data: [DONE]\n\n`, as OpenAI's API reference describes;
+//! optional per-token log-probabilities, see [`logprobs`]).
 //! Errors are OpenAI's JSON shape with the matching status (400, 401, 404, 405, 413, 503).
 //!
 //! Requests are admitted into a bounded queue (503 beyond it), then run in arrival order, at
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod engine;
 pub mod error;
+pub mod logprobs;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,6 +36,7 @@ use tokio::sync::mpsc;
 use crate::api::*;
 use crate::engine::{Engine, Msg};
 pub use crate::error::ApiError;
+use crate::logprobs::{ChatLogprobs, CompletionLogprobs, StepLogprobs};
 
 /// Server settings (the flags of `pocketlm serve`).
 #[derive(Debug, Clone)]
@@ -260,7 +263,9 @@ async fn chat_completions(
     let req: ChatCompletionRequest = parse_body(body)?;
     let messages = req.messages()?;
     let ctx = s.engine.model().model.info().context_length;
-    let params = req.common.to_generate_params(ctx)?;
+    let mut params = req.common.to_generate_params(ctx)?;
+    params.logprobs = req.logprobs()?;
+    let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
     let ids = s.engine.encode(Prompt::Chat(messages)).await?;
     let prompt_tokens = ids.len();
@@ -272,11 +277,18 @@ async fn chat_completions(
         model: s.model_id.to_string(),
         include_usage: req.common.include_usage(),
         prompt_tokens,
+        logprobs,
+        text_offset: 0,
     };
     if req.common.stream() {
         return Ok(sse(rx, fmt));
     }
-    let (text, finish_reason, completion_tokens) = collect(rx).await?;
+    let out = collect(rx).await?;
+    let lp = logprobs.then(|| {
+        let mut c = ChatLogprobs::default();
+        out.steps.iter().for_each(|st| c.push(st));
+        c
+    });
     Ok(Json(ChatCompletion {
         id: fmt.id,
         object: "chat.completion",
@@ -286,12 +298,12 @@ async fn chat_completions(
             index: 0,
             message: AssistantMessage {
                 role: "assistant",
-                content: text,
+                content: out.text,
             },
-            logprobs: None,
-            finish_reason,
+            logprobs: lp,
+            finish_reason: out.finish_reason,
         }],
-        usage: Usage::new(prompt_tokens, completion_tokens),
+        usage: Usage::new(prompt_tokens, out.completion_tokens),
     })
     .into_response())
 }
@@ -303,7 +315,9 @@ async fn completions(
     let req: CompletionRequest = parse_body(body)?;
     let prompt = req.prompt()?;
     let ctx = s.engine.model().model.info().context_length;
-    let params = req.common.to_generate_params(ctx)?;
+    let mut params = req.common.to_generate_params(ctx)?;
+    params.logprobs = req.logprobs()?;
+    let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
     let ids =
         s.engine
@@ -322,37 +336,68 @@ async fn completions(
         model: s.model_id.to_string(),
         include_usage: req.common.include_usage(),
         prompt_tokens,
+        logprobs,
+        text_offset: 0,
     };
     if req.common.stream() {
         return Ok(sse(rx, fmt));
     }
-    let (text, finish_reason, completion_tokens) = collect(rx).await?;
+    let out = collect(rx).await?;
+    let lp = logprobs.then(|| {
+        let mut c = CompletionLogprobs::default();
+        let mut offset = 0;
+        for st in &out.steps {
+            c.push(st, offset);
+            offset += st.chosen.token.chars().count();
+        }
+        c
+    });
     Ok(Json(Completion {
         id: fmt.id,
         object: "text_completion",
         created: fmt.created,
         model: fmt.model,
         choices: vec![CompletionChoice {
-            text,
+            text: out.text,
             index: 0,
-            logprobs: None,
-            finish_reason: Some(finish_reason),
+            logprobs: lp,
+            finish_reason: Some(out.finish_reason),
         }],
-        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+        usage: Some(Usage::new(prompt_tokens, out.completion_tokens)),
     })
     .into_response())
 }
 
-/// Gathers a whole answer: (text, finish reason, completion tokens).
-async fn collect(mut rx: mpsc::Receiver<Msg>) -> Result<(String, &'static str, usize), ApiError> {
+/// A whole answer.
+struct Collected {
+    text: String,
+    finish_reason: &'static str,
+    completion_tokens: usize,
+    /// One per generated token when log-probabilities were asked for.
+    steps: Vec<StepLogprobs>,
+}
+
+/// Gathers a whole answer.
+async fn collect(mut rx: mpsc::Receiver<Msg>) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut steps = Vec::new();
     while let Some(msg) = rx.recv().await {
         match msg {
-            Msg::Delta(t) => text.push_str(&t),
+            Msg::Delta { text: t, logprobs } => {
+                text.push_str(&t);
+                steps.extend(logprobs.map(|b| *b));
+            }
             Msg::Done {
                 finish_reason,
                 completion_tokens,
-            } => return Ok((text, finish_reason, completion_tokens)),
+            } => {
+                return Ok(Collected {
+                    text,
+                    finish_reason,
+                    completion_tokens,
+                    steps,
+                })
+            }
             Msg::Error(e) => return Err(e),
         }
     }
@@ -373,6 +418,10 @@ struct StreamFormat {
     model: String,
     include_usage: bool,
     prompt_tokens: usize,
+    /// Whether chunks carry log-probabilities.
+    logprobs: bool,
+    /// Characters of token text streamed so far (legacy `text_offset`).
+    text_offset: usize,
 }
 
 fn event<T: Serialize>(value: &T) -> String {
@@ -386,7 +435,12 @@ fn event<T: Serialize>(value: &T) -> String {
 }
 
 impl StreamFormat {
-    fn chat_chunk(&self, delta: Delta, finish_reason: Option<&'static str>) -> String {
+    fn chat_chunk(
+        &self,
+        delta: Delta,
+        logprobs: Option<ChatLogprobs>,
+        finish_reason: Option<&'static str>,
+    ) -> String {
         event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -395,14 +449,19 @@ impl StreamFormat {
             choices: vec![ChunkChoice {
                 index: 0,
                 delta,
-                logprobs: None,
+                logprobs,
                 finish_reason,
             }],
             usage: None,
         })
     }
 
-    fn completion_chunk(&self, text: String, finish_reason: Option<&'static str>) -> String {
+    fn completion_chunk(
+        &self,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: Option<&'static str>,
+    ) -> String {
         event(&Completion {
             id: self.id.clone(),
             object: "text_completion",
@@ -411,7 +470,7 @@ impl StreamFormat {
             choices: vec![CompletionChoice {
                 text,
                 index: 0,
-                logprobs: None,
+                logprobs,
                 finish_reason,
             }],
             usage: None,
@@ -427,29 +486,50 @@ impl StreamFormat {
                     content: Some(String::new()),
                 },
                 None,
+                None,
             ),
             Kind::Completion => String::new(),
         }
     }
 
-    fn delta(&self, text: String) -> String {
+    /// A content chunk; with log-probabilities on, `step` (the token of this text) fills the
+    /// chunk's `logprobs` (an empty list for text without a token, flushed at the end).
+    fn delta(&mut self, text: String, step: Option<Box<StepLogprobs>>) -> String {
         match self.kind {
-            Kind::Chat => self.chat_chunk(
-                Delta {
-                    role: None,
-                    content: Some(text),
-                },
-                None,
-            ),
-            Kind::Completion => self.completion_chunk(text, None),
+            Kind::Chat => {
+                let lp = self.logprobs.then(|| {
+                    let mut c = ChatLogprobs::default();
+                    step.iter().for_each(|st| c.push(st));
+                    c
+                });
+                self.chat_chunk(
+                    Delta {
+                        role: None,
+                        content: Some(text),
+                    },
+                    lp,
+                    None,
+                )
+            }
+            Kind::Completion => {
+                let lp = self.logprobs.then(|| {
+                    let mut c = CompletionLogprobs::default();
+                    if let Some(st) = &step {
+                        c.push(st, self.text_offset);
+                        self.text_offset += st.chosen.token.chars().count();
+                    }
+                    c
+                });
+                self.completion_chunk(text, lp, None)
+            }
         }
     }
 
     /// The finish chunk, the usage chunk when asked for, and `[DONE]`.
     fn done(&self, finish_reason: &'static str, completion_tokens: usize) -> String {
         let mut out = match self.kind {
-            Kind::Chat => self.chat_chunk(Delta::default(), Some(finish_reason)),
-            Kind::Completion => self.completion_chunk(String::new(), Some(finish_reason)),
+            Kind::Chat => self.chat_chunk(Delta::default(), None, Some(finish_reason)),
+            Kind::Completion => self.completion_chunk(String::new(), None, Some(finish_reason)),
         };
         if self.include_usage {
             let usage = Some(Usage::new(self.prompt_tokens, completion_tokens));
@@ -504,7 +584,7 @@ fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
             return None;
         }
         let out = match st.rx.recv().await {
-            Some(Msg::Delta(t)) => st.fmt.delta(t),
+            Some(Msg::Delta { text, logprobs }) => st.fmt.delta(text, logprobs),
             Some(Msg::Done {
                 finish_reason,
                 completion_tokens,

@@ -585,3 +585,256 @@ fn wait_for_free_slot(a: &ureq::Agent, base: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The first generated token's `(text, logprob)` top list, computed by the library directly
+/// with greedy decoding (logits before any temperature).
+fn library_first_top(messages: &[Message], k: usize) -> Vec<(String, f32)> {
+    let m = model();
+    let ids = m.encode(&Prompt::Chat(messages.to_vec())).expect("encode");
+    let mut cache = m.model.new_cache();
+    let params = pocketlm::generate::GenerateParams {
+        max_tokens: 1,
+        logprobs: Some(k),
+        ..Default::default()
+    };
+    let mut gen =
+        pocketlm::generate::generate(m.model.as_ref(), &m.tokenizer, &mut cache, &ids, params)
+            .expect("generate");
+    let first = gen.next().expect("an event").expect("no error");
+    assert!(
+        matches!(first, pocketlm::generate::Event::Token { .. }),
+        "{first:?}"
+    );
+    let lp = gen.logprobs().expect("logprobs were asked for");
+    lp.top
+        .iter()
+        .map(|&(id, l)| {
+            let (t, _) = pocketlm_server::logprobs::token_text_and_bytes(&m.tokenizer, id);
+            (t, l)
+        })
+        .collect()
+}
+
+fn as_f32(v: &Value) -> f32 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}")) as f32
+}
+
+/// Checks one chat `logprobs.content` entry; returns (token, logprob, bytes).
+fn check_chat_entry(e: &Value, k: usize, greedy: bool) -> (String, f32, Vec<u8>) {
+    let token = e["token"].as_str().expect("token").to_string();
+    let logprob = as_f32(&e["logprob"]);
+    assert!(logprob <= 0.0, "{e}");
+    let bytes: Vec<u8> = e["bytes"]
+        .as_array()
+        .expect("bytes")
+        .iter()
+        .map(|b| b.as_u64().expect("byte") as u8)
+        .collect();
+    let top = e["top_logprobs"].as_array().expect("top_logprobs");
+    assert_eq!(top.len(), k, "{e}");
+    let tl: Vec<f32> = top.iter().map(|t| as_f32(&t["logprob"])).collect();
+    assert!(tl.windows(2).all(|w| w[0] >= w[1]), "sorted: {e}");
+    let mass: f32 = tl.iter().map(|l| l.exp()).sum();
+    assert!(mass <= 1.0 + 1e-4, "{e}");
+    if let Some(t) = top.iter().find(|t| t["token"] == e["token"]) {
+        assert!((as_f32(&t["logprob"]) - logprob).abs() < 1e-6, "{e}");
+    }
+    if greedy && k > 0 {
+        assert_eq!(
+            top[0]["token"], e["token"],
+            "greedy picks the most likely: {e}"
+        );
+    }
+    (token, logprob, bytes)
+}
+
+#[test]
+fn chat_logprobs_stream_and_non_stream() {
+    let messages = [Message::user("Name three fruits.")];
+    let req = json!({
+        "messages": [{"role": "user", "content": "Name three fruits."}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": true,
+        "top_logprobs": 5,
+    });
+    let (status, v) = post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    let entries = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs.content");
+    assert_eq!(
+        entries.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().expect("usage"),
+        "one entry per generated token: {v}"
+    );
+    let mut bytes = Vec::new();
+    let mut tokens = Vec::new();
+    for e in entries {
+        let (t, l, b) = check_chat_entry(e, 5, true);
+        bytes.extend(b);
+        tokens.push((t, l));
+    }
+    if v["choices"][0]["finish_reason"] == "length" {
+        assert_eq!(String::from_utf8_lossy(&bytes), content, "{v}");
+    }
+    // The values are the model's own distribution: the same as the library's at the first
+    // position, and unchanged by the temperature.
+    let lib = library_first_top(&messages, 5);
+    let top0: Vec<(String, f32)> = entries[0]["top_logprobs"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .map(|t| {
+            (
+                t["token"].as_str().expect("t").to_string(),
+                as_f32(&t["logprob"]),
+            )
+        })
+        .collect();
+    for ((a, la), (b, lb)) in top0.iter().zip(&lib) {
+        assert_eq!(a, b);
+        assert!((la - lb).abs() < 1e-4, "{la} vs {lb}");
+    }
+    let mut hot = req.clone();
+    hot["temperature"] = json!(1.9);
+    hot["seed"] = json!(3);
+    hot["max_tokens"] = json!(1);
+    let (status, h) = post("/v1/chat/completions", &hot);
+    assert_eq!(status, 200, "{h}");
+    let e = &h["choices"][0]["logprobs"]["content"][0];
+    check_chat_entry(e, 5, false);
+    for (t, (a, la)) in e["top_logprobs"].as_array().expect("top").iter().zip(&lib) {
+        assert_eq!(t["token"].as_str(), Some(a.as_str()));
+        assert!(
+            (as_f32(&t["logprob"]) - la).abs() < 1e-4,
+            "temperature must not apply"
+        );
+    }
+
+    // Streamed: the same tokens and values, spread over the chunks.
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let (status, text) = post_raw(
+        &agent(),
+        "/v1/chat/completions",
+        sreq.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let mut streamed = Vec::new();
+    for d in sse_data(&text) {
+        if d == "[DONE]" {
+            break;
+        }
+        let c: Value = serde_json::from_str(&d).expect("chunk");
+        if let Some(list) = c["choices"][0]["logprobs"]["content"].as_array() {
+            for e in list {
+                let (t, l, _) = check_chat_entry(e, 5, true);
+                streamed.push((t, l));
+            }
+        }
+    }
+    assert_eq!(streamed.len(), tokens.len(), "{text}");
+    for ((a, la), (b, lb)) in streamed.iter().zip(&tokens) {
+        assert_eq!(a, b);
+        assert!((la - lb).abs() < 1e-5);
+    }
+
+    // Without `logprobs` the field is null; bad values name their field.
+    let mut plain = req.clone();
+    plain.as_object_mut().expect("obj").remove("logprobs");
+    plain.as_object_mut().expect("obj").remove("top_logprobs");
+    let (_, p) = post("/v1/chat/completions", &plain);
+    assert!(p["choices"][0]["logprobs"].is_null(), "{p}");
+    for (field, value) in [("top_logprobs", json!(21)), ("top_logprobs", json!(-1))] {
+        let mut bad = req.clone();
+        bad[field] = value;
+        let (status, b) = post("/v1/chat/completions", &bad);
+        assert_error(status, 400, &b);
+    }
+    let mut bad = plain.clone();
+    bad["top_logprobs"] = json!(2);
+    let (status, b) = post("/v1/chat/completions", &bad);
+    assert_eq!(assert_error(status, 400, &b)["param"], "top_logprobs");
+}
+
+#[test]
+fn completion_logprobs_legacy_shape() {
+    let req = json!({
+        "prompt": "One, two, three,",
+        "max_tokens": 5,
+        "temperature": 0,
+        "logprobs": 3,
+        "ignore_eos": true,
+    });
+    let (status, v) = post("/v1/completions", &req);
+    assert_eq!(status, 200, "{v}");
+    let choice = &v["choices"][0];
+    let text = choice["text"].as_str().expect("text");
+    let lp = &choice["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_str().expect("token"))
+        .collect();
+    assert_eq!(tokens.len(), 5, "{v}");
+    assert_eq!(tokens.concat(), text, "{v}");
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("text_offset")
+        .iter()
+        .map(|o| o.as_u64().expect("offset"))
+        .collect();
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(&offsets) {
+        assert_eq!(*o, at, "{v}");
+        at += t.chars().count() as u64;
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        let l = as_f32(&lp["token_logprobs"][i]);
+        let top = lp["top_logprobs"][i].as_object().expect("top dict");
+        assert!((3..=4).contains(&top.len()), "{v}");
+        assert!(
+            (as_f32(&top[*t]) - l).abs() < 1e-6,
+            "chosen token listed: {v}"
+        );
+        let best = top.values().map(as_f32).fold(f32::MIN, f32::max);
+        assert_eq!(best, l, "greedy picks the most likely: {v}");
+    }
+
+    // Streamed: the same lists, concatenated over the chunks, offsets continuing.
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let (status, body) = post_raw(&agent(), "/v1/completions", sreq.to_string().as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let (mut st, mut so, mut sl) = (Vec::new(), Vec::new(), Vec::new());
+    for d in sse_data(&body) {
+        if d == "[DONE]" {
+            break;
+        }
+        let c: Value = serde_json::from_str(&d).expect("chunk");
+        let l = &c["choices"][0]["logprobs"];
+        if l.is_null() {
+            continue;
+        }
+        for (i, t) in l["tokens"].as_array().expect("tokens").iter().enumerate() {
+            st.push(t.as_str().expect("t").to_string());
+            so.push(l["text_offset"][i].as_u64().expect("o"));
+            sl.push(as_f32(&l["token_logprobs"][i]));
+        }
+    }
+    assert_eq!(st, tokens);
+    assert_eq!(so, offsets);
+    for (i, l) in sl.iter().enumerate() {
+        assert!((l - as_f32(&lp["token_logprobs"][i])).abs() < 1e-5);
+    }
+
+    let mut bad = req.clone();
+    bad["logprobs"] = json!(21);
+    let (status, b) = post("/v1/completions", &bad);
+    assert_eq!(assert_error(status, 400, &b)["param"], "logprobs");
+}

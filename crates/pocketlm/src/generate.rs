@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use crate::kv_cache::KvCache;
 use crate::memory;
 use crate::models::{CausalLM, Logits};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{self, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -27,6 +27,10 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// Prompt tokens processed per forward pass during prefill (bounds activation memory).
     pub prefill_chunk: usize,
+    /// `Some(k)`: compute each generated token's log-probability and the `k` most likely
+    /// alternatives ([`TokenLogprobs`], read with [`Generation::logprobs`]). `None` (the
+    /// default) computes nothing.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateParams {
@@ -37,7 +41,52 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             ignore_eos: false,
             prefill_chunk: 512,
+            logprobs: None,
         }
+    }
+}
+
+/// Log-probabilities at one generation step: `log_softmax` of the model's raw logits (before
+/// repetition penalty, temperature and the filters), i.e. the model's own distribution, as
+/// OpenAI's API and vLLM report `logprobs`. Natural log, f32; `-inf` for a token the model
+/// rules out entirely.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The generated token id.
+    pub id: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens `(id, logprob)`, most likely first (lower id first on ties);
+    /// as many as asked for, fewer only if the vocabulary is smaller. May or may not contain
+    /// `id`.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of token `id` and of the `top` most likely tokens under `logits`
+/// (`[vocab]` f32 raw logits of one position).
+///
+/// Formula: `logprob_i = x_i - logsumexp(x)` ([`sampling::log_softmax`], after
+/// [`sampling::sanitize`]: NaN counts as `-inf`, `+inf` as `f32::MAX`). The top list is chosen
+/// with `select_nth_unstable` (no full sort of the vocabulary) then sorted. An `id` outside
+/// `logits` gets `-inf`. Cost: one pass over `vocab` plus `O(top log top)`.
+pub fn token_logprobs(logits: &[f32], id: u32, top: usize) -> TokenLogprobs {
+    let mut lp = logits.to_vec();
+    sampling::sanitize(&mut lp);
+    sampling::log_softmax(&mut lp);
+    let logprob = lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let k = top.min(lp.len());
+    // Descending by value, then ascending by id: a total order (no NaN after sanitize).
+    let order = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+    }
+    idx.truncate(k);
+    idx.sort_unstable_by(order);
+    TokenLogprobs {
+        id,
+        logprob,
+        top: idx.into_iter().map(|i| (i, lp[i as usize])).collect(),
     }
 }
 
@@ -133,6 +182,10 @@ pub struct Generation<'a> {
     pending_prompt: Vec<u32>,
     history: Vec<u32>,
     next_token: Option<u32>,
+    /// Log-probabilities of `next_token` (when asked for).
+    next_logprobs: Option<TokenLogprobs>,
+    /// Log-probabilities of the token of the last [`Event::Token`].
+    last_logprobs: Option<TokenLogprobs>,
     decoder: StreamDecoder<&'a Tokenizer>,
     text: String,
     emitted: usize,
@@ -185,6 +238,8 @@ pub fn generate<'a>(
         pending_prompt: prompt.to_vec(),
         history: prompt.to_vec(),
         next_token: None,
+        next_logprobs: None,
+        last_logprobs: None,
         decoder: StreamDecoder::new(tokenizer, true),
         text: String::new(),
         emitted: 0,
@@ -196,6 +251,15 @@ pub fn generate<'a>(
 }
 
 impl Generation<'_> {
+    /// Log-probabilities of the token of the last [`Event::Token`] this generation yielded,
+    /// when [`GenerateParams::logprobs`] is set (`None` otherwise, and before the first token).
+    /// Read it right after receiving the `Token` event.
+    pub fn logprobs(&self) -> Option<&TokenLogprobs> {
+        self.last_logprobs.as_ref()
+    }
+
+    /// Samples the next token from `logits` (`[1, vocab]`) and, when asked, stores its
+    /// log-probabilities in `next_logprobs`.
     fn logits_to_token(&mut self, logits: &Tensor) -> Result<u32> {
         let l: Vec<f32> = logits
             .squeeze(0)?
@@ -203,7 +267,9 @@ impl Generation<'_> {
             .to_vec1()?;
         let window = self.params.sampling.repetition_context_size;
         let recent = &self.history[self.history.len().saturating_sub(window)..];
-        Ok(self.sampler.sample(&l, recent))
+        let tok = self.sampler.sample(&l, recent);
+        self.next_logprobs = self.params.logprobs.map(|k| token_logprobs(&l, tok, k));
+        Ok(tok)
     }
 
     fn prefill(&mut self) -> Result<u32> {
@@ -270,11 +336,13 @@ impl Generation<'_> {
         if self.decode_started.is_none() {
             self.decode_started = Some(Instant::now());
         }
+        let logprobs = self.next_logprobs.take();
         if !self.params.ignore_eos && self.tokenizer.is_eog(tok) {
             return self.finish(FinishReason::Eos, true);
         }
         self.stats.generated_tokens += 1;
         self.history.push(tok);
+        self.last_logprobs = logprobs;
         let piece = self.decoder.push(tok)?.unwrap_or_default();
         self.text.push_str(&piece);
         // Stop strings: search only the region that the new text could complete.
@@ -375,5 +443,86 @@ impl Generation<'_> {
         Err(Error::InvalidArgument(
             "generation ended without a finish event".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-20.0f32..20.0)).collect()
+    }
+
+    #[test]
+    fn logprobs_are_a_normalized_log_softmax() {
+        for (n, seed) in [(1, 0), (7, 1), (1000, 2), (49152, 3)] {
+            let logits = random_logits(n, seed);
+            let all = token_logprobs(&logits, 0, n);
+            assert_eq!(all.top.len(), n);
+            let sum: f64 = all.top.iter().map(|&(_, l)| f64::from(l).exp()).sum();
+            assert!(
+                (sum - 1.0).abs() < 1e-4,
+                "n={n}: sum of probabilities {sum}"
+            );
+            // A shift of the logits changes nothing; differences of logprobs are those of
+            // logits.
+            let shifted: Vec<f32> = logits.iter().map(|x| x + 3.5).collect();
+            let s = token_logprobs(&shifted, 0, 0);
+            assert!((s.logprob - all.logprob).abs() < 1e-4);
+            for &(i, l) in all.top.iter().take(20) {
+                let d = (l - all.logprob) - (logits[i as usize] - logits[0]);
+                assert!(d.abs() < 1e-3, "n={n} id={i}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_is_sorted_and_agrees_with_the_chosen_token() {
+        let logits = random_logits(5000, 7);
+        let full = token_logprobs(&logits, 0, logits.len());
+        for k in [0, 1, 5, 20] {
+            for id in [0u32, 17, 4999] {
+                let t = token_logprobs(&logits, id, k);
+                assert_eq!(t.id, id);
+                assert_eq!(t.top.len(), k);
+                assert!(
+                    t.top.windows(2).all(|w| w[0].1 >= w[1].1),
+                    "sorted: {:?}",
+                    t.top
+                );
+                // The k best of the full ranking.
+                assert_eq!(t.top, full.top[..k].to_vec());
+                if let Some(&(_, l)) = t.top.iter().find(|(i, _)| *i == id) {
+                    assert_eq!(l, t.logprob);
+                }
+            }
+        }
+        // The argmax is first and carries the chosen token's value.
+        let best = sampling::argmax(&logits);
+        let t = token_logprobs(&logits, best, 3);
+        assert_eq!(t.top[0], (best, t.logprob));
+    }
+
+    #[test]
+    fn ties_order_by_id_and_odd_values_are_safe() {
+        let t = token_logprobs(&[1.0, 2.0, 2.0, 1.0], 3, 10);
+        let ids: Vec<u32> = t.top.iter().map(|p| p.0).collect();
+        assert_eq!(
+            ids,
+            vec![1, 2, 0, 3],
+            "capped at the vocabulary, ties by id"
+        );
+        let e = (1.0f64.exp() * 2.0 + 2.0f64.exp() * 2.0).ln();
+        assert!((f64::from(t.logprob) - (1.0 - e)).abs() < 1e-6);
+        // NaN is ruled out (-inf), an id outside the vocabulary too.
+        let t = token_logprobs(&[f32::NAN, 0.0, 0.0], 0, 3);
+        assert_eq!(t.logprob, f32::NEG_INFINITY);
+        assert_eq!(t.top[0], (1, -(2.0f32.ln())));
+        assert_eq!(t.top[2].1, f32::NEG_INFINITY);
+        assert_eq!(token_logprobs(&[0.0], 5, 1).logprob, f32::NEG_INFINITY);
+        assert!(token_logprobs(&[], 0, 4).top.is_empty());
     }
 }
