@@ -11,9 +11,10 @@ use pocketlm::safetensors_weights::QuantParams;
 /// Arguments of `convert` (mlx-lm's `mlx_lm.convert` names).
 #[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
-    /// Source: a .gguf file or a Hugging Face / MLX model folder. Omitted: the default model.
-    #[arg(long, short = 'm')]
-    pub model: Option<PathBuf>,
+    /// Source: a .gguf file, a Hugging Face / MLX model folder or a hub id
+    /// (org/name[@revision]). Omitted: the default model.
+    #[arg(long, short = 'm', alias = "hf-path")]
+    pub model: Option<String>,
     /// Output folder (must not exist; written atomically).
     #[arg(long = "out", alias = "mlx-path")]
     pub out: PathBuf,
@@ -36,10 +37,7 @@ pub struct ConvertArgs {
 
 /// Runs `convert`, with a progress bar on a terminal.
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let src = match a.model {
-        Some(m) => m,
-        None => super::model::fetch_default()?,
-    };
+    let src = super::model::resolve(a.model.as_deref())?;
     let opts = ConvertOptions {
         quantize: a.quantize.then_some(QuantParams {
             group_size: a.q_group_size,
