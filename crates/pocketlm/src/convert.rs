@@ -11,6 +11,12 @@
 //! are written as `model.safetensors` or `model-0000i-of-0000n.safetensors` shards of at most
 //! 5 GiB, with `model.safetensors.index.json`.
 //!
+//! Per-layer choices, written to config.json as overrides (`"quantization": {"group_size": 64,
+//! "bits": 4, "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6}, ...}`, `false`
+//! for a layer kept in float), come from mlx-lm's mixed recipes ([`QuantRecipe`],
+//! `--quant-predicate mixed_3_6`) and from explicit [`QuantOverride`]s
+//! (`--q-override PATTERN=BITS[:GROUP]`).
+//!
 //! GGUF sources are dequantized to f32 first and their Llama q/k projection rows are
 //! un-permuted back to the Hugging Face layout (llama.cpp's `convert_hf_to_gguf.py`
 //! `LlamaModel.permute` reorders them for its interleaved RoPE).
@@ -24,11 +30,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::chat_template::ChatTemplate;
+use crate::fetch::hub::glob_match;
 use crate::gguf::GgufFile;
 use crate::loader::read_json;
 use crate::models;
+use crate::quant::mlx_affine::check_params;
 use crate::quant::mlx_affine::{dequantize_tensor, quantize_tensor};
-use crate::safetensors_weights::{QuantParams, SafetensorsWeights, INDEX_FILE};
+use crate::safetensors_weights::{QuantConfig, QuantParams, SafetensorsWeights, INDEX_FILE};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -50,11 +58,119 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
+/// mlx-lm's mixed-precision recipes (`mlx_lm.convert --quant-predicate mixed_X_Y`,
+/// `mixed_quant_predicate_builder` in `mlx_lm/convert.py`, after llama.cpp's `Q4_K_M` choices):
+/// `lm_head` and, in the first eighth, the last eighth and every third layer in between, the
+/// `v_proj` and `down_proj` layers get the high bit width; every other layer the low one. The
+/// group size is the conversion's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantRecipe {
+    /// 2 / 6 bits.
+    Mixed2_6,
+    /// 3 / 4 bits.
+    Mixed3_4,
+    /// 3 / 6 bits.
+    Mixed3_6,
+    /// 4 / 6 bits.
+    Mixed4_6,
+}
+
+impl QuantRecipe {
+    /// `(low_bits, high_bits)`.
+    pub fn bits(self) -> (usize, usize) {
+        match self {
+            QuantRecipe::Mixed2_6 => (2, 6),
+            QuantRecipe::Mixed3_4 => (3, 4),
+            QuantRecipe::Mixed3_6 => (3, 6),
+            QuantRecipe::Mixed4_6 => (4, 6),
+        }
+    }
+}
+
+impl std::str::FromStr for QuantRecipe {
+    type Err = Error;
+
+    /// `mixed_2_6`, `mixed_3_4`, `mixed_3_6` or `mixed_4_6` (mlx-lm's `QUANT_RECIPES`).
+    ///
+    /// Errors: [`Error::InvalidArgument`] listing the names.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mixed_2_6" => Ok(QuantRecipe::Mixed2_6),
+            "mixed_3_4" => Ok(QuantRecipe::Mixed3_4),
+            "mixed_3_6" => Ok(QuantRecipe::Mixed3_6),
+            "mixed_4_6" => Ok(QuantRecipe::Mixed4_6),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown quantization recipe `{s}` (expected mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6)"
+            ))),
+        }
+    }
+}
+
+/// One per-layer quantization choice: layers whose Hugging Face path (e.g.
+/// `model.layers.0.mlp.down_proj`, no `.weight`) matches `pattern` (`*` any run of
+/// characters, `?` one character) are quantized with `params`, or kept in float when it is
+/// `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantOverride {
+    /// Glob over layer paths.
+    pub pattern: String,
+    /// Bits and group size, or `None` for float.
+    pub params: Option<QuantParams>,
+}
+
+impl QuantOverride {
+    /// Parses `PATTERN=BITS[:GROUP]` or `PATTERN=off` (also `float`, `false`); `GROUP`
+    /// defaults to `default_group_size`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the text for a missing `=`, an empty
+    /// pattern, or bits / group size MLX affine quantization does not support.
+    pub fn parse(s: &str, default_group_size: usize) -> Result<Self> {
+        let bad =
+            |why: String| Error::InvalidArgument(format!("quantization override `{s}`: {why}"));
+        let (pattern, value) = s
+            .rsplit_once('=')
+            .ok_or_else(|| bad("expected PATTERN=BITS[:GROUP] or PATTERN=off".into()))?;
+        if pattern.trim().is_empty() {
+            return Err(bad("empty pattern".into()));
+        }
+        let params = match value.trim() {
+            "off" | "float" | "false" => None,
+            v => {
+                let (bits, group) = match v.split_once(':') {
+                    Some((b, g)) => (b, Some(g)),
+                    None => (v, None),
+                };
+                let num = |t: &str| {
+                    t.trim()
+                        .parse::<usize>()
+                        .map_err(|_| bad(format!("`{t}` is not a number")))
+                };
+                let p = QuantParams {
+                    bits: num(bits)?,
+                    group_size: group.map(num).transpose()?.unwrap_or(default_group_size),
+                };
+                check_params(p.group_size, p.bits).map_err(|e| bad(e.to_string()))?;
+                Some(p)
+            }
+        };
+        Ok(QuantOverride {
+            pattern: pattern.trim().to_string(),
+            params,
+        })
+    }
+}
+
 /// What to convert to.
 #[derive(Debug, Clone, Default)]
 pub struct ConvertOptions {
-    /// MLX affine quantization of the `Linear` / `Embedding` weights.
+    /// MLX affine quantization of the `Linear` / `Embedding` weights: the defaults, which
+    /// `recipe` and `overrides` refine per layer.
     pub quantize: Option<QuantParams>,
+    /// A mixed-precision recipe (needs `quantize`).
+    pub recipe: Option<QuantRecipe>,
+    /// Per-layer choices (need `quantize`), applied after `recipe`; the last one matching a
+    /// layer wins.
+    pub overrides: Vec<QuantOverride>,
     /// Float dtype of the written float tensors (F32, F16 or BF16). `None`: keep each tensor's
     /// dtype for a safetensors source, F16 for a GGUF source (mlx-lm's default).
     pub dtype: Option<DType>,
@@ -186,6 +302,19 @@ pub fn convert(
         Source::Folder { .. } => None,
     };
     let out_dtype = opts.dtype.or(default_dtype);
+    let hf_names: Vec<&str> = match &source {
+        Source::Gguf { names, .. } => names.iter().map(|(hf, _)| hf.as_str()).collect(),
+        Source::Folder { items, .. } => items
+            .iter()
+            .map(|i| match i {
+                Item::Plain(n) | Item::Quantized(n) => n.as_str(),
+            })
+            .collect(),
+    };
+    let plan = QuantPlan::new(opts, &hf_names, &config)?;
+    // Per-layer entries for config.json: layers whose parameters differ from the defaults, and
+    // `None` for candidate layers kept in float.
+    let mut layer_overrides: HashMap<String, Option<QuantParams>> = HashMap::new();
 
     let mut writer = ShardWriter::new(
         tmp.path().to_path_buf(),
@@ -204,19 +333,25 @@ pub fn convert(
     progress(ConvertEvent::Begin { tensors: total });
 
     // Float tensors on their way out: cast, then maybe quantize.
-    let emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
+    let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
         let t = match out_dtype {
             Some(d) => t.to_dtype(d)?,
             None => t,
         };
-        if let Some(p) = opts.quantize {
-            if let Some(prefix) = quantizable(name, &t, p.group_size) {
-                let (qw, s, b) = quantize_tensor(&t, p.group_size, p.bits)
-                    .map_err(|e| Error::tensor(name, e.to_string()))?;
-                w.add(format!("{prefix}.weight"), qw)?;
-                w.add(format!("{prefix}.scales"), s)?;
-                w.add(format!("{prefix}.biases"), b)?;
-                return Ok(true);
+        if let Some(plan) = &plan {
+            if let Some(prefix) = quantizable(name, &t, plan.default.group_size) {
+                let chosen = plan.for_layer(prefix, t.dims())?;
+                if chosen != Some(plan.default) {
+                    layer_overrides.insert(prefix.to_string(), chosen);
+                }
+                if let Some(p) = chosen {
+                    let (qw, s, b) = quantize_tensor(&t, p.group_size, p.bits)
+                        .map_err(|e| Error::tensor(name, e.to_string()))?;
+                    w.add(format!("{prefix}.weight"), qw)?;
+                    w.add(format!("{prefix}.scales"), s)?;
+                    w.add(format!("{prefix}.biases"), b)?;
+                    return Ok(true);
+                }
             }
         }
         w.add(name.to_string(), t)?;
@@ -300,7 +435,11 @@ pub fn convert(
         obj.remove("quantization_config");
         obj.remove("rope_freq_factors");
         if let Some(p) = opts.quantize {
-            let q = serde_json::json!({"group_size": p.group_size, "bits": p.bits});
+            let q = QuantConfig {
+                default: p,
+                overrides: layer_overrides,
+            }
+            .to_json();
             obj.insert("quantization".into(), q.clone());
             obj.insert("quantization_config".into(), q);
         } else if keep_source_quant {
@@ -348,6 +487,128 @@ fn quantizable<'a>(name: &'a str, t: &Tensor, group_size: usize) -> Option<&'a s
     let prefix = name.strip_suffix(".weight")?;
     let dims = t.dims();
     (dims.len() == 2 && dims[1].is_multiple_of(group_size)).then_some(prefix)
+}
+
+/// The per-layer quantization decisions of one conversion.
+struct QuantPlan {
+    default: QuantParams,
+    /// The recipe, the position of the layer index in a layer path, and the layer count.
+    recipe: Option<(QuantRecipe, usize, usize)>,
+    overrides: Vec<QuantOverride>,
+}
+
+impl QuantPlan {
+    /// `names`: the source's Hugging Face tensor names (to find the layer index position as
+    /// mlx-lm does: the first all-digit component of the first `down_proj` path);
+    /// `config`: for `num_hidden_layers`.
+    fn new(
+        opts: &ConvertOptions,
+        names: &[&str],
+        config: &serde_json::Value,
+    ) -> Result<Option<Self>> {
+        let Some(default) = opts.quantize else {
+            if opts.recipe.is_some() || !opts.overrides.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a quantization recipe or per-layer override needs quantization (-q)".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let recipe = match opts.recipe {
+            None => None,
+            Some(r) => {
+                let location = names
+                    .iter()
+                    .find(|n| n.contains("down_proj"))
+                    .and_then(|n| {
+                        n.split('.')
+                            .position(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                    .ok_or_else(|| {
+                        Error::Model(
+                            "the model has no `*.N.*down_proj` layers, which mixed quantization recipes need"
+                                .into(),
+                        )
+                    })?;
+                let text = config.get("text_config").unwrap_or(config);
+                let layers = config
+                    .get("num_hidden_layers")
+                    .or_else(|| text.get("num_hidden_layers"))
+                    .and_then(|v| v.as_u64())
+                    .ok_or_else(|| {
+                        Error::Model(
+                            "config.json has no integer `num_hidden_layers` (needed by mixed quantization recipes)"
+                                .into(),
+                        )
+                    })? as usize;
+                Some((r, location, layers))
+            }
+        };
+        Ok(Some(QuantPlan {
+            default,
+            recipe,
+            overrides: opts.overrides.clone(),
+        }))
+    }
+
+    /// The quantization of layer `prefix` with weight `dims`; `None` keeps it in float. As
+    /// mlx-lm's `quantize_model`: only 2-D weights whose last dimension is a multiple of the
+    /// default group size are candidates; then the recipe, then the overrides decide.
+    ///
+    /// Errors: [`Error::Tensor`] when the chosen group size does not divide the last dimension,
+    /// or the recipe finds no layer index in the path.
+    fn for_layer(&self, prefix: &str, dims: &[usize]) -> Result<Option<QuantParams>> {
+        if dims.len() != 2 || !dims[1].is_multiple_of(self.default.group_size) {
+            return Ok(None);
+        }
+        let mut p = Some(self.default);
+        if let Some((recipe, location, n)) = self.recipe {
+            let parts: Vec<&str> = prefix.split('.').collect();
+            let index = match parts.get(location) {
+                None => 0,
+                Some(c) => c.parse::<usize>().map_err(|_| {
+                    Error::tensor(
+                        prefix,
+                        format!(
+                            "mixed recipe: component {location} of the path is not a layer index"
+                        ),
+                    )
+                })?,
+            };
+            let (index, n) = (index as i64, n as i64);
+            let more = index < n / 8 || index >= 7 * n / 8 || (index - n / 8).rem_euclid(3) == 2;
+            let (low, high) = recipe.bits();
+            let high_layer = (more
+                && ["v_proj", "v_a_proj", "v_b_proj", "down_proj"]
+                    .iter()
+                    .any(|k| prefix.contains(k)))
+                || prefix.contains("lm_head");
+            p = Some(QuantParams {
+                group_size: self.default.group_size,
+                bits: if high_layer { high } else { low },
+            });
+        }
+        if let Some(o) = self
+            .overrides
+            .iter()
+            .rev()
+            .find(|o| glob_match(&o.pattern, prefix))
+        {
+            p = o.params;
+        }
+        if let Some(q) = p {
+            if !dims[1].is_multiple_of(q.group_size) {
+                return Err(Error::tensor(
+                    format!("{prefix}.weight"),
+                    format!(
+                        "the last dimension {} is not a multiple of the group size {}",
+                        dims[1], q.group_size
+                    ),
+                ));
+            }
+        }
+        Ok(p)
+    }
 }
 
 /// Undoes llama.cpp's q/k row permutation: `w: [n_head * head_dim, in]` stored as

@@ -1,14 +1,17 @@
-//! From what the user names (a GGUF file, later a Hugging Face folder or hub id, or nothing for
-//! the default model) to a ready [`LoadedModel`]: model, tokenizer and chat template together.
+//! From what the user names (a GGUF file, a Hugging Face / MLX folder or a hub id such as
+//! `org/name@revision`) to a ready [`LoadedModel`]: model, tokenizer, chat template and the
+//! folder's `generation_config.json` defaults together.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::chat_template::{select_chat_template, ChatTemplate, Message};
 use crate::device::DeviceSpec;
+use crate::fetch;
 use crate::gguf::GgufFile;
 use crate::models::{self, CausalLM};
 use crate::safetensors_weights::SafetensorsWeights;
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::weights::GgufWeights;
 use crate::{Error, Result};
@@ -37,6 +40,8 @@ pub struct LoadedModel {
     pub weights_bytes: u64,
     /// Time spent loading.
     pub load_time: Duration,
+    /// The folder's `generation_config.json`, when it has one (GGUF files have none).
+    pub generation_config: Option<GenerationConfig>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -57,17 +62,77 @@ pub enum Prompt {
     Chat(Vec<Message>),
 }
 
-/// Loads a model from a path.
+/// A hub model id as users write it: `org/name` or `org/name@revision` (branch, tag or commit).
 ///
-/// `path`: a `.gguf` file, or a Hugging Face / MLX model folder (see [`load_folder`]).
-/// Errors: [`Error::Io`] if it does not exist; [`Error::Model`] for a malformed file;
-/// [`Error::UnsupportedArchitecture`] listing the supported ones.
-pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
-    let path = path.as_ref();
+/// Returns `(repo_id, revision)` when `spec` has that shape: exactly one `/`, both parts made
+/// of `A-Z a-z 0-9 - _ .` and not starting with `.` or `-`, and the name not ending in `.gguf`
+/// or `.safetensors` (those are meant as files). Whether it also exists as a local path is
+/// [`resolve_model`]'s business.
+pub fn parse_hub_id(spec: &str) -> Option<(&str, Option<&str>)> {
+    let (repo, revision) = match spec.split_once('@') {
+        Some((r, rev)) if !rev.is_empty() => (r, Some(rev)),
+        Some(_) => return None,
+        None => (spec, None),
+    };
+    let (org, name) = repo.split_once('/')?;
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with(['.', '-'])
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let file_like = [".gguf", ".safetensors"]
+        .iter()
+        .any(|ext| name.to_ascii_lowercase().ends_with(ext));
+    (part_ok(org) && part_ok(name) && !file_like).then_some((repo, revision))
+}
+
+/// Turns what the user names into a local model path: an existing file or folder is returned
+/// as is; otherwise a hub id ([`parse_hub_id`]: `org/name[@revision]`) is downloaded with
+/// [`fetch::hub_snapshot`] into the standard Hugging Face cache and its snapshot folder
+/// returned. The hub options come from the environment as Python `huggingface_hub` reads them
+/// (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN`; `HF_HUB_OFFLINE=1` uses the cache
+/// only; see [`fetch::HubOptions::from_env`]). Files already cached are not downloaded again.
+///
+/// Errors: [`Error::Io`] (not found) when `spec` is neither an existing path nor a hub id;
+/// [`Error::Fetch`] from the download, e.g. [`fetch::FetchError::NotCached`] offline with an
+/// empty cache, [`fetch::FetchError::Http`] 404 for an unknown repository.
+pub fn resolve_model(spec: impl AsRef<Path>) -> Result<PathBuf> {
+    let path = spec.as_ref();
+    match std::fs::metadata(path) {
+        Ok(_) => return Ok(path.to_path_buf()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(path, e)),
+        Err(_) => {}
+    }
+    let Some((repo, revision)) = path.to_str().and_then(parse_hub_id) else {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file or folder (and not a hub id of the form org/name[@revision])",
+            ),
+        ));
+    };
+    Ok(fetch::hub_snapshot(repo, revision, &[])?)
+}
+
+/// Loads a model from a path or a hub id.
+///
+/// `spec`: a `.gguf` file, a Hugging Face / MLX model folder (see [`load_folder`]), or a hub
+/// id `org/name[@revision]` that is not an existing path (downloaded, or found in the cache,
+/// by [`resolve_model`]).
+/// Errors: [`Error::Io`] if it does not exist; [`Error::Fetch`] for download failures;
+/// [`Error::Model`] for a malformed file; [`Error::UnsupportedArchitecture`] listing the
+/// supported ones.
+pub fn load(spec: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     let t0 = Instant::now();
+    let resolved = resolve_model(spec)?;
+    let path = resolved.as_path();
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return load_folder(path, opts);
+        let mut m = load_folder(path, opts)?;
+        m.load_time = t0.elapsed();
+        return Ok(m);
     }
     let device = opts.device.open()?;
     let gguf = GgufFile::open(path)?;
@@ -87,6 +152,95 @@ pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         gguf.tensor_data_bytes(),
         t0,
     )
+}
+
+/// A folder's `generation_config.json`, as transformers' `GenerationConfig` reads it: the
+/// sampling defaults and the end-of-generation ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Default sampling. With `do_sample` false or absent (transformers' default) decoding is
+    /// greedy (`temperature = 0`) whatever `temperature` / `top_p` / `top_k` say, as in
+    /// transformers; with `do_sample: true`, `temperature` (default 1.0), `top_p` (1.0),
+    /// `top_k` (transformers' default 50; 0 is off) and `min_p` (off) are taken.
+    /// `repetition_penalty` (default 1.0, off) applies in both cases. Other fields are
+    /// [`SamplingParams::default`].
+    pub sampling: SamplingParams,
+    /// `eos_token_id` (an integer or a list of them): ids that end generation, added to the
+    /// tokenizer's set ([`Tokenizer::add_eog_token_ids`]) at load. Empty when absent.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl GenerationConfig {
+    /// Parses the JSON of `generation_config.json` (`path` is only used in messages).
+    ///
+    /// Errors: [`Error::Model`] naming the file and field for a field of the wrong type (e.g.
+    /// `temperature: "hot"`, a negative or fractional `eos_token_id`) or sampling values out of
+    /// range (negative temperature, `top_p` outside `[0, 1]`, ...).
+    pub fn from_json(v: &serde_json::Value, path: &Path) -> Result<Self> {
+        let bad = |field: &str, what: &str| {
+            Error::Model(format!("{}: `{field}`: {what}", path.display()))
+        };
+        let obj = v
+            .as_object()
+            .ok_or_else(|| Error::Model(format!("{}: expected a JSON object", path.display())))?;
+        let get = |k: &str| obj.get(k).filter(|x| !x.is_null());
+        let float = |k: &str| -> Result<Option<f32>> {
+            get(k)
+                .map(|x| {
+                    x.as_f64()
+                        .map(|f| f as f32)
+                        .ok_or_else(|| bad(k, "expected a number"))
+                })
+                .transpose()
+        };
+        let do_sample = match get("do_sample") {
+            None => false,
+            Some(x) => x
+                .as_bool()
+                .ok_or_else(|| bad("do_sample", "expected true or false"))?,
+        };
+        let mut sampling = SamplingParams::default();
+        if do_sample {
+            sampling.temperature = float("temperature")?.unwrap_or(1.0);
+            sampling.top_p = float("top_p")?.unwrap_or(1.0);
+            sampling.top_k = match get("top_k") {
+                None => 50,
+                Some(x) => x
+                    .as_u64()
+                    .ok_or_else(|| bad("top_k", "expected a non-negative integer"))?
+                    as usize,
+            };
+            sampling.min_p = float("min_p")?.unwrap_or(0.0);
+        }
+        sampling.repetition_penalty = float("repetition_penalty")?.unwrap_or(1.0);
+        sampling
+            .validate()
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        let id = |x: &serde_json::Value| -> Result<u32> {
+            x.as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| bad("eos_token_id", "expected a token id or a list of them"))
+        };
+        let eos_token_ids = match get("eos_token_id") {
+            None => Vec::new(),
+            Some(serde_json::Value::Array(a)) => a.iter().map(id).collect::<Result<_>>()?,
+            Some(x) => vec![id(x)?],
+        };
+        Ok(GenerationConfig {
+            sampling,
+            eos_token_ids,
+        })
+    }
+
+    /// Reads `dir/generation_config.json`; `Ok(None)` when the folder has none.
+    ///
+    /// Errors: as [`GenerationConfig::from_json`], plus unreadable or invalid JSON.
+    pub fn from_folder(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("generation_config.json");
+        read_json(&path)?
+            .map(|v| Self::from_json(&v, &path))
+            .transpose()
+    }
 }
 
 /// Puts a loaded model together: compiles its chat template (if any) with the tokenizer's
@@ -122,6 +276,7 @@ fn assemble(
         path: path.to_path_buf(),
         weights_bytes,
         load_time: t0.elapsed(),
+        generation_config: None,
     })
 }
 
@@ -199,8 +354,9 @@ pub fn normalize_config(config: &mut serde_json::Value) {
 /// from `model.safetensors.index.json`), `tokenizer.json` + `tokenizer_config.json`, and the
 /// chat template ([`folder_chat_template`]).
 ///
-/// `generation_config.json` is not read: the tokenizer's end-of-generation set (EOS plus the
-/// usual end-of-turn tokens) is used as is.
+/// `generation_config.json`, when present, is kept as [`LoadedModel::generation_config`]
+/// (default sampling, see [`LoadedModel::default_sampling`]) and its `eos_token_id`s are added
+/// to the tokenizer's end-of-generation set.
 ///
 /// Errors: [`Error::Io`] / [`Error::Model`] naming the missing or malformed file, a missing
 /// shard, a quantization that does not match the tensors; [`Error::Tensor`] naming a tensor
@@ -234,13 +390,34 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         )));
     }
     let tok_cfg = dir.join("tokenizer_config.json");
-    let tokenizer =
+    let mut tokenizer =
         Tokenizer::from_files(&tok_json, tok_cfg.is_file().then_some(tok_cfg.as_path()))?;
+    let generation_config = GenerationConfig::from_folder(dir)?;
+    if let Some(g) = &generation_config {
+        tokenizer
+            .add_eog_token_ids(g.eos_token_ids.iter().copied())
+            .map_err(|e| {
+                Error::Model(format!(
+                    "{}: `eos_token_id`: {e}",
+                    dir.join("generation_config.json").display()
+                ))
+            })?;
+    }
     let template = folder_chat_template(dir)?;
-    assemble(dir, model, tokenizer, template, weights.bytes(), t0)
+    let mut m = assemble(dir, model, tokenizer, template, weights.bytes(), t0)?;
+    m.generation_config = generation_config;
+    Ok(m)
 }
 
 impl LoadedModel {
+    /// The sampling to use when the caller gives none: the folder's `generation_config.json`
+    /// defaults ([`GenerationConfig::sampling`]), else [`SamplingParams::default`] (greedy).
+    pub fn default_sampling(&self) -> SamplingParams {
+        self.generation_config
+            .as_ref()
+            .map_or_else(SamplingParams::default, |g| g.sampling.clone())
+    }
+
     /// Token ids for a prompt. Chat prompts are rendered with the model's template
     /// (`add_generation_prompt = true`) and tokenized without adding BOS again, as
     /// transformers' `apply_chat_template` does; plain text gets BOS/EOS as the model defines.

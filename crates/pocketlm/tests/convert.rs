@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use pocketlm::chat_template::Message;
-use pocketlm::convert::{convert, ConvertEvent, ConvertOptions};
+use pocketlm::convert::{convert, ConvertEvent, ConvertOptions, QuantOverride, QuantRecipe};
 use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
 use pocketlm::models::Logits;
 use pocketlm::safetensors_weights::QuantParams;
@@ -115,6 +115,147 @@ fn quantized_conversion_equals_mx_quantize() -> Res<()> {
         m.render_chat(&[Message::user("hi")])?,
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     );
+    Ok(())
+}
+
+/// Per-layer overrides written by `convert` reproduce the golden MLX folder whole: the 8-bit
+/// layers, the 4-bit / group-32 `down_proj` of layer 0 and the bf16 `o_proj` of layer 1, bit
+/// for bit, and the same config.json `quantization`; the output loads and computes what the
+/// golden folder computes.
+#[test]
+fn quantization_overrides_equal_mx_quantize() -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("q8o");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 8,
+        }),
+        overrides: vec![
+            QuantOverride::parse("model.layers.*.mlp.down_proj=6", 64)?,
+            QuantOverride::parse("model.layers.0.mlp.down_proj=4:32", 64)?,
+            QuantOverride::parse("model.layers.1.self_attn.o_proj=off", 64)?,
+        ],
+        ..Default::default()
+    };
+    run(&golden_dir().join("tiny_llama"), &out, &opts)?;
+    let ours = tensors(&out)?;
+    let mlx = tensors(&golden_dir().join("tiny_llama_q8"))?;
+    let mut want_cfg = config(&golden_dir().join("tiny_llama_q8"))?["quantization"].clone();
+    // The first override (6 bits for every down_proj) stays for layer 1 only.
+    want_cfg["model.layers.1.mlp.down_proj"] = serde_json::json!({"group_size": 64, "bits": 6});
+    assert_eq!(config(&out)?["quantization"], want_cfg);
+    let mut compared = 0;
+    for (name, want) in &mlx {
+        if name.starts_with("model.layers.1.mlp.down_proj") {
+            continue;
+        }
+        let got = ours.get(name).ok_or(format!("{name} missing"))?;
+        assert!(same_bits(got, want)?, "{name} differs from mx.quantize");
+        compared += 1;
+    }
+    // Everything but layer 1's down_proj (3 tensors) is compared.
+    assert_eq!(compared, mlx.len() - 3);
+    assert_eq!(ours.len(), mlx.len());
+    // 6 bits, 64 per group: [64 rows, 128 * 6 / 32 words], scales [64, 2].
+    assert_eq!(
+        ours["model.layers.1.mlp.down_proj.weight"].dims(),
+        &[64, 24]
+    );
+    assert_eq!(ours["model.layers.1.mlp.down_proj.scales"].dims(), &[64, 2]);
+
+    // Without the 6-bit override the output is the golden folder, and computes its logits.
+    let out2 = tmp.path().join("q8o2");
+    let opts = ConvertOptions {
+        overrides: opts.overrides[1..].to_vec(),
+        ..opts
+    };
+    run(&golden_dir().join("tiny_llama"), &out2, &opts)?;
+    let g = candle_core::safetensors::load(golden_dir().join("logits.safetensors"), &Device::Cpu)?;
+    let m = load(&out2, &cpu(false))?;
+    let d = max_abs_diff(&logits(&m, &g["ids"])?, &g["q8"])?;
+    assert!(d <= 1e-4, "overrides: max |logits - reference| = {d}");
+    Ok(())
+}
+
+#[test]
+fn quantization_recipes_and_override_errors() -> Res<()> {
+    // mixed_3_6 on 2 layers (mlx-lm's rule: first/last eighth and every third layer between get
+    // 6 bits for v_proj and down_proj): layer 1 is "last eighth" (1 >= 7 * 2 / 8), layer 0 is
+    // not (0 < 2 / 8 is false).
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("mixed");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 4,
+        }),
+        recipe: Some("mixed_3_6".parse::<QuantRecipe>()?),
+        // f32 scales: a dequantized load then computes what the quantized one does (with bf16
+        // scales it rounds the weights to bf16, as `mx.dequantize` does).
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
+    run(&golden_dir().join("tiny_llama"), &out, &opts)?;
+    let q = &config(&out)?["quantization"];
+    let bits = |layer: &str| q[layer]["bits"].as_u64();
+    assert_eq!(bits("model.layers.1.self_attn.v_proj"), Some(6));
+    assert_eq!(bits("model.layers.1.mlp.down_proj"), Some(6));
+    assert_eq!(bits("model.layers.0.self_attn.v_proj"), Some(3));
+    assert_eq!(bits("model.layers.0.mlp.down_proj"), Some(3));
+    assert_eq!(bits("model.layers.1.mlp.up_proj"), Some(3));
+    assert_eq!(bits("model.embed_tokens"), Some(3));
+    assert_eq!(bits("lm_head"), Some(6));
+    // The loader reads the per-layer widths back: quantized and dequantized loads agree.
+    let g = candle_core::safetensors::load(golden_dir().join("logits.safetensors"), &Device::Cpu)?;
+    let a = logits(&load(&out, &cpu(false))?, &g["ids"])?;
+    let b = logits(&load(&out, &cpu(true))?, &g["ids"])?;
+    let d = max_abs_diff(&a, &b)?;
+    assert!(d <= 1e-4, "mixed: quantized vs dequantized load: {d}");
+
+    // Bad overrides are named.
+    for bad in ["nothing", "=4", "x=7", "x=4:48", "x=four"] {
+        let e = QuantOverride::parse(bad, 64).unwrap_err().to_string();
+        assert!(e.contains(bad), "{bad}: {e}");
+    }
+    assert!("mixed_5_6".parse::<QuantRecipe>().is_err());
+    // A group size that does not divide the layer names the tensor (hidden size 64).
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 32,
+            bits: 4,
+        }),
+        overrides: vec![QuantOverride::parse(
+            "model.layers.0.self_attn.q_proj=4:128",
+            32,
+        )?],
+        ..Default::default()
+    };
+    let e = convert(
+        &golden_dir().join("tiny_llama"),
+        &tmp.path().join("never"),
+        &opts,
+        &mut |_| {},
+    )
+    .err()
+    .ok_or("accepted group size 128 for 64 columns")?
+    .to_string();
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.weight") && e.contains("128"),
+        "{e}"
+    );
+    // Overrides need -q.
+    let opts = ConvertOptions {
+        overrides: vec![QuantOverride::parse("x=off", 64)?],
+        ..Default::default()
+    };
+    assert!(convert(
+        &golden_dir().join("tiny_llama"),
+        &tmp.path().join("n2"),
+        &opts,
+        &mut |_| {}
+    )
+    .is_err());
     Ok(())
 }
 

@@ -831,3 +831,218 @@ fn hub_offline_with_empty_cache_and_unknown_repo_are_clear_errors() {
         Err(FetchError::InvalidArgument(_))
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hub ids in the loader: `load("org/name")` downloads into the Hugging Face cache named by the
+// environment, then loads offline from it.
+
+/// The tiny Llama folder of `tests/golden/folders/tiny_llama` (transformers-written) as a repo.
+fn loadable_repo() -> FakeRepo {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/folders/tiny_llama");
+    let mut files: Vec<(String, Vec<u8>)> = listing(&dir)
+        .into_iter()
+        .map(|n| {
+            let data = std::fs::read(dir.join(&n)).unwrap();
+            (n, data)
+        })
+        .collect();
+    files.push(("README.md".to_string(), b"# tiny".to_vec()));
+    FakeRepo { files }
+}
+
+/// Greedy ids of the tiny model after a fixed prompt (8 steps, no EOS stop), to compare the
+/// model loaded from the hub with the one loaded from its source folder.
+fn tiny_greedy(m: &pocketlm::loader::LoadedModel) -> Vec<u32> {
+    use pocketlm::generate::{generate, GenerateParams};
+    let params = GenerateParams {
+        max_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut cache = m.model.new_cache();
+    generate(
+        m.model.as_ref(),
+        &m.tokenizer,
+        &mut cache,
+        &[1, 5, 9, 42, 7],
+        params,
+    )
+    .unwrap()
+    .collect_output()
+    .unwrap()
+    .token_ids
+}
+
+fn cpu_opts() -> pocketlm::loader::LoadOptions {
+    pocketlm::loader::LoadOptions {
+        device: pocketlm::device::DeviceSpec::Cpu,
+        dequantize: false,
+    }
+}
+
+/// `HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT` and `HF_HUB_OFFLINE` are process-wide, so the
+/// loads run in child processes of this test (`FETCH_LOOPBACK_HUB_CHILD` = the step), each
+/// with its own environment: online from the loopback hub, then offline with the server gone
+/// (through `HF_HOME`, then through `HF_HUB_CACHE`).
+#[test]
+fn hub_id_loads_into_the_hf_cache_then_offline() {
+    if let Ok(step) = std::env::var("FETCH_LOOPBACK_HUB_CHILD") {
+        hub_load_child(&step);
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hf_home = tmp.path().join("hf-home");
+    let child = |step: &str, envs: &[(&str, String)]| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "hub_id_loads_into_the_hf_cache_then_offline",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FETCH_LOOPBACK_HUB_CHILD", step);
+        for v in [
+            "HF_HOME",
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+            "HF_ENDPOINT",
+            "HF_HUB_OFFLINE",
+            "HF_TOKEN",
+            "XDG_CACHE_HOME",
+        ] {
+            cmd.env_remove(v);
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "child `{step}` failed:\n{text}"
+        );
+    };
+    let home = hf_home.display().to_string();
+    {
+        let server = hub_server(loadable_repo());
+        child(
+            "online",
+            &[
+                ("HF_HOME", home.clone()),
+                ("HF_ENDPOINT", server.base.clone()),
+            ],
+        );
+        let reqs = server.requests();
+        assert!(
+            reqs.iter()
+                .any(|r| r.starts_with(&format!("/api/models/{REPO}/revision/main"))),
+            "{reqs:?}"
+        );
+        assert!(
+            reqs.iter()
+                .any(|r| r.contains(&format!("/resolve/{COMMIT}/model.safetensors"))),
+            "{reqs:?}"
+        );
+        assert!(!reqs.iter().any(|r| r.contains("README.md")), "{reqs:?}");
+    } // The server stops here.
+    let dead = dead_url();
+    child(
+        "offline",
+        &[
+            ("HF_HOME", home.clone()),
+            ("HF_ENDPOINT", dead.clone()),
+            ("HF_HUB_OFFLINE", "1".to_string()),
+        ],
+    );
+    // HF_HUB_CACHE wins over HF_HOME.
+    child(
+        "offline-cache",
+        &[
+            (
+                "HF_HOME",
+                tmp.path().join("elsewhere").display().to_string(),
+            ),
+            ("HF_HUB_CACHE", hf_home.join("hub").display().to_string()),
+            ("HF_ENDPOINT", dead),
+            ("HF_HUB_OFFLINE", "true".to_string()),
+        ],
+    );
+}
+
+/// The child half of [`hub_id_loads_into_the_hf_cache_then_offline`].
+fn hub_load_child(step: &str) {
+    use pocketlm::loader::{load, resolve_model};
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HF_HOME").unwrap()).join("hub"),
+    };
+    let snapshot = cache
+        .join("models--tiny-org--tiny-model")
+        .join("snapshots")
+        .join(COMMIT);
+    let reference = load(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/folders/tiny_llama"),
+        &cpu_opts(),
+    )
+    .unwrap();
+    let want = tiny_greedy(&reference);
+
+    let m = load(REPO, &cpu_opts()).unwrap();
+    assert_eq!(m.path, snapshot);
+    assert_eq!(tiny_greedy(&m), want);
+    assert!(m.generation_config.is_some());
+    if step == "online" {
+        return;
+    }
+    // Offline: by branch and by commit, from the cache alone.
+    let m = load(format!("{REPO}@{COMMIT}"), &cpu_opts()).unwrap();
+    assert_eq!(m.path, snapshot);
+    assert_eq!(resolve_model(format!("{REPO}@main")).unwrap(), snapshot);
+    // Not cached: a clear error naming the repository, the cache and HF_HUB_OFFLINE.
+    let msg = load("tiny-org/other-model", &cpu_opts())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("tiny-org/other-model")
+            && msg.contains("HF_HUB_OFFLINE")
+            && msg.contains(&cache.display().to_string()),
+        "{msg}"
+    );
+    // Neither a path nor a hub id.
+    let msg = load("no/such/dir", &cpu_opts()).unwrap_err().to_string();
+    assert!(
+        msg.contains("no/such/dir") && msg.contains("no such file or folder"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn hub_ids_are_told_from_paths() {
+    use pocketlm::loader::parse_hub_id;
+    assert_eq!(
+        parse_hub_id("mlx-community/Llama-3.2-3B-Instruct-4bit"),
+        Some(("mlx-community/Llama-3.2-3B-Instruct-4bit", None))
+    );
+    assert_eq!(
+        parse_hub_id("org/name@v1.0"),
+        Some(("org/name", Some("v1.0")))
+    );
+    for not_id in [
+        "model.gguf",
+        "models/x.gguf",
+        "dir/model.safetensors",
+        "./org/name",
+        "/abs/path",
+        "a/b/c",
+        "org/name@",
+        "~/x",
+        "../x",
+        "org/na me",
+    ] {
+        assert_eq!(parse_hub_id(not_id), None, "{not_id}");
+    }
+}

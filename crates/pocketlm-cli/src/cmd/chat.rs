@@ -65,7 +65,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         system: args.system.clone(),
         params: GenerateParams {
             max_tokens: args.max_tokens,
-            sampling: args.sampling.params(),
+            sampling: args.sampling.params(&m.default_sampling()),
             ..Default::default()
         },
         cache: args.kv.config(),

@@ -5,15 +5,18 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use pocketlm::convert::{convert, parse_dtype, ConvertEvent, ConvertOptions};
+use pocketlm::convert::{
+    convert, parse_dtype, ConvertEvent, ConvertOptions, QuantOverride, QuantRecipe,
+};
 use pocketlm::safetensors_weights::QuantParams;
 
 /// Arguments of `convert` (mlx-lm's `mlx_lm.convert` names).
 #[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
-    /// Source: a .gguf file or a Hugging Face / MLX model folder. Omitted: the default model.
-    #[arg(long, short = 'm')]
-    pub model: Option<PathBuf>,
+    /// Source: a .gguf file, a Hugging Face / MLX model folder or a hub id
+    /// (org/name[@revision]). Omitted: the default model.
+    #[arg(long, short = 'm', alias = "hf-path")]
+    pub model: Option<String>,
     /// Output folder (must not exist; written atomically).
     #[arg(long = "out", alias = "mlx-path")]
     pub out: PathBuf,
@@ -26,6 +29,15 @@ pub struct ConvertArgs {
     /// Weights per quantization group: 32, 64 or 128.
     #[arg(long, default_value_t = 64)]
     pub q_group_size: usize,
+    /// Mixed-precision recipe of mlx-lm: mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6 (with -q;
+    /// v_proj / down_proj of some layers and lm_head get the higher bit width).
+    #[arg(long, requires = "quantize")]
+    pub quant_predicate: Option<String>,
+    /// Per-layer choice, repeatable, last match wins: PATTERN=BITS[:GROUP] or PATTERN=off,
+    /// PATTERN a glob over layer paths (e.g. 'model.layers.*.mlp.down_proj=8',
+    /// 'model.embed_tokens=off'). Needs -q.
+    #[arg(long = "q-override", requires = "quantize")]
+    pub q_override: Vec<String>,
     /// Float dtype of the written weights: f32, f16 or bf16 (default: the source's; f16 for GGUF).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -36,15 +48,22 @@ pub struct ConvertArgs {
 
 /// Runs `convert`, with a progress bar on a terminal.
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let src = match a.model {
-        Some(m) => m,
-        None => super::model::fetch_default()?,
-    };
+    let src = super::model::resolve(a.model.as_deref())?;
     let opts = ConvertOptions {
         quantize: a.quantize.then_some(QuantParams {
             group_size: a.q_group_size,
             bits: a.q_bits,
         }),
+        recipe: a
+            .quant_predicate
+            .as_deref()
+            .map(str::parse::<QuantRecipe>)
+            .transpose()?,
+        overrides: a
+            .q_override
+            .iter()
+            .map(|o| QuantOverride::parse(o, a.q_group_size))
+            .collect::<Result<_, _>>()?,
         dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
         dequantize: a.dequantize,
         max_shard_bytes: None,

@@ -88,7 +88,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let ids = m.encode(&prompt)?;
     let params = GenerateParams {
         max_tokens: args.max_tokens,
-        sampling: args.sampling.params(),
+        sampling: args.sampling.params(&m.default_sampling()),
         stop: args.stop.clone(),
         ..Default::default()
     };

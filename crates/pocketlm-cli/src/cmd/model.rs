@@ -13,8 +13,11 @@ use pocketlm::sampling::SamplingParams;
 /// Which model, and where to run it.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model to load: a .gguf file or a Hugging Face / MLX model folder. Omitted: the default model (SmolLM2-135M-Instruct Q4_1),
-    /// downloaded into $POCKETLM_HOME (default ~/.cache/pocketlm) on first use.
+    /// Model to load: a .gguf file, a Hugging Face / MLX model folder, or a hub id
+    /// (org/name[@revision], downloaded into the Hugging Face cache; HF_HOME, HF_HUB_CACHE,
+    /// HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE=1 are honoured). Omitted: the default model
+    /// (SmolLM2-135M-Instruct Q4_1), downloaded into $POCKETLM_HOME (default ~/.cache/pocketlm)
+    /// on first use.
     #[arg(long, short = 'm')]
     pub model: Option<String>,
     /// Device: auto, cpu, cuda, cuda:N, metal.
@@ -22,24 +25,25 @@ pub struct ModelArgs {
     pub device: String,
 }
 
-/// Sampling settings (mlx-lm's names).
+/// Sampling settings (mlx-lm's names). Each one left out comes from the model folder's
+/// `generation_config.json`, else from the library defaults (greedy, no penalty).
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long = "temp", default_value_t = SamplingParams::default().temperature)]
-    pub temperature: f32,
+    /// Sampling temperature; 0 is greedy. [default: the model's generation_config.json, else 0]
+    #[arg(long = "temp")]
+    pub temperature: Option<f32>,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = off).
-    #[arg(long, default_value_t = SamplingParams::default().top_p)]
-    pub top_p: f32,
+    #[arg(long)]
+    pub top_p: Option<f32>,
     /// Keep only the K most likely tokens (0 = off).
-    #[arg(long, default_value_t = SamplingParams::default().top_k)]
-    pub top_k: usize,
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Drop tokens less likely than M times the most likely one (0 = off).
-    #[arg(long, default_value_t = SamplingParams::default().min_p)]
-    pub min_p: f32,
+    #[arg(long)]
+    pub min_p: Option<f32>,
     /// Penalty for repeating recent tokens (1 = off).
-    #[arg(long, default_value_t = SamplingParams::default().repetition_penalty)]
-    pub repetition_penalty: f32,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
     /// How many recent tokens the repetition penalty looks at.
     #[arg(long, default_value_t = SamplingParams::default().repetition_context_size)]
     pub repetition_context_size: usize,
@@ -49,14 +53,17 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The library's sampler settings.
-    pub fn params(&self) -> SamplingParams {
+    /// The library's sampler settings: the values given, the others from `defaults`
+    /// (`LoadedModel::default_sampling`).
+    pub fn params(&self, defaults: &SamplingParams) -> SamplingParams {
         SamplingParams {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
             repetition_context_size: self.repetition_context_size,
             seed: self.seed,
         }
@@ -95,12 +102,18 @@ pub fn fetch_default() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The local path of the model named by `model` (a file, a folder or a hub id, see
+/// `loader::resolve_model`), the default model when none is named.
+pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
+    match model {
+        Some(m) => loader::resolve_model(m).with_context(|| format!("resolving model `{m}`")),
+        None => fetch_default(),
+    }
+}
+
 /// Loads the model named by `args` (the default model when none is named).
 pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
-    let path = match &args.model {
-        Some(m) => PathBuf::from(m),
-        None => fetch_default()?,
-    };
+    let path = resolve(args.model.as_deref())?;
     let device: DeviceSpec = args.device.parse()?;
     let opts = LoadOptions {
         device,

@@ -569,7 +569,7 @@ impl hf_hub::api::Progress for HubProgress<'_> {
 
 /// Glob match with `*` (any run of characters, `/` included, as Python `fnmatch`) and `?` (one
 /// character); everything else literal.
-fn glob_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
     let (mut pi, mut ni) = (0, 0);

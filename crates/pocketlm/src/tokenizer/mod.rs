@@ -476,6 +476,28 @@ impl Tokenizer {
         self.eog_token_ids.contains(&id)
     }
 
+    /// Adds ids to the end-of-generation set ([`Tokenizer::eog_token_ids`]), e.g. a model
+    /// folder's `generation_config.json` `eos_token_id` list (transformers stops on any of
+    /// them; mlx-lm's `TokenizerWrapper.eos_token_ids` likewise). Ids already present are
+    /// ignored; nothing else (EOS, encoding) changes.
+    ///
+    /// Errors: [`TokenizerError::Other`] naming the first id that is not below
+    /// [`Tokenizer::vocab_size`]; the set is then left unchanged.
+    pub fn add_eog_token_ids(
+        &mut self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<(), TokenizerError> {
+        let ids: Vec<u32> = ids.into_iter().collect();
+        let vocab = self.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(TokenizerError::Other(format!(
+                "end-of-generation id {bad} is outside the vocabulary ({vocab} tokens)"
+            )));
+        }
+        self.eog_token_ids.extend(ids);
+        Ok(())
+    }
+
     /// The wrapped Hugging Face tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
