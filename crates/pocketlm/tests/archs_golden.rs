@@ -1,0 +1,200 @@
+//! Every architecture against Hugging Face transformers, on tiny random-weight models made from
+//! the real config classes (golden files from `scripts/golden/tiny_archs.py`):
+//!
+//! - float (bfloat16 safetensors): logits of a 20-token prompt at every position within 1e-3 of
+//!   transformers' float32 forward pass, and 16 greedy tokens (decoded with our KV cache, one
+//!   token at a time) equal to transformers' (each of its steps a full forward pass).
+//! - after our MLX 8-bit quantization (`convert`, group 64, into a temporary folder): logits
+//!   within 1e-3 of transformers on the MLX-dequantized weights and greedy tokens equal to its;
+//!   within a looser bound (4.0, logits std about 8; measured 0.2-3.0) of the float model, and
+//!   the number of leading greedy tokens that agree with the float model printed (measured:
+//!   16/16 except qwen2 0/16, its first step's float margin being 0.016, and phi3 9/16).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use pocketlm::convert::{convert, ConvertOptions};
+use pocketlm::loader::{load, LoadOptions, LoadedModel};
+use pocketlm::models::Logits;
+use pocketlm::safetensors_weights::QuantParams;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/archs")
+        .join(name)
+}
+
+fn cpu() -> LoadOptions {
+    LoadOptions {
+        device: pocketlm::device::DeviceSpec::Cpu,
+        dequantize: false,
+    }
+}
+
+fn golden(name: &str) -> Res<HashMap<String, Tensor>> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/archs")
+        .join(format!("{name}.golden.safetensors"));
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .map_err(|e| format!("{}: {e} (run scripts/golden/tiny_archs.py)", p.display()).into())
+}
+
+fn logits(m: &LoadedModel, ids: &Tensor) -> Res<Tensor> {
+    let mut cache = m.model.new_cache();
+    Ok(m.model
+        .forward(&ids.unsqueeze(0)?, &mut cache, Logits::All)?
+        .squeeze(0)?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
+    assert_eq!(a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Greedy decoding with the KV cache: prefill the prompt, then one token per step.
+fn greedy(m: &LoadedModel, prompt: &[u32], n: usize) -> Res<Vec<u32>> {
+    let dev = m.model.device();
+    let mut cache = m.model.new_cache();
+    let mut input = Tensor::new(prompt, dev)?.unsqueeze(0)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = m.model.forward(&input, &mut cache, Logits::Last)?;
+        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(t);
+        input = Tensor::new(&[t], dev)?.unsqueeze(0)?;
+    }
+    Ok(out)
+}
+
+fn check_float(name: &str, arch: &str) -> Res<()> {
+    let g = golden(name)?;
+    let m = load(dir(name), &cpu())?;
+    assert_eq!(m.model.info().architecture, arch);
+    let ids = g["ids"].to_vec1::<u32>()?;
+    let d = max_abs_diff(&logits(&m, &g["ids"])?, &g["logits"])?;
+    assert!(d <= 1e-3, "{name}: max |logits - transformers| = {d}");
+    if let Some(short) = g.get("short_logits") {
+        let n = short.dim(0)?;
+        let d = max_abs_diff(&logits(&m, &g["ids"].narrow(0, 0, n)?)?, short)?;
+        assert!(
+            d <= 1e-3,
+            "{name}: {n}-token prefix: max |logits - transformers| = {d}"
+        );
+    }
+    let want = g["greedy"].to_vec1::<u32>()?;
+    let got = greedy(&m, &ids, want.len())?;
+    assert_eq!(got, want, "{name}: greedy tokens");
+    println!("{name}: logits max diff {d:.2e}, 16/16 greedy tokens equal");
+    Ok(())
+}
+
+/// Converts the folder to MLX 8-bit (group 64) in a temporary directory, then checks it
+/// against transformers on the MLX-dequantized weights (tight: 1e-3, greedy tokens equal) and
+/// states how far it is from the float model (loose: `float_bound`, and how many leading greedy
+/// tokens agree with the float model's, which the reference fixes too).
+fn check_q8(name: &str, float_bound: f32) -> Res<()> {
+    let g = golden(name)?;
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("q8");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 8,
+        }),
+        ..Default::default()
+    };
+    let summary = convert(&dir(name), &out, &opts, &mut |_| {})?;
+    assert!(summary.quantized_layers > 0, "{name}: nothing quantized");
+    let m = load(&out, &cpu())?;
+    let got = logits(&m, &g["ids"])?;
+    let d_ref = max_abs_diff(&got, &g["q8_logits"])?;
+    assert!(
+        d_ref <= 1e-3,
+        "{name} q8: max |logits - transformers on dequantized| = {d_ref}"
+    );
+    let d_float = max_abs_diff(&got, &g["logits"])?;
+    assert!(
+        d_float <= float_bound,
+        "{name} q8: max |logits - float| = {d_float} > {float_bound}"
+    );
+    assert!(
+        d_float > 1e-2,
+        "{name} q8: logits equal the float ones ({d_float}): not quantized?"
+    );
+    let ids = g["ids"].to_vec1::<u32>()?;
+    let want = g["q8_greedy"].to_vec1::<u32>()?;
+    let got = greedy(&m, &ids, want.len())?;
+    assert_eq!(got, want, "{name} q8: greedy tokens");
+    let float = g["greedy"].to_vec1::<u32>()?;
+    let agree = got.iter().zip(&float).take_while(|(a, b)| a == b).count();
+    println!(
+        "{name} q8: {} layers quantized, max diff {d_ref:.1e} from the reference, {d_float:.3} \
+         from float (bound {float_bound}); 16/16 greedy equal the reference's, {agree}/16 \
+         leading ones equal the float model's",
+        summary.quantized_layers
+    );
+    Ok(())
+}
+
+#[test]
+fn qwen2_float() -> Res<()> {
+    check_float("qwen2", "qwen2")
+}
+
+#[test]
+fn qwen3_float() -> Res<()> {
+    check_float("qwen3", "qwen3")
+}
+
+#[test]
+fn gemma2_float() -> Res<()> {
+    check_float("gemma2", "gemma2")
+}
+
+#[test]
+fn gemma3_float() -> Res<()> {
+    check_float("gemma3", "gemma3")
+}
+
+#[test]
+fn phi3_float() -> Res<()> {
+    check_float("phi3", "phi3")
+}
+
+#[test]
+fn mistral_float() -> Res<()> {
+    check_float("mistral", "llama")
+}
+
+#[test]
+fn qwen2_q8() -> Res<()> {
+    check_q8("qwen2", 4.0)
+}
+
+#[test]
+fn qwen3_q8() -> Res<()> {
+    check_q8("qwen3", 4.0)
+}
+
+#[test]
+fn gemma2_q8() -> Res<()> {
+    check_q8("gemma2", 4.0)
+}
+
+#[test]
+fn gemma3_q8() -> Res<()> {
+    check_q8("gemma3", 4.0)
+}
+
+#[test]
+fn phi3_q8() -> Res<()> {
+    check_q8("phi3", 4.0)
+}
+
+#[test]
+fn mistral_q8() -> Res<()> {
+    check_q8("mistral", 4.0)
+}
