@@ -198,3 +198,149 @@ fn phi3_q8() -> Res<()> {
 fn mistral_q8() -> Res<()> {
     check_q8("mistral", 4.0)
 }
+
+/// Largest gap, in llama.cpp's logits, between its best token and ours at a step where we may
+/// choose differently. Both quantize activations for the quantized products (Q8_0 / Q8_K) but
+/// do not round bit for bit alike; on this model that moves logits by up to ~0.3 (transformers
+/// on the f32-dequantized weights is itself 0.2-0.35 away from llama.cpp here), and its paths
+/// have near-ties (0.003 and 0.009 logits apart in these prompts).
+const NEAR_TIE: f64 = 0.5;
+/// Prompts whose 24 free-running greedy tokens must equal llama.cpp's exactly (the goal is 3
+/// of 3; the others part at near-ties, see [`NEAR_TIE`]).
+const MIN_EXACT: usize = 1;
+
+/// The real Gemma 3 270M GGUF (Q4_K_M; see `scripts/golden/gemma3_llamacpp.py` for where it
+/// comes from), when present in `$POCKETLM_HOME/models/`: our tokenization equals llama.cpp's,
+/// with the weights dequantized to f32 our logits after each prompt equal transformers' (f32,
+/// same GGUF) to 2e-3 for its 20 best tokens (the architecture computes the same function),
+/// and along llama.cpp's 24 greedy tokens (teacher-forced, decoding one token at a time with our
+/// KV cache) our greedy choice is llama.cpp's at every step, or within [`NEAR_TIE`] of its best
+/// logit. Free-running greedy paths are compared too and the number of prompts whose 24 tokens
+/// are all equal printed, at least [`MIN_EXACT`] required (measured: 1 of 3: "def
+/// fibonacci(n):" follows all 24; "The capital of France is" parts at step 18, where
+/// llama.cpp's two best tokens are 0.009 apart, "Once upon a time..." at step 3, 0.07 apart).
+/// CI does not fetch this file: the test then says it is skipped and passes.
+#[test]
+fn gemma3_270m_gguf_follows_llama_cpp() -> Res<()> {
+    let home = std::env::var("POCKETLM_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/pocketlm",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let path = PathBuf::from(home).join("models/gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        eprintln!(
+            "SKIPPED gemma3_270m_gguf_follows_llama_cpp: {} is absent \
+             (see scripts/golden/gemma3_llamacpp.py to fetch it)",
+            path.display()
+        );
+        return Ok(());
+    }
+    let m = load(&path, &cpu())?;
+    assert_eq!(m.model.info().architecture, "gemma3");
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/archs/gemma3_270m_llamacpp.json"),
+    )?)?;
+    let as_ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let cases = g["cases"].as_array().ok_or("no cases")?;
+    assert_eq!(cases.len(), 3);
+
+    // The architecture: f32 weights against transformers.
+    let f32_model = load(
+        &path,
+        &LoadOptions {
+            dequantize: true,
+            ..cpu()
+        },
+    )?;
+    let mut worst = 0f64;
+    for c in cases {
+        let prompt = as_ids(&c["prompt_ids"]);
+        let x = Tensor::new(prompt.as_slice(), f32_model.model.device())?.unsqueeze(0)?;
+        let mut cache = f32_model.model.new_cache();
+        let l: Vec<f32> = f32_model
+            .model
+            .forward(&x, &mut cache, Logits::Last)?
+            .squeeze(0)?
+            .to_vec1()?;
+        for pair in c["hf_f32_top20_last"].as_array().ok_or("no hf logits")? {
+            let (t, v) = (
+                pair[0].as_u64().ok_or("bad id")? as usize,
+                pair[1].as_f64().ok_or("bad logit")?,
+            );
+            worst = worst.max((l[t] as f64 - v).abs());
+        }
+    }
+    drop(f32_model);
+    println!("f32: max |logit - transformers| over the top 20 after each prompt: {worst:.2e}");
+    assert!(
+        worst <= 2e-3,
+        "f32 logits differ from transformers' by {worst}"
+    );
+
+    let mut exact = 0;
+    for c in cases {
+        let text = c["text"].as_str().ok_or("no text")?;
+        let prompt = as_ids(&c["prompt_ids"]);
+        let ours = m.tokenizer.encode(text, true)?;
+        assert_eq!(
+            ours, prompt,
+            "{text:?}: tokenization differs from llama.cpp's"
+        );
+        let want = as_ids(&c["greedy_ids"]);
+
+        // Teacher-forced along llama.cpp's path.
+        let dev = m.model.device();
+        let mut cache = m.model.new_cache();
+        let mut input = Tensor::new(prompt.as_slice(), dev)?.unsqueeze(0)?;
+        let mut near_ties = Vec::new();
+        for (step, &w) in want.iter().enumerate() {
+            let l = m.model.forward(&input, &mut cache, Logits::Last)?;
+            let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            if t != w {
+                let top5 = c["top5_per_step"][step].as_array().ok_or("no top5")?;
+                let best = top5[0][1].as_f64().ok_or("bad top5")?;
+                let gap = top5
+                    .iter()
+                    .find(|p| p[0].as_u64() == Some(t as u64))
+                    .and_then(|p| p[1].as_f64())
+                    .map(|v| best - v);
+                assert!(
+                    gap.is_some_and(|g| g <= NEAR_TIE),
+                    "{text:?}: at step {step} we chose {t}, llama.cpp {w}; its top-5 {top5:?}"
+                );
+                near_ties.push((step, gap));
+            }
+            input = Tensor::new(&[w], dev)?.unsqueeze(0)?;
+        }
+
+        let got = greedy(&m, &prompt, want.len())?;
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        if same == want.len() {
+            exact += 1;
+        }
+        println!(
+            "{text:?} -> {:?}: {same}/{} leading greedy tokens equal llama.cpp's; \
+             teacher-forced near-tie choices (step, gap): {near_ties:?}",
+            m.tokenizer.decode(&got, false)?,
+            want.len()
+        );
+    }
+    println!("{exact}/3 prompts: all 24 greedy tokens equal llama.cpp's");
+    assert!(
+        exact >= MIN_EXACT,
+        "only {exact}/3 prompts follow llama.cpp for 24 tokens"
+    );
+    Ok(())
+}

@@ -8,6 +8,7 @@
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::models::{CausalLM, Logits, ModelInfo};
 use crate::nn::{
@@ -262,6 +263,116 @@ impl Weights for LanguageModelPrefix<'_> {
     }
 }
 
+/// Reads an HF-style Gemma 2 / Gemma 3 text config from GGUF metadata (`gemma2.*` /
+/// `gemma3.*` keys, llama.cpp naming), with llama.cpp's fixed choices for what the metadata
+/// does not hold (`src/llama-model.cpp`): Gemma 2 alternates local and global layers starting
+/// with a local one, Gemma 3 makes every 6th layer global and gives local layers RoPE base
+/// 10000; queries are scaled by `key_length^-0.5`, except for the 27B models (46 / 62 layers)
+/// where it is `(hidden / heads)^-0.5`.
+///
+/// Errors: [`Error::Model`] / [`Error::Tensor`] naming a missing key or tensor.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let arch = g.architecture()?;
+    let k = |s: &str| format!("{arch}.{s}");
+    let heads = g.get_usize(&k("attention.head_count"))?;
+    let hidden = g.get_usize(&k("embedding_length"))?;
+    let layers = g.get_usize(&k("block_count"))?;
+    let head_dim = g
+        .opt_usize(&k("attention.key_length"))?
+        .unwrap_or(hidden / heads.max(1));
+    let vocab = match g.opt_usize(&k("vocab_size"))? {
+        Some(v) => v,
+        None => g.tensor_info("token_embd.weight")?.0[0],
+    };
+    let is_27b = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    let query_pre_attn_scalar = if is_27b {
+        hidden / heads.max(1)
+    } else {
+        head_dim
+    };
+    let rope_scaling = match g.opt_str(&k("rope.scaling.type"))?.as_deref() {
+        None | Some("none") => serde_json::Value::Null,
+        Some("linear") => serde_json::json!({
+            "rope_type": "linear",
+            "factor": g.get_f64(&k("rope.scaling.factor"))?,
+        }),
+        Some(other) => {
+            return Err(Error::Model(format!(
+                "{}: `{arch}.rope.scaling.type` `{other}` is not supported",
+                g.path().display()
+            )))
+        }
+    };
+    let is_gemma3 = arch == "gemma3";
+    Ok(serde_json::json!({
+        "model_type": if is_gemma3 { "gemma3_text" } else { "gemma2" },
+        "hidden_size": hidden,
+        "intermediate_size": g.get_usize(&k("feed_forward_length"))?,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": g.opt_usize(&k("attention.head_count_kv"))?.unwrap_or(heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": g.opt_f64(&k("rope.freq_base"))?.unwrap_or(if is_gemma3 { 1e6 } else { 1e4 }),
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": g.opt_usize(&k("context_length"))?.unwrap_or(8192),
+        "vocab_size": vocab,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "attn_logit_softcapping": g.opt_f64(&k("attn_logit_softcapping"))?,
+        "final_logit_softcapping": g.opt_f64(&k("final_logit_softcapping"))?,
+        "sliding_window": g.opt_usize(&k("attention.sliding_window"))?,
+        "sliding_window_pattern": if is_gemma3 { 6 } else { 2 },
+    }))
+}
+
+/// GGUF names of Gemma's norms that have no Llama-family Hugging Face counterpart (llama.cpp
+/// `tensor_mapping.py`): the post-attention norm is `post_attention_norm` (in Llama,
+/// `post_attention_layernorm` is the FFN input norm `ffn_norm`), the pre-FFN norm `ffn_norm`,
+/// the post-FFN norm `post_ffw_norm`.
+struct GgufGemmaNames<'a> {
+    inner: &'a dyn Weights,
+}
+
+impl GgufGemmaNames<'_> {
+    fn name(&self, name: &str) -> String {
+        let Some(rest) = name.strip_prefix("model.layers.") else {
+            return name.to_string();
+        };
+        let Some((layer, module)) = rest.split_once('.') else {
+            return name.to_string();
+        };
+        let gguf = match module {
+            "post_attention_layernorm.weight" => "post_attention_norm.weight",
+            "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+            "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
+            _ => return name.to_string(),
+        };
+        format!("blk.{layer}.{gguf}")
+    }
+}
+
+impl Weights for GgufGemmaNames<'_> {
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        self.inner.linear(prefix, out, inp, bias)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        self.inner.embedding(name, vocab, hidden)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.tensor(&self.name(name), shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(&self.name(name))
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn format(&self) -> WeightFormat {
+        self.inner.format()
+    }
+}
+
 /// Builds a Gemma 2 / Gemma 3 text model from an HF-style config and weights
 /// (`Gemma2ForCausalLM` / `Gemma3ForCausalLM` names). For `model_type: gemma3` (the multimodal
 /// checkpoint) the text model is read from `text_config` and `language_model` weights; the
@@ -274,6 +385,9 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
     if !is_multimodal {
         let cfg: GemmaConfig = serde_json::from_value(config.clone())
             .map_err(|e| Error::Model(format!("config.json: {e}")))?;
+        if w.format() == WeightFormat::Gguf {
+            return Ok(Box::new(Gemma::new(cfg, &GgufGemmaNames { inner: w })?));
+        }
         return Ok(Box::new(Gemma::new(cfg, w)?));
     }
     let mut text = config

@@ -97,8 +97,8 @@ pub static REGISTRY: &[Architecture] = &[
     },
     Architecture {
         model_types: &["gemma2", "gemma3_text", "gemma3"],
-        gguf_architectures: &[],
-        config_from_gguf: llama::config_from_gguf, // unused: no GGUF architecture listed
+        gguf_architectures: &["gemma2", "gemma3"],
+        config_from_gguf: gemma::config_from_gguf,
         build: gemma::build,
     },
     Architecture {
