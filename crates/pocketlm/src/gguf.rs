@@ -240,8 +240,13 @@ impl GgufFile {
 /// Maps a Hugging Face tensor name (e.g. `model.layers.3.self_attn.q_proj.weight`) to the name
 /// llama.cpp's converter gives it in GGUF (`blk.3.attn_q.weight`). Covers the Llama-family
 /// names shared by the architectures we support (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
-/// Returns `None` for names with no GGUF counterpart.
+/// Returns `None` for names with no GGUF counterpart. A name already in GGUF form
+/// (`blk.N.*`) is returned as is: architectures whose layers have no Llama-family Hugging Face
+/// name (Gemma's extra norms) map those names themselves.
 pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    if name.starts_with("blk.") {
+        return Some(name.to_string());
+    }
     let fixed = match name {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),

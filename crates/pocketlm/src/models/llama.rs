@@ -56,9 +56,50 @@ pub struct LlamaConfig {
     /// Biases on the MLP projections.
     #[serde(default)]
     pub mlp_bias: bool,
-    /// Sliding-window attention span (Mistral), in tokens.
+    /// Sliding-window attention span (Mistral), in tokens: a query sees itself and the
+    /// `sliding_window - 1` keys before it.
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Fraction of each head's dimensions that RoPE rotates (Phi-3 / Phi-4-mini); 1 if absent.
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+}
+
+/// How a Llama-family architecture differs from Llama itself. The layers are the same; only
+/// these switches change (Hugging Face names for the weights in every case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LlamaVariant {
+    /// Architecture name reported in [`ModelInfo::architecture`].
+    pub name: &'static str,
+    /// Biases on q/k/v (`attention_bias` in config.json also turns them on).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (`attention_bias` also turns it on).
+    pub o_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (`self_attn.q_norm` / `k_norm`,
+    /// `[head_dim]`; Qwen3).
+    pub qk_norm: bool,
+    /// One `self_attn.qkv_proj` `[(heads + 2 kv_heads) * head_dim, hidden]` instead of three
+    /// projections (Phi-3).
+    pub fused_qkv: bool,
+    /// One `mlp.gate_up_proj` `[2 * intermediate, hidden]` (gate rows first) instead of two
+    /// (Phi-3).
+    pub fused_gate_up: bool,
+    /// GGUF files of this architecture store q/k rows permuted for adjacent-pair RoPE
+    /// (llama.cpp's converter does this for Llama and Mistral only).
+    pub gguf_permuted_qk: bool,
+}
+
+impl LlamaVariant {
+    /// Llama / Mistral / SmolLM.
+    pub const LLAMA: Self = Self {
+        name: "llama",
+        qkv_bias: false,
+        o_bias: false,
+        qk_norm: false,
+        fused_qkv: false,
+        fused_gate_up: false,
+        gguf_permuted_qk: true,
+    };
 }
 
 fn default_eps() -> f64 {
@@ -160,17 +201,35 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
 
 /// Builds a Llama model from an HF-style config and weights.
 pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
+    build_variant(config, w, LlamaVariant::LLAMA)
+}
+
+/// Builds a Llama-family model of the given variant from an HF-style config and weights.
+///
+/// Errors: [`Error::Model`] naming the config field that is missing or invalid;
+/// [`Error::Tensor`] naming a missing or misshapen weight.
+pub fn build_variant(
+    config: &serde_json::Value,
+    w: &dyn Weights,
+    variant: LlamaVariant,
+) -> Result<Box<dyn CausalLM>> {
     let cfg: LlamaConfig = serde_json::from_value(config.clone())
         .map_err(|e| Error::Model(format!("config.json: {e}")))?;
-    Ok(Box::new(Llama::new(cfg, w)?))
+    Ok(Box::new(Llama::with_variant(cfg, w, variant)?))
+}
+
+#[derive(Debug)]
+enum QkvProj {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
 }
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProj,
     o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -192,15 +251,35 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let mut qkv =
-            Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?.into_iter();
-        let mut next = || {
-            qkv.next()
-                .ok_or_else(|| Error::InvalidArgument("q/k/v projection missing".into()))
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Separate { q, k, v } => {
+                let mut qkv = Linear::forward_many(&[q, k, v], x)?.into_iter();
+                let mut next = || {
+                    qkv.next()
+                        .ok_or_else(|| Error::InvalidArgument("q/k/v projection missing".into()))
+                };
+                (next()?, next()?, next()?)
+            }
+            QkvProj::Fused(l) => {
+                let y = l.forward(x)?;
+                let (nq, nk) = (
+                    self.n_heads * self.head_dim,
+                    self.n_kv_heads * self.head_dim,
+                );
+                (
+                    y.narrow(2, 0, nq)?,
+                    y.narrow(2, nq, nk)?,
+                    y.narrow(2, nq + nk, nk)?,
+                )
+            }
         };
-        let q = shape(next()?, self.n_heads)?;
-        let k = shape(next()?, self.n_kv_heads)?;
-        let v = shape(next()?, self.n_kv_heads)?;
+        let mut q = shape(q, self.n_heads)?;
+        let mut k = shape(k, self.n_kv_heads)?;
+        let v = shape(v, self.n_kv_heads)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
         let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
         let (k, v) = cache.update(&k, &v)?;
@@ -211,18 +290,45 @@ impl Attention {
 }
 
 #[derive(Debug)]
+enum GateUp {
+    Separate {
+        gate: Linear,
+        up: Linear,
+    },
+    Fused {
+        gate_up: Linear,
+        intermediate: usize,
+    },
+}
+
+#[derive(Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
 }
 
 impl Mlp {
     /// SwiGLU (Shazeer 2020): `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?;
-        let [g, u] = <[Tensor; 2]>::try_from(gu)
-            .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
+        let (g, u) = match &self.gate_up {
+            GateUp::Separate { gate, up } => {
+                let gu = Linear::forward_many(&[gate, up], x)?;
+                let [g, u] = <[Tensor; 2]>::try_from(gu)
+                    .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
+                (g, u)
+            }
+            GateUp::Fused {
+                gate_up,
+                intermediate,
+            } => {
+                let y = gate_up.forward(x)?;
+                let last = y.rank() - 1;
+                (
+                    y.narrow(last, 0, *intermediate)?,
+                    y.narrow(last, *intermediate, *intermediate)?,
+                )
+            }
+        };
         if g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32 {
             // ggml's SwiGLU rounding, see `kernels::float::swiglu`.
             let (gv, uv) = (
@@ -262,42 +368,72 @@ pub struct Llama {
 impl Llama {
     /// Loads the weights named as in Hugging Face `LlamaForCausalLM`.
     pub fn new(cfg: LlamaConfig, w: &dyn Weights) -> Result<Self> {
+        Self::with_variant(cfg, w, LlamaVariant::LLAMA)
+    }
+
+    /// Loads a Llama-family variant (Hugging Face weight names of that architecture).
+    pub fn with_variant(cfg: LlamaConfig, w: &dyn Weights, v: LlamaVariant) -> Result<Self> {
         cfg.validate()?;
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
+        let inter = cfg.intermediate_size;
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
         let norm = |name: &str| RmsNorm::new(w.tensor(name, &[h])?, cfg.rms_norm_eps, false);
+        let head_norm = |name: &str| RmsNorm::new(w.tensor(name, &[hd])?, cfg.rms_norm_eps, false);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let ab = cfg.attention_bias;
+            let qkv_b = cfg.attention_bias || v.qkv_bias;
+            let o_b = cfg.attention_bias || v.o_bias;
             let mb = cfg.mlp_bias;
+            let qkv = if v.fused_qkv {
+                QkvProj::Fused(w.linear(
+                    &format!("{p}.self_attn.qkv_proj"),
+                    (nh + 2 * nkv) * hd,
+                    h,
+                    qkv_b,
+                )?)
+            } else {
+                QkvProj::Separate {
+                    q: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, qkv_b)?,
+                    k: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, qkv_b)?,
+                    v: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, qkv_b)?,
+                }
+            };
+            let (q_norm, k_norm) = if v.qk_norm {
+                (
+                    Some(head_norm(&format!("{p}.self_attn.q_norm.weight"))?),
+                    Some(head_norm(&format!("{p}.self_attn.k_norm.weight"))?),
+                )
+            } else {
+                (None, None)
+            };
+            let gate_up = if v.fused_gate_up {
+                GateUp::Fused {
+                    gate_up: w.linear(&format!("{p}.mlp.gate_up_proj"), 2 * inter, h, mb)?,
+                    intermediate: inter,
+                }
+            } else {
+                GateUp::Separate {
+                    gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, mb)?,
+                    up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, mb)?,
+                }
+            };
             layers.push(Block {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
-                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, ab)?,
-                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, ab)?,
-                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, ab)?,
-                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
+                    qkv,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, o_b)?,
+                    q_norm,
+                    k_norm,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
-                    gate_proj: w.linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        cfg.intermediate_size,
-                        h,
-                        mb,
-                    )?,
-                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, mb)?,
-                    down_proj: w.linear(
-                        &format!("{p}.mlp.down_proj"),
-                        h,
-                        cfg.intermediate_size,
-                        mb,
-                    )?,
+                    gate_up,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, mb)?,
                 },
             });
         }
@@ -312,8 +448,23 @@ impl Llama {
             None => RopeScaling::from_config(cfg.rope_scaling.as_ref())?,
         };
         // llama.cpp's converter permutes Llama q/k rows so that adjacent-pair rotation applies.
-        let interleaved = w.format() == WeightFormat::Gguf;
-        let rope = RotaryEmbedding::new(hd, cfg.rope_theta, &scaling, interleaved, w.device())?;
+        let interleaved = v.gguf_permuted_qk && w.format() == WeightFormat::Gguf;
+        let rotary_dim = match cfg.partial_rotary_factor {
+            Some(f) if f > 0.0 && f <= 1.0 => (hd as f64 * f) as usize,
+            None => hd,
+            Some(f) => {
+                return Err(Error::Model(format!(
+                    "config field `partial_rotary_factor`: {f} is not in (0, 1]"
+                )))
+            }
+        };
+        let rope = RotaryEmbedding::new(
+            rotary_dim,
+            cfg.rope_theta,
+            &scaling,
+            interleaved,
+            w.device(),
+        )?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -323,7 +474,7 @@ impl Llama {
             sliding_window: cfg.sliding_window,
             device: w.device().clone(),
             info: ModelInfo {
-                architecture: "llama".into(),
+                architecture: v.name.into(),
                 vocab_size: cfg.vocab_size,
                 n_layers: cfg.num_hidden_layers,
                 hidden_size: h,

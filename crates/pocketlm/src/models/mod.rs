@@ -1,7 +1,11 @@
 //! Model architectures, one file each, and the registry keyed by config.json `model_type`
 //! (and GGUF `general.architecture`).
 
+pub mod gemma;
 pub mod llama;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
 
 use candle_core::Tensor;
 
@@ -72,12 +76,38 @@ pub struct Architecture {
 }
 
 /// All supported architectures.
-pub static REGISTRY: &[Architecture] = &[Architecture {
-    model_types: &["llama", "mistral"],
-    gguf_architectures: &["llama", "mistral"],
-    config_from_gguf: llama::config_from_gguf,
-    build: llama::build,
-}];
+pub static REGISTRY: &[Architecture] = &[
+    Architecture {
+        model_types: &["llama", "mistral"],
+        gguf_architectures: &["llama", "mistral"],
+        config_from_gguf: llama::config_from_gguf,
+        build: llama::build,
+    },
+    Architecture {
+        model_types: &["qwen2"],
+        gguf_architectures: &["qwen2"],
+        config_from_gguf: qwen2::config_from_gguf,
+        build: qwen2::build,
+    },
+    Architecture {
+        model_types: &["qwen3"],
+        gguf_architectures: &["qwen3"],
+        config_from_gguf: qwen3::config_from_gguf,
+        build: qwen3::build,
+    },
+    Architecture {
+        model_types: &["gemma2", "gemma3_text", "gemma3"],
+        gguf_architectures: &["gemma2", "gemma3"],
+        config_from_gguf: gemma::config_from_gguf,
+        build: gemma::build,
+    },
+    Architecture {
+        model_types: &["phi3"],
+        gguf_architectures: &[],
+        config_from_gguf: llama::config_from_gguf, // unused: no GGUF architecture listed
+        build: phi3::build,
+    },
+];
 
 fn supported() -> String {
     REGISTRY
@@ -115,5 +145,16 @@ mod tests {
     fn unknown_architecture_lists_supported() {
         let e = super::by_model_type("gpt-17").err().unwrap().to_string();
         assert!(e.contains("gpt-17") && e.contains("llama"), "{e}");
+        for a in [
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma2",
+            "gemma3_text",
+            "gemma3",
+            "phi3",
+        ] {
+            assert!(e.contains(a), "{e}");
+        }
     }
 }

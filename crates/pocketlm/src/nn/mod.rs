@@ -4,9 +4,11 @@
 pub mod attention;
 pub mod linear;
 pub mod norm;
+pub mod ops;
 pub mod rope;
 
 pub use attention::{causal_mask, repeat_kv, scaled_dot_product_attention};
 pub use linear::{Embedding, Linear};
 pub use norm::RmsNorm;
+pub use ops::{gelu_tanh, softcap};
 pub use rope::{RopeScaling, RotaryEmbedding};

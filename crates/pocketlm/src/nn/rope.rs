@@ -32,6 +32,22 @@ pub enum RopeScaling {
     /// Per-frequency divisors given explicitly (GGUF `rope_freqs.weight`, `[head_dim / 2]`),
     /// which is how llama.cpp stores Llama 3.1 scaling.
     FreqFactors(Vec<f32>),
+    /// LongRoPE (Ding et al. 2024, arXiv:2402.13753; Phi-3's `longrope`, formerly `su`), as HF
+    /// `_compute_longrope_parameters` + `longrope_frequency_update`: frequencies divided by
+    /// `short_factor` while every position of a forward pass is below
+    /// `original_max_position_embeddings`, by `long_factor` once one is not; cos/sin multiplied
+    /// by `attention_factor`.
+    LongRope {
+        /// Per-frequency divisors `[rotary_dim / 2]` for short contexts.
+        short_factor: Vec<f64>,
+        /// Per-frequency divisors `[rotary_dim / 2]` for long contexts.
+        long_factor: Vec<f64>,
+        /// Context length the model was pre-trained with, in tokens.
+        original_max_position_embeddings: usize,
+        /// Scale of cos/sin: given, or `sqrt(1 + ln(factor) / ln(original))` for
+        /// `factor = max_position_embeddings / original > 1`, else 1.
+        attention_factor: f64,
+    },
 }
 
 #[derive(Deserialize)]
@@ -42,12 +58,20 @@ struct RawScaling {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    short_factor: Option<Vec<f64>>,
+    long_factor: Option<Vec<f64>>,
+    attention_factor: Option<f64>,
 }
 
 impl RopeScaling {
     /// Parses config.json's `rope_scaling` object (`null` or absent gives [`RopeScaling::None`]).
     ///
     /// Errors name the missing field or the unsupported `rope_type`.
+    ///
+    /// `longrope` (or its old name `su`) needs `short_factor`, `long_factor`,
+    /// `original_max_position_embeddings`, and `factor` (the ratio of the extended to the
+    /// original context) unless `attention_factor` is given; architectures copy those from the
+    /// top level of config.json into the object first where their configs keep them there.
     pub fn from_config(v: Option<&serde_json::Value>) -> Result<Self> {
         let Some(v) = v.filter(|v| !v.is_null()) else {
             return Ok(Self::None);
@@ -71,13 +95,41 @@ impl RopeScaling {
                     "original_max_position_embeddings",
                 )?,
             }),
+            "longrope" | "su" => {
+                let original = need(
+                    raw.original_max_position_embeddings,
+                    "original_max_position_embeddings",
+                )?;
+                let attention_factor = match raw.attention_factor {
+                    Some(a) => a,
+                    None => {
+                        let factor = need(raw.factor, "factor")?;
+                        if factor <= 1.0 {
+                            1.0
+                        } else {
+                            (1.0 + factor.ln() / original.ln()).sqrt()
+                        }
+                    }
+                };
+                let factors = |x: Option<Vec<f64>>, f: &str| {
+                    x.ok_or_else(|| {
+                        Error::Model(format!("config.json: `rope_scaling.{f}` is missing"))
+                    })
+                };
+                Ok(Self::LongRope {
+                    short_factor: factors(raw.short_factor, "short_factor")?,
+                    long_factor: factors(raw.long_factor, "long_factor")?,
+                    original_max_position_embeddings: original as usize,
+                    attention_factor,
+                })
+            }
             other => Err(Error::Model(format!(
-                "config.json: `rope_scaling.rope_type` `{other}` is not supported (default, linear, llama3)"
+                "config.json: `rope_scaling.rope_type` `{other}` is not supported (default, linear, llama3, longrope)"
             ))),
         }
     }
 
-    /// Applies the scaling to `inv_freq` (`[rotary_dim / 2]`).
+    /// Applies the scaling to `inv_freq` (`[rotary_dim / 2]`); for LongRoPE, the short factors.
     pub fn apply(&self, inv_freq: &mut [f64]) -> Result<()> {
         match self {
             Self::None => {}
@@ -115,9 +167,22 @@ impl RopeScaling {
                     .zip(ff)
                     .for_each(|(f, d)| *f /= *d as f64);
             }
+            Self::LongRope { short_factor, .. } => divide(inv_freq, short_factor, "short_factor")?,
         }
         Ok(())
     }
+}
+
+fn divide(inv_freq: &mut [f64], factors: &[f64], field: &str) -> Result<()> {
+    if factors.len() != inv_freq.len() {
+        return Err(Error::Model(format!(
+            "config.json: `rope_scaling.{field}` has {} factors, expected rotary_dim / 2 = {}",
+            factors.len(),
+            inv_freq.len()
+        )));
+    }
+    inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
+    Ok(())
 }
 
 /// Rotary position embedding for one attention layout. The cos/sin values are computed per
@@ -132,6 +197,10 @@ pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
     /// The angles as ggml computes them, for GGUF models (see [`Self::new`]).
     ggml: Option<GgmlAngles>,
+    /// LongRoPE: frequencies used once a pass reaches beyond this many positions.
+    long: Option<(usize, Vec<f32>)>,
+    /// Scale applied to cos and sin (LongRoPE's attention factor; 1 otherwise).
+    attention_factor: f32,
     rotary_dim: usize,
     interleaved: bool,
     device: Device,
@@ -166,12 +235,15 @@ impl RotaryEmbedding {
             )));
         }
         let half = rotary_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half)
+        let base: Vec<f64> = (0..half)
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
             .collect();
+        let mut inv_freq = base.clone();
         scaling.apply(&mut inv_freq)?;
         let ggml = match (interleaved, scaling) {
-            (false, _) | (true, RopeScaling::Llama3 { .. }) => None,
+            (false, _)
+            | (true, RopeScaling::Llama3 { .. })
+            | (true, RopeScaling::LongRope { .. }) => None,
             (true, RopeScaling::None) => Some((1.0, None)),
             (true, RopeScaling::Linear { factor }) => Some(((1.0 / factor) as f32, None)),
             (true, RopeScaling::FreqFactors(f)) => Some((1.0, Some(f.clone()))),
@@ -181,9 +253,28 @@ impl RotaryEmbedding {
             freq_scale,
             freq_factors,
         });
+        let to32 = |v: &[f64]| v.iter().map(|f| *f as f32).collect::<Vec<f32>>();
+        let (long, attention_factor) = match scaling {
+            RopeScaling::LongRope {
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            } => {
+                let mut l = base;
+                divide(&mut l, long_factor, "long_factor")?;
+                (
+                    Some((*original_max_position_embeddings, to32(&l))),
+                    *attention_factor as f32,
+                )
+            }
+            _ => (None, 1.0),
+        };
         Ok(Self {
             ggml,
-            inv_freq: inv_freq.iter().map(|f| *f as f32).collect(),
+            inv_freq: to32(&inv_freq),
+            long,
+            attention_factor,
             rotary_dim,
             interleaved,
             device: device.clone(),
@@ -191,9 +282,15 @@ impl RotaryEmbedding {
     }
 
     /// cos and sin `[seq, rotary_dim / 2]` for positions `offset..offset+seq`, computed in f32
-    /// as `pos * inv_freq` like the reference implementations.
+    /// as `pos * inv_freq` like the reference implementations (times the attention factor for
+    /// LongRoPE, whose long frequencies apply when `offset + seq` exceeds the original context).
     pub fn cos_sin(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+        let inv_freq = match &self.long {
+            Some((original, long)) if offset + seq > *original => long,
+            _ => &self.inv_freq,
+        };
+        let half = inv_freq.len();
+        let m = self.attention_factor;
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
         for p in offset..offset + seq {
@@ -209,10 +306,10 @@ impl RotaryEmbedding {
                 sin.extend(cs.iter().map(|c| c.1));
                 continue;
             }
-            for f in &self.inv_freq {
+            for f in inv_freq {
                 let a = (p as f32) * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * m);
+                sin.push(a.sin() * m);
             }
         }
         Ok((

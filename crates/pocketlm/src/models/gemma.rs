@@ -1,0 +1,678 @@
+//! Gemma 2 and Gemma 3 (text): embeddings scaled by `sqrt(hidden)`, `(1 + w)` RMSNorm, norms
+//! before and after both attention and MLP, GELU-tanh gated MLP, attention scaled by
+//! `query_pre_attn_scalar^-0.5`, sliding-window ("local") and full ("global") layers with their
+//! own RoPE, logit soft-capping (Gemma 2) and per-head q/k norms (Gemma 3). Tied output layer.
+//! Reference: Hugging Face `modeling_gemma2.py`, `modeling_gemma3.py` (`Gemma3ForCausalLM`),
+//! mlx-lm `models/gemma2.py`, `models/gemma3_text.py`.
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::gguf::GgufFile;
+use crate::kv_cache::{KvCache, LayerKvCache};
+use crate::models::{CausalLM, Logits, ModelInfo};
+use crate::nn::{
+    causal_mask, gelu_tanh, scaled_dot_product_attention, softcap, Embedding, Linear, RmsNorm,
+    RopeScaling, RotaryEmbedding,
+};
+use crate::weights::{WeightFormat, Weights};
+use crate::{Error, Result};
+
+/// config.json of a Gemma 2 / Gemma 3 text model (Hugging Face field names; both the
+/// transformers 4 layout, `rope_theta` + `rope_local_base_freq` + `sliding_window_pattern`, and
+/// the transformers 5 one, `rope_parameters` per layer type + `layer_types`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GemmaConfig {
+    /// `gemma2`, `gemma3_text` (or `gemma3` for the text part of the multimodal model).
+    pub model_type: String,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads; defaults to `num_attention_heads`.
+    pub num_key_value_heads: Option<usize>,
+    /// Head width (Gemma: 256, not `hidden / heads`); defaults to `hidden / heads`.
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base of global layers (transformers 4 layout).
+    pub rope_theta: Option<f64>,
+    /// RoPE base of local layers (Gemma 3, transformers 4 layout; default 10000).
+    pub rope_local_base_freq: Option<f64>,
+    /// RoPE scaling of global layers (transformers 4 layout).
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5: `{"full_attention": {...}, "sliding_attention": {...}}` (Gemma 3) or
+    /// one object for all layers (Gemma 2).
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Longest context.
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-0.5`; defaults to `head_dim`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `c` in `c * tanh(scores / c)` for attention scores (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    /// `c` in `c * tanh(logits / c)` for the output logits (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
+    /// Window of local layers, in tokens (a query sees itself and `sliding_window - 1` keys
+    /// before it).
+    pub sliding_window: Option<usize>,
+    /// `sliding_attention` / `full_attention` per layer.
+    pub layer_types: Option<Vec<String>>,
+    /// Every `n`-th layer is global (Gemma 3, transformers 4 layout; default 6).
+    #[serde(alias = "_sliding_window_pattern")]
+    pub sliding_window_pattern: Option<usize>,
+    /// MLP activation; only `gelu_pytorch_tanh` (and its alias `gelu_tanh`) is used by Gemma.
+    pub hidden_activation: Option<String>,
+    /// Biases on the attention projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Bidirectional attention (Gemma 3 embedding models); not supported.
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_ctx() -> usize {
+    8192
+}
+
+fn bad(field: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Model(format!("config.json field `{field}`: {msg}"))
+}
+
+/// RoPE base and scaling of one layer type.
+#[derive(Debug, Clone)]
+struct RopeParams {
+    theta: f64,
+    scaling: RopeScaling,
+}
+
+fn rope_params(v: &serde_json::Value, field: &str) -> Result<RopeParams> {
+    let theta = v
+        .get("rope_theta")
+        .and_then(|t| t.as_f64())
+        .ok_or_else(|| bad(field, "has no `rope_theta`"))?;
+    Ok(RopeParams {
+        theta,
+        scaling: RopeScaling::from_config(Some(v))?,
+    })
+}
+
+impl GemmaConfig {
+    fn is_gemma3(&self) -> bool {
+        self.model_type.starts_with("gemma3")
+    }
+    fn n_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// `true` for each sliding-window layer.
+    fn sliding_layers(&self) -> Result<Vec<bool>> {
+        if let Some(t) = &self.layer_types {
+            if t.len() != self.num_hidden_layers {
+                return Err(bad(
+                    "layer_types",
+                    format!(
+                        "has {} entries for {} layers",
+                        t.len(),
+                        self.num_hidden_layers
+                    ),
+                ));
+            }
+            return t
+                .iter()
+                .map(|s| match s.as_str() {
+                    "sliding_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    o => Err(bad("layer_types", format!("unknown layer type `{o}`"))),
+                })
+                .collect();
+        }
+        // HF defaults: Gemma 2 alternates starting with a local layer; Gemma 3 makes every
+        // `sliding_window_pattern`-th layer global.
+        let pattern = if self.is_gemma3() {
+            self.sliding_window_pattern.unwrap_or(6)
+        } else {
+            2
+        };
+        if pattern == 0 {
+            return Err(bad("sliding_window_pattern", "must be positive"));
+        }
+        Ok((0..self.num_hidden_layers)
+            .map(|i| (i + 1) % pattern != 0)
+            .collect())
+    }
+
+    /// RoPE of (global, local) layers.
+    fn rope(&self) -> Result<(RopeParams, RopeParams)> {
+        if let Some(rp) = self.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+            if let (Some(full), Some(sliding)) =
+                (rp.get("full_attention"), rp.get("sliding_attention"))
+            {
+                return Ok((
+                    rope_params(full, "rope_parameters.full_attention")?,
+                    rope_params(sliding, "rope_parameters.sliding_attention")?,
+                ));
+            }
+            if self.rope_theta.is_none() {
+                let p = rope_params(rp, "rope_parameters")?;
+                return Ok((p.clone(), p));
+            }
+        }
+        let default_global = if self.is_gemma3() {
+            1_000_000.0
+        } else {
+            10_000.0
+        };
+        let global = RopeParams {
+            theta: self.rope_theta.unwrap_or(default_global),
+            scaling: RopeScaling::from_config(self.rope_scaling.as_ref())?,
+        };
+        let local = if self.is_gemma3() {
+            RopeParams {
+                theta: self.rope_local_base_freq.unwrap_or(10_000.0),
+                scaling: RopeScaling::None,
+            }
+        } else {
+            global.clone()
+        };
+        Ok((global, local))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_attention_heads == 0 || self.n_kv_heads() == 0 {
+            return Err(bad("num_attention_heads", "must be positive"));
+        }
+        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
+            return Err(bad(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.n_kv_heads(),
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return Err(bad("head_dim", format!("{} must be even", self.head_dim())));
+        }
+        match self.hidden_activation.as_deref() {
+            None | Some("gelu_pytorch_tanh") | Some("gelu_tanh") => {}
+            Some(o) => return Err(bad("hidden_activation", format!("`{o}` is not supported"))),
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(bad("use_bidirectional_attention", "true is not supported"));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(bad("sliding_window", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Weights of the multimodal `gemma3` checkpoints, whose text model lives under
+/// `model.language_model.` (transformers 5) or `language_model.model.` (transformers 4,
+/// mlx-vlm), read with the text model's names (`model.layers.0...`).
+struct LanguageModelPrefix<'a> {
+    inner: &'a dyn Weights,
+    prefix: &'static str,
+}
+
+impl LanguageModelPrefix<'_> {
+    fn name(&self, name: &str) -> String {
+        match name.strip_prefix("model.") {
+            Some(rest) => format!("{}{rest}", self.prefix),
+            None => name.to_string(),
+        }
+    }
+}
+
+impl Weights for LanguageModelPrefix<'_> {
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        self.inner.linear(&self.name(prefix), out, inp, bias)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        self.inner.embedding(&self.name(name), vocab, hidden)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.tensor(&self.name(name), shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(&self.name(name))
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn format(&self) -> WeightFormat {
+        self.inner.format()
+    }
+}
+
+/// Reads an HF-style Gemma 2 / Gemma 3 text config from GGUF metadata (`gemma2.*` /
+/// `gemma3.*` keys, llama.cpp naming), with llama.cpp's fixed choices for what the metadata
+/// does not hold (`src/llama-model.cpp`): Gemma 2 alternates local and global layers starting
+/// with a local one, Gemma 3 makes every 6th layer global and gives local layers RoPE base
+/// 10000; queries are scaled by `key_length^-0.5`, except for the 27B models (46 / 62 layers)
+/// where it is `(hidden / heads)^-0.5`.
+///
+/// Errors: [`Error::Model`] / [`Error::Tensor`] naming a missing key or tensor.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let arch = g.architecture()?;
+    let k = |s: &str| format!("{arch}.{s}");
+    let heads = g.get_usize(&k("attention.head_count"))?;
+    let hidden = g.get_usize(&k("embedding_length"))?;
+    let layers = g.get_usize(&k("block_count"))?;
+    let head_dim = g
+        .opt_usize(&k("attention.key_length"))?
+        .unwrap_or(hidden / heads.max(1));
+    let vocab = match g.opt_usize(&k("vocab_size"))? {
+        Some(v) => v,
+        None => g.tensor_info("token_embd.weight")?.0[0],
+    };
+    let is_27b = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    let query_pre_attn_scalar = if is_27b {
+        hidden / heads.max(1)
+    } else {
+        head_dim
+    };
+    let rope_scaling = match g.opt_str(&k("rope.scaling.type"))?.as_deref() {
+        None | Some("none") => serde_json::Value::Null,
+        Some("linear") => serde_json::json!({
+            "rope_type": "linear",
+            "factor": g.get_f64(&k("rope.scaling.factor"))?,
+        }),
+        Some(other) => {
+            return Err(Error::Model(format!(
+                "{}: `{arch}.rope.scaling.type` `{other}` is not supported",
+                g.path().display()
+            )))
+        }
+    };
+    let is_gemma3 = arch == "gemma3";
+    Ok(serde_json::json!({
+        "model_type": if is_gemma3 { "gemma3_text" } else { "gemma2" },
+        "hidden_size": hidden,
+        "intermediate_size": g.get_usize(&k("feed_forward_length"))?,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": g.opt_usize(&k("attention.head_count_kv"))?.unwrap_or(heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": g.opt_f64(&k("rope.freq_base"))?.unwrap_or(if is_gemma3 { 1e6 } else { 1e4 }),
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": g.opt_usize(&k("context_length"))?.unwrap_or(8192),
+        "vocab_size": vocab,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "attn_logit_softcapping": g.opt_f64(&k("attn_logit_softcapping"))?,
+        "final_logit_softcapping": g.opt_f64(&k("final_logit_softcapping"))?,
+        "sliding_window": g.opt_usize(&k("attention.sliding_window"))?,
+        "sliding_window_pattern": if is_gemma3 { 6 } else { 2 },
+    }))
+}
+
+/// GGUF names of Gemma's norms that have no Llama-family Hugging Face counterpart (llama.cpp
+/// `tensor_mapping.py`): the post-attention norm is `post_attention_norm` (in Llama,
+/// `post_attention_layernorm` is the FFN input norm `ffn_norm`), the pre-FFN norm `ffn_norm`,
+/// the post-FFN norm `post_ffw_norm`.
+struct GgufGemmaNames<'a> {
+    inner: &'a dyn Weights,
+}
+
+impl GgufGemmaNames<'_> {
+    fn name(&self, name: &str) -> String {
+        let Some(rest) = name.strip_prefix("model.layers.") else {
+            return name.to_string();
+        };
+        let Some((layer, module)) = rest.split_once('.') else {
+            return name.to_string();
+        };
+        let gguf = match module {
+            "post_attention_layernorm.weight" => "post_attention_norm.weight",
+            "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+            "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
+            _ => return name.to_string(),
+        };
+        format!("blk.{layer}.{gguf}")
+    }
+}
+
+impl Weights for GgufGemmaNames<'_> {
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        self.inner.linear(prefix, out, inp, bias)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        self.inner.embedding(name, vocab, hidden)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.tensor(&self.name(name), shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(&self.name(name))
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn format(&self) -> WeightFormat {
+        self.inner.format()
+    }
+}
+
+/// Builds a Gemma 2 / Gemma 3 text model from an HF-style config and weights
+/// (`Gemma2ForCausalLM` / `Gemma3ForCausalLM` names). For `model_type: gemma3` (the multimodal
+/// checkpoint) the text model is read from `text_config` and `language_model` weights; the
+/// vision tower is ignored.
+///
+/// Errors: [`Error::Model`] naming an invalid config field; [`Error::Tensor`] naming a missing
+/// or misshapen weight.
+pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
+    let is_multimodal = config.get("model_type").and_then(|v| v.as_str()) == Some("gemma3");
+    if !is_multimodal {
+        let cfg: GemmaConfig = serde_json::from_value(config.clone())
+            .map_err(|e| Error::Model(format!("config.json: {e}")))?;
+        if w.format() == WeightFormat::Gguf {
+            return Ok(Box::new(Gemma::new(cfg, &GgufGemmaNames { inner: w })?));
+        }
+        return Ok(Box::new(Gemma::new(cfg, w)?));
+    }
+    let mut text = config
+        .get("text_config")
+        .cloned()
+        .ok_or_else(|| bad("text_config", "is missing (model_type gemma3)"))?;
+    if let Some(o) = text.as_object_mut() {
+        o.insert("model_type".into(), "gemma3_text".into());
+    }
+    let cfg: GemmaConfig = serde_json::from_value(text)
+        .map_err(|e| Error::Model(format!("config.json `text_config`: {e}")))?;
+    let prefix = ["model.language_model.", "language_model.model."]
+        .into_iter()
+        .find(|p| w.contains(&format!("{p}embed_tokens.weight")))
+        .ok_or_else(|| {
+            Error::tensor(
+                "model.language_model.embed_tokens.weight",
+                "is missing (nor language_model.model.embed_tokens.weight)",
+            )
+        })?;
+    Ok(Box::new(Gemma::new(
+        cfg,
+        &LanguageModelPrefix { inner: w, prefix },
+    )?))
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        cache: &mut dyn LayerKvCache,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, h, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let qkv = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
+            .map_err(|_| Error::InvalidArgument("q/k/v projection missing".into()))?;
+        let mut q = shape(q, self.n_heads)?;
+        let mut k = shape(k, self.n_kv_heads)?;
+        let v = shape(v, self.n_kv_heads)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
+        let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
+        let (k, v) = cache.update(&k, &v)?;
+        let o = scaled_dot_product_attention(&q, &k, &v, mask, self.scale, self.softcap)?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, s, self.n_heads * self.head_dim))?;
+        self.o_proj.forward(&o)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    /// GeGLU (Shazeer 2020) with tanh-GELU: `down(gelu_tanh(gate(x)) * up(x))`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?;
+        let [g, u] = <[Tensor; 2]>::try_from(gu)
+            .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
+        self.down_proj.forward(&(gelu_tanh(&g)? * u)?)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    mlp: Mlp,
+    post_feedforward_layernorm: RmsNorm,
+    sliding: bool,
+}
+
+/// A Gemma 2 / Gemma 3 text causal language model.
+#[derive(Debug)]
+pub struct Gemma {
+    embed_tokens: Embedding,
+    embed_scale: f64,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope_global: RotaryEmbedding,
+    rope_local: RotaryEmbedding,
+    sliding_window: Option<usize>,
+    final_softcap: Option<f64>,
+    info: ModelInfo,
+    device: Device,
+}
+
+impl Gemma {
+    /// Loads the weights named as in Hugging Face `Gemma2ForCausalLM` / `Gemma3ForCausalLM`.
+    ///
+    /// Norm weights are stored as `w` and used as `1 + w` (HF `Gemma2RMSNorm`), except from
+    /// GGUF files, where llama.cpp's converter has already added the 1.
+    pub fn new(cfg: GemmaConfig, w: &dyn Weights) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim();
+        let inter = cfg.intermediate_size;
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+        let unit_offset = w.format() != WeightFormat::Gguf;
+        let norm = |name: &str, dim: usize| {
+            RmsNorm::new(w.tensor(name, &[dim])?, cfg.rms_norm_eps, unit_offset)
+        };
+        let sliding = cfg.sliding_layers()?;
+        if sliding.iter().any(|s| *s) && cfg.sliding_window.is_none() {
+            return Err(bad(
+                "sliding_window",
+                "is missing but some layers are sliding",
+            ));
+        }
+        let scale = 1.0 / cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
+        let ab = cfg.attention_bias;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (i, &is_sliding) in sliding.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (q_norm, k_norm) = if cfg.is_gemma3() {
+                (
+                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?),
+                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Block {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                self_attn: Attention {
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, ab)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, ab)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, ab)?,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
+                    q_norm,
+                    k_norm,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    scale,
+                    softcap: cfg.attn_logit_softcapping,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                pre_feedforward_layernorm: norm(
+                    &format!("{p}.pre_feedforward_layernorm.weight"),
+                    h,
+                )?,
+                mlp: Mlp {
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                },
+                post_feedforward_layernorm: norm(
+                    &format!("{p}.post_feedforward_layernorm.weight"),
+                    h,
+                )?,
+                sliding: is_sliding,
+            });
+        }
+        let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let lm_head = if w.contains("lm_head.weight") {
+            w.linear("lm_head", cfg.vocab_size, h, false)?
+        } else {
+            embed_tokens.as_linear()?
+        };
+        let (global, local) = cfg.rope()?;
+        let rope =
+            |p: &RopeParams| RotaryEmbedding::new(hd, p.theta, &p.scaling, false, w.device());
+        Ok(Self {
+            embed_tokens,
+            embed_scale: (h as f64).sqrt(),
+            layers,
+            norm: norm("model.norm.weight", h)?,
+            lm_head,
+            rope_global: rope(&global)?,
+            rope_local: rope(&local)?,
+            sliding_window: cfg.sliding_window,
+            final_softcap: cfg.final_logit_softcapping,
+            device: w.device().clone(),
+            info: ModelInfo {
+                architecture: if cfg.is_gemma3() { "gemma3" } else { "gemma2" }.into(),
+                vocab_size: cfg.vocab_size,
+                n_layers: cfg.num_hidden_layers,
+                hidden_size: h,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                context_length: cfg.max_position_embeddings,
+            },
+        })
+    }
+}
+
+impl CausalLM for Gemma {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let (_b, s) = input_ids.dims2()?;
+        if cache.n_layers() != self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache has {} layers, model has {}",
+                cache.n_layers(),
+                self.layers.len()
+            )));
+        }
+        let offset = cache.offset();
+        let kv_len = cache.attend_len(s);
+        let dev = input_ids.device();
+        let full_mask = if s > 1 {
+            Some(causal_mask(s, kv_len, None, dev)?)
+        } else {
+            None
+        };
+        let sliding_mask = match self.sliding_window {
+            Some(w) if s > 1 || kv_len > w => Some(causal_mask(s, kv_len, Some(w), dev)?),
+            _ => full_mask.clone(),
+        };
+        let cs_global = self.rope_global.cos_sin(offset, s)?;
+        let cs_local = self.rope_local.cos_sin(offset, s)?;
+        let mut x = (self.embed_tokens.forward(input_ids)? * self.embed_scale)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache
+                .layer(i)
+                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+            let (rope, cs, mask) = if layer.sliding {
+                (&self.rope_local, &cs_local, sliding_mask.as_ref())
+            } else {
+                (&self.rope_global, &cs_global, full_mask.as_ref())
+            };
+            let hn = layer.input_layernorm.forward(&x)?;
+            let a = layer.self_attn.forward(&hn, rope, cs, c, mask)?;
+            x = (layer.post_attention_layernorm.forward(&a)? + x)?;
+            let hn = layer.pre_feedforward_layernorm.forward(&x)?;
+            let m = layer.mlp.forward(&hn)?;
+            x = (layer.post_feedforward_layernorm.forward(&m)? + x)?;
+        }
+        let x = match logits {
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+            Logits::All => x,
+        };
+        let mut out = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        if let Some(c) = self.final_softcap {
+            out = softcap(&out, c)?;
+        }
+        Ok(match logits {
+            Logits::Last => out.squeeze(1)?,
+            Logits::All => out,
+        })
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::growing(self.layers.len())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}

@@ -1,0 +1,383 @@
+//! Every architecture against Hugging Face transformers, on tiny random-weight models made from
+//! the real config classes (golden files from `scripts/golden/tiny_archs.py`):
+//!
+//! - float (bfloat16 safetensors): logits of a 20-token prompt at every position within 1e-3 of
+//!   transformers' float32 forward pass, and 16 greedy tokens (decoded with our KV cache, one
+//!   token at a time) equal to transformers' (each of its steps a full forward pass).
+//! - after our MLX 8-bit quantization (`convert`, group 64, into a temporary folder): logits
+//!   within 1e-3 of transformers on the MLX-dequantized weights and greedy tokens equal to its;
+//!   within a looser bound (4.0, logits std about 8; measured 0.2-3.0) of the float model, and
+//!   the number of leading greedy tokens that agree with the float model printed (measured:
+//!   16/16 except qwen2 0/16, its first step's float margin being 0.016, and phi3 9/16).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use pocketlm::convert::{convert, ConvertOptions};
+use pocketlm::loader::{load, LoadOptions, LoadedModel};
+use pocketlm::models::Logits;
+use pocketlm::safetensors_weights::QuantParams;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/archs")
+        .join(name)
+}
+
+fn cpu() -> LoadOptions {
+    LoadOptions {
+        device: pocketlm::device::DeviceSpec::Cpu,
+        dequantize: false,
+    }
+}
+
+fn golden(name: &str) -> Res<HashMap<String, Tensor>> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/archs")
+        .join(format!("{name}.golden.safetensors"));
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .map_err(|e| format!("{}: {e} (run scripts/golden/tiny_archs.py)", p.display()).into())
+}
+
+fn logits(m: &LoadedModel, ids: &Tensor) -> Res<Tensor> {
+    let mut cache = m.model.new_cache();
+    Ok(m.model
+        .forward(&ids.unsqueeze(0)?, &mut cache, Logits::All)?
+        .squeeze(0)?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
+    assert_eq!(a.dims(), b.dims());
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Greedy decoding with the KV cache: prefill the prompt, then one token per step.
+fn greedy(m: &LoadedModel, prompt: &[u32], n: usize) -> Res<Vec<u32>> {
+    let dev = m.model.device();
+    let mut cache = m.model.new_cache();
+    let mut input = Tensor::new(prompt, dev)?.unsqueeze(0)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = m.model.forward(&input, &mut cache, Logits::Last)?;
+        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(t);
+        input = Tensor::new(&[t], dev)?.unsqueeze(0)?;
+    }
+    Ok(out)
+}
+
+fn check_float(name: &str, arch: &str) -> Res<()> {
+    let g = golden(name)?;
+    let m = load(dir(name), &cpu())?;
+    assert_eq!(m.model.info().architecture, arch);
+    let ids = g["ids"].to_vec1::<u32>()?;
+    let d = max_abs_diff(&logits(&m, &g["ids"])?, &g["logits"])?;
+    assert!(d <= 1e-3, "{name}: max |logits - transformers| = {d}");
+    if let Some(short) = g.get("short_logits") {
+        let n = short.dim(0)?;
+        let d = max_abs_diff(&logits(&m, &g["ids"].narrow(0, 0, n)?)?, short)?;
+        assert!(
+            d <= 1e-3,
+            "{name}: {n}-token prefix: max |logits - transformers| = {d}"
+        );
+    }
+    let want = g["greedy"].to_vec1::<u32>()?;
+    let got = greedy(&m, &ids, want.len())?;
+    assert_eq!(got, want, "{name}: greedy tokens");
+    println!("{name}: logits max diff {d:.2e}, 16/16 greedy tokens equal");
+    Ok(())
+}
+
+/// Converts the folder to MLX 8-bit (group 64) in a temporary directory, then checks it
+/// against transformers on the MLX-dequantized weights (tight: 1e-3, greedy tokens equal) and
+/// states how far it is from the float model (loose: `float_bound`, and how many leading greedy
+/// tokens agree with the float model's, which the reference fixes too).
+fn check_q8(name: &str, float_bound: f32) -> Res<()> {
+    let g = golden(name)?;
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("q8");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 8,
+        }),
+        ..Default::default()
+    };
+    let summary = convert(&dir(name), &out, &opts, &mut |_| {})?;
+    assert!(summary.quantized_layers > 0, "{name}: nothing quantized");
+    let m = load(&out, &cpu())?;
+    let got = logits(&m, &g["ids"])?;
+    let d_ref = max_abs_diff(&got, &g["q8_logits"])?;
+    assert!(
+        d_ref <= 1e-3,
+        "{name} q8: max |logits - transformers on dequantized| = {d_ref}"
+    );
+    let d_float = max_abs_diff(&got, &g["logits"])?;
+    assert!(
+        d_float <= float_bound,
+        "{name} q8: max |logits - float| = {d_float} > {float_bound}"
+    );
+    assert!(
+        d_float > 1e-2,
+        "{name} q8: logits equal the float ones ({d_float}): not quantized?"
+    );
+    let ids = g["ids"].to_vec1::<u32>()?;
+    let want = g["q8_greedy"].to_vec1::<u32>()?;
+    let got = greedy(&m, &ids, want.len())?;
+    assert_eq!(got, want, "{name} q8: greedy tokens");
+    let float = g["greedy"].to_vec1::<u32>()?;
+    let agree = got.iter().zip(&float).take_while(|(a, b)| a == b).count();
+    println!(
+        "{name} q8: {} layers quantized, max diff {d_ref:.1e} from the reference, {d_float:.3} \
+         from float (bound {float_bound}); 16/16 greedy equal the reference's, {agree}/16 \
+         leading ones equal the float model's",
+        summary.quantized_layers
+    );
+    Ok(())
+}
+
+#[test]
+fn qwen2_float() -> Res<()> {
+    check_float("qwen2", "qwen2")
+}
+
+#[test]
+fn qwen3_float() -> Res<()> {
+    check_float("qwen3", "qwen3")
+}
+
+#[test]
+fn gemma2_float() -> Res<()> {
+    check_float("gemma2", "gemma2")
+}
+
+#[test]
+fn gemma3_float() -> Res<()> {
+    check_float("gemma3", "gemma3")
+}
+
+#[test]
+fn phi3_float() -> Res<()> {
+    check_float("phi3", "phi3")
+}
+
+#[test]
+fn mistral_float() -> Res<()> {
+    check_float("mistral", "llama")
+}
+
+#[test]
+fn qwen2_q8() -> Res<()> {
+    check_q8("qwen2", 4.0)
+}
+
+#[test]
+fn qwen3_q8() -> Res<()> {
+    check_q8("qwen3", 4.0)
+}
+
+#[test]
+fn gemma2_q8() -> Res<()> {
+    check_q8("gemma2", 4.0)
+}
+
+#[test]
+fn gemma3_q8() -> Res<()> {
+    check_q8("gemma3", 4.0)
+}
+
+#[test]
+fn phi3_q8() -> Res<()> {
+    check_q8("phi3", 4.0)
+}
+
+#[test]
+fn mistral_q8() -> Res<()> {
+    check_q8("mistral", 4.0)
+}
+
+/// Largest gap, in llama.cpp's logits, between its best token and ours at a step where we may
+/// choose differently. Both quantize activations for the quantized products (Q8_0 / Q8_K) but
+/// do not round bit for bit alike; on this model that moves logits by up to ~0.3 (transformers
+/// on the f32-dequantized weights is itself 0.2-0.35 away from llama.cpp here), and its paths
+/// have near-ties (0.003 and 0.009 logits apart in these prompts).
+const NEAR_TIE: f64 = 0.5;
+/// Prompts whose 24 free-running greedy tokens must equal llama.cpp's exactly (the goal is 3
+/// of 3; the others part at near-ties, see [`NEAR_TIE`]).
+const MIN_EXACT: usize = 1;
+
+/// The real Gemma 3 270M GGUF (Q4_K_M; see `scripts/golden/gemma3_llamacpp.py` for where it
+/// comes from), when present in `$POCKETLM_HOME/models/`: our tokenization equals llama.cpp's,
+/// with the weights dequantized to f32 our logits after each prompt equal transformers' (f32,
+/// same GGUF) to 2e-3 for its 20 best tokens (the architecture computes the same function),
+/// and along llama.cpp's 24 greedy tokens (teacher-forced, decoding one token at a time with our
+/// KV cache) our greedy choice is llama.cpp's at every step, or within [`NEAR_TIE`] of its best
+/// logit. Free-running greedy paths are compared too and the number of prompts whose 24 tokens
+/// are all equal printed, at least [`MIN_EXACT`] required (measured: 1 of 3: "def
+/// fibonacci(n):" follows all 24; "The capital of France is" parts at step 18, where
+/// llama.cpp's two best tokens are 0.009 apart, "Once upon a time..." at step 3, 0.07 apart).
+/// CI does not fetch this file: the test then says it is skipped and passes.
+#[test]
+fn gemma3_270m_gguf_follows_llama_cpp() -> Res<()> {
+    let home = std::env::var("POCKETLM_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/pocketlm",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let path = PathBuf::from(home).join("models/gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        eprintln!(
+            "SKIPPED gemma3_270m_gguf_follows_llama_cpp: {} is absent \
+             (see scripts/golden/gemma3_llamacpp.py to fetch it)",
+            path.display()
+        );
+        return Ok(());
+    }
+    let m = load(&path, &cpu())?;
+    assert_eq!(m.model.info().architecture, "gemma3");
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/archs/gemma3_270m_llamacpp.json"),
+    )?)?;
+    let as_ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let cases = g["cases"].as_array().ok_or("no cases")?;
+    assert_eq!(cases.len(), 3);
+
+    // The architecture: f32 weights against transformers.
+    let f32_model = load(
+        &path,
+        &LoadOptions {
+            dequantize: true,
+            ..cpu()
+        },
+    )?;
+    let mut worst = 0f64;
+    for c in cases {
+        let prompt = as_ids(&c["prompt_ids"]);
+        let x = Tensor::new(prompt.as_slice(), f32_model.model.device())?.unsqueeze(0)?;
+        let mut cache = f32_model.model.new_cache();
+        let l: Vec<f32> = f32_model
+            .model
+            .forward(&x, &mut cache, Logits::Last)?
+            .squeeze(0)?
+            .to_vec1()?;
+        for pair in c["hf_f32_top20_last"].as_array().ok_or("no hf logits")? {
+            let (t, v) = (
+                pair[0].as_u64().ok_or("bad id")? as usize,
+                pair[1].as_f64().ok_or("bad logit")?,
+            );
+            worst = worst.max((l[t] as f64 - v).abs());
+        }
+    }
+    drop(f32_model);
+    println!("f32: max |logit - transformers| over the top 20 after each prompt: {worst:.2e}");
+    assert!(
+        worst <= 2e-3,
+        "f32 logits differ from transformers' by {worst}"
+    );
+
+    let mut exact = 0;
+    for c in cases {
+        let text = c["text"].as_str().ok_or("no text")?;
+        let prompt = as_ids(&c["prompt_ids"]);
+        let ours = m.tokenizer.encode(text, true)?;
+        assert_eq!(
+            ours, prompt,
+            "{text:?}: tokenization differs from llama.cpp's"
+        );
+        let want = as_ids(&c["greedy_ids"]);
+
+        // Teacher-forced along llama.cpp's path.
+        let dev = m.model.device();
+        let mut cache = m.model.new_cache();
+        let mut input = Tensor::new(prompt.as_slice(), dev)?.unsqueeze(0)?;
+        let mut near_ties = Vec::new();
+        for (step, &w) in want.iter().enumerate() {
+            let l = m.model.forward(&input, &mut cache, Logits::Last)?;
+            let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            if t != w {
+                let top5 = c["top5_per_step"][step].as_array().ok_or("no top5")?;
+                let best = top5[0][1].as_f64().ok_or("bad top5")?;
+                let gap = top5
+                    .iter()
+                    .find(|p| p[0].as_u64() == Some(t as u64))
+                    .and_then(|p| p[1].as_f64())
+                    .map(|v| best - v);
+                assert!(
+                    gap.is_some_and(|g| g <= NEAR_TIE),
+                    "{text:?}: at step {step} we chose {t}, llama.cpp {w}; its top-5 {top5:?}"
+                );
+                near_ties.push((step, gap));
+            }
+            input = Tensor::new(&[w], dev)?.unsqueeze(0)?;
+        }
+
+        let got = greedy(&m, &prompt, want.len())?;
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        if same == want.len() {
+            exact += 1;
+        }
+        println!(
+            "{text:?} -> {:?}: {same}/{} leading greedy tokens equal llama.cpp's; \
+             teacher-forced near-tie choices (step, gap): {near_ties:?}",
+            m.tokenizer.decode(&got, false)?,
+            want.len()
+        );
+    }
+    println!("{exact}/3 prompts: all 24 greedy tokens equal llama.cpp's");
+    assert!(
+        exact >= MIN_EXACT,
+        "only {exact}/3 prompts follow llama.cpp for 24 tokens"
+    );
+    Ok(())
+}
+
+/// The multimodal `gemma3` layout (text fields under `text_config`, text weights under
+/// `model.language_model.` as transformers 5 saves them, or `language_model.model.` as
+/// transformers 4 and mlx-vlm do): the tiny Gemma 3 rewritten that way gives the same logits.
+#[test]
+fn gemma3_multimodal_layout_loads_text_model() -> Res<()> {
+    let g = golden("gemma3")?;
+    for prefix in ["model.language_model.", "language_model.model."] {
+        let tmp = tempfile::tempdir()?;
+        for e in std::fs::read_dir(dir("gemma3"))? {
+            let p = e?.path();
+            let name = p.file_name().ok_or("no name")?.to_owned();
+            std::fs::copy(&p, tmp.path().join(name))?;
+        }
+        let st = tmp.path().join("model.safetensors");
+        let renamed: HashMap<String, Tensor> = candle_core::safetensors::load(&st, &Device::Cpu)?
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("model.") {
+                Some(rest) => (format!("{prefix}{rest}"), v),
+                None => (k, v),
+            })
+            .collect();
+        candle_core::safetensors::save(&renamed, &st)?;
+        let cp = tmp.path().join("config.json");
+        let text: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cp)?)?;
+        let config = serde_json::json!({
+            "model_type": "gemma3",
+            "text_config": text,
+            "vision_config": {"hidden_size": 32},
+        });
+        std::fs::write(&cp, config.to_string())?;
+        let m = load(tmp.path(), &cpu())?;
+        let d = max_abs_diff(&logits(&m, &g["ids"])?, &g["logits"])?;
+        assert!(d <= 1e-3, "{prefix}: max |logits - transformers| = {d}");
+    }
+    Ok(())
+}
