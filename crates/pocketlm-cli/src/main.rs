@@ -36,6 +36,17 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Convert a GGUF file or Hugging Face folder to an MLX-format folder (optionally quantized).
     Convert(cmd::convert::ConvertArgs),
+    /// Check: greedy tokens and logits of the model on the CPU and on --device, in lockstep.
+    #[command(hide = true)]
+    Agree(cmd::gpu::AgreeArgs),
+    /// Check: every CUDA kernel against its CPU reference over many shapes (cuda builds).
+    #[cfg(feature = "cuda")]
+    #[command(hide = true)]
+    GpuSelftest {
+        /// CUDA device.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
 }
 
 fn main() {
@@ -58,6 +69,9 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::CachePrompt(a) => cmd::cache::run(a),
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Agree(a) => cmd::gpu::run_agree(a),
+        #[cfg(feature = "cuda")]
+        Command::GpuSelftest { device } => cmd::gpu::run_selftest(&device),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

@@ -40,12 +40,12 @@ impl DeviceSpec {
     pub fn open(self) -> crate::Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => Ok(Device::new_cuda(n)?),
+            Self::Cuda(n) => Ok(single_stream(Device::new_cuda(n)?)),
             Self::Metal => Ok(Device::new_metal(0)?),
             Self::Auto => {
                 if candle_core::utils::cuda_is_available() {
                     if let Ok(d) = Device::new_cuda(0) {
-                        return Ok(d);
+                        return Ok(single_stream(d));
                     }
                 }
                 if candle_core::utils::metal_is_available() {
@@ -56,5 +56,40 @@ impl DeviceSpec {
                 Ok(Device::Cpu)
             }
         }
+    }
+}
+
+/// Our CUDA tensors live on the device's one stream, so the per-tensor events that cudarc
+/// records for cross-stream safety only cost time (a record and a wait per use); turn them off.
+fn single_stream(d: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        // Safety: every tensor pocketlm makes on this device is used on its default stream only.
+        unsafe { c.disable_event_tracking() };
+    }
+    d
+}
+
+/// `(free, total)` bytes of the device's memory: `Some` on a CUDA device (built with the `cuda`
+/// feature), `None` elsewhere.
+pub fn gpu_memory(d: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::memory_info(d);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = d;
+        None
+    }
+}
+
+/// A short name for reports: `cpu`, `cuda:N`, `metal`.
+pub fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match d.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        Device::Metal(_) => "metal".into(),
     }
 }

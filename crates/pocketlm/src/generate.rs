@@ -261,6 +261,16 @@ impl Generation<'_> {
     /// Samples the next token from `logits` (`[1, vocab]`) and, when asked, stores its
     /// log-probabilities in `next_logprobs`.
     fn logits_to_token(&mut self, logits: &Tensor) -> Result<u32> {
+        let p = self.sampler.params();
+        if !logits.device().is_cpu()
+            && p.temperature == 0.0
+            && p.repetition_penalty == 1.0
+            && self.params.logprobs.is_none()
+        {
+            // Greedy on a GPU: the argmax runs there and one u32 comes back, not the logits.
+            self.next_logprobs = None;
+            return crate::sampling::argmax_on_device(logits);
+        }
         let l: Vec<f32> = logits
             .squeeze(0)?
             .to_dtype(candle_core::DType::F32)?

@@ -23,6 +23,8 @@
 pub mod bench;
 pub mod chat_template;
 pub mod convert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod fetch;

@@ -435,7 +435,7 @@ impl Weights for SafetensorsWeights {
         };
         match self.quantized(prefix, out_features, in_features)? {
             Some(q) if self.dequantize => Ok(Linear::dense(self.dense_from_quantized(&q)?, b)),
-            Some(q) => Ok(Linear::mlx(Arc::new(q), b)),
+            Some(q) => Linear::mlx_on(Arc::new(q), b, &self.device),
             None => Ok(Linear::dense(
                 self.float_weight(&format!("{prefix}.weight"), &[out_features, in_features])?,
                 b,

@@ -199,6 +199,15 @@ impl Sampler {
     }
 }
 
+/// Greedy choice on the logits' own device: `logits: [1, vocab]` or `[vocab]` (any float dtype)
+/// -> the id of the largest, as [`argmax`] picks it for finite logits (ties: the lowest id).
+/// On a GPU only the one id is copied back. NaN logits are not filtered here; the greedy path
+/// of [`Sampler::sample`] (which [`crate::generate`] uses on the CPU) does.
+pub fn argmax_on_device(logits: &candle_core::Tensor) -> crate::Result<u32> {
+    let l = logits.flatten_all()?;
+    Ok(l.argmax(0)?.to_scalar::<u32>()?)
+}
+
 /// Makes logits safe for the chain: NaN becomes `-inf` (never drawn) and `+inf` becomes
 /// `f32::MAX` (so `+inf` tokens share the whole probability, without `inf - inf = NaN`).
 pub fn sanitize(logits: &mut [f32]) {

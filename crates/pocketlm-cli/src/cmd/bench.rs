@@ -56,6 +56,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!();
+    println!("device: {}", r.device);
     println!("load time: {:.3} s", r.load_seconds);
     println!("weights: {:.2} MiB", mib(r.weights_bytes));
     println!("KV cache after tg: {:.2} MiB", mib(r.kv_cache_bytes as u64));
@@ -64,6 +65,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(p) = r.peak_resident_bytes {
         println!("peak resident memory: {:.2} MiB", mib(p));
+    }
+    if let (Some(u), Some(t)) = (r.gpu_memory_used_bytes, r.gpu_memory_total_bytes) {
+        println!("GPU memory in use after tg: {:.2} MiB of {:.2} MiB", mib(u), mib(t));
     }
     Ok(())
 }

@@ -5,5 +5,6 @@ pub mod cache;
 pub mod chat;
 pub mod convert;
 pub mod generate;
+pub mod gpu;
 pub mod model;
 pub mod serve;

@@ -580,7 +580,7 @@ impl Gemma {
         let lm_head = if w.contains("lm_head.weight") {
             w.linear("lm_head", cfg.vocab_size, h, false)?
         } else {
-            embed_tokens.as_linear()?
+            embed_tokens.as_linear(w.device())?
         };
         let (global, local) = cfg.rope()?;
         let rope =

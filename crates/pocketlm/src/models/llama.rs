@@ -439,7 +439,7 @@ impl Llama {
         }
         let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            embed_tokens.as_linear()?
+            embed_tokens.as_linear(w.device())?
         } else {
             w.linear("lm_head", cfg.vocab_size, h, false)?
         };

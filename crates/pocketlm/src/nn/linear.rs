@@ -47,6 +47,15 @@ pub enum Linear {
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
+    /// An MLX affine weight (bits 4 or 8) held on a CUDA device and run by our kernels
+    /// ([`crate::cuda::MlxCudaMatrix`]): GEMV for decode, f16 dequantize + cuBLAS for prefill.
+    #[cfg(feature = "cuda")]
+    MlxCuda {
+        /// The quantized weight on the GPU, `[out, in]`.
+        weight: Arc<crate::cuda::MlxCudaMatrix>,
+        /// Optional float bias `[out]`.
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -72,6 +81,32 @@ impl Linear {
         Self::Mlx { weight, bias }
     }
 
+    /// An MLX affine quantized layer for `device`: on CUDA, uploaded once for our kernels
+    /// (bits 4 and 8) or dequantized to a dense f32 weight (other widths); elsewhere
+    /// [`Self::mlx`].
+    pub fn mlx_on(
+        weight: Arc<AffineQuantized>,
+        bias: Option<Tensor>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            if crate::cuda::MlxCudaMatrix::supports(&weight) {
+                let weight = Arc::new(crate::cuda::MlxCudaMatrix::new(&weight, device)?);
+                return Ok(Self::MlxCuda { weight, bias });
+            }
+            let dense = Tensor::from_vec(
+                weight.dequantize(),
+                (weight.rows(), weight.cols()),
+                &candle_core::Device::Cpu,
+            )?
+            .to_device(device)?;
+            return Ok(Self::dense(dense, bias));
+        }
+        let _ = device;
+        Ok(Self::mlx(weight, bias))
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
         match self {
@@ -79,6 +114,8 @@ impl Linear {
             Self::Gguf { in_features, .. } => *in_features,
             Self::Kernel { weight, .. } => weight.cols(),
             Self::Mlx { weight, .. } => weight.cols(),
+            #[cfg(feature = "cuda")]
+            Self::MlxCuda { weight, .. } => weight.dims().1,
         }
     }
 
@@ -89,6 +126,8 @@ impl Linear {
             Self::Gguf { out_features, .. } => *out_features,
             Self::Kernel { weight, .. } => weight.rows(),
             Self::Mlx { weight, .. } => weight.rows(),
+            #[cfg(feature = "cuda")]
+            Self::MlxCuda { weight, .. } => weight.dims().0,
         }
     }
 
@@ -116,6 +155,8 @@ impl Linear {
             Self::Gguf { weight, bias, .. } => add_bias(weight.forward(x)?, bias),
             Self::Kernel { weight, bias } => add_bias(weight.forward(x)?, bias),
             Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
+            #[cfg(feature = "cuda")]
+            Self::MlxCuda { weight, bias } => add_bias(weight.forward(x)?, bias),
         }
     }
 }
@@ -199,8 +240,9 @@ impl Embedding {
         }
     }
 
-    /// The same weights as an output projection (`hidden -> vocab`), for tied embeddings.
-    pub fn as_linear(&self) -> Result<Linear> {
+    /// The same weights as an output projection (`hidden -> vocab`), for tied embeddings, on
+    /// `device` (where the model runs; MLX tables stay on the CPU for lookups).
+    pub fn as_linear(&self, device: &candle_core::Device) -> Result<Linear> {
         match self {
             Self::Dense(w) => Ok(Linear::dense(w.clone(), None)),
             Self::Gguf(q) => Linear::gguf(q.clone(), None),
@@ -208,7 +250,7 @@ impl Embedding {
                 weight: w.clone(),
                 bias: None,
             }),
-            Self::Mlx(q) => Ok(Linear::mlx(q.clone(), None)),
+            Self::Mlx(q) => Linear::mlx_on(q.clone(), None, device),
         }
     }
 

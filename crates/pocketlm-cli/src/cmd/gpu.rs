@@ -1,0 +1,79 @@
+//! Hidden checks for GPU builds: `pocketlm agree` (CPU vs another device, greedy tokens and
+//! logits) and `pocketlm gpu-selftest` (each CUDA kernel against its CPU reference).
+
+use anyhow::Result;
+use clap::Args;
+use pocketlm::bench::compare_devices;
+
+use super::model::{load, ModelArgs};
+
+/// Arguments of `agree`.
+#[derive(Args, Debug)]
+pub struct AgreeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompts (each one a run); five fixed prompts when none is given.
+    #[arg(long = "prompt", short = 'p')]
+    pub prompts: Vec<String>,
+    /// Greedy steps per prompt.
+    #[arg(short = 'n', long, default_value_t = 32)]
+    pub steps: usize,
+}
+
+const PROMPTS: [&str; 5] = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+    "Explain why the sky is blue in one paragraph.",
+    "1, 2, 3, 5, 8, 13,",
+];
+
+/// Runs `agree`: the model on the CPU (reference) and on `--device`, in lockstep.
+pub fn run_agree(args: AgreeArgs) -> Result<()> {
+    let mut cpu_args = args.model.clone();
+    cpu_args.device = "cpu".into();
+    let a = load(&cpu_args, false)?;
+    let b = load(&args.model, false)?;
+    let prompts: Vec<String> = if args.prompts.is_empty() {
+        PROMPTS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.prompts.clone()
+    };
+    println!(
+        "reference: cpu; other: {}",
+        pocketlm::device::device_name(b.model.device())
+    );
+    let mut all = true;
+    for p in &prompts {
+        let ids = a.encode(&pocketlm::loader::Prompt::Text(p.clone()))?;
+        let r = compare_devices(a.model.as_ref(), b.model.as_ref(), &ids, args.steps)?;
+        all &= r.equal_steps == r.steps;
+        println!(
+            "{:>2}/{} tokens equal | max |dlogit| {:.3e} (max |logit| {:.2}){} | {p:?}",
+            r.equal_steps,
+            r.steps,
+            r.max_abs_logit_diff,
+            r.max_abs_logit,
+            r.top2_gap_at_difference
+                .map(|g| format!(" | first difference where the CPU's top-2 gap is {g:.3e}"))
+                .unwrap_or_default(),
+        );
+    }
+    println!("all equal: {all}");
+    Ok(())
+}
+
+/// Runs `gpu-selftest`: every CUDA kernel against the CPU reference over many shapes.
+#[cfg(feature = "cuda")]
+pub fn run_selftest(device: &str) -> Result<()> {
+    let spec: pocketlm::device::DeviceSpec = device.parse()?;
+    let dev = spec.open()?;
+    anyhow::ensure!(dev.is_cuda(), "gpu-selftest needs a CUDA device, got {device}");
+    let (lines, ok) = pocketlm::cuda::selftest(&dev)?;
+    for l in &lines {
+        println!("{l}");
+    }
+    println!("{} cases, all passed: {ok}", lines.len());
+    anyhow::ensure!(ok, "some GPU kernel disagrees with its CPU reference");
+    Ok(())
+}
