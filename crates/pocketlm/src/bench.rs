@@ -216,16 +216,17 @@ pub fn compare_devices(
     prompt: &[u32],
     steps: usize,
 ) -> Result<Agreement> {
-    let logits = |m: &dyn crate::models::CausalLM, c: &mut crate::kv_cache::KvCache, ids: &[u32]| {
-        let x = Tensor::new(ids, m.device())?.unsqueeze(0)?;
-        let l = m.forward(&x, c, Logits::Last)?;
-        Ok::<Vec<f32>, crate::Error>(
-            l.to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_device(&candle_core::Device::Cpu)?
-                .to_vec1()?,
-        )
-    };
+    let logits =
+        |m: &dyn crate::models::CausalLM, c: &mut crate::kv_cache::KvCache, ids: &[u32]| {
+            let x = Tensor::new(ids, m.device())?.unsqueeze(0)?;
+            let l = m.forward(&x, c, Logits::Last)?;
+            Ok::<Vec<f32>, crate::Error>(
+                l.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec1()?,
+            )
+        };
     let (mut ca, mut cb) = (a.new_cache(), b.new_cache());
     let mut la = logits(a, &mut ca, prompt)?;
     let mut lb = logits(b, &mut cb, prompt)?;

@@ -467,4 +467,26 @@ impl Weights for SafetensorsWeights {
     fn format(&self) -> WeightFormat {
         WeightFormat::Safetensors
     }
+
+    fn stacked_linear(
+        &self,
+        prefixes: &[&str],
+        outs: &[usize],
+        in_features: usize,
+    ) -> Result<Option<Linear>> {
+        if !self.device.is_cuda() || self.dequantize || prefixes.len() != outs.len() {
+            return Ok(None);
+        }
+        let mut parts = Vec::with_capacity(prefixes.len());
+        for (p, &o) in prefixes.iter().zip(outs) {
+            match self.quantized(p, o, in_features)? {
+                Some(q) => parts.push(q),
+                None => return Ok(None),
+            }
+        }
+        match AffineQuantized::stack_rows(&parts) {
+            Some(q) => Ok(Some(Linear::mlx_on(Arc::new(q), None, &self.device)?)),
+            None => Ok(None),
+        }
+    }
 }

@@ -40,6 +40,19 @@ pub trait Weights {
     fn device(&self) -> &Device;
     /// Where the weights come from.
     fn format(&self) -> WeightFormat;
+    /// Several bias-free linear layers over the same input (`prefixes[i]` of `[outs[i], in]`)
+    /// stacked into one `[sum(outs), in]` layer, where the format and device make that cheaper
+    /// (on a GPU one launch replaces several in decode); `None` where not, and the caller loads
+    /// them one by one.
+    fn stacked_linear(
+        &self,
+        prefixes: &[&str],
+        outs: &[usize],
+        in_features: usize,
+    ) -> Result<Option<Linear>> {
+        let _ = (prefixes, outs, in_features);
+        Ok(None)
+    }
 }
 
 /// Weights read from a GGUF file.
@@ -149,6 +162,38 @@ impl Weights for GgufWeights<'_> {
 
     fn format(&self) -> WeightFormat {
         WeightFormat::Gguf
+    }
+
+    fn stacked_linear(
+        &self,
+        prefixes: &[&str],
+        outs: &[usize],
+        in_features: usize,
+    ) -> Result<Option<Linear>> {
+        if !self.device.is_cuda() || self.dequantize || prefixes.len() != outs.len() {
+            return Ok(None);
+        }
+        let mut dtype = None;
+        let mut raw = Vec::new();
+        for (p, &o) in prefixes.iter().zip(outs) {
+            let name = self.gguf_name(&format!("{p}.weight"))?;
+            let (_, t) = self.file.tensor_info(&name)?;
+            if is_float(t) || dtype.is_some_and(|d| d != t) {
+                return Ok(None);
+            }
+            dtype = Some(t);
+            let q = self.file.qtensor(&name, &[o, in_features], &Device::Cpu)?;
+            raw.extend_from_slice(&q.data()?);
+        }
+        let Some(dtype) = dtype else { return Ok(None) };
+        let rows = outs.iter().sum();
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &raw,
+            vec![rows, in_features],
+            &self.device,
+        )?;
+        Ok(Some(Linear::gguf(Arc::new(q), None)?))
     }
 }
 

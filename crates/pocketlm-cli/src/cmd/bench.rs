@@ -67,7 +67,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("peak resident memory: {:.2} MiB", mib(p));
     }
     if let (Some(u), Some(t)) = (r.gpu_memory_used_bytes, r.gpu_memory_total_bytes) {
-        println!("GPU memory in use after tg: {:.2} MiB of {:.2} MiB", mib(u), mib(t));
+        println!(
+            "GPU memory in use after tg: {:.2} MiB of {:.2} MiB",
+            mib(u),
+            mib(t)
+        );
     }
     Ok(())
 }

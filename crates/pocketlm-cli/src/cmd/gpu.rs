@@ -68,7 +68,10 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
 pub fn run_selftest(device: &str) -> Result<()> {
     let spec: pocketlm::device::DeviceSpec = device.parse()?;
     let dev = spec.open()?;
-    anyhow::ensure!(dev.is_cuda(), "gpu-selftest needs a CUDA device, got {device}");
+    anyhow::ensure!(
+        dev.is_cuda(),
+        "gpu-selftest needs a CUDA device, got {device}"
+    );
     let (lines, ok) = pocketlm::cuda::selftest(&dev)?;
     for l in &lines {
         println!("{l}");

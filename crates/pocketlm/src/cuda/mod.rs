@@ -122,7 +122,9 @@ impl MlxCudaMatrix {
             )));
         }
         let Device::Cuda(dev) = x.device() else {
-            return Err(Error::InvalidArgument("MLX GEMV input is not on CUDA".into()));
+            return Err(Error::InvalidArgument(
+                "MLX GEMV input is not on CUDA".into(),
+            ));
         };
         let name = format!(
             "mlx_gemv{}_b{}_{}",
@@ -150,7 +152,12 @@ impl MlxCudaMatrix {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (mi, ri, ci, gi) = (m as i32, self.rows as i32, self.cols as i32, self.group as i32);
+            let (mi, ri, ci, gi) = (
+                m as i32,
+                self.rows as i32,
+                self.cols as i32,
+                self.group as i32,
+            );
             let mut b = func.builder();
             b.arg(&xv);
             b.arg(wv);

@@ -393,6 +393,20 @@ impl Llama {
                     h,
                     qkv_b,
                 )?)
+            } else if let (false, Some(l)) = (
+                qkv_b,
+                w.stacked_linear(
+                    &[
+                        &format!("{p}.self_attn.q_proj"),
+                        &format!("{p}.self_attn.k_proj"),
+                        &format!("{p}.self_attn.v_proj"),
+                    ],
+                    &[nh * hd, nkv * hd, nkv * hd],
+                    h,
+                )?,
+            ) {
+                // One launch for q, k and v on a GPU.
+                QkvProj::Fused(l)
             } else {
                 QkvProj::Separate {
                     q: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, qkv_b)?,
@@ -411,6 +425,18 @@ impl Llama {
             let gate_up = if v.fused_gate_up {
                 GateUp::Fused {
                     gate_up: w.linear(&format!("{p}.mlp.gate_up_proj"), 2 * inter, h, mb)?,
+                    intermediate: inter,
+                }
+            } else if let (false, Some(l)) = (
+                mb,
+                w.stacked_linear(
+                    &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
+                    &[inter, inter],
+                    h,
+                )?,
+            ) {
+                GateUp::Fused {
+                    gate_up: l,
                     intermediate: inter,
                 }
             } else {

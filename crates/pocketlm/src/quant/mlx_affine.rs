@@ -222,6 +222,62 @@ impl AffineQuantized {
         quantize(w, rows, cols, group_size, bits, dtype)
     }
 
+    /// The matrices stacked by rows (`[sum rows, cols]`), or `None` when they differ in
+    /// `cols`, `bits`, `group_size` or parameter dtype (or `parts` is empty).
+    pub fn stack_rows(parts: &[AffineQuantized]) -> Option<AffineQuantized> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| {
+            (p.cols, p.bits, p.group_size, p.dtype())
+                != (first.cols, first.bits, first.group_size, first.dtype())
+        }) {
+            return None;
+        }
+        let cat = |f: fn(&AffineQuantized) -> &GroupParams| -> GroupParams {
+            match f(first) {
+                GroupParams::F32(_) => GroupParams::F32(
+                    parts
+                        .iter()
+                        .flat_map(|p| match f(p) {
+                            GroupParams::F32(v) => v.clone(),
+                            _ => Vec::new(),
+                        })
+                        .collect(),
+                ),
+                GroupParams::F16(_) => GroupParams::F16(
+                    parts
+                        .iter()
+                        .flat_map(|p| match f(p) {
+                            GroupParams::F16(v) => v.clone(),
+                            _ => Vec::new(),
+                        })
+                        .collect(),
+                ),
+                GroupParams::BF16(_) => GroupParams::BF16(
+                    parts
+                        .iter()
+                        .flat_map(|p| match f(p) {
+                            GroupParams::BF16(v) => v.clone(),
+                            _ => Vec::new(),
+                        })
+                        .collect(),
+                ),
+            }
+        };
+        Self::from_parts(
+            parts
+                .iter()
+                .flat_map(|p| p.weight.iter().copied())
+                .collect(),
+            cat(|p| &p.scales),
+            cat(|p| &p.biases),
+            parts.iter().map(|p| p.rows).sum(),
+            first.cols,
+            first.group_size,
+            first.bits,
+        )
+        .ok()
+    }
+
     /// Wraps already quantized buffers (e.g. read from an mlx-community safetensors file).
     ///
     /// `weight: [rows, cols * bits / 32]` u32, `scales`, `biases: [rows, cols / group_size]`.
@@ -869,6 +925,30 @@ mod tests {
                 2.0 * u - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn stacked_rows_compute_the_concatenated_product() {
+        for dtype in [ParamDtype::F16, ParamDtype::BF16, ParamDtype::F32] {
+            let (a, b) = (weight(3, 5, 128), weight(4, 7, 128));
+            let qa = quantize(&a, 5, 128, 64, 4, dtype).unwrap();
+            let qb = quantize(&b, 7, 128, 64, 4, dtype).unwrap();
+            let s = AffineQuantized::stack_rows(&[qa.clone(), qb.clone()]).unwrap();
+            assert_eq!((s.rows(), s.cols()), (12, 128));
+            let x = values(9, 2 * 128);
+            let (ya, yb, ys) = (
+                qa.matmul(&x, 2).unwrap(),
+                qb.matmul(&x, 2).unwrap(),
+                s.matmul(&x, 2).unwrap(),
+            );
+            for m in 0..2 {
+                assert_eq!(&ys[m * 12..m * 12 + 5], &ya[m * 5..m * 5 + 5]);
+                assert_eq!(&ys[m * 12 + 5..m * 12 + 12], &yb[m * 7..m * 7 + 7]);
+            }
+            let q8 = quantize(&b, 7, 128, 64, 8, dtype).unwrap();
+            assert!(AffineQuantized::stack_rows(&[qa, q8]).is_none());
+        }
+        assert!(AffineQuantized::stack_rows(&[]).is_none());
     }
 
     /// A weight with a mix of group shapes: symmetric, skewed, one-signed, constant, zero.
