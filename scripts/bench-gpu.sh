@@ -2,8 +2,8 @@
 # pocketlm vs llama.cpp on an NVIDIA GPU, in one run, on random-weight Llama-3-8B-shaped models.
 # Meant for one `device` call (the GPU machine has no Rust and no network), from the repo root:
 #   run: bash scripts/bench-gpu.sh        carry: [".gpu"]
-# .gpu/ must hold `pocketlm` (a stripped release build with --features cuda, see README
-# "Building with CUDA"), `lc.tgz` (../shared/tools/llamacpp-src.sh .gpu/lc.tgz) and a copy of
+# .gpu/ must hold `pocketlm` or `pocketlm.xz` (a stripped release build with --features cuda,
+# see README "Building with CUDA"), `lc.tgz` (../shared/tools/llamacpp-src.sh .gpu/lc.tgz) and a copy of
 # ../shared/tools/make_random_gguf.py. The script
 #  1. builds llama.cpp's llama-bench with CUDA (sm_90) from lc.tgz, in the background;
 #  2. runs `pocketlm gpu-selftest` (each CUDA kernel vs the CPU reference);
@@ -19,7 +19,14 @@ set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 W=${WORK:-/tmp/pl-gpu}; mkdir -p "$W"
-PL=$PWD/.gpu/pocketlm; REPS=${REPS:-3}
+# The binary travels xz-compressed (62 MB stripped, 9 MB compressed; the carry limit is 64 MiB).
+PL=$PWD/.gpu/pocketlm
+if [ ! -x "$PL" ]; then
+  PL=$W/pocketlm
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" .gpu/pocketlm.xz "$PL"
+  chmod +x "$PL"
+fi
+REPS=${REPS:-3}
 # make_random_gguf.py: copied into .gpu/ (../shared does not travel), else shared/tools.
 TOOLS=$PWD/.gpu; [ -f "$TOOLS/make_random_gguf.py" ] || TOOLS=$PWD/../shared/tools
 t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
@@ -41,23 +48,28 @@ stamp selftest; "$PL" gpu-selftest > "$OUT/selftest.txt" 2>&1; tail -1 "$OUT/sel
 stamp 1b; (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 1b-q4_0.gguf q4_0 --shape 1b >/dev/null)
 stamp agree; "$PL" agree -m "$W/1b-q4_0.gguf" --device cuda -n 32 > "$OUT/agree.txt" 2>&1; cat "$OUT/agree.txt"
 
-# 4. 8B-shaped models.
+# 4-5. 8B-shaped GGUFs; pocketlm bench on them; llama-bench once its build is done; then the MLX
+# conversions and their benches, each only if enough of the time budget is left.
+BUDGET=${BUDGET:-540}; left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 for q in q4_0 q8_0; do
   stamp "make $q"; (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 8b-$q.gguf $q --shape 8b >/dev/null)
 done
-stamp convert; "$PL" convert -m "$W/8b-q4_0.gguf" --out "$W/8b-mlx4" -q --q-bits 4 --q-group-size 64 >/dev/null 2>&1 &
-"$PL" convert -m "$W/8b-q8_0.gguf" --out "$W/8b-mlx8" -q --q-bits 8 --q-group-size 64 >/dev/null 2>&1; wait %2 2>/dev/null; wait
-ls -la "$W" "$W/8b-mlx4" | tee "$OUT/models.txt"
-
-# 5. pocketlm bench, then llama-bench.
-for m in 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8; do
-  stamp "pocketlm bench $m"
-  "$PL" bench -m "$W/$m" --device cuda -p 512 -n 128 -r "$REPS" --json > "$OUT/bench-$m.json" 2> "$OUT/bench-$m.err" || tail -3 "$OUT/bench-$m.err"
-done
+plbench() {
+  stamp "pocketlm bench $1"
+  timeout "$(left)" "$PL" bench -m "$W/$1" --device cuda -p 512 -n 128 -r "$REPS" --json > "$OUT/bench-$1.json" 2> "$OUT/bench-$1.err" || tail -3 "$OUT/bench-$1.err"
+}
+plbench 8b-q4_0.gguf; plbench 8b-q8_0.gguf
 stamp "waiting for llama.cpp"; wait $lc_pid; tail -2 "$OUT/lc-build.log"
 LB=$W/lc/build/bin/llama-bench
 for q in q4_0 q8_0; do
-  stamp "llama-bench $q"; "$LB" -m "$W/8b-$q.gguf" -ngl 99 -p 512 -n 128 -r "$REPS" -o json > "$OUT/llama-$q.json" 2> "$OUT/llama-$q.err" || tail -3 "$OUT/llama-$q.err"
+  stamp "llama-bench $q"; timeout "$(left)" "$LB" -m "$W/8b-$q.gguf" -ngl 99 -p 512 -n 128 -r "$REPS" -o json > "$OUT/llama-$q.json" 2> "$OUT/llama-$q.err" || tail -3 "$OUT/llama-$q.err"
+done
+for bq in 4:q4_0 8:q8_0; do
+  b=${bq%%:*}; q=${bq##*:}
+  [ "$(left)" -gt 60 ] || { stamp "skipping MLX $b-bit: out of time"; continue; }
+  stamp "convert $q -> mlx $b-bit g64"
+  timeout "$(left)" "$PL" convert -m "$W/8b-$q.gguf" --out "$W/8b-mlx$b" -q --q-bits $b --q-group-size 64 >/dev/null 2>"$OUT/convert-$b.err" || tail -3 "$OUT/convert-$b.err"
+  [ "$(left)" -gt 20 ] && plbench 8b-mlx$b
 done
 
 # 6. HBM read bandwidth, and the summary.
