@@ -20,20 +20,20 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 W=${WORK:-/tmp/pl-gpu}; mkdir -p "$W"
 # The binary travels xz-compressed (62 MB stripped, 9 MB compressed; the carry limit is 64 MiB).
-PL=$PWD/.gpu/pocketlm
+PL=$PWD/${GPU_DIR:-.gpu}/pocketlm
 if [ ! -x "$PL" ]; then
   PL=$W/pocketlm
-  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" .gpu/pocketlm.xz "$PL"
+  python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" ${GPU_DIR:-.gpu}/pocketlm.xz "$PL"
   chmod +x "$PL"
 fi
 REPS=${REPS:-3}
 # make_random_gguf.py: copied into .gpu/ (../shared does not travel), else shared/tools.
-TOOLS=$PWD/.gpu; [ -f "$TOOLS/make_random_gguf.py" ] || TOOLS=$PWD/../shared/tools
+TOOLS=$PWD/${GPU_DIR:-.gpu}; [ -f "$TOOLS/make_random_gguf.py" ] || TOOLS=$PWD/../shared/tools
 t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # 1. llama.cpp, in the background (about 4.5 minutes on 16 cores).
-( cd "$W" && tar xzf "$OLDPWD/.gpu/lc.tgz" && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+( cd "$W" && tar xzf "$OLDPWD/${GPU_DIR:-.gpu}/lc.tgz" && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null &&
   cmake --build lc/build --target llama-bench -j 14 >/dev/null && echo built ) > "$OUT/lc-build.log" 2>&1 &

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use pocketlm::bench::compare_devices;
 
-use super::model::{load, ModelArgs};
+use super::model::ModelArgs;
 
 /// Arguments of `agree`.
 #[derive(Args, Debug)]
@@ -18,6 +18,9 @@ pub struct AgreeArgs {
     /// Greedy steps per prompt.
     #[arg(short = 'n', long, default_value_t = 32)]
     pub steps: usize,
+    /// Dequantize every weight to f32 at load on both devices (isolates the quantized kernels).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 const PROMPTS: [&str; 5] = [
@@ -32,8 +35,16 @@ const PROMPTS: [&str; 5] = [
 pub fn run_agree(args: AgreeArgs) -> Result<()> {
     let mut cpu_args = args.model.clone();
     cpu_args.device = "cpu".into();
-    let a = load(&cpu_args, false)?;
-    let b = load(&args.model, false)?;
+    let load = |m: &super::model::ModelArgs| -> Result<pocketlm::loader::LoadedModel> {
+        let path = super::model::resolve(m.model.as_deref())?;
+        let opts = pocketlm::loader::LoadOptions {
+            device: m.device.parse()?,
+            dequantize: args.dequantize,
+        };
+        Ok(pocketlm::loader::load(&path, &opts)?)
+    };
+    let a = load(&cpu_args)?;
+    let b = load(&args.model)?;
     let prompts: Vec<String> = if args.prompts.is_empty() {
         PROMPTS.iter().map(|s| s.to_string()).collect()
     } else {
