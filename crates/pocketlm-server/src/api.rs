@@ -87,10 +87,22 @@ pub struct CommonParams {
 impl CommonParams {
     /// Checks the values and builds the library's generation parameters.
     ///
-    /// `context_length`: the model's context (the default for `max_tokens`).
+    /// `context_length`: the model's context (the default for `max_tokens`). `defaults`: the
+    /// model's own sampling defaults (its `generation_config.json`, see
+    /// [`pocketlm::loader::LoadedModel::default_sampling`]) used for every field the request
+    /// leaves out; `None` gives OpenAI's defaults (`temperature` 1, `top_p` 1).
     /// Errors: 400 naming the field (`n` other than 1, `temperature` outside `[0, 2]`,
     /// `top_p` outside `[0, 1]`, `max_tokens` 0, more than 4 stop strings).
-    pub fn to_generate_params(&self, context_length: usize) -> Result<GenerateParams, ApiError> {
+    pub fn to_generate_params(
+        &self,
+        context_length: usize,
+        defaults: Option<&SamplingParams>,
+    ) -> Result<GenerateParams, ApiError> {
+        let base = defaults.cloned().unwrap_or(SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            ..SamplingParams::default()
+        });
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::bad_param(
@@ -99,14 +111,14 @@ impl CommonParams {
                 ));
             }
         }
-        let temperature = self.temperature.unwrap_or(1.0);
+        let temperature = self.temperature.unwrap_or(f64::from(base.temperature));
         if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
             return Err(ApiError::bad_param(
                 "temperature",
                 format!("`temperature` is {temperature}; expected a number in [0, 2]"),
             ));
         }
-        let top_p = self.top_p.unwrap_or(1.0);
+        let top_p = self.top_p.unwrap_or(f64::from(base.top_p));
         if !(top_p.is_finite() && (0.0..=1.0).contains(&top_p)) {
             return Err(ApiError::bad_param(
                 "top_p",
@@ -147,8 +159,8 @@ impl CommonParams {
                 temperature: temperature as f32,
                 top_p: top_p as f32,
                 // A seed is any integer; negative ones are reinterpreted bit for bit.
-                seed: self.seed.map(|s| s as u64),
-                ..SamplingParams::default()
+                seed: self.seed.map(|s| s as u64).or(base.seed),
+                ..base
             },
             // An empty stop string would end every answer before it starts: ignore it.
             stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -489,7 +501,7 @@ mod tests {
 
     fn params(body: &str) -> Result<GenerateParams, ApiError> {
         let req: ChatCompletionRequest = serde_json::from_str(body).expect("parses");
-        req.common.to_generate_params(100)
+        req.common.to_generate_params(100, None)
     }
 
     #[test]
@@ -501,6 +513,27 @@ mod tests {
         assert_eq!(p.sampling.seed, None);
         assert!(p.stop.is_empty());
         assert!(!p.ignore_eos);
+    }
+
+    #[test]
+    fn model_defaults_fill_what_the_request_leaves_out() {
+        let defaults = SamplingParams {
+            temperature: 0.6,
+            top_p: 0.9,
+            top_k: 20,
+            repetition_penalty: 1.1,
+            ..SamplingParams::default()
+        };
+        let req: ChatCompletionRequest =
+            serde_json::from_str(r#"{"messages": [], "top_p": 0.5}"#).expect("parses");
+        let p = req
+            .common
+            .to_generate_params(100, Some(&defaults))
+            .expect("valid");
+        assert_eq!(p.sampling.temperature, 0.6, "from generation_config");
+        assert_eq!(p.sampling.top_p, 0.5, "the request wins");
+        assert_eq!(p.sampling.top_k, 20);
+        assert_eq!(p.sampling.repetition_penalty, 1.1);
     }
 
     #[test]
