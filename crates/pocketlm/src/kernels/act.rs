@@ -22,11 +22,12 @@ pub(crate) enum ActFormat {
     /// 32-value blocks like [`Self::Q8_32`] with `d` and `s` kept in `f32` (not rounded to
     /// `f16`, which only mirrors ggml's storage), for MLX 8-bit weights.
     Q8_32F,
-    /// [`Self::Q8_32F`] with the values of each block reordered to match the nibbles of MLX
-    /// 4-bit words: positions `0..16` hold values `0, 2, .., 30` and `16..32` values
-    /// `1, 3, .., 31` (byte `c` of an MLX 4-bit block holds codes `2c` in its low and `2c + 1`
-    /// in its high nibble, so masking and shifting 16 bytes gives the codes in this order).
-    Q8_32FNib,
+    /// [`Self::Q8_32`] (`d` and `s` rounded to `f16`, as ggml's `Q8_1`) with the values of
+    /// each block reordered to match the nibbles of MLX 4-bit words: positions `0..16` hold
+    /// values `0, 2, .., 30` and `16..32` values `1, 3, .., 31` (byte `c` of an MLX 4-bit
+    /// block holds codes `2c` in its low and `2c + 1` in its high nibble, so masking and
+    /// shifting 16 bytes gives the codes in this order).
+    Q8_32Nib,
     /// 256-value blocks: `d` per block and `bsums` (Σq per 16 values), ggml `Q8_K`, for
     /// k-quant weights.
     Q8K,
@@ -36,14 +37,14 @@ impl ActFormat {
     /// Values per block.
     pub(crate) const fn block(self) -> usize {
         match self {
-            Self::Q8_32 | Self::Q8_32F | Self::Q8_32FNib => 32,
+            Self::Q8_32 | Self::Q8_32F | Self::Q8_32Nib => 32,
             Self::Q8K => 256,
         }
     }
 
     /// Whether blocks keep `s = d * Σq` (the 32-value formats).
     pub(crate) const fn has_sums(self) -> bool {
-        matches!(self, Self::Q8_32 | Self::Q8_32F | Self::Q8_32FNib)
+        matches!(self, Self::Q8_32 | Self::Q8_32F | Self::Q8_32Nib)
     }
 }
 
@@ -151,14 +152,14 @@ fn quantize_row(
         match fmt {
             // ggml's `quantize_row_q8_0`/`q8_1` store `d = amax / 127` and `s = d * Σq` as f16;
             // the dot products read them back, so round the same way.
-            ActFormat::Q8_32 => {
-                d[b] = f16_round(db);
-                s[b] = f16_round(db * sum as f32);
-            }
-            ActFormat::Q8_32F | ActFormat::Q8_32FNib => {
+            ActFormat::Q8_32F => {
                 d[b] = db;
                 s[b] = db * sum as f32;
-                if fmt == ActFormat::Q8_32FNib {
+            }
+            ActFormat::Q8_32 | ActFormat::Q8_32Nib => {
+                d[b] = f16_round(db);
+                s[b] = f16_round(db * sum as f32);
+                if fmt == ActFormat::Q8_32Nib {
                     let mut t = [0i8; 32];
                     for c in 0..16 {
                         t[c] = qb[2 * c];

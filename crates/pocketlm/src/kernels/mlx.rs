@@ -1,8 +1,11 @@
 //! CPU matrix products over MLX affine 4-bit and 8-bit weights ([`AffineQuantized`]), with the
 //! numerics of the GGUF kernels: `y[m, n] = x[m, k] · W[n, k]ᵀ` where each weight row stays
 //! in MLX's packed `u32` words and `x` is quantized once per call to 8-bit blocks of 32 values
-//! (as ggml's `Q8_1`: `dy = amax / 127`, `qy = round(x / dy)`, `s = dy · Σqy`; unlike ggml,
-//! `dy` and `s` stay `f32`).
+//! (ggml's `Q8_1`: `dy = amax / 127`, `qy = round(x / dy)`, `s = dy · Σqy`). For 4-bit weights
+//! `dy` and `s` are rounded to `f16` as ggml stores them, so a 4-bit product has the numerics
+//! of llama.cpp's `Q4_1 × Q8_1` (per-group instead of per-block scales); for 8-bit weights
+//! they stay `f32`, because the `q - 128` form below multiplies the error of `s` by
+//! `128 · scale`.
 //!
 //! Per group `g` of `group_size` values (`scale`, `bias`, codes `q`) and per 32-value block `b`
 //! of the group:
@@ -14,7 +17,7 @@
 //! an integer dot product per block (`vpmaddubsw`/`vpdpbusd` on x86-64, `smull` on NEON) and
 //! two float multiply-adds. 4-bit words hold codes low bits first, so byte `c` of a block has
 //! codes `2c` and `2c + 1` in its low and high nibbles; the activations of 4-bit products are
-//! permuted once per call to that order (`ActFormat::Q8_32FNib`), so no per-weight shuffle is
+//! permuted once per call to that order (`ActFormat::Q8_32Nib`), so no per-weight shuffle is
 //! needed. 8-bit codes are unsigned bytes; where the instruction needs signed ones (AVX2's
 //! `vpmaddubsw` would saturate, NEON's `smull`) they are used as `q - 128` with `128 · scale`
 //! folded into the bias.
@@ -22,10 +25,14 @@
 //! Error against the `f32` product of [`crate::quant::mlx_affine::quantized_matmul`] (what
 //! `mx.quantized_matmul` computes with an `f32` `x`): the activation rounding, at most
 //! `Σ_b (dy_b / 2) · Σ_{i in b} |w_i|` per output (`dy_b / 2` is half a quantization step of
-//! block `b` of `x`), plus `f32` rounding. `kernels::mlx_tests` checks that bound (observed
-//! errors are a few times smaller: the roundings of one block partly cancel), and
-//! `tests/mlx_interop.rs` that greedy decoding of the default model still gives mlx-lm's 32
-//! tokens.
+//! block `b` of `x`), plus for 4 bits the `f16` roundings (`Σ_b 2^-11 · (127 · dy_b ·
+//! Σ|w_i| + |bias · s_b|)`), plus `f32` rounding. `kernels::mlx_tests` checks that bound.
+//!
+//! Greedy decoding of the default model in MLX 4-bit gives mlx-lm's 32 tokens
+//! (`tests/mlx_interop.rs`), but with little margin: keeping `dy` and `s` in `f32` for 4-bit
+//! products too (more accurate) flips token 18 ("the" for mlx-lm's "a", a near tie), so
+//! token equality with mlx-lm is a property of these exact roundings, not a guarantee of
+//! 8-bit activations. Layers of other widths (2, 3, 5, 6 bits) keep the `f32` product.
 //!
 //! Threads, tiling and the backends are those of [`super`] (the GGUF kernels).
 

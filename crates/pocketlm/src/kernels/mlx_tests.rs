@@ -53,6 +53,15 @@ fn weight(
     }
 }
 
+/// The activation format of the kernels for `bits`, unpermuted.
+fn act_format(bits: usize) -> ActFormat {
+    if bits == 4 {
+        ActFormat::Q8_32
+    } else {
+        ActFormat::Q8_32F
+    }
+}
+
 /// Code `c` of row `r` (MLX packing: low bits first).
 fn code(q: &AffineQuantized, r: usize, c: usize) -> i64 {
     let bit = c * q.bits();
@@ -60,13 +69,14 @@ fn code(q: &AffineQuantized, r: usize, c: usize) -> i64 {
     i64::from((word >> (bit % 32)) & ((1 << q.bits()) - 1))
 }
 
-/// The kernels' integers and scales, summed in f64 one term at a time (`Q8_32F` activations
-/// from the scalar quantizer, which the SIMD ones equal byte for byte), and the sum of the
+/// The kernels' integers and scales, summed in f64 one term at a time (activations from the
+/// scalar quantizer, which the SIMD ones equal byte for byte: `Q8_32`, i.e. `Q8_32Nib`
+/// unpermuted, for 4 bits and `Q8_32F` for 8), and the sum of the
 /// magnitudes of the terms the kernels may form, for the tolerance (for 8 bits that includes
 /// `128·scale·s`, which the `q - 128` paths add and subtract).
 fn naive(q: &AffineQuantized, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
     let (n, k, gs) = (q.rows(), q.cols(), q.group_size());
-    let acts = quantize_acts(Backend::Scalar, ActFormat::Q8_32F, x, m, k);
+    let acts = quantize_acts(Backend::Scalar, act_format(q.bits()), x, m, k);
     let (scales, biases) = (q.scales().to_f32_vec(), q.biases().to_f32_vec());
     let nb = k / 32;
     let mut y = vec![0f64; m * n];
@@ -204,6 +214,8 @@ fn error_vs_f32_product_is_the_activation_rounding() {
             let mut got = vec![0f32; m * n];
             matmul_with(Backend::detect(), &q, &x, m, &mut got).unwrap();
             let w = q.dequantize();
+            let acts = quantize_acts(Backend::Scalar, act_format(bits), &x, m, k);
+            let biases = q.biases().to_f32_vec();
             let nb = k / 32;
             let mut worst = 0f64;
             for i in 0..m {
@@ -216,6 +228,13 @@ fn error_vs_f32_product_is_the_activation_rounding() {
                         let dy = amax / 127.0;
                         let wsum: f64 = (0..32).map(|c| (w[j * k + 32 * b + c] as f64).abs()).sum();
                         bound += dy / 2.0 * wsum;
+                        if bits == 4 {
+                            // ggml's f16 rounding of dy (<= 2^-11·dy per unit of q·y, |qy| <=
+                            // 127) and of s (<= 2^-11·|s|, through the bias).
+                            let bias = biases[j * (k / gs) + 32 * b / gs] as f64;
+                            let s = acts.s[i * nb + b].abs() as f64;
+                            bound += dy * 127.0 / 2048.0 * wsum + bias.abs() * s / 2048.0;
+                        }
                         mag += (0..32)
                             .map(|c| (w[j * k + 32 * b + c] as f64 * xb[c] as f64).abs())
                             .sum::<f64>();

@@ -782,7 +782,7 @@ impl Kind {
     fn act_format(self) -> ActFormat {
         match self {
             Self::Gguf(t) => t.act_format(),
-            Self::Mlx { bits: 4, .. } => ActFormat::Q8_32FNib,
+            Self::Mlx { bits: 4, .. } => ActFormat::Q8_32Nib,
             Self::Mlx { .. } => ActFormat::Q8_32F,
         }
     }

@@ -83,7 +83,7 @@ pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
     }
 }
 
-/// MLX affine 4-bit against `Q8_32FNib` activations (low nibbles are the even codes, high
+/// MLX affine 4-bit against `Q8_32Nib` activations (low nibbles are the even codes, high
 /// nibbles the odd ones, the order of the permuted activations).
 ///
 /// # Safety

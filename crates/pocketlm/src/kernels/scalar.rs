@@ -305,7 +305,7 @@ unsafe fn tile_mlx<const BITS: usize, const P: u8>(t: &Tile<'_>) {
 }
 
 /// MLX affine weight row `j` against activation row `i`:
-/// `Σ_g Σ_{b in g} scale_g·dy_b·Σ q·y + bias_g·s_b`. 4-bit codes pair with `Q8_32FNib`
+/// `Σ_g Σ_{b in g} scale_g·dy_b·Σ q·y + bias_g·s_b`. 4-bit codes pair with `Q8_32Nib`
 /// activations (byte `c`: low nibble with position `c`, high nibble with `16 + c`), 8-bit
 /// codes (`u8`) with `Q8_32F` ones.
 ///

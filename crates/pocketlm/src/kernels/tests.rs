@@ -257,7 +257,7 @@ fn simd_activation_quantization_is_bit_identical() {
         for fmt in [
             ActFormat::Q8_32,
             ActFormat::Q8_32F,
-            ActFormat::Q8_32FNib,
+            ActFormat::Q8_32Nib,
             ActFormat::Q8K,
         ] {
             let a = quantize_acts(backend, fmt, &x, 4, 512);

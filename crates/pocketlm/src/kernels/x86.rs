@@ -156,7 +156,7 @@ macro_rules! kernels {
             }
         }
 
-        /// MLX affine 4-bit against `Q8_32FNib` activations:
+        /// MLX affine 4-bit against `Q8_32Nib` activations:
         /// `Σ_g Σ_{b in g} scale·dy·Σ q·y + bias·s`. The 16 bytes of a 32-value block give,
         /// masked and shifted, the even codes then the odd ones: the order the activations
         /// were permuted to, so this is the `Q4_1` kernel with per-group parameters.
