@@ -189,10 +189,11 @@ fn extreme_codes_and_activations_do_not_saturate() {
                 let mut y = vec![0f32; n];
                 matmul_with(backend, &q, &x, 1, &mut y).unwrap();
                 for v in y {
-                    // Only the rounding of dy = 1 / 127 (saturation would be off by far more).
+                    // Only the (f16, for 4 bits) rounding of dy = 1 / 127: saturation would
+                    // be off by a third or more.
                     let want = sign * max * k as f32;
                     assert!(
-                        (v - want).abs() <= 1e-5 * want.abs(),
+                        (v - want).abs() <= 1e-3 * want.abs(),
                         "{backend:?} bits {bits}: {v}"
                     );
                 }
