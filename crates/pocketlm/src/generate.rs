@@ -282,6 +282,7 @@ impl Generation<'_> {
             last = Some(self.model.forward(&ids, self.cache, Logits::Last)?);
         }
         let logits = last.ok_or_else(|| Error::InvalidArgument("the prompt is empty".into()))?;
+        crate::memory::release_free_heap();
         let tok = self.logits_to_token(&logits)?;
         self.stats.prompt_tokens = prompt.len();
         self.stats.prefill_time = t0.elapsed();

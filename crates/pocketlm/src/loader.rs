@@ -131,6 +131,7 @@ pub fn load(spec: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         let mut m = load_folder(path, opts)?;
+        crate::memory::release_free_heap();
         m.load_time = t0.elapsed();
         return Ok(m);
     }
