@@ -122,11 +122,7 @@ pub fn decode_image(bytes: &[u8], what: &str) -> Result<RgbImage, ImageError> {
         let mut out = Vec::with_capacity(width * height * 3);
         for p in rgba.pixels() {
             let [r, g, b, a] = p.0;
-            out.extend_from_slice(&[
-                over_white(r, a),
-                over_white(g, a),
-                over_white(b, a),
-            ]);
+            out.extend_from_slice(&[over_white(r, a), over_white(g, a), over_white(b, a)]);
         }
         out
     } else {
@@ -401,13 +397,14 @@ impl ImageProcessorConfig {
             serde_json::from_value(v.clone()).map_err(|e| bad("(object)", e.to_string()))?;
         let d = Self::default();
         let size = raw.size.unwrap_or_default();
-        let three = |x: Option<Vec<f32>>, f: &str, dflt: [f32; 3]| -> Result<[f32; 3], ImageError> {
-            match x {
-                None => Ok(dflt),
-                Some(v) => <[f32; 3]>::try_from(v.as_slice())
-                    .map_err(|_| bad(f, format!("expected 3 values, got {}", v.len()))),
-            }
-        };
+        let three =
+            |x: Option<Vec<f32>>, f: &str, dflt: [f32; 3]| -> Result<[f32; 3], ImageError> {
+                match x {
+                    None => Ok(dflt),
+                    Some(v) => <[f32; 3]>::try_from(v.as_slice())
+                        .map_err(|_| bad(f, format!("expected 3 values, got {}", v.len()))),
+                }
+            };
         let c = Self {
             min_pixels: raw
                 .min_pixels
@@ -605,7 +602,11 @@ mod tests {
         for &b in data {
             c ^= b as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
         }
         !c

@@ -47,7 +47,11 @@ fn pixel_values_equal_transformers() -> Res<()> {
         let grid: Vec<u32> = p.grid_thw.iter().map(|&x| x as u32).collect();
         assert_eq!(grid, want_grid, "{name}: grid");
         let want = &g[&format!("{name}.pixel_values")];
-        let got = Tensor::from_vec(p.pixel_values.clone(), (p.n_patches(), p.patch_dim), &Device::Cpu)?;
+        let got = Tensor::from_vec(
+            p.pixel_values.clone(),
+            (p.n_patches(), p.patch_dim),
+            &Device::Cpu,
+        )?;
         let d = max_abs_diff(&got, want)?;
         assert!(d <= 1e-5, "{name}: max |pixels - transformers| = {d}");
         println!(
@@ -59,4 +63,149 @@ fn pixel_values_equal_transformers() -> Res<()> {
         );
     }
     Ok(())
+}
+
+use pocketlm::convert::{convert, ConvertOptions};
+use pocketlm::image_processor::ProcessedImage;
+use pocketlm::loader::{load, LoadOptions, LoadedModel};
+use pocketlm::models::Logits;
+use pocketlm::safetensors_weights::QuantParams;
+
+const PROMPTS: [(&str, &[&str]); 2] = [("one", &["astronaut"]), ("two", &["coffee", "chelsea"])];
+
+fn cpu() -> LoadOptions {
+    LoadOptions {
+        device: pocketlm::device::DeviceSpec::Cpu,
+        dequantize: false,
+    }
+}
+
+fn images(m: &LoadedModel, names: &[&str]) -> Res<Vec<ProcessedImage>> {
+    let proc = m.image_processor.as_ref().ok_or("no image processor")?;
+    names
+        .iter()
+        .map(|n| {
+            let img = load_image(&golden_dir().join("images").join(format!("{n}.png")))?;
+            Ok(proc.preprocess(&img)?)
+        })
+        .collect()
+}
+
+/// Logits at every position (`Logits::All`), images spliced in.
+fn logits(m: &LoadedModel, ids: &Tensor, imgs: &[ProcessedImage]) -> Res<Tensor> {
+    let mut cache = m.model.new_cache();
+    let feats = m.model.encode_images(imgs)?;
+    let grids: Vec<[usize; 3]> = imgs.iter().map(|i| i.grid_thw).collect();
+    Ok(m.model
+        .forward_with_image_features(&ids.unsqueeze(0)?, &feats, &grids, &mut cache, Logits::All)?
+        .squeeze(0)?)
+}
+
+/// Greedy decoding with the KV cache: the prompt with its images, then one token per step.
+fn greedy(m: &LoadedModel, ids: &Tensor, imgs: &[ProcessedImage], n: usize) -> Res<Vec<u32>> {
+    let dev = m.model.device();
+    let mut cache = m.model.new_cache();
+    let feats = m.model.encode_images(imgs)?;
+    let grids: Vec<[usize; 3]> = imgs.iter().map(|i| i.grid_thw).collect();
+    let mut l = m.model.forward_with_image_features(
+        &ids.unsqueeze(0)?,
+        &feats,
+        &grids,
+        &mut cache,
+        Logits::Last,
+    )?;
+    let mut out = Vec::with_capacity(n);
+    loop {
+        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(t);
+        if out.len() == n {
+            return Ok(out);
+        }
+        l = m.model.forward(
+            &Tensor::new(&[t], dev)?.unsqueeze(0)?,
+            &mut cache,
+            Logits::Last,
+        )?;
+    }
+}
+
+fn check(name: &str, arch: &str, folder: &std::path::Path, q8: bool) -> Res<()> {
+    let g = golden(name)?;
+    let m = load(folder, &cpu())?;
+    assert_eq!(m.model.info().architecture, arch);
+    let (lk, gk) = if q8 {
+        ("q8_logits", "q8_greedy")
+    } else {
+        ("logits", "greedy")
+    };
+    for (p, names) in PROMPTS {
+        let imgs = images(&m, names)?;
+        let ids = &g[&format!("{p}.ids")];
+        let got = logits(&m, ids, &imgs)?;
+        let d = max_abs_diff(&got, &g[&format!("{p}.{lk}")])?;
+        assert!(
+            d <= 1e-3,
+            "{name} {p} {lk}: max |logits - transformers| = {d}"
+        );
+        let want = g[&format!("{p}.{gk}")].to_vec1::<u32>()?;
+        let toks = greedy(&m, ids, &imgs, want.len())?;
+        assert_eq!(toks, want, "{name} {p}: greedy tokens ({gk})");
+        let tokens: Vec<usize> = imgs.iter().map(|i| i.n_tokens()).collect();
+        let mut line = format!(
+            "{name} {p}{}: image tokens {tokens:?}, logits max diff {d:.2e}, 16/16 greedy equal",
+            if q8 { " q8" } else { "" }
+        );
+        if q8 {
+            let df = max_abs_diff(&got, &g[&format!("{p}.logits")])?;
+            line.push_str(&format!(", {df:.3} from the float model's logits"));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn check_q8(name: &str, arch: &str) -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("q8");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 8,
+        }),
+        ..Default::default()
+    };
+    let summary = convert(&golden_dir().join(name), &out, &opts, &mut |_| {})?;
+    // 2 layers x 7 projections + embedding + lm_head; the vision tower stays float.
+    assert_eq!(summary.quantized_layers, 16, "{name}: quantized layers");
+    check(name, arch, &out, true)
+}
+
+#[test]
+fn qwen2_vl_float() -> Res<()> {
+    check(
+        "qwen2_vl",
+        "qwen2_vl",
+        &golden_dir().join("qwen2_vl"),
+        false,
+    )
+}
+
+#[test]
+fn qwen2_5_vl_float() -> Res<()> {
+    check(
+        "qwen2_5_vl",
+        "qwen2_5_vl",
+        &golden_dir().join("qwen2_5_vl"),
+        false,
+    )
+}
+
+#[test]
+fn qwen2_vl_q8() -> Res<()> {
+    check_q8("qwen2_vl", "qwen2_vl")
+}
+
+#[test]
+fn qwen2_5_vl_q8() -> Res<()> {
+    check_q8("qwen2_5_vl", "qwen2_5_vl")
 }
