@@ -629,6 +629,43 @@ mod tests {
     }
 
     #[test]
+    fn image_url_parts_decode_data_urls() {
+        // A 1x1 red PNG.
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC";
+        let body = format!(
+            r#"{{"messages": [{{"role": "user", "content": [
+                {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,{png}"}}}},
+                {{"type": "text", "text": "What is this?"}}]}}]}}"#
+        );
+        let req: ChatCompletionRequest = serde_json::from_str(&body).expect("parses");
+        let m = req.messages().expect("valid");
+        assert_eq!(m[0].content, "What is this?");
+        assert_eq!(m[0].images.len(), 1);
+        assert_eq!((m[0].images[0].width, m[0].images[0].height), (1, 1));
+        assert_eq!(m[0].images[0].data, vec![255, 0, 0]);
+        for (url, what) in [
+            ("https://example.com/cat.png", "data:"),
+            ("data:image/png,abc", "base64"),
+            ("data:image/png;base64,@@@", "base64"),
+            ("data:image/png;base64,aGVsbG8=", "decode"),
+        ] {
+            let body = format!(
+                r#"{{"messages": [{{"role": "user", "content": [
+                    {{"type": "image_url", "image_url": "{url}"}}]}}]}}"#
+            );
+            let req: ChatCompletionRequest = serde_json::from_str(&body).expect("parses");
+            let e = req.messages().expect_err(url);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            assert_eq!(
+                e.param.as_deref(),
+                Some("messages[0].content[0].image_url"),
+                "{url}"
+            );
+            assert!(e.message.contains(what), "{url}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn completion_prompt_is_one_string() {
         let one: CompletionRequest = serde_json::from_str(r#"{"prompt": ["hi"]}"#).expect("parses");
         assert_eq!(one.prompt().expect("valid"), "hi");
