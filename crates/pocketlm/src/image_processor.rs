@@ -356,7 +356,7 @@ impl Default for ImageProcessorConfig {
             temporal_patch_size: 2,
             merge_size: 2,
             image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            image_std: [0.268_629_54, 0.261_302_58, 0.275_777_11],
+            image_std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
         }
     }
 }
@@ -438,7 +438,7 @@ impl ImageProcessorConfig {
                 format!("{} is above max_pixels {}", c.min_pixels, c.max_pixels),
             ));
         }
-        if c.image_std.iter().any(|s| *s == 0.0) {
+        if c.image_std.contains(&0.0) {
             return Err(bad("image_std", "has a zero".into()));
         }
         Ok(c)
