@@ -183,15 +183,72 @@ impl CommonParams {
     }
 }
 
-/// One part of a list-valued message `content` (`{"type": "text", "text": "..."}`).
+/// One part of a list-valued message `content`: `{"type": "text", "text": "..."}` or
+/// `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContentPart {
-    /// Part type; only `text` is supported.
+    /// Part type: `text` or `image_url`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The text of a `text` part.
     #[serde(default)]
     pub text: Option<String>,
+    /// The image of an `image_url` part.
+    #[serde(default)]
+    pub image_url: Option<ImageUrl>,
+}
+
+/// `image_url` of a content part: `{"url": ...}` (OpenAI's shape) or the URL alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    /// `{"url": "data:...", "detail": ...}`.
+    Object {
+        /// The URL; only `data:` URLs with base64 content are accepted (the server fetches
+        /// nothing).
+        url: String,
+    },
+    /// The URL as a string.
+    Url(String),
+}
+
+impl ImageUrl {
+    fn url(&self) -> &str {
+        match self {
+            ImageUrl::Object { url } | ImageUrl::Url(url) => url,
+        }
+    }
+}
+
+/// Decodes a `data:[<mime>];base64,<data>` URL into an image.
+///
+/// Errors: 400 naming `param` for another kind of URL, bad base64 or an undecodable image.
+pub fn decode_data_url(
+    url: &str,
+    param: &str,
+) -> Result<pocketlm::image_processor::RgbImage, ApiError> {
+    use base64::Engine;
+    let bad = |msg: String| ApiError::bad_param(param, msg);
+    let Some(rest) = url.strip_prefix("data:") else {
+        let shown: String = url.chars().take(40).collect();
+        return Err(bad(format!(
+            "`{param}`: only `data:` URLs (base64) are accepted, got `{shown}`"
+        )));
+    };
+    let Some((meta, data)) = rest.split_once(',') else {
+        return Err(bad(format!(
+            "`{param}`: a data URL needs a `,` before its data"
+        )));
+    };
+    if !meta.ends_with(";base64") {
+        return Err(bad(format!(
+            "`{param}`: the data URL is not base64 (`;base64,`)"
+        )));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| bad(format!("`{param}`: bad base64: {e}")))?;
+    pocketlm::image_processor::decode_image(&bytes, param).map_err(|e| bad(e.to_string()))
 }
 
 /// A message `content`: a string or a list of text parts.
@@ -261,19 +318,24 @@ impl ChatCompletionRequest {
         }
         let mut out = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
+            let mut images = Vec::new();
             let text = match &m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t.clone(),
                 Some(Content::Parts(parts)) => {
                     let mut t = String::new();
                     for (j, p) in parts.iter().enumerate() {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(s)) => t.push_str(s),
+                        match (p.kind.as_str(), &p.text, &p.image_url) {
+                            ("text", Some(s), _) => t.push_str(s),
+                            ("image_url", _, Some(u)) => images.push(decode_data_url(
+                                u.url(),
+                                &format!("messages[{i}].content[{j}].image_url"),
+                            )?),
                             _ => {
                                 return Err(ApiError::bad_param(
                                     &format!("messages[{i}].content[{j}]"),
                                     format!(
-                                        "`messages[{i}].content[{j}]` is a `{}` part; only text parts with a `text` field are supported",
+                                        "`messages[{i}].content[{j}]` is a `{}` part; only `text` parts with a `text` field and `image_url` parts with an `image_url` are supported",
                                         p.kind
                                     ),
                                 ))
@@ -288,7 +350,7 @@ impl ChatCompletionRequest {
             } else {
                 &m.role
             };
-            out.push(Message::new(role, text));
+            out.push(Message::new(role, text).with_images(images));
         }
         Ok(out)
     }
@@ -597,6 +659,43 @@ mod tests {
                 Message::assistant("")
             ]
         );
+    }
+
+    #[test]
+    fn image_url_parts_decode_data_urls() {
+        // A 1x1 red PNG.
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC";
+        let body = format!(
+            r#"{{"messages": [{{"role": "user", "content": [
+                {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,{png}"}}}},
+                {{"type": "text", "text": "What is this?"}}]}}]}}"#
+        );
+        let req: ChatCompletionRequest = serde_json::from_str(&body).expect("parses");
+        let m = req.messages().expect("valid");
+        assert_eq!(m[0].content, "What is this?");
+        assert_eq!(m[0].images.len(), 1);
+        assert_eq!((m[0].images[0].width, m[0].images[0].height), (1, 1));
+        assert_eq!(m[0].images[0].data, vec![255, 0, 0]);
+        for (url, what) in [
+            ("https://example.com/cat.png", "data:"),
+            ("data:image/png,abc", "base64"),
+            ("data:image/png;base64,@@@", "base64"),
+            ("data:image/png;base64,aGVsbG8=", "decode"),
+        ] {
+            let body = format!(
+                r#"{{"messages": [{{"role": "user", "content": [
+                    {{"type": "image_url", "image_url": "{url}"}}]}}]}}"#
+            );
+            let req: ChatCompletionRequest = serde_json::from_str(&body).expect("parses");
+            let e = req.messages().expect_err(url);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            assert_eq!(
+                e.param.as_deref(),
+                Some("messages[0].content[0].image_url"),
+                "{url}"
+            );
+            assert!(e.message.contains(what), "{url}: {}", e.message);
+        }
     }
 
     #[test]

@@ -277,7 +277,7 @@ async fn chat_completions(
     let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
     let ids = s.engine.encode(Prompt::Chat(messages)).await?;
-    let prompt_tokens = ids.len();
+    let prompt_tokens = ids.ids.len();
     let rx = s.engine.start(slot, ids, params);
     let fmt = StreamFormat {
         kind: Kind::Chat,
@@ -338,7 +338,7 @@ async fn completions(
                 Some("messages") => e.with_param("prompt"),
                 _ => e,
             })?;
-    let prompt_tokens = ids.len();
+    let prompt_tokens = ids.ids.len();
     let rx = s.engine.start(slot, ids, params);
     let fmt = StreamFormat {
         kind: Kind::Completion,
