@@ -3,8 +3,11 @@
 #   scripts/bench-vs-llamacpp.sh [MODEL.gguf] [THREADS] [PP] [TG] [REPS]
 # Builds llama.cpp's llama-bench once from the llama-cpp-python 0.3.36 sdist (PyPI; it vendors
 # llama.cpp build 0c1e570) into ${POCKETLM_HOME:-~/.cache/pocketlm}/llama.cpp, builds pocketlm in
-# release mode, runs both (llama-bench first, then pocketlm bench) and prints the ratios
-# pocketlm / llama.cpp for pp and tg. Needs cmake, a C++ compiler, pip and python3.
+# release mode, converts the GGUF once to MLX 4-bit (`pocketlm convert -q --q-bits 4
+# --q-group-size 64`, f16 scales and biases; cached next to the GGUF as NAME-mlx-4bit), then
+# runs llama-bench on the GGUF, pocketlm bench on the GGUF and pocketlm bench on the MLX
+# folder, and prints the ratios pocketlm / llama.cpp for pp and tg (both pocketlm rows against
+# llama.cpp on the GGUF). Needs cmake, a C++ compiler, pip and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 home=${POCKETLM_HOME:-$HOME/.cache/pocketlm}
@@ -36,26 +39,40 @@ if [ -z "$model" ]; then model=$("$pocketlm" fetch); fi
 
 echo "== llama.cpp llama-bench ($model, $threads threads)"
 "$bench_bin" -m "$model" -t "$threads" -p "$pp" -n "$tg" -r "$reps" -o json > /tmp/llama-bench.json
-echo "== pocketlm bench"
+mlx_dir="${model%.gguf}-mlx-4bit"
+if [ ! -d "$mlx_dir" ]; then
+  "$pocketlm" convert --model "$model" --out "$mlx_dir" -q --q-bits 4 --q-group-size 64 --dtype f16
+fi
+echo "== pocketlm bench (GGUF)"
 "$pocketlm" -t "$threads" bench --model "$model" -p "$pp" -n "$tg" -r "$reps" --json > /tmp/pocketlm-bench.json
+echo "== pocketlm bench (MLX 4-bit, $mlx_dir)"
+"$pocketlm" -t "$threads" bench --model "$mlx_dir" -p "$pp" -n "$tg" -r "$reps" --json > /tmp/pocketlm-bench-mlx.json
 
 python3 - "$pp" "$tg" <<'PY'
 import json, sys
 pp, tg = int(sys.argv[1]), int(sys.argv[2])
 lc = json.load(open("/tmp/llama-bench.json"))
-pl = json.load(open("/tmp/pocketlm-bench.json"))
+runs = [("GGUF", json.load(open("/tmp/pocketlm-bench.json"))),
+        ("MLX 4-bit", json.load(open("/tmp/pocketlm-bench-mlx.json")))]
 def lc_tps(n_prompt, n_gen):
     for r in lc:
         if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen:
             return r["avg_ts"], r["stddev_ts"]
-ours = {t["name"]: (t["mean_tps"], t["stddev_tps"]) for t in pl["tests"]}
-print(f"| test | llama.cpp t/s | pocketlm t/s | pocketlm / llama.cpp |")
-print(f"| --- | ---: | ---: | ---: |")
+print("| test | llama.cpp t/s (GGUF) | pocketlm | pocketlm t/s | pocketlm / llama.cpp |")
+print("| --- | ---: | --- | ---: | ---: |")
 for name, key in ((f"pp{pp}", (pp, 0)), (f"tg{tg}", (0, tg))):
-    a, b = lc_tps(*key), ours.get(name)
-    if a and b:
-        print(f"| {name} | {a[0]:.2f} ± {a[1]:.2f} | {b[0]:.2f} ± {b[1]:.2f} | {b[0] / a[0]:.2f} |")
+    a = lc_tps(*key)
+    for label, pl in runs:
+        ours = {t["name"]: (t["mean_tps"], t["stddev_tps"]) for t in pl["tests"]}
+        b = ours.get(name)
+        if a and b:
+            print(f"| {name} | {a[0]:.2f} ± {a[1]:.2f} | {label} | {b[0]:.2f} ± {b[1]:.2f} | {b[0] / a[0]:.2f} |")
 mib = 1024 * 1024
-print(f"\npocketlm: weights {pl['weights_bytes'] / mib:.1f} MiB, KV cache {pl['kv_cache_bytes'] / mib:.1f} MiB, "
-      f"peak RSS during tg {(pl['tg_peak_resident_bytes'] or 0) / mib:.1f} MiB, load {pl['load_seconds']:.3f} s")
+for label, pl in runs:
+    w, kv = pl["weights_bytes"], pl["kv_cache_bytes"]
+    peak = pl["tg_peak_resident_bytes"] or 0
+    limit = 1.2 * (w + kv) + 50 * mib
+    print(f"\npocketlm {label}: weights {w / mib:.1f} MiB, KV cache {kv / mib:.1f} MiB, "
+          f"peak RSS during tg {peak / mib:.1f} MiB (1.2 x (weights + KV) + 50 MiB = {limit / mib:.1f}), "
+          f"load {pl['load_seconds']:.3f} s")
 PY

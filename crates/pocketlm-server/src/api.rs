@@ -87,10 +87,22 @@ pub struct CommonParams {
 impl CommonParams {
     /// Checks the values and builds the library's generation parameters.
     ///
-    /// `context_length`: the model's context (the default for `max_tokens`).
+    /// `context_length`: the model's context (the default for `max_tokens`). `defaults`: the
+    /// model's own sampling defaults (its `generation_config.json`, see
+    /// [`pocketlm::loader::LoadedModel::default_sampling`]) used for every field the request
+    /// leaves out; `None` gives OpenAI's defaults (`temperature` 1, `top_p` 1).
     /// Errors: 400 naming the field (`n` other than 1, `temperature` outside `[0, 2]`,
     /// `top_p` outside `[0, 1]`, `max_tokens` 0, more than 4 stop strings).
-    pub fn to_generate_params(&self, context_length: usize) -> Result<GenerateParams, ApiError> {
+    pub fn to_generate_params(
+        &self,
+        context_length: usize,
+        defaults: Option<&SamplingParams>,
+    ) -> Result<GenerateParams, ApiError> {
+        let base = defaults.cloned().unwrap_or(SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            ..SamplingParams::default()
+        });
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::bad_param(
@@ -99,14 +111,14 @@ impl CommonParams {
                 ));
             }
         }
-        let temperature = self.temperature.unwrap_or(1.0);
+        let temperature = self.temperature.unwrap_or(f64::from(base.temperature));
         if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
             return Err(ApiError::bad_param(
                 "temperature",
                 format!("`temperature` is {temperature}; expected a number in [0, 2]"),
             ));
         }
-        let top_p = self.top_p.unwrap_or(1.0);
+        let top_p = self.top_p.unwrap_or(f64::from(base.top_p));
         if !(top_p.is_finite() && (0.0..=1.0).contains(&top_p)) {
             return Err(ApiError::bad_param(
                 "top_p",
@@ -147,8 +159,8 @@ impl CommonParams {
                 temperature: temperature as f32,
                 top_p: top_p as f32,
                 // A seed is any integer; negative ones are reinterpreted bit for bit.
-                seed: self.seed.map(|s| s as u64),
-                ..SamplingParams::default()
+                seed: self.seed.map(|s| s as u64).or(base.seed),
+                ..base
             },
             // An empty stop string would end every answer before it starts: ignore it.
             stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -171,15 +183,72 @@ impl CommonParams {
     }
 }
 
-/// One part of a list-valued message `content` (`{"type": "text", "text": "..."}`).
+/// One part of a list-valued message `content`: `{"type": "text", "text": "..."}` or
+/// `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContentPart {
-    /// Part type; only `text` is supported.
+    /// Part type: `text` or `image_url`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The text of a `text` part.
     #[serde(default)]
     pub text: Option<String>,
+    /// The image of an `image_url` part.
+    #[serde(default)]
+    pub image_url: Option<ImageUrl>,
+}
+
+/// `image_url` of a content part: `{"url": ...}` (OpenAI's shape) or the URL alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ImageUrl {
+    /// `{"url": "data:...", "detail": ...}`.
+    Object {
+        /// The URL; only `data:` URLs with base64 content are accepted (the server fetches
+        /// nothing).
+        url: String,
+    },
+    /// The URL as a string.
+    Url(String),
+}
+
+impl ImageUrl {
+    fn url(&self) -> &str {
+        match self {
+            ImageUrl::Object { url } | ImageUrl::Url(url) => url,
+        }
+    }
+}
+
+/// Decodes a `data:[<mime>];base64,<data>` URL into an image.
+///
+/// Errors: 400 naming `param` for another kind of URL, bad base64 or an undecodable image.
+pub fn decode_data_url(
+    url: &str,
+    param: &str,
+) -> Result<pocketlm::image_processor::RgbImage, ApiError> {
+    use base64::Engine;
+    let bad = |msg: String| ApiError::bad_param(param, msg);
+    let Some(rest) = url.strip_prefix("data:") else {
+        let shown: String = url.chars().take(40).collect();
+        return Err(bad(format!(
+            "`{param}`: only `data:` URLs (base64) are accepted, got `{shown}`"
+        )));
+    };
+    let Some((meta, data)) = rest.split_once(',') else {
+        return Err(bad(format!(
+            "`{param}`: a data URL needs a `,` before its data"
+        )));
+    };
+    if !meta.ends_with(";base64") {
+        return Err(bad(format!(
+            "`{param}`: the data URL is not base64 (`;base64,`)"
+        )));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| bad(format!("`{param}`: bad base64: {e}")))?;
+    pocketlm::image_processor::decode_image(&bytes, param).map_err(|e| bad(e.to_string()))
 }
 
 /// A message `content`: a string or a list of text parts.
@@ -249,19 +318,24 @@ impl ChatCompletionRequest {
         }
         let mut out = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.iter().enumerate() {
+            let mut images = Vec::new();
             let text = match &m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t.clone(),
                 Some(Content::Parts(parts)) => {
                     let mut t = String::new();
                     for (j, p) in parts.iter().enumerate() {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(s)) => t.push_str(s),
+                        match (p.kind.as_str(), &p.text, &p.image_url) {
+                            ("text", Some(s), _) => t.push_str(s),
+                            ("image_url", _, Some(u)) => images.push(decode_data_url(
+                                u.url(),
+                                &format!("messages[{i}].content[{j}].image_url"),
+                            )?),
                             _ => {
                                 return Err(ApiError::bad_param(
                                     &format!("messages[{i}].content[{j}]"),
                                     format!(
-                                        "`messages[{i}].content[{j}]` is a `{}` part; only text parts with a `text` field are supported",
+                                        "`messages[{i}].content[{j}]` is a `{}` part; only `text` parts with a `text` field and `image_url` parts with an `image_url` are supported",
                                         p.kind
                                     ),
                                 ))
@@ -276,7 +350,7 @@ impl ChatCompletionRequest {
             } else {
                 &m.role
             };
-            out.push(Message::new(role, text));
+            out.push(Message::new(role, text).with_images(images));
         }
         Ok(out)
     }
@@ -489,7 +563,7 @@ mod tests {
 
     fn params(body: &str) -> Result<GenerateParams, ApiError> {
         let req: ChatCompletionRequest = serde_json::from_str(body).expect("parses");
-        req.common.to_generate_params(100)
+        req.common.to_generate_params(100, None)
     }
 
     #[test]
@@ -501,6 +575,27 @@ mod tests {
         assert_eq!(p.sampling.seed, None);
         assert!(p.stop.is_empty());
         assert!(!p.ignore_eos);
+    }
+
+    #[test]
+    fn model_defaults_fill_what_the_request_leaves_out() {
+        let defaults = SamplingParams {
+            temperature: 0.6,
+            top_p: 0.9,
+            top_k: 20,
+            repetition_penalty: 1.1,
+            ..SamplingParams::default()
+        };
+        let req: ChatCompletionRequest =
+            serde_json::from_str(r#"{"messages": [], "top_p": 0.5}"#).expect("parses");
+        let p = req
+            .common
+            .to_generate_params(100, Some(&defaults))
+            .expect("valid");
+        assert_eq!(p.sampling.temperature, 0.6, "from generation_config");
+        assert_eq!(p.sampling.top_p, 0.5, "the request wins");
+        assert_eq!(p.sampling.top_k, 20);
+        assert_eq!(p.sampling.repetition_penalty, 1.1);
     }
 
     #[test]
@@ -564,6 +659,43 @@ mod tests {
                 Message::assistant("")
             ]
         );
+    }
+
+    #[test]
+    fn image_url_parts_decode_data_urls() {
+        // A 1x1 red PNG.
+        let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC";
+        let body = format!(
+            r#"{{"messages": [{{"role": "user", "content": [
+                {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,{png}"}}}},
+                {{"type": "text", "text": "What is this?"}}]}}]}}"#
+        );
+        let req: ChatCompletionRequest = serde_json::from_str(&body).expect("parses");
+        let m = req.messages().expect("valid");
+        assert_eq!(m[0].content, "What is this?");
+        assert_eq!(m[0].images.len(), 1);
+        assert_eq!((m[0].images[0].width, m[0].images[0].height), (1, 1));
+        assert_eq!(m[0].images[0].data, vec![255, 0, 0]);
+        for (url, what) in [
+            ("https://example.com/cat.png", "data:"),
+            ("data:image/png,abc", "base64"),
+            ("data:image/png;base64,@@@", "base64"),
+            ("data:image/png;base64,aGVsbG8=", "decode"),
+        ] {
+            let body = format!(
+                r#"{{"messages": [{{"role": "user", "content": [
+                    {{"type": "image_url", "image_url": "{url}"}}]}}]}}"#
+            );
+            let req: ChatCompletionRequest = serde_json::from_str(&body).expect("parses");
+            let e = req.messages().expect_err(url);
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            assert_eq!(
+                e.param.as_deref(),
+                Some("messages[0].content[0].image_url"),
+                "{url}"
+            );
+            assert!(e.message.contains(what), "{url}: {}", e.message);
+        }
     }
 
     #[test]

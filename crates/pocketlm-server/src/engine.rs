@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pocketlm::generate::{generate, Event, GenerateParams};
-use pocketlm::loader::{LoadedModel, Prompt};
+use pocketlm::generate::{generate_with_images, Event, GenerateParams};
+use pocketlm::loader::{EncodedPrompt, LoadedModel, Prompt};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::error::ApiError;
@@ -96,12 +96,13 @@ impl Engine {
     ///
     /// Errors: 400 when the template refuses the conversation or the prompt leaves no room
     /// in the context (`code: context_length_exceeded`).
-    pub async fn encode(&self, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+    pub async fn encode(&self, prompt: Prompt) -> Result<EncodedPrompt, ApiError> {
         let model = self.model.clone();
-        let ids = tokio::task::spawn_blocking(move || model.encode(&prompt))
+        let encoded = tokio::task::spawn_blocking(move || model.encode_multimodal(&prompt))
             .await
             .map_err(|e| ApiError::internal(format!("tokenizing the prompt failed: {e}")))?
             .map_err(ApiError::from_library)?;
+        let ids = &encoded.ids;
         let ctx = self.model.model.info().context_length;
         if ids.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty"));
@@ -116,14 +117,19 @@ impl Engine {
             )
             .with_code("context_length_exceeded"));
         }
-        Ok(ids)
+        Ok(encoded)
     }
 
     /// Starts a generation: waits (in arrival order) for a permit, then generates on a
     /// blocking thread. The returned receiver yields [`Msg::Delta`]s (one per generated token
     /// when `params.logprobs` is set) then one [`Msg::Done`]
     /// or [`Msg::Error`]. Dropping the receiver cancels the generation (or its wait).
-    pub fn start(&self, slot: Slot, ids: Vec<u32>, params: GenerateParams) -> mpsc::Receiver<Msg> {
+    pub fn start(
+        &self,
+        slot: Slot,
+        prompt: EncodedPrompt,
+        params: GenerateParams,
+    ) -> mpsc::Receiver<Msg> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let permits = self.permits.clone();
         let model = self.model.clone();
@@ -144,7 +150,7 @@ impl Engine {
             let joined = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 let _slot = slot;
-                run_generation(&model, &ids, params, &worker_tx);
+                run_generation(&model, prompt, params, &worker_tx);
             })
             .await;
             if let Err(e) = joined {
@@ -163,7 +169,7 @@ impl Engine {
 /// early when the receiver is gone.
 fn run_generation(
     model: &LoadedModel,
-    ids: &[u32],
+    prompt: EncodedPrompt,
     params: GenerateParams,
     tx: &mpsc::Sender<Msg>,
 ) {
@@ -171,11 +177,12 @@ fn run_generation(
         return;
     }
     let mut cache = model.model.new_cache();
-    let mut gen = match generate(
+    let mut gen = match generate_with_images(
         model.model.as_ref(),
         &model.tokenizer,
         &mut cache,
-        ids,
+        &prompt.ids,
+        prompt.images,
         params,
     ) {
         Ok(g) => g,

@@ -29,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pocketlm::loader::{LoadedModel, Prompt};
+use pocketlm::sampling::SamplingParams;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -92,6 +93,8 @@ struct AppState {
     model_id: Arc<str>,
     created: u64,
     api_key: Option<Arc<str>>,
+    /// The model's `generation_config.json` sampling defaults, when it has one.
+    sampling_defaults: Option<SamplingParams>,
 }
 
 fn unix_now() -> u64 {
@@ -115,6 +118,10 @@ pub fn model_id(model: &LoadedModel, config: &ServerConfig) -> String {
 /// The application: every route, the body limit, authentication and the JSON fallbacks.
 pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
     let state = AppState {
+        sampling_defaults: model
+            .generation_config
+            .as_ref()
+            .map(|_| model.default_sampling()),
         model_id: model_id(&model, config).into(),
         engine: Arc::new(Engine::new(
             model,
@@ -263,12 +270,14 @@ async fn chat_completions(
     let req: ChatCompletionRequest = parse_body(body)?;
     let messages = req.messages()?;
     let ctx = s.engine.model().model.info().context_length;
-    let mut params = req.common.to_generate_params(ctx)?;
+    let mut params = req
+        .common
+        .to_generate_params(ctx, s.sampling_defaults.as_ref())?;
     params.logprobs = req.logprobs()?;
     let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
     let ids = s.engine.encode(Prompt::Chat(messages)).await?;
-    let prompt_tokens = ids.len();
+    let prompt_tokens = ids.ids.len();
     let rx = s.engine.start(slot, ids, params);
     let fmt = StreamFormat {
         kind: Kind::Chat,
@@ -315,7 +324,9 @@ async fn completions(
     let req: CompletionRequest = parse_body(body)?;
     let prompt = req.prompt()?;
     let ctx = s.engine.model().model.info().context_length;
-    let mut params = req.common.to_generate_params(ctx)?;
+    let mut params = req
+        .common
+        .to_generate_params(ctx, s.sampling_defaults.as_ref())?;
     params.logprobs = req.logprobs()?;
     let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
@@ -327,7 +338,7 @@ async fn completions(
                 Some("messages") => e.with_param("prompt"),
                 _ => e,
             })?;
-    let prompt_tokens = ids.len();
+    let prompt_tokens = ids.ids.len();
     let rx = s.engine.start(slot, ids, params);
     let fmt = StreamFormat {
         kind: Kind::Completion,

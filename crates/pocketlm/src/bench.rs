@@ -145,6 +145,8 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
     if params.n_gen > 0 {
         let ids = tokens(params.n_gen, vocab);
         let mut samples = Vec::new();
+        // As `generate` does after a prefill.
+        memory::release_free_heap();
         memory::reset_peak();
         for rep in 0..=reps {
             let mut cache = model.new_cache();

@@ -92,6 +92,12 @@ pub struct Message {
     pub role: String,
     /// The text of the message.
     pub content: String,
+    /// Images attached to the message (vision-language models), shown before the text. Not
+    /// serialized: a message with images is rendered with list-valued content
+    /// `[{"type": "image"}, ..., {"type": "text", "text": content}]`, as transformers'
+    /// processors take it (see [`Message::template_value`]).
+    #[serde(skip)]
+    pub images: Vec<crate::image_processor::RgbImage>,
 }
 
 impl Message {
@@ -100,7 +106,29 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            images: Vec::new(),
         }
+    }
+
+    /// The same message with `images` attached.
+    pub fn with_images(mut self, images: Vec<crate::image_processor::RgbImage>) -> Self {
+        self.images = images;
+        self
+    }
+
+    /// The message as a chat template sees it: `{"role", "content"}` with string content, or
+    /// with content parts (one `{"type": "image"}` per image, then the text) when it has images.
+    pub fn template_value(&self) -> serde_json::Value {
+        if self.images.is_empty() {
+            return serde_json::json!({"role": self.role, "content": self.content});
+        }
+        let mut parts: Vec<serde_json::Value> = self
+            .images
+            .iter()
+            .map(|_| serde_json::json!({"type": "image"}))
+            .collect();
+        parts.push(serde_json::json!({"type": "text", "text": self.content}));
+        serde_json::json!({"role": self.role, "content": parts})
     }
 
     /// A `system` message.

@@ -56,6 +56,8 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 ];
 
 /// mlx-lm's mixed-precision recipes (`mlx_lm.convert --quant-predicate mixed_X_Y`,
@@ -179,6 +181,9 @@ pub struct ConvertOptions {
     pub dequantize: bool,
     /// Largest shard in bytes; `None`: [`MAX_SHARD_BYTES`].
     pub max_shard_bytes: Option<usize>,
+    /// Quantize a vision-language model's vision tower too (by default it stays in float, as
+    /// `mlx_vlm.convert` keeps it).
+    pub quantize_vision: bool,
 }
 
 /// Progress of a conversion, for a progress bar.
@@ -339,7 +344,9 @@ pub fn convert(
             None => t,
         };
         if let Some(plan) = &plan {
-            if let Some(prefix) = quantizable(name, &t, plan.default.group_size) {
+            if let Some(prefix) =
+                quantizable(name, &t, plan.default.group_size, opts.quantize_vision)
+            {
                 let chosen = plan.for_layer(prefix, t.dims())?;
                 if chosen != Some(plan.default) {
                     layer_overrides.insert(prefix.to_string(), chosen);
@@ -483,10 +490,23 @@ pub fn convert(
 
 /// The layer prefix when `name` is a 2-D `*.weight` whose last dimension is a multiple of
 /// `group_size` (mlx-lm quantizes exactly the `Linear` / `Embedding` layers; norms are 1-D).
-fn quantizable<'a>(name: &'a str, t: &Tensor, group_size: usize) -> Option<&'a str> {
+///
+/// A vision-language model's vision tower (`visual.*`, `model.visual.*`, `vision_tower.*`)
+/// stays in float unless `vision` is set, as `mlx_vlm.convert` does.
+fn quantizable<'a>(name: &'a str, t: &Tensor, group_size: usize, vision: bool) -> Option<&'a str> {
     let prefix = name.strip_suffix(".weight")?;
+    if !vision && is_vision_tower(name) {
+        return None;
+    }
     let dims = t.dims();
     (dims.len() == 2 && dims[1].is_multiple_of(group_size)).then_some(prefix)
+}
+
+/// Whether a tensor belongs to a vision tower (Qwen2-VL `visual.*` and its other spellings).
+pub fn is_vision_tower(name: &str) -> bool {
+    ["visual.", "model.visual.", "vision_tower."]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// The per-layer quantization decisions of one conversion.

@@ -45,6 +45,9 @@ pub enum Error {
     /// A quantization routine got bad input.
     #[error(transparent)]
     Quant(#[from] crate::quant::QuantError),
+    /// An image could not be decoded or preprocessed.
+    #[error(transparent)]
+    Image(#[from] crate::image_processor::ImageError),
     /// The prompt does not fit in the model's context.
     #[error("the prompt has {prompt_tokens} tokens but the context holds {context_length} (with room for {max_tokens} new tokens requested)")]
     ContextOverflow {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
+use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
 use crate::memory;
 use crate::models::{CausalLM, Logits};
@@ -126,6 +127,10 @@ pub struct GenerationStats {
     pub decode_time: Duration,
     /// Peak resident memory of the process, bytes (Linux).
     pub peak_memory_bytes: Option<u64>,
+    /// Image tokens of each image of the prompt (vision-language models).
+    pub image_tokens: Vec<usize>,
+    /// Wall time of the vision tower over the prompt's images (part of the prefill).
+    pub vision_time: Duration,
 }
 
 impl GenerationStats {
@@ -180,6 +185,7 @@ pub struct Generation<'a> {
     params: GenerateParams,
     sampler: Sampler,
     pending_prompt: Vec<u32>,
+    pending_images: Vec<ProcessedImage>,
     history: Vec<u32>,
     next_token: Option<u32>,
     /// Log-probabilities of `next_token` (when asked for).
@@ -236,6 +242,7 @@ pub fn generate<'a>(
         sampler: Sampler::new(params.sampling.clone())?,
         params,
         pending_prompt: prompt.to_vec(),
+        pending_images: Vec::new(),
         history: prompt.to_vec(),
         next_token: None,
         next_logprobs: None,
@@ -248,6 +255,31 @@ pub fn generate<'a>(
         queue: Default::default(),
         done: false,
     })
+}
+
+/// As [`generate`], for a vision-language model: `prompt` holds the images' placeholder tokens
+/// (expanded, see [`crate::loader::LoadedModel::encode_multimodal`]) and `images` the
+/// preprocessed images in prompt order. The prefill runs the vision tower, then the whole
+/// prompt in one forward pass ([`GenerationStats::vision_time`], [`GenerationStats::image_tokens`]).
+///
+/// Errors: as [`generate`]; [`Error::InvalidArgument`] when the model takes no images.
+pub fn generate_with_images<'a>(
+    model: &'a dyn CausalLM,
+    tokenizer: &'a Tokenizer,
+    cache: &'a mut KvCache,
+    prompt: &[u32],
+    images: Vec<ProcessedImage>,
+    params: GenerateParams,
+) -> Result<Generation<'a>> {
+    if !images.is_empty() && model.vision().is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "the {} model takes no images",
+            model.info().architecture
+        )));
+    }
+    let mut g = generate(model, tokenizer, cache, prompt, params)?;
+    g.pending_images = images;
+    Ok(g)
 }
 
 impl Generation<'_> {
@@ -285,13 +317,35 @@ impl Generation<'_> {
     fn prefill(&mut self) -> Result<u32> {
         let t0 = Instant::now();
         let prompt = std::mem::take(&mut self.pending_prompt);
+        let images = std::mem::take(&mut self.pending_images);
         let chunk = self.params.prefill_chunk.max(1);
         let mut last = None;
-        for part in prompt.chunks(chunk) {
+        if !images.is_empty() {
+            let tv = Instant::now();
+            let features = self.model.encode_images(&images)?;
+            self.stats.vision_time = tv.elapsed();
+            self.stats.image_tokens = images.iter().map(|i| i.n_tokens()).collect();
+            let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+            let ids = Tensor::new(prompt.as_slice(), self.model_device())?.unsqueeze(0)?;
+            last = Some(self.model.forward_with_image_features(
+                &ids,
+                &features,
+                &grids,
+                self.cache,
+                Logits::Last,
+            )?);
+        }
+        let text_parts = if last.is_none() {
+            prompt.chunks(chunk).collect()
+        } else {
+            Vec::new()
+        };
+        for part in text_parts {
             let ids = Tensor::new(part, self.model_device())?.unsqueeze(0)?;
             last = Some(self.model.forward(&ids, self.cache, Logits::Last)?);
         }
         let logits = last.ok_or_else(|| Error::InvalidArgument("the prompt is empty".into()))?;
+        crate::memory::release_free_heap();
         let tok = self.logits_to_token(&logits)?;
         self.stats.prompt_tokens = prompt.len();
         self.stats.prefill_time = t0.elapsed();

@@ -650,6 +650,9 @@ impl KvCacheConfig {
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Box<dyn LayerKvCache>>,
+    /// Multimodal RoPE: the next token's rotary position minus [`KvCache::offset`] (images take
+    /// fewer positions than tokens, HF `rope_deltas`); 0 for text-only models.
+    rope_delta: i64,
 }
 
 impl KvCache {
@@ -659,6 +662,7 @@ impl KvCache {
             layers: (0..n_layers)
                 .map(|_| Box::new(GrowingKvCache::new(256)) as Box<dyn LayerKvCache>)
                 .collect(),
+            rope_delta: 0,
         }
     }
 
@@ -682,12 +686,29 @@ impl KvCache {
                 (None, None) => Box::new(GrowingKvCache::new(256)),
             });
         }
-        Ok(Self { layers })
+        Ok(Self {
+            layers,
+            rope_delta: 0,
+        })
     }
 
     /// A cache made of the given per-layer caches.
     pub fn from_layers(layers: Vec<Box<dyn LayerKvCache>>) -> Self {
-        Self { layers }
+        Self {
+            layers,
+            rope_delta: 0,
+        }
+    }
+
+    /// Multimodal RoPE position delta: a text token at cache position `p` has rotary position
+    /// `p + rope_delta()` (set by vision-language models after a prompt with images).
+    pub fn rope_delta(&self) -> i64 {
+        self.rope_delta
+    }
+
+    /// Sets the multimodal RoPE position delta (see [`KvCache::rope_delta`]).
+    pub fn set_rope_delta(&mut self, delta: i64) {
+        self.rope_delta = delta;
     }
 
     /// Layer `i`'s cache.
@@ -728,10 +749,14 @@ impl KvCache {
     /// Forgets everything.
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| l.reset());
+        self.rope_delta = 0;
     }
 
     /// Drops positions from `len` on in every layer.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len == 0 {
+            self.rope_delta = 0;
+        }
         self.layers.iter_mut().try_for_each(|l| l.truncate(len))
     }
 }

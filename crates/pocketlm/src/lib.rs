@@ -19,6 +19,7 @@
 //! - [`fetch`]: downloading the default model from a package registry.
 //! - [`kernels`]: CPU kernels for GGUF quantized matrix products (AVX2, NEON, scalar).
 //! - [`quant`]: quantization formats.
+//! - [`image_processor`]: image decoding and the Qwen2-VL image processor (resize, normalize, patchify).
 
 pub mod bench;
 pub mod chat_template;
@@ -30,6 +31,7 @@ pub mod error;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod image_processor;
 pub mod kernels;
 pub mod kv_cache;
 pub mod loader;

@@ -9,6 +9,7 @@ use crate::chat_template::{select_chat_template, ChatTemplate, Message};
 use crate::device::DeviceSpec;
 use crate::fetch;
 use crate::gguf::GgufFile;
+use crate::image_processor::ImageProcessorConfig;
 use crate::models::{self, CausalLM};
 use crate::safetensors_weights::SafetensorsWeights;
 use crate::sampling::SamplingParams;
@@ -42,6 +43,9 @@ pub struct LoadedModel {
     pub load_time: Duration,
     /// The folder's `generation_config.json`, when it has one (GGUF files have none).
     pub generation_config: Option<GenerationConfig>,
+    /// For vision-language models, the image processor settings (`preprocessor_config.json`,
+    /// or transformers' defaults when the folder has none).
+    pub image_processor: Option<ImageProcessorConfig>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -51,6 +55,15 @@ impl std::fmt::Debug for LoadedModel {
             .field("info", self.model.info())
             .finish()
     }
+}
+
+/// A prompt's token ids (image placeholders expanded) and its preprocessed images, in order.
+#[derive(Debug, Clone)]
+pub struct EncodedPrompt {
+    /// Token ids, one `<|image_pad|>` per image token.
+    pub ids: Vec<u32>,
+    /// The images, in prompt order.
+    pub images: Vec<crate::image_processor::ProcessedImage>,
 }
 
 /// A prompt as the user gives it.
@@ -131,6 +144,7 @@ pub fn load(spec: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         let mut m = load_folder(path, opts)?;
+        crate::memory::release_free_heap();
         m.load_time = t0.elapsed();
         return Ok(m);
     }
@@ -277,6 +291,7 @@ fn assemble(
         weights_bytes,
         load_time: t0.elapsed(),
         generation_config: None,
+        image_processor: None,
     })
 }
 
@@ -404,8 +419,32 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             })?;
     }
     let template = folder_chat_template(dir)?;
+    let image_processor = match model.vision() {
+        Some(v) => {
+            let c = ImageProcessorConfig::from_folder(dir)?.unwrap_or_default();
+            if c.patch_size != v.patch_size
+                || c.merge_size != v.merge_size
+                || c.temporal_patch_size != v.temporal_patch_size
+            {
+                return Err(Error::Model(format!(
+                    "{}: the image processor's patch {} / merge {} / temporal patch {} do not \
+                     match the model's {} / {} / {}",
+                    dir.display(),
+                    c.patch_size,
+                    c.merge_size,
+                    c.temporal_patch_size,
+                    v.patch_size,
+                    v.merge_size,
+                    v.temporal_patch_size
+                )));
+            }
+            Some(c)
+        }
+        None => None,
+    };
     let mut m = assemble(dir, model, tokenizer, template, weights.bytes(), t0)?;
     m.generation_config = generation_config;
+    m.image_processor = image_processor;
     Ok(m)
 }
 
@@ -433,7 +472,8 @@ impl LoadedModel {
         }
     }
 
-    /// The text of a chat prompt as the model's template renders it.
+    /// The text of a chat prompt as the model's template renders it (messages with images get
+    /// list-valued content, [`Message::template_value`]).
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
         let tpl = self.chat_template.as_ref().ok_or_else(|| {
             Error::Model(format!(
@@ -441,6 +481,68 @@ impl LoadedModel {
                 self.path.display()
             ))
         })?;
-        Ok(tpl.render(messages, true)?)
+        if messages.iter().all(|m| m.images.is_empty()) {
+            return Ok(tpl.render(messages, true)?);
+        }
+        let values: Vec<serde_json::Value> = messages.iter().map(|m| m.template_value()).collect();
+        let options = crate::chat_template::RenderOptions {
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        Ok(tpl.render_with(&values, &options)?)
+    }
+
+    /// Token ids and preprocessed images of a prompt, as transformers' processor gives them:
+    /// the chat template places one `<|image_pad|>` per image, which is expanded to the image's
+    /// number of tokens ([`ProcessedImage::n_tokens`]). Without images this is
+    /// [`LoadedModel::encode`].
+    ///
+    /// Errors: images for a model that takes none; a template that does not place exactly one
+    /// placeholder per image; image preprocessing errors; as [`LoadedModel::encode`].
+    pub fn encode_multimodal(&self, prompt: &Prompt) -> Result<EncodedPrompt> {
+        let messages = match prompt {
+            Prompt::Chat(m) if m.iter().any(|m| !m.images.is_empty()) => m,
+            _ => {
+                return Ok(EncodedPrompt {
+                    ids: self.encode(prompt)?,
+                    images: Vec::new(),
+                })
+            }
+        };
+        let (Some(vision), Some(proc)) = (self.model.vision(), self.image_processor.as_ref())
+        else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the {} model takes no images",
+                self.path.display(),
+                self.model.info().architecture
+            )));
+        };
+        let images = messages
+            .iter()
+            .flat_map(|m| m.images.iter())
+            .map(|img| proc.preprocess(img))
+            .collect::<Result<Vec<_>, _>>()?;
+        let text = self.render_chat(messages)?;
+        let raw = self.tokenizer.encode(&text, false)?;
+        let placed = raw.iter().filter(|&&t| t == vision.image_token_id).count();
+        if placed != images.len() {
+            return Err(Error::Model(format!(
+                "{}: the chat template placed {placed} image placeholders for {} images",
+                self.path.display(),
+                images.len()
+            )));
+        }
+        let mut ids =
+            Vec::with_capacity(raw.len() + images.iter().map(|i| i.n_tokens()).sum::<usize>());
+        let mut next = images.iter();
+        for t in raw {
+            if t == vision.image_token_id {
+                let n = next.next().map_or(0, |i| i.n_tokens());
+                ids.extend(std::iter::repeat_n(t, n));
+            } else {
+                ids.push(t);
+            }
+        }
+        Ok(EncodedPrompt { ids, images })
     }
 }

@@ -34,6 +34,25 @@ pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Returns freed heap memory to the operating system where the allocator keeps it (glibc's
+/// `malloc_trim(0)`; a no-op elsewhere). Loading a folder copies every weight once through a
+/// temporary buffer and a prefill allocates large activations; glibc keeps most of that freed
+/// memory in its heap (below its dynamic mmap threshold), which shows up as resident memory
+/// (measured: 20-30 MiB on SmolLM2-135M MLX 4-bit). Called after loading and after each
+/// prefill; costs well under a millisecond.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim has no preconditions; it only releases free pages.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

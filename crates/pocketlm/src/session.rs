@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::chat_template::Message;
 use crate::generate::{
-    generate, Event, FinishReason, GenerateParams, Generation, GenerationOutput,
+    generate_with_images, Event, FinishReason, GenerateParams, Generation, GenerationOutput,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::loader::{LoadedModel, Prompt};
@@ -230,15 +230,66 @@ impl ChatSession {
     /// Errors: template or tokenizer errors; [`Error::ContextOverflow`] when the conversation
     /// does not fit (see [`OverflowStrategy`]). On error the history is unchanged.
     pub fn respond_stream(&mut self, text: &str) -> Result<SessionStream<'_>> {
-        self.history.push(Message::user(text));
-        let ids = match self.prompt_ids() {
-            Ok(ids) => ids,
+        self.respond_stream_with_images(text, Vec::new())
+    }
+
+    /// As [`ChatSession::respond_stream`], with `images` attached to the user message
+    /// (vision-language models; they stay in the history for later turns).
+    ///
+    /// Errors: as [`ChatSession::respond_stream`]; images for a model that takes none.
+    pub fn respond_stream_with_images(
+        &mut self,
+        text: &str,
+        images: Vec<crate::image_processor::RgbImage>,
+    ) -> Result<SessionStream<'_>> {
+        self.history.push(Message::user(text).with_images(images));
+        let (ids, images) = match self.prompt_ids() {
+            Ok(p) => (p.ids, p.images),
             Err(e) => {
                 self.history.pop();
                 return Err(e);
             }
         };
-        let common = self.reuse_prefix(&ids);
+        let mut common = self.reuse_prefix(&ids);
+        let mut suffix_images = Vec::new();
+        if let Some(v) = self.model.model.vision() {
+            // Image k's placeholders are the k-th run of its tokens. A reused prefix may not end
+            // inside one; the RoPE delta is that of the images before the cut.
+            let mut spans = Vec::with_capacity(images.len());
+            let mut i = 0;
+            for img in &images {
+                while i < ids.len() && ids[i] != v.image_token_id {
+                    i += 1;
+                }
+                spans.push(i);
+                i += img.n_tokens();
+            }
+            if let Some(&start) = images
+                .iter()
+                .zip(&spans)
+                .find(|(img, &s)| common > s && common < s + img.n_tokens())
+                .map(|(_, s)| s)
+            {
+                if self.cache.truncate(start).is_err() {
+                    self.cache.reset();
+                    common = 0;
+                } else {
+                    common = start;
+                }
+                self.cached_ids.truncate(common);
+            }
+            let mut delta = 0i64;
+            for (img, &s) in images.iter().zip(&spans) {
+                if s + img.n_tokens() <= common {
+                    let [_, h, w] = img.grid_thw;
+                    let (lh, lw) = (h / img.merge_size, w / img.merge_size);
+                    delta += lh.max(lw) as i64 - img.n_tokens() as i64;
+                } else {
+                    suffix_images.push(img.clone());
+                }
+            }
+            self.cache.set_rope_delta(delta);
+        }
         let Self {
             model,
             history,
@@ -248,11 +299,12 @@ impl ChatSession {
             poisoned,
             ..
         } = self;
-        let gen = match generate(
+        let gen = match generate_with_images(
             model.model.as_ref(),
             &model.tokenizer,
             cache,
             &ids[common..],
+            suffix_images,
             params.clone(),
         ) {
             Ok(g) => g,
@@ -275,7 +327,7 @@ impl ChatSession {
 
     /// The token ids of the whole conversation (with the generation prompt), after applying
     /// the overflow strategy. The history is changed (oldest turns dropped) only on success.
-    fn prompt_ids(&mut self) -> Result<Vec<u32>> {
+    fn prompt_ids(&mut self) -> Result<crate::loader::EncodedPrompt> {
         let ctx = self.context_length;
         let mut history = self.history.clone();
         loop {
@@ -285,18 +337,19 @@ impl ChatSession {
                 .map(Message::system)
                 .chain(history.iter().cloned())
                 .collect();
-            let ids = self.model.encode(&Prompt::Chat(messages))?;
+            let p = self.model.encode_multimodal(&Prompt::Chat(messages))?;
+            let ids = &p.ids;
             match self.overflow {
                 OverflowStrategy::Error | OverflowStrategy::Rotate => {
                     if ids.len() >= ctx {
                         return Err(self.overflow_error(ids.len(), ctx));
                     }
-                    return Ok(ids);
+                    return Ok(p);
                 }
                 OverflowStrategy::TruncateOldestTurns => {
                     if ids.len() + self.params.max_tokens <= ctx {
                         self.history = history;
-                        return Ok(ids);
+                        return Ok(p);
                     }
                     if !drop_oldest_turn(&mut history) {
                         return Err(self.overflow_error(ids.len(), ctx));

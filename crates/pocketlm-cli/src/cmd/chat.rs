@@ -88,13 +88,15 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!(
-            "Chatting with {}. Type /reset to start over, /exit to quit.",
+            "Chatting with {}. Type /image PATH to attach an image to your next message, \
+             /reset to start over, /exit to quit.",
             m.path.display()
         );
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut out = std::io::stdout();
+    let mut pending_images = Vec::new();
     loop {
         if interactive {
             eprint!(">> ");
@@ -114,7 +116,25 @@ pub fn run(args: ChatArgs) -> Result<()> {
             }
             _ => {}
         }
-        for ev in session.respond_stream(text)? {
+        if let Some(path) = text.strip_prefix("/image ") {
+            if m.model.vision().is_none() {
+                eprintln!("(this model takes no images)");
+                continue;
+            }
+            match pocketlm::image_processor::load_image(std::path::Path::new(path.trim())) {
+                Ok(img) => {
+                    eprintln!(
+                        "(image attached to your next message: {}x{})",
+                        img.width, img.height
+                    );
+                    pending_images.push(img);
+                }
+                Err(e) => eprintln!("(image not attached: {e})"),
+            }
+            continue;
+        }
+        let stream = session.respond_stream_with_images(text, std::mem::take(&mut pending_images));
+        for ev in stream? {
             match ev? {
                 Event::Token { text, .. } | Event::Text(text) => {
                     out.write_all(text.as_bytes())?;

@@ -44,6 +44,10 @@ pub struct ConvertArgs {
     /// Dequantize an MLX-quantized source back to float.
     #[arg(long, short = 'd', conflicts_with = "quantize")]
     pub dequantize: bool,
+    /// Quantize a vision-language model's vision tower too (by default it stays in float, as
+    /// `mlx_vlm.convert` keeps it).
+    #[arg(long, requires = "quantize")]
+    pub quantize_vision: bool,
 }
 
 /// Runs `convert`, with a progress bar on a terminal.
@@ -67,6 +71,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
         dequantize: a.dequantize,
         max_shard_bytes: None,
+        quantize_vision: a.quantize_vision,
     };
     if let Some(p) = opts.quantize {
         pocketlm::quant::mlx_affine::check_params(p.group_size, p.bits)?;

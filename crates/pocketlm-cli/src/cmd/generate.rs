@@ -5,7 +5,8 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Args;
 use pocketlm::chat_template::Message;
-use pocketlm::generate::{generate, Event, GenerateParams, GenerationStats};
+use pocketlm::generate::{generate_with_images, Event, GenerateParams, GenerationStats};
+use pocketlm::image_processor::load_image;
 use pocketlm::loader::Prompt;
 
 use super::cache::KvArgs;
@@ -35,6 +36,10 @@ pub struct GenerateArgs {
     /// Feed the prompt as plain text instead of through the model's chat template.
     #[arg(long)]
     pub no_chat_template: bool,
+    /// An image to show the model with the prompt (vision-language models; repeatable, in
+    /// order; PNG, JPEG or WebP).
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<std::path::PathBuf>,
     /// Print load and generation statistics to stderr.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -71,6 +76,19 @@ pub fn print_stats(stats: &GenerationStats, reason: &str) {
         stats.generated_tokens,
         stats.decode_tokens_per_second()
     );
+    if !stats.image_tokens.is_empty() {
+        eprintln!(
+            "Images: {} ({} image tokens), vision encoding {:.3} s",
+            stats.image_tokens.len(),
+            stats
+                .image_tokens
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            stats.vision_time.as_secs_f64()
+        );
+    }
     if let Some(p) = stats.peak_memory_bytes {
         eprintln!("Peak memory: {:.3} GB", p as f64 / 1e9);
     }
@@ -79,13 +97,27 @@ pub fn print_stats(stats: &GenerationStats, reason: &str) {
 /// Runs `generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let m = load(&args.model, args.verbose)?;
-    let prompt = build_prompt(
+    let mut prompt = build_prompt(
         m.chat_template.is_some(),
         args.no_chat_template,
         args.system.as_deref(),
         &args.prompt,
     );
-    let ids = m.encode(&prompt)?;
+    if !args.images.is_empty() {
+        let Prompt::Chat(messages) = &mut prompt else {
+            anyhow::bail!("--image needs the model's chat template (drop --no-chat-template)");
+        };
+        let images = args
+            .images
+            .iter()
+            .map(|p| load_image(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(last) = messages.last_mut() {
+            last.images = images;
+        }
+    }
+    let encoded = m.encode_multimodal(&prompt)?;
+    let ids = encoded.ids;
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params(&m.default_sampling()),
@@ -93,15 +125,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     let (mut cache, cached) = args.kv.cache(&m, args.verbose)?;
-    let reused = pocketlm::prompt_cache::reuse_prefix(&mut cache, &cached, &ids);
+    // A prompt cache holds no images: with images the whole prompt is prefilled.
+    let reused = if encoded.images.is_empty() {
+        pocketlm::prompt_cache::reuse_prefix(&mut cache, &cached, &ids)
+    } else {
+        cache.reset();
+        0
+    };
     if args.verbose && args.kv.prompt_cache_file.is_some() {
         eprintln!("reusing {reused} cached prompt tokens");
     }
-    let stream = generate(
+    let stream = generate_with_images(
         m.model.as_ref(),
         &m.tokenizer,
         &mut cache,
         &ids[reused..],
+        encoded.images,
         params,
     )?;
     let mut out = std::io::stdout().lock();

@@ -19,6 +19,15 @@ pub(crate) enum ActFormat {
     /// 32-value blocks: `d` and `s = d * Σq` per block (ggml `Q8_0` plus the `Q8_1` sum), for
     /// `Q4_0`, `Q4_1`, `Q8_0` weights.
     Q8_32,
+    /// 32-value blocks like [`Self::Q8_32`] with `d` and `s` kept in `f32` (not rounded to
+    /// `f16`, which only mirrors ggml's storage), for MLX 8-bit weights.
+    Q8_32F,
+    /// [`Self::Q8_32`] (`d` and `s` rounded to `f16`, as ggml's `Q8_1`) with the values of
+    /// each block reordered to match the nibbles of MLX 4-bit words: positions `0..16` hold
+    /// values `0, 2, .., 30` and `16..32` values `1, 3, .., 31` (byte `c` of an MLX 4-bit
+    /// block holds codes `2c` in its low and `2c + 1` in its high nibble, so masking and
+    /// shifting 16 bytes gives the codes in this order).
+    Q8_32Nib,
     /// 256-value blocks: `d` per block and `bsums` (Σq per 16 values), ggml `Q8_K`, for
     /// k-quant weights.
     Q8K,
@@ -28,9 +37,14 @@ impl ActFormat {
     /// Values per block.
     pub(crate) const fn block(self) -> usize {
         match self {
-            Self::Q8_32 => 32,
+            Self::Q8_32 | Self::Q8_32F | Self::Q8_32Nib => 32,
             Self::Q8K => 256,
         }
+    }
+
+    /// Whether blocks keep `s = d * Σq` (the 32-value formats).
+    pub(crate) const fn has_sums(self) -> bool {
+        matches!(self, Self::Q8_32 | Self::Q8_32F | Self::Q8_32Nib)
     }
 }
 
@@ -44,7 +58,7 @@ pub(crate) struct Acts {
     pub qs: Vec<i8>,
     /// `[m, k / block]` scales.
     pub d: Vec<f32>,
-    /// `Q8_32`: `[m, k / 32]`, `d * Σq` per block. Empty for `Q8K`.
+    /// `Q8_32*`: `[m, k / 32]`, `d * Σq` per block. Empty for `Q8K`.
     pub s: Vec<f32>,
     /// `Q8K`: `[m, k / 16]`, `Σq` per 16 values. Empty for `Q8_32`.
     pub bsums: Vec<i16>,
@@ -69,7 +83,7 @@ pub(crate) fn quantize_acts(
         k,
         qs: vec![0; m * k],
         d: vec![0.0; m * nb],
-        s: if fmt == ActFormat::Q8_32 {
+        s: if fmt.has_sums() {
             vec![0.0; m * nb]
         } else {
             Vec::new()
@@ -87,7 +101,7 @@ pub(crate) fn quantize_acts(
         quantize_row(backend, fmt, x, qs, d, aux, bsums)
     };
     // Split the per-row outputs; `s` or `bsums` is empty depending on the format.
-    let s_len = if fmt == ActFormat::Q8_32 { nb } else { 0 };
+    let s_len = if fmt.has_sums() { nb } else { 0 };
     let b_len = if fmt == ActFormat::Q8K { k / 16 } else { 0 };
     let Acts {
         qs, d, s, bsums, ..
@@ -138,9 +152,21 @@ fn quantize_row(
         match fmt {
             // ggml's `quantize_row_q8_0`/`q8_1` store `d = amax / 127` and `s = d * Σq` as f16;
             // the dot products read them back, so round the same way.
-            ActFormat::Q8_32 => {
+            ActFormat::Q8_32F => {
+                d[b] = db;
+                s[b] = db * sum as f32;
+            }
+            ActFormat::Q8_32 | ActFormat::Q8_32Nib => {
                 d[b] = f16_round(db);
                 s[b] = f16_round(db * sum as f32);
+                if fmt == ActFormat::Q8_32Nib {
+                    let mut t = [0i8; 32];
+                    for c in 0..16 {
+                        t[c] = qb[2 * c];
+                        t[16 + c] = qb[2 * c + 1];
+                    }
+                    qb.copy_from_slice(&t);
+                }
             }
             // ggml's `quantize_row_q8_K` stores `d = 1 / iscale` in f32.
             ActFormat::Q8K => {

@@ -27,6 +27,7 @@
 
 mod act;
 pub mod float;
+pub mod mlx;
 mod scalar;
 
 #[cfg(target_arch = "aarch64")]
@@ -34,6 +35,8 @@ mod neon;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(test)]
+mod mlx_tests;
 #[cfg(test)]
 mod tests;
 
@@ -47,6 +50,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Storage, Tensor};
 use memmap2::Mmap;
 use rayon::prelude::*;
+
+use crate::quant::mlx_affine::ParamDtype;
 
 pub(crate) use act::{quantize_acts, ActFormat, Acts};
 
@@ -622,6 +627,18 @@ impl GgufMatrix {
         self.cols / self.dtype.block_size() * self.dtype.type_size()
     }
 
+    pub(crate) fn mat_ref(&self) -> MatRef<'_> {
+        MatRef {
+            name: &self.name,
+            w: self.bytes(),
+            kind: Kind::Gguf(self.dtype),
+            rows: self.rows,
+            cols: self.cols,
+            row_bytes: self.row_bytes(),
+            mlx: MlxParts::NONE,
+        }
+    }
+
     /// `out[m, n] = x[m, k] · Wᵀ`, all row-major `f32`, on [`Backend::detect`]ed SIMD.
     ///
     /// The activation rows are quantized once to 8 bits per value (see the module docs), so
@@ -723,19 +740,99 @@ pub fn matmul_fused_with(
     m: usize,
     outs: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
+    let refs: Vec<MatRef<'_>> = mats.iter().map(|w| w.mat_ref()).collect();
+    run_products(backend, &refs, x, m, outs)
+}
+
+/// A weight as the planner and the tile kernels see it: a GGUF matrix or an MLX affine one.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    /// Name for errors.
+    pub name: &'a str,
+    /// Weight bytes, `rows * row_bytes`.
+    pub w: &'a [u8],
+    /// The weight format.
+    pub kind: Kind,
+    /// Rows (`n`).
+    pub rows: usize,
+    /// Columns (`k`).
+    pub cols: usize,
+    /// Bytes per row of `w`.
+    pub row_bytes: usize,
+    /// Per-group parameters (MLX only; null pointers for GGUF).
+    pub mlx: MlxParts,
+}
+
+/// The format of a weight: a GGUF block type, or MLX affine codes of `bits` bits with
+/// `scales`/`biases` in `params`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// GGUF blocks.
+    Gguf(GgufType),
+    /// MLX affine, 4 or 8 bits.
+    Mlx {
+        /// Bits per code (4 or 8).
+        bits: usize,
+        /// Dtype of scales and biases.
+        params: ParamDtype,
+    },
+}
+
+impl Kind {
+    fn act_format(self) -> ActFormat {
+        match self {
+            Self::Gguf(t) => t.act_format(),
+            Self::Mlx { bits: 4, .. } => ActFormat::Q8_32Nib,
+            Self::Mlx { .. } => ActFormat::Q8_32F,
+        }
+    }
+}
+
+/// Scales and biases of an MLX weight: `[rows, gpr]` each, in the dtype of its [`Kind`];
+/// `bpg` 32-value activation blocks per group (group size / 32).
+#[derive(Clone, Copy)]
+pub(crate) struct MlxParts {
+    pub scales: *const u8,
+    pub biases: *const u8,
+    pub gpr: usize,
+    pub bpg: usize,
+}
+
+impl MlxParts {
+    const NONE: Self = Self {
+        scales: std::ptr::null(),
+        biases: std::ptr::null(),
+        gpr: 0,
+        bpg: 0,
+    };
+}
+
+// SAFETY: read-only pointers into buffers borrowed for the whole product (by the `MatRef`
+// lifetime's owner, the caller of `run_products`).
+unsafe impl Send for MlxParts {}
+unsafe impl Sync for MlxParts {}
+
+/// Checks the arguments of a (possibly fused) product and runs it.
+pub(crate) fn run_products(
+    backend: Backend,
+    mats: &[MatRef<'_>],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
     let first = mats.first().ok_or_else(|| KernelError::Input {
         name: "<unnamed>".into(),
         msg: "fused product over no matrices".into(),
     })?;
     if !backend.is_available() {
         return Err(KernelError::BackendUnavailable {
-            name: first.name.clone(),
+            name: first.name.to_string(),
             backend,
         });
     }
     if outs.len() != mats.len() {
         return Err(KernelError::Input {
-            name: first.name.clone(),
+            name: first.name.to_string(),
             msg: format!("{} outputs given for {} matrices", outs.len(), mats.len()),
         });
     }
@@ -743,7 +840,7 @@ pub fn matmul_fused_with(
     for w in mats {
         if w.cols != k {
             return Err(KernelError::Input {
-                name: w.name.clone(),
+                name: w.name.to_string(),
                 msg: format!(
                     "fused with `{}`: {} columns vs {k}; fused matrices must share the input",
                     first.name, w.cols
@@ -753,7 +850,7 @@ pub fn matmul_fused_with(
     }
     if Some(x.len()) != m.checked_mul(k) {
         return Err(KernelError::ArgLength {
-            name: first.name.clone(),
+            name: first.name.to_string(),
             arg: "x",
             expected: m.saturating_mul(k),
             got: x.len(),
@@ -763,7 +860,7 @@ pub fn matmul_fused_with(
     for (w, out) in mats.iter().zip(outs.iter()) {
         if Some(out.len()) != m.checked_mul(w.rows) {
             return Err(KernelError::ArgLength {
-                name: w.name.clone(),
+                name: w.name.to_string(),
                 arg: "out",
                 expected: m.saturating_mul(w.rows),
                 got: out.len(),
@@ -784,7 +881,7 @@ pub fn matmul_fused_with(
     let mut acts: Vec<Acts> = Vec::with_capacity(2);
     let mut act_index = Vec::with_capacity(mats.len());
     for w in mats {
-        let fmt = w.dtype.act_format();
+        let fmt = w.kind.act_format();
         let i = match acts.iter().position(|a| a.fmt == fmt) {
             Some(i) => i,
             None => {
@@ -799,10 +896,11 @@ pub fn matmul_fused_with(
         .zip(outs.iter_mut())
         .zip(act_index)
         .map(|((w, out), ai)| Job {
-            w: w.bytes(),
-            dtype: w.dtype,
+            w: w.w,
+            kind: w.kind,
             n: w.rows,
-            row_bytes: w.row_bytes(),
+            row_bytes: w.row_bytes,
+            mlx: w.mlx,
             acts: &acts[ai],
             out: SyncPtr(out.as_mut_ptr()),
         })
@@ -817,12 +915,22 @@ pub fn matmul_fused_with(
 /// Errors: [`crate::Error::Tensor`] naming the first weight when `x` is not `f32`, not on the
 /// CPU, or its last dim is not `k`, or for the errors of [`matmul_fused`].
 pub fn forward_fused(mats: &[&GgufMatrix], x: &Tensor) -> crate::Result<Vec<Tensor>> {
+    let refs: Vec<MatRef<'_>> = mats.iter().map(|w| w.mat_ref()).collect();
+    forward_refs(Backend::detect(), &refs, x)
+}
+
+/// [`run_products`] over candle tensors, as [`forward_fused`] documents.
+pub(crate) fn forward_refs(
+    backend: Backend,
+    mats: &[MatRef<'_>],
+    x: &Tensor,
+) -> crate::Result<Vec<Tensor>> {
     let first = mats.first().ok_or_else(|| {
         crate::Error::InvalidArgument("fused product over no matrices".to_string())
     })?;
     let bad = |msg: String| -> crate::Error {
         KernelError::Input {
-            name: first.name.clone(),
+            name: first.name.to_string(),
             msg,
         }
         .into()
@@ -862,7 +970,7 @@ pub fn forward_fused(mats: &[&GgufMatrix], x: &Tensor) -> crate::Result<Vec<Tens
             .contiguous_offsets()
             .ok_or_else(|| bad("input is not contiguous".to_string()))?;
         let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        matmul_fused(mats, &data[start..end], m, &mut out_refs)?;
+        run_products(backend, mats, &data[start..end], m, &mut out_refs)?;
     }
     let mut shape = dims.to_vec();
     mats.iter()
@@ -900,9 +1008,10 @@ unsafe impl Sync for SyncPtr {}
 /// One matrix of a (possibly fused) product.
 struct Job<'a> {
     w: &'a [u8],
-    dtype: GgufType,
+    kind: Kind,
     n: usize,
     row_bytes: usize,
+    mlx: MlxParts,
     acts: &'a Acts,
     out: SyncPtr,
 }
@@ -914,6 +1023,8 @@ pub(crate) struct Tile<'a> {
     pub w: &'a [u8],
     /// Bytes per weight row.
     pub row_bytes: usize,
+    /// Scales and biases of an MLX weight (null for GGUF).
+    pub mlx: MlxParts,
     /// The quantized activations.
     pub acts: &'a Acts,
     /// Weight rows (output columns) of this tile.
@@ -934,7 +1045,11 @@ pub(crate) struct Tile<'a> {
 /// which no other thread writes the tile's elements.
 pub(crate) type TileFn = unsafe fn(&Tile<'_>);
 
-fn tile_fn(backend: Backend, dtype: GgufType) -> TileFn {
+fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
+    let dtype = match kind {
+        Kind::Gguf(t) => t,
+        Kind::Mlx { bits, params } => return mlx::tile_fn(backend, bits, params),
+    };
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => x86::tile_fn(dtype, false),
@@ -1019,12 +1134,13 @@ fn run_jobs(backend: Backend, jobs: &[Job<'_>], m: usize) {
         SERIAL_WORK_OUTSIDE
     };
     let threads = if work < serial_below { 1 } else { threads };
-    let fns: Vec<TileFn> = jobs.iter().map(|j| tile_fn(backend, j.dtype)).collect();
+    let fns: Vec<TileFn> = jobs.iter().map(|j| tile_fn(backend, j.kind)).collect();
     let run = |t: &Task| {
         let job = &jobs[t.job];
         let tile = Tile {
             w: job.w,
             row_bytes: job.row_bytes,
+            mlx: job.mlx,
             acts: job.acts,
             rows: t.rows.clone(),
             ms: t.ms.clone(),

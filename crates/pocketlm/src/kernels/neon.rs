@@ -7,8 +7,9 @@
 
 use std::arch::aarch64::*;
 
-use super::scalar::{f16_at, scale_min_k4};
+use super::scalar::{f16_at, mlx_param, scale_min_k4};
 use super::{GgufType, Tile, TileFn};
+use crate::quant::mlx_affine::ParamDtype;
 
 pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
@@ -63,6 +64,100 @@ tile_impl!(tile_q4_1, dot_q4, false);
 tile_impl!(tile_q8_0, dot_q8_0);
 tile_impl!(tile_q4k, dot_q4k);
 tile_impl!(tile_q6k, dot_q6k);
+tile_impl!(tile_mlx4_f32, dot_mlx4, 0);
+tile_impl!(tile_mlx4_f16, dot_mlx4, 1);
+tile_impl!(tile_mlx4_bf16, dot_mlx4, 2);
+tile_impl!(tile_mlx8_f32, dot_mlx8, 0);
+tile_impl!(tile_mlx8_f16, dot_mlx8, 1);
+tile_impl!(tile_mlx8_bf16, dot_mlx8, 2);
+
+/// The tile function of an MLX affine weight of `bits` (4 or 8) with parameters in `params`.
+pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
+    match (bits, params) {
+        (4, ParamDtype::F32) => tile_mlx4_f32,
+        (4, ParamDtype::F16) => tile_mlx4_f16,
+        (4, ParamDtype::BF16) => tile_mlx4_bf16,
+        (_, ParamDtype::F32) => tile_mlx8_f32,
+        (_, ParamDtype::F16) => tile_mlx8_f16,
+        (_, ParamDtype::BF16) => tile_mlx8_bf16,
+    }
+}
+
+/// MLX affine 4-bit against `Q8_32Nib` activations (low nibbles are the even codes, high
+/// nibbles the odd ones, the order of the permuted activations).
+///
+/// # Safety
+/// As [`dot_q4`]; `t.mlx` points at the weight's scales and biases.
+#[inline(always)]
+unsafe fn dot_mlx4<const R: usize, const P: u8>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let pm = t.mlx;
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        let m4 = vdupq_n_u8(0x0F);
+        for g in 0..pm.gpr {
+            let sc = mlx_param::<P>(pm.scales, j * pm.gpr + g);
+            let bi = mlx_param::<P>(pm.biases, j * pm.gpr + g);
+            for b in g * pm.bpg..(g + 1) * pm.bpg {
+                let v = vld1q_u8(row.as_ptr().add(16 * b));
+                let lo = vreinterpretq_s8_u8(vandq_u8(v, m4));
+                let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
+                    let s = dot16(
+                        dot16(vdupq_n_s32(0), lo, load_s8(y)),
+                        hi,
+                        load_s8(y.add(16)),
+                    );
+                    let dy = *a.d.get_unchecked((r + i) * nb + b);
+                    let sy = *a.s.get_unchecked((r + i) * nb + b);
+                    acc[i] += sc * dy * vaddvq_s32(s) as f32 + bi * sy;
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// MLX affine 8-bit against `Q8_32F` activations, as signed `q - 128` (the `u8` codes do not
+/// fit `smull`'s signed lanes) with `128·scale` folded into the bias.
+///
+/// # Safety
+/// As [`dot_mlx4`].
+#[inline(always)]
+unsafe fn dot_mlx8<const R: usize, const P: u8>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let pm = t.mlx;
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        let flip = vdupq_n_u8(0x80);
+        for g in 0..pm.gpr {
+            let sc = mlx_param::<P>(pm.scales, j * pm.gpr + g);
+            let bi = mlx_param::<P>(pm.biases, j * pm.gpr + g) + 128.0 * sc;
+            for b in g * pm.bpg..(g + 1) * pm.bpg {
+                let p = row.as_ptr().add(32 * b);
+                let q0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), flip));
+                let q1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), flip));
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
+                    let s = dot16(
+                        dot16(vdupq_n_s32(0), q0, load_s8(y)),
+                        q1,
+                        load_s8(y.add(16)),
+                    );
+                    let dy = *a.d.get_unchecked((r + i) * nb + b);
+                    let sy = *a.s.get_unchecked((r + i) * nb + b);
+                    acc[i] += sc * dy * vaddvq_s32(s) as f32 + bi * sy;
+                }
+            }
+        }
+    }
+    acc
+}
 
 /// # Safety
 /// `out[(r + i) * ldo + j]` must be valid and owned by this tile for `i < R`.

@@ -6,6 +6,7 @@
 use half::f16;
 
 use super::{Acts, GgufType, Tile, TileFn};
+use crate::quant::mlx_affine::ParamDtype;
 
 /// `f16` at `p` (little-endian) as `f32`.
 #[inline(always)]
@@ -262,4 +263,88 @@ unsafe fn tile<K: RowDot>(t: &Tile<'_>) {
             unsafe { *t.out.add(r * t.ldo + j) = v };
         }
     }
+}
+
+/// Scale or bias `i` of an MLX weight whose parameters are `f32` (`P = 0`), `f16` (`1`) or
+/// `bf16` (`2`), widened to `f32` (exact).
+///
+/// # Safety
+/// `p` must be valid for reading element `i` of that dtype.
+#[inline(always)]
+pub(crate) unsafe fn mlx_param<const P: u8>(p: *const u8, i: usize) -> f32 {
+    unsafe {
+        match P {
+            0 => (p as *const f32).add(i).read_unaligned(),
+            1 => f16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32(),
+            _ => f32::from_bits(u32::from((p as *const u16).add(i).read_unaligned()) << 16),
+        }
+    }
+}
+
+/// The portable MLX affine tile function for `bits` (4 or 8) and a parameter dtype.
+pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
+    match (bits, params) {
+        (4, ParamDtype::F32) => tile_mlx::<4, 0>,
+        (4, ParamDtype::F16) => tile_mlx::<4, 1>,
+        (4, ParamDtype::BF16) => tile_mlx::<4, 2>,
+        (_, ParamDtype::F32) => tile_mlx::<8, 0>,
+        (_, ParamDtype::F16) => tile_mlx::<8, 1>,
+        (_, ParamDtype::BF16) => tile_mlx::<8, 2>,
+    }
+}
+
+/// # Safety
+/// See [`TileFn`]; `t.mlx` points at the weight's `[n, gpr]` scales and biases.
+unsafe fn tile_mlx<const BITS: usize, const P: u8>(t: &Tile<'_>) {
+    for i in t.ms.clone() {
+        for j in t.rows.clone() {
+            let v = unsafe { dot_mlx::<BITS, P>(t, j, i) };
+            unsafe { *t.out.add(i * t.ldo + j) = v };
+        }
+    }
+}
+
+/// MLX affine weight row `j` against activation row `i`:
+/// `Σ_g Σ_{b in g} scale_g·dy_b·Σ q·y + bias_g·s_b`. 4-bit codes pair with `Q8_32Nib`
+/// activations (byte `c`: low nibble with position `c`, high nibble with `16 + c`), 8-bit
+/// codes (`u8`) with `Q8_32F` ones.
+///
+/// # Safety
+/// As [`tile_mlx`].
+unsafe fn dot_mlx<const BITS: usize, const P: u8>(t: &Tile<'_>, j: usize, i: usize) -> f32 {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let pm = t.mlx;
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let yq = &a.qs[i * k..(i + 1) * k];
+    let mut acc = 0f32;
+    for g in 0..pm.gpr {
+        let (sc, bi) = unsafe {
+            (
+                mlx_param::<P>(pm.scales, j * pm.gpr + g),
+                mlx_param::<P>(pm.biases, j * pm.gpr + g),
+            )
+        };
+        for b in g * pm.bpg..(g + 1) * pm.bpg {
+            let y = &yq[32 * b..32 * b + 32];
+            let sumi: i32 = if BITS == 4 {
+                row[16 * b..16 * b + 16]
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &q)| {
+                        i32::from(q & 0xF) * i32::from(y[c])
+                            + i32::from(q >> 4) * i32::from(y[16 + c])
+                    })
+                    .sum()
+            } else {
+                row[32 * b..32 * b + 32]
+                    .iter()
+                    .zip(y)
+                    .map(|(&q, &v)| i32::from(q) * i32::from(v))
+                    .sum()
+            };
+            acc += sc * a.d[i * nb + b] * sumi as f32 + bi * a.s[i * nb + b];
+        }
+    }
+    acc
 }

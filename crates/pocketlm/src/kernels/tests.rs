@@ -254,7 +254,12 @@ fn simd_activation_quantization_is_bit_identical() {
         *v = i as f32 * 0.5 - 8.0; // ties at .5 steps
     }
     for backend in backends() {
-        for fmt in [ActFormat::Q8_32, ActFormat::Q8K] {
+        for fmt in [
+            ActFormat::Q8_32,
+            ActFormat::Q8_32F,
+            ActFormat::Q8_32Nib,
+            ActFormat::Q8K,
+        ] {
             let a = quantize_acts(backend, fmt, &x, 4, 512);
             let s = quantize_acts(Backend::Scalar, fmt, &x, 4, 512);
             assert_eq!(a, s, "{backend:?} {fmt:?}");

@@ -15,6 +15,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{GgufType, TileFn};
+use crate::quant::mlx_affine::ParamDtype;
 
 /// The tile function of a weight type; `vnni` picks the AVX512-VNNI build.
 pub(crate) fn tile_fn(dtype: GgufType, vnni: bool) -> TileFn {
@@ -22,6 +23,15 @@ pub(crate) fn tile_fn(dtype: GgufType, vnni: bool) -> TileFn {
         vnni::tile_fn(dtype)
     } else {
         avx2::tile_fn(dtype)
+    }
+}
+
+/// The tile function of an MLX affine weight of `bits` (4 or 8) with parameters in `params`.
+pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, vnni: bool) -> TileFn {
+    if vnni {
+        vnni::mlx_tile_fn(bits, params)
+    } else {
+        avx2::mlx_tile_fn(bits, params)
     }
 }
 
@@ -106,11 +116,152 @@ macro_rules! tile_impl {
 /// The kernels, compiled once per feature set. `$dot` gives the `u8 × i8` dot-product step:
 /// `vpmaddubsw` + `vpmaddwd` on AVX2, one `vpdpbusd` with AVX512-VNNI (256-bit, AVX512VL).
 macro_rules! kernels {
-    ($feat:literal, |$x:ident, $y:ident| $dot:expr) => {
+    ($feat:literal, $vnni:literal, |$x:ident, $y:ident| $dot:expr) => {
         use std::arch::x86_64::*;
 
         use super::super::{GgufType, Tile, TileFn};
-        use super::{SHUFFLE_K4, SHUFFLE_Q6};
+        use super::{ParamDtype, SHUFFLE_K4, SHUFFLE_Q6};
+
+        pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
+            match (bits, params) {
+                (4, ParamDtype::F32) => tile_mlx4_f32,
+                (4, ParamDtype::F16) => tile_mlx4_f16,
+                (4, ParamDtype::BF16) => tile_mlx4_bf16,
+                (_, ParamDtype::F32) => tile_mlx8_f32,
+                (_, ParamDtype::F16) => tile_mlx8_f16,
+                (_, ParamDtype::BF16) => tile_mlx8_bf16,
+            }
+        }
+
+        tile_impl!($feat, tile_mlx4_f32, dot_mlx4, 0);
+        tile_impl!($feat, tile_mlx4_f16, dot_mlx4, 1);
+        tile_impl!($feat, tile_mlx4_bf16, dot_mlx4, 2);
+        tile_impl!($feat, tile_mlx8_f32, dot_mlx8, 0);
+        tile_impl!($feat, tile_mlx8_f16, dot_mlx8, 1);
+        tile_impl!($feat, tile_mlx8_bf16, dot_mlx8, 2);
+
+        /// Scale or bias `i` of an MLX weight (`P`: 0 `f32`, 1 `f16`, 2 `bf16`) as `f32`.
+        ///
+        /// # Safety
+        /// `p` must be valid for reading element `i` of that dtype.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn mlx_param<const P: u8>(p: *const u8, i: usize) -> f32 {
+            unsafe {
+                match P {
+                    0 => (p as *const f32).add(i).read_unaligned(),
+                    1 => f16_at(p.add(2 * i)),
+                    _ => f32::from_bits(u32::from((p as *const u16).add(i).read_unaligned()) << 16),
+                }
+            }
+        }
+
+        /// MLX affine 4-bit against `Q8_32Nib` activations:
+        /// `Σ_g Σ_{b in g} scale·dy·Σ q·y + bias·s`. The 16 bytes of a 32-value block give,
+        /// masked and shifted, the even codes then the odd ones: the order the activations
+        /// were permuted to, so this is the `Q4_1` kernel with per-group parameters.
+        ///
+        /// # Safety
+        /// As [`dot_q4`]; `t.mlx` points at the weight's scales and biases.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_mlx4<const R: usize, const P: u8>(
+            t: &Tile<'_>,
+            j: usize,
+            r: usize,
+        ) -> [f32; R] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 32);
+            let pm = t.mlx;
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let ys = a.s.as_ptr().add(r * nb);
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut accm = [0f32; R];
+                for g in 0..pm.gpr {
+                    let sc = mlx_param::<P>(pm.scales, j * pm.gpr + g);
+                    let bi = mlx_param::<P>(pm.biases, j * pm.gpr + g);
+                    for b in g * pm.bpg..(g + 1) * pm.bpg {
+                        let tmp = _mm_loadu_si128(w.add(16 * b) as *const __m128i);
+                        let qx = _mm256_and_si256(
+                            _mm256_inserti128_si256::<1>(
+                                _mm256_castsi128_si256(tmp),
+                                _mm_srli_epi16(tmp, 4),
+                            ),
+                            m4,
+                        );
+                        for i in 0..R {
+                            let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                            let p = _mm256_cvtepi32_ps(dot_u8i8(qx, y));
+                            let dy = *yd.add(i * nb + b);
+                            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * dy), p, acc[i]);
+                            accm[i] = bi.mul_add(*ys.add(i * nb + b), accm[i]);
+                        }
+                    }
+                }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(acc[i]) + accm[i];
+                }
+                out
+            }
+        }
+
+        /// MLX affine 8-bit (`u8` codes) against `Q8_32F` activations. With VNNI `vpdpbusd`
+        /// takes the codes as they are; `vpmaddubsw` would saturate (`2·255·127 > 2^15`), so
+        /// the AVX2 build uses `q - 128` with ggml's sign trick and folds `128·scale` into the
+        /// bias: `scale·dy·Σ(q - 128)·y + (bias + 128·scale)·s`.
+        ///
+        /// # Safety
+        /// As [`dot_mlx4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_mlx8<const R: usize, const P: u8>(
+            t: &Tile<'_>,
+            j: usize,
+            r: usize,
+        ) -> [f32; R] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 32);
+            let pm = t.mlx;
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let ys = a.s.as_ptr().add(r * nb);
+                let flip = _mm256_set1_epi8(-128);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut accm = [0f32; R];
+                for g in 0..pm.gpr {
+                    let sc = mlx_param::<P>(pm.scales, j * pm.gpr + g);
+                    let mut bi = mlx_param::<P>(pm.biases, j * pm.gpr + g);
+                    if !$vnni {
+                        bi += 128.0 * sc;
+                    }
+                    for b in g * pm.bpg..(g + 1) * pm.bpg {
+                        let q = _mm256_loadu_si256(w.add(32 * b) as *const __m256i);
+                        let qs = _mm256_xor_si256(q, flip);
+                        let qa = if $vnni { q } else { _mm256_sign_epi8(qs, qs) };
+                        for i in 0..R {
+                            let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                            let y = if $vnni { y } else { _mm256_sign_epi8(y, qs) };
+                            let p = _mm256_cvtepi32_ps(dot_u8i8(qa, y));
+                            let dy = *yd.add(i * nb + b);
+                            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * dy), p, acc[i]);
+                            accm[i] = bi.mul_add(*ys.add(i * nb + b), accm[i]);
+                        }
+                    }
+                }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(acc[i]) + accm[i];
+                }
+                out
+            }
+        }
 
         pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
             match dtype {
@@ -446,7 +597,7 @@ macro_rules! kernels {
 
 /// AVX2 + FMA + F16C.
 mod avx2 {
-    kernels!("avx2,fma,f16c", |x, y| _mm256_madd_epi16(
+    kernels!("avx2,fma,f16c", false, |x, y| _mm256_madd_epi16(
         _mm256_maddubs_epi16(x, y),
         _mm256_set1_epi16(1)
     ));
@@ -455,7 +606,7 @@ mod avx2 {
 /// The same with AVX512-VNNI's `vpdpbusd` (on 256-bit registers, so AVX512VL) for the 8-bit
 /// dot products of `Q4_0`, `Q4_1` and `Q8_0`.
 mod vnni {
-    kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |x, y| {
+    kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, |x, y| {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
     });
 }

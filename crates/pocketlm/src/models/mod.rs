@@ -5,11 +5,13 @@ pub mod gemma;
 pub mod llama;
 pub mod phi3;
 pub mod qwen2;
+pub mod qwen2_vl;
 pub mod qwen3;
 
 use candle_core::Tensor;
 
 use crate::gguf::GgufFile;
+use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -49,6 +51,24 @@ impl ModelInfo {
     }
 }
 
+/// What a vision-language model needs from the prompt side: its image placeholder tokens and
+/// patch geometry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VisionInfo {
+    /// `<|image_pad|>`: one per merged image token in the prompt (`image_token_id`).
+    pub image_token_id: u32,
+    /// `<|vision_start|>` (`vision_start_token_id`).
+    pub vision_start_token_id: u32,
+    /// `<|vision_end|>` (`vision_end_token_id`).
+    pub vision_end_token_id: u32,
+    /// Patch side in pixels (14).
+    pub patch_size: usize,
+    /// Patches per merged token side (2).
+    pub merge_size: usize,
+    /// Frames per patch (2).
+    pub temporal_patch_size: usize,
+}
+
 /// A decoder-only language model.
 pub trait CausalLM: Send + Sync {
     /// Runs the model on `input_ids: [batch, seq]` (u32), at positions continuing from
@@ -61,6 +81,46 @@ pub trait CausalLM: Send + Sync {
     fn info(&self) -> &ModelInfo;
     /// The device the weights live on (inputs must be created there).
     fn device(&self) -> &candle_core::Device;
+    /// For vision-language models, their image settings; `None` (the default) for text-only
+    /// models.
+    fn vision(&self) -> Option<&VisionInfo> {
+        None
+    }
+    /// Runs the vision tower: preprocessed `images` -> f32 features `[tokens, hidden]`, one row
+    /// per `<|image_pad|>` token, images in order.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a text-only model (the default) or images whose
+    /// patches do not fit the tower.
+    fn encode_images(&self, images: &[ProcessedImage]) -> Result<Tensor> {
+        let _ = images;
+        Err(Error::InvalidArgument(format!(
+            "the {} model takes no images",
+            self.info().architecture
+        )))
+    }
+    /// As [`CausalLM::forward`] with image `features` (from [`CausalLM::encode_images`]) spliced
+    /// in at the image placeholder tokens of `input_ids: [1, seq]`, images of patch grids
+    /// `grids` (`[t, h, w]` each) in prompt order. Positions continue from `cache`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a text-only model (the default) or when the
+    /// placeholders do not match the images.
+    fn forward_with_image_features(
+        &self,
+        input_ids: &Tensor,
+        features: &Tensor,
+        grids: &[[usize; 3]],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        if grids.is_empty() {
+            let _ = features;
+            return self.forward(input_ids, cache, logits);
+        }
+        Err(Error::InvalidArgument(format!(
+            "the {} model takes no images",
+            self.info().architecture
+        )))
+    }
 }
 
 /// One registry entry.
@@ -100,6 +160,18 @@ pub static REGISTRY: &[Architecture] = &[
         gguf_architectures: &["gemma2", "gemma3"],
         config_from_gguf: gemma::config_from_gguf,
         build: gemma::build,
+    },
+    Architecture {
+        model_types: &["qwen2_vl"],
+        gguf_architectures: &[],
+        config_from_gguf: qwen2_vl::config_from_gguf, // unused: no GGUF architecture listed
+        build: qwen2_vl::build,
+    },
+    Architecture {
+        model_types: &["qwen2_5_vl"],
+        gguf_architectures: &[],
+        config_from_gguf: qwen2_vl::config_from_gguf, // unused: no GGUF architecture listed
+        build: qwen2_vl::build_2_5,
     },
     Architecture {
         model_types: &["phi3"],

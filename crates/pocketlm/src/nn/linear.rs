@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
+use crate::kernels::mlx as mlx_kernels;
 use crate::kernels::{forward_fused, GgufMatrix};
 use crate::quant::mlx_affine::AffineQuantized;
 use crate::{Error, Result};
@@ -38,9 +39,11 @@ pub enum Linear {
         bias: Option<Tensor>,
     },
     /// An MLX affine group-quantized weight (`QuantizedLinear` of mlx-community checkpoints):
-    /// `y = x (scale * q + bias)^T`, computed in f32 like `mx.quantized_matmul(x, w, scales,
-    /// biases, transpose=True)` with an f32 `x` (see [`AffineQuantized::matmul`]). Runs on the
-    /// CPU; inputs on another device are copied there and back.
+    /// `y = x (scale * q + bias)^T`. 4- and 8-bit weights with an f32 input on the CPU use our
+    /// kernels ([`crate::kernels::mlx`]: the input quantized to 8 bits per 32 values, like
+    /// the GGUF path); other widths compute in f32 like `mx.quantized_matmul(x, w, scales,
+    /// biases, transpose=True)` with an f32 `x` ([`AffineQuantized::matmul`]), copying
+    /// inputs on another device to the CPU and back.
     Mlx {
         /// The quantized weight, `rows = out_features`, `cols = in_features`.
         weight: Arc<AffineQuantized>,
@@ -135,17 +138,29 @@ impl Linear {
     /// all use our CPU kernels the input is quantized once and one parallel pass runs them all
     /// (q/k/v, gate/up); otherwise each runs on its own.
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let mats: Option<Vec<&GgufMatrix>> = layers
-            .iter()
-            .map(|l| match l {
-                Self::Kernel { weight, bias: None } => Some(weight),
-                _ => None,
-            })
-            .collect();
-        match mats {
-            Some(m) if m.len() > 1 && x.device().is_cpu() => forward_fused(&m, x),
-            _ => layers.iter().map(|l| l.forward(x)).collect(),
+        if layers.len() > 1 && x.device().is_cpu() {
+            let mats: Option<Vec<&GgufMatrix>> = layers
+                .iter()
+                .map(|l| match l {
+                    Self::Kernel { weight, bias: None } => Some(weight),
+                    _ => None,
+                })
+                .collect();
+            if let Some(m) = mats {
+                return forward_fused(&m, x);
+            }
+            let mlx: Option<Vec<&AffineQuantized>> = layers
+                .iter()
+                .map(|l| match l {
+                    Self::Mlx { weight, bias: None } if mlx_fast(weight, x) => Some(&**weight),
+                    _ => None,
+                })
+                .collect();
+            if let Some(m) = mlx {
+                return mlx_kernels::forward_fused(&m, x);
+            }
         }
+        layers.iter().map(|l| l.forward(x)).collect()
     }
 
     /// `x: [.., in]` -> `[.., out]`.
@@ -154,11 +169,23 @@ impl Linear {
             Self::Dense(l) => Ok(l.forward(x)?),
             Self::Gguf { weight, bias, .. } => add_bias(weight.forward(x)?, bias),
             Self::Kernel { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Self::Mlx { weight, bias } if mlx_fast(weight, x) => {
+                let y = mlx_kernels::forward_fused(&[weight], x)?.pop();
+                add_bias(
+                    y.ok_or_else(|| Error::InvalidArgument("no output".into()))?,
+                    bias,
+                )
+            }
             Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
             #[cfg(feature = "cuda")]
             Self::MlxCuda { weight, bias } => add_bias(weight.forward(x)?, bias),
         }
     }
+}
+
+/// Whether an MLX product runs on our kernels: 4 or 8 bits, an f32 input on the CPU.
+fn mlx_fast(w: &AffineQuantized, x: &Tensor) -> bool {
+    mlx_kernels::supports(w) && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {

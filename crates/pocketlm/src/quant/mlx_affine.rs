@@ -153,6 +153,21 @@ impl GroupParams {
         }
     }
 
+    /// The stored values as raw bytes (native endianness), `len() * 4` or `len() * 2` long,
+    /// for the CPU kernels.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        fn bytes<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain-old-data floats without padding; `u8` has alignment 1 and the
+            // length covers exactly the same memory.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        match self {
+            Self::F32(v) => bytes(v),
+            Self::F16(v) => bytes(v),
+            Self::BF16(v) => bytes(v),
+        }
+    }
+
     /// All values widened to f32 (exact).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {
