@@ -692,7 +692,7 @@ impl Qwen2Vl {
         }
         let embed_tokens = n.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
         let lm_head = if cfg.tie_word_embeddings || !n.has("lm_head.weight") {
-            embed_tokens.as_linear()?
+            embed_tokens.as_linear(n.w.device())?
         } else {
             n.linear("lm_head", cfg.vocab_size, h, false)?
         };
