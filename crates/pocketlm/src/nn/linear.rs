@@ -7,6 +7,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use crate::kernels::{forward_fused, GgufMatrix};
+use super::lora::{dense_forward, LoraLinear};
 use crate::quant::mlx_affine::AffineQuantized;
 use crate::{Error, Result};
 
@@ -47,6 +48,9 @@ pub enum Linear {
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
+    /// A frozen layer with a LoRA adapter (see [`super::lora::LoraLinear`]); loading an
+    /// adapter swaps a layer for this variant and unloading swaps the base back.
+    Lora(Box<LoraLinear>),
 }
 
 impl Linear {
@@ -79,6 +83,7 @@ impl Linear {
             Self::Gguf { in_features, .. } => *in_features,
             Self::Kernel { weight, .. } => weight.cols(),
             Self::Mlx { weight, .. } => weight.cols(),
+            Self::Lora(l) => l.base.in_features(),
         }
     }
 
@@ -89,6 +94,46 @@ impl Linear {
             Self::Gguf { out_features, .. } => *out_features,
             Self::Kernel { weight, .. } => weight.rows(),
             Self::Mlx { weight, .. } => weight.rows(),
+            Self::Lora(l) => l.base.out_features(),
+        }
+    }
+
+    /// The optional bias `[out]`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(l) => l.bias(),
+            Self::Gguf { bias, .. } | Self::Kernel { bias, .. } | Self::Mlx { bias, .. } => {
+                bias.as_ref()
+            }
+            Self::Lora(l) => l.base.bias(),
+        }
+    }
+
+    /// The weight `[out, in]` as f32 (quantized weights dequantized; a LoRA layer gives its
+    /// base weight, without the update).
+    pub fn dequantized_weight(&self) -> Result<Tensor> {
+        let cpu = candle_core::Device::Cpu;
+        let (o, i) = (self.out_features(), self.in_features());
+        Ok(match self {
+            Self::Dense(l) => l.weight().to_dtype(DType::F32)?,
+            Self::Gguf { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.dequantize(&cpu)?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            },
+            Self::Kernel { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
+            Self::Mlx { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
+            Self::Lora(l) => l.base.dequantized_weight()?,
+        })
+    }
+
+    /// Differentiable forward for training (see [`crate::lora::train`]): a dense weight or a
+    /// LoRA layer's training weight runs as candle ops, so gradients flow to `x`; quantized
+    /// layers run their inference kernels (no gradient to `x`). `train` turns dropout on.
+    pub fn forward_train(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => dense_forward(l.weight(), l.bias(), x),
+            Self::Lora(l) => l.forward_train(x, train),
+            _ => self.forward(x),
         }
     }
 
@@ -116,6 +161,7 @@ impl Linear {
             Self::Gguf { weight, bias, .. } => add_bias(weight.forward(x)?, bias),
             Self::Kernel { weight, bias } => add_bias(weight.forward(x)?, bias),
             Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
+            Self::Lora(l) => l.forward(x),
         }
     }
 }
