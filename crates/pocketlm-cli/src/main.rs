@@ -36,6 +36,10 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Convert a GGUF file or Hugging Face folder to an MLX-format folder (optionally quantized).
     Convert(cmd::convert::ConvertArgs),
+    /// Fine-tune LoRA adapters (mlx-lm format) and/or measure test loss and perplexity.
+    Lora(Box<cmd::lora::LoraArgs>),
+    /// Merge a LoRA adapter into the base weights and write an MLX-format folder.
+    Fuse(cmd::fuse::FuseArgs),
 }
 
 fn main() {
@@ -58,6 +62,8 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::CachePrompt(a) => cmd::cache::run(a),
         Command::Convert(a) => cmd::convert::run(a),
+        Command::Lora(a) => cmd::lora::run(*a),
+        Command::Fuse(a) => cmd::fuse::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

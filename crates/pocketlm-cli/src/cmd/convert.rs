@@ -67,6 +67,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
         dequantize: a.dequantize,
         max_shard_bytes: None,
+        weight_deltas: Default::default(),
     };
     if let Some(p) = opts.quantize {
         pocketlm::quant::mlx_affine::check_params(p.group_size, p.bits)?;

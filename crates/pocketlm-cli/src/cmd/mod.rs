@@ -4,6 +4,8 @@ pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod convert;
+pub mod fuse;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod serve;

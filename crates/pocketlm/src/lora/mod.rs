@@ -327,6 +327,51 @@ impl Adapter {
     }
 }
 
+/// Merges `adapter` into the weights of the model at `src` (a GGUF file or a model folder)
+/// and writes an MLX-format folder `out` (`mlx_lm.fuse`): each adapted weight becomes
+/// `W + scale · B^T A^T`. With `dequantize`, or for a float source, the output is float
+/// (`dtype`, default: the source's; f16 for GGUF). Otherwise an MLX-quantized source is
+/// re-quantized with its own bits / group size (as mlx-lm does), and a GGUF source — whose
+/// block formats have no MLX equivalent — becomes MLX affine 4-bit, group 64.
+///
+/// Errors: as [`crate::convert::convert`]; an adapter tensor naming no weight of the model.
+pub fn fuse(
+    src: &Path,
+    adapter: &Adapter,
+    out: &Path,
+    dequantize: bool,
+    dtype: Option<DType>,
+    progress: &mut dyn FnMut(crate::convert::ConvertEvent),
+) -> Result<crate::convert::ConvertSummary> {
+    use crate::safetensors_weights::QuantParams;
+    let mut opts = crate::convert::ConvertOptions {
+        dtype,
+        weight_deltas: adapter.deltas()?,
+        ..Default::default()
+    };
+    if src.is_dir() {
+        let cfg = crate::loader::read_json(&src.join("config.json"))?.unwrap_or_default();
+        let q = cfg.get("quantization").or_else(|| cfg.get("quantization_config"));
+        if let Some(q) = q {
+            if dequantize {
+                opts.dequantize = true;
+            } else {
+                let get = |k: &str| q.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+                opts.quantize = Some(QuantParams {
+                    group_size: get("group_size").unwrap_or(64),
+                    bits: get("bits").unwrap_or(4),
+                });
+            }
+        }
+    } else if !dequantize {
+        opts.quantize = Some(QuantParams {
+            group_size: 64,
+            bits: 4,
+        });
+    }
+    crate::convert::convert(src, out, &opts, progress)
+}
+
 impl LinearSlot<'_> {
     fn linear_device(&self) -> Device {
         match &*self.linear {

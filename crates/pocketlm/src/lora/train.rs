@@ -364,11 +364,18 @@ impl<'m> TrainSession<'m> {
             }
         }
         let hidden = Tensor::stack(&hs, 0)?;
-        let logits = self.model.forward_from(&hidden, self.first, train)?;
-        let v = logits.dim(D::Minus1)?;
-        let logits = logits.reshape(((), v))?;
-        let targets = Tensor::from_vec(targets, (batch.len() * (t - 1), 1), &dev)?;
-        let mask = Tensor::from_vec(mask, batch.len() * (t - 1), &dev)?;
+        // Only scored positions go through the output layer (the largest matrix).
+        let keep: Vec<u32> = (0..mask.len() as u32)
+            .filter(|&i| mask[i as usize] > 0.0)
+            .collect();
+        let targets: Vec<u32> = keep.iter().map(|&i| targets[i as usize]).collect();
+        let n = keep.len();
+        let keep = Tensor::from_vec(keep, n, &dev)?;
+        let logits = self
+            .model
+            .forward_from(&hidden, self.first, train, Some(&keep))?;
+        let targets = Tensor::from_vec(targets, (n, 1), &dev)?;
+        let mask = Tensor::ones(n, DType::F32, &dev)?;
         let loss = cross_entropy(&logits, &targets, &mask, ntoks)?;
         Ok((loss, ntoks))
     }
@@ -468,9 +475,11 @@ impl Optimizer {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
-            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let mut p = var.as_tensor().clone();
+            // Gradients carry the graph of the step; the moments must not keep it alive.
+            let g = g.detach();
+            self.m[i] = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?.detach();
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?.detach();
+            let mut p = var.as_tensor().detach();
             if let OptimizerKind::AdamW { weight_decay } = self.kind {
                 p = (p * (1.0 - lr * weight_decay))?;
             }
@@ -609,7 +618,7 @@ pub fn test_loss(model: &dyn CausalLM, data: &[Example], max_seq_length: usize) 
         }
         let ids = Tensor::new(&toks[..toks.len() - 1], &dev)?.unsqueeze(0)?;
         let h = model.hidden_states(&ids, n_layers)?;
-        let logits = model.forward_from(&h, n_layers, false)?.squeeze(0)?;
+        let logits = model.forward_from(&h, n_layers, false, None)?.squeeze(0)?;
         let mask: Vec<f32> = (1..toks.len())
             .map(|p| if p >= ex.offset { 1.0 } else { 0.0 })
             .collect();

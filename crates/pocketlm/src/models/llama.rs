@@ -716,7 +716,13 @@ impl CausalLM for Llama {
         self.run_layers(x, upto, &mut cache, &cos_sin, mask.as_ref())
     }
 
-    fn forward_from(&self, hidden: &Tensor, from: usize, train: bool) -> Result<Tensor> {
+    fn forward_from(
+        &self,
+        hidden: &Tensor,
+        from: usize,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (_b, s, _) = hidden.dims3()?;
         let cos_sin = self.rope.cos_sin(0, s)?;
         let mask = causal_mask(s, s, self.sliding_window, hidden.device())?;
@@ -730,6 +736,10 @@ impl CausalLM for Llama {
             let hn = layer.post_attention_layernorm.forward_diff(&x)?;
             x = (layer.mlp.forward_diff(&hn, train)? + x)?;
         }
+        let x = match select {
+            Some(idx) => x.reshape(((), x.dim(2)?))?.index_select(idx, 0)?,
+            None => x,
+        };
         self.lm_head
             .forward_train(&self.norm.forward_diff(&x)?, train)
     }

@@ -81,9 +81,16 @@ pub trait CausalLM: Send + Sync {
 
     /// Training, second half: blocks `from..`, the final norm and the output layer on
     /// `hidden: [batch, seq, hidden]` (positions `0..seq`), built from differentiable candle
-    /// ops so that `backward()` reaches the adapters. Returns logits `[batch, seq, vocab]` f32.
-    /// `train` turns adapter dropout on.
-    fn forward_from(&self, _hidden: &Tensor, _from: usize, _train: bool) -> Result<Tensor> {
+    /// ops so that `backward()` reaches the adapters. Returns logits `[batch, seq, vocab]` f32,
+    /// or with `select: [n]` u32 (indices into the flattened `batch · seq` positions) only
+    /// those positions' logits `[n, vocab]`. `train` turns adapter dropout on.
+    fn forward_from(
+        &self,
+        _hidden: &Tensor,
+        _from: usize,
+        _train: bool,
+        _select: Option<&Tensor>,
+    ) -> Result<Tensor> {
         Err(Error::InvalidArgument(format!(
             "fine-tuning is not implemented for the `{}` architecture",
             self.info().architecture
