@@ -229,7 +229,14 @@ impl Adapter {
             map.insert(format!("{name}.lora_b"), b.clone());
         }
         let tmp = tmp_path(path);
-        candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::Model(format!("{}: {e}", tmp.display())))?;
+        candle_core::safetensors::save(&map, &tmp)
+            .map_err(|e| Error::Model(format!("{}: {e}", tmp.display())))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let perms = std::fs::Permissions::from_mode(0o644);
+            std::fs::set_permissions(&tmp, perms).map_err(|e| Error::io(&tmp, e))?;
+        }
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 
