@@ -39,7 +39,11 @@ fn ids(v: &serde_json::Value) -> Res<Vec<u32>> {
     v.as_array()
         .ok_or("expected a list of ids")?
         .iter()
-        .map(|x| x.as_u64().map(|i| i as u32).ok_or_else(|| "expected an id".into()))
+        .map(|x| {
+            x.as_u64()
+                .map(|i| i as u32)
+                .ok_or_else(|| "expected an id".into())
+        })
         .collect()
 }
 
@@ -71,7 +75,10 @@ fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Res<Vec<u32>> {
 fn last_logits(m: &LoadedModel, prompt: &[u32]) -> Res<Vec<f32>> {
     let mut cache = m.model.new_cache();
     let x = Tensor::new(prompt, m.model.device())?.unsqueeze(0)?;
-    Ok(m.model.forward(&x, &mut cache, Logits::Last)?.flatten_all()?.to_vec1()?)
+    Ok(m.model
+        .forward(&x, &mut cache, Logits::Last)?
+        .flatten_all()?
+        .to_vec1()?)
 }
 
 #[test]
@@ -95,9 +102,17 @@ fn adapters_and_fused_folders_interoperate_with_mlx_lm() -> Res<()> {
     assert_eq!(greedy(&float, &prompt, steps)?, want("base")?, "base");
     mlx_adapter.apply(float.model.as_mut())?;
     let with_mlx_adapter = last_logits(&float, &prompt)?;
-    assert_eq!(greedy(&float, &prompt, steps)?, want("mlx_adapter")?, "mlx-lm's adapter");
+    assert_eq!(
+        greedy(&float, &prompt, steps)?,
+        want("mlx_adapter")?,
+        "mlx-lm's adapter"
+    );
     our_adapter.apply(float.model.as_mut())?;
-    assert_eq!(greedy(&float, &prompt, steps)?, want("our_adapter")?, "our adapter");
+    assert_eq!(
+        greedy(&float, &prompt, steps)?,
+        want("our_adapter")?,
+        "our adapter"
+    );
     unload(float.model.as_mut());
     assert_eq!(greedy(&float, &prompt, steps)?, want("base")?, "unloaded");
     drop(float);
@@ -113,7 +128,11 @@ fn adapters_and_fused_folders_interoperate_with_mlx_lm() -> Res<()> {
         &mut |_| {},
     )?;
     let fused = load(&fused_dir, &LoadOptions::default())?;
-    assert_eq!(greedy(&fused, &prompt, steps)?, want("ours_fused")?, "fused");
+    assert_eq!(
+        greedy(&fused, &prompt, steps)?,
+        want("ours_fused")?,
+        "fused"
+    );
     drop(fused);
 
     // The GGUF's permuted q/k rows: the adapter's lora_b columns follow them.
@@ -130,7 +149,10 @@ fn adapters_and_fused_folders_interoperate_with_mlx_lm() -> Res<()> {
         .zip(&with_mlx_adapter)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(d < 1e-3 * scale, "GGUF (dequantized) vs float folder with the adapter: {d}");
+    assert!(
+        d < 1e-3 * scale,
+        "GGUF (dequantized) vs float folder with the adapter: {d}"
+    );
     Ok(())
 }
 

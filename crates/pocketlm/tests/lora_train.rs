@@ -22,7 +22,9 @@ use rand::{Rng, SeedableRng};
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn folder(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 fn load_tiny(name: &str) -> Res<LoadedModel> {
@@ -39,7 +41,10 @@ fn logits_all(m: &dyn CausalLM, ids: &[u32]) -> Res<Vec<f32>> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Sets every adapter variable of the session to random values (B nonzero), so that all
@@ -76,7 +81,10 @@ fn training_path_matches_inference_path() -> Res<()> {
                 .flatten_all()?
                 .to_vec1()?;
             let d = max_diff(&got, &want);
-            assert!(d <= 1e-4 * scale.max(1.0), "{name} from {from}: {d} (scale {scale})");
+            assert!(
+                d <= 1e-4 * scale.max(1.0),
+                "{name} from {from}: {d} (scale {scale})"
+            );
         }
         // With the training copies of the frozen weights and fresh adapters (B = 0).
         let cfg = AdapterConfig::new(1, LoraParameters::default());
@@ -134,7 +142,10 @@ fn lora_gradients_match_finite_differences() -> Res<()> {
             .to_vec1()?;
         let orig: Vec<f32> = v.flatten_all()?.to_vec1()?;
         // The two largest gradient entries and one fixed other entry.
-        assert!(g.iter().any(|x| x.abs() > 1e-3), "var {vi}: gradient all ~0");
+        assert!(
+            g.iter().any(|x| x.abs() > 1e-3),
+            "var {vi}: gradient all ~0"
+        );
         let mut order: Vec<usize> = (0..g.len()).collect();
         order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
         for &i in [order[0], order[1], (vi * 7919) % g.len()].iter() {
@@ -188,7 +199,11 @@ fn adapters_round_trip_and_hot_swap() -> Res<()> {
     let lb = make(2, Some(vec!["self_attn.v_proj".into()]), "b")?;
     assert!(max_diff(&la, &base) > 1e-3 && max_diff(&lb, &la) > 1e-3);
     assert_eq!(unload(m.model.as_mut()), 1);
-    assert_eq!(logits_all(m.model.as_ref(), &ids)?, base, "unload restores the base");
+    assert_eq!(
+        logits_all(m.model.as_ref(), &ids)?,
+        base,
+        "unload restores the base"
+    );
     let a = Adapter::load(tmp.path().join("a"))?;
     let b = Adapter::load(tmp.path().join("b"))?;
     assert_eq!(a.apply(m.model.as_mut())?, 7);
@@ -208,11 +223,24 @@ fn adapters_round_trip_and_hot_swap() -> Res<()> {
     let mut bad = a.clone();
     let (k, v) = bad.weights.pop_first().ok_or("empty adapter")?;
     bad.weights.insert(k.replace("layers.1", "layers.0"), v);
-    let e = bad.apply(m.model.as_mut()).err().ok_or("expected an error")?.to_string();
+    let e = bad
+        .apply(m.model.as_mut())
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
     assert!(e.contains("model.layers.") && e.contains("lora_a"), "{e}");
-    std::fs::write(tmp.path().join("a/adapter_config.json"), "{\"num_layers\": 2}")?;
-    let e = Adapter::load(tmp.path().join("a")).err().ok_or("expected an error")?.to_string();
-    assert!(e.contains("adapter_config.json") && e.contains("lora_parameters"), "{e}");
+    std::fs::write(
+        tmp.path().join("a/adapter_config.json"),
+        "{\"num_layers\": 2}",
+    )?;
+    let e = Adapter::load(tmp.path().join("a"))
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
+    assert!(
+        e.contains("adapter_config.json") && e.contains("lora_parameters"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -254,7 +282,8 @@ fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
     let train_set = load_split(&m, &data_dir(), "train", true)?.ok_or("no train.jsonl")?;
     let valid = load_split(&m, &data_dir(), "valid", true)?.ok_or("no valid.jsonl")?;
     let (train_set, valid) = (&train_set[..96], &valid[..32]);
-    let question = pocketlm::chat_template::Message::user("In Python, what does os.path.basename do?");
+    let question =
+        pocketlm::chat_template::Message::user("In Python, what does os.path.basename do?");
     let prompt = m.encode(&pocketlm::loader::Prompt::Chat(vec![question]))?;
     let before = greedy(&m, &prompt, 40)?;
 
@@ -298,7 +327,10 @@ fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
     let text = |t: &[u32]| m.tokenizer.decode(t, true).unwrap_or_default();
     eprintln!("before: {:?}\nafter:  {:?}", text(&before), text(&after));
     assert_ne!(before, after);
-    assert!(after.len() < before.len(), "the adapted answer is one short sentence");
+    assert!(
+        after.len() < before.len(),
+        "the adapted answer is one short sentence"
+    );
     // The saved adapter reproduces it on a fresh base.
     let mut fresh = load(&path, &LoadOptions::default())?;
     Adapter::load(tmp.path().join("adapter"))?.apply(fresh.model.as_mut())?;

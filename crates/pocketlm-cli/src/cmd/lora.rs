@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use pocketlm::lora::data::load_split;
-use pocketlm::lora::train::{
-    test_loss, train, LrSchedule, OptimizerKind, TrainConfig, TrainEvent,
-};
+use pocketlm::lora::train::{test_loss, train, LrSchedule, OptimizerKind, TrainConfig, TrainEvent};
 use pocketlm::lora::{Adapter, LoraParameters};
 
 use super::model::{load, ModelArgs};
@@ -119,8 +117,8 @@ pub fn run(a: LoraArgs) -> Result<()> {
             .with_context(|| format!("reading {}", a.data.join(format!("{name}.jsonl")).display()))
     };
     if a.train {
-        let train_set = split(&m, "train")?
-            .with_context(|| format!("{}: no train.jsonl", a.data.display()))?;
+        let train_set =
+            split(&m, "train")?.with_context(|| format!("{}: no train.jsonl", a.data.display()))?;
         let valid = split(&m, "valid")?;
         let optimizer = match a.optimizer.as_str() {
             "adam" => OptimizerKind::Adam,
@@ -207,14 +205,16 @@ pub fn run(a: LoraArgs) -> Result<()> {
                         format!(", Peak mem {:.3} GB", p as f64 / 1e9)
                     });
                     bar.set_position(iter as u64);
-                    bar.set_message(format!(
-                        "loss {loss:.3}, {tokens_per_second:.0} tok/s{mem}"
-                    ));
+                    bar.set_message(format!("loss {loss:.3}, {tokens_per_second:.0} tok/s{mem}"));
                     format!(
                         "Iter {iter}: Train loss {loss:.3}, Learning Rate {learning_rate:.3e}, It/sec {iterations_per_second:.3}, Tokens/sec {tokens_per_second:.1}, Trained Tokens {trained_tokens}{mem}"
                     )
                 }
-                TrainEvent::Val { iter, loss, seconds } => {
+                TrainEvent::Val {
+                    iter,
+                    loss,
+                    seconds,
+                } => {
                     format!("Iter {iter}: Val loss {loss:.3}, Val took {seconds:.3}s")
                 }
                 TrainEvent::Saved { iter, path } => {
@@ -244,7 +244,8 @@ pub fn run(a: LoraArgs) -> Result<()> {
         adapter.apply(m.model.as_mut())?;
     }
     if a.test {
-        let test = split(&m, "test")?.with_context(|| format!("{}: no test.jsonl", a.data.display()))?;
+        let test =
+            split(&m, "test")?.with_context(|| format!("{}: no test.jsonl", a.data.display()))?;
         let (loss, ppl) = test_loss(m.model.as_ref(), &test, a.max_seq_length)?;
         println!("Test loss {loss:.3}, Test ppl {ppl:.3}.");
     }

@@ -165,11 +165,10 @@ impl Adapter {
         let dir = dir.as_ref();
         let cpath = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cpath, e))?;
-        let config: AdapterConfig =
-            serde_json::from_str(&text).map_err(|e| LoraError::Config {
-                path: cpath.clone(),
-                msg: e.to_string(),
-            })?;
+        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| LoraError::Config {
+            path: cpath.clone(),
+            msg: e.to_string(),
+        })?;
         if config.fine_tune_type != "lora" {
             return Err(LoraError::Config {
                 path: cpath,
@@ -358,7 +357,9 @@ pub fn fuse(
     };
     if src.is_dir() {
         let cfg = crate::loader::read_json(&src.join("config.json"))?.unwrap_or_default();
-        let q = cfg.get("quantization").or_else(|| cfg.get("quantization_config"));
+        let q = cfg
+            .get("quantization")
+            .or_else(|| cfg.get("quantization_config"));
         if let Some(q) = q {
             if dequantize {
                 opts.dequantize = true;

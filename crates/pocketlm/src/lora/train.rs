@@ -248,7 +248,10 @@ impl<'m> TrainSession<'m> {
                 Linear::Lora(l) => {
                     if let Some(w) = &resumed {
                         let (a, b) = w.get(&slot.name).ok_or_else(|| {
-                            Error::tensor(format!("{}.lora_a", slot.name), "missing in --resume file")
+                            Error::tensor(
+                                format!("{}.lora_a", slot.name),
+                                "missing in --resume file",
+                            )
                         })?;
                         let b = match slot.permuted_heads {
                             Some(h) => permute_cols(b, h, true)?,
@@ -263,16 +266,13 @@ impl<'m> TrainSession<'m> {
                         l.a.set(&a.to_device(l.a.device())?)?;
                         l.b.set(&b.to_device(l.b.device())?)?;
                     }
-                    l.train_weight = Some(
-                        l.base
-                            .dequantized_weight()?
-                            .to_device(l.a.device())?,
-                    );
+                    l.train_weight = Some(l.base.dequantized_weight()?.to_device(l.a.device())?);
                     vars.push(l.a.clone());
                     vars.push(l.b.clone());
                 }
                 lin => {
-                    let dense_f32 = matches!(lin, Linear::Dense(d) if d.weight().dtype() == DType::F32);
+                    let dense_f32 =
+                        matches!(lin, Linear::Dense(d) if d.weight().dtype() == DType::F32);
                     if !dense_f32 {
                         let w = lin.dequantized_weight()?;
                         let dense = Linear::dense(w, lin.bias().cloned());
@@ -422,9 +422,19 @@ impl<'m> TrainSession<'m> {
 
 /// `mean over scored positions of (logsumexp(logits) - logits[target])`:
 /// `logits: [n, vocab]`, `targets: [n, 1]` u32, `mask: [n]` f32 (1 = scored).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor, ntoks: usize) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    ntoks: usize,
+) -> Result<Tensor> {
     let m = logits.max_keepdim(D::Minus1)?.detach();
-    let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &m)?;
+    let lse = (logits
+        .broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &m)?;
     let picked = logits.gather(targets, D::Minus1)?;
     let nll = (lse - picked)?.squeeze(1)?;
     Ok(((nll * mask)?.sum_all()? / ntoks.max(1) as f64)?)
@@ -443,10 +453,7 @@ pub fn make_batches(data: &[Example], batch_size: usize) -> Result<Vec<Vec<usize
     }
     let mut idx: Vec<usize> = (0..data.len()).collect();
     idx.sort_by_key(|&i| data[i].tokens.len());
-    Ok(idx
-        .chunks_exact(batch_size)
-        .map(|c| c.to_vec())
-        .collect())
+    Ok(idx.chunks_exact(batch_size).map(|c| c.to_vec()).collect())
 }
 
 /// Adam / AdamW state over a list of variables (mlx conventions, see [`OptimizerKind`]).
@@ -469,7 +476,12 @@ impl Optimizer {
 
     /// One step with rate `lr`: `m ← β1 m + (1-β1) g`, `v ← β2 v + (1-β2) g²`,
     /// `p ← p - lr · m / (sqrt(v) + ε)` (AdamW first decays `p`).
-    pub fn step(&mut self, vars: &[Var], grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &[Var],
+        grads: &candle_core::backprop::GradStore,
+        lr: f64,
+    ) -> Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         for (i, var) in vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
@@ -527,7 +539,13 @@ pub fn train(
             return Ok(None);
         }
         let t0 = Instant::now();
-        let loss = s.evaluate(1, v, config.batch_size.min(v.len()).max(1), config.val_batches, config.max_seq_length)?;
+        let loss = s.evaluate(
+            1,
+            v,
+            config.batch_size.min(v.len()).max(1),
+            config.val_batches,
+            config.max_seq_length,
+        )?;
         on_event(TrainEvent::Val {
             iter,
             loss,
@@ -548,7 +566,8 @@ pub fn train(
         }
         Ok(a)
     };
-    std::fs::create_dir_all(&config.adapter_path).map_err(|e| Error::io(&config.adapter_path, e))?;
+    std::fs::create_dir_all(&config.adapter_path)
+        .map_err(|e| Error::io(&config.adapter_path, e))?;
     for it in 1..=config.iters {
         if order.is_empty() {
             order = (0..batches.len()).collect();
@@ -585,7 +604,9 @@ pub fn train(
         }
         if config.save_every > 0 && it % config.save_every == 0 {
             save(&mut session, None)?;
-            let p = config.adapter_path.join(format!("{it:07}_adapters.safetensors"));
+            let p = config
+                .adapter_path
+                .join(format!("{it:07}_adapters.safetensors"));
             save(&mut session, Some(p.clone()))?;
             on_event(TrainEvent::Saved { iter: it, path: p });
         }
@@ -607,7 +628,11 @@ pub fn train(
 
 /// Test loss and perplexity (`exp(loss)`) of `model` as it is (adapters loaded or not) on
 /// `data`, one example at a time through the inference path (quantized kernels, no graph).
-pub fn test_loss(model: &dyn CausalLM, data: &[Example], max_seq_length: usize) -> Result<(f64, f64)> {
+pub fn test_loss(
+    model: &dyn CausalLM,
+    data: &[Example],
+    max_seq_length: usize,
+) -> Result<(f64, f64)> {
     let n_layers = model.info().n_layers;
     let dev = model.device().clone();
     let (mut sum, mut n) = (0f64, 0usize);

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
-use crate::kernels::{forward_fused, GgufMatrix};
 use super::lora::{dense_forward, LoraLinear};
+use crate::kernels::{forward_fused, GgufMatrix};
 use crate::quant::mlx_affine::AffineQuantized;
 use crate::{Error, Result};
 

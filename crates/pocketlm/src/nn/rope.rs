@@ -375,7 +375,10 @@ impl RotaryEmbedding {
         let head = x.narrow(3, 0, r)?;
         let (x0, x1) = if self.interleaved {
             let p = head.reshape((b, h, s, half, 2))?;
-            (p.narrow(4, 0, 1)?.squeeze(4)?, p.narrow(4, 1, 1)?.squeeze(4)?)
+            (
+                p.narrow(4, 0, 1)?.squeeze(4)?,
+                p.narrow(4, 1, 1)?.squeeze(4)?,
+            )
         } else {
             (head.narrow(3, 0, half)?, head.narrow(3, half, half)?)
         };
