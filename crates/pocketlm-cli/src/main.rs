@@ -47,6 +47,10 @@ enum Command {
         #[arg(long, default_value = "cuda")]
         device: String,
     },
+    /// Fine-tune LoRA adapters (mlx-lm format) and/or measure test loss and perplexity.
+    Lora(Box<cmd::lora::LoraArgs>),
+    /// Merge a LoRA adapter into the base weights and write an MLX-format folder.
+    Fuse(cmd::fuse::FuseArgs),
 }
 
 fn main() {
@@ -72,6 +76,8 @@ fn main() {
         Command::Agree(a) => cmd::gpu::run_agree(a),
         #[cfg(feature = "cuda")]
         Command::GpuSelftest { device } => cmd::gpu::run_selftest(&device),
+        Command::Lora(a) => cmd::lora::run(*a),
+        Command::Fuse(a) => cmd::fuse::run(a),
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {

@@ -184,6 +184,11 @@ pub struct ConvertOptions {
     /// Quantize a vision-language model's vision tower too (by default it stays in float, as
     /// `mlx_vlm.convert` keeps it).
     pub quantize_vision: bool,
+    /// Float deltas `[out, in]` added to the named weights (Hugging Face names and row order,
+    /// e.g. `model.layers.0.self_attn.q_proj.weight`) before casting and quantizing: LoRA
+    /// fusion ([`crate::lora::Adapter::deltas`]). A quantized source layer with a delta is
+    /// dequantized first.
+    pub weight_deltas: HashMap<String, Tensor>,
 }
 
 /// Progress of a conversion, for a progress bar.
@@ -338,7 +343,18 @@ pub fn convert(
     progress(ConvertEvent::Begin { tensors: total });
 
     // Float tensors on their way out: cast, then maybe quantize.
+    let mut deltas_used = 0usize;
     let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
+        let t = match opts.weight_deltas.get(name) {
+            Some(d) => {
+                deltas_used += 1;
+                let dt = t.dtype();
+                (t.to_dtype(DType::F32)? + d.to_device(t.device())?)
+                    .map_err(|e| Error::tensor(name, format!("adding the LoRA delta: {e}")))?
+                    .to_dtype(dt)?
+            }
+            None => t,
+        };
         let t = match out_dtype {
             Some(d) => t.to_dtype(d)?,
             None => t,
@@ -402,7 +418,7 @@ pub fn convert(
                             format!("{prefix}.scales"),
                             format!("{prefix}.biases"),
                         );
-                        if keep_source_quant {
+                        if keep_source_quant && !opts.weight_deltas.contains_key(&wn) {
                             for n in [&wn, &sn, &bn] {
                                 writer.add(n.clone(), weights.raw(n, None)?)?;
                             }
@@ -435,6 +451,17 @@ pub fn convert(
         }
     }
     let (tensors_written, weight_bytes) = writer.finish()?;
+    if deltas_used != opts.weight_deltas.len() {
+        let mut names: Vec<&String> = opts.weight_deltas.keys().collect();
+        names.sort();
+        return Err(Error::InvalidArgument(format!(
+            "{} of {} weight deltas name no weight of {} (e.g. {:?})",
+            opts.weight_deltas.len() - deltas_used,
+            opts.weight_deltas.len(),
+            src.display(),
+            names.first()
+        )));
+    }
 
     // config.json
     if let Some(obj) = config.as_object_mut() {

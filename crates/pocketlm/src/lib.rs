@@ -11,6 +11,7 @@
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
 //! - [`convert`]: GGUF or Hugging Face folders to MLX-format folders (optionally quantized).
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
+//! - [`lora`]: LoRA adapters in mlx-lm's format: load, unload, hot-swap, fine-tune, fuse.
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
 //! - [`prompt_cache`]: KV caches of prompt prefixes saved to and loaded from safetensors.
@@ -35,6 +36,7 @@ pub mod image_processor;
 pub mod kernels;
 pub mod kv_cache;
 pub mod loader;
+pub mod lora;
 pub mod memory;
 pub mod models;
 pub mod nn;

@@ -72,6 +72,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         dequantize: a.dequantize,
         max_shard_bytes: None,
         quantize_vision: a.quantize_vision,
+        weight_deltas: Default::default(),
     };
     if let Some(p) = opts.quantize {
         pocketlm::quant::mlx_affine::check_params(p.group_size, p.bits)?;

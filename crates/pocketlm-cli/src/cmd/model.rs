@@ -23,6 +23,10 @@ pub struct ModelArgs {
     /// Device: auto, cpu, cuda, cuda:N, metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// A LoRA adapter folder (mlx-lm format: adapter_config.json, adapters.safetensors) to
+    /// load on top of the model. (`lora`: the adapter folder to write or test.)
+    #[arg(long)]
+    pub adapter_path: Option<PathBuf>,
 }
 
 /// Sampling settings (mlx-lm's names). Each one left out comes from the model folder's
@@ -119,7 +123,18 @@ pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
         device,
         ..Default::default()
     };
-    let m = loader::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let mut m =
+        loader::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(dir) = &args.adapter_path {
+        let adapter = pocketlm::lora::Adapter::load(dir)
+            .with_context(|| format!("reading the adapter {}", dir.display()))?;
+        let n = adapter
+            .apply(m.model.as_mut())
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        if verbose {
+            eprintln!("adapter {}: {n} layers", dir.display());
+        }
+    }
     if verbose {
         let i = m.model.info();
         eprintln!(

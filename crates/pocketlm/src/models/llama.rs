@@ -7,10 +7,10 @@ use serde::Deserialize;
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, LayerKvCache};
-use crate::models::{CausalLM, Logits, ModelInfo};
+use crate::models::{CausalLM, LinearSlot, Logits, ModelInfo};
 use crate::nn::{
-    attention::causal_attention, causal_mask, Embedding, Linear, RmsNorm, RopeScaling,
-    RotaryEmbedding,
+    attention::{causal_attention, causal_attention_diff},
+    causal_mask, Embedding, Linear, RmsNorm, RopeScaling, RotaryEmbedding,
 };
 use crate::weights::{WeightFormat, Weights};
 use crate::{Error, Result};
@@ -289,6 +289,54 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Differentiable attention over the whole sequence (training; no cache).
+    fn forward_diff(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        cos_sin: &(Tensor, Tensor),
+        mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, h, self.head_dim))?.transpose(1, 2)?)
+        };
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Separate { q, k, v } => (
+                q.forward_train(x, train)?,
+                k.forward_train(x, train)?,
+                v.forward_train(x, train)?,
+            ),
+            QkvProj::Fused(l) => {
+                let y = l.forward_train(x, train)?;
+                let (nq, nk) = (
+                    self.n_heads * self.head_dim,
+                    self.n_kv_heads * self.head_dim,
+                );
+                (
+                    y.narrow(2, 0, nq)?,
+                    y.narrow(2, nq, nk)?,
+                    y.narrow(2, nq + nk, nk)?,
+                )
+            }
+        };
+        let mut q = shape(q, self.n_heads)?;
+        let mut k = shape(k, self.n_kv_heads)?;
+        let v = shape(v, self.n_kv_heads)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward_diff(&q)?;
+            k = kn.forward_diff(&k)?;
+        }
+        let q = rope.apply_diff(&q, &cos_sin.0, &cos_sin.1)?;
+        let k = rope.apply_diff(&k, &cos_sin.0, &cos_sin.1)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let o = causal_attention_diff(&q, &k, &v, scale, mask)?;
+        self.o_proj.forward_train(&o, train)
+    }
+}
+
 #[derive(Debug)]
 enum GateUp {
     Separate {
@@ -344,6 +392,30 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// Differentiable SwiGLU (training).
+    fn forward_diff(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (g, u) = match &self.gate_up {
+            GateUp::Separate { gate, up } => {
+                (gate.forward_train(x, train)?, up.forward_train(x, train)?)
+            }
+            GateUp::Fused {
+                gate_up,
+                intermediate,
+            } => {
+                let y = gate_up.forward_train(x, train)?;
+                let last = y.rank() - 1;
+                (
+                    y.narrow(last, 0, *intermediate)?,
+                    y.narrow(last, *intermediate, *intermediate)?,
+                )
+            }
+        };
+        self.down_proj
+            .forward_train(&(candle_nn::ops::silu(&g)? * u)?, train)
+    }
+}
+
 #[derive(Debug)]
 struct Block {
     input_layernorm: RmsNorm,
@@ -361,6 +433,8 @@ pub struct Llama {
     lm_head: Linear,
     rope: RotaryEmbedding,
     sliding_window: Option<usize>,
+    /// q/k rows in llama.cpp's permuted order (a Llama GGUF).
+    gguf_permuted: bool,
     info: ModelInfo,
     device: Device,
 }
@@ -498,6 +572,7 @@ impl Llama {
             lm_head,
             rope,
             sliding_window: cfg.sliding_window,
+            gguf_permuted: interleaved,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: v.name.into(),
@@ -509,6 +584,53 @@ impl Llama {
                 context_length: cfg.max_position_embeddings,
             },
         })
+    }
+}
+
+impl Llama {
+    /// Blocks `0..upto` of the inference path on `x: [b, s, hidden]`, appending to `cache`.
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        upto: usize,
+        cache: &mut KvCache,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        for (i, layer) in self.layers.iter().enumerate().take(upto) {
+            let c = cache
+                .layer(i)
+                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+            let r = x.clone();
+            let hn = layer.input_layernorm.forward(&x)?;
+            x = (layer.self_attn.forward(
+                &hn,
+                &self.rope,
+                cos_sin,
+                c,
+                mask,
+                self.sliding_window,
+            )? + r)?;
+            let r = x.clone();
+            let hn = layer.post_attention_layernorm.forward(&x)?;
+            x = (layer.mlp.forward(&hn)? + r)?;
+        }
+        Ok(x)
+    }
+}
+
+fn make_slot<'a>(
+    layer: usize,
+    key: &str,
+    linear: &'a mut Linear,
+    permuted_heads: Option<usize>,
+) -> LinearSlot<'a> {
+    LinearSlot {
+        name: format!("model.layers.{layer}.{key}"),
+        layer: Some(layer),
+        key: key.to_string(),
+        linear,
+        permuted_heads,
     }
 }
 
@@ -541,24 +663,7 @@ impl CausalLM for Llama {
             None
         };
         let cos_sin = self.rope.cos_sin(offset, s)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache
-                .layer(i)
-                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
-            let r = x.clone();
-            let hn = layer.input_layernorm.forward(&x)?;
-            x = (layer.self_attn.forward(
-                &hn,
-                &self.rope,
-                &cos_sin,
-                c,
-                mask.as_ref(),
-                self.sliding_window,
-            )? + r)?;
-            let r = x.clone();
-            let hn = layer.post_attention_layernorm.forward(&x)?;
-            x = (layer.mlp.forward(&hn)? + r)?;
-        }
+        x = self.run_layers(x, self.layers.len(), cache, &cos_sin, mask.as_ref())?;
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,
             Logits::All => x,
@@ -580,5 +685,88 @@ impl CausalLM for Llama {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        let permuted = self.gguf_permuted;
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let (nh, nkv) = (a.n_heads, a.n_kv_heads);
+            let slot = |key: &str, linear, heads: Option<usize>| {
+                make_slot(i, key, linear, heads.filter(|_| permuted))
+            };
+            let mut here = Vec::new();
+            match &mut a.qkv {
+                QkvProj::Separate { q, k, v } => {
+                    here.push(slot("self_attn.q_proj", q, Some(nh)));
+                    here.push(slot("self_attn.k_proj", k, Some(nkv)));
+                    here.push(slot("self_attn.v_proj", v, None));
+                }
+                QkvProj::Fused(l) => here.push(slot("self_attn.qkv_proj", l, None)),
+            }
+            here.push(slot("self_attn.o_proj", &mut a.o_proj, None));
+            let m = &mut layer.mlp;
+            match &mut m.gate_up {
+                GateUp::Separate { gate, up } => {
+                    here.push(slot("mlp.gate_proj", gate, None));
+                    here.push(slot("mlp.up_proj", up, None));
+                }
+                GateUp::Fused { gate_up, .. } => here.push(slot("mlp.gate_up_proj", gate_up, None)),
+            }
+            here.push(slot("mlp.down_proj", &mut m.down_proj, None));
+            out.extend(here);
+        }
+        out.push(LinearSlot {
+            name: "lm_head".into(),
+            layer: None,
+            key: "lm_head".into(),
+            linear: &mut self.lm_head,
+            permuted_heads: None,
+        });
+        out
+    }
+
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let (_b, s) = input_ids.dims2()?;
+        let mut cache = self.new_cache();
+        let x = self.embed_tokens.forward(input_ids)?;
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let mask = if !cpu_f32 && s > 1 {
+            Some(causal_mask(s, s, self.sliding_window, input_ids.device())?)
+        } else {
+            None
+        };
+        let cos_sin = self.rope.cos_sin(0, s)?;
+        let upto = upto.min(self.layers.len());
+        self.run_layers(x, upto, &mut cache, &cos_sin, mask.as_ref())
+    }
+
+    fn forward_from(
+        &self,
+        hidden: &Tensor,
+        from: usize,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_b, s, _) = hidden.dims3()?;
+        let cos_sin = self.rope.cos_sin(0, s)?;
+        let mask = causal_mask(s, s, self.sliding_window, hidden.device())?;
+        let mut x = hidden.clone();
+        for layer in self.layers.iter().skip(from) {
+            let hn = layer.input_layernorm.forward_diff(&x)?;
+            x = (layer
+                .self_attn
+                .forward_diff(&hn, &self.rope, &cos_sin, &mask, train)?
+                + x)?;
+            let hn = layer.post_attention_layernorm.forward_diff(&x)?;
+            x = (layer.mlp.forward_diff(&hn, train)? + x)?;
+        }
+        let x = match select {
+            Some(idx) => x.reshape(((), x.dim(2)?))?.index_select(idx, 0)?,
+            None => x,
+        };
+        self.lm_head
+            .forward_train(&self.norm.forward_diff(&x)?, train)
     }
 }

@@ -13,6 +13,7 @@ use candle_core::Tensor;
 use crate::gguf::GgufFile;
 use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
+use crate::nn::Linear;
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -121,6 +122,57 @@ pub trait CausalLM: Send + Sync {
             self.info().architecture
         )))
     }
+
+    /// The linear layers of the blocks and the output layer, by Hugging Face module name, for
+    /// adapters ([`crate::lora`]). Architectures without adapter support return none.
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        Vec::new()
+    }
+
+    /// Training, first half: the hidden states `[batch, seq, hidden]` f32 after the embedding
+    /// and blocks `0..upto`, computed by the inference path (no autograd graph), for
+    /// `input_ids: [batch, seq]` u32 at positions `0..seq`.
+    fn hidden_states(&self, _input_ids: &Tensor, _upto: usize) -> Result<Tensor> {
+        Err(Error::InvalidArgument(format!(
+            "fine-tuning is not implemented for the `{}` architecture",
+            self.info().architecture
+        )))
+    }
+
+    /// Training, second half: blocks `from..`, the final norm and the output layer on
+    /// `hidden: [batch, seq, hidden]` (positions `0..seq`), built from differentiable candle
+    /// ops so that `backward()` reaches the adapters. Returns logits `[batch, seq, vocab]` f32,
+    /// or with `select: [n]` u32 (indices into the flattened `batch · seq` positions) only
+    /// those positions' logits `[n, vocab]`. `train` turns adapter dropout on.
+    fn forward_from(
+        &self,
+        _hidden: &Tensor,
+        _from: usize,
+        _train: bool,
+        _select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        Err(Error::InvalidArgument(format!(
+            "fine-tuning is not implemented for the `{}` architecture",
+            self.info().architecture
+        )))
+    }
+}
+
+/// One linear layer of a model, as [`CausalLM::linears_mut`] lists them.
+#[derive(Debug)]
+pub struct LinearSlot<'a> {
+    /// Hugging Face module name (`model.layers.3.self_attn.q_proj`, `lm_head`).
+    pub name: String,
+    /// The block it belongs to (`None` for the output layer).
+    pub layer: Option<usize>,
+    /// The name within its block (`self_attn.q_proj`), as mlx-lm's LoRA `keys`.
+    pub key: String,
+    /// The layer, to be swapped for a LoRA layer and back.
+    pub linear: &'a mut Linear,
+    /// `Some(heads)` when the layer's output rows are stored in llama.cpp's permuted order
+    /// for adjacent-pair RoPE (q/k projections of a Llama GGUF): adapters written in Hugging
+    /// Face order need their `lora_b` columns permuted.
+    pub permuted_heads: Option<usize>,
 }
 
 /// One registry entry.

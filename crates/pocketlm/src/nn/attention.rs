@@ -100,6 +100,27 @@ pub fn causal_attention(
     Ok(Tensor::from_vec(out, (b, s, heads * d), q.device())?)
 }
 
+/// Differentiable causal attention from candle ops (for training, no KV cache):
+/// `q: [b, heads, s, d]`, `k`, `v: [b, kv_heads, s, d]` -> `[b, s, heads · d]`, with
+/// `mask: [s, s]` from [`causal_mask`].
+pub fn causal_attention_diff(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let n_rep = heads / k.dim(1)?.max(1);
+    let k = repeat_kv(k, n_rep)?.contiguous()?;
+    let v = repeat_kv(v, n_rep)?.contiguous()?;
+    let att = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    let att = att.broadcast_add(mask)?;
+    let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
+    let o = att.matmul(&v)?;
+    Ok(o.transpose(1, 2)?.reshape((b, s, heads * d))?)
+}
+
 /// Repeats key/value heads for grouped-query attention:
 /// `[batch, kv_heads, seq, head_dim]` -> `[batch, kv_heads * n_rep, seq, head_dim]`
 /// (each kv head repeated `n_rep` times consecutively, as HF `repeat_kv`).

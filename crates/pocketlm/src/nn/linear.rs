@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
+use super::lora::{dense_forward, LoraLinear};
 use crate::kernels::mlx as mlx_kernels;
 use crate::kernels::{forward_fused, GgufMatrix};
 use crate::quant::mlx_affine::AffineQuantized;
@@ -59,6 +60,9 @@ pub enum Linear {
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
+    /// A frozen layer with a LoRA adapter (see [`super::lora::LoraLinear`]); loading an
+    /// adapter swaps a layer for this variant and unloading swaps the base back.
+    Lora(Box<LoraLinear>),
 }
 
 impl Linear {
@@ -119,6 +123,7 @@ impl Linear {
             Self::Mlx { weight, .. } => weight.cols(),
             #[cfg(feature = "cuda")]
             Self::MlxCuda { weight, .. } => weight.dims().1,
+            Self::Lora(l) => l.base.in_features(),
         }
     }
 
@@ -131,6 +136,56 @@ impl Linear {
             Self::Mlx { weight, .. } => weight.rows(),
             #[cfg(feature = "cuda")]
             Self::MlxCuda { weight, .. } => weight.dims().0,
+            Self::Lora(l) => l.base.out_features(),
+        }
+    }
+
+    /// The optional bias `[out]`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(l) => l.bias(),
+            Self::Gguf { bias, .. } | Self::Kernel { bias, .. } | Self::Mlx { bias, .. } => {
+                bias.as_ref()
+            }
+            Self::Lora(l) => l.base.bias(),
+            #[cfg(feature = "cuda")]
+            Self::MlxCuda { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// The weight `[out, in]` as f32 (quantized weights dequantized; a LoRA layer gives its
+    /// base weight, without the update).
+    pub fn dequantized_weight(&self) -> Result<Tensor> {
+        let cpu = candle_core::Device::Cpu;
+        let (o, i) = (self.out_features(), self.in_features());
+        Ok(match self {
+            Self::Dense(l) => l.weight().to_dtype(DType::F32)?,
+            Self::Gguf { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.dequantize(&cpu)?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            },
+            Self::Kernel { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
+            Self::Mlx { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
+            Self::Lora(l) => l.base.dequantized_weight()?,
+            #[cfg(feature = "cuda")]
+            Self::MlxCuda { .. } => {
+                return Err(Error::InvalidArgument(
+                    "an MLX layer held on a CUDA device cannot be dequantized here; \
+                     load the model on the CPU to fuse or fine-tune"
+                        .into(),
+                ))
+            }
+        })
+    }
+
+    /// Differentiable forward for training (see [`crate::lora::train`]): a dense weight or a
+    /// LoRA layer's training weight runs as candle ops, so gradients flow to `x`; quantized
+    /// layers run their inference kernels (no gradient to `x`). `train` turns dropout on.
+    pub fn forward_train(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => dense_forward(l.weight(), l.bias(), x),
+            Self::Lora(l) => l.forward_train(x, train),
+            _ => self.forward(x),
         }
     }
 
@@ -179,6 +234,7 @@ impl Linear {
             Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
             #[cfg(feature = "cuda")]
             Self::MlxCuda { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Self::Lora(l) => l.forward(x),
         }
     }
 }

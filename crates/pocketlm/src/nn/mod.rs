@@ -3,12 +3,14 @@
 
 pub mod attention;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 pub mod ops;
 pub mod rope;
 
 pub use attention::{causal_mask, repeat_kv, scaled_dot_product_attention};
 pub use linear::{Embedding, Linear};
+pub use lora::LoraLinear;
 pub use norm::RmsNorm;
 pub use ops::{gelu_tanh, softcap};
 pub use rope::{RopeScaling, RotaryEmbedding};

@@ -51,4 +51,12 @@ impl RmsNorm {
         }
         Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?)
     }
+
+    /// Differentiable RMSNorm from candle ops (for training): `x: [.., hidden]` f32 -> same
+    /// shape, `x / sqrt(mean(x^2) + eps) * weight`.
+    pub fn forward_diff(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let y = x.broadcast_div(&(ms + self.eps as f64)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&self.weight)?)
+    }
 }

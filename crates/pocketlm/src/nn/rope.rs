@@ -364,6 +364,39 @@ impl RotaryEmbedding {
         Ok(Tensor::from_vec(v, (b, h, s, d), x.device())?)
     }
 
+    /// Differentiable rotation from candle ops (for training): `x: [batch, heads, seq,
+    /// head_dim]` f32 with tables `cos`, `sin: [seq, rotary_dim / 2]` from [`Self::cos_sin`];
+    /// pairs are adjacent (`interleaved`, GGUF's layout) or half a rotary width apart (Hugging
+    /// Face's `rotate_half`).
+    pub fn apply_diff(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, h, s, d) = x.dims4()?;
+        let r = self.rotary_dim;
+        let half = r / 2;
+        let head = x.narrow(3, 0, r)?;
+        let (x0, x1) = if self.interleaved {
+            let p = head.reshape((b, h, s, half, 2))?;
+            (
+                p.narrow(4, 0, 1)?.squeeze(4)?,
+                p.narrow(4, 1, 1)?.squeeze(4)?,
+            )
+        } else {
+            (head.narrow(3, 0, half)?, head.narrow(3, half, half)?)
+        };
+        let (c, sn) = (cos.reshape((1, 1, s, half))?, sin.reshape((1, 1, s, half))?);
+        let y0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&sn)?)?;
+        let y1 = (x0.broadcast_mul(&sn)? + x1.broadcast_mul(&c)?)?;
+        let rot = if self.interleaved {
+            Tensor::stack(&[y0, y1], 4)?.reshape((b, h, s, r))?
+        } else {
+            Tensor::cat(&[y0, y1], 3)?
+        };
+        if r == d {
+            Ok(rot)
+        } else {
+            Ok(Tensor::cat(&[rot, x.narrow(3, r, d - r)?], 3)?)
+        }
+    }
+
     /// Rotates `x: [batch, heads, seq, head_dim]` for positions `offset..offset+seq`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (cos, sin) = self.cos_sin(offset, x.dim(2)?)?;
