@@ -4,6 +4,8 @@
 //! - the gradients of the LoRA parameters that `backward()` gives match central finite
 //!   differences of the loss, on a tiny MLX-quantized Llama (QLoRA path: frozen quantized
 //!   weights with dequantized training copies, float adapters), with a masked prompt;
+//! - gradient checkpointing gives the gradients of the plain backward pass, with seeded
+//!   dropout masks that repeat for the same seed and step;
 //! - adapters saved and loaded back give the same logits; two adapters hot-swap on one base
 //!   with the logits of each alone, and unloading restores the base bit for bit;
 //! - fine-tuning the real default model (Q4_1 GGUF) on `data/stdlib-docs` lowers the
@@ -171,6 +173,86 @@ fn lora_gradients_match_finite_differences() -> Res<()> {
     }
     assert_eq!(checked, 3 * vars.len());
     s.finish()?;
+    Ok(())
+}
+
+/// Gradients of every adapter variable for one batch, from a fresh session on a fresh copy
+/// of the tiny MLX 8-bit Llama with dropout `p`, masks seeded by `(seed, step)`.
+fn grads_of(checkpoint: bool, p: f32, seed: u64, step: u64) -> Res<(f32, Vec<Vec<f32>>)> {
+    let mut m = load_tiny("folders/tiny_llama_q8")?;
+    let params = LoraParameters {
+        rank: 3,
+        scale: 2.0,
+        dropout: p,
+        keys: None,
+    };
+    let cfg = AdapterConfig::new(-1, params);
+    let mut s = TrainSession::new(m.model.as_mut(), &cfg, None, 1, 1 << 20)?;
+    randomize(&s, 2)?;
+    s.grad_checkpoint = checkpoint;
+    s.set_dropout_seeds(seed, step);
+    let ex = [
+        Example {
+            tokens: vec![3, 77, 12, 190, 45, 6, 300, 2],
+            offset: 0,
+        },
+        Example {
+            tokens: vec![9, 150, 33, 71, 5, 260],
+            offset: 3,
+        },
+    ];
+    let batch: Vec<(usize, &Example)> = ex.iter().enumerate().collect();
+    let (loss, _, grads) = s.gradients(0, &batch, 64, true)?;
+    let mut out = Vec::new();
+    for v in s.vars() {
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or("no gradient for a LoRA variable")?;
+        out.push(g.flatten_all()?.to_vec1()?);
+    }
+    s.finish()?;
+    Ok((loss, out))
+}
+
+fn max_rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let scale = x.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            max_diff(x, y) / scale
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn grad_checkpoint_gives_the_same_gradients_with_seeded_dropout() -> Res<()> {
+    // Without dropout, and with dropout 0.3 (the recomputed blocks must draw the same masks).
+    for p in [0.0, 0.3] {
+        let (l0, plain) = grads_of(false, p, 5, 1)?;
+        let (l1, ckpt) = grads_of(true, p, 5, 1)?;
+        assert_eq!(plain.len(), 2 * 7 * 2, "A and B of 7 layers in 2 blocks");
+        assert!(
+            (l0 - l1).abs() <= 1e-6 * l0.abs(),
+            "p {p}: loss {l0} vs {l1}"
+        );
+        let d = max_rel(&plain, &ckpt);
+        assert!(
+            d <= 1e-4,
+            "p {p}: checkpointed gradients differ by {d} (relative)"
+        );
+    }
+    // Dropout is on, seeded: the same seed and step repeat the masks, another step does not.
+    let (la, ga) = grads_of(false, 0.3, 5, 1)?;
+    let (lb, gb) = grads_of(false, 0.3, 5, 1)?;
+    let (lc, gc) = grads_of(false, 0.3, 5, 2)?;
+    let (ld, _) = grads_of(false, 0.0, 5, 1)?;
+    assert_eq!(la, lb);
+    assert_eq!(max_rel(&ga, &gb), 0.0);
+    assert!(
+        la != lc && max_rel(&ga, &gc) > 1e-3,
+        "step 2 drew the masks of step 1"
+    );
+    assert!(la != ld, "dropout 0.3 left the loss unchanged");
     Ok(())
 }
 

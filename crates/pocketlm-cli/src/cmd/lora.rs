@@ -70,8 +70,8 @@ pub struct LoraArgs {
     /// Final learning rate of the cosine schedule.
     #[arg(long, default_value_t = 0.0)]
     pub lr_end: f64,
-    /// Accepted for mlx-lm compatibility; has no effect here (only the adapted blocks keep
-    /// activations for the backward pass, which is small on this scale).
+    /// Gradient checkpointing: keep only each adapted block's input in the forward pass and
+    /// recompute the block in the backward pass (less memory, about one more forward pass).
     #[arg(long)]
     pub grad_checkpoint: bool,
     /// Validation batches per evaluation (-1: the whole validation set).
@@ -92,7 +92,7 @@ pub struct LoraArgs {
     /// Longest example in tokens.
     #[arg(long, default_value_t = 2048)]
     pub max_seq_length: usize,
-    /// Seed of the adapter initialisation and batch order.
+    /// Seed of the adapter initialisation, the batch order and the dropout masks.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -136,9 +136,6 @@ pub fn run(a: LoraArgs) -> Result<()> {
             },
             s => bail!("unknown --lr-schedule `{s}` (constant or cosine)"),
         };
-        if a.grad_checkpoint {
-            eprintln!("note: --grad-checkpoint has no effect in pocketlm");
-        }
         let cfg = TrainConfig {
             iters: a.iters,
             batch_size: a.batch_size,
@@ -160,6 +157,7 @@ pub fn run(a: LoraArgs) -> Result<()> {
             adapter_path: adapter_path.clone(),
             resume: a.resume.clone(),
             seed: a.seed,
+            grad_checkpoint: a.grad_checkpoint,
             ..Default::default()
         };
         let extra = serde_json::json!({

@@ -18,6 +18,10 @@
 //!   adapted blocks this is about 60 MB for the blocks plus 113 MB for the tied output layer.
 //! - Only the adapters' `A` and `B` are [`candle_core::Var`]s, so `backward()` computes no
 //!   gradient for any frozen weight.
+//! - With gradient checkpointing ([`TrainConfig::grad_checkpoint`]) only the input of each
+//!   adapted block is kept; the backward pass reruns one block at a time.
+//! - Dropout masks are drawn from seeds derived from `--seed`, the step and the layer, so a
+//!   run is reproducible.
 //!
 //! Differences from mlx-lm: batches are padded to their longest example (mlx-lm pads to one
 //! more than a multiple of 32; padding changes no loss); the loss mask scores targets at
@@ -119,10 +123,14 @@ pub struct TrainConfig {
     pub adapter_path: PathBuf,
     /// An `adapters.safetensors` to start from.
     pub resume: Option<PathBuf>,
-    /// Seed of the adapter initialisation and the batch order.
+    /// Seed of the adapter initialisation, the batch order and the dropout masks.
     pub seed: u64,
     /// Bytes of cached frozen-block outputs to keep (beyond it they are recomputed).
     pub hidden_cache_bytes: usize,
+    /// Gradient checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+    /// Cost"; mlx-lm `--grad-checkpoint`): keep only each adapted block's input during the
+    /// forward pass and recompute the block during the backward pass.
+    pub grad_checkpoint: bool,
 }
 
 impl Default for TrainConfig {
@@ -144,6 +152,7 @@ impl Default for TrainConfig {
             resume: None,
             seed: 0,
             hidden_cache_bytes: 1 << 30,
+            grad_checkpoint: false,
         }
     }
 }
@@ -212,6 +221,8 @@ pub struct TrainSession<'m> {
     hidden: HashMap<(u8, usize), Tensor>,
     hidden_bytes: usize,
     hidden_limit: usize,
+    /// Gradient checkpointing in [`Self::gradients`] (see [`TrainConfig::grad_checkpoint`]).
+    pub grad_checkpoint: bool,
 }
 
 impl<'m> TrainSession<'m> {
@@ -289,6 +300,7 @@ impl<'m> TrainSession<'m> {
             hidden: HashMap::new(),
             hidden_bytes: 0,
             hidden_limit,
+            grad_checkpoint: false,
         })
     }
 
@@ -322,15 +334,15 @@ impl<'m> TrainSession<'m> {
         Ok(h)
     }
 
-    /// Mean next-token loss of a batch and the number of scored tokens. `split` keys the
-    /// frozen-output cache (0 train, 1 valid, 2 test); `train` turns dropout on.
-    pub fn batch_loss(
+    /// Inputs of a batch: the frozen blocks' output `[batch, t - 1, hidden]` (zero-padded),
+    /// the flattened indices of the scored positions `[n]` u32, their targets `[n, 1]` u32 and
+    /// the number of scored tokens.
+    fn batch_inputs(
         &mut self,
         split: u8,
         batch: &[(usize, &Example)],
         max_seq_length: usize,
-        train: bool,
-    ) -> Result<(Tensor, usize)> {
+    ) -> Result<(Tensor, Tensor, Tensor, usize)> {
         let dev = self.model.device().clone();
         let lens: Vec<usize> = batch
             .iter()
@@ -344,7 +356,7 @@ impl<'m> TrainSession<'m> {
         }
         let mut hs = Vec::with_capacity(batch.len());
         let mut targets = vec![0u32; batch.len() * (t - 1)];
-        let mut mask = vec![0f32; batch.len() * (t - 1)];
+        let mut mask = vec![false; batch.len() * (t - 1)];
         let mut ntoks = 0;
         for (j, ((idx, ex), &len)) in batch.iter().zip(&lens).enumerate() {
             let toks = &ex.tokens[..len];
@@ -358,7 +370,7 @@ impl<'m> TrainSession<'m> {
             for p in 1..len {
                 targets[j * (t - 1) + p - 1] = toks[p];
                 if p >= ex.offset {
-                    mask[j * (t - 1) + p - 1] = 1.0;
+                    mask[j * (t - 1) + p - 1] = true;
                     ntoks += 1;
                 }
             }
@@ -366,18 +378,102 @@ impl<'m> TrainSession<'m> {
         let hidden = Tensor::stack(&hs, 0)?;
         // Only scored positions go through the output layer (the largest matrix).
         let keep: Vec<u32> = (0..mask.len() as u32)
-            .filter(|&i| mask[i as usize] > 0.0)
+            .filter(|&i| mask[i as usize])
             .collect();
         let targets: Vec<u32> = keep.iter().map(|&i| targets[i as usize]).collect();
         let n = keep.len();
         let keep = Tensor::from_vec(keep, n, &dev)?;
+        let targets = Tensor::from_vec(targets, (n, 1), &dev)?;
+        Ok((hidden, keep, targets, ntoks))
+    }
+
+    /// Mean next-token loss of a batch (a scalar with its autograd graph) and the number of
+    /// scored tokens. `split` keys the frozen-output cache (0 train, 1 valid, 2 test);
+    /// `train` turns dropout on.
+    pub fn batch_loss(
+        &mut self,
+        split: u8,
+        batch: &[(usize, &Example)],
+        max_seq_length: usize,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        let (hidden, keep, targets, ntoks) = self.batch_inputs(split, batch, max_seq_length)?;
         let logits = self
             .model
             .forward_from(&hidden, self.first, train, Some(&keep))?;
-        let targets = Tensor::from_vec(targets, (n, 1), &dev)?;
-        let mask = Tensor::ones(n, DType::F32, &dev)?;
-        let loss = cross_entropy(&logits, &targets, &mask, ntoks)?;
+        let loss = self.loss(&logits, &targets, ntoks)?;
         Ok((loss, ntoks))
+    }
+
+    fn loss(&self, logits: &Tensor, targets: &Tensor, ntoks: usize) -> Result<Tensor> {
+        let mask = Tensor::ones(targets.dim(0)?, DType::F32, logits.device())?;
+        cross_entropy(logits, targets, &mask, ntoks)
+    }
+
+    /// Gives every adapter a dropout seed derived from `seed` and `step` (its own per layer),
+    /// so that a step's dropout masks are reproducible and the same in a recomputed block.
+    pub fn set_dropout_seeds(&mut self, seed: u64, step: u64) {
+        for (i, slot) in self.model.linears_mut().into_iter().enumerate() {
+            if let Linear::Lora(l) = slot.linear {
+                l.dropout_seed = mix_seed(seed, step, i as u64);
+            }
+        }
+    }
+
+    /// The loss of a batch (as [`Self::batch_loss`]), the number of scored tokens and the
+    /// gradients: the returned store holds the gradient of the loss for each of
+    /// [`Self::vars`]. With [`Self::grad_checkpoint`] the adapted blocks run without a graph
+    /// in the forward pass, keeping only each block's input, and each block is run again
+    /// during the backward pass (from the last to the first) to push the gradient through it:
+    /// one block's graph is alive at a time. Dropout masks are seeded
+    /// ([`Self::set_dropout_seeds`]), so the recomputed blocks equal the first pass and the
+    /// gradients equal those without checkpointing up to float rounding.
+    pub fn gradients(
+        &mut self,
+        split: u8,
+        batch: &[(usize, &Example)],
+        max_seq_length: usize,
+        train: bool,
+    ) -> Result<(f32, usize, candle_core::backprop::GradStore)> {
+        if !self.grad_checkpoint {
+            let (loss, ntoks) = self.batch_loss(split, batch, max_seq_length, train)?;
+            let grads = loss.backward()?;
+            return Ok((loss.to_scalar::<f32>()?, ntoks, grads));
+        }
+        let (hidden, keep, targets, ntoks) = self.batch_inputs(split, batch, max_seq_length)?;
+        let (first, n) = (self.first, self.model.info().n_layers);
+        let mut inputs = Vec::with_capacity(n.saturating_sub(first));
+        let mut x = hidden;
+        for i in first..n {
+            let y = self.model.forward_blocks(&x, i..i + 1, train)?.detach();
+            inputs.push(x);
+            x = y;
+        }
+        let top = Var::from_tensor(&x)?;
+        let logits = self
+            .model
+            .forward_head(top.as_tensor(), train, Some(&keep))?;
+        let loss = self.loss(&logits, &targets, ntoks)?;
+        let mut grads = loss.backward()?;
+        let mut g = grads.remove(top.as_tensor());
+        for i in (first..n).rev() {
+            // An output with no gradient (no adapter above it) has nothing to push down.
+            let Some(gy) = g.take() else { break };
+            let xi = Var::from_tensor(&inputs[i - first])?;
+            let y = self.model.forward_blocks(xi.as_tensor(), i..i + 1, train)?;
+            let mut gi = (y * gy.detach())?.sum_all()?.backward()?;
+            for v in &self.vars {
+                if let Some(d) = gi.remove(v.as_tensor()) {
+                    let sum = match grads.remove(v.as_tensor()) {
+                        Some(prev) => (prev + d)?,
+                        None => d,
+                    };
+                    grads.insert(v.as_tensor(), sum.detach());
+                }
+            }
+            g = gi.remove(xi.as_tensor());
+        }
+        Ok((loss.to_scalar::<f32>()?, ntoks, grads))
     }
 
     /// Mean loss per scored token over `num_batches` batches (`-1`: all) of `data` in length
@@ -418,6 +514,15 @@ impl<'m> TrainSession<'m> {
         }
         Ok(())
     }
+}
+
+/// A 64-bit seed from three (SplitMix64's finalizer over a combination: Steele et al. 2014).
+fn mix_seed(seed: u64, step: u64, layer: u64) -> u64 {
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ layer.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// `mean over scored positions of (logsumexp(logits) - logits[target])`:
@@ -526,6 +631,7 @@ pub fn train(
         config.seed,
         config.hidden_cache_bytes,
     )?;
+    session.grad_checkpoint = config.grad_checkpoint;
     let vars = session.vars().to_vec();
     let mut opt = Optimizer::new(config.optimizer, &vars)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
@@ -577,11 +683,11 @@ pub fn train(
         let ex: Vec<(usize, &Example)> = b.iter().map(|&i| (i, &train[i])).collect();
         let t0 = Instant::now();
         let lr = config.schedule.at(config.learning_rate, it - 1);
-        let (loss, ntoks) = session.batch_loss(0, &ex, config.max_seq_length, true)?;
-        let grads = loss.backward()?;
+        session.set_dropout_seeds(config.seed, it as u64);
+        let (loss, ntoks, grads) = session.gradients(0, &ex, config.max_seq_length, true)?;
         opt.step(&vars, &grads, lr)?;
         train_secs += t0.elapsed().as_secs_f64();
-        win_loss += loss.to_scalar::<f32>()? as f64;
+        win_loss += loss as f64;
         win_toks += ntoks;
         win_steps += 1;
         trained_tokens += ntoks;

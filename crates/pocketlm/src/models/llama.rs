@@ -742,18 +742,25 @@ impl CausalLM for Llama {
         self.run_layers(x, upto, &mut cache, &cos_sin, mask.as_ref())
     }
 
-    fn forward_from(
+    fn forward_blocks(
         &self,
         hidden: &Tensor,
-        from: usize,
+        range: std::ops::Range<usize>,
         train: bool,
-        select: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (_b, s, _) = hidden.dims3()?;
+        let mut x = hidden.clone();
+        if range.is_empty() {
+            return Ok(x);
+        }
         let cos_sin = self.rope.cos_sin(0, s)?;
         let mask = causal_mask(s, s, self.sliding_window, hidden.device())?;
-        let mut x = hidden.clone();
-        for layer in self.layers.iter().skip(from) {
+        for layer in self
+            .layers
+            .iter()
+            .skip(range.start)
+            .take(range.end - range.start)
+        {
             let hn = layer.input_layernorm.forward_diff(&x)?;
             x = (layer
                 .self_attn
@@ -762,9 +769,18 @@ impl CausalLM for Llama {
             let hn = layer.post_attention_layernorm.forward_diff(&x)?;
             x = (layer.mlp.forward_diff(&hn, train)? + x)?;
         }
+        Ok(x)
+    }
+
+    fn forward_head(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let x = match select {
-            Some(idx) => x.reshape(((), x.dim(2)?))?.index_select(idx, 0)?,
-            None => x,
+            Some(idx) => hidden.reshape(((), hidden.dim(2)?))?.index_select(idx, 0)?,
+            None => hidden.clone(),
         };
         self.lm_head
             .forward_train(&self.norm.forward_diff(&x)?, train)

@@ -139,15 +139,30 @@ pub trait CausalLM: Send + Sync {
         )))
     }
 
-    /// Training, second half: blocks `from..`, the final norm and the output layer on
-    /// `hidden: [batch, seq, hidden]` (positions `0..seq`), built from differentiable candle
-    /// ops so that `backward()` reaches the adapters. Returns logits `[batch, seq, vocab]` f32,
-    /// or with `select: [n]` u32 (indices into the flattened `batch · seq` positions) only
-    /// those positions' logits `[n, vocab]`. `train` turns adapter dropout on.
-    fn forward_from(
+    /// Training: blocks `range` on `hidden: [batch, seq, hidden]` f32 (positions `0..seq`),
+    /// built from differentiable candle ops so that `backward()` reaches the adapters; returns
+    /// `[batch, seq, hidden]` f32. `train` turns adapter dropout on. Running the blocks one
+    /// range at a time gives the same result as all at once (gradient checkpointing relies
+    /// on it: [`crate::lora::train`]).
+    fn forward_blocks(
         &self,
         _hidden: &Tensor,
-        _from: usize,
+        _range: std::ops::Range<usize>,
+        _train: bool,
+    ) -> Result<Tensor> {
+        Err(Error::InvalidArgument(format!(
+            "fine-tuning is not implemented for the `{}` architecture",
+            self.info().architecture
+        )))
+    }
+
+    /// Training: the final norm and the output layer on `hidden: [batch, seq, hidden]`, as
+    /// differentiable candle ops. Returns logits `[batch, seq, vocab]` f32, or with
+    /// `select: [n]` u32 (indices into the flattened `batch · seq` positions) only those
+    /// positions' logits `[n, vocab]`.
+    fn forward_head(
+        &self,
+        _hidden: &Tensor,
         _train: bool,
         _select: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -155,6 +170,19 @@ pub trait CausalLM: Send + Sync {
             "fine-tuning is not implemented for the `{}` architecture",
             self.info().architecture
         )))
+    }
+
+    /// Training, second half: blocks `from..` then the head ([`Self::forward_blocks`],
+    /// [`Self::forward_head`]) on `hidden: [batch, seq, hidden]`; logits as `forward_head`.
+    fn forward_from(
+        &self,
+        hidden: &Tensor,
+        from: usize,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x = self.forward_blocks(hidden, from..self.info().n_layers, train)?;
+        self.forward_head(&x, train, select)
     }
 }
 

@@ -30,6 +30,10 @@ pub struct LoraLinear {
     pub scale: f64,
     /// Dropout probability on the adapter's input (training only).
     pub dropout: f32,
+    /// Seed of the dropout mask: a forward pass in training draws its mask from this seed
+    /// alone, so the same seed gives the same mask (the trainer sets a new one per step and
+    /// layer from `--seed`; gradient checkpointing recomputes a block with the same masks).
+    pub dropout_seed: u64,
 }
 
 impl LoraLinear {
@@ -57,6 +61,7 @@ impl LoraLinear {
             b,
             scale,
             dropout,
+            dropout_seed: 0,
         })
     }
 
@@ -83,6 +88,7 @@ impl LoraLinear {
             b: Var::from_tensor(&b.to_dtype(DType::F32)?.to_device(dev)?)?,
             scale,
             dropout: 0.0,
+            dropout_seed: 0,
         })
     }
 
@@ -97,7 +103,7 @@ impl LoraLinear {
         let inp = dims.pop().unwrap_or(0);
         let x2 = x.reshape(((), inp))?;
         let x2 = if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(&x2, self.dropout)?
+            dropout(&x2, self.dropout, self.dropout_seed)?
         } else {
             x2
         };
@@ -127,6 +133,28 @@ impl LoraLinear {
     pub fn delta(&self) -> Result<Tensor> {
         Ok((self.b.as_tensor().t()?.matmul(&self.a.as_tensor().t()?)? * self.scale)?)
     }
+}
+
+/// Inverted dropout (Srivastava et al. 2014, as `candle_nn::ops::dropout`): each element of
+/// `x` is zeroed with probability `p` and the others scaled by `1 / (1 - p)`; the mask is drawn
+/// from a generator seeded with `seed`, so it is reproducible. The mask is a constant of the
+/// graph: gradients reach `x` through the kept elements.
+///
+/// Errors: `p` outside `[0, 1)`.
+fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    if !(0.0..1.0).contains(&p) {
+        return Err(crate::Error::InvalidArgument(format!(
+            "LoRA dropout must be in [0, 1), got {p}"
+        )));
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f32>() >= p { keep } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x * mask)?)
 }
 
 /// `x: [.., in]` · `w: [out, in]`^T (+ `bias: [out]`), from differentiable candle ops.
