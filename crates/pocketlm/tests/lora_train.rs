@@ -348,10 +348,10 @@ fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Res<Vec<u32>> {
     Ok(out)
 }
 
-/// CI-sized QLoRA run on the real default model: 96 training examples, 60 steps of 4, the
-/// last 2 blocks, lr 2e-4 (Adam), prompts masked; validation on 32 held-out examples.
-/// Measured: validation loss 3.73 -> 2.79 in 90 s of training on 2 cores. Asserted: it drops
-/// by at least 0.5 nats per token.
+/// CI-sized QLoRA run on the real default model: all 677 training examples, 200 steps of 4
+/// (1.2 epochs), the last 2 blocks, lr 2e-4 (Adam), prompts masked; validation on 32
+/// held-out examples. Measured: validation loss 3.73 -> 2.43 in 131 s on 2 cores (the machine
+/// otherwise idle). Asserted: it drops by at least 1.0 nat per token.
 #[test]
 fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
     let path = pocketlm::fetch::default_model_path();
@@ -363,7 +363,8 @@ fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
     let mut m = load(&path, &LoadOptions::default())?;
     let train_set = load_split(&m, &data_dir(), "train", true)?.ok_or("no train.jsonl")?;
     let valid = load_split(&m, &data_dir(), "valid", true)?.ok_or("no valid.jsonl")?;
-    let (train_set, valid) = (&train_set[..96], &valid[..32]);
+    // All 677 training examples (200 steps of 4 is 1.2 epochs), 32 held-out ones.
+    let (train_set, valid) = (&train_set[..], &valid[..32]);
     let question =
         pocketlm::chat_template::Message::user("In Python, what does os.path.basename do?");
     let prompt = m.encode(&pocketlm::loader::Prompt::Chat(vec![question]))?;
@@ -371,7 +372,7 @@ fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
 
     let tmp = tempfile::tempdir()?;
     let cfg = TrainConfig {
-        iters: 60,
+        iters: 200,
         batch_size: 4,
         learning_rate: 2e-4,
         num_layers: 2,
@@ -402,7 +403,7 @@ fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
         t0.elapsed().as_secs_f64(),
         s.tokens_per_second
     );
-    assert!(v0 - v1 >= 0.5, "validation loss {v0} -> {v1}");
+    assert!(v0 - v1 >= 1.0, "validation loss {v0} -> {v1}");
 
     // The adapter stays loaded: the answer changes, towards the data set's one-sentence style.
     let after = greedy(&m, &prompt, 40)?;
