@@ -142,6 +142,7 @@ pub struct SafetensorsWeights {
     device: Device,
     quant: Option<QuantConfig>,
     dequantize: bool,
+    exact_mlx_matmul: bool,
 }
 
 impl std::fmt::Debug for SafetensorsWeights {
@@ -243,6 +244,7 @@ impl SafetensorsWeights {
             device,
             quant,
             dequantize: false,
+            exact_mlx_matmul: false,
         })
     }
 
@@ -250,6 +252,13 @@ impl SafetensorsWeights {
     /// references).
     pub fn dequantized(mut self, yes: bool) -> Self {
         self.dequantize = yes;
+        self
+    }
+
+    /// Mark MLX quantized layers for `mx.quantized_matmul`'s f32 arithmetic
+    /// ([`crate::loader::LoadOptions::exact_mlx_matmul`]).
+    pub fn exact_mlx_matmul(mut self, yes: bool) -> Self {
+        self.exact_mlx_matmul = yes;
         self
     }
 
@@ -435,7 +444,11 @@ impl Weights for SafetensorsWeights {
         };
         match self.quantized(prefix, out_features, in_features)? {
             Some(q) if self.dequantize => Ok(Linear::dense(self.dense_from_quantized(&q)?, b)),
-            Some(q) => Linear::mlx_on(Arc::new(q), b, &self.device),
+            Some(q) => Linear::mlx_on(
+                Arc::new(q.with_exact_matmul(self.exact_mlx_matmul)),
+                b,
+                &self.device,
+            ),
             None => Ok(Linear::dense(
                 self.float_weight(&format!("{prefix}.weight"), &[out_features, in_features])?,
                 b,
@@ -485,7 +498,11 @@ impl Weights for SafetensorsWeights {
             }
         }
         match AffineQuantized::stack_rows(&parts) {
-            Some(q) => Ok(Some(Linear::mlx_on(Arc::new(q), None, &self.device)?)),
+            Some(q) => Ok(Some(Linear::mlx_on(
+                Arc::new(q.with_exact_matmul(self.exact_mlx_matmul)),
+                None,
+                &self.device,
+            )?)),
             None => Ok(None),
         }
     }

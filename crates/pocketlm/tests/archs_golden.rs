@@ -31,6 +31,7 @@ fn cpu() -> LoadOptions {
     LoadOptions {
         device: pocketlm::device::DeviceSpec::Cpu,
         dequantize: false,
+        ..Default::default()
     }
 }
 

@@ -877,6 +877,7 @@ fn cpu_opts() -> pocketlm::loader::LoadOptions {
     pocketlm::loader::LoadOptions {
         device: pocketlm::device::DeviceSpec::Cpu,
         dequantize: false,
+        ..Default::default()
     }
 }
 

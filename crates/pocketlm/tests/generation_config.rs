@@ -20,6 +20,7 @@ fn cpu() -> LoadOptions {
     LoadOptions {
         device: DeviceSpec::Cpu,
         dequantize: false,
+        ..Default::default()
     }
 }
 

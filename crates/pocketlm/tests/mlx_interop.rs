@@ -49,6 +49,7 @@ fn cpu() -> LoadOptions {
     LoadOptions {
         device: pocketlm::device::DeviceSpec::Cpu,
         dequantize: false,
+        ..Default::default()
     }
 }
 

@@ -40,6 +40,7 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
         let opts = pocketlm::loader::LoadOptions {
             device: m.device.parse()?,
             dequantize: args.dequantize,
+            ..Default::default()
         };
         Ok(pocketlm::loader::load(&path, &opts)?)
     };

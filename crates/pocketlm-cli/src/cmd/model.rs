@@ -27,6 +27,10 @@ pub struct ModelArgs {
     /// load on top of the model. (`lora`: the adapter folder to write or test.)
     #[arg(long)]
     pub adapter_path: Option<PathBuf>,
+    /// Run MLX 4-bit layers with mx.quantized_matmul's f32 arithmetic instead of the faster
+    /// kernels that quantize activations to 8 bits (as llama.cpp does).
+    #[arg(long)]
+    pub exact_mlx_matmul: bool,
 }
 
 /// Sampling settings (mlx-lm's names). Each one left out comes from the model folder's
@@ -121,6 +125,7 @@ pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
     let device: DeviceSpec = args.device.parse()?;
     let opts = LoadOptions {
         device,
+        exact_mlx_matmul: args.exact_mlx_matmul,
         ..Default::default()
     };
     let mut m =

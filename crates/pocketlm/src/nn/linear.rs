@@ -244,8 +244,13 @@ impl Linear {
 /// arithmetic of `mx.quantized_matmul`: at 8 bits the activation rounding is no longer small
 /// against the weights' own, and moved the logits of the tiny 8-bit models of
 /// `tests/archs_golden.rs` by up to 2.6 from transformers on the same dequantized weights.
+/// Weights loaded with [`crate::loader::LoadOptions::exact_mlx_matmul`] also keep it.
 fn mlx_fast(w: &AffineQuantized, x: &Tensor) -> bool {
-    w.bits() == 4 && mlx_kernels::supports(w) && x.device().is_cpu() && x.dtype() == DType::F32
+    w.bits() == 4
+        && !w.exact_matmul()
+        && mlx_kernels::supports(w)
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
 }
 
 fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {

@@ -221,9 +221,22 @@ pub struct AffineQuantized {
     cols: usize,
     bits: usize,
     group_size: usize,
+    exact_matmul: bool,
 }
 
 impl AffineQuantized {
+    /// Marks the matrix for `mx.quantized_matmul`'s f32 arithmetic in products (instead of
+    /// our activation-quantizing CPU kernels; see [`crate::loader::LoadOptions`]).
+    pub fn with_exact_matmul(mut self, yes: bool) -> Self {
+        self.exact_matmul = yes;
+        self
+    }
+
+    /// Whether products with this matrix use f32 arithmetic only.
+    pub fn exact_matmul(&self) -> bool {
+        self.exact_matmul
+    }
+
     /// Quantizes `w: [rows, cols]` (row-major f32) like `mx.quantize(w, group_size, bits)` on
     /// an array of dtype `dtype`; see [`quantize`].
     pub fn quantize(
@@ -291,6 +304,7 @@ impl AffineQuantized {
             first.bits,
         )
         .ok()
+        .map(|q| q.with_exact_matmul(first.exact_matmul))
     }
 
     /// Wraps already quantized buffers (e.g. read from an mlx-community safetensors file).
@@ -331,6 +345,7 @@ impl AffineQuantized {
             cols,
             bits,
             group_size,
+            exact_matmul: false,
         })
     }
 
