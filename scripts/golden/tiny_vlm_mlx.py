@@ -20,7 +20,9 @@ Output under `crates/pocketlm/tests/golden/vlm/`:
   temperature 0), `logits` `[16, 320]` f32 (mlx-vlm's model over the prompt and those tokens,
   teacher-forced: the logits of each greedy step; its activations are bfloat16), `logits_f32`
   (the same with the model's bfloat16 parameters widened to float32, float32 activations, the
-  quantized embedding's lookup still dequantized in bfloat16 as mlx does).
+  quantized embedding's lookup still dequantized in bfloat16 as mlx does), `greedy_f32` `[16]`
+  u32 (`mlx_vlm.stream_generate` with that float32 model) and `margins_f32` `[16]` f32 (its
+  top-1 / top-2 logit margin at each of those steps, teacher-forced).
 - `mlx_astronaut.pixels.safetensors`: `pixel_values` `[64, 1176]` f32, mlx-vlm's preprocessing of
   the astronaut (it differs from transformers' by a uint8 step in a few values; the models are
   compared on these pixels).
@@ -89,10 +91,23 @@ def main():
         out = model(full, mx.array(inputs["pixel_values"]),
                     image_grid_thw=mx.array(inputs["image_grid_thw"]))
         logits32 = np.array(out.logits.astype(mx.float32))[0, len(ids) - 1:]
+        # mlx_vlm's own greedy generation with that float32 model.
+        toks32 = [r.token for r in stream_generate(model, processor, prompt, image=[image],
+                                                   max_tokens=16, temperature=0.0)][:16]
+        full32 = mx.array(np.concatenate([ids, np.array(toks32[:-1], dtype=np.uint32)])[None]
+                          .astype(np.int32))
+        out32 = model(full32, mx.array(inputs["pixel_values"]),
+                      image_grid_thw=mx.array(inputs["image_grid_thw"]))
+        l32 = np.array(out32.logits.astype(mx.float32))[0, len(ids) - 1:]
+        top2 = np.sort(l32, axis=-1)[:, -2:]
+        print(f"{kind}: float32 greedy {toks32}, smallest top-1/top-2 margin "
+              f"{(top2[:, 1] - top2[:, 0]).min():.4f}")
         print(f"{kind}: mlx-vlm bfloat16 vs float32 logits: max diff "
               f"{np.abs(logits - logits32).max():.3f}")
         save_file({"ids": ids, "grid_thw": grid, "greedy": np.array(toks, dtype=np.uint32),
-                   "logits": logits.astype(np.float32), "logits_f32": logits32},
+                   "logits": logits.astype(np.float32), "logits_f32": logits32,
+                   "greedy_f32": np.array(toks32, dtype=np.uint32),
+                   "margins_f32": (top2[:, 1] - top2[:, 0]).astype(np.float32)},
                   os.path.join(ROOT, f"mlx_{kind}.golden.safetensors"))
         print(kind, len(ids), "ids, grid", grid.tolist(), "greedy", toks)
 
