@@ -258,6 +258,7 @@ fn prompt_cache_file_round_trip_and_kv_flags() {
     for flags in [
         &["--kv-bits", "8"][..],
         &["--kv-bits", "4", "--kv-group-size", "32"][..],
+        &["--kv-bits", "4", "--kv-hadamard"][..],
         &["--max-kv-size", "64"][..],
     ] {
         let out = run(flags);
@@ -269,6 +270,11 @@ fn prompt_cache_file_round_trip_and_kv_flags() {
         assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
     }
     assert_clean_error(&run(&["--kv-bits", "7"]), &["bits"]);
+    // a usage error from the argument parser (exit status 2)
+    let lone = run(&["--kv-hadamard"]);
+    let stderr = String::from_utf8_lossy(&lone.stderr);
+    assert_eq!(lone.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--kv-bits"), "{stderr}");
     assert_clean_error(
         &run(&["--kv-bits", "8", "--max-kv-size", "64"]),
         &["rotating", "quantized"],

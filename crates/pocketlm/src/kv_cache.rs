@@ -10,6 +10,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::models::ModelInfo;
+use crate::quant::hadamard;
 use crate::quant::mlx_affine::{self, AffineQuantized, GroupParams, ParamDtype};
 use crate::{Error, Result};
 
@@ -421,6 +422,12 @@ impl LayerKvCache for RotatingKvCache {
 /// new positions and returns all keys/values dequantized to the input dtype (so attention
 /// sees quantized values for the new positions too, as in mlx-lm).
 ///
+/// With [`QuantizedKvCache::with_rotation`], each head vector is first rotated by the
+/// orthonormal Walsh–Hadamard matrix ([`crate::quant::hadamard`], as QuaRot does for its KV
+/// cache) and rotated back after dequantization: the same bytes, a smaller rounding error when
+/// a few channels are much larger than the rest (RoPE'd keys). Attention sees
+/// `H^T deq(q(H k))` instead of `deq(q(k))`.
+///
 /// Memory per position and head: `head_dim * bits / 8` bytes of codes plus
 /// `2 * 4 * head_dim / group_size` bytes of scales and biases, e.g. 28% of f32 at 8 bits and
 /// 16% at 4 bits with `group_size = 64`. Quantized data lives in host memory; the returned
@@ -429,6 +436,8 @@ impl LayerKvCache for RotatingKvCache {
 pub struct QuantizedKvCache {
     bits: usize,
     group_size: usize,
+    /// Rotate head vectors by the Hadamard matrix before quantizing.
+    rotate: bool,
     /// `[batch * kv_heads]` streams of keys then values.
     k: Vec<QStream>,
     v: Vec<QStream>,
@@ -455,6 +464,7 @@ impl QuantizedKvCache {
         Ok(Self {
             bits,
             group_size,
+            rotate: false,
             k: Vec::new(),
             v: Vec::new(),
             shape: None,
@@ -463,13 +473,30 @@ impl QuantizedKvCache {
         })
     }
 
+    /// Rotates head vectors by the Walsh–Hadamard matrix before quantizing them (and back
+    /// after dequantizing) when `rotate` is set. The head dimension must then be a power of two
+    /// ([`crate::quant::hadamard::supports`]); `update` refuses others.
+    pub fn with_rotation(mut self, rotate: bool) -> Self {
+        self.rotate = rotate;
+        self
+    }
+
+    /// Whether head vectors are rotated before quantization.
+    pub fn rotates(&self) -> bool {
+        self.rotate
+    }
+
     fn words_per_pos(&self, d: usize) -> usize {
         d * self.bits / 32
     }
 
+    /// Appends `t` (`[batch, kv_heads, n, head_dim]`).
     fn push(&self, streams: &mut [QStream], t: &Tensor, name: &str) -> Result<()> {
         let (_, _, n, d) = t.dims4()?;
-        let flat: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut flat: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if self.rotate {
+            hadamard::rotate(&mut flat, d);
+        }
         for (i, s) in streams.iter_mut().enumerate() {
             let part = &flat[i * n * d..(i + 1) * n * d];
             let q =
@@ -499,6 +526,9 @@ impl QuantizedKvCache {
             )?;
             out.extend(q.dequantize());
         }
+        if self.rotate {
+            hadamard::rotate(&mut out, d);
+        }
         Ok(Tensor::from_vec(out, (b, h, self.len, d), like.device())?.to_dtype(self.dtype)?)
     }
 }
@@ -516,6 +546,11 @@ impl LayerKvCache for QuantizedKvCache {
             return Err(Error::InvalidArgument(format!(
                 "the head dimension {d} is not a multiple of the KV cache group size {}",
                 self.group_size
+            )));
+        }
+        if self.rotate && !hadamard::supports(d) {
+            return Err(Error::InvalidArgument(format!(
+                "the head dimension {d} is not a power of two, which the KV cache's Hadamard rotation needs"
             )));
         }
         match self.shape {
@@ -608,6 +643,10 @@ pub struct KvCacheConfig {
     pub kv_bits: Option<usize>,
     /// Group size of the quantized cache (mlx-lm's default: 64).
     pub kv_group_size: usize,
+    /// Rotate head vectors by the Walsh–Hadamard matrix before quantizing them
+    /// ([`QuantizedKvCache::with_rotation`]); needs `kv_bits` and a power-of-two head
+    /// dimension. mlx-lm does not rotate.
+    pub kv_hadamard: bool,
 }
 
 impl Default for KvCacheConfig {
@@ -617,15 +656,21 @@ impl Default for KvCacheConfig {
             keep: 4,
             kv_bits: None,
             kv_group_size: 64,
+            kv_hadamard: false,
         }
     }
 }
 
 impl KvCacheConfig {
     /// Checks the combination. Errors: [`Error::InvalidArgument`] for both a size bound and
-    /// quantization (not combined here, as in mlx-lm), a bad `keep`/`max_kv_size`;
-    /// [`Error::Quant`] for unsupported bits or group size.
+    /// quantization (not combined here, as in mlx-lm), a bad `keep`/`max_kv_size`,
+    /// `kv_hadamard` without `kv_bits`; [`Error::Quant`] for unsupported bits or group size.
     pub fn validate(&self) -> Result<()> {
+        if self.kv_hadamard && self.kv_bits.is_none() {
+            return Err(Error::InvalidArgument(
+                "kv_hadamard rotates a quantized KV cache; set kv_bits too".into(),
+            ));
+        }
         if self.max_kv_size.is_some() && self.kv_bits.is_some() {
             return Err(Error::InvalidArgument(
                 "a KV cache cannot be both rotating (max_kv_size) and quantized (kv_bits)".into(),
@@ -669,7 +714,8 @@ impl KvCache {
     /// The cache `config` describes, one per layer of a model with `info`.
     ///
     /// Errors: as [`KvCacheConfig::validate`]; a quantized cache whose group size does not
-    /// divide the model's head dimension.
+    /// divide the model's head dimension; `kv_hadamard` with a head dimension that is not a
+    /// power of two.
     pub fn new(info: &ModelInfo, config: &KvCacheConfig) -> Result<Self> {
         config.validate()?;
         if config.kv_bits.is_some() && !info.head_dim.is_multiple_of(config.kv_group_size) {
@@ -678,11 +724,20 @@ impl KvCache {
                 config.kv_group_size, info.head_dim
             )));
         }
+        if config.kv_hadamard && !hadamard::supports(info.head_dim) {
+            return Err(Error::InvalidArgument(format!(
+                "kv_hadamard needs a power-of-two head dimension; the model's is {}",
+                info.head_dim
+            )));
+        }
         let mut layers: Vec<Box<dyn LayerKvCache>> = Vec::with_capacity(info.n_layers);
         for _ in 0..info.n_layers {
             layers.push(match (config.max_kv_size, config.kv_bits) {
                 (Some(m), _) => Box::new(RotatingKvCache::new(m, config.keep)?),
-                (None, Some(b)) => Box::new(QuantizedKvCache::new(b, config.kv_group_size)?),
+                (None, Some(b)) => Box::new(
+                    QuantizedKvCache::new(b, config.kv_group_size)?
+                        .with_rotation(config.kv_hadamard),
+                ),
                 (None, None) => Box::new(GrowingKvCache::new(256)),
             });
         }
@@ -944,6 +999,83 @@ mod tests {
         assert!(QuantizedKvCache::new(4, 48).is_err());
     }
 
+    /// Head vectors with one large channel, as RoPE'd keys often have.
+    fn with_outlier(h: usize, n: usize, d: usize) -> Tensor {
+        let v: Vec<f32> = (0..h * n * d)
+            .map(|i| {
+                let base = ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0;
+                if i % d == 3 {
+                    base * 40.0
+                } else {
+                    base
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (1, h, n, d), &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_err(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn hadamard_rotation_is_undone_and_shrinks_the_error_of_outlier_channels() {
+        let (h, n, d) = (2, 9, 64);
+        let x = with_outlier(h, n, d);
+        for bits in [4usize, 8] {
+            let mut plain = QuantizedKvCache::new(bits, 64).unwrap();
+            let mut rotated = QuantizedKvCache::new(bits, 64).unwrap().with_rotation(true);
+            assert!(rotated.rotates() && !plain.rotates());
+            let (kp, _) = plain.update(&x, &x).unwrap();
+            // in two updates: rotation is per position, so chunking does not matter
+            rotated
+                .update(&x.narrow(2, 0, 4).unwrap(), &x.narrow(2, 0, 4).unwrap())
+                .unwrap();
+            let rest = x.narrow(2, 4, n - 4).unwrap();
+            let (kr, vr) = rotated.update(&rest, &rest).unwrap();
+            assert_eq!(kr.dims(), x.dims());
+            // what the cache should hold: H deq(q(H x)), built from the public pieces
+            let mut flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            hadamard::rotate(&mut flat, d);
+            let q = AffineQuantized::quantize(&flat, h * n, d, 64, bits, ParamDtype::F32).unwrap();
+            let mut want = q.dequantize();
+            hadamard::rotate(&mut want, d);
+            let want = Tensor::from_vec(want, x.dims(), &Device::Cpu).unwrap();
+            assert!(max_abs_err(&kr, &want) < 1e-5);
+            assert!(max_abs_err(&vr, &want) < 1e-5);
+            // The rotation keeps the L2 norm of the error, and the group's range shrinks from
+            // the outlier's to about its share over 64 channels (max |error| is not the measure:
+            // without rotation the small channels round to 0, within 1 of their values).
+            let l2 = |t: &Tensor| -> f32 {
+                (t - &x)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt()
+            };
+            let (ep, er) = (l2(&kp), l2(&kr));
+            assert!(er < 0.6 * ep, "{bits} bits: rotated {er} vs plain {ep}");
+            assert_eq!(rotated.nbytes(), plain.nbytes());
+        }
+        // a head dimension that is not a power of two is refused
+        let mut c = QuantizedKvCache::new(8, 32).unwrap().with_rotation(true);
+        let odd = Tensor::zeros((1, 1, 2, 96), DType::F32, &Device::Cpu).unwrap();
+        assert!(c.update(&odd, &odd).is_err());
+    }
+
     #[test]
     fn config_builds_each_kind() {
         let info = ModelInfo {
@@ -979,5 +1111,25 @@ mod tests {
             ..Default::default()
         };
         assert!(KvCache::new(&info, &odd).is_err());
+        let had = KvCacheConfig {
+            kv_bits: Some(8),
+            kv_hadamard: true,
+            ..Default::default()
+        };
+        assert!(KvCache::new(&info, &had).is_ok());
+        let had_float = KvCacheConfig {
+            kv_hadamard: true,
+            ..Default::default()
+        };
+        assert!(had_float.validate().is_err());
+        let had_odd = ModelInfo {
+            head_dim: 96,
+            ..info.clone()
+        };
+        let had32 = KvCacheConfig {
+            kv_group_size: 32,
+            ..had
+        };
+        assert!(KvCache::new(&had_odd, &had32).is_err());
     }
 }

@@ -24,6 +24,10 @@ pub struct KvArgs {
     /// Group size of the quantized KV cache (32, 64 or 128).
     #[arg(long, default_value_t = 64)]
     pub kv_group_size: usize,
+    /// Rotate each head vector by the Walsh-Hadamard matrix before quantizing the KV cache
+    /// (QuaRot's rotation; needs --kv-bits): same memory, smaller error. Not an mlx-lm option.
+    #[arg(long, requires = "kv_bits")]
+    pub kv_hadamard: bool,
     /// A prompt cache made by `pocketlm cache-prompt`: its tokens are not prefilled again.
     #[arg(long)]
     pub prompt_cache_file: Option<PathBuf>,
@@ -36,6 +40,7 @@ impl KvArgs {
             max_kv_size: self.max_kv_size,
             kv_bits: self.kv_bits,
             kv_group_size: self.kv_group_size,
+            kv_hadamard: self.kv_hadamard,
             ..Default::default()
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! - [`mlx_affine`]: MLX affine group quantization (`mx.quantize` / `mx.dequantize` /
 //!   `mx.quantized_matmul` in `"affine"` mode), the format of mlx-community checkpoints.
+//! - [`hadamard`]: the orthonormal Walsh–Hadamard rotation applied before quantizing KV caches.
 
+pub mod hadamard;
 pub mod mlx_affine;
 
 /// Errors from quantization routines. Messages name the argument or tensor that is wrong
