@@ -17,7 +17,7 @@ use super::Backend;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ActFormat {
     /// 32-value blocks: `d` and `s = d * Σq` per block (ggml `Q8_0` plus the `Q8_1` sum), for
-    /// `Q4_0`, `Q4_1`, `Q8_0` weights.
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q8_0` weights.
     Q8_32,
     /// 32-value blocks like [`Self::Q8_32`] with `d` and `s` kept in `f32` (not rounded to
     /// `f16`, which only mirrors ggml's storage), for MLX 8-bit weights.

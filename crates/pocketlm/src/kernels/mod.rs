@@ -3,7 +3,7 @@
 //! `y[m, n] = x[m, k] · W[n, k]ᵀ` where `W` stays in its GGUF byte layout (ggml blocks, see
 //! ggml's `ggml-common.h`) and `x` is `f32`. Like `ggml_compute_forward_mul_mat`, each call
 //! first quantizes the activation rows once, to 8-bit blocks matching the weight's block size
-//! (32 values with a scale for `Q4_0`, `Q4_1`, `Q8_0`; 256 values plus 16-value sums for the
+//! (32 values with a scale for `Q4_0`, `Q4_1`, `Q5_0`, `Q8_0`; 256 values plus 16-value sums for the
 //! k-quants `Q4_K`, `Q6_K`), then takes integer dot products block by block and applies the
 //! float scales once per block.
 //!
@@ -61,6 +61,8 @@ pub(crate) use act::{quantize_acts, ActFormat, Acts};
 /// - `Q4_0`: 32 values in 18 bytes: `d: f16, qs: [u8; 16]`; value `j` is `d * (q_j - 8)`, with
 ///   `q_j = qs[j] & 0xF` for `j < 16` and `qs[j - 16] >> 4` otherwise.
 /// - `Q4_1`: 32 values in 20 bytes: `d: f16, m: f16, qs: [u8; 16]`; value `d * q_j + m`.
+/// - `Q5_0`: 32 values in 22 bytes: `d: f16, qh: [u8; 4], qs: [u8; 16]`; value `d * (q_j - 16)`
+///   with the 4-bit `q_j` of `Q4_0` plus bit `j` of `qh` (little-endian `u32`) as bit 4.
 /// - `Q8_0`: 32 values in 34 bytes: `d: f16, qs: [i8; 32]`; value `d * qs[j]`.
 /// - `Q4_K`: 256 values in 144 bytes: `d: f16, dmin: f16, scales: [u8; 12]` (eight 6-bit
 ///   scale/min pairs), `qs: [u8; 128]`; value `d * sc_s * q - dmin * m_s` per 32-value sub-block.
@@ -72,6 +74,8 @@ pub enum GgufType {
     Q4_0,
     /// 4-bit, scale and minimum per 32 values.
     Q4_1,
+    /// 5-bit, one scale per 32 values.
+    Q5_0,
     /// 8-bit, one scale per 32 values.
     Q8_0,
     /// 4-bit k-quant, 256-value super-blocks.
@@ -84,16 +88,17 @@ impl GgufType {
     /// Values per block (32, or 256 for k-quants).
     pub const fn block_size(self) -> usize {
         match self {
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => 32,
             Self::Q4K | Self::Q6K => 256,
         }
     }
 
-    /// Bytes per block (18, 20, 34, 144, 210).
+    /// Bytes per block (18, 20, 22, 34, 144, 210).
     pub const fn type_size(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q6K => 210,
@@ -105,6 +110,7 @@ impl GgufType {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::Q4K => Some(Self::Q4K),
             GgmlDType::Q6K => Some(Self::Q6K),
@@ -117,6 +123,7 @@ impl GgufType {
         match self {
             Self::Q4_0 => GgmlDType::Q4_0,
             Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4K => GgmlDType::Q4K,
             Self::Q6K => GgmlDType::Q6K,
@@ -127,7 +134,7 @@ impl GgufType {
     /// with the block sum of `Q8_1` kept as well) or 256-value `Q8_K` blocks.
     pub(crate) fn act_format(self) -> ActFormat {
         match self {
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => ActFormat::Q8_32,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => ActFormat::Q8_32,
             Self::Q4K | Self::Q6K => ActFormat::Q8K,
         }
     }
@@ -311,7 +318,7 @@ impl KernelError {
     pub fn detail(&self) -> String {
         match self {
             Self::UnsupportedType { dtype, .. } => format!(
-                "type {dtype} has no quantized matmul kernel (supported: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)"
+                "type {dtype} has no quantized matmul kernel (supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)"
             ),
             Self::NotBlockAligned { dtype, cols, .. } => format!(
                 "{cols} columns is not a multiple of the {dtype:?} block size {}",

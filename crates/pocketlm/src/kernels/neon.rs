@@ -15,6 +15,8 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
         GgufType::Q4_0 => tile_q4_0,
         GgufType::Q4_1 => tile_q4_1,
+        // No NEON version yet: the portable kernel.
+        GgufType::Q5_0 => super::scalar::tile_fn(GgufType::Q5_0),
         GgufType::Q8_0 => tile_q8_0,
         GgufType::Q4K => tile_q4k,
         GgufType::Q6K => tile_q6k,

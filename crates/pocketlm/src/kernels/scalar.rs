@@ -51,6 +51,17 @@ pub(crate) fn dequantize_row(dtype: GgufType, row: &[u8], out: &mut [f32]) {
                     y[j + 16] = (q >> 4) as f32 * d + m;
                 }
             }
+            GgufType::Q5_0 => {
+                let d = f16_at(blk, 0);
+                let qh = q5_high_bits(blk);
+                for j in 0..16 {
+                    let q = blk[6 + j];
+                    let lo = (q & 0xF) as i32 | (((qh >> j) & 1) << 4) as i32;
+                    let hi = (q >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+                    y[j] = (lo - 16) as f32 * d;
+                    y[j + 16] = (hi - 16) as f32 * d;
+                }
+            }
             GgufType::Q8_0 => {
                 let d = f16_at(blk, 0);
                 for j in 0..32 {
@@ -97,11 +108,18 @@ pub(crate) fn dequantize_row(dtype: GgufType, row: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The 32 high bits of a `Q5_0` block (bytes 2..6, little-endian): bit `j` is bit 4 of value `j`.
+#[inline(always)]
+pub(crate) fn q5_high_bits(blk: &[u8]) -> u32 {
+    u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]])
+}
+
 /// The tile function of a weight type.
 pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
         GgufType::Q4_0 => tile::<Q4_0>,
         GgufType::Q4_1 => tile::<Q4_1>,
+        GgufType::Q5_0 => tile::<Q5_0>,
         GgufType::Q8_0 => tile::<Q8_0>,
         GgufType::Q4K => tile::<Q4K>,
         GgufType::Q6K => tile::<Q6K>,
@@ -115,6 +133,7 @@ trait RowDot {
 
 struct Q4_0;
 struct Q4_1;
+struct Q5_0;
 struct Q8_0;
 struct Q4K;
 struct Q6K;
@@ -158,6 +177,27 @@ impl RowDot for Q4_1 {
             let (y, dy, sy) = act32(a, r, b);
             let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
             acc += d * dy * q4_isum(&blk[4..20], y) as f32 + m * sy;
+        }
+        acc
+    }
+}
+
+impl RowDot for Q5_0 {
+    // ggml_vec_dot_q5_0_q8_0: Σ_b d·dy·Σ (q - 16)·y.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(22).enumerate() {
+            let (y, dy, _) = act32(a, r, b);
+            let d = f16_at(blk, 0);
+            let qh = q5_high_bits(blk);
+            let mut s = 0i32;
+            for j in 0..16 {
+                let q = blk[6 + j];
+                let lo = (q & 0xF) as i32 | (((qh >> j) & 1) << 4) as i32;
+                let hi = (q >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+                s += (lo - 16) * y[j] as i32 + (hi - 16) * y[j + 16] as i32;
+            }
+            acc += d * dy * s as f32;
         }
         acc
     }

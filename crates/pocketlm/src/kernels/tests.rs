@@ -18,9 +18,10 @@ use rand::{Rng, SeedableRng};
 use super::act::quantize_block_scalar;
 use super::*;
 
-const TYPES: [GgufType; 5] = [
+const TYPES: [GgufType; 6] = [
     GgufType::Q4_0,
     GgufType::Q4_1,
+    GgufType::Q5_0,
     GgufType::Q8_0,
     GgufType::Q4K,
     GgufType::Q6K,
@@ -81,7 +82,8 @@ fn weight_from_qtensor(q: &QTensor) -> Weight {
 }
 
 /// Per element, the magnitude of the offset term that the kernels handle separately from the
-/// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K`: `|dmin·m_s|`, `Q6_K`: `32|d·sc_s|`),
+/// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K`: `|dmin·m_s|`, `Q6_K`: `32|d·sc_s|`;
+/// none for `Q5_0` and `Q8_0`, whose signed quants go into the integer products),
 /// decoded here straight from ggml's block layouts.
 fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
     let h = |b: &[u8], p: usize| half::f16::from_le_bytes([b[p], b[p + 1]]).to_f64();
@@ -90,6 +92,7 @@ fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
         match dtype {
             GgufType::Q4_0 => out.extend([8.0 * h(blk, 0).abs(); 32]),
             GgufType::Q4_1 => out.extend([h(blk, 2).abs(); 32]),
+            GgufType::Q5_0 => out.extend([0.0; 32]),
             GgufType::Q8_0 => out.extend([0.0; 32]),
             GgufType::Q4K => {
                 let sc = &blk[4..16];
@@ -189,6 +192,7 @@ fn kernels_match_references_on_wide_matrices() {
         (GgufType::Q4_1, 577, 576),
         (GgufType::Q8_0, 400, 576),
         (GgufType::Q4_0, 130, 1536),
+        (GgufType::Q5_0, 129, 640),
         (GgufType::Q4K, 130, 1536),
         (GgufType::Q6K, 131, 768),
     ] {
@@ -210,7 +214,7 @@ fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u
     let f16 = |rng: &mut StdRng| half::f16::from_f32(rng.random_range(-0.05..0.05)).to_le_bytes();
     for blk in bytes.chunks_exact_mut(dtype.type_size()) {
         let fields: &[usize] = match dtype {
-            GgufType::Q4_0 | GgufType::Q8_0 => &[0],
+            GgufType::Q4_0 | GgufType::Q5_0 | GgufType::Q8_0 => &[0],
             GgufType::Q4_1 | GgufType::Q4K => &[0, 2],
             GgufType::Q6K => &[208],
         };
@@ -519,7 +523,7 @@ fn bad_input_gives_typed_errors_naming_the_tensor() {
         let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
         assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
     }
-    let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+    let q5 = QTensor::quantize(&t, GgmlDType::Q5_1).unwrap();
     let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
     assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
     let e: crate::Error = e.into();

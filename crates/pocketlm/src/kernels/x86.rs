@@ -267,6 +267,7 @@ macro_rules! kernels {
             match dtype {
                 GgufType::Q4_0 => tile_q4_0,
                 GgufType::Q4_1 => tile_q4_1,
+                GgufType::Q5_0 => tile_q5_0,
                 GgufType::Q8_0 => tile_q8_0,
                 GgufType::Q4K => tile_q4k,
                 GgufType::Q6K => tile_q6k,
@@ -275,6 +276,7 @@ macro_rules! kernels {
 
         tile_impl!($feat, tile_q4_0, dot_q4, true);
         tile_impl!($feat, tile_q4_1, dot_q4, false);
+        tile_impl!($feat, tile_q5_0, dot_q5_0);
         tile_impl!($feat, tile_q8_0, dot_q8_0);
         tile_impl!($feat, tile_q4k, dot_q4k);
         tile_impl!($feat, tile_q6k, dot_q6k);
@@ -387,6 +389,71 @@ macro_rules! kernels {
                 let mut out = [0f32; R];
                 for i in 0..R {
                     out[i] = hsum_ps(acc[i]) + accm[i];
+                }
+                out
+            }
+        }
+
+        /// `Q5_0` against `Q8_32` activations, as ggml's AVX2 `ggml_vec_dot_q5_0_q8_0`:
+        /// signed quants `q - 16` (the nibbles as in `Q4_0`, bit 4 from `bytes_from_bits_32`
+        /// of `qh`: byte `j` all ones when bit `j` is set), the sign trick of `Q8_0`, then
+        /// `Σ_b d·dy·Σ (q - 16)·y` in eight f32 lanes. The same integers and float operations
+        /// as ggml, so products equal llama.cpp's bit for bit.
+        ///
+        /// # Safety
+        /// As [`dot_q4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q5_0<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 32);
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let m4 = _mm256_set1_epi8(0x0F);
+                let hi_off = _mm256_set1_epi8(0xF0u8 as i8);
+                let shuf = _mm256_set_epi64x(
+                    0x0303030303030303,
+                    0x0202020202020202,
+                    0x0101010101010101,
+                    0,
+                );
+                let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+                let ones = _mm256_set1_epi64x(-1);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let blk = w.add(b * 22);
+                    let d = f16_at(blk);
+                    let qh = (blk.add(2) as *const i32).read_unaligned();
+                    let bits = _mm256_cmpeq_epi8(
+                        _mm256_or_si256(
+                            _mm256_shuffle_epi8(_mm256_set1_epi32(qh), shuf),
+                            bit_mask,
+                        ),
+                        ones,
+                    );
+                    let tmp = _mm_loadu_si128(blk.add(6) as *const __m128i);
+                    let nib = _mm256_and_si256(
+                        _mm256_inserti128_si256::<1>(
+                            _mm256_castsi128_si256(tmp),
+                            _mm_srli_epi16(tmp, 4),
+                        ),
+                        m4,
+                    );
+                    // q - 16 in two's complement: 0xF0 where bit 4 is clear
+                    let qx = _mm256_or_si256(nib, _mm256_andnot_si256(bits, hi_off));
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    for i in 0..R {
+                        let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                        let p = _mm256_cvtepi32_ps(dot_u8i8(ax, _mm256_sign_epi8(y, qx)));
+                        let dy = *yd.add(i * nb + b);
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[i]);
+                    }
+                }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(acc[i]);
                 }
                 out
             }
