@@ -40,20 +40,26 @@ if [ -z "$model" ]; then model=$("$pocketlm" fetch); fi
 echo "== llama.cpp llama-bench ($model, $threads threads)"
 "$bench_bin" -m "$model" -t "$threads" -p "$pp" -n "$tg" -r "$reps" -o json > /tmp/llama-bench.json
 mlx_dir="${model%.gguf}-mlx-4bit"
-if [ ! -d "$mlx_dir" ]; then
-  "$pocketlm" convert --model "$model" --out "$mlx_dir" -q --q-bits 4 --q-group-size 64 --dtype f16
+rm -f /tmp/pocketlm-bench-mlx.json
+if [ ! -d "$mlx_dir" ] && ! "$pocketlm" convert --model "$model" --out "$mlx_dir" -q --q-bits 4 --q-group-size 64 --dtype f16; then
+  echo "(no MLX 4-bit conversion of this GGUF: its rows are left out)"
+  mlx_dir=""
 fi
 echo "== pocketlm bench (GGUF)"
 "$pocketlm" -t "$threads" bench --model "$model" -p "$pp" -n "$tg" -r "$reps" --json > /tmp/pocketlm-bench.json
-echo "== pocketlm bench (MLX 4-bit, $mlx_dir)"
-"$pocketlm" -t "$threads" bench --model "$mlx_dir" -p "$pp" -n "$tg" -r "$reps" --json > /tmp/pocketlm-bench-mlx.json
+if [ -n "$mlx_dir" ]; then
+  echo "== pocketlm bench (MLX 4-bit, $mlx_dir)"
+  "$pocketlm" -t "$threads" bench --model "$mlx_dir" -p "$pp" -n "$tg" -r "$reps" --json > /tmp/pocketlm-bench-mlx.json
+fi
 
 python3 - "$pp" "$tg" <<'PY'
 import json, sys
 pp, tg = int(sys.argv[1]), int(sys.argv[2])
 lc = json.load(open("/tmp/llama-bench.json"))
-runs = [("GGUF", json.load(open("/tmp/pocketlm-bench.json"))),
-        ("MLX 4-bit", json.load(open("/tmp/pocketlm-bench-mlx.json")))]
+import os
+runs = [("GGUF", json.load(open("/tmp/pocketlm-bench.json")))]
+if os.path.exists("/tmp/pocketlm-bench-mlx.json"):
+    runs.append(("MLX 4-bit", json.load(open("/tmp/pocketlm-bench-mlx.json"))))
 def lc_tps(n_prompt, n_gen):
     for r in lc:
         if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen:
