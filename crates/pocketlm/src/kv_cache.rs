@@ -958,16 +958,7 @@ mod tests {
             // Values in [-1, 1]: |scale| <= 2 / (2^bits - 1); the error is at most |scale|.
             let bound = 2.0 / ((1u32 << bits) - 1) as f32 + 1e-6;
             for t in [&k, &v] {
-                let err: f32 = (t - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let err = max_abs_err(t, &want);
                 assert!(err <= bound, "{bits} bits: error {err} > {bound}");
                 assert!(err > 0.0);
             }

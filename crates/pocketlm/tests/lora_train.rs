@@ -105,21 +105,20 @@ fn training_path_matches_inference_path() -> Res<()> {
     Ok(())
 }
 
-#[test]
-fn lora_gradients_match_finite_differences() -> Res<()> {
-    // MLX 8-bit quantized base: the adapted layers' frozen weights are dequantized copies.
-    let mut m = load_tiny("folders/tiny_llama_q8")?;
+/// Adapters of rank 3, scale 2 and `dropout` on every layer of every block.
+fn rank3_all_layers(dropout: f32) -> AdapterConfig {
     let params = LoraParameters {
         rank: 3,
         scale: 2.0,
-        dropout: 0.0,
+        dropout,
         keys: None,
     };
-    let cfg = AdapterConfig::new(-1, params);
-    let mut s = TrainSession::new(m.model.as_mut(), &cfg, None, 1, 1 << 20)?;
-    randomize(&s, 2)?;
-    // Two examples of different lengths (padding), the second with a masked prompt.
-    let ex = [
+    AdapterConfig::new(-1, params)
+}
+
+/// Two examples of different lengths (padding), the second with a masked prompt.
+fn two_examples() -> [Example; 2] {
+    [
         Example {
             tokens: vec![3, 77, 12, 190, 45, 6, 300, 2],
             offset: 0,
@@ -128,7 +127,17 @@ fn lora_gradients_match_finite_differences() -> Res<()> {
             tokens: vec![9, 150, 33, 71, 5, 260],
             offset: 3,
         },
-    ];
+    ]
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() -> Res<()> {
+    // MLX 8-bit quantized base: the adapted layers' frozen weights are dequantized copies.
+    let mut m = load_tiny("folders/tiny_llama_q8")?;
+    let cfg = rank3_all_layers(0.0);
+    let mut s = TrainSession::new(m.model.as_mut(), &cfg, None, 1, 1 << 20)?;
+    randomize(&s, 2)?;
+    let ex = two_examples();
     let batch: Vec<(usize, &Example)> = ex.iter().enumerate().collect();
     let (loss, _) = s.batch_loss(0, &batch, 64, false)?;
     let grads = loss.backward()?;
@@ -180,27 +189,12 @@ fn lora_gradients_match_finite_differences() -> Res<()> {
 /// of the tiny MLX 8-bit Llama with dropout `p`, masks seeded by `(seed, step)`.
 fn grads_of(checkpoint: bool, p: f32, seed: u64, step: u64) -> Res<(f32, Vec<Vec<f32>>)> {
     let mut m = load_tiny("folders/tiny_llama_q8")?;
-    let params = LoraParameters {
-        rank: 3,
-        scale: 2.0,
-        dropout: p,
-        keys: None,
-    };
-    let cfg = AdapterConfig::new(-1, params);
+    let cfg = rank3_all_layers(p);
     let mut s = TrainSession::new(m.model.as_mut(), &cfg, None, 1, 1 << 20)?;
     randomize(&s, 2)?;
     s.grad_checkpoint = checkpoint;
     s.set_dropout_seeds(seed, step);
-    let ex = [
-        Example {
-            tokens: vec![3, 77, 12, 190, 45, 6, 300, 2],
-            offset: 0,
-        },
-        Example {
-            tokens: vec![9, 150, 33, 71, 5, 260],
-            offset: 3,
-        },
-    ];
+    let ex = two_examples();
     let batch: Vec<(usize, &Example)> = ex.iter().enumerate().collect();
     let (loss, _, grads) = s.gradients(0, &batch, 64, true)?;
     let mut out = Vec::new();

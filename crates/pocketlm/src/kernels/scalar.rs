@@ -53,13 +53,8 @@ pub(crate) fn dequantize_row(dtype: GgufType, row: &[u8], out: &mut [f32]) {
             }
             GgufType::Q5_0 => {
                 let d = f16_at(blk, 0);
-                let qh = q5_high_bits(blk);
-                for j in 0..16 {
-                    let q = blk[6 + j];
-                    let lo = (q & 0xF) as i32 | (((qh >> j) & 1) << 4) as i32;
-                    let hi = (q >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
-                    y[j] = (lo - 16) as f32 * d;
-                    y[j + 16] = (hi - 16) as f32 * d;
+                for (y, q) in y.iter_mut().zip(q5_0_quants(blk)) {
+                    *y = q as f32 * d;
                 }
             }
             GgufType::Q8_0 => {
@@ -108,10 +103,18 @@ pub(crate) fn dequantize_row(dtype: GgufType, row: &[u8], out: &mut [f32]) {
     }
 }
 
-/// The 32 high bits of a `Q5_0` block (bytes 2..6, little-endian): bit `j` is bit 4 of value `j`.
+/// The signed quants `q - 16` (`-16..16`) of a `Q5_0` block: the nibbles of bytes 6..22 as in
+/// `Q4_0`, bit 4 of value `j` from bit `j` of bytes 2..6 (a little-endian `u32`).
 #[inline(always)]
-pub(crate) fn q5_high_bits(blk: &[u8]) -> u32 {
-    u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]])
+fn q5_0_quants(blk: &[u8]) -> [i32; 32] {
+    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+    let mut q = [0i32; 32];
+    for j in 0..16 {
+        let b = blk[6 + j];
+        q[j] = ((b & 0xF) as i32 | (((qh >> j) & 1) << 4) as i32) - 16;
+        q[j + 16] = ((b >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32) - 16;
+    }
+    q
 }
 
 /// The tile function of a weight type.
@@ -189,14 +192,11 @@ impl RowDot for Q5_0 {
         for (b, blk) in w.chunks_exact(22).enumerate() {
             let (y, dy, _) = act32(a, r, b);
             let d = f16_at(blk, 0);
-            let qh = q5_high_bits(blk);
-            let mut s = 0i32;
-            for j in 0..16 {
-                let q = blk[6 + j];
-                let lo = (q & 0xF) as i32 | (((qh >> j) & 1) << 4) as i32;
-                let hi = (q >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
-                s += (lo - 16) * y[j] as i32 + (hi - 16) * y[j + 16] as i32;
-            }
+            let s: i32 = q5_0_quants(blk)
+                .iter()
+                .zip(y)
+                .map(|(&q, &y)| q * y as i32)
+                .sum();
             acc += d * dy * s as f32;
         }
         acc

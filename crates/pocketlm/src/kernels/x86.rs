@@ -394,6 +394,34 @@ macro_rules! kernels {
             }
         }
 
+        /// One block of 32 signed quants `qx` with scale `d` against `R` activation rows:
+        /// `acc[i] += d·dy_i · Σ qx·y_i`, with ggml's sign trick (`|qx|` as unsigned, the sign
+        /// moved onto `y`; `mul_sum_i8_pairs_float`). Shared by `Q5_0` and `Q8_0`.
+        ///
+        /// # Safety
+        /// `y` points at the block's 32 values of activation row 0, with row `i` at
+        /// `y + i·k`; `dy` at its scale, with row `i` at `dy + i·nb`; both valid for `R` rows.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn add_signed_block<const R: usize>(
+            acc: &mut [__m256; R],
+            qx: __m256i,
+            d: f32,
+            y: *const i8,
+            dy: *const f32,
+            k: usize,
+            nb: usize,
+        ) {
+            let ax = _mm256_sign_epi8(qx, qx);
+            for i in 0..R {
+                unsafe {
+                    let yv = _mm256_loadu_si256(y.add(i * k) as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(dot_u8i8(ax, _mm256_sign_epi8(yv, qx)));
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * *dy.add(i * nb)), p, acc[i]);
+                }
+            }
+        }
+
         /// `Q5_0` against `Q8_32` activations, as ggml's AVX2 `ggml_vec_dot_q5_0_q8_0`:
         /// signed quants `q - 16` (the nibbles as in `Q4_0`, bit 4 from `bytes_from_bits_32`
         /// of `qh`: byte `j` all ones when bit `j` is set), the sign trick of `Q8_0`, then
@@ -443,13 +471,7 @@ macro_rules! kernels {
                     );
                     // q - 16 in two's complement: 0xF0 where bit 4 is clear
                     let qx = _mm256_or_si256(nib, _mm256_andnot_si256(bits, hi_off));
-                    let ax = _mm256_sign_epi8(qx, qx);
-                    for i in 0..R {
-                        let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
-                        let p = _mm256_cvtepi32_ps(dot_u8i8(ax, _mm256_sign_epi8(y, qx)));
-                        let dy = *yd.add(i * nb + b);
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[i]);
-                    }
+                    add_signed_block(&mut acc, qx, d, yq.add(32 * b), yd.add(b), k, nb);
                 }
                 let mut out = [0f32; R];
                 for i in 0..R {
@@ -478,13 +500,7 @@ macro_rules! kernels {
                     let blk = w.add(b * 34);
                     let d = f16_at(blk);
                     let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let ax = _mm256_sign_epi8(qx, qx);
-                    for i in 0..R {
-                        let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
-                        let p = _mm256_cvtepi32_ps(dot_u8i8(ax, _mm256_sign_epi8(y, qx)));
-                        let dy = *yd.add(i * nb + b);
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy), p, acc[i]);
-                    }
+                    add_signed_block(&mut acc, qx, d, yq.add(32 * b), yd.add(b), k, nb);
                 }
                 let mut out = [0f32; R];
                 for i in 0..R {

@@ -133,10 +133,7 @@ pub trait CausalLM: Send + Sync {
     /// and blocks `0..upto`, computed by the inference path (no autograd graph), for
     /// `input_ids: [batch, seq]` u32 at positions `0..seq`.
     fn hidden_states(&self, _input_ids: &Tensor, _upto: usize) -> Result<Tensor> {
-        Err(Error::InvalidArgument(format!(
-            "fine-tuning is not implemented for the `{}` architecture",
-            self.info().architecture
-        )))
+        Err(no_fine_tuning(self.info()))
     }
 
     /// Training: blocks `range` on `hidden: [batch, seq, hidden]` f32 (positions `0..seq`),
@@ -150,10 +147,7 @@ pub trait CausalLM: Send + Sync {
         _range: std::ops::Range<usize>,
         _train: bool,
     ) -> Result<Tensor> {
-        Err(Error::InvalidArgument(format!(
-            "fine-tuning is not implemented for the `{}` architecture",
-            self.info().architecture
-        )))
+        Err(no_fine_tuning(self.info()))
     }
 
     /// Training: the final norm and the output layer on `hidden: [batch, seq, hidden]`, as
@@ -166,10 +160,7 @@ pub trait CausalLM: Send + Sync {
         _train: bool,
         _select: Option<&Tensor>,
     ) -> Result<Tensor> {
-        Err(Error::InvalidArgument(format!(
-            "fine-tuning is not implemented for the `{}` architecture",
-            self.info().architecture
-        )))
+        Err(no_fine_tuning(self.info()))
     }
 
     /// Training, second half: blocks `from..` then the head ([`Self::forward_blocks`],
@@ -260,6 +251,14 @@ pub static REGISTRY: &[Architecture] = &[
         build: phi3::build,
     },
 ];
+
+/// The error of the training methods' defaults, for architectures without fine-tuning.
+fn no_fine_tuning(info: &ModelInfo) -> Error {
+    Error::InvalidArgument(format!(
+        "fine-tuning is not implemented for the `{}` architecture",
+        info.architecture
+    ))
+}
 
 fn supported() -> String {
     REGISTRY
