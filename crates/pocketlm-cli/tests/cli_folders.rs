@@ -105,3 +105,39 @@ fn hub_id_offline_without_cache_is_a_clear_error() {
         }
     }
 }
+
+/// `pocketlm generate` on each architecture's tiny model, from its Hugging Face folder and from
+/// the GGUF llama.cpp's converter made of it (`scripts/golden/tiny_gguf.py`): exits 0 and
+/// reports its generation (random weights: the text itself means nothing; the logits are
+/// checked in `archs_golden.rs`).
+#[test]
+fn generate_runs_on_every_architecture_folder_and_gguf() {
+    let archs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pocketlm/tests/golden/archs");
+    for name in ["qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mistral"] {
+        for model in [archs.join(name), archs.join(format!("{name}.gguf"))] {
+            let o = pocketlm(
+                &[
+                    "generate",
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--prompt",
+                    "hello world",
+                    "--max-tokens",
+                    "4",
+                    "--temp",
+                    "0",
+                    "--no-chat-template",
+                    "--verbose",
+                ],
+                &[],
+            );
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{}: {err}", model.display());
+            assert!(
+                err.contains("Generation: "),
+                "{}: no generation statistics in {err}",
+                model.display()
+            );
+        }
+    }
+}

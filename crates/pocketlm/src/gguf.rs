@@ -272,6 +272,8 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
         "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
+        // Phi-3's fused gate and up projections (gate first) are one `ffn_up` of 2·n_ff rows.
+        "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         _ => return None,
     };

@@ -52,11 +52,12 @@ mod fma_impl {
         v: &[f32],
         shape: &AttentionShape,
         scale: f32,
+        softcap: Option<f32>,
         window: Option<usize>,
         idx: usize,
         o: &mut [f32],
     ) {
-        super::attention_row(q, k, v, shape, scale, window, idx, o)
+        super::attention_row(q, k, v, shape, scale, softcap, window, idx, o)
     }
 }
 
@@ -118,6 +119,51 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 fn swiglu_impl(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = silu(g) * u;
+    }
+}
+
+/// GELU with the tanh approximation (Hendrycks & Gimpel 2016) as ggml's `ggml_gelu_f32`
+/// evaluates it in `f32`: `0.5·x·(1 + tanhf(sqrt(2/π)·x·(1 + 0.044715·x·x)))`, where GCC
+/// contracts `1 + (0.044715·x)·x` into one fused multiply-add and `tanhf` is libm's.
+#[inline]
+fn gelu_tanh_f32(x: f32) -> f32 {
+    const COEF_A: f32 = 0.044715;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let inner = (SQRT_2_OVER_PI * x) * (COEF_A * x).mul_add(x, 1.0);
+    (0.5 * x) * (1.0 + inner.tanh())
+}
+
+/// ggml's GELU table (`ggml_table_gelu_f16`): for every `f16` bit pattern `h`,
+/// `f16(gelu_tanh_f32(f32(h)))`, built once (65,536 entries, 128 KiB).
+fn gelu_table() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|h| {
+                let x = half::f16::from_bits(h).to_f32();
+                half::f16::from_f32(gelu_tanh_f32(x)).to_bits()
+            })
+            .collect()
+    })
+}
+
+/// GeGLU (Shazeer 2020) with ggml's tanh-GELU: `out[i] = gelu(gate[i]) · up[i]`
+/// (`ggml_vec_geglu_f32` with `GGML_GELU_FP16`, the default; llama.cpp's `ggml_geglu_split`
+/// in Gemma's feed-forward): `0` for `gate <= -10`, `gate · up` for `gate >= 10`, otherwise
+/// `gate` rounded to `f16` and looked up in [`gelu_table`], so the GELU carries `f16`
+/// precision (relative error up to ~1e-3 against the exact formula). All three slices have
+/// the same length.
+pub fn geglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let table = gelu_table();
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = if g <= -10.0 {
+            0.0
+        } else if g >= 10.0 {
+            g * u
+        } else {
+            let h = half::f16::from_f32(g).to_bits() as usize;
+            half::f16::from_bits(table[h]).to_f32() * u
+        };
     }
 }
 
@@ -301,8 +347,9 @@ pub struct AttentionShape {
 /// `window` only those with `pos - j < window`.
 ///
 /// The scores are `q·k` as ggml's `mul_mat` computes them, with `ggml_vec_dot_f32`
-/// ([`dot_vec`]; the query operand is never a contiguous matrix of 2+ columns); then
-/// [`softmax_scaled`]; then `Σ p_j v_j` over the positions (ggml multiplies by the transposed
+/// ([`dot_vec`]; the query operand is never a contiguous matrix of 2+ columns); with a
+/// `softcap` `c` (Gemma 2's attention logit soft-capping, llama.cpp `build_attn_mha`) each
+/// score becomes `tanhf(s · (1/c)) · c`; then [`softmax_scaled`]; then `Σ p_j v_j` over the positions (ggml multiplies by the transposed
 /// value cache) as `ggml_vec_dot_f32` does for one query (llamafile's `tinyBLAS` declines
 /// one-column products) and as `tinyBLAS` ([`dot_tinyblas`]) does for several, without
 /// materializing a transposed `v`. Rows run in parallel on the rayon pool.
@@ -310,12 +357,14 @@ pub struct AttentionShape {
 /// # Panics
 /// If a slice is shorter than its shape says or `heads` is not a multiple of `kv_heads`
 /// (internal callers check shapes first).
+#[allow(clippy::too_many_arguments)] // the operands and ggml's four attention parameters
 pub fn attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     shape: AttentionShape,
     scale: f32,
+    softcap: Option<f32>,
     window: Option<usize>,
     out: &mut [f32],
 ) {
@@ -334,7 +383,9 @@ pub fn attention(
     let kv_need = (kv_heads - 1) * hs + kv_len * d;
     assert!(k.len() >= kv_need && v.len() >= kv_need);
     let row = |(idx, o): (usize, &mut [f32])| {
-        fma_dispatch!(attention_row(q, k, v, &shape, scale, window, idx, o))
+        fma_dispatch!(attention_row(
+            q, k, v, &shape, scale, softcap, window, idx, o
+        ))
     };
     let rows = out[..heads * queries * d].chunks_mut(d).enumerate();
     if heads * queries * kv_len * d >= 1 << 15 {
@@ -353,6 +404,7 @@ fn attention_row(
     v: &[f32],
     shape: &AttentionShape,
     scale: f32,
+    softcap: Option<f32>,
     window: Option<usize>,
     idx: usize,
     o: &mut [f32],
@@ -378,6 +430,12 @@ fn attention_row(
     for (j, pj) in p.iter_mut().enumerate().take(pos + 1).skip(first) {
         let kj = &kk[j * d..][..d];
         *pj = dot_vec(qv, kj);
+    }
+    if let Some(c) = softcap {
+        let inv = 1.0 / c;
+        for pj in p.iter_mut().take(pos + 1).skip(first) {
+            *pj = (*pj * inv).tanh() * c;
+        }
     }
     softmax_scaled(&mut p, scale);
     // acc[g][l][c]: lane l of accumulator g for output dimension c; position j goes to
@@ -434,6 +492,28 @@ mod tests {
         let mut v = [0f32; 16];
         v.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
         assert_eq!(reduce_add16(&v), 120.0);
+    }
+
+    #[test]
+    fn geglu_follows_the_formula_to_f16_precision() {
+        let gate: Vec<f32> = (0..4000).map(|i| i as f32 * 0.007 - 12.0).collect();
+        let up: Vec<f32> = (0..4000).map(|i| 1.0 + (i % 5) as f32 * 0.25).collect();
+        let mut y = vec![0f32; gate.len()];
+        geglu(&gate, &up, &mut y);
+        for ((&g, &u), &v) in gate.iter().zip(&up).zip(&y) {
+            let x = g as f64;
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let want = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()) * u as f64;
+            // f16 rounding of the input and of the table entry.
+            let tol = 2e-3 * want.abs() + 1e-4;
+            assert!(
+                (v as f64 - want).abs() <= tol,
+                "geglu({g}, {u}) = {v}, want {want}"
+            );
+        }
+        // The clamps: 0 below -10, identity from 10 on.
+        assert_eq!(y[0], 0.0);
+        assert_eq!(y[3999], gate[3999] * up[3999]);
     }
 
     #[test]

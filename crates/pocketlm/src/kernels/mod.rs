@@ -18,6 +18,21 @@
 //!   and a portable scalar fallback. All compute the same integers; results differ only by
 //!   float summation order.
 //!
+//! Float order: within a block the integer sums are exact; the float scales are applied as
+//! ggml's AVX2 `ggml_vec_dot_*` kernels apply them, except for `Q4_K`, which llama.cpp's CPU
+//! backend repacks on x86-64 (AVX2) and on aarch64 with i8mm (`ggml_gemv_q4_K_8x8_q8_K` /
+//! `ggml_gemm_q4_K_8x8_q8_K`): there each super-block's scaled integer sum `Σ_s sc_s·Σ q·y` and
+//! min sum `Σ_s m_s·bsum_s` are accumulated by one fused multiply-add each with `d·dy` and
+//! `dmin·dy`, and the result is `acc - acc_min`; its GEMM, which takes the activation rows in
+//! groups of 4 (all but the last `m % 4` rows of a product, see [`q4k_gemm_row`]), does the
+//! same once per pair of sub-blocks (64 values) instead of once per super-block. Following that
+//! order is what lets a GGUF with `Q4_K` tensors (Gemma 3's Q4_K_M) reproduce llama.cpp's
+//! logits bit for bit. `Q6_K` products of 8 or more activation rows go through ggml-cpu's
+//! tiled K-quant matmul (`tiled/tiled-kernel.cpp`, see [`q6k_tiled`]): per super-block the
+//! exact integer `Σ_s sc_s·(Σ q·y - 32·bsum_s)` is converted to `f32`, multiplied by `d`, and
+//! accumulated with one fused multiply-add by `dy`; fewer rows use the eight-lane order of
+//! `ggml_vec_dot_q6_K_q8_K`.
+//!
 //! Threads: work is split with rayon over tiles of output rows (and, for prefill, of
 //! activation rows, so that each weight tile is read from L1 once per group of 4 activation
 //! rows); small products stay on the calling thread. Rayon's workers sleep when idle; nothing
@@ -1042,6 +1057,22 @@ pub(crate) struct Tile<'a> {
     pub out: *mut f32,
     /// Output row stride (`n`).
     pub ldo: usize,
+}
+
+/// Whether activation row `r` of an `m`-row product goes through ggml's repacked `Q4_K` GEMM
+/// (`ggml_gemm_q4_K_8x8_q8_K`: rows in groups of 4, one fused multiply-add per pair of
+/// sub-blocks) rather than its GEMV (the last `m % 4` rows, one per super-block); see
+/// `forward_mul_mat` in ggml-cpu's `repack.cpp`.
+#[inline(always)]
+pub(crate) fn q4k_gemm_row(m: usize, r: usize) -> bool {
+    r < m - m % 4
+}
+
+/// Whether an `m`-row `Q6_K` product goes through ggml-cpu's tiled K-quant matmul (taken for
+/// 8 or more activation rows, `ggml_tiled_min_batch`) rather than `ggml_vec_dot_q6_K_q8_K`.
+#[inline(always)]
+pub(crate) fn q6k_tiled(m: usize) -> bool {
+    m >= 8
 }
 
 /// A tile kernel: computes every output of the tile.

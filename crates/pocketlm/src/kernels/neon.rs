@@ -263,6 +263,8 @@ unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] 
     let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
     let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
     let mut acc = [0f32; R];
+    let mut accm = [0f32; R];
+    let gemm: [bool; R] = std::array::from_fn(|i| super::q4k_gemm_row(a.m, r + i));
     unsafe {
         let m4 = vdupq_n_u8(0x0F);
         for b in 0..nb {
@@ -289,21 +291,41 @@ unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] 
                     let zero = vdupq_n_s32(0);
                     let sl = dot16(dot16(zero, l0, load_s8(y)), l1, load_s8(y.add(16)));
                     let sh = dot16(dot16(zero, h0, load_s8(y.add(32))), h1, load_s8(y.add(48)));
-                    isum[i] += sc[2 * c] * vaddvq_s32(sl) + sc[2 * c + 1] * vaddvq_s32(sh);
+                    let part = sc[2 * c] * vaddvq_s32(sl) + sc[2 * c + 1] * vaddvq_s32(sh);
+                    if gemm[i] {
+                        // ggml's repacked GEMM: one step per pair of sub-blocks.
+                        let bsums = &a.bsums[(r + i) * nbs + 16 * b..][..16];
+                        let msum = mn[2 * c] * (bsums[4 * c] as i32 + bsums[4 * c + 1] as i32)
+                            + mn[2 * c + 1] * (bsums[4 * c + 2] as i32 + bsums[4 * c + 3] as i32);
+                        let dy = *a.d.get_unchecked((r + i) * nb + b);
+                        acc[i] = (part as f32).mul_add(d * dy, acc[i]);
+                        accm[i] = (msum as f32).mul_add(dmin * dy, accm[i]);
+                    } else {
+                        isum[i] += part;
+                    }
                 }
             }
             for i in 0..R {
+                if gemm[i] {
+                    continue;
+                }
                 let bsums = &a.bsums[(r + i) * nbs + 16 * b..(r + i) * nbs + 16 * b + 16];
                 let mut msum = 0i32;
                 for s in 0..8 {
                     msum += mn[s] * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32);
                 }
                 let dy = *a.d.get_unchecked((r + i) * nb + b);
-                acc[i] += d * dy * isum[i] as f32 - dmin * dy * msum as f32;
+                // ggml's repacked GEMV: one step per super-block (module docs of `kernels`).
+                acc[i] = (isum[i] as f32).mul_add(d * dy, acc[i]);
+                accm[i] = (msum as f32).mul_add(dmin * dy, accm[i]);
             }
         }
     }
-    acc
+    let mut out = [0f32; R];
+    for i in 0..R {
+        out[i] = acc[i] - accm[i];
+    }
+    out
 }
 
 /// `Q6_K` against `Q8_K` activations.
@@ -367,7 +389,13 @@ unsafe fn dot_q6k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] 
                     corr += sc[s] * bsums[s] as i32;
                 }
                 let dy = *a.d.get_unchecked((r + i) * nb + b);
-                acc[i] += d * dy * (isum[i] - 32 * corr) as f32;
+                let isum = isum[i] - 32 * corr;
+                // ggml's tiled matmul order for 8+ rows (`super::q6k_tiled`).
+                acc[i] = if super::q6k_tiled(a.m) {
+                    (isum as f32 * d).mul_add(dy, acc[i])
+                } else {
+                    acc[i] + d * dy * isum as f32
+                };
             }
         }
     }

@@ -221,10 +221,13 @@ impl RowDot for Q8_0 {
 }
 
 impl RowDot for Q4K {
-    // ggml_vec_dot_q4_K_q8_K: d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s m_s·Σy.
+    // d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s m_s·Σy, in the float order of ggml's repacked kernels
+    // (see the module docs of `kernels`): one fused multiply-add per super-block, or per pair of
+    // sub-blocks for the rows ggml's GEMM takes.
     fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
         let nb = a.k / 256;
-        let mut acc = 0f32;
+        let gemm = super::q4k_gemm_row(a.m, r);
+        let (mut acc, mut accm) = (0f32, 0f32);
         for (b, blk) in w.chunks_exact(144).enumerate() {
             let y = &a.qs[r * a.k + 256 * b..r * a.k + 256 * b + 256];
             let bsums = &a.bsums[r * (a.k / 16) + 16 * b..r * (a.k / 16) + 16 * b + 16];
@@ -246,17 +249,27 @@ impl RowDot for Q4K {
                 isum += sc1 as i32 * s1 + sc2 as i32 * s2;
                 msum += m1 as i32 * (bsums[4 * c] as i32 + bsums[4 * c + 1] as i32)
                     + m2 as i32 * (bsums[4 * c + 2] as i32 + bsums[4 * c + 3] as i32);
+                if gemm {
+                    acc = (isum as f32).mul_add(d * dy, acc);
+                    accm = (msum as f32).mul_add(dmin * dy, accm);
+                    (isum, msum) = (0, 0);
+                }
             }
-            acc += d * dy * isum as f32 - dmin * dy * msum as f32;
+            if !gemm {
+                acc = (isum as f32).mul_add(d * dy, acc);
+                accm = (msum as f32).mul_add(dmin * dy, accm);
+            }
         }
-        acc
+        acc - accm
     }
 }
 
 impl RowDot for Q6K {
-    // ggml_vec_dot_q6_K_q8_K: d·dy·Σ_s sc_s·Σ (q - 32)·y, with Σ 32·y from the bsums.
+    // d·dy·Σ_s sc_s·Σ (q - 32)·y, with Σ 32·y from the bsums; for 8+ rows in the float order of
+    // ggml's tiled matmul (`super::q6k_tiled`).
     fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
         let nb = a.k / 256;
+        let tiled = super::q6k_tiled(a.m);
         let mut acc = 0f32;
         for (b, blk) in w.chunks_exact(210).enumerate() {
             let y = &a.qs[r * a.k + 256 * b..r * a.k + 256 * b + 256];
@@ -285,7 +298,11 @@ impl RowDot for Q6K {
             for s in 0..16 {
                 isum += (sc[s] as i8 as i32) * (sub[s] - 32 * bsums[s] as i32);
             }
-            acc += d * dy * isum as f32;
+            acc = if tiled {
+                (isum as f32 * d).mul_add(dy, acc)
+            } else {
+                acc + d * dy * isum as f32
+            };
         }
         acc
     }

@@ -119,7 +119,7 @@ macro_rules! kernels {
     ($feat:literal, $vnni:literal, |$x:ident, $y:ident| $dot:expr) => {
         use std::arch::x86_64::*;
 
-        use super::super::{GgufType, Tile, TileFn};
+        use super::super::{q4k_gemm_row, q6k_tiled, GgufType, Tile, TileFn};
         use super::{ParamDtype, SHUFFLE_K4, SHUFFLE_Q6};
 
         pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
@@ -303,6 +303,15 @@ macro_rules! kernels {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_movehdup_ps(s));
             _mm_cvtss_f32(s)
+        }
+
+        /// Sum of the four `i32` lanes (exact: the callers' sums stay far from overflow).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        fn hsum_epi32(x: __m128i) -> i32 {
+            let s = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+            _mm_cvtsi128_si32(s)
         }
 
         /// `f16` bits at `p` as `f32`.
@@ -510,8 +519,9 @@ macro_rules! kernels {
             }
         }
 
-        /// `Q4_K` against `Q8_K` activations (ggml `ggml_vec_dot_q4_K_q8_K`, AVX2):
-        /// `Σ_b d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s m_s·bsum_s`.
+        /// `Q4_K` against `Q8_K` activations: `Σ_b d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s
+        /// m_s·bsum_s`, the integers as ggml's AVX2 `ggml_vec_dot_q4_K_q8_K`, the floats in the
+        /// order of its repacked kernels (see the module docs of `kernels`).
         ///
         /// # Safety
         /// As [`dot_q4`].
@@ -529,8 +539,9 @@ macro_rules! kernels {
                 let yd = a.d.as_ptr().add(r * nb);
                 let ybs = a.bsums.as_ptr().add(r * nbs);
                 let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc = [_mm256_setzero_ps(); R];
-                let mut accm = [_mm_setzero_ps(); R];
+                let mut acc = [0f32; R];
+                let mut accm = [0f32; R];
+                let gemm: [bool; R] = std::array::from_fn(|i| q4k_gemm_row(a.m, r + i));
                 for b in 0..nb {
                     let blk = w.add(b * 144);
                     let d = f16_at(blk);
@@ -554,6 +565,18 @@ macro_rules! kernels {
                     let mins = _mm256_extracti128_si256::<1>(mins_scales);
                     let qs = blk.add(16);
                     let mut sumi = [_mm256_setzero_si256(); R];
+                    let bs32: [__m128i; R] = std::array::from_fn(|i| {
+                        let bs = _mm256_loadu_si256(ybs.add(i * nbs + 16 * b) as *const __m256i);
+                        _mm_hadd_epi16(
+                            _mm256_castsi256_si128(bs),
+                            _mm256_extracti128_si256::<1>(bs),
+                        )
+                    });
+                    let dd: [f32; R] = std::array::from_fn(|i| d * *yd.add(i * nb + b));
+                    let dm: [f32; R] = std::array::from_fn(|i| dmin * *yd.add(i * nb + b));
+                    // Lane c: the mins of sub-blocks 2c, 2c + 1 times their activation sums.
+                    let prod: [__m128i; R] =
+                        std::array::from_fn(|i| _mm_madd_epi16(mins, bs32[i]));
                     for c in 0..4 {
                         let sl = _mm256_shuffle_epi8(
                             scales,
@@ -572,36 +595,45 @@ macro_rules! kernels {
                             let yh = _mm256_loadu_si256(y.add(32) as *const __m256i);
                             let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(ql, yl));
                             let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(qh, yh));
-                            sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(pl, ph));
+                            let p = _mm256_add_epi32(pl, ph);
+                            if gemm[i] {
+                                // Sub-blocks 2c, 2c + 1 on their own.
+                                let isum = hsum_epi32(_mm_add_epi32(
+                                    _mm256_castsi256_si128(p),
+                                    _mm256_extracti128_si256::<1>(p),
+                                ));
+                                let mut lanes = [0i32; 4];
+                                _mm_storeu_si128(lanes.as_mut_ptr() as *mut __m128i, prod[i]);
+                                acc[i] = (isum as f32).mul_add(dd[i], acc[i]);
+                                accm[i] = (lanes[c] as f32).mul_add(dm[i], accm[i]);
+                            } else {
+                                sumi[i] = _mm256_add_epi32(sumi[i], p);
+                            }
                         }
                     }
                     for i in 0..R {
-                        let dy = *yd.add(i * nb + b);
-                        acc[i] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(d * dy),
-                            _mm256_cvtepi32_ps(sumi[i]),
-                            acc[i],
-                        );
-                        let bs = _mm256_loadu_si256(ybs.add(i * nbs + 16 * b) as *const __m256i);
-                        let bs32 = _mm_hadd_epi16(
-                            _mm256_castsi256_si128(bs),
-                            _mm256_extracti128_si256::<1>(bs),
-                        );
-                        let prod = _mm_madd_epi16(mins, bs32);
-                        accm[i] =
-                            _mm_fmadd_ps(_mm_set1_ps(-dmin * dy), _mm_cvtepi32_ps(prod), accm[i]);
+                        if gemm[i] {
+                            continue;
+                        }
+                        let isum = hsum_epi32(_mm_add_epi32(
+                            _mm256_castsi256_si128(sumi[i]),
+                            _mm256_extracti128_si256::<1>(sumi[i]),
+                        ));
+                        acc[i] = (isum as f32).mul_add(dd[i], acc[i]);
+                        accm[i] = (hsum_epi32(prod[i]) as f32).mul_add(dm[i], accm[i]);
                     }
                 }
                 let mut out = [0f32; R];
                 for i in 0..R {
-                    out[i] = hsum_ps(acc[i]) + hsum_ps128(accm[i]);
+                    out[i] = acc[i] - accm[i];
                 }
                 out
             }
         }
 
         /// `Q6_K` against `Q8_K` activations (ggml `ggml_vec_dot_q6_K_q8_K`, AVX2):
-        /// `Σ_b d·dy·Σ_s sc_s·(Σ q·y - 32·bsum_s)` with `q` in `0..64`.
+        /// `Σ_b d·dy·Σ_s sc_s·(Σ q·y - 32·bsum_s)` with `q` in `0..64`; products of 8+ rows
+        /// in the float order of ggml's tiled matmul (see [`q6k_tiled`]).
         ///
         /// # Safety
         /// As [`dot_q4`].
@@ -618,6 +650,8 @@ macro_rules! kernels {
                 let m4 = _mm256_set1_epi8(0x0F);
                 let m2 = _mm256_set1_epi8(3);
                 let mut acc = [_mm256_setzero_ps(); R];
+                let tiled = q6k_tiled(a.m);
+                let mut acc1 = [0f32; R];
                 for b in 0..nb {
                     let blk = w.add(b * 210);
                     let d = f16_at(blk.add(208));
@@ -664,13 +698,24 @@ macro_rules! kernels {
                         let corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
                         let s = _mm256_sub_epi32(sumi[i], corr);
                         let dy = *yd.add(i * nb + b);
-                        acc[i] =
-                            _mm256_fmadd_ps(_mm256_set1_ps(d * dy), _mm256_cvtepi32_ps(s), acc[i]);
+                        if tiled {
+                            let isum = hsum_epi32(_mm_add_epi32(
+                                _mm256_castsi256_si128(s),
+                                _mm256_extracti128_si256::<1>(s),
+                            ));
+                            acc1[i] = (isum as f32 * d).mul_add(dy, acc1[i]);
+                        } else {
+                            acc[i] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(d * dy),
+                                _mm256_cvtepi32_ps(s),
+                                acc[i],
+                            );
+                        }
                     }
                 }
                 let mut out = [0f32; R];
                 for i in 0..R {
-                    out[i] = hsum_ps(acc[i]);
+                    out[i] = if tiled { acc1[i] } else { hsum_ps(acc[i]) };
                 }
                 out
             }

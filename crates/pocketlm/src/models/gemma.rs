@@ -5,15 +5,16 @@
 //! Reference: Hugging Face `modeling_gemma2.py`, `modeling_gemma3.py` (`Gemma3ForCausalLM`),
 //! mlx-lm `models/gemma2.py`, `models/gemma3_text.py`.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::models::{CausalLM, Logits, ModelInfo};
 use crate::nn::{
-    causal_mask, gelu_tanh, scaled_dot_product_attention, softcap, Embedding, Linear, RmsNorm,
-    RopeScaling, RotaryEmbedding,
+    causal_attention, causal_attention_capped, causal_mask, gelu_tanh,
+    scaled_dot_product_attention, softcap, Embedding, Linear, RmsNorm, RopeScaling,
+    RotaryEmbedding,
 };
 use crate::weights::{WeightFormat, Weights};
 use crate::{Error, Result};
@@ -427,6 +428,8 @@ struct Attention {
     head_dim: usize,
     scale: f64,
     softcap: Option<f64>,
+    /// GGUF weights: follow llama.cpp's order of operations (queries scaled before `q·k`).
+    ggml_numerics: bool,
 }
 
 impl Attention {
@@ -437,6 +440,7 @@ impl Attention {
         cos_sin: &(Tensor, Tensor),
         cache: &mut dyn LayerKvCache,
         mask: Option<&Tensor>,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let shape = |t: Tensor, h: usize| -> Result<Tensor> {
@@ -457,10 +461,17 @@ impl Attention {
         let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
         let (k, v) = cache.update(&k, &v)?;
-        let o = scaled_dot_product_attention(&q, &k, &v, mask, self.scale, self.softcap)?;
-        let o = o
-            .transpose(1, 2)?
-            .reshape((b, s, self.n_heads * self.head_dim))?;
+        let o = if self.ggml_numerics {
+            // llama.cpp scales the queries, then takes q·k (`kernels::float::attention`).
+            let q = (q * self.scale)?;
+            causal_attention_capped(&q, &k, &v, 1.0, self.softcap, window, mask)?
+        } else if self.softcap.is_none() {
+            causal_attention(&q, &k, &v, self.scale, window, mask)?
+        } else {
+            let o = scaled_dot_product_attention(&q, &k, &v, mask, self.scale, self.softcap)?;
+            o.transpose(1, 2)?
+                .reshape((b, s, self.n_heads * self.head_dim))?
+        };
         self.o_proj.forward(&o)
     }
 }
@@ -470,6 +481,9 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// GELU through ggml's `f16` table (GGUF weights on the CPU follow llama.cpp), else the
+    /// exact formula (Hugging Face weights follow transformers).
+    ggml_gelu: bool,
 }
 
 impl Mlp {
@@ -478,7 +492,18 @@ impl Mlp {
         let gu = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?;
         let [g, u] = <[Tensor; 2]>::try_from(gu)
             .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
-        self.down_proj.forward(&(gelu_tanh(&g)? * u)?)
+        let gg = if self.ggml_gelu && g.device().is_cpu() && g.dtype() == DType::F32 {
+            let (gv, uv) = (
+                g.flatten_all()?.to_vec1::<f32>()?,
+                u.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let mut y = vec![0f32; gv.len()];
+            crate::kernels::float::geglu(&gv, &uv, &mut y);
+            Tensor::from_vec(y, g.shape(), g.device())?
+        } else {
+            (gelu_tanh(&g)? * u)?
+        };
+        self.down_proj.forward(&gg)
     }
 }
 
@@ -558,6 +583,7 @@ impl Gemma {
                     head_dim: hd,
                     scale,
                     softcap: cfg.attn_logit_softcapping,
+                    ggml_numerics: !unit_offset,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 pre_feedforward_layernorm: norm(
@@ -568,6 +594,7 @@ impl Gemma {
                     gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
                     up_proj: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
                     down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                    ggml_gelu: !unit_offset,
                 },
                 post_feedforward_layernorm: norm(
                     &format!("{p}.post_feedforward_layernorm.weight"),
@@ -583,8 +610,14 @@ impl Gemma {
             embed_tokens.as_linear(w.device())?
         };
         let (global, local) = cfg.rope()?;
-        let rope =
-            |p: &RopeParams| RotaryEmbedding::new(hd, p.theta, &p.scaling, false, w.device());
+        // GGUF weights follow llama.cpp's angles (ggml's NEOX mode), others transformers'.
+        let rope = |p: &RopeParams| {
+            if unit_offset {
+                RotaryEmbedding::new(hd, p.theta, &p.scaling, false, w.device())
+            } else {
+                RotaryEmbedding::new_ggml(hd, p.theta, &p.scaling, false, w.device())
+            }
+        };
         Ok(Self {
             embed_tokens,
             embed_scale: (h as f64).sqrt(),
@@ -638,13 +671,18 @@ impl CausalLM for Gemma {
             let c = cache
                 .layer(i)
                 .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
-            let (rope, cs, mask) = if layer.sliding {
-                (&self.rope_local, &cs_local, sliding_mask.as_ref())
+            let (rope, cs, mask, window) = if layer.sliding {
+                (
+                    &self.rope_local,
+                    &cs_local,
+                    sliding_mask.as_ref(),
+                    self.sliding_window,
+                )
             } else {
-                (&self.rope_global, &cs_global, full_mask.as_ref())
+                (&self.rope_global, &cs_global, full_mask.as_ref(), None)
             };
             let hn = layer.input_layernorm.forward(&x)?;
-            let a = layer.self_attn.forward(&hn, rope, cs, c, mask)?;
+            let a = layer.self_attn.forward(&hn, rope, cs, c, mask, window)?;
             x = (layer.post_attention_layernorm.forward(&a)? + x)?;
             let hn = layer.pre_feedforward_layernorm.forward(&x)?;
             let m = layer.mlp.forward(&hn)?;

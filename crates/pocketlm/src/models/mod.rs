@@ -246,8 +246,8 @@ pub static REGISTRY: &[Architecture] = &[
     },
     Architecture {
         model_types: &["phi3"],
-        gguf_architectures: &[],
-        config_from_gguf: llama::config_from_gguf, // unused: no GGUF architecture listed
+        gguf_architectures: &["phi3"],
+        config_from_gguf: phi3::config_from_gguf,
         build: phi3::build,
     },
 ];

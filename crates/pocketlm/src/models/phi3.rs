@@ -2,10 +2,13 @@
 //! (`self_attn.qkv_proj`, `mlp.gate_up_proj`), LongRoPE scaling and optionally partial
 //! rotary dimensions. Reference: Hugging Face `modeling_phi3.py`, mlx-lm `models/phi3.py`.
 
+use candle_core::Device;
+
+use crate::gguf::GgufFile;
 use crate::models::llama::{self, LlamaVariant};
 use crate::models::CausalLM;
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
 
 /// The Phi-3 switches over Llama.
 pub const VARIANT: LlamaVariant = LlamaVariant {
@@ -58,6 +61,69 @@ pub fn normalize(config: &serde_json::Value) -> serde_json::Value {
         }
     }
     c
+}
+
+/// Reads an HF-style Phi-3 config from GGUF metadata, as llama.cpp's converter writes it
+/// (`phi3.*` keys; `conversion/phi.py`, `Phi3MiniModel`): the Llama keys, plus
+/// - `rope.dimension_count` below the head size: partial rotary dimensions
+///   (`partial_rotary_factor = dimension_count / head_dim`, the head size being
+///   `embedding_length / head_count`);
+/// - LongRoPE: the tensors `rope_factors_long.weight` and `rope_factors_short.weight`
+///   (`[dimension_count / 2]` f32), `rope.scaling.original_context_length` and
+///   `rope.scaling.attn_factor` (the cos/sin scale);
+/// - `attention.sliding_window` 0 means none (the converter writes 0 for Phi-4).
+///
+/// Which factors apply follows Hugging Face: the long ones once a pass reaches beyond the
+/// original context (llama.cpp decides once per context: long whenever its context size
+/// exceeds the original one).
+///
+/// Errors: [`Error::Model`] naming a missing or inconsistent key or tensor.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let mut c = llama::config_from_gguf(g)?;
+    let heads = g.get_usize("phi3.attention.head_count")?;
+    let hidden = g.get_usize("phi3.embedding_length")?;
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(Error::Model(format!(
+            "{}: `phi3.embedding_length` {hidden} is not a multiple of `phi3.attention.head_count` {heads}",
+            g.path().display()
+        )));
+    }
+    let head_dim = hidden / heads;
+    let rot = g
+        .opt_usize("phi3.rope.dimension_count")?
+        .unwrap_or(head_dim);
+    let o = c
+        .as_object_mut()
+        .ok_or_else(|| Error::Model("phi3 GGUF config is not an object".into()))?;
+    o.insert("head_dim".into(), head_dim.into());
+    o.insert(
+        "partial_rotary_factor".into(),
+        (rot as f64 / head_dim as f64).into(),
+    );
+    if o.get("sliding_window").and_then(|v| v.as_u64()) == Some(0) {
+        o.insert("sliding_window".into(), serde_json::Value::Null);
+    }
+    let (long, short) = ("rope_factors_long.weight", "rope_factors_short.weight");
+    if g.has_tensor(long) || g.has_tensor(short) {
+        let factors = |name: &str| -> Result<Vec<f32>> {
+            Ok(g.tensor_f32(name, &[rot / 2], &Device::Cpu)?
+                .to_vec1::<f32>()?)
+        };
+        let original = g.get_usize("phi3.rope.scaling.original_context_length")?;
+        let max_pos = g.get_usize("phi3.context_length")?;
+        let mut scaling = serde_json::json!({
+            "rope_type": "longrope",
+            "long_factor": factors(long)?,
+            "short_factor": factors(short)?,
+            "original_max_position_embeddings": original,
+            "factor": max_pos as f64 / original.max(1) as f64,
+        });
+        if let Some(a) = g.opt_f64("phi3.rope.scaling.attn_factor")? {
+            scaling["attention_factor"] = a.into();
+        }
+        o.insert("rope_scaling".into(), scaling);
+    }
+    Ok(c)
 }
 
 /// Builds a Phi-3 model from an HF-style config and weights (`Phi3ForCausalLM` names).

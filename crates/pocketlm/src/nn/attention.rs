@@ -24,6 +24,24 @@ pub fn causal_attention(
     window: Option<usize>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    causal_attention_capped(q, k, v, scale, None, window, mask)
+}
+
+/// [`causal_attention`] with attention logit soft-capping (Gemma 2): each score `s = q·k ·
+/// scale` becomes `c · tanh(s / c)` before the softmax. On the CPU in `f32` the scores follow
+/// llama.cpp's order (`q·k`, then `·(1/c)`, `tanhf`, `·c`, then the softmax's `· scale`), so a
+/// caller that wants ggml's numerics pre-scales `q` and passes `scale = 1` as llama.cpp does.
+///
+/// Errors: as [`causal_attention`].
+pub fn causal_attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    window: Option<usize>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let (kb, kv_heads, kv_len, kd) = k.dims4()?;
     if kb != b
@@ -44,7 +62,7 @@ pub fn causal_attention(
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     if !cpu_f32 {
-        let o = scaled_dot_product_attention(q, k, v, mask, scale, None)?;
+        let o = scaled_dot_product_attention(q, k, v, mask, scale, softcap)?;
         return Ok(o.transpose(1, 2)?.reshape((b, s, heads * d))?);
     }
     let q = q.contiguous()?;
@@ -93,6 +111,7 @@ pub fn causal_attention(
             &vall[vo..vo + span],
             shape,
             scale as f32,
+            softcap.map(|c| c as f32),
             window,
             &mut out[bi * s * heads * d..][..s * heads * d],
         );

@@ -8,7 +8,9 @@ pub mod norm;
 pub mod ops;
 pub mod rope;
 
-pub use attention::{causal_mask, repeat_kv, scaled_dot_product_attention};
+pub use attention::{
+    causal_attention, causal_attention_capped, causal_mask, repeat_kv, scaled_dot_product_attention,
+};
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
 pub use norm::RmsNorm;

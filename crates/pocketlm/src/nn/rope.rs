@@ -229,6 +229,30 @@ impl RotaryEmbedding {
         interleaved: bool,
         device: &Device,
     ) -> Result<Self> {
+        Self::build(rotary_dim, theta, scaling, interleaved, interleaved, device)
+    }
+
+    /// Like [`Self::new`], but the angles follow llama.cpp's numerics whatever the pair layout
+    /// (for GGUF weights whose heads keep Hugging Face's half-split pairs, ggml's `NEOX` rope
+    /// mode, e.g. Gemma), when the scaling allows it (none, linear or frequency factors).
+    pub fn new_ggml(
+        rotary_dim: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        interleaved: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(rotary_dim, theta, scaling, interleaved, true, device)
+    }
+
+    fn build(
+        rotary_dim: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        interleaved: bool,
+        ggml_angles: bool,
+        device: &Device,
+    ) -> Result<Self> {
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(Error::Model(format!(
                 "rotary dimension {rotary_dim} must be even and positive"
@@ -240,7 +264,7 @@ impl RotaryEmbedding {
             .collect();
         let mut inv_freq = base.clone();
         scaling.apply(&mut inv_freq)?;
-        let ggml = match (interleaved, scaling) {
+        let ggml = match (ggml_angles, scaling) {
             (false, _)
             | (true, RopeScaling::Llama3 { .. })
             | (true, RopeScaling::LongRope { .. }) => None,
