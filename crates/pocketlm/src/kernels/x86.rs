@@ -564,7 +564,8 @@ macro_rules! kernels {
                     let scales = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(sc128), sc128);
                     let mins = _mm256_extracti128_si256::<1>(mins_scales);
                     let qs = blk.add(16);
-                    let mut sumi = [_mm256_setzero_si256(); R];
+                    // pc[i][c]: row i, sub-blocks 2c and 2c + 1, scaled, in 8 lanes.
+                    let mut pc = [[_mm256_setzero_si256(); 4]; R];
                     let bs32: [__m128i; R] = std::array::from_fn(|i| {
                         let bs = _mm256_loadu_si256(ybs.add(i * nbs + 16 * b) as *const __m256i);
                         _mm_hadd_epi16(
@@ -572,11 +573,6 @@ macro_rules! kernels {
                             _mm256_extracti128_si256::<1>(bs),
                         )
                     });
-                    let dd: [f32; R] = std::array::from_fn(|i| d * *yd.add(i * nb + b));
-                    let dm: [f32; R] = std::array::from_fn(|i| dmin * *yd.add(i * nb + b));
-                    // Lane c: the mins of sub-blocks 2c, 2c + 1 times their activation sums.
-                    let prod: [__m128i; R] =
-                        std::array::from_fn(|i| _mm_madd_epi16(mins, bs32[i]));
                     for c in 0..4 {
                         let sl = _mm256_shuffle_epi8(
                             scales,
@@ -589,38 +585,40 @@ macro_rules! kernels {
                         let q4 = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
                         let ql = _mm256_and_si256(q4, m4);
                         let qh = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-                        for i in 0..R {
+                        for (i, pci) in pc.iter_mut().enumerate() {
                             let y = yq.add(i * k + 256 * b + 64 * c);
                             let yl = _mm256_loadu_si256(y as *const __m256i);
                             let yh = _mm256_loadu_si256(y.add(32) as *const __m256i);
                             let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(ql, yl));
                             let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(qh, yh));
-                            let p = _mm256_add_epi32(pl, ph);
-                            if gemm[i] {
-                                // Sub-blocks 2c, 2c + 1 on their own.
-                                let isum = hsum_epi32(_mm_add_epi32(
-                                    _mm256_castsi256_si128(p),
-                                    _mm256_extracti128_si256::<1>(p),
-                                ));
-                                let mut lanes = [0i32; 4];
-                                _mm_storeu_si128(lanes.as_mut_ptr() as *mut __m128i, prod[i]);
-                                acc[i] = (isum as f32).mul_add(dd[i], acc[i]);
-                                accm[i] = (lanes[c] as f32).mul_add(dm[i], accm[i]);
-                            } else {
-                                sumi[i] = _mm256_add_epi32(sumi[i], p);
-                            }
+                            pci[c] = _mm256_add_epi32(pl, ph);
                         }
                     }
                     for i in 0..R {
+                        let dy = *yd.add(i * nb + b);
+                        let (dd, dm) = (d * dy, dmin * dy);
+                        // Lane c: the scaled sums / the mins · activation sums of sub-blocks
+                        // 2c and 2c + 1.
+                        let [p0, p1, p2, p3] = pc[i];
+                        let h = _mm256_hadd_epi32(
+                            _mm256_hadd_epi32(p0, p1),
+                            _mm256_hadd_epi32(p2, p3),
+                        );
+                        let sums =
+                            _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                        let prod = _mm_madd_epi16(mins, bs32[i]);
                         if gemm[i] {
-                            continue;
+                            let (mut sl, mut ml) = ([0i32; 4], [0i32; 4]);
+                            _mm_storeu_si128(sl.as_mut_ptr() as *mut __m128i, sums);
+                            _mm_storeu_si128(ml.as_mut_ptr() as *mut __m128i, prod);
+                            for c in 0..4 {
+                                acc[i] = (sl[c] as f32).mul_add(dd, acc[i]);
+                                accm[i] = (ml[c] as f32).mul_add(dm, accm[i]);
+                            }
+                        } else {
+                            acc[i] = (hsum_epi32(sums) as f32).mul_add(dd, acc[i]);
+                            accm[i] = (hsum_epi32(prod) as f32).mul_add(dm, accm[i]);
                         }
-                        let isum = hsum_epi32(_mm_add_epi32(
-                            _mm256_castsi256_si128(sumi[i]),
-                            _mm256_extracti128_si256::<1>(sumi[i]),
-                        ));
-                        acc[i] = (isum as f32).mul_add(dd[i], acc[i]);
-                        accm[i] = (hsum_epi32(prod[i]) as f32).mul_add(dm[i], accm[i]);
                     }
                 }
                 let mut out = [0f32; R];
