@@ -167,6 +167,15 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
             "rope_type": "linear",
             "factor": g.get_f64(&k("rope.scaling.factor"))?,
         }),
+        // llama.cpp's converter writes YaRN as the factor and the original context length.
+        Some("yarn") => serde_json::json!({
+            "rope_type": "yarn",
+            "factor": g.get_f64(&k("rope.scaling.factor"))?,
+            "original_max_position_embeddings":
+                g.get_f64(&k("rope.scaling.original_context_length"))?,
+            "beta_fast": g.opt_f64(&k("rope.scaling.yarn_beta_fast"))?,
+            "beta_slow": g.opt_f64(&k("rope.scaling.yarn_beta_slow"))?,
+        }),
         Some(other) => {
             return Err(Error::Model(format!(
                 "{}: `{arch}.rope.scaling.type` `{other}` is not supported",

@@ -29,6 +29,25 @@ pub enum RopeScaling {
         /// Context length the model was pre-trained with.
         original_max_position_embeddings: f64,
     },
+    /// YaRN (Peng et al. 2023, arXiv:2309.00071; HF `_compute_yarn_parameters`): frequencies
+    /// whose wavelength fits the original context more than `beta_fast` times are kept, those
+    /// fitting fewer than `beta_slow` times are divided by `factor`, with a linear ramp over the
+    /// dimensions between; cos/sin multiplied by `attention_factor`.
+    Yarn {
+        /// Context extension factor.
+        factor: f64,
+        /// Context length the model was pre-trained with, in tokens.
+        original_max_position_embeddings: f64,
+        /// Rotations over the original context above which a frequency is kept (default 32).
+        beta_fast: f64,
+        /// Rotations below which a frequency is fully interpolated (default 1).
+        beta_slow: f64,
+        /// Scale of cos/sin: given, or `0.1·ln(factor) + 1` (with `mscale` / `mscale_all_dim`:
+        /// the ratio of `0.1·m·ln(factor) + 1` for the two), 1 when `factor <= 1`.
+        attention_factor: f64,
+        /// Round the ramp's ends outward to whole dimensions (default true).
+        truncate: bool,
+    },
     /// Per-frequency divisors given explicitly (GGUF `rope_freqs.weight`, `[head_dim / 2]`),
     /// which is how llama.cpp stores Llama 3.1 scaling.
     FreqFactors(Vec<f32>),
@@ -61,6 +80,11 @@ struct RawScaling {
     short_factor: Option<Vec<f64>>,
     long_factor: Option<Vec<f64>>,
     attention_factor: Option<f64>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+    truncate: Option<bool>,
 }
 
 impl RopeScaling {
@@ -123,15 +147,73 @@ impl RopeScaling {
                     attention_factor,
                 })
             }
+            "yarn" => {
+                let factor = need(raw.factor, "factor")?;
+                let get_mscale = |m: f64| {
+                    if factor <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * factor.ln() + 1.0
+                    }
+                };
+                let attention_factor = match (raw.attention_factor, raw.mscale, raw.mscale_all_dim)
+                {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                        get_mscale(m) / get_mscale(all)
+                    }
+                    _ => get_mscale(1.0),
+                };
+                Ok(Self::Yarn {
+                    factor,
+                    original_max_position_embeddings: need(
+                        raw.original_max_position_embeddings,
+                        "original_max_position_embeddings",
+                    )?,
+                    beta_fast: raw.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0),
+                    beta_slow: raw.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0),
+                    attention_factor,
+                    truncate: raw.truncate.unwrap_or(true),
+                })
+            }
             other => Err(Error::Model(format!(
-                "config.json: `rope_scaling.rope_type` `{other}` is not supported (default, linear, llama3, longrope)"
+                "config.json: `rope_scaling.rope_type` `{other}` is not supported (default, linear, llama3, yarn, longrope)"
             ))),
         }
     }
 
-    /// Applies the scaling to `inv_freq` (`[rotary_dim / 2]`); for LongRoPE, the short factors.
-    pub fn apply(&self, inv_freq: &mut [f64]) -> Result<()> {
+    /// Applies the scaling to `inv_freq` (`[rotary_dim / 2]`, from base `theta`); for LongRoPE,
+    /// the short factors.
+    pub fn apply(&self, inv_freq: &mut [f64], theta: f64) -> Result<()> {
         match self {
+            Self::Yarn {
+                factor,
+                original_max_position_embeddings: orig,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                let half = inv_freq.len();
+                let dim = 2.0 * half as f64;
+                // The dimension at which a frequency turns `rot` times over the original context.
+                let corr = |rot: f64| {
+                    dim * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                for (i, f) in inv_freq.iter_mut().enumerate() {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    *f = *f / factor * (1.0 - extrapolation) + *f * extrapolation;
+                }
+            }
             Self::None => {}
             Self::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
             Self::Llama3 {
@@ -263,11 +345,12 @@ impl RotaryEmbedding {
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
             .collect();
         let mut inv_freq = base.clone();
-        scaling.apply(&mut inv_freq)?;
+        scaling.apply(&mut inv_freq, theta)?;
         let ggml = match (ggml_angles, scaling) {
             (false, _)
             | (true, RopeScaling::Llama3 { .. })
-            | (true, RopeScaling::LongRope { .. }) => None,
+            | (true, RopeScaling::LongRope { .. })
+            | (true, RopeScaling::Yarn { .. }) => None,
             (true, RopeScaling::None) => Some((1.0, None)),
             (true, RopeScaling::Linear { factor }) => Some(((1.0 / factor) as f32, None)),
             (true, RopeScaling::FreqFactors(f)) => Some((1.0, Some(f.clone()))),
@@ -292,6 +375,9 @@ impl RotaryEmbedding {
                     *attention_factor as f32,
                 )
             }
+            RopeScaling::Yarn {
+                attention_factor, ..
+            } => (None, *attention_factor as f32),
             _ => (None, 1.0),
         };
         Ok(Self {
@@ -446,7 +532,7 @@ mod tests {
             .map(|i| 1.0 / 500000f64.powf(2.0 * i as f64 / d as f64))
             .collect();
         let orig = f.clone();
-        s.apply(&mut f).unwrap();
+        s.apply(&mut f, 500000.0).unwrap();
         assert_eq!(f[0], orig[0]); // highest frequency kept
         assert!((f[63] - orig[63] / 8.0).abs() < 1e-18); // lowest scaled by factor
         assert!(
@@ -454,6 +540,76 @@ mod tests {
                 || f[45] == orig[45]
                 || f[45] == orig[45] / 8.0
         );
+    }
+
+    /// Against transformers 5.23's `_compute_yarn_parameters` (`scripts/golden/rope_yarn.py`).
+    #[test]
+    fn yarn_matches_transformers() {
+        /// theta, `rope_scaling`, attention factor, (index, inv_freq) pairs.
+        type Case = (f64, serde_json::Value, f64, [(usize, f64); 9]);
+        let cases: [Case; 2] = [
+            (
+                1e6,
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0,
+                    "original_max_position_embeddings": 32768}),
+                1.138629436111989,
+                [
+                    (0, 1.0),
+                    (8, 0.17782793939113617),
+                    (16, 0.03162277862429619),
+                    (24, 0.005375321488827467),
+                    (32, 0.0006029411451891065),
+                    (40, 4.4456985051510856e-05),
+                    (48, 7.905693564680405e-06),
+                    (56, 1.405853367941745e-06),
+                    (63, 3.102344408034696e-07),
+                ],
+            ),
+            (
+                1e4,
+                serde_json::json!({"type": "yarn", "factor": 40.0,
+                    "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2,
+                    "mscale": 1.0, "mscale_all_dim": 0.707}),
+                1.0857263992561355,
+                [
+                    (0, 1.0),
+                    (8, 0.3162277638912201),
+                    (16, 0.10000000149011612),
+                    (24, 0.03162277862429619),
+                    (32, 0.00573437474668026),
+                    (40, 0.00027175823925063014),
+                    (48, 2.499999936844688e-05),
+                    (56, 7.905694474175107e-06),
+                    (63, 2.886954689529375e-06),
+                ],
+            ),
+        ];
+        for (theta, cfg, att, want) in cases {
+            let s = RopeScaling::from_config(Some(&cfg)).unwrap();
+            let RopeScaling::Yarn {
+                attention_factor, ..
+            } = &s
+            else {
+                panic!("not yarn: {s:?}");
+            };
+            assert!(
+                (attention_factor - att).abs() < 1e-12,
+                "{attention_factor} vs {att}"
+            );
+            let d = 128;
+            let mut f: Vec<f64> = (0..d / 2)
+                .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+                .collect();
+            s.apply(&mut f, theta).unwrap();
+            for (i, w) in want {
+                // transformers computes in f32.
+                assert!(
+                    (f[i] - w).abs() <= 2e-7 * w,
+                    "inv_freq[{i}] = {} vs {w}",
+                    f[i]
+                );
+            }
+        }
     }
 
     #[test]
