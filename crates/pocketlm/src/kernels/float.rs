@@ -349,7 +349,8 @@ pub struct AttentionShape {
 /// The scores are `q·k` as ggml's `mul_mat` computes them, with `ggml_vec_dot_f32`
 /// ([`dot_vec`]; the query operand is never a contiguous matrix of 2+ columns); with a
 /// `softcap` `c` (Gemma 2's attention logit soft-capping, llama.cpp `build_attn_mha`) each
-/// score becomes `tanhf(s · (1/c)) · c`; then [`softmax_scaled`]; then `Σ p_j v_j` over the positions (ggml multiplies by the transposed
+/// score becomes `tanhf(s · scale · (1/c)) · c` and the softmax takes scale 1; then
+/// [`softmax_scaled`]; then `Σ p_j v_j` over the positions (ggml multiplies by the transposed
 /// value cache) as `ggml_vec_dot_f32` does for one query (llamafile's `tinyBLAS` declines
 /// one-column products) and as `tinyBLAS` ([`dot_tinyblas`]) does for several, without
 /// materializing a transposed `v`. Rows run in parallel on the rayon pool.
@@ -431,13 +432,20 @@ fn attention_row(
         let kj = &kk[j * d..][..d];
         *pj = dot_vec(qv, kj);
     }
-    if let Some(c) = softcap {
-        let inv = 1.0 / c;
-        for pj in p.iter_mut().take(pos + 1).skip(first) {
-            *pj = (*pj * inv).tanh() * c;
+    // The cap applies to the scaled scores (`c·tanh(s·scale/c)`, as `scaled_dot_product_attention`
+    // on other devices); with `scale = 1` (llama.cpp pre-scales q) `s·1` is exact, so this is
+    // ggml's order.
+    let softmax_scale = match softcap {
+        Some(c) => {
+            let inv = 1.0 / c;
+            for pj in p.iter_mut().take(pos + 1).skip(first) {
+                *pj = (*pj * scale * inv).tanh() * c;
+            }
+            1.0
         }
-    }
-    softmax_scaled(&mut p, scale);
+        None => scale,
+    };
+    softmax_scaled(&mut p, softmax_scale);
     // acc[g][l][c]: lane l of accumulator g for output dimension c; position j goes to
     // lane j % 16 of accumulator (j / 16) % groups.
     let groups = if queries == 1 { 4 } else { 1 };

@@ -28,9 +28,10 @@ pub fn causal_attention(
 }
 
 /// [`causal_attention`] with attention logit soft-capping (Gemma 2): each score `s = q·k ·
-/// scale` becomes `c · tanh(s / c)` before the softmax. On the CPU in `f32` the scores follow
-/// llama.cpp's order (`q·k`, then `·(1/c)`, `tanhf`, `·c`, then the softmax's `· scale`), so a
-/// caller that wants ggml's numerics pre-scales `q` and passes `scale = 1` as llama.cpp does.
+/// scale` becomes `c · tanh(s / c)` before the softmax, on every device. On the CPU in `f32`
+/// the scores follow llama.cpp's order (`q·k`, `·scale`, `·(1/c)`, `tanhf`, `·c`); llama.cpp
+/// scales `q` instead of the scores, so a caller that wants its numerics bit for bit
+/// pre-scales `q` and passes `scale = 1`.
 ///
 /// Errors: as [`causal_attention`].
 pub fn causal_attention_capped(
@@ -289,6 +290,38 @@ mod tests {
                 .unwrap();
         let r = naive(&q, &k, &v, h, kvh, ql, kl, d);
         for (a, b) in o.iter().zip(&r) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn capped_cpu_path_equals_the_generic_one() {
+        // Same softcap semantics (cap after the scale) on the ggml-order CPU path as in
+        // `scaled_dot_product_attention`, which other devices use.
+        let dev = Device::Cpu;
+        let (h, kvh, ql, kl, d) = (4, 2, 3, 6, 8);
+        let gen =
+            |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| 3.0 * (i as f32 * s).sin()).collect() };
+        let q = Tensor::from_vec(gen(h * ql * d, 0.37), (1, h, ql, d), &dev).unwrap();
+        let k = Tensor::from_vec(gen(kvh * kl * d, 0.71), (1, kvh, kl, d), &dev).unwrap();
+        let v = Tensor::from_vec(gen(kvh * kl * d, 1.13), (1, kvh, kl, d), &dev).unwrap();
+        let (scale, cap) = (0.3, 2.0);
+        let m = causal_mask(ql, kl, None, &dev).unwrap();
+        let want: Vec<f32> = scaled_dot_product_attention(&q, &k, &v, Some(&m), scale, Some(cap))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got: Vec<f32> = causal_attention_capped(&q, &k, &v, scale, Some(cap), None, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
