@@ -43,6 +43,31 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     /// Errors: [`Error::InvalidArgument`] when `len > offset()`, or when the positions
     /// before `len` are no longer all held (a rotating cache that dropped some of them).
     fn truncate(&mut self, len: usize) -> Result<()>;
+    /// For a fused kernel that appends in place: makes room for `n` more positions of
+    /// `kv_heads x head_dim` f32 keys and values on `device` and returns the whole key and value
+    /// buffers `[1, kv_heads, capacity, head_dim]` (positions `0..offset()` filled, capacity at
+    /// least `offset() + n`). `None` (the default) when this cache cannot be appended in place;
+    /// after writing, call [`Self::commit`].
+    fn reserve_in_place(
+        &mut self,
+        n: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &candle_core::Device,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let _ = (n, kv_heads, head_dim, device);
+        Ok(None)
+    }
+    /// Counts `n` positions written in place into the buffers of [`Self::reserve_in_place`].
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a cache that does not append in place (the
+    /// default) or when `n` exceeds the room reserved.
+    fn commit(&mut self, n: usize) -> Result<()> {
+        let _ = n;
+        Err(Error::InvalidArgument(
+            "this KV cache does not take in-place appends".into(),
+        ))
+    }
 }
 
 /// A cache that grows by preallocated steps (`step` positions at a time, 256 by default, as
@@ -103,6 +128,40 @@ impl LayerKvCache for GrowingKvCache {
         self.k = Some(kb);
         self.v = Some(vb);
         Ok(out)
+    }
+
+    fn reserve_in_place(
+        &mut self,
+        n: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &candle_core::Device,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if let Some(k) = &self.k {
+            let (b, h, _, d) = k.dims4()?;
+            if (b, h, d) != (1, kv_heads, head_dim) || k.dtype() != candle_core::DType::F32 {
+                return Ok(None);
+            }
+        }
+        let like = Tensor::zeros((1, kv_heads, 1, head_dim), candle_core::DType::F32, device)?;
+        let need = self.len + n;
+        let kb = Self::grow(&self.k, &like, self.len, need, self.step)?;
+        let vb = Self::grow(&self.v, &like, self.len, need, self.step)?;
+        self.k = Some(kb.clone());
+        self.v = Some(vb.clone());
+        Ok(Some((kb, vb)))
+    }
+
+    fn commit(&mut self, n: usize) -> Result<()> {
+        let cap = self.k.as_ref().map_or(Ok(0), |k| k.dim(2))?;
+        if self.len + n > cap {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache: committing {n} positions past {} with room for {cap}",
+                self.len
+            )));
+        }
+        self.len += n;
+        Ok(())
     }
 
     fn offset(&self) -> usize {
@@ -820,6 +879,45 @@ impl KvCache {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn in_place_appends_match_update() {
+        // What the fused CUDA decode step does: reserve room, write position `offset()` into
+        // the returned buffers, commit; the cache must then hold what `update` would have.
+        let dev = Device::Cpu;
+        let mut plain = GrowingKvCache::new(2);
+        let mut inplace = GrowingKvCache::new(2);
+        for step in 0..5usize {
+            let k = Tensor::full(step as f32, (1, 2, 1, 3), &dev).unwrap();
+            let v = Tensor::full(-(step as f32), (1, 2, 1, 3), &dev).unwrap();
+            plain.update(&k, &v).unwrap();
+            let (kb, vb) = inplace
+                .reserve_in_place(1, 2, 3, &dev)
+                .unwrap()
+                .expect("a growing cache appends in place");
+            assert!(
+                kb.dim(2).unwrap() > step,
+                "capacity covers the new position"
+            );
+            kb.slice_set(&k, 2, step).unwrap();
+            vb.slice_set(&v, 2, step).unwrap();
+            inplace.commit(1).unwrap();
+            assert_eq!(inplace.offset(), step + 1);
+        }
+        let (pk, pv) = plain.state().unwrap().unwrap();
+        let (ik, iv) = inplace.state().unwrap().unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(pk), flat(ik));
+        assert_eq!(flat(pv), flat(iv));
+        // Committing past the room reserved is an error, as is a shape the buffers do not hold.
+        let cap = inplace.state().unwrap().unwrap().0.dim(2).unwrap();
+        assert!(inplace.commit(cap).is_err());
+        assert!(inplace.reserve_in_place(1, 4, 3, &dev).unwrap().is_none());
+        // Caches that cannot append in place say so.
+        let mut rot = RotatingKvCache::new(8, 0).unwrap();
+        assert!(rot.reserve_in_place(1, 2, 3, &dev).unwrap().is_none());
+        assert!(rot.commit(1).is_err());
+    }
 
     #[test]
     fn growing_cache_appends_and_truncates() {

@@ -90,6 +90,44 @@ impl<'a> GgufWeights<'a> {
             && crate::kernels::GgufType::from_ggml(dtype).is_some())
     }
 
+    /// On a CUDA device, GGUF tensors `names` (row blocks `outs` x `in_features`, one type our
+    /// kernels take) stacked by rows into one [`crate::cuda::CudaQMatrix`] layer; `None` when
+    /// not on CUDA, dequantizing, or of another type.
+    #[cfg(feature = "cuda")]
+    fn cuda_linear(
+        &self,
+        names: &[&str],
+        outs: &[usize],
+        in_features: usize,
+        bias: Option<Tensor>,
+    ) -> Result<Option<Linear>> {
+        use crate::cuda::CudaQMatrix;
+        if !self.device.is_cuda() || self.dequantize || names.len() != outs.len() {
+            return Ok(None);
+        }
+        let mut dtype = None;
+        for n in names {
+            let (_, t) = self.file.tensor_info(n)?;
+            if !CudaQMatrix::supports_gguf(t, in_features) || dtype.is_some_and(|d| d != t) {
+                return Ok(None);
+            }
+            dtype = Some(t);
+        }
+        let Some(dtype) = dtype else { return Ok(None) };
+        let mut raw = Vec::new();
+        for (n, &o) in names.iter().zip(outs) {
+            let q = self.file.qtensor(n, &[o, in_features], &Device::Cpu)?;
+            raw.extend_from_slice(&q.data()?);
+        }
+        let rows = outs.iter().sum();
+        let m = CudaQMatrix::from_gguf(dtype, &raw, rows, in_features, &self.device)
+            .map_err(|e| Error::tensor(names[0], e.to_string()))?;
+        Ok(Some(Linear::Cuda {
+            weight: std::sync::Arc::new(m),
+            bias,
+        }))
+    }
+
     fn gguf_name(&self, name: &str) -> Result<String> {
         hf_to_gguf_name(name).ok_or_else(|| {
             Error::tensor(
@@ -120,6 +158,10 @@ impl Weights for GgufWeights<'_> {
         if self.uses_kernels(&w)? {
             let weight = self.file.matrix(&w, &[out_features, in_features])?;
             return Ok(Linear::Kernel { weight, bias: b });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(l) = self.cuda_linear(&[&w], &[out_features], in_features, b.clone())? {
+            return Ok(l);
         }
         let q = self
             .file
@@ -172,6 +214,17 @@ impl Weights for GgufWeights<'_> {
     ) -> Result<Option<Linear>> {
         if !self.device.is_cuda() || self.dequantize || prefixes.len() != outs.len() {
             return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let names = prefixes
+                .iter()
+                .map(|p| self.gguf_name(&format!("{p}.weight")))
+                .collect::<Result<Vec<_>>>()?;
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            if let Some(l) = self.cuda_linear(&names, outs, in_features, None)? {
+                return Ok(Some(l));
+            }
         }
         let mut dtype = None;
         let mut raw = Vec::new();

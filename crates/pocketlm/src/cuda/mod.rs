@@ -1,49 +1,23 @@
-//! Our CUDA kernels (feature `cuda`): MLX affine quantized matrix-vector products for decode and
-//! dequantization to f16 for cuBLAS GEMMs in prefill, plus GPU memory readings. The kernels are in
-//! `src/cuda/*.cu`, compiled to PTX by `build.rs` with `nvcc`; [`selftest`] compares each with the
-//! CPU reference over many shapes (`pocketlm gpu-selftest` runs it on a GPU machine).
+//! Our CUDA code (feature `cuda`): block-quantized matrices for GGUF `Q4_0`/`Q4_1`/`Q8_0` and MLX
+//! affine 4/8-bit weights ([`CudaQMatrix`]: integer GEMV for decode, f16 dequantization + cuBLAS
+//! for prefill), the fused Llama decode step replayed as a CUDA graph ([`CudaDecoder`]), and GPU
+//! memory readings. The kernels are in `src/cuda/*.cu`, compiled to PTX by `build.rs` with
+//! `nvcc`; [`selftest`] compares each matrix kernel with its CPU reference over many shapes
+//! (`pocketlm gpu-selftest` runs it on a GPU machine).
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+mod decoder;
+mod qmatrix;
+
+pub use decoder::{CudaDecoder, DecoderLayer, DecoderSpec};
+pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS};
+
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Storage, Tensor};
 
 use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
-use crate::{Error, Result};
-
-const MLX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/mlx_affine.ptx"));
-const MLX_MODULE: &str = "pocketlm_mlx_affine";
-/// Input rows up to which [`MlxCudaMatrix::forward`] runs the GEMV kernel; above, it
-/// dequantizes to f16 and runs a cuBLAS GEMM.
-pub const GEMV_MAX_ROWS: usize = 8;
-
-/// Runs `$body` with `$ps`, `$pb` bound to the scales' and biases' device slices, whatever
-/// their dtype (f32, f16, bf16).
-macro_rules! with_params {
-    ($s:expr, $bi:expr, |$ps:ident, $pb:ident| $body:block) => {
-        match $s.dtype() {
-            DType::F32 => {
-                let ($ps, $pb) = ($s.as_cuda_slice::<f32>()?, $bi.as_cuda_slice::<f32>()?);
-                $body
-            }
-            DType::F16 => {
-                let ($ps, $pb) = (
-                    $s.as_cuda_slice::<half::f16>()?,
-                    $bi.as_cuda_slice::<half::f16>()?,
-                );
-                $body
-            }
-            DType::BF16 => {
-                let ($ps, $pb) = (
-                    $s.as_cuda_slice::<half::bf16>()?,
-                    $bi.as_cuda_slice::<half::bf16>()?,
-                );
-                $body
-            }
-            d => return Err(Error::InvalidArgument(format!("MLX scales of dtype {d:?}"))),
-        }
-    };
-}
+use crate::Result;
 
 /// `(free, total)` bytes of the GPU's memory (`cuMemGetInfo`), `None` off CUDA.
 pub fn memory_info(dev: &Device) -> Option<(usize, usize)> {
@@ -53,207 +27,6 @@ pub fn memory_info(dev: &Device) -> Option<(usize, usize)> {
             candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()
         }
         _ => None,
-    }
-}
-
-/// An MLX affine quantized matrix `[rows, cols]` (bits 4 or 8) held on a CUDA device.
-#[derive(Debug, Clone)]
-pub struct MlxCudaMatrix {
-    /// `[rows, cols * bits / 32]` u32 codes.
-    weight: Tensor,
-    /// `[rows, cols / group]` in the checkpoint's dtype.
-    scales: Tensor,
-    /// `[rows, cols / group]`, same dtype.
-    biases: Tensor,
-    rows: usize,
-    cols: usize,
-    bits: usize,
-    group: usize,
-}
-
-impl MlxCudaMatrix {
-    /// Whether our kernels cover this matrix (bits 4 or 8); other widths use a dense fallback.
-    pub fn supports(q: &AffineQuantized) -> bool {
-        matches!(q.bits(), 4 | 8) && q.group_size() >= 32
-    }
-
-    /// Uploads `q` to `dev` (a CUDA device), once.
-    pub fn new(q: &AffineQuantized, dev: &Device) -> Result<Self> {
-        if !Self::supports(q) || !dev.is_cuda() {
-            return Err(Error::InvalidArgument(format!(
-                "no CUDA kernel for MLX {}-bit group {} on {dev:?}",
-                q.bits(),
-                q.group_size()
-            )));
-        }
-        let (weight, scales, biases) = q.to_tensors(dev)?;
-        Ok(Self {
-            weight,
-            scales,
-            biases,
-            rows: q.rows(),
-            cols: q.cols(),
-            bits: q.bits(),
-            group: q.group_size(),
-        })
-    }
-
-    /// `(rows, cols)`.
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    fn dtype_name(&self) -> Result<&'static str> {
-        Ok(match self.scales.dtype() {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            d => return Err(Error::InvalidArgument(format!("MLX scales of dtype {d:?}"))),
-        })
-    }
-
-    /// `x: [.., cols]` (any float dtype) -> `[.., rows]` f32: the GEMV kernel for up to
-    /// [`GEMV_MAX_ROWS`] rows of `x`, else dequantize to f16 + cuBLAS.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        let k = dims.pop().unwrap_or(0);
-        if k != self.cols {
-            return Err(Error::InvalidArgument(format!(
-                "quantized linear layer takes {} input features, got {k}",
-                self.cols
-            )));
-        }
-        let m: usize = dims.iter().product();
-        dims.push(self.rows);
-        let x2 = x.to_dtype(DType::F32)?.reshape((m, k))?.contiguous()?;
-        let y = if m <= GEMV_MAX_ROWS {
-            self.gemv(&x2)?
-        } else {
-            let w = self.dequantize_f16()?;
-            x2.to_dtype(DType::F16)?
-                .matmul(&w.t()?)?
-                .to_dtype(DType::F32)?
-        };
-        Ok(y.reshape(dims)?)
-    }
-
-    /// `x: [m, cols]` f32 contiguous, `m <= 8` -> `[m, rows]` f32.
-    pub fn gemv(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if m == 0 || m > GEMV_MAX_ROWS || k != self.cols || x.dtype() != DType::F32 {
-            return Err(Error::InvalidArgument(format!(
-                "MLX GEMV of {:?} {:?} with a [{}, {}] matrix",
-                x.dims(),
-                x.dtype(),
-                self.rows,
-                self.cols
-            )));
-        }
-        let Device::Cuda(dev) = x.device() else {
-            return Err(Error::InvalidArgument(
-                "MLX GEMV input is not on CUDA".into(),
-            ));
-        };
-        let name = format!(
-            "mlx_gemv{}_b{}_{}",
-            if m == 1 { 1 } else { 8 },
-            self.bits,
-            self.dtype_name()?
-        );
-        let func = dev.get_or_load_custom_func(&name, MLX_MODULE, MLX_PTX)?;
-        let out = unsafe { dev.alloc::<f32>(m * self.rows) }?;
-        {
-            let (xs, xl) = x.storage_and_layout();
-            let (ws, _) = self.weight.storage_and_layout();
-            let (ss, _) = self.scales.storage_and_layout();
-            let (bs, _) = self.biases.storage_and_layout();
-            let (Storage::Cuda(xs), Storage::Cuda(ws), Storage::Cuda(ss), Storage::Cuda(bs)) =
-                (&*xs, &*ws, &*ss, &*bs)
-            else {
-                return Err(Error::InvalidArgument("MLX GEMV operands off CUDA".into()));
-            };
-            let xv = xs.as_cuda_slice::<f32>()?.slice(xl.start_offset()..);
-            let wv = ws.as_cuda_slice::<u32>()?;
-            let threads = 256u32;
-            let cfg = LaunchConfig {
-                grid_dim: ((self.rows as u32 * 32).div_ceil(threads), 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (mi, ri, ci, gi) = (
-                m as i32,
-                self.rows as i32,
-                self.cols as i32,
-                self.group as i32,
-            );
-            with_params!(ss, bs, |ps, pb| {
-                let mut b = func.builder();
-                b.arg(&xv);
-                b.arg(wv);
-                b.arg(ps);
-                b.arg(pb);
-                b.arg(&out);
-                b.arg(&mi);
-                b.arg(&ri);
-                b.arg(&ci);
-                b.arg(&gi);
-                unsafe { b.launch(cfg) }.w()?;
-            });
-        }
-        let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (m, self.rows),
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
-    }
-
-    /// The whole matrix `[rows, cols]` in f16 (`scale * q + bias` in f32, rounded once).
-    pub fn dequantize_f16(&self) -> Result<Tensor> {
-        let Device::Cuda(dev) = self.weight.device() else {
-            return Err(Error::InvalidArgument("MLX weight is not on CUDA".into()));
-        };
-        let name = format!("mlx_dequant_b{}_{}", self.bits, self.dtype_name()?);
-        let func = dev.get_or_load_custom_func(&name, MLX_MODULE, MLX_PTX)?;
-        let n = self.rows * self.cols;
-        let out = unsafe { dev.alloc::<half::f16>(n) }?;
-        {
-            let (ws, _) = self.weight.storage_and_layout();
-            let (ss, _) = self.scales.storage_and_layout();
-            let (bs, _) = self.biases.storage_and_layout();
-            let (Storage::Cuda(ws), Storage::Cuda(ss), Storage::Cuda(bs)) = (&*ws, &*ss, &*bs)
-            else {
-                return Err(Error::InvalidArgument("MLX operands off CUDA".into()));
-            };
-            let words = n / (32 / self.bits);
-            let threads = 256u32;
-            let cfg = LaunchConfig {
-                grid_dim: ((words as u32).div_ceil(threads), 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (ri, ci, gi) = (self.rows as i32, self.cols as i32, self.group as i32);
-            let wv = ws.as_cuda_slice::<u32>()?;
-            with_params!(ss, bs, |ps, pb| {
-                let mut b = func.builder();
-                b.arg(wv);
-                b.arg(ps);
-                b.arg(pb);
-                b.arg(&out);
-                b.arg(&ri);
-                b.arg(&ci);
-                b.arg(&gi);
-                unsafe { b.launch(cfg) }.w()?;
-            });
-        }
-        let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (self.rows, self.cols),
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
     }
 }
 
@@ -277,8 +50,89 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Compares every CUDA kernel with its CPU reference over many shapes and returns one line per
-/// case (`kernel shape norm_rel_err PASS|FAIL`) and whether all passed. Needs a CUDA device.
+/// `(codes, scale, bias)` of block `b` (values `32 b .. 32 b + 32`) of row `r` of a GGUF matrix
+/// in ggml's layout, such that each value is `scale * code + bias`.
+fn gguf_block(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    cols: usize,
+    r: usize,
+    b: usize,
+) -> ([i32; 32], f32, f32) {
+    let size = match dtype {
+        GgmlDType::Q4_0 => 18,
+        GgmlDType::Q4_1 => 20,
+        _ => 34,
+    };
+    let blk = &bytes[(r * cols / 32 + b) * size..][..size];
+    let f = |i: usize| half::f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
+    let mut q = [0i32; 32];
+    match dtype {
+        GgmlDType::Q8_0 => {
+            for (j, v) in q.iter_mut().enumerate() {
+                *v = blk[2 + j] as i8 as i32;
+            }
+            (q, f(0), 0.0)
+        }
+        _ => {
+            let off = if dtype == GgmlDType::Q4_1 { 4 } else { 2 };
+            for j in 0..16 {
+                q[j] = (blk[off + j] & 15) as i32;
+                q[j + 16] = (blk[off + j] >> 4) as i32;
+            }
+            let d = f(0);
+            let bias = if dtype == GgmlDType::Q4_1 {
+                f(2)
+            } else {
+                -8.0 * d
+            };
+            (q, d, bias)
+        }
+    }
+}
+
+/// `(codes, scale, bias)` of block `b` of row `r` of an MLX affine matrix.
+fn mlx_block(q: &AffineQuantized, r: usize, b: usize) -> ([i32; 32], f32, f32) {
+    let bits = q.bits();
+    let per_word = 32 / bits;
+    let mut out = [0i32; 32];
+    for (j, v) in out.iter_mut().enumerate() {
+        let k = b * 32 + j;
+        let w = q.weight()[r * q.packed_cols() + k / per_word];
+        *v = ((w >> ((k % per_word) * bits)) & ((1u32 << bits) - 1)) as i32;
+    }
+    let g = r * q.groups_per_row() + b * 32 / q.group_size();
+    (
+        out,
+        q.scales().get(g).unwrap_or(0.0),
+        q.biases().get(g).unwrap_or(0.0),
+    )
+}
+
+fn float_matmul(x: &[f32], m: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * rows];
+    for i in 0..m {
+        for r in 0..rows {
+            let mut acc = 0f64;
+            for k in 0..cols {
+                acc += x[i * cols + k] as f64 * w[r * cols + k] as f64;
+            }
+            y[i * rows + r] = acc as f32;
+        }
+    }
+    y
+}
+
+/// Compares every CUDA matrix kernel with its CPU reference over many shapes and returns one
+/// line per case (`kernel shape norm_rel_err PASS|FAIL`) and whether all passed. Needs a CUDA
+/// device.
+///
+/// For each format (GGUF `Q4_0`, `Q4_1`, `Q8_0`; MLX bits 4/8 x groups 32/64/128 x f16/bf16/f32
+/// scales) and shape: the GEMV (m <= 8) against the CPU mirror of its formula
+/// ([`qmatrix::reference_gemv`], tolerance 1e-5) and against the float product with the
+/// dequantized weights (the cost of 8-bit activations, tolerance 2e-2); the prefill path
+/// (m = 17, f16 weights and inputs, cuBLAS) against the float product (5e-3); the `Add` and
+/// `SwiGlu` epilogues against the CPU (1e-5).
 pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
     let mut lines = Vec::new();
     let mut ok = true;
@@ -287,7 +141,7 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
         let pass = err.is_finite() && err <= tol;
         ok &= pass;
         lines.push(format!(
-            "{what:<58} norm_rel_err {err:.3e} (tol {tol:.0e}) {}",
+            "{what:<62} norm_rel_err {err:.3e} (tol {tol:.0e}) {}",
             if pass { "PASS" } else { "FAIL" }
         ));
     };
@@ -302,9 +156,72 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
         (1024, 14336),
         (14336, 4096),
     ];
+    // (label, matrix, dequantized weights, block accessor)
+    type Block<'a> = Box<dyn Fn(usize, usize) -> ([i32; 32], f32, f32) + 'a>;
+    let mut check = |lines: &mut Vec<String>,
+                     label: &str,
+                     g: &CudaQMatrix,
+                     wf: &[f32],
+                     block: &Block,
+                     seed: u64|
+     -> Result<()> {
+        let (rows, cols) = g.dims();
+        for &m in &[1usize, 3, 8, 17] {
+            if rows * cols > 1 << 22 && m == 3 {
+                continue;
+            }
+            let x = pseudo_random(m * cols, seed + 1000);
+            let xt = Tensor::from_vec(x.clone(), (m, cols), dev)?;
+            let got: Vec<f32> = g.forward(&xt)?.flatten_all()?.to_vec1()?;
+            let float = float_matmul(&x, m, wf, rows, cols);
+            if m <= GEMV_MAX_ROWS {
+                let want = qmatrix::reference_gemv(&x, m, rows, cols, block);
+                record(
+                    lines,
+                    format!("{label} gemv [{rows}x{cols}] m={m} vs formula"),
+                    norm_rel_err(&got, &want),
+                    1e-5,
+                );
+                record(
+                    lines,
+                    format!("{label} gemv [{rows}x{cols}] m={m} vs float"),
+                    norm_rel_err(&got, &float),
+                    2e-2,
+                );
+            } else {
+                record(
+                    lines,
+                    format!("{label} gemm [{rows}x{cols}] m={m} vs float"),
+                    norm_rel_err(&got, &float),
+                    5e-3,
+                );
+            }
+        }
+        Ok(())
+    };
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for &(rows, cols) in &shapes {
+            seed += 1;
+            let w = pseudo_random(rows * cols, seed);
+            let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu)?;
+            let qt = QTensor::quantize(&wt, dtype)?;
+            let bytes = qt.data()?.to_vec();
+            let wf: Vec<f32> = qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            let g = CudaQMatrix::from_gguf(dtype, &bytes, rows, cols, dev)?;
+            let block: Block = Box::new(move |r, b| gguf_block(dtype, &bytes, cols, r, b));
+            check(
+                &mut lines,
+                &format!("gguf {dtype:?}"),
+                &g,
+                &wf,
+                &block,
+                seed,
+            )?;
+        }
+    }
     for &bits in &[4usize, 8] {
         for &group in &[32usize, 64, 128] {
-            for dtype in [ParamDtype::F16, ParamDtype::BF16, ParamDtype::F32] {
+            for pd in [ParamDtype::F16, ParamDtype::BF16, ParamDtype::F32] {
                 for &(rows, cols) in &shapes {
                     // The large shapes (Llama-3-8B's) once per bit width and dtype, at g64.
                     if cols % group != 0 || (rows * cols > 1 << 22 && group != 64) {
@@ -312,34 +229,240 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                     }
                     seed += 1;
                     let w = pseudo_random(rows * cols, seed);
-                    let q = crate::quant::mlx_affine::quantize(&w, rows, cols, group, bits, dtype)?;
-                    let g = MlxCudaMatrix::new(&q, dev)?;
-                    for &m in &[1usize, 3, 8, 17] {
-                        if rows * cols > 4096 * 4096 && m > 8 {
-                            continue;
-                        }
-                        let x = pseudo_random(m * cols, seed + 1000);
-                        let want = q.matmul(&x, m)?;
-                        let xt = Tensor::from_vec(x, (m, cols), dev)?;
-                        let got: Vec<f32> = g.forward(&xt)?.flatten_all()?.to_vec1()?;
-                        // f32 accumulation in another order (GEMV); f16 rounding of x and the
-                        // weight (GEMM path, m > 8). The first device run used the largest
-                        // element-wise error relative to max(1, |y|) with tolerances 1e-4 / 2e-2,
-                        // which the K = 14336 cases exceeded by rounding alone (1.3e-4, 3.8e-2).
-                        let tol = if m <= GEMV_MAX_ROWS { 1e-5 } else { 5e-3 };
-                        record(
-                            &mut lines,
-                            format!(
-                                "mlx {} b{bits} g{group} {dtype:?} [{rows}x{cols}] m={m}",
-                                if m <= GEMV_MAX_ROWS { "gemv" } else { "gemm" }
-                            ),
-                            norm_rel_err(&got, &want),
-                            tol,
-                        );
-                    }
+                    let q = crate::quant::mlx_affine::quantize(&w, rows, cols, group, bits, pd)?;
+                    let g = CudaQMatrix::from_mlx(&q, dev)?;
+                    let wf = q.dequantize();
+                    let block: Block = Box::new(|r, b| mlx_block(&q, r, b));
+                    check(
+                        &mut lines,
+                        &format!("mlx b{bits} g{group} {pd:?}"),
+                        &g,
+                        &wf,
+                        &block,
+                        seed,
+                    )?;
                 }
             }
         }
     }
+    // Epilogues, on raw buffers as the decoder uses them.
+    for (rows, cols) in [(256usize, 512usize), (14336 * 2, 4096)] {
+        seed += 1;
+        let w = pseudo_random(rows * cols, seed);
+        let q = crate::quant::mlx_affine::quantize(&w, rows, cols, 64, 4, ParamDtype::F16)?;
+        let g = CudaQMatrix::from_mlx(&q, dev)?;
+        let x = pseudo_random(cols, seed + 7);
+        let plain = qmatrix::reference_gemv(&x, 1, rows, cols, |r, b| mlx_block(&q, r, b));
+        let y0 = pseudo_random(rows, seed + 9);
+        let add_want: Vec<f32> = plain.iter().zip(&y0).map(|(a, b)| a + b).collect();
+        let got_add = qmatrix::run_epilogue(&g, Epilogue::Add, &x, &y0, dev)?;
+        record(
+            &mut lines,
+            format!("mlx b4 g64 F16 gemv add [{rows}x{cols}]"),
+            norm_rel_err(&got_add, &add_want),
+            1e-5,
+        );
+        let n = rows / 2;
+        let swi_want: Vec<f32> = (0..n)
+            .map(|r| {
+                let gt = plain[r];
+                gt / (1.0 + (-gt).exp()) * plain[r + n]
+            })
+            .collect();
+        let got_swi = qmatrix::run_epilogue(&g, Epilogue::SwiGlu, &x, &vec![0.0; n], dev)?;
+        record(
+            &mut lines,
+            format!("mlx b4 g64 F16 gemv swiglu [{rows}x{cols}]"),
+            norm_rel_err(&got_swi, &swi_want),
+            1e-5,
+        );
+    }
+    // Prefill helpers.
+    {
+        let (m, n) = (5usize, 96usize);
+        let y = pseudo_random(m * 2 * n, 77);
+        let want: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (r, j) = (i / n, i % n);
+                let g = y[r * 2 * n + j];
+                g / (1.0 + (-g).exp()) * y[r * 2 * n + n + j]
+            })
+            .collect();
+        let got: Vec<f32> = swiglu_stacked(&Tensor::from_vec(y, (m, 2 * n), dev)?, n)?
+            .flatten_all()?
+            .to_vec1()?;
+        record(
+            &mut lines,
+            format!("swiglu_stacked [{m}x{}]", 2 * n),
+            norm_rel_err(&got, &want),
+            1e-6,
+        );
+        let (heads, q_len, cols, scale) = (3usize, 7usize, 11usize, 0.3f32);
+        let att = pseudo_random(heads * q_len * cols, 78);
+        let mask: Vec<f32> = (0..q_len * cols)
+            .map(|i| {
+                if i % cols > i / cols + (cols - q_len) {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut want = vec![0f32; att.len()];
+        for (r, (a, w)) in att.chunks(cols).zip(want.chunks_mut(cols)).enumerate() {
+            let mr = &mask[(r % q_len) * cols..][..cols];
+            let v: Vec<f32> = a.iter().zip(mr).map(|(x, m)| x * scale + m).collect();
+            let mx = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = v.iter().map(|x| (x - mx).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            for (wi, ei) in w.iter_mut().zip(&e) {
+                *wi = ei / sum;
+            }
+        }
+        let got: Vec<f32> = softmax_scaled_masked(
+            &Tensor::from_vec(att, (1, heads, q_len, cols), dev)?,
+            Some(&Tensor::from_vec(mask, (q_len, cols), dev)?),
+            q_len,
+            scale,
+        )?
+        .flatten_all()?
+        .to_vec1()?;
+        record(
+            &mut lines,
+            format!("softmax_scaled_masked [{heads}x{q_len}x{cols}]"),
+            norm_rel_err(&got, &want),
+            1e-6,
+        );
+    }
     Ok((lines, ok))
+}
+
+/// The device address of a contiguous f32 CUDA tensor's first element.
+///
+/// Errors: [`crate::Error::InvalidArgument`] for a tensor off CUDA, not f32 or not contiguous.
+pub fn device_address(t: &Tensor) -> Result<u64> {
+    let Device::Cuda(d) = t.device() else {
+        return Err(crate::Error::InvalidArgument(
+            "tensor is not on CUDA".into(),
+        ));
+    };
+    decoder::tensor_ptr(t, &d.cuda_stream())
+}
+
+fn cuda_of(t: &Tensor) -> Result<&candle_core::cuda_backend::CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d),
+        _ => Err(crate::Error::InvalidArgument(
+            "tensor is not on CUDA".into(),
+        )),
+    }
+}
+
+fn grid_1d(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// SwiGLU on a stacked gate/up product (prefill): `y: [.., 2 n]` f32 (gate values, then up) ->
+/// `[.., n]` f32, `silu(gate) * up` (Shazeer 2020), in one kernel.
+///
+/// Errors: [`crate::Error::InvalidArgument`] for a tensor off CUDA, not f32, or whose last
+/// dimension is not `2 n`.
+pub fn swiglu_stacked(y: &Tensor, n: usize) -> Result<Tensor> {
+    let dev = cuda_of(y)?;
+    let mut dims = y.dims().to_vec();
+    if dims.last() != Some(&(2 * n)) || y.dtype() != candle_core::DType::F32 {
+        return Err(crate::Error::InvalidArgument(format!(
+            "SwiGLU of {:?} {:?} with {n} outputs",
+            y.dims(),
+            y.dtype()
+        )));
+    }
+    let y = y.contiguous()?;
+    let m = y.elem_count() / (2 * n).max(1);
+    let out = unsafe { dev.alloc::<f32>(m * n) }?;
+    {
+        let stream = dev.cuda_stream();
+        let yp = device_address(&y)?;
+        let (op, _sync) = out.device_ptr(&stream);
+        let f = dev.get_or_load_custom_func("swiglu_stacked", qmatrix::MODULE, qmatrix::PTX)?;
+        let (mi, ni) = (m as i32, n as i32);
+        let mut b = f.builder();
+        b.arg(&yp);
+        b.arg(&op);
+        b.arg(&mi);
+        b.arg(&ni);
+        unsafe { b.launch(grid_1d(m * n)) }.w()?;
+    }
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        dims,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// `softmax(att * scale + mask)` over the last dimension, in one kernel (prefill attention):
+/// `att: [.., rows_per_mask_cycle, cols]` f32, row `r` takes mask row `r % q_len` of `mask:
+/// [q_len, cols]` (additive, `-inf` where masked) or no mask. Returns a new tensor of `att`'s
+/// shape.
+///
+/// Errors: [`crate::Error::InvalidArgument`] for tensors off CUDA or not f32, or a mask of
+/// another width.
+pub fn softmax_scaled_masked(
+    att: &Tensor,
+    mask: Option<&Tensor>,
+    q_len: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let dev = cuda_of(att)?;
+    let cols = att.dims().last().copied().unwrap_or(0);
+    // A fresh copy that the kernel rewrites in place.
+    let out = att
+        .to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .copy()?;
+    let mask = match mask {
+        Some(m) => {
+            if m.dims() != [q_len, cols] {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "attention mask {:?} for {q_len} queries and {cols} keys",
+                    m.dims()
+                )));
+            }
+            Some(m.to_dtype(candle_core::DType::F32)?.contiguous()?)
+        }
+        None => None,
+    };
+    let rows = out.elem_count() / cols.max(1);
+    {
+        let op = device_address(&out)?;
+        let mp = match &mask {
+            Some(m) => device_address(m)?,
+            None => 0u64,
+        };
+        let f =
+            dev.get_or_load_custom_func("softmax_scaled_masked", qmatrix::MODULE, qmatrix::PTX)?;
+        let (ci, qi) = (cols as i32, q_len.max(1) as i32);
+        let mut b = f.builder();
+        b.arg(&op);
+        b.arg(&mp);
+        b.arg(&ci);
+        b.arg(&qi);
+        b.arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(out)
 }

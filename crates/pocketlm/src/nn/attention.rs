@@ -201,6 +201,14 @@ pub fn scaled_dot_product_attention(
     let q = q.reshape((b, kv_heads, n_rep * q_len, d))?;
     let k = k.contiguous()?;
     let v = v.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if softcap.is_none() && q.device().is_cuda() && q.dtype() == DType::F32 {
+        // One kernel for the scale, the mask and the softmax.
+        let att = q.matmul(&k.t()?)?;
+        let att = crate::cuda::softmax_scaled_masked(&att, mask, q_len, scale as f32)?;
+        let out = att.to_dtype(v.dtype())?.matmul(&v)?;
+        return Ok(out.reshape((b, heads, q_len, d))?.contiguous()?);
+    }
     let mut att = (q.matmul(&k.t()?)? * scale)?;
     if let Some(c) = softcap {
         att = ((att / c)?.tanh()? * c)?;

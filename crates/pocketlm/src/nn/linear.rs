@@ -51,12 +51,13 @@ pub enum Linear {
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
-    /// An MLX affine weight (bits 4 or 8) held on a CUDA device and run by our kernels
-    /// ([`crate::cuda::MlxCudaMatrix`]): GEMV for decode, f16 dequantize + cuBLAS for prefill.
+    /// A quantized weight (MLX affine 4/8-bit, GGUF `Q4_0`/`Q4_1`/`Q8_0`) held on a CUDA device
+    /// and run by our kernels ([`crate::cuda::CudaQMatrix`]): integer GEMV for decode, f16
+    /// dequantize + cuBLAS for prefill.
     #[cfg(feature = "cuda")]
-    MlxCuda {
+    Cuda {
         /// The quantized weight on the GPU, `[out, in]`.
-        weight: Arc<crate::cuda::MlxCudaMatrix>,
+        weight: Arc<crate::cuda::CudaQMatrix>,
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
@@ -98,9 +99,9 @@ impl Linear {
     ) -> Result<Self> {
         #[cfg(feature = "cuda")]
         if device.is_cuda() {
-            if crate::cuda::MlxCudaMatrix::supports(&weight) {
-                let weight = Arc::new(crate::cuda::MlxCudaMatrix::new(&weight, device)?);
-                return Ok(Self::MlxCuda { weight, bias });
+            if crate::cuda::CudaQMatrix::supports_mlx(&weight) {
+                let weight = Arc::new(crate::cuda::CudaQMatrix::from_mlx(&weight, device)?);
+                return Ok(Self::Cuda { weight, bias });
             }
             let dense = Tensor::from_vec(
                 weight.dequantize(),
@@ -122,7 +123,7 @@ impl Linear {
             Self::Kernel { weight, .. } => weight.cols(),
             Self::Mlx { weight, .. } => weight.cols(),
             #[cfg(feature = "cuda")]
-            Self::MlxCuda { weight, .. } => weight.dims().1,
+            Self::Cuda { weight, .. } => weight.dims().1,
             Self::Lora(l) => l.base.in_features(),
         }
     }
@@ -135,7 +136,7 @@ impl Linear {
             Self::Kernel { weight, .. } => weight.rows(),
             Self::Mlx { weight, .. } => weight.rows(),
             #[cfg(feature = "cuda")]
-            Self::MlxCuda { weight, .. } => weight.dims().0,
+            Self::Cuda { weight, .. } => weight.dims().0,
             Self::Lora(l) => l.base.out_features(),
         }
     }
@@ -149,7 +150,7 @@ impl Linear {
             }
             Self::Lora(l) => l.base.bias(),
             #[cfg(feature = "cuda")]
-            Self::MlxCuda { bias, .. } => bias.as_ref(),
+            Self::Cuda { bias, .. } => bias.as_ref(),
         }
     }
 
@@ -168,9 +169,9 @@ impl Linear {
             Self::Mlx { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
             Self::Lora(l) => l.base.dequantized_weight()?,
             #[cfg(feature = "cuda")]
-            Self::MlxCuda { .. } => {
+            Self::Cuda { .. } => {
                 return Err(Error::InvalidArgument(
-                    "an MLX layer held on a CUDA device cannot be dequantized here; \
+                    "a quantized layer held on a CUDA device cannot be dequantized here; \
                      load the model on the CPU to fuse or fine-tune"
                         .into(),
                 ))
@@ -233,7 +234,7 @@ impl Linear {
             }
             Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
             #[cfg(feature = "cuda")]
-            Self::MlxCuda { weight, bias } => add_bias(weight.forward(x)?, bias),
+            Self::Cuda { weight, bias } => add_bias(weight.forward(x)?, bias),
             Self::Lora(l) => l.forward(x),
         }
     }

@@ -27,6 +27,16 @@ impl RmsNorm {
         })
     }
 
+    /// The scale `[hidden]` applied after normalizing (with Gemma's unit offset included).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The epsilon added to the mean square.
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
     /// `x: [.., hidden]` -> same shape.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = if x.is_contiguous() {

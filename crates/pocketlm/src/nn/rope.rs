@@ -428,6 +428,22 @@ impl RotaryEmbedding {
         ))
     }
 
+    /// Dimensions rotated per head.
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary_dim
+    }
+
+    /// Whether adjacent values form the rotated pairs (GGUF Llama) rather than the two halves.
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    /// Whether [`Self::cos_sin`]`(offset, n)` rows equal rows `offset..offset + n` of one table
+    /// (false for LongRoPE, whose frequencies depend on the length of the pass).
+    pub fn offset_independent(&self) -> bool {
+        self.long.is_none()
+    }
+
     /// Rotates `x: [batch, heads, seq, head_dim]` with tables from [`Self::cos_sin`].
     pub fn apply_with(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(3)?;

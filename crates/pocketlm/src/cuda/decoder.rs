@@ -1,0 +1,462 @@
+//! The fused decode step of a Llama-family model on a CUDA device: one token through every
+//! block with our kernels (`src/cuda/qmatrix.cu`), seven launches a block, recorded once into a
+//! CUDA graph and replayed for each token.
+//!
+//! Per block: RMSNorm + 8-bit activation quantization; the stacked q/k/v GEMV with RoPE and the
+//! key/value append into the KV cache in its epilogue; attention split across blocks over the
+//! cached positions (flash-decoding), the last block of each head merging and quantizing; the
+//! output projection added to the residual; RMSNorm + quantization; the stacked gate/up GEMV
+//! with SwiGLU; quantization; the down projection added to the residual. Then the final RMSNorm and, when the output layer is one of
+//! ours, its GEMV into the logits.
+//!
+//! The graph reads the position, the attended length and the cache capacity from a small device
+//! buffer and the cache addresses from a device table, both written before each replay, so one
+//! graph serves every position and survives the cache growing.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{DType, Device, Storage, Tensor};
+
+use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
+use crate::{Error, Result};
+
+/// Blocks the attention of one head is split over (each takes `ceil(len / SPLITS)` positions).
+const SPLITS: usize = 16;
+
+/// One transformer block's weights for [`CudaDecoder`].
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// RMSNorm weight before attention, `[hidden]` f32 on the device.
+    pub attn_norm: Tensor,
+    /// q, k and v projections stacked by rows: `[(n_heads + 2 n_kv_heads) head_dim, hidden]`.
+    pub qkv: Arc<CudaQMatrix>,
+    /// Output projection `[hidden, n_heads head_dim]`.
+    pub o: Arc<CudaQMatrix>,
+    /// RMSNorm weight before the MLP, `[hidden]` f32.
+    pub ffn_norm: Tensor,
+    /// Gate then up projections stacked by rows: `[2 intermediate, hidden]`.
+    pub gate_up: Arc<CudaQMatrix>,
+    /// Down projection `[hidden, intermediate]`.
+    pub down: Arc<CudaQMatrix>,
+}
+
+/// What [`CudaDecoder::new`] needs: weights, shapes and the RoPE tables.
+#[derive(Debug, Clone)]
+pub struct DecoderSpec {
+    /// The blocks in order.
+    pub layers: Vec<DecoderLayer>,
+    /// Final RMSNorm weight `[hidden]` f32.
+    pub norm: Tensor,
+    /// The output layer `[vocab, hidden]` when it is one of ours; else the step returns the
+    /// normalized hidden state and the caller applies its output layer.
+    pub lm_head: Option<Arc<CudaQMatrix>>,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Head dimension (64 or 128).
+    pub head_dim: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// MLP intermediate size.
+    pub intermediate: usize,
+    /// RoPE pairs adjacent values (GGUF Llama) rather than halves.
+    pub interleaved: bool,
+    /// RoPE tables `[positions, head_dim / 2]` f32 on the device (cos, sin).
+    pub cos: Tensor,
+    /// See `cos`.
+    pub sin: Tensor,
+}
+
+impl DecoderSpec {
+    /// Positions the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims().first().copied().unwrap_or(0)
+    }
+}
+
+/// Scratch buffers of the decode step (device memory).
+struct Buffers {
+    x: CudaSlice<f32>,
+    xq: CudaSlice<i8>,
+    xd: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    part_o: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+    ffh: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    params: CudaSlice<i32>,
+    kv: CudaSlice<u64>,
+    /// Per query head, the attention blocks done (the last one merges; it resets the count).
+    done: CudaSlice<u32>,
+}
+
+/// The fused decode step (see the module documentation). Not thread-safe: hold it behind a
+/// lock.
+pub struct CudaDecoder {
+    spec: DecoderSpec,
+    dev: CudaDevice,
+    buf: Buffers,
+    /// Raw addresses of the buffers and weights the kernels take.
+    ptr: Ptrs,
+    kv_host: Vec<u64>,
+    graph: Option<CudaGraph>,
+    /// Steps run so far; the graph is captured on the second (the first loads the kernels).
+    steps: usize,
+    use_graph: bool,
+}
+
+// SAFETY: the CUDA graph handles (raw pointers) are only used through `&mut self`, so never
+// from two threads at once; the context is bound to the calling thread before each use
+// (cudarc's `CudaGraph::launch` binds it).
+unsafe impl Send for CudaDecoder {}
+
+impl std::fmt::Debug for CudaDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDecoder")
+            .field("layers", &self.spec.layers.len())
+            .field("graph", &self.graph.is_some())
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Ptrs {
+    x: u64,
+    xq: u64,
+    xd: u64,
+    q: u64,
+    part_o: u64,
+    part_ml: u64,
+    ffh: u64,
+    out: u64,
+    params: u64,
+    kv: u64,
+    done: u64,
+    cos: u64,
+    sin: u64,
+}
+
+pub(crate) fn tensor_ptr(
+    t: &Tensor,
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<u64> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*s else {
+        return Err(Error::InvalidArgument(
+            "decoder tensor is not on CUDA".into(),
+        ));
+    };
+    if t.dtype() != DType::F32 || !l.is_contiguous() {
+        return Err(Error::InvalidArgument(format!(
+            "decoder tensor must be contiguous f32, got {:?}",
+            t.dtype()
+        )));
+    }
+    let v = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
+    let (ptr, _sync) = v.device_ptr(stream);
+    Ok(ptr)
+}
+
+impl CudaDecoder {
+    /// Allocates the scratch buffers for `spec` on its device.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for shapes the kernels do not take (head_dim other
+    /// than 64 or 128, sizes not multiples of 32, mismatched matrices) or tensors off CUDA.
+    pub fn new(spec: DecoderSpec) -> Result<Self> {
+        let Device::Cuda(dev) = spec.norm.device().clone() else {
+            return Err(Error::InvalidArgument(
+                "decoder weights are not on CUDA".into(),
+            ));
+        };
+        let (nh, nkv, hd, h, inter) = (
+            spec.n_heads,
+            spec.n_kv_heads,
+            spec.head_dim,
+            spec.hidden,
+            spec.intermediate,
+        );
+        let ok_shapes = matches!(hd, 64 | 128)
+            && nkv > 0
+            && nh % nkv == 0
+            && h % 32 == 0
+            && h <= 16384
+            && inter % 32 == 0
+            && spec.layers.iter().all(|l| {
+                l.qkv.dims() == ((nh + 2 * nkv) * hd, h)
+                    && l.o.dims() == (h, nh * hd)
+                    && l.gate_up.dims() == (2 * inter, h)
+                    && l.down.dims() == (h, inter)
+            })
+            && spec.lm_head.as_ref().is_none_or(|m| m.dims().1 == h);
+        if !ok_shapes {
+            return Err(Error::InvalidArgument(
+                "the fused CUDA decode step does not take this model's shapes".into(),
+            ));
+        }
+        let widest = h.max(nh * hd).max(inter);
+        let out_len = spec.lm_head.as_ref().map_or(h, |m| m.dims().0);
+        let buf = Buffers {
+            x: dev.alloc_zeros::<f32>(h)?,
+            xq: dev.alloc_zeros::<i8>(widest)?,
+            xd: dev.alloc_zeros::<f32>(widest / 16)?,
+            q: dev.alloc_zeros::<f32>(nh * hd)?,
+            part_o: dev.alloc_zeros::<f32>(nh * SPLITS * hd)?,
+            part_ml: dev.alloc_zeros::<f32>(2 * nh * SPLITS)?,
+            ffh: dev.alloc_zeros::<f32>(inter)?,
+            out: dev.alloc_zeros::<f32>(out_len)?,
+            params: dev.alloc_zeros::<i32>(4)?,
+            kv: dev.alloc_zeros::<u64>(2 * spec.layers.len())?,
+            done: dev.alloc_zeros::<u32>(nh)?,
+        };
+        let stream = dev.cuda_stream();
+        let p = |s: &dyn DevicePtrU64| s.ptr(&stream);
+        let ptr = Ptrs {
+            x: p(&buf.x),
+            xq: p(&buf.xq),
+            xd: p(&buf.xd),
+            q: p(&buf.q),
+            part_o: p(&buf.part_o),
+            part_ml: p(&buf.part_ml),
+            ffh: p(&buf.ffh),
+            out: p(&buf.out),
+            params: p(&buf.params),
+            kv: p(&buf.kv),
+            done: p(&buf.done),
+            cos: tensor_ptr(&spec.cos, &stream)?,
+            sin: tensor_ptr(&spec.sin, &stream)?,
+        };
+        let use_graph = std::env::var("POCKETLM_CUDA_GRAPH").map_or(true, |v| v != "0");
+        Ok(Self {
+            kv_host: vec![0; 2 * spec.layers.len()],
+            spec,
+            dev,
+            buf,
+            ptr,
+            graph: None,
+            steps: 0,
+            use_graph,
+        })
+    }
+
+    /// The spec it runs.
+    pub fn spec(&self) -> &DecoderSpec {
+        &self.spec
+    }
+
+    /// Whether the step runs as a captured CUDA graph.
+    pub fn uses_graph(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, at position
+    /// `pos` (`< spec.max_positions()`), with the key/value buffers of each layer given as
+    /// device addresses `kv[l] = (keys, values)`, each `[n_kv_heads, capacity, head_dim]` f32
+    /// holding positions `0..pos`; the kernels write position `pos` into them. Returns the logits
+    /// `[1, vocab]` f32, or with no output layer of ours the final normalized hidden state
+    /// `[1, hidden]`.
+    pub fn step(
+        &mut self,
+        x: &Tensor,
+        pos: usize,
+        kv: &[(u64, u64)],
+        capacity: usize,
+    ) -> Result<Tensor> {
+        let h = self.spec.hidden;
+        if x.elem_count() != h
+            || kv.len() != self.spec.layers.len()
+            || pos >= capacity
+            || pos >= self.spec.max_positions()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "decode step at position {pos} (capacity {capacity}, tables {}) with {} values \
+                 and {} cache layers",
+                self.spec.max_positions(),
+                x.elem_count(),
+                kv.len()
+            )));
+        }
+        let stream = self.dev.cuda_stream();
+        {
+            let x = x.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+            let (s, l) = x.storage_and_layout();
+            let Storage::Cuda(s) = &*s else {
+                return Err(Error::InvalidArgument("decode input is not on CUDA".into()));
+            };
+            let src = s
+                .as_cuda_slice::<f32>()?
+                .slice(l.start_offset()..l.start_offset() + h);
+            stream.memcpy_dtod(&src, &mut self.buf.x).w()?;
+        }
+        let params = [pos as i32, pos as i32 + 1, capacity as i32, 0];
+        stream.memcpy_htod(&params, &mut self.buf.params).w()?;
+        let table: Vec<u64> = kv.iter().flat_map(|&(k, v)| [k, v]).collect();
+        if table != self.kv_host {
+            stream.memcpy_htod(&table, &mut self.buf.kv).w()?;
+            self.kv_host = table;
+        }
+        self.steps += 1;
+        if self.graph.is_none() && self.use_graph && self.steps >= 2 {
+            self.capture()?;
+        }
+        match &self.graph {
+            Some(g) => g.launch().w()?,
+            None => self.record()?,
+        }
+        let n = self.buf.out.len();
+        let mut out = unsafe { self.dev.alloc::<f32>(n) }?;
+        stream.memcpy_dtod(&self.buf.out, &mut out).w()?;
+        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            (1, n),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// Records the launches into a CUDA graph; on failure keeps launching them one by one.
+    fn capture(&mut self) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .w()?;
+        let recorded = self.record();
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        match graph {
+            Ok(Some(g)) => self.graph = Some(g),
+            Ok(None) | Err(_) => {
+                tracing::warn!("CUDA graph capture failed; the decode step launches its kernels");
+                self.use_graph = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches the kernels of one step on the device's stream.
+    fn record(&self) -> Result<()> {
+        let s = &self.spec;
+        let p = self.ptr;
+        let (nh, nkv, hd, h, inter) = (
+            s.n_heads,
+            s.n_kv_heads,
+            s.head_dim,
+            s.hidden,
+            s.intermediate,
+        );
+        let func = |name: &str| self.dev.get_or_load_custom_func(name, MODULE, PTX);
+        let rmsnorm = func("rmsnorm_q8")?;
+        let attn = func(if hd == 64 {
+            "attn_split_d64"
+        } else {
+            "attn_split_d128"
+        })?;
+        let stream = self.dev.cuda_stream();
+        let (eps, hi) = (s.eps, h as i32);
+        // rmsnorm_q8 holds up to 4 runs of 4 values a thread.
+        let norm_threads = (h.div_ceil(16).div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let norm = |w: u64| -> Result<()> {
+            let mut b = rmsnorm.builder();
+            b.arg(&p.x);
+            b.arg(&w);
+            b.arg(&eps);
+            b.arg(&hi);
+            b.arg(&p.xq);
+            b.arg(&p.xd);
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (norm_threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        };
+        let (nhi, nkvi) = (nh as i32, nkv as i32);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (li, l) in s.layers.iter().enumerate() {
+            let li = li as i32;
+            norm(tensor_ptr(&l.attn_norm, &stream)?)?;
+            let rope = RopeArgs {
+                cos: p.cos,
+                sin: p.sin,
+                params: p.params,
+                kv: p.kv,
+                layer: li,
+                q_out: p.q,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                interleaved: s.interleaved,
+            };
+            l.qkv.launch_gemv_rope(p.xq, p.xd, &rope)?;
+            {
+                let mut b = attn.builder();
+                b.arg(&p.q);
+                b.arg(&p.params);
+                b.arg(&p.kv);
+                b.arg(&li);
+                b.arg(&nhi);
+                b.arg(&nkvi);
+                b.arg(&scale);
+                b.arg(&p.part_o);
+                b.arg(&p.part_ml);
+                b.arg(&p.done);
+                b.arg(&p.xq);
+                b.arg(&p.xd);
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32, SPLITS as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            l.o.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)?;
+            norm(tensor_ptr(&l.ffn_norm, &stream)?)?;
+            l.gate_up
+                .launch_gemv(Epilogue::SwiGlu, p.xq, p.xd, p.ffh, 1)?;
+            quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
+            l.down.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)?;
+        }
+        let wn = tensor_ptr(&s.norm, &stream)?;
+        match &s.lm_head {
+            Some(m) => {
+                norm(wn)?;
+                m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.out, 1)?;
+            }
+            None => {
+                let f = func("rmsnorm_f32")?;
+                let mut b = f.builder();
+                b.arg(&p.x);
+                b.arg(&wn);
+                b.arg(&eps);
+                b.arg(&hi);
+                b.arg(&p.out);
+                let cfg = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The raw device address of a buffer, whatever its element type.
+trait DevicePtrU64 {
+    fn ptr(&self, stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>) -> u64;
+}
+
+impl<T> DevicePtrU64 for CudaSlice<T> {
+    fn ptr(&self, stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>) -> u64 {
+        self.device_ptr(stream).0
+    }
+}

@@ -1,0 +1,581 @@
+//! Block-quantized weight matrices on a CUDA device, one layout for GGUF `Q4_0`, `Q4_1`, `Q8_0`
+//! and MLX affine 4- and 8-bit weights (layout and formulas in `src/cuda/qmatrix.cu`): integer
+//! (dp4a) GEMV against activations quantized to 8 bits per 32 values for decode, and
+//! dequantization to f16 + a cuBLAS GEMM for prefill.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Storage, Tensor};
+
+use crate::quant::mlx_affine::{AffineQuantized, GroupParams};
+use crate::{Error, Result};
+
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/qmatrix.ptx"));
+pub(crate) const MODULE: &str = "pocketlm_qmatrix";
+/// Input rows up to which [`CudaQMatrix::forward`] runs the GEMV kernel; above, it dequantizes
+/// to f16 and runs a cuBLAS GEMM.
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Most warps per thread block in the GEMV kernel (`GEMV_MAX_WARPS` in qmatrix.cu).
+const GEMV_MAX_WARPS: usize = 16;
+
+/// Weight rows per thread block (1, 2, 4 or 8; at least 2 for SwiGLU, whose block pairs gate
+/// and up rows) and warps per block (splitting the columns) of the GEMV launch. The default, 2
+/// rows and 2 warps, was the fastest of 8 shapes for decode on the H100 (8B-shaped Q4_0: 347
+/// tokens/s against 296-336 for 1-8 rows x 1-2 warps and 226-320 for 4-16 warps; Q8_0 the
+/// same order). `POCKETLM_GEMV=R,W` overrides it (W = 0: one warp per 1024 columns, at most
+/// 16), for tuning.
+fn gemv_shape(epi: Epilogue, cols: usize) -> (usize, usize) {
+    static OVERRIDE: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    let over = *OVERRIDE.get_or_init(|| {
+        let v = std::env::var("POCKETLM_GEMV").ok()?;
+        let (r, w) = v.split_once(',')?;
+        Some((r.trim().parse().ok()?, w.trim().parse().ok()?))
+    });
+    let auto_warps = cols.div_ceil(1024).clamp(1, GEMV_MAX_WARPS);
+    let (r, w) = match over {
+        Some((r, w)) if matches!(r, 1 | 2 | 4 | 8) => (r, if w == 0 { auto_warps } else { w }),
+        _ => (2, 2),
+    };
+    let r = if epi == Epilogue::SwiGlu { r.max(2) } else { r };
+    (r, w.clamp(1, GEMV_MAX_WARPS))
+}
+
+/// What the GEMV kernel does with each output value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y = W x`.
+    Write,
+    /// `y += W x` (a residual connection).
+    Add,
+    /// The matrix stacks gate rows then up rows (`2 n` rows): `y[r] = silu(gate_r · x) *
+    /// (up_r · x)` for `r < n` (SwiGLU, Shazeer 2020).
+    SwiGlu,
+}
+
+/// Device addresses and shapes for [`CudaQMatrix::launch_gemv_rope`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RopeArgs {
+    /// RoPE tables `[positions, head_dim / 2]` f32.
+    pub cos: u64,
+    /// See `cos`.
+    pub sin: u64,
+    /// The decode step's `[position, attended length, cache capacity, 0]` i32.
+    pub params: u64,
+    /// Per layer the key and value buffer addresses (u64 pairs).
+    pub kv: u64,
+    /// This layer's index into `kv`.
+    pub layer: i32,
+    /// Rotated queries `[n_heads, head_dim]` f32.
+    pub q_out: u64,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Adjacent pairs (GGUF Llama) rather than halves.
+    pub interleaved: bool,
+}
+
+/// A quantized matrix `[rows, cols]` on a CUDA device (`cols` a multiple of 32).
+#[derive(Debug)]
+pub struct CudaQMatrix {
+    codes: CudaSlice<u8>,
+    scales: CudaSlice<u8>,
+    biases: Option<CudaSlice<u8>>,
+    /// Raw device addresses of the three buffers (0 for no biases), for kernel arguments.
+    ptrs: [u64; 3],
+    /// Kernel name suffix (`q4_0`, `a4_f16`, ...).
+    kernel: &'static str,
+    rows: usize,
+    cols: usize,
+    group: usize,
+    dev: CudaDevice,
+}
+
+/// Host-side repacked parts: codes, scales and biases as raw bytes, kernel suffix, group size.
+struct Packed {
+    codes: Vec<u8>,
+    scales: Vec<u8>,
+    biases: Option<Vec<u8>>,
+    kernel: &'static str,
+    group: usize,
+}
+
+fn cuda_dev(dev: &Device) -> Result<&CudaDevice> {
+    match dev {
+        Device::Cuda(d) => Ok(d),
+        other => Err(Error::InvalidArgument(format!(
+            "a CUDA matrix needs a CUDA device, got {other:?}"
+        ))),
+    }
+}
+
+fn params_bytes(p: &GroupParams) -> (Vec<u8>, &'static str) {
+    let suffix = match p {
+        GroupParams::F32(_) => "f32",
+        GroupParams::F16(_) => "f16",
+        GroupParams::BF16(_) => "bf16",
+    };
+    (p.as_bytes().to_vec(), suffix)
+}
+
+impl CudaQMatrix {
+    /// Whether [`Self::from_gguf`] takes weights of this GGUF type.
+    pub fn supports_gguf(dtype: GgmlDType, cols: usize) -> bool {
+        matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+            && cols.is_multiple_of(32)
+    }
+
+    /// Whether [`Self::from_mlx`] takes this MLX matrix (bits 4 or 8, group a multiple of 32).
+    pub fn supports_mlx(q: &AffineQuantized) -> bool {
+        matches!(q.bits(), 4 | 8)
+            && q.group_size().is_multiple_of(32)
+            && q.cols().is_multiple_of(32)
+    }
+
+    /// Uploads GGUF blocks (`bytes`, ggml's layout for `dtype`, `rows * cols` values).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for another type, `cols` not a multiple of 32, a byte
+    /// length that does not match, or a device that is not CUDA.
+    pub fn from_gguf(
+        dtype: GgmlDType,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        if !Self::supports_gguf(dtype, cols) {
+            return Err(Error::InvalidArgument(format!(
+                "no CUDA kernel for GGUF {dtype:?} with {cols} columns"
+            )));
+        }
+        let (block, head) = match dtype {
+            GgmlDType::Q4_0 => (18, 2),
+            GgmlDType::Q4_1 => (20, 4),
+            _ => (34, 2),
+        };
+        let nblocks = rows * cols / 32;
+        if bytes.len() != nblocks * block {
+            return Err(Error::InvalidArgument(format!(
+                "GGUF {dtype:?} [{rows}x{cols}] takes {} bytes, got {}",
+                nblocks * block,
+                bytes.len()
+            )));
+        }
+        let mut codes = Vec::with_capacity(nblocks * (block - head));
+        let mut scales = Vec::with_capacity(nblocks * 2);
+        let mut biases = Vec::new();
+        for b in bytes.chunks_exact(block) {
+            scales.extend_from_slice(&b[0..2]);
+            if dtype == GgmlDType::Q4_1 {
+                biases.extend_from_slice(&b[2..4]);
+            }
+            codes.extend_from_slice(&b[head..]);
+        }
+        let packed = match dtype {
+            GgmlDType::Q4_0 => Packed {
+                codes,
+                scales,
+                biases: None,
+                kernel: "q4_0",
+                group: 32,
+            },
+            // Q4_1: w = d * q + m, the affine form with f16 parameters per 32 values.
+            GgmlDType::Q4_1 => Packed {
+                codes,
+                scales,
+                biases: Some(biases),
+                kernel: "a4_f16",
+                group: 32,
+            },
+            _ => Packed {
+                codes,
+                scales,
+                biases: None,
+                kernel: "q8_0",
+                group: 32,
+            },
+        };
+        Self::upload(packed, rows, cols, dev)
+    }
+
+    /// Uploads an MLX affine matrix (bits 4 or 8), 4-bit codes repacked into ggml's nibble order.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when [`Self::supports_mlx`] is false or the device is
+    /// not CUDA.
+    pub fn from_mlx(q: &AffineQuantized, dev: &Device) -> Result<Self> {
+        if !Self::supports_mlx(q) {
+            return Err(Error::InvalidArgument(format!(
+                "no CUDA kernel for MLX {}-bit group {} [{}x{}]",
+                q.bits(),
+                q.group_size(),
+                q.rows(),
+                q.cols()
+            )));
+        }
+        let words = q.weight();
+        let codes: Vec<u8> = if q.bits() == 8 {
+            words.iter().flat_map(|w| w.to_le_bytes()).collect()
+        } else {
+            // Per 32 values (4 words, 8 codes each, low bits first): byte j = code j | code j+16 << 4.
+            let mut out = Vec::with_capacity(words.len() * 4);
+            for blk in words.chunks_exact(4) {
+                let code = |j: usize| ((blk[j / 8] >> (4 * (j % 8))) & 15) as u8;
+                out.extend((0..16).map(|j| code(j) | (code(j + 16) << 4)));
+            }
+            out
+        };
+        let (scales, suffix) = params_bytes(q.scales());
+        let (biases, _) = params_bytes(q.biases());
+        let kernel = match (q.bits(), suffix) {
+            (4, "f16") => "a4_f16",
+            (4, "bf16") => "a4_bf16",
+            (4, _) => "a4_f32",
+            (_, "f16") => "a8_f16",
+            (_, "bf16") => "a8_bf16",
+            _ => "a8_f32",
+        };
+        let packed = Packed {
+            codes,
+            scales,
+            biases: Some(biases),
+            kernel,
+            group: q.group_size(),
+        };
+        Self::upload(packed, q.rows(), q.cols(), dev)
+    }
+
+    fn upload(p: Packed, rows: usize, cols: usize, dev: &Device) -> Result<Self> {
+        let d = cuda_dev(dev)?.clone();
+        let stream = d.cuda_stream();
+        let codes = stream.clone_htod(&p.codes).w()?;
+        let scales = stream.clone_htod(&p.scales).w()?;
+        let biases = match &p.biases {
+            Some(b) => Some(stream.clone_htod(b).w()?),
+            None => None,
+        };
+        let ptr = |s: &CudaSlice<u8>| s.device_ptr(&stream).0;
+        let ptrs = [
+            ptr(&codes),
+            ptr(&scales),
+            biases.as_ref().map(ptr).unwrap_or(0),
+        ];
+        Ok(Self {
+            codes,
+            scales,
+            biases,
+            ptrs,
+            kernel: p.kernel,
+            rows,
+            cols,
+            group: p.group,
+            dev: d,
+        })
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held on the device.
+    pub fn nbytes(&self) -> usize {
+        self.codes.len() + self.scales.len() + self.biases.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Launches the GEMV on raw device buffers: for `m` activation rows (`xq: [m, cols]` i8,
+    /// `xd: [m, cols / 32]` (d, d·Σq) f32 pairs), writes or adds `y: [m, out]` f32, `out =
+    /// rows` (or `rows / 2` for [`Epilogue::SwiGlu`]). Safe to capture in a CUDA graph.
+    pub(crate) fn launch_gemv(
+        &self,
+        epi: Epilogue,
+        xq: u64,
+        xd: u64,
+        y: u64,
+        m: usize,
+    ) -> Result<()> {
+        let (rows_per_block, warps) = gemv_shape(epi, self.cols);
+        let prefix = match epi {
+            Epilogue::Write => "qgemv_w",
+            Epilogue::Add => "qgemv_a",
+            Epilogue::SwiGlu => "qgemv_s",
+        };
+        let func = self.dev.get_or_load_custom_func(
+            &format!("{prefix}{rows_per_block}_{}", self.kernel),
+            MODULE,
+            PTX,
+        )?;
+        let (out, blocks) = if epi == Epilogue::SwiGlu {
+            (self.rows / 2, (self.rows / 2).div_ceil(rows_per_block / 2))
+        } else {
+            (self.rows, self.rows.div_ceil(rows_per_block))
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, m as u32, 1),
+            block_dim: (32 * warps as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ri, ci, gi) = (out as i32, self.cols as i32, self.group as i32);
+        let mut b = func.builder();
+        b.arg(&self.ptrs[0]);
+        b.arg(&self.ptrs[1]);
+        b.arg(&self.ptrs[2]);
+        b.arg(&xq);
+        b.arg(&xd);
+        b.arg(&y);
+        b.arg(&ri);
+        b.arg(&ci);
+        b.arg(&gi);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// Launches the decode step's q/k/v GEMV with RoPE and the KV-cache append in its epilogue
+    /// (`qgemv_rope` in qmatrix.cu): this matrix stacks `[q; k; v]` rows of `rope.n_heads`,
+    /// `rope.n_kv_heads`, `rope.n_kv_heads` heads; one activation row. Safe to capture in a CUDA
+    /// graph.
+    pub(crate) fn launch_gemv_rope(&self, xq: u64, xd: u64, rope: &RopeArgs) -> Result<()> {
+        let func = self.dev.get_or_load_custom_func(
+            &format!("qgemv_rope_{}", self.kernel),
+            MODULE,
+            PTX,
+        )?;
+        let half = rope.head_dim / 2;
+        let blocks = (rope.n_heads + 2 * rope.n_kv_heads) * half;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ci, gi) = (self.cols as i32, self.group as i32);
+        let (nh, nkv, hd, il) = (
+            rope.n_heads as i32,
+            rope.n_kv_heads as i32,
+            rope.head_dim as i32,
+            rope.interleaved as i32,
+        );
+        let mut b = func.builder();
+        b.arg(&self.ptrs[0]);
+        b.arg(&self.ptrs[1]);
+        b.arg(&self.ptrs[2]);
+        b.arg(&xq);
+        b.arg(&xd);
+        b.arg(&ci);
+        b.arg(&gi);
+        b.arg(&rope.cos);
+        b.arg(&rope.sin);
+        b.arg(&rope.params);
+        b.arg(&rope.kv);
+        b.arg(&rope.layer);
+        b.arg(&rope.q_out);
+        b.arg(&nh);
+        b.arg(&nkv);
+        b.arg(&hd);
+        b.arg(&il);
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// `x: [.., cols]` (any float dtype) -> `[.., rows]` f32: the GEMV kernel for up to
+    /// [`GEMV_MAX_ROWS`] rows of `x`, else dequantize to f16 + cuBLAS.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let k = dims.pop().unwrap_or(0);
+        if k != self.cols {
+            return Err(Error::InvalidArgument(format!(
+                "quantized linear layer takes {} input features, got {k}",
+                self.cols
+            )));
+        }
+        let m: usize = dims.iter().product();
+        dims.push(self.rows);
+        let x2 = x.to_dtype(DType::F32)?.reshape((m, k))?.contiguous()?;
+        let y = if m <= GEMV_MAX_ROWS {
+            self.gemv(&x2)?
+        } else {
+            let w = self.dequantize_f16()?;
+            x2.to_dtype(DType::F16)?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?
+        };
+        Ok(y.reshape(dims)?)
+    }
+
+    /// `x: [m, cols]` f32 contiguous, `1 <= m <= 8` -> `[m, rows]` f32 (activations quantized
+    /// to 8 bits per 32 values first).
+    pub fn gemv(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if m == 0 || m > GEMV_MAX_ROWS || k != self.cols || x.dtype() != DType::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "quantized GEMV of {:?} {:?} with a [{}, {}] matrix",
+                x.dims(),
+                x.dtype(),
+                self.rows,
+                self.cols
+            )));
+        }
+        let stream = self.dev.cuda_stream();
+        let xq = unsafe { self.dev.alloc::<i8>(m * k) }?;
+        let xd = unsafe { self.dev.alloc::<f32>(m * k / 16) }?;
+        let out = unsafe { self.dev.alloc::<f32>(m * self.rows) }?;
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let Storage::Cuda(xs) = &*xs else {
+                return Err(Error::InvalidArgument("GEMV input is not on CUDA".into()));
+            };
+            let xv = xs.as_cuda_slice::<f32>()?.slice(xl.start_offset()..);
+            let xp = xv.device_ptr(&stream).0;
+            quantize_q8(
+                &self.dev,
+                xp,
+                xq.device_ptr(&stream).0,
+                xd.device_ptr(&stream).0,
+                m * k,
+            )?;
+            self.launch_gemv(
+                Epilogue::Write,
+                xq.device_ptr(&stream).0,
+                xd.device_ptr(&stream).0,
+                out.device_ptr(&stream).0,
+                m,
+            )?;
+        }
+        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            (m, self.rows),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// The whole matrix `[rows, cols]` in f16 (each value formed in f32, rounded once).
+    pub fn dequantize_f16(&self) -> Result<Tensor> {
+        let func =
+            self.dev
+                .get_or_load_custom_func(&format!("qdequant_{}", self.kernel), MODULE, PTX)?;
+        let n = self.rows * self.cols;
+        let out = unsafe { self.dev.alloc::<half::f16>(n) }?;
+        {
+            let stream = self.dev.cuda_stream();
+            let op = out.device_ptr(&stream).0;
+            let threads = 256u32;
+            let cfg = LaunchConfig {
+                grid_dim: (((n / 8) as u32).div_ceil(threads), 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (ri, ci, gi) = (self.rows as i32, self.cols as i32, self.group as i32);
+            let mut b = func.builder();
+            b.arg(&self.ptrs[0]);
+            b.arg(&self.ptrs[1]);
+            b.arg(&self.ptrs[2]);
+            b.arg(&op);
+            b.arg(&ri);
+            b.arg(&ci);
+            b.arg(&gi);
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            (self.rows, self.cols),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
+/// Quantizes `n` f32 values at `x` (n a multiple of 32) to 8-bit codes at `xq` and per-32
+/// `(d, d·Σq)` pairs at `xd` (ggml's `quantize_row_q8_1` on the CPU, parameters rounded to f16).
+pub(crate) fn quantize_q8(dev: &CudaDevice, x: u64, xq: u64, xd: u64, n: usize) -> Result<()> {
+    let func = dev.get_or_load_custom_func("quantize_q8", MODULE, PTX)?;
+    let nb = (n / 32) as i32;
+    let cfg = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = func.builder();
+    b.arg(&x);
+    b.arg(&xq);
+    b.arg(&xd);
+    b.arg(&nb);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// The CPU mirror of the GEMV kernel for tests: `x` is quantized as [`quantize_q8`] does and
+/// each row dotted with the dequantized-by-formula weights of `w` (`[rows, cols]` f32 values
+/// of the matrix) in f64, block by block: `s·d·Σ(q·x_q) + b·d·Σx_q` exactly as the kernel.
+/// `w_affine(r, block)` gives `(codes[32], scale, bias)` of a block.
+pub(crate) fn reference_gemv(
+    x: &[f32],
+    m: usize,
+    rows: usize,
+    cols: usize,
+    block: impl Fn(usize, usize) -> ([i32; 32], f32, f32),
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * rows];
+    for i in 0..m {
+        let xr = &x[i * cols..(i + 1) * cols];
+        let qx: Vec<([i32; 32], f32, f32)> = xr
+            .chunks_exact(32)
+            .map(|c| {
+                let amax = c.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let mut q = [0i32; 32];
+                for (qj, v) in q.iter_mut().zip(c) {
+                    *qj = (v * id).round_ties_even() as i32;
+                }
+                let s: i32 = q.iter().sum();
+                let r16 = |v: f32| half::f16::from_f32(v).to_f32();
+                (q, r16(d), r16(s as f32 * d))
+            })
+            .collect();
+        for r in 0..rows {
+            let mut acc = 0f64;
+            for (b, (xq, d, s)) in qx.iter().enumerate() {
+                let (wq, sc, bias) = block(r, b);
+                let isum: i64 = wq
+                    .iter()
+                    .zip(xq)
+                    .map(|(a, b)| (*a as i64) * (*b as i64))
+                    .sum();
+                acc += sc as f64 * *d as f64 * isum as f64 + bias as f64 * *s as f64;
+            }
+            y[i * rows + r] = acc as f32;
+        }
+    }
+    y
+}
+
+/// Test helper: runs the GEMV with epilogue `epi` on `x: [cols]`, starting from `y0` (the
+/// output's initial contents), and returns the output.
+pub(crate) fn run_epilogue(
+    g: &CudaQMatrix,
+    epi: Epilogue,
+    x: &[f32],
+    y0: &[f32],
+    dev: &Device,
+) -> Result<Vec<f32>> {
+    let d = cuda_dev(dev)?;
+    let stream = d.cuda_stream();
+    let xs = stream.clone_htod(x).w()?;
+    let mut y = stream.clone_htod(y0).w()?;
+    let xq = unsafe { d.alloc::<i8>(x.len()) }?;
+    let xd = unsafe { d.alloc::<f32>(x.len() / 16) }?;
+    {
+        let (xp, xqp, xdp) = (
+            xs.device_ptr(&stream).0,
+            xq.device_ptr(&stream).0,
+            xd.device_ptr(&stream).0,
+        );
+        quantize_q8(d, xp, xqp, xdp, x.len())?;
+        let yp = y.device_ptr_mut(&stream).0;
+        g.launch_gemv(epi, xqp, xdp, yp, 1)?;
+    }
+    Ok(stream.clone_dtoh(&y).w()?)
+}
