@@ -460,6 +460,12 @@ impl Weights for SafetensorsWeights {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
         match self.quantized(prefix, vocab, hidden)? {
             Some(q) if self.dequantize => Ok(Embedding::Dense(self.dense_from_quantized(&q)?)),
+            #[cfg(feature = "cuda")]
+            Some(q) if self.device.is_cuda() && crate::cuda::CudaQMatrix::supports_mlx(&q) => {
+                Ok(Embedding::Cuda(Arc::new(
+                    crate::cuda::CudaQMatrix::from_mlx(&q, &self.device)?,
+                )))
+            }
             Some(q) => Ok(Embedding::Mlx(Arc::new(q))),
             None => Ok(Embedding::Dense(self.float_weight(name, &[vocab, hidden])?)),
         }

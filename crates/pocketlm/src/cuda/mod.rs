@@ -277,6 +277,36 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             1e-5,
         );
     }
+    // Embedding lookups: equal to the CPU's dequantize_row, bit for bit.
+    for &bits in &[4usize, 8] {
+        for pd in [ParamDtype::F16, ParamDtype::BF16, ParamDtype::F32] {
+            let (rows, cols) = (300usize, 256usize);
+            seed += 1;
+            let w = pseudo_random(rows * cols, seed);
+            let q = crate::quant::mlx_affine::quantize(&w, rows, cols, 64, bits, pd)?;
+            let g = CudaQMatrix::from_mlx(&q, dev)?;
+            let ids: Vec<u32> = vec![0, 7, 299, 7, 123];
+            let mut want = vec![0f32; ids.len() * cols];
+            for (id, row) in ids.iter().zip(want.chunks_mut(cols)) {
+                q.dequantize_row(*id as usize, row)?;
+            }
+            let got: Vec<f32> = g
+                .embedding(&Tensor::new(ids.as_slice(), dev)?)?
+                .flatten_all()?
+                .to_vec1()?;
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            record(
+                &mut lines,
+                format!("mlx b{bits} g64 {pd:?} embedding [{rows}x{cols}] max_abs_diff"),
+                diff,
+                0.0,
+            );
+        }
+    }
     // Prefill helpers.
     {
         let (m, n) = (5usize, 96usize);

@@ -305,6 +305,50 @@ __device__ void qdequant(const uint8_t *__restrict__ qs, const S *__restrict__ s
   out[idx] = *reinterpret_cast<const uint4 *>(h);
 }
 
+__device__ __forceinline__ float round_to(float v, float) { return v; }
+__device__ __forceinline__ float round_to(float v, __half) {
+  return __half2float(__float2half_rn(v));
+}
+__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+// Embedding lookup: out[i, k] (f32) = value k of row ids[i]. Affine formats compute it as
+// mx.dequantize does, in the dtype S of the scales (rounded to S after the product and after
+// the bias), then widen it (AffineQuantized::dequantize_row on the CPU); Q4_0 / Q8_0 as ggml
+// (f32). One thread per value.
+template <int BITS, bool SIGNED, bool BIAS, typename S>
+__device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
+                       const S *__restrict__ bi, const unsigned int *__restrict__ ids,
+                       float *__restrict__ out, int n_ids, int cols, int group) {
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)n_ids * cols) return;
+  const size_t r = ids[idx / cols];
+  const int k = (int)(idx % cols);
+  const int j = k & 31;
+  const size_t blk = r * (cols >> 5) + (k >> 5);
+  const size_t gi = r * (cols / group) + k / group;
+  const float s = to_f32(sc[gi]);
+  int c;
+  if (BITS == 4) {
+    c = (qs[blk * 16 + (j & 15)] >> (j >= 16 ? 4 : 0)) & 15;
+  } else {
+    const uint8_t b = qs[blk * 32 + j];
+    c = SIGNED ? (int)(int8_t)b : (int)b;
+  }
+  float v;
+  if (BIAS) {
+    // __fmul_rn / __fadd_rn: never contracted into an FMA (the CPU rounds the product first).
+    const float p = round_to(__fmul_rn((float)c, s), S());
+    v = round_to(__fadd_rn(p, to_f32(bi[gi])), S());
+  } else if (BITS == 4) {
+    v = (float)(c - 8) * s;
+  } else {
+    v = (float)c * s;
+  }
+  out[idx] = v;
+}
+
 #define QGEMV(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, R)                                       \
   extern "C" __global__ void qgemv##EPIN##R##_##NAME(const uint8_t *qs, const S *sc,             \
                                                      const S *bi, const int8_t *xq,                \
@@ -331,6 +375,11 @@ __device__ void qdequant(const uint8_t *__restrict__ qs, const S *__restrict__ s
       int interleaved) {                                                                           \
     qgemv_rope<BITS, SIGNED, BIAS, S>(qs, sc, bi, xq, xd, cols, group, cos_t, sin_t, params, kv,  \
                                       layer, q_out, n_heads, n_kv, hd, interleaved);               \
+  }                                                                                                \
+  extern "C" __global__ void qembed_##NAME(const uint8_t *qs, const S *sc, const S *bi,           \
+                                           const unsigned int *ids, float *out, int n_ids,         \
+                                           int cols, int group) {                                  \
+    qembed<BITS, SIGNED, BIAS, S>(qs, sc, bi, ids, out, n_ids, cols, group);                       \
   }                                                                                                \
   extern "C" __global__ void qdequant_##NAME(const uint8_t *qs, const S *sc, const S *bi,         \
                                              uint4 *out, int rows, int cols, int group) {          \

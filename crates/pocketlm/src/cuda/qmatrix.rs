@@ -450,6 +450,65 @@ impl CudaQMatrix {
         ))
     }
 
+    /// Rows `ids: [..]` (u32 on this device) as an embedding table: `[.., cols]` f32. MLX
+    /// matrices give what [`AffineQuantized::dequantize_row`] gives (`mx.dequantize` in the
+    /// scales' dtype), GGUF ones ggml's dequantization.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for ids off this device or not u32. Ids past the last
+    /// row are the caller's to exclude (the tokenizer's vocabulary is the table's).
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        if ids.dtype() != DType::U32 || !ids.device().is_cuda() {
+            return Err(Error::InvalidArgument(format!(
+                "embedding ids must be u32 on CUDA, got {:?} on {:?}",
+                ids.dtype(),
+                ids.device()
+            )));
+        }
+        let flat = ids.flatten_all()?.contiguous()?;
+        let n = flat.elem_count();
+        let func =
+            self.dev
+                .get_or_load_custom_func(&format!("qembed_{}", self.kernel), MODULE, PTX)?;
+        let out = unsafe { self.dev.alloc::<f32>(n * self.cols) }?;
+        {
+            let stream = self.dev.cuda_stream();
+            let (s, l) = flat.storage_and_layout();
+            let Storage::Cuda(s) = &*s else {
+                return Err(Error::InvalidArgument(
+                    "embedding ids are not on CUDA".into(),
+                ));
+            };
+            let iv = s.as_cuda_slice::<u32>()?.slice(l.start_offset()..);
+            let (ip, _s1) = iv.device_ptr(&stream);
+            let (op, _s2) = out.device_ptr(&stream);
+            let cfg = LaunchConfig {
+                grid_dim: (((n * self.cols) as u32).div_ceil(256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (ni, ci, gi) = (n as i32, self.cols as i32, self.group as i32);
+            let mut b = func.builder();
+            b.arg(&self.ptrs[0]);
+            b.arg(&self.ptrs[1]);
+            b.arg(&self.ptrs[2]);
+            b.arg(&ip);
+            b.arg(&op);
+            b.arg(&ni);
+            b.arg(&ci);
+            b.arg(&gi);
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.cols);
+        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            dims,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
     /// The whole matrix `[rows, cols]` in f16 (each value formed in f32, rounded once).
     pub fn dequantize_f16(&self) -> Result<Tensor> {
         let func =

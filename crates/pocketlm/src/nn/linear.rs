@@ -296,6 +296,10 @@ pub enum Embedding {
     /// looked-up rows are dequantized like `mx.dequantize` (in the dtype of the scales, then
     /// widened to f32).
     Mlx(Arc<AffineQuantized>),
+    /// A quantized table held on a CUDA device ([`crate::cuda::CudaQMatrix`]), looked up by
+    /// our kernel (the same values as [`Self::Mlx`] / [`Self::Gguf`] give).
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<crate::cuda::CudaQMatrix>),
 }
 
 impl Embedding {
@@ -315,6 +319,8 @@ impl Embedding {
                 let rows = w.embedding(&flat)?;
                 Ok(Tensor::from_vec(rows, dims, ids.device())?)
             }
+            #[cfg(feature = "cuda")]
+            Self::Cuda(q) => q.embedding(ids),
             Self::Mlx(q) => {
                 let flat = ids
                     .flatten_all()?
@@ -344,6 +350,11 @@ impl Embedding {
                 bias: None,
             }),
             Self::Mlx(q) => Linear::mlx_on(q.clone(), None, device),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(q) => Ok(Linear::Cuda {
+                weight: q.clone(),
+                bias: None,
+            }),
         }
     }
 
@@ -354,6 +365,8 @@ impl Embedding {
             Self::Gguf(q) => q.shape().dims2()?,
             Self::Kernel(w) => (w.rows(), w.cols()),
             Self::Mlx(q) => (q.rows(), q.cols()),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(q) => q.dims(),
         })
     }
 }
