@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
 
 use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
@@ -312,13 +312,7 @@ impl CudaDecoder {
         let n = self.buf.out.len();
         let mut out = unsafe { self.dev.alloc::<f32>(n) }?;
         stream.memcpy_dtod(&self.buf.out, &mut out).w()?;
-        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (1, n),
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
+        Ok(super::qmatrix::into_tensor(out, &self.dev, (1, n)))
     }
 
     /// Records the launches into a CUDA graph; on failure keeps launching them one by one.

@@ -12,9 +12,9 @@ pub use decoder::{CudaDecoder, DecoderLayer, DecoderSpec};
 pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS};
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
 use crate::Result;
@@ -430,13 +430,7 @@ pub fn swiglu_stacked(y: &Tensor, n: usize) -> Result<Tensor> {
     if let Some(last) = dims.last_mut() {
         *last = n;
     }
-    let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        dims,
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
+    Ok(qmatrix::into_tensor(out, dev, dims))
 }
 
 /// `softmax(att * scale + mask)` over the last dimension, in one kernel (prefill attention):

@@ -102,6 +102,20 @@ struct Packed {
     group: usize,
 }
 
+/// A tensor of shape `dims` over a device buffer that our kernel filled.
+pub(crate) fn into_tensor<T: candle_core::cuda_backend::CudaDType>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    dims: impl Into<candle_core::Shape>,
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone())),
+        dims,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
 fn cuda_dev(dev: &Device) -> Result<&CudaDevice> {
     match dev {
         Device::Cuda(d) => Ok(d),
@@ -441,13 +455,7 @@ impl CudaQMatrix {
                 m,
             )?;
         }
-        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (m, self.rows),
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
+        Ok(into_tensor(out, &self.dev, (m, self.rows)))
     }
 
     /// Rows `ids: [..]` (u32 on this device) as an embedding table: `[.., cols]` f32. MLX
@@ -500,13 +508,7 @@ impl CudaQMatrix {
         }
         let mut dims = ids.dims().to_vec();
         dims.push(self.cols);
-        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            dims,
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
+        Ok(into_tensor(out, &self.dev, dims))
     }
 
     /// The whole matrix `[rows, cols]` in f16 (each value formed in f32, rounded once).
@@ -536,13 +538,7 @@ impl CudaQMatrix {
             b.arg(&gi);
             unsafe { b.launch(cfg) }.w()?;
         }
-        let storage = CudaStorage::wrap_cuda_slice(out, self.dev.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (self.rows, self.cols),
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
+        Ok(into_tensor(out, &self.dev, (self.rows, self.cols)))
     }
 }
 
