@@ -91,9 +91,18 @@ impl GrowingKvCache {
         }
     }
 
+    /// `(batch, heads, head_dim, dtype, device)` of `t: [batch, heads, seq, head_dim]`.
+    fn like(t: &Tensor) -> Result<(usize, usize, usize, DType, &candle_core::Device)> {
+        let (b, h, _, d) = t.dims4()?;
+        Ok((b, h, d, t.dtype(), t.device()))
+    }
+
+    /// `buf` with room for `need` positions: itself when it has it, else a buffer of
+    /// `[batch, heads, ceil(need / step) * step, head_dim]` (`like = (batch, heads, head_dim,
+    /// dtype, device)`) holding its first `len` positions.
     fn grow(
         buf: &Option<Tensor>,
-        new: &Tensor,
+        like: (usize, usize, usize, DType, &candle_core::Device),
         len: usize,
         need: usize,
         step: usize,
@@ -103,9 +112,9 @@ impl GrowingKvCache {
                 return Ok(b.clone());
             }
         }
-        let (b, h, _, d) = new.dims4()?;
+        let (b, h, d, dtype, device) = like;
         let new_cap = need.div_ceil(step) * step;
-        let fresh = Tensor::zeros((b, h, new_cap, d), new.dtype(), new.device())?;
+        let fresh = Tensor::zeros((b, h, new_cap, d), dtype, device)?;
         if let Some(old) = buf {
             if len > 0 {
                 fresh.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
@@ -119,8 +128,8 @@ impl LayerKvCache for GrowingKvCache {
     fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(2)?;
         let need = self.len + n;
-        let kb = Self::grow(&self.k, k, self.len, need, self.step)?;
-        let vb = Self::grow(&self.v, v, self.len, need, self.step)?;
+        let kb = Self::grow(&self.k, Self::like(k)?, self.len, need, self.step)?;
+        let vb = Self::grow(&self.v, Self::like(v)?, self.len, need, self.step)?;
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = need;
@@ -139,14 +148,14 @@ impl LayerKvCache for GrowingKvCache {
     ) -> Result<Option<(Tensor, Tensor)>> {
         if let Some(k) = &self.k {
             let (b, h, _, d) = k.dims4()?;
-            if (b, h, d) != (1, kv_heads, head_dim) || k.dtype() != candle_core::DType::F32 {
+            if (b, h, d) != (1, kv_heads, head_dim) || k.dtype() != DType::F32 {
                 return Ok(None);
             }
         }
-        let like = Tensor::zeros((1, kv_heads, 1, head_dim), candle_core::DType::F32, device)?;
+        let like = (1, kv_heads, head_dim, DType::F32, device);
         let need = self.len + n;
-        let kb = Self::grow(&self.k, &like, self.len, need, self.step)?;
-        let vb = Self::grow(&self.v, &like, self.len, need, self.step)?;
+        let kb = Self::grow(&self.k, like, self.len, need, self.step)?;
+        let vb = Self::grow(&self.v, like, self.len, need, self.step)?;
         self.k = Some(kb.clone());
         self.v = Some(vb.clone());
         Ok(Some((kb, vb)))

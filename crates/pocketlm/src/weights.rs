@@ -105,10 +105,34 @@ impl<'a> GgufWeights<'a> {
         if !self.device.is_cuda() || self.dequantize || names.len() != outs.len() {
             return Ok(None);
         }
+        let Some((dtype, raw)) = self.stacked_blocks(names, outs, in_features, |t| {
+            CudaQMatrix::supports_gguf(t, in_features)
+        })?
+        else {
+            return Ok(None);
+        };
+        let rows = outs.iter().sum();
+        let m = CudaQMatrix::from_gguf(dtype, &raw, rows, in_features, &self.device)
+            .map_err(|e| Error::tensor(names[0], e.to_string()))?;
+        Ok(Some(Linear::Cuda {
+            weight: std::sync::Arc::new(m),
+            bias,
+        }))
+    }
+
+    /// The ggml blocks of quantized tensors `names` (`outs[i] x in_features` each), stacked by
+    /// rows into one buffer, when all have one type and `accept` takes it; `None` otherwise.
+    fn stacked_blocks(
+        &self,
+        names: &[&str],
+        outs: &[usize],
+        in_features: usize,
+        accept: impl Fn(candle_core::quantized::GgmlDType) -> bool,
+    ) -> Result<Option<(candle_core::quantized::GgmlDType, Vec<u8>)>> {
         let mut dtype = None;
         for n in names {
             let (_, t) = self.file.tensor_info(n)?;
-            if !CudaQMatrix::supports_gguf(t, in_features) || dtype.is_some_and(|d| d != t) {
+            if !accept(t) || dtype.is_some_and(|d| d != t) {
                 return Ok(None);
             }
             dtype = Some(t);
@@ -119,13 +143,7 @@ impl<'a> GgufWeights<'a> {
             let q = self.file.qtensor(n, &[o, in_features], &Device::Cpu)?;
             raw.extend_from_slice(&q.data()?);
         }
-        let rows = outs.iter().sum();
-        let m = CudaQMatrix::from_gguf(dtype, &raw, rows, in_features, &self.device)
-            .map_err(|e| Error::tensor(names[0], e.to_string()))?;
-        Ok(Some(Linear::Cuda {
-            weight: std::sync::Arc::new(m),
-            bias,
-        }))
+        Ok(Some((dtype, raw)))
     }
 
     fn gguf_name(&self, name: &str) -> Result<String> {
@@ -215,30 +233,20 @@ impl Weights for GgufWeights<'_> {
         if !self.device.is_cuda() || self.dequantize || prefixes.len() != outs.len() {
             return Ok(None);
         }
+        let names = prefixes
+            .iter()
+            .map(|p| self.gguf_name(&format!("{p}.weight")))
+            .collect::<Result<Vec<_>>>()?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         #[cfg(feature = "cuda")]
-        {
-            let names = prefixes
-                .iter()
-                .map(|p| self.gguf_name(&format!("{p}.weight")))
-                .collect::<Result<Vec<_>>>()?;
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            if let Some(l) = self.cuda_linear(&names, outs, in_features, None)? {
-                return Ok(Some(l));
-            }
+        if let Some(l) = self.cuda_linear(&names, outs, in_features, None)? {
+            return Ok(Some(l));
         }
-        let mut dtype = None;
-        let mut raw = Vec::new();
-        for (p, &o) in prefixes.iter().zip(outs) {
-            let name = self.gguf_name(&format!("{p}.weight"))?;
-            let (_, t) = self.file.tensor_info(&name)?;
-            if is_float(t) || dtype.is_some_and(|d| d != t) {
-                return Ok(None);
-            }
-            dtype = Some(t);
-            let q = self.file.qtensor(&name, &[o, in_features], &Device::Cpu)?;
-            raw.extend_from_slice(&q.data()?);
-        }
-        let Some(dtype) = dtype else { return Ok(None) };
+        let Some((dtype, raw)) =
+            self.stacked_blocks(&names, outs, in_features, |t| !is_float(t))?
+        else {
+            return Ok(None);
+        };
         let rows = outs.iter().sum();
         let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
             dtype,
