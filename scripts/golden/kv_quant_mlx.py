@@ -1,6 +1,6 @@
 """How far mlx-lm's own quantized KV cache moves greedy decoding of the default model.
 
-Reference for tests/session.rs (`quantized_cache_is_small_and_follows_the_float_cache`): the
+Reference for tests/it/session.rs (`quantized_cache_is_small_and_follows_the_float_cache`): the
 same three chat prompts, the default model's weights dequantized to float32 (an MLX folder
 written by `pocketlm convert --dtype f32`), a float `KVCache` against mlx-lm's
 `QuantizedKVCache` (keys and values quantized from the first token on, as ours). For each

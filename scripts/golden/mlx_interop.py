@@ -24,7 +24,7 @@ What it does, in a temporary folder (no model folder is committed):
 
 Output `crates/pocketlm/tests/golden/mlx_interop/golden.json`: the prompt and its token ids,
 mlx-lm's 32 greedy tokens per folder, and for each mlx-lm-written folder its config.json and
-a digest of every tensor (dtype, shape, 64 bits of the sha256 of its bytes; so that `tests/mlx_interop.rs` can check, without Python,
+a digest of every tensor (dtype, shape, 64 bits of the sha256 of its bytes; so that `tests/it/mlx_interop.rs` can check, without Python,
 that its own conversion reproduces mlx-lm's weights, then compare its tokens with mlx-lm's).
 
 Why f32 and not the usual f16: on Linux CPU, mlx 0.32.4's quantized matmul with float16

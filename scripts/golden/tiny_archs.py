@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tiny random-weight models of each supported architecture, with transformers' logits and greedy
-tokens, for `crates/pocketlm/tests/archs_golden.rs`.
+tokens, for `crates/pocketlm/tests/it/archs_golden.rs`.
 
 Reference: Hugging Face transformers (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
 `Gemma2ForCausalLM`, `Gemma3ForCausalLM`, `Phi3ForCausalLM`, `MistralForCausalLM`), each built

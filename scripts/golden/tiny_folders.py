@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Golden model folders for pocketlm's Hugging Face / MLX folder loading
-(`crates/pocketlm/tests/folders_golden.rs`).
+(`crates/pocketlm/tests/it/folders_golden.rs`).
 
 Reference: Hugging Face transformers (`LlamaForCausalLM`, `save_pretrained`) and Apple MLX
 (`mx.quantize` / `mx.dequantize`, affine mode, the format mlx-lm writes).

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GGUF versions of the tiny random-weight models of `tiny_archs.py`, written by llama.cpp's own
-converter, with llama.cpp's logits on them, for `crates/pocketlm/tests/archs_golden.rs`
+converter, with llama.cpp's logits on them, for `crates/pocketlm/tests/it/archs_golden.rs`
 (`*_gguf` tests).
 
 Each folder `crates/pocketlm/tests/golden/archs/<name>/` (qwen2, qwen3, gemma2, gemma3, phi3,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tiny random-weight Qwen2-VL and Qwen2.5-VL models with transformers' pixel values, logits and
-greedy tokens, for `crates/pocketlm/tests/vlm_golden.rs`.
+greedy tokens, for `crates/pocketlm/tests/it/vlm_golden.rs`.
 
 Reference: Hugging Face transformers (`Qwen2VLForConditionalGeneration`,
 `Qwen2_5_VLForConditionalGeneration`, `Qwen2VLProcessor` with the torchvision

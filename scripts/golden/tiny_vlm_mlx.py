@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""mlx-vlm interop goldens for `crates/pocketlm/tests/vlm_golden.rs`: the tiny Qwen2-VL and
+"""mlx-vlm interop goldens for `crates/pocketlm/tests/it/vlm_golden.rs`: the tiny Qwen2-VL and
 Qwen2.5-VL of `tiny_vlm.py` converted by `mlx_vlm.convert -q --q-bits 8 --q-group-size 64`,
 and `mlx_vlm`'s greedy tokens on them.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden files for pocketlm's tokenizers (crates/pocketlm/tests/tokenizer_golden.rs).
+"""Golden files for pocketlm's tokenizers (crates/pocketlm/tests/it/tokenizer_golden.rs).
 
 Writes, under crates/pocketlm/tests/golden/tokenizer/:
 

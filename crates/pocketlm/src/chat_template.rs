@@ -25,7 +25,7 @@
 //! the local time zone); the `~` operator and `+` on mixed types follow minijinja's formatting
 //! (`true` rather than `True`).
 //!
-//! The golden test `tests/chat_template_golden.rs` checks byte equality with Python jinja2 (and
+//! The golden test `tests/it/chat_template_golden.rs` checks byte equality with Python jinja2 (and
 //! transformers itself) on real templates; `scripts/golden/chat_template.py` makes its inputs.
 
 use std::borrow::Cow;

@@ -29,7 +29,7 @@
 //! Σ|w_i| + |bias · s_b|)`), plus `f32` rounding. `kernels::mlx_tests` checks that bound.
 //!
 //! Greedy decoding of the default model in MLX 4-bit gives mlx-lm's 32 tokens
-//! (`tests/mlx_interop.rs`), but with little margin: keeping `dy` and `s` in `f32` for 4-bit
+//! (`tests/it/mlx_interop.rs`), but with little margin: keeping `dy` and `s` in `f32` for 4-bit
 //! products too (more accurate) flips token 18 ("the" for mlx-lm's "a", a near tie), so
 //! token equality with mlx-lm is a property of these exact roundings, not a guarantee of
 //! 8-bit activations. Layers of other widths (2, 3, 5, 6 bits) keep the `f32` product.

@@ -244,7 +244,7 @@ impl Linear {
 /// ggml does): 4-bit weights with an f32 input on the CPU. 8-bit layers keep the exact f32
 /// arithmetic of `mx.quantized_matmul`: at 8 bits the activation rounding is no longer small
 /// against the weights' own, and moved the logits of the tiny 8-bit models of
-/// `tests/archs_golden.rs` by up to 2.6 from transformers on the same dequantized weights.
+/// `tests/it/archs_golden.rs` by up to 2.6 from transformers on the same dequantized weights.
 /// Weights loaded with [`crate::loader::LoadOptions::exact_mlx_matmul`] also keep it.
 fn mlx_fast(w: &AffineQuantized, x: &Tensor) -> bool {
     w.bits() == 4

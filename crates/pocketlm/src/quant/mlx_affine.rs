@@ -20,7 +20,7 @@
 //!
 //! Reference: Apple MLX (checked against Python `mlx` 0.32.4): `mlx/backend/cpu/quantized.cpp`
 //! (`quantize`, `_qmm_t`) and `mlx/ops.cpp` (`affine_quantize`, `affine_dequantize`,
-//! `quantized_matmul`). The golden test `tests/mlx_quant_golden.rs` compares against files made
+//! `quantized_matmul`). The golden test `tests/it/mlx_quant_golden.rs` compares against files made
 //! by `scripts/golden/mlx_quant.py`.
 
 use candle_core::{DType, Device, Tensor};

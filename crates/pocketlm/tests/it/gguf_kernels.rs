@@ -12,18 +12,7 @@ use candle_core::Device;
 use pocketlm::kernels::{mmap_gguf, Backend, GgufMatrix, GgufType, KernelError};
 
 fn model_path() -> PathBuf {
-    let home = std::env::var("POCKETLM_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pocketlm")
-        });
-    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "the default model is missing: {} (set POCKETLM_HOME or fetch the model first)",
-        p.display()
-    );
-    p
+    pocketlm_testutil::default_model_path()
 }
 
 /// candle's dequantization of a tensor, read through its own file reader.

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use pocketlm::chat_template::Message;
-use pocketlm::loader::{self, LoadOptions, LoadedModel, Prompt};
+use pocketlm::loader::{LoadedModel, Prompt};
 use pocketlm_server::{router, serve, ServerConfig};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -16,21 +16,7 @@ use serde_json::{json, Value};
 const KEY: &str = "sk-test-key";
 
 fn model() -> Arc<LoadedModel> {
-    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = pocketlm::fetch::ensure_default_model(&mut |_| {}).unwrap_or_else(|e| {
-                panic!(
-                    "the default model is needed at {} and could not be fetched: {e}",
-                    pocketlm::fetch::default_model_path().display()
-                )
-            });
-            Arc::new(
-                loader::load(&path, &LoadOptions::default())
-                    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display())),
-            )
-        })
-        .clone()
+    pocketlm_testutil::default_model(false)
 }
 
 /// Starts a server on a free loopback port in a background thread; returns its base URL.

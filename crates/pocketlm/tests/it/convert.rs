@@ -386,18 +386,7 @@ fn output_is_atomic() -> Res<()> {
 }
 
 fn default_gguf() -> PathBuf {
-    let home = std::env::var("POCKETLM_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/pocketlm")
-        });
-    let p = home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "the default model is needed at {} (run `pocketlm fetch`)",
-        p.display()
-    );
-    p
+    pocketlm_testutil::default_model_path()
 }
 
 fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Res<Vec<u32>> {

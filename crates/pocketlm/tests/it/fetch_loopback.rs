@@ -518,7 +518,7 @@ fn default_model_follows_env_and_pinned_checksums() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "default_model_follows_env_and_pinned_checksums",
+            "fetch_loopback::default_model_follows_env_and_pinned_checksums",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -897,7 +897,7 @@ fn hub_id_loads_into_the_hf_cache_then_offline() {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "--exact",
-            "hub_id_loads_into_the_hf_cache_then_offline",
+            "fetch_loopback::hub_id_loads_into_the_hf_cache_then_offline",
             "--nocapture",
             "--test-threads=1",
         ])

@@ -48,13 +48,7 @@ fn ids(v: &serde_json::Value) -> Res<Vec<u32>> {
 }
 
 fn default_gguf() -> PathBuf {
-    let p = pocketlm::fetch::default_model_path();
-    assert!(
-        p.is_file(),
-        "the default model is needed at {} (run `pocketlm fetch`)",
-        p.display()
-    );
-    p
+    pocketlm_testutil::default_model_path()
 }
 
 /// `steps` greedy tokens after `prompt`, no end-of-generation stop (as the script's loop).

@@ -7,25 +7,15 @@ use std::sync::Arc;
 use pocketlm::chat_template::Message;
 use pocketlm::generate::{generate, GenerateParams};
 use pocketlm::kv_cache::KvCacheConfig;
-use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
+use pocketlm::loader::{LoadedModel, Prompt};
 use pocketlm::prompt_cache::{self, ModelIdentity};
 use pocketlm::session::{ChatSession, SessionOptions};
 
 fn model() -> Arc<LoadedModel> {
-    let path = pocketlm::fetch::default_model_path();
-    assert!(
-        path.exists(),
-        "the default model is needed at {} (run `pocketlm fetch`, or set POCKETLM_HOME)",
-        path.display()
-    );
     // f32 weights: the cached and the fresh run prefill in different chunks, and with Q4_1
     // weights 8-bit activation quantization can turn that into different greedy paths at
     // near-ties (see tests/session.rs).
-    let opts = LoadOptions {
-        dequantize: true,
-        ..Default::default()
-    };
-    Arc::new(load(&path, &opts).expect("loading the default model"))
+    pocketlm_testutil::default_model(true)
 }
 
 const SYSTEM: &str = "You are a librarian. The library opens at 9 am and closes at 6 pm on \

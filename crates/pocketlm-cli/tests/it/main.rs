@@ -1,0 +1,5 @@
+//! The integration tests of `pocketlm-cli`, one module per concern, in one test binary (one link
+//! instead of one per file).
+
+mod cli;
+mod cli_folders;

