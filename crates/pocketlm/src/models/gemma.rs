@@ -5,16 +5,15 @@
 //! Reference: Hugging Face `modeling_gemma2.py`, `modeling_gemma3.py` (`Gemma3ForCausalLM`),
 //! mlx-lm `models/gemma2.py`, `models/gemma3_text.py`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::GgufFile;
-use crate::kv_cache::{KvCache, LayerKvCache};
-use crate::models::{CausalLM, Logits, ModelInfo};
+use crate::kv_cache::KvCache;
+use crate::models::{build, CausalLM, Logits, ModelInfo};
 use crate::nn::{
-    causal_attention, causal_attention_capped, causal_mask, gelu_tanh,
-    scaled_dot_product_attention, softcap, Embedding, Linear, RmsNorm, RopeScaling,
-    RotaryEmbedding,
+    softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics,
+    RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
 };
 use crate::weights::{WeightFormat, Weights};
 use crate::{Error, Result};
@@ -416,106 +415,13 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
 }
 
 #[derive(Debug)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
-    softcap: Option<f64>,
-    /// GGUF weights: follow llama.cpp's order of operations (queries scaled before `q·k`).
-    ggml_numerics: bool,
-}
-
-impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RotaryEmbedding,
-        cos_sin: &(Tensor, Tensor),
-        cache: &mut dyn LayerKvCache,
-        mask: Option<&Tensor>,
-        window: Option<usize>,
-    ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, h, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let qkv = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
-        let [q, k, v] = <[Tensor; 3]>::try_from(qkv)
-            .map_err(|_| Error::InvalidArgument("q/k/v projection missing".into()))?;
-        let mut q = shape(q, self.n_heads)?;
-        let mut k = shape(k, self.n_kv_heads)?;
-        let v = shape(v, self.n_kv_heads)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
-        let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
-        let (k, v) = cache.update(&k, &v)?;
-        let o = if self.ggml_numerics {
-            // llama.cpp scales the queries, then takes q·k (`kernels::float::attention`).
-            let q = (q * self.scale)?;
-            causal_attention_capped(&q, &k, &v, 1.0, self.softcap, window, mask)?
-        } else if self.softcap.is_none() {
-            causal_attention(&q, &k, &v, self.scale, window, mask)?
-        } else {
-            let o = scaled_dot_product_attention(&q, &k, &v, mask, self.scale, self.softcap)?;
-            o.transpose(1, 2)?
-                .reshape((b, s, self.n_heads * self.head_dim))?
-        };
-        self.o_proj.forward(&o)
-    }
-}
-
-#[derive(Debug)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-    /// GELU through ggml's `f16` table (GGUF weights on the CPU follow llama.cpp), else the
-    /// exact formula (Hugging Face weights follow transformers).
-    ggml_gelu: bool,
-}
-
-impl Mlp {
-    /// GeGLU (Shazeer 2020) with tanh-GELU: `down(gelu_tanh(gate(x)) * up(x))`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)?;
-        let [g, u] = <[Tensor; 2]>::try_from(gu)
-            .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
-        let gg = if self.ggml_gelu && g.device().is_cpu() && g.dtype() == DType::F32 {
-            let (gv, uv) = (
-                g.flatten_all()?.to_vec1::<f32>()?,
-                u.flatten_all()?.to_vec1::<f32>()?,
-            );
-            let mut y = vec![0f32; gv.len()];
-            crate::kernels::float::geglu(&gv, &uv, &mut y);
-            Tensor::from_vec(y, g.shape(), g.device())?
-        } else {
-            (gelu_tanh(&g)? * u)?
-        };
-        self.down_proj.forward(&gg)
-    }
-}
-
-#[derive(Debug)]
 struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     pre_feedforward_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: GatedMlp,
     post_feedforward_layernorm: RmsNorm,
-    sliding: bool,
 }
 
 /// A Gemma 2 / Gemma 3 text causal language model.
@@ -528,7 +434,6 @@ pub struct Gemma {
     lm_head: Linear,
     rope_global: RotaryEmbedding,
     rope_local: RotaryEmbedding,
-    sliding_window: Option<usize>,
     final_softcap: Option<f64>,
     info: ModelInfo,
     device: Device,
@@ -546,6 +451,11 @@ impl Gemma {
         let inter = cfg.intermediate_size;
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
         let unit_offset = w.format() != WeightFormat::Gguf;
+        let numerics = if unit_offset {
+            Numerics::Reference
+        } else {
+            Numerics::Ggml
+        };
         let norm = |name: &str, dim: usize| {
             RmsNorm::new(w.tensor(name, &[dim])?, cfg.rms_norm_eps, unit_offset)
         };
@@ -557,24 +467,21 @@ impl Gemma {
             ));
         }
         let scale = 1.0 / cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
+        let heads = build::Heads {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
         let ab = cfg.attention_bias;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, &is_sliding) in sliding.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let (q_norm, k_norm) = if cfg.is_gemma3() {
-                (
-                    Some(norm(&format!("{p}.self_attn.q_norm.weight"), hd)?),
-                    Some(norm(&format!("{p}.self_attn.k_norm.weight"), hd)?),
-                )
-            } else {
-                (None, None)
-            };
+            let (q_norm, k_norm) =
+                build::qk_norms(w, &p, hd, cfg.rms_norm_eps, unit_offset, cfg.is_gemma3())?;
             layers.push(Block {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
                 self_attn: Attention {
-                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, ab)?,
-                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, ab)?,
-                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, ab)?,
+                    qkv: build::qkv(w, &p, heads, h, ab, false)?,
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
                     q_norm,
                     k_norm,
@@ -583,32 +490,32 @@ impl Gemma {
                     head_dim: hd,
                     scale,
                     softcap: cfg.attn_logit_softcapping,
-                    ggml_numerics: !unit_offset,
+                    window: if is_sliding { cfg.sliding_window } else { None },
+                    // llama.cpp's Gemma graphs scale the queries before q·k.
+                    scale_at: match numerics {
+                        Numerics::Ggml => ScaleAt::Queries,
+                        Numerics::Reference => ScaleAt::Scores,
+                    },
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 pre_feedforward_layernorm: norm(
                     &format!("{p}.pre_feedforward_layernorm.weight"),
                     h,
                 )?,
-                mlp: Mlp {
-                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
-                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                mlp: GatedMlp {
+                    gate_up: build::gate_up(w, &p, inter, h, false, false)?,
                     down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
-                    ggml_gelu: !unit_offset,
+                    activation: Activation::GeluTanh,
+                    numerics,
                 },
                 post_feedforward_layernorm: norm(
                     &format!("{p}.post_feedforward_layernorm.weight"),
                     h,
                 )?,
-                sliding: is_sliding,
             });
         }
         let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
-        let lm_head = if w.contains("lm_head.weight") {
-            w.linear("lm_head", cfg.vocab_size, h, false)?
-        } else {
-            embed_tokens.as_linear(w.device())?
-        };
+        let lm_head = build::lm_head(w, &embed_tokens, false, cfg.vocab_size, h)?;
         let (global, local) = cfg.rope()?;
         // GGUF weights follow llama.cpp's angles (ggml's NEOX mode), others transformers'.
         let rope = |p: &RopeParams| {
@@ -626,7 +533,6 @@ impl Gemma {
             lm_head,
             rope_global: rope(&global)?,
             rope_local: rope(&local)?,
-            sliding_window: cfg.sliding_window,
             final_softcap: cfg.final_logit_softcapping,
             device: w.device().clone(),
             info: ModelInfo {
@@ -653,39 +559,23 @@ impl CausalLM for Gemma {
             )));
         }
         let offset = cache.offset();
-        let kv_len = cache.attend_len(s);
-        let dev = input_ids.device();
-        let full_mask = if s > 1 {
-            Some(causal_mask(s, kv_len, None, dev)?)
-        } else {
-            None
-        };
-        let sliding_mask = match self.sliding_window {
-            Some(w) if s > 1 || kv_len > w => Some(causal_mask(s, kv_len, Some(w), dev)?),
-            _ => full_mask.clone(),
-        };
-        let cs_global = self.rope_global.cos_sin(offset, s)?;
-        let cs_local = self.rope_local.cos_sin(offset, s)?;
+        let global = AttentionPass::new(&self.rope_global, offset, s)?;
+        let local = AttentionPass::new(&self.rope_local, offset, s)?;
         let mut x = (self.embed_tokens.forward(input_ids)? * self.embed_scale)?;
+        let mode = Mode::Inference;
         for (i, layer) in self.layers.iter().enumerate() {
             let c = cache
                 .layer(i)
                 .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
-            let (rope, cs, mask, window) = if layer.sliding {
-                (
-                    &self.rope_local,
-                    &cs_local,
-                    sliding_mask.as_ref(),
-                    self.sliding_window,
-                )
-            } else {
-                (&self.rope_global, &cs_global, full_mask.as_ref(), None)
+            let pass = match layer.self_attn.window {
+                Some(_) => &local,
+                None => &global,
             };
             let hn = layer.input_layernorm.forward(&x)?;
-            let a = layer.self_attn.forward(&hn, rope, cs, c, mask, window)?;
+            let a = layer.self_attn.forward(&hn, pass, Some(c), mode)?;
             x = (layer.post_attention_layernorm.forward(&a)? + x)?;
             let hn = layer.pre_feedforward_layernorm.forward(&x)?;
-            let m = layer.mlp.forward(&hn)?;
+            let m = layer.mlp.forward(&hn, mode)?;
             x = (layer.post_feedforward_layernorm.forward(&m)? + x)?;
         }
         let x = match logits {

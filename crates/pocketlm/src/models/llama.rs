@@ -2,15 +2,15 @@
 //! SwiGLU MLP, optionally tied embeddings. Reference: Hugging Face `modeling_llama.py` and
 //! mlx-lm `models/llama.py`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::GgufFile;
-use crate::kv_cache::{KvCache, LayerKvCache};
-use crate::models::{CausalLM, LinearSlot, Logits, ModelInfo};
+use crate::kv_cache::KvCache;
+use crate::models::{build, CausalLM, LinearSlot, Logits, ModelInfo};
 use crate::nn::{
-    attention::{causal_attention, causal_attention_diff},
-    causal_mask, Embedding, Linear, RmsNorm, RopeScaling, RotaryEmbedding,
+    Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics, RmsNorm,
+    RopeScaling, RotaryEmbedding, ScaleAt,
 };
 use crate::weights::{WeightFormat, Weights};
 use crate::{Error, Result};
@@ -228,214 +228,11 @@ pub fn build_variant(
 }
 
 #[derive(Debug)]
-enum QkvProj {
-    Separate { q: Linear, k: Linear, v: Linear },
-    Fused(Linear),
-}
-
-#[derive(Debug)]
-struct Attention {
-    qkv: QkvProj,
-    o_proj: Linear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RotaryEmbedding,
-        cos_sin: &(Tensor, Tensor),
-        cache: &mut dyn LayerKvCache,
-        mask: Option<&Tensor>,
-        window: Option<usize>,
-    ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, h, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, k, v) = match &self.qkv {
-            QkvProj::Separate { q, k, v } => {
-                let mut qkv = Linear::forward_many(&[q, k, v], x)?.into_iter();
-                let mut next = || {
-                    qkv.next()
-                        .ok_or_else(|| Error::InvalidArgument("q/k/v projection missing".into()))
-                };
-                (next()?, next()?, next()?)
-            }
-            QkvProj::Fused(l) => {
-                let y = l.forward(x)?;
-                let (nq, nk) = (
-                    self.n_heads * self.head_dim,
-                    self.n_kv_heads * self.head_dim,
-                );
-                (
-                    y.narrow(2, 0, nq)?,
-                    y.narrow(2, nq, nk)?,
-                    y.narrow(2, nq + nk, nk)?,
-                )
-            }
-        };
-        let mut q = shape(q, self.n_heads)?;
-        let mut k = shape(k, self.n_kv_heads)?;
-        let v = shape(v, self.n_kv_heads)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        let q = rope.apply_with(&q, &cos_sin.0, &cos_sin.1)?;
-        let k = rope.apply_with(&k, &cos_sin.0, &cos_sin.1)?;
-        let (k, v) = cache.update(&k, &v)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = causal_attention(&q, &k, &v, scale, window, mask)?;
-        self.o_proj.forward(&o)
-    }
-}
-
-impl Attention {
-    /// Differentiable attention over the whole sequence (training; no cache).
-    fn forward_diff(
-        &self,
-        x: &Tensor,
-        rope: &RotaryEmbedding,
-        cos_sin: &(Tensor, Tensor),
-        mask: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, h, self.head_dim))?.transpose(1, 2)?)
-        };
-        let (q, k, v) = match &self.qkv {
-            QkvProj::Separate { q, k, v } => (
-                q.forward_train(x, train)?,
-                k.forward_train(x, train)?,
-                v.forward_train(x, train)?,
-            ),
-            QkvProj::Fused(l) => {
-                let y = l.forward_train(x, train)?;
-                let (nq, nk) = (
-                    self.n_heads * self.head_dim,
-                    self.n_kv_heads * self.head_dim,
-                );
-                (
-                    y.narrow(2, 0, nq)?,
-                    y.narrow(2, nq, nk)?,
-                    y.narrow(2, nq + nk, nk)?,
-                )
-            }
-        };
-        let mut q = shape(q, self.n_heads)?;
-        let mut k = shape(k, self.n_kv_heads)?;
-        let v = shape(v, self.n_kv_heads)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward_diff(&q)?;
-            k = kn.forward_diff(&k)?;
-        }
-        let q = rope.apply_diff(&q, &cos_sin.0, &cos_sin.1)?;
-        let k = rope.apply_diff(&k, &cos_sin.0, &cos_sin.1)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let o = causal_attention_diff(&q, &k, &v, scale, mask)?;
-        self.o_proj.forward_train(&o, train)
-    }
-}
-
-#[derive(Debug)]
-enum GateUp {
-    Separate {
-        gate: Linear,
-        up: Linear,
-    },
-    Fused {
-        gate_up: Linear,
-        intermediate: usize,
-    },
-}
-
-#[derive(Debug)]
-struct Mlp {
-    gate_up: GateUp,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    /// SwiGLU (Shazeer 2020): `down(silu(gate(x)) * up(x))`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (g, u) = match &self.gate_up {
-            GateUp::Separate { gate, up } => {
-                let gu = Linear::forward_many(&[gate, up], x)?;
-                let [g, u] = <[Tensor; 2]>::try_from(gu)
-                    .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?;
-                (g, u)
-            }
-            GateUp::Fused {
-                gate_up,
-                intermediate,
-            } => {
-                let y = gate_up.forward(x)?;
-                #[cfg(feature = "cuda")]
-                if y.device().is_cuda() && y.dtype() == DType::F32 {
-                    let h = crate::cuda::swiglu_stacked(&y, *intermediate)?;
-                    return self.down_proj.forward(&h);
-                }
-                let last = y.rank() - 1;
-                (
-                    y.narrow(last, 0, *intermediate)?,
-                    y.narrow(last, *intermediate, *intermediate)?,
-                )
-            }
-        };
-        if g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32 {
-            // ggml's SwiGLU rounding, see `kernels::float::swiglu`.
-            let (gv, uv) = (
-                g.flatten_all()?.to_vec1::<f32>()?,
-                u.flatten_all()?.to_vec1::<f32>()?,
-            );
-            let mut y = vec![0f32; gv.len()];
-            crate::kernels::float::swiglu(&gv, &uv, &mut y);
-            let y = Tensor::from_vec(y, g.shape(), g.device())?;
-            return self.down_proj.forward(&y);
-        }
-        self.down_proj.forward(&(candle_nn::ops::silu(&g)? * u)?)
-    }
-}
-
-impl Mlp {
-    /// Differentiable SwiGLU (training).
-    fn forward_diff(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (g, u) = match &self.gate_up {
-            GateUp::Separate { gate, up } => {
-                (gate.forward_train(x, train)?, up.forward_train(x, train)?)
-            }
-            GateUp::Fused {
-                gate_up,
-                intermediate,
-            } => {
-                let y = gate_up.forward_train(x, train)?;
-                let last = y.rank() - 1;
-                (
-                    y.narrow(last, 0, *intermediate)?,
-                    y.narrow(last, *intermediate, *intermediate)?,
-                )
-            }
-        };
-        self.down_proj
-            .forward_train(&(candle_nn::ops::silu(&g)? * u)?, train)
-    }
-}
-
-#[derive(Debug)]
 struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: GatedMlp,
 }
 
 /// A Llama-family causal language model.
@@ -446,7 +243,6 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
-    sliding_window: Option<usize>,
     /// q/k rows in llama.cpp's permuted order (a Llama GGUF).
     gguf_permuted: bool,
     info: ModelInfo,
@@ -484,96 +280,50 @@ impl Llama {
         let inter = cfg.intermediate_size;
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
         let norm = |name: &str| RmsNorm::new(w.tensor(name, &[h])?, cfg.rms_norm_eps, false);
-        let head_norm = |name: &str| RmsNorm::new(w.tensor(name, &[hd])?, cfg.rms_norm_eps, false);
+        let numerics = match w.format() {
+            WeightFormat::Gguf => Numerics::Ggml,
+            WeightFormat::Safetensors => Numerics::Reference,
+        };
+        let heads = build::Heads {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let (qkv_b, o_b) = (
+            cfg.attention_bias || v.qkv_bias,
+            cfg.attention_bias || v.o_bias,
+        );
+        let mb = cfg.mlp_bias;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let qkv_b = cfg.attention_bias || v.qkv_bias;
-            let o_b = cfg.attention_bias || v.o_bias;
-            let mb = cfg.mlp_bias;
-            let qkv = if v.fused_qkv {
-                QkvProj::Fused(w.linear(
-                    &format!("{p}.self_attn.qkv_proj"),
-                    (nh + 2 * nkv) * hd,
-                    h,
-                    qkv_b,
-                )?)
-            } else if let (false, Some(l)) = (
-                qkv_b,
-                w.stacked_linear(
-                    &[
-                        &format!("{p}.self_attn.q_proj"),
-                        &format!("{p}.self_attn.k_proj"),
-                        &format!("{p}.self_attn.v_proj"),
-                    ],
-                    &[nh * hd, nkv * hd, nkv * hd],
-                    h,
-                )?,
-            ) {
-                // One launch for q, k and v on a GPU.
-                QkvProj::Fused(l)
-            } else {
-                QkvProj::Separate {
-                    q: w.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, qkv_b)?,
-                    k: w.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, qkv_b)?,
-                    v: w.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, qkv_b)?,
-                }
-            };
-            let (q_norm, k_norm) = if v.qk_norm {
-                (
-                    Some(head_norm(&format!("{p}.self_attn.q_norm.weight"))?),
-                    Some(head_norm(&format!("{p}.self_attn.k_norm.weight"))?),
-                )
-            } else {
-                (None, None)
-            };
-            let gate_up = if v.fused_gate_up {
-                GateUp::Fused {
-                    gate_up: w.linear(&format!("{p}.mlp.gate_up_proj"), 2 * inter, h, mb)?,
-                    intermediate: inter,
-                }
-            } else if let (false, Some(l)) = (
-                mb,
-                w.stacked_linear(
-                    &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
-                    &[inter, inter],
-                    h,
-                )?,
-            ) {
-                GateUp::Fused {
-                    gate_up: l,
-                    intermediate: inter,
-                }
-            } else {
-                GateUp::Separate {
-                    gate: w.linear(&format!("{p}.mlp.gate_proj"), inter, h, mb)?,
-                    up: w.linear(&format!("{p}.mlp.up_proj"), inter, h, mb)?,
-                }
-            };
+            let (q_norm, k_norm) = build::qk_norms(w, &p, hd, cfg.rms_norm_eps, false, v.qk_norm)?;
             layers.push(Block {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
-                    qkv,
+                    qkv: build::qkv(w, &p, heads, h, qkv_b, v.fused_qkv)?,
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, o_b)?,
                     q_norm,
                     k_norm,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
+                    scale: 1.0 / (hd as f64).sqrt(),
+                    softcap: None,
+                    window: cfg.sliding_window,
+                    scale_at: ScaleAt::Scores,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp {
-                    gate_up,
+                mlp: GatedMlp {
+                    gate_up: build::gate_up(w, &p, inter, h, mb, v.fused_gate_up)?,
                     down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, mb)?,
+                    activation: Activation::Silu,
+                    numerics,
                 },
             });
         }
         let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
-        let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            embed_tokens.as_linear(w.device())?
-        } else {
-            w.linear("lm_head", cfg.vocab_size, h, false)?
-        };
+        let lm_head = build::lm_head(w, &embed_tokens, cfg.tie_word_embeddings, cfg.vocab_size, h)?;
         let scaling = match &cfg.rope_freq_factors {
             Some(ff) => RopeScaling::FreqFactors(ff.clone()),
             None => RopeScaling::from_config(cfg.rope_scaling.as_ref())?,
@@ -602,7 +352,6 @@ impl Llama {
             norm: norm("model.norm.weight")?,
             lm_head,
             rope,
-            sliding_window: cfg.sliding_window,
             gguf_permuted: interleaved,
             device: w.device().clone(),
             #[cfg(feature = "cuda")]
@@ -621,32 +370,34 @@ impl Llama {
 }
 
 impl Llama {
-    /// Blocks `0..upto` of the inference path on `x: [b, s, hidden]`, appending to `cache`.
-    fn run_layers(
+    /// Blocks `range` on `x: [b, s, hidden]` at the pass's positions: for inference appending
+    /// to `cache` (required), for training as differentiable ops (see [`Mode`]).
+    fn run_blocks(
         &self,
         mut x: Tensor,
-        upto: usize,
-        cache: &mut KvCache,
-        cos_sin: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
+        range: std::ops::Range<usize>,
+        pass: &AttentionPass<'_>,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
     ) -> Result<Tensor> {
-        for (i, layer) in self.layers.iter().enumerate().take(upto) {
-            let c = cache
-                .layer(i)
-                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
-            let r = x.clone();
-            let hn = layer.input_layernorm.forward(&x)?;
-            x = (layer.self_attn.forward(
-                &hn,
-                &self.rope,
-                cos_sin,
-                c,
-                mask,
-                self.sliding_window,
-            )? + r)?;
-            let r = x.clone();
-            let hn = layer.post_attention_layernorm.forward(&x)?;
-            x = (layer.mlp.forward(&hn)? + r)?;
+        for (i, layer) in self
+            .layers
+            .iter()
+            .enumerate()
+            .take(range.end)
+            .skip(range.start)
+        {
+            let c = match cache.as_deref_mut() {
+                Some(c) => Some(
+                    c.layer(i)
+                        .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?,
+                ),
+                None => None,
+            };
+            let hn = layer.input_layernorm.forward_mode(&x, mode)?;
+            x = (layer.self_attn.forward(&hn, pass, c, mode)? + x)?;
+            let hn = layer.post_attention_layernorm.forward_mode(&x, mode)?;
+            x = (layer.mlp.forward(&hn, mode)? + x)?;
         }
         Ok(x)
     }
@@ -664,9 +415,10 @@ impl Llama {
     /// 64/128. `POCKETLM_FUSED_DECODE=0` turns it off.
     fn cuda_decoder_spec(&self) -> Result<Option<crate::cuda::DecoderSpec>> {
         use crate::cuda::{DecoderLayer, DecoderSpec};
+        use crate::nn::{GateUp, QkvProj};
         if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
             || !self.device.is_cuda()
-            || self.sliding_window.is_some()
+            || self.layers.iter().any(|b| b.self_attn.window.is_some())
             || !self.rope.offset_independent()
             || self.rope.rotary_dim() != self.info.head_dim
         {
@@ -828,26 +580,10 @@ impl CausalLM for Llama {
             }
         }
         let _ = b;
-        // RoPE positions continue from all positions seen; the mask spans the keys the cache
-        // will return (fewer than `offset + s` for a rotating cache).
-        let offset = cache.offset();
-        let kv_len = cache.attend_len(s);
-        let needs_window = self.sliding_window.is_some_and(|w| kv_len > w);
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        // The CPU f32 attention kernel masks by position itself.
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        let mask = if !cpu_f32 && (s > 1 || needs_window) {
-            Some(causal_mask(
-                s,
-                kv_len,
-                self.sliding_window,
-                input_ids.device(),
-            )?)
-        } else {
-            None
-        };
-        let cos_sin = self.rope.cos_sin(offset, s)?;
-        x = self.run_layers(x, self.layers.len(), cache, &cos_sin, mask.as_ref())?;
+        // RoPE positions continue from all positions seen.
+        let pass = AttentionPass::new(&self.rope, cache.offset(), s)?;
+        let x = self.embed_tokens.forward(input_ids)?;
+        let x = self.run_blocks(x, 0..self.layers.len(), &pass, Some(cache), Mode::Inference)?;
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,
             Logits::All => x,
@@ -880,31 +616,12 @@ impl CausalLM for Llama {
         let permuted = self.gguf_permuted;
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let a = &mut layer.self_attn;
-            let (nh, nkv) = (a.n_heads, a.n_kv_heads);
-            let slot = |key: &str, linear, heads: Option<usize>| {
-                make_slot(i, key, linear, heads.filter(|_| permuted))
-            };
-            let mut here = Vec::new();
-            match &mut a.qkv {
-                QkvProj::Separate { q, k, v } => {
-                    here.push(slot("self_attn.q_proj", q, Some(nh)));
-                    here.push(slot("self_attn.k_proj", k, Some(nkv)));
-                    here.push(slot("self_attn.v_proj", v, None));
-                }
-                QkvProj::Fused(l) => here.push(slot("self_attn.qkv_proj", l, None)),
+            for (key, linear, heads) in layer.self_attn.linears_mut() {
+                out.push(make_slot(i, key, linear, heads.filter(|_| permuted)));
             }
-            here.push(slot("self_attn.o_proj", &mut a.o_proj, None));
-            let m = &mut layer.mlp;
-            match &mut m.gate_up {
-                GateUp::Separate { gate, up } => {
-                    here.push(slot("mlp.gate_proj", gate, None));
-                    here.push(slot("mlp.up_proj", up, None));
-                }
-                GateUp::Fused { gate_up, .. } => here.push(slot("mlp.gate_up_proj", gate_up, None)),
+            for (key, linear) in layer.mlp.linears_mut() {
+                out.push(make_slot(i, key, linear, None));
             }
-            here.push(slot("mlp.down_proj", &mut m.down_proj, None));
-            out.extend(here);
         }
         out.push(LinearSlot {
             name: "lm_head".into(),
@@ -920,15 +637,9 @@ impl CausalLM for Llama {
         let (_b, s) = input_ids.dims2()?;
         let mut cache = self.new_cache();
         let x = self.embed_tokens.forward(input_ids)?;
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        let mask = if !cpu_f32 && s > 1 {
-            Some(causal_mask(s, s, self.sliding_window, input_ids.device())?)
-        } else {
-            None
-        };
-        let cos_sin = self.rope.cos_sin(0, s)?;
+        let pass = AttentionPass::new(&self.rope, 0, s)?;
         let upto = upto.min(self.layers.len());
-        self.run_layers(x, upto, &mut cache, &cos_sin, mask.as_ref())
+        self.run_blocks(x, 0..upto, &pass, Some(&mut cache), Mode::Inference)
     }
 
     fn forward_blocks(
@@ -938,27 +649,12 @@ impl CausalLM for Llama {
         train: bool,
     ) -> Result<Tensor> {
         let (_b, s, _) = hidden.dims3()?;
-        let mut x = hidden.clone();
         if range.is_empty() {
-            return Ok(x);
+            return Ok(hidden.clone());
         }
-        let cos_sin = self.rope.cos_sin(0, s)?;
-        let mask = causal_mask(s, s, self.sliding_window, hidden.device())?;
-        for layer in self
-            .layers
-            .iter()
-            .skip(range.start)
-            .take(range.end - range.start)
-        {
-            let hn = layer.input_layernorm.forward_diff(&x)?;
-            x = (layer
-                .self_attn
-                .forward_diff(&hn, &self.rope, &cos_sin, &mask, train)?
-                + x)?;
-            let hn = layer.post_attention_layernorm.forward_diff(&x)?;
-            x = (layer.mlp.forward_diff(&hn, train)? + x)?;
-        }
-        Ok(x)
+        let pass = AttentionPass::new(&self.rope, 0, s)?;
+        let mode = Mode::Training { dropout: train };
+        self.run_blocks(hidden.clone(), range, &pass, None, mode)
     }
 
     fn forward_head(
@@ -971,7 +667,8 @@ impl CausalLM for Llama {
             Some(idx) => hidden.reshape(((), hidden.dim(2)?))?.index_select(idx, 0)?,
             None => hidden.clone(),
         };
+        let mode = Mode::Training { dropout: train };
         self.lm_head
-            .forward_train(&self.norm.forward_diff(&x)?, train)
+            .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
     }
 }

@@ -1,6 +1,7 @@
 //! Model architectures, one file each, and the registry keyed by config.json `model_type`
 //! (and GGUF `general.architecture`).
 
+mod build;
 pub mod gemma;
 pub mod llama;
 pub mod phi3;

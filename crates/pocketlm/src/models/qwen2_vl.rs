@@ -17,10 +17,12 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::image_processor::ProcessedImage;
-use crate::kv_cache::{KvCache, LayerKvCache};
+use crate::kv_cache::KvCache;
 use crate::models::{CausalLM, Logits, ModelInfo, VisionInfo};
-use crate::nn::attention::causal_attention;
-use crate::nn::{causal_mask, scaled_dot_product_attention, Embedding, Linear, RmsNorm};
+use crate::nn::{
+    scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
+    GatedMlp, Linear, Mode, Numerics, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
+};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -544,14 +546,9 @@ impl VisionTower {
 #[derive(Debug)]
 struct Block {
     input_layernorm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: GatedMlp,
 }
 
 /// A Qwen2-VL / Qwen2.5-VL model: vision tower and language model.
@@ -564,10 +561,10 @@ pub struct Qwen2Vl {
     lm_head: Linear,
     /// Rotary frequencies `[head_dim / 2]`.
     inv_freq: Vec<f32>,
+    /// How the text stack's heads are rotated (half-split pairs); the tables are M-RoPE's.
+    rope: RotaryEmbedding,
     /// Rotary frequency index -> position stream (0 temporal, 1 height, 2 width).
     stream: Vec<usize>,
-    cfg: TextConfig,
-    head_dim: usize,
     vision: VisionInfo,
     info: ModelInfo,
     device: Device,
@@ -680,14 +677,33 @@ impl Qwen2Vl {
             };
             layers.push(Block {
                 input_layernorm: norm("input_layernorm")?,
-                q: n.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, true)?,
-                k: n.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, true)?,
-                v: n.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, true)?,
-                o: n.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                self_attn: Attention {
+                    qkv: QkvProj::Separate {
+                        q: n.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, true)?,
+                        k: n.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, true)?,
+                        v: n.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, true)?,
+                    },
+                    o_proj: n.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                    q_norm: None,
+                    k_norm: None,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    scale: 1.0 / (hd as f64).sqrt(),
+                    softcap: None,
+                    window: None,
+                    scale_at: ScaleAt::Scores,
+                },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
-                gate: n.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
-                up: n.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
-                down: n.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                mlp: GatedMlp {
+                    gate_up: GateUp::Separate {
+                        gate: n.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                        up: n.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
+                    },
+                    down_proj: n.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
+                    activation: Activation::Silu,
+                    numerics: Numerics::Reference,
+                },
             });
         }
         let embed_tokens = n.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
@@ -716,8 +732,8 @@ impl Qwen2Vl {
             norm,
             lm_head,
             inv_freq,
+            rope: RotaryEmbedding::new(hd, cfg.rope_theta, &RopeScaling::None, false, w.device())?,
             stream,
-            head_dim: hd,
             vision,
             device: w.device().clone(),
             info: ModelInfo {
@@ -733,7 +749,6 @@ impl Qwen2Vl {
                 head_dim: hd,
                 context_length: cfg.max_position_embeddings,
             },
-            cfg,
         })
     }
 
@@ -765,7 +780,7 @@ impl Qwen2Vl {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        let (_, s, _) = x.dims3()?;
         if cache.n_layers() != self.layers.len() {
             return Err(Error::InvalidArgument(format!(
                 "KV cache has {} layers, model has {}",
@@ -774,40 +789,17 @@ impl Qwen2Vl {
             )));
         }
         let (cos, sin) = self.cos_sin(positions)?;
-        let kv_len = cache.attend_len(s);
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
-        let mask = if !cpu_f32 && s > 1 {
-            Some(causal_mask(s, kv_len, None, x.device())?)
-        } else {
-            None
-        };
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.head_dim,
-        );
-        let shape = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+        let pass = AttentionPass::with_tables(&self.rope, cos, sin);
+        let mode = Mode::Inference;
         let mut x = x;
         for (i, l) in self.layers.iter().enumerate() {
-            let c: &mut dyn LayerKvCache = cache
+            let c = cache
                 .layer(i)
                 .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
             let hn = l.input_layernorm.forward(&x)?;
-            let q = shape(l.q.forward(&hn)?, nh)?;
-            let k = shape(l.k.forward(&hn)?, nkv)?;
-            let v = shape(l.v.forward(&hn)?, nkv)?;
-            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            let (k, v) = c.update(&k, &v)?;
-            let o = causal_attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), None, mask.as_ref())?;
-            x = (x + l.o.forward(&o)?)?;
+            x = (l.self_attn.forward(&hn, &pass, Some(c), mode)? + x)?;
             let hn = l.post_attention_layernorm.forward(&x)?;
-            let g = candle_nn::ops::silu(&l.gate.forward(&hn)?)?;
-            x = (&x + l.down.forward(&(g * l.up.forward(&hn)?)?)?)?;
+            x = (l.mlp.forward(&hn, mode)? + x)?;
         }
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,

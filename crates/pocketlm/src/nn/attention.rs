@@ -122,19 +122,24 @@ pub fn causal_attention_capped(
 
 /// Differentiable causal attention from candle ops (for training, no KV cache):
 /// `q: [b, heads, s, d]`, `k`, `v: [b, kv_heads, s, d]` -> `[b, s, heads · d]`, with
-/// `mask: [s, s]` from [`causal_mask`].
+/// `mask: [s, s]` from [`causal_mask`] and an optional soft-cap `c · tanh(score / c)` of the
+/// scaled scores (Gemma 2).
 pub fn causal_attention_diff(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    softcap: Option<f64>,
     mask: &Tensor,
 ) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let n_rep = heads / k.dim(1)?.max(1);
     let k = repeat_kv(k, n_rep)?.contiguous()?;
     let v = repeat_kv(v, n_rep)?.contiguous()?;
-    let att = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    let mut att = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    if let Some(c) = softcap {
+        att = super::softcap(&att, c)?;
+    }
     let att = att.broadcast_add(mask)?;
     let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
     let o = att.matmul(&v)?;

@@ -7,6 +7,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use super::lora::{dense_forward, LoraLinear};
+use super::Mode;
 use crate::kernels::mlx as mlx_kernels;
 use crate::kernels::{forward_fused, GgufMatrix};
 use crate::quant::mlx_affine::AffineQuantized;
@@ -187,6 +188,15 @@ impl Linear {
             Self::Dense(l) => dense_forward(l.weight(), l.bias(), x),
             Self::Lora(l) => l.forward_train(x, train),
             _ => self.forward(x),
+        }
+    }
+
+    /// [`Self::forward`] for [`Mode::Inference`], [`Self::forward_train`] (with the mode's
+    /// dropout) for [`Mode::Training`]: `x: [.., in]` -> `[.., out]`.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Inference => self.forward(x),
+            Mode::Training { dropout } => self.forward_train(x, dropout),
         }
     }
 

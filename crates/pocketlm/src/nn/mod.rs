@@ -1,18 +1,25 @@
 //! Layers shared by the architectures: linear layers that may be dense or quantized,
-//! embeddings, RMSNorm, rotary position embeddings and attention.
+//! embeddings, RMSNorm, rotary position embeddings, the self-attention layer and the gated
+//! MLP, each running in a [`Mode`] (inference or training).
 
 pub mod attention;
 pub mod linear;
 pub mod lora;
+pub mod mlp;
+pub mod mode;
 pub mod norm;
 pub mod ops;
 pub mod rope;
+pub mod self_attention;
 
 pub use attention::{
     causal_attention, causal_attention_capped, causal_mask, repeat_kv, scaled_dot_product_attention,
 };
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
+pub use mlp::{Activation, GateUp, GatedMlp};
+pub use mode::{Mode, Numerics};
 pub use norm::RmsNorm;
 pub use ops::{gelu_tanh, softcap};
 pub use rope::{RopeScaling, RotaryEmbedding};
+pub use self_attention::{Attention, AttentionPass, QkvProj, ScaleAt};

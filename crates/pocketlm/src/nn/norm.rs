@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::Mode;
 use crate::Result;
 
 /// RMSNorm over the last dimension. `weight: [hidden]` f32.
@@ -60,6 +61,15 @@ impl RmsNorm {
             return Ok(Tensor::from_vec(y, x.shape(), x.device())?);
         }
         Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?)
+    }
+
+    /// [`Self::forward`] for [`Mode::Inference`], [`Self::forward_diff`] for
+    /// [`Mode::Training`]: `x: [.., hidden]` -> same shape.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Inference => self.forward(x),
+            Mode::Training { .. } => self.forward_diff(x),
+        }
     }
 
     /// Differentiable RMSNorm from candle ops (for training): `x: [.., hidden]` f32 -> same

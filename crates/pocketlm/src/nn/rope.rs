@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::Mode;
 use crate::{Error, Result};
 
 /// How RoPE frequencies are scaled for longer contexts (`rope_scaling` in config.json).
@@ -520,6 +521,15 @@ impl RotaryEmbedding {
             Ok(rot)
         } else {
             Ok(Tensor::cat(&[rot, x.narrow(3, r, d - r)?], 3)?)
+        }
+    }
+
+    /// [`Self::apply_with`] for [`Mode::Inference`], [`Self::apply_diff`] for
+    /// [`Mode::Training`]: `x: [batch, heads, seq, head_dim]`, tables from [`Self::cos_sin`].
+    pub fn apply_mode(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Inference => self.apply_with(x, cos, sin),
+            Mode::Training { .. } => self.apply_diff(x, cos, sin),
         }
     }
 

@@ -1,0 +1,141 @@
+//! Loading pieces the architectures share, by Hugging Face names under a block prefix
+//! (`model.layers.3`): the attention projections, the gated MLP's projections, per-head q/k
+//! norms and the output layer. Reference: the module layout of Hugging Face `LlamaAttention`,
+//! `LlamaMLP` and `Phi3Attention` (fused `qkv_proj`, `gate_up_proj`).
+
+use crate::nn::{Embedding, GateUp, Linear, QkvProj, RmsNorm};
+use crate::weights::Weights;
+use crate::Result;
+
+/// Head geometry of an attention layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// `{p}.self_attn.{q,k,v}_proj` (`fused`: one `{p}.self_attn.qkv_proj`), each
+/// `[heads · head_dim, hidden]`. Bias-free separate projections are stacked into one layer where
+/// the weight source makes that cheaper (one launch on a GPU, [`Weights::stacked_linear`]).
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn qkv(
+    w: &dyn Weights,
+    p: &str,
+    heads: Heads,
+    hidden: usize,
+    bias: bool,
+    fused: bool,
+) -> Result<QkvProj> {
+    let Heads {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+    } = heads;
+    if fused {
+        let rows = (nh + 2 * nkv) * hd;
+        return Ok(QkvProj::Fused(w.linear(
+            &format!("{p}.self_attn.qkv_proj"),
+            rows,
+            hidden,
+            bias,
+        )?));
+    }
+    let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}"));
+    let rows = [nh * hd, nkv * hd, nkv * hd];
+    if !bias {
+        let refs = names.each_ref().map(String::as_str);
+        if let Some(l) = w.stacked_linear(&refs, &rows, hidden)? {
+            return Ok(QkvProj::Fused(l));
+        }
+    }
+    let [q, k, v] = names;
+    Ok(QkvProj::Separate {
+        q: w.linear(&q, rows[0], hidden, bias)?,
+        k: w.linear(&k, rows[1], hidden, bias)?,
+        v: w.linear(&v, rows[2], hidden, bias)?,
+    })
+}
+
+/// `{p}.mlp.gate_proj` and `{p}.mlp.up_proj` `[intermediate, hidden]` (`fused`: one
+/// `{p}.mlp.gate_up_proj`, gate rows first), stacked where cheaper as in [`qkv`].
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn gate_up(
+    w: &dyn Weights,
+    p: &str,
+    intermediate: usize,
+    hidden: usize,
+    bias: bool,
+    fused: bool,
+) -> Result<GateUp> {
+    if fused {
+        let gate_up = w.linear(
+            &format!("{p}.mlp.gate_up_proj"),
+            2 * intermediate,
+            hidden,
+            bias,
+        )?;
+        return Ok(GateUp::Fused {
+            gate_up,
+            intermediate,
+        });
+    }
+    let (gate, up) = (format!("{p}.mlp.gate_proj"), format!("{p}.mlp.up_proj"));
+    if !bias {
+        let rows = [intermediate, intermediate];
+        if let Some(gate_up) = w.stacked_linear(&[&gate, &up], &rows, hidden)? {
+            return Ok(GateUp::Fused {
+                gate_up,
+                intermediate,
+            });
+        }
+    }
+    Ok(GateUp::Separate {
+        gate: w.linear(&gate, intermediate, hidden, bias)?,
+        up: w.linear(&up, intermediate, hidden, bias)?,
+    })
+}
+
+/// `{p}.self_attn.q_norm` and `k_norm` `[head_dim]` when `present` (Qwen3, Gemma 3), else none.
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn qk_norms(
+    w: &dyn Weights,
+    p: &str,
+    head_dim: usize,
+    eps: f64,
+    unit_offset: bool,
+    present: bool,
+) -> Result<(Option<RmsNorm>, Option<RmsNorm>)> {
+    if !present {
+        return Ok((None, None));
+    }
+    let norm = |n: &str| {
+        let t = w.tensor(&format!("{p}.self_attn.{n}.weight"), &[head_dim])?;
+        RmsNorm::new(t, eps, unit_offset)
+    };
+    Ok((Some(norm("q_norm")?), Some(norm("k_norm")?)))
+}
+
+/// The output layer: `lm_head` `[vocab, hidden]`, or the embedding table when tied (`tied`, or
+/// no `lm_head.weight` in the weights).
+///
+/// Errors: a misshapen `lm_head`, named.
+pub(crate) fn lm_head(
+    w: &dyn Weights,
+    embed_tokens: &Embedding,
+    tied: bool,
+    vocab: usize,
+    hidden: usize,
+) -> Result<Linear> {
+    if tied || !w.contains("lm_head.weight") {
+        embed_tokens.as_linear(w.device())
+    } else {
+        w.linear("lm_head", vocab, hidden, false)
+    }
+}

@@ -1,0 +1,219 @@
+//! The gated MLP of the decoder blocks (Shazeer 2020, "GLU Variants Improve Transformer"):
+//! `down(act(gate(x)) * up(x))`, SwiGLU (Llama, Qwen, Phi-3) or GeGLU with tanh-GELU (Gemma).
+//! Reference: Hugging Face `LlamaMLP` / `Gemma2MLP`, mlx-lm `models/llama.py` `MLP`.
+
+use candle_core::{DType, Tensor};
+
+use super::{gelu_tanh, Linear, Mode, Numerics};
+use crate::{Error, Result};
+
+/// The gate's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (`x · sigmoid(x)`): SwiGLU.
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`): GeGLU.
+    GeluTanh,
+}
+
+/// The gate and up projections: two layers, or one `[2 · intermediate, hidden]` layer with the
+/// gate rows first (Phi-3's `gate_up_proj`, or stacked at load for one GPU launch).
+#[derive(Debug)]
+pub enum GateUp {
+    /// `gate_proj` and `up_proj`, each `[intermediate, hidden]`.
+    Separate {
+        /// `gate_proj`.
+        gate: Linear,
+        /// `up_proj`.
+        up: Linear,
+    },
+    /// One layer `[2 · intermediate, hidden]`, gate rows first.
+    Fused {
+        /// `gate_up_proj`.
+        gate_up: Linear,
+        /// The inner width.
+        intermediate: usize,
+    },
+}
+
+/// A gated MLP: `x: [.., hidden]` f32 -> `[.., hidden]` f32.
+#[derive(Debug)]
+pub struct GatedMlp {
+    /// The gate and up projections.
+    pub gate_up: GateUp,
+    /// `down_proj` `[hidden, intermediate]`.
+    pub down_proj: Linear,
+    /// The gate's activation.
+    pub activation: Activation,
+    /// [`Numerics::Ggml`]: GELU through ggml's `f16` table on the CPU, as llama.cpp does.
+    /// SwiGLU on the CPU in f32 always follows ggml's rounding (its vectorized `expf`; see
+    /// [`crate::kernels::float::swiglu`]), which is within an ulp of the exact formula.
+    pub numerics: Numerics,
+}
+
+impl GatedMlp {
+    /// `down(act(gate(x)) * up(x))` on `x: [.., hidden]` f32.
+    ///
+    /// Errors: shapes that do not agree with the weights.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (g, u) = match &self.gate_up {
+            GateUp::Separate { gate, up } => match mode {
+                Mode::Inference => {
+                    let gu = Linear::forward_many(&[gate, up], x)?;
+                    <[Tensor; 2]>::try_from(gu)
+                        .map(|[g, u]| (g, u))
+                        .map_err(|_| Error::InvalidArgument("gate/up projection missing".into()))?
+                }
+                Mode::Training { .. } => (gate.forward_mode(x, mode)?, up.forward_mode(x, mode)?),
+            },
+            GateUp::Fused {
+                gate_up,
+                intermediate,
+            } => {
+                let y = gate_up.forward_mode(x, mode)?;
+                #[cfg(feature = "cuda")]
+                if mode == Mode::Inference
+                    && self.activation == Activation::Silu
+                    && y.device().is_cuda()
+                    && y.dtype() == DType::F32
+                {
+                    let h = crate::cuda::swiglu_stacked(&y, *intermediate)?;
+                    return self.down_proj.forward(&h);
+                }
+                let last = y.rank() - 1;
+                (
+                    y.narrow(last, 0, *intermediate)?,
+                    y.narrow(last, *intermediate, *intermediate)?,
+                )
+            }
+        };
+        let h = if mode.is_training() {
+            match self.activation {
+                Activation::Silu => (candle_nn::ops::silu(&g)? * u)?,
+                Activation::GeluTanh => (gelu_tanh(&g)? * u)?,
+            }
+        } else {
+            self.activate(&g, &u)?
+        };
+        self.down_proj.forward_mode(&h, mode)
+    }
+
+    /// `act(g) * u` for inference: on the CPU in f32 with ggml's rounding where it applies
+    /// ([`crate::kernels::float::swiglu`], and [`crate::kernels::float::geglu`] for
+    /// [`Numerics::Ggml`]), else candle's ops.
+    fn activate(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        let cpu_f32 = g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32;
+        let kernel: Option<fn(&[f32], &[f32], &mut [f32])> = match self.activation {
+            Activation::Silu if cpu_f32 => Some(crate::kernels::float::swiglu),
+            Activation::GeluTanh if cpu_f32 && self.numerics == Numerics::Ggml => {
+                Some(crate::kernels::float::geglu)
+            }
+            _ => None,
+        };
+        if let Some(kernel) = kernel {
+            let (gv, uv) = (
+                g.flatten_all()?.to_vec1::<f32>()?,
+                u.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let mut y = vec![0f32; gv.len()];
+            kernel(&gv, &uv, &mut y);
+            return Ok(Tensor::from_vec(y, g.shape(), g.device())?);
+        }
+        Ok(match self.activation {
+            Activation::Silu => (candle_nn::ops::silu(g)? * u)?,
+            Activation::GeluTanh => (gelu_tanh(g)? * u)?,
+        })
+    }
+
+    /// The linear layers with their Hugging Face names within the block (`mlp.gate_proj`, ...),
+    /// for adapters.
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut out = Vec::with_capacity(3);
+        match &mut self.gate_up {
+            GateUp::Separate { gate, up } => {
+                out.push(("mlp.gate_proj", gate));
+                out.push(("mlp.up_proj", up));
+            }
+            GateUp::Fused { gate_up, .. } => out.push(("mlp.gate_up_proj", gate_up)),
+        }
+        out.push(("mlp.down_proj", &mut self.down_proj));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn dense(out: usize, inp: usize, seed: u64) -> Linear {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| (((i as u64 * 7919 + seed * 104729) % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        Linear::dense(Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(), None)
+    }
+
+    /// Inference and training modes, separate and fused projections: one function.
+    #[test]
+    fn modes_and_layouts_agree() {
+        let (h, inter) = (8, 12);
+        let x = Tensor::from_vec(
+            (0..3 * h).map(|i| (i as f32 * 0.37).sin()).collect(),
+            (1, 3, h),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for activation in [Activation::Silu, Activation::GeluTanh] {
+            let (gate, up) = (dense(inter, h, 1), dense(inter, h, 2));
+            let gate_up = Linear::dense(
+                Tensor::cat(
+                    &[
+                        gate.dequantized_weight().unwrap(),
+                        up.dequantized_weight().unwrap(),
+                    ],
+                    0,
+                )
+                .unwrap(),
+                None,
+            );
+            let separate = GatedMlp {
+                gate_up: GateUp::Separate { gate, up },
+                down_proj: dense(h, inter, 3),
+                activation,
+                numerics: Numerics::Reference,
+            };
+            let fused = GatedMlp {
+                gate_up: GateUp::Fused {
+                    gate_up,
+                    intermediate: inter,
+                },
+                down_proj: dense(h, inter, 3),
+                activation,
+                numerics: Numerics::Reference,
+            };
+            let want: Vec<f32> = separate
+                .forward(&x, Mode::Inference)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (m, mode) in [
+                (&separate, Mode::Training { dropout: false }),
+                (&fused, Mode::Inference),
+                (&fused, Mode::Training { dropout: false }),
+            ] {
+                let got: Vec<f32> = m
+                    .forward(&x, mode)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "{activation:?} {mode:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The self-attention layer of the decoder blocks, shared by every architecture: q/k/v
+//! projections (separate or fused, with or without biases), optional per-head q/k RMSNorm
+//! (Qwen3, Gemma 3), RoPE, the KV cache, grouped-query attention with an optional sliding
+//! window and logit soft-cap (Gemma 2), and the output projection. The layer decides which mask
+//! it needs. Reference: Hugging Face `LlamaAttention` / `Gemma2Attention`, mlx-lm
+//! `models/llama.py` `Attention`.
+
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{causal_attention_capped, causal_attention_diff, causal_mask};
+use super::{Linear, Mode, RmsNorm, RotaryEmbedding};
+use crate::kv_cache::LayerKvCache;
+use crate::{Error, Result};
+
+/// The q/k/v projections.
+#[derive(Debug)]
+pub enum QkvProj {
+    /// `q_proj` `[heads · head_dim, hidden]`, `k_proj` and `v_proj` `[kv_heads · head_dim,
+    /// hidden]`.
+    Separate {
+        /// `q_proj`.
+        q: Linear,
+        /// `k_proj`.
+        k: Linear,
+        /// `v_proj`.
+        v: Linear,
+    },
+    /// One `[(heads + 2 · kv_heads) · head_dim, hidden]` layer, rows q, k, v (Phi-3's
+    /// `qkv_proj`, or stacked at load for one GPU launch).
+    Fused(Linear),
+}
+
+/// A self-attention layer. `x: [batch, seq, hidden]` f32 -> `[batch, seq, hidden]` f32.
+#[derive(Debug)]
+pub struct Attention {
+    /// The q/k/v projections.
+    pub qkv: QkvProj,
+    /// `o_proj` `[hidden, heads · head_dim]`.
+    pub o_proj: Linear,
+    /// Per-head RMSNorm of the queries `[head_dim]`, before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    /// Per-head RMSNorm of the keys `[head_dim]`, before RoPE.
+    pub k_norm: Option<RmsNorm>,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (a divisor of `n_heads`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// The scores' scale: `head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`.
+    pub scale: f64,
+    /// Gemma 2's `c` in `c · tanh(score / c)`.
+    pub softcap: Option<f64>,
+    /// Sliding window in tokens (a query sees itself and the `window - 1` keys before it).
+    pub window: Option<usize>,
+    /// Where `scale` is applied.
+    pub scale_at: ScaleAt,
+}
+
+/// Where an attention layer applies its scale; the two differ in rounding only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleAt {
+    /// To the scores `q·k` (Hugging Face; llama.cpp's Llama graph).
+    Scores,
+    /// To the queries before `q·k` (llama.cpp's Gemma graphs, followed on GGUF weights).
+    Queries,
+}
+
+/// What the attention layers of one forward pass share: the rotary embedding, its cos/sin
+/// tables for the pass's positions, and the masks, built the first time a layer needs one
+/// (only on devices and dtypes where the attention kernel does not mask by position itself).
+#[derive(Debug)]
+pub struct AttentionPass<'a> {
+    rope: &'a RotaryEmbedding,
+    cos: Tensor,
+    sin: Tensor,
+    masks: RefCell<Vec<((usize, usize, Option<usize>), Tensor)>>,
+}
+
+impl<'a> AttentionPass<'a> {
+    /// A pass over positions `offset..offset + seq` with `rope`'s own tables.
+    pub fn new(rope: &'a RotaryEmbedding, offset: usize, seq: usize) -> Result<Self> {
+        let (cos, sin) = rope.cos_sin(offset, seq)?;
+        Ok(Self::with_tables(rope, cos, sin))
+    }
+
+    /// A pass with tables computed by the model (`cos`, `sin: [seq, rotary_dim / 2]`, e.g.
+    /// Qwen2-VL's multimodal RoPE); `rope` only says how pairs are rotated.
+    pub fn with_tables(rope: &'a RotaryEmbedding, cos: Tensor, sin: Tensor) -> Self {
+        Self {
+            rope,
+            cos,
+            sin,
+            masks: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The additive causal mask `[q_len, kv_len]` for a `window`, built once per pass.
+    fn mask(
+        &self,
+        q_len: usize,
+        kv_len: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let key = (q_len, kv_len, window);
+        if let Some((_, m)) = self.masks.borrow().iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let m = causal_mask(q_len, kv_len, window, device)?;
+        self.masks.borrow_mut().push((key, m.clone()));
+        Ok(m)
+    }
+}
+
+impl Attention {
+    /// Attention over `x: [batch, seq, hidden]` f32 at the pass's positions.
+    ///
+    /// [`Mode::Inference`] appends keys and values to `cache` (required) and attends over what
+    /// it returns; [`Mode::Training`] attends over the sequence itself with differentiable ops
+    /// (`cache` is ignored).
+    ///
+    /// Errors: no cache for inference; shapes that do not agree with the weights.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pass: &AttentionPass<'_>,
+        cache: Option<&mut (dyn LayerKvCache + 'static)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, mode)?;
+        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
+            let t = t.reshape((b, s, h, self.head_dim))?.transpose(1, 2)?;
+            Ok(if mode.is_training() {
+                t
+            } else {
+                t.contiguous()?
+            })
+        };
+        let mut q = shape(q, self.n_heads)?;
+        let mut k = shape(k, self.n_kv_heads)?;
+        let v = shape(v, self.n_kv_heads)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward_mode(&q, mode)?;
+            k = kn.forward_mode(&k, mode)?;
+        }
+        let q = pass.rope.apply_mode(&q, &pass.cos, &pass.sin, mode)?;
+        let k = pass.rope.apply_mode(&k, &pass.cos, &pass.sin, mode)?;
+        let o = match mode {
+            Mode::Training { .. } => {
+                let mask = pass.mask(s, s, self.window, x.device())?;
+                causal_attention_diff(&q, &k, &v, self.scale, self.softcap, &mask)?
+            }
+            Mode::Inference => {
+                let cache = cache.ok_or_else(|| {
+                    Error::InvalidArgument("attention for inference needs a KV cache".into())
+                })?;
+                let (k, v) = cache.update(&k, &v)?;
+                let kv_len = k.dim(2)?;
+                // The CPU f32 kernel masks by position itself.
+                let kernel_masks = q.device().is_cpu() && q.dtype() == DType::F32;
+                let mask = if !kernel_masks && (s > 1 || self.window.is_some_and(|w| kv_len > w)) {
+                    Some(pass.mask(s, kv_len, self.window, x.device())?)
+                } else {
+                    None
+                };
+                let (q, scale) = match self.scale_at {
+                    ScaleAt::Scores => (q, self.scale),
+                    ScaleAt::Queries => ((q * self.scale)?, 1.0),
+                };
+                let window = self.window;
+                causal_attention_capped(&q, &k, &v, scale, self.softcap, window, mask.as_ref())?
+            }
+        };
+        self.o_proj.forward_mode(&o, mode)
+    }
+
+    /// q, k and v `[batch, seq, heads · head_dim]` (before the head split).
+    fn project(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            QkvProj::Separate { q, k, v } => match mode {
+                Mode::Inference => {
+                    let qkv = Linear::forward_many(&[q, k, v], x)?;
+                    <[Tensor; 3]>::try_from(qkv)
+                        .map(|[q, k, v]| (q, k, v))
+                        .map_err(|_| Error::InvalidArgument("q/k/v projection missing".into()))
+                }
+                Mode::Training { .. } => Ok((
+                    q.forward_mode(x, mode)?,
+                    k.forward_mode(x, mode)?,
+                    v.forward_mode(x, mode)?,
+                )),
+            },
+            QkvProj::Fused(l) => {
+                let y = l.forward_mode(x, mode)?;
+                let (nq, nk) = (
+                    self.n_heads * self.head_dim,
+                    self.n_kv_heads * self.head_dim,
+                );
+                Ok((
+                    y.narrow(2, 0, nq)?,
+                    y.narrow(2, nq, nk)?,
+                    y.narrow(2, nq + nk, nk)?,
+                ))
+            }
+        }
+    }
+
+    /// The linear layers with their Hugging Face names within the block
+    /// (`self_attn.q_proj`, ...) and, for q and k, their head counts (adapters on weights
+    /// whose q/k rows are stored permuted need them).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear, Option<usize>)> {
+        let (nh, nkv) = (self.n_heads, self.n_kv_heads);
+        let mut out = Vec::with_capacity(4);
+        match &mut self.qkv {
+            QkvProj::Separate { q, k, v } => {
+                out.push(("self_attn.q_proj", q, Some(nh)));
+                out.push(("self_attn.k_proj", k, Some(nkv)));
+                out.push(("self_attn.v_proj", v, None));
+            }
+            QkvProj::Fused(l) => out.push(("self_attn.qkv_proj", l, None)),
+        }
+        out.push(("self_attn.o_proj", &mut self.o_proj, None));
+        out
+    }
+}
