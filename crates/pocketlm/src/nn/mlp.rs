@@ -7,6 +7,9 @@ use candle_core::{DType, Tensor};
 use super::{gelu_tanh, Linear, Mode, Numerics};
 use crate::{Error, Result};
 
+/// A CPU kernel `out = act(gate) * up` over f32 slices.
+type GluKernel = fn(&[f32], &[f32], &mut [f32]);
+
 /// The gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -103,7 +106,7 @@ impl GatedMlp {
     /// [`Numerics::Ggml`]), else candle's ops.
     fn activate(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
         let cpu_f32 = g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32;
-        let kernel: Option<fn(&[f32], &[f32], &mut [f32])> = match self.activation {
+        let kernel: Option<GluKernel> = match self.activation {
             Activation::Silu if cpu_f32 => Some(crate::kernels::float::swiglu),
             Activation::GeluTanh if cpu_f32 && self.numerics == Numerics::Ggml => {
                 Some(crate::kernels::float::geglu)

@@ -76,8 +76,11 @@ pub struct AttentionPass<'a> {
     rope: &'a RotaryEmbedding,
     cos: Tensor,
     sin: Tensor,
-    masks: RefCell<Vec<((usize, usize, Option<usize>), Tensor)>>,
+    masks: RefCell<Vec<(MaskKey, Tensor)>>,
 }
+
+/// A mask's query count, key count and window.
+type MaskKey = (usize, usize, Option<usize>);
 
 impl<'a> AttentionPass<'a> {
     /// A pass over positions `offset..offset + seq` with `rope`'s own tables.
