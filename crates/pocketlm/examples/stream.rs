@@ -7,7 +7,7 @@ use std::io::Write;
 
 use pocketlm::chat_template::Message;
 use pocketlm::generate::{generate, Event, GenerateParams};
-use pocketlm::kv_cache::{KvCache, KvCacheConfig};
+use pocketlm::kv_cache::KvCacheConfig;
 use pocketlm::loader::{load, LoadOptions, Prompt};
 use pocketlm::sampling::SamplingParams;
 
@@ -23,7 +23,7 @@ fn main() -> pocketlm::Result<()> {
         kv_bits: Some(8),
         ..Default::default()
     };
-    let mut cache = KvCache::new(m.model.info(), &config)?;
+    let mut cache = m.model.make_cache(&config)?;
     let params = GenerateParams {
         max_tokens: 200,
         sampling: SamplingParams {

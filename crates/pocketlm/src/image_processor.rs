@@ -450,11 +450,11 @@ impl ImageProcessorConfig {
     /// Errors: unreadable or invalid JSON (as [`crate::Error`]), bad fields.
     pub fn from_folder(dir: &Path) -> crate::Result<Option<Self>> {
         let pre = dir.join("preprocessor_config.json");
-        if let Some(v) = crate::loader::read_json(&pre)? {
+        if let Some(v) = crate::json_file::read_json(&pre)? {
             return Ok(Some(Self::from_json(&v, &pre.display().to_string())?));
         }
         let proc = dir.join("processor_config.json");
-        if let Some(v) = crate::loader::read_json(&proc)? {
+        if let Some(v) = crate::json_file::read_json(&proc)? {
             if let Some(ip) = v.get("image_processor") {
                 return Ok(Some(Self::from_json(ip, &proc.display().to_string())?));
             }

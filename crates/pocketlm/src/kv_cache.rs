@@ -9,7 +9,6 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::models::ModelInfo;
 use crate::quant::hadamard;
 use crate::quant::mlx_affine::{self, AffineQuantized, GroupParams, ParamDtype};
 use crate::{Error, Result};
@@ -779,27 +778,28 @@ impl KvCache {
         }
     }
 
-    /// The cache `config` describes, one per layer of a model with `info`.
+    /// The cache `config` describes, one per layer, for `n_layers` attention layers whose heads
+    /// are `head_dim` wide (a model's own choice of caches: [`crate::models::CausalLM::make_cache`]).
     ///
     /// Errors: as [`KvCacheConfig::validate`]; a quantized cache whose group size does not
     /// divide the model's head dimension; `kv_hadamard` with a head dimension that is not a
     /// power of two.
-    pub fn new(info: &ModelInfo, config: &KvCacheConfig) -> Result<Self> {
+    pub fn new(n_layers: usize, head_dim: usize, config: &KvCacheConfig) -> Result<Self> {
         config.validate()?;
-        if config.kv_bits.is_some() && !info.head_dim.is_multiple_of(config.kv_group_size) {
+        if config.kv_bits.is_some() && !head_dim.is_multiple_of(config.kv_group_size) {
             return Err(Error::InvalidArgument(format!(
                 "kv_group_size {} does not divide the model's head dimension {}",
-                config.kv_group_size, info.head_dim
+                config.kv_group_size, head_dim
             )));
         }
-        if config.kv_hadamard && !hadamard::supports(info.head_dim) {
+        if config.kv_hadamard && !hadamard::supports(head_dim) {
             return Err(Error::InvalidArgument(format!(
                 "kv_hadamard needs a power-of-two head dimension; the model's is {}",
-                info.head_dim
+                head_dim
             )));
         }
-        let mut layers: Vec<Box<dyn LayerKvCache>> = Vec::with_capacity(info.n_layers);
-        for _ in 0..info.n_layers {
+        let mut layers: Vec<Box<dyn LayerKvCache>> = Vec::with_capacity(n_layers);
+        for _ in 0..n_layers {
             layers.push(match (config.max_kv_size, config.kv_bits) {
                 (Some(m), _) => Box::new(RotatingKvCache::new(m, config.keep)?),
                 (None, Some(b)) => Box::new(
@@ -1176,58 +1176,46 @@ mod tests {
 
     #[test]
     fn config_builds_each_kind() {
-        let info = ModelInfo {
-            architecture: "llama".into(),
-            vocab_size: 10,
-            n_layers: 3,
-            hidden_size: 128,
-            n_kv_heads: 2,
-            head_dim: 64,
-            context_length: 100,
-        };
-        let c = KvCache::new(&info, &KvCacheConfig::default()).unwrap();
+        let (layers, head_dim) = (3, 64);
+        let c = KvCache::new(layers, head_dim, &KvCacheConfig::default()).unwrap();
         assert_eq!(c.n_layers(), 3);
         let rot = KvCacheConfig {
             max_kv_size: Some(16),
             ..Default::default()
         };
-        assert!(KvCache::new(&info, &rot).is_ok());
+        assert!(KvCache::new(layers, head_dim, &rot).is_ok());
         let q = KvCacheConfig {
             kv_bits: Some(8),
             ..Default::default()
         };
-        assert!(KvCache::new(&info, &q).is_ok());
+        assert!(KvCache::new(layers, head_dim, &q).is_ok());
         let both = KvCacheConfig {
             max_kv_size: Some(16),
             kv_bits: Some(4),
             ..Default::default()
         };
-        assert!(KvCache::new(&info, &both).is_err());
+        assert!(KvCache::new(layers, head_dim, &both).is_err());
         let odd = KvCacheConfig {
             kv_bits: Some(4),
             kv_group_size: 128,
             ..Default::default()
         };
-        assert!(KvCache::new(&info, &odd).is_err());
+        assert!(KvCache::new(layers, head_dim, &odd).is_err());
         let had = KvCacheConfig {
             kv_bits: Some(8),
             kv_hadamard: true,
             ..Default::default()
         };
-        assert!(KvCache::new(&info, &had).is_ok());
+        assert!(KvCache::new(layers, head_dim, &had).is_ok());
         let had_float = KvCacheConfig {
             kv_hadamard: true,
             ..Default::default()
         };
         assert!(had_float.validate().is_err());
-        let had_odd = ModelInfo {
-            head_dim: 96,
-            ..info.clone()
-        };
         let had32 = KvCacheConfig {
             kv_group_size: 32,
             ..had
         };
-        assert!(KvCache::new(&had_odd, &had32).is_err());
+        assert!(KvCache::new(layers, 96, &had32).is_err());
     }
 }

@@ -11,6 +11,7 @@
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
 //! - [`convert`]: GGUF or Hugging Face folders to MLX-format folders (optionally quantized).
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
+//! - [`json_file`]: optional JSON files of a model folder, read with errors naming the file.
 //! - [`lora`]: LoRA adapters in mlx-lm's format: load, unload, hot-swap, fine-tune, fuse.
 //! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
@@ -18,10 +19,14 @@
 //! - [`session`]: multi-turn chat that keeps its KV cache between turns.
 //! - [`memory`]: resident and peak memory readings.
 //! - [`fetch`]: downloading the default model from a package registry.
+//! - `accel` (feature `cuda`): the fused CUDA decode step in front of any model that exports a
+//!   [`models::DecodePlan`].
 //! - [`kernels`]: CPU kernels for GGUF quantized matrix products (AVX2, NEON, scalar).
 //! - [`quant`]: quantization formats.
 //! - [`image_processor`]: image decoding and the Qwen2-VL image processor (resize, normalize, patchify).
 
+#[cfg(feature = "cuda")]
+pub mod accel;
 pub mod bench;
 pub mod chat_template;
 pub mod convert;
@@ -33,6 +38,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod image_processor;
+pub mod json_file;
 pub mod kernels;
 pub mod kv_cache;
 pub mod loader;

@@ -10,6 +10,7 @@ use crate::device::DeviceSpec;
 use crate::fetch;
 use crate::gguf::GgufFile;
 use crate::image_processor::ImageProcessorConfig;
+pub use crate::json_file::read_json;
 use crate::models::{self, CausalLM};
 use crate::safetensors_weights::SafetensorsWeights;
 use crate::sampling::SamplingParams;
@@ -272,6 +273,13 @@ fn assemble(
     weights_bytes: u64,
     t0: Instant,
 ) -> Result<LoadedModel> {
+    // On a GPU, one-token steps go through the fused decoder where the model's plan allows.
+    #[cfg(feature = "cuda")]
+    let model: Box<dyn CausalLM> = if model.device().is_cuda() {
+        Box::new(crate::accel::Accelerated::new(model))
+    } else {
+        model
+    };
     let chat_template = match template_source {
         Some(src) => Some(ChatTemplate::new(
             &src,
@@ -298,20 +306,6 @@ fn assemble(
         generation_config: None,
         image_processor: None,
     })
-}
-
-/// Reads a JSON file; `Ok(None)` when it does not exist.
-///
-/// Errors: [`Error::Io`] when it cannot be read, [`Error::Model`] naming the file when it is not
-/// valid JSON.
-pub fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Model(format!("{}: not valid JSON: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
-    }
 }
 
 /// The chat template source of a Hugging Face folder: `tokenizer_config.json` `chat_template`

@@ -81,7 +81,7 @@ pub fn prefill(
             info.vocab_size
         )));
     }
-    let mut cache = KvCache::new(info, config)?;
+    let mut cache = model.model.make_cache(config)?;
     for part in token_ids.chunks(chunk.max(1)) {
         let ids = Tensor::new(part, model.model.device())?.unsqueeze(0)?;
         model.model.forward(&ids, &mut cache, Logits::Last)?;
@@ -244,7 +244,7 @@ pub fn load(
     let mut tensors = candle_core::safetensors::load_buffer(&bytes, model.model.device())
         .map_err(|e| bad(format!("reading tensors: {e}")))?;
     let want = [1, info.n_kv_heads, token_ids.len(), info.head_dim];
-    let mut cache = KvCache::new(info, config)?;
+    let mut cache = model.model.make_cache(config)?;
     for i in 0..n_layers {
         let mut get = |kind: &str| -> Result<Tensor> {
             let name = format!("layers.{i}.{kind}");
@@ -282,8 +282,7 @@ pub fn load(
 /// dropped those positions) or nothing is shared, the cache is emptied and 0 returned.
 pub fn reuse_prefix(cache: &mut KvCache, cached_ids: &[u32], ids: &[u32]) -> usize {
     let held = cache.offset().min(cached_ids.len());
-    let mut common = crate::session::common_prefix_len(&cached_ids[..held], ids)
-        .min(ids.len().saturating_sub(1));
+    let mut common = common_prefix_len(&cached_ids[..held], ids).min(ids.len().saturating_sub(1));
     if common < cache.offset() && cache.truncate(common).is_err() {
         common = 0;
     }
@@ -291,4 +290,9 @@ pub fn reuse_prefix(cache: &mut KvCache, cached_ids: &[u32], ids: &[u32]) -> usi
         cache.reset();
     }
     common
+}
+
+/// Length of the longest common prefix of `a` and `b` (token ids).
+pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

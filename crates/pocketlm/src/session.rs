@@ -23,6 +23,8 @@ use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::loader::{LoadedModel, Prompt};
 use crate::{Error, Result};
 
+pub use crate::prompt_cache::common_prefix_len;
+
 /// What a session does when the conversation no longer fits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OverflowStrategy {
@@ -85,16 +87,11 @@ impl std::fmt::Debug for ChatSession {
     }
 }
 
-/// Length of the longest common prefix of `a` and `b`.
-pub fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 impl ChatSession {
     /// A new, empty conversation.
     ///
     /// Errors: [`Error::Model`] when the model has no chat template; bad cache options (see
-    /// [`KvCache::new`]).
+    /// [`crate::models::CausalLM::make_cache`]).
     pub fn new(model: Arc<LoadedModel>, options: SessionOptions) -> Result<Self> {
         if model.chat_template.is_none() {
             return Err(Error::Model(format!(
@@ -106,7 +103,7 @@ impl ChatSession {
         if options.overflow == OverflowStrategy::Rotate && cache_config.max_kv_size.is_none() {
             cache_config.max_kv_size = Some(2048);
         }
-        let cache = KvCache::new(model.model.info(), &cache_config)?;
+        let cache = model.model.make_cache(&cache_config)?;
         let context_length = options
             .context_length
             .unwrap_or(usize::MAX)

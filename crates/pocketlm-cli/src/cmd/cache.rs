@@ -49,7 +49,7 @@ impl KvArgs {
     pub fn cache(&self, m: &LoadedModel, verbose: bool) -> Result<(KvCache, Vec<u32>)> {
         let cfg = self.config();
         match &self.prompt_cache_file {
-            None => Ok((KvCache::new(m.model.info(), &cfg)?, Vec::new())),
+            None => Ok((m.model.make_cache(&cfg)?, Vec::new())),
             Some(p) => {
                 let c = prompt_cache::load(p, m, &cfg)
                     .with_context(|| format!("loading the prompt cache {}", p.display()))?;

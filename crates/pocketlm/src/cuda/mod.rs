@@ -1,6 +1,7 @@
 //! Our CUDA code (feature `cuda`): block-quantized matrices for GGUF `Q4_0`/`Q4_1`/`Q8_0` and MLX
 //! affine 4/8-bit weights ([`CudaQMatrix`]: integer GEMV for decode, f16 dequantization + cuBLAS
-//! for prefill), the fused Llama decode step replayed as a CUDA graph ([`CudaDecoder`]), and GPU
+//! for prefill), the fused decode step replayed as a CUDA graph ([`CudaDecoder`], run for any
+//! model that exports a [`crate::models::DecodePlan`] of its shape by `crate::accel`), and GPU
 //! memory readings. The kernels are in `src/cuda/*.cu`, compiled to PTX by `build.rs` with
 //! `nvcc`; [`selftest`] compares each matrix kernel with its CPU reference over many shapes
 //! (`pocketlm gpu-selftest` runs it on a GPU machine).

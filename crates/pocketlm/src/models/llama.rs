@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
-use crate::models::{build, CausalLM, LinearSlot, Logits, ModelInfo};
+use crate::models::{build, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock};
 use crate::nn::{
     Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics, RmsNorm,
     RopeScaling, RotaryEmbedding, ScaleAt,
@@ -247,23 +247,6 @@ pub struct Llama {
     gguf_permuted: bool,
     info: ModelInfo,
     device: Device,
-    /// The fused decode step on CUDA ([`crate::cuda::CudaDecoder`]), built at the first
-    /// one-token step; reset when adapters change the layers.
-    #[cfg(feature = "cuda")]
-    cuda_decoder: std::sync::Mutex<CudaDecode>,
-}
-
-/// Whether the fused CUDA decode step has been built for a model.
-#[cfg(feature = "cuda")]
-#[derive(Debug, Default)]
-enum CudaDecode {
-    /// Not tried yet.
-    #[default]
-    Untried,
-    /// The model's layers or settings are not ones it takes.
-    Unavailable,
-    /// Built.
-    Ready(Box<crate::cuda::CudaDecoder>),
 }
 
 impl Llama {
@@ -354,8 +337,6 @@ impl Llama {
             rope,
             gguf_permuted: interleaved,
             device: w.device().clone(),
-            #[cfg(feature = "cuda")]
-            cuda_decoder: Default::default(),
             info: ModelInfo {
                 architecture: v.name.into(),
                 vocab_size: cfg.vocab_size,
@@ -403,148 +384,6 @@ impl Llama {
     }
 }
 
-/// Positions the fused CUDA decode step's RoPE tables cover at most.
-#[cfg(feature = "cuda")]
-const CUDA_DECODE_MAX_POSITIONS: usize = 32768;
-
-#[cfg(feature = "cuda")]
-impl Llama {
-    /// The fused decode step's weights and tables, or `None` when this model has something it
-    /// does not take: layers other than our CUDA quantized matrices (or with biases, or
-    /// adapters), q/k norms, a sliding window, LongRoPE or partial rotary, head_dim other than
-    /// 64/128. `POCKETLM_FUSED_DECODE=0` turns it off.
-    fn cuda_decoder_spec(&self) -> Result<Option<crate::cuda::DecoderSpec>> {
-        use crate::cuda::{DecoderLayer, DecoderSpec};
-        use crate::nn::{GateUp, QkvProj};
-        if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
-            || !self.device.is_cuda()
-            || self.layers.iter().any(|b| b.self_attn.window.is_some())
-            || !self.rope.offset_independent()
-            || self.rope.rotary_dim() != self.info.head_dim
-        {
-            return Ok(None);
-        }
-        let ours = |l: &Linear| match l {
-            Linear::Cuda { weight, bias: None } => Some(weight.clone()),
-            _ => None,
-        };
-        let mut layers = Vec::with_capacity(self.layers.len());
-        let mut dims = None;
-        for b in &self.layers {
-            let a = &b.self_attn;
-            let (
-                QkvProj::Fused(qkv),
-                GateUp::Fused {
-                    gate_up,
-                    intermediate,
-                },
-            ) = (&a.qkv, &b.mlp.gate_up)
-            else {
-                return Ok(None);
-            };
-            if a.q_norm.is_some() || a.k_norm.is_some() {
-                return Ok(None);
-            }
-            let (Some(qkv), Some(o), Some(gate_up), Some(down)) = (
-                ours(qkv),
-                ours(&a.o_proj),
-                ours(gate_up),
-                ours(&b.mlp.down_proj),
-            ) else {
-                return Ok(None);
-            };
-            dims = Some((a.n_heads, a.n_kv_heads, a.head_dim, *intermediate));
-            layers.push(DecoderLayer {
-                attn_norm: b.input_layernorm.weight().clone(),
-                qkv,
-                o,
-                ffn_norm: b.post_attention_layernorm.weight().clone(),
-                gate_up,
-                down,
-            });
-        }
-        let Some((n_heads, n_kv_heads, head_dim, intermediate)) = dims else {
-            return Ok(None);
-        };
-        let positions = self.info.context_length.clamp(1, CUDA_DECODE_MAX_POSITIONS);
-        let (cos, sin) = self.rope.cos_sin(0, positions)?;
-        Ok(Some(DecoderSpec {
-            layers,
-            norm: self.norm.weight().clone(),
-            lm_head: ours(&self.lm_head),
-            eps: self.norm.eps(),
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            hidden: self.info.hidden_size,
-            intermediate,
-            interleaved: self.rope.interleaved(),
-            cos,
-            sin,
-        }))
-    }
-
-    /// One token through the fused CUDA decode step, appending to `cache` in place; `None` when
-    /// the step does not apply (see [`Self::cuda_decoder_spec`]; also caches that do not append
-    /// in place and positions past its tables), and the caller takes the general path.
-    fn cuda_decode(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
-        let mut slot = self
-            .cuda_decoder
-            .lock()
-            .map_err(|_| Error::Model("the CUDA decoder lock is poisoned".into()))?;
-        if matches!(*slot, CudaDecode::Untried) {
-            *slot = match self.cuda_decoder_spec()? {
-                Some(spec) => CudaDecode::Ready(Box::new(crate::cuda::CudaDecoder::new(spec)?)),
-                None => CudaDecode::Unavailable,
-            };
-        }
-        let CudaDecode::Ready(dec) = &mut *slot else {
-            return Ok(None);
-        };
-        let pos = cache.offset();
-        if pos + 1 >= dec.spec().max_positions() {
-            return Ok(None);
-        }
-        let (nkv, hd) = (self.info.n_kv_heads, self.info.head_dim);
-        let mut bufs = Vec::with_capacity(self.layers.len());
-        for i in 0..self.layers.len() {
-            let Some(layer) = cache.layer(i) else {
-                return Ok(None);
-            };
-            if layer.offset() != pos {
-                return Ok(None);
-            }
-            match layer.reserve_in_place(1, nkv, hd, &self.device)? {
-                Some(kv) => bufs.push(kv),
-                None => return Ok(None),
-            }
-        }
-        let capacity = bufs[0].0.dim(2)?;
-        let mut ptrs = Vec::with_capacity(bufs.len());
-        for (k, v) in &bufs {
-            if k.dim(2)? != capacity || v.dim(2)? != capacity {
-                return Ok(None);
-            }
-            ptrs.push((
-                crate::cuda::device_address(k)?,
-                crate::cuda::device_address(v)?,
-            ));
-        }
-        let x = self.embed_tokens.forward(input_ids)?;
-        let out = dec.step(&x, pos, &ptrs, capacity)?;
-        for i in 0..self.layers.len() {
-            if let Some(layer) = cache.layer(i) {
-                layer.commit(1)?;
-            }
-        }
-        if dec.spec().lm_head.is_some() {
-            Ok(Some(out))
-        } else {
-            Ok(Some(self.lm_head.forward(&out)?))
-        }
-    }
-}
-
 fn make_slot<'a>(
     layer: usize,
     key: &str,
@@ -562,7 +401,7 @@ fn make_slot<'a>(
 
 impl CausalLM for Llama {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
+        let (_, s) = input_ids.dims2()?;
         if cache.n_layers() != self.layers.len() {
             return Err(Error::InvalidArgument(format!(
                 "KV cache has {} layers, model has {}",
@@ -570,16 +409,6 @@ impl CausalLM for Llama {
                 self.layers.len()
             )));
         }
-        #[cfg(feature = "cuda")]
-        if b == 1 && s == 1 && self.device.is_cuda() {
-            if let Some(out) = self.cuda_decode(input_ids, cache)? {
-                return Ok(match logits {
-                    Logits::Last => out,
-                    Logits::All => out.unsqueeze(1)?,
-                });
-            }
-        }
-        let _ = b;
         // RoPE positions continue from all positions seen.
         let pass = AttentionPass::new(&self.rope, cache.offset(), s)?;
         let x = self.embed_tokens.forward(input_ids)?;
@@ -607,12 +436,28 @@ impl CausalLM for Llama {
         &self.device
     }
 
+    fn decode_plan(&self) -> Option<DecodePlan<'_>> {
+        let blocks = self
+            .layers
+            .iter()
+            .map(|b| PlanBlock {
+                attn_norm: &b.input_layernorm,
+                attention: &b.self_attn,
+                mlp_norm: &b.post_attention_layernorm,
+                mlp: &b.mlp,
+            })
+            .collect();
+        Some(DecodePlan {
+            embed_tokens: &self.embed_tokens,
+            blocks,
+            norm: &self.norm,
+            lm_head: &self.lm_head,
+            rope: &self.rope,
+            context_length: self.info.context_length,
+        })
+    }
+
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
-        #[cfg(feature = "cuda")]
-        if let Ok(slot) = self.cuda_decoder.get_mut() {
-            // Adapters may swap layers: build the fused step again at the next token.
-            *slot = CudaDecode::Untried;
-        }
         let permuted = self.gguf_permuted;
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {

@@ -2,6 +2,7 @@
 //! (and GGUF `general.architecture`).
 
 mod build;
+pub mod decode_plan;
 pub mod gemma;
 pub mod llama;
 pub mod phi3;
@@ -11,9 +12,11 @@ pub mod qwen3;
 
 use candle_core::Tensor;
 
+pub use decode_plan::{DecodePlan, PlanBlock};
+
 use crate::gguf::GgufFile;
 use crate::image_processor::ProcessedImage;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::nn::Linear;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -79,6 +82,13 @@ pub trait CausalLM: Send + Sync {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor>;
     /// An empty cache sized for this model.
     fn new_cache(&self) -> KvCache;
+    /// An empty cache of the kind `config` describes, one per layer of this model (the
+    /// default: the same kind for every layer).
+    ///
+    /// Errors: as [`KvCache::new`].
+    fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
+        KvCache::new(self.info().n_layers, self.info().head_dim, config)
+    }
     /// Facts about the model.
     fn info(&self) -> &ModelInfo;
     /// The device the weights live on (inputs must be created there).
@@ -122,6 +132,12 @@ pub trait CausalLM: Send + Sync {
             "the {} model takes no images",
             self.info().architecture
         )))
+    }
+
+    /// The one-token decode step as data, for a backend that fuses it ([`DecodePlan`]); `None`
+    /// (the default) for models whose blocks do not have its shape.
+    fn decode_plan(&self) -> Option<DecodePlan<'_>> {
+        None
     }
 
     /// The linear layers of the blocks and the output layer, by Hugging Face module name, for

@@ -13,6 +13,7 @@ mod lora_interop;
 mod lora_train;
 mod mlx_interop;
 mod mlx_quant_golden;
+mod module_graph;
 mod prompt_cache;
 mod session;
 mod tokenizer_golden;

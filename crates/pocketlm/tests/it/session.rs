@@ -305,9 +305,8 @@ impl Forced {
 /// Follows the float cache's greedy path for `steps` tokens, feeding the same tokens to a
 /// cache of kind `cfg`.
 fn teacher_forced(m: &LoadedModel, ids: &[u32], cfg: &KvCacheConfig, steps: usize) -> Forced {
-    let info = m.model.info();
     let mut float = m.model.new_cache();
-    let mut other = KvCache::new(info, cfg).unwrap();
+    let mut other = m.model.make_cache(cfg).unwrap();
     let mut input = ids.to_vec();
     let mut path = Vec::new();
     let mut max_diff = 0f32;

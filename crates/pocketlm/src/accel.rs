@@ -1,0 +1,280 @@
+//! Decode accelerators (feature `cuda`): a model whose one-token steps run through the fused
+//! CUDA decoder ([`CudaDecoder`]) when its [`DecodePlan`] has a shape the decoder takes, and
+//! through the model itself otherwise. The loader wraps every model placed on a CUDA device in
+//! it, so any architecture that exports a plan gets the fused step.
+
+use std::sync::Mutex;
+
+use candle_core::{Device, Tensor};
+
+use crate::cuda::{device_address, CudaDecoder, DecoderLayer, DecoderSpec};
+use crate::image_processor::ProcessedImage;
+use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::models::{CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, VisionInfo};
+use crate::nn::{Activation, GateUp, Linear, QkvProj, ScaleAt};
+use crate::{Error, Result};
+
+/// Positions the fused decode step's RoPE tables cover at most.
+const MAX_POSITIONS: usize = 32768;
+
+/// Whether the fused decode step has been built.
+#[derive(Debug, Default)]
+enum State {
+    /// Not tried yet.
+    #[default]
+    Untried,
+    /// The model's plan has layers or settings the decoder does not take.
+    Unavailable,
+    /// Built.
+    Ready(Box<CudaDecoder>),
+}
+
+/// A model with the fused CUDA decode step in front of it (see the module docs).
+#[derive(Debug)]
+pub struct Accelerated {
+    inner: Box<dyn CausalLM>,
+    /// Built at the first one-token step; reset when adapters change the layers.
+    state: Mutex<State>,
+}
+
+impl Accelerated {
+    /// Wraps `inner` (weights on a CUDA device).
+    pub fn new(inner: Box<dyn CausalLM>) -> Self {
+        Self {
+            inner,
+            state: Mutex::new(State::Untried),
+        }
+    }
+
+    /// One token through the fused step, appending to `cache` in place; `None` when the step
+    /// does not apply (no plan or one it does not take, caches that do not append in place,
+    /// positions past its tables), and the caller takes the model's own path.
+    fn fused_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        let Some(plan) = self.inner.decode_plan() else {
+            return Ok(None);
+        };
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Error::Model("the CUDA decoder lock is poisoned".into()))?;
+        if matches!(*state, State::Untried) {
+            *state = match spec(&plan, self.inner.device())? {
+                Some(spec) => State::Ready(Box::new(CudaDecoder::new(spec)?)),
+                None => State::Unavailable,
+            };
+        }
+        let State::Ready(dec) = &mut *state else {
+            return Ok(None);
+        };
+        let pos = cache.offset();
+        if pos + 1 >= dec.spec().max_positions() {
+            return Ok(None);
+        }
+        let (nkv, hd) = (dec.spec().n_kv_heads, dec.spec().head_dim);
+        let n_layers = plan.blocks.len();
+        let mut bufs = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let Some(layer) = cache.layer(i) else {
+                return Ok(None);
+            };
+            if layer.offset() != pos {
+                return Ok(None);
+            }
+            match layer.reserve_in_place(1, nkv, hd, self.inner.device())? {
+                Some(kv) => bufs.push(kv),
+                None => return Ok(None),
+            }
+        }
+        let capacity = bufs[0].0.dim(2)?;
+        let mut ptrs = Vec::with_capacity(bufs.len());
+        for (k, v) in &bufs {
+            if k.dim(2)? != capacity || v.dim(2)? != capacity {
+                return Ok(None);
+            }
+            ptrs.push((device_address(k)?, device_address(v)?));
+        }
+        let x = plan.embed_tokens.forward(input_ids)?;
+        let out = dec.step(&x, pos, &ptrs, capacity)?;
+        for i in 0..n_layers {
+            if let Some(layer) = cache.layer(i) {
+                layer.commit(1)?;
+            }
+        }
+        if dec.spec().lm_head.is_some() {
+            Ok(Some(out))
+        } else {
+            Ok(Some(plan.lm_head.forward(&out)?))
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Ok(state) = self.state.get_mut() {
+            *state = State::Untried;
+        }
+    }
+}
+
+/// The decoder's weights and tables from a plan, or `None` when the plan has something the
+/// fused step does not take: layers other than our CUDA quantized matrices (or with biases, or
+/// adapters), q/k norms, a sliding window, a soft-cap, a scale other than `head_dim^-0.5` on the
+/// scores, an activation other than SiLU, LongRoPE or partial rotary, head_dim other than
+/// 64/128. `POCKETLM_FUSED_DECODE=0` turns it off.
+fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
+    if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
+        || !device.is_cuda()
+        || !plan.rope.offset_independent()
+    {
+        return Ok(None);
+    }
+    let ours = |l: &Linear| match l {
+        Linear::Cuda { weight, bias: None } => Some(weight.clone()),
+        _ => None,
+    };
+    let mut layers = Vec::with_capacity(plan.blocks.len());
+    let mut dims = None;
+    for b in &plan.blocks {
+        let (a, m) = (b.attention, b.mlp);
+        let (
+            QkvProj::Fused(qkv),
+            GateUp::Fused {
+                gate_up,
+                intermediate,
+            },
+        ) = (&a.qkv, &m.gate_up)
+        else {
+            return Ok(None);
+        };
+        let plain_scale = (a.scale - 1.0 / (a.head_dim as f64).sqrt()).abs() < 1e-12;
+        if a.q_norm.is_some()
+            || a.k_norm.is_some()
+            || a.window.is_some()
+            || a.softcap.is_some()
+            || a.scale_at != ScaleAt::Scores
+            || !plain_scale
+            || m.activation != Activation::Silu
+            || plan.rope.rotary_dim() != a.head_dim
+        {
+            return Ok(None);
+        }
+        let (Some(qkv), Some(o), Some(gate_up), Some(down)) = (
+            ours(qkv),
+            ours(&a.o_proj),
+            ours(gate_up),
+            ours(&m.down_proj),
+        ) else {
+            return Ok(None);
+        };
+        dims = Some((a.n_heads, a.n_kv_heads, a.head_dim, *intermediate));
+        layers.push(DecoderLayer {
+            attn_norm: b.attn_norm.weight().clone(),
+            qkv,
+            o,
+            ffn_norm: b.mlp_norm.weight().clone(),
+            gate_up,
+            down,
+        });
+    }
+    let Some((n_heads, n_kv_heads, head_dim, intermediate)) = dims else {
+        return Ok(None);
+    };
+    let hidden = plan.norm.weight().dim(0)?;
+    let positions = plan.context_length.clamp(1, MAX_POSITIONS);
+    let (cos, sin) = plan.rope.cos_sin(0, positions)?;
+    Ok(Some(DecoderSpec {
+        layers,
+        norm: plan.norm.weight().clone(),
+        lm_head: ours(plan.lm_head),
+        eps: plan.norm.eps(),
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        hidden,
+        intermediate,
+        interleaved: plan.rope.interleaved(),
+        cos,
+        sin,
+    }))
+}
+
+impl CausalLM for Accelerated {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if b == 1 && s == 1 && cache.n_layers() == self.inner.info().n_layers {
+            if let Some(out) = self.fused_step(input_ids, cache)? {
+                return Ok(match logits {
+                    Logits::Last => out,
+                    Logits::All => out.unsqueeze(1)?,
+                });
+            }
+        }
+        self.inner.forward(input_ids, cache, logits)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        self.inner.new_cache()
+    }
+
+    fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
+        self.inner.make_cache(config)
+    }
+
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+
+    fn vision(&self) -> Option<&VisionInfo> {
+        self.inner.vision()
+    }
+
+    fn encode_images(&self, images: &[ProcessedImage]) -> Result<Tensor> {
+        self.inner.encode_images(images)
+    }
+
+    fn forward_with_image_features(
+        &self,
+        input_ids: &Tensor,
+        features: &Tensor,
+        grids: &[[usize; 3]],
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        self.inner
+            .forward_with_image_features(input_ids, features, grids, cache, logits)
+    }
+
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        // Adapters may swap layers: build the fused step again at the next token.
+        self.reset();
+        self.inner.linears_mut()
+    }
+
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        self.inner.hidden_states(input_ids, upto)
+    }
+
+    fn forward_blocks(
+        &self,
+        hidden: &Tensor,
+        range: std::ops::Range<usize>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.inner.forward_blocks(hidden, range, train)
+    }
+
+    fn forward_head(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.inner.forward_head(hidden, train, select)
+    }
+
+    fn decode_plan(&self) -> Option<DecodePlan<'_>> {
+        self.inner.decode_plan()
+    }
+}
