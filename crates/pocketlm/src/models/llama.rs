@@ -7,13 +7,36 @@ use serde::Deserialize;
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, LayerKvCache};
+use crate::models::names::{self, NameTable};
 use crate::models::{CausalLM, LinearSlot, Logits, ModelInfo};
 use crate::nn::{
     attention::{causal_attention, causal_attention_diff},
     causal_mask, Embedding, Linear, RmsNorm, RopeScaling, RotaryEmbedding,
 };
-use crate::weights::{WeightFormat, Weights};
+use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
+
+/// GGUF tensor names of the Llama family (Llama, Mistral, Qwen2, Qwen3: llama.cpp's
+/// `LLM_ARCH_LLAMA` / `QWEN2` / `QWEN3` in `llama-arch.cpp`), as pairs with the Hugging Face
+/// module names (`tensor_mapping.py`).
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "llama",
+    global: names::GLOBAL,
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ],
+    gguf_only: &["rope_freqs.weight"],
+};
 
 /// config.json of a Llama-family model (Hugging Face field names and defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -84,9 +107,6 @@ pub struct LlamaVariant {
     /// One `mlp.gate_up_proj` `[2 * intermediate, hidden]` (gate rows first) instead of two
     /// (Phi-3).
     pub fused_gate_up: bool,
-    /// GGUF files of this architecture store q/k rows permuted for adjacent-pair RoPE
-    /// (llama.cpp's converter does this for Llama and Mistral only).
-    pub gguf_permuted_qk: bool,
 }
 
 impl LlamaVariant {
@@ -98,7 +118,6 @@ impl LlamaVariant {
         qk_norm: false,
         fused_qkv: false,
         fused_gate_up: false,
-        gguf_permuted_qk: true,
     };
 }
 
@@ -447,8 +466,8 @@ pub struct Llama {
     lm_head: Linear,
     rope: RotaryEmbedding,
     sliding_window: Option<usize>,
-    /// q/k rows in llama.cpp's permuted order (a Llama GGUF).
-    gguf_permuted: bool,
+    /// Row order of the q/k projections, from the weights' layout.
+    qk_rows: QkRowOrder,
     info: ModelInfo,
     device: Device,
     /// The fused decode step on CUDA ([`crate::cuda::CudaDecoder`]), built at the first
@@ -579,7 +598,8 @@ impl Llama {
             None => RopeScaling::from_config(cfg.rope_scaling.as_ref())?,
         };
         // llama.cpp's converter permutes Llama q/k rows so that adjacent-pair rotation applies.
-        let interleaved = v.gguf_permuted_qk && w.format() == WeightFormat::Gguf;
+        let qk_rows = w.layout().qk_rows;
+        let interleaved = qk_rows.interleaved_rope();
         let rotary_dim = match cfg.partial_rotary_factor {
             Some(f) if f > 0.0 && f <= 1.0 => (hd as f64 * f) as usize,
             None => hd,
@@ -603,7 +623,7 @@ impl Llama {
             lm_head,
             rope,
             sliding_window: cfg.sliding_window,
-            gguf_permuted: interleaved,
+            qk_rows,
             device: w.device().clone(),
             #[cfg(feature = "cuda")]
             cuda_decoder: Default::default(),
@@ -877,13 +897,18 @@ impl CausalLM for Llama {
             // Adapters may swap layers: build the fused step again at the next token.
             *slot = CudaDecode::Untried;
         }
-        let permuted = self.gguf_permuted;
+        let qk_rows = self.qk_rows;
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let a = &mut layer.self_attn;
             let (nh, nkv) = (a.n_heads, a.n_kv_heads);
             let slot = |key: &str, linear, heads: Option<usize>| {
-                make_slot(i, key, linear, heads.filter(|_| permuted))
+                make_slot(
+                    i,
+                    key,
+                    linear,
+                    heads.and_then(|h| qk_rows.permuted_heads(h)),
+                )
             };
             let mut here = Vec::new();
             match &mut a.qkv {
