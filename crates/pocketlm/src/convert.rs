@@ -17,9 +17,10 @@
 //! `--quant-predicate mixed_3_6`) and from explicit [`QuantOverride`]s
 //! (`--q-override PATTERN=BITS[:GROUP]`).
 //!
-//! GGUF sources are dequantized to f32 first and their Llama q/k projection rows are
-//! un-permuted back to the Hugging Face layout (llama.cpp's `convert_hf_to_gguf.py`
-//! `LlamaModel.permute` reorders them for its interleaved RoPE).
+//! GGUF sources are dequantized to f32 first, renamed by the architecture's name table
+//! ([`crate::models::names`]), and their q/k projection rows brought back to the Hugging Face
+//! order where the architecture's GGUF layout permutes them ([`QkRowOrder`]: llama.cpp's
+//! `convert_hf_to_gguf.py` `LlamaModel.permute` reorders Llama's for its interleaved RoPE).
 //!
 //! The output is written into a temporary directory next to `out` and renamed at the end, so
 //! `out` either does not exist or is complete.
@@ -38,7 +39,7 @@ use crate::quant::mlx_affine::check_params;
 use crate::quant::mlx_affine::{dequantize_tensor, quantize_tensor};
 use crate::safetensors_weights::{QuantConfig, QuantParams, SafetensorsWeights, INDEX_FILE};
 use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
+use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
 
 /// Largest shard written, in bytes (mlx-lm's `MAX_FILE_SIZE_GB = 5`).
@@ -251,6 +252,8 @@ enum Source {
         file: GgufFile,
         /// Hugging Face name -> GGUF name.
         names: Vec<(String, String)>,
+        /// Row order of the q/k projections in the file.
+        qk_rows: QkRowOrder,
         n_heads: usize,
         n_kv_heads: usize,
     },
@@ -385,6 +388,7 @@ pub fn convert(
         Source::Gguf {
             file,
             names,
+            qk_rows,
             n_heads,
             n_kv_heads,
         } => {
@@ -392,9 +396,9 @@ pub fn convert(
                 let (dims, _) = file.tensor_info(g)?;
                 let mut t = file.tensor_f32(g, &dims, &Device::Cpu)?;
                 if hf.ends_with("self_attn.q_proj.weight") {
-                    t = unpermute(&t, *n_heads, hf)?;
+                    t = qk_rows.to_hf(&t, *n_heads, hf)?;
                 } else if hf.ends_with("self_attn.k_proj.weight") {
-                    t = unpermute(&t, *n_kv_heads, hf)?;
+                    t = qk_rows.to_hf(&t, *n_kv_heads, hf)?;
                 }
                 quantized_layers += usize::from(emit_float(hf, t, &mut writer)?);
                 progress(ConvertEvent::Tensor {
@@ -658,22 +662,6 @@ impl QuantPlan {
     }
 }
 
-/// Undoes llama.cpp's q/k row permutation: `w: [n_head * head_dim, in]` stored as
-/// `reshape(n_head, 2, head_dim / 2, in).swapaxes(1, 2)`; returns the Hugging Face order.
-fn unpermute(w: &Tensor, n_head: usize, name: &str) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    if n_head == 0 || !out.is_multiple_of(2 * n_head) {
-        return Err(Error::tensor(
-            name,
-            format!("{out} rows cannot be split into {n_head} heads of even width"),
-        ));
-    }
-    Ok(w.reshape((n_head, out / n_head / 2, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))?)
-}
-
 fn open_folder(src: &Path) -> Result<(serde_json::Value, Source)> {
     let config = read_json(&src.join("config.json"))?.ok_or_else(|| {
         Error::Model(format!(
@@ -703,37 +691,6 @@ fn open_folder(src: &Path) -> Result<(serde_json::Value, Source)> {
     Ok((config, Source::Folder { weights, items }))
 }
 
-/// GGUF tensor names for the Hugging Face names of [`crate::gguf::hf_to_gguf_name`].
-const GGUF_LAYER_NAMES: &[(&str, &str)] = &[
-    ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("attn_q_norm", "self_attn.q_norm"),
-    ("attn_k_norm", "self_attn.k_norm"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-];
-
-/// The Hugging Face name of a GGUF tensor name (inverse of [`crate::gguf::hf_to_gguf_name`]).
-pub fn gguf_to_hf_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    let hf = GGUF_LAYER_NAMES.iter().find(|(g, _)| *g == module)?.1;
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
-}
-
 fn open_gguf(src: &Path) -> Result<(serde_json::Value, Source)> {
     let file = GgufFile::open(src)?;
     let arch_name = file.architecture()?;
@@ -752,19 +709,15 @@ fn open_gguf(src: &Path) -> Result<(serde_json::Value, Source)> {
             src.display()
         )));
     }
+    let table = arch.gguf_name_table(&file)?;
     let mut names = Vec::new();
     let mut gnames: Vec<&str> = file.tensor_names().collect();
     gnames.sort_by_key(|n| sort_key(n));
     for g in gnames {
-        if g == "rope_freqs.weight" {
+        if table.is_gguf_only(g) {
             continue;
         }
-        let hf = gguf_to_hf_name(g).ok_or_else(|| {
-            Error::tensor(
-                g,
-                format!("has no Hugging Face name (in {})", src.display()),
-            )
-        })?;
+        let hf = table.to_hf(g, src)?;
         names.push((hf, g.to_string()));
     }
     let n_heads = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
@@ -789,6 +742,7 @@ fn open_gguf(src: &Path) -> Result<(serde_json::Value, Source)> {
         Source::Gguf {
             file,
             names,
+            qk_rows: arch.gguf_qk_rows,
             n_heads,
             n_kv_heads,
         },

@@ -3,7 +3,8 @@
 //!
 //! Format reference: ggml's `docs/gguf.md` (version 2 and 3 files). Parsing is done by
 //! `candle_core::quantized::gguf_file`; this module adds file-named errors, typed metadata
-//! accessors and the Hugging Face <-> GGUF tensor-name mapping.
+//! accessors. The Hugging Face <-> GGUF tensor names are per architecture:
+//! [`crate::models::names`].
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -237,70 +238,9 @@ impl GgufFile {
     }
 }
 
-/// Maps a Hugging Face tensor name (e.g. `model.layers.3.self_attn.q_proj.weight`) to the name
-/// llama.cpp's converter gives it in GGUF (`blk.3.attn_q.weight`). Covers the Llama-family
-/// names shared by the architectures we support (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
-/// Returns `None` for names with no GGUF counterpart. A name already in GGUF form
-/// (`blk.N.*`) is returned as is: architectures whose layers have no Llama-family Hugging Face
-/// name (Gemma's extra norms) map those names themselves.
-pub fn hf_to_gguf_name(name: &str) -> Option<String> {
-    if name.starts_with("blk.") {
-        return Some(name.to_string());
-    }
-    let fixed = match name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.qkv_proj" => "attn_qkv",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        // Phi-3's fused gate and up projections (gate first) are one `ffn_up` of 2·n_ff rows.
-        "mlp.gate_up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{suffix}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maps_llama_names() {
-        assert_eq!(
-            hf_to_gguf_name("model.layers.12.self_attn.k_proj.weight").as_deref(),
-            Some("blk.12.attn_k.weight")
-        );
-        assert_eq!(
-            hf_to_gguf_name("model.embed_tokens.weight").as_deref(),
-            Some("token_embd.weight")
-        );
-        assert_eq!(
-            hf_to_gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
-            Some("blk.0.ffn_down.weight")
-        );
-        assert_eq!(hf_to_gguf_name("model.layers.x.mlp.down_proj.weight"), None);
-        assert_eq!(hf_to_gguf_name("vision_tower.foo"), None);
-    }
 
     #[test]
     fn not_gguf_is_a_clear_error() {

@@ -15,7 +15,6 @@ use crate::models::{self, CausalLM};
 use crate::safetensors_weights::SafetensorsWeights;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
-use crate::weights::GgufWeights;
 use crate::{Error, Result};
 
 /// How to load a model.
@@ -160,7 +159,9 @@ pub fn load(spec: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
     let config = (arch.config_from_gguf)(&gguf)?;
     let model = (arch.build)(
         &config,
-        &GgufWeights::new(&gguf, device).dequantized(opts.dequantize),
+        &arch
+            .gguf_weights(&gguf, device)?
+            .dequantized(opts.dequantize),
     )?;
     let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
     let template = gguf.opt_str("tokenizer.chat_template")?;

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::nn::{Embedding, Linear};
 use crate::quant::mlx_affine::{check_params, AffineQuantized};
-use crate::weights::{WeightFormat, Weights};
+use crate::weights::{WeightLayout, Weights};
 use crate::{Error, Result};
 
 /// Name of the shard index written by `save_pretrained` and mlx-lm.
@@ -483,8 +483,8 @@ impl Weights for SafetensorsWeights {
         &self.device
     }
 
-    fn format(&self) -> WeightFormat {
-        WeightFormat::Safetensors
+    fn layout(&self) -> WeightLayout {
+        WeightLayout::REFERENCE
     }
 
     fn stacked_linear(

@@ -1,23 +1,107 @@
 //! Where model code gets its weights from. Architectures ask for tensors by their Hugging Face
 //! names; each source maps those names to its own (the "sanitize" step happens here, at load,
-//! never in the forward pass) and decides whether a layer is dense or quantized.
+//! never in the forward pass: GGUF names come from the architecture's
+//! [`crate::models::names::NameTable`]), decides whether a layer is dense or quantized, and
+//! tells the model builder how the weights are laid out ([`WeightLayout`]).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::gguf::{hf_to_gguf_name, GgufFile};
+use crate::gguf::GgufFile;
+use crate::models::names::NameTable;
 use crate::nn::{Embedding, Linear};
 use crate::{Error, Result};
 
-/// The on-disk format the weights come from; a few architectures need to know it (llama.cpp
-/// permutes Llama's q/k projection rows for its RoPE layout).
+/// The row order of the q and k projections (`[heads * head_dim, hidden]`), which decides how
+/// RoPE pairs dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightFormat {
-    /// A GGUF file (llama.cpp naming and layout).
-    Gguf,
-    /// Hugging Face safetensors (possibly MLX-quantized).
-    Safetensors,
+pub enum QkRowOrder {
+    /// Hugging Face's: RoPE rotates dimension `i` with `i + rotary_dim / 2` of each head
+    /// (`rotate_half`).
+    HuggingFace,
+    /// llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`, for Llama and
+    /// Mistral) reorders each head's rows so that rotated pairs are adjacent (ggml's `NORMAL`
+    /// RoPE mode): stored = `hf.reshape(heads, 2, head_dim / 2, in).swapaxes(1, 2)`. Kept in
+    /// this order, since the order of summation in llama.cpp's matrix products depends on it.
+    GgmlInterleaved,
+}
+
+impl QkRowOrder {
+    /// Whether RoPE pairs adjacent dimensions (`(x[2i], x[2i + 1])`) for this row order.
+    pub fn interleaved_rope(self) -> bool {
+        self == QkRowOrder::GgmlInterleaved
+    }
+
+    /// `Some(heads)` when a q/k projection of `heads` heads is stored out of Hugging Face
+    /// order, so that tensors over its outputs (LoRA `lora_b` columns, a fused delta) written
+    /// in Hugging Face order must be reordered ([`Self::from_hf`]); `None` otherwise. The one
+    /// place adapters learn the permutation ([`crate::models::LinearSlot::permuted_heads`]).
+    pub fn permuted_heads(self, heads: usize) -> Option<usize> {
+        (self == QkRowOrder::GgmlInterleaved).then_some(heads)
+    }
+
+    /// `w: [heads * head_dim, k]`, rows in Hugging Face order, returned in this order.
+    ///
+    /// Errors: [`Error::Tensor`] naming `name` when the rows do not split into `heads` heads of
+    /// even width.
+    pub fn from_hf(self, w: &Tensor, heads: usize, name: &str) -> Result<Tensor> {
+        self.reorder(w, heads, name, true)
+    }
+
+    /// `w: [heads * head_dim, k]`, rows in this order, returned in Hugging Face order (the
+    /// inverse of [`Self::from_hf`]).
+    ///
+    /// Errors: as [`Self::from_hf`].
+    pub fn to_hf(self, w: &Tensor, heads: usize, name: &str) -> Result<Tensor> {
+        self.reorder(w, heads, name, false)
+    }
+
+    fn reorder(self, w: &Tensor, heads: usize, name: &str, from_hf: bool) -> Result<Tensor> {
+        if self == QkRowOrder::HuggingFace {
+            return Ok(w.clone());
+        }
+        let (out, k) = w.dims2()?;
+        if heads == 0 || !out.is_multiple_of(2 * heads) {
+            return Err(Error::tensor(
+                name,
+                format!("{out} rows cannot be split into {heads} heads of even width"),
+            ));
+        }
+        let half = out / heads / 2;
+        let w = if from_hf {
+            w.reshape((heads, 2, half, k))?
+        } else {
+            w.reshape((heads, half, 2, k))?
+        };
+        Ok(w.transpose(1, 2)?.contiguous()?.reshape((out, k))?)
+    }
+}
+
+pub use crate::nn::Numerics;
+
+/// What a weight source tells the model builder about its weights, beyond their names
+/// ([`Weights::layout`]): the model reads these fields at load instead of asking where the
+/// weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightLayout {
+    /// Row order of the q and k projections.
+    pub qk_rows: QkRowOrder,
+    /// Whether the norm weights of architectures that scale by `1 + w` (Gemma's RMSNorm)
+    /// already hold the 1 (llama.cpp's converter adds it: `Gemma2Model.modify_tensors`).
+    pub norm_offset_included: bool,
+    /// Whose rounding to follow.
+    pub numerics: Numerics,
+}
+
+impl WeightLayout {
+    /// Hugging Face / MLX checkpoints: their own row order, norms as trained, reference
+    /// numerics.
+    pub const REFERENCE: Self = Self {
+        qk_rows: QkRowOrder::HuggingFace,
+        norm_offset_included: false,
+        numerics: Numerics::Reference,
+    };
 }
 
 /// A source of named weights (Hugging Face names).
@@ -38,8 +122,8 @@ pub trait Weights {
     fn contains(&self, name: &str) -> bool;
     /// The device tensors are loaded onto.
     fn device(&self) -> &Device;
-    /// Where the weights come from.
-    fn format(&self) -> WeightFormat;
+    /// How the weights are laid out (q/k row order, norm offsets, whose numerics to follow).
+    fn layout(&self) -> WeightLayout;
     /// Several bias-free linear layers over the same input (`prefixes[i]` of `[outs[i], in]`)
     /// stacked into one `[sum(outs), in]` layer, where the format and device make that cheaper
     /// (on a GPU one launch replaces several in decode); `None` where not, and the caller loads
@@ -55,19 +139,31 @@ pub trait Weights {
     }
 }
 
-/// Weights read from a GGUF file.
+/// Weights read from a GGUF file, asked for by Hugging Face name and found by the
+/// architecture's name table.
 #[derive(Debug)]
 pub struct GgufWeights<'a> {
     file: &'a GgufFile,
+    names: &'static NameTable,
+    qk_rows: QkRowOrder,
     device: Device,
     dequantize: bool,
 }
 
 impl<'a> GgufWeights<'a> {
-    /// Weights from `file`, loaded onto `device`.
-    pub fn new(file: &'a GgufFile, device: Device) -> Self {
+    /// Weights from `file`, loaded onto `device`, named by `names`, with q/k rows stored in
+    /// `qk_rows` order (both from the architecture's registry entry,
+    /// [`crate::models::Architecture`]).
+    pub fn new(
+        file: &'a GgufFile,
+        names: &'static NameTable,
+        qk_rows: QkRowOrder,
+        device: Device,
+    ) -> Self {
         Self {
             file,
+            names,
+            qk_rows,
             device,
             dequantize: false,
         }
@@ -146,16 +242,12 @@ impl<'a> GgufWeights<'a> {
         Ok(Some((dtype, raw)))
     }
 
+    /// The GGUF name of Hugging Face tensor `name`.
+    ///
+    /// Errors: [`Error::Tensor`] naming the tensor, the table and the file when the table has
+    /// no GGUF name for it.
     fn gguf_name(&self, name: &str) -> Result<String> {
-        hf_to_gguf_name(name).ok_or_else(|| {
-            Error::tensor(
-                name,
-                format!(
-                    "has no GGUF counterpart (in {})",
-                    self.file.path().display()
-                ),
-            )
-        })
+        self.names.to_gguf(name, self.file.path())
     }
 }
 
@@ -213,15 +305,21 @@ impl Weights for GgufWeights<'_> {
     }
 
     fn contains(&self, name: &str) -> bool {
-        hf_to_gguf_name(name).is_some_and(|g| self.file.has_tensor(&g))
+        self.names
+            .gguf_name(name)
+            .is_some_and(|g| self.file.has_tensor(&g))
     }
 
     fn device(&self) -> &Device {
         &self.device
     }
 
-    fn format(&self) -> WeightFormat {
-        WeightFormat::Gguf
+    fn layout(&self) -> WeightLayout {
+        WeightLayout {
+            qk_rows: self.qk_rows,
+            norm_offset_included: true,
+            numerics: Numerics::Ggml,
+        }
     }
 
     fn stacked_linear(
@@ -261,4 +359,39 @@ impl Weights for GgufWeights<'_> {
 fn is_float(t: candle_core::quantized::GgmlDType) -> bool {
     use candle_core::quantized::GgmlDType as G;
     matches!(t, G::F32 | G::F16 | G::BF16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qk_row_orders() {
+        // 2 heads of width 4 (half 2): HF rows per head [x0 x1 | y0 y1] -> GGUF [x0 y0 x1 y1].
+        let w = Tensor::arange(0f32, 16.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 2))
+            .unwrap();
+        let rows = |t: &Tensor| -> Vec<f32> {
+            t.narrow(1, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let g = QkRowOrder::GgmlInterleaved.from_hf(&w, 2, "q").unwrap();
+        assert_eq!(rows(&g), vec![0., 4., 2., 6., 8., 12., 10., 14.]);
+        let back = QkRowOrder::GgmlInterleaved.to_hf(&g, 2, "q").unwrap();
+        assert_eq!(rows(&back), rows(&w));
+        let same = QkRowOrder::HuggingFace.to_hf(&w, 2, "q").unwrap();
+        assert_eq!(rows(&same), rows(&w));
+        assert_eq!(QkRowOrder::GgmlInterleaved.permuted_heads(8), Some(8));
+        assert_eq!(QkRowOrder::HuggingFace.permuted_heads(8), None);
+        let e = QkRowOrder::GgmlInterleaved
+            .to_hf(&w, 3, "blk.0.attn_q.weight")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blk.0.attn_q.weight"), "{e}");
+    }
 }

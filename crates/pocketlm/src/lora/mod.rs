@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::{CausalLM, LinearSlot};
 use crate::nn::{Linear, LoraLinear};
+use crate::weights::QkRowOrder;
 use crate::{Error, Result};
 
 /// File name of the adapter configuration.
@@ -443,26 +444,19 @@ fn take(l: &mut Linear) -> Linear {
 
 /// Reorders the columns of `b: [r, out]` between Hugging Face order and llama.cpp's permuted
 /// q/k row order (`to_gguf`: HF -> GGUF, as llama.cpp's `permute`; else the inverse), for
-/// `heads` heads.
+/// `heads` heads: the rows of `b^T` reordered as [`QkRowOrder::GgmlInterleaved`] reorders a
+/// projection's rows.
+///
+/// Errors: [`Error::Tensor`] when `out` does not split into `heads` heads of even width.
 pub fn permute_cols(b: &Tensor, heads: usize, to_gguf: bool) -> Result<Tensor> {
-    let (r, out) = b.dims2()?;
-    if heads == 0 || !out.is_multiple_of(2 * heads) {
-        return Err(Error::InvalidArgument(format!(
-            "{out} outputs cannot be split into {heads} heads of even width"
-        )));
-    }
-    let half = out / heads / 2;
+    let order = QkRowOrder::GgmlInterleaved;
     let t = b.t()?.contiguous()?;
     let t = if to_gguf {
-        t.reshape((heads, 2, half, r))?
+        order.from_hf(&t, heads, "lora_b")?
     } else {
-        t.reshape((heads, half, 2, r))?
+        order.to_hf(&t, heads, "lora_b")?
     };
-    Ok(t.transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, r))?
-        .t()?
-        .contiguous()?)
+    Ok(t.t()?.contiguous()?)
 }
 
 fn read_weights(path: &Path) -> Result<BTreeMap<String, (Tensor, Tensor)>> {

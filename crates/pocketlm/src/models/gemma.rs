@@ -10,13 +10,39 @@ use serde::Deserialize;
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
+use crate::models::names::{self, NameTable};
 use crate::models::{build, CausalLM, Logits, ModelInfo};
 use crate::nn::{
     softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics,
     RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
 };
-use crate::weights::{WeightFormat, Weights};
+use crate::weights::Weights;
 use crate::{Error, Result};
+
+/// GGUF tensor names of Gemma 2 and Gemma 3 (llama.cpp's `LLM_ARCH_GEMMA2` / `GEMMA3`): Llama's,
+/// plus norms after attention and around the MLP. Gemma's `post_attention_layernorm` follows
+/// attention (`post_attention_norm`; in Llama it is the MLP input norm `ffn_norm`), the pre-MLP
+/// norm is `ffn_norm`, the post-MLP norm `post_ffw_norm`.
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "gemma",
+    global: names::GLOBAL,
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ],
+    gguf_only: &[],
+};
 
 /// config.json of a Gemma 2 / Gemma 3 text model (Hugging Face field names; both the
 /// transformers 4 layout, `rope_theta` + `rope_local_base_freq` + `sliding_window_pattern`, and
@@ -258,8 +284,8 @@ impl Weights for LanguageModelPrefix<'_> {
     fn device(&self) -> &Device {
         self.inner.device()
     }
-    fn format(&self) -> WeightFormat {
-        self.inner.format()
+    fn layout(&self) -> crate::weights::WeightLayout {
+        self.inner.layout()
     }
 }
 
@@ -326,53 +352,6 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
     }))
 }
 
-/// GGUF names of Gemma's norms that have no Llama-family Hugging Face counterpart (llama.cpp
-/// `tensor_mapping.py`): the post-attention norm is `post_attention_norm` (in Llama,
-/// `post_attention_layernorm` is the FFN input norm `ffn_norm`), the pre-FFN norm `ffn_norm`,
-/// the post-FFN norm `post_ffw_norm`.
-struct GgufGemmaNames<'a> {
-    inner: &'a dyn Weights,
-}
-
-impl GgufGemmaNames<'_> {
-    fn name(&self, name: &str) -> String {
-        let Some(rest) = name.strip_prefix("model.layers.") else {
-            return name.to_string();
-        };
-        let Some((layer, module)) = rest.split_once('.') else {
-            return name.to_string();
-        };
-        let gguf = match module {
-            "post_attention_layernorm.weight" => "post_attention_norm.weight",
-            "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
-            "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
-            _ => return name.to_string(),
-        };
-        format!("blk.{layer}.{gguf}")
-    }
-}
-
-impl Weights for GgufGemmaNames<'_> {
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        self.inner.linear(prefix, out, inp, bias)
-    }
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
-        self.inner.embedding(name, vocab, hidden)
-    }
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.inner.tensor(&self.name(name), shape)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.inner.contains(&self.name(name))
-    }
-    fn device(&self) -> &Device {
-        self.inner.device()
-    }
-    fn format(&self) -> WeightFormat {
-        self.inner.format()
-    }
-}
-
 /// Builds a Gemma 2 / Gemma 3 text model from an HF-style config and weights
 /// (`Gemma2ForCausalLM` / `Gemma3ForCausalLM` names). For `model_type: gemma3` (the multimodal
 /// checkpoint) the text model is read from `text_config` and `language_model` weights; the
@@ -385,9 +364,6 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
     if !is_multimodal {
         let cfg: GemmaConfig = serde_json::from_value(config.clone())
             .map_err(|e| Error::Model(format!("config.json: {e}")))?;
-        if w.format() == WeightFormat::Gguf {
-            return Ok(Box::new(Gemma::new(cfg, &GgufGemmaNames { inner: w })?));
-        }
         return Ok(Box::new(Gemma::new(cfg, w)?));
     }
     let mut text = config
@@ -442,20 +418,18 @@ pub struct Gemma {
 impl Gemma {
     /// Loads the weights named as in Hugging Face `Gemma2ForCausalLM` / `Gemma3ForCausalLM`.
     ///
-    /// Norm weights are stored as `w` and used as `1 + w` (HF `Gemma2RMSNorm`), except from
-    /// GGUF files, where llama.cpp's converter has already added the 1.
+    /// Norm weights are stored as `w` and used as `1 + w` (HF `Gemma2RMSNorm`), except where
+    /// the weights' layout says the 1 is included (GGUF: llama.cpp's converter adds it).
     pub fn new(cfg: GemmaConfig, w: &dyn Weights) -> Result<Self> {
         cfg.validate()?;
         let h = cfg.hidden_size;
         let hd = cfg.head_dim();
         let inter = cfg.intermediate_size;
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
-        let unit_offset = w.format() != WeightFormat::Gguf;
-        let numerics = if unit_offset {
-            Numerics::Reference
-        } else {
-            Numerics::Ggml
-        };
+        let layout = w.layout();
+        let unit_offset = !layout.norm_offset_included;
+        let numerics = layout.numerics;
+        let ggml = numerics == Numerics::Ggml;
         let norm = |name: &str, dim: usize| {
             RmsNorm::new(w.tensor(name, &[dim])?, cfg.rms_norm_eps, unit_offset)
         };
@@ -517,12 +491,13 @@ impl Gemma {
         let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
         let lm_head = build::lm_head(w, &embed_tokens, false, cfg.vocab_size, h)?;
         let (global, local) = cfg.rope()?;
-        // GGUF weights follow llama.cpp's angles (ggml's NEOX mode), others transformers'.
+        // ggml numerics (GGUF weights) follow llama.cpp's angles (ggml's NEOX mode), others
+        // transformers'.
         let rope = |p: &RopeParams| {
-            if unit_offset {
-                RotaryEmbedding::new(hd, p.theta, &p.scaling, false, w.device())
-            } else {
+            if ggml {
                 RotaryEmbedding::new_ggml(hd, p.theta, &p.scaling, false, w.device())
+            } else {
+                RotaryEmbedding::new(hd, p.theta, &p.scaling, false, w.device())
             }
         };
         Ok(Self {

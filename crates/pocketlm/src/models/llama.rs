@@ -7,13 +7,36 @@ use serde::Deserialize;
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
+use crate::models::names::{self, NameTable};
 use crate::models::{build, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock};
 use crate::nn::{
-    Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics, RmsNorm,
-    RopeScaling, RotaryEmbedding, ScaleAt,
+    Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, RmsNorm, RopeScaling,
+    RotaryEmbedding, ScaleAt,
 };
-use crate::weights::{WeightFormat, Weights};
+use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
+
+/// GGUF tensor names of the Llama family (Llama, Mistral, Qwen2, Qwen3: llama.cpp's
+/// `LLM_ARCH_LLAMA` / `QWEN2` / `QWEN3` in `llama-arch.cpp`), as pairs with the Hugging Face
+/// module names (`tensor_mapping.py`).
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "llama",
+    global: names::GLOBAL,
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ],
+    gguf_only: &["rope_freqs.weight"],
+};
 
 /// config.json of a Llama-family model (Hugging Face field names and defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -84,9 +107,6 @@ pub struct LlamaVariant {
     /// One `mlp.gate_up_proj` `[2 * intermediate, hidden]` (gate rows first) instead of two
     /// (Phi-3).
     pub fused_gate_up: bool,
-    /// GGUF files of this architecture store q/k rows permuted for adjacent-pair RoPE
-    /// (llama.cpp's converter does this for Llama and Mistral only).
-    pub gguf_permuted_qk: bool,
 }
 
 impl LlamaVariant {
@@ -98,7 +118,6 @@ impl LlamaVariant {
         qk_norm: false,
         fused_qkv: false,
         fused_gate_up: false,
-        gguf_permuted_qk: true,
     };
 }
 
@@ -243,8 +262,8 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
-    /// q/k rows in llama.cpp's permuted order (a Llama GGUF).
-    gguf_permuted: bool,
+    /// Row order of the q/k projections, from the weights' layout.
+    qk_rows: QkRowOrder,
     info: ModelInfo,
     device: Device,
 }
@@ -263,10 +282,7 @@ impl Llama {
         let inter = cfg.intermediate_size;
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
         let norm = |name: &str| RmsNorm::new(w.tensor(name, &[h])?, cfg.rms_norm_eps, false);
-        let numerics = match w.format() {
-            WeightFormat::Gguf => Numerics::Ggml,
-            WeightFormat::Safetensors => Numerics::Reference,
-        };
+        let numerics = w.layout().numerics;
         let heads = build::Heads {
             n_heads: nh,
             n_kv_heads: nkv,
@@ -312,7 +328,8 @@ impl Llama {
             None => RopeScaling::from_config(cfg.rope_scaling.as_ref())?,
         };
         // llama.cpp's converter permutes Llama q/k rows so that adjacent-pair rotation applies.
-        let interleaved = v.gguf_permuted_qk && w.format() == WeightFormat::Gguf;
+        let qk_rows = w.layout().qk_rows;
+        let interleaved = qk_rows.interleaved_rope();
         let rotary_dim = match cfg.partial_rotary_factor {
             Some(f) if f > 0.0 && f <= 1.0 => (hd as f64 * f) as usize,
             None => hd,
@@ -335,7 +352,7 @@ impl Llama {
             norm: norm("model.norm.weight")?,
             lm_head,
             rope,
-            gguf_permuted: interleaved,
+            qk_rows,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: v.name.into(),
@@ -458,11 +475,12 @@ impl CausalLM for Llama {
     }
 
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
-        let permuted = self.gguf_permuted;
+        let qk_rows = self.qk_rows;
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (key, linear, heads) in layer.self_attn.linears_mut() {
-                out.push(make_slot(i, key, linear, heads.filter(|_| permuted)));
+                let permuted = heads.and_then(|h| qk_rows.permuted_heads(h));
+                out.push(make_slot(i, key, linear, permuted));
             }
             for (key, linear) in layer.mlp.linears_mut() {
                 out.push(make_slot(i, key, linear, None));

@@ -5,6 +5,7 @@ mod build;
 pub mod decode_plan;
 pub mod gemma;
 pub mod llama;
+pub mod names;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_vl;
@@ -18,8 +19,9 @@ use crate::gguf::GgufFile;
 use crate::image_processor::ProcessedImage;
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::nn::Linear;
-use crate::weights::Weights;
+use crate::weights::{GgufWeights, QkRowOrder, Weights};
 use crate::{Error, Result};
+use names::NameTable;
 
 /// Which positions' logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +209,8 @@ pub struct LinearSlot<'a> {
     pub linear: &'a mut Linear,
     /// `Some(heads)` when the layer's output rows are stored in llama.cpp's permuted order
     /// for adjacent-pair RoPE (q/k projections of a Llama GGUF): adapters written in Hugging
-    /// Face order need their `lora_b` columns permuted.
+    /// Face order need their `lora_b` columns permuted. Set from the weights' layout
+    /// ([`QkRowOrder::permuted_heads`]).
     pub permuted_heads: Option<usize>,
 }
 
@@ -217,6 +220,11 @@ pub struct Architecture {
     pub model_types: &'static [&'static str],
     /// GGUF `general.architecture` values.
     pub gguf_architectures: &'static [&'static str],
+    /// Tensor names in GGUF files of this architecture (`None`: no GGUF form).
+    pub gguf_names: Option<&'static NameTable>,
+    /// Row order of the q/k projections in GGUF files of this architecture (llama.cpp's
+    /// converter permutes Llama's and Mistral's: `LlamaModel.permute`).
+    pub gguf_qk_rows: QkRowOrder,
     /// Builds an HF-style config (config.json field names) from GGUF metadata.
     pub config_from_gguf: fn(&GgufFile) -> Result<serde_json::Value>,
     /// Builds the model from an HF-style config and weights.
@@ -228,46 +236,92 @@ pub static REGISTRY: &[Architecture] = &[
     Architecture {
         model_types: &["llama", "mistral"],
         gguf_architectures: &["llama", "mistral"],
+        gguf_names: Some(&llama::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::GgmlInterleaved,
         config_from_gguf: llama::config_from_gguf,
         build: llama::build,
     },
     Architecture {
         model_types: &["qwen2"],
         gguf_architectures: &["qwen2"],
+        gguf_names: Some(&llama::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::HuggingFace,
         config_from_gguf: qwen2::config_from_gguf,
         build: qwen2::build,
     },
     Architecture {
         model_types: &["qwen3"],
         gguf_architectures: &["qwen3"],
+        gguf_names: Some(&llama::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::HuggingFace,
         config_from_gguf: qwen3::config_from_gguf,
         build: qwen3::build,
     },
     Architecture {
         model_types: &["gemma2", "gemma3_text", "gemma3"],
         gguf_architectures: &["gemma2", "gemma3"],
+        gguf_names: Some(&gemma::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::HuggingFace,
         config_from_gguf: gemma::config_from_gguf,
         build: gemma::build,
     },
     Architecture {
         model_types: &["qwen2_vl"],
         gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
         config_from_gguf: qwen2_vl::config_from_gguf, // unused: no GGUF architecture listed
         build: qwen2_vl::build,
     },
     Architecture {
         model_types: &["qwen2_5_vl"],
         gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
         config_from_gguf: qwen2_vl::config_from_gguf, // unused: no GGUF architecture listed
         build: qwen2_vl::build_2_5,
     },
     Architecture {
         model_types: &["phi3"],
         gguf_architectures: &["phi3"],
+        gguf_names: Some(&phi3::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::HuggingFace,
         config_from_gguf: phi3::config_from_gguf,
         build: phi3::build,
     },
 ];
+
+impl Architecture {
+    /// This architecture's GGUF name table.
+    ///
+    /// Errors: [`Error::Model`] naming `file` when the architecture has no GGUF form.
+    pub fn gguf_name_table(&self, file: &GgufFile) -> Result<&'static NameTable> {
+        self.gguf_names.ok_or_else(|| {
+            Error::Model(format!(
+                "{}: `{}` models are not read from GGUF files",
+                file.path().display(),
+                self.model_types.first().copied().unwrap_or("?")
+            ))
+        })
+    }
+
+    /// The weights of GGUF `file` (of this architecture), named by its table and laid out as
+    /// llama.cpp's converter writes it, loaded onto `device`.
+    ///
+    /// Errors: as [`Self::gguf_name_table`].
+    pub fn gguf_weights<'a>(
+        &self,
+        file: &'a GgufFile,
+        device: candle_core::Device,
+    ) -> Result<GgufWeights<'a>> {
+        Ok(GgufWeights::new(
+            file,
+            self.gguf_name_table(file)?,
+            self.gguf_qk_rows,
+            device,
+        ))
+    }
+}
 
 /// The error of the training methods' defaults, for architectures without fine-tuning.
 fn no_fine_tuning(info: &ModelInfo) -> Error {

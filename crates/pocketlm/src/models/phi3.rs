@@ -6,9 +6,27 @@ use candle_core::Device;
 
 use crate::gguf::GgufFile;
 use crate::models::llama::{self, LlamaVariant};
+use crate::models::names::{self, NameTable};
 use crate::models::CausalLM;
 use crate::weights::Weights;
 use crate::{Error, Result};
+
+/// GGUF tensor names of Phi-3 (llama.cpp's `LLM_ARCH_PHI3`): the fused projections are
+/// `attn_qkv` and `ffn_up` (gate rows first, `2 * intermediate` rows); the LongRoPE factors
+/// are read into the config.
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "phi3",
+    global: names::GLOBAL,
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.qkv_proj", "attn_qkv"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ],
+    gguf_only: &["rope_factors_long.weight", "rope_factors_short.weight"],
+};
 
 /// The Phi-3 switches over Llama.
 pub const VARIANT: LlamaVariant = LlamaVariant {
@@ -18,7 +36,6 @@ pub const VARIANT: LlamaVariant = LlamaVariant {
     qk_norm: false,
     fused_qkv: true,
     fused_gate_up: true,
-    gguf_permuted_qk: false,
 };
 
 /// Brings the RoPE fields of a Phi-3 config to what [`llama::LlamaConfig`] and

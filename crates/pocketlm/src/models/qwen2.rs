@@ -15,7 +15,6 @@ pub const VARIANT: LlamaVariant = LlamaVariant {
     qk_norm: false,
     fused_qkv: false,
     fused_gate_up: false,
-    gguf_permuted_qk: false,
 };
 
 /// Reads an HF-style config from GGUF metadata (`qwen2.*` keys, as for Llama).

@@ -16,7 +16,6 @@ pub const VARIANT: LlamaVariant = LlamaVariant {
     qk_norm: true,
     fused_qkv: false,
     fused_gate_up: false,
-    gguf_permuted_qk: false,
 };
 
 /// Reads an HF-style config from GGUF metadata (`qwen3.*` keys, as for Llama).
