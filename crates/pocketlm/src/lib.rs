@@ -12,7 +12,8 @@
 //! - [`convert`]: GGUF or Hugging Face folders to MLX-format folders (optionally quantized).
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`lora`]: LoRA adapters in mlx-lm's format: load, unload, hot-swap, fine-tune, fuse.
-//! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
+//! - [`generate`]: the token stepper (prefill, then one sampled token per step) under the text
+//!   layer, a stream of [`generate::Event`]s.
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
 //! - [`prompt_cache`]: KV caches of prompt prefixes saved to and loaded from safetensors.
 //! - [`session`]: multi-turn chat that keeps its KV cache between turns.

@@ -14,6 +14,9 @@
 //!    (each masks tokens to `-inf`, none renormalizes, as in mlx-lm);
 //! 6. [`apply_temperature`] (multiply by `1 / temperature`) and a [`categorical`] draw.
 //!
+//! Each step is a [`LogitsProcessor`] link ([`processors`]); more links (a grammar mask) go
+//! after step 2, added with [`Sampler::with_processor`].
+//!
 //! Note that, as in mlx-lm, the top-p mass is measured at temperature 1, before the
 //! temperature is applied (Hugging Face applies the temperature first).
 //!
@@ -253,7 +256,8 @@ impl Sampler {
 /// Greedy choice on the logits' own device: `logits: [1, vocab]` or `[vocab]` (any float dtype)
 /// -> the id of the largest, as [`argmax`] picks it for finite logits (ties: the lowest id).
 /// On a GPU only the one id is copied back. NaN logits are not filtered here; the greedy path
-/// of [`Sampler::sample`] (which [`crate::generate`] uses on the CPU) does.
+/// of [`Sampler::sample`] does. The token stepper ([`crate::generate::stepper`]) uses it for
+/// logits on a GPU when [`Sampler::is_plain_argmax`] and no log-probabilities are asked for.
 pub fn argmax_on_device(logits: &candle_core::Tensor) -> crate::Result<u32> {
     let l = logits.flatten_all()?;
     Ok(l.argmax(0)?.to_scalar::<u32>()?)
