@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use pocketlm::generate::{generate_with_images, Event, GenerateParams};
+use pocketlm::generate::{generate_input, Event, GenerateParams};
 use pocketlm::loader::{EncodedPrompt, LoadedModel, Prompt};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -177,12 +177,11 @@ fn run_generation(
         return;
     }
     let mut cache = model.model.new_cache();
-    let mut gen = match generate_with_images(
+    let gen = match generate_input(
         model.model.as_ref(),
         &model.tokenizer,
         &mut cache,
-        &prompt.ids,
-        prompt.images,
+        prompt,
         params,
     ) {
         Ok(g) => g,
@@ -191,15 +190,14 @@ fn run_generation(
             return;
         }
     };
-    while let Some(ev) = gen.next() {
+    for ev in gen {
         if tx.is_closed() {
             return;
         }
         let msg = match ev {
-            Ok(Event::Token { text, .. }) => {
-                let logprobs = gen
-                    .logprobs()
-                    .map(|lp| Box::new(StepLogprobs::new(&model.tokenizer, lp)));
+            Ok(Event::Token { text, logprobs, .. }) => {
+                let logprobs =
+                    logprobs.map(|lp| Box::new(StepLogprobs::new(&model.tokenizer, &lp)));
                 if text.is_empty() && logprobs.is_none() {
                     continue;
                 }

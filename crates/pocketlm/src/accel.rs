@@ -8,9 +8,10 @@ use std::sync::Mutex;
 use candle_core::{Device, Tensor};
 
 use crate::cuda::{device_address, CudaDecoder, DecoderLayer, DecoderSpec};
-use crate::image_processor::ProcessedImage;
 use crate::kv_cache::{KvCache, KvCacheConfig};
-use crate::models::{CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, VisionInfo};
+use crate::models::{
+    CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, ModelInput, Prefill, VisionInfo,
+};
 use crate::nn::{Activation, GateUp, Linear, QkvProj, ScaleAt};
 use crate::{Error, Result};
 
@@ -230,20 +231,8 @@ impl CausalLM for Accelerated {
         self.inner.vision()
     }
 
-    fn encode_images(&self, images: &[ProcessedImage]) -> Result<Tensor> {
-        self.inner.encode_images(images)
-    }
-
-    fn forward_with_image_features(
-        &self,
-        input_ids: &Tensor,
-        features: &Tensor,
-        grids: &[[usize; 3]],
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        self.inner
-            .forward_with_image_features(input_ids, features, grids, cache, logits)
+    fn prefill(&self, input: &ModelInput, cache: &mut KvCache, chunk: usize) -> Result<Prefill> {
+        self.inner.prefill(input, cache, chunk)
     }
 
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {

@@ -13,7 +13,8 @@
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`json_file`]: optional JSON files of a model folder, read with errors naming the file.
 //! - [`lora`]: LoRA adapters in mlx-lm's format: load, unload, hot-swap, fine-tune, fuse.
-//! - [`generate`]: prefill + decode as a stream of [`generate::Event`]s.
+//! - [`generate`]: the token stepper (prefill, then one sampled token per step) under the text
+//!   layer, a stream of [`generate::Event`]s.
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
 //! - [`prompt_cache`]: KV caches of prompt prefixes saved to and loaded from safetensors.
 //! - [`session`]: multi-turn chat that keeps its KV cache between turns.

@@ -62,14 +62,10 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
-/// A prompt's token ids (image placeholders expanded) and its preprocessed images, in order.
-#[derive(Debug, Clone)]
-pub struct EncodedPrompt {
-    /// Token ids, one `<|image_pad|>` per image token.
-    pub ids: Vec<u32>,
-    /// The images, in prompt order.
-    pub images: Vec<crate::image_processor::ProcessedImage>,
-}
+/// A prompt's token ids (image placeholders expanded) and its preprocessed images, in order:
+/// the model's input ([`crate::models::ModelInput`]), as [`LoadedModel::encode_multimodal`]
+/// returns it.
+pub type EncodedPrompt = crate::models::ModelInput;
 
 /// A prompt as the user gives it.
 #[derive(Debug, Clone)]

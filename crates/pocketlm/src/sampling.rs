@@ -14,6 +14,9 @@
 //!    (each masks tokens to `-inf`, none renormalizes, as in mlx-lm);
 //! 6. [`apply_temperature`] (multiply by `1 / temperature`) and a [`categorical`] draw.
 //!
+//! Each step is a [`LogitsProcessor`] link ([`processors`]); more links (a grammar mask) go
+//! after step 2, added with [`Sampler::with_processor`].
+//!
 //! Note that, as in mlx-lm, the top-p mass is measured at temperature 1, before the
 //! temperature is applied (Hugging Face applies the temperature first).
 //!
@@ -25,6 +28,10 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+pub mod processors;
+
+pub use processors::LogitsProcessor;
 
 /// Sampling parameters, as mlx-lm's `generate` / MLX Swift's `GenerateParameters`.
 ///
@@ -122,15 +129,38 @@ impl From<SamplingError> for crate::Error {
     }
 }
 
-/// Draws one token per step from a model's logits with [`SamplingParams`]; owns the random
-/// generator (`StdRng`, seeded from `seed`) and scratch buffers reused across steps.
-#[derive(Debug, Clone)]
+/// Draws one token per step from a model's logits with [`SamplingParams`]: a chain of
+/// [`LogitsProcessor`]s, then a draw (argmax when `temperature == 0`, else a categorical draw
+/// from its own random generator, `StdRng` seeded from `seed`). Scratch buffers are reused
+/// across steps.
+///
+/// The chain built by [`Sampler::new`] is the one of the module documentation:
+/// [`processors::Sanitize`], [`processors::RepetitionPenalty`] (when not `1`), then, unless
+/// greedy, [`processors::LogSoftmax`] (when top-p is on), [`processors::TopK`],
+/// [`processors::MinP`], [`processors::TopP`] (each when on) and [`processors::Temperature`].
+/// Processors added with [`Sampler::with_processor`] run after the repetition penalty and
+/// before the filters, on logits.
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+    chain: Vec<Box<dyn LogitsProcessor>>,
+    /// Where [`Sampler::with_processor`] inserts (after the built-in logit processors and the
+    /// ones added before).
+    insert_at: usize,
+    /// `None`: greedy.
+    rng: Option<StdRng>,
     buf: Vec<f32>,
-    values: Vec<f32>,
-    idx: Vec<u32>,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("params", &self.params)
+            .field(
+                "chain",
+                &self.chain.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Sampler {
@@ -140,17 +170,55 @@ impl Sampler {
     /// [`SamplingParams::validate`]).
     pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
         params.validate()?;
-        let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
+        let p = &params;
+        let mut chain: Vec<Box<dyn LogitsProcessor>> = vec![Box::new(processors::Sanitize)];
+        if p.repetition_penalty != 1.0 {
+            chain.push(Box::new(processors::RepetitionPenalty {
+                penalty: p.repetition_penalty,
+                context_size: p.repetition_context_size,
+            }));
+        }
+        let insert_at = chain.len();
+        let rng = if p.temperature == 0.0 {
+            None
+        } else {
+            let top_p_on = p.top_p > 0.0 && p.top_p < 1.0;
+            if top_p_on {
+                // Only top-p needs normalized probabilities; the other steps are shift-invariant.
+                chain.push(Box::new(processors::LogSoftmax));
+            }
+            // Same result as mlx-lm's top_p -> min_p -> top_k (see the module docs), cheaper.
+            if p.top_k > 0 {
+                chain.push(Box::new(processors::TopK::new(p.top_k)));
+            }
+            if p.min_p > 0.0 {
+                chain.push(Box::new(processors::MinP(p.min_p)));
+            }
+            if top_p_on {
+                chain.push(Box::new(processors::TopP::new(p.top_p)));
+            }
+            chain.push(Box::new(processors::Temperature(p.temperature)));
+            Some(match p.seed {
+                Some(seed) => StdRng::seed_from_u64(seed),
+                None => StdRng::from_os_rng(),
+            })
         };
         Ok(Sampler {
             params,
+            chain,
+            insert_at,
             rng,
             buf: Vec::new(),
-            values: Vec::new(),
-            idx: Vec::new(),
         })
+    }
+
+    /// Adds `processor` to the chain, after the repetition penalty and the processors added
+    /// before it, before the filters (it sees logits, not log-probabilities). A grammar mask
+    /// for constrained decoding is one such processor.
+    pub fn with_processor(mut self, processor: Box<dyn LogitsProcessor>) -> Self {
+        self.chain.insert(self.insert_at, processor);
+        self.insert_at += 1;
+        self
     }
 
     /// The parameters this sampler was built with.
@@ -158,51 +226,38 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the whole chain amounts to the argmax of the raw logits (greedy, no repetition
+    /// penalty, no added processor), so that [`argmax_on_device`] may replace [`Sampler::sample`]
+    /// (it differs only on NaN logits).
+    pub fn is_plain_argmax(&self) -> bool {
+        self.rng.is_none() && self.chain.len() == 1
+    }
+
     /// Picks the next token id from `logits` (`[vocab]` f32, the model's last position) given
     /// `recent_tokens` (ids of the prompt and generated text so far, oldest first; only the last
-    /// `repetition_context_size` matter). The chain is described in the module documentation.
+    /// `repetition_context_size` matter to the repetition penalty). The chain is described in
+    /// the module documentation.
     ///
     /// Never panics: NaN logits are never drawn, ids in `recent_tokens` beyond the vocabulary
     /// are ignored, and if every logit is `-inf`/NaN (or `logits` is empty) it returns 0.
     pub fn sample(&mut self, logits: &[f32], recent_tokens: &[u32]) -> u32 {
-        let p = &self.params;
         self.buf.clear();
         self.buf.extend_from_slice(logits);
-        sanitize(&mut self.buf);
-        if p.repetition_penalty != 1.0 {
-            apply_repetition_penalty(
-                &mut self.buf,
-                recent_tokens,
-                p.repetition_penalty,
-                p.repetition_context_size,
-            );
+        for p in &mut self.chain {
+            p.process(&mut self.buf, recent_tokens);
         }
-        if p.temperature == 0.0 {
-            return argmax(&self.buf);
+        match &mut self.rng {
+            None => argmax(&self.buf),
+            Some(rng) => categorical_in_place(&mut self.buf, rng),
         }
-        if p.top_p > 0.0 && p.top_p < 1.0 {
-            // Only top-p needs normalized probabilities; the other steps are shift-invariant.
-            log_softmax(&mut self.buf);
-        }
-        // Same result as mlx-lm's top_p -> min_p -> top_k (see the module docs), cheaper.
-        if p.top_k > 0 {
-            top_k_with(&mut self.buf, p.top_k, &mut self.values);
-        }
-        if p.min_p > 0.0 {
-            apply_min_p(&mut self.buf, p.min_p);
-        }
-        if p.top_p > 0.0 && p.top_p < 1.0 {
-            top_p_with(&mut self.buf, p.top_p, &mut self.idx);
-        }
-        apply_temperature(&mut self.buf, p.temperature);
-        categorical_in_place(&mut self.buf, &mut self.rng)
     }
 }
 
 /// Greedy choice on the logits' own device: `logits: [1, vocab]` or `[vocab]` (any float dtype)
 /// -> the id of the largest, as [`argmax`] picks it for finite logits (ties: the lowest id).
 /// On a GPU only the one id is copied back. NaN logits are not filtered here; the greedy path
-/// of [`Sampler::sample`] (which [`crate::generate`] uses on the CPU) does.
+/// of [`Sampler::sample`] does. The token stepper ([`crate::generate::stepper`]) uses it for
+/// logits on a GPU when [`Sampler::is_plain_argmax`] and no log-probabilities are asked for.
 pub fn argmax_on_device(logits: &candle_core::Tensor) -> crate::Result<u32> {
     let l = logits.flatten_all()?;
     Ok(l.argmax(0)?.to_scalar::<u32>()?)

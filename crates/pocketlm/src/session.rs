@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::chat_template::Message;
 use crate::generate::{
-    generate_with_images, Event, FinishReason, GenerateParams, Generation, GenerationOutput,
+    generate_input, Event, FinishReason, GenerateParams, Generation, GenerationOutput,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::loader::{LoadedModel, Prompt};
@@ -200,7 +200,7 @@ impl ChatSession {
         let mut token_ids = Vec::new();
         for ev in self.respond_stream(text)? {
             match ev? {
-                Event::Token { id, text } => {
+                Event::Token { id, text, .. } => {
                     token_ids.push(id);
                     reply.push_str(&text);
                 }
@@ -296,12 +296,15 @@ impl ChatSession {
             poisoned,
             ..
         } = self;
-        let gen = match generate_with_images(
+        let input = crate::models::ModelInput {
+            ids: ids[common..].to_vec(),
+            images: suffix_images,
+        };
+        let gen = match generate_input(
             model.model.as_ref(),
             &model.tokenizer,
             cache,
-            &ids[common..],
-            suffix_images,
+            input,
             params.clone(),
         ) {
             Ok(g) => g,
@@ -432,7 +435,7 @@ impl Iterator for SessionStream<'_> {
         let ev = self.inner.next()?;
         self.started = true;
         match &ev {
-            Ok(Event::Token { id, text }) => {
+            Ok(Event::Token { id, text, .. }) => {
                 // Fed to the cache unless it is the last token; the next turn cuts the
                 // list to the cache's length.
                 self.cached_ids.push(*id);

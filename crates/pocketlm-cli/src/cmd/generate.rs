@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Args;
 use pocketlm::chat_template::Message;
-use pocketlm::generate::{generate_with_images, Event, GenerateParams, GenerationStats};
+use pocketlm::generate::{generate_input, Event, GenerateParams, GenerationStats};
 use pocketlm::image_processor::load_image;
 use pocketlm::loader::Prompt;
 
@@ -116,8 +116,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             last.images = images;
         }
     }
-    let encoded = m.encode_multimodal(&prompt)?;
-    let ids = encoded.ids;
+    let mut input = m.encode_multimodal(&prompt)?;
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params(&m.default_sampling()),
@@ -126,8 +125,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let (mut cache, cached) = args.kv.cache(&m, args.verbose)?;
     // A prompt cache holds no images: with images the whole prompt is prefilled.
-    let reused = if encoded.images.is_empty() {
-        pocketlm::prompt_cache::reuse_prefix(&mut cache, &cached, &ids)
+    let reused = if input.images.is_empty() {
+        pocketlm::prompt_cache::reuse_prefix(&mut cache, &cached, &input.ids)
     } else {
         cache.reset();
         0
@@ -135,14 +134,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.verbose && args.kv.prompt_cache_file.is_some() {
         eprintln!("reusing {reused} cached prompt tokens");
     }
-    let stream = generate_with_images(
-        m.model.as_ref(),
-        &m.tokenizer,
-        &mut cache,
-        &ids[reused..],
-        encoded.images,
-        params,
-    )?;
+    input.ids.drain(..reused);
+    let stream = generate_input(m.model.as_ref(), &m.tokenizer, &mut cache, input, params)?;
     let mut out = std::io::stdout().lock();
     for ev in stream {
         match ev? {

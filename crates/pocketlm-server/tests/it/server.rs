@@ -635,7 +635,10 @@ fn library_first_top(messages: &[Message], k: usize) -> Vec<(String, f32)> {
         matches!(first, pocketlm::generate::Event::Token { .. }),
         "{first:?}"
     );
-    let lp = gen.logprobs().expect("logprobs were asked for");
+    let pocketlm::generate::Event::Token { logprobs, .. } = first else {
+        unreachable!("checked above")
+    };
+    let lp = logprobs.expect("logprobs were asked for");
     lp.top
         .iter()
         .map(|&(id, l)| {

@@ -11,6 +11,8 @@ pub mod qwen2;
 pub mod qwen2_vl;
 pub mod qwen3;
 
+use std::time::Duration;
+
 use candle_core::Tensor;
 
 pub use decode_plan::{DecodePlan, PlanBlock};
@@ -100,40 +102,27 @@ pub trait CausalLM: Send + Sync {
     fn vision(&self) -> Option<&VisionInfo> {
         None
     }
-    /// Runs the vision tower: preprocessed `images` -> f32 features `[tokens, hidden]`, one row
-    /// per `<|image_pad|>` token, images in order.
+    /// Prefills `input` (an encoded prompt, its images included) into `cache` and returns the
+    /// logits of its last position, as MLX Swift's `LanguageModel.prepare(LMInput)`: the model
+    /// turns its own input into cache entries, and the generator never sees images.
     ///
-    /// Errors: [`Error::InvalidArgument`] for a text-only model (the default) or images whose
-    /// patches do not fit the tower.
-    fn encode_images(&self, images: &[ProcessedImage]) -> Result<Tensor> {
-        let _ = images;
-        Err(Error::InvalidArgument(format!(
-            "the {} model takes no images",
-            self.info().architecture
-        )))
-    }
-    /// As [`CausalLM::forward`] with image `features` (from [`CausalLM::encode_images`]) spliced
-    /// in at the image placeholder tokens of `input_ids: [1, seq]`, images of patch grids
-    /// `grids` (`[t, h, w]` each) in prompt order. Positions continue from `cache`.
+    /// The default, for text-only models, runs `input.ids` through [`CausalLM::forward`] in
+    /// chunks of `chunk` tokens (at least 1; bounds activation memory), positions continuing
+    /// from `cache.offset()` ([`prefill_text`]). Vision-language models override it to run their
+    /// vision tower first.
     ///
-    /// Errors: [`Error::InvalidArgument`] for a text-only model (the default) or when the
-    /// placeholders do not match the images.
-    fn forward_with_image_features(
-        &self,
-        input_ids: &Tensor,
-        features: &Tensor,
-        grids: &[[usize; 3]],
-        cache: &mut KvCache,
-        logits: Logits,
-    ) -> Result<Tensor> {
-        if grids.is_empty() {
-            let _ = features;
-            return self.forward(input_ids, cache, logits);
+    /// Returns [`Prefill::logits`] `[1, vocab]` f32 (on the model's device).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an empty prompt, or images given to a text-only
+    /// model; the model's errors.
+    fn prefill(&self, input: &ModelInput, cache: &mut KvCache, chunk: usize) -> Result<Prefill> {
+        if !input.images.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "the {} model takes no images",
+                self.info().architecture
+            )));
         }
-        Err(Error::InvalidArgument(format!(
-            "the {} model takes no images",
-            self.info().architecture
-        )))
+        Ok(Prefill::text(prefill_text(self, &input.ids, cache, chunk)?))
     }
 
     /// The one-token decode step as data, for a backend that fuses it ([`DecodePlan`]); `None`
@@ -194,6 +183,69 @@ pub trait CausalLM: Send + Sync {
         let x = self.forward_blocks(hidden, from..self.info().n_layers, train)?;
         self.forward_head(&x, train, select)
     }
+}
+
+/// An encoded prompt as a model takes it (MLX Swift's `LMInput`): token ids with one
+/// placeholder token per image token, and the preprocessed images in prompt order.
+#[derive(Debug, Clone, Default)]
+pub struct ModelInput {
+    /// Token ids; for a vision-language model, one `<|image_pad|>` per image token
+    /// ([`ProcessedImage::n_tokens`] of each image, expanded by
+    /// [`crate::loader::LoadedModel::encode_multimodal`]).
+    pub ids: Vec<u32>,
+    /// The images, in prompt order (empty for a text prompt).
+    pub images: Vec<ProcessedImage>,
+}
+
+impl ModelInput {
+    /// A text prompt: `ids` and no images.
+    pub fn text(ids: Vec<u32>) -> Self {
+        Self {
+            ids,
+            images: Vec::new(),
+        }
+    }
+}
+
+/// What [`CausalLM::prefill`] returns.
+#[derive(Debug, Clone)]
+pub struct Prefill {
+    /// Logits of the prompt's last position: `[1, vocab]` f32, on the model's device.
+    pub logits: Tensor,
+    /// Wall time of the vision tower over the prompt's images (zero without images).
+    pub vision_time: Duration,
+    /// Image tokens of each image of the prompt, in order (empty without images).
+    pub image_tokens: Vec<usize>,
+}
+
+impl Prefill {
+    /// The result of a text-only prefill: `logits` `[1, vocab]`, no images.
+    pub fn text(logits: Tensor) -> Self {
+        Self {
+            logits,
+            vision_time: Duration::ZERO,
+            image_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Runs `ids` through `model.forward` in chunks of `chunk` tokens (at least 1), positions
+/// continuing from `cache.offset()`, and returns the last position's logits `[1, vocab]` f32:
+/// the text prefill that [`CausalLM::prefill`] does by default.
+///
+/// Errors: [`Error::InvalidArgument`] when `ids` is empty; the model's errors.
+pub fn prefill_text<M: CausalLM + ?Sized>(
+    model: &M,
+    ids: &[u32],
+    cache: &mut KvCache,
+    chunk: usize,
+) -> Result<Tensor> {
+    let mut last = None;
+    for part in ids.chunks(chunk.max(1)) {
+        let ids = Tensor::new(part, model.device())?.unsqueeze(0)?;
+        last = Some(model.forward(&ids, cache, Logits::Last)?);
+    }
+    last.ok_or_else(|| Error::InvalidArgument("the prompt is empty".into()))
 }
 
 /// One linear layer of a model, as [`CausalLM::linears_mut`] lists them.

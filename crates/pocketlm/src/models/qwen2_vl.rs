@@ -13,12 +13,14 @@
 //! (`language_model.model.*`, `language_model.lm_head`, `vision_tower.*`, the patch embedding
 //! stored channels-last) are all read.
 
+use std::time::Instant;
+
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
-use crate::models::{CausalLM, Logits, ModelInfo, VisionInfo};
+use crate::models::{prefill_text, CausalLM, Logits, ModelInfo, ModelInput, Prefill, VisionInfo};
 use crate::nn::{
     scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
     GatedMlp, Linear, Mode, Numerics, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
@@ -841,7 +843,34 @@ impl CausalLM for Qwen2Vl {
         Some(&self.vision)
     }
 
-    fn encode_images(&self, images: &[ProcessedImage]) -> Result<Tensor> {
+    fn prefill(&self, input: &ModelInput, cache: &mut KvCache, chunk: usize) -> Result<Prefill> {
+        if input.images.is_empty() {
+            return Ok(Prefill::text(prefill_text(self, &input.ids, cache, chunk)?));
+        }
+        // The whole prompt in one forward pass: M-RoPE positions span the images.
+        let tv = Instant::now();
+        let features = self.encode_images(&input.images)?;
+        let vision_time = tv.elapsed();
+        let image_tokens = input.images.iter().map(|i| i.n_tokens()).collect();
+        let grids: Vec<[usize; 3]> = input.images.iter().map(|i| i.grid_thw).collect();
+        let ids = Tensor::new(input.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let logits =
+            self.forward_with_image_features(&ids, &features, &grids, cache, Logits::Last)?;
+        Ok(Prefill {
+            logits,
+            vision_time,
+            image_tokens,
+        })
+    }
+}
+
+/// The image entry points, below [`CausalLM::prefill`].
+impl Qwen2Vl {
+    /// Runs the vision tower: preprocessed `images` -> f32 features `[tokens, hidden]`, one row
+    /// per `<|image_pad|>` token, images in order.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for images whose patches do not fit the tower.
+    pub fn encode_images(&self, images: &[ProcessedImage]) -> Result<Tensor> {
         let dim = self.visual.patch_embed.dim(1)?;
         let mut rows = Vec::new();
         let mut grids = Vec::with_capacity(images.len());
@@ -877,7 +906,14 @@ impl CausalLM for Qwen2Vl {
         self.visual.forward(&pixels, &grids)
     }
 
-    fn forward_with_image_features(
+    /// As [`CausalLM::forward`] with image `features` (from [`Qwen2Vl::encode_images`])
+    /// spliced in at the image placeholder tokens of `input_ids: [1, seq]` u32, images of patch
+    /// grids `grids` (`[t, h, w]` each) in prompt order. Positions (M-RoPE) continue from
+    /// `cache`, whose RoPE delta it sets. Returns f32 logits as [`CausalLM::forward`].
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a batch other than 1 or when the placeholders do
+    /// not match the images.
+    pub fn forward_with_image_features(
         &self,
         input_ids: &Tensor,
         features: &Tensor,

@@ -68,8 +68,11 @@ fn pixel_values_equal_transformers() -> Res<()> {
 use pocketlm::convert::{convert, ConvertOptions};
 use pocketlm::image_processor::ProcessedImage;
 use pocketlm::loader::{load, LoadOptions, LoadedModel};
-use pocketlm::models::Logits;
+use pocketlm::loader::{normalize_config, read_json};
+use pocketlm::models::qwen2_vl::{Qwen2Vl, Variant};
+use pocketlm::models::{CausalLM, Logits, ModelInput};
 use pocketlm::safetensors_weights::QuantParams;
+use pocketlm::safetensors_weights::SafetensorsWeights;
 
 const PROMPTS: [(&str, &[&str]); 2] = [("one", &["astronaut"]), ("two", &["coffee", "chelsea"])];
 
@@ -92,29 +95,39 @@ fn images(m: &LoadedModel, names: &[&str]) -> Res<Vec<ProcessedImage>> {
         .collect()
 }
 
-/// Logits at every position (`Logits::All`), images spliced in.
-fn logits(m: &LoadedModel, ids: &Tensor, imgs: &[ProcessedImage]) -> Res<Tensor> {
-    let mut cache = m.model.new_cache();
-    let feats = m.model.encode_images(imgs)?;
-    let grids: Vec<[usize; 3]> = imgs.iter().map(|i| i.grid_thw).collect();
-    Ok(m.model
-        .forward_with_image_features(&ids.unsqueeze(0)?, &feats, &grids, &mut cache, Logits::All)?
-        .squeeze(0)?)
+/// The folder's model as its own type (for its image entry points), loaded as [`load`] does.
+fn vlm(folder: &std::path::Path) -> Res<Qwen2Vl> {
+    let mut config = read_json(&folder.join("config.json"))?.ok_or("no config.json")?;
+    let variant = match config["model_type"].as_str() {
+        Some("qwen2_5_vl") => Variant::Qwen25Vl,
+        _ => Variant::Qwen2Vl,
+    };
+    normalize_config(&mut config);
+    let weights = SafetensorsWeights::open_folder(folder, &config, Device::Cpu)?;
+    Ok(Qwen2Vl::new(&config, &weights, variant)?)
 }
 
-/// Greedy decoding with the KV cache: the prompt with its images, then one token per step.
+/// Logits at every position (`Logits::All`), images spliced in.
+fn logits(m: &Qwen2Vl, ids: &Tensor, imgs: &[ProcessedImage]) -> Res<Tensor> {
+    let mut cache = m.new_cache();
+    let feats = m.encode_images(imgs)?;
+    let grids: Vec<[usize; 3]> = imgs.iter().map(|i| i.grid_thw).collect();
+    Ok(
+        m.forward_with_image_features(&ids.unsqueeze(0)?, &feats, &grids, &mut cache, Logits::All)?
+            .squeeze(0)?,
+    )
+}
+
+/// Greedy decoding with the KV cache: the prompt with its images (the model's
+/// [`CausalLM::prefill`]), then one token per step.
 fn greedy(m: &LoadedModel, ids: &Tensor, imgs: &[ProcessedImage], n: usize) -> Res<Vec<u32>> {
     let dev = m.model.device();
     let mut cache = m.model.new_cache();
-    let feats = m.model.encode_images(imgs)?;
-    let grids: Vec<[usize; 3]> = imgs.iter().map(|i| i.grid_thw).collect();
-    let mut l = m.model.forward_with_image_features(
-        &ids.unsqueeze(0)?,
-        &feats,
-        &grids,
-        &mut cache,
-        Logits::Last,
-    )?;
+    let input = ModelInput {
+        ids: ids.to_vec1()?,
+        images: imgs.to_vec(),
+    };
+    let mut l = m.model.prefill(&input, &mut cache, 512)?.logits;
     let mut out = Vec::with_capacity(n);
     loop {
         let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
@@ -134,6 +147,7 @@ fn check(name: &str, arch: &str, folder: &std::path::Path, q8: bool) -> Res<()> 
     let g = golden(name)?;
     let m = load(folder, &cpu())?;
     assert_eq!(m.model.info().architecture, arch);
+    let vl = vlm(folder)?;
     let (lk, gk) = if q8 {
         ("q8_logits", "q8_greedy")
     } else {
@@ -142,7 +156,7 @@ fn check(name: &str, arch: &str, folder: &std::path::Path, q8: bool) -> Res<()> 
     for (p, names) in PROMPTS {
         let imgs = images(&m, names)?;
         let ids = &g[&format!("{p}.ids")];
-        let got = logits(&m, ids, &imgs)?;
+        let got = logits(&vl, ids, &imgs)?;
         let d = max_abs_diff(&got, &g[&format!("{p}.{lk}")])?;
         assert!(
             d <= 1e-3,
@@ -228,8 +242,10 @@ fn check_mlx_vlm(name: &str, arch: &str, bound: f32) -> Res<()> {
         golden_dir().join("mlx_astronaut.pixels.safetensors"),
         &Device::Cpu,
     )?;
-    let m = load(golden_dir().join(format!("mlx_{name}_q8")), &cpu())?;
+    let folder = golden_dir().join(format!("mlx_{name}_q8"));
+    let m = load(&folder, &cpu())?;
     assert_eq!(m.model.info().architecture, arch);
+    let vl = vlm(&folder)?;
     let grid = g["grid_thw"].to_vec1::<u32>()?;
     let pv = &pix["pixel_values"];
     let img = ProcessedImage {
@@ -243,7 +259,7 @@ fn check_mlx_vlm(name: &str, arch: &str, bound: f32) -> Res<()> {
     let n = ids.len();
     ids.extend_from_slice(&want[..want.len() - 1]);
     let all = logits(
-        &m,
+        &vl,
         &Tensor::new(ids.as_slice(), &Device::Cpu)?,
         std::slice::from_ref(&img),
     )?;

@@ -1,0 +1,528 @@
+//! The token stepper: the token half of generation (mlx-lm's `generate_step`). Given a
+//! model, its KV cache and an encoded prompt, it prefills the prompt ([`CausalLM::prefill`],
+//! images included) and then yields one [`Token`] per step: logits -> the [`Sampler`]'s chain of
+//! logits processors -> a token id, with the token's log-probabilities when asked for.
+//!
+//! It knows nothing of text: detokenizing, stop strings, `max_tokens` and end-of-generation
+//! tokens belong to the text layer ([`super::Generation`]), which decides whether to ask for
+//! another token.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+
+use crate::kv_cache::KvCache;
+use crate::models::{CausalLM, Logits, ModelInput};
+use crate::sampling::{self, Sampler};
+use crate::{Error, Result};
+
+/// Log-probabilities at one generation step: `log_softmax` of the model's raw logits (before
+/// repetition penalty, temperature and the filters), i.e. the model's own distribution, as
+/// OpenAI's API and vLLM report `logprobs`. Natural log, f32; `-inf` for a token the model
+/// rules out entirely.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The generated token id.
+    pub id: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens `(id, logprob)`, most likely first (lower id first on ties);
+    /// as many as asked for, fewer only if the vocabulary is smaller. May or may not contain
+    /// `id`.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of token `id` and of the `top` most likely tokens under `logits`
+/// (`[vocab]` f32 raw logits of one position).
+///
+/// Formula: `logprob_i = x_i - logsumexp(x)` ([`sampling::log_softmax`], after
+/// [`sampling::sanitize`]: NaN counts as `-inf`, `+inf` as `f32::MAX`). The top list is chosen
+/// with `select_nth_unstable` (no full sort of the vocabulary) then sorted. An `id` outside
+/// `logits` gets `-inf`. Cost: one pass over `vocab` plus `O(top log top)`.
+pub fn token_logprobs(logits: &[f32], id: u32, top: usize) -> TokenLogprobs {
+    let mut lp = logits.to_vec();
+    sampling::sanitize(&mut lp);
+    sampling::log_softmax(&mut lp);
+    let logprob = lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let k = top.min(lp.len());
+    // Descending by value, then ascending by id: a total order (no NaN after sanitize).
+    let order = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, order);
+    }
+    idx.truncate(k);
+    idx.sort_unstable_by(order);
+    TokenLogprobs {
+        id,
+        logprob,
+        top: idx.into_iter().map(|i| (i, lp[i as usize])).collect(),
+    }
+}
+
+/// One token chosen by the [`TokenStepper`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    /// The token id (`< vocab`).
+    pub id: u32,
+    /// Its log-probabilities under the model's raw logits, when the stepper was asked for
+    /// them ([`TokenStepper::new`]'s `logprobs`).
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// What the prefill of a [`TokenStepper`] did.
+#[derive(Debug, Clone, Default)]
+pub struct PrefillStats {
+    /// Tokens prefilled (the prompt given to the stepper).
+    pub prompt_tokens: usize,
+    /// Wall time of the prefill, the choice of the first token included.
+    pub time: Duration,
+    /// Wall time of the vision tower (part of `time`; zero without images).
+    pub vision_time: Duration,
+    /// Image tokens of each image of the prompt (empty without images).
+    pub image_tokens: Vec<usize>,
+}
+
+/// Yields the tokens of a generation one at a time; see the module documentation.
+///
+/// The first [`TokenStepper::step`] prefills the prompt and samples from its last position;
+/// each later step feeds the previous token to the model (one forward pass, appending to the
+/// cache) and samples from its logits. A token is fed only when the next one is asked for, so
+/// the cache never holds the last yielded token. Iterating gives the same tokens and never
+/// ends (until an error, which it yields once).
+pub struct TokenStepper<'a> {
+    model: &'a dyn CausalLM,
+    cache: &'a mut KvCache,
+    sampler: Sampler,
+    prefill_chunk: usize,
+    logprobs: Option<usize>,
+    /// The prompt, until the first step prefills it.
+    pending: Option<ModelInput>,
+    /// The prompt's ids and the tokens fed since, oldest first (what the processors see).
+    history: Vec<u32>,
+    /// The last yielded token, fed at the next step.
+    last: Option<u32>,
+    prefill: Option<PrefillStats>,
+    failed: bool,
+}
+
+impl<'a> TokenStepper<'a> {
+    /// A stepper that will prefill `input` into `cache` (after what it already holds) in
+    /// forward passes of at most `prefill_chunk` tokens (text prompts; a prompt with images
+    /// is one pass, see [`CausalLM::prefill`]), then draw each token with `sampler`.
+    /// `logprobs: Some(k)` carries each token's [`TokenLogprobs`] with the `k` most likely
+    /// alternatives; `None` computes nothing.
+    ///
+    /// Nothing runs until the first step. The caller checks that the prompt fits the context
+    /// and the vocabulary ([`super::generate_input`] does).
+    pub fn new(
+        model: &'a dyn CausalLM,
+        cache: &'a mut KvCache,
+        input: ModelInput,
+        sampler: Sampler,
+        prefill_chunk: usize,
+        logprobs: Option<usize>,
+    ) -> Self {
+        Self {
+            model,
+            cache,
+            sampler,
+            prefill_chunk,
+            logprobs,
+            history: input.ids.clone(),
+            pending: Some(input),
+            last: None,
+            prefill: None,
+            failed: false,
+        }
+    }
+
+    /// Positions the cache holds now.
+    pub fn cache_offset(&self) -> usize {
+        self.cache.offset()
+    }
+
+    /// What the prefill did; `None` before the first successful step.
+    pub fn prefill_stats(&self) -> Option<&PrefillStats> {
+        self.prefill.as_ref()
+    }
+
+    /// The next token: the prefill and the first token on the first call, then one forward
+    /// pass of the previous token and the token after it.
+    ///
+    /// Errors: the model's ([`CausalLM::prefill`], [`CausalLM::forward`]);
+    /// [`Error::InvalidArgument`] when called again after a failed step.
+    pub fn step(&mut self) -> Result<Token> {
+        let r = self.step_inner();
+        self.failed |= r.is_err();
+        r
+    }
+
+    fn step_inner(&mut self) -> Result<Token> {
+        if let Some(input) = self.pending.take() {
+            let t0 = Instant::now();
+            let p = self.model.prefill(&input, self.cache, self.prefill_chunk)?;
+            crate::memory::release_free_heap();
+            let tok = self.choose(&p.logits)?;
+            self.prefill = Some(PrefillStats {
+                prompt_tokens: input.ids.len(),
+                time: t0.elapsed(),
+                vision_time: p.vision_time,
+                image_tokens: p.image_tokens,
+            });
+            self.last = Some(tok.id);
+            return Ok(tok);
+        }
+        let prev = self.last.take().ok_or_else(|| {
+            Error::InvalidArgument("the token stepper failed at an earlier step".into())
+        })?;
+        self.history.push(prev);
+        let ids = Tensor::new(&[prev], self.model.device())?.unsqueeze(0)?;
+        let logits = self.model.forward(&ids, self.cache, Logits::Last)?;
+        let tok = self.choose(&logits)?;
+        self.last = Some(tok.id);
+        Ok(tok)
+    }
+
+    /// Chooses a token from `logits` (`[1, vocab]`, any float dtype, any device).
+    fn choose(&mut self, logits: &Tensor) -> Result<Token> {
+        if !logits.device().is_cpu() && self.logprobs.is_none() && self.sampler.is_plain_argmax() {
+            // Greedy on a GPU: the argmax runs there and one u32 comes back, not the logits.
+            return Ok(Token {
+                id: sampling::argmax_on_device(logits)?,
+                logprobs: None,
+            });
+        }
+        let l: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(self.choose_from(&l))
+    }
+
+    /// Chooses a token from `logits` (`[vocab]` f32 raw logits).
+    fn choose_from(&mut self, logits: &[f32]) -> Token {
+        let id = self.sampler.sample(logits, &self.history);
+        Token {
+            id,
+            logprobs: self.logprobs.map(|k| token_logprobs(logits, id, k)),
+        }
+    }
+}
+
+impl Iterator for TokenStepper<'_> {
+    type Item = Result<Token>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        Some(self.step())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ModelInfo;
+    use crate::sampling::{LogitsProcessor, SamplingParams};
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+    use std::sync::{Arc, Mutex};
+
+    fn random_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-20.0f32..20.0)).collect()
+    }
+
+    /// A model whose logits depend only on the last input token (a table of rows), and which
+    /// records the token ids of each forward pass.
+    struct Table {
+        rows: Vec<Vec<f32>>,
+        calls: Mutex<Vec<Vec<u32>>>,
+        info: ModelInfo,
+        device: Device,
+    }
+
+    impl Table {
+        fn new(vocab: usize) -> Self {
+            Self {
+                rows: (0..vocab).map(|i| random_logits(vocab, i as u64)).collect(),
+                calls: Mutex::new(Vec::new()),
+                info: ModelInfo {
+                    architecture: "table".into(),
+                    vocab_size: vocab,
+                    n_layers: 0,
+                    hidden_size: 1,
+                    n_kv_heads: 1,
+                    head_dim: 1,
+                    context_length: 1024,
+                },
+                device: Device::Cpu,
+            }
+        }
+    }
+
+    impl CausalLM for Table {
+        fn forward(&self, ids: &Tensor, _: &mut KvCache, logits: Logits) -> Result<Tensor> {
+            assert_eq!(logits, Logits::Last);
+            let ids: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+            let row = &self.rows[*ids.last().expect("no empty pass") as usize];
+            self.calls.lock().expect("lock").push(ids);
+            Ok(Tensor::new(row.as_slice(), &self.device)?.unsqueeze(0)?)
+        }
+        fn new_cache(&self) -> KvCache {
+            KvCache::growing(0)
+        }
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn device(&self) -> &Device {
+            &self.device
+        }
+    }
+
+    fn sampler(temperature: f32) -> Sampler {
+        Sampler::new(SamplingParams {
+            temperature,
+            top_k: 20,
+            seed: Some(9),
+            ..Default::default()
+        })
+        .expect("valid")
+    }
+
+    #[test]
+    fn prefills_in_chunks_then_feeds_each_token_once() {
+        let m = Table::new(50);
+        let mut cache = m.new_cache();
+        let prompt = vec![3, 1, 4, 1, 5];
+        let stepper = TokenStepper::new(
+            &m,
+            &mut cache,
+            ModelInput::text(prompt.clone()),
+            sampler(0.0),
+            2,
+            None,
+        );
+        let toks: Vec<u32> = stepper
+            .take(4)
+            .map(|t| t.expect("step").id)
+            .collect::<Vec<_>>();
+        // Greedy over the table: each token is the argmax of the previous one's row.
+        let mut want = vec![sampling::argmax(&m.rows[5])];
+        for _ in 1..4 {
+            want.push(sampling::argmax(&m.rows[*want.last().unwrap() as usize]));
+        }
+        assert_eq!(toks, want);
+        let calls = m.calls.lock().unwrap().clone();
+        let mut expected = vec![vec![3, 1], vec![4, 1], vec![5]];
+        // The last token is not fed: the cache never holds the last yielded token.
+        expected.extend(toks[..3].iter().map(|&t| vec![t]));
+        assert_eq!(calls, expected);
+    }
+
+    #[test]
+    fn logprobs_ride_in_the_token() {
+        let m = Table::new(300);
+        let mut cache = m.new_cache();
+        let mut stepper = TokenStepper::new(
+            &m,
+            &mut cache,
+            ModelInput::text(vec![7]),
+            sampler(0.8),
+            512,
+            Some(5),
+        );
+        let mut prev = 7u32;
+        for _ in 0..6 {
+            let t = stepper.step().expect("step");
+            let want = token_logprobs(&m.rows[prev as usize], t.id, 5);
+            assert_eq!(t.logprobs.as_ref(), Some(&want));
+            prev = t.id;
+        }
+        assert_eq!(stepper.prefill_stats().map(|p| p.prompt_tokens), Some(1));
+        // Without the option, nothing is computed.
+        let mut cache = m.new_cache();
+        let mut plain = TokenStepper::new(
+            &m,
+            &mut cache,
+            ModelInput::text(vec![7]),
+            sampler(0.8),
+            1,
+            None,
+        );
+        assert_eq!(plain.step().expect("step").logprobs, None);
+    }
+
+    /// Records its name in a shared log, then applies `f`.
+    struct Probe {
+        name: &'static str,
+        log: Arc<Mutex<Vec<(&'static str, usize)>>>,
+        f: fn(&mut [f32]),
+    }
+
+    impl LogitsProcessor for Probe {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn process(&mut self, logits: &mut [f32], history: &[u32]) {
+            self.log.lock().unwrap().push((self.name, history.len()));
+            (self.f)(logits);
+        }
+    }
+
+    #[test]
+    fn added_processors_run_in_order_with_the_history() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let probe = |name, f| {
+            Box::new(Probe {
+                name,
+                log: log.clone(),
+                f,
+            })
+        };
+        // The first makes token 2 the best; the second masks it: in this order token 2 can
+        // never be chosen (the other order would always choose it).
+        let s = Sampler::new(SamplingParams::default())
+            .expect("valid")
+            .with_processor(probe("boost", |l| l[2] = 1e6))
+            .with_processor(probe("mask", |l| l[2] = f32::NEG_INFINITY));
+        assert!(!s.is_plain_argmax());
+        assert_eq!(
+            format!("{s:?}"),
+            "Sampler { params: SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, \
+             min_p: 0.0, repetition_penalty: 1.0, repetition_context_size: 64, seed: None }, \
+             chain: [\"sanitize\", \"boost\", \"mask\"] }"
+        );
+        let m = Table::new(16);
+        let mut cache = m.new_cache();
+        let mut stepper =
+            TokenStepper::new(&m, &mut cache, ModelInput::text(vec![1, 2]), s, 8, None);
+        for _ in 0..3 {
+            assert_ne!(stepper.step().expect("step").id, 2);
+        }
+        // The processors see the prompt, then the prompt and each token fed.
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                ("boost", 2),
+                ("mask", 2),
+                ("boost", 3),
+                ("mask", 3),
+                ("boost", 4),
+                ("mask", 4)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_penalty_comes_before_added_processors_and_the_filters_after() {
+        let s = Sampler::new(SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 4,
+            min_p: 0.1,
+            repetition_penalty: 1.1,
+            ..Default::default()
+        })
+        .expect("valid")
+        .with_processor(Box::new(sampling::processors::MinP(0.0)));
+        let names = format!("{s:?}");
+        assert!(
+            names.contains(
+                "[\"sanitize\", \"repetition_penalty\", \"min_p\", \"log_softmax\", \"top_k\", \
+                 \"min_p\", \"top_p\", \"temperature\"]"
+            ),
+            "{names}"
+        );
+    }
+
+    #[test]
+    fn images_for_a_text_model_are_an_error_and_end_the_steps() {
+        let m = Table::new(8);
+        let mut cache = m.new_cache();
+        let img = crate::image_processor::ProcessedImage {
+            pixel_values: vec![0.0; 4],
+            grid_thw: [1, 2, 2],
+            patch_dim: 1,
+            merge_size: 2,
+        };
+        let input = ModelInput {
+            ids: vec![1],
+            images: vec![img],
+        };
+        let mut stepper = TokenStepper::new(&m, &mut cache, input, sampler(0.0), 8, None);
+        let e = stepper.next().expect("one item").expect_err("no images");
+        assert!(e.to_string().contains("takes no images"), "{e}");
+        assert!(stepper.next().is_none());
+        assert!(m.calls.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn logprobs_are_a_normalized_log_softmax() {
+        for (n, seed) in [(1, 0), (7, 1), (1000, 2), (49152, 3)] {
+            let logits = random_logits(n, seed);
+            let all = token_logprobs(&logits, 0, n);
+            assert_eq!(all.top.len(), n);
+            let sum: f64 = all.top.iter().map(|&(_, l)| f64::from(l).exp()).sum();
+            assert!(
+                (sum - 1.0).abs() < 1e-4,
+                "n={n}: sum of probabilities {sum}"
+            );
+            // A shift of the logits changes nothing; differences of logprobs are those of
+            // logits.
+            let shifted: Vec<f32> = logits.iter().map(|x| x + 3.5).collect();
+            let s = token_logprobs(&shifted, 0, 0);
+            assert!((s.logprob - all.logprob).abs() < 1e-4);
+            for &(i, l) in all.top.iter().take(20) {
+                let d = (l - all.logprob) - (logits[i as usize] - logits[0]);
+                assert!(d.abs() < 1e-3, "n={n} id={i}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_is_sorted_and_agrees_with_the_chosen_token() {
+        let logits = random_logits(5000, 7);
+        let full = token_logprobs(&logits, 0, logits.len());
+        for k in [0, 1, 5, 20] {
+            for id in [0u32, 17, 4999] {
+                let t = token_logprobs(&logits, id, k);
+                assert_eq!(t.id, id);
+                assert_eq!(t.top.len(), k);
+                assert!(
+                    t.top.windows(2).all(|w| w[0].1 >= w[1].1),
+                    "sorted: {:?}",
+                    t.top
+                );
+                // The k best of the full ranking.
+                assert_eq!(t.top, full.top[..k].to_vec());
+                if let Some(&(_, l)) = t.top.iter().find(|(i, _)| *i == id) {
+                    assert_eq!(l, t.logprob);
+                }
+            }
+        }
+        // The argmax is first and carries the chosen token's value.
+        let best = sampling::argmax(&logits);
+        let t = token_logprobs(&logits, best, 3);
+        assert_eq!(t.top[0], (best, t.logprob));
+    }
+
+    #[test]
+    fn ties_order_by_id_and_odd_values_are_safe() {
+        let t = token_logprobs(&[1.0, 2.0, 2.0, 1.0], 3, 10);
+        let ids: Vec<u32> = t.top.iter().map(|p| p.0).collect();
+        assert_eq!(
+            ids,
+            vec![1, 2, 0, 3],
+            "capped at the vocabulary, ties by id"
+        );
+        let e = (1.0f64.exp() * 2.0 + 2.0f64.exp() * 2.0).ln();
+        assert!((f64::from(t.logprob) - (1.0 - e)).abs() < 1e-6);
+        // NaN is ruled out (-inf), an id outside the vocabulary too.
+        let t = token_logprobs(&[f32::NAN, 0.0, 0.0], 0, 3);
+        assert_eq!(t.logprob, f32::NEG_INFINITY);
+        assert_eq!(t.top[0], (1, -(2.0f32.ln())));
+        assert_eq!(t.top[2].1, f32::NEG_INFINITY);
+        assert_eq!(token_logprobs(&[0.0], 5, 1).logprob, f32::NEG_INFINITY);
+        assert!(token_logprobs(&[], 0, 4).top.is_empty());
+    }
+}
