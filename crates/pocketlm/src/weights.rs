@@ -1,15 +1,15 @@
 //! Where model code gets its weights from. Architectures ask for tensors by their Hugging Face
 //! names; each source maps those names to its own (the "sanitize" step happens here, at load,
 //! never in the forward pass: GGUF names come from the architecture's
-//! [`crate::models::names::NameTable`]), decides whether a layer is dense or quantized, and
+//! [`crate::gguf::names::NameTable`]), decides whether a layer is dense or quantized, and
 //! tells the model builder how the weights are laid out ([`WeightLayout`]).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
-use crate::models::names::NameTable;
 use crate::nn::{Embedding, Linear};
 use crate::{Error, Result};
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::models::{CausalLM, LinearSlot};
+use crate::models::{CausalLM, LinearSlot, Trainable};
 use crate::nn::{Linear, LoraLinear};
 use crate::weights::QkRowOrder;
 use crate::{Error, Result};
@@ -193,7 +193,7 @@ impl Adapter {
     /// Hugging Face row order), with `config`.
     pub fn from_model(model: &mut dyn CausalLM, config: AdapterConfig) -> Result<Self> {
         let mut weights = BTreeMap::new();
-        for slot in model.linears_mut() {
+        for slot in trainable(model)?.linears_mut() {
             if let Linear::Lora(l) = &*slot.linear {
                 let a = l.a.as_tensor().to_device(&Device::Cpu)?;
                 let mut b = l.b.as_tensor().to_device(&Device::Cpu)?;
@@ -259,7 +259,7 @@ impl Adapter {
             name: name.to_string(),
             msg,
         };
-        let slots = model.linears_mut();
+        let slots = trainable(model)?.linears_mut();
         if slots.is_empty() {
             return Err(LoraError::Unsupported(arch).into());
         }
@@ -295,7 +295,7 @@ impl Adapter {
             count += 1;
         }
         if used != self.weights.len() {
-            let selected: Vec<String> = model
+            let selected: Vec<String> = trainable(model)?
                 .linears_mut()
                 .into_iter()
                 .filter(|s| matches!(s.linear, Linear::Lora(_)))
@@ -391,9 +391,22 @@ impl LinearSlot<'_> {
     }
 }
 
+/// The adapter and fine-tuning capability of `model` ([`CausalLM::trainable_mut`]).
+///
+/// Errors: [`LoraError::Unsupported`] naming the architecture when it has none.
+pub fn trainable(model: &mut dyn CausalLM) -> Result<&mut dyn Trainable> {
+    let arch = model.info().architecture.clone();
+    model
+        .trainable_mut()
+        .ok_or_else(|| LoraError::Unsupported(arch).into())
+}
+
 /// Removes every adapter from `model`, restoring the frozen base layers. Returns how many
 /// layers were restored.
 pub fn unload(model: &mut dyn CausalLM) -> usize {
+    let Some(model) = model.trainable_mut() else {
+        return 0;
+    };
     let mut n = 0;
     for slot in model.linears_mut() {
         if let Linear::Lora(_) = &*slot.linear {
@@ -420,7 +433,7 @@ pub fn attach_new(model: &mut dyn CausalLM, config: &AdapterConfig, seed: u64) -
     let dev = model.device().clone();
     let first = config.first_layer(n);
     let p = &config.lora_parameters;
-    let slots = model.linears_mut();
+    let slots = trainable(model)?.linears_mut();
     if slots.is_empty() {
         return Err(LoraError::Unsupported(arch).into());
     }

@@ -38,7 +38,7 @@ use rand::SeedableRng;
 
 use super::data::Example;
 use super::{attach_new, permute_cols, Adapter, AdapterConfig, LoraParameters};
-use crate::models::CausalLM;
+use crate::models::{CausalLM, Trainable};
 use crate::nn::Linear;
 use crate::{Error, Result};
 
@@ -213,7 +213,7 @@ pub struct TrainSummary {
 /// A model prepared for training: adapters from `first` on, with dequantized f32 copies of
 /// the frozen weights they need, and a cache of the frozen blocks' outputs.
 pub struct TrainSession<'m> {
-    model: &'m mut dyn CausalLM,
+    model: &'m mut dyn Trainable,
     /// First adapted block.
     pub first: usize,
     originals: Vec<(String, Linear)>,
@@ -243,6 +243,7 @@ impl<'m> TrainSession<'m> {
                 "no layer matches the LoRA keys".into(),
             ));
         }
+        let model = super::trainable(model)?;
         let first = config.first_layer(model.info().n_layers);
         let resumed = match resume {
             Some(p) => Some(super::read_weights(p)?),
@@ -311,7 +312,7 @@ impl<'m> TrainSession<'m> {
 
     /// The model being trained.
     pub fn model(&mut self) -> &mut dyn CausalLM {
-        self.model
+        &mut *self.model
     }
 
     /// Output of the frozen blocks for one example (`[len, hidden]`), cached under
@@ -741,6 +742,10 @@ pub fn test_loss(
 ) -> Result<(f64, f64)> {
     let n_layers = model.info().n_layers;
     let dev = model.device().clone();
+    let arch = model.info().architecture.clone();
+    let model = model
+        .trainable()
+        .ok_or(super::LoraError::Unsupported(arch))?;
     let (mut sum, mut n) = (0f64, 0usize);
     for ex in data {
         let toks = &ex.tokens[..ex.tokens.len().min(max_seq_length)];

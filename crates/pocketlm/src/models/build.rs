@@ -5,7 +5,7 @@
 
 use crate::nn::{Embedding, GateUp, Linear, QkvProj, RmsNorm};
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Head geometry of an attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +16,47 @@ pub(crate) struct Heads {
     pub n_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+}
+
+impl Heads {
+    /// Checks the geometry of config.json's `num_attention_heads`, `num_key_value_heads` and
+    /// `head_dim`.
+    ///
+    /// Errors: [`Error::Model`] naming the field: no heads, kv heads that do not divide the
+    /// query heads, an odd or zero head width (RoPE rotates pairs).
+    pub fn checked(self) -> Result<Self> {
+        let bad = |f: &str, m: String| Err(Error::Model(format!("config field `{f}`: {m}")));
+        let Self {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = self;
+        if n_heads == 0 || n_kv_heads == 0 {
+            return bad("num_attention_heads", "must be positive".into());
+        }
+        if !n_heads.is_multiple_of(n_kv_heads) {
+            let m = format!("{n_kv_heads} does not divide num_attention_heads {n_heads}");
+            return bad("num_key_value_heads", m);
+        }
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return bad("head_dim", format!("{head_dim} must be even and positive"));
+        }
+        Ok(self)
+    }
+}
+
+/// Dimensions of each head that RoPE rotates: `head_dim · partial_rotary_factor` (Phi-3,
+/// Phi-4-mini; all of them when absent).
+///
+/// Errors: [`Error::Model`] for a factor outside `(0, 1]`.
+pub(crate) fn rotary_dim(head_dim: usize, partial_rotary_factor: Option<f64>) -> Result<usize> {
+    match partial_rotary_factor {
+        Some(f) if f > 0.0 && f <= 1.0 => Ok((head_dim as f64 * f) as usize),
+        None => Ok(head_dim),
+        Some(f) => Err(Error::Model(format!(
+            "config field `partial_rotary_factor`: {f} is not in (0, 1]"
+        ))),
+    }
 }
 
 /// `{p}.self_attn.{q,k,v}_proj` (`fused`: one `{p}.self_attn.qkv_proj`), each

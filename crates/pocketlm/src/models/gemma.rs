@@ -8,9 +8,9 @@
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+use crate::gguf::names::{self, NameTable};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
-use crate::models::names::{self, NameTable};
 use crate::models::{build, CausalLM, Logits, ModelInfo};
 use crate::nn::{
     softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics,
@@ -220,23 +220,16 @@ impl GemmaConfig {
         Ok((global, local))
     }
 
+    fn heads(&self) -> build::Heads {
+        build::Heads {
+            n_heads: self.num_attention_heads,
+            n_kv_heads: self.n_kv_heads(),
+            head_dim: self.head_dim(),
+        }
+    }
+
     fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.n_kv_heads() == 0 {
-            return Err(bad("num_attention_heads", "must be positive"));
-        }
-        if !self.num_attention_heads.is_multiple_of(self.n_kv_heads()) {
-            return Err(bad(
-                "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads {}",
-                    self.n_kv_heads(),
-                    self.num_attention_heads
-                ),
-            ));
-        }
-        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
-            return Err(bad("head_dim", format!("{} must be even", self.head_dim())));
-        }
+        self.heads().checked()?;
         match self.hidden_activation.as_deref() {
             None | Some("gelu_pytorch_tanh") | Some("gelu_tanh") => {}
             Some(o) => return Err(bad("hidden_activation", format!("`{o}` is not supported"))),
@@ -441,11 +434,7 @@ impl Gemma {
             ));
         }
         let scale = 1.0 / cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
-        let heads = build::Heads {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-        };
+        let heads = cfg.heads();
         let ab = cfg.attention_bias;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, &is_sliding) in sliding.iter().enumerate() {

@@ -3,27 +3,31 @@
 
 mod build;
 pub mod decode_plan;
+pub mod decoder;
 pub mod gemma;
+mod gguf_config;
+#[cfg(test)]
+mod gguf_names_tests;
 pub mod llama;
-pub mod names;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_vl;
 pub mod qwen3;
 
+use std::ops::Range;
 use std::time::Duration;
 
 use candle_core::Tensor;
 
 pub use decode_plan::{DecodePlan, PlanBlock};
 
+use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
 use crate::image_processor::ProcessedImage;
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::nn::Linear;
 use crate::weights::{GgufWeights, QkRowOrder, Weights};
 use crate::{Error, Result};
-use names::NameTable;
 
 /// Which positions' logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,45 +135,44 @@ pub trait CausalLM: Send + Sync {
         None
     }
 
-    /// The linear layers of the blocks and the output layer, by Hugging Face module name, for
-    /// adapters ([`crate::lora`]). Architectures without adapter support return none.
-    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
-        Vec::new()
+    /// Adapters and fine-tuning ([`Trainable`]); `None` (the default) for architectures
+    /// without them.
+    fn trainable(&self) -> Option<&dyn Trainable> {
+        None
     }
+
+    /// As [`CausalLM::trainable`], to swap layers for adapters.
+    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
+        None
+    }
+}
+
+/// The capability of models that take adapters and can be fine-tuned ([`crate::lora`]):
+/// their linear layers by name, and the training forward in pieces (below the adapted blocks by
+/// the inference path, the adapted blocks and the head as differentiable ops).
+pub trait Trainable: CausalLM {
+    /// The linear layers of the blocks and the output layer, by Hugging Face module name, for
+    /// adapters ([`crate::lora`]).
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>>;
 
     /// Training, first half: the hidden states `[batch, seq, hidden]` f32 after the embedding
     /// and blocks `0..upto`, computed by the inference path (no autograd graph), for
     /// `input_ids: [batch, seq]` u32 at positions `0..seq`.
-    fn hidden_states(&self, _input_ids: &Tensor, _upto: usize) -> Result<Tensor> {
-        Err(no_fine_tuning(self.info()))
-    }
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor>;
 
     /// Training: blocks `range` on `hidden: [batch, seq, hidden]` f32 (positions `0..seq`),
     /// built from differentiable candle ops so that `backward()` reaches the adapters; returns
     /// `[batch, seq, hidden]` f32. `train` turns adapter dropout on. Running the blocks one
     /// range at a time gives the same result as all at once (gradient checkpointing relies
     /// on it: [`crate::lora::train`]).
-    fn forward_blocks(
-        &self,
-        _hidden: &Tensor,
-        _range: std::ops::Range<usize>,
-        _train: bool,
-    ) -> Result<Tensor> {
-        Err(no_fine_tuning(self.info()))
-    }
+    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor>;
 
     /// Training: the final norm and the output layer on `hidden: [batch, seq, hidden]`, as
     /// differentiable candle ops. Returns logits `[batch, seq, vocab]` f32, or with
     /// `select: [n]` u32 (indices into the flattened `batch · seq` positions) only those
     /// positions' logits `[n, vocab]`.
-    fn forward_head(
-        &self,
-        _hidden: &Tensor,
-        _train: bool,
-        _select: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        Err(no_fine_tuning(self.info()))
-    }
+    fn forward_head(&self, hidden: &Tensor, train: bool, select: Option<&Tensor>)
+        -> Result<Tensor>;
 
     /// Training, second half: blocks `from..` then the head ([`Self::forward_blocks`],
     /// [`Self::forward_head`]) on `hidden: [batch, seq, hidden]`; logits as `forward_head`.
@@ -248,7 +251,7 @@ pub fn prefill_text<M: CausalLM + ?Sized>(
     last.ok_or_else(|| Error::InvalidArgument("the prompt is empty".into()))
 }
 
-/// One linear layer of a model, as [`CausalLM::linears_mut`] lists them.
+/// One linear layer of a model, as [`Trainable::linears_mut`] lists them.
 #[derive(Debug)]
 pub struct LinearSlot<'a> {
     /// Hugging Face module name (`model.layers.3.self_attn.q_proj`, `lm_head`).
@@ -290,7 +293,7 @@ pub static REGISTRY: &[Architecture] = &[
         gguf_architectures: &["llama", "mistral"],
         gguf_names: Some(&llama::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::GgmlInterleaved,
-        config_from_gguf: llama::config_from_gguf,
+        config_from_gguf: gguf_config::common,
         build: llama::build,
     },
     Architecture {
@@ -298,7 +301,7 @@ pub static REGISTRY: &[Architecture] = &[
         gguf_architectures: &["qwen2"],
         gguf_names: Some(&llama::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: qwen2::config_from_gguf,
+        config_from_gguf: gguf_config::common,
         build: qwen2::build,
     },
     Architecture {
@@ -306,7 +309,7 @@ pub static REGISTRY: &[Architecture] = &[
         gguf_architectures: &["qwen3"],
         gguf_names: Some(&llama::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: qwen3::config_from_gguf,
+        config_from_gguf: gguf_config::common,
         build: qwen3::build,
     },
     Architecture {
@@ -373,14 +376,6 @@ impl Architecture {
             device,
         ))
     }
-}
-
-/// The error of the training methods' defaults, for architectures without fine-tuning.
-fn no_fine_tuning(info: &ModelInfo) -> Error {
-    Error::InvalidArgument(format!(
-        "fine-tuning is not implemented for the `{}` architecture",
-        info.architecture
-    ))
 }
 
 fn supported() -> String {

@@ -4,9 +4,9 @@
 
 use candle_core::Device;
 
+use crate::gguf::names::{self, NameTable};
 use crate::gguf::GgufFile;
 use crate::models::llama::{self, LlamaVariant};
-use crate::models::names::{self, NameTable};
 use crate::models::CausalLM;
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -96,7 +96,7 @@ pub fn normalize(config: &serde_json::Value) -> serde_json::Value {
 ///
 /// Errors: [`Error::Model`] naming a missing or inconsistent key or tensor.
 pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
-    let mut c = llama::config_from_gguf(g)?;
+    let mut c = super::gguf_config::common(g)?;
     let heads = g.get_usize("phi3.attention.head_count")?;
     let hidden = g.get_usize("phi3.embedding_length")?;
     if heads == 0 || !hidden.is_multiple_of(heads) {

@@ -1,7 +1,6 @@
 //! Qwen2 / Qwen2.5: the Llama architecture with biases on the q/k/v projections (none on
 //! o_proj). Reference: Hugging Face `modeling_qwen2.py`, mlx-lm `models/qwen2.py`.
 
-use crate::gguf::GgufFile;
 use crate::models::llama::{self, LlamaVariant};
 use crate::models::CausalLM;
 use crate::weights::Weights;
@@ -16,11 +15,6 @@ pub const VARIANT: LlamaVariant = LlamaVariant {
     fused_qkv: false,
     fused_gate_up: false,
 };
-
-/// Reads an HF-style config from GGUF metadata (`qwen2.*` keys, as for Llama).
-pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
-    llama::config_from_gguf(g)
-}
 
 /// Qwen configs carry a `sliding_window` that only applies with `use_sliding_window: true`
 /// (and then only to layers from `max_window_layers` on). Drops it when unused; a config that

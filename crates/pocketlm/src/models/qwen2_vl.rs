@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
+use crate::models::decoder::{Decoder, PreNormBlock};
 use crate::models::{prefill_text, CausalLM, Logits, ModelInfo, ModelInput, Prefill, VisionInfo};
 use crate::nn::{
     scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
@@ -545,22 +546,12 @@ impl VisionTower {
     }
 }
 
-#[derive(Debug)]
-struct Block {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: GatedMlp,
-}
-
 /// A Qwen2-VL / Qwen2.5-VL model: vision tower and language model.
 #[derive(Debug)]
 pub struct Qwen2Vl {
     visual: VisionTower,
-    embed_tokens: Embedding,
-    layers: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: Linear,
+    /// The language model (M-RoPE positions come from [`Self::cos_sin`]).
+    decoder: Decoder,
     /// Rotary frequencies `[head_dim / 2]`.
     inv_freq: Vec<f32>,
     /// How the text stack's heads are rotated (half-split pairs); the tables are M-RoPE's.
@@ -677,7 +668,7 @@ impl Qwen2Vl {
                     false,
                 )
             };
-            layers.push(Block {
+            layers.push(PreNormBlock {
                 input_layernorm: norm("input_layernorm")?,
                 self_attn: Attention {
                     qkv: QkvProj::Separate {
@@ -729,10 +720,12 @@ impl Qwen2Vl {
         };
         Ok(Self {
             visual,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
+            decoder: Decoder {
+                embed_tokens,
+                layers,
+                norm,
+                lm_head,
+            },
             inv_freq,
             rope: RotaryEmbedding::new(hd, cfg.rope_theta, &RopeScaling::None, false, w.device())?,
             stream,
@@ -782,36 +775,14 @@ impl Qwen2Vl {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Tensor> {
-        let (_, s, _) = x.dims3()?;
-        if cache.n_layers() != self.layers.len() {
-            return Err(Error::InvalidArgument(format!(
-                "KV cache has {} layers, model has {}",
-                cache.n_layers(),
-                self.layers.len()
-            )));
-        }
+        self.decoder.check_cache(cache)?;
         let (cos, sin) = self.cos_sin(positions)?;
         let pass = AttentionPass::with_tables(&self.rope, cos, sin);
-        let mode = Mode::Inference;
-        let mut x = x;
-        for (i, l) in self.layers.iter().enumerate() {
-            let c = cache
-                .layer(i)
-                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
-            let hn = l.input_layernorm.forward(&x)?;
-            x = (l.self_attn.forward(&hn, &pass, Some(c), mode)? + x)?;
-            let hn = l.post_attention_layernorm.forward(&x)?;
-            x = (l.mlp.forward(&hn, mode)? + x)?;
-        }
-        let x = match logits {
-            Logits::Last => x.narrow(1, s - 1, 1)?,
-            Logits::All => x,
-        };
-        let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
-        Ok(match logits {
-            Logits::Last => out.squeeze(1)?,
-            Logits::All => out,
-        })
+        let all = 0..self.decoder.layers.len();
+        let x = self
+            .decoder
+            .run_blocks(x, all, &pass, Some(cache), Mode::Inference)?;
+        self.decoder.logits(&x, logits)
     }
 
     fn text_positions(start: i64, s: usize) -> Vec<[i64; 3]> {
@@ -823,12 +794,12 @@ impl CausalLM for Qwen2Vl {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
         let (_, s) = input_ids.dims2()?;
         let start = cache.offset() as i64 + cache.rope_delta();
-        let x = self.embed_tokens.forward(input_ids)?;
+        let x = self.decoder.embed_tokens.forward(input_ids)?;
         self.decode(x, &Self::text_positions(start, s), cache, logits)
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::growing(self.layers.len())
+        KvCache::growing(self.decoder.layers.len())
     }
 
     fn info(&self) -> &ModelInfo {
@@ -980,7 +951,7 @@ impl Qwen2Vl {
                 grids.len()
             )));
         }
-        let x = self.embed_tokens.forward(input_ids)?.squeeze(0)?;
+        let x = self.decoder.embed_tokens.forward(input_ids)?.squeeze(0)?;
         let all = Tensor::cat(&[&x, &features.to_dtype(x.dtype())?], 0)?;
         let x = all
             .index_select(&Tensor::from_vec(gather, s, &self.device)?, 0)?

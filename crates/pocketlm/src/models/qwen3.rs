@@ -2,7 +2,6 @@
 //! (`q_norm`, `k_norm`, `[head_dim]`) and an explicit `head_dim`. Reference: Hugging Face
 //! `modeling_qwen3.py`, mlx-lm `models/qwen3.py`.
 
-use crate::gguf::GgufFile;
 use crate::models::llama::{self, LlamaVariant};
 use crate::models::{qwen2, CausalLM};
 use crate::weights::Weights;
@@ -17,11 +16,6 @@ pub const VARIANT: LlamaVariant = LlamaVariant {
     fused_qkv: false,
     fused_gate_up: false,
 };
-
-/// Reads an HF-style config from GGUF metadata (`qwen3.*` keys, as for Llama).
-pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
-    llama::config_from_gguf(g)
-}
 
 /// Builds a Qwen3 model from an HF-style config and weights (`Qwen3ForCausalLM` names).
 ///

@@ -390,17 +390,7 @@ fn default_gguf() -> PathBuf {
 }
 
 fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Res<Vec<u32>> {
-    let mut cache = m.model.new_cache();
-    let dev = m.model.device().clone();
-    let mut input = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
-    let mut out = Vec::new();
-    for _ in 0..steps {
-        let l = m.model.forward(&input, &mut cache, Logits::Last)?;
-        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
-        out.push(t);
-        input = Tensor::new(&[t], &dev)?.unsqueeze(0)?;
-    }
-    Ok(out)
+    Ok(pocketlm_testutil::greedy(m.model.as_ref(), prompt, steps)?)
 }
 
 #[test]

@@ -76,9 +76,9 @@ fn training_path_matches_inference_path() -> Res<()> {
         let n = m.model.info().n_layers;
         let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         for from in [0, n - 1] {
-            let h = m.model.hidden_states(&x, from)?;
-            let got: Vec<f32> = m
-                .model
+            let t = m.model.trainable().ok_or("not trainable")?;
+            let h = t.hidden_states(&x, from)?;
+            let got: Vec<f32> = t
                 .forward_from(&h, from, false, None)?
                 .flatten_all()?
                 .to_vec1()?;
@@ -93,9 +93,9 @@ fn training_path_matches_inference_path() -> Res<()> {
         let s = TrainSession::new(m.model.as_mut(), &cfg, None, 0, 1 << 20)?;
         let first = s.first;
         s.finish()?;
-        let h = m.model.hidden_states(&x, first)?;
-        let got: Vec<f32> = m
-            .model
+        let t = m.model.trainable().ok_or("not trainable")?;
+        let h = t.hidden_states(&x, first)?;
+        let got: Vec<f32> = t
             .forward_from(&h, first, false, None)?
             .flatten_all()?
             .to_vec1()?;

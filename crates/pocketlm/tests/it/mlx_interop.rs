@@ -13,11 +13,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use pocketlm::chat_template::Message;
 use pocketlm::convert::{convert, ConvertOptions, QuantRecipe};
 use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
-use pocketlm::models::Logits;
 use pocketlm::safetensors_weights::QuantParams;
 use sha2::{Digest, Sha256};
 
@@ -44,17 +42,7 @@ fn cpu() -> LoadOptions {
 
 /// `steps` greedy tokens after `prompt`, no end-of-generation stop (as the script's loop).
 fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Res<Vec<u32>> {
-    let mut cache = m.model.new_cache();
-    let dev = m.model.device().clone();
-    let mut input = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
-    let mut out = Vec::new();
-    for _ in 0..steps {
-        let l = m.model.forward(&input, &mut cache, Logits::Last)?;
-        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
-        out.push(t);
-        input = Tensor::new(&[t], &dev)?.unsqueeze(0)?;
-    }
-    Ok(out)
+    Ok(pocketlm_testutil::greedy(m.model.as_ref(), prompt, steps)?)
 }
 
 /// `dtype[shape]:h` for every tensor of a folder's safetensors files, as the script writes

@@ -4,7 +4,7 @@
 //! Format reference: ggml's `docs/gguf.md` (version 2 and 3 files). Parsing is done by
 //! `candle_core::quantized::gguf_file`; this module adds file-named errors, typed metadata
 //! accessors. The Hugging Face <-> GGUF tensor names are per architecture:
-//! [`crate::models::names`].
+//! [`crate::gguf::names`].
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -14,6 +14,8 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+
+pub mod names;
 
 use crate::kernels::GgufMatrix;
 use crate::{Error, Result};

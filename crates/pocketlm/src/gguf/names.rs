@@ -1,0 +1,120 @@
+//! Tensor names: one table per architecture of (Hugging Face name, GGUF name) pairs, read in
+//! both directions. The GGUF weight source ([`crate::weights::GgufWeights`]) reads it from
+//! Hugging Face to GGUF when a model asks for a weight; `convert` reads it from GGUF to Hugging
+//! Face when it writes a GGUF file out as a folder. Each registry entry
+//! ([`crate::models::Architecture::gguf_names`]) points to its table; the tables themselves
+//! live in the architecture files.
+//!
+//! Source: llama.cpp's `gguf-py/gguf/tensor_mapping.py` (what `convert_hf_to_gguf.py` renames
+//! each Hugging Face tensor to) and `src/llama-arch.cpp` (the GGUF names per architecture).
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// One architecture's tensor names. A pair names a module, without the parameter suffix: the
+/// last dot-separated part (`weight`, `bias`) is carried over as is, so
+/// `("self_attn.q_proj", "attn_q")` in [`Self::block`] stands for
+/// `model.layers.N.self_attn.q_proj.weight` <-> `blk.N.attn_q.weight` and for the `.bias` pair
+/// alike. Within each list both columns are unique, so the mapping is one-to-one.
+#[derive(Debug)]
+pub struct NameTable {
+    /// The architecture(s) the table serves, for error messages (`llama`).
+    pub name: &'static str,
+    /// Modules outside the blocks, full paths: `("model.embed_tokens", "token_embd")`.
+    pub global: &'static [(&'static str, &'static str)],
+    /// Modules of block `N`, paths within the block: `("self_attn.q_proj", "attn_q")` for
+    /// `model.layers.N.self_attn.q_proj` <-> `blk.N.attn_q`.
+    pub block: &'static [(&'static str, &'static str)],
+    /// Full names of GGUF tensors with no Hugging Face weight: they become config fields
+    /// (`rope_freqs.weight`: Llama 3 RoPE factors; `rope_factors_long.weight`: Phi-3 LongRoPE),
+    /// and `convert` writes no tensor for them.
+    pub gguf_only: &'static [&'static str],
+}
+
+/// `model.layers.N.` / `blk.N.`: the prefixes of block tensors.
+const HF_BLOCK: &str = "model.layers.";
+const GGUF_BLOCK: &str = "blk.";
+
+/// Splits `{prefix}{N}.{module}.{suffix}` into `(N, module, suffix)`; `None` for other names.
+fn split_block<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    Some((layer, module, suffix))
+}
+
+impl NameTable {
+    /// The GGUF name of Hugging Face tensor `hf` (`model.layers.3.self_attn.q_proj.weight` ->
+    /// `blk.3.attn_q.weight`), or `None` when the table has none.
+    pub fn gguf_name(&self, hf: &str) -> Option<String> {
+        if let Some((layer, module, suffix)) = split_block(hf, HF_BLOCK) {
+            let (_, g) = self.block.iter().find(|(h, _)| *h == module)?;
+            return Some(format!("{GGUF_BLOCK}{layer}.{g}.{suffix}"));
+        }
+        let (module, suffix) = hf.rsplit_once('.')?;
+        let (_, g) = self.global.iter().find(|(h, _)| *h == module)?;
+        Some(format!("{g}.{suffix}"))
+    }
+
+    /// The Hugging Face name of GGUF tensor `gguf` (`blk.3.attn_q.weight` ->
+    /// `model.layers.3.self_attn.q_proj.weight`), or `None` when the table has none (also for
+    /// [`Self::gguf_only`] names).
+    pub fn hf_name(&self, gguf: &str) -> Option<String> {
+        if let Some((layer, module, suffix)) = split_block(gguf, GGUF_BLOCK) {
+            let (h, _) = self.block.iter().find(|(_, g)| *g == module)?;
+            return Some(format!("{HF_BLOCK}{layer}.{h}.{suffix}"));
+        }
+        let (module, suffix) = gguf.rsplit_once('.')?;
+        let (h, _) = self.global.iter().find(|(_, g)| *g == module)?;
+        Some(format!("{h}.{suffix}"))
+    }
+
+    /// As [`Self::gguf_name`], for a tensor of GGUF `file`.
+    ///
+    /// Errors: [`Error::Tensor`] naming `hf`, the table and `file` when the table has no GGUF
+    /// name for it.
+    pub fn to_gguf(&self, hf: &str, file: &Path) -> Result<String> {
+        self.gguf_name(hf).ok_or_else(|| {
+            Error::tensor(
+                hf,
+                format!(
+                    "has no GGUF name in the `{}` tensor-name table (reading {})",
+                    self.name,
+                    file.display()
+                ),
+            )
+        })
+    }
+
+    /// As [`Self::hf_name`], for a tensor of GGUF `file`.
+    ///
+    /// Errors: [`Error::Tensor`] naming `gguf`, the table and `file` when the table has no
+    /// Hugging Face name for it.
+    pub fn to_hf(&self, gguf: &str, file: &Path) -> Result<String> {
+        self.hf_name(gguf).ok_or_else(|| {
+            Error::tensor(
+                gguf,
+                format!(
+                    "has no Hugging Face name in the `{}` tensor-name table (reading {})",
+                    self.name,
+                    file.display()
+                ),
+            )
+        })
+    }
+
+    /// Whether `gguf` is a GGUF tensor with no Hugging Face weight ([`Self::gguf_only`]).
+    pub fn is_gguf_only(&self, gguf: &str) -> bool {
+        self.gguf_only.contains(&gguf)
+    }
+}
+
+/// Modules outside the blocks that every supported architecture has (the output layer is
+/// absent from GGUF files of tied-embedding models).
+pub const GLOBAL: &[(&str, &str)] = &[
+    ("model.embed_tokens", "token_embd"),
+    ("model.norm", "output_norm"),
+    ("lm_head", "output"),
+];

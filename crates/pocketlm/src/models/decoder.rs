@@ -1,0 +1,244 @@
+//! The decoder stack that most architectures share (mlx-lm's `LlamaModel` + `Model`): token
+//! embedding, pre-norm residual blocks, final RMSNorm and the output layer, with its inference
+//! forward, the training entry points and the decode plan. An architecture file builds one
+//! from its config and weights and adds what is its own.
+
+use candle_core::Tensor;
+
+use crate::kv_cache::{KvCache, LayerKvCache};
+use crate::models::{DecodePlan, LinearSlot, Logits, PlanBlock};
+use crate::nn::{
+    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, RmsNorm, RotaryEmbedding,
+};
+use crate::weights::QkRowOrder;
+use crate::{Error, Result};
+
+/// A pre-norm residual block (Llama, Qwen, Phi-3):
+/// `x += attention(input_layernorm(x)); x += mlp(post_attention_layernorm(x))`.
+#[derive(Debug)]
+pub struct PreNormBlock {
+    /// RMSNorm before attention.
+    pub input_layernorm: RmsNorm,
+    /// The attention layer.
+    pub self_attn: Attention,
+    /// RMSNorm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// The gated MLP.
+    pub mlp: GatedMlp,
+}
+
+impl PreNormBlock {
+    /// The block on `x: [batch, seq, hidden]` f32 at the pass's positions; `cache` as
+    /// [`Attention::forward`] takes it.
+    ///
+    /// Errors: as [`Attention::forward`] and [`GatedMlp::forward`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pass: &AttentionPass<'_>,
+        cache: Option<&mut (dyn LayerKvCache + 'static)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let hn = self.input_layernorm.forward_mode(x, mode)?;
+        let x = (self.self_attn.forward(&hn, pass, cache, mode)? + x)?;
+        let hn = self.post_attention_layernorm.forward_mode(&x, mode)?;
+        Ok((self.mlp.forward(&hn, mode)? + x)?)
+    }
+}
+
+/// Embedding, blocks, final norm and output layer of a decoder-only model.
+#[derive(Debug)]
+pub struct Decoder {
+    /// The token embedding `[vocab, hidden]`.
+    pub embed_tokens: Embedding,
+    /// The blocks in order.
+    pub layers: Vec<PreNormBlock>,
+    /// The final RMSNorm.
+    pub norm: RmsNorm,
+    /// The output layer `[vocab, hidden]` (the embedding when tied).
+    pub lm_head: Linear,
+}
+
+impl Decoder {
+    /// Errors unless `cache` has one layer per block.
+    pub fn check_cache(&self, cache: &KvCache) -> Result<()> {
+        if cache.n_layers() != self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache has {} layers, model has {}",
+                cache.n_layers(),
+                self.layers.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Blocks `range` on `x: [batch, seq, hidden]` at the pass's positions: for inference
+    /// appending to `cache` (required), for training as differentiable ops (see [`Mode`]).
+    ///
+    /// Errors: a cache with fewer layers than `range` needs; as [`PreNormBlock::forward`].
+    pub fn run_blocks(
+        &self,
+        mut x: Tensor,
+        range: std::ops::Range<usize>,
+        pass: &AttentionPass<'_>,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        for (i, layer) in self
+            .layers
+            .iter()
+            .enumerate()
+            .take(range.end)
+            .skip(range.start)
+        {
+            let c = match cache.as_deref_mut() {
+                Some(c) => Some(
+                    c.layer(i)
+                        .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?,
+                ),
+                None => None,
+            };
+            x = layer.forward(&x, pass, c, mode)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and output layer for inference on the blocks' output `x: [batch, seq,
+    /// hidden]`: f32 logits `[batch, vocab]` ([`Logits::Last`]) or `[batch, seq, vocab]`.
+    pub fn logits(&self, x: &Tensor, logits: Logits) -> Result<Tensor> {
+        let s = x.dim(1)?;
+        let x = match logits {
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+            Logits::All => x.clone(),
+        };
+        let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(match logits {
+            Logits::Last => out.squeeze(1)?,
+            Logits::All => out,
+        })
+    }
+
+    /// The inference forward pass of `input_ids: [batch, seq]` u32 at positions continuing
+    /// from `cache.offset()`, rotated by `rope` (see [`crate::models::CausalLM::forward`]).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        rope: &RotaryEmbedding,
+        cache: &mut KvCache,
+        logits: Logits,
+    ) -> Result<Tensor> {
+        self.check_cache(cache)?;
+        let pass = AttentionPass::new(rope, cache.offset(), input_ids.dim(1)?)?;
+        let x = self.embed_tokens.forward(input_ids)?;
+        let x = self.run_blocks(x, 0..self.layers.len(), &pass, Some(cache), Mode::Inference)?;
+        self.logits(&x, logits)
+    }
+
+    /// Training, first half: the hidden states `[batch, seq, hidden]` after the embedding and
+    /// blocks `0..upto` by the inference path (no autograd graph), positions `0..seq`.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        upto: usize,
+        rope: &RotaryEmbedding,
+    ) -> Result<Tensor> {
+        let mut cache = KvCache::growing(self.layers.len());
+        let x = self.embed_tokens.forward(input_ids)?;
+        let pass = AttentionPass::new(rope, 0, input_ids.dim(1)?)?;
+        let upto = upto.min(self.layers.len());
+        self.run_blocks(x, 0..upto, &pass, Some(&mut cache), Mode::Inference)
+    }
+
+    /// Training: blocks `range` on `hidden: [batch, seq, hidden]` as differentiable ops
+    /// (positions `0..seq`); `dropout` turns adapter dropout on.
+    pub fn forward_blocks(
+        &self,
+        hidden: &Tensor,
+        range: std::ops::Range<usize>,
+        dropout: bool,
+        rope: &RotaryEmbedding,
+    ) -> Result<Tensor> {
+        if range.is_empty() {
+            return Ok(hidden.clone());
+        }
+        let pass = AttentionPass::new(rope, 0, hidden.dim(1)?)?;
+        let mode = Mode::Training { dropout };
+        self.run_blocks(hidden.clone(), range, &pass, None, mode)
+    }
+
+    /// Training: final norm and output layer on `hidden: [batch, seq, hidden]` as
+    /// differentiable ops; logits `[batch, seq, vocab]`, or with `select: [n]` u32 (indices
+    /// into the flattened `batch · seq` positions) `[n, vocab]`.
+    pub fn forward_head(
+        &self,
+        hidden: &Tensor,
+        dropout: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x = match select {
+            Some(idx) => hidden.reshape(((), hidden.dim(2)?))?.index_select(idx, 0)?,
+            None => hidden.clone(),
+        };
+        let mode = Mode::Training { dropout };
+        self.lm_head
+            .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
+    }
+
+    /// The one-token step as data ([`DecodePlan`]).
+    pub fn decode_plan<'a>(
+        &'a self,
+        rope: &'a RotaryEmbedding,
+        context_length: usize,
+    ) -> DecodePlan<'a> {
+        DecodePlan {
+            embed_tokens: &self.embed_tokens,
+            blocks: self
+                .layers
+                .iter()
+                .map(|b| PlanBlock {
+                    attn_norm: &b.input_layernorm,
+                    attention: &b.self_attn,
+                    mlp_norm: &b.post_attention_layernorm,
+                    mlp: &b.mlp,
+                })
+                .collect(),
+            norm: &self.norm,
+            lm_head: &self.lm_head,
+            rope,
+            context_length,
+        }
+    }
+
+    /// The blocks' linear layers and the output layer by Hugging Face module name, for
+    /// adapters; `qk_rows` says how q/k rows are stored (an adapter's columns follow it).
+    pub fn linears_mut(&mut self, qk_rows: QkRowOrder) -> Vec<LinearSlot<'_>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let attn = layer.self_attn.linears_mut().into_iter();
+            let attn =
+                attn.map(|(key, l, heads)| (key, l, heads.and_then(|h| qk_rows.permuted_heads(h))));
+            let mlp = layer
+                .mlp
+                .linears_mut()
+                .into_iter()
+                .map(|(key, l)| (key, l, None));
+            for (key, linear, permuted_heads) in attn.chain(mlp) {
+                out.push(LinearSlot {
+                    name: format!("model.layers.{i}.{key}"),
+                    layer: Some(i),
+                    key: key.to_string(),
+                    linear,
+                    permuted_heads,
+                });
+            }
+        }
+        out.push(LinearSlot {
+            name: "lm_head".into(),
+            layer: None,
+            key: "lm_head".into(),
+            linear: &mut self.lm_head,
+            permuted_heads: None,
+        });
+        out
+    }
+}

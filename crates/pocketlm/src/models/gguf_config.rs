@@ -1,0 +1,74 @@
+//! Hugging Face configs from GGUF metadata: the keys llama.cpp's architectures share.
+
+use candle_core::Device;
+
+use crate::gguf::GgufFile;
+use crate::{Error, Result};
+
+/// An HF-style config (config.json field names) from the GGUF metadata keys llama.cpp's
+/// architectures share (`{arch}.embedding_length`, `{arch}.attention.head_count`, RoPE base and
+/// scaling, ...; llama.cpp's `llama-arch.cpp` names, written by `convert_hf_to_gguf.py`), with
+/// Llama 3's `rope_freqs.weight` frequency divisors where the file has them.
+///
+/// Errors: a missing required key or an unsupported `rope.scaling.type`, naming the file.
+pub fn common(g: &GgufFile) -> Result<serde_json::Value> {
+    let arch = g.architecture()?;
+    let k = |s: &str| format!("{arch}.{s}");
+    let heads = g.get_usize(&k("attention.head_count"))?;
+    let hidden = g.get_usize(&k("embedding_length"))?;
+    let vocab = match g.opt_usize(&k("vocab_size"))? {
+        Some(v) => v,
+        None => g.tensor_info("token_embd.weight")?.0[0],
+    };
+    let head_dim = match g.opt_usize(&k("attention.key_length"))? {
+        Some(d) => d,
+        None => g
+            .opt_usize(&k("rope.dimension_count"))?
+            .unwrap_or(hidden / heads.max(1)),
+    };
+    let rope_scaling = match g.opt_str(&k("rope.scaling.type"))?.as_deref() {
+        None | Some("none") => serde_json::Value::Null,
+        Some("linear") => serde_json::json!({
+            "rope_type": "linear",
+            "factor": g.get_f64(&k("rope.scaling.factor"))?,
+        }),
+        // llama.cpp's converter writes YaRN as the factor and the original context length.
+        Some("yarn") => serde_json::json!({
+            "rope_type": "yarn",
+            "factor": g.get_f64(&k("rope.scaling.factor"))?,
+            "original_max_position_embeddings":
+                g.get_f64(&k("rope.scaling.original_context_length"))?,
+            "beta_fast": g.opt_f64(&k("rope.scaling.yarn_beta_fast"))?,
+            "beta_slow": g.opt_f64(&k("rope.scaling.yarn_beta_slow"))?,
+        }),
+        Some(other) => {
+            return Err(Error::Model(format!(
+                "{}: `{arch}.rope.scaling.type` `{other}` is not supported",
+                g.path().display()
+            )))
+        }
+    };
+    let rope_freq_factors = if g.has_tensor("rope_freqs.weight") {
+        let t = g.tensor_f32("rope_freqs.weight", &[head_dim / 2], &Device::Cpu)?;
+        Some(t.to_vec1::<f32>()?)
+    } else {
+        None
+    };
+    Ok(serde_json::json!({
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": g.get_usize(&k("feed_forward_length"))?,
+        "num_hidden_layers": g.get_usize(&k("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": g.opt_usize(&k("attention.head_count_kv"))?.unwrap_or(heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        "rope_theta": g.opt_f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+        "rope_scaling": rope_scaling,
+        "rope_freq_factors": rope_freq_factors,
+        "max_position_embeddings": g.opt_usize(&k("context_length"))?.unwrap_or(2048),
+        "vocab_size": vocab,
+        "tie_word_embeddings": !g.has_tensor("output.weight"),
+        "sliding_window": g.opt_usize(&k("attention.sliding_window"))?,
+    }))
+}
