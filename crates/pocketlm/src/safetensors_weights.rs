@@ -11,14 +11,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::nn::{Embedding, Linear};
 use crate::quant::mlx_affine::{check_params, AffineQuantized};
-use crate::weights::{WeightLayout, Weights};
+use crate::weights::{Placement, Stored, WeightLayout, Weights};
 use crate::{Error, Result};
 
 /// Name of the shard index written by `save_pretrained` and mlx-lm.
@@ -411,9 +410,12 @@ impl SafetensorsWeights {
         Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
     }
 
-    fn dense_from_quantized(&self, q: &AffineQuantized) -> Result<Tensor> {
-        let t = Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?;
-        self.f32_on_device(t)
+    /// Where this source's layers go ([`Placement`]).
+    fn placement(&self) -> Placement {
+        Placement {
+            device: self.device.clone(),
+            dequantize: self.dequantize,
+        }
     }
 
     fn float_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -442,33 +444,23 @@ impl Weights for SafetensorsWeights {
         } else {
             None
         };
-        match self.quantized(prefix, out_features, in_features)? {
-            Some(q) if self.dequantize => Ok(Linear::dense(self.dense_from_quantized(&q)?, b)),
-            Some(q) => Linear::mlx_on(
-                Arc::new(q.with_exact_matmul(self.exact_mlx_matmul)),
-                b,
-                &self.device,
-            ),
-            None => Ok(Linear::dense(
-                self.float_weight(&format!("{prefix}.weight"), &[out_features, in_features])?,
-                b,
-            )),
-        }
+        let stored = match self.quantized(prefix, out_features, in_features)? {
+            Some(q) => Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul)),
+            None => {
+                let name = format!("{prefix}.weight");
+                Stored::Float(self.float_weight(&name, &[out_features, in_features])?)
+            }
+        };
+        self.placement().linear(stored, b)
     }
 
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
-        match self.quantized(prefix, vocab, hidden)? {
-            Some(q) if self.dequantize => Ok(Embedding::Dense(self.dense_from_quantized(&q)?)),
-            #[cfg(feature = "cuda")]
-            Some(q) if self.device.is_cuda() && crate::cuda::CudaQMatrix::supports_mlx(&q) => {
-                Ok(Embedding::Cuda(Arc::new(
-                    crate::cuda::CudaQMatrix::from_mlx(&q, &self.device)?,
-                )))
-            }
-            Some(q) => Ok(Embedding::Mlx(Arc::new(q))),
-            None => Ok(Embedding::Dense(self.float_weight(name, &[vocab, hidden])?)),
-        }
+        let stored = match self.quantized(prefix, vocab, hidden)? {
+            Some(q) => Stored::Mlx(q),
+            None => Stored::Float(self.float_weight(name, &[vocab, hidden])?),
+        };
+        self.placement().embedding(stored)
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -493,23 +485,17 @@ impl Weights for SafetensorsWeights {
         outs: &[usize],
         in_features: usize,
     ) -> Result<Option<Linear>> {
-        if !self.device.is_cuda() || self.dequantize || prefixes.len() != outs.len() {
+        let placement = self.placement();
+        if !placement.device.is_cuda() || placement.dequantize || prefixes.len() != outs.len() {
             return Ok(None);
         }
         let mut parts = Vec::with_capacity(prefixes.len());
         for (p, &o) in prefixes.iter().zip(outs) {
             match self.quantized(p, o, in_features)? {
-                Some(q) => parts.push(q),
+                Some(q) => parts.push(q.with_exact_matmul(self.exact_mlx_matmul)),
                 None => return Ok(None),
             }
         }
-        match AffineQuantized::stack_rows(&parts) {
-            Some(q) => Ok(Some(Linear::mlx_on(
-                Arc::new(q.with_exact_matmul(self.exact_mlx_matmul)),
-                None,
-                &self.device,
-            )?)),
-            None => Ok(None),
-        }
+        placement.stacked_mlx(&parts)
     }
 }

@@ -1,17 +1,20 @@
 //! Where model code gets its weights from. Architectures ask for tensors by their Hugging Face
 //! names; each source maps those names to its own (the "sanitize" step happens here, at load,
 //! never in the forward pass: GGUF names come from the architecture's
-//! [`crate::gguf::names::NameTable`]), decides whether a layer is dense or quantized, and
+//! [`crate::gguf::names::NameTable`]), decides through one [`Placement`] whether a layer is
+//! dense or quantized (and on which kernels), and
 //! tells the model builder how the weights are laid out ([`WeightLayout`]).
 
-use std::sync::Arc;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
 use crate::nn::{Embedding, Linear};
 use crate::{Error, Result};
+
+pub mod placement;
+
+pub use placement::{Placement, Stored};
 
 /// The row order of the q and k projections (`[heads * head_dim, hidden]`), which decides how
 /// RoPE pairs dimensions.
@@ -146,8 +149,7 @@ pub struct GgufWeights<'a> {
     file: &'a GgufFile,
     names: &'static NameTable,
     qk_rows: QkRowOrder,
-    device: Device,
-    dequantize: bool,
+    placement: Placement,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -164,82 +166,18 @@ impl<'a> GgufWeights<'a> {
             file,
             names,
             qk_rows,
-            device,
-            dequantize: false,
+            placement: Placement {
+                device,
+                dequantize: false,
+            },
         }
     }
 
     /// Dequantize every weight to f32 at load (dense layers only): the model then computes
     /// exactly what the float reference does with these weights, at 4-8x the memory.
     pub fn dequantized(mut self, yes: bool) -> Self {
-        self.dequantize = yes;
+        self.placement.dequantize = yes;
         self
-    }
-
-    /// Whether a tensor goes to our CPU kernels: quantized, of a type they handle, on the CPU,
-    /// and not asked to be dequantized.
-    fn uses_kernels(&self, gguf_name: &str) -> Result<bool> {
-        let (_, dtype) = self.file.tensor_info(gguf_name)?;
-        Ok(self.device.is_cpu()
-            && !self.dequantize
-            && !is_float(dtype)
-            && crate::kernels::GgufType::from_ggml(dtype).is_some())
-    }
-
-    /// On a CUDA device, GGUF tensors `names` (row blocks `outs` x `in_features`, one type our
-    /// kernels take) stacked by rows into one [`crate::cuda::CudaQMatrix`] layer; `None` when
-    /// not on CUDA, dequantizing, or of another type.
-    #[cfg(feature = "cuda")]
-    fn cuda_linear(
-        &self,
-        names: &[&str],
-        outs: &[usize],
-        in_features: usize,
-        bias: Option<Tensor>,
-    ) -> Result<Option<Linear>> {
-        use crate::cuda::CudaQMatrix;
-        if !self.device.is_cuda() || self.dequantize || names.len() != outs.len() {
-            return Ok(None);
-        }
-        let Some((dtype, raw)) = self.stacked_blocks(names, outs, in_features, |t| {
-            CudaQMatrix::supports_gguf(t, in_features)
-        })?
-        else {
-            return Ok(None);
-        };
-        let rows = outs.iter().sum();
-        let m = CudaQMatrix::from_gguf(dtype, &raw, rows, in_features, &self.device)
-            .map_err(|e| Error::tensor(names[0], e.to_string()))?;
-        Ok(Some(Linear::Cuda {
-            weight: std::sync::Arc::new(m),
-            bias,
-        }))
-    }
-
-    /// The ggml blocks of quantized tensors `names` (`outs[i] x in_features` each), stacked by
-    /// rows into one buffer, when all have one type and `accept` takes it; `None` otherwise.
-    fn stacked_blocks(
-        &self,
-        names: &[&str],
-        outs: &[usize],
-        in_features: usize,
-        accept: impl Fn(candle_core::quantized::GgmlDType) -> bool,
-    ) -> Result<Option<(candle_core::quantized::GgmlDType, Vec<u8>)>> {
-        let mut dtype = None;
-        for n in names {
-            let (_, t) = self.file.tensor_info(n)?;
-            if !accept(t) || dtype.is_some_and(|d| d != t) {
-                return Ok(None);
-            }
-            dtype = Some(t);
-        }
-        let Some(dtype) = dtype else { return Ok(None) };
-        let mut raw = Vec::new();
-        for (n, &o) in names.iter().zip(outs) {
-            let q = self.file.qtensor(n, &[o, in_features], &Device::Cpu)?;
-            raw.extend_from_slice(&q.data()?);
-        }
-        Ok(Some((dtype, raw)))
     }
 
     /// The GGUF name of Hugging Face tensor `name`.
@@ -265,43 +203,28 @@ impl Weights for GgufWeights<'_> {
         } else {
             None
         };
-        if self.uses_kernels(&w)? {
-            let weight = self.file.matrix(&w, &[out_features, in_features])?;
-            return Ok(Linear::Kernel { weight, bias: b });
-        }
-        #[cfg(feature = "cuda")]
-        if let Some(l) = self.cuda_linear(&[&w], &[out_features], in_features, b.clone())? {
-            return Ok(l);
-        }
-        let q = self
-            .file
-            .qtensor(&w, &[out_features, in_features], &self.device)?;
-        if self.dequantize || is_float(q.dtype()) {
-            Ok(Linear::dense(
-                q.dequantize(&self.device)?.to_dtype(DType::F32)?,
-                b,
-            ))
-        } else {
-            Linear::gguf(Arc::new(q), b)
-        }
+        let shape = [out_features, in_features];
+        let stored = Stored::Gguf {
+            file: self.file,
+            name: &w,
+            shape,
+        };
+        self.placement.linear(stored, b)
     }
 
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         let g = self.gguf_name(name)?;
-        if self.uses_kernels(&g)? {
-            return Ok(Embedding::Kernel(self.file.matrix(&g, &[vocab, hidden])?));
-        }
-        let q = self.file.qtensor(&g, &[vocab, hidden], &self.device)?;
-        if self.dequantize || is_float(q.dtype()) {
-            Ok(Embedding::Dense(q.dequantize(&self.device)?))
-        } else {
-            Ok(Embedding::Gguf(Arc::new(q)))
-        }
+        let stored = Stored::Gguf {
+            file: self.file,
+            name: &g,
+            shape: [vocab, hidden],
+        };
+        self.placement.embedding(stored)
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let g = self.gguf_name(name)?;
-        self.file.tensor_f32(&g, shape, &self.device)
+        self.file.tensor_f32(&g, shape, &self.placement.device)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -311,7 +234,7 @@ impl Weights for GgufWeights<'_> {
     }
 
     fn device(&self) -> &Device {
-        &self.device
+        &self.placement.device
     }
 
     fn layout(&self) -> WeightLayout {
@@ -328,37 +251,14 @@ impl Weights for GgufWeights<'_> {
         outs: &[usize],
         in_features: usize,
     ) -> Result<Option<Linear>> {
-        if !self.device.is_cuda() || self.dequantize || prefixes.len() != outs.len() {
-            return Ok(None);
-        }
         let names = prefixes
             .iter()
             .map(|p| self.gguf_name(&format!("{p}.weight")))
             .collect::<Result<Vec<_>>>()?;
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        #[cfg(feature = "cuda")]
-        if let Some(l) = self.cuda_linear(&names, outs, in_features, None)? {
-            return Ok(Some(l));
-        }
-        let Some((dtype, raw)) =
-            self.stacked_blocks(&names, outs, in_features, |t| !is_float(t))?
-        else {
-            return Ok(None);
-        };
-        let rows = outs.iter().sum();
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            dtype,
-            &raw,
-            vec![rows, in_features],
-            &self.device,
-        )?;
-        Ok(Some(Linear::gguf(Arc::new(q), None)?))
+        self.placement
+            .stacked_gguf(self.file, &names, outs, in_features)
     }
-}
-
-fn is_float(t: candle_core::quantized::GgmlDType) -> bool {
-    use candle_core::quantized::GgmlDType as G;
-    matches!(t, G::F32 | G::F16 | G::BF16)
 }
 
 #[cfg(test)]

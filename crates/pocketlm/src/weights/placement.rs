@@ -1,0 +1,248 @@
+//! One placement policy for every weight source: which [`Linear`] / [`Embedding`] kind a stored
+//! tensor becomes, from how it is stored (float, a GGUF block type, MLX affine), the device and
+//! whether the user asked for float weights. Quantization is a property of a layer, decided
+//! here once ("Quantization is a property of a layer", as mlx's `nn.quantize` with a class
+//! predicate).
+//!
+//! | stored | `dequantize` | CPU | CUDA |
+//! |---|---|---|---|
+//! | float | either | dense | dense |
+//! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
+//! | other GGUF block types | no | [`Linear::Gguf`] | as above |
+//! | MLX affine | no | [`Linear::Mlx`] | [`Linear::Cuda`] for 4/8-bit, else dense |
+//! | any quantized | yes | dense f32 | dense f32 |
+//!
+//! Embedding tables follow the same rows, except that GGUF tables on CUDA stay candle's
+//! quantized tensors (looked up by row) and MLX tables of the types our CUDA kernels take
+//! become [`Embedding::Cuda`].
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::gguf::GgufFile;
+use crate::nn::{Embedding, Linear};
+use crate::quant::mlx_affine::AffineQuantized;
+use crate::Result;
+
+/// A weight matrix as a source holds it.
+pub enum Stored<'a> {
+    /// A float tensor (any float dtype, any device).
+    Float(Tensor),
+    /// A tensor of a GGUF file, `[rows, cols]`, by its GGUF name.
+    Gguf {
+        /// The file.
+        file: &'a GgufFile,
+        /// Its GGUF name.
+        name: &'a str,
+        /// `[rows, cols]`.
+        shape: [usize; 2],
+    },
+    /// An MLX affine group-quantized matrix.
+    Mlx(AffineQuantized),
+}
+
+/// Where weights go and whether to dequantize them (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// The device the layers run on.
+    pub device: Device,
+    /// Dequantize every quantized weight to f32 at load (the float reference's numbers, at 4-8x
+    /// the memory).
+    pub dequantize: bool,
+}
+
+impl Placement {
+    /// The linear layer `stored` becomes, with an optional float `bias` `[rows]`.
+    ///
+    /// Errors: a tensor that cannot be read or does not have `shape` (named).
+    pub fn linear(&self, stored: Stored<'_>, bias: Option<Tensor>) -> Result<Linear> {
+        match stored {
+            Stored::Float(t) => Ok(Linear::dense(self.f32(t)?, bias)),
+            Stored::Mlx(q) if self.dequantize => Ok(Linear::dense(self.dense_mlx(&q)?, bias)),
+            Stored::Mlx(q) => Linear::mlx_on(Arc::new(q), bias, &self.device),
+            Stored::Gguf { file, name, shape } => {
+                let (_, dtype) = file.tensor_info(name)?;
+                if self.uses_cpu_kernels(dtype) {
+                    let weight = file.matrix(name, &shape)?;
+                    return Ok(Linear::Kernel { weight, bias });
+                }
+                #[cfg(feature = "cuda")]
+                if let Some(l) =
+                    self.cuda_gguf(file, &[name], &[shape[0]], shape[1], bias.clone())?
+                {
+                    return Ok(l);
+                }
+                let q = file.qtensor(name, &shape, &self.device)?;
+                self.ggml(q, bias)
+            }
+        }
+    }
+
+    /// The embedding table `[vocab, hidden]` `stored` becomes.
+    ///
+    /// Errors: as [`Self::linear`].
+    pub fn embedding(&self, stored: Stored<'_>) -> Result<Embedding> {
+        match stored {
+            Stored::Float(t) => Ok(Embedding::Dense(self.f32(t)?)),
+            Stored::Mlx(q) if self.dequantize => Ok(Embedding::Dense(self.dense_mlx(&q)?)),
+            #[cfg(feature = "cuda")]
+            Stored::Mlx(q)
+                if self.device.is_cuda() && crate::cuda::CudaQMatrix::supports_mlx(&q) =>
+            {
+                let m = crate::cuda::CudaQMatrix::from_mlx(&q, &self.device)?;
+                Ok(Embedding::Cuda(Arc::new(m)))
+            }
+            Stored::Mlx(q) => Ok(Embedding::Mlx(Arc::new(q))),
+            Stored::Gguf { file, name, shape } => {
+                let (_, dtype) = file.tensor_info(name)?;
+                if self.uses_cpu_kernels(dtype) {
+                    return Ok(Embedding::Kernel(file.matrix(name, &shape)?));
+                }
+                let q = file.qtensor(name, &shape, &self.device)?;
+                if self.dequantize || is_float(q.dtype()) {
+                    Ok(Embedding::Dense(q.dequantize(&self.device)?))
+                } else {
+                    Ok(Embedding::Gguf(Arc::new(q)))
+                }
+            }
+        }
+    }
+
+    /// GGUF tensors `names` (`outs[i] x cols` each) stacked by rows into one bias-free layer,
+    /// where that is cheaper (on a GPU one launch replaces several in decode); `None` on the
+    /// CPU, when dequantizing, or when the types differ or are float.
+    ///
+    /// Errors: tensors that cannot be read (named).
+    pub fn stacked_gguf(
+        &self,
+        file: &GgufFile,
+        names: &[&str],
+        outs: &[usize],
+        cols: usize,
+    ) -> Result<Option<Linear>> {
+        if !self.device.is_cuda() || self.dequantize || names.len() != outs.len() {
+            return Ok(None);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(l) = self.cuda_gguf(file, names, outs, cols, None)? {
+            return Ok(Some(l));
+        }
+        let Some((dtype, raw)) = stacked_blocks(file, names, outs, cols, |t| !is_float(t))? else {
+            return Ok(None);
+        };
+        let rows = outs.iter().sum();
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &raw,
+            vec![rows, cols],
+            &self.device,
+        )?;
+        Ok(Some(Linear::gguf(Arc::new(q), None)?))
+    }
+
+    /// MLX matrices `parts` (same columns, group size and bits) stacked by rows into one
+    /// bias-free layer where that is cheaper (a GPU); `None` on the CPU, when dequantizing, or
+    /// when the parts do not stack.
+    ///
+    /// Errors: a layer that cannot be placed on the device.
+    pub fn stacked_mlx(&self, parts: &[AffineQuantized]) -> Result<Option<Linear>> {
+        if !self.device.is_cuda() || self.dequantize {
+            return Ok(None);
+        }
+        match AffineQuantized::stack_rows(parts) {
+            Some(q) => Ok(Some(Linear::mlx_on(Arc::new(q), None, &self.device)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a GGUF tensor of `dtype` goes to our CPU kernels: quantized, of a type they
+    /// handle, on the CPU, and not asked to be dequantized.
+    fn uses_cpu_kernels(&self, dtype: GgmlDType) -> bool {
+        self.device.is_cpu()
+            && !self.dequantize
+            && !is_float(dtype)
+            && crate::kernels::GgufType::from_ggml(dtype).is_some()
+    }
+
+    /// A candle quantized tensor as a layer: dense f32 when dequantizing or float, else
+    /// candle's quantized product.
+    fn ggml(&self, q: QTensor, bias: Option<Tensor>) -> Result<Linear> {
+        if self.dequantize || is_float(q.dtype()) {
+            let w = q.dequantize(&self.device)?.to_dtype(DType::F32)?;
+            Ok(Linear::dense(w, bias))
+        } else {
+            Linear::gguf(Arc::new(q), bias)
+        }
+    }
+
+    /// On a CUDA device, GGUF tensors `names` (row blocks `outs` x `cols`, one type our kernels
+    /// take) stacked by rows into one [`crate::cuda::CudaQMatrix`] layer; `None` when not on
+    /// CUDA, dequantizing, or of another type.
+    #[cfg(feature = "cuda")]
+    fn cuda_gguf(
+        &self,
+        file: &GgufFile,
+        names: &[&str],
+        outs: &[usize],
+        cols: usize,
+        bias: Option<Tensor>,
+    ) -> Result<Option<Linear>> {
+        use crate::cuda::CudaQMatrix;
+        if !self.device.is_cuda() || self.dequantize || names.len() != outs.len() {
+            return Ok(None);
+        }
+        let accept = |t| CudaQMatrix::supports_gguf(t, cols);
+        let Some((dtype, raw)) = stacked_blocks(file, names, outs, cols, accept)? else {
+            return Ok(None);
+        };
+        let rows = outs.iter().sum();
+        let m = CudaQMatrix::from_gguf(dtype, &raw, rows, cols, &self.device)
+            .map_err(|e| crate::Error::tensor(names[0], e.to_string()))?;
+        Ok(Some(Linear::Cuda {
+            weight: Arc::new(m),
+            bias,
+        }))
+    }
+
+    fn f32(&self, t: Tensor) -> Result<Tensor> {
+        Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
+    }
+
+    fn dense_mlx(&self, q: &AffineQuantized) -> Result<Tensor> {
+        let t = Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?;
+        self.f32(t)
+    }
+}
+
+/// Whether a GGUF type holds floats (F32, F16, BF16) rather than quantized blocks.
+pub fn is_float(t: GgmlDType) -> bool {
+    matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// The ggml blocks of quantized tensors `names` (`outs[i] x cols` each), stacked by rows into
+/// one buffer, when all have one type and `accept` takes it; `None` otherwise.
+fn stacked_blocks(
+    file: &GgufFile,
+    names: &[&str],
+    outs: &[usize],
+    cols: usize,
+    accept: impl Fn(GgmlDType) -> bool,
+) -> Result<Option<(GgmlDType, Vec<u8>)>> {
+    let mut dtype = None;
+    for n in names {
+        let (_, t) = file.tensor_info(n)?;
+        if !accept(t) || dtype.is_some_and(|d| d != t) {
+            return Ok(None);
+        }
+        dtype = Some(t);
+    }
+    let Some(dtype) = dtype else { return Ok(None) };
+    let mut raw = Vec::new();
+    for (n, &o) in names.iter().zip(outs) {
+        let q = file.qtensor(n, &[o, cols], &Device::Cpu)?;
+        raw.extend_from_slice(&q.data()?);
+    }
+    Ok(Some((dtype, raw)))
+}
