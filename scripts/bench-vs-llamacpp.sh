@@ -28,13 +28,28 @@ if [ ! -x "$bench_bin" ]; then
   tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
   rm -rf "$lc" && mkdir -p "$home" && mv "$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp" "$lc"
   rm -rf "$tmp"
-  cmake -S "$lc" -B "$lc/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  # GGML_NATIVE, except on CPUs with AMX: there llama.cpp's AMX matmul (which -march=native
+  # turns on) dies with SIGSEGV in this build (seen on a 2-core Sapphire Rapids VM), so the
+  # CPU's other extensions are named one by one and AMX stays off.
+  isa=(-DGGML_NATIVE=ON)
+  if grep -qw amx_int8 /proc/cpuinfo; then
+    isa=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+    for f in avx_vnni:AVX_VNNI avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+      grep -qw "${f%%:*}" /proc/cpuinfo && isa+=("-DGGML_${f##*:}=ON")
+    done
+  fi
+  cmake -S "$lc" -B "$lc/build" -DCMAKE_BUILD_TYPE=Release "${isa[@]}" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
   cmake --build "$lc/build" --target llama-bench -j "$(nproc)" >/dev/null
 fi
 
-cargo build --release -q -p pocketlm-cli
-pocketlm=${CARGO_TARGET_DIR:-target}/release/pocketlm
+# POCKETLM_BIN: measure that binary instead of building this checkout (an older build, say).
+if [ -n "${POCKETLM_BIN:-}" ]; then
+  pocketlm=$POCKETLM_BIN
+else
+  cargo build --release -q -p pocketlm-cli
+  pocketlm=${CARGO_TARGET_DIR:-target}/release/pocketlm
+fi
 if [ -z "$model" ]; then model=$("$pocketlm" fetch); fi
 
 echo "== llama.cpp llama-bench ($model, $threads threads)"
