@@ -345,10 +345,17 @@ impl ChatCompletionRequest {
                     t
                 }
             };
-            let role = if m.role == "developer" {
-                "system"
-            } else {
-                &m.role
+            let role = match m.role.as_str() {
+                "developer" => "system",
+                r @ ("system" | "user" | "assistant" | "tool") => r,
+                other => {
+                    return Err(ApiError::bad_param(
+                        &format!("messages[{i}].role"),
+                        format!(
+                            "`messages[{i}].role` is `{other}`; expected one of system, developer, user, assistant, tool"
+                        ),
+                    ))
+                }
             };
             out.push(Message::new(role, text).with_images(images));
         }
@@ -659,6 +666,18 @@ mod tests {
                 Message::assistant("")
             ]
         );
+    }
+
+    #[test]
+    fn unknown_roles_are_refused_naming_the_field() {
+        let req: ChatCompletionRequest = serde_json::from_str(
+            r#"{"messages": [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]}"#,
+        )
+        .expect("parses");
+        let e = req.messages().expect_err("wizard is no role");
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("messages[1].role"));
+        assert!(e.message.contains("wizard"), "{}", e.message);
     }
 
     #[test]

@@ -183,14 +183,20 @@ pub fn run(model: LoadedModel, config: ServerConfig) -> Result<(), ServerError> 
     })
 }
 
+/// The credentials of an `Authorization: Bearer <token>` header value; the scheme is matched
+/// without regard to case (RFC 9110 section 11.1: `bearer`, `BEARER` are the same scheme).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         match given {
             None => {
                 return ApiError::unauthorized(
@@ -622,4 +628,16 @@ fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     (headers, Body::from_stream(stream)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(super::bearer_token("Bearer sk-1"), Some("sk-1"));
+        assert_eq!(super::bearer_token("bearer sk-1"), Some("sk-1"));
+        assert_eq!(super::bearer_token("BEARER  sk-1 "), Some("sk-1"));
+        assert_eq!(super::bearer_token("Basic sk-1"), None);
+        assert_eq!(super::bearer_token("Bearer"), None);
+    }
 }

@@ -26,7 +26,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub queue_size: usize,
     /// Require `Authorization: Bearer KEY` on /v1 routes.
-    #[arg(long, env = "POCKETLM_API_KEY")]
+    #[arg(long, env = "POCKETLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Print loading details.
     #[arg(long, short = 'v')]

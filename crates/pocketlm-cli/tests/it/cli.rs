@@ -90,6 +90,20 @@ fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
+/// `serve --help` names the variable that holds the API key but never prints its value.
+#[test]
+fn serve_help_hides_the_api_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .args(["serve", "--help"])
+        .env("POCKETLM_API_KEY", "sk-do-not-print-me")
+        .output()
+        .expect("running pocketlm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("POCKETLM_API_KEY"), "{text}");
+    assert!(!text.contains("sk-do-not-print-me"), "{text}");
+}
+
 #[test]
 fn generate_streams_an_answer_from_the_default_model() {
     let out = pocketlm(&[

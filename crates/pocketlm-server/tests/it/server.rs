@@ -295,6 +295,13 @@ fn error_statuses_and_shapes() {
         let e = assert_error(resp.status().as_u16(), 401, &v);
         assert_eq!(e["type"], "authentication_error");
     }
+    // The scheme is case-insensitive: `bearer KEY` is accepted.
+    let resp = a
+        .post(&url)
+        .header("Authorization", format!("bearer {KEY}"))
+        .send(body.as_bytes())
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
     // 404: unknown route (JSON, not an empty body).
     let mut resp = a
         .get(format!("{}/v1/nothing-here", base()))
