@@ -260,7 +260,8 @@ impl RotatingKvCache {
     pub fn new(max_size: usize, keep: usize) -> Result<Self> {
         if max_size < 2 || keep >= max_size {
             return Err(Error::InvalidArgument(format!(
-                "a rotating KV cache needs max_kv_size >= 2 and keep < max_kv_size (got max_kv_size {max_size}, keep {keep})"
+                "max_kv_size {max_size} is too small: a rotating KV cache holds the first {keep} positions for good (keep, as mlx-lm's RotatingKVCache) plus a window, so max_kv_size must be at least {}",
+                (keep + 1).max(2)
             )));
         }
         Ok(Self {
@@ -1172,6 +1173,18 @@ mod tests {
         let mut c = QuantizedKvCache::new(8, 32).unwrap().with_rotation(true);
         let odd = Tensor::zeros((1, 1, 2, 96), DType::F32, &Device::Cpu).unwrap();
         assert!(c.update(&odd, &odd).is_err());
+    }
+
+    #[test]
+    fn too_small_rotating_cache_says_what_it_needs() {
+        let e = RotatingKvCache::new(2, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("max_kv_size 2") && e.contains("at least 5"),
+            "{e}"
+        );
+        let e = RotatingKvCache::new(1, 0).unwrap_err().to_string();
+        assert!(e.contains("at least 2"), "{e}");
+        assert!(RotatingKvCache::new(5, 4).is_ok());
     }
 
     #[test]

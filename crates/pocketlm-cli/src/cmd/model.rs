@@ -34,23 +34,24 @@ pub struct ModelArgs {
 }
 
 /// Sampling settings (mlx-lm's names). Each one left out comes from the model folder's
-/// `generation_config.json`, else from the library defaults (greedy, no penalty).
+/// `generation_config.json`, else from the library defaults (greedy, no penalty). Negative
+/// numbers parse as values (`--temp -1`), so that the library's check names the setting.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy. [default: the model's generation_config.json, else 0]
-    #[arg(long = "temp")]
+    #[arg(long = "temp", allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Keep only the K most likely tokens (0 = off).
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Drop tokens less likely than M times the most likely one (0 = off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_p: Option<f32>,
     /// Penalty for repeating recent tokens (1 = off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
     /// How many recent tokens the repetition penalty looks at.
     #[arg(long, default_value_t = SamplingParams::default().repetition_context_size)]

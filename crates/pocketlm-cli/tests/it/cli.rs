@@ -90,6 +90,23 @@ fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
+/// A negative setting reaches the sampler's check, which names it (clap took `-1` for a flag).
+#[test]
+fn negative_temperature_is_a_named_error() {
+    let out = pocketlm(&[
+        "generate",
+        "--temp",
+        "-1",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ]);
+    assert_clean_error(&out, &["temperature", "-1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+}
+
 /// `serve --help` names the variable that holds the API key but never prints its value.
 #[test]
 fn serve_help_hides_the_api_key() {
