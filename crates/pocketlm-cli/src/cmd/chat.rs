@@ -52,6 +52,27 @@ pub struct ChatArgs {
     pub verbose: bool,
 }
 
+/// The commands `chat` takes, as one line (`/image` only for vision-language models).
+fn commands_help(vision: bool) -> &'static str {
+    if vision {
+        "Type /image PATH to attach an image to your next message, /reset to start over, /exit to quit."
+    } else {
+        "Type /reset to start over, /exit to quit."
+    }
+}
+
+/// `Some(command)` when `line` is a command (`/word`, a slash then letters, alone or before a
+/// space) that `chat` does not know; `None` for known commands and for ordinary messages (a
+/// path such as `/usr/bin/env` is a message).
+fn unknown_command(line: &str, vision: bool) -> Option<&str> {
+    let word = line.strip_prefix('/')?.split(' ').next()?;
+    if word.is_empty() || !word.chars().all(|c| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    let known = matches!(word, "exit" | "quit" | "reset") || (vision && word == "image");
+    (!known).then(|| &line[..word.len() + 1])
+}
+
 /// Runs `chat`: reads user turns from stdin until `/exit` or end of input.
 pub fn run(args: ChatArgs) -> Result<()> {
     let m = Arc::new(load(&args.model, args.verbose)?);
@@ -86,11 +107,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
     };
     load_prompt_cache(&mut session)?;
     let interactive = std::io::stdin().is_terminal();
+    let vision = m.model.vision().is_some();
     if interactive {
         eprintln!(
-            "Chatting with {}. Type /image PATH to attach an image to your next message, \
-             /reset to start over, /exit to quit.",
-            m.path.display()
+            "Chatting with {}. {}",
+            m.path.display(),
+            commands_help(vision)
         );
     }
     let stdin = std::io::stdin();
@@ -116,8 +138,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
             }
             _ => {}
         }
+        if let Some(cmd) = unknown_command(text, vision) {
+            eprintln!("(unknown command {cmd}) {}", commands_help(vision));
+            continue;
+        }
         if let Some(path) = text.strip_prefix("/image ") {
-            if m.model.vision().is_none() {
+            if !vision {
                 eprintln!("(this model takes no images)");
                 continue;
             }
@@ -150,4 +176,21 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unknown_command;
+
+    #[test]
+    fn unknown_commands_are_caught_and_messages_pass() {
+        assert_eq!(unknown_command("/foo", false), Some("/foo"));
+        assert_eq!(unknown_command("/help me", false), Some("/help"));
+        assert_eq!(unknown_command("/image cat.png", false), Some("/image"));
+        assert_eq!(unknown_command("/image cat.png", true), None);
+        assert_eq!(unknown_command("/reset", false), None);
+        assert_eq!(unknown_command("/usr/bin/env is a path", false), None);
+        assert_eq!(unknown_command("hello /foo", false), None);
+        assert_eq!(unknown_command("/", false), None);
+    }
 }

@@ -226,12 +226,20 @@ fn chat_keeps_the_conversation_and_resets() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"Hello!\n/reset\nWhat is the capital of France?\n/exit\n")
+        .write_all(b"Hello!\n/reset\n/foo\n/image cat.png\nWhat is the capital of France?\n/exit\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("conversation reset"), "{stderr}");
+    // Unknown commands get the help line (no `/image` for this text-only model) and do not
+    // reach the model.
+    assert!(
+        stderr.contains("(unknown command /foo) Type /reset"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("(unknown command /image)"), "{stderr}");
+    assert!(!stderr.contains("/image PATH"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.lines().filter(|l| !l.trim().is_empty()).count() >= 2,
