@@ -81,7 +81,38 @@ fn main() {
         Command::Fetch => cmd::model::fetch_default().map(|p| println!("{}", p.display())),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line, `outer: inner: ...`, each said once: a cause whose
+/// text an outer message already holds (library errors name their file and include their
+/// source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn causes_are_said_once() {
+        let io = std::io::Error::other("no such file");
+        let inner = anyhow::Error::new(io).context("/x.gguf: no such file");
+        let e = inner.context("finding the model");
+        assert_eq!(one_line(&e), "finding the model: /x.gguf: no such file");
     }
 }

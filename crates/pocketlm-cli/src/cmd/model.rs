@@ -115,7 +115,7 @@ pub fn fetch_default() -> Result<PathBuf> {
 /// `loader::resolve_model`), the default model when none is named.
 pub fn resolve(model: Option<&str>) -> Result<PathBuf> {
     match model {
-        Some(m) => loader::resolve_model(m).with_context(|| format!("resolving model `{m}`")),
+        Some(m) => loader::resolve_model(m).context("finding the model"),
         None => fetch_default(),
     }
 }
@@ -129,8 +129,7 @@ pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
         exact_mlx_matmul: args.exact_mlx_matmul,
         ..Default::default()
     };
-    let mut m =
-        loader::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
+    let mut m = loader::load(&path, &opts).context("loading the model")?;
     if let Some(dir) = &args.adapter_path {
         let adapter = pocketlm::lora::Adapter::load(dir)
             .with_context(|| format!("reading the adapter {}", dir.display()))?;

@@ -90,6 +90,17 @@ fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
 }
 
+/// A missing model is one line that says each thing once.
+#[test]
+fn missing_model_error_says_each_thing_once() {
+    let out = pocketlm(&["generate", "--model", "/nonexistent.gguf", "--prompt", "hi"]);
+    assert_clean_error(&out, &["/nonexistent.gguf", "no such file"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("no such file").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("/nonexistent.gguf").count(), 1, "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
 /// A negative setting reaches the sampler's check, which names it (clap took `-1` for a flag).
 #[test]
 fn negative_temperature_is_a_named_error() {
