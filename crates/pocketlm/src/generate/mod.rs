@@ -270,7 +270,11 @@ impl Generation<'_> {
     fn finish(&mut self, reason: FinishReason, flush: bool) -> Result<()> {
         if flush {
             let tail = self.decoder.flush()?.unwrap_or_default();
-            self.text.push_str(&tail);
+            // A reply cut inside a character (max_tokens, EOS or a full context after part of
+            // an emoji's bytes) decodes to trailing U+FFFD: those bytes are dropped, never
+            // shown as a broken character.
+            self.text
+                .push_str(tail.trim_end_matches(char::REPLACEMENT_CHARACTER));
             if self.emitted < self.text.len() {
                 self.queue
                     .push_back(Event::Text(self.text[self.emitted..].to_string()));
@@ -421,5 +425,78 @@ impl Generation<'_> {
         Err(Error::InvalidArgument(
             "generation ended without a finish event".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{Logits, ModelInfo};
+    use crate::tokenizer::test_util::single_byte_gpt2;
+    use candle_core::{Device, Tensor};
+
+    /// A model that answers each token with a fixed next token (`next[id]`).
+    struct Chain {
+        next: Vec<u32>,
+        info: ModelInfo,
+    }
+
+    impl CausalLM for Chain {
+        fn forward(&self, ids: &Tensor, _: &mut KvCache, _: Logits) -> Result<Tensor> {
+            let ids: Vec<u32> = ids.squeeze(0)?.to_vec1()?;
+            let mut row = vec![0f32; self.info.vocab_size];
+            row[self.next[*ids.last().expect("a token") as usize] as usize] = 10.0;
+            Ok(Tensor::new(row.as_slice(), &Device::Cpu)?.unsqueeze(0)?)
+        }
+        fn new_cache(&self) -> KvCache {
+            KvCache::growing(0)
+        }
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn device(&self) -> &Device {
+            &Device::Cpu
+        }
+    }
+
+    /// max_tokens ends the reply after two of the crab's four bytes: the text stops before it,
+    /// with no U+FFFD.
+    #[test]
+    fn a_reply_cut_inside_a_character_never_ends_in_a_broken_one() {
+        let tok = Tokenizer::from_gguf_metadata(&single_byte_gpt2()).expect("tokenizer");
+        let ids = tok.encode("ok \u{1F980}", false).expect("encode");
+        assert_eq!(ids.len(), 7, "one token per byte");
+        let vocab = tok.vocab_size();
+        let mut next: Vec<u32> = (0..vocab as u32).collect();
+        for w in ids.windows(2) {
+            next[w[0] as usize] = w[1];
+        }
+        let model = Chain {
+            next,
+            info: ModelInfo {
+                architecture: "chain".into(),
+                vocab_size: vocab,
+                n_layers: 0,
+                hidden_size: 1,
+                n_kv_heads: 1,
+                head_dim: 1,
+                context_length: 64,
+            },
+        };
+        let mut cache = model.new_cache();
+        let params = GenerateParams {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let mut text = String::new();
+        let mut reason = None;
+        for e in generate(&model, &tok, &mut cache, &ids[..1], params).expect("starts") {
+            match e.expect("event") {
+                Event::Token { text: t, .. } | Event::Text(t) => text.push_str(&t),
+                Event::Finished { reason: r, .. } => reason = Some(r),
+            }
+        }
+        assert_eq!(reason, Some(FinishReason::MaxTokens));
+        assert_eq!(text, "k ");
     }
 }

@@ -13,7 +13,7 @@
 pub mod gguf;
 pub mod stream;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
