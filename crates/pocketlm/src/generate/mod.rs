@@ -448,9 +448,6 @@ mod tests {
             row[self.next[*ids.last().expect("a token") as usize] as usize] = 10.0;
             Ok(Tensor::new(row.as_slice(), &Device::Cpu)?.unsqueeze(0)?)
         }
-        fn new_cache(&self) -> KvCache {
-            KvCache::growing(0)
-        }
         fn info(&self) -> &ModelInfo {
             &self.info
         }

@@ -268,9 +268,6 @@ mod tests {
             self.calls.lock().expect("lock").push(ids);
             Ok(Tensor::new(row.as_slice(), &self.device)?.unsqueeze(0)?)
         }
-        fn new_cache(&self) -> KvCache {
-            KvCache::growing(0)
-        }
         fn info(&self) -> &ModelInfo {
             &self.info
         }

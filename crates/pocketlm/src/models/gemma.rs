@@ -556,10 +556,6 @@ impl CausalLM for Gemma {
         })
     }
 
-    fn new_cache(&self) -> KvCache {
-        KvCache::growing(self.layers.len())
-    }
-
     fn info(&self) -> &ModelInfo {
         &self.info
     }

@@ -268,10 +268,6 @@ impl CausalLM for Llama {
         self.decoder.forward(input_ids, &self.rope, cache, logits)
     }
 
-    fn new_cache(&self) -> KvCache {
-        KvCache::growing(self.decoder.layers.len())
-    }
-
     fn info(&self) -> &ModelInfo {
         &self.info
     }

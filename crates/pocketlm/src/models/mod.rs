@@ -88,8 +88,10 @@ pub trait CausalLM: Send + Sync {
     /// `cache.offset()`, appending to the cache. Returns f32 logits `[batch, vocab]`
     /// ([`Logits::Last`]) or `[batch, seq, vocab]` ([`Logits::All`]).
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor>;
-    /// An empty cache sized for this model.
-    fn new_cache(&self) -> KvCache;
+    /// An empty cache sized for this model: a growing cache for each layer.
+    fn new_cache(&self) -> KvCache {
+        KvCache::growing(self.info().n_layers)
+    }
     /// An empty cache of the kind `config` describes, one per layer of this model (the
     /// default: the same kind for every layer).
     ///

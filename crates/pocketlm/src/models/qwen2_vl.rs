@@ -798,10 +798,6 @@ impl CausalLM for Qwen2Vl {
         self.decode(x, &Self::text_positions(start, s), cache, logits)
     }
 
-    fn new_cache(&self) -> KvCache {
-        KvCache::growing(self.decoder.layers.len())
-    }
-
     fn info(&self) -> &ModelInfo {
         &self.info
     }

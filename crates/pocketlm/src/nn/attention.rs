@@ -7,33 +7,21 @@ use crate::kernels::float::{attention as float_attention, AttentionShape};
 use crate::{Error, Result};
 
 /// Causal attention of `q: [b, heads, s, d]` over `k`, `v: [b, kv_heads, kv_len, d]` (the last
-/// `s` keys are the queries' own positions), with an optional sliding `window`; returns
-/// `[b, s, heads · d]`, the input of the output projection.
+/// `s` keys are the queries' own positions), with an optional sliding `window` and optional
+/// attention logit soft-capping (Gemma 2); returns `[b, s, heads · d]`, the input of the output
+/// projection.
 ///
 /// `f32` on the CPU runs [`crate::kernels::float::attention`] (ggml's numerics, no mask
 /// tensor, no transposed copies); other devices and dtypes build `mask` (passed in, from
 /// [`causal_mask`]) and run [`scaled_dot_product_attention`].
 ///
+/// With `softcap = Some(c)` each score `s = q·k · scale` becomes `c · tanh(s / c)` before the
+/// softmax, on every device. On the CPU in `f32` the scores follow llama.cpp's order (`q·k`,
+/// `·scale`, `·(1/c)`, `tanhf`, `·c`); llama.cpp scales `q` instead of the scores, so a caller
+/// that wants its numerics bit for bit pre-scales `q` and passes `scale = 1`.
+///
 /// Errors: shapes that do not agree (heads not a multiple of kv heads, fewer keys than
 /// queries, different head dims).
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    window: Option<usize>,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    causal_attention_capped(q, k, v, scale, None, window, mask)
-}
-
-/// [`causal_attention`] with attention logit soft-capping (Gemma 2): each score `s = q·k ·
-/// scale` becomes `c · tanh(s / c)` before the softmax, on every device. On the CPU in `f32`
-/// the scores follow llama.cpp's order (`q·k`, `·scale`, `·(1/c)`, `tanhf`, `·c`); llama.cpp
-/// scales `q` instead of the scores, so a caller that wants its numerics bit for bit
-/// pre-scales `q` and passes `scale = 1`.
-///
-/// Errors: as [`causal_attention`].
 pub fn causal_attention_capped(
     q: &Tensor,
     k: &Tensor,

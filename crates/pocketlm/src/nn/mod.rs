@@ -13,7 +13,7 @@ pub mod rope;
 pub mod self_attention;
 
 pub use attention::{
-    causal_attention, causal_attention_capped, causal_mask, repeat_kv, scaled_dot_product_attention,
+    causal_attention_capped, causal_mask, repeat_kv, scaled_dot_product_attention,
 };
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;

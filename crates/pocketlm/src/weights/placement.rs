@@ -217,7 +217,7 @@ impl Placement {
 }
 
 /// Whether a GGUF type holds floats (F32, F16, BF16) rather than quantized blocks.
-pub fn is_float(t: GgmlDType) -> bool {
+fn is_float(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
