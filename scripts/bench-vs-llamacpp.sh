@@ -1,33 +1,39 @@
 #!/usr/bin/env bash
-# Side-by-side speed of pocketlm and llama.cpp on the same GGUF, same threads, in one run.
-#   scripts/bench-vs-llamacpp.sh [MODEL.gguf] [THREADS] [PP] [TG] [REPS]
+# Side-by-side speed of pocketlm and llama.cpp on the same GGUF files, same threads, one run.
+#   scripts/bench-vs-llamacpp.sh [MODEL.gguf | default | 1b-q4_0 | 1b-q4_k | 1b-q8_0 | 8b-q4_0 ...]
+# With no model named it runs the suite of issue #21: the default model, 1B-shaped random
+# models in Q4_0, Q4_K and Q8_0 (pp512/tg128) and an 8B-shaped Q4_0 (pp128/tg32), at each of
+# $DEPTHS. Random models (Llama-3 shapes, random weights: speed only) are written once by
+# ../shared/tools/make_random_gguf.py (or $MAKE_RANDOM_GGUF) into $POCKETLM_HOME/models.
+# For each Q4_0 and Q4_1 model the MLX 4-bit g64 conversion (`pocketlm convert -q --q-bits 4
+# --q-group-size 64 --dtype f16`, cached next to the GGUF) is measured against llama.cpp's GGUF.
+# Settings (environment): THREADS (2), REPS (3), DEPTHS (0; e.g. "0,4096"), PP and TG (override
+# every model's lengths), MLX=0 to skip the conversions, POCKETLM_BIN to measure that binary
+# instead of building this checkout.
 # Builds llama.cpp's llama-bench once from the llama-cpp-python 0.3.36 sdist (PyPI; it vendors
-# llama.cpp build 0c1e570) into ${POCKETLM_HOME:-~/.cache/pocketlm}/llama.cpp, builds pocketlm in
-# release mode, converts the GGUF once to MLX 4-bit (`pocketlm convert -q --q-bits 4
-# --q-group-size 64`, f16 scales and biases; cached next to the GGUF as NAME-mlx-4bit), then
-# runs llama-bench on the GGUF, pocketlm bench on the GGUF and pocketlm bench on the MLX
-# folder, and prints the ratios pocketlm / llama.cpp for pp and tg (both pocketlm rows against
-# llama.cpp on the GGUF). Needs cmake, a C++ compiler, pip and python3.
+# llama.cpp build 0c1e570) into ${POCKETLM_HOME:-~/.cache/pocketlm}/llama.cpp. Needs cmake, a C++
+# compiler, pip and python3. Prints one table of ratios pocketlm / llama.cpp and peak memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 home=${POCKETLM_HOME:-$HOME/.cache/pocketlm}
-model=${1:-}
-threads=${2:-2}
-pp=${3:-512}
-tg=${4:-128}
-reps=${5:-3}
+threads=${THREADS:-2}
+reps=${REPS:-3}
+depths=${DEPTHS:-0}
 lc="$home/llama.cpp"
 bench_bin="$lc/build/bin/llama-bench"
+out=$(mktemp -d)
 
 if [ ! -x "$bench_bin" ]; then
   command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
-  # `pip download` of an sdist without build isolation needs its build backend installed.
-  python3 -c "import scikit_build_core" 2>/dev/null || python3 -m pip install -q scikit-build-core
-  tmp=$(mktemp -d)
-  python3 -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$tmp" llama-cpp-python==0.3.36
-  tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
-  rm -rf "$lc" && mkdir -p "$home" && mv "$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp" "$lc"
-  rm -rf "$tmp"
+  if [ ! -f "$lc/CMakeLists.txt" ]; then
+    # `pip download` of an sdist without build isolation needs its build backend installed.
+    python3 -c "import scikit_build_core" 2>/dev/null || python3 -m pip install -q scikit-build-core
+    tmp=$(mktemp -d)
+    python3 -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$tmp" llama-cpp-python==0.3.36
+    tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
+    rm -rf "$lc" && mkdir -p "$home" && mv "$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp" "$lc"
+    rm -rf "$tmp"
+  fi
   # GGML_NATIVE, except on CPUs with AMX: there llama.cpp's AMX matmul (which -march=native
   # turns on) dies with SIGSEGV in this build (seen on a 2-core Sapphire Rapids VM), so the
   # CPU's other extensions are named one by one and AMX stays off.
@@ -43,57 +49,102 @@ if [ ! -x "$bench_bin" ]; then
   cmake --build "$lc/build" --target llama-bench -j "$(nproc)" >/dev/null
 fi
 
-# POCKETLM_BIN: measure that binary instead of building this checkout (an older build, say).
 if [ -n "${POCKETLM_BIN:-}" ]; then
   pocketlm=$POCKETLM_BIN
 else
   cargo build --release -q -p pocketlm-cli
   pocketlm=${CARGO_TARGET_DIR:-target}/release/pocketlm
 fi
-if [ -z "$model" ]; then model=$("$pocketlm" fetch); fi
 
-echo "== llama.cpp llama-bench ($model, $threads threads)"
-"$bench_bin" -m "$model" -t "$threads" -p "$pp" -n "$tg" -r "$reps" -o json > /tmp/llama-bench.json
-mlx_dir="${model%.gguf}-mlx-4bit"
-rm -f /tmp/pocketlm-bench-mlx.json
-if [ ! -d "$mlx_dir" ] && ! "$pocketlm" convert --model "$model" --out "$mlx_dir" -q --q-bits 4 --q-group-size 64 --dtype f16; then
-  echo "(no MLX 4-bit conversion of this GGUF: its rows are left out)"
-  mlx_dir=""
-fi
-echo "== pocketlm bench (GGUF)"
-"$pocketlm" -t "$threads" bench --model "$model" -p "$pp" -n "$tg" -r "$reps" --json > /tmp/pocketlm-bench.json
-if [ -n "$mlx_dir" ]; then
-  echo "== pocketlm bench (MLX 4-bit, $mlx_dir)"
-  "$pocketlm" -t "$threads" bench --model "$mlx_dir" -p "$pp" -n "$tg" -r "$reps" --json > /tmp/pocketlm-bench-mlx.json
-fi
+# A random model of a real shape: NAME = 1b-q4_0 | 1b-q4_k | 1b-q8_0 | 8b-q4_0 ...
+random_model() {
+  local shape=${1%%-*} qtype=${1#*-} path="$home/models/random-$1.gguf"
+  if [ ! -f "$path" ]; then
+    local py=python3
+    if ! python3 -c "import gguf, numpy" 2>/dev/null; then
+      [ -x "$home/venv-gguf/bin/python" ] || {
+        python3 -m venv "$home/venv-gguf" && "$home/venv-gguf/bin/pip" install -q numpy gguf==0.19.0
+      }
+      py="$home/venv-gguf/bin/python"
+    fi
+    mkdir -p "$home/models"
+    VOCAB_GGUF="$lc/models/ggml-vocab-llama-bpe.gguf" "$py" \
+      "${MAKE_RANDOM_GGUF:-../shared/tools/make_random_gguf.py}" "$path.tmp" "$qtype" --shape "$shape" >&2
+    mv "$path.tmp" "$path"
+  fi
+  echo "$path"
+}
 
-python3 - "$pp" "$tg" <<'PY'
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(default 1b-q4_0 1b-q4_k 1b-q8_0 8b-q4_0)
+: > "$out/rows.jsonl"
+for name in "${models[@]}"; do
+  case "$name" in
+    default) model=$("$pocketlm" fetch) ;;
+    *.gguf) model=$name ;;
+    *) model=$(random_model "$name") ;;
+  esac
+  # The issue's lengths: pp128/tg32 for 8B shapes (2 cores), pp512/tg128 otherwise.
+  case "$name" in 8b-*) pp=${PP:-128} tg=${TG:-32} ;; *) pp=${PP:-512} tg=${TG:-128} ;; esac
+  label=$(basename "$model" .gguf)
+  echo "== $label: llama.cpp llama-bench (-p $pp -n $tg -d $depths, $threads threads)" >&2
+  /usr/bin/time -f "%M" -o "$out/lc.rss" "$bench_bin" -m "$model" -t "$threads" -p "$pp" -n "$tg" \
+    -d "$depths" -r "$reps" -o json > "$out/lc.json"
+  echo "== $label: pocketlm bench" >&2
+  "$pocketlm" -t "$threads" bench --model "$model" -p "$pp" -n "$tg" -d "$depths" -r "$reps" --json > "$out/pl.json"
+  python3 - "$out" "$label" GGUF >> "$out/rows.jsonl" <<'PY'
 import json, sys
-pp, tg = int(sys.argv[1]), int(sys.argv[2])
-lc = json.load(open("/tmp/llama-bench.json"))
-import os
-runs = [("GGUF", json.load(open("/tmp/pocketlm-bench.json")))]
-if os.path.exists("/tmp/pocketlm-bench-mlx.json"):
-    runs.append(("MLX 4-bit", json.load(open("/tmp/pocketlm-bench-mlx.json"))))
-def lc_tps(n_prompt, n_gen):
-    for r in lc:
-        if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen:
-            return r["avg_ts"], r["stddev_ts"]
-print("| test | llama.cpp t/s (GGUF) | pocketlm | pocketlm t/s | pocketlm / llama.cpp |")
-print("| --- | ---: | --- | ---: | ---: |")
-for name, key in ((f"pp{pp}", (pp, 0)), (f"tg{tg}", (0, tg))):
-    a = lc_tps(*key)
-    for label, pl in runs:
-        ours = {t["name"]: (t["mean_tps"], t["stddev_tps"]) for t in pl["tests"]}
-        b = ours.get(name)
-        if a and b:
-            print(f"| {name} | {a[0]:.2f} ± {a[1]:.2f} | {label} | {b[0]:.2f} ± {b[1]:.2f} | {b[0] / a[0]:.2f} |")
-mib = 1024 * 1024
-for label, pl in runs:
-    w, kv = pl["weights_bytes"], pl["kv_cache_bytes"]
-    peak = pl["tg_peak_resident_bytes"] or 0
-    limit = 1.2 * (w + kv) + 50 * mib
-    print(f"\npocketlm {label}: weights {w / mib:.1f} MiB, KV cache {kv / mib:.1f} MiB, "
-          f"peak RSS during tg {peak / mib:.1f} MiB (1.2 x (weights + KV) + 50 MiB = {limit / mib:.1f}), "
-          f"load {pl['load_seconds']:.3f} s")
+out, label, kind = sys.argv[1:4]
+lc = json.load(open(f"{out}/lc.json"))
+pl = json.load(open(f"{out}/pl.json"))
+lc_rss = int(open(f"{out}/lc.rss").read().split()[-1]) * 1024
+for t in pl["tests"]:
+    n, d = t["n_tokens"], t["depth"]
+    is_pp = t["name"].startswith("pp")
+    ref = [r for r in lc if r["n_prompt"] == (n if is_pp else 0) and r["n_gen"] == (0 if is_pp else n)
+           and r.get("n_depth", 0) == d]
+    if ref:
+        print(json.dumps({"model": label, "kind": kind, "test": t["name"], "lc": ref[0]["avg_ts"],
+                          "lc_sd": ref[0]["stddev_ts"], "pl": t["mean_tps"], "pl_sd": t["stddev_tps"],
+                          "pl_rss": pl["peak_resident_bytes"], "lc_rss": lc_rss}))
 PY
+  if [ "${MLX:-1}" = 1 ] && [[ "$label" == *[Qq]4_[01]* || "$name" == *q4_0 || "$name" == default ]]; then
+    mlx_dir="${model%.gguf}-mlx-4bit"
+    if [ -d "$mlx_dir" ] || "$pocketlm" convert --model "$model" --out "$mlx_dir" -q --q-bits 4 --q-group-size 64 --dtype f16 >&2; then
+      echo "== $label: pocketlm bench, MLX 4-bit g64 conversion" >&2
+      "$pocketlm" -t "$threads" bench --model "$mlx_dir" -p "$pp" -n "$tg" -d "$depths" -r "$reps" --json > "$out/pl.json"
+      python3 - "$out" "$label" "MLX 4-bit" >> "$out/rows.jsonl" <<'PY'
+import json, sys
+out, label, kind = sys.argv[1:4]
+lc = json.load(open(f"{out}/lc.json"))
+pl = json.load(open(f"{out}/pl.json"))
+lc_rss = int(open(f"{out}/lc.rss").read().split()[-1]) * 1024
+for t in pl["tests"]:
+    n, d = t["n_tokens"], t["depth"]
+    is_pp = t["name"].startswith("pp")
+    ref = [r for r in lc if r["n_prompt"] == (n if is_pp else 0) and r["n_gen"] == (0 if is_pp else n)
+           and r.get("n_depth", 0) == d]
+    if ref:
+        print(json.dumps({"model": label, "kind": kind, "test": t["name"], "lc": ref[0]["avg_ts"],
+                          "lc_sd": ref[0]["stddev_ts"], "pl": t["mean_tps"], "pl_sd": t["stddev_tps"],
+                          "pl_rss": pl["peak_resident_bytes"], "lc_rss": lc_rss}))
+PY
+    fi
+  fi
+done
+
+echo
+isa=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16|avx_vnni|amx_int8|asimddp|i8mm' | xargs || true)
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $threads threads; ISA: $isa"
+python3 - "$out/rows.jsonl" <<'PY'
+import json, sys
+mib = 1024 * 1024
+print("| model | weights | test | llama.cpp t/s | pocketlm t/s | ratio | peak RSS pocketlm / llama.cpp (MiB) |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rss = f"{(r['pl_rss'] or 0) / mib:.0f} / {r['lc_rss'] / mib:.0f}"
+    print(f"| {r['model']} | {r['kind']} | {r['test']} | {r['lc']:.2f} ± {r['lc_sd']:.2f} | "
+          f"{r['pl']:.2f} ± {r['pl_sd']:.2f} | {r['pl'] / r['lc']:.2f} | {rss} |")
+PY
+rm -rf "$out"

@@ -1,24 +1,32 @@
 //! Speed measurement in the manner of llama.cpp's `llama-bench`: `pp` (prefill: one forward
-//! pass over `n_prompt` tokens from an empty cache) and `tg` (decode: `n_gen` single-token
-//! forward passes from an empty cache), each repeated, reported in tokens per second as mean and
-//! standard deviation over the repetitions.
+//! pass over `n_prompt` tokens) and `tg` (decode: `n_gen` single-token forward passes), each at a
+//! context depth `d` (the cache first filled with `d` tokens, untimed, in chunks of
+//! [`DEPTH_CHUNK`] as llama.cpp's default micro-batch of 512) and repeated, reported in tokens
+//! per second as mean and standard deviation over the repetitions. Every combination of the
+//! lists is run, as `llama-bench -p 512,1024 -n 128 -d 0,4096` does.
 
 use std::time::Instant;
 
 use candle_core::Tensor;
 
+use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::memory;
-use crate::models::Logits;
+use crate::models::{CausalLM, Logits};
 use crate::Result;
+
+/// Tokens per forward pass when filling the cache to a test's depth.
+pub const DEPTH_CHUNK: usize = 512;
 
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchParams {
-    /// Prompt tokens for the prefill test (0 skips it).
-    pub n_prompt: usize,
-    /// Tokens for the decode test (0 skips it).
-    pub n_gen: usize,
+    /// Prompt lengths of the prefill tests (`pp`; 0 entries are skipped).
+    pub n_prompt: Vec<usize>,
+    /// Token counts of the decode tests (`tg`; 0 entries are skipped).
+    pub n_gen: Vec<usize>,
+    /// Context depths (tokens already in the cache) at which every test runs.
+    pub depth: Vec<usize>,
     /// Repetitions of each test.
     pub repetitions: usize,
 }
@@ -26,8 +34,9 @@ pub struct BenchParams {
 impl Default for BenchParams {
     fn default() -> Self {
         Self {
-            n_prompt: 512,
-            n_gen: 128,
+            n_prompt: vec![512],
+            n_gen: vec![128],
+            depth: vec![0],
             repetitions: 3,
         }
     }
@@ -36,10 +45,12 @@ impl Default for BenchParams {
 /// Tokens-per-second samples of one test and their summary.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TestResult {
-    /// `pp512`, `tg128`, ...
+    /// `pp512`, `tg128`, `pp512 @ d4096` (llama-bench's names).
     pub name: String,
     /// Tokens processed per repetition.
     pub n_tokens: usize,
+    /// Tokens in the cache before the timed tokens.
+    pub depth: usize,
     /// Tokens per second of each repetition.
     pub samples_tps: Vec<f64>,
     /// Mean tokens per second.
@@ -49,7 +60,12 @@ pub struct TestResult {
 }
 
 impl TestResult {
-    fn new(name: String, n_tokens: usize, samples_tps: Vec<f64>) -> Self {
+    fn new(kind: &str, n_tokens: usize, depth: usize, samples_tps: Vec<f64>) -> Self {
+        let name = if depth > 0 {
+            format!("{kind}{n_tokens} @ d{depth}")
+        } else {
+            format!("{kind}{n_tokens}")
+        };
         let n = samples_tps.len() as f64;
         let mean = samples_tps.iter().sum::<f64>() / n.max(1.0);
         let var = if samples_tps.len() > 1 {
@@ -60,6 +76,7 @@ impl TestResult {
         Self {
             name,
             n_tokens,
+            depth,
             samples_tps,
             mean_tps: mean,
             stddev_tps: var.sqrt(),
@@ -112,62 +129,76 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Runs the tests on a loaded model. One untimed warm-up run precedes each test.
+/// A fresh cache holding `depth` tokens (filled untimed, [`DEPTH_CHUNK`] tokens a pass).
+fn cache_at(model: &dyn CausalLM, depth: usize, vocab: usize) -> Result<KvCache> {
+    let mut cache = model.new_cache();
+    let ids = tokens(depth, vocab);
+    for chunk in ids.chunks(DEPTH_CHUNK) {
+        let x = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
+        model.forward(&x, &mut cache, Logits::Last)?;
+    }
+    Ok(cache)
+}
+
+/// Runs the tests on a loaded model: for each depth, each prefill length, then each decode
+/// length. One untimed warm-up run precedes each test.
+///
+/// Errors: those of the model's forward pass (a depth plus test length beyond the model's
+/// context is the model's error).
 pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
     let model = m.model.as_ref();
     let dev = model.device().clone();
     let vocab = model.info().vocab_size;
     let reps = params.repetitions.max(1);
     let mut tests = Vec::new();
-    if params.n_prompt > 0 {
-        let ids = tokens(params.n_prompt, vocab);
-        let input = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
-        let mut samples = Vec::new();
-        for rep in 0..=reps {
-            let mut cache = model.new_cache();
-            let t = Instant::now();
-            let l = model.forward(&input, &mut cache, Logits::Last)?;
-            l.to_dtype(candle_core::DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?;
-            if rep > 0 {
-                samples.push(params.n_prompt as f64 / t.elapsed().as_secs_f64());
-            }
-        }
-        tests.push(TestResult::new(
-            format!("pp{}", params.n_prompt),
-            params.n_prompt,
-            samples,
-        ));
-    }
     let mut kv_cache_bytes = 0;
     let mut tg_peak = None;
-    if params.n_gen > 0 {
-        let ids = tokens(params.n_gen, vocab);
-        let mut samples = Vec::new();
-        // As `generate` does after a prefill.
-        memory::release_free_heap();
-        memory::reset_peak();
-        for rep in 0..=reps {
-            let mut cache = model.new_cache();
-            let t = Instant::now();
-            for &id in &ids {
-                let x = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
-                let l = model.forward(&x, &mut cache, Logits::Last)?;
-                // As greedy decoding does: the argmax on the model's device, one id back.
-                crate::sampling::argmax_on_device(&l)?;
+    let depths = if params.depth.is_empty() {
+        &[0][..]
+    } else {
+        &params.depth[..]
+    };
+    for &depth in depths {
+        for &n_prompt in params.n_prompt.iter().filter(|&&n| n > 0) {
+            let ids = tokens(n_prompt, vocab);
+            let input = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+            let mut samples = Vec::new();
+            for rep in 0..=reps {
+                let mut cache = cache_at(model, depth, vocab)?;
+                let t = Instant::now();
+                let l = model.forward(&input, &mut cache, Logits::Last)?;
+                l.to_dtype(candle_core::DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+                if rep > 0 {
+                    samples.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+                }
             }
-            if rep > 0 {
-                samples.push(params.n_gen as f64 / t.elapsed().as_secs_f64());
-            }
-            kv_cache_bytes = cache.nbytes();
+            tests.push(TestResult::new("pp", n_prompt, depth, samples));
         }
-        tg_peak = memory::snapshot().peak_resident_bytes;
-        tests.push(TestResult::new(
-            format!("tg{}", params.n_gen),
-            params.n_gen,
-            samples,
-        ));
+        for &n_gen in params.n_gen.iter().filter(|&&n| n > 0) {
+            let ids = tokens(n_gen, vocab);
+            let mut samples = Vec::new();
+            // As `generate` does after a prefill.
+            memory::release_free_heap();
+            memory::reset_peak();
+            for rep in 0..=reps {
+                let mut cache = cache_at(model, depth, vocab)?;
+                let t = Instant::now();
+                for &id in &ids {
+                    let x = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
+                    let l = model.forward(&x, &mut cache, Logits::Last)?;
+                    // As greedy decoding does: the argmax on the model's device, one id back.
+                    crate::sampling::argmax_on_device(&l)?;
+                }
+                if rep > 0 {
+                    samples.push(n_gen as f64 / t.elapsed().as_secs_f64());
+                }
+                kv_cache_bytes = cache.nbytes();
+            }
+            tg_peak = memory::snapshot().peak_resident_bytes;
+            tests.push(TestResult::new("tg", n_gen, depth, samples));
+        }
     }
     let gpu = crate::device::gpu_memory(&dev);
     Ok(BenchReport {

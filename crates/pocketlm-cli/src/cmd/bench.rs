@@ -11,12 +11,16 @@ use super::model::{load, ModelArgs};
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Prompt tokens for the prefill test (pp); 0 skips it.
-    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
-    pub n_prompt: usize,
-    /// Tokens for the decode test (tg); 0 skips it.
-    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
-    pub n_gen: usize,
+    /// Prompt tokens of the prefill tests (pp), comma-separated or repeated; 0 skips them.
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_values_t = [512])]
+    pub n_prompt: Vec<usize>,
+    /// Tokens of the decode tests (tg), comma-separated or repeated; 0 skips them.
+    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_values_t = [128])]
+    pub n_gen: Vec<usize>,
+    /// Context depths: tokens already in the KV cache before each test (filled untimed, 512
+    /// a pass), comma-separated or repeated, as llama-bench's `-d`.
+    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_values_t = [0])]
+    pub depth: Vec<usize>,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
@@ -31,6 +35,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let params = BenchParams {
         n_prompt: args.n_prompt,
         n_gen: args.n_gen,
+        depth: args.depth,
         repetitions: args.repetitions,
     };
     let r = bench::run(&m, &params)?;

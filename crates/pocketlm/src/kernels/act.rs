@@ -62,6 +62,9 @@ pub(crate) struct Acts {
     pub s: Vec<f32>,
     /// `Q8K`: `[m, k / 16]`, `Σq` per 16 values. Empty for `Q8_32`.
     pub bsums: Vec<i16>,
+    /// `Q8_32*`: `[m, k / 32]`, the exact integer `Σq` per block (the offsets of the packed
+    /// kernels, [`super::packed`]). Empty for `Q8K`.
+    pub isum: Vec<i32>,
 }
 
 /// Rows below this many values are quantized on the calling thread.
@@ -93,28 +96,38 @@ pub(crate) fn quantize_acts(
         } else {
             Vec::new()
         },
+        isum: if fmt.has_sums() {
+            vec![0; m * nb]
+        } else {
+            Vec::new()
+        },
     };
     if m == 0 || k == 0 {
         return acts;
     }
-    let row = |x: &[f32], qs: &mut [i8], d: &mut [f32], aux: &mut [f32], bsums: &mut [i16]| {
-        quantize_row(backend, fmt, x, qs, d, aux, bsums)
+    let row = |x: &[f32], qs: &mut [i8], d: &mut [f32], aux: &mut [f32], sums: Sums<'_>| {
+        quantize_row(backend, fmt, x, qs, d, aux, sums)
     };
     // Split the per-row outputs; `s` or `bsums` is empty depending on the format.
     let s_len = if fmt.has_sums() { nb } else { 0 };
     let b_len = if fmt == ActFormat::Q8K { k / 16 } else { 0 };
     let Acts {
-        qs, d, s, bsums, ..
+        qs,
+        d,
+        s,
+        bsums,
+        isum,
+        ..
     } = &mut acts;
     let mut s_rows: Vec<&mut [f32]> = if s_len > 0 {
         s.chunks_mut(s_len).collect()
     } else {
         (0..m).map(|_| &mut [][..]).collect()
     };
-    let mut b_rows: Vec<&mut [i16]> = if b_len > 0 {
-        bsums.chunks_mut(b_len).collect()
+    let mut b_rows: Vec<Sums<'_>> = if b_len > 0 {
+        bsums.chunks_mut(b_len).map(Sums::K).collect()
     } else {
-        (0..m).map(|_| &mut [][..]).collect()
+        isum.chunks_mut(nb).map(Sums::Blocks).collect()
     };
     if m * k >= PAR_VALUES && m > 1 {
         x.par_chunks(k)
@@ -122,7 +135,7 @@ pub(crate) fn quantize_acts(
             .zip(d.par_chunks_mut(nb))
             .zip(s_rows.par_iter_mut())
             .zip(b_rows.par_iter_mut())
-            .for_each(|((((x, q), d), s), b)| row(x, q, d, s, b));
+            .for_each(|((((x, q), d), s), b)| row(x, q, d, s, b.reborrow()));
     } else {
         for ((((x, q), d), s), b) in x
             .chunks(k)
@@ -131,10 +144,25 @@ pub(crate) fn quantize_acts(
             .zip(s_rows.iter_mut())
             .zip(b_rows.iter_mut())
         {
-            row(x, q, d, s, b);
+            row(x, q, d, s, b.reborrow());
         }
     }
     acts
+}
+
+/// The integer sums of one row: per 16 values (`Q8K`) or per block (the 32-value formats).
+enum Sums<'a> {
+    K(&'a mut [i16]),
+    Blocks(&'a mut [i32]),
+}
+
+impl Sums<'_> {
+    fn reborrow(&mut self) -> Sums<'_> {
+        match self {
+            Sums::K(b) => Sums::K(b),
+            Sums::Blocks(b) => Sums::Blocks(b),
+        }
+    }
 }
 
 fn quantize_row(
@@ -144,11 +172,14 @@ fn quantize_row(
     qs: &mut [i8],
     d: &mut [f32],
     s: &mut [f32],
-    bsums: &mut [i16],
+    mut sums: Sums<'_>,
 ) {
     let bs = fmt.block();
     for (b, (xb, qb)) in x.chunks_exact(bs).zip(qs.chunks_exact_mut(bs)).enumerate() {
         let (db, id, sum) = quantize_block(backend, xb, qb);
+        if let Sums::Blocks(isum) = &mut sums {
+            isum[b] = sum;
+        }
         match fmt {
             // ggml's `quantize_row_q8_0`/`q8_1` store `d = amax / 127` and `s = d * Σq` as f16;
             // the dot products read them back, so round the same way.
@@ -171,8 +202,10 @@ fn quantize_row(
             // ggml's `quantize_row_q8_K` stores `d = 1 / iscale` in f32.
             ActFormat::Q8K => {
                 d[b] = if id != 0.0 { 1.0 / id } else { 0.0 };
-                for (j, q16) in qb.chunks_exact(16).enumerate() {
-                    bsums[b * 16 + j] = q16.iter().map(|&q| q as i16).sum();
+                if let Sums::K(bsums) = &mut sums {
+                    for (j, q16) in qb.chunks_exact(16).enumerate() {
+                        bsums[b * 16 + j] = q16.iter().map(|&q| q as i16).sum();
+                    }
                 }
             }
         }

@@ -43,6 +43,7 @@
 mod act;
 pub mod float;
 pub mod mlx;
+mod packed;
 mod scalar;
 
 #[cfg(target_arch = "aarch64")]
@@ -440,6 +441,25 @@ impl WeightBytes {
         }
     }
 
+    /// Tells the kernel that a mapped range is no longer needed, so its pages leave the
+    /// resident set (they are read from the file again if touched). A hint: failures and
+    /// owned buffers are ignored.
+    fn release(&self) {
+        #[cfg(unix)]
+        if let Repr::Mapped { map, start, len } = &self.0 {
+            // Whole pages inside the range only: neighbours may still be in use.
+            let page = 4096;
+            let (a, b) = (start.div_ceil(page) * page, (start + len) / page * page);
+            if b > a {
+                // SAFETY: the mapping is private and read-only, so dropping its pages loses
+                // nothing: a later read faults them in from the file again.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                };
+            }
+        }
+    }
+
     /// Whether the bytes are borrowed from a memory map (no copy).
     pub fn is_mapped(&self) -> bool {
         matches!(self.0, Repr::Mapped { .. })
@@ -486,6 +506,8 @@ pub struct GgufMatrix {
     dtype: GgufType,
     rows: usize,
     cols: usize,
+    /// Whether `bytes` hold the packed layout ([`GgufMatrix::repacked`]) instead of GGUF's.
+    packed: bool,
 }
 
 impl GgufMatrix {
@@ -525,7 +547,55 @@ impl GgufMatrix {
             dtype,
             rows,
             cols,
+            packed: false,
         })
+    }
+
+    /// The same matrix with its rows interleaved in groups of 16 for the CPU's fastest
+    /// kernels, when this CPU has them (AVX-512 with VNNI) and the type has a packed layout
+    /// (`Q4_0`, `Q8_0`) and `rows` is a multiple of 16; otherwise `self` unchanged. The packed
+    /// bytes are an owned copy of the same size (llama.cpp repacks the same way at load, see
+    /// `ggml-cpu/repack.cpp`); the memory-mapped pages they came from are released.
+    /// Products, [`Self::embedding`] and [`Self::dequantize`] give the same values either way
+    /// (products up to float summation order).
+    pub fn repacked(self) -> Self {
+        if Self::packs_on(Backend::detect()) {
+            self.into_packed()
+        } else {
+            self
+        }
+    }
+
+    /// Whether [`Self::repacked`] packs on this backend.
+    fn packs_on(backend: Backend) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            backend == Backend::Avx512Vnni && packed::avx512::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = backend;
+            false
+        }
+    }
+
+    /// The packed layout regardless of the CPU (for tests), when the type and shape allow it.
+    pub(crate) fn into_packed(self) -> Self {
+        if self.packed || !packed::supports(self.dtype) || !self.rows.is_multiple_of(packed::ROWS) {
+            return self;
+        }
+        let bytes = packed::repack(self.dtype, self.bytes(), self.rows, self.cols);
+        self.bytes.release();
+        Self {
+            bytes: WeightBytes::owned(bytes),
+            packed: true,
+            ..self
+        }
+    }
+
+    /// Whether the bytes are in the packed layout (see [`Self::repacked`]).
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// Copies the bytes of a 2-D candle [`QTensor`] `[n, k]` (any device) into an owned matrix.
@@ -634,7 +704,8 @@ impl GgufMatrix {
         self.cols
     }
 
-    /// The raw GGUF bytes, `rows * row_bytes()` long.
+    /// The weight bytes, `rows * row_bytes()` long: GGUF's layout, or the packed one when
+    /// [`Self::is_packed`].
     pub fn bytes(&self) -> &[u8] {
         self.bytes.as_slice()
     }
@@ -653,7 +724,11 @@ impl GgufMatrix {
         MatRef {
             name: &self.name,
             w: self.bytes(),
-            kind: Kind::Gguf(self.dtype),
+            kind: if self.packed {
+                Kind::Packed(self.dtype)
+            } else {
+                Kind::Gguf(self.dtype)
+            },
             rows: self.rows,
             cols: self.cols,
             row_bytes: self.row_bytes(),
@@ -703,7 +778,6 @@ impl GgufMatrix {
     /// Errors: [`KernelError::IdOutOfRange`] for an id `>= rows`.
     pub fn embedding(&self, ids: &[u32]) -> Result<Vec<f32>, KernelError> {
         let k = self.cols;
-        let rb = self.row_bytes();
         let bytes = self.bytes();
         let mut out = vec![0f32; ids.len() * k];
         for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
@@ -715,7 +789,7 @@ impl GgufMatrix {
                     rows: self.rows,
                 });
             }
-            scalar::dequantize_row(self.dtype, &bytes[r * rb..(r + 1) * rb], dst);
+            self.dequantize_row_into(bytes, r, dst);
         }
         Ok(out)
     }
@@ -723,17 +797,21 @@ impl GgufMatrix {
     /// The whole matrix dequantized, `[rows, cols]` row-major `f32` (`rows * cols * 4` bytes).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        let rb = self.row_bytes();
         if self.cols > 0 {
-            for (src, dst) in self
-                .bytes()
-                .chunks_exact(rb)
-                .zip(out.chunks_exact_mut(self.cols))
-            {
-                scalar::dequantize_row(self.dtype, src, dst);
+            for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+                self.dequantize_row_into(self.bytes(), r, dst);
             }
         }
         out
+    }
+
+    fn dequantize_row_into(&self, bytes: &[u8], r: usize, dst: &mut [f32]) {
+        if self.packed {
+            packed::dequantize_row(self.dtype, bytes, self.cols, r, dst);
+        } else {
+            let rb = self.row_bytes();
+            scalar::dequantize_row(self.dtype, &bytes[r * rb..(r + 1) * rb], dst);
+        }
     }
 }
 
@@ -791,6 +869,8 @@ pub(crate) struct MatRef<'a> {
 pub(crate) enum Kind {
     /// GGUF blocks.
     Gguf(GgufType),
+    /// GGUF blocks repacked in groups of 16 rows ([`packed`]).
+    Packed(GgufType),
     /// MLX affine, 4 or 8 bits.
     Mlx {
         /// Bits per code (4 or 8).
@@ -803,7 +883,7 @@ pub(crate) enum Kind {
 impl Kind {
     fn act_format(self) -> ActFormat {
         match self {
-            Self::Gguf(t) => t.act_format(),
+            Self::Gguf(t) | Self::Packed(t) => t.act_format(),
             Self::Mlx { bits: 4, .. } => ActFormat::Q8_32Nib,
             Self::Mlx { .. } => ActFormat::Q8_32F,
         }
@@ -1086,6 +1166,13 @@ pub(crate) type TileFn = unsafe fn(&Tile<'_>);
 fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
     let dtype = match kind {
         Kind::Gguf(t) => t,
+        Kind::Packed(t) => {
+            #[cfg(target_arch = "x86_64")]
+            if GgufMatrix::packs_on(backend) {
+                return packed::avx512::tile_fn(t);
+            }
+            return packed::tile_fn(t);
+        }
         Kind::Mlx { bits, params } => return mlx::tile_fn(backend, bits, params),
     };
     match backend {
@@ -1139,6 +1226,11 @@ fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
                 m_per = (m_per / 2).max(4);
             }
             (rows_l1, m_per)
+        };
+        // Packed weights are split on whole groups of rows.
+        let rows_per = match job.kind {
+            Kind::Packed(_) => rows_per.div_ceil(packed::ROWS) * packed::ROWS,
+            _ => rows_per,
         };
         let mut m0 = 0;
         while m0 < m {

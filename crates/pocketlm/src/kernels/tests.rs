@@ -532,3 +532,82 @@ fn bad_input_gives_typed_errors_naming_the_tensor() {
         "{e}"
     );
 }
+
+/// The weight with its rows repacked in 16-row groups (whatever this CPU's kernels are).
+fn packed_weight(w: &Weight) -> Weight {
+    let mat = w.mat.clone().into_packed();
+    assert!(mat.is_packed(), "{:?} {} rows", mat.dtype(), mat.rows());
+    Weight {
+        mat,
+        deq: w.deq.clone(),
+        off: w.off.clone(),
+    }
+}
+
+#[test]
+fn packed_kernels_match_references_over_shapes() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for dtype in [GgufType::Q4_0, GgufType::Q8_0] {
+        for (n, k) in [(16, 32), (48, 576), (32, 1536), (400, 256)] {
+            let w = packed_weight(&quantized_weight(&mut rng, dtype, n, k));
+            for m in [1, 2, 3, 5, 13, 64] {
+                for backend in backends() {
+                    check(&mut rng, &w, m, backend);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_simd_equals_packed_scalar_bit_for_bit_and_unpacked_closely() {
+    // The portable packed kernel does the SIMD one's float operations in the same order; the
+    // unpacked kernels sum in another order, so they agree to rounding only.
+    let mut rng = StdRng::seed_from_u64(22);
+    for dtype in [GgufType::Q4_0, GgufType::Q8_0] {
+        let (n, k, m) = (64, 2048, 9);
+        let bytes = random_block_bytes(&mut rng, dtype, n * k / 32);
+        let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), dtype, n, k).unwrap();
+        let packed = plain.clone().into_packed();
+        let x = rand_vec(&mut rng, m * k);
+        let mut want = vec![0f32; m * n];
+        packed
+            .matmul_with(Backend::Scalar, &x, m, &mut want)
+            .unwrap();
+        for backend in backends() {
+            let mut got = vec![0f32; m * n];
+            packed.matmul_with(backend, &x, m, &mut got).unwrap();
+            if GgufMatrix::packs_on(backend) || backend == Backend::Scalar {
+                assert_eq!(got, want, "{dtype:?} {backend:?}");
+            }
+            // The unpacked Q4_0 kernels take the `-8·Σy` offset from the f16-rounded block
+            // sums (as ggml does); the packed ones from the exact integer sums.
+            let mut unpacked = vec![0f32; m * n];
+            plain.matmul_with(backend, &x, m, &mut unpacked).unwrap();
+            let scale = unpacked.iter().fold(1f32, |a, v| a.max(v.abs()));
+            for (a, b) in got.iter().zip(&unpacked) {
+                assert!(
+                    (a - b).abs() <= 2e-3 * scale,
+                    "{dtype:?} {backend:?}: {a} vs {b}"
+                );
+            }
+        }
+        // Dequantized rows and embedding lookups are exactly those of the GGUF layout.
+        assert_eq!(packed.dequantize(), plain.dequantize(), "{dtype:?}");
+        let ids = [0u32, 17, 63, 5];
+        assert_eq!(
+            packed.embedding(&ids).unwrap(),
+            plain.embedding(&ids).unwrap()
+        );
+    }
+}
+
+#[test]
+fn packing_keeps_shapes_it_cannot_pack_unchanged() {
+    let mut rng = StdRng::seed_from_u64(23);
+    // 33 rows is not a whole number of groups; Q4_1 has no packed layout.
+    for (dtype, n) in [(GgufType::Q4_0, 33), (GgufType::Q4_1, 32)] {
+        let w = quantized_weight(&mut rng, dtype, n, 64);
+        assert!(!w.mat.clone().into_packed().is_packed(), "{dtype:?} {n}");
+    }
+}

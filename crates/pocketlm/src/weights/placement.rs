@@ -7,7 +7,7 @@
 //! | stored | `dequantize` | CPU | CUDA |
 //! |---|---|---|---|
 //! | float | either | dense | dense |
-//! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
+//! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0 and Q8_0 repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
 //! | other GGUF block types | no | [`Linear::Gguf`] | as above |
 //! | MLX affine | no | [`Linear::Mlx`] | [`Linear::Cuda`] for 4/8-bit, else dense |
 //! | any quantized | yes | dense f32 | dense f32 |
@@ -65,7 +65,9 @@ impl Placement {
             Stored::Gguf { file, name, shape } => {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
-                    let weight = file.matrix(name, &shape)?;
+                    // Repacked for this CPU's fastest kernels where it has them; embedding
+                    // tables (below, and tied output layers) keep GGUF's row layout.
+                    let weight = file.matrix(name, &shape)?.repacked();
                     return Ok(Linear::Kernel { weight, bias });
                 }
                 #[cfg(feature = "cuda")]

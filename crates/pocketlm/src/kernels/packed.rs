@@ -1,0 +1,279 @@
+//! Weights repacked at load into groups of 16 interleaved rows, for products whose output
+//! lanes are weight rows (as llama.cpp's `ggml-cpu/repack.cpp` interleaves 4 or 8 rows of
+//! `Q4_0`/`Q4_K` for its `ggml_gemm_*` kernels; here 16 rows fill one 512-bit register of
+//! `i32` lanes).
+//!
+//! Layout of a packed matrix `[rows, cols]` (`rows` a multiple of 16, same byte count as the
+//! GGUF layout): group `g` (rows `16g..16g + 16`) is stored whole, then group `g + 1`; within a
+//! group, block `b` (values `32b..32b + 32` of every row) is `16 × f16` scales (row order)
+//! followed by the quants as 64-byte words, word `c` holding 4 bytes per row (lane `i` =
+//! bytes `4i..4i + 4` = row `16g + i`):
+//! - `Q4_0` (288 bytes a block): 4 words; byte `t` of row `i` in word `c` is the original
+//!   `qs[4c + t]` of that row, so its low nibble is value `4c + t` and its high nibble value
+//!   `16 + 4c + t` (values `0..16`, meaning `q - 8`).
+//! - `Q8_0` (544 bytes a block): 8 words; byte `t` of row `i` in word `c` is value `4c + t`
+//!   plus 128 (`q ^ 0x80`, so `0..=255` as unsigned).
+//!
+//! A product then takes, per block and activation row, 8 `u8 × i8` dot products of 4 values
+//! (`vpdpbusd`), each against 4 activation bytes broadcast to every lane, giving the 16 rows'
+//! integer sums side by side with no horizontal reduction. The offsets of the unsigned codes
+//! (`-8·Σy` for `Q4_0`, `-128·Σy` for `Q8_0`, `Σy` the block's activation sum) start the integer
+//! accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. The
+//! integers are exact, so this differs from the unpacked kernels only in float summation
+//! order; [`tile_fn`]'s portable version does the very same float operations as the SIMD one.
+
+use super::{Acts, GgufType, Tile, TileFn};
+
+/// Rows per interleaved group.
+pub(crate) const ROWS: usize = 16;
+
+/// Whether `dtype` has a packed layout.
+pub(crate) fn supports(dtype: GgufType) -> bool {
+    matches!(dtype, GgufType::Q4_0 | GgufType::Q8_0)
+}
+
+/// Quant words (64 bytes each) per block, and the offset that starts the integer sums
+/// (`-OFF · Σy`).
+const fn words_and_offset(dtype: GgufType) -> (usize, i32) {
+    match dtype {
+        GgufType::Q8_0 => (8, 128),
+        _ => (4, 8),
+    }
+}
+
+/// The packed bytes of GGUF `bytes` `[rows, cols]` (`rows % 16 == 0`, `supports(dtype)`).
+/// Groups are packed in parallel on the rayon pool.
+pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    debug_assert!(supports(dtype) && rows.is_multiple_of(ROWS));
+    let (ts, nb) = (dtype.type_size(), cols / 32);
+    let row_bytes = nb * ts;
+    let gblock = ROWS * ts;
+    let (words, _) = words_and_offset(dtype);
+    let flip = if dtype == GgufType::Q8_0 {
+        0x8080_8080u32
+    } else {
+        0
+    };
+    let mut out = vec![0u8; bytes.len()];
+    if nb == 0 {
+        return out;
+    }
+    out.par_chunks_exact_mut(nb * gblock)
+        .zip(bytes.par_chunks_exact(ROWS * row_bytes))
+        .for_each(|(dst, src)| {
+            for (i, row) in src.chunks_exact(row_bytes).enumerate() {
+                for (b, blk) in row.chunks_exact(ts).enumerate() {
+                    let db = &mut dst[b * gblock..(b + 1) * gblock];
+                    db[2 * i..2 * i + 2].copy_from_slice(&blk[..2]);
+                    for c in 0..words {
+                        let w = u32::from_le_bytes(
+                            blk[2 + 4 * c..6 + 4 * c].try_into().expect("4 bytes"),
+                        );
+                        db[32 + 64 * c + 4 * i..][..4].copy_from_slice(&(w ^ flip).to_le_bytes());
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Row `r` of a packed matrix with `cols` columns, dequantized into `out` (`cols` values;
+/// exactly ggml's `dequantize_row_*` values).
+pub(crate) fn dequantize_row(
+    dtype: GgufType,
+    packed: &[u8],
+    cols: usize,
+    r: usize,
+    out: &mut [f32],
+) {
+    let (ts, nb) = (dtype.type_size(), cols / 32);
+    let gblock = ROWS * ts;
+    let (g, i) = (r / ROWS, r % ROWS);
+    let grp = &packed[g * nb * gblock..(g + 1) * nb * gblock];
+    for (b, o) in out.chunks_exact_mut(32).enumerate() {
+        let blk = &grp[b * gblock..(b + 1) * gblock];
+        let d = super::scalar::f16_at(blk, 2 * i);
+        for (j, v) in o.iter_mut().enumerate() {
+            let q = if dtype == GgufType::Q8_0 {
+                (blk[32 + 64 * (j / 4) + 4 * i + j % 4] ^ 0x80) as i8 as i32
+            } else {
+                let c = (j % 16) / 4;
+                let byte = blk[32 + 64 * c + 4 * i + j % 4];
+                let nib = if j < 16 { byte & 0xF } else { byte >> 4 };
+                nib as i32 - 8
+            };
+            *v = d * q as f32;
+        }
+    }
+}
+
+/// The portable tile function of a packed weight type (the reference the SIMD kernels are
+/// tested against: the same integers and the same float operations in the same order).
+pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
+    match dtype {
+        GgufType::Q8_0 => tile_scalar::<8, 128>,
+        _ => tile_scalar::<4, 8>,
+    }
+}
+
+/// The integer sum of block `b` of activation row `r` against row lane `i` of a packed block,
+/// offset included: `Σ_j code_j·y_j - OFF·Σy`.
+#[inline(always)]
+fn block_isum<const WORDS: usize, const OFF: i32>(
+    blk: &[u8],
+    a: &Acts,
+    r: usize,
+    b: usize,
+    i: usize,
+) -> i32 {
+    let y = &a.qs[r * a.k + 32 * b..][..32];
+    let mut s = -OFF * a.isum[r * (a.k / 32) + b];
+    for c in 0..4 {
+        for t in 0..4 {
+            let byte = blk[32 + 64 * c + 4 * i + t];
+            if WORDS == 8 {
+                s += byte as i32 * y[4 * c + t] as i32;
+                let hi = blk[32 + 64 * (c + 4) + 4 * i + t];
+                s += hi as i32 * y[16 + 4 * c + t] as i32;
+            } else {
+                s += (byte & 0xF) as i32 * y[4 * c + t] as i32;
+                s += (byte >> 4) as i32 * y[16 + 4 * c + t] as i32;
+            }
+        }
+    }
+    s
+}
+
+/// # Safety
+/// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`].
+unsafe fn tile_scalar<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
+    let a = t.acts;
+    let nb = a.k / 32;
+    let gblock = 32 + 64 * WORDS;
+    for g in t.rows.start / ROWS..t.rows.end / ROWS {
+        let grp = &t.w[g * nb * gblock..(g + 1) * nb * gblock];
+        for r in t.ms.clone() {
+            let mut acc = [0f32; ROWS];
+            for b in 0..nb {
+                let blk = &grp[b * gblock..(b + 1) * gblock];
+                let dy = a.d[r * nb + b];
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let dd = super::scalar::f16_at(blk, 2 * i) * dy;
+                    let s = block_isum::<WORDS, OFF>(blk, a, r, b, i);
+                    *acc = (s as f32).mul_add(dd, *acc);
+                }
+            }
+            for (i, v) in acc.iter().enumerate() {
+                // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that the
+                // tile's elements belong to it only.
+                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = *v };
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernels (`vpdpbusd` on 512-bit registers: AVX512F + AVX512-VNNI).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::super::{GgufType, Tile, TileFn};
+    use super::ROWS;
+
+    /// Whether this CPU runs these kernels.
+    pub(crate) fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// The tile function of a packed type (callers check [`available`]).
+    pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
+        match dtype {
+            GgufType::Q8_0 => tile::<8, 128>,
+            _ => tile::<4, 8>,
+        }
+    }
+
+    /// # Safety
+    /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
+    /// AVX512F and AVX512-VNNI.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn tile<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
+        let nb = t.acts.k / 32;
+        let gbytes = nb * (32 + 64 * WORDS);
+        for g in t.rows.start / ROWS..t.rows.end / ROWS {
+            // SAFETY: group `g` lies inside the weight (rows checked by the caller).
+            let wg = unsafe { t.w.as_ptr().add(g * gbytes) };
+            let mut r = t.ms.start;
+            unsafe {
+                while r + 4 <= t.ms.end {
+                    rows::<4, WORDS, OFF>(t, wg, g, r);
+                    r += 4;
+                }
+                match t.ms.end - r {
+                    3 => rows::<3, WORDS, OFF>(t, wg, g, r),
+                    2 => rows::<2, WORDS, OFF>(t, wg, g, r),
+                    1 => rows::<1, WORDS, OFF>(t, wg, g, r),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Activation rows `r..r + R` against the 16 weight rows of group `g` (at `wg`).
+    ///
+    /// # Safety
+    /// As [`tile`]; `r + R <= t.ms.end`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // `i` indexes the activations and `acc` alike
+    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32>(
+        t: &Tile<'_>,
+        wg: *const u8,
+        g: usize,
+        r: usize,
+    ) {
+        let a = t.acts;
+        let (k, nb) = (a.k, a.k / 32);
+        let gblock = 32 + 64 * WORDS;
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0F);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let blk = wg.add(b * gblock);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let mut w = [_mm512_setzero_si512(); 8];
+                if WORDS == 8 {
+                    for (c, w) in w.iter_mut().enumerate() {
+                        *w = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
+                    }
+                } else {
+                    for c in 0..4 {
+                        let p = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
+                        w[c] = _mm512_and_si512(p, m4);
+                        w[c + 4] = _mm512_and_si512(_mm512_srli_epi32::<4>(p), m4);
+                    }
+                }
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
+                    let off = -OFF * *a.isum.get_unchecked((r + i) * nb + b);
+                    let mut s0 = _mm512_set1_epi32(off);
+                    let mut s1 = _mm512_setzero_si512();
+                    // Two chains, so that consecutive dot products do not wait on each other.
+                    for c in 0..4 {
+                        let y0 = _mm512_set1_epi32(y.add(2 * c).read_unaligned());
+                        let y1 = _mm512_set1_epi32(y.add(2 * c + 1).read_unaligned());
+                        s0 = _mm512_dpbusd_epi32(s0, w[2 * c], y0);
+                        s1 = _mm512_dpbusd_epi32(s1, w[2 * c + 1], y1);
+                    }
+                    let s = _mm512_add_epi32(s0, s1);
+                    let dd =
+                        _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b)));
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
+                }
+            }
+            for (i, v) in acc.iter().enumerate() {
+                _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), *v);
+            }
+        }
+    }
+}
