@@ -30,6 +30,11 @@ macro_rules! fma_dispatch {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    has_fma() && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(target_arch = "x86_64")]
 fn has_fma() -> bool {
     std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
 }
@@ -49,6 +54,7 @@ mod fma_impl {
     pub(super) unsafe fn attention_row(
         q: &[f32],
         k: &[f32],
+        kt: Option<&[f32]>,
         v: &[f32],
         shape: &AttentionShape,
         scale: f32,
@@ -57,7 +63,25 @@ mod fma_impl {
         idx: usize,
         o: &mut [f32],
     ) {
-        super::attention_row(q, k, v, shape, scale, softcap, window, idx, o)
+        super::attention_row(q, k, kt, v, shape, scale, softcap, window, idx, o)
+    }
+
+    /// [`attention_row`] with 512-bit vectors (the same IEEE operations, so the same result).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attention_row_avx512(
+        q: &[f32],
+        k: &[f32],
+        kt: Option<&[f32]>,
+        v: &[f32],
+        shape: &AttentionShape,
+        scale: f32,
+        softcap: Option<f32>,
+        window: Option<usize>,
+        idx: usize,
+        o: &mut [f32],
+    ) {
+        super::attention_row(q, k, kt, v, shape, scale, softcap, window, idx, o)
     }
 }
 
@@ -254,8 +278,17 @@ pub fn dot_vec(a: &[f32], b: &[f32]) -> f32 {
 /// masked entries, so it never sees a partial chunk). An all-masked row gives zeros.
 #[inline(always)]
 pub fn softmax_scaled(x: &mut [f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for v in x.iter_mut() {
+    // Lane-wise maxima (the maximum does not depend on the order; NaN scores do not occur).
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (m, v) in lanes.iter_mut().zip(c.iter_mut()) {
+            *v *= scale;
+            *m = if *v > *m { *v } else { *m };
+        }
+    }
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for v in chunks.into_remainder() {
         *v *= scale;
         max = max.max(*v);
     }
@@ -383,9 +416,19 @@ pub fn attention(
     assert!(hs >= kv_len * d);
     let kv_need = (kv_heads - 1) * hs + kv_len * d;
     assert!(k.len() >= kv_need && v.len() >= kv_need);
+    // Prefill: keys transposed once per call so that scores go 16 keys at a time.
+    let kt = (queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
+    let kt = kt.as_deref();
     let row = |(idx, o): (usize, &mut [f32])| {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU has the features `attention_row_avx512` is compiled for.
+            return unsafe {
+                fma_impl::attention_row_avx512(q, k, kt, v, &shape, scale, softcap, window, idx, o)
+            };
+        }
         fma_dispatch!(attention_row(
-            q, k, v, &shape, scale, softcap, window, idx, o
+            q, k, kt, v, &shape, scale, softcap, window, idx, o
         ))
     };
     let rows = out[..heads * queries * d].chunks_mut(d).enumerate();
@@ -396,12 +439,133 @@ pub fn attention(
     }
 }
 
+/// Queries from which [`attention`] transposes the keys (below, the copy costs more than the
+/// vectorized scores save).
+const TRANSPOSE_MIN_QUERIES: usize = 16;
+
+/// The keys of every kv head in blocks of 16 positions, each block `[head_dim][16]`
+/// (component-major, positions past `kv_len` zero): `kt[((h · blocks + b) · d + c) · 16 + j]`
+/// is component `c` of key `16b + j` of head `h`.
+fn transpose_keys(k: &[f32], shape: &AttentionShape) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (d, hs, kv_len) = (shape.head_dim, shape.kv_head_stride, shape.kv_len);
+    let blocks = kv_len.div_ceil(LANES);
+    let mut kt = vec![0f32; shape.kv_heads * blocks * d * LANES];
+    kt.par_chunks_mut(d * LANES)
+        .enumerate()
+        .for_each(|(hb, dst)| {
+            let (h, b) = (hb / blocks, hb % blocks);
+            for j in 0..LANES.min(kv_len - b * LANES) {
+                let key = &k[h * hs + (b * LANES + j) * d..][..d];
+                for (c, &x) in key.iter().enumerate() {
+                    dst[c * LANES + j] = x;
+                }
+            }
+        });
+    kt
+}
+
+/// [`scores16`] with AVX-512 intrinsics (the same operations; LLVM does not keep the 16
+/// lane vectors of the generic version in registers).
+///
+/// # Safety
+/// The CPU has AVX-512F; `kt.len() >= 16 · qv.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores16_avx512(qv: &[f32], kt: &[f32], out: &mut [f32; LANES]) {
+    use std::arch::x86_64::*;
+    const STEP: usize = 4 * LANES;
+    let d = qv.len();
+    let np = d / STEP * STEP;
+    debug_assert!(kt.len() >= d * LANES);
+    let (q, k) = (qv.as_ptr(), kt.as_ptr());
+    unsafe {
+        let mut v = [_mm512_setzero_ps(); LANES];
+        for (l, vl) in v.iter_mut().enumerate() {
+            let mut a = [_mm512_setzero_ps(); 4];
+            for step in (0..np).step_by(STEP) {
+                for (g, ag) in a.iter_mut().enumerate() {
+                    let c = step + g * LANES + l;
+                    *ag = _mm512_fmadd_ps(
+                        _mm512_set1_ps(*q.add(c)),
+                        _mm512_loadu_ps(k.add(c * LANES)),
+                        *ag,
+                    );
+                }
+            }
+            *vl = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+        }
+        let h: [__m512; 8] = std::array::from_fn(|i| _mm512_add_ps(v[i], v[i + 8]));
+        let q4: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(h[i], h[i + 4]));
+        let mut o = _mm512_add_ps(_mm512_add_ps(q4[0], q4[2]), _mm512_add_ps(q4[1], q4[3]));
+        for c in np..d {
+            o = _mm512_fmadd_ps(
+                _mm512_set1_ps(*q.add(c)),
+                _mm512_loadu_ps(k.add(c * LANES)),
+                o,
+            );
+        }
+        _mm512_storeu_ps(out.as_mut_ptr(), o);
+    }
+}
+
+/// The scores `q·k` of 16 keys (one block of [`transpose_keys`]), each exactly as [`dot_vec`]
+/// computes it: per key, lane `l` of accumulator `g` chains the products of components
+/// `64s + 16g + l` over the steps `s`, the lanes are combined `(a0 + a2) + (a1 + a3)` and
+/// reduced by [`reduce_add16`], then the components after the last whole step are added one by
+/// one. Here the 16 keys are the vector lanes.
+#[inline(always)]
+fn scores16(qv: &[f32], kt: &[f32], out: &mut [f32; LANES]) {
+    const STEP: usize = 4 * LANES;
+    let d = qv.len();
+    let np = d / STEP * STEP;
+    let mut v = [[0f32; LANES]; LANES];
+    for (l, vl) in v.iter_mut().enumerate() {
+        let mut a = [[0f32; LANES]; 4];
+        for step in (0..np).step_by(STEP) {
+            for (g, ag) in a.iter_mut().enumerate() {
+                let c = step + g * LANES + l;
+                let (qc, kc) = (qv[c], &kt[c * LANES..][..LANES]);
+                for j in 0..LANES {
+                    ag[j] = qc.mul_add(kc[j], ag[j]);
+                }
+            }
+        }
+        for j in 0..LANES {
+            vl[j] = (a[0][j] + a[2][j]) + (a[1][j] + a[3][j]);
+        }
+    }
+    // reduce_add16 over l, for every key at once.
+    let mut h = [[0f32; LANES]; 8];
+    for i in 0..8 {
+        for j in 0..LANES {
+            h[i][j] = v[i][j] + v[i + 8][j];
+        }
+    }
+    for j in 0..LANES {
+        let q = [
+            h[0][j] + h[4][j],
+            h[1][j] + h[5][j],
+            h[2][j] + h[6][j],
+            h[3][j] + h[7][j],
+        ];
+        out[j] = (q[0] + q[2]) + (q[1] + q[3]);
+    }
+    for c in np..d {
+        let (qc, kc) = (qv[c], &kt[c * LANES..][..LANES]);
+        for j in 0..LANES {
+            out[j] = qc.mul_add(kc[j], out[j]);
+        }
+    }
+}
+
 /// One output row of [`attention`]: query head `idx % heads` at query `idx / heads`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attention_row(
     q: &[f32],
     k: &[f32],
+    kt: Option<&[f32]>,
     v: &[f32],
     shape: &AttentionShape,
     scale: f32,
@@ -427,10 +591,36 @@ fn attention_row(
     let vv = &v[kh * hs..][..kv_len * d];
     let pos = offset + t;
     let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-    let mut p = vec![f32::NEG_INFINITY; kv_len];
-    for (j, pj) in p.iter_mut().enumerate().take(pos + 1).skip(first) {
-        let kj = &kk[j * d..][..d];
-        *pj = dot_vec(qv, kj);
+    // Only the first `len` scores are computed and normalized: the rest are masked, and in
+    // ggml's softmax they add exact zeros (its 16-value chunks start at position 0 either way).
+    let len = (pos + 1).div_ceil(LANES).saturating_mul(LANES).min(kv_len);
+    let mut p = vec![f32::NEG_INFINITY; len];
+    match kt {
+        Some(kt) => {
+            let blocks = kv_len.div_ceil(LANES);
+            let kt = &kt[kh * blocks * d * LANES..][..blocks * d * LANES];
+            let mut s = [0f32; LANES];
+            for b in first / LANES..=pos / LANES {
+                let blk = &kt[b * d * LANES..][..d * LANES];
+                #[cfg(target_arch = "x86_64")]
+                if has_avx512() {
+                    // SAFETY: the CPU has AVX-512F; `blk` holds `d` rows of 16 values.
+                    unsafe { scores16_avx512(qv, blk, &mut s) };
+                } else {
+                    scores16(qv, blk, &mut s);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                scores16(qv, blk, &mut s);
+                let (lo, hi) = ((b * LANES).max(first), (b * LANES + LANES).min(pos + 1));
+                p[lo..hi].copy_from_slice(&s[lo - b * LANES..hi - b * LANES]);
+            }
+        }
+        None => {
+            for (j, pj) in p.iter_mut().enumerate().take(pos + 1).skip(first) {
+                let kj = &kk[j * d..][..d];
+                *pj = dot_vec(qv, kj);
+            }
+        }
     }
     // The cap applies to the scaled scores (`c·tanh(s·scale/c)`, as `scaled_dot_product_attention`
     // on other devices); with `scale = 1` (llama.cpp pre-scales q) `s·1` is exact, so this is
@@ -446,33 +636,188 @@ fn attention_row(
         None => scale,
     };
     softmax_scaled(&mut p, softmax_scale);
-    // acc[g][l][c]: lane l of accumulator g for output dimension c; position j goes to
-    // lane j % 16 of accumulator (j / 16) % groups.
+    // Slot `s` (lane `s % 16` of accumulator `s / 16`) sums `p_j·v_j` over the positions
+    // `j ≡ s (mod slots)` in order, as ggml's lanes do; each slot is summed in registers.
     let groups = if queries == 1 { 4 } else { 1 };
-    let mut acc = vec![0f32; groups * LANES * d];
-    for (j, &pj) in p.iter().enumerate().take(pos + 1) {
-        let lane = &mut acc[(j % (groups * LANES)) * d..][..d];
-        for (a, &x) in lane.iter_mut().zip(&vv[j * d..][..d]) {
-            *a = pj.mul_add(x, *a);
+    let slots = groups * LANES;
+    let mut acc = vec![0f32; slots * d];
+    let p = &p[..pos + 1];
+    for (s, a) in acc.chunks_exact_mut(d).enumerate() {
+        match d {
+            64 => pv_slot::<64>(p, vv, s, slots, a),
+            128 => pv_slot::<128>(p, vv, s, slots, a),
+            _ => {
+                for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
+                    for (a, &x) in a.iter_mut().zip(&vv[j * d..][..d]) {
+                        *a = pj.mul_add(x, *a);
+                    }
+                }
+            }
         }
     }
-    let mut lanes = [0f32; LANES];
+    // Lanes combined as ggml does (`(a0 + a2) + (a1 + a3)` over accumulators, then
+    // `reduce_add16`), every output dimension at once.
+    let at = |g: usize, l: usize| &acc[(g * LANES + l) * d..][..d];
+    let mut lanes = vec![0f32; LANES * d];
+    for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
+        if groups == 4 {
+            let (a0, a1, a2, a3) = (at(0, l), at(1, l), at(2, l), at(3, l));
+            for c in 0..d {
+                lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
+            }
+        } else {
+            lane.copy_from_slice(at(0, l));
+        }
+    }
+    let ln = |l: usize| &lanes[l * d..][..d];
     for (c, oc) in o.iter_mut().enumerate() {
-        for (l, x) in lanes.iter_mut().enumerate() {
-            let at = |g: usize| acc[(g * LANES + l) * d + c];
-            *x = if groups == 4 {
-                (at(0) + at(2)) + (at(1) + at(3))
-            } else {
-                at(0)
-            };
-        }
-        *oc = reduce_add16(&lanes);
+        let h = |i: usize| ln(i)[c] + ln(i + 8)[c];
+        let q = [h(0) + h(4), h(1) + h(5), h(2) + h(6), h(3) + h(7)];
+        *oc = (q[0] + q[2]) + (q[1] + q[3]);
     }
+}
+
+/// `a[c] = Σ p_j·v_j[c]` over the positions `j = s, s + slots, ...` of `p`, in order (one
+/// fused multiply-add each), with the `D` accumulators in registers.
+#[inline(always)]
+fn pv_slot<const D: usize>(p: &[f32], vv: &[f32], s: usize, slots: usize, a: &mut [f32]) {
+    let mut r = [0f32; D];
+    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
+        let x: &[f32; D] = vv[j * D..][..D].try_into().expect("D values");
+        for c in 0..D {
+            r[c] = pj.mul_add(x[c], r[c]);
+        }
+    }
+    a.copy_from_slice(&r);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Deterministic values in `[-1, 1)`.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// ggml's attention for one row, written plainly (the order [`attention_row`] must keep):
+    /// `dot_vec` scores, the softmax over the whole row, `p_j·v_j` into lane `j % slots`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_row(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: &AttentionShape,
+        scale: f32,
+        softcap: Option<f32>,
+        window: Option<usize>,
+        idx: usize,
+    ) -> Vec<f32> {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            queries,
+            kv_len,
+            head_dim: d,
+            kv_head_stride: hs,
+        } = *shape;
+        let (t, h) = (idx / heads, idx % heads);
+        let kh = h / (heads / kv_heads);
+        let qv = &q[(h * queries + t) * d..][..d];
+        let pos = kv_len - queries + t;
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let mut p = vec![f32::NEG_INFINITY; kv_len];
+        for j in first..=pos {
+            p[j] = dot_vec(qv, &k[kh * hs + j * d..][..d]);
+        }
+        let mut sm = scale;
+        if let Some(c) = softcap {
+            for pj in &mut p[first..=pos] {
+                *pj = (*pj * scale * (1.0 / c)).tanh() * c;
+            }
+            sm = 1.0;
+        }
+        let mut max = f32::NEG_INFINITY;
+        for x in p.iter_mut() {
+            *x *= sm;
+            max = max.max(*x);
+        }
+        let mut sum = 0f64;
+        for c in p.chunks_mut(LANES) {
+            let mut e = [0f32; LANES];
+            for (ei, x) in e.iter_mut().zip(c.iter_mut()) {
+                *x = expf(*x - max);
+                *ei = *x;
+            }
+            sum += reduce_add16(&e) as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        p.iter_mut().for_each(|x| *x *= inv);
+        let groups = if queries == 1 { 4 } else { 1 };
+        let mut acc = vec![0f32; groups * LANES * d];
+        for j in 0..=pos {
+            for c in 0..d {
+                let a = &mut acc[(j % (groups * LANES)) * d + c];
+                *a = p[j].mul_add(v[kh * hs + j * d + c], *a);
+            }
+        }
+        (0..d)
+            .map(|c| {
+                let mut lanes = [0f32; LANES];
+                for (l, x) in lanes.iter_mut().enumerate() {
+                    let at = |g: usize| acc[(g * LANES + l) * d + c];
+                    *x = if groups == 4 {
+                        (at(0) + at(2)) + (at(1) + at(3))
+                    } else {
+                        at(0)
+                    };
+                }
+                reduce_add16(&lanes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attention_keeps_ggml_order_bit_for_bit() {
+        // Head dims with and without a tail after the 64-value steps, a window, a soft-cap,
+        // grouped-query heads, a cache deeper than the queries and not a multiple of 16.
+        for (d, window, softcap, queries) in [
+            (64, None, None, 20),
+            (80, Some(7), None, 20),
+            (128, None, Some(30.0), 20),
+            (40, None, None, 20),
+            (64, None, None, 1),
+            (128, Some(9), None, 1),
+        ] {
+            let (heads, kv_heads, kv_len) = (4, 2, 37);
+            let hs = kv_len * d + 3;
+            let q = values(heads * queries * d, 1);
+            let k = values(kv_heads * hs, 2);
+            let v = values(kv_heads * hs, 3);
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                queries,
+                kv_len,
+                head_dim: d,
+                kv_head_stride: hs,
+            };
+            let mut got = vec![0f32; heads * queries * d];
+            attention(&q, &k, &v, shape, 0.125, softcap, window, &mut got);
+            for (idx, got) in got.chunks(d).enumerate() {
+                let want = reference_row(&q, &k, &v, &shape, 0.125, softcap, window, idx);
+                assert_eq!(got, want, "d={d} queries={queries} row {idx}");
+            }
+        }
+    }
 
     #[test]
     fn expf_is_within_two_ulp_of_libm() {
