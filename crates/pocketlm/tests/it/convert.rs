@@ -433,3 +433,41 @@ fn default_gguf_converts_to_float_and_quantized_folders() -> Res<()> {
     assert!(same >= 4, "8-bit conversion: {got:?} vs {want:?}");
     Ok(())
 }
+
+/// A transformers 5 config.json carries RoPE only in `rope_parameters`; the converted folder
+/// also has the top-level `rope_theta` (and `rope_scaling` for a non-default rope type) that
+/// older readers take: mlx-lm 0.32.2 reads only `rope_theta`, and silently uses base 10000
+/// without it. (Fails without the fix: the output had no `rope_theta`.)
+#[test]
+fn converted_config_has_top_level_rope_fields() -> Res<()> {
+    let src = golden_dir().join("tiny_llama");
+    let src_config = config(&src)?;
+    assert!(src_config.get("rope_theta").is_none() && src_config.get("rope_scaling").is_none());
+    assert_eq!(src_config["rope_parameters"]["rope_theta"], 50000.0);
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("copy");
+    run(&src, &out, &ConvertOptions::default())?;
+    let c = config(&out)?;
+    assert_eq!(c["rope_theta"], 50000.0, "{c}");
+    assert!(c.get("rope_scaling").is_none_or(|v| v.is_null()), "{c}");
+    assert_eq!(c["rope_parameters"], src_config["rope_parameters"]);
+
+    // A scaled RoPE: `rope_scaling` too, with the type and factor.
+    let linear = tmp.path().join("linear-src");
+    std::fs::create_dir(&linear)?;
+    for e in std::fs::read_dir(&src)? {
+        let p = e?.path();
+        std::fs::copy(&p, linear.join(p.file_name().ok_or("no name")?))?;
+    }
+    let rp = serde_json::json!({"rope_theta": 20000.0, "rope_type": "linear", "factor": 2.0});
+    let mut sc = src_config.clone();
+    sc["rope_parameters"] = rp.clone();
+    std::fs::write(linear.join("config.json"), serde_json::to_string(&sc)?)?;
+    let out = tmp.path().join("linear");
+    run(&linear, &out, &ConvertOptions::default())?;
+    let c = config(&out)?;
+    assert_eq!(c["rope_theta"], 20000.0, "{c}");
+    assert_eq!(c["rope_scaling"]["rope_type"], "linear", "{c}");
+    assert_eq!(c["rope_scaling"]["factor"], 2.0, "{c}");
+    Ok(())
+}
