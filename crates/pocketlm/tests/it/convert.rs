@@ -471,3 +471,41 @@ fn converted_config_has_top_level_rope_fields() -> Res<()> {
     assert_eq!(c["rope_scaling"]["factor"], 2.0, "{c}");
     Ok(())
 }
+
+/// `exact_mlx_matmul` reaches a tied output layer: a 4-bit MLX embedding table that is also
+/// the output projection (`tie_word_embeddings`) runs in f32 like the other layers, so the
+/// logits equal those of the same weights dequantized to dense f32. (Fails without the fix:
+/// the table kept the 8-bit-activation kernel: 0.039 from the dense product.)
+#[test]
+fn exact_mlx_matmul_reaches_tied_output_layer() -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let q4 = tmp.path().join("q4");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 4,
+        }),
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
+    run(&golden_dir().join("tiny_llama"), &q4, &opts)?;
+    // Tie it: no lm_head tensors, `tie_word_embeddings: true`.
+    let mut t = tensors(&q4)?;
+    t.retain(|k, _| !k.starts_with("lm_head."));
+    candle_core::safetensors::save(&t, q4.join("model.safetensors"))?;
+    let mut c = config(&q4)?;
+    c["tie_word_embeddings"] = true.into();
+    std::fs::write(q4.join("config.json"), serde_json::to_string(&c)?)?;
+
+    let ids =
+        candle_core::safetensors::load(golden_dir().join("logits.safetensors"), &Device::Cpu)?
+            ["ids"]
+            .clone();
+    let dense = logits(&load(&q4, &cpu(true))?, &ids)?;
+    let d = max_abs_diff(&logits(&load(&q4, &exact())?, &ids)?, &dense)?;
+    assert!(d <= 1e-4, "exact: max |logits - dense| = {d}");
+    // Without the flag the 4-bit layers (the output layer included) quantize activations.
+    let k = max_abs_diff(&logits(&load(&q4, &cpu(false))?, &ids)?, &dense)?;
+    assert!(k > 1e-3, "kernel: {k}");
+    Ok(())
+}
