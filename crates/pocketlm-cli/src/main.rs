@@ -28,6 +28,9 @@ enum Command {
     Chat(cmd::chat::ChatArgs),
     /// Measure prefill (pp) and decode (tg) speed, like llama-bench.
     Bench(cmd::bench::BenchArgs),
+    /// Perplexity of a text file; with --kl-divergence REF, the KL divergence from a reference
+    /// model (quantization quality), like llama-perplexity.
+    Perplexity(Box<cmd::perplexity::PerplexityArgs>),
     /// Prefill a prompt and save its KV cache (for --prompt-cache-file).
     CachePrompt(cmd::cache::CachePromptArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
@@ -71,6 +74,7 @@ fn main() {
         Command::Chat(a) => cmd::chat::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Perplexity(a) => cmd::perplexity::run(*a),
         Command::CachePrompt(a) => cmd::cache::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Agree(a) => cmd::gpu::run_agree(a),

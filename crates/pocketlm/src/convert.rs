@@ -33,7 +33,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::chat_template::ChatTemplate;
 use crate::fetch::hub::glob_match;
 use crate::gguf::GgufFile;
-use crate::loader::read_json;
+use crate::loader::{normalize_config, read_json};
 use crate::models;
 use crate::quant::mlx_affine::check_params;
 use crate::quant::mlx_affine::{dequantize_tensor, quantize_tensor};
@@ -662,13 +662,22 @@ impl QuantPlan {
     }
 }
 
+/// Reads the source folder. A transformers 5 config.json that has only `rope_parameters`
+/// gets the top-level `rope_theta` (and `rope_scaling` for a rope type other than `default`)
+/// that older readers look for ([`crate::loader::normalize_config`], also on a nested
+/// `text_config`): mlx-lm 0.32.2 reads only `rope_theta` and silently uses base 10000 without
+/// it.
 fn open_folder(src: &Path) -> Result<(serde_json::Value, Source)> {
-    let config = read_json(&src.join("config.json"))?.ok_or_else(|| {
+    let mut config = read_json(&src.join("config.json"))?.ok_or_else(|| {
         Error::Model(format!(
             "{}: not a model folder (no config.json)",
             src.display()
         ))
     })?;
+    normalize_config(&mut config);
+    if let Some(text) = config.get_mut("text_config") {
+        normalize_config(text);
+    }
     let weights = SafetensorsWeights::open_folder(src, &config, Device::Cpu)?;
     let mut items = Vec::new();
     let names: Vec<String> = weights.names().map(str::to_string).collect();

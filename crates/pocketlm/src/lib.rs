@@ -16,6 +16,8 @@
 //! - [`generate`]: the token stepper (prefill, then one sampled token per step) under the text
 //!   layer, a stream of [`generate::Event`]s.
 //! - [`bench`]: prefill/decode speed in the manner of `llama-bench`.
+//! - [`perplexity`]: perplexity of raw text (transformers' or `llama-perplexity`'s windows) and
+//!   the KL divergence of a model from a reference (quantization quality).
 //! - [`prompt_cache`]: KV caches of prompt prefixes saved to and loaded from safetensors.
 //! - [`session`]: multi-turn chat that keeps its KV cache between turns.
 //! - [`memory`]: resident and peak memory readings.
@@ -47,6 +49,7 @@ pub mod lora;
 pub mod memory;
 pub mod models;
 pub mod nn;
+pub mod perplexity;
 pub mod prompt_cache;
 pub mod quant;
 pub mod safetensors_weights;

@@ -456,8 +456,10 @@ impl Weights for SafetensorsWeights {
 
     fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
+        // The flag matters when the table is also the output layer (tied embeddings,
+        // `Embedding::as_linear`); lookups dequantize rows either way.
         let stored = match self.quantized(prefix, vocab, hidden)? {
-            Some(q) => Stored::Mlx(q),
+            Some(q) => Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul)),
             None => Stored::Float(self.float_weight(name, &[vocab, hidden])?),
         };
         self.placement().embedding(stored)

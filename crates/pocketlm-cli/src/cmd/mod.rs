@@ -9,4 +9,5 @@ pub mod generate;
 pub mod gpu;
 pub mod lora;
 pub mod model;
+pub mod perplexity;
 pub mod serve;

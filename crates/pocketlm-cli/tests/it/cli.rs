@@ -385,3 +385,85 @@ fn chat_with_a_rotating_cache_and_truncation() {
         );
     }
 }
+
+/// `perplexity`: the JSON report on the golden text with llama-perplexity's windows (the
+/// values are checked against the references in the library's tests/it/perplexity.rs), the
+/// KL divergence of the model against itself, and named errors for an empty file, a missing
+/// file and a context longer than the model's.
+#[test]
+fn perplexity_reports_and_errors() {
+    let model = default_model();
+    let text = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../pocketlm/tests/golden/perplexity/stdlib_excerpt.txt");
+    let text = text.to_str().unwrap();
+    let base = [
+        "perplexity",
+        "--model",
+        &model,
+        "--file",
+        text,
+        "--context",
+        "256",
+        "--llama-cpp",
+        "--chunks",
+        "1",
+    ];
+    let out = pocketlm(&[&base[..], &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["tokens_scored"], 127);
+    assert_eq!(r["windows"].as_array().unwrap().len(), 1);
+    let ppl = r["perplexity"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 1000.0, "{ppl}");
+    assert!((r["mean_nll"].as_f64().unwrap().exp() - ppl).abs() < 1e-9);
+
+    let out = pocketlm(&[&base[..], &["--kl-divergence", &model]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "mean KLD: 0.000000",
+        "maximum KLD: 0.000000",
+        "same top-1: 100.000 %",
+    ] {
+        assert!(stdout.contains(line), "{line:?} in {stdout}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let out = pocketlm(&[
+        "perplexity",
+        "--model",
+        &model,
+        "--file",
+        empty.to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, &["empty.txt", "empty"]);
+    let missing = dir.path().join("missing.txt");
+    let out = pocketlm(&[
+        "perplexity",
+        "--model",
+        &model,
+        "--file",
+        missing.to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, &["missing.txt"]);
+    let out = pocketlm(&[
+        "perplexity",
+        "--model",
+        &model,
+        "--file",
+        text,
+        "--context",
+        "100000",
+    ]);
+    assert_clean_error(&out, &["`context` 100000", "8192"]);
+}

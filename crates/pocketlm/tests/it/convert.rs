@@ -433,3 +433,79 @@ fn default_gguf_converts_to_float_and_quantized_folders() -> Res<()> {
     assert!(same >= 4, "8-bit conversion: {got:?} vs {want:?}");
     Ok(())
 }
+
+/// A transformers 5 config.json carries RoPE only in `rope_parameters`; the converted folder
+/// also has the top-level `rope_theta` (and `rope_scaling` for a non-default rope type) that
+/// older readers take: mlx-lm 0.32.2 reads only `rope_theta`, and silently uses base 10000
+/// without it. (Fails without the fix: the output had no `rope_theta`.)
+#[test]
+fn converted_config_has_top_level_rope_fields() -> Res<()> {
+    let src = golden_dir().join("tiny_llama");
+    let src_config = config(&src)?;
+    assert!(src_config.get("rope_theta").is_none() && src_config.get("rope_scaling").is_none());
+    assert_eq!(src_config["rope_parameters"]["rope_theta"], 50000.0);
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("copy");
+    run(&src, &out, &ConvertOptions::default())?;
+    let c = config(&out)?;
+    assert_eq!(c["rope_theta"], 50000.0, "{c}");
+    assert!(c.get("rope_scaling").is_none_or(|v| v.is_null()), "{c}");
+    assert_eq!(c["rope_parameters"], src_config["rope_parameters"]);
+
+    // A scaled RoPE: `rope_scaling` too, with the type and factor.
+    let linear = tmp.path().join("linear-src");
+    std::fs::create_dir(&linear)?;
+    for e in std::fs::read_dir(&src)? {
+        let p = e?.path();
+        std::fs::copy(&p, linear.join(p.file_name().ok_or("no name")?))?;
+    }
+    let rp = serde_json::json!({"rope_theta": 20000.0, "rope_type": "linear", "factor": 2.0});
+    let mut sc = src_config.clone();
+    sc["rope_parameters"] = rp.clone();
+    std::fs::write(linear.join("config.json"), serde_json::to_string(&sc)?)?;
+    let out = tmp.path().join("linear");
+    run(&linear, &out, &ConvertOptions::default())?;
+    let c = config(&out)?;
+    assert_eq!(c["rope_theta"], 20000.0, "{c}");
+    assert_eq!(c["rope_scaling"]["rope_type"], "linear", "{c}");
+    assert_eq!(c["rope_scaling"]["factor"], 2.0, "{c}");
+    Ok(())
+}
+
+/// `exact_mlx_matmul` reaches a tied output layer: a 4-bit MLX embedding table that is also
+/// the output projection (`tie_word_embeddings`) runs in f32 like the other layers, so the
+/// logits equal those of the same weights dequantized to dense f32. (Fails without the fix:
+/// the table kept the 8-bit-activation kernel: 0.039 from the dense product.)
+#[test]
+fn exact_mlx_matmul_reaches_tied_output_layer() -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let q4 = tmp.path().join("q4");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 64,
+            bits: 4,
+        }),
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
+    run(&golden_dir().join("tiny_llama"), &q4, &opts)?;
+    // Tie it: no lm_head tensors, `tie_word_embeddings: true`.
+    let mut t = tensors(&q4)?;
+    t.retain(|k, _| !k.starts_with("lm_head."));
+    candle_core::safetensors::save(&t, q4.join("model.safetensors"))?;
+    let mut c = config(&q4)?;
+    c["tie_word_embeddings"] = true.into();
+    std::fs::write(q4.join("config.json"), serde_json::to_string(&c)?)?;
+
+    let ids =
+        candle_core::safetensors::load(golden_dir().join("logits.safetensors"), &Device::Cpu)?
+            ["ids"]
+            .clone();
+    let dense = logits(&load(&q4, &cpu(true))?, &ids)?;
+    let d = max_abs_diff(&logits(&load(&q4, &exact())?, &ids)?, &dense)?;
+    assert!(d <= 1e-4, "exact: max |logits - dense| = {d}");
+    // Without the flag the 4-bit layers (the output layer included) quantize activations.
+    let k = max_abs_diff(&logits(&load(&q4, &cpu(false))?, &ids)?, &dense)?;
+    assert!(k > 1e-3, "kernel: {k}");
+    Ok(())
+}

@@ -14,6 +14,7 @@ mod lora_train;
 mod mlx_interop;
 mod mlx_quant_golden;
 mod module_graph;
+mod perplexity;
 mod prompt_cache;
 mod session;
 mod tokenizer_golden;
