@@ -30,6 +30,11 @@ pub struct LoadOptions {
     /// to 8 bits per block of 32 as ggml does (faster; logits move by ~1e-2..1e-1 on small
     /// models). 8-bit layers always use the f32 arithmetic.
     pub exact_mlx_matmul: bool,
+    /// Keep GGUF weights in their file layout instead of repacking them at load for this
+    /// CPU's fastest kernels (llama.cpp's `--no-repack`): slower prefill, memory-mapped
+    /// weights, and products in the float order of ggml's `vec_dot` kernels, the order
+    /// llama.cpp's x86 build uses for `Q8_0` (it repacks `Q4_0` and `Q4_K` only).
+    pub no_repack: bool,
 }
 
 /// A model with everything needed to prompt it.
@@ -157,7 +162,8 @@ pub fn load(spec: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
         &config,
         &arch
             .gguf_weights(&gguf, device)?
-            .dequantized(opts.dequantize),
+            .dequantized(opts.dequantize)
+            .repacked(!opts.no_repack),
     )?;
     let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
     let template = gguf.opt_str("tokenizer.chat_template")?;

@@ -415,6 +415,7 @@ impl SafetensorsWeights {
         Placement {
             device: self.device.clone(),
             dequantize: self.dequantize,
+            repack: false,
         }
     }
 

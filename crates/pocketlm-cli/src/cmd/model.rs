@@ -31,6 +31,10 @@ pub struct ModelArgs {
     /// kernels that quantize activations to 8 bits (as llama.cpp does).
     #[arg(long)]
     pub exact_mlx_matmul: bool,
+    /// Keep GGUF weights in their file layout instead of repacking them for this CPU's
+    /// fastest kernels (as llama.cpp's --no-repack): slower prefill, ggml's vec_dot order.
+    #[arg(long)]
+    pub no_repack: bool,
 }
 
 /// Sampling settings (mlx-lm's names). Each one left out comes from the model folder's
@@ -130,6 +134,7 @@ pub fn load(args: &ModelArgs, verbose: bool) -> Result<LoadedModel> {
     let opts = LoadOptions {
         device,
         exact_mlx_matmul: args.exact_mlx_matmul,
+        no_repack: args.no_repack,
         ..Default::default()
     };
     let mut m = loader::load(&path, &opts).context("loading the model")?;

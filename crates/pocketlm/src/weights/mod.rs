@@ -169,8 +169,16 @@ impl<'a> GgufWeights<'a> {
             placement: Placement {
                 device,
                 dequantize: false,
+                repack: true,
             },
         }
+    }
+
+    /// Repack weights for this CPU's fastest kernels where it has them (the default; see
+    /// [`crate::kernels::GgufMatrix::repacked`]), or keep the file's layout.
+    pub fn repacked(mut self, yes: bool) -> Self {
+        self.placement.repack = yes;
+        self
     }
 
     /// Dequantize every weight to f32 at load (dense layers only): the model then computes

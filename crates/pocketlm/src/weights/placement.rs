@@ -51,6 +51,9 @@ pub struct Placement {
     /// Dequantize every quantized weight to f32 at load (the float reference's numbers, at 4-8x
     /// the memory).
     pub dequantize: bool,
+    /// Repack GGUF weights for this CPU's fastest kernels where it has them
+    /// ([`crate::kernels::GgufMatrix::repacked`]); `false` keeps the file's layout.
+    pub repack: bool,
 }
 
 impl Placement {
@@ -67,7 +70,12 @@ impl Placement {
                 if self.uses_cpu_kernels(dtype) {
                     // Repacked for this CPU's fastest kernels where it has them; embedding
                     // tables (below, and tied output layers) keep GGUF's row layout.
-                    let weight = file.matrix(name, &shape)?.repacked();
+                    let weight = file.matrix(name, &shape)?;
+                    let weight = if self.repack {
+                        weight.repacked()
+                    } else {
+                        weight
+                    };
                     return Ok(Linear::Kernel { weight, bias });
                 }
                 #[cfg(feature = "cuda")]
