@@ -93,8 +93,8 @@ struct AppState {
     model_id: Arc<str>,
     created: u64,
     api_key: Option<Arc<str>>,
-    /// The model's `generation_config.json` sampling defaults, when it has one.
-    sampling_defaults: Option<SamplingParams>,
+    /// The sampling of fields a request leaves out ([`LoadedModel::default_sampling`]).
+    sampling_defaults: SamplingParams,
 }
 
 fn unix_now() -> u64 {
@@ -118,10 +118,7 @@ pub fn model_id(model: &LoadedModel, config: &ServerConfig) -> String {
 /// The application: every route, the body limit, authentication and the JSON fallbacks.
 pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
     let state = AppState {
-        sampling_defaults: model
-            .generation_config
-            .as_ref()
-            .map(|_| model.default_sampling()),
+        sampling_defaults: model.default_sampling(),
         model_id: model_id(&model, config).into(),
         engine: Arc::new(Engine::new(
             model,
@@ -276,9 +273,7 @@ async fn chat_completions(
     let req: ChatCompletionRequest = parse_body(body)?;
     let messages = req.messages()?;
     let ctx = s.engine.model().model.info().context_length;
-    let mut params = req
-        .common
-        .to_generate_params(ctx, s.sampling_defaults.as_ref())?;
+    let mut params = req.common.to_generate_params(ctx, &s.sampling_defaults)?;
     params.logprobs = req.logprobs()?;
     let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
@@ -330,9 +325,7 @@ async fn completions(
     let req: CompletionRequest = parse_body(body)?;
     let prompt = req.prompt()?;
     let ctx = s.engine.model().model.info().context_length;
-    let mut params = req
-        .common
-        .to_generate_params(ctx, s.sampling_defaults.as_ref())?;
+    let mut params = req.common.to_generate_params(ctx, &s.sampling_defaults)?;
     params.logprobs = req.logprobs()?;
     let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;

@@ -118,6 +118,16 @@ fn negative_temperature_is_a_named_error() {
     assert!(!stderr.contains("unexpected argument"), "{stderr}");
 }
 
+/// `generate --help` says the sampling defaults.
+#[test]
+fn generate_help_says_the_sampling_defaults() {
+    let help = pocketlm(&["generate", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    for d in ["else 0.8", "else 40", "else 0.95", "else 0.05", "else 1.1"] {
+        assert!(text.contains(d), "{d} in {text}");
+    }
+}
+
 /// `serve --help` names the variable that holds the API key but never prints its value.
 #[test]
 fn serve_help_hides_the_api_key() {
@@ -288,6 +298,8 @@ fn prompt_cache_file_round_trip_and_kv_flags() {
             prompt,
             "--max-tokens",
             "12",
+            "--temp",
+            "0",
             "--verbose",
         ];
         a.extend_from_slice(extra);

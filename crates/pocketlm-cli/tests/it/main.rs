@@ -3,3 +3,4 @@
 
 mod cli;
 mod cli_folders;
+mod sampling_defaults;
