@@ -199,6 +199,38 @@ impl CommonParams {
         })
     }
 
+    /// The number of new tokens to generate for a prompt of `prompt_tokens` tokens in a
+    /// context of `context_length`: the request's `max_completion_tokens` / `max_tokens`,
+    /// which must fit in the room the prompt leaves (`context_length - prompt_tokens`), else
+    /// that room.
+    ///
+    /// Errors: 400 `context_length_exceeded` naming the field and the three numbers when the
+    /// request asks for more than the room (as OpenAI and vLLM refuse it; nothing is clamped
+    /// silently).
+    pub fn fit_max_tokens(
+        &self,
+        prompt_tokens: usize,
+        context_length: usize,
+    ) -> Result<usize, ApiError> {
+        let room = context_length.saturating_sub(prompt_tokens);
+        let (name, asked) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", m),
+            (None, Some(m)) => ("max_tokens", m),
+            (None, None) => return Ok(room),
+        };
+        match usize::try_from(asked) {
+            Ok(m) if m <= room => Ok(m),
+            _ => Err(ApiError::bad_param(
+                name,
+                format!(
+                    "`{name}` is {asked} but the model's context holds {context_length} tokens \
+                     and the prompt uses {prompt_tokens}, leaving room for {room} new tokens"
+                ),
+            )
+            .with_code("context_length_exceeded")),
+        }
+    }
+
     /// Whether the answer is streamed.
     pub fn stream(&self) -> bool {
         self.stream.unwrap_or(false)
@@ -672,6 +704,31 @@ mod tests {
         let p = params(r#"{"messages": [], "max_tokens": 100000, "stop": "x"}"#).expect("valid");
         assert_eq!(p.max_tokens, 100, "capped at the context");
         assert_eq!(p.stop, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn max_tokens_must_fit_beside_the_prompt() {
+        let common = |body: &str| {
+            serde_json::from_str::<ChatCompletionRequest>(body)
+                .expect("parses")
+                .common
+        };
+        let c = common(r#"{"messages": []}"#);
+        assert_eq!(c.fit_max_tokens(30, 100).expect("fits"), 70, "the room");
+        let c = common(r#"{"messages": [], "max_tokens": 70}"#);
+        assert_eq!(c.fit_max_tokens(30, 100).expect("fits"), 70);
+        let e = c.fit_max_tokens(31, 100).expect_err("too many");
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        for n in ["70", "100", "31", "69"] {
+            assert!(e.message.contains(n), "{n} in {}", e.message);
+        }
+        let c = common(r#"{"messages": [], "max_tokens": 5, "max_completion_tokens": 1000}"#);
+        let e = c.fit_max_tokens(30, 100).expect_err("too many");
+        assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
+        let c = common(r#"{"messages": [], "max_tokens": 18446744073709551615}"#);
+        assert!(c.fit_max_tokens(30, 100).is_err());
     }
 
     #[test]

@@ -128,6 +128,27 @@ fn generate_help_says_the_sampling_defaults() {
     }
 }
 
+/// `serve`'s connection timeouts are checked before the model loads; its help says the
+/// defaults.
+#[test]
+fn serve_timeouts_are_checked() {
+    for flag in ["--header-timeout", "--keep-alive-timeout"] {
+        for bad in ["0", "-1", "nan"] {
+            let out = pocketlm(&["serve", flag, bad, "--port", "0"]);
+            if out.status.code() == Some(2) {
+                continue; // refused by the argument parser
+            }
+            assert_clean_error(&out, &[flag, "seconds"]);
+        }
+    }
+    let help = pocketlm(&["serve", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("--header-timeout") && text.contains("[default: 30]"),
+        "{text}"
+    );
+}
+
 /// `serve --help` names the variable that holds the API key but never prints its value.
 #[test]
 fn serve_help_hides_the_api_key() {
