@@ -39,6 +39,11 @@ fn default_model() -> String {
 /// Writes a tiny Llama GGUF (f32 weights). `arch` sets `general.architecture`; `bad_tensor`
 /// gives that tensor a wrong shape.
 fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
+    tiny_gguf_with(path, arch, bad_tensor, None);
+}
+
+/// As [`tiny_gguf`]; `missing` leaves that tensor out.
+fn tiny_gguf_with(path: &Path, arch: &str, bad_tensor: Option<&str>, missing: Option<&str>) {
     let dev = Device::Cpu;
     let (h, ff, vocab, heads, kv) = (8usize, 16usize, 16usize, 2u32, 1u32);
     let hd = h / heads as usize;
@@ -60,6 +65,7 @@ fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
             shape[0] += 1;
         }
     }
+    shapes.retain(|(name, _)| Some(name.as_str()) != missing);
     let tensors: Vec<(String, QTensor)> = shapes
         .iter()
         .map(|(n, s)| {
@@ -249,6 +255,44 @@ fn truncated_gguf_is_a_clear_error() {
         "hi",
     ]);
     assert_clean_error(&out, &["cut.gguf"]);
+}
+
+/// With `RUST_BACKTRACE=1` candle attaches a backtrace to its errors; none reaches the user:
+/// each error is still one line.
+#[test]
+fn errors_stay_one_line_with_rust_backtrace() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&model).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let header = dir.path().join("header.gguf");
+    std::fs::write(&header, &bytes[..1000]).unwrap();
+    let missing = dir.path().join("missing.gguf");
+    tiny_gguf_with(&missing, "llama", None, Some("blk.0.attn_v.weight"));
+    let shape = dir.path().join("shape.gguf");
+    tiny_gguf(&shape, "llama", Some("blk.0.ffn_up.weight"));
+    for (path, needles) in [
+        (&cut, &["cut.gguf", "truncated"][..]),
+        (&header, &["header.gguf"][..]),
+        (&missing, &["blk.0.attn_v.weight"][..]),
+        (&shape, &["blk.0.ffn_up.weight", "shape"][..]),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args([
+                "generate",
+                "--model",
+                path.to_str().unwrap(),
+                "--prompt",
+                "hi",
+            ])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("running pocketlm");
+        assert_clean_error(&out, needles);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
 }
 
 #[test]
