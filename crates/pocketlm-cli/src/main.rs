@@ -24,7 +24,8 @@ struct Cli {
 enum Command {
     /// Generate a reply to one prompt, streamed to stdout.
     Generate(cmd::generate::GenerateArgs),
-    /// Chat with a model in the terminal (multi-turn; /reset, /exit).
+    /// Chat with a model in the terminal (multi-turn; /reset, /exit). Ctrl-C stops a reply
+    /// (the part shown stays in the conversation); Ctrl-C at the prompt exits.
     Chat(cmd::chat::ChatArgs),
     /// Measure prefill (pp) and decode (tg) speed, like llama-bench.
     Bench(cmd::bench::BenchArgs),

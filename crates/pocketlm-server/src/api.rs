@@ -4,7 +4,7 @@
 
 use pocketlm::chat_template::Message;
 use pocketlm::generate::GenerateParams;
-use pocketlm::sampling::SamplingParams;
+use pocketlm::sampling::{SamplingOverrides, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -52,12 +52,27 @@ pub struct CommonParams {
     /// loaded model.
     #[serde(default)]
     pub model: Option<String>,
-    /// Softmax temperature in `[0, 2]`; `0` is greedy. Default `1` (OpenAI's default).
+    /// Softmax temperature in `[0, 2]`; `0` is plain greedy decoding (argmax, without the
+    /// default repetition penalty). Default: the model's (see
+    /// [`pocketlm::loader::LoadedModel::default_sampling`]: its `generation_config.json`, else
+    /// `0.8`).
     #[serde(default)]
     pub temperature: Option<f64>,
-    /// Nucleus sampling mass in `[0, 1]`. Default `1` (off).
+    /// Nucleus sampling mass in `[0, 1]` (`1` is off). Default: the model's (else `0.95`).
     #[serde(default)]
     pub top_p: Option<f64>,
+    /// Extension (as vLLM's): keep only the `top_k` most likely tokens (`0` is off; vLLM's
+    /// `-1` is taken as off too). Default: the model's (else `40`).
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// Extension (as vLLM's): drop tokens less likely than `min_p` times the most likely, in
+    /// `[0, 1]`. Default: the model's (else `0.05`).
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    /// Extension (as vLLM's): penalty `> 0` for tokens among the last 64 (`1` is off).
+    /// Default: the model's (else `1.1`).
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
     /// Most new tokens, `>= 1`. Default: up to the end of the context.
     #[serde(default)]
     pub max_tokens: Option<u64>,
@@ -88,21 +103,18 @@ impl CommonParams {
     /// Checks the values and builds the library's generation parameters.
     ///
     /// `context_length`: the model's context (the default for `max_tokens`). `defaults`: the
-    /// model's own sampling defaults (its `generation_config.json`, see
-    /// [`pocketlm::loader::LoadedModel::default_sampling`]) used for every field the request
-    /// leaves out; `None` gives OpenAI's defaults (`temperature` 1, `top_p` 1).
+    /// model's sampling defaults ([`pocketlm::loader::LoadedModel::default_sampling`]: its
+    /// `generation_config.json`, else the library's recommended sampling), used for every
+    /// field the request leaves out; a field the request gives wins
+    /// ([`SamplingOverrides::resolve`]).
     /// Errors: 400 naming the field (`n` other than 1, `temperature` outside `[0, 2]`,
-    /// `top_p` outside `[0, 1]`, `max_tokens` 0, more than 4 stop strings).
+    /// `top_p` or `min_p` outside `[0, 1]`, `repetition_penalty <= 0`, `max_tokens` 0, more
+    /// than 4 stop strings).
     pub fn to_generate_params(
         &self,
         context_length: usize,
-        defaults: Option<&SamplingParams>,
+        defaults: &SamplingParams,
     ) -> Result<GenerateParams, ApiError> {
-        let base = defaults.cloned().unwrap_or(SamplingParams {
-            temperature: 1.0,
-            top_p: 1.0,
-            ..SamplingParams::default()
-        });
         if let Some(n) = self.n {
             if n != 1 {
                 return Err(ApiError::bad_param(
@@ -111,20 +123,44 @@ impl CommonParams {
                 ));
             }
         }
-        let temperature = self.temperature.unwrap_or(f64::from(base.temperature));
-        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-            return Err(ApiError::bad_param(
-                "temperature",
-                format!("`temperature` is {temperature}; expected a number in [0, 2]"),
-            ));
+        if let Some(t) = self.temperature {
+            if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
+                return Err(ApiError::bad_param(
+                    "temperature",
+                    format!("`temperature` is {t}; expected a number in [0, 2]"),
+                ));
+            }
         }
-        let top_p = self.top_p.unwrap_or(f64::from(base.top_p));
-        if !(top_p.is_finite() && (0.0..=1.0).contains(&top_p)) {
-            return Err(ApiError::bad_param(
-                "top_p",
-                format!("`top_p` is {top_p}; expected a number in [0, 1]"),
-            ));
+        let unit = |name: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && (0.0..=1.0).contains(&x)) => Err(ApiError::bad_param(
+                name,
+                format!("`{name}` is {x}; expected a number in [0, 1]"),
+            )),
+            _ => Ok(v.map(|x| x as f32)),
+        };
+        let top_p = unit("top_p", self.top_p)?;
+        let min_p = unit("min_p", self.min_p)?;
+        if let Some(r) = self.repetition_penalty {
+            if !(r.is_finite() && r > 0.0 && r <= f64::from(f32::MAX)) {
+                return Err(ApiError::bad_param(
+                    "repetition_penalty",
+                    format!("`repetition_penalty` is {r}; expected a number > 0"),
+                ));
+            }
         }
+        let sampling = SamplingOverrides {
+            temperature: self.temperature.map(|t| t as f32),
+            top_p,
+            top_k: self
+                .top_k
+                .map(|k| usize::try_from(k.max(0)).unwrap_or(usize::MAX)),
+            min_p,
+            repetition_penalty: self.repetition_penalty.map(|r| r as f32),
+            repetition_context_size: None,
+            // A seed is any integer; negative ones are reinterpreted bit for bit.
+            seed: self.seed.map(|s| s as u64),
+        }
+        .resolve(defaults);
         let (name, max) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => ("max_completion_tokens", Some(m)),
             (None, m) => ("max_tokens", m),
@@ -155,18 +191,44 @@ impl CommonParams {
         }
         Ok(GenerateParams {
             max_tokens,
-            sampling: SamplingParams {
-                temperature: temperature as f32,
-                top_p: top_p as f32,
-                // A seed is any integer; negative ones are reinterpreted bit for bit.
-                seed: self.seed.map(|s| s as u64).or(base.seed),
-                ..base
-            },
+            sampling,
             // An empty stop string would end every answer before it starts: ignore it.
             stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             ..GenerateParams::default()
         })
+    }
+
+    /// The number of new tokens to generate for a prompt of `prompt_tokens` tokens in a
+    /// context of `context_length`: the request's `max_completion_tokens` / `max_tokens`,
+    /// which must fit in the room the prompt leaves (`context_length - prompt_tokens`), else
+    /// that room.
+    ///
+    /// Errors: 400 `context_length_exceeded` naming the field and the three numbers when the
+    /// request asks for more than the room (as OpenAI and vLLM refuse it; nothing is clamped
+    /// silently).
+    pub fn fit_max_tokens(
+        &self,
+        prompt_tokens: usize,
+        context_length: usize,
+    ) -> Result<usize, ApiError> {
+        let room = context_length.saturating_sub(prompt_tokens);
+        let (name, asked) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", m),
+            (None, Some(m)) => ("max_tokens", m),
+            (None, None) => return Ok(room),
+        };
+        match usize::try_from(asked) {
+            Ok(m) if m <= room => Ok(m),
+            _ => Err(ApiError::bad_param(
+                name,
+                format!(
+                    "`{name}` is {asked} but the model's context holds {context_length} tokens \
+                     and the prompt uses {prompt_tokens}, leaving room for {room} new tokens"
+                ),
+            )
+            .with_code("context_length_exceeded")),
+        }
     }
 
     /// Whether the answer is streamed.
@@ -570,16 +632,16 @@ mod tests {
 
     fn params(body: &str) -> Result<GenerateParams, ApiError> {
         let req: ChatCompletionRequest = serde_json::from_str(body).expect("parses");
-        req.common.to_generate_params(100, None)
+        req.common
+            .to_generate_params(100, &SamplingParams::recommended())
     }
 
     #[test]
-    fn defaults_follow_openai() {
+    fn absent_fields_take_the_library_defaults() {
         let p = params(r#"{"messages": []}"#).expect("valid");
         assert_eq!(p.max_tokens, 100);
-        assert_eq!(p.sampling.temperature, 1.0);
-        assert_eq!(p.sampling.top_p, 1.0);
-        assert_eq!(p.sampling.seed, None);
+        assert_eq!(p.sampling, SamplingParams::recommended());
+        assert_eq!(p.sampling.seed, None, "no fixed seed");
         assert!(p.stop.is_empty());
         assert!(!p.ignore_eos);
     }
@@ -597,7 +659,7 @@ mod tests {
             serde_json::from_str(r#"{"messages": [], "top_p": 0.5}"#).expect("parses");
         let p = req
             .common
-            .to_generate_params(100, Some(&defaults))
+            .to_generate_params(100, &defaults)
             .expect("valid");
         assert_eq!(p.sampling.temperature, 0.6, "from generation_config");
         assert_eq!(p.sampling.top_p, 0.5, "the request wins");
@@ -617,14 +679,56 @@ mod tests {
         assert_eq!(p.sampling.top_p, 0.5);
         assert_eq!(p.sampling.seed, Some(u64::MAX));
         assert_eq!(
+            p.sampling.repetition_penalty, 1.0,
+            "temperature 0 is plain greedy"
+        );
+        assert_eq!(
             p.stop,
             vec!["END".to_string()],
             "empty stop strings are dropped"
         );
         assert!(p.ignore_eos);
+        let p = params(
+            r#"{"messages": [], "top_k": -1, "min_p": 0, "repetition_penalty": 1.3, "temperature": 0.5}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            (
+                p.sampling.top_k,
+                p.sampling.min_p,
+                p.sampling.repetition_penalty
+            ),
+            (0, 0.0, 1.3)
+        );
+        assert_eq!(p.sampling.temperature, 0.5);
         let p = params(r#"{"messages": [], "max_tokens": 100000, "stop": "x"}"#).expect("valid");
         assert_eq!(p.max_tokens, 100, "capped at the context");
         assert_eq!(p.stop, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn max_tokens_must_fit_beside_the_prompt() {
+        let common = |body: &str| {
+            serde_json::from_str::<ChatCompletionRequest>(body)
+                .expect("parses")
+                .common
+        };
+        let c = common(r#"{"messages": []}"#);
+        assert_eq!(c.fit_max_tokens(30, 100).expect("fits"), 70, "the room");
+        let c = common(r#"{"messages": [], "max_tokens": 70}"#);
+        assert_eq!(c.fit_max_tokens(30, 100).expect("fits"), 70);
+        let e = c.fit_max_tokens(31, 100).expect_err("too many");
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        for n in ["70", "100", "31", "69"] {
+            assert!(e.message.contains(n), "{n} in {}", e.message);
+        }
+        let c = common(r#"{"messages": [], "max_tokens": 5, "max_completion_tokens": 1000}"#);
+        let e = c.fit_max_tokens(30, 100).expect_err("too many");
+        assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
+        let c = common(r#"{"messages": [], "max_tokens": 18446744073709551615}"#);
+        assert!(c.fit_max_tokens(30, 100).is_err());
     }
 
     #[test]
@@ -634,6 +738,11 @@ mod tests {
             (r#"{"messages": [], "temperature": 2.5}"#, "temperature"),
             (r#"{"messages": [], "temperature": 1e300}"#, "temperature"),
             (r#"{"messages": [], "top_p": 1.5}"#, "top_p"),
+            (r#"{"messages": [], "min_p": -0.1}"#, "min_p"),
+            (
+                r#"{"messages": [], "repetition_penalty": 0}"#,
+                "repetition_penalty",
+            ),
             (
                 r#"{"messages": [], "max_completion_tokens": 0}"#,
                 "max_completion_tokens",

@@ -17,8 +17,9 @@ pub mod logprobs;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -58,6 +59,30 @@ pub struct ServerConfig {
     /// Model id reported by `/v1/models` and in answers; default the file name without
     /// extension.
     pub model_id: Option<String>,
+    /// How long clients may be slow or idle (see [`Timeouts`]).
+    pub timeouts: Timeouts,
+}
+
+/// Connection timeouts: slow or idle clients do not hold connections open forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Longest time a client may take to send a request's whole header, counted from when
+    /// the connection is ready for it (a new connection, or a kept-alive one after its last
+    /// answer); the connection is closed after it. Default 30 s (hyper's).
+    pub header: Duration,
+    /// A connection on which nothing is read or written for this long is closed once it has
+    /// no request in flight (a request waiting in the queue or generating keeps it open).
+    /// Default 60 s.
+    pub keep_alive: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -70,6 +95,7 @@ impl Default for ServerConfig {
             api_key: None,
             body_limit: 1 << 20,
             model_id: None,
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -93,8 +119,8 @@ struct AppState {
     model_id: Arc<str>,
     created: u64,
     api_key: Option<Arc<str>>,
-    /// The model's `generation_config.json` sampling defaults, when it has one.
-    sampling_defaults: Option<SamplingParams>,
+    /// The sampling of fields a request leaves out ([`LoadedModel::default_sampling`]).
+    sampling_defaults: SamplingParams,
 }
 
 fn unix_now() -> u64 {
@@ -118,10 +144,7 @@ pub fn model_id(model: &LoadedModel, config: &ServerConfig) -> String {
 /// The application: every route, the body limit, authentication and the JSON fallbacks.
 pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
     let state = AppState {
-        sampling_defaults: model
-            .generation_config
-            .as_ref()
-            .map(|_| model.default_sampling()),
+        sampling_defaults: model.default_sampling(),
         model_id: model_id(&model, config).into(),
         engine: Arc::new(Engine::new(
             model,
@@ -145,15 +168,175 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` completes.
+/// Serves `app` on `listener` (HTTP/1.1) until `shutdown` completes, then lets open
+/// connections finish their requests. Each connection is closed when a client takes longer
+/// than `timeouts.header` to send a request header, or stays silent for
+/// `timeouts.keep_alive` with no request in flight.
+///
+/// Errors: none today (accept errors such as too many open files are logged and retried);
+/// the `Result` leaves room for them.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    timeouts: Timeouts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Dropped at shutdown: every connection sees it and shuts down gracefully.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    // Each connection holds a clone; `closed()` resolves when the last one is dropped.
+    let (done_tx, done_rx) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => break,
+        };
+        let stream = match stream {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                tracing::warn!("accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            app.clone(),
+            timeouts,
+            stop_rx.clone(),
+            done_rx.clone(),
+        ));
+    }
+    drop(stop_tx);
+    drop(done_rx);
+    done_tx.closed().await;
+    Ok(())
+}
+
+/// One connection, with the header timeout (hyper's, on a tokio timer) and the idle watch.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    timeouts: Timeouts,
+    mut stop: tokio::sync::watch::Receiver<()>,
+    _done: tokio::sync::watch::Receiver<()>,
+) {
+    let started = tokio::time::Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let io = hyper_util::rt::TokioIo::new(Watched {
+        inner: stream,
+        started,
+        last: last.clone(),
+    });
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(timeouts.header);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        let idle_until = started
+            + Duration::from_millis(last.load(AtomicOrdering::Relaxed))
+            + timeouts.keep_alive;
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!("connection closed: {e}");
+                }
+                break;
+            }
+            _ = stop.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = tokio::time::sleep_until(idle_until), if !closing => {
+                let idle_since = started
+                    + Duration::from_millis(last.load(AtomicOrdering::Relaxed));
+                if idle_since + timeouts.keep_alive <= tokio::time::Instant::now() {
+                    // Closes now when no request is in flight, else after its answer.
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// A TCP stream that notes when it last read or wrote anything (milliseconds since
+/// `started`).
+struct Watched {
+    inner: tokio::net::TcpStream,
+    started: tokio::time::Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl Watched {
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, AtomicOrdering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Binds `config.host:config.port` and serves `model` until Ctrl-C, on a new multi-threaded
@@ -175,7 +358,7 @@ pub fn run(model: LoadedModel, config: ServerConfig) -> Result<(), ServerError> 
         let local: SocketAddr = listener.local_addr().map_err(io)?;
         let app = router(Arc::new(model), &config);
         eprintln!("pocketlm: serving on http://{local}/v1 (Ctrl-C to stop)");
-        serve(listener, app, async {
+        serve(listener, app, config.timeouts, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
@@ -276,14 +459,13 @@ async fn chat_completions(
     let req: ChatCompletionRequest = parse_body(body)?;
     let messages = req.messages()?;
     let ctx = s.engine.model().model.info().context_length;
-    let mut params = req
-        .common
-        .to_generate_params(ctx, s.sampling_defaults.as_ref())?;
+    let mut params = req.common.to_generate_params(ctx, &s.sampling_defaults)?;
     params.logprobs = req.logprobs()?;
     let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
     let ids = s.engine.encode(Prompt::Chat(messages)).await?;
     let prompt_tokens = ids.ids.len();
+    params.max_tokens = req.common.fit_max_tokens(prompt_tokens, ctx)?;
     let rx = s.engine.start(slot, ids, params);
     let fmt = StreamFormat {
         kind: Kind::Chat,
@@ -330,9 +512,7 @@ async fn completions(
     let req: CompletionRequest = parse_body(body)?;
     let prompt = req.prompt()?;
     let ctx = s.engine.model().model.info().context_length;
-    let mut params = req
-        .common
-        .to_generate_params(ctx, s.sampling_defaults.as_ref())?;
+    let mut params = req.common.to_generate_params(ctx, &s.sampling_defaults)?;
     params.logprobs = req.logprobs()?;
     let logprobs = params.logprobs.is_some();
     let slot = s.engine.admit()?;
@@ -345,6 +525,7 @@ async fn completions(
                 _ => e,
             })?;
     let prompt_tokens = ids.ids.len();
+    params.max_tokens = req.common.fit_max_tokens(prompt_tokens, ctx)?;
     let rx = s.engine.start(slot, ids, params);
     let fmt = StreamFormat {
         kind: Kind::Completion,

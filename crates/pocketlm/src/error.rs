@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::candle_errors::candle_message;
+
 /// Every error the library returns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,9 +63,16 @@ pub enum Error {
     /// A bad argument from the caller.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// An error from the tensor library.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// An error from the tensor library, shown on one line by [`candle_message`] (without
+    /// the backtrace candle captures when `RUST_BACKTRACE` is set).
+    #[error("{}", candle_message(.0))]
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 /// Result with the library's [`Error`].
@@ -84,5 +93,29 @@ impl Error {
             name: name.into(),
             msg: msg.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_are_one_line_without_a_backtrace() {
+        let inner = candle_core::Error::Msg("unexpected end of file".into());
+        let bt = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert!(
+            bt.to_string().lines().count() > 1,
+            "candle prints the backtrace"
+        );
+        let e = Error::from(bt.context("reading tensor `x`").with_path("/m.gguf"));
+        assert_eq!(
+            e.to_string(),
+            "/m.gguf: reading tensor `x`: unexpected end of file"
+        );
+        assert!(std::error::Error::source(&e).is_none());
     }
 }

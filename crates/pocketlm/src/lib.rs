@@ -12,6 +12,7 @@
 //! - [`convert`]: GGUF or Hugging Face folders to MLX-format folders (optionally quantized).
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
 //! - [`json_file`]: optional JSON files of a model folder, read with errors naming the file.
+//! - [`candle_errors`]: tensor-library errors as one line, without candle's backtrace.
 //! - [`lora`]: LoRA adapters in mlx-lm's format: load, unload, hot-swap, fine-tune, fuse.
 //! - [`generate`]: the token stepper (prefill, then one sampled token per step) under the text
 //!   layer, a stream of [`generate::Event`]s.
@@ -31,6 +32,7 @@
 #[cfg(feature = "cuda")]
 pub mod accel;
 pub mod bench;
+pub mod candle_errors;
 pub mod chat_template;
 pub mod convert;
 #[cfg(feature = "cuda")]

@@ -181,13 +181,15 @@ pub fn load(spec: impl AsRef<Path>, opts: &LoadOptions) -> Result<LoadedModel> {
 /// sampling defaults and the end-of-generation ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
-    /// Default sampling. With `do_sample` false or absent (transformers' default) decoding is
-    /// greedy (`temperature = 0`) whatever `temperature` / `top_p` / `top_k` say, as in
-    /// transformers; with `do_sample: true`, `temperature` (default 1.0), `top_p` (1.0),
-    /// `top_k` (transformers' default 50; 0 is off) and `min_p` (off) are taken.
-    /// `repetition_penalty` (default 1.0, off) applies in both cases. Other fields are
-    /// [`SamplingParams::default`].
-    pub sampling: SamplingParams,
+    /// Default sampling; `None` when the file has none of `do_sample`, `temperature`,
+    /// `top_p`, `top_k`, `min_p`, `repetition_penalty` (many files hold only token ids), so
+    /// that [`SamplingParams::recommended`] applies. With `do_sample` false or absent
+    /// (transformers' default) decoding is greedy (`temperature = 0`) whatever `temperature` /
+    /// `top_p` / `top_k` say, as in transformers; with `do_sample: true`, `temperature`
+    /// (default 1.0), `top_p` (1.0), `top_k` (transformers' default 50; 0 is off) and `min_p`
+    /// (off) are taken. `repetition_penalty` (default 1.0, off) applies in both cases. Other
+    /// fields are [`SamplingParams::default`].
+    pub sampling: Option<SamplingParams>,
     /// `eos_token_id` (an integer or a list of them): ids that end generation, added to the
     /// tokenizer's set ([`Tokenizer::add_eog_token_ids`]) at load. Empty when absent.
     pub eos_token_ids: Vec<u32>,
@@ -216,6 +218,16 @@ impl GenerationConfig {
                 })
                 .transpose()
         };
+        let has_sampling = [
+            "do_sample",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+        ]
+        .into_iter()
+        .any(|k| get(k).is_some());
         let do_sample = match get("do_sample") {
             None => false,
             Some(x) => x
@@ -250,7 +262,7 @@ impl GenerationConfig {
             Some(x) => vec![id(x)?],
         };
         Ok(GenerationConfig {
-            sampling,
+            sampling: has_sampling.then_some(sampling),
             eos_token_ids,
         })
     }
@@ -453,11 +465,16 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 
 impl LoadedModel {
     /// The sampling to use when the caller gives none: the folder's `generation_config.json`
-    /// defaults ([`GenerationConfig::sampling`]), else [`SamplingParams::default`] (greedy).
+    /// defaults ([`GenerationConfig::sampling`]), else [`SamplingParams::recommended`]
+    /// (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, repetition penalty 1.1 over 64
+    /// tokens, no seed). The CLI's `generate` and `chat` and the server start from it; fill a
+    /// [`crate::sampling::SamplingOverrides`] with what the caller gave and resolve it against
+    /// this.
     pub fn default_sampling(&self) -> SamplingParams {
         self.generation_config
             .as_ref()
-            .map_or_else(SamplingParams::default, |g| g.sampling.clone())
+            .and_then(|g| g.sampling.clone())
+            .unwrap_or_else(SamplingParams::recommended)
     }
 
     /// Token ids for a prompt. Chat prompts are rendered with the model's template

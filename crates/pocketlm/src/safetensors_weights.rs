@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use crate::error::candle_message;
 use crate::nn::{Embedding, Linear};
 use crate::quant::mlx_affine::{check_params, AffineQuantized};
 use crate::weights::{Placement, Stored, WeightLayout, Weights};
@@ -232,7 +233,8 @@ impl SafetensorsWeights {
         // (candle, safetensors, mlx), the caller must not truncate them while they are in use.
         let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
             Error::Model(format!(
-                "not a valid safetensors file ({e}) among {files:?}"
+                "not a valid safetensors file ({}) among {files:?}",
+                candle_message(&e)
             ))
         })?;
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
@@ -298,7 +300,7 @@ impl SafetensorsWeights {
         let v = self
             .st
             .get(name)
-            .map_err(|e| Error::tensor(name, e.to_string()))?;
+            .map_err(|e| Error::tensor(name, candle_message(&e)))?;
         Ok((v.shape().to_vec(), format!("{:?}", v.dtype())))
     }
 
@@ -327,7 +329,7 @@ impl SafetensorsWeights {
         }
         self.st
             .load(name, &Device::Cpu)
-            .map_err(|e| Error::tensor(name, format!("dtype {dt}: {e}")))
+            .map_err(|e| Error::tensor(name, format!("dtype {dt}: {}", candle_message(&e))))
     }
 
     /// A float tensor (F32, F16 or BF16 on disk) in its stored dtype, on the CPU.

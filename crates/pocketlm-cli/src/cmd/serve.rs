@@ -1,9 +1,11 @@
 //! `pocketlm serve`: an OpenAI-compatible HTTP server over one model (see the
 //! `pocketlm-server` crate for the routes and behaviour).
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use clap::Args;
-use pocketlm_server::ServerConfig;
+use pocketlm_server::{ServerConfig, Timeouts};
 
 use super::model::{load, ModelArgs};
 
@@ -28,6 +30,14 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1 routes.
     #[arg(long, env = "POCKETLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Seconds a client may take to send a request's whole header (counted from the
+    /// connection's start or its previous answer); the connection is closed after it.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub header_timeout: f64,
+    /// Seconds a connection may stay silent (nothing read or written) before it is closed,
+    /// once no request is in flight on it.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub keep_alive_timeout: f64,
     /// Print loading details.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -35,8 +45,20 @@ pub struct ServeArgs {
 
 /// Runs `serve` until Ctrl-C.
 pub fn run(args: ServeArgs) -> Result<()> {
+    let seconds = |name: &str, v: f64| -> Result<Duration> {
+        if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            anyhow::bail!("--{name} is {v}; expected a number of seconds in (0, 86400]")
+        }
+    };
+    let timeouts = Timeouts {
+        header: seconds("header-timeout", args.header_timeout)?,
+        keep_alive: seconds("keep-alive-timeout", args.keep_alive_timeout)?,
+    };
     let m = load(&args.model, args.verbose)?;
     let config = ServerConfig {
+        timeouts,
         host: args.host,
         port: args.port,
         max_concurrency: args.max_concurrency,

@@ -39,6 +39,11 @@ fn default_model() -> String {
 /// Writes a tiny Llama GGUF (f32 weights). `arch` sets `general.architecture`; `bad_tensor`
 /// gives that tensor a wrong shape.
 fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
+    tiny_gguf_with(path, arch, bad_tensor, None);
+}
+
+/// As [`tiny_gguf`]; `missing` leaves that tensor out.
+fn tiny_gguf_with(path: &Path, arch: &str, bad_tensor: Option<&str>, missing: Option<&str>) {
     let dev = Device::Cpu;
     let (h, ff, vocab, heads, kv) = (8usize, 16usize, 16usize, 2u32, 1u32);
     let hd = h / heads as usize;
@@ -60,6 +65,7 @@ fn tiny_gguf(path: &Path, arch: &str, bad_tensor: Option<&str>) {
             shape[0] += 1;
         }
     }
+    shapes.retain(|(name, _)| Some(name.as_str()) != missing);
     let tensors: Vec<(String, QTensor)> = shapes
         .iter()
         .map(|(n, s)| {
@@ -118,6 +124,37 @@ fn negative_temperature_is_a_named_error() {
     assert!(!stderr.contains("unexpected argument"), "{stderr}");
 }
 
+/// `generate --help` says the sampling defaults.
+#[test]
+fn generate_help_says_the_sampling_defaults() {
+    let help = pocketlm(&["generate", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    for d in ["else 0.8", "else 40", "else 0.95", "else 0.05", "else 1.1"] {
+        assert!(text.contains(d), "{d} in {text}");
+    }
+}
+
+/// `serve`'s connection timeouts are checked before the model loads; its help says the
+/// defaults.
+#[test]
+fn serve_timeouts_are_checked() {
+    for flag in ["--header-timeout", "--keep-alive-timeout"] {
+        for bad in ["0", "-1", "nan"] {
+            let out = pocketlm(&["serve", flag, bad, "--port", "0"]);
+            if out.status.code() == Some(2) {
+                continue; // refused by the argument parser
+            }
+            assert_clean_error(&out, &[flag, "seconds"]);
+        }
+    }
+    let help = pocketlm(&["serve", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("--header-timeout") && text.contains("[default: 30]"),
+        "{text}"
+    );
+}
+
 /// `serve --help` names the variable that holds the API key but never prints its value.
 #[test]
 fn serve_help_hides_the_api_key() {
@@ -163,6 +200,36 @@ fn missing_model_file_is_a_clear_error() {
     assert_clean_error(&out, &["/nonexistent/model.gguf"]);
 }
 
+/// A damaged default model in the cache (cut short) is seen and downloaded again, not
+/// trusted: with no index to download from, `fetch` now fails instead of printing the path.
+#[test]
+fn fetch_sees_a_damaged_cached_model() {
+    let home = tempfile::tempdir().unwrap();
+    let models = home.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(
+        models.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        b"GGUF cut short",
+    )
+    .unwrap();
+    // Nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let index = format!("http://{}/simple/", dead.local_addr().unwrap());
+    drop(dead);
+    let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+        .arg("fetch")
+        .env("POCKETLM_HOME", home.path())
+        .env("PIP_INDEX_URL", &index)
+        .output()
+        .expect("running pocketlm");
+    assert_clean_error(&out, &["cannot reach"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("damaged (14 bytes instead of 98362432)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn truncated_gguf_is_a_clear_error() {
     let model = default_model();
@@ -188,6 +255,44 @@ fn truncated_gguf_is_a_clear_error() {
         "hi",
     ]);
     assert_clean_error(&out, &["cut.gguf"]);
+}
+
+/// With `RUST_BACKTRACE=1` candle attaches a backtrace to its errors; none reaches the user:
+/// each error is still one line.
+#[test]
+fn errors_stay_one_line_with_rust_backtrace() {
+    let model = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&model).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let header = dir.path().join("header.gguf");
+    std::fs::write(&header, &bytes[..1000]).unwrap();
+    let missing = dir.path().join("missing.gguf");
+    tiny_gguf_with(&missing, "llama", None, Some("blk.0.attn_v.weight"));
+    let shape = dir.path().join("shape.gguf");
+    tiny_gguf(&shape, "llama", Some("blk.0.ffn_up.weight"));
+    for (path, needles) in [
+        (&cut, &["cut.gguf", "truncated"][..]),
+        (&header, &["header.gguf"][..]),
+        (&missing, &["blk.0.attn_v.weight"][..]),
+        (&shape, &["blk.0.ffn_up.weight", "shape"][..]),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pocketlm"))
+            .args([
+                "generate",
+                "--model",
+                path.to_str().unwrap(),
+                "--prompt",
+                "hi",
+            ])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("running pocketlm");
+        assert_clean_error(&out, needles);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
 }
 
 #[test]
@@ -288,6 +393,8 @@ fn prompt_cache_file_round_trip_and_kv_flags() {
             prompt,
             "--max-tokens",
             "12",
+            "--temp",
+            "0",
             "--verbose",
         ];
         a.extend_from_slice(extra);

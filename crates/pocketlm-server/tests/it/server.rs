@@ -35,9 +35,14 @@ fn start(config: ServerConfig) -> String {
                 .expect("bind loopback");
             tx.send(listener.local_addr().expect("local addr"))
                 .expect("send addr");
-            serve(listener, router(m, &config), std::future::pending())
-                .await
-                .expect("serve");
+            serve(
+                listener,
+                router(m, &config),
+                config.timeouts,
+                std::future::pending(),
+            )
+            .await
+            .expect("serve");
         });
     });
     let addr = rx.recv().expect("server address");

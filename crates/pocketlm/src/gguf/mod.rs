@@ -17,6 +17,7 @@ use candle_core::{Device, Tensor};
 
 pub mod names;
 
+use crate::error::candle_message;
 use crate::kernels::GgufMatrix;
 use crate::{Error, Result};
 
@@ -134,7 +135,12 @@ impl GgufFile {
         }
         self.content
             .tensor(&mut Cursor::new(&self.map[..]), name, device)
-            .map_err(|e| Error::tensor(name, format!("{} ({e})", self.path.display())))
+            .map_err(|e| {
+                Error::tensor(
+                    name,
+                    format!("{} ({})", self.path.display(), candle_message(&e)),
+                )
+            })
     }
 
     /// A quantized weight `[rows, cols]` used in place from the mapped file, for the CPU

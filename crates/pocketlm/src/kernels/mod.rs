@@ -492,7 +492,11 @@ pub fn mmap_gguf(path: impl AsRef<Path>) -> crate::Result<(Arc<Mmap>, Content)> 
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::WillNeed);
     let content = Content::read(&mut std::io::Cursor::new(&map[..])).map_err(|e| {
-        crate::Error::Model(format!("{}: not a valid GGUF file ({e})", path.display()))
+        crate::Error::Model(format!(
+            "{}: not a valid GGUF file ({})",
+            path.display(),
+            crate::error::candle_message(&e)
+        ))
     })?;
     Ok((Arc::new(map), content))
 }

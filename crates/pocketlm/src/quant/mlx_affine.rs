@@ -933,9 +933,9 @@ fn unsupported_float_dtype(name: &str, got: DType) -> QuantError {
 }
 
 fn candle_err(name: &str) -> impl Fn(candle_core::Error) -> QuantError + '_ {
-    move |source| QuantError::Candle {
+    move |error| QuantError::Candle {
         name: name.into(),
-        source,
+        error,
     }
 }
 

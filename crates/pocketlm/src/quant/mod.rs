@@ -102,11 +102,11 @@ pub enum QuantError {
         rows: usize,
     },
     /// A tensor-library error while converting `name` at the API edge.
-    #[error("`{name}`: {source}")]
+    #[error("`{name}`: {}", crate::candle_errors::candle_message(error))]
     Candle {
         /// Which tensor.
         name: String,
-        /// The underlying error.
-        source: candle_core::Error,
+        /// The underlying error (shown on one line, without a backtrace).
+        error: candle_core::Error,
     },
 }

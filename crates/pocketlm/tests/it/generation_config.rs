@@ -67,12 +67,17 @@ fn sampling_defaults_follow_transformers() -> Res<()> {
     let g = parse(r#"{"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.2}"#)?;
     assert_eq!(
         g.sampling,
-        SamplingParams {
+        Some(SamplingParams {
             repetition_penalty: 1.2,
             ..Default::default()
-        }
+        })
     );
     assert!(g.eos_token_ids.is_empty());
+
+    // No sampling field at all (a file of token ids): no sampling defaults of its own.
+    let g = parse(r#"{"bos_token_id": 1, "eos_token_id": 2, "transformers_version": "4.46"}"#)?;
+    assert_eq!(g.sampling, None);
+    assert_eq!(g.eos_token_ids, vec![2]);
 
     // do_sample true: the fields, with transformers' defaults for the missing ones.
     let g = parse(
@@ -80,17 +85,18 @@ fn sampling_defaults_follow_transformers() -> Res<()> {
     )?;
     assert_eq!(
         g.sampling,
-        SamplingParams {
+        Some(SamplingParams {
             temperature: 0.6,
             top_p: 0.9,
             top_k: 50,
             min_p: 0.05,
             ..Default::default()
-        }
+        })
     );
     assert_eq!(g.eos_token_ids, vec![2, 7]);
     let g = parse(r#"{"do_sample": true, "top_k": 0, "eos_token_id": 3}"#)?;
-    assert_eq!((g.sampling.temperature, g.sampling.top_k), (1.0, 0));
+    let s = g.sampling.ok_or("sampling fields given")?;
+    assert_eq!((s.temperature, s.top_k), (1.0, 0));
     assert_eq!(g.eos_token_ids, vec![3]);
 
     // Bad fields are named with the file.
@@ -115,11 +121,12 @@ fn sampling_defaults_follow_transformers() -> Res<()> {
 
 #[test]
 fn folder_generation_config_sets_defaults_and_end_ids() -> Res<()> {
-    // Without the file: library defaults, generation runs to max_tokens.
+    // Without the file: the library's recommended sampling; greedy generation runs to
+    // max_tokens.
     let plain = with_generation_config(None)?;
     let m = load(plain.path(), &cpu())?;
     assert!(m.generation_config.is_none());
-    assert_eq!(m.default_sampling(), SamplingParams::default());
+    assert_eq!(m.default_sampling(), SamplingParams::recommended());
     let (ids, reason) = greedy(&m)?;
     assert_eq!(ids.len(), 12, "{ids:?}");
     assert_eq!(reason, FinishReason::MaxTokens);

@@ -1,0 +1,159 @@
+//! Limits that protect the server from slow clients and impossible requests: the header and
+//! idle timeouts close connections, and `max_tokens` beyond the room the prompt leaves in the
+//! context is refused. On loopback, with the real default model.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use pocketlm_server::{router, serve, ServerConfig, Timeouts};
+use serde_json::{json, Value};
+
+/// Starts a server with `timeouts` on a free loopback port; returns `host:port`.
+fn start(timeouts: Timeouts) -> String {
+    let m = pocketlm_testutil::default_model(false);
+    let config = ServerConfig {
+        port: 0,
+        timeouts,
+        ..ServerConfig::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind loopback");
+            tx.send(listener.local_addr().expect("local addr"))
+                .expect("send addr");
+            serve(
+                listener,
+                router(m, &config),
+                config.timeouts,
+                std::future::pending(),
+            )
+            .await
+            .expect("serve");
+        });
+    });
+    rx.recv().expect("server address").to_string()
+}
+
+/// Reads until the server closes the connection (at most 30 s); returns what came and when
+/// the connection closed, counted from `t0`.
+fn read_to_close(s: &mut TcpStream, t0: Instant) -> (String, Duration) {
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the connection stayed open: {e}"),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), t0.elapsed())
+}
+
+#[test]
+fn half_a_header_is_closed_after_the_header_timeout() {
+    let addr = start(Timeouts {
+        header: Duration::from_secs(1),
+        keep_alive: Duration::from_secs(600),
+    });
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    let t0 = Instant::now();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        .expect("write");
+    let (got, after) = read_to_close(&mut s, t0);
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(10),
+        "closed after {after:?}"
+    );
+    assert!(!got.contains("200 OK"), "{got}");
+}
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed() {
+    let addr = start(Timeouts {
+        header: Duration::from_secs(600),
+        keep_alive: Duration::from_secs(1),
+    });
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    s.write_all(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .expect("write");
+    let t0 = Instant::now();
+    let (got, after) = read_to_close(&mut s, t0);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains(r#"{"status":"ok"}"#), "{got}");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(10),
+        "closed after {after:?}"
+    );
+}
+
+#[test]
+fn max_tokens_beyond_the_context_is_refused() {
+    let addr = start(Timeouts::default());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into();
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 100000}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi!"}], "max_completion_tokens": 8192}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 100000, "stream": true}),
+        ),
+    ] {
+        let mut r = agent
+            .post(format!("http://{addr}{path}"))
+            .send(body.to_string().as_bytes())
+            .expect("POST");
+        let status = r.status().as_u16();
+        let v: Value =
+            serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json");
+        assert_eq!(status, 400, "{body}: {v}");
+        let e = &v["error"];
+        let param = if body.get("max_completion_tokens").is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        assert_eq!(e["param"], param, "{v}");
+        assert_eq!(e["code"], "context_length_exceeded", "{v}");
+        let msg = e["message"].as_str().expect("message");
+        assert!(msg.contains("8192"), "{msg}");
+        assert!(
+            msg.contains(&body[param].to_string()),
+            "names the amount asked: {msg}"
+        );
+    }
+    // What fits is served.
+    let mut r = agent
+        .post(format!("http://{addr}/v1/completions"))
+        .send(
+            json!({"prompt": "Once upon a time", "max_tokens": 2, "temperature": 0})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value =
+        serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json");
+    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+}
