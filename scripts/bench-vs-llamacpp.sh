@@ -75,6 +75,27 @@ random_model() {
   echo "$path"
 }
 
+# Appends to rows.jsonl one row per test of pl.json (pocketlm) with its llama-bench twin in
+# lc.json (same lengths and depth): rows LABEL KIND.
+rows() {
+  python3 - "$out" "$1" "$2" >> "$out/rows.jsonl" <<'PY'
+import json, sys
+out, label, kind = sys.argv[1:4]
+lc = json.load(open(f"{out}/lc.json"))
+pl = json.load(open(f"{out}/pl.json"))
+lc_rss = int(open(f"{out}/lc.rss").read().split()[-1]) * 1024
+for t in pl["tests"]:
+    n, d = t["n_tokens"], t["depth"]
+    is_pp = t["name"].startswith("pp")
+    ref = [r for r in lc if r["n_prompt"] == (n if is_pp else 0) and r["n_gen"] == (0 if is_pp else n)
+           and r.get("n_depth", 0) == d]
+    if ref:
+        print(json.dumps({"model": label, "kind": kind, "test": t["name"], "lc": ref[0]["avg_ts"],
+                          "lc_sd": ref[0]["stddev_ts"], "pl": t["mean_tps"], "pl_sd": t["stddev_tps"],
+                          "pl_rss": pl["peak_resident_bytes"], "lc_rss": lc_rss}))
+PY
+}
+
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(default 1b-q4_0 1b-q4_k 1b-q8_0 8b-q4_0)
 : > "$out/rows.jsonl"
@@ -92,43 +113,13 @@ for name in "${models[@]}"; do
     -d "$depths" -r "$reps" -o json > "$out/lc.json"
   echo "== $label: pocketlm bench" >&2
   "$pocketlm" -t "$threads" bench --model "$model" -p "$pp" -n "$tg" -d "$depths" -r "$reps" --json > "$out/pl.json"
-  python3 - "$out" "$label" GGUF >> "$out/rows.jsonl" <<'PY'
-import json, sys
-out, label, kind = sys.argv[1:4]
-lc = json.load(open(f"{out}/lc.json"))
-pl = json.load(open(f"{out}/pl.json"))
-lc_rss = int(open(f"{out}/lc.rss").read().split()[-1]) * 1024
-for t in pl["tests"]:
-    n, d = t["n_tokens"], t["depth"]
-    is_pp = t["name"].startswith("pp")
-    ref = [r for r in lc if r["n_prompt"] == (n if is_pp else 0) and r["n_gen"] == (0 if is_pp else n)
-           and r.get("n_depth", 0) == d]
-    if ref:
-        print(json.dumps({"model": label, "kind": kind, "test": t["name"], "lc": ref[0]["avg_ts"],
-                          "lc_sd": ref[0]["stddev_ts"], "pl": t["mean_tps"], "pl_sd": t["stddev_tps"],
-                          "pl_rss": pl["peak_resident_bytes"], "lc_rss": lc_rss}))
-PY
+  rows "$label" GGUF
   if [ "${MLX:-1}" = 1 ] && [[ "$label" == *[Qq]4_[01]* || "$name" == *q4_0 || "$name" == default ]]; then
     mlx_dir="${model%.gguf}-mlx-4bit"
     if [ -d "$mlx_dir" ] || "$pocketlm" convert --model "$model" --out "$mlx_dir" -q --q-bits 4 --q-group-size 64 --dtype f16 >&2; then
       echo "== $label: pocketlm bench, MLX 4-bit g64 conversion" >&2
       "$pocketlm" -t "$threads" bench --model "$mlx_dir" -p "$pp" -n "$tg" -d "$depths" -r "$reps" --json > "$out/pl.json"
-      python3 - "$out" "$label" "MLX 4-bit" >> "$out/rows.jsonl" <<'PY'
-import json, sys
-out, label, kind = sys.argv[1:4]
-lc = json.load(open(f"{out}/lc.json"))
-pl = json.load(open(f"{out}/pl.json"))
-lc_rss = int(open(f"{out}/lc.rss").read().split()[-1]) * 1024
-for t in pl["tests"]:
-    n, d = t["n_tokens"], t["depth"]
-    is_pp = t["name"].startswith("pp")
-    ref = [r for r in lc if r["n_prompt"] == (n if is_pp else 0) and r["n_gen"] == (0 if is_pp else n)
-           and r.get("n_depth", 0) == d]
-    if ref:
-        print(json.dumps({"model": label, "kind": kind, "test": t["name"], "lc": ref[0]["avg_ts"],
-                          "lc_sd": ref[0]["stddev_ts"], "pl": t["mean_tps"], "pl_sd": t["stddev_tps"],
-                          "pl_rss": pl["peak_resident_bytes"], "lc_rss": lc_rss}))
-PY
+      rows "$label" "MLX 4-bit"
     fi
   fi
 done

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use pocketlm::generate::{Event, GenerateParams};
+use pocketlm::generate::GenerateParams;
 use pocketlm::session::{ChatSession, OverflowStrategy, SessionOptions};
 
 use super::cache::KvArgs;
-use super::generate::print_stats;
+use super::generate::write_event;
 use super::model::{load, ModelArgs, SamplingArgs};
 
 /// What to do when the conversation fills the context.
@@ -221,18 +221,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
                     break;
                 }
                 let Some(ev) = stream.next() else { break };
-                match ev? {
-                    Event::Token { text, .. } | Event::Text(text) => {
-                        out.write_all(text.as_bytes())?;
-                        out.flush()?;
-                    }
-                    Event::Finished { reason, stats } => {
-                        writeln!(out)?;
-                        if args.verbose {
-                            print_stats(&stats, reason.as_openai());
-                        }
-                    }
-                }
+                write_event(&mut out, ev?, args.verbose)?;
             }
             Ok(())
         })();

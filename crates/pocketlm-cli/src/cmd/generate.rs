@@ -138,16 +138,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let stream = generate_input(m.model.as_ref(), &m.tokenizer, &mut cache, input, params)?;
     let mut out = std::io::stdout().lock();
     for ev in stream {
-        match ev? {
-            Event::Token { text, .. } | Event::Text(text) => {
-                out.write_all(text.as_bytes())?;
-                out.flush()?;
-            }
-            Event::Finished { reason, stats } => {
-                writeln!(out)?;
-                if args.verbose {
-                    print_stats(&stats, reason.as_openai());
-                }
+        write_event(&mut out, ev?, args.verbose)?;
+    }
+    Ok(())
+}
+
+/// Prints one generation event: text as it comes (flushed), a newline at the end, and the
+/// statistics to stderr when `verbose`.
+pub fn write_event(out: &mut impl Write, ev: Event, verbose: bool) -> Result<()> {
+    match ev {
+        Event::Token { text, .. } | Event::Text(text) => {
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        Event::Finished { reason, stats } => {
+            writeln!(out)?;
+            if verbose {
+                print_stats(&stats, reason.as_openai());
             }
         }
     }

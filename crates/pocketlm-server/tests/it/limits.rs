@@ -6,41 +6,17 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use pocketlm_server::{router, serve, ServerConfig, Timeouts};
+use pocketlm_server::{ServerConfig, Timeouts};
 use serde_json::{json, Value};
 
 /// Starts a server with `timeouts` on a free loopback port; returns `host:port`.
 fn start(timeouts: Timeouts) -> String {
-    let m = pocketlm_testutil::default_model(false);
-    let config = ServerConfig {
+    super::start_server(ServerConfig {
         port: 0,
         timeouts,
         ..ServerConfig::default()
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind loopback");
-            tx.send(listener.local_addr().expect("local addr"))
-                .expect("send addr");
-            serve(
-                listener,
-                router(m, &config),
-                config.timeouts,
-                std::future::pending(),
-            )
-            .await
-            .expect("serve");
-        });
-    });
-    rx.recv().expect("server address").to_string()
+    })
+    .to_string()
 }
 
 /// Reads until the server closes the connection (at most 30 s); returns what came and when

@@ -4,3 +4,33 @@
 mod limits;
 mod openai_client;
 mod server;
+
+/// Starts a server with `config` and the real default model on a free loopback port, in a
+/// background thread with its own runtime; returns the address it listens on.
+pub(crate) fn start_server(config: pocketlm_server::ServerConfig) -> std::net::SocketAddr {
+    let m = pocketlm_testutil::default_model(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind loopback");
+            tx.send(listener.local_addr().expect("local addr"))
+                .expect("send addr");
+            pocketlm_server::serve(
+                listener,
+                pocketlm_server::router(m, &config),
+                config.timeouts,
+                std::future::pending(),
+            )
+            .await
+            .expect("serve");
+        });
+    });
+    rx.recv().expect("server address")
+}

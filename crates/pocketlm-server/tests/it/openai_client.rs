@@ -10,47 +10,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 
-use pocketlm::loader::LoadedModel;
-use pocketlm_server::{router, serve, ServerConfig};
+use pocketlm_server::ServerConfig;
 
 /// The pinned client version (the one the script was written against).
 const OPENAI_VERSION: &str = "3.54.0";
 const KEY: &str = "sk-openai-client-test";
 
-fn model() -> Arc<LoadedModel> {
-    pocketlm_testutil::default_model(false)
-}
-
 /// Starts a server on a free loopback port in a background thread; returns its base URL.
 fn start(config: ServerConfig) -> String {
-    let m = model();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind loopback");
-            tx.send(listener.local_addr().expect("local addr"))
-                .expect("send addr");
-            serve(
-                listener,
-                router(m, &config),
-                config.timeouts,
-                std::future::pending(),
-            )
-            .await
-            .expect("serve");
-        });
-    });
-    let addr = rx.recv().expect("server address");
-    format!("http://{addr}")
+    format!("http://{}", super::start_server(config))
 }
 
 fn show(what: &str, out: &Output) -> String {

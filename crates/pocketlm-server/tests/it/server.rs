@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use pocketlm::chat_template::Message;
 use pocketlm::loader::{LoadedModel, Prompt};
-use pocketlm_server::{router, serve, ServerConfig};
+use pocketlm_server::ServerConfig;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -21,32 +21,7 @@ fn model() -> Arc<LoadedModel> {
 
 /// Starts a server on a free loopback port in a background thread; returns its base URL.
 fn start(config: ServerConfig) -> String {
-    let m = model();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind loopback");
-            tx.send(listener.local_addr().expect("local addr"))
-                .expect("send addr");
-            serve(
-                listener,
-                router(m, &config),
-                config.timeouts,
-                std::future::pending(),
-            )
-            .await
-            .expect("serve");
-        });
-    });
-    let addr = rx.recv().expect("server address");
-    format!("http://{addr}")
+    format!("http://{}", super::start_server(config))
 }
 
 /// The shared server: API key set, one generation at a time, a deep queue.

@@ -600,10 +600,12 @@ fn attention_row(
             let blocks = kv_len.div_ceil(LANES);
             let kt = &kt[kh * blocks * d * LANES..][..blocks * d * LANES];
             let mut s = [0f32; LANES];
+            #[cfg(target_arch = "x86_64")]
+            let avx512 = has_avx512();
             for b in first / LANES..=pos / LANES {
                 let blk = &kt[b * d * LANES..][..d * LANES];
                 #[cfg(target_arch = "x86_64")]
-                if has_avx512() {
+                if avx512 {
                     // SAFETY: the CPU has AVX-512F; `blk` holds `d` rows of 16 values.
                     unsafe { scores16_avx512(qv, blk, &mut s) };
                 } else {

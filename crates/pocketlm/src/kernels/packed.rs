@@ -32,12 +32,12 @@ pub(crate) fn supports(dtype: GgufType) -> bool {
     matches!(dtype, GgufType::Q4_0 | GgufType::Q8_0)
 }
 
-/// Quant words (64 bytes each) per block, and the offset that starts the integer sums
-/// (`-OFF · Σy`).
-const fn words_and_offset(dtype: GgufType) -> (usize, i32) {
+/// Quant words (64 bytes each) per block (the kernels take the count, and the `-OFF · Σy`
+/// offset of the codes, as const parameters: see [`tile_fn`]).
+const fn words(dtype: GgufType) -> usize {
     match dtype {
-        GgufType::Q8_0 => (8, 128),
-        _ => (4, 8),
+        GgufType::Q8_0 => 8,
+        _ => 4,
     }
 }
 
@@ -49,7 +49,7 @@ pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) ->
     let (ts, nb) = (dtype.type_size(), cols / 32);
     let row_bytes = nb * ts;
     let gblock = ROWS * ts;
-    let (words, _) = words_and_offset(dtype);
+    let words = words(dtype);
     let flip = if dtype == GgufType::Q8_0 {
         0x8080_8080u32
     } else {
