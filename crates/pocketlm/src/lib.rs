@@ -34,6 +34,7 @@ pub mod accel;
 pub mod bench;
 pub mod candle_errors;
 pub mod chat_template;
+pub mod constrain;
 pub mod convert;
 #[cfg(feature = "cuda")]
 pub mod cuda;

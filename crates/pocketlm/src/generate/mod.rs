@@ -12,6 +12,7 @@ pub mod stepper;
 
 use std::time::{Duration, Instant};
 
+use crate::constrain::Constraint;
 use crate::kv_cache::KvCache;
 use crate::memory;
 use crate::models::{CausalLM, ModelInput};
@@ -39,6 +40,9 @@ pub struct GenerateParams {
     /// alternatives ([`TokenLogprobs`], carried by [`Event::Token`]). `None` (the default)
     /// computes nothing.
     pub logprobs: Option<usize>,
+    /// What the generated text must match ([`Constraint`]): a grammar masks the logits at
+    /// every step. `None` (the default): unconstrained.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerateParams {
@@ -50,6 +54,7 @@ impl Default for GenerateParams {
             ignore_eos: false,
             prefill_chunk: 512,
             logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -227,6 +232,12 @@ pub fn generate_input<'a>(
         return Err(Error::InvalidArgument(format!(
             "token id {bad} is outside the vocabulary ({vocab})"
         )));
+    }
+    if params.constraint.is_some() {
+        return Err(Error::InvalidArgument(
+            "constrained decoding (GenerateParams::constraint) is not built into this version"
+                .into(),
+        ));
     }
     let sampler = Sampler::new(params.sampling.clone())?;
     let stepper = TokenStepper::new(
