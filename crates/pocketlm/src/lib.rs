@@ -11,6 +11,8 @@
 //! - [`models`]: one file per architecture and a registry keyed by `model_type`.
 //! - [`convert`]: GGUF or Hugging Face folders to MLX-format folders (optionally quantized).
 //! - [`loader`]: from a path to a ready [`loader::LoadedModel`].
+//! - [`embed`]: sentence embeddings (BERT encoders, Qwen3-Embedding) with sentence-transformers'
+//!   pooling and normalization.
 //! - [`json_file`]: optional JSON files of a model folder, read with errors naming the file.
 //! - [`candle_errors`]: tensor-library errors as one line, without candle's backtrace.
 //! - [`lora`]: LoRA adapters in mlx-lm's format: load, unload, hot-swap, fine-tune, fuse.
@@ -39,6 +41,7 @@ pub mod convert;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod embed;
 pub mod error;
 pub mod fetch;
 pub mod generate;

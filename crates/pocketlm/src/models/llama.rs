@@ -263,6 +263,14 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// The final hidden states (after the final norm) of `input_ids: [batch, seq]` u32 at
+    /// positions `0..seq`: `[batch, seq, hidden]` f32 ([`Decoder::final_hidden`]).
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.decoder.final_hidden(input_ids, &self.rope)
+    }
+}
+
 impl CausalLM for Llama {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
         self.decoder.forward(input_ids, &self.rope, cache, logits)

@@ -1,6 +1,7 @@
 //! Model architectures, one file each, and the registry keyed by config.json `model_type`
 //! (and GGUF `general.architecture`).
 
+pub mod bert;
 mod build;
 pub mod decode_plan;
 pub mod decoder;
@@ -80,6 +81,90 @@ pub struct VisionInfo {
     pub merge_size: usize,
     /// Frames per patch (2).
     pub temporal_patch_size: usize,
+}
+
+/// A network that turns a batch of token ids into hidden states, for embeddings
+/// ([`crate::embed`]): BERT-family encoders, and decoders used as embedding models
+/// (Qwen3-Embedding).
+pub trait Encoder: Send + Sync {
+    /// `input_ids: [batch, seq]` u32 and `attention_mask: [batch, seq]` u32 (1 for a real
+    /// token, 0 for padding; batches are right-padded: each row's real tokens come first, at
+    /// positions `0..len`) -> the last hidden states `[batch, seq, hidden]` f32 (after the final
+    /// norm for decoders). Padding rows' outputs are unspecified.
+    ///
+    /// Errors: shapes that do not match; the tensor library's errors.
+    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor>;
+    /// Width of the hidden states (`hidden_size`).
+    fn hidden_size(&self) -> usize;
+    /// Rows of the token embedding (`vocab_size`): token ids must be below it.
+    fn vocab_size(&self) -> usize;
+    /// Most tokens one input may have (`max_position_embeddings`).
+    fn max_positions(&self) -> usize;
+    /// Architecture name (`model_type`).
+    fn architecture(&self) -> &str;
+    /// The device the weights live on (inputs must be created there).
+    fn device(&self) -> &candle_core::Device;
+}
+
+/// One entry of the embedding-model registry ([`ENCODERS`]).
+pub struct EncoderArchitecture {
+    /// config.json `model_type` values.
+    pub model_types: &'static [&'static str],
+    /// Builds the network from an HF-style config and weights.
+    pub build: fn(&serde_json::Value, &dyn Weights) -> Result<Box<dyn Encoder>>,
+    /// The pooling used when the folder has no sentence-transformers `1_Pooling/config.json`:
+    /// mean pooling for BERT (sentence-transformers' default for a bare transformer), the last
+    /// token for decoders (a causal model's last position is the only one that saw the whole
+    /// text).
+    pub default_pooling: crate::embed::Pooling,
+    /// Whether embeddings are L2-normalized when the folder has no `modules.json`: not for
+    /// BERT (sentence-transformers' default pipeline has no `Normalize`), yes for Qwen3
+    /// (Qwen3-Embedding's usage normalizes).
+    pub default_normalize: bool,
+    /// Whether last-token pooling needs `<|endoftext|>` at the end of every input, appended
+    /// when the tokenizer does not (Qwen3-Embedding's tokenizer appends it).
+    pub append_eos: bool,
+    /// Whether `dimensions` may shorten its embeddings (trained with Matryoshka
+    /// representation learning, as Qwen3-Embedding is).
+    pub matryoshka: bool,
+}
+
+/// Architectures that give embedding models. `bert` is only here; `qwen3` is both a causal LM
+/// ([`REGISTRY`]) and, as Qwen3-Embedding, an embedding model.
+pub static ENCODERS: &[EncoderArchitecture] = &[
+    EncoderArchitecture {
+        model_types: &["bert"],
+        build: bert::build,
+        default_pooling: crate::embed::Pooling::Mean,
+        default_normalize: false,
+        append_eos: false,
+        matryoshka: false,
+    },
+    EncoderArchitecture {
+        model_types: &["qwen3"],
+        build: qwen3::build_encoder,
+        default_pooling: crate::embed::Pooling::LastToken,
+        default_normalize: true,
+        append_eos: true,
+        matryoshka: true,
+    },
+];
+
+/// The embedding-model registry entry for a config.json `model_type`.
+///
+/// Errors: [`Error::UnsupportedArchitecture`] listing the embedding architectures.
+pub fn encoder_by_model_type(model_type: &str) -> Result<&'static EncoderArchitecture> {
+    ENCODERS
+        .iter()
+        .find(|a| a.model_types.contains(&model_type))
+        .ok_or_else(|| Error::UnsupportedArchitecture {
+            name: format!("{model_type} (as an embedding model)"),
+            supported: ENCODERS
+                .iter()
+                .flat_map(|a| a.model_types.iter().copied())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// A decoder-only language model.
@@ -389,7 +474,17 @@ fn supported() -> String {
 }
 
 /// The registry entry for a config.json `model_type`.
+///
+/// Errors: [`Error::Model`] for an embedding-only architecture (`bert`: load it with
+/// [`crate::embed::EmbeddingModel::load`]); [`Error::UnsupportedArchitecture`] otherwise.
 pub fn by_model_type(model_type: &str) -> Result<&'static Architecture> {
+    let causal = REGISTRY.iter().any(|a| a.model_types.contains(&model_type));
+    if !causal && ENCODERS.iter().any(|a| a.model_types.contains(&model_type)) {
+        return Err(Error::Model(format!(
+            "`{model_type}` is an embedding model, not a text generator: use `pocketlm embed` \
+             (pocketlm::embed::EmbeddingModel)"
+        )));
+    }
     REGISTRY
         .iter()
         .find(|a| a.model_types.contains(&model_type))

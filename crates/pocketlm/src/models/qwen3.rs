@@ -2,10 +2,13 @@
 //! (`q_norm`, `k_norm`, `[head_dim]`) and an explicit `head_dim`. Reference: Hugging Face
 //! `modeling_qwen3.py`, mlx-lm `models/qwen3.py`.
 
-use crate::models::llama::{self, LlamaVariant};
-use crate::models::{qwen2, CausalLM};
-use crate::weights::Weights;
-use crate::Result;
+use candle_core::{Device, Tensor};
+
+use crate::models::llama::{self, Llama, LlamaConfig, LlamaVariant};
+use crate::models::{qwen2, CausalLM, Encoder};
+use crate::nn::{Embedding, Linear};
+use crate::weights::{WeightLayout, Weights};
+use crate::{Error, Result};
 
 /// The Qwen3 switches over Llama (`attention_bias` from config.json still applies).
 pub const VARIANT: LlamaVariant = LlamaVariant {
@@ -22,4 +25,124 @@ pub const VARIANT: LlamaVariant = LlamaVariant {
 /// Errors: as [`llama::build_variant`]; [`crate::Error::Model`] for `use_sliding_window: true`.
 pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
     llama::build_variant(&qwen2::drop_unused_sliding_window(config)?, w, VARIANT)
+}
+
+/// Qwen3 as an embedding model (Qwen3-Embedding): the decoder's final hidden states, to be
+/// pooled at the last token by [`crate::embed`].
+#[derive(Debug)]
+pub struct Qwen3Encoder {
+    model: Llama,
+}
+
+/// Builds Qwen3-Embedding from its config and weights. Its checkpoints are saved from
+/// transformers' `Qwen3Model`, so tensor names lack `model.` (`embed_tokens.weight`,
+/// `layers.0...`) and there is no `lm_head`; names with `model.` load too. The output layer
+/// is never used, so it is tied to the embedding whatever `tie_word_embeddings` says.
+///
+/// Errors: as [`build`].
+pub fn build_encoder(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Encoder>> {
+    let mut config = qwen2::drop_unused_sliding_window(config)?;
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("tie_word_embeddings".into(), true.into());
+    }
+    let cfg: LlamaConfig =
+        serde_json::from_value(config).map_err(|e| Error::Model(format!("config.json: {e}")))?;
+    let model = if w.contains("model.embed_tokens.weight") {
+        Llama::with_variant(cfg, w, VARIANT)?
+    } else {
+        Llama::with_variant(
+            cfg,
+            &AddPrefix {
+                inner: w,
+                prefix: "model.",
+            },
+            VARIANT,
+        )?
+    };
+    Ok(Box::new(Qwen3Encoder { model }))
+}
+
+impl Encoder for Qwen3Encoder {
+    /// Causal attention: with right padding no real token attends to padding, so the mask is
+    /// only checked for shape.
+    fn forward_hidden(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        if attention_mask.dims() != input_ids.dims() {
+            return Err(Error::InvalidArgument(format!(
+                "attention mask of shape {:?} for input ids of shape {:?}",
+                attention_mask.dims(),
+                input_ids.dims()
+            )));
+        }
+        self.model.forward_hidden(input_ids)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.model.info().hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.info().vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.info().context_length
+    }
+
+    fn architecture(&self) -> &str {
+        "qwen3"
+    }
+
+    fn device(&self) -> &Device {
+        CausalLM::device(&self.model)
+    }
+}
+
+/// Weights asked for by their full Hugging Face names (`model.layers.0...`) and found without
+/// `prefix` (checkpoints of a bare `Qwen3Model`).
+struct AddPrefix<'a> {
+    inner: &'a dyn Weights,
+    prefix: &'static str,
+}
+
+impl AddPrefix<'_> {
+    fn name<'n>(&self, name: &'n str) -> &'n str {
+        name.strip_prefix(self.prefix).unwrap_or(name)
+    }
+}
+
+impl Weights for AddPrefix<'_> {
+    fn linear(
+        &self,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        self.inner
+            .linear(self.name(prefix), out_features, in_features, bias)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        self.inner.embedding(self.name(name), vocab, hidden)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.tensor(self.name(name), shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(self.name(name))
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn layout(&self) -> WeightLayout {
+        self.inner.layout()
+    }
+    fn stacked_linear(
+        &self,
+        prefixes: &[&str],
+        outs: &[usize],
+        in_features: usize,
+    ) -> Result<Option<Linear>> {
+        let names: Vec<&str> = prefixes.iter().map(|p| self.name(p)).collect();
+        self.inner.stacked_linear(&names, outs, in_features)
+    }
 }

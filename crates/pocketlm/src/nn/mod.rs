@@ -19,7 +19,7 @@ pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
 pub use mlp::{Activation, GateUp, GatedMlp};
 pub use mode::{Mode, Numerics};
-pub use norm::RmsNorm;
+pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{gelu_tanh, softcap};
 pub use rope::{RopeScaling, RotaryEmbedding};
 pub use self_attention::{Attention, AttentionPass, QkvProj, ScaleAt};

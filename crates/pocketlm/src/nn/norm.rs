@@ -80,3 +80,77 @@ impl RmsNorm {
         Ok(y.broadcast_mul(&self.weight)?)
     }
 }
+
+/// LayerNorm over the last dimension (Ba et al. 2016, "Layer Normalization"), as PyTorch's
+/// `nn.LayerNorm` with an affine weight and bias: `y = (x - mean) / sqrt(var + eps) * weight +
+/// bias`, `var` the biased variance. `weight`, `bias`: `[hidden]` f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// `weight`, `bias`: `[hidden]`; `eps` from the config (`layer_norm_eps`).
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self {
+            weight,
+            bias,
+            eps: eps as f32,
+        }
+    }
+
+    /// `x: [.., hidden]` f32 -> same shape.
+    ///
+    /// Errors: a last dimension other than the weight's.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if x.is_contiguous() {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        Ok(candle_nn::ops::layer_norm(
+            &x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_matches_the_formula() {
+        let xs = [0.5f32, -1.25, 3.0, 2.0, 7.0, -3.5, 0.0, 1.0];
+        let w = [1.5f32, -0.5, 2.0, 1.0];
+        let b = [0.1f32, 0.2, -0.3, 0.0];
+        let dev = Device::Cpu;
+        let ln = LayerNorm::new(
+            Tensor::new(&w, &dev).unwrap(),
+            Tensor::new(&b, &dev).unwrap(),
+            1e-5,
+        );
+        let x = Tensor::new(&xs, &dev).unwrap().reshape((2, 4)).unwrap();
+        let y: Vec<f32> = ln
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for r in 0..2 {
+            let row = &xs[r * 4..r * 4 + 4];
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / 4.0;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 4.0;
+            for c in 0..4 {
+                let want = (row[c] as f64 - mean) / (var + 1e-5).sqrt() * w[c] as f64 + b[c] as f64;
+                assert!((y[r * 4 + c] as f64 - want).abs() < 1e-5, "{r},{c}");
+            }
+        }
+    }
+}

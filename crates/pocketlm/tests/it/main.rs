@@ -4,6 +4,7 @@
 mod archs_golden;
 mod chat_template_golden;
 mod convert;
+mod embeddings;
 mod fetch_loopback;
 mod folders_golden;
 mod generation_config;

