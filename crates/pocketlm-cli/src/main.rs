@@ -34,6 +34,9 @@ enum Command {
     Perplexity(Box<cmd::perplexity::PerplexityArgs>),
     /// Prefill a prompt and save its KV cache (for --prompt-cache-file).
     CachePrompt(cmd::cache::CachePromptArgs),
+    /// Sentence embeddings of texts (all-MiniLM-L6-v2 by default), as JSON in OpenAI's
+    /// /v1/embeddings shape.
+    Embed(cmd::embed::EmbedArgs),
     /// Download the default model (SmolLM2-135M-Instruct, GGUF Q4_1) if it is not cached.
     Fetch,
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...).
@@ -77,6 +80,7 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Perplexity(a) => cmd::perplexity::run(*a),
         Command::CachePrompt(a) => cmd::cache::run(a),
+        Command::Embed(a) => cmd::embed::run(a),
         Command::Convert(a) => cmd::convert::run(a),
         Command::Agree(a) => cmd::gpu::run_agree(a),
         #[cfg(feature = "cuda")]

@@ -584,6 +584,31 @@ pub fn l2_normalize(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= d);
 }
 
+/// `v` as OpenAI's `encoding_format: "base64"` sends an embedding: the f32 values in
+/// little-endian byte order, base64-encoded (standard alphabet, padded). `numpy.frombuffer(
+/// base64.b64decode(s), dtype="<f4")` reads it back, as the `openai` client does.
+pub fn to_base64(v: &[f32]) -> String {
+    use base64::Engine;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Whether `spec` names a model of [`NAMED_MODELS`] whose folder is not downloaded yet (so
+/// that a front end can say it is about to download it): `Some((name, description))`.
+pub fn needs_download(spec: &str) -> Option<(&'static str, &'static str)> {
+    if Path::new(spec).exists() {
+        return None;
+    }
+    let (name, what, folder) = NAMED_MODELS
+        .iter()
+        .find(|(n, _, _)| n.eq_ignore_ascii_case(spec))?;
+    let dir = fetch::pocketlm_home().join("models").join(folder.name);
+    let complete = folder.files.iter().all(|(f, _, size)| {
+        std::fs::metadata(dir.join(f)).is_ok_and(|m| m.is_file() && m.len() == *size)
+    });
+    (!complete).then_some((*name, *what))
+}
+
 /// What a folder's sentence-transformers files say.
 #[derive(Debug, Default)]
 struct SentenceTransformersFiles {
@@ -699,6 +724,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("weightedmean"), "{e}");
+    }
+
+    #[test]
+    fn base64_is_little_endian_f32() {
+        // 1.0f32 = 0x3f800000 -> bytes 00 00 80 3f; -2.0 = 0xc0000000 -> 00 00 00 c0.
+        assert_eq!(to_base64(&[1.0, -2.0]), "AACAPwAAAMA=");
     }
 
     #[test]

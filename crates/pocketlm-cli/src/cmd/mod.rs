@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cache;
 pub mod chat;
 pub mod convert;
+pub mod embed;
 pub mod fuse;
 pub mod generate;
 pub mod gpu;

