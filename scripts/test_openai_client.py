@@ -11,7 +11,9 @@ Exits non-zero on the first failed check. Checks: model list; non-streamed and s
 completions (content, finish_reason, usage counts, stream == non-stream for greedy decoding);
 stop strings; text completions; log-probabilities (chat `logprobs`/`top_logprobs`, streamed
 and not, and legacy completion `logprobs`); 400/401 errors surfacing as the client's
-exception types.
+exception types; with `--embedding-model ID` (a server started with `--embedding-model`),
+`embeddings.create` (the client's default base64 encoding and `float`, unit-length vectors,
+similar texts closer, usage, `dimensions` refused for a model without Matryoshka training).
 """
 
 import argparse
@@ -102,10 +104,31 @@ def check_logprobs(client, model, messages):
         check(e.status_code == 400 and e.body.get("param") == "top_logprobs", "top_logprobs=21 -> 400")
 
 
+def check_embeddings(client, model):
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "A monkey is playing drums."]
+    r = client.embeddings.create(model=model, input=texts)  # the client asks for base64
+    vecs = [d.embedding for d in r.data]
+    check(r.object == "list" and [d.index for d in r.data] == [0, 1, 2], "embeddings: three in order")
+    check(all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4 for v in vecs), f"unit vectors of {len(vecs[0])}")
+    f = client.embeddings.create(model=model, input=texts, encoding_format="float")
+    check(all(max(abs(a - b) for a, b in zip(u, v)) < 1e-6 for u, v in zip(vecs, (d.embedding for d in f.data))),
+          "base64 equals float")
+    cos = lambda u, v: sum(a * b for a, b in zip(u, v))
+    check(cos(vecs[0], vecs[1]) > cos(vecs[0], vecs[2]), f"eating/eating {cos(vecs[0], vecs[1]):.3f} > "
+          f"eating/drums {cos(vecs[0], vecs[2]):.3f}")
+    check(r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens, f"embedding usage {r.usage}")
+    try:
+        client.embeddings.create(model=model, input="x", dimensions=8)
+        check(False, "dimensions=8 refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and e.body.get("param") == "dimensions", "dimensions=8 -> 400")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     ap.add_argument("--api-key", default="sk-local")
+    ap.add_argument("--embedding-model", help="the id of the server's embedding model, to check /v1/embeddings")
     args = ap.parse_args()
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
 
@@ -159,6 +182,8 @@ def main():
     check(chat_stop.choices[0].message.content == text[: text.index(text[2:4])], f"chat stop {text[2:4]!r}")
 
     check_logprobs(client, model, messages)
+    if args.embedding_model:
+        check_embeddings(client, args.embedding_model)
 
     try:
         client.chat.completions.create(model=model, messages=messages, n=2)

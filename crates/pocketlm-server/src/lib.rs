@@ -11,6 +11,7 @@
 //! shared model ([`engine`]). A client that disconnects stops its generation.
 
 pub mod api;
+pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod logprobs;
@@ -61,6 +62,9 @@ pub struct ServerConfig {
     pub model_id: Option<String>,
     /// How long clients may be slow or idle (see [`Timeouts`]).
     pub timeouts: Timeouts,
+    /// The embedding model `POST /v1/embeddings` uses (`serve --embedding-model`); `None`:
+    /// the route answers 404.
+    pub embeddings: Option<Arc<embeddings::EmbeddingService>>,
 }
 
 /// Connection timeouts: slow or idle clients do not hold connections open forever.
@@ -96,6 +100,7 @@ impl Default for ServerConfig {
             body_limit: 1 << 20,
             model_id: None,
             timeouts: Timeouts::default(),
+            embeddings: None,
         }
     }
 }
@@ -121,6 +126,7 @@ struct AppState {
     api_key: Option<Arc<str>>,
     /// The sampling of fields a request leaves out ([`LoadedModel::default_sampling`]).
     sampling_defaults: SamplingParams,
+    embeddings: Option<Arc<embeddings::EmbeddingService>>,
 }
 
 fn unix_now() -> u64 {
@@ -153,11 +159,16 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
         )),
         created: unix_now(),
         api_key: config.api_key.as_deref().map(Arc::from),
+        embeddings: config.embeddings.clone(),
     };
     let v1 = Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route(
+            "/v1/embeddings",
+            post(|State(s): State<AppState>, body| embeddings::create(s.embeddings, body)),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/health", get(health))

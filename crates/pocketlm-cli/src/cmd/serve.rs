@@ -1,10 +1,12 @@
 //! `pocketlm serve`: an OpenAI-compatible HTTP server over one model (see the
 //! `pocketlm-server` crate for the routes and behaviour).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use pocketlm_server::embeddings::EmbeddingService;
 use pocketlm_server::{ServerConfig, Timeouts};
 
 use super::model::{load, ModelArgs};
@@ -38,6 +40,10 @@ pub struct ServeArgs {
     /// once no request is in flight on it.
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
     pub keep_alive_timeout: f64,
+    /// An embedding model for POST /v1/embeddings: a name (all-minilm-l6-v2, downloaded on
+    /// first use), a sentence-transformers folder or a hub id. Without it the route answers 404.
+    #[arg(long, value_name = "MODEL")]
+    pub embedding_model: Option<String>,
     /// Print loading details.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -57,7 +63,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         keep_alive: seconds("keep-alive-timeout", args.keep_alive_timeout)?,
     };
     let m = load(&args.model, args.verbose)?;
+    let embeddings = match &args.embedding_model {
+        Some(spec) => {
+            let e = super::embed::load(spec, args.model.device.parse()?, None)?;
+            // Served under the name given, as a path's last component for a folder.
+            let id = std::path::Path::new(spec)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| spec.clone());
+            Some(Arc::new(EmbeddingService::new(Arc::new(e), id)))
+        }
+        None => None,
+    };
     let config = ServerConfig {
+        embeddings,
         timeouts,
         host: args.host,
         port: args.port,

@@ -1,6 +1,7 @@
 //! The integration tests of `pocketlm-server`, one module per concern, in one test binary (one link
 //! instead of one per file).
 
+mod embeddings;
 mod limits;
 mod openai_client;
 mod server;

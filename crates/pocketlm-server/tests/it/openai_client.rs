@@ -1,6 +1,7 @@
 //! The server against real clients: the official `openai` Python package
-//! (`scripts/test_openai_client.py`) and `curl` (`scripts/test_curl.sh`), on a free loopback
-//! port with the real default model.
+//! (`scripts/test_openai_client.py`, `embeddings.create` included) and `curl`
+//! (`scripts/test_curl.sh`), on a free loopback port with the real default model and
+//! all-MiniLM-L6-v2 as the embedding model.
 //!
 //! Needs python3 (with `venv`), curl, and PyPI through pip's usual configuration: the test
 //! creates a virtual environment under the target dir (`CARGO_TARGET_TMPDIR`, reused while it
@@ -95,6 +96,12 @@ fn official_openai_client_and_curl() {
         port: 0,
         api_key: Some(KEY.into()),
         queue_size: 64,
+        embeddings: Some(std::sync::Arc::new(
+            pocketlm_server::embeddings::EmbeddingService::new(
+                pocketlm_testutil::minilm(),
+                "all-minilm-l6-v2",
+            ),
+        )),
         ..ServerConfig::default()
     });
     let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
@@ -103,7 +110,8 @@ fn official_openai_client_and_curl() {
         "the openai client script",
         Command::new(&python)
             .arg(scripts.join("test_openai_client.py"))
-            .args(["--base-url", &format!("{base}/v1"), "--api-key", KEY]),
+            .args(["--base-url", &format!("{base}/v1"), "--api-key", KEY])
+            .args(["--embedding-model", "all-minilm-l6-v2"]),
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(
