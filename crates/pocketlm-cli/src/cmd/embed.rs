@@ -54,6 +54,10 @@ pub struct EmbedArgs {
     /// Device: auto, cpu, cuda, cuda:N, metal.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Print the model's settings and the speed (texts and tokens per second of tokenizing
+    /// and embedding, loading excluded) on stderr.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
 }
 
 /// The printed JSON: OpenAI's embeddings response (f32 values printed as f32, shortest form).
@@ -140,9 +144,29 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     };
     model.check_dimensions(opts.dimensions)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let t0 = std::time::Instant::now();
     let ids = model.tokenize(&refs, opts.truncate)?;
     let n_tokens: usize = ids.iter().map(Vec::len).sum();
     let vectors = model.embed_tokens(&ids, &opts)?;
+    if args.verbose {
+        let s = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "{} ({}, dimension {}, {} pooling, normalize {}, max {} tokens): {} texts, {} tokens \
+             in {:.3} s: {:.1} texts/s, {:.0} tokens/s (batch {})",
+            model.path().display(),
+            model.architecture(),
+            model.dimension(),
+            model.pooling().name(),
+            model.normalizes(),
+            model.max_tokens(),
+            texts.len(),
+            n_tokens,
+            s,
+            texts.len() as f64 / s,
+            n_tokens as f64 / s,
+            opts.batch_size
+        );
+    }
     let data = vectors
         .iter()
         .enumerate()
