@@ -116,7 +116,7 @@ pub struct EncoderArchitecture {
     /// mean pooling for BERT (sentence-transformers' default for a bare transformer), the last
     /// token for decoders (a causal model's last position is the only one that saw the whole
     /// text).
-    pub default_pooling: crate::embed::Pooling,
+    pub default_pooling: crate::nn::Pooling,
     /// Whether embeddings are L2-normalized when the folder has no `modules.json`: not for
     /// BERT (sentence-transformers' default pipeline has no `Normalize`), yes for Qwen3
     /// (Qwen3-Embedding's usage normalizes).
@@ -135,7 +135,7 @@ pub static ENCODERS: &[EncoderArchitecture] = &[
     EncoderArchitecture {
         model_types: &["bert"],
         build: bert::build,
-        default_pooling: crate::embed::Pooling::Mean,
+        default_pooling: crate::nn::Pooling::Mean,
         default_normalize: false,
         append_eos: false,
         matryoshka: false,
@@ -143,7 +143,7 @@ pub static ENCODERS: &[EncoderArchitecture] = &[
     EncoderArchitecture {
         model_types: &["qwen3"],
         build: qwen3::build_encoder,
-        default_pooling: crate::embed::Pooling::LastToken,
+        default_pooling: crate::nn::Pooling::LastToken,
         default_normalize: true,
         append_eos: true,
         matryoshka: true,

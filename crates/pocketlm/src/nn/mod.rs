@@ -1,6 +1,7 @@
 //! Layers shared by the architectures: linear layers that may be dense or quantized,
 //! embeddings, RMSNorm, rotary position embeddings, the self-attention layer and the gated
-//! MLP, each running in a [`Mode`] (inference or training).
+//! MLP, each running in a [`Mode`] (inference or training); LayerNorm and sentence-embedding
+//! pooling for encoders.
 
 pub mod attention;
 pub mod linear;
@@ -9,6 +10,7 @@ pub mod mlp;
 pub mod mode;
 pub mod norm;
 pub mod ops;
+pub mod pooling;
 pub mod rope;
 pub mod self_attention;
 
@@ -21,5 +23,6 @@ pub use mlp::{Activation, GateUp, GatedMlp};
 pub use mode::{Mode, Numerics};
 pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{gelu_tanh, softcap};
+pub use pooling::Pooling;
 pub use rope::{RopeScaling, RotaryEmbedding};
 pub use self_attention::{Attention, AttentionPass, QkvProj, ScaleAt};

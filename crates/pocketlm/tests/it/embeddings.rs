@@ -256,3 +256,39 @@ fn options_override_the_folder_and_bad_inputs_are_refused() -> Res<()> {
     );
     Ok(())
 }
+
+#[test]
+fn an_older_folder_with_the_transformer_in_0_transformer_loads_the_same() -> Res<()> {
+    // sentence-transformers 1.x layout: modules.json names `0_Transformer` as the
+    // Transformer's path, which holds config.json, the weights, the tokenizer and
+    // sentence_bert_config.json.
+    let src = golden_dir().join("tiny_bert");
+    let tmp = tempfile::tempdir()?;
+    let sub = tmp.path().join("0_Transformer");
+    std::fs::create_dir_all(sub.clone())?;
+    std::fs::create_dir_all(tmp.path().join("1_Pooling"))?;
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "sentence_bert_config.json",
+    ] {
+        std::fs::copy(src.join(f), sub.join(f))?;
+    }
+    std::fs::copy(
+        src.join("1_Pooling/config.json"),
+        tmp.path().join("1_Pooling/config.json"),
+    )?;
+    let modules = std::fs::read_to_string(src.join("modules.json"))?
+        .replace("\"path\": \"\"", "\"path\": \"0_Transformer\"");
+    assert!(modules.contains("0_Transformer"));
+    std::fs::write(tmp.path().join("modules.json"), modules)?;
+    let old = EmbeddingModel::load_folder(tmp.path(), &cpu())?;
+    assert_eq!((old.pooling(), old.max_tokens()), (Pooling::Cls, 16));
+    let m = tiny("tiny_bert")?;
+    let texts = ["A man is eating food.", "Hello, world!"];
+    let o = EmbedOptions::default();
+    assert_eq!(old.embed(&texts, &o)?, m.embed(&texts, &o)?);
+    Ok(())
+}
