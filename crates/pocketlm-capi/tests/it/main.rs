@@ -5,3 +5,4 @@
 mod c_example;
 mod errors;
 mod header;
+mod python;
