@@ -91,6 +91,33 @@ fn venv() -> PathBuf {
     python
 }
 
+/// `cmd` without the variables cargo sets for the test process (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_NAME`, ...): build scripts that name them in `rerun-if-env-changed` (ring's do)
+/// would otherwise see them changed from the outer build's environment, and cargo would
+/// rebuild them and everything above them, pocketlm included.
+fn without_cargo_test_env(cmd: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_by_cargo_test = name == "CARGO"
+            || name == "OUT_DIR"
+            || [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_BIN_",
+                "CARGO_CRATE_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+            || name == "CARGO_TARGET_TMPDIR"
+            || name == "CARGO_RUSTC_CURRENT_DIR";
+        if set_by_cargo_test {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// `PATH` with the venv's `bin` first (maturin's build backend runs `maturin` from `PATH`, as
 /// in an activated venv).
 fn venv_path(python: &Path) -> std::ffi::OsString {
@@ -185,7 +212,7 @@ fn python_package_builds_and_passes_its_tests() {
     let t0 = Instant::now();
     let out = run(
         "pip install ./bindings/python",
-        Command::new(&python)
+        without_cargo_test_env(&mut Command::new(&python))
             .args([
                 "-m",
                 "pip",
