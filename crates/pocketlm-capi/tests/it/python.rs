@@ -149,7 +149,7 @@ fn greedy(m: &LoadedModel, prompt: &str, max_tokens: usize) -> String {
 }
 
 /// Writes a LoRA adapter for the default model (mlx-lm format; rank 4 on the attention's
-/// q/v projections of the last 8 blocks, `B` random so that it changes the answers) into
+/// q/v projections of the last 8 blocks, `B` a fixed non-zero pattern so that it changes the answers) into
 /// `dir`, and returns the default model with it loaded.
 fn write_adapter(dir: &Path) -> LoadedModel {
     let mut m = pocketlm_testutil::load_default_model(false);
@@ -164,7 +164,14 @@ fn write_adapter(dir: &Path) -> LoadedModel {
     lora::attach_new(m.model.as_mut(), &config, 1).expect("attach adapters");
     let mut adapter = Adapter::from_model(m.model.as_mut(), config).expect("read adapters");
     for (a, b) in adapter.weights.values_mut() {
-        *b = Tensor::randn(0f32, 0.02, b.dims(), &Device::Cpu).expect("random B");
+        // A fixed pattern (not random: the answer must change on every run), amplitude 0.1.
+        let n = b.elem_count();
+        *b = (Tensor::arange(0u32, n as u32, &Device::Cpu)
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| (t * 0.37)?.sin())
+            .and_then(|t| t * 0.1)
+            .and_then(|t| t.reshape(b.dims())))
+        .expect("B");
         *a = a.to_dtype(candle_core::DType::F32).expect("f32 A");
     }
     adapter.save(dir).expect("write the adapter");
