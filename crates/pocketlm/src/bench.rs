@@ -9,10 +9,12 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use crate::constrain::{Constraint, GrammarEnv, GrammarMask};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::memory;
 use crate::models::{CausalLM, Logits};
+use crate::sampling::{Sampler, SamplingParams};
 use crate::Result;
 
 /// Tokens per forward pass when filling the cache to a test's depth.
@@ -29,6 +31,9 @@ pub struct BenchParams {
     pub depth: Vec<usize>,
     /// Repetitions of each test.
     pub repetitions: usize,
+    /// With a constraint, each decode test runs a second time with the grammar's mask applied
+    /// (a test named `tg128 +grammar`, see [`run`]).
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for BenchParams {
@@ -38,6 +43,7 @@ impl Default for BenchParams {
             n_gen: vec![128],
             depth: vec![0],
             repetitions: 3,
+            constraint: None,
         }
     }
 }
@@ -140,11 +146,46 @@ fn cache_at(model: &dyn CausalLM, depth: usize, vocab: usize) -> Result<KvCache>
     Ok(cache)
 }
 
+/// `n_gen` decode steps under `constraint`, each as a generation runs them: one forward pass,
+/// the logits copied to the CPU, the grammar's mask and a greedy draw, the drawn token fed
+/// next. When the grammar completes (an end-of-generation token is drawn) a fresh grammar
+/// starts, so that every step is masked.
+fn constrained_decode(
+    m: &LoadedModel,
+    cache: &mut KvCache,
+    constraint: &Constraint,
+    first: u32,
+    n_gen: usize,
+) -> Result<()> {
+    let model = m.model.as_ref();
+    let env = GrammarEnv::for_tokenizer(&m.tokenizer)?;
+    let new_sampler = || -> Result<Sampler> {
+        Ok(Sampler::new(SamplingParams::default())?
+            .with_processor(Box::new(GrammarMask::new(env.clone(), constraint)?)))
+    };
+    let mut sampler = new_sampler()?;
+    let mut id = first;
+    for _ in 0..n_gen {
+        let x = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
+        let l = model.forward(&x, cache, Logits::Last)?;
+        let l: Vec<f32> = l.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        id = sampler.sample(&l, &[]);
+        if let Some(why) = sampler.failure() {
+            return Err(crate::constrain::ConstraintError::Rejected(why).into());
+        }
+        if env.eos_tokens().contains(&id) {
+            sampler = new_sampler()?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the tests on a loaded model: for each depth, each prefill length, then each decode
-/// length. One untimed warm-up run precedes each test.
+/// length (and, with [`BenchParams::constraint`], that decode length again under the grammar,
+/// see `constrained_decode`). One untimed warm-up run precedes each test.
 ///
 /// Errors: those of the model's forward pass (a depth plus test length beyond the model's
-/// context is the model's error).
+/// context is the model's error); with a constraint, [`crate::Error::Constraint`].
 pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
     let model = m.model.as_ref();
     let dev = model.device().clone();
@@ -198,6 +239,20 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
             }
             tg_peak = memory::snapshot().peak_resident_bytes;
             tests.push(TestResult::new("tg", n_gen, depth, samples));
+            if let Some(c) = &params.constraint {
+                let mut samples = Vec::new();
+                for rep in 0..=reps {
+                    let mut cache = cache_at(model, depth, vocab)?;
+                    let t = Instant::now();
+                    constrained_decode(m, &mut cache, c, ids[0], n_gen)?;
+                    if rep > 0 {
+                        samples.push(n_gen as f64 / t.elapsed().as_secs_f64());
+                    }
+                }
+                let mut r = TestResult::new("tg", n_gen, depth, samples);
+                r.name.push_str(" +grammar");
+                tests.push(r);
+            }
         }
     }
     let gpu = crate::device::gpu_memory(&dev);

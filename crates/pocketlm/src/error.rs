@@ -60,6 +60,10 @@ pub enum Error {
         /// New tokens requested.
         max_tokens: usize,
     },
+    /// Constrained decoding failed: a grammar that does not compile, a tokenizer it cannot
+    /// use, a grammar that allows no token, or a typed output that does not deserialize.
+    #[error(transparent)]
+    Constraint(crate::constrain::ConstraintError),
     /// A bad argument from the caller.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -304,7 +304,8 @@ impl Sampler {
     /// Picks the next token id from `logits` (`[vocab]` f32, the model's last position) given
     /// `recent_tokens` (ids of the prompt and generated text so far, oldest first; only the last
     /// `repetition_context_size` matter to the repetition penalty). The chain is described in
-    /// the module documentation.
+    /// the module documentation; each processor is then told the id
+    /// ([`LogitsProcessor::accept`]).
     ///
     /// Never panics: NaN logits are never drawn, ids in `recent_tokens` beyond the vocabulary
     /// are ignored, and if every logit is `-inf`/NaN (or `logits` is empty) it returns 0.
@@ -314,10 +315,20 @@ impl Sampler {
         for p in &mut self.chain {
             p.process(&mut self.buf, recent_tokens);
         }
-        match &mut self.rng {
+        let id = match &mut self.rng {
             None => argmax(&self.buf),
             Some(rng) => categorical_in_place(&mut self.buf, rng),
+        };
+        for p in &mut self.chain {
+            p.accept(id);
         }
+        id
+    }
+
+    /// The first failure a processor reports ([`LogitsProcessor::failure`]), e.g. a grammar
+    /// that allows no token; check it after [`Sampler::sample`].
+    pub fn failure(&self) -> Option<String> {
+        self.chain.iter().find_map(|p| p.failure())
     }
 }
 

@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub repetitions: usize,
+    /// A JSON Schema file: each tg test runs again with its grammar mask (`tg128 +grammar`),
+    /// to measure the cost of constrained decoding.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<std::path::PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -32,7 +36,19 @@ pub struct BenchArgs {
 /// Runs `bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let m = load(&args.model, false)?;
+    let constraint = super::generate::ConstraintArgs {
+        json_schema: args.json_schema.clone(),
+        ..Default::default()
+    }
+    .constraint()?;
+    if let Some((c, file)) = &constraint {
+        // Compile once up front, so that a bad schema is reported before the tests run.
+        let env = pocketlm::constrain::GrammarEnv::for_tokenizer(&m.tokenizer)?;
+        pocketlm::constrain::GrammarMask::new(env, c)
+            .map_err(|e| super::generate::name_grammar_file(e.into(), file.as_deref()))?;
+    }
     let params = BenchParams {
+        constraint: constraint.map(|(c, _)| c),
         n_prompt: args.n_prompt,
         n_gen: args.n_gen,
         depth: args.depth,

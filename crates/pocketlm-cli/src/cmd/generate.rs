@@ -2,9 +2,12 @@
 
 use std::io::Write;
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 use clap::Args;
 use pocketlm::chat_template::Message;
+use pocketlm::constrain::{Constraint, ConstraintError};
 use pocketlm::generate::{generate_input, Event, GenerateParams, GenerationStats};
 use pocketlm::image_processor::load_image;
 use pocketlm::loader::Prompt;
@@ -40,9 +43,63 @@ pub struct GenerateArgs {
     /// order; PNG, JPEG or WebP).
     #[arg(long = "image", value_name = "PATH")]
     pub images: Vec<std::path::PathBuf>,
+    #[command(flatten)]
+    pub constraint: ConstraintArgs,
     /// Print load and generation statistics to stderr.
     #[arg(long, short = 'v')]
     pub verbose: bool,
+}
+
+/// What the output must match (structured output); at most one.
+#[derive(Args, Debug, Default, Clone)]
+#[group(multiple = false)]
+pub struct ConstraintArgs {
+    /// A JSON Schema file: the output is JSON that validates against it.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
+    /// The output is a JSON object (any).
+    #[arg(long)]
+    pub json: bool,
+    /// The output matches this regular expression (whole output, Rust `regex` syntax).
+    #[arg(long, value_name = "RE")]
+    pub regex: Option<String>,
+    /// A Lark grammar file (llguidance's dialect, `%json { ... }` embeds a schema).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+}
+
+impl ConstraintArgs {
+    /// The constraint asked for, and the file it came from (for error messages).
+    ///
+    /// Errors: a file that cannot be read, or a schema file that is not JSON, naming it.
+    pub fn constraint(&self) -> Result<Option<(Constraint, Option<PathBuf>)>> {
+        if let Some(path) = &self.json_schema {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the JSON schema {}", path.display()))?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("the JSON schema {} is not JSON", path.display()))?;
+            return Ok(Some((Constraint::JsonSchema(schema), Some(path.clone()))));
+        }
+        if let Some(path) = &self.grammar {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the grammar {}", path.display()))?;
+            return Ok(Some((Constraint::Lark(text), Some(path.clone()))));
+        }
+        if let Some(re) = &self.regex {
+            return Ok(Some((Constraint::Regex(re.clone()), None)));
+        }
+        Ok(self.json.then_some((Constraint::JsonObject, None)))
+    }
+}
+
+/// Adds the file a grammar came from to a grammar compile error.
+pub fn name_grammar_file(e: pocketlm::Error, file: Option<&Path>) -> anyhow::Error {
+    match (&e, file) {
+        (pocketlm::Error::Constraint(ConstraintError::Grammar(_)), Some(f)) => {
+            anyhow::Error::new(e).context(format!("{}", f.display()))
+        }
+        _ => e.into(),
+    }
 }
 
 /// Builds the prompt: chat-templated unless disabled or the model has no template.
@@ -116,11 +173,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             last.images = images;
         }
     }
+    let constraint = args.constraint.constraint()?;
+    if constraint.is_some() && args.verbose {
+        let env = pocketlm::constrain::GrammarEnv::for_tokenizer(&m.tokenizer)?;
+        eprintln!(
+            "grammar environment: {} tokens in {:.1} ms",
+            env.vocab_size(),
+            env.build_time().as_secs_f64() * 1e3
+        );
+    }
     let mut input = m.encode_multimodal(&prompt)?;
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         sampling: args.sampling.params(&m.default_sampling()),
         stop: args.stop.clone(),
+        constraint: constraint.as_ref().map(|(c, _)| c.clone()),
         ..Default::default()
     };
     let (mut cache, cached) = args.kv.cache(&m, args.verbose)?;
@@ -135,7 +202,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         eprintln!("reusing {reused} cached prompt tokens");
     }
     input.ids.drain(..reused);
-    let stream = generate_input(m.model.as_ref(), &m.tokenizer, &mut cache, input, params)?;
+    let file = constraint.as_ref().and_then(|(_, f)| f.as_deref());
+    let stream = generate_input(m.model.as_ref(), &m.tokenizer, &mut cache, input, params)
+        .map_err(|e| name_grammar_file(e, file))?;
     let mut out = std::io::stdout().lock();
     for ev in stream {
         write_event(&mut out, ev?, args.verbose)?;

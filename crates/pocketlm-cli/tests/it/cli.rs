@@ -189,6 +189,73 @@ fn generate_streams_an_answer_from_the_default_model() {
 }
 
 #[test]
+fn generate_follows_a_json_schema_a_regex_and_names_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("city.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"], "additionalProperties": false,
+            "x-guidance": {"whitespace_flexible": false}}"#,
+    )
+    .unwrap();
+    let schema = schema.to_str().unwrap();
+    let out = pocketlm(&[
+        "generate",
+        "-p",
+        "Name a city in Japan.",
+        "--json-schema",
+        schema,
+        "--max-tokens",
+        "40",
+        "--verbose",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("finished: stop"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert!(
+        v["city"].is_string() && v.as_object().unwrap().len() == 1,
+        "{v}"
+    );
+    let out = pocketlm(&[
+        "generate",
+        "-p",
+        "A year?",
+        "--regex",
+        "[0-9]{4}",
+        "--max-tokens",
+        "10",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = text.trim_end();
+    assert!(
+        text.len() == 4 && text.bytes().all(|c| c.is_ascii_digit()),
+        "{text}"
+    );
+    // Errors name the file; the flags exclude each other.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"type": "bogus"}"#).unwrap();
+    let bad = bad.to_str().unwrap();
+    assert_clean_error(
+        &pocketlm(&["generate", "-p", "x", "--json-schema", bad]),
+        &[bad, "does not compile", "bogus"],
+    );
+    assert_clean_error(
+        &pocketlm(&["generate", "-p", "x", "--grammar", "/no/such.lark"]),
+        &["/no/such.lark"],
+    );
+    let out = pocketlm(&["generate", "-p", "x", "--json", "--regex", "a"]);
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}
+
+#[test]
 fn missing_model_file_is_a_clear_error() {
     let out = pocketlm(&[
         "generate",

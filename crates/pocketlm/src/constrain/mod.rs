@@ -3,8 +3,23 @@
 //! with `llguidance`.
 //!
 //! [`Constraint`] is the request; [`crate::generate::GenerateParams::constraint`] carries it.
+//! [`GrammarEnv`] is the vocabulary side (the bytes of every token, built once per tokenizer
+//! and cached), [`GrammarMask`] the logits processor that masks disallowed tokens, and
+//! [`generate_json`] a typed call on top.
 
+mod env;
+mod mask;
+
+pub use env::{GrammarEnv, TokenBytes, TokenSpelling};
+pub use mask::{apply_mask, GrammarMask};
+
+use llguidance::api::TopLevelGrammar;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::generate::GenerateParams;
+use crate::loader::{LoadedModel, Prompt};
 
 /// What the generated text must match.
 ///
@@ -21,4 +36,137 @@ pub enum Constraint {
     Regex(String),
     /// Text that this Lark grammar (llguidance's dialect) accepts.
     Lark(String),
+}
+
+impl Constraint {
+    /// The llguidance grammar of this constraint.
+    ///
+    /// JSON (both variants) gets llama.cpp's whitespace between tokens
+    /// (`common/json-schema-to-grammar.cpp` `SPACE_RULE`: one space, or one or two newlines and
+    /// up to 20 spaces or tabs) instead of llguidance's unbounded default, so that a model
+    /// cannot pad forever; a schema's own `x-guidance` options
+    /// (llguidance `docs/json_schema.md`) replace that default.
+    pub fn to_llguidance(&self) -> TopLevelGrammar {
+        match self {
+            Constraint::JsonObject => {
+                TopLevelGrammar::from_json_schema(with_json_whitespace(json!({"type": "object"})))
+            }
+            Constraint::JsonSchema(schema) => {
+                TopLevelGrammar::from_json_schema(with_json_whitespace(schema.clone()))
+            }
+            Constraint::Regex(re) => TopLevelGrammar::from_regex(re),
+            Constraint::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+        }
+    }
+
+    /// A short description for messages: `JSON schema`, `regex`...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Constraint::JsonObject => "JSON object",
+            Constraint::JsonSchema(_) => "JSON schema",
+            Constraint::Regex(_) => "regular expression",
+            Constraint::Lark(_) => "Lark grammar",
+        }
+    }
+}
+
+/// llama.cpp's JSON whitespace rule as an llguidance whitespace pattern.
+pub const JSON_WHITESPACE: &str = r"(?:\x20|\n{1,2}[\x20\x09]{0,20})";
+
+/// `schema` with `x-guidance: {"whitespace_pattern": JSON_WHITESPACE}` unless it has its own
+/// `x-guidance` (a non-object schema, such as `true`, is left as is).
+fn with_json_whitespace(mut schema: Value) -> Value {
+    if let Value::Object(o) = &mut schema {
+        o.entry("x-guidance")
+            .or_insert_with(|| json!({"whitespace_pattern": JSON_WHITESPACE}));
+    }
+    schema
+}
+
+/// Errors of constrained decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ConstraintError {
+    /// The grammar, JSON Schema or regular expression does not compile.
+    #[error("the grammar does not compile: {0}")]
+    Grammar(String),
+    /// The grammar environment cannot be built from the model's tokenizer.
+    #[error("constrained decoding: the tokenizer cannot be used: {0}")]
+    Tokenizer(String),
+    /// During generation, the grammar allowed no token (or rejected the one drawn).
+    #[error("constrained decoding failed: {0}")]
+    Rejected(String),
+    /// The output does not parse as JSON, or does not deserialize into the requested type
+    /// ([`generate_json`]); `text` is the output.
+    #[error("the output does not deserialize ({msg}): {text}")]
+    Deserialize {
+        /// serde_json's message.
+        msg: String,
+        /// The generated text.
+        text: String,
+    },
+    /// Generation stopped before the grammar was complete (`max_tokens` or a full context);
+    /// `text` is the partial output.
+    #[error("generation ended ({reason}) before the output was complete: {text}")]
+    Incomplete {
+        /// The finish reason (`length`).
+        reason: String,
+        /// The generated text.
+        text: String,
+    },
+}
+
+impl From<ConstraintError> for crate::Error {
+    fn from(e: ConstraintError) -> Self {
+        crate::Error::Constraint(e)
+    }
+}
+
+/// A typed reply: generates JSON that validates against `schema` for `prompt` (a chat prompt
+/// is rendered with the model's template) and deserializes it into `T`, as OpenAI's structured
+/// outputs do with a `json_schema` response format.
+///
+/// `params` gives the sampling and `max_tokens`; its `constraint` is replaced by
+/// `Constraint::JsonSchema(schema)`, its stop strings are dropped (they could cut the JSON) and
+/// `ignore_eos` is off. A fresh KV cache is used.
+///
+/// Errors: the prompt's (template, tokenizer, context); [`ConstraintError::Grammar`] for a
+/// schema that does not compile; [`ConstraintError::Incomplete`] when `max_tokens` or the
+/// context ran out first; [`ConstraintError::Deserialize`] when the JSON does not fit `T`
+/// (a schema that does not describe `T`).
+pub fn generate_json<T: DeserializeOwned>(
+    model: &LoadedModel,
+    prompt: &Prompt,
+    schema: &Value,
+    params: &GenerateParams,
+) -> crate::Result<T> {
+    let ids = model.encode(prompt)?;
+    let mut cache = model.model.new_cache();
+    let params = GenerateParams {
+        constraint: Some(Constraint::JsonSchema(schema.clone())),
+        stop: Vec::new(),
+        ignore_eos: false,
+        ..params.clone()
+    };
+    let out = crate::generate::generate(
+        model.model.as_ref(),
+        &model.tokenizer,
+        &mut cache,
+        &ids,
+        params,
+    )?
+    .collect_output()?;
+    if out.finish_reason.as_openai() != "stop" {
+        return Err(ConstraintError::Incomplete {
+            reason: out.finish_reason.as_openai().into(),
+            text: out.text,
+        }
+        .into());
+    }
+    serde_json::from_str(&out.text).map_err(|e| {
+        ConstraintError::Deserialize {
+            msg: e.to_string(),
+            text: out.text,
+        }
+        .into()
+    })
 }

@@ -12,7 +12,7 @@ pub mod stepper;
 
 use std::time::{Duration, Instant};
 
-use crate::constrain::Constraint;
+use crate::constrain::{Constraint, GrammarEnv, GrammarMask};
 use crate::kv_cache::KvCache;
 use crate::memory;
 use crate::models::{CausalLM, ModelInput};
@@ -194,9 +194,17 @@ pub fn generate<'a>(
 /// images the vision tower and the whole prompt in one pass, see
 /// [`GenerationStats::vision_time`], [`GenerationStats::image_tokens`]).
 ///
+/// With [`GenerateParams::constraint`], the tokenizer's grammar environment is built on first
+/// use ([`GrammarEnv::for_tokenizer`], cached), the grammar compiled and a [`GrammarMask`]
+/// added to the sampler; generation then ends with [`FinishReason::Eos`] once the grammar is
+/// complete (only end-of-generation tokens are allowed there).
+///
 /// Errors: [`Error::InvalidArgument`] when the model takes no images and `input` has some,
 /// for an empty prompt, a token id outside the vocabulary or invalid sampling parameters;
-/// [`Error::ContextOverflow`] when the prompt does not fit in the model's context.
+/// [`Error::ContextOverflow`] when the prompt does not fit in the model's context;
+/// [`Error::Constraint`] when the constraint does not compile or the tokenizer's vocabulary
+/// cannot be read as bytes. During generation, [`Error::Constraint`] when the grammar allows
+/// no token.
 pub fn generate_input<'a>(
     model: &'a dyn CausalLM,
     tokenizer: &'a Tokenizer,
@@ -233,13 +241,11 @@ pub fn generate_input<'a>(
             "token id {bad} is outside the vocabulary ({vocab})"
         )));
     }
-    if params.constraint.is_some() {
-        return Err(Error::InvalidArgument(
-            "constrained decoding (GenerateParams::constraint) is not built into this version"
-                .into(),
-        ));
+    let mut sampler = Sampler::new(params.sampling.clone())?;
+    if let Some(c) = &params.constraint {
+        let env = GrammarEnv::for_tokenizer(tokenizer)?;
+        sampler = sampler.with_processor(Box::new(GrammarMask::new(env, c)?));
     }
-    let sampler = Sampler::new(params.sampling.clone())?;
     let stepper = TokenStepper::new(
         model,
         cache,

@@ -194,16 +194,22 @@ impl<'a> TokenStepper<'a> {
             });
         }
         let l: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
-        Ok(self.choose_from(&l))
+        self.choose_from(&l)
     }
 
     /// Chooses a token from `logits` (`[vocab]` f32 raw logits).
-    fn choose_from(&mut self, logits: &[f32]) -> Token {
+    ///
+    /// Errors: [`crate::constrain::ConstraintError::Rejected`] when a processor (a grammar)
+    /// reports a failure.
+    fn choose_from(&mut self, logits: &[f32]) -> Result<Token> {
         let id = self.sampler.sample(logits, &self.history);
-        Token {
+        if let Some(why) = self.sampler.failure() {
+            return Err(crate::constrain::ConstraintError::Rejected(why).into());
+        }
+        Ok(Token {
             id,
             logprobs: self.logprobs.map(|k| token_logprobs(logits, id, k)),
-        }
+        })
     }
 }
 

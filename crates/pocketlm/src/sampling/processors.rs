@@ -19,6 +19,14 @@ pub trait LogitsProcessor: Send {
     /// the processor sits in the chain) given `history`, the token ids of the prompt and of
     /// the tokens generated so far, oldest first. A token set to `-inf` is never drawn.
     fn process(&mut self, logits: &mut [f32], history: &[u32]);
+    /// Told the token the sampler drew at this step (after every processor's `process`). A
+    /// stateful processor (a grammar) advances here. The default does nothing.
+    fn accept(&mut self, _token: u32) {}
+    /// Why the processor cannot go on (a grammar that allows no token), once it cannot; the
+    /// draw of that step is then meaningless. The default: never.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// [`sanitize`]: NaN to `-inf`, `+inf` to `f32::MAX`. Always the first link.

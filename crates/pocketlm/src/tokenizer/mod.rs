@@ -17,6 +17,7 @@ pub(crate) mod test_util;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 pub use stream::StreamDecoder;
 
@@ -148,7 +149,13 @@ pub struct Tokenizer {
     add_bos: bool,
     add_eos: bool,
     specials: SpecialsMode,
+    /// The grammar environment built from this vocabulary, built on the first constrained
+    /// generation ([`crate::constrain::GrammarEnv::for_tokenizer`]); clones share it.
+    grammar_env: GrammarEnvSlot,
 }
+
+/// Where a [`Tokenizer`] caches its [`crate::constrain::GrammarEnv`].
+pub(crate) type GrammarEnvSlot = Arc<Mutex<Option<Arc<crate::constrain::GrammarEnv>>>>;
 
 /// The parts a constructor has gathered before [`Tokenizer::assemble`] checks them.
 #[derive(Debug, Default)]
@@ -185,6 +192,7 @@ impl Tokenizer {
             add_eos: s.add_eos,
             specials,
             inner,
+            grammar_env: GrammarEnvSlot::default(),
         })
     }
 
@@ -495,12 +503,19 @@ impl Tokenizer {
             )));
         }
         self.eog_token_ids.extend(ids);
+        // The grammar environment's EOS set came from the old set.
+        self.grammar_env = GrammarEnvSlot::default();
         Ok(())
     }
 
     /// The wrapped Hugging Face tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+
+    /// The cache slot of [`crate::constrain::GrammarEnv::for_tokenizer`].
+    pub(crate) fn grammar_env_slot(&self) -> &Mutex<Option<Arc<crate::constrain::GrammarEnv>>> {
+        &self.grammar_env
     }
 }
 

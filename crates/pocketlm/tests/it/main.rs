@@ -3,6 +3,7 @@
 
 mod archs_golden;
 mod chat_template_golden;
+mod constrain;
 mod convert;
 mod embeddings;
 mod fetch_loopback;

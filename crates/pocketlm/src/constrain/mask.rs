@@ -1,0 +1,331 @@
+//! [`GrammarMask`]: the logits processor that enforces a grammar.
+//!
+//! At each step it sets the logits of the tokens the grammar does not allow to `-inf`; when the
+//! sampler has drawn a token ([`LogitsProcessor::accept`]) it hands the llguidance matcher to a
+//! worker thread that advances it with that token and computes the next step's mask, so that
+//! the mask of step `n + 1` is computed while the model runs the forward pass of token `n`
+//! (as llguidance's own integrations in vLLM and llama.cpp overlap it with the GPU). The next
+//! [`LogitsProcessor::process`] joins the worker.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use llguidance::Matcher;
+use toktrie::SimpleVob;
+
+use super::{Constraint, ConstraintError, GrammarEnv};
+use crate::sampling::LogitsProcessor;
+
+/// The matcher and the mask it computed for the next step (or the error it met).
+type Computed = (Box<Matcher>, Result<SimpleVob, String>);
+
+enum State {
+    /// A worker is advancing the matcher and computing the next mask.
+    Computing(JoinHandle<Computed>),
+    /// The mask of the next step is known.
+    Ready(Box<Matcher>, SimpleVob),
+    /// The grammar failed; the message says why.
+    Failed(String),
+}
+
+/// A [`LogitsProcessor`] that only lets through the tokens a [`Constraint`] allows next.
+///
+/// Add it to a sampler with [`crate::sampling::Sampler::with_processor`]; the generation code
+/// does so for [`crate::generate::GenerateParams::constraint`]. Once the grammar is complete
+/// and allows nothing more, only the end-of-generation tokens are allowed
+/// ([`GrammarEnv::eos_tokens`]), so generation ends with finish reason `stop`. When the grammar
+/// allows no token at all, every logit is set to `-inf` and [`LogitsProcessor::failure`] says
+/// why (the stepper then returns [`crate::Error::Constraint`]).
+pub struct GrammarMask {
+    state: Option<State>,
+    env: Arc<GrammarEnv>,
+}
+
+impl std::fmt::Debug for GrammarMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            Some(State::Computing(_)) => "computing",
+            Some(State::Ready(..)) => "ready",
+            Some(State::Failed(_)) => "failed",
+            None => "none",
+        };
+        f.debug_struct("GrammarMask")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+/// The mask of the matcher's current state: the allowed tokens, or only the EOS tokens once
+/// the grammar has stopped. An empty mask is an error.
+fn mask_of(m: &mut Matcher) -> Result<SimpleVob, String> {
+    let mask = m.compute_mask_or_eos().map_err(|e| e.to_string())?;
+    if mask.is_zero() {
+        return Err("the grammar allows no token here".into());
+    }
+    Ok(mask)
+}
+
+/// Advances `m` with `token` (unless it has stopped and `token` ends generation, which a
+/// generation that ignores EOS may draw again) and computes the next mask.
+fn advance(mut m: Box<Matcher>, token: u32, eos: &[u32]) -> Computed {
+    if !(m.is_stopped() && eos.contains(&token)) {
+        if let Err(e) = m.consume_token(token) {
+            return (m, Err(format!("token {token}: {e}")));
+        }
+    }
+    let r = mask_of(&mut m);
+    (m, r)
+}
+
+impl GrammarMask {
+    /// Compiles `constraint` against `env` and starts computing the first mask on a worker
+    /// thread (it overlaps the prompt's prefill).
+    ///
+    /// Errors: [`ConstraintError::Grammar`] when the grammar, schema or regular expression does
+    /// not compile (llguidance's message).
+    pub fn new(env: Arc<GrammarEnv>, constraint: &Constraint) -> Result<Self, ConstraintError> {
+        let grammar = constraint.to_llguidance();
+        let parser = env
+            .factory()
+            .create_parser(grammar)
+            .map_err(|e| ConstraintError::Grammar(e.to_string()))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(ConstraintError::Grammar(e));
+        }
+        let mut matcher = Box::new(matcher);
+        let worker = std::thread::spawn(move || {
+            let r = mask_of(&mut matcher);
+            (matcher, r)
+        });
+        Ok(GrammarMask {
+            state: Some(State::Computing(worker)),
+            env,
+        })
+    }
+
+    /// Waits for the worker; returns the current mask, or records the failure.
+    fn mask(&mut self) -> Option<&SimpleVob> {
+        self.state = match self.state.take() {
+            Some(State::Computing(h)) => Some(match h.join() {
+                Ok((m, Ok(mask))) => State::Ready(m, mask),
+                Ok((_, Err(e))) => State::Failed(e),
+                Err(_) => State::Failed("the grammar worker panicked".into()),
+            }),
+            other => other,
+        };
+        match &self.state {
+            Some(State::Ready(_, mask)) => Some(mask),
+            _ => None,
+        }
+    }
+}
+
+/// Sets `logits[i]` to `-inf` for every `i` not set in `mask` (ids beyond the mask, which a
+/// model with padded embedding rows has, included).
+pub fn apply_mask(mask: &SimpleVob, logits: &mut [f32]) {
+    let words = mask.as_slice();
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = words.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    // `mask.len()` may not be a multiple of 32: bits past it are zero in `words`.
+}
+
+impl LogitsProcessor for GrammarMask {
+    fn name(&self) -> &str {
+        "grammar"
+    }
+
+    fn process(&mut self, logits: &mut [f32], _history: &[u32]) {
+        match self.mask() {
+            Some(mask) => apply_mask(mask, logits),
+            None => logits.fill(f32::NEG_INFINITY),
+        }
+    }
+
+    fn accept(&mut self, token: u32) {
+        let state = self.state.take();
+        self.state = Some(match state {
+            Some(State::Ready(m, _)) => {
+                let eos = self.env.eos_tokens().to_vec();
+                State::Computing(std::thread::spawn(move || advance(m, token, &eos)))
+            }
+            Some(State::Computing(h)) => {
+                // `accept` without `process` in between: advance after the pending mask.
+                match h.join() {
+                    Ok((m, Ok(_))) => {
+                        let eos = self.env.eos_tokens().to_vec();
+                        State::Computing(std::thread::spawn(move || advance(m, token, &eos)))
+                    }
+                    Ok((_, Err(e))) => State::Failed(e),
+                    Err(_) => State::Failed("the grammar worker panicked".into()),
+                }
+            }
+            Some(State::Failed(e)) => State::Failed(e),
+            None => State::Failed("the grammar state was lost".into()),
+        });
+    }
+
+    fn failure(&self) -> Option<String> {
+        match &self.state {
+            Some(State::Failed(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::constrain::{TokenBytes, TokenSpelling};
+    use crate::generate::{generate, FinishReason, GenerateParams};
+    use crate::kv_cache::KvCache;
+    use crate::models::{CausalLM, Logits, ModelInfo};
+    use crate::sampling::SamplingParams;
+    use crate::tokenizer::test_util::{single_byte_gpt2, tiny_spm};
+    use crate::tokenizer::Tokenizer;
+    use candle_core::{Device, Tensor};
+
+    /// One token per byte (ids 0..=255 are the bytes), `<|endoftext|>` = 256 is EOS.
+    fn bytes_tokenizer() -> Tokenizer {
+        Tokenizer::from_gguf_metadata(&single_byte_gpt2()).expect("tokenizer")
+    }
+
+    fn allowed(mask: &mut GrammarMask, n: usize) -> Vec<u32> {
+        let mut l = vec![0.0f32; n];
+        mask.process(&mut l, &[]);
+        (0..n as u32).filter(|&i| l[i as usize] == 0.0).collect()
+    }
+
+    #[test]
+    fn token_bytes_of_byte_level_and_byte_fallback_vocabularies() {
+        let t = TokenBytes::from_tokenizer(&bytes_tokenizer()).unwrap();
+        assert_eq!(t.spelling, TokenSpelling::ByteLevel);
+        for b in 0..=255u8 {
+            assert_eq!(t.bytes[b as usize], vec![b], "byte {b}");
+        }
+        assert_eq!(t.bytes[256], b"\xff<|endoftext|>".to_vec());
+        assert!(t.special[256] && !t.special[32]);
+        let spm = Tokenizer::from_gguf_metadata(&tiny_spm()).expect("tokenizer");
+        let t = TokenBytes::from_tokenizer(&spm).unwrap();
+        assert_eq!(
+            t.spelling,
+            TokenSpelling::ByteFallback { space: '\u{2581}' }
+        );
+        assert_eq!(t.bytes[3 + 0xE2], vec![0xE2], "<0xE2>");
+        let id = |s: &str| spm.token_to_id(s).unwrap() as usize;
+        assert_eq!(t.bytes[id("\u{2581}ab")], b" ab".to_vec());
+        assert_eq!(t.bytes[id("</s>")], b"\xff</s>".to_vec());
+    }
+
+    #[test]
+    fn the_mask_follows_the_grammar_then_allows_only_eos() {
+        let tok = bytes_tokenizer();
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        assert_eq!(env.eos_tokens(), &[256]);
+        let mut m = GrammarMask::new(env, &Constraint::Regex("a(b|c)".into())).unwrap();
+        assert_eq!(allowed(&mut m, 257), vec![b'a' as u32]);
+        m.accept(b'a' as u32);
+        assert_eq!(allowed(&mut m, 257), vec![b'b' as u32, b'c' as u32]);
+        m.accept(b'c' as u32);
+        assert_eq!(allowed(&mut m, 257), vec![256]);
+        assert!(m.failure().is_none());
+        // Ids beyond the vocabulary (padded embedding rows) are never allowed.
+        assert_eq!(allowed(&mut m, 300), vec![256]);
+    }
+
+    #[test]
+    fn a_token_the_grammar_rejects_is_a_failure() {
+        let tok = bytes_tokenizer();
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let mut m = GrammarMask::new(env, &Constraint::Regex("[0-9]+".into())).unwrap();
+        allowed(&mut m, 257);
+        m.accept(b'x' as u32);
+        assert!(allowed(&mut m, 257).is_empty());
+        let why = m.failure().expect("a failure");
+        assert!(why.contains("token 120"), "{why}");
+    }
+
+    #[test]
+    fn apply_mask_handles_partial_words() {
+        let mut v = SimpleVob::alloc(40);
+        v.allow_token(3);
+        v.allow_token(33);
+        let mut l = vec![1.0f32; 70];
+        apply_mask(&v, &mut l);
+        let kept: Vec<usize> = (0..70).filter(|&i| l[i] == 1.0).collect();
+        assert_eq!(kept, vec![3, 33]);
+    }
+
+    /// A model that always prefers `x` (then `y`): the grammar must override it.
+    struct Stubborn {
+        info: ModelInfo,
+    }
+
+    impl CausalLM for Stubborn {
+        fn forward(&self, _: &Tensor, _: &mut KvCache, _: Logits) -> crate::Result<Tensor> {
+            let mut row = vec![0f32; self.info.vocab_size];
+            row[b'x' as usize] = 20.0;
+            row[b'y' as usize] = 10.0;
+            Ok(Tensor::new(row.as_slice(), &Device::Cpu)?.unsqueeze(0)?)
+        }
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn device(&self) -> &Device {
+            &Device::Cpu
+        }
+    }
+
+    #[test]
+    fn generation_under_a_grammar_ends_with_stop_and_unconstrained_is_unchanged() {
+        let tok = bytes_tokenizer();
+        let model = Stubborn {
+            info: ModelInfo {
+                architecture: "stubborn".into(),
+                vocab_size: 260,
+                n_layers: 0,
+                hidden_size: 1,
+                n_kv_heads: 1,
+                head_dim: 1,
+                context_length: 64,
+            },
+        };
+        let run = |constraint: Option<Constraint>, temperature: f32| {
+            let mut cache = model.new_cache();
+            let params = GenerateParams {
+                max_tokens: 10,
+                sampling: SamplingParams {
+                    temperature,
+                    seed: Some(1),
+                    ..Default::default()
+                },
+                constraint,
+                ..Default::default()
+            };
+            generate(&model, &tok, &mut cache, &[b'q' as u32], params)
+                .unwrap()
+                .collect_output()
+                .unwrap()
+        };
+        let free = run(None, 0.0);
+        assert_eq!(free.text, "xxxxxxxxxx");
+        assert_eq!(free.finish_reason, FinishReason::MaxTokens);
+        for t in [0.0, 1.0] {
+            let out = run(Some(Constraint::Regex("[0-9]{3}-(x|y)y".into())), t);
+            assert_eq!(out.finish_reason, FinishReason::Eos, "{}", out.text);
+            assert_eq!(out.finish_reason.as_openai(), "stop");
+            assert_eq!(out.text.len(), 6, "{}", out.text);
+            assert!(out.text.ends_with("-xy"), "{}", out.text);
+            assert!(out.text[..3].bytes().all(|c| c.is_ascii_digit()));
+        }
+    }
+}
