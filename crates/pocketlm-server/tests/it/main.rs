@@ -4,6 +4,7 @@
 mod limits;
 mod openai_client;
 mod server;
+mod tools;
 
 /// Starts a server with `config` and the real default model on a free loopback port, in a
 /// background thread with its own runtime; returns the address it listens on.

@@ -308,7 +308,7 @@ fn error_statuses_and_shapes() {
             Some("top_p"),
         ),
         (
-            br#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+            br#"{"messages": [{"role": "user", "content": "x"}], "n": 0}"#,
             Some("n"),
         ),
         (
