@@ -1080,8 +1080,14 @@ mod tests {
     fn bad_values_name_their_field() {
         for (body, param) in [
             (r#"{"messages": [], "n": 17}"#, "n"),
-            (r#"{"messages": [], "presence_penalty": 2.5}"#, "presence_penalty"),
-            (r#"{"messages": [], "frequency_penalty": -3}"#, "frequency_penalty"),
+            (
+                r#"{"messages": [], "presence_penalty": 2.5}"#,
+                "presence_penalty",
+            ),
+            (
+                r#"{"messages": [], "frequency_penalty": -3}"#,
+                "frequency_penalty",
+            ),
             (r#"{"messages": [], "temperature": 2.5}"#, "temperature"),
             (r#"{"messages": [], "temperature": 1e300}"#, "temperature"),
             (r#"{"messages": [], "top_p": 1.5}"#, "top_p"),
@@ -1236,7 +1242,14 @@ mod tests {
         let ok = serde_json::json!({"messages": [], "user": "u", "metadata": {}, "store": false,
             "service_tier": "auto", "safety_identifier": "x", "prompt_cache_key": "k"});
         check_fields(&ok, known).expect("ignorable fields pass");
-        for field in ["audio", "functions", "prediction", "reasoning_effort", "web_search_options", "temprature"] {
+        for field in [
+            "audio",
+            "functions",
+            "prediction",
+            "reasoning_effort",
+            "web_search_options",
+            "temprature",
+        ] {
             let mut body = serde_json::json!({"messages": []});
             body[field] = serde_json::json!(1);
             let e = check_fields(&body, known).expect_err(field);
@@ -1257,13 +1270,19 @@ mod tests {
             .common
             .to_generate_params(100, &SamplingParams::recommended())
             .expect("valid");
-        assert_eq!((p.sampling.presence_penalty, p.sampling.frequency_penalty), (0.5, -1.0));
+        assert_eq!(
+            (p.sampling.presence_penalty, p.sampling.frequency_penalty),
+            (0.5, -1.0)
+        );
         assert_eq!(req.common.n().unwrap(), 4);
         assert_eq!(
             req.common.logit_bias(10).unwrap(),
             Some(vec![(3, -100.0), (7, 100.0)])
         );
-        let e = req.common.logit_bias(5).expect_err("7 is outside a vocabulary of 5");
+        let e = req
+            .common
+            .logit_bias(5)
+            .expect_err("7 is outside a vocabulary of 5");
         assert_eq!(e.param.as_deref(), Some("logit_bias"));
         let req: ChatCompletionRequest =
             serde_json::from_str(r#"{"messages": [], "logit_bias": {"1": 101}}"#).unwrap();
@@ -1278,7 +1297,10 @@ mod tests {
         use serde_json::json;
         assert_eq!(parse_tool_choice(&json!("none")).unwrap(), ToolChoice::None);
         assert_eq!(parse_tool_choice(&json!("auto")).unwrap(), ToolChoice::Auto);
-        assert_eq!(parse_tool_choice(&json!("required")).unwrap(), ToolChoice::Required);
+        assert_eq!(
+            parse_tool_choice(&json!("required")).unwrap(),
+            ToolChoice::Required
+        );
         assert_eq!(
             parse_tool_choice(&json!({"type": "function", "function": {"name": "f"}})).unwrap(),
             ToolChoice::Function("f".into())
@@ -1317,7 +1339,10 @@ mod tests {
         .expect("parses");
         let m = req.messages().expect("valid");
         assert_eq!(m[1].tool_calls[0].function.name, "get_time");
-        assert_eq!(m[1].tool_calls[0].arguments_value(), serde_json::json!({"tz": "UTC"}));
+        assert_eq!(
+            m[1].tool_calls[0].arguments_value(),
+            serde_json::json!({"tz": "UTC"})
+        );
         assert_eq!(m[2].tool_call_id.as_deref(), Some("call_1"));
         assert_eq!(m[2].name.as_deref(), Some("get_time"));
     }

@@ -540,7 +540,7 @@ async fn chat_completions(
             }),
             message: AssistantMessage {
                 role: "assistant",
-                content: (!(o.content.is_empty() && !o.tool_calls.is_empty())).then_some(o.content),
+                content: (!o.content.is_empty() || o.tool_calls.is_empty()).then_some(o.content),
                 tool_calls: o.tool_calls,
             },
             finish_reason: o.finish_reason,

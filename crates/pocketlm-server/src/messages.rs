@@ -101,13 +101,15 @@ fn block_text(v: &Value, param: &str) -> Result<String, ApiError> {
                     b.get("text").and_then(|t| t.as_str()),
                 ) {
                     (Some("text"), Some(t)) => out.push_str(t),
-                    (kind, _) => return Err(ApiError::bad_param(
-                        &format!("{param}[{j}]"),
-                        format!(
+                    (kind, _) => {
+                        return Err(ApiError::bad_param(
+                            &format!("{param}[{j}]"),
+                            format!(
                             "`{param}[{j}]` is a `{}` block; only `text` blocks are supported here",
                             kind.unwrap_or("?")
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             Ok(out)

@@ -156,9 +156,14 @@ fn tools_client(part: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test_tools_client.py");
     let out = run(
         "the tools client script",
-        Command::new(&python)
-            .arg(script)
-            .args(["--base-url", &base, "--api-key", KEY, "--part", part]),
+        Command::new(&python).arg(script).args([
+            "--base-url",
+            &base,
+            "--api-key",
+            KEY,
+            "--part",
+            part,
+        ]),
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(

@@ -137,7 +137,10 @@ fn every_openai_chat_field_is_honoured_or_refused() {
         let (status, v) = post("/v1/chat/completions", &body);
         assert_eq!(status, 400, "{field}: {v}");
         assert_eq!(v["error"]["param"], field, "{v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains(field), "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{v}"
+        );
     }
     for (field, value) in [
         ("modalities", json!(["text", "audio"])),
@@ -145,7 +148,10 @@ fn every_openai_chat_field_is_honoured_or_refused() {
         ("presence_penalty", json!(3)),
         ("n", json!(0)),
         ("tool_choice", json!("sometimes")),
-        ("response_format", json!({"type": "json_schema", "json_schema": {"name": "x"}})),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+        ),
     ] {
         let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
         body[field] = value;
@@ -158,20 +164,37 @@ fn every_openai_chat_field_is_honoured_or_refused() {
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "required"}),
     );
-    assert_eq!((status, v["error"]["param"].clone()), (400, json!("tool_choice")), "{v}");
+    assert_eq!(
+        (status, v["error"]["param"].clone()),
+        (400, json!("tool_choice")),
+        "{v}"
+    );
     let (status, v) = post(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}], "tools": [weather_tool()],
                 "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
     );
-    assert_eq!((status, v["error"]["param"].clone()), (400, json!("tool_choice")), "{v}");
+    assert_eq!(
+        (status, v["error"]["param"].clone()),
+        (400, json!("tool_choice")),
+        "{v}"
+    );
     let (status, v) = post(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "retrieval"}]}),
     );
-    assert_eq!((status, v["error"]["param"].clone()), (400, json!("tools")), "{v}");
+    assert_eq!(
+        (status, v["error"]["param"].clone()),
+        (400, json!("tools")),
+        "{v}"
+    );
     // Legacy completions: `echo`, `suffix` refused, unknown fields too.
-    for (field, value) in [("echo", json!(true)), ("suffix", json!("x")), ("best_of", json!(3)), ("tools", json!([]))] {
+    for (field, value) in [
+        ("echo", json!(true)),
+        ("suffix", json!("x")),
+        ("best_of", json!(3)),
+        ("tools", json!([])),
+    ] {
         let mut body = json!({"prompt": "Hi", "max_tokens": 1});
         body[field] = value;
         let (status, v) = post("/v1/completions", &body);
@@ -253,7 +276,10 @@ fn n_choices_and_logit_bias() {
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
     let total: u64 = choices.len() as u64;
-    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= total, "{v}");
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() >= total,
+        "{v}"
+    );
     let (status, text) = post_text(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "Say something."}], "n": 2,
@@ -267,7 +293,12 @@ fn n_choices_and_logit_bias() {
         .map(|(_, e)| e["choices"][0]["index"].as_u64().unwrap())
         .collect();
     assert_eq!(finished, vec![0, 1], "{text}");
-    assert!(events.last().unwrap().1["usage"]["completion_tokens"].as_u64().unwrap() >= 2);
+    assert!(
+        events.last().unwrap().1["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
     // logit_bias +100 on one token: greedy decoding picks it every time.
     let m = model();
     let id = m.tokenizer.encode("Paris", false).expect("encode")[0];
@@ -278,7 +309,11 @@ fn n_choices_and_logit_bias() {
                 "temperature": 0, "logit_bias": {id.to_string(): 100}}),
     );
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["choices"][0]["message"]["content"], piece.repeat(3), "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        piece.repeat(3),
+        "{v}"
+    );
 }
 
 /// `/v1/responses` and `/v1/messages` answer in their APIs' shapes, streamed and not.
@@ -292,7 +327,10 @@ fn responses_and_messages_endpoints() {
     );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["object"], "response");
-    assert!(["completed", "incomplete"].contains(&v["status"].as_str().unwrap()), "{v}");
+    assert!(
+        ["completed", "incomplete"].contains(&v["status"].as_str().unwrap()),
+        "{v}"
+    );
     assert_eq!(v["output"][0]["type"], "message", "{v}");
     assert_eq!(v["output"][0]["content"][0]["type"], "output_text", "{v}");
     assert!(v["usage"]["input_tokens"].as_u64().unwrap() > 10, "{v}");
@@ -304,11 +342,21 @@ fn responses_and_messages_endpoints() {
     assert_eq!(status, 200, "{text}");
     let events = sse_events(&text);
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_deref().unwrap()).collect();
-    assert_eq!(names[..2], ["response.created", "response.in_progress"], "{text}");
+    assert_eq!(
+        names[..2],
+        ["response.created", "response.in_progress"],
+        "{text}"
+    );
     assert!(names.contains(&"response.output_text.delta"), "{text}");
     let last = names.last().unwrap();
-    assert!(*last == "response.completed" || *last == "response.incomplete", "{text}");
-    let seq: Vec<u64> = events.iter().map(|(_, e)| e["sequence_number"].as_u64().unwrap()).collect();
+    assert!(
+        *last == "response.completed" || *last == "response.incomplete",
+        "{text}"
+    );
+    let seq: Vec<u64> = events
+        .iter()
+        .map(|(_, e)| e["sequence_number"].as_u64().unwrap())
+        .collect();
     assert_eq!(seq, (0..seq.len() as u64).collect::<Vec<_>>());
     let delta_text: String = events
         .iter()
@@ -321,7 +369,10 @@ fn responses_and_messages_endpoints() {
         "/v1/responses",
         &json!({"input": "x", "previous_response_id": "resp_1"}),
     );
-    assert_eq!((status, v["error"]["param"].clone()), (400, json!("previous_response_id")));
+    assert_eq!(
+        (status, v["error"]["param"].clone()),
+        (400, json!("previous_response_id"))
+    );
 
     let (status, v) = post(
         "/v1/messages",
@@ -330,22 +381,50 @@ fn responses_and_messages_endpoints() {
                 "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}),
     );
     assert_eq!(status, 200, "{v}");
-    assert_eq!((v["type"].clone(), v["role"].clone()), (json!("message"), json!("assistant")));
+    assert_eq!(
+        (v["type"].clone(), v["role"].clone()),
+        (json!("message"), json!("assistant"))
+    );
     assert_eq!(v["content"][0]["type"], "text", "{v}");
-    assert!(["end_turn", "max_tokens"].contains(&v["stop_reason"].as_str().unwrap()), "{v}");
+    assert!(
+        ["end_turn", "max_tokens"].contains(&v["stop_reason"].as_str().unwrap()),
+        "{v}"
+    );
     let (status, text) = post_text(
         "/v1/messages",
         &json!({"max_tokens": 4, "stream": true, "messages": [{"role": "user", "content": "Say hello."}]}),
     );
     assert_eq!(status, 200, "{text}");
-    let names: Vec<String> = sse_events(&text).into_iter().map(|(n, _)| n.unwrap()).collect();
-    assert_eq!(names.first().map(String::as_str), Some("message_start"), "{text}");
-    assert_eq!(names.last().map(String::as_str), Some("message_stop"), "{text}");
-    for n in ["content_block_start", "content_block_delta", "content_block_stop", "message_delta"] {
+    let names: Vec<String> = sse_events(&text)
+        .into_iter()
+        .map(|(n, _)| n.unwrap())
+        .collect();
+    assert_eq!(
+        names.first().map(String::as_str),
+        Some("message_start"),
+        "{text}"
+    );
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("message_stop"),
+        "{text}"
+    );
+    for n in [
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+    ] {
         assert!(names.iter().any(|x| x == n), "{n}: {text}");
     }
-    let (status, v) = post("/v1/messages", &json!({"max_tokens": 4, "messages": [], "thinking": {}}));
-    assert_eq!((status, v["error"]["param"].clone()), (400, json!("thinking")));
+    let (status, v) = post(
+        "/v1/messages",
+        &json!({"max_tokens": 4, "messages": [], "thinking": {}}),
+    );
+    assert_eq!(
+        (status, v["error"]["param"].clone()),
+        (400, json!("thinking"))
+    );
 }
 
 /// With the grammar engine: `tool_choice: "required"` makes even the 135M default model call
@@ -362,7 +441,8 @@ fn required_tool_call_is_enforced() {
     let call = &c["message"]["tool_calls"][0];
     assert_eq!(call["function"]["name"], "get_weather", "{v}");
     assert!(call["id"].as_str().unwrap().starts_with("call_"), "{v}");
-    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert!(args["city"].is_string(), "{v}");
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
@@ -377,7 +457,14 @@ fn required_tool_call_is_enforced() {
         }
     }
     assert_eq!(name, "get_weather", "{text}");
-    assert_eq!(arguments, call["function"]["arguments"].as_str().unwrap(), "{text}");
-    let finish = events.iter().rev().find_map(|(_, e)| e["choices"][0]["finish_reason"].as_str());
+    assert_eq!(
+        arguments,
+        call["function"]["arguments"].as_str().unwrap(),
+        "{text}"
+    );
+    let finish = events
+        .iter()
+        .rev()
+        .find_map(|(_, e)| e["choices"][0]["finish_reason"].as_str());
     assert_eq!(finish, Some("tool_calls"), "{text}");
 }
