@@ -1029,6 +1029,78 @@ fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn data_events(sse: &str) -> Vec<serde_json::Value> {
+        sse.split("\n\n")
+            .filter_map(|b| b.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).expect("chunk JSON"))
+            .collect()
+    }
+
+    /// A Hermes answer streamed token by token becomes content, then OpenAI `tool_calls`
+    /// deltas (index, id, type and name first, then arguments), then `finish_reason:
+    /// tool_calls`; with `n = 2` the second choice follows under index 1.
+    #[test]
+    fn chat_stream_turns_hermes_calls_into_tool_call_deltas() {
+        let mut fmt = ChatStream {
+            id: "chatcmpl-1".into(),
+            created: 0,
+            model: "m".into(),
+            include_usage: true,
+            prompt_tokens: 10,
+            logprobs: false,
+            n: 2,
+            index: 0,
+            completion_tokens: 0,
+            tool_format: Some(ToolCallFormat::Hermes),
+            parser: Some(ToolCallStreamParser::new(ToolCallFormat::Hermes)),
+        };
+        let answer = "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let mut sse = fmt.start();
+        for piece in answer.as_bytes().chunks(3) {
+            sse.push_str(&fmt.delta(String::from_utf8_lossy(piece).into_owned(), None));
+        }
+        sse.push_str(&fmt.done("stop", 20));
+        sse.push_str(&fmt.delta("Plain.".into(), None));
+        sse.push_str(&fmt.done("length", 2));
+        assert!(sse.ends_with("data: [DONE]\n\n"), "{sse}");
+        let events = data_events(&sse);
+        let mut content = [String::new(), String::new()];
+        let mut name = String::new();
+        let mut arguments = String::new();
+        let mut finish = Vec::new();
+        for e in &events {
+            let Some(c) = e["choices"].get(0) else {
+                assert_eq!(e["usage"]["completion_tokens"], 22, "{e}");
+                continue;
+            };
+            let i = c["index"].as_u64().unwrap() as usize;
+            content[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            if let Some(tc) = c["delta"]["tool_calls"].as_array() {
+                assert_eq!(tc[0]["index"], 0);
+                if let Some(n) = tc[0]["function"]["name"].as_str() {
+                    assert!(tc[0]["id"].as_str().unwrap().starts_with("call_"), "{e}");
+                    assert_eq!(tc[0]["type"], "function");
+                    name.push_str(n);
+                }
+                arguments.push_str(tc[0]["function"]["arguments"].as_str().unwrap());
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish.push((i, f.to_owned()));
+            }
+        }
+        assert_eq!(content, ["Sure.\n".to_string(), "Plain.".to_string()]);
+        assert_eq!(name, "get_weather");
+        let args: serde_json::Value = serde_json::from_str(&arguments).unwrap();
+        assert_eq!(args, serde_json::json!({"city": "Paris"}));
+        assert_eq!(
+            finish,
+            vec![(0, "tool_calls".to_string()), (1, "length".to_string())]
+        );
+    }
+
     #[test]
     fn bearer_scheme_is_case_insensitive() {
         assert_eq!(super::bearer_token("Bearer sk-1"), Some("sk-1"));

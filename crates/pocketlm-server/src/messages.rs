@@ -445,3 +445,112 @@ fn stream_message(started: chat::Started, id: String, model: String) -> Response
     let stream = futures_util::stream::once(async move { Ok(head) }).chain(events);
     sse_response(Body::from_stream(stream))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(sse: &str) -> Vec<(String, Value)> {
+        sse.split("\n\n")
+            .filter(|b| !b.is_empty())
+            .map(|b| {
+                let (name, data) = b.split_once('\n').expect("event and data lines");
+                let name = name.strip_prefix("event: ").expect("event line").to_owned();
+                let data = data.strip_prefix("data: ").expect("data line");
+                (name, serde_json::from_str(data).expect("JSON"))
+            })
+            .collect()
+    }
+
+    /// Text, then a call: a text block, then a tool_use block with its input as
+    /// `input_json_delta`s, then `message_delta` with `stop_reason: tool_use`.
+    #[test]
+    fn stream_blocks_follow_anthropics_event_order() {
+        let mut st = Streamer {
+            open: None,
+            next: 0,
+        };
+        let mut sse = String::new();
+        for e in [
+            ChatEvent::Content("Let me ".into()),
+            ChatEvent::Content("check.".into()),
+            ChatEvent::CallStart {
+                id: "call_1".into(),
+                name: "get_weather".into(),
+            },
+            ChatEvent::CallArguments {
+                fragment: "{\"city\": \"Paris\"}".into(),
+            },
+            ChatEvent::Done {
+                finish_reason: "tool_calls",
+                completion_tokens: 9,
+            },
+        ] {
+            sse.push_str(&st.on(e));
+        }
+        let ev = events(&sse);
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(ev[4].1["content_block"]["type"], "tool_use");
+        assert_eq!(ev[4].1["index"], 1);
+        assert_eq!(ev[5].1["delta"]["type"], "input_json_delta");
+        assert_eq!(ev[7].1["delta"]["stop_reason"], "tool_use");
+        assert_eq!(ev[7].1["usage"]["output_tokens"], 9);
+        for (name, data) in &ev {
+            assert_eq!(data["type"], name.as_str());
+        }
+    }
+
+    #[test]
+    fn requests_map_to_chat_messages_and_tools() {
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "max_tokens": 5, "system": [{"type": "text", "text": "Be brief."}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true},
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Rome"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}
+            ]}))
+        .unwrap();
+        let m = req.chat_messages().unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool"]);
+        assert_eq!(m[2].content, "Checking.");
+        assert_eq!(
+            m[2].tool_calls[0].arguments_value(),
+            json!({"city": "Rome"})
+        );
+        assert_eq!(m[3].tool_call_id.as_deref(), Some("toolu_1"));
+        assert_eq!(m[3].content, "sunny");
+        assert_eq!(
+            req.chat_tools().unwrap()[0]["function"]["parameters"],
+            json!({"type": "object"})
+        );
+        assert_eq!(
+            req.choice().unwrap(),
+            (ToolChoice::Function("get_weather".into()), false)
+        );
+        let bad: MessagesRequest = serde_json::from_value(json!({"max_tokens": 5,
+            "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}))
+        .unwrap();
+        assert_eq!(
+            bad.chat_messages().unwrap_err().param.as_deref(),
+            Some("messages[0].content[0]")
+        );
+    }
+}

@@ -588,3 +588,110 @@ fn stream_response(
     let stream = futures_util::stream::once(async move { Ok(head) }).chain(events);
     sse_response(Body::from_stream(stream))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(v: Value) -> ResponsesRequest {
+        serde_json::from_value(v).expect("request parses")
+    }
+
+    /// Content then a call: a message item with text deltas, then a function_call item with
+    /// argument deltas, then `response.completed` holding both items; sequence numbers count up.
+    #[test]
+    fn stream_events_follow_the_responses_api() {
+        let mut st = Streamer {
+            seq: 0,
+            id: "resp_1".into(),
+            created: 0,
+            model: "m".into(),
+            req: request(json!({"input": "x"})),
+            prompt_tokens: 3,
+            output: Vec::new(),
+            message: None,
+            call: None,
+        };
+        let mut sse = String::new();
+        for e in [
+            ChatEvent::Content("Hi".into()),
+            ChatEvent::CallStart {
+                id: "call_1".into(),
+                name: "f".into(),
+            },
+            ChatEvent::CallArguments {
+                fragment: "{}".into(),
+            },
+            ChatEvent::Done {
+                finish_reason: "tool_calls",
+                completion_tokens: 4,
+            },
+        ] {
+            sse.push_str(&st.on(e));
+        }
+        let ev: Vec<(String, Value)> = sse
+            .split("\n\n")
+            .filter(|b| !b.is_empty())
+            .map(|b| {
+                let (n, d) = b.split_once('\n').unwrap();
+                (
+                    n.trim_start_matches("event: ").to_owned(),
+                    serde_json::from_str(d.trim_start_matches("data: ")).unwrap(),
+                )
+            })
+            .collect();
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed"
+            ]
+        );
+        for (i, (name, data)) in ev.iter().enumerate() {
+            assert_eq!(data["type"], name.as_str());
+            assert_eq!(data["sequence_number"], i);
+        }
+        let done = &ev.last().unwrap().1["response"];
+        assert_eq!(done["output"][0]["content"][0]["text"], "Hi");
+        assert_eq!(done["output"][1]["type"], "function_call");
+        assert_eq!(done["output"][1]["call_id"], "call_1");
+        assert_eq!(ev[7].1["output_index"], 1);
+        assert_eq!(done["usage"]["total_tokens"], 7);
+    }
+
+    #[test]
+    fn input_items_become_chat_messages() {
+        let r = request(json!({"instructions": "Be brief.", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+            {"type": "function_call", "call_id": "call_2", "name": "g", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "call_2", "output": "noon"}
+        ]}));
+        let m = r.messages().unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "tool"]);
+        assert_eq!(m[2].tool_calls.len(), 2, "consecutive calls are one turn");
+        assert_eq!(m[4].tool_call_id.as_deref(), Some("call_2"));
+        let bad = request(json!({"input": [{"type": "web_search_call"}]}));
+        assert_eq!(
+            bad.messages().unwrap_err().param.as_deref(),
+            Some("input[0].type")
+        );
+        assert_eq!(
+            chat_tool(&json!({"type": "function", "name": "f"}), 0).unwrap(),
+            json!({"type": "function", "function": {"name": "f"}})
+        );
+        assert!(chat_tool(&json!({"type": "file_search"}), 2).is_err());
+    }
+}
