@@ -3,8 +3,12 @@
 //! OpenAI's streamed `tool_calls` deltas: first its index, id and function name
 //! ([`ToolStreamEvent::CallStart`]), then its arguments ([`ToolStreamEvent::CallArguments`]).
 //!
-//! Hermes calls are emitted when their `</tool_call>` arrives (the arguments in one piece);
-//! Llama 3 JSON answers and Mistral calls, which run to the end of the answer, when
+//! Hermes calls written as `{"name": "...", "arguments": ...}` (the order the templates teach
+//! and the grammar enforces) start as soon as the name is complete, and their arguments stream
+//! in pieces as they are generated (holding back only what may be the call's closing `}`); a
+//! Hermes block in another shape is emitted whole when its `</tool_call>` arrives (and is
+//! content if it does not parse, as in [`super::parse_tool_calls`]). Llama 3 JSON answers and
+//! Mistral calls, which run to the end of the answer, are emitted when
 //! [`ToolCallStreamParser::finish`] is called. Text held back because it may start a call is
 //! at most the length of the call marker (`<tool_call>`, `[TOOL_CALLS]`), or, for an answer
 //! that starts like a Llama or Mistral call, the whole answer.
@@ -55,6 +59,36 @@ pub struct ToolCallStreamParser {
     calls: usize,
     /// A call just closed: whitespace after it is not content.
     after_call: bool,
+    /// Inside a Hermes block whose name was emitted: (the call's index, byte offset of the
+    /// arguments in `buf`, bytes of them already emitted).
+    streaming: Option<(usize, usize, usize)>,
+}
+
+/// The prefix `{"name": "<name>", "arguments":` (any JSON whitespace) of a Hermes call body:
+/// the name and the offset where the arguments begin. `None` while incomplete or in another
+/// shape.
+fn hermes_head(body: &str) -> Option<(String, usize)> {
+    let ws = |s: &str, i: usize| i + (s[i..].len() - s[i..].trim_start().len());
+    let lit = |s: &str, i: usize, t: &str| s[i..].starts_with(t).then(|| i + t.len());
+    let mut i = ws(body, 0);
+    i = lit(body, i, "{")?;
+    i = ws(body, i);
+    i = lit(body, i, "\"name\"")?;
+    i = ws(body, i);
+    i = lit(body, i, ":")?;
+    i = ws(body, i);
+    let mut de = serde_json::Deserializer::from_str(&body[i..]).into_iter::<String>();
+    let name = de.next()?.ok()?;
+    i += de.byte_offset();
+    i = ws(body, i);
+    i = lit(body, i, ",")?;
+    i = ws(body, i);
+    i = lit(body, i, "\"arguments\"")?;
+    i = ws(body, i);
+    i = lit(body, i, ":")?;
+    let start = ws(body, i);
+    // Wait for the first character of the value (an object or array streams as it is).
+    matches!(body[start..].chars().next(), Some('{') | Some('[')).then_some((name, start))
 }
 
 const OPEN: &str = "<tool_call>";
@@ -82,6 +116,7 @@ impl ToolCallStreamParser {
             mode,
             calls: 0,
             after_call: false,
+            streaming: None,
         }
     }
 
@@ -201,9 +236,45 @@ impl ToolCallStreamParser {
                     return out;
                 }
                 Mode::InCall => {
-                    let Some(end) = self.buf.find(CLOSE) else {
+                    if self.streaming.is_none() {
+                        if let Some((name, start)) = hermes_head(&self.buf) {
+                            let index = self.calls;
+                            self.calls += 1;
+                            out.push(ToolStreamEvent::CallStart {
+                                index,
+                                id: self.format.new_call_id(),
+                                name,
+                            });
+                            self.streaming = Some((index, start, 0));
+                        }
+                    }
+                    let end = self.buf.find(CLOSE);
+                    if let Some((index, start, sent)) = self.streaming {
+                        // The arguments end before the body's last `}` (the call object's).
+                        let region = &self.buf[start..end.unwrap_or(self.buf.len())];
+                        let upto = match (end, region.rfind('}')) {
+                            (Some(_), Some(close)) => region[..close].trim_end().len(),
+                            (Some(_), None) => region.trim_end().len(),
+                            (None, Some(close)) => close,
+                            (None, None) => region.len(),
+                        };
+                        if upto > sent {
+                            out.push(ToolStreamEvent::CallArguments {
+                                index,
+                                fragment: region[sent..upto].to_owned(),
+                            });
+                            self.streaming = Some((index, start, upto));
+                        }
+                    }
+                    let Some(end) = end else {
                         return out;
                     };
+                    if self.streaming.take().is_some() {
+                        self.buf.drain(..end + CLOSE.len());
+                        self.mode = Mode::Content;
+                        self.after_call = true;
+                        continue;
+                    }
                     let block = format!("{OPEN}{}{CLOSE}", &self.buf[..end]);
                     self.buf.drain(..end + CLOSE.len());
                     self.mode = Mode::Content;
@@ -225,7 +296,20 @@ impl ToolCallStreamParser {
                     self.emit_content(&rest, &mut out);
                 }
             }
-            Mode::InCall => self.emit_parsed(&format!("{OPEN}{rest}"), &mut out),
+            Mode::InCall => match self.streaming.take() {
+                // A call cut off (token limit): send the rest of what was written.
+                Some((index, start, sent)) => {
+                    let region = rest.get(start..).unwrap_or("").trim_end();
+                    let region = region.strip_suffix('}').unwrap_or(region).trim_end();
+                    if region.len() > sent {
+                        out.push(ToolStreamEvent::CallArguments {
+                            index,
+                            fragment: region[sent..].to_owned(),
+                        });
+                    }
+                }
+                None => self.emit_parsed(&format!("{OPEN}{rest}"), &mut out),
+            },
             Mode::Rest => self.emit_parsed(&rest, &mut out),
         }
         self.mode = Mode::Content;
@@ -287,6 +371,50 @@ mod tests {
                 "step {step}"
             );
         }
+    }
+
+    #[test]
+    fn hermes_arguments_stream_in_pieces_before_the_call_closes() {
+        let mut p = ToolCallStreamParser::new(ToolCallFormat::Hermes);
+        let mut events = p.push("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": ");
+        assert!(
+            matches!(&events[0], ToolStreamEvent::CallStart { index: 0, name, .. } if name == "f"),
+            "{events:?}"
+        );
+        events.extend(p.push("[1, 2]"));
+        let args: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                ToolStreamEvent::CallArguments { fragment, .. } => Some(fragment.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            args,
+            vec!["{\"a\": ".to_string(), "[1, 2]".to_string()],
+            "before the close"
+        );
+        let rest = p.push("}}\n</tool_call>");
+        assert_eq!(
+            rest,
+            vec![ToolStreamEvent::CallArguments {
+                index: 0,
+                fragment: "}".into()
+            }]
+        );
+        assert!(p.finish().is_empty());
+        // Cut off by the token limit: what was written is sent.
+        let mut p = ToolCallStreamParser::new(ToolCallFormat::Hermes);
+        let mut events = p.push("<tool_call>{\"name\":\"f\",\"arguments\":{\"a\":1}");
+        events.extend(p.finish());
+        let sent: String = events
+            .iter()
+            .filter_map(|e| match e {
+                ToolStreamEvent::CallArguments { fragment, .. } => Some(fragment.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, "{\"a\":1");
     }
 
     #[test]
