@@ -176,13 +176,22 @@ pub fn hermes_call_text(call: &ToolCall) -> String {
 }
 
 /// Splits a whole generated answer into content and tool calls in `format`. Text that looks
-/// like a call but does not parse (bad JSON, no `name`) stays content: nothing is dropped.
+/// like a call but does not parse (bad JSON, no `name`) stays content: nothing is dropped. An
+/// answer without calls is returned as it is (content untrimmed, as a stream shows it); with
+/// calls, the content around them is trimmed.
 pub fn parse_tool_calls(format: ToolCallFormat, text: &str) -> ParsedOutput {
-    match format {
+    let parsed = match format {
         ToolCallFormat::Hermes => parse_hermes(text),
         ToolCallFormat::Llama3Json => parse_llama(text),
         ToolCallFormat::Mistral => parse_mistral(text),
+    };
+    if parsed.tool_calls.is_empty() {
+        return ParsedOutput {
+            content: text.to_owned(),
+            tool_calls: Vec::new(),
+        };
     }
+    parsed
 }
 
 /// One call object `{"name": .., "arguments"|"parameters": ..}` -> a call. Arguments given as
@@ -362,12 +371,13 @@ mod tests {
     fn hermes_text_that_does_not_parse_stays_content() {
         for text in [
             "Plain answer.",
+            " Plain answer with spaces.\n",
             "<tool_call>\nnot json\n</tool_call> after",
             "<tool_call>{\"arguments\": {}}</tool_call>",
         ] {
             let p = parse_tool_calls(ToolCallFormat::Hermes, text);
             assert!(p.tool_calls.is_empty(), "{text}");
-            assert_eq!(p.content, text.trim(), "{text}");
+            assert_eq!(p.content, text, "{text}");
         }
     }
 
