@@ -10,10 +10,11 @@ The Rust test `crates/pocketlm-server/tests/it/openai_client.rs` does all of thi
 Exits non-zero on the first failed check. Checks: model list; non-streamed and streamed chat
 completions (content, finish_reason, usage counts, stream == non-stream for greedy decoding);
 stop strings; text completions; log-probabilities (chat `logprobs`/`top_logprobs`, streamed
-and not, and legacy completion `logprobs`); 400/401 errors surfacing as the client's
-exception types; with `--embedding-model ID` (a server started with `--embedding-model`),
-`embeddings.create` (the client's default base64 encoding and `float`, unit-length vectors,
-similar texts closer, usage, `dimensions` refused for a model without Matryoshka training).
+and not, and legacy completion `logprobs`); `n` choices; 400/401 errors (an out-of-range `n`,
+an unknown field) surfacing as the client's exception types; with `--embedding-model ID` (a
+server started with `--embedding-model`), `embeddings.create` (the client's default base64
+encoding and `float`, unit-length vectors, similar texts closer, usage, `dimensions` refused
+for a model without Matryoshka training).
 """
 
 import argparse
@@ -185,11 +186,18 @@ def main():
     if args.embedding_model:
         check_embeddings(client, args.embedding_model)
 
+    r = client.chat.completions.create(model=model, messages=messages, n=2, max_tokens=3, seed=3)
+    check([c.index for c in r.choices] == [0, 1], "n=2 gives two choices")
     try:
-        client.chat.completions.create(model=model, messages=messages, n=2)
-        check(False, "n=2 refused")
+        client.chat.completions.create(model=model, messages=messages, n=17)
+        check(False, "n=17 refused")
     except openai.BadRequestError as e:
-        check(e.status_code == 400 and e.body.get("param") == "n", f"n=2 -> 400 ({e.body.get('message')})")
+        check(e.status_code == 400 and e.body.get("param") == "n", f"n=17 -> 400 ({e.body.get('message')})")
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=1, extra_body={"no_such_field": 1})
+        check(False, "an unknown field refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "no_such_field", "unknown field -> 400 naming it")
     bad = openai.OpenAI(base_url=args.base_url, api_key="wrong-key", max_retries=0, timeout=120)
     try:
         bad.models.list()

@@ -576,6 +576,7 @@ fn generate(
             repetition_penalty,
             repetition_context_size,
             seed,
+            ..Default::default()
         },
         stop: stop.unwrap_or_default(),
     };
@@ -735,6 +736,7 @@ fn stream_generate(
             repetition_penalty,
             repetition_context_size,
             seed,
+            ..Default::default()
         },
         stop: stop.unwrap_or_default(),
     };
@@ -805,6 +807,7 @@ impl ChatSession {
                 repetition_penalty,
                 repetition_context_size,
                 seed,
+                ..Default::default()
             },
             stop: stop.unwrap_or_default(),
         };

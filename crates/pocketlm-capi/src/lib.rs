@@ -547,6 +547,7 @@ unsafe fn generate_params(
             repetition_penalty: p.repetition_penalty,
             repetition_context_size: p.repetition_context_size as usize,
             seed: p.use_seed.then_some(p.seed),
+            ..SamplingParams::default()
         },
         stop,
         ..Default::default()

@@ -1,10 +1,16 @@
 //! Request and response bodies of the OpenAI API subset served here (field names and shapes
 //! from OpenAI's API reference: "Create chat completion", "Create completion", "List models";
-//! streaming chunks in the `chat.completion.chunk` shape). Unknown request fields are ignored.
+//! streaming chunks in the `chat.completion.chunk` shape). Every request field is honoured or
+//! refused: [`check_fields`] refuses fields this server does not know with a 400 naming them,
+//! except those OpenAI documents as bookkeeping that does not change the answer
+//! ([`IGNORED_FIELDS`]).
 
 use pocketlm::chat_template::Message;
+use pocketlm::constrain::Constraint;
 use pocketlm::generate::GenerateParams;
 use pocketlm::sampling::{SamplingOverrides, SamplingParams};
+use pocketlm::tools::grammar::ToolChoice;
+use pocketlm::tools::ToolCall;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -25,6 +31,93 @@ fn check_top(param: &str, n: u64) -> Result<usize, ApiError> {
         ));
     }
     Ok(n as usize)
+}
+
+/// Request fields accepted and ignored because OpenAI documents them as bookkeeping that does
+/// not change the answer: `user` and `safety_identifier` (end-user ids for abuse monitoring),
+/// `metadata` and `store` (storing the completion for OpenAI's dashboard), `service_tier`
+/// (OpenAI's processing tier), `prompt_cache_key` (a routing hint for OpenAI's prompt cache).
+pub const IGNORED_FIELDS: [&str; 6] = [
+    "user",
+    "safety_identifier",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+];
+
+/// Fields of [`CommonParams`] (both endpoints).
+pub const COMMON_FIELDS: [&str; 20] = [
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "n",
+    "stream",
+    "stream_options",
+    "ignore_eos",
+    "user",
+    "metadata",
+    "store",
+];
+
+/// Fields of `POST /v1/chat/completions` beyond [`COMMON_FIELDS`].
+pub const CHAT_FIELDS: [&str; 8] = [
+    "messages",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "modalities",
+];
+
+/// Fields of `POST /v1/completions` beyond [`COMMON_FIELDS`].
+pub const COMPLETION_FIELDS: [&str; 5] = ["prompt", "logprobs", "echo", "best_of", "suffix"];
+
+/// Why a field of OpenAI's chat request that this server does not implement is refused.
+fn refusal_reason(field: &str) -> &'static str {
+    match field {
+        "audio" => "audio output is not supported (text models only)",
+        "prediction" => "predicted outputs are not supported",
+        "reasoning_effort" | "reasoning" => "reasoning effort is not supported",
+        "verbosity" => "verbosity is not supported",
+        "web_search_options" => "web search is not supported (the server fetches nothing)",
+        "functions" | "function_call" => {
+            "the deprecated functions API is not supported; use `tools` and `tool_choice`"
+        }
+        _ => "this field is not supported by this server",
+    }
+}
+
+/// Refuses every top-level field of `body` that is not in `known` nor in [`IGNORED_FIELDS`]:
+/// 400 naming the first such field (`param` set to it). `body` that is not a JSON object is a
+/// 400 too.
+pub fn check_fields(body: &serde_json::Value, known: &[&[&str]]) -> Result<(), ApiError> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))?;
+    for key in obj.keys() {
+        let k = key.as_str();
+        if IGNORED_FIELDS.contains(&k) || known.iter().any(|list| list.contains(&k)) {
+            continue;
+        }
+        return Err(ApiError::bad_param(
+            k,
+            format!("unsupported field `{k}`: {}", refusal_reason(k)),
+        ));
+    }
+    Ok(())
 }
 
 /// `stop`: one string or a list of strings.
@@ -73,6 +166,18 @@ pub struct CommonParams {
     /// Default: the model's (else `1.1`).
     #[serde(default)]
     pub repetition_penalty: Option<f64>,
+    /// OpenAI's presence penalty in `[-2, 2]`: subtracted from the logit of each token already
+    /// generated (default 0, off).
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    /// OpenAI's frequency penalty in `[-2, 2]`: subtracted once per earlier occurrence among
+    /// the generated tokens (default 0, off).
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    /// OpenAI's `logit_bias`: token id (as a string key) to a bias in `[-100, 100]` added to
+    /// that token's logit.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// Most new tokens, `>= 1`. Default: up to the end of the context.
     #[serde(default)]
     pub max_tokens: Option<u64>,
@@ -85,7 +190,8 @@ pub struct CommonParams {
     /// Seed of the sampler: same seed and request, same answer.
     #[serde(default)]
     pub seed: Option<i64>,
-    /// Number of choices; only `1` is supported.
+    /// Number of choices, `1..=`[`MAX_N`]: the answer is generated `n` times (with `seed`, the
+    /// `i`-th choice uses `seed + i`).
     #[serde(default)]
     pub n: Option<u64>,
     /// Stream the answer as server-sent events.
@@ -99,7 +205,56 @@ pub struct CommonParams {
     pub ignore_eos: Option<bool>,
 }
 
+/// Most choices per request (`n`).
+pub const MAX_N: u64 = 16;
+
 impl CommonParams {
+    /// The number of choices, `n` (default 1). Errors: 400 naming `n` outside `1..=16`.
+    pub fn n(&self) -> Result<usize, ApiError> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_N).contains(&n) => Ok(n as usize),
+            Some(n) => Err(ApiError::bad_param(
+                "n",
+                format!("`n` is {n}; expected an integer in [1, {MAX_N}]"),
+            )),
+        }
+    }
+
+    /// The `logit_bias` pairs, checked against the vocabulary size.
+    ///
+    /// Errors: 400 naming `logit_bias` for a key that is not a token id below `vocab_size` or a
+    /// bias outside `[-100, 100]`.
+    pub fn logit_bias(&self, vocab_size: usize) -> Result<Option<Vec<(u32, f32)>>, ApiError> {
+        let Some(map) = &self.logit_bias else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(map.len());
+        for (k, &v) in map {
+            let id = k
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    ApiError::bad_param(
+                        "logit_bias",
+                        format!(
+                            "`logit_bias` key `{k}` is not a token id of this model (0..{vocab_size})"
+                        ),
+                    )
+                })?;
+            if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
+                return Err(ApiError::bad_param(
+                    "logit_bias",
+                    format!("`logit_bias[{k}]` is {v}; expected a number in [-100, 100]"),
+                ));
+            }
+            out.push((id, v as f32));
+        }
+        Ok(Some(out))
+    }
+
     /// Checks the values and builds the library's generation parameters.
     ///
     /// `context_length`: the model's context (the default for `max_tokens`). `defaults`: the
@@ -107,20 +262,27 @@ impl CommonParams {
     /// `generation_config.json`, else the library's recommended sampling), used for every
     /// field the request leaves out; a field the request gives wins
     /// ([`SamplingOverrides::resolve`]).
-    /// Errors: 400 naming the field (`n` other than 1, `temperature` outside `[0, 2]`,
-    /// `top_p` or `min_p` outside `[0, 1]`, `repetition_penalty <= 0`, `max_tokens` 0, more
-    /// than 4 stop strings).
+    /// Errors: 400 naming the field (`n` outside `1..=16`, `temperature` outside `[0, 2]`,
+    /// `top_p` or `min_p` outside `[0, 1]`, `repetition_penalty <= 0`, `presence_penalty` or
+    /// `frequency_penalty` outside `[-2, 2]`, `max_tokens` 0, more than 4 stop strings).
+    /// `logit_bias` is not read here: see [`CommonParams::logit_bias`].
     pub fn to_generate_params(
         &self,
         context_length: usize,
         defaults: &SamplingParams,
     ) -> Result<GenerateParams, ApiError> {
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ApiError::bad_param(
-                    "n",
-                    format!("`n` is {n}; only n = 1 is supported"),
-                ));
+        self.n()?;
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(x) = v {
+                if !(x.is_finite() && (-2.0..=2.0).contains(&x)) {
+                    return Err(ApiError::bad_param(
+                        name,
+                        format!("`{name}` is {x}; expected a number in [-2, 2]"),
+                    ));
+                }
             }
         }
         if let Some(t) = self.temperature {
@@ -159,6 +321,9 @@ impl CommonParams {
             repetition_context_size: None,
             // A seed is any integer; negative ones are reinterpreted bit for bit.
             seed: self.seed.map(|s| s as u64),
+            presence_penalty: self.presence_penalty.map(|x| x as f32),
+            frequency_penalty: self.frequency_penalty.map(|x| x as f32),
+            logit_bias: None,
         }
         .resolve(defaults);
         let (name, max) = match (self.max_completion_tokens, self.max_tokens) {
@@ -331,6 +496,101 @@ pub struct ChatMessage {
     /// Text (null is an empty message).
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's calls (OpenAI's shape, `arguments` as JSON text).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The speaker's or function's name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `response_format`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Free text (the default).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against a schema.
+    JsonSchema {
+        /// `{"name", "schema", "strict", "description"}`.
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (required by OpenAI; not used).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The JSON Schema.
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode; the schema is always enforced here (a grammar), so both values
+    /// behave the same.
+    #[serde(default)]
+    pub strict: Option<bool>,
+    /// A description (not used).
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+impl ResponseFormat {
+    /// The constraint that enforces it: none for `text`, [`Constraint::JsonObject`],
+    /// [`Constraint::JsonSchema`]. Errors: 400 naming `response_format` for a `json_schema`
+    /// without an object `schema`.
+    pub fn constraint(&self) -> Result<Option<Constraint>, ApiError> {
+        match self {
+            ResponseFormat::Text => Ok(None),
+            ResponseFormat::JsonObject => Ok(Some(Constraint::JsonObject)),
+            ResponseFormat::JsonSchema { json_schema } => match &json_schema.schema {
+                Some(schema @ serde_json::Value::Object(_)) => {
+                    Ok(Some(Constraint::JsonSchema(schema.clone())))
+                }
+                _ => Err(ApiError::bad_param(
+                    "response_format",
+                    "`response_format.json_schema.schema` must be a JSON Schema object",
+                )),
+            },
+        }
+    }
+}
+
+/// Reads OpenAI's `tool_choice`: `"none"`, `"auto"`, `"required"` or `{"type": "function",
+/// "function": {"name": ...}}`. Errors: 400 naming `tool_choice` for anything else.
+pub fn parse_tool_choice(v: &serde_json::Value) -> Result<ToolChoice, ApiError> {
+    let bad = || {
+        ApiError::bad_param(
+            "tool_choice",
+            format!(
+                "`tool_choice` is {v}; expected \"none\", \"auto\", \"required\" or \
+                 {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+            ),
+        )
+    };
+    match v {
+        serde_json::Value::String(s) => match s.as_str() {
+            "none" => Ok(ToolChoice::None),
+            "auto" => Ok(ToolChoice::Auto),
+            "required" | "any" => Ok(ToolChoice::Required),
+            _ => Err(bad()),
+        },
+        serde_json::Value::Object(o) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .or_else(|| o.get("name"))
+                .and_then(|n| n.as_str())
+                .ok_or_else(bad)?;
+            Ok(ToolChoice::Function(name.to_owned()))
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// Body of `POST /v1/chat/completions`.
@@ -347,6 +607,21 @@ pub struct ChatCompletionRequest {
     /// With `logprobs: true`: how many most likely alternatives to list per token, `0..=20`.
     #[serde(default)]
     pub top_logprobs: Option<u64>,
+    /// Function tools the model may call (OpenAI's `{"type": "function", "function": {...}}`).
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `none`, `auto` (default with tools), `required`, or a named function.
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Whether several calls may come in one answer (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// `text`, `json_object` or `json_schema`.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    /// Output modalities; only `["text"]` is supported.
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
 }
 
 impl ChatCompletionRequest {
@@ -419,7 +694,11 @@ impl ChatCompletionRequest {
                     ))
                 }
             };
-            out.push(Message::new(role, text).with_images(images));
+            let mut msg = Message::new(role, text).with_images(images);
+            msg.tool_calls = m.tool_calls.clone().unwrap_or_default();
+            msg.tool_call_id = m.tool_call_id.clone();
+            msg.name = m.name.clone().filter(|_| role == "tool");
+            out.push(msg);
         }
         Ok(out)
     }
@@ -447,9 +726,43 @@ pub struct CompletionRequest {
     /// log-probability and the `N` most likely alternatives; null returns none.
     #[serde(default)]
     pub logprobs: Option<u64>,
+    /// Echo the prompt before the answer; only `false` is supported.
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Candidates to rank server-side; only `1` (or `n`) is supported.
+    #[serde(default)]
+    pub best_of: Option<u64>,
+    /// Text after the insertion point; not supported (null or empty only).
+    #[serde(default)]
+    pub suffix: Option<String>,
 }
 
 impl CompletionRequest {
+    /// Refuses the legacy fields this server accepts only with their no-op values.
+    ///
+    /// Errors: 400 naming `echo` (true), `best_of` (other than 1 or `n`) or `suffix` (not
+    /// empty).
+    pub fn check_unsupported(&self) -> Result<(), ApiError> {
+        if self.echo == Some(true) {
+            return Err(ApiError::bad_param("echo", "`echo: true` is not supported"));
+        }
+        if let Some(b) = self.best_of {
+            if b != 1 && Some(b) != self.common.n {
+                return Err(ApiError::bad_param(
+                    "best_of",
+                    format!("`best_of` is {b}; only 1 (or equal to `n`) is supported"),
+                ));
+            }
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::bad_param(
+                "suffix",
+                "`suffix` (insertion) is not supported",
+            ));
+        }
+        Ok(())
+    }
+
     /// The `k` of [`GenerateParams::logprobs`]. Errors: 400 naming `logprobs` above 20.
     pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
         self.logprobs.map(|n| check_top("logprobs", n)).transpose()
@@ -498,8 +811,11 @@ impl Usage {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The generated text (null when the answer is only tool calls).
+    pub content: Option<String>,
+    /// The tool calls of the answer (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// One choice of a chat completion.
@@ -511,7 +827,7 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     /// Per-token log-probabilities when `logprobs: true`, else null.
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` (end-of-generation token or stop string) or `length`.
+    /// `stop` (end-of-generation token or stop string), `length`, or `tool_calls`.
     pub finish_reason: &'static str,
 }
 
@@ -526,7 +842,7 @@ pub struct ChatCompletion {
     pub created: u64,
     /// The loaded model's id.
     pub model: String,
-    /// One choice.
+    /// `n` choices.
     pub choices: Vec<ChatChoice>,
     /// Token counts.
     pub usage: Usage,
@@ -572,6 +888,35 @@ pub struct Delta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool-call pieces (OpenAI's streamed shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// One streamed tool-call piece: the first of a call carries `id`, `type` and the function's
+/// `name` (with empty `arguments`), later ones `arguments` text to append.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    /// The call's position in the answer.
+    pub index: usize,
+    /// The call's id (first piece only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first piece only).
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Name and/or arguments.
+    pub function: FunctionDelta,
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionDelta {
+    /// The function's name (first piece only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Arguments text to append.
+    pub arguments: String,
 }
 
 /// One choice of a streamed chat chunk.
@@ -734,7 +1079,15 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         for (body, param) in [
-            (r#"{"messages": [], "n": 3}"#, "n"),
+            (r#"{"messages": [], "n": 17}"#, "n"),
+            (
+                r#"{"messages": [], "presence_penalty": 2.5}"#,
+                "presence_penalty",
+            ),
+            (
+                r#"{"messages": [], "frequency_penalty": -3}"#,
+                "frequency_penalty",
+            ),
             (r#"{"messages": [], "temperature": 2.5}"#, "temperature"),
             (r#"{"messages": [], "temperature": 1e300}"#, "temperature"),
             (r#"{"messages": [], "top_p": 1.5}"#, "top_p"),
@@ -881,6 +1234,117 @@ mod tests {
         );
         let e = comp(r#"{"prompt": "a", "logprobs": 21}"#).expect_err("too many");
         assert_eq!(e.param.as_deref(), Some("logprobs"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name_and_bookkeeping_is_ignored() {
+        let known: &[&[&str]] = &[&COMMON_FIELDS, &CHAT_FIELDS];
+        let ok = serde_json::json!({"messages": [], "user": "u", "metadata": {}, "store": false,
+            "service_tier": "auto", "safety_identifier": "x", "prompt_cache_key": "k"});
+        check_fields(&ok, known).expect("ignorable fields pass");
+        for field in [
+            "audio",
+            "functions",
+            "prediction",
+            "reasoning_effort",
+            "web_search_options",
+            "temprature",
+        ] {
+            let mut body = serde_json::json!({"messages": []});
+            body[field] = serde_json::json!(1);
+            let e = check_fields(&body, known).expect_err(field);
+            assert_eq!(e.param.as_deref(), Some(field));
+            assert!(e.message.contains(field), "{}", e.message);
+        }
+        assert!(check_fields(&serde_json::json!([1]), known).is_err());
+    }
+
+    #[test]
+    fn sampling_extras_map_to_the_sampler() {
+        let req: ChatCompletionRequest = serde_json::from_str(
+            r#"{"messages": [], "presence_penalty": 0.5, "frequency_penalty": -1,
+                "logit_bias": {"7": 100, "3": -100}, "n": 4}"#,
+        )
+        .expect("parses");
+        let p = req
+            .common
+            .to_generate_params(100, &SamplingParams::recommended())
+            .expect("valid");
+        assert_eq!(
+            (p.sampling.presence_penalty, p.sampling.frequency_penalty),
+            (0.5, -1.0)
+        );
+        assert_eq!(req.common.n().unwrap(), 4);
+        assert_eq!(
+            req.common.logit_bias(10).unwrap(),
+            Some(vec![(3, -100.0), (7, 100.0)])
+        );
+        let e = req
+            .common
+            .logit_bias(5)
+            .expect_err("7 is outside a vocabulary of 5");
+        assert_eq!(e.param.as_deref(), Some("logit_bias"));
+        let req: ChatCompletionRequest =
+            serde_json::from_str(r#"{"messages": [], "logit_bias": {"1": 101}}"#).unwrap();
+        assert!(req.common.logit_bias(10).is_err());
+        let req: ChatCompletionRequest =
+            serde_json::from_str(r#"{"messages": [], "logit_bias": {"x": 1}}"#).unwrap();
+        assert!(req.common.logit_bias(10).is_err());
+    }
+
+    #[test]
+    fn tool_choice_and_response_format_parse() {
+        use serde_json::json;
+        assert_eq!(parse_tool_choice(&json!("none")).unwrap(), ToolChoice::None);
+        assert_eq!(parse_tool_choice(&json!("auto")).unwrap(), ToolChoice::Auto);
+        assert_eq!(
+            parse_tool_choice(&json!("required")).unwrap(),
+            ToolChoice::Required
+        );
+        assert_eq!(
+            parse_tool_choice(&json!({"type": "function", "function": {"name": "f"}})).unwrap(),
+            ToolChoice::Function("f".into())
+        );
+        for bad in [json!("sometimes"), json!(3), json!({"type": "function"})] {
+            assert_eq!(
+                parse_tool_choice(&bad).unwrap_err().param.as_deref(),
+                Some("tool_choice")
+            );
+        }
+        let rf: ResponseFormat = serde_json::from_value(json!({"type": "json_schema",
+            "json_schema": {"name": "x", "strict": true, "schema": {"type": "object"}}}))
+        .unwrap();
+        assert_eq!(
+            rf.constraint().unwrap(),
+            Some(Constraint::JsonSchema(json!({"type": "object"})))
+        );
+        let rf: ResponseFormat = serde_json::from_value(json!({"type": "json_object"})).unwrap();
+        assert_eq!(rf.constraint().unwrap(), Some(Constraint::JsonObject));
+        let rf: ResponseFormat = serde_json::from_value(json!({"type": "text"})).unwrap();
+        assert_eq!(rf.constraint().unwrap(), None);
+        let rf: ResponseFormat =
+            serde_json::from_value(json!({"type": "json_schema", "json_schema": {"name": "x"}}))
+                .unwrap();
+        assert!(rf.constraint().is_err());
+    }
+
+    #[test]
+    fn messages_carry_tool_calls_and_tool_results() {
+        let req: ChatCompletionRequest = serde_json::from_str(
+            r#"{"messages": [{"role": "user", "content": "Time?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                  "function": {"name": "get_time", "arguments": "{\"tz\": \"UTC\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "name": "get_time", "content": "14:05"}]}"#,
+        )
+        .expect("parses");
+        let m = req.messages().expect("valid");
+        assert_eq!(m[1].tool_calls[0].function.name, "get_time");
+        assert_eq!(
+            m[1].tool_calls[0].arguments_value(),
+            serde_json::json!({"tz": "UTC"})
+        );
+        assert_eq!(m[2].tool_call_id.as_deref(), Some("call_1"));
+        assert_eq!(m[2].name.as_deref(), Some("get_time"));
     }
 
     #[test]

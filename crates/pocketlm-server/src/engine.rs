@@ -120,15 +120,17 @@ impl Engine {
         Ok(encoded)
     }
 
-    /// Starts a generation: waits (in arrival order) for a permit, then generates on a
-    /// blocking thread. The returned receiver yields [`Msg::Delta`]s (one per generated token
-    /// when `params.logprobs` is set) then one [`Msg::Done`]
-    /// or [`Msg::Error`]. Dropping the receiver cancels the generation (or its wait).
+    /// Starts generations of one prompt, one per entry of `params` (OpenAI's `n` choices), one
+    /// after another under one permit: waits (in arrival order) for the permit, then generates
+    /// on a blocking thread. The returned receiver yields, for each choice in order,
+    /// [`Msg::Delta`]s (one per generated token when `logprobs` is set) then one [`Msg::Done`];
+    /// or a [`Msg::Error`] that ends it all. Dropping the receiver cancels the generation (or
+    /// its wait).
     pub fn start(
         &self,
         slot: Slot,
         prompt: EncodedPrompt,
-        params: GenerateParams,
+        params: Vec<GenerateParams>,
     ) -> mpsc::Receiver<Msg> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let permits = self.permits.clone();
@@ -150,7 +152,11 @@ impl Engine {
             let joined = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 let _slot = slot;
-                run_generation(&model, prompt, params, &worker_tx);
+                for p in params {
+                    if !run_generation(&model, prompt.clone(), p, &worker_tx) {
+                        return;
+                    }
+                }
             })
             .await;
             if let Err(e) = joined {
@@ -166,15 +172,15 @@ impl Engine {
 }
 
 /// Generates on the current (blocking) thread, sending text as it becomes final. Returns
-/// early when the receiver is gone.
+/// whether it ended with [`Msg::Done`] (false: the receiver is gone or an error was sent).
 fn run_generation(
     model: &LoadedModel,
     prompt: EncodedPrompt,
     params: GenerateParams,
     tx: &mpsc::Sender<Msg>,
-) {
+) -> bool {
     if tx.is_closed() {
-        return;
+        return false;
     }
     let mut cache = model.model.new_cache();
     let gen = match generate_input(
@@ -187,12 +193,12 @@ fn run_generation(
         Ok(g) => g,
         Err(e) => {
             let _ = tx.blocking_send(Msg::Error(ApiError::from_library(e)));
-            return;
+            return false;
         }
     };
     for ev in gen {
         if tx.is_closed() {
-            return;
+            return false;
         }
         let msg = match ev {
             Ok(Event::Token { text, logprobs, .. }) => {
@@ -218,9 +224,14 @@ fn run_generation(
             },
             Err(e) => Msg::Error(ApiError::from_library(e)),
         };
+        let done = matches!(msg, Msg::Done { .. });
         let last = !matches!(msg, Msg::Delta { .. });
-        if tx.blocking_send(msg).is_err() || last {
-            return;
+        if tx.blocking_send(msg).is_err() {
+            return false;
+        }
+        if last {
+            return done;
         }
     }
+    false
 }

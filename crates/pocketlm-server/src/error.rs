@@ -149,6 +149,11 @@ impl ApiError {
             E::InvalidArgument(_) | E::Template(_) | E::Tokenizer(_) => {
                 Self::bad_request(e.to_string())
             }
+            // A schema, regex or grammar that does not compile is the request's fault (its
+            // `response_format` or `tools`); a grammar that dead-ends mid-generation is ours.
+            E::Constraint(pocketlm::constrain::ConstraintError::Grammar(_)) => {
+                Self::bad_request(e.to_string())
+            }
             other => Self::internal(other.to_string()),
         }
     }

@@ -3,7 +3,11 @@
 //! Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`,
 //! `POST /v1/completions` (non-streamed, or streamed as server-sent events:
 //! `data: {json}\n\n` chunks then `data: [DONE]\n\n`, as OpenAI's API reference describes;
-//! optional per-token log-probabilities, see [`logprobs`]).
+//! optional per-token log-probabilities, see [`logprobs`]); `POST /v1/responses` (OpenAI's
+//! Responses API, [`responses`]) and `POST /v1/messages` (Anthropic's Messages API,
+//! [`messages`]), both on the chat path. Chat requests take `tools` / `tool_choice`, answer
+//! `tool_calls`, and `response_format` constrains the output ([`pocketlm::constrain`]).
+//! Every request field is honoured or refused with a 400 naming it ([`api::check_fields`]).
 //! Errors are OpenAI's JSON shape with the matching status (400, 401, 404, 405, 413, 503).
 //!
 //! Requests are admitted into a bounded queue (503 beyond it), then run in arrival order, at
@@ -11,10 +15,13 @@
 //! shared model ([`engine`]). A client that disconnects stops its generation.
 
 pub mod api;
+mod chat;
 pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod logprobs;
+pub mod messages;
+pub mod responses;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,6 +47,8 @@ use crate::api::*;
 use crate::engine::{Engine, Msg};
 pub use crate::error::ApiError;
 use crate::logprobs::{ChatLogprobs, CompletionLogprobs, StepLogprobs};
+use pocketlm::tools::stream::{ToolCallStreamParser, ToolStreamEvent};
+use pocketlm::tools::ToolCallFormat;
 
 /// Server settings (the flags of `pocketlm serve`).
 #[derive(Debug, Clone)]
@@ -129,7 +138,7 @@ struct AppState {
     embeddings: Option<Arc<embeddings::EmbeddingService>>,
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -169,6 +178,8 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
             "/v1/embeddings",
             post(|State(s): State<AppState>, body| embeddings::create(s.embeddings, body)),
         )
+        .route("/v1/responses", post(responses::create_response))
+        .route("/v1/messages", post(messages::create_message))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/health", get(health))
@@ -436,6 +447,18 @@ async fn list_models(State(s): State<AppState>) -> Json<ModelList> {
     })
 }
 
+/// Reads a JSON body, refuses fields outside `known` ([`api::check_fields`]) and parses it:
+/// 413 over the limit, 400 for anything unreadable or unknown.
+pub(crate) fn parse_checked<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    known: &[&[&str]],
+) -> Result<T, ApiError> {
+    let value: serde_json::Value = parse_body(body)?;
+    api::check_fields(&value, known)?;
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
+}
+
 /// Reads and parses a JSON body: 413 over the limit, 400 for anything unreadable.
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| {
@@ -452,7 +475,7 @@ fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -467,161 +490,87 @@ async fn chat_completions(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatCompletionRequest = parse_body(body)?;
-    let messages = req.messages()?;
-    let ctx = s.engine.model().model.info().context_length;
-    let mut params = req.common.to_generate_params(ctx, &s.sampling_defaults)?;
-    params.logprobs = req.logprobs()?;
-    let logprobs = params.logprobs.is_some();
-    let slot = s.engine.admit()?;
-    let ids = s.engine.encode(Prompt::Chat(messages)).await?;
-    let prompt_tokens = ids.ids.len();
-    params.max_tokens = req.common.fit_max_tokens(prompt_tokens, ctx)?;
-    let rx = s.engine.start(slot, ids, params);
-    let fmt = StreamFormat {
-        kind: Kind::Chat,
-        id: new_id("chatcmpl"),
-        created: unix_now(),
-        model: s.model_id.to_string(),
-        include_usage: req.common.include_usage(),
-        prompt_tokens,
-        logprobs,
-        text_offset: 0,
-    };
-    if req.common.stream() {
-        return Ok(sse(rx, fmt));
+    let req: ChatCompletionRequest = parse_checked(body, &[&COMMON_FIELDS, &CHAT_FIELDS])?;
+    if let Some(m) = &req.modalities {
+        if m.iter().any(|x| x != "text") {
+            return Err(ApiError::bad_param(
+                "modalities",
+                "`modalities`: only `text` output is supported",
+            ));
+        }
     }
-    let out = collect(rx).await?;
-    let lp = logprobs.then(|| {
-        let mut c = ChatLogprobs::default();
-        out.steps.iter().for_each(|st| c.push(st));
-        c
-    });
-    Ok(Json(ChatCompletion {
-        id: fmt.id,
-        object: "chat.completion",
-        created: fmt.created,
-        model: fmt.model,
-        choices: vec![ChatChoice {
+    let logprobs = req.logprobs()?;
+    let spec = chat::ChatSpec {
+        messages: req.messages()?,
+        tools: req.tools.clone().unwrap_or_default(),
+        tool_choice: match &req.tool_choice {
+            Some(v) => parse_tool_choice(v)?,
+            None => Default::default(),
+        },
+        parallel: req.parallel_tool_calls.unwrap_or(true),
+        response_constraint: match &req.response_format {
+            Some(f) => f.constraint()?,
+            None => None,
+        },
+        common: req.common.clone(),
+        logprobs,
+        messages_field: "messages",
+        tools_field: "tools",
+    };
+    let started = chat::start_chat(&s, spec).await?;
+    let prompt_tokens = started.prompt_tokens;
+    let id = new_id("chatcmpl");
+    let created = unix_now();
+    if req.common.stream() {
+        let fmt = ChatStream {
+            id,
+            created,
+            model: s.model_id.to_string(),
+            include_usage: req.common.include_usage(),
+            prompt_tokens,
+            logprobs: logprobs.is_some(),
+            n: started.n,
             index: 0,
+            completion_tokens: 0,
+            tool_format: started.tool_format,
+            parser: started.tool_format.map(ToolCallStreamParser::new),
+        };
+        return Ok(chat_sse(started.rx, fmt));
+    }
+    let outs = chat::collect_choices(started).await?;
+    let completion_tokens = outs.iter().map(|o| o.completion_tokens).sum();
+    let choices = outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| ChatChoice {
+            index: i as u32,
+            logprobs: logprobs.map(|_| {
+                let mut c = ChatLogprobs::default();
+                o.steps.iter().for_each(|st| c.push(st));
+                c
+            }),
             message: AssistantMessage {
                 role: "assistant",
-                content: out.text,
+                content: (!o.content.is_empty() || o.tool_calls.is_empty()).then_some(o.content),
+                tool_calls: o.tool_calls,
             },
-            logprobs: lp,
-            finish_reason: out.finish_reason,
-        }],
-        usage: Usage::new(prompt_tokens, out.completion_tokens),
-    })
-    .into_response())
-}
-
-async fn completions(
-    State(s): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(body)?;
-    let prompt = req.prompt()?;
-    let ctx = s.engine.model().model.info().context_length;
-    let mut params = req.common.to_generate_params(ctx, &s.sampling_defaults)?;
-    params.logprobs = req.logprobs()?;
-    let logprobs = params.logprobs.is_some();
-    let slot = s.engine.admit()?;
-    let ids =
-        s.engine
-            .encode(Prompt::Text(prompt))
-            .await
-            .map_err(|e| match e.param.as_deref() {
-                Some("messages") => e.with_param("prompt"),
-                _ => e,
-            })?;
-    let prompt_tokens = ids.ids.len();
-    params.max_tokens = req.common.fit_max_tokens(prompt_tokens, ctx)?;
-    let rx = s.engine.start(slot, ids, params);
-    let fmt = StreamFormat {
-        kind: Kind::Completion,
-        id: new_id("cmpl"),
-        created: unix_now(),
+            finish_reason: o.finish_reason,
+        })
+        .collect();
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion",
+        created,
         model: s.model_id.to_string(),
-        include_usage: req.common.include_usage(),
-        prompt_tokens,
-        logprobs,
-        text_offset: 0,
-    };
-    if req.common.stream() {
-        return Ok(sse(rx, fmt));
-    }
-    let out = collect(rx).await?;
-    let lp = logprobs.then(|| {
-        let mut c = CompletionLogprobs::default();
-        let mut offset = 0;
-        for st in &out.steps {
-            c.push(st, offset);
-            offset += st.chosen.token.chars().count();
-        }
-        c
-    });
-    Ok(Json(Completion {
-        id: fmt.id,
-        object: "text_completion",
-        created: fmt.created,
-        model: fmt.model,
-        choices: vec![CompletionChoice {
-            text: out.text,
-            index: 0,
-            logprobs: lp,
-            finish_reason: Some(out.finish_reason),
-        }],
-        usage: Some(Usage::new(prompt_tokens, out.completion_tokens)),
+        choices,
+        usage: Usage::new(prompt_tokens, completion_tokens),
     })
     .into_response())
 }
 
-/// A whole answer.
-struct Collected {
-    text: String,
-    finish_reason: &'static str,
-    completion_tokens: usize,
-    /// One per generated token when log-probabilities were asked for.
-    steps: Vec<StepLogprobs>,
-}
-
-/// Gathers a whole answer.
-async fn collect(mut rx: mpsc::Receiver<Msg>) -> Result<Collected, ApiError> {
-    let mut text = String::new();
-    let mut steps = Vec::new();
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            Msg::Delta { text: t, logprobs } => {
-                text.push_str(&t);
-                steps.extend(logprobs.map(|b| *b));
-            }
-            Msg::Done {
-                finish_reason,
-                completion_tokens,
-            } => {
-                return Ok(Collected {
-                    text,
-                    finish_reason,
-                    completion_tokens,
-                    steps,
-                })
-            }
-            Msg::Error(e) => return Err(e),
-        }
-    }
-    Err(ApiError::internal("the generation ended without an answer"))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Chat,
-    Completion,
-}
-
-/// Writes the server-sent events of one streamed answer.
-struct StreamFormat {
-    kind: Kind,
+/// Writes the server-sent events of one streamed chat completion (`n` choices one after
+/// another, each `role` chunk, content / tool-call chunks, finish chunk).
+struct ChatStream {
     id: String,
     created: u64,
     model: String,
@@ -629,22 +578,18 @@ struct StreamFormat {
     prompt_tokens: usize,
     /// Whether chunks carry log-probabilities.
     logprobs: bool,
-    /// Characters of token text streamed so far (legacy `text_offset`).
-    text_offset: usize,
+    n: usize,
+    /// The choice being streamed.
+    index: usize,
+    /// Tokens of the choices finished so far.
+    completion_tokens: usize,
+    tool_format: Option<ToolCallFormat>,
+    /// The current choice's tool-call parser.
+    parser: Option<ToolCallStreamParser>,
 }
 
-fn event<T: Serialize>(value: &T) -> String {
-    match serde_json::to_string(value) {
-        Ok(json) => format!("data: {json}\n\n"),
-        Err(e) => format!(
-            "data: {}\n\n",
-            ApiError::internal(format!("serializing a chunk failed: {e}")).to_json()
-        ),
-    }
-}
-
-impl StreamFormat {
-    fn chat_chunk(
+impl ChatStream {
+    fn chunk(
         &self,
         delta: Delta,
         logprobs: Option<ChatLogprobs>,
@@ -656,7 +601,7 @@ impl StreamFormat {
             created: self.created,
             model: self.model.clone(),
             choices: vec![ChunkChoice {
-                index: 0,
+                index: self.index as u32,
                 delta,
                 logprobs,
                 finish_reason,
@@ -665,113 +610,125 @@ impl StreamFormat {
         })
     }
 
-    fn completion_chunk(
-        &self,
-        text: String,
-        logprobs: Option<CompletionLogprobs>,
-        finish_reason: Option<&'static str>,
-    ) -> String {
-        event(&Completion {
-            id: self.id.clone(),
-            object: "text_completion",
-            created: self.created,
-            model: self.model.clone(),
-            choices: vec![CompletionChoice {
-                text,
-                index: 0,
-                logprobs,
-                finish_reason,
-            }],
-            usage: None,
-        })
-    }
-
-    /// The first event: the assistant role (chat only).
+    /// The first chunk of a choice: the assistant role.
     fn start(&self) -> String {
-        match self.kind {
-            Kind::Chat => self.chat_chunk(
-                Delta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
+        self.chunk(
+            Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+                tool_calls: None,
+            },
+            None,
+            None,
+        )
+    }
+
+    /// Chunks for tool-parser events; the first carries `logprobs` (or an empty content chunk
+    /// does, when there is none).
+    fn events(&self, events: Vec<ToolStreamEvent>, mut logprobs: Option<ChatLogprobs>) -> String {
+        let mut out = String::new();
+        for e in events {
+            let delta = match e {
+                ToolStreamEvent::Content(t) => Delta {
+                    content: Some(t),
+                    ..Delta::default()
                 },
-                None,
-                None,
-            ),
-            Kind::Completion => String::new(),
+                ToolStreamEvent::CallStart { index, id, name } => Delta {
+                    tool_calls: Some(vec![ToolCallDelta {
+                        index,
+                        id: Some(id),
+                        kind: Some("function"),
+                        function: FunctionDelta {
+                            name: Some(name),
+                            arguments: String::new(),
+                        },
+                    }]),
+                    ..Delta::default()
+                },
+                ToolStreamEvent::CallArguments { index, fragment } => Delta {
+                    tool_calls: Some(vec![ToolCallDelta {
+                        index,
+                        id: None,
+                        kind: None,
+                        function: FunctionDelta {
+                            name: None,
+                            arguments: fragment,
+                        },
+                    }]),
+                    ..Delta::default()
+                },
+            };
+            out.push_str(&self.chunk(delta, logprobs.take(), None));
         }
+        if let Some(lp) = logprobs {
+            out.push_str(&self.chunk(
+                Delta {
+                    content: Some(String::new()),
+                    ..Delta::default()
+                },
+                Some(lp),
+                None,
+            ));
+        }
+        out
     }
 
-    /// A content chunk; with log-probabilities on, `step` (the token of this text) fills the
-    /// chunk's `logprobs` (an empty list for text without a token, flushed at the end).
     fn delta(&mut self, text: String, step: Option<Box<StepLogprobs>>) -> String {
-        match self.kind {
-            Kind::Chat => {
-                let lp = self.logprobs.then(|| {
-                    let mut c = ChatLogprobs::default();
-                    step.iter().for_each(|st| c.push(st));
-                    c
-                });
-                self.chat_chunk(
-                    Delta {
-                        role: None,
-                        content: Some(text),
-                    },
-                    lp,
-                    None,
-                )
-            }
-            Kind::Completion => {
-                let lp = self.logprobs.then(|| {
-                    let mut c = CompletionLogprobs::default();
-                    if let Some(st) = &step {
-                        c.push(st, self.text_offset);
-                        self.text_offset += st.chosen.token.chars().count();
-                    }
-                    c
-                });
-                self.completion_chunk(text, lp, None)
-            }
-        }
+        let lp = self.logprobs.then(|| {
+            let mut c = ChatLogprobs::default();
+            step.iter().for_each(|st| c.push(st));
+            c
+        });
+        let events = match &mut self.parser {
+            Some(p) => p.push(&text),
+            None if text.is_empty() && lp.is_none() => Vec::new(),
+            None => vec![ToolStreamEvent::Content(text)],
+        };
+        self.events(events, lp)
     }
 
-    /// The finish chunk, the usage chunk when asked for, and `[DONE]`.
-    fn done(&self, finish_reason: &'static str, completion_tokens: usize) -> String {
-        let mut out = match self.kind {
-            Kind::Chat => self.chat_chunk(Delta::default(), None, Some(finish_reason)),
-            Kind::Completion => self.completion_chunk(String::new(), None, Some(finish_reason)),
+    /// The end of a choice: held-back text, the finish chunk; then the next choice's start, or
+    /// (after the last) the usage chunk when asked for and `[DONE]`.
+    fn done(&mut self, finish_reason: &'static str, completion_tokens: usize) -> String {
+        let (rest, calls) = match &mut self.parser {
+            Some(p) => (p.finish(), p.calls()),
+            None => (Vec::new(), 0),
         };
+        let mut out = self.events(rest, None);
+        let reason = if calls > 0 {
+            "tool_calls"
+        } else {
+            finish_reason
+        };
+        out.push_str(&self.chunk(Delta::default(), None, Some(reason)));
+        self.completion_tokens += completion_tokens;
+        if self.index + 1 < self.n {
+            self.index += 1;
+            self.parser = self.tool_format.map(ToolCallStreamParser::new);
+            out.push_str(&self.start());
+            return out;
+        }
         if self.include_usage {
-            let usage = Some(Usage::new(self.prompt_tokens, completion_tokens));
-            out.push_str(&match self.kind {
-                Kind::Chat => event(&ChatCompletionChunk {
-                    id: self.id.clone(),
-                    object: "chat.completion.chunk",
-                    created: self.created,
-                    model: self.model.clone(),
-                    choices: Vec::new(),
-                    usage,
-                }),
-                Kind::Completion => event(&Completion {
-                    id: self.id.clone(),
-                    object: "text_completion",
-                    created: self.created,
-                    model: self.model.clone(),
-                    choices: Vec::new(),
-                    usage,
-                }),
-            });
+            out.push_str(&event(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: Vec::new(),
+                usage: Some(Usage::new(self.prompt_tokens, self.completion_tokens)),
+            }));
         }
         out.push_str("data: [DONE]\n\n");
         out
     }
 }
 
-/// A streamed answer. The body owns the receiver: when the client goes away the body is
-/// dropped, the generating thread's next send fails and it stops.
-fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
+/// A streamed chat completion; the body owns the receiver (a client that goes away stops the
+/// generation).
+fn chat_sse(rx: mpsc::Receiver<Msg>, fmt: ChatStream) -> Response {
     struct St {
         rx: mpsc::Receiver<Msg>,
-        fmt: StreamFormat,
+        fmt: ChatStream,
         started: bool,
         finished: bool,
     }
@@ -784,10 +741,7 @@ fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         if !st.started {
             st.started = true;
-            let first = st.fmt.start();
-            if !first.is_empty() {
-                return Some((Ok::<_, std::convert::Infallible>(first), st));
-            }
+            return Some((Ok::<_, std::convert::Infallible>(st.fmt.start()), st));
         }
         if st.finished {
             return None;
@@ -798,8 +752,9 @@ fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
                 finish_reason,
                 completion_tokens,
             }) => {
-                st.finished = true;
-                st.fmt.done(finish_reason, completion_tokens)
+                let out = st.fmt.done(finish_reason, completion_tokens);
+                st.finished = out.ends_with("data: [DONE]\n\n");
+                out
             }
             Some(Msg::Error(e)) => {
                 st.finished = true;
@@ -813,17 +768,350 @@ fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
         };
         Some((Ok(out), st))
     });
+    sse_response(Body::from_stream(stream))
+}
+
+/// The headers of a server-sent-events answer around `body`.
+pub(crate) fn sse_response(body: Body) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    (headers, Body::from_stream(stream)).into_response()
+    (headers, body).into_response()
+}
+
+async fn completions(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_checked(body, &[&COMMON_FIELDS, &COMPLETION_FIELDS])?;
+    req.check_unsupported()?;
+    let prompt = req.prompt()?;
+    let info = s.engine.model().model.info();
+    let ctx = info.context_length;
+    let n = req.common.n()?;
+    let mut params = req.common.to_generate_params(ctx, &s.sampling_defaults)?;
+    if let Some(bias) = req.common.logit_bias(info.vocab_size)? {
+        params.sampling.logit_bias = bias;
+    }
+    params.logprobs = req.logprobs()?;
+    let logprobs = params.logprobs.is_some();
+    let slot = s.engine.admit()?;
+    let ids =
+        s.engine
+            .encode(Prompt::Text(prompt))
+            .await
+            .map_err(|e| match e.param.as_deref() {
+                Some("messages") => e.with_param("prompt"),
+                _ => e,
+            })?;
+    let prompt_tokens = ids.ids.len();
+    params.max_tokens = req.common.fit_max_tokens(prompt_tokens, ctx)?;
+    let all = (0..n)
+        .map(|i| {
+            let mut p = params.clone();
+            p.sampling.seed = p.sampling.seed.map(|seed| seed.wrapping_add(i as u64));
+            p
+        })
+        .collect();
+    let rx = s.engine.start(slot, ids, all);
+    let fmt = StreamFormat {
+        id: new_id("cmpl"),
+        created: unix_now(),
+        model: s.model_id.to_string(),
+        include_usage: req.common.include_usage(),
+        prompt_tokens,
+        logprobs,
+        text_offset: 0,
+        n,
+        index: 0,
+        completion_tokens: 0,
+    };
+    if req.common.stream() {
+        return Ok(sse(rx, fmt));
+    }
+    let outs = collect(rx, n).await?;
+    let completion_tokens = outs.iter().map(|o| o.completion_tokens).sum();
+    let choices = outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, out)| {
+            let lp = logprobs.then(|| {
+                let mut c = CompletionLogprobs::default();
+                let mut offset = 0;
+                for st in &out.steps {
+                    c.push(st, offset);
+                    offset += st.chosen.token.chars().count();
+                }
+                c
+            });
+            CompletionChoice {
+                text: out.text,
+                index: i as u32,
+                logprobs: lp,
+                finish_reason: Some(out.finish_reason),
+            }
+        })
+        .collect();
+    Ok(Json(Completion {
+        id: fmt.id,
+        object: "text_completion",
+        created: fmt.created,
+        model: fmt.model,
+        choices,
+        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+    })
+    .into_response())
+}
+
+/// A whole answer.
+struct Collected {
+    text: String,
+    finish_reason: &'static str,
+    completion_tokens: usize,
+    /// One per generated token when log-probabilities were asked for.
+    steps: Vec<StepLogprobs>,
+}
+
+/// Gathers the `n` whole answers, one after another.
+async fn collect(mut rx: mpsc::Receiver<Msg>, n: usize) -> Result<Vec<Collected>, ApiError> {
+    let mut out = Vec::with_capacity(n);
+    let mut text = String::new();
+    let mut steps = Vec::new();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Msg::Delta { text: t, logprobs } => {
+                text.push_str(&t);
+                steps.extend(logprobs.map(|b| *b));
+            }
+            Msg::Done {
+                finish_reason,
+                completion_tokens,
+            } => {
+                out.push(Collected {
+                    text: std::mem::take(&mut text),
+                    finish_reason,
+                    completion_tokens,
+                    steps: std::mem::take(&mut steps),
+                });
+                if out.len() == n {
+                    return Ok(out);
+                }
+            }
+            Msg::Error(e) => return Err(e),
+        }
+    }
+    Err(ApiError::internal("the generation ended without an answer"))
+}
+
+/// Writes the server-sent events of one streamed text completion (`n` choices one after
+/// another).
+struct StreamFormat {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    prompt_tokens: usize,
+    /// Whether chunks carry log-probabilities.
+    logprobs: bool,
+    /// Characters of token text streamed so far in this choice (legacy `text_offset`).
+    text_offset: usize,
+    n: usize,
+    /// The choice being streamed.
+    index: usize,
+    /// Tokens of the choices finished so far.
+    completion_tokens: usize,
+}
+
+pub(crate) fn event<T: Serialize>(value: &T) -> String {
+    match serde_json::to_string(value) {
+        Ok(json) => format!("data: {json}\n\n"),
+        Err(e) => format!(
+            "data: {}\n\n",
+            ApiError::internal(format!("serializing a chunk failed: {e}")).to_json()
+        ),
+    }
+}
+
+impl StreamFormat {
+    fn completion_chunk(
+        &self,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish_reason: Option<&'static str>,
+    ) -> String {
+        event(&Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![CompletionChoice {
+                text,
+                index: self.index as u32,
+                logprobs,
+                finish_reason,
+            }],
+            usage: None,
+        })
+    }
+
+    /// A content chunk; with log-probabilities on, `step` (the token of this text) fills the
+    /// chunk's `logprobs` (an empty list for text without a token, flushed at the end).
+    fn delta(&mut self, text: String, step: Option<Box<StepLogprobs>>) -> String {
+        let lp = self.logprobs.then(|| {
+            let mut c = CompletionLogprobs::default();
+            if let Some(st) = &step {
+                c.push(st, self.text_offset);
+                self.text_offset += st.chosen.token.chars().count();
+            }
+            c
+        });
+        self.completion_chunk(text, lp, None)
+    }
+
+    /// The finish chunk of a choice; after the last, the usage chunk when asked for and
+    /// `[DONE]`.
+    fn done(&mut self, finish_reason: &'static str, completion_tokens: usize) -> String {
+        let mut out = self.completion_chunk(String::new(), None, Some(finish_reason));
+        self.completion_tokens += completion_tokens;
+        if self.index + 1 < self.n {
+            self.index += 1;
+            self.text_offset = 0;
+            return out;
+        }
+        if self.include_usage {
+            out.push_str(&event(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: Vec::new(),
+                usage: Some(Usage::new(self.prompt_tokens, self.completion_tokens)),
+            }));
+        }
+        out.push_str("data: [DONE]\n\n");
+        out
+    }
+}
+
+/// A streamed text completion. The body owns the receiver: when the client goes away the body
+/// is dropped, the generating thread's next send fails and it stops.
+fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
+    struct St {
+        rx: mpsc::Receiver<Msg>,
+        fmt: StreamFormat,
+        finished: bool,
+    }
+    let st = St {
+        rx,
+        fmt,
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let out = match st.rx.recv().await {
+            Some(Msg::Delta { text, logprobs }) => st.fmt.delta(text, logprobs),
+            Some(Msg::Done {
+                finish_reason,
+                completion_tokens,
+            }) => {
+                let out = st.fmt.done(finish_reason, completion_tokens);
+                st.finished = out.ends_with("data: [DONE]\n\n");
+                out
+            }
+            Some(Msg::Error(e)) => {
+                st.finished = true;
+                format!("data: {}\n\ndata: [DONE]\n\n", e.to_json())
+            }
+            None => {
+                st.finished = true;
+                let e = ApiError::internal("the generation ended without an answer");
+                format!("data: {}\n\ndata: [DONE]\n\n", e.to_json())
+            }
+        };
+        Some((Ok::<_, std::convert::Infallible>(out), st))
+    });
+    sse_response(Body::from_stream(stream))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn data_events(sse: &str) -> Vec<serde_json::Value> {
+        sse.split("\n\n")
+            .filter_map(|b| b.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).expect("chunk JSON"))
+            .collect()
+    }
+
+    /// A Hermes answer streamed token by token becomes content, then OpenAI `tool_calls`
+    /// deltas (index, id, type and name first, then arguments), then `finish_reason:
+    /// tool_calls`; with `n = 2` the second choice follows under index 1.
+    #[test]
+    fn chat_stream_turns_hermes_calls_into_tool_call_deltas() {
+        let mut fmt = ChatStream {
+            id: "chatcmpl-1".into(),
+            created: 0,
+            model: "m".into(),
+            include_usage: true,
+            prompt_tokens: 10,
+            logprobs: false,
+            n: 2,
+            index: 0,
+            completion_tokens: 0,
+            tool_format: Some(ToolCallFormat::Hermes),
+            parser: Some(ToolCallStreamParser::new(ToolCallFormat::Hermes)),
+        };
+        let answer = "Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let mut sse = fmt.start();
+        for piece in answer.as_bytes().chunks(3) {
+            sse.push_str(&fmt.delta(String::from_utf8_lossy(piece).into_owned(), None));
+        }
+        sse.push_str(&fmt.done("stop", 20));
+        sse.push_str(&fmt.delta("Plain.".into(), None));
+        sse.push_str(&fmt.done("length", 2));
+        assert!(sse.ends_with("data: [DONE]\n\n"), "{sse}");
+        let events = data_events(&sse);
+        let mut content = [String::new(), String::new()];
+        let mut name = String::new();
+        let mut arguments = String::new();
+        let mut finish = Vec::new();
+        for e in &events {
+            let Some(c) = e["choices"].get(0) else {
+                assert_eq!(e["usage"]["completion_tokens"], 22, "{e}");
+                continue;
+            };
+            let i = c["index"].as_u64().unwrap() as usize;
+            content[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            if let Some(tc) = c["delta"]["tool_calls"].as_array() {
+                assert_eq!(tc[0]["index"], 0);
+                if let Some(n) = tc[0]["function"]["name"].as_str() {
+                    assert!(tc[0]["id"].as_str().unwrap().starts_with("call_"), "{e}");
+                    assert_eq!(tc[0]["type"], "function");
+                    name.push_str(n);
+                }
+                arguments.push_str(tc[0]["function"]["arguments"].as_str().unwrap());
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish.push((i, f.to_owned()));
+            }
+        }
+        assert_eq!(content, ["Sure.\n".to_string(), "Plain.".to_string()]);
+        assert_eq!(name, "get_weather");
+        let args: serde_json::Value = serde_json::from_str(&arguments).unwrap();
+        assert_eq!(args, serde_json::json!({"city": "Paris"}));
+        assert_eq!(
+            finish,
+            vec![(0, "tool_calls".to_string()), (1, "length".to_string())]
+        );
+    }
+
     #[test]
     fn bearer_scheme_is_case_insensitive() {
         assert_eq!(super::bearer_token("Bearer sk-1"), Some("sk-1"));

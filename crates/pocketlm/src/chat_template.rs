@@ -81,11 +81,14 @@ fn fmt_line(line: Option<usize>) -> String {
     line.map(|l| format!(" at line {l}")).unwrap_or_default()
 }
 
-/// One chat message: `role` (`system`, `user`, `assistant`, `tool`, ...) and text `content`.
+/// One chat message: `role` (`system`, `user`, `assistant`, `tool`, ...), text `content`, and
+/// for tool calling OpenAI's `tool_calls` (assistant turns) or `tool_call_id` / `name` (`tool`
+/// turns, answering a call).
 ///
-/// Serializes to `{"role": ..., "content": ...}` in that order, as transformers' message dicts.
-/// Messages with more fields (`tool_calls`, `tool_call_id`, list-valued content) can be passed
-/// to [`ChatTemplate::render_with`] as any `Serialize` value, e.g. `serde_json::Value`.
+/// Serializes as transformers' message dicts: `{"role": ..., "content": ...}`, plus
+/// `tool_calls` (each `{"id", "type": "function", "function": {"name", "arguments"}}` with the
+/// arguments as a mapping, as Hugging Face templates expect them, not OpenAI's JSON text),
+/// `tool_call_id` and `name` when set. Deserializes OpenAI's shape (arguments as JSON text).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// Who speaks: `system`, `user`, `assistant`, `tool`, ...
@@ -98,6 +101,37 @@ pub struct Message {
     /// processors take it (see [`Message::template_value`]).
     #[serde(skip)]
     pub images: Vec<crate::image_processor::RgbImage>,
+    /// The calls an `assistant` turn made (empty otherwise).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_tool_calls"
+    )]
+    pub tool_calls: Vec<crate::tools::ToolCall>,
+    /// For a `tool` turn: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// For a `tool` turn: the function's name (some templates print it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `tool_calls` as chat templates take them: arguments as a mapping.
+fn serialize_tool_calls<S: serde::Serializer>(
+    calls: &[crate::tools::ToolCall],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let values: Vec<serde_json::Value> = calls
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "id": c.id,
+                "type": c.kind,
+                "function": {"name": c.function.name, "arguments": c.arguments_value()},
+            })
+        })
+        .collect();
+    values.serialize(serializer)
 }
 
 impl Message {
@@ -107,6 +141,9 @@ impl Message {
             role: role.into(),
             content: content.into(),
             images: Vec::new(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
         }
     }
 
@@ -116,19 +153,44 @@ impl Message {
         self
     }
 
-    /// The message as a chat template sees it: `{"role", "content"}` with string content, or
-    /// with content parts (one `{"type": "image"}` per image, then the text) when it has images.
-    pub fn template_value(&self) -> serde_json::Value {
-        if self.images.is_empty() {
-            return serde_json::json!({"role": self.role, "content": self.content});
+    /// An `assistant` turn that made `tool_calls` (with optional text `content`).
+    pub fn assistant_tool_calls(
+        content: impl Into<String>,
+        tool_calls: Vec<crate::tools::ToolCall>,
+    ) -> Self {
+        Message {
+            tool_calls,
+            ..Message::new("assistant", content)
         }
-        let mut parts: Vec<serde_json::Value> = self
-            .images
-            .iter()
-            .map(|_| serde_json::json!({"type": "image"}))
-            .collect();
-        parts.push(serde_json::json!({"type": "text", "text": self.content}));
-        serde_json::json!({"role": self.role, "content": parts})
+    }
+
+    /// A `tool` turn: the result `content` of the call `tool_call_id` (of function `name`).
+    pub fn tool(
+        tool_call_id: impl Into<String>,
+        name: Option<String>,
+        content: impl Into<String>,
+    ) -> Self {
+        Message {
+            tool_call_id: Some(tool_call_id.into()),
+            name,
+            ..Message::new("tool", content)
+        }
+    }
+
+    /// The message as a chat template sees it: its serialization (see [`Message`]), with
+    /// content parts (one `{"type": "image"}` per image, then the text) when it has images.
+    pub fn template_value(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_else(|_| serde_json::json!({}));
+        if !self.images.is_empty() {
+            let mut parts: Vec<serde_json::Value> = self
+                .images
+                .iter()
+                .map(|_| serde_json::json!({"type": "image"}))
+                .collect();
+            parts.push(serde_json::json!({"type": "text", "text": self.content}));
+            v["content"] = serde_json::Value::Array(parts);
+        }
+        v
     }
 
     /// A `system` message.

@@ -62,6 +62,7 @@ pub mod safetensors_weights;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;
+pub mod tools;
 pub mod weights;
 
 pub use error::{Error, Result};

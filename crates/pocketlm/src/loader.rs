@@ -15,6 +15,7 @@ use crate::models::{self, CausalLM};
 use crate::safetensors_weights::SafetensorsWeights;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use crate::tools::{self, ToolCallFormat};
 use crate::{Error, Result};
 
 /// How to load a model.
@@ -79,6 +80,15 @@ pub enum Prompt {
     Text(String),
     /// A conversation, rendered with the model's chat template (with the generation prompt).
     Chat(Vec<Message>),
+    /// A conversation with tool (function) definitions, OpenAI's `{"type": "function",
+    /// "function": {"name", "description", "parameters"}}`, rendered as
+    /// [`LoadedModel::render_chat_with_tools`] does.
+    ChatWithTools {
+        /// The conversation (may hold `tool_calls` and `tool` turns).
+        messages: Vec<Message>,
+        /// The tool definitions.
+        tools: Vec<serde_json::Value>,
+    },
 }
 
 /// A hub model id as users write it: `org/name` or `org/name@revision` (branch, tag or commit).
@@ -489,18 +499,80 @@ impl LoadedModel {
                 let text = self.render_chat(messages)?;
                 Ok(self.tokenizer.encode(&text, false)?)
             }
+            Prompt::ChatWithTools { messages, tools } => {
+                let text = self.render_chat_with_tools(messages, tools)?;
+                Ok(self.tokenizer.encode(&text, false)?)
+            }
         }
+    }
+
+    /// How this model writes tool calls: the format its chat template teaches
+    /// ([`ToolCallFormat::detect`]), or Hermes `<tool_call>` when the template knows no tools
+    /// (the fallback of [`LoadedModel::render_chat_with_tools`]) or there is no template.
+    pub fn tool_call_format(&self) -> ToolCallFormat {
+        match &self.chat_template {
+            Some(t) if tools::template_knows_tools(t.source()) => {
+                ToolCallFormat::detect(t.source())
+            }
+            _ => ToolCallFormat::Hermes,
+        }
+    }
+
+    /// The text of a chat prompt with tool definitions (OpenAI's function tools). A template
+    /// that renders `tools` itself gets them as transformers' `apply_chat_template(tools=...)`
+    /// passes them, and the messages' `tool_calls` / `tool_call_id` as they are. A template that
+    /// knows no tools (the default SmolLM2's) gets the documented fallback instead:
+    /// [`tools::fallback_system_prompt`] appended to the system message (or as a system message
+    /// of its own), each assistant `tool_calls` written into its content as Hermes
+    /// `<tool_call>` blocks ([`tools::hermes_call_text`]), and `tool` results as a `user` turn
+    /// of `<tool_response>\n...\n</tool_response>` blocks (consecutive results in one turn), as
+    /// Qwen2.5's template writes them. Empty `tools` renders as [`LoadedModel::render_chat`].
+    ///
+    /// Errors: as [`LoadedModel::render_chat`].
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+    ) -> Result<String> {
+        let tpl = self.template()?;
+        let has_tool_turns = messages
+            .iter()
+            .any(|m| !m.tool_calls.is_empty() || m.role == "tool");
+        if tools.is_empty() && !has_tool_turns {
+            return self.render_chat(messages);
+        }
+        let options = crate::chat_template::RenderOptions {
+            add_generation_prompt: true,
+            tools: (!tools.is_empty()).then(|| tools.to_vec()),
+            ..Default::default()
+        };
+        if tools::template_knows_tools(tpl.source()) {
+            let values: Vec<serde_json::Value> =
+                messages.iter().map(|m| m.template_value()).collect();
+            return Ok(tpl.render_with(&values, &options)?);
+        }
+        let rewritten = fallback_messages(messages, tools);
+        let values: Vec<serde_json::Value> = rewritten.iter().map(|m| m.template_value()).collect();
+        let options = crate::chat_template::RenderOptions {
+            tools: None,
+            ..options
+        };
+        Ok(tpl.render_with(&values, &options)?)
+    }
+
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.chat_template.as_ref().ok_or_else(|| {
+            Error::Model(format!(
+                "{}: the model has no chat template (use a plain prompt)",
+                self.path.display()
+            ))
+        })
     }
 
     /// The text of a chat prompt as the model's template renders it (messages with images get
     /// list-valued content, [`Message::template_value`]).
     pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
-        let tpl = self.chat_template.as_ref().ok_or_else(|| {
-            Error::Model(format!(
-                "{}: the model has no chat template (use a plain prompt)",
-                self.path.display()
-            ))
-        })?;
+        let tpl = self.template()?;
         if messages.iter().all(|m| m.images.is_empty()) {
             return Ok(tpl.render(messages, true)?);
         }
@@ -520,8 +592,13 @@ impl LoadedModel {
     /// Errors: images for a model that takes none; a template that does not place exactly one
     /// placeholder per image; image preprocessing errors; as [`LoadedModel::encode`].
     pub fn encode_multimodal(&self, prompt: &Prompt) -> Result<EncodedPrompt> {
-        let messages = match prompt {
-            Prompt::Chat(m) if m.iter().any(|m| !m.images.is_empty()) => m,
+        let (messages, tools) = match prompt {
+            Prompt::Chat(m) if m.iter().any(|m| !m.images.is_empty()) => (m, None),
+            Prompt::ChatWithTools { messages, tools }
+                if messages.iter().any(|m| !m.images.is_empty()) =>
+            {
+                (messages, Some(tools))
+            }
             _ => {
                 return Ok(EncodedPrompt {
                     ids: self.encode(prompt)?,
@@ -542,7 +619,10 @@ impl LoadedModel {
             .flat_map(|m| m.images.iter())
             .map(|img| proc.preprocess(img))
             .collect::<Result<Vec<_>, _>>()?;
-        let text = self.render_chat(messages)?;
+        let text = match tools {
+            Some(t) => self.render_chat_with_tools(messages, t)?,
+            None => self.render_chat(messages)?,
+        };
         let raw = self.tokenizer.encode(&text, false)?;
         let placed = raw.iter().filter(|&&t| t == vision.image_token_id).count();
         if placed != images.len() {
@@ -565,4 +645,56 @@ impl LoadedModel {
         }
         Ok(EncodedPrompt { ids, images })
     }
+}
+
+/// The messages of [`LoadedModel::render_chat_with_tools`]'s fallback for templates that know no
+/// tools: the tool prompt in the system message, calls and results as Hermes text.
+pub fn fallback_messages(messages: &[Message], tools: &[serde_json::Value]) -> Vec<Message> {
+    let mut out: Vec<Message> = Vec::with_capacity(messages.len() + 1);
+    if !tools.is_empty() {
+        let prompt = tools::fallback_system_prompt(tools);
+        match messages.first() {
+            Some(m) if m.role == "system" => {}
+            _ => out.push(Message::system(prompt.clone())),
+        }
+        if let Some(m) = messages.first().filter(|m| m.role == "system") {
+            let mut m = m.clone();
+            m.content = if m.content.is_empty() {
+                prompt
+            } else {
+                format!("{}\n\n{prompt}", m.content)
+            };
+            out.push(m);
+        }
+    }
+    let skip =
+        usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
+    for m in &messages[skip..] {
+        if !m.tool_calls.is_empty() {
+            let mut text = m.content.clone();
+            for call in &m.tool_calls {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&tools::hermes_call_text(call));
+            }
+            out.push(Message {
+                content: text,
+                tool_calls: Vec::new(),
+                ..m.clone()
+            });
+        } else if m.role == "tool" {
+            let block = format!("<tool_response>\n{}\n</tool_response>", m.content);
+            match out.last_mut() {
+                Some(prev) if prev.role == "user" && prev.content.ends_with("</tool_response>") => {
+                    prev.content.push('\n');
+                    prev.content.push_str(&block);
+                }
+                _ => out.push(Message::user(block)),
+            }
+        } else {
+            out.push(m.clone());
+        }
+    }
+    out
 }

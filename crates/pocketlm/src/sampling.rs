@@ -6,7 +6,9 @@
 //! in between turns logits into log-probabilities):
 //!
 //! 1. NaN logits become `-inf` (never drawn), `+inf` becomes `f32::MAX` (see [`sanitize`]);
-//! 2. [`apply_repetition_penalty`] on the raw logits (when `repetition_penalty != 1`);
+//! 2. [`apply_repetition_penalty`] on the raw logits (when `repetition_penalty != 1`), then
+//!    OpenAI's presence / frequency penalties ([`apply_presence_frequency_penalty`]) and
+//!    `logit_bias` ([`apply_logit_bias`]) when set;
 //! 3. `temperature == 0`: [`argmax`] (lowest index on ties), done;
 //! 4. [`log_softmax`] (a constant shift: [`Sampler`] computes it only when top-p needs
 //!    probabilities, the other steps do not change under a shift);
@@ -59,6 +61,16 @@ pub struct SamplingParams {
     pub repetition_context_size: usize,
     /// Seed of the random generator; `None` seeds from the operating system. Default `None`.
     pub seed: Option<u64>,
+    /// OpenAI's presence penalty, in `[-2, 2]`: subtracted once from the logit of every token
+    /// that occurs among the generated tokens (not the prompt; as vLLM). `0` is off. Default `0`.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in `[-2, 2]`: subtracted from a token's logit once per
+    /// occurrence among the generated tokens. `0` is off. Default `0`.
+    pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: `(token id, bias)` pairs, each bias in `[-100, 100]` added to that
+    /// token's logit before any filter (`-100` in effect bans it, `100` forces it). Ids outside
+    /// the vocabulary are ignored here (the server refuses them). Default empty.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -71,6 +83,9 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             repetition_context_size: 64,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -95,6 +110,9 @@ impl SamplingParams {
             repetition_penalty: 1.1,
             repetition_context_size: 64,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 
@@ -126,6 +144,21 @@ impl SamplingParams {
                 "a finite number > 0",
             );
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(name, v, "a number in [-2, 2]");
+            }
+        }
+        if let Some((_, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias", *b, "biases in [-100, 100]");
+        }
         Ok(())
     }
 }
@@ -148,6 +181,12 @@ pub struct SamplingOverrides {
     pub repetition_context_size: Option<usize>,
     /// [`SamplingParams::seed`].
     pub seed: Option<u64>,
+    /// [`SamplingParams::presence_penalty`].
+    pub presence_penalty: Option<f32>,
+    /// [`SamplingParams::frequency_penalty`].
+    pub frequency_penalty: Option<f32>,
+    /// [`SamplingParams::logit_bias`].
+    pub logit_bias: Option<Vec<(u32, f32)>>,
 }
 
 impl SamplingOverrides {
@@ -172,6 +211,12 @@ impl SamplingOverrides {
                 .repetition_context_size
                 .unwrap_or(defaults.repetition_context_size),
             seed: self.seed.or(defaults.seed),
+            presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+            logit_bias: self
+                .logit_bias
+                .clone()
+                .unwrap_or_else(|| defaults.logit_bias.clone()),
         }
     }
 }
@@ -203,7 +248,9 @@ impl From<SamplingError> for crate::Error {
 /// across steps.
 ///
 /// The chain built by [`Sampler::new`] is the one of the module documentation:
-/// [`processors::Sanitize`], [`processors::RepetitionPenalty`] (when not `1`), then, unless
+/// [`processors::Sanitize`], [`processors::RepetitionPenalty`] (when not `1`),
+/// [`processors::PresenceFrequencyPenalty`] (when either is not `0`), [`processors::LogitBias`]
+/// (when not empty), then, unless
 /// greedy, [`processors::LogSoftmax`] (when top-p is on), [`processors::TopK`],
 /// [`processors::MinP`], [`processors::TopP`] (each when on) and [`processors::Temperature`].
 /// Processors added with [`Sampler::with_processor`] run after the repetition penalty and
@@ -245,6 +292,15 @@ impl Sampler {
                 penalty: p.repetition_penalty,
                 context_size: p.repetition_context_size,
             }));
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            chain.push(Box::new(processors::PresenceFrequencyPenalty::new(
+                p.presence_penalty,
+                p.frequency_penalty,
+            )));
+        }
+        if !p.logit_bias.is_empty() {
+            chain.push(Box::new(processors::LogitBias(p.logit_bias.clone())));
         }
         let insert_at = chain.len();
         let rng = if p.temperature == 0.0 {
@@ -372,6 +428,37 @@ pub fn apply_repetition_penalty(
     for id in ids {
         if let Some(l) = logits.get_mut(id as usize) {
             *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+}
+
+/// OpenAI's presence and frequency penalties (API reference, "Create chat completion"; the
+/// formula of OpenAI's former "Parameter details" guide and of vLLM's `apply_penalties`):
+/// `logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`, where
+/// `count[j]` is how often token `j` occurs in `generated` (the tokens generated so far, not the
+/// prompt). `logits`: `[vocab]`; ids `>= vocab` are ignored.
+pub fn apply_presence_frequency_penalty(
+    logits: &mut [f32],
+    generated: &[u32],
+    presence_penalty: f32,
+    frequency_penalty: f32,
+) {
+    let mut ids: Vec<u32> = generated.to_vec();
+    ids.sort_unstable();
+    for run in ids.chunk_by(|a, b| a == b) {
+        if let Some(l) = logits.get_mut(run[0] as usize) {
+            *l -= run.len() as f32 * frequency_penalty + presence_penalty;
+        }
+    }
+}
+
+/// OpenAI's `logit_bias`: adds each `(id, bias)` to `logits[id]` (`[vocab]`; ids `>= vocab`
+/// are ignored), before any filter, as OpenAI documents it ("added to the logits generated by
+/// the model prior to sampling") and vLLM applies it.
+pub fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
+    for &(id, b) in bias {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l += b;
         }
     }
 }
@@ -935,6 +1022,7 @@ mod tests {
                 repetition_penalty: [1.0f32, 1.3][trial % 2],
                 repetition_context_size: 10,
                 seed: Some(trial as u64),
+                ..SamplingParams::default()
             };
             let mut reference = logits.clone();
             sanitize(&mut reference);

@@ -84,6 +84,7 @@ impl SamplingArgs {
             repetition_penalty: self.repetition_penalty,
             repetition_context_size: self.repetition_context_size,
             seed: self.seed,
+            ..SamplingOverrides::default()
         }
         .resolve(defaults)
     }

@@ -5,11 +5,19 @@ mod embeddings;
 mod limits;
 mod openai_client;
 mod server;
+mod tools;
 
 /// Starts a server with `config` and the real default model on a free loopback port, in a
 /// background thread with its own runtime; returns the address it listens on.
 pub(crate) fn start_server(config: pocketlm_server::ServerConfig) -> std::net::SocketAddr {
-    let m = pocketlm_testutil::default_model(false);
+    start_server_with(pocketlm_testutil::default_model(false), config)
+}
+
+/// Starts a server with `config` and model `m` on a free loopback port (see [`start_server`]).
+pub(crate) fn start_server_with(
+    m: std::sync::Arc<pocketlm::loader::LoadedModel>,
+    config: pocketlm_server::ServerConfig,
+) -> std::net::SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()

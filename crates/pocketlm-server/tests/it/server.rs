@@ -137,7 +137,8 @@ fn chat_non_stream_and_stream_agree() {
         "messages": [{"role": "user", "content": question}],
         "max_tokens": 6,
         "temperature": 0,
-        "unknown_field": {"ignored": true},
+        "user": "someone",
+        "metadata": {"documented as": "ignorable"},
     });
     let (status, v) = post("/v1/chat/completions", &req);
     assert_eq!(status, 200, "{v}");
@@ -308,7 +309,7 @@ fn error_statuses_and_shapes() {
             Some("top_p"),
         ),
         (
-            br#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+            br#"{"messages": [{"role": "user", "content": "x"}], "n": 0}"#,
             Some("n"),
         ),
         (

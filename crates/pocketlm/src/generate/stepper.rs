@@ -392,7 +392,8 @@ mod tests {
         assert_eq!(
             format!("{s:?}"),
             "Sampler { params: SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, \
-             min_p: 0.0, repetition_penalty: 1.0, repetition_context_size: 64, seed: None }, \
+             min_p: 0.0, repetition_penalty: 1.0, repetition_context_size: 64, seed: None, \
+             presence_penalty: 0.0, frequency_penalty: 0.0, logit_bias: [] }, \
              chain: [\"sanitize\", \"boost\", \"mask\"] }"
         );
         let m = Table::new(16);

@@ -7,8 +7,8 @@
 //! [`super::Sampler::with_processor`].
 
 use super::{
-    apply_min_p, apply_repetition_penalty, apply_temperature, log_softmax, sanitize, top_k_with,
-    top_p_with,
+    apply_logit_bias, apply_min_p, apply_presence_frequency_penalty, apply_repetition_penalty,
+    apply_temperature, log_softmax, sanitize, top_k_with, top_p_with,
 };
 
 /// One step of the sampling chain: rewrites the scores of the next token in place.
@@ -57,6 +57,52 @@ impl LogitsProcessor for RepetitionPenalty {
     }
     fn process(&mut self, logits: &mut [f32], history: &[u32]) {
         apply_repetition_penalty(logits, history, self.penalty, self.context_size);
+    }
+}
+
+/// [`apply_presence_frequency_penalty`] over the tokens generated so far. The history it is
+/// given holds the prompt then the generated tokens; the prompt's length is taken from the
+/// first call (made before the first token is drawn), so one processor serves one generation.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceFrequencyPenalty {
+    /// Subtracted once from each token that was generated, in `[-2, 2]`.
+    pub presence: f32,
+    /// Subtracted per occurrence, in `[-2, 2]`.
+    pub frequency: f32,
+    prompt_len: Option<usize>,
+}
+
+impl PresenceFrequencyPenalty {
+    /// Penalties for one generation.
+    pub fn new(presence: f32, frequency: f32) -> Self {
+        Self {
+            presence,
+            frequency,
+            prompt_len: None,
+        }
+    }
+}
+
+impl LogitsProcessor for PresenceFrequencyPenalty {
+    fn name(&self) -> &str {
+        "presence_frequency_penalty"
+    }
+    fn process(&mut self, logits: &mut [f32], history: &[u32]) {
+        let start = (*self.prompt_len.get_or_insert(history.len())).min(history.len());
+        apply_presence_frequency_penalty(logits, &history[start..], self.presence, self.frequency);
+    }
+}
+
+/// [`apply_logit_bias`]: `(token id, bias)` pairs added to the logits.
+#[derive(Debug, Clone, Default)]
+pub struct LogitBias(pub Vec<(u32, f32)>);
+
+impl LogitsProcessor for LogitBias {
+    fn name(&self) -> &str {
+        "logit_bias"
+    }
+    fn process(&mut self, logits: &mut [f32], _history: &[u32]) {
+        apply_logit_bias(logits, &self.0);
     }
 }
 
@@ -147,5 +193,49 @@ impl LogitsProcessor for Temperature {
     }
     fn process(&mut self, logits: &mut [f32], _history: &[u32]) {
         apply_temperature(logits, self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_openai_formula() {
+        // Token 1 generated twice, token 3 once; token 0 only in the prompt.
+        let mut logits = vec![1.0f32, 2.0, 3.0, 4.0];
+        apply_presence_frequency_penalty(&mut logits, &[1, 3, 1, 9], 0.5, 0.25);
+        // 2 - (2 * 0.25 + 0.5) = 1; 4 - (0.25 + 0.5) = 3.25; id 9 is outside: ignored.
+        assert_eq!(logits, vec![1.0, 1.0, 3.0, 3.25]);
+        // Negative penalties encourage repetition.
+        let mut logits = vec![0.0f32; 3];
+        apply_presence_frequency_penalty(&mut logits, &[2], -1.0, -0.5);
+        assert_eq!(logits, vec![0.0, 0.0, 1.5]);
+    }
+
+    #[test]
+    fn penalty_processor_counts_generated_tokens_only() {
+        let mut p = PresenceFrequencyPenalty::new(1.0, 0.0);
+        let prompt = [0u32, 0, 1];
+        let mut logits = vec![5.0f32; 3];
+        p.process(&mut logits, &prompt);
+        assert_eq!(
+            logits,
+            vec![5.0; 3],
+            "nothing generated yet: the prompt is not penalized"
+        );
+        let mut history = prompt.to_vec();
+        history.push(2);
+        history.push(2);
+        let mut logits = vec![5.0f32; 3];
+        p.process(&mut logits, &history);
+        assert_eq!(logits, vec![5.0, 5.0, 4.0]);
+    }
+
+    #[test]
+    fn logit_bias_adds_to_the_named_tokens() {
+        let mut logits = vec![0.5f32, 0.5, 0.5];
+        LogitBias(vec![(0, -100.0), (2, 3.0), (7, 1.0)]).process(&mut logits, &[]);
+        assert_eq!(logits, vec![-99.5, 0.5, 3.5]);
     }
 }

@@ -163,3 +163,105 @@ fn smollm2_golden_template_is_in_the_default_gguf() {
         path.display()
     );
 }
+
+/// A case of `tools.json`: the conversation in OpenAI's wire shape (`arguments` as JSON text),
+/// and the text (or error) transformers renders from it with `tools`.
+#[derive(Deserialize)]
+struct ToolCase {
+    name: String,
+    openai_messages: Vec<serde_json::Value>,
+    add_generation_prompt: bool,
+    tools: Option<Vec<serde_json::Value>>,
+    kwargs: serde_json::Map<String, serde_json::Value>,
+    expected: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ToolSuite {
+    name: String,
+    template: String,
+    bos_token: String,
+    eos_token: String,
+    cases: Vec<ToolCase>,
+}
+
+/// Typed [`Message`]s with `tool_calls` and `tool` turns, built from OpenAI's wire shape, render
+/// as transformers' `apply_chat_template(messages, tools=...)` renders them (Qwen2.5's real
+/// template, Llama 3.1-style JSON calls, Mistral `[TOOL_CALLS]`; `tools.json` from
+/// `scripts/golden/chat_template_tools.py`).
+#[test]
+fn tool_calling_typed_messages_match_transformers() {
+    let path = golden_dir().join("tools.json");
+    let text = std::fs::read_to_string(&path).expect("tools.json");
+    let suites: Vec<ToolSuite> = serde_json::from_str(&text).expect("tools.json parses");
+    let mut checked = 0;
+    for suite in &suites {
+        let template = ChatTemplate::new(&suite.template, &suite.bos_token, &suite.eos_token)
+            .unwrap_or_else(|e| panic!("{}: {e}", suite.name));
+        for case in &suite.cases {
+            let id = format!("{}/{}", suite.name, case.name);
+            let messages: Vec<Message> =
+                serde_json::from_value(serde_json::Value::Array(case.openai_messages.clone()))
+                    .unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert!(messages.iter().any(|m| m.role == "user"), "{id}");
+            let values: Vec<serde_json::Value> =
+                messages.iter().map(|m| m.template_value()).collect();
+            let options = RenderOptions {
+                add_generation_prompt: case.add_generation_prompt,
+                tools: case.tools.clone(),
+                documents: None,
+                kwargs: case.kwargs.clone(),
+            };
+            match (
+                &case.expected,
+                &case.error,
+                template.render_with(&values, &options),
+            ) {
+                (Some(want), None, Ok(text)) => assert!(
+                    text == *want,
+                    "{id}:\n--- python ---\n{want}\n--- rust ---\n{text}\n"
+                ),
+                (None, Some(want), Err(TemplateError::Raised { message, .. })) => {
+                    assert_eq!(message, *want, "{id}")
+                }
+                (_, _, got) => panic!("{id}: expected {:?}, got {got:?}", case.expected),
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 9);
+}
+
+/// The fallback for templates that know no tools (the default SmolLM2's): the tool prompt in
+/// the system turn, calls as Hermes `<tool_call>` blocks, results as `<tool_response>` user turns.
+#[test]
+fn tool_calling_fallback_on_smollm2_template() {
+    use pocketlm::tools::{ToolCall, ToolCallFormat};
+    let suite = load("smollm2-135m-instruct.json").remove(0);
+    let template = ChatTemplate::new(&suite.template, &suite.bos_token, &suite.eos_token).unwrap();
+    assert!(!pocketlm::tools::template_knows_tools(template.source()));
+    let tool = serde_json::json!({"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}});
+    let call = ToolCall::new(
+        ToolCallFormat::Hermes,
+        "get_time",
+        r#"{"tz": "UTC"}"#.into(),
+    );
+    let messages = vec![
+        Message::user("Time?"),
+        Message::assistant_tool_calls("", vec![call.clone()]),
+        Message::tool(call.id.clone(), None, "14:05"),
+        Message::tool(call.id.clone(), None, "again"),
+    ];
+    let rewritten = pocketlm::loader::fallback_messages(&messages, std::slice::from_ref(&tool));
+    let text = template.render(&rewritten, true).unwrap();
+    let want = format!(
+        "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\nTime?<|im_end|>\n\
+         <|im_start|>assistant\n<tool_call>\n{{\"name\": \"get_time\", \"arguments\": {{\"tz\":\"UTC\"}}}}\n</tool_call><|im_end|>\n\
+         <|im_start|>user\n<tool_response>\n14:05\n</tool_response>\n<tool_response>\nagain\n</tool_response><|im_end|>\n\
+         <|im_start|>assistant\n",
+        pocketlm::tools::fallback_system_prompt(&[tool])
+    );
+    assert_eq!(text, want);
+}
