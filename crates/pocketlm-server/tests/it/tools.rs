@@ -432,7 +432,8 @@ fn responses_and_messages_endpoints() {
 #[test]
 fn required_tool_call_is_enforced() {
     let body = json!({"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-        "tools": [weather_tool()], "tool_choice": "required", "max_tokens": 48, "temperature": 0});
+        "tools": [weather_tool()], "tool_choice": "required", "parallel_tool_calls": false,
+        "max_tokens": 48, "temperature": 0});
     let (status, v) = post("/v1/chat/completions", &body);
     assert_eq!(status, 200, "{v}");
     let c = &v["choices"][0];
@@ -456,11 +457,13 @@ fn required_tool_call_is_enforced() {
         }
     }
     assert_eq!(name, "get_weather", "{text}");
+    // The same text: both keep the model's own spacing.
     assert_eq!(
         arguments,
         call["function"]["arguments"].as_str().unwrap(),
         "{text}"
     );
+    assert!(!text.contains("\"content\":\"<tool_call>"), "{text}");
     let finish = events
         .iter()
         .rev()

@@ -217,6 +217,21 @@ fn call_from_object(format: ToolCallFormat, v: &serde_json::Value) -> Option<Too
     Some(call)
 }
 
+/// `call` with its arguments as the model wrote them in `body` (its spacing kept), when they
+/// are a JSON object: the text a stream sends piece by piece ([`stream`]), so that a streamed
+/// and a whole answer carry the same `arguments` string.
+fn with_raw_arguments(mut call: ToolCall, body: &str) -> ToolCall {
+    type Fields = std::collections::HashMap<String, Box<serde_json::value::RawValue>>;
+    if let Ok(fields) = serde_json::from_str::<Fields>(body.trim()) {
+        if let Some(raw) = fields.get("arguments").or_else(|| fields.get("parameters")) {
+            if raw.get().starts_with('{') {
+                call.function.arguments = raw.get().to_owned();
+            }
+        }
+    }
+    call
+}
+
 fn parse_hermes(text: &str) -> ParsedOutput {
     const OPEN: &str = "<tool_call>";
     const CLOSE: &str = "</tool_call>";
@@ -233,6 +248,7 @@ fn parse_hermes(text: &str) -> ParsedOutput {
         match serde_json::from_str::<serde_json::Value>(body.trim())
             .ok()
             .and_then(|v| call_from_object(ToolCallFormat::Hermes, &v))
+            .map(|call| with_raw_arguments(call, body))
         {
             Some(call) => calls.push(call),
             None => content.push_str(&rest[start..rest.len() - next.len()]),
