@@ -1,4 +1,4 @@
-//! Structured output: a typed reply from a JSON Schema (`pocketlm::constrain::generate_json`).
+//! Structured output: a typed reply from a JSON Schema (`pocketlm::structured::generate_json`).
 //! The grammar engine (llguidance) masks every token that would leave the schema, so the reply
 //! always parses; serde then turns it into a Rust value.
 //!
@@ -6,9 +6,9 @@
 //! (the default model is downloaded into $POCKETLM_HOME on first use).
 
 use pocketlm::chat_template::Message;
-use pocketlm::constrain::generate_json;
 use pocketlm::generate::GenerateParams;
 use pocketlm::loader::{load, LoadOptions, Prompt};
+use pocketlm::structured::generate_json;
 use serde::Deserialize;
 use serde_json::json;
 

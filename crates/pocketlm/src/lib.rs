@@ -61,6 +61,7 @@ pub mod quant;
 pub mod safetensors_weights;
 pub mod sampling;
 pub mod session;
+pub mod structured;
 pub mod tokenizer;
 pub mod tools;
 pub mod weights;

@@ -14,7 +14,7 @@
 //!   grammar over text can produce them (llguidance `docs/special_tokens.md`); other added tokens
 //!   are their text.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llguidance::ParserFactory;
@@ -330,13 +330,13 @@ impl GrammarEnv {
     ///
     /// Errors: as [`GrammarEnv::new`].
     pub fn for_tokenizer(tokenizer: &Tokenizer) -> Result<Arc<GrammarEnv>, ConstraintError> {
-        let slot: &Mutex<Option<Arc<GrammarEnv>>> = tokenizer.grammar_env_slot();
+        let slot = tokenizer.grammar_env_slot();
         let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(env) = guard.as_ref() {
-            return Ok(env.clone());
+        if let Some(env) = guard.clone().and_then(|a| a.downcast::<GrammarEnv>().ok()) {
+            return Ok(env);
         }
         let env = Arc::new(GrammarEnv::new(tokenizer)?);
-        *guard = Some(env.clone());
+        *guard = Some(env.clone() as Arc<dyn std::any::Any + Send + Sync>);
         Ok(env)
     }
 

@@ -5,7 +5,7 @@
 //! [`Constraint`] is the request; [`crate::generate::GenerateParams::constraint`] carries it.
 //! [`GrammarEnv`] is the vocabulary side (the bytes of every token, built once per tokenizer
 //! and cached), [`GrammarMask`] the logits processor that masks disallowed tokens, and
-//! [`generate_json`] a typed call on top.
+//! [`crate::structured::generate_json`] a typed call on top.
 
 mod env;
 mod mask;
@@ -14,12 +14,8 @@ pub use env::{GrammarEnv, TokenBytes, TokenSpelling};
 pub use mask::{apply_mask, GrammarMask};
 
 use llguidance::api::TopLevelGrammar;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-
-use crate::generate::GenerateParams;
-use crate::loader::{LoadedModel, Prompt};
 
 /// What the generated text must match.
 ///
@@ -96,7 +92,7 @@ pub enum ConstraintError {
     #[error("constrained decoding failed: {0}")]
     Rejected(String),
     /// The output does not parse as JSON, or does not deserialize into the requested type
-    /// ([`generate_json`]); `text` is the output.
+    /// ([`crate::structured::generate_json`]); `text` is the output.
     #[error("the output does not deserialize ({msg}): {text}")]
     Deserialize {
         /// serde_json's message.
@@ -119,54 +115,4 @@ impl From<ConstraintError> for crate::Error {
     fn from(e: ConstraintError) -> Self {
         crate::Error::Constraint(e)
     }
-}
-
-/// A typed reply: generates JSON that validates against `schema` for `prompt` (a chat prompt
-/// is rendered with the model's template) and deserializes it into `T`, as OpenAI's structured
-/// outputs do with a `json_schema` response format.
-///
-/// `params` gives the sampling and `max_tokens`; its `constraint` is replaced by
-/// `Constraint::JsonSchema(schema)`, its stop strings are dropped (they could cut the JSON) and
-/// `ignore_eos` is off. A fresh KV cache is used.
-///
-/// Errors: the prompt's (template, tokenizer, context); [`ConstraintError::Grammar`] for a
-/// schema that does not compile; [`ConstraintError::Incomplete`] when `max_tokens` or the
-/// context ran out first; [`ConstraintError::Deserialize`] when the JSON does not fit `T`
-/// (a schema that does not describe `T`).
-pub fn generate_json<T: DeserializeOwned>(
-    model: &LoadedModel,
-    prompt: &Prompt,
-    schema: &Value,
-    params: &GenerateParams,
-) -> crate::Result<T> {
-    let ids = model.encode(prompt)?;
-    let mut cache = model.model.new_cache();
-    let params = GenerateParams {
-        constraint: Some(Constraint::JsonSchema(schema.clone())),
-        stop: Vec::new(),
-        ignore_eos: false,
-        ..params.clone()
-    };
-    let out = crate::generate::generate(
-        model.model.as_ref(),
-        &model.tokenizer,
-        &mut cache,
-        &ids,
-        params,
-    )?
-    .collect_output()?;
-    if out.finish_reason.as_openai() != "stop" {
-        return Err(ConstraintError::Incomplete {
-            reason: out.finish_reason.as_openai().into(),
-            text: out.text,
-        }
-        .into());
-    }
-    serde_json::from_str(&out.text).map_err(|e| {
-        ConstraintError::Deserialize {
-            msg: e.to_string(),
-            text: out.text,
-        }
-        .into()
-    })
 }

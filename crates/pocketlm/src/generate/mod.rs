@@ -10,6 +10,9 @@
 
 pub mod stepper;
 
+#[cfg(test)]
+mod constrained_tests;
+
 use std::time::{Duration, Instant};
 
 use crate::constrain::{Constraint, GrammarEnv, GrammarMask};

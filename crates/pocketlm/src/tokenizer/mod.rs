@@ -150,12 +150,13 @@ pub struct Tokenizer {
     add_eos: bool,
     specials: SpecialsMode,
     /// The grammar environment built from this vocabulary, built on the first constrained
-    /// generation ([`crate::constrain::GrammarEnv::for_tokenizer`]); clones share it.
+    /// generation (the constrained-decoding module's `GrammarEnv::for_tokenizer`); clones share it.
     grammar_env: GrammarEnvSlot,
 }
 
-/// Where a [`Tokenizer`] caches its [`crate::constrain::GrammarEnv`].
-pub(crate) type GrammarEnvSlot = Arc<Mutex<Option<Arc<crate::constrain::GrammarEnv>>>>;
+/// Where a [`Tokenizer`] caches its grammar environment (the constrained-decoding module's
+/// `GrammarEnv`, kept opaque here so that the tokenizer does not depend on it).
+pub(crate) type GrammarEnvSlot = Arc<Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>>;
 
 /// The parts a constructor has gathered before [`Tokenizer::assemble`] checks them.
 #[derive(Debug, Default)]
@@ -513,8 +514,8 @@ impl Tokenizer {
         &self.inner
     }
 
-    /// The cache slot of [`crate::constrain::GrammarEnv::for_tokenizer`].
-    pub(crate) fn grammar_env_slot(&self) -> &Mutex<Option<Arc<crate::constrain::GrammarEnv>>> {
+    /// The cache slot of the constrained-decoding module's `GrammarEnv::for_tokenizer`.
+    pub(crate) fn grammar_env_slot(&self) -> &Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>> {
         &self.grammar_env
     }
 }

@@ -13,10 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pocketlm::chat_template::Message;
-use pocketlm::constrain::{generate_json, Constraint, ConstraintError, GrammarEnv, TokenBytes};
+use pocketlm::constrain::{Constraint, ConstraintError, GrammarEnv, TokenBytes};
 use pocketlm::generate::{generate, FinishReason, GenerateParams, GenerationOutput};
 use pocketlm::loader::{load, LoadOptions, LoadedModel, Prompt};
 use pocketlm::sampling::SamplingParams;
+use pocketlm::structured::generate_json;
 use pocketlm::tokenizer::Tokenizer;
 use pocketlm::Error;
 use serde_json::{json, Value};
