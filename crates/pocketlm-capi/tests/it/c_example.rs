@@ -19,6 +19,33 @@ pub fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The folder holding `libpocketlm_capi.so` (or `.dylib`). `cargo build` copies the cdylib up
+/// into the profile folder; `cargo test` alone leaves it in `<profile>/deps`, beside the test
+/// binary. Of the two, the newer file wins, so a stale copy from an earlier `cargo build` is not
+/// linked against today's header.
+fn shared_library_dir() -> PathBuf {
+    let profile = profile_dir();
+    let candidates = [profile.join("deps"), profile.clone()];
+    let newest = candidates
+        .iter()
+        .filter_map(|dir| {
+            ["libpocketlm_capi.so", "libpocketlm_capi.dylib"]
+                .iter()
+                .map(|name| dir.join(name))
+                .find(|p| p.is_file())
+                .and_then(|p| p.metadata().and_then(|m| m.modified()).ok())
+                .map(|t| (t, dir.clone()))
+        })
+        .max_by_key(|(t, _)| *t);
+    match newest {
+        Some((_, dir)) => dir,
+        None => panic!(
+            "no libpocketlm_capi shared library in {} or its deps/ folder",
+            profile.display()
+        ),
+    }
+}
+
 /// Compiles the example with the system C compiler (`$CC`, else `cc`) into the test tmpdir,
 /// once per test process.
 fn build_example() -> PathBuf {
@@ -28,13 +55,7 @@ fn build_example() -> PathBuf {
 
 fn compile() -> PathBuf {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib_dir = profile_dir();
-    assert!(
-        lib_dir.join("libpocketlm_capi.so").is_file()
-            || lib_dir.join("libpocketlm_capi.dylib").is_file(),
-        "no libpocketlm_capi shared library in {}",
-        lib_dir.display()
-    );
+    let lib_dir = shared_library_dir();
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pocketlm-c-generate");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(&cc)
