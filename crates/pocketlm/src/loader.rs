@@ -34,7 +34,8 @@ pub struct LoadOptions {
     /// Keep GGUF weights in their file layout instead of repacking them at load for this
     /// CPU's fastest kernels (llama.cpp's `--no-repack`): slower prefill, memory-mapped
     /// weights, and products in the float order of ggml's `vec_dot` kernels, the order
-    /// llama.cpp's x86 build uses for `Q8_0` (it repacks `Q4_0` and `Q4_K` only).
+    /// llama.cpp's x86 build uses for `Q8_0` (it repacks `Q4_0` and `Q4_K` only). MLX 4-bit
+    /// layers likewise keep MLX's layout and the unpacked kernels' float order.
     pub no_repack: bool,
 }
 
@@ -420,7 +421,8 @@ pub fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = opts.device.open()?;
     let weights = SafetensorsWeights::open_folder(dir, &config, device)?
         .dequantized(opts.dequantize)
-        .exact_mlx_matmul(opts.exact_mlx_matmul);
+        .exact_mlx_matmul(opts.exact_mlx_matmul)
+        .repacked(!opts.no_repack);
     let model = (arch.build)(&config, &weights)?;
     let tok_json = dir.join("tokenizer.json");
     if !tok_json.is_file() {

@@ -143,6 +143,7 @@ pub struct SafetensorsWeights {
     quant: Option<QuantConfig>,
     dequantize: bool,
     exact_mlx_matmul: bool,
+    repack: bool,
 }
 
 impl std::fmt::Debug for SafetensorsWeights {
@@ -246,6 +247,7 @@ impl SafetensorsWeights {
             quant,
             dequantize: false,
             exact_mlx_matmul: false,
+            repack: true,
         })
     }
 
@@ -256,7 +258,15 @@ impl SafetensorsWeights {
         self
     }
 
-    /// Mark MLX quantized layers for `mx.quantized_matmul`'s f32 arithmetic
+    /// Repack MLX 4-bit layers for this CPU's fastest kernels where it has them (the default;
+    /// see [`crate::kernels::PackedMlx4`]), or keep MLX's layout
+    /// ([`crate::loader::LoadOptions::no_repack`]).
+    pub fn repacked(mut self, yes: bool) -> Self {
+        self.repack = yes;
+        self
+    }
+
+    /// Keep MLX 4-bit layers on `mx.quantized_matmul`'s f32 arithmetic
     /// ([`crate::loader::LoadOptions::exact_mlx_matmul`]).
     pub fn exact_mlx_matmul(mut self, yes: bool) -> Self {
         self.exact_mlx_matmul = yes;
@@ -417,7 +427,7 @@ impl SafetensorsWeights {
         Placement {
             device: self.device.clone(),
             dequantize: self.dequantize,
-            repack: false,
+            repack: self.repack,
         }
     }
 

@@ -53,7 +53,10 @@ pub fn supports(w: &AffineQuantized) -> bool {
     cfg!(target_endian = "little") && matches!(w.bits(), 4 | 8)
 }
 
-fn mat_ref(w: &AffineQuantized) -> Result<MatRef<'_>, KernelError> {
+/// The planner's view of `w`.
+///
+/// Errors: [`KernelError::UnsupportedType`] unless [`supports`].
+pub(crate) fn mat_ref(w: &AffineQuantized) -> Result<MatRef<'_>, KernelError> {
     if !supports(w) {
         return Err(KernelError::UnsupportedType {
             name: NAME.to_string(),

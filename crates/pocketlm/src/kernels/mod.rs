@@ -43,6 +43,7 @@
 mod act;
 pub mod float;
 pub mod mlx;
+mod mlx_packed;
 mod packed;
 mod scalar;
 
@@ -70,6 +71,7 @@ use rayon::prelude::*;
 use crate::quant::mlx_affine::ParamDtype;
 
 pub(crate) use act::{quantize_acts, ActFormat, Acts};
+pub use mlx_packed::PackedMlx4;
 
 /// The GGUF (ggml) block types that have kernels here.
 ///
@@ -570,6 +572,12 @@ impl GgufMatrix {
         }
     }
 
+    /// Whether this CPU has the kernels of the 16-row packed layouts (AVX-512 VNNI), so that
+    /// repacking weights at load pays off ([`Self::repacked`], [`PackedMlx4`]).
+    pub fn packed_kernels_here() -> bool {
+        Self::packs_on(Backend::detect())
+    }
+
     /// Whether [`Self::repacked`] packs on this backend.
     fn packs_on(backend: Backend) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -875,6 +883,11 @@ pub(crate) enum Kind {
     Gguf(GgufType),
     /// GGUF blocks repacked in groups of 16 rows ([`packed`]).
     Packed(GgufType),
+    /// MLX affine 4-bit repacked in groups of 16 rows ([`mlx_packed`]).
+    MlxPacked {
+        /// Dtype of scales and biases.
+        params: ParamDtype,
+    },
     /// MLX affine, 4 or 8 bits.
     Mlx {
         /// Bits per code (4 or 8).
@@ -888,7 +901,7 @@ impl Kind {
     fn act_format(self) -> ActFormat {
         match self {
             Self::Gguf(t) | Self::Packed(t) => t.act_format(),
-            Self::Mlx { bits: 4, .. } => ActFormat::Q8_32Nib,
+            Self::Mlx { bits: 4, .. } | Self::MlxPacked { .. } => ActFormat::Q8_32Nib,
             Self::Mlx { .. } => ActFormat::Q8_32F,
         }
     }
@@ -1178,6 +1191,13 @@ fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
             return packed::tile_fn(t);
         }
         Kind::Mlx { bits, params } => return mlx::tile_fn(backend, bits, params),
+        Kind::MlxPacked { params } => {
+            #[cfg(target_arch = "x86_64")]
+            if GgufMatrix::packs_on(backend) {
+                return mlx_packed::avx512::tile_fn(params);
+            }
+            return mlx_packed::tile_fn(params);
+        }
     };
     match backend {
         #[cfg(target_arch = "x86_64")]
@@ -1234,6 +1254,7 @@ fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
         // Packed weights are split on whole groups of rows.
         let rows_per = match job.kind {
             Kind::Packed(_) => rows_per.div_ceil(packed::ROWS) * packed::ROWS,
+            Kind::MlxPacked { .. } => rows_per.div_ceil(mlx_packed::ROWS) * mlx_packed::ROWS,
             _ => rows_per,
         };
         let mut m0 = 0;

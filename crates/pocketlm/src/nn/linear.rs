@@ -9,7 +9,7 @@ use candle_core::{DType, Module, Tensor};
 use super::lora::{dense_forward, LoraLinear};
 use super::Mode;
 use crate::kernels::mlx as mlx_kernels;
-use crate::kernels::{forward_fused, GgufMatrix};
+use crate::kernels::{forward_refs, Backend, GgufMatrix, MatRef, PackedMlx4};
 use crate::quant::mlx_affine::AffineQuantized;
 use crate::{Error, Result};
 
@@ -49,6 +49,15 @@ pub enum Linear {
     Mlx {
         /// The quantized weight, `rows = out_features`, `cols = in_features`.
         weight: Arc<AffineQuantized>,
+        /// Optional float bias `[out]`.
+        bias: Option<Tensor>,
+    },
+    /// An MLX affine 4-bit weight repacked at load in groups of 16 rows for this CPU's
+    /// AVX-512 VNNI kernels ([`PackedMlx4`]); the numerics of [`Self::Mlx`]'s kernels up to
+    /// float summation order.
+    MlxPacked {
+        /// The packed weight, `rows = out_features`, `cols = in_features`.
+        weight: Arc<PackedMlx4>,
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
@@ -123,6 +132,7 @@ impl Linear {
             Self::Gguf { in_features, .. } => *in_features,
             Self::Kernel { weight, .. } => weight.cols(),
             Self::Mlx { weight, .. } => weight.cols(),
+            Self::MlxPacked { weight, .. } => weight.cols(),
             #[cfg(feature = "cuda")]
             Self::Cuda { weight, .. } => weight.dims().1,
             Self::Lora(l) => l.base.in_features(),
@@ -136,6 +146,7 @@ impl Linear {
             Self::Gguf { out_features, .. } => *out_features,
             Self::Kernel { weight, .. } => weight.rows(),
             Self::Mlx { weight, .. } => weight.rows(),
+            Self::MlxPacked { weight, .. } => weight.rows(),
             #[cfg(feature = "cuda")]
             Self::Cuda { weight, .. } => weight.dims().0,
             Self::Lora(l) => l.base.out_features(),
@@ -146,7 +157,10 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             Self::Dense(l) => l.bias(),
-            Self::Gguf { bias, .. } | Self::Kernel { bias, .. } | Self::Mlx { bias, .. } => {
+            Self::Gguf { bias, .. }
+            | Self::Kernel { bias, .. }
+            | Self::Mlx { bias, .. }
+            | Self::MlxPacked { bias, .. } => {
                 bias.as_ref()
             }
             Self::Lora(l) => l.base.bias(),
@@ -168,6 +182,9 @@ impl Linear {
             },
             Self::Kernel { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
             Self::Mlx { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
+            Self::MlxPacked { weight, .. } => {
+                Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?
+            }
             Self::Lora(l) => l.base.dequantized_weight()?,
             #[cfg(feature = "cuda")]
             Self::Cuda { .. } => {
@@ -204,26 +221,20 @@ impl Linear {
     /// all use our CPU kernels the input is quantized once and one parallel pass runs them all
     /// (q/k/v, gate/up); otherwise each runs on its own.
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        if layers.len() > 1 && x.device().is_cpu() {
-            let mats: Option<Vec<&GgufMatrix>> = layers
+        if layers.len() > 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
+            let refs: Option<Vec<MatRef<'_>>> = layers
                 .iter()
                 .map(|l| match l {
-                    Self::Kernel { weight, bias: None } => Some(weight),
+                    Self::Kernel { weight, bias: None } => Some(weight.mat_ref()),
+                    Self::Mlx { weight, bias: None } if mlx_fast(weight, x) => {
+                        mlx_kernels::mat_ref(weight).ok()
+                    }
+                    Self::MlxPacked { weight, bias: None } => Some(weight.mat_ref()),
                     _ => None,
                 })
                 .collect();
-            if let Some(m) = mats {
-                return forward_fused(&m, x);
-            }
-            let mlx: Option<Vec<&AffineQuantized>> = layers
-                .iter()
-                .map(|l| match l {
-                    Self::Mlx { weight, bias: None } if mlx_fast(weight, x) => Some(&**weight),
-                    _ => None,
-                })
-                .collect();
-            if let Some(m) = mlx {
-                return mlx_kernels::forward_fused(&m, x);
+            if let Some(refs) = refs {
+                return forward_refs(Backend::detect(), &refs, x);
             }
         }
         layers.iter().map(|l| l.forward(x)).collect()
@@ -243,6 +254,15 @@ impl Linear {
                 )
             }
             Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
+            Self::MlxPacked { weight, bias } => {
+                // The kernels take f32 on the CPU; other inputs are converted there and back,
+                // as `mlx_matmul` does.
+                let xf = x.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+                let y = forward_refs(Backend::detect(), &[weight.mat_ref()], &xf)?
+                    .pop()
+                    .ok_or_else(|| Error::InvalidArgument("no output".into()))?;
+                add_bias(y.to_device(x.device())?, bias)
+            }
             #[cfg(feature = "cuda")]
             Self::Cuda { weight, bias } => add_bias(weight.forward(x)?, bias),
             Self::Lora(l) => l.forward(x),
