@@ -59,6 +59,9 @@ pub struct EmbedOptions {
     /// padded to the longest of their batch, so the results do not depend on it beyond
     /// float rounding.
     pub batch_size: usize,
+    /// L2-normalize (unit length) or not, instead of what the model does
+    /// ([`EmbeddingModel::normalizes`]); `None` (the default) follows the model.
+    pub normalize: Option<bool>,
 }
 
 impl Default for EmbedOptions {
@@ -67,6 +70,7 @@ impl Default for EmbedOptions {
             dimensions: None,
             truncate: true,
             batch_size: 32,
+            normalize: None,
         }
     }
 }
@@ -432,20 +436,21 @@ impl EmbeddingModel {
                 .to_vec1::<f32>()?;
             for (r, &i) in batch.iter().enumerate() {
                 let row = &states[r * longest * hidden..(r * longest + ids[i].len()) * hidden];
-                out[i] = self.finish(self.pooling.pool(row, hidden), opts.dimensions);
+                out[i] = self.finish(self.pooling.pool(row, hidden), opts);
             }
         }
         Ok(out)
     }
 
     /// Normalization and `dimensions` on one pooled vector.
-    fn finish(&self, mut v: Vec<f32>, dimensions: Option<usize>) -> Vec<f32> {
-        if self.normalize {
+    fn finish(&self, mut v: Vec<f32>, opts: &EmbedOptions) -> Vec<f32> {
+        let normalize = opts.normalize.unwrap_or(self.normalize);
+        if normalize {
             l2_normalize(&mut v);
         }
-        if let Some(d) = dimensions.filter(|&d| d < v.len()) {
+        if let Some(d) = opts.dimensions.filter(|&d| d < v.len()) {
             v.truncate(d);
-            if self.normalize {
+            if normalize {
                 l2_normalize(&mut v);
             }
         }
