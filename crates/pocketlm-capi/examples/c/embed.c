@@ -3,12 +3,13 @@
  * the texts are. The C API's embedding example.
  *
  *   cc embed.c -I ../../include -L <target dir> -lpocketlm_capi -lm -o embed
- *   ./embed [--model PATH] [--no-normalize] "A man is eating food." "A man rides a horse."
+ *   ./embed [--model PATH] [--no-normalize] [--batch-size N] "A man is eating food." "A man rides a horse."
  *
  * Without --model it loads all-MiniLM-L6-v2 (384 dimensions, downloaded into $POCKETLM_HOME
  * on first use). Each text's embedding goes to stdout as one line of space-separated floats
  * (in the order given); the cosine similarity of the first text with each other one goes to
- * stderr.
+ * stderr. --batch-size: texts per forward pass (default 32; each batch is padded to its
+ * longest text, so texts of very different lengths run faster in small batches).
  */
 #include <math.h>
 #include <stdio.h>
@@ -47,12 +48,15 @@ int main(int argc, char **argv) {
       model_path = argv[++i];
     } else if (strcmp(argv[i], "--no-normalize") == 0) {
       params.normalize = POCKETLM_NORMALIZE_OFF;
+    } else if (strcmp(argv[i], "--batch-size") == 0 && i + 1 < argc) {
+      params.batch_size = (uint32_t)strtoul(argv[++i], NULL, 10);
     } else {
       texts[n++] = argv[i];
     }
   }
   if (n == 0) {
-    fprintf(stderr, "usage: %s [--model PATH] [--no-normalize] TEXT...\n", argv[0]);
+    fprintf(stderr, "usage: %s [--model PATH] [--no-normalize] [--batch-size N] TEXT...\n",
+            argv[0]);
     free(texts);
     return 2;
   }

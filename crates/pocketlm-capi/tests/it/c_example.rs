@@ -234,9 +234,13 @@ fn c_embed_example_matches_sentence_transformers() {
     let (sentences, golden) = minilm_goldens();
     let model = pocketlm_testutil::minilm_path();
     let exe = build_example("embed");
+    // One text per forward pass: a batch pads every text to its longest (the last sentence,
+    // 256 tokens), several times slower on two cores; the results do not depend on it beyond
+    // rounding (embed.rs checks batch sizes).
     let out = Command::new(&exe)
         .arg("--model")
         .arg(&model)
+        .args(["--batch-size", "1"])
         .args(&sentences)
         .output()
         .expect("running the C embed example");
