@@ -354,6 +354,10 @@ class EmbeddingTest(unittest.TestCase):
         with self.assertRaises(pocketlm.PocketLMError) as cm:
             pocketlm.load_embedding(GOLDEN_DIR)
         self.assertIn("config.json", str(cm.exception))
+        # A file (such as a chat model's .gguf) where a folder is expected.
+        with self.assertRaises(pocketlm.PocketLMError) as cm:
+            pocketlm.load_embedding(os.path.join(GOLDEN_DIR, "sentences.json"))
+        self.assertIn("sentences.json: a file, not an embedding model folder", str(cm.exception))
 
     def test_embedding_releases_the_gil(self):
         texts = self.sentences[:19]  # the short ones, about 0.3 s

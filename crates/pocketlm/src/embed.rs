@@ -149,7 +149,7 @@ impl EmbeddingModel {
     /// `modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`), or a hub id.
     ///
     /// Errors: [`Error::Io`] / [`Error::Model`] naming the missing or malformed file or field
-    /// (an unsupported sentence-transformers module such as `Dense`, a pooling config with no
+    /// (a file such as a `.gguf` where a folder is expected, an unsupported sentence-transformers module such as `Dense`, a pooling config with no
     /// or several modes, a `word_embedding_dimension` that is not the model's width);
     /// [`Error::UnsupportedArchitecture`]; [`Error::Fetch`] for a named model that cannot be
     /// downloaded; [`Error::InvalidArgument`] for `max_tokens` 0 or above the model's positions.
@@ -162,6 +162,14 @@ impl EmbeddingModel {
     ///
     /// Errors: as [`Self::load`].
     pub fn load_folder(dir: &Path, opts: &LoadEmbeddingOptions) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::Model(format!(
+                "{}: a file, not an embedding model folder (a Hugging Face / \
+                 sentence-transformers folder with config.json, model.safetensors and \
+                 tokenizer.json)",
+                dir.display()
+            )));
+        }
         let model_dir = transformer_dir(dir)?;
         let config_path = model_dir.join("config.json");
         let mut config = read_json(&config_path)?.ok_or_else(|| {

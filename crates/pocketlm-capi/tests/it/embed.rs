@@ -296,9 +296,13 @@ fn loading_errors_name_what_is_wrong() {
     )
     .expect("no NUL");
     let s = unsafe { pocketlm_embedding_model_load(gguf.as_ptr(), null(), &mut m) };
-    assert_ne!(s, PocketlmStatus::Ok);
+    assert_eq!(s, PocketlmStatus::Model, "{:?}", last_error());
     assert!(m.is_null());
-    assert!(last_error().is_some());
+    let msg = last_error().expect("a message");
+    assert!(
+        msg.contains("SmolLM2-135M-Instruct.Q4_1.gguf: a file, not an embedding model folder"),
+        "{msg}"
+    );
 
     let s = unsafe { pocketlm_embedding_model_load(path.as_ptr(), null(), null_mut()) };
     assert_eq!(s, PocketlmStatus::NullArgument);
