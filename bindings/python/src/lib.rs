@@ -11,12 +11,11 @@
 //!
 //! A thin layer: each function converts its Python arguments to the library's types and calls
 //! the library's public API (`loader::load`, `generate::generate`, `session::ChatSession`,
-//! `convert::convert`, `lora::Adapter`, `embed::EmbeddingModel`); library errors become Python exceptions
-//! ([`PocketLMError`] and its subclasses). The GIL is released while the model runs
+//! `convert::convert`, `lora::Adapter`, `embed::EmbeddingModel`); library errors become Python
+//! exceptions ([`PocketLMError`] and its subclasses). The GIL is released while the model runs
 //! (`Python::detach`), so other Python threads go on, and several threads may generate with
 //! one model at once. Streams run the generation on a worker thread that hands events over a
 //! rendezvous channel; dropping the iterator stops the generation.
-//!
 //!
 //! Sentence embeddings (`pocketlm::embed`):
 //!

@@ -3,7 +3,8 @@
  * the texts are. The C API's embedding example.
  *
  *   cc embed.c -I ../../include -L <target dir> -lpocketlm_capi -lm -o embed
- *   ./embed [--model PATH] [--no-normalize] [--batch-size N] "A man is eating food." "A man rides a horse."
+ *   ./embed [--model PATH] [--no-normalize] [--batch-size N] \
+ *       "A man is eating food." "A man rides a horse."
  *
  * Without --model it loads all-MiniLM-L6-v2 (384 dimensions, downloaded into $POCKETLM_HOME
  * on first use). Each text's embedding goes to stdout as one line of space-separated floats
