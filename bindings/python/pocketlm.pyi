@@ -190,6 +190,44 @@ def convert(
     """Converts a GGUF file or a Hugging Face / MLX folder to an MLX folder (as mlx-lm's
     convert and `pocketlm convert`); returns the output folder."""
 
-# EMBED(#28): once pocketlm::embed is merged, declare here
-#   class EmbeddingModel: dimension: int; def embed(self, texts: Sequence[str], ...) -> list[list[float]]
-#   def load_embedding_model(path: str | os.PathLike[str]) -> EmbeddingModel
+class EmbeddingModel:
+    """A sentence-embedding model (encoder, tokenizer, pooling, normalization), as
+    sentence-transformers computes embeddings. Made by `load_embedding`; thread-safe."""
+
+    @property
+    def dimension(self) -> int:
+        """Length of the embeddings (384 for all-MiniLM-L6-v2)."""
+    @property
+    def max_tokens(self) -> int:
+        """Longest input in tokens (special tokens included); longer texts are truncated."""
+    @property
+    def normalizes(self) -> bool:
+        """Whether `embed` L2-normalizes by default (`normalize=None`)."""
+    @property
+    def architecture(self) -> str:
+        """`bert` or `qwen3`."""
+    @property
+    def path(self) -> str:
+        """The folder the model was loaded from."""
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        normalize: bool | None = None,
+        dimensions: int | None = None,
+        batch_size: int = 32,
+    ) -> list[list[float]]:
+        """One list of `dimension` floats per text, in order. A single str is one text: the
+        answer is a list holding one vector (`embed("hi")[0]`). `normalize`: unit length or
+        not (None: the model's choice). `dimensions`: keep the first values and normalize
+        again (only models trained for it, Qwen3-Embedding; others accept their full
+        dimension only). The GIL is released while it runs. Raises InvalidArgumentError for
+        unsupported `dimensions` or `batch_size` 0, TypeError for texts that are not str."""
+
+def load_embedding(
+    path_or_id: str | os.PathLike[str] | None = None,
+    *,
+    device: str | None = None,
+) -> EmbeddingModel:
+    """Loads a sentence-transformers / Hugging Face folder (BERT, or Qwen3 as
+    Qwen3-Embedding), a hub id, or the name `all-minilm-l6-v2`; None is all-minilm-l6-v2
+    (downloaded on first use). `device`: "auto" (None), "cpu", "cuda", "cuda:N" or "metal"."""

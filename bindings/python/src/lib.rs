@@ -11,13 +11,18 @@
 //!
 //! A thin layer: each function converts its Python arguments to the library's types and calls
 //! the library's public API (`loader::load`, `generate::generate`, `session::ChatSession`,
-//! `convert::convert`, `lora::Adapter`); library errors become Python exceptions
-//! ([`PocketLMError`] and its subclasses). The GIL is released while the model runs
+//! `convert::convert`, `lora::Adapter`, `embed::EmbeddingModel`); library errors become Python
+//! exceptions ([`PocketLMError`] and its subclasses). The GIL is released while the model runs
 //! (`Python::detach`), so other Python threads go on, and several threads may generate with
 //! one model at once. Streams run the generation on a worker thread that hands events over a
 //! rendezvous channel; dropping the iterator stops the generation.
 //!
-//! Embeddings (issue #28) plug in once `pocketlm::embed` is merged: see `EMBED(#28)` below.
+//! Sentence embeddings (`pocketlm::embed`):
+//!
+//! ```python
+//! embedder = pocketlm.load_embedding()          # all-MiniLM-L6-v2; or a folder / hub id
+//! vectors = embedder.embed(["A man is eating food.", "A man rides a horse."])  # 2 x 384
+//! ```
 
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -393,6 +398,36 @@ struct Settings {
 }
 
 impl Settings {
+    /// The settings of `generate`, `stream_generate` and `ChatSession` (their keyword
+    /// arguments, mlx-lm's names; `temp` is the library's `temperature`).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        max_tokens: usize,
+        temp: Option<f32>,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        min_p: Option<f32>,
+        repetition_penalty: Option<f32>,
+        repetition_context_size: Option<usize>,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+    ) -> Self {
+        Self {
+            max_tokens,
+            overrides: SamplingOverrides {
+                temperature: temp,
+                top_p,
+                top_k,
+                min_p,
+                repetition_penalty,
+                repetition_context_size,
+                seed,
+                ..Default::default()
+            },
+            stop: stop.unwrap_or_default(),
+        }
+    }
+
     fn params(&self, m: &LoadedModel) -> GenerateParams {
         GenerateParams {
             max_tokens: self.max_tokens,
@@ -566,20 +601,17 @@ fn generate(
     stop: Option<Vec<String>>,
     verbose: bool,
 ) -> PyResult<String> {
-    let settings = Settings {
+    let settings = Settings::new(
         max_tokens,
-        overrides: SamplingOverrides {
-            temperature: temp,
-            top_p,
-            top_k,
-            min_p,
-            repetition_penalty,
-            repetition_context_size,
-            seed,
-            ..Default::default()
-        },
-        stop: stop.unwrap_or_default(),
-    };
+        temp,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        repetition_context_size,
+        seed,
+        stop,
+    );
     let (m, t) = (current(&model.slot), current(&tokenizer.slot));
     let print = if verbose {
         let print = py.import("builtins")?.getattr("print")?;
@@ -726,20 +758,17 @@ fn stream_generate(
     seed: Option<u64>,
     stop: Option<Vec<String>>,
 ) -> GenerationStream {
-    let settings = Settings {
+    let settings = Settings::new(
         max_tokens,
-        overrides: SamplingOverrides {
-            temperature: temp,
-            top_p,
-            top_k,
-            min_p,
-            repetition_penalty,
-            repetition_context_size,
-            seed,
-            ..Default::default()
-        },
-        stop: stop.unwrap_or_default(),
-    };
+        temp,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        repetition_context_size,
+        seed,
+        stop,
+    );
     let (m, t) = (current(&model.slot), current(&tokenizer.slot));
     GenerationStream::spawn(move |send| {
         let ids = match prompt.ids(&t) {
@@ -797,20 +826,17 @@ impl ChatSession {
         stop: Option<Vec<String>>,
     ) -> PyResult<Self> {
         let m = current(&model.slot);
-        let settings = Settings {
+        let settings = Settings::new(
             max_tokens,
-            overrides: SamplingOverrides {
-                temperature: temp,
-                top_p,
-                top_k,
-                min_p,
-                repetition_penalty,
-                repetition_context_size,
-                seed,
-                ..Default::default()
-            },
-            stop: stop.unwrap_or_default(),
-        };
+            temp,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            repetition_context_size,
+            seed,
+            stop,
+        );
         let options = SessionOptions {
             system,
             params: settings.params(&m),
@@ -961,12 +987,149 @@ fn convert(
     .map_err(PyErr::from)
 }
 
-// EMBED(#28): embeddings plug in here once `pocketlm::embed` is merged, in the same shape:
-// a frozen `#[pyclass] EmbeddingModel { inner: Arc<pocketlm::embed::EmbeddingModel> }` with a
-// `dimension` getter and `embed(texts: list[str], ...) -> list[list[float]]` calling
-// `EmbeddingModel::embed(&texts, &EmbedOptions { .. })` under `py.detach`; a
-// `load_embedding_model(path) -> EmbeddingModel` function calling `EmbeddingModel::load`;
-// both registered in the module below and declared in pocketlm.pyi.
+// ---------------------------------------------------------------------------------------------
+// Embeddings.
+
+/// A sentence-embedding model (`pocketlm::embed::EmbeddingModel`: encoder, tokenizer, pooling,
+/// normalization), as sentence-transformers computes embeddings. Made by
+/// `pocketlm.load_embedding`; safe to share between threads.
+#[pyclass(frozen, module = "pocketlm")]
+struct EmbeddingModel {
+    inner: Arc<pocketlm::embed::EmbeddingModel>,
+}
+
+/// `texts` as `embed` takes them: one string or a list of strings.
+#[derive(FromPyObject)]
+enum TextsArg {
+    #[pyo3(transparent)]
+    One(String),
+    #[pyo3(transparent)]
+    Many(Vec<String>),
+}
+
+#[pymethods]
+impl EmbeddingModel {
+    /// Embeds `texts`: one list of `dimension` floats (f32 values) per text, in order. A
+    /// single string is one text: the answer is then a list holding one vector too
+    /// (`embed("hi")[0]` is its embedding). An empty list gives an empty list.
+    ///
+    /// `normalize`: L2-normalize (unit length) or not; None follows the model
+    /// (all-MiniLM-L6-v2 normalizes). `dimensions`: keep the first `dimensions` values and
+    /// normalize again, for models trained for it (Qwen3-Embedding); others accept only their
+    /// full `dimension`. `batch_size`: texts per forward pass (at least 1; the results do not
+    /// depend on it beyond float rounding). Texts longer than `max_tokens` are truncated, as
+    /// sentence-transformers does. The GIL is released while the model runs.
+    ///
+    /// Raises `InvalidArgumentError` for `dimensions` the model does not support or
+    /// `batch_size` 0, `TypeError` for texts that are not strings, `PocketLMError` for other
+    /// library errors.
+    #[pyo3(signature = (texts, normalize = None, dimensions = None, batch_size = 32))]
+    fn embed(
+        &self,
+        py: Python<'_>,
+        texts: TextsArg,
+        normalize: Option<bool>,
+        dimensions: Option<usize>,
+        batch_size: usize,
+    ) -> PyResult<Vec<Vec<f32>>> {
+        if batch_size == 0 {
+            return Err(invalid_argument("batch_size 0: must be at least 1"));
+        }
+        let texts = match texts {
+            TextsArg::One(t) => vec![t],
+            TextsArg::Many(t) => t,
+        };
+        let opts = pocketlm::embed::EmbedOptions {
+            dimensions,
+            batch_size,
+            normalize,
+            ..Default::default()
+        };
+        let m = self.inner.clone();
+        Ok(py
+            .detach(|| {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                m.embed(&refs, &opts)
+            })
+            .map_err(LibError)?)
+    }
+
+    /// Length of the embeddings (the model's hidden width; 384 for all-MiniLM-L6-v2).
+    #[getter]
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+
+    /// Longest input in tokens (special tokens included); longer texts are truncated.
+    #[getter]
+    fn max_tokens(&self) -> usize {
+        self.inner.max_tokens()
+    }
+
+    /// Whether `embed` L2-normalizes by default (`normalize=None`).
+    #[getter]
+    fn normalizes(&self) -> bool {
+        self.inner.normalizes()
+    }
+
+    /// The architecture (`bert`, `qwen3`).
+    #[getter]
+    fn architecture(&self) -> String {
+        self.inner.architecture().to_string()
+    }
+
+    /// The folder the model was loaded from.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<pocketlm.EmbeddingModel {} ({} dimensions) from {}>",
+            self.inner.architecture(),
+            self.inner.dimension(),
+            self.inner.path().display()
+        )
+    }
+}
+
+/// Loads a sentence-embedding model (`pocketlm::embed::EmbeddingModel::load`).
+///
+/// `path_or_id`: a sentence-transformers / Hugging Face folder (BERT, or Qwen3 as
+/// Qwen3-Embedding), a hub id `org/name[@revision]`, or the name `all-minilm-l6-v2`; None is
+/// `all-minilm-l6-v2` (sentence-transformers/all-MiniLM-L6-v2, 384 dimensions, downloaded into
+/// `$POCKETLM_HOME`, default `~/.cache/pocketlm`, on first use, as the CLI's `embed` does).
+/// `device`: "auto" (None), "cpu", "cuda", "cuda:N" or "metal".
+///
+/// Raises `NotFoundError` for a path that does not exist, `InvalidArgumentError` for an
+/// unknown device, `PocketLMError` for a folder that is not an embedding model.
+#[pyfunction]
+#[pyo3(signature = (path_or_id = None, *, device = None))]
+fn load_embedding(
+    py: Python<'_>,
+    path_or_id: Option<PathBuf>,
+    device: Option<&str>,
+) -> PyResult<EmbeddingModel> {
+    let device: DeviceSpec = device.unwrap_or("auto").parse().map_err(LibError)?;
+    let spec = match path_or_id {
+        Some(p) => p
+            .into_os_string()
+            .into_string()
+            .map_err(|p| invalid_argument(format!("path_or_id {p:?} is not valid UTF-8")))?,
+        None => "all-minilm-l6-v2".to_string(),
+    };
+    let opts = pocketlm::embed::LoadEmbeddingOptions {
+        device,
+        ..Default::default()
+    };
+    let inner = py
+        .detach(|| pocketlm::embed::EmbeddingModel::load(&spec, &opts))
+        .map_err(LibError)?;
+    Ok(EmbeddingModel {
+        inner: Arc::new(inner),
+    })
+}
 
 // ---------------------------------------------------------------------------------------------
 // The module.
@@ -1002,9 +1165,11 @@ fn pocketlm_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<GenerationResponse>()?;
     m.add_class::<GenerationStream>()?;
     m.add_class::<ChatSession>()?;
+    m.add_class::<EmbeddingModel>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(generate, m)?)?;
     m.add_function(wrap_pyfunction!(stream_generate, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(load_embedding, m)?)?;
     Ok(())
 }

@@ -4,13 +4,20 @@ Run by crates/pocketlm-capi/tests/it/python.rs (`cargo test --profile ci --works
 builds and installs the package into a venv and sets:
 - POCKETLM_TEST_EXPECTED: a JSON file with the Rust API's greedy answers to the same requests
   (`prompt`, `max_tokens`, `text`, and `adapter_text` with the adapter below loaded);
-- POCKETLM_TEST_ADAPTER: a LoRA adapter folder (mlx-lm format, random weights) for the model.
+- POCKETLM_TEST_ADAPTER: a LoRA adapter folder (mlx-lm format, random weights) for the model;
+- POCKETLM_TEST_MINILM: the all-MiniLM-L6-v2 folder (fetched into $POCKETLM_HOME), whose
+  embeddings are compared with sentence-transformers' (the goldens committed under
+  crates/pocketlm/tests/golden/embeddings, from scripts/golden/embeddings.py).
 By hand: `python -m unittest -v test_pocketlm` in this folder after `pip install
 ./bindings/python`; the tests that need those files are then skipped.
 """
 
+import array
 import json
+import math
 import os
+import struct
+import sys
 import threading
 import time
 import unittest
@@ -19,6 +26,11 @@ import pocketlm
 
 EXPECTED = os.environ.get("POCKETLM_TEST_EXPECTED")
 ADAPTER = os.environ.get("POCKETLM_TEST_ADAPTER")
+MINILM = os.environ.get("POCKETLM_TEST_MINILM")
+GOLDEN_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "..", "..", "..", "crates", "pocketlm", "tests", "golden", "embeddings",
+)
 
 
 def chat_prompt(tokenizer, text):
@@ -212,6 +224,160 @@ class PocketLMTest(unittest.TestCase):
         del chat
         self.assertGreater(model.unload_adapter(), 0)
         self.assertEqual(greedy(), e["text"])
+
+
+def read_safetensors(path):
+    """{name: (shape, flat list)} of a safetensors file's F32 and U32 tensors (no numpy)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        a = array.array({"F32": "f", "U32": "I"}[t["dtype"]])
+        start, end = t["data_offsets"]
+        a.frombytes(data[start:end])
+        if sys.byteorder == "big":
+            a.byteswap()
+        out[name] = (t["shape"], a.tolist())
+    return out
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def norm(v):
+    return math.sqrt(sum(x * x for x in v))
+
+
+class EmbeddingTest(unittest.TestCase):
+    """all-MiniLM-L6-v2 against sentence-transformers' embeddings of the same sentences."""
+
+    @classmethod
+    def setUpClass(cls):
+        if MINILM is None:
+            raise unittest.SkipTest("POCKETLM_TEST_MINILM is not set")
+        cls.model = pocketlm.load_embedding(MINILM, device="cpu")
+        with open(os.path.join(GOLDEN_DIR, "sentences.json")) as f:
+            cls.sentences = json.load(f)
+        (rows, dim), flat = read_safetensors(
+            os.path.join(GOLDEN_DIR, "minilm.golden.safetensors")
+        )["embeddings"]
+        cls.golden = [flat[i * dim : (i + 1) * dim] for i in range(rows)]
+
+    def test_embeddings_match_sentence_transformers(self):
+        m = self.model
+        self.assertEqual(m.dimension, 384)
+        self.assertEqual(m.max_tokens, 256)
+        self.assertTrue(m.normalizes)
+        self.assertEqual(m.architecture, "bert")
+        self.assertIn("EmbeddingModel bert (384 dimensions)", repr(m))
+        # One text per forward pass: a batch pads every text to its longest (the last
+        # sentence, 256 tokens), which costs seconds on two cores; the batch size does not
+        # change the results beyond rounding (test_normalize_and_dimensions).
+        got = m.embed(self.sentences, batch_size=1)
+        self.assertEqual(len(got), len(self.golden))
+        worst = 0.0
+        for i, (g, w) in enumerate(zip(got, self.golden)):
+            self.assertEqual(len(g), 384)
+            self.assertIsInstance(g[0], float)
+            self.assertGreaterEqual(cosine(g, w), 0.9999, f"sentence {i}")
+            worst = max(worst, max(abs(x - y) for x, y in zip(g, w)))
+        print(
+            f"\nall-MiniLM-L6-v2 from Python: max abs diff {worst:.3e} over "
+            f"{len(got)} sentences",
+            file=sys.stderr,
+        )
+        self.assertLess(worst, 1e-4)
+
+    def test_the_default_is_all_minilm_by_name(self):
+        # None and the name resolve to the folder the test got (fetched into $POCKETLM_HOME).
+        by_name = pocketlm.load_embedding("all-minilm-l6-v2", device="cpu")
+        self.assertEqual(os.path.realpath(by_name.path), os.path.realpath(MINILM))
+        self.assertEqual(
+            os.path.realpath(pocketlm.load_embedding().path), os.path.realpath(MINILM)
+        )
+        self.assertEqual(by_name.embed(self.sentences[:2]), self.model.embed(self.sentences[:2]))
+
+    def test_one_string_is_one_text(self):
+        one = self.model.embed("A man is eating food.")
+        self.assertEqual(len(one), 1)
+        self.assertEqual(one, self.model.embed(["A man is eating food."]))
+        self.assertGreaterEqual(cosine(one[0], self.golden[0]), 0.9999)
+        self.assertEqual(self.model.embed([]), [])
+
+    def test_normalize_and_dimensions(self):
+        texts = self.sentences[:3]
+        default = self.model.embed(texts)
+        on = self.model.embed(texts, normalize=True)
+        off = self.model.embed(texts, normalize=False)
+        self.assertEqual(on, default)
+        for v, raw in zip(on, off):
+            self.assertAlmostEqual(norm(v), 1.0, places=5)
+            n = norm(raw)
+            self.assertGreater(abs(n - 1.0), 0.01, "an unnormalized vector")
+            self.assertLess(max(abs(x - y / n) for x, y in zip(v, raw)), 1e-6)
+        # The full dimension is accepted; MiniLM was not trained for shortened ones.
+        self.assertEqual(self.model.embed(texts, dimensions=384), default)
+        with self.assertRaises(pocketlm.InvalidArgumentError) as cm:
+            self.model.embed(texts, dimensions=100)
+        self.assertIsInstance(cm.exception, ValueError)
+        self.assertIn("dimensions 100", str(cm.exception))
+        with self.assertRaises(pocketlm.InvalidArgumentError):
+            self.model.embed(texts, dimensions=0)
+        # The batch size does not change the results beyond rounding.
+        by_one = self.model.embed(texts, batch_size=1)
+        for a, b in zip(by_one, default):
+            self.assertLess(max(abs(x - y) for x, y in zip(a, b)), 1e-5)
+
+    def test_bad_input_raises(self):
+        with self.assertRaises(pocketlm.InvalidArgumentError) as cm:
+            self.model.embed("x", batch_size=0)
+        self.assertIn("batch_size", str(cm.exception))
+        with self.assertRaises(TypeError):
+            self.model.embed(None)
+        with self.assertRaises(TypeError):
+            self.model.embed(["ok", 3])
+        with self.assertRaises(OverflowError):
+            self.model.embed("x", dimensions=-1)
+        with self.assertRaises(pocketlm.NotFoundError) as cm:
+            pocketlm.load_embedding("/nonexistent/dir/embedder")
+        self.assertIsInstance(cm.exception, FileNotFoundError)
+        self.assertIn("/nonexistent/dir/embedder", str(cm.exception))
+        with self.assertRaises(pocketlm.InvalidArgumentError):
+            pocketlm.load_embedding(MINILM, device="tpu")
+        # A folder that is not a model (the goldens' folder has no config.json).
+        with self.assertRaises(pocketlm.PocketLMError) as cm:
+            pocketlm.load_embedding(GOLDEN_DIR)
+        self.assertIn("config.json", str(cm.exception))
+        # A file (such as a chat model's .gguf) where a folder is expected.
+        with self.assertRaises(pocketlm.PocketLMError) as cm:
+            pocketlm.load_embedding(os.path.join(GOLDEN_DIR, "sentences.json"))
+        self.assertIn("sentences.json: a file, not an embedding model folder", str(cm.exception))
+
+    def test_embedding_releases_the_gil(self):
+        texts = self.sentences[:19]  # the short ones, about 0.3 s
+        span = {}
+
+        def run():
+            t0 = time.perf_counter()
+            self.model.embed(texts)
+            span["t"] = (t0, time.perf_counter())
+
+        t = threading.Thread(target=run)
+        t.start()
+        ticks = []
+        while t.is_alive():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)  # resuming needs the GIL
+        t.join()
+        s, e = span["t"]
+        inside = [x for x in ticks if s + 0.01 < x < e - 0.01]
+        self.assertGreater(len(inside), 5, f"{len(ticks)} ticks over {e - s:.3f} s")
 
 
 if __name__ == "__main__":

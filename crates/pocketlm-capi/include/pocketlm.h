@@ -11,6 +11,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// [`PocketlmEmbedParams::normalize`]: follow the model (all-MiniLM-L6-v2 and Qwen3-Embedding
+// normalize; a folder without a `Normalize` module does not).
+#define POCKETLM_NORMALIZE_DEFAULT 0
+
+// [`PocketlmEmbedParams::normalize`]: L2-normalize every embedding (unit length).
+#define POCKETLM_NORMALIZE_ON 1
+
+// [`PocketlmEmbedParams::normalize`]: leave the pooled vectors as they are.
+#define POCKETLM_NORMALIZE_OFF 2
+
 // Result of every fallible call. `POCKETLM_STATUS_OK` (0) is success; any other value is a
 // failure whose message [`pocketlm_last_error`] returns.
 typedef enum PocketlmStatus {
@@ -63,6 +73,10 @@ typedef enum PocketlmFinishReason {
 // A multi-turn conversation that keeps its KV cache between turns
 // (`pocketlm::session::ChatSession`). Use from one thread at a time.
 typedef struct PocketlmChat PocketlmChat;
+
+// A loaded sentence-embedding model (`pocketlm::embed::EmbeddingModel`: encoder, tokenizer,
+// pooling, normalization). Thread-safe: several threads may embed with one handle at once.
+typedef struct PocketlmEmbeddingModel PocketlmEmbeddingModel;
 
 // A loaded model: network, tokenizer and chat template (`pocketlm::loader::LoadedModel`).
 // Thread-safe; chat sessions keep it alive after [`pocketlm_model_free`].
@@ -145,6 +159,34 @@ typedef struct PocketlmGenerateStats {
   // cancelled).
   double decode_tokens_per_second;
 } PocketlmGenerateStats;
+
+// How to load an embedding model. Zero-initialised (`PocketlmEmbeddingLoadOptions o = {0};`)
+// or NULL means the defaults: device "auto", the folder's longest input.
+typedef struct PocketlmEmbeddingLoadOptions {
+  // "auto", "cpu", "cuda", "cuda:N" or "metal"; NULL is "auto".
+  const char *device;
+  // Longest input in tokens (1 to the model's positions); 0 is the folder's
+  // (`max_seq_length`, 256 for all-MiniLM-L6-v2).
+  uint32_t max_tokens;
+} PocketlmEmbeddingLoadOptions;
+
+// How to embed. Zero-initialised (`PocketlmEmbedParams p = {0};`) or NULL means the
+// defaults: the model's normalization, its full dimension, batches of 32, long inputs
+// truncated.
+typedef struct PocketlmEmbedParams {
+  // [`POCKETLM_NORMALIZE_DEFAULT`] (0), [`POCKETLM_NORMALIZE_ON`] or
+  // [`POCKETLM_NORMALIZE_OFF`].
+  int32_t normalize;
+  // Values per embedding: 0 is the model's dimension ([`pocketlm_embedding_dimension`]);
+  // a smaller value only for models trained for it (Matryoshka: Qwen3-Embedding), which
+  // keep the first `dimensions` values and normalize again.
+  uint32_t dimensions;
+  // Texts per forward pass; 0 is 32. Results do not depend on it beyond float rounding.
+  uint32_t batch_size;
+  // Refuse (`INVALID_ARGUMENT`) a text longer than the model's longest input instead of
+  // truncating it (the default, as sentence-transformers does).
+  bool no_truncate;
+} PocketlmEmbedParams;
 
 #ifdef __cplusplus
 extern "C" {
@@ -298,6 +340,61 @@ size_t pocketlm_chat_message_count(const struct PocketlmChat *chat);
 //
 // Safety: `chat` from [`pocketlm_chat_new`], not used afterwards, not freed twice.
 void pocketlm_chat_free(struct PocketlmChat *chat);
+
+// Loads a sentence-embedding model (`pocketlm::embed::EmbeddingModel::load`).
+//
+// `model`: a sentence-transformers / Hugging Face folder (BERT or Qwen3-Embedding:
+// `config.json`, `model.safetensors`, `tokenizer.json`, optionally `modules.json` and
+// `1_Pooling/config.json`), a hub id `org/name[@revision]`, or the name `all-minilm-l6-v2`;
+// NULL is `all-minilm-l6-v2` (sentence-transformers/all-MiniLM-L6-v2, 384 dimensions),
+// downloaded into `$POCKETLM_HOME` (default `~/.cache/pocketlm`) on first use as the CLI's
+// `embed` does. `options`: NULL for the defaults. On success `*out_model` is a new handle,
+// released with [`pocketlm_embedding_model_free`].
+//
+// Errors: `NOT_FOUND` (no such path, and not a hub id), `MODEL` (a missing or malformed file,
+// an unsupported architecture or sentence-transformers module), `FETCH`, `INVALID_ARGUMENT`
+// (unknown device, `max_tokens` above the model's positions), `NULL_ARGUMENT` (`out_model`),
+// `INVALID_UTF8`.
+//
+// Safety: string arguments NUL-terminated or NULL; `options` valid or NULL; `out_model`
+// writable.
+enum PocketlmStatus pocketlm_embedding_model_load(const char *model,
+                                                  const struct PocketlmEmbeddingLoadOptions *options,
+                                                  struct PocketlmEmbeddingModel **out_model);
+
+// Releases an embedding model handle. NULL is ignored.
+//
+// Safety: `model` from [`pocketlm_embedding_model_load`], not used afterwards (by any
+// thread), not freed twice.
+void pocketlm_embedding_model_free(struct PocketlmEmbeddingModel *model);
+
+// Length of the model's embeddings (floats per text with the default
+// `PocketlmEmbedParams::dimensions`): 384 for all-MiniLM-L6-v2. 0 for NULL.
+//
+// Safety: `model` a live handle or NULL.
+size_t pocketlm_embedding_dimension(const struct PocketlmEmbeddingModel *model);
+
+// Embeds `n_texts` texts (`pocketlm::embed::EmbeddingModel::embed`): row `i` of `out`,
+// `out[i * d .. (i + 1) * d]`, is the embedding of `texts[i]` (f32), where `d` is
+// `params->dimensions` or, when that is 0, [`pocketlm_embedding_dimension`]. `out_len` is the
+// number of floats `out` holds: at least `n_texts * d`; only those are written.
+// `params`: NULL for the defaults. `n_texts` 0 writes nothing (`texts` and `out` may then be
+// NULL).
+//
+// Errors: `NULL_ARGUMENT` (`model`, `texts`, `texts[i]`, `out`), `INVALID_UTF8` (`texts[i]`),
+// `INVALID_ARGUMENT` (`out_len` too small, naming both numbers; `params.dimensions` the model
+// does not support; `params.normalize` not one of the `POCKETLM_NORMALIZE_*` values; a text
+// too long with `params.no_truncate`), `TOKENIZER`/`MODEL`, `BACKEND`. On error `out` is left
+// untouched.
+//
+// Safety: `model` a live handle; `texts` points to `n_texts` NUL-terminated strings; `out`
+// points to `out_len` writable floats; `params` valid or NULL.
+enum PocketlmStatus pocketlm_embed(const struct PocketlmEmbeddingModel *model,
+                                   const char *const *texts,
+                                   size_t n_texts,
+                                   const struct PocketlmEmbedParams *params,
+                                   float *out,
+                                   size_t out_len);
 
 #ifdef __cplusplus
 }  // extern "C"

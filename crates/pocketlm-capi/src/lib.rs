@@ -5,7 +5,8 @@
 //! structs and callbacks to the library's types and the library's errors to status codes.
 //!
 //! Conventions (as `llama.h`'s):
-//! - Handles are opaque pointers ([`PocketlmModel`], [`PocketlmChat`]) made by a `*_load` /
+//! - Handles are opaque pointers ([`PocketlmModel`], [`PocketlmChat`],
+//!   [`PocketlmEmbeddingModel`]) made by a `*_load` /
 //!   `*_new` function and released by the matching `*_free` (NULL is accepted and ignored).
 //! - Every fallible function returns a [`PocketlmStatus`]; on failure
 //!   [`pocketlm_last_error`] gives the message (per thread), and out-parameters are left
@@ -19,8 +20,9 @@
 //! - A model handle may be used by several threads at once (generations share the weights,
 //!   each has its own KV cache); a chat handle by one thread at a time.
 //!
-//! Embeddings (issue #28) plug in here once `pocketlm::embed` is merged: see the `EMBED(#28)`
-//! note at the end of this file.
+//! Sentence embeddings (`pocketlm::embed`): [`PocketlmEmbeddingModel`] from
+//! [`pocketlm_embedding_model_load`], vectors written into a caller's float array by
+//! [`pocketlm_embed`].
 
 #![allow(clippy::missing_safety_doc)] // Each function's safety contract is in its doc comment.
 
@@ -790,10 +792,225 @@ pub unsafe extern "C" fn pocketlm_chat_free(chat: *mut PocketlmChat) {
     }
 }
 
-// EMBED(#28): embeddings plug in here once `pocketlm::embed` is merged, in the same shape:
-// an opaque `PocketlmEmbeddingModel` holding `pocketlm::embed::EmbeddingModel`;
-// `pocketlm_embedding_model_load(const char *path, PocketlmEmbeddingModel **out)`,
-// `pocketlm_embedding_model_dimension(const PocketlmEmbeddingModel *)`,
-// `pocketlm_embed(model, const char *const *texts, size_t n, float *out /* n * dimension */)`
-// calling `EmbeddingModel::embed(&texts, &EmbedOptions::default())`, and
-// `pocketlm_embedding_model_free`; then regenerate include/pocketlm.h (POCKETLM_BLESS=1).
+// ---------------------------------------------------------------------------------------------
+// Embeddings.
+
+/// [`PocketlmEmbedParams::normalize`]: follow the model (all-MiniLM-L6-v2 and Qwen3-Embedding
+/// normalize; a folder without a `Normalize` module does not).
+pub const POCKETLM_NORMALIZE_DEFAULT: i32 = 0;
+/// [`PocketlmEmbedParams::normalize`]: L2-normalize every embedding (unit length).
+pub const POCKETLM_NORMALIZE_ON: i32 = 1;
+/// [`PocketlmEmbedParams::normalize`]: leave the pooled vectors as they are.
+pub const POCKETLM_NORMALIZE_OFF: i32 = 2;
+
+/// A loaded sentence-embedding model (`pocketlm::embed::EmbeddingModel`: encoder, tokenizer,
+/// pooling, normalization). Thread-safe: several threads may embed with one handle at once.
+pub struct PocketlmEmbeddingModel {
+    inner: pocketlm::embed::EmbeddingModel,
+}
+
+/// How to load an embedding model. Zero-initialised (`PocketlmEmbeddingLoadOptions o = {0};`)
+/// or NULL means the defaults: device "auto", the folder's longest input.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PocketlmEmbeddingLoadOptions {
+    /// "auto", "cpu", "cuda", "cuda:N" or "metal"; NULL is "auto".
+    pub device: *const c_char,
+    /// Longest input in tokens (1 to the model's positions); 0 is the folder's
+    /// (`max_seq_length`, 256 for all-MiniLM-L6-v2).
+    pub max_tokens: u32,
+}
+
+/// How to embed. Zero-initialised (`PocketlmEmbedParams p = {0};`) or NULL means the
+/// defaults: the model's normalization, its full dimension, batches of 32, long inputs
+/// truncated.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PocketlmEmbedParams {
+    /// [`POCKETLM_NORMALIZE_DEFAULT`] (0), [`POCKETLM_NORMALIZE_ON`] or
+    /// [`POCKETLM_NORMALIZE_OFF`].
+    pub normalize: i32,
+    /// Values per embedding: 0 is the model's dimension ([`pocketlm_embedding_dimension`]);
+    /// a smaller value only for models trained for it (Matryoshka: Qwen3-Embedding), which
+    /// keep the first `dimensions` values and normalize again.
+    pub dimensions: u32,
+    /// Texts per forward pass; 0 is 32. Results do not depend on it beyond float rounding.
+    pub batch_size: u32,
+    /// Refuse (`INVALID_ARGUMENT`) a text longer than the model's longest input instead of
+    /// truncating it (the default, as sentence-transformers does).
+    pub no_truncate: bool,
+}
+
+/// Loads a sentence-embedding model (`pocketlm::embed::EmbeddingModel::load`).
+///
+/// `model`: a sentence-transformers / Hugging Face folder (BERT or Qwen3-Embedding:
+/// `config.json`, `model.safetensors`, `tokenizer.json`, optionally `modules.json` and
+/// `1_Pooling/config.json`), a hub id `org/name[@revision]`, or the name `all-minilm-l6-v2`;
+/// NULL is `all-minilm-l6-v2` (sentence-transformers/all-MiniLM-L6-v2, 384 dimensions),
+/// downloaded into `$POCKETLM_HOME` (default `~/.cache/pocketlm`) on first use as the CLI's
+/// `embed` does. `options`: NULL for the defaults. On success `*out_model` is a new handle,
+/// released with [`pocketlm_embedding_model_free`].
+///
+/// Errors: `NOT_FOUND` (no such path, and not a hub id), `MODEL` (a missing or malformed file,
+/// an unsupported architecture or sentence-transformers module), `FETCH`, `INVALID_ARGUMENT`
+/// (unknown device, `max_tokens` above the model's positions), `NULL_ARGUMENT` (`out_model`),
+/// `INVALID_UTF8`.
+///
+/// Safety: string arguments NUL-terminated or NULL; `options` valid or NULL; `out_model`
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn pocketlm_embedding_model_load(
+    model: *const c_char,
+    options: *const PocketlmEmbeddingLoadOptions,
+    out_model: *mut *mut PocketlmEmbeddingModel,
+) -> PocketlmStatus {
+    boundary(|| {
+        out_arg(out_model, "out_model")?;
+        let spec = opt_str_arg(model, "model")?.unwrap_or("all-minilm-l6-v2");
+        let mut opts = pocketlm::embed::LoadEmbeddingOptions::default();
+        if let Some(o) = options.as_ref() {
+            if let Some(d) = opt_str_arg(o.device, "options.device")? {
+                opts.device = d.parse::<DeviceSpec>().map_err(|e| {
+                    Failure::new(
+                        PocketlmStatus::InvalidArgument,
+                        format!("`options.device`: {e}"),
+                    )
+                })?;
+            }
+            opts.max_tokens = (o.max_tokens != 0).then_some(o.max_tokens as usize);
+        }
+        let inner = pocketlm::embed::EmbeddingModel::load(spec, &opts)?;
+        *out_model = Box::into_raw(Box::new(PocketlmEmbeddingModel { inner }));
+        Ok(())
+    })
+}
+
+/// Releases an embedding model handle. NULL is ignored.
+///
+/// Safety: `model` from [`pocketlm_embedding_model_load`], not used afterwards (by any
+/// thread), not freed twice.
+#[no_mangle]
+pub unsafe extern "C" fn pocketlm_embedding_model_free(model: *mut PocketlmEmbeddingModel) {
+    if !model.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(model))));
+    }
+}
+
+/// Length of the model's embeddings (floats per text with the default
+/// `PocketlmEmbedParams::dimensions`): 384 for all-MiniLM-L6-v2. 0 for NULL.
+///
+/// Safety: `model` a live handle or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pocketlm_embedding_dimension(
+    model: *const PocketlmEmbeddingModel,
+) -> usize {
+    catch_unwind(AssertUnwindSafe(|| {
+        model.as_ref().map_or(0, |m| m.inner.dimension())
+    }))
+    .unwrap_or(0)
+}
+
+/// Embeds `n_texts` texts (`pocketlm::embed::EmbeddingModel::embed`): row `i` of `out`,
+/// `out[i * d .. (i + 1) * d]`, is the embedding of `texts[i]` (f32), where `d` is
+/// `params->dimensions` or, when that is 0, [`pocketlm_embedding_dimension`]. `out_len` is the
+/// number of floats `out` holds: at least `n_texts * d`; only those are written.
+/// `params`: NULL for the defaults. `n_texts` 0 writes nothing (`texts` and `out` may then be
+/// NULL).
+///
+/// Errors: `NULL_ARGUMENT` (`model`, `texts`, `texts[i]`, `out`), `INVALID_UTF8` (`texts[i]`),
+/// `INVALID_ARGUMENT` (`out_len` too small, naming both numbers; `params.dimensions` the model
+/// does not support; `params.normalize` not one of the `POCKETLM_NORMALIZE_*` values; a text
+/// too long with `params.no_truncate`), `TOKENIZER`/`MODEL`, `BACKEND`. On error `out` is left
+/// untouched.
+///
+/// Safety: `model` a live handle; `texts` points to `n_texts` NUL-terminated strings; `out`
+/// points to `out_len` writable floats; `params` valid or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn pocketlm_embed(
+    model: *const PocketlmEmbeddingModel,
+    texts: *const *const c_char,
+    n_texts: usize,
+    params: *const PocketlmEmbedParams,
+    out: *mut f32,
+    out_len: usize,
+) -> PocketlmStatus {
+    boundary(|| {
+        let m = &ref_arg(model, "model")?.inner;
+        let p = params.as_ref().copied().unwrap_or(PocketlmEmbedParams {
+            normalize: POCKETLM_NORMALIZE_DEFAULT,
+            dimensions: 0,
+            batch_size: 0,
+            no_truncate: false,
+        });
+        let normalize = match p.normalize {
+            POCKETLM_NORMALIZE_DEFAULT => None,
+            POCKETLM_NORMALIZE_ON => Some(true),
+            POCKETLM_NORMALIZE_OFF => Some(false),
+            other => {
+                return Err(Failure::new(
+                    PocketlmStatus::InvalidArgument,
+                    format!(
+                        "`params.normalize` is {other}: POCKETLM_NORMALIZE_DEFAULT (0), \
+                         POCKETLM_NORMALIZE_ON (1) or POCKETLM_NORMALIZE_OFF (2)"
+                    ),
+                ))
+            }
+        };
+        let dimensions = (p.dimensions != 0).then_some(p.dimensions as usize);
+        m.check_dimensions(dimensions).map_err(|e| {
+            let why = match e {
+                pocketlm::Error::InvalidArgument(why) => why,
+                e => e.to_string(),
+            };
+            Failure::new(
+                PocketlmStatus::InvalidArgument,
+                format!("`params.dimensions`: {why}"),
+            )
+        })?;
+        if n_texts == 0 {
+            return Ok(());
+        }
+        let ptrs = std::slice::from_raw_parts(ref_arg(texts, "texts")?, n_texts);
+        let texts: Vec<&str> = ptrs
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| str_arg(t, &format!("texts[{i}]")))
+            .collect::<Result<_, _>>()?;
+        out_arg(out, "out")?;
+        let d = dimensions.unwrap_or_else(|| m.dimension());
+        let needed = n_texts.checked_mul(d).ok_or_else(|| {
+            Failure::new(PocketlmStatus::InvalidArgument, "`n_texts` is too large")
+        })?;
+        if out_len < needed {
+            return Err(Failure::new(
+                PocketlmStatus::InvalidArgument,
+                format!(
+                    "`out_len` is {out_len}, but {n_texts} text(s) of {d} dimensions need \
+                     {needed} floats"
+                ),
+            ));
+        }
+        let opts = pocketlm::embed::EmbedOptions {
+            dimensions,
+            truncate: !p.no_truncate,
+            batch_size: if p.batch_size == 0 {
+                pocketlm::embed::EmbedOptions::default().batch_size
+            } else {
+                p.batch_size as usize
+            },
+            normalize,
+        };
+        let vectors = m.embed(&texts, &opts)?;
+        if vectors.len() != n_texts || vectors.iter().any(|v| v.len() != d) {
+            return Err(Failure::new(
+                PocketlmStatus::Panic,
+                format!("internal error: the embeddings are not {n_texts} x {d} values"),
+            ));
+        }
+        let out = std::slice::from_raw_parts_mut(out, needed);
+        for (row, v) in out.chunks_exact_mut(d).zip(&vectors) {
+            row.copy_from_slice(v);
+        }
+        Ok(())
+    })
+}

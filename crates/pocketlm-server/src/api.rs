@@ -952,7 +952,8 @@ pub struct ChatCompletionChunk {
 /// One entry of `GET /v1/models`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelCard {
-    /// Model id (the file name without `.gguf`).
+    /// Model id (the chat model's: the file name without `.gguf` or `--model-id`; the
+    /// embedding model's: the name or path given to `--embedding-model`).
     pub id: String,
     /// `model`.
     pub object: &'static str,
@@ -967,7 +968,7 @@ pub struct ModelCard {
 pub struct ModelList {
     /// `list`.
     pub object: &'static str,
-    /// The loaded model.
+    /// The loaded models: the chat model, then the embedding model if any.
     pub data: Vec<ModelCard>,
 }
 

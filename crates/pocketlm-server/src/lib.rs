@@ -435,15 +435,20 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(format!("method {method} is not allowed on {}", uri.path()))
 }
 
+/// `GET /v1/models`: the chat model, then the embedding model when `serve` has one
+/// (`--embedding-model`), each under the id its answers carry.
 async fn list_models(State(s): State<AppState>) -> Json<ModelList> {
+    let card = |id: &str| ModelCard {
+        id: id.to_string(),
+        object: "model",
+        created: s.created,
+        owned_by: "pocketlm",
+    };
+    let mut data = vec![card(&s.model_id)];
+    data.extend(s.embeddings.as_deref().map(|e| card(e.id())));
     Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: s.model_id.to_string(),
-            object: "model",
-            created: s.created,
-            owned_by: "pocketlm",
-        }],
+        data,
     })
 }
 

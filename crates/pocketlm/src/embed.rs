@@ -59,6 +59,9 @@ pub struct EmbedOptions {
     /// padded to the longest of their batch, so the results do not depend on it beyond
     /// float rounding.
     pub batch_size: usize,
+    /// L2-normalize (unit length) or not, instead of what the model does
+    /// ([`EmbeddingModel::normalizes`]); `None` (the default) follows the model.
+    pub normalize: Option<bool>,
 }
 
 impl Default for EmbedOptions {
@@ -67,6 +70,7 @@ impl Default for EmbedOptions {
             dimensions: None,
             truncate: true,
             batch_size: 32,
+            normalize: None,
         }
     }
 }
@@ -145,7 +149,7 @@ impl EmbeddingModel {
     /// `modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`), or a hub id.
     ///
     /// Errors: [`Error::Io`] / [`Error::Model`] naming the missing or malformed file or field
-    /// (an unsupported sentence-transformers module such as `Dense`, a pooling config with no
+    /// (a file such as a `.gguf` where a folder is expected, an unsupported sentence-transformers module such as `Dense`, a pooling config with no
     /// or several modes, a `word_embedding_dimension` that is not the model's width);
     /// [`Error::UnsupportedArchitecture`]; [`Error::Fetch`] for a named model that cannot be
     /// downloaded; [`Error::InvalidArgument`] for `max_tokens` 0 or above the model's positions.
@@ -158,6 +162,14 @@ impl EmbeddingModel {
     ///
     /// Errors: as [`Self::load`].
     pub fn load_folder(dir: &Path, opts: &LoadEmbeddingOptions) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::Model(format!(
+                "{}: a file, not an embedding model folder (a Hugging Face / \
+                 sentence-transformers folder with config.json, model.safetensors and \
+                 tokenizer.json)",
+                dir.display()
+            )));
+        }
         let model_dir = transformer_dir(dir)?;
         let config_path = model_dir.join("config.json");
         let mut config = read_json(&config_path)?.ok_or_else(|| {
@@ -432,20 +444,21 @@ impl EmbeddingModel {
                 .to_vec1::<f32>()?;
             for (r, &i) in batch.iter().enumerate() {
                 let row = &states[r * longest * hidden..(r * longest + ids[i].len()) * hidden];
-                out[i] = self.finish(self.pooling.pool(row, hidden), opts.dimensions);
+                out[i] = self.finish(self.pooling.pool(row, hidden), opts);
             }
         }
         Ok(out)
     }
 
     /// Normalization and `dimensions` on one pooled vector.
-    fn finish(&self, mut v: Vec<f32>, dimensions: Option<usize>) -> Vec<f32> {
-        if self.normalize {
+    fn finish(&self, mut v: Vec<f32>, opts: &EmbedOptions) -> Vec<f32> {
+        let normalize = opts.normalize.unwrap_or(self.normalize);
+        if normalize {
             l2_normalize(&mut v);
         }
-        if let Some(d) = dimensions.filter(|&d| d < v.len()) {
+        if let Some(d) = opts.dimensions.filter(|&d| d < v.len()) {
             v.truncate(d);
-            if self.normalize {
+            if normalize {
                 l2_normalize(&mut v);
             }
         }

@@ -3,6 +3,7 @@
 //! package (`bindings/python`) built and tested in a venv.
 
 mod c_example;
+mod embed;
 mod errors;
 mod header;
 mod python;

@@ -1,6 +1,6 @@
 //! The Python package (`bindings/python`): `pip install` builds it with maturin into a venv,
 //! and its test suite (`bindings/python/tests/test_pocketlm.py`) runs against the Rust API's
-//! answers, computed here.
+//! answers, computed here, and sentence-transformers' embeddings (the committed goldens).
 //!
 //! Needs python3 (with `venv`) and PyPI through pip's usual configuration: the venv lives
 //! under `CARGO_TARGET_TMPDIR` and is reused while it holds the pinned maturin. The package is
@@ -207,6 +207,10 @@ fn python_package_builds_and_passes_its_tests() {
     let expected_file = tmp.join("python-test-expected.json");
     std::fs::write(&expected_file, expected.to_string()).expect("write the expected answers");
 
+    // all-MiniLM-L6-v2, fetched into $POCKETLM_HOME on first use: the embedding tests load
+    // it by path, by name and as the default.
+    let minilm = pocketlm_testutil::minilm_path();
+
     let python = venv();
     // `pip install ./bindings/python`, built by maturin with this profile in this target dir.
     let profile_dir = profile_dir();
@@ -261,7 +265,8 @@ fn python_package_builds_and_passes_its_tests() {
             .args(["-m", "unittest", "-v", "test_pocketlm"])
             .current_dir(root.join("bindings/python/tests"))
             .env("POCKETLM_TEST_EXPECTED", &expected_file)
-            .env("POCKETLM_TEST_ADAPTER", &adapter_dir),
+            .env("POCKETLM_TEST_ADAPTER", &adapter_dir)
+            .env("POCKETLM_TEST_MINILM", &minilm),
     );
     let report = show("python -m unittest -v test_pocketlm", &out);
     assert!(out.status.success(), "{report}");

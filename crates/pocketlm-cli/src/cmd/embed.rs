@@ -141,6 +141,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         dimensions: args.dimensions,
         truncate: !args.no_truncate,
         batch_size: args.batch_size.max(1),
+        ..Default::default()
     };
     model.check_dimensions(opts.dimensions)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();

@@ -168,3 +168,33 @@ fn a_server_without_an_embedding_model_answers_404() {
         .unwrap()
         .contains("--embedding-model"));
 }
+
+/// `GET /v1/models` lists the chat model and then the embedding model, under the id the
+/// embedding answers carry; a server without one lists the chat model alone (`server.rs`'s
+/// `health_and_models`).
+#[test]
+fn models_lists_the_embedding_model() {
+    let base = with_embeddings();
+    let mut resp = ureq::get(format!("{base}/v1/models"))
+        .call()
+        .expect("GET /v1/models");
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value =
+        serde_json::from_str(&resp.body_mut().read_to_string().expect("body")).expect("JSON");
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|c| {
+            assert_eq!(c["object"], "model", "{c}");
+            assert_eq!(c["owned_by"], "pocketlm", "{c}");
+            c["id"].as_str().expect("an id")
+        })
+        .collect();
+    assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", "all-minilm-l6-v2"]);
+    // The id listed is the one embedding answers name.
+    let (status, r) = post(base, &json!({"model": ids[1], "input": "x"}));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["model"], ids[1]);
+}

@@ -127,6 +127,8 @@ fn health_and_models() {
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
     assert_eq!(v["data"][0]["object"], "model");
+    // No embedding model: the chat model alone (embeddings.rs checks the other case).
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
 }
 
 #[test]

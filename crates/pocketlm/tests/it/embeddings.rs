@@ -292,3 +292,73 @@ fn an_older_folder_with_the_transformer_in_0_transformer_loads_the_same() -> Res
     assert_eq!(old.embed(&texts, &o)?, m.embed(&texts, &o)?);
     Ok(())
 }
+
+/// `EmbedOptions::normalize` overrides the model per call: on for a model that does not
+/// normalize (tiny BERT) gives its vectors divided by their norms; off for one that does (tiny
+/// Qwen3) gives the pooled vectors, in the same directions, and with `dimensions` their first
+/// values as they are.
+#[test]
+fn normalize_per_call_overrides_the_model() -> Res<()> {
+    let texts = [
+        "A man is eating food.",
+        "x",
+        "Paris is the capital of France.",
+    ];
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let with = |normalize, dimensions| EmbedOptions {
+        normalize,
+        dimensions,
+        ..Default::default()
+    };
+
+    let bert = tiny("tiny_bert")?;
+    let raw = bert.embed(&texts, &EmbedOptions::default())?;
+    assert_eq!(bert.embed(&texts, &with(Some(false), None))?, raw);
+    for (on, raw) in bert
+        .embed(&texts, &with(Some(true), None))?
+        .iter()
+        .zip(&raw)
+    {
+        let n = norm(raw);
+        assert!(
+            (n - 1.0).abs() > 1e-3,
+            "tiny BERT's vectors are not unit length: {n}"
+        );
+        let scaled: Vec<f32> = raw.iter().map(|&x| (x as f64 / n) as f32).collect();
+        assert!(max_diff(on, &scaled) <= 1e-6);
+    }
+
+    let qwen = tiny("tiny_qwen3")?;
+    let unit = qwen.embed(&texts, &EmbedOptions::default())?;
+    let off = qwen.embed(&texts, &with(Some(false), None))?;
+    let off16 = qwen.embed(&texts, &with(Some(false), Some(16)))?;
+    assert_eq!(qwen.embed(&texts, &with(Some(true), Some(16)))?, {
+        qwen.embed(&texts, &with(None, Some(16)))?
+    });
+    for i in 0..texts.len() {
+        let n = norm(&off[i]);
+        assert!((n - 1.0).abs() > 1e-3, "{n}");
+        let scaled: Vec<f32> = off[i].iter().map(|&x| (x as f64 / n) as f32).collect();
+        assert!(max_diff(&unit[i], &scaled) <= 1e-6);
+        assert_eq!(off16[i], off[i][..16]);
+    }
+    Ok(())
+}
+
+#[test]
+fn a_file_is_refused_as_not_a_folder() {
+    let file = golden_dir().join("sentences.json");
+    let e = EmbeddingModel::load_folder(&file, &cpu())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("sentences.json: a file, not an embedding model folder"),
+        "{e}"
+    );
+}
