@@ -237,6 +237,71 @@ mod tests {
         assert_eq!(allowed(&mut m, 300), vec![256]);
     }
 
+    /// The single-byte vocabulary (EOS `<|endoftext|>` = 256) with two added tokens as
+    /// Qwen's `tokenizer.json` has them: `<tool_call>` (257, `"special": false`) and
+    /// `<|im_end|>` (258, special, end of generation).
+    fn with_added_tokens() -> (tempfile::TempDir, Tokenizer) {
+        let base = bytes_tokenizer();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&base.inner().to_string(false).unwrap()).unwrap();
+        let added = |id: u32, content: &str, special: bool| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+        };
+        let list = json["added_tokens"].as_array_mut().unwrap();
+        list.push(added(257, "<tool_call>", false));
+        list.push(added(258, "<|im_end|>", true));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"eos_token": "<|endoftext|>"}"#,
+        )
+        .unwrap();
+        let tok = Tokenizer::from_files(
+            &dir.path().join("tokenizer.json"),
+            Some(&dir.path().join("tokenizer_config.json")),
+        )
+        .unwrap();
+        (dir, tok)
+    }
+
+    #[test]
+    fn added_tokens_not_marked_special_are_spelled_as_their_text() {
+        let (_dir, tok) = with_added_tokens();
+        assert_eq!(tok.token_to_id("<tool_call>"), Some(257));
+        assert_eq!(tok.token_to_id("<|im_end|>"), Some(258));
+        assert!(tok.is_eog(258) && tok.is_eog(256));
+        let t = TokenBytes::from_tokenizer(&tok).unwrap();
+        assert_eq!(t.bytes.len(), 259);
+        assert_eq!(t.bytes[257], b"<tool_call>".to_vec());
+        assert!(!t.special[257]);
+        assert_eq!(t.bytes[258], b"\xff<|im_end|>".to_vec());
+        assert!(t.special[258] && t.special[256]);
+
+        // A grammar holding the literal `<tool_call>` produces the added token (llguidance
+        // allows only the tokenizer's own tokenization of forced text).
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let lark = Constraint::Lark("start: \"<tool_call>\" \"x\"".into());
+        let mut m = GrammarMask::new(env.clone(), &lark).unwrap();
+        // Logits wider than the table (padded embedding rows, as Qwen's 151936 logits over
+        // 151665 tokens): ids past the table are never allowed.
+        assert_eq!(allowed(&mut m, 300), vec![257]);
+        m.accept(257);
+        assert_eq!(allowed(&mut m, 300), vec![b'x' as u32]);
+        m.accept(b'x' as u32);
+        let eos = allowed(&mut m, 300);
+        assert_eq!(eos, vec![256, 258]);
+        assert!(m.failure().is_none());
+
+        // Free text allows `<tool_call>` but never the special end-of-generation tokens (only
+        // as the end) or padded rows.
+        let mut m = GrammarMask::new(env, &Constraint::Regex("[a-z<>_]+".into())).unwrap();
+        let first = allowed(&mut m, 300);
+        assert!(first.contains(&257) && first.contains(&(b'a' as u32)));
+        assert!(first.iter().all(|&i| i < 256 || i == 257), "{first:?}");
+    }
+
     #[test]
     fn a_token_the_grammar_rejects_is_a_failure() {
         let tok = bytes_tokenizer();
