@@ -149,7 +149,8 @@ def enforced(oa, an, model):
     r = oa.chat.completions.create(model=model, messages=msgs, tools=TOOLS, tool_choice="required",
                                    max_tokens=48, temperature=0)
     c = r.choices[0]
-    check(c.finish_reason == "tool_calls" and c.message.tool_calls, "required: a tool call")
+    check(c.finish_reason == "tool_calls" and c.message.tool_calls,
+          f"required: a tool call (got {c.finish_reason}: {c.message.content!r} {c.message.tool_calls})")
     tc = c.message.tool_calls[0]
     jsonschema.validate(json.loads(tc.function.arguments), SCHEMAS[tc.function.name])
     follow = msgs + [c.message.model_dump(exclude_none=True),
@@ -162,7 +163,8 @@ def enforced(oa, an, model):
     check(finish == "tool_calls" and calls, "streamed required: tool_calls deltas")
     name, args, call_id = calls[0]
     jsonschema.validate(json.loads(args), SCHEMAS[name])
-    check(name == tc.function.name and args == tc.function.arguments, "streamed call == non-streamed call")
+    check(name == tc.function.name and args == tc.function.arguments,
+          f"streamed call == non-streamed call ({name} {args!r} vs {tc.function.name} {tc.function.arguments!r})")
     follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}]},
         {"role": "tool", "tool_call_id": call_id, "content": "21 C, clear"}]
