@@ -6,7 +6,14 @@
 //! the mask of step `n + 1` is computed while the model runs the forward pass of token `n`
 //! (as llguidance's own integrations in vLLM and llama.cpp overlap it with the GPU). The next
 //! [`LogitsProcessor::process`] joins the worker.
+//!
+//! With fast-forward ([`GrammarMask::with_fast_forward`]), the worker first computes the
+//! tokens the grammar forces next (llguidance's `compute_ff_tokens`: the canonical tokens of
+//! bytes no choice can change, such as `{"name": "` of a tool call), consumes them and hands
+//! them over ([`LogitsProcessor::forced`]) before it computes the mask after them: the token
+//! stepper yields them without sampling and feeds them in one forward pass.
 
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -20,8 +27,9 @@ use crate::sampling::LogitsProcessor;
 type Computed = (Box<Matcher>, Result<SimpleVob, String>);
 
 enum State {
-    /// A worker is advancing the matcher and computing the next mask.
-    Computing(JoinHandle<Computed>),
+    /// A worker is advancing the matcher and computing the next mask; with fast-forward, it
+    /// sends the forced tokens it consumed first (taken by [`LogitsProcessor::forced`]).
+    Computing(JoinHandle<Computed>, Option<Receiver<Vec<u32>>>),
     /// The mask of the next step is known.
     Ready(Box<Matcher>, SimpleVob),
     /// The grammar failed; the message says why.
@@ -39,18 +47,20 @@ enum State {
 pub struct GrammarMask {
     state: Option<State>,
     env: Arc<GrammarEnv>,
+    fast_forward: bool,
 }
 
 impl std::fmt::Debug for GrammarMask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            Some(State::Computing(_)) => "computing",
+            Some(State::Computing(..)) => "computing",
             Some(State::Ready(..)) => "ready",
             Some(State::Failed(_)) => "failed",
             None => "none",
         };
         f.debug_struct("GrammarMask")
             .field("state", &state)
+            .field("fast_forward", &self.fast_forward)
             .finish()
     }
 }
@@ -65,16 +75,34 @@ fn mask_of(m: &mut Matcher) -> Result<SimpleVob, String> {
     Ok(mask)
 }
 
+/// With `ff`, consumes the tokens the grammar forces now and sends them (an empty list when
+/// none); then computes the next mask.
+fn forced_then_mask(mut m: Box<Matcher>, ff: Option<Sender<Vec<u32>>>) -> Computed {
+    if let Some(tx) = ff {
+        let forced = if m.is_stopped() {
+            Vec::new()
+        } else {
+            m.compute_ff_tokens()
+        };
+        if let Err(e) = m.consume_tokens(&forced) {
+            return (m, Err(format!("forced tokens {forced:?}: {e}")));
+        }
+        // The stepper may have stopped listening (generation ended): nothing to do then.
+        let _ = tx.send(forced);
+    }
+    let r = mask_of(&mut m);
+    (m, r)
+}
+
 /// Advances `m` with `token` (unless it has stopped and `token` ends generation, which a
-/// generation that ignores EOS may draw again) and computes the next mask.
-fn advance(mut m: Box<Matcher>, token: u32, eos: &[u32]) -> Computed {
+/// generation that ignores EOS may draw again), then as [`forced_then_mask`].
+fn advance(mut m: Box<Matcher>, token: u32, eos: &[u32], ff: Option<Sender<Vec<u32>>>) -> Computed {
     if !(m.is_stopped() && eos.contains(&token)) {
         if let Err(e) = m.consume_token(token) {
             return (m, Err(format!("token {token}: {e}")));
         }
     }
-    let r = mask_of(&mut m);
-    (m, r)
+    forced_then_mask(m, ff)
 }
 
 impl GrammarMask {
@@ -84,6 +112,28 @@ impl GrammarMask {
     /// Errors: [`ConstraintError::Grammar`] when the grammar, schema or regular expression does
     /// not compile (llguidance's message).
     pub fn new(env: Arc<GrammarEnv>, constraint: &Constraint) -> Result<Self, ConstraintError> {
+        Self::build(env, constraint, false)
+    }
+
+    /// As [`GrammarMask::new`], with fast-forward: after each accepted token (and at the
+    /// start) the tokens the grammar forces are consumed and reported by
+    /// [`LogitsProcessor::forced`], which the caller must then append to the output without
+    /// drawing them (the token stepper does). Masks, and greedy output, are those of
+    /// [`GrammarMask::new`]; only who writes the forced tokens differs.
+    ///
+    /// Errors: as [`GrammarMask::new`].
+    pub fn with_fast_forward(
+        env: Arc<GrammarEnv>,
+        constraint: &Constraint,
+    ) -> Result<Self, ConstraintError> {
+        Self::build(env, constraint, true)
+    }
+
+    fn build(
+        env: Arc<GrammarEnv>,
+        constraint: &Constraint,
+        fast_forward: bool,
+    ) -> Result<Self, ConstraintError> {
         let grammar = constraint.to_llguidance();
         let parser = env
             .factory()
@@ -93,21 +143,37 @@ impl GrammarMask {
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Grammar(e));
         }
-        let mut matcher = Box::new(matcher);
-        let worker = std::thread::spawn(move || {
-            let r = mask_of(&mut matcher);
-            (matcher, r)
-        });
+        let matcher = Box::new(matcher);
+        let (tx, rx) = Self::ff_channel(fast_forward);
+        let worker = std::thread::spawn(move || forced_then_mask(matcher, tx));
         Ok(GrammarMask {
-            state: Some(State::Computing(worker)),
+            state: Some(State::Computing(worker, rx)),
             env,
+            fast_forward,
         })
+    }
+
+    /// The channel of the forced tokens, with fast-forward.
+    fn ff_channel(on: bool) -> (Option<Sender<Vec<u32>>>, Option<Receiver<Vec<u32>>>) {
+        if on {
+            let (tx, rx) = channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        }
+    }
+
+    /// Starts a worker that advances `m` with `token`.
+    fn spawn_advance(&self, m: Box<Matcher>, token: u32) -> State {
+        let eos = self.env.eos_tokens().to_vec();
+        let (tx, rx) = Self::ff_channel(self.fast_forward);
+        State::Computing(std::thread::spawn(move || advance(m, token, &eos, tx)), rx)
     }
 
     /// Waits for the worker; returns the current mask, or records the failure.
     fn mask(&mut self) -> Option<&SimpleVob> {
         self.state = match self.state.take() {
-            Some(State::Computing(h)) => Some(match h.join() {
+            Some(State::Computing(h, _)) => Some(match h.join() {
                 Ok((m, Ok(mask))) => State::Ready(m, mask),
                 Ok((_, Err(e))) => State::Failed(e),
                 Err(_) => State::Failed("the grammar worker panicked".into()),
@@ -154,17 +220,11 @@ impl LogitsProcessor for GrammarMask {
     fn accept(&mut self, token: u32) {
         let state = self.state.take();
         self.state = Some(match state {
-            Some(State::Ready(m, _)) => {
-                let eos = self.env.eos_tokens().to_vec();
-                State::Computing(std::thread::spawn(move || advance(m, token, &eos)))
-            }
-            Some(State::Computing(h)) => {
+            Some(State::Ready(m, _)) => self.spawn_advance(m, token),
+            Some(State::Computing(h, _)) => {
                 // `accept` without `process` in between: advance after the pending mask.
                 match h.join() {
-                    Ok((m, Ok(_))) => {
-                        let eos = self.env.eos_tokens().to_vec();
-                        State::Computing(std::thread::spawn(move || advance(m, token, &eos)))
-                    }
+                    Ok((m, Ok(_))) => self.spawn_advance(m, token),
                     Ok((_, Err(e))) => State::Failed(e),
                     Err(_) => State::Failed("the grammar worker panicked".into()),
                 }
@@ -172,6 +232,19 @@ impl LogitsProcessor for GrammarMask {
             Some(State::Failed(e)) => State::Failed(e),
             None => State::Failed("the grammar state was lost".into()),
         });
+    }
+
+    fn forced(&mut self) -> Vec<u32> {
+        match &mut self.state {
+            // The worker sends before it computes the mask: the forward pass of these tokens
+            // overlaps the mask after them. A worker that failed sends nothing; `process`
+            // reports its failure.
+            Some(State::Computing(_, rx)) => rx
+                .take()
+                .and_then(|rx| rx.recv().ok())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 
     fn failure(&self) -> Option<String> {
