@@ -239,10 +239,9 @@ impl LogitsProcessor for GrammarMask {
             // The worker sends before it computes the mask: the forward pass of these tokens
             // overlaps the mask after them. A worker that failed sends nothing; `process`
             // reports its failure.
-            Some(State::Computing(_, rx)) => rx
-                .take()
-                .and_then(|rx| rx.recv().ok())
-                .unwrap_or_default(),
+            Some(State::Computing(_, rx)) => {
+                rx.take().and_then(|rx| rx.recv().ok()).unwrap_or_default()
+            }
             _ => Vec::new(),
         }
     }

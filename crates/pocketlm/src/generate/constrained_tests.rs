@@ -142,14 +142,23 @@ fn forced_tokens_are_fast_forwarded_in_one_pass() {
     assert_eq!(fast.stats.decode_passes, 2);
     assert_eq!(fast.stats.prompt_tokens, 1);
     assert_eq!(fast.stats.generated_tokens, 10);
-    assert_eq!(fast_offset, slow_offset, "the cache holds the same positions");
+    assert_eq!(
+        fast_offset, slow_offset,
+        "the cache holds the same positions"
+    );
     // max_tokens inside the forced run: the same cut, nothing fed past it.
     for n in [1, 2, 5, 7] {
         let (a, _, a_offset) = run(false, n, 0.0);
         let (b, _, b_offset) = run(true, n, 0.0);
-        assert_eq!((a.text.as_str(), &a.finish_reason), (b.text.as_str(), &b.finish_reason));
+        assert_eq!(
+            (a.text.as_str(), &a.finish_reason),
+            (b.text.as_str(), &b.finish_reason)
+        );
         assert_eq!(b.finish_reason, FinishReason::MaxTokens);
-        assert!(b_offset <= a_offset, "max_tokens {n}: {b_offset} > {a_offset}");
+        assert!(
+            b_offset <= a_offset,
+            "max_tokens {n}: {b_offset} > {a_offset}"
+        );
     }
     // Sampled: still valid.
     let (hot, _, _) = run(true, 20, 1.0);

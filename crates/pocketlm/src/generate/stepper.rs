@@ -177,9 +177,7 @@ impl<'a> TokenStepper<'a> {
     /// Positions the cache will hold once every token yielded so far is fed (the prompt, if
     /// not prefilled yet, included): the context a next token would take is one more.
     pub fn positions(&self) -> usize {
-        self.cache.offset()
-            + self.pending.as_ref().map_or(0, |p| p.ids.len())
-            + self.unfed.len()
+        self.cache.offset() + self.pending.as_ref().map_or(0, |p| p.ids.len()) + self.unfed.len()
     }
 
     /// Forward passes run after the prefill: one per drawn token after the first, unless

@@ -244,7 +244,12 @@ fn json_schema_holds_on_100_hot_prompts_of_the_default_model() {
         .map(|p| m.encode(p).expect("encode"))
         .collect();
     let shared = encoded.iter().fold(encoded[0].len(), |n, ids| {
-        n.min(ids.iter().zip(&encoded[0]).take_while(|(a, b)| a == b).count())
+        n.min(
+            ids.iter()
+                .zip(&encoded[0])
+                .take_while(|(a, b)| a == b)
+                .count(),
+        )
     });
     let mut cache = m.model.new_cache();
     let prefix = GenerateParams {
@@ -289,7 +294,10 @@ fn json_schema_holds_on_100_hot_prompts_of_the_default_model() {
         t0.elapsed()
     );
     // Fast-forward feeds the schema's forced keys and punctuation together.
-    assert!(passes < tokens * 3 / 4, "{passes} passes for {tokens} tokens");
+    assert!(
+        passes < tokens * 3 / 4,
+        "{passes} passes for {tokens} tokens"
+    );
     assert!(kinds.len() >= 2, "sampling varies: {kinds:?}");
 }
 
