@@ -271,8 +271,38 @@ fn stop_reason(finish_reason: &str) -> &'static str {
     }
 }
 
-/// `POST /v1/messages`.
+/// Anthropic's error type for `e` (`docs.anthropic.com` "Errors": `invalid_request_error`,
+/// `authentication_error`, `not_found_error`, `request_too_large`, `overloaded_error`,
+/// `api_error`).
+fn anthropic_error_type(e: &ApiError) -> &'static str {
+    match (e.status.as_u16(), e.kind) {
+        (413, _) => "request_too_large",
+        (503, _) => "overloaded_error",
+        (_, "invalid_request_error") => "invalid_request_error",
+        (_, "authentication_error") => "authentication_error",
+        (_, "not_found_error") => "not_found_error",
+        _ => "api_error",
+    }
+}
+
+/// `e` as Anthropic's error body: `{"type": "error", "error": {"type": ..., "message": ...}}`.
+fn anthropic_error_body(e: &ApiError) -> Value {
+    json!({"type": "error", "error": {"type": anthropic_error_type(e), "message": e.message}})
+}
+
+/// `POST /v1/messages`; errors in Anthropic's shape ([`anthropic_error_body`]), with the
+/// same status codes (an API key refused before the handler keeps OpenAI's shape).
 pub(crate) async fn create_message(
+    state: State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match create_message_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => (e.status, Json(anthropic_error_body(&e))).into_response(),
+    }
+}
+
+async fn create_message_inner(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -417,7 +447,7 @@ impl Streamer {
             }
             ChatEvent::Error(e) => ev(
                 "error",
-                json!({"type": "error", "error": {"type": "api_error", "message": e.message}}),
+                anthropic_error_body(&e),
             ),
         }
     }
@@ -460,6 +490,23 @@ mod tests {
                 (name, serde_json::from_str(data).expect("JSON"))
             })
             .collect()
+    }
+
+    #[test]
+    fn errors_have_anthropics_shape() {
+        let e = ApiError::bad_param("max_tokens", "`max_tokens` must be at least 1");
+        assert_eq!(
+            anthropic_error_body(&e),
+            json!({"type": "error", "error": {"type": "invalid_request_error",
+                "message": "`max_tokens` must be at least 1"}})
+        );
+        assert_eq!(anthropic_error_type(&ApiError::queue_full(4)), "overloaded_error");
+        assert_eq!(anthropic_error_type(&ApiError::internal("x")), "api_error");
+        assert_eq!(
+            anthropic_error_type(&ApiError::payload_too_large("x")),
+            "request_too_large"
+        );
+        assert_eq!(anthropic_error_type(&ApiError::not_found("x")), "not_found_error");
     }
 
     /// Text, then a call: a text block, then a tool_use block with its input as
