@@ -445,10 +445,7 @@ impl Streamer {
                 out += &ev("message_stop", json!({"type": "message_stop"}));
                 out
             }
-            ChatEvent::Error(e) => ev(
-                "error",
-                anthropic_error_body(&e),
-            ),
+            ChatEvent::Error(e) => ev("error", anthropic_error_body(&e)),
         }
     }
 }
@@ -500,13 +497,19 @@ mod tests {
             json!({"type": "error", "error": {"type": "invalid_request_error",
                 "message": "`max_tokens` must be at least 1"}})
         );
-        assert_eq!(anthropic_error_type(&ApiError::queue_full(4)), "overloaded_error");
+        assert_eq!(
+            anthropic_error_type(&ApiError::queue_full(4)),
+            "overloaded_error"
+        );
         assert_eq!(anthropic_error_type(&ApiError::internal("x")), "api_error");
         assert_eq!(
             anthropic_error_type(&ApiError::payload_too_large("x")),
             "request_too_large"
         );
-        assert_eq!(anthropic_error_type(&ApiError::not_found("x")), "not_found_error");
+        assert_eq!(
+            anthropic_error_type(&ApiError::not_found("x")),
+            "not_found_error"
+        );
     }
 
     /// Text, then a call: a text block, then a tool_use block with its input as

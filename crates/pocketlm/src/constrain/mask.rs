@@ -26,6 +26,10 @@ use crate::sampling::LogitsProcessor;
 /// The matcher and the mask it computed for the next step (or the error it met).
 type Computed = (Box<Matcher>, Result<SimpleVob, String>);
 
+/// The two ends of the channel that carries the forced tokens (both `None` without
+/// fast-forward).
+type FfChannel = (Option<Sender<Vec<u32>>>, Option<Receiver<Vec<u32>>>);
+
 enum State {
     /// A worker is advancing the matcher and computing the next mask; with fast-forward, it
     /// sends the forced tokens it consumed first (taken by [`LogitsProcessor::forced`]).
@@ -154,7 +158,7 @@ impl GrammarMask {
     }
 
     /// The channel of the forced tokens, with fast-forward.
-    fn ff_channel(on: bool) -> (Option<Sender<Vec<u32>>>, Option<Receiver<Vec<u32>>>) {
+    fn ff_channel(on: bool) -> FfChannel {
         if on {
             let (tx, rx) = channel();
             (Some(tx), Some(rx))
