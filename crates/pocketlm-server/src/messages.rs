@@ -23,8 +23,7 @@ use pocketlm::tools::{FunctionCall, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{CommonParams, Stop};
-use crate::chat::{self, ChatEvent, ChatSpec};
+use crate::chat::{self, BasicSampling, ChatEvent, ChatSpec};
 use crate::error::ApiError;
 use crate::{new_id, parse_checked, sse_response, AppState};
 
@@ -308,26 +307,21 @@ async fn create_message_inner(
 ) -> Result<Response, ApiError> {
     let req: MessagesRequest = parse_checked(body, &[&MESSAGES_FIELDS])?;
     let (tool_choice, parallel) = req.choice()?;
-    let common = CommonParams {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        max_tokens: Some(req.max_tokens),
-        stop: req.stop_sequences.clone().map(Stop::Many),
-        stream: req.stream,
-        ..CommonParams::default()
-    };
-    let spec = ChatSpec {
-        messages: req.chat_messages()?,
-        tools: req.chat_tools()?,
-        tool_choice,
-        parallel,
-        response_constraint: None,
-        common,
-        logprobs: None,
-        messages_field: "messages",
-        tools_field: "tools",
-    };
+    let spec = ChatSpec::single(
+        req.chat_messages()?,
+        "messages",
+        req.chat_tools()?,
+        (tool_choice, parallel),
+        None,
+        BasicSampling {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            max_tokens: Some(req.max_tokens),
+            stop: req.stop_sequences.clone(),
+            stream: req.stream,
+        },
+    );
     let started = chat::start_chat(&s, spec).await?;
     let prompt_tokens = started.prompt_tokens;
     let id = new_id("msg");
