@@ -13,7 +13,7 @@ use pocketlm::tools::stream::{ToolCallStreamParser, ToolStreamEvent};
 use pocketlm::tools::{parse_tool_calls, ToolCall, ToolCallFormat};
 use tokio::sync::mpsc;
 
-use crate::api::CommonParams;
+use crate::api::{CommonParams, Stop};
 use crate::engine::Msg;
 use crate::error::ApiError;
 use crate::logprobs::StepLogprobs;
@@ -40,6 +40,54 @@ pub(crate) struct ChatSpec {
     pub messages_field: &'static str,
     /// The request field that holds the tools' `tool_choice` (for errors).
     pub tools_field: &'static str,
+}
+
+/// The sampling fields the Responses and Messages APIs have (a subset of chat completions':
+/// no `n`, penalties, `logit_bias` or `seed`), as the chat path's [`CommonParams`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BasicSampling {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    /// `max_output_tokens` / `max_tokens`.
+    pub max_tokens: Option<u64>,
+    /// `stop_sequences` (Messages).
+    pub stop: Option<Vec<String>>,
+    pub stream: Option<bool>,
+}
+
+impl ChatSpec {
+    /// A one-choice request of the Responses or Messages API: the conversation from
+    /// `messages_field`, OpenAI function tools (converted from the API's own shape) under
+    /// `tools`, no log-probabilities.
+    pub(crate) fn single(
+        messages: Vec<Message>,
+        messages_field: &'static str,
+        tools: Vec<serde_json::Value>,
+        (tool_choice, parallel): (ToolChoice, bool),
+        response_constraint: Option<Constraint>,
+        sampling: BasicSampling,
+    ) -> Self {
+        ChatSpec {
+            messages,
+            tools,
+            tool_choice,
+            parallel,
+            response_constraint,
+            common: CommonParams {
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                top_k: sampling.top_k,
+                max_tokens: sampling.max_tokens,
+                stop: sampling.stop.map(Stop::Many),
+                stream: sampling.stream,
+                ..CommonParams::default()
+            },
+            logprobs: None,
+            messages_field,
+            tools_field: "tools",
+        }
+    }
 }
 
 /// A started chat generation.

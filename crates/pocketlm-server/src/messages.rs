@@ -23,8 +23,7 @@ use pocketlm::tools::{FunctionCall, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{CommonParams, Stop};
-use crate::chat::{self, ChatEvent, ChatSpec};
+use crate::chat::{self, BasicSampling, ChatEvent, ChatSpec};
 use crate::error::ApiError;
 use crate::{new_id, parse_checked, sse_response, AppState};
 
@@ -271,33 +270,58 @@ fn stop_reason(finish_reason: &str) -> &'static str {
     }
 }
 
-/// `POST /v1/messages`.
+/// Anthropic's error type for `e` (`docs.anthropic.com` "Errors": `invalid_request_error`,
+/// `authentication_error`, `not_found_error`, `request_too_large`, `overloaded_error`,
+/// `api_error`).
+fn anthropic_error_type(e: &ApiError) -> &'static str {
+    match (e.status.as_u16(), e.kind) {
+        (413, _) => "request_too_large",
+        (503, _) => "overloaded_error",
+        (_, "invalid_request_error") => "invalid_request_error",
+        (_, "authentication_error") => "authentication_error",
+        (_, "not_found_error") => "not_found_error",
+        _ => "api_error",
+    }
+}
+
+/// `e` as Anthropic's error body: `{"type": "error", "error": {"type": ..., "message": ...}}`.
+fn anthropic_error_body(e: &ApiError) -> Value {
+    json!({"type": "error", "error": {"type": anthropic_error_type(e), "message": e.message}})
+}
+
+/// `POST /v1/messages`; errors in Anthropic's shape ([`anthropic_error_body`]), with the
+/// same status codes (an API key refused before the handler keeps OpenAI's shape).
 pub(crate) async fn create_message(
+    state: State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match create_message_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => (e.status, Json(anthropic_error_body(&e))).into_response(),
+    }
+}
+
+async fn create_message_inner(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: MessagesRequest = parse_checked(body, &[&MESSAGES_FIELDS])?;
     let (tool_choice, parallel) = req.choice()?;
-    let common = CommonParams {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        max_tokens: Some(req.max_tokens),
-        stop: req.stop_sequences.clone().map(Stop::Many),
-        stream: req.stream,
-        ..CommonParams::default()
-    };
-    let spec = ChatSpec {
-        messages: req.chat_messages()?,
-        tools: req.chat_tools()?,
-        tool_choice,
-        parallel,
-        response_constraint: None,
-        common,
-        logprobs: None,
-        messages_field: "messages",
-        tools_field: "tools",
-    };
+    let spec = ChatSpec::single(
+        req.chat_messages()?,
+        "messages",
+        req.chat_tools()?,
+        (tool_choice, parallel),
+        None,
+        BasicSampling {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            max_tokens: Some(req.max_tokens),
+            stop: req.stop_sequences.clone(),
+            stream: req.stream,
+        },
+    );
     let started = chat::start_chat(&s, spec).await?;
     let prompt_tokens = started.prompt_tokens;
     let id = new_id("msg");
@@ -415,10 +439,7 @@ impl Streamer {
                 out += &ev("message_stop", json!({"type": "message_stop"}));
                 out
             }
-            ChatEvent::Error(e) => ev(
-                "error",
-                json!({"type": "error", "error": {"type": "api_error", "message": e.message}}),
-            ),
+            ChatEvent::Error(e) => ev("error", anthropic_error_body(&e)),
         }
     }
 }
@@ -460,6 +481,29 @@ mod tests {
                 (name, serde_json::from_str(data).expect("JSON"))
             })
             .collect()
+    }
+
+    #[test]
+    fn errors_have_anthropics_shape() {
+        let e = ApiError::bad_param("max_tokens", "`max_tokens` must be at least 1");
+        assert_eq!(
+            anthropic_error_body(&e),
+            json!({"type": "error", "error": {"type": "invalid_request_error",
+                "message": "`max_tokens` must be at least 1"}})
+        );
+        assert_eq!(
+            anthropic_error_type(&ApiError::queue_full(4)),
+            "overloaded_error"
+        );
+        assert_eq!(anthropic_error_type(&ApiError::internal("x")), "api_error");
+        assert_eq!(
+            anthropic_error_type(&ApiError::payload_too_large("x")),
+            "request_too_large"
+        );
+        assert_eq!(
+            anthropic_error_type(&ApiError::not_found("x")),
+            "not_found_error"
+        );
     }
 
     /// Text, then a call: a text block, then a tool_use block with its input as

@@ -25,8 +25,8 @@ use pocketlm::tools::{FunctionCall, ToolCall};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::{CommonParams, ResponseFormat};
-use crate::chat::{self, ChatEvent, ChatSpec};
+use crate::api::ResponseFormat;
+use crate::chat::{self, BasicSampling, ChatEvent, ChatSpec};
 use crate::error::ApiError;
 use crate::{new_id, parse_checked, sse_response, unix_now, AppState};
 
@@ -329,28 +329,25 @@ pub(crate) async fn create_response(
             rf.constraint().map_err(|e| e.with_param("text.format"))?
         }
     };
-    let common = CommonParams {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        max_tokens: req.max_output_tokens,
-        stream: req.stream,
-        ..CommonParams::default()
+    let choice = match &req.tool_choice {
+        Some(v) => tool_choice(v)?,
+        None => ToolChoice::Auto,
     };
-    let spec = ChatSpec {
-        messages: req.messages()?,
+    let spec = ChatSpec::single(
+        req.messages()?,
+        "input",
         tools,
-        tool_choice: match &req.tool_choice {
-            Some(v) => tool_choice(v)?,
-            None => ToolChoice::Auto,
-        },
-        parallel: req.parallel_tool_calls.unwrap_or(true),
+        (choice, req.parallel_tool_calls.unwrap_or(true)),
         response_constraint,
-        common,
-        logprobs: None,
-        messages_field: "input",
-        tools_field: "tools",
-    };
+        BasicSampling {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            max_tokens: req.max_output_tokens,
+            stop: None,
+            stream: req.stream,
+        },
+    );
     let started = chat::start_chat(&s, spec).await?;
     let prompt_tokens = started.prompt_tokens;
     let id = new_id("resp");

@@ -381,6 +381,26 @@ impl Sampler {
         id
     }
 
+    /// Tokens a processor forces next, after the last drawn token or, before the first draw,
+    /// at the start ([`LogitsProcessor::forced`]: a grammar with fast-forward); the other
+    /// processors are told each of them ([`LogitsProcessor::accept`]), as if drawn. Empty when
+    /// nothing is forced. Check [`Sampler::failure`] after it.
+    pub fn forced(&mut self) -> Vec<u32> {
+        for i in 0..self.chain.len() {
+            let f = self.chain[i].forced();
+            if f.is_empty() {
+                continue;
+            }
+            for (j, p) in self.chain.iter_mut().enumerate() {
+                if j != i {
+                    f.iter().for_each(|&t| p.accept(t));
+                }
+            }
+            return f;
+        }
+        Vec::new()
+    }
+
     /// The first failure a processor reports ([`LogitsProcessor::failure`]), e.g. a grammar
     /// that allows no token; check it after [`Sampler::sample`].
     pub fn failure(&self) -> Option<String> {

@@ -45,6 +45,10 @@ pub struct GenerateArgs {
     pub images: Vec<std::path::PathBuf>,
     #[command(flatten)]
     pub constraint: ConstraintArgs,
+    /// With a constraint, draw the tokens the grammar forces one forward pass each instead of
+    /// fast-forwarding them (appended unsampled, fed in one pass); the output is the same.
+    #[arg(long)]
+    pub no_fast_forward: bool,
     /// Print load and generation statistics to stderr.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -133,6 +137,12 @@ pub fn print_stats(stats: &GenerationStats, reason: &str) {
         stats.generated_tokens,
         stats.decode_tokens_per_second()
     );
+    if stats.decode_passes + 1 < stats.generated_tokens {
+        eprintln!(
+            "Forced tokens fast-forwarded: {} forward passes for {} tokens",
+            stats.decode_passes, stats.generated_tokens
+        );
+    }
     if !stats.image_tokens.is_empty() {
         eprintln!(
             "Images: {} ({} image tokens), vision encoding {:.3} s",
@@ -188,6 +198,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         sampling: args.sampling.params(&m.default_sampling()),
         stop: args.stop.clone(),
         constraint: constraint.as_ref().map(|(c, _)| c.clone()),
+        fast_forward: !args.no_fast_forward,
         ..Default::default()
     };
     let (mut cache, cached) = args.kv.cache(&m, args.verbose)?;

@@ -417,14 +417,18 @@ fn responses_and_messages_endpoints() {
     ] {
         assert!(names.iter().any(|x| x == n), "{n}: {text}");
     }
+    // Errors in Anthropic's shape, naming the refused field in the message.
     let (status, v) = post(
         "/v1/messages",
         &json!({"max_tokens": 4, "messages": [], "thinking": {}}),
     );
     assert_eq!(
-        (status, v["error"]["param"].clone()),
-        (400, json!("thinking"))
+        (status, &v["type"], &v["error"]["type"]),
+        (400, &json!("error"), &json!("invalid_request_error")),
+        "{v}"
     );
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("thinking"), "{v}");
 }
 
 /// With the grammar engine: `tool_choice: "required"` makes even the 135M default model call

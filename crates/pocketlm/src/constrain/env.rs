@@ -9,10 +9,16 @@
 //! - SentencePiece (the `ByteFallback` decoder): `<0xNN>` is the byte `NN`, other entries are
 //!   their UTF-8 with the space marker `▁` (the character the decoder's `Replace` maps to a
 //!   space) replaced by a space;
-//! - added tokens that are special (or spelled `<...>`) are special: their bytes are
+//! - added tokens marked special (`"special": true` in `tokenizer.json`, control tokens of a
+//!   GGUF) and end-of-generation tokens are special: their bytes are
 //!   [`TokTrie::SPECIAL_TOKEN_MARKER`] (`0xFF`, never valid UTF-8) then their text, so that no
-//!   grammar over text can produce them (llguidance `docs/special_tokens.md`); other added tokens
-//!   are their text.
+//!   grammar over text can produce them (llguidance `docs/special_tokens.md`) and no string of a
+//!   JSON value can end generation; other added tokens (Qwen's `<tool_call>`, `"special":
+//!   false`) are their text, so that a grammar holding the literal `<tool_call>` can produce the
+//!   token the model was trained to write.
+//!
+//! Ids with no vocabulary entry (holes, and the model's padded embedding rows past the table,
+//! which the mask never allows: [`super::apply_mask`]) have no bytes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,7 +146,7 @@ impl TokenBytes {
         let mut special = vec![false; n];
         for (&id, tok) in &added {
             let c = &tok.content;
-            if tok.special || (c.starts_with('<') && c.ends_with('>')) {
+            if tok.special || tokenizer.is_eog(id) {
                 let mut b = Vec::with_capacity(c.len() + 1);
                 b.push(TokTrie::SPECIAL_TOKEN_MARKER);
                 b.extend_from_slice(c.as_bytes());

@@ -6,7 +6,14 @@
 //! the mask of step `n + 1` is computed while the model runs the forward pass of token `n`
 //! (as llguidance's own integrations in vLLM and llama.cpp overlap it with the GPU). The next
 //! [`LogitsProcessor::process`] joins the worker.
+//!
+//! With fast-forward ([`GrammarMask::with_fast_forward`]), the worker first computes the
+//! tokens the grammar forces next (llguidance's `compute_ff_tokens`: the canonical tokens of
+//! bytes no choice can change, such as `{"name": "` of a tool call), consumes them and hands
+//! them over ([`LogitsProcessor::forced`]) before it computes the mask after them: the token
+//! stepper yields them without sampling and feeds them in one forward pass.
 
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -19,9 +26,14 @@ use crate::sampling::LogitsProcessor;
 /// The matcher and the mask it computed for the next step (or the error it met).
 type Computed = (Box<Matcher>, Result<SimpleVob, String>);
 
+/// The two ends of the channel that carries the forced tokens (both `None` without
+/// fast-forward).
+type FfChannel = (Option<Sender<Vec<u32>>>, Option<Receiver<Vec<u32>>>);
+
 enum State {
-    /// A worker is advancing the matcher and computing the next mask.
-    Computing(JoinHandle<Computed>),
+    /// A worker is advancing the matcher and computing the next mask; with fast-forward, it
+    /// sends the forced tokens it consumed first (taken by [`LogitsProcessor::forced`]).
+    Computing(JoinHandle<Computed>, Option<Receiver<Vec<u32>>>),
     /// The mask of the next step is known.
     Ready(Box<Matcher>, SimpleVob),
     /// The grammar failed; the message says why.
@@ -39,18 +51,20 @@ enum State {
 pub struct GrammarMask {
     state: Option<State>,
     env: Arc<GrammarEnv>,
+    fast_forward: bool,
 }
 
 impl std::fmt::Debug for GrammarMask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            Some(State::Computing(_)) => "computing",
+            Some(State::Computing(..)) => "computing",
             Some(State::Ready(..)) => "ready",
             Some(State::Failed(_)) => "failed",
             None => "none",
         };
         f.debug_struct("GrammarMask")
             .field("state", &state)
+            .field("fast_forward", &self.fast_forward)
             .finish()
     }
 }
@@ -65,16 +79,34 @@ fn mask_of(m: &mut Matcher) -> Result<SimpleVob, String> {
     Ok(mask)
 }
 
+/// With `ff`, consumes the tokens the grammar forces now and sends them (an empty list when
+/// none); then computes the next mask.
+fn forced_then_mask(mut m: Box<Matcher>, ff: Option<Sender<Vec<u32>>>) -> Computed {
+    if let Some(tx) = ff {
+        let forced = if m.is_stopped() {
+            Vec::new()
+        } else {
+            m.compute_ff_tokens()
+        };
+        if let Err(e) = m.consume_tokens(&forced) {
+            return (m, Err(format!("forced tokens {forced:?}: {e}")));
+        }
+        // The stepper may have stopped listening (generation ended): nothing to do then.
+        let _ = tx.send(forced);
+    }
+    let r = mask_of(&mut m);
+    (m, r)
+}
+
 /// Advances `m` with `token` (unless it has stopped and `token` ends generation, which a
-/// generation that ignores EOS may draw again) and computes the next mask.
-fn advance(mut m: Box<Matcher>, token: u32, eos: &[u32]) -> Computed {
+/// generation that ignores EOS may draw again), then as [`forced_then_mask`].
+fn advance(mut m: Box<Matcher>, token: u32, eos: &[u32], ff: Option<Sender<Vec<u32>>>) -> Computed {
     if !(m.is_stopped() && eos.contains(&token)) {
         if let Err(e) = m.consume_token(token) {
             return (m, Err(format!("token {token}: {e}")));
         }
     }
-    let r = mask_of(&mut m);
-    (m, r)
+    forced_then_mask(m, ff)
 }
 
 impl GrammarMask {
@@ -84,6 +116,28 @@ impl GrammarMask {
     /// Errors: [`ConstraintError::Grammar`] when the grammar, schema or regular expression does
     /// not compile (llguidance's message).
     pub fn new(env: Arc<GrammarEnv>, constraint: &Constraint) -> Result<Self, ConstraintError> {
+        Self::build(env, constraint, false)
+    }
+
+    /// As [`GrammarMask::new`], with fast-forward: after each accepted token (and at the
+    /// start) the tokens the grammar forces are consumed and reported by
+    /// [`LogitsProcessor::forced`], which the caller must then append to the output without
+    /// drawing them (the token stepper does). Masks, and greedy output, are those of
+    /// [`GrammarMask::new`]; only who writes the forced tokens differs.
+    ///
+    /// Errors: as [`GrammarMask::new`].
+    pub fn with_fast_forward(
+        env: Arc<GrammarEnv>,
+        constraint: &Constraint,
+    ) -> Result<Self, ConstraintError> {
+        Self::build(env, constraint, true)
+    }
+
+    fn build(
+        env: Arc<GrammarEnv>,
+        constraint: &Constraint,
+        fast_forward: bool,
+    ) -> Result<Self, ConstraintError> {
         let grammar = constraint.to_llguidance();
         let parser = env
             .factory()
@@ -93,21 +147,37 @@ impl GrammarMask {
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Grammar(e));
         }
-        let mut matcher = Box::new(matcher);
-        let worker = std::thread::spawn(move || {
-            let r = mask_of(&mut matcher);
-            (matcher, r)
-        });
+        let matcher = Box::new(matcher);
+        let (tx, rx) = Self::ff_channel(fast_forward);
+        let worker = std::thread::spawn(move || forced_then_mask(matcher, tx));
         Ok(GrammarMask {
-            state: Some(State::Computing(worker)),
+            state: Some(State::Computing(worker, rx)),
             env,
+            fast_forward,
         })
+    }
+
+    /// The channel of the forced tokens, with fast-forward.
+    fn ff_channel(on: bool) -> FfChannel {
+        if on {
+            let (tx, rx) = channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        }
+    }
+
+    /// Starts a worker that advances `m` with `token`.
+    fn spawn_advance(&self, m: Box<Matcher>, token: u32) -> State {
+        let eos = self.env.eos_tokens().to_vec();
+        let (tx, rx) = Self::ff_channel(self.fast_forward);
+        State::Computing(std::thread::spawn(move || advance(m, token, &eos, tx)), rx)
     }
 
     /// Waits for the worker; returns the current mask, or records the failure.
     fn mask(&mut self) -> Option<&SimpleVob> {
         self.state = match self.state.take() {
-            Some(State::Computing(h)) => Some(match h.join() {
+            Some(State::Computing(h, _)) => Some(match h.join() {
                 Ok((m, Ok(mask))) => State::Ready(m, mask),
                 Ok((_, Err(e))) => State::Failed(e),
                 Err(_) => State::Failed("the grammar worker panicked".into()),
@@ -154,17 +224,11 @@ impl LogitsProcessor for GrammarMask {
     fn accept(&mut self, token: u32) {
         let state = self.state.take();
         self.state = Some(match state {
-            Some(State::Ready(m, _)) => {
-                let eos = self.env.eos_tokens().to_vec();
-                State::Computing(std::thread::spawn(move || advance(m, token, &eos)))
-            }
-            Some(State::Computing(h)) => {
+            Some(State::Ready(m, _)) => self.spawn_advance(m, token),
+            Some(State::Computing(h, _)) => {
                 // `accept` without `process` in between: advance after the pending mask.
                 match h.join() {
-                    Ok((m, Ok(_))) => {
-                        let eos = self.env.eos_tokens().to_vec();
-                        State::Computing(std::thread::spawn(move || advance(m, token, &eos)))
-                    }
+                    Ok((m, Ok(_))) => self.spawn_advance(m, token),
                     Ok((_, Err(e))) => State::Failed(e),
                     Err(_) => State::Failed("the grammar worker panicked".into()),
                 }
@@ -172,6 +236,18 @@ impl LogitsProcessor for GrammarMask {
             Some(State::Failed(e)) => State::Failed(e),
             None => State::Failed("the grammar state was lost".into()),
         });
+    }
+
+    fn forced(&mut self) -> Vec<u32> {
+        match &mut self.state {
+            // The worker sends before it computes the mask: the forward pass of these tokens
+            // overlaps the mask after them. A worker that failed sends nothing; `process`
+            // reports its failure.
+            Some(State::Computing(_, rx)) => {
+                rx.take().and_then(|rx| rx.recv().ok()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
     }
 
     fn failure(&self) -> Option<String> {
@@ -235,6 +311,71 @@ mod tests {
         assert!(m.failure().is_none());
         // Ids beyond the vocabulary (padded embedding rows) are never allowed.
         assert_eq!(allowed(&mut m, 300), vec![256]);
+    }
+
+    /// The single-byte vocabulary (EOS `<|endoftext|>` = 256) with two added tokens as
+    /// Qwen's `tokenizer.json` has them: `<tool_call>` (257, `"special": false`) and
+    /// `<|im_end|>` (258, special, end of generation).
+    fn with_added_tokens() -> (tempfile::TempDir, Tokenizer) {
+        let base = bytes_tokenizer();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&base.inner().to_string(false).unwrap()).unwrap();
+        let added = |id: u32, content: &str, special: bool| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+        };
+        let list = json["added_tokens"].as_array_mut().unwrap();
+        list.push(added(257, "<tool_call>", false));
+        list.push(added(258, "<|im_end|>", true));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"eos_token": "<|endoftext|>"}"#,
+        )
+        .unwrap();
+        let tok = Tokenizer::from_files(
+            &dir.path().join("tokenizer.json"),
+            Some(&dir.path().join("tokenizer_config.json")),
+        )
+        .unwrap();
+        (dir, tok)
+    }
+
+    #[test]
+    fn added_tokens_not_marked_special_are_spelled_as_their_text() {
+        let (_dir, tok) = with_added_tokens();
+        assert_eq!(tok.token_to_id("<tool_call>"), Some(257));
+        assert_eq!(tok.token_to_id("<|im_end|>"), Some(258));
+        assert!(tok.is_eog(258) && tok.is_eog(256));
+        let t = TokenBytes::from_tokenizer(&tok).unwrap();
+        assert_eq!(t.bytes.len(), 259);
+        assert_eq!(t.bytes[257], b"<tool_call>".to_vec());
+        assert!(!t.special[257]);
+        assert_eq!(t.bytes[258], b"\xff<|im_end|>".to_vec());
+        assert!(t.special[258] && t.special[256]);
+
+        // A grammar holding the literal `<tool_call>` produces the added token (llguidance
+        // allows only the tokenizer's own tokenization of forced text).
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let lark = Constraint::Lark("start: \"<tool_call>\" \"x\"".into());
+        let mut m = GrammarMask::new(env.clone(), &lark).unwrap();
+        // Logits wider than the table (padded embedding rows, as Qwen's 151936 logits over
+        // 151665 tokens): ids past the table are never allowed.
+        assert_eq!(allowed(&mut m, 300), vec![257]);
+        m.accept(257);
+        assert_eq!(allowed(&mut m, 300), vec![b'x' as u32]);
+        m.accept(b'x' as u32);
+        let eos = allowed(&mut m, 300);
+        assert_eq!(eos, vec![256, 258]);
+        assert!(m.failure().is_none());
+
+        // Free text allows `<tool_call>` but never the special end-of-generation tokens (only
+        // as the end) or padded rows.
+        let mut m = GrammarMask::new(env, &Constraint::Regex("[a-z<>_]+".into())).unwrap();
+        let first = allowed(&mut m, 300);
+        assert!(first.contains(&257) && first.contains(&(b'a' as u32)));
+        assert!(first.iter().all(|&i| i < 256 || i == 257), "{first:?}");
     }
 
     #[test]

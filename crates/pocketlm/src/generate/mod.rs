@@ -46,6 +46,12 @@ pub struct GenerateParams {
     /// What the generated text must match ([`Constraint`]): a grammar masks the logits at
     /// every step. `None` (the default): unconstrained.
     pub constraint: Option<Constraint>,
+    /// With a constraint: tokens the grammar forces (the fixed `{"name": "` of a tool call,
+    /// a schema's property names) are appended without sampling and fed to the model in one
+    /// forward pass instead of one pass each ([`TokenStepper::with_fast_forward`]). Greedy
+    /// output is the same either way. Default `true`; off when [`GenerateParams::logprobs`]
+    /// are asked for (a forced token's log-probability would need the pass after it).
+    pub fast_forward: bool,
 }
 
 impl Default for GenerateParams {
@@ -58,6 +64,7 @@ impl Default for GenerateParams {
             prefill_chunk: 512,
             logprobs: None,
             constraint: None,
+            fast_forward: true,
         }
     }
 }
@@ -102,6 +109,10 @@ pub struct GenerationStats {
     pub image_tokens: Vec<usize>,
     /// Wall time of the vision tower over the prompt's images (part of the prefill).
     pub vision_time: Duration,
+    /// Forward passes after the prefill: `generated_tokens - 1` (or one less, at a stop),
+    /// fewer when a grammar's forced tokens were fed together
+    /// ([`GenerateParams::fast_forward`]).
+    pub decode_passes: usize,
 }
 
 impl GenerationStats {
@@ -247,7 +258,12 @@ pub fn generate_input<'a>(
     let mut sampler = Sampler::new(params.sampling.clone())?;
     if let Some(c) = &params.constraint {
         let env = GrammarEnv::for_tokenizer(tokenizer)?;
-        sampler = sampler.with_processor(Box::new(GrammarMask::new(env, c)?));
+        let mask = if params.fast_forward && params.logprobs.is_none() {
+            GrammarMask::with_fast_forward(env, c)?
+        } else {
+            GrammarMask::new(env, c)?
+        };
+        sampler = sampler.with_processor(Box::new(mask));
     }
     let stepper = TokenStepper::new(
         model,
@@ -256,7 +272,8 @@ pub fn generate_input<'a>(
         sampler,
         params.prefill_chunk.max(1),
         params.logprobs,
-    );
+    )
+    .with_fast_forward(params.fast_forward && params.constraint.is_some());
     Ok(Generation {
         tokenizer,
         stepper,
@@ -274,14 +291,17 @@ pub fn generate_input<'a>(
 }
 
 impl Generation<'_> {
-    /// The first token: the stepper prefills the prompt; its figures join the stats.
-    fn prefill(&mut self) -> Result<Token> {
+    /// The next token from the stepper; the prefill's figures join the stats once it ran
+    /// (the first step, or later when the grammar forces the first tokens).
+    fn draw(&mut self) -> Result<Token> {
         let tok = self.stepper.step()?;
-        if let Some(p) = self.stepper.prefill_stats() {
-            self.stats.prompt_tokens = p.prompt_tokens;
-            self.stats.prefill_time = p.time;
-            self.stats.vision_time = p.vision_time;
-            self.stats.image_tokens = p.image_tokens.clone();
+        if self.stats.prefill_time.is_zero() {
+            if let Some(p) = self.stepper.prefill_stats() {
+                self.stats.prompt_tokens = p.prompt_tokens;
+                self.stats.prefill_time = p.time;
+                self.stats.vision_time = p.vision_time;
+                self.stats.image_tokens = p.image_tokens.clone();
+            }
         }
         Ok(tok)
     }
@@ -304,6 +324,7 @@ impl Generation<'_> {
         if let Some(t) = self.decode_started {
             self.stats.decode_time = t.elapsed();
         }
+        self.stats.decode_passes = self.stepper.decode_passes();
         self.stats.peak_memory_bytes = memory::snapshot().peak_resident_bytes;
         self.queue.push_back(Event::Finished {
             reason,
@@ -329,7 +350,7 @@ impl Generation<'_> {
     fn step(&mut self) -> Result<()> {
         let tok = match self.next_token.take() {
             Some(t) => t,
-            None => self.prefill()?,
+            None => self.draw()?,
         };
         if self.decode_started.is_none() {
             self.decode_started = Some(Instant::now());
@@ -378,11 +399,11 @@ impl Generation<'_> {
         if self.stats.generated_tokens >= self.params.max_tokens {
             return self.finish(FinishReason::MaxTokens, true);
         }
-        if self.stepper.cache_offset() + 1 >= self.context_length {
+        if self.stepper.positions() >= self.context_length {
             return self.finish(FinishReason::ContextFull, true);
         }
         // Run the next forward pass now, so each event follows one forward pass.
-        self.next_token = Some(self.stepper.step()?);
+        self.next_token = Some(self.draw()?);
         Ok(())
     }
 }

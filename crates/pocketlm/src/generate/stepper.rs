@@ -3,10 +3,18 @@
 //! images included) and then yields one [`Token`] per step: logits -> the [`Sampler`]'s chain of
 //! logits processors -> a token id, with the token's log-probabilities when asked for.
 //!
+//! Forced tokens: when the sampler's grammar forces the next tokens
+//! ([`Sampler::forced`], fast-forward), the stepper yields them without drawing them and feeds
+//! them, with the drawn token before them, to the model in one forward pass (a small prefill
+//! chunk) instead of one pass each; tokens forced at the very start are prefilled with the
+//! prompt. Forced tokens carry no log-probabilities (their logits are only computed after they
+//! are yielded), so [`super::generate_input`] turns fast-forward off when they are asked for.
+//!
 //! It knows nothing of text: detokenizing, stop strings, `max_tokens` and end-of-generation
 //! tokens belong to the text layer ([`super::Generation`]), which decides whether to ask for
 //! another token.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
@@ -88,8 +96,11 @@ pub struct PrefillStats {
 /// The first [`TokenStepper::step`] prefills the prompt and samples from its last position;
 /// each later step feeds the previous token to the model (one forward pass, appending to the
 /// cache) and samples from its logits. A token is fed only when the next one is asked for, so
-/// the cache never holds the last yielded token. Iterating gives the same tokens and never
-/// ends (until an error, which it yields once).
+/// the cache never holds the last yielded token. With fast-forward, forced tokens are yielded
+/// without a forward pass and fed together with the token before them at the next pass, so
+/// the cache never holds the tokens yielded since the last pass
+/// ([`TokenStepper::positions`] counts them). Iterating gives the same tokens and never ends
+/// (until an error, which it yields once).
 pub struct TokenStepper<'a> {
     model: &'a dyn CausalLM,
     cache: &'a mut KvCache,
@@ -100,8 +111,17 @@ pub struct TokenStepper<'a> {
     pending: Option<ModelInput>,
     /// The prompt's ids and the tokens fed since, oldest first (what the processors see).
     history: Vec<u32>,
-    /// The last yielded token, fed at the next step.
-    last: Option<u32>,
+    /// Tokens yielded but not fed yet (the last drawn one and the forced ones after it),
+    /// fed in one forward pass at the next draw.
+    unfed: Vec<u32>,
+    /// Forced tokens not yielded yet.
+    forced: VecDeque<u32>,
+    /// Ask the sampler for forced tokens.
+    fast_forward: bool,
+    /// Whether the tokens forced at the start were asked for.
+    asked_start: bool,
+    /// Forward passes after the prefill.
+    decode_passes: usize,
     prefill: Option<PrefillStats>,
     failed: bool,
 }
@@ -131,15 +151,39 @@ impl<'a> TokenStepper<'a> {
             logprobs,
             history: input.ids.clone(),
             pending: Some(input),
-            last: None,
+            unfed: Vec::new(),
+            forced: VecDeque::new(),
+            fast_forward: false,
+            asked_start: false,
+            decode_passes: 0,
             prefill: None,
             failed: false,
         }
     }
 
+    /// Turns fast-forward on or off (off by default): tokens the sampler's processors force
+    /// ([`Sampler::forced`]) are yielded without drawing and fed in one forward pass. Set it
+    /// before the first step. With log-probabilities asked for, it stays off.
+    pub fn with_fast_forward(mut self, on: bool) -> Self {
+        self.fast_forward = on && self.logprobs.is_none();
+        self
+    }
+
     /// Positions the cache holds now.
     pub fn cache_offset(&self) -> usize {
         self.cache.offset()
+    }
+
+    /// Positions the cache will hold once every token yielded so far is fed (the prompt, if
+    /// not prefilled yet, included): the context a next token would take is one more.
+    pub fn positions(&self) -> usize {
+        self.cache.offset() + self.pending.as_ref().map_or(0, |p| p.ids.len()) + self.unfed.len()
+    }
+
+    /// Forward passes run after the prefill: one per drawn token after the first, unless
+    /// forced tokens were fed together.
+    pub fn decode_passes(&self) -> usize {
+        self.decode_passes
     }
 
     /// What the prefill did; `None` before the first successful step.
@@ -159,29 +203,62 @@ impl<'a> TokenStepper<'a> {
     }
 
     fn step_inner(&mut self) -> Result<Token> {
-        if let Some(input) = self.pending.take() {
+        if self.failed {
+            return Err(Error::InvalidArgument(
+                "the token stepper failed at an earlier step".into(),
+            ));
+        }
+        if self.fast_forward && !self.asked_start {
+            self.asked_start = true;
+            self.take_forced()?;
+        }
+        if let Some(id) = self.forced.pop_front() {
+            self.unfed.push(id);
+            return Ok(Token { id, logprobs: None });
+        }
+        self.history.extend_from_slice(&self.unfed);
+        let tok = if let Some(mut input) = self.pending.take() {
             let t0 = Instant::now();
+            let prompt_tokens = input.ids.len();
+            // Tokens forced at the start are prefilled with the prompt.
+            input.ids.append(&mut self.unfed);
             let p = self.model.prefill(&input, self.cache, self.prefill_chunk)?;
             crate::memory::release_free_heap();
             let tok = self.choose(&p.logits)?;
             self.prefill = Some(PrefillStats {
-                prompt_tokens: input.ids.len(),
+                prompt_tokens,
                 time: t0.elapsed(),
                 vision_time: p.vision_time,
                 image_tokens: p.image_tokens,
             });
-            self.last = Some(tok.id);
-            return Ok(tok);
+            tok
+        } else {
+            if self.unfed.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the token stepper has no token to feed".into(),
+                ));
+            }
+            let ids = Tensor::new(self.unfed.as_slice(), self.model.device())?.unsqueeze(0)?;
+            let logits = self.model.forward(&ids, self.cache, Logits::Last)?;
+            self.decode_passes += 1;
+            self.unfed.clear();
+            self.choose(&logits)?
+        };
+        self.unfed.push(tok.id);
+        if self.fast_forward {
+            self.take_forced()?;
         }
-        let prev = self.last.take().ok_or_else(|| {
-            Error::InvalidArgument("the token stepper failed at an earlier step".into())
-        })?;
-        self.history.push(prev);
-        let ids = Tensor::new(&[prev], self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.forward(&ids, self.cache, Logits::Last)?;
-        let tok = self.choose(&logits)?;
-        self.last = Some(tok.id);
         Ok(tok)
+    }
+
+    /// Queues the tokens the sampler forces now.
+    fn take_forced(&mut self) -> Result<()> {
+        let f = self.sampler.forced();
+        if let Some(why) = self.sampler.failure() {
+            return Err(crate::constrain::ConstraintError::Rejected(why).into());
+        }
+        self.forced.extend(f);
+        Ok(())
     }
 
     /// Chooses a token from `logits` (`[1, vocab]`, any float dtype, any device).

@@ -22,6 +22,14 @@ pub trait LogitsProcessor: Send {
     /// Told the token the sampler drew at this step (after every processor's `process`). A
     /// stateful processor (a grammar) advances here. The default does nothing.
     fn accept(&mut self, _token: u32) {}
+    /// Tokens that must come next, after the last accepted one (or first, before any), which
+    /// this processor has already advanced past as if each had been accepted: a grammar whose
+    /// next bytes are fixed ([`crate::constrain::GrammarMask::with_fast_forward`]). The caller
+    /// appends them to the output without drawing them. Asked at most once after each
+    /// `accept` (and once at the start); the default: none.
+    fn forced(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
     /// Why the processor cannot go on (a grammar that allows no token), once it cannot; the
     /// draw of that step is then meaningless. The default: never.
     fn failure(&self) -> Option<String> {

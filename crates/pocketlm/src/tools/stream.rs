@@ -250,12 +250,13 @@ impl ToolCallStreamParser {
                     }
                     let end = self.buf.find(CLOSE);
                     if let Some((index, start, sent)) = self.streaming {
-                        // The arguments end before the body's last `}` (the call object's).
+                        // The arguments end before the body's last `}` (the call object's)
+                        // and the whitespace before it; until the block closes, the last `}`
+                        // so far and the whitespace before it may be those, so they wait.
                         let region = &self.buf[start..end.unwrap_or(self.buf.len())];
                         let upto = match (end, region.rfind('}')) {
-                            (Some(_), Some(close)) => region[..close].trim_end().len(),
+                            (_, Some(close)) => region[..close].trim_end().len(),
                             (Some(_), None) => region.trim_end().len(),
-                            (None, Some(close)) => close,
                             (None, None) => region.len(),
                         };
                         if upto > sent {
@@ -368,6 +369,26 @@ mod tests {
                     ("get_weather", serde_json::json!({"city": "Paris"})),
                     ("get_time", serde_json::json!({}))
                 ],
+                "step {step}"
+            );
+        }
+    }
+
+    /// Whitespace between the arguments and the call's closing `}` (a pretty-printed call) is
+    /// not part of the streamed arguments, which equal the whole-text parse's for any chunking.
+    #[test]
+    fn streamed_arguments_equal_the_whole_parse_with_whitespace_before_the_last_brace() {
+        let text = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\n    \"city\": \"Paris\",\n    \"unit\": {\"c\": 1}\n}\n}\n</tool_call>";
+        let whole = parse_tool_calls(ToolCallFormat::Hermes, text);
+        assert_eq!(
+            whole.tool_calls[0].function.arguments,
+            "{\n    \"city\": \"Paris\",\n    \"unit\": {\"c\": 1}\n}"
+        );
+        for step in [1, 2, 3, 5, 1000] {
+            let (content, calls) = run(ToolCallFormat::Hermes, text, step);
+            assert_eq!(content, "", "step {step}");
+            assert_eq!(
+                calls[0].2, whole.tool_calls[0].function.arguments,
                 "step {step}"
             );
         }
