@@ -163,9 +163,7 @@ impl PackedMlx4 {
                         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                         .collect(),
                 ),
-                ParamDtype::F16 => {
-                    GroupParams::F16(halves().map(half::f16::from_bits).collect())
-                }
+                ParamDtype::F16 => GroupParams::F16(halves().map(half::f16::from_bits).collect()),
                 ParamDtype::BF16 => {
                     GroupParams::BF16(halves().map(half::bf16::from_bits).collect())
                 }
@@ -395,7 +393,8 @@ pub(crate) mod avx512 {
                         let ab = (r + i) * nb + b;
                         let dd = _mm512_mul_ps(sc, _mm512_set1_ps(*a.d.get_unchecked(ab)));
                         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
-                        accm[i] = _mm512_fmadd_ps(bi, _mm512_set1_ps(*a.s.get_unchecked(ab)), accm[i]);
+                        accm[i] =
+                            _mm512_fmadd_ps(bi, _mm512_set1_ps(*a.s.get_unchecked(ab)), accm[i]);
                     }
                 }
             }

@@ -322,8 +322,7 @@ fn packed_mlx4_round_trips_and_matches_naive() {
                             "{backend:?} gs {gs} {dtype:?} n {n} k {k} m {m}"
                         );
                     }
-                    for (idx, ((&g, &w), &a)) in reference.iter().zip(&want).zip(&mag).enumerate()
-                    {
+                    for (idx, ((&g, &w), &a)) in reference.iter().zip(&want).zip(&mag).enumerate() {
                         let tol = 4.0 * (k as f64 / 32.0 + 4.0) * f32::EPSILON as f64 * a + 1e-30;
                         assert!(
                             (g as f64 - w).abs() <= tol,

@@ -160,9 +160,7 @@ impl Linear {
             Self::Gguf { bias, .. }
             | Self::Kernel { bias, .. }
             | Self::Mlx { bias, .. }
-            | Self::MlxPacked { bias, .. } => {
-                bias.as_ref()
-            }
+            | Self::MlxPacked { bias, .. } => bias.as_ref(),
             Self::Lora(l) => l.base.bias(),
             #[cfg(feature = "cuda")]
             Self::Cuda { bias, .. } => bias.as_ref(),
@@ -182,9 +180,7 @@ impl Linear {
             },
             Self::Kernel { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
             Self::Mlx { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
-            Self::MlxPacked { weight, .. } => {
-                Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?
-            }
+            Self::MlxPacked { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
             Self::Lora(l) => l.base.dequantized_weight()?,
             #[cfg(feature = "cuda")]
             Self::Cuda { .. } => {
@@ -257,7 +253,9 @@ impl Linear {
             Self::MlxPacked { weight, bias } => {
                 // The kernels take f32 on the CPU; other inputs are converted there and back,
                 // as `mlx_matmul` does.
-                let xf = x.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+                let xf = x
+                    .to_dtype(DType::F32)?
+                    .to_device(&candle_core::Device::Cpu)?;
                 let y = forward_refs(Backend::detect(), &[weight.mat_ref()], &xf)?
                     .pop()
                     .ok_or_else(|| Error::InvalidArgument("no output".into()))?;
