@@ -135,7 +135,11 @@ def main():
 
     models = client.models.list()
     ids = [m.id for m in models.data]
-    check(len(ids) == 1, f"one model listed: {ids}")
+    # The chat model first, then the embedding model when the server has one.
+    expected = 2 if args.embedding_model else 1
+    check(len(ids) == expected, f"{expected} model(s) listed: {ids}")
+    if args.embedding_model:
+        check(ids[1] == args.embedding_model, f"embedding model listed second: {ids}")
     model = ids[0]
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
