@@ -295,6 +295,7 @@ unsafe fn tile_scalar<const P: u8>(t: &Tile<'_>) {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::packed::avx512::{block_sums, nibbles};
     use super::super::{Tile, TileFn};
     use super::ROWS;
     use crate::quant::mlx_affine::ParamDtype;
@@ -363,7 +364,6 @@ pub(crate) mod avx512 {
         let pm = t.mlx;
         let es = if P == 0 { 4 } else { 2 };
         unsafe {
-            let m4 = _mm512_set1_epi8(0x0F);
             let mut acc = [_mm512_setzero_ps(); R];
             let mut accm = [_mm512_setzero_ps(); R];
             for qg in 0..pm.gpr {
@@ -371,25 +371,10 @@ pub(crate) mod avx512 {
                 let sc = params16::<P>(pm.scales.add(off));
                 let bi = params16::<P>(pm.biases.add(off));
                 for b in qg * pm.bpg..(qg + 1) * pm.bpg {
-                    let blk = wg.add(b * 256);
-                    let mut w = [_mm512_setzero_si512(); 8];
-                    for c in 0..4 {
-                        let p = _mm512_loadu_si512(blk.add(64 * c) as *const _);
-                        w[c] = _mm512_and_si512(p, m4);
-                        w[c + 4] = _mm512_and_si512(_mm512_srli_epi32::<4>(p), m4);
-                    }
+                    let w = nibbles(wg.add(b * 256));
                     for i in 0..R {
                         let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
-                        let mut s0 = _mm512_setzero_si512();
-                        let mut s1 = _mm512_setzero_si512();
-                        // Two chains, so that consecutive dot products do not wait on each other.
-                        for c in 0..4 {
-                            let y0 = _mm512_set1_epi32(y.add(2 * c).read_unaligned());
-                            let y1 = _mm512_set1_epi32(y.add(2 * c + 1).read_unaligned());
-                            s0 = _mm512_dpbusd_epi32(s0, w[2 * c], y0);
-                            s1 = _mm512_dpbusd_epi32(s1, w[2 * c + 1], y1);
-                        }
-                        let s = _mm512_add_epi32(s0, s1);
+                        let s = block_sums(&w, y, 0);
                         let ab = (r + i) * nb + b;
                         let dd = _mm512_mul_ps(sc, _mm512_set1_ps(*a.d.get_unchecked(ab)));
                         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);

@@ -220,6 +220,48 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// The 8 code words of a 4-bit block of 16 rows: the low nibbles of the 4 words at `p`
+    /// (values `4c..4c + 4` of each row), then their high nibbles (values `16 + 4c..`).
+    ///
+    /// # Safety
+    /// `p` is valid for 256 bytes; the CPU has AVX512F.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(crate) unsafe fn nibbles(p: *const u8) -> [__m512i; 8] {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for c in 0..4 {
+            let v = unsafe { _mm512_loadu_si512(p.add(64 * c) as *const _) };
+            w[c] = _mm512_and_si512(v, m4);
+            w[c + 4] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
+        }
+        w
+    }
+
+    /// `init + Σ code·y` for the 16 rows of a block: word `j` of `w` against activation bytes
+    /// `4j..4j + 4` at `y` (32 bytes), broadcast to every lane.
+    ///
+    /// # Safety
+    /// `y` is valid for 32 bytes; the CPU has AVX512F and AVX512-VNNI.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(crate) unsafe fn block_sums(w: &[__m512i; 8], y: *const i32, init: i32) -> __m512i {
+        let mut s0 = _mm512_set1_epi32(init);
+        let mut s1 = _mm512_setzero_si512();
+        // Two chains, so that consecutive dot products do not wait on each other.
+        for c in 0..4 {
+            let (y0, y1) = unsafe {
+                (
+                    _mm512_set1_epi32(y.add(2 * c).read_unaligned()),
+                    _mm512_set1_epi32(y.add(2 * c + 1).read_unaligned()),
+                )
+            };
+            s0 = _mm512_dpbusd_epi32(s0, w[2 * c], y0);
+            s1 = _mm512_dpbusd_epi32(s1, w[2 * c + 1], y1);
+        }
+        _mm512_add_epi32(s0, s1)
+    }
+
     /// Activation rows `r..r + R` against the 16 weight rows of group `g` (at `wg`).
     ///
     /// # Safety
@@ -236,7 +278,6 @@ pub(crate) mod avx512 {
         let (k, nb) = (a.k, a.k / 32);
         let gblock = 32 + 64 * WORDS;
         unsafe {
-            let m4 = _mm512_set1_epi8(0x0F);
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
                 let blk = wg.add(b * gblock);
@@ -247,25 +288,12 @@ pub(crate) mod avx512 {
                         *w = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
                     }
                 } else {
-                    for c in 0..4 {
-                        let p = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
-                        w[c] = _mm512_and_si512(p, m4);
-                        w[c + 4] = _mm512_and_si512(_mm512_srli_epi32::<4>(p), m4);
-                    }
+                    w = nibbles(blk.add(32));
                 }
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
                     let off = -OFF * *a.isum.get_unchecked((r + i) * nb + b);
-                    let mut s0 = _mm512_set1_epi32(off);
-                    let mut s1 = _mm512_setzero_si512();
-                    // Two chains, so that consecutive dot products do not wait on each other.
-                    for c in 0..4 {
-                        let y0 = _mm512_set1_epi32(y.add(2 * c).read_unaligned());
-                        let y1 = _mm512_set1_epi32(y.add(2 * c + 1).read_unaligned());
-                        s0 = _mm512_dpbusd_epi32(s0, w[2 * c], y0);
-                        s1 = _mm512_dpbusd_epi32(s1, w[2 * c + 1], y1);
-                    }
-                    let s = _mm512_add_epi32(s0, s1);
+                    let s = block_sums(&w, y, off);
                     let dd =
                         _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b)));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
