@@ -247,7 +247,6 @@ fn tools_with_official_clients_on_tiny_qwen() {
 
 /// Forced calls and schemas on the tiny Qwen model: the grammar, not the random weights,
 /// guarantees them.
-#[ignore = "open (#23): <tool_call> is now produced and accepted, but greedy random weights loop inside the first JSON string (`\"city\": \"+.comments.comments...`) until max_tokens=48: only budget-aware closing of open strings could guarantee a complete call"]
 #[test]
 fn enforced_tools_and_schemas_on_tiny_qwen() {
     tools_client("enforced", true);
@@ -256,7 +255,6 @@ fn enforced_tools_and_schemas_on_tiny_qwen() {
 /// Forced tool calls (full round trips, streamed and not; responses; anthropic) and 100 prompts
 /// each with `tool_choice: "required"` and `response_format` json_schema, validated with
 /// `jsonschema`.
-#[ignore = "open (#23): streamed and whole required calls now agree, round trips, responses and anthropic pass; 96 of 100 sampled (temperature 1) required calls complete within max_tokens=48, 4 write a long `city` string and are cut (length): needs budget-aware closing"]
 #[test]
 fn enforced_tools_and_schemas_with_official_clients() {
     tools_client("enforced", false);

@@ -205,6 +205,8 @@ pub struct GrammarEnv {
     factory: ParserFactory,
     /// The end-of-generation ids the trie treats as EOS.
     eos: Vec<u32>,
+    /// [`super::closing::closing_tokens`] of the vocabulary.
+    closers: Vec<u32>,
     build_time: Duration,
 }
 
@@ -324,9 +326,11 @@ impl GrammarEnv {
             .map_err(|e| ConstraintError::Tokenizer(format!("llguidance: {e}")))?;
         // Grammar errors come back as values; llguidance's own stderr logging stays off.
         factory.quiet();
+        let closers = super::closing::closing_tokens(factory.tok_env().tok_trie());
         Ok(GrammarEnv {
             factory,
             eos,
+            closers,
             build_time: t0.elapsed(),
         })
     }
@@ -364,6 +368,12 @@ impl GrammarEnv {
     /// The end-of-generation ids a grammar may end with (EOS first).
     pub fn eos_tokens(&self) -> &[u32] {
         &self.eos
+    }
+
+    /// The vocabulary's closing tokens in preference order
+    /// ([`super::closing::closing_tokens`]), for budget-aware closing.
+    pub fn closing_tokens(&self) -> &[u32] {
+        &self.closers
     }
 
     /// How long [`GrammarEnv::new`] took (token table, trie and parser factory).

@@ -12,6 +12,10 @@
 //! bytes no choice can change, such as `{"name": "` of a tool call), consumes them and hands
 //! them over ([`LogitsProcessor::forced`]) before it computes the mask after them: the token
 //! stepper yields them without sampling and feeds them in one forward pass.
+//!
+//! With a token budget ([`GrammarMask::with_options`]), the worker also plans a way to the end
+//! of the grammar once few tokens are left, and narrows the mask to it when the budget is
+//! barely enough ([`super::closing`]), so that `max_tokens` does not cut the output short.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -20,11 +24,16 @@ use std::thread::JoinHandle;
 use llguidance::Matcher;
 use toktrie::SimpleVob;
 
-use super::{Constraint, ConstraintError, GrammarEnv};
+use super::{closing, Constraint, ConstraintError, GrammarEnv};
 use crate::sampling::LogitsProcessor;
 
-/// The matcher and the mask it computed for the next step (or the error it met).
-type Computed = (Box<Matcher>, Result<SimpleVob, String>);
+/// What a worker hands back: the matcher, the mask it computed for the next step (or the
+/// error it met), and the tokens left in the budget after the forced ones.
+struct Computed {
+    m: Box<Matcher>,
+    mask: Result<SimpleVob, String>,
+    left: Option<usize>,
+}
 
 /// The two ends of the channel that carries the forced tokens (both `None` without
 /// fast-forward).
@@ -34,8 +43,8 @@ enum State {
     /// A worker is advancing the matcher and computing the next mask; with fast-forward, it
     /// sends the forced tokens it consumed first (taken by [`LogitsProcessor::forced`]).
     Computing(JoinHandle<Computed>, Option<Receiver<Vec<u32>>>),
-    /// The mask of the next step is known.
-    Ready(Box<Matcher>, SimpleVob),
+    /// The mask of the next step is known, and the tokens left in the budget.
+    Ready(Box<Matcher>, SimpleVob, Option<usize>),
     /// The grammar failed; the message says why.
     Failed(String),
 }
@@ -52,6 +61,7 @@ pub struct GrammarMask {
     state: Option<State>,
     env: Arc<GrammarEnv>,
     fast_forward: bool,
+    budget: Option<usize>,
 }
 
 impl std::fmt::Debug for GrammarMask {
@@ -65,6 +75,7 @@ impl std::fmt::Debug for GrammarMask {
         f.debug_struct("GrammarMask")
             .field("state", &state)
             .field("fast_forward", &self.fast_forward)
+            .field("budget", &self.budget)
             .finish()
     }
 }
@@ -80,8 +91,14 @@ fn mask_of(m: &mut Matcher) -> Result<SimpleVob, String> {
 }
 
 /// With `ff`, consumes the tokens the grammar forces now and sends them (an empty list when
-/// none); then computes the next mask.
-fn forced_then_mask(mut m: Box<Matcher>, ff: Option<Sender<Vec<u32>>>) -> Computed {
+/// none); then computes the next mask, narrowed to the way to the end when `left` tokens are
+/// barely enough for it ([`closing::narrow_to_budget`]).
+fn forced_then_mask(
+    mut m: Box<Matcher>,
+    ff: Option<Sender<Vec<u32>>>,
+    env: &GrammarEnv,
+    mut left: Option<usize>,
+) -> Computed {
     if let Some(tx) = ff {
         let forced = if m.is_stopped() {
             Vec::new()
@@ -89,24 +106,43 @@ fn forced_then_mask(mut m: Box<Matcher>, ff: Option<Sender<Vec<u32>>>) -> Comput
             m.compute_ff_tokens()
         };
         if let Err(e) = m.consume_tokens(&forced) {
-            return (m, Err(format!("forced tokens {forced:?}: {e}")));
+            let mask = Err(format!("forced tokens {forced:?}: {e}"));
+            return Computed { m, mask, left };
         }
+        left = left.map(|l| l.saturating_sub(forced.len()));
         // The stepper may have stopped listening (generation ended): nothing to do then.
         let _ = tx.send(forced);
     }
-    let r = mask_of(&mut m);
-    (m, r)
+    let mut mask = mask_of(&mut m);
+    if let (Ok(mask), Some(l)) = (&mut mask, left) {
+        closing::narrow_to_budget(
+            &m,
+            mask,
+            l,
+            env.trie(),
+            env.closing_tokens(),
+            env.eos_tokens()[0],
+        );
+    }
+    Computed { m, mask, left }
 }
 
 /// Advances `m` with `token` (unless it has stopped and `token` ends generation, which a
 /// generation that ignores EOS may draw again), then as [`forced_then_mask`].
-fn advance(mut m: Box<Matcher>, token: u32, eos: &[u32], ff: Option<Sender<Vec<u32>>>) -> Computed {
-    if !(m.is_stopped() && eos.contains(&token)) {
+fn advance(
+    mut m: Box<Matcher>,
+    token: u32,
+    env: &GrammarEnv,
+    ff: Option<Sender<Vec<u32>>>,
+    left: Option<usize>,
+) -> Computed {
+    if !(m.is_stopped() && env.eos_tokens().contains(&token)) {
         if let Err(e) = m.consume_token(token) {
-            return (m, Err(format!("token {token}: {e}")));
+            let mask = Err(format!("token {token}: {e}"));
+            return Computed { m, mask, left };
         }
     }
-    forced_then_mask(m, ff)
+    forced_then_mask(m, ff, env, left)
 }
 
 impl GrammarMask {
@@ -116,7 +152,7 @@ impl GrammarMask {
     /// Errors: [`ConstraintError::Grammar`] when the grammar, schema or regular expression does
     /// not compile (llguidance's message).
     pub fn new(env: Arc<GrammarEnv>, constraint: &Constraint) -> Result<Self, ConstraintError> {
-        Self::build(env, constraint, false)
+        Self::with_options(env, constraint, false, None)
     }
 
     /// As [`GrammarMask::new`], with fast-forward: after each accepted token (and at the
@@ -130,13 +166,22 @@ impl GrammarMask {
         env: Arc<GrammarEnv>,
         constraint: &Constraint,
     ) -> Result<Self, ConstraintError> {
-        Self::build(env, constraint, true)
+        Self::with_options(env, constraint, true, None)
     }
 
-    fn build(
+    /// As [`GrammarMask::new`], with fast-forward when `fast_forward` (as
+    /// [`GrammarMask::with_fast_forward`]) and, with `token_budget`, budget-aware closing: the
+    /// generation may emit at most `token_budget` more tokens (its `max_tokens`, the
+    /// end-of-generation token counted as one step), and once the tokens left are within
+    /// [`closing::SLACK`] of a planned way to the end of the grammar, the mask allows only that
+    /// way's next token ([`super::closing`]). Every accepted and forced token counts.
+    ///
+    /// Errors: as [`GrammarMask::new`].
+    pub fn with_options(
         env: Arc<GrammarEnv>,
         constraint: &Constraint,
         fast_forward: bool,
+        token_budget: Option<usize>,
     ) -> Result<Self, ConstraintError> {
         let grammar = constraint.to_llguidance();
         let parser = env
@@ -149,11 +194,14 @@ impl GrammarMask {
         }
         let matcher = Box::new(matcher);
         let (tx, rx) = Self::ff_channel(fast_forward);
-        let worker = std::thread::spawn(move || forced_then_mask(matcher, tx));
+        let worker_env = env.clone();
+        let worker =
+            std::thread::spawn(move || forced_then_mask(matcher, tx, &worker_env, token_budget));
         Ok(GrammarMask {
             state: Some(State::Computing(worker, rx)),
             env,
             fast_forward,
+            budget: token_budget,
         })
     }
 
@@ -167,25 +215,34 @@ impl GrammarMask {
         }
     }
 
-    /// Starts a worker that advances `m` with `token`.
-    fn spawn_advance(&self, m: Box<Matcher>, token: u32) -> State {
-        let eos = self.env.eos_tokens().to_vec();
+    /// Starts a worker that advances `m` with `token`, `left` tokens having been left in the
+    /// budget before it.
+    fn spawn_advance(&self, m: Box<Matcher>, token: u32, left: Option<usize>) -> State {
+        let env = self.env.clone();
         let (tx, rx) = Self::ff_channel(self.fast_forward);
-        State::Computing(std::thread::spawn(move || advance(m, token, &eos, tx)), rx)
+        let left = left.map(|l| l.saturating_sub(1));
+        State::Computing(
+            std::thread::spawn(move || advance(m, token, &env, tx, left)),
+            rx,
+        )
     }
 
     /// Waits for the worker; returns the current mask, or records the failure.
     fn mask(&mut self) -> Option<&SimpleVob> {
         self.state = match self.state.take() {
             Some(State::Computing(h, _)) => Some(match h.join() {
-                Ok((m, Ok(mask))) => State::Ready(m, mask),
-                Ok((_, Err(e))) => State::Failed(e),
+                Ok(Computed {
+                    m,
+                    mask: Ok(mask),
+                    left,
+                }) => State::Ready(m, mask, left),
+                Ok(Computed { mask: Err(e), .. }) => State::Failed(e),
                 Err(_) => State::Failed("the grammar worker panicked".into()),
             }),
             other => other,
         };
         match &self.state {
-            Some(State::Ready(_, mask)) => Some(mask),
+            Some(State::Ready(_, mask, _)) => Some(mask),
             _ => None,
         }
     }
@@ -224,12 +281,16 @@ impl LogitsProcessor for GrammarMask {
     fn accept(&mut self, token: u32) {
         let state = self.state.take();
         self.state = Some(match state {
-            Some(State::Ready(m, _)) => self.spawn_advance(m, token),
+            Some(State::Ready(m, _, left)) => self.spawn_advance(m, token, left),
             Some(State::Computing(h, _)) => {
                 // `accept` without `process` in between: advance after the pending mask.
                 match h.join() {
-                    Ok((m, Ok(_))) => self.spawn_advance(m, token),
-                    Ok((_, Err(e))) => State::Failed(e),
+                    Ok(Computed {
+                        m,
+                        mask: Ok(_),
+                        left,
+                    }) => self.spawn_advance(m, token, left),
+                    Ok(Computed { mask: Err(e), .. }) => State::Failed(e),
                     Err(_) => State::Failed("the grammar worker panicked".into()),
                 }
             }
@@ -399,5 +460,75 @@ mod tests {
         apply_mask(&v, &mut l);
         let kept: Vec<usize> = (0..70).filter(|&i| l[i] == 1.0).collect();
         assert_eq!(kept, vec![3, 33]);
+    }
+
+    /// Drives `m` as a model that always prefers `favourite` (then `"`, `:`, the lowest
+    /// allowed id that is not whitespace, the lowest allowed id) would, for at most `steps` tokens (forced tokens counted); returns the output bytes and
+    /// whether it ended with EOS (256).
+    fn drive(m: &mut GrammarMask, favourite: u8, steps: usize) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut used = 0;
+        while used < steps {
+            let forced = m.forced();
+            used += forced.len();
+            out.extend(forced.iter().map(|&t| t as u8));
+            if used >= steps {
+                break;
+            }
+            let ok = allowed(m, 257);
+            let pick = [favourite, b'"', b':'].map(u32::from);
+            let t = pick
+                .into_iter()
+                .chain(ok.iter().copied().filter(|&t| t > 32))
+                .chain(ok.iter().copied())
+                .find(|t| ok.contains(t))
+                .expect("an allowed token");
+            used += 1;
+            if t == 256 {
+                return (out, true);
+            }
+            out.push(t as u8);
+            m.accept(t);
+        }
+        (out, false)
+    }
+
+    #[test]
+    fn a_token_budget_closes_the_json_in_time() {
+        let tok = bytes_tokenizer();
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let schema = Constraint::JsonSchema(serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+        }));
+        for ff in [false, true] {
+            // Without a budget, a model that loves `a` stays inside the string.
+            let mut m = GrammarMask::with_options(env.clone(), &schema, ff, None).unwrap();
+            let (out, ended) = drive(&mut m, b'a', 40);
+            assert!(!ended, "{}", String::from_utf8_lossy(&out));
+            // With one, it writes `a`s while the budget allows, then closes: the output
+            // parses and matches the schema, EOS included within the 40 steps.
+            for budget in [40, 25] {
+                let mut m =
+                    GrammarMask::with_options(env.clone(), &schema, ff, Some(budget)).unwrap();
+                let (out, ended) = drive(&mut m, b'a', budget);
+                let text = String::from_utf8(out).unwrap();
+                assert!(ended, "fast-forward {ff}, budget {budget}: {text}");
+                let v: serde_json::Value = serde_json::from_str(&text).expect(&text);
+                let city = v["city"].as_str().expect(&text);
+                assert!(city.bytes().all(|b| b == b'a'), "{text}");
+                assert!(budget < 40 || city.len() >= 5, "{text}");
+                assert!(v["days"].is_i64(), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn closing_tokens_are_string_ends_then_brackets_then_zero() {
+        let tok = bytes_tokenizer();
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let c = env.closing_tokens();
+        assert_eq!(c, &[b'"' as u32, b']' as u32, b'}' as u32, b'0' as u32]);
     }
 }

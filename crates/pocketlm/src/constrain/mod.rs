@@ -7,6 +7,7 @@
 //! and cached), [`GrammarMask`] the logits processor that masks disallowed tokens, and
 //! [`crate::structured::generate_json`] a typed call on top.
 
+pub mod closing;
 mod env;
 mod mask;
 

@@ -44,7 +44,10 @@ pub struct GenerateParams {
     /// computes nothing.
     pub logprobs: Option<usize>,
     /// What the generated text must match ([`Constraint`]): a grammar masks the logits at
-    /// every step. `None` (the default): unconstrained.
+    /// every step. `None` (the default): unconstrained. The output is closed within
+    /// `max_tokens` where the budget allows: once the tokens left barely cover a way to the
+    /// end of the grammar, only that way is allowed ([`crate::constrain::closing`]), so a
+    /// model that loops inside a JSON string still ends with a complete value.
     pub constraint: Option<Constraint>,
     /// With a constraint: tokens the grammar forces (the fixed `{"name": "` of a tool call,
     /// a schema's property names) are appended without sampling and fed to the model in one
@@ -258,11 +261,10 @@ pub fn generate_input<'a>(
     let mut sampler = Sampler::new(params.sampling.clone())?;
     if let Some(c) = &params.constraint {
         let env = GrammarEnv::for_tokenizer(tokenizer)?;
-        let mask = if params.fast_forward && params.logprobs.is_none() {
-            GrammarMask::with_fast_forward(env, c)?
-        } else {
-            GrammarMask::new(env, c)?
-        };
+        // Steps left: `max_tokens`, or fewer when the context fills first.
+        let budget = params.max_tokens.min(ctx - cache.offset() - prompt.len());
+        let fast_forward = params.fast_forward && params.logprobs.is_none();
+        let mask = GrammarMask::with_options(env, c, fast_forward, Some(budget))?;
         sampler = sampler.with_processor(Box::new(mask));
     }
     let stepper = TokenStepper::new(
