@@ -26,6 +26,10 @@ Output, under `crates/pocketlm/tests/golden/mlx_quant_modes/`:
 
 float32 folders: mlx-lm then computes in float32 as pocketlm does (the tiny model is stored in
 bfloat16; casting to float32 is exact), so logits can be compared closely.
+
+The source's config.json (transformers 5) has only `rope_parameters`; mlx-lm 0.32.2 reads only
+`rope_theta` and would silently use base 10000, so the script converts a copy with
+`rope_theta` added (what pocketlm's `convert` writes too, `loader::normalize_config`).
 """
 
 import hashlib
@@ -74,11 +78,18 @@ def run(folder):
 
 def main():
     work = tempfile.mkdtemp(prefix="mlx-quant-modes-")
+    src = os.path.join(work, "src")
+    shutil.copytree(SRC, src)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"]
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
     tensors = {"ids": mx.array(PROMPT, dtype=mx.int64)}
     meta = {"mlx_version": mx.__version__, "mlx_lm_version": mlx_lm.__version__, "modes": {}}
     for mode in ("mxfp4", "mxfp8", "nvfp4"):
         folder = os.path.join(work, mode)
-        mlx_convert(SRC, folder, quantize=True, q_mode=mode, dtype="float32")
+        mlx_convert(src, folder, quantize=True, q_mode=mode, dtype="float32")
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
         weights = {}

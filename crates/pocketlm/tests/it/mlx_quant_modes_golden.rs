@@ -127,8 +127,11 @@ fn check_file(name: &str, dtype: ParamDtype) -> Res<()> {
                     let mag: f32 = (0..k).map(|l| (x[i * k + l] * d[j * k + l]).abs()).sum();
                     let tol = 2.0 * k as f32 * f32::EPSILON / 2.0 * mag;
                     let (a, b) = (y[i * rows + j], want[i * rows + j]);
+                    // Infinite on both sides where an f32-subnormal group's scale byte
+                    // wrapped past 2^127 (as mlx stores it).
+                    let same = a == b || (a.is_nan() && b.is_nan());
                     assert!(
-                        (a - b).abs() <= tol,
+                        same || (a - b).abs() <= tol,
                         "{name} {mode} matmul ({i}, {j}): ours {a}, mlx {b}, tolerance {tol}"
                     );
                 }
