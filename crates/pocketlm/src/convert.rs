@@ -1,6 +1,8 @@
 //! `convert`: a GGUF file or a Hugging Face / MLX folder to an MLX-format folder
-//! (config.json, safetensors with Hugging Face names, tokenizer files), optionally MLX affine
-//! quantized, or back to float with `dequantize`.
+//! (config.json, safetensors with Hugging Face names, tokenizer files), optionally MLX
+//! quantized (affine, or the float modes `mxfp4` / `mxfp8` / `nvfp4` of `mlx_lm.convert
+//! --q-mode`: [`crate::quant::mlx_fp`], uint8 scales and no biases, config.json
+//! `"quantization": {"group_size", "bits", "mode"}`), or back to float with `dequantize`.
 //!
 //! Follows mlx-lm's `mlx_lm/convert.py` + `utils.py` (`quantize_model`, `save_model`): every
 //! 2-D `*.weight` whose last dimension is a multiple of the group size (the `Linear` and
@@ -36,8 +38,12 @@ use crate::gguf::GgufFile;
 use crate::loader::{normalize_config, read_json};
 use crate::models;
 use crate::quant::mlx_affine::check_params;
-use crate::quant::mlx_affine::{dequantize_tensor, quantize_tensor};
-use crate::safetensors_weights::{QuantConfig, QuantParams, SafetensorsWeights, INDEX_FILE};
+use crate::quant::mlx_affine::{dequantize_tensor, quantize_tensor, ParamDtype};
+use crate::quant::mlx_fp::{self, FpMode};
+use crate::quant::QuantMode;
+use crate::safetensors_weights::{
+    LayerQuant, QuantConfig, QuantParams, SafetensorsWeights, INDEX_FILE,
+};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
@@ -166,9 +172,13 @@ impl QuantOverride {
 /// What to convert to.
 #[derive(Debug, Clone, Default)]
 pub struct ConvertOptions {
-    /// MLX affine quantization of the `Linear` / `Embedding` weights: the defaults, which
-    /// `recipe` and `overrides` refine per layer.
+    /// MLX quantization of the `Linear` / `Embedding` weights: the defaults, which `recipe` and
+    /// `overrides` refine per layer (in mode `q_mode`).
     pub quantize: Option<QuantParams>,
+    /// The mode of `quantize` (`mlx_lm.convert --q-mode`): affine (the default) or a float mode,
+    /// whose one allowed group size and bits `quantize` must hold. Recipes need affine;
+    /// overrides give affine layers (or float ones with `off`).
+    pub q_mode: QuantMode,
     /// A mixed-precision recipe (needs `quantize`).
     pub recipe: Option<QuantRecipe>,
     /// Per-layer choices (need `quantize`), applied after `recipe`; the last one matching a
@@ -327,7 +337,7 @@ pub fn convert(
     let plan = QuantPlan::new(opts, &hf_names, &config)?;
     // Per-layer entries for config.json: layers whose parameters differ from the defaults, and
     // `None` for candidate layers kept in float.
-    let mut layer_overrides: HashMap<String, Option<QuantParams>> = HashMap::new();
+    let mut layer_overrides: HashMap<String, Option<LayerQuant>> = HashMap::new();
 
     let mut writer = ShardWriter::new(
         tmp.path().to_path_buf(),
@@ -367,15 +377,26 @@ pub fn convert(
                 quantizable(name, &t, plan.default.group_size, opts.quantize_vision)
             {
                 let chosen = plan.for_layer(prefix, t.dims())?;
-                if chosen != Some(plan.default) {
+                if chosen != Some(plan.default_layer()) {
                     layer_overrides.insert(prefix.to_string(), chosen);
                 }
-                if let Some(p) = chosen {
-                    let (qw, s, b) = quantize_tensor(&t, p.group_size, p.bits)
-                        .map_err(|e| Error::tensor(name, e.to_string()))?;
-                    w.add(format!("{prefix}.weight"), qw)?;
-                    w.add(format!("{prefix}.scales"), s)?;
-                    w.add(format!("{prefix}.biases"), b)?;
+                if let Some(lq) = chosen {
+                    let p = lq.params;
+                    match lq.mode {
+                        QuantMode::Affine => {
+                            let (qw, s, b) = quantize_tensor(&t, p.group_size, p.bits)
+                                .map_err(|e| Error::tensor(name, e.to_string()))?;
+                            w.add(format!("{prefix}.weight"), qw)?;
+                            w.add(format!("{prefix}.scales"), s)?;
+                            w.add(format!("{prefix}.biases"), b)?;
+                        }
+                        QuantMode::Fp(mode) => {
+                            let (qw, s) = mlx_fp::quantize_tensor(&t, mode)
+                                .map_err(|e| Error::tensor(name, e.to_string()))?;
+                            w.add(format!("{prefix}.weight"), qw)?;
+                            w.add(format!("{prefix}.scales"), s)?;
+                        }
+                    }
                     return Ok(true);
                 }
             }
@@ -422,15 +443,30 @@ pub fn convert(
                             format!("{prefix}.scales"),
                             format!("{prefix}.biases"),
                         );
+                        let fp_mode = fp_source_mode(weights, &wn, &sn)?;
                         if keep_source_quant && !opts.weight_deltas.contains_key(&wn) {
                             for n in [&wn, &sn, &bn] {
-                                writer.add(n.clone(), weights.raw(n, None)?)?;
+                                if fp_mode.is_none() || weights.contains(n) {
+                                    writer.add(n.clone(), weights.raw(n, None)?)?;
+                                }
                             }
                             quantized_layers += 1;
+                        } else if let Some(mode) = fp_mode {
+                            // As mlx-lm's `dequantize_model`: `mx.dequantize`'s default, bf16
+                            // (exact for these modes), then the output dtype.
+                            let t = mlx_fp::dequantize_tensor(
+                                &weights.raw(&wn, None)?,
+                                &weights.raw(&sn, None)?,
+                                mode,
+                                ParamDtype::BF16,
+                            )
+                            .map_err(|e| Error::tensor(prefix, e.to_string()))?;
+                            quantized_layers += usize::from(emit_float(&wn, t, &mut writer)?);
                         } else {
                             let p = src_quant
                                 .as_ref()
                                 .and_then(|q| q.for_layer(prefix))
+                                .map(|lq| lq.params)
                                 .ok_or_else(|| {
                                     Error::tensor(
                                         &sn,
@@ -475,6 +511,7 @@ pub fn convert(
         if let Some(p) = opts.quantize {
             let q = QuantConfig {
                 default: p,
+                mode: opts.q_mode,
                 overrides: layer_overrides,
             }
             .to_json();
@@ -540,15 +577,53 @@ pub fn is_vision_tower(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
+/// The mode of a quantized source layer: `Some` for a float mode (uint8 `scales`; which one
+/// from the shapes, as mlx-lm's `infer_quant_config`), `None` for affine.
+///
+/// Errors: [`Error::Tensor`] for uint8 scales whose shape fits no float mode.
+fn fp_source_mode(weights: &SafetensorsWeights, wn: &str, sn: &str) -> Result<Option<FpMode>> {
+    let (sshape, sdt) = weights.info(sn)?;
+    if sdt != "U8" {
+        return Ok(None);
+    }
+    let (wshape, _) = weights.info(wn)?;
+    let (w_last, s_last) = (
+        wshape.last().copied().unwrap_or(0),
+        sshape.last().copied().unwrap_or(0),
+    );
+    FpMode::ALL
+        .into_iter()
+        .find(|m| s_last > 0 && s_last * m.group_size() == w_last * 32 / m.bits())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::tensor(
+                sn,
+                format!(
+                    "uint8 scales {sshape:?} with weight {wshape:?} fit no float quantization \
+                     mode (mxfp4, mxfp8, nvfp4)"
+                ),
+            )
+        })
+}
+
 /// The per-layer quantization decisions of one conversion.
 struct QuantPlan {
     default: QuantParams,
+    mode: QuantMode,
     /// The recipe, the position of the layer index in a layer path, and the layer count.
     recipe: Option<(QuantRecipe, usize, usize)>,
     overrides: Vec<QuantOverride>,
 }
 
 impl QuantPlan {
+    /// The default layer quantization (params and mode).
+    fn default_layer(&self) -> LayerQuant {
+        LayerQuant {
+            params: self.default,
+            mode: self.mode,
+        }
+    }
+
     /// `names`: the source's Hugging Face tensor names (to find the layer index position as
     /// mlx-lm does: the first all-digit component of the first `down_proj` path);
     /// `config`: for `num_hidden_layers`.
@@ -565,6 +640,15 @@ impl QuantPlan {
             }
             return Ok(None);
         };
+        opts.q_mode
+            .check(default.group_size, default.bits)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if opts.recipe.is_some() && opts.q_mode != QuantMode::Affine {
+            return Err(Error::InvalidArgument(format!(
+                "mixed quantization recipes need affine quantization, not {} (as mlx-lm)",
+                opts.q_mode
+            )));
+        }
         let recipe = match opts.recipe {
             None => None,
             Some(r) => {
@@ -597,6 +681,7 @@ impl QuantPlan {
         };
         Ok(Some(QuantPlan {
             default,
+            mode: opts.q_mode,
             recipe,
             overrides: opts.overrides.clone(),
         }))
@@ -608,11 +693,11 @@ impl QuantPlan {
     ///
     /// Errors: [`Error::Tensor`] when the chosen group size does not divide the last dimension,
     /// or the recipe finds no layer index in the path.
-    fn for_layer(&self, prefix: &str, dims: &[usize]) -> Result<Option<QuantParams>> {
+    fn for_layer(&self, prefix: &str, dims: &[usize]) -> Result<Option<LayerQuant>> {
         if dims.len() != 2 || !dims[1].is_multiple_of(self.default.group_size) {
             return Ok(None);
         }
-        let mut p = Some(self.default);
+        let mut p = Some(self.default_layer());
         if let Some((recipe, location, n)) = self.recipe {
             let parts: Vec<&str> = prefix.split('.').collect();
             let index = match parts.get(location) {
@@ -634,10 +719,10 @@ impl QuantPlan {
                     .iter()
                     .any(|k| prefix.contains(k)))
                 || prefix.contains("lm_head");
-            p = Some(QuantParams {
+            p = Some(LayerQuant::affine(QuantParams {
                 group_size: self.default.group_size,
                 bits: if high_layer { high } else { low },
-            });
+            }));
         }
         if let Some(o) = self
             .overrides
@@ -645,9 +730,9 @@ impl QuantPlan {
             .rev()
             .find(|o| glob_match(&o.pattern, prefix))
         {
-            p = o.params;
+            p = o.params.map(LayerQuant::affine);
         }
-        if let Some(q) = p {
+        if let Some(q) = p.map(|lq| lq.params) {
             if !dims[1].is_multiple_of(q.group_size) {
                 return Err(Error::tensor(
                     format!("{prefix}.weight"),

@@ -7,7 +7,10 @@
 //! [`Embedding::Mlx`], with `group_size` / `bits` from config.json `quantization` and its
 //! per-layer overrides, as mlx-lm's `load_model` reads them (`mlx_lm/utils.py`: the class
 //! predicate quantizes a layer when `f"{p}.scales"` is in the weights and takes
-//! `quantization[p]` when present).
+//! `quantization[p]` when present). Layers with uint8 `scales` and no `biases` are in one of
+//! MLX's float modes (`"mode": "mxfp4"`, `"mxfp8"`, `"nvfp4"`), recognised as mlx-lm's
+//! `infer_quant_config` does (the mode whose group size and bits the shapes give), and become
+//! [`Linear::MlxFp`] / [`Embedding::MlxFp`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -17,20 +20,52 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::candle_message;
 use crate::nn::{Embedding, Linear};
-use crate::quant::mlx_affine::{check_params, AffineQuantized};
+use crate::quant::mlx_affine::AffineQuantized;
+use crate::quant::mlx_fp::{FpMode, FpQuantized};
+use crate::quant::QuantMode;
 use crate::weights::{Placement, Stored, WeightLayout, Weights};
 use crate::{Error, Result};
 
 /// Name of the shard index written by `save_pretrained` and mlx-lm.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// `group_size` and `bits` of one MLX affine quantized layer.
+/// `group_size` and `bits` of one MLX quantized layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuantParams {
-    /// Values per group (32, 64 or 128).
+    /// Values per group (affine: 32, 64 or 128; mxfp4 / mxfp8: 32; nvfp4: 16).
     pub group_size: usize,
-    /// Bits per code (2, 3, 4, 5, 6 or 8).
+    /// Bits per code (affine: 2, 3, 4, 5, 6 or 8; mxfp4 / nvfp4: 4; mxfp8: 8).
     pub bits: usize,
+}
+
+/// How one layer is quantized: its group size and bits, and the mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerQuant {
+    /// Group size and bits.
+    pub params: QuantParams,
+    /// `affine`, `mxfp4`, `mxfp8` or `nvfp4`.
+    pub mode: QuantMode,
+}
+
+impl LayerQuant {
+    /// MLX affine quantization with `params`.
+    pub fn affine(params: QuantParams) -> Self {
+        Self {
+            params,
+            mode: QuantMode::Affine,
+        }
+    }
+
+    /// The entry config.json gets for the layer: `{"group_size", "bits"}`, plus `"mode"` for a
+    /// float mode (what mlx-lm's `quantize_model` writes).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v =
+            serde_json::json!({"group_size": self.params.group_size, "bits": self.params.bits});
+        if self.mode != QuantMode::Affine {
+            v["mode"] = self.mode.name().into();
+        }
+        v
+    }
 }
 
 /// config.json `quantization`: defaults plus per-layer overrides keyed by the layer's
@@ -40,15 +75,17 @@ pub struct QuantParams {
 pub struct QuantConfig {
     /// The defaults.
     pub default: QuantParams,
+    /// The default mode (`"mode"`, `affine` when absent).
+    pub mode: QuantMode,
     /// Per-layer overrides; `None` means the layer is not quantized.
-    pub overrides: HashMap<String, Option<QuantParams>>,
+    pub overrides: HashMap<String, Option<LayerQuant>>,
 }
 
 impl QuantConfig {
     /// Reads `config["quantization"]`; `Ok(None)` when it is absent or null.
     ///
-    /// Errors: [`Error::Model`] naming the field when `group_size` / `bits` are missing, not
-    /// supported by MLX affine quantization, or `mode` is not `"affine"`.
+    /// Errors: [`Error::Model`] naming the field when `group_size` / `bits` are missing or not
+    /// allowed by the mode, or `mode` is not one of `affine`, `mxfp4`, `mxfp8`, `nvfp4`.
     pub fn from_config(config: &serde_json::Value) -> Result<Option<Self>> {
         let q = match config.get("quantization") {
             None | Some(serde_json::Value::Null) => return Ok(None),
@@ -57,14 +94,7 @@ impl QuantConfig {
         let obj = q.as_object().ok_or_else(|| {
             Error::Model("config.json `quantization`: expected an object".to_string())
         })?;
-        if let Some(mode) = obj.get("mode") {
-            if mode.as_str() != Some("affine") {
-                return Err(Error::Model(format!(
-                    "config.json `quantization.mode` is {mode}; only \"affine\" is supported"
-                )));
-            }
-        }
-        let default = parse_params(q, "quantization")?;
+        let default = parse_layer(q, "quantization")?;
         let mut overrides = HashMap::new();
         for (k, v) in obj {
             if matches!(k.as_str(), "group_size" | "bits" | "mode") {
@@ -79,34 +109,45 @@ impl QuantConfig {
                 }
                 serde_json::Value::Object(_) => {
                     let field = format!("quantization[\"{k}\"]");
-                    overrides.insert(k.clone(), Some(parse_params(v, &field)?));
+                    overrides.insert(k.clone(), Some(parse_layer(v, &field)?));
                 }
                 _ => {}
             }
         }
-        Ok(Some(Self { default, overrides }))
+        Ok(Some(Self {
+            default: default.params,
+            mode: default.mode,
+            overrides,
+        }))
     }
 
-    /// Parameters for the layer at `prefix` (e.g. `model.layers.0.mlp.down_proj`); `None` when
-    /// an override marks it unquantized.
-    pub fn for_layer(&self, prefix: &str) -> Option<QuantParams> {
+    /// The quantization of the layer at `prefix` (e.g. `model.layers.0.mlp.down_proj`); `None`
+    /// when an override marks it unquantized.
+    pub fn for_layer(&self, prefix: &str) -> Option<LayerQuant> {
         match self.overrides.get(prefix) {
             Some(p) => *p,
-            None => Some(self.default),
+            None => Some(LayerQuant {
+                params: self.default,
+                mode: self.mode,
+            }),
         }
     }
 
-    /// The `quantization` object for config.json (defaults and overrides).
+    /// The `quantization` object for config.json (defaults, `mode` unless affine, and
+    /// overrides).
     pub fn to_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         m.insert("group_size".into(), self.default.group_size.into());
         m.insert("bits".into(), self.default.bits.into());
+        if self.mode != QuantMode::Affine {
+            m.insert("mode".into(), self.mode.name().into());
+        }
         let mut keys: Vec<_> = self.overrides.keys().collect();
         keys.sort();
         for k in keys {
             let v = match self.overrides[k] {
                 None => serde_json::Value::Bool(false),
-                Some(p) => serde_json::json!({"group_size": p.group_size, "bits": p.bits}),
+                Some(p) => p.to_json(),
             };
             m.insert(k.clone(), v);
         }
@@ -114,7 +155,23 @@ impl QuantConfig {
     }
 }
 
-fn parse_params(v: &serde_json::Value, field: &str) -> Result<QuantParams> {
+/// `{"group_size", "bits", "mode"}` (mode `affine` when absent, as mlx's `to_quantized`).
+fn parse_layer(v: &serde_json::Value, field: &str) -> Result<LayerQuant> {
+    let mode = match v.get("mode") {
+        None | Some(serde_json::Value::Null) => QuantMode::Affine,
+        Some(m) => m
+            .as_str()
+            .ok_or_else(|| Error::Model(format!("config.json `{field}.mode`: not a string")))?
+            .parse::<QuantMode>()
+            .map_err(|e| Error::Model(format!("config.json `{field}.mode`: {e}")))?,
+    };
+    Ok(LayerQuant {
+        params: parse_params(v, field, mode)?,
+        mode,
+    })
+}
+
+fn parse_params(v: &serde_json::Value, field: &str, mode: QuantMode) -> Result<QuantParams> {
     let get = |k: &str| -> Result<usize> {
         v.get(k)
             .and_then(|x| x.as_u64())
@@ -129,7 +186,7 @@ fn parse_params(v: &serde_json::Value, field: &str) -> Result<QuantParams> {
         group_size: get("group_size")?,
         bits: get("bits")?,
     };
-    check_params(p.group_size, p.bits)
+    mode.check(p.group_size, p.bits)
         .map_err(|e| Error::Model(format!("config.json `{field}`: {e}")))?;
     Ok(p)
 }
@@ -357,12 +414,137 @@ impl SafetensorsWeights {
         self.raw(name, shape)
     }
 
-    /// The MLX quantized weight of the layer at `prefix` (`rows x cols` after unpacking), or
-    /// `None` when the layer has no `{prefix}.scales`.
+    /// The quantization config.json gives the MLX quantized layer at `prefix` (whose
+    /// `{prefix}.scales` exists).
+    ///
+    /// Errors: [`Error::Tensor`] when config.json has no `quantization` or marks the layer
+    /// `false`.
+    fn layer_quant(&self, prefix: &str) -> Result<LayerQuant> {
+        let sn = format!("{prefix}.scales");
+        let quant = self.quant.as_ref().ok_or_else(|| {
+            Error::tensor(
+                &sn,
+                "exists (an MLX quantized layer) but config.json has no `quantization`",
+            )
+        })?;
+        quant.for_layer(prefix).ok_or_else(|| {
+            Error::tensor(
+                &sn,
+                format!("exists but config.json `quantization[\"{prefix}\"]` is false"),
+            )
+        })
+    }
+
+    /// The MLX quantized weight of the layer at `prefix` (`rows x cols` after unpacking) in
+    /// whichever mode it is stored: [`Stored::Mlx`] (affine) or [`Stored::MlxFp`] (uint8
+    /// `scales`); `None` when the layer has no `{prefix}.scales`.
+    ///
+    /// Errors: as [`Self::quantized`] and [`Self::quantized_fp`].
+    pub fn quantized_any(
+        &self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Stored<'static>>> {
+        let sn = format!("{prefix}.scales");
+        if !self.contains(&sn) {
+            return Ok(None);
+        }
+        let (_, sdt) = self.info(&sn)?;
+        if sdt == "U8" {
+            return Ok(self.quantized_fp(prefix, rows, cols)?.map(Stored::MlxFp));
+        }
+        Ok(self
+            .quantized(prefix, rows, cols)?
+            .map(|q| Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul))))
+    }
+
+    /// The weight of the layer at `prefix` (`rows x cols` after unpacking) in one of MLX's float
+    /// modes (uint8 `{prefix}.scales`, no biases), or `None` when the layer has no
+    /// `{prefix}.scales`. The mode is the one config.json names for the layer in a per-layer
+    /// entry; otherwise, as mlx-lm's `infer_quant_config`, the mode whose group size and bits
+    /// the shapes give (the top-level default is not consulted, as in mlx-lm).
+    ///
+    /// Errors: [`Error::Tensor`] / [`Error::Model`] when config.json has no `quantization`, marks
+    /// the layer `false` or affine, the shapes fit no float mode (or not the mode named), the
+    /// weight is not U32 or the scales not U8.
+    pub fn quantized_fp(
+        &self,
+        prefix: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<FpQuantized>> {
+        let (wn, sn) = (format!("{prefix}.weight"), format!("{prefix}.scales"));
+        if !self.contains(&sn) {
+            return Ok(None);
+        }
+        let lq = self.layer_quant(prefix)?;
+        let explicit = self
+            .quant
+            .as_ref()
+            .is_some_and(|q| q.overrides.contains_key(prefix));
+        let (wshape, wdt) = self.info(&wn)?;
+        let (sshape, sdt) = self.info(&sn)?;
+        if wdt != "U32" || sdt != "U8" {
+            return Err(Error::tensor(
+                &wn,
+                format!(
+                    "a float-mode quantized layer stores a U32 weight and U8 scales, found \
+                     {wdt} and {sdt} (`{sn}`)"
+                ),
+            ));
+        }
+        let shapes_ok = wshape.len() == 2
+            && sshape.len() == 2
+            && wshape[0] == rows
+            && sshape[0] == rows
+            && cols > 0
+            && (wshape[1] * 32).is_multiple_of(cols)
+            && sshape[1] > 0
+            && cols.is_multiple_of(sshape[1]);
+        let inferred = if shapes_ok {
+            FpMode::from_params(cols / sshape[1], wshape[1] * 32 / cols)
+        } else {
+            None
+        };
+        let mode = match (inferred, explicit.then_some(lq.mode)) {
+            (Some(m), None) => m,
+            (Some(m), Some(QuantMode::Fp(named))) if m == named => m,
+            (_, named) => {
+                let named = named
+                    .map(|m| format!("config.json names mode {m} for it; "))
+                    .unwrap_or_default();
+                return Err(Error::tensor(
+                    &wn,
+                    format!(
+                        "a [{rows}, {cols}] layer with uint8 scales is in a float mode \
+                         (mxfp4: weight [{rows}, {}], scales [{rows}, {}]; mxfp8: [{rows}, {}], \
+                         [{rows}, {}]; nvfp4: [{rows}, {}], [{rows}, {}]); {named}the file \
+                         has weight {wshape:?} and scales {sshape:?}",
+                        cols / 8,
+                        cols / 32,
+                        cols / 4,
+                        cols / 32,
+                        cols / 8,
+                        cols / 16
+                    ),
+                ));
+            }
+        };
+        let w = self.raw(&wn, Some(&wshape))?;
+        let s = self.raw(&sn, Some(&sshape))?;
+        let q = FpQuantized::from_tensors(&w, &s, mode)
+            .map_err(|e| Error::tensor(prefix, e.to_string()))?;
+        Ok(Some(q))
+    }
+
+    /// The MLX affine quantized weight of the layer at `prefix` (`rows x cols` after
+    /// unpacking), or `None` when the layer has no `{prefix}.scales`.
     ///
     /// Errors: [`Error::Tensor`] / [`Error::Model`] when config.json has no `quantization`,
-    /// marks the layer `false`, or its `bits` / `group_size` do not match the packed width of
-    /// `{prefix}.weight` or the shape of `{prefix}.scales`; a weight that is not U32.
+    /// marks the layer `false` or in a float mode, or its `bits` / `group_size` do not match the
+    /// packed width of `{prefix}.weight` or the shape of `{prefix}.scales`; a weight that is
+    /// not U32.
     pub fn quantized(
         &self,
         prefix: &str,
@@ -377,18 +559,17 @@ impl SafetensorsWeights {
         if !self.contains(&sn) {
             return Ok(None);
         }
-        let quant = self.quant.as_ref().ok_or_else(|| {
-            Error::tensor(
+        let lq = self.layer_quant(prefix)?;
+        if lq.mode != QuantMode::Affine {
+            return Err(Error::tensor(
                 &sn,
-                "exists (an MLX quantized layer) but config.json has no `quantization`",
-            )
-        })?;
-        let p = quant.for_layer(prefix).ok_or_else(|| {
-            Error::tensor(
-                &sn,
-                format!("exists but config.json `quantization[\"{prefix}\"]` is false"),
-            )
-        })?;
+                format!(
+                    "config.json quantizes `{prefix}` in mode {}, but its scales are not uint8",
+                    lq.mode
+                ),
+            ));
+        }
+        let p = lq.params;
         let (wshape, wdt) = self.info(&wn)?;
         if wdt != "U32" {
             return Err(Error::tensor(
@@ -457,8 +638,8 @@ impl Weights for SafetensorsWeights {
         } else {
             None
         };
-        let stored = match self.quantized(prefix, out_features, in_features)? {
-            Some(q) => Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul)),
+        let stored = match self.quantized_any(prefix, out_features, in_features)? {
+            Some(q) => q,
             None => {
                 let name = format!("{prefix}.weight");
                 Stored::Float(self.float_weight(&name, &[out_features, in_features])?)
@@ -471,8 +652,8 @@ impl Weights for SafetensorsWeights {
         let prefix = name.strip_suffix(".weight").unwrap_or(name);
         // The flag matters when the table is also the output layer (tied embeddings,
         // `Embedding::as_linear`); lookups dequantize rows either way.
-        let stored = match self.quantized(prefix, vocab, hidden)? {
-            Some(q) => Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul)),
+        let stored = match self.quantized_any(prefix, vocab, hidden)? {
+            Some(q) => q,
             None => Stored::Float(self.float_weight(name, &[vocab, hidden])?),
         };
         self.placement().embedding(stored)
@@ -506,6 +687,12 @@ impl Weights for SafetensorsWeights {
         }
         let mut parts = Vec::with_capacity(prefixes.len());
         for (p, &o) in prefixes.iter().zip(outs) {
+            if self
+                .info(&format!("{p}.scales"))
+                .is_ok_and(|(_, dt)| dt == "U8")
+            {
+                return Ok(None);
+            }
             match self.quantized(p, o, in_features)? {
                 Some(q) => parts.push(q.with_exact_matmul(self.exact_mlx_matmul)),
                 None => return Ok(None),

@@ -8,6 +8,7 @@ use clap::Args;
 use pocketlm::convert::{
     convert, parse_dtype, ConvertEvent, ConvertOptions, QuantOverride, QuantRecipe,
 };
+use pocketlm::quant::QuantMode;
 use pocketlm::safetensors_weights::QuantParams;
 
 /// Arguments of `convert` (mlx-lm's `mlx_lm.convert` names).
@@ -20,15 +21,21 @@ pub struct ConvertArgs {
     /// Output folder (must not exist; written atomically).
     #[arg(long = "out", alias = "mlx-path")]
     pub out: PathBuf,
-    /// Quantize Linear and Embedding weights (MLX affine).
+    /// Quantize Linear and Embedding weights (MLX; the mode is `--q-mode`).
     #[arg(long, short = 'q')]
     pub quantize: bool,
-    /// Bits per weight when quantizing: 2, 3, 4, 5, 6 or 8.
-    #[arg(long, default_value_t = 4)]
-    pub q_bits: usize,
-    /// Weights per quantization group: 32, 64 or 128.
-    #[arg(long, default_value_t = 64)]
-    pub q_group_size: usize,
+    /// Bits per weight when quantizing: affine 2, 3, 4, 5, 6 or 8 (default 4); mxfp4 and
+    /// nvfp4 4; mxfp8 8.
+    #[arg(long)]
+    pub q_bits: Option<usize>,
+    /// Weights per quantization group: affine 32, 64 or 128 (default 64); mxfp4 and mxfp8 32;
+    /// nvfp4 16.
+    #[arg(long)]
+    pub q_group_size: Option<usize>,
+    /// Quantization mode: affine (scales and biases per group), or the float modes mxfp4,
+    /// mxfp8, nvfp4 (`mx.quantize(mode=...)`; uint8 scales, no biases).
+    #[arg(long, default_value = "affine", value_parser = ["affine", "mxfp4", "mxfp8", "nvfp4"])]
+    pub q_mode: String,
     /// Mixed-precision recipe of mlx-lm: mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6 (with -q;
     /// v_proj / down_proj of some layers and lm_head get the higher bit width).
     #[arg(long, requires = "quantize")]
@@ -53,11 +60,15 @@ pub struct ConvertArgs {
 /// Runs `convert`, with a progress bar on a terminal.
 pub fn run(a: ConvertArgs) -> Result<()> {
     let src = super::model::resolve(a.model.as_deref())?;
+    let q_mode: QuantMode = a.q_mode.parse()?;
+    let (default_group, default_bits) = q_mode.default_params();
+    let q_group_size = a.q_group_size.unwrap_or(default_group);
     let opts = ConvertOptions {
         quantize: a.quantize.then_some(QuantParams {
-            group_size: a.q_group_size,
-            bits: a.q_bits,
+            group_size: q_group_size,
+            bits: a.q_bits.unwrap_or(default_bits),
         }),
+        q_mode,
         recipe: a
             .quant_predicate
             .as_deref()
@@ -66,7 +77,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         overrides: a
             .q_override
             .iter()
-            .map(|o| QuantOverride::parse(o, a.q_group_size))
+            .map(|o| QuantOverride::parse(o, q_group_size))
             .collect::<Result<_, _>>()?,
         dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
         dequantize: a.dequantize,
@@ -75,7 +86,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         weight_deltas: Default::default(),
     };
     if let Some(p) = opts.quantize {
-        pocketlm::quant::mlx_affine::check_params(p.group_size, p.bits)?;
+        q_mode.check(p.group_size, p.bits)?;
     }
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(0)

@@ -366,9 +366,16 @@ pub fn fuse(
                 opts.dequantize = true;
             } else {
                 let get = |k: &str| q.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+                // The source's mode too (affine when absent), so a float-mode model is fused
+                // back into its own format.
+                opts.q_mode = match q.get("mode").and_then(|m| m.as_str()) {
+                    Some(m) => m.parse()?,
+                    None => crate::quant::QuantMode::Affine,
+                };
+                let (group_size, bits) = opts.q_mode.default_params();
                 opts.quantize = Some(QuantParams {
-                    group_size: get("group_size").unwrap_or(64),
-                    bits: get("bits").unwrap_or(4),
+                    group_size: get("group_size").unwrap_or(group_size),
+                    bits: get("bits").unwrap_or(bits),
                 });
             }
         }

@@ -10,7 +10,8 @@ use super::lora::{dense_forward, LoraLinear};
 use super::Mode;
 use crate::kernels::mlx as mlx_kernels;
 use crate::kernels::{forward_refs, Backend, GgufMatrix, MatRef, PackedMlx4};
-use crate::quant::mlx_affine::AffineQuantized;
+use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
+use crate::quant::mlx_fp::FpQuantized;
 use crate::{Error, Result};
 
 /// A linear layer `y = x W^T + b`.
@@ -49,6 +50,17 @@ pub enum Linear {
     Mlx {
         /// The quantized weight, `rows = out_features`, `cols = in_features`.
         weight: Arc<AffineQuantized>,
+        /// Optional float bias `[out]`.
+        bias: Option<Tensor>,
+    },
+    /// A weight in one of MLX's float modes (`mxfp4`, `mxfp8`, `nvfp4`;
+    /// [`crate::quant::mlx_fp`]): `y = x (element * scale)^T`, computed in f32 like
+    /// `mx.quantized_matmul(x, w, scales, mode=..., transpose=True)` with an f32 `x`
+    /// ([`FpQuantized::matmul`]: per group, the dot product with the unscaled elements times
+    /// the group's scale), inputs on another device copied to the CPU and back.
+    MlxFp {
+        /// The quantized weight, `rows = out_features`, `cols = in_features`.
+        weight: Arc<FpQuantized>,
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
@@ -125,6 +137,26 @@ impl Linear {
         Ok(Self::mlx(weight, bias))
     }
 
+    /// A layer over a weight in one of MLX's float modes for `device`: on the CPU
+    /// [`Self::MlxFp`]; elsewhere dequantized (f32) to a dense weight on `device` (no GPU
+    /// kernels for these modes yet).
+    pub fn mlx_fp_on(
+        weight: Arc<FpQuantized>,
+        bias: Option<Tensor>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        if device.is_cpu() {
+            return Ok(Self::MlxFp { weight, bias });
+        }
+        let dense = Tensor::from_vec(
+            weight.dequantize(ParamDtype::F32),
+            (weight.rows(), weight.cols()),
+            &candle_core::Device::Cpu,
+        )?
+        .to_device(device)?;
+        Ok(Self::dense(dense, bias))
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
         match self {
@@ -133,6 +165,7 @@ impl Linear {
             Self::Kernel { weight, .. } => weight.cols(),
             Self::Mlx { weight, .. } => weight.cols(),
             Self::MlxPacked { weight, .. } => weight.cols(),
+            Self::MlxFp { weight, .. } => weight.cols(),
             #[cfg(feature = "cuda")]
             Self::Cuda { weight, .. } => weight.dims().1,
             Self::Lora(l) => l.base.in_features(),
@@ -147,6 +180,7 @@ impl Linear {
             Self::Kernel { weight, .. } => weight.rows(),
             Self::Mlx { weight, .. } => weight.rows(),
             Self::MlxPacked { weight, .. } => weight.rows(),
+            Self::MlxFp { weight, .. } => weight.rows(),
             #[cfg(feature = "cuda")]
             Self::Cuda { weight, .. } => weight.dims().0,
             Self::Lora(l) => l.base.out_features(),
@@ -160,7 +194,8 @@ impl Linear {
             Self::Gguf { bias, .. }
             | Self::Kernel { bias, .. }
             | Self::Mlx { bias, .. }
-            | Self::MlxPacked { bias, .. } => bias.as_ref(),
+            | Self::MlxPacked { bias, .. }
+            | Self::MlxFp { bias, .. } => bias.as_ref(),
             Self::Lora(l) => l.base.bias(),
             #[cfg(feature = "cuda")]
             Self::Cuda { bias, .. } => bias.as_ref(),
@@ -181,6 +216,9 @@ impl Linear {
             Self::Kernel { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
             Self::Mlx { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
             Self::MlxPacked { weight, .. } => Tensor::from_vec(weight.dequantize(), (o, i), &cpu)?,
+            Self::MlxFp { weight, .. } => {
+                Tensor::from_vec(weight.dequantize(ParamDtype::F32), (o, i), &cpu)?
+            }
             Self::Lora(l) => l.base.dequantized_weight()?,
             #[cfg(feature = "cuda")]
             Self::Cuda { .. } => {
@@ -249,7 +287,24 @@ impl Linear {
                     bias,
                 )
             }
-            Self::Mlx { weight, bias } => add_bias(mlx_matmul(weight, x)?, bias),
+            Self::Mlx { weight, bias } => add_bias(
+                mlx_matmul(
+                    weight.cols(),
+                    x,
+                    |xs, m| Ok(weight.matmul(xs, m)?),
+                    weight.rows(),
+                )?,
+                bias,
+            ),
+            Self::MlxFp { weight, bias } => add_bias(
+                mlx_matmul(
+                    weight.cols(),
+                    x,
+                    |xs, m| Ok(weight.matmul(xs, m)?),
+                    weight.rows(),
+                )?,
+                bias,
+            ),
             Self::MlxPacked { weight, bias } => {
                 // The kernels take f32 on the CPU; other inputs are converted there and back,
                 // as `mlx_matmul` does.
@@ -289,14 +344,19 @@ fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
     })
 }
 
-/// `x: [.., in]` (any float dtype, any device) -> `[.., out]` f32 on `x`'s device.
-fn mlx_matmul(w: &AffineQuantized, x: &Tensor) -> Result<Tensor> {
+/// `x: [.., in]` (any float dtype, any device) -> `[.., out]` f32 on `x`'s device, through
+/// `matmul(x: [m, in] f32, m) -> [m, out]` on the CPU.
+fn mlx_matmul(
+    in_features: usize,
+    x: &Tensor,
+    matmul: impl Fn(&[f32], usize) -> Result<Vec<f32>>,
+    out_features: usize,
+) -> Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let k = dims.pop().unwrap_or(0);
-    if k != w.cols() {
+    if k != in_features {
         return Err(Error::InvalidArgument(format!(
-            "quantized linear layer takes {} input features, got {k}",
-            w.cols()
+            "quantized linear layer takes {in_features} input features, got {k}"
         )));
     }
     let m: usize = dims.iter().product();
@@ -305,8 +365,8 @@ fn mlx_matmul(w: &AffineQuantized, x: &Tensor) -> Result<Tensor> {
         .flatten_all()?
         .to_device(&candle_core::Device::Cpu)?
         .to_vec1::<f32>()?;
-    let y = w.matmul(&xs, m)?;
-    dims.push(w.rows());
+    let y = matmul(&xs, m)?;
+    dims.push(out_features);
     Ok(Tensor::from_vec(y, dims, &candle_core::Device::Cpu)?.to_device(x.device())?)
 }
 
@@ -324,6 +384,10 @@ pub enum Embedding {
     /// looked-up rows are dequantized like `mx.dequantize` (in the dtype of the scales, then
     /// widened to f32).
     Mlx(Arc<AffineQuantized>),
+    /// A table in one of MLX's float modes (`QuantizedEmbedding` with `mode="mxfp4"` etc.),
+    /// `rows = vocab`, `cols = hidden`; looked-up rows are dequantized like mlx-lm's
+    /// `mx.dequantize` call (its default output dtype, bf16, then widened to f32).
+    MlxFp(Arc<FpQuantized>),
     /// A quantized table held on a CUDA device ([`crate::cuda::CudaQMatrix`]), looked up by
     /// our kernel (the same values as [`Self::Mlx`] / [`Self::Gguf`] give).
     #[cfg(feature = "cuda")]
@@ -364,6 +428,21 @@ impl Embedding {
                 Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?
                     .to_device(ids.device())?)
             }
+            Self::MlxFp(q) => {
+                let flat = ids
+                    .flatten_all()?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec1::<u32>()?;
+                let h = q.cols();
+                let mut out = vec![0f32; flat.len() * h];
+                for (id, row) in flat.iter().zip(out.chunks_exact_mut(h.max(1))) {
+                    q.dequantize_row(*id as usize, row, ParamDtype::BF16)?;
+                }
+                let mut dims = ids.dims().to_vec();
+                dims.push(h);
+                Ok(Tensor::from_vec(out, dims, &candle_core::Device::Cpu)?
+                    .to_device(ids.device())?)
+            }
         }
     }
 
@@ -378,6 +457,7 @@ impl Embedding {
                 bias: None,
             }),
             Self::Mlx(q) => Linear::mlx_on(q.clone(), None, device),
+            Self::MlxFp(q) => Linear::mlx_fp_on(q.clone(), None, device),
             #[cfg(feature = "cuda")]
             Self::Cuda(q) => Ok(Linear::Cuda {
                 weight: q.clone(),
@@ -393,6 +473,7 @@ impl Embedding {
             Self::Gguf(q) => q.shape().dims2()?,
             Self::Kernel(w) => (w.rows(), w.cols()),
             Self::Mlx(q) => (q.rows(), q.cols()),
+            Self::MlxFp(q) => (q.rows(), q.cols()),
             #[cfg(feature = "cuda")]
             Self::Cuda(q) => q.dims(),
         })

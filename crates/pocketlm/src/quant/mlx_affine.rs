@@ -874,7 +874,7 @@ fn unpack_stream<const BITS: usize>(words: &[u32], out: &mut [f32]) {
 
 /// Dot product of equal-length slices with eight partial sums (vectorizes).
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
@@ -892,7 +892,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-fn check_aligned(name: &str, cols: usize, group_size: usize) -> Result<(), QuantError> {
+pub(super) fn check_aligned(name: &str, cols: usize, group_size: usize) -> Result<(), QuantError> {
     if !cols.is_multiple_of(group_size) {
         return Err(QuantError::NotGroupAligned {
             name: name.into(),
@@ -903,7 +903,7 @@ fn check_aligned(name: &str, cols: usize, group_size: usize) -> Result<(), Quant
     Ok(())
 }
 
-fn checked_len(name: &str, a: usize, b: usize) -> Result<usize, QuantError> {
+pub(super) fn checked_len(name: &str, a: usize, b: usize) -> Result<usize, QuantError> {
     a.checked_mul(b).ok_or_else(|| QuantError::LengthMismatch {
         name: name.into(),
         expected: usize::MAX,
@@ -912,7 +912,12 @@ fn checked_len(name: &str, a: usize, b: usize) -> Result<usize, QuantError> {
     })
 }
 
-fn check_len(name: &str, got: usize, expected: usize, what: &str) -> Result<(), QuantError> {
+pub(super) fn check_len(
+    name: &str,
+    got: usize,
+    expected: usize,
+    what: &str,
+) -> Result<(), QuantError> {
     if got != expected {
         return Err(QuantError::LengthMismatch {
             name: name.into(),
@@ -924,7 +929,7 @@ fn check_len(name: &str, got: usize, expected: usize, what: &str) -> Result<(), 
     Ok(())
 }
 
-fn unsupported_float_dtype(name: &str, got: DType) -> QuantError {
+pub(super) fn unsupported_float_dtype(name: &str, got: DType) -> QuantError {
     QuantError::UnsupportedDtype {
         name: name.into(),
         got: format!("{got:?}"),
@@ -932,7 +937,7 @@ fn unsupported_float_dtype(name: &str, got: DType) -> QuantError {
     }
 }
 
-fn candle_err(name: &str) -> impl Fn(candle_core::Error) -> QuantError + '_ {
+pub(super) fn candle_err(name: &str) -> impl Fn(candle_core::Error) -> QuantError + '_ {
     move |error| QuantError::Candle {
         name: name.into(),
         error,

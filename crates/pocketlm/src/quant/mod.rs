@@ -2,10 +2,77 @@
 //!
 //! - [`mlx_affine`]: MLX affine group quantization (`mx.quantize` / `mx.dequantize` /
 //!   `mx.quantized_matmul` in `"affine"` mode), the format of mlx-community checkpoints.
+//! - [`mlx_fp`]: MLX's float modes `mxfp4`, `mxfp8` and `nvfp4` (`mx.quantize(w, mode=...)`).
 //! - [`hadamard`]: the orthonormal Walsh–Hadamard rotation applied before quantizing KV caches.
 
 pub mod hadamard;
 pub mod mlx_affine;
+pub mod mlx_fp;
+
+use mlx_fp::FpMode;
+
+/// An MLX quantization mode (`mode` of `mx.quantize` and of config.json's `quantization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum QuantMode {
+    /// `"affine"`: [`mlx_affine`], scales and biases in the weight's dtype (the default).
+    #[default]
+    Affine,
+    /// `"mxfp4"`, `"mxfp8"` or `"nvfp4"`: [`mlx_fp`], uint8 scales, no biases.
+    Fp(FpMode),
+}
+
+impl QuantMode {
+    /// The name mlx uses: `"affine"`, `"mxfp4"`, `"mxfp8"`, `"nvfp4"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantMode::Affine => "affine",
+            QuantMode::Fp(m) => m.name(),
+        }
+    }
+
+    /// `(group_size, bits)` mlx-lm uses when none are given (`quantize_model`'s
+    /// `defaults_for_mode`): affine (64, 4), mxfp4 (32, 4), mxfp8 (32, 8), nvfp4 (16, 4).
+    pub fn default_params(self) -> (usize, usize) {
+        match self {
+            QuantMode::Affine => (64, 4),
+            QuantMode::Fp(m) => (m.group_size(), m.bits()),
+        }
+    }
+
+    /// Checks `group_size` and `bits` against what the mode allows.
+    ///
+    /// Errors: as [`mlx_affine::check_params`] and [`FpMode::check`].
+    pub fn check(self, group_size: usize, bits: usize) -> Result<(), QuantError> {
+        match self {
+            QuantMode::Affine => mlx_affine::check_params(group_size, bits),
+            QuantMode::Fp(m) => m.check(group_size, bits),
+        }
+    }
+}
+
+impl std::str::FromStr for QuantMode {
+    type Err = QuantError;
+
+    /// `affine`, `mxfp4`, `mxfp8` or `nvfp4`.
+    ///
+    /// Errors: [`QuantError::Other`] listing the names.
+    fn from_str(s: &str) -> Result<Self, QuantError> {
+        if s == "affine" {
+            return Ok(QuantMode::Affine);
+        }
+        FpMode::from_name(s).map(QuantMode::Fp).ok_or_else(|| {
+            QuantError::Other(format!(
+                "unknown quantization mode `{s}` (expected affine, mxfp4, mxfp8 or nvfp4)"
+            ))
+        })
+    }
+}
+
+impl std::fmt::Display for QuantMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Errors from quantization routines. Messages name the argument or tensor that is wrong
 /// (`w`, `x`, `weight`, `scales`, `biases`); callers that know the checkpoint's tensor name
@@ -28,6 +95,23 @@ pub enum QuantError {
     UnsupportedGroupSize {
         /// The group size requested.
         group_size: usize,
+    },
+    /// A group size or bit width the float mode does not allow (each allows one pair).
+    #[error(
+        "{mode} quantization needs group_size {expected_group_size} and bits {expected_bits}, \
+         got group_size {group_size} and bits {bits}"
+    )]
+    UnsupportedModeParams {
+        /// The mode's name.
+        mode: &'static str,
+        /// The group size requested.
+        group_size: usize,
+        /// The bits requested.
+        bits: usize,
+        /// The mode's group size.
+        expected_group_size: usize,
+        /// The mode's bits.
+        expected_bits: usize,
     },
     /// The last (input) dimension is not a whole number of groups.
     #[error("`{name}`: the last dimension {cols} is not a multiple of group_size {group_size}")]

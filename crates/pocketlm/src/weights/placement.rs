@@ -10,6 +10,7 @@
 //! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0 and Q8_0 repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
 //! | other GGUF block types | no | [`Linear::Gguf`] | as above |
 //! | MLX affine | no | [`Linear::Mlx`] ([`Linear::MlxPacked`] for 4-bit on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] for 4/8-bit, else dense |
+//! | MLX `mxfp4` / `mxfp8` / `nvfp4` | no | [`Linear::MlxFp`] | dense |
 //! | any quantized | yes | dense f32 | dense f32 |
 //!
 //! Embedding tables follow the same rows, except that GGUF tables on CUDA stay candle's
@@ -24,7 +25,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::gguf::GgufFile;
 use crate::kernels::{GgufMatrix, PackedMlx4};
 use crate::nn::{Embedding, Linear};
-use crate::quant::mlx_affine::AffineQuantized;
+use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
+use crate::quant::mlx_fp::FpQuantized;
 use crate::Result;
 
 /// A weight matrix as a source holds it.
@@ -42,6 +44,8 @@ pub enum Stored<'a> {
     },
     /// An MLX affine group-quantized matrix.
     Mlx(AffineQuantized),
+    /// A matrix in one of MLX's float quantization modes (`mxfp4`, `mxfp8`, `nvfp4`).
+    MlxFp(FpQuantized),
 }
 
 /// Where weights go and whether to dequantize them (see the module docs).
@@ -74,6 +78,8 @@ impl Placement {
                 None => Linear::mlx_on(Arc::new(q), bias, &self.device),
             },
             Stored::Mlx(q) => Linear::mlx_on(Arc::new(q), bias, &self.device),
+            Stored::MlxFp(q) if self.dequantize => Ok(Linear::dense(self.dense_fp(&q)?, bias)),
+            Stored::MlxFp(q) => Linear::mlx_fp_on(Arc::new(q), bias, &self.device),
             Stored::Gguf { file, name, shape } => {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
@@ -114,6 +120,10 @@ impl Placement {
                 Ok(Embedding::Cuda(Arc::new(m)))
             }
             Stored::Mlx(q) => Ok(Embedding::Mlx(Arc::new(q))),
+            Stored::MlxFp(q) if self.dequantize || !self.device.is_cpu() => {
+                Ok(Embedding::Dense(self.dense_fp(&q)?))
+            }
+            Stored::MlxFp(q) => Ok(Embedding::MlxFp(Arc::new(q))),
             Stored::Gguf { file, name, shape } => {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
@@ -238,6 +248,17 @@ impl Placement {
 
     fn f32(&self, t: Tensor) -> Result<Tensor> {
         Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
+    }
+
+    /// A float-mode matrix dequantized as mlx-lm's embedding lookups do (bf16, exact for
+    /// these modes' values), as f32 on the device.
+    fn dense_fp(&self, q: &FpQuantized) -> Result<Tensor> {
+        let t = Tensor::from_vec(
+            q.dequantize(ParamDtype::BF16),
+            (q.rows(), q.cols()),
+            &Device::Cpu,
+        )?;
+        self.f32(t)
     }
 
     fn dense_mlx(&self, q: &AffineQuantized) -> Result<Tensor> {

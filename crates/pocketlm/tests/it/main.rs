@@ -15,6 +15,7 @@ mod lora_interop;
 mod lora_train;
 mod mlx_interop;
 mod mlx_quant_golden;
+mod mlx_quant_modes_golden;
 mod module_graph;
 mod perplexity;
 mod prompt_cache;
