@@ -604,7 +604,10 @@ impl Weights for SafetensorsWeights {
                     p.bits,
                 )
                 .map_err(|err| Error::tensor(&wn, format!("expert {e}: {err}")))?;
-                placement.linear(Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul)), None)
+                placement.linear(
+                    Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul)),
+                    None,
+                )
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)

@@ -175,11 +175,10 @@ impl GgufFile {
         expected: [usize; 3],
         expert: usize,
     ) -> Result<GgufMatrix> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| Error::tensor(name, format!("missing from {}", self.path.display())))?;
+        let info =
+            self.content.tensor_infos.get(name).ok_or_else(|| {
+                Error::tensor(name, format!("missing from {}", self.path.display()))
+            })?;
         let [n, rows, cols] = expected;
         if info.shape.dims() != expected || expert >= n {
             return Err(Error::tensor(

@@ -254,7 +254,12 @@ pub(crate) fn moe(
     shape: ExpertShape,
     router: impl FnOnce(Linear) -> Router,
 ) -> Result<Moe> {
-    let gate = w.linear(&format!("{p}.mlp.gate"), shape.n_experts, shape.hidden, false)?;
+    let gate = w.linear(
+        &format!("{p}.mlp.gate"),
+        shape.n_experts,
+        shape.hidden,
+        false,
+    )?;
     Ok(Moe {
         router: router(gate),
         experts: experts(w, p, shape, w.layout().numerics)?,

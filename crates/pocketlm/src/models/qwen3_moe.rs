@@ -54,8 +54,8 @@ pub static GGUF_NAMES: NameTable = NameTable {
 /// [`LlamaConfig`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct MoeConfig {
-    /// Routed experts per sparse layer (transformers 5 writes `num_local_experts`).
-    #[serde(alias = "num_local_experts")]
+    /// Routed experts per sparse layer (transformers 5 writes it as `num_local_experts`, and
+    /// mlx-lm folders may carry both names; [`build`] reads either).
     pub num_experts: usize,
     /// Experts per token.
     pub num_experts_per_tok: usize,
@@ -108,7 +108,12 @@ impl MoeConfig {
 /// Errors: [`Error::Model`] naming a missing or invalid config field (`use_sliding_window:
 /// true` included); [`Error::Tensor`] naming a missing or misshapen weight.
 pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
-    let config = qwen2::drop_unused_sliding_window(config)?;
+    let mut config = qwen2::drop_unused_sliding_window(config)?;
+    if let Some(o) = config.as_object_mut() {
+        if let Some(n) = o.remove("num_local_experts") {
+            o.entry("num_experts").or_insert(n);
+        }
+    }
     let parse = |e: serde_json::Error| Error::Model(format!("config.json: {e}"));
     let cfg: LlamaConfig = serde_json::from_value(config.clone()).map_err(parse)?;
     let moe: MoeConfig = serde_json::from_value(config).map_err(parse)?;
@@ -152,7 +157,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
     let o = c
         .as_object_mut()
         .ok_or_else(|| Error::Model("qwen3moe GGUF config is not an object".into()))?;
-    o.insert("num_experts".into(), g.get_usize(&k("expert_count"))?.into());
+    o.insert(
+        "num_experts".into(),
+        g.get_usize(&k("expert_count"))?.into(),
+    );
     o.insert(
         "num_experts_per_tok".into(),
         g.get_usize(&k("expert_used_count"))?.into(),
@@ -173,7 +181,7 @@ mod tests {
     #[test]
     fn sparse_layers_follow_step_and_mlp_only_layers() {
         let c: MoeConfig = serde_json::from_value(serde_json::json!({
-            "num_local_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
             "decoder_sparse_step": 2, "mlp_only_layers": [3]
         }))
         .unwrap();

@@ -50,7 +50,9 @@ impl NoRopeConfig {
                 "no_rope_layers",
                 format!("{} entries for {n_layers} layers", v.len()),
             ),
-            Some(v) if v.iter().any(|&x| x > 1) => bad("no_rope_layers", "entries must be 0 or 1".into()),
+            Some(v) if v.iter().any(|&x| x > 1) => {
+                bad("no_rope_layers", "entries must be 0 or 1".into())
+            }
             Some(v) => Ok(v.iter().map(|&x| x == 1).collect()),
             None if self.no_rope_layer_interval == 0 => {
                 bad("no_rope_layer_interval", "must be positive".into())

@@ -169,8 +169,8 @@ impl Moe {
             xf.zeros_like()?
         } else {
             let m = weights.len();
-            let gathered = Tensor::cat(&outs, 0)?
-                .broadcast_mul(&Tensor::from_vec(weights, (m, 1), dev)?)?;
+            let gathered =
+                Tensor::cat(&outs, 0)?.broadcast_mul(&Tensor::from_vec(weights, (m, 1), dev)?)?;
             xf.zeros_like()?
                 .index_add(&Tensor::from_vec(tokens, m, dev)?, &gathered, 0)?
         };
@@ -271,21 +271,50 @@ mod tests {
         for (t, l) in logits.iter().enumerate() {
             let row = xf.narrow(0, t, 1).unwrap();
             let sh = moe.shared.as_ref().unwrap();
-            let g = sh.gate.as_ref().unwrap().forward(&row).unwrap().to_vec2::<f32>().unwrap()[0][0];
-            let s: Vec<f32> = sh.mlp.forward(&row, Mode::Inference).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let g = sh
+                .gate
+                .as_ref()
+                .unwrap()
+                .forward(&row)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()[0][0];
+            let s: Vec<f32> = sh
+                .mlp
+                .forward(&row, Mode::Inference)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let mut acc: Vec<f32> = s.iter().map(|v| v / (1.0 + (-g).exp())).collect();
             for (e, w) in moe.router.select(l) {
                 used.insert(e);
-                let y: Vec<f32> = moe.experts[e].forward(&row, Mode::Inference).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let y: Vec<f32> = moe.experts[e]
+                    .forward(&row, Mode::Inference)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 for (a, v) in acc.iter_mut().zip(y) {
                     *a += w * v;
                 }
             }
             want.extend(acc);
         }
-        assert!(used.len() > 2, "the test input should reach several experts: {used:?}");
+        assert!(
+            used.len() > 2,
+            "the test input should reach several experts: {used:?}"
+        );
         for mode in [Mode::Inference, Mode::Training { dropout: false }] {
-            let got: Vec<f32> = moe.forward(&x, mode).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = moe
+                .forward(&x, mode)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "{mode:?}: {a} vs {b}");
             }
