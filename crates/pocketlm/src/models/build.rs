@@ -222,7 +222,7 @@ pub(crate) fn experts(
         numerics,
     };
     if let Some(gates) = stacked("gate_proj", inter, h)? {
-        let missing = |n: &str| Error::tensor(&format!("{p}.mlp.switch_mlp.{n}.weight"), "missing");
+        let missing = |n: &str| Error::tensor(format!("{p}.mlp.switch_mlp.{n}.weight"), "missing");
         let ups = stacked("up_proj", inter, h)?.ok_or_else(|| missing("up_proj"))?;
         let downs = stacked("down_proj", h, inter)?.ok_or_else(|| missing("down_proj"))?;
         return Ok(gates

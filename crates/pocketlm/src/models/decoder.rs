@@ -16,6 +16,8 @@ use crate::{Error, Result};
 /// The feed-forward part of a block: one gated MLP, or a mixture of experts (Qwen3-MoE's
 /// sparse layers).
 #[derive(Debug)]
+// Most blocks are dense: boxing the dense MLP would add an indirection to each of them.
+#[allow(clippy::large_enum_variant)]
 pub enum Mlp {
     /// A gated MLP.
     Dense(GatedMlp),

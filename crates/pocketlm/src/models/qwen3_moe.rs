@@ -135,7 +135,7 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
         if !moe.is_sparse(i) {
             return Ok(None);
         }
-        Ok(Some(Mlp::Moe(Box::new(build::moe(w, p, shape, &router)?))))
+        Ok(Some(Mlp::Moe(Box::new(build::moe(w, p, shape, router)?))))
     };
     let hooks = LayerHooks {
         mlp: &mlp,
