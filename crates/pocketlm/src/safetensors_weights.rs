@@ -599,6 +599,65 @@ impl SafetensorsWeights {
         Ok(Some(q))
     }
 
+    /// The packed codes, scales and biases of a stacked MLX quantized layer `{prefix}`
+    /// (`[n, rows, cols]` after unpacking: mlx-lm's `SwitchLinear`), with its parameters; `None`
+    /// when there is no `{prefix}.scales`.
+    ///
+    /// Errors: as [`Self::quantized`].
+    #[allow(clippy::type_complexity)]
+    fn quantized_stack(
+        &self,
+        prefix: &str,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<(Tensor, Tensor, Tensor, QuantParams)>> {
+        let (wn, sn, bn) = (
+            format!("{prefix}.weight"),
+            format!("{prefix}.scales"),
+            format!("{prefix}.biases"),
+        );
+        if !self.contains(&sn) {
+            return Ok(None);
+        }
+        let quant = self.quant.as_ref().ok_or_else(|| {
+            Error::tensor(
+                &sn,
+                "exists (an MLX quantized layer) but config.json has no `quantization`",
+            )
+        })?;
+        let p = quant.for_layer(prefix).ok_or_else(|| {
+            Error::tensor(
+                &sn,
+                format!("exists but config.json `quantization[\"{prefix}\"]` is false"),
+            )
+        })?;
+        let expected_w = [n, rows, cols * p.bits / 32];
+        let expected_s = [n, rows, cols / p.group_size.max(1)];
+        let (wshape, wdt) = self.info(&wn)?;
+        let (sshape, _) = self.info(&sn)?;
+        if wdt != "U32"
+            || wshape != expected_w
+            || sshape != expected_s
+            || !cols.is_multiple_of(p.group_size)
+        {
+            return Err(Error::tensor(
+                &wn,
+                format!(
+                    "config.json quantization for `{prefix}` says bits = {}, group_size = {}, \
+                     so {n} stacked [{rows}, {cols}] experts store U32 weight {expected_w:?} \
+                     and scales {expected_s:?}, but the file has {wdt} weight {wshape:?} and \
+                     scales {sshape:?}",
+                    p.bits, p.group_size
+                ),
+            ));
+        }
+        let w = self.raw(&wn, Some(&expected_w))?;
+        let s = self.float(&sn, Some(&expected_s))?;
+        let b = self.float(&bn, Some(&expected_s))?;
+        Ok(Some((w, s, b, p)))
+    }
+
     fn f32_on_device(&self, t: Tensor) -> Result<Tensor> {
         Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
     }
@@ -699,5 +758,45 @@ impl Weights for SafetensorsWeights {
             }
         }
         placement.stacked_mlx(&parts)
+    }
+
+    fn expert_linears(
+        &self,
+        prefix: &str,
+        n_experts: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Option<Vec<Linear>>> {
+        let wn = format!("{prefix}.weight");
+        if !self.contains(&wn) {
+            return Ok(None);
+        }
+        let placement = self.placement();
+        let Some(stack) = self.quantized_stack(prefix, n_experts, out_features, in_features)?
+        else {
+            let all = self.float_weight(&wn, &[n_experts, out_features, in_features])?;
+            return (0..n_experts)
+                .map(|e| placement.linear(Stored::Float(all.get(e)?), None))
+                .collect::<Result<Vec<_>>>()
+                .map(Some);
+        };
+        let (w, s, b, p) = stack;
+        (0..n_experts)
+            .map(|e| {
+                let q = AffineQuantized::from_tensors(
+                    &w.get(e)?,
+                    &s.get(e)?,
+                    &b.get(e)?,
+                    p.group_size,
+                    p.bits,
+                )
+                .map_err(|err| Error::tensor(&wn, format!("expert {e}: {err}")))?;
+                placement.linear(
+                    Stored::Mlx(q.with_exact_matmul(self.exact_mlx_matmul)),
+                    None,
+                )
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 }

@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 pub mod names;
 
 use crate::error::candle_message;
-use crate::kernels::GgufMatrix;
+use crate::kernels::{GgufMatrix, GgufType, WeightBytes};
 use crate::{Error, Result};
 
 /// An opened GGUF file: its parsed header (metadata and tensor directory) and the file
@@ -160,6 +160,49 @@ impl GgufFile {
             ));
         }
         Ok(GgufMatrix::from_gguf(&self.map, &self.content, name)?)
+    }
+
+    /// Expert `expert` of a stacked expert tensor `[n_experts, rows, cols]` (llama.cpp's
+    /// `ffn_*_exps`; ggml stores each expert's `[rows, cols]` matrix contiguously) as a
+    /// quantized matrix used in place from the mapped file, for the CPU kernels. `expected` as
+    /// in [`Self::qtensor`].
+    ///
+    /// Errors: [`Error::Tensor`] when missing, of another shape, `expert` out of range, or of a
+    /// type the kernels do not handle.
+    pub fn expert_matrix(
+        &self,
+        name: &str,
+        expected: [usize; 3],
+        expert: usize,
+    ) -> Result<GgufMatrix> {
+        let info =
+            self.content.tensor_infos.get(name).ok_or_else(|| {
+                Error::tensor(name, format!("missing from {}", self.path.display()))
+            })?;
+        let [n, rows, cols] = expected;
+        if info.shape.dims() != expected || expert >= n {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "has shape {:?} in {}, expected {expected:?} (expert {expert})",
+                    info.shape.dims(),
+                    self.path.display()
+                ),
+            ));
+        }
+        let dtype = GgufType::from_ggml(info.ggml_dtype).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!("type {:?} has no CPU kernel", info.ggml_dtype),
+            )
+        })?;
+        let one = rows * (cols / dtype.block_size()) * dtype.type_size();
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
+            .map_err(|_| Error::tensor(name, "offset past the address space"))?
+            + expert * one;
+        let label = format!("{name}[{expert}]");
+        let bytes = WeightBytes::mapped(&label, Arc::clone(&self.map), start, one)?;
+        Ok(GgufMatrix::new(label, bytes, dtype, rows, cols)?)
     }
 
     /// Reads a tensor and dequantizes it to `f32`. `expected` as in [`Self::qtensor`].

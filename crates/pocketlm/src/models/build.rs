@@ -1,9 +1,12 @@
 //! Loading pieces the architectures share, by Hugging Face names under a block prefix
 //! (`model.layers.3`): the attention projections, the gated MLP's projections, per-head q/k
-//! norms and the output layer. Reference: the module layout of Hugging Face `LlamaAttention`,
-//! `LlamaMLP` and `Phi3Attention` (fused `qkv_proj`, `gate_up_proj`).
+//! norms, the routed experts of a mixture of experts and the output layer. Reference: the module
+//! layout of Hugging Face `LlamaAttention`, `LlamaMLP`, `Phi3Attention` (fused `qkv_proj`,
+//! `gate_up_proj`) and `Qwen3MoeSparseMoeBlock`; mlx-lm's `SwitchGLU` (`switch_mlp`).
 
-use crate::nn::{Embedding, GateUp, Linear, QkvProj, RmsNorm};
+use crate::nn::{
+    Activation, Embedding, GateUp, GatedMlp, Linear, Moe, Numerics, QkvProj, RmsNorm, Router,
+};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -179,4 +182,87 @@ pub(crate) fn lm_head(
     } else {
         w.linear("lm_head", vocab, hidden, false)
     }
+}
+
+/// Sizes of the routed experts of a mixture-of-experts block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExpertShape {
+    /// Routed experts (`num_experts`).
+    pub n_experts: usize,
+    /// Inner width of each expert (`moe_intermediate_size`).
+    pub intermediate: usize,
+    /// Hidden width.
+    pub hidden: usize,
+}
+
+/// The routed experts of block `p`, SwiGLU MLPs, from whichever form the weights hold:
+/// stacked `{p}.mlp.switch_mlp.{gate,up,down}_proj` `[n_experts, out, in]` (mlx-lm's
+/// `SwitchGLU`, float or MLX affine quantized; GGUF `ffn_{gate,up,down}_exps` through the name
+/// table), else Hugging Face's per-expert `{p}.mlp.experts.{e}.{gate,up,down}_proj`.
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn experts(
+    w: &dyn Weights,
+    p: &str,
+    shape: ExpertShape,
+    numerics: Numerics,
+) -> Result<Vec<GatedMlp>> {
+    let ExpertShape {
+        n_experts: n,
+        intermediate: inter,
+        hidden: h,
+    } = shape;
+    let stacked = |name: &str, out: usize, inp: usize| {
+        w.expert_linears(&format!("{p}.mlp.switch_mlp.{name}"), n, out, inp)
+    };
+    let mlp = |gate, up, down_proj| GatedMlp {
+        gate_up: GateUp::Separate { gate, up },
+        down_proj,
+        activation: Activation::Silu,
+        numerics,
+    };
+    if let Some(gates) = stacked("gate_proj", inter, h)? {
+        let missing = |n: &str| Error::tensor(format!("{p}.mlp.switch_mlp.{n}.weight"), "missing");
+        let ups = stacked("up_proj", inter, h)?.ok_or_else(|| missing("up_proj"))?;
+        let downs = stacked("down_proj", h, inter)?.ok_or_else(|| missing("down_proj"))?;
+        return Ok(gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((g, u), d)| mlp(g, u, d))
+            .collect());
+    }
+    (0..n)
+        .map(|e| {
+            let q = format!("{p}.mlp.experts.{e}");
+            Ok(mlp(
+                w.linear(&format!("{q}.gate_proj"), inter, h, false)?,
+                w.linear(&format!("{q}.up_proj"), inter, h, false)?,
+                w.linear(&format!("{q}.down_proj"), h, inter, false)?,
+            ))
+        })
+        .collect()
+}
+
+/// A mixture-of-experts block `p` with no shared experts: the router `{p}.mlp.gate`
+/// `[n_experts, hidden]` and the experts of [`experts`].
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn moe(
+    w: &dyn Weights,
+    p: &str,
+    shape: ExpertShape,
+    router: impl FnOnce(Linear) -> Router,
+) -> Result<Moe> {
+    let gate = w.linear(
+        &format!("{p}.mlp.gate"),
+        shape.n_experts,
+        shape.hidden,
+        false,
+    )?;
+    Ok(Moe {
+        router: router(gate),
+        experts: experts(w, p, shape, w.layout().numerics)?,
+        shared: None,
+    })
 }

@@ -8,10 +8,51 @@ use candle_core::Tensor;
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::models::{DecodePlan, LinearSlot, Logits, PlanBlock};
 use crate::nn::{
-    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, RmsNorm, RotaryEmbedding,
+    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, RmsNorm, RotaryEmbedding,
 };
 use crate::weights::QkRowOrder;
 use crate::{Error, Result};
+
+/// The feed-forward part of a block: one gated MLP, or a mixture of experts (Qwen3-MoE's
+/// sparse layers).
+#[derive(Debug)]
+// Most blocks are dense: boxing the dense MLP would add an indirection to each of them.
+#[allow(clippy::large_enum_variant)]
+pub enum Mlp {
+    /// A gated MLP.
+    Dense(GatedMlp),
+    /// A mixture-of-experts layer.
+    Moe(Box<Moe>),
+}
+
+impl Mlp {
+    /// `x: [.., hidden]` f32 -> `[.., hidden]` f32.
+    ///
+    /// Errors: as [`GatedMlp::forward`] / [`Moe::forward`].
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match self {
+            Self::Dense(m) => m.forward(x, mode),
+            Self::Moe(m) => m.forward(x, mode),
+        }
+    }
+
+    /// The dense MLP, if this is one.
+    pub fn dense(&self) -> Option<&GatedMlp> {
+        match self {
+            Self::Dense(m) => Some(m),
+            Self::Moe(_) => None,
+        }
+    }
+
+    /// The linear layers adapters may wrap, by Hugging Face name within the block: a dense
+    /// MLP's projections; none for a mixture of experts (adapters there cover attention only).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        match self {
+            Self::Dense(m) => m.linears_mut(),
+            Self::Moe(_) => Vec::new(),
+        }
+    }
+}
 
 /// A pre-norm residual block (Llama, Qwen, Phi-3):
 /// `x += attention(input_layernorm(x)); x += mlp(post_attention_layernorm(x))`.
@@ -23,15 +64,15 @@ pub struct PreNormBlock {
     pub self_attn: Attention,
     /// RMSNorm before the MLP.
     pub post_attention_layernorm: RmsNorm,
-    /// The gated MLP.
-    pub mlp: GatedMlp,
+    /// The gated MLP or mixture of experts.
+    pub mlp: Mlp,
 }
 
 impl PreNormBlock {
     /// The block on `x: [batch, seq, hidden]` f32 at the pass's positions; `cache` as
     /// [`Attention::forward`] takes it.
     ///
-    /// Errors: as [`Attention::forward`] and [`GatedMlp::forward`].
+    /// Errors: as [`Attention::forward`] and [`Mlp::forward`].
     pub fn forward(
         &self,
         x: &Tensor,
@@ -202,29 +243,33 @@ impl Decoder {
             .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
     }
 
-    /// The one-token step as data ([`DecodePlan`]).
+    /// The one-token step as data ([`DecodePlan`]); `None` when a block has no plan form (a
+    /// mixture of experts, or attention without RoPE).
     pub fn decode_plan<'a>(
         &'a self,
         rope: &'a RotaryEmbedding,
         context_length: usize,
-    ) -> DecodePlan<'a> {
-        DecodePlan {
-            embed_tokens: &self.embed_tokens,
-            blocks: self
-                .layers
-                .iter()
-                .map(|b| PlanBlock {
+    ) -> Option<DecodePlan<'a>> {
+        let blocks = self
+            .layers
+            .iter()
+            .map(|b| {
+                Some(PlanBlock {
                     attn_norm: &b.input_layernorm,
-                    attention: &b.self_attn,
+                    attention: b.self_attn.rope.then_some(&b.self_attn)?,
                     mlp_norm: &b.post_attention_layernorm,
-                    mlp: &b.mlp,
+                    mlp: b.mlp.dense()?,
                 })
-                .collect(),
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(DecodePlan {
+            embed_tokens: &self.embed_tokens,
+            blocks,
             norm: &self.norm,
             lm_head: &self.lm_head,
             rope,
             context_length,
-        }
+        })
     }
 
     /// The blocks' linear layers and the output layer by Hugging Face module name, for

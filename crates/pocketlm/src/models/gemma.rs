@@ -459,6 +459,7 @@ impl Gemma {
                         Numerics::Ggml => ScaleAt::Queries,
                         Numerics::Reference => ScaleAt::Scores,
                     },
+                    rope: true,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 pre_feedforward_layernorm: norm(

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use crate::gguf::names::{self, NameTable};
 use crate::kv_cache::KvCache;
-use crate::models::decoder::{Decoder, PreNormBlock};
+use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::{build, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, Trainable};
 use crate::nn::{Activation, Attention, GatedMlp, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt};
 use crate::weights::{QkRowOrder, Weights};
@@ -166,6 +166,25 @@ pub fn build_variant(
     Ok(Box::new(Llama::with_variant(cfg, w, variant)?))
 }
 
+/// Per-layer changes to the Llama stack ([`Llama::with_layers`]).
+pub(crate) struct LayerHooks<'a> {
+    /// The feed-forward part of layer `i` (block prefix `p`, `model.layers.{i}`), or `None`
+    /// for the dense gated MLP.
+    pub mlp: &'a dyn Fn(usize, &str) -> Result<Option<Mlp>>,
+    /// Whether layer `i` applies RoPE.
+    pub rope: &'a dyn Fn(usize) -> bool,
+}
+
+impl Default for LayerHooks<'_> {
+    /// Every layer dense, with RoPE.
+    fn default() -> Self {
+        Self {
+            mlp: &|_, _| Ok(None),
+            rope: &|_| true,
+        }
+    }
+}
+
 /// A Llama-family causal language model.
 #[derive(Debug)]
 pub struct Llama {
@@ -185,6 +204,17 @@ impl Llama {
 
     /// Loads a Llama-family variant (Hugging Face weight names of that architecture).
     pub fn with_variant(cfg: LlamaConfig, w: &dyn Weights, v: LlamaVariant) -> Result<Self> {
+        Self::with_layers(cfg, w, v, &LayerHooks::default())
+    }
+
+    /// As [`Self::with_variant`], with the per-layer changes of an architecture built on this
+    /// stack (Qwen3-MoE's sparse layers, SmolLM3's NoPE layers).
+    pub(crate) fn with_layers(
+        cfg: LlamaConfig,
+        w: &dyn Weights,
+        v: LlamaVariant,
+        hooks: &LayerHooks<'_>,
+    ) -> Result<Self> {
         let heads = cfg.heads().checked()?;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, hd) = (heads.n_heads, heads.n_kv_heads, heads.head_dim);
@@ -213,13 +243,17 @@ impl Llama {
                     softcap: None,
                     window: cfg.sliding_window,
                     scale_at: ScaleAt::Scores,
+                    rope: (hooks.rope)(i),
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: GatedMlp {
-                    gate_up: build::gate_up(w, &p, inter, h, mb, v.fused_gate_up)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, mb)?,
-                    activation: Activation::Silu,
-                    numerics,
+                mlp: match (hooks.mlp)(i, &p)? {
+                    Some(mlp) => mlp,
+                    None => Mlp::Dense(GatedMlp {
+                        gate_up: build::gate_up(w, &p, inter, h, mb, v.fused_gate_up)?,
+                        down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, mb)?,
+                        activation: Activation::Silu,
+                        numerics,
+                    }),
                 },
             });
         }
@@ -285,10 +319,8 @@ impl CausalLM for Llama {
     }
 
     fn decode_plan(&self) -> Option<DecodePlan<'_>> {
-        Some(
-            self.decoder
-                .decode_plan(&self.rope, self.info.context_length),
-        )
+        self.decoder
+            .decode_plan(&self.rope, self.info.context_length)
     }
 
     fn trainable(&self) -> Option<&dyn Trainable> {

@@ -14,6 +14,8 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_vl;
 pub mod qwen3;
+pub mod qwen3_moe;
+pub mod smollm3;
 
 use std::ops::Range;
 use std::time::Duration;
@@ -400,6 +402,22 @@ pub static REGISTRY: &[Architecture] = &[
         build: qwen3::build,
     },
     Architecture {
+        model_types: &["qwen3_moe"],
+        gguf_architectures: &["qwen3moe"],
+        gguf_names: Some(&qwen3_moe::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: qwen3_moe::config_from_gguf,
+        build: qwen3_moe::build,
+    },
+    Architecture {
+        model_types: &["smollm3"],
+        gguf_architectures: &["smollm3"],
+        gguf_names: Some(&llama::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::GgmlInterleaved,
+        config_from_gguf: smollm3::config_from_gguf,
+        build: smollm3::build,
+    },
+    Architecture {
         model_types: &["gemma2", "gemma3_text", "gemma3"],
         gguf_architectures: &["gemma2", "gemma3"],
         gguf_names: Some(&gemma::GGUF_NAMES),
@@ -515,6 +533,8 @@ mod tests {
             "mistral",
             "qwen2",
             "qwen3",
+            "qwen3_moe",
+            "smollm3",
             "gemma2",
             "gemma3_text",
             "gemma3",

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
-use crate::models::decoder::{Decoder, PreNormBlock};
+use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::{prefill_text, CausalLM, Logits, ModelInfo, ModelInput, Prefill, VisionInfo};
 use crate::nn::{
     scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
@@ -686,9 +686,10 @@ impl Qwen2Vl {
                     softcap: None,
                     window: None,
                     scale_at: ScaleAt::Scores,
+                    rope: true,
                 },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
-                mlp: GatedMlp {
+                mlp: Mlp::Dense(GatedMlp {
                     gate_up: GateUp::Separate {
                         gate: n.linear(&format!("{p}.mlp.gate_proj"), inter, h, false)?,
                         up: n.linear(&format!("{p}.mlp.up_proj"), inter, h, false)?,
@@ -696,7 +697,7 @@ impl Qwen2Vl {
                     down_proj: n.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
                     activation: Activation::Silu,
                     numerics: Numerics::Reference,
-                },
+                }),
             });
         }
         let embed_tokens = n.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;

@@ -1,13 +1,14 @@
 //! Layers shared by the architectures: linear layers that may be dense or quantized,
 //! embeddings, RMSNorm, rotary position embeddings, the self-attention layer and the gated
-//! MLP, each running in a [`Mode`] (inference or training); LayerNorm and sentence-embedding
-//! pooling for encoders.
+//! MLP and the mixture-of-experts layer, each running in a [`Mode`] (inference or training);
+//! LayerNorm and sentence-embedding pooling for encoders.
 
 pub mod attention;
 pub mod linear;
 pub mod lora;
 pub mod mlp;
 pub mod mode;
+pub mod moe;
 pub mod norm;
 pub mod ops;
 pub mod pooling;
@@ -21,6 +22,7 @@ pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
 pub use mlp::{Activation, GateUp, GatedMlp};
 pub use mode::{Mode, Numerics};
+pub use moe::{Moe, Router, Scoring, SharedExpert};
 pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{gelu_tanh, softcap};
 pub use pooling::Pooling;

@@ -57,6 +57,9 @@ pub struct Attention {
     pub window: Option<usize>,
     /// Where `scale` is applied.
     pub scale_at: ScaleAt,
+    /// Whether RoPE rotates the queries and keys (`false` on SmolLM3's NoPE layers, HF
+    /// `SmolLM3Attention.use_rope`).
+    pub rope: bool,
 }
 
 /// Where an attention layer applies its scale; the two differ in rounding only.
@@ -150,8 +153,14 @@ impl Attention {
             q = qn.forward_mode(&q, mode)?;
             k = kn.forward_mode(&k, mode)?;
         }
-        let q = pass.rope.apply_mode(&q, &pass.cos, &pass.sin, mode)?;
-        let k = pass.rope.apply_mode(&k, &pass.cos, &pass.sin, mode)?;
+        let (q, k) = if self.rope {
+            (
+                pass.rope.apply_mode(&q, &pass.cos, &pass.sin, mode)?,
+                pass.rope.apply_mode(&k, &pass.cos, &pass.sin, mode)?,
+            )
+        } else {
+            (q, k)
+        };
         let o = match mode {
             Mode::Training { .. } => {
                 let mask = pass.mask(s, s, self.window, x.device())?;

@@ -140,6 +140,25 @@ pub trait Weights {
         let _ = (prefixes, outs, in_features);
         Ok(None)
     }
+    /// The `n_experts` layers of a stacked expert projection `{prefix}.weight`
+    /// `[n_experts, out, in]` (mlx-lm's `switch_mlp.{gate,up,down}_proj`, MLX affine quantized
+    /// or float; GGUF `ffn_{gate,up,down}_exps`), one bias-free layer `[out, in]` per expert,
+    /// each a contiguous slice of the stacked tensor (used in place where the format allows);
+    /// `None` when the source has no such tensor (the default), and the caller loads
+    /// per-expert names instead.
+    ///
+    /// Errors: a stacked tensor of another shape, or quantized with parameters that do not
+    /// match it, named.
+    fn expert_linears(
+        &self,
+        prefix: &str,
+        n_experts: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Option<Vec<Linear>>> {
+        let _ = (prefix, n_experts, out_features, in_features);
+        Ok(None)
+    }
 }
 
 /// Weights read from a GGUF file, asked for by Hugging Face name and found by the
@@ -266,6 +285,23 @@ impl Weights for GgufWeights<'_> {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         self.placement
             .stacked_gguf(self.file, &names, outs, in_features)
+    }
+
+    fn expert_linears(
+        &self,
+        prefix: &str,
+        n_experts: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Option<Vec<Linear>>> {
+        let Some(name) = self.names.gguf_name(&format!("{prefix}.weight")) else {
+            return Ok(None);
+        };
+        if !self.file.has_tensor(&name) {
+            return Ok(None);
+        }
+        let shape = [n_experts, out_features, in_features];
+        Ok(Some(self.placement.gguf_experts(self.file, &name, shape)?))
     }
 }
 

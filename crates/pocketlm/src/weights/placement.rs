@@ -139,6 +139,39 @@ impl Placement {
         }
     }
 
+    /// The experts of the stacked GGUF tensor `name` `[n_experts, rows, cols]` (llama.cpp's
+    /// `ffn_{gate,up,down}_exps`), one bias-free layer each: types of our CPU kernels become
+    /// [`Linear::Kernel`] layers over each expert's slice of the mapped file (repacked as
+    /// [`Self::linear`] does); float and other types are read as f32 and each expert becomes a
+    /// dense layer on the device.
+    ///
+    /// Errors: a missing tensor or one of another shape (named).
+    pub fn gguf_experts(
+        &self,
+        file: &GgufFile,
+        name: &str,
+        shape: [usize; 3],
+    ) -> Result<Vec<Linear>> {
+        let (_, dtype) = file.tensor_info(name)?;
+        if self.uses_cpu_kernels(dtype) {
+            return (0..shape[0])
+                .map(|e| {
+                    let weight = file.expert_matrix(name, shape, e)?;
+                    let weight = if self.repack {
+                        weight.repacked()
+                    } else {
+                        weight
+                    };
+                    Ok(Linear::Kernel { weight, bias: None })
+                })
+                .collect();
+        }
+        let all = file.tensor_f32(name, &shape, &Device::Cpu)?;
+        (0..shape[0])
+            .map(|e| self.linear(Stored::Float(all.get(e)?), None))
+            .collect()
+    }
+
     /// GGUF tensors `names` (`outs[i] x cols` each) stacked by rows into one bias-free layer,
     /// where that is cheaper (on a GPU one launch replaces several in decode); `None` on the
     /// CPU, when dequantizing, or when the types differ or are float.

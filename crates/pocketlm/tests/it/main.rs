@@ -1,6 +1,7 @@
 //! The integration tests of `pocketlm`, one module per concern, in one test binary (one link
 //! instead of one per file).
 
+mod archs_2026;
 mod archs_golden;
 mod chat_template_golden;
 mod constrain;

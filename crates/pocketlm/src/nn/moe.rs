@@ -1,0 +1,323 @@
+//! The mixture-of-experts feed-forward layer (Shazeer et al. 2017, "Outrageously Large Neural
+//! Networks"; Fedus et al. 2021, "Switch Transformers"): a router scores the experts for each
+//! token, the top-k run on it, and their outputs are summed with the routing weights; optional
+//! shared experts run on every token. Only the chosen experts' weights are read: the tokens
+//! routed to one expert are gathered and its gated MLP runs once over them (one product per
+//! projection over all its tokens, as mlx-lm's `SwitchGLU` / `gather_qmm` and llama.cpp's
+//! `mul_mat_id` batch them), then the weighted outputs are scattered back and added.
+//!
+//! Reference: Hugging Face `Qwen3MoeSparseMoeBlock` / `Qwen3MoeTopKRouter` /
+//! `Qwen3MoeExperts` (softmax routing), `Qwen2MoeSparseMoeBlock` (shared expert with a sigmoid
+//! gate), `DeepseekV3MoE` (sigmoid routing with a selection bias and a scaling factor);
+//! mlx-lm `models/qwen3_moe.py` and `switch_layers.py`.
+
+use candle_core::{DType, Tensor};
+
+use super::{GatedMlp, Linear, Mode};
+use crate::{Error, Result};
+
+/// How router logits become expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// `softmax` over all experts, in f32 (Qwen2/Qwen3-MoE, Mixtral).
+    Softmax,
+    /// `sigmoid` of each logit (DeepSeek-V3, Kimi K2).
+    Sigmoid,
+}
+
+/// The router: a linear gate `[n_experts, hidden]` and the top-k choice.
+#[derive(Debug)]
+pub struct Router {
+    /// `mlp.gate` `[n_experts, hidden]`: one logit per expert.
+    pub gate: Linear,
+    /// Logits to scores.
+    pub scoring: Scoring,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Divide the chosen experts' scores by their sum (`norm_topk_prob`).
+    pub norm_topk_prob: bool,
+    /// Added to the scores for the choice only, not to the weights (DeepSeek-V3's
+    /// `e_score_correction_bias`, `[n_experts]`).
+    pub selection_bias: Option<Vec<f32>>,
+    /// Multiplies the final weights (DeepSeek-V3's `routed_scaling_factor`; 1 elsewhere).
+    pub scale: f32,
+}
+
+impl Router {
+    /// The chosen experts of one token from its router `logits` (`[n_experts]` f32), as
+    /// `(expert, weight)` best first; among equal scores the lower index wins.
+    ///
+    /// Scores are `softmax(logits)` or `sigmoid(logits)` ([`Scoring`]); the `top_k` highest
+    /// (after adding [`Self::selection_bias`]) are chosen; their weights are their scores,
+    /// divided by their sum when [`Self::norm_topk_prob`], times [`Self::scale`] (transformers'
+    /// `Qwen3MoeTopKRouter.forward`, `DeepseekV3TopkRouter`).
+    pub fn select(&self, logits: &[f32]) -> Vec<(usize, f32)> {
+        let scores: Vec<f32> = match self.scoring {
+            Scoring::Softmax => {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                exps.iter().map(|&e| e / sum).collect()
+            }
+            Scoring::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+        };
+        let key = |e: usize| match &self.selection_bias {
+            Some(b) => scores[e] + b.get(e).copied().unwrap_or(0.0),
+            None => scores[e],
+        };
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        // Stable: equal keys keep index order.
+        order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
+        order.truncate(self.top_k.min(scores.len()));
+        let sum: f32 = order.iter().map(|&e| scores[e]).sum();
+        let norm = if self.norm_topk_prob && sum > 0.0 {
+            sum
+        } else {
+            1.0
+        };
+        order
+            .into_iter()
+            .map(|e| (e, scores[e] / norm * self.scale))
+            .collect()
+    }
+
+    /// The tokens each expert gets, for `x: [n, hidden]` f32: for expert `e`, its
+    /// `(token, weight)` pairs in token order ([`Self::select`] on each token's logits).
+    ///
+    /// Errors: a gate whose width is not `hidden`; the tensor library's errors.
+    pub fn route(&self, x: &Tensor, n_experts: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let logits = self.gate.forward(x)?.to_dtype(DType::F32)?;
+        let (n, e) = logits.dims2()?;
+        if e != n_experts {
+            return Err(Error::InvalidArgument(format!(
+                "the router gives {e} logits per token for {n_experts} experts"
+            )));
+        }
+        let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let mut routes = vec![Vec::new(); n_experts];
+        for t in 0..n {
+            for (expert, w) in self.select(&flat[t * e..(t + 1) * e]) {
+                routes[expert].push((t as u32, w));
+            }
+        }
+        Ok(routes)
+    }
+}
+
+/// Experts that run on every token (Qwen2-MoE's `shared_expert`, DeepSeek's
+/// `shared_experts`), optionally scaled per token by `sigmoid(gate(x))` (Qwen2-MoE's
+/// `shared_expert_gate` `[1, hidden]`).
+#[derive(Debug)]
+pub struct SharedExpert {
+    /// The shared gated MLP.
+    pub mlp: GatedMlp,
+    /// `shared_expert_gate` `[1, hidden]`, if any.
+    pub gate: Option<Linear>,
+}
+
+/// A mixture-of-experts layer: `x: [.., hidden]` f32 -> `[.., hidden]` f32,
+/// `y = Σ_{e ∈ topk(x)} w_e(x) · expert_e(x) + shared(x)`.
+#[derive(Debug)]
+pub struct Moe {
+    /// The router.
+    pub router: Router,
+    /// The routed experts, SwiGLU MLPs `[moe_intermediate, hidden]` / `[hidden,
+    /// moe_intermediate]` each (`mlp.experts.{e}` in Hugging Face checkpoints; slices of the
+    /// stacked `[n_experts, out, in]` tensors of MLX and GGUF files).
+    pub experts: Vec<GatedMlp>,
+    /// Shared experts, if any.
+    pub shared: Option<SharedExpert>,
+}
+
+impl Moe {
+    /// The layer on `x: [.., hidden]` f32. Each expert chosen by at least one token runs once
+    /// on the rows routed to it (gathered with `index_select`); the outputs, times their
+    /// weights, are added back per token with one `index_add`, in expert order (as
+    /// transformers' `Qwen3MoeExperts.forward` does).
+    ///
+    /// In [`Mode::Training`] the experts run as differentiable ops, so gradients reach `x`
+    /// through them; the routing (choice and weights) is computed from the inference values
+    /// and is constant for the gradient.
+    ///
+    /// Errors: shapes that do not agree with the weights.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let h = *dims
+            .last()
+            .ok_or_else(|| Error::InvalidArgument("MoE input has no dimensions".into()))?;
+        let xf = x.reshape(((), h))?;
+        let n = xf.dim(0)?;
+        let dev = x.device();
+        let routes = self.router.route(&xf.detach(), self.experts.len())?;
+        let mut outs = Vec::new();
+        let (mut tokens, mut weights) = (Vec::new(), Vec::new());
+        for (expert, route) in self.experts.iter().zip(&routes) {
+            if route.is_empty() {
+                continue;
+            }
+            let ids: Vec<u32> = route.iter().map(|&(t, _)| t).collect();
+            let rows = if ids.len() == n && ids.iter().enumerate().all(|(i, &t)| t as usize == i) {
+                xf.clone()
+            } else {
+                xf.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?
+            };
+            outs.push(expert.forward(&rows, mode)?);
+            tokens.extend(ids);
+            weights.extend(route.iter().map(|&(_, w)| w));
+        }
+        let mut y = if outs.is_empty() {
+            xf.zeros_like()?
+        } else {
+            let m = weights.len();
+            let gathered =
+                Tensor::cat(&outs, 0)?.broadcast_mul(&Tensor::from_vec(weights, (m, 1), dev)?)?;
+            xf.zeros_like()?
+                .index_add(&Tensor::from_vec(tokens, m, dev)?, &gathered, 0)?
+        };
+        if let Some(shared) = &self.shared {
+            let mut s = shared.mlp.forward(&xf, mode)?;
+            if let Some(g) = &shared.gate {
+                let g = candle_nn::ops::sigmoid(&g.forward_mode(&xf, mode)?)?;
+                s = s.broadcast_mul(&g)?;
+            }
+            y = (y + s)?;
+        }
+        Ok(y.reshape(dims)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{Activation, GateUp, Numerics};
+    use candle_core::Device;
+
+    fn dense(out: usize, inp: usize, seed: u64) -> Linear {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| (((i as u64 * 7919 + seed * 104729) % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        Linear::dense(Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(), None)
+    }
+
+    fn mlp(h: usize, inter: usize, seed: u64) -> GatedMlp {
+        GatedMlp {
+            gate_up: GateUp::Separate {
+                gate: dense(inter, h, seed),
+                up: dense(inter, h, seed + 1),
+            },
+            down_proj: dense(h, inter, seed + 2),
+            activation: Activation::Silu,
+            numerics: Numerics::Reference,
+        }
+    }
+
+    fn router(gate: Linear, scoring: Scoring, norm: bool) -> Router {
+        Router {
+            gate,
+            scoring,
+            top_k: 2,
+            norm_topk_prob: norm,
+            selection_bias: None,
+            scale: 1.0,
+        }
+    }
+
+    #[test]
+    fn select_softmax_sigmoid_bias() {
+        let r = router(dense(4, 2, 0), Scoring::Softmax, false);
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let got = r.select(&logits);
+        // Ties (experts 1 and 3) keep index order.
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 3]);
+        assert!((got[0].1 - 3f32.exp() / z).abs() < 1e-6);
+        let r = router(dense(4, 2, 0), Scoring::Softmax, true);
+        let got = r.select(&logits);
+        assert!((got[0].1 - 0.5).abs() < 1e-6 && (got[1].1 - 0.5).abs() < 1e-6);
+        let mut r = router(dense(4, 2, 0), Scoring::Sigmoid, false);
+        r.selection_bias = Some(vec![5.0, 0.0, 0.0, 0.0]);
+        r.scale = 2.0;
+        let got = r.select(&logits);
+        assert_eq!(got[0].0, 0);
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        assert!((got[0].1 - 2.0 * sig(1.0)).abs() < 1e-6, "{got:?}");
+        assert_eq!(got[1].0, 1);
+    }
+
+    /// The gathered forward equals the per-token definition (each token through its top-k
+    /// experts, weighted), in inference and training modes, with a gated shared expert.
+    #[test]
+    fn forward_matches_per_token_definition() {
+        let (h, inter, n_exp) = (8, 6, 5);
+        let experts: Vec<GatedMlp> = (0..n_exp).map(|e| mlp(h, inter, 10 * e as u64)).collect();
+        let moe = Moe {
+            router: router(dense(n_exp, h, 99), Scoring::Softmax, false),
+            experts,
+            shared: Some(SharedExpert {
+                mlp: mlp(h, inter, 77),
+                gate: Some(dense(1, h, 55)),
+            }),
+        };
+        let x = Tensor::from_vec(
+            (0..7 * h).map(|i| (i as f32 * 0.37).sin()).collect(),
+            (1, 7, h),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let xf = x.reshape((7, h)).unwrap();
+        let logits: Vec<Vec<f32>> = moe.router.gate.forward(&xf).unwrap().to_vec2().unwrap();
+        let mut want = Vec::new();
+        let mut used = std::collections::BTreeSet::new();
+        for (t, l) in logits.iter().enumerate() {
+            let row = xf.narrow(0, t, 1).unwrap();
+            let sh = moe.shared.as_ref().unwrap();
+            let g = sh
+                .gate
+                .as_ref()
+                .unwrap()
+                .forward(&row)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()[0][0];
+            let s: Vec<f32> = sh
+                .mlp
+                .forward(&row, Mode::Inference)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut acc: Vec<f32> = s.iter().map(|v| v / (1.0 + (-g).exp())).collect();
+            for (e, w) in moe.router.select(l) {
+                used.insert(e);
+                let y: Vec<f32> = moe.experts[e]
+                    .forward(&row, Mode::Inference)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (a, v) in acc.iter_mut().zip(y) {
+                    *a += w * v;
+                }
+            }
+            want.extend(acc);
+        }
+        assert!(
+            used.len() > 2,
+            "the test input should reach several experts: {used:?}"
+        );
+        for mode in [Mode::Inference, Mode::Training { dropout: false }] {
+            let got: Vec<f32> = moe
+                .forward(&x, mode)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{mode:?}: {a} vs {b}");
+            }
+        }
+    }
+}
