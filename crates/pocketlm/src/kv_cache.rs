@@ -866,9 +866,11 @@ impl KvCache {
     /// Asks each layer to store keys and values as `dtype` ([`LayerKvCache::set_storage_dtype`];
     /// on an empty cache); returns whether every layer will.
     pub fn set_storage_dtype(&mut self, dtype: DType) -> bool {
-        self.layers
-            .iter_mut()
-            .fold(true, |all, l| l.set_storage_dtype(dtype) && all)
+        let mut all = true;
+        for l in &mut self.layers {
+            all &= l.set_storage_dtype(dtype);
+        }
+        all
     }
 
     /// A cache made of the given per-layer caches.
