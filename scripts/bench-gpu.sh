@@ -10,11 +10,17 @@
 #  3. writes a random-weight Llama-3.2-1B-shaped Q4_0 GGUF, converts it to MLX 4-bit g64
 #     (`pocketlm convert`) and runs `pocketlm agree` on both (greedy tokens and logits, CPU vs
 #     GPU, same binary);
-#  4. writes 8B-shaped Q4_0 and Q8_0 GGUFs (shared/tools/make_random_gguf.py) and MLX 4-bit and
-#     8-bit g64 folders of the same shapes (scripts/make_random_mlx.py, from the 1B conversion);
-#  5. runs `pocketlm bench` on the four, then `llama-bench` on the two GGUFs;
-#  6. measures HBM read bandwidth (torch, sum over 8 GiB) and prints ratios and fractions of the
-#     bound (tg bound = bandwidth / bytes of weights read per token).
+#  4. writes 8B-shaped Q4_0 and Q8_0 GGUFs (shared/tools/make_random_gguf.py, with a context of
+#     32768 so that the deep tests fit) and MLX 4-bit and 8-bit g64 folders of the same shapes
+#     (scripts/make_random_mlx.py, from the 1B conversion);
+#  5. runs `pocketlm bench` on them (pp512, tg128 at depth 0 and at $DEPTHS, and tg128 again
+#     with sampling: temperature 0.7, top-p 0.9, top-k 40), then `llama-bench` on the GGUFs at
+#     the same depths;
+#  6. measures HBM read bandwidth (torch, sum over 8 GiB) and prints, per test, pocketlm's mean
+#     against llama.cpp's mean and median (its first pp sample is often slow), fractions of the
+#     bound (tg bound = bandwidth / bytes of weights read per token) and sampled / greedy decode.
+# Knobs (environment): MODELS (default: 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8), DEPTHS
+# (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560).
 # Results: $OUT (or ./gpu-out) gets selftest.txt, agree.txt, bench-*.json, llama-*.json, summary.md.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -28,8 +34,14 @@ if [ ! -x "$PL" ]; then
   chmod +x "$PL"
 fi
 REPS=${REPS:-3}
-# make_random_gguf.py: copied into .gpu/ (../shared does not travel), else shared/tools.
+MODELS=${MODELS:-8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8}
+DEPTHS=${DEPTHS-4096,16384}
+D="0${DEPTHS:+,$DEPTHS}"
+# make_random_gguf.py: copied into .gpu/ (../shared does not travel), else shared/tools; its
+# context length raised to 32768 for the deep tests.
 TOOLS=$PWD/${GPU_DIR:-.gpu}; [ -f "$TOOLS/make_random_gguf.py" ] || TOOLS=$PWD/../shared/tools
+sed 's/add_context_length(8192)/add_context_length(32768)/' "$TOOLS/make_random_gguf.py" > "$W/make_random_gguf.py"
+TOOLS=$W
 t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
@@ -59,27 +71,32 @@ fi
 # shapes (scripts/make_random_mlx.py: converting an 8B GGUF takes longer than one call allows).
 stamp "make 8B models"
 pids=()
-for q in q4_0 q8_0; do (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 8b-$q.gguf $q --shape 8b >/dev/null) & pids+=($!); done
-for b in 4 8; do python3 scripts/make_random_mlx.py "$W/1b-mlx4" "$W/8b-mlx$b" --bits $b --group-size 64 & pids+=($!); done
+for q in q4_0 q8_0; do case " $MODELS " in *" 8b-$q.gguf "*)
+  (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 8b-$q.gguf $q --shape 8b >/dev/null) & pids+=($!);; esac; done
+for b in 4 8; do case " $MODELS " in *" 8b-mlx$b "*)
+  python3 scripts/make_random_mlx.py "$W/1b-mlx4" "$W/8b-mlx$b" --bits $b --group-size 64 & pids+=($!);; esac; done
 wait "${pids[@]}"  # not the llama.cpp build
 # 5. pocketlm bench on the four, then llama-bench on the two GGUFs once its build is done.
 BUDGET=${BUDGET:-560}; left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 plbench() {
   stamp "pocketlm bench $1"
-  timeout "$(left)" "$PL" bench -m "$W/$1" --device cuda -p 512 -n 128 -r "$REPS" --json > "$OUT/bench-$1.json" 2> "$OUT/bench-$1.err" || tail -3 "$OUT/bench-$1.err"
+  timeout "$(left)" "$PL" bench -m "$W/$1" --device cuda -p 512 -n 128 -d "$D" -r "$REPS" \
+    --sample --temp 0.7 --top-p 0.9 --top-k 40 --min-p 0 --repetition-penalty 1 --seed 1 \
+    --json > "$OUT/bench-$1.json" 2> "$OUT/bench-$1.err" || tail -3 "$OUT/bench-$1.err"
 }
-for m in 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8; do plbench $m; done
+for m in $MODELS; do plbench $m; done
 stamp "waiting for llama.cpp"; wait $lc_pid; tail -2 "$OUT/lc-build.log"
 LB=$W/lc/build/bin/llama-bench
 for q in q4_0 q8_0; do
-  stamp "llama-bench $q"; timeout "$(left)" "$LB" -m "$W/8b-$q.gguf" -ngl 99 -p 512 -n 128 -r "$REPS" -o json > "$OUT/llama-$q.json" 2> "$OUT/llama-$q.err" || tail -3 "$OUT/llama-$q.err"
+  [ -f "$W/8b-$q.gguf" ] || continue
+  stamp "llama-bench $q"; timeout "$(left)" "$LB" -m "$W/8b-$q.gguf" -ngl 99 -p 512 -n 128 -d "$D" -r "$REPS" -o json > "$OUT/llama-$q.json" 2> "$OUT/llama-$q.err" || tail -3 "$OUT/llama-$q.err"
 done
 
 # 6. HBM read bandwidth, and the summary.
 stamp hbm
-python3 - "$OUT" "$W" <<'PY'
-import json, os, sys, torch
-out, w = sys.argv[1], sys.argv[2]
+python3 - "$OUT" "$W" "$MODELS" <<'PY'
+import json, os, statistics, sys, torch
+out, w, models = sys.argv[1], sys.argv[2], sys.argv[3].split()
 x = torch.ones(8 << 30 >> 1, dtype=torch.float16, device="cuda")
 for _ in range(3): x.sum()
 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -90,14 +107,17 @@ ts.sort(); bw = x.numel() * 2 / ts[len(ts) // 2]
 def load(p):
     try: return json.load(open(os.path.join(out, p)))
     except Exception: return None
+def test_name(t):  # llama-bench's row -> pocketlm's test name
+    n = f"pp{t['n_prompt']}" if t["n_prompt"] else f"tg{t['n_gen']}"
+    return n + (f" @ d{t['n_depth']}" if t.get("n_depth") else "")
 def lc(q):
     r = load(f"llama-{q}.json") or []
-    return {("pp" if t["n_prompt"] else "tg"): (t["avg_ts"], t["stddev_ts"]) for t in r} , (r[0]["model_size"] if r else None)
+    return ({test_name(t): (t["avg_ts"], t["stddev_ts"], statistics.median(t.get("samples_ts") or [t["avg_ts"]])) for t in r},
+            (r[0]["model_size"] if r else None))
 def pl(m):
     r = load(f"bench-{m}.json")
     if not r: return {}, None, None
-    return ({t["name"][:2]: (t["mean_ts"] if "mean_ts" in t else t["mean_tps"], t["stddev_tps"]) for t in r["tests"]},
-            r["weights_bytes"], r.get("gpu_memory_used_bytes"))
+    return ({t["name"]: (t["mean_tps"], t["stddev_tps"]) for t in r["tests"]}, r["weights_bytes"], r.get("gpu_memory_used_bytes"))
 # Bytes read per generated token: all weights except the token-embedding table (one row is read).
 def per_token(size, m):
     if m.endswith(".gguf"):
@@ -109,20 +129,24 @@ def per_token(size, m):
         emb = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in hdr.items() if k.startswith("model.embed_tokens."))
     return size - emb
 lines = [f"GPU: {open(os.path.join(out,'gpu.txt')).read().strip()}; HBM read {bw/1e9:.0f} GB/s (torch sum, 8 GiB, median of 10)", "",
-         "| model | engine | size GiB | pp512 t/s | tg128 t/s | tg bound t/s | tg / bound | vs llama.cpp pp | vs llama.cpp tg | GPU mem GiB |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
-for q, pms in (("q4_0", ["8b-q4_0.gguf", "8b-mlx4"]), ("q8_0", ["8b-q8_0.gguf", "8b-mlx8"])):
+         "| model | test | pocketlm t/s | llama.cpp mean t/s | llama.cpp median t/s | vs mean | vs median | tg / bound | sampled / greedy |",
+         "|---|---|---|---|---|---|---|---|---|"]
+for m in models:
+    q = "q4_0" if m in ("8b-q4_0.gguf", "8b-mlx4") else "q8_0"
     l, lsize = lc(q)
-    if l and lsize:
-        b = bw / per_token(lsize, f"8b-{q}.gguf")
-        lines.append(f"| {q} GGUF | llama.cpp | {lsize/2**30:.2f} | {l['pp'][0]:.0f} ± {l['pp'][1]:.0f} | {l['tg'][0]:.1f} ± {l['tg'][1]:.1f} | {b:.0f} | {l['tg'][0]/b:.0%} | 1 | 1 | |")
-    for m in pms:
-        p, size, mem = pl(m)
-        if not p: lines.append(f"| {m} | pocketlm | failed |"); continue
-        b = bw / per_token(size, m)
-        rp = f"{p['pp'][0]/l['pp'][0]:.2f}x" if l else "-"
-        rt = f"{p['tg'][0]/l['tg'][0]:.2f}x" if l else "-"
-        lines.append(f"| {m} | pocketlm | {size/2**30:.2f} | {p['pp'][0]:.0f} ± {p['pp'][1]:.0f} | {p['tg'][0]:.1f} ± {p['tg'][1]:.1f} | {b:.0f} | {p['tg'][0]/b:.0%} | {rp} | {rt} | {mem/2**30 if mem else 0:.2f} |")
+    p, size, mem = pl(m)
+    if not p: lines.append(f"| {m} | failed | | | | | | | |"); continue
+    b = bw / per_token(size, m)
+    for name, (mean, sd) in p.items():
+        base = name.replace(" +sampling", "")
+        lm = l.get(base)
+        bound = f"{mean/b:.0%}" if name.startswith("tg") else ""
+        sg = f"{mean/p[base][0]:.2f}" if name.endswith("+sampling") and base in p else ""
+        if lm and not name.endswith("+sampling"):
+            lines.append(f"| {m} | {name} | {mean:.1f} ± {sd:.1f} | {lm[0]:.1f} ± {lm[1]:.1f} | {lm[2]:.1f} | {mean/lm[0]:.2f}x | {mean/lm[2]:.2f}x | {bound} | {sg} |")
+        else:
+            lines.append(f"| {m} | {name} | {mean:.1f} ± {sd:.1f} | | | | | {bound} | {sg} |")
+    lines.append(f"| {m} | weights {size/2**30:.2f} GiB, GPU memory {mem/2**30 if mem else 0:.2f} GiB, tg bound {b:.0f} t/s | | | | | | | |")
 open(os.path.join(out, "summary.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

@@ -9,7 +9,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    const KERNELS: &[&str] = &["qmatrix"];
+    const KERNELS: &[&str] = &["qmatrix", "sample"];
     for name in KERNELS {
         let src = format!("src/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

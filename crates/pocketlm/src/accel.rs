@@ -5,9 +5,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use crate::cuda::{device_address, CudaDecoder, DecoderLayer, DecoderSpec};
+use crate::cuda::{kv_address, CudaDecoder, DecoderLayer, DecoderSpec};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
     CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, Prefill, Trainable, VisionInfo,
@@ -95,12 +95,21 @@ impl Accelerated {
             }
         }
         let capacity = bufs[0].0.dim(2)?;
+        let kv_dtype = if dec.spec().kv_f16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
         let mut ptrs = Vec::with_capacity(bufs.len());
         for (k, v) in &bufs {
-            if k.dim(2)? != capacity || v.dim(2)? != capacity {
+            if k.dim(2)? != capacity
+                || v.dim(2)? != capacity
+                || k.dtype() != kv_dtype
+                || v.dtype() != kv_dtype
+            {
                 return Ok(None);
             }
-            ptrs.push((device_address(k)?, device_address(v)?));
+            ptrs.push((kv_address(k)?, kv_address(v)?));
         }
         let x = plan.embed_tokens.forward(input_ids)?;
         let out = dec.step(&x, pos, &ptrs, capacity)?;
@@ -121,13 +130,41 @@ impl Accelerated {
             *state = State::Untried;
         }
     }
+
+    /// The dtype the fused step wants the KV cache in (f16 unless `POCKETLM_KV_F16=0`), when
+    /// the step applies to this model (building it now if not tried yet); `None` otherwise or
+    /// when building it fails (the first step reports the error).
+    fn kv_storage(&self) -> Option<DType> {
+        let plan = self.inner.decode_plan()?;
+        let mut state = self.state.lock().ok()?;
+        if matches!(*state, State::Untried) {
+            *state = match spec(&plan, self.inner.device()).ok()? {
+                Some(spec) => State::Ready(Box::new(CudaDecoder::new(spec).ok()?)),
+                None => State::Unavailable,
+            };
+        }
+        match &*state {
+            State::Ready(dec) if dec.spec().kv_f16 => Some(DType::F16),
+            _ => None,
+        }
+    }
+
+    /// `cache` set to store what the fused step reads ([`Self::kv_storage`]) when it is a
+    /// fresh cache of growing layers (other kinds keep their own storage).
+    fn for_fused_step(&self, mut cache: KvCache) -> KvCache {
+        if let Some(dtype) = self.kv_storage() {
+            cache.set_storage_dtype(dtype);
+        }
+        cache
+    }
 }
 
 /// The decoder's weights and tables from a plan, or `None` when the plan has something the
 /// fused step does not take: layers other than our CUDA quantized matrices (or with biases, or
 /// adapters), q/k norms, a sliding window, a soft-cap, a scale other than `head_dim^-0.5` on the
 /// scores, an activation other than SiLU, LongRoPE or partial rotary, head_dim other than
-/// 64/128. `POCKETLM_FUSED_DECODE=0` turns it off.
+/// 64/128. `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16 for it (as
+/// llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
 fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
         || !device.is_cuda()
@@ -200,6 +237,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         hidden,
         intermediate,
         interleaved: plan.rope.interleaved(),
+        kv_f16: !std::env::var("POCKETLM_KV_F16").is_ok_and(|v| v == "0"),
         cos,
         sin,
     }))
@@ -220,11 +258,11 @@ impl CausalLM for Accelerated {
     }
 
     fn new_cache(&self) -> KvCache {
-        self.inner.new_cache()
+        self.for_fused_step(self.inner.new_cache())
     }
 
     fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
-        self.inner.make_cache(config)
+        Ok(self.for_fused_step(self.inner.make_cache(config)?))
     }
 
     fn info(&self) -> &ModelInfo {

@@ -34,6 +34,11 @@ pub struct BenchParams {
     /// With a constraint, each decode test runs a second time with the grammar's mask applied
     /// (a test named `tg128 +grammar`, see [`run`]).
     pub constraint: Option<Constraint>,
+    /// With sampling settings, each decode test runs a second time drawing each token with
+    /// them as generation does (on the GPU when the logits are there, see
+    /// [`crate::sampling::sample_on_device`]; a test named `tg128 +sampling`). A seed is
+    /// best given, so that runs draw the same tokens.
+    pub sampling: Option<SamplingParams>,
 }
 
 impl Default for BenchParams {
@@ -44,6 +49,7 @@ impl Default for BenchParams {
             depth: vec![0],
             repetitions: 3,
             constraint: None,
+            sampling: None,
         }
     }
 }
@@ -180,9 +186,39 @@ fn constrained_decode(
     Ok(())
 }
 
+/// `n_gen` decode steps drawing each token with `params` as the token stepper does: on the
+/// logits' device when [`crate::sampling::sample_on_device`] applies, else the logits copied
+/// to the CPU and [`Sampler::sample`]; the drawn token is fed next, the history (the tokens fed
+/// so far) feeds the repetition penalty.
+fn sampled_decode(
+    model: &dyn CausalLM,
+    cache: &mut KvCache,
+    params: &SamplingParams,
+    first: u32,
+    n_gen: usize,
+) -> Result<()> {
+    let mut sampler = Sampler::new(params.clone())?;
+    let mut history = vec![first];
+    let mut id = first;
+    for _ in 0..n_gen {
+        let x = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
+        let l = model.forward(&x, cache, Logits::Last)?;
+        id = match crate::sampling::sample_on_device(&mut sampler, &l, &history)? {
+            Some(id) => id,
+            None => {
+                let l: Vec<f32> = l.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                sampler.sample(&l, &history)
+            }
+        };
+        history.push(id);
+    }
+    Ok(())
+}
+
 /// Runs the tests on a loaded model: for each depth, each prefill length, then each decode
 /// length (and, with [`BenchParams::constraint`], that decode length again under the grammar,
-/// see `constrained_decode`). One untimed warm-up run precedes each test.
+/// see `constrained_decode`; with [`BenchParams::sampling`], again drawing with the sampler,
+/// see `sampled_decode`). One untimed warm-up run precedes each test.
 ///
 /// Errors: those of the model's forward pass (a depth plus test length beyond the model's
 /// context is the model's error); with a constraint, [`crate::Error::Constraint`].
@@ -251,6 +287,20 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
                 }
                 let mut r = TestResult::new("tg", n_gen, depth, samples);
                 r.name.push_str(" +grammar");
+                tests.push(r);
+            }
+            if let Some(sp) = &params.sampling {
+                let mut samples = Vec::new();
+                for rep in 0..=reps {
+                    let mut cache = cache_at(model, depth, vocab)?;
+                    let t = Instant::now();
+                    sampled_decode(model, &mut cache, sp, ids[0], n_gen)?;
+                    if rep > 0 {
+                        samples.push(n_gen as f64 / t.elapsed().as_secs_f64());
+                    }
+                }
+                let mut r = TestResult::new("tg", n_gen, depth, samples);
+                r.name.push_str(" +sampling");
                 tests.push(r);
             }
         }

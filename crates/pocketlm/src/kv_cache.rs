@@ -67,6 +67,13 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
             "this KV cache does not take in-place appends".into(),
         ))
     }
+    /// Asks an empty cache to store keys and values as `dtype` (f16 for a fused decode kernel
+    /// that reads them so, halving the bytes read a token) while [`Self::update`] still takes
+    /// and returns its callers' dtype. Returns whether it will; the default: it will not.
+    fn set_storage_dtype(&mut self, dtype: DType) -> bool {
+        let _ = dtype;
+        false
+    }
 }
 
 /// A cache that grows by preallocated steps (`step` positions at a time, 256 by default, as
@@ -77,6 +84,11 @@ pub struct GrowingKvCache {
     v: Option<Tensor>,
     len: usize,
     step: usize,
+    /// The dtype the buffers hold ([`LayerKvCache::set_storage_dtype`]); `None`: the inputs'.
+    store: Option<DType>,
+    /// The dtype of the last [`LayerKvCache::update`]'s inputs, given back by it and by
+    /// [`LayerKvCache::state`].
+    io: Option<DType>,
 }
 
 impl GrowingKvCache {
@@ -87,7 +99,14 @@ impl GrowingKvCache {
             v: None,
             len: 0,
             step: step.max(1),
+            store: None,
+            io: None,
         }
+    }
+
+    /// `t` in the caller's dtype `io` (a copy when the buffers hold another).
+    fn to_io(&self, t: Tensor, io: DType) -> Result<Tensor> {
+        Ok(if t.dtype() == io { t } else { t.to_dtype(io)? })
     }
 
     /// `(batch, heads, head_dim, dtype, device)` of `t: [batch, heads, seq, head_dim]`.
@@ -125,17 +144,34 @@ impl GrowingKvCache {
 
 impl LayerKvCache for GrowingKvCache {
     fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let io = k.dtype();
+        self.io = Some(io);
+        let (k, v) = match self.store {
+            Some(d) if d != io => (k.to_dtype(d)?, v.to_dtype(d)?),
+            _ => (k.clone(), v.clone()),
+        };
         let n = k.dim(2)?;
         let need = self.len + n;
-        let kb = Self::grow(&self.k, Self::like(k)?, self.len, need, self.step)?;
-        let vb = Self::grow(&self.v, Self::like(v)?, self.len, need, self.step)?;
+        let kb = Self::grow(&self.k, Self::like(&k)?, self.len, need, self.step)?;
+        let vb = Self::grow(&self.v, Self::like(&v)?, self.len, need, self.step)?;
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = need;
-        let out = (kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?);
+        let out = (
+            self.to_io(kb.narrow(2, 0, need)?, io)?,
+            self.to_io(vb.narrow(2, 0, need)?, io)?,
+        );
         self.k = Some(kb);
         self.v = Some(vb);
         Ok(out)
+    }
+
+    fn set_storage_dtype(&mut self, dtype: DType) -> bool {
+        if self.k.is_some() || !dtype.is_float() {
+            return false;
+        }
+        self.store = Some(dtype);
+        true
     }
 
     fn reserve_in_place(
@@ -145,13 +181,17 @@ impl LayerKvCache for GrowingKvCache {
         head_dim: usize,
         device: &candle_core::Device,
     ) -> Result<Option<(Tensor, Tensor)>> {
+        let dtype = self.store.unwrap_or(DType::F32);
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Ok(None);
+        }
         if let Some(k) = &self.k {
             let (b, h, _, d) = k.dims4()?;
-            if (b, h, d) != (1, kv_heads, head_dim) || k.dtype() != DType::F32 {
+            if (b, h, d) != (1, kv_heads, head_dim) || k.dtype() != dtype {
                 return Ok(None);
             }
         }
-        let like = (1, kv_heads, head_dim, DType::F32, device);
+        let like = (1, kv_heads, head_dim, dtype, device);
         let need = self.len + n;
         let kb = Self::grow(&self.k, like, self.len, need, self.step)?;
         let vb = Self::grow(&self.v, like, self.len, need, self.step)?;
@@ -179,7 +219,14 @@ impl LayerKvCache for GrowingKvCache {
     fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
         match (&self.k, &self.v) {
             (Some(k), Some(v)) if self.len > 0 => {
-                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+                let io = match self.store {
+                    Some(_) => self.io.unwrap_or(DType::F32),
+                    None => k.dtype(),
+                };
+                Ok(Some((
+                    self.to_io(k.narrow(2, 0, self.len)?, io)?,
+                    self.to_io(v.narrow(2, 0, self.len)?, io)?,
+                )))
             }
             _ => Ok(None),
         }
@@ -816,6 +863,16 @@ impl KvCache {
         })
     }
 
+    /// Asks each layer to store keys and values as `dtype` ([`LayerKvCache::set_storage_dtype`];
+    /// on an empty cache); returns whether every layer will.
+    pub fn set_storage_dtype(&mut self, dtype: DType) -> bool {
+        let mut all = true;
+        for l in &mut self.layers {
+            all &= l.set_storage_dtype(dtype);
+        }
+        all
+    }
+
     /// A cache made of the given per-layer caches.
     pub fn from_layers(layers: Vec<Box<dyn LayerKvCache>>) -> Self {
         Self {
@@ -927,6 +984,46 @@ mod tests {
         let mut rot = RotatingKvCache::new(8, 0).unwrap();
         assert!(rot.reserve_in_place(1, 2, 3, &dev).unwrap().is_none());
         assert!(rot.commit(1).is_err());
+    }
+
+    #[test]
+    fn f16_storage_takes_and_gives_the_callers_dtype() {
+        // The fused CUDA step keeps its cache in f16: updates still take and return f32 (the
+        // values rounded to f16), in-place appends see f16 buffers, the state comes back f32.
+        let dev = Device::Cpu;
+        let mut c = GrowingKvCache::new(4);
+        assert!(c.set_storage_dtype(DType::F16));
+        let a = Tensor::new(&[[[[1.0f32, 0.1, -2.5, 1e-3]]]], &dev).unwrap();
+        let (k, v) = c.update(&a, &a).unwrap();
+        assert_eq!((k.dtype(), v.dtype()), (DType::F32, DType::F32));
+        let got: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = [1.0f32, 0.1, -2.5, 1e-3]
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(c.nbytes(), 2 * 4 * 4 * 2, "two f16 buffers of 4 positions");
+        let (kb, _) = c.reserve_in_place(1, 1, 4, &dev).unwrap().unwrap();
+        assert_eq!(kb.dtype(), DType::F16);
+        kb.slice_set(&a.to_dtype(DType::F16).unwrap(), 2, 1)
+            .unwrap();
+        c.commit(1).unwrap();
+        let (sk, _) = c.state().unwrap().unwrap();
+        assert_eq!((sk.dtype(), sk.dim(2).unwrap()), (DType::F32, 2));
+        // Only an empty cache changes its storage.
+        assert!(!c.set_storage_dtype(DType::F32));
+        let mut all = KvCache::growing(2);
+        assert!(all.set_storage_dtype(DType::F16));
+        let mut rot = KvCache::new(
+            1,
+            4,
+            &KvCacheConfig {
+                max_kv_size: Some(8),
+                ..KvCacheConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(!rot.set_storage_dtype(DType::F16));
     }
 
     #[test]

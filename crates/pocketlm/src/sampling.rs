@@ -31,8 +31,10 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+mod device;
 pub mod processors;
 
+pub use device::{prefix_sample, DeviceSampling};
 pub use processors::LogitsProcessor;
 
 /// Sampling parameters, as mlx-lm's `generate` / MLX Swift's `GenerateParameters`.
@@ -261,6 +263,8 @@ pub struct Sampler {
     /// Where [`Sampler::with_processor`] inserts (after the built-in logit processors and the
     /// ones added before).
     insert_at: usize,
+    /// Processors added with [`Sampler::with_processor`].
+    added: usize,
     /// `None`: greedy.
     rng: Option<StdRng>,
     buf: Vec<f32>,
@@ -331,6 +335,7 @@ impl Sampler {
             params,
             chain,
             insert_at,
+            added: 0,
             rng,
             buf: Vec::new(),
         })
@@ -342,6 +347,7 @@ impl Sampler {
     pub fn with_processor(mut self, processor: Box<dyn LogitsProcessor>) -> Self {
         self.chain.insert(self.insert_at, processor);
         self.insert_at += 1;
+        self.added += 1;
         self
     }
 
@@ -416,6 +422,56 @@ impl Sampler {
 pub fn argmax_on_device(logits: &candle_core::Tensor) -> crate::Result<u32> {
     let l = logits.flatten_all()?;
     Ok(l.argmax(0)?.to_scalar::<u32>()?)
+}
+
+/// The next token drawn on the logits' own device (a GPU), only the id copied back:
+/// `logits: [1, vocab]` or `[vocab]` (any float dtype) on CUDA, `history` the ids of the prompt
+/// and of the tokens generated so far (oldest first). `Ok(None)` when it does not apply (logits
+/// off CUDA, a build without the `cuda` feature, or a chain the kernel does not run, see
+/// [`Sampler::device_sampling`]); the caller then copies the logits and calls
+/// [`Sampler::sample`]. The draw is the sampler's next uniform, so a seeded generation gives
+/// the tokens [`Sampler::sample`] would give for the same logits (up to rounding at the
+/// boundaries, see `src/cuda/sample.cu`). When the candidates of a very flat distribution do
+/// not fit the kernel, it copies the logits and samples them on the CPU with the same draw.
+///
+/// Errors: CUDA errors of the launch and copies.
+pub fn sample_on_device(
+    sampler: &mut Sampler,
+    logits: &candle_core::Tensor,
+    history: &[u32],
+) -> crate::Result<Option<u32>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !logits.device().is_cuda() {
+            return Ok(None);
+        }
+        let vocab = logits.elem_count();
+        let Some(plan) = sampler.device_sampling(history, vocab) else {
+            return Ok(None);
+        };
+        let Some(u) = sampler.next_uniform() else {
+            return Ok(None);
+        };
+        let id = match crate::cuda::sample_token(logits, &plan, u)? {
+            Some(id) => {
+                sampler.accept(id);
+                id
+            }
+            None => {
+                let l: Vec<f32> = logits
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?;
+                sampler.sample_with_uniform(&l, history, u)
+            }
+        };
+        Ok(Some(id))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (sampler, logits, history);
+        Ok(None)
+    }
 }
 
 /// Makes logits safe for the chain: NaN becomes `-inf` (never drawn) and `+inf` becomes
@@ -674,6 +730,12 @@ pub fn categorical<R: Rng + ?Sized>(logits: &[f32], rng: &mut R) -> u32 {
 
 /// [`categorical`], overwriting `logits` with the unnormalized weights (no allocation).
 fn categorical_in_place<R: Rng + ?Sized>(logits: &mut [f32], rng: &mut R) -> u32 {
+    categorical_draw(logits, || rng.random::<f64>())
+}
+
+/// [`categorical_in_place`] with the uniform draw from `draw` (called only when something is
+/// drawable).
+fn categorical_draw(logits: &mut [f32], draw: impl FnOnce() -> f64) -> u32 {
     let fallback = argmax(logits);
     let max = logits
         .get(fallback as usize)
@@ -695,7 +757,7 @@ fn categorical_in_place<R: Rng + ?Sized>(logits: &mut [f32], rng: &mut R) -> u32
     if !(total > 0.0 && total.is_finite()) {
         return fallback;
     }
-    let target = rng.random::<f64>() * total;
+    let target = draw() * total;
     let mut acc = 0.0f64;
     let mut last = fallback;
     for (i, &w) in logits.iter().enumerate() {

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use pocketlm::bench::{self, BenchParams};
 
-use super::model::{load, ModelArgs};
+use super::model::{load, ModelArgs, SamplingArgs};
 
 /// Arguments of `bench`.
 #[derive(Args, Debug)]
@@ -28,6 +28,13 @@ pub struct BenchArgs {
     /// to measure the cost of constrained decoding.
     #[arg(long, value_name = "FILE")]
     pub json_schema: Option<std::path::PathBuf>,
+    /// Run each tg test again drawing every token with the sampler (`tg128 +sampling`), with
+    /// the settings below (unset ones from the model's defaults, as `generate`); seed 0 unless
+    /// given.
+    #[arg(long)]
+    pub sample: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -53,6 +60,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         n_gen: args.n_gen,
         depth: args.depth,
         repetitions: args.repetitions,
+        sampling: args.sample.then(|| {
+            let mut p = args.sampling.params(&m.default_sampling());
+            p.seed = p.seed.or(Some(0));
+            p
+        }),
     };
     let r = bench::run(&m, &params)?;
     if args.json {

@@ -24,8 +24,22 @@ use candle_core::{DType, Device, Storage, Tensor};
 use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
 use crate::{Error, Result};
 
-/// Blocks the attention of one head is split over (each takes `ceil(len / SPLITS)` positions).
-const SPLITS: usize = 16;
+/// Most blocks the attention of one key/value head is split over. Each split takes
+/// `max(64, ceil(len / SPLITS))` positions (`ATTN_MIN_CHUNK` in qmatrix.cu) and the blocks past
+/// the last split exit at once, so one recorded graph serves every length: 64 splits keep
+/// 8 x 64 blocks of 4 warps in flight at depth (8B shapes), enough to stream the cache at HBM
+/// speed, and a short context uses few blocks.
+const SPLITS: usize = 64;
+
+/// Query heads one attention block takes (they share a key/value head, whose rows it loads
+/// once): the largest of 8, 4, 2, 1 that divides `n_heads / n_kv_heads`.
+fn heads_per_block(n_heads: usize, n_kv_heads: usize) -> usize {
+    let group = n_heads / n_kv_heads.max(1);
+    [8, 4, 2, 1]
+        .into_iter()
+        .find(|g| group.is_multiple_of(*g))
+        .unwrap_or(1)
+}
 
 /// One transformer block's weights for [`CudaDecoder`].
 #[derive(Debug, Clone)]
@@ -68,6 +82,8 @@ pub struct DecoderSpec {
     pub intermediate: usize,
     /// RoPE pairs adjacent values (GGUF Llama) rather than halves.
     pub interleaved: bool,
+    /// The KV cache buffers hold f16 (else f32): half the bytes attention reads at depth.
+    pub kv_f16: bool,
     /// RoPE tables `[positions, head_dim / 2]` f32 on the device (cos, sin).
     pub cos: Tensor,
     /// See `cos`.
@@ -93,7 +109,8 @@ struct Buffers {
     out: CudaSlice<f32>,
     params: CudaSlice<i32>,
     kv: CudaSlice<u64>,
-    /// Per query head, the attention blocks done (the last one merges; it resets the count).
+    /// Per group of query heads sharing an attention block, the blocks done (the last one
+    /// merges; it resets the count).
     done: CudaSlice<u32>,
 }
 
@@ -257,10 +274,10 @@ impl CudaDecoder {
 
     /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, at position
     /// `pos` (`< spec.max_positions()`), with the key/value buffers of each layer given as
-    /// device addresses `kv[l] = (keys, values)`, each `[n_kv_heads, capacity, head_dim]` f32
-    /// holding positions `0..pos`; the kernels write position `pos` into them. Returns the logits
-    /// `[1, vocab]` f32, or with no output layer of ours the final normalized hidden state
-    /// `[1, hidden]`.
+    /// device addresses `kv[l] = (keys, values)`, each `[n_kv_heads, capacity, head_dim]` f16
+    /// when [`DecoderSpec::kv_f16`], else f32, holding positions `0..pos`; the kernels write
+    /// position `pos` into them. Returns the logits `[1, vocab]` f32, or with no output layer of
+    /// ours the final normalized hidden state `[1, hidden]`.
     pub fn step(
         &mut self,
         x: &Tensor,
@@ -347,11 +364,6 @@ impl CudaDecoder {
         );
         let func = |name: &str| self.dev.get_or_load_custom_func(name, MODULE, PTX);
         let rmsnorm = func("rmsnorm_q8")?;
-        let attn = func(if hd == 64 {
-            "attn_split_d64"
-        } else {
-            "attn_split_d128"
-        })?;
         let stream = self.dev.cuda_stream();
         let (eps, hi) = (s.eps, h as i32);
         // rmsnorm_q8 holds up to 4 runs of 4 values a thread.
@@ -372,8 +384,6 @@ impl CudaDecoder {
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
         };
-        let (nhi, nkvi) = (nh as i32, nkv as i32);
-        let scale = 1.0 / (hd as f32).sqrt();
         for (li, l) in s.layers.iter().enumerate() {
             let li = li as i32;
             norm(tensor_ptr(&l.attn_norm, &stream)?)?;
@@ -388,29 +398,27 @@ impl CudaDecoder {
                 n_kv_heads: nkv,
                 head_dim: hd,
                 interleaved: s.interleaved,
+                kv_half: s.kv_f16,
             };
             l.qkv.launch_gemv_rope(p.xq, p.xd, &rope)?;
-            {
-                let mut b = attn.builder();
-                b.arg(&p.q);
-                b.arg(&p.params);
-                b.arg(&p.kv);
-                b.arg(&li);
-                b.arg(&nhi);
-                b.arg(&nkvi);
-                b.arg(&scale);
-                b.arg(&p.part_o);
-                b.arg(&p.part_ml);
-                b.arg(&p.done);
-                b.arg(&p.xq);
-                b.arg(&p.xd);
-                let cfg = LaunchConfig {
-                    grid_dim: (nh as u32, SPLITS as u32, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                unsafe { b.launch(cfg) }.w()?;
-            }
+            launch_attention(
+                &self.dev,
+                &AttnArgs {
+                    q: p.q,
+                    params: p.params,
+                    kv: p.kv,
+                    layer: li,
+                    part_o: p.part_o,
+                    part_ml: p.part_ml,
+                    done: p.done,
+                    xq: p.xq,
+                    xd: p.xd,
+                },
+                nh,
+                nkv,
+                hd,
+                s.kv_f16,
+            )?;
             l.o.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)?;
             norm(tensor_ptr(&l.ffn_norm, &stream)?)?;
             l.gate_up
@@ -442,6 +450,117 @@ impl CudaDecoder {
         }
         Ok(())
     }
+}
+
+/// Device addresses the decode attention kernel takes (see `attn_gqa` in qmatrix.cu).
+struct AttnArgs {
+    q: u64,
+    params: u64,
+    kv: u64,
+    layer: i32,
+    part_o: u64,
+    part_ml: u64,
+    done: u64,
+    xq: u64,
+    xd: u64,
+}
+
+/// Launches the decode attention (`attn_gqa_d{hd}_g{G}_{f32|f16}`, the cache's dtype): grid
+/// (n_heads / G, [`SPLITS`]) of 128 threads. `part_o` holds `n_heads * SPLITS * head_dim` f32, `part_ml` `n_heads * SPLITS`
+/// (max, sum) pairs, `done` `n_heads` zeroed u32. Safe to capture in a CUDA graph.
+fn launch_attention(
+    dev: &CudaDevice,
+    a: &AttnArgs,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    kv_f16: bool,
+) -> Result<()> {
+    let g = heads_per_block(nh, nkv);
+    let kt = if kv_f16 { "f16" } else { "f32" };
+    let f = dev.get_or_load_custom_func(&format!("attn_gqa_d{hd}_g{g}_{kt}"), MODULE, PTX)?;
+    let (nhi, nkvi) = (nh as i32, nkv as i32);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut b = f.builder();
+    b.arg(&a.q);
+    b.arg(&a.params);
+    b.arg(&a.kv);
+    b.arg(&a.layer);
+    b.arg(&nhi);
+    b.arg(&nkvi);
+    b.arg(&scale);
+    b.arg(&a.part_o);
+    b.arg(&a.part_ml);
+    b.arg(&a.done);
+    b.arg(&a.xq);
+    b.arg(&a.xd);
+    let cfg = LaunchConfig {
+        grid_dim: ((nh / g) as u32, SPLITS as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Test helper: the decode attention of `q: [n_heads, hd]` over the first `len` positions of
+/// `k`, `v: [n_kv, cap, hd]` (stored on the device as f16 when `kv_f16`, else f32), run twice
+/// (the second run checks that the merge counters reset), returned as the 8-bit codes times
+/// their block scale: `[n_heads * hd]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_attention(
+    dev: &CudaDevice,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (nh, nkv, hd): (usize, usize, usize),
+    len: usize,
+    cap: usize,
+    kv_f16: bool,
+) -> Result<Vec<f32>> {
+    let stream = dev.cuda_stream();
+    let qb = stream.clone_htod(q).w()?;
+    let upload = |x: &[f32]| -> Result<CudaSlice<u8>> {
+        let bytes: Vec<u8> = if kv_f16 {
+            x.iter()
+                .flat_map(|&f| half::f16::from_f32(f).to_le_bytes())
+                .collect()
+        } else {
+            x.iter().flat_map(|f| f.to_le_bytes()).collect()
+        };
+        Ok(stream.clone_htod(&bytes).w()?)
+    };
+    let kb = upload(k)?;
+    let vb = upload(v)?;
+    let params = stream
+        .clone_htod(&[len as i32 - 1, len as i32, cap as i32, 0])
+        .w()?;
+    let kv = stream.clone_htod(&[kb.ptr(&stream), vb.ptr(&stream)]).w()?;
+    let part_o = dev.alloc_zeros::<f32>(nh * SPLITS * hd)?;
+    let part_ml = dev.alloc_zeros::<f32>(2 * nh * SPLITS)?;
+    let done = dev.alloc_zeros::<u32>(nh)?;
+    let xq = dev.alloc_zeros::<i8>(nh * hd)?;
+    let xd = dev.alloc_zeros::<f32>(nh * hd / 16)?;
+    let a = AttnArgs {
+        q: qb.ptr(&stream),
+        params: params.ptr(&stream),
+        kv: kv.ptr(&stream),
+        layer: 0,
+        part_o: part_o.ptr(&stream),
+        part_ml: part_ml.ptr(&stream),
+        done: done.ptr(&stream),
+        xq: xq.ptr(&stream),
+        xd: xd.ptr(&stream),
+    };
+    launch_attention(dev, &a, nh, nkv, hd, kv_f16)?;
+    launch_attention(dev, &a, nh, nkv, hd, kv_f16)?;
+    let codes = stream.clone_dtoh(&xq).w()?;
+    let scales = stream.clone_dtoh(&xd).w()?;
+    Ok(codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| c as f32 * scales[(i / 32) * 2])
+        .collect())
 }
 
 /// The raw device address of a buffer, whatever its element type.

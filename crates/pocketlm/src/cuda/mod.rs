@@ -8,9 +8,11 @@
 
 mod decoder;
 mod qmatrix;
+mod sample;
 
 pub use decoder::{CudaDecoder, DecoderLayer, DecoderSpec};
 pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS};
+pub use sample::sample_token;
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -365,7 +367,194 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             1e-6,
         );
     }
+    // Decode attention (split over the positions, query heads sharing a key/value head) vs
+    // the float softmax attention on the CPU; its output is quantized to 8 bits per 32 values
+    // (tolerance 1e-2).
+    if let Device::Cuda(cd) = dev {
+        for &(nh, nkv, hd, len, cap, kv_f16) in &[
+            (32usize, 8usize, 128usize, 1usize, 16usize, false),
+            (32, 8, 128, 63, 64, false),
+            (32, 8, 128, 65, 128, false),
+            (32, 8, 128, 4096, 4100, false),
+            (32, 8, 128, 16384, 16384, false),
+            (32, 8, 64, 1000, 1024, false),
+            (8, 8, 64, 300, 300, false),
+            (12, 2, 64, 777, 800, false),
+            (16, 2, 128, 5000, 5000, false),
+            (32, 8, 128, 1, 16, true),
+            (32, 8, 128, 4096, 4100, true),
+            (32, 8, 128, 16384, 16384, true),
+            (32, 8, 64, 1000, 1024, true),
+            (12, 2, 64, 777, 800, true),
+        ] {
+            seed += 1;
+            let q = pseudo_random(nh * hd, seed);
+            let k: Vec<f32> = pseudo_random(nkv * cap * hd, seed + 1)
+                .iter()
+                .map(|x| 3.0 * x)
+                .collect();
+            let v = pseudo_random(nkv * cap * hd, seed + 2);
+            let got = decoder::run_attention(cd, &q, &k, &v, (nh, nkv, hd), len, cap, kv_f16)?;
+            let want = attention_reference(&q, &k, &v, (nh, nkv, hd), len, cap);
+            let kt = if kv_f16 { "f16" } else { "f32" };
+            record(
+                &mut lines,
+                format!("attention h{nh} kv{nkv} d{hd} len {len} {kt} cache vs float"),
+                norm_rel_err(&got, &want),
+                1e-2,
+            );
+        }
+    }
+    sample_selftest(dev, &mut lines, &mut ok)?;
     Ok((lines, ok))
+}
+
+/// Softmax attention of `q: [nh, hd]` over positions `0..len` of `k`, `v: [nkv, cap, hd]`
+/// (query head h reads key/value head `h / (nh / nkv)`), scale `hd^-0.5`, in f64:
+/// `[nh * hd]`.
+fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (nh, nkv, hd): (usize, usize, usize),
+    len: usize,
+    cap: usize,
+) -> Vec<f32> {
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = vec![0f32; nh * hd];
+    for h in 0..nh {
+        let kvh = h / (nh / nkv);
+        let qh = &q[h * hd..][..hd];
+        let s: Vec<f64> = (0..len)
+            .map(|t| {
+                let kr = &k[(kvh * cap + t) * hd..][..hd];
+                qh.iter()
+                    .zip(kr)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for d in 0..hd {
+            let o: f64 = (0..len)
+                .map(|t| e[t] * v[(kvh * cap + t) * hd + d] as f64)
+                .sum();
+            out[h * hd + d] = (o / z) as f32;
+        }
+    }
+    out
+}
+
+/// GPU sampling ([`sample_token`]) vs the CPU chain ([`crate::sampling::Sampler`]) with the
+/// same uniform draws, over vocabularies of real sizes, logits with ties, NaN and infinities,
+/// and the sampler's settings: every drawn id must be equal. Draws the kernel hands back to the
+/// CPU (too many candidates) are counted, not compared.
+fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Result<()> {
+    use crate::sampling::{Sampler, SamplingParams};
+    let settings: [(f32, f32, usize, f32, f32); 7] = [
+        // (temperature, top_p, top_k, min_p, repetition penalty)
+        (0.7, 0.9, 40, 0.0, 1.0),
+        (0.7, 0.9, 40, 0.05, 1.3),
+        (1.0, 1.0, 0, 0.0, 1.0),
+        (0.5, 1.0, 0, 0.0, 1.2),
+        (0.8, 1.0, 10, 0.0, 1.0),
+        (1.2, 0.95, 0, 0.0, 1.0),
+        (0.6, 1.0, 0, 0.1, 1.1),
+    ];
+    for &(vocab, spread) in &[
+        (128256usize, 6.0f32),
+        (32000, 12.0),
+        (151936, 3.0),
+        (1000, 4.0),
+    ] {
+        let mut logits: Vec<f32> = pseudo_random(vocab, vocab as u64)
+            .iter()
+            .map(|x| x * spread)
+            .collect();
+        for i in (0..vocab).step_by(997) {
+            logits[i] = f32::NAN;
+        }
+        for i in (5..vocab).step_by(1999) {
+            logits[i] = f32::NEG_INFINITY;
+        }
+        // Ties at the top.
+        logits[vocab / 3] = spread * 1.5;
+        logits[vocab / 2] = spread * 1.5;
+        logits[vocab - 1] = spread * 1.5;
+        let history: Vec<u32> = (0..80).map(|i| (i * 7919 % vocab) as u32).collect();
+        history
+            .iter()
+            .take(3)
+            .for_each(|&i| logits[i as usize] = spread * 1.4);
+        let lt = Tensor::from_vec(logits.clone(), vocab, dev)?;
+        for (si, &(temperature, top_p, top_k, min_p, pen)) in settings.iter().enumerate() {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                repetition_penalty: pen,
+                repetition_context_size: 64,
+                seed: Some(si as u64),
+                ..SamplingParams::default()
+            };
+            let mut cpu = Sampler::new(params)?;
+            let Some(plan) = cpu.device_sampling(&history, vocab) else {
+                continue;
+            };
+            let (mut equal, mut fallback, mut total) = (0, 0, 0);
+            for j in 0..24 {
+                let u = (j as f64 + 0.5) / 24.0 * 0.999;
+                let want = cpu.sample_with_uniform(&logits, &history, u);
+                total += 1;
+                match sample_token(&lt, &plan, u)? {
+                    Some(id) if id == want => equal += 1,
+                    Some(_) => {}
+                    None => fallback += 1,
+                }
+            }
+            let pass = equal + fallback == total;
+            *ok &= pass;
+            lines.push(format!(
+                "{:<62} equal {equal}/{total} (cpu fallback {fallback}) {}",
+                format!("sample V={vocab} t{temperature} p{top_p} k{top_k} minp{min_p} rep{pen}"),
+                if pass { "PASS" } else { "FAIL" }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The device address of a contiguous f32 or f16 CUDA tensor's first element (a KV cache
+/// buffer for [`CudaDecoder::step`]).
+///
+/// Errors: [`crate::Error::InvalidArgument`] for a tensor off CUDA, of another dtype or not
+/// contiguous.
+pub fn kv_address(t: &Tensor) -> Result<u64> {
+    if t.dtype() == candle_core::DType::F32 {
+        return device_address(t);
+    }
+    let (s, l) = t.storage_and_layout();
+    let (candle_core::Storage::Cuda(s), candle_core::DType::F16, true) =
+        (&*s, t.dtype(), l.is_contiguous())
+    else {
+        return Err(crate::Error::InvalidArgument(format!(
+            "a KV buffer must be contiguous f32 or f16 on CUDA, got {:?}",
+            t.dtype()
+        )));
+    };
+    let Device::Cuda(d) = t.device() else {
+        return Err(crate::Error::InvalidArgument(
+            "tensor is not on CUDA".into(),
+        ));
+    };
+    let v = s.as_cuda_slice::<half::f16>()?.slice(l.start_offset()..);
+    let stream = d.cuda_stream();
+    let ptr = v.device_ptr(&stream).0;
+    Ok(ptr)
 }
 
 /// The device address of a contiguous f32 CUDA tensor's first element.

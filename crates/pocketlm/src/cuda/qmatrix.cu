@@ -217,7 +217,7 @@ __device__ void qgemv_rope(const uint8_t *__restrict__ qs, const S *__restrict__
                            const float *__restrict__ cos_t, const float *__restrict__ sin_t,
                            const int *__restrict__ params, const unsigned long long *__restrict__ kv,
                            int layer, float *__restrict__ q_out, int n_heads, int n_kv, int hd,
-                           int interleaved) {
+                           int interleaved, int kv_half) {
   const int half = hd >> 1;
   const int pairs_qk = (n_heads + n_kv) * half;
   const int blk = blockIdx.x;
@@ -239,20 +239,31 @@ __device__ void qgemv_rope(const uint8_t *__restrict__ qs, const S *__restrict__
   rows_dot<BITS, SIGNED, BIAS, S, 2>(qs, sc, bi, xq, xd, rr, cols, group, tot);
   if (threadIdx.x != 0) return;
   const int pos = params[0], cap = params[2];
-  float *kc = reinterpret_cast<float *>(kv[2 * layer]);
-  float *vc = reinterpret_cast<float *>(kv[2 * layer + 1]);
+  // The cache holds f32, or f16 when kv_half (rounded to nearest).
+  auto put = [&](unsigned long long base, size_t at, float val) {
+    if (kv_half)
+      reinterpret_cast<__half *>(base)[at] = __float2half_rn(val);
+    else
+      reinterpret_cast<float *>(base)[at] = val;
+  };
+  const unsigned long long kc = kv[2 * layer], vc = kv[2 * layer + 1];
   if (blk < pairs_qk) {
     const float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
     const float a = tot[0], b = tot[1];
-    float *dst = head < n_heads ? q_out + (size_t)head * hd
-                                : kc + ((size_t)(head - n_heads) * cap + pos) * hd;
-    dst[i0] = a * c - b * s;
-    dst[i1] = a * s + b * c;
+    const float r0 = a * c - b * s, r1 = a * s + b * c;
+    if (head < n_heads) {
+      q_out[(size_t)head * hd + i0] = r0;
+      q_out[(size_t)head * hd + i1] = r1;
+    } else {
+      const size_t row = ((size_t)(head - n_heads) * cap + pos) * hd;
+      put(kc, row + i0, r0);
+      put(kc, row + i1, r1);
+    }
   } else {
     const int u = rr[0] - (n_heads + n_kv) * hd, kvh = u / hd, d = u % hd;
-    float *dst = vc + ((size_t)kvh * cap + pos) * hd + d;
-    dst[0] = tot[0];
-    dst[1] = tot[1];
+    const size_t at = ((size_t)kvh * cap + pos) * hd + d;
+    put(vc, at, tot[0]);
+    put(vc, at + 1, tot[1]);
   }
 }
 
@@ -372,9 +383,9 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
       const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, int cols,  \
       int group, const float *cos_t, const float *sin_t, const int *params,                        \
       const unsigned long long *kv, int layer, float *q_out, int n_heads, int n_kv, int hd,        \
-      int interleaved) {                                                                           \
+      int interleaved, int kv_half) {                                                              \
     qgemv_rope<BITS, SIGNED, BIAS, S>(qs, sc, bi, xq, xd, cols, group, cos_t, sin_t, params, kv,  \
-                                      layer, q_out, n_heads, n_kv, hd, interleaved);               \
+                                      layer, q_out, n_heads, n_kv, hd, interleaved, kv_half);      \
   }                                                                                                \
   extern "C" __global__ void qembed_##NAME(const uint8_t *qs, const S *sc, const S *bi,           \
                                            const unsigned int *ids, float *out, int n_ids,         \
@@ -399,7 +410,7 @@ QKERNELS(a8_f32, 8, false, true, float)
 // `params` (device memory, set before each step): [0] position of the new token, [1] number of
 // positions to attend (position + 1), [2] capacity of the KV cache buffers (positions).
 // `kv` (device memory): per layer the addresses of its key and value buffers, each
-// [kv_heads, capacity, head_dim] f32.
+// [kv_heads, capacity, head_dim] f32 or f16 (the decoder's choice, one for all layers).
 
 // RMSNorm (Zhang & Sennrich 2019) of one row as ggml computes it (x * 1/sqrt(mean(x^2) + eps),
 // then * weight), quantized to 8 bits per 32 values for the next GEMV. One block per row; each
@@ -485,95 +496,183 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
   for (int i = tid; i < n; i += blockDim.x) y[i] = (x[i] * scale_s) * w[i];
 }
 
-// Decode attention split across blocks (flash-decoding): block (h, sp) of 4 warps attends query
-// head h to its share of the params[1] cached positions with an online softmax (Milakov &
-// Gimelshein 2018), writing the unnormalized output and (max, sum); the last block of a head
-// to finish (counted in done[h], reset after) merges the splits and quantizes the head's output
-// for the output projection. head_dim = 32 * EPL.
+// Decode attention split across blocks over the cached positions (flash-decoding, Dao et al.
+// 2023) with grouped-query sharing: block (g, sp) of 4 warps attends the G query heads
+// g*G .. g*G+G-1, which share one key/value head, to its share of the params[1] cached positions,
+// so each key and value row is loaded once for the G heads. The split count follows the length:
+// each split takes ceil(len / gridDim.y) positions but at least ATTN_MIN_CHUNK, and blocks past
+// the last needed split exit at once (the graph is recorded once, with gridDim.y = the most
+// splits). Each warp walks ATTN_TILE positions at a time (independent loads in flight), with an
+// online softmax (Milakov & Gimelshein 2018); the block writes the unnormalized output and
+// (max, sum) per head, and the last block of the group to finish (counted in done[g], reset
+// after) merges the splits and quantizes the heads' outputs for the output projection.
+// head_dim = 32 * EPL.
+#define ATTN_MIN_CHUNK 64
+#define ATTN_TILE 4
+// EPL values of row t at lane's offset, widened to f32 (the cache holds float or __half).
 template <int EPL>
-__device__ void attn_split(const float *__restrict__ q, const int *__restrict__ params,
-                           const unsigned long long *__restrict__ kv, int layer, int n_heads,
-                           int n_kv, float scale, float *__restrict__ part_o,
-                           float2 *__restrict__ part_ml, unsigned int *__restrict__ done,
-                           int8_t *__restrict__ xq, float2 *__restrict__ xd) {
+__device__ __forceinline__ void load_row(const float *__restrict__ src, float *out) {
+  if (EPL == 4) {
+    const float4 v = __ldcs(reinterpret_cast<const float4 *>(src));
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    const float2 v = __ldcs(reinterpret_cast<const float2 *>(src));
+    out[0] = v.x, out[1] = v.y;
+  }
+}
+template <int EPL>
+__device__ __forceinline__ void load_row(const __half *__restrict__ src, float *out) {
+  if (EPL == 4) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2 *>(src));
+    const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
+    out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
+  } else {
+    const unsigned v = __ldcs(reinterpret_cast<const unsigned *>(src));
+    const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v));
+    out[0] = a.x, out[1] = a.y;
+  }
+}
+
+template <int EPL, int G, typename KT>
+__device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
+                         const unsigned long long *__restrict__ kv, int layer, int n_heads,
+                         int n_kv, float scale, float *__restrict__ part_o,
+                         float2 *__restrict__ part_ml, unsigned int *__restrict__ done,
+                         int8_t *__restrict__ xq, float2 *__restrict__ xd) {
   constexpr int HD = 32 * EPL;
-  __shared__ float sm_o[4][HD];
-  __shared__ float sm_m[4], sm_l[4];
+  __shared__ float sm_o[4][G][HD];
+  __shared__ float sm_m[4][G], sm_l[4][G];
   __shared__ bool last;
-  const int h = blockIdx.x, sp = blockIdx.y, nsplit = gridDim.y;
+  const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int len = params[1], cap = params[2];
-  const int chunk = (len + nsplit - 1) / nsplit;
+  const int chunk = max(ATTN_MIN_CHUNK, (len + maxsplit - 1) / maxsplit);
+  const int nsplit = (len + chunk - 1) / chunk;
+  if (sp >= nsplit) return;
   const int start = sp * chunk, end = min(len, start + chunk);
-  const int kvh = h / (n_heads / n_kv);
-  const float *K = reinterpret_cast<const float *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
-  const float *V = reinterpret_cast<const float *>(kv[2 * layer + 1]) + (size_t)kvh * cap * HD;
-  float qr[EPL], acc[EPL];
+  const int h0 = grp * G;
+  const int kvh = h0 / (n_heads / n_kv);
+  const KT *K = reinterpret_cast<const KT *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
+  const KT *V = reinterpret_cast<const KT *>(kv[2 * layer + 1]) + (size_t)kvh * cap * HD;
+  float qr[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
-  for (int e = 0; e < EPL; e++) {
-    qr[e] = q[(size_t)h * HD + lane * EPL + e] * scale;
-    acc[e] = 0.f;
+  for (int g = 0; g < G; g++) {
+#pragma unroll
+    for (int e = 0; e < EPL; e++) {
+      qr[g][e] = q[(size_t)(h0 + g) * HD + lane * EPL + e] * scale;
+      acc[g][e] = 0.f;
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.f;
   }
-  float m = -INFINITY, l = 0.f;
-  for (int t = start + w; t < end; t += 4) {
-    const float *kr = K + (size_t)t * HD + lane * EPL;
-    float dot = 0.f;
+  for (int t0 = start + w * ATTN_TILE; t0 < end; t0 += 4 * ATTN_TILE) {
+    float kr[ATTN_TILE][EPL], s[G][ATTN_TILE];
 #pragma unroll
-    for (int e = 0; e < EPL; e++) dot += qr[e] * kr[e];
-    dot = warp_sum(dot);
-    const float mn = fmaxf(m, dot);
-    const float corr = expf(m - mn), p = expf(dot - mn);
-    l = l * corr + p;
-    const float *vr = V + (size_t)t * HD + lane * EPL;
+    for (int p = 0; p < ATTN_TILE; p++) {
+      const int t = t0 + p;
 #pragma unroll
-    for (int e = 0; e < EPL; e++) acc[e] = acc[e] * corr + p * vr[e];
-    m = mn;
+      for (int e = 0; e < EPL; e++) kr[p][e] = 0.f;
+      if (t < end) load_row<EPL>(K + (size_t)t * HD + lane * EPL, kr[p]);
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+      for (int p = 0; p < ATTN_TILE; p++) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) d += qr[g][e] * kr[p][e];
+        s[g][p] = d;
+      }
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+      for (int p = 0; p < ATTN_TILE; p++) s[g][p] = warp_sum(s[g][p]);
+    float vr[ATTN_TILE][EPL];
+#pragma unroll
+    for (int p = 0; p < ATTN_TILE; p++) {
+      const int t = t0 + p;
+#pragma unroll
+      for (int e = 0; e < EPL; e++) vr[p][e] = 0.f;
+      if (t < end) load_row<EPL>(V + (size_t)t * HD + lane * EPL, vr[p]);
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      float mn = m[g];
+#pragma unroll
+      for (int p = 0; p < ATTN_TILE; p++)
+        if (t0 + p < end) mn = fmaxf(mn, s[g][p]);
+      const float corr = expf(m[g] - mn);
+      float pr[ATTN_TILE], ps = 0.f;
+#pragma unroll
+      for (int p = 0; p < ATTN_TILE; p++) {
+        pr[p] = t0 + p < end ? expf(s[g][p] - mn) : 0.f;
+        ps += pr[p];
+      }
+      l[g] = l[g] * corr + ps;
+#pragma unroll
+      for (int e = 0; e < EPL; e++) {
+        float a = acc[g][e] * corr;
+#pragma unroll
+        for (int p = 0; p < ATTN_TILE; p++) a += pr[p] * vr[p][e];
+        acc[g][e] = a;
+      }
+      m[g] = mn;
+    }
   }
 #pragma unroll
-  for (int e = 0; e < EPL; e++) sm_o[w][lane * EPL + e] = acc[e];
-  if (lane == 0) {
-    sm_m[w] = m;
-    sm_l[w] = l;
+  for (int g = 0; g < G; g++) {
+#pragma unroll
+    for (int e = 0; e < EPL; e++) sm_o[w][g][lane * EPL + e] = acc[g][e];
+    if (lane == 0) {
+      sm_m[w][g] = m[g];
+      sm_l[w][g] = l[g];
+    }
   }
   __syncthreads();
-  float M = -INFINITY;
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+    const int g = i / HD, d = i % HD;
+    float M = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < 4; i++) M = fmaxf(M, sm_m[i]);
-  const size_t slot = (size_t)h * nsplit + sp;
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+    for (int j = 0; j < 4; j++) M = fmaxf(M, sm_m[j][g]);
     float o = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
-      if (sm_l[i] > 0.f) o += sm_o[i][d] * expf(sm_m[i] - M);
-    part_o[slot * HD + d] = o;
+    for (int j = 0; j < 4; j++)
+      if (sm_l[j][g] > 0.f) o += sm_o[j][g][d] * expf(sm_m[j][g] - M);
+    part_o[((size_t)(h0 + g) * maxsplit + sp) * HD + d] = o;
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float M = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; j++) M = fmaxf(M, sm_m[j][g]);
     float L = 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
-      if (sm_l[i] > 0.f) L += sm_l[i] * expf(sm_m[i] - M);
-    part_ml[slot] = make_float2(M, L);
+    for (int j = 0; j < 4; j++)
+      if (sm_l[j][g] > 0.f) L += sm_l[j][g] * expf(sm_m[j][g] - M);
+    part_ml[(size_t)(h0 + g) * maxsplit + sp] = make_float2(M, L);
   }
-  // The last block of head h merges (threadFenceReduction pattern).
+  // The last block of the group merges (threadFenceReduction pattern).
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned int prev = atomicAdd(done + h, 1u);
+    const unsigned int prev = atomicAdd(done + grp, 1u);
     last = prev == (unsigned int)nsplit - 1;
-    if (last) done[h] = 0;
+    if (last) done[grp] = 0;
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
-  float Mx = -INFINITY;
-  for (int s = 0; s < nsplit; s++) {
-    const float2 ml = __ldcg(part_ml + (size_t)h * nsplit + s);
-    if (ml.y > 0.f) Mx = fmaxf(Mx, ml.x);
-  }
-  for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+    const int g = i / HD, d = i % HD, h = h0 + g;
+    float Mx = -INFINITY;
+    for (int s2 = 0; s2 < nsplit; s2++) {
+      const float2 ml = __ldcg(part_ml + (size_t)h * maxsplit + s2);
+      if (ml.y > 0.f) Mx = fmaxf(Mx, ml.x);
+    }
     float L = 0.f, O = 0.f;
-    for (int s = 0; s < nsplit; s++) {
-      const size_t sl = (size_t)h * nsplit + s;
+    for (int s2 = 0; s2 < nsplit; s2++) {
+      const size_t sl = (size_t)h * maxsplit + s2;
       const float2 ml = __ldcg(part_ml + sl);
       if (ml.y > 0.f) {
         const float f = expf(ml.x - Mx);
@@ -581,23 +680,30 @@ __device__ void attn_split(const float *__restrict__ q, const int *__restrict__ 
         O += __ldcg(part_o + sl * HD + d) * f;
       }
     }
-    const int i = h * HD + d;
-    quant_block32(O / L, d & 31, xq + (i & ~31), xd + (i >> 5));
+    const int k = h * HD + d;
+    // A warp covers 32 consecutive outputs of one head: one quantization block.
+    quant_block32(O / L, d & 31, xq + (k & ~31), xd + (k >> 5));
   }
 }
 
-extern "C" __global__ void attn_split_d64(const float *q, const int *params,
-                                          const unsigned long long *kv, int layer, int n_heads,
-                                          int n_kv, float scale, float *part_o, float2 *part_ml,
-                                          unsigned int *done, int8_t *xq, float2 *xd) {
-  attn_split<2>(q, params, kv, layer, n_heads, n_kv, scale, part_o, part_ml, done, xq, xd);
-}
-extern "C" __global__ void attn_split_d128(const float *q, const int *params,
-                                           const unsigned long long *kv, int layer, int n_heads,
-                                           int n_kv, float scale, float *part_o, float2 *part_ml,
-                                           unsigned int *done, int8_t *xq, float2 *xd) {
-  attn_split<4>(q, params, kv, layer, n_heads, n_kv, scale, part_o, part_ml, done, xq, xd);
-}
+#define ATTN_KERNEL(HDIM, EPL, G, KT, KN)                                                          \
+  extern "C" __global__ void __launch_bounds__(128)                                                \
+      attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
+                                     const unsigned long long *kv, int layer, int n_heads,         \
+                                     int n_kv, float scale, float *part_o, float2 *part_ml,        \
+                                     unsigned int *done, int8_t *xq, float2 *xd) {                 \
+    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, part_o, part_ml, done, xq,    \
+                         xd);                                                                      \
+  }
+#define ATTN_KERNELS(G)                                                                            \
+  ATTN_KERNEL(64, 2, G, float, f32)                                                                \
+  ATTN_KERNEL(128, 4, G, float, f32)                                                               \
+  ATTN_KERNEL(64, 2, G, __half, f16)                                                               \
+  ATTN_KERNEL(128, 4, G, __half, f16)
+ATTN_KERNELS(1)
+ATTN_KERNELS(2)
+ATTN_KERNELS(4)
+ATTN_KERNELS(8)
 
 // ---- Prefill helpers ----
 

@@ -75,6 +75,8 @@ pub(crate) struct RopeArgs {
     pub head_dim: usize,
     /// Adjacent pairs (GGUF Llama) rather than halves.
     pub interleaved: bool,
+    /// The cache buffers hold f16 (else f32).
+    pub kv_half: bool,
 }
 
 /// A quantized matrix `[rows, cols]` on a CUDA device (`cols` a multiple of 32).
@@ -363,11 +365,12 @@ impl CudaQMatrix {
             shared_mem_bytes: 0,
         };
         let (ci, gi) = (self.cols as i32, self.group as i32);
-        let (nh, nkv, hd, il) = (
+        let (nh, nkv, hd, il, kh) = (
             rope.n_heads as i32,
             rope.n_kv_heads as i32,
             rope.head_dim as i32,
             rope.interleaved as i32,
+            rope.kv_half as i32,
         );
         let mut b = func.builder();
         b.arg(&self.ptrs[0]);
@@ -387,6 +390,7 @@ impl CudaQMatrix {
         b.arg(&nkv);
         b.arg(&hd);
         b.arg(&il);
+        b.arg(&kh);
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }

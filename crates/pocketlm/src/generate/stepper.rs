@@ -263,12 +263,19 @@ impl<'a> TokenStepper<'a> {
 
     /// Chooses a token from `logits` (`[1, vocab]`, any float dtype, any device).
     fn choose(&mut self, logits: &Tensor) -> Result<Token> {
-        if !logits.device().is_cpu() && self.logprobs.is_none() && self.sampler.is_plain_argmax() {
-            // Greedy on a GPU: the argmax runs there and one u32 comes back, not the logits.
-            return Ok(Token {
-                id: sampling::argmax_on_device(logits)?,
-                logprobs: None,
-            });
+        if !logits.device().is_cpu() && self.logprobs.is_none() {
+            if self.sampler.is_plain_argmax() {
+                // Greedy on a GPU: the argmax runs there and one u32 comes back, not the logits.
+                return Ok(Token {
+                    id: sampling::argmax_on_device(logits)?,
+                    logprobs: None,
+                });
+            }
+            // Sampling on a GPU, when the chain runs there: one u32 comes back.
+            if let Some(id) = sampling::sample_on_device(&mut self.sampler, logits, &self.history)?
+            {
+                return Ok(Token { id, logprobs: None });
+            }
         }
         let l: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
         self.choose_from(&l)
