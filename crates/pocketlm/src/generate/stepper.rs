@@ -10,6 +10,10 @@
 //! prompt. Forced tokens carry no log-probabilities (their logits are only computed after they
 //! are yielded), so [`super::generate_input`] turns fast-forward off when they are asked for.
 //!
+//! The per-sequence logic (sampler chain, history, forced tokens, log-probabilities) is a
+//! [`TokenState`] that does not own the model: the stepper runs its passes for one sequence, the
+//! batched generator ([`super::batch`]) for many in one pass.
+//!
 //! It knows nothing of text: detokenizing, stop strings, `max_tokens` and end-of-generation
 //! tokens belong to the text layer ([`super::Generation`]), which decides whether to ask for
 //! another token.
