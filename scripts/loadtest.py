@@ -5,9 +5,12 @@ N client threads (default 64) share a fixed budget of requests (default 500); ea
 streamed chat completion (`max_tokens` new tokens, `stream_options.include_usage`) and
 measures the time to the first content chunk (TTFT) and to the end. The run stops by itself
 when the budget is spent or `--deadline` seconds pass (what is still running is then counted
-as failed). Prints requests, failures, wall time, generated tokens/s (sum of usage
-`completion_tokens` over wall time), requests/s, and p50/p99 of TTFT and latency; exits 1 if
-any request failed.
+as failed). Prints the machine's load average (other work on a shared machine skews the
+numbers), requests, failures, wall time, generated tokens/s (sum of usage `completion_tokens`
+over wall time; content chunks counted when a server sends no usage), requests/s, and p50/p99
+of TTFT and latency; exits 1 if any request failed. `--ignore-eos` makes every request
+generate exactly `--max-tokens` tokens (pocketlm and llama.cpp's `llama-server` both take the
+field), so that servers are compared on the same work.
 
 Run: start `pocketlm serve --port 8080 --queue-size 64` (the queue must hold the clients),
 then `python3 scripts/loadtest.py --url http://127.0.0.1:8080 --clients 64 --requests 500`.
@@ -16,6 +19,7 @@ then `python3 scripts/loadtest.py --url http://127.0.0.1:8080 --clients 64 --req
 import argparse
 import http.client
 import json
+import os
 import sys
 import threading
 import time
@@ -38,7 +42,7 @@ def one_request(host, port, body, headers, timeout):
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    ttft, tokens, done, finish = None, None, False, None
+    ttft, tokens, done, finish, chunks = None, None, False, None, 0
     buf = b""
     while not done:
         line = resp.readline()
@@ -55,13 +59,17 @@ def one_request(host, port, body, headers, timeout):
         if "error" in chunk:
             raise RuntimeError(f"stream error: {chunk['error']}")
         for c in chunk.get("choices", []):
-            if c.get("delta", {}).get("content") and ttft is None:
-                ttft = time.perf_counter() - t0
+            if c.get("delta", {}).get("content"):
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
             finish = c.get("finish_reason") or finish
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
     total = time.perf_counter() - t0
     conn.close()
+    if tokens is None and done:
+        tokens = chunks
     if not done or tokens is None or finish not in ("stop", "length"):
         raise RuntimeError(f"incomplete stream (done={done}, usage={tokens}, finish={finish})")
     if ttft is None:  # an answer of only an end-of-generation token has no content chunk
@@ -77,6 +85,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--deadline", type=float, default=540.0, help="stop after this many seconds")
+    ap.add_argument("--ignore-eos", action="store_true", help="generate max_tokens every time")
+    ap.add_argument("--label", default="", help="printed with the results")
     args = ap.parse_args()
     u = urllib.parse.urlparse(args.url)
     headers = {"Content-Type": "application/json"}
@@ -100,6 +110,7 @@ def main():
                 "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
                 "max_tokens": args.max_tokens, "temperature": 0.7, "seed": i, "stream": True,
                 "stream_options": {"include_usage": True},
+                **({"ignore_eos": True} if args.ignore_eos else {}),
             })
             try:
                 remaining = max(1.0, deadline - time.perf_counter())
@@ -112,6 +123,7 @@ def main():
                 with lock:
                     failures.append(f"request {i}: {e}")
 
+    load_before = os.getloadavg()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
     for t in threads:
         t.start()
@@ -122,6 +134,11 @@ def main():
         sent = state["next"]
         done = len(totals)
     unfinished = sent - done - len(failures)
+    if args.label:
+        print(f"== {args.label}")
+    la = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} "
+          f"({os.cpu_count()} CPUs)")
     print(f"clients {args.clients}, requests {done} ok / {len(failures)} failed / {unfinished} unfinished "
           f"/ {args.requests - sent} not sent, max_tokens {args.max_tokens}")
     print(f"wall {wall:.1f} s, generated tokens {sum(tokens)}, throughput {sum(tokens) / wall:.1f} tokens/s, "

@@ -10,9 +10,11 @@
 //! Every request field is honoured or refused with a 400 naming it ([`api::check_fields`]).
 //! Errors are OpenAI's JSON shape with the matching status (400, 401, 404, 405, 413, 503).
 //!
-//! Requests are admitted into a bounded queue (503 beyond it), then run in arrival order, at
-//! most `max_concurrency` at a time, each on a blocking thread with its own KV cache over the
-//! shared model ([`engine`]). A client that disconnects stops its generation.
+//! Requests are admitted into a bounded queue (503 beyond it), then run in arrival order with
+//! continuous batching: one scheduler thread decodes up to `max_concurrency` (`--max-batch`)
+//! sequences together, one forward pass per step, each with its own KV cache, prompts
+//! prefilled in chunks between decode steps ([`engine`]). A client that disconnects stops its
+//! generation.
 
 pub mod api;
 mod chat;
@@ -44,7 +46,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::api::*;
-use crate::engine::{Engine, Msg};
+use crate::engine::{Engine, EngineConfig, Msg};
 pub use crate::error::ApiError;
 use crate::logprobs::{ChatLogprobs, CompletionLogprobs, StepLogprobs};
 use pocketlm::tools::stream::{ToolCallStreamParser, ToolStreamEvent};
@@ -57,9 +59,13 @@ pub struct ServerConfig {
     pub host: String,
     /// TCP port; 0 picks a free one.
     pub port: u16,
-    /// Generations that run at once (default 1: on a CPU one generation already uses every
-    /// core).
+    /// Sequences decoded together in one batch (`serve --max-batch`; default 16); more
+    /// requests wait in the queue.
     pub max_concurrency: usize,
+    /// Tokens one forward pass may take: one per running sequence, plus chunks of prompts
+    /// being prefilled (`serve --max-tokens-per-step`; default 256). Bounds how long a new
+    /// long prompt stalls the running streams.
+    pub max_tokens_per_step: usize,
     /// Requests that may wait beyond the running ones; more get 503.
     pub queue_size: usize,
     /// When set, `/v1/*` requires `Authorization: Bearer <api_key>` (401 otherwise).
@@ -103,7 +109,8 @@ impl Default for ServerConfig {
         ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
-            max_concurrency: 1,
+            max_concurrency: 16,
+            max_tokens_per_step: 256,
             queue_size: 64,
             api_key: None,
             body_limit: 1 << 20,
@@ -163,8 +170,11 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
         model_id: model_id(&model, config).into(),
         engine: Arc::new(Engine::new(
             model,
-            config.max_concurrency,
-            config.queue_size,
+            EngineConfig {
+                max_batch: config.max_concurrency,
+                max_tokens_per_step: config.max_tokens_per_step,
+                queue_size: config.queue_size,
+            },
         )),
         created: unix_now(),
         api_key: config.api_key.as_deref().map(Arc::from),

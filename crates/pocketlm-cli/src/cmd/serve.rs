@@ -22,10 +22,17 @@ pub struct ServeArgs {
     /// TCP port.
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Generations that run at once (on a CPU: 1 to 2; with the small default model 2 gave more
-    /// tokens/s than 1 on 2 cores, see the load test in README.md).
-    #[arg(long, default_value_t = 1)]
-    pub max_concurrency: usize,
+    /// Sequences decoded together (continuous batching: one forward pass per step over all
+    /// running requests); more requests wait in the queue. Default 16.
+    #[arg(long, value_name = "N")]
+    pub max_batch: Option<usize>,
+    /// The older name of --max-batch.
+    #[arg(long, value_name = "N", conflicts_with = "max_batch")]
+    pub max_concurrency: Option<usize>,
+    /// Tokens one forward pass may take: one per running sequence plus chunks of new prompts
+    /// (a long prompt is prefilled over several steps, so running streams keep flowing).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_tokens_per_step: usize,
     /// Requests that may wait beyond the running ones; more are answered 503.
     #[arg(long, default_value_t = 64)]
     pub queue_size: usize,
@@ -80,7 +87,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         timeouts,
         host: args.host,
         port: args.port,
-        max_concurrency: args.max_concurrency,
+        max_concurrency: args.max_batch.or(args.max_concurrency).unwrap_or(16),
+        max_tokens_per_step: args.max_tokens_per_step,
         queue_size: args.queue_size,
         api_key: args.api_key,
         ..ServerConfig::default()

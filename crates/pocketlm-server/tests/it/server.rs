@@ -861,3 +861,59 @@ fn completion_logprobs_legacy_shape() {
     let (status, b) = post("/v1/completions", &bad);
     assert_eq!(assert_error(status, 400, &b)["param"], "logprobs");
 }
+
+/// Several streamed completions at once (one batch: continuous batching) each get the greedy
+/// tokens that the library generates for its prompt alone.
+#[test]
+fn concurrent_streams_get_what_each_gets_alone() {
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time, in a land far away, there lived a",
+        "1, 2, 3,",
+        "def fibonacci(n):",
+    ];
+    let max_tokens = 8;
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let body = json!({
+                "prompt": p,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": true,
+                "stream": true,
+            })
+            .to_string();
+            std::thread::spawn(move || {
+                let (status, text) = post_raw(&agent(), "/v1/completions", body.as_bytes());
+                assert_eq!(status, 200, "{text}");
+                let data = sse_data(&text);
+                assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+                data[..data.len() - 1]
+                    .iter()
+                    .map(|d| {
+                        let c: Value = serde_json::from_str(d).expect("chunk json");
+                        c["choices"][0]["text"].as_str().unwrap_or("").to_string()
+                    })
+                    .collect::<String>()
+            })
+        })
+        .collect();
+    let m = model();
+    for (p, h) in prompts.iter().zip(handles) {
+        let streamed = h.join().expect("client thread");
+        let ids = m.encode(&Prompt::Text(p.to_string())).expect("encode");
+        let mut cache = m.model.new_cache();
+        let params = pocketlm::generate::GenerateParams {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let alone =
+            pocketlm::generate::generate(m.model.as_ref(), &m.tokenizer, &mut cache, &ids, params)
+                .expect("starts")
+                .collect_output()
+                .expect("generates");
+        assert_eq!(streamed, alone.text, "prompt {p:?}");
+    }
+}

@@ -8,6 +8,7 @@
 //!   tokens, a full context, statistics. The CLI, the chat session and the server all consume
 //!   it.
 
+pub mod batch;
 pub mod stepper;
 
 #[cfg(test)]
@@ -23,7 +24,9 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 
-pub use stepper::{token_logprobs, PrefillStats, Token, TokenLogprobs, TokenStepper};
+pub use stepper::{
+    token_logprobs, Next, PrefillStats, Token, TokenLogprobs, TokenState, TokenStepper,
+};
 
 /// What to generate and when to stop.
 #[derive(Debug, Clone)]
@@ -166,13 +169,21 @@ pub enum Event {
 /// A running generation: iterate it for [`Event`]s. Dropping it early cancels; the cache then
 /// holds the prompt and the tokens generated so far.
 pub struct Generation<'a> {
-    tokenizer: &'a Tokenizer,
     stepper: TokenStepper<'a>,
-    context_length: usize,
-    params: GenerateParams,
     /// The token chosen after the last [`Event::Token`] (that event's token was fed to the
     /// model to choose it).
     next_token: Option<Token>,
+    text: TextState<'a>,
+}
+
+/// The text half of one sequence's generation, without the model: detokenizing, stop strings
+/// and held-back text, `max_tokens`, end-of-generation tokens, a full context, statistics.
+/// Fed one [`Token`] at a time ([`Self::push`]), it queues the [`Event`]s they make. Shared by
+/// [`Generation`] and the batched [`batch::BatchGenerator`].
+pub(crate) struct TextState<'a> {
+    tokenizer: &'a Tokenizer,
+    context_length: usize,
+    params: GenerateParams,
     decoder: StreamDecoder<&'a Tokenizer>,
     text: String,
     emitted: usize,
@@ -229,6 +240,28 @@ pub fn generate_input<'a>(
     input: ModelInput,
     params: GenerateParams,
 ) -> Result<Generation<'a>> {
+    let (state, text) = sequence_parts(model, tokenizer, cache.offset(), input, params)?;
+    let chunk = text.params.prefill_chunk.max(1);
+    Ok(Generation {
+        stepper: TokenStepper::from_state(model, cache, state, chunk),
+        next_token: None,
+        text,
+    })
+}
+
+/// Checks a prompt that will be appended after `cache_offset` positions and builds the two
+/// halves of its generation: the token state (the sampler chain with the grammar mask of
+/// [`GenerateParams::constraint`], fast-forward) and the text state. What
+/// [`generate_input`] and [`batch::BatchGenerator::insert`] share.
+///
+/// Errors: as [`generate_input`].
+pub(crate) fn sequence_parts<'a>(
+    model: &dyn CausalLM,
+    tokenizer: &'a Tokenizer,
+    cache_offset: usize,
+    input: ModelInput,
+    params: GenerateParams,
+) -> Result<(TokenState, TextState<'a>)> {
     if !input.images.is_empty() && model.vision().is_none() {
         return Err(Error::InvalidArgument(format!(
             "the {} model takes no images",
@@ -237,7 +270,7 @@ pub fn generate_input<'a>(
     }
     let prompt = &input.ids;
     let ctx = model.info().context_length;
-    if prompt.is_empty() && cache.offset() == 0 {
+    if prompt.is_empty() && cache_offset == 0 {
         return Err(Error::InvalidArgument("the prompt is empty".into()));
     }
     if prompt.is_empty() {
@@ -245,9 +278,9 @@ pub fn generate_input<'a>(
             "the prompt adds no tokens to the cache".into(),
         ));
     }
-    if cache.offset() + prompt.len() >= ctx {
+    if cache_offset + prompt.len() >= ctx {
         return Err(Error::ContextOverflow {
-            prompt_tokens: cache.offset() + prompt.len(),
+            prompt_tokens: cache_offset + prompt.len(),
             context_length: ctx,
             max_tokens: params.max_tokens,
         });
@@ -267,29 +300,9 @@ pub fn generate_input<'a>(
         let mask = GrammarMask::with_options(env, c, fast_forward, Some(budget))?;
         sampler = sampler.with_processor(Box::new(mask));
     }
-    let stepper = TokenStepper::new(
-        model,
-        cache,
-        input,
-        sampler,
-        params.prefill_chunk.max(1),
-        params.logprobs,
-    )
-    .with_fast_forward(params.fast_forward && params.constraint.is_some());
-    Ok(Generation {
-        tokenizer,
-        stepper,
-        context_length: ctx,
-        params,
-        next_token: None,
-        decoder: StreamDecoder::new(tokenizer, true),
-        text: String::new(),
-        emitted: 0,
-        stats: GenerationStats::default(),
-        decode_started: None,
-        queue: Default::default(),
-        done: false,
-    })
+    let state = TokenState::new(input, sampler, params.logprobs)
+        .with_fast_forward(params.fast_forward && params.constraint.is_some());
+    Ok((state, TextState::new(tokenizer, ctx, params)))
 }
 
 impl Generation<'_> {
@@ -297,19 +310,80 @@ impl Generation<'_> {
     /// (the first step, or later when the grammar forces the first tokens).
     fn draw(&mut self) -> Result<Token> {
         let tok = self.stepper.step()?;
-        if self.stats.prefill_time.is_zero() {
-            if let Some(p) = self.stepper.prefill_stats() {
-                self.stats.prompt_tokens = p.prompt_tokens;
-                self.stats.prefill_time = p.time;
-                self.stats.vision_time = p.vision_time;
-                self.stats.image_tokens = p.image_tokens.clone();
-            }
+        if let Some(p) = self.stepper.prefill_stats() {
+            self.text.set_prefill(p);
         }
         Ok(tok)
     }
 
+    fn step(&mut self) -> Result<()> {
+        let tok = match self.next_token.take() {
+            Some(t) => t,
+            None => self.draw()?,
+        };
+        let (positions, passes) = (self.stepper.positions(), self.stepper.decode_passes());
+        if self.text.push(tok, positions, passes)? {
+            return Ok(());
+        }
+        // Run the next forward pass now, so each event follows one forward pass.
+        self.next_token = Some(self.draw()?);
+        Ok(())
+    }
+}
+
+impl<'a> TextState<'a> {
+    /// The text state of a generation under `params` in a context of `context_length`.
+    pub(crate) fn new(
+        tokenizer: &'a Tokenizer,
+        context_length: usize,
+        params: GenerateParams,
+    ) -> Self {
+        Self {
+            tokenizer,
+            context_length,
+            params,
+            decoder: StreamDecoder::new(tokenizer, true),
+            text: String::new(),
+            emitted: 0,
+            stats: GenerationStats::default(),
+            decode_started: None,
+            queue: Default::default(),
+            done: false,
+        }
+    }
+
+    /// The generation's parameters.
+    pub(crate) fn params(&self) -> &GenerateParams {
+        &self.params
+    }
+
+    /// Whether the [`Event::Finished`] (or an error) was queued.
+    pub(crate) fn done(&self) -> bool {
+        self.done
+    }
+
+    /// Marks the generation ended by an error: nothing more is queued.
+    pub(crate) fn fail(&mut self) {
+        self.done = true;
+    }
+
+    /// The next queued event.
+    pub(crate) fn pop(&mut self) -> Option<Event> {
+        self.queue.pop_front()
+    }
+
+    /// Takes the prefill's figures into the stats (once).
+    pub(crate) fn set_prefill(&mut self, p: &PrefillStats) {
+        if self.stats.prefill_time.is_zero() {
+            self.stats.prompt_tokens = p.prompt_tokens;
+            self.stats.prefill_time = p.time;
+            self.stats.vision_time = p.vision_time;
+            self.stats.image_tokens = p.image_tokens.clone();
+        }
+    }
+
     /// Queues the held-back text (if any) and the final event.
-    fn finish(&mut self, reason: FinishReason, flush: bool) -> Result<()> {
+    fn finish(&mut self, reason: FinishReason, flush: bool, decode_passes: usize) -> Result<()> {
         if flush {
             let tail = self.decoder.flush()?.unwrap_or_default();
             // A reply cut inside a character (max_tokens, EOS or a full context after part of
@@ -326,7 +400,7 @@ impl Generation<'_> {
         if let Some(t) = self.decode_started {
             self.stats.decode_time = t.elapsed();
         }
-        self.stats.decode_passes = self.stepper.decode_passes();
+        self.stats.decode_passes = decode_passes;
         self.stats.peak_memory_bytes = memory::snapshot().peak_resident_bytes;
         self.queue.push_back(Event::Finished {
             reason,
@@ -349,17 +423,26 @@ impl Generation<'_> {
         hold
     }
 
-    fn step(&mut self) -> Result<()> {
-        let tok = match self.next_token.take() {
-            Some(t) => t,
-            None => self.draw()?,
-        };
+    /// Takes the next generated token and queues its events. `positions`: the positions the
+    /// sequence's cache will hold once every token yielded so far (this one included) is fed
+    /// ([`TokenStepper::positions`]); `decode_passes`: the forward passes after the prefill so
+    /// far (for the stats). Returns whether the generation ended (its
+    /// [`Event::Finished`] is queued).
+    ///
+    /// Errors: the tokenizer's (decoding).
+    pub(crate) fn push(
+        &mut self,
+        tok: Token,
+        positions: usize,
+        decode_passes: usize,
+    ) -> Result<bool> {
         if self.decode_started.is_none() {
             self.decode_started = Some(Instant::now());
         }
         let Token { id: tok, logprobs } = tok;
         if !self.params.ignore_eos && self.tokenizer.is_eog(tok) {
-            return self.finish(FinishReason::Eos, true);
+            self.finish(FinishReason::Eos, true, decode_passes)?;
+            return Ok(true);
         }
         self.stats.generated_tokens += 1;
         let piece = self.decoder.push(tok)?.unwrap_or_default();
@@ -388,7 +471,8 @@ impl Generation<'_> {
                 text,
                 logprobs,
             });
-            return self.finish(FinishReason::Stop(stop), false);
+            self.finish(FinishReason::Stop(stop), false, decode_passes)?;
+            return Ok(true);
         }
         let safe = self.text.len() - self.held_back();
         let text = self.text[self.emitted..safe].to_string();
@@ -399,14 +483,14 @@ impl Generation<'_> {
             logprobs,
         });
         if self.stats.generated_tokens >= self.params.max_tokens {
-            return self.finish(FinishReason::MaxTokens, true);
+            self.finish(FinishReason::MaxTokens, true, decode_passes)?;
+            return Ok(true);
         }
-        if self.stepper.positions() >= self.context_length {
-            return self.finish(FinishReason::ContextFull, true);
+        if positions >= self.context_length {
+            self.finish(FinishReason::ContextFull, true, decode_passes)?;
+            return Ok(true);
         }
-        // Run the next forward pass now, so each event follows one forward pass.
-        self.next_token = Some(self.draw()?);
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -414,16 +498,16 @@ impl Iterator for Generation<'_> {
     type Item = Result<Event>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if let Some(e) = self.queue.pop_front() {
+        if let Some(e) = self.text.pop() {
             return Some(Ok(e));
         }
-        if self.done {
+        if self.text.done() {
             return None;
         }
         match self.step() {
-            Ok(()) => self.queue.pop_front().map(Ok),
+            Ok(()) => self.text.pop().map(Ok),
             Err(e) => {
-                self.done = true;
+                self.text.fail();
                 Some(Err(e))
             }
         }

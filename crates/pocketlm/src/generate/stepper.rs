@@ -10,6 +10,10 @@
 //! prompt. Forced tokens carry no log-probabilities (their logits are only computed after they
 //! are yielded), so [`super::generate_input`] turns fast-forward off when they are asked for.
 //!
+//! The per-sequence logic (sampler chain, history, forced tokens, log-probabilities) is a
+//! [`TokenState`] that does not own the model: the stepper runs its passes for one sequence, the
+//! batched generator ([`super::batch`]) for many in one pass.
+//!
 //! It knows nothing of text: detokenizing, stop strings, `max_tokens` and end-of-generation
 //! tokens belong to the text layer ([`super::Generation`]), which decides whether to ask for
 //! another token.
@@ -91,23 +95,41 @@ pub struct PrefillStats {
     pub image_tokens: Vec<usize>,
 }
 
-/// Yields the tokens of a generation one at a time; see the module documentation.
+/// What a sequence's [`TokenState`] needs before its next token.
+#[derive(Debug, Clone)]
+pub enum Next {
+    /// A token the grammar forced: it is yielded now, without a forward pass (it is fed with
+    /// the next [`Next::Feed`]).
+    Token(Token),
+    /// The prompt, with the tokens forced at the start appended to its ids: prefill it into
+    /// the sequence's cache, then pass the logits of its last position to
+    /// [`TokenState::accept_prefill`].
+    Prompt {
+        /// The prompt to prefill (ids and images).
+        input: ModelInput,
+        /// Tokens of the prompt as given (the forced tokens appended to `input.ids` excluded).
+        prompt_tokens: usize,
+    },
+    /// Feed these ids (the last drawn token, then the forced tokens yielded after it) in one
+    /// forward pass, then pass the logits of the last one to [`TokenState::accept`].
+    Feed(Vec<u32>),
+}
+
+/// The per-sequence half of the [`TokenStepper`], without the model: the sampler chain (grammar
+/// masks included), the history the processors see, fast-forward of forced tokens and the
+/// log-probabilities. The caller runs the forward passes it asks for ([`Self::next`]) and
+/// hands back their logits; the single-sequence [`TokenStepper`] and the batched
+/// [`super::batch::BatchGenerator`] both drive it, so one sequence draws the same tokens
+/// either way.
 ///
-/// The first [`TokenStepper::step`] prefills the prompt and samples from its last position;
-/// each later step feeds the previous token to the model (one forward pass, appending to the
-/// cache) and samples from its logits. A token is fed only when the next one is asked for, so
-/// the cache never holds the last yielded token. With fast-forward, forced tokens are yielded
-/// without a forward pass and fed together with the token before them at the next pass, so
-/// the cache never holds the tokens yielded since the last pass
-/// ([`TokenStepper::positions`] counts them). Iterating gives the same tokens and never ends
-/// (until an error, which it yields once).
-pub struct TokenStepper<'a> {
-    model: &'a dyn CausalLM,
-    cache: &'a mut KvCache,
+/// Protocol: call [`Self::next`]; for [`Next::Token`] the token is final; for
+/// [`Next::Prompt`] / [`Next::Feed`] run the pass and call [`Self::accept_prefill`] /
+/// [`Self::accept`] with its logits, which returns the token. After any error the state
+/// refuses further steps.
+pub struct TokenState {
     sampler: Sampler,
-    prefill_chunk: usize,
     logprobs: Option<usize>,
-    /// The prompt, until the first step prefills it.
+    /// The prompt, until [`Self::next`] hands it out for the prefill.
     pending: Option<ModelInput>,
     /// The prompt's ids and the tokens fed since, oldest first (what the processors see).
     history: Vec<u32>,
@@ -126,28 +148,12 @@ pub struct TokenStepper<'a> {
     failed: bool,
 }
 
-impl<'a> TokenStepper<'a> {
-    /// A stepper that will prefill `input` into `cache` (after what it already holds) in
-    /// forward passes of at most `prefill_chunk` tokens (text prompts; a prompt with images
-    /// is one pass, see [`CausalLM::prefill`]), then draw each token with `sampler`.
-    /// `logprobs: Some(k)` carries each token's [`TokenLogprobs`] with the `k` most likely
-    /// alternatives; `None` computes nothing.
-    ///
-    /// Nothing runs until the first step. The caller checks that the prompt fits the context
-    /// and the vocabulary ([`super::generate_input`] does).
-    pub fn new(
-        model: &'a dyn CausalLM,
-        cache: &'a mut KvCache,
-        input: ModelInput,
-        sampler: Sampler,
-        prefill_chunk: usize,
-        logprobs: Option<usize>,
-    ) -> Self {
+impl TokenState {
+    /// The state of a sequence that will prefill `input` and draw each token with `sampler`;
+    /// `logprobs` as [`TokenStepper::new`] takes it.
+    pub fn new(input: ModelInput, sampler: Sampler, logprobs: Option<usize>) -> Self {
         Self {
-            model,
-            cache,
             sampler,
-            prefill_chunk,
             logprobs,
             history: input.ids.clone(),
             pending: Some(input),
@@ -161,48 +167,46 @@ impl<'a> TokenStepper<'a> {
         }
     }
 
-    /// Turns fast-forward on or off (off by default): tokens the sampler's processors force
-    /// ([`Sampler::forced`]) are yielded without drawing and fed in one forward pass. Set it
-    /// before the first step. With log-probabilities asked for, it stays off.
+    /// As [`TokenStepper::with_fast_forward`].
     pub fn with_fast_forward(mut self, on: bool) -> Self {
         self.fast_forward = on && self.logprobs.is_none();
         self
     }
 
-    /// Positions the cache holds now.
-    pub fn cache_offset(&self) -> usize {
-        self.cache.offset()
+    /// Positions the sequence's cache will hold once every token yielded so far is fed, given
+    /// the positions it holds now (`cache_offset`): the prompt if not handed out yet, plus the
+    /// tokens yielded since the last pass.
+    pub fn positions(&self, cache_offset: usize) -> usize {
+        cache_offset + self.pending.as_ref().map_or(0, |p| p.ids.len()) + self.unfed.len()
     }
 
-    /// Positions the cache will hold once every token yielded so far is fed (the prompt, if
-    /// not prefilled yet, included): the context a next token would take is one more.
-    pub fn positions(&self) -> usize {
-        self.cache.offset() + self.pending.as_ref().map_or(0, |p| p.ids.len()) + self.unfed.len()
-    }
-
-    /// Forward passes run after the prefill: one per drawn token after the first, unless
-    /// forced tokens were fed together.
+    /// Forward passes run after the prefill ([`TokenStepper::decode_passes`]).
     pub fn decode_passes(&self) -> usize {
         self.decode_passes
     }
 
-    /// What the prefill did; `None` before the first successful step.
+    /// What the prefill did; `None` before the first token was drawn.
     pub fn prefill_stats(&self) -> Option<&PrefillStats> {
         self.prefill.as_ref()
     }
 
-    /// The next token: the prefill and the first token on the first call, then one forward
-    /// pass of the previous token and the token after it.
+    /// Whether a step failed (the state then refuses further steps).
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// What the sequence needs next; see the type's documentation.
     ///
-    /// Errors: the model's ([`CausalLM::prefill`], [`CausalLM::forward`]);
-    /// [`Error::InvalidArgument`] when called again after a failed step.
-    pub fn step(&mut self) -> Result<Token> {
-        let r = self.step_inner();
+    /// Errors: [`Error::InvalidArgument`] after a failed step, or when a pass is asked for
+    /// before the previous one was accepted; [`crate::constrain::ConstraintError::Rejected`]
+    /// when the grammar fails.
+    pub fn next(&mut self) -> Result<Next> {
+        let r = self.next_inner();
         self.failed |= r.is_err();
         r
     }
 
-    fn step_inner(&mut self) -> Result<Token> {
+    fn next_inner(&mut self) -> Result<Next> {
         if self.failed {
             return Err(Error::InvalidArgument(
                 "the token stepper failed at an earlier step".into(),
@@ -214,39 +218,72 @@ impl<'a> TokenStepper<'a> {
         }
         if let Some(id) = self.forced.pop_front() {
             self.unfed.push(id);
-            return Ok(Token { id, logprobs: None });
+            return Ok(Next::Token(Token { id, logprobs: None }));
         }
-        self.history.extend_from_slice(&self.unfed);
-        let tok = if let Some(mut input) = self.pending.take() {
-            let t0 = Instant::now();
+        if let Some(mut input) = self.pending.take() {
+            self.history.extend_from_slice(&self.unfed);
             let prompt_tokens = input.ids.len();
             // Tokens forced at the start are prefilled with the prompt.
             input.ids.append(&mut self.unfed);
-            let p = self.model.prefill(&input, self.cache, self.prefill_chunk)?;
-            crate::memory::release_free_heap();
-            let tok = self.choose(&p.logits)?;
-            self.prefill = Some(PrefillStats {
+            return Ok(Next::Prompt {
+                input,
                 prompt_tokens,
-                time: t0.elapsed(),
-                vision_time: p.vision_time,
-                image_tokens: p.image_tokens,
             });
-            tok
-        } else {
-            if self.unfed.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "the token stepper has no token to feed".into(),
-                ));
-            }
-            let ids = Tensor::new(self.unfed.as_slice(), self.model.device())?.unsqueeze(0)?;
-            let logits = self.model.forward(&ids, self.cache, Logits::Last)?;
-            self.decode_passes += 1;
-            self.unfed.clear();
-            self.choose(&logits)?
-        };
+        }
+        if self.unfed.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the token stepper has no token to feed".into(),
+            ));
+        }
+        Ok(Next::Feed(self.unfed.clone()))
+    }
+
+    /// The first token, from the logits of the prompt's last position (`[1, vocab]`, any
+    /// float dtype, any device) after a [`Next::Prompt`]. `stats` says what the prefill did;
+    /// its `time` is set here, to the time since `started` (the choice of the first token
+    /// included).
+    ///
+    /// Errors: as [`Self::next`].
+    pub fn accept_prefill(
+        &mut self,
+        logits: &Tensor,
+        mut stats: PrefillStats,
+        started: Instant,
+    ) -> Result<Token> {
+        let r = self.choose(logits);
+        self.failed |= r.is_err();
+        let tok = r?;
+        stats.time = started.elapsed();
+        self.prefill = Some(stats);
+        self.drawn(tok)
+    }
+
+    /// The next token, from the logits of the last fed position (`[1, vocab]`, any float
+    /// dtype, any device) after a [`Next::Feed`] whose ids the caller appended to the cache.
+    ///
+    /// Errors: as [`Self::next`].
+    pub fn accept(&mut self, logits: &Tensor) -> Result<Token> {
+        if self.unfed.is_empty() || self.pending.is_some() {
+            self.failed = true;
+            return Err(Error::InvalidArgument(
+                "the token stepper got logits it did not ask for".into(),
+            ));
+        }
+        self.history.extend_from_slice(&self.unfed);
+        self.decode_passes += 1;
+        self.unfed.clear();
+        let r = self.choose(logits);
+        self.failed |= r.is_err();
+        self.drawn(r?)
+    }
+
+    /// Records a drawn token as yielded and queues what the grammar forces after it.
+    fn drawn(&mut self, tok: Token) -> Result<Token> {
         self.unfed.push(tok.id);
         if self.fast_forward {
-            self.take_forced()?;
+            let r = self.take_forced();
+            self.failed |= r.is_err();
+            r?;
         }
         Ok(tok)
     }
@@ -297,11 +334,138 @@ impl<'a> TokenStepper<'a> {
     }
 }
 
+/// Yields the tokens of a generation one at a time; see the module documentation.
+///
+/// The first [`TokenStepper::step`] prefills the prompt and samples from its last position;
+/// each later step feeds the previous token to the model (one forward pass, appending to the
+/// cache) and samples from its logits. A token is fed only when the next one is asked for, so
+/// the cache never holds the last yielded token. With fast-forward, forced tokens are yielded
+/// without a forward pass and fed together with the token before them at the next pass, so
+/// the cache never holds the tokens yielded since the last pass
+/// ([`TokenStepper::positions`] counts them). Iterating gives the same tokens and never ends
+/// (until an error, which it yields once).
+///
+/// The sequence's logic is its [`TokenState`]; the stepper adds the model and the cache.
+pub struct TokenStepper<'a> {
+    model: &'a dyn CausalLM,
+    cache: &'a mut KvCache,
+    prefill_chunk: usize,
+    state: TokenState,
+}
+
+impl<'a> TokenStepper<'a> {
+    /// A stepper that will prefill `input` into `cache` (after what it already holds) in
+    /// forward passes of at most `prefill_chunk` tokens (text prompts; a prompt with images
+    /// is one pass, see [`CausalLM::prefill`]), then draw each token with `sampler`.
+    /// `logprobs: Some(k)` carries each token's [`TokenLogprobs`] with the `k` most likely
+    /// alternatives; `None` computes nothing.
+    ///
+    /// Nothing runs until the first step. The caller checks that the prompt fits the context
+    /// and the vocabulary ([`super::generate_input`] does).
+    pub fn new(
+        model: &'a dyn CausalLM,
+        cache: &'a mut KvCache,
+        input: ModelInput,
+        sampler: Sampler,
+        prefill_chunk: usize,
+        logprobs: Option<usize>,
+    ) -> Self {
+        Self::from_state(
+            model,
+            cache,
+            TokenState::new(input, sampler, logprobs),
+            prefill_chunk,
+        )
+    }
+
+    /// A stepper driving `state` with `model` over `cache`.
+    pub fn from_state(
+        model: &'a dyn CausalLM,
+        cache: &'a mut KvCache,
+        state: TokenState,
+        prefill_chunk: usize,
+    ) -> Self {
+        Self {
+            model,
+            cache,
+            prefill_chunk,
+            state,
+        }
+    }
+
+    /// Turns fast-forward on or off (off by default): tokens the sampler's processors force
+    /// ([`Sampler::forced`]) are yielded without drawing and fed in one forward pass. Set it
+    /// before the first step. With log-probabilities asked for, it stays off.
+    pub fn with_fast_forward(mut self, on: bool) -> Self {
+        self.state = self.state.with_fast_forward(on);
+        self
+    }
+
+    /// Positions the cache holds now.
+    pub fn cache_offset(&self) -> usize {
+        self.cache.offset()
+    }
+
+    /// Positions the cache will hold once every token yielded so far is fed (the prompt, if
+    /// not prefilled yet, included): the context a next token would take is one more.
+    pub fn positions(&self) -> usize {
+        self.state.positions(self.cache.offset())
+    }
+
+    /// Forward passes run after the prefill: one per drawn token after the first, unless
+    /// forced tokens were fed together.
+    pub fn decode_passes(&self) -> usize {
+        self.state.decode_passes()
+    }
+
+    /// What the prefill did; `None` before the first successful step.
+    pub fn prefill_stats(&self) -> Option<&PrefillStats> {
+        self.state.prefill_stats()
+    }
+
+    /// The next token: the prefill and the first token on the first call, then one forward
+    /// pass of the previous token and the token after it.
+    ///
+    /// Errors: the model's ([`CausalLM::prefill`], [`CausalLM::forward`]);
+    /// [`Error::InvalidArgument`] when called again after a failed step.
+    pub fn step(&mut self) -> Result<Token> {
+        let r = self.step_inner();
+        self.state.failed |= r.is_err();
+        r
+    }
+
+    fn step_inner(&mut self) -> Result<Token> {
+        match self.state.next()? {
+            Next::Token(tok) => Ok(tok),
+            Next::Prompt {
+                input,
+                prompt_tokens,
+            } => {
+                let t0 = Instant::now();
+                let p = self.model.prefill(&input, self.cache, self.prefill_chunk)?;
+                crate::memory::release_free_heap();
+                let stats = PrefillStats {
+                    prompt_tokens,
+                    time: Duration::ZERO,
+                    vision_time: p.vision_time,
+                    image_tokens: p.image_tokens,
+                };
+                self.state.accept_prefill(&p.logits, stats, t0)
+            }
+            Next::Feed(ids) => {
+                let ids = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+                let logits = self.model.forward(&ids, self.cache, Logits::Last)?;
+                self.state.accept(&logits)
+            }
+        }
+    }
+}
+
 impl Iterator for TokenStepper<'_> {
     type Item = Result<Token>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
+        if self.state.failed {
             return None;
         }
         Some(self.step())

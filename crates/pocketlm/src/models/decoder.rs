@@ -87,6 +87,27 @@ impl PreNormBlock {
     }
 }
 
+impl PreNormBlock {
+    /// The block over the rows of several sequences at once: `x: [1, rows, hidden]` f32, the
+    /// rows of each sequence of the `pass` ([`AttentionPass::batched`]) one after another;
+    /// `caches[i]` is sequence `i`'s cache of this layer. Norms, projections and the MLP run
+    /// over all rows; attention per sequence ([`Attention::forward_batched`]).
+    ///
+    /// Errors: as [`Attention::forward_batched`] and [`GatedMlp::forward`].
+    pub fn forward_batched(
+        &self,
+        x: &Tensor,
+        pass: &AttentionPass<'_>,
+        caches: &mut [&mut (dyn LayerKvCache + 'static)],
+    ) -> Result<Tensor> {
+        let mode = Mode::Inference;
+        let hn = self.input_layernorm.forward_mode(x, mode)?;
+        let x = (self.self_attn.forward_batched(&hn, pass, caches)? + x)?;
+        let hn = self.post_attention_layernorm.forward_mode(&x, mode)?;
+        Ok((self.mlp.forward(&hn, mode)? + x)?)
+    }
+}
+
 /// Embedding, blocks, final norm and output layer of a decoder-only model.
 #[derive(Debug)]
 pub struct Decoder {
@@ -191,6 +212,65 @@ impl Decoder {
         let x = self.embed_tokens.forward(input_ids)?;
         let x = self.run_blocks(x, 0..self.layers.len(), &pass, Some(cache), Mode::Inference)?;
         self.logits(&x, logits)
+    }
+
+    /// One forward pass over several sequences ([`crate::models::CausalLM::forward_batch`]):
+    /// the rows' ids are concatenated into one `[1, rows, hidden]` activation, so the
+    /// embedding, every norm, every linear layer (quantized GEMMs over all rows) and the output
+    /// layer run once; RoPE rotates each row at its own position (its sequence's cache offset
+    /// plus its index in the row) and attention runs per sequence over its own cache. Returns
+    /// f32 logits `[rows.len(), vocab]` of each row's last token.
+    ///
+    /// Numerics: per row the same operations as [`Self::forward`]; products whose kernels
+    /// group activation rows (the GEMM tiles of [`crate::kernels`], candle's matmul for dense
+    /// weights) may sum in another order than a one-row pass, so logits may differ from the
+    /// single-sequence path in the last bits.
+    ///
+    /// `device`: where the weights live (the ids are created there).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for no rows, a row without tokens, or a cache whose
+    /// layer count is not the model's; the layers' errors.
+    pub fn forward_batch(
+        &self,
+        rows: &mut [crate::models::BatchRow<'_>],
+        rope: &RotaryEmbedding,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        crate::models::check_batch(rows)?;
+        for r in rows.iter() {
+            self.check_cache(r.cache)?;
+        }
+        let segments: Vec<(usize, usize)> = rows
+            .iter()
+            .map(|r| (r.cache.offset(), r.ids.len()))
+            .collect();
+        let pass = AttentionPass::batched(rope, &segments)?;
+        let ids: Vec<u32> = rows.iter().flat_map(|r| r.ids.iter().copied()).collect();
+        let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut caches = rows
+                .iter_mut()
+                .map(|r| {
+                    r.cache
+                        .layer(i)
+                        .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            x = layer.forward_batched(&x, &pass, &mut caches)?;
+        }
+        // The last row of each sequence.
+        let mut end = 0u32;
+        let last: Vec<u32> = segments
+            .iter()
+            .map(|&(_, n)| {
+                end += n as u32;
+                end - 1
+            })
+            .collect();
+        let last = Tensor::new(last.as_slice(), device)?;
+        let x = x.squeeze(0)?.index_select(&last, 0)?.unsqueeze(0)?;
+        Ok(self.lm_head.forward(&self.norm.forward(&x)?)?.squeeze(0)?)
     }
 
     /// Training, first half: the hidden states `[batch, seq, hidden]` after the embedding and

@@ -10,7 +10,9 @@ use std::ops::Range;
 use crate::gguf::names::{self, NameTable};
 use crate::kv_cache::KvCache;
 use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
-use crate::models::{build, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, Trainable};
+use crate::models::{
+    build, BatchRow, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, Trainable,
+};
 use crate::nn::{Activation, Attention, GatedMlp, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt};
 use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
@@ -308,6 +310,10 @@ impl Llama {
 impl CausalLM for Llama {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
         self.decoder.forward(input_ids, &self.rope, cache, logits)
+    }
+
+    fn forward_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Tensor> {
+        self.decoder.forward_batch(rows, &self.rope, &self.device)
     }
 
     fn info(&self) -> &ModelInfo {

@@ -175,6 +175,28 @@ pub trait CausalLM: Send + Sync {
     /// `cache.offset()`, appending to the cache. Returns f32 logits `[batch, vocab]`
     /// ([`Logits::Last`]) or `[batch, seq, vocab]` ([`Logits::All`]).
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor>;
+    /// One forward pass over several sequences (batched decode, as mlx-lm's `BatchGenerator`
+    /// and llama.cpp's server run their slots): `rows[i].ids` (at least one token: the next
+    /// token, or a few forced tokens, or a prefill chunk) at positions continuing from
+    /// `rows[i].cache.offset()`, appended to that sequence's own cache. Returns f32 logits
+    /// `[rows.len(), vocab]`: row `i` is the logits after the last of `rows[i].ids`.
+    ///
+    /// The default runs [`CausalLM::forward`] once per row, so every architecture takes it;
+    /// the shared decoder stack ([`decoder::Decoder::forward_batch`]: Llama, Qwen, Phi-3)
+    /// runs the norms and linear layers over all rows at once (one quantized GEMM instead of
+    /// one GEMV per sequence) and attends per sequence over its own cache.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for no rows or a row without tokens; the model's
+    /// errors. After an error the caches may hold part of the pass.
+    fn forward_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Tensor> {
+        check_batch(rows)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.iter_mut() {
+            let ids = Tensor::new(r.ids, self.device())?.unsqueeze(0)?;
+            out.push(self.forward(&ids, r.cache, Logits::Last)?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
     /// An empty cache sized for this model: a growing cache for each layer.
     fn new_cache(&self) -> KvCache {
         KvCache::growing(self.info().n_layers)
@@ -275,6 +297,30 @@ pub trait Trainable: CausalLM {
         let x = self.forward_blocks(hidden, from..self.info().n_layers, train)?;
         self.forward_head(&x, train, select)
     }
+}
+
+/// One sequence's part of a batched forward pass ([`CausalLM::forward_batch`]).
+#[derive(Debug)]
+pub struct BatchRow<'a> {
+    /// The token ids to run (u32, at least one, each below the vocabulary size).
+    pub ids: &'a [u32],
+    /// The sequence's own cache: the ids go at positions from its offset on and are appended.
+    pub cache: &'a mut KvCache,
+}
+
+/// Errors unless `rows` has at least one row and every row at least one token.
+pub(crate) fn check_batch(rows: &[BatchRow<'_>]) -> Result<()> {
+    if rows.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a batched pass needs sequences".into(),
+        ));
+    }
+    if let Some(i) = rows.iter().position(|r| r.ids.is_empty()) {
+        return Err(Error::InvalidArgument(format!(
+            "sequence {i} of a batched pass has no tokens"
+        )));
+    }
+    Ok(())
 }
 
 /// An encoded prompt as a model takes it (MLX Swift's `LMInput`): token ids with one

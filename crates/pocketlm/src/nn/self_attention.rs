@@ -80,6 +80,8 @@ pub struct AttentionPass<'a> {
     cos: Tensor,
     sin: Tensor,
     masks: RefCell<Vec<(MaskKey, Tensor)>>,
+    /// For a pass over several sequences ([`Self::batched`]): the rows of each, in order.
+    segments: Vec<usize>,
 }
 
 /// A mask's query count, key count and window.
@@ -100,7 +102,33 @@ impl<'a> AttentionPass<'a> {
             cos,
             sin,
             masks: RefCell::new(Vec::new()),
+            segments: Vec::new(),
         }
+    }
+
+    /// A pass over several sequences at once (batched decode): `segments[i] = (offset, n)`
+    /// says sequence `i` has `n` rows at positions `offset..offset + n`; the rows of the pass
+    /// are those of each sequence in turn. Each row is rotated at its own position: the tables
+    /// are `rope`'s own for each sequence ([`RotaryEmbedding::cos_sin`]`(offset, n)`),
+    /// stacked.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for no segments or an empty one.
+    pub fn batched(rope: &'a RotaryEmbedding, segments: &[(usize, usize)]) -> Result<Self> {
+        if segments.is_empty() || segments.iter().any(|&(_, n)| n == 0) {
+            return Err(Error::InvalidArgument(format!(
+                "a batched attention pass needs non-empty sequences, got {segments:?}"
+            )));
+        }
+        let mut cos = Vec::with_capacity(segments.len());
+        let mut sin = Vec::with_capacity(segments.len());
+        for &(offset, n) in segments {
+            let (c, s) = rope.cos_sin(offset, n)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        let mut pass = Self::with_tables(rope, Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
+        pass.segments = segments.iter().map(|&(_, n)| n).collect();
+        Ok(pass)
     }
 
     /// The additive causal mask `[q_len, kv_len]` for a `window`, built once per pass.
@@ -170,23 +198,95 @@ impl Attention {
                 let cache = cache.ok_or_else(|| {
                     Error::InvalidArgument("attention for inference needs a KV cache".into())
                 })?;
-                let (k, v) = cache.update(&k, &v)?;
-                let kv_len = k.dim(2)?;
-                // The CPU f32 kernel masks by position itself.
-                let kernel_masks = q.device().is_cpu() && q.dtype() == DType::F32;
-                let mask = if !kernel_masks && (s > 1 || self.window.is_some_and(|w| kv_len > w)) {
-                    Some(pass.mask(s, kv_len, self.window, x.device())?)
-                } else {
-                    None
-                };
-                let (q, scale) = match self.scale_at {
-                    ScaleAt::Scores => (q, self.scale),
-                    ScaleAt::Queries => ((q * self.scale)?, 1.0),
-                };
-                let window = self.window;
-                causal_attention_capped(&q, &k, &v, scale, self.softcap, window, mask.as_ref())?
+                self.attend_cached(q, &k, &v, pass, cache)?
             }
         };
+        self.o_proj.forward_mode(&o, mode)
+    }
+
+    /// Inference attention of one sequence: appends `k`, `v: [batch, kv_heads, seq, head_dim]`
+    /// to `cache` and attends with `q: [batch, heads, seq, head_dim]` (rotated) over what it
+    /// returns; `[batch, seq, heads · head_dim]`.
+    fn attend_cached(
+        &self,
+        q: Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pass: &AttentionPass<'_>,
+        cache: &mut (dyn LayerKvCache + 'static),
+    ) -> Result<Tensor> {
+        let s = q.dim(2)?;
+        let (k, v) = cache.update(k, v)?;
+        let kv_len = k.dim(2)?;
+        // The CPU f32 kernel masks by position itself.
+        let kernel_masks = q.device().is_cpu() && q.dtype() == DType::F32;
+        let mask = if !kernel_masks && (s > 1 || self.window.is_some_and(|w| kv_len > w)) {
+            Some(pass.mask(s, kv_len, self.window, q.device())?)
+        } else {
+            None
+        };
+        let (q, scale) = match self.scale_at {
+            ScaleAt::Scores => (q, self.scale),
+            ScaleAt::Queries => ((q * self.scale)?, 1.0),
+        };
+        causal_attention_capped(&q, &k, &v, scale, self.softcap, self.window, mask.as_ref())
+    }
+
+    /// Attention over the rows of several sequences at once (batched decode): `x: [1, rows,
+    /// hidden]` f32 holds the rows of each sequence of `pass` ([`AttentionPass::batched`]) in
+    /// turn, and `caches[i]` is sequence `i`'s cache of this layer. The projections (and q/k
+    /// norms) run over all rows, RoPE rotates each row at its own position, and each sequence
+    /// attends over its own cache as [`Self::forward`] does for it alone; returns `[1, rows,
+    /// hidden]`.
+    ///
+    /// Errors: a pass that is not batched, or whose rows or sequences do not match `x` and
+    /// `caches`; as [`Self::forward`].
+    pub fn forward_batched(
+        &self,
+        x: &Tensor,
+        pass: &AttentionPass<'_>,
+        caches: &mut [&mut (dyn LayerKvCache + 'static)],
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let rows: usize = pass.segments.iter().sum();
+        if b != 1 || rows != s || caches.len() != pass.segments.len() {
+            return Err(Error::InvalidArgument(format!(
+                "batched attention: input {:?}, {} caches, sequences of {:?} rows",
+                x.dims(),
+                caches.len(),
+                pass.segments
+            )));
+        }
+        let mode = Mode::Inference;
+        let (q, k, v) = self.project(x, mode)?;
+        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, h, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let mut q = shape(q, self.n_heads)?;
+        let mut k = shape(k, self.n_kv_heads)?;
+        let v = shape(v, self.n_kv_heads)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward_mode(&q, mode)?;
+            k = kn.forward_mode(&k, mode)?;
+        }
+        let (q, k) = if self.rope {
+            (
+                pass.rope.apply_mode(&q, &pass.cos, &pass.sin, mode)?,
+                pass.rope.apply_mode(&k, &pass.cos, &pass.sin, mode)?,
+            )
+        } else {
+            (q, k)
+        };
+        let mut outs = Vec::with_capacity(caches.len());
+        let mut start = 0;
+        for (&n, cache) in pass.segments.iter().zip(caches.iter_mut()) {
+            let part = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, start, n)?.contiguous()?) };
+            outs.push(self.attend_cached(part(&q)?, &part(&k)?, &part(&v)?, pass, &mut **cache)?);
+            start += n;
+        }
+        let o = Tensor::cat(&outs, 1)?;
         self.o_proj.forward_mode(&o, mode)
     }
 

@@ -1,0 +1,793 @@
+//! Batched generation with continuous batching (mlx-lm's `BatchGenerator`, llama.cpp's server
+//! slots, vLLM's scheduler): many sequences share one forward pass per step
+//! ([`CausalLM::forward_batch`]), each with its own KV cache, position, sampler chain
+//! (grammar included), stop strings, `max_tokens`, log-probabilities and seed.
+//!
+//! Sequences join ([`BatchGenerator::insert`]) and leave (finished, or
+//! [`BatchGenerator::remove`] to cancel) between steps. At most
+//! [`BatchConfig::max_batch`] run at once; the others wait in arrival order. Each
+//! [`BatchGenerator::step`] runs one pass over:
+//! - every running sequence that is decoding: its last token (or, with a grammar's
+//!   fast-forward, the forced tokens after it);
+//! - chunks of the prompts being prefilled, in arrival order, within a budget of
+//!   [`BatchConfig::tokens_per_step`] tokens per step (less the decode rows, but never less
+//!   than a quarter of it), so that a long prompt is prefilled over several steps while the
+//!   running streams keep getting a token every step (chunked prefill, as vLLM's and
+//!   SGLang's schedulers do). A prompt with images is prefilled whole, in a pass of its own
+//!   ([`CausalLM::prefill`]).
+//!
+//! Each sequence is driven by the same per-sequence code as a single generation
+//! ([`TokenState`] for the tokens, the text layer of [`super::Generation`] for the events), so a
+//! sequence yields the same [`Event`]s batched as alone, up to the float summation order of
+//! batched products (see [`crate::models::decoder::Decoder::forward_batch`]).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, TokenState};
+use crate::kv_cache::KvCache;
+use crate::models::{BatchRow, CausalLM, ModelInput};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// The scheduler's knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Sequences that run (decode or prefill) at once; more wait. At least 1. Default 16.
+    pub max_batch: usize,
+    /// Tokens one step's pass may take: decode rows count one each (more with fast-forward);
+    /// prompt chunks take what is left, at least a quarter of it. At least 1. Default 256.
+    pub tokens_per_step: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            tokens_per_step: 256,
+        }
+    }
+}
+
+/// A sequence of a [`BatchGenerator`], as [`BatchGenerator::insert`] returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+/// An event of one sequence, from [`BatchGenerator::step`]. A sequence's events come in the
+/// order [`super::Generation`] would yield them; its last is [`Event::Finished`] or an error,
+/// after which the sequence is gone.
+#[derive(Debug)]
+pub struct BatchEvent {
+    /// The sequence.
+    pub id: SeqId,
+    /// The event, or the error that ended the sequence.
+    pub event: Result<Event>,
+}
+
+/// Where a sequence is between steps.
+enum Phase {
+    /// Waiting to be admitted: its token state has not been asked anything yet.
+    New,
+    /// Prefilling `input` (the prompt and the tokens forced at the start); `done` ids of it
+    /// are in the cache.
+    Prefill {
+        input: ModelInput,
+        done: usize,
+        prompt_tokens: usize,
+        started: Option<Instant>,
+    },
+    /// Decoding: these ids go into the next pass.
+    Decode(Vec<u32>),
+    /// Finished or failed: removed at the end of the step.
+    Done,
+}
+
+struct Seq<'a> {
+    id: SeqId,
+    cache: KvCache,
+    tokens: TokenState,
+    text: TextState<'a>,
+    phase: Phase,
+}
+
+impl Seq<'_> {
+    /// Moves the queued events of the text layer to `out`.
+    fn drain(&mut self, out: &mut Vec<BatchEvent>) {
+        while let Some(e) = self.text.pop() {
+            out.push(BatchEvent {
+                id: self.id,
+                event: Ok(e),
+            });
+        }
+    }
+
+    /// Ends the sequence with `e` (after its queued events).
+    fn fail(&mut self, e: Error, out: &mut Vec<BatchEvent>) {
+        self.drain(out);
+        self.text.fail();
+        self.phase = Phase::Done;
+        out.push(BatchEvent {
+            id: self.id,
+            event: Err(e),
+        });
+    }
+
+    /// Passes a drawn token to the text layer; returns whether the sequence goes on.
+    fn push(&mut self, tok: super::Token, out: &mut Vec<BatchEvent>) -> bool {
+        let positions = self.tokens.positions(self.cache.offset());
+        match self.text.push(tok, positions, self.tokens.decode_passes()) {
+            Ok(done) => {
+                self.drain(out);
+                if done {
+                    self.phase = Phase::Done;
+                }
+                !done
+            }
+            Err(e) => {
+                self.fail(e, out);
+                false
+            }
+        }
+    }
+
+    /// Asks the token state what comes next, yielding forced tokens, until the sequence needs
+    /// a pass (or ends).
+    fn advance(&mut self, out: &mut Vec<BatchEvent>) {
+        loop {
+            match self.tokens.next() {
+                Err(e) => return self.fail(e, out),
+                Ok(Next::Token(t)) => {
+                    if !self.push(t, out) {
+                        return;
+                    }
+                }
+                Ok(Next::Prompt {
+                    input,
+                    prompt_tokens,
+                }) => {
+                    self.phase = Phase::Prefill {
+                        input,
+                        done: 0,
+                        prompt_tokens,
+                        started: None,
+                    };
+                    return;
+                }
+                Ok(Next::Feed(ids)) => {
+                    self.phase = Phase::Decode(ids);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the logits `[1, vocab]` after the sequence's part of a pass.
+    fn accept(&mut self, logits: &candle_core::Tensor, out: &mut Vec<BatchEvent>) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        let tok = match phase {
+            Phase::Decode(_) => self.tokens.accept(logits),
+            Phase::Prefill {
+                prompt_tokens,
+                started,
+                ..
+            } => {
+                let stats = PrefillStats {
+                    prompt_tokens,
+                    ..Default::default()
+                };
+                let tok =
+                    self.tokens
+                        .accept_prefill(logits, stats, started.unwrap_or_else(Instant::now));
+                crate::memory::release_free_heap();
+                if let Some(p) = self.tokens.prefill_stats() {
+                    self.text.set_prefill(p);
+                }
+                tok
+            }
+            Phase::New | Phase::Done => Err(Error::InvalidArgument(
+                "the batch generator got logits for a sequence that asked for none".into(),
+            )),
+        };
+        match tok {
+            Ok(t) => {
+                if self.push(t, out) {
+                    self.advance(out);
+                }
+            }
+            Err(e) => self.fail(e, out),
+        }
+    }
+}
+
+/// Generates for many sequences at once; see the module documentation.
+pub struct BatchGenerator<'a> {
+    model: &'a dyn CausalLM,
+    tokenizer: &'a Tokenizer,
+    config: BatchConfig,
+    running: Vec<Seq<'a>>,
+    waiting: VecDeque<Seq<'a>>,
+    next_id: u64,
+}
+
+impl<'a> BatchGenerator<'a> {
+    /// An empty generator over `model` and `tokenizer`; `config`'s bounds are raised to 1.
+    pub fn new(model: &'a dyn CausalLM, tokenizer: &'a Tokenizer, config: BatchConfig) -> Self {
+        Self {
+            model,
+            tokenizer,
+            config: BatchConfig {
+                max_batch: config.max_batch.max(1),
+                tokens_per_step: config.tokens_per_step.max(1),
+            },
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
+    /// The bounds in use.
+    pub fn config(&self) -> BatchConfig {
+        self.config
+    }
+
+    /// Adds a sequence generating after `input` under `params`, with a fresh cache
+    /// ([`CausalLM::new_cache`]); it joins the running ones at the next step with room.
+    ///
+    /// Errors: as [`super::generate_input`] (the prompt is checked now).
+    pub fn insert(&mut self, input: ModelInput, params: GenerateParams) -> Result<SeqId> {
+        let cache = self.model.new_cache();
+        self.insert_with_cache(cache, input, params)
+    }
+
+    /// As [`Self::insert`], appending to `cache` (which may already hold a prefix of the
+    /// sequence, as [`super::generate_input`]'s cache may).
+    ///
+    /// Errors: as [`super::generate_input`].
+    pub fn insert_with_cache(
+        &mut self,
+        cache: KvCache,
+        input: ModelInput,
+        params: GenerateParams,
+    ) -> Result<SeqId> {
+        let (tokens, text) =
+            sequence_parts(self.model, self.tokenizer, cache.offset(), input, params)?;
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.waiting.push_back(Seq {
+            id,
+            cache,
+            tokens,
+            text,
+            phase: Phase::New,
+        });
+        Ok(id)
+    }
+
+    /// Cancels a sequence (running or waiting): it is dropped without further events. Returns
+    /// its cache (the prompt and the tokens fed so far), or `None` for an unknown or finished
+    /// sequence.
+    pub fn remove(&mut self, id: SeqId) -> Option<KvCache> {
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            return Some(self.running.remove(i).cache);
+        }
+        let i = self.waiting.iter().position(|s| s.id == id)?;
+        self.waiting.remove(i).map(|s| s.cache)
+    }
+
+    /// Sequences running (prefilling or decoding).
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Sequences waiting for room.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether no sequence is running or waiting.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Admits waiting sequences, runs one forward pass over the running ones (see the module
+    /// documentation) and returns the events it produced, in the order of the running
+    /// sequences. Nothing runs when no sequence is there.
+    ///
+    /// An error of the pass itself ends every sequence that was in it, each with an error
+    /// event; an error of one sequence (its grammar, its tokenizer) ends only that one.
+    pub fn step(&mut self) -> Vec<BatchEvent> {
+        let mut out = Vec::new();
+        self.admit(&mut out);
+        if let Some(i) = self.running.iter().position(
+            |s| matches!(&s.phase, Phase::Prefill { input, .. } if !input.images.is_empty()),
+        ) {
+            // A prompt with images: the vision tower and the whole prompt, in a pass of its own.
+            self.prefill_whole(i, &mut out);
+        } else {
+            self.batched_pass(&mut out);
+        }
+        self.running.retain(|s| !matches!(s.phase, Phase::Done));
+        out
+    }
+
+    /// Moves waiting sequences into the running ones while there is room, asking each what it
+    /// needs first (a grammar may force tokens before the prompt is prefilled).
+    fn admit(&mut self, out: &mut Vec<BatchEvent>) {
+        while self.running.len() < self.config.max_batch {
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            s.advance(out);
+            if !matches!(s.phase, Phase::Done) {
+                self.running.push(s);
+            }
+        }
+    }
+
+    /// Prefills running sequence `i`'s prompt (with images) whole.
+    fn prefill_whole(&mut self, i: usize, out: &mut Vec<BatchEvent>) {
+        let model = self.model;
+        let s = &mut self.running[i];
+        let Phase::Prefill {
+            input,
+            prompt_tokens,
+            ..
+        } = std::mem::replace(&mut s.phase, Phase::Done)
+        else {
+            return;
+        };
+        let t0 = Instant::now();
+        let chunk = s.text.params().prefill_chunk.max(1);
+        let r = model.prefill(&input, &mut s.cache, chunk).and_then(|p| {
+            let stats = PrefillStats {
+                prompt_tokens,
+                time: Duration::ZERO,
+                vision_time: p.vision_time,
+                image_tokens: p.image_tokens,
+            };
+            s.tokens.accept_prefill(&p.logits, stats, t0)
+        });
+        crate::memory::release_free_heap();
+        match r {
+            Ok(t) => {
+                if let Some(p) = s.tokens.prefill_stats() {
+                    s.text.set_prefill(p);
+                }
+                if s.push(t, out) {
+                    s.advance(out);
+                }
+            }
+            Err(e) => s.fail(e, out),
+        }
+    }
+
+    /// Rows of the next pass per running sequence: all of a decoding sequence's ids, and
+    /// prompt chunks within the budget, in arrival order.
+    fn plan(&self) -> Vec<usize> {
+        let decode: usize = self
+            .running
+            .iter()
+            .map(|s| match &s.phase {
+                Phase::Decode(ids) => ids.len(),
+                _ => 0,
+            })
+            .sum();
+        let per_step = self.config.tokens_per_step;
+        let mut budget = per_step.saturating_sub(decode).max(per_step / 4).max(1);
+        self.running
+            .iter()
+            .map(|s| match &s.phase {
+                Phase::Decode(ids) => ids.len(),
+                Phase::Prefill { input, done, .. } if input.images.is_empty() => {
+                    let chunk = s.text.params().prefill_chunk.max(1);
+                    let n = (input.ids.len() - done).min(chunk).min(budget);
+                    budget -= n;
+                    n
+                }
+                _ => 0,
+            })
+            .collect()
+    }
+
+    /// One forward pass over the planned rows, then each sequence takes its logits.
+    fn batched_pass(&mut self, out: &mut Vec<BatchEvent>) {
+        let plan = self.plan();
+        let now = Instant::now();
+        let mut rows = Vec::new();
+        let mut members = Vec::new();
+        for (i, (s, &n)) in self.running.iter_mut().zip(&plan).enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let ids = match &mut s.phase {
+                Phase::Decode(ids) => ids.as_slice(),
+                Phase::Prefill {
+                    input,
+                    done,
+                    started,
+                    ..
+                } => {
+                    started.get_or_insert(now);
+                    &input.ids[*done..*done + n]
+                }
+                Phase::New | Phase::Done => continue,
+            };
+            rows.push(BatchRow {
+                ids,
+                cache: &mut s.cache,
+            });
+            members.push(i);
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let logits = self.model.forward_batch(&mut rows);
+        drop(rows);
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = e.to_string();
+                let mut e = Some(e);
+                for &i in &members {
+                    let err = e.take().unwrap_or_else(|| {
+                        Error::Model(format!("the batched forward pass failed: {msg}"))
+                    });
+                    self.running[i].fail(err, out);
+                }
+                return;
+            }
+        };
+        for (k, &i) in members.iter().enumerate() {
+            let s = &mut self.running[i];
+            if let Phase::Prefill { input, done, .. } = &mut s.phase {
+                *done += plan[i];
+                if *done < input.ids.len() {
+                    continue; // more chunks to come; these logits are not needed
+                }
+            }
+            match logits.get(k).and_then(|l| l.unsqueeze(0)) {
+                Ok(row) => s.accept(&row, out),
+                Err(e) => s.fail(e.into(), out),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::hash_map::DefaultHasher;
+    use std::collections::HashMap;
+    use std::hash::{Hash, Hasher};
+
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::generate::{generate, FinishReason};
+    use crate::kernels::GgufMatrix;
+    use crate::models::Logits;
+    use crate::nn::{Embedding, Linear};
+    use crate::sampling::SamplingParams;
+    use crate::tokenizer::test_util::single_byte_gpt2;
+    use crate::weights::{WeightLayout, Weights};
+
+    /// Random weights named on demand, the same for the same name; linear layers dense or
+    /// GGUF `Q4_1` on our CPU kernels (the quantized GEMM path of the default model).
+    struct RandomWeights {
+        quantized: bool,
+        device: Device,
+    }
+
+    impl RandomWeights {
+        fn values(name: &str, n: usize, scale: f32) -> Vec<f32> {
+            let mut h = DefaultHasher::new();
+            name.hash(&mut h);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(h.finish());
+            (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+        }
+    }
+
+    impl Weights for RandomWeights {
+        fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+            assert!(!bias, "the test model has no biases");
+            let scale = 2.0 / (inp as f32).sqrt();
+            let w = Tensor::from_vec(
+                Self::values(prefix, out * inp, scale),
+                (out, inp),
+                &self.device,
+            )?;
+            if !self.quantized {
+                return Ok(Linear::dense(w, None));
+            }
+            let q = QTensor::quantize(&w, GgmlDType::Q4_1)?;
+            let weight = GgufMatrix::from_qtensor(prefix, &q)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            Ok(Linear::Kernel { weight, bias: None })
+        }
+        fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+            let v = Self::values(name, vocab * hidden, 1.0);
+            Ok(Embedding::Dense(Tensor::from_vec(
+                v,
+                (vocab, hidden),
+                &self.device,
+            )?))
+        }
+        fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+            let n = shape.iter().product();
+            // Norm weights near 1.
+            let v = Self::values(name, n, 0.2)
+                .into_iter()
+                .map(|x| 1.0 + x)
+                .collect();
+            Ok(Tensor::from_vec(v, shape, &self.device)?)
+        }
+        fn contains(&self, _: &str) -> bool {
+            true
+        }
+        fn device(&self) -> &Device {
+            &self.device
+        }
+        fn layout(&self) -> WeightLayout {
+            WeightLayout::REFERENCE
+        }
+    }
+
+    /// A tiny random Llama (2 layers, 4 heads over 2 KV heads, hidden 64) over the
+    /// single-byte tokenizer's 257 tokens.
+    fn tiny_llama(quantized: bool) -> Box<dyn CausalLM> {
+        let config = serde_json::json!({
+            "vocab_size": 257, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        });
+        let w = RandomWeights {
+            quantized,
+            device: Device::Cpu,
+        };
+        crate::models::llama::build(&config, &w).expect("tiny llama")
+    }
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_gguf_metadata(&single_byte_gpt2()).expect("tokenizer")
+    }
+
+    fn prompt(n: usize, seed: u64) -> Vec<u32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(0..256)).collect()
+    }
+
+    fn params(max_tokens: usize, sampling: SamplingParams) -> GenerateParams {
+        GenerateParams {
+            max_tokens,
+            sampling,
+            ignore_eos: true,
+            ..Default::default()
+        }
+    }
+
+    /// The token ids one sequence generates alone ([`generate`]).
+    fn alone(model: &dyn CausalLM, tok: &Tokenizer, prompt: &[u32], p: GenerateParams) -> Vec<u32> {
+        let mut cache = model.new_cache();
+        let out = generate(model, tok, &mut cache, prompt, p)
+            .expect("starts")
+            .collect_output()
+            .expect("generates");
+        out.token_ids
+    }
+
+    /// Runs steps until every sequence finished, inserting `joins[k] = (step, prompt,
+    /// params)` at its step; returns each sequence's token ids and finish reason, and how
+    /// many steps each spent before its first token.
+    fn run_batch(
+        gen: &mut BatchGenerator<'_>,
+        joins: Vec<(usize, Vec<u32>, GenerateParams)>,
+    ) -> HashMap<SeqId, (Vec<u32>, Option<FinishReason>)> {
+        let mut out: HashMap<SeqId, (Vec<u32>, Option<FinishReason>)> = HashMap::new();
+        let mut joins: VecDeque<_> = joins.into();
+        let mut step = 0;
+        while !joins.is_empty() || !gen.is_empty() {
+            while joins.front().is_some_and(|j| j.0 <= step) {
+                let (_, p, params) = joins.pop_front().expect("a join");
+                let id = gen.insert(ModelInput::text(p), params).expect("insert");
+                out.insert(id, (Vec::new(), None));
+            }
+            for e in gen.step() {
+                let entry = out.get_mut(&e.id).expect("a known sequence");
+                match e.event.expect("no error") {
+                    Event::Token { id, .. } => entry.0.push(id),
+                    Event::Finished { reason, .. } => entry.1 = Some(reason),
+                    Event::Text(_) => {}
+                }
+            }
+            step += 1;
+            assert!(step < 1000, "the batch never finishes");
+        }
+        out
+    }
+
+    /// Logits of one batched pass against each sequence's own passes, on caches holding
+    /// prompts of different lengths; then greedy tokens of three sequences of different
+    /// prompt lengths joining at different steps (one prefilled over several steps, the
+    /// budget being 8 tokens) are those each generates alone.
+    ///
+    /// Tolerance: the dense model's batched logits equal the single path's up to 1e-4
+    /// (candle's f32 matmul may tile 3 rows differently than 1); the Q4_1 kernels quantize
+    /// each activation row on its own and sum each row's blocks in the same order whatever
+    /// the row count, so there they are equal bit for bit.
+    #[test]
+    fn batched_greedy_decoding_matches_each_sequence_alone() {
+        let tok = tokenizer();
+        for quantized in [false, true] {
+            let model = tiny_llama(quantized);
+            let m = model.as_ref();
+            let prompts = [prompt(3, 1), prompt(9, 2), prompt(17, 3)];
+            // One batched pass of one token each vs one pass each.
+            let mut single = Vec::new();
+            let mut caches = Vec::new();
+            for p in &prompts {
+                let mut c = m.new_cache();
+                crate::models::prefill_text(m, p, &mut c, 512).expect("prefill");
+                let mut c2 = m.new_cache();
+                crate::models::prefill_text(m, p, &mut c2, 512).expect("prefill");
+                let ids = Tensor::new(&[7u32], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                single.push(m.forward(&ids, &mut c2, Logits::Last).expect("forward"));
+                caches.push(c);
+            }
+            let next = [7u32];
+            let mut rows: Vec<BatchRow<'_>> = caches
+                .iter_mut()
+                .map(|cache| BatchRow { ids: &next, cache })
+                .collect();
+            let batched = m.forward_batch(&mut rows).expect("batched pass");
+            assert_eq!(batched.dims(), &[3, 257]);
+            let single = Tensor::cat(&single, 0).unwrap();
+            let diff = (batched - &single)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let tol = if quantized { 0.0 } else { 1e-4 };
+            assert!(
+                diff <= tol,
+                "quantized={quantized}: batched logits differ by {diff}"
+            );
+            assert!(caches
+                .iter()
+                .zip(&prompts)
+                .all(|(c, p)| c.offset() == p.len() + 1));
+
+            let greedy = || params(12, SamplingParams::default());
+            let mut gen = BatchGenerator::new(
+                m,
+                &tok,
+                BatchConfig {
+                    max_batch: 4,
+                    tokens_per_step: 8,
+                },
+            );
+            let joins = vec![
+                (0, prompts[0].clone(), greedy()),
+                (2, prompts[1].clone(), greedy()),
+                (3, prompts[2].clone(), greedy()),
+            ];
+            let got = run_batch(&mut gen, joins);
+            let mut ids: Vec<_> = got.into_iter().collect();
+            ids.sort_by_key(|(id, _)| *id);
+            for ((_, (toks, reason)), p) in ids.iter().zip(&prompts) {
+                assert_eq!(reason, &Some(FinishReason::MaxTokens));
+                assert_eq!(toks, &alone(m, &tok, p, greedy()), "quantized={quantized}");
+            }
+        }
+    }
+
+    /// Per-sequence parameters, leaving mid-run, cancelling and a prefill interleaved with
+    /// decode steps, in one batch.
+    #[test]
+    fn the_scheduler_keeps_each_sequence_its_own() {
+        let tok = tokenizer();
+        let model = tiny_llama(true);
+        let m = model.as_ref();
+        let greedy = params(10, SamplingParams::default());
+        let sampled = params(
+            10,
+            SamplingParams {
+                temperature: 0.9,
+                top_k: 40,
+                seed: Some(11),
+                ..Default::default()
+            },
+        );
+        let short = params(3, SamplingParams::default());
+        let (pa, pb, pc, pd) = (prompt(5, 4), prompt(6, 5), prompt(4, 6), prompt(40, 7));
+        let mut gen = BatchGenerator::new(
+            m,
+            &tok,
+            BatchConfig {
+                max_batch: 3,
+                tokens_per_step: 8,
+            },
+        );
+        let a = gen
+            .insert(ModelInput::text(pa.clone()), greedy.clone())
+            .unwrap();
+        let b = gen
+            .insert(ModelInput::text(pb.clone()), sampled.clone())
+            .unwrap();
+        let c = gen
+            .insert(ModelInput::text(pc.clone()), short.clone())
+            .unwrap();
+        let cancelled = gen
+            .insert(ModelInput::text(prompt(8, 8)), greedy.clone())
+            .unwrap();
+        let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        let mut finished = Vec::new();
+        let mut d = None;
+        // Steps (while the long prompt prefills) in which `a` got no token.
+        let mut a_stalled = 0;
+        let mut d_first_token_step = None;
+        for step in 0..200 {
+            if gen.is_empty() {
+                break;
+            }
+            if step == 2 {
+                // Waiting behind max_batch: cancelled before it ever ran.
+                assert_eq!(gen.waiting(), 1);
+                assert!(gen.remove(cancelled).is_some());
+                assert!(gen.remove(cancelled).is_none());
+            }
+            if step == 3 {
+                d = Some(
+                    gen.insert(ModelInput::text(pd.clone()), greedy.clone())
+                        .unwrap(),
+                );
+            }
+            let events = gen.step();
+            let mut a_got = false;
+            for e in events {
+                assert_ne!(e.id, cancelled);
+                match e.event.expect("no error") {
+                    Event::Token { id, .. } => {
+                        a_got |= e.id == a;
+                        if Some(e.id) == d && d_first_token_step.is_none() {
+                            d_first_token_step = Some(step);
+                        }
+                        toks.entry(e.id).or_default().push(id);
+                    }
+                    Event::Finished { reason, .. } => finished.push((e.id, reason)),
+                    Event::Text(_) => {}
+                }
+            }
+            if d.is_some() && d_first_token_step.is_none() && !finished.iter().any(|f| f.0 == a) {
+                a_stalled += usize::from(!a_got);
+            }
+        }
+        assert!(gen.is_empty());
+        // `c` left first (3 tokens), then `d` joined in its place.
+        assert_eq!(finished[0], (c, FinishReason::MaxTokens));
+        assert_eq!(finished.len(), 4);
+        // The long prompt (40 tokens, budget 8 less the decode rows) took several steps, and
+        // the running stream got a token at every one of them.
+        let d = d.expect("d joined");
+        assert!(
+            d_first_token_step.expect("d generated") >= 3 + 40 / 8,
+            "{d_first_token_step:?}"
+        );
+        assert_eq!(a_stalled, 0);
+        assert_eq!(toks[&a], alone(m, &tok, &pa, greedy.clone()));
+        assert_eq!(toks[&b], alone(m, &tok, &pb, sampled.clone()));
+        assert_eq!(toks[&c], alone(m, &tok, &pc, short));
+        assert_eq!(toks[&d], alone(m, &tok, &pd, greedy));
+        // The seeded sampled sequence is not the greedy one.
+        assert_ne!(
+            toks[&b],
+            alone(m, &tok, &pb, params(10, SamplingParams::default()))
+        );
+    }
+}
