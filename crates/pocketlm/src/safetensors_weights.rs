@@ -620,18 +620,18 @@ impl SafetensorsWeights {
         if !self.contains(&sn) {
             return Ok(None);
         }
-        let quant = self.quant.as_ref().ok_or_else(|| {
-            Error::tensor(
+        let lq = self.layer_quant(prefix)?;
+        if lq.mode != QuantMode::Affine {
+            return Err(Error::tensor(
                 &sn,
-                "exists (an MLX quantized layer) but config.json has no `quantization`",
-            )
-        })?;
-        let p = quant.for_layer(prefix).ok_or_else(|| {
-            Error::tensor(
-                &sn,
-                format!("exists but config.json `quantization[\"{prefix}\"]` is false"),
-            )
-        })?;
+                format!(
+                    "config.json quantizes the stacked experts `{prefix}` in mode {}: only \
+                     affine experts are read",
+                    lq.mode
+                ),
+            ));
+        }
+        let p = lq.params;
         let expected_w = [n, rows, cols * p.bits / 32];
         let expected_s = [n, rows, cols / p.group_size.max(1)];
         let (wshape, wdt) = self.info(&wn)?;

@@ -134,7 +134,7 @@ impl Seq<'_> {
     /// a pass (or ends).
     fn advance(&mut self, out: &mut Vec<BatchEvent>) {
         loop {
-            match self.tokens.next() {
+            match self.tokens.next_need() {
                 Err(e) => return self.fail(e, out),
                 Ok(Next::Token(t)) => {
                     if !self.push(t, out) {

@@ -295,7 +295,7 @@ pub(crate) fn sequence_parts<'a>(
     if let Some(c) = &params.constraint {
         let env = GrammarEnv::for_tokenizer(tokenizer)?;
         // Steps left: `max_tokens`, or fewer when the context fills first.
-        let budget = params.max_tokens.min(ctx - cache.offset() - prompt.len());
+        let budget = params.max_tokens.min(ctx - cache_offset - prompt.len());
         let fast_forward = params.fast_forward && params.logprobs.is_none();
         let mask = GrammarMask::with_options(env, c, fast_forward, Some(budget))?;
         sampler = sampler.with_processor(Box::new(mask));

@@ -117,19 +117,19 @@ pub enum Next {
 
 /// The per-sequence half of the [`TokenStepper`], without the model: the sampler chain (grammar
 /// masks included), the history the processors see, fast-forward of forced tokens and the
-/// log-probabilities. The caller runs the forward passes it asks for ([`Self::next`]) and
+/// log-probabilities. The caller runs the forward passes it asks for ([`Self::next_need`]) and
 /// hands back their logits; the single-sequence [`TokenStepper`] and the batched
 /// [`super::batch::BatchGenerator`] both drive it, so one sequence draws the same tokens
 /// either way.
 ///
-/// Protocol: call [`Self::next`]; for [`Next::Token`] the token is final; for
+/// Protocol: call [`Self::next_need`]; for [`Next::Token`] the token is final; for
 /// [`Next::Prompt`] / [`Next::Feed`] run the pass and call [`Self::accept_prefill`] /
 /// [`Self::accept`] with its logits, which returns the token. After any error the state
 /// refuses further steps.
 pub struct TokenState {
     sampler: Sampler,
     logprobs: Option<usize>,
-    /// The prompt, until [`Self::next`] hands it out for the prefill.
+    /// The prompt, until [`Self::next_need`] hands it out for the prefill.
     pending: Option<ModelInput>,
     /// The prompt's ids and the tokens fed since, oldest first (what the processors see).
     history: Vec<u32>,
@@ -200,7 +200,7 @@ impl TokenState {
     /// Errors: [`Error::InvalidArgument`] after a failed step, or when a pass is asked for
     /// before the previous one was accepted; [`crate::constrain::ConstraintError::Rejected`]
     /// when the grammar fails.
-    pub fn next(&mut self) -> Result<Next> {
+    pub fn next_need(&mut self) -> Result<Next> {
         let r = self.next_inner();
         self.failed |= r.is_err();
         r
@@ -243,7 +243,7 @@ impl TokenState {
     /// its `time` is set here, to the time since `started` (the choice of the first token
     /// included).
     ///
-    /// Errors: as [`Self::next`].
+    /// Errors: as [`Self::next_need`].
     pub fn accept_prefill(
         &mut self,
         logits: &Tensor,
@@ -261,7 +261,7 @@ impl TokenState {
     /// The next token, from the logits of the last fed position (`[1, vocab]`, any float
     /// dtype, any device) after a [`Next::Feed`] whose ids the caller appended to the cache.
     ///
-    /// Errors: as [`Self::next`].
+    /// Errors: as [`Self::next_need`].
     pub fn accept(&mut self, logits: &Tensor) -> Result<Token> {
         if self.unfed.is_empty() || self.pending.is_some() {
             self.failed = true;
@@ -435,7 +435,7 @@ impl<'a> TokenStepper<'a> {
     }
 
     fn step_inner(&mut self) -> Result<Token> {
-        match self.state.next()? {
+        match self.state.next_need()? {
             Next::Token(tok) => Ok(tok),
             Next::Prompt {
                 input,
