@@ -36,7 +36,7 @@ pub struct BenchParams {
     pub constraint: Option<Constraint>,
     /// With sampling settings, each decode test runs a second time drawing each token with
     /// them as generation does (on the GPU when the logits are there, see
-    /// [`crate::sampling::sample_on_device`]; a test named `tg128 +sampling`). A seed is
+    /// [`crate::device::sample_on_device`]; a test named `tg128 +sampling`). A seed is
     /// best given, so that runs draw the same tokens.
     pub sampling: Option<SamplingParams>,
 }
@@ -187,7 +187,7 @@ fn constrained_decode(
 }
 
 /// `n_gen` decode steps drawing each token with `params` as the token stepper does: on the
-/// logits' device when [`crate::sampling::sample_on_device`] applies, else the logits copied
+/// logits' device when [`crate::device::sample_on_device`] applies, else the logits copied
 /// to the CPU and [`Sampler::sample`]; the drawn token is fed next, the history (the tokens fed
 /// so far) feeds the repetition penalty.
 fn sampled_decode(
@@ -203,7 +203,7 @@ fn sampled_decode(
     for _ in 0..n_gen {
         let x = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
         let l = model.forward(&x, cache, Logits::Last)?;
-        id = match crate::sampling::sample_on_device(&mut sampler, &l, &history)? {
+        id = match crate::device::sample_on_device(&mut sampler, &l, &history)? {
             Some(id) => id,
             None => {
                 let l: Vec<f32> = l.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;

@@ -93,3 +93,53 @@ pub fn device_name(d: &Device) -> String {
         Device::Metal(_) => "metal".into(),
     }
 }
+
+/// The next token drawn on the logits' own device (a GPU), only the id copied back:
+/// `logits: [1, vocab]` or `[vocab]` (any float dtype) on CUDA, `history` the ids of the prompt
+/// and of the tokens generated so far (oldest first). `Ok(None)` when it does not apply (logits
+/// off CUDA, a build without the `cuda` feature, or a chain the kernel does not run, see
+/// [`crate::sampling::Sampler::device_sampling`]); the caller then copies the logits and calls
+/// [`crate::sampling::Sampler::sample`]. The draw is the sampler's next uniform, so a seeded generation gives
+/// the tokens [`crate::sampling::Sampler::sample`] would give for the same logits (up to rounding at the
+/// boundaries, see `src/cuda/sample.cu`). When the candidates of a very flat distribution do
+/// not fit the kernel, it copies the logits and samples them on the CPU with the same draw.
+///
+/// Errors: CUDA errors of the launch and copies.
+pub fn sample_on_device(
+    sampler: &mut crate::sampling::Sampler,
+    logits: &candle_core::Tensor,
+    history: &[u32],
+) -> crate::Result<Option<u32>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !logits.device().is_cuda() {
+            return Ok(None);
+        }
+        let vocab = logits.elem_count();
+        let Some(plan) = sampler.device_sampling(history, vocab) else {
+            return Ok(None);
+        };
+        let Some(u) = sampler.next_uniform() else {
+            return Ok(None);
+        };
+        let id = match crate::cuda::sample_token(logits, &plan, u)? {
+            Some(id) => {
+                sampler.accept(id);
+                id
+            }
+            None => {
+                let l: Vec<f32> = logits
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?;
+                sampler.sample_with_uniform(&l, history, u)
+            }
+        };
+        Ok(Some(id))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (sampler, logits, history);
+        Ok(None)
+    }
+}

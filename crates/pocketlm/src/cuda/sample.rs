@@ -1,6 +1,6 @@
 //! Token sampling on the GPU (kernel `sample_token` in `src/cuda/sample.cu`): the sampler's chain
 //! ([`DeviceSampling`]) and one uniform draw in, the token id out, with no copy of the logits and
-//! no sort of the vocabulary. See [`crate::sampling::sample_on_device`] for its use.
+//! no sort of the vocabulary. See [`crate::device::sample_on_device`] for its use.
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;

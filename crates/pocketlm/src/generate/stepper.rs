@@ -309,7 +309,8 @@ impl TokenState {
                 });
             }
             // Sampling on a GPU, when the chain runs there: one u32 comes back.
-            if let Some(id) = sampling::sample_on_device(&mut self.sampler, logits, &self.history)?
+            if let Some(id) =
+                crate::device::sample_on_device(&mut self.sampler, logits, &self.history)?
             {
                 return Ok(Token { id, logprobs: None });
             }
