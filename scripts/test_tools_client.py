@@ -24,6 +24,7 @@ Parts:
 import argparse
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import jsonschema
@@ -185,11 +186,17 @@ def enforced(oa, an, model):
     tu = [b for b in m.content if b.type == "tool_use"]
     check(m.stop_reason == "tool_use" and tu, "anthropic: tool_use block")
     jsonschema.validate(tu[0].input, WEATHER_PARAMS)
-    # 100 varied prompts, tool_choice required, sampled.
+    # 100 varied prompts, tool_choice required, sampled; sent 8 at a time, so the server's
+    # continuous batching decodes them together (each has its own seed).
+    def required_call(i):
+        return oa.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[i]}],
+                                          tools=TOOLS, tool_choice="required", max_tokens=48,
+                                          temperature=1.0, seed=i)
+
     missing = []
-    for i, p in enumerate(PROMPTS):
-        r = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], tools=TOOLS,
-                                       tool_choice="required", max_tokens=48, temperature=1.0, seed=i)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(pool.map(required_call, range(len(PROMPTS))))
+    for p, r in zip(PROMPTS, replies):
         for tc in r.choices[0].message.tool_calls or []:
             jsonschema.validate(json.loads(tc.function.arguments), SCHEMAS[tc.function.name])
         if not r.choices[0].message.tool_calls:
@@ -201,11 +208,17 @@ def enforced(oa, an, model):
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"},
                                                 "capital": {"type": "boolean"}},
               "required": ["city", "population", "capital"], "additionalProperties": False}
-    for i, p in enumerate(PROMPTS):
-        r = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": f"Describe the city in {p}"}],
-                                       max_tokens=64, temperature=1.0, seed=i,
-                                       response_format={"type": "json_schema",
-                                                        "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    def city(i):
+        return oa.chat.completions.create(model=model,
+                                          messages=[{"role": "user", "content": f"Describe the city in {PROMPTS[i]}"}],
+                                          max_tokens=64, temperature=1.0, seed=i,
+                                          response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "city", "schema": schema,
+                                                                           "strict": True}})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(pool.map(city, range(len(PROMPTS))))
+    for r in replies:
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     check(True, f"{len(PROMPTS)} prompts with response_format json_schema: every answer validates")
 
