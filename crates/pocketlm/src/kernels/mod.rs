@@ -45,6 +45,7 @@ pub mod float;
 pub mod mlx;
 mod mlx_packed;
 mod packed;
+mod packed_q4k;
 mod scalar;
 
 #[cfg(target_arch = "aarch64")]
@@ -559,8 +560,8 @@ impl GgufMatrix {
 
     /// The same matrix with its rows interleaved in groups of 16 for the CPU's fastest
     /// kernels, when this CPU has them (AVX-512 with VNNI) and the type has a packed layout
-    /// (`Q4_0`, `Q8_0`) and `rows` is a multiple of 16; otherwise `self` unchanged. The packed
-    /// bytes are an owned copy of the same size (llama.cpp repacks the same way at load, see
+    /// (`Q4_0`, `Q8_0`, `Q4_K`) and `rows` is a multiple of 16; otherwise `self` unchanged. The
+    /// packed bytes are an owned copy of the same size (`Q4_K`: 2.8% larger, see `packed_q4k`) (llama.cpp repacks the same way at load, see
     /// `ggml-cpu/repack.cpp`); the memory-mapped pages they came from are released.
     /// Products, [`Self::embedding`] and [`Self::dequantize`] give the same values either way
     /// (products up to float summation order).
@@ -716,8 +717,8 @@ impl GgufMatrix {
         self.cols
     }
 
-    /// The weight bytes, `rows * row_bytes()` long: GGUF's layout, or the packed one when
-    /// [`Self::is_packed`].
+    /// The weight bytes: GGUF's layout (`rows * row_bytes()` long), or the packed one when
+    /// [`Self::is_packed`] (as long, except `Q4_K`: 2.8% longer).
     pub fn bytes(&self) -> &[u8] {
         self.bytes.as_slice()
     }
@@ -861,7 +862,7 @@ pub fn matmul_fused_with(
 pub(crate) struct MatRef<'a> {
     /// Name for errors.
     pub name: &'a str,
-    /// Weight bytes, `rows * row_bytes`.
+    /// Weight bytes, `rows * row_bytes` (packed `Q4_K`: 2.8% more).
     pub w: &'a [u8],
     /// The weight format.
     pub kind: Kind,

@@ -21,15 +21,18 @@
 //! accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. The
 //! integers are exact, so this differs from the unpacked kernels only in float summation
 //! order; [`tile_fn`]'s portable version does the very same float operations as the SIMD one.
+//!
+//! `Q4_K` (256-value super-blocks with 6-bit sub-block scales and mins) has its own group layout
+//! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels.
 
 use super::{Acts, GgufType, Tile, TileFn};
 
 /// Rows per interleaved group.
 pub(crate) const ROWS: usize = 16;
 
-/// Whether `dtype` has a packed layout.
+/// Whether `dtype` has a packed layout (`Q4_K`'s is in [`super::packed_q4k`]).
 pub(crate) fn supports(dtype: GgufType) -> bool {
-    matches!(dtype, GgufType::Q4_0 | GgufType::Q8_0)
+    matches!(dtype, GgufType::Q4_0 | GgufType::Q8_0 | GgufType::Q4K)
 }
 
 /// Quant words (64 bytes each) per block (the kernels take the count, and the `-OFF · Σy`
@@ -45,6 +48,9 @@ const fn words(dtype: GgufType) -> usize {
 /// Groups are packed in parallel on the rayon pool.
 pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
     use rayon::prelude::*;
+    if dtype == GgufType::Q4K {
+        return super::packed_q4k::repack(bytes, rows, cols);
+    }
     debug_assert!(supports(dtype) && rows.is_multiple_of(ROWS));
     let (ts, nb) = (dtype.type_size(), cols / 32);
     let row_bytes = nb * ts;
@@ -87,6 +93,9 @@ pub(crate) fn dequantize_row(
     r: usize,
     out: &mut [f32],
 ) {
+    if dtype == GgufType::Q4K {
+        return super::packed_q4k::dequantize_row(packed, cols, r, out);
+    }
     let (ts, nb) = (dtype.type_size(), cols / 32);
     let gblock = ROWS * ts;
     let (g, i) = (r / ROWS, r % ROWS);
@@ -112,6 +121,7 @@ pub(crate) fn dequantize_row(
 /// tested against: the same integers and the same float operations in the same order).
 pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
+        GgufType::Q4K => super::packed_q4k::tile_scalar,
         GgufType::Q8_0 => tile_scalar::<8, 128>,
         _ => tile_scalar::<4, 8>,
     }
@@ -183,12 +193,15 @@ pub(crate) mod avx512 {
 
     /// Whether this CPU runs these kernels.
     pub(crate) fn available() -> bool {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
     }
 
     /// The tile function of a packed type (callers check [`available`]).
     pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         match dtype {
+            GgufType::Q4K => super::super::packed_q4k::avx512::tile,
             GgufType::Q8_0 => tile::<8, 128>,
             _ => tile::<4, 8>,
         }

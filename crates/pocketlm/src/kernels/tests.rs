@@ -603,6 +603,41 @@ fn packed_simd_equals_packed_scalar_bit_for_bit_and_unpacked_closely() {
 }
 
 #[test]
+fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
+    // The packed Q4_K kernels compute the unpacked kernels' integers and apply them with the
+    // same fused multiply-adds in the same order, GEMM rows (groups of 4) and GEMV rows alike.
+    let mut rng = StdRng::seed_from_u64(24);
+    for (n, k) in [(16, 256), (48, 512), (32, 2048)] {
+        let bytes = random_block_bytes(&mut rng, GgufType::Q4K, n * k / 256);
+        let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q4K, n, k).unwrap();
+        let packed = plain.clone().into_packed();
+        assert!(packed.is_packed());
+        for m in [1, 2, 3, 4, 5, 7, 9, 13, 64, 70] {
+            let x = rand_vec(&mut rng, m * k);
+            let mut want = vec![0f32; m * n];
+            plain
+                .matmul_with(Backend::Scalar, &x, m, &mut want)
+                .unwrap();
+            for backend in backends() {
+                let mut got = vec![0f32; m * n];
+                packed.matmul_with(backend, &x, m, &mut got).unwrap();
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{n}x{k} m={m} {backend:?}");
+            }
+        }
+        assert_eq!(packed.dequantize(), plain.dequantize());
+        let ids = [0u32, 15, n as u32 / 2, n as u32 - 1];
+        assert_eq!(
+            packed.embedding(&ids).unwrap(),
+            plain.embedding(&ids).unwrap()
+        );
+    }
+}
+
+#[test]
 fn packing_keeps_shapes_it_cannot_pack_unchanged() {
     let mut rng = StdRng::seed_from_u64(23);
     // 33 rows is not a whole number of groups; Q4_1 has no packed layout.
