@@ -51,7 +51,7 @@ mod fma_impl {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_row(
+    pub(super) unsafe fn attention_block(
         q: &[f32],
         k: &[f32],
         kt: Option<&[f32]>,
@@ -60,16 +60,18 @@ mod fma_impl {
         scale: f32,
         softcap: Option<f32>,
         window: Option<usize>,
-        idx: usize,
-        o: &mut [f32],
+        kh: usize,
+        ts: std::ops::Range<usize>,
+        out: *mut f32,
     ) {
-        super::attention_row(q, k, kt, v, shape, scale, softcap, window, idx, o)
+        // SAFETY: forwarded from the caller.
+        unsafe { super::attention_block(q, k, kt, v, shape, scale, softcap, window, kh, ts, out) }
     }
 
-    /// [`attention_row`] with 512-bit vectors (the same IEEE operations, so the same result).
+    /// [`attention_block`] with 512-bit vectors (the same IEEE operations, so the same result).
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_row_avx512(
+    pub(super) unsafe fn attention_block_avx512(
         q: &[f32],
         k: &[f32],
         kt: Option<&[f32]>,
@@ -78,10 +80,12 @@ mod fma_impl {
         scale: f32,
         softcap: Option<f32>,
         window: Option<usize>,
-        idx: usize,
-        o: &mut [f32],
+        kh: usize,
+        ts: std::ops::Range<usize>,
+        out: *mut f32,
     ) {
-        super::attention_row(q, k, kt, v, shape, scale, softcap, window, idx, o)
+        // SAFETY: forwarded from the caller.
+        unsafe { super::attention_block(q, k, kt, v, shape, scale, softcap, window, kh, ts, out) }
     }
 }
 
@@ -419,23 +423,98 @@ pub fn attention(
     // Prefill: keys transposed once per call so that scores go 16 keys at a time.
     let kt = (queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
     let kt = kt.as_deref();
-    let row = |(idx, o): (usize, &mut [f32])| {
+    // Work items: a kv head and a block of queries (all of the kv head's query heads), so that
+    // each key and value is loaded once per block rather than once per row.
+    let qb = QUERY_BLOCK.min(queries.max(1));
+    let items: Vec<(usize, std::ops::Range<usize>)> = (0..kv_heads)
+        .flat_map(|kh| {
+            (0..queries)
+                .step_by(qb)
+                .map(move |t0| (kh, t0..(t0 + qb).min(queries)))
+        })
+        .collect();
+    let out_ptr = SyncMutPtr(out.as_mut_ptr());
+    let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
+        let out = out_ptr.get();
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            // SAFETY: the CPU has the features `attention_row_avx512` is compiled for.
+            // SAFETY: the CPU has the features `attention_block_avx512` is compiled for;
+            // `out` holds `[queries, heads, d]` (asserted above) and the items' rows are
+            // pairwise disjoint.
             return unsafe {
-                fma_impl::attention_row_avx512(q, k, kt, v, &shape, scale, softcap, window, idx, o)
+                fma_impl::attention_block_avx512(
+                    q,
+                    k,
+                    kt,
+                    v,
+                    &shape,
+                    scale,
+                    softcap,
+                    window,
+                    *kh,
+                    ts.clone(),
+                    out,
+                )
             };
         }
-        fma_dispatch!(attention_row(
-            q, k, kt, v, &shape, scale, softcap, window, idx, o
-        ))
+        #[cfg(target_arch = "x86_64")]
+        if has_fma() {
+            // SAFETY: as above, for AVX2 + FMA.
+            return unsafe {
+                fma_impl::attention_block(
+                    q,
+                    k,
+                    kt,
+                    v,
+                    &shape,
+                    scale,
+                    softcap,
+                    window,
+                    *kh,
+                    ts.clone(),
+                    out,
+                )
+            };
+        }
+        // SAFETY: as above.
+        unsafe {
+            attention_block(
+                q,
+                k,
+                kt,
+                v,
+                &shape,
+                scale,
+                softcap,
+                window,
+                *kh,
+                ts.clone(),
+                out,
+            )
+        }
     };
-    let rows = out[..heads * queries * d].chunks_mut(d).enumerate();
-    if heads * queries * kv_len * d >= 1 << 15 {
-        rows.collect::<Vec<_>>().into_par_iter().for_each(row);
+    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
+        items.par_iter().with_max_len(1).for_each(block);
     } else {
-        rows.for_each(row);
+        items.iter().for_each(block);
+    }
+}
+
+/// Queries per work item of [`attention`] (times the query heads of a kv head: the rows that
+/// share each load of keys and values).
+const QUERY_BLOCK: usize = 4;
+
+/// An output pointer shared by [`attention`]'s work items, which write disjoint rows.
+#[derive(Clone, Copy)]
+struct SyncMutPtr(*mut f32);
+// SAFETY: the work items write pairwise disjoint rows through it (see `attention`).
+unsafe impl Send for SyncMutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SyncMutPtr {}
+
+impl SyncMutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -559,10 +638,18 @@ fn scores16(qv: &[f32], kt: &[f32], out: &mut [f32; LANES]) {
     }
 }
 
-/// One output row of [`attention`]: query head `idx % heads` at query `idx / heads`.
+/// A block of output rows of [`attention`]: the query heads of kv head `kh` at queries `ts`,
+/// written to `out` (`[queries, heads, head_dim]`). Each row's result is exactly what it would
+/// be alone (the same operations in the same order); the rows are only interleaved so that
+/// every block of 16 keys (and every stripe of values) is loaded once for all of them instead
+/// of once per row, which keeps long contexts in the caches.
+///
+/// # Safety
+/// `out` is valid for the rows `(t, h)` of the block (`t` in `ts`, `h` in kv head `kh`'s
+/// query heads), and no other thread writes them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attention_row(
+unsafe fn attention_block(
     q: &[f32],
     k: &[f32],
     kt: Option<&[f32]>,
@@ -571,8 +658,9 @@ fn attention_row(
     scale: f32,
     softcap: Option<f32>,
     window: Option<usize>,
-    idx: usize,
-    o: &mut [f32],
+    kh: usize,
+    ts: std::ops::Range<usize>,
+    out: *mut f32,
 ) {
     let AttentionShape {
         heads,
@@ -584,17 +672,31 @@ fn attention_row(
     } = *shape;
     let rep = heads / kv_heads;
     let offset = kv_len - queries;
-    let (t, h) = (idx / heads, idx % heads);
-    let kh = h / rep;
-    let qv = &q[(h * queries + t) * d..][..d];
     let kk = &k[kh * hs..][..kv_len * d];
     let vv = &v[kh * hs..][..kv_len * d];
-    let pos = offset + t;
-    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-    // Only the first `len` scores are computed and normalized: the rest are masked, and in
-    // ggml's softmax they add exact zeros (its 16-value chunks start at position 0 either way).
-    let len = (pos + 1).div_ceil(LANES).saturating_mul(LANES).min(kv_len);
-    let mut p = vec![f32::NEG_INFINITY; len];
+    // Rows `(t, h)`, query-major, with each one's position and first visible key.
+    let rows: Vec<(usize, usize)> = ts
+        .clone()
+        .flat_map(|t| (kh * rep..(kh + 1) * rep).map(move |h| (t, h)))
+        .collect();
+    let pos = |t: usize| offset + t;
+    let first = |t: usize| window.map_or(0, |w| (pos(t) + 1).saturating_sub(w));
+    let qv = |t: usize, h: usize| &q[(h * queries + t) * d..][..d];
+    // Only the first `len` scores of a row are computed and normalized: the rest are masked,
+    // and in ggml's softmax they add exact zeros (its 16-value chunks start at position 0
+    // either way).
+    let mut ps: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|&(t, _)| {
+            let len = (pos(t) + 1)
+                .div_ceil(LANES)
+                .saturating_mul(LANES)
+                .min(kv_len);
+            vec![f32::NEG_INFINITY; len]
+        })
+        .collect();
+    let lo_all = ts.clone().map(first).min().unwrap_or(0);
+    let hi_all = ts.clone().map(pos).max().unwrap_or(0);
     match kt {
         Some(kt) => {
             let blocks = kv_len.div_ceil(LANES);
@@ -602,80 +704,100 @@ fn attention_row(
             let mut s = [0f32; LANES];
             #[cfg(target_arch = "x86_64")]
             let avx512 = has_avx512();
-            for b in first / LANES..=pos / LANES {
+            for b in lo_all / LANES..=hi_all / LANES {
                 let blk = &kt[b * d * LANES..][..d * LANES];
-                #[cfg(target_arch = "x86_64")]
-                if avx512 {
-                    // SAFETY: the CPU has AVX-512F; `blk` holds `d` rows of 16 values.
-                    unsafe { scores16_avx512(qv, blk, &mut s) };
-                } else {
-                    scores16(qv, blk, &mut s);
+                for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
+                    let (f, ps_) = (first(t), pos(t));
+                    if b < f / LANES || b > ps_ / LANES {
+                        continue;
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if avx512 {
+                        // SAFETY: the CPU has AVX-512F; `blk` holds `d` rows of 16 values.
+                        unsafe { scores16_avx512(qv(t, h), blk, &mut s) };
+                    } else {
+                        scores16(qv(t, h), blk, &mut s);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    scores16(qv(t, h), blk, &mut s);
+                    let (lo, hi) = ((b * LANES).max(f), (b * LANES + LANES).min(ps_ + 1));
+                    p[lo..hi].copy_from_slice(&s[lo - b * LANES..hi - b * LANES]);
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                scores16(qv, blk, &mut s);
-                let (lo, hi) = ((b * LANES).max(first), (b * LANES + LANES).min(pos + 1));
-                p[lo..hi].copy_from_slice(&s[lo - b * LANES..hi - b * LANES]);
             }
         }
         None => {
-            for (j, pj) in p.iter_mut().enumerate().take(pos + 1).skip(first) {
+            for j in lo_all..=hi_all {
                 let kj = &kk[j * d..][..d];
-                *pj = dot_vec(qv, kj);
-            }
-        }
-    }
-    // The cap applies to the scaled scores (`c·tanh(s·scale/c)`, as `scaled_dot_product_attention`
-    // on other devices); with `scale = 1` (llama.cpp pre-scales q) `s·1` is exact, so this is
-    // ggml's order.
-    let softmax_scale = match softcap {
-        Some(c) => {
-            let inv = 1.0 / c;
-            for pj in p.iter_mut().take(pos + 1).skip(first) {
-                *pj = (*pj * scale * inv).tanh() * c;
-            }
-            1.0
-        }
-        None => scale,
-    };
-    softmax_scaled(&mut p, softmax_scale);
-    // Slot `s` (lane `s % 16` of accumulator `s / 16`) sums `p_j·v_j` over the positions
-    // `j ≡ s (mod slots)` in order, as ggml's lanes do; each slot is summed in registers.
-    let groups = if queries == 1 { 4 } else { 1 };
-    let slots = groups * LANES;
-    let mut acc = vec![0f32; slots * d];
-    let p = &p[..pos + 1];
-    for (s, a) in acc.chunks_exact_mut(d).enumerate() {
-        match d {
-            64 => pv_slot::<64>(p, vv, s, slots, a),
-            128 => pv_slot::<128>(p, vv, s, slots, a),
-            _ => {
-                for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-                    for (a, &x) in a.iter_mut().zip(&vv[j * d..][..d]) {
-                        *a = pj.mul_add(x, *a);
+                for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
+                    if j >= first(t) && j <= pos(t) {
+                        p[j] = dot_vec(qv(t, h), kj);
                     }
                 }
             }
         }
     }
-    // Lanes combined as ggml does (`(a0 + a2) + (a1 + a3)` over accumulators, then
-    // `reduce_add16`), every output dimension at once.
-    let at = |g: usize, l: usize| &acc[(g * LANES + l) * d..][..d];
-    let mut lanes = vec![0f32; LANES * d];
-    for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
-        if groups == 4 {
-            let (a0, a1, a2, a3) = (at(0, l), at(1, l), at(2, l), at(3, l));
-            for c in 0..d {
-                lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
+    for (&(t, _), p) in rows.iter().zip(ps.iter_mut()) {
+        // The cap applies to the scaled scores (`c·tanh(s·scale/c)`, as
+        // `scaled_dot_product_attention` on other devices); with `scale = 1` (llama.cpp
+        // pre-scales q) `s·1` is exact, so this is ggml's order.
+        let softmax_scale = match softcap {
+            Some(c) => {
+                let inv = 1.0 / c;
+                for pj in p.iter_mut().take(pos(t) + 1).skip(first(t)) {
+                    *pj = (*pj * scale * inv).tanh() * c;
+                }
+                1.0
             }
-        } else {
-            lane.copy_from_slice(at(0, l));
+            None => scale,
+        };
+        softmax_scaled(p, softmax_scale);
+    }
+    // Slot `s` (lane `s % 16` of accumulator `s / 16`) sums `p_j·v_j` over the positions
+    // `j ≡ s (mod slots)` in order, as ggml's lanes do; each slot is summed in registers. The
+    // slot loop is outside the row loop, so that a slot's stripe of values is loaded once.
+    let groups = if queries == 1 { 4 } else { 1 };
+    let slots = groups * LANES;
+    let mut accs = vec![0f32; rows.len() * slots * d];
+    for s in 0..slots {
+        for ((&(t, _), p), acc) in rows.iter().zip(&ps).zip(accs.chunks_exact_mut(slots * d)) {
+            let p = &p[..pos(t) + 1];
+            let a = &mut acc[s * d..][..d];
+            match d {
+                64 => pv_slot::<64>(p, vv, s, slots, a),
+                128 => pv_slot::<128>(p, vv, s, slots, a),
+                _ => {
+                    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
+                        for (a, &x) in a.iter_mut().zip(&vv[j * d..][..d]) {
+                            *a = pj.mul_add(x, *a);
+                        }
+                    }
+                }
+            }
         }
     }
-    let ln = |l: usize| &lanes[l * d..][..d];
-    for (c, oc) in o.iter_mut().enumerate() {
-        let h = |i: usize| ln(i)[c] + ln(i + 8)[c];
-        let q = [h(0) + h(4), h(1) + h(5), h(2) + h(6), h(3) + h(7)];
-        *oc = (q[0] + q[2]) + (q[1] + q[3]);
+    let mut lanes = vec![0f32; LANES * d];
+    for (&(t, h), acc) in rows.iter().zip(accs.chunks_exact(slots * d)) {
+        // Lanes combined as ggml does (`(a0 + a2) + (a1 + a3)` over accumulators, then
+        // `reduce_add16`), every output dimension at once.
+        let at = |g: usize, l: usize| &acc[(g * LANES + l) * d..][..d];
+        for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
+            if groups == 4 {
+                let (a0, a1, a2, a3) = (at(0, l), at(1, l), at(2, l), at(3, l));
+                for c in 0..d {
+                    lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
+                }
+            } else {
+                lane.copy_from_slice(at(0, l));
+            }
+        }
+        let ln = |l: usize| &lanes[l * d..][..d];
+        // SAFETY: row `(t, h)` belongs to this block (the caller's guarantee).
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add((t * heads + h) * d), d) };
+        for (c, oc) in o.iter_mut().enumerate() {
+            let h = |i: usize| ln(i)[c] + ln(i + 8)[c];
+            let q = [h(0) + h(4), h(1) + h(5), h(2) + h(6), h(3) + h(7)];
+            *oc = (q[0] + q[2]) + (q[1] + q[3]);
+        }
     }
 }
 
@@ -710,7 +832,7 @@ mod tests {
             .collect()
     }
 
-    /// ggml's attention for one row, written plainly (the order [`attention_row`] must keep):
+    /// ggml's attention for one row, written plainly (the order [`attention_block`] must keep):
     /// `dot_vec` scores, the softmax over the whole row, `p_j·v_j` into lane `j % slots`.
     #[allow(clippy::too_many_arguments)]
     fn reference_row(
