@@ -23,16 +23,21 @@
 //! order; [`tile_fn`]'s portable version does the very same float operations as the SIMD one.
 //!
 //! `Q4_K` (256-value super-blocks with 6-bit sub-block scales and mins) has its own group layout
-//! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels.
+//! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels; `Q6_K` in
+//! [`super::packed_q6k`].
 
 use super::{Acts, GgufType, Tile, TileFn};
 
 /// Rows per interleaved group.
 pub(crate) const ROWS: usize = 16;
 
-/// Whether `dtype` has a packed layout (`Q4_K`'s is in [`super::packed_q4k`]).
+/// Whether `dtype` has a packed layout (`Q4_K`'s is in [`super::packed_q4k`], `Q6_K`'s in
+/// [`super::packed_q6k`]).
 pub(crate) fn supports(dtype: GgufType) -> bool {
-    matches!(dtype, GgufType::Q4_0 | GgufType::Q8_0 | GgufType::Q4K)
+    matches!(
+        dtype,
+        GgufType::Q4_0 | GgufType::Q8_0 | GgufType::Q4K | GgufType::Q6K
+    )
 }
 
 /// Quant words (64 bytes each) per block (the kernels take the count, and the `-OFF · Σy`
@@ -50,6 +55,9 @@ pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) ->
     use rayon::prelude::*;
     if dtype == GgufType::Q4K {
         return super::packed_q4k::repack(bytes, rows, cols);
+    }
+    if dtype == GgufType::Q6K {
+        return super::packed_q6k::repack(bytes, rows, cols);
     }
     debug_assert!(supports(dtype) && rows.is_multiple_of(ROWS));
     let (ts, nb) = (dtype.type_size(), cols / 32);
@@ -96,6 +104,9 @@ pub(crate) fn dequantize_row(
     if dtype == GgufType::Q4K {
         return super::packed_q4k::dequantize_row(packed, cols, r, out);
     }
+    if dtype == GgufType::Q6K {
+        return super::packed_q6k::dequantize_row(packed, cols, r, out);
+    }
     let (ts, nb) = (dtype.type_size(), cols / 32);
     let gblock = ROWS * ts;
     let (g, i) = (r / ROWS, r % ROWS);
@@ -122,6 +133,7 @@ pub(crate) fn dequantize_row(
 pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
         GgufType::Q4K => super::packed_q4k::tile_scalar,
+        GgufType::Q6K => super::packed_q6k::tile_scalar,
         GgufType::Q8_0 => tile_scalar::<8, 128>,
         _ => tile_scalar::<4, 8>,
     }
@@ -202,6 +214,7 @@ pub(crate) mod avx512 {
     pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         match dtype {
             GgufType::Q4K => super::super::packed_q4k::avx512::tile,
+            GgufType::Q6K => super::super::packed_q6k::avx512::tile,
             GgufType::Q8_0 => tile::<8, 128>,
             _ => tile::<4, 8>,
         }

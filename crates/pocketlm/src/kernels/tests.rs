@@ -638,6 +638,42 @@ fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
 }
 
 #[test]
+fn packed_q6k_equals_the_portable_unpacked_q6k_bit_for_bit() {
+    // The packed Q6_K kernels compute the unpacked kernels' integers and apply them with the
+    // portable kernel's float operations (ggml's tiled order for 8+ rows), on every backend.
+    let mut rng = StdRng::seed_from_u64(25);
+    for (n, k) in [(16, 256), (48, 512), (32, 2048)] {
+        let bytes = random_block_bytes(&mut rng, GgufType::Q6K, n * k / 256);
+        let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q6K, n, k).unwrap();
+        let packed = plain.clone().into_packed();
+        assert!(packed.is_packed());
+        assert_eq!(packed.bytes().len(), plain.bytes().len());
+        for m in [1, 2, 3, 5, 7, 8, 9, 13, 64, 70] {
+            let x = rand_vec(&mut rng, m * k);
+            let mut want = vec![0f32; m * n];
+            plain
+                .matmul_with(Backend::Scalar, &x, m, &mut want)
+                .unwrap();
+            for backend in backends() {
+                let mut got = vec![0f32; m * n];
+                packed.matmul_with(backend, &x, m, &mut got).unwrap();
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{n}x{k} m={m} {backend:?}");
+            }
+        }
+        assert_eq!(packed.dequantize(), plain.dequantize());
+        let ids = [0u32, 15, n as u32 / 2, n as u32 - 1];
+        assert_eq!(
+            packed.embedding(&ids).unwrap(),
+            plain.embedding(&ids).unwrap()
+        );
+    }
+}
+
+#[test]
 fn packing_keeps_shapes_it_cannot_pack_unchanged() {
     let mut rng = StdRng::seed_from_u64(23);
     // 33 rows is not a whole number of groups; Q4_1 has no packed layout.
