@@ -56,6 +56,7 @@ pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod perplexity;
+pub mod prefix_cache;
 pub mod prompt_cache;
 pub mod quant;
 pub mod safetensors_weights;
