@@ -152,3 +152,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     pocketlm_server::run(m, config).context("serving")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("512 m"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("10kb"), Ok(10_000));
+        for bad in ["", "lots", "1TiB", "-1", "1e3", "GiB"] {
+            let e = parse_size(bad).expect_err(bad);
+            assert!(e.contains(bad.trim()), "{bad}: {e}");
+        }
+    }
+}
