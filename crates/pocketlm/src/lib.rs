@@ -53,6 +53,7 @@ pub mod kv_cache;
 pub mod loader;
 pub mod lora;
 pub mod memory;
+pub mod mlx_prompt_cache;
 pub mod models;
 pub mod nn;
 pub mod perplexity;
