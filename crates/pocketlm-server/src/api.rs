@@ -793,6 +793,18 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// The sum.
     pub total_tokens: usize,
+    /// Details of the prompt tokens (OpenAI's `usage.prompt_tokens_details`): how many came
+    /// from the prefix cache. Absent when the server keeps no prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache instead of being
+    /// prefilled (of the first choice when there are several).
+    pub cached_tokens: usize,
 }
 
 impl Usage {
@@ -802,7 +814,15 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
         }
+    }
+
+    /// With `prompt_tokens_details.cached_tokens` set, when `cached` is known (`Some`).
+    pub fn with_cached(mut self, cached: Option<usize>) -> Self {
+        self.prompt_tokens_details =
+            cached.map(|cached_tokens| PromptTokensDetails { cached_tokens });
+        self
     }
 }
 

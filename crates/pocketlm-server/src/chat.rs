@@ -185,6 +185,8 @@ pub(crate) struct ChoiceOut {
     pub finish_reason: &'static str,
     /// Tokens generated for this choice.
     pub completion_tokens: usize,
+    /// Prompt tokens taken from the prefix cache (`None`: no prefix cache).
+    pub cached_tokens: Option<usize>,
     /// Log-probabilities, one per token, when asked for.
     pub steps: Vec<StepLogprobs>,
 }
@@ -209,6 +211,7 @@ pub(crate) async fn collect_choices(started: Started) -> Result<Vec<ChoiceOut>, 
             Msg::Done {
                 finish_reason,
                 completion_tokens,
+                cached_tokens,
             } => {
                 let (content, tool_calls) = match tool_format {
                     Some(f) => {
@@ -227,6 +230,7 @@ pub(crate) async fn collect_choices(started: Started) -> Result<Vec<ChoiceOut>, 
                     content,
                     tool_calls,
                     completion_tokens,
+                    cached_tokens,
                     steps: std::mem::take(&mut steps),
                 });
                 if out.len() == n {
@@ -306,6 +310,7 @@ pub(crate) fn chat_events(started: Started) -> impl Stream<Item = ChatEvent> + S
             Some(Msg::Done {
                 finish_reason,
                 completion_tokens,
+                ..
             }) => {
                 st.finished = true;
                 let mut calls = 0;

@@ -5,16 +5,27 @@
 //! beyond it), submit ([`Engine::start`]) and receive their text as [`Msg`]s through a channel.
 //! Requests start in arrival order. A request whose receiver is gone (the client
 //! disconnected) is dropped from the batch before the next step.
+//!
+//! With a prefix cache ([`EngineConfig::prefix_cache`], [`pocketlm::prefix_cache`]), a prompt
+//! starts from its longest cached prefix and every finished sequence joins the cache. The
+//! cache is loaded from its directory when the engine starts (a file of another model is
+//! refused with a warning), written there by a background thread at most every
+//! [`PrefixCacheSettings::save_interval`] while it changes, and written once more when the
+//! engine is dropped (its scheduler thread is joined then).
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use pocketlm::generate::batch::{BatchConfig, BatchEvent, BatchGenerator, SeqId};
 use pocketlm::generate::{Event, GenerateParams};
 use pocketlm::loader::{EncodedPrompt, LoadedModel, Prompt};
+use pocketlm::prefix_cache::{LoadOutcome, PrefixCache, PrefixCacheConfig};
+use pocketlm::prompt_cache::ModelIdentity;
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
@@ -38,6 +49,8 @@ pub enum Msg {
         finish_reason: &'static str,
         /// Tokens generated.
         completion_tokens: usize,
+        /// Prompt tokens taken from the prefix cache; `None` without a prefix cache.
+        cached_tokens: Option<usize>,
     },
     /// The generation failed.
     Error(ApiError),
@@ -52,7 +65,7 @@ const CHANNEL_CAPACITY: usize = 32;
 const FLUSH_RETRY: Duration = Duration::from_millis(5);
 
 /// The engine's bounds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
     /// Sequences decoded together (at least 1).
     pub max_batch: usize,
@@ -60,6 +73,20 @@ pub struct EngineConfig {
     pub max_tokens_per_step: usize,
     /// Requests that may wait beyond the running ones.
     pub queue_size: usize,
+    /// The prefix cache across requests; `None` (or a budget of 0 bytes) for none.
+    pub prefix_cache: Option<PrefixCacheSettings>,
+}
+
+/// Settings of the engine's prefix cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixCacheSettings {
+    /// Most bytes of keys and values held (least recently used prefixes are evicted beyond
+    /// it); 0 disables the cache.
+    pub max_bytes: usize,
+    /// Where the cache is loaded from at start and saved to; `None`: memory only.
+    pub dir: Option<PathBuf>,
+    /// Shortest time between two background saves while the cache changes.
+    pub save_interval: Duration,
 }
 
 /// The model, the admission bound and the scheduler, shared by all requests.
@@ -68,7 +95,159 @@ pub struct Engine {
     model: Arc<LoadedModel>,
     admitted: Arc<AtomicUsize>,
     capacity: usize,
-    submit: Mutex<std_mpsc::Sender<Request>>,
+    /// `None` once the engine is being dropped.
+    submit: Mutex<Option<std_mpsc::Sender<Request>>>,
+    scheduler: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Engine {
+    /// Closes the submission channel and waits for the scheduler thread: it finishes the
+    /// requests still there and saves the prefix cache.
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.submit.lock() {
+            s.take();
+        }
+        let handle = self.scheduler.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The prefix cache of the scheduler and how it is saved.
+struct Persist {
+    cache: Arc<Mutex<PrefixCache>>,
+    /// The directory and the model identity written into the file; `None`: memory only.
+    target: Option<(PathBuf, ModelIdentity)>,
+    interval: Duration,
+    last: Instant,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Persist {
+    /// Builds the cache, loading it from `settings.dir` when there is one; `None` when the
+    /// budget is 0 or the model's caches cannot be sliced (rotating, quantized).
+    fn open(model: &LoadedModel, settings: &PrefixCacheSettings) -> Option<Self> {
+        if settings.max_bytes == 0 || !model.model.new_cache().sliceable() {
+            return None;
+        }
+        let config = PrefixCacheConfig {
+            max_bytes: settings.max_bytes,
+            ..PrefixCacheConfig::default()
+        };
+        let mut cache = PrefixCache::new(config);
+        let mut target = None;
+        if let Some(dir) = &settings.dir {
+            match ModelIdentity::of(model) {
+                Ok(id) => {
+                    match PrefixCache::load(dir, &id, config, model.model.device()) {
+                        Ok((c, LoadOutcome::Loaded { nodes, tokens })) => {
+                            tracing::info!(
+                                dir = %dir.display(),
+                                nodes,
+                                tokens,
+                                bytes = c.nbytes(),
+                                "prefix cache loaded"
+                            );
+                            cache = c;
+                        }
+                        Ok((_, LoadOutcome::Missing)) => {
+                            tracing::info!(dir = %dir.display(), "prefix cache: no file yet")
+                        }
+                        Ok((_, LoadOutcome::Refused(why))) => {
+                            tracing::warn!("prefix cache not loaded, starting empty: {why}")
+                        }
+                        Err(e) => {
+                            tracing::warn!("prefix cache not loaded, starting empty: {e}")
+                        }
+                    }
+                    target = Some((dir.clone(), id));
+                }
+                Err(e) => tracing::warn!(
+                    "prefix cache kept in memory only (the model file's identity is unknown: {e})"
+                ),
+            }
+        }
+        Some(Self {
+            cache: Arc::new(Mutex::new(cache)),
+            target,
+            interval: settings.save_interval,
+            last: Instant::now(),
+            writer: None,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long the idle scheduler may wait before the next save is due; `None`: no save
+    /// pending.
+    fn wait_hint(&self) -> Option<Duration> {
+        (self.target.is_some() && self.lock().is_dirty()).then(|| {
+            self.interval
+                .saturating_sub(self.last.elapsed())
+                .max(Duration::from_millis(100))
+        })
+    }
+
+    /// Starts a background save when one is due, the cache changed and no save runs.
+    fn maybe_save(&mut self) {
+        let Some((dir, id)) = &self.target else {
+            return;
+        };
+        if self.last.elapsed() < self.interval
+            || self.writer.as_ref().is_some_and(|w| !w.is_finished())
+        {
+            return;
+        }
+        let snap = {
+            let mut c = self.lock();
+            if !c.is_dirty() {
+                return;
+            }
+            c.snapshot()
+        };
+        self.last = Instant::now();
+        let (dir, id) = (dir.clone(), id.clone());
+        self.writer = std::thread::Builder::new()
+            .name("pocketlm-prefix-save".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                match snap.write(&dir, &id) {
+                    Ok(path) => tracing::info!(
+                        path = %path.display(),
+                        nodes = snap.n_nodes(),
+                        ms = t0.elapsed().as_millis() as u64,
+                        "prefix cache saved"
+                    ),
+                    Err(e) => tracing::warn!("saving the prefix cache failed: {e}"),
+                }
+            })
+            .ok();
+    }
+
+    /// Waits for a background save, then writes the cache if it changed since.
+    fn final_save(&mut self) {
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        let Some((dir, id)) = &self.target else {
+            return;
+        };
+        let mut c = self.lock();
+        if !c.is_dirty() {
+            return;
+        }
+        match c.save(dir, id) {
+            Ok(path) => tracing::info!(
+                path = %path.display(),
+                nodes = c.n_nodes(),
+                "prefix cache saved at shutdown"
+            ),
+            Err(e) => tracing::warn!("saving the prefix cache failed: {e}"),
+        }
+    }
 }
 
 /// A place in the queue (running or waiting); given back when dropped.
@@ -94,13 +273,16 @@ struct Request {
     outbox: VecDeque<Msg>,
     /// The running (or waiting) choice.
     seq: Option<SeqId>,
+    /// Prompt tokens the running choice took from the prefix cache (`None`: no prefix cache).
+    cached: Option<usize>,
     /// No more messages will be made (finished, failed or cancelled).
     ended: bool,
 }
 
 impl Engine {
-    /// An engine over `model` with `config`'s bounds; starts the scheduler thread, which ends
-    /// when the engine is dropped and its requests are done.
+    /// An engine over `model` with `config`'s bounds; loads the prefix cache (see the module
+    /// documentation) and starts the scheduler thread, which ends when the engine is dropped
+    /// and its requests are done.
     pub fn new(model: Arc<LoadedModel>, config: EngineConfig) -> Self {
         let max_batch = config.max_batch.max(1);
         let (submit, requests) = std_mpsc::channel();
@@ -108,16 +290,21 @@ impl Engine {
             max_batch,
             tokens_per_step: config.max_tokens_per_step.max(1),
         };
+        let persist = config
+            .prefix_cache
+            .as_ref()
+            .and_then(|s| Persist::open(&model, s));
         let m = model.clone();
-        std::thread::Builder::new()
+        let scheduler = std::thread::Builder::new()
             .name("pocketlm-scheduler".into())
-            .spawn(move || schedule(&m, batch, &requests))
+            .spawn(move || schedule(&m, batch, &requests, persist))
             .expect("spawning the scheduler thread");
         Engine {
             model,
             admitted: Arc::new(AtomicUsize::new(0)),
             capacity: max_batch.saturating_add(config.queue_size),
-            submit: Mutex::new(submit),
+            submit: Mutex::new(Some(submit)),
+            scheduler: Mutex::new(Some(scheduler)),
         }
     }
 
@@ -187,10 +374,14 @@ impl Engine {
             tx,
             outbox: VecDeque::new(),
             seq: None,
+            cached: None,
             ended: false,
         };
         let sent = match self.submit.lock() {
-            Ok(s) => s.send(req).map_err(|e| e.0),
+            Ok(s) => match s.as_ref() {
+                Some(s) => s.send(req).map_err(|e| e.0),
+                None => Err(req),
+            },
             Err(_) => Err(req),
         };
         if let Err(req) = sent {
@@ -203,30 +394,43 @@ impl Engine {
 }
 
 /// The scheduler thread: takes requests, steps the batch, routes events, until the engine is
-/// gone and nothing runs.
-fn schedule(model: &LoadedModel, config: BatchConfig, requests: &std_mpsc::Receiver<Request>) {
-    let mut gen = BatchGenerator::new(model.model.as_ref(), &model.tokenizer, config);
+/// gone and nothing runs; then saves the prefix cache.
+fn schedule(
+    model: &LoadedModel,
+    config: BatchConfig,
+    requests: &std_mpsc::Receiver<Request>,
+    mut persist: Option<Persist>,
+) {
+    let prefix = persist.as_ref().map(|p| p.cache.clone());
+    let new_gen = || {
+        let g = BatchGenerator::new(model.model.as_ref(), &model.tokenizer, config);
+        match &prefix {
+            Some(p) => g.with_prefix_cache(p.clone()),
+            None => g,
+        }
+    };
+    let mut gen = new_gen();
     let mut reqs: Vec<Request> = Vec::new();
     let mut open = true;
     loop {
-        // New requests: wait for one when there is nothing else to do.
+        // New requests: wait for one when there is nothing else to do (idle, at most until
+        // the next prefix-cache save is due).
         if open && gen.is_empty() {
-            let first = if reqs.is_empty() {
-                requests.recv().ok()
+            let wait = if reqs.is_empty() {
+                persist.as_ref().and_then(Persist::wait_hint)
             } else {
-                match requests.recv_timeout(FLUSH_RETRY) {
-                    Ok(r) => Some(r),
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                        open = false;
-                        None
-                    }
-                }
+                Some(FLUSH_RETRY)
             };
-            match first {
-                Some(r) => reqs.push(r),
-                None if reqs.is_empty() => return,
-                None => {}
+            let got = match wait {
+                None => requests
+                    .recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+                Some(d) => requests.recv_timeout(d),
+            };
+            match got {
+                Ok(r) => reqs.push(r),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => open = false,
             }
         }
         while open {
@@ -237,6 +441,9 @@ fn schedule(model: &LoadedModel, config: BatchConfig, requests: &std_mpsc::Recei
             }
         }
         if !open && reqs.is_empty() {
+            if let Some(p) = &mut persist {
+                p.final_save();
+            }
             return;
         }
         for r in &mut reqs {
@@ -248,16 +455,16 @@ fn schedule(model: &LoadedModel, config: BatchConfig, requests: &std_mpsc::Recei
                 r.ended = true;
                 r.outbox.clear();
             } else if r.seq.is_none() && !r.ended {
-                start_next(&mut gen, r);
+                start_next(&mut gen, r, prefix.is_some());
             }
         }
         if !gen.is_empty() {
             match catch_unwind(AssertUnwindSafe(|| gen.step())) {
-                Ok(events) => route(model, &mut gen, &mut reqs, events),
+                Ok(events) => route(model, &mut gen, &mut reqs, events, prefix.is_some()),
                 Err(_) => {
                     // A bug in a step: every running request gets an error; the generator
                     // starts over.
-                    gen = BatchGenerator::new(model.model.as_ref(), &model.tokenizer, config);
+                    gen = new_gen();
                     for r in reqs.iter_mut().filter(|r| r.seq.is_some()) {
                         r.seq = None;
                         r.ended = true;
@@ -272,17 +479,34 @@ fn schedule(model: &LoadedModel, config: BatchConfig, requests: &std_mpsc::Recei
             flush(r);
         }
         reqs.retain(|r| !(r.ended && r.outbox.is_empty()));
+        if let Some(p) = &mut persist {
+            p.maybe_save();
+        }
     }
 }
 
 /// Puts the request's next choice into the batch; with none left, the request has ended.
-fn start_next(gen: &mut BatchGenerator<'_>, r: &mut Request) {
+/// `prefix`: whether the generator has a prefix cache (the hit is recorded and logged).
+fn start_next(gen: &mut BatchGenerator<'_>, r: &mut Request, prefix: bool) {
     let Some(p) = r.params.pop_front() else {
         r.ended = true;
         return;
     };
     match gen.insert(r.prompt.clone(), p) {
-        Ok(id) => r.seq = Some(id),
+        Ok(id) => {
+            r.seq = Some(id);
+            r.cached = None;
+            if prefix {
+                let cached = gen.cached_tokens(id).unwrap_or(0);
+                r.cached = Some(cached);
+                let prompt_tokens = r.prompt.ids.len();
+                if cached > 0 {
+                    tracing::info!(prompt_tokens, cached_tokens = cached, "prefix cache hit");
+                } else {
+                    tracing::debug!(prompt_tokens, "prefix cache miss");
+                }
+            }
+        }
         Err(e) => {
             r.ended = true;
             r.outbox.push_back(Msg::Error(ApiError::from_library(e)));
@@ -296,20 +520,22 @@ fn route(
     gen: &mut BatchGenerator<'_>,
     reqs: &mut [Request],
     events: Vec<BatchEvent>,
+    prefix: bool,
 ) {
     for BatchEvent { id, event } in events {
         let Some(r) = reqs.iter_mut().find(|r| r.seq == Some(id)) else {
             continue;
         };
-        let Some(msg) = to_msg(model, event) else {
+        let Some(mut msg) = to_msg(model, event) else {
             continue;
         };
-        match &msg {
+        match &mut msg {
             Msg::Delta { .. } => {}
-            Msg::Done { .. } => {
+            Msg::Done { cached_tokens, .. } => {
+                *cached_tokens = r.cached;
                 r.seq = None;
                 r.outbox.push_back(msg);
-                start_next(gen, r);
+                start_next(gen, r, prefix);
                 continue;
             }
             Msg::Error(_) => {
@@ -344,6 +570,7 @@ fn to_msg(model: &LoadedModel, event: pocketlm::Result<Event>) -> Option<Msg> {
         Ok(Event::Finished { reason, stats }) => Msg::Done {
             finish_reason: reason.as_openai(),
             completion_tokens: stats.generated_tokens,
+            cached_tokens: None,
         },
         Err(e) => Msg::Error(ApiError::from_library(e)),
     })

@@ -80,6 +80,17 @@ pub struct ServerConfig {
     /// The embedding model `POST /v1/embeddings` uses (`serve --embedding-model`); `None`:
     /// the route answers 404.
     pub embeddings: Option<Arc<embeddings::EmbeddingService>>,
+    /// Bytes of keys and values the prefix cache across requests may hold
+    /// (`serve --prefix-cache-memory`; default 1 GiB); 0 disables it. Prompts starting with a
+    /// cached prefix prefill only the rest; answers report the reused tokens in
+    /// `usage.prompt_tokens_details.cached_tokens` ([`pocketlm::prefix_cache`]).
+    pub prefix_cache_memory: usize,
+    /// Where the prefix cache is loaded from at start and saved to (periodically and when the
+    /// server's router is dropped) (`serve --prefix-cache-dir`; the CLI's default is
+    /// [`pocketlm::prefix_cache::default_dir`]); `None` (this struct's default): memory only.
+    pub prefix_cache_dir: Option<std::path::PathBuf>,
+    /// Shortest time between two saves of a changing prefix cache. Default 60 s.
+    pub prefix_cache_save_interval: Duration,
 }
 
 /// Connection timeouts: slow or idle clients do not hold connections open forever.
@@ -117,6 +128,9 @@ impl Default for ServerConfig {
             model_id: None,
             timeouts: Timeouts::default(),
             embeddings: None,
+            prefix_cache_memory: 1 << 30,
+            prefix_cache_dir: None,
+            prefix_cache_save_interval: Duration::from_secs(60),
         }
     }
 }
@@ -174,6 +188,11 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
                 max_batch: config.max_concurrency,
                 max_tokens_per_step: config.max_tokens_per_step,
                 queue_size: config.queue_size,
+                prefix_cache: Some(engine::PrefixCacheSettings {
+                    max_bytes: config.prefix_cache_memory,
+                    dir: config.prefix_cache_dir.clone(),
+                    save_interval: config.prefix_cache_save_interval,
+                }),
             },
         )),
         created: unix_now(),
@@ -547,6 +566,7 @@ async fn chat_completions(
             n: started.n,
             index: 0,
             completion_tokens: 0,
+            cached_tokens: None,
             tool_format: started.tool_format,
             parser: started.tool_format.map(ToolCallStreamParser::new),
         };
@@ -554,6 +574,7 @@ async fn chat_completions(
     }
     let outs = chat::collect_choices(started).await?;
     let completion_tokens = outs.iter().map(|o| o.completion_tokens).sum();
+    let cached_tokens = outs.first().and_then(|o| o.cached_tokens);
     let choices = outs
         .into_iter()
         .enumerate()
@@ -578,7 +599,7 @@ async fn chat_completions(
         created,
         model: s.model_id.to_string(),
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens),
+        usage: Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens),
     })
     .into_response())
 }
@@ -598,6 +619,8 @@ struct ChatStream {
     index: usize,
     /// Tokens of the choices finished so far.
     completion_tokens: usize,
+    /// Prompt tokens the first choice took from the prefix cache (`None`: no prefix cache).
+    cached_tokens: Option<usize>,
     tool_format: Option<ToolCallFormat>,
     /// The current choice's tool-call parser.
     parser: Option<ToolCallStreamParser>,
@@ -730,7 +753,10 @@ impl ChatStream {
                 created: self.created,
                 model: self.model.clone(),
                 choices: Vec::new(),
-                usage: Some(Usage::new(self.prompt_tokens, self.completion_tokens)),
+                usage: Some(
+                    Usage::new(self.prompt_tokens, self.completion_tokens)
+                        .with_cached(self.cached_tokens),
+                ),
             }));
         }
         out.push_str("data: [DONE]\n\n");
@@ -766,7 +792,11 @@ fn chat_sse(rx: mpsc::Receiver<Msg>, fmt: ChatStream) -> Response {
             Some(Msg::Done {
                 finish_reason,
                 completion_tokens,
+                cached_tokens,
             }) => {
+                if st.fmt.index == 0 {
+                    st.fmt.cached_tokens = cached_tokens;
+                }
                 let out = st.fmt.done(finish_reason, completion_tokens);
                 st.finished = out.ends_with("data: [DONE]\n\n");
                 out
@@ -843,12 +873,14 @@ async fn completions(
         n,
         index: 0,
         completion_tokens: 0,
+        cached_tokens: None,
     };
     if req.common.stream() {
         return Ok(sse(rx, fmt));
     }
     let outs = collect(rx, n).await?;
     let completion_tokens = outs.iter().map(|o| o.completion_tokens).sum();
+    let cached_tokens = outs.first().and_then(|o| o.cached_tokens);
     let choices = outs
         .into_iter()
         .enumerate()
@@ -876,7 +908,7 @@ async fn completions(
         created: fmt.created,
         model: fmt.model,
         choices,
-        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+        usage: Some(Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens)),
     })
     .into_response())
 }
@@ -886,6 +918,8 @@ struct Collected {
     text: String,
     finish_reason: &'static str,
     completion_tokens: usize,
+    /// Prompt tokens taken from the prefix cache (`None`: no prefix cache).
+    cached_tokens: Option<usize>,
     /// One per generated token when log-probabilities were asked for.
     steps: Vec<StepLogprobs>,
 }
@@ -904,11 +938,13 @@ async fn collect(mut rx: mpsc::Receiver<Msg>, n: usize) -> Result<Vec<Collected>
             Msg::Done {
                 finish_reason,
                 completion_tokens,
+                cached_tokens,
             } => {
                 out.push(Collected {
                     text: std::mem::take(&mut text),
                     finish_reason,
                     completion_tokens,
+                    cached_tokens,
                     steps: std::mem::take(&mut steps),
                 });
                 if out.len() == n {
@@ -938,6 +974,8 @@ struct StreamFormat {
     index: usize,
     /// Tokens of the choices finished so far.
     completion_tokens: usize,
+    /// Prompt tokens the first choice took from the prefix cache (`None`: no prefix cache).
+    cached_tokens: Option<usize>,
 }
 
 pub(crate) fn event<T: Serialize>(value: &T) -> String {
@@ -1003,7 +1041,10 @@ impl StreamFormat {
                 created: self.created,
                 model: self.model.clone(),
                 choices: Vec::new(),
-                usage: Some(Usage::new(self.prompt_tokens, self.completion_tokens)),
+                usage: Some(
+                    Usage::new(self.prompt_tokens, self.completion_tokens)
+                        .with_cached(self.cached_tokens),
+                ),
             }));
         }
         out.push_str("data: [DONE]\n\n");
@@ -1033,7 +1074,11 @@ fn sse(rx: mpsc::Receiver<Msg>, fmt: StreamFormat) -> Response {
             Some(Msg::Done {
                 finish_reason,
                 completion_tokens,
+                cached_tokens,
             }) => {
+                if st.fmt.index == 0 {
+                    st.fmt.cached_tokens = cached_tokens;
+                }
                 let out = st.fmt.done(finish_reason, completion_tokens);
                 st.finished = out.ends_with("data: [DONE]\n\n");
                 out
@@ -1080,6 +1125,7 @@ mod tests {
             n: 2,
             index: 0,
             completion_tokens: 0,
+            cached_tokens: None,
             tool_format: Some(ToolCallFormat::Hermes),
             parser: Some(ToolCallStreamParser::new(ToolCallFormat::Hermes)),
         };

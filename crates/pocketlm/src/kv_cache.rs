@@ -74,6 +74,14 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
         let _ = dtype;
         false
     }
+    /// Whether position `p`'s keys and values depend only on the tokens up to `p`, every
+    /// position is held, and [`Self::state`] gives them exactly as [`Self::update`] took them,
+    /// so that a slice of the state can seed another cache (the prefix cache,
+    /// [`crate::prefix_cache`]). True for [`GrowingKvCache`]; the default (rotating and
+    /// quantized caches): false.
+    fn sliceable(&self) -> bool {
+        false
+    }
 }
 
 /// A cache that grows by preallocated steps (`step` positions at a time, 256 by default, as
@@ -164,6 +172,10 @@ impl LayerKvCache for GrowingKvCache {
         self.k = Some(kb);
         self.v = Some(vb);
         Ok(out)
+    }
+
+    fn sliceable(&self) -> bool {
+        true
     }
 
     fn set_storage_dtype(&mut self, dtype: DType) -> bool {
@@ -904,6 +916,12 @@ impl KvCache {
             Some(l) => l.state(),
             None => Ok(None),
         }
+    }
+
+    /// Whether every layer is [`LayerKvCache::sliceable`] and no multimodal RoPE delta is set
+    /// (a text-only cache whose prefixes can be cut out and reused); false for no layers.
+    pub fn sliceable(&self) -> bool {
+        !self.layers.is_empty() && self.rope_delta == 0 && self.layers.iter().all(|l| l.sliceable())
     }
 
     /// Number of layers.

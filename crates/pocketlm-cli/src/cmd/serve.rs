@@ -51,9 +51,51 @@ pub struct ServeArgs {
     /// first use), a sentence-transformers folder or a hub id. Without it the route answers 404.
     #[arg(long, value_name = "MODEL")]
     pub embedding_model: Option<String>,
+    /// Memory for the prefix cache across requests: keys and values of prompts (and answers)
+    /// already computed, reused by any request that starts with them (a shared system prompt,
+    /// the earlier turns of a chat). Bytes, or with a unit: KiB, MiB, GiB (also K, M, G),
+    /// KB, MB, GB. 0 disables it.
+    #[arg(long, default_value = "1GiB", value_name = "SIZE", value_parser = parse_size)]
+    pub prefix_cache_memory: usize,
+    /// Directory the prefix cache is loaded from at start and saved to (every minute while it
+    /// changes, and at shutdown). Default: $POCKETLM_HOME/prefix-cache/<model>-<hash>.
+    #[arg(long, value_name = "DIR")]
+    pub prefix_cache_dir: Option<std::path::PathBuf>,
     /// Print loading details.
     #[arg(long, short = 'v')]
     pub verbose: bool,
+}
+
+/// A size in bytes: a number, optionally followed by a unit (KiB, MiB, GiB, K, M, G binary;
+/// KB, MB, GB decimal; B).
+pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (a number of bytes, or with KiB, MiB, GiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        u => {
+            return Err(format!(
+                "`{s}`: unknown unit `{u}` (use KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let bytes = n * mult;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > usize::MAX as f64 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as usize)
 }
 
 /// Runs `serve` until Ctrl-C.
@@ -70,6 +112,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
         keep_alive: seconds("keep-alive-timeout", args.keep_alive_timeout)?,
     };
     let m = load(&args.model, args.verbose)?;
+    let prefix_cache_dir = match args.prefix_cache_dir {
+        Some(d) => Some(d),
+        None if args.prefix_cache_memory > 0 => {
+            match pocketlm::prompt_cache::ModelIdentity::of(&m) {
+                Ok(id) => Some(pocketlm::prefix_cache::default_dir(&id)),
+                Err(e) => {
+                    eprintln!("pocketlm: the prefix cache stays in memory ({e})");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let embeddings = match &args.embedding_model {
         Some(spec) => {
             let e = super::embed::load(spec, args.model.device.parse()?, None)?;
@@ -91,7 +146,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_tokens_per_step: args.max_tokens_per_step,
         queue_size: args.queue_size,
         api_key: args.api_key,
+        prefix_cache_memory: args.prefix_cache_memory,
+        prefix_cache_dir,
         ..ServerConfig::default()
     };
     pocketlm_server::run(m, config).context("serving")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_and_decimal_units() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("512 m"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("10kb"), Ok(10_000));
+        for bad in ["", "lots", "1TiB", "-1", "1e3", "GiB"] {
+            let e = parse_size(bad).expect_err(bad);
+            assert!(e.contains(bad.trim()), "{bad}: {e}");
+        }
+    }
 }

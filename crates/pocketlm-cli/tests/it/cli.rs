@@ -155,6 +155,29 @@ fn serve_timeouts_are_checked() {
     );
 }
 
+/// `serve --prefix-cache-memory` takes sizes with units and refuses others before the model
+/// loads; its help says the default.
+#[test]
+fn serve_prefix_cache_memory_is_checked() {
+    for bad in ["lots", "12XB", "-5"] {
+        let flag = format!("--prefix-cache-memory={bad}");
+        let out = pocketlm(&["serve", &flag, "--port", "0"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("--prefix-cache-memory") && stderr.contains(bad),
+            "{stderr}"
+        );
+    }
+    let help = pocketlm(&["serve", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("--prefix-cache-memory") && text.contains("[default: 1GiB]"),
+        "{text}"
+    );
+    assert!(text.contains("--prefix-cache-dir"), "{text}");
+}
+
 /// `serve --help` names the variable that holds the API key but never prints its value.
 #[test]
 fn serve_help_hides_the_api_key() {

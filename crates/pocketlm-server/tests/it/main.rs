@@ -4,6 +4,7 @@
 mod embeddings;
 mod limits;
 mod openai_client;
+mod prefix_cache;
 mod server;
 mod tools;
 

@@ -202,7 +202,17 @@ fn chat_non_stream_and_stream_agree() {
     assert_eq!(finishes, vec![finish.to_string()]);
     let last = chunks.last().expect("usage chunk");
     assert_eq!(last["choices"].as_array().map(Vec::len), Some(0));
-    assert_eq!(&last["usage"], usage);
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][k], usage[k], "{k}");
+    }
+    // The prefix cache: the tokens reused are reported, fewer than the prompt's (the same
+    // prompt a second time reuses its whole blocks but the last token).
+    for u in [usage, &last["usage"]] {
+        let cached = u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens");
+        assert!(cached < prompt_tokens as u64, "{u}");
+    }
 }
 
 #[test]

@@ -20,13 +20,20 @@
 //! ([`TokenState`] for the tokens, the text layer of [`super::Generation`] for the events), so a
 //! sequence yields the same [`Event`]s batched as alone, up to the float summation order of
 //! batched products (see [`crate::models::decoder::Decoder::forward_batch`]).
+//!
+//! With a [`PrefixCache`] ([`BatchGenerator::with_prefix_cache`]), [`BatchGenerator::insert`]
+//! starts a text prompt from the longest cached prefix of it (only the rest is prefilled;
+//! [`BatchGenerator::cached_tokens`] says how many were reused), and every sequence that
+//! finishes normally adds the tokens it fed to the model (prompt and generated) to the cache.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, TokenState};
 use crate::kv_cache::KvCache;
 use crate::models::{BatchRow, CausalLM, ModelInput};
+use crate::prefix_cache::PrefixCache;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -88,6 +95,13 @@ struct Seq<'a> {
     tokens: TokenState,
     text: TextState<'a>,
     phase: Phase,
+    /// The token ids the cache holds, in order, while they are all known (a text prompt
+    /// inserted through [`BatchGenerator::insert`]); `None` otherwise.
+    fed: Option<Vec<u32>>,
+    /// Prompt tokens taken from the prefix cache.
+    cached: usize,
+    /// Finished normally (not failed): its tokens may join the prefix cache.
+    finished: bool,
 }
 
 impl Seq<'_> {
@@ -120,6 +134,7 @@ impl Seq<'_> {
                 self.drain(out);
                 if done {
                     self.phase = Phase::Done;
+                    self.finished = true;
                 }
                 !done
             }
@@ -207,6 +222,7 @@ pub struct BatchGenerator<'a> {
     running: Vec<Seq<'a>>,
     waiting: VecDeque<Seq<'a>>,
     next_id: u64,
+    prefix: Option<Arc<Mutex<PrefixCache>>>,
 }
 
 impl<'a> BatchGenerator<'a> {
@@ -222,7 +238,16 @@ impl<'a> BatchGenerator<'a> {
             running: Vec::new(),
             waiting: VecDeque::new(),
             next_id: 0,
+            prefix: None,
         }
+    }
+
+    /// Uses `prefix` (shared, e.g. with a thread that saves it) for the sequences inserted from
+    /// now on: see the module documentation. Only models whose fresh cache
+    /// ([`CausalLM::new_cache`]) is [`KvCache::sliceable`] use it.
+    pub fn with_prefix_cache(mut self, prefix: Arc<Mutex<PrefixCache>>) -> Self {
+        self.prefix = Some(prefix);
+        self
     }
 
     /// The bounds in use.
@@ -234,9 +259,46 @@ impl<'a> BatchGenerator<'a> {
     /// ([`CausalLM::new_cache`]); it joins the running ones at the next step with room.
     ///
     /// Errors: as [`super::generate_input`] (the prompt is checked now).
-    pub fn insert(&mut self, input: ModelInput, params: GenerateParams) -> Result<SeqId> {
-        let cache = self.model.new_cache();
-        self.insert_with_cache(cache, input, params)
+    ///
+    /// With a prefix cache, a text prompt starts from its longest cached prefix (at least one
+    /// token is still prefilled) and the sampler's history still holds the whole prompt.
+    pub fn insert(&mut self, mut input: ModelInput, params: GenerateParams) -> Result<SeqId> {
+        let mut cache = self.model.new_cache();
+        if !input.images.is_empty() || !cache.sliceable() {
+            return self.insert_with_cache(cache, input, params);
+        }
+        let all = input.ids.clone();
+        let mut cached = 0;
+        if let Some(p) = &self.prefix {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            match p.lookup_into(&all, &mut cache) {
+                Ok(n) => cached = n,
+                Err(e) => {
+                    tracing::warn!("prefix cache lookup failed, prefilling the whole prompt: {e}");
+                    cache.reset();
+                }
+            }
+        }
+        input.ids.drain(..cached);
+        let (tokens, text) =
+            sequence_parts(self.model, self.tokenizer, cache.offset(), input, params)?;
+        let tokens = tokens.with_history_prefix(&all[..cached]);
+        let id = self.push_waiting(cache, tokens, text);
+        if let Some(s) = self.waiting.back_mut() {
+            s.fed = Some(all[..cached].to_vec());
+            s.cached = cached;
+        }
+        Ok(id)
+    }
+
+    /// Prompt tokens sequence `id` took from the prefix cache (0 without a hit); `None` for
+    /// an unknown or finished sequence.
+    pub fn cached_tokens(&self, id: SeqId) -> Option<usize> {
+        self.running
+            .iter()
+            .chain(&self.waiting)
+            .find(|s| s.id == id)
+            .map(|s| s.cached)
     }
 
     /// As [`Self::insert`], appending to `cache` (which may already hold a prefix of the
@@ -251,6 +313,10 @@ impl<'a> BatchGenerator<'a> {
     ) -> Result<SeqId> {
         let (tokens, text) =
             sequence_parts(self.model, self.tokenizer, cache.offset(), input, params)?;
+        Ok(self.push_waiting(cache, tokens, text))
+    }
+
+    fn push_waiting(&mut self, cache: KvCache, tokens: TokenState, text: TextState<'a>) -> SeqId {
         let id = SeqId(self.next_id);
         self.next_id += 1;
         self.waiting.push_back(Seq {
@@ -259,8 +325,11 @@ impl<'a> BatchGenerator<'a> {
             tokens,
             text,
             phase: Phase::New,
+            fed: None,
+            cached: 0,
+            finished: false,
         });
-        Ok(id)
+        id
     }
 
     /// Cancels a sequence (running or waiting): it is dropped without further events. Returns
@@ -306,6 +375,23 @@ impl<'a> BatchGenerator<'a> {
         } else {
             self.batched_pass(&mut out);
         }
+        if let Some(p) = &self.prefix {
+            for s in &self.running {
+                let Some(fed) = &s.fed else { continue };
+                if matches!(s.phase, Phase::Done) && s.finished && fed.len() == s.cache.offset() {
+                    let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                    match p.insert(fed, &s.cache) {
+                        Ok(n) => tracing::debug!(
+                            tokens = fed.len(),
+                            new = n,
+                            bytes = p.nbytes(),
+                            "prefix cache: inserted a finished sequence"
+                        ),
+                        Err(e) => tracing::warn!("prefix cache insert failed: {e}"),
+                    }
+                }
+            }
+        }
         self.running.retain(|s| !matches!(s.phase, Phase::Done));
         out
     }
@@ -336,6 +422,7 @@ impl<'a> BatchGenerator<'a> {
         else {
             return;
         };
+        s.fed = None; // images: not cached
         let t0 = Instant::now();
         let chunk = s.text.params().prefill_chunk.max(1);
         let r = model.prefill(&input, &mut s.cache, chunk).and_then(|p| {
@@ -439,6 +526,15 @@ impl<'a> BatchGenerator<'a> {
         };
         for (k, &i) in members.iter().enumerate() {
             let s = &mut self.running[i];
+            if let Some(fed) = &mut s.fed {
+                match &s.phase {
+                    Phase::Decode(ids) => fed.extend_from_slice(ids),
+                    Phase::Prefill { input, done, .. } => {
+                        fed.extend_from_slice(&input.ids[*done..*done + plan[i]])
+                    }
+                    Phase::New | Phase::Done => {}
+                }
+            }
             if let Phase::Prefill { input, done, .. } = &mut s.phase {
                 *done += plan[i];
                 if *done < input.ids.len() {
@@ -789,5 +885,114 @@ mod tests {
             toks[&b],
             alone(m, &tok, &pb, params(10, SamplingParams::default()))
         );
+    }
+
+    /// A prompt sharing a cached prefix starts from it (only the rest is prefilled) and
+    /// yields the tokens it yields alone from scratch; the previous turn's generated tokens
+    /// are reused too.
+    ///
+    /// Tolerance: the logits after a cache hit equal those of a full prefill within 1e-4
+    /// (the hit's prompt is prefilled in other chunks, so the attention products over the
+    /// cached keys are computed with other row counts); greedy tokens are equal.
+    #[test]
+    fn a_prefix_cache_hit_yields_the_tokens_of_a_full_prefill() {
+        use crate::prefix_cache::{PrefixCache, PrefixCacheConfig};
+        let tok = tokenizer();
+        for quantized in [false, true] {
+            let model = tiny_llama(quantized);
+            let m = model.as_ref();
+            let prefix = Arc::new(Mutex::new(PrefixCache::new(PrefixCacheConfig {
+                block_size: 8,
+                max_bytes: 1 << 24,
+            })));
+            let mut gen = BatchGenerator::new(
+                m,
+                &tok,
+                BatchConfig {
+                    max_batch: 4,
+                    tokens_per_step: 16,
+                },
+            )
+            .with_prefix_cache(prefix.clone());
+            let greedy = || params(10, SamplingParams::default());
+            let system = prompt(45, 21);
+            let with = |tail: Vec<u32>| {
+                let mut p = system.clone();
+                p.extend(tail);
+                p
+            };
+            // First turn: a miss; the finished sequence (45 + 5 prompt + 9 fed generated
+            // tokens = 59, 56 in whole blocks) joins the cache.
+            let first = with(prompt(5, 22));
+            let got = run_batch(&mut gen, vec![(0, first.clone(), greedy())]);
+            let (toks1, _) = got.values().next().expect("one sequence").clone();
+            assert_eq!(toks1, alone(m, &tok, &first, greedy()));
+            assert_eq!(prefix.lock().unwrap().n_tokens(), 56);
+            // Two requests sharing the system prompt, together: 40 tokens from the cache.
+            let (p2, p3) = (with(prompt(7, 23)), with(prompt(30, 24)));
+            let id2 = gen.insert(ModelInput::text(p2.clone()), greedy()).unwrap();
+            let id3 = gen.insert(ModelInput::text(p3.clone()), greedy()).unwrap();
+            assert_eq!(gen.cached_tokens(id2), Some(40));
+            assert_eq!(gen.cached_tokens(id3), Some(40));
+            assert!(gen.remove(id2).is_some() && gen.remove(id3).is_some());
+            let got = run_batch(
+                &mut gen,
+                vec![(0, p2.clone(), greedy()), (1, p3.clone(), greedy())],
+            );
+            let mut ids: Vec<_> = got.into_iter().collect();
+            ids.sort_by_key(|(id, _)| *id);
+            assert_eq!(
+                ids[0].1 .0,
+                alone(m, &tok, &p2, greedy()),
+                "quantized={quantized}"
+            );
+            assert_eq!(
+                ids[1].1 .0,
+                alone(m, &tok, &p3, greedy()),
+                "quantized={quantized}"
+            );
+            // The next turn: the first prompt, its answer and more: the answer is reused.
+            let mut turn2 = first.clone();
+            turn2.extend_from_slice(&toks1);
+            turn2.extend(prompt(6, 25));
+            let id = gen
+                .insert(ModelInput::text(turn2.clone()), greedy())
+                .unwrap();
+            assert_eq!(gen.cached_tokens(id), Some(56));
+            gen.remove(id);
+            let got = run_batch(&mut gen, vec![(0, turn2.clone(), greedy())]);
+            assert_eq!(
+                got.values().next().unwrap().0,
+                alone(m, &tok, &turn2, greedy()),
+                "quantized={quantized}"
+            );
+
+            // Logits: the cached prefix plus the rest against a full prefill.
+            let mut full = m.new_cache();
+            crate::models::prefill_text(m, &p3[..p3.len() - 1], &mut full, 512).unwrap();
+            let (n, mut hit) = prefix.lock().unwrap().lookup(&p3, m).unwrap();
+            // `p3` itself was cached when it finished: all its whole blocks but the last token.
+            assert_eq!(n, (p3.len() - 1) / 8 * 8);
+            crate::models::prefill_text(m, &p3[n..p3.len() - 1], &mut hit, 512).unwrap();
+            let last = Tensor::new(&p3[p3.len() - 1..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let a = m.forward(&last, &mut full, Logits::Last).unwrap();
+            let b = m.forward(&last, &mut hit, Logits::Last).unwrap();
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-4,
+                "quantized={quantized}: logits differ by {diff}"
+            );
+            eprintln!("quantized={quantized}: cache-hit logits differ by {diff}");
+        }
     }
 }

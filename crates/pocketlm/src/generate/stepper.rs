@@ -173,6 +173,14 @@ impl TokenState {
         self
     }
 
+    /// Puts `ids`, tokens already in the sequence's cache before its prompt (a reused prefix),
+    /// in front of the history the sampler's processors see (repetition penalties), as if
+    /// they had been part of the prompt.
+    pub fn with_history_prefix(mut self, ids: &[u32]) -> Self {
+        self.history.splice(0..0, ids.iter().copied());
+        self
+    }
+
     /// Positions the sequence's cache will hold once every token yielded so far is fed, given
     /// the positions it holds now (`cache_offset`): the prompt if not handed out yet, plus the
     /// tokens yielded since the last pass.
