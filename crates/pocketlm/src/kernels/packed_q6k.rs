@@ -111,8 +111,8 @@ fn block_isum(blk: &[u8], a: &Acts, r: usize, b: usize, i: usize) -> i32 {
     let mut isum = 0i32;
     for s in 0..16 {
         let mut sub = 0i32;
-        for v in 16 * s..16 * s + 16 {
-            sub += code(blk, i, v) * y[v] as i32;
+        for (v, &yv) in y.iter().enumerate().skip(16 * s).take(16) {
+            sub += code(blk, i, v) * yv as i32;
         }
         isum += (blk[SC + 16 * s + i] as i8 as i32) * (sub - 32 * bsums[s] as i32);
     }
