@@ -24,12 +24,12 @@ use candle_core::{DType, Device, Storage, Tensor};
 use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
 use crate::{Error, Result};
 
-/// Most blocks the attention of one key/value head is split over. Each split takes
-/// `max(64, ceil(len / SPLITS))` positions (`ATTN_MIN_CHUNK` in qmatrix.cu) and the blocks past
-/// the last split exit at once, so one recorded graph serves every length: 64 splits keep
-/// 8 x 64 blocks of 4 warps in flight at depth (8B shapes), enough to stream the cache at HBM
-/// speed, and a short context uses few blocks.
-const SPLITS: usize = 64;
+/// Most blocks the attention of one key/value head is split over (`ATTN_MAX_SPLITS` in
+/// qmatrix.cu). Each split takes `max(16, ceil(len / SPLITS))` positions (`ATTN_MIN_CHUNK`) and
+/// the blocks past the last split exit at once, so one recorded graph serves every length: at
+/// depth 8 x 128 blocks of 4 warps stream the cache (8B shapes), and a short context uses few
+/// blocks, each of one tile of positions per warp.
+const SPLITS: usize = 128;
 
 /// Query heads one attention block takes (they share a key/value head, whose rows it loads
 /// once): the largest of 8, 4, 2, 1 that divides `n_heads / n_kv_heads`.

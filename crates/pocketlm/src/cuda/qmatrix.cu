@@ -507,8 +507,10 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
 // (max, sum) per head, and the last block of the group to finish (counted in done[g], reset
 // after) merges the splits and quantizes the heads' outputs for the output projection.
 // head_dim = 32 * EPL.
-#define ATTN_MIN_CHUNK 64
-#define ATTN_TILE 4
+#define ATTN_MIN_CHUNK 16
+#define ATTN_TILE 8
+// Most splits (gridDim.y) the merge takes.
+#define ATTN_MAX_SPLITS 128
 // EPL values of row t at lane's offset, widened to f32 (the cache holds float or __half).
 template <int EPL>
 __device__ __forceinline__ void load_row(const float *__restrict__ src, float *out) {
@@ -567,13 +569,17 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
     l[g] = 0.f;
   }
   for (int t0 = start + w * ATTN_TILE; t0 < end; t0 += 4 * ATTN_TILE) {
-    float kr[ATTN_TILE][EPL], s[G][ATTN_TILE];
+    // The tile's key and value rows are all requested before any is used.
+    float kr[ATTN_TILE][EPL], vr[ATTN_TILE][EPL], s[G][ATTN_TILE];
 #pragma unroll
     for (int p = 0; p < ATTN_TILE; p++) {
       const int t = t0 + p;
 #pragma unroll
-      for (int e = 0; e < EPL; e++) kr[p][e] = 0.f;
-      if (t < end) load_row<EPL>(K + (size_t)t * HD + lane * EPL, kr[p]);
+      for (int e = 0; e < EPL; e++) kr[p][e] = 0.f, vr[p][e] = 0.f;
+      if (t < end) {
+        load_row<EPL>(K + (size_t)t * HD + lane * EPL, kr[p]);
+        load_row<EPL>(V + (size_t)t * HD + lane * EPL, vr[p]);
+      }
     }
 #pragma unroll
     for (int g = 0; g < G; g++)
@@ -588,14 +594,6 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
     for (int g = 0; g < G; g++)
 #pragma unroll
       for (int p = 0; p < ATTN_TILE; p++) s[g][p] = warp_sum(s[g][p]);
-    float vr[ATTN_TILE][EPL];
-#pragma unroll
-    for (int p = 0; p < ATTN_TILE; p++) {
-      const int t = t0 + p;
-#pragma unroll
-      for (int e = 0; e < EPL; e++) vr[p][e] = 0.f;
-      if (t < end) load_row<EPL>(V + (size_t)t * HD + lane * EPL, vr[p]);
-    }
 #pragma unroll
     for (int g = 0; g < G; g++) {
       float mn = m[g];
@@ -663,26 +661,39 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
   __syncthreads();
   if (!last) return;
   __threadfence();
+  // The merge: split weights exp(m_s - max) once per head in shared memory, then each output
+  // sums its splits with independent loads.
+  __shared__ float sm_f[G][ATTN_MAX_SPLITS], sm_ml[G][ATTN_MAX_SPLITS][2], sm_inv[G];
+  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) {
+    const int g = i / nsplit, s2 = i % nsplit;
+    const float2 ml = __ldcg(part_ml + (size_t)(h0 + g) * maxsplit + s2);
+    sm_ml[g][s2][0] = ml.x;
+    sm_ml[g][s2][1] = ml.y;
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float Mx = -INFINITY;
+    for (int s2 = 0; s2 < nsplit; s2++)
+      if (sm_ml[g][s2][1] > 0.f) Mx = fmaxf(Mx, sm_ml[g][s2][0]);
+    float L = 0.f;
+    for (int s2 = 0; s2 < nsplit; s2++) {
+      const float f = sm_ml[g][s2][1] > 0.f ? expf(sm_ml[g][s2][0] - Mx) : 0.f;
+      sm_f[g][s2] = f;
+      L += sm_ml[g][s2][1] * f;
+    }
+    sm_inv[g] = 1.f / L;
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD, h = h0 + g;
-    float Mx = -INFINITY;
-    for (int s2 = 0; s2 < nsplit; s2++) {
-      const float2 ml = __ldcg(part_ml + (size_t)h * maxsplit + s2);
-      if (ml.y > 0.f) Mx = fmaxf(Mx, ml.x);
-    }
-    float L = 0.f, O = 0.f;
-    for (int s2 = 0; s2 < nsplit; s2++) {
-      const size_t sl = (size_t)h * maxsplit + s2;
-      const float2 ml = __ldcg(part_ml + sl);
-      if (ml.y > 0.f) {
-        const float f = expf(ml.x - Mx);
-        L += ml.y * f;
-        O += __ldcg(part_o + sl * HD + d) * f;
-      }
-    }
+    const float *po = part_o + (size_t)h * maxsplit * HD + d;
+    float O = 0.f;
+#pragma unroll 8
+    for (int s2 = 0; s2 < nsplit; s2++) O += __ldcg(po + (size_t)s2 * HD) * sm_f[g][s2];
     const int k = h * HD + d;
     // A warp covers 32 consecutive outputs of one head: one quantization block.
-    quant_block32(O / L, d & 31, xq + (k & ~31), xd + (k >> 5));
+    quant_block32(O * sm_inv[g], d & 31, xq + (k & ~31), xd + (k >> 5));
   }
 }
 
