@@ -215,14 +215,15 @@ impl Attention {
         pass: &AttentionPass<'_>,
         cache: &mut (dyn LayerKvCache + 'static),
     ) -> Result<Tensor> {
-        let s = q.dim(2)?;
         // A prompt on CUDA: one fused causal kernel (reading an f16 cache as it is), no mask
         // and no score matrix.
         #[cfg(feature = "cuda")]
-        if s > 1
+        if q.dim(2)? > 1
             && q.device().is_cuda()
             && self.softcap.is_none()
-            && self.window.is_none_or(|w| cache.attend_len(s) <= w)
+            && self
+                .window
+                .is_none_or(|w| cache.attend_len(q.dim(2).unwrap_or(0)) <= w)
         {
             let (ks, vs) = cache.update_stored(k, v)?;
             // Either scale placement is the same product here (the kernel scales q in f32).
@@ -258,7 +259,7 @@ impl Attention {
             ScaleAt::Scores => (q, self.scale),
             ScaleAt::Queries => ((q * self.scale)?, 1.0),
         };
-        causal_attention_capped(&q, &k, &v, scale, self.softcap, self.window, mask.as_ref())
+        causal_attention_capped(&q, k, v, scale, self.softcap, self.window, mask.as_ref())
     }
 
     /// Attention over the rows of several sequences at once (batched decode): `x: [1, rows,
