@@ -57,6 +57,14 @@ export VOCAB_GGUF=$W/lc/models/ggml-vocab-llama-bpe.gguf PYTHONPATH=$W/lc/gguf-p
 # 2. kernel tests (SKIP_CHECKS=1 skips 2 and 3).
 if [ -z "${SKIP_CHECKS:-}" ]; then
   stamp selftest; "$PL" gpu-selftest > "$OUT/selftest.txt" 2>&1; tail -1 "$OUT/selftest.txt"
+  grep -E "FAIL|^timing" "$OUT/selftest.txt" | cut -c1-600
+  # A tensor-core decode attention that failed its checks is not measured: the SIMT one is.
+  if grep -q "f16 mma cache vs float.*FAIL" "$OUT/selftest.txt"; then
+    echo "attn_mma failed the selftest: POCKETLM_ATTN_KERNEL=simt"; export POCKETLM_ATTN_KERNEL=simt
+  fi
+  if grep -q "^flash prefill.*FAIL" "$OUT/selftest.txt"; then
+    echo "flash prefill failed the selftest: POCKETLM_FLASH_ATTN=0"; export POCKETLM_FLASH_ATTN=0
+  fi
 fi
 
 # 3. a 1B-shaped random model, its MLX 4-bit conversion (the template of the 8B MLX folders

@@ -20,6 +20,12 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     /// Appends `k`, `v` (`[batch, kv_heads, new, head_dim]`) and returns the keys and values to
     /// attend to (`[batch, kv_heads, len, head_dim]`).
     fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// As [`Self::update`], but the returned keys and values may stay in the cache's storage
+    /// dtype (an f16 cache's own buffers, for a kernel that reads f16) instead of `k`'s dtype.
+    /// Default: [`Self::update`].
+    fn update_stored(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.update(k, v)
+    }
     /// Number of positions processed so far (the RoPE offset of the next token). A rotating
     /// cache holds fewer positions than this.
     fn offset(&self) -> usize;
@@ -150,8 +156,10 @@ impl GrowingKvCache {
     }
 }
 
-impl LayerKvCache for GrowingKvCache {
-    fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+impl GrowingKvCache {
+    /// Appends `k`, `v` and returns all positions, converted to `k`'s dtype when `convert`,
+    /// else as stored (views of the buffers).
+    fn append(&mut self, k: &Tensor, v: &Tensor, convert: bool) -> Result<(Tensor, Tensor)> {
         let io = k.dtype();
         self.io = Some(io);
         let (k, v) = match self.store {
@@ -165,13 +173,25 @@ impl LayerKvCache for GrowingKvCache {
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = need;
-        let out = (
-            self.to_io(kb.narrow(2, 0, need)?, io)?,
-            self.to_io(vb.narrow(2, 0, need)?, io)?,
-        );
+        let (ko, vo) = (kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?);
+        let out = if convert {
+            (self.to_io(ko, io)?, self.to_io(vo, io)?)
+        } else {
+            (ko, vo)
+        };
         self.k = Some(kb);
         self.v = Some(vb);
         Ok(out)
+    }
+}
+
+impl LayerKvCache for GrowingKvCache {
+    fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.append(k, v, true)
+    }
+
+    fn update_stored(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.append(k, v, false)
     }
 
     fn sliceable(&self) -> bool {
@@ -1002,6 +1022,39 @@ mod tests {
         let mut rot = RotatingKvCache::new(8, 0).unwrap();
         assert!(rot.reserve_in_place(1, 2, 3, &dev).unwrap().is_none());
         assert!(rot.commit(1).is_err());
+    }
+
+    #[test]
+    fn update_stored_returns_the_buffers_dtype() {
+        // A kernel that reads f16 gets the f16 buffers (all positions so far, in order); the
+        // f32 `update` of another cache with the same inputs gives the same values widened.
+        let dev = Device::Cpu;
+        let (mut c, mut d) = (GrowingKvCache::new(2), GrowingKvCache::new(2));
+        assert!(c.set_storage_dtype(DType::F16) && d.set_storage_dtype(DType::F16));
+        let a = Tensor::new(&[[[[1.0f32, 0.1], [-2.5, 1e-3], [7.0, -0.3]]]], &dev).unwrap();
+        let b = Tensor::new(&[[[[0.2f32, 3.0]]]], &dev).unwrap();
+        c.update_stored(&a, &a).unwrap();
+        let (k, v) = c.update_stored(&b, &b).unwrap();
+        d.update(&a, &a).unwrap();
+        let (kw, _) = d.update(&b, &b).unwrap();
+        assert_eq!(
+            (k.dtype(), v.dtype(), k.dims()),
+            (DType::F16, DType::F16, &[1, 1, 4, 2][..])
+        );
+        let got: Vec<f32> = k
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = kw.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want);
+        // Without a storage dtype it is `update`.
+        let mut e = GrowingKvCache::new(2);
+        let (k, _) = e.update_stored(&a, &a).unwrap();
+        assert_eq!(k.dtype(), DType::F32);
+        assert_eq!(e.offset(), 3);
     }
 
     #[test]

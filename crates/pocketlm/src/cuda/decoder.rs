@@ -24,12 +24,50 @@ use candle_core::{DType, Device, Storage, Tensor};
 use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
 use crate::{Error, Result};
 
-/// Most blocks the attention of one key/value head is split over. Each split takes
-/// `max(64, ceil(len / SPLITS))` positions (`ATTN_MIN_CHUNK` in qmatrix.cu) and the blocks past
-/// the last split exit at once, so one recorded graph serves every length: 64 splits keep
-/// 8 x 64 blocks of 4 warps in flight at depth (8B shapes), enough to stream the cache at HBM
-/// speed, and a short context uses few blocks.
-const SPLITS: usize = 64;
+/// Most blocks the attention of one key/value head is split over (`ATTN_MAX_SPLITS` in
+/// qmatrix.cu caps it), and the fewest positions a split takes: each split takes
+/// `max(min_chunk, ceil(len / splits))` positions and the blocks past the last split exit at
+/// once, so one recorded graph serves every length; a short context uses few blocks (and the
+/// merge few partial results), a long one `splits` blocks per key/value head.
+/// `POCKETLM_ATTN_SPLITS` and `POCKETLM_ATTN_MIN_CHUNK` override the defaults (32 and 16: 32
+/// splits was the fastest of `gpu-selftest`'s sweep on the H200, 15.5 us at 4096 positions and
+/// 31.8 us at 16384 for 8B shapes, against 32.4 and 50.1 us with 128).
+/// With an f16 cache the splits run on the tensor cores (`attn_mma_*`) unless
+/// `POCKETLM_ATTN_KERNEL=simt` (`attn_gqa_*`, which an f32 cache always takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AttnSplit {
+    splits: usize,
+    min_chunk: usize,
+    tensor_cores: bool,
+}
+
+/// The largest split count the kernel's merge takes (`ATTN_MAX_SPLITS`).
+const MAX_SPLITS: usize = 256;
+
+impl AttnSplit {
+    fn from_env() -> Self {
+        let var = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(default)
+        };
+        let simt = std::env::var("POCKETLM_ATTN_KERNEL").is_ok_and(|v| v == "simt");
+        Self::new(
+            var("POCKETLM_ATTN_SPLITS", 32),
+            var("POCKETLM_ATTN_MIN_CHUNK", 16),
+            !simt,
+        )
+    }
+
+    fn new(splits: usize, min_chunk: usize, tensor_cores: bool) -> Self {
+        Self {
+            splits: splits.clamp(1, MAX_SPLITS),
+            min_chunk: min_chunk.max(1),
+            tensor_cores,
+        }
+    }
+}
 
 /// Query heads one attention block takes (they share a key/value head, whose rows it loads
 /// once): the largest of 8, 4, 2, 1 that divides `n_heads / n_kv_heads`.
@@ -127,6 +165,8 @@ pub struct CudaDecoder {
     /// Steps run so far; the graph is captured on the second (the first loads the kernels).
     steps: usize,
     use_graph: bool,
+    /// The decode attention's split of the cached positions over blocks.
+    split: AttnSplit,
 }
 
 // SAFETY: the CUDA graph handles (raw pointers) are only used through `&mut self`, so never
@@ -219,13 +259,14 @@ impl CudaDecoder {
         }
         let widest = h.max(nh * hd).max(inter);
         let out_len = spec.lm_head.as_ref().map_or(h, |m| m.dims().0);
+        let split = AttnSplit::from_env();
         let buf = Buffers {
             x: dev.alloc_zeros::<f32>(h)?,
             xq: dev.alloc_zeros::<i8>(widest)?,
             xd: dev.alloc_zeros::<f32>(widest / 16)?,
             q: dev.alloc_zeros::<f32>(nh * hd)?,
-            part_o: dev.alloc_zeros::<f32>(nh * SPLITS * hd)?,
-            part_ml: dev.alloc_zeros::<f32>(2 * nh * SPLITS)?,
+            part_o: dev.alloc_zeros::<f32>(nh * split.splits * hd)?,
+            part_ml: dev.alloc_zeros::<f32>(2 * nh * split.splits)?,
             ffh: dev.alloc_zeros::<f32>(inter)?,
             out: dev.alloc_zeros::<f32>(out_len)?,
             params: dev.alloc_zeros::<i32>(4)?,
@@ -258,6 +299,7 @@ impl CudaDecoder {
             ptr,
             graph: None,
             steps: 0,
+            split,
             use_graph,
         })
     }
@@ -418,6 +460,7 @@ impl CudaDecoder {
                 nkv,
                 hd,
                 s.kv_f16,
+                self.split,
             )?;
             l.o.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)?;
             norm(tensor_ptr(&l.ffn_norm, &stream)?)?;
@@ -465,9 +508,11 @@ struct AttnArgs {
     xd: u64,
 }
 
-/// Launches the decode attention (`attn_gqa_d{hd}_g{G}_{f32|f16}`, the cache's dtype): grid
-/// (n_heads / G, [`SPLITS`]) of 128 threads. `part_o` holds `n_heads * SPLITS * head_dim` f32, `part_ml` `n_heads * SPLITS`
-/// (max, sum) pairs, `done` `n_heads` zeroed u32. Safe to capture in a CUDA graph.
+/// Launches the decode attention (`attn_mma_d{hd}_g{G}_f16`, or `attn_gqa_d{hd}_g{G}_{f32|f16}`
+/// for the cache's dtype): grid
+/// (n_heads / G, `split.splits`) of 128 threads. `part_o` holds `n_heads * splits * head_dim`
+/// f32, `part_ml` `n_heads * splits` (max, sum) pairs, `done` `n_heads` zeroed u32. Safe to
+/// capture in a CUDA graph.
 fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
@@ -475,12 +520,18 @@ fn launch_attention(
     nkv: usize,
     hd: usize,
     kv_f16: bool,
+    split: AttnSplit,
 ) -> Result<()> {
     let g = heads_per_block(nh, nkv);
-    let kt = if kv_f16 { "f16" } else { "f32" };
-    let f = dev.get_or_load_custom_func(&format!("attn_gqa_d{hd}_g{g}_{kt}"), MODULE, PTX)?;
+    let name = match (kv_f16, split.tensor_cores) {
+        (true, true) => format!("attn_mma_d{hd}_g{g}_f16"),
+        (true, false) => format!("attn_gqa_d{hd}_g{g}_f16"),
+        (false, _) => format!("attn_gqa_d{hd}_g{g}_f32"),
+    };
+    let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (nhi, nkvi) = (nh as i32, nkv as i32);
     let scale = 1.0 / (hd as f32).sqrt();
+    let min_chunk = split.min_chunk as i32;
     let mut b = f.builder();
     b.arg(&a.q);
     b.arg(&a.params);
@@ -489,13 +540,14 @@ fn launch_attention(
     b.arg(&nhi);
     b.arg(&nkvi);
     b.arg(&scale);
+    b.arg(&min_chunk);
     b.arg(&a.part_o);
     b.arg(&a.part_ml);
     b.arg(&a.done);
     b.arg(&a.xq);
     b.arg(&a.xd);
     let cfg = LaunchConfig {
-        grid_dim: ((nh / g) as u32, SPLITS as u32, 1),
+        grid_dim: ((nh / g) as u32, split.splits as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -503,10 +555,83 @@ fn launch_attention(
     Ok(())
 }
 
+/// Device buffers for one decode attention call of `q: [n_heads, hd]` over `k`, `v: [n_kv, cap,
+/// hd]` (f16 when `kv_f16`, else f32) with `len` positions cached.
+struct AttnTest {
+    _bufs: (
+        CudaSlice<f32>,
+        CudaSlice<u8>,
+        CudaSlice<u8>,
+        CudaSlice<i32>,
+        CudaSlice<u64>,
+    ),
+    _work: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<u32>),
+    xq: CudaSlice<i8>,
+    xd: CudaSlice<f32>,
+    args: AttnArgs,
+}
+
+impl AttnTest {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dev: &CudaDevice,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (nh, hd): (usize, usize),
+        len: usize,
+        cap: usize,
+        kv_f16: bool,
+    ) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        let qb = stream.clone_htod(q).w()?;
+        let upload = |x: &[f32]| -> Result<CudaSlice<u8>> {
+            let bytes: Vec<u8> = if kv_f16 {
+                x.iter()
+                    .flat_map(|&f| half::f16::from_f32(f).to_le_bytes())
+                    .collect()
+            } else {
+                x.iter().flat_map(|f| f.to_le_bytes()).collect()
+            };
+            Ok(stream.clone_htod(&bytes).w()?)
+        };
+        let kb = upload(k)?;
+        let vb = upload(v)?;
+        let params = stream
+            .clone_htod(&[len as i32 - 1, len as i32, cap as i32, 0])
+            .w()?;
+        let kv = stream.clone_htod(&[kb.ptr(&stream), vb.ptr(&stream)]).w()?;
+        let part_o = dev.alloc_zeros::<f32>(nh * MAX_SPLITS * hd)?;
+        let part_ml = dev.alloc_zeros::<f32>(2 * nh * MAX_SPLITS)?;
+        let done = dev.alloc_zeros::<u32>(nh)?;
+        let xq = dev.alloc_zeros::<i8>(nh * hd)?;
+        let xd = dev.alloc_zeros::<f32>(nh * hd / 16)?;
+        let args = AttnArgs {
+            q: qb.ptr(&stream),
+            params: params.ptr(&stream),
+            kv: kv.ptr(&stream),
+            layer: 0,
+            part_o: part_o.ptr(&stream),
+            part_ml: part_ml.ptr(&stream),
+            done: done.ptr(&stream),
+            xq: xq.ptr(&stream),
+            xd: xd.ptr(&stream),
+        };
+        Ok(Self {
+            _bufs: (qb, kb, vb, params, kv),
+            _work: (part_o, part_ml, done),
+            xq,
+            xd,
+            args,
+        })
+    }
+}
+
 /// Test helper: the decode attention of `q: [n_heads, hd]` over the first `len` positions of
 /// `k`, `v: [n_kv, cap, hd]` (stored on the device as f16 when `kv_f16`, else f32), run twice
-/// (the second run checks that the merge counters reset), returned as the 8-bit codes times
-/// their block scale: `[n_heads * hd]`.
+/// with the default split and once with each of a few others (each run checks that the merge
+/// counters reset, and the returned result is the last), on the tensor cores or not, returned
+/// as the 8-bit codes times their block scale: `[n_heads * hd]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_attention(
     dev: &CudaDevice,
@@ -517,50 +642,80 @@ pub(crate) fn run_attention(
     len: usize,
     cap: usize,
     kv_f16: bool,
+    tensor_cores: bool,
 ) -> Result<Vec<f32>> {
+    let t = AttnTest::new(dev, q, k, v, (nh, hd), len, cap, kv_f16)?;
+    let def = AttnSplit {
+        tensor_cores,
+        ..AttnSplit::from_env()
+    };
+    for split in [
+        AttnSplit::new(256, 16, tensor_cores),
+        AttnSplit::new(7, 64, tensor_cores),
+        def,
+        def,
+    ] {
+        launch_attention(dev, &t.args, nh, nkv, hd, kv_f16, split)?;
+    }
     let stream = dev.cuda_stream();
-    let qb = stream.clone_htod(q).w()?;
-    let upload = |x: &[f32]| -> Result<CudaSlice<u8>> {
-        let bytes: Vec<u8> = if kv_f16 {
-            x.iter()
-                .flat_map(|&f| half::f16::from_f32(f).to_le_bytes())
-                .collect()
-        } else {
-            x.iter().flat_map(|f| f.to_le_bytes()).collect()
-        };
-        Ok(stream.clone_htod(&bytes).w()?)
-    };
-    let kb = upload(k)?;
-    let vb = upload(v)?;
-    let params = stream
-        .clone_htod(&[len as i32 - 1, len as i32, cap as i32, 0])
-        .w()?;
-    let kv = stream.clone_htod(&[kb.ptr(&stream), vb.ptr(&stream)]).w()?;
-    let part_o = dev.alloc_zeros::<f32>(nh * SPLITS * hd)?;
-    let part_ml = dev.alloc_zeros::<f32>(2 * nh * SPLITS)?;
-    let done = dev.alloc_zeros::<u32>(nh)?;
-    let xq = dev.alloc_zeros::<i8>(nh * hd)?;
-    let xd = dev.alloc_zeros::<f32>(nh * hd / 16)?;
-    let a = AttnArgs {
-        q: qb.ptr(&stream),
-        params: params.ptr(&stream),
-        kv: kv.ptr(&stream),
-        layer: 0,
-        part_o: part_o.ptr(&stream),
-        part_ml: part_ml.ptr(&stream),
-        done: done.ptr(&stream),
-        xq: xq.ptr(&stream),
-        xd: xd.ptr(&stream),
-    };
-    launch_attention(dev, &a, nh, nkv, hd, kv_f16)?;
-    launch_attention(dev, &a, nh, nkv, hd, kv_f16)?;
-    let codes = stream.clone_dtoh(&xq).w()?;
-    let scales = stream.clone_dtoh(&xd).w()?;
+    let codes = stream.clone_dtoh(&t.xq).w()?;
+    let scales = stream.clone_dtoh(&t.xd).w()?;
     Ok(codes
         .iter()
         .enumerate()
         .map(|(i, &c)| c as f32 * scales[(i / 32) * 2])
         .collect())
+}
+
+/// Microseconds one decode attention call takes at Llama-3-8B shapes (32 heads, 8 key/value
+/// heads, head_dim 128, f16 cache) after 4096 and 16384 positions, for several splits: the mean
+/// of 50 back-to-back launches after 5 warm-ups, with the bytes of keys and values read over that
+/// time. One line per length.
+pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
+    let (nh, nkv, hd) = (32usize, 8usize, 128usize);
+    let mut lines = Vec::new();
+    for len in [4096usize, 16384] {
+        let q: Vec<f32> = (0..nh * hd)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let kv: Vec<f32> = (0..nkv * len * hd)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+            .collect();
+        let t = AttnTest::new(dev, &q, &kv, &kv, (nh, hd), len, len, true)?;
+        let bytes = (2 * nkv * len * hd * 2) as f64;
+        for tc in [false, true] {
+            let mut line = format!(
+                "timing decode attention h{nh} kv{nkv} d{hd} len {len} f16 {}:",
+                if tc { "mma" } else { "simt" }
+            );
+            for (splits, min_chunk) in [
+                (32, 16),
+                (64, 16),
+                (128, 16),
+                (256, 16),
+                (64, 128),
+                (128, 64),
+            ] {
+                let split = AttnSplit::new(splits, min_chunk, tc);
+                for _ in 0..5 {
+                    launch_attention(dev, &t.args, nh, nkv, hd, true, split)?;
+                }
+                dev.cuda_stream().synchronize().w()?;
+                let t0 = std::time::Instant::now();
+                for _ in 0..50 {
+                    launch_attention(dev, &t.args, nh, nkv, hd, true, split)?;
+                }
+                dev.cuda_stream().synchronize().w()?;
+                let us = t0.elapsed().as_secs_f64() * 1e6 / 50.0;
+                line.push_str(&format!(
+                    " s{splits}/c{min_chunk} {us:.1} us ({:.0} GB/s)",
+                    bytes / us / 1e3
+                ));
+            }
+            lines.push(line);
+        }
+    }
+    Ok(lines)
 }
 
 /// The raw device address of a buffer, whatever its element type.

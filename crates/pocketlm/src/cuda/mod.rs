@@ -386,6 +386,10 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             (32, 8, 128, 16384, 16384, true),
             (32, 8, 64, 1000, 1024, true),
             (12, 2, 64, 777, 800, true),
+            (32, 8, 128, 33, 40, true),
+            (32, 8, 128, 65, 128, true),
+            (8, 8, 64, 300, 300, true),
+            (16, 2, 128, 5000, 5000, true),
         ] {
             seed += 1;
             let q = pseudo_random(nh * hd, seed);
@@ -394,16 +398,77 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                 .map(|x| 3.0 * x)
                 .collect();
             let v = pseudo_random(nkv * cap * hd, seed + 2);
-            let got = decoder::run_attention(cd, &q, &k, &v, (nh, nkv, hd), len, cap, kv_f16)?;
             let want = attention_reference(&q, &k, &v, (nh, nkv, hd), len, cap);
-            let kt = if kv_f16 { "f16" } else { "f32" };
-            record(
-                &mut lines,
-                format!("attention h{nh} kv{nkv} d{hd} len {len} {kt} cache vs float"),
-                norm_rel_err(&got, &want),
-                1e-2,
-            );
+            // An f16 cache on the tensor cores and on the SIMT kernel; f32 on the SIMT one.
+            let kernels: &[bool] = if kv_f16 { &[true, false] } else { &[false] };
+            for &tc in kernels {
+                let got =
+                    decoder::run_attention(cd, &q, &k, &v, (nh, nkv, hd), len, cap, kv_f16, tc)?;
+                let kt = match (kv_f16, tc) {
+                    (true, true) => "f16 mma",
+                    (true, false) => "f16 simt",
+                    _ => "f32 simt",
+                };
+                record(
+                    &mut lines,
+                    format!("attention h{nh} kv{nkv} d{hd} len {len} {kt} cache vs float"),
+                    norm_rel_err(&got, &want),
+                    1e-2,
+                );
+            }
         }
+    }
+    // Fused prefill attention (f16 tensor-core products, f32 softmax) vs causal float
+    // attention: query heads sharing key/value heads, depths, partial tiles, f32 and f16 caches,
+    // and a cache view whose heads lie `cap` rows apart.
+    if let Device::Cuda(_) = dev {
+        for &(nh, nkv, hd, s, kv_len, cap, f16) in &[
+            (32usize, 8usize, 128usize, 77usize, 77usize, 77usize, false),
+            (32, 8, 128, 130, 300, 300, true),
+            (32, 8, 128, 256, 1100, 1100, false),
+            (32, 8, 128, 512, 600, 640, true),
+            (12, 2, 64, 100, 1000, 1000, false),
+            (8, 8, 64, 64, 64, 80, true),
+            (16, 2, 128, 33, 4133, 4200, true),
+            (14, 2, 64, 2, 9, 9, false),
+        ] {
+            seed += 1;
+            let q = pseudo_random(nh * s * hd, seed);
+            let k: Vec<f32> = pseudo_random(nkv * cap * hd, seed + 1)
+                .iter()
+                .map(|x| 3.0 * x)
+                .collect();
+            let v = pseudo_random(nkv * cap * hd, seed + 2);
+            let dt = if f16 {
+                candle_core::DType::F16
+            } else {
+                candle_core::DType::F32
+            };
+            let kt = Tensor::from_vec(k.clone(), (1, nkv, cap, hd), dev)?
+                .to_dtype(dt)?
+                .narrow(2, 0, kv_len)?;
+            let vt = Tensor::from_vec(v.clone(), (1, nkv, cap, hd), dev)?
+                .to_dtype(dt)?
+                .narrow(2, 0, kv_len)?;
+            let qt = Tensor::from_vec(q.clone(), (1, nh, s, hd), dev)?;
+            let scale = 1.0 / (hd as f32).sqrt();
+            let name = format!(
+                "flash prefill h{nh} kv{nkv} d{hd} s{s} kv_len {kv_len} {} vs float",
+                if f16 { "f16" } else { "f32" }
+            );
+            match flash_attention(&qt, &kt, &vt, scale)? {
+                Some(o) => {
+                    let got: Vec<f32> = o.flatten_all()?.to_vec1()?;
+                    let want = prefill_reference(&q, &k, &v, (nh, nkv, hd), s, kv_len, cap);
+                    record(&mut lines, name, norm_rel_err(&got, &want), 5e-3);
+                }
+                None => record(&mut lines, format!("{name}: not taken"), f32::NAN, 5e-3),
+            }
+        }
+        lines.extend(prefill_timing(dev)?);
+    }
+    if let Device::Cuda(cd) = dev {
+        lines.extend(decoder::attention_timing(cd)?);
     }
     sample_selftest(dev, &mut lines, &mut ok)?;
     Ok((lines, ok))
@@ -446,6 +511,107 @@ fn attention_reference(
         }
     }
     out
+}
+
+/// Causal softmax attention of `q: [nh, s, hd]` at positions `kv_len - s .. kv_len` over
+/// positions `0..kv_len` of `k`, `v: [nkv, cap, hd]`, scale `hd^-0.5`, in f64: `[s, nh * hd]`.
+fn prefill_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (nh, nkv, hd): (usize, usize, usize),
+    s: usize,
+    kv_len: usize,
+    cap: usize,
+) -> Vec<f32> {
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = vec![0f32; s * nh * hd];
+    for h in 0..nh {
+        let kvh = h / (nh / nkv);
+        for i in 0..s {
+            let qh = &q[(h * s + i) * hd..][..hd];
+            let seen = kv_len - s + i + 1;
+            let sc: Vec<f64> = (0..seen)
+                .map(|t| {
+                    let kr = &k[(kvh * cap + t) * hd..][..hd];
+                    qh.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let mut o = vec![0f64; hd];
+            for (t, et) in e.iter().enumerate() {
+                let vr = &v[(kvh * cap + t) * hd..][..hd];
+                for (od, vd) in o.iter_mut().zip(vr) {
+                    *od += et * *vd as f64;
+                }
+            }
+            for (dst, od) in out[(i * nh + h) * hd..][..hd].iter_mut().zip(&o) {
+                *dst = (od / z) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Milliseconds a call of prefill attention takes at Llama-3-8B shapes (32 heads, 8 key/value
+/// heads, head_dim 128, 512 queries) after 0 and 4096 cached positions: the fused kernel and the
+/// GEMM + softmax + GEMM path, each the median of 10 timed calls after 2 warm-ups.
+fn prefill_timing(dev: &Device) -> Result<Vec<String>> {
+    if !dev.is_cuda() {
+        return Ok(Vec::new());
+    }
+    let (nh, nkv, hd, s) = (32usize, 8usize, 128usize, 512usize);
+    let mut lines = Vec::new();
+    for depth in [0usize, 4096] {
+        let kv_len = depth + s;
+        let q = Tensor::from_vec(pseudo_random(nh * s * hd, 5), (1, nh, s, hd), dev)?;
+        let k = Tensor::from_vec(
+            pseudo_random(nkv * kv_len * hd, 6),
+            (1, nkv, kv_len, hd),
+            dev,
+        )?;
+        let v = Tensor::from_vec(
+            pseudo_random(nkv * kv_len * hd, 7),
+            (1, nkv, kv_len, hd),
+            dev,
+        )?;
+        let mask = crate::nn::causal_mask(s, kv_len, None, dev)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+            let mut ts = Vec::new();
+            for i in 0..12 {
+                dev.synchronize()?;
+                let t0 = std::time::Instant::now();
+                let o = f()?;
+                dev.synchronize()?;
+                drop(o);
+                if i >= 2 {
+                    ts.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            ts.sort_by(f64::total_cmp);
+            Ok(ts[ts.len() / 2])
+        };
+        let fused = time(&|| {
+            flash_attention(&q, &k, &v, scale as f32)?
+                .ok_or_else(|| crate::Error::InvalidArgument("flash attention not taken".into()))
+        })?;
+        let general = time(&|| {
+            crate::nn::scaled_dot_product_attention(&q, &k, &v, Some(&mask), scale, None)
+        })?;
+        let flops = 4.0 * (nh * hd) as f64 * (s * depth + s * (s + 1) / 2) as f64;
+        lines.push(format!(
+            "timing prefill attention h{nh} kv{nkv} d{hd} s{s} depth {depth}: fused {fused:.3} ms ({:.0} TFLOP/s), gemm+softmax+gemm {general:.3} ms",
+            flops / fused / 1e9
+        ));
+    }
+    Ok(lines)
 }
 
 /// GPU sampling ([`sample_token`]) vs the CPU chain ([`crate::sampling::Sampler`]) with the
@@ -679,4 +845,123 @@ pub fn softmax_scaled_masked(
         unsafe { b.launch(cfg) }.w()?;
     }
     Ok(out)
+}
+
+/// Whether prefill attention runs as one fused kernel ([`flash_attention`]); `POCKETLM_FLASH_ATTN=0`
+/// keeps the GEMM + softmax + GEMM path.
+fn flash_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("POCKETLM_FLASH_ATTN").map_or(true, |v| v != "0"))
+}
+
+/// The device address of element `layout.start_offset()` of a CUDA f32 or f16 tensor's storage.
+fn raw_address(t: &Tensor) -> Result<u64> {
+    let (s, l) = t.storage_and_layout();
+    let (candle_core::Storage::Cuda(s), Device::Cuda(d)) = (&*s, t.device()) else {
+        return Err(crate::Error::InvalidArgument(
+            "tensor is not on CUDA".into(),
+        ));
+    };
+    let stream = d.cuda_stream();
+    Ok(match t.dtype() {
+        candle_core::DType::F32 => {
+            let v = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..);
+            let ptr = v.device_ptr(&stream).0;
+            ptr
+        }
+        candle_core::DType::F16 => {
+            let v = s.as_cuda_slice::<half::f16>()?.slice(l.start_offset()..);
+            let ptr = v.device_ptr(&stream).0;
+            ptr
+        }
+        other => {
+            return Err(crate::Error::InvalidArgument(format!(
+                "a CUDA f32 or f16 tensor, got {other:?}"
+            )))
+        }
+    })
+}
+
+/// Causal attention of one sequence in one fused kernel (`flash_prefill_*` in qmatrix.cu:
+/// tensor-core tiles, online softmax, no score matrix in memory): `q: [1, heads, s, d]` f32 at
+/// positions `kv_len - s .. kv_len` over `k`, `v: [1, kv_heads, kv_len, d]` (f32 or f16, rows
+/// contiguous, heads any stride apart, the same for both) -> `[1, s, heads * d]` f32. Q, K, V and
+/// the probabilities enter the products as f16 (f32 accumulation), as in llama.cpp's CUDA flash
+/// attention.
+///
+/// Returns `None` where the kernel does not apply (off CUDA, batch > 1, head_dim not 64 or 128,
+/// other dtypes or layouts, `POCKETLM_FLASH_ATTN=0`); the caller then takes the general path.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+    use candle_core::DType;
+    let Device::Cuda(dev) = q.device() else {
+        return Ok(None);
+    };
+    let (Ok((b, heads, s, d)), Ok((kb, n_kv, kv_len, kd))) = (q.dims4(), k.dims4()) else {
+        return Ok(None);
+    };
+    let (ks, vs) = (k.stride(), v.stride());
+    let kv_ok = |t: &Tensor| {
+        t.dtype() == k.dtype()
+            && matches!(t.dtype(), DType::F32 | DType::F16)
+            && t.device().is_cuda()
+            && t.stride()[3] == 1
+            && t.stride()[2] == d
+    };
+    if !flash_enabled()
+        || b != 1
+        || kb != 1
+        || kd != d
+        || !matches!(d, 64 | 128)
+        || q.dtype() != DType::F32
+        || v.dims() != k.dims()
+        || n_kv == 0
+        || heads % n_kv != 0
+        || kv_len < s
+        || s == 0
+        || !kv_ok(k)
+        || !kv_ok(v)
+        || ks[1] != vs[1]
+    {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let out = unsafe { dev.alloc::<f32>(s * heads * d) }?;
+    {
+        let stream = dev.cuda_stream();
+        let qp = device_address(&q)?;
+        let (kp, vp) = (raw_address(k)?, raw_address(v)?);
+        let (op, _sync) = out.device_ptr(&stream);
+        let kt = if k.dtype() == DType::F16 {
+            "f16"
+        } else {
+            "f32"
+        };
+        let f = dev.get_or_load_custom_func(
+            &format!("flash_prefill_d{d}_{kt}"),
+            qmatrix::MODULE,
+            qmatrix::PTX,
+        )?;
+        let (si, hi, kvi, li) = (s as i32, heads as i32, n_kv as i32, kv_len as i32);
+        let hs = if n_kv > 1 { ks[1] as i64 } else { 0i64 };
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let mut bld = f.builder();
+        bld.arg(&qp);
+        bld.arg(&kp);
+        bld.arg(&vp);
+        bld.arg(&op);
+        bld.arg(&si);
+        bld.arg(&hi);
+        bld.arg(&kvi);
+        bld.arg(&li);
+        bld.arg(&hs);
+        bld.arg(&scale_log2);
+        let rows = s * (heads / n_kv);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(64) as u32, n_kv as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { bld.launch(cfg) }.w()?;
+    }
+    Ok(Some(qmatrix::into_tensor(out, dev, vec![1, s, heads * d])))
 }

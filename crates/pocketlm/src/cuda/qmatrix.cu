@@ -500,15 +500,16 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
 // 2023) with grouped-query sharing: block (g, sp) of 4 warps attends the G query heads
 // g*G .. g*G+G-1, which share one key/value head, to its share of the params[1] cached positions,
 // so each key and value row is loaded once for the G heads. The split count follows the length:
-// each split takes ceil(len / gridDim.y) positions but at least ATTN_MIN_CHUNK, and blocks past
+// each split takes ceil(len / gridDim.y) positions but at least min_chunk, and blocks past
 // the last needed split exit at once (the graph is recorded once, with gridDim.y = the most
 // splits). Each warp walks ATTN_TILE positions at a time (independent loads in flight), with an
 // online softmax (Milakov & Gimelshein 2018); the block writes the unnormalized output and
 // (max, sum) per head, and the last block of the group to finish (counted in done[g], reset
 // after) merges the splits and quantizes the heads' outputs for the output projection.
 // head_dim = 32 * EPL.
-#define ATTN_MIN_CHUNK 64
-#define ATTN_TILE 4
+#define ATTN_TILE 8
+// Most splits (gridDim.y) the merge takes.
+#define ATTN_MAX_SPLITS 256
 // EPL values of row t at lane's offset, widened to f32 (the cache holds float or __half).
 template <int EPL>
 __device__ __forceinline__ void load_row(const float *__restrict__ src, float *out) {
@@ -534,20 +535,153 @@ __device__ __forceinline__ void load_row(const __half *__restrict__ src, float *
   }
 }
 
+// Tensor-core and asynchronous-copy helpers (sm_80+).
+__device__ __forceinline__ void mma_16816(float *c, const unsigned *a, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned pack_h2(float x, float y) {
+  const __half2 h = __floats2half2_rn(x, y);
+  return *reinterpret_cast<const unsigned *>(&h);
+}
+// Four 8x8 f16 matrices from shared memory, transposed: lanes 8i .. 8i + 7 give the row
+// addresses of matrix i; register i holds matrix i's B fragment.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned *r, const __half *p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned *r, const __half *p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// Shared memory of the end of a split (attn_finish): per warp and head the unnormalized output,
+// max and sum; then the merge's split weights.
+template <int G, int HD> struct AttnFinishSmem {
+  float o[4][G][HD];
+  float m[4][G], l[4][G];
+  float f[G][ATTN_MAX_SPLITS], ml[G][ATTN_MAX_SPLITS][2], inv[G];
+};
+
+// The end of a split block: its 4 warps have written their (unnormalized output, max, sum) per
+// head into sm (natural-log units); the block combines them into its split's part_o / part_ml,
+// and the last block of the group to finish (counted in done[grp], reset after) merges the
+// splits and quantizes the heads' outputs for the output projection.
+template <int G, int HD>
+__device__ void attn_finish(AttnFinishSmem<G, HD> &sm, int h0, int grp, int sp, int maxsplit,
+                            int nsplit, float *__restrict__ part_o, float2 *__restrict__ part_ml,
+                            unsigned int *__restrict__ done, int8_t *__restrict__ xq,
+                            float2 *__restrict__ xd) {
+  __shared__ bool last;
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+    const int g = i / HD, d = i % HD;
+    float M = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; j++) M = fmaxf(M, sm.m[j][g]);
+    float o = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+      if (sm.l[j][g] > 0.f) o += sm.o[j][g][d] * expf(sm.m[j][g] - M);
+    part_o[((size_t)(h0 + g) * maxsplit + sp) * HD + d] = o;
+  }
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float M = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; j++) M = fmaxf(M, sm.m[j][g]);
+    float L = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+      if (sm.l[j][g] > 0.f) L += sm.l[j][g] * expf(sm.m[j][g] - M);
+    part_ml[(size_t)(h0 + g) * maxsplit + sp] = make_float2(M, L);
+  }
+  // The last block of the group merges (threadFenceReduction pattern).
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int prev = atomicAdd(done + grp, 1u);
+    last = prev == (unsigned int)nsplit - 1;
+    if (last) done[grp] = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // The merge: split weights exp(m_s - max) once per head in shared memory, then each thread
+  // sums 4 outputs over the splits (16-byte loads, 8 splits in flight), into shared memory, and
+  // each warp quantizes 32 of them.
+  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) {
+    const int g = i / nsplit, s2 = i % nsplit;
+    const float2 ml = __ldcg(part_ml + (size_t)(h0 + g) * maxsplit + s2);
+    sm.ml[g][s2][0] = ml.x;
+    sm.ml[g][s2][1] = ml.y;
+  }
+  __syncthreads();
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float Mx = -INFINITY;
+    for (int s2 = 0; s2 < nsplit; s2++)
+      if (sm.ml[g][s2][1] > 0.f) Mx = fmaxf(Mx, sm.ml[g][s2][0]);
+    float L = 0.f;
+    for (int s2 = 0; s2 < nsplit; s2++) {
+      const float f = sm.ml[g][s2][1] > 0.f ? expf(sm.ml[g][s2][0] - Mx) : 0.f;
+      sm.f[g][s2] = f;
+      L += sm.ml[g][s2][1] * f;
+    }
+    sm.inv[g] = 1.f / L;
+  }
+  __syncthreads();
+  float *sm_out = &sm.o[0][0][0];
+  for (int i = threadIdx.x; i < G * HD / 4; i += blockDim.x) {
+    const int g = i / (HD / 4), d = (i % (HD / 4)) * 4, h = h0 + g;
+    const float4 *po = reinterpret_cast<const float4 *>(part_o + (size_t)h * maxsplit * HD + d);
+    float4 O = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s2 = 0; s2 < nsplit; s2++) {
+      const float4 x = __ldcg(po + (size_t)s2 * (HD / 4));
+      const float f = sm.f[g][s2];
+      O.x += x.x * f, O.y += x.y * f, O.z += x.z * f, O.w += x.w * f;
+    }
+    const float inv = sm.inv[g];
+    sm_out[g * HD + d] = O.x * inv, sm_out[g * HD + d + 1] = O.y * inv;
+    sm_out[g * HD + d + 2] = O.z * inv, sm_out[g * HD + d + 3] = O.w * inv;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+    const int k = h0 * HD + i;
+    // A warp covers 32 consecutive outputs of one head: one quantization block.
+    quant_block32(sm_out[i], i & 31, xq + (k & ~31), xd + (k >> 5));
+  }
+}
+
 template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
-                         int n_kv, float scale, float *__restrict__ part_o,
+                         int n_kv, float scale, int min_chunk, float *__restrict__ part_o,
                          float2 *__restrict__ part_ml, unsigned int *__restrict__ done,
                          int8_t *__restrict__ xq, float2 *__restrict__ xd) {
   constexpr int HD = 32 * EPL;
-  __shared__ float sm_o[4][G][HD];
-  __shared__ float sm_m[4][G], sm_l[4][G];
-  __shared__ bool last;
+  __shared__ AttnFinishSmem<G, HD> sm;
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int len = params[1], cap = params[2];
-  const int chunk = max(ATTN_MIN_CHUNK, (len + maxsplit - 1) / maxsplit);
+  const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
   const int nsplit = (len + chunk - 1) / chunk;
   if (sp >= nsplit) return;
   const int start = sp * chunk, end = min(len, start + chunk);
@@ -567,13 +701,17 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
     l[g] = 0.f;
   }
   for (int t0 = start + w * ATTN_TILE; t0 < end; t0 += 4 * ATTN_TILE) {
-    float kr[ATTN_TILE][EPL], s[G][ATTN_TILE];
+    // The tile's key and value rows are all requested before any is used.
+    float kr[ATTN_TILE][EPL], vr[ATTN_TILE][EPL], s[G][ATTN_TILE];
 #pragma unroll
     for (int p = 0; p < ATTN_TILE; p++) {
       const int t = t0 + p;
 #pragma unroll
-      for (int e = 0; e < EPL; e++) kr[p][e] = 0.f;
-      if (t < end) load_row<EPL>(K + (size_t)t * HD + lane * EPL, kr[p]);
+      for (int e = 0; e < EPL; e++) kr[p][e] = 0.f, vr[p][e] = 0.f;
+      if (t < end) {
+        load_row<EPL>(K + (size_t)t * HD + lane * EPL, kr[p]);
+        load_row<EPL>(V + (size_t)t * HD + lane * EPL, vr[p]);
+      }
     }
 #pragma unroll
     for (int g = 0; g < G; g++)
@@ -588,14 +726,6 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
     for (int g = 0; g < G; g++)
 #pragma unroll
       for (int p = 0; p < ATTN_TILE; p++) s[g][p] = warp_sum(s[g][p]);
-    float vr[ATTN_TILE][EPL];
-#pragma unroll
-    for (int p = 0; p < ATTN_TILE; p++) {
-      const int t = t0 + p;
-#pragma unroll
-      for (int e = 0; e < EPL; e++) vr[p][e] = 0.f;
-      if (t < end) load_row<EPL>(V + (size_t)t * HD + lane * EPL, vr[p]);
-    }
 #pragma unroll
     for (int g = 0; g < G; g++) {
       float mn = m[g];
@@ -623,77 +753,153 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
 #pragma unroll
   for (int g = 0; g < G; g++) {
 #pragma unroll
-    for (int e = 0; e < EPL; e++) sm_o[w][g][lane * EPL + e] = acc[g][e];
+    for (int e = 0; e < EPL; e++) sm.o[w][g][lane * EPL + e] = acc[g][e];
     if (lane == 0) {
-      sm_m[w][g] = m[g];
-      sm_l[w][g] = l[g];
+      sm.m[w][g] = m[g];
+      sm.l[w][g] = l[g];
     }
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
-    const int g = i / HD, d = i % HD;
-    float M = -INFINITY;
+  attn_finish<G, HD>(sm, h0, grp, sp, maxsplit, nsplit, part_o, part_ml, done, xq, xd);
+}
+
+// The same split decode attention on the tensor cores, for an f16 cache: block (g, sp) streams
+// its positions through shared memory in tiles of AM_TILE rows of keys and values (cp.async, two
+// stages: the next tile is in flight while this one is used); warp w takes rows 8w .. 8w + 7 of
+// each tile. The G query heads (scaled into base 2, f16) are the first G rows of an m16n8k16 A
+// fragment: S = Q K^T is one 16x8 tile (HD / 16 products), and O += P V takes P as an A fragment
+// whose upper 8 keys are zero (HD / 8 products). Rows G .. 15 are zero queries, never stored.
+#define AM_TILE 32
+template <int HD, int G> struct AttnMmaSmem {
+  __half k[2][AM_TILE][HD + 8];
+  __half v[2][AM_TILE][HD + 8];
+};
+
+template <int HD, int G>
+__device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
+                         const unsigned long long *__restrict__ kv, int layer, int n_heads,
+                         int n_kv, float scale, int min_chunk, float *__restrict__ part_o,
+                         float2 *__restrict__ part_ml, unsigned int *__restrict__ done,
+                         int8_t *__restrict__ xq, float2 *__restrict__ xd) {
+  constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
+  constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
+                            ? sizeof(AttnMmaSmem<HD, G>)
+                            : sizeof(AttnFinishSmem<G, HD>);
+  __shared__ __align__(16) unsigned char raw[SZ];
+  AttnMmaSmem<HD, G> &st = *reinterpret_cast<AttnMmaSmem<HD, G> *>(raw);
+  AttnFinishSmem<G, HD> &sm = *reinterpret_cast<AttnFinishSmem<G, HD> *>(raw);
+  const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, quad = lane & 3, r = lane >> 2;
+  const int len = params[1], cap = params[2];
+  const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
+  const int nsplit = (len + chunk - 1) / chunk;
+  if (sp >= nsplit) return;
+  const int start = sp * chunk, end = min(len, start + chunk);
+  const int h0 = grp * G;
+  const int kvh = h0 / (n_heads / n_kv);
+  const __half *K = reinterpret_cast<const __half *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
+  const __half *V = reinterpret_cast<const __half *>(kv[2 * layer + 1]) + (size_t)kvh * cap * HD;
+  const float sl = scale * 1.4426950408889634f;
+  // Q rows r (a0, a2) and r + 8 (a1, a3, always zero: G <= 8).
+  unsigned qf[KS][4];
 #pragma unroll
-    for (int j = 0; j < 4; j++) M = fmaxf(M, sm_m[j][g]);
-    float o = 0.f;
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-      if (sm_l[j][g] > 0.f) o += sm_o[j][g][d] * expf(sm_m[j][g] - M);
-    part_o[((size_t)(h0 + g) * maxsplit + sp) * HD + d] = o;
-  }
-  if (threadIdx.x < G) {
-    const int g = threadIdx.x;
-    float M = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 4; j++) M = fmaxf(M, sm_m[j][g]);
-    float L = 0.f;
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-      if (sm_l[j][g] > 0.f) L += sm_l[j][g] * expf(sm_m[j][g] - M);
-    part_ml[(size_t)(h0 + g) * maxsplit + sp] = make_float2(M, L);
-  }
-  // The last block of the group merges (threadFenceReduction pattern).
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int prev = atomicAdd(done + grp, 1u);
-    last = prev == (unsigned int)nsplit - 1;
-    if (last) done[grp] = 0;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
-    const int g = i / HD, d = i % HD, h = h0 + g;
-    float Mx = -INFINITY;
-    for (int s2 = 0; s2 < nsplit; s2++) {
-      const float2 ml = __ldcg(part_ml + (size_t)h * maxsplit + s2);
-      if (ml.y > 0.f) Mx = fmaxf(Mx, ml.x);
+  for (int j = 0; j < KS; j++) {
+    qf[j][1] = qf[j][3] = 0u;
+    if (r < G) {
+      const float *qh = q + (size_t)(h0 + r) * HD + 16 * j + 2 * quad;
+      qf[j][0] = pack_h2(qh[0] * sl, qh[1] * sl);
+      qf[j][2] = pack_h2(qh[8] * sl, qh[9] * sl);
+    } else {
+      qf[j][0] = qf[j][2] = 0u;
     }
-    float L = 0.f, O = 0.f;
-    for (int s2 = 0; s2 < nsplit; s2++) {
-      const size_t sl = (size_t)h * maxsplit + s2;
-      const float2 ml = __ldcg(part_ml + sl);
-      if (ml.y > 0.f) {
-        const float f = expf(ml.x - Mx);
-        L += ml.y * f;
-        O += __ldcg(part_o + sl * HD + d) * f;
+  }
+  auto load_tile = [&](int stage, int t0) {
+    for (int i = threadIdx.x; i < AM_TILE * CH; i += blockDim.x) {
+      const int row = i / CH, c = (i % CH) * 8, t = t0 + row;
+      const bool ok = t < end;
+      const size_t off = (size_t)(ok ? t : start) * HD + c;
+      cp_async16(&st.k[stage][row][c], K + off, ok);
+      cp_async16(&st.v[stage][row][c], V + off, ok);
+    }
+    cp_async_commit();
+  };
+  float o[DT][4];
+#pragma unroll
+  for (int n = 0; n < DT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  const int ntiles = (end - start + AM_TILE - 1) / AM_TILE;
+  load_tile(0, start);
+  for (int it = 0; it < ntiles; it++) {
+    const int stage = it & 1, t0 = start + it * AM_TILE;
+    if (it + 1 < ntiles) {
+      load_tile(stage ^ 1, t0 + AM_TILE);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    // S (16 x 8): keys t0 + 8w + 0..7.
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < KS; j += 2) {
+      // Matrices: (keys, dims 16j..+7), (keys, 16j+8..), (keys, 16j+16..), (keys, 16j+24..).
+      unsigned b[4];
+      ldmatrix_x4(b, &st.k[stage][8 * w + (lane & 7)][16 * j + 8 * (lane >> 3)]);
+      mma_16816(sc, qf[j], b[0], b[1]);
+      mma_16816(sc, qf[j + 1], b[2], b[3]);
+    }
+    const int ta = t0 + 8 * w + 2 * quad;
+    if (ta >= end) sc[0] = -INFINITY;
+    if (ta + 1 >= end) sc[1] = -INFINITY;
+    float x = fmaxf(sc[0], sc[1]);
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+    const float mn = fmaxf(m, x);
+    const float base = mn == -INFINITY ? 0.f : mn;
+    const float f = exp2f(m - base);
+    const float p0 = exp2f(sc[0] - base), p1 = exp2f(sc[1] - base);
+    m = mn;
+    l = l * f + p0 + p1;
+    const unsigned pf[4] = {pack_h2(p0, p1), 0u, 0u, 0u};
+#pragma unroll
+    for (int n = 0; n < DT; n += 4) {
+      // Matrices: keys 8w..8w+7 at dims 8n.., 8n+8.., 8n+16.., 8n+24.. (the zero half of P
+      // takes the same rows).
+      unsigned b[4];
+      ldmatrix_x4_trans(b, &st.v[stage][8 * w + (lane & 7)][8 * n + 8 * (lane >> 3)]);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        o[n + e][0] *= f, o[n + e][1] *= f;
+        mma_16816(o[n + e], pf, b[e], b[e]);
       }
     }
-    const int k = h * HD + d;
-    // A warp covers 32 consecutive outputs of one head: one quantization block.
-    quant_block32(O / L, d & 31, xq + (k & ~31), xd + (k >> 5));
+    __syncthreads();
   }
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  // The pipeline's buffers become the finish's (all copies are done and read).
+  if (r < G) {
+#pragma unroll
+    for (int n = 0; n < DT; n++) {
+      sm.o[w][r][n * 8 + 2 * quad] = o[n][0];
+      sm.o[w][r][n * 8 + 2 * quad + 1] = o[n][1];
+    }
+    if (quad == 0) {
+      // Natural-log units, as the SIMT kernel's.
+      sm.m[w][r] = m * 0.6931471805599453f;
+      sm.l[w][r] = l;
+    }
+  }
+  attn_finish<G, HD>(sm, h0, grp, sp, maxsplit, nsplit, part_o, part_ml, done, xq, xd);
 }
 
 #define ATTN_KERNEL(HDIM, EPL, G, KT, KN)                                                          \
   extern "C" __global__ void __launch_bounds__(128)                                                \
       attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
                                      const unsigned long long *kv, int layer, int n_heads,         \
-                                     int n_kv, float scale, float *part_o, float2 *part_ml,        \
-                                     unsigned int *done, int8_t *xq, float2 *xd) {                 \
-    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, part_o, part_ml, done, xq,    \
-                         xd);                                                                      \
+                                     int n_kv, float scale, int min_chunk, float *part_o,          \
+                                     float2 *part_ml, unsigned int *done, int8_t *xq, float2 *xd) {\
+    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml,   \
+                         done, xq, xd);                                                            \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
@@ -704,6 +910,23 @@ ATTN_KERNELS(1)
 ATTN_KERNELS(2)
 ATTN_KERNELS(4)
 ATTN_KERNELS(8)
+
+#define ATTN_MMA_KERNEL(HDIM, G)                                                                   \
+  extern "C" __global__ void __launch_bounds__(128, 4)                                             \
+      attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
+                                    const unsigned long long *kv, int layer, int n_heads,          \
+                                    int n_kv, float scale, int min_chunk, float *part_o,           \
+                                    float2 *part_ml, unsigned int *done, int8_t *xq, float2 *xd) { \
+    attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml,      \
+                      done, xq, xd);                                                               \
+  }
+#define ATTN_MMA_KERNELS(G)                                                                        \
+  ATTN_MMA_KERNEL(64, G)                                                                           \
+  ATTN_MMA_KERNEL(128, G)
+ATTN_MMA_KERNELS(1)
+ATTN_MMA_KERNELS(2)
+ATTN_MMA_KERNELS(4)
+ATTN_MMA_KERNELS(8)
 
 // ---- Prefill helpers ----
 
@@ -754,3 +977,174 @@ extern "C" __global__ void softmax_scaled_masked(float *__restrict__ att,
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   for (int j = tid; j < cols; j += blockDim.x) row[j] *= inv;
 }
+
+// ---- Fused prefill attention (flash attention, Dao 2023: FlashAttention-2) ----
+//
+// softmax(q k^T * scale, causal) v for the s queries of one sequence at positions
+// kv_len - s .. kv_len - 1 over keys 0 .. kv_len - 1, without the score matrix in memory.
+// q [heads, s, D] f32, k and v [n_kv, kv_len, D] (heads kv_head_stride elements apart, rows D
+// apart) in KT (float or __half), out [s, heads, D] f32 (the input of the output projection).
+// The G = heads / n_kv query heads that share a key/value head are rows of one matrix: row
+// r = pos * G + g, so each key/value tile loaded into shared memory serves all of them. Block
+// (x, kvh) of 4 warps takes rows 64x .. 64x + 63 of head group kvh, each warp 16 of them, and
+// walks the keys those rows can see in tiles of 64: S = Q K^T and O += P V on the tensor cores
+// (mma.sync m16n8k16, f16 operands, f32 accumulators; P stays in registers), with the online
+// softmax in base 2 (q is scaled by scale * log2(e) once, as it is converted to f16).
+#define FA_BM 64
+#define FA_BN 64
+
+// 8 consecutive values of a row of K or V as 8 f16, 16 bytes.
+__device__ __forceinline__ uint4 load8_h(const __half *p) {
+  return *reinterpret_cast<const uint4 *>(p);
+}
+__device__ __forceinline__ uint4 load8_h(const float *p) {
+  const float4 a = *reinterpret_cast<const float4 *>(p);
+  const float4 b = *reinterpret_cast<const float4 *>(p + 4);
+  uint4 r;
+  r.x = pack_h2(a.x, a.y), r.y = pack_h2(a.z, a.w), r.z = pack_h2(b.x, b.y), r.w = pack_h2(b.z, b.w);
+  return r;
+}
+
+template <int D, typename KT>
+__device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict__ k,
+                              const KT *__restrict__ v, float *__restrict__ out, int s, int heads,
+                              int n_kv, int kv_len, long long kv_head_stride, float scale_log2) {
+  constexpr int LD = D + 8;  // padded rows: conflict-free fragment loads and ldmatrix
+  constexpr int KS = D / 16, NT = FA_BN / 8, DT = D / 8;
+  __shared__ __align__(16) __half ks[FA_BN][LD];
+  __shared__ __align__(16) __half vs[FA_BN][LD];
+  const int G = heads / n_kv, kvh = blockIdx.y;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, quad = lane & 3;
+  const int rows = s * G, offset = kv_len - s;
+  const int r0 = blockIdx.x * FA_BM;
+  // This thread's two rows (fragment rows lane/4 and lane/4 + 8 of the warp's 16); rows past the
+  // end repeat the last one and are not stored.
+  const int ra = r0 + w * 16 + (lane >> 2), rb = ra + 8;
+  const int ca = min(ra, rows - 1), cb = min(rb, rows - 1);
+  const int pa = ca / G, pb = cb / G, ha = kvh * G + ca % G, hb = kvh * G + cb % G;
+  const KT *K = k + (size_t)kvh * kv_head_stride;
+  const KT *V = v + (size_t)kvh * kv_head_stride;
+  // Q as A fragments, scaled into base 2.
+  unsigned qf[KS][4];
+  {
+    const float *qa = q + ((size_t)ha * s + pa) * D, *qb = q + ((size_t)hb * s + pb) * D;
+#pragma unroll
+    for (int j = 0; j < KS; j++) {
+      const int c = 16 * j + 2 * quad;
+      const float2 a0 = *reinterpret_cast<const float2 *>(qa + c);
+      const float2 a1 = *reinterpret_cast<const float2 *>(qb + c);
+      const float2 a2 = *reinterpret_cast<const float2 *>(qa + c + 8);
+      const float2 a3 = *reinterpret_cast<const float2 *>(qb + c + 8);
+      qf[j][0] = pack_h2(a0.x * scale_log2, a0.y * scale_log2);
+      qf[j][1] = pack_h2(a1.x * scale_log2, a1.y * scale_log2);
+      qf[j][2] = pack_h2(a2.x * scale_log2, a2.y * scale_log2);
+      qf[j][3] = pack_h2(a3.x * scale_log2, a3.y * scale_log2);
+    }
+  }
+  float o[DT][4];
+#pragma unroll
+  for (int n = 0; n < DT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float ma = -INFINITY, mb = -INFINITY, la = 0.f, lb = 0.f;
+  const int pmin = r0 / G, pmax = min(rows - 1, r0 + FA_BM - 1) / G;
+  const int kend = offset + pmax + 1;   // keys any row of the block sees
+  const int kfull = offset + pmin + 1;  // keys every row of the block sees
+  for (int kt = 0; kt < kend; kt += FA_BN) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < FA_BN * D / 8; i += blockDim.x) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8, t = kt + r;
+      uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+      if (t < kv_len) {
+        kx = load8_h(K + (size_t)t * D + c);
+        vx = load8_h(V + (size_t)t * D + c);
+      }
+      *reinterpret_cast<uint4 *>(&ks[r][c]) = kx;
+      *reinterpret_cast<uint4 *>(&vs[r][c]) = vx;
+    }
+    __syncthreads();
+    float sc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+      const __half *kr = &ks[n * 8 + (lane >> 2)][2 * quad];
+#pragma unroll
+      for (int j = 0; j < KS; j++) {
+        const unsigned b0 = *reinterpret_cast<const unsigned *>(kr + 16 * j);
+        const unsigned b1 = *reinterpret_cast<const unsigned *>(kr + 16 * j + 8);
+        mma_16816(sc[n], qf[j], b0, b1);
+      }
+    }
+    if (kt + FA_BN > kfull) {
+#pragma unroll
+      for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int t = kt + n * 8 + 2 * quad + (e & 1);
+          if (t > offset + (e < 2 ? pa : pb)) sc[n][e] = -INFINITY;
+        }
+    }
+    float xa = -INFINITY, xb = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      xa = fmaxf(xa, fmaxf(sc[n][0], sc[n][1]));
+      xb = fmaxf(xb, fmaxf(sc[n][2], sc[n][3]));
+    }
+    xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+    xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+    xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+    xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+    // Key 0 is in the first tile and every row sees it, so the maxima are finite from there on.
+    const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
+    const float fa = exp2f(ma - na), fb = exp2f(mb - nb);
+    ma = na, mb = nb;
+    float sa = 0.f, sb = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      sc[n][0] = exp2f(sc[n][0] - na), sc[n][1] = exp2f(sc[n][1] - na);
+      sc[n][2] = exp2f(sc[n][2] - nb), sc[n][3] = exp2f(sc[n][3] - nb);
+      sa += sc[n][0] + sc[n][1];
+      sb += sc[n][2] + sc[n][3];
+    }
+    la = la * fa + sa;
+    lb = lb * fb + sb;
+#pragma unroll
+    for (int n = 0; n < DT; n++) o[n][0] *= fa, o[n][1] *= fa, o[n][2] *= fb, o[n][3] *= fb;
+#pragma unroll
+    for (int j = 0; j < FA_BN / 16; j++) {
+      // The score accumulators of key tiles 2j and 2j + 1 are the A fragment of P.
+      const unsigned pf[4] = {pack_h2(sc[2 * j][0], sc[2 * j][1]),
+                              pack_h2(sc[2 * j][2], sc[2 * j][3]),
+                              pack_h2(sc[2 * j + 1][0], sc[2 * j + 1][1]),
+                              pack_h2(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+#pragma unroll
+      for (int n = 0; n < D / 16; n++) {
+        unsigned b[4];
+        ldmatrix_x4_trans(b, &vs[16 * j + (lane & 15)][16 * n + (lane >> 4) * 8]);
+        mma_16816(o[2 * n], pf, b[0], b[1]);
+        mma_16816(o[2 * n + 1], pf, b[2], b[3]);
+      }
+    }
+  }
+  la += __shfl_xor_sync(0xffffffffu, la, 1);
+  la += __shfl_xor_sync(0xffffffffu, la, 2);
+  lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+  lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+  const float ia = 1.f / la, ib = 1.f / lb;
+  float *oa = out + ((size_t)pa * heads + ha) * D, *ob = out + ((size_t)pb * heads + hb) * D;
+#pragma unroll
+  for (int n = 0; n < DT; n++) {
+    const int c = n * 8 + 2 * quad;
+    if (ra < rows) *reinterpret_cast<float2 *>(oa + c) = make_float2(o[n][0] * ia, o[n][1] * ia);
+    if (rb < rows) *reinterpret_cast<float2 *>(ob + c) = make_float2(o[n][2] * ib, o[n][3] * ib);
+  }
+}
+
+#define FLASH_KERNEL(D, KT, KN)                                                                    \
+  extern "C" __global__ void __launch_bounds__(128, 3) flash_prefill_d##D##_##KN(                  \
+      const float *q, const KT *k, const KT *v, float *out, int s, int heads, int n_kv,            \
+      int kv_len, long long kv_head_stride, float scale_log2) {                                   \
+    flash_prefill<D, KT>(q, k, v, out, s, heads, n_kv, kv_len, kv_head_stride, scale_log2);       \
+  }
+FLASH_KERNEL(64, float, f32)
+FLASH_KERNEL(128, float, f32)
+FLASH_KERNEL(64, __half, f16)
+FLASH_KERNEL(128, __half, f16)
