@@ -581,7 +581,17 @@ fn prefill_timing(dev: &Device) -> Result<Vec<String>> {
             (1, nkv, kv_len, hd),
             dev,
         )?;
-        let mask = crate::nn::causal_mask(s, kv_len, None, dev)?;
+        // The additive causal mask `[s, kv_len]` of the general path (as `nn::causal_mask`).
+        let mask: Vec<f32> = (0..s * kv_len)
+            .map(|x| {
+                if x % kv_len > depth + x / kv_len {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (s, kv_len), dev)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
             let mut ts = Vec::new();
@@ -602,8 +612,13 @@ fn prefill_timing(dev: &Device) -> Result<Vec<String>> {
             flash_attention(&q, &k, &v, scale as f32)?
                 .ok_or_else(|| crate::Error::InvalidArgument("flash attention not taken".into()))
         })?;
+        // The general CUDA path of `nn::scaled_dot_product_attention`: query heads grouped by
+        // their kv head, GEMM, one scale + mask + softmax kernel, GEMM.
         let general = time(&|| {
-            crate::nn::scaled_dot_product_attention(&q, &k, &v, Some(&mask), scale, None)
+            let qg = q.reshape((1, nkv, nh / nkv * s, hd))?;
+            let att = qg.matmul(&k.t()?)?;
+            let att = softmax_scaled_masked(&att, Some(&mask), s, scale as f32)?;
+            Ok(att.matmul(&v)?.reshape((1, nh, s, hd))?)
         })?;
         let flops = 4.0 * (nh * hd) as f64 * (s * depth + s * (s + 1) / 2) as f64;
         lines.push(format!(
