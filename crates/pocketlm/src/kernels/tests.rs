@@ -602,17 +602,21 @@ fn packed_simd_equals_packed_scalar_bit_for_bit_and_unpacked_closely() {
     }
 }
 
-#[test]
-fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
-    // The packed Q4_K kernels compute the unpacked kernels' integers and apply them with the
-    // same fused multiply-adds in the same order, GEMM rows (groups of 4) and GEMV rows alike.
-    let mut rng = StdRng::seed_from_u64(24);
+/// Packs random k-quant matrices of three shapes and checks that every backend's packed
+/// product equals the portable unpacked product bit for bit for each row count of `ms`, and
+/// that dequantized rows and embedding lookups are the unpacked ones; with `same_bytes`, also
+/// that the packed layout is as long as GGUF's.
+fn check_packed_bit_exact(dtype: GgufType, seed: u64, ms: &[usize], same_bytes: bool) {
+    let mut rng = StdRng::seed_from_u64(seed);
     for (n, k) in [(16, 256), (48, 512), (32, 2048)] {
-        let bytes = random_block_bytes(&mut rng, GgufType::Q4K, n * k / 256);
-        let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q4K, n, k).unwrap();
+        let bytes = random_block_bytes(&mut rng, dtype, n * k / 256);
+        let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), dtype, n, k).unwrap();
         let packed = plain.clone().into_packed();
         assert!(packed.is_packed());
-        for m in [1, 2, 3, 4, 5, 7, 9, 13, 64, 70] {
+        if same_bytes {
+            assert_eq!(packed.bytes().len(), plain.bytes().len());
+        }
+        for &m in ms {
             let x = rand_vec(&mut rng, m * k);
             let mut want = vec![0f32; m * n];
             plain
@@ -625,7 +629,7 @@ fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
                     .iter()
                     .zip(&want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{n}x{k} m={m} {backend:?}");
+                assert!(same, "{dtype:?} {n}x{k} m={m} {backend:?}");
             }
         }
         assert_eq!(packed.dequantize(), plain.dequantize());
@@ -638,39 +642,17 @@ fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
 }
 
 #[test]
+fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
+    // The packed Q4_K kernels compute the unpacked kernels' integers and apply them with the
+    // same fused multiply-adds in the same order, GEMM rows (groups of 4) and GEMV rows alike.
+    check_packed_bit_exact(GgufType::Q4K, 24, &[1, 2, 3, 4, 5, 7, 9, 13, 64, 70], false);
+}
+
+#[test]
 fn packed_q6k_equals_the_portable_unpacked_q6k_bit_for_bit() {
     // The packed Q6_K kernels compute the unpacked kernels' integers and apply them with the
     // portable kernel's float operations (ggml's tiled order for 8+ rows), on every backend.
-    let mut rng = StdRng::seed_from_u64(25);
-    for (n, k) in [(16, 256), (48, 512), (32, 2048)] {
-        let bytes = random_block_bytes(&mut rng, GgufType::Q6K, n * k / 256);
-        let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q6K, n, k).unwrap();
-        let packed = plain.clone().into_packed();
-        assert!(packed.is_packed());
-        assert_eq!(packed.bytes().len(), plain.bytes().len());
-        for m in [1, 2, 3, 5, 7, 8, 9, 13, 64, 70] {
-            let x = rand_vec(&mut rng, m * k);
-            let mut want = vec![0f32; m * n];
-            plain
-                .matmul_with(Backend::Scalar, &x, m, &mut want)
-                .unwrap();
-            for backend in backends() {
-                let mut got = vec![0f32; m * n];
-                packed.matmul_with(backend, &x, m, &mut got).unwrap();
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{n}x{k} m={m} {backend:?}");
-            }
-        }
-        assert_eq!(packed.dequantize(), plain.dequantize());
-        let ids = [0u32, 15, n as u32 / 2, n as u32 - 1];
-        assert_eq!(
-            packed.embedding(&ids).unwrap(),
-            plain.embedding(&ids).unwrap()
-        );
-    }
+    check_packed_bit_exact(GgufType::Q6K, 25, &[1, 2, 3, 5, 7, 8, 9, 13, 64, 70], true);
 }
 
 #[test]
