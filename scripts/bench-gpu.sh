@@ -19,8 +19,10 @@
 #  6. measures HBM read bandwidth (torch, sum over 8 GiB) and prints, per test, pocketlm's mean
 #     against llama.cpp's mean and median (its first pp sample is often slow), fractions of the
 #     bound (tg bound = bandwidth / bytes of weights read per token) and sampled / greedy decode.
-# Knobs (environment): MODELS (default: 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8), DEPTHS
-# (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560).
+# Knobs (environment): MODELS (default: 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8; 1b-q4_0.gguf
+# and 1b-mlx4 of step 3 may be named too; every GGUF named is also run by llama-bench), DEPTHS
+# (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU.
+# Models already in $WORK (a warm machine keeps it) are not written again.
 # Results: $OUT (or ./gpu-out) gets selftest.txt, agree.txt, bench-*.json, llama-*.json, summary.md.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -69,8 +71,8 @@ fi
 
 # 3. a 1B-shaped random model, its MLX 4-bit conversion (the template of the 8B MLX folders
 # below), and agreement CPU vs GPU on both.
-stamp 1b; (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 1b-q4_0.gguf q4_0 --shape 1b >/dev/null)
-"$PL" convert -m "$W/1b-q4_0.gguf" --out "$W/1b-mlx4" -q --q-bits 4 --q-group-size 64 >/dev/null 2>&1
+stamp 1b; [ -f "$W/1b-q4_0.gguf" ] || (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 1b-q4_0.gguf q4_0 --shape 1b >/dev/null)
+[ -d "$W/1b-mlx4" ] || "$PL" convert -m "$W/1b-q4_0.gguf" --out "$W/1b-mlx4" -q --q-bits 4 --q-group-size 64 >/dev/null 2>&1
 if [ -z "${SKIP_CHECKS:-}" ]; then
   stamp agree; for m in 1b-q4_0.gguf 1b-mlx4; do "$PL" agree -m "$W/$m" --device cuda -n 32; done > "$OUT/agree.txt" 2>&1; grep "all equal" "$OUT/agree.txt"
 fi
@@ -79,11 +81,11 @@ fi
 # shapes (scripts/make_random_mlx.py: converting an 8B GGUF takes longer than one call allows).
 stamp "make 8B models"
 pids=()
-for q in q4_0 q8_0; do case " $MODELS " in *" 8b-$q.gguf "*)
+for q in q4_0 q8_0; do [ -f "$W/8b-$q.gguf" ] && continue; case " $MODELS " in *" 8b-$q.gguf "*)
   (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 8b-$q.gguf $q --shape 8b >/dev/null) & pids+=($!);; esac; done
-for b in 4 8; do case " $MODELS " in *" 8b-mlx$b "*)
+for b in 4 8; do [ -d "$W/8b-mlx$b" ] && continue; case " $MODELS " in *" 8b-mlx$b "*)
   python3 scripts/make_random_mlx.py "$W/1b-mlx4" "$W/8b-mlx$b" --bits $b --group-size 64 & pids+=($!);; esac; done
-wait "${pids[@]}"  # not the llama.cpp build
+[ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"  # not the llama.cpp build
 # 5. pocketlm bench on the four, then llama-bench on the two GGUFs once its build is done.
 BUDGET=${BUDGET:-560}; left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 plbench() {
@@ -95,10 +97,27 @@ plbench() {
 for m in $MODELS; do plbench $m; done
 stamp "waiting for llama.cpp"; wait $lc_pid; tail -2 "$OUT/lc-build.log"
 LB=$W/lc/build/bin/llama-bench
-for q in q4_0 q8_0; do
-  [ -f "$W/8b-$q.gguf" ] || continue
-  stamp "llama-bench $q"; timeout "$(left)" "$LB" -m "$W/8b-$q.gguf" -ngl 99 -p 512 -n 128 -d "$D" -r "$REPS" -o json > "$OUT/llama-$q.json" 2> "$OUT/llama-$q.err" || tail -3 "$OUT/llama-$q.err"
+for m in $MODELS; do
+  case $m in *.gguf) ;; *) continue;; esac
+  [ -f "$W/$m" ] || continue
+  stamp "llama-bench $m"; timeout "$(left)" "$LB" -m "$W/$m" -ngl 99 -p 512 -n 128 -d "$D" -r "$REPS" -o json > "$OUT/llama-${m%.gguf}.json" 2> "$OUT/llama-${m%.gguf}.err" || tail -3 "$OUT/llama-${m%.gguf}.err"
 done
+# Optional: NCU=1 profiles the decode kernels of about one token (the first NCU_SKIP matching
+# launches skipped, NCU_COUNT profiled) at depth 0 and at the first of $DEPTHS, on NCU_MODEL (the
+# first of MODELS by default): Nsight Compute, speed-of-light section, per-kernel summary.
+if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
+  m1=${NCU_MODEL:-${MODELS%% *}}
+  for d in 0 ${DEPTHS%%,*}; do
+    stamp "ncu $m1 d$d"
+    timeout "$(left)" ncu --clock-control none --section SpeedOfLight --print-summary per-kernel \
+      -k "regex:qgemv|attn_|rmsnorm_q8|swiglu" --launch-skip "${NCU_SKIP:-400}" --launch-count "${NCU_COUNT:-400}" \
+      "$PL" bench -m "$W/$m1" --device cuda -p 0 -n 64 -d "$d" -r 1 > "$OUT/ncu-d$d.txt" 2>&1 || tail -3 "$OUT/ncu-d$d.txt"
+    # Prefill: every kernel's time (one metric, one pass) over the depth fill and one pp512.
+    stamp "ncu prefill $m1 d$d"
+    timeout "$(left)" ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+      "$PL" bench -m "$W/$m1" --device cuda -p 512 -n 0 -d "$d" -r 1 > "$OUT/ncu-pp-d$d.txt" 2>&1 || tail -3 "$OUT/ncu-pp-d$d.txt"
+  done
+fi
 
 # 6. HBM read bandwidth, and the summary.
 stamp hbm
@@ -129,7 +148,8 @@ def pl(m):
 # Bytes read per generated token: all weights except the token-embedding table (one row is read).
 def per_token(size, m):
     if m.endswith(".gguf"):
-        emb = 128256 * 4096 * (18 / 32 if "q4_0" in m else 34 / 32)
+        hidden = 4096 if m.startswith("8b") else 2048
+        emb = 128256 * hidden * (18 / 32 if "q4_0" in m else 34 / 32)
     else:
         import struct
         f = open(os.path.join(w, m, "model.safetensors"), "rb")
@@ -140,7 +160,8 @@ lines = [f"GPU: {open(os.path.join(out,'gpu.txt')).read().strip()}; HBM read {bw
          "| model | test | pocketlm t/s | llama.cpp mean t/s | llama.cpp median t/s | vs mean | vs median | tg / bound | sampled / greedy |",
          "|---|---|---|---|---|---|---|---|---|"]
 for m in models:
-    q = "q4_0" if m in ("8b-q4_0.gguf", "8b-mlx4") else "q8_0"
+    shape = m.split("-")[0]
+    q = m[:-5] if m.endswith(".gguf") else f"{shape}-{'q4_0' if m.endswith('mlx4') else 'q8_0'}"
     l, lsize = lc(q)
     p, size, mem = pl(m)
     if not p: lines.append(f"| {m} | failed | | | | | | | |"); continue

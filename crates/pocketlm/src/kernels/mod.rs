@@ -561,7 +561,7 @@ impl GgufMatrix {
 
     /// The same matrix with its rows interleaved in groups of 16 for the CPU's fastest
     /// kernels, when this CPU has them (AVX-512 with VNNI) and the type has a packed layout
-    /// (`Q4_0`, `Q8_0`, `Q4_K`, `Q6_K`) and `rows` is a multiple of 16; otherwise `self` unchanged. The
+    /// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q6_K`) and `rows` is a multiple of 16; otherwise `self` unchanged. The
     /// packed bytes are an owned copy of the same size (`Q4_K`: 2.8% larger, see `packed_q4k`) (llama.cpp repacks the same way at load, see
     /// `ggml-cpu/repack.cpp`); the memory-mapped pages they came from are released.
     /// Products, [`Self::embedding`] and [`Self::dequantize`] give the same values either way

@@ -13,12 +13,16 @@
 //!   `16 + 4c + t` (values `0..16`, meaning `q - 8`).
 //! - `Q8_0` (544 bytes a block): 8 words; byte `t` of row `i` in word `c` is value `4c + t`
 //!   plus 128 (`q ^ 0x80`, so `0..=255` as unsigned).
+//! - `Q4_1` (320 bytes a block): `16 × f16` scales `d`, then `16 × f16` minimums `m`, then 4
+//!   words as for `Q4_0` (values `0..16`, meaning `d·q + m`).
 //!
 //! A product then takes, per block and activation row, 8 `u8 × i8` dot products of 4 values
 //! (`vpdpbusd`), each against 4 activation bytes broadcast to every lane, giving the 16 rows'
 //! integer sums side by side with no horizontal reduction. The offsets of the unsigned codes
 //! (`-8·Σy` for `Q4_0`, `-128·Σy` for `Q8_0`, `Σy` the block's activation sum) start the integer
-//! accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. The
+//! accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. `Q4_1`
+//! keeps a second accumulator per lane for its minimums, `m·s` with `s = d_y·Σy` (ggml's
+//! `vec_dot_q4_1_q8_1`: `Σ (d·q + m)·d_y·y = d·d_y·Σ q·y + m·s`), added at the end. The
 //! integers are exact, so this differs from the unpacked kernels only in float summation
 //! order; [`tile_fn`]'s portable version does the very same float operations as the SIMD one.
 //!
@@ -36,8 +40,17 @@ pub(crate) const ROWS: usize = 16;
 pub(crate) fn supports(dtype: GgufType) -> bool {
     matches!(
         dtype,
-        GgufType::Q4_0 | GgufType::Q8_0 | GgufType::Q4K | GgufType::Q6K
+        GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q8_0 | GgufType::Q4K | GgufType::Q6K
     )
+}
+
+/// `f16` parameters per row and block: the scale `d`, and for `Q4_1` the minimum `m` (each
+/// stored as 16 rows' values before the quant words).
+const fn params(dtype: GgufType) -> usize {
+    match dtype {
+        GgufType::Q4_1 => 2,
+        _ => 1,
+    }
 }
 
 /// Quant words (64 bytes each) per block (the kernels take the count, and the `-OFF · Σy`
@@ -63,7 +76,8 @@ pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) ->
     let (ts, nb) = (dtype.type_size(), cols / 32);
     let row_bytes = nb * ts;
     let gblock = ROWS * ts;
-    let words = words(dtype);
+    let (words, np) = (words(dtype), params(dtype));
+    let hdr = 32 * np;
     let flip = if dtype == GgufType::Q8_0 {
         0x8080_8080u32
     } else {
@@ -79,12 +93,13 @@ pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) ->
             for (i, row) in src.chunks_exact(row_bytes).enumerate() {
                 for (b, blk) in row.chunks_exact(ts).enumerate() {
                     let db = &mut dst[b * gblock..(b + 1) * gblock];
-                    db[2 * i..2 * i + 2].copy_from_slice(&blk[..2]);
+                    for p in 0..np {
+                        db[32 * p + 2 * i..][..2].copy_from_slice(&blk[2 * p..2 * p + 2]);
+                    }
                     for c in 0..words {
-                        let w = u32::from_le_bytes(
-                            blk[2 + 4 * c..6 + 4 * c].try_into().expect("4 bytes"),
-                        );
-                        db[32 + 64 * c + 4 * i..][..4].copy_from_slice(&(w ^ flip).to_le_bytes());
+                        let q = 2 * np + 4 * c;
+                        let w = u32::from_le_bytes(blk[q..q + 4].try_into().expect("4 bytes"));
+                        db[hdr + 64 * c + 4 * i..][..4].copy_from_slice(&(w ^ flip).to_le_bytes());
                     }
                 }
             }
@@ -110,20 +125,26 @@ pub(crate) fn dequantize_row(
     let (ts, nb) = (dtype.type_size(), cols / 32);
     let gblock = ROWS * ts;
     let (g, i) = (r / ROWS, r % ROWS);
+    let hdr = 32 * params(dtype);
     let grp = &packed[g * nb * gblock..(g + 1) * nb * gblock];
     for (b, o) in out.chunks_exact_mut(32).enumerate() {
         let blk = &grp[b * gblock..(b + 1) * gblock];
         let d = super::scalar::f16_at(blk, 2 * i);
         for (j, v) in o.iter_mut().enumerate() {
-            let q = if dtype == GgufType::Q8_0 {
-                (blk[32 + 64 * (j / 4) + 4 * i + j % 4] ^ 0x80) as i8 as i32
+            if dtype == GgufType::Q8_0 {
+                let q = (blk[hdr + 64 * (j / 4) + 4 * i + j % 4] ^ 0x80) as i8;
+                *v = d * q as f32;
+                continue;
+            }
+            let c = (j % 16) / 4;
+            let byte = blk[hdr + 64 * c + 4 * i + j % 4];
+            let nib = if j < 16 { byte & 0xF } else { byte >> 4 };
+            // ggml's dequantize_row_q4_0 / _q4_1.
+            *v = if dtype == GgufType::Q4_1 {
+                nib as f32 * d + super::scalar::f16_at(blk, 32 + 2 * i)
             } else {
-                let c = (j % 16) / 4;
-                let byte = blk[32 + 64 * c + 4 * i + j % 4];
-                let nib = if j < 16 { byte & 0xF } else { byte >> 4 };
-                nib as i32 - 8
+                (nib as i32 - 8) as f32 * d
             };
-            *v = d * q as f32;
         }
     }
 }
@@ -134,16 +155,18 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
         GgufType::Q4K => super::packed_q4k::tile_scalar,
         GgufType::Q6K => super::packed_q6k::tile_scalar,
-        GgufType::Q8_0 => tile_scalar::<8, 128>,
-        _ => tile_scalar::<4, 8>,
+        GgufType::Q8_0 => tile_scalar::<8, 128, false>,
+        GgufType::Q4_1 => tile_scalar::<4, 0, true>,
+        _ => tile_scalar::<4, 8, false>,
     }
 }
 
-/// The integer sum of block `b` of activation row `r` against row lane `i` of a packed block,
-/// offset included: `Σ_j code_j·y_j - OFF·Σy`.
+/// The integer sum of block `b` of activation row `r` against row lane `i` of a packed block
+/// (quant words after `hdr` bytes of parameters), offset included: `Σ_j code_j·y_j - OFF·Σy`.
 #[inline(always)]
 fn block_isum<const WORDS: usize, const OFF: i32>(
     blk: &[u8],
+    hdr: usize,
     a: &Acts,
     r: usize,
     b: usize,
@@ -153,10 +176,10 @@ fn block_isum<const WORDS: usize, const OFF: i32>(
     let mut s = -OFF * a.isum[r * (a.k / 32) + b];
     for c in 0..4 {
         for t in 0..4 {
-            let byte = blk[32 + 64 * c + 4 * i + t];
+            let byte = blk[hdr + 64 * c + 4 * i + t];
             if WORDS == 8 {
                 s += byte as i32 * y[4 * c + t] as i32;
-                let hi = blk[32 + 64 * (c + 4) + 4 * i + t];
+                let hi = blk[hdr + 64 * (c + 4) + 4 * i + t];
                 s += hi as i32 * y[16 + 4 * c + t] as i32;
             } else {
                 s += (byte & 0xF) as i32 * y[4 * c + t] as i32;
@@ -168,28 +191,35 @@ fn block_isum<const WORDS: usize, const OFF: i32>(
 }
 
 /// # Safety
-/// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`].
-unsafe fn tile_scalar<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
+/// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]. `MIN`: the blocks
+/// carry `Q4_1` minimums.
+unsafe fn tile_scalar<const WORDS: usize, const OFF: i32, const MIN: bool>(t: &Tile<'_>) {
     let a = t.acts;
     let nb = a.k / 32;
-    let gblock = 32 + 64 * WORDS;
+    let hdr = if MIN { 64 } else { 32 };
+    let gblock = hdr + 64 * WORDS;
     for g in t.rows.start / ROWS..t.rows.end / ROWS {
         let grp = &t.w[g * nb * gblock..(g + 1) * nb * gblock];
         for r in t.ms.clone() {
-            let mut acc = [0f32; ROWS];
+            let (mut acc, mut accm) = ([0f32; ROWS], [0f32; ROWS]);
             for b in 0..nb {
                 let blk = &grp[b * gblock..(b + 1) * gblock];
                 let dy = a.d[r * nb + b];
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let dd = super::scalar::f16_at(blk, 2 * i) * dy;
-                    let s = block_isum::<WORDS, OFF>(blk, a, r, b, i);
+                    let s = block_isum::<WORDS, OFF>(blk, hdr, a, r, b, i);
                     *acc = (s as f32).mul_add(dd, *acc);
+                    if MIN {
+                        let m = super::scalar::f16_at(blk, 32 + 2 * i);
+                        accm[i] = m.mul_add(a.s[r * nb + b], accm[i]);
+                    }
                 }
             }
             for (i, v) in acc.iter().enumerate() {
+                let v = if MIN { *v + accm[i] } else { *v };
                 // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that the
                 // tile's elements belong to it only.
-                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = *v };
+                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = v };
             }
         }
     }
@@ -215,31 +245,32 @@ pub(crate) mod avx512 {
         match dtype {
             GgufType::Q4K => super::super::packed_q4k::avx512::tile,
             GgufType::Q6K => super::super::packed_q6k::avx512::tile,
-            GgufType::Q8_0 => tile::<8, 128>,
-            _ => tile::<4, 8>,
+            GgufType::Q8_0 => tile::<8, 128, false>,
+            GgufType::Q4_1 => tile::<4, 0, true>,
+            _ => tile::<4, 8, false>,
         }
     }
 
     /// # Safety
     /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
-    /// AVX512F and AVX512-VNNI.
+    /// AVX512F and AVX512-VNNI. `MIN`: the blocks carry `Q4_1` minimums.
     #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn tile<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
+    unsafe fn tile<const WORDS: usize, const OFF: i32, const MIN: bool>(t: &Tile<'_>) {
         let nb = t.acts.k / 32;
-        let gbytes = nb * (32 + 64 * WORDS);
+        let gbytes = nb * (if MIN { 64 } else { 32 } + 64 * WORDS);
         for g in t.rows.start / ROWS..t.rows.end / ROWS {
             // SAFETY: group `g` lies inside the weight (rows checked by the caller).
             let wg = unsafe { t.w.as_ptr().add(g * gbytes) };
             let mut r = t.ms.start;
             unsafe {
                 while r + 4 <= t.ms.end {
-                    rows::<4, WORDS, OFF>(t, wg, g, r);
+                    rows::<4, WORDS, OFF, MIN>(t, wg, g, r);
                     r += 4;
                 }
                 match t.ms.end - r {
-                    3 => rows::<3, WORDS, OFF>(t, wg, g, r),
-                    2 => rows::<2, WORDS, OFF>(t, wg, g, r),
-                    1 => rows::<1, WORDS, OFF>(t, wg, g, r),
+                    3 => rows::<3, WORDS, OFF, MIN>(t, wg, g, r),
+                    2 => rows::<2, WORDS, OFF, MIN>(t, wg, g, r),
+                    1 => rows::<1, WORDS, OFF, MIN>(t, wg, g, r),
                     _ => {}
                 }
             }
@@ -294,7 +325,7 @@ pub(crate) mod avx512 {
     /// As [`tile`]; `r + R <= t.ms.end`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // `i` indexes the activations and `acc` alike
-    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32>(
+    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32, const MIN: bool>(
         t: &Tile<'_>,
         wg: *const u8,
         g: usize,
@@ -302,31 +333,43 @@ pub(crate) mod avx512 {
     ) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 32);
-        let gblock = 32 + 64 * WORDS;
+        let hdr = if MIN { 64 } else { 32 };
+        let gblock = hdr + 64 * WORDS;
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
+            let mut accm = [_mm512_setzero_ps(); R];
             for b in 0..nb {
                 let blk = wg.add(b * gblock);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let mw = if MIN {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i))
+                } else {
+                    _mm512_setzero_ps()
+                };
                 let mut w = [_mm512_setzero_si512(); 8];
                 if WORDS == 8 {
                     for (c, w) in w.iter_mut().enumerate() {
-                        *w = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
+                        *w = _mm512_loadu_si512(blk.add(hdr + 64 * c) as *const _);
                     }
                 } else {
-                    w = nibbles(blk.add(32));
+                    w = nibbles(blk.add(hdr));
                 }
                 for i in 0..R {
+                    let ab = (r + i) * nb + b;
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
-                    let off = -OFF * *a.isum.get_unchecked((r + i) * nb + b);
+                    let off = -OFF * *a.isum.get_unchecked(ab);
                     let s = block_sums(&w, y, off);
-                    let dd =
-                        _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b)));
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(ab)));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
+                    if MIN {
+                        accm[i] =
+                            _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(ab)), accm[i]);
+                    }
                 }
             }
             for (i, v) in acc.iter().enumerate() {
-                _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), *v);
+                let v = if MIN { _mm512_add_ps(*v, accm[i]) } else { *v };
+                _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), v);
             }
         }
     }

@@ -547,7 +547,7 @@ fn packed_weight(w: &Weight) -> Weight {
 #[test]
 fn packed_kernels_match_references_over_shapes() {
     let mut rng = StdRng::seed_from_u64(21);
-    for dtype in [GgufType::Q4_0, GgufType::Q8_0] {
+    for dtype in [GgufType::Q4_0, GgufType::Q4_1, GgufType::Q8_0] {
         for (n, k) in [(16, 32), (48, 576), (32, 1536), (400, 256)] {
             let w = packed_weight(&quantized_weight(&mut rng, dtype, n, k));
             for m in [1, 2, 3, 5, 13, 64] {
@@ -564,7 +564,7 @@ fn packed_simd_equals_packed_scalar_bit_for_bit_and_unpacked_closely() {
     // The portable packed kernel does the SIMD one's float operations in the same order; the
     // unpacked kernels sum in another order, so they agree to rounding only.
     let mut rng = StdRng::seed_from_u64(22);
-    for dtype in [GgufType::Q4_0, GgufType::Q8_0] {
+    for dtype in [GgufType::Q4_0, GgufType::Q4_1, GgufType::Q8_0] {
         let (n, k, m) = (64, 2048, 9);
         let bytes = random_block_bytes(&mut rng, dtype, n * k / 32);
         let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), dtype, n, k).unwrap();

@@ -7,7 +7,7 @@
 //! | stored | `dequantize` | CPU | CUDA |
 //! |---|---|---|---|
 //! | float | either | dense | dense |
-//! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0 and Q8_0 repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
+//! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0, Q4_1, Q8_0, Q4_K and Q6_K repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
 //! | other GGUF block types | no | [`Linear::Gguf`] | as above |
 //! | MLX affine | no | [`Linear::Mlx`] ([`Linear::MlxPacked`] for 4-bit on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] for 4/8-bit, else dense |
 //! | MLX `mxfp4` / `mxfp8` / `nvfp4` | no | [`Linear::MlxFp`] | dense |
