@@ -20,11 +20,18 @@
 //! (`vpdpbusd`), each against 4 activation bytes broadcast to every lane, giving the 16 rows'
 //! integer sums side by side with no horizontal reduction. The offsets of the unsigned codes
 //! (`-8·Σy` for `Q4_0`, `-128·Σy` for `Q8_0`, `Σy` the block's activation sum) start the integer
-//! accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. `Q4_1`
-//! keeps a second accumulator per lane for its minimums, `m·s` with `s = d_y·Σy` (ggml's
-//! `vec_dot_q4_1_q8_1`: `Σ (d·q + m)·d_y·y = d·d_y·Σ q·y + m·s`), added at the end. The
+//! accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. The
 //! integers are exact, so this differs from the unpacked kernels only in float summation
 //! order; [`tile_fn`]'s portable version does the very same float operations as the SIMD one.
+//!
+//! `Q4_1` keeps ggml's float order exactly (`ggml_vec_dot_q4_1_q8_1`, which llama.cpp uses for
+//! every row count: it does not repack `Q4_1`), so that the default model stays bit-for-bit
+//! with llama.cpp: per row, 8 float accumulators, one per 4-value group `L` of ggml's 256-bit
+//! vector (values `4L..4L + 4`: word `L % 4`'s low nibbles for `L < 4`, high ones after), each
+//! `fma(d·d_y, Σ_L, acc_L)` per block with `Σ_L` the exact integer sum of its 4 products; a
+//! chain `fma(m, s, accm)` for the minimums (`s = d_y·Σy`); at the end ggml's `hsum_float_8`
+//! order `((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))`, plus `accm`. The unpacked x86
+//! kernels compute the same, so packed and unpacked agree bit for bit there.
 //!
 //! `Q4_K` (256-value super-blocks with 6-bit sub-block scales and mins) has its own group layout
 //! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels; `Q6_K` in
@@ -155,18 +162,17 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
         GgufType::Q4K => super::packed_q4k::tile_scalar,
         GgufType::Q6K => super::packed_q6k::tile_scalar,
-        GgufType::Q8_0 => tile_scalar::<8, 128, false>,
-        GgufType::Q4_1 => tile_scalar::<4, 0, true>,
-        _ => tile_scalar::<4, 8, false>,
+        GgufType::Q8_0 => tile_scalar::<8, 128>,
+        GgufType::Q4_1 => tile_scalar_q4_1,
+        _ => tile_scalar::<4, 8>,
     }
 }
 
-/// The integer sum of block `b` of activation row `r` against row lane `i` of a packed block
-/// (quant words after `hdr` bytes of parameters), offset included: `Σ_j code_j·y_j - OFF·Σy`.
+/// The integer sum of block `b` of activation row `r` against row lane `i` of a packed block,
+/// offset included: `Σ_j code_j·y_j - OFF·Σy`.
 #[inline(always)]
 fn block_isum<const WORDS: usize, const OFF: i32>(
     blk: &[u8],
-    hdr: usize,
     a: &Acts,
     r: usize,
     b: usize,
@@ -176,10 +182,10 @@ fn block_isum<const WORDS: usize, const OFF: i32>(
     let mut s = -OFF * a.isum[r * (a.k / 32) + b];
     for c in 0..4 {
         for t in 0..4 {
-            let byte = blk[hdr + 64 * c + 4 * i + t];
+            let byte = blk[32 + 64 * c + 4 * i + t];
             if WORDS == 8 {
                 s += byte as i32 * y[4 * c + t] as i32;
-                let hi = blk[hdr + 64 * (c + 4) + 4 * i + t];
+                let hi = blk[32 + 64 * (c + 4) + 4 * i + t];
                 s += hi as i32 * y[16 + 4 * c + t] as i32;
             } else {
                 s += (byte & 0xF) as i32 * y[4 * c + t] as i32;
@@ -191,35 +197,74 @@ fn block_isum<const WORDS: usize, const OFF: i32>(
 }
 
 /// # Safety
-/// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]. `MIN`: the blocks
-/// carry `Q4_1` minimums.
-unsafe fn tile_scalar<const WORDS: usize, const OFF: i32, const MIN: bool>(t: &Tile<'_>) {
+/// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`].
+unsafe fn tile_scalar<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
     let a = t.acts;
     let nb = a.k / 32;
-    let hdr = if MIN { 64 } else { 32 };
-    let gblock = hdr + 64 * WORDS;
+    let gblock = 32 + 64 * WORDS;
     for g in t.rows.start / ROWS..t.rows.end / ROWS {
         let grp = &t.w[g * nb * gblock..(g + 1) * nb * gblock];
         for r in t.ms.clone() {
-            let (mut acc, mut accm) = ([0f32; ROWS], [0f32; ROWS]);
+            let mut acc = [0f32; ROWS];
             for b in 0..nb {
                 let blk = &grp[b * gblock..(b + 1) * gblock];
                 let dy = a.d[r * nb + b];
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let dd = super::scalar::f16_at(blk, 2 * i) * dy;
-                    let s = block_isum::<WORDS, OFF>(blk, hdr, a, r, b, i);
+                    let s = block_isum::<WORDS, OFF>(blk, a, r, b, i);
                     *acc = (s as f32).mul_add(dd, *acc);
-                    if MIN {
-                        let m = super::scalar::f16_at(blk, 32 + 2 * i);
-                        accm[i] = m.mul_add(a.s[r * nb + b], accm[i]);
-                    }
                 }
             }
             for (i, v) in acc.iter().enumerate() {
-                let v = if MIN { *v + accm[i] } else { *v };
                 // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that the
                 // tile's elements belong to it only.
-                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = v };
+                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = *v };
+            }
+        }
+    }
+}
+
+/// ggml's `hsum_float_8` of the 8 lane accumulators of a `Q4_1` row (see the module docs).
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]))
+}
+
+/// The portable packed `Q4_1` kernel: ggml's float order (see the module docs).
+///
+/// # Safety
+/// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`].
+unsafe fn tile_scalar_q4_1(t: &Tile<'_>) {
+    let a = t.acts;
+    let nb = a.k / 32;
+    let gblock = 64 + 64 * 4;
+    for g in t.rows.start / ROWS..t.rows.end / ROWS {
+        let grp = &t.w[g * nb * gblock..(g + 1) * nb * gblock];
+        for r in t.ms.clone() {
+            let mut acc = [[0f32; 8]; ROWS];
+            let mut accm = [0f32; ROWS];
+            for b in 0..nb {
+                let blk = &grp[b * gblock..(b + 1) * gblock];
+                let (dy, sy) = (a.d[r * nb + b], a.s[r * nb + b]);
+                let y = &a.qs[r * a.k + 32 * b..][..32];
+                for (i, (acc, accm)) in acc.iter_mut().zip(accm.iter_mut()).enumerate() {
+                    let dd = super::scalar::f16_at(blk, 2 * i) * dy;
+                    for (l, acc) in acc.iter_mut().enumerate() {
+                        let mut s = 0i32;
+                        for t in 0..4 {
+                            let byte = blk[64 + 64 * (l % 4) + 4 * i + t];
+                            let code = if l < 4 { byte & 0xF } else { byte >> 4 };
+                            s += code as i32 * y[4 * l + t] as i32;
+                        }
+                        *acc = dd.mul_add(s as f32, *acc);
+                    }
+                    *accm = super::scalar::f16_at(blk, 32 + 2 * i).mul_add(sy, *accm);
+                }
+            }
+            for (i, (acc, accm)) in acc.iter().zip(&accm).enumerate() {
+                // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that the
+                // tile's elements belong to it only.
+                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = hsum8(acc) + accm };
             }
         }
     }
@@ -245,32 +290,32 @@ pub(crate) mod avx512 {
         match dtype {
             GgufType::Q4K => super::super::packed_q4k::avx512::tile,
             GgufType::Q6K => super::super::packed_q6k::avx512::tile,
-            GgufType::Q8_0 => tile::<8, 128, false>,
-            GgufType::Q4_1 => tile::<4, 0, true>,
-            _ => tile::<4, 8, false>,
+            GgufType::Q8_0 => tile::<8, 128>,
+            GgufType::Q4_1 => tile_q4_1,
+            _ => tile::<4, 8>,
         }
     }
 
     /// # Safety
     /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
-    /// AVX512F and AVX512-VNNI. `MIN`: the blocks carry `Q4_1` minimums.
+    /// AVX512F and AVX512-VNNI.
     #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn tile<const WORDS: usize, const OFF: i32, const MIN: bool>(t: &Tile<'_>) {
+    unsafe fn tile<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
         let nb = t.acts.k / 32;
-        let gbytes = nb * (if MIN { 64 } else { 32 } + 64 * WORDS);
+        let gbytes = nb * (32 + 64 * WORDS);
         for g in t.rows.start / ROWS..t.rows.end / ROWS {
             // SAFETY: group `g` lies inside the weight (rows checked by the caller).
             let wg = unsafe { t.w.as_ptr().add(g * gbytes) };
             let mut r = t.ms.start;
             unsafe {
                 while r + 4 <= t.ms.end {
-                    rows::<4, WORDS, OFF, MIN>(t, wg, g, r);
+                    rows::<4, WORDS, OFF>(t, wg, g, r);
                     r += 4;
                 }
                 match t.ms.end - r {
-                    3 => rows::<3, WORDS, OFF, MIN>(t, wg, g, r),
-                    2 => rows::<2, WORDS, OFF, MIN>(t, wg, g, r),
-                    1 => rows::<1, WORDS, OFF, MIN>(t, wg, g, r),
+                    3 => rows::<3, WORDS, OFF>(t, wg, g, r),
+                    2 => rows::<2, WORDS, OFF>(t, wg, g, r),
+                    1 => rows::<1, WORDS, OFF>(t, wg, g, r),
                     _ => {}
                 }
             }
@@ -325,7 +370,7 @@ pub(crate) mod avx512 {
     /// As [`tile`]; `r + R <= t.ms.end`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // `i` indexes the activations and `acc` alike
-    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32, const MIN: bool>(
+    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32>(
         t: &Tile<'_>,
         wg: *const u8,
         g: usize,
@@ -333,43 +378,101 @@ pub(crate) mod avx512 {
     ) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 32);
-        let hdr = if MIN { 64 } else { 32 };
-        let gblock = hdr + 64 * WORDS;
+        let gblock = 32 + 64 * WORDS;
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
-            let mut accm = [_mm512_setzero_ps(); R];
             for b in 0..nb {
                 let blk = wg.add(b * gblock);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
-                let mw = if MIN {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i))
-                } else {
-                    _mm512_setzero_ps()
-                };
                 let mut w = [_mm512_setzero_si512(); 8];
                 if WORDS == 8 {
                     for (c, w) in w.iter_mut().enumerate() {
-                        *w = _mm512_loadu_si512(blk.add(hdr + 64 * c) as *const _);
+                        *w = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
                     }
                 } else {
-                    w = nibbles(blk.add(hdr));
+                    w = nibbles(blk.add(32));
                 }
                 for i in 0..R {
-                    let ab = (r + i) * nb + b;
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
-                    let off = -OFF * *a.isum.get_unchecked(ab);
+                    let off = -OFF * *a.isum.get_unchecked((r + i) * nb + b);
                     let s = block_sums(&w, y, off);
-                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(ab)));
+                    let dd =
+                        _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b)));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
-                    if MIN {
-                        accm[i] =
-                            _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s.get_unchecked(ab)), accm[i]);
-                    }
                 }
             }
             for (i, v) in acc.iter().enumerate() {
-                let v = if MIN { _mm512_add_ps(*v, accm[i]) } else { *v };
-                _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), v);
+                _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), *v);
+            }
+        }
+    }
+
+    /// The packed `Q4_1` kernel in ggml's float order (see the module docs): activation rows
+    /// one or two at a time (8 accumulators each).
+    ///
+    /// # Safety
+    /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
+    /// AVX512F and AVX512-VNNI.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn tile_q4_1(t: &Tile<'_>) {
+        let nb = t.acts.k / 32;
+        for g in t.rows.start / ROWS..t.rows.end / ROWS {
+            // SAFETY: group `g` lies inside the weight (rows checked by the caller).
+            let wg = unsafe { t.w.as_ptr().add(g * nb * 320) };
+            let mut r = t.ms.start;
+            unsafe {
+                while r + 2 <= t.ms.end {
+                    rows_q4_1::<2>(t, wg, g, r);
+                    r += 2;
+                }
+                if r < t.ms.end {
+                    rows_q4_1::<1>(t, wg, g, r);
+                }
+            }
+        }
+    }
+
+    /// Activation rows `r..r + R` against the 16 `Q4_1` rows of group `g` (at `wg`).
+    ///
+    /// # Safety
+    /// As [`tile_q4_1`]; `r + R <= t.ms.end`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // `i` indexes the activations and `acc` alike
+    unsafe fn rows_q4_1<const R: usize>(t: &Tile<'_>, wg: *const u8, g: usize, r: usize) {
+        let a = t.acts;
+        let (k, nb) = (a.k, a.k / 32);
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 8]; R];
+            let mut accm = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let blk = wg.add(b * 320);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+                // Word `L` of `nibbles`: ggml's lane group `L` (values `4L..4L + 4`).
+                let w = nibbles(blk.add(64));
+                for i in 0..R {
+                    let ab = (r + i) * nb + b;
+                    let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked(ab)));
+                    for l in 0..8 {
+                        let yl = _mm512_set1_epi32(y.add(l).read_unaligned());
+                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[l], yl);
+                        acc[i][l] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), acc[i][l]);
+                    }
+                    let sy = _mm512_set1_ps(*a.s.get_unchecked(ab));
+                    accm[i] = _mm512_fmadd_ps(mw, sy, accm[i]);
+                }
+            }
+            for i in 0..R {
+                let x = &acc[i];
+                let s = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(x[4], x[0]), _mm512_add_ps(x[6], x[2])),
+                    _mm512_add_ps(_mm512_add_ps(x[5], x[1]), _mm512_add_ps(x[7], x[3])),
+                );
+                _mm512_storeu_ps(
+                    t.out.add((r + i) * t.ldo + g * ROWS),
+                    _mm512_add_ps(s, accm[i]),
+                );
             }
         }
     }

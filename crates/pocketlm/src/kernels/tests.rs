@@ -664,3 +664,33 @@ fn packing_keeps_shapes_it_cannot_pack_unchanged() {
         assert!(!w.mat.clone().into_packed().is_packed(), "{dtype:?} {n}");
     }
 }
+
+#[test]
+fn packed_q4_1_equals_the_unpacked_x86_kernels_bit_for_bit() {
+    // The packed Q4_1 kernels keep ggml's `vec_dot_q4_1_q8_1` order (8 lanes, then
+    // `hsum_float_8`, then the minimums), as the unpacked x86 kernels do, for every row count;
+    // the default model's bit-for-bit agreement with llama.cpp rests on it.
+    let mut rng = StdRng::seed_from_u64(25);
+    let x86 = [Backend::Avx2, Backend::Avx512Vnni];
+    for (n, k) in [(16, 32), (48, 576), (32, 1536)] {
+        let bytes = random_block_bytes(&mut rng, GgufType::Q4_1, n * k / 32);
+        let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q4_1, n, k).unwrap();
+        let packed = plain.clone().into_packed();
+        assert!(packed.is_packed());
+        assert_eq!(packed.bytes().len(), plain.bytes().len());
+        for m in [1, 2, 3, 5, 64] {
+            let x = rand_vec(&mut rng, m * k);
+            for backend in backends().into_iter().filter(|b| x86.contains(b)) {
+                let mut want = vec![0f32; m * n];
+                plain.matmul_with(backend, &x, m, &mut want).unwrap();
+                let mut got = vec![0f32; m * n];
+                packed.matmul_with(backend, &x, m, &mut got).unwrap();
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{n}x{k} m={m} {backend:?}");
+            }
+        }
+    }
+}
