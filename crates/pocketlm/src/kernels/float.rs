@@ -392,6 +392,10 @@ pub struct AttentionShape {
 /// one-column products) and as `tinyBLAS` ([`dot_tinyblas`]) does for several, without
 /// materializing a transposed `v`. Rows run in parallel on the rayon pool.
 ///
+/// Passes of 64 queries or more (long prompts) take a tiled online-softmax kernel instead
+/// where the CPU has AVX-512 (`kernels::attn_tiled`: FlashAttention-2's loop, the same
+/// function up to float summation order), without soft-capping.
+///
 /// # Panics
 /// If a slice is shorter than its shape says or `heads` is not a multiple of `kv_heads`
 /// (internal callers check shapes first).
@@ -406,8 +410,17 @@ pub fn attention(
     window: Option<usize>,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
-    let AttentionShape {
+    check_attention_operands(q, k, v, &shape, out);
+    #[cfg(target_arch = "x86_64")]
+    if super::attn_tiled::applies(&shape, softcap) {
+        return super::attn_tiled::attention(q, k, v, shape, scale, window, out);
+    }
+    attention_rows(q, k, v, shape, scale, softcap, window, out)
+}
+
+/// The slice lengths and head counts [`attention`] needs (panics otherwise).
+fn check_attention_operands(q: &[f32], k: &[f32], v: &[f32], shape: &AttentionShape, out: &[f32]) {
+    let &AttentionShape {
         heads,
         kv_heads,
         queries,
@@ -420,6 +433,31 @@ pub fn attention(
     assert!(hs >= kv_len * d);
     let kv_need = (kv_heads - 1) * hs + kv_len * d;
     assert!(k.len() >= kv_need && v.len() >= kv_need);
+}
+
+/// [`attention`] one output row at a time in ggml's exact order (see there), whatever the
+/// number of queries.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    check_attention_operands(q, k, v, &shape, out);
+    let AttentionShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        kv_head_stride: _,
+    } = shape;
     // Prefill: keys transposed once per call so that scores go 16 keys at a time.
     let kt = (queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
     let kt = kt.as_deref();
@@ -525,7 +563,7 @@ const TRANSPOSE_MIN_QUERIES: usize = 16;
 /// The keys of every kv head in blocks of 16 positions, each block `[head_dim][16]`
 /// (component-major, positions past `kv_len` zero): `kt[((h · blocks + b) · d + c) · 16 + j]`
 /// is component `c` of key `16b + j` of head `h`.
-fn transpose_keys(k: &[f32], shape: &AttentionShape) -> Vec<f32> {
+pub(crate) fn transpose_keys(k: &[f32], shape: &AttentionShape) -> Vec<f32> {
     use rayon::prelude::*;
     let (d, hs, kv_len) = (shape.head_dim, shape.kv_head_stride, shape.kv_len);
     let blocks = kv_len.div_ceil(LANES);

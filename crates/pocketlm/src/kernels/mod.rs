@@ -41,6 +41,7 @@
 //! whole forward pass inside the pool ([`in_pool`]) avoids it.
 
 mod act;
+mod attn_tiled;
 pub mod float;
 pub mod mlx;
 mod mlx_packed;
