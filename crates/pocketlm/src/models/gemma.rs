@@ -244,44 +244,6 @@ impl GemmaConfig {
     }
 }
 
-/// Weights of the multimodal `gemma3` checkpoints, whose text model lives under
-/// `model.language_model.` (transformers 5) or `language_model.model.` (transformers 4,
-/// mlx-vlm), read with the text model's names (`model.layers.0...`).
-struct LanguageModelPrefix<'a> {
-    inner: &'a dyn Weights,
-    prefix: &'static str,
-}
-
-impl LanguageModelPrefix<'_> {
-    fn name(&self, name: &str) -> String {
-        match name.strip_prefix("model.") {
-            Some(rest) => format!("{}{rest}", self.prefix),
-            None => name.to_string(),
-        }
-    }
-}
-
-impl Weights for LanguageModelPrefix<'_> {
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        self.inner.linear(&self.name(prefix), out, inp, bias)
-    }
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
-        self.inner.embedding(&self.name(name), vocab, hidden)
-    }
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.inner.tensor(&self.name(name), shape)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.inner.contains(&self.name(name))
-    }
-    fn device(&self) -> &Device {
-        self.inner.device()
-    }
-    fn layout(&self) -> crate::weights::WeightLayout {
-        self.inner.layout()
-    }
-}
-
 /// Reads an HF-style Gemma 2 / Gemma 3 text config from GGUF metadata (`gemma2.*` /
 /// `gemma3.*` keys, llama.cpp naming), with llama.cpp's fixed choices for what the metadata
 /// does not hold (`src/llama-model.cpp`): Gemma 2 alternates local and global layers starting
@@ -368,19 +330,8 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
     }
     let cfg: GemmaConfig = serde_json::from_value(text)
         .map_err(|e| Error::Model(format!("config.json `text_config`: {e}")))?;
-    let prefix = ["model.language_model.", "language_model.model."]
-        .into_iter()
-        .find(|p| w.contains(&format!("{p}embed_tokens.weight")))
-        .ok_or_else(|| {
-            Error::tensor(
-                "model.language_model.embed_tokens.weight",
-                "is missing (nor language_model.model.embed_tokens.weight)",
-            )
-        })?;
-    Ok(Box::new(Gemma::new(
-        cfg,
-        &LanguageModelPrefix { inner: w, prefix },
-    )?))
+    let w = build::language_model(w)?;
+    Ok(Box::new(Gemma::new(cfg, &w)?))
 }
 
 #[derive(Debug)]
@@ -448,6 +399,7 @@ impl Gemma {
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
                     q_norm,
                     k_norm,
+                    v_norm: None,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
@@ -460,6 +412,7 @@ impl Gemma {
                         Numerics::Reference => ScaleAt::Scores,
                     },
                     rope: true,
+                    query_temperature: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 pre_feedforward_layernorm: norm(

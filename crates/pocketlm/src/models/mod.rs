@@ -6,10 +6,12 @@ mod build;
 pub mod decode_plan;
 pub mod decoder;
 pub mod gemma;
+pub mod gemma4;
 mod gguf_config;
 #[cfg(test)]
 mod gguf_names_tests;
 pub mod llama;
+pub mod ministral3;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_vl;
@@ -472,6 +474,22 @@ pub static REGISTRY: &[Architecture] = &[
         build: gemma::build,
     },
     Architecture {
+        model_types: &["gemma4_text", "gemma4"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        build: gemma4::build,
+    },
+    Architecture {
+        model_types: &["ministral3", "mistral3"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        build: ministral3::build,
+    },
+    Architecture {
         model_types: &["qwen2_vl"],
         gguf_architectures: &[],
         gguf_names: None,
@@ -529,6 +547,15 @@ impl Architecture {
     }
 }
 
+/// `config_from_gguf` of the architectures read from safetensors folders only (never called:
+/// they list no GGUF architecture).
+fn safetensors_only(g: &GgufFile) -> Result<serde_json::Value> {
+    Err(Error::Model(format!(
+        "{}: this architecture is read from safetensors folders only",
+        g.path().display()
+    )))
+}
+
 fn supported() -> String {
     REGISTRY
         .iter()
@@ -584,6 +611,10 @@ mod tests {
             "gemma2",
             "gemma3_text",
             "gemma3",
+            "gemma4_text",
+            "gemma4",
+            "ministral3",
+            "mistral3",
             "phi3",
         ] {
             assert!(e.contains(a), "{e}");
