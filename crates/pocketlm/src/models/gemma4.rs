@@ -23,7 +23,8 @@
 //! - Logits soft-capped by `final_logit_softcapping` when set.
 //!
 //! Refused with an error: the mixture-of-experts block (`enable_moe_block: true`, the 26B-A4B
-//! model) and bidirectional attention (`use_bidirectional_attention`).
+//! model) and bidirectional attention on text (`use_bidirectional_attention: all`; `vision`
+//! only concerns image tokens and is accepted).
 //!
 //! Reference: Hugging Face `models/gemma4/configuration_gemma4.py` (`Gemma4TextConfig`),
 //! `modeling_gemma4.py` (`Gemma4TextModel`, `Gemma4ForCausalLM`), `modeling_rope_utils.py`
@@ -102,7 +103,7 @@ pub struct Gemma4Config {
     /// `c` in `c · tanh(logits / c)`.
     #[serde(default)]
     pub final_logit_softcapping: Option<f64>,
-    /// `all` / `vision` (not supported).
+    /// `vision` (image tokens attend both ways: no effect on text) or `all` (not supported).
     #[serde(default)]
     pub use_bidirectional_attention: Option<String>,
     /// Rows of the per-layer embedding (default 262144).
@@ -309,11 +310,16 @@ impl Gemma4Config {
                 "true (Gemma 4's mixture-of-experts block) is not supported",
             ));
         }
-        if let Some(b) = &self.use_bidirectional_attention {
-            return Err(bad(
-                "use_bidirectional_attention",
-                format!("`{b}` is not supported"),
-            ));
+        // `vision` makes only image tokens attend both ways (HF: text stays causal), which a
+        // text-only model never sees; `all` makes every layer bidirectional.
+        match self.use_bidirectional_attention.as_deref() {
+            None | Some("vision") => {}
+            Some(b) => {
+                return Err(bad(
+                    "use_bidirectional_attention",
+                    format!("`{b}` is not supported (only causal text attention)"),
+                ))
+            }
         }
         match self.hidden_activation.as_str() {
             "gelu_pytorch_tanh" | "gelu_tanh" => {}
@@ -744,6 +750,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("enable_moe_block"), "{e}");
+        let bi = |m: &str| config(serde_json::json!({"use_bidirectional_attention": m})).validate();
+        assert!(bi("vision").is_ok());
+        let e = bi("all").unwrap_err().to_string();
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
         let e = config(serde_json::json!({"num_kv_shared_layers": 5}))
             .plan()
             .unwrap_err()
