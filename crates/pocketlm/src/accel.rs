@@ -266,6 +266,10 @@ impl CausalLM for Accelerated {
         Ok(self.for_fused_step(self.inner.make_cache(config)?))
     }
 
+    fn cache_shapes(&self) -> Vec<(usize, usize)> {
+        self.inner.cache_shapes()
+    }
+
     fn info(&self) -> &ModelInfo {
         self.inner.info()
     }

@@ -409,8 +409,8 @@ pub struct Gemma4 {
     final_softcap: Option<f64>,
     /// Layers with a cache of their own (the first `layers - num_kv_shared_layers`).
     n_caches: usize,
-    /// Head widths of the cached layers (a quantized cache's group must divide each).
-    cache_head_dims: Vec<usize>,
+    /// `(kv_heads, head_dim)` of the cached layers.
+    cache_shapes: Vec<(usize, usize)>,
     info: ModelInfo,
     device: Device,
 }
@@ -439,7 +439,7 @@ impl Gemma4 {
         let mut ropes: Vec<(bool, usize, RotaryEmbedding)> = Vec::new();
         let mut layers = Vec::with_capacity(plan.len());
         let mut n_caches = 0;
-        let mut cache_head_dims = Vec::new();
+        let mut cache_shapes = Vec::new();
         for (i, lp) in plan.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = |n: &str| format!("{p}.self_attn.{n}");
@@ -461,7 +461,7 @@ impl Gemma4 {
                         QkvProj::Separate { q, k, v }
                     };
                     n_caches += 1;
-                    cache_head_dims.push(hd);
+                    cache_shapes.push((nkv, hd));
                     let k_norm = norm(&a("k_norm.weight"), hd)?;
                     (
                         qkv,
@@ -566,7 +566,7 @@ impl Gemma4 {
             ropes: ropes.into_iter().map(|(_, _, r)| r).collect(),
             final_softcap: cfg.final_logit_softcapping,
             n_caches,
-            cache_head_dims,
+            cache_shapes,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: "gemma4".into(),
@@ -680,10 +680,14 @@ impl CausalLM for Gemma4 {
     ///
     /// Errors: as [`KvCache::new`], for every head width of the cached layers.
     fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
-        for &hd in &self.cache_head_dims {
+        for &(_, hd) in &self.cache_shapes {
             KvCache::new(0, hd, config)?;
         }
         KvCache::new(self.n_caches, self.info.head_dim, config)
+    }
+
+    fn cache_shapes(&self) -> Vec<(usize, usize)> {
+        self.cache_shapes.clone()
     }
 
     fn info(&self) -> &ModelInfo {

@@ -210,6 +210,13 @@ pub trait CausalLM: Send + Sync {
     fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
         KvCache::new(self.info().n_layers, self.info().head_dim, config)
     }
+    /// `(kv_heads, head_dim)` of each layer of the caches [`CausalLM::new_cache`] and
+    /// [`CausalLM::make_cache`] make (what a saved prompt cache must hold). The default:
+    /// [`ModelInfo`]'s heads for every block; Gemma 4 caches fewer layers, of two widths.
+    fn cache_shapes(&self) -> Vec<(usize, usize)> {
+        let i = self.info();
+        vec![(i.n_kv_heads, i.head_dim); i.n_layers]
+    }
     /// Facts about the model.
     fn info(&self) -> &ModelInfo;
     /// The device the weights live on (inputs must be created there).

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use pocketlm::kv_cache::{KvCache, KvCacheConfig};
 use pocketlm::loader::{load, LoadOptions, LoadedModel};
 use pocketlm::models::Logits;
 
@@ -60,12 +61,16 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
 
 /// Greedy decoding with the KV cache: prefill the prompt, then one token per step.
 fn greedy(m: &LoadedModel, prompt: &[u32], n: usize) -> Res<Vec<u32>> {
+    greedy_after(m, &mut m.model.new_cache(), prompt, n)
+}
+
+/// [`greedy`] continuing `cache` (which holds the positions before `prompt`).
+fn greedy_after(m: &LoadedModel, cache: &mut KvCache, prompt: &[u32], n: usize) -> Res<Vec<u32>> {
     let dev = m.model.device();
-    let mut cache = m.model.new_cache();
     let mut input = Tensor::new(prompt, dev)?.unsqueeze(0)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let l = m.model.forward(&input, &mut cache, Logits::Last)?;
+        let l = m.model.forward(&input, cache, Logits::Last)?;
         let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
         out.push(t);
         input = Tensor::new(&[t], dev)?.unsqueeze(0)?;
@@ -141,6 +146,30 @@ fn check_multimodal(name: &str, model_type: &str, arch: &str) -> Res<()> {
             "{model_type} {prefix}: max |logits - transformers| = {d}"
         );
     }
+    Ok(())
+}
+
+/// A Gemma 4 prompt cache (3 cached layers for 5 blocks, of two head widths) of the first 12
+/// tokens of prompt 0 saves, loads, and continues with transformers' 16 greedy tokens.
+#[test]
+fn gemma4_prompt_cache_round_trips() -> Res<()> {
+    let g = tensors("gemma4_text.golden.safetensors")?;
+    let m = load(path("gemma4_text"), &cpu())?;
+    let ids = g["ids0"].to_vec1::<u32>()?;
+    let config = KvCacheConfig::default();
+    let cache = pocketlm::prompt_cache::prefill(&m, &ids[..12], &config, 64)?;
+    assert_eq!(cache.n_layers(), 3);
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("prompt.safetensors");
+    pocketlm::prompt_cache::save(&file, &m, &cache, &ids[..12])?;
+    let mut loaded = pocketlm::prompt_cache::load(&file, &m, &config)?;
+    assert_eq!(loaded.token_ids, &ids[..12]);
+    let want = g["greedy"].to_vec1::<u32>()?;
+    let got = greedy_after(&m, &mut loaded.cache, &ids[12..], want.len())?;
+    assert_eq!(
+        got, want,
+        "gemma4_text: greedy tokens after a loaded prompt cache"
+    );
     Ok(())
 }
 
