@@ -339,9 +339,50 @@ struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
+    ffn: SandwichMlp,
+}
+
+/// Gemma's feed-forward part (Gemma 2, 3 and 4): `post_feedforward_layernorm(mlp(
+/// pre_feedforward_layernorm(x)))`, the MLP GELU-tanh gated. `x: [.., hidden]` f32 -> same.
+#[derive(Debug)]
+pub(crate) struct SandwichMlp {
     pre_feedforward_layernorm: RmsNorm,
     mlp: GatedMlp,
     post_feedforward_layernorm: RmsNorm,
+}
+
+impl SandwichMlp {
+    /// `{p}.pre_feedforward_layernorm`, `{p}.mlp.{gate,up,down}_proj` (`intermediate` wide)
+    /// and `{p}.post_feedforward_layernorm`, the norms `hidden` wide, made by `norm(name, dim)`.
+    ///
+    /// Errors: a missing or misshapen weight, named.
+    pub fn load(
+        w: &dyn Weights,
+        p: &str,
+        intermediate: usize,
+        hidden: usize,
+        norm: &dyn Fn(&str, usize) -> Result<RmsNorm>,
+    ) -> Result<Self> {
+        let h = hidden;
+        Ok(Self {
+            pre_feedforward_layernorm: norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+            mlp: GatedMlp {
+                gate_up: build::gate_up(w, p, intermediate, h, false, false)?,
+                down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, intermediate, false)?,
+                activation: Activation::GeluTanh,
+                numerics: w.layout().numerics,
+            },
+            post_feedforward_layernorm: norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?,
+        })
+    }
+
+    /// `x: [.., hidden]` f32 -> the normed MLP output `[.., hidden]` (without the residual).
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let m = self
+            .mlp
+            .forward(&self.pre_feedforward_layernorm.forward(x)?, mode)?;
+        self.post_feedforward_layernorm.forward(&m)
+    }
 }
 
 /// A Gemma 2 / Gemma 3 text causal language model.
@@ -415,20 +456,7 @@ impl Gemma {
                     query_temperature: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                pre_feedforward_layernorm: norm(
-                    &format!("{p}.pre_feedforward_layernorm.weight"),
-                    h,
-                )?,
-                mlp: GatedMlp {
-                    gate_up: build::gate_up(w, &p, inter, h, false, false)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
-                    activation: Activation::GeluTanh,
-                    numerics,
-                },
-                post_feedforward_layernorm: norm(
-                    &format!("{p}.post_feedforward_layernorm.weight"),
-                    h,
-                )?,
+                ffn: SandwichMlp::load(w, &p, inter, h, &norm)?,
             });
         }
         let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
@@ -492,9 +520,7 @@ impl CausalLM for Gemma {
             let hn = layer.input_layernorm.forward(&x)?;
             let a = layer.self_attn.forward(&hn, pass, Some(c), mode)?;
             x = (layer.post_attention_layernorm.forward(&a)? + x)?;
-            let hn = layer.pre_feedforward_layernorm.forward(&x)?;
-            let m = layer.mlp.forward(&hn, mode)?;
-            x = (layer.post_feedforward_layernorm.forward(&m)? + x)?;
+            x = (layer.ffn.forward(&x, mode)? + x)?;
         }
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,

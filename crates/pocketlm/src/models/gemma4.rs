@@ -36,10 +36,11 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::models::gemma::SandwichMlp;
 use crate::models::{build, CausalLM, Logits, ModelInfo};
 use crate::nn::{
-    gelu_tanh, softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, KvSource,
-    Linear, Mode, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
+    gelu_tanh, softcap, Attention, AttentionPass, Embedding, KvSource, Linear, Mode, QkvProj,
+    RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -358,9 +359,7 @@ struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    pre_feedforward_layernorm: RmsNorm,
-    mlp: GatedMlp,
-    post_feedforward_layernorm: RmsNorm,
+    ffn: SandwichMlp,
     per_layer: Option<PerLayerBranch>,
     layer_scalar: f64,
     kv: KvSlot,
@@ -426,7 +425,6 @@ impl Gemma4 {
         let plan = cfg.plan()?;
         let h = cfg.hidden_size;
         let eps = cfg.rms_norm_eps;
-        let numerics = w.layout().numerics;
         let norm = |name: &str, dim: usize| RmsNorm::new(w.tensor(name, &[dim])?, eps, false);
         let unscaled = |dim: usize| {
             RmsNorm::new(
@@ -500,7 +498,6 @@ impl Gemma4 {
             } else {
                 1.0
             };
-            let inter = lp.intermediate;
             layers.push(Block {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
                 self_attn: Attention {
@@ -520,20 +517,7 @@ impl Gemma4 {
                     query_temperature: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                pre_feedforward_layernorm: norm(
-                    &format!("{p}.pre_feedforward_layernorm.weight"),
-                    h,
-                )?,
-                mlp: GatedMlp {
-                    gate_up: build::gate_up(w, &p, inter, h, false, false)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
-                    activation: Activation::GeluTanh,
-                    numerics,
-                },
-                post_feedforward_layernorm: norm(
-                    &format!("{p}.post_feedforward_layernorm.weight"),
-                    h,
-                )?,
+                ffn: SandwichMlp::load(w, &p, lp.intermediate, h, &norm)?,
                 per_layer,
                 layer_scalar,
                 kv,
@@ -646,9 +630,7 @@ impl CausalLM for Gemma4 {
                 .forward_kv(&hn, &passes[layer.rope], source)?;
             kvs[i] = Some(kv);
             x = (layer.post_attention_layernorm.forward(&a)? + x)?;
-            let hn = layer.pre_feedforward_layernorm.forward(&x)?;
-            let m = layer.mlp.forward(&hn, Mode::Inference)?;
-            x = (layer.post_feedforward_layernorm.forward(&m)? + x)?;
+            x = (layer.ffn.forward(&x, Mode::Inference)? + x)?;
             if let (Some(b), Some(inputs)) = (&layer.per_layer, &per_layer) {
                 let g = gelu_tanh(&b.gate.forward(&x)?)?;
                 let g = (g * inputs.narrow(2, i, 1)?.squeeze(2)?)?;
