@@ -195,6 +195,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             || a.k_norm.is_some()
             || a.window.is_some()
             || a.softcap.is_some()
+            || a.query_temperature.is_some()
             || a.scale_at != ScaleAt::Scores
             || !plain_scale
             || m.activation != Activation::Silu
@@ -263,6 +264,10 @@ impl CausalLM for Accelerated {
 
     fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
         Ok(self.for_fused_step(self.inner.make_cache(config)?))
+    }
+
+    fn cache_shapes(&self) -> Vec<(usize, usize)> {
+        self.inner.cache_shapes()
     }
 
     fn info(&self) -> &ModelInfo {

@@ -367,11 +367,15 @@ pub fn folder_chat_template(dir: &Path) -> Result<Option<String>> {
 
 /// Brings a config.json written by transformers 5 to the field names the architectures read:
 /// `rope_parameters` (`{"rope_theta": .., "rope_type": ..}`) fills `rope_theta` and, for a
-/// `rope_type` other than `"default"`, `rope_scaling`, when those fields are absent.
+/// `rope_type` other than `"default"`, `rope_scaling`, when those fields are absent; the same
+/// in a multimodal config's `text_config`.
 pub fn normalize_config(config: &mut serde_json::Value) {
     let Some(obj) = config.as_object_mut() else {
         return;
     };
+    if let Some(text) = obj.get_mut("text_config") {
+        normalize_config(text);
+    }
     let Some(rp) = obj.get("rope_parameters").cloned() else {
         return;
     };

@@ -228,14 +228,14 @@ pub fn load(
     }
     let token_ids: Vec<u32> = serde_json::from_str(field("token_ids")?)
         .map_err(|e| bad(format!("`token_ids` is not a list of token ids ({e})")))?;
-    let info = model.model.info();
     let n_layers: usize = field("n_layers")?
         .parse()
         .map_err(|_| bad("`n_layers` is not a number".into()))?;
-    if n_layers != info.n_layers {
+    let shapes = model.model.cache_shapes();
+    if n_layers != shapes.len() {
         return Err(bad(format!(
             "the prompt cache has {n_layers} layers, the model {}",
-            info.n_layers
+            shapes.len()
         )));
     }
     if token_ids.is_empty() {
@@ -243,9 +243,9 @@ pub fn load(
     }
     let mut tensors = candle_core::safetensors::load_buffer(&bytes, model.model.device())
         .map_err(|e| bad(format!("reading tensors: {e}")))?;
-    let want = [1, info.n_kv_heads, token_ids.len(), info.head_dim];
     let mut cache = model.model.make_cache(config)?;
-    for i in 0..n_layers {
+    for (i, &(kv_heads, head_dim)) in shapes.iter().enumerate() {
+        let want = [1, kv_heads, token_ids.len(), head_dim];
         let mut get = |kind: &str| -> Result<Tensor> {
             let name = format!("layers.{i}.{kind}");
             let t = tensors

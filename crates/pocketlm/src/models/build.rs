@@ -266,3 +266,92 @@ pub(crate) fn moe(
         shared: None,
     })
 }
+
+/// Weights read from `inner` under other names: every name asked for goes through `rename`
+/// once, at load (mlx-lm's `sanitize`), as the multimodal layouts ([`language_model`]) and
+/// Qwen3-Embedding's bare-model checkpoints need.
+pub(crate) struct Renamed<'a> {
+    inner: &'a dyn Weights,
+    rename: Box<dyn Fn(&str) -> String + 'a>,
+}
+
+impl<'a> Renamed<'a> {
+    /// `inner`'s weights, asked for by the names `rename` maps to `inner`'s.
+    pub fn new(inner: &'a dyn Weights, rename: impl Fn(&str) -> String + 'a) -> Self {
+        Self {
+            inner,
+            rename: Box::new(rename),
+        }
+    }
+}
+
+/// The text model of a multimodal checkpoint (Gemma 3 and 4, Mistral 3), read with the text
+/// model's names (`model.layers.0...`, `lm_head`): its weights live under
+/// `model.language_model.` with the output layer at `lm_head` (transformers 5), or under
+/// `language_model.model.` with it at `language_model.lm_head` (transformers 4, mlx-vlm,
+/// mlx-lm). The layout is found by the token embedding; the vision tower's weights are never
+/// asked for.
+///
+/// Errors: [`Error::Tensor`] naming the embedding when neither layout has it.
+pub(crate) fn language_model(w: &dyn Weights) -> Result<Renamed<'_>> {
+    let (prefix, head) = [
+        ("model.language_model.", ""),
+        ("language_model.model.", "language_model."),
+    ]
+    .into_iter()
+    .find(|(p, _)| w.contains(&format!("{p}embed_tokens.weight")))
+    .ok_or_else(|| {
+        Error::tensor(
+            "model.language_model.embed_tokens.weight",
+            "is missing (nor language_model.model.embed_tokens.weight)",
+        )
+    })?;
+    Ok(Renamed::new(w, move |name| {
+        match name.strip_prefix("model.") {
+            Some(rest) => format!("{prefix}{rest}"),
+            None if name.starts_with("lm_head") => format!("{head}{name}"),
+            None => name.to_string(),
+        }
+    }))
+}
+
+impl Weights for Renamed<'_> {
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        self.inner.linear(&(self.rename)(prefix), out, inp, bias)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        self.inner.embedding(&(self.rename)(name), vocab, hidden)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<candle_core::Tensor> {
+        self.inner.tensor(&(self.rename)(name), shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(&(self.rename)(name))
+    }
+    fn device(&self) -> &candle_core::Device {
+        self.inner.device()
+    }
+    fn layout(&self) -> crate::weights::WeightLayout {
+        self.inner.layout()
+    }
+    fn stacked_linear(
+        &self,
+        prefixes: &[&str],
+        outs: &[usize],
+        in_features: usize,
+    ) -> Result<Option<Linear>> {
+        let names: Vec<String> = prefixes.iter().map(|p| (self.rename)(p)).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.inner.stacked_linear(&names, outs, in_features)
+    }
+    fn expert_linears(
+        &self,
+        prefix: &str,
+        n_experts: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Option<Vec<Linear>>> {
+        self.inner
+            .expert_linears(&(self.rename)(prefix), n_experts, out_features, in_features)
+    }
+}

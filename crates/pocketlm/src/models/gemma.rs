@@ -244,44 +244,6 @@ impl GemmaConfig {
     }
 }
 
-/// Weights of the multimodal `gemma3` checkpoints, whose text model lives under
-/// `model.language_model.` (transformers 5) or `language_model.model.` (transformers 4,
-/// mlx-vlm), read with the text model's names (`model.layers.0...`).
-struct LanguageModelPrefix<'a> {
-    inner: &'a dyn Weights,
-    prefix: &'static str,
-}
-
-impl LanguageModelPrefix<'_> {
-    fn name(&self, name: &str) -> String {
-        match name.strip_prefix("model.") {
-            Some(rest) => format!("{}{rest}", self.prefix),
-            None => name.to_string(),
-        }
-    }
-}
-
-impl Weights for LanguageModelPrefix<'_> {
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        self.inner.linear(&self.name(prefix), out, inp, bias)
-    }
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
-        self.inner.embedding(&self.name(name), vocab, hidden)
-    }
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.inner.tensor(&self.name(name), shape)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.inner.contains(&self.name(name))
-    }
-    fn device(&self) -> &Device {
-        self.inner.device()
-    }
-    fn layout(&self) -> crate::weights::WeightLayout {
-        self.inner.layout()
-    }
-}
-
 /// Reads an HF-style Gemma 2 / Gemma 3 text config from GGUF metadata (`gemma2.*` /
 /// `gemma3.*` keys, llama.cpp naming), with llama.cpp's fixed choices for what the metadata
 /// does not hold (`src/llama-model.cpp`): Gemma 2 alternates local and global layers starting
@@ -368,19 +330,8 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
     }
     let cfg: GemmaConfig = serde_json::from_value(text)
         .map_err(|e| Error::Model(format!("config.json `text_config`: {e}")))?;
-    let prefix = ["model.language_model.", "language_model.model."]
-        .into_iter()
-        .find(|p| w.contains(&format!("{p}embed_tokens.weight")))
-        .ok_or_else(|| {
-            Error::tensor(
-                "model.language_model.embed_tokens.weight",
-                "is missing (nor language_model.model.embed_tokens.weight)",
-            )
-        })?;
-    Ok(Box::new(Gemma::new(
-        cfg,
-        &LanguageModelPrefix { inner: w, prefix },
-    )?))
+    let w = build::language_model(w)?;
+    Ok(Box::new(Gemma::new(cfg, &w)?))
 }
 
 #[derive(Debug)]
@@ -388,9 +339,50 @@ struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
+    ffn: SandwichMlp,
+}
+
+/// Gemma's feed-forward part (Gemma 2, 3 and 4): `post_feedforward_layernorm(mlp(
+/// pre_feedforward_layernorm(x)))`, the MLP GELU-tanh gated. `x: [.., hidden]` f32 -> same.
+#[derive(Debug)]
+pub(crate) struct SandwichMlp {
     pre_feedforward_layernorm: RmsNorm,
     mlp: GatedMlp,
     post_feedforward_layernorm: RmsNorm,
+}
+
+impl SandwichMlp {
+    /// `{p}.pre_feedforward_layernorm`, `{p}.mlp.{gate,up,down}_proj` (`intermediate` wide)
+    /// and `{p}.post_feedforward_layernorm`, the norms `hidden` wide, made by `norm(name, dim)`.
+    ///
+    /// Errors: a missing or misshapen weight, named.
+    pub fn load(
+        w: &dyn Weights,
+        p: &str,
+        intermediate: usize,
+        hidden: usize,
+        norm: &dyn Fn(&str, usize) -> Result<RmsNorm>,
+    ) -> Result<Self> {
+        let h = hidden;
+        Ok(Self {
+            pre_feedforward_layernorm: norm(&format!("{p}.pre_feedforward_layernorm.weight"), h)?,
+            mlp: GatedMlp {
+                gate_up: build::gate_up(w, p, intermediate, h, false, false)?,
+                down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, intermediate, false)?,
+                activation: Activation::GeluTanh,
+                numerics: w.layout().numerics,
+            },
+            post_feedforward_layernorm: norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?,
+        })
+    }
+
+    /// `x: [.., hidden]` f32 -> the normed MLP output `[.., hidden]` (without the residual).
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let m = self
+            .mlp
+            .forward(&self.pre_feedforward_layernorm.forward(x)?, mode)?;
+        self.post_feedforward_layernorm.forward(&m)
+    }
 }
 
 /// A Gemma 2 / Gemma 3 text causal language model.
@@ -448,6 +440,7 @@ impl Gemma {
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
                     q_norm,
                     k_norm,
+                    v_norm: None,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
@@ -460,22 +453,10 @@ impl Gemma {
                         Numerics::Reference => ScaleAt::Scores,
                     },
                     rope: true,
+                    query_temperature: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                pre_feedforward_layernorm: norm(
-                    &format!("{p}.pre_feedforward_layernorm.weight"),
-                    h,
-                )?,
-                mlp: GatedMlp {
-                    gate_up: build::gate_up(w, &p, inter, h, false, false)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), h, inter, false)?,
-                    activation: Activation::GeluTanh,
-                    numerics,
-                },
-                post_feedforward_layernorm: norm(
-                    &format!("{p}.post_feedforward_layernorm.weight"),
-                    h,
-                )?,
+                ffn: SandwichMlp::load(w, &p, inter, h, &norm)?,
             });
         }
         let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
@@ -539,9 +520,7 @@ impl CausalLM for Gemma {
             let hn = layer.input_layernorm.forward(&x)?;
             let a = layer.self_attn.forward(&hn, pass, Some(c), mode)?;
             x = (layer.post_attention_layernorm.forward(&a)? + x)?;
-            let hn = layer.pre_feedforward_layernorm.forward(&x)?;
-            let m = layer.mlp.forward(&hn, mode)?;
-            x = (layer.post_feedforward_layernorm.forward(&m)? + x)?;
+            x = (layer.ffn.forward(&x, mode)? + x)?;
         }
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,

@@ -13,7 +13,10 @@ use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::{
     build, BatchRow, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, Trainable,
 };
-use crate::nn::{Activation, Attention, GatedMlp, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt};
+use crate::nn::{
+    Activation, Attention, GatedMlp, QueryTemperature, RmsNorm, RopeScaling, RotaryEmbedding,
+    ScaleAt,
+};
 use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
 
@@ -238,6 +241,7 @@ impl Llama {
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, o_b)?,
                     q_norm,
                     k_norm,
+                    v_norm: None,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
@@ -246,6 +250,7 @@ impl Llama {
                     window: cfg.sliding_window,
                     scale_at: ScaleAt::Scores,
                     rope: (hooks.rope)(i),
+                    query_temperature: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: match (hooks.mlp)(i, &p)? {
@@ -300,6 +305,13 @@ impl Llama {
 }
 
 impl Llama {
+    /// Sets every layer's query temperature (Ministral 3's Llama-4 scaling).
+    pub(crate) fn set_query_temperature(&mut self, t: Option<QueryTemperature>) {
+        for l in &mut self.decoder.layers {
+            l.self_attn.query_temperature = t;
+        }
+    }
+
     /// The final hidden states (after the final norm) of `input_ids: [batch, seq]` u32 at
     /// positions `0..seq`: `[batch, seq, hidden]` f32 ([`Decoder::final_hidden`]).
     pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<Tensor> {

@@ -6,10 +6,12 @@ mod build;
 pub mod decode_plan;
 pub mod decoder;
 pub mod gemma;
+pub mod gemma4;
 mod gguf_config;
 #[cfg(test)]
 mod gguf_names_tests;
 pub mod llama;
+pub mod ministral3;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_vl;
@@ -207,6 +209,13 @@ pub trait CausalLM: Send + Sync {
     /// Errors: as [`KvCache::new`].
     fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
         KvCache::new(self.info().n_layers, self.info().head_dim, config)
+    }
+    /// `(kv_heads, head_dim)` of each layer of the caches [`CausalLM::new_cache`] and
+    /// [`CausalLM::make_cache`] make (what a saved prompt cache must hold). The default:
+    /// [`ModelInfo`]'s heads for every block; Gemma 4 caches fewer layers, of two widths.
+    fn cache_shapes(&self) -> Vec<(usize, usize)> {
+        let i = self.info();
+        vec![(i.n_kv_heads, i.head_dim); i.n_layers]
     }
     /// Facts about the model.
     fn info(&self) -> &ModelInfo;
@@ -472,6 +481,22 @@ pub static REGISTRY: &[Architecture] = &[
         build: gemma::build,
     },
     Architecture {
+        model_types: &["gemma4_text", "gemma4"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        build: gemma4::build,
+    },
+    Architecture {
+        model_types: &["ministral3", "mistral3"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        build: ministral3::build,
+    },
+    Architecture {
         model_types: &["qwen2_vl"],
         gguf_architectures: &[],
         gguf_names: None,
@@ -529,6 +554,15 @@ impl Architecture {
     }
 }
 
+/// `config_from_gguf` of the architectures read from safetensors folders only (never called:
+/// they list no GGUF architecture).
+fn safetensors_only(g: &GgufFile) -> Result<serde_json::Value> {
+    Err(Error::Model(format!(
+        "{}: this architecture is read from safetensors folders only",
+        g.path().display()
+    )))
+}
+
 fn supported() -> String {
     REGISTRY
         .iter()
@@ -584,6 +618,10 @@ mod tests {
             "gemma2",
             "gemma3_text",
             "gemma3",
+            "gemma4_text",
+            "gemma4",
+            "ministral3",
+            "mistral3",
             "phi3",
         ] {
             assert!(e.contains(a), "{e}");

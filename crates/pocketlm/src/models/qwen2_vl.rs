@@ -679,6 +679,7 @@ impl Qwen2Vl {
                     o_proj: n.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
                     q_norm: None,
                     k_norm: None,
+                    v_norm: None,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
@@ -687,6 +688,7 @@ impl Qwen2Vl {
                     window: None,
                     scale_at: ScaleAt::Scores,
                     rope: true,
+                    query_temperature: None,
                 },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 mlp: Mlp::Dense(GatedMlp {

@@ -4,10 +4,10 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::models::build::Renamed;
 use crate::models::llama::{self, Llama, LlamaConfig, LlamaVariant};
 use crate::models::{qwen2, CausalLM, Encoder};
-use crate::nn::{Embedding, Linear};
-use crate::weights::{WeightLayout, Weights};
+use crate::weights::Weights;
 use crate::{Error, Result};
 
 /// The Qwen3 switches over Llama (`attention_bias` from config.json still applies).
@@ -50,14 +50,9 @@ pub fn build_encoder(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<
     let model = if w.contains("model.embed_tokens.weight") {
         Llama::with_variant(cfg, w, VARIANT)?
     } else {
-        Llama::with_variant(
-            cfg,
-            &AddPrefix {
-                inner: w,
-                prefix: "model.",
-            },
-            VARIANT,
-        )?
+        // A bare `Qwen3Model` checkpoint: the names without `model.`.
+        let bare = Renamed::new(w, |n| n.strip_prefix("model.").unwrap_or(n).to_string());
+        Llama::with_variant(cfg, &bare, VARIANT)?
     };
     Ok(Box::new(Qwen3Encoder { model }))
 }
@@ -94,55 +89,5 @@ impl Encoder for Qwen3Encoder {
 
     fn device(&self) -> &Device {
         CausalLM::device(&self.model)
-    }
-}
-
-/// Weights asked for by their full Hugging Face names (`model.layers.0...`) and found without
-/// `prefix` (checkpoints of a bare `Qwen3Model`).
-struct AddPrefix<'a> {
-    inner: &'a dyn Weights,
-    prefix: &'static str,
-}
-
-impl AddPrefix<'_> {
-    fn name<'n>(&self, name: &'n str) -> &'n str {
-        name.strip_prefix(self.prefix).unwrap_or(name)
-    }
-}
-
-impl Weights for AddPrefix<'_> {
-    fn linear(
-        &self,
-        prefix: &str,
-        out_features: usize,
-        in_features: usize,
-        bias: bool,
-    ) -> Result<Linear> {
-        self.inner
-            .linear(self.name(prefix), out_features, in_features, bias)
-    }
-    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
-        self.inner.embedding(self.name(name), vocab, hidden)
-    }
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.inner.tensor(self.name(name), shape)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.inner.contains(self.name(name))
-    }
-    fn device(&self) -> &Device {
-        self.inner.device()
-    }
-    fn layout(&self) -> WeightLayout {
-        self.inner.layout()
-    }
-    fn stacked_linear(
-        &self,
-        prefixes: &[&str],
-        outs: &[usize],
-        in_features: usize,
-    ) -> Result<Option<Linear>> {
-        let names: Vec<&str> = prefixes.iter().map(|p| self.name(p)).collect();
-        self.inner.stacked_linear(&names, outs, in_features)
     }
 }

@@ -27,4 +27,4 @@ pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{gelu_tanh, softcap};
 pub use pooling::Pooling;
 pub use rope::{RopeScaling, RotaryEmbedding};
-pub use self_attention::{Attention, AttentionPass, QkvProj, ScaleAt};
+pub use self_attention::{Attention, AttentionPass, KvSource, QkvProj, QueryTemperature, ScaleAt};

@@ -52,6 +52,17 @@ pub enum RopeScaling {
     /// Per-frequency divisors given explicitly (GGUF `rope_freqs.weight`, `[head_dim / 2]`),
     /// which is how llama.cpp stores Llama 3.1 scaling.
     FreqFactors(Vec<f32>),
+    /// Proportional RoPE (Gemma 4's full-attention layers; HF
+    /// `_compute_proportional_rope_parameters`, mlx-lm `ProportionalRoPE`): pairs span the
+    /// whole head (`rotary_dim = head_dim`, exponents `2i / head_dim`), but only the first
+    /// `floor(partial_rotary_factor · head_dim / 2)` frequencies rotate; the others are 0 (those
+    /// pairs pass unchanged). All frequencies are divided by `factor`.
+    Proportional {
+        /// Scaling factor (default 1).
+        factor: f64,
+        /// Share of the head's dimensions that rotate (default 1).
+        partial_rotary_factor: f64,
+    },
     /// LongRoPE (Ding et al. 2024, arXiv:2402.13753; Phi-3's `longrope`, formerly `su`), as HF
     /// `_compute_longrope_parameters` + `longrope_frequency_update`: frequencies divided by
     /// `short_factor` while every position of a forward pass is below
@@ -86,6 +97,7 @@ struct RawScaling {
     mscale: Option<f64>,
     mscale_all_dim: Option<f64>,
     truncate: Option<bool>,
+    partial_rotary_factor: Option<f64>,
 }
 
 impl RopeScaling {
@@ -177,8 +189,20 @@ impl RopeScaling {
                     truncate: raw.truncate.unwrap_or(true),
                 })
             }
+            "proportional" => {
+                let partial_rotary_factor = raw.partial_rotary_factor.unwrap_or(1.0);
+                if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
+                    return Err(Error::Model(format!(
+                        "config.json: `rope_parameters.partial_rotary_factor` {partial_rotary_factor} is not in (0, 1]"
+                    )));
+                }
+                Ok(Self::Proportional {
+                    factor: raw.factor.unwrap_or(1.0),
+                    partial_rotary_factor,
+                })
+            }
             other => Err(Error::Model(format!(
-                "config.json: `rope_scaling.rope_type` `{other}` is not supported (default, linear, llama3, yarn, longrope)"
+                "config.json: `rope_scaling.rope_type` `{other}` is not supported (default, linear, llama3, yarn, longrope, proportional)"
             ))),
         }
     }
@@ -251,6 +275,20 @@ impl RopeScaling {
                     .for_each(|(f, d)| *f /= *d as f64);
             }
             Self::LongRope { short_factor, .. } => divide(inv_freq, short_factor, "short_factor")?,
+            Self::Proportional {
+                factor,
+                partial_rotary_factor,
+            } => {
+                // HF: `int(partial_rotary_factor * head_dim // 2)`, head_dim = 2 · len.
+                let rotated = (partial_rotary_factor * 2.0 * inv_freq.len() as f64 / 2.0).floor();
+                for (i, f) in inv_freq.iter_mut().enumerate() {
+                    *f = if (i as f64) < rotated {
+                        *f / factor
+                    } else {
+                        0.0
+                    };
+                }
+            }
         }
         Ok(())
     }
@@ -351,7 +389,8 @@ impl RotaryEmbedding {
             (false, _)
             | (true, RopeScaling::Llama3 { .. })
             | (true, RopeScaling::LongRope { .. })
-            | (true, RopeScaling::Yarn { .. }) => None,
+            | (true, RopeScaling::Yarn { .. })
+            | (true, RopeScaling::Proportional { .. }) => None,
             (true, RopeScaling::None) => Some((1.0, None)),
             (true, RopeScaling::Linear { factor }) => Some(((1.0 / factor) as f32, None)),
             (true, RopeScaling::FreqFactors(f)) => Some((1.0, Some(f.clone()))),
@@ -543,6 +582,34 @@ impl RotaryEmbedding {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proportional_rotates_only_the_first_frequencies() {
+        // Gemma 4 full attention: head 32, a quarter of it rotates (HF: 4 of 16 frequencies).
+        let v = serde_json::json!({"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": 1e6});
+        let s = RopeScaling::from_config(Some(&v)).unwrap();
+        let mut f: Vec<f64> = (0..16)
+            .map(|i| 1e6f64.powf(-(2.0 * i as f64) / 32.0))
+            .collect();
+        let orig = f.clone();
+        s.apply(&mut f, 1e6).unwrap();
+        assert_eq!(&f[..4], &orig[..4]);
+        assert!(f[4..].iter().all(|x| *x == 0.0), "{f:?}");
+        let r = RotaryEmbedding::new(32, 1e6, &s, false, &Device::Cpu).unwrap();
+        let (cos, sin) = r.cos_sin(7, 1).unwrap();
+        let (cos, sin) = (
+            cos.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            sin.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!((cos[15], sin[15]), (1.0, 0.0));
+        assert!((cos[1] - (7.0 * orig[1]).cos() as f32).abs() < 1e-6);
+        let bad = serde_json::json!({"rope_type": "proportional", "partial_rotary_factor": 1.5});
+        let e = RopeScaling::from_config(Some(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partial_rotary_factor"), "{e}");
+    }
 
     #[test]
     fn llama3_scaling_matches_reference_values() {

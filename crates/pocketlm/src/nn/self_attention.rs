@@ -30,6 +30,28 @@ pub enum QkvProj {
     /// One `[(heads + 2 · kv_heads) · head_dim, hidden]` layer, rows q, k, v (Phi-3's
     /// `qkv_proj`, or stacked at load for one GPU launch).
     Fused(Linear),
+    /// `q_proj` and `k_proj` only: the values are the key projection's output, before the key
+    /// norm (Gemma 4's full-attention layers with `attention_k_eq_v`, HF
+    /// `Gemma4TextAttention.use_alternative_attention`).
+    KeyIsValue {
+        /// `q_proj`.
+        q: Linear,
+        /// `k_proj`, also giving the values.
+        k: Linear,
+    },
+    /// `q_proj` only: the layer attends over the keys and values of an earlier layer (Gemma 4's
+    /// KV-shared layers, `num_kv_shared_layers`), given to [`Attention::forward_kv`].
+    QueryOnly(Linear),
+}
+
+/// Where [`Attention::forward_kv`] takes its keys and values from.
+#[derive(Debug)]
+pub enum KvSource<'c> {
+    /// The layer's own projections, appended to this cache.
+    Cache(&'c mut (dyn LayerKvCache + 'static)),
+    /// Keys and values `[batch, kv_heads, len, head_dim]` an earlier layer attended over (its
+    /// [`Attention::forward_kv`] result), at the same positions; no cache is touched.
+    Shared(Tensor, Tensor),
 }
 
 /// A self-attention layer. `x: [batch, seq, hidden]` f32 -> `[batch, seq, hidden]` f32.
@@ -43,6 +65,8 @@ pub struct Attention {
     pub q_norm: Option<RmsNorm>,
     /// Per-head RMSNorm of the keys `[head_dim]`, before RoPE.
     pub k_norm: Option<RmsNorm>,
+    /// Per-head RMSNorm of the values `[head_dim]` (Gemma 4: without a learned scale).
+    pub v_norm: Option<RmsNorm>,
     /// Query heads.
     pub n_heads: usize,
     /// Key/value heads (a divisor of `n_heads`).
@@ -60,6 +84,29 @@ pub struct Attention {
     /// Whether RoPE rotates the queries and keys (`false` on SmolLM3's NoPE layers, HF
     /// `SmolLM3Attention.use_rope`).
     pub rope: bool,
+    /// A position-dependent factor on the rotated queries (Ministral 3's Llama-4 attention
+    /// temperature).
+    pub query_temperature: Option<QueryTemperature>,
+}
+
+/// Llama 4's position-dependent attention temperature, which Ministral 3 applies to its rotated
+/// queries (HF `get_llama_4_attn_scale` in `modeling_ministral3.py`, mlx-lm
+/// `_get_llama_4_attn_scale` in `models/ministral3.py`): the query at position `p` is
+/// multiplied by `1 + beta · ln(1 + floor(p / original_max_position_embeddings))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueryTemperature {
+    /// `llama_4_scaling_beta`.
+    pub beta: f64,
+    /// `original_max_position_embeddings` of the RoPE parameters (positive).
+    pub original_max_position_embeddings: usize,
+}
+
+impl QueryTemperature {
+    /// The factor at position `pos`.
+    pub fn factor(&self, pos: usize) -> f64 {
+        let steps = pos / self.original_max_position_embeddings.max(1);
+        1.0 + self.beta * (1.0 + steps as f64).ln()
+    }
 }
 
 /// Where an attention layer applies its scale; the two differ in rounding only.
@@ -82,6 +129,9 @@ pub struct AttentionPass<'a> {
     masks: RefCell<Vec<(MaskKey, Tensor)>>,
     /// For a pass over several sequences ([`Self::batched`]): the rows of each, in order.
     segments: Vec<usize>,
+    /// `(first position, rows)` of each sequence, in order; empty when the tables were given
+    /// ([`Self::with_tables`]).
+    spans: Vec<(usize, usize)>,
 }
 
 /// A mask's query count, key count and window.
@@ -91,7 +141,9 @@ impl<'a> AttentionPass<'a> {
     /// A pass over positions `offset..offset + seq` with `rope`'s own tables.
     pub fn new(rope: &'a RotaryEmbedding, offset: usize, seq: usize) -> Result<Self> {
         let (cos, sin) = rope.cos_sin(offset, seq)?;
-        Ok(Self::with_tables(rope, cos, sin))
+        let mut pass = Self::with_tables(rope, cos, sin);
+        pass.spans = vec![(offset, seq)];
+        Ok(pass)
     }
 
     /// A pass with tables computed by the model (`cos`, `sin: [seq, rotary_dim / 2]`, e.g.
@@ -103,6 +155,7 @@ impl<'a> AttentionPass<'a> {
             sin,
             masks: RefCell::new(Vec::new()),
             segments: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -128,7 +181,27 @@ impl<'a> AttentionPass<'a> {
         }
         let mut pass = Self::with_tables(rope, Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?);
         pass.segments = segments.iter().map(|&(_, n)| n).collect();
+        pass.spans = segments.to_vec();
         Ok(pass)
+    }
+
+    /// The factors `[1, 1, rows, 1]` f32 of `t` at the pass's positions.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a pass made from given tables, whose positions
+    /// are not known.
+    fn temperature(&self, t: &QueryTemperature, device: &Device) -> Result<Tensor> {
+        if self.spans.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a query temperature needs a pass with known positions".into(),
+            ));
+        }
+        let f: Vec<f32> = self
+            .spans
+            .iter()
+            .flat_map(|&(o, n)| (o..o + n).map(|p| t.factor(p) as f32))
+            .collect();
+        let rows = f.len();
+        Ok(Tensor::from_vec(f, (1, 1, rows, 1), device)?)
     }
 
     /// The additive causal mask `[q_len, kv_len]` for a `window`, built once per pass.
@@ -164,31 +237,15 @@ impl Attention {
         cache: Option<&mut (dyn LayerKvCache + 'static)>,
         mode: Mode,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let (q, k, v) = self.project(x, mode)?;
-        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
-            let t = t.reshape((b, s, h, self.head_dim))?.transpose(1, 2)?;
-            Ok(if mode.is_training() {
-                t
-            } else {
-                t.contiguous()?
-            })
-        };
-        let mut q = shape(q, self.n_heads)?;
-        let mut k = shape(k, self.n_kv_heads)?;
-        let v = shape(v, self.n_kv_heads)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward_mode(&q, mode)?;
-            k = kn.forward_mode(&k, mode)?;
-        }
-        let (q, k) = if self.rope {
-            (
-                pass.rope.apply_mode(&q, &pass.cos, &pass.sin, mode)?,
-                pass.rope.apply_mode(&k, &pass.cos, &pass.sin, mode)?,
+        let s = x.dim(1)?;
+        let (q, kv) = self.heads(x, pass, mode)?;
+        let (k, v) = kv.ok_or_else(|| {
+            Error::InvalidArgument(
+                "this attention layer has no key/value projections: it attends over shared keys \
+                 and values (Attention::forward_kv)"
+                    .into(),
             )
-        } else {
-            (q, k)
-        };
+        })?;
         let o = match mode {
             Mode::Training { .. } => {
                 let mask = pass.mask(s, s, self.window, x.device())?;
@@ -202,6 +259,87 @@ impl Attention {
             }
         };
         self.o_proj.forward_mode(&o, mode)
+    }
+
+    /// Inference attention whose keys and values may be shared between layers (Gemma 4's
+    /// `num_kv_shared_layers`, HF `Gemma4TextAttention` `shared_kv_states`, mlx-lm
+    /// `gemma4_text.py` `previous_kvs`). `x: [batch, seq, hidden]` f32 at the pass's positions
+    /// -> (`[batch, seq, hidden]`, the keys and values attended over `[batch, kv_heads, len,
+    /// head_dim]`). With [`KvSource::Cache`] the layer's keys and values are appended to the
+    /// cache first (as [`Self::forward`]); with [`KvSource::Shared`] only queries are
+    /// projected and they attend over the given keys and values.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer without key/value projections given a
+    /// cache; shapes that do not agree with the weights.
+    pub fn forward_kv(
+        &self,
+        x: &Tensor,
+        pass: &AttentionPass<'_>,
+        source: KvSource<'_>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let mode = Mode::Inference;
+        let (q, kv) = self.heads(x, pass, mode)?;
+        let (k, v) = match (source, kv) {
+            (KvSource::Shared(k, v), _) => (k, v),
+            (KvSource::Cache(cache), Some((k, v))) => cache.update(&k, &v)?,
+            (KvSource::Cache(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "this attention layer has no key/value projections: it needs shared keys \
+                     and values (KvSource::Shared)"
+                        .into(),
+                ))
+            }
+        };
+        let o = self.attend_general(q, &k, &v, pass)?;
+        Ok((self.o_proj.forward_mode(&o, mode)?, (k, v)))
+    }
+
+    /// The queries `[batch, heads, seq, head_dim]` and (unless the layer only has `q_proj`)
+    /// the keys and values `[batch, kv_heads, seq, head_dim]` of `x: [batch, seq, hidden]`:
+    /// projected, split into heads, normed per head where the layer has norms, queries and keys
+    /// rotated at the pass's positions.
+    #[allow(clippy::type_complexity)]
+    fn heads(
+        &self,
+        x: &Tensor,
+        pass: &AttentionPass<'_>,
+        mode: Mode,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (b, s, _) = x.dims3()?;
+        let (q, kv) = self.project(x, mode)?;
+        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
+            let t = t.reshape((b, s, h, self.head_dim))?.transpose(1, 2)?;
+            Ok(if mode.is_training() {
+                t
+            } else {
+                t.contiguous()?
+            })
+        };
+        let norm = |t: Tensor, n: &Option<RmsNorm>| -> Result<Tensor> {
+            match n {
+                Some(n) => n.forward_mode(&t, mode),
+                None => Ok(t),
+            }
+        };
+        let rope = |t: Tensor| -> Result<Tensor> {
+            if self.rope {
+                pass.rope.apply_mode(&t, &pass.cos, &pass.sin, mode)
+            } else {
+                Ok(t)
+            }
+        };
+        let mut q = rope(norm(shape(q, self.n_heads)?, &self.q_norm)?)?;
+        if let Some(t) = &self.query_temperature {
+            q = q.broadcast_mul(&pass.temperature(t, q.device())?)?;
+        }
+        let kv = match kv {
+            Some((k, v)) => Some((
+                rope(norm(shape(k, self.n_kv_heads)?, &self.k_norm)?)?,
+                norm(shape(v, self.n_kv_heads)?, &self.v_norm)?,
+            )),
+            None => None,
+        };
+        Ok((q, kv))
     }
 
     /// Inference attention of one sequence: appends `k`, `v: [batch, kv_heads, seq, head_dim]`
@@ -288,27 +426,10 @@ impl Attention {
             )));
         }
         let mode = Mode::Inference;
-        let (q, k, v) = self.project(x, mode)?;
-        let shape = |t: Tensor, h: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, h, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let mut q = shape(q, self.n_heads)?;
-        let mut k = shape(k, self.n_kv_heads)?;
-        let v = shape(v, self.n_kv_heads)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward_mode(&q, mode)?;
-            k = kn.forward_mode(&k, mode)?;
-        }
-        let (q, k) = if self.rope {
-            (
-                pass.rope.apply_mode(&q, &pass.cos, &pass.sin, mode)?,
-                pass.rope.apply_mode(&k, &pass.cos, &pass.sin, mode)?,
-            )
-        } else {
-            (q, k)
-        };
+        let (q, kv) = self.heads(x, pass, mode)?;
+        let (k, v) = kv.ok_or_else(|| {
+            Error::InvalidArgument("batched attention needs the layer's own keys and values".into())
+        })?;
         let mut outs = Vec::with_capacity(caches.len());
         let mut start = 0;
         for (&n, cache) in pass.segments.iter().zip(caches.iter_mut()) {
@@ -320,20 +441,21 @@ impl Attention {
         self.o_proj.forward_mode(&o, mode)
     }
 
-    /// q, k and v `[batch, seq, heads · head_dim]` (before the head split).
-    fn project(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor, Tensor)> {
+    /// q and (unless the layer only has `q_proj`) k and v `[batch, seq, heads · head_dim]`
+    /// (before the head split).
+    #[allow(clippy::type_complexity)]
+    fn project(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         match &self.qkv {
             QkvProj::Separate { q, k, v } => match mode {
                 Mode::Inference => {
                     let qkv = Linear::forward_many(&[q, k, v], x)?;
                     <[Tensor; 3]>::try_from(qkv)
-                        .map(|[q, k, v]| (q, k, v))
+                        .map(|[q, k, v]| (q, Some((k, v))))
                         .map_err(|_| Error::InvalidArgument("q/k/v projection missing".into()))
                 }
                 Mode::Training { .. } => Ok((
                     q.forward_mode(x, mode)?,
-                    k.forward_mode(x, mode)?,
-                    v.forward_mode(x, mode)?,
+                    Some((k.forward_mode(x, mode)?, v.forward_mode(x, mode)?)),
                 )),
             },
             QkvProj::Fused(l) => {
@@ -344,10 +466,14 @@ impl Attention {
                 );
                 Ok((
                     y.narrow(2, 0, nq)?,
-                    y.narrow(2, nq, nk)?,
-                    y.narrow(2, nq + nk, nk)?,
+                    Some((y.narrow(2, nq, nk)?, y.narrow(2, nq + nk, nk)?)),
                 ))
             }
+            QkvProj::KeyIsValue { q, k } => {
+                let k = k.forward_mode(x, mode)?;
+                Ok((q.forward_mode(x, mode)?, Some((k.clone(), k))))
+            }
+            QkvProj::QueryOnly(q) => Ok((q.forward_mode(x, mode)?, None)),
         }
     }
 
@@ -364,6 +490,11 @@ impl Attention {
                 out.push(("self_attn.v_proj", v, None));
             }
             QkvProj::Fused(l) => out.push(("self_attn.qkv_proj", l, None)),
+            QkvProj::KeyIsValue { q, k } => {
+                out.push(("self_attn.q_proj", q, Some(nh)));
+                out.push(("self_attn.k_proj", k, Some(nkv)));
+            }
+            QkvProj::QueryOnly(q) => out.push(("self_attn.q_proj", q, Some(nh))),
         }
         out.push(("self_attn.o_proj", &mut self.o_proj, None));
         out

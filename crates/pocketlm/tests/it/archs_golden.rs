@@ -419,36 +419,55 @@ fn gemma3_270m_gguf_follows_llama_cpp() -> Res<()> {
     Ok(())
 }
 
-/// The multimodal `gemma3` layout (text fields under `text_config`, text weights under
-/// `model.language_model.` as transformers 5 saves them, or `language_model.model.` as
-/// transformers 4 and mlx-vlm do): the tiny Gemma 3 rewritten that way gives the same logits.
+/// A copy of the text-model folder `src` in a multimodal checkpoint's layout: config.json's
+/// fields under `text_config` of a `model_type` config (with a stub `vision_config`), the
+/// weights `model.*` under `prefix`: `model.language_model.` as transformers 5 saves them, or
+/// `language_model.model.` as transformers 4 and mlx-vlm do, whose output layer is then
+/// `language_model.lm_head`.
+pub(crate) fn multimodal_copy(
+    src: &std::path::Path,
+    model_type: &str,
+    prefix: &str,
+) -> Res<tempfile::TempDir> {
+    let tmp = tempfile::tempdir()?;
+    for e in std::fs::read_dir(src)? {
+        let p = e?.path();
+        let name = p.file_name().ok_or("no name")?.to_owned();
+        std::fs::copy(&p, tmp.path().join(name))?;
+    }
+    let head = if prefix.starts_with("language_model.") {
+        "language_model."
+    } else {
+        ""
+    };
+    let st = tmp.path().join("model.safetensors");
+    let renamed: HashMap<String, Tensor> = candle_core::safetensors::load(&st, &Device::Cpu)?
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("model.") {
+            Some(rest) => (format!("{prefix}{rest}"), v),
+            None if k.starts_with("lm_head.") => (format!("{head}{k}"), v),
+            None => (k, v),
+        })
+        .collect();
+    candle_core::safetensors::save(&renamed, &st)?;
+    let cp = tmp.path().join("config.json");
+    let text: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cp)?)?;
+    let config = serde_json::json!({
+        "model_type": model_type,
+        "text_config": text,
+        "vision_config": {"hidden_size": 32},
+    });
+    std::fs::write(&cp, config.to_string())?;
+    Ok(tmp)
+}
+
+/// The multimodal `gemma3` layout ([`multimodal_copy`]): the tiny Gemma 3 rewritten that way
+/// gives the same logits.
 #[test]
 fn gemma3_multimodal_layout_loads_text_model() -> Res<()> {
     let g = golden("gemma3")?;
     for prefix in ["model.language_model.", "language_model.model."] {
-        let tmp = tempfile::tempdir()?;
-        for e in std::fs::read_dir(dir("gemma3"))? {
-            let p = e?.path();
-            let name = p.file_name().ok_or("no name")?.to_owned();
-            std::fs::copy(&p, tmp.path().join(name))?;
-        }
-        let st = tmp.path().join("model.safetensors");
-        let renamed: HashMap<String, Tensor> = candle_core::safetensors::load(&st, &Device::Cpu)?
-            .into_iter()
-            .map(|(k, v)| match k.strip_prefix("model.") {
-                Some(rest) => (format!("{prefix}{rest}"), v),
-                None => (k, v),
-            })
-            .collect();
-        candle_core::safetensors::save(&renamed, &st)?;
-        let cp = tmp.path().join("config.json");
-        let text: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cp)?)?;
-        let config = serde_json::json!({
-            "model_type": "gemma3",
-            "text_config": text,
-            "vision_config": {"hidden_size": 32},
-        });
-        std::fs::write(&cp, config.to_string())?;
+        let tmp = multimodal_copy(&dir("gemma3"), "gemma3", prefix)?;
         let m = load(tmp.path(), &cpu())?;
         let d = max_abs_diff(&logits(&m, &g["ids"])?, &g["logits"])?;
         assert!(d <= 1e-3, "{prefix}: max |logits - transformers| = {d}");

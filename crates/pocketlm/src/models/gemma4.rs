@@ -1,0 +1,754 @@
+//! Gemma 4 (text): Gemma 3's block (norms before and after attention and MLP, GELU-tanh gated
+//! MLP, sliding-window and full layers with their own RoPE, per-head q/k norms, embeddings
+//! scaled by `sqrt(hidden)`, tied output layer), with these differences:
+//!
+//! - RMSNorm scales by `w`, not `1 + w`; values get a scale-free per-head RMSNorm (`v_norm`);
+//!   attention scores are not scaled (`scaling = 1`), and not soft-capped.
+//! - Full-attention layers have their own head width (`global_head_dim`, 512 by default) and,
+//!   with `attention_k_eq_v`, their own KV head count (`num_global_key_value_heads`) and no
+//!   `v_proj`: the values are the key projection (before `k_norm`). transformers 5 writes both
+//!   as `per_layer_config` (layer index -> `head_dim`, `num_key_value_heads`), which wins.
+//! - Full layers use proportional RoPE (theta 1e6, a quarter of the frequencies rotate:
+//!   [`RopeScaling::Proportional`]), sliding layers plain RoPE (theta 1e4), from
+//!   `rope_parameters` per layer type. The last layer is always full attention.
+//! - Per-layer embeddings (`hidden_size_per_layer_input` = P > 0): a second embedding
+//!   `[vocab_per_layer, layers · P]` scaled by `sqrt(P)`, plus the RMS-normed projection
+//!   `per_layer_model_projection(x) / sqrt(hidden)` of the scaled embedding `x`, their sum times
+//!   `2^-0.5` gives each layer a `[P]` input; after its MLP a layer adds
+//!   `post_per_layer_input_norm(per_layer_projection(gelu(per_layer_input_gate(h)) · input))`.
+//! - Every layer's output is multiplied by its `layer_scalar`.
+//! - KV sharing: the last `num_kv_shared_layers` layers have no k/v projections and attend
+//!   over the keys and values of the last earlier layer of their type; they hold no cache.
+//!   With `use_double_wide_mlp` their MLP is twice as wide.
+//! - Logits soft-capped by `final_logit_softcapping` when set.
+//!
+//! Refused with an error: the mixture-of-experts block (`enable_moe_block: true`, the 26B-A4B
+//! model) and bidirectional attention on text (`use_bidirectional_attention: all`; `vision`
+//! only concerns image tokens and is accepted).
+//!
+//! Reference: Hugging Face `models/gemma4/configuration_gemma4.py` (`Gemma4TextConfig`),
+//! `modeling_gemma4.py` (`Gemma4TextModel`, `Gemma4ForCausalLM`), `modeling_rope_utils.py`
+//! (`_compute_proportional_rope_parameters`); mlx-lm `models/gemma4_text.py`, `gemma4.py`.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::models::gemma::SandwichMlp;
+use crate::models::{build, CausalLM, Logits, ModelInfo};
+use crate::nn::{
+    gelu_tanh, softcap, Attention, AttentionPass, Embedding, KvSource, Linear, Mode, QkvProj,
+    RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
+};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+const SLIDING: &str = "sliding_attention";
+const FULL: &str = "full_attention";
+
+/// config.json of a Gemma 4 text model (`Gemma4TextConfig` field names and defaults).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gemma4Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads of sliding layers (and of full layers unless overridden).
+    pub num_key_value_heads: usize,
+    /// Head width of sliding layers (default 256).
+    #[serde(default = "default_head_dim")]
+    pub head_dim: usize,
+    /// Head width of full layers (default 512) when `per_layer_config` is absent.
+    #[serde(default)]
+    pub global_head_dim: Option<usize>,
+    /// KV heads of full layers with `attention_k_eq_v`, when `per_layer_config` is absent.
+    #[serde(default)]
+    pub num_global_key_value_heads: Option<usize>,
+    /// transformers 5: per layer index, `head_dim` and `num_key_value_heads` overrides.
+    #[serde(default)]
+    pub per_layer_config: Option<HashMap<String, LayerOverride>>,
+    /// MLP activation (only `gelu_pytorch_tanh`).
+    #[serde(default = "default_activation")]
+    pub hidden_activation: String,
+    /// Longest context.
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Output layer tied to the embedding (default true).
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    /// `{"full_attention": {...}, "sliding_attention": {...}}` (`rope_type`, `rope_theta`,
+    /// `partial_rotary_factor`); HF defaults when absent.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Biases on the attention projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Window of sliding layers, in tokens (a query sees itself and `sliding_window - 1` keys
+    /// before it; default 512).
+    #[serde(default = "default_window")]
+    pub sliding_window: usize,
+    /// `sliding_attention` / `full_attention` per layer (default: every 6th full).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// `c` in `c · tanh(logits / c)`.
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    /// `vision` (image tokens attend both ways: no effect on text) or `all` (not supported).
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<String>,
+    /// Rows of the per-layer embedding (default 262144).
+    #[serde(default = "default_ple_vocab")]
+    pub vocab_size_per_layer_input: usize,
+    /// Per-layer input width P (default 256; 0 or null: none).
+    #[serde(default = "default_ple_width")]
+    pub hidden_size_per_layer_input: Option<usize>,
+    /// Full layers' values are their keys (no `v_proj`).
+    #[serde(default)]
+    pub attention_k_eq_v: bool,
+    /// The last this many layers reuse earlier layers' keys and values.
+    #[serde(default)]
+    pub num_kv_shared_layers: usize,
+    /// Mixture-of-experts block beside the MLP (not supported).
+    #[serde(default)]
+    pub enable_moe_block: bool,
+    /// KV-shared layers have MLPs of twice `intermediate_size`.
+    #[serde(default)]
+    pub use_double_wide_mlp: bool,
+}
+
+/// One entry of `per_layer_config`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerOverride {
+    /// Head width of this layer.
+    pub head_dim: Option<usize>,
+    /// KV heads of this layer.
+    pub num_key_value_heads: Option<usize>,
+}
+
+fn default_head_dim() -> usize {
+    256
+}
+fn default_activation() -> String {
+    "gelu_pytorch_tanh".into()
+}
+fn default_ctx() -> usize {
+    131_072
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn yes() -> bool {
+    true
+}
+fn default_window() -> usize {
+    512
+}
+fn default_ple_vocab() -> usize {
+    262_144
+}
+fn default_ple_width() -> Option<usize> {
+    Some(256)
+}
+
+fn bad(field: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Model(format!("config.json field `{field}`: {msg}"))
+}
+
+/// What one layer looks like, resolved from the config.
+#[derive(Debug, Clone)]
+struct LayerPlan {
+    sliding: bool,
+    heads: build::Heads,
+    /// `Some(j)`: attends over layer `j`'s keys and values (KV sharing).
+    shares: Option<usize>,
+    /// Keys are values (no `v_proj`).
+    k_eq_v: bool,
+    intermediate: usize,
+}
+
+impl Gemma4Config {
+    fn layer_types(&self) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        let mut sliding: Vec<bool> = match &self.layer_types {
+            Some(t) if t.len() != n => {
+                return Err(bad(
+                    "layer_types",
+                    format!("has {} entries for {n} layers", t.len()),
+                ))
+            }
+            Some(t) => t
+                .iter()
+                .map(|s| match s.as_str() {
+                    SLIDING => Ok(true),
+                    FULL => Ok(false),
+                    o => Err(bad("layer_types", format!("unknown layer type `{o}`"))),
+                })
+                .collect::<Result<_>>()?,
+            None => (0..n).map(|i| !(i + 1).is_multiple_of(6)).collect(),
+        };
+        // HF `Gemma4TextConfig.__post_init__` forces the last layer to full attention.
+        if let Some(last) = sliding.last_mut() {
+            *last = false;
+        }
+        Ok(sliding)
+    }
+
+    /// Per layer: type, head geometry, KV source and MLP width (HF `per_layer_config` and
+    /// `kv_sharing_modes`).
+    fn plan(&self) -> Result<Vec<LayerPlan>> {
+        let n = self.num_hidden_layers;
+        let sliding = self.layer_types()?;
+        if self.num_kv_shared_layers >= n.max(1) {
+            return Err(bad(
+                "num_kv_shared_layers",
+                format!(
+                    "{} must be below num_hidden_layers {n}",
+                    self.num_kv_shared_layers
+                ),
+            ));
+        }
+        let first_shared = n - self.num_kv_shared_layers;
+        let mut out = Vec::with_capacity(n);
+        for (i, &is_sliding) in sliding.iter().enumerate() {
+            let mut heads = build::Heads {
+                n_heads: self.num_attention_heads,
+                n_kv_heads: self.num_key_value_heads,
+                head_dim: self.head_dim,
+            };
+            match &self.per_layer_config {
+                Some(p) => {
+                    if let Some(o) = p.get(&i.to_string()) {
+                        heads.head_dim = o.head_dim.unwrap_or(heads.head_dim);
+                        heads.n_kv_heads = o.num_key_value_heads.unwrap_or(heads.n_kv_heads);
+                    }
+                }
+                None if !is_sliding => {
+                    heads.head_dim = self.global_head_dim.unwrap_or(512);
+                    if self.attention_k_eq_v {
+                        heads.n_kv_heads =
+                            self.num_global_key_value_heads.unwrap_or(heads.n_kv_heads);
+                    }
+                }
+                None => {}
+            }
+            let shares = if i >= first_shared {
+                let j = (0..first_shared)
+                    .rev()
+                    .find(|&j| sliding[j] == is_sliding)
+                    .ok_or_else(|| {
+                        bad(
+                            "num_kv_shared_layers",
+                            format!("layer {i} shares keys and values, but no earlier layer of its type has them"),
+                        )
+                    })?;
+                Some(j)
+            } else {
+                None
+            };
+            let wide = self.use_double_wide_mlp && shares.is_some();
+            out.push(LayerPlan {
+                sliding: is_sliding,
+                heads: heads.checked()?,
+                shares,
+                k_eq_v: self.attention_k_eq_v && !is_sliding,
+                intermediate: self.intermediate_size * if wide { 2 } else { 1 },
+            });
+        }
+        for (i, p) in out.iter().enumerate() {
+            if let Some(j) = p.shares {
+                if out[j].heads.head_dim != p.heads.head_dim
+                    || out[j].heads.n_kv_heads != p.heads.n_kv_heads
+                {
+                    return Err(bad(
+                        "per_layer_config",
+                        format!("layer {i} shares layer {j}'s keys and values but has other heads"),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// RoPE base and scaling of a layer type (HF defaults when `rope_parameters` is absent).
+    fn rope(&self, sliding: bool) -> Result<(f64, RopeScaling)> {
+        let key = if sliding { SLIDING } else { FULL };
+        let default = if sliding {
+            serde_json::json!({"rope_type": "default", "rope_theta": 10_000.0})
+        } else {
+            serde_json::json!({"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1_000_000.0})
+        };
+        let v = match &self.rope_parameters {
+            Some(p) if !p.is_null() => p
+                .get(key)
+                .cloned()
+                .ok_or_else(|| bad("rope_parameters", format!("has no `{key}`")))?,
+            _ => default,
+        };
+        let theta = v
+            .get("rope_theta")
+            .and_then(|t| t.as_f64())
+            .ok_or_else(|| bad(&format!("rope_parameters.{key}"), "has no `rope_theta`"))?;
+        Ok((theta, RopeScaling::from_config(Some(&v))?))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.enable_moe_block {
+            return Err(bad(
+                "enable_moe_block",
+                "true (Gemma 4's mixture-of-experts block) is not supported",
+            ));
+        }
+        // `vision` makes only image tokens attend both ways (HF: text stays causal), which a
+        // text-only model never sees; `all` makes every layer bidirectional.
+        match self.use_bidirectional_attention.as_deref() {
+            None | Some("vision") => {}
+            Some(b) => {
+                return Err(bad(
+                    "use_bidirectional_attention",
+                    format!("`{b}` is not supported (only causal text attention)"),
+                ))
+            }
+        }
+        match self.hidden_activation.as_str() {
+            "gelu_pytorch_tanh" | "gelu_tanh" => {}
+            o => return Err(bad("hidden_activation", format!("`{o}` is not supported"))),
+        }
+        if self.sliding_window == 0 {
+            return Err(bad("sliding_window", "must be positive"));
+        }
+        Ok(())
+    }
+
+    fn ple_width(&self) -> Option<usize> {
+        self.hidden_size_per_layer_input.filter(|&p| p > 0)
+    }
+}
+
+/// Where a layer's keys and values come from.
+#[derive(Debug, Clone, Copy)]
+enum KvSlot {
+    /// Its own projections, appended to cache layer `n`.
+    Cache(usize),
+    /// Those layer `n` attended over.
+    Shared(usize),
+}
+
+/// The per-layer-input branch of one block.
+#[derive(Debug)]
+struct PerLayerBranch {
+    gate: Linear,
+    projection: Linear,
+    norm: RmsNorm,
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    ffn: SandwichMlp,
+    per_layer: Option<PerLayerBranch>,
+    layer_scalar: f64,
+    kv: KvSlot,
+    /// Index into [`Gemma4::ropes`].
+    rope: usize,
+}
+
+/// The per-layer embeddings (PLE) of the whole model.
+#[derive(Debug)]
+struct PerLayerEmbedding {
+    /// `embed_tokens_per_layer` `[vocab_per_layer, layers · P]`.
+    embed: Embedding,
+    /// `per_layer_model_projection` `[layers · P, hidden]`.
+    projection: Linear,
+    /// `per_layer_projection_norm` `[P]`.
+    norm: RmsNorm,
+    width: usize,
+}
+
+impl PerLayerEmbedding {
+    /// `ids: [batch, seq]` u32 and the scaled embedding `x: [batch, seq, hidden]` -> every
+    /// layer's input `[batch, seq, layers, P]` (HF `get_per_layer_inputs` +
+    /// `project_per_layer_inputs`).
+    fn inputs(&self, ids: &Tensor, x: &Tensor, n_layers: usize) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let shape = (b, s, n_layers, self.width);
+        let tokens = (self.embed.forward(ids)? * (self.width as f64).sqrt())?.reshape(shape)?;
+        let hidden = x.dim(2)? as f64;
+        let projected = (self.projection.forward(x)? * hidden.powf(-0.5))?.reshape(shape)?;
+        let projected = self.norm.forward(&projected)?;
+        Ok(((projected + tokens)? * 0.5f64.sqrt())?)
+    }
+}
+
+/// A Gemma 4 text causal language model.
+#[derive(Debug)]
+pub struct Gemma4 {
+    embed_tokens: Embedding,
+    embed_scale: f64,
+    per_layer: Option<PerLayerEmbedding>,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    /// One rotary embedding per (layer type, head width).
+    ropes: Vec<RotaryEmbedding>,
+    final_softcap: Option<f64>,
+    /// Layers with a cache of their own (the first `layers - num_kv_shared_layers`).
+    n_caches: usize,
+    /// `(kv_heads, head_dim)` of the cached layers.
+    cache_shapes: Vec<(usize, usize)>,
+    info: ModelInfo,
+    device: Device,
+}
+
+impl Gemma4 {
+    /// Loads the weights named as in Hugging Face `Gemma4ForCausalLM` (or mlx-lm's
+    /// `gemma4_text` conversion of it).
+    ///
+    /// Errors: [`Error::Model`] naming an invalid or unsupported config field;
+    /// [`Error::Tensor`] naming a missing or misshapen weight.
+    pub fn new(cfg: Gemma4Config, w: &dyn Weights) -> Result<Self> {
+        cfg.validate()?;
+        let plan = cfg.plan()?;
+        let h = cfg.hidden_size;
+        let eps = cfg.rms_norm_eps;
+        let norm = |name: &str, dim: usize| RmsNorm::new(w.tensor(name, &[dim])?, eps, false);
+        let unscaled = |dim: usize| {
+            RmsNorm::new(
+                Tensor::ones(dim, candle_core::DType::F32, w.device())?,
+                eps,
+                false,
+            )
+        };
+        let ple = cfg.ple_width();
+        let mut ropes: Vec<(bool, usize, RotaryEmbedding)> = Vec::new();
+        let mut layers = Vec::with_capacity(plan.len());
+        let mut n_caches = 0;
+        let mut cache_shapes = Vec::new();
+        for (i, lp) in plan.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = |n: &str| format!("{p}.self_attn.{n}");
+            let build::Heads {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+            } = lp.heads;
+            let ab = cfg.attention_bias;
+            let q = w.linear(&a("q_proj"), nh * hd, h, ab)?;
+            let (qkv, k_norm, v_norm, kv) = match lp.shares {
+                Some(j) => (QkvProj::QueryOnly(q), None, None, KvSlot::Shared(j)),
+                None => {
+                    let k = w.linear(&a("k_proj"), nkv * hd, h, ab)?;
+                    let qkv = if lp.k_eq_v {
+                        QkvProj::KeyIsValue { q, k }
+                    } else {
+                        let v = w.linear(&a("v_proj"), nkv * hd, h, ab)?;
+                        QkvProj::Separate { q, k, v }
+                    };
+                    n_caches += 1;
+                    cache_shapes.push((nkv, hd));
+                    let k_norm = norm(&a("k_norm.weight"), hd)?;
+                    (
+                        qkv,
+                        Some(k_norm),
+                        Some(unscaled(hd)?),
+                        KvSlot::Cache(n_caches - 1),
+                    )
+                }
+            };
+            let rope = match ropes
+                .iter()
+                .position(|(s, d, _)| *s == lp.sliding && *d == hd)
+            {
+                Some(r) => r,
+                None => {
+                    let (theta, scaling) = cfg.rope(lp.sliding)?;
+                    let r = RotaryEmbedding::new(hd, theta, &scaling, false, w.device())?;
+                    ropes.push((lp.sliding, hd, r));
+                    ropes.len() - 1
+                }
+            };
+            let per_layer = match ple {
+                Some(pw) => Some(PerLayerBranch {
+                    gate: w.linear(&format!("{p}.per_layer_input_gate"), pw, h, false)?,
+                    projection: w.linear(&format!("{p}.per_layer_projection"), h, pw, false)?,
+                    norm: norm(&format!("{p}.post_per_layer_input_norm.weight"), h)?,
+                }),
+                None => None,
+            };
+            // A persistent buffer of ones in HF; checkpoints without it get 1.
+            let scalar_name = format!("{p}.layer_scalar");
+            let layer_scalar = if w.contains(&scalar_name) {
+                w.tensor(&scalar_name, &[1])?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?[0] as f64
+            } else {
+                1.0
+            };
+            layers.push(Block {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
+                self_attn: Attention {
+                    qkv,
+                    o_proj: w.linear(&a("o_proj"), h, nh * hd, ab)?,
+                    q_norm: Some(norm(&a("q_norm.weight"), hd)?),
+                    k_norm,
+                    v_norm,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    scale: 1.0,
+                    softcap: None,
+                    window: lp.sliding.then_some(cfg.sliding_window),
+                    scale_at: ScaleAt::Scores,
+                    rope: true,
+                    query_temperature: None,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                ffn: SandwichMlp::load(w, &p, lp.intermediate, h, &norm)?,
+                per_layer,
+                layer_scalar,
+                kv,
+                rope,
+            });
+        }
+        let n = cfg.num_hidden_layers;
+        let per_layer = match ple {
+            Some(pw) => Some(PerLayerEmbedding {
+                embed: w.embedding(
+                    "model.embed_tokens_per_layer.weight",
+                    cfg.vocab_size_per_layer_input,
+                    n * pw,
+                )?,
+                projection: w.linear("model.per_layer_model_projection", n * pw, h, false)?,
+                norm: norm("model.per_layer_projection_norm.weight", pw)?,
+                width: pw,
+            }),
+            None => None,
+        };
+        let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let lm_head = build::lm_head(w, &embed_tokens, cfg.tie_word_embeddings, cfg.vocab_size, h)?;
+        Ok(Self {
+            embed_tokens,
+            embed_scale: (h as f64).sqrt(),
+            per_layer,
+            layers,
+            norm: norm("model.norm.weight", h)?,
+            lm_head,
+            ropes: ropes.into_iter().map(|(_, _, r)| r).collect(),
+            final_softcap: cfg.final_logit_softcapping,
+            n_caches,
+            cache_shapes,
+            device: w.device().clone(),
+            info: ModelInfo {
+                architecture: "gemma4".into(),
+                vocab_size: cfg.vocab_size,
+                n_layers: n,
+                hidden_size: h,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                context_length: cfg.max_position_embeddings,
+            },
+        })
+    }
+}
+
+/// Builds a Gemma 4 text model from an HF-style config and weights. For `model_type: gemma4`
+/// (the multimodal checkpoint) the text model is read from `text_config` and the
+/// `language_model` weights ([`build::language_model`]); the vision and audio towers are
+/// ignored.
+///
+/// Errors: [`Error::Model`] naming an invalid or unsupported config field; [`Error::Tensor`]
+/// naming a missing or misshapen weight.
+pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
+    if config.get("model_type").and_then(|v| v.as_str()) != Some("gemma4") {
+        let cfg: Gemma4Config = serde_json::from_value(config.clone())
+            .map_err(|e| Error::Model(format!("config.json: {e}")))?;
+        return Ok(Box::new(Gemma4::new(cfg, w)?));
+    }
+    let text = config
+        .get("text_config")
+        .cloned()
+        .ok_or_else(|| bad("text_config", "is missing (model_type gemma4)"))?;
+    let cfg: Gemma4Config = serde_json::from_value(text)
+        .map_err(|e| Error::Model(format!("config.json `text_config`: {e}")))?;
+    let w = build::language_model(w)?;
+    Ok(Box::new(Gemma4::new(cfg, &w)?))
+}
+
+impl CausalLM for Gemma4 {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        let (_b, s) = input_ids.dims2()?;
+        if cache.n_layers() != self.n_caches {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache has {} layers, the model caches {} (layers without shared keys and values)",
+                cache.n_layers(),
+                self.n_caches
+            )));
+        }
+        let offset = cache.offset();
+        let passes = self
+            .ropes
+            .iter()
+            .map(|r| AttentionPass::new(r, offset, s))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = (self.embed_tokens.forward(input_ids)? * self.embed_scale)?;
+        let per_layer = match &self.per_layer {
+            Some(p) => Some(p.inputs(input_ids, &x, self.layers.len())?),
+            None => None,
+        };
+        let mut kvs: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let source = match layer.kv {
+                KvSlot::Cache(c) => KvSource::Cache(
+                    cache
+                        .layer(c)
+                        .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?,
+                ),
+                KvSlot::Shared(j) => {
+                    let (k, v) = kvs[j].clone().ok_or_else(|| {
+                        Error::Model(format!("layer {i} shares the keys of layer {j}, not run"))
+                    })?;
+                    KvSource::Shared(k, v)
+                }
+            };
+            let hn = layer.input_layernorm.forward(&x)?;
+            let (a, kv) = layer
+                .self_attn
+                .forward_kv(&hn, &passes[layer.rope], source)?;
+            kvs[i] = Some(kv);
+            x = (layer.post_attention_layernorm.forward(&a)? + x)?;
+            x = (layer.ffn.forward(&x, Mode::Inference)? + x)?;
+            if let (Some(b), Some(inputs)) = (&layer.per_layer, &per_layer) {
+                let g = gelu_tanh(&b.gate.forward(&x)?)?;
+                let g = (g * inputs.narrow(2, i, 1)?.squeeze(2)?)?;
+                x = (b.norm.forward(&b.projection.forward(&g)?)? + x)?;
+            }
+            x = (x * layer.layer_scalar)?;
+        }
+        let x = match logits {
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+            Logits::All => x,
+        };
+        let mut out = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        if let Some(c) = self.final_softcap {
+            out = softcap(&out, c)?;
+        }
+        Ok(match logits {
+            Logits::Last => out.squeeze(1)?,
+            Logits::All => out,
+        })
+    }
+
+    /// Growing caches for the layers with keys and values of their own (KV-shared layers have
+    /// none, as mlx-lm's `make_cache`).
+    fn new_cache(&self) -> KvCache {
+        KvCache::growing(self.n_caches)
+    }
+
+    /// As [`CausalLM::new_cache`], of the kind `config` describes.
+    ///
+    /// Errors: as [`KvCache::new`], for every head width of the cached layers.
+    fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
+        for &(_, hd) in &self.cache_shapes {
+            KvCache::new(0, hd, config)?;
+        }
+        KvCache::new(self.n_caches, self.info.head_dim, config)
+    }
+
+    fn cache_shapes(&self) -> Vec<(usize, usize)> {
+        self.cache_shapes.clone()
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> Gemma4Config {
+        let mut v = serde_json::json!({
+            "vocab_size": 320, "hidden_size": 64, "intermediate_size": 32,
+            "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention",
+                            "sliding_attention", "sliding_attention"],
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn plan_resolves_global_heads_and_kv_sharing() {
+        let c = config(serde_json::json!({
+            "global_head_dim": 32, "num_global_key_value_heads": 1, "attention_k_eq_v": true,
+            "num_kv_shared_layers": 2, "use_double_wide_mlp": true,
+        }));
+        let p = c.plan().unwrap();
+        // The last layer is forced to full attention.
+        let sliding: Vec<bool> = p.iter().map(|l| l.sliding).collect();
+        assert_eq!(sliding, [true, true, false, true, false]);
+        assert_eq!(
+            (p[2].heads.head_dim, p[2].heads.n_kv_heads, p[2].k_eq_v),
+            (32, 1, true)
+        );
+        assert_eq!(
+            (p[0].heads.head_dim, p[0].heads.n_kv_heads, p[0].k_eq_v),
+            (16, 2, false)
+        );
+        let shares: Vec<Option<usize>> = p.iter().map(|l| l.shares).collect();
+        assert_eq!(shares, [None, None, None, Some(1), Some(2)]);
+        assert_eq!(p[3].intermediate, 64);
+        assert_eq!(p[1].intermediate, 32);
+        // transformers 5's `per_layer_config` wins over the global fields.
+        let c = config(serde_json::json!({
+            "global_head_dim": 32, "per_layer_config": {"4": {"head_dim": 8}},
+        }));
+        let p = c.plan().unwrap();
+        assert_eq!((p[2].heads.head_dim, p[4].heads.head_dim), (16, 8));
+    }
+
+    #[test]
+    fn unsupported_fields_are_named() {
+        let e = config(serde_json::json!({"enable_moe_block": true}))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("enable_moe_block"), "{e}");
+        let bi = |m: &str| config(serde_json::json!({"use_bidirectional_attention": m})).validate();
+        assert!(bi("vision").is_ok());
+        let e = bi("all").unwrap_err().to_string();
+        assert!(e.contains("use_bidirectional_attention"), "{e}");
+        let e = config(serde_json::json!({"num_kv_shared_layers": 5}))
+            .plan()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_kv_shared_layers"), "{e}");
+        let e = config(serde_json::json!({"num_kv_shared_layers": 4}))
+            .plan()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no earlier layer of its type"), "{e}");
+    }
+}
