@@ -460,6 +460,7 @@ impl Gemma {
                         Numerics::Reference => ScaleAt::Scores,
                     },
                     rope: true,
+                    sinks: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 pre_feedforward_layernorm: norm(

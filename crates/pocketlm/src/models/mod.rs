@@ -9,6 +9,7 @@ pub mod gemma;
 mod gguf_config;
 #[cfg(test)]
 mod gguf_names_tests;
+pub mod gpt_oss;
 pub mod llama;
 pub mod phi3;
 pub mod qwen2;
@@ -472,6 +473,14 @@ pub static REGISTRY: &[Architecture] = &[
         build: gemma::build,
     },
     Architecture {
+        model_types: &["gpt_oss"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: gguf_config::common, // unused: no GGUF architecture listed
+        build: gpt_oss::build,
+    },
+    Architecture {
         model_types: &["qwen2_vl"],
         gguf_architectures: &[],
         gguf_names: None,
@@ -581,6 +590,7 @@ mod tests {
             "qwen3",
             "qwen3_moe",
             "smollm3",
+            "gpt_oss",
             "gemma2",
             "gemma3_text",
             "gemma3",

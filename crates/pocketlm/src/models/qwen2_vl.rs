@@ -468,6 +468,7 @@ impl VisionTower {
                 None,
                 scale,
                 None,
+                None,
             )?;
             outs.push(o);
             start += len;
@@ -687,6 +688,7 @@ impl Qwen2Vl {
                     window: None,
                     scale_at: ScaleAt::Scores,
                     rope: true,
+                    sinks: None,
                 },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 mlp: Mlp::Dense(GatedMlp {

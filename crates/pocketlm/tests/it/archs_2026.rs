@@ -104,6 +104,11 @@ fn smollm3_matches_transformers() -> Res<()> {
 }
 
 #[test]
+fn gpt_oss_matches_transformers() -> Res<()> {
+    check_float("gpt_oss", "gpt_oss")
+}
+
+#[test]
 fn qwen3_moe_mlx_q4_matches_mlx_lm() -> Res<()> {
     let g = tensors("qwen3_moe.golden.safetensors")?;
     let m = load(path("qwen3_moe_mlx_q4"), &cpu())?;
