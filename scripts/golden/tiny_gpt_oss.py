@@ -27,7 +27,13 @@ replaced; the other architectures' files there are `tiny_moe.py`'s):
   position); `greedy` `[16]` u32 (16 greedy tokens after prompt 0, each step a full forward
   pass) and `greedy_margin` `[16]` f32 (top-1 minus top-2 logit of each step);
   `mlx_greedy` / `mlx_mxfp4_greedy` `[16]` u32: mlx-lm's greedy tokens (its KV caches:
-  rotating on the sliding layers) after prompt `MLX_PROMPT` on the two folders below.
+  rotating on the sliding layers) on the two folders below, after prompt 1 / prompt 0
+  (`MLX`): the prompts whose greedy steps keep a top-1/top-2 margin (0.10 / 0.31 at least)
+  on each folder and do not change when mlx-lm's YaRN is made to follow `truncate: false`.
+  mlx-lm 0.32.2's `YarnRoPE` ignores `truncate` (it always floors/ceils the correction range,
+  where transformers and OpenAI's reference do not): its logits differ from transformers' by up
+  to 0.23 on the float model, and on the MXFP4 folder after prompt 1 a step with a 0.001
+  margin flips (with the range untruncated, mlx-lm's tokens there equal ours).
 - `gpt_oss_mlx_q4/`: `mlx_lm.convert(quantize=True, q_bits=4, q_group_size=32,
   dtype="float32")`: experts split by mlx-lm's `sanitize` into `switch_mlp`-style stacked
   `mlp.experts.{gate,up,down}_proj` and quantized affine 4-bit, the router 8-bit by the model's
@@ -58,7 +64,8 @@ from tiny_moe import PROMPTS, mlx_greedy  # noqa: E402
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "crates", "pocketlm",
                     "tests", "golden", "archs_2026")
 NAME = "gpt_oss"
-MLX_PROMPT = int(os.environ.get("MLX_PROMPT", "1"))
+# mlx-lm golden: key, folder suffix, quantization mode, prompt.
+MLX = [("mlx_greedy", "mlx_q4", "affine", 1), ("mlx_mxfp4_greedy", "mlx_mxfp4", "mxfp4", 0)]
 
 
 def config():
@@ -153,21 +160,19 @@ def main():
     tensors["greedy_margin"] = torch.tensor(margins, dtype=torch.float32)
     from mlx_lm.convert import convert as mlx_convert
     readable = mlx_readable(out)
-    mlx_ids = tensors[f"ids{MLX_PROMPT}"].to(torch.int64).tolist()
-    ref, _ = greedy(model, mlx_ids, 16)
-    for key, folder, mode in [("mlx_greedy", "mlx_q4", "affine"),
-                              ("mlx_mxfp4_greedy", "mlx_mxfp4", "mxfp4")]:
+    for key, folder, mode, prompt in MLX:
+        mlx_ids = tensors[f"ids{prompt}"].to(torch.int64).tolist()
+        ref, _ = greedy(model, mlx_ids, 16)
         q = os.path.join(ROOT, f"{NAME}_{folder}")
         mlx_convert(readable, q, quantize=True, q_group_size=32, q_bits=4, q_mode=mode,
                     dtype="float32")
         mt = mlx_greedy(q, mlx_ids, 16)
         tensors[key] = torch.tensor(mt, dtype=torch.int64).to(torch.uint32)
         agree = next((i for i, (a, b) in enumerate(zip(ref, mt)) if a != b), 16)
-        print(f"{NAME} {mode}: mlx-lm greedy after prompt {MLX_PROMPT} {mt} "
+        print(f"{NAME} {mode}: mlx-lm greedy after prompt {prompt} {mt} "
               f"({agree} leading tokens equal transformers' float ones)")
     save_file(tensors, os.path.join(ROOT, f"{NAME}.golden.safetensors"),
-              metadata={"transformers": transformers.__version__, "torch": torch.__version__,
-                        "mlx_prompt": str(MLX_PROMPT)})
+              metadata={"transformers": transformers.__version__, "torch": torch.__version__})
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f"{NAME}: folder {size // 1024} KB, greedy {toks}, min margin {min(margins):.3f}")
     assert size < 400 * 1024, size

@@ -118,6 +118,34 @@ fn qwen3_moe_mlx_q4_matches_mlx_lm() -> Res<()> {
     Ok(())
 }
 
+/// mlx-lm's own 4-bit conversion `folder` of the tiny gpt-oss (`tiny_gpt_oss.py`: experts
+/// stacked with biases, the router 8-bit, sinks and norms float32): 16 greedy tokens after
+/// prompt `prompt` equal to mlx-lm's (`key` in the golden file) on that folder.
+fn check_gpt_oss_mlx(folder: &str, key: &str, prompt: usize) -> Res<()> {
+    let g = tensors("gpt_oss.golden.safetensors")?;
+    let m = load(path(folder), &cpu())?;
+    assert_eq!(m.model.info().architecture, "gpt_oss");
+    let want = g[key].to_vec1::<u32>()?;
+    let got = greedy(
+        &m,
+        &g[&format!("ids{prompt}")].to_vec1::<u32>()?,
+        want.len(),
+    )?;
+    assert_eq!(got, want, "{folder}: greedy tokens against mlx-lm");
+    Ok(())
+}
+
+#[test]
+fn gpt_oss_mlx_q4_matches_mlx_lm() -> Res<()> {
+    check_gpt_oss_mlx("gpt_oss_mlx_q4", "mlx_greedy", 1)
+}
+
+#[test]
+fn gpt_oss_mlx_mxfp4_matches_mlx_lm() -> Res<()> {
+    // MXFP4 stacked experts (uint8 E8M0 scales), run on the `MlxFp` path one expert each.
+    check_gpt_oss_mlx("gpt_oss_mlx_mxfp4", "mlx_mxfp4_greedy", 0)
+}
+
 /// llama.cpp's own Q8_0 GGUF of a model (`tiny_moe.py --gguf`), loaded twice: on our Q8_0
 /// kernels (the experts one in-place slice of the stacked `ffn_*_exps` tensors each) and with
 /// every weight dequantized at load. Both stay within 4.0 of each other and of transformers'
