@@ -263,6 +263,7 @@ pub fn scaled_dot_product_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     #[allow(clippy::too_many_arguments)]
     fn naive(
@@ -373,6 +374,58 @@ mod tests {
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+    }
+
+    /// Attention sinks: the CPU kernel, the candle path of other devices and the training path
+    /// agree, with a window; and one key against a sink weighs its value by
+    /// `e^s' / (e^s' + e^sink)`.
+    #[test]
+    fn sinks_agree_across_paths_and_match_the_formula() {
+        let dev = Device::Cpu;
+        let (h, kvh, ql, kl, d) = (4, 2, 5, 5, 8);
+        let gen = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * s).sin()).collect() };
+        let q = Tensor::from_vec(gen(h * ql * d, 0.37), (1, h, ql, d), &dev).unwrap();
+        let k = Tensor::from_vec(gen(kvh * kl * d, 0.71), (1, kvh, kl, d), &dev).unwrap();
+        let v = Tensor::from_vec(gen(kvh * kl * d, 1.13), (1, kvh, kl, d), &dev).unwrap();
+        let sinks = Tensor::new(&[0.3f32, -2.0, 1.5, 4.0], &dev).unwrap();
+        let (scale, window) = (0.35, Some(3));
+        let m = causal_mask(ql, kl, window, &dev).unwrap();
+        let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let generic = flat(
+            scaled_dot_product_attention(&q, &k, &v, Some(&m), scale, None, Some(&sinks))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap(),
+        );
+        let cpu = flat(
+            causal_attention_capped(&q, &k, &v, scale, None, window, Some(&sinks), None).unwrap(),
+        );
+        let diff = flat(causal_attention_diff(&q, &k, &v, scale, None, Some(&sinks), &m).unwrap());
+        let plain =
+            flat(causal_attention_capped(&q, &k, &v, scale, None, window, None, None).unwrap());
+        for ((a, b), c) in cpu.iter().zip(&generic).zip(&diff) {
+            assert!((a - b).abs() < 1e-5 && (a - c).abs() < 1e-5, "{a} {b} {c}");
+        }
+        assert!(cpu.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-2));
+        // The first query sees only the first key: output = p · v_0, p = e^s / (e^s + e^sink).
+        let (q0, k0, v0) = (
+            flat(q.i((0, 0, 0)).unwrap()),
+            flat(k.i((0, 0, 0)).unwrap()),
+            flat(v.i((0, 0, 0)).unwrap()),
+        );
+        let s = q0.iter().zip(&k0).map(|(a, b)| a * b).sum::<f32>() * scale as f32;
+        let p = s.exp() / (s.exp() + 0.3f32.exp());
+        for c in 0..d {
+            assert!(
+                (cpu[c] - p * v0[c]).abs() < 1e-5,
+                "{} vs {}",
+                cpu[c],
+                p * v0[c]
+            );
+        }
+        // Bad sinks are an error, not a panic.
+        let bad = Tensor::new(&[0f32; 3], &dev).unwrap();
+        assert!(causal_attention_capped(&q, &k, &v, scale, None, None, Some(&bad), None).is_err());
     }
 
     #[test]

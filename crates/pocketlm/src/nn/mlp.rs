@@ -180,6 +180,26 @@ mod tests {
         Linear::dense(Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(), None)
     }
 
+    /// gpt-oss's clamped SwiGLU against its formula, with both clamps hit.
+    #[test]
+    fn swiglu_oai_clamps_and_shifts() {
+        let (alpha, limit) = (1.702f32, 7.0f32);
+        let g = [-9.0f32, -1.0, 0.5, 3.0, 8.0, 20.0];
+        let u = [-8.0f32, -0.5, 0.0, 2.0, 7.5, -20.0];
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let got: Vec<f32> = Activation::SwigluOai { alpha, limit }
+            .glu(&t(&g), &t(&u))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for i in 0..g.len() {
+            let gc = g[i].min(limit);
+            let uc = u[i].clamp(-limit, limit);
+            let want = (uc + 1.0) * gc / (1.0 + (-alpha * gc).exp());
+            assert!((got[i] - want).abs() < 1e-5, "{i}: {} vs {want}", got[i]);
+        }
+    }
+
     /// Inference and training modes, separate and fused projections: one function.
     #[test]
     fn modes_and_layouts_agree() {

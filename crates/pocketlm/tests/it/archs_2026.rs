@@ -118,6 +118,56 @@ fn qwen3_moe_mlx_q4_matches_mlx_lm() -> Res<()> {
     Ok(())
 }
 
+/// The batched decode (`forward_batch`, one pass over several sequences' caches) of gpt-oss
+/// equals one-sequence decoding for 8 greedy steps after the 3 prompts (20, 12 and 7 tokens,
+/// so each crosses the sliding window of 8): attention sinks and per-layer windows in that path
+/// too.
+#[test]
+fn gpt_oss_batched_decode_matches_single() -> Res<()> {
+    use pocketlm::models::BatchRow;
+    let g = tensors("gpt_oss.golden.safetensors")?;
+    let m = load(path("gpt_oss"), &cpu())?;
+    let dev = m.model.device();
+    let mut single = Vec::new();
+    let mut batched = Vec::new();
+    let mut next = Vec::new();
+    for p in 0..3 {
+        let ids = g[&format!("ids{p}")].unsqueeze(0)?;
+        let (mut a, mut b) = (m.model.new_cache(), m.model.new_cache());
+        let l = m.model.forward(&ids, &mut a, Logits::Last)?;
+        m.model.forward(&ids, &mut b, Logits::Last)?;
+        next.push(l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?);
+        single.push(a);
+        batched.push(b);
+    }
+    let mut worst = 0f32;
+    for step in 0..8 {
+        let mut want = Vec::new();
+        for (t, cache) in next.iter().zip(single.iter_mut()) {
+            let x = Tensor::new(&[*t], dev)?.unsqueeze(0)?;
+            want.push(m.model.forward(&x, cache, Logits::Last)?.squeeze(0)?);
+        }
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut rows: Vec<BatchRow<'_>> = toks
+            .iter()
+            .zip(batched.iter_mut())
+            .map(|(ids, cache)| BatchRow { ids, cache })
+            .collect();
+        let got = m.model.forward_batch(&mut rows)?;
+        for (i, w) in want.iter().enumerate() {
+            let d = max_abs_diff(&got.get(i)?, w)?;
+            assert!(d <= 1e-4, "step {step} sequence {i}: batched vs single {d}");
+            worst = worst.max(d);
+        }
+        next = want
+            .iter()
+            .map(|w| Ok(w.argmax(0)?.to_scalar::<u32>()?))
+            .collect::<Res<Vec<_>>>()?;
+    }
+    println!("gpt_oss: batched decode vs single, max logit diff {worst:.1e} over 8 steps");
+    Ok(())
+}
+
 /// mlx-lm's own 4-bit conversion `folder` of the tiny gpt-oss (`tiny_gpt_oss.py`: experts
 /// stacked with biases, the router 8-bit, sinks and norms float32): 16 greedy tokens after
 /// prompt `prompt` equal to mlx-lm's (`key` in the golden file) on that folder.
