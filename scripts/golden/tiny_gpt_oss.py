@@ -39,6 +39,15 @@ replaced; the other architectures' files there are `tiny_moe.py`'s):
   `mlp.experts.{gate,up,down}_proj` and quantized affine 4-bit, the router 8-bit by the model's
   `quant_predicate`.
 - `gpt_oss_mlx_mxfp4/`: the same with `q_mode="mxfp4"` (group 32, E8M0 scales).
+- `gpt_oss_mxfp4/`: the layout of the Hub's openai/gpt-oss checkpoints: the experts as MXFP4
+  `mlp.experts.{gate_up,down}_proj_blocks` u8 `[experts, out, in / 32, 16]` (two E2M1 codes a
+  byte, low nibble first; `gate_up` rows interleaved gate, up, ...) and `*_scales` u8
+  `[experts, out, in / 32]` (E8M0), biases and the other weights bfloat16, config.json with
+  their `quantization_config` (`quant_method: mxfp4`). The codes are `mx.quantize(...,
+  mode="mxfp4")` of the float model's experts (the same bytes in both layouts). In the golden
+  file: `mxfp4_logits0` `[20, 320]` f32, transformers' float32 eager forward over prompt 0 with
+  the experts dequantized by transformers' own `convert_moe_packed_tensors` (the other weights
+  those of `gpt_oss/`), and `mxfp4_greedy` `[16]` u32 after prompt 0, with `mxfp4_margin`.
 
 The model: hidden 64, heads 4 of width 16, KV heads 2, 4 layers `sliding, full, sliding,
 full` (transformers' default pattern) with `sliding_window` 8 (prompts of 20 and 12 tokens pass
@@ -119,6 +128,51 @@ def mlx_readable(folder):
     return dst
 
 
+def mxfp4_checkpoint(src, model, tok, tensors):
+    """`gpt_oss_mxfp4/` and its transformers reference (see the module documentation)."""
+    import mlx.core as mx
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    dst = os.path.join(ROOT, f"{NAME}_mxfp4")
+    shutil.copytree(src, dst)
+    w = load_file(os.path.join(dst, "model.safetensors"))
+    out = {}
+    for k, v in w.items():
+        if k.endswith("experts.gate_up_proj") or k.endswith("experts.down_proj"):
+            rows_out = v.float().transpose(1, 2).contiguous()  # [experts, out, in]
+            q, sc = mx.quantize(mx.array(rows_out.numpy()), group_size=32, bits=4, mode="mxfp4")
+            e, r, c = rows_out.shape
+            blocks = np.array(q).view(np.uint8).reshape(e, r, c // 32, 16)
+            out[k + "_blocks"] = torch.from_numpy(blocks.copy())
+            out[k + "_scales"] = torch.from_numpy(np.array(sc).astype(np.uint8))
+        else:
+            out[k] = v
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for proj in ["gate_up_proj", "down_proj"]:
+                k = f"model.layers.{i}.mlp.experts.{proj}"
+                deq = convert_moe_packed_tensors(out[k + "_blocks"], out[k + "_scales"],
+                                                 dtype=torch.float32)
+                getattr(layer.mlp.experts, proj).copy_(deq)
+        ids = tensors["ids0"].to(torch.int64).tolist()
+        tensors["mxfp4_logits0"] = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+    toks, margins = greedy(model, ids, 16)
+    tensors["mxfp4_greedy"] = torch.tensor(toks, dtype=torch.int64).to(torch.uint32)
+    tensors["mxfp4_margin"] = torch.tensor(margins, dtype=torch.float32)
+    size = sum(os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst))
+    print(f"{NAME}_mxfp4: folder {size // 1024} KB, greedy {toks}, min margin {min(margins):.3f}")
+
+
 def main():
     torch.manual_seed(0)
     for entry in os.listdir(ROOT) if os.path.isdir(ROOT) else []:
@@ -171,6 +225,7 @@ def main():
         agree = next((i for i, (a, b) in enumerate(zip(ref, mt)) if a != b), 16)
         print(f"{NAME} {mode}: mlx-lm greedy after prompt {prompt} {mt} "
               f"({agree} leading tokens equal transformers' float ones)")
+    mxfp4_checkpoint(out, model, tok, tensors)
     save_file(tensors, os.path.join(ROOT, f"{NAME}.golden.safetensors"),
               metadata={"transformers": transformers.__version__, "torch": torch.__version__})
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))

@@ -779,6 +779,17 @@ impl Weights for SafetensorsWeights {
         self.names.contains(name)
     }
 
+    fn u8_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        let (_, dt) = self.info(name)?;
+        if dt != "U8" {
+            return Err(Error::tensor(name, format!("has dtype {dt}, expected U8")));
+        }
+        Ok(self
+            .raw(name, Some(shape))?
+            .flatten_all()?
+            .to_vec1::<u8>()?)
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }

@@ -13,9 +13,17 @@
 //!   ones), `gate_up_proj_bias` `[experts, 2 · intermediate]`, `down_proj` `[experts,
 //!   intermediate, hidden]`, `down_proj_bias` `[experts, hidden]`;
 //! - mlx-lm's `sanitize` output (its conversions): `mlp.experts.{gate,up,down}_proj` stacked
-//!   `[experts, out, in]` (float or MLX affine quantized) with `.bias` `[experts, out]`.
+//!   `[experts, out, in]` (float, MLX affine or MXFP4 quantized) with `.bias` `[experts, out]`;
+//! - the Hub's openai/gpt-oss checkpoints: MXFP4 `mlp.experts.{gate_up,down}_proj_blocks` u8
+//!   `[experts, out, in / 32, 16]` (two E2M1 codes a byte, the low nibble first; `gate_up` rows
+//!   interleaved gate, up) and `*_scales` u8 `[experts, out, in / 32]` (E8M0), with the fused
+//!   biases above (transformers `integrations/mxfp4.py`, `convert_moe_packed_tensors`). The
+//!   bytes are those of MLX's `mxfp4` words, so each expert becomes a [`Linear::MlxFp`] layer as
+//!   it is (CPU; dequantized to f32 on other devices).
 //!
 //! The router is `mlp.router` `[experts, hidden]` with a bias, and `self_attn.sinks` `[heads]`.
+
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -25,6 +33,7 @@ use crate::models::decoder::Mlp;
 use crate::models::llama::{LayerHooks, Llama, LlamaConfig, LlamaVariant};
 use crate::models::CausalLM;
 use crate::nn::{Activation, Attention, GateUp, GatedMlp, Linear, Moe, Router, Scoring};
+use crate::quant::mlx_fp::{FpMode, FpQuantized};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -223,22 +232,43 @@ fn experts(
             .collect());
     }
     // transformers' fused layout: `x @ gate_up_proj[e] + bias`, columns gate, up, gate, ...
-    let gate_up = w.tensor(&format!("{q}.gate_up_proj"), &[n, h, 2 * inter])?;
     let gate_up_b = w.tensor(&format!("{q}.gate_up_proj_bias"), &[n, 2 * inter])?;
-    let down = w.tensor(&format!("{q}.down_proj"), &[n, inter, h])?;
     let down_b = w.tensor(&format!("{q}.down_proj_bias"), &[n, h])?;
-    // [n, h, inter, 2] / [n, inter, 2]: index 0 of the last axis is the gate.
-    let gate_up = gate_up.reshape((n, h, inter, 2))?;
+    // [n, inter, 2]: index 0 of the last axis is the gate.
     let gate_up_b = gate_up_b.reshape((n, inter, 2))?;
-    let half = |t: &Tensor, e: usize, j: usize| -> Result<Tensor> {
-        Ok(t.get(e)?.narrow(2, j, 1)?.squeeze(2)?.t()?.contiguous()?)
-    };
     let bias = |e: usize, j: usize| -> Result<Tensor> {
         Ok(gate_up_b
             .get(e)?
             .narrow(1, j, 1)?
             .squeeze(1)?
             .contiguous()?)
+    };
+    if w.contains(&format!("{q}.gate_up_proj_blocks")) {
+        let gate_up = Mxfp4Experts::read(w, &format!("{q}.gate_up_proj"), n, 2 * inter, h)?;
+        let down = Mxfp4Experts::read(w, &format!("{q}.down_proj"), n, h, inter)?;
+        let dev = w.device();
+        let even: Vec<usize> = (0..inter).map(|r| 2 * r).collect();
+        let odd: Vec<usize> = (0..inter).map(|r| 2 * r + 1).collect();
+        let all: Vec<usize> = (0..h).collect();
+        return (0..n)
+            .map(|e| {
+                let layer = |m: &Mxfp4Experts, rows: &[usize], b: Tensor| -> Result<Linear> {
+                    Linear::mlx_fp_on(Arc::new(m.expert(e, rows)?), Some(b), dev)
+                };
+                Ok(mlp(
+                    layer(&gate_up, &even, bias(e, 0)?)?,
+                    layer(&gate_up, &odd, bias(e, 1)?)?,
+                    layer(&down, &all, down_b.get(e)?)?,
+                ))
+            })
+            .collect();
+    }
+    let gate_up = w.tensor(&format!("{q}.gate_up_proj"), &[n, h, 2 * inter])?;
+    let down = w.tensor(&format!("{q}.down_proj"), &[n, inter, h])?;
+    // [n, h, inter, 2]: index 0 of the last axis is the gate.
+    let gate_up = gate_up.reshape((n, h, inter, 2))?;
+    let half = |t: &Tensor, e: usize, j: usize| -> Result<Tensor> {
+        Ok(t.get(e)?.narrow(2, j, 1)?.squeeze(2)?.t()?.contiguous()?)
     };
     (0..n)
         .map(|e| {
@@ -249,6 +279,65 @@ fn experts(
             ))
         })
         .collect()
+}
+
+/// The MXFP4 experts of one projection as the Hub's checkpoints store them: `{name}_blocks`
+/// `[n, rows, cols / 32, 16]` and `{name}_scales` `[n, rows, cols / 32]`, both u8, rows the
+/// output features.
+struct Mxfp4Experts {
+    name: String,
+    blocks: Vec<u8>,
+    scales: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Mxfp4Experts {
+    /// Reads `{name}_blocks` and `{name}_scales` for `n` experts of `[rows, cols]`.
+    ///
+    /// Errors: `cols` not a multiple of 32, or a tensor missing, not U8 or misshapen, named.
+    fn read(w: &dyn Weights, name: &str, n: usize, rows: usize, cols: usize) -> Result<Self> {
+        if !cols.is_multiple_of(32) {
+            return Err(Error::tensor(
+                format!("{name}_blocks"),
+                format!("MXFP4 needs an input width that is a multiple of 32, not {cols}"),
+            ));
+        }
+        let g = cols / 32;
+        Ok(Self {
+            name: name.to_string(),
+            blocks: w.u8_tensor(&format!("{name}_blocks"), &[n, rows, g, 16])?,
+            scales: w.u8_tensor(&format!("{name}_scales"), &[n, rows, g])?,
+            rows,
+            cols,
+        })
+    }
+
+    /// Expert `e`'s rows `rows` (in that order) as an MLX `mxfp4` weight: each row's bytes
+    /// read as little-endian words of eight codes, the low nibble first, as MLX packs them.
+    fn expert(&self, e: usize, rows: &[usize]) -> Result<FpQuantized> {
+        let (row_bytes, g) = (self.cols / 2, self.cols / 32);
+        let mut words = Vec::with_capacity(rows.len() * row_bytes / 4);
+        let mut scales = Vec::with_capacity(rows.len() * g);
+        for &r in rows {
+            let at = e * self.rows + r;
+            let bytes = &self.blocks[at * row_bytes..(at + 1) * row_bytes];
+            words.extend(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            scales.extend_from_slice(&self.scales[at * g..(at + 1) * g]);
+        }
+        FpQuantized::from_parts(words, scales, rows.len(), self.cols, FpMode::Mxfp4).map_err(
+            |err| {
+                Error::tensor(
+                    format!("{}_blocks", self.name),
+                    format!("expert {e}: {err}"),
+                )
+            },
+        )
+    }
 }
 
 #[cfg(test)]
