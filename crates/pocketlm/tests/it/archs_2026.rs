@@ -1,6 +1,6 @@
-//! The 2026 architectures of issue #25 (`qwen3_moe`, `smollm3`) against their references, on
-//! tiny random-weight models (`scripts/golden/tiny_moe.py`, golden files under
-//! `tests/golden/archs_2026/`):
+//! The 2026 architectures of issue #25 (`qwen3_moe`, `smollm3`, `gpt_oss`) against their
+//! references, on tiny random-weight models (`scripts/golden/tiny_moe.py`,
+//! `scripts/golden/tiny_gpt_oss.py`, golden files under `tests/golden/archs_2026/`):
 //!
 //! - Hugging Face folders (bfloat16): logits of 3 prompts (20, 12 and 7 tokens) at every
 //!   position within 1e-4 of transformers' float32 forward pass, and 16 greedy tokens (our KV
@@ -9,6 +9,10 @@
 //!   MoE layers and renormalized top-k weights; `smollm3` has a NoPE layer.
 //! - mlx-lm's own 4-bit conversion of `qwen3_moe` (stacked `switch_mlp` experts, 8-bit router,
 //!   float32 scales): 16 greedy tokens after prompt 1 equal to mlx-lm's on that folder.
+//! - `gpt_oss` (attention sinks, 2 sliding + 2 full layers with a window of 8, YaRN, 4 experts
+//!   top-2 with biases and the clamped SwiGLU): the same float checks, the batched decode
+//!   against one-sequence decode, the Hub's MXFP4 expert layout against transformers, and
+//!   mlx-lm's greedy tokens on its affine 4-bit and MXFP4 conversions.
 //! - llama.cpp's own Q8_0 GGUF of `qwen3_moe_sparse` and `smollm3` (stacked `ffn_*_exps`
 //!   experts run one expert slice at a time on our Q8_0 kernels): 16 greedy tokens equal to
 //!   llama.cpp's on that file.
