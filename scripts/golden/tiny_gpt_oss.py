@@ -68,7 +68,7 @@ from transformers import GptOssConfig, GptOssForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_archs import greedy, randomize, tokenizer  # noqa: E402
-from tiny_moe import PROMPTS, mlx_greedy  # noqa: E402
+from tiny_moe import float_goldens, mlx_greedy  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "crates", "pocketlm",
                     "tests", "golden", "archs_2026")
@@ -200,18 +200,7 @@ def main():
     tok.save_pretrained(out)
     model = GptOssForCausalLM.from_pretrained(out, dtype=torch.float32,
                                               attn_implementation="eager").eval()
-    tensors = {}
-    for p, (text, n) in enumerate(PROMPTS):
-        ids = tok(text, add_special_tokens=False)["input_ids"][:n]
-        assert len(ids) == n, (text, len(ids))
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
-        tensors[f"ids{p}"] = torch.tensor(ids, dtype=torch.int64).to(torch.uint32)
-        tensors[f"logits{p}"] = logits.contiguous()
-    ids0 = tensors["ids0"].to(torch.int64).tolist()
-    toks, margins = greedy(model, ids0, 16)
-    tensors["greedy"] = torch.tensor(toks, dtype=torch.int64).to(torch.uint32)
-    tensors["greedy_margin"] = torch.tensor(margins, dtype=torch.float32)
+    tensors, toks, margins = float_goldens(model, tok)
     from mlx_lm.convert import convert as mlx_convert
     readable = mlx_readable(out)
     for key, folder, mode, prompt in MLX:

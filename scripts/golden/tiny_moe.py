@@ -173,6 +173,24 @@ def llamacpp_greedy(path, ids, n):
     return out
 
 
+def float_goldens(model, tok):
+    """`ids{p}` and `logits{p}` for the prompts p = 0, 1, 2, `greedy` and `greedy_margin` after
+    prompt 0 (the layout of the module documentation), and the greedy tokens and margins."""
+    tensors = {}
+    for p, (text, n) in enumerate(PROMPTS):
+        ids = tok(text, add_special_tokens=False)["input_ids"][:n]
+        assert len(ids) == n, (text, len(ids))
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
+        tensors[f"ids{p}"] = torch.tensor(ids, dtype=torch.int64).to(torch.uint32)
+        tensors[f"logits{p}"] = logits.contiguous()
+    ids0 = tensors["ids0"].to(torch.int64).tolist()
+    toks, margins = greedy(model, ids0, 16)
+    tensors["greedy"] = torch.tensor(toks, dtype=torch.int64).to(torch.uint32)
+    tensors["greedy_margin"] = torch.tensor(margins, dtype=torch.float32)
+    return tensors, toks, margins
+
+
 def make_hf():
     torch.manual_seed(0)
     shutil.rmtree(ROOT, ignore_errors=True)
@@ -188,18 +206,7 @@ def make_hf():
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
         model = cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-        tensors = {}
-        for p, (text, n) in enumerate(PROMPTS):
-            ids = tok(text, add_special_tokens=False)["input_ids"][:n]
-            assert len(ids) == n, (text, len(ids))
-            with torch.no_grad():
-                logits = model(torch.tensor([ids]), use_cache=False).logits[0].float()
-            tensors[f"ids{p}"] = torch.tensor(ids, dtype=torch.int64).to(torch.uint32)
-            tensors[f"logits{p}"] = logits.contiguous()
-        ids0 = tensors["ids0"].to(torch.int64).tolist()
-        toks, margins = greedy(model, ids0, 16)
-        tensors["greedy"] = torch.tensor(toks, dtype=torch.int64).to(torch.uint32)
-        tensors["greedy_margin"] = torch.tensor(margins, dtype=torch.float32)
+        tensors, toks, margins = float_goldens(model, tok)
         if name == "qwen3_moe":
             from mlx_lm.convert import convert as mlx_convert
             q4 = os.path.join(ROOT, f"{name}_mlx_q4")

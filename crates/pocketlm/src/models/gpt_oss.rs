@@ -28,7 +28,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use crate::models::build::ExpertShape;
+use crate::models::build::{self, ExpertShape};
 use crate::models::decoder::Mlp;
 use crate::models::llama::{LayerHooks, Llama, LlamaConfig, LlamaVariant};
 use crate::models::CausalLM;
@@ -209,27 +209,8 @@ fn experts(
         activation,
         numerics,
     };
-    let stacked = |name: &str, out: usize, inp: usize| -> Result<Option<Vec<Linear>>> {
-        let Some(ls) = w.expert_linears(&format!("{q}.{name}"), n, out, inp)? else {
-            return Ok(None);
-        };
-        let bias = w.tensor(&format!("{q}.{name}.bias"), &[n, out])?;
-        ls.into_iter()
-            .enumerate()
-            .map(|(e, l)| l.with_bias(Some(bias.get(e)?)))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
-    };
-    if let Some(gates) = stacked("gate_proj", inter, h)? {
-        let missing = |m: &str| Error::tensor(format!("{q}.{m}.weight"), "missing");
-        let ups = stacked("up_proj", inter, h)?.ok_or_else(|| missing("up_proj"))?;
-        let downs = stacked("down_proj", h, inter)?.ok_or_else(|| missing("down_proj"))?;
-        return Ok(gates
-            .into_iter()
-            .zip(ups)
-            .zip(downs)
-            .map(|((g, u), d)| mlp(g, u, d))
-            .collect());
+    if let Some(e) = build::stacked_experts(w, &q, shape, true, activation, numerics)? {
+        return Ok(e);
     }
     // transformers' fused layout: `x @ gate_up_proj[e] + bias`, columns gate, up, gate, ...
     let gate_up_b = w.tensor(&format!("{q}.gate_up_proj_bias"), &[n, 2 * inter])?;
