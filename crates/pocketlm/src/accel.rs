@@ -195,6 +195,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             || a.k_norm.is_some()
             || a.window.is_some()
             || a.softcap.is_some()
+            || a.sinks.is_some()
             || a.scale_at != ScaleAt::Scores
             || !plain_scale
             || m.activation != Activation::Silu
