@@ -21,7 +21,9 @@ Inputs:
 - Other models: the *.jinja files next to the golden files, verbatim copies of the templates that
   llama.cpp keeps under models/templates/ (copied from the Hugging Face tokenizer_config.json of
   each model): meta-llama/Llama-3.2-3B-Instruct, Qwen/Qwen3-0.6B, google/gemma-2-2b-it,
-  microsoft/Phi-3.5-mini-instruct, mistralai/Mistral-Nemo-Instruct-2407.
+  microsoft/Phi-3.5-mini-instruct, mistralai/Mistral-Nemo-Instruct-2407, openai/gpt-oss-120b
+  (`openai-gpt-oss-120b.jinja`, the harmony format, from llama.cpp as vendored by
+  llama-cpp-python 0.3.36; rendered with its `Current date:` replaced by `{TODAY}`).
 
 The environment (facts taken from transformers' `_compile_jinja_template` and
 `render_jinja_template`, src/transformers/utils/chat_template_utils.py):
@@ -284,6 +286,39 @@ def main():
     suites.append(("mistral-nemo-instruct-2407", run_suite(
         "mistral-nemo-instruct-2407", "mistralai/Mistral-Nemo-Instruct-2407 (llama.cpp models/templates)",
         jinja("mistral-nemo-instruct-2407"), "<s>", "</s>", mistral_cases)))
+
+    # openai/gpt-oss (the harmony format). Its template writes `strftime_now("%Y-%m-%d")` into
+    # the system message: the golden text holds `Current date: {TODAY}` there, and the Rust test
+    # puts its own `strftime_now` date in its place.
+    oss_kw = {"reasoning_effort": "high", "model_identity": "You are a tiny test model."}
+    oss_cases = basic_cases() + [
+        {"name": "reasoning_identity", "messages": SYS_USER, "add_generation_prompt": True,
+         "kwargs": oss_kw},
+        {"name": "tools", "messages": SYS_USER, "add_generation_prompt": True,
+         "tools": [WEATHER_TOOL, TIME_TOOL]},
+        {"name": "builtin_tools", "messages": MULTI, "add_generation_prompt": True,
+         "kwargs": {"builtin_tools": ["browser", "python"]}},
+        {"name": "tool_call_flow", "messages": tool_call_flow(), "add_generation_prompt": True,
+         "tools": [WEATHER_TOOL]},
+        {"name": "thinking_last_turn", "add_generation_prompt": False, "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "thinking": "Simple sum.", "content": "4"},
+        ]},
+        {"name": "channel_tags_in_content", "add_generation_prompt": True, "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<|channel|>final<|message|>Hello"},
+            {"role": "user", "content": "Again"},
+        ]},
+    ]
+    oss = run_suite(
+        "openai-gpt-oss-120b", "openai/gpt-oss-120b (llama.cpp models/templates)",
+        jinja("openai-gpt-oss-120b"), "<|startoftext|>", "<|return|>", oss_cases)
+    today = "Current date: " + strftime_now("%Y-%m-%d") + "\n"
+    for case in oss["cases"]:
+        if "expected" in case:
+            assert today in case["expected"], case["name"]
+            case["expected"] = case["expected"].replace(today, "Current date: {TODAY}\n")
+    suites.append(("openai-gpt-oss-120b", oss))
 
     # Small synthetic templates pinning down Python/jinja2 behaviours that real templates rely on.
     def feature(name, template, messages=None, **kwargs):

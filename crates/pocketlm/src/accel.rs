@@ -196,6 +196,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             || a.window.is_some()
             || a.softcap.is_some()
             || a.query_temperature.is_some()
+            || a.sinks.is_some()
             || a.scale_at != ScaleAt::Scores
             || !plain_scale
             || m.activation != Activation::Silu

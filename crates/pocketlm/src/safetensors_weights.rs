@@ -625,8 +625,8 @@ impl SafetensorsWeights {
             return Err(Error::tensor(
                 &sn,
                 format!(
-                    "config.json quantizes the stacked experts `{prefix}` in mode {}: only \
-                     affine experts are read",
+                    "config.json quantizes the stacked experts `{prefix}` in mode {}, but \
+                     their scales are not uint8",
                     lq.mode
                 ),
             ));
@@ -656,6 +656,59 @@ impl SafetensorsWeights {
         let s = self.float(&sn, Some(&expected_s))?;
         let b = self.float(&bn, Some(&expected_s))?;
         Ok(Some((w, s, b, p)))
+    }
+
+    /// The `n` stacked experts at `prefix` (`[n, rows, cols]` after unpacking) in the MLX
+    /// float mode config.json names for them (uint8 `{prefix}.scales` `[n, rows, cols /
+    /// group]`, U32 `{prefix}.weight` `[n, rows, cols · bits / 32]`, no biases: mlx-lm's
+    /// `QuantizedSwitchLinear` with `mode="mxfp4"`, as its gpt-oss conversions hold them), one
+    /// [`FpQuantized`] per expert; `None` when the scales are absent or not uint8.
+    ///
+    /// Errors: config.json not naming a float mode for them, or shapes that do not match it,
+    /// named.
+    fn fp_stack(
+        &self,
+        prefix: &str,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Vec<FpQuantized>>> {
+        let (wn, sn) = (format!("{prefix}.weight"), format!("{prefix}.scales"));
+        if !self.contains(&sn) || self.info(&sn)?.1 != "U8" {
+            return Ok(None);
+        }
+        let QuantMode::Fp(mode) = self.layer_quant(prefix)?.mode else {
+            return Err(Error::tensor(
+                &sn,
+                format!(
+                    "uint8 scales (an MLX float mode) but config.json quantizes `{prefix}` as \
+                     affine"
+                ),
+            ));
+        };
+        let (gs, bits) = (mode.group_size(), mode.bits());
+        let ew = [n, rows, cols * bits / 32];
+        let es = [n, rows, cols / gs];
+        let ((wshape, wdt), (sshape, _)) = (self.info(&wn)?, self.info(&sn)?);
+        if wdt != "U32" || wshape != ew || sshape != es || !cols.is_multiple_of(gs) {
+            return Err(Error::tensor(
+                &wn,
+                format!(
+                    "{n} stacked [{rows}, {cols}] experts in mode {mode} store U32 weight \
+                     {ew:?} and U8 scales {es:?}, but the file has {wdt} weight {wshape:?} \
+                     and scales {sshape:?}"
+                ),
+            ));
+        }
+        let w = self.raw(&wn, Some(&ew))?;
+        let sc = self.raw(&sn, Some(&es))?;
+        (0..n)
+            .map(|e| {
+                FpQuantized::from_tensors(&w.get(e)?, &sc.get(e)?, mode)
+                    .map_err(|err| Error::tensor(&wn, format!("expert {e}: {err}")))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     fn f32_on_device(&self, t: Tensor) -> Result<Tensor> {
@@ -726,6 +779,17 @@ impl Weights for SafetensorsWeights {
         self.names.contains(name)
     }
 
+    fn u8_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        let (_, dt) = self.info(name)?;
+        if dt != "U8" {
+            return Err(Error::tensor(name, format!("has dtype {dt}, expected U8")));
+        }
+        Ok(self
+            .raw(name, Some(shape))?
+            .flatten_all()?
+            .to_vec1::<u8>()?)
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }
@@ -772,6 +836,13 @@ impl Weights for SafetensorsWeights {
             return Ok(None);
         }
         let placement = self.placement();
+        if let Some(fp) = self.fp_stack(prefix, n_experts, out_features, in_features)? {
+            return fp
+                .into_iter()
+                .map(|q| placement.linear(Stored::MlxFp(q), None))
+                .collect::<Result<Vec<_>>>()
+                .map(Some);
+        }
         let Some(stack) = self.quantized_stack(prefix, n_experts, out_features, in_features)?
         else {
             let all = self.float_weight(&wn, &[n_experts, out_features, in_features])?;

@@ -17,6 +17,9 @@
 //! out  = O / l                                  after the last block
 //! ```
 //!
+//! An attention sink `s` (gpt-oss) joins at the end: `m' = max(m, s)`,
+//! `l' = l·exp(m - m') + exp(s - m')`, `out = O·exp(m - m') / l'`.
+//!
 //! No score matrix is kept (64 scores per row at a time), the queries are scaled once, and
 //! every block of keys and values is read once per item from the caches. The result is the
 //! same function as ggml's row-at-a-time attention ([`super::float::attention`]) up to float
@@ -58,6 +61,7 @@ pub(crate) fn applies(shape: &AttentionShape, softcap: Option<f32>) -> bool {
 /// Causal attention with the operands and result of [`super::float::attention`] (the caller
 /// checked the slice lengths and [`applies`]).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     q: &[f32],
     k: &[f32],
@@ -65,6 +69,7 @@ pub(crate) fn attention(
     shape: AttentionShape,
     scale: f32,
     window: Option<usize>,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     use rayon::prelude::*;
@@ -80,7 +85,20 @@ pub(crate) fn attention(
     items.par_iter().with_max_len(1).for_each(|(kh, ts)| {
         // SAFETY: `applies` checked AVX-512F and FMA; the items' output rows are pairwise
         // disjoint and inside `out` (the caller checked its length).
-        unsafe { avx512::item(q, &kt, v, &shape, scale, window, *kh, ts.clone(), out_ptr) }
+        unsafe {
+            avx512::item(
+                q,
+                &kt,
+                v,
+                &shape,
+                scale,
+                window,
+                sinks,
+                *kh,
+                ts.clone(),
+                out_ptr,
+            )
+        }
     });
 }
 
@@ -137,6 +155,7 @@ mod avx512 {
         shape: &AttentionShape,
         scale: f32,
         window: Option<usize>,
+        sinks: Option<&[f32]>,
         kh: usize,
         ts: std::ops::Range<usize>,
         out: OutPtr,
@@ -252,7 +271,13 @@ mod avx512 {
             }
         }
         for (r, &(t, h)) in rows.iter().enumerate() {
-            let inv = 1.0 / l[r];
+            let (mut corr, mut lr) = (1.0, l[r]);
+            if let Some(sink) = sinks.map(|s| s[h]) {
+                let mf = m[r].max(sink);
+                corr = crate::kernels::float::expf(m[r] - mf);
+                lr = lr * corr + crate::kernels::float::expf(sink - mf);
+            }
+            let inv = corr / lr;
             // SAFETY: row `(t, h)` belongs to this item (the caller's guarantee).
             let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add((t * heads + h) * d), d) };
             for (x, &y) in dst.iter_mut().zip(&o[r * d..][..d]) {
@@ -423,11 +448,14 @@ mod tests {
             let scale = 1.0 / (d as f32).sqrt();
             let mut want = vec![0f32; heads * queries * d];
             // The row-at-a-time kernel (ggml's order) on the same operands.
+            // Sinks on every other case (one of them large enough to dominate).
+            let sinks: Vec<f32> = (0..heads).map(|h| [0.5, -1.0, 3.0, 40.0][h % 4]).collect();
+            let sinks = (seed % 2 == 1).then_some(&sinks[..]);
             crate::kernels::float::attention_rows(
-                &q, &k, &v, shape, scale, None, window, &mut want,
+                &q, &k, &v, shape, scale, None, window, sinks, &mut want,
             );
             let mut got = vec![0f32; heads * queries * d];
-            attention(&q, &k, &v, shape, scale, window, &mut got);
+            attention(&q, &k, &v, shape, scale, window, sinks, &mut got);
             let worst = got
                 .iter()
                 .zip(&want)

@@ -60,12 +60,17 @@ mod fma_impl {
         scale: f32,
         softcap: Option<f32>,
         window: Option<usize>,
+        sinks: Option<&[f32]>,
         kh: usize,
         ts: std::ops::Range<usize>,
         out: *mut f32,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { super::attention_block(q, k, kt, v, shape, scale, softcap, window, kh, ts, out) }
+        unsafe {
+            super::attention_block(
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
+        }
     }
 
     /// [`attention_block`] with 512-bit vectors (the same IEEE operations, so the same result).
@@ -80,12 +85,17 @@ mod fma_impl {
         scale: f32,
         softcap: Option<f32>,
         window: Option<usize>,
+        sinks: Option<&[f32]>,
         kh: usize,
         ts: std::ops::Range<usize>,
         out: *mut f32,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { super::attention_block(q, k, kt, v, shape, scale, softcap, window, kh, ts, out) }
+        unsafe {
+            super::attention_block(
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
+        }
     }
 }
 
@@ -282,6 +292,16 @@ pub fn dot_vec(a: &[f32], b: &[f32]) -> f32 {
 /// masked entries, so it never sees a partial chunk). An all-masked row gives zeros.
 #[inline(always)]
 pub fn softmax_scaled(x: &mut [f32], scale: f32) {
+    softmax_scaled_sink(x, scale, None)
+}
+
+/// [`softmax_scaled`] with an optional attention sink (gpt-oss; llama.cpp's `soft_max_ext`
+/// with `sinks`): a logit `sink` that joins the maximum and the denominator but has no output,
+/// so that `x_j = exp(x_j - m) / (Σ_i exp(x_i - m) + exp(sink - m))` with `m` the maximum of
+/// the scaled `x` and `sink` (transformers' `eager_attention_forward` of
+/// `modeling_gpt_oss.py`). The sink's term is added to the `f64` sum after the chunks.
+#[inline(always)]
+pub fn softmax_scaled_sink(x: &mut [f32], scale: f32, sink: Option<f32>) {
     // Lane-wise maxima (the maximum does not depend on the order; NaN scores do not occur).
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
@@ -296,6 +316,9 @@ pub fn softmax_scaled(x: &mut [f32], scale: f32) {
         *v *= scale;
         max = max.max(*v);
     }
+    if let Some(sink) = sink {
+        max = max.max(sink);
+    }
     if max == f32::NEG_INFINITY {
         x.fill(0.0);
         return;
@@ -308,6 +331,9 @@ pub fn softmax_scaled(x: &mut [f32], scale: f32) {
             *ei = *v;
         }
         sum += reduce_add16(&e) as f64;
+    }
+    if let Some(sink) = sink {
+        sum += expf(sink - max) as f64;
     }
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
@@ -396,6 +422,9 @@ pub struct AttentionShape {
 /// where the CPU has AVX-512 (`kernels::attn_tiled`: FlashAttention-2's loop, the same
 /// function up to float summation order), without soft-capping.
 ///
+/// With `sinks` (`[heads]`, gpt-oss) each head's sink logit joins the softmax's maximum and
+/// denominator ([`softmax_scaled_sink`]).
+///
 /// # Panics
 /// If a slice is shorter than its shape says or `heads` is not a multiple of `kv_heads`
 /// (internal callers check shapes first).
@@ -408,14 +437,16 @@ pub fn attention(
     scale: f32,
     softcap: Option<f32>,
     window: Option<usize>,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     check_attention_operands(q, k, v, &shape, out);
+    assert!(sinks.is_none_or(|s| s.len() >= shape.heads));
     #[cfg(target_arch = "x86_64")]
     if super::attn_tiled::applies(&shape, softcap) {
-        return super::attn_tiled::attention(q, k, v, shape, scale, window, out);
+        return super::attn_tiled::attention(q, k, v, shape, scale, window, sinks, out);
     }
-    attention_rows(q, k, v, shape, scale, softcap, window, out)
+    attention_rows(q, k, v, shape, scale, softcap, window, sinks, out)
 }
 
 /// The slice lengths and head counts [`attention`] needs (panics otherwise).
@@ -446,6 +477,7 @@ pub(crate) fn attention_rows(
     scale: f32,
     softcap: Option<f32>,
     window: Option<usize>,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     use rayon::prelude::*;
@@ -458,6 +490,7 @@ pub(crate) fn attention_rows(
         head_dim: d,
         kv_head_stride: _,
     } = shape;
+    assert!(sinks.is_none_or(|s| s.len() >= heads));
     // Prefill: keys transposed once per call so that scores go 16 keys at a time.
     let kt = (queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
     let kt = kt.as_deref();
@@ -489,6 +522,7 @@ pub(crate) fn attention_rows(
                     scale,
                     softcap,
                     window,
+                    sinks,
                     *kh,
                     ts.clone(),
                     out,
@@ -508,6 +542,7 @@ pub(crate) fn attention_rows(
                     scale,
                     softcap,
                     window,
+                    sinks,
                     *kh,
                     ts.clone(),
                     out,
@@ -525,6 +560,7 @@ pub(crate) fn attention_rows(
                 scale,
                 softcap,
                 window,
+                sinks,
                 *kh,
                 ts.clone(),
                 out,
@@ -696,6 +732,7 @@ unsafe fn attention_block(
     scale: f32,
     softcap: Option<f32>,
     window: Option<usize>,
+    sinks: Option<&[f32]>,
     kh: usize,
     ts: std::ops::Range<usize>,
     out: *mut f32,
@@ -774,7 +811,7 @@ unsafe fn attention_block(
             }
         }
     }
-    for (&(t, _), p) in rows.iter().zip(ps.iter_mut()) {
+    for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
         // The cap applies to the scaled scores (`c·tanh(s·scale/c)`, as
         // `scaled_dot_product_attention` on other devices); with `scale = 1` (llama.cpp
         // pre-scales q) `s·1` is exact, so this is ggml's order.
@@ -788,7 +825,7 @@ unsafe fn attention_block(
             }
             None => scale,
         };
-        softmax_scaled(p, softmax_scale);
+        softmax_scaled_sink(p, softmax_scale, sinks.map(|s| s[h]));
     }
     // Slot `s` (lane `s % 16` of accumulator `s / 16`) sums `p_j·v_j` over the positions
     // `j ≡ s (mod slots)` in order, as ggml's lanes do; each slot is summed in registers. The
@@ -881,6 +918,7 @@ mod tests {
         scale: f32,
         softcap: Option<f32>,
         window: Option<usize>,
+        sinks: Option<&[f32]>,
         idx: usize,
     ) -> Vec<f32> {
         let AttentionShape {
@@ -912,6 +950,10 @@ mod tests {
             *x *= sm;
             max = max.max(*x);
         }
+        let sink = sinks.map(|s| s[h]);
+        if let Some(sk) = sink {
+            max = max.max(sk);
+        }
         let mut sum = 0f64;
         for c in p.chunks_mut(LANES) {
             let mut e = [0f32; LANES];
@@ -920,6 +962,9 @@ mod tests {
                 *ei = *x;
             }
             sum += reduce_add16(&e) as f64;
+        }
+        if let Some(sk) = sink {
+            sum += expf(sk - max) as f64;
         }
         let inv = (1.0 / sum) as f32;
         p.iter_mut().for_each(|x| *x *= inv);
@@ -951,13 +996,17 @@ mod tests {
     fn attention_keeps_ggml_order_bit_for_bit() {
         // Head dims with and without a tail after the 64-value steps, a window, a soft-cap,
         // grouped-query heads, a cache deeper than the queries and not a multiple of 16.
-        for (d, window, softcap, queries) in [
-            (64, None, None, 20),
-            (80, Some(7), None, 20),
-            (128, None, Some(30.0), 20),
-            (40, None, None, 20),
-            (64, None, None, 1),
-            (128, Some(9), None, 1),
+        // Attention sinks (gpt-oss) on some, one of them large enough to dominate.
+        let sinks = [0.5f32, -1.0, 3.0, 40.0];
+        for (d, window, softcap, queries, sinks) in [
+            (64, None, None, 20, None),
+            (80, Some(7), None, 20, None),
+            (128, None, Some(30.0), 20, None),
+            (40, None, None, 20, None),
+            (64, None, None, 1, None),
+            (128, Some(9), None, 1, None),
+            (64, Some(7), None, 20, Some(&sinks[..])),
+            (64, None, None, 1, Some(&sinks[..])),
         ] {
             let (heads, kv_heads, kv_len) = (4, 2, 37);
             let hs = kv_len * d + 3;
@@ -973,9 +1022,9 @@ mod tests {
                 kv_head_stride: hs,
             };
             let mut got = vec![0f32; heads * queries * d];
-            attention(&q, &k, &v, shape, 0.125, softcap, window, &mut got);
+            attention(&q, &k, &v, shape, 0.125, softcap, window, sinks, &mut got);
             for (idx, got) in got.chunks(d).enumerate() {
-                let want = reference_row(&q, &k, &v, &shape, 0.125, softcap, window, idx);
+                let want = reference_row(&q, &k, &v, &shape, 0.125, softcap, window, sinks, idx);
                 assert_eq!(got, want, "d={d} queries={queries} row {idx}");
             }
         }

@@ -212,36 +212,78 @@ pub(crate) fn experts(
         intermediate: inter,
         hidden: h,
     } = shape;
-    let stacked = |name: &str, out: usize, inp: usize| {
-        w.expert_linears(&format!("{p}.mlp.switch_mlp.{name}"), n, out, inp)
-    };
-    let mlp = |gate, up, down_proj| GatedMlp {
-        gate_up: GateUp::Separate { gate, up },
-        down_proj,
-        activation: Activation::Silu,
-        numerics,
-    };
-    if let Some(gates) = stacked("gate_proj", inter, h)? {
-        let missing = |n: &str| Error::tensor(format!("{p}.mlp.switch_mlp.{n}.weight"), "missing");
-        let ups = stacked("up_proj", inter, h)?.ok_or_else(|| missing("up_proj"))?;
-        let downs = stacked("down_proj", h, inter)?.ok_or_else(|| missing("down_proj"))?;
-        return Ok(gates
-            .into_iter()
-            .zip(ups)
-            .zip(downs)
-            .map(|((g, u), d)| mlp(g, u, d))
-            .collect());
+    let stacked = format!("{p}.mlp.switch_mlp");
+    if let Some(e) = stacked_experts(w, &stacked, shape, false, Activation::Silu, numerics)? {
+        return Ok(e);
     }
     (0..n)
         .map(|e| {
             let q = format!("{p}.mlp.experts.{e}");
-            Ok(mlp(
-                w.linear(&format!("{q}.gate_proj"), inter, h, false)?,
-                w.linear(&format!("{q}.up_proj"), inter, h, false)?,
-                w.linear(&format!("{q}.down_proj"), h, inter, false)?,
-            ))
+            Ok(GatedMlp {
+                gate_up: GateUp::Separate {
+                    gate: w.linear(&format!("{q}.gate_proj"), inter, h, false)?,
+                    up: w.linear(&format!("{q}.up_proj"), inter, h, false)?,
+                },
+                down_proj: w.linear(&format!("{q}.down_proj"), h, inter, false)?,
+                activation: Activation::Silu,
+                numerics,
+            })
         })
         .collect()
+}
+
+/// The experts stacked under `prefix` as `{prefix}.{gate,up,down}_proj` `[n_experts, out, in]`
+/// ([`Weights::expert_linears`]: mlx-lm's `SwitchGLU` layout, float or MLX quantized), with
+/// `{prefix}.{name}.bias` `[n_experts, out]` when `bias` (gpt-oss); `None` when there is no
+/// stacked `gate_proj`.
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn stacked_experts(
+    w: &dyn Weights,
+    prefix: &str,
+    shape: ExpertShape,
+    bias: bool,
+    activation: Activation,
+    numerics: Numerics,
+) -> Result<Option<Vec<GatedMlp>>> {
+    let ExpertShape {
+        n_experts: n,
+        intermediate: inter,
+        hidden: h,
+    } = shape;
+    let stacked = |name: &str, out: usize, inp: usize| -> Result<Option<Vec<Linear>>> {
+        let Some(ls) = w.expert_linears(&format!("{prefix}.{name}"), n, out, inp)? else {
+            return Ok(None);
+        };
+        if !bias {
+            return Ok(Some(ls));
+        }
+        let b = w.tensor(&format!("{prefix}.{name}.bias"), &[n, out])?;
+        ls.into_iter()
+            .enumerate()
+            .map(|(e, l)| l.with_bias(Some(b.get(e)?)))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    };
+    let Some(gates) = stacked("gate_proj", inter, h)? else {
+        return Ok(None);
+    };
+    let missing = |m: &str| Error::tensor(format!("{prefix}.{m}.weight"), "missing");
+    let ups = stacked("up_proj", inter, h)?.ok_or_else(|| missing("up_proj"))?;
+    let downs = stacked("down_proj", h, inter)?.ok_or_else(|| missing("down_proj"))?;
+    Ok(Some(
+        gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((gate, up), down_proj)| GatedMlp {
+                gate_up: GateUp::Separate { gate, up },
+                down_proj,
+                activation,
+                numerics,
+            })
+            .collect(),
+    ))
 }
 
 /// A mixture-of-experts block `p` with no shared experts: the router `{p}.mlp.gate`

@@ -336,7 +336,8 @@ impl Decoder {
             .map(|b| {
                 Some(PlanBlock {
                     attn_norm: &b.input_layernorm,
-                    attention: b.self_attn.rope.then_some(&b.self_attn)?,
+                    attention: (b.self_attn.rope && b.self_attn.sinks.is_none())
+                        .then_some(&b.self_attn)?,
                     mlp_norm: &b.post_attention_layernorm,
                     mlp: b.mlp.dense()?,
                 })

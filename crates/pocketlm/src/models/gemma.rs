@@ -454,6 +454,7 @@ impl Gemma {
                     },
                     rope: true,
                     query_temperature: None,
+                    sinks: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn: SandwichMlp::load(w, &p, inter, h, &norm)?,

@@ -515,6 +515,7 @@ impl Gemma4 {
                     scale_at: ScaleAt::Scores,
                     rope: true,
                     query_temperature: None,
+                    sinks: None,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn: SandwichMlp::load(w, &p, lp.intermediate, h, &norm)?,

@@ -178,6 +178,9 @@ pub(crate) struct LayerHooks<'a> {
     pub mlp: &'a dyn Fn(usize, &str) -> Result<Option<Mlp>>,
     /// Whether layer `i` applies RoPE.
     pub rope: &'a dyn Fn(usize) -> bool,
+    /// Changes to the attention of layer `i` (block prefix `p`) after it is built from the
+    /// config (gpt-oss: the per-layer window of `layer_types`, the attention sinks).
+    pub attn: &'a dyn Fn(usize, &str, &mut Attention) -> Result<()>,
 }
 
 impl Default for LayerHooks<'_> {
@@ -186,6 +189,7 @@ impl Default for LayerHooks<'_> {
         Self {
             mlp: &|_, _| Ok(None),
             rope: &|_| true,
+            attn: &|_, _, _| Ok(()),
         }
     }
 }
@@ -213,7 +217,7 @@ impl Llama {
     }
 
     /// As [`Self::with_variant`], with the per-layer changes of an architecture built on this
-    /// stack (Qwen3-MoE's sparse layers, SmolLM3's NoPE layers).
+    /// stack (Qwen3-MoE's sparse layers, SmolLM3's NoPE layers, gpt-oss's windows and sinks).
     pub(crate) fn with_layers(
         cfg: LlamaConfig,
         w: &dyn Weights,
@@ -234,24 +238,27 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let (q_norm, k_norm) = build::qk_norms(w, &p, hd, cfg.rms_norm_eps, false, v.qk_norm)?;
+            let mut self_attn = Attention {
+                qkv: build::qkv(w, &p, heads, h, qkv_b, v.fused_qkv)?,
+                o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, o_b)?,
+                q_norm,
+                k_norm,
+                v_norm: None,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                scale: 1.0 / (hd as f64).sqrt(),
+                softcap: None,
+                window: cfg.sliding_window,
+                scale_at: ScaleAt::Scores,
+                rope: (hooks.rope)(i),
+                query_temperature: None,
+                sinks: None,
+            };
+            (hooks.attn)(i, &p, &mut self_attn)?;
             layers.push(PreNormBlock {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
-                self_attn: Attention {
-                    qkv: build::qkv(w, &p, heads, h, qkv_b, v.fused_qkv)?,
-                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, o_b)?,
-                    q_norm,
-                    k_norm,
-                    v_norm: None,
-                    n_heads: nh,
-                    n_kv_heads: nkv,
-                    head_dim: hd,
-                    scale: 1.0 / (hd as f64).sqrt(),
-                    softcap: None,
-                    window: cfg.sliding_window,
-                    scale_at: ScaleAt::Scores,
-                    rope: (hooks.rope)(i),
-                    query_temperature: None,
-                },
+                self_attn,
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: match (hooks.mlp)(i, &p)? {
                     Some(mlp) => mlp,

@@ -10,6 +10,7 @@ pub mod gemma4;
 mod gguf_config;
 #[cfg(test)]
 mod gguf_names_tests;
+pub mod gpt_oss;
 pub mod llama;
 pub mod ministral3;
 pub mod phi3;
@@ -497,6 +498,14 @@ pub static REGISTRY: &[Architecture] = &[
         build: ministral3::build,
     },
     Architecture {
+        model_types: &["gpt_oss"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: gguf_config::common, // unused: no GGUF architecture listed
+        build: gpt_oss::build,
+    },
+    Architecture {
         model_types: &["qwen2_vl"],
         gguf_architectures: &[],
         gguf_names: None,
@@ -615,6 +624,7 @@ mod tests {
             "qwen3",
             "qwen3_moe",
             "smollm3",
+            "gpt_oss",
             "gemma2",
             "gemma3_text",
             "gemma3",

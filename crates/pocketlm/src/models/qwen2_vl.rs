@@ -468,6 +468,7 @@ impl VisionTower {
                 None,
                 scale,
                 None,
+                None,
             )?;
             outs.push(o);
             start += len;
@@ -689,6 +690,7 @@ impl Qwen2Vl {
                     scale_at: ScaleAt::Scores,
                     rope: true,
                     query_temperature: None,
+                    sinks: None,
                 },
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 mlp: Mlp::Dense(GatedMlp {

@@ -20,8 +20,13 @@ use crate::{Error, Result};
 /// `·scale`, `·(1/c)`, `tanhf`, `·c`); llama.cpp scales `q` instead of the scores, so a caller
 /// that wants its numerics bit for bit pre-scales `q` and passes `scale = 1`.
 ///
+/// With `sinks = Some(s)` (`[heads]`, gpt-oss's learned per-head `self_attn.sinks`) each
+/// head's softmax has one more logit `s[h]` in its denominator, with no value: see
+/// [`crate::kernels::float::softmax_scaled_sink`] and [`softmax_with_sinks`].
+///
 /// Errors: shapes that do not agree (heads not a multiple of kv heads, fewer keys than
-/// queries, different head dims).
+/// queries, different head dims, sinks that are not `[heads]`).
+#[allow(clippy::too_many_arguments)] // the operands and the four score options
 pub fn causal_attention_capped(
     q: &Tensor,
     k: &Tensor,
@@ -29,6 +34,7 @@ pub fn causal_attention_capped(
     scale: f64,
     softcap: Option<f64>,
     window: Option<usize>,
+    sinks: Option<&Tensor>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
@@ -39,19 +45,21 @@ pub fn causal_attention_capped(
         || kv_heads == 0
         || heads % kv_heads != 0
         || kv_len < s
+        || sinks.is_some_and(|t| t.dims() != [heads])
     {
         return Err(Error::InvalidArgument(format!(
-            "attention shapes: q {:?}, k {:?}, v {:?}",
+            "attention shapes: q {:?}, k {:?}, v {:?}, sinks {:?}",
             q.dims(),
             k.dims(),
-            v.dims()
+            v.dims(),
+            sinks.map(|t| t.dims().to_vec())
         )));
     }
     let cpu_f32 = [q, k, v]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     if !cpu_f32 {
-        let o = scaled_dot_product_attention(q, k, v, mask, scale, softcap)?;
+        let o = scaled_dot_product_attention(q, k, v, mask, scale, softcap, sinks)?;
         return Ok(o.transpose(1, 2)?.reshape((b, s, heads * d))?);
     }
     let q = q.contiguous()?;
@@ -66,6 +74,9 @@ pub fn causal_attention_capped(
         })
     };
     let (k, v) = (packed(k)?, packed(v)?);
+    let sinks = sinks
+        .map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
     let mut out = vec![0f32; b * s * heads * d];
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -102,6 +113,7 @@ pub fn causal_attention_capped(
             scale as f32,
             softcap.map(|c| c as f32),
             window,
+            sinks.as_deref(),
             &mut out[bi * s * heads * d..][..s * heads * d],
         );
     }
@@ -110,14 +122,15 @@ pub fn causal_attention_capped(
 
 /// Differentiable causal attention from candle ops (for training, no KV cache):
 /// `q: [b, heads, s, d]`, `k`, `v: [b, kv_heads, s, d]` -> `[b, s, heads · d]`, with
-/// `mask: [s, s]` from [`causal_mask`] and an optional soft-cap `c · tanh(score / c)` of the
-/// scaled scores (Gemma 2).
+/// `mask: [s, s]` from [`causal_mask`], an optional soft-cap `c · tanh(score / c)` of the
+/// scaled scores (Gemma 2) and optional attention sinks `[heads]` ([`softmax_with_sinks`]).
 pub fn causal_attention_diff(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     softcap: Option<f64>,
+    sinks: Option<&Tensor>,
     mask: &Tensor,
 ) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
@@ -129,9 +142,29 @@ pub fn causal_attention_diff(
         att = super::softcap(&att, c)?;
     }
     let att = att.broadcast_add(mask)?;
-    let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
+    let att = match sinks {
+        Some(sinks) => softmax_with_sinks(&att, sinks)?,
+        None => candle_nn::ops::softmax(&att, candle_core::D::Minus1)?,
+    };
     let o = att.matmul(&v)?;
     Ok(o.transpose(1, 2)?.reshape((b, s, heads * d))?)
+}
+
+/// The softmax over the last axis of `att: [b, heads, q, kv]` with one more logit per head,
+/// `sinks: [heads]`, that joins the denominator and is then dropped: `[b, heads, q, kv]`, rows
+/// summing to less than 1 (gpt-oss's attention sinks; transformers `eager_attention_forward`
+/// in `modeling_gpt_oss.py`: `cat([scores, sinks], -1)`, softmax, `[..., :-1]`). Candle ops,
+/// differentiable.
+///
+/// Errors: `sinks` not of `heads` values; the tensor library's errors.
+pub fn softmax_with_sinks(att: &Tensor, sinks: &Tensor) -> Result<Tensor> {
+    let (b, h, q, kv) = att.dims4()?;
+    let s = sinks
+        .to_dtype(att.dtype())?
+        .reshape((1, h, 1, 1))?
+        .broadcast_as((b, h, q, 1))?;
+    let all = Tensor::cat(&[att, &s], 3)?;
+    Ok(candle_nn::ops::softmax(&all, candle_core::D::Minus1)?.narrow(3, 0, kv)?)
 }
 
 /// Repeats key/value heads for grouped-query attention:
@@ -176,7 +209,8 @@ pub fn causal_mask(
 /// `q: [batch, heads, q_len, head_dim]`, `k`, `v: [batch, kv_heads, kv_len, head_dim]`
 /// (`heads` a multiple of `kv_heads`), `mask: [q_len, kv_len]` additive, or `None` (no mask,
 /// e.g. one query attending to the whole cache). `softcap`: Gemma 2's `tanh` logit capping
-/// `c * tanh(s / c)`. Returns `[batch, heads, q_len, head_dim]`.
+/// `c * tanh(s / c)`. `sinks`: gpt-oss's per-head extra softmax logit `[heads]`
+/// ([`softmax_with_sinks`]). Returns `[batch, heads, q_len, head_dim]`.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -184,6 +218,7 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f64,
     softcap: Option<f64>,
+    sinks: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, heads, q_len, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
@@ -195,7 +230,7 @@ pub fn scaled_dot_product_attention(
     let k = k.contiguous()?;
     let v = v.contiguous()?;
     #[cfg(feature = "cuda")]
-    if softcap.is_none() && q.device().is_cuda() && q.dtype() == DType::F32 {
+    if softcap.is_none() && sinks.is_none() && q.device().is_cuda() && q.dtype() == DType::F32 {
         // One kernel for the scale, the mask and the softmax.
         let att = q.matmul(&k.t()?)?;
         let att = crate::cuda::softmax_scaled_masked(&att, mask, q_len, scale as f32)?;
@@ -215,7 +250,12 @@ pub fn scaled_dot_product_attention(
             kv_len,
         ))?;
     }
-    let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?;
+    let att = att.to_dtype(DType::F32)?;
+    let att = match sinks {
+        Some(sinks) => softmax_with_sinks(&att.reshape((b, heads, q_len, kv_len))?, sinks)?
+            .reshape((b, kv_heads, n_rep * q_len, kv_len))?,
+        None => candle_nn::ops::softmax_last_dim(&att)?,
+    };
     let out = att.to_dtype(v.dtype())?.matmul(&v)?;
     Ok(out.reshape((b, heads, q_len, d))?.contiguous()?)
 }
@@ -223,6 +263,7 @@ pub fn scaled_dot_product_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     #[allow(clippy::too_many_arguments)]
     fn naive(
@@ -282,13 +323,20 @@ mod tests {
         let kt = Tensor::from_vec(k.clone(), (1, kvh, kl, d), &dev).unwrap();
         let vt = Tensor::from_vec(v.clone(), (1, kvh, kl, d), &dev).unwrap();
         let m = causal_mask(ql, kl, None, &dev).unwrap();
-        let o: Vec<f32> =
-            scaled_dot_product_attention(&qt, &kt, &vt, Some(&m), 1.0 / (d as f64).sqrt(), None)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+        let o: Vec<f32> = scaled_dot_product_attention(
+            &qt,
+            &kt,
+            &vt,
+            Some(&m),
+            1.0 / (d as f64).sqrt(),
+            None,
+            None,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
         let r = naive(&q, &k, &v, h, kvh, ql, kl, d);
         for (a, b) in o.iter().zip(&r) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
@@ -308,15 +356,16 @@ mod tests {
         let v = Tensor::from_vec(gen(kvh * kl * d, 1.13), (1, kvh, kl, d), &dev).unwrap();
         let (scale, cap) = (0.3, 2.0);
         let m = causal_mask(ql, kl, None, &dev).unwrap();
-        let want: Vec<f32> = scaled_dot_product_attention(&q, &k, &v, Some(&m), scale, Some(cap))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let got: Vec<f32> = causal_attention_capped(&q, &k, &v, scale, Some(cap), None, None)
+        let want: Vec<f32> =
+            scaled_dot_product_attention(&q, &k, &v, Some(&m), scale, Some(cap), None)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        let got: Vec<f32> = causal_attention_capped(&q, &k, &v, scale, Some(cap), None, None, None)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -325,6 +374,58 @@ mod tests {
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+    }
+
+    /// Attention sinks: the CPU kernel, the candle path of other devices and the training path
+    /// agree, with a window; and one key against a sink weighs its value by
+    /// `e^s' / (e^s' + e^sink)`.
+    #[test]
+    fn sinks_agree_across_paths_and_match_the_formula() {
+        let dev = Device::Cpu;
+        let (h, kvh, ql, kl, d) = (4, 2, 5, 5, 8);
+        let gen = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * s).sin()).collect() };
+        let q = Tensor::from_vec(gen(h * ql * d, 0.37), (1, h, ql, d), &dev).unwrap();
+        let k = Tensor::from_vec(gen(kvh * kl * d, 0.71), (1, kvh, kl, d), &dev).unwrap();
+        let v = Tensor::from_vec(gen(kvh * kl * d, 1.13), (1, kvh, kl, d), &dev).unwrap();
+        let sinks = Tensor::new(&[0.3f32, -2.0, 1.5, 4.0], &dev).unwrap();
+        let (scale, window) = (0.35, Some(3));
+        let m = causal_mask(ql, kl, window, &dev).unwrap();
+        let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let generic = flat(
+            scaled_dot_product_attention(&q, &k, &v, Some(&m), scale, None, Some(&sinks))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap(),
+        );
+        let cpu = flat(
+            causal_attention_capped(&q, &k, &v, scale, None, window, Some(&sinks), None).unwrap(),
+        );
+        let diff = flat(causal_attention_diff(&q, &k, &v, scale, None, Some(&sinks), &m).unwrap());
+        let plain =
+            flat(causal_attention_capped(&q, &k, &v, scale, None, window, None, None).unwrap());
+        for ((a, b), c) in cpu.iter().zip(&generic).zip(&diff) {
+            assert!((a - b).abs() < 1e-5 && (a - c).abs() < 1e-5, "{a} {b} {c}");
+        }
+        assert!(cpu.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-2));
+        // The first query sees only the first key: output = p · v_0, p = e^s / (e^s + e^sink).
+        let (q0, k0, v0) = (
+            flat(q.i((0, 0, 0)).unwrap()),
+            flat(k.i((0, 0, 0)).unwrap()),
+            flat(v.i((0, 0, 0)).unwrap()),
+        );
+        let s = q0.iter().zip(&k0).map(|(a, b)| a * b).sum::<f32>() * scale as f32;
+        let p = s.exp() / (s.exp() + 0.3f32.exp());
+        for c in 0..d {
+            assert!(
+                (cpu[c] - p * v0[c]).abs() < 1e-5,
+                "{} vs {}",
+                cpu[c],
+                p * v0[c]
+            );
+        }
+        // Bad sinks are an error, not a panic.
+        let bad = Tensor::new(&[0f32; 3], &dev).unwrap();
+        assert!(causal_attention_capped(&q, &k, &v, scale, None, None, Some(&bad), None).is_err());
     }
 
     #[test]

@@ -202,6 +202,46 @@ impl Linear {
         }
     }
 
+    /// The same layer with `bias` `[out]` in place of its own (gpt-oss's experts: the stacked
+    /// weights come without biases, which are stored beside them).
+    ///
+    /// Errors: a bias that is not `[out]`.
+    pub fn with_bias(self, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(b) = &bias {
+            if b.dims() != [self.out_features()] {
+                return Err(Error::InvalidArgument(format!(
+                    "bias of shape {:?} for a layer of {} outputs",
+                    b.dims(),
+                    self.out_features()
+                )));
+            }
+        }
+        Ok(match self {
+            Self::Dense(l) => Self::dense(l.weight().clone(), bias),
+            Self::Gguf {
+                weight,
+                out_features,
+                in_features,
+                ..
+            } => Self::Gguf {
+                weight,
+                bias,
+                out_features,
+                in_features,
+            },
+            Self::Kernel { weight, .. } => Self::Kernel { weight, bias },
+            Self::Mlx { weight, .. } => Self::Mlx { weight, bias },
+            Self::MlxPacked { weight, .. } => Self::MlxPacked { weight, bias },
+            Self::MlxFp { weight, .. } => Self::MlxFp { weight, bias },
+            #[cfg(feature = "cuda")]
+            Self::Cuda { weight, .. } => Self::Cuda { weight, bias },
+            Self::Lora(mut l) => {
+                l.base = l.base.with_bias(bias)?;
+                Self::Lora(l)
+            }
+        })
+    }
+
     /// The weight `[out, in]` as f32 (quantized weights dequantized; a LoRA layer gives its
     /// base weight, without the update).
     pub fn dequantized_weight(&self) -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! The gated MLP of the decoder blocks (Shazeer 2020, "GLU Variants Improve Transformer"):
-//! `down(act(gate(x)) * up(x))`, SwiGLU (Llama, Qwen, Phi-3) or GeGLU with tanh-GELU (Gemma).
-//! Reference: Hugging Face `LlamaMLP` / `Gemma2MLP`, mlx-lm `models/llama.py` `MLP`.
+//! `down(act(gate(x)) * up(x))`, SwiGLU (Llama, Qwen, Phi-3) or GeGLU with tanh-GELU (Gemma),
+//! or gpt-oss's clamped SwiGLU. Reference: Hugging Face `LlamaMLP` / `Gemma2MLP` /
+//! `GptOssExperts._apply_gate`, mlx-lm `models/llama.py` `MLP` and `activations.swiglu_oai`.
 
 use candle_core::{DType, Tensor};
 
@@ -11,12 +12,41 @@ use crate::{Error, Result};
 type GluKernel = fn(&[f32], &[f32], &mut [f32]);
 
 /// The gate's activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     /// SiLU (`x · sigmoid(x)`): SwiGLU.
     Silu,
     /// GELU with the tanh approximation (`gelu_pytorch_tanh`): GeGLU.
     GeluTanh,
+    /// gpt-oss's clamped SwiGLU: with `g = min(gate, limit)` and `u = clamp(up, -limit,
+    /// limit)`, `(u + 1) · g · sigmoid(alpha · g)` (transformers `GptOssExperts._apply_gate`,
+    /// mlx-lm `swiglu_oai`; config.json `swiglu_alpha` 1.702, `swiglu_limit` 7.0).
+    SwigluOai {
+        /// The sigmoid's gain.
+        alpha: f32,
+        /// The clamp.
+        limit: f32,
+    },
+}
+
+impl Activation {
+    /// `act(g) * u` (the pairing of the activated gate with the up projection, which
+    /// [`Self::SwigluOai`] also clamps and shifts) as candle ops, differentiable.
+    ///
+    /// Errors: shapes that differ.
+    pub fn glu(self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Silu => (candle_nn::ops::silu(g)? * u)?,
+            Self::GeluTanh => (gelu_tanh(g)? * u)?,
+            Self::SwigluOai { alpha, limit } => {
+                let (alpha, limit) = (f64::from(alpha), f64::from(limit));
+                let g = g.minimum(limit)?;
+                let u = u.clamp(-limit, limit)?;
+                let glu = (&g * candle_nn::ops::sigmoid(&(&g * alpha)?)?)?;
+                ((u + 1.0)? * glu)?
+            }
+        })
+    }
 }
 
 /// The gate and up projections: two layers, or one `[2 · intermediate, hidden]` layer with the
@@ -91,10 +121,7 @@ impl GatedMlp {
             }
         };
         let h = if mode.is_training() {
-            match self.activation {
-                Activation::Silu => (candle_nn::ops::silu(&g)? * u)?,
-                Activation::GeluTanh => (gelu_tanh(&g)? * u)?,
-            }
+            self.activation.glu(&g, &u)?
         } else {
             self.activate(&g, &u)?
         };
@@ -111,7 +138,7 @@ impl GatedMlp {
             Activation::GeluTanh if cpu_f32 && self.numerics == Numerics::Ggml => {
                 Some(crate::kernels::float::geglu)
             }
-            _ => None,
+            Activation::Silu | Activation::GeluTanh | Activation::SwigluOai { .. } => None,
         };
         if let Some(kernel) = kernel {
             let (gv, uv) = (
@@ -122,10 +149,7 @@ impl GatedMlp {
             kernel(&gv, &uv, &mut y);
             return Ok(Tensor::from_vec(y, g.shape(), g.device())?);
         }
-        Ok(match self.activation {
-            Activation::Silu => (candle_nn::ops::silu(g)? * u)?,
-            Activation::GeluTanh => (gelu_tanh(g)? * u)?,
-        })
+        self.activation.glu(g, u)
     }
 
     /// The linear layers with their Hugging Face names within the block (`mlp.gate_proj`, ...),
@@ -156,6 +180,26 @@ mod tests {
         Linear::dense(Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(), None)
     }
 
+    /// gpt-oss's clamped SwiGLU against its formula, with both clamps hit.
+    #[test]
+    fn swiglu_oai_clamps_and_shifts() {
+        let (alpha, limit) = (1.702f32, 7.0f32);
+        let g = [-9.0f32, -1.0, 0.5, 3.0, 8.0, 20.0];
+        let u = [-8.0f32, -0.5, 0.0, 2.0, 7.5, -20.0];
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let got: Vec<f32> = Activation::SwigluOai { alpha, limit }
+            .glu(&t(&g), &t(&u))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for i in 0..g.len() {
+            let gc = g[i].min(limit);
+            let uc = u[i].clamp(-limit, limit);
+            let want = (uc + 1.0) * gc / (1.0 + (-alpha * gc).exp());
+            assert!((got[i] - want).abs() < 1e-5, "{i}: {} vs {want}", got[i]);
+        }
+    }
+
     /// Inference and training modes, separate and fused projections: one function.
     #[test]
     fn modes_and_layouts_agree() {
@@ -166,7 +210,11 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        for activation in [Activation::Silu, Activation::GeluTanh] {
+        let oai = Activation::SwigluOai {
+            alpha: 1.702,
+            limit: 0.3,
+        };
+        for activation in [Activation::Silu, Activation::GeluTanh, oai] {
             let (gate, up) = (dense(inter, h, 1), dense(inter, h, 2));
             let gate_up = Linear::dense(
                 Tensor::cat(

@@ -87,6 +87,11 @@ pub struct Attention {
     /// A position-dependent factor on the rotated queries (Ministral 3's Llama-4 attention
     /// temperature).
     pub query_temperature: Option<QueryTemperature>,
+    /// Attention sinks `[heads]` f32 (gpt-oss's `self_attn.sinks`): one learned logit per head
+    /// that joins each softmax denominator and has no value
+    /// ([`super::attention::softmax_with_sinks`]), in every path (prefill, cached decode,
+    /// batched decode, training).
+    pub sinks: Option<Tensor>,
 }
 
 /// Llama 4's position-dependent attention temperature, which Ministral 3 applies to its rotated
@@ -249,7 +254,15 @@ impl Attention {
         let o = match mode {
             Mode::Training { .. } => {
                 let mask = pass.mask(s, s, self.window, x.device())?;
-                causal_attention_diff(&q, &k, &v, self.scale, self.softcap, &mask)?
+                causal_attention_diff(
+                    &q,
+                    &k,
+                    &v,
+                    self.scale,
+                    self.softcap,
+                    self.sinks.as_ref(),
+                    &mask,
+                )?
             }
             Mode::Inference => {
                 let cache = cache.ok_or_else(|| {
@@ -359,6 +372,7 @@ impl Attention {
         if q.dim(2)? > 1
             && q.device().is_cuda()
             && self.softcap.is_none()
+            && self.sinks.is_none()
             && self
                 .window
                 .is_none_or(|w| cache.attend_len(q.dim(2).unwrap_or(0)) <= w)
@@ -397,7 +411,16 @@ impl Attention {
             ScaleAt::Scores => (q, self.scale),
             ScaleAt::Queries => ((q * self.scale)?, 1.0),
         };
-        causal_attention_capped(&q, k, v, scale, self.softcap, self.window, mask.as_ref())
+        causal_attention_capped(
+            &q,
+            k,
+            v,
+            scale,
+            self.softcap,
+            self.window,
+            self.sinks.as_ref(),
+            mask.as_ref(),
+        )
     }
 
     /// Attention over the rows of several sequences at once (batched decode): `x: [1, rows,

@@ -123,6 +123,18 @@ pub trait Weights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
     /// Whether a tensor exists.
     fn contains(&self, name: &str) -> bool;
+    /// The bytes of a uint8 tensor of the given shape, flattened (gpt-oss's MXFP4
+    /// `*_blocks` / `*_scales`).
+    ///
+    /// Errors: [`Error::Tensor`] naming the tensor when it is missing, not U8 or of another
+    /// shape, or when this source has no uint8 tensors (the default).
+    fn u8_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>> {
+        let _ = shape;
+        Err(Error::tensor(
+            name,
+            "uint8 tensors are read from safetensors folders only",
+        ))
+    }
     /// The device tensors are loaded onto.
     fn device(&self) -> &Device;
     /// How the weights are laid out (q/k row order, norm offsets, whose numerics to follow).

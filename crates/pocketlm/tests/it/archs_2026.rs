@@ -1,6 +1,7 @@
-//! The 2026 architectures of issue #25 (`qwen3_moe`, `smollm3`, `gemma4_text`, `ministral3`)
-//! against their references, on tiny random-weight models (`scripts/golden/tiny_moe.py`,
-//! `scripts/golden/tiny_2026b.py`, golden files under `tests/golden/archs_2026/`):
+//! The 2026 architectures of issue #25 (`qwen3_moe`, `smollm3`, `gemma4_text`, `ministral3`,
+//! `gpt_oss`) against their references, on tiny random-weight models
+//! (`scripts/golden/tiny_moe.py`, `scripts/golden/tiny_2026b.py`,
+//! `scripts/golden/tiny_gpt_oss.py`, golden files under `tests/golden/archs_2026/`):
 //!
 //! - Hugging Face folders (bfloat16): logits of 3 prompts (20, 12 and 7 tokens) at every
 //!   position within 1e-4 of transformers' float32 forward pass, and 16 greedy tokens (our KV
@@ -15,6 +16,10 @@
 //!   float32 scales), `gemma4_text` and `ministral3`: 16 greedy tokens after prompt 1 equal to
 //!   mlx-lm's on that folder (for the last two on the weights dequantized at load, with
 //!   logits within 1e-4 of mlx-lm's: [`check_mlx_q4_logits`]).
+//! - `gpt_oss` (attention sinks, 2 sliding + 2 full layers with a window of 8, YaRN, 4 experts
+//!   top-2 with biases and the clamped SwiGLU): the same float checks, the batched decode
+//!   against one-sequence decode, the Hub's MXFP4 expert layout against transformers, and
+//!   mlx-lm's greedy tokens on its affine 4-bit and MXFP4 conversions.
 //! - llama.cpp's own Q8_0 GGUF of `qwen3_moe_sparse` and `smollm3` (stacked `ffn_*_exps`
 //!   experts run one expert slice at a time on our Q8_0 kernels): 16 greedy tokens equal to
 //!   llama.cpp's on that file.
@@ -257,6 +262,118 @@ fn ministral3_mlx_q4_matches_mlx_lm() -> Res<()> {
 #[test]
 fn mistral3_layout_loads_text_model() -> Res<()> {
     check_multimodal("ministral3", "mistral3", "ministral3")
+}
+
+#[test]
+fn gpt_oss_matches_transformers() -> Res<()> {
+    check_float("gpt_oss", "gpt_oss")
+}
+
+/// The Hub's MXFP4 layout of gpt-oss (`gpt_oss_mxfp4/`: experts as u8 `*_blocks` /
+/// `*_scales`, the rest bfloat16): logits of prompt 0 within 2e-4 of transformers' float32
+/// forward over the same experts dequantized by its `convert_moe_packed_tensors`, and 16 greedy
+/// tokens equal to transformers'. Measured 1.3e-4 (logits up to 32 in size); with the experts
+/// dequantized to dense f32 instead of run on the MXFP4 path it is 1.7e-4, so the gap to the
+/// float model's 7.6e-5 is f32 rounding of a different model, not the format.
+#[test]
+fn gpt_oss_hf_mxfp4_matches_transformers() -> Res<()> {
+    let g = tensors("gpt_oss.golden.safetensors")?;
+    let m = load(path("gpt_oss_mxfp4"), &cpu())?;
+    assert_eq!(m.model.info().architecture, "gpt_oss");
+    let ids = &g["ids0"];
+    let mut cache = m.model.new_cache();
+    let got = m
+        .model
+        .forward(&ids.unsqueeze(0)?, &mut cache, Logits::All)?
+        .squeeze(0)?;
+    let d = max_abs_diff(&got, &g["mxfp4_logits0"])?;
+    assert!(
+        d <= 2e-4,
+        "gpt_oss mxfp4: max |logits - transformers| = {d}"
+    );
+    let want = g["mxfp4_greedy"].to_vec1::<u32>()?;
+    let got = greedy(&m, &ids.to_vec1::<u32>()?, want.len())?;
+    assert_eq!(got, want, "gpt_oss mxfp4: greedy tokens");
+    println!("gpt_oss mxfp4: logits max diff {d:.1e}, 16/16 greedy tokens equal");
+    Ok(())
+}
+
+/// The batched decode (`forward_batch`, one pass over several sequences' caches) of gpt-oss
+/// equals one-sequence decoding for 8 greedy steps after the 3 prompts (20, 12 and 7 tokens,
+/// so each crosses the sliding window of 8): attention sinks and per-layer windows in that path
+/// too.
+#[test]
+fn gpt_oss_batched_decode_matches_single() -> Res<()> {
+    use pocketlm::models::BatchRow;
+    let g = tensors("gpt_oss.golden.safetensors")?;
+    let m = load(path("gpt_oss"), &cpu())?;
+    let dev = m.model.device();
+    let mut single = Vec::new();
+    let mut batched = Vec::new();
+    let mut next = Vec::new();
+    for p in 0..3 {
+        let ids = g[&format!("ids{p}")].unsqueeze(0)?;
+        let (mut a, mut b) = (m.model.new_cache(), m.model.new_cache());
+        let l = m.model.forward(&ids, &mut a, Logits::Last)?;
+        m.model.forward(&ids, &mut b, Logits::Last)?;
+        next.push(l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?);
+        single.push(a);
+        batched.push(b);
+    }
+    let mut worst = 0f32;
+    for step in 0..8 {
+        let mut want = Vec::new();
+        for (t, cache) in next.iter().zip(single.iter_mut()) {
+            let x = Tensor::new(&[*t], dev)?.unsqueeze(0)?;
+            want.push(m.model.forward(&x, cache, Logits::Last)?.squeeze(0)?);
+        }
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut rows: Vec<BatchRow<'_>> = toks
+            .iter()
+            .zip(batched.iter_mut())
+            .map(|(ids, cache)| BatchRow { ids, cache })
+            .collect();
+        let got = m.model.forward_batch(&mut rows)?;
+        for (i, w) in want.iter().enumerate() {
+            let d = max_abs_diff(&got.get(i)?, w)?;
+            assert!(d <= 1e-4, "step {step} sequence {i}: batched vs single {d}");
+            worst = worst.max(d);
+        }
+        next = want
+            .iter()
+            .map(|w| Ok(w.argmax(0)?.to_scalar::<u32>()?))
+            .collect::<Res<Vec<_>>>()?;
+    }
+    println!("gpt_oss: batched decode vs single, max logit diff {worst:.1e} over 8 steps");
+    Ok(())
+}
+
+/// mlx-lm's own 4-bit conversion `folder` of the tiny gpt-oss (`tiny_gpt_oss.py`: experts
+/// stacked with biases, the router 8-bit, sinks and norms float32): 16 greedy tokens after
+/// prompt `prompt` equal to mlx-lm's (`key` in the golden file) on that folder.
+fn check_gpt_oss_mlx(folder: &str, key: &str, prompt: usize) -> Res<()> {
+    let g = tensors("gpt_oss.golden.safetensors")?;
+    let m = load(path(folder), &cpu())?;
+    assert_eq!(m.model.info().architecture, "gpt_oss");
+    let want = g[key].to_vec1::<u32>()?;
+    let got = greedy(
+        &m,
+        &g[&format!("ids{prompt}")].to_vec1::<u32>()?,
+        want.len(),
+    )?;
+    assert_eq!(got, want, "{folder}: greedy tokens against mlx-lm");
+    Ok(())
+}
+
+#[test]
+fn gpt_oss_mlx_q4_matches_mlx_lm() -> Res<()> {
+    check_gpt_oss_mlx("gpt_oss_mlx_q4", "mlx_greedy", 1)
+}
+
+#[test]
+fn gpt_oss_mlx_mxfp4_matches_mlx_lm() -> Res<()> {
+    // MXFP4 stacked experts (uint8 E8M0 scales), run on the `MlxFp` path one expert each.
+    check_gpt_oss_mlx("gpt_oss_mlx_mxfp4", "mlx_mxfp4_greedy", 0)
 }
 
 /// llama.cpp's own Q8_0 GGUF of a model (`tiny_moe.py --gguf`), loaded twice: on our Q8_0
