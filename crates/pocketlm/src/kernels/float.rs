@@ -418,9 +418,10 @@ pub struct AttentionShape {
 /// one-column products) and as `tinyBLAS` ([`dot_tinyblas`]) does for several, without
 /// materializing a transposed `v`. Rows run in parallel on the rayon pool.
 ///
-/// Passes of 64 queries or more (long prompts) take a tiled online-softmax kernel instead
-/// where the CPU has AVX-512 (`kernels::attn_tiled`: FlashAttention-2's loop, the same
-/// function up to float summation order), without soft-capping.
+/// Passes of 64 queries or more over 1,024 or more cached positions (long prompts at depth)
+/// take a tiled online-softmax kernel instead where the CPU has AVX-512
+/// (`kernels::attn_tiled`: FlashAttention-2's loop, the same function up to float summation
+/// order), without soft-capping.
 ///
 /// With `sinks` (`[heads]`, gpt-oss) each head's sink logit joins the softmax's maximum and
 /// denominator ([`softmax_scaled_sink`]).
@@ -494,16 +495,7 @@ pub(crate) fn attention_rows(
     // Prefill: keys transposed once per call so that scores go 16 keys at a time.
     let kt = (queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
     let kt = kt.as_deref();
-    // Work items: a kv head and a block of queries (all of the kv head's query heads), so that
-    // each key and value is loaded once per block rather than once per row.
-    let qb = QUERY_BLOCK.min(queries.max(1));
-    let items: Vec<(usize, std::ops::Range<usize>)> = (0..kv_heads)
-        .flat_map(|kh| {
-            (0..queries)
-                .step_by(qb)
-                .map(move |t0| (kh, t0..(t0 + qb).min(queries)))
-        })
-        .collect();
+    let items = work_items(kv_heads, queries, QUERY_BLOCK);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
     let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
         let out = out_ptr.get();
@@ -578,16 +570,34 @@ pub(crate) fn attention_rows(
 /// share each load of keys and values).
 const QUERY_BLOCK: usize = 4;
 
-/// An output pointer shared by [`attention`]'s work items, which write disjoint rows.
+/// Work items of an attention pass: a kv head and a block of up to `qb` queries (all of the kv
+/// head's query heads), so that each key and value is loaded once per block rather than once
+/// per row.
+pub(crate) fn work_items(
+    kv_heads: usize,
+    queries: usize,
+    qb: usize,
+) -> Vec<(usize, std::ops::Range<usize>)> {
+    let qb = qb.min(queries.max(1));
+    (0..kv_heads)
+        .flat_map(|kh| {
+            (0..queries)
+                .step_by(qb)
+                .map(move |t0| (kh, t0..(t0 + qb).min(queries)))
+        })
+        .collect()
+}
+
+/// An output pointer shared by an attention pass's work items, which write disjoint rows.
 #[derive(Clone, Copy)]
-struct SyncMutPtr(*mut f32);
+pub(crate) struct SyncMutPtr(pub(crate) *mut f32);
 // SAFETY: the work items write pairwise disjoint rows through it (see `attention`).
 unsafe impl Send for SyncMutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SyncMutPtr {}
 
 impl SyncMutPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
