@@ -441,8 +441,7 @@ pub fn attention(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    check_attention_operands(q, k, v, &shape, out);
-    assert!(sinks.is_none_or(|s| s.len() >= shape.heads));
+    check_attention_operands(q, k, v, &shape, sinks, out);
     #[cfg(target_arch = "x86_64")]
     if super::attn_tiled::applies(&shape, softcap) {
         return super::attn_tiled::attention(q, k, v, shape, scale, window, sinks, out);
@@ -451,7 +450,14 @@ pub fn attention(
 }
 
 /// The slice lengths and head counts [`attention`] needs (panics otherwise).
-fn check_attention_operands(q: &[f32], k: &[f32], v: &[f32], shape: &AttentionShape, out: &[f32]) {
+fn check_attention_operands(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: &AttentionShape,
+    sinks: Option<&[f32]>,
+    out: &[f32],
+) {
     let &AttentionShape {
         heads,
         kv_heads,
@@ -465,10 +471,11 @@ fn check_attention_operands(q: &[f32], k: &[f32], v: &[f32], shape: &AttentionSh
     assert!(hs >= kv_len * d);
     let kv_need = (kv_heads - 1) * hs + kv_len * d;
     assert!(k.len() >= kv_need && v.len() >= kv_need);
+    assert!(sinks.is_none_or(|s| s.len() >= heads));
 }
 
 /// [`attention`] one output row at a time in ggml's exact order (see there), whatever the
-/// number of queries.
+/// number of queries; the operands are [`attention`]'s, checked there.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_rows(
     q: &[f32],
@@ -482,7 +489,6 @@ pub(crate) fn attention_rows(
     out: &mut [f32],
 ) {
     use rayon::prelude::*;
-    check_attention_operands(q, k, v, &shape, out);
     let AttentionShape {
         heads,
         kv_heads,
@@ -491,7 +497,6 @@ pub(crate) fn attention_rows(
         head_dim: d,
         kv_head_stride: _,
     } = shape;
-    assert!(sinks.is_none_or(|s| s.len() >= heads));
     // Prefill: keys transposed once per call so that scores go 16 keys at a time.
     let kt = (queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
     let kt = kt.as_deref();
