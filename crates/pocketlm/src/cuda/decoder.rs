@@ -16,11 +16,12 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaGraph, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+    sys, CudaGraph, CudaSlice, DevicePtr, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
 
+use super::launch::Launch;
 use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
 use crate::{Error, Result};
 
@@ -411,20 +412,15 @@ impl CudaDecoder {
         // rmsnorm_q8 holds up to 4 runs of 4 values a thread.
         let norm_threads = (h.div_ceil(16).div_ceil(32) * 32).clamp(32, 1024) as u32;
         let norm = |w: u64| -> Result<()> {
-            let mut b = rmsnorm.builder();
-            b.arg(&p.x);
-            b.arg(&w);
-            b.arg(&eps);
-            b.arg(&hi);
-            b.arg(&p.xq);
-            b.arg(&p.xd);
+            let mut b = Launch::new(&rmsnorm);
+            b.arg(p.x).arg(w).arg(eps).arg(hi).arg(p.xq).arg(p.xd);
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (norm_threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(())
+            // SAFETY: rmsnorm_q8's parameters, in order; the decoder's buffers.
+            unsafe { b.launch(&stream, cfg) }
         };
         for (li, l) in s.layers.iter().enumerate() {
             let li = li as i32;
@@ -477,18 +473,15 @@ impl CudaDecoder {
             }
             None => {
                 let f = func("rmsnorm_f32")?;
-                let mut b = f.builder();
-                b.arg(&p.x);
-                b.arg(&wn);
-                b.arg(&eps);
-                b.arg(&hi);
-                b.arg(&p.out);
+                let mut b = Launch::new(&f);
+                b.arg(p.x).arg(wn).arg(eps).arg(hi).arg(p.out);
                 let cfg = LaunchConfig {
                     grid_dim: (1, 1, 1),
                     block_dim: (1024, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                unsafe { b.launch(cfg) }.w()?;
+                // SAFETY: rmsnorm_f32's parameters, in order; the decoder's buffers.
+                unsafe { b.launch(&stream, cfg) }?;
             }
         }
         Ok(())
@@ -532,27 +525,26 @@ fn launch_attention(
     let (nhi, nkvi) = (nh as i32, nkv as i32);
     let scale = 1.0 / (hd as f32).sqrt();
     let min_chunk = split.min_chunk as i32;
-    let mut b = f.builder();
-    b.arg(&a.q);
-    b.arg(&a.params);
-    b.arg(&a.kv);
-    b.arg(&a.layer);
-    b.arg(&nhi);
-    b.arg(&nkvi);
-    b.arg(&scale);
-    b.arg(&min_chunk);
-    b.arg(&a.part_o);
-    b.arg(&a.part_ml);
-    b.arg(&a.done);
-    b.arg(&a.xq);
-    b.arg(&a.xd);
+    let mut b = Launch::new(&f);
+    b.arg(a.q)
+        .arg(a.params)
+        .arg(a.kv)
+        .arg(a.layer)
+        .arg(nhi)
+        .arg(nkvi);
+    b.arg(scale).arg(min_chunk);
+    b.arg(a.part_o)
+        .arg(a.part_ml)
+        .arg(a.done)
+        .arg(a.xq)
+        .arg(a.xd);
     let cfg = LaunchConfig {
         grid_dim: ((nh / g) as u32, split.splits as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    // SAFETY: attn_*'s parameters, in order; the buffers documented above.
+    unsafe { b.launch(&dev.cuda_stream(), cfg) }
 }
 
 /// Device buffers for one decode attention call of `q: [n_heads, hd]` over `k`, `v: [n_kv, cap,

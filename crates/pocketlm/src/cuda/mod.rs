@@ -7,6 +7,7 @@
 //! (`pocketlm gpu-selftest` runs it on a GPU machine).
 
 mod decoder;
+mod launch;
 mod qmatrix;
 mod sample;
 

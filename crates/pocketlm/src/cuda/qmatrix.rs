@@ -10,6 +10,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Storage, Tensor};
 
+use super::launch::Launch;
 use crate::quant::mlx_affine::{AffineQuantized, GroupParams};
 use crate::{Error, Result};
 
@@ -333,18 +334,11 @@ impl CudaQMatrix {
             shared_mem_bytes: 0,
         };
         let (ri, ci, gi) = (out as i32, self.cols as i32, self.group as i32);
-        let mut b = func.builder();
-        b.arg(&self.ptrs[0]);
-        b.arg(&self.ptrs[1]);
-        b.arg(&self.ptrs[2]);
-        b.arg(&xq);
-        b.arg(&xd);
-        b.arg(&y);
-        b.arg(&ri);
-        b.arg(&ci);
-        b.arg(&gi);
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
+        let mut b = Launch::new(&func);
+        b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
+        b.arg(xq).arg(xd).arg(y).arg(ri).arg(ci).arg(gi);
+        // SAFETY: qgemv_{w,a,s}*'s parameters, in order; the matrix and the caller's buffers.
+        unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
     }
 
     /// Launches the decode step's q/k/v GEMV with RoPE and the KV-cache append in its epilogue
@@ -372,27 +366,17 @@ impl CudaQMatrix {
             rope.interleaved as i32,
             rope.kv_half as i32,
         );
-        let mut b = func.builder();
-        b.arg(&self.ptrs[0]);
-        b.arg(&self.ptrs[1]);
-        b.arg(&self.ptrs[2]);
-        b.arg(&xq);
-        b.arg(&xd);
-        b.arg(&ci);
-        b.arg(&gi);
-        b.arg(&rope.cos);
-        b.arg(&rope.sin);
-        b.arg(&rope.params);
-        b.arg(&rope.kv);
-        b.arg(&rope.layer);
-        b.arg(&rope.q_out);
-        b.arg(&nh);
-        b.arg(&nkv);
-        b.arg(&hd);
-        b.arg(&il);
-        b.arg(&kh);
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
+        let mut b = Launch::new(&func);
+        b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
+        b.arg(xq).arg(xd).arg(ci).arg(gi);
+        b.arg(rope.cos)
+            .arg(rope.sin)
+            .arg(rope.params)
+            .arg(rope.kv)
+            .arg(rope.layer);
+        b.arg(rope.q_out).arg(nh).arg(nkv).arg(hd).arg(il).arg(kh);
+        // SAFETY: qgemv_rope_*'s parameters, in order; the decoder's buffers.
+        unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
     }
 
     /// `x: [.., cols]` (any float dtype) -> `[.., rows]` f32: the GEMV kernel for up to
@@ -556,13 +540,10 @@ pub(crate) fn quantize_q8(dev: &CudaDevice, x: u64, xq: u64, xd: u64, n: usize) 
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = func.builder();
-    b.arg(&x);
-    b.arg(&xq);
-    b.arg(&xd);
-    b.arg(&nb);
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    let mut b = Launch::new(&func);
+    b.arg(x).arg(xq).arg(xd).arg(nb);
+    // SAFETY: quantize_q8's parameters, in order; the caller's buffers of n values.
+    unsafe { b.launch(&dev.cuda_stream(), cfg) }
 }
 
 /// The CPU mirror of the GEMV kernel for tests: `x` is quantized as [`quantize_q8`] does and
