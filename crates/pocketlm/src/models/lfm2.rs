@@ -6,18 +6,21 @@
 //! `conv_L_cache - 1` rows of `B ⊙ x'`, an [`ArraysCache`] of one array `[batch, L_cache - 1,
 //! hidden]`, mlx-lm's layout). Attention blocks have per-head q/k RMSNorm (`q_layernorm`,
 //! `k_layernorm`) before RoPE and an `out_proj`. The final norm is `model.embedding_norm`; the
-//! output layer is tied to the embedding by default.
+//! output layer is tied to the embedding by default. GGUF `lfm2` files as llama.cpp's converter
+//! writes them load through [`GGUF_NAMES`] and [`config_from_gguf`].
 //! Reference: Hugging Face `models/lfm2/modeling_lfm2.py` and `configuration_lfm2.py`
 //! (transformers 5.24), mlx-lm `models/lfm2.py` (0.32.2).
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+use crate::gguf::names::NameTable;
+use crate::gguf::GgufFile;
 use crate::kv_cache::{ArraysCache, GrowingKvCache, KvCache, KvCacheConfig, LayerKvCache};
 use crate::models::{build, CausalLM, Logits, ModelInfo};
 use crate::nn::{
     Activation, Attention, AttentionPass, CausalConv1d, Embedding, GateUp, GatedMlp, Linear, Mode,
-    RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
+    RmsNorm, RopeScaling, RotaryEmbedding,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -256,26 +259,106 @@ pub struct Lfm2 {
 }
 
 /// The convolution weight `{p}.conv.conv.weight` as `[hidden, kernel]`: Hugging Face stores
-/// `[hidden, 1, kernel]`, mlx-lm's `sanitize` `[hidden, kernel, 1]`.
+/// `[hidden, 1, kernel]`, mlx-lm's `sanitize` `[hidden, kernel, 1]`, llama.cpp's converter
+/// `[hidden, kernel]`.
 fn conv_weight(w: &dyn Weights, p: &str, hidden: usize, kernel: usize) -> Result<Tensor> {
     let name = format!("{p}.conv.conv.weight");
     let t = w
         .tensor(&name, &[hidden, 1, kernel])
         .or_else(|_| w.tensor(&name, &[hidden, kernel, 1]))
+        .or_else(|_| w.tensor(&name, &[hidden, kernel]))
         .map_err(|e| {
             Error::tensor(
                 &name,
                 format!(
-                    "expected [{hidden}, 1, {kernel}] (Hugging Face) or [{hidden}, {kernel}, 1] \
-                     (mlx-lm): {e}"
+                    "expected [{hidden}, 1, {kernel}] (Hugging Face), [{hidden}, {kernel}, 1] \
+                     (mlx-lm) or [{hidden}, {kernel}] (GGUF): {e}"
                 ),
             )
         })?;
     Ok(t.reshape((hidden, kernel))?)
 }
 
+/// GGUF tensor names of llama.cpp's `lfm2` (`llama-arch.cpp`; `tensor_mapping.py` maps
+/// `model.embedding_norm`, the final norm, to `token_embd_norm`).
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "lfm2",
+    global: &[
+        ("model.embed_tokens", "token_embd"),
+        ("model.embedding_norm", "token_embd_norm"),
+        ("lm_head", "output"),
+    ],
+    block: &[
+        ("operator_norm", "attn_norm"),
+        ("ffn_norm", "ffn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.out_proj", "attn_output"),
+        ("self_attn.q_layernorm", "attn_q_norm"),
+        ("self_attn.k_layernorm", "attn_k_norm"),
+        ("conv.conv", "shortconv.conv"),
+        ("conv.in_proj", "shortconv.in_proj"),
+        ("conv.out_proj", "shortconv.out_proj"),
+        ("feed_forward.w1", "ffn_gate"),
+        ("feed_forward.w3", "ffn_up"),
+        ("feed_forward.w2", "ffn_down"),
+    ],
+    gguf_only: &[],
+};
+
+/// An HF-style config from the metadata of a GGUF `lfm2` file (llama.cpp's converter,
+/// `conversion/lfm2.py`): the layer kinds from `lfm2.attention.head_count_kv`, one entry per
+/// layer, 0 on convolution layers; `lfm2.feed_forward_length` already adjusted (so
+/// `block_auto_adjust_ff_dim` is off); `lfm2.shortconv.l_cache`.
+///
+/// Errors: a missing or mistyped key, naming the file.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let k = |s: &str| format!("lfm2.{s}");
+    let kv = g.get_usize_array(&k("attention.head_count_kv"))?;
+    let n = g.get_usize(&k("block_count"))?;
+    if kv.len() != n {
+        return Err(Error::Model(format!(
+            "{}: `lfm2.attention.head_count_kv` has {} entries for {n} layers",
+            g.path().display(),
+            kv.len()
+        )));
+    }
+    let heads = g.get_usize(&k("attention.head_count"))?;
+    let layer_types: Vec<&str> = kv
+        .iter()
+        .map(|&h| if h == 0 { "conv" } else { "full_attention" })
+        .collect();
+    let conv_bias = kv
+        .iter()
+        .position(|&h| h == 0)
+        .is_some_and(|i| g.has_tensor(&format!("blk.{i}.shortconv.in_proj.bias")));
+    let vocab = match g.opt_usize(&k("vocab_size"))? {
+        Some(v) => v,
+        None => g.tensor_info("token_embd.weight")?.0[0],
+    };
+    Ok(serde_json::json!({
+        "model_type": "lfm2",
+        "vocab_size": vocab,
+        "hidden_size": g.get_usize(&k("embedding_length"))?,
+        "intermediate_size": g.get_usize(&k("feed_forward_length"))?,
+        "block_auto_adjust_ff_dim": false,
+        "num_hidden_layers": n,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv.iter().copied().max().unwrap_or(heads),
+        "head_dim": g.opt_usize(&k("attention.key_length"))?,
+        "norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        "conv_L_cache": g.get_usize(&k("shortconv.l_cache"))?,
+        "conv_bias": conv_bias,
+        "layer_types": layer_types,
+        "rope_theta": g.opt_f64(&k("rope.freq_base"))?.unwrap_or(1e6),
+        "max_position_embeddings": g.opt_usize(&k("context_length"))?.unwrap_or(128_000),
+        "tie_word_embeddings": !g.has_tensor("output.weight"),
+    }))
+}
+
 /// Builds an LFM2 model from an HF-style config and weights (`Lfm2ForCausalLM` names, float or
-/// MLX quantized).
+/// MLX quantized; GGUF `lfm2` through [`GGUF_NAMES`]).
 ///
 /// Errors: [`Error::Model`] naming a missing or invalid config field; [`Error::Tensor`] naming a
 /// missing or misshapen weight.
@@ -317,21 +400,15 @@ impl Lfm2 {
             let operator = if attn {
                 let a = format!("{p}.self_attn");
                 Operator::Attention(Attention {
-                    qkv: build::qkv(w, &p, heads, h, false, false)?,
-                    o_proj: w.linear(&format!("{a}.out_proj"), h, nh * hd, false)?,
                     q_norm: Some(norm(format!("{a}.q_layernorm.weight"), hd)?),
                     k_norm: Some(norm(format!("{a}.k_layernorm.weight"), hd)?),
-                    v_norm: None,
-                    n_heads: nh,
-                    n_kv_heads: nkv,
-                    head_dim: hd,
-                    scale: 1.0 / (hd as f64).sqrt(),
-                    softcap: None,
-                    window: None,
-                    scale_at: ScaleAt::Scores,
-                    rope: true,
-                    query_temperature: None,
-                    sinks: None,
+                    ..Attention::plain(
+                        build::qkv(w, &p, heads, h, false, false)?,
+                        w.linear(&format!("{a}.out_proj"), h, nh * hd, false)?,
+                        nh,
+                        nkv,
+                        hd,
+                    )
                 })
             } else {
                 let conv_bias = match bias {

@@ -524,10 +524,10 @@ pub static REGISTRY: &[Architecture] = &[
     },
     Architecture {
         model_types: &["lfm2"],
-        gguf_architectures: &[],
-        gguf_names: None,
+        gguf_architectures: &["lfm2"],
+        gguf_names: Some(&lfm2::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        config_from_gguf: lfm2::config_from_gguf,
         build: lfm2::build,
     },
     Architecture {
