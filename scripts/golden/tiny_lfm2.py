@@ -13,6 +13,7 @@ convolution layers).
 How to run (from the repository root, with the venv of tiny_moe.py):
 
     /tmp/venv-moe/bin/python scripts/golden/tiny_lfm2.py
+    /tmp/venv-moe/bin/python scripts/golden/tiny_lfm2.py --gguf
 
 Versions used for the committed files: torch 2.15.0, transformers 5.24.0, tokenizers 0.23.3,
 safetensors 0.8.0, mlx 0.32.4, mlx-lm 0.32.2, Python 3.11, Linux x86_64 (CPU).
@@ -32,11 +33,26 @@ requires it; transformers 5.24 does not write it).
   of `lfm2/` (mlx-lm's `sanitize` stores `conv.conv.weight` as `[hidden, 3, 1]`, unquantized);
   in `lfm2.golden.safetensors`: `mlx_greedy` (mlx-lm's 16 greedy tokens after prompt 1, its
   caches, argmax) and `mlx_logits1` `[12, 320]` f32 (mlx-lm's logits over prompt 1, one pass).
+
+With `--gguf` (after the above; needs a llama.cpp checkout with LFM2 support, built with
+`cmake -B build && cmake --build build --target llama`, at `$LLAMA_CPP`, default
+`~/.cache/pocketlm/llama.cpp`, and a C compiler):
+
+- `lfm2.gguf`: llama.cpp's `convert_hf_to_gguf.py --outtype q8_0` of `lfm2/` (the convolution
+  weight squeezed to `[hidden, 3]` and kept float; the per-layer
+  `lfm2.attention.head_count_kv` is 0 on convolution layers);
+- `lfm2.gguf_llamacpp.safetensors`: `greedy` `[16]` u32, llama.cpp's greedy tokens after prompt
+  0 on that file (its library through a small C driver compiled here: f32 KV cache, no flash
+  attention, one thread). On an f32 conversion of the same folder (not committed) llama.cpp's
+  greedy tokens equal transformers'; Q8_0 rounding moves them from step 2 on.
 """
+import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import torch
 import transformers
@@ -102,5 +118,86 @@ def make():
     assert size < 600 * 1024, size
 
 
+GREEDY_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "llama.h"
+
+/* argv[1] = GGUF, argv[2] = steps, then the prompt's token ids; prints the greedy ids. */
+int main(int argc, char **argv) {
+    int steps = atoi(argv[2]), n = argc - 3;
+    llama_token *ids = malloc(sizeof(llama_token) * n), tok;
+    for (int i = 0; i < n; i++) ids[i] = atoi(argv[3 + i]);
+    llama_backend_init();
+    struct llama_model *model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    if (!model) return 1;
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = 64; cp.n_batch = 64; cp.n_ubatch = 64; cp.n_threads = 1; cp.n_threads_batch = 1;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32;
+    struct llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx) return 1;
+    int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    struct llama_batch batch = llama_batch_get_one(ids, n);
+    for (int s = 0; s < steps; s++) {
+        if (llama_decode(ctx, batch) != 0) return 1;
+        float *l = llama_get_logits_ith(ctx, -1);
+        int best = 0;
+        for (int v = 1; v < n_vocab; v++) if (l[v] > l[best]) best = v;
+        printf(s ? " %d" : "%d", best);
+        tok = best;
+        batch = llama_batch_get_one(&tok, 1);
+    }
+    printf("\n");
+    return 0;
+}
+"""
+
+CONVERT = r"""
+import sys
+sys.path.insert(0, {llama!r} + "/gguf-py")
+sys.path.insert(0, {llama!r})
+sys.argv = ["convert_hf_to_gguf.py", {src!r}, "--outtype", "q8_0", "--outfile", {out!r},
+            "--model-name", "tiny-random"]
+import convert_hf_to_gguf as c
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+c.main()
+"""
+
+
+def make_gguf():
+    import numpy as np
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_np
+    llama = os.environ.get("LLAMA_CPP", os.path.expanduser("~/.cache/pocketlm/llama.cpp"))
+    src = os.path.join(ROOT, NAME)
+    gguf = os.path.join(ROOT, f"{NAME}.gguf")
+    if os.path.exists(gguf):
+        os.remove(gguf)
+    subprocess.check_call([sys.executable, "-c", CONVERT.format(llama=llama, src=src, out=gguf)])
+    tmp = tempfile.mkdtemp(prefix="tiny-lfm2-")
+    with open(os.path.join(tmp, "greedy.c"), "w") as f:
+        f.write(GREEDY_C)
+    lib = os.path.join(llama, "build", "bin")
+    exe = os.path.join(tmp, "greedy")
+    subprocess.check_call(["cc", "-O1", "-o", exe, os.path.join(tmp, "greedy.c"),
+                           f"-I{llama}/include", f"-I{llama}/ggml/include", f"-L{lib}",
+                           "-lllama", f"-Wl,-rpath,{lib}"])
+    ids0 = load_file(os.path.join(ROOT, f"{NAME}.golden.safetensors"))["ids0"]
+    out = subprocess.check_output([exe, gguf, "16"] + [str(int(i)) for i in ids0],
+                                  stderr=subprocess.DEVNULL, text=True)
+    toks = [int(t) for t in out.split()]
+    assert len(toks) == 16, out
+    save_np({"greedy": np.array(toks, dtype=np.uint32)},
+            os.path.join(ROOT, f"{NAME}.gguf_llamacpp.safetensors"))
+    print(f"{NAME}: llama.cpp greedy {toks}; gguf {os.path.getsize(gguf) // 1024} KB")
+
+
 if __name__ == "__main__":
-    make()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", action="store_true", help="only the GGUF file and llama.cpp tokens")
+    if ap.parse_args().gguf:
+        make_gguf()
+    else:
+        make()

@@ -595,3 +595,12 @@ fn lfm2_mlx_q4_matches_mlx_lm() -> Res<()> {
     // projections, B ⊙ x' gated by C), hence the looser bound against gross errors.
     check_mlx_q4_logits_within("lfm2", 2.0)
 }
+
+#[test]
+fn lfm2_gguf_matches_llama_cpp() -> Res<()> {
+    // llama.cpp's own Q8_0 conversion (`tiny_lfm2.py --gguf`: `[hidden, 3]` convolution
+    // weights, per-layer `head_count_kv` giving the layer kinds): 16 greedy tokens equal to
+    // llama.cpp's on that file, and the loose bounds of `check_gguf`.
+    assert!(path("lfm2.gguf_llamacpp.safetensors").exists());
+    check_gguf("lfm2", "lfm2")
+}
