@@ -61,7 +61,7 @@ from transformers import Lfm2Config, Lfm2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_archs import greedy, randomize, tokenizer  # noqa: E402
-from tiny_moe import ROOT, float_goldens, mlx_greedy  # noqa: E402
+from tiny_moe import CONVERT, ROOT, float_goldens, mlx_greedy  # noqa: E402
 from tiny_2026b import mlx_logits  # noqa: E402
 
 NAME = "lfm2"
@@ -152,19 +152,6 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-
-CONVERT = r"""
-import sys
-sys.path.insert(0, {llama!r} + "/gguf-py")
-sys.path.insert(0, {llama!r})
-sys.argv = ["convert_hf_to_gguf.py", {src!r}, "--outtype", "q8_0", "--outfile", {out!r},
-            "--model-name", "tiny-random"]
-import convert_hf_to_gguf as c
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-c.main()
-"""
-
 
 def make_gguf():
     import numpy as np
