@@ -6,6 +6,10 @@
 //! [`RotatingKvCache`] (the first `keep` positions plus a sliding window, at most `max_size`
 //! positions held, as mlx-lm's `RotatingKVCache`) and [`QuantizedKvCache`] (keys and values
 //! stored with MLX affine group quantization, as mlx-lm's `QuantizedKVCache`).
+//!
+//! Layers that keep no keys and values but a fixed-size state (the last inputs of a short
+//! convolution, a recurrent state) hold an [`ArraysCache`] (mlx-lm's `ArraysCache`) in the same
+//! [`KvCache`], so that sessions and prompt caches carry it like the keys and values.
 
 use candle_core::{DType, Tensor};
 
@@ -87,6 +91,21 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     /// quantized caches): false.
     fn sliceable(&self) -> bool {
         false
+    }
+    /// The cache's kind, by mlx-lm's class name (`KVCache`, `RotatingKVCache`,
+    /// `QuantizedKVCache`, `ArraysCache`), for messages and prompt-cache files. Default:
+    /// `KVCache`.
+    fn kind(&self) -> &'static str {
+        "KVCache"
+    }
+    /// The layer's array state when it holds one instead of keys and values
+    /// ([`ArraysCache`]); `None` (the default) for key/value caches.
+    fn arrays(&self) -> Option<&ArraysCache> {
+        None
+    }
+    /// As [`Self::arrays`], to update the state.
+    fn arrays_mut(&mut self) -> Option<&mut ArraysCache> {
+        None
     }
 }
 
@@ -447,6 +466,10 @@ impl RotatingKvCache {
 }
 
 impl LayerKvCache for RotatingKvCache {
+    fn kind(&self) -> &'static str {
+        "RotatingKVCache"
+    }
+
     fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(2)?;
         let ring = n == 1 && self.held == self.max_size;
@@ -681,6 +704,10 @@ impl QuantizedKvCache {
 }
 
 impl LayerKvCache for QuantizedKvCache {
+    fn kind(&self) -> &'static str {
+        "QuantizedKVCache"
+    }
+
     fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, h, n, d) = k.dims4()?;
         if v.dims() != k.dims() {
@@ -779,6 +806,139 @@ impl LayerKvCache for QuantizedKvCache {
     }
 }
 
+/// A layer's array state instead of keys and values (mlx-lm `ArraysCache`): `size` arrays
+/// that the layer reads and replaces at each forward pass, e.g. LFM2's convolution state (the
+/// last `L_cache - 1` inputs of its short convolution, `[batch, L_cache - 1, hidden]`) or, for
+/// Gated DeltaNet layers, a convolution state and a recurrent state. The layer decides the
+/// arrays' shapes; the cache holds them and counts the positions they summarize
+/// ([`Self::advance`]), so that [`KvCache::offset`] is right whichever layer comes first.
+///
+/// Such a state summarizes every position before it and cannot be cut back to an earlier
+/// position: [`LayerKvCache::truncate`] only accepts the current offset (nothing to do) or 0
+/// (forget everything), as mlx-lm's non-trimmable caches; a chat session or prompt cache that
+/// needs another prefix starts over. [`LayerKvCache::update`] and [`LayerKvCache::state`]
+/// (keys and values) are errors naming the kind.
+#[derive(Debug, Clone)]
+pub struct ArraysCache {
+    arrays: Vec<Option<Tensor>>,
+    offset: usize,
+}
+
+impl ArraysCache {
+    /// An empty state of `size` arrays (all unset: the layer starts from its zero state).
+    pub fn new(size: usize) -> Self {
+        Self {
+            arrays: vec![None; size],
+            offset: 0,
+        }
+    }
+
+    /// Number of arrays.
+    pub fn size(&self) -> usize {
+        self.arrays.len()
+    }
+
+    /// Array `i`, `None` when unset (or `i >= size`).
+    pub fn get(&self, i: usize) -> Option<&Tensor> {
+        self.arrays.get(i).and_then(Option::as_ref)
+    }
+
+    /// Replaces array `i`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when `i >= size`.
+    pub fn set(&mut self, i: usize, t: Tensor) -> Result<()> {
+        let size = self.arrays.len();
+        let slot = self.arrays.get_mut(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("array {i} of an ArraysCache of {size} arrays"))
+        })?;
+        *slot = Some(t);
+        Ok(())
+    }
+
+    /// Counts `n` more positions summarized by the arrays (mlx-lm `ArraysCache.advance`).
+    pub fn advance(&mut self, n: usize) {
+        self.offset += n;
+    }
+
+    /// Restores a saved state: every array set and the positions they summarize.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when `arrays` does not have [`Self::size`] entries.
+    pub fn restore(&mut self, arrays: Vec<Tensor>, offset: usize) -> Result<()> {
+        if arrays.len() != self.arrays.len() {
+            return Err(Error::InvalidArgument(format!(
+                "an ArraysCache of {} arrays restored from {}",
+                self.arrays.len(),
+                arrays.len()
+            )));
+        }
+        self.arrays = arrays.into_iter().map(Some).collect();
+        self.offset = offset;
+        Ok(())
+    }
+
+    fn not_kv(&self) -> Error {
+        Error::InvalidArgument(
+            "this layer's cache is an ArraysCache (a convolution or recurrent state), not keys \
+             and values"
+                .into(),
+        )
+    }
+}
+
+impl LayerKvCache for ArraysCache {
+    fn update(&mut self, _k: &Tensor, _v: &Tensor) -> Result<(Tensor, Tensor)> {
+        Err(self.not_kv())
+    }
+
+    fn offset(&self) -> usize {
+        self.offset
+    }
+
+    fn nbytes(&self) -> usize {
+        self.arrays
+            .iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        Err(self.not_kv())
+    }
+
+    fn reset(&mut self) {
+        self.arrays.iter_mut().for_each(|a| *a = None);
+        self.offset = 0;
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        match len {
+            0 => {
+                self.reset();
+                Ok(())
+            }
+            l if l == self.offset => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "an ArraysCache (a convolution or recurrent state of {} positions) cannot be cut \
+                 back to {len} positions: it is not trimmable",
+                self.offset
+            ))),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "ArraysCache"
+    }
+
+    fn arrays(&self) -> Option<&ArraysCache> {
+        Some(self)
+    }
+
+    fn arrays_mut(&mut self) -> Option<&mut ArraysCache> {
+        Some(self)
+    }
+}
+
 /// Which kind of KV cache to build (mlx-lm's `max_kv_size`, `kv_bits`, `kv_group_size`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvCacheConfig {
@@ -865,6 +1025,20 @@ impl KvCache {
     /// divide the model's head dimension; `kv_hadamard` with a head dimension that is not a
     /// power of two.
     pub fn new(n_layers: usize, head_dim: usize, config: &KvCacheConfig) -> Result<Self> {
+        Self::with_states(n_layers, head_dim, config, |_| None)
+    }
+
+    /// As [`Self::new`] for a model whose layer `i` keeps an array state instead of keys and
+    /// values where `state(i)` gives one ([`ArraysCache`]: LFM2's convolution layers); the
+    /// other layers get the cache `config` describes.
+    ///
+    /// Errors: as [`Self::new`].
+    pub fn with_states(
+        n_layers: usize,
+        head_dim: usize,
+        config: &KvCacheConfig,
+        state: impl Fn(usize) -> Option<ArraysCache>,
+    ) -> Result<Self> {
         config.validate()?;
         if config.kv_bits.is_some() && !head_dim.is_multiple_of(config.kv_group_size) {
             return Err(Error::InvalidArgument(format!(
@@ -879,14 +1053,15 @@ impl KvCache {
             )));
         }
         let mut layers: Vec<Box<dyn LayerKvCache>> = Vec::with_capacity(n_layers);
-        for _ in 0..n_layers {
-            layers.push(match (config.max_kv_size, config.kv_bits) {
-                (Some(m), _) => Box::new(RotatingKvCache::new(m, config.keep)?),
-                (None, Some(b)) => Box::new(
+        for i in 0..n_layers {
+            layers.push(match (state(i), config.max_kv_size, config.kv_bits) {
+                (Some(a), _, _) => Box::new(a),
+                (None, Some(m), _) => Box::new(RotatingKvCache::new(m, config.keep)?),
+                (None, None, Some(b)) => Box::new(
                     QuantizedKvCache::new(b, config.kv_group_size)?
                         .with_rotation(config.kv_hadamard),
                 ),
-                (None, None) => Box::new(GrowingKvCache::new(256)),
+                (None, None, None) => Box::new(GrowingKvCache::new(256)),
             });
         }
         Ok(Self {
@@ -927,6 +1102,11 @@ impl KvCache {
     /// Layer `i`'s cache.
     pub fn layer(&mut self, i: usize) -> Option<&mut (dyn LayerKvCache + 'static)> {
         self.layers.get_mut(i).map(|b| b.as_mut())
+    }
+
+    /// Layer `i`'s cache, to read.
+    pub fn layer_ref(&self, i: usize) -> Option<&(dyn LayerKvCache + 'static)> {
+        self.layers.get(i).map(|b| b.as_ref())
     }
 
     /// Layer `i`'s held keys and values in time order ([`LayerKvCache::state`]); `None` when
@@ -972,7 +1152,19 @@ impl KvCache {
     }
 
     /// Drops positions from `len` on in every layer.
+    ///
+    /// Errors: as [`LayerKvCache::truncate`]; a layer with an array state ([`ArraysCache`])
+    /// refuses any length but 0 and its offset, checked before any layer changes.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.arrays().is_some() && len != 0 && len != l.offset() {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot cut the cache back to {len} of its {} positions: layer {i} is an \
+                     ArraysCache (a convolution or recurrent state), which is not trimmable",
+                    l.offset()
+                )));
+            }
+        }
         if len == 0 {
             self.rope_delta = 0;
         }
@@ -1353,6 +1545,67 @@ mod tests {
         let e = RotatingKvCache::new(1, 0).unwrap_err().to_string();
         assert!(e.contains("at least 2"), "{e}");
         assert!(RotatingKvCache::new(5, 4).is_ok());
+    }
+
+    #[test]
+    fn arrays_cache_holds_a_state_that_cannot_be_cut_back() {
+        let dev = Device::Cpu;
+        let mut a = ArraysCache::new(2);
+        assert_eq!((a.size(), a.offset(), a.nbytes()), (2, 0, 0));
+        assert!(a.get(0).is_none());
+        a.set(0, Tensor::zeros((1, 2, 8), DType::F32, &dev).unwrap())
+            .unwrap();
+        a.advance(5);
+        assert!(a
+            .set(2, Tensor::zeros(1, DType::F32, &dev).unwrap())
+            .is_err());
+        assert_eq!(
+            (a.offset(), a.nbytes(), a.kind()),
+            (5, 2 * 8 * 4, "ArraysCache")
+        );
+        // Keys and values are not what it holds.
+        let t = Tensor::zeros((1, 1, 1, 4), DType::F32, &dev).unwrap();
+        let e = a.update(&t, &t).unwrap_err().to_string();
+        assert!(e.contains("ArraysCache"), "{e}");
+        assert!(a.state().is_err());
+        // Cut back to its own length (nothing to do) or to 0 (forget), nothing else.
+        a.truncate(5).unwrap();
+        assert!(a.get(0).is_some());
+        let e = a.truncate(3).unwrap_err().to_string();
+        assert!(e.contains("not trimmable"), "{e}");
+        a.truncate(0).unwrap();
+        assert!(a.get(0).is_none() && a.offset() == 0);
+        assert!(a.restore(vec![t.clone()], 3).is_err());
+        a.restore(vec![t.clone(), t], 3).unwrap();
+        assert_eq!(a.offset(), 3);
+    }
+
+    #[test]
+    fn a_cache_with_state_layers_follows_its_state_layers() {
+        let dev = Device::Cpu;
+        let config = KvCacheConfig {
+            kv_bits: Some(8),
+            kv_group_size: 32,
+            ..Default::default()
+        };
+        let mut c = KvCache::with_states(3, 32, &config, |i| (i != 1).then(|| ArraysCache::new(1)))
+            .unwrap();
+        let kinds: Vec<&str> = (0..3).map(|i| c.layer_ref(i).unwrap().kind()).collect();
+        assert_eq!(kinds, ["ArraysCache", "QuantizedKVCache", "ArraysCache"]);
+        let kv = Tensor::zeros((1, 1, 4, 32), DType::F32, &dev).unwrap();
+        c.layer(1).unwrap().update(&kv, &kv).unwrap();
+        for i in [0, 2] {
+            c.layer(i).unwrap().arrays_mut().unwrap().advance(4);
+        }
+        assert_eq!(c.offset(), 4);
+        // Refused before any layer changes: the quantized layer still holds 4 positions.
+        let e = c.truncate(2).unwrap_err().to_string();
+        assert!(e.contains("layer 0") && e.contains("not trimmable"), "{e}");
+        assert_eq!(c.layer_ref(1).unwrap().offset(), 4);
+        c.truncate(4).unwrap();
+        c.truncate(0).unwrap();
+        assert_eq!((c.offset(), c.layer_ref(1).unwrap().offset()), (0, 0));
+        assert!(!c.sliceable());
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub fn save(path: &Path, cache: &KvCache, metadata: &BTreeMap<String, String>) -
     meta.insert("2.0".into(), String::new());
     let offset = cache.offset();
     for i in 0..cache.n_layers() {
+        if let Some(l) = cache.layer_ref(i).filter(|l| l.arrays().is_some()) {
+            return Err(Error::InvalidArgument(format!(
+                "layer {i} of the cache is an {}: only KVCache layers are written in mlx-lm's \
+                 prompt-cache format here",
+                l.kind()
+            )));
+        }
         let Some((k, v)) = cache.layer_state(i)? else {
             return Err(Error::InvalidArgument(format!(
                 "layer {i} of the KV cache is empty"

@@ -4,7 +4,10 @@
 //!
 //! File layout: tensors `layers.{i}.keys` and `layers.{i}.values`
 //! (`[batch, kv_heads, tokens, head_dim]`, the model's cache dtype, f32 here) for every layer
-//! `i`, and string metadata:
+//! `i` that holds keys and values; for a layer that holds an array state instead (an
+//! [`ArraysCache`](crate::kv_cache::ArraysCache): LFM2's convolution layers), its arrays
+//! `layers.{i}.arrays.{j}` as the layer keeps them (LFM2: `[batch, L_cache - 1, hidden]`), which
+//! summarize all the tokens; and string metadata:
 //! - `format` = `pocketlm.prompt_cache`, `format_version` = `1`;
 //! - `model.path` (absolute), `model.size` (bytes), `model.architecture`: the identity of the
 //!   model that computed the cache; loading with another model is refused;
@@ -15,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig, LayerKvCache};
 use crate::loader::LoadedModel;
 use crate::models::Logits;
 use crate::{Error, Result};
@@ -119,6 +122,10 @@ pub fn save_with_identity(
     }
     let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * cache.n_layers());
     for i in 0..cache.n_layers() {
+        if let Some(a) = cache.layer_ref(i).and_then(|l| l.arrays()) {
+            save_arrays(i, a, token_ids.len(), &mut tensors)?;
+            continue;
+        }
         let Some((k, v)) = cache.layer_state(i)? else {
             return Err(Error::InvalidArgument(format!(
                 "layer {i} of the KV cache is empty"
@@ -155,6 +162,31 @@ pub fn save_with_identity(
             std::io::Error::other(format!("writing the prompt cache: {e}")),
         )
     })
+}
+
+/// Appends the arrays of layer `i`'s array state `a` (which must summarize `n` tokens, every
+/// array set) to `tensors` as `layers.{i}.arrays.{j}`.
+fn save_arrays(
+    i: usize,
+    a: &ArraysCache,
+    n: usize,
+    tensors: &mut Vec<(String, Tensor)>,
+) -> Result<()> {
+    if a.offset() != n {
+        return Err(Error::InvalidArgument(format!(
+            "layer {i} of the cache (an ArraysCache) summarizes {} positions, not the {n} tokens",
+            a.offset()
+        )));
+    }
+    for j in 0..a.size() {
+        let t = a.get(j).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "array {j} of layer {i} of the cache (an ArraysCache) is empty"
+            ))
+        })?;
+        tensors.push((format!("layers.{i}.arrays.{j}"), t.contiguous()?));
+    }
+    Ok(())
 }
 
 /// A prompt cache read back from a file.
@@ -245,6 +277,28 @@ pub fn load(
         .map_err(|e| bad(format!("reading tensors: {e}")))?;
     let mut cache = model.model.make_cache(config)?;
     for (i, &(kv_heads, head_dim)) in shapes.iter().enumerate() {
+        let layer = cache
+            .layer(i)
+            .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+        if let Some(a) = layer.arrays_mut() {
+            let arrays = (0..a.size())
+                .map(|j| {
+                    let name = format!("layers.{i}.arrays.{j}");
+                    tensors.remove(&name).ok_or_else(|| {
+                        Error::tensor(
+                            &name,
+                            format!(
+                                "missing in {} (layer {i} of the model keeps an array state, an \
+                                 ArraysCache)",
+                                path.display()
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            a.restore(arrays, token_ids.len())?;
+            continue;
+        }
         let want = [1, kv_heads, token_ids.len(), head_dim];
         let mut get = |kind: &str| -> Result<Tensor> {
             let name = format!("layers.{i}.{kind}");
@@ -264,9 +318,6 @@ pub fn load(
             Ok(t)
         };
         let (k, v) = (get("keys")?, get("values")?);
-        let layer = cache
-            .layer(i)
-            .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
         layer.update(&k, &v)?;
     }
     Ok(LoadedPromptCache {

@@ -236,19 +236,24 @@ impl GgufFile {
 
     /// An unsigned integer metadata value (any integer width, non-negative).
     pub fn get_usize(&self, key: &str) -> Result<usize> {
-        let v = self.get(key)?;
-        let n = match v {
-            Value::U8(x) => *x as i128,
-            Value::I8(x) => *x as i128,
-            Value::U16(x) => *x as i128,
-            Value::I16(x) => *x as i128,
-            Value::U32(x) => *x as i128,
-            Value::I32(x) => *x as i128,
-            Value::U64(x) => *x as i128,
-            Value::I64(x) => *x as i128,
-            _ => return Err(self.bad_type(key, "an integer")),
-        };
+        let n = int_value(self.get(key)?).ok_or_else(|| self.bad_type(key, "an integer"))?;
         usize::try_from(n).map_err(|_| self.bad_type(key, "a non-negative integer"))
+    }
+
+    /// A metadata value that is an array of unsigned integers (llama.cpp's per-layer values,
+    /// e.g. LFM2's `attention.head_count_kv`: 0 on its convolution layers).
+    pub fn get_usize_array(&self, key: &str) -> Result<Vec<usize>> {
+        let Value::Array(items) = self.get(key)? else {
+            return Err(self.bad_type(key, "an array"));
+        };
+        items
+            .iter()
+            .map(|v| {
+                int_value(v)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| self.bad_type(key, "an array of non-negative integers"))
+            })
+            .collect()
     }
 
     /// A float metadata value (f32 or f64 in the file).
@@ -287,6 +292,21 @@ impl GgufFile {
     pub fn opt_str(&self, key: &str) -> Result<Option<String>> {
         self.has(key).then(|| self.get_str(key)).transpose()
     }
+}
+
+/// An integer metadata value of any width; `None` for other types.
+fn int_value(v: &Value) -> Option<i128> {
+    Some(match v {
+        Value::U8(x) => *x as i128,
+        Value::I8(x) => *x as i128,
+        Value::U16(x) => *x as i128,
+        Value::I16(x) => *x as i128,
+        Value::U32(x) => *x as i128,
+        Value::I32(x) => *x as i128,
+        Value::U64(x) => *x as i128,
+        Value::I64(x) => *x as i128,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

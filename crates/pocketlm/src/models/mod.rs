@@ -11,6 +11,7 @@ mod gguf_config;
 #[cfg(test)]
 mod gguf_names_tests;
 pub mod gpt_oss;
+pub mod lfm2;
 pub mod llama;
 pub mod ministral3;
 pub mod phi3;
@@ -522,6 +523,14 @@ pub static REGISTRY: &[Architecture] = &[
         build: qwen2_vl::build_2_5,
     },
     Architecture {
+        model_types: &["lfm2"],
+        gguf_architectures: &["lfm2"],
+        gguf_names: Some(&lfm2::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: lfm2::config_from_gguf,
+        build: lfm2::build,
+    },
+    Architecture {
         model_types: &["phi3"],
         gguf_architectures: &["phi3"],
         gguf_names: Some(&phi3::GGUF_NAMES),
@@ -633,6 +642,7 @@ mod tests {
             "ministral3",
             "mistral3",
             "phi3",
+            "lfm2",
         ] {
             assert!(e.contains(a), "{e}");
         }

@@ -1,9 +1,11 @@
 //! Layers shared by the architectures: linear layers that may be dense or quantized,
 //! embeddings, RMSNorm, rotary position embeddings, the self-attention layer and the gated
-//! MLP and the mixture-of-experts layer, each running in a [`Mode`] (inference or training);
+//! MLP and the mixture-of-experts layer, the causal depthwise convolution of LFM2's short
+//! convolutions, each running in a [`Mode`] (inference or training);
 //! LayerNorm and sentence-embedding pooling for encoders.
 
 pub mod attention;
+pub mod conv;
 pub mod linear;
 pub mod lora;
 pub mod mlp;
@@ -18,6 +20,7 @@ pub mod self_attention;
 pub use attention::{
     causal_attention_capped, causal_mask, repeat_kv, scaled_dot_product_attention,
 };
+pub use conv::CausalConv1d;
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
 pub use mlp::{Activation, GateUp, GatedMlp};

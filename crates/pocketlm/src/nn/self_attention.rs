@@ -228,6 +228,35 @@ impl<'a> AttentionPass<'a> {
 }
 
 impl Attention {
+    /// A plain attention layer over `qkv` and `o_proj`: no q/k/v norms, the scores scaled by
+    /// `head_dim^-0.5`, RoPE, no window, soft-cap, query temperature or sinks. Architectures
+    /// set the fields they differ in (`Attention { q_norm, ..Attention::plain(..) }`).
+    pub fn plain(
+        qkv: QkvProj,
+        o_proj: Linear,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self {
+            qkv,
+            o_proj,
+            q_norm: None,
+            k_norm: None,
+            v_norm: None,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            softcap: None,
+            window: None,
+            scale_at: ScaleAt::Scores,
+            rope: true,
+            query_temperature: None,
+            sinks: None,
+        }
+    }
+
     /// Attention over `x: [batch, seq, hidden]` f32 at the pass's positions.
     ///
     /// [`Mode::Inference`] appends keys and values to `cache` (required) and attends over what
