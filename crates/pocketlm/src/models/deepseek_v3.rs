@@ -9,6 +9,11 @@
 //! `models/deepseek_v3/modeling_deepseek_v3.py` / `configuration_deepseek_v3.py`, mlx-lm
 //! `models/deepseek_v3.py` (whose `sanitize` splits `kv_b_proj` into `embed_q` /
 //! `unembed_out`, joined back here at load).
+//!
+//! The KV cache holds the compressed form (one `[latent | rotary key]` head per position,
+//! [`crate::nn::mla`]): for DeepSeek-V3 2 × 576 f32 values per position and layer (4.5 KiB,
+//! 61 layers: 275 KiB per token) where the expanded per-head keys and values would take
+//! 2 × 128 × 192 (192 KiB, 11.4 MiB per token).
 
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -18,8 +23,8 @@ use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::llama::Llama;
 use crate::models::{CausalLM, ModelInfo};
 use crate::nn::{
-    Activation, Attention, GateUp, GatedMlp, GroupLimit, Linear, Mla, MlaQuery, Numerics, QkvProj,
-    RmsNorm, RopeScaling, RotaryEmbedding, Router, ScaleAt, Scoring, SharedExpert,
+    Absorbed, Activation, Attention, GateUp, GatedMlp, GroupLimit, Linear, Mla, MlaQuery, Numerics,
+    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, ScaleAt, Scoring, SharedExpert,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -287,6 +292,17 @@ fn attention(w: &dyn Weights, p: &str, cfg: &DeepseekV3Config) -> Result<Attenti
             b: w.linear(&format!("{a}.q_b_proj"), nh * qk, rq, false)?,
         },
     };
+    let kv_b_proj = kv_b_proj(w, &a, cfg)?;
+    // The compressed form wherever kv_b_proj can be split (every format on the CPU; a layer
+    // quantized on a CUDA device keeps the expanded form).
+    let absorbed = Absorbed::new(
+        &kv_b_proj,
+        nh,
+        cfg.qk_nope_head_dim,
+        cfg.v_head_dim,
+        w.device(),
+    )
+    .ok();
     let mla = Mla {
         query,
         kv_a_proj_with_mqa: w.linear(
@@ -296,14 +312,15 @@ fn attention(w: &dyn Weights, p: &str, cfg: &DeepseekV3Config) -> Result<Attenti
             ab,
         )?,
         kv_a_layernorm: norm("kv_a_layernorm", cfg.kv_lora_rank)?,
-        kv_b_proj: kv_b_proj(w, &a, cfg)?,
+        kv_b_proj,
         n_heads: nh,
         kv_lora_rank: cfg.kv_lora_rank,
         qk_nope_head_dim: cfg.qk_nope_head_dim,
         qk_rope_head_dim: cfg.qk_rope_head_dim,
         v_head_dim: cfg.v_head_dim,
+        absorbed,
     };
-    let head_dim = mla.padded_head_dim();
+    let (head_dim, n_kv_heads) = (mla.padded_head_dim(), mla.kv_heads());
     Ok(Attention {
         qkv: QkvProj::Latent(Box::new(mla)),
         o_proj: w.linear(&format!("{a}.o_proj"), h, nh * cfg.v_head_dim, ab)?,
@@ -311,7 +328,7 @@ fn attention(w: &dyn Weights, p: &str, cfg: &DeepseekV3Config) -> Result<Attenti
         k_norm: None,
         v_norm: None,
         n_heads: nh,
-        n_kv_heads: nh,
+        n_kv_heads,
         head_dim,
         scale: cfg.softmax_scale(),
         softcap: None,
@@ -405,13 +422,16 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
         cfg.rope_interleave.unwrap_or(true),
         w.device(),
     )?;
-    let head_dim = cfg.qk_head_dim().max(cfg.v_head_dim);
+    // What the KV cache holds per layer and position (the first layer's form: all share it).
+    let (n_kv_heads, head_dim) = layers
+        .first()
+        .map_or((1, 1), |l| (l.self_attn.n_kv_heads, l.self_attn.head_dim));
     let info = ModelInfo {
         architecture: "deepseek_v3".into(),
         vocab_size: cfg.vocab_size,
         n_layers: cfg.num_hidden_layers,
         hidden_size: h,
-        n_kv_heads: cfg.num_attention_heads,
+        n_kv_heads,
         head_dim,
         context_length: cfg.max_position_embeddings,
     };

@@ -7,8 +7,19 @@
 //!
 //! This module gives [`super::Attention`] its per-head queries, keys and values
 //! ([`super::QkvProj::Latent`]); the attention, the KV cache and the output projection are the
-//! shared ones. The cache holds the expanded per-head keys and values (see
-//! [`Mla::padded_head_dim`] for how values narrower than the keys are stored).
+//! shared ones, in one of two forms:
+//!
+//! - expanded: `kv_b_proj` expands every position's latent into per-head keys and values, which
+//!   the cache holds (values zero-padded to the key width, [`Mla::padded_head_dim`]);
+//! - compressed ([`Mla::absorbed`], as mlx-lm decodes and FlashMLA runs): `kv_b_proj`'s key part
+//!   is absorbed into the queries and its value part applied after the attention, so all heads
+//!   attend over one shared key/value head `[latent | rotary key]` (`kv_lora_rank +
+//!   qk_rope_head_dim` wide), which is all the cache holds. For DeepSeek-V3 (128 heads, latent
+//!   512, rope 64, keys 192 and values 128 wide) that is 2 × 576 values per position and layer
+//!   (the shared attention keeps separate key and value buffers, here equal) instead of
+//!   2 × 128 × 192 expanded: 43× less.
+//!
+//! The expanded form is the reference the compressed one is tested against.
 //!
 //! Reference: Hugging Face `modeling_deepseek_v3.py` (`DeepseekV3Attention.forward`,
 //! `expand_kv`), mlx-lm `models/deepseek_v3.py` (`DeepseekV3Attention`).
@@ -59,6 +70,42 @@ pub struct Mla {
     pub qk_rope_head_dim: usize,
     /// Width of a value head (`v_head_dim`).
     pub v_head_dim: usize,
+    /// `kv_b_proj` split per head for the compressed form, or `None` for the expanded one.
+    pub absorbed: Option<Absorbed>,
+}
+
+/// `kv_b_proj` `[heads · (nope + v), kv_lora_rank]` split per head (f32, dense), for the
+/// compressed form: a query's non-rotary part times its head's key rows gives its product with
+/// any latent, and the attention-weighted latent times the value rows the head's output.
+#[derive(Debug)]
+pub struct Absorbed {
+    /// The key rows per head `[heads, qk_nope_head_dim, kv_lora_rank]` (mlx-lm's `embed_q`,
+    /// transposed).
+    pub key: Tensor,
+    /// The value rows per head, transposed: `[heads, kv_lora_rank, v_head_dim]` (mlx-lm's
+    /// `unembed_out`, transposed).
+    pub value_t: Tensor,
+}
+
+impl Absorbed {
+    /// The split of `kv_b_proj` (dequantized where it is quantized), on its device.
+    ///
+    /// Errors: a layer that cannot be dequantized where it lives (quantized on a CUDA device),
+    /// or whose shape is not `[heads · (nope + v), kv_lora_rank]`.
+    pub fn new(
+        kv_b_proj: &Linear,
+        n_heads: usize,
+        nope: usize,
+        v: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let w = kv_b_proj.dequantized_weight()?.to_device(device)?;
+        let w = w.reshape((n_heads, nope + v, ()))?;
+        Ok(Self {
+            key: w.narrow(1, 0, nope)?.contiguous()?,
+            value_t: w.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?,
+        })
+    }
 }
 
 impl Mla {
@@ -67,19 +114,33 @@ impl Mla {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }
 
-    /// The head width the attention and the KV cache see: `max(qk_head_dim, v_head_dim)`. The
-    /// narrower of the two sides is padded with zeros to it ([`Self::heads`]): zero query/key
-    /// dimensions add nothing to the scores, zero value dimensions give zero outputs that
-    /// [`Self::values_out`] drops. DeepSeek-V3 (192 vs 128) so stores 1.5× the value bytes
-    /// of an unpadded cache; the shared attention kernels need equal widths.
+    /// The head width the attention and the KV cache see. Compressed: `kv_lora_rank +
+    /// qk_rope_head_dim`. Expanded: `max(qk_head_dim, v_head_dim)`, the narrower of the two
+    /// sides padded with zeros to it ([`Self::heads`]): zero query/key dimensions add nothing
+    /// to the scores, zero value dimensions give zero outputs that [`Self::values_out`] drops.
+    /// DeepSeek-V3 (192 vs 128) so stores 1.5× the value bytes of an unpadded cache; the shared
+    /// attention kernels need equal widths.
     pub fn padded_head_dim(&self) -> usize {
-        self.qk_head_dim().max(self.v_head_dim)
+        match self.absorbed {
+            Some(_) => self.kv_lora_rank + self.qk_rope_head_dim,
+            None => self.qk_head_dim().max(self.v_head_dim),
+        }
     }
 
-    /// Queries, keys and values `[batch, heads, seq, padded_head_dim]` of `x: [batch, seq,
-    /// hidden]` f32. Query and key heads are `[nope | rope]`, the rope parts rotated by
+    /// Key/value heads the attention and the KV cache see: 1 compressed, `n_heads` expanded.
+    pub fn kv_heads(&self) -> usize {
+        match self.absorbed {
+            Some(_) => 1,
+            None => self.n_heads,
+        }
+    }
+
+    /// Queries `[batch, heads, seq, padded_head_dim]`, keys and values `[batch, kv_heads, seq,
+    /// padded_head_dim]` of `x: [batch, seq, hidden]` f32. The rope parts are rotated by
     /// `rotate` (`[batch, heads or 1, seq, qk_rope_head_dim]` -> same, at the pass's
-    /// positions); the rotary key is computed once and shared by all heads. In
+    /// positions); the rotary key is computed once and shared by all heads. Expanded: query and
+    /// key heads `[nope | rope]`, values padded. Compressed: query heads `[q_nope · key rows |
+    /// rope]`, one key head `[latent | rope]` and the same as the value head. In
     /// [`Mode::Training`] every step is a differentiable op.
     ///
     /// Errors: shapes that do not agree with the weights.
@@ -105,7 +166,7 @@ impl Mla {
         };
         let q = q.reshape((b, s, nh, qk))?.transpose(1, 2)?;
         let q_rot = rotate(&q.narrow(3, nope, rope)?.contiguous()?)?;
-        let q = Tensor::cat(&[&q.narrow(3, 0, nope)?, &q_rot], 3)?;
+        let q_nope = q.narrow(3, 0, nope)?;
 
         let ckv = self.kv_a_proj_with_mqa.forward_mode(x, mode)?;
         if ckv.dim(2)? != r + rope {
@@ -126,7 +187,22 @@ impl Mla {
             .reshape((b, s, 1, rope))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k_rot = rotate(&k_rot)?.broadcast_as((b, nh, s, rope))?;
+        let k_rot = rotate(&k_rot)?;
+        let finish = |t: Tensor| -> Result<Tensor> {
+            Ok(if mode.is_training() {
+                t
+            } else {
+                t.contiguous()?
+            })
+        };
+        if let Some(a) = &self.absorbed {
+            let q_lat = q_nope.contiguous()?.broadcast_matmul(&a.key)?;
+            let q = Tensor::cat(&[&q_lat, &q_rot], 3)?;
+            let kv = Tensor::cat(&[&latent.unsqueeze(1)?, &k_rot], 3)?;
+            return Ok((finish(q)?, finish(kv.clone())?, finish(kv)?));
+        }
+        let q = Tensor::cat(&[&q_nope, &q_rot], 3)?;
+        let k_rot = k_rot.broadcast_as((b, nh, s, rope))?;
         let kv = self
             .kv_b_proj
             .forward_mode(&latent, mode)?
@@ -137,32 +213,39 @@ impl Mla {
         let d = self.padded_head_dim();
         let pad = |t: Tensor| -> Result<Tensor> {
             let w = t.dim(3)?;
-            let t = if w < d {
+            finish(if w < d {
                 let zeros = Tensor::zeros((b, nh, s, d - w), t.dtype(), t.device())?;
                 Tensor::cat(&[&t, &zeros], 3)?
             } else {
                 t
-            };
-            Ok(if mode.is_training() {
-                t
-            } else {
-                t.contiguous()?
             })
         };
         Ok((pad(q)?, pad(k)?, pad(v)?))
     }
 
-    /// The attention output `o: [batch, seq, heads · padded_head_dim]` without the value
-    /// padding: `[batch, seq, heads · v_head_dim]`, the input of `o_proj`.
+    /// The per-head values of the attention output `o: [batch, seq, heads ·
+    /// padded_head_dim]`: `[batch, seq, heads · v_head_dim]`, the input of `o_proj`. Expanded:
+    /// without the value padding. Compressed: each head's attention-weighted latent times its
+    /// value rows of `kv_b_proj`.
     pub fn values_out(&self, o: &Tensor) -> Result<Tensor> {
         let d = self.padded_head_dim();
-        if d == self.v_head_dim {
+        let (b, s, _) = o.dims3()?;
+        let (nh, v) = (self.n_heads, self.v_head_dim);
+        if let Some(a) = &self.absorbed {
+            let lat = o
+                .reshape((b, s, nh, d))?
+                .narrow(3, 0, self.kv_lora_rank)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let out = lat.broadcast_matmul(&a.value_t)?.transpose(1, 2)?;
+            return Ok(out.reshape((b, s, nh * v))?);
+        }
+        if d == v {
             return Ok(o.clone());
         }
-        let (b, s, _) = o.dims3()?;
-        Ok(o.reshape((b, s, self.n_heads, d))?
-            .narrow(3, 0, self.v_head_dim)?
-            .reshape((b, s, self.n_heads * self.v_head_dim))?)
+        Ok(o.reshape((b, s, nh, d))?
+            .narrow(3, 0, v)?
+            .reshape((b, s, nh * v))?)
     }
 
     /// The linear layers by Hugging Face name within the block (`self_attn.q_a_proj`, ...).
@@ -176,7 +259,90 @@ impl Mla {
             }
         }
         out.push(("self_attn.kv_a_proj_with_mqa", &mut self.kv_a_proj_with_mqa));
-        out.push(("self_attn.kv_b_proj", &mut self.kv_b_proj));
+        // The compressed form runs kv_b_proj's split, not the layer: an adapter there would
+        // change nothing.
+        if self.absorbed.is_none() {
+            out.push(("self_attn.kv_b_proj", &mut self.kv_b_proj));
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{causal_attention_capped, RopeScaling, RotaryEmbedding};
+    use candle_core::Device;
+
+    fn dense(out: usize, inp: usize, seed: u64) -> Linear {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| (((i as u64 * 7919 + seed * 104729) % 97) as f32 - 48.0) / 150.0)
+            .collect();
+        Linear::dense(Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(), None)
+    }
+
+    fn norm(d: usize) -> RmsNorm {
+        let w: Vec<f32> = (0..d).map(|i| 1.0 + 0.1 * (i as f32).sin()).collect();
+        RmsNorm::new(Tensor::from_vec(w, d, &Device::Cpu).unwrap(), 1e-6, false).unwrap()
+    }
+
+    /// Heads 3, hidden 12, latent 8, key heads 6 + 4 (nope + rope), values 5.
+    fn mla(low_rank: bool) -> Mla {
+        let (nh, h, r, nope, rope, v) = (3, 12, 8, 6, 4, 5);
+        let query = if low_rank {
+            MlaQuery::LowRank {
+                a: dense(7, h, 1),
+                norm: norm(7),
+                b: dense(nh * (nope + rope), 7, 2),
+            }
+        } else {
+            MlaQuery::Direct(dense(nh * (nope + rope), h, 3))
+        };
+        Mla {
+            query,
+            kv_a_proj_with_mqa: dense(r + rope, h, 4),
+            kv_a_layernorm: norm(r),
+            kv_b_proj: dense(nh * (nope + v), r, 5),
+            n_heads: nh,
+            kv_lora_rank: r,
+            qk_nope_head_dim: nope,
+            qk_rope_head_dim: rope,
+            v_head_dim: v,
+            absorbed: None,
+        }
+    }
+
+    /// The compressed form (one shared `[latent | rope]` head, `kv_b_proj` absorbed) gives the
+    /// expanded form's attention output, over a 9-token prefill and in both query forms.
+    #[test]
+    fn compressed_equals_expanded() {
+        let dev = Device::Cpu;
+        let rot = RotaryEmbedding::new_hf(4, 10000.0, &RopeScaling::None, true, &dev).unwrap();
+        let rotate = |t: &Tensor| rot.apply(t, 0);
+        let x = Tensor::from_vec(
+            (0..9 * 12).map(|i| (i as f32 * 0.31).sin()).collect(),
+            (1, 9, 12),
+            &dev,
+        )
+        .unwrap();
+        for low_rank in [false, true] {
+            let mut m = mla(low_rank);
+            let run = |m: &Mla| -> Vec<f32> {
+                let (q, k, v) = m.heads(&x, &rotate, Mode::Inference).unwrap();
+                assert_eq!(k.dim(1).unwrap(), m.kv_heads());
+                assert_eq!(q.dim(3).unwrap(), m.padded_head_dim());
+                let o = causal_attention_capped(&q, &k, &v, 0.3, None, None, None, None).unwrap();
+                let o = m.values_out(&o).unwrap();
+                assert_eq!(o.dims(), [1, 9, 3 * 5]);
+                o.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let want = run(&m);
+            m.absorbed = Some(Absorbed::new(&m.kv_b_proj, 3, 6, 5, &dev).unwrap());
+            assert_eq!((m.kv_heads(), m.padded_head_dim()), (1, 12));
+            let got = run(&m);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "low rank {low_rank}: {a} vs {b}");
+            }
+        }
     }
 }

@@ -22,7 +22,7 @@ pub use attention::{
 };
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
-pub use mla::{Mla, MlaQuery};
+pub use mla::{Absorbed, Mla, MlaQuery};
 pub use mlp::{Activation, GateUp, GatedMlp};
 pub use mode::{Mode, Numerics};
 pub use moe::{GroupLimit, Moe, Router, Scoring, SharedExpert};

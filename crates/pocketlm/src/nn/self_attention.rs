@@ -42,10 +42,10 @@ pub enum QkvProj {
     /// `q_proj` only: the layer attends over the keys and values of an earlier layer (Gemma 4's
     /// KV-shared layers, `num_kv_shared_layers`), given to [`Attention::forward_kv`].
     QueryOnly(Linear),
-    /// Multi-head latent attention (DeepSeek-V3): per-head queries, keys and values from a
-    /// compressed latent, rotary only on part of each head, values zero-padded to the key
-    /// width ([`Mla::heads`]); the layer's `head_dim` is [`Mla::padded_head_dim`], its key/value
-    /// heads its query heads, and RoPE is applied by [`Mla::heads`] itself.
+    /// Multi-head latent attention (DeepSeek-V3): queries, keys and values from a compressed
+    /// latent, rotary only on part of each head ([`Mla::heads`], expanded per head or
+    /// compressed to one shared head); the layer's `head_dim` is [`Mla::padded_head_dim`], its
+    /// key/value heads [`Mla::kv_heads`], and RoPE is applied by [`Mla::heads`] itself.
     Latent(Box<Mla>),
 }
 

@@ -306,9 +306,15 @@ fn gpt_oss_hf_mxfp4_matches_transformers() -> Res<()> {
 /// too.
 #[test]
 fn gpt_oss_batched_decode_matches_single() -> Res<()> {
+    check_batched_decode("gpt_oss")
+}
+
+/// The batched decode of model `name` equals one-sequence decoding for 8 greedy steps after
+/// its 3 golden prompts (logits within 1e-4).
+fn check_batched_decode(name: &str) -> Res<()> {
     use pocketlm::models::BatchRow;
-    let g = tensors("gpt_oss.golden.safetensors")?;
-    let m = load(path("gpt_oss"), &cpu())?;
+    let g = tensors(&format!("{name}.golden.safetensors"))?;
+    let m = load(path(name), &cpu())?;
     let dev = m.model.device();
     let mut single = Vec::new();
     let mut batched = Vec::new();
@@ -346,7 +352,7 @@ fn gpt_oss_batched_decode_matches_single() -> Res<()> {
             .map(|w| Ok(w.argmax(0)?.to_scalar::<u32>()?))
             .collect::<Res<Vec<_>>>()?;
     }
-    println!("gpt_oss: batched decode vs single, max logit diff {worst:.1e} over 8 steps");
+    println!("{name}: batched decode vs single, max logit diff {worst:.1e} over 8 steps");
     Ok(())
 }
 
@@ -466,6 +472,25 @@ fn deepseek_v3_matches_transformers() -> Res<()> {
 #[test]
 fn deepseek_v3_lite_matches_transformers() -> Res<()> {
     check_float("deepseek_v3_lite", "deepseek_v3")
+}
+
+/// The KV cache holds the compressed form: one `[latent | rotary key]` head of 32 + 16 per
+/// layer and position (the expanded form would be 2 heads of 48), in one-sequence and batched
+/// decode alike.
+#[test]
+fn deepseek_v3_cache_is_compressed_and_batched_decode_matches() -> Res<()> {
+    let m = load(path("deepseek_v3"), &cpu())?;
+    let info = m.model.info();
+    assert_eq!((info.n_kv_heads, info.head_dim), (1, 48));
+    let mut cache = m.model.new_cache();
+    let ids = tensors("deepseek_v3.golden.safetensors")?["ids0"].unsqueeze(0)?;
+    m.model.forward(&ids, &mut cache, Logits::Last)?;
+    let state = cache
+        .layer(0)
+        .and_then(|l| l.state().transpose())
+        .ok_or("empty cache")??;
+    assert_eq!(state.0.dims(), [1, 1, 20, 48]);
+    check_batched_decode("deepseek_v3")
 }
 
 /// mlx-lm's 4-bit folder (`kv_b_proj` split into quantized per-head `embed_q` /
