@@ -293,16 +293,19 @@ fn attention(w: &dyn Weights, p: &str, cfg: &DeepseekV3Config) -> Result<Attenti
         },
     };
     let kv_b_proj = kv_b_proj(w, &a, cfg)?;
-    // The compressed form wherever kv_b_proj can be split (every format on the CPU; a layer
-    // quantized on a CUDA device keeps the expanded form).
-    let absorbed = Absorbed::new(
+    // The compressed form wherever kv_b_proj can be split: every format on the CPU; a layer
+    // quantized on a CUDA device, which cannot be dequantized there, keeps the expanded form.
+    let absorbed = match Absorbed::new(
         &kv_b_proj,
         nh,
         cfg.qk_nope_head_dim,
         cfg.v_head_dim,
         w.device(),
-    )
-    .ok();
+    ) {
+        Ok(a) => Some(a),
+        Err(_) if w.device().is_cuda() => None,
+        Err(e) => return Err(e),
+    };
     let mla = Mla {
         query,
         kv_a_proj_with_mqa: w.linear(

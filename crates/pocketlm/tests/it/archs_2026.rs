@@ -504,3 +504,18 @@ fn deepseek_v3_cache_is_compressed_and_batched_decode_matches() -> Res<()> {
 fn deepseek_v3_mlx_q4_matches_mlx_lm() -> Res<()> {
     check_mlx_q4_logits("deepseek_v3", 7.0)
 }
+
+/// The training forward (differentiable ops through the latent attention, the router's choice
+/// and the experts) gives the inference path's hidden states after all 3 blocks.
+#[test]
+fn deepseek_v3_training_forward_matches_inference() -> Res<()> {
+    let m = load(path("deepseek_v3"), &cpu())?;
+    let t = m.model.trainable().ok_or("deepseek_v3 is not trainable")?;
+    let ids = tensors("deepseek_v3.golden.safetensors")?["ids1"].unsqueeze(0)?;
+    let embedded = t.hidden_states(&ids, 0)?;
+    let want = t.hidden_states(&ids, 3)?;
+    let got = t.forward_blocks(&embedded, 0..3, false)?;
+    let d = max_abs_diff(&got, &want)?;
+    assert!(d <= 1e-4, "training vs inference forward: {d}");
+    Ok(())
+}
