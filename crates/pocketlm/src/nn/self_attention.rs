@@ -474,8 +474,8 @@ impl Attention {
         self.output(&o, mode)
     }
 
-    /// The output projection of the attention output `o: [batch, seq, heads · head_dim]`
-    /// (for latent attention without its value padding, [`Mla::values_out`]).
+    /// The output projection of the attention output `o: [batch, seq, heads · head_dim]` (for
+    /// latent attention of its per-head values, [`Mla::values_out`]).
     fn output(&self, o: &Tensor, mode: Mode) -> Result<Tensor> {
         match &self.qkv {
             QkvProj::Latent(m) => self.o_proj.forward_mode(&m.values_out(o)?, mode),
