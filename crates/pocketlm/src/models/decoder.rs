@@ -8,7 +8,8 @@ use candle_core::Tensor;
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::models::{DecodePlan, LinearSlot, Logits, PlanBlock};
 use crate::nn::{
-    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, RmsNorm, RotaryEmbedding,
+    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, QkvProj, RmsNorm,
+    RotaryEmbedding,
 };
 use crate::weights::QkRowOrder;
 use crate::{Error, Result};
@@ -324,7 +325,7 @@ impl Decoder {
     }
 
     /// The one-token step as data ([`DecodePlan`]); `None` when a block has no plan form (a
-    /// mixture of experts, or attention without RoPE).
+    /// mixture of experts, attention without RoPE, with sinks, or latent attention).
     pub fn decode_plan<'a>(
         &'a self,
         rope: &'a RotaryEmbedding,
@@ -336,8 +337,10 @@ impl Decoder {
             .map(|b| {
                 Some(PlanBlock {
                     attn_norm: &b.input_layernorm,
-                    attention: (b.self_attn.rope && b.self_attn.sinks.is_none())
-                        .then_some(&b.self_attn)?,
+                    attention: (b.self_attn.rope
+                        && b.self_attn.sinks.is_none()
+                        && !matches!(b.self_attn.qkv, QkvProj::Latent(_)))
+                    .then_some(&b.self_attn)?,
                     mlp_norm: &b.post_attention_layernorm,
                     mlp: b.mlp.dense()?,
                 })

@@ -172,6 +172,7 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
                 norm_topk_prob: true,
                 selection_bias: None,
                 scale: 1.0,
+                groups: None,
             },
             experts: experts(w, p, shape, activation)?,
             shared: None,

@@ -125,10 +125,12 @@ impl LlamaVariant {
     };
 }
 
-fn default_eps() -> f64 {
+/// The RMSNorm epsilon when config.json has none (also DeepSeek-V3's).
+pub(crate) fn default_eps() -> f64 {
     1e-6
 }
-fn default_theta() -> f64 {
+/// The RoPE base when config.json has none (also DeepSeek-V3's).
+pub(crate) fn default_theta() -> f64 {
     10000.0
 }
 fn default_ctx() -> usize {
@@ -312,6 +314,23 @@ impl Llama {
 }
 
 impl Llama {
+    /// A model of Llama's interface from a decoder an architecture built itself (DeepSeek-V3's
+    /// latent attention), with Hugging Face's q/k row order.
+    pub(crate) fn from_parts(
+        decoder: Decoder,
+        rope: RotaryEmbedding,
+        info: ModelInfo,
+        device: Device,
+    ) -> Self {
+        Self {
+            decoder,
+            rope,
+            qk_rows: QkRowOrder::HuggingFace,
+            info,
+            device,
+        }
+    }
+
     /// Sets every layer's query temperature (Ministral 3's Llama-4 scaling).
     pub(crate) fn set_query_temperature(&mut self, t: Option<QueryTemperature>) {
         for l in &mut self.decoder.layers {

@@ -5,6 +5,7 @@ pub mod bert;
 mod build;
 pub mod decode_plan;
 pub mod decoder;
+pub mod deepseek_v3;
 pub mod gemma;
 pub mod gemma4;
 mod gguf_config;
@@ -499,6 +500,14 @@ pub static REGISTRY: &[Architecture] = &[
         build: ministral3::build,
     },
     Architecture {
+        model_types: &["deepseek_v3"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: gguf_config::common, // unused: no GGUF architecture listed
+        build: deepseek_v3::build,
+    },
+    Architecture {
         model_types: &["gpt_oss"],
         gguf_architectures: &[],
         gguf_names: None,
@@ -634,6 +643,7 @@ mod tests {
             "qwen3_moe",
             "smollm3",
             "gpt_oss",
+            "deepseek_v3",
             "gemma2",
             "gemma3_text",
             "gemma3",

@@ -1,13 +1,14 @@
 //! Layers shared by the architectures: linear layers that may be dense or quantized,
-//! embeddings, RMSNorm, rotary position embeddings, the self-attention layer and the gated
-//! MLP and the mixture-of-experts layer, the causal depthwise convolution of LFM2's short
-//! convolutions, each running in a [`Mode`] (inference or training);
-//! LayerNorm and sentence-embedding pooling for encoders.
+//! embeddings, RMSNorm, rotary position embeddings, the self-attention layer (with the
+//! projections of multi-head latent attention), the gated MLP and the mixture-of-experts layer,
+//! the causal depthwise convolution of LFM2's short convolutions, each running in a [`Mode`]
+//! (inference or training); LayerNorm and sentence-embedding pooling for encoders.
 
 pub mod attention;
 pub mod conv;
 pub mod linear;
 pub mod lora;
+pub mod mla;
 pub mod mlp;
 pub mod mode;
 pub mod moe;
@@ -23,9 +24,10 @@ pub use attention::{
 pub use conv::CausalConv1d;
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
+pub use mla::{Absorbed, Mla, MlaQuery};
 pub use mlp::{Activation, GateUp, GatedMlp};
 pub use mode::{Mode, Numerics};
-pub use moe::{Moe, Router, Scoring, SharedExpert};
+pub use moe::{GroupLimit, Moe, Router, Scoring, SharedExpert};
 pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{gelu_tanh, softcap};
 pub use pooling::Pooling;

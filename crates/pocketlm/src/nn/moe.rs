@@ -41,6 +41,47 @@ pub struct Router {
     pub selection_bias: Option<Vec<f32>>,
     /// Multiplies the final weights (DeepSeek-V3's `routed_scaling_factor`; 1 elsewhere).
     pub scale: f32,
+    /// Group-limited choice (DeepSeek-V3's `n_group` / `topk_group`), if any.
+    pub groups: Option<GroupLimit>,
+}
+
+/// DeepSeek-V3's group-limited expert choice (`n_group`, `topk_group`; transformers'
+/// `DeepseekV3TopkRouter.forward`, mlx-lm `group_expert_select`): the experts are split in
+/// index order into `n_groups` equal groups, each group is scored by the sum of its two highest
+/// selection keys (scores plus [`Router::selection_bias`]), and only the experts of the
+/// `top_groups` best groups may be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimit {
+    /// Groups (`n_group`, a divisor of the expert count).
+    pub n_groups: usize,
+    /// Groups whose experts may be chosen (`topk_group`).
+    pub top_groups: usize,
+}
+
+impl GroupLimit {
+    /// Which of the `keys.len()` experts may be chosen; among groups of equal score the lower
+    /// index wins. All of them when there is one group or the count does not divide evenly
+    /// (the architectures check their configs for that).
+    pub fn allowed(&self, keys: &[f32]) -> Vec<bool> {
+        let n = keys.len();
+        if self.n_groups <= 1 || !n.is_multiple_of(self.n_groups) {
+            return vec![true; n];
+        }
+        let size = n / self.n_groups;
+        let score = |g: usize| -> f32 {
+            let mut k: Vec<f32> = keys[g * size..(g + 1) * size].to_vec();
+            k.sort_by(|a, b| b.total_cmp(a));
+            k.iter().take(2).sum()
+        };
+        let scores: Vec<f32> = (0..self.n_groups).map(score).collect();
+        let mut order: Vec<usize> = (0..self.n_groups).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        let mut allowed = vec![false; n];
+        for &g in order.iter().take(self.top_groups) {
+            allowed[g * size..(g + 1) * size].fill(true);
+        }
+        allowed
+    }
 }
 
 impl Router {
@@ -48,7 +89,8 @@ impl Router {
     /// `(expert, weight)` best first; among equal scores the lower index wins.
     ///
     /// Scores are `softmax(logits)` or `sigmoid(logits)` ([`Scoring`]); the `top_k` highest
-    /// (after adding [`Self::selection_bias`]) are chosen; their weights are their scores,
+    /// (after adding [`Self::selection_bias`]; within the groups [`Self::groups`] allows) are
+    /// chosen; their weights are their scores,
     /// divided by their sum when [`Self::norm_topk_prob`], times [`Self::scale`] (transformers'
     /// `Qwen3MoeTopKRouter.forward`, `DeepseekV3TopkRouter`).
     pub fn select(&self, logits: &[f32]) -> Vec<(usize, f32)> {
@@ -65,7 +107,11 @@ impl Router {
             Some(b) => scores[e] + b.get(e).copied().unwrap_or(0.0),
             None => scores[e],
         };
-        let mut order: Vec<usize> = (0..scores.len()).collect();
+        let allowed = match &self.groups {
+            Some(g) => g.allowed(&(0..scores.len()).map(key).collect::<Vec<_>>()),
+            None => vec![true; scores.len()],
+        };
+        let mut order: Vec<usize> = (0..scores.len()).filter(|&e| allowed[e]).collect();
         // Stable: equal keys keep index order.
         order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
         order.truncate(self.top_k.min(scores.len()));
@@ -219,6 +265,7 @@ mod tests {
             norm_topk_prob: norm,
             selection_bias: None,
             scale: 1.0,
+            groups: None,
         }
     }
 
@@ -242,6 +289,30 @@ mod tests {
         let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
         assert!((got[0].1 - 2.0 * sig(1.0)).abs() < 1e-6, "{got:?}");
         assert_eq!(got[1].0, 1);
+    }
+
+    #[test]
+    fn group_limit_keeps_the_best_groups() {
+        // 6 experts in 3 groups of 2; group sums of the top 2: 0.9, 1.5, 1.1.
+        let keys = [0.5f32, 0.4, 0.9, 0.6, 0.2, 0.9];
+        let g = GroupLimit {
+            n_groups: 3,
+            top_groups: 2,
+        };
+        assert_eq!(g.allowed(&keys), [false, false, true, true, true, true]);
+        let mut r = router(dense(6, 2, 0), Scoring::Sigmoid, true);
+        r.groups = Some(GroupLimit {
+            n_groups: 3,
+            top_groups: 1,
+        });
+        r.top_k = 2;
+        // Expert 0 has the highest single logit, but group 1 (experts 2, 3) the best pair.
+        let logits = [3.0f32, -3.0, 2.0, 2.0, -1.0, -1.0];
+        let got = r.select(&logits);
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), vec![2, 3]);
+        assert!((got[0].1 - 0.5).abs() < 1e-6, "{got:?}");
+        r.groups = None;
+        assert_eq!(r.select(&logits)[0].0, 0);
     }
 
     /// The gathered forward equals the per-token definition (each token through its top-k

@@ -366,6 +366,20 @@ impl RotaryEmbedding {
         Self::build(rotary_dim, theta, scaling, interleaved, true, device)
     }
 
+    /// Like [`Self::new`], but the angles follow Hugging Face's numerics (`pos · inv_freq`)
+    /// whatever the pair layout: for checkpoints whose rotary dimensions are interleaved pairs
+    /// in Hugging Face's own layout (DeepSeek-V3's `rope_interleave`, transformers'
+    /// `apply_rotary_pos_emb_interleave`, mlx-lm's `traditional=True`).
+    pub fn new_hf(
+        rotary_dim: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        interleaved: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(rotary_dim, theta, scaling, interleaved, false, device)
+    }
+
     fn build(
         rotary_dim: usize,
         theta: f64,

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{causal_attention_capped, causal_attention_diff, causal_mask};
-use super::{Linear, Mode, RmsNorm, RotaryEmbedding};
+use super::{Linear, Mla, Mode, RmsNorm, RotaryEmbedding};
 use crate::kv_cache::LayerKvCache;
 use crate::{Error, Result};
 
@@ -42,6 +42,11 @@ pub enum QkvProj {
     /// `q_proj` only: the layer attends over the keys and values of an earlier layer (Gemma 4's
     /// KV-shared layers, `num_kv_shared_layers`), given to [`Attention::forward_kv`].
     QueryOnly(Linear),
+    /// Multi-head latent attention (DeepSeek-V3): queries, keys and values from a compressed
+    /// latent, rotary only on part of each head ([`Mla::heads`], expanded per head or
+    /// compressed to one shared head); the layer's `head_dim` is [`Mla::padded_head_dim`], its
+    /// key/value heads [`Mla::kv_heads`], and RoPE is applied by [`Mla::heads`] itself.
+    Latent(Box<Mla>),
 }
 
 /// Where [`Attention::forward_kv`] takes its keys and values from.
@@ -300,7 +305,7 @@ impl Attention {
                 self.attend_cached(q, &k, &v, pass, cache)?
             }
         };
-        self.o_proj.forward_mode(&o, mode)
+        self.output(&o, mode)
     }
 
     /// Inference attention whose keys and values may be shared between layers (Gemma 4's
@@ -333,7 +338,7 @@ impl Attention {
             }
         };
         let o = self.attend_general(q, &k, &v, pass)?;
-        Ok((self.o_proj.forward_mode(&o, mode)?, (k, v)))
+        Ok((self.output(&o, mode)?, (k, v)))
     }
 
     /// The queries `[batch, heads, seq, head_dim]` and (unless the layer only has `q_proj`)
@@ -347,6 +352,11 @@ impl Attention {
         pass: &AttentionPass<'_>,
         mode: Mode,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        if let QkvProj::Latent(m) = &self.qkv {
+            let rotate = |t: &Tensor| pass.rope.apply_mode(t, &pass.cos, &pass.sin, mode);
+            let (q, k, v) = m.heads(x, &rotate, mode)?;
+            return Ok((q, Some((k, v))));
+        }
         let (b, s, _) = x.dims3()?;
         let (q, kv) = self.project(x, mode)?;
         let shape = |t: Tensor, h: usize| -> Result<Tensor> {
@@ -490,7 +500,16 @@ impl Attention {
             start += n;
         }
         let o = Tensor::cat(&outs, 1)?;
-        self.o_proj.forward_mode(&o, mode)
+        self.output(&o, mode)
+    }
+
+    /// The output projection of the attention output `o: [batch, seq, heads · head_dim]` (for
+    /// latent attention of its per-head values, [`Mla::values_out`]).
+    fn output(&self, o: &Tensor, mode: Mode) -> Result<Tensor> {
+        match &self.qkv {
+            QkvProj::Latent(m) => self.o_proj.forward_mode(&m.values_out(o)?, mode),
+            _ => self.o_proj.forward_mode(o, mode),
+        }
     }
 
     /// q and (unless the layer only has `q_proj`) k and v `[batch, seq, heads · head_dim]`
@@ -526,6 +545,9 @@ impl Attention {
                 Ok((q.forward_mode(x, mode)?, Some((k.clone(), k))))
             }
             QkvProj::QueryOnly(q) => Ok((q.forward_mode(x, mode)?, None)),
+            QkvProj::Latent(_) => Err(Error::InvalidArgument(
+                "latent attention projects its heads itself (Mla::heads)".into(),
+            )),
         }
     }
 
@@ -547,6 +569,9 @@ impl Attention {
                 out.push(("self_attn.k_proj", k, Some(nkv)));
             }
             QkvProj::QueryOnly(q) => out.push(("self_attn.q_proj", q, Some(nh))),
+            QkvProj::Latent(m) => {
+                out.extend(m.linears_mut().into_iter().map(|(n, l)| (n, l, None)))
+            }
         }
         out.push(("self_attn.o_proj", &mut self.o_proj, None));
         out
