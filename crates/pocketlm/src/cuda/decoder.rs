@@ -30,9 +30,10 @@ use crate::{Error, Result};
 /// `max(min_chunk, ceil(len / splits))` positions and the blocks past the last split exit at
 /// once, so one recorded graph serves every length; a short context uses few blocks (and the
 /// merge few partial results), a long one `splits` blocks per key/value head.
-/// `POCKETLM_ATTN_SPLITS` and `POCKETLM_ATTN_MIN_CHUNK` override the defaults (32 and 16: 32
-/// splits was the fastest of `gpu-selftest`'s sweep on the H200, 15.5 us at 4096 positions and
-/// 31.8 us at 16384 for 8B shapes, against 32.4 and 50.1 us with 128).
+/// `POCKETLM_ATTN_SPLITS` and `POCKETLM_ATTN_MIN_CHUNK` override the defaults (64 and 16: the
+/// fastest decode of five settings on the H200, 8B Q4_0 tg128 389.1 t/s at depth 4096 and
+/// 292.4 at 16384, against 381.5 and 273.6 with 32 splits; with the merge in its own kernel,
+/// more splits no longer cost a longer serial merge).
 /// With an f16 cache the splits run on the tensor cores (`attn_mma_*`) unless
 /// `POCKETLM_ATTN_KERNEL=simt` (`attn_gqa_*`, which an f32 cache always takes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +56,7 @@ impl AttnSplit {
         };
         let simt = std::env::var("POCKETLM_ATTN_KERNEL").is_ok_and(|v| v == "simt");
         Self::new(
-            var("POCKETLM_ATTN_SPLITS", 32),
+            var("POCKETLM_ATTN_SPLITS", 64),
             var("POCKETLM_ATTN_MIN_CHUNK", 16),
             !simt,
         )
@@ -148,9 +149,6 @@ struct Buffers {
     out: CudaSlice<f32>,
     params: CudaSlice<i32>,
     kv: CudaSlice<u64>,
-    /// Per group of query heads sharing an attention block, the blocks done (the last one
-    /// merges; it resets the count).
-    done: CudaSlice<u32>,
 }
 
 /// The fused decode step (see the module documentation). Not thread-safe: hold it behind a
@@ -196,7 +194,6 @@ struct Ptrs {
     out: u64,
     params: u64,
     kv: u64,
-    done: u64,
     cos: u64,
     sin: u64,
 }
@@ -272,7 +269,6 @@ impl CudaDecoder {
             out: dev.alloc_zeros::<f32>(out_len)?,
             params: dev.alloc_zeros::<i32>(4)?,
             kv: dev.alloc_zeros::<u64>(2 * spec.layers.len())?,
-            done: dev.alloc_zeros::<u32>(nh)?,
         };
         let stream = dev.cuda_stream();
         let p = |s: &dyn DevicePtrU64| s.ptr(&stream);
@@ -287,7 +283,6 @@ impl CudaDecoder {
             out: p(&buf.out),
             params: p(&buf.params),
             kv: p(&buf.kv),
-            done: p(&buf.done),
             cos: tensor_ptr(&spec.cos, &stream)?,
             sin: tensor_ptr(&spec.sin, &stream)?,
         };
@@ -448,7 +443,6 @@ impl CudaDecoder {
                     layer: li,
                     part_o: p.part_o,
                     part_ml: p.part_ml,
-                    done: p.done,
                     xq: p.xq,
                     xd: p.xd,
                 },
@@ -488,7 +482,8 @@ impl CudaDecoder {
     }
 }
 
-/// Device addresses the decode attention kernel takes (see `attn_gqa` in qmatrix.cu).
+/// Device addresses the decode attention kernels take (see `attn_gqa` and `attn_merge` in
+/// qmatrix.cu).
 struct AttnArgs {
     q: u64,
     params: u64,
@@ -496,16 +491,15 @@ struct AttnArgs {
     layer: i32,
     part_o: u64,
     part_ml: u64,
-    done: u64,
     xq: u64,
     xd: u64,
 }
 
-/// Launches the decode attention (`attn_mma_d{hd}_g{G}_f16`, or `attn_gqa_d{hd}_g{G}_{f32|f16}`
-/// for the cache's dtype): grid
-/// (n_heads / G, `split.splits`) of 128 threads. `part_o` holds `n_heads * splits * head_dim`
-/// f32, `part_ml` `n_heads * splits` (max, sum) pairs, `done` `n_heads` zeroed u32. Safe to
-/// capture in a CUDA graph.
+/// Launches the decode attention: the splits (`attn_mma_d{hd}_g{G}_f16`, or
+/// `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G, `split.splits`) of
+/// 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one block of 512
+/// threads a head). `part_o` holds `n_heads * splits * head_dim` f32, `part_ml` `n_heads *
+/// splits` (max, sum) pairs. Safe to capture in a CUDA graph.
 fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
@@ -533,18 +527,26 @@ fn launch_attention(
         .arg(nhi)
         .arg(nkvi);
     b.arg(scale).arg(min_chunk);
-    b.arg(a.part_o)
-        .arg(a.part_ml)
-        .arg(a.done)
-        .arg(a.xq)
-        .arg(a.xd);
+    b.arg(a.part_o).arg(a.part_ml);
     let cfg = LaunchConfig {
         grid_dim: ((nh / g) as u32, split.splits as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
+    let stream = dev.cuda_stream();
     // SAFETY: attn_*'s parameters, in order; the buffers documented above.
-    unsafe { b.launch(&dev.cuda_stream(), cfg) }
+    unsafe { b.launch(&stream, cfg) }?;
+    let merge = dev.get_or_load_custom_func(&format!("attn_merge_d{hd}"), MODULE, PTX)?;
+    let mut b = Launch::new(&merge);
+    b.arg(a.params).arg(min_chunk).arg(split.splits as i32);
+    b.arg(a.part_o).arg(a.part_ml).arg(a.xq).arg(a.xd);
+    let cfg = LaunchConfig {
+        grid_dim: (nh as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: attn_merge's parameters, in order; the buffers documented above.
+    unsafe { b.launch(&stream, cfg) }
 }
 
 /// Device buffers for one decode attention call of `q: [n_heads, hd]` over `k`, `v: [n_kv, cap,
@@ -557,7 +559,7 @@ struct AttnTest {
         CudaSlice<i32>,
         CudaSlice<u64>,
     ),
-    _work: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<u32>),
+    _work: (CudaSlice<f32>, CudaSlice<f32>),
     xq: CudaSlice<i8>,
     xd: CudaSlice<f32>,
     args: AttnArgs,
@@ -595,7 +597,6 @@ impl AttnTest {
         let kv = stream.clone_htod(&[kb.ptr(&stream), vb.ptr(&stream)]).w()?;
         let part_o = dev.alloc_zeros::<f32>(nh * MAX_SPLITS * hd)?;
         let part_ml = dev.alloc_zeros::<f32>(2 * nh * MAX_SPLITS)?;
-        let done = dev.alloc_zeros::<u32>(nh)?;
         let xq = dev.alloc_zeros::<i8>(nh * hd)?;
         let xd = dev.alloc_zeros::<f32>(nh * hd / 16)?;
         let args = AttnArgs {
@@ -605,13 +606,12 @@ impl AttnTest {
             layer: 0,
             part_o: part_o.ptr(&stream),
             part_ml: part_ml.ptr(&stream),
-            done: done.ptr(&stream),
             xq: xq.ptr(&stream),
             xd: xd.ptr(&stream),
         };
         Ok(Self {
             _bufs: (qb, kb, vb, params, kv),
-            _work: (part_o, part_ml, done),
+            _work: (part_o, part_ml),
             xq,
             xd,
             args,
@@ -621,8 +621,8 @@ impl AttnTest {
 
 /// Test helper: the decode attention of `q: [n_heads, hd]` over the first `len` positions of
 /// `k`, `v: [n_kv, cap, hd]` (stored on the device as f16 when `kv_f16`, else f32), run twice
-/// with the default split and once with each of a few others (each run checks that the merge
-/// counters reset, and the returned result is the last), on the tensor cores or not, returned
+/// with the default split and once with each of a few others (the returned result is the
+/// last: a split count's stale partial results must not leak into the next), on the tensor cores or not, returned
 /// as the 8-bit codes times their block scale: `[n_heads * hd]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_attention(
@@ -687,6 +687,8 @@ pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
                 (256, 16),
                 (64, 128),
                 (128, 64),
+                (64, 64),
+                (128, 128),
             ] {
                 let split = AttnSplit::new(splits, min_chunk, tc);
                 for _ in 0..5 {

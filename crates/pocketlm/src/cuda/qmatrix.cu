@@ -50,8 +50,9 @@ __device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
 // finishes. pdl_enter() first waits until that kernel has completed and its writes are visible
 // (griddepcontrol.wait), so everything after it runs as if launched in order, then lets the
 // next kernel start launching (griddepcontrol.launch_dependents). Every kernel the decode step
-// launches calls it before its first memory access; for a kernel launched without the
-// attribute both instructions do nothing.
+// launches calls it before it reads or writes anything another kernel of the step writes (the
+// GEMVs prefetch their weights, and RMSNorm loads its weight, before it); for a kernel
+// launched without the attribute both instructions do nothing.
 __device__ __forceinline__ void pdl_enter() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -180,6 +181,34 @@ __device__ __forceinline__ void rows_dot(const uint8_t *__restrict__ qs,
   }
 }
 
+// Asks L2 for the R weight rows rr[] (codes, scales, biases) of a GEMV block, one request per
+// 128-byte line spread over the block's threads. The weights do not depend on the kernel
+// before in the stream, so the GEMVs issue this before pdl_enter(): with programmatic dependent
+// launch their blocks become resident while that kernel (RMSNorm, attention, quantization) is
+// still running, and the weights stream in during it instead of after it.
+template <int BITS, bool BIAS, typename S, int R>
+__device__ __forceinline__ void prefetch_rows(const uint8_t *__restrict__ qs,
+                                              const S *__restrict__ sc,
+                                              const S *__restrict__ bi, const int *rr, int cols,
+                                              int group) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const size_t row_bytes = (size_t)cols * BITS / 8, par_bytes = (size_t)(cols / group) * sizeof(S);
+#pragma unroll
+  for (int k = 0; k < R; k++) {
+    const uint8_t *q = qs + (size_t)rr[k] * row_bytes;
+    for (size_t o = (size_t)threadIdx.x * 128; o < row_bytes; o += (size_t)blockDim.x * 128)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
+    const uint8_t *sp = reinterpret_cast<const uint8_t *>(sc) + (size_t)rr[k] * par_bytes;
+    for (size_t o = (size_t)threadIdx.x * 128; o < par_bytes; o += (size_t)blockDim.x * 128) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(sp + o));
+      if (BIAS)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(
+            reinterpret_cast<const uint8_t *>(bi) + (size_t)rr[k] * par_bytes + o));
+    }
+  }
+#endif
+}
+
 // y[i, r] (op)= row r . x_i for the activation row i = blockIdx.y. Block b takes R weight rows.
 // EPI 0: write; 1: add to y (a residual); 2: SwiGLU, y[i, r] = silu(row r . x) * (row r+rows . x)
 // (gate rows first, then up rows, stacked in one matrix of 2*rows rows; block b takes outputs
@@ -189,7 +218,6 @@ __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                       const S *__restrict__ bi, const int8_t *__restrict__ xq,
                       const float2 *__restrict__ xd, float *__restrict__ y, int rows, int cols,
                       int group) {
-  pdl_enter();
   constexpr int H = R / 2;
   const int blk = blockIdx.x;
   const int first = EPI == 2 ? blk * H : blk * R;
@@ -202,6 +230,8 @@ __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
     else
       rr[k] = min(first + k, rows - 1);
   }
+  if (blockIdx.y == 0) prefetch_rows<BITS, BIAS, S, R>(qs, sc, bi, rr, cols, group);
+  pdl_enter();
   const int i = blockIdx.y;
   float tot[R];
   rows_dot<BITS, SIGNED, BIAS, S, R>(qs, sc, bi, xq + (size_t)i * cols,
@@ -235,7 +265,6 @@ __device__ void qgemv_rope(const uint8_t *__restrict__ qs, const S *__restrict__
                            const int *__restrict__ params, const unsigned long long *__restrict__ kv,
                            int layer, float *__restrict__ q_out, int n_heads, int n_kv, int hd,
                            int interleaved, int kv_half) {
-  pdl_enter();
   const int half = hd >> 1;
   const int pairs_qk = (n_heads + n_kv) * half;
   const int blk = blockIdx.x;
@@ -253,6 +282,8 @@ __device__ void qgemv_rope(const uint8_t *__restrict__ qs, const S *__restrict__
     rr[0] = (n_heads + n_kv) * hd + 2 * (blk - pairs_qk);
     rr[1] = rr[0] + 1;
   }
+  prefetch_rows<BITS, BIAS, S, 2>(qs, sc, bi, rr, cols, group);
+  pdl_enter();
   float tot[2];
   rows_dot<BITS, SIGNED, BIAS, S, 2>(qs, sc, bi, xq, xd, rr, cols, group, tot);
   if (threadIdx.x != 0) return;
@@ -530,9 +561,10 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
 // the last needed split exit at once (the graph is recorded once, with gridDim.y = the most
 // splits). Each warp walks ATTN_TILE positions at a time (independent loads in flight), with an
 // online softmax (Milakov & Gimelshein 2018); the block writes the unnormalized output and
-// (max, sum) per head, and the last block of the group to finish (counted in done[g], reset
-// after) merges the splits and quantizes the heads' outputs for the output projection.
-// head_dim = 32 * EPL.
+// (max, sum) per head, and attn_merge (the next kernel) merges the splits and quantizes the
+// heads' outputs for the output projection. (A last-block merge inside this kernel, behind a
+// fence and an atomic counter, cost about 0.14 us a split on the H200: 4.4 us a call at 32
+// splits.) head_dim = 32 * EPL.
 #define ATTN_TILE 8
 // Most splits (gridDim.y) the merge takes.
 #define ATTN_MAX_SPLITS 256
@@ -597,24 +629,19 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned *r, const __half *p) {
                : "r"(a));
 }
 
-// Shared memory of the end of a split (attn_finish): per warp and head the unnormalized output,
-// max and sum; then the merge's split weights.
+// Shared memory of the end of a split (attn_split_out): per warp and head the unnormalized
+// output, max and sum.
 template <int G, int HD> struct AttnFinishSmem {
   float o[4][G][HD];
   float m[4][G], l[4][G];
-  float f[G][ATTN_MAX_SPLITS], ml[G][ATTN_MAX_SPLITS][2], inv[G];
 };
 
 // The end of a split block: its 4 warps have written their (unnormalized output, max, sum) per
 // head into sm (natural-log units); the block combines them into its split's part_o / part_ml,
-// and the last block of the group to finish (counted in done[grp], reset after) merges the
-// splits and quantizes the heads' outputs for the output projection.
+// which attn_merge then combines over the splits.
 template <int G, int HD>
-__device__ void attn_finish(AttnFinishSmem<G, HD> &sm, int h0, int grp, int sp, int maxsplit,
-                            int nsplit, float *__restrict__ part_o, float2 *__restrict__ part_ml,
-                            unsigned int *__restrict__ done, int8_t *__restrict__ xq,
-                            float2 *__restrict__ xd) {
-  __shared__ bool last;
+__device__ void attn_split_out(AttnFinishSmem<G, HD> &sm, int h0, int sp, int maxsplit,
+                               float *__restrict__ part_o, float2 *__restrict__ part_ml) {
   __syncthreads();
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
@@ -638,61 +665,85 @@ __device__ void attn_finish(AttnFinishSmem<G, HD> &sm, int h0, int grp, int sp, 
       if (sm.l[j][g] > 0.f) L += sm.l[j][g] * expf(sm.m[j][g] - M);
     part_ml[(size_t)(h0 + g) * maxsplit + sp] = make_float2(M, L);
   }
-  // The last block of the group merges (threadFenceReduction pattern).
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const unsigned int prev = atomicAdd(done + grp, 1u);
-    last = prev == (unsigned int)nsplit - 1;
-    if (last) done[grp] = 0;
+}
+
+// Asks L2 for a split's key and value rows: positions [start, end) of one key/value head are
+// contiguous in each buffer. Issued before pdl_enter() (the cached positions before this
+// token's were written by earlier steps; a line the previous kernel is still writing is read
+// again from L2 after the wait), so that they stream in while the q/k/v GEMV runs.
+template <typename KT>
+__device__ __forceinline__ void prefetch_kv(const KT *K, const KT *V, int start, int end, int hd) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const size_t bytes = (size_t)(end - start) * hd * sizeof(KT);
+  const uint8_t *k = reinterpret_cast<const uint8_t *>(K + (size_t)start * hd);
+  const uint8_t *v = reinterpret_cast<const uint8_t *>(V + (size_t)start * hd);
+  for (size_t o = (size_t)threadIdx.x * 128; o < bytes; o += (size_t)blockDim.x * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(k + o));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(v + o));
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  // The merge: split weights exp(m_s - max) once per head in shared memory, then each thread
-  // sums 4 outputs over the splits (16-byte loads, 8 splits in flight), into shared memory, and
-  // each warp quantizes 32 of them.
-  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) {
-    const int g = i / nsplit, s2 = i % nsplit;
-    const float2 ml = __ldcg(part_ml + (size_t)(h0 + g) * maxsplit + s2);
-    sm.ml[g][s2][0] = ml.x;
-    sm.ml[g][s2][1] = ml.y;
+#endif
+}
+
+// The reduction of flash-decoding (Dao et al. 2023), as its own kernel launched after the split
+// kernel: block h combines head h's nsplit partial results (unnormalized output, max, sum) into
+// its output, O = sum_s exp(m_s - M) o_s / sum_s exp(m_s - M) l_s, and quantizes it for the
+// output projection. ATTN_MERGE_THREADS threads: thread (part, d) sums dimension d over the
+// splits part, part + P, ... (P = threads / HD parts, loads unrolled 8 deep), so that many
+// loads of the partial outputs are in flight at once; the parts are added in shared memory.
+#define ATTN_MERGE_THREADS 512
+template <int HD>
+__device__ void attn_merge(const int *__restrict__ params, int min_chunk, int maxsplit,
+                           const float *__restrict__ part_o, const float2 *__restrict__ part_ml,
+                           int8_t *__restrict__ xq, float2 *__restrict__ xd) {
+  constexpr int P = ATTN_MERGE_THREADS / HD, NW = ATTN_MERGE_THREADS / 32;
+  __shared__ float f[ATTN_MAX_SPLITS];
+  __shared__ float acc[P][HD];
+  __shared__ float red[NW];
+  pdl_enter();
+  const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+  const int len = params[1];
+  const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
+  const int nsplit = (len + chunk - 1) / chunk;
+  const float2 *ml = part_ml + (size_t)h * maxsplit;
+  float M = -INFINITY;
+  for (int s = tid; s < nsplit; s += ATTN_MERGE_THREADS) {
+    const float2 v = __ldcg(ml + s);
+    if (v.y > 0.f) M = fmaxf(M, v.x);
   }
+  M = warp_max(M);
+  if (lane == 0) red[wid] = M;
   __syncthreads();
-  if (threadIdx.x < G) {
-    const int g = threadIdx.x;
-    float Mx = -INFINITY;
-    for (int s2 = 0; s2 < nsplit; s2++)
-      if (sm.ml[g][s2][1] > 0.f) Mx = fmaxf(Mx, sm.ml[g][s2][0]);
-    float L = 0.f;
-    for (int s2 = 0; s2 < nsplit; s2++) {
-      const float f = sm.ml[g][s2][1] > 0.f ? expf(sm.ml[g][s2][0] - Mx) : 0.f;
-      sm.f[g][s2] = f;
-      L += sm.ml[g][s2][1] * f;
-    }
-    sm.inv[g] = 1.f / L;
+  M = red[0];
+#pragma unroll
+  for (int w = 1; w < NW; w++) M = fmaxf(M, red[w]);
+  __syncthreads();
+  float L = 0.f;
+  for (int s = tid; s < nsplit; s += ATTN_MERGE_THREADS) {
+    const float2 v = __ldcg(ml + s);
+    const float w = v.y > 0.f ? expf(v.x - M) : 0.f;
+    f[s] = w;
+    L += v.y * w;
   }
+  L = warp_sum(L);
+  if (lane == 0) red[wid] = L;
   __syncthreads();
-  float *sm_out = &sm.o[0][0][0];
-  for (int i = threadIdx.x; i < G * HD / 4; i += blockDim.x) {
-    const int g = i / (HD / 4), d = (i % (HD / 4)) * 4, h = h0 + g;
-    const float4 *po = reinterpret_cast<const float4 *>(part_o + (size_t)h * maxsplit * HD + d);
-    float4 O = make_float4(0.f, 0.f, 0.f, 0.f);
+  L = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; w++) L += red[w];
+  const int d = tid % HD, part = tid / HD;
+  const float *po = part_o + (size_t)h * maxsplit * HD + d;
+  float o = 0.f;
 #pragma unroll 8
-    for (int s2 = 0; s2 < nsplit; s2++) {
-      const float4 x = __ldcg(po + (size_t)s2 * (HD / 4));
-      const float f = sm.f[g][s2];
-      O.x += x.x * f, O.y += x.y * f, O.z += x.z * f, O.w += x.w * f;
-    }
-    const float inv = sm.inv[g];
-    sm_out[g * HD + d] = O.x * inv, sm_out[g * HD + d + 1] = O.y * inv;
-    sm_out[g * HD + d + 2] = O.z * inv, sm_out[g * HD + d + 3] = O.w * inv;
-  }
+  for (int s = part; s < nsplit; s += P) o += __ldcg(po + (size_t)s * HD) * f[s];
+  acc[part][d] = o;
   __syncthreads();
-  for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
-    const int k = h0 * HD + i;
-    // A warp covers 32 consecutive outputs of one head: one quantization block.
-    quant_block32(sm_out[i], i & 31, xq + (k & ~31), xd + (k >> 5));
+  if (tid < HD) {
+    float t = 0.f;
+#pragma unroll
+    for (int p = 0; p < P; p++) t += acc[p][tid];
+    const int k = h * HD + tid;
+    // A warp covers 32 consecutive outputs of the head: one quantization block.
+    quant_block32(t / L, lane, xq + (k & ~31), xd + (k >> 5));
   }
 }
 
@@ -700,9 +751,7 @@ template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int min_chunk, float *__restrict__ part_o,
-                         float2 *__restrict__ part_ml, unsigned int *__restrict__ done,
-                         int8_t *__restrict__ xq, float2 *__restrict__ xd) {
-  pdl_enter();
+                         float2 *__restrict__ part_ml) {
   constexpr int HD = 32 * EPL;
   __shared__ AttnFinishSmem<G, HD> sm;
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
@@ -716,6 +765,8 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
   const int kvh = h0 / (n_heads / n_kv);
   const KT *K = reinterpret_cast<const KT *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
   const KT *V = reinterpret_cast<const KT *>(kv[2 * layer + 1]) + (size_t)kvh * cap * HD;
+  prefetch_kv(K, V, start, end, HD);
+  pdl_enter();
   float qr[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; g++) {
@@ -786,7 +837,7 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
       sm.l[w][g] = l[g];
     }
   }
-  attn_finish<G, HD>(sm, h0, grp, sp, maxsplit, nsplit, part_o, part_ml, done, xq, xd);
+  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml);
 }
 
 // The same split decode attention on the tensor cores, for an f16 cache: block (g, sp) streams
@@ -805,8 +856,7 @@ template <int HD, int G>
 __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int min_chunk, float *__restrict__ part_o,
-                         float2 *__restrict__ part_ml, unsigned int *__restrict__ done,
-                         int8_t *__restrict__ xq, float2 *__restrict__ xd) {
+                         float2 *__restrict__ part_ml) {
   constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
   constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
                             ? sizeof(AttnMmaSmem<HD, G>)
@@ -814,7 +864,6 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   __shared__ __align__(16) unsigned char raw[SZ];
   AttnMmaSmem<HD, G> &st = *reinterpret_cast<AttnMmaSmem<HD, G> *>(raw);
   AttnFinishSmem<G, HD> &sm = *reinterpret_cast<AttnFinishSmem<G, HD> *>(raw);
-  pdl_enter();
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, quad = lane & 3, r = lane >> 2;
   const int len = params[1], cap = params[2];
@@ -826,6 +875,8 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   const int kvh = h0 / (n_heads / n_kv);
   const __half *K = reinterpret_cast<const __half *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
   const __half *V = reinterpret_cast<const __half *>(kv[2 * layer + 1]) + (size_t)kvh * cap * HD;
+  prefetch_kv(K, V, start, end, HD);
+  pdl_enter();
   const float sl = scale * 1.4426950408889634f;
   // Q rows r (a0, a2) and r + 8 (a1, a3, always zero: G <= 8).
   unsigned qf[KS][4];
@@ -917,7 +968,7 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       sm.l[w][r] = l;
     }
   }
-  attn_finish<G, HD>(sm, h0, grp, sp, maxsplit, nsplit, part_o, part_ml, done, xq, xd);
+  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml);
 }
 
 #define ATTN_KERNEL(HDIM, EPL, G, KT, KN)                                                          \
@@ -925,9 +976,8 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
                                      const unsigned long long *kv, int layer, int n_heads,         \
                                      int n_kv, float scale, int min_chunk, float *part_o,          \
-                                     float2 *part_ml, unsigned int *done, int8_t *xq, float2 *xd) {\
-    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml,   \
-                         done, xq, xd);                                                            \
+                                     float2 *part_ml) {                                            \
+    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml);  \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
@@ -944,9 +994,8 @@ ATTN_KERNELS(8)
       attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
                                     const unsigned long long *kv, int layer, int n_heads,          \
                                     int n_kv, float scale, int min_chunk, float *part_o,           \
-                                    float2 *part_ml, unsigned int *done, int8_t *xq, float2 *xd) { \
-    attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml,      \
-                      done, xq, xd);                                                               \
+                                    float2 *part_ml) {                                             \
+    attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml);     \
   }
 #define ATTN_MMA_KERNELS(G)                                                                        \
   ATTN_MMA_KERNEL(64, G)                                                                           \
@@ -955,6 +1004,15 @@ ATTN_MMA_KERNELS(1)
 ATTN_MMA_KERNELS(2)
 ATTN_MMA_KERNELS(4)
 ATTN_MMA_KERNELS(8)
+
+#define ATTN_MERGE_KERNEL(HDIM)                                                                    \
+  extern "C" __global__ void __launch_bounds__(ATTN_MERGE_THREADS) attn_merge_d##HDIM(             \
+      const int *params, int min_chunk, int maxsplit, const float *part_o, const float2 *part_ml,  \
+      int8_t *xq, float2 *xd) {                                                                    \
+    attn_merge<HDIM>(params, min_chunk, maxsplit, part_o, part_ml, xq, xd);                        \
+  }
+ATTN_MERGE_KERNEL(64)
+ATTN_MERGE_KERNEL(128)
 
 // ---- Prefill helpers ----
 
