@@ -19,8 +19,19 @@ pub(crate) fn start_server_with(
     m: std::sync::Arc<pocketlm::loader::LoadedModel>,
     config: pocketlm_server::ServerConfig,
 ) -> std::net::SocketAddr {
+    spawn_server(m, config, std::future::pending()).0
+}
+
+/// Starts a server with `config` and model `m` on a free loopback port, in a background thread
+/// with its own runtime, that shuts down when `shutdown` completes; returns the address it
+/// listens on and the thread (which ends once the server, and so its engine, is dropped).
+pub(crate) fn spawn_server(
+    m: std::sync::Arc<pocketlm::loader::LoadedModel>,
+    config: pocketlm_server::ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -36,11 +47,11 @@ pub(crate) fn start_server_with(
                 listener,
                 pocketlm_server::router(m, &config),
                 config.timeouts,
-                std::future::pending(),
+                shutdown,
             )
             .await
             .expect("serve");
         });
     });
-    rx.recv().expect("server address")
+    (rx.recv().expect("server address"), thread)
 }

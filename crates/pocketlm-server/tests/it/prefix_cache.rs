@@ -17,34 +17,11 @@ struct Running {
 }
 
 fn start(config: ServerConfig) -> Running {
-    let m = pocketlm_testutil::default_model(false);
-    let (tx, rx) = std::sync::mpsc::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind loopback");
-            tx.send(listener.local_addr().expect("local addr"))
-                .expect("send addr");
-            pocketlm_server::serve(
-                listener,
-                pocketlm_server::router(m, &config),
-                config.timeouts,
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-            .expect("serve");
+    let (addr, thread) =
+        crate::spawn_server(pocketlm_testutil::default_model(false), config, async {
+            let _ = stopped.await;
         });
-    });
-    let addr = rx.recv().expect("server address");
     Running {
         base: format!("http://{addr}"),
         stop,
