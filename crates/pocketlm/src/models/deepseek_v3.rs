@@ -24,7 +24,7 @@ use crate::models::llama::Llama;
 use crate::models::{CausalLM, ModelInfo};
 use crate::nn::{
     Absorbed, Activation, Attention, GateUp, GatedMlp, GroupLimit, Linear, Mla, MlaQuery, Numerics,
-    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, ScaleAt, Scoring, SharedExpert,
+    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, Scoring, SharedExpert,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -325,21 +325,14 @@ fn attention(w: &dyn Weights, p: &str, cfg: &DeepseekV3Config) -> Result<Attenti
     };
     let (head_dim, n_kv_heads) = (mla.padded_head_dim(), mla.kv_heads());
     Ok(Attention {
-        qkv: QkvProj::Latent(Box::new(mla)),
-        o_proj: w.linear(&format!("{a}.o_proj"), h, nh * cfg.v_head_dim, ab)?,
-        q_norm: None,
-        k_norm: None,
-        v_norm: None,
-        n_heads: nh,
-        n_kv_heads,
-        head_dim,
         scale: cfg.softmax_scale(),
-        softcap: None,
-        window: None,
-        scale_at: ScaleAt::Scores,
-        rope: true,
-        query_temperature: None,
-        sinks: None,
+        ..Attention::plain(
+            QkvProj::Latent(Box::new(mla)),
+            w.linear(&format!("{a}.o_proj"), h, nh * cfg.v_head_dim, ab)?,
+            nh,
+            n_kv_heads,
+            head_dim,
+        )
     })
 }
 

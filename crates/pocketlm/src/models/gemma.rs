@@ -436,14 +436,8 @@ impl Gemma {
             layers.push(Block {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"), h)?,
                 self_attn: Attention {
-                    qkv: build::qkv(w, &p, heads, h, ab, false)?,
-                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
                     q_norm,
                     k_norm,
-                    v_norm: None,
-                    n_heads: nh,
-                    n_kv_heads: nkv,
-                    head_dim: hd,
                     scale,
                     softcap: cfg.attn_logit_softcapping,
                     window: if is_sliding { cfg.sliding_window } else { None },
@@ -452,9 +446,13 @@ impl Gemma {
                         Numerics::Ggml => ScaleAt::Queries,
                         Numerics::Reference => ScaleAt::Scores,
                     },
-                    rope: true,
-                    query_temperature: None,
-                    sinks: None,
+                    ..Attention::plain(
+                        build::qkv(w, &p, heads, h, ab, false)?,
+                        w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, ab)?,
+                        nh,
+                        nkv,
+                        hd,
+                    )
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn: SandwichMlp::load(w, &p, inter, h, &norm)?,

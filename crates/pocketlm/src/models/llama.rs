@@ -15,7 +15,6 @@ use crate::models::{
 };
 use crate::nn::{
     Activation, Attention, GatedMlp, QueryTemperature, RmsNorm, RopeScaling, RotaryEmbedding,
-    ScaleAt,
 };
 use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
@@ -241,21 +240,17 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let (q_norm, k_norm) = build::qk_norms(w, &p, hd, cfg.rms_norm_eps, false, v.qk_norm)?;
             let mut self_attn = Attention {
-                qkv: build::qkv(w, &p, heads, h, qkv_b, v.fused_qkv)?,
-                o_proj: w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, o_b)?,
                 q_norm,
                 k_norm,
-                v_norm: None,
-                n_heads: nh,
-                n_kv_heads: nkv,
-                head_dim: hd,
-                scale: 1.0 / (hd as f64).sqrt(),
-                softcap: None,
                 window: cfg.sliding_window,
-                scale_at: ScaleAt::Scores,
                 rope: (hooks.rope)(i),
-                query_temperature: None,
-                sinks: None,
+                ..Attention::plain(
+                    build::qkv(w, &p, heads, h, qkv_b, v.fused_qkv)?,
+                    w.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, o_b)?,
+                    nh,
+                    nkv,
+                    hd,
+                )
             };
             (hooks.attn)(i, &p, &mut self_attn)?;
             layers.push(PreNormBlock {

@@ -24,7 +24,7 @@ use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::{prefill_text, CausalLM, Logits, ModelInfo, ModelInput, Prefill, VisionInfo};
 use crate::nn::{
     scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
-    GatedMlp, Linear, Mode, Numerics, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
+    GatedMlp, Linear, Mode, Numerics, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -671,27 +671,17 @@ impl Qwen2Vl {
             };
             layers.push(PreNormBlock {
                 input_layernorm: norm("input_layernorm")?,
-                self_attn: Attention {
-                    qkv: QkvProj::Separate {
+                self_attn: Attention::plain(
+                    QkvProj::Separate {
                         q: n.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h, true)?,
                         k: n.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h, true)?,
                         v: n.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h, true)?,
                     },
-                    o_proj: n.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
-                    q_norm: None,
-                    k_norm: None,
-                    v_norm: None,
-                    n_heads: nh,
-                    n_kv_heads: nkv,
-                    head_dim: hd,
-                    scale: 1.0 / (hd as f64).sqrt(),
-                    softcap: None,
-                    window: None,
-                    scale_at: ScaleAt::Scores,
-                    rope: true,
-                    query_temperature: None,
-                    sinks: None,
-                },
+                    n.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd, false)?,
+                    nh,
+                    nkv,
+                    hd,
+                ),
                 post_attention_layernorm: norm("post_attention_layernorm")?,
                 mlp: Mlp::Dense(GatedMlp {
                     gate_up: GateUp::Separate {
