@@ -46,6 +46,9 @@ struct AttnSplit {
 /// The largest split count the kernel's merge takes (`ATTN_MAX_SPLITS`).
 const MAX_SPLITS: usize = 256;
 
+/// Threads of an `attn_merge` block (`ATTN_MERGE_THREADS`, which its loops stride by).
+const MERGE_THREADS: u32 = 512;
+
 impl AttnSplit {
     fn from_env() -> Self {
         let var = |name: &str, default: usize| {
@@ -497,8 +500,8 @@ struct AttnArgs {
 
 /// Launches the decode attention: the splits (`attn_mma_d{hd}_g{G}_f16`, or
 /// `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G, `split.splits`) of
-/// 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one block of 512
-/// threads a head). `part_o` holds `n_heads * splits * head_dim` f32, `part_ml` `n_heads *
+/// 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one block of
+/// [`MERGE_THREADS`] a head). `part_o` holds `n_heads * splits * head_dim` f32, `part_ml` `n_heads *
 /// splits` (max, sum) pairs. Safe to capture in a CUDA graph.
 fn launch_attention(
     dev: &CudaDevice,
@@ -542,7 +545,7 @@ fn launch_attention(
     b.arg(a.part_o).arg(a.part_ml).arg(a.xq).arg(a.xd);
     let cfg = LaunchConfig {
         grid_dim: (nh as u32, 1, 1),
-        block_dim: (512, 1, 1),
+        block_dim: (MERGE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: attn_merge's parameters, in order; the buffers documented above.
@@ -622,8 +625,8 @@ impl AttnTest {
 /// Test helper: the decode attention of `q: [n_heads, hd]` over the first `len` positions of
 /// `k`, `v: [n_kv, cap, hd]` (stored on the device as f16 when `kv_f16`, else f32), run twice
 /// with the default split and once with each of a few others (the returned result is the
-/// last: a split count's stale partial results must not leak into the next), on the tensor cores or not, returned
-/// as the 8-bit codes times their block scale: `[n_heads * hd]`.
+/// last: a split count's stale partial results must not leak into the next), on the tensor
+/// cores or not, returned as the 8-bit codes times their block scale: `[n_heads * hd]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_attention(
     dev: &CudaDevice,

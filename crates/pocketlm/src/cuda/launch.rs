@@ -3,8 +3,9 @@
 //! GPUs of compute capability 9.0 and later: the next kernel in the stream may be scheduled
 //! while the one before it finishes, which hides the launch gap between the decode step's ~7
 //! small kernels a layer (in a CUDA graph as well: stream capture keeps the attribute as a
-//! programmatic edge). Each kernel launched this way calls `pdl_enter()` (qmatrix.cu) before its
-//! first memory access, so it still sees everything its predecessor wrote.
+//! programmatic edge). Each kernel launched this way calls `pdl_enter()` (qmatrix.cu) before it
+//! reads or writes anything its predecessor may write (what does not depend on it, such as
+//! weights, it may load or prefetch before), so it still sees everything its predecessor wrote.
 //! `POCKETLM_PDL=0` launches without the attribute.
 
 use std::ffi::c_void;
@@ -68,7 +69,7 @@ impl<'a> Launch<'a> {
     /// # Safety
     /// The arguments must match the kernel's parameters in number, order and type, and every
     /// address must be valid for what the kernel reads and writes; a kernel launched with PDL
-    /// must call `pdl_enter()` before its first memory access.
+    /// must call `pdl_enter()` before it touches memory its predecessor may write.
     ///
     /// Errors: the driver's launch error.
     pub(crate) unsafe fn launch(&mut self, stream: &CudaStream, cfg: LaunchConfig) -> Result<()> {
@@ -111,7 +112,7 @@ impl<'a> Launch<'a> {
 
 /// Whether launches take the PDL attribute: compute capability 9.0 or later (Hopper), and
 /// `POCKETLM_PDL` is not `0`. Decided once per process (one GPU kind per process).
-pub(crate) fn pdl_enabled(stream: &CudaStream) -> bool {
+fn pdl_enabled(stream: &CudaStream) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         let off = std::env::var("POCKETLM_PDL").is_ok_and(|v| v == "0");

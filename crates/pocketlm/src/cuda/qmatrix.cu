@@ -181,8 +181,17 @@ __device__ __forceinline__ void rows_dot(const uint8_t *__restrict__ qs,
   }
 }
 
-// Asks L2 for the R weight rows rr[] (codes, scales, biases) of a GEMV block, one request per
-// 128-byte line spread over the block's threads. The weights do not depend on the kernel
+// Asks L2 for `bytes` bytes from p, one request per 128-byte line spread over the block's
+// threads (sm_90 and later; a hint, nothing elsewhere).
+__device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint8_t *b = reinterpret_cast<const uint8_t *>(p);
+  for (size_t o = (size_t)threadIdx.x * 128; o < bytes; o += (size_t)blockDim.x * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(b + o));
+#endif
+}
+
+// Asks L2 for the R weight rows rr[] (codes, scales, biases) of a GEMV block. The weights do not depend on the kernel
 // before in the stream, so the GEMVs issue this before pdl_enter(): with programmatic dependent
 // launch their blocks become resident while that kernel (RMSNorm, attention, quantization) is
 // still running, and the weights stream in during it instead of after it.
@@ -191,22 +200,13 @@ __device__ __forceinline__ void prefetch_rows(const uint8_t *__restrict__ qs,
                                               const S *__restrict__ sc,
                                               const S *__restrict__ bi, const int *rr, int cols,
                                               int group) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const size_t row_bytes = (size_t)cols * BITS / 8, par_bytes = (size_t)(cols / group) * sizeof(S);
+  const size_t row_bytes = (size_t)cols * BITS / 8, groups = (size_t)(cols / group);
 #pragma unroll
   for (int k = 0; k < R; k++) {
-    const uint8_t *q = qs + (size_t)rr[k] * row_bytes;
-    for (size_t o = (size_t)threadIdx.x * 128; o < row_bytes; o += (size_t)blockDim.x * 128)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(q + o));
-    const uint8_t *sp = reinterpret_cast<const uint8_t *>(sc) + (size_t)rr[k] * par_bytes;
-    for (size_t o = (size_t)threadIdx.x * 128; o < par_bytes; o += (size_t)blockDim.x * 128) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(sp + o));
-      if (BIAS)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(
-            reinterpret_cast<const uint8_t *>(bi) + (size_t)rr[k] * par_bytes + o));
-    }
+    prefetch_l2(qs + (size_t)rr[k] * row_bytes, row_bytes);
+    prefetch_l2(sc + (size_t)rr[k] * groups, groups * sizeof(S));
+    if (BIAS) prefetch_l2(bi + (size_t)rr[k] * groups, groups * sizeof(S));
   }
-#endif
 }
 
 // y[i, r] (op)= row r . x_i for the activation row i = blockIdx.y. Block b takes R weight rows.
@@ -568,6 +568,11 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
 #define ATTN_TILE 8
 // Most splits (gridDim.y) the merge takes.
 #define ATTN_MAX_SPLITS 256
+// The splits of `len` cached positions (see above): (positions a split takes, splits used).
+__device__ __forceinline__ int2 attn_splits(int len, int min_chunk, int maxsplit) {
+  const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
+  return make_int2(chunk, (len + chunk - 1) / chunk);
+}
 // EPL values of row t at lane's offset, widened to f32 (the cache holds float or __half).
 template <int EPL>
 __device__ __forceinline__ void load_row(const float *__restrict__ src, float *out) {
@@ -673,15 +678,9 @@ __device__ void attn_split_out(AttnFinishSmem<G, HD> &sm, int h0, int sp, int ma
 // again from L2 after the wait), so that they stream in while the q/k/v GEMV runs.
 template <typename KT>
 __device__ __forceinline__ void prefetch_kv(const KT *K, const KT *V, int start, int end, int hd) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const size_t bytes = (size_t)(end - start) * hd * sizeof(KT);
-  const uint8_t *k = reinterpret_cast<const uint8_t *>(K + (size_t)start * hd);
-  const uint8_t *v = reinterpret_cast<const uint8_t *>(V + (size_t)start * hd);
-  for (size_t o = (size_t)threadIdx.x * 128; o < bytes; o += (size_t)blockDim.x * 128) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(k + o));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(v + o));
-  }
-#endif
+  prefetch_l2(K + (size_t)start * hd, bytes);
+  prefetch_l2(V + (size_t)start * hd, bytes);
 }
 
 // The reduction of flash-decoding (Dao et al. 2023), as its own kernel launched after the split
@@ -702,8 +701,7 @@ __device__ void attn_merge(const int *__restrict__ params, int min_chunk, int ma
   pdl_enter();
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int len = params[1];
-  const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
-  const int nsplit = (len + chunk - 1) / chunk;
+  const int nsplit = attn_splits(len, min_chunk, maxsplit).y;
   const float2 *ml = part_ml + (size_t)h * maxsplit;
   float M = -INFINITY;
   for (int s = tid; s < nsplit; s += ATTN_MERGE_THREADS) {
@@ -757,8 +755,8 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int len = params[1], cap = params[2];
-  const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
-  const int nsplit = (len + chunk - 1) / chunk;
+  const int2 splits = attn_splits(len, min_chunk, maxsplit);
+  const int chunk = splits.x, nsplit = splits.y;
   if (sp >= nsplit) return;
   const int start = sp * chunk, end = min(len, start + chunk);
   const int h0 = grp * G;
@@ -867,8 +865,8 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, quad = lane & 3, r = lane >> 2;
   const int len = params[1], cap = params[2];
-  const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
-  const int nsplit = (len + chunk - 1) / chunk;
+  const int2 splits = attn_splits(len, min_chunk, maxsplit);
+  const int chunk = splits.x, nsplit = splits.y;
   if (sp >= nsplit) return;
   const int start = sp * chunk, end = min(len, start + chunk);
   const int h0 = grp * G;
