@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# pocketlm vs llama.cpp on an NVIDIA GPU, in one run, on random-weight Llama-3-8B-shaped models.
+# pocketlm vs llama.cpp on an NVIDIA GPU, in one run, on random-weight models of real shapes
+# (Llama-3-8B by default; Qwen2.5-7B, Qwen3-8B/1.7B and Phi-3-mini by name, see MODELS).
 # Meant for one `device` call (the GPU machine has no Rust and no network), from the repo root:
 #   run: bash scripts/bench-gpu.sh        carry: [".gpu"]
 # .gpu/ must hold `pocketlm` or `pocketlm.xz` (a stripped release build with --features cuda,
-# see README "Building with CUDA"), `lc.tgz` (../shared/tools/llamacpp-src.sh .gpu/lc.tgz) and a copy of
-# ../shared/tools/make_random_gguf.py. The script
+# see README "Building with CUDA") and `lc.tgz` (../shared/tools/llamacpp-src.sh .gpu/lc.tgz), and
+# for the Qwen and Phi-3 shapes llama.cpp's vocabularies `ggml-vocab-qwen2.gguf` and
+# `ggml-vocab-phi-3.gguf` (from the sdist's vendor/llama.cpp/models/). The script
 #  1. builds llama.cpp's llama-bench with CUDA (sm_90) from lc.tgz, in the background;
 #  2. runs `pocketlm gpu-selftest` (each CUDA kernel vs the CPU reference);
 #  3. writes a random-weight Llama-3.2-1B-shaped Q4_0 GGUF, converts it to MLX 4-bit g64
-#     (`pocketlm convert`) and runs `pocketlm agree` on both (greedy tokens and logits, CPU vs
-#     GPU, same binary);
-#  4. writes 8B-shaped Q4_0 and Q8_0 GGUFs (shared/tools/make_random_gguf.py, with a context of
-#     32768 so that the deep tests fit) and MLX 4-bit and 8-bit g64 folders of the same shapes
-#     (scripts/make_random_mlx.py, from the 1B conversion);
+#     (`pocketlm convert`) and runs `pocketlm agree` on both and on the other GGUFs of MODELS
+#     but the 8B Llama ones (greedy tokens and logits, CPU vs GPU, same binary: 5 prompts, 32
+#     steps);
+#  4. writes the GGUFs of MODELS, `SHAPE-TYPE.gguf` (scripts/make_random_gguf.py, with a context
+#     of 32768 so that the deep tests fit; SHAPE one of its shapes, TYPE q4_0, q8_0 or q4_k), and
+#     MLX 4-bit and 8-bit g64 folders of the 8B shapes (scripts/make_random_mlx.py, from the 1B
+#     conversion);
 #  5. runs `pocketlm bench` on them (pp512, tg128 at depth 0 and at $DEPTHS, and tg128 again
 #     with sampling: temperature 0.7, top-p 0.9, top-k 40), then `llama-bench` on the GGUFs at
 #     the same depths;
@@ -20,7 +24,8 @@
 #     against llama.cpp's mean and median (its first pp sample is often slow), fractions of the
 #     bound (tg bound = bandwidth / bytes of weights read per token) and sampled / greedy decode.
 # Knobs (environment): MODELS (default: 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8; 1b-q4_0.gguf
-# and 1b-mlx4 of step 3 may be named too; every GGUF named is also run by llama-bench), DEPTHS
+# and 1b-mlx4 of step 3 may be named too, and e.g. qwen2-7b-q4_0.gguf, qwen3-8b-q4_0.gguf,
+# phi3-mini-q4_0.gguf; every GGUF named is also run by llama-bench), DEPTHS
 # (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU.
 # Models already in $WORK (a warm machine keeps it) are not written again.
 # Results: $OUT (or ./gpu-out) gets selftest.txt, agree.txt, bench-*.json, llama-*.json, summary.md.
@@ -39,11 +44,8 @@ REPS=${REPS:-3}
 MODELS=${MODELS:-8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8}
 DEPTHS=${DEPTHS-4096,16384}
 D="0${DEPTHS:+,$DEPTHS}"
-# make_random_gguf.py: copied into .gpu/ (../shared does not travel), else shared/tools; its
-# context length raised to 32768 for the deep tests.
-TOOLS=$PWD/${GPU_DIR:-.gpu}; [ -f "$TOOLS/make_random_gguf.py" ] || TOOLS=$PWD/../shared/tools
-sed 's/add_context_length(8192)/add_context_length(32768)/' "$TOOLS/make_random_gguf.py" > "$W/make_random_gguf.py"
-TOOLS=$W
+# Random GGUFs with a context of 32768, for the deep tests.
+TOOLS=$PWD/scripts; export CTX=32768
 t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
@@ -54,7 +56,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
   cmake --build lc/build --target llama-bench -j 14 >/dev/null && echo built ) > "$OUT/lc-build.log" 2>&1 &
 lc_pid=$!
 while [ ! -f "$W/lc/models/ggml-vocab-llama-bpe.gguf" ]; do sleep 1; done; sleep 1
-export VOCAB_GGUF=$W/lc/models/ggml-vocab-llama-bpe.gguf PYTHONPATH=$W/lc/gguf-py
+cp ${GPU_DIR:-.gpu}/ggml-vocab-*.gguf "$W/lc/models/" 2>/dev/null
+export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py
 
 # 2. kernel tests (SKIP_CHECKS=1 skips 2 and 3).
 if [ -z "${SKIP_CHECKS:-}" ]; then
@@ -73,19 +76,28 @@ fi
 # below), and agreement CPU vs GPU on both.
 stamp 1b; [ -f "$W/1b-q4_0.gguf" ] || (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 1b-q4_0.gguf q4_0 --shape 1b >/dev/null)
 [ -d "$W/1b-mlx4" ] || "$PL" convert -m "$W/1b-q4_0.gguf" --out "$W/1b-mlx4" -q --q-bits 4 --q-group-size 64 >/dev/null 2>&1
-if [ -z "${SKIP_CHECKS:-}" ]; then
-  stamp agree; for m in 1b-q4_0.gguf 1b-mlx4; do "$PL" agree -m "$W/$m" --device cuda -n 32; done > "$OUT/agree.txt" 2>&1; grep "all equal" "$OUT/agree.txt"
-fi
 
-# 4. 8B-shaped models: Q4_0 and Q8_0 GGUFs, and MLX 4-bit and 8-bit g64 folders of the same
-# shapes (scripts/make_random_mlx.py: converting an 8B GGUF takes longer than one call allows).
-stamp "make 8B models"
+# 4. The GGUFs of MODELS (SHAPE-TYPE.gguf), and MLX 4-bit and 8-bit g64 folders of the 8B shapes
+# (scripts/make_random_mlx.py: converting an 8B GGUF takes longer than one call allows).
+stamp "make models"
 pids=()
-for q in q4_0 q8_0; do [ -f "$W/8b-$q.gguf" ] && continue; case " $MODELS " in *" 8b-$q.gguf "*)
-  (cd "$W" && python3 "$TOOLS/make_random_gguf.py" 8b-$q.gguf $q --shape 8b >/dev/null) & pids+=($!);; esac; done
+for m in $MODELS; do
+  case $m in *.gguf) ;; *) continue;; esac
+  [ -f "$W/$m" ] && continue
+  q=${m%.gguf}; q=${q##*-}
+  (cd "$W" && python3 "$TOOLS/make_random_gguf.py" "$m" "$q" --shape "${m%-$q.gguf}" >/dev/null) & pids+=($!)
+done
 for b in 4 8; do [ -d "$W/8b-mlx$b" ] && continue; case " $MODELS " in *" 8b-mlx$b "*)
   python3 scripts/make_random_mlx.py "$W/1b-mlx4" "$W/8b-mlx$b" --bits $b --group-size 64 & pids+=($!);; esac; done
 [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"  # not the llama.cpp build
+if [ -z "${SKIP_CHECKS:-}" ]; then
+  stamp agree
+  for m in 1b-q4_0.gguf 1b-mlx4 $MODELS; do
+    case $m in 8b-*|1b-*.gguf) [ "$m" = 1b-q4_0.gguf ] || continue;; *.gguf|1b-mlx4) ;; *) continue;; esac
+    echo "== $m"; POCKETLM_LOG=info "$PL" agree -m "$W/$m" --device cuda -n 32
+  done > "$OUT/agree.txt" 2>&1
+  grep -E "^==|all equal|fused CUDA decoder" "$OUT/agree.txt" | sed 's/.*INFO //'
+fi
 # 5. pocketlm bench on the four, then llama-bench on the two GGUFs once its build is done.
 BUDGET=${BUDGET:-560}; left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
 plbench() {
@@ -148,8 +160,9 @@ def pl(m):
 # Bytes read per generated token: all weights except the token-embedding table (one row is read).
 def per_token(size, m):
     if m.endswith(".gguf"):
-        hidden = 4096 if m.startswith("8b") else 2048
-        emb = 128256 * hidden * (18 / 32 if "q4_0" in m else 34 / 32)
+        import gguf
+        emb = next(int(t.n_bytes) for t in gguf.GGUFReader(os.path.join(w, m)).tensors
+                   if t.name == "token_embd.weight")
     else:
         import struct
         f = open(os.path.join(w, m, "model.safetensors"), "rb")

@@ -12,7 +12,7 @@ use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
     CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, Prefill, Trainable, VisionInfo,
 };
-use crate::nn::{Activation, GateUp, Linear, QkvProj, ScaleAt};
+use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, ScaleAt};
 use crate::{Error, Result};
 
 /// Positions the fused decode step's RoPE tables cover at most.
@@ -67,10 +67,7 @@ impl Accelerated {
             .lock()
             .map_err(|_| Error::Model("the CUDA decoder lock is poisoned".into()))?;
         if matches!(*state, State::Untried) {
-            *state = match spec(&plan, self.inner.device())? {
-                Some(spec) => State::Ready(Box::new(CudaDecoder::new(spec)?)),
-                None => State::Unavailable,
-            };
+            *state = self.build(&plan)?;
         }
         let State::Ready(dec) = &mut *state else {
             return Ok(None);
@@ -125,6 +122,25 @@ impl Accelerated {
         }
     }
 
+    /// The fused step for `plan`, or [`State::Unavailable`] when it does not take the model
+    /// (logged, with the architecture, at info level).
+    fn build(&self, plan: &DecodePlan<'_>) -> Result<State> {
+        let arch = &self.inner.info().architecture;
+        Ok(match spec(plan, self.inner.device())? {
+            Some(spec) => {
+                tracing::info!("{arch}: one-token decode steps run on the fused CUDA decoder");
+                State::Ready(Box::new(CudaDecoder::new(spec)?))
+            }
+            None => {
+                tracing::info!(
+                    "{arch}: the fused CUDA decoder does not take this model's layers; \
+                     decode steps run layer by layer"
+                );
+                State::Unavailable
+            }
+        })
+    }
+
     fn reset(&mut self) {
         if let Ok(state) = self.state.get_mut() {
             *state = State::Untried;
@@ -138,10 +154,7 @@ impl Accelerated {
         let plan = self.inner.decode_plan()?;
         let mut state = self.state.lock().ok()?;
         if matches!(*state, State::Untried) {
-            *state = match spec(&plan, self.inner.device()).ok()? {
-                Some(spec) => State::Ready(Box::new(CudaDecoder::new(spec).ok()?)),
-                None => State::Unavailable,
-            };
+            *state = self.build(&plan).ok()?;
         }
         match &*state {
             State::Ready(dec) if dec.spec().kv_f16 => Some(DType::F16),
@@ -160,10 +173,11 @@ impl Accelerated {
 }
 
 /// The decoder's weights and tables from a plan, or `None` when the plan has something the
-/// fused step does not take: layers other than our CUDA quantized matrices (or with biases, or
-/// adapters), q/k norms, a sliding window, a soft-cap, a scale other than `head_dim^-0.5` on the
-/// scores, an activation other than SiLU, LongRoPE or partial rotary, head_dim other than
-/// 64/128. `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16 for it (as
+/// fused step does not take: layers other than our CUDA quantized matrices (or adapters),
+/// biases other than the q/k/v projection's, a value norm, a soft-cap, attention sinks, a
+/// query temperature, a scale other than `head_dim^-0.5` on the scores, an activation other
+/// than SiLU, LongRoPE or partial rotary, head_dim other than 64/96/128. It takes the q/k/v
+/// bias (Qwen2), per-head q/k RMSNorm (Qwen3) and sliding windows (Mistral, Phi-3). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16 for it (as
 /// llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
 fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
@@ -176,6 +190,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         Linear::Cuda { weight, bias: None } => Some(weight.clone()),
         _ => None,
     };
+    let f32_vec = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
     let mut layers = Vec::with_capacity(plan.blocks.len());
     let mut dims = None;
     for b in &plan.blocks {
@@ -191,9 +206,13 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             return Ok(None);
         };
         let plain_scale = (a.scale - 1.0 / (a.head_dim as f64).sqrt()).abs() < 1e-12;
-        if a.q_norm.is_some()
-            || a.k_norm.is_some()
-            || a.window.is_some()
+        let norm_eps: Vec<f32> = [&a.q_norm, &a.k_norm]
+            .into_iter()
+            .flatten()
+            .map(|n| n.eps())
+            .collect();
+        if a.v_norm.is_some()
+            || norm_eps.windows(2).any(|e| e[0] != e[1])
             || a.softcap.is_some()
             || a.query_temperature.is_some()
             || a.sinks.is_some()
@@ -204,18 +223,25 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         {
             return Ok(None);
         }
-        let (Some(qkv), Some(o), Some(gate_up), Some(down)) = (
-            ours(qkv),
-            ours(&a.o_proj),
-            ours(gate_up),
-            ours(&m.down_proj),
-        ) else {
+        let (qkv, qkv_bias) = match qkv {
+            Linear::Cuda { weight, bias } => (Some(weight.clone()), bias.clone()),
+            _ => (None, None),
+        };
+        let (Some(qkv), Some(o), Some(gate_up), Some(down)) =
+            (qkv, ours(&a.o_proj), ours(gate_up), ours(&m.down_proj))
+        else {
             return Ok(None);
         };
         dims = Some((a.n_heads, a.n_kv_heads, a.head_dim, *intermediate));
+        let norm = |n: &Option<RmsNorm>| n.as_ref().map(|n| f32_vec(n.weight()));
         layers.push(DecoderLayer {
             attn_norm: b.attn_norm.weight().clone(),
             qkv,
+            qkv_bias: qkv_bias.as_ref().map(f32_vec).transpose()?,
+            q_norm: norm(&a.q_norm).transpose()?,
+            k_norm: norm(&a.k_norm).transpose()?,
+            qk_norm_eps: norm_eps.first().copied().unwrap_or(1e-6),
+            window: a.window.unwrap_or(0),
             o,
             ffn_norm: b.mlp_norm.weight().clone(),
             gate_up,

@@ -1,9 +1,12 @@
-//! The fused decode step of a Llama-family model on a CUDA device: one token through every
-//! block with our kernels (`src/cuda/qmatrix.cu`), seven launches a block, recorded once into a
-//! CUDA graph and replayed for each token.
+//! The fused decode step on a CUDA device of a model with Llama's block shape (Llama, Mistral,
+//! Qwen2/3, Phi-3, ...): one token through every block with our kernels
+//! (`src/cuda/qmatrix.cu`), seven launches a block, recorded once into a CUDA graph and
+//! replayed for each token.
 //!
-//! Per block: RMSNorm + 8-bit activation quantization; the stacked q/k/v GEMV with RoPE and the
-//! key/value append into the KV cache in its epilogue; attention split across blocks over the
+//! Per block: RMSNorm + 8-bit activation quantization; the stacked q/k/v GEMV with its bias,
+//! RoPE and the key/value append into the KV cache in its epilogue (with per-head q/k norms: a
+//! plain GEMV, then `qkv_post` normalizes, rotates and appends); attention (over a sliding
+//! window where the layer has one) split across blocks over the
 //! cached positions (flash-decoding), the last block of each head merging and quantizing; the
 //! output projection added to the residual; RMSNorm + quantization; the stacked gate/up GEMV
 //! with SwiGLU; quantization; the down projection added to the residual. Then the final RMSNorm and, when the output layer is one of
@@ -91,6 +94,17 @@ pub struct DecoderLayer {
     pub attn_norm: Tensor,
     /// q, k and v projections stacked by rows: `[(n_heads + 2 n_kv_heads) head_dim, hidden]`.
     pub qkv: Arc<CudaQMatrix>,
+    /// Its bias `[(n_heads + 2 n_kv_heads) head_dim]` f32 (Qwen2), if any.
+    pub qkv_bias: Option<Tensor>,
+    /// Per-head RMSNorm weight `[head_dim]` f32 of the queries, before RoPE (Qwen3), if any.
+    pub q_norm: Option<Tensor>,
+    /// The same for the keys.
+    pub k_norm: Option<Tensor>,
+    /// Epsilon of `q_norm` and `k_norm`.
+    pub qk_norm_eps: f32,
+    /// Sliding window in tokens (a query sees itself and the `window - 1` keys before it);
+    /// 0 for none.
+    pub window: usize,
     /// Output projection `[hidden, n_heads head_dim]`.
     pub o: Arc<CudaQMatrix>,
     /// RMSNorm weight before the MLP, `[hidden]` f32.
@@ -117,7 +131,7 @@ pub struct DecoderSpec {
     pub n_heads: usize,
     /// Key/value heads (grouped-query attention when fewer than `n_heads`).
     pub n_kv_heads: usize,
-    /// Head dimension (64 or 128).
+    /// Head dimension (64, 96 or 128).
     pub head_dim: usize,
     /// Hidden size.
     pub hidden: usize,
@@ -146,6 +160,7 @@ struct Buffers {
     xq: CudaSlice<i8>,
     xd: CudaSlice<f32>,
     q: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     ffh: CudaSlice<f32>,
@@ -191,6 +206,7 @@ struct Ptrs {
     xq: u64,
     xd: u64,
     q: u64,
+    qkv: u64,
     part_o: u64,
     part_ml: u64,
     ffh: u64,
@@ -226,7 +242,8 @@ impl CudaDecoder {
     /// Allocates the scratch buffers for `spec` on its device.
     ///
     /// Errors: [`Error::InvalidArgument`] for shapes the kernels do not take (head_dim other
-    /// than 64 or 128, sizes not multiples of 32, mismatched matrices) or tensors off CUDA.
+    /// than 64, 96 or 128, sizes not multiples of 32, mismatched matrices, biases or norms)
+    /// or tensors off CUDA.
     pub fn new(spec: DecoderSpec) -> Result<Self> {
         let Device::Cuda(dev) = spec.norm.device().clone() else {
             return Err(Error::InvalidArgument(
@@ -240,14 +257,19 @@ impl CudaDecoder {
             spec.hidden,
             spec.intermediate,
         );
-        let ok_shapes = matches!(hd, 64 | 128)
+        let qkv_rows = (nh + 2 * nkv) * hd;
+        let dims_ok = |t: &Option<Tensor>, n: usize| t.as_ref().is_none_or(|t| t.dims() == [n]);
+        let ok_shapes = matches!(hd, 64 | 96 | 128)
             && nkv > 0
             && nh % nkv == 0
             && h % 32 == 0
             && h <= 16384
             && inter % 32 == 0
             && spec.layers.iter().all(|l| {
-                l.qkv.dims() == ((nh + 2 * nkv) * hd, h)
+                l.qkv.dims() == (qkv_rows, h)
+                    && dims_ok(&l.qkv_bias, qkv_rows)
+                    && dims_ok(&l.q_norm, hd)
+                    && dims_ok(&l.k_norm, hd)
                     && l.o.dims() == (h, nh * hd)
                     && l.gate_up.dims() == (2 * inter, h)
                     && l.down.dims() == (h, inter)
@@ -266,6 +288,7 @@ impl CudaDecoder {
             xq: dev.alloc_zeros::<i8>(widest)?,
             xd: dev.alloc_zeros::<f32>(widest / 16)?,
             q: dev.alloc_zeros::<f32>(nh * hd)?,
+            qkv: dev.alloc_zeros::<f32>(qkv_rows)?,
             part_o: dev.alloc_zeros::<f32>(nh * split.splits * hd)?,
             part_ml: dev.alloc_zeros::<f32>(2 * nh * split.splits)?,
             ffh: dev.alloc_zeros::<f32>(inter)?,
@@ -280,6 +303,7 @@ impl CudaDecoder {
             xq: p(&buf.xq),
             xd: p(&buf.xd),
             q: p(&buf.q),
+            qkv: p(&buf.qkv),
             part_o: p(&buf.part_o),
             part_ml: p(&buf.part_ml),
             ffh: p(&buf.ffh),
@@ -420,6 +444,7 @@ impl CudaDecoder {
             // SAFETY: rmsnorm_q8's parameters, in order; the decoder's buffers.
             unsafe { b.launch(&stream, cfg) }
         };
+        let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), |t| tensor_ptr(t, &stream));
         for (li, l) in s.layers.iter().enumerate() {
             let li = li as i32;
             norm(tensor_ptr(&l.attn_norm, &stream)?)?;
@@ -435,6 +460,11 @@ impl CudaDecoder {
                 head_dim: hd,
                 interleaved: s.interleaved,
                 kv_half: s.kv_f16,
+                bias: opt_ptr(&l.qkv_bias)?,
+                q_norm: opt_ptr(&l.q_norm)?,
+                k_norm: opt_ptr(&l.k_norm)?,
+                norm_eps: l.qk_norm_eps,
+                scratch: p.qkv,
             };
             l.qkv.launch_gemv_rope(p.xq, p.xd, &rope)?;
             launch_attention(
@@ -449,9 +479,8 @@ impl CudaDecoder {
                     xq: p.xq,
                     xd: p.xd,
                 },
-                nh,
-                nkv,
-                hd,
+                (nh, nkv, hd),
+                l.window,
                 s.kv_f16,
                 self.split,
             )?;
@@ -498,7 +527,8 @@ struct AttnArgs {
     xd: u64,
 }
 
-/// Launches the decode attention: the splits (`attn_mma_d{hd}_g{G}_f16`, or
+/// Launches the decode attention over the cached positions (the last `window` of them when
+/// `window` > 0): the splits (`attn_mma_d{hd}_g{G}_f16`, or
 /// `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G, `split.splits`) of
 /// 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one block of
 /// [`MERGE_THREADS`] a head). `part_o` holds `n_heads * splits * head_dim` f32, `part_ml` `n_heads *
@@ -506,9 +536,8 @@ struct AttnArgs {
 fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
+    (nh, nkv, hd): (usize, usize, usize),
+    window: usize,
     kv_f16: bool,
     split: AttnSplit,
 ) -> Result<()> {
@@ -521,7 +550,7 @@ fn launch_attention(
     let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (nhi, nkvi) = (nh as i32, nkv as i32);
     let scale = 1.0 / (hd as f32).sqrt();
-    let min_chunk = split.min_chunk as i32;
+    let (window, min_chunk) = (window as i32, split.min_chunk as i32);
     let mut b = Launch::new(&f);
     b.arg(a.q)
         .arg(a.params)
@@ -529,7 +558,7 @@ fn launch_attention(
         .arg(a.layer)
         .arg(nhi)
         .arg(nkvi);
-    b.arg(scale).arg(min_chunk);
+    b.arg(scale).arg(window).arg(min_chunk);
     b.arg(a.part_o).arg(a.part_ml);
     let cfg = LaunchConfig {
         grid_dim: ((nh / g) as u32, split.splits as u32, 1),
@@ -541,7 +570,10 @@ fn launch_attention(
     unsafe { b.launch(&stream, cfg) }?;
     let merge = dev.get_or_load_custom_func(&format!("attn_merge_d{hd}"), MODULE, PTX)?;
     let mut b = Launch::new(&merge);
-    b.arg(a.params).arg(min_chunk).arg(split.splits as i32);
+    b.arg(a.params)
+        .arg(window)
+        .arg(min_chunk)
+        .arg(split.splits as i32);
     b.arg(a.part_o).arg(a.part_ml).arg(a.xq).arg(a.xd);
     let cfg = LaunchConfig {
         grid_dim: (nh as u32, 1, 1),
@@ -552,16 +584,20 @@ fn launch_attention(
     unsafe { b.launch(&stream, cfg) }
 }
 
+/// The inputs of [`AttnTest`], held for the kernels: q, keys, values, params, the key/value
+/// address table.
+type AttnTestInputs = (
+    CudaSlice<f32>,
+    CudaSlice<u8>,
+    CudaSlice<u8>,
+    CudaSlice<i32>,
+    CudaSlice<u64>,
+);
+
 /// Device buffers for one decode attention call of `q: [n_heads, hd]` over `k`, `v: [n_kv, cap,
 /// hd]` (f16 when `kv_f16`, else f32) with `len` positions cached.
 struct AttnTest {
-    _bufs: (
-        CudaSlice<f32>,
-        CudaSlice<u8>,
-        CudaSlice<u8>,
-        CudaSlice<i32>,
-        CudaSlice<u64>,
-    ),
+    _bufs: AttnTestInputs,
     _work: (CudaSlice<f32>, CudaSlice<f32>),
     xq: CudaSlice<i8>,
     xd: CudaSlice<f32>,
@@ -623,7 +659,7 @@ impl AttnTest {
 }
 
 /// Test helper: the decode attention of `q: [n_heads, hd]` over the first `len` positions of
-/// `k`, `v: [n_kv, cap, hd]` (stored on the device as f16 when `kv_f16`, else f32), run twice
+/// `k`, `v: [n_kv, cap, hd]` (the last `window` of them when `window` > 0) (stored on the device as f16 when `kv_f16`, else f32), run twice
 /// with the default split and once with each of a few others (the returned result is the
 /// last: a split count's stale partial results must not leak into the next), on the tensor
 /// cores or not, returned as the 8-bit codes times their block scale: `[n_heads * hd]`.
@@ -634,7 +670,7 @@ pub(crate) fn run_attention(
     k: &[f32],
     v: &[f32],
     (nh, nkv, hd): (usize, usize, usize),
-    len: usize,
+    (len, window): (usize, usize),
     cap: usize,
     kv_f16: bool,
     tensor_cores: bool,
@@ -650,7 +686,7 @@ pub(crate) fn run_attention(
         def,
         def,
     ] {
-        launch_attention(dev, &t.args, nh, nkv, hd, kv_f16, split)?;
+        launch_attention(dev, &t.args, (nh, nkv, hd), window, kv_f16, split)?;
     }
     let stream = dev.cuda_stream();
     let codes = stream.clone_dtoh(&t.xq).w()?;
@@ -695,12 +731,12 @@ pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
             ] {
                 let split = AttnSplit::new(splits, min_chunk, tc);
                 for _ in 0..5 {
-                    launch_attention(dev, &t.args, nh, nkv, hd, true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), 0, true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let t0 = std::time::Instant::now();
                 for _ in 0..50 {
-                    launch_attention(dev, &t.args, nh, nkv, hd, true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), 0, true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let us = t0.elapsed().as_secs_f64() * 1e6 / 50.0;

@@ -372,25 +372,33 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
     // the float softmax attention on the CPU; its output is quantized to 8 bits per 32 values
     // (tolerance 1e-2).
     if let Device::Cuda(cd) = dev {
-        for &(nh, nkv, hd, len, cap, kv_f16) in &[
-            (32usize, 8usize, 128usize, 1usize, 16usize, false),
-            (32, 8, 128, 63, 64, false),
-            (32, 8, 128, 65, 128, false),
-            (32, 8, 128, 4096, 4100, false),
-            (32, 8, 128, 16384, 16384, false),
-            (32, 8, 64, 1000, 1024, false),
-            (8, 8, 64, 300, 300, false),
-            (12, 2, 64, 777, 800, false),
-            (16, 2, 128, 5000, 5000, false),
-            (32, 8, 128, 1, 16, true),
-            (32, 8, 128, 4096, 4100, true),
-            (32, 8, 128, 16384, 16384, true),
-            (32, 8, 64, 1000, 1024, true),
-            (12, 2, 64, 777, 800, true),
-            (32, 8, 128, 33, 40, true),
-            (32, 8, 128, 65, 128, true),
-            (8, 8, 64, 300, 300, true),
-            (16, 2, 128, 5000, 5000, true),
+        for &(nh, nkv, hd, len, cap, kv_f16, window) in &[
+            (32usize, 8usize, 128usize, 1usize, 16usize, false, 0),
+            (32, 8, 128, 63, 64, false, 0),
+            (32, 8, 128, 65, 128, false, 0),
+            (32, 8, 128, 4096, 4100, false, 0),
+            (32, 8, 128, 16384, 16384, false, 0),
+            (32, 8, 64, 1000, 1024, false, 0),
+            (8, 8, 64, 300, 300, false, 0),
+            (12, 2, 64, 777, 800, false, 0),
+            (16, 2, 128, 5000, 5000, false, 0),
+            (32, 8, 128, 1, 16, true, 0),
+            (32, 8, 128, 4096, 4100, true, 0),
+            (32, 8, 128, 16384, 16384, true, 0),
+            (32, 8, 64, 1000, 1024, true, 0),
+            (12, 2, 64, 777, 800, true, 0),
+            (32, 8, 128, 33, 40, true, 0),
+            (32, 8, 128, 65, 128, true, 0),
+            (8, 8, 64, 300, 300, true, 0),
+            (16, 2, 128, 5000, 5000, true, 0),
+            // Phi-3's head width, and sliding windows (Mistral, Phi-3).
+            (32, 32, 96, 300, 320, false, 0),
+            (32, 32, 96, 2100, 2100, true, 0),
+            (24, 8, 96, 777, 800, true, 0),
+            (32, 8, 128, 5000, 5000, true, 4096),
+            (32, 8, 128, 5000, 5000, false, 4096),
+            (32, 32, 96, 3000, 3000, true, 2047),
+            (32, 8, 128, 100, 128, true, 4096),
         ] {
             seed += 1;
             let q = pseudo_random(nh * hd, seed);
@@ -399,12 +407,21 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                 .map(|x| 3.0 * x)
                 .collect();
             let v = pseudo_random(nkv * cap * hd, seed + 2);
-            let want = attention_reference(&q, &k, &v, (nh, nkv, hd), len, cap);
+            let want = attention_reference(&q, &k, &v, (nh, nkv, hd), (len, window), cap);
             // An f16 cache on the tensor cores and on the SIMT kernel; f32 on the SIMT one.
             let kernels: &[bool] = if kv_f16 { &[true, false] } else { &[false] };
             for &tc in kernels {
-                let got =
-                    decoder::run_attention(cd, &q, &k, &v, (nh, nkv, hd), len, cap, kv_f16, tc)?;
+                let got = decoder::run_attention(
+                    cd,
+                    &q,
+                    &k,
+                    &v,
+                    (nh, nkv, hd),
+                    (len, window),
+                    cap,
+                    kv_f16,
+                    tc,
+                )?;
                 let kt = match (kv_f16, tc) {
                     (true, true) => "f16 mma",
                     (true, false) => "f16 simt",
@@ -412,7 +429,9 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                 };
                 record(
                     &mut lines,
-                    format!("attention h{nh} kv{nkv} d{hd} len {len} {kt} cache vs float"),
+                    format!(
+                        "attention h{nh} kv{nkv} d{hd} len {len} window {window} {kt} cache vs float"
+                    ),
                     norm_rel_err(&got, &want),
                     1e-2,
                 );
@@ -475,7 +494,8 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
     Ok((lines, ok))
 }
 
-/// Softmax attention of `q: [nh, hd]` over positions `0..len` of `k`, `v: [nkv, cap, hd]`
+/// Softmax attention of `q: [nh, hd]` over positions `0..len` (the last `window` of them when
+/// `window` > 0) of `k`, `v: [nkv, cap, hd]`
 /// (query head h reads key/value head `h / (nh / nkv)`), scale `hd^-0.5`, in f64:
 /// `[nh * hd]`.
 fn attention_reference(
@@ -483,15 +503,20 @@ fn attention_reference(
     k: &[f32],
     v: &[f32],
     (nh, nkv, hd): (usize, usize, usize),
-    len: usize,
+    (len, window): (usize, usize),
     cap: usize,
 ) -> Vec<f32> {
     let scale = 1.0 / (hd as f64).sqrt();
+    let lo = if window > 0 {
+        len.saturating_sub(window)
+    } else {
+        0
+    };
     let mut out = vec![0f32; nh * hd];
     for h in 0..nh {
         let kvh = h / (nh / nkv);
         let qh = &q[h * hd..][..hd];
-        let s: Vec<f64> = (0..len)
+        let s: Vec<f64> = (lo..len)
             .map(|t| {
                 let kr = &k[(kvh * cap + t) * hd..][..hd];
                 qh.iter()
@@ -505,8 +530,8 @@ fn attention_reference(
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
         let z: f64 = e.iter().sum();
         for d in 0..hd {
-            let o: f64 = (0..len)
-                .map(|t| e[t] * v[(kvh * cap + t) * hd + d] as f64)
+            let o: f64 = (lo..len)
+                .map(|t| e[t - lo] * v[(kvh * cap + t) * hd + d] as f64)
                 .sum();
             out[h * hd + d] = (o / z) as f32;
         }

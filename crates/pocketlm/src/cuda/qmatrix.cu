@@ -252,11 +252,65 @@ __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
   }
 }
 
-// The stacked q/k/v projection of the decode step with RoPE (Su et al. 2021) and the KV-cache
-// append in its epilogue: block b computes the two rows of one rotated pair (q or k: (2i, 2i+1)
-// of a head when interleaved, else (i, i + head_dim/2)) or two adjacent v rows, rotates q/k by
-// the tables cos/sin [positions, head_dim/2] at position params[0], and writes q to q_out and
-// k, v to the layer's cache at that position (see the decode-step notes below for params, kv).
+// The decode step's q/k/v outputs are taken in pairs: pair p of the stacked q, k, v heads
+// ((n_heads + 2 n_kv) hd / 2 of them) is, for a q or k head, the two rows RoPE rotates together
+// ((2i, 2i+1) of the head when interleaved, else (i, i + hd/2)) and, for a v head, two
+// adjacent rows (2i, 2i+1).
+struct QkvPair {
+  int head, i, i0, i1;
+};
+__device__ __forceinline__ QkvPair qkv_pair(int head, int i, int n_heads, int n_kv, int hd,
+                                            int interleaved) {
+  const bool rotated = head < n_heads + n_kv;
+  const int half = hd >> 1;
+  QkvPair p;
+  p.head = head;
+  p.i = i;
+  p.i0 = rotated && !interleaved ? i : 2 * i;
+  p.i1 = rotated && !interleaved ? i + half : 2 * i + 1;
+  return p;
+}
+
+// Stores pair p's values (a, b) at position params[0]: q/k rotated by RoPE (Su et al. 2021)
+// with the tables cos/sin [positions, hd/2], q into q_out [n_heads, hd], k and v into the
+// layer's cache (see the decode-step notes below for params, kv; f32, or f16 when kv_half,
+// rounded to nearest).
+__device__ __forceinline__ void qkv_store(const QkvPair &p, float a, float b,
+                                          const float *__restrict__ cos_t,
+                                          const float *__restrict__ sin_t,
+                                          const int *__restrict__ params,
+                                          const unsigned long long *__restrict__ kv, int layer,
+                                          float *__restrict__ q_out, int n_heads, int n_kv, int hd,
+                                          int kv_half) {
+  const int pos = params[0], cap = params[2], half = hd >> 1;
+  auto put = [&](unsigned long long base, size_t at, float val) {
+    if (kv_half)
+      reinterpret_cast<__half *>(base)[at] = __float2half_rn(val);
+    else
+      reinterpret_cast<float *>(base)[at] = val;
+  };
+  if (p.head >= n_heads + n_kv) {
+    const size_t at = ((size_t)(p.head - n_heads - n_kv) * cap + pos) * hd;
+    put(kv[2 * layer + 1], at + p.i0, a);
+    put(kv[2 * layer + 1], at + p.i1, b);
+    return;
+  }
+  const float c = cos_t[(size_t)pos * half + p.i], s = sin_t[(size_t)pos * half + p.i];
+  const float r0 = a * c - b * s, r1 = a * s + b * c;
+  if (p.head < n_heads) {
+    q_out[(size_t)p.head * hd + p.i0] = r0;
+    q_out[(size_t)p.head * hd + p.i1] = r1;
+  } else {
+    const size_t row = ((size_t)(p.head - n_heads) * cap + pos) * hd;
+    put(kv[2 * layer], row + p.i0, r0);
+    put(kv[2 * layer], row + p.i1, r1);
+  }
+}
+
+// The stacked q/k/v projection of the decode step with RoPE and the KV-cache append in its
+// epilogue: block b computes the two rows of pair b (see QkvPair) and stores them (qkv_store).
+// `lbias` (may be null): the projection's bias [(n_heads + 2 n_kv) hd] f32 (Qwen2), added
+// before the rotation.
 template <int BITS, bool SIGNED, bool BIAS, typename S>
 __device__ void qgemv_rope(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                            const S *__restrict__ bi, const int8_t *__restrict__ xq,
@@ -264,56 +318,68 @@ __device__ void qgemv_rope(const uint8_t *__restrict__ qs, const S *__restrict__
                            const float *__restrict__ cos_t, const float *__restrict__ sin_t,
                            const int *__restrict__ params, const unsigned long long *__restrict__ kv,
                            int layer, float *__restrict__ q_out, int n_heads, int n_kv, int hd,
-                           int interleaved, int kv_half) {
+                           int interleaved, int kv_half, const float *__restrict__ lbias) {
   const int half = hd >> 1;
-  const int pairs_qk = (n_heads + n_kv) * half;
   const int blk = blockIdx.x;
-  if (blk >= pairs_qk + n_kv * half) return;
-  int rr[2];
-  int head = 0, i = 0, i0 = 0, i1 = 0;
-  if (blk < pairs_qk) {
-    head = blk / half;
-    i = blk % half;
-    i0 = interleaved ? 2 * i : i;
-    i1 = interleaved ? 2 * i + 1 : i + half;
-    rr[0] = head * hd + i0;
-    rr[1] = head * hd + i1;
-  } else {
-    rr[0] = (n_heads + n_kv) * hd + 2 * (blk - pairs_qk);
-    rr[1] = rr[0] + 1;
-  }
+  if (blk >= (n_heads + 2 * n_kv) * half) return;
+  const QkvPair p = qkv_pair(blk / half, blk % half, n_heads, n_kv, hd, interleaved);
+  const int rr[2] = {p.head * hd + p.i0, p.head * hd + p.i1};
   prefetch_rows<BITS, BIAS, S, 2>(qs, sc, bi, rr, cols, group);
   pdl_enter();
   float tot[2];
   rows_dot<BITS, SIGNED, BIAS, S, 2>(qs, sc, bi, xq, xd, rr, cols, group, tot);
   if (threadIdx.x != 0) return;
-  const int pos = params[0], cap = params[2];
-  // The cache holds f32, or f16 when kv_half (rounded to nearest).
-  auto put = [&](unsigned long long base, size_t at, float val) {
-    if (kv_half)
-      reinterpret_cast<__half *>(base)[at] = __float2half_rn(val);
-    else
-      reinterpret_cast<float *>(base)[at] = val;
-  };
-  const unsigned long long kc = kv[2 * layer], vc = kv[2 * layer + 1];
-  if (blk < pairs_qk) {
-    const float c = cos_t[(size_t)pos * half + i], s = sin_t[(size_t)pos * half + i];
-    const float a = tot[0], b = tot[1];
-    const float r0 = a * c - b * s, r1 = a * s + b * c;
-    if (head < n_heads) {
-      q_out[(size_t)head * hd + i0] = r0;
-      q_out[(size_t)head * hd + i1] = r1;
-    } else {
-      const size_t row = ((size_t)(head - n_heads) * cap + pos) * hd;
-      put(kc, row + i0, r0);
-      put(kc, row + i1, r1);
-    }
-  } else {
-    const int u = rr[0] - (n_heads + n_kv) * hd, kvh = u / hd, d = u % hd;
-    const size_t at = ((size_t)kvh * cap + pos) * hd + d;
-    put(vc, at, tot[0]);
-    put(vc, at + 1, tot[1]);
+  if (lbias) {
+    tot[0] += lbias[rr[0]];
+    tot[1] += lbias[rr[1]];
   }
+  qkv_store(p, tot[0], tot[1], cos_t, sin_t, params, kv, layer, q_out, n_heads, n_kv, hd,
+            kv_half);
+}
+
+// The decode step's q/k/v rows after a plain GEMV (y [(n_heads + 2 n_kv) hd] f32), for layers
+// that normalize each query and key head before RoPE (Qwen3, Gemma 3; HF `Qwen3Attention`
+// q_norm / k_norm): adds the projection's bias (`lbias`, may be null), applies RMSNorm
+// (x / sqrt(mean(x^2) + eps) * w, w [hd] f32, as ggml's rms_norm then mul) to each q head with
+// q_norm and each k head with k_norm (either may be null: none), then stores as qkv_store.
+// Block b takes head b; thread t pair t of it (blockDim: hd / 2 rounded up to a warp, at most
+// 256 threads).
+extern "C" __global__ void qkv_post(const float *__restrict__ y, const float *__restrict__ lbias,
+                                    const float *__restrict__ q_norm,
+                                    const float *__restrict__ k_norm, float eps,
+                                    const float *__restrict__ cos_t,
+                                    const float *__restrict__ sin_t,
+                                    const int *__restrict__ params,
+                                    const unsigned long long *__restrict__ kv, int layer,
+                                    float *__restrict__ q_out, int n_heads, int n_kv, int hd,
+                                    int interleaved, int kv_half) {
+  __shared__ float red[8];
+  const int head = blockIdx.x, t = threadIdx.x, half = hd >> 1;
+  const bool on = t < half;
+  const QkvPair p = qkv_pair(head, on ? t : 0, n_heads, n_kv, hd, interleaved);
+  const float *w = head < n_heads ? q_norm : head < n_heads + n_kv ? k_norm : nullptr;
+  pdl_enter();
+  const size_t base = (size_t)head * hd;
+  float a = 0.f, b = 0.f;
+  if (on) {
+    a = y[base + p.i0];
+    b = y[base + p.i1];
+    if (lbias) {
+      a += lbias[base + p.i0];
+      b += lbias[base + p.i1];
+    }
+  }
+  if (w) {  // uniform across the block
+    float ss = warp_sum(a * a + b * b);
+    if ((t & 31) == 0) red[t >> 5] = ss;
+    __syncthreads();
+    ss = 0.f;
+    for (int k = 0; k < (int)(blockDim.x >> 5); k++) ss += red[k];
+    const float r = 1.f / sqrtf(ss / (float)hd + eps);
+    a = (a * r) * (on ? w[p.i0] : 0.f);
+    b = (b * r) * (on ? w[p.i1] : 0.f);
+  }
+  if (on) qkv_store(p, a, b, cos_t, sin_t, params, kv, layer, q_out, n_heads, n_kv, hd, kv_half);
 }
 
 // out[r, k..k+8] = (half) w[r, k..k+8]: the weight for a cuBLAS f16 GEMM (prefill); one thread
@@ -432,9 +498,10 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
       const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, int cols,  \
       int group, const float *cos_t, const float *sin_t, const int *params,                        \
       const unsigned long long *kv, int layer, float *q_out, int n_heads, int n_kv, int hd,        \
-      int interleaved, int kv_half) {                                                              \
+      int interleaved, int kv_half, const float *lbias) {                                          \
     qgemv_rope<BITS, SIGNED, BIAS, S>(qs, sc, bi, xq, xd, cols, group, cos_t, sin_t, params, kv,  \
-                                      layer, q_out, n_heads, n_kv, hd, interleaved, kv_half);      \
+                                      layer, q_out, n_heads, n_kv, hd, interleaved, kv_half,       \
+                                      lbias);                                                      \
   }                                                                                                \
   extern "C" __global__ void qembed_##NAME(const uint8_t *qs, const S *sc, const S *bi,           \
                                            const unsigned int *ids, float *out, int n_ids,         \
@@ -573,15 +640,23 @@ __device__ __forceinline__ int2 attn_splits(int len, int min_chunk, int maxsplit
   const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
   return make_int2(chunk, (len + chunk - 1) / chunk);
 }
+// The first position a query attends of the `len` cached ones: 0, or with a sliding window
+// (`window` > 0: the query sees itself and the window - 1 keys before it) len - window.
+__device__ __forceinline__ int attn_lo(int len, int window) {
+  return window > 0 ? max(0, len - window) : 0;
+}
 // EPL values of row t at lane's offset, widened to f32 (the cache holds float or __half).
 template <int EPL>
 __device__ __forceinline__ void load_row(const float *__restrict__ src, float *out) {
   if (EPL == 4) {
     const float4 v = __ldcs(reinterpret_cast<const float4 *>(src));
     out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-  } else {
+  } else if (EPL == 2) {
     const float2 v = __ldcs(reinterpret_cast<const float2 *>(src));
     out[0] = v.x, out[1] = v.y;
+  } else {
+#pragma unroll
+    for (int e = 0; e < EPL; e++) out[e] = __ldcs(src + e);
   }
 }
 template <int EPL>
@@ -591,10 +666,13 @@ __device__ __forceinline__ void load_row(const __half *__restrict__ src, float *
     const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
     const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
     out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
-  } else {
+  } else if (EPL == 2) {
     const unsigned v = __ldcs(reinterpret_cast<const unsigned *>(src));
     const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v));
     out[0] = a.x, out[1] = a.y;
+  } else {
+#pragma unroll
+    for (int e = 0; e < EPL; e++) out[e] = __half2float(__ldcs(src + e));
   }
 }
 
@@ -691,9 +769,10 @@ __device__ __forceinline__ void prefetch_kv(const KT *K, const KT *V, int start,
 // loads of the partial outputs are in flight at once; the parts are added in shared memory.
 #define ATTN_MERGE_THREADS 512
 template <int HD>
-__device__ void attn_merge(const int *__restrict__ params, int min_chunk, int maxsplit,
-                           const float *__restrict__ part_o, const float2 *__restrict__ part_ml,
-                           int8_t *__restrict__ xq, float2 *__restrict__ xd) {
+__device__ void attn_merge(const int *__restrict__ params, int window, int min_chunk,
+                           int maxsplit, const float *__restrict__ part_o,
+                           const float2 *__restrict__ part_ml, int8_t *__restrict__ xq,
+                           float2 *__restrict__ xd) {
   constexpr int P = ATTN_MERGE_THREADS / HD, NW = ATTN_MERGE_THREADS / 32;
   __shared__ float f[ATTN_MAX_SPLITS];
   __shared__ float acc[P][HD];
@@ -701,7 +780,7 @@ __device__ void attn_merge(const int *__restrict__ params, int min_chunk, int ma
   pdl_enter();
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   const int len = params[1];
-  const int nsplit = attn_splits(len, min_chunk, maxsplit).y;
+  const int nsplit = attn_splits(len - attn_lo(len, window), min_chunk, maxsplit).y;
   const float2 *ml = part_ml + (size_t)h * maxsplit;
   float M = -INFINITY;
   for (int s = tid; s < nsplit; s += ATTN_MERGE_THREADS) {
@@ -728,12 +807,15 @@ __device__ void attn_merge(const int *__restrict__ params, int min_chunk, int ma
   L = 0.f;
 #pragma unroll
   for (int w = 0; w < NW; w++) L += red[w];
+  // With HD not dividing the block (96), the threads past P * HD have no part.
   const int d = tid % HD, part = tid / HD;
-  const float *po = part_o + (size_t)h * maxsplit * HD + d;
-  float o = 0.f;
+  if (part < P) {
+    const float *po = part_o + (size_t)h * maxsplit * HD + d;
+    float o = 0.f;
 #pragma unroll 8
-  for (int s = part; s < nsplit; s += P) o += __ldcg(po + (size_t)s * HD) * f[s];
-  acc[part][d] = o;
+    for (int s = part; s < nsplit; s += P) o += __ldcg(po + (size_t)s * HD) * f[s];
+    acc[part][d] = o;
+  }
   __syncthreads();
   if (tid < HD) {
     float t = 0.f;
@@ -748,17 +830,17 @@ __device__ void attn_merge(const int *__restrict__ params, int min_chunk, int ma
 template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
-                         int n_kv, float scale, int min_chunk, float *__restrict__ part_o,
-                         float2 *__restrict__ part_ml) {
+                         int n_kv, float scale, int window, int min_chunk,
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
   constexpr int HD = 32 * EPL;
   __shared__ AttnFinishSmem<G, HD> sm;
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const int len = params[1], cap = params[2];
-  const int2 splits = attn_splits(len, min_chunk, maxsplit);
+  const int len = params[1], cap = params[2], lo = attn_lo(len, window);
+  const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
   const int chunk = splits.x, nsplit = splits.y;
   if (sp >= nsplit) return;
-  const int start = sp * chunk, end = min(len, start + chunk);
+  const int start = lo + sp * chunk, end = min(len, start + chunk);
   const int h0 = grp * G;
   const int kvh = h0 / (n_heads / n_kv);
   const KT *K = reinterpret_cast<const KT *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
@@ -853,8 +935,8 @@ template <int HD, int G> struct AttnMmaSmem {
 template <int HD, int G>
 __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
-                         int n_kv, float scale, int min_chunk, float *__restrict__ part_o,
-                         float2 *__restrict__ part_ml) {
+                         int n_kv, float scale, int window, int min_chunk,
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
   constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
   constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
                             ? sizeof(AttnMmaSmem<HD, G>)
@@ -864,11 +946,11 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   AttnFinishSmem<G, HD> &sm = *reinterpret_cast<AttnFinishSmem<G, HD> *>(raw);
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, quad = lane & 3, r = lane >> 2;
-  const int len = params[1], cap = params[2];
-  const int2 splits = attn_splits(len, min_chunk, maxsplit);
+  const int len = params[1], cap = params[2], lo = attn_lo(len, window);
+  const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
   const int chunk = splits.x, nsplit = splits.y;
   if (sp >= nsplit) return;
-  const int start = sp * chunk, end = min(len, start + chunk);
+  const int start = lo + sp * chunk, end = min(len, start + chunk);
   const int h0 = grp * G;
   const int kvh = h0 / (n_heads / n_kv);
   const __half *K = reinterpret_cast<const __half *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
@@ -973,14 +1055,17 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   extern "C" __global__ void __launch_bounds__(128)                                                \
       attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
                                      const unsigned long long *kv, int layer, int n_heads,         \
-                                     int n_kv, float scale, int min_chunk, float *part_o,          \
-                                     float2 *part_ml) {                                            \
-    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml);  \
+                                     int n_kv, float scale, int window, int min_chunk,             \
+                                     float *part_o, float2 *part_ml) {                             \
+    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,    \
+                         part_ml);                                                                 \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
+  ATTN_KERNEL(96, 3, G, float, f32)                                                                \
   ATTN_KERNEL(128, 4, G, float, f32)                                                               \
   ATTN_KERNEL(64, 2, G, __half, f16)                                                               \
+  ATTN_KERNEL(96, 3, G, __half, f16)                                                               \
   ATTN_KERNEL(128, 4, G, __half, f16)
 ATTN_KERNELS(1)
 ATTN_KERNELS(2)
@@ -991,12 +1076,14 @@ ATTN_KERNELS(8)
   extern "C" __global__ void __launch_bounds__(128, 4)                                             \
       attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
                                     const unsigned long long *kv, int layer, int n_heads,          \
-                                    int n_kv, float scale, int min_chunk, float *part_o,           \
-                                    float2 *part_ml) {                                             \
-    attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, min_chunk, part_o, part_ml);     \
+                                    int n_kv, float scale, int window, int min_chunk,              \
+                                    float *part_o, float2 *part_ml) {                              \
+    attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,       \
+                      part_ml);                                                                    \
   }
 #define ATTN_MMA_KERNELS(G)                                                                        \
   ATTN_MMA_KERNEL(64, G)                                                                           \
+  ATTN_MMA_KERNEL(96, G)                                                                           \
   ATTN_MMA_KERNEL(128, G)
 ATTN_MMA_KERNELS(1)
 ATTN_MMA_KERNELS(2)
@@ -1005,11 +1092,12 @@ ATTN_MMA_KERNELS(8)
 
 #define ATTN_MERGE_KERNEL(HDIM)                                                                    \
   extern "C" __global__ void __launch_bounds__(ATTN_MERGE_THREADS) attn_merge_d##HDIM(             \
-      const int *params, int min_chunk, int maxsplit, const float *part_o, const float2 *part_ml,  \
-      int8_t *xq, float2 *xd) {                                                                    \
-    attn_merge<HDIM>(params, min_chunk, maxsplit, part_o, part_ml, xq, xd);                        \
+      const int *params, int window, int min_chunk, int maxsplit, const float *part_o,             \
+      const float2 *part_ml, int8_t *xq, float2 *xd) {                                             \
+    attn_merge<HDIM>(params, window, min_chunk, maxsplit, part_o, part_ml, xq, xd);                \
   }
 ATTN_MERGE_KERNEL(64)
+ATTN_MERGE_KERNEL(96)
 ATTN_MERGE_KERNEL(128)
 
 // ---- Prefill helpers ----

@@ -78,6 +78,18 @@ pub(crate) struct RopeArgs {
     pub interleaved: bool,
     /// The cache buffers hold f16 (else f32).
     pub kv_half: bool,
+    /// The projection's bias `[(n_heads + 2 n_kv_heads) head_dim]` f32, or 0 for none.
+    pub bias: u64,
+    /// Per-head RMSNorm weights `[head_dim]` f32 of the queries and of the keys, applied
+    /// before RoPE (0: none), with epsilon `norm_eps`.
+    pub q_norm: u64,
+    /// See `q_norm`.
+    pub k_norm: u64,
+    /// See `q_norm`.
+    pub norm_eps: f32,
+    /// With a q or k norm: room for the projection's `(n_heads + 2 n_kv_heads) head_dim` f32
+    /// outputs, normalized by a second kernel.
+    pub scratch: u64,
 }
 
 /// A quantized matrix `[rows, cols]` on a CUDA device (`cols` a multiple of 32).
@@ -343,9 +355,41 @@ impl CudaQMatrix {
 
     /// Launches the decode step's q/k/v GEMV with RoPE and the KV-cache append in its epilogue
     /// (`qgemv_rope` in qmatrix.cu): this matrix stacks `[q; k; v]` rows of `rope.n_heads`,
-    /// `rope.n_kv_heads`, `rope.n_kv_heads` heads; one activation row. Safe to capture in a CUDA
-    /// graph.
+    /// `rope.n_kv_heads`, `rope.n_kv_heads` heads; one activation row. With a q or k norm, a
+    /// plain GEMV into `rope.scratch` and `qkv_post` (norms, RoPE, append) instead. Safe to
+    /// capture in a CUDA graph.
     pub(crate) fn launch_gemv_rope(&self, xq: u64, xd: u64, rope: &RopeArgs) -> Result<()> {
+        let (nh, nkv, hd, il, kh) = (
+            rope.n_heads as i32,
+            rope.n_kv_heads as i32,
+            rope.head_dim as i32,
+            rope.interleaved as i32,
+            rope.kv_half as i32,
+        );
+        if rope.q_norm != 0 || rope.k_norm != 0 {
+            self.launch_gemv(Epilogue::Write, xq, xd, rope.scratch, 1)?;
+            let func = self.dev.get_or_load_custom_func("qkv_post", MODULE, PTX)?;
+            let threads = (rope.head_dim / 2).div_ceil(32) * 32;
+            let cfg = LaunchConfig {
+                grid_dim: ((rope.n_heads + 2 * rope.n_kv_heads) as u32, 1, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = Launch::new(&func);
+            b.arg(rope.scratch)
+                .arg(rope.bias)
+                .arg(rope.q_norm)
+                .arg(rope.k_norm);
+            b.arg(rope.norm_eps);
+            b.arg(rope.cos)
+                .arg(rope.sin)
+                .arg(rope.params)
+                .arg(rope.kv)
+                .arg(rope.layer);
+            b.arg(rope.q_out).arg(nh).arg(nkv).arg(hd).arg(il).arg(kh);
+            // SAFETY: qkv_post's parameters, in order; the decoder's buffers.
+            return unsafe { b.launch(&self.dev.cuda_stream(), cfg) };
+        }
         let func = self.dev.get_or_load_custom_func(
             &format!("qgemv_rope_{}", self.kernel),
             MODULE,
@@ -359,13 +403,6 @@ impl CudaQMatrix {
             shared_mem_bytes: 0,
         };
         let (ci, gi) = (self.cols as i32, self.group as i32);
-        let (nh, nkv, hd, il, kh) = (
-            rope.n_heads as i32,
-            rope.n_kv_heads as i32,
-            rope.head_dim as i32,
-            rope.interleaved as i32,
-            rope.kv_half as i32,
-        );
         let mut b = Launch::new(&func);
         b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
         b.arg(xq).arg(xd).arg(ci).arg(gi);
@@ -375,6 +412,7 @@ impl CudaQMatrix {
             .arg(rope.kv)
             .arg(rope.layer);
         b.arg(rope.q_out).arg(nh).arg(nkv).arg(hd).arg(il).arg(kh);
+        b.arg(rope.bias);
         // SAFETY: qgemv_rope_*'s parameters, in order; the decoder's buffers.
         unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
     }

@@ -9,6 +9,7 @@ use crate::nn::{
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
+use candle_core::Tensor;
 
 /// Head geometry of an attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -63,8 +64,9 @@ pub(crate) fn rotary_dim(head_dim: usize, partial_rotary_factor: Option<f64>) ->
 }
 
 /// `{p}.self_attn.{q,k,v}_proj` (`fused`: one `{p}.self_attn.qkv_proj`), each
-/// `[heads · head_dim, hidden]`. Bias-free separate projections are stacked into one layer where
-/// the weight source makes that cheaper (one launch on a GPU, [`Weights::stacked_linear`]).
+/// `[heads · head_dim, hidden]`. Separate projections are stacked into one layer (their biases
+/// too) where the weight source makes that cheaper (one launch on a GPU,
+/// [`Weights::stacked_linear`]).
 ///
 /// Errors: a missing or misshapen weight, named.
 pub(crate) fn qkv(
@@ -91,11 +93,20 @@ pub(crate) fn qkv(
     }
     let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}"));
     let rows = [nh * hd, nkv * hd, nkv * hd];
-    if !bias {
-        let refs = names.each_ref().map(String::as_str);
-        if let Some(l) = w.stacked_linear(&refs, &rows, hidden)? {
-            return Ok(QkvProj::Fused(l));
-        }
+    let refs = names.each_ref().map(String::as_str);
+    if let Some(l) = w.stacked_linear(&refs, &rows, hidden)? {
+        // The biases (Qwen2) stack the same way, beside the weights.
+        let stacked_bias = bias
+            .then(|| {
+                let parts = names
+                    .iter()
+                    .zip(rows)
+                    .map(|(n, r)| w.tensor(&format!("{n}.bias"), &[r]))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok::<_, crate::Error>(Tensor::cat(&parts, 0)?)
+            })
+            .transpose()?;
+        return Ok(QkvProj::Fused(l.with_bias(stacked_bias)?));
     }
     let [q, k, v] = names;
     Ok(QkvProj::Separate {

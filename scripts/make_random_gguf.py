@@ -1,0 +1,109 @@
+"""Write a GGUF with random weights of a real model's shapes, for speed measurements only.
+
+usage: make_random_gguf.py OUT TYPE [--shape SHAPE]
+  TYPE in q4_0 q8_0 q4_k; SHAPE (default 8b):
+    8b         Llama-3-8B         (llama; hidden 4096, 32 layers, 32/8 heads, ffn 14336)
+    1b         Llama-3.2-1B       (llama; 2048, 16 layers, 32/8 heads, ffn 8192)
+    qwen2-7b   Qwen2.5-7B         (qwen2: q/k/v biases; 3584, 28 layers, 28/4 heads, ffn 18944)
+    qwen3-8b   Qwen3-8B           (qwen3: per-head q/k RMSNorm; 4096, 36 layers, 32/8 heads, ffn 12288)
+    qwen3-1.7b Qwen3-1.7B         (qwen3; 2048, 28 layers, 16/8 heads, head_dim 128, ffn 6144)
+    phi3-mini  Phi-3-mini-4k      (phi3: fused qkv and gate/up, head_dim 96, window 2047;
+                                   3072, 32 layers, 32/32 heads, ffn 8192)
+A llama.cpp-style extension of ../shared/tools/make_random_gguf.py (which writes the first two).
+Needs numpy and the `gguf` Python package (PyPI, or llama.cpp's gguf-py on PYTHONPATH; lc/gguf-py
+is tried first). Tokenizer metadata comes from a llama.cpp vocabulary GGUF: $VOCAB_GGUF, or
+$VOCAB_DIR/ggml-vocab-{llama-bpe,qwen2,phi-3}.gguf by family (VOCAB_DIR default lc/models; the
+llama-cpp-python sdist ships them under vendor/llama.cpp/models/), so the vocabulary size and the
+output layer are the family's own. Norm weights are ones; quantized blocks random with a fixed
+scale (Q4_0 18 bytes / 32 values with the f16 d first, Q8_0 34/32, Q4_K 144/256 with f16 d and
+dmin first, Q6_K 210/256 with f16 d last). An 8B Q4_0 file takes about 30 s on the GPU machine.
+$LAYERS overrides the layer count (a small file to check the format with), $CTX the context
+length written (default 8192, Phi-3 4096).
+"""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, "lc/gguf-py")
+import gguf  # noqa: E402
+
+SHAPES = {
+    "8b": dict(arch="llama", vocab="llama-bpe", n_embd=4096, n_layer=32, n_head=32, n_kv=8,
+               n_ff=14336, rope=500000.0, eps=1e-5),
+    "1b": dict(arch="llama", vocab="llama-bpe", n_embd=2048, n_layer=16, n_head=32, n_kv=8,
+               n_ff=8192, rope=500000.0, eps=1e-5),
+    "qwen2-7b": dict(arch="qwen2", vocab="qwen2", n_embd=3584, n_layer=28, n_head=28, n_kv=4,
+                     n_ff=18944, rope=1e6, eps=1e-6, qkv_bias=True),
+    "qwen3-8b": dict(arch="qwen3", vocab="qwen2", n_embd=4096, n_layer=36, n_head=32, n_kv=8,
+                     n_ff=12288, rope=1e6, eps=1e-6, qk_norm=True),
+    "qwen3-1.7b": dict(arch="qwen3", vocab="qwen2", n_embd=2048, n_layer=28, n_head=16, n_kv=8,
+                       head_dim=128, n_ff=6144, rope=1e6, eps=1e-6, qk_norm=True),
+    "phi3-mini": dict(arch="phi3", vocab="phi-3", n_embd=3072, n_layer=32, n_head=32, n_kv=32,
+                      n_ff=8192, rope=10000.0, eps=1e-5, fused=True, window=2047, ctx=4096),
+}
+
+out, qtype = sys.argv[1], sys.argv[2]
+shape = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--shape" else "8b"
+H = SHAPES[shape]
+rng = np.random.default_rng(0)
+T = gguf.GGMLQuantizationType
+BLOCK = {"q4_0": (T.Q4_0, 32, 18, 0), "q8_0": (T.Q8_0, 32, 34, 0),
+         "q4_k": (T.Q4_K, 256, 144, 0), "q6_k": (T.Q6_K, 256, 210, 208)}
+
+
+def qtensor(rows, cols, kind):
+    t, bs, nb, doff = BLOCK[kind]
+    a = rng.integers(0, 256, size=(rows, cols // bs, nb), dtype=np.uint8)
+    a[:, :, doff:doff + 2] = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    if kind == "q4_k":
+        a[:, :, 2:4] = np.frombuffer(np.float16(0.001).tobytes(), dtype=np.uint8)
+    return a.reshape(rows, -1), t
+
+
+vocab_gguf = os.environ.get("VOCAB_GGUF") or os.path.join(
+    os.environ.get("VOCAB_DIR", "lc/models"), f"ggml-vocab-{H['vocab']}.gguf")
+r = gguf.GGUFReader(vocab_gguf)
+arch = H["arch"]
+w = gguf.GGUFWriter(out, arch)
+for f in r.fields.values():
+    if f.name.startswith("tokenizer."):
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+vocab = len(r.fields["tokenizer.ggml.tokens"].contents())
+e, nh, nkv, ff = H["n_embd"], H["n_head"], H["n_kv"], H["n_ff"]
+L = int(os.environ.get("LAYERS", H["n_layer"]))  # fewer layers: a quick check of the format
+hd = H.get("head_dim", e // nh)
+w.add_context_length(int(os.environ.get("CTX", H.get("ctx", 8192)))); w.add_embedding_length(e); w.add_block_count(L)
+w.add_feed_forward_length(ff); w.add_head_count(nh); w.add_head_count_kv(nkv)
+w.add_rope_freq_base(H["rope"]); w.add_layer_norm_rms_eps(H["eps"]); w.add_rope_dimension_count(hd)
+if hd != e // nh:
+    w.add_key_length(hd); w.add_value_length(hd)
+if H.get("window"):
+    w.add_sliding_window(H["window"])
+w.add_vocab_size(vocab)
+a, t = qtensor(vocab, e, qtype); w.add_tensor("token_embd.weight", a, raw_dtype=t)
+w.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
+a, t = qtensor(vocab, e, "q6_k" if qtype == "q4_k" else qtype); w.add_tensor("output.weight", a, raw_dtype=t)
+q_rows, kv_rows = nh * hd, nkv * hd
+for i in range(L):
+    if H.get("fused"):
+        mats = {"attn_qkv": (q_rows + 2 * kv_rows, e), "attn_output": (e, q_rows),
+                "ffn_up": (2 * ff, e), "ffn_down": (e, ff)}
+    else:
+        mats = {"attn_q": (q_rows, e), "attn_k": (kv_rows, e), "attn_v": (kv_rows, e),
+                "attn_output": (e, q_rows), "ffn_gate": (ff, e), "ffn_up": (ff, e),
+                "ffn_down": (e, ff)}
+    for name, (rows, cols) in mats.items():
+        a, t = qtensor(rows, cols, qtype)
+        w.add_tensor(f"blk.{i}.{name}.weight", a, raw_dtype=t)
+    if H.get("qkv_bias"):
+        for name, rows in (("attn_q", q_rows), ("attn_k", kv_rows), ("attn_v", kv_rows)):
+            w.add_tensor(f"blk.{i}.{name}.bias", (rng.standard_normal(rows) * 0.1).astype(np.float32))
+    if H.get("qk_norm"):
+        w.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(hd, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(hd, dtype=np.float32))
+    w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, dtype=np.float32))
+    w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, dtype=np.float32))
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+print("wrote", out, qtype, shape)
