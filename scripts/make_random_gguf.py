@@ -9,6 +9,11 @@ usage: make_random_gguf.py OUT TYPE [--shape SHAPE]
     qwen3-1.7b Qwen3-1.7B         (qwen3; 2048, 28 layers, 16/8 heads, head_dim 128, ffn 6144)
     phi3-mini  Phi-3-mini-4k      (phi3: fused qkv and gate/up, head_dim 96, window 2047;
                                    3072, 32 layers, 32/32 heads, ffn 8192)
+    gemma3-4b  Gemma-3-4B         (gemma3: q/k norms, post norms, GeGLU, head_dim 256, window
+                                   1024 on 5 of 6 layers; 2560, 34 layers, 8/4 heads, ffn 10240;
+                                   Llama 3's vocabulary, as llama.cpp ships no Gemma 3 one)
+    gemma3-1b  Gemma-3-1B         (gemma3; 1152, 26 layers, 4/1 heads, head_dim 256, ffn 6912,
+                                   window 512)
 A llama.cpp-style extension of ../shared/tools/make_random_gguf.py (which writes the first two).
 Needs numpy and the `gguf` Python package (PyPI, or llama.cpp's gguf-py on PYTHONPATH; lc/gguf-py
 is tried first). Tokenizer metadata comes from a llama.cpp vocabulary GGUF: $VOCAB_GGUF, or
@@ -41,6 +46,12 @@ SHAPES = {
                        head_dim=128, n_ff=6144, rope=1e6, eps=1e-6, qk_norm=True),
     "phi3-mini": dict(arch="phi3", vocab="phi-3", n_embd=3072, n_layer=32, n_head=32, n_kv=32,
                       n_ff=8192, rope=10000.0, eps=1e-5, fused=True, window=2047, ctx=4096),
+    "gemma3-1b": dict(arch="gemma3", vocab="llama-bpe", n_embd=1152, n_layer=26, n_head=4, n_kv=1,
+                      head_dim=256, n_ff=6912, rope=1e6, eps=1e-6, qk_norm=True, post_norms=True,
+                      window=512, tied=True),
+    "gemma3-4b": dict(arch="gemma3", vocab="llama-bpe", n_embd=2560, n_layer=34, n_head=8, n_kv=4,
+                      head_dim=256, n_ff=10240, rope=1e6, eps=1e-6, qk_norm=True, post_norms=True,
+                      window=1024, tied=True),
 }
 
 out, qtype = sys.argv[1], sys.argv[2]
@@ -84,7 +95,9 @@ if H.get("window"):
 w.add_vocab_size(vocab)
 a, t = qtensor(vocab, e, qtype); w.add_tensor("token_embd.weight", a, raw_dtype=t)
 w.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
-a, t = qtensor(vocab, e, "q6_k" if qtype == "q4_k" else qtype); w.add_tensor("output.weight", a, raw_dtype=t)
+if not H.get("tied"):
+    a, t = qtensor(vocab, e, "q6_k" if qtype == "q4_k" else qtype)
+    w.add_tensor("output.weight", a, raw_dtype=t)
 q_rows, kv_rows = nh * hd, nkv * hd
 for i in range(L):
     if H.get("fused"):
@@ -105,5 +118,8 @@ for i in range(L):
         w.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(hd, dtype=np.float32))
     w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, dtype=np.float32))
     w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, dtype=np.float32))
+    if H.get("post_norms"):
+        w.add_tensor(f"blk.{i}.post_attention_norm.weight", np.ones(e, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.post_ffw_norm.weight", np.ones(e, dtype=np.float32))
 w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 print("wrote", out, qtype, shape)

@@ -12,7 +12,7 @@ use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
     CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, Prefill, Trainable, VisionInfo,
 };
-use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, ScaleAt};
+use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, RotaryEmbedding};
 use crate::{Error, Result};
 
 /// Positions the fused decode step's RoPE tables cover at most.
@@ -175,9 +175,10 @@ impl Accelerated {
 /// The decoder's weights and tables from a plan, or `None` when the plan has something the
 /// fused step does not take: layers other than our CUDA quantized matrices (or adapters),
 /// biases other than the q/k/v projection's, a value norm, a soft-cap, attention sinks, a
-/// query temperature, a scale other than `head_dim^-0.5` on the scores, an activation other
-/// than SiLU, LongRoPE or partial rotary, head_dim other than 64/96/128. It takes the q/k/v
-/// bias (Qwen2), per-head q/k RMSNorm (Qwen3) and sliding windows (Mistral, Phi-3). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16 for it (as
+/// query temperature, an activation other than SiLU or GELU-tanh, LongRoPE or partial
+/// rotary, head_dim other than 64/96/128/256. It takes the q/k/v bias (Qwen2), per-head q/k
+/// RMSNorm (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 3), Gemma's post norms,
+/// GeGLU, embedding scale, query scale and per-layer RoPE (one table per rotary embedding). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16 for it (as
 /// llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
 fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
@@ -191,6 +192,8 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         _ => None,
     };
     let f32_vec = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
+    // The rotary embeddings the blocks use (the plan's first), each given one table.
+    let mut ropes: Vec<&RotaryEmbedding> = vec![plan.rope];
     let mut layers = Vec::with_capacity(plan.blocks.len());
     let mut dims = None;
     for b in &plan.blocks {
@@ -205,7 +208,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         else {
             return Ok(None);
         };
-        let plain_scale = (a.scale - 1.0 / (a.head_dim as f64).sqrt()).abs() < 1e-12;
+        let rope = b.rope.unwrap_or(plan.rope);
         let norm_eps: Vec<f32> = [&a.q_norm, &a.k_norm]
             .into_iter()
             .flatten()
@@ -216,13 +219,20 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             || a.softcap.is_some()
             || a.query_temperature.is_some()
             || a.sinks.is_some()
-            || a.scale_at != ScaleAt::Scores
-            || !plain_scale
-            || m.activation != Activation::Silu
-            || plan.rope.rotary_dim() != a.head_dim
+            || !matches!(m.activation, Activation::Silu | Activation::GeluTanh)
+            || !rope.offset_independent()
+            || rope.rotary_dim() != a.head_dim
+            || rope.interleaved() != plan.rope.interleaved()
         {
             return Ok(None);
         }
+        let rope_index = match ropes.iter().position(|r| std::ptr::eq(*r, rope)) {
+            Some(i) => i,
+            None => {
+                ropes.push(rope);
+                ropes.len() - 1
+            }
+        };
         let (qkv, qkv_bias) = match qkv {
             Linear::Cuda { weight, bias } => (Some(weight.clone()), bias.clone()),
             _ => (None, None),
@@ -242,6 +252,12 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             k_norm: norm(&a.k_norm).transpose()?,
             qk_norm_eps: norm_eps.first().copied().unwrap_or(1e-6),
             window: a.window.unwrap_or(0),
+            // Where the scale applies (scores or queries) changes rounding only.
+            scale: a.scale as f32,
+            rope: rope_index,
+            post_attn_norm: b.post_attn_norm.map(|n| f32_vec(n.weight())).transpose()?,
+            post_mlp_norm: b.post_mlp_norm.map(|n| f32_vec(n.weight())).transpose()?,
+            gelu: m.activation == Activation::GeluTanh,
             o,
             ffn_norm: b.mlp_norm.weight().clone(),
             gate_up,
@@ -253,7 +269,10 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     };
     let hidden = plan.norm.weight().dim(0)?;
     let positions = plan.context_length.clamp(1, MAX_POSITIONS);
-    let (cos, sin) = plan.rope.cos_sin(0, positions)?;
+    let ropes = ropes
+        .iter()
+        .map(|r| r.cos_sin(0, positions))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Some(DecoderSpec {
         layers,
         norm: plan.norm.weight().clone(),
@@ -266,8 +285,8 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         intermediate,
         interleaved: plan.rope.interleaved(),
         kv_f16: !std::env::var("POCKETLM_KV_F16").is_ok_and(|v| v == "0"),
-        cos,
-        sin,
+        ropes,
+        embed_scale: plan.embed_scale,
     }))
 }
 

@@ -105,6 +105,17 @@ pub struct DecoderLayer {
     /// Sliding window in tokens (a query sees itself and the `window - 1` keys before it);
     /// 0 for none.
     pub window: usize,
+    /// The scores' scale (`head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: f32,
+    /// Which of [`DecoderSpec::ropes`] rotates this block's queries and keys.
+    pub rope: usize,
+    /// RMSNorm weight `[hidden]` f32 of the attention output before the residual add (Gemma),
+    /// if any.
+    pub post_attn_norm: Option<Tensor>,
+    /// The same for the MLP output.
+    pub post_mlp_norm: Option<Tensor>,
+    /// GELU (tanh) instead of SiLU on the gate: GeGLU (Gemma).
+    pub gelu: bool,
     /// Output projection `[hidden, n_heads head_dim]`.
     pub o: Arc<CudaQMatrix>,
     /// RMSNorm weight before the MLP, `[hidden]` f32.
@@ -131,7 +142,7 @@ pub struct DecoderSpec {
     pub n_heads: usize,
     /// Key/value heads (grouped-query attention when fewer than `n_heads`).
     pub n_kv_heads: usize,
-    /// Head dimension (64, 96 or 128).
+    /// Head dimension (64, 96, 128 or 256).
     pub head_dim: usize,
     /// Hidden size.
     pub hidden: usize,
@@ -141,16 +152,21 @@ pub struct DecoderSpec {
     pub interleaved: bool,
     /// The KV cache buffers hold f16 (else f32): half the bytes attention reads at depth.
     pub kv_f16: bool,
-    /// RoPE tables `[positions, head_dim / 2]` f32 on the device (cos, sin).
-    pub cos: Tensor,
-    /// See `cos`.
-    pub sin: Tensor,
+    /// RoPE tables `(cos, sin)`, each `[positions, head_dim / 2]` f32 on the device: one per
+    /// rotary embedding the blocks use (Gemma 3: global and local), at least one.
+    pub ropes: Vec<(Tensor, Tensor)>,
+    /// A factor on the embedding rows before the first block (Gemma), if any.
+    pub embed_scale: Option<f64>,
 }
 
 impl DecoderSpec {
-    /// Positions the RoPE tables cover.
+    /// Positions the RoPE tables cover (the fewest of any table).
     pub fn max_positions(&self) -> usize {
-        self.cos.dims().first().copied().unwrap_or(0)
+        self.ropes
+            .iter()
+            .map(|(c, _)| c.dims().first().copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
     }
 }
 
@@ -161,6 +177,7 @@ struct Buffers {
     xd: CudaSlice<f32>,
     q: CudaSlice<f32>,
     qkv: CudaSlice<f32>,
+    y: CudaSlice<f32>,
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     ffh: CudaSlice<f32>,
@@ -200,21 +217,22 @@ impl std::fmt::Debug for CudaDecoder {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Ptrs {
     x: u64,
     xq: u64,
     xd: u64,
     q: u64,
     qkv: u64,
+    y: u64,
     part_o: u64,
     part_ml: u64,
     ffh: u64,
     out: u64,
     params: u64,
     kv: u64,
-    cos: u64,
-    sin: u64,
+    /// (cos, sin) of each of the spec's RoPE tables.
+    ropes: Vec<(u64, u64)>,
 }
 
 pub(crate) fn tensor_ptr(
@@ -259,7 +277,8 @@ impl CudaDecoder {
         );
         let qkv_rows = (nh + 2 * nkv) * hd;
         let dims_ok = |t: &Option<Tensor>, n: usize| t.as_ref().is_none_or(|t| t.dims() == [n]);
-        let ok_shapes = matches!(hd, 64 | 96 | 128)
+        let ok_shapes = matches!(hd, 64 | 96 | 128 | 256)
+            && !spec.ropes.is_empty()
             && nkv > 0
             && nh % nkv == 0
             && h % 32 == 0
@@ -270,6 +289,9 @@ impl CudaDecoder {
                     && dims_ok(&l.qkv_bias, qkv_rows)
                     && dims_ok(&l.q_norm, hd)
                     && dims_ok(&l.k_norm, hd)
+                    && dims_ok(&l.post_attn_norm, h)
+                    && dims_ok(&l.post_mlp_norm, h)
+                    && l.rope < spec.ropes.len()
                     && l.o.dims() == (h, nh * hd)
                     && l.gate_up.dims() == (2 * inter, h)
                     && l.down.dims() == (h, inter)
@@ -289,6 +311,7 @@ impl CudaDecoder {
             xd: dev.alloc_zeros::<f32>(widest / 16)?,
             q: dev.alloc_zeros::<f32>(nh * hd)?,
             qkv: dev.alloc_zeros::<f32>(qkv_rows)?,
+            y: dev.alloc_zeros::<f32>(h)?,
             part_o: dev.alloc_zeros::<f32>(nh * split.splits * hd)?,
             part_ml: dev.alloc_zeros::<f32>(2 * nh * split.splits)?,
             ffh: dev.alloc_zeros::<f32>(inter)?,
@@ -304,14 +327,18 @@ impl CudaDecoder {
             xd: p(&buf.xd),
             q: p(&buf.q),
             qkv: p(&buf.qkv),
+            y: p(&buf.y),
             part_o: p(&buf.part_o),
             part_ml: p(&buf.part_ml),
             ffh: p(&buf.ffh),
             out: p(&buf.out),
             params: p(&buf.params),
             kv: p(&buf.kv),
-            cos: tensor_ptr(&spec.cos, &stream)?,
-            sin: tensor_ptr(&spec.sin, &stream)?,
+            ropes: spec
+                .ropes
+                .iter()
+                .map(|(c, s)| Ok((tensor_ptr(c, &stream)?, tensor_ptr(s, &stream)?)))
+                .collect::<Result<_>>()?,
         };
         let use_graph = std::env::var("POCKETLM_CUDA_GRAPH").map_or(true, |v| v != "0");
         Ok(Self {
@@ -366,7 +393,11 @@ impl CudaDecoder {
         }
         let stream = self.dev.cuda_stream();
         {
-            let x = x.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+            let mut x = x.to_dtype(DType::F32)?.flatten_all()?;
+            if let Some(f) = self.spec.embed_scale {
+                x = (x * f)?;
+            }
+            let x = x.contiguous()?;
             let (s, l) = x.storage_and_layout();
             let Storage::Cuda(s) = &*s else {
                 return Err(Error::InvalidArgument("decode input is not on CUDA".into()));
@@ -419,7 +450,7 @@ impl CudaDecoder {
     /// Launches the kernels of one step on the device's stream.
     fn record(&self) -> Result<()> {
         let s = &self.spec;
-        let p = self.ptr;
+        let p = &self.ptr;
         let (nh, nkv, hd, h, inter) = (
             s.n_heads,
             s.n_kv_heads,
@@ -444,13 +475,42 @@ impl CudaDecoder {
             // SAFETY: rmsnorm_q8's parameters, in order; the decoder's buffers.
             unsafe { b.launch(&stream, cfg) }
         };
+        let norm_f32 = func("rmsnorm_f32")?;
+        // rmsnorm_f32 of `x` into `y` (accumulate: added to it).
+        let norm_into = |x: u64, w: u64, y: u64, accumulate: bool| -> Result<()> {
+            let mut b = Launch::new(&norm_f32);
+            b.arg(x)
+                .arg(w)
+                .arg(eps)
+                .arg(hi)
+                .arg(y)
+                .arg(accumulate as i32);
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: rmsnorm_f32's parameters, in order; the decoder's buffers.
+            unsafe { b.launch(&stream, cfg) }
+        };
+        // A projection added to the residual: directly, or through a post norm (Gemma).
+        let add_residual = |m: &CudaQMatrix, post_norm: &Option<Tensor>| -> Result<()> {
+            match post_norm {
+                None => m.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1),
+                Some(w) => {
+                    m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.y, 1)?;
+                    norm_into(p.y, tensor_ptr(w, &stream)?, p.x, true)
+                }
+            }
+        };
         let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), |t| tensor_ptr(t, &stream));
         for (li, l) in s.layers.iter().enumerate() {
             let li = li as i32;
             norm(tensor_ptr(&l.attn_norm, &stream)?)?;
+            let (cos, sin) = p.ropes[l.rope];
             let rope = RopeArgs {
-                cos: p.cos,
-                sin: p.sin,
+                cos,
+                sin,
                 params: p.params,
                 kv: p.kv,
                 layer: li,
@@ -480,37 +540,29 @@ impl CudaDecoder {
                     xd: p.xd,
                 },
                 (nh, nkv, hd),
-                l.window,
+                (l.window, l.scale),
                 s.kv_f16,
                 self.split,
             )?;
-            l.o.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)?;
+            add_residual(&l.o, &l.post_attn_norm)?;
             norm(tensor_ptr(&l.ffn_norm, &stream)?)?;
-            l.gate_up
-                .launch_gemv(Epilogue::SwiGlu, p.xq, p.xd, p.ffh, 1)?;
+            let gated = if l.gelu {
+                Epilogue::GeGlu
+            } else {
+                Epilogue::SwiGlu
+            };
+            l.gate_up.launch_gemv(gated, p.xq, p.xd, p.ffh, 1)?;
             quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
-            l.down.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)?;
+            add_residual(&l.down, &l.post_mlp_norm)?;
         }
         let wn = tensor_ptr(&s.norm, &stream)?;
         match &s.lm_head {
             Some(m) => {
                 norm(wn)?;
-                m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.out, 1)?;
+                m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.out, 1)
             }
-            None => {
-                let f = func("rmsnorm_f32")?;
-                let mut b = Launch::new(&f);
-                b.arg(p.x).arg(wn).arg(eps).arg(hi).arg(p.out);
-                let cfg = LaunchConfig {
-                    grid_dim: (1, 1, 1),
-                    block_dim: (1024, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: rmsnorm_f32's parameters, in order; the decoder's buffers.
-                unsafe { b.launch(&stream, cfg) }?;
-            }
+            None => norm_into(p.x, wn, p.out, false),
         }
-        Ok(())
     }
 }
 
@@ -537,19 +589,19 @@ fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
     (nh, nkv, hd): (usize, usize, usize),
-    window: usize,
+    (window, scale): (usize, f32),
     kv_f16: bool,
     split: AttnSplit,
 ) -> Result<()> {
     let g = heads_per_block(nh, nkv);
-    let name = match (kv_f16, split.tensor_cores) {
+    // The tensor-core kernel's two key/value stages do not fit in shared memory at head_dim 256.
+    let name = match (kv_f16, split.tensor_cores && hd <= 128) {
         (true, true) => format!("attn_mma_d{hd}_g{g}_f16"),
         (true, false) => format!("attn_gqa_d{hd}_g{g}_f16"),
         (false, _) => format!("attn_gqa_d{hd}_g{g}_f32"),
     };
     let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
     let (nhi, nkvi) = (nh as i32, nkv as i32);
-    let scale = 1.0 / (hd as f32).sqrt();
     let (window, min_chunk) = (window as i32, split.min_chunk as i32);
     let mut b = Launch::new(&f);
     b.arg(a.q)
@@ -686,7 +738,8 @@ pub(crate) fn run_attention(
         def,
         def,
     ] {
-        launch_attention(dev, &t.args, (nh, nkv, hd), window, kv_f16, split)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        launch_attention(dev, &t.args, (nh, nkv, hd), (window, scale), kv_f16, split)?;
     }
     let stream = dev.cuda_stream();
     let codes = stream.clone_dtoh(&t.xq).w()?;
@@ -704,6 +757,7 @@ pub(crate) fn run_attention(
 /// time. One line per length.
 pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
     let (nh, nkv, hd) = (32usize, 8usize, 128usize);
+    let scale = 1.0 / (hd as f32).sqrt();
     let mut lines = Vec::new();
     for len in [4096usize, 16384] {
         let q: Vec<f32> = (0..nh * hd)
@@ -731,12 +785,12 @@ pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
             ] {
                 let split = AttnSplit::new(splits, min_chunk, tc);
                 for _ in 0..5 {
-                    launch_attention(dev, &t.args, (nh, nkv, hd), 0, true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale), true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let t0 = std::time::Instant::now();
                 for _ in 0..50 {
-                    launch_attention(dev, &t.args, (nh, nkv, hd), 0, true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale), true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let us = t0.elapsed().as_secs_f64() * 1e6 / 50.0;

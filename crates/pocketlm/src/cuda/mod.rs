@@ -280,6 +280,21 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             norm_rel_err(&got_swi, &swi_want),
             1e-5,
         );
+        let gelu = |x: f32| {
+            let x = x as f64;
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        };
+        let geg_want: Vec<f32> = (0..n)
+            .map(|r| (gelu(plain[r]) * plain[r + n] as f64) as f32)
+            .collect();
+        let got_geg = qmatrix::run_epilogue(&g, Epilogue::GeGlu, &x, &vec![0.0; n], dev)?;
+        record(
+            &mut lines,
+            format!("mlx b4 g64 F16 gemv geglu [{rows}x{cols}]"),
+            norm_rel_err(&got_geg, &geg_want),
+            1e-5,
+        );
     }
     // Embedding lookups: equal to the CPU's dequantize_row, bit for bit.
     for &bits in &[4usize, 8] {
@@ -399,6 +414,11 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             (32, 8, 128, 5000, 5000, false, 4096),
             (32, 32, 96, 3000, 3000, true, 2047),
             (32, 8, 128, 100, 128, true, 4096),
+            // Gemma 3's head width (the SIMT kernel), with and without its window.
+            (8, 4, 256, 1500, 1500, true, 1024),
+            (8, 4, 256, 3000, 3000, true, 0),
+            (4, 1, 256, 700, 720, false, 0),
+            (4, 1, 256, 700, 720, true, 512),
         ] {
             seed += 1;
             let q = pseudo_random(nh * hd, seed);

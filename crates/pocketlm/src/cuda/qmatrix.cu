@@ -209,10 +209,15 @@ __device__ __forceinline__ void prefetch_rows(const uint8_t *__restrict__ qs,
   }
 }
 
+// GELU with the tanh approximation (Hendrycks & Gimpel 2016; PyTorch's gelu(approximate="tanh")).
+__device__ __forceinline__ float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
 // y[i, r] (op)= row r . x_i for the activation row i = blockIdx.y. Block b takes R weight rows.
 // EPI 0: write; 1: add to y (a residual); 2: SwiGLU, y[i, r] = silu(row r . x) * (row r+rows . x)
 // (gate rows first, then up rows, stacked in one matrix of 2*rows rows; block b takes outputs
-// r = b*R/2 .. +R/2, reading their gate and up rows).
+// r = b*R/2 .. +R/2, reading their gate and up rows); 3: GeGLU, the same with gelu_tanh.
 template <int BITS, bool SIGNED, bool BIAS, typename S, int EPI, int R>
 __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                       const S *__restrict__ bi, const int8_t *__restrict__ xq,
@@ -220,12 +225,13 @@ __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                       int group) {
   constexpr int H = R / 2;
   const int blk = blockIdx.x;
-  const int first = EPI == 2 ? blk * H : blk * R;
+  constexpr bool GATED = EPI == 2 || EPI == 3;
+  const int first = GATED ? blk * H : blk * R;
   if (first >= rows) return;
   int rr[R];
 #pragma unroll
   for (int k = 0; k < R; k++) {
-    if (EPI == 2)
+    if (GATED)
       rr[k] = k < H ? min(first + k, rows - 1) : min(first + k - H, rows - 1) + rows;
     else
       rr[k] = min(first + k, rows - 1);
@@ -239,11 +245,13 @@ __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
   if (threadIdx.x != 0) return;
   y += (size_t)i * rows;
 #pragma unroll
-  for (int k = 0; k < (EPI == 2 ? H : R); k++) {
+  for (int k = 0; k < (GATED ? H : R); k++) {
     if (first + k >= rows) break;
     if (EPI == 2) {
       const float g = tot[k];
       y[first + k] = g / (1.f + expf(-g)) * tot[k + H];
+    } else if (EPI == 3) {
+      y[first + k] = gelu_tanh(tot[k]) * tot[k + H];
     } else if (EPI == 1) {
       y[first + k] += tot[k];
     } else {
@@ -494,6 +502,9 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _s, 2, 2)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _s, 2, 4)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _s, 2, 8)                                                     \
+  QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 2)                                                     \
+  QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 4)                                                     \
+  QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 8)                                                     \
   extern "C" __global__ void qgemv_rope_##NAME(                                                     \
       const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, int cols,  \
       int group, const float *cos_t, const float *sin_t, const int *params,                        \
@@ -599,9 +610,11 @@ extern "C" __global__ void rmsnorm_q8(const float *__restrict__ x, const float *
   }
 }
 
-// Final RMSNorm without quantization (the output layer may be another kernel's).
+// RMSNorm without quantization: y = x / sqrt(mean(x^2) + eps) * w, or with `accumulate`
+// y += that (the final norm when the output layer is another kernel's; Gemma's post-attention
+// and post-feed-forward norms added to the residual). One block.
 extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float *__restrict__ w,
-                                       float eps, int n, float *__restrict__ y) {
+                                       float eps, int n, float *__restrict__ y, int accumulate) {
   pdl_enter();
   __shared__ float red[32];
   __shared__ float scale_s;
@@ -617,7 +630,8 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
     if (lane == 0) scale_s = 1.f / sqrtf(v / (float)n + eps);
   }
   __syncthreads();
-  for (int i = tid; i < n; i += blockDim.x) y[i] = (x[i] * scale_s) * w[i];
+  for (int i = tid; i < n; i += blockDim.x)
+    y[i] = (accumulate ? y[i] : 0.f) + (x[i] * scale_s) * w[i];
 }
 
 // Decode attention split across blocks over the cached positions (flash-decoding, Dao et al.
@@ -648,7 +662,12 @@ __device__ __forceinline__ int attn_lo(int len, int window) {
 // EPL values of row t at lane's offset, widened to f32 (the cache holds float or __half).
 template <int EPL>
 __device__ __forceinline__ void load_row(const float *__restrict__ src, float *out) {
-  if (EPL == 4) {
+  if (EPL == 8) {
+    const float4 a = __ldcs(reinterpret_cast<const float4 *>(src));
+    const float4 b = __ldcs(reinterpret_cast<const float4 *>(src) + 1);
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+    out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  } else if (EPL == 4) {
     const float4 v = __ldcs(reinterpret_cast<const float4 *>(src));
     out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
   } else if (EPL == 2) {
@@ -661,7 +680,15 @@ __device__ __forceinline__ void load_row(const float *__restrict__ src, float *o
 }
 template <int EPL>
 __device__ __forceinline__ void load_row(const __half *__restrict__ src, float *out) {
-  if (EPL == 4) {
+  if (EPL == 8) {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4 *>(src));
+    const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u[j]));
+      out[2 * j] = a.x, out[2 * j + 1] = a.y;
+    }
+  } else if (EPL == 4) {
     const uint2 v = __ldcs(reinterpret_cast<const uint2 *>(src));
     const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&v.x));
     const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&v.y));
@@ -1064,9 +1091,11 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
   ATTN_KERNEL(96, 3, G, float, f32)                                                                \
   ATTN_KERNEL(128, 4, G, float, f32)                                                               \
+  ATTN_KERNEL(256, 8, G, float, f32)                                                               \
   ATTN_KERNEL(64, 2, G, __half, f16)                                                               \
   ATTN_KERNEL(96, 3, G, __half, f16)                                                               \
-  ATTN_KERNEL(128, 4, G, __half, f16)
+  ATTN_KERNEL(128, 4, G, __half, f16)                                                              \
+  ATTN_KERNEL(256, 8, G, __half, f16)
 ATTN_KERNELS(1)
 ATTN_KERNELS(2)
 ATTN_KERNELS(4)
@@ -1099,6 +1128,7 @@ ATTN_MMA_KERNELS(8)
 ATTN_MERGE_KERNEL(64)
 ATTN_MERGE_KERNEL(96)
 ATTN_MERGE_KERNEL(128)
+ATTN_MERGE_KERNEL(256)
 
 // ---- Prefill helpers ----
 

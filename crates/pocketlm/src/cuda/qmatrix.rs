@@ -40,7 +40,7 @@ fn gemv_shape(epi: Epilogue, cols: usize) -> (usize, usize) {
         Some((r, w)) if matches!(r, 1 | 2 | 4 | 8) => (r, if w == 0 { auto_warps } else { w }),
         _ => (2, 2),
     };
-    let r = if epi == Epilogue::SwiGlu { r.max(2) } else { r };
+    let r = if epi.gated() { r.max(2) } else { r };
     (r, w.clamp(1, GEMV_MAX_WARPS))
 }
 
@@ -54,6 +54,15 @@ pub enum Epilogue {
     /// The matrix stacks gate rows then up rows (`2 n` rows): `y[r] = silu(gate_r · x) *
     /// (up_r · x)` for `r < n` (SwiGLU, Shazeer 2020).
     SwiGlu,
+    /// As `SwiGlu` with GELU (tanh approximation) in place of SiLU: GeGLU (Gemma).
+    GeGlu,
+}
+
+impl Epilogue {
+    /// Whether the matrix stacks gate and up rows (SwiGLU, GeGLU): half as many outputs.
+    pub fn gated(self) -> bool {
+        matches!(self, Self::SwiGlu | Self::GeGlu)
+    }
 }
 
 /// Device addresses and shapes for [`CudaQMatrix::launch_gemv_rope`].
@@ -315,7 +324,7 @@ impl CudaQMatrix {
 
     /// Launches the GEMV on raw device buffers: for `m` activation rows (`xq: [m, cols]` i8,
     /// `xd: [m, cols / 32]` (d, d·Σq) f32 pairs), writes or adds `y: [m, out]` f32, `out =
-    /// rows` (or `rows / 2` for [`Epilogue::SwiGlu`]). Safe to capture in a CUDA graph.
+    /// rows` (or `rows / 2` for the gated epilogues). Safe to capture in a CUDA graph.
     pub(crate) fn launch_gemv(
         &self,
         epi: Epilogue,
@@ -329,13 +338,14 @@ impl CudaQMatrix {
             Epilogue::Write => "qgemv_w",
             Epilogue::Add => "qgemv_a",
             Epilogue::SwiGlu => "qgemv_s",
+            Epilogue::GeGlu => "qgemv_g",
         };
         let func = self.dev.get_or_load_custom_func(
             &format!("{prefix}{rows_per_block}_{}", self.kernel),
             MODULE,
             PTX,
         )?;
-        let (out, blocks) = if epi == Epilogue::SwiGlu {
+        let (out, blocks) = if epi.gated() {
             (self.rows / 2, (self.rows / 2).div_ceil(rows_per_block / 2))
         } else {
             (self.rows, self.rows.div_ceil(rows_per_block))

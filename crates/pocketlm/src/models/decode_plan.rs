@@ -1,11 +1,18 @@
 //! A model's one-token decode step described as data, for a backend that runs it as fused
-//! kernels (the CUDA decoder, `crate::accel::Accelerated`): the embedding, a stack of pre-norm
-//! residual blocks (RMSNorm, [`Attention`], residual add, RMSNorm, [`GatedMlp`], residual add),
-//! the final norm and the output layer. A model whose blocks have this shape exports it through
+//! kernels (the CUDA decoder, `crate::accel::Accelerated`): the embedding (optionally scaled),
+//! a stack of pre-norm residual blocks (RMSNorm, [`Attention`], optional RMSNorm of its output,
+//! residual add, RMSNorm, [`GatedMlp`], optional RMSNorm of its output, residual add), the final
+//! norm and the output layer. A model whose blocks have this shape exports it through
 //! [`crate::models::CausalLM::decode_plan`]; the backend checks the layers it can run (weights
-//! of its own kinds, no q/k norm, no window, ...) and otherwise leaves the step to the model.
+//! of its own kinds, no soft-cap, ...) and otherwise leaves the step to the model.
 
-use crate::nn::{Attention, Embedding, GatedMlp, Linear, RmsNorm, RotaryEmbedding};
+use candle_core::Tensor;
+
+use crate::kv_cache::KvCache;
+use crate::nn::{
+    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, RmsNorm, RotaryEmbedding,
+};
+use crate::{Error, Result};
 
 /// The layers of a decode step, borrowed from the model.
 #[derive(Debug)]
@@ -22,9 +29,12 @@ pub struct DecodePlan<'a> {
     pub rope: &'a RotaryEmbedding,
     /// Longest context, in tokens (how far RoPE tables need to reach).
     pub context_length: usize,
+    /// A factor on the embedding rows (Gemma: `sqrt(hidden)`), if any.
+    pub embed_scale: Option<f64>,
 }
 
-/// One pre-norm residual block: `x += attention(attn_norm(x)); x += mlp(mlp_norm(x))`.
+/// One pre-norm residual block: `x += post_attn_norm(attention(attn_norm(x)));
+/// x += post_mlp_norm(mlp(mlp_norm(x)))`, each post norm only where the block has one.
 #[derive(Debug)]
 pub struct PlanBlock<'a> {
     /// RMSNorm before attention.
@@ -35,4 +45,61 @@ pub struct PlanBlock<'a> {
     pub mlp_norm: &'a RmsNorm,
     /// The gated MLP.
     pub mlp: &'a GatedMlp,
+    /// RMSNorm of the attention output before the residual add (Gemma's
+    /// `post_attention_layernorm`), if any.
+    pub post_attn_norm: Option<&'a RmsNorm>,
+    /// RMSNorm of the MLP output before the residual add (Gemma's
+    /// `post_feedforward_layernorm`), if any.
+    pub post_mlp_norm: Option<&'a RmsNorm>,
+    /// This block's rotary embedding when it is not the plan's (Gemma 3's sliding-window
+    /// layers), else `None`.
+    pub rope: Option<&'a RotaryEmbedding>,
+}
+
+impl DecodePlan<'_> {
+    /// Runs the step the plan describes with the layers' own code: `input_ids: [1, seq]` u32
+    /// at the positions after those in `cache` (one layer per block), appending to it; returns
+    /// the logits of the last position `[1, vocab]` f32. A fused backend must compute the same
+    /// (up to its kernels' rounding), and the model's own forward pass must too: the tests
+    /// compare the two, which checks that a model's plan describes it.
+    ///
+    /// Errors: a cache with fewer layers than the plan has blocks; the layers' errors.
+    pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, seq) = input_ids.dims2()?;
+        let offset = cache.offset();
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        if let Some(f) = self.embed_scale {
+            x = (x * f)?;
+        }
+        let global = AttentionPass::new(self.rope, offset, seq)?;
+        let mode = Mode::Inference;
+        let n_layers = cache.n_layers();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let local = b
+                .rope
+                .map(|r| AttentionPass::new(r, offset, seq))
+                .transpose()?;
+            let layer = cache.layer(i).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "a KV cache of {n_layers} layers for a plan of {} blocks",
+                    self.blocks.len()
+                ))
+            })?;
+            let h = b.attn_norm.forward(&x)?;
+            let mut a =
+                b.attention
+                    .forward(&h, local.as_ref().unwrap_or(&global), Some(layer), mode)?;
+            if let Some(n) = b.post_attn_norm {
+                a = n.forward(&a)?;
+            }
+            x = (x + a)?;
+            let mut m = b.mlp.forward(&b.mlp_norm.forward(&x)?, mode)?;
+            if let Some(n) = b.post_mlp_norm {
+                m = n.forward(&m)?;
+            }
+            x = (x + m)?;
+        }
+        let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
+        self.lm_head.forward(&self.norm.forward(&last)?)
+    }
 }

@@ -343,6 +343,9 @@ impl Decoder {
                     .then_some(&b.self_attn)?,
                     mlp_norm: &b.post_attention_layernorm,
                     mlp: b.mlp.dense()?,
+                    post_attn_norm: None,
+                    post_mlp_norm: None,
+                    rope: None,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -353,6 +356,7 @@ impl Decoder {
             lm_head: &self.lm_head,
             rope,
             context_length,
+            embed_scale: None,
         })
     }
 

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::gguf::names::{self, NameTable};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
-use crate::models::{build, CausalLM, Logits, ModelInfo};
+use crate::models::{build, CausalLM, DecodePlan, Logits, ModelInfo, PlanBlock};
 use crate::nn::{
     softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics,
     RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
@@ -541,5 +541,35 @@ impl CausalLM for Gemma {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The sandwich blocks with their post norms, the local RoPE on sliding-window layers and
+    /// the embedding scale; `None` with a final logit soft-cap (Gemma 2).
+    fn decode_plan(&self) -> Option<DecodePlan<'_>> {
+        if self.final_softcap.is_some() {
+            return None;
+        }
+        let blocks = self
+            .layers
+            .iter()
+            .map(|b| PlanBlock {
+                attn_norm: &b.input_layernorm,
+                attention: &b.self_attn,
+                mlp_norm: &b.ffn.pre_feedforward_layernorm,
+                mlp: &b.ffn.mlp,
+                post_attn_norm: Some(&b.post_attention_layernorm),
+                post_mlp_norm: Some(&b.ffn.post_feedforward_layernorm),
+                rope: b.self_attn.window.map(|_| &self.rope_local),
+            })
+            .collect();
+        Some(DecodePlan {
+            embed_tokens: &self.embed_tokens,
+            blocks,
+            norm: &self.norm,
+            lm_head: &self.lm_head,
+            rope: &self.rope_global,
+            context_length: self.info.context_length,
+            embed_scale: Some(self.embed_scale),
+        })
     }
 }

@@ -474,3 +474,46 @@ fn gemma3_multimodal_layout_loads_text_model() -> Res<()> {
     }
     Ok(())
 }
+
+/// Each model's decode plan (what the fused CUDA decoder runs) describes the model: run with
+/// the layers' own code ([`pocketlm::models::DecodePlan::forward`]) it gives the model's logits
+/// for a 6-token prefill and 4 single-token steps, each with its own KV cache. Gemma 3 takes
+/// the plan's post norms, GeGLU, embedding scale and local RoPE; Gemma 2 (final soft-cap) has
+/// no plan.
+#[test]
+fn decode_plans_describe_their_models() -> Res<()> {
+    for name in ["mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma2"] {
+        let m = load(&dir(name), &cpu())?;
+        let Some(plan) = m.model.decode_plan() else {
+            assert_eq!(name, "gemma2", "{name} exports no decode plan");
+            continue;
+        };
+        assert_ne!(name, "gemma2", "Gemma 2's final soft-cap has no plan form");
+        if name == "gemma3" {
+            assert!(plan.embed_scale.is_some());
+            assert!(plan
+                .blocks
+                .iter()
+                .all(|b| b.post_attn_norm.is_some() && b.post_mlp_norm.is_some()));
+            assert!(plan
+                .blocks
+                .iter()
+                .all(|b| b.rope.is_some() == b.attention.window.is_some()));
+            assert!(plan.blocks.iter().any(|b| b.rope.is_some()));
+        }
+        let (mut ours, mut theirs) = (m.model.new_cache(), m.model.new_cache());
+        let ids: Vec<u32> = vec![5, 17, 42, 8, 99, 3];
+        let mut steps = vec![ids];
+        steps.extend([[11u32], [64], [7], [23]].map(|t| t.to_vec()));
+        let mut worst = 0f32;
+        for step in &steps {
+            let t = Tensor::new(step.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let want = m.model.forward(&t, &mut theirs, Logits::Last)?;
+            let got = plan.forward(&t, &mut ours)?;
+            worst = worst.max(max_abs_diff(&got, &want)?);
+        }
+        println!("{name}: plan vs model max |logit difference| {worst:.3e}");
+        assert!(worst <= 1e-4, "{name}: {worst}");
+    }
+    Ok(())
+}
