@@ -32,15 +32,24 @@ pub fn common(g: &GgufFile) -> Result<serde_json::Value> {
             "rope_type": "linear",
             "factor": g.get_f64(&k("rope.scaling.factor"))?,
         }),
-        // llama.cpp's converter writes YaRN as the factor and the original context length.
-        Some("yarn") => serde_json::json!({
-            "rope_type": "yarn",
-            "factor": g.get_f64(&k("rope.scaling.factor"))?,
-            "original_max_position_embeddings":
-                g.get_f64(&k("rope.scaling.original_context_length"))?,
-            "beta_fast": g.opt_f64(&k("rope.scaling.yarn_beta_fast"))?,
-            "beta_slow": g.opt_f64(&k("rope.scaling.yarn_beta_slow"))?,
-        }),
+        // llama.cpp's converter writes YaRN as the factor and the original context length,
+        // and transformers' `mscale_all_dim` as `rope.scaling.yarn_log_multiplier`, with
+        // `mscale` taken as 1 (`llama-context.cpp`; `deepseek2` writes it otherwise:
+        // `deepseek_v3::config_from_gguf`).
+        Some("yarn") => {
+            let log_mul = g.opt_f64(&k("rope.scaling.yarn_log_multiplier"))?;
+            let mscale = log_mul.map(|_| 1.0);
+            serde_json::json!({
+                "rope_type": "yarn",
+                "factor": g.get_f64(&k("rope.scaling.factor"))?,
+                "original_max_position_embeddings":
+                    g.get_usize(&k("rope.scaling.original_context_length"))?,
+                "beta_fast": g.opt_f64(&k("rope.scaling.yarn_beta_fast"))?,
+                "beta_slow": g.opt_f64(&k("rope.scaling.yarn_beta_slow"))?,
+                "mscale": mscale,
+                "mscale_all_dim": log_mul,
+            })
+        }
         Some(other) => {
             return Err(Error::Model(format!(
                 "{}: `{arch}.rope.scaling.type` `{other}` is not supported",
