@@ -128,9 +128,13 @@ pub(crate) fn parse(
     Ok((content, mxfp4))
 }
 
-/// The MXFP4 tensors of a GGUF (v2/v3) header, each with the byte position of its type id, and
-/// the end of the tensor directory; `None` when the header cannot be read this way.
-fn scan(bytes: &[u8]) -> Option<(Vec<(String, Mxfp4Info, usize)>, usize)> {
+/// An MXFP4 tensor found by [`scan`]: its name, where it lies, and the byte position of its
+/// type id in the header.
+type Found = (String, Mxfp4Info, usize);
+
+/// The MXFP4 tensors of a GGUF (v2/v3) header and the end of the tensor directory; `None` when
+/// the header cannot be read this way.
+fn scan(bytes: &[u8]) -> Option<(Vec<Found>, usize)> {
     let mut s = Scan { b: bytes, at: 0 };
     if s.take(4)? != b"GGUF" || !matches!(s.u32()?, 2 | 3) {
         return None;
