@@ -81,3 +81,24 @@ pub fn common(g: &GgufFile) -> Result<serde_json::Value> {
         "sliding_window": g.opt_usize(&k("attention.sliding_window"))?,
     }))
 }
+
+/// [`common`] plus the expert counts of a mixture-of-experts GGUF file, under the config.json
+/// names `names` = `[experts, experts per token, expert width]`: `{arch}.expert_count`,
+/// `{arch}.expert_used_count` and `{arch}.expert_feed_forward_length`.
+///
+/// Errors: as [`common`]; a missing expert key, naming the file.
+pub fn with_experts(g: &GgufFile, names: [&str; 3]) -> Result<serde_json::Value> {
+    let mut c = common(g)?;
+    let arch = g.architecture()?;
+    let keys = [
+        "expert_count",
+        "expert_used_count",
+        "expert_feed_forward_length",
+    ];
+    if let Some(o) = c.as_object_mut() {
+        for (name, key) in names.into_iter().zip(keys) {
+            o.insert(name.into(), g.get_usize(&format!("{arch}.{key}"))?.into());
+        }
+    }
+    Ok(c)
+}

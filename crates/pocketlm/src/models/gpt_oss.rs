@@ -76,37 +76,30 @@ pub static GGUF_NAMES: NameTable = NameTable {
 };
 
 /// An HF-style gpt-oss config from the metadata of a GGUF `gpt-oss` file: the common keys
-/// ([`super::gguf_config::common`]: YaRN, the window) plus `{arch}.expert_count`,
-/// `{arch}.expert_used_count` and `{arch}.expert_feed_forward_length` (each expert's width,
-/// `intermediate_size` here). Layer types: `{arch}.attention.sliding_window_pattern` when the
+/// ([`super::gguf_config::common`]: YaRN, the window) plus the expert counts
+/// ([`super::gguf_config::with_experts`]; each expert's width is `intermediate_size` here). Layer types: `{arch}.attention.sliding_window_pattern` when the
 /// file has it, else every even layer slides (llama.cpp's `load_swa_pattern(ml, 2)`, as
 /// transformers' default). The clamped SwiGLU keeps its defaults, which llama.cpp hard-codes.
 ///
 /// Errors: a missing or mistyped key, naming the file.
 pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
-    let mut c = super::gguf_config::common(g)?;
-    let arch = g.architecture()?;
-    let k = |s: &str| format!("{arch}.{s}");
-    let pattern = match g.has(&k("attention.sliding_window_pattern")) {
-        true => Some(g.get_bool_array(&k("attention.sliding_window_pattern"))?),
+    let mut c = super::gguf_config::with_experts(
+        g,
+        [
+            "num_local_experts",
+            "num_experts_per_tok",
+            "intermediate_size",
+        ],
+    )?;
+    let key = format!("{}.attention.sliding_window_pattern", g.architecture()?);
+    let pattern = match g.has(&key) {
+        true => Some(g.get_bool_array(&key)?),
         false => None,
     };
     let o = c
         .as_object_mut()
         .ok_or_else(|| Error::Model("gpt-oss GGUF config is not an object".into()))?;
     o.insert("model_type".into(), "gpt_oss".into());
-    o.insert(
-        "num_local_experts".into(),
-        g.get_usize(&k("expert_count"))?.into(),
-    );
-    o.insert(
-        "num_experts_per_tok".into(),
-        g.get_usize(&k("expert_used_count"))?.into(),
-    );
-    o.insert(
-        "intermediate_size".into(),
-        g.get_usize(&k("expert_feed_forward_length"))?.into(),
-    );
     if let Some(p) = pattern {
         let types: Vec<&str> = p
             .iter()

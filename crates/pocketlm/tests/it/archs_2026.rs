@@ -25,6 +25,10 @@
 //! - llama.cpp's own Q8_0 GGUF of `qwen3_moe_sparse` and `smollm3` (stacked `ffn_*_exps`
 //!   experts run one expert slice at a time on our Q8_0 kernels): 16 greedy tokens equal to
 //!   llama.cpp's on that file.
+//! - llama.cpp's own conversions of `ministral3`, `gemma4_text`, `gpt_oss_mxfp4` (MXFP4
+//!   experts, ggml type 39) and `deepseek_v3` (f16; `kv_b_proj` split by the converter)
+//!   (`scripts/golden/tiny_gguf_2026.py`), at the end of this file: logits over a prompt
+//!   within a per-model bound of llama.cpp's on the same file, and 16 greedy tokens equal.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
