@@ -15,11 +15,14 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
+pub mod mxfp4;
 pub mod names;
 
 use crate::error::candle_message;
 use crate::kernels::{GgufMatrix, GgufType, WeightBytes};
+use crate::quant::mlx_fp::FpQuantized;
 use crate::{Error, Result};
+use mxfp4::Mxfp4Info;
 
 /// An opened GGUF file: its parsed header (metadata and tensor directory) and the file
 /// memory-mapped, so that quantized weights are used in place (no copy, near-zero load time;
@@ -27,6 +30,8 @@ use crate::{Error, Result};
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
+    /// MXFP4 tensors (ggml type 39), which `content` leaves out: [`mxfp4`].
+    mxfp4: HashMap<String, Mxfp4Info>,
     map: Arc<memmap2::Mmap>,
 }
 
@@ -46,8 +51,26 @@ impl GgufFile {
     /// when it is not a GGUF file, is truncated, or its tensor directory points past the end.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let (map, content) = crate::kernels::mmap_gguf(&path)?;
+        let map = crate::kernels::mmap_file(&path)?;
+        let (content, mxfp4) = mxfp4::parse(&map).map_err(|e| {
+            Error::Model(format!("{}: not a valid GGUF file ({e})", path.display()))
+        })?;
         let file_len = map.len() as u64;
+        for (name, info) in &mxfp4 {
+            let end = content.tensor_data_offset + info.offset + info.bytes() as u64;
+            if !info
+                .dims
+                .last()
+                .is_some_and(|c| c.is_multiple_of(mxfp4::BLOCK))
+                || end > file_len
+            {
+                return Err(Error::Model(format!(
+                    "{}: MXFP4 tensor `{name}` {:?} is not whole blocks of 32 or ends at byte {end} past the file's {file_len}",
+                    path.display(),
+                    info.dims
+                )));
+            }
+        }
         // Check every tensor lies inside the file, so a truncated download is reported up front
         // with the name of the first tensor that is cut off.
         for (name, info) in &content.tensor_infos {
@@ -69,7 +92,12 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(Self { path, content, map })
+        Ok(Self {
+            path,
+            content,
+            mxfp4,
+            map,
+        })
     }
 
     /// The file's path.
@@ -94,16 +122,74 @@ impl GgufFile {
 
     /// Whether the file holds a tensor of this (GGUF) name.
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.mxfp4.contains_key(name)
+    }
+
+    /// The directory entry of tensor `name`.
+    ///
+    /// Errors: [`Error::Tensor`] when it is missing, or MXFP4 (read only by
+    /// [`Self::mxfp4_expert`]).
+    fn info(&self, name: &str) -> Result<&candle_core::quantized::gguf_file::TensorInfo> {
+        self.content.tensor_infos.get(name).ok_or_else(|| {
+            let why = if self.is_mxfp4(name) {
+                "is MXFP4 (ggml type 39), read only as stacked experts, in"
+            } else {
+                "missing from"
+            };
+            Error::tensor(name, format!("{why} {}", self.path.display()))
+        })
+    }
+
+    /// Whether tensor `name` is MXFP4 (ggml type 39; read it with [`Self::mxfp4_expert`]).
+    pub fn is_mxfp4(&self, name: &str) -> bool {
+        self.mxfp4.contains_key(name)
+    }
+
+    /// Expert `expert` of a stacked MXFP4 expert tensor `[n_experts, rows, cols]` (gpt-oss's
+    /// `ffn_*_exps`) as an MLX `mxfp4` weight `[rows, cols]` (codes reordered, not rounded:
+    /// [`mxfp4`]). `expected` as in [`Self::qtensor`].
+    ///
+    /// Errors: [`Error::Tensor`] when the tensor is missing or not MXFP4, of another shape, or
+    /// `expert` out of range.
+    pub fn mxfp4_expert(
+        &self,
+        name: &str,
+        expected: [usize; 3],
+        expert: usize,
+    ) -> Result<FpQuantized> {
+        let info = self.mxfp4.get(name).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!("is not an MXFP4 tensor of {}", self.path.display()),
+            )
+        })?;
+        let [n, rows, cols] = expected;
+        if info.dims != expected || expert >= n {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "has shape {:?} in {}, expected {expected:?} (expert {expert})",
+                    info.dims,
+                    self.path.display()
+                ),
+            ));
+        }
+        let one = rows * cols / mxfp4::BLOCK * mxfp4::BLOCK_BYTES;
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
+            .map_err(|_| Error::tensor(name, "offset past the address space"))?
+            + expert * one;
+        mxfp4::to_mlx(
+            &format!("{name}[{expert}]"),
+            &self.map[start..start + one],
+            rows,
+            cols,
+        )
     }
 
     /// Shape (row-major, outermost first, e.g. `[vocab, hidden]` for `token_embd.weight`) and
     /// type of a tensor.
     pub fn tensor_info(&self, name: &str) -> Result<(Vec<usize>, GgmlDType)> {
-        let info =
-            self.content.tensor_infos.get(name).ok_or_else(|| {
-                Error::tensor(name, format!("missing from {}", self.path.display()))
-            })?;
+        let info = self.info(name)?;
         Ok((info.shape.dims().to_vec(), info.ggml_dtype))
     }
 
@@ -175,10 +261,7 @@ impl GgufFile {
         expected: [usize; 3],
         expert: usize,
     ) -> Result<GgufMatrix> {
-        let info =
-            self.content.tensor_infos.get(name).ok_or_else(|| {
-                Error::tensor(name, format!("missing from {}", self.path.display()))
-            })?;
+        let info = self.info(name)?;
         let [n, rows, cols] = expected;
         if info.shape.dims() != expected || expert >= n {
             return Err(Error::tensor(
@@ -252,6 +335,41 @@ impl GgufFile {
                 int_value(v)
                     .and_then(|n| usize::try_from(n).ok())
                     .ok_or_else(|| self.bad_type(key, "an array of non-negative integers"))
+            })
+            .collect()
+    }
+
+    /// A per-layer integer metadata value of `n_layers` layers: an array of that many entries,
+    /// or one integer for every layer (llama.cpp writes either, e.g. Gemma 4's
+    /// `feed_forward_length` is an array only with `use_double_wide_mlp`).
+    ///
+    /// Errors: a missing key, another type, or an array of another length, naming the file.
+    pub fn get_usize_per_layer(&self, key: &str, n_layers: usize) -> Result<Vec<usize>> {
+        if !matches!(self.get(key)?, Value::Array(_)) {
+            return Ok(vec![self.get_usize(key)?; n_layers]);
+        }
+        let v = self.get_usize_array(key)?;
+        if v.len() != n_layers {
+            return Err(Error::Model(format!(
+                "{}: metadata field `{key}` has {} entries for {n_layers} layers",
+                self.path.display(),
+                v.len()
+            )));
+        }
+        Ok(v)
+    }
+
+    /// A metadata value that is an array of booleans (llama.cpp's per-layer flags, e.g.
+    /// Gemma 4's `attention.sliding_window_pattern`).
+    pub fn get_bool_array(&self, key: &str) -> Result<Vec<bool>> {
+        let Value::Array(items) = self.get(key)? else {
+            return Err(self.bad_type(key, "an array"));
+        };
+        items
+            .iter()
+            .map(|v| match v {
+                Value::Bool(b) => Ok(*b),
+                _ => Err(self.bad_type(key, "an array of booleans")),
             })
             .collect()
     }

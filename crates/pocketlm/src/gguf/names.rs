@@ -17,6 +17,11 @@ use crate::{Error, Result};
 /// `("self_attn.q_proj", "attn_q")` in [`Self::block`] stands for
 /// `model.layers.N.self_attn.q_proj.weight` <-> `blk.N.attn_q.weight` and for the `.bias` pair
 /// alike. Within each list both columns are unique, so the mapping is one-to-one.
+///
+/// A pair whose GGUF column ends in `.weight` or `.bias` names a whole parameter instead, for
+/// the parameters whose names do not follow the module pattern:
+/// `("mlp.gate.e_score_correction_bias", "exp_probs_b.bias")` stands for
+/// `model.layers.N.mlp.gate.e_score_correction_bias` <-> `blk.N.exp_probs_b.bias`.
 #[derive(Debug)]
 pub struct NameTable {
     /// The architecture(s) the table serves, for error messages (`llama`).
@@ -36,39 +41,56 @@ pub struct NameTable {
 const HF_BLOCK: &str = "model.layers.";
 const GGUF_BLOCK: &str = "blk.";
 
-/// Splits `{prefix}{N}.{module}.{suffix}` into `(N, module, suffix)`; `None` for other names.
-fn split_block<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
+/// Splits `{prefix}{N}.{rest}` into `(N, rest)`; `None` for other names.
+fn split_layer<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
     let rest = name.strip_prefix(prefix)?;
     let (layer, rest) = rest.split_once('.')?;
-    let layer = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    Some((layer, module, suffix))
+    Some((layer.parse().ok()?, rest))
+}
+
+/// Whether a pair's GGUF column names a whole parameter ([`NameTable`]).
+fn is_parameter(gguf: &str) -> bool {
+    gguf.ends_with(".weight") || gguf.ends_with(".bias")
+}
+
+/// The other column of the pair of `pairs` whose `from` column is `name`, for a whole
+/// parameter, or for `{module}.{suffix}` with the suffix carried over.
+fn lookup(
+    pairs: &[(&'static str, &'static str)],
+    name: &str,
+    from: fn(&(&'static str, &'static str)) -> &'static str,
+    to: fn(&(&'static str, &'static str)) -> &'static str,
+) -> Option<String> {
+    if let Some(p) = pairs.iter().find(|p| is_parameter(p.1) && from(p) == name) {
+        return Some(to(p).to_string());
+    }
+    let (module, suffix) = name.rsplit_once('.')?;
+    let p = pairs
+        .iter()
+        .find(|p| !is_parameter(p.1) && from(p) == module)?;
+    Some(format!("{}.{suffix}", to(p)))
 }
 
 impl NameTable {
     /// The GGUF name of Hugging Face tensor `hf` (`model.layers.3.self_attn.q_proj.weight` ->
     /// `blk.3.attn_q.weight`), or `None` when the table has none.
     pub fn gguf_name(&self, hf: &str) -> Option<String> {
-        if let Some((layer, module, suffix)) = split_block(hf, HF_BLOCK) {
-            let (_, g) = self.block.iter().find(|(h, _)| *h == module)?;
-            return Some(format!("{GGUF_BLOCK}{layer}.{g}.{suffix}"));
+        if let Some((layer, rest)) = split_layer(hf, HF_BLOCK) {
+            let g = lookup(self.block, rest, |p| p.0, |p| p.1)?;
+            return Some(format!("{GGUF_BLOCK}{layer}.{g}"));
         }
-        let (module, suffix) = hf.rsplit_once('.')?;
-        let (_, g) = self.global.iter().find(|(h, _)| *h == module)?;
-        Some(format!("{g}.{suffix}"))
+        lookup(self.global, hf, |p| p.0, |p| p.1)
     }
 
     /// The Hugging Face name of GGUF tensor `gguf` (`blk.3.attn_q.weight` ->
     /// `model.layers.3.self_attn.q_proj.weight`), or `None` when the table has none (also for
     /// [`Self::gguf_only`] names).
     pub fn hf_name(&self, gguf: &str) -> Option<String> {
-        if let Some((layer, module, suffix)) = split_block(gguf, GGUF_BLOCK) {
-            let (h, _) = self.block.iter().find(|(_, g)| *g == module)?;
-            return Some(format!("{HF_BLOCK}{layer}.{h}.{suffix}"));
+        if let Some((layer, rest)) = split_layer(gguf, GGUF_BLOCK) {
+            let h = lookup(self.block, rest, |p| p.1, |p| p.0)?;
+            return Some(format!("{HF_BLOCK}{layer}.{h}"));
         }
-        let (module, suffix) = gguf.rsplit_once('.')?;
-        let (h, _) = self.global.iter().find(|(_, g)| *g == module)?;
-        Some(format!("{h}.{suffix}"))
+        lookup(self.global, gguf, |p| p.1, |p| p.0)
     }
 
     /// As [`Self::gguf_name`], for a tensor of GGUF `file`.

@@ -489,13 +489,7 @@ impl fmt::Debug for WeightBytes {
 /// naming the file when it is not a GGUF file.
 pub fn mmap_gguf(path: impl AsRef<Path>) -> crate::Result<(Arc<Mmap>, Content)> {
     let path = path.as_ref();
-    let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
-    // SAFETY: read-only private mapping; the file is documented not to change while mapped.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| crate::Error::io(path, e))?;
-    // Ask the kernel to read ahead: decode touches every weight page once per token. Only a
-    // hint, so a failure is ignored.
-    #[cfg(unix)]
-    let _ = map.advise(memmap2::Advice::WillNeed);
+    let map = mmap_file(path)?;
     let content = Content::read(&mut std::io::Cursor::new(&map[..])).map_err(|e| {
         crate::Error::Model(format!(
             "{}: not a valid GGUF file ({})",
@@ -503,7 +497,23 @@ pub fn mmap_gguf(path: impl AsRef<Path>) -> crate::Result<(Arc<Mmap>, Content)> 
             crate::error::candle_message(&e)
         ))
     })?;
-    Ok((Arc::new(map), content))
+    Ok((map, content))
+}
+
+/// Memory-maps a file read-only (with a read-ahead hint), for [`mmap_gguf`] and
+/// [`crate::gguf::GgufFile::open`].
+///
+/// Errors: [`crate::Error::Io`] when the file cannot be opened or mapped.
+pub fn mmap_file(path: impl AsRef<Path>) -> crate::Result<Arc<Mmap>> {
+    let path = path.as_ref();
+    let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    // SAFETY: read-only private mapping; the file is documented not to change while mapped.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| crate::Error::io(path, e))?;
+    // Ask the kernel to read ahead: decode touches every weight page once per token. Only a
+    // hint, so a failure is ignored.
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::WillNeed);
+    Ok(Arc::new(map))
 }
 
 /// A GGUF block-quantized weight matrix `[rows = n, cols = k]` (PyTorch `[out, in]` order,

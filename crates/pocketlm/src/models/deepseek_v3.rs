@@ -18,6 +18,8 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
+use crate::gguf::names::{self, NameTable};
+use crate::gguf::GgufFile;
 use crate::models::build::{self, ExpertShape};
 use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::llama::Llama;
@@ -32,6 +34,121 @@ use crate::{Error, Result};
 /// The epsilon of `q_a_layernorm` and `kv_a_layernorm` (transformers builds them with
 /// `DeepseekV3RMSNorm`'s default, mlx-lm with `eps=1e-6`, whatever `rms_norm_eps` says).
 const LATENT_NORM_EPS: f64 = 1e-6;
+
+/// GGUF tensor names of llama.cpp's `deepseek2` (`llama-arch.cpp`, `tensor_mapping.py`).
+/// llama.cpp's converter splits `kv_b_proj` into `attn_k_b` `[heads, kv_lora_rank,
+/// qk_nope_head_dim]` (the key half, transposed per head) and `attn_v_b` `[heads, v_head_dim,
+/// kv_lora_rank]`: mlx-lm's `embed_q` / `unembed_out`, which [`build`] joins back; older files
+/// have `attn_kv_b`. Routed experts are stacked (`ffn_*_exps`, named as mlx-lm's
+/// `switch_mlp`), the shared ones `ffn_*_shexp`, the selection bias `exp_probs_b.bias`.
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "deepseek2",
+    global: names::GLOBAL,
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.q_a_proj", "attn_q_a"),
+        ("self_attn.q_a_layernorm", "attn_q_a_norm"),
+        ("self_attn.q_b_proj", "attn_q_b"),
+        ("self_attn.kv_a_proj_with_mqa", "attn_kv_a_mqa"),
+        ("self_attn.kv_a_layernorm", "attn_kv_a_norm"),
+        ("self_attn.kv_b_proj", "attn_kv_b"),
+        ("self_attn.embed_q", "attn_k_b"),
+        ("self_attn.unembed_out", "attn_v_b"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("mlp.gate", "ffn_gate_inp"),
+        ("mlp.gate.e_score_correction_bias", "exp_probs_b.bias"),
+        ("mlp.switch_mlp.gate_proj", "ffn_gate_exps"),
+        ("mlp.switch_mlp.up_proj", "ffn_up_exps"),
+        ("mlp.switch_mlp.down_proj", "ffn_down_exps"),
+        ("mlp.shared_experts.gate_proj", "ffn_gate_shexp"),
+        ("mlp.shared_experts.up_proj", "ffn_up_shexp"),
+        ("mlp.shared_experts.down_proj", "ffn_down_shexp"),
+    ],
+    gguf_only: &[],
+};
+
+/// llama.cpp's `expert_gating_func` values (`llama-hparams.h`): 1 softmax, 2 sigmoid.
+const GATING_SIGMOID: usize = 2;
+
+/// An HF-style DeepSeek-V3 config from the metadata of a GGUF `deepseek2` file (llama.cpp's
+/// converter, `conversion/deepseek.py` `DeepseekV2Model`; the graph `src/models/deepseek2.cpp`):
+///
+/// - the common keys ([`super::gguf_config::common`]); `qk_rope_head_dim` from
+///   `rope.dimension_count`, `qk_nope_head_dim` from `attention.key_length_mla` minus it,
+///   `v_head_dim` from `attention.value_length_mla`, `kv_lora_rank` / `q_lora_rank` from
+///   `attention.{kv,q}_lora_rank`;
+/// - YaRN's `mscale_all_dim` is `rope.scaling.yarn_log_multiplier / 0.1` (the converter writes
+///   `0.1 · mscale_all_dim`, which llama.cpp undoes), and `mscale` the same: llama.cpp's RoPE
+///   attention factor is then 1 (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX); the softmax scale keeps
+///   transformers' `mscale_all_dim` term;
+/// - experts: `expert_count`, `expert_used_count`, `expert_shared_count`,
+///   `expert_feed_forward_length`, `expert_group_count` / `expert_group_used_count`,
+///   `expert_weights_scale` (`routed_scaling_factor`), `expert_weights_norm`
+///   (`norm_topk_prob`), `leading_dense_block_count` (`first_k_dense_replace`);
+///   `expert_gating_func` 2 is `sigmoid`, anything else (llama.cpp takes a missing key as
+///   softmax) is passed on as `softmax`, which [`build`] refuses; `topk_method` is `noaux_tc`
+///   when the first MoE layer has `exp_probs_b.bias`.
+///
+/// Errors: a missing or mistyped key, naming the file.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let mut c = super::gguf_config::common(g)?;
+    let k = |s: &str| format!("deepseek2.{s}");
+    let rope = g.get_usize(&k("rope.dimension_count"))?;
+    let key_mla = g.get_usize(&k("attention.key_length_mla"))?;
+    let nope = key_mla.checked_sub(rope).filter(|&n| n > 0).ok_or_else(|| {
+        Error::Model(format!(
+            "{}: `deepseek2.attention.key_length_mla` {key_mla} is not above `deepseek2.rope.dimension_count` {rope}",
+            g.path().display()
+        ))
+    })?;
+    let dense = g.opt_usize(&k("leading_dense_block_count"))?.unwrap_or(0);
+    let gating = g.opt_usize(&k("expert_gating_func"))?;
+    let log_mul = g.opt_f64(&k("rope.scaling.yarn_log_multiplier"))?;
+    let o = c
+        .as_object_mut()
+        .ok_or_else(|| Error::Model("deepseek2 GGUF config is not an object".into()))?;
+    if let (Some(m), Some(rs)) = (
+        log_mul,
+        o.get_mut("rope_scaling").and_then(|r| r.as_object_mut()),
+    ) {
+        rs.insert("mscale_all_dim".into(), (m / 0.1).into());
+        rs.insert("mscale".into(), (m / 0.1).into());
+    }
+    let fields = serde_json::json!({
+        "model_type": "deepseek_v3",
+        "moe_intermediate_size": g.get_usize(&k("expert_feed_forward_length"))?,
+        "n_routed_experts": g.opt_usize(&k("expert_count"))?,
+        "n_shared_experts": g.opt_usize(&k("expert_shared_count"))?,
+        "num_experts_per_tok": g.opt_usize(&k("expert_used_count"))?,
+        "n_group": g.opt_usize(&k("expert_group_count"))?,
+        "topk_group": g.opt_usize(&k("expert_group_used_count"))?,
+        "routed_scaling_factor": g.opt_f64(&k("expert_weights_scale"))?.unwrap_or(1.0),
+        "norm_topk_prob": g.has(&k("expert_weights_norm")) && g.get_bool(&k("expert_weights_norm"))?,
+        "scoring_func": if gating == Some(GATING_SIGMOID) { "sigmoid" } else { "softmax" },
+        "topk_method": if g.has_tensor(&format!("blk.{dense}.exp_probs_b.bias")) {
+            "noaux_tc"
+        } else {
+            "greedy"
+        },
+        "first_k_dense_replace": dense,
+        "kv_lora_rank": g.get_usize(&k("attention.kv_lora_rank"))?,
+        "q_lora_rank": g.opt_usize(&k("attention.q_lora_rank"))?,
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": nope,
+        "v_head_dim": g.get_usize(&k("attention.value_length_mla"))?,
+        "attention_bias": g.has_tensor("blk.0.attn_output.bias"),
+        "rope_interleave": true,
+    });
+    if let Some(f) = fields.as_object() {
+        o.extend(f.clone());
+    }
+    Ok(c)
+}
 
 /// config.json of a DeepSeek-V3 model (`DeepseekV3Config` field names and defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -387,7 +504,8 @@ fn mlp(w: &dyn Weights, i: usize, p: &str, cfg: &DeepseekV3Config) -> Result<Mlp
 
 /// Builds a DeepSeek-V3 model from an HF-style config and weights (`DeepseekV3ForCausalLM`
 /// names: per-expert `mlp.experts.{e}.*`; or an mlx-lm folder: stacked `mlp.switch_mlp.*`,
-/// `self_attn.embed_q` / `unembed_out` instead of `kv_b_proj`). Layers past
+/// `self_attn.embed_q` / `unembed_out` instead of `kv_b_proj`; or GGUF `deepseek2` through
+/// [`GGUF_NAMES`] and [`config_from_gguf`]). Layers past
 /// `num_hidden_layers` (the multi-token-prediction module, `model.layers.61` in DeepSeek-V3)
 /// are not read.
 ///

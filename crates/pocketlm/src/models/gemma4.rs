@@ -35,6 +35,8 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+use crate::gguf::names::NameTable;
+use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::gemma::SandwichMlp;
 use crate::models::{build, CausalLM, Logits, ModelInfo};
@@ -680,6 +682,165 @@ impl CausalLM for Gemma4 {
     fn device(&self) -> &Device {
         &self.device
     }
+}
+
+/// GGUF tensor names of llama.cpp's `gemma4` (`llama-arch.cpp`, `tensor_mapping.py`): Gemma
+/// 3's, plus the per-layer-input branch (`inp_gate`, `proj`, `post_norm`, the global
+/// `per_layer_*` tensors) and the layer scalar `layer_scalar` (`layer_output_scale.weight`). `rope_freqs.weight` holds the proportional RoPE of full layers as
+/// frequency divisors (1 rotates, 1e30 does not); [`config_from_gguf`] reads it.
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "gemma4",
+    global: &[
+        ("model.embed_tokens", "token_embd"),
+        ("model.embed_tokens_per_layer", "per_layer_token_embd"),
+        ("model.per_layer_model_projection", "per_layer_model_proj"),
+        ("model.per_layer_projection_norm", "per_layer_proj_norm"),
+        ("model.norm", "output_norm"),
+        ("lm_head", "output"),
+    ],
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+        ("post_per_layer_input_norm", "post_norm"),
+        ("per_layer_input_gate", "inp_gate"),
+        ("per_layer_projection", "proj"),
+        ("layer_scalar", "layer_output_scale.weight"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ],
+    gguf_only: &["rope_freqs.weight"],
+};
+
+/// An HF-style Gemma 4 text config from the metadata of a GGUF `gemma4` file (llama.cpp's
+/// converter, `conversion/gemma.py` `Gemma4Model`), every field [`Gemma4Config`] reads:
+///
+/// - layer types from `gemma4.attention.sliding_window_pattern` (true: sliding);
+/// - per layer (`per_layer_config`): head width `attention.key_length` (full) /
+///   `attention.key_length_swa` (sliding), KV heads from `attention.head_count_kv` (an array
+///   or one value);
+/// - `intermediate_size` from `feed_forward_length` (an array when KV-shared layers are twice
+///   as wide: `use_double_wide_mlp`); `num_kv_shared_layers` from
+///   `attention.shared_kv_layers`; `hidden_size_per_layer_input` from
+///   `embedding_length_per_layer_input`;
+/// - RoPE: full layers proportional with base `rope.freq_base` and the rotating fraction of
+///   `rope_freqs.weight` (its entries equal to 1; the converter writes the others as 1e30),
+///   sliding layers base `rope.freq_base_swa` over `rope.dimension_count_swa` dimensions;
+/// - `attention_k_eq_v` when a full layer with its own keys has no `attn_v`, as llama.cpp's
+///   graph uses the keys as values when `wv` is absent.
+///
+/// Errors: a missing or mistyped key, or per-layer arrays of the wrong length, naming the
+/// file.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let k = |s: &str| format!("gemma4.{s}");
+    let file = g.path().display();
+    let n = g.get_usize(&k("block_count"))?;
+    let sliding = g.get_bool_array(&k("attention.sliding_window_pattern"))?;
+    if sliding.len() != n {
+        return Err(Error::Model(format!(
+            "{file}: `gemma4.attention.sliding_window_pattern` has {} entries for {n} layers",
+            sliding.len()
+        )));
+    }
+    let kv = g.get_usize_per_layer(&k("attention.head_count_kv"), n)?;
+    let ff = g.get_usize_per_layer(&k("feed_forward_length"), n)?;
+    let shared = g.opt_usize(&k("attention.shared_kv_layers"))?.unwrap_or(0);
+    let first_shared = n.saturating_sub(shared);
+    let head_full = g.get_usize(&k("attention.key_length"))?;
+    let head_swa = g.get_usize(&k("attention.key_length_swa"))?;
+    let width = |i: usize| if sliding[i] { head_swa } else { head_full };
+    let per_layer: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| {
+            let o = serde_json::json!({"head_dim": width(i), "num_key_value_heads": kv[i]});
+            (i.to_string(), o)
+        })
+        .collect();
+    let base = ff.first().copied().unwrap_or(0);
+    let double_wide = first_shared < n && ff[first_shared..].iter().all(|&f| f == 2 * base);
+    if let Some(i) = (0..n).find(|&i| {
+        ff[i]
+            != if double_wide && i >= first_shared {
+                2 * base
+            } else {
+                base
+            }
+    }) {
+        return Err(Error::Model(format!(
+            "{file}: `gemma4.feed_forward_length` {ff:?}: layer {i} is neither {base} nor twice \
+             that on a KV-shared layer"
+        )));
+    }
+    let k_eq_v = (0..first_shared)
+        .find(|&i| !sliding[i])
+        .is_some_and(|i| !g.has_tensor(&format!("blk.{i}.attn_v.weight")));
+    let rotating = if g.has_tensor("rope_freqs.weight") {
+        let f = g.tensor_f32(
+            "rope_freqs.weight",
+            &[head_full / 2],
+            &candle_core::Device::Cpu,
+        )?;
+        f.to_vec1::<f32>()?.iter().filter(|&&x| x == 1.0).count()
+    } else {
+        head_full / 2
+    };
+    let rot_swa = g
+        .opt_usize(&k("rope.dimension_count_swa"))?
+        .unwrap_or(head_swa);
+    let embed_rows = |name: &str| -> Result<usize> { Ok(g.tensor_info(name)?.0[0]) };
+    let ple = g
+        .opt_usize(&k("embedding_length_per_layer_input"))?
+        .unwrap_or(0);
+    Ok(serde_json::json!({
+        "model_type": "gemma4_text",
+        "vocab_size": embed_rows("token_embd.weight")?,
+        "hidden_size": g.get_usize(&k("embedding_length"))?,
+        "intermediate_size": base,
+        "use_double_wide_mlp": double_wide,
+        "num_hidden_layers": n,
+        "num_attention_heads": g.get_usize(&k("attention.head_count"))?,
+        "num_key_value_heads": (0..n).find(|&i| sliding[i]).map_or(kv[0], |i| kv[i]),
+        "head_dim": head_swa,
+        "global_head_dim": head_full,
+        "per_layer_config": per_layer,
+        "attention_k_eq_v": k_eq_v,
+        "attention_bias": g.has_tensor("blk.0.attn_q.bias"),
+        "num_kv_shared_layers": shared,
+        "layer_types": sliding
+            .iter()
+            .map(|&s| if s { SLIDING } else { FULL })
+            .collect::<Vec<_>>(),
+        "sliding_window": g.get_usize(&k("attention.sliding_window"))?,
+        "rms_norm_eps": g.get_f64(&k("attention.layer_norm_rms_epsilon"))?,
+        "final_logit_softcapping": g.opt_f64(&k("final_logit_softcapping"))?,
+        "max_position_embeddings": g.opt_usize(&k("context_length"))?.unwrap_or(131_072),
+        "tie_word_embeddings": !g.has_tensor("output.weight"),
+        "hidden_size_per_layer_input": ple,
+        "vocab_size_per_layer_input": if ple > 0 {
+            embed_rows("per_layer_token_embd.weight")?
+        } else {
+            0
+        },
+        "rope_parameters": {
+            FULL: {
+                "rope_type": "proportional",
+                "rope_theta": g.opt_f64(&k("rope.freq_base"))?.unwrap_or(1e6),
+                "partial_rotary_factor": (2 * rotating) as f64 / head_full as f64,
+            },
+            SLIDING: {
+                "rope_type": "default",
+                "rope_theta": g.opt_f64(&k("rope.freq_base_swa"))?.unwrap_or(1e4),
+                "partial_rotary_factor": rot_swa as f64 / head_swa as f64,
+            },
+        },
+    }))
 }
 
 #[cfg(test)]

@@ -32,15 +32,24 @@ pub fn common(g: &GgufFile) -> Result<serde_json::Value> {
             "rope_type": "linear",
             "factor": g.get_f64(&k("rope.scaling.factor"))?,
         }),
-        // llama.cpp's converter writes YaRN as the factor and the original context length.
-        Some("yarn") => serde_json::json!({
-            "rope_type": "yarn",
-            "factor": g.get_f64(&k("rope.scaling.factor"))?,
-            "original_max_position_embeddings":
-                g.get_f64(&k("rope.scaling.original_context_length"))?,
-            "beta_fast": g.opt_f64(&k("rope.scaling.yarn_beta_fast"))?,
-            "beta_slow": g.opt_f64(&k("rope.scaling.yarn_beta_slow"))?,
-        }),
+        // llama.cpp's converter writes YaRN as the factor and the original context length,
+        // and transformers' `mscale_all_dim` as `rope.scaling.yarn_log_multiplier`, with
+        // `mscale` taken as 1 (`llama-context.cpp`; `deepseek2` writes it otherwise:
+        // `deepseek_v3::config_from_gguf`).
+        Some("yarn") => {
+            let log_mul = g.opt_f64(&k("rope.scaling.yarn_log_multiplier"))?;
+            let mscale = log_mul.map(|_| 1.0);
+            serde_json::json!({
+                "rope_type": "yarn",
+                "factor": g.get_f64(&k("rope.scaling.factor"))?,
+                "original_max_position_embeddings":
+                    g.get_usize(&k("rope.scaling.original_context_length"))?,
+                "beta_fast": g.opt_f64(&k("rope.scaling.yarn_beta_fast"))?,
+                "beta_slow": g.opt_f64(&k("rope.scaling.yarn_beta_slow"))?,
+                "mscale": mscale,
+                "mscale_all_dim": log_mul,
+            })
+        }
         Some(other) => {
             return Err(Error::Model(format!(
                 "{}: `{arch}.rope.scaling.type` `{other}` is not supported",
@@ -71,4 +80,25 @@ pub fn common(g: &GgufFile) -> Result<serde_json::Value> {
         "tie_word_embeddings": !g.has_tensor("output.weight"),
         "sliding_window": g.opt_usize(&k("attention.sliding_window"))?,
     }))
+}
+
+/// [`common`] plus the expert counts of a mixture-of-experts GGUF file, under the config.json
+/// names `names` = `[experts, experts per token, expert width]`: `{arch}.expert_count`,
+/// `{arch}.expert_used_count` and `{arch}.expert_feed_forward_length`.
+///
+/// Errors: as [`common`]; a missing expert key, naming the file.
+pub fn with_experts(g: &GgufFile, names: [&str; 3]) -> Result<serde_json::Value> {
+    let mut c = common(g)?;
+    let arch = g.architecture()?;
+    let keys = [
+        "expert_count",
+        "expert_used_count",
+        "expert_feed_forward_length",
+    ];
+    if let Some(o) = c.as_object_mut() {
+        for (name, key) in names.into_iter().zip(keys) {
+            o.insert(name.into(), g.get_usize(&format!("{arch}.{key}"))?.into());
+        }
+    }
+    Ok(c)
 }

@@ -47,6 +47,16 @@ fn tables_round_trip_both_ways() {
         }
         for (h, g) in t.block {
             for layer in [0, 7, 31] {
+                if g.ends_with(".weight") || g.ends_with(".bias") {
+                    // A whole parameter: no suffix carried over.
+                    let (hf, gg) = (
+                        format!("model.layers.{layer}.{h}"),
+                        format!("blk.{layer}.{g}"),
+                    );
+                    assert_eq!(t.gguf_name(&hf).as_deref(), Some(gg.as_str()), "{}", t.name);
+                    assert_eq!(t.hf_name(&gg).as_deref(), Some(hf.as_str()), "{}", t.name);
+                    continue;
+                }
                 for suffix in ["weight", "bias"] {
                     let hf = format!("model.layers.{layer}.{h}.{suffix}");
                     let gg = format!("blk.{layer}.{g}.{suffix}");
@@ -165,4 +175,66 @@ fn unknown_names_are_clear_errors() {
             "{e}"
         );
     }
+}
+
+#[test]
+fn whole_parameter_names_of_this_rounds_architectures() {
+    let f = Path::new(FILE);
+    let table = |arch: &str| {
+        crate::models::by_gguf_architecture(arch)
+            .unwrap()
+            .gguf_names
+            .unwrap()
+    };
+    for (arch, hf, g) in [
+        (
+            "deepseek2",
+            "model.layers.1.mlp.gate.e_score_correction_bias",
+            "blk.1.exp_probs_b.bias",
+        ),
+        (
+            "deepseek2",
+            "model.layers.1.mlp.gate.weight",
+            "blk.1.ffn_gate_inp.weight",
+        ),
+        (
+            "deepseek2",
+            "model.layers.0.self_attn.embed_q.weight",
+            "blk.0.attn_k_b.weight",
+        ),
+        (
+            "gpt-oss",
+            "model.layers.2.self_attn.sinks",
+            "blk.2.attn_sinks.weight",
+        ),
+        (
+            "gpt-oss",
+            "model.layers.2.mlp.experts.down_proj.bias",
+            "blk.2.ffn_down_exps.bias",
+        ),
+        (
+            "gemma4",
+            "model.layers.3.layer_scalar",
+            "blk.3.layer_output_scale.weight",
+        ),
+        (
+            "gemma4",
+            "model.embed_tokens_per_layer.weight",
+            "per_layer_token_embd.weight",
+        ),
+        (
+            "mistral3",
+            "model.layers.0.self_attn.q_proj.weight",
+            "blk.0.attn_q.weight",
+        ),
+    ] {
+        let t = table(arch);
+        assert_eq!(t.to_gguf(hf, f).unwrap(), g, "{arch}");
+        assert_eq!(t.to_hf(g, f).unwrap(), hf, "{arch}");
+    }
+    // A whole-parameter pair does not carry suffixes over.
+    assert_eq!(
+        table("gpt-oss").gguf_name("model.layers.2.self_attn.sinks.bias"),
+        None
+    );
 }

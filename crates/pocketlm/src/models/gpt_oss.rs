@@ -22,12 +22,18 @@
 //!   it is (CPU; dequantized to f32 on other devices).
 //!
 //! The router is `mlp.router` `[experts, hidden]` with a bias, and `self_attn.sinks` `[heads]`.
+//!
+//! GGUF files of llama.cpp's converter (`gpt-oss`, `conversion/gpt_oss.py`) load through
+//! [`GGUF_NAMES`] and [`config_from_gguf`]: experts stacked as mlx-lm's (`ffn_*_exps`, with
+//! `.bias`), MXFP4 (ggml type 39) where the checkpoint was, read by [`crate::gguf::mxfp4`].
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 use serde::Deserialize;
 
+use crate::gguf::names::{self, NameTable};
+use crate::gguf::GgufFile;
 use crate::models::build::{self, ExpertShape};
 use crate::models::decoder::Mlp;
 use crate::models::llama::{LayerHooks, Llama, LlamaConfig, LlamaVariant};
@@ -45,6 +51,70 @@ pub const VARIANT: LlamaVariant = LlamaVariant {
     o_bias: true,
     ..LlamaVariant::LLAMA
 };
+
+/// GGUF tensor names of llama.cpp's `gpt-oss` (`llama-arch.cpp` `LLM_ARCH_OPENAI_MOE`): the
+/// router `ffn_gate_inp`, the stacked experts `ffn_{gate,up,down}_exps` `[n_experts, out, in]`
+/// with `.bias` `[n_experts, out]` (named as mlx-lm's stacked `mlp.experts.*_proj`), the sinks
+/// `self_attn.sinks` as `attn_sinks.weight`, and `post_attention_norm` before the experts.
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "gpt-oss",
+    global: names::GLOBAL,
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.sinks", "attn_sinks.weight"),
+        ("mlp.router", "ffn_gate_inp"),
+        ("mlp.experts.gate_proj", "ffn_gate_exps"),
+        ("mlp.experts.up_proj", "ffn_up_exps"),
+        ("mlp.experts.down_proj", "ffn_down_exps"),
+    ],
+    gguf_only: &[],
+};
+
+/// An HF-style gpt-oss config from the metadata of a GGUF `gpt-oss` file: the common keys
+/// ([`super::gguf_config::common`]: YaRN, the window) plus the expert counts
+/// ([`super::gguf_config::with_experts`]; each expert's width is `intermediate_size` here). Layer types: `{arch}.attention.sliding_window_pattern` when the
+/// file has it, else every even layer slides (llama.cpp's `load_swa_pattern(ml, 2)`, as
+/// transformers' default). The clamped SwiGLU keeps its defaults, which llama.cpp hard-codes.
+///
+/// Errors: a missing or mistyped key, naming the file.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let mut c = super::gguf_config::with_experts(
+        g,
+        [
+            "num_local_experts",
+            "num_experts_per_tok",
+            "intermediate_size",
+        ],
+    )?;
+    let key = format!("{}.attention.sliding_window_pattern", g.architecture()?);
+    let pattern = match g.has(&key) {
+        true => Some(g.get_bool_array(&key)?),
+        false => None,
+    };
+    let o = c
+        .as_object_mut()
+        .ok_or_else(|| Error::Model("gpt-oss GGUF config is not an object".into()))?;
+    o.insert("model_type".into(), "gpt_oss".into());
+    if let Some(p) = pattern {
+        let types: Vec<&str> = p
+            .iter()
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        o.insert("layer_types".into(), types.into());
+    }
+    Ok(c)
+}
 
 /// The gpt-oss fields of config.json (`GptOssConfig`); the rest is [`LlamaConfig`]
 /// (`intermediate_size` there is each expert's inner width).

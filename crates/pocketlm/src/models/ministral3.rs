@@ -12,6 +12,7 @@
 //! (`Ministral3Attention`, `get_llama_4_attn_scale`), `configuration_ministral3.py`,
 //! `models/mistral3/modeling_mistral3.py`; mlx-lm `models/ministral3.py`, `models/mistral3.py`.
 
+use crate::gguf::GgufFile;
 use crate::models::llama::{Llama, LlamaConfig, LlamaVariant};
 use crate::models::{build as parts, llama, CausalLM};
 use crate::nn::QueryTemperature;
@@ -80,13 +81,18 @@ fn build_text(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Cau
 
 /// Builds a Ministral 3 model (`model_type: ministral3`, `Ministral3ForCausalLM` names) or the
 /// text model of a Mistral 3 checkpoint (`model_type: mistral3`: `text_config` of
-/// `model_type` `ministral3`, or `mistral` / `llama`, built as Llama).
+/// `model_type` `ministral3`, or `mistral` / `llama`, built as Llama), or a GGUF `mistral3`
+/// file's config ([`config_from_gguf`]: `model_type` `ministral3`, or `mistral` when the file
+/// has no query temperature, built as Llama).
 ///
 /// Errors: [`Error::Model`] naming a missing or invalid config field (`text_config` included);
 /// [`Error::Tensor`] naming a missing or misshapen weight.
 pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
-    if config.get("model_type").and_then(|v| v.as_str()) != Some("mistral3") {
-        return build_text(config, w);
+    match config.get("model_type").and_then(|v| v.as_str()) {
+        Some("mistral3") => {}
+        // A GGUF `mistral3` file without the query temperature ([`config_from_gguf`]).
+        Some("mistral") => return llama::build(config, w),
+        _ => return build_text(config, w),
     }
     // The loader has brought `text_config.rope_parameters` to `rope_theta` / `rope_scaling`
     // (`loader::normalize_config`).
@@ -102,6 +108,42 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
             format!("`{other}` is not supported (ministral3, mistral, llama)"),
         )),
     }
+}
+
+/// An HF-style Ministral 3 config from the metadata of a GGUF `mistral3` file (llama.cpp's
+/// converter, `conversion/mistral3.py` `Ministral3Model`): the common keys
+/// ([`super::gguf_config::common`]: YaRN from `mistral3.rope.scaling.*`) plus Llama 4's query
+/// temperature, `llama_4_scaling_beta` from `mistral3.attention.temperature_scale` and its
+/// period from `mistral3.rope.scaling.original_context_length` (llama.cpp's
+/// `n_attn_temp_floor_scale`, `src/models/mistral3.cpp`). Weights are named as Llama's
+/// ([`crate::models::llama::GGUF_NAMES`]), q/k rows permuted as Llama's.
+///
+/// Errors: a missing or mistyped key, naming the file; YaRN missing while the temperature is
+/// set.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let mut c = super::gguf_config::common(g)?;
+    let beta = g.opt_f64("mistral3.attention.temperature_scale")?;
+    let o = c
+        .as_object_mut()
+        .ok_or_else(|| Error::Model("mistral3 GGUF config is not an object".into()))?;
+    o.insert("model_type".into(), "ministral3".into());
+    if let Some(beta) = beta.filter(|&b| b != 0.0) {
+        let scaling = o
+            .get_mut("rope_scaling")
+            .and_then(|r| r.as_object_mut())
+            .ok_or_else(|| {
+                Error::Model(format!(
+                    "{}: `mistral3.attention.temperature_scale` needs YaRN \
+                     (`mistral3.rope.scaling.type`), for its original context length",
+                    g.path().display()
+                ))
+            })?;
+        scaling.insert("llama_4_scaling_beta".into(), beta.into());
+    } else {
+        // No temperature: a plain Llama / Mistral text model under the Ministral 3 name.
+        o.insert("model_type".into(), "mistral".into());
+    }
+    Ok(c)
 }
 
 #[cfg(test)]

@@ -485,34 +485,34 @@ pub static REGISTRY: &[Architecture] = &[
     },
     Architecture {
         model_types: &["gemma4_text", "gemma4"],
-        gguf_architectures: &[],
-        gguf_names: None,
+        gguf_architectures: &["gemma4"],
+        gguf_names: Some(&gemma4::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        config_from_gguf: gemma4::config_from_gguf,
         build: gemma4::build,
     },
     Architecture {
         model_types: &["ministral3", "mistral3"],
-        gguf_architectures: &[],
-        gguf_names: None,
-        gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        gguf_architectures: &["mistral3"],
+        gguf_names: Some(&llama::GGUF_NAMES),
+        gguf_qk_rows: QkRowOrder::GgmlInterleaved,
+        config_from_gguf: ministral3::config_from_gguf,
         build: ministral3::build,
     },
     Architecture {
         model_types: &["deepseek_v3"],
-        gguf_architectures: &[],
-        gguf_names: None,
+        gguf_architectures: &["deepseek2"],
+        gguf_names: Some(&deepseek_v3::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: gguf_config::common, // unused: no GGUF architecture listed
+        config_from_gguf: deepseek_v3::config_from_gguf,
         build: deepseek_v3::build,
     },
     Architecture {
         model_types: &["gpt_oss"],
-        gguf_architectures: &[],
-        gguf_names: None,
+        gguf_architectures: &["gpt-oss"],
+        gguf_names: Some(&gpt_oss::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: gguf_config::common, // unused: no GGUF architecture listed
+        config_from_gguf: gpt_oss::config_from_gguf,
         build: gpt_oss::build,
     },
     Architecture {
@@ -581,15 +581,6 @@ impl Architecture {
     }
 }
 
-/// `config_from_gguf` of the architectures read from safetensors folders only (never called:
-/// they list no GGUF architecture).
-fn safetensors_only(g: &GgufFile) -> Result<serde_json::Value> {
-    Err(Error::Model(format!(
-        "{}: this architecture is read from safetensors folders only",
-        g.path().display()
-    )))
-}
-
 fn supported() -> String {
     REGISTRY
         .iter()
@@ -620,18 +611,48 @@ pub fn by_model_type(model_type: &str) -> Result<&'static Architecture> {
 }
 
 /// The registry entry for a GGUF `general.architecture`.
+///
+/// Errors: [`Error::UnsupportedArchitecture`] listing the GGUF architectures read (llama.cpp's
+/// names: `gpt-oss`, `deepseek2`, ...).
 pub fn by_gguf_architecture(arch: &str) -> Result<&'static Architecture> {
     REGISTRY
         .iter()
         .find(|a| a.gguf_architectures.contains(&arch))
         .ok_or_else(|| Error::UnsupportedArchitecture {
-            name: arch.to_string(),
-            supported: supported(),
+            name: format!("{arch} (GGUF)"),
+            supported: REGISTRY
+                .iter()
+                .flat_map(|a| a.gguf_architectures.iter().copied())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unknown_gguf_architecture_lists_gguf_names() {
+        let e = super::by_gguf_architecture("mamba9")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("mamba9"), "{e}");
+        for a in [
+            "llama",
+            "qwen3moe",
+            "smollm3",
+            "gemma3",
+            "gemma4",
+            "mistral3",
+            "gpt-oss",
+            "deepseek2",
+            "lfm2",
+            "phi3",
+        ] {
+            assert!(e.contains(a), "{e}");
+        }
+    }
+
     #[test]
     fn unknown_architecture_lists_supported() {
         let e = super::by_model_type("gpt-17").err().unwrap().to_string();

@@ -152,24 +152,17 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
 ///
 /// Errors: a missing key, naming the file.
 pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
-    let mut c = super::gguf_config::common(g)?;
-    let arch = g.architecture()?;
-    let k = |s: &str| format!("{arch}.{s}");
+    let mut c = super::gguf_config::with_experts(
+        g,
+        [
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+        ],
+    )?;
     let o = c
         .as_object_mut()
         .ok_or_else(|| Error::Model("qwen3moe GGUF config is not an object".into()))?;
-    o.insert(
-        "num_experts".into(),
-        g.get_usize(&k("expert_count"))?.into(),
-    );
-    o.insert(
-        "num_experts_per_tok".into(),
-        g.get_usize(&k("expert_used_count"))?.into(),
-    );
-    o.insert(
-        "moe_intermediate_size".into(),
-        g.get_usize(&k("expert_feed_forward_length"))?.into(),
-    );
     o.insert("decoder_sparse_step".into(), 1.into());
     o.insert("norm_topk_prob".into(), true.into());
     Ok(c)

@@ -142,8 +142,9 @@ impl Placement {
     /// The experts of the stacked GGUF tensor `name` `[n_experts, rows, cols]` (llama.cpp's
     /// `ffn_{gate,up,down}_exps`), one bias-free layer each: types of our CPU kernels become
     /// [`Linear::Kernel`] layers over each expert's slice of the mapped file (repacked as
-    /// [`Self::linear`] does); float and other types are read as f32 and each expert becomes a
-    /// dense layer on the device.
+    /// [`Self::linear`] does); MXFP4 (gpt-oss) becomes MLX `mxfp4` layers
+    /// ([`crate::gguf::mxfp4`]), dequantized when asked; float and other types are read as f32
+    /// and each expert becomes a dense layer on the device.
     ///
     /// Errors: a missing tensor or one of another shape (named).
     pub fn gguf_experts(
@@ -152,6 +153,11 @@ impl Placement {
         name: &str,
         shape: [usize; 3],
     ) -> Result<Vec<Linear>> {
+        if file.is_mxfp4(name) {
+            return (0..shape[0])
+                .map(|e| self.linear(Stored::MlxFp(file.mxfp4_expert(name, shape, e)?), None))
+                .collect();
+        }
         let (_, dtype) = file.tensor_info(name)?;
         if self.uses_cpu_kernels(dtype) {
             return (0..shape[0])
