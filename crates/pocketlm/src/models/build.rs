@@ -4,6 +4,7 @@
 //! layout of Hugging Face `LlamaAttention`, `LlamaMLP`, `Phi3Attention` (fused `qkv_proj`,
 //! `gate_up_proj`) and `Qwen3MoeSparseMoeBlock`; mlx-lm's `SwitchGLU` (`switch_mlp`).
 
+use crate::models::Logits;
 use crate::nn::{
     Activation, Embedding, GateUp, GatedMlp, Linear, Moe, Numerics, QkvProj, RmsNorm, Router,
 };
@@ -430,4 +431,27 @@ impl Weights for Renamed<'_> {
         self.inner
             .expert_linears(&(self.rename)(prefix), n_experts, out_features, in_features)
     }
+}
+
+/// The output of a decoder stack's last hidden states `x: [batch, seq, hidden]` f32: the final
+/// norm and the output layer over the last position ([`Logits::Last`]: `[batch, vocab]`) or
+/// every position ([`Logits::All`]: `[batch, seq, vocab]`).
+///
+/// Errors: shapes that do not agree with the weights.
+pub(crate) fn output_logits(
+    x: &candle_core::Tensor,
+    norm: &RmsNorm,
+    lm_head: &Linear,
+    logits: Logits,
+) -> Result<candle_core::Tensor> {
+    let seq = x.dim(1)?;
+    let x = match logits {
+        Logits::Last => x.narrow(1, seq - 1, 1)?,
+        Logits::All => x.clone(),
+    };
+    let out = lm_head.forward(&norm.forward(&x)?)?;
+    Ok(match logits {
+        Logits::Last => out.squeeze(1)?,
+        Logits::All => out,
+    })
 }

@@ -31,7 +31,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::kv_cache::{ArraysCache, GrowingKvCache, KvCache, KvCacheConfig, LayerKvCache};
+use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
 use crate::models::build::{self, ExpertShape};
 use crate::models::decoder::Mlp;
 use crate::models::{CausalLM, Logits, ModelInfo};
@@ -526,13 +526,7 @@ impl CausalLM for Qwen35 {
             let r = match &layer.mixer {
                 Mixer::Attention(a) => a.forward(&hn, &pass, Some(c), Mode::Inference)?,
                 Mixer::Linear(net) => {
-                    let kind = c.kind();
-                    let state = c.arrays_mut().ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "layer {i} is a linear-attention layer: its cache must be an \
-                             ArraysCache, not a {kind} (make it with the model's make_cache)"
-                        ))
-                    })?;
+                    let state = c.arrays_for(i, "linear-attention")?;
                     net.forward(&hn, state)?
                 }
             };
@@ -540,26 +534,11 @@ impl CausalLM for Qwen35 {
             let hn = layer.post_attention_layernorm.forward(&x)?;
             x = (layer.mlp.forward(&hn, Mode::Inference)? + x)?;
         }
-        let x = match logits {
-            Logits::Last => x.narrow(1, seq - 1, 1)?,
-            Logits::All => x,
-        };
-        let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
-        Ok(match logits {
-            Logits::Last => out.squeeze(1)?,
-            Logits::All => out,
-        })
+        build::output_logits(&x, &self.norm, &self.lm_head, logits)
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::from_layers(
-            (0..self.layers.len())
-                .map(|i| match self.state(i) {
-                    Some(a) => Box::new(a) as Box<dyn LayerKvCache>,
-                    None => Box::new(GrowingKvCache::new(256)),
-                })
-                .collect(),
-        )
+        KvCache::growing_with_states(self.layers.len(), |i| self.state(i))
     }
 
     fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {

@@ -1,9 +1,9 @@
 //! The 2026 architectures of issue #25 (`qwen3_moe`, `smollm3`, `gemma4_text`, `ministral3`,
-//! `gpt_oss`, `lfm2`, `deepseek_v3`) against their references, on tiny random-weight models
-//! (`scripts/golden/tiny_moe.py`, `scripts/golden/tiny_2026b.py`,
+//! `gpt_oss`, `lfm2`, `deepseek_v3`, `qwen3_5`, `qwen3_5_moe`) against their references, on
+//! tiny random-weight models (`scripts/golden/tiny_moe.py`, `scripts/golden/tiny_2026b.py`,
 //! `scripts/golden/tiny_gpt_oss.py`, `scripts/golden/tiny_lfm2.py`,
-//! `scripts/golden/tiny_deepseek_v3.py`, golden files under `tests/golden/archs_2026/`; `lfm2`
-//! and `deepseek_v3` at the end of this file):
+//! `scripts/golden/tiny_deepseek_v3.py`, `scripts/golden/tiny_qwen3_5.py`, golden files under
+//! `tests/golden/archs_2026/`; `lfm2`, `deepseek_v3` and `qwen3_5` at the end of this file):
 //!
 //! - Hugging Face folders (bfloat16): logits of 3 prompts (20, 12 and 7 tokens) at every
 //!   position within 1e-4 of transformers' float32 forward pass, and 16 greedy tokens (our KV
@@ -739,6 +739,52 @@ fn qwen3_5_multimodal_layout_loads_text_model() -> Res<()> {
     // text folder, with Hugging Face's norms and convolution layout.
     check_multimodal("qwen3_5", "qwen3_5", "qwen3_5")?;
     check_multimodal("qwen3_5_moe", "qwen3_5_moe", "qwen3_5_moe")
+}
+
+/// The Qwen3.5-MoE Hub checkpoints' expert layout: the tiny MoE folder with its per-expert
+/// weights (as transformers 5.24 saves them) fused into `mlp.experts.gate_up_proj` `[4, 64,
+/// 64]` (gate rows first) and `mlp.experts.down_proj` `[4, 64, 32]` (transformers'
+/// `Qwen3_5MoeExperts`) gives transformers' logits over prompt 0 (within 1e-4).
+#[test]
+fn qwen3_5_moe_fused_experts_load() -> Res<()> {
+    let g = tensors("qwen3_5_moe.golden.safetensors")?;
+    let tmp = tempfile::tempdir()?;
+    for e in std::fs::read_dir(path("qwen3_5_moe"))? {
+        let p = e?.path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().ok_or("no name")?))?;
+    }
+    let st = tmp.path().join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&st, &Device::Cpu)?;
+    for l in 0..2 {
+        let p = format!("model.layers.{l}.mlp.experts");
+        let mut take = |e: usize, m: &str| {
+            w.remove(&format!("{p}.{e}.{m}.weight"))
+                .ok_or(format!("{p}.{e}.{m}.weight"))
+        };
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for e in 0..4 {
+            gate_up.push(Tensor::cat(
+                &[take(e, "gate_proj")?, take(e, "up_proj")?],
+                0,
+            )?);
+            down.push(take(e, "down_proj")?);
+        }
+        w.insert(format!("{p}.gate_up_proj"), Tensor::stack(&gate_up, 0)?);
+        w.insert(format!("{p}.down_proj"), Tensor::stack(&down, 0)?);
+    }
+    candle_core::safetensors::save(&w, &st)?;
+    let m = load(tmp.path(), &cpu())?;
+    let mut cache = m.model.new_cache();
+    let got = m
+        .model
+        .forward(&g["ids0"].unsqueeze(0)?, &mut cache, Logits::All)?
+        .squeeze(0)?;
+    let d = max_abs_diff(&got, &g["logits0"])?;
+    assert!(
+        d <= 1e-4,
+        "fused experts: max |logits - transformers| = {d}"
+    );
+    Ok(())
 }
 
 #[test]
