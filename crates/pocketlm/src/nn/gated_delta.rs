@@ -19,8 +19,9 @@
 //!
 //! The recurrence runs token by token in prefill as in decode (transformers'
 //! `torch_recurrent_gated_delta_rule` / mlx-lm's `gated_delta_ops`, not the chunked form
-//! transformers uses for prompts; the two differ in rounding only), on the host in f32: the
-//! per-head state is a small matrix, and the loop costs `O(seq · n_v · d_k · d_v)`.
+//! transformers uses for prompts; the two differ in rounding only), on the host in f32, the
+//! value heads in parallel: the per-head state is a small matrix, and the loop costs
+//! `O(seq · n_v · d_k · d_v)`. On a GPU the inputs and state make a round trip to the host.
 //!
 //! Reference: Hugging Face `models/qwen3_5/modeling_qwen3_5.py` (`Qwen3_5GatedDeltaNet`,
 //! `Qwen3_5RMSNormGated`, `torch_recurrent_gated_delta_rule`, `l2norm`), mlx-lm
@@ -106,34 +107,50 @@ struct Step<'a> {
 
 /// The gated delta rule over `seq` tokens of one sequence, continuing `state: [n_v, d_v, d_k]`
 /// (updated in place). Returns the outputs `[seq, n_v, d_v]`. `q` and `k` are L2-normalised
-/// here and `q` scaled by `d_k^-0.5`.
+/// here and `q` scaled by `d_k^-0.5`. The value heads are independent and run in parallel.
 fn recurrence(h: DeltaHeads, seq: usize, x: &Step<'_>, state: &mut [f32]) -> Vec<f32> {
-    let DeltaHeads { n_k, n_v, d_k, d_v } = h;
-    let group = n_v / n_k;
-    let scale = 1.0 / (d_k as f32).sqrt();
+    use rayon::prelude::*;
+    let DeltaHeads { n_v, d_k, d_v, .. } = h;
+    let per_head: Vec<Vec<f32>> = state
+        .par_chunks_mut(d_v * d_k)
+        .enumerate()
+        .map(|(hv, s)| head_recurrence(h, seq, x, hv, s))
+        .collect();
     let mut out = vec![0f32; seq * n_v * d_v];
+    for (hv, o) in per_head.iter().enumerate() {
+        for t in 0..seq {
+            out[(t * n_v + hv) * d_v..(t * n_v + hv + 1) * d_v]
+                .copy_from_slice(&o[t * d_v..(t + 1) * d_v]);
+        }
+    }
+    out
+}
+
+/// [`recurrence`] for value head `hv` alone, continuing its state `s: [d_v, d_k]`; outputs
+/// `[seq, d_v]`.
+fn head_recurrence(h: DeltaHeads, seq: usize, x: &Step<'_>, hv: usize, s: &mut [f32]) -> Vec<f32> {
+    let DeltaHeads { n_k, n_v, d_k, d_v } = h;
+    let hk = hv / (n_v / n_k);
+    let scale = 1.0 / (d_k as f32).sqrt();
+    let mut out = vec![0f32; seq * d_v];
     let (mut q, mut k) = (vec![0f32; d_k], vec![0f32; d_k]);
     for t in 0..seq {
-        for hv in 0..n_v {
-            let hk = hv / group;
-            let at = (t * n_k + hk) * d_k;
-            q.copy_from_slice(&x.q[at..at + d_k]);
-            k.copy_from_slice(&x.k[at..at + d_k]);
-            l2_normalize(&mut q);
-            l2_normalize(&mut k);
-            q.iter_mut().for_each(|v| *v *= scale);
-            let decay = x.g[t * n_v + hv].exp();
-            let beta = x.beta[t * n_v + hv];
-            let v = &x.v[(t * n_v + hv) * d_v..(t * n_v + hv + 1) * d_v];
-            let s = &mut state[hv * d_v * d_k..(hv + 1) * d_v * d_k];
-            let o = &mut out[(t * n_v + hv) * d_v..(t * n_v + hv + 1) * d_v];
-            for (j, row) in s.chunks_exact_mut(d_k).enumerate() {
-                row.iter_mut().for_each(|r| *r *= decay);
-                let mem: f32 = row.iter().zip(&k).map(|(r, k)| r * k).sum();
-                let delta = (v[j] - mem) * beta;
-                row.iter_mut().zip(&k).for_each(|(r, k)| *r += k * delta);
-                o[j] = row.iter().zip(&q).map(|(r, q)| r * q).sum();
-            }
+        let at = (t * n_k + hk) * d_k;
+        q.copy_from_slice(&x.q[at..at + d_k]);
+        k.copy_from_slice(&x.k[at..at + d_k]);
+        l2_normalize(&mut q);
+        l2_normalize(&mut k);
+        q.iter_mut().for_each(|v| *v *= scale);
+        let decay = x.g[t * n_v + hv].exp();
+        let beta = x.beta[t * n_v + hv];
+        let v = &x.v[(t * n_v + hv) * d_v..(t * n_v + hv + 1) * d_v];
+        let o = &mut out[t * d_v..(t + 1) * d_v];
+        for (j, row) in s.chunks_exact_mut(d_k).enumerate() {
+            row.iter_mut().for_each(|r| *r *= decay);
+            let mem: f32 = row.iter().zip(&k).map(|(r, k)| r * k).sum();
+            let delta = (v[j] - mem) * beta;
+            row.iter_mut().zip(&k).for_each(|(r, k)| *r += k * delta);
+            o[j] = row.iter().zip(&q).map(|(r, q)| r * q).sum();
         }
     }
     out
