@@ -107,6 +107,20 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     fn arrays_mut(&mut self) -> Option<&mut ArraysCache> {
         None
     }
+    /// The array state of layer `layer`, a `what` layer (e.g. "convolution") of a hybrid
+    /// model, which must hold one.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the layer and this cache's kind when it holds
+    /// keys and values instead.
+    fn arrays_for(&mut self, layer: usize, what: &str) -> Result<&mut ArraysCache> {
+        let kind = self.kind();
+        self.arrays_mut().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer {layer} is a {what} layer: its cache must be an ArraysCache, not a \
+                 {kind} (make it with the model's make_cache)"
+            ))
+        })
+    }
 }
 
 /// A cache that grows by preallocated steps (`step` positions at a time, 256 by default, as
@@ -1016,6 +1030,22 @@ impl KvCache {
                 .collect(),
             rope_delta: 0,
         }
+    }
+
+    /// A hybrid model's default cache: layer `i` holds the array state `state(i)` gives, the
+    /// other layers growing key/value caches (as [`Self::growing`]).
+    pub fn growing_with_states(
+        n_layers: usize,
+        state: impl Fn(usize) -> Option<ArraysCache>,
+    ) -> Self {
+        Self::from_layers(
+            (0..n_layers)
+                .map(|i| match state(i) {
+                    Some(a) => Box::new(a) as Box<dyn LayerKvCache>,
+                    None => Box::new(GrowingKvCache::new(256)),
+                })
+                .collect(),
+        )
     }
 
     /// The cache `config` describes, one per layer, for `n_layers` attention layers whose heads

@@ -4,6 +4,7 @@
 //! layout of Hugging Face `LlamaAttention`, `LlamaMLP`, `Phi3Attention` (fused `qkv_proj`,
 //! `gate_up_proj`) and `Qwen3MoeSparseMoeBlock`; mlx-lm's `SwitchGLU` (`switch_mlp`).
 
+use crate::models::Logits;
 use crate::nn::{
     Activation, Embedding, GateUp, GatedMlp, Linear, Moe, Numerics, QkvProj, RmsNorm, Router,
 };
@@ -209,7 +210,10 @@ pub(crate) struct ExpertShape {
 /// The routed experts of block `p`, SwiGLU MLPs, from whichever form the weights hold:
 /// stacked `{p}.mlp.switch_mlp.{gate,up,down}_proj` `[n_experts, out, in]` (mlx-lm's
 /// `SwitchGLU`, float or MLX affine quantized; GGUF `ffn_{gate,up,down}_exps` through the name
-/// table), else Hugging Face's per-expert `{p}.mlp.experts.{e}.{gate,up,down}_proj`.
+/// table), Hugging Face's fused `{p}.mlp.experts.gate_up_proj` `[n_experts, 2 · inter, hidden]`
+/// (gate rows first) and `{p}.mlp.experts.down_proj` `[n_experts, hidden, inter]` (transformers
+/// 5's `Qwen3_5MoeExperts`, the Qwen3.5 Hub checkpoints; float only), else Hugging Face's
+/// per-expert `{p}.mlp.experts.{e}.{gate,up,down}_proj`.
 ///
 /// Errors: a missing or misshapen weight, named.
 pub(crate) fn experts(
@@ -227,20 +231,51 @@ pub(crate) fn experts(
     if let Some(e) = stacked_experts(w, &stacked, shape, false, Activation::Silu, numerics)? {
         return Ok(e);
     }
-    (0..n)
-        .map(|e| {
-            let q = format!("{p}.mlp.experts.{e}");
-            Ok(GatedMlp {
-                gate_up: GateUp::Separate {
-                    gate: w.linear(&format!("{q}.gate_proj"), inter, h, false)?,
-                    up: w.linear(&format!("{q}.up_proj"), inter, h, false)?,
-                },
-                down_proj: w.linear(&format!("{q}.down_proj"), h, inter, false)?,
-                activation: Activation::Silu,
-                numerics,
+    let fused = format!("{p}.mlp.experts.gate_up_proj");
+    if w.contains(&fused) {
+        let gate_up = w.tensor(&fused, &[n, 2 * inter, h])?;
+        let down = w.tensor(&format!("{p}.mlp.experts.down_proj"), &[n, h, inter])?;
+        return (0..n)
+            .map(|e| {
+                let gu = gate_up.get(e)?;
+                let dense = |t: candle_core::Tensor| Linear::dense(t, None);
+                Ok(GatedMlp {
+                    gate_up: GateUp::Separate {
+                        gate: dense(gu.narrow(0, 0, inter)?.contiguous()?),
+                        up: dense(gu.narrow(0, inter, inter)?.contiguous()?),
+                    },
+                    down_proj: dense(down.get(e)?.contiguous()?),
+                    activation: Activation::Silu,
+                    numerics,
+                })
             })
-        })
+            .collect();
+    }
+    (0..n)
+        .map(|e| swiglu(w, &format!("{p}.mlp.experts.{e}"), inter, h, numerics))
         .collect()
+}
+
+/// A SwiGLU MLP `{prefix}.{gate,up,down}_proj` (no biases) of inner width `inter`: DeepSeek's
+/// and Qwen's shared experts, Hugging Face's per-expert weights.
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn swiglu(
+    w: &dyn Weights,
+    prefix: &str,
+    inter: usize,
+    h: usize,
+    numerics: Numerics,
+) -> Result<GatedMlp> {
+    Ok(GatedMlp {
+        gate_up: GateUp::Separate {
+            gate: w.linear(&format!("{prefix}.gate_proj"), inter, h, false)?,
+            up: w.linear(&format!("{prefix}.up_proj"), inter, h, false)?,
+        },
+        down_proj: w.linear(&format!("{prefix}.down_proj"), h, inter, false)?,
+        activation: Activation::Silu,
+        numerics,
+    })
 }
 
 /// The experts stacked under `prefix` as `{prefix}.{gate,up,down}_proj` `[n_experts, out, in]`
@@ -407,4 +442,27 @@ impl Weights for Renamed<'_> {
         self.inner
             .expert_linears(&(self.rename)(prefix), n_experts, out_features, in_features)
     }
+}
+
+/// The output of a decoder stack's last hidden states `x: [batch, seq, hidden]` f32: the final
+/// norm and the output layer over the last position ([`Logits::Last`]: `[batch, vocab]`) or
+/// every position ([`Logits::All`]: `[batch, seq, vocab]`).
+///
+/// Errors: shapes that do not agree with the weights.
+pub(crate) fn output_logits(
+    x: &candle_core::Tensor,
+    norm: &RmsNorm,
+    lm_head: &Linear,
+    logits: Logits,
+) -> Result<candle_core::Tensor> {
+    let seq = x.dim(1)?;
+    let x = match logits {
+        Logits::Last => x.narrow(1, seq - 1, 1)?,
+        Logits::All => x.clone(),
+    };
+    let out = lm_head.forward(&norm.forward(&x)?)?;
+    Ok(match logits {
+        Logits::Last => out.squeeze(1)?,
+        Logits::All => out,
+    })
 }

@@ -25,8 +25,8 @@ use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::llama::Llama;
 use crate::models::{CausalLM, ModelInfo};
 use crate::nn::{
-    Absorbed, Activation, Attention, GateUp, GatedMlp, GroupLimit, Linear, Mla, MlaQuery, Numerics,
-    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, Scoring, SharedExpert,
+    Absorbed, Attention, GroupLimit, Linear, Mla, MlaQuery, QkvProj, RmsNorm, RopeScaling,
+    RotaryEmbedding, Router, Scoring, SharedExpert,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -331,25 +331,6 @@ impl DeepseekV3Config {
     }
 }
 
-/// A SwiGLU MLP `{prefix}.{gate,up,down}_proj` of inner width `inter`.
-fn gated_mlp(
-    w: &dyn Weights,
-    prefix: &str,
-    inter: usize,
-    h: usize,
-    numerics: Numerics,
-) -> Result<GatedMlp> {
-    Ok(GatedMlp {
-        gate_up: GateUp::Separate {
-            gate: w.linear(&format!("{prefix}.gate_proj"), inter, h, false)?,
-            up: w.linear(&format!("{prefix}.up_proj"), inter, h, false)?,
-        },
-        down_proj: w.linear(&format!("{prefix}.down_proj"), h, inter, false)?,
-        activation: Activation::Silu,
-        numerics,
-    })
-}
-
 /// `{a}.kv_b_proj` `[heads · (qk_nope_head_dim + v_head_dim), kv_lora_rank]`, or, in an mlx-lm
 /// folder, the same joined back from `{a}.embed_q` `[heads, kv_lora_rank, qk_nope_head_dim]`
 /// and `{a}.unembed_out` `[heads, v_head_dim, kv_lora_rank]` (mlx-lm's `sanitize` split it so;
@@ -459,7 +440,7 @@ fn mlp(w: &dyn Weights, i: usize, p: &str, cfg: &DeepseekV3Config) -> Result<Mlp
     let h = cfg.hidden_size;
     let numerics = w.layout().numerics;
     let Some(n) = cfg.n_routed_experts.filter(|_| cfg.is_moe(i)) else {
-        return Ok(Mlp::Dense(gated_mlp(
+        return Ok(Mlp::Dense(build::swiglu(
             w,
             &format!("{p}.mlp"),
             cfg.intermediate_size,
@@ -489,7 +470,7 @@ fn mlp(w: &dyn Weights, i: usize, p: &str, cfg: &DeepseekV3Config) -> Result<Mlp
     let mut moe = build::moe(w, p, shape, router)?;
     if let Some(s) = cfg.n_shared_experts.filter(|&s| s > 0) {
         moe.shared = Some(SharedExpert {
-            mlp: gated_mlp(
+            mlp: build::swiglu(
                 w,
                 &format!("{p}.mlp.shared_experts"),
                 cfg.moe_intermediate_size * s,

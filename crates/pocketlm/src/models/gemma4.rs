@@ -518,6 +518,7 @@ impl Gemma4 {
                     rope: true,
                     query_temperature: None,
                     sinks: None,
+                    output_gate: false,
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn: SandwichMlp::load(w, &p, lp.intermediate, h, &norm)?,

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
-use crate::kv_cache::{ArraysCache, GrowingKvCache, KvCache, KvCacheConfig, LayerKvCache};
+use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
 use crate::models::{build, CausalLM, Logits, ModelInfo};
 use crate::nn::{
     Activation, Attention, AttentionPass, CausalConv1d, Embedding, GateUp, GatedMlp, Linear, Mode,
@@ -496,13 +496,7 @@ impl CausalLM for Lfm2 {
             let r = match &layer.operator {
                 Operator::Attention(a) => a.forward(&hn, &pass, Some(c), Mode::Inference)?,
                 Operator::Conv(conv) => {
-                    let kind = c.kind();
-                    let state = c.arrays_mut().ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "layer {i} is a convolution layer: its cache must be an ArraysCache, \
-                             not a {kind} (make it with the model's make_cache)"
-                        ))
-                    })?;
+                    let state = c.arrays_for(i, "convolution")?;
                     conv.forward(&hn, state)?
                 }
             };
@@ -510,26 +504,11 @@ impl CausalLM for Lfm2 {
             let hn = layer.ffn_norm.forward(&x)?;
             x = (layer.feed_forward.forward(&hn, Mode::Inference)? + x)?;
         }
-        let x = match logits {
-            Logits::Last => x.narrow(1, seq - 1, 1)?,
-            Logits::All => x,
-        };
-        let out = self.lm_head.forward(&self.norm.forward(&x)?)?;
-        Ok(match logits {
-            Logits::Last => out.squeeze(1)?,
-            Logits::All => out,
-        })
+        build::output_logits(&x, &self.norm, &self.lm_head, logits)
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::from_layers(
-            (0..self.layers.len())
-                .map(|i| match self.state(i) {
-                    Some(a) => Box::new(a) as Box<dyn LayerKvCache>,
-                    None => Box::new(GrowingKvCache::new(256)),
-                })
-                .collect(),
-        )
+        KvCache::growing_with_states(self.layers.len(), |i| self.state(i))
     }
 
     fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {

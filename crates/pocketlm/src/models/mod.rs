@@ -19,6 +19,7 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen2_vl;
 pub mod qwen3;
+pub mod qwen3_5;
 pub mod qwen3_moe;
 pub mod smollm3;
 
@@ -540,6 +541,22 @@ pub static REGISTRY: &[Architecture] = &[
         build: lfm2::build,
     },
     Architecture {
+        model_types: &["qwen3_5", "qwen3_5_text"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        build: qwen3_5::build,
+    },
+    Architecture {
+        model_types: &["qwen3_5_moe", "qwen3_5_moe_text"],
+        gguf_architectures: &[],
+        gguf_names: None,
+        gguf_qk_rows: QkRowOrder::HuggingFace,
+        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        build: qwen3_5::build,
+    },
+    Architecture {
         model_types: &["phi3"],
         gguf_architectures: &["phi3"],
         gguf_names: Some(&phi3::GGUF_NAMES),
@@ -674,6 +691,8 @@ mod tests {
             "mistral3",
             "phi3",
             "lfm2",
+            "qwen3_5",
+            "qwen3_5_moe_text",
         ] {
             assert!(e.contains(a), "{e}");
         }

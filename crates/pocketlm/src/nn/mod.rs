@@ -1,11 +1,13 @@
 //! Layers shared by the architectures: linear layers that may be dense or quantized,
 //! embeddings, RMSNorm, rotary position embeddings, the self-attention layer (with the
 //! projections of multi-head latent attention), the gated MLP and the mixture-of-experts layer,
-//! the causal depthwise convolution of LFM2's short convolutions, each running in a [`Mode`]
+//! the causal depthwise convolution of LFM2's short convolutions, Gated DeltaNet linear
+//! attention (Qwen3.5), each running in a [`Mode`]
 //! (inference or training); LayerNorm and sentence-embedding pooling for encoders.
 
 pub mod attention;
 pub mod conv;
+pub mod gated_delta;
 pub mod linear;
 pub mod lora;
 pub mod mla;
@@ -22,6 +24,7 @@ pub use attention::{
     causal_attention_capped, causal_mask, repeat_kv, scaled_dot_product_attention,
 };
 pub use conv::CausalConv1d;
+pub use gated_delta::{DeltaHeads, GatedDeltaNet};
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
 pub use mla::{Absorbed, Mla, MlaQuery};

@@ -97,6 +97,11 @@ pub struct Attention {
     /// ([`super::attention::softmax_with_sinks`]), in every path (prefill, cached decode,
     /// batched decode, training).
     pub sinks: Option<Tensor>,
+    /// An output gate in the query projection (Qwen3-Next / Qwen3.5, HF `Qwen3_5Attention`,
+    /// mlx-lm `Qwen3NextAttention`): `q_proj` gives `[heads, 2 · head_dim]` per token, each
+    /// head's queries then its gate, and the attention output is multiplied by
+    /// `sigmoid(gate)` before `o_proj`.
+    pub output_gate: bool,
 }
 
 /// Llama 4's position-dependent attention temperature, which Ministral 3 applies to its rotated
@@ -259,6 +264,7 @@ impl Attention {
             rope: true,
             query_temperature: None,
             sinks: None,
+            output_gate: false,
         }
     }
 
@@ -277,7 +283,7 @@ impl Attention {
         mode: Mode,
     ) -> Result<Tensor> {
         let s = x.dim(1)?;
-        let (q, kv) = self.heads(x, pass, mode)?;
+        let (q, kv, gate) = self.heads(x, pass, mode)?;
         let (k, v) = kv.ok_or_else(|| {
             Error::InvalidArgument(
                 "this attention layer has no key/value projections: it attends over shared keys \
@@ -305,7 +311,7 @@ impl Attention {
                 self.attend_cached(q, &k, &v, pass, cache)?
             }
         };
-        self.output(&o, mode)
+        self.output(&o, gate.as_ref(), mode)
     }
 
     /// Inference attention whose keys and values may be shared between layers (Gemma 4's
@@ -325,7 +331,7 @@ impl Attention {
         source: KvSource<'_>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let mode = Mode::Inference;
-        let (q, kv) = self.heads(x, pass, mode)?;
+        let (q, kv, gate) = self.heads(x, pass, mode)?;
         let (k, v) = match (source, kv) {
             (KvSource::Shared(k, v), _) => (k, v),
             (KvSource::Cache(cache), Some((k, v))) => cache.update(&k, &v)?,
@@ -338,27 +344,37 @@ impl Attention {
             }
         };
         let o = self.attend_general(q, &k, &v, pass)?;
-        Ok((self.output(&o, mode)?, (k, v)))
+        Ok((self.output(&o, gate.as_ref(), mode)?, (k, v)))
     }
 
     /// The queries `[batch, heads, seq, head_dim]` and (unless the layer only has `q_proj`)
     /// the keys and values `[batch, kv_heads, seq, head_dim]` of `x: [batch, seq, hidden]`:
     /// projected, split into heads, normed per head where the layer has norms, queries and keys
-    /// rotated at the pass's positions.
+    /// rotated at the pass's positions; and with [`Self::output_gate`] the gate `[batch, seq,
+    /// heads · head_dim]`.
     #[allow(clippy::type_complexity)]
     fn heads(
         &self,
         x: &Tensor,
         pass: &AttentionPass<'_>,
         mode: Mode,
-    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>, Option<Tensor>)> {
         if let QkvProj::Latent(m) = &self.qkv {
             let rotate = |t: &Tensor| pass.rope.apply_mode(t, &pass.cos, &pass.sin, mode);
             let (q, k, v) = m.heads(x, &rotate, mode)?;
-            return Ok((q, Some((k, v))));
+            return Ok((q, Some((k, v)), None));
         }
         let (b, s, _) = x.dims3()?;
         let (q, kv) = self.project(x, mode)?;
+        let (q, gate) = if self.output_gate {
+            let qg = q.reshape((b, s, self.n_heads, 2 * self.head_dim))?;
+            let gate = qg.narrow(3, self.head_dim, self.head_dim)?;
+            let gate = gate.reshape((b, s, self.n_heads * self.head_dim))?;
+            let q = qg.narrow(3, 0, self.head_dim)?;
+            (q.reshape((b, s, self.n_heads * self.head_dim))?, Some(gate))
+        } else {
+            (q, None)
+        };
         let shape = |t: Tensor, h: usize| -> Result<Tensor> {
             let t = t.reshape((b, s, h, self.head_dim))?.transpose(1, 2)?;
             Ok(if mode.is_training() {
@@ -391,7 +407,7 @@ impl Attention {
             )),
             None => None,
         };
-        Ok((q, kv))
+        Ok((q, kv, gate))
     }
 
     /// Inference attention of one sequence: appends `k`, `v: [batch, kv_heads, seq, head_dim]`
@@ -488,7 +504,7 @@ impl Attention {
             )));
         }
         let mode = Mode::Inference;
-        let (q, kv) = self.heads(x, pass, mode)?;
+        let (q, kv, gate) = self.heads(x, pass, mode)?;
         let (k, v) = kv.ok_or_else(|| {
             Error::InvalidArgument("batched attention needs the layer's own keys and values".into())
         })?;
@@ -500,12 +516,21 @@ impl Attention {
             start += n;
         }
         let o = Tensor::cat(&outs, 1)?;
-        self.output(&o, mode)
+        self.output(&o, gate.as_ref(), mode)
     }
 
     /// The output projection of the attention output `o: [batch, seq, heads · head_dim]` (for
-    /// latent attention of its per-head values, [`Mla::values_out`]).
-    fn output(&self, o: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// latent attention of its per-head values, [`Mla::values_out`]), after `o ⊙ sigmoid(gate)`
+    /// when the layer has an output gate.
+    fn output(&self, o: &Tensor, gate: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        let gated;
+        let o = match gate {
+            Some(g) => {
+                gated = (o * candle_nn::ops::sigmoid(g)?)?;
+                &gated
+            }
+            None => o,
+        };
         match &self.qkv {
             QkvProj::Latent(m) => self.o_proj.forward_mode(&m.values_out(o)?, mode),
             _ => self.o_proj.forward_mode(o, mode),
@@ -531,8 +556,9 @@ impl Attention {
             },
             QkvProj::Fused(l) => {
                 let y = l.forward_mode(x, mode)?;
+                // With an output gate the query rows carry each head's gate too.
                 let (nq, nk) = (
-                    self.n_heads * self.head_dim,
+                    self.n_heads * self.head_dim * if self.output_gate { 2 } else { 1 },
                     self.n_kv_heads * self.head_dim,
                 );
                 Ok((

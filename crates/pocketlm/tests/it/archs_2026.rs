@@ -1,9 +1,9 @@
 //! The 2026 architectures of issue #25 (`qwen3_moe`, `smollm3`, `gemma4_text`, `ministral3`,
-//! `gpt_oss`, `lfm2`, `deepseek_v3`) against their references, on tiny random-weight models
-//! (`scripts/golden/tiny_moe.py`, `scripts/golden/tiny_2026b.py`,
+//! `gpt_oss`, `lfm2`, `deepseek_v3`, `qwen3_5`, `qwen3_5_moe`) against their references, on
+//! tiny random-weight models (`scripts/golden/tiny_moe.py`, `scripts/golden/tiny_2026b.py`,
 //! `scripts/golden/tiny_gpt_oss.py`, `scripts/golden/tiny_lfm2.py`,
-//! `scripts/golden/tiny_deepseek_v3.py`, golden files under `tests/golden/archs_2026/`; `lfm2`
-//! and `deepseek_v3` at the end of this file):
+//! `scripts/golden/tiny_deepseek_v3.py`, `scripts/golden/tiny_qwen3_5.py`, golden files under
+//! `tests/golden/archs_2026/`; `lfm2`, `deepseek_v3` and `qwen3_5` at the end of this file):
 //!
 //! - Hugging Face folders (bfloat16): logits of 3 prompts (20, 12 and 7 tokens) at every
 //!   position within 1e-4 of transformers' float32 forward pass, and 16 greedy tokens (our KV
@@ -472,14 +472,14 @@ fn lfm2_matches_transformers() -> Res<()> {
     check_float("lfm2", "lfm2")
 }
 
-/// Prompt 0 fed in pieces of 1, 5, 1, 1, 7 and 5 tokens (each continuing the convolution
+/// Prompt 0 of `name` fed in pieces of 1, 5, 1, 1, 7 and 5 tokens (each continuing the array
 /// states and KV caches) gives transformers' logits at every position (within 1e-4): the
-/// convolution state carries exactly across passes of any length, single-token decode
-/// included.
-#[test]
-fn lfm2_chunked_and_token_by_token_match_transformers() -> Res<()> {
-    let g = tensors("lfm2.golden.safetensors")?;
-    let m = load(path("lfm2"), &cpu())?;
+/// states carry exactly across passes of any length, single-token decode included. Returns the
+/// cache after the 20 positions; its array states cannot be cut back (the cache is left as it
+/// was).
+fn check_chunked(name: &str) -> Res<KvCache> {
+    let g = tensors(&format!("{name}.golden.safetensors"))?;
+    let m = load(path(name), &cpu())?;
     let ids = g["ids0"].to_vec1::<u32>()?;
     let want = &g["logits0"];
     let mut cache = m.model.new_cache();
@@ -489,30 +489,34 @@ fn lfm2_chunked_and_token_by_token_match_transformers() -> Res<()> {
         let x = Tensor::new(&ids[at..at + n], m.model.device())?.unsqueeze(0)?;
         let got = m.model.forward(&x, &mut cache, Logits::All)?.squeeze(0)?;
         let d = max_abs_diff(&got, &want.narrow(0, at, n)?)?;
-        assert!(d <= 1e-4, "lfm2 positions {at}..{}: max diff {d}", at + n);
+        assert!(d <= 1e-4, "{name} positions {at}..{}: max diff {d}", at + n);
         worst = worst.max(d);
         at += n;
         assert_eq!(cache.offset(), at);
     }
     assert_eq!(at, ids.len());
-    // Two convolution layers of [1, 2, 64] f32 states and two attention layers of 20 positions
-    // (growing buffers of 256 positions, 2 KV heads of width 16, keys and values).
-    assert_eq!(cache.nbytes(), 2 * 2 * 64 * 4 + 2 * 2 * 256 * 2 * 16 * 4);
-    // The convolution state cannot be cut back; the cache is left as it was.
     let e = cache.truncate(10).unwrap_err().to_string();
     assert!(e.contains("layer 0") && e.contains("ArraysCache"), "{e}");
     assert_eq!(cache.offset(), ids.len());
-    println!("lfm2: chunked prefill and decode, logits max diff {worst:.1e}");
+    println!("{name}: chunked prefill and decode, logits max diff {worst:.1e}");
+    Ok(cache)
+}
+
+#[test]
+fn lfm2_chunked_and_token_by_token_match_transformers() -> Res<()> {
+    let cache = check_chunked("lfm2")?;
+    // Two convolution layers of [1, 2, 64] f32 states and two attention layers of 20 positions
+    // (growing buffers of 256 positions, 2 KV heads of width 16, keys and values).
+    assert_eq!(cache.nbytes(), 2 * 2 * 64 * 4 + 2 * 2 * 256 * 2 * 16 * 4);
     Ok(())
 }
 
-/// An LFM2 prompt cache of the first 12 tokens of prompt 0 (convolution states and keys and
+/// A prompt cache of `name` of the first 12 tokens of prompt 0 (array states and keys and
 /// values) saves, loads, and continues with transformers' 16 greedy tokens; mlx-lm's format
-/// refuses the convolution layers by name.
-#[test]
-fn lfm2_prompt_cache_round_trips() -> Res<()> {
-    let g = tensors("lfm2.golden.safetensors")?;
-    let m = load(path("lfm2"), &cpu())?;
+/// refuses the array-state layers by name.
+fn check_prompt_cache(name: &str) -> Res<()> {
+    let g = tensors(&format!("{name}.golden.safetensors"))?;
+    let m = load(path(name), &cpu())?;
     let ids = g["ids0"].to_vec1::<u32>()?;
     let config = KvCacheConfig::default();
     let cache = pocketlm::prompt_cache::prefill(&m, &ids[..12], &config, 5)?;
@@ -524,7 +528,10 @@ fn lfm2_prompt_cache_round_trips() -> Res<()> {
     assert_eq!(loaded.cache.offset(), 12);
     let want = g["greedy"].to_vec1::<u32>()?;
     let got = greedy_after(&m, &mut loaded.cache, &ids[12..], want.len())?;
-    assert_eq!(got, want, "lfm2: greedy tokens after a loaded prompt cache");
+    assert_eq!(
+        got, want,
+        "{name}: greedy tokens after a loaded prompt cache"
+    );
     let mlx = dir.path().join("mlx.safetensors");
     let e = pocketlm::mlx_prompt_cache::save(&mlx, &cache, &Default::default())
         .unwrap_err()
@@ -533,19 +540,23 @@ fn lfm2_prompt_cache_round_trips() -> Res<()> {
     Ok(())
 }
 
-/// A chat session on LFM2 carries the convolution states and KV caches between turns. Turn 0
+#[test]
+fn lfm2_prompt_cache_round_trips() -> Res<()> {
+    check_prompt_cache("lfm2")
+}
+
+/// A chat session on `name` carries the array states and KV caches between turns. Turn 0
 /// starts from a cache of the first tokens of its prompt (as from a prompt-cache file) and
 /// prefills only the rest; later turns prefill only what the cached tokens do not cover when
 /// they are a prefix of the new prompt, else (the random model's replies do not re-encode to
-/// the same tokens, and a convolution state cannot be cut back) the whole prompt. Every greedy
+/// the same tokens, and an array state cannot be cut back) the whole prompt. Every greedy
 /// reply equals a fresh run over the whole history.
-#[test]
-fn lfm2_session_carries_the_state_across_turns() -> Res<()> {
+fn check_session(name: &str) -> Res<()> {
     use pocketlm::chat_template::Message;
     use pocketlm::generate::{generate, GenerateParams};
     use pocketlm::loader::Prompt;
     use pocketlm::session::{common_prefix_len, ChatSession, SessionOptions};
-    let m = std::sync::Arc::new(load(path("lfm2"), &cpu())?);
+    let m = std::sync::Arc::new(load(path(name), &cpu())?);
     let params = GenerateParams {
         max_tokens: 6,
         ..Default::default()
@@ -590,9 +601,14 @@ fn lfm2_session_carries_the_state_across_turns() -> Res<()> {
             params.clone(),
         )?
         .collect_output()?;
-        assert_eq!(out.token_ids, fresh.token_ids, "turn {turn}: reply");
+        assert_eq!(out.token_ids, fresh.token_ids, "{name} turn {turn}: reply");
     }
     Ok(())
+}
+
+#[test]
+fn lfm2_session_carries_the_state_across_turns() -> Res<()> {
+    check_session("lfm2")
 }
 
 #[test]
@@ -779,4 +795,118 @@ fn gpt_oss_gguf_mxfp4_matches_llama_cpp() -> Res<()> {
 fn deepseek_v3_gguf_matches_llama_cpp() -> Res<()> {
     check_llama_cpp("deepseek_v3", "deepseek_v3", "deepseek_v3", 0.1)?;
     Ok(())
+}
+
+// Qwen3.5 (`scripts/golden/tiny_qwen3_5.py`): `qwen3_5` has 4 layers `[linear_attention,
+// full_attention, linear_attention, full_attention]` (Gated DeltaNet with grouped value heads,
+// gated full attention with partial RoPE, zero-centred norms), `qwen3_5_moe` 2 such layers with
+// 4 experts (top-2) and a gated shared expert. The DeltaNet layers keep their convolution and
+// recurrent states in an `ArraysCache` of two arrays.
+
+#[test]
+fn qwen3_5_matches_transformers() -> Res<()> {
+    // Prefill of 3 prompts (our token-by-token recurrence against transformers' chunked one),
+    // then 16 greedy steps of one token on the states and KV caches against transformers' full
+    // forward passes without a cache.
+    check_float("qwen3_5", "qwen3_5")
+}
+
+#[test]
+fn qwen3_5_moe_matches_transformers() -> Res<()> {
+    check_float("qwen3_5_moe", "qwen3_5_moe")
+}
+
+#[test]
+fn qwen3_5_chunked_and_token_by_token_match_transformers() -> Res<()> {
+    let cache = check_chunked("qwen3_5")?;
+    // Two DeltaNet layers: convolution states [1, 3, 64] and recurrent states [1, 2, 16, 16]
+    // f32; two attention layers of 20 positions (growing buffers of 256 positions, 1 KV head
+    // of width 16, keys and values).
+    let states = 2 * (3 * 64 + 2 * 16 * 16) * 4;
+    assert_eq!(cache.nbytes(), states + 2 * 2 * 256 * 16 * 4);
+    Ok(())
+}
+
+#[test]
+fn qwen3_5_moe_chunked_and_token_by_token_match_transformers() -> Res<()> {
+    check_chunked("qwen3_5_moe").map(|_| ())
+}
+
+#[test]
+fn qwen3_5_prompt_cache_round_trips() -> Res<()> {
+    check_prompt_cache("qwen3_5")
+}
+
+#[test]
+fn qwen3_5_session_carries_the_state_across_turns() -> Res<()> {
+    check_session("qwen3_5")
+}
+
+#[test]
+fn qwen3_5_multimodal_layout_loads_text_model() -> Res<()> {
+    // `Qwen3_5ForConditionalGeneration`'s layouts (`model_type` qwen3_5, `text_config`) of the
+    // text folder, with Hugging Face's norms and convolution layout.
+    check_multimodal("qwen3_5", "qwen3_5", "qwen3_5")?;
+    check_multimodal("qwen3_5_moe", "qwen3_5_moe", "qwen3_5_moe")
+}
+
+/// The Qwen3.5-MoE Hub checkpoints' expert layout: the tiny MoE folder with its per-expert
+/// weights (as transformers 5.24 saves them) fused into `mlp.experts.gate_up_proj` `[4, 64,
+/// 64]` (gate rows first) and `mlp.experts.down_proj` `[4, 64, 32]` (transformers'
+/// `Qwen3_5MoeExperts`) gives transformers' logits over prompt 0 (within 1e-4).
+#[test]
+fn qwen3_5_moe_fused_experts_load() -> Res<()> {
+    let g = tensors("qwen3_5_moe.golden.safetensors")?;
+    let tmp = tempfile::tempdir()?;
+    for e in std::fs::read_dir(path("qwen3_5_moe"))? {
+        let p = e?.path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().ok_or("no name")?))?;
+    }
+    let st = tmp.path().join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&st, &Device::Cpu)?;
+    for l in 0..2 {
+        let p = format!("model.layers.{l}.mlp.experts");
+        let mut take = |e: usize, m: &str| {
+            w.remove(&format!("{p}.{e}.{m}.weight"))
+                .ok_or(format!("{p}.{e}.{m}.weight"))
+        };
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for e in 0..4 {
+            gate_up.push(Tensor::cat(
+                &[take(e, "gate_proj")?, take(e, "up_proj")?],
+                0,
+            )?);
+            down.push(take(e, "down_proj")?);
+        }
+        w.insert(format!("{p}.gate_up_proj"), Tensor::stack(&gate_up, 0)?);
+        w.insert(format!("{p}.down_proj"), Tensor::stack(&down, 0)?);
+    }
+    candle_core::safetensors::save(&w, &st)?;
+    let m = load(tmp.path(), &cpu())?;
+    let mut cache = m.model.new_cache();
+    let got = m
+        .model
+        .forward(&g["ids0"].unsqueeze(0)?, &mut cache, Logits::All)?
+        .squeeze(0)?;
+    let d = max_abs_diff(&got, &g["logits0"])?;
+    assert!(
+        d <= 1e-4,
+        "fused experts: max |logits - transformers| = {d}"
+    );
+    Ok(())
+}
+
+#[test]
+fn qwen3_5_mlx_q4_matches_mlx_lm() -> Res<()> {
+    // mlx-lm's folder: `language_model.model.` names, norms holding their 1, `[64, 4, 1]`
+    // convolution weights (float), 4-bit projections and embedding.
+    check_mlx_q4_logits("qwen3_5", 2.0)
+}
+
+#[test]
+fn qwen3_5_moe_mlx_q4_matches_mlx_lm() -> Res<()> {
+    // Stacked 4-bit `switch_mlp` experts, 8-bit router and shared expert gate. The kernels'
+    // 8-bit activations move the logits by up to 2.29 (measured over prompt 1): a router
+    // choice that flips swaps a whole expert's output, hence the looser bound.
+    check_mlx_q4_logits("qwen3_5_moe", 2.5)
 }

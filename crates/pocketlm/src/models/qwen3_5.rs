@@ -1,0 +1,622 @@
+//! Qwen3.5 (`qwen3_5`, and its mixture-of-experts form `qwen3_5_moe`): pre-norm blocks whose
+//! token mixer is either Gated DeltaNet linear attention ([`GatedDeltaNet`], `linear_attn`) or
+//! gated full attention (`self_attn`), as in Qwen3-Next. Which layers attend fully comes from
+//! `layer_types`, else every `full_attention_interval`-th layer. Full attention has per-head
+//! q/k RMSNorm, RoPE on the first `partial_rotary_factor · head_dim` dimensions of each head
+//! (the multimodal RoPE sections coincide for text positions) and an output gate in `q_proj`
+//! ([`Attention::output_gate`]). Every RMSNorm outside the DeltaNet scales by `1 + w`
+//! (zero-centred, `Qwen3_5RMSNorm`); the DeltaNet's output norm scales by `w`. The
+//! feed-forward is a SwiGLU MLP, or (`num_experts > 0`) a softmax top-k router over SwiGLU
+//! experts, renormalized, plus a shared expert scaled by `sigmoid(shared_expert_gate(x))`.
+//!
+//! The cache of a linear-attention layer is an [`ArraysCache`] of two arrays (the convolution
+//! and recurrent states, mlx-lm's `ArraysCache(size=2)`), which chat sessions and prompt caches
+//! carry as they carry the other layers' keys and values.
+//!
+//! Checkpoints: the text-only `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` folders
+//! (`model_type` `qwen3_5_text` / `qwen3_5_moe_text`, weights under `model.`), and the
+//! multimodal `Qwen3_5ForConditionalGeneration` form (`model_type` `qwen3_5` / `qwen3_5_moe`,
+//! the text config under `text_config`, weights under `model.language_model.` or, as mlx-lm
+//! writes them, `language_model.model.`), whose vision tower (`model.visual.*`) and
+//! multi-token-prediction head (`mtp.*`) are not loaded: only text is run. mlx-lm's `sanitize`
+//! stores the convolution weight as `[conv_dim, kernel, 1]` (Hugging Face: `[conv_dim, 1,
+//! kernel]`) and adds the 1 to the zero-centred norms; that layout is recognised by the
+//! convolution weight's shape. MoE experts load from mlx-lm's stacked `switch_mlp`, the Hub's
+//! fused `experts.gate_up_proj` or transformers' per-expert names ([`build::experts`]).
+//!
+//! Reference: Hugging Face `models/qwen3_5/modeling_qwen3_5.py`, `configuration_qwen3_5.py`,
+//! `models/qwen3_5_moe/modeling_qwen3_5_moe.py` (transformers 5.24); mlx-lm `models/qwen3_5.py`,
+//! `qwen3_5_moe.py`, `qwen3_next.py` (0.32.2).
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
+use crate::models::build::{self, ExpertShape};
+use crate::models::decoder::Mlp;
+use crate::models::{CausalLM, Logits, ModelInfo};
+use crate::nn::{
+    Attention, AttentionPass, CausalConv1d, DeltaHeads, Embedding, GatedDeltaNet, Linear, Mode,
+    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, Scoring, SharedExpert,
+};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// The text model's config.json fields (`Qwen3_5TextConfig` / `Qwen3_5MoeTextConfig` names;
+/// defaults as transformers' where the Hub configs may omit them).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Qwen35Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// Width of the dense MLP (required when `num_experts` is 0).
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    /// Number of blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads of the full-attention layers.
+    pub num_attention_heads: usize,
+    /// Key/value heads of the full-attention layers.
+    pub num_key_value_heads: usize,
+    /// Head width of the full-attention layers; defaults to `hidden_size /
+    /// num_attention_heads` (mlx-lm).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Longest context.
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    /// Epsilon of every RMSNorm.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Output layer shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on the full-attention projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Taps of the DeltaNet convolution.
+    #[serde(default = "default_kernel")]
+    pub linear_conv_kernel_dim: usize,
+    /// DeltaNet query/key head width.
+    #[serde(default = "default_128")]
+    pub linear_key_head_dim: usize,
+    /// DeltaNet value head width.
+    #[serde(default = "default_128")]
+    pub linear_value_head_dim: usize,
+    /// DeltaNet query/key heads.
+    #[serde(default = "default_16")]
+    pub linear_num_key_heads: usize,
+    /// DeltaNet value heads (a multiple of the key heads).
+    #[serde(default = "default_32")]
+    pub linear_num_value_heads: usize,
+    /// Per layer: `linear_attention` or `full_attention`.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// Every this-many-th layer is full attention when `layer_types` is absent.
+    #[serde(default = "default_interval")]
+    pub full_attention_interval: usize,
+    /// RoPE base (the loader copies `rope_parameters.rope_theta` here); mlx-lm's default.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// transformers 5's RoPE parameters, read for `partial_rotary_factor`.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// RoPE scaling other than the default, parsed by [`RopeScaling::from_config`].
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Share of each head that RoPE rotates (older configs; else `rope_parameters`', else
+    /// 0.25).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    /// Routed experts per MoE layer (0: a dense model).
+    #[serde(default)]
+    pub num_experts: usize,
+    /// Experts per token.
+    #[serde(default)]
+    pub num_experts_per_tok: usize,
+    /// Inner width of each routed expert.
+    #[serde(default)]
+    pub moe_intermediate_size: usize,
+    /// Inner width of the shared expert.
+    #[serde(default)]
+    pub shared_expert_intermediate_size: usize,
+    /// Renormalize the top-k weights (transformers' router always does; mlx-lm reads this,
+    /// default true).
+    #[serde(default = "default_true")]
+    pub norm_topk_prob: bool,
+}
+
+fn default_ctx() -> usize {
+    32_768
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_kernel() -> usize {
+    4
+}
+fn default_128() -> usize {
+    128
+}
+fn default_16() -> usize {
+    16
+}
+fn default_32() -> usize {
+    32
+}
+fn default_interval() -> usize {
+    4
+}
+fn default_theta() -> f64 {
+    100_000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+fn bad(field: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Model(format!("config field `{field}`: {msg}"))
+}
+
+impl Qwen35Config {
+    /// Whether each layer is full attention (else Gated DeltaNet): `layer_types`, else layer
+    /// `i` when `(i + 1) % full_attention_interval == 0` (transformers' `Qwen3_5TextConfig`).
+    ///
+    /// Errors: [`Error::Model`] naming the field for a list of the wrong length, an unknown
+    /// layer type or an interval of 0.
+    pub fn full_attention_layers(&self) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        if let Some(types) = &self.layer_types {
+            if types.len() != n {
+                return Err(bad(
+                    "layer_types",
+                    format!("{} entries for {n} layers", types.len()),
+                ));
+            }
+            return types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(true),
+                    "linear_attention" => Ok(false),
+                    other => Err(bad(
+                        "layer_types",
+                        format!("`{other}` is neither `linear_attention` nor `full_attention`"),
+                    )),
+                })
+                .collect();
+        }
+        let k = self.full_attention_interval;
+        if k == 0 {
+            return Err(bad("full_attention_interval", "must be positive"));
+        }
+        Ok((0..n).map(|i| (i + 1).is_multiple_of(k)).collect())
+    }
+
+    /// RoPE's share of each head: `partial_rotary_factor`, else
+    /// `rope_parameters.partial_rotary_factor`, else 0.25.
+    fn rotary_factor(&self) -> f64 {
+        self.partial_rotary_factor
+            .or_else(|| {
+                self.rope_parameters
+                    .as_ref()
+                    .and_then(|r| r.get("partial_rotary_factor"))
+                    .and_then(|f| f.as_f64())
+            })
+            .unwrap_or(0.25)
+    }
+
+    fn delta_heads(&self) -> Result<DeltaHeads> {
+        let h = DeltaHeads {
+            n_k: self.linear_num_key_heads,
+            n_v: self.linear_num_value_heads,
+            d_k: self.linear_key_head_dim,
+            d_v: self.linear_value_head_dim,
+        };
+        if h.n_k == 0 || h.d_k == 0 || h.d_v == 0 || !h.n_v.is_multiple_of(h.n_k) || h.n_v == 0 {
+            return Err(bad(
+                "linear_num_value_heads",
+                format!(
+                    "{} value heads, {} key heads of widths {} / {}: the value heads must be a \
+                     positive multiple of the key heads, the widths positive",
+                    h.n_v, h.n_k, h.d_k, h.d_v
+                ),
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// A block's token mixer.
+#[derive(Debug)]
+// One block holds one; boxing the attention would add an indirection to half of them.
+#[allow(clippy::large_enum_variant)]
+pub enum Mixer {
+    /// Gated full attention (HF `Qwen3_5Attention`).
+    Attention(Attention),
+    /// Gated DeltaNet linear attention (HF `Qwen3_5GatedDeltaNet`).
+    Linear(GatedDeltaNet),
+}
+
+/// A Qwen3.5 block: `h = x + mixer(input_layernorm(x)); h + mlp(post_attention_layernorm(h))`.
+#[derive(Debug)]
+pub struct Qwen35Block {
+    /// RMSNorm (1 + w) before the mixer.
+    pub input_layernorm: RmsNorm,
+    /// Full or linear attention.
+    pub mixer: Mixer,
+    /// RMSNorm (1 + w) before the feed-forward.
+    pub post_attention_layernorm: RmsNorm,
+    /// SwiGLU MLP or mixture of experts.
+    pub mlp: Mlp,
+}
+
+/// A Qwen3.5 causal language model (dense or MoE).
+#[derive(Debug)]
+pub struct Qwen35 {
+    embed_tokens: Embedding,
+    layers: Vec<Qwen35Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    info: ModelInfo,
+    device: Device,
+}
+
+/// The DeltaNet convolution weight `{a}.conv1d.weight` as `[conv_dim, kernel]`, and whether it
+/// was stored in mlx-lm's sanitized layout `[conv_dim, kernel, 1]` (Hugging Face: `[conv_dim,
+/// 1, kernel]`).
+fn conv_weight(w: &dyn Weights, a: &str, c: usize, kernel: usize) -> Result<(Tensor, bool)> {
+    let name = format!("{a}.conv1d.weight");
+    let (t, mlx) = match w.tensor(&name, &[c, 1, kernel]) {
+        Ok(t) => (t, false),
+        Err(_) => (
+            w.tensor(&name, &[c, kernel, 1]).map_err(|e| {
+                Error::tensor(
+                    &name,
+                    format!(
+                        "expected [{c}, 1, {kernel}] (Hugging Face) or [{c}, {kernel}, 1] \
+                         (mlx-lm): {e}"
+                    ),
+                )
+            })?,
+            true,
+        ),
+    };
+    Ok((t.reshape((c, kernel))?, mlx))
+}
+
+/// A per-value-head vector `{a}.{name}` `[n_v]` on the host.
+fn head_values(w: &dyn Weights, a: &str, name: &str, n_v: usize) -> Result<Vec<f32>> {
+    let t = w.tensor(&format!("{a}.{name}"), &[n_v])?;
+    Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// The Gated DeltaNet of block prefix `p` (`{p}.linear_attn.*`), and whether its convolution
+/// weight is in mlx-lm's layout.
+fn delta_net(
+    w: &dyn Weights,
+    p: &str,
+    cfg: &Qwen35Config,
+    heads: DeltaHeads,
+) -> Result<(GatedDeltaNet, bool)> {
+    let a = format!("{p}.linear_attn");
+    let h = cfg.hidden_size;
+    let kernel = cfg.linear_conv_kernel_dim;
+    if kernel < 2 {
+        return Err(bad(
+            "linear_conv_kernel_dim",
+            format!("{kernel} must be at least 2"),
+        ));
+    }
+    let vd = heads.n_v * heads.d_v;
+    let (weight, mlx) = conv_weight(w, &a, heads.conv_dim(), kernel)?;
+    let lin =
+        |name: &str, out: usize, inp: usize| w.linear(&format!("{a}.{name}"), out, inp, false);
+    let net = GatedDeltaNet {
+        in_proj_qkv: lin("in_proj_qkv", heads.conv_dim(), h)?,
+        in_proj_z: lin("in_proj_z", vd, h)?,
+        in_proj_b: lin("in_proj_b", heads.n_v, h)?,
+        in_proj_a: lin("in_proj_a", heads.n_v, h)?,
+        conv: CausalConv1d::new(weight, None)?,
+        neg_a: head_values(w, &a, "A_log", heads.n_v)?
+            .into_iter()
+            .map(|l| -l.exp())
+            .collect(),
+        dt_bias: head_values(w, &a, "dt_bias", heads.n_v)?,
+        norm: RmsNorm::new(
+            w.tensor(&format!("{a}.norm.weight"), &[heads.d_v])?,
+            cfg.rms_norm_eps,
+            false,
+        )?,
+        out_proj: lin("out_proj", h, vd)?,
+        heads,
+    };
+    Ok((net, mlx))
+}
+
+/// The feed-forward of block prefix `p`: a SwiGLU MLP, or the routed experts with the shared
+/// expert and its gate (HF `Qwen3_5MoeSparseMoeBlock`).
+fn mlp(w: &dyn Weights, p: &str, cfg: &Qwen35Config) -> Result<Mlp> {
+    let h = cfg.hidden_size;
+    let numerics = w.layout().numerics;
+    if cfg.num_experts == 0 {
+        let inter = cfg
+            .intermediate_size
+            .ok_or_else(|| bad("intermediate_size", "missing (and `num_experts` is 0)"))?;
+        return Ok(Mlp::Dense(build::swiglu(
+            w,
+            &format!("{p}.mlp"),
+            inter,
+            h,
+            numerics,
+        )?));
+    }
+    let k = cfg.num_experts_per_tok;
+    if k == 0 || k > cfg.num_experts {
+        return Err(bad(
+            "num_experts_per_tok",
+            format!("{k} must be between 1 and num_experts {}", cfg.num_experts),
+        ));
+    }
+    let shape = ExpertShape {
+        n_experts: cfg.num_experts,
+        intermediate: cfg.moe_intermediate_size,
+        hidden: h,
+    };
+    let mut moe = build::moe(w, p, shape, |gate| Router {
+        gate,
+        scoring: Scoring::Softmax,
+        top_k: k,
+        norm_topk_prob: cfg.norm_topk_prob,
+        selection_bias: None,
+        scale: 1.0,
+        groups: None,
+    })?;
+    if cfg.shared_expert_intermediate_size > 0 {
+        let s = cfg.shared_expert_intermediate_size;
+        moe.shared = Some(SharedExpert {
+            mlp: build::swiglu(w, &format!("{p}.mlp.shared_expert"), s, h, numerics)?,
+            gate: Some(w.linear(&format!("{p}.mlp.shared_expert_gate"), 1, h, false)?),
+        });
+    }
+    Ok(Mlp::Moe(Box::new(moe)))
+}
+
+/// Builds a Qwen3.5 model (dense or MoE) from an HF-style config (the text model's, or a
+/// multimodal one with `text_config`) and weights (see the module docs for the layouts).
+///
+/// Errors: [`Error::Model`] naming a missing or invalid config field; [`Error::Tensor`] naming
+/// a missing or misshapen weight.
+pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn CausalLM>> {
+    let text = config.get("text_config").unwrap_or(config);
+    let cfg: Qwen35Config = serde_json::from_value(text.clone()).map_err(|e| {
+        let at = if config.get("text_config").is_some() {
+            "config.json `text_config`"
+        } else {
+            "config.json"
+        };
+        Error::Model(format!("{at}: {e}"))
+    })?;
+    if w.contains("model.embed_tokens.weight") {
+        return Ok(Box::new(Qwen35::new(&cfg, w)?));
+    }
+    let w = build::language_model(w)?;
+    Ok(Box::new(Qwen35::new(&cfg, &w)?))
+}
+
+impl Qwen35 {
+    /// Loads the weights named as in Hugging Face `Qwen3_5ForCausalLM` /
+    /// `Qwen3_5MoeForCausalLM` (`model.layers.{i}...`).
+    ///
+    /// Errors: as [`build`].
+    pub fn new(cfg: &Qwen35Config, w: &dyn Weights) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let nh = cfg.num_attention_heads;
+        let heads = build::Heads {
+            n_heads: nh,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim.unwrap_or(h / nh.max(1)),
+        }
+        .checked()?;
+        let (nkv, hd) = (heads.n_kv_heads, heads.head_dim);
+        let kinds = cfg.full_attention_layers()?;
+        let eps = cfg.rms_norm_eps;
+        let bias = cfg.attention_bias;
+        // The zero-centred norms' 1 is added at load unless mlx-lm's sanitize stored it, which
+        // the first DeltaNet's convolution layout tells (a model without one: Hugging Face's).
+        let mut mlx_layout = None;
+        let mut mixers = Vec::with_capacity(kinds.len());
+        for (i, &full) in kinds.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let mixer = if full {
+                let a = format!("{p}.self_attn");
+                let lin =
+                    |n: &str, out: usize, inp: usize| w.linear(&format!("{a}.{n}"), out, inp, bias);
+                let qkv = QkvProj::Separate {
+                    q: lin("q_proj", 2 * nh * hd, h)?,
+                    k: lin("k_proj", nkv * hd, h)?,
+                    v: lin("v_proj", nkv * hd, h)?,
+                };
+                Mixer::Attention(Attention {
+                    output_gate: true,
+                    ..Attention::plain(qkv, lin("o_proj", h, nh * hd)?, nh, nkv, hd)
+                })
+            } else {
+                let (net, mlx) = delta_net(w, &p, cfg, cfg.delta_heads()?)?;
+                mlx_layout.get_or_insert(mlx);
+                Mixer::Linear(net)
+            };
+            mixers.push(mixer);
+        }
+        let unit_offset = !mlx_layout.unwrap_or(false);
+        let norm =
+            |name: String, width: usize| RmsNorm::new(w.tensor(&name, &[width])?, eps, unit_offset);
+        let mut layers = Vec::with_capacity(mixers.len());
+        for (i, mut mixer) in mixers.into_iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            if let Mixer::Attention(a) = &mut mixer {
+                a.q_norm = Some(norm(format!("{p}.self_attn.q_norm.weight"), hd)?);
+                a.k_norm = Some(norm(format!("{p}.self_attn.k_norm.weight"), hd)?);
+            }
+            layers.push(Qwen35Block {
+                input_layernorm: norm(format!("{p}.input_layernorm.weight"), h)?,
+                mixer,
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp: mlp(w, &p, cfg)?,
+            });
+        }
+        let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let lm_head = build::lm_head(w, &embed_tokens, cfg.tie_word_embeddings, cfg.vocab_size, h)?;
+        let factor = cfg.rotary_factor();
+        let rotary = build::rotary_dim(hd, Some(factor))?;
+        let scaling = RopeScaling::from_config(cfg.rope_scaling.as_ref())?;
+        let rope = RotaryEmbedding::new(rotary, cfg.rope_theta, &scaling, false, w.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight".into(), h)?,
+            lm_head,
+            rope,
+            device: w.device().clone(),
+            info: ModelInfo {
+                architecture: if cfg.num_experts > 0 {
+                    "qwen3_5_moe"
+                } else {
+                    "qwen3_5"
+                }
+                .into(),
+                vocab_size: cfg.vocab_size,
+                n_layers: cfg.num_hidden_layers,
+                hidden_size: h,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                context_length: cfg.max_position_embeddings,
+            },
+        })
+    }
+
+    /// The empty state of layer `i` when it is a linear-attention layer (two arrays: the
+    /// convolution and recurrent states), `None` for full-attention layers.
+    fn state(&self, i: usize) -> Option<ArraysCache> {
+        match self.layers.get(i).map(|l| &l.mixer) {
+            Some(Mixer::Linear(_)) => Some(ArraysCache::new(2)),
+            _ => None,
+        }
+    }
+}
+
+impl CausalLM for Qwen35 {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        if cache.n_layers() != self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache has {} layers, model has {}",
+                cache.n_layers(),
+                self.layers.len()
+            )));
+        }
+        let seq = input_ids.dim(1)?;
+        let pass = AttentionPass::new(&self.rope, cache.offset(), seq)?;
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let c = cache
+                .layer(i)
+                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+            let hn = layer.input_layernorm.forward(&x)?;
+            let r = match &layer.mixer {
+                Mixer::Attention(a) => a.forward(&hn, &pass, Some(c), Mode::Inference)?,
+                Mixer::Linear(net) => {
+                    let state = c.arrays_for(i, "linear-attention")?;
+                    net.forward(&hn, state)?
+                }
+            };
+            x = (x + r)?;
+            let hn = layer.post_attention_layernorm.forward(&x)?;
+            x = (layer.mlp.forward(&hn, Mode::Inference)? + x)?;
+        }
+        build::output_logits(&x, &self.norm, &self.lm_head, logits)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::growing_with_states(self.layers.len(), |i| self.state(i))
+    }
+
+    fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
+        KvCache::with_states(self.layers.len(), self.info.head_dim, config, |i| {
+            self.state(i)
+        })
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(v: serde_json::Value) -> Qwen35Config {
+        let mut base = serde_json::json!({
+            "vocab_size": 8, "hidden_size": 32, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64
+        });
+        for (k, x) in v.as_object().unwrap() {
+            base[k] = x.clone();
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn layer_kinds_from_types_or_interval() {
+        assert_eq!(
+            cfg(serde_json::json!({})).full_attention_layers().unwrap(),
+            [false, false, false, true]
+        );
+        let c = cfg(serde_json::json!({"full_attention_interval": 2}));
+        assert_eq!(
+            c.full_attention_layers().unwrap(),
+            [false, true, false, true]
+        );
+        let c = cfg(serde_json::json!({"layer_types":
+            ["full_attention", "linear_attention", "linear_attention", "full_attention"]}));
+        assert_eq!(
+            c.full_attention_layers().unwrap(),
+            [true, false, false, true]
+        );
+        for (bad, field) in [
+            (
+                serde_json::json!({"layer_types": ["full_attention"]}),
+                "layer_types",
+            ),
+            (
+                serde_json::json!({"layer_types": ["mamba", "full_attention",
+                    "full_attention", "full_attention"]}),
+                "layer_types",
+            ),
+            (
+                serde_json::json!({"full_attention_interval": 0}),
+                "full_attention_interval",
+            ),
+        ] {
+            let e = cfg(bad).full_attention_layers().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+    }
+
+    #[test]
+    fn rotary_factor_and_delta_heads_are_read_and_checked() {
+        assert_eq!(cfg(serde_json::json!({})).rotary_factor(), 0.25);
+        let c = cfg(serde_json::json!({"rope_parameters": {"partial_rotary_factor": 0.5}}));
+        assert_eq!(c.rotary_factor(), 0.5);
+        let c = cfg(serde_json::json!({"linear_num_key_heads": 3}));
+        let e = c.delta_heads().unwrap_err().to_string();
+        assert!(e.contains("linear_num_value_heads"), "{e}");
+        let h = cfg(serde_json::json!({})).delta_heads().unwrap();
+        assert_eq!(h.conv_dim(), 2 * 16 * 128 + 32 * 128);
+    }
+}
