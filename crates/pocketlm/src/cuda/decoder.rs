@@ -5,7 +5,8 @@
 //!
 //! Per block: RMSNorm + 8-bit activation quantization; the stacked q/k/v GEMV with its bias,
 //! RoPE and the key/value append into the KV cache in its epilogue (with per-head q/k norms: a
-//! plain GEMV, then `qkv_post` normalizes, rotates and appends); attention (over a sliding
+//! plain GEMV, then `qkv_post` normalizes, rotates and appends; with a post norm (Gemma) the
+//! projection is written and the next RMSNorm kernel normalizes and adds it); attention (over a sliding
 //! window where the layer has one) split across blocks over the
 //! cached positions (flash-decoding), the last block of each head merging and quantizing; the
 //! output projection added to the residual; RMSNorm + quantization; the stacked gate/up GEMV
@@ -464,9 +465,12 @@ impl CudaDecoder {
         let (eps, hi) = (s.eps, h as i32);
         // rmsnorm_q8 holds up to 4 runs of 4 values a thread.
         let norm_threads = (h.div_ceil(16).div_ceil(32) * 32).clamp(32, 1024) as u32;
-        let norm = |w: u64| -> Result<()> {
+        // RMSNorm + quantization of the residual; with `post` (a post-norm weight), the
+        // projection waiting in `y` is first normalized by it and added to the residual.
+        let norm = |w: u64, post: Option<u64>| -> Result<()> {
             let mut b = Launch::new(&rmsnorm);
             b.arg(p.x).arg(w).arg(eps).arg(hi).arg(p.xq).arg(p.xd);
+            b.arg(post.map_or(0, |_| p.y)).arg(post.unwrap_or(0));
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (norm_threads, 1, 1),
@@ -493,20 +497,24 @@ impl CudaDecoder {
             // SAFETY: rmsnorm_f32's parameters, in order; the decoder's buffers.
             unsafe { b.launch(&stream, cfg) }
         };
-        // A projection added to the residual: directly, or through a post norm (Gemma).
-        let add_residual = |m: &CudaQMatrix, post_norm: &Option<Tensor>| -> Result<()> {
+        // A projection added to the residual: directly, or (Gemma) written to `y`, its post
+        // norm's weight returned for the next `norm` to apply and add.
+        let add_residual = |m: &CudaQMatrix, post_norm: &Option<Tensor>| -> Result<Option<u64>> {
             match post_norm {
-                None => m.launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1),
+                None => m
+                    .launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)
+                    .map(|_| None),
                 Some(w) => {
                     m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.y, 1)?;
-                    norm_into(p.y, tensor_ptr(w, &stream)?, p.x, true)
+                    Ok(Some(tensor_ptr(w, &stream)?))
                 }
             }
         };
+        let mut pending = None;
         let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), |t| tensor_ptr(t, &stream));
         for (li, l) in s.layers.iter().enumerate() {
             let li = li as i32;
-            norm(tensor_ptr(&l.attn_norm, &stream)?)?;
+            norm(tensor_ptr(&l.attn_norm, &stream)?, pending.take())?;
             let (cos, sin) = p.ropes[l.rope];
             let rope = RopeArgs {
                 cos,
@@ -544,8 +552,8 @@ impl CudaDecoder {
                 s.kv_f16,
                 self.split,
             )?;
-            add_residual(&l.o, &l.post_attn_norm)?;
-            norm(tensor_ptr(&l.ffn_norm, &stream)?)?;
+            let post = add_residual(&l.o, &l.post_attn_norm)?;
+            norm(tensor_ptr(&l.ffn_norm, &stream)?, post)?;
             let gated = if l.gelu {
                 Epilogue::GeGlu
             } else {
@@ -553,15 +561,20 @@ impl CudaDecoder {
             };
             l.gate_up.launch_gemv(gated, p.xq, p.xd, p.ffh, 1)?;
             quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
-            add_residual(&l.down, &l.post_mlp_norm)?;
+            pending = add_residual(&l.down, &l.post_mlp_norm)?;
         }
         let wn = tensor_ptr(&s.norm, &stream)?;
         match &s.lm_head {
             Some(m) => {
-                norm(wn)?;
+                norm(wn, pending)?;
                 m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.out, 1)
             }
-            None => norm_into(p.x, wn, p.out, false),
+            None => {
+                if let Some(w) = pending {
+                    norm_into(p.y, w, p.x, true)?;
+                }
+                norm_into(p.x, wn, p.out, false)
+            }
         }
     }
 }

@@ -539,35 +539,11 @@ QKERNELS(a8_f32, 8, false, true, float)
 // `kv` (device memory): per layer the addresses of its key and value buffers, each
 // [kv_heads, capacity, head_dim] f32 or f16 (the decoder's choice, one for all layers).
 
-// RMSNorm (Zhang & Sennrich 2019) of one row as ggml computes it (x * 1/sqrt(mean(x^2) + eps),
-// then * weight), quantized to 8 bits per 32 values for the next GEMV. One block per row; each
-// thread holds up to RMS_CHUNKS runs of 4 values in registers (n <= 4 * RMS_CHUNKS * blockDim.x,
-// n a multiple of 32), and the 8 threads of a 32-value block reduce among themselves.
-#define RMS_CHUNKS 4
-extern "C" __global__ void rmsnorm_q8(const float *__restrict__ x, const float *__restrict__ w,
-                                      float eps, int n, int8_t *__restrict__ xq,
-                                      float2 *__restrict__ xd) {
-  __shared__ float red[32];
+// The scale 1 / sqrt(sum / n + eps) of a block-wide sum of squares (each thread's share in
+// `ss`), in every thread; `red` is scratch of 32 floats (free again when it returns).
+__device__ __forceinline__ float block_rms_scale(float ss, int n, float eps, float *red) {
   __shared__ float scale_s;
-  const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nw = blockDim.x >> 5;
-  // The weight does not depend on the previous kernel: its loads are issued before the wait,
-  // so that they overlap it and the reduction (one memory round trip instead of two).
-  float4 v[RMS_CHUNKS], ww[RMS_CHUNKS];
-#pragma unroll
-  for (int c = 0; c < RMS_CHUNKS; c++) {
-    const int i = 4 * (tid + c * blockDim.x);
-    if (i < n) ww[c] = __ldg(reinterpret_cast<const float4 *>(w + i));
-  }
-  pdl_enter();
-  float ss = 0.f;
-#pragma unroll
-  for (int c = 0; c < RMS_CHUNKS; c++) {
-    const int i = 4 * (tid + c * blockDim.x);
-    if (i < n) {
-      v[c] = *reinterpret_cast<const float4 *>(x + i);
-      ss += v[c].x * v[c].x + v[c].y * v[c].y + v[c].z * v[c].z + v[c].w * v[c].w;
-    }
-  }
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
   ss = warp_sum(ss);
   if (lane == 0) red[wid] = ss;
   __syncthreads();
@@ -577,7 +553,70 @@ extern "C" __global__ void rmsnorm_q8(const float *__restrict__ x, const float *
     if (lane == 0) scale_s = 1.f / sqrtf(t / (float)n + eps);
   }
   __syncthreads();
-  const float scale = scale_s;
+  return scale_s;
+}
+
+// RMSNorm (Zhang & Sennrich 2019) of one row as ggml computes it (x * 1/sqrt(mean(x^2) + eps),
+// then * weight), quantized to 8 bits per 32 values for the next GEMV. One block per row; each
+// thread holds up to RMS_CHUNKS runs of 4 values in registers (n <= 4 * RMS_CHUNKS * blockDim.x,
+// n a multiple of 32), and the 8 threads of a 32-value block reduce among themselves.
+// With `y` (else null): first x += RMSNorm(y) * w_post, written back to x (Gemma's post norm of
+// the projection y before the residual add, fused with the next block's pre-norm).
+#define RMS_CHUNKS 4
+extern "C" __global__ void rmsnorm_q8(float *__restrict__ x, const float *__restrict__ w,
+                                      float eps, int n, int8_t *__restrict__ xq,
+                                      float2 *__restrict__ xd, const float *__restrict__ y,
+                                      const float *__restrict__ w_post) {
+  __shared__ float red[32];
+  const int tid = threadIdx.x, lane = tid & 31;
+  // The weights do not depend on the previous kernel: their loads are issued before the wait,
+  // so that they overlap it and the reduction (one memory round trip instead of two).
+  float4 v[RMS_CHUNKS], ww[RMS_CHUNKS], wp[RMS_CHUNKS];
+#pragma unroll
+  for (int c = 0; c < RMS_CHUNKS; c++) {
+    const int i = 4 * (tid + c * blockDim.x);
+    if (i < n) {
+      ww[c] = __ldg(reinterpret_cast<const float4 *>(w + i));
+      if (y) wp[c] = __ldg(reinterpret_cast<const float4 *>(w_post + i));
+    }
+  }
+  pdl_enter();
+  if (y) {  // uniform across the block
+    float4 yv[RMS_CHUNKS];
+    float ssy = 0.f;
+#pragma unroll
+    for (int c = 0; c < RMS_CHUNKS; c++) {
+      const int i = 4 * (tid + c * blockDim.x);
+      if (i < n) {
+        yv[c] = *reinterpret_cast<const float4 *>(y + i);
+        ssy += yv[c].x * yv[c].x + yv[c].y * yv[c].y + yv[c].z * yv[c].z + yv[c].w * yv[c].w;
+      }
+    }
+    const float sy = block_rms_scale(ssy, n, eps, red);
+#pragma unroll
+    for (int c = 0; c < RMS_CHUNKS; c++) {
+      const int i = 4 * (tid + c * blockDim.x);
+      if (i < n) {
+        const float4 r = *reinterpret_cast<const float4 *>(x + i);
+        v[c] = make_float4(r.x + (yv[c].x * sy) * wp[c].x, r.y + (yv[c].y * sy) * wp[c].y,
+                           r.z + (yv[c].z * sy) * wp[c].z, r.w + (yv[c].w * sy) * wp[c].w);
+        *reinterpret_cast<float4 *>(x + i) = v[c];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < RMS_CHUNKS; c++) {
+      const int i = 4 * (tid + c * blockDim.x);
+      if (i < n) v[c] = *reinterpret_cast<const float4 *>(x + i);
+    }
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < RMS_CHUNKS; c++) {
+    const int i = 4 * (tid + c * blockDim.x);
+    if (i < n) ss += v[c].x * v[c].x + v[c].y * v[c].y + v[c].z * v[c].z + v[c].w * v[c].w;
+  }
+  const float scale = block_rms_scale(ss, n, eps, red);
 #pragma unroll
   for (int c = 0; c < RMS_CHUNKS; c++) {
     const int i = 4 * (tid + c * blockDim.x);
