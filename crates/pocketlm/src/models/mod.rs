@@ -598,6 +598,15 @@ impl Architecture {
     }
 }
 
+/// The GGUF reader of an architecture read from safetensors folders only (never called: such
+/// an entry lists no GGUF architecture).
+fn safetensors_only(g: &GgufFile) -> Result<serde_json::Value> {
+    Err(Error::Model(format!(
+        "{}: this architecture is read from safetensors folders only",
+        g.path().display()
+    )))
+}
+
 fn supported() -> String {
     REGISTRY
         .iter()

@@ -483,7 +483,7 @@ fn gemma3_multimodal_layout_loads_text_model() -> Res<()> {
 #[test]
 fn decode_plans_describe_their_models() -> Res<()> {
     for name in ["mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma2"] {
-        let m = load(&dir(name), &cpu())?;
+        let m = load(dir(name), &cpu())?;
         let Some(plan) = m.model.decode_plan() else {
             assert_eq!(name, "gemma2", "{name} exports no decode plan");
             continue;
