@@ -656,19 +656,10 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
                                        float eps, int n, float *__restrict__ y, int accumulate) {
   pdl_enter();
   __shared__ float red[32];
-  __shared__ float scale_s;
-  const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nw = blockDim.x >> 5;
+  const int tid = threadIdx.x;
   float ss = 0.f;
   for (int i = tid; i < n; i += blockDim.x) ss += x[i] * x[i];
-  ss = warp_sum(ss);
-  if (lane == 0) red[wid] = ss;
-  __syncthreads();
-  if (wid == 0) {
-    float v = lane < nw ? red[lane] : 0.f;
-    v = warp_sum(v);
-    if (lane == 0) scale_s = 1.f / sqrtf(v / (float)n + eps);
-  }
-  __syncthreads();
+  const float scale_s = block_rms_scale(ss, n, eps, red);
   for (int i = tid; i < n; i += blockDim.x)
     y[i] = (accumulate ? y[i] : 0.f) + (x[i] * scale_s) * w[i];
 }

@@ -369,13 +369,21 @@ impl CudaQMatrix {
     /// plain GEMV into `rope.scratch` and `qkv_post` (norms, RoPE, append) instead. Safe to
     /// capture in a CUDA graph.
     pub(crate) fn launch_gemv_rope(&self, xq: u64, xd: u64, rope: &RopeArgs) -> Result<()> {
-        let (nh, nkv, hd, il, kh) = (
-            rope.n_heads as i32,
-            rope.n_kv_heads as i32,
-            rope.head_dim as i32,
-            rope.interleaved as i32,
-            rope.kv_half as i32,
-        );
+        // The arguments both kernels end with, in order: tables, params, cache table, layer,
+        // q_out, shapes, flags.
+        let tail = |b: &mut Launch<'_>| {
+            b.arg(rope.cos)
+                .arg(rope.sin)
+                .arg(rope.params)
+                .arg(rope.kv)
+                .arg(rope.layer);
+            b.arg(rope.q_out)
+                .arg(rope.n_heads as i32)
+                .arg(rope.n_kv_heads as i32)
+                .arg(rope.head_dim as i32)
+                .arg(rope.interleaved as i32)
+                .arg(rope.kv_half as i32);
+        };
         if rope.q_norm != 0 || rope.k_norm != 0 {
             self.launch_gemv(Epilogue::Write, xq, xd, rope.scratch, 1)?;
             let func = self.dev.get_or_load_custom_func("qkv_post", MODULE, PTX)?;
@@ -391,12 +399,7 @@ impl CudaQMatrix {
                 .arg(rope.q_norm)
                 .arg(rope.k_norm);
             b.arg(rope.norm_eps);
-            b.arg(rope.cos)
-                .arg(rope.sin)
-                .arg(rope.params)
-                .arg(rope.kv)
-                .arg(rope.layer);
-            b.arg(rope.q_out).arg(nh).arg(nkv).arg(hd).arg(il).arg(kh);
+            tail(&mut b);
             // SAFETY: qkv_post's parameters, in order; the decoder's buffers.
             return unsafe { b.launch(&self.dev.cuda_stream(), cfg) };
         }
@@ -416,12 +419,7 @@ impl CudaQMatrix {
         let mut b = Launch::new(&func);
         b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
         b.arg(xq).arg(xd).arg(ci).arg(gi);
-        b.arg(rope.cos)
-            .arg(rope.sin)
-            .arg(rope.params)
-            .arg(rope.kv)
-            .arg(rope.layer);
-        b.arg(rope.q_out).arg(nh).arg(nkv).arg(hd).arg(il).arg(kh);
+        tail(&mut b);
         b.arg(rope.bias);
         // SAFETY: qgemv_rope_*'s parameters, in order; the decoder's buffers.
         unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
