@@ -108,7 +108,9 @@ impl Scan<'_> {
 pub(crate) fn parse(
     bytes: &[u8],
 ) -> std::result::Result<(Content, HashMap<String, Mxfp4Info>), String> {
-    let parse = |b: &[u8]| Content::read(&mut Cursor::new(b)).map_err(|e| e.to_string());
+    let parse = |b: &[u8]| {
+        Content::read(&mut Cursor::new(b)).map_err(|e| crate::candle_errors::candle_message(&e))
+    };
     let Some((found, header_end)) = scan(bytes) else {
         return Ok((parse(bytes)?, HashMap::new()));
     };
