@@ -1134,6 +1134,27 @@ impl KvCache {
         self.layers.get_mut(i).map(|b| b.as_mut())
     }
 
+    /// Layer `i`'s cache, for a forward pass that needs it.
+    ///
+    /// Errors: [`Error::InvalidArgument`] ("KV cache too short") past the last layer.
+    pub fn layer_for_pass(&mut self, i: usize) -> Result<&mut (dyn LayerKvCache + 'static)> {
+        self.layer(i)
+            .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))
+    }
+
+    /// Checks that the cache has one layer per block of a model of `n_layers` blocks.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming both counts.
+    pub fn check_layers(&self, n_layers: usize) -> Result<()> {
+        if self.n_layers() != n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache has {} layers, model has {n_layers}",
+                self.n_layers()
+            )));
+        }
+        Ok(())
+    }
+
     /// Layer `i`'s cache, to read.
     pub fn layer_ref(&self, i: usize) -> Option<&(dyn LayerKvCache + 'static)> {
         self.layers.get(i).map(|b| b.as_ref())

@@ -273,9 +273,7 @@ impl PrefixCache {
             } else {
                 (Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)
             };
-            let layer: &mut dyn LayerKvCache = cache
-                .layer(i)
-                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+            let layer: &mut dyn LayerKvCache = cache.layer_for_pass(i)?;
             layer.update(&k, &v)?;
         }
         Ok(matched)

@@ -277,9 +277,7 @@ pub fn load(
         .map_err(|e| bad(format!("reading tensors: {e}")))?;
     let mut cache = model.model.make_cache(config)?;
     for (i, &(kv_heads, head_dim)) in shapes.iter().enumerate() {
-        let layer = cache
-            .layer(i)
-            .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+        let layer = cache.layer_for_pass(i)?;
         if let Some(a) = layer.arrays_mut() {
             let arrays = (0..a.size())
                 .map(|j| {

@@ -12,7 +12,7 @@ use crate::kv_cache::KvCache;
 use crate::nn::{
     Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, RmsNorm, RotaryEmbedding,
 };
-use crate::{Error, Result};
+use crate::Result;
 
 /// The layers of a decode step, borrowed from the model.
 #[derive(Debug)]
@@ -73,18 +73,12 @@ impl DecodePlan<'_> {
         }
         let global = AttentionPass::new(self.rope, offset, seq)?;
         let mode = Mode::Inference;
-        let n_layers = cache.n_layers();
         for (i, b) in self.blocks.iter().enumerate() {
             let local = b
                 .rope
                 .map(|r| AttentionPass::new(r, offset, seq))
                 .transpose()?;
-            let layer = cache.layer(i).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "a KV cache of {n_layers} layers for a plan of {} blocks",
-                    self.blocks.len()
-                ))
-            })?;
+            let layer = cache.layer_for_pass(i)?;
             let h = b.attn_norm.forward(&x)?;
             let mut a =
                 b.attention

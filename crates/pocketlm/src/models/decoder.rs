@@ -12,7 +12,7 @@ use crate::nn::{
     RotaryEmbedding,
 };
 use crate::weights::QkRowOrder;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The feed-forward part of a block: one gated MLP, or a mixture of experts (Qwen3-MoE's
 /// sparse layers).
@@ -125,14 +125,7 @@ pub struct Decoder {
 impl Decoder {
     /// Errors unless `cache` has one layer per block.
     pub fn check_cache(&self, cache: &KvCache) -> Result<()> {
-        if cache.n_layers() != self.layers.len() {
-            return Err(Error::InvalidArgument(format!(
-                "KV cache has {} layers, model has {}",
-                cache.n_layers(),
-                self.layers.len()
-            )));
-        }
-        Ok(())
+        cache.check_layers(self.layers.len())
     }
 
     /// Blocks `range` on `x: [batch, seq, hidden]` at the pass's positions: for inference
@@ -155,10 +148,7 @@ impl Decoder {
             .skip(range.start)
         {
             let c = match cache.as_deref_mut() {
-                Some(c) => Some(
-                    c.layer(i)
-                        .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?,
-                ),
+                Some(c) => Some(c.layer_for_pass(i)?),
                 None => None,
             };
             x = layer.forward(&x, pass, c, mode)?;
@@ -252,11 +242,7 @@ impl Decoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let mut caches = rows
                 .iter_mut()
-                .map(|r| {
-                    r.cache
-                        .layer(i)
-                        .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))
-                })
+                .map(|r| r.cache.layer_for_pass(i))
                 .collect::<Result<Vec<_>>>()?;
             x = layer.forward_batched(&x, &pass, &mut caches)?;
         }

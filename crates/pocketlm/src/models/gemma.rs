@@ -496,22 +496,14 @@ impl Gemma {
 impl CausalLM for Gemma {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
         let (_b, s) = input_ids.dims2()?;
-        if cache.n_layers() != self.layers.len() {
-            return Err(Error::InvalidArgument(format!(
-                "KV cache has {} layers, model has {}",
-                cache.n_layers(),
-                self.layers.len()
-            )));
-        }
+        cache.check_layers(self.layers.len())?;
         let offset = cache.offset();
         let global = AttentionPass::new(&self.rope_global, offset, s)?;
         let local = AttentionPass::new(&self.rope_local, offset, s)?;
         let mut x = (self.embed_tokens.forward(input_ids)? * self.embed_scale)?;
         let mode = Mode::Inference;
         for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache
-                .layer(i)
-                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+            let c = cache.layer_for_pass(i)?;
             let pass = match layer.self_attn.window {
                 Some(_) => &local,
                 None => &global,

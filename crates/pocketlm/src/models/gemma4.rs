@@ -616,11 +616,7 @@ impl CausalLM for Gemma4 {
         let mut kvs: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate() {
             let source = match layer.kv {
-                KvSlot::Cache(c) => KvSource::Cache(
-                    cache
-                        .layer(c)
-                        .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?,
-                ),
+                KvSlot::Cache(c) => KvSource::Cache(cache.layer_for_pass(c)?),
                 KvSlot::Shared(j) => {
                     let (k, v) = kvs[j].clone().ok_or_else(|| {
                         Error::Model(format!("layer {i} shares the keys of layer {j}, not run"))

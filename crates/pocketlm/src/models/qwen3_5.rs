@@ -508,20 +508,12 @@ impl Qwen35 {
 
 impl CausalLM for Qwen35 {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        if cache.n_layers() != self.layers.len() {
-            return Err(Error::InvalidArgument(format!(
-                "KV cache has {} layers, model has {}",
-                cache.n_layers(),
-                self.layers.len()
-            )));
-        }
+        cache.check_layers(self.layers.len())?;
         let seq = input_ids.dim(1)?;
         let pass = AttentionPass::new(&self.rope, cache.offset(), seq)?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache
-                .layer(i)
-                .ok_or_else(|| Error::InvalidArgument("KV cache too short".into()))?;
+            let c = cache.layer_for_pass(i)?;
             let hn = layer.input_layernorm.forward(&x)?;
             let r = match &layer.mixer {
                 Mixer::Attention(a) => a.forward(&hn, &pass, Some(c), Mode::Inference)?,
