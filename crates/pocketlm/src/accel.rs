@@ -175,11 +175,12 @@ impl Accelerated {
 /// The decoder's weights and tables from a plan, or `None` when the plan has something the
 /// fused step does not take: layers other than our CUDA quantized matrices (or adapters),
 /// biases other than the q/k/v projection's, a value norm, an output gate, a soft-cap,
-/// attention sinks, a query temperature, an activation other than SiLU or GELU-tanh, LongRoPE or partial
-/// rotary, head_dim other than 64/96/128/256. It takes the q/k/v bias (Qwen2), per-head q/k
-/// RMSNorm (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 3), Gemma's post norms,
-/// GeGLU, embedding scale, query scale and per-layer RoPE (one table per rotary embedding). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16 for it (as
-/// llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
+/// attention sinks, a query temperature, an activation other than SiLU or GELU-tanh,
+/// LongRoPE or partial rotary, head_dim other than 64/96/128/256. It takes the q/k/v bias
+/// (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 3),
+/// Gemma's post norms, GeGLU, embedding scale, query scale and per-layer RoPE (one table per
+/// rotary embedding). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16
+/// for it (as llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
 fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
         || !device.is_cuda()

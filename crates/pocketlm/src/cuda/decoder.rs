@@ -1,17 +1,18 @@
 //! The fused decode step on a CUDA device of a model with Llama's block shape (Llama, Mistral,
-//! Qwen2/3, Phi-3, ...): one token through every block with our kernels
-//! (`src/cuda/qmatrix.cu`), seven launches a block, recorded once into a CUDA graph and
-//! replayed for each token.
+//! Qwen2/3, Phi-3, Gemma 3, ...): one token through every block with our kernels
+//! (`src/cuda/qmatrix.cu`), seven to nine launches a block, recorded once into a CUDA graph
+//! and replayed for each token.
 //!
 //! Per block: RMSNorm + 8-bit activation quantization; the stacked q/k/v GEMV with its bias,
 //! RoPE and the key/value append into the KV cache in its epilogue (with per-head q/k norms: a
-//! plain GEMV, then `qkv_post` normalizes, rotates and appends; with a post norm (Gemma) the
-//! projection is written and the next RMSNorm kernel normalizes and adds it); attention (over a sliding
-//! window where the layer has one) split across blocks over the
-//! cached positions (flash-decoding), the last block of each head merging and quantizing; the
-//! output projection added to the residual; RMSNorm + quantization; the stacked gate/up GEMV
-//! with SwiGLU; quantization; the down projection added to the residual. Then the final RMSNorm and, when the output layer is one of
-//! ours, its GEMV into the logits.
+//! plain GEMV, then `qkv_post` normalizes, rotates and appends); attention (over a sliding
+//! window where the layer has one) split across blocks over the cached positions
+//! (flash-decoding), then a second kernel merging the splits and quantizing; the output
+//! projection added to the residual; RMSNorm + quantization; the stacked gate/up GEMV with
+//! SwiGLU or GeGLU; quantization; the down projection added to the residual. With Gemma's post
+//! norms, the output and down projections are written instead, and the next RMSNorm kernel
+//! normalizes and adds them to the residual first. Then the final RMSNorm and, when the output
+//! layer is one of ours, its GEMV into the logits.
 //!
 //! The graph reads the position, the attended length and the cache capacity from a small device
 //! buffer and the cache addresses from a device table, both written before each replay, so one
@@ -593,11 +594,11 @@ struct AttnArgs {
 }
 
 /// Launches the decode attention over the cached positions (the last `window` of them when
-/// `window` > 0): the splits (`attn_mma_d{hd}_g{G}_f16`, or
-/// `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G, `split.splits`) of
-/// 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one block of
-/// [`MERGE_THREADS`] a head). `part_o` holds `n_heads * splits * head_dim` f32, `part_ml` `n_heads *
-/// splits` (max, sum) pairs. Safe to capture in a CUDA graph.
+/// `window` > 0), scores scaled by `scale`: the splits (`attn_mma_d{hd}_g{G}_f16` up to
+/// head_dim 128, or `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G,
+/// `split.splits`) of 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one
+/// block of [`MERGE_THREADS`] a head). `part_o` holds `n_heads * splits * head_dim` f32,
+/// `part_ml` `n_heads * splits` (max, sum) pairs. Safe to capture in a CUDA graph.
 fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
@@ -724,10 +725,11 @@ impl AttnTest {
 }
 
 /// Test helper: the decode attention of `q: [n_heads, hd]` over the first `len` positions of
-/// `k`, `v: [n_kv, cap, hd]` (the last `window` of them when `window` > 0) (stored on the device as f16 when `kv_f16`, else f32), run twice
-/// with the default split and once with each of a few others (the returned result is the
-/// last: a split count's stale partial results must not leak into the next), on the tensor
-/// cores or not, returned as the 8-bit codes times their block scale: `[n_heads * hd]`.
+/// `k`, `v: [n_kv, cap, hd]` (the last `window` of them when `window` > 0; stored on the
+/// device as f16 when `kv_f16`, else f32), run twice with the default split and once with
+/// each of a few others (the returned result is the last: a split count's stale partial
+/// results must not leak into the next), on the tensor cores or not (head_dim 256: never),
+/// returned as the 8-bit codes times their block scale: `[n_heads * hd]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_attention(
     dev: &CudaDevice,
