@@ -541,15 +541,8 @@ pub static REGISTRY: &[Architecture] = &[
         build: lfm2::build,
     },
     Architecture {
-        model_types: &["qwen3_5", "qwen3_5_text"],
-        gguf_architectures: &[],
-        gguf_names: None,
-        gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
-        build: qwen3_5::build,
-    },
-    Architecture {
-        model_types: &["qwen3_5_moe", "qwen3_5_moe_text"],
+        // One builder for the dense and the MoE model (`num_experts` tells them apart).
+        model_types: &["qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"],
         gguf_architectures: &[],
         gguf_names: None,
         gguf_qk_rows: QkRowOrder::HuggingFace,
