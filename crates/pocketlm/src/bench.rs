@@ -147,9 +147,20 @@ fn cache_at(model: &dyn CausalLM, depth: usize, vocab: usize) -> Result<KvCache>
     let ids = tokens(depth, vocab);
     for chunk in ids.chunks(DEPTH_CHUNK) {
         let x = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
-        model.forward(&x, &mut cache, Logits::Last)?;
+        forward(model, &x, &mut cache, Logits::Last)?;
     }
     Ok(cache)
+}
+
+/// One forward pass as the generation loop runs it: on a pool thread when the model is on
+/// the CPU ([`crate::kernels::in_pool_on`]).
+fn forward(
+    model: &dyn CausalLM,
+    x: &Tensor,
+    cache: &mut KvCache,
+    logits: Logits,
+) -> Result<Tensor> {
+    crate::kernels::in_pool_on(model.device(), || model.forward(x, cache, logits))
 }
 
 /// `n_gen` decode steps under `constraint`, each as a generation runs them: one forward pass,
@@ -173,7 +184,7 @@ fn constrained_decode(
     let mut id = first;
     for _ in 0..n_gen {
         let x = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
-        let l = model.forward(&x, cache, Logits::Last)?;
+        let l = forward(model, &x, cache, Logits::Last)?;
         let l: Vec<f32> = l.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         id = sampler.sample(&l, &[]);
         if let Some(why) = sampler.failure() {
@@ -202,7 +213,7 @@ fn sampled_decode(
     let mut id = first;
     for _ in 0..n_gen {
         let x = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
-        let l = model.forward(&x, cache, Logits::Last)?;
+        let l = forward(model, &x, cache, Logits::Last)?;
         id = match crate::device::sample_on_device(&mut sampler, &l, &history)? {
             Some(id) => id,
             None => {
@@ -243,7 +254,7 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
             for rep in 0..=reps {
                 let mut cache = cache_at(model, depth, vocab)?;
                 let t = Instant::now();
-                let l = model.forward(&input, &mut cache, Logits::Last)?;
+                let l = forward(model, &input, &mut cache, Logits::Last)?;
                 l.to_dtype(candle_core::DType::F32)?
                     .sum_all()?
                     .to_scalar::<f32>()?;
@@ -264,7 +275,7 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
                 let t = Instant::now();
                 for &id in &ids {
                     let x = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
-                    let l = model.forward(&x, &mut cache, Logits::Last)?;
+                    let l = forward(model, &x, &mut cache, Logits::Last)?;
                     // As greedy decoding does: the argmax on the model's device, one id back.
                     crate::sampling::argmax_on_device(&l)?;
                 }

@@ -508,7 +508,8 @@ impl<'a> BatchGenerator<'a> {
         if rows.is_empty() {
             return;
         }
-        let logits = self.model.forward_batch(&mut rows);
+        let model = self.model;
+        let logits = crate::kernels::in_pool_on(model.device(), || model.forward_batch(&mut rows));
         drop(rows);
         let logits = match logits {
             Ok(l) => l,

@@ -451,7 +451,10 @@ impl<'a> TokenStepper<'a> {
                 prompt_tokens,
             } => {
                 let t0 = Instant::now();
-                let p = self.model.prefill(&input, self.cache, self.prefill_chunk)?;
+                let (model, cache, chunk) = (self.model, &mut *self.cache, self.prefill_chunk);
+                let p = crate::kernels::in_pool_on(model.device(), || {
+                    model.prefill(&input, cache, chunk)
+                })?;
                 crate::memory::release_free_heap();
                 let stats = PrefillStats {
                     prompt_tokens,
@@ -463,7 +466,10 @@ impl<'a> TokenStepper<'a> {
             }
             Next::Feed(ids) => {
                 let ids = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
-                let logits = self.model.forward(&ids, self.cache, Logits::Last)?;
+                let (model, cache) = (self.model, &mut *self.cache);
+                let logits = crate::kernels::in_pool_on(model.device(), || {
+                    model.forward(&ids, cache, Logits::Last)
+                })?;
                 self.state.accept(&logits)
             }
         }

@@ -35,10 +35,11 @@
 //!
 //! Threads: work is split with rayon over tiles of output rows (and, for prefill, of
 //! activation rows, so that each weight tile is read from L1 once per group of 4 activation
-//! rows); small products stay on the calling thread. Rayon's workers sleep when idle; nothing
-//! here spins between calls. Each call made from outside the pool pays a hand-off to the pool
-//! and back (thread wake-ups, measured by `benches/gguf_kernels.rs`); a model that runs its
-//! whole forward pass inside the pool ([`in_pool`]) avoids it.
+//! rows); small products stay on the calling thread. Rayon's workers sleep when idle. Each
+//! call made from outside the pool pays a hand-off to the pool and back (thread wake-ups,
+//! measured by `benches/gguf_kernels.rs`); a forward pass run inside the pool ([`in_pool`],
+//! as the generation loop does) avoids it, and keeps the other workers polling for work
+//! until it ends instead of sleeping between products.
 
 mod act;
 mod attn_tiled;
@@ -63,6 +64,7 @@ mod tests;
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::Content;
@@ -1116,16 +1118,88 @@ pub(crate) fn forward_refs(
         .collect()
 }
 
-/// Runs `f` on a worker thread of rayon's global pool and returns its result (the caller
-/// blocks meanwhile; inside a worker already, `f` simply runs).
+/// Runs `f` on a worker thread of the current rayon pool and returns its result (the caller
+/// blocks meanwhile), with the pool's other workers kept awake until `f` returns.
 ///
-/// Kernel calls made inside `f` start their parallel loops on a pool thread, while the other
-/// workers are still awake from the previous call, instead of handing every call from a
-/// foreign thread to the pool and back (two thread wake-ups per call). Wrap a whole forward
-/// pass, or the whole generation loop, in it; `benches/gguf_kernels.rs` measures both ways on
-/// a decode token of the default model.
+/// Kernel calls made inside `f` start their parallel loops on a pool thread instead of
+/// handing every call from a foreign thread to the pool and back (two thread wake-ups per
+/// call). And while `f` runs, each other worker polls for work ([`keep_awake`]) instead of
+/// going to sleep between two products, so that the next product does not wait for a
+/// wake-up either: a decode token runs about 120 products, with a few microseconds of serial
+/// work (norms, RoPE, attention of one row) between them. llama.cpp's thread pool spins
+/// between the operations of a graph the same way (`ggml_barrier`). A worker that finds no
+/// work for [`KEEP_AWAKE`] goes back to sleep; all of them do when `f` returns.
+///
+/// Wrap a whole forward pass in it (the generation loop does: [`in_pool_on`]);
+/// `benches/gguf_kernels.rs` measures a decode token of the default model both ways. Nested
+/// calls just run `f`.
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    if IN_POOL.with(|c| c.get()) {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        let owner = rayon::current_thread_index();
+        let done = &done;
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(move |_| keep_awake(done, owner));
+        }
+        IN_POOL.with(|c| c.set(true));
+        let r = f();
+        IN_POOL.with(|c| c.set(false));
+        done.store(true, Ordering::Release);
+        r
+    })
+}
+
+thread_local! {
+    /// Whether this thread is running the body of an [`in_pool`] call.
+    static IN_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// How long a worker kept awake by [`in_pool`] polls without finding work before it goes back
+/// to sleep: longer than the serial gaps of a forward pass, short enough that a long serial
+/// stretch does not burn a core.
+pub const KEEP_AWAKE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The body of the jobs [`in_pool`] spawns: runs the pool's pending jobs as they appear
+/// (`rayon::yield_now`) until `done` is set or nothing came for [`KEEP_AWAKE`]. Picked up
+/// by the owner thread itself (while it waits on a join), it returns at once.
+fn keep_awake(done: &AtomicBool, owner: Option<usize>) {
+    if rayon::current_thread_index() == owner {
+        return;
+    }
+    let mut idle_since = None;
+    while !done.load(Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = None,
+            Some(rayon::Yield::Idle) => {
+                let t0 = *idle_since.get_or_insert_with(std::time::Instant::now);
+                if t0.elapsed() >= KEEP_AWAKE {
+                    return;
+                }
+                for _ in 0..32 {
+                    std::hint::spin_loop();
+                }
+            }
+            None => return,
+        }
+    }
+}
+
+/// [`in_pool`] when `device` is the CPU; on any other device `f` runs on the calling thread,
+/// which keeps the GPU backends' streams and contexts on the thread that made them.
+///
+/// The generation loop, the batch engine, `bench` and the perplexity run wrap each forward
+/// pass in it. On the 2-core benchmark machine that took the default model's decode from
+/// 82 to 108-116 tokens/s (2 threads): a decode token runs about 120 parallel products, and
+/// from a thread outside the pool each one cost two thread wake-ups.
+pub fn in_pool_on<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        in_pool(f)
+    } else {
+        f()
+    }
 }
 
 /// A raw output pointer shared by the worker threads. Every tile writes a disjoint set of

@@ -394,6 +394,12 @@ fn idle_workers_do_not_spin() {
     for _ in 0..5 {
         pool.install(|| w.matmul(&x, 64, &mut out)).unwrap();
     }
+    // `in_pool` keeps the other worker polling while its body runs: it must stop when the
+    // body returns, before the measurement below.
+    for _ in 0..5 {
+        pool.install(|| in_pool(|| w.matmul(&x[..576], 1, &mut out[..512])))
+            .unwrap();
+    }
     std::thread::sleep(std::time::Duration::from_millis(50));
     let (n0, t0) = thread_cpu_ticks("kidle");
     std::thread::sleep(std::time::Duration::from_millis(600));
