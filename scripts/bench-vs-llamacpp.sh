@@ -15,39 +15,13 @@
 # compiler, pip and python3. Prints one table of ratios pocketlm / llama.cpp and peak memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-home=${POCKETLM_HOME:-$HOME/.cache/pocketlm}
 threads=${THREADS:-2}
 reps=${REPS:-3}
 depths=${DEPTHS:-0}
-lc="$home/llama.cpp"
-bench_bin="$lc/build/bin/llama-bench"
 out=$(mktemp -d)
-
-if [ ! -x "$bench_bin" ]; then
-  command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; }
-  if [ ! -f "$lc/CMakeLists.txt" ]; then
-    # `pip download` of an sdist without build isolation needs its build backend installed.
-    python3 -c "import scikit_build_core" 2>/dev/null || python3 -m pip install -q scikit-build-core
-    tmp=$(mktemp -d)
-    python3 -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$tmp" llama-cpp-python==0.3.36
-    tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp"
-    rm -rf "$lc" && mkdir -p "$home" && mv "$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp" "$lc"
-    rm -rf "$tmp"
-  fi
-  # GGML_NATIVE, except on CPUs with AMX: there llama.cpp's AMX matmul (which -march=native
-  # turns on) dies with SIGSEGV in this build (seen on a 2-core Sapphire Rapids VM), so the
-  # CPU's other extensions are named one by one and AMX stays off.
-  isa=(-DGGML_NATIVE=ON)
-  if grep -qw amx_int8 /proc/cpuinfo; then
-    isa=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
-    for f in avx_vnni:AVX_VNNI avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
-      grep -qw "${f%%:*}" /proc/cpuinfo && isa+=("-DGGML_${f##*:}=ON")
-    done
-  fi
-  cmake -S "$lc" -B "$lc/build" -DCMAKE_BUILD_TYPE=Release "${isa[@]}" -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  cmake --build "$lc/build" --target llama-bench -j "$(nproc)" >/dev/null
-fi
+. scripts/llamacpp-common.sh
+build_llamacpp llama-bench
+bench_bin="$lc/build/bin/llama-bench"
 
 if [ -n "${POCKETLM_BIN:-}" ]; then
   pocketlm=$POCKETLM_BIN
@@ -55,25 +29,6 @@ else
   cargo build --release -q -p pocketlm-cli
   pocketlm=${CARGO_TARGET_DIR:-target}/release/pocketlm
 fi
-
-# A random model of a real shape: NAME = 1b-q4_0 | 1b-q4_k | 1b-q8_0 | 8b-q4_0 ...
-random_model() {
-  local shape=${1%%-*} qtype=${1#*-} path="$home/models/random-$1.gguf"
-  if [ ! -f "$path" ]; then
-    local py=python3
-    if ! python3 -c "import gguf, numpy" 2>/dev/null; then
-      [ -x "$home/venv-gguf/bin/python" ] || {
-        python3 -m venv "$home/venv-gguf" && "$home/venv-gguf/bin/pip" install -q numpy gguf==0.19.0
-      }
-      py="$home/venv-gguf/bin/python"
-    fi
-    mkdir -p "$home/models"
-    VOCAB_GGUF="$lc/models/ggml-vocab-llama-bpe.gguf" "$py" \
-      "${MAKE_RANDOM_GGUF:-../shared/tools/make_random_gguf.py}" "$path.tmp" "$qtype" --shape "$shape" >&2
-    mv "$path.tmp" "$path"
-  fi
-  echo "$path"
-}
 
 # Appends to rows.jsonl one row per test of pl.json (pocketlm) with its llama-bench twin in
 # lc.json (same lengths and depth): rows LABEL KIND.

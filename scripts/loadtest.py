@@ -10,7 +10,8 @@ numbers), requests, failures, wall time, generated tokens/s (sum of usage `compl
 over wall time; content chunks counted when a server sends no usage), requests/s, and p50/p99
 of TTFT and latency; exits 1 if any request failed. `--ignore-eos` makes every request
 generate exactly `--max-tokens` tokens (pocketlm and llama.cpp's `llama-server` both take the
-field), so that servers are compared on the same work.
+field), so that servers are compared on the same work. `--completions` sends the prompts as
+plain text to `/v1/completions` (a model without a chat template).
 
 Run: start `pocketlm serve --port 8080 --queue-size 64` (the queue must hold the clients),
 then `python3 scripts/loadtest.py --url http://127.0.0.1:8080 --clients 64 --requests 500`.
@@ -34,11 +35,11 @@ def percentile(xs, p):
     return xs[k]
 
 
-def one_request(host, port, body, headers, timeout):
+def one_request(host, port, path, body, headers, timeout):
     """Returns (ttft_s, total_s, completion_tokens); raises on any failure."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+    conn.request("POST", path, body=body, headers=headers)
     resp = conn.getresponse()
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
@@ -59,7 +60,7 @@ def one_request(host, port, body, headers, timeout):
         if "error" in chunk:
             raise RuntimeError(f"stream error: {chunk['error']}")
         for c in chunk.get("choices", []):
-            if c.get("delta", {}).get("content"):
+            if c.get("delta", {}).get("content") or c.get("text"):
                 chunks += 1
                 if ttft is None:
                     ttft = time.perf_counter() - t0
@@ -87,11 +88,16 @@ def main():
     ap.add_argument("--deadline", type=float, default=540.0, help="stop after this many seconds")
     ap.add_argument("--ignore-eos", action="store_true", help="generate max_tokens every time")
     ap.add_argument("--label", default="", help="printed with the results")
+    ap.add_argument("--json-out", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--completions", action="store_true",
+                    help="send plain prompts to /v1/completions instead of chat messages to "
+                         "/v1/chat/completions (for a model without a chat template)")
     args = ap.parse_args()
     u = urllib.parse.urlparse(args.url)
     headers = {"Content-Type": "application/json"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
+    path = "/v1/completions" if args.completions else "/v1/chat/completions"
     prompts = ["Say hello.", "What is 2+2?", "Name a color.", "Write one word about the sea."]
     lock = threading.Lock()
     state = {"next": 0}
@@ -106,15 +112,18 @@ def main():
                 if i >= args.requests or time.perf_counter() > deadline:
                     return
                 state["next"] = i + 1
+            text = prompts[i % len(prompts)]
             body = json.dumps({
-                "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                **({"prompt": text} if args.completions
+                   else {"messages": [{"role": "user", "content": text}]}),
                 "max_tokens": args.max_tokens, "temperature": 0.7, "seed": i, "stream": True,
                 "stream_options": {"include_usage": True},
                 **({"ignore_eos": True} if args.ignore_eos else {}),
             })
             try:
                 remaining = max(1.0, deadline - time.perf_counter())
-                ttft, total, n = one_request(u.hostname, u.port or 80, body, headers, remaining)
+                ttft, total, n = one_request(u.hostname, u.port or 80, path, body, headers,
+                                             remaining)
                 with lock:
                     ttfts.append(ttft)
                     totals.append(total)
@@ -147,6 +156,14 @@ def main():
     print(f"latency: p50 {percentile(totals, 50):.3f} s, p99 {percentile(totals, 99):.3f} s")
     for f in failures[:10]:
         print("  " + f)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump({"label": args.label, "clients": args.clients, "ok": done,
+                       "failed": len(failures), "wall_s": wall, "tokens": sum(tokens),
+                       "tokens_per_s": sum(tokens) / wall,
+                       "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+                       "latency_p50": percentile(totals, 50),
+                       "latency_p99": percentile(totals, 99)}, fh)
     sys.exit(0 if done == args.requests else 1)
 
 

@@ -104,12 +104,24 @@ pub(crate) struct Started {
 
 /// Validates the request, renders the prompt, and starts the generation(s).
 ///
-/// Errors: 400 naming the field for bad tools (`tools`), a `tool_choice` naming an unknown
+/// Errors: 400 naming the messages field when the model has no chat template; 400 naming the
+/// field for bad tools (`tools`), a `tool_choice` naming an unknown
 /// function or needing tools that are absent (`tool_choice`), `response_format` together with
 /// a forced tool call, bad sampling values; 503 when the queue is full; as
 /// [`crate::engine::Engine::encode`].
 pub(crate) async fn start_chat(s: &AppState, spec: ChatSpec) -> Result<Started, ApiError> {
     let model = s.engine.model().clone();
+    if model.chat_template.is_none() {
+        // The model can still complete text (`/v1/completions`): the request is what is wrong.
+        return Err(ApiError::bad_param(
+            spec.messages_field,
+            format!(
+                "{}: the model has no chat template, so it cannot take messages; send a \
+                 plain prompt to /v1/completions",
+                model.path.display()
+            ),
+        ));
+    }
     let info = model.model.info();
     let ctx = info.context_length;
     function_defs(&spec.tools).map_err(|e| ApiError::bad_param(spec.tools_field, e.to_string()))?;

@@ -133,3 +133,55 @@ fn max_tokens_beyond_the_context_is_refused() {
         serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json");
     assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
 }
+
+#[test]
+fn chat_without_a_chat_template_is_a_bad_request() {
+    let mut m = pocketlm_testutil::load_default_model(false);
+    m.chat_template = None;
+    let addr = super::start_server_with(
+        std::sync::Arc::new(m),
+        ServerConfig {
+            port: 0,
+            ..ServerConfig::default()
+        },
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into();
+    let post = |path: &str, body: Value| {
+        let mut r = agent
+            .post(format!("http://{addr}{path}"))
+            .send(body.to_string().as_bytes())
+            .expect("POST");
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string().expect("body");
+        (status, serde_json::from_str::<Value>(&text).expect("json"))
+    };
+    for (path, field, body) in [
+        (
+            "/v1/chat/completions",
+            "messages",
+            json!({"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 2}),
+        ),
+        (
+            "/v1/responses",
+            "input",
+            json!({"input": "Hi!", "max_output_tokens": 2}),
+        ),
+    ] {
+        let (status, v) = post(path, body);
+        assert_eq!(status, 400, "{path}: {v}");
+        assert_eq!(v["error"]["param"], field, "{path}: {v}");
+        let msg = v["error"]["message"].as_str().expect("message");
+        assert!(msg.contains("no chat template"), "{msg}");
+    }
+    // A plain prompt is still served.
+    let (status, v) = post(
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 2, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+}
