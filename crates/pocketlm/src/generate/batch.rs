@@ -30,7 +30,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, TokenState};
+use super::{
+    sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, Token, TokenState,
+};
 use crate::kv_cache::KvCache;
 use crate::models::{BatchRow, CausalLM, ModelInput};
 use crate::prefix_cache::PrefixCache;
@@ -176,8 +178,10 @@ impl Seq<'_> {
         }
     }
 
-    /// Takes the logits `[1, vocab]` after the sequence's part of a pass.
-    fn accept(&mut self, logits: &candle_core::Tensor, out: &mut Vec<BatchEvent>) {
+    /// Draws the next token from the logits `[1, vocab]` after the sequence's part of a pass
+    /// (its sampler, grammar and prefill statistics); [`Self::emit`] then yields it. The draws
+    /// of a step's sequences are independent, so they run in parallel.
+    fn draw(&mut self, logits: &candle_core::Tensor) -> Result<Token> {
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         let tok = match phase {
             Phase::Decode(_) => self.tokens.accept(logits),
@@ -203,6 +207,11 @@ impl Seq<'_> {
                 "the batch generator got logits for a sequence that asked for none".into(),
             )),
         };
+        tok
+    }
+
+    /// Yields the token [`Self::draw`] drew (its text, stops and finish) or its error.
+    fn emit(&mut self, tok: Result<Token>, out: &mut Vec<BatchEvent>) {
         match tok {
             Ok(t) => {
                 if self.push(t, out) {
@@ -525,6 +534,9 @@ impl<'a> BatchGenerator<'a> {
                 return;
             }
         };
+        // Which member's logits row each running sequence takes now (none while a prompt has
+        // chunks to go).
+        let mut row_of = vec![None; self.running.len()];
         for (k, &i) in members.iter().enumerate() {
             let s = &mut self.running[i];
             if let Some(fed) = &mut s.fed {
@@ -542,9 +554,35 @@ impl<'a> BatchGenerator<'a> {
                     continue; // more chunks to come; these logits are not needed
                 }
             }
-            match logits.get(k).and_then(|l| l.unsqueeze(0)) {
-                Ok(row) => s.accept(&row, out),
-                Err(e) => s.fail(e.into(), out),
+            row_of[i] = Some(k);
+        }
+        let draw = |(s, k): (&mut Seq<'a>, &Option<usize>)| {
+            k.map(|k| {
+                logits
+                    .get(k)
+                    .and_then(|l| l.unsqueeze(0))
+                    .map_err(Error::from)
+                    .and_then(|row| s.draw(&row))
+            })
+        };
+        let drawn: Vec<Option<Result<Token>>> = if logits.device().is_cpu() && members.len() > 1 {
+            use rayon::prelude::*;
+            self.running
+                .par_iter_mut()
+                .zip(row_of.par_iter())
+                .with_max_len(1)
+                .map(draw)
+                .collect()
+        } else {
+            self.running
+                .iter_mut()
+                .zip(row_of.iter())
+                .map(draw)
+                .collect()
+        };
+        for (s, tok) in self.running.iter_mut().zip(drawn) {
+            if let Some(tok) = tok {
+                s.emit(tok, out);
             }
         }
     }
