@@ -18,11 +18,16 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use crate::kv_cache::KvCache;
+use crate::chat_template::Message;
+use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::loader::LoadedModel;
 use crate::{Error, Result};
 
 /// Writes `cache` (every layer holding the same positions, float keys and values) as mlx-lm's
-/// `save_prompt_cache` would, with the user `metadata` (`0.{key}` entries).
+/// `save_prompt_cache` would, with the user `metadata` (`0.{key}` entries). Keys and values are
+/// written as f32 `[1, kv_heads, offset, head_dim]` (mlx-lm writes the model's dtype, in a
+/// buffer of a multiple of 256 positions; its loader takes either). The file is written to a
+/// temporary file beside `path` and renamed over it.
 ///
 /// Errors: [`Error::InvalidArgument`] for an empty layer or layers of different lengths;
 /// [`Error::Io`] naming the file when it cannot be written.
@@ -82,12 +87,26 @@ pub fn save(path: &Path, cache: &KvCache, metadata: &BTreeMap<String, String>) -
                 .map_err(|e| Error::InvalidArgument(format!("tensor {name}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| {
+    // A temporary file beside `path`, renamed over it once complete: a reader never sees half
+    // a cache, and a failed write leaves an older file in place.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    let written = safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
         Error::io(
             path,
             std::io::Error::other(format!("writing the mlx-lm prompt cache: {e}")),
         )
-    })
+    });
+    if let Err(e) =
+        written.and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)))
+    {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// An mlx-lm prompt cache read back: per layer keys and values `[batch, kv_heads, offset,
@@ -224,6 +243,173 @@ pub fn load(path: &Path, device: &Device) -> Result<MlxPromptCache> {
         layers.push((k, v));
     }
     Ok(MlxPromptCache { layers, metadata })
+}
+
+/// Whether `path` is an mlx-lm prompt cache rather than a pocketlm one: a safetensors file
+/// whose metadata names layer 0's cache class (`1.0`) and has no pocketlm `format` entry. Only
+/// the header is read.
+///
+/// Errors: [`Error::Io`] when the file cannot be read; [`Error::Model`] naming the file when it
+/// is not a safetensors file.
+pub fn is_mlx_prompt_cache(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let bad = |msg: &str| {
+        Error::Model(format!(
+            "{}: not a safetensors file ({msg})",
+            path.display()
+        ))
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("shorter than 8 bytes"))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(bad("header longer than 100 MB"));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| bad("the header is cut short"))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| bad("the header is not JSON"))?;
+    let meta = header.get("__metadata__");
+    let has = |k: &str| meta.and_then(|m| m.get(k)).is_some();
+    Ok(has("1.0") && !has("format"))
+}
+
+/// Loads the mlx-lm prompt cache at `path` for `model` into a cache of kind `config` (growing,
+/// rotating or quantized, as [`crate::models::CausalLM::make_cache`] makes it), holding the
+/// file's positions.
+///
+/// Each layer `i`'s keys `{i}.0` and values `{i}.1` must be `[1, kv_heads, _, head_dim]` with
+/// the model's `(kv_heads, head_dim)` of that layer
+/// ([`crate::models::CausalLM::cache_shapes`]); they are read as f32.
+///
+/// Errors: as [`load`]; [`Error::Model`] naming the file when its layer count differs from
+/// the model's or the model keeps an array state in a layer (mlx-lm's `ArraysCache` is not
+/// read); [`Error::Tensor`] naming the tensor and the file for another shape.
+pub fn load_for_model(path: &Path, model: &LoadedModel, config: &KvCacheConfig) -> Result<KvCache> {
+    let file = load(path, model.model.device())?;
+    let shapes = model.model.cache_shapes();
+    if file.layers.len() != shapes.len() {
+        return Err(Error::Model(format!(
+            "{}: the mlx-lm prompt cache has {} layers, the model {}",
+            path.display(),
+            file.layers.len(),
+            shapes.len()
+        )));
+    }
+    let mut cache = model.model.make_cache(config)?;
+    for (i, ((k, v), &(kv_heads, head_dim))) in file.layers.iter().zip(&shapes).enumerate() {
+        for (j, t) in [(0, k), (1, v)] {
+            let d = t.dims();
+            if d[0] != 1 || d[1] != kv_heads || d[3] != head_dim {
+                return Err(Error::tensor(
+                    format!("{i}.{j}"),
+                    format!(
+                        "shape {d:?} in {}, the model's layer {i} needs [1, {kv_heads}, \
+                         positions, {head_dim}] (batch, kv heads, positions, head dim)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let layer = cache.layer_for_pass(i)?;
+        if layer.arrays_mut().is_some() {
+            return Err(Error::Model(format!(
+                "{}: layer {i} of the model keeps an array state; mlx-lm prompt caches are \
+                 read for attention layers only",
+                path.display()
+            )));
+        }
+        layer.update(k, v)?;
+    }
+    Ok(cache)
+}
+
+/// The metadata mlx-lm 0.32's `cache_prompt` writes: `model` (the model as given on its
+/// command line; `mlx_lm generate` refuses another `--model` string) and `tokenizer_config`
+/// (JSON, `{"trust_remote_code": false}`), both of which `mlx_lm generate` reads.
+pub fn cache_prompt_metadata(model_name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("model".to_string(), model_name.to_string()),
+        (
+            "tokenizer_config".to_string(),
+            r#"{"trust_remote_code": false}"#.to_string(),
+        ),
+    ])
+}
+
+/// The tag transformers appends to the final message to find where it ends
+/// (`continue_final_message`, `transformers/utils/chat_template_utils.py`).
+const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+
+/// The token ids `mlx_lm cache_prompt --prompt PROMPT` feeds (mlx-lm 0.32 `cache_prompt.py`):
+/// with the model's chat template (and `use_chat_template`), `[system?, user: prompt]` rendered
+/// without a generation prompt and cut right after the prompt (transformers'
+/// `continue_final_message=True`), encoded without special tokens; otherwise the prompt encoded
+/// with them (BOS where the tokenizer adds one). mlx-lm has no system prompt here; `system` is
+/// ours (the continuation rule below holds with it).
+///
+/// Errors: template errors; [`Error::InvalidArgument`] when the template drops the prompt's end.
+pub fn cache_prompt_ids(
+    model: &LoadedModel,
+    system: Option<&str>,
+    prompt: &str,
+    use_chat_template: bool,
+) -> Result<Vec<u32>> {
+    let Some(tpl) = model.chat_template.as_ref().filter(|_| use_chat_template) else {
+        return Ok(model.tokenizer.encode(prompt, true)?);
+    };
+    let mut messages: Vec<Message> = system.map(Message::system).into_iter().collect();
+    messages.push(Message::user(format!("{prompt}{CONTINUE_TAG}")));
+    let text = tpl.render(&messages, false)?;
+    let tag = CONTINUE_TAG.trim_end();
+    let Some(at) = text.rfind(tag) else {
+        return Err(Error::InvalidArgument(
+            "the chat template drops the end of the prompt, so it cannot be continued".into(),
+        ));
+    };
+    let text = if text[at..].starts_with(CONTINUE_TAG) {
+        &text[..at]
+    } else {
+        text[..at].trim_end()
+    };
+    Ok(model.tokenizer.encode(text, false)?)
+}
+
+/// The token ids `mlx_lm generate --prompt-cache-file F --prompt PROMPT` feeds after the
+/// cache (mlx-lm 0.32 `generate.py` `main`): with the model's chat template (and
+/// `use_chat_template`), `[system?, user: prompt]` rendered with the generation prompt, from
+/// where the prompt starts (found as `<query>` in the same render of `<query>`: the cached
+/// prefix is everything before the user's text), encoded without special tokens; otherwise
+/// the prompt encoded with special tokens (so a BOS is fed again where the tokenizer adds one,
+/// as mlx-lm does).
+///
+/// Errors: template errors; [`Error::InvalidArgument`] when the template does not show the
+/// user's text.
+pub fn continuation_ids(
+    model: &LoadedModel,
+    system: Option<&str>,
+    prompt: &str,
+    use_chat_template: bool,
+) -> Result<Vec<u32>> {
+    let Some(tpl) = model.chat_template.as_ref().filter(|_| use_chat_template) else {
+        return Ok(model.tokenizer.encode(prompt, true)?);
+    };
+    let render = |content: &str| {
+        let mut m: Vec<Message> = system.map(Message::system).into_iter().collect();
+        m.push(Message::user(content));
+        tpl.render(&m, true)
+    };
+    let text = render(prompt)?;
+    let at = render("<query>")?.find("<query>").ok_or_else(|| {
+        Error::InvalidArgument("the chat template does not show the user's message".into())
+    })?;
+    let rest = text.get(at..).ok_or_else(|| {
+        Error::InvalidArgument("the chat template renders the prompt before the user's text".into())
+    })?;
+    Ok(model.tokenizer.encode(rest, false)?)
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use pocketlm::chat_template::Message;
 use pocketlm::constrain::{Constraint, ConstraintError};
 use pocketlm::generate::{generate_input, Event, GenerateParams, GenerationStats};
 use pocketlm::image_processor::load_image;
-use pocketlm::loader::Prompt;
+use pocketlm::kv_cache::KvCache;
+use pocketlm::loader::{EncodedPrompt, LoadedModel, Prompt};
 
 use super::cache::KvArgs;
 use super::model::{load, ModelArgs, SamplingArgs};
@@ -201,6 +202,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         fast_forward: !args.no_fast_forward,
         ..Default::default()
     };
+    if let Some(cache) = args.kv.mlx_cache(&m, args.verbose)? {
+        anyhow::ensure!(
+            input.images.is_empty(),
+            "--image cannot be used with an mlx-lm prompt cache"
+        );
+        // As `mlx_lm generate`: the prompt is the text after the cached one.
+        input.ids = pocketlm::mlx_prompt_cache::continuation_ids(
+            &m,
+            args.system.as_deref(),
+            &args.prompt,
+            !args.no_chat_template,
+        )?;
+        return run_stream(&args, &m, cache, input, params, constraint.as_ref());
+    }
     let (mut cache, cached) = args.kv.cache(&m, args.verbose)?;
     // A prompt cache holds no images: with images the whole prompt is prefilled.
     let reused = if input.images.is_empty() {
@@ -213,7 +228,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         eprintln!("reusing {reused} cached prompt tokens");
     }
     input.ids.drain(..reused);
-    let file = constraint.as_ref().and_then(|(_, f)| f.as_deref());
+    run_stream(&args, &m, cache, input, params, constraint.as_ref())
+}
+
+/// Generates from `input` after what `cache` holds and prints the events.
+fn run_stream(
+    args: &GenerateArgs,
+    m: &LoadedModel,
+    mut cache: KvCache,
+    input: EncodedPrompt,
+    params: GenerateParams,
+    constraint: Option<&(Constraint, Option<PathBuf>)>,
+) -> Result<()> {
+    let file = constraint.and_then(|(_, f)| f.as_deref());
     let stream = generate_input(m.model.as_ref(), &m.tokenizer, &mut cache, input, params)
         .map_err(|e| name_grammar_file(e, file))?;
     let mut out = std::io::stdout().lock();
