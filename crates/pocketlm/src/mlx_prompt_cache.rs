@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use crate::chat_template::Message;
+use crate::chat_template::{ChatTemplate, Message};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::loader::LoadedModel;
 use crate::{Error, Result};
@@ -344,6 +344,18 @@ pub fn cache_prompt_metadata(model_name: &str) -> BTreeMap<String, String> {
 /// (`continue_final_message`, `transformers/utils/chat_template_utils.py`).
 const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
 
+/// `[system?, user: content]` rendered by `tpl`.
+fn render_turn(
+    tpl: &ChatTemplate,
+    system: Option<&str>,
+    content: &str,
+    add_generation_prompt: bool,
+) -> Result<String> {
+    let mut messages: Vec<Message> = system.map(Message::system).into_iter().collect();
+    messages.push(Message::user(content));
+    Ok(tpl.render(&messages, add_generation_prompt)?)
+}
+
 /// The token ids `mlx_lm cache_prompt --prompt PROMPT` feeds (mlx-lm 0.32 `cache_prompt.py`):
 /// with the model's chat template (and `use_chat_template`), `[system?, user: prompt]` rendered
 /// without a generation prompt and cut right after the prompt (transformers'
@@ -361,9 +373,7 @@ pub fn cache_prompt_ids(
     let Some(tpl) = model.chat_template.as_ref().filter(|_| use_chat_template) else {
         return Ok(model.tokenizer.encode(prompt, true)?);
     };
-    let mut messages: Vec<Message> = system.map(Message::system).into_iter().collect();
-    messages.push(Message::user(format!("{prompt}{CONTINUE_TAG}")));
-    let text = tpl.render(&messages, false)?;
+    let text = render_turn(tpl, system, &format!("{prompt}{CONTINUE_TAG}"), false)?;
     let tag = CONTINUE_TAG.trim_end();
     let Some(at) = text.rfind(tag) else {
         return Err(Error::InvalidArgument(
@@ -397,15 +407,12 @@ pub fn continuation_ids(
     let Some(tpl) = model.chat_template.as_ref().filter(|_| use_chat_template) else {
         return Ok(model.tokenizer.encode(prompt, true)?);
     };
-    let render = |content: &str| {
-        let mut m: Vec<Message> = system.map(Message::system).into_iter().collect();
-        m.push(Message::user(content));
-        tpl.render(&m, true)
-    };
-    let text = render(prompt)?;
-    let at = render("<query>")?.find("<query>").ok_or_else(|| {
-        Error::InvalidArgument("the chat template does not show the user's message".into())
-    })?;
+    let text = render_turn(tpl, system, prompt, true)?;
+    let at = render_turn(tpl, system, "<query>", true)?
+        .find("<query>")
+        .ok_or_else(|| {
+            Error::InvalidArgument("the chat template does not show the user's message".into())
+        })?;
     let rest = text.get(at..).ok_or_else(|| {
         Error::InvalidArgument("the chat template renders the prompt before the user's text".into())
     })?;
