@@ -237,8 +237,8 @@ mod mlx_lm {
 
     /// A cache written by `mlx_lm cache_prompt` loads here, the continuation prompt is
     /// tokenized as `mlx_lm generate --prompt-cache-file` does, and greedy decoding gives
-    /// mlx-lm's 16 tokens (also through a quantized KV cache: the file's keys are quantized as
-    /// they enter). A file of another shape is refused naming the tensor and the file.
+    /// mlx-lm's 16 tokens (also through an 8-bit quantized KV cache: the file's keys and values
+    /// are quantized as they enter). A file of another shape is refused naming the tensor and the file.
     #[test]
     fn mlx_lm_cache_file_continues_with_mlx_lm_tokens() {
         let g = golden();
@@ -251,6 +251,22 @@ mod mlx_lm {
         assert_eq!(ids, g.continuation_ids);
         let got = greedy(&m, &mut cache, &ids, g.tokens.len());
         assert_eq!(got, g.tokens, "ours from mlx-lm's cache vs mlx-lm");
+
+        // Into an 8-bit quantized cache (groups of 32: the head dim): the file's keys and values
+        // are quantized as they enter.
+        let q8 = KvCacheConfig {
+            kv_bits: Some(8),
+            kv_group_size: 32,
+            ..Default::default()
+        };
+        let mut cache = mlx_prompt_cache::load_for_model(&mlx_file(), &m, &q8).unwrap();
+        assert_eq!(cache.offset(), g.cache_ids.len());
+        let got = greedy(&m, &mut cache, &ids, g.tokens.len());
+        eprintln!("8-bit KV cache from mlx-lm's file: {got:?}");
+        assert_eq!(
+            got, g.tokens,
+            "ours from mlx-lm's cache, 8-bit KV, vs mlx-lm"
+        );
 
         // Our own prompt cache is not taken for an mlx-lm one.
         let dir = tempfile::tempdir().unwrap();
