@@ -256,6 +256,45 @@ pub(crate) fn experts(
         .collect()
 }
 
+/// Who wrote a depthwise convolution weight, told by its stored shape ([`conv_weight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConvLayout {
+    /// Hugging Face's `nn.Conv1d`: `[channels, 1, kernel]`.
+    HuggingFace,
+    /// mlx-lm's `sanitize`: `[channels, kernel, 1]`.
+    Mlx,
+    /// llama.cpp's converter, which squeezes the 1 away: `[channels, kernel]`.
+    Gguf,
+}
+
+/// The depthwise convolution weight `name` as `[channels, kernel]`, from any of the layouts of
+/// [`ConvLayout`] (LFM2's short convolution, the Gated DeltaNet's), and which one it was.
+///
+/// Errors: [`Error::Tensor`] naming `name` and the three shapes when it has none of them.
+pub(crate) fn conv_weight(
+    w: &dyn Weights,
+    name: &str,
+    channels: usize,
+    kernel: usize,
+) -> Result<(Tensor, ConvLayout)> {
+    let (c, k) = (channels, kernel);
+    let t = w
+        .tensor(name, &[c, 1, k])
+        .map(|t| (t, ConvLayout::HuggingFace))
+        .or_else(|_| w.tensor(name, &[c, k, 1]).map(|t| (t, ConvLayout::Mlx)))
+        .or_else(|_| w.tensor(name, &[c, k]).map(|t| (t, ConvLayout::Gguf)))
+        .map_err(|e| {
+            Error::tensor(
+                name,
+                format!(
+                    "expected [{c}, 1, {k}] (Hugging Face), [{c}, {k}, 1] (mlx-lm) or [{c}, {k}] \
+                     (GGUF): {e}"
+                ),
+            )
+        })?;
+    Ok((t.0.reshape((c, k))?, t.1))
+}
+
 /// A SwiGLU MLP `{prefix}.{gate,up,down}_proj` (no biases) of inner width `inter`: DeepSeek's
 /// and Qwen's shared experts, Hugging Face's per-expert weights.
 ///

@@ -26,9 +26,10 @@
 //!   experts run one expert slice at a time on our Q8_0 kernels): 16 greedy tokens equal to
 //!   llama.cpp's on that file.
 //! - llama.cpp's own conversions of `ministral3`, `gemma4_text`, `gpt_oss_mxfp4` (MXFP4
-//!   experts, ggml type 39) and `deepseek_v3` (f16; `kv_b_proj` split by the converter)
-//!   (`scripts/golden/tiny_gguf_2026.py`), at the end of this file: logits over a prompt
-//!   within a per-model bound of llama.cpp's on the same file, and 16 greedy tokens equal.
+//!   experts, ggml type 39), `deepseek_v3` (f16; `kv_b_proj` split by the converter),
+//!   `qwen3_5`, `qwen3_5_moe` and `qwen3_5_tiled` (`scripts/golden/tiny_gguf_2026.py`), at the
+//!   end of this file: logits over a prompt within a per-model bound of llama.cpp's on the
+//!   same file, and 16 greedy tokens equal.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -909,4 +910,27 @@ fn qwen3_5_moe_mlx_q4_matches_mlx_lm() -> Res<()> {
     // 8-bit activations move the logits by up to 2.29 (measured over prompt 1): a router
     // choice that flips swaps a whole expert's output, hence the looser bound.
     check_mlx_q4_logits("qwen3_5_moe", 2.5)
+}
+
+// Qwen3.5 as llama.cpp's `qwen35` / `qwen35moe` (`scripts/golden/tiny_gguf_2026.py`): the
+// converter's forms taken as they are (`-exp(A_log)` as `ssm_a`, the convolution weight
+// squeezed, norms holding their 1, the DeltaNet's value heads tiled), Q8_0 projections.
+
+#[test]
+fn qwen3_5_gguf_matches_llama_cpp() -> Res<()> {
+    check_llama_cpp("qwen3_5", "qwen3_5", "qwen3_5", 1e-3)?;
+    Ok(())
+}
+
+/// 2 key heads and 4 value heads: the converter's tiled value-head order is not the identity.
+#[test]
+fn qwen3_5_tiled_gguf_matches_llama_cpp() -> Res<()> {
+    check_llama_cpp("qwen3_5_tiled", "qwen3_5", "qwen3_5", 1e-3)?;
+    Ok(())
+}
+
+#[test]
+fn qwen3_5_moe_gguf_matches_llama_cpp() -> Res<()> {
+    check_llama_cpp("qwen3_5_moe", "qwen3_5_moe", "qwen3_5_moe", 1e-3)?;
+    Ok(())
 }
