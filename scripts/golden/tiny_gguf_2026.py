@@ -61,7 +61,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_moe import ROOT, vendored_llama_cpp  # noqa: E402
+from tiny_moe import ROOT, llamacpp_run, vendored_llama_cpp  # noqa: E402
 
 # (GGUF / golden name, source folder (None: made by `make_source`), golden file with the
 # prompts, `--outtype`, config.json fields added to a copy of the folder before converting,
@@ -107,27 +107,6 @@ base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 gemma.Gemma4Model.set_vocab = lambda self: self._set_vocab_gpt2()
 c.main()
 '''
-
-
-def llamacpp_run(path, ids, n):
-    """llama.cpp on GGUF `path` (f32 KV cache, no flash attention): the logits of every
-    position of prompt `ids`, then `n` greedy tokens with each step's top-1/top-2 margin.
-    `logits_all=True`: llama-cpp-python 0.3.36 keeps no logits in `scores` otherwise (its
-    `eval` leaves them to the sampler), and the argmax of zeros is token 0."""
-    from llama_cpp import Llama
-    llm = Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, verbose=False,
-                flash_attn=False, type_k=0, type_v=0, seed=0)  # type 0 = GGML_TYPE_F32
-    llm.eval(ids)
-    prompt_logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
-    toks, margins = [], []
-    for _ in range(n):
-        logits = np.array(llm.scores[llm.n_tokens - 1])
-        assert np.abs(logits).max() > 0, "llama.cpp returned no logits"
-        top = np.sort(logits)[::-1]
-        toks.append(int(np.argmax(logits)))
-        margins.append(float(top[0] - top[1]))
-        llm.eval([toks[-1]])
-    return prompt_logits, toks, margins
 
 
 def patched_copy(folder, extra):
