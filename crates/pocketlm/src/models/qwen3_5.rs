@@ -362,6 +362,7 @@ fn mlp(w: &dyn Weights, p: &str, cfg: &Qwen35Config) -> Result<Mlp> {
         top_k: k,
         norm_topk_prob: cfg.norm_topk_prob,
         selection_bias: None,
+        expert_scale: None,
         scale: 1.0,
         groups: None,
     })?;

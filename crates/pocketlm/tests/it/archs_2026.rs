@@ -12,8 +12,9 @@
 //!   MoE layers and renormalized top-k weights; `smollm3` has a NoPE layer; `gemma4_text` has
 //!   per-layer embeddings, KV-shared layers, keys-as-values full layers of their own head width
 //!   with proportional RoPE, sliding layers (window 8) and layer scalars; `ministral3` has YaRN
-//!   RoPE and the Llama-4 query temperature. The multimodal `gemma4` and `mistral3` layouts
-//!   are the text folders rewritten by the tests.
+//!   RoPE and the Llama-4 query temperature; `gemma4_moe` (`scripts/golden/tiny_gemma4_moe.py`,
+//!   at the end of this file) has Gemma 4's MoE block beside the MLP. The multimodal `gemma4`
+//!   and `mistral3` layouts are the text folders rewritten by the tests.
 //! - mlx-lm's own 4-bit conversions of `qwen3_moe` (stacked `switch_mlp` experts, 8-bit router,
 //!   float32 scales), `gemma4_text` and `ministral3`: 16 greedy tokens after prompt 1 equal to
 //!   mlx-lm's on that folder (for the last two on the weights dequantized at load, with
@@ -949,4 +950,20 @@ fn qwen3_5_tiled_gguf_matches_llama_cpp() -> Res<()> {
 fn qwen3_5_moe_gguf_matches_llama_cpp() -> Res<()> {
     check_llama_cpp("qwen3_5_moe", "qwen3_5_moe", "qwen3_5_moe", 1e-5)?;
     Ok(())
+}
+
+// Gemma 4 with the mixture-of-experts block (`scripts/golden/tiny_gemma4_moe.py`): 2 layers
+// `[sliding, full]`, each with the dense MLP and 4 GELU-tanh experts (top 2) beside it, the
+// router on the block's residual with `per_expert_scale`.
+
+#[test]
+fn gemma4_moe_matches_transformers() -> Res<()> {
+    // transformers' fused `experts.gate_up_proj` / `experts.down_proj`.
+    check_float("gemma4_moe", "gemma4")
+}
+
+#[test]
+fn gemma4_moe_mlx_q4_matches_mlx_lm() -> Res<()> {
+    // mlx-lm's stacked 4-bit `experts.switch_glu.*` and 8-bit `router.proj`.
+    check_mlx_q4_logits("gemma4_moe", 2.5)
 }
