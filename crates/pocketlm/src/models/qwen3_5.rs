@@ -604,7 +604,13 @@ impl Qwen35 {
         let factor = cfg.rotary_factor();
         let rotary = build::rotary_dim(hd, Some(factor))?;
         let scaling = RopeScaling::from_config(cfg.rope_scaling.as_ref())?;
-        let rope = RotaryEmbedding::new(rotary, cfg.rope_theta, &scaling, false, w.device())?;
+        // GGUF weights follow llama.cpp's angles (its multimodal RoPE gives every section the
+        // text position, so ggml's NEOX angles), others transformers'.
+        let rope = if w.layout().numerics == crate::nn::Numerics::Ggml {
+            RotaryEmbedding::new_ggml(rotary, cfg.rope_theta, &scaling, false, w.device())?
+        } else {
+            RotaryEmbedding::new(rotary, cfg.rope_theta, &scaling, false, w.device())?
+        };
         Ok(Self {
             embed_tokens,
             layers,
