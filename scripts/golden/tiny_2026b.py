@@ -29,7 +29,8 @@ Models (vocab 320, hidden 64, 4 query heads):
   (smaller block outputs let the tied embedding dominate: every position then predicts its
   own input token and greedy decoding repeats one token). config.json also carries `global_head_dim` and `num_global_key_value_heads`, as
   the Hub checkpoints do (transformers 5.24 writes only `per_layer_config`; mlx-lm reads only
-  the former). The MoE block (`enable_moe_block`) is not covered: pocketlm refuses it.
+  the former). The MoE block (`enable_moe_block`): `tiny_gemma4_moe.py`, which uses
+  `make_one` from here.
 - gemma4_text_mlx_q4: `mlx_lm.convert(quantize=True, q_bits=4, q_group_size=32,
   dtype="float32")` of gemma4_text (`per_layer_projection`, 16 wide, and the per-layer
   embedding, 80 wide, stay float); in gemma4_text.golden.safetensors `mlx_greedy`: mlx-lm's
@@ -114,49 +115,53 @@ def mlx_logits(folder, ids):
     return torch.from_numpy(np.array(out)).contiguous()
 
 
+def make_one(name, cls, cfg, extra, mlx_group, randomizer):
+    """Writes model `name` (`cls` from `cfg`, randomized by `randomizer(model)`, `extra` added
+    to config.json), its golden file and, with `mlx_group`, its mlx-lm 4-bit folder."""
+    out = os.path.join(ROOT, name)
+    tok = tokenizer("chatml")
+    cfg.bos_token_id = tok.bos_token_id
+    cfg.eos_token_id = tok.eos_token_id
+    cfg.pad_token_id = tok.pad_token_id
+    model = cls(cfg)
+    randomizer(model)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    cpath = os.path.join(out, "config.json")
+    with open(cpath) as f:
+        c = json.load(f)
+    c.update(extra)
+    with open(cpath, "w") as f:
+        json.dump(c, f, indent=2, sort_keys=True)
+    model = cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    tensors, toks, margins = float_goldens(model, tok)
+    if mlx_group:
+        from mlx_lm.convert import convert as mlx_convert
+        q4 = os.path.join(ROOT, f"{name}_mlx_q4")
+        shutil.rmtree(q4, ignore_errors=True)
+        mlx_convert(out, q4, quantize=True, q_group_size=mlx_group, q_bits=4,
+                    dtype="float32")
+        ids1 = tensors["ids1"].to(torch.int64).tolist()
+        mt = mlx_greedy(q4, ids1, 16)
+        tensors["mlx_greedy"] = torch.tensor(mt, dtype=torch.int64).to(torch.uint32)
+        tensors["mlx_logits1"] = mlx_logits(q4, ids1)
+        ft, _ = greedy(model, ids1, 16)
+        agree = next((i for i, (a, b) in enumerate(zip(ft, mt)) if a != b), 16)
+        print(f"{name}: mlx-lm q4 greedy {mt} ({agree} leading tokens equal transformers')")
+    save_file(tensors, os.path.join(ROOT, f"{name}.golden.safetensors"),
+              metadata={"transformers": transformers.__version__, "torch": torch.__version__})
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"{name}: folder {size // 1024} KB, greedy {toks}, min margin {min(margins):.3f}")
+    assert size < 400 * 1024, size
+
+
 def make():
     torch.manual_seed(0)
     for name, cls, cfg, extra, mlx_group in archs():
-        out = os.path.join(ROOT, name)
-        tok = tokenizer("chatml")
-        cfg.bos_token_id = tok.bos_token_id
-        cfg.eos_token_id = tok.eos_token_id
-        cfg.pad_token_id = tok.pad_token_id
-        model = cls(cfg)
-        if name.startswith("gemma4"):
-            randomize_gemma4(model)
-        else:
-            randomize(model, name)
-        model = model.to(torch.bfloat16)
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
-        cpath = os.path.join(out, "config.json")
-        with open(cpath) as f:
-            c = json.load(f)
-        c.update(extra)
-        with open(cpath, "w") as f:
-            json.dump(c, f, indent=2, sort_keys=True)
-        model = cls.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
-        tensors, toks, margins = float_goldens(model, tok)
-        if mlx_group:
-            from mlx_lm.convert import convert as mlx_convert
-            q4 = os.path.join(ROOT, f"{name}_mlx_q4")
-            shutil.rmtree(q4, ignore_errors=True)
-            mlx_convert(out, q4, quantize=True, q_group_size=mlx_group, q_bits=4,
-                        dtype="float32")
-            ids1 = tensors["ids1"].to(torch.int64).tolist()
-            mt = mlx_greedy(q4, ids1, 16)
-            tensors["mlx_greedy"] = torch.tensor(mt, dtype=torch.int64).to(torch.uint32)
-            tensors["mlx_logits1"] = mlx_logits(q4, ids1)
-            ft, _ = greedy(model, ids1, 16)
-            agree = next((i for i, (a, b) in enumerate(zip(ft, mt)) if a != b), 16)
-            print(f"{name}: mlx-lm q4 greedy {mt} ({agree} leading tokens equal transformers')")
-        save_file(tensors, os.path.join(ROOT, f"{name}.golden.safetensors"),
-                  metadata={"transformers": transformers.__version__, "torch": torch.__version__})
-        size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-        print(f"{name}: folder {size // 1024} KB, greedy {toks}, min margin {min(margins):.3f}")
-        assert size < 400 * 1024, size
-
+        randomizer = randomize_gemma4 if name.startswith("gemma4") else (
+            lambda model: randomize(model, name))
+        make_one(name, cls, cfg, extra, mlx_group, randomizer)
 
 if __name__ == "__main__":
     make()

@@ -15,7 +15,10 @@ How to run (from the repository root):
     /tmp/venv-moe/bin/pip install "torch==2.15.0" "transformers==5.24.0" "tokenizers==0.23.3" \
         "safetensors==0.8.0" "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" numpy scikit-build-core cmake
     /tmp/venv-moe/bin/pip install --no-build-isolation llama-cpp-python==0.3.36   # for --gguf
-    /tmp/venv-moe/bin/python scripts/golden/tiny_moe.py [--gguf]
+    /tmp/venv-moe/bin/python scripts/golden/tiny_moe.py [--gguf [--only NAME ...]]
+
+Without `--gguf` it clears the whole output folder first (the other scripts writing there then
+have to run again); `--gguf` writes only the GGUF files below and clears nothing.
 
 Versions used for the committed files: torch 2.15.0, transformers 5.24.0, tokenizers 0.23.3,
 safetensors 0.8.0, mlx 0.32.4, mlx-lm 0.32.2, llama-cpp-python 0.3.36, Python 3.11, Linux
@@ -42,8 +45,10 @@ Output under `crates/pocketlm/tests/golden/archs_2026/` (its own folder: `tiny_a
 - `--gguf`: `<name>.gguf` from llama.cpp's converter (`--outtype q8_0`, so that the experts run
   on our Q8_0 kernels one expert slice at a time; qwen3_moe_sparse and
   smollm3, which llama.cpp's `qwen3moe` / `smollm3` graphs accept: every layer MoE, NoPE every
-  4th layer), and `<name>.gguf_llamacpp.safetensors`: `greedy` `[16]` u32, llama.cpp's greedy
-  tokens after prompt 0 (f32 KV cache, no flash attention).
+  4th layer), and `<name>.gguf_llamacpp.safetensors`: llama.cpp on that file after prompt 0
+  (f32 KV cache, no flash attention, `logits_all=True`: without it llama-cpp-python 0.3.36
+  leaves `scores` at zero and every token came out 0): `logits` `[20, 320]` f32 at every
+  prompt position, `greedy` `[16]` u32 and `greedy_margin` `[16]` f32 (top-1 minus top-2).
 
 Models (hidden 64, heads 4 of width 16, KV heads 2, vocab 320, dense MLP width 64, an
 untied output layer of std 1.0 so that greedy steps are far from ties; folders under 400 KB):
@@ -160,17 +165,25 @@ c.main()
 '''
 
 
-def llamacpp_greedy(path, ids, n):
+def llamacpp_run(path, ids, n):
+    """llama.cpp on GGUF `path` (f32 KV cache, no flash attention): the logits of every
+    position of prompt `ids`, then `n` greedy tokens with each step's top-1/top-2 margin.
+    `logits_all=True`: llama-cpp-python 0.3.36 keeps no logits in `scores` otherwise (its
+    `eval` leaves them to the sampler), and the argmax of zeros is token 0."""
     from llama_cpp import Llama
-    llm = Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=False, verbose=False,
+    llm = Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, verbose=False,
                 flash_attn=False, type_k=0, type_v=0, seed=0)  # type 0 = GGML_TYPE_F32
     llm.eval(ids)
-    out = []
+    prompt_logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    toks, margins = [], []
     for _ in range(n):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(t)
-        llm.eval([t])
-    return out
+        logits = np.array(llm.scores[llm.n_tokens - 1])
+        assert np.abs(logits).max() > 0, "llama.cpp returned no logits"
+        top = np.sort(logits)[::-1]
+        toks.append(int(np.argmax(logits)))
+        margins.append(float(top[0] - top[1]))
+        llm.eval([toks[-1]])
+    return prompt_logits, toks, margins
 
 
 def float_goldens(model, tok):
@@ -225,10 +238,12 @@ def make_hf():
         assert size < 400 * 1024, size
 
 
-def make_gguf():
+def make_gguf(only):
     llama = vendored_llama_cpp()
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file, save_file as save_numpy
     for name in ["qwen3_moe_sparse", "smollm3"]:
+        if only and name not in only:
+            continue
         src = os.path.join(ROOT, name)
         gguf = os.path.join(ROOT, f"{name}.gguf")
         if os.path.exists(gguf):
@@ -236,18 +251,22 @@ def make_gguf():
         subprocess.check_call([sys.executable, "-c",
                                CONVERT.format(llama=llama, src=src, out=gguf)])
         ids0 = load_file(os.path.join(ROOT, f"{name}.golden.safetensors"))["ids0"]
-        toks = llamacpp_greedy(gguf, [int(i) for i in ids0], 16)
-        save_file({"greedy": np.array(toks, dtype=np.uint32)},
-                  os.path.join(ROOT, f"{name}.gguf_llamacpp.safetensors"))
-        print(f"{name}: llama.cpp greedy {toks}; gguf {os.path.getsize(gguf) // 1024} KB")
+        logits, toks, margins = llamacpp_run(gguf, [int(i) for i in ids0], 16)
+        save_numpy({"logits": logits, "greedy": np.array(toks, dtype=np.uint32),
+                 "greedy_margin": np.array(margins, dtype=np.float32)},
+                os.path.join(ROOT, f"{name}.gguf_llamacpp.safetensors"))
+        print(f"{name}: llama.cpp greedy {toks}, min margin {min(margins):.3f}; "
+              f"gguf {os.path.getsize(gguf) // 1024} KB")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", action="store_true", help="only the GGUF files and llama.cpp tokens")
+    ap.add_argument("--only", action="append",
+                    help="with --gguf: only this model's files (repeatable)")
     args = ap.parse_args()
     if args.gguf:
-        make_gguf()
+        make_gguf(args.only)
     else:
         make_hf()
 

@@ -22,6 +22,11 @@ use crate::{Error, Result};
 /// the parameters whose names do not follow the module pattern:
 /// `("mlp.gate.e_score_correction_bias", "exp_probs_b.bias")` stands for
 /// `model.layers.N.mlp.gate.e_score_correction_bias` <-> `blk.N.exp_probs_b.bias`.
+///
+/// Any pair also names a whole parameter when asked for by its exact name, for the GGUF tensors
+/// that llama.cpp writes without a suffix: `("linear_attn.A_log", "ssm_a")` stands for
+/// `model.layers.N.linear_attn.A_log` <-> `blk.N.ssm_a` (what such a tensor holds is the
+/// converter's form of the parameter, which the architecture undoes at load).
 #[derive(Debug)]
 pub struct NameTable {
     /// The architecture(s) the table serves, for error messages (`llama`).
@@ -54,14 +59,15 @@ fn is_parameter(gguf: &str) -> bool {
 }
 
 /// The other column of the pair of `pairs` whose `from` column is `name`, for a whole
-/// parameter, or for `{module}.{suffix}` with the suffix carried over.
+/// parameter (or any pair matched exactly), or for `{module}.{suffix}` with the suffix carried
+/// over.
 fn lookup(
     pairs: &[(&'static str, &'static str)],
     name: &str,
     from: fn(&(&'static str, &'static str)) -> &'static str,
     to: fn(&(&'static str, &'static str)) -> &'static str,
 ) -> Option<String> {
-    if let Some(p) = pairs.iter().find(|p| is_parameter(p.1) && from(p) == name) {
+    if let Some(p) = pairs.iter().find(|p| from(p) == name) {
         return Some(to(p).to_string());
     }
     let (module, suffix) = name.rsplit_once('.')?;

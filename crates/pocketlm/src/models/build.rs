@@ -213,7 +213,7 @@ pub(crate) struct ExpertShape {
 /// table), Hugging Face's fused `{p}.mlp.experts.gate_up_proj` `[n_experts, 2 · inter, hidden]`
 /// (gate rows first) and `{p}.mlp.experts.down_proj` `[n_experts, hidden, inter]` (transformers
 /// 5's `Qwen3_5MoeExperts`, the Qwen3.5 Hub checkpoints; float only), else Hugging Face's
-/// per-expert `{p}.mlp.experts.{e}.{gate,up,down}_proj`.
+/// per-expert `{p}.mlp.experts.{e}.{gate,up,down}_proj` ([`experts_at`]).
 ///
 /// Errors: a missing or misshapen weight, named.
 pub(crate) fn experts(
@@ -222,19 +222,36 @@ pub(crate) fn experts(
     shape: ExpertShape,
     numerics: Numerics,
 ) -> Result<Vec<GatedMlp>> {
+    let (stacked, hf) = (format!("{p}.mlp.switch_mlp"), format!("{p}.mlp.experts"));
+    experts_at(w, &stacked, &hf, shape, Activation::Silu, numerics)
+}
+
+/// Gated MLP experts of inner activation `activation` from stacked `{stacked}.{gate,up,down}_proj`
+/// ([`stacked_experts`]), else Hugging Face's fused `{hf}.gate_up_proj` `[n_experts, 2 · inter,
+/// hidden]` (gate rows first) and `{hf}.down_proj` `[n_experts, hidden, inter]` (float only),
+/// else per-expert `{hf}.{e}.{gate,up,down}_proj`.
+///
+/// Errors: a missing or misshapen weight, named.
+pub(crate) fn experts_at(
+    w: &dyn Weights,
+    stacked: &str,
+    hf: &str,
+    shape: ExpertShape,
+    activation: Activation,
+    numerics: Numerics,
+) -> Result<Vec<GatedMlp>> {
     let ExpertShape {
         n_experts: n,
         intermediate: inter,
         hidden: h,
     } = shape;
-    let stacked = format!("{p}.mlp.switch_mlp");
-    if let Some(e) = stacked_experts(w, &stacked, shape, false, Activation::Silu, numerics)? {
+    if let Some(e) = stacked_experts(w, stacked, shape, false, activation, numerics)? {
         return Ok(e);
     }
-    let fused = format!("{p}.mlp.experts.gate_up_proj");
+    let fused = format!("{hf}.gate_up_proj");
     if w.contains(&fused) {
         let gate_up = w.tensor(&fused, &[n, 2 * inter, h])?;
-        let down = w.tensor(&format!("{p}.mlp.experts.down_proj"), &[n, h, inter])?;
+        let down = w.tensor(&format!("{hf}.down_proj"), &[n, h, inter])?;
         return (0..n)
             .map(|e| {
                 let gu = gate_up.get(e)?;
@@ -245,15 +262,57 @@ pub(crate) fn experts(
                         up: dense(gu.narrow(0, inter, inter)?.contiguous()?),
                     },
                     down_proj: dense(down.get(e)?.contiguous()?),
-                    activation: Activation::Silu,
+                    activation,
                     numerics,
                 })
             })
             .collect();
     }
     (0..n)
-        .map(|e| swiglu(w, &format!("{p}.mlp.experts.{e}"), inter, h, numerics))
+        .map(|e| {
+            let mlp = swiglu(w, &format!("{hf}.{e}"), inter, h, numerics)?;
+            Ok(GatedMlp { activation, ..mlp })
+        })
         .collect()
+}
+
+/// Who wrote a depthwise convolution weight, told by its stored shape ([`conv_weight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConvLayout {
+    /// Hugging Face's `nn.Conv1d`: `[channels, 1, kernel]`.
+    HuggingFace,
+    /// mlx-lm's `sanitize`: `[channels, kernel, 1]`.
+    Mlx,
+    /// llama.cpp's converter, which squeezes the 1 away: `[channels, kernel]`.
+    Gguf,
+}
+
+/// The depthwise convolution weight `name` as `[channels, kernel]`, from any of the layouts of
+/// [`ConvLayout`] (LFM2's short convolution, the Gated DeltaNet's), and which one it was.
+///
+/// Errors: [`Error::Tensor`] naming `name` and the three shapes when it has none of them.
+pub(crate) fn conv_weight(
+    w: &dyn Weights,
+    name: &str,
+    channels: usize,
+    kernel: usize,
+) -> Result<(Tensor, ConvLayout)> {
+    let (c, k) = (channels, kernel);
+    let t = w
+        .tensor(name, &[c, 1, k])
+        .map(|t| (t, ConvLayout::HuggingFace))
+        .or_else(|_| w.tensor(name, &[c, k, 1]).map(|t| (t, ConvLayout::Mlx)))
+        .or_else(|_| w.tensor(name, &[c, k]).map(|t| (t, ConvLayout::Gguf)))
+        .map_err(|e| {
+            Error::tensor(
+                name,
+                format!(
+                    "expected [{c}, 1, {k}] (Hugging Face), [{c}, {k}, 1] (mlx-lm) or [{c}, {k}] \
+                     (GGUF): {e}"
+                ),
+            )
+        })?;
+    Ok((t.0.reshape((c, k))?, t.1))
 }
 
 /// A SwiGLU MLP `{prefix}.{gate,up,down}_proj` (no biases) of inner width `inter`: DeepSeek's

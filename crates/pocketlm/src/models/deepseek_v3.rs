@@ -461,6 +461,7 @@ fn mlp(w: &dyn Weights, i: usize, p: &str, cfg: &DeepseekV3Config) -> Result<Mlp
         top_k: cfg.num_experts_per_tok.unwrap_or(1),
         norm_topk_prob: cfg.norm_topk_prob.unwrap_or(true),
         selection_bias: Some(bias),
+        expert_scale: None,
         scale: cfg.routed_scaling_factor as f32,
         groups: Some(GroupLimit {
             n_groups: cfg.n_group.unwrap_or(1),

@@ -378,10 +378,20 @@ impl SandwichMlp {
 
     /// `x: [.., hidden]` f32 -> the normed MLP output `[.., hidden]` (without the residual).
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let m = self
-            .mlp
-            .forward(&self.pre_feedforward_layernorm.forward(x)?, mode)?;
-        self.post_feedforward_layernorm.forward(&m)
+        self.post_feedforward_layernorm
+            .forward(&self.inner(x, mode)?)
+    }
+
+    /// `mlp(pre_feedforward_layernorm(x))`, without the post norm: Gemma 4's MoE block normalizes
+    /// it on its own and adds the experts' output before [`Self::post`].
+    pub fn inner(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.mlp
+            .forward(&self.pre_feedforward_layernorm.forward(x)?, mode)
+    }
+
+    /// `post_feedforward_layernorm(y)`.
+    pub fn post(&self, y: &Tensor) -> Result<Tensor> {
+        self.post_feedforward_layernorm.forward(y)
     }
 }
 

@@ -22,13 +22,21 @@
 //!   With `use_double_wide_mlp` their MLP is twice as wide.
 //! - Logits soft-capped by `final_logit_softcapping` when set.
 //!
-//! Refused with an error: the mixture-of-experts block (`enable_moe_block: true`, the 26B-A4B
-//! model) and bidirectional attention on text (`use_bidirectional_attention: all`; `vision`
-//! only concerns image tokens and is accepted).
+//! - The mixture-of-experts block (`enable_moe_block`, Gemma-4-26B-A4B): beside the MLP,
+//!   `num_experts` GELU-tanh gated experts, `top_k_experts` per token, chosen by a router on
+//!   the block's residual `x`: `proj(rms_norm(x) · scale · hidden^-0.5)`, softmax, top-k
+//!   renormalized, each weight times the expert's `per_expert_scale`; the experts run on
+//!   `pre_feedforward_layernorm_2(x)`. The feed-forward output is then
+//!   `post_feedforward_layernorm(post_feedforward_layernorm_1(mlp) +
+//!   post_feedforward_layernorm_2(experts))` ([`ExpertBranch`]).
+//!
+//! Refused with an error: bidirectional attention on text (`use_bidirectional_attention: all`;
+//! `vision` only concerns image tokens and is accepted).
 //!
 //! Reference: Hugging Face `models/gemma4/configuration_gemma4.py` (`Gemma4TextConfig`),
 //! `modeling_gemma4.py` (`Gemma4TextModel`, `Gemma4ForCausalLM`), `modeling_rope_utils.py`
-//! (`_compute_proportional_rope_parameters`); mlx-lm `models/gemma4_text.py`, `gemma4.py`.
+//! (`_compute_proportional_rope_parameters`), `Gemma4TextRouter`, `Gemma4TextExperts`; mlx-lm
+//! `models/gemma4_text.py` (`Router`, `Experts`, `sanitize`), `gemma4.py`.
 
 use std::collections::HashMap;
 
@@ -41,8 +49,8 @@ use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::gemma::SandwichMlp;
 use crate::models::{build, CausalLM, Logits, ModelInfo};
 use crate::nn::{
-    gelu_tanh, softcap, Attention, AttentionPass, Embedding, KvSource, Linear, Mode, QkvProj,
-    RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
+    gelu_tanh, softcap, Activation, Attention, AttentionPass, Embedding, KvSource, Linear, Mode,
+    Moe, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, ScaleAt, Scoring,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -121,9 +129,18 @@ pub struct Gemma4Config {
     /// The last this many layers reuse earlier layers' keys and values.
     #[serde(default)]
     pub num_kv_shared_layers: usize,
-    /// Mixture-of-experts block beside the MLP (not supported).
+    /// Mixture-of-experts block beside the MLP.
     #[serde(default)]
     pub enable_moe_block: bool,
+    /// Routed experts per layer (with `enable_moe_block`).
+    #[serde(default)]
+    pub num_experts: Option<usize>,
+    /// Experts per token (with `enable_moe_block`).
+    #[serde(default)]
+    pub top_k_experts: Option<usize>,
+    /// Inner width of each expert (with `enable_moe_block`).
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
     /// KV-shared layers have MLPs of twice `intermediate_size`.
     #[serde(default)]
     pub use_double_wide_mlp: bool,
@@ -306,13 +323,35 @@ impl Gemma4Config {
         Ok((theta, RopeScaling::from_config(Some(&v))?))
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.enable_moe_block {
+    /// The experts' sizes and `top_k_experts` with `enable_moe_block`, else `None`.
+    ///
+    /// Errors: [`Error::Model`] naming a missing field or a top-k of 0 or above the experts.
+    fn experts(&self) -> Result<Option<(build::ExpertShape, usize)>> {
+        if !self.enable_moe_block {
+            return Ok(None);
+        }
+        let need = |v: Option<usize>, f: &str| {
+            v.filter(|&n| n > 0)
+                .ok_or_else(|| bad(f, "missing or 0 (and `enable_moe_block` is true)"))
+        };
+        let n = need(self.num_experts, "num_experts")?;
+        let k = need(self.top_k_experts, "top_k_experts")?;
+        if k > n {
             return Err(bad(
-                "enable_moe_block",
-                "true (Gemma 4's mixture-of-experts block) is not supported",
+                "top_k_experts",
+                format!("{k} is above num_experts {n}"),
             ));
         }
+        let shape = build::ExpertShape {
+            n_experts: n,
+            intermediate: need(self.moe_intermediate_size, "moe_intermediate_size")?,
+            hidden: self.hidden_size,
+        };
+        Ok(Some((shape, k)))
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.experts()?;
         // `vision` makes only image tokens attend both ways (HF: text stays causal), which a
         // text-only model never sees; `all` makes every layer bidirectional.
         match self.use_bidirectional_attention.as_deref() {
@@ -356,17 +395,99 @@ struct PerLayerBranch {
     norm: RmsNorm,
 }
 
+/// Gemma 4's mixture-of-experts branch beside the MLP (`enable_moe_block`; HF
+/// `Gemma4TextDecoderLayer`'s `router`, `experts` and extra norms), see the module docs.
+#[derive(Debug)]
+struct ExpertBranch {
+    /// The router's input norm: plain RMSNorm of weight `router.scale · hidden^-0.5` (mlx-lm's
+    /// `rms_norm(x, scale · root_size)`).
+    router_norm: RmsNorm,
+    /// Router (`router.proj`, softmax top-k renormalized, `router.per_expert_scale`) and the
+    /// GELU-tanh gated experts.
+    moe: Moe,
+    pre_feedforward_layernorm_2: RmsNorm,
+    post_feedforward_layernorm_1: RmsNorm,
+    post_feedforward_layernorm_2: RmsNorm,
+}
+
+impl ExpertBranch {
+    /// The branch of block prefix `p` (Hugging Face's fused `experts.gate_up_proj` /
+    /// `experts.down_proj`, mlx-lm's stacked `experts.switch_glu.*`), norms made by `norm`.
+    fn load(
+        w: &dyn Weights,
+        p: &str,
+        (shape, top_k): (build::ExpertShape, usize),
+        norm: &dyn Fn(&str, usize) -> Result<RmsNorm>,
+        eps: f64,
+    ) -> Result<Self> {
+        let h = shape.hidden;
+        let n = shape.n_experts;
+        let r = format!("{p}.router");
+        let root = (h as f64).powf(-0.5);
+        let scale = (w.tensor(&format!("{r}.scale"), &[h])? * root)?;
+        let per_expert = w.tensor(&format!("{r}.per_expert_scale"), &[n])?;
+        let router = Router {
+            gate: w.linear(&format!("{r}.proj"), n, h, false)?,
+            scoring: Scoring::Softmax,
+            top_k,
+            norm_topk_prob: true,
+            selection_bias: None,
+            expert_scale: Some(per_expert.to_vec1::<f32>()?),
+            scale: 1.0,
+            groups: None,
+        };
+        let (stacked, hf) = (format!("{p}.experts.switch_glu"), format!("{p}.experts"));
+        let numerics = w.layout().numerics;
+        let experts = build::experts_at(w, &stacked, &hf, shape, Activation::GeluTanh, numerics)?;
+        let n = |s: &str| norm(&format!("{p}.{s}.weight"), h);
+        Ok(Self {
+            router_norm: RmsNorm::new(scale, eps, false)?,
+            moe: Moe {
+                router,
+                experts,
+                shared: None,
+            },
+            pre_feedforward_layernorm_2: n("pre_feedforward_layernorm_2")?,
+            post_feedforward_layernorm_1: n("post_feedforward_layernorm_1")?,
+            post_feedforward_layernorm_2: n("post_feedforward_layernorm_2")?,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     ffn: SandwichMlp,
+    /// The mixture-of-experts branch beside `ffn`, with `enable_moe_block`.
+    experts: Option<ExpertBranch>,
     per_layer: Option<PerLayerBranch>,
     layer_scalar: f64,
     kv: KvSlot,
     /// Index into [`Gemma4::ropes`].
     rope: usize,
+}
+
+impl Block {
+    /// The feed-forward part on the residual `x: [.., hidden]` f32, without the residual: the
+    /// MLP, or with [`ExpertBranch`] the MLP and the experts (module docs).
+    fn feed_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mode = Mode::Inference;
+        let Some(e) = &self.experts else {
+            return self.ffn.forward(x, mode);
+        };
+        let h1 = e
+            .post_feedforward_layernorm_1
+            .forward(&self.ffn.inner(x, mode)?)?;
+        let h2 = e.moe.forward_routed(
+            &e.router_norm.forward(x)?,
+            &e.pre_feedforward_layernorm_2.forward(x)?,
+            mode,
+        )?;
+        let h2 = e.post_feedforward_layernorm_2.forward(&h2)?;
+        self.ffn.post(&(h1 + h2)?)
+    }
 }
 
 /// The per-layer embeddings (PLE) of the whole model.
@@ -436,6 +557,7 @@ impl Gemma4 {
             )
         };
         let ple = cfg.ple_width();
+        let moe = cfg.experts()?;
         let mut ropes: Vec<(bool, usize, RotaryEmbedding)> = Vec::new();
         let mut layers = Vec::with_capacity(plan.len());
         let mut n_caches = 0;
@@ -522,6 +644,10 @@ impl Gemma4 {
                 },
                 post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn: SandwichMlp::load(w, &p, lp.intermediate, h, &norm)?,
+                experts: match moe {
+                    Some(m) => Some(ExpertBranch::load(w, &p, m, &norm, cfg.rms_norm_eps)?),
+                    None => None,
+                },
                 per_layer,
                 layer_scalar,
                 kv,
@@ -630,7 +756,7 @@ impl CausalLM for Gemma4 {
                 .forward_kv(&hn, &passes[layer.rope], source)?;
             kvs[i] = Some(kv);
             x = (layer.post_attention_layernorm.forward(&a)? + x)?;
-            x = (layer.ffn.forward(&x, Mode::Inference)? + x)?;
+            x = (layer.feed_forward(&x)? + x)?;
             if let (Some(b), Some(inputs)) = (&layer.per_layer, &per_layer) {
                 let g = gelu_tanh(&b.gate.forward(&x)?)?;
                 let g = (g * inputs.narrow(2, i, 1)?.squeeze(2)?)?;
@@ -890,11 +1016,25 @@ mod tests {
 
     #[test]
     fn unsupported_fields_are_named() {
+        // The MoE block needs its sizes; the top-k must fit the experts.
         let e = config(serde_json::json!({"enable_moe_block": true}))
             .validate()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("enable_moe_block"), "{e}");
+        assert!(
+            e.contains("num_experts") && e.contains("enable_moe_block"),
+            "{e}"
+        );
+        let moe = |k: usize| {
+            config(
+                serde_json::json!({"enable_moe_block": true, "num_experts": 4,
+                "top_k_experts": k, "moe_intermediate_size": 8}),
+            )
+            .validate()
+        };
+        assert!(moe(2).is_ok());
+        let e = moe(5).unwrap_err().to_string();
+        assert!(e.contains("top_k_experts"), "{e}");
         let bi = |m: &str| config(serde_json::json!({"use_bidirectional_attention": m})).validate();
         assert!(bi("vision").is_ok());
         let e = bi("all").unwrap_err().to_string();

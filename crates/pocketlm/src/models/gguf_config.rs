@@ -12,6 +12,19 @@ use crate::{Error, Result};
 ///
 /// Errors: a missing required key or an unsupported `rope.scaling.type`, naming the file.
 pub fn common(g: &GgufFile) -> Result<serde_json::Value> {
+    let mut c = without_ffn(g)?;
+    let ff = g.get_usize(&format!("{}.feed_forward_length", g.architecture()?))?;
+    if let Some(o) = c.as_object_mut() {
+        o.insert("intermediate_size".into(), ff.into());
+    }
+    Ok(c)
+}
+
+/// [`common`] without `intermediate_size`, for architectures whose files may lack
+/// `{arch}.feed_forward_length` (llama.cpp's `qwen35moe`: experts only).
+///
+/// Errors: as [`common`].
+pub fn without_ffn(g: &GgufFile) -> Result<serde_json::Value> {
     let arch = g.architecture()?;
     let k = |s: &str| format!("{arch}.{s}");
     let heads = g.get_usize(&k("attention.head_count"))?;
@@ -66,7 +79,6 @@ pub fn common(g: &GgufFile) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "model_type": arch,
         "hidden_size": hidden,
-        "intermediate_size": g.get_usize(&k("feed_forward_length"))?,
         "num_hidden_layers": g.get_usize(&k("block_count"))?,
         "num_attention_heads": heads,
         "num_key_value_heads": g.opt_usize(&k("attention.head_count_kv"))?.unwrap_or(heads),

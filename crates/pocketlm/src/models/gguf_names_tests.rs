@@ -227,6 +227,18 @@ fn whole_parameter_names_of_this_rounds_architectures() {
             "model.layers.0.self_attn.q_proj.weight",
             "blk.0.attn_q.weight",
         ),
+        // llama.cpp's suffix-less `ssm_a`, matched by its exact name.
+        ("qwen35", "model.layers.2.linear_attn.A_log", "blk.2.ssm_a"),
+        (
+            "qwen35moe",
+            "model.layers.2.linear_attn.dt_bias",
+            "blk.2.ssm_dt.bias",
+        ),
+        (
+            "qwen35moe",
+            "model.layers.0.mlp.shared_expert_gate.weight",
+            "blk.0.ffn_gate_inp_shexp.weight",
+        ),
     ] {
         let t = table(arch);
         assert_eq!(t.to_gguf(hf, f).unwrap(), g, "{arch}");

@@ -241,6 +241,7 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
                 top_k: oss.num_experts_per_tok,
                 norm_topk_prob: true,
                 selection_bias: None,
+                expert_scale: None,
                 scale: 1.0,
                 groups: None,
             },

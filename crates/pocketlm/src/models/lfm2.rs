@@ -258,27 +258,6 @@ pub struct Lfm2 {
     device: Device,
 }
 
-/// The convolution weight `{p}.conv.conv.weight` as `[hidden, kernel]`: Hugging Face stores
-/// `[hidden, 1, kernel]`, mlx-lm's `sanitize` `[hidden, kernel, 1]`, llama.cpp's converter
-/// `[hidden, kernel]`.
-fn conv_weight(w: &dyn Weights, p: &str, hidden: usize, kernel: usize) -> Result<Tensor> {
-    let name = format!("{p}.conv.conv.weight");
-    let t = w
-        .tensor(&name, &[hidden, 1, kernel])
-        .or_else(|_| w.tensor(&name, &[hidden, kernel, 1]))
-        .or_else(|_| w.tensor(&name, &[hidden, kernel]))
-        .map_err(|e| {
-            Error::tensor(
-                &name,
-                format!(
-                    "expected [{hidden}, 1, {kernel}] (Hugging Face), [{hidden}, {kernel}, 1] \
-                     (mlx-lm) or [{hidden}, {kernel}] (GGUF): {e}"
-                ),
-            )
-        })?;
-    Ok(t.reshape((hidden, kernel))?)
-}
-
 /// GGUF tensor names of llama.cpp's `lfm2` (`llama-arch.cpp`; `tensor_mapping.py` maps
 /// `model.embedding_norm`, the final norm, to `token_embd_norm`).
 pub static GGUF_NAMES: NameTable = NameTable {
@@ -415,7 +394,8 @@ impl Lfm2 {
                     true => Some(w.tensor(&format!("{p}.conv.conv.bias"), &[h])?),
                     false => None,
                 };
-                let weight = conv_weight(w, &p, h, cfg.conv_l_cache)?;
+                let name = format!("{p}.conv.conv.weight");
+                let (weight, _) = build::conv_weight(w, &name, h, cfg.conv_l_cache)?;
                 Operator::Conv(ShortConv {
                     in_proj: w.linear(&format!("{p}.conv.in_proj"), 3 * h, h, bias)?,
                     conv: CausalConv1d::new(weight, conv_bias)?,

@@ -543,10 +543,10 @@ pub static REGISTRY: &[Architecture] = &[
     Architecture {
         // One builder for the dense and the MoE model (`num_experts` tells them apart).
         model_types: &["qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"],
-        gguf_architectures: &[],
-        gguf_names: None,
+        gguf_architectures: &["qwen35", "qwen35moe"],
+        gguf_names: Some(&qwen3_5::GGUF_NAMES),
         gguf_qk_rows: QkRowOrder::HuggingFace,
-        config_from_gguf: safetensors_only, // unused: no GGUF architecture listed
+        config_from_gguf: qwen3_5::config_from_gguf,
         build: qwen3_5::build,
     },
     Architecture {
@@ -589,15 +589,6 @@ impl Architecture {
             device,
         ))
     }
-}
-
-/// The GGUF reader of an architecture read from safetensors folders only (never called: such
-/// an entry lists no GGUF architecture).
-fn safetensors_only(g: &GgufFile) -> Result<serde_json::Value> {
-    Err(Error::Model(format!(
-        "{}: this architecture is read from safetensors folders only",
-        g.path().display()
-    )))
 }
 
 fn supported() -> String {

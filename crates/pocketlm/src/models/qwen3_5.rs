@@ -24,20 +24,30 @@
 //! convolution weight's shape. MoE experts load from mlx-lm's stacked `switch_mlp`, the Hub's
 //! fused `experts.gate_up_proj` or transformers' per-expert names ([`build::experts`]).
 //!
+//! GGUF files of llama.cpp's `qwen35` / `qwen35moe` load through [`GGUF_NAMES`] and
+//! [`config_from_gguf`]. llama.cpp's converter (`conversion/qwen.py`, `Qwen3NextModel` and
+//! `_LinearAttentionVReorderBase`) stores the convolution weight squeezed to `[conv_dim,
+//! kernel]`, which tells this layout apart, `-exp(A_log)` in place of `A_log` (`ssm_a`), the
+//! zero-centred norms with their 1 added, and the DeltaNet's value heads tiled instead of
+//! grouped by key head ([`ValueHeadOrder::Tiled`]); the layer takes these forms as they are.
+//!
 //! Reference: Hugging Face `models/qwen3_5/modeling_qwen3_5.py`, `configuration_qwen3_5.py`,
 //! `models/qwen3_5_moe/modeling_qwen3_5_moe.py` (transformers 5.24); mlx-lm `models/qwen3_5.py`,
-//! `qwen3_5_moe.py`, `qwen3_next.py` (0.32.2).
+//! `qwen3_5_moe.py`, `qwen3_next.py` (0.32.2); llama.cpp as vendored by llama-cpp-python 0.3.36
+//! (`conversion/qwen.py`, `src/models/qwen35.cpp`, `qwen35moe.cpp`).
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::gguf::names::{self, NameTable};
+use crate::gguf::GgufFile;
 use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
-use crate::models::build::{self, ExpertShape};
+use crate::models::build::{self, ConvLayout, ExpertShape};
 use crate::models::decoder::Mlp;
 use crate::models::{CausalLM, Logits, ModelInfo};
 use crate::nn::{
     Attention, AttentionPass, CausalConv1d, DeltaHeads, Embedding, GatedDeltaNet, Linear, Mode,
-    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, Scoring, SharedExpert,
+    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, Scoring, SharedExpert, ValueHeadOrder,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -206,12 +216,14 @@ impl Qwen35Config {
             .unwrap_or(0.25)
     }
 
-    fn delta_heads(&self) -> Result<DeltaHeads> {
+    /// The DeltaNet heads, their value heads in `order`.
+    fn delta_heads(&self, order: ValueHeadOrder) -> Result<DeltaHeads> {
         let h = DeltaHeads {
             n_k: self.linear_num_key_heads,
             n_v: self.linear_num_value_heads,
             d_k: self.linear_key_head_dim,
             d_v: self.linear_value_head_dim,
+            order,
         };
         if h.n_k == 0 || h.d_k == 0 || h.d_v == 0 || !h.n_v.is_multiple_of(h.n_k) || h.n_v == 0 {
             return Err(bad(
@@ -263,43 +275,15 @@ pub struct Qwen35 {
     device: Device,
 }
 
-/// The DeltaNet convolution weight `{a}.conv1d.weight` as `[conv_dim, kernel]`, and whether it
-/// was stored in mlx-lm's sanitized layout `[conv_dim, kernel, 1]` (Hugging Face: `[conv_dim,
-/// 1, kernel]`).
-fn conv_weight(w: &dyn Weights, a: &str, c: usize, kernel: usize) -> Result<(Tensor, bool)> {
-    let name = format!("{a}.conv1d.weight");
-    let (t, mlx) = match w.tensor(&name, &[c, 1, kernel]) {
-        Ok(t) => (t, false),
-        Err(_) => (
-            w.tensor(&name, &[c, kernel, 1]).map_err(|e| {
-                Error::tensor(
-                    &name,
-                    format!(
-                        "expected [{c}, 1, {kernel}] (Hugging Face) or [{c}, {kernel}, 1] \
-                         (mlx-lm): {e}"
-                    ),
-                )
-            })?,
-            true,
-        ),
-    };
-    Ok((t.reshape((c, kernel))?, mlx))
-}
-
 /// A per-value-head vector `{a}.{name}` `[n_v]` on the host.
 fn head_values(w: &dyn Weights, a: &str, name: &str, n_v: usize) -> Result<Vec<f32>> {
     let t = w.tensor(&format!("{a}.{name}"), &[n_v])?;
     Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
-/// The Gated DeltaNet of block prefix `p` (`{p}.linear_attn.*`), and whether its convolution
-/// weight is in mlx-lm's layout.
-fn delta_net(
-    w: &dyn Weights,
-    p: &str,
-    cfg: &Qwen35Config,
-    heads: DeltaHeads,
-) -> Result<(GatedDeltaNet, bool)> {
+/// The Gated DeltaNet of block prefix `p` (`{p}.linear_attn.*`), and the layout of its
+/// convolution weight, which tells whose checkpoint this is (see the module docs).
+fn delta_net(w: &dyn Weights, p: &str, cfg: &Qwen35Config) -> Result<(GatedDeltaNet, ConvLayout)> {
     let a = format!("{p}.linear_attn");
     let h = cfg.hidden_size;
     let kernel = cfg.linear_conv_kernel_dim;
@@ -309,8 +293,19 @@ fn delta_net(
             format!("{kernel} must be at least 2"),
         ));
     }
+    let conv_dim = cfg.delta_heads(ValueHeadOrder::Grouped)?.conv_dim();
+    let (weight, layout) = build::conv_weight(w, &format!("{a}.conv1d.weight"), conv_dim, kernel)?;
+    let heads = cfg.delta_heads(match layout {
+        ConvLayout::Gguf => ValueHeadOrder::Tiled,
+        ConvLayout::HuggingFace | ConvLayout::Mlx => ValueHeadOrder::Grouped,
+    })?;
     let vd = heads.n_v * heads.d_v;
-    let (weight, mlx) = conv_weight(w, &a, heads.conv_dim(), kernel)?;
+    // llama.cpp's converter stores `-exp(A_log)` (`ssm_a`).
+    let a_log = head_values(w, &a, "A_log", heads.n_v)?;
+    let neg_a = match layout {
+        ConvLayout::Gguf => a_log,
+        ConvLayout::HuggingFace | ConvLayout::Mlx => a_log.into_iter().map(|l| -l.exp()).collect(),
+    };
     let lin =
         |name: &str, out: usize, inp: usize| w.linear(&format!("{a}.{name}"), out, inp, false);
     let net = GatedDeltaNet {
@@ -319,10 +314,7 @@ fn delta_net(
         in_proj_b: lin("in_proj_b", heads.n_v, h)?,
         in_proj_a: lin("in_proj_a", heads.n_v, h)?,
         conv: CausalConv1d::new(weight, None)?,
-        neg_a: head_values(w, &a, "A_log", heads.n_v)?
-            .into_iter()
-            .map(|l| -l.exp())
-            .collect(),
+        neg_a,
         dt_bias: head_values(w, &a, "dt_bias", heads.n_v)?,
         norm: RmsNorm::new(
             w.tensor(&format!("{a}.norm.weight"), &[heads.d_v])?,
@@ -332,7 +324,7 @@ fn delta_net(
         out_proj: lin("out_proj", h, vd)?,
         heads,
     };
-    Ok((net, mlx))
+    Ok((net, layout))
 }
 
 /// The feed-forward of block prefix `p`: a SwiGLU MLP, or the routed experts with the shared
@@ -370,6 +362,7 @@ fn mlp(w: &dyn Weights, p: &str, cfg: &Qwen35Config) -> Result<Mlp> {
         top_k: k,
         norm_topk_prob: cfg.norm_topk_prob,
         selection_bias: None,
+        expert_scale: None,
         scale: 1.0,
         groups: None,
     })?;
@@ -381,6 +374,142 @@ fn mlp(w: &dyn Weights, p: &str, cfg: &Qwen35Config) -> Result<Mlp> {
         });
     }
     Ok(Mlp::Moe(Box::new(moe)))
+}
+
+/// GGUF tensor names of llama.cpp's `qwen35` and `qwen35moe` (`llama-arch.cpp`,
+/// `tensor_mapping.py`). `ssm_a` holds `-exp(A_log)` and has no suffix; the routed experts
+/// `ffn_{gate,up,down}_exps` `[n_experts, out, in]` are named as mlx-lm's stacked
+/// `mlp.switch_mlp.*` (the converter stacks the per-expert tensors).
+pub static GGUF_NAMES: NameTable = NameTable {
+    name: "qwen35",
+    global: names::GLOBAL,
+    block: &[
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("linear_attn.in_proj_qkv", "attn_qkv"),
+        ("linear_attn.in_proj_z", "attn_gate"),
+        ("linear_attn.in_proj_a", "ssm_alpha"),
+        ("linear_attn.in_proj_b", "ssm_beta"),
+        ("linear_attn.conv1d", "ssm_conv1d"),
+        ("linear_attn.dt_bias", "ssm_dt.bias"),
+        ("linear_attn.A_log", "ssm_a"),
+        ("linear_attn.norm", "ssm_norm"),
+        ("linear_attn.out_proj", "ssm_out"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("mlp.gate", "ffn_gate_inp"),
+        ("mlp.switch_mlp.gate_proj", "ffn_gate_exps"),
+        ("mlp.switch_mlp.up_proj", "ffn_up_exps"),
+        ("mlp.switch_mlp.down_proj", "ffn_down_exps"),
+        ("mlp.shared_expert.gate_proj", "ffn_gate_shexp"),
+        ("mlp.shared_expert.up_proj", "ffn_up_shexp"),
+        ("mlp.shared_expert.down_proj", "ffn_down_shexp"),
+        ("mlp.shared_expert_gate", "ffn_gate_inp_shexp"),
+    ],
+    gguf_only: &[],
+};
+
+/// An HF-style config (`Qwen3_5TextConfig` / `Qwen3_5MoeTextConfig` names) from the metadata of
+/// a GGUF `qwen35` / `qwen35moe` file (llama.cpp's `Qwen3NextModel.set_gguf_parameters`): the
+/// common keys ([`super::gguf_config::without_ffn`]); the DeltaNet's from `ssm.conv_kernel`,
+/// `ssm.state_size` (key head width), `ssm.group_count` (key heads), `ssm.time_step_rank`
+/// (value heads) and `ssm.inner_size` (value heads · value head width); the layer kinds from
+/// `attention.recurrent_layers`, else `full_attention_interval`; RoPE's share of each head from
+/// `rope.dimension_count`; the experts from `expert_count`, `expert_used_count`,
+/// `expert_feed_forward_length` and `expert_shared_feed_forward_length`, their weights
+/// renormalized as llama.cpp's graph does. `rope.dimension_sections` (multimodal RoPE) is not
+/// read: for text every section has the same position.
+///
+/// Errors: a missing or mistyped key, or inconsistent head counts, naming the file.
+pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
+    let arch = g.architecture()?;
+    let k = |s: &str| format!("{arch}.{s}");
+    let bad = |msg: String| Error::Model(format!("{}: {msg}", g.path().display()));
+    let mut c = super::gguf_config::without_ffn(g)?;
+    let n = g.get_usize(&k("block_count"))?;
+    let head_dim = g.get_usize(&k("attention.key_length"))?;
+    let rotary = g.get_usize(&k("rope.dimension_count"))?;
+    let v_heads = g.get_usize(&k("ssm.time_step_rank"))?;
+    let inner = g.get_usize(&k("ssm.inner_size"))?;
+    if v_heads == 0 || !inner.is_multiple_of(v_heads) || head_dim == 0 {
+        return Err(bad(format!(
+            "`{arch}.ssm.inner_size` {inner} is not a multiple of `{arch}.ssm.time_step_rank` \
+             {v_heads}, or `{arch}.attention.key_length` is 0"
+        )));
+    }
+    let o = c
+        .as_object_mut()
+        .ok_or_else(|| bad("the GGUF config is not an object".into()))?;
+    let mut set = |key: &str, v: serde_json::Value| o.insert(key.into(), v);
+    set(
+        "intermediate_size",
+        g.opt_usize(&k("feed_forward_length"))?.into(),
+    );
+    set(
+        "partial_rotary_factor",
+        (rotary as f64 / head_dim as f64).into(),
+    );
+    set(
+        "linear_conv_kernel_dim",
+        g.get_usize(&k("ssm.conv_kernel"))?.into(),
+    );
+    set(
+        "linear_key_head_dim",
+        g.get_usize(&k("ssm.state_size"))?.into(),
+    );
+    set(
+        "linear_num_key_heads",
+        g.get_usize(&k("ssm.group_count"))?.into(),
+    );
+    set("linear_num_value_heads", v_heads.into());
+    set("linear_value_head_dim", (inner / v_heads).into());
+    if g.has(&k("attention.recurrent_layers")) {
+        let recurrent = g.get_bool_array(&k("attention.recurrent_layers"))?;
+        if recurrent.len() < n {
+            return Err(bad(format!(
+                "`{arch}.attention.recurrent_layers` has {} entries for {n} layers",
+                recurrent.len()
+            )));
+        }
+        let types: Vec<&str> = recurrent[..n]
+            .iter()
+            .map(|&r| {
+                if r {
+                    "linear_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        set("layer_types", types.into());
+    } else if let Some(i) = g.opt_usize(&k("full_attention_interval"))? {
+        set("full_attention_interval", i.into());
+    }
+    if g.has(&k("expert_count")) {
+        let moe = [
+            ("num_experts", "expert_count"),
+            ("num_experts_per_tok", "expert_used_count"),
+            ("moe_intermediate_size", "expert_feed_forward_length"),
+        ];
+        for (name, key) in moe {
+            set(name, g.get_usize(&k(key))?.into());
+        }
+        let shared = match g.opt_usize(&k("expert_shared_feed_forward_length"))? {
+            Some(s) => s,
+            // llama.cpp's default (`qwen35moe.cpp`): the dense width.
+            None => g.get_usize(&k("feed_forward_length"))?,
+        };
+        set("shared_expert_intermediate_size", shared.into());
+        set("norm_topk_prob", true.into());
+    }
+    Ok(c)
 }
 
 /// Builds a Qwen3.5 model (dense or MoE) from an HF-style config (the text model's, or a
@@ -423,9 +552,10 @@ impl Qwen35 {
         let kinds = cfg.full_attention_layers()?;
         let eps = cfg.rms_norm_eps;
         let bias = cfg.attention_bias;
-        // The zero-centred norms' 1 is added at load unless mlx-lm's sanitize stored it, which
-        // the first DeltaNet's convolution layout tells (a model without one: Hugging Face's).
-        let mut mlx_layout = None;
+        // The zero-centred norms' 1 is added at load unless mlx-lm's sanitize or llama.cpp's
+        // converter stored it, which the first DeltaNet's convolution layout tells (a model
+        // without one: as the weight source says).
+        let mut layout = None;
         let mut mixers = Vec::with_capacity(kinds.len());
         for (i, &full) in kinds.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -443,13 +573,16 @@ impl Qwen35 {
                     ..Attention::plain(qkv, lin("o_proj", h, nh * hd)?, nh, nkv, hd)
                 })
             } else {
-                let (net, mlx) = delta_net(w, &p, cfg, cfg.delta_heads()?)?;
-                mlx_layout.get_or_insert(mlx);
+                let (net, l) = delta_net(w, &p, cfg)?;
+                layout.get_or_insert(l);
                 Mixer::Linear(net)
             };
             mixers.push(mixer);
         }
-        let unit_offset = !mlx_layout.unwrap_or(false);
+        let unit_offset = match layout {
+            Some(l) => l == ConvLayout::HuggingFace,
+            None => !w.layout().norm_offset_included,
+        };
         let norm =
             |name: String, width: usize| RmsNorm::new(w.tensor(&name, &[width])?, eps, unit_offset);
         let mut layers = Vec::with_capacity(mixers.len());
@@ -471,7 +604,13 @@ impl Qwen35 {
         let factor = cfg.rotary_factor();
         let rotary = build::rotary_dim(hd, Some(factor))?;
         let scaling = RopeScaling::from_config(cfg.rope_scaling.as_ref())?;
-        let rope = RotaryEmbedding::new(rotary, cfg.rope_theta, &scaling, false, w.device())?;
+        // GGUF weights follow llama.cpp's angles (its multimodal RoPE gives every section the
+        // text position, so ggml's NEOX angles), others transformers'.
+        let rope = if w.layout().numerics == crate::nn::Numerics::Ggml {
+            RotaryEmbedding::new_ggml(rotary, cfg.rope_theta, &scaling, false, w.device())?
+        } else {
+            RotaryEmbedding::new(rotary, cfg.rope_theta, &scaling, false, w.device())?
+        };
         Ok(Self {
             embed_tokens,
             layers,
@@ -606,9 +745,14 @@ mod tests {
         let c = cfg(serde_json::json!({"rope_parameters": {"partial_rotary_factor": 0.5}}));
         assert_eq!(c.rotary_factor(), 0.5);
         let c = cfg(serde_json::json!({"linear_num_key_heads": 3}));
-        let e = c.delta_heads().unwrap_err().to_string();
+        let e = c
+            .delta_heads(ValueHeadOrder::Grouped)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("linear_num_value_heads"), "{e}");
-        let h = cfg(serde_json::json!({})).delta_heads().unwrap();
+        let h = cfg(serde_json::json!({}))
+            .delta_heads(ValueHeadOrder::Grouped)
+            .unwrap();
         assert_eq!(h.conv_dim(), 2 * 16 * 128 + 32 * 128);
     }
 }

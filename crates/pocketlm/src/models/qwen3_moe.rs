@@ -129,6 +129,7 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
         top_k: moe.num_experts_per_tok,
         norm_topk_prob: moe.norm_topk_prob,
         selection_bias: None,
+        expert_scale: None,
         groups: None,
         scale: 1.0,
     };

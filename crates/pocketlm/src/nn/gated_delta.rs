@@ -12,8 +12,9 @@
 //! ```
 //!
 //! then `o` is RMS-normalised per head with a plain (not zero-centred) weight, gated by
-//! `silu(z)` and projected back by `out_proj`. Key heads serve `n_v / n_k` consecutive value
-//! heads each. The state is an [`ArraysCache`] of two arrays (mlx-lm `ArraysCache(size=2)`): the
+//! `silu(z)` and projected back by `out_proj`. Key heads serve `n_v / n_k` value heads each:
+//! consecutive ones in the Hugging Face / MLX order, every `n_k`-th one in the order llama.cpp's
+//! converter stores ([`ValueHeadOrder`]). The state is an [`ArraysCache`] of two arrays (mlx-lm `ArraysCache(size=2)`): the
 //! convolution state `[batch, kernel - 1, conv_dim]` and the recurrent state `[batch, n_v, d_v,
 //! d_k]` f32.
 //!
@@ -34,8 +35,23 @@ use super::{CausalConv1d, Linear, RmsNorm};
 use crate::kv_cache::ArraysCache;
 use crate::{Error, Result};
 
+/// Which value heads a key head serves, i.e. the order of the value heads in every weight and
+/// state that has one entry per value head (the `v` rows of `in_proj_qkv` and of the
+/// convolution, `in_proj_z`, `in_proj_a`, `in_proj_b`, `A_log`, `dt_bias`, the columns of
+/// `out_proj`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueHeadOrder {
+    /// Grouped by key head (Hugging Face, mlx-lm): value head `j` reads key head
+    /// `j / (n_v / n_k)`.
+    Grouped,
+    /// Tiled (llama.cpp's converter, `_LinearAttentionVReorderBase._reorder_v_heads`, so that
+    /// ggml broadcasts the key heads): value head `j` reads key head `j % n_k`.
+    Tiled,
+}
+
 /// Head counts and widths of a Gated DeltaNet layer (`linear_num_key_heads`,
-/// `linear_num_value_heads`, `linear_key_head_dim`, `linear_value_head_dim`).
+/// `linear_num_value_heads`, `linear_key_head_dim`, `linear_value_head_dim`) and the order of
+/// its value heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeltaHeads {
     /// Query/key heads.
@@ -46,9 +62,19 @@ pub struct DeltaHeads {
     pub d_k: usize,
     /// Width of a value head.
     pub d_v: usize,
+    /// How the value heads are ordered.
+    pub order: ValueHeadOrder,
 }
 
 impl DeltaHeads {
+    /// The key head that value head `hv` reads ([`ValueHeadOrder`]).
+    pub fn key_head(&self, hv: usize) -> usize {
+        match self.order {
+            ValueHeadOrder::Grouped => hv / (self.n_v / self.n_k),
+            ValueHeadOrder::Tiled => hv % self.n_k,
+        }
+    }
+
     /// Width of the convolved `q, k, v` rows: `2 · n_k · d_k + n_v · d_v`.
     pub fn conv_dim(&self) -> usize {
         2 * self.n_k * self.d_k + self.n_v * self.d_v
@@ -129,8 +155,10 @@ fn recurrence(h: DeltaHeads, seq: usize, x: &Step<'_>, state: &mut [f32]) -> Vec
 /// [`recurrence`] for value head `hv` alone, continuing its state `s: [d_v, d_k]`; outputs
 /// `[seq, d_v]`.
 fn head_recurrence(h: DeltaHeads, seq: usize, x: &Step<'_>, hv: usize, s: &mut [f32]) -> Vec<f32> {
-    let DeltaHeads { n_k, n_v, d_k, d_v } = h;
-    let hk = hv / (n_v / n_k);
+    let DeltaHeads {
+        n_k, n_v, d_k, d_v, ..
+    } = h;
+    let hk = h.key_head(hv);
     let scale = 1.0 / (d_k as f32).sqrt();
     let mut out = vec![0f32; seq * d_v];
     let (mut q, mut k) = (vec![0f32; d_k], vec![0f32; d_k]);
@@ -238,6 +266,7 @@ mod tests {
             n_v: 2,
             d_k: 2,
             d_v: 1,
+            order: ValueHeadOrder::Grouped,
         };
         // Two tokens; both value heads share the key head.
         let q = [1.0f32, 0.0, 0.6, 0.8];
@@ -281,6 +310,64 @@ mod tests {
         }
         assert_eq!(parts, out);
         assert_eq!(st, state);
+    }
+
+    /// The same layer with its value heads stored tiled (llama.cpp) instead of grouped gives
+    /// the same outputs, tiled: value head `j = r · n_k + k` of the tiled order is head
+    /// `k · (n_v / n_k) + r` of the grouped one.
+    #[test]
+    fn tiled_value_heads_read_the_key_head_llama_cpp_assigns() {
+        let grouped = DeltaHeads {
+            n_k: 2,
+            n_v: 4,
+            d_k: 2,
+            d_v: 2,
+            order: ValueHeadOrder::Grouped,
+        };
+        let tiled = DeltaHeads {
+            order: ValueHeadOrder::Tiled,
+            ..grouped
+        };
+        let (n_k, n_v, d_v, seq) = (2, 4, 2, 3);
+        let to_grouped = |j: usize| (j % n_k) * (n_v / n_k) + j / n_k;
+        assert_eq!((0..n_v).map(to_grouped).collect::<Vec<_>>(), [0, 2, 1, 3]);
+        let f = |n: usize, m: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32) * m).sin()).collect() };
+        let (q, k) = (f(seq * 4, 0.7), f(seq * 4, 1.3));
+        let (v, g, beta) = (
+            f(seq * n_v * d_v, 0.9),
+            f(seq * n_v, 0.4),
+            f(seq * n_v, 2.1),
+        );
+        let g: Vec<f32> = g.iter().map(|x| -x.abs()).collect();
+        let beta: Vec<f32> = beta.iter().map(|x| x.abs()).collect();
+        // Rows [seq, n_v, width] from grouped order to tiled order.
+        let tile = |x: &[f32], width: usize| -> Vec<f32> {
+            let mut out = vec![0f32; x.len()];
+            for t in 0..seq {
+                for j in 0..n_v {
+                    let src = (t * n_v + to_grouped(j)) * width;
+                    out[(t * n_v + j) * width..][..width].copy_from_slice(&x[src..src + width]);
+                }
+            }
+            out
+        };
+        let step = |v: &[f32], g: &[f32], b: &[f32], h: DeltaHeads| {
+            let x = Step {
+                q: &q,
+                k: &k,
+                v,
+                g,
+                beta: b,
+            };
+            recurrence(h, seq, &x, &mut vec![0f32; n_v * 4])
+        };
+        let want = tile(&step(&v, &g, &beta, grouped), d_v);
+        let got = step(&tile(&v, d_v), &tile(&g, 1), &tile(&beta, 1), tiled);
+        assert_eq!(got, want);
+        assert_ne!(
+            step(&tile(&v, d_v), &tile(&g, 1), &tile(&beta, 1), grouped),
+            want
+        );
     }
 
     #[test]

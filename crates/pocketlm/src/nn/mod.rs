@@ -24,7 +24,7 @@ pub use attention::{
     causal_attention_capped, causal_mask, repeat_kv, scaled_dot_product_attention,
 };
 pub use conv::CausalConv1d;
-pub use gated_delta::{DeltaHeads, GatedDeltaNet};
+pub use gated_delta::{DeltaHeads, GatedDeltaNet, ValueHeadOrder};
 pub use linear::{Embedding, Linear};
 pub use lora::LoraLinear;
 pub use mla::{Absorbed, Mla, MlaQuery};

@@ -41,6 +41,9 @@ pub struct Router {
     pub selection_bias: Option<Vec<f32>>,
     /// Multiplies the final weights (DeepSeek-V3's `routed_scaling_factor`; 1 elsewhere).
     pub scale: f32,
+    /// Multiplies the final weight of each chosen expert by that expert's entry (Gemma 4's
+    /// `router.per_expert_scale`, `[n_experts]`).
+    pub expert_scale: Option<Vec<f32>>,
     /// Group-limited choice (DeepSeek-V3's `n_group` / `topk_group`), if any.
     pub groups: Option<GroupLimit>,
 }
@@ -91,8 +94,9 @@ impl Router {
     /// Scores are `softmax(logits)` or `sigmoid(logits)` ([`Scoring`]); the `top_k` highest
     /// (after adding [`Self::selection_bias`]; within the groups [`Self::groups`] allows) are
     /// chosen; their weights are their scores,
-    /// divided by their sum when [`Self::norm_topk_prob`], times [`Self::scale`] (transformers'
-    /// `Qwen3MoeTopKRouter.forward`, `DeepseekV3TopkRouter`).
+    /// divided by their sum when [`Self::norm_topk_prob`], times [`Self::scale`] and the
+    /// expert's [`Self::expert_scale`] (transformers' `Qwen3MoeTopKRouter.forward`,
+    /// `DeepseekV3TopkRouter`, `Gemma4TextRouter`).
     pub fn select(&self, logits: &[f32]) -> Vec<(usize, f32)> {
         let scores: Vec<f32> = match self.scoring {
             Scoring::Softmax => {
@@ -123,7 +127,14 @@ impl Router {
         };
         order
             .into_iter()
-            .map(|e| (e, scores[e] / norm * self.scale))
+            .map(|e| {
+                let s = self
+                    .expert_scale
+                    .as_ref()
+                    .and_then(|s| s.get(e))
+                    .unwrap_or(&1.0);
+                (e, scores[e] / norm * self.scale * s)
+            })
             .collect()
     }
 
@@ -187,6 +198,15 @@ impl Moe {
     ///
     /// Errors: shapes that do not agree with the weights.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_routed(x, x, mode)
+    }
+
+    /// As [`Self::forward`], the router reading `route_x: [.., hidden]` f32 (the same tokens
+    /// as `x`, another form of them: Gemma 4 routes on the block's residual and runs the
+    /// experts on its `pre_feedforward_layernorm_2`).
+    ///
+    /// Errors: as [`Self::forward`]; `route_x` of another token count.
+    pub fn forward_routed(&self, route_x: &Tensor, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let h = *dims
             .last()
@@ -194,7 +214,8 @@ impl Moe {
         let xf = x.reshape(((), h))?;
         let n = xf.dim(0)?;
         let dev = x.device();
-        let routes = self.router.route(&xf.detach(), self.experts.len())?;
+        let rf = route_x.reshape((n, ()))?;
+        let routes = self.router.route(&rf.detach(), self.experts.len())?;
         let mut outs = Vec::new();
         let (mut tokens, mut weights) = (Vec::new(), Vec::new());
         for (expert, route) in self.experts.iter().zip(&routes) {
@@ -264,6 +285,7 @@ mod tests {
             top_k: 2,
             norm_topk_prob: norm,
             selection_bias: None,
+            expert_scale: None,
             scale: 1.0,
             groups: None,
         }
@@ -289,6 +311,10 @@ mod tests {
         let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
         assert!((got[0].1 - 2.0 * sig(1.0)).abs() < 1e-6, "{got:?}");
         assert_eq!(got[1].0, 1);
+        let mut r = router(dense(4, 2, 0), Scoring::Softmax, true);
+        r.expert_scale = Some(vec![1.0, 3.0, 1.0, 0.5]);
+        let got = r.select(&logits);
+        assert!((got[0].1 - 1.5).abs() < 1e-6 && (got[1].1 - 0.25).abs() < 1e-6);
     }
 
     #[test]
