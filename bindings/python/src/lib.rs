@@ -668,6 +668,9 @@ struct StreamState {
     rx: Receiver<pocketlm::Result<Event>>,
     responses: Responses,
     done: bool,
+    /// The worker thread. After the finish event it still ends the generation (a chat
+    /// session records the reply and unlocks), so the last `__next__` waits for it.
+    worker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl GenerationStream {
@@ -677,12 +680,13 @@ impl GenerationStream {
         produce: impl FnOnce(&mut dyn FnMut(pocketlm::Result<Event>) -> bool) + Send + 'static,
     ) -> Self {
         let (tx, rx) = sync_channel(0);
-        std::thread::spawn(move || produce(&mut |ev| tx.send(ev).is_ok()));
+        let worker = std::thread::spawn(move || produce(&mut |ev| tx.send(ev).is_ok()));
         Self {
             state: Mutex::new(StreamState {
                 rx,
                 responses: Responses::default(),
                 done: false,
+                worker: Some(worker),
             }),
         }
     }
@@ -719,6 +723,16 @@ impl GenerationStream {
                 };
                 if let Some(r) = s.responses.push(ev) {
                     s.done = r.finish_reason.is_some();
+                    if s.done {
+                        // Nothing follows the finish event; wait (at most 10 s) for the worker
+                        // to end, so that the session is unlocked when the caller reads it.
+                        if let Some(w) = s.worker.take() {
+                            let t0 = std::time::Instant::now();
+                            while !w.is_finished() && t0.elapsed().as_secs() < 10 {
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                        }
+                    }
                     return Ok(Some(r));
                 }
             }
