@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -75,6 +75,10 @@ pub struct EngineConfig {
     pub queue_size: usize,
     /// The prefix cache across requests; `None` (or a budget of 0 bytes) for none.
     pub prefix_cache: Option<PrefixCacheSettings>,
+    /// Bytes the running and waiting requests' KV caches may hold together
+    /// ([`BatchConfig::kv_memory`]: requests wait, and running ones are preempted and resumed,
+    /// rather than go over it); `None`: no bound.
+    pub kv_memory: Option<usize>,
 }
 
 /// Settings of the engine's prefix cache.
@@ -89,10 +93,39 @@ pub struct PrefixCacheSettings {
     pub save_interval: Duration,
 }
 
+/// What the scheduler reports after every step (`GET /health` shows it).
+#[derive(Debug, Default)]
+struct Counters {
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    kv_bytes: AtomicUsize,
+    kv_peak_bytes: AtomicUsize,
+    preemptions: AtomicU64,
+}
+
+/// A snapshot of the engine's state ([`Engine::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct EngineStats {
+    /// Sequences running (prefilling or decoding) after the last step.
+    pub running: usize,
+    /// Sequences waiting for room (a batch place or KV memory) after the last step.
+    pub waiting: usize,
+    /// Bytes the sequences' KV caches held after the last step.
+    pub kv_bytes: usize,
+    /// The most bytes they held after any step since the start.
+    pub kv_peak_bytes: usize,
+    /// The KV memory budget in bytes (`--kv-memory`); `None`: no bound.
+    pub kv_budget_bytes: Option<usize>,
+    /// Sequences preempted for the KV budget since the start (each resumed later).
+    pub preemptions: u64,
+}
+
 /// The model, the admission bound and the scheduler, shared by all requests.
 #[derive(Debug)]
 pub struct Engine {
     model: Arc<LoadedModel>,
+    counters: Arc<Counters>,
+    kv_memory: Option<usize>,
     admitted: Arc<AtomicUsize>,
     capacity: usize,
     /// `None` once the engine is being dropped.
@@ -289,18 +322,23 @@ impl Engine {
         let batch = BatchConfig {
             max_batch,
             tokens_per_step: config.max_tokens_per_step.max(1),
+            kv_memory: config.kv_memory,
         };
         let persist = config
             .prefix_cache
             .as_ref()
             .and_then(|s| Persist::open(&model, s));
         let m = model.clone();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
         let scheduler = std::thread::Builder::new()
             .name("pocketlm-scheduler".into())
-            .spawn(move || schedule(&m, batch, &requests, persist))
+            .spawn(move || schedule(&m, batch, &requests, persist, &c))
             .expect("spawning the scheduler thread");
         Engine {
             model,
+            counters,
+            kv_memory: config.kv_memory,
             admitted: Arc::new(AtomicUsize::new(0)),
             capacity: max_batch.saturating_add(config.queue_size),
             submit: Mutex::new(Some(submit)),
@@ -311,6 +349,19 @@ impl Engine {
     /// The loaded model.
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.model
+    }
+
+    /// The scheduler's state after its last step.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.counters;
+        EngineStats {
+            running: c.running.load(Ordering::Relaxed),
+            waiting: c.waiting.load(Ordering::Relaxed),
+            kv_bytes: c.kv_bytes.load(Ordering::Relaxed),
+            kv_peak_bytes: c.kv_peak_bytes.load(Ordering::Relaxed),
+            kv_budget_bytes: self.kv_memory,
+            preemptions: c.preemptions.load(Ordering::Relaxed),
+        }
     }
 
     /// Takes a place in the queue. Errors: 503 `queue_full` when `max_batch + queue_size`
@@ -400,6 +451,7 @@ fn schedule(
     config: BatchConfig,
     requests: &std_mpsc::Receiver<Request>,
     mut persist: Option<Persist>,
+    counters: &Counters,
 ) {
     let prefix = persist.as_ref().map(|p| p.cache.clone());
     let new_gen = || {
@@ -460,7 +512,26 @@ fn schedule(
         }
         if !gen.is_empty() {
             match catch_unwind(AssertUnwindSafe(|| gen.step())) {
-                Ok(events) => route(model, &mut gen, &mut reqs, events, prefix.is_some()),
+                Ok(events) => {
+                    // Counted before the events go out, so a client that got its answer
+                    // sees the step's state.
+                    let kv = gen.kv_bytes();
+                    counters.kv_bytes.store(kv, Ordering::Relaxed);
+                    counters.kv_peak_bytes.fetch_max(kv, Ordering::Relaxed);
+                    counters.running.store(gen.running(), Ordering::Relaxed);
+                    counters.waiting.store(gen.waiting(), Ordering::Relaxed);
+                    let pre = gen.preemptions();
+                    if pre > counters.preemptions.swap(pre, Ordering::Relaxed) {
+                        tracing::info!(
+                            preemptions = pre,
+                            kv_bytes = kv,
+                            running = gen.running(),
+                            waiting = gen.waiting(),
+                            "KV memory budget full: preempted the latest sequence"
+                        );
+                    }
+                    route(model, &mut gen, &mut reqs, events, prefix.is_some());
+                }
                 Err(_) => {
                     // A bug in a step: every running request gets an error; the generator
                     // starts over.

@@ -91,6 +91,10 @@ pub struct ServerConfig {
     pub prefix_cache_dir: Option<std::path::PathBuf>,
     /// Shortest time between two saves of a changing prefix cache. Default 60 s.
     pub prefix_cache_save_interval: Duration,
+    /// Bytes the requests' KV caches may hold together (`serve --kv-memory`); when full, new
+    /// requests wait and running ones are preempted and later resumed, none fails
+    /// ([`pocketlm::generate::batch::BatchConfig::kv_memory`]). `None` (the default): no bound.
+    pub kv_memory: Option<usize>,
 }
 
 /// Connection timeouts: slow or idle clients do not hold connections open forever.
@@ -131,6 +135,7 @@ impl Default for ServerConfig {
             prefix_cache_memory: 1 << 30,
             prefix_cache_dir: None,
             prefix_cache_save_interval: Duration::from_secs(60),
+            kv_memory: None,
         }
     }
 }
@@ -193,6 +198,7 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
                     dir: config.prefix_cache_dir.clone(),
                     save_interval: config.prefix_cache_save_interval,
                 }),
+                kv_memory: config.kv_memory,
             },
         )),
         created: unix_now(),
@@ -211,7 +217,12 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
         .route("/v1/messages", post(messages::create_message))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
-        .route("/health", get(health))
+        .route(
+            "/health",
+            get(|State(s): State<AppState>| async move {
+                Json(serde_json::json!({"status": "ok", "engine": s.engine.stats()}))
+            }),
+        )
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -450,10 +461,6 @@ async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Re
 /// Compares without an early exit on the first differing byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -57,6 +57,12 @@ pub struct ServeArgs {
     /// KB, MB, GB. 0 disables it.
     #[arg(long, default_value = "1GiB", value_name = "SIZE", value_parser = parse_size)]
     pub prefix_cache_memory: usize,
+    /// Memory the requests' KV caches may hold together (SIZE as for --prefix-cache-memory).
+    /// When it is full, new requests wait and the latest running ones are preempted (their
+    /// caches dropped, recomputed when they resume): no request fails for it, but one whose
+    /// prompt alone needs more. Default: no bound.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub kv_memory: Option<usize>,
     /// Directory the prefix cache is loaded from at start and saved to (every minute while it
     /// changes, and at shutdown). Default: $POCKETLM_HOME/prefix-cache/<model>-<hash>.
     #[arg(long, value_name = "DIR")]
@@ -148,6 +154,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key,
         prefix_cache_memory: args.prefix_cache_memory,
         prefix_cache_dir,
+        kv_memory: args.kv_memory,
         ..ServerConfig::default()
     };
     pocketlm_server::run(m, config).context("serving")

@@ -25,6 +25,15 @@
 //! starts a text prompt from the longest cached prefix of it (only the rest is prefilled;
 //! [`BatchGenerator::cached_tokens`] says how many were reused), and every sequence that
 //! finishes normally adds the tokens it fed to the model (prompt and generated) to the cache.
+//!
+//! With a KV memory budget ([`BatchConfig::kv_memory`]), the sequences' caches are accounted in
+//! blocks of [`KV_BLOCK`] positions (the step by which a growing cache allocates): a waiting
+//! sequence is admitted only when the blocks of its whole prompt fit next to what the running
+//! ones hold and will hold up to their next token, and when the running ones' next step would
+//! not fit, the latest admitted is preempted: its cache is dropped and it waits at the head of
+//! the queue, to be resumed later by recomputing its cache from the token ids it had fed (the
+//! prefix cache, when there is one, gives back what it holds of them), as vLLM's recompute
+//! preemption does. Nothing fails for want of memory but a sequence that alone does not fit.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -47,13 +56,23 @@ pub struct BatchConfig {
     /// Tokens one step's pass may take: decode rows count one each (more with fast-forward);
     /// prompt chunks take what is left, at least a quarter of it. At least 1. Default 256.
     pub tokens_per_step: usize,
+    /// Bytes the sequences' KV caches may hold together (running and waiting; the prefix
+    /// cache has its own bound), counted in [`KV_BLOCK`]-position blocks of f32 keys and
+    /// values for every layer of [`CausalLM::cache_shapes`]; `None` (the default): no bound.
+    /// See the module documentation.
+    pub kv_memory: Option<usize>,
 }
+
+/// Positions per block of the KV memory budget ([`BatchConfig::kv_memory`]): the step by which
+/// [`KvCache::growing`] caches allocate.
+pub const KV_BLOCK: usize = 256;
 
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             max_batch: 16,
             tokens_per_step: 256,
+            kv_memory: None,
         }
     }
 }
@@ -87,6 +106,15 @@ enum Phase {
     },
     /// Decoding: these ids go into the next pass.
     Decode(Vec<u32>),
+    /// Preempted (its cache dropped) or starting from a prefix-cache hit under a KV budget:
+    /// `replay` (the ids its cache held) is fed again, `done` of them are in the cache, and
+    /// then the sequence goes on in phase `then` (never [`Phase::Resume`]; [`Phase::New`] only
+    /// until it is admitted). The logits of these passes are not used.
+    Resume {
+        replay: Vec<u32>,
+        done: usize,
+        then: Box<Phase>,
+    },
     /// Finished or failed: removed at the end of the step.
     Done,
 }
@@ -104,6 +132,24 @@ struct Seq<'a> {
     cached: usize,
     /// Finished normally (not failed): its tokens may join the prefix cache.
     finished: bool,
+    /// Prompt tokens to prefill, as inserted (what [`Phase::New`] will ask for).
+    prompt_len: usize,
+}
+
+impl Phase {
+    /// Positions a sequence in this phase adds to its cache before its next token is drawn;
+    /// `prompt_len` for [`Phase::New`].
+    fn pending(&self, prompt_len: usize) -> usize {
+        match self {
+            Phase::New => prompt_len,
+            Phase::Prefill { input, done, .. } => input.ids.len() - done,
+            Phase::Decode(ids) => ids.len(),
+            Phase::Resume {
+                replay, done, then, ..
+            } => replay.len() - done + then.pending(prompt_len),
+            Phase::Done => 0,
+        }
+    }
 }
 
 impl Seq<'_> {
@@ -203,7 +249,7 @@ impl Seq<'_> {
                 }
                 tok
             }
-            Phase::New | Phase::Done => Err(Error::InvalidArgument(
+            Phase::New | Phase::Done | Phase::Resume { .. } => Err(Error::InvalidArgument(
                 "the batch generator got logits for a sequence that asked for none".into(),
             )),
         };
@@ -232,6 +278,11 @@ pub struct BatchGenerator<'a> {
     waiting: VecDeque<Seq<'a>>,
     next_id: u64,
     prefix: Option<Arc<Mutex<PrefixCache>>>,
+    /// Bytes of one cached position, all layers (f32 keys and values of
+    /// [`CausalLM::cache_shapes`]): the unit of the KV budget.
+    position_bytes: usize,
+    /// Sequences preempted so far.
+    preemptions: u64,
 }
 
 impl<'a> BatchGenerator<'a> {
@@ -243,11 +294,18 @@ impl<'a> BatchGenerator<'a> {
             config: BatchConfig {
                 max_batch: config.max_batch.max(1),
                 tokens_per_step: config.tokens_per_step.max(1),
+                kv_memory: config.kv_memory,
             },
             running: Vec::new(),
             waiting: VecDeque::new(),
             next_id: 0,
             prefix: None,
+            position_bytes: model
+                .cache_shapes()
+                .iter()
+                .map(|&(heads, dim)| 2 * heads * dim * std::mem::size_of::<f32>())
+                .sum(),
+            preemptions: 0,
         }
     }
 
@@ -273,12 +331,12 @@ impl<'a> BatchGenerator<'a> {
     /// token is still prefilled) and the sampler's history still holds the whole prompt.
     pub fn insert(&mut self, mut input: ModelInput, params: GenerateParams) -> Result<SeqId> {
         let mut cache = self.model.new_cache();
-        if !input.images.is_empty() || !cache.sliceable() {
+        if !input.images.is_empty() {
             return self.insert_with_cache(cache, input, params);
         }
         let all = input.ids.clone();
         let mut cached = 0;
-        if let Some(p) = &self.prefix {
+        if let Some(p) = self.prefix.as_ref().filter(|_| cache.sliceable()) {
             let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
             match p.lookup_into(&all, &mut cache) {
                 Ok(n) => cached = n,
@@ -292,10 +350,23 @@ impl<'a> BatchGenerator<'a> {
         let (tokens, text) =
             sequence_parts(self.model, self.tokenizer, cache.offset(), input, params)?;
         let tokens = tokens.with_history_prefix(&all[..cached]);
+        let budget = self.config.kv_memory.is_some();
+        let fresh = budget.then(|| self.model.new_cache());
         let id = self.push_waiting(cache, tokens, text);
         if let Some(s) = self.waiting.back_mut() {
-            s.fed = Some(all[..cached].to_vec());
             s.cached = cached;
+            s.fed = Some(all[..cached].to_vec());
+            if let (Some(fresh), true) = (fresh, cached > 0) {
+                // Under a budget a waiting sequence holds no cache: the hit is looked up again
+                // when it is admitted.
+                s.cache = fresh;
+                s.fed = Some(Vec::new());
+                s.phase = Phase::Resume {
+                    replay: all[..cached].to_vec(),
+                    done: 0,
+                    then: Box::new(Phase::New),
+                };
+            }
         }
         Ok(id)
     }
@@ -328,7 +399,9 @@ impl<'a> BatchGenerator<'a> {
     fn push_waiting(&mut self, cache: KvCache, tokens: TokenState, text: TextState<'a>) -> SeqId {
         let id = SeqId(self.next_id);
         self.next_id += 1;
+        let prompt_len = tokens.positions(cache.offset()) - cache.offset();
         self.waiting.push_back(Seq {
+            prompt_len,
             id,
             cache,
             tokens,
@@ -367,6 +440,41 @@ impl<'a> BatchGenerator<'a> {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
+    /// Bytes the sequences' KV caches hold now, running and waiting ([`KvCache::nbytes`]).
+    pub fn kv_bytes(&self) -> usize {
+        self.running
+            .iter()
+            .chain(&self.waiting)
+            .map(|s| s.cache.nbytes())
+            .sum()
+    }
+
+    /// Sequences preempted for the KV budget so far (each resumed later; see the module
+    /// documentation).
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    /// Bytes `s`'s cache holds once `extra` more positions are in it: its blocks of
+    /// [`KV_BLOCK`] positions, or what it holds now if that is more.
+    fn reserve(&self, s: &Seq<'_>, extra: usize) -> usize {
+        let blocks = (s.cache.offset() + extra).div_ceil(KV_BLOCK);
+        s.cache
+            .nbytes()
+            .max(blocks * KV_BLOCK * self.position_bytes)
+    }
+
+    /// Bytes the running sequences need up to their next token, plus what the waiting ones
+    /// hold.
+    fn committed(&self) -> usize {
+        let running: usize = self
+            .running
+            .iter()
+            .map(|r| self.reserve(r, r.phase.pending(r.prompt_len) + 1))
+            .sum();
+        running + self.waiting.iter().map(|s| s.cache.nbytes()).sum::<usize>()
+    }
+
     /// Admits waiting sequences, runs one forward pass over the running ones (see the module
     /// documentation) and returns the events it produced, in the order of the running
     /// sequences. Nothing runs when no sequence is there.
@@ -376,6 +484,7 @@ impl<'a> BatchGenerator<'a> {
     pub fn step(&mut self) -> Vec<BatchEvent> {
         let mut out = Vec::new();
         self.admit(&mut out);
+        self.fit_budget(&mut out);
         if let Some(i) = self.running.iter().position(
             |s| matches!(&s.phase, Phase::Prefill { input, .. } if !input.images.is_empty()),
         ) {
@@ -387,7 +496,11 @@ impl<'a> BatchGenerator<'a> {
         if let Some(p) = &self.prefix {
             for s in &self.running {
                 let Some(fed) = &s.fed else { continue };
-                if matches!(s.phase, Phase::Done) && s.finished && fed.len() == s.cache.offset() {
+                if matches!(s.phase, Phase::Done)
+                    && s.finished
+                    && s.cache.sliceable()
+                    && fed.len() == s.cache.offset()
+                {
                     let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
                     match p.insert(fed, &s.cache) {
                         Ok(n) => tracing::debug!(
@@ -405,18 +518,158 @@ impl<'a> BatchGenerator<'a> {
         out
     }
 
-    /// Moves waiting sequences into the running ones while there is room, asking each what it
-    /// needs first (a grammar may force tokens before the prompt is prefilled).
+    /// Moves waiting sequences into the running ones, in order, while there is room (and,
+    /// under a KV budget, memory for the whole prompt), asking each what it needs first (a
+    /// grammar may force tokens before the prompt is prefilled). A sequence that needs more
+    /// than the whole budget fails.
     fn admit(&mut self, out: &mut Vec<BatchEvent>) {
         while self.running.len() < self.config.max_batch {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            s.advance(out);
+            if let Some(budget) = self.config.kv_memory {
+                let need = self.reserve(&s, s.phase.pending(s.prompt_len) + 1);
+                if self.committed() + need > budget {
+                    if need > budget {
+                        let positions = s.cache.offset() + s.phase.pending(s.prompt_len) + 1;
+                        s.fail(
+                            Error::InvalidArgument(format!(
+                                "the sequence needs {need} bytes of KV cache ({positions} \
+                                 positions), more than the KV memory budget of {budget} bytes"
+                            )),
+                            out,
+                        );
+                        continue;
+                    }
+                    if !self.running.is_empty() {
+                        self.waiting.push_front(s);
+                        break;
+                    }
+                    // Nothing runs: only waiting sequences' own caches are in the way.
+                }
+            }
+            self.restore(&mut s, out);
             if !matches!(s.phase, Phase::Done) {
                 self.running.push(s);
             }
         }
+    }
+
+    /// Readies an admitted sequence: a resumed one takes what the prefix cache holds of its
+    /// ids, and a new one (or the one a resume leads to) asks its token state what it needs.
+    fn restore(&mut self, s: &mut Seq<'_>, out: &mut Vec<BatchEvent>) {
+        if let Phase::Resume { replay, done, .. } = &mut s.phase {
+            if let Some(p) = self.prefix.as_ref().filter(|_| *done == 0) {
+                let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                match p.lookup_into(replay, &mut s.cache) {
+                    Ok(n) => {
+                        *done = n;
+                        s.fed = Some(replay[..n].to_vec());
+                    }
+                    Err(e) => {
+                        tracing::warn!("prefix cache lookup failed, recomputing: {e}");
+                        s.cache = self.model.new_cache();
+                    }
+                }
+            }
+        }
+        match &s.phase {
+            Phase::New => s.advance(out),
+            Phase::Resume { then, .. } if matches!(**then, Phase::New) => {
+                let Phase::Resume { replay, done, .. } =
+                    std::mem::replace(&mut s.phase, Phase::New)
+                else {
+                    unreachable!("matched above")
+                };
+                s.advance(out);
+                if !matches!(s.phase, Phase::Done) {
+                    let then = std::mem::replace(&mut s.phase, Phase::Done);
+                    s.phase = Phase::Resume {
+                        replay,
+                        done,
+                        then: Box::new(then),
+                    };
+                }
+            }
+            _ => {}
+        }
+        if matches!(&s.phase, Phase::Resume { replay, done, .. } if *done >= replay.len()) {
+            if let Phase::Resume { then, .. } = std::mem::replace(&mut s.phase, Phase::Done) {
+                s.phase = *then;
+            }
+        }
+    }
+
+    /// Under a KV budget, preempts the latest admitted sequences until the next pass's caches
+    /// fit (see the module documentation). A sequence that cannot be recomputed (its ids are
+    /// not all known: images, or a cache given to [`Self::insert_with_cache`]) is never
+    /// preempted; when no other can be and the pass still does not fit, the latest fails.
+    fn fit_budget(&mut self, out: &mut Vec<BatchEvent>) {
+        let Some(budget) = self.config.kv_memory else {
+            return;
+        };
+        loop {
+            let plan = self.plan();
+            let running: usize = self
+                .running
+                .iter()
+                .zip(&plan)
+                .map(|(s, &n)| self.reserve(s, n))
+                .sum();
+            let used = running + self.waiting.iter().map(|s| s.cache.nbytes()).sum::<usize>();
+            if used <= budget || self.running.is_empty() {
+                return;
+            }
+            let victim = (0..self.running.len())
+                .rev()
+                .find(|&i| self.running.len() > 1 && self.running[i].fed.is_some());
+            match victim {
+                Some(i) => self.preempt(i),
+                None => {
+                    let mut s = self.running.pop().expect("not empty");
+                    let positions = s.cache.offset();
+                    s.fail(
+                        Error::InvalidArgument(format!(
+                            "the KV memory budget of {budget} bytes cannot hold the next step of \
+                             this sequence ({positions} positions cached; {used} bytes needed \
+                             with the other running sequences)"
+                        )),
+                        out,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Drops running sequence `i`'s cache and puts it at the head of the waiting queue, to be
+    /// recomputed from its fed ids when it is admitted again.
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        let fed = s.fed.replace(Vec::new()).unwrap_or_default();
+        let phase = std::mem::replace(&mut s.phase, Phase::Done);
+        s.phase = match phase {
+            // Preempted again while resuming: the same ids, from the start.
+            Phase::Resume { replay, then, .. } => Phase::Resume {
+                replay,
+                done: 0,
+                then,
+            },
+            then if fed.is_empty() => then,
+            then => Phase::Resume {
+                replay: fed,
+                done: 0,
+                then: Box::new(then),
+            },
+        };
+        tracing::debug!(
+            id = s.id.0,
+            positions = s.cache.offset(),
+            bytes = s.cache.nbytes(),
+            "KV budget: preempted a sequence"
+        );
+        s.cache = self.model.new_cache();
+        self.preemptions += 1;
+        self.waiting.push_front(s);
     }
 
     /// Prefills running sequence `i`'s prompt (with images) whole.
@@ -472,15 +725,19 @@ impl<'a> BatchGenerator<'a> {
         let mut budget = per_step.saturating_sub(decode).max(per_step / 4).max(1);
         self.running
             .iter()
-            .map(|s| match &s.phase {
-                Phase::Decode(ids) => ids.len(),
-                Phase::Prefill { input, done, .. } if input.images.is_empty() => {
-                    let chunk = s.text.params().prefill_chunk.max(1);
-                    let n = (input.ids.len() - done).min(chunk).min(budget);
-                    budget -= n;
-                    n
-                }
-                _ => 0,
+            .map(|s| {
+                let left = match &s.phase {
+                    Phase::Decode(ids) => return ids.len(),
+                    Phase::Prefill { input, done, .. } if input.images.is_empty() => {
+                        input.ids.len() - done
+                    }
+                    Phase::Resume { replay, done, .. } => replay.len() - done,
+                    _ => return 0,
+                };
+                let chunk = s.text.params().prefill_chunk.max(1);
+                let n = left.min(chunk).min(budget);
+                budget -= n;
+                n
             })
             .collect()
     }
@@ -506,6 +763,7 @@ impl<'a> BatchGenerator<'a> {
                     started.get_or_insert(now);
                     &input.ids[*done..*done + n]
                 }
+                Phase::Resume { replay, done, .. } => &replay[*done..*done + n],
                 Phase::New | Phase::Done => continue,
             };
             rows.push(BatchRow {
@@ -545,8 +803,21 @@ impl<'a> BatchGenerator<'a> {
                     Phase::Prefill { input, done, .. } => {
                         fed.extend_from_slice(&input.ids[*done..*done + plan[i]])
                     }
+                    Phase::Resume { replay, done, .. } => {
+                        fed.extend_from_slice(&replay[*done..*done + plan[i]])
+                    }
                     Phase::New | Phase::Done => {}
                 }
+            }
+            if let Phase::Resume { replay, done, .. } = &mut s.phase {
+                *done += plan[i];
+                if *done >= replay.len() {
+                    if let Phase::Resume { then, .. } = std::mem::replace(&mut s.phase, Phase::Done)
+                    {
+                        s.phase = *then;
+                    }
+                }
+                continue; // recomputing the cache: these logits are not needed
             }
             if let Phase::Prefill { input, done, .. } = &mut s.phase {
                 *done += plan[i];
@@ -556,7 +827,7 @@ impl<'a> BatchGenerator<'a> {
             }
             row_of[i] = Some(k);
         }
-        let draw = |(s, k): (&mut Seq<'a>, &Option<usize>)| {
+        let draw = |s: &mut Seq<'a>, k: &Option<usize>| {
             k.map(|k| {
                 logits
                     .get(k)
@@ -565,21 +836,7 @@ impl<'a> BatchGenerator<'a> {
                     .and_then(|row| s.draw(&row))
             })
         };
-        let drawn: Vec<Option<Result<Token>>> = if logits.device().is_cpu() && members.len() > 1 {
-            use rayon::prelude::*;
-            self.running
-                .par_iter_mut()
-                .zip(row_of.par_iter())
-                .with_max_len(1)
-                .map(draw)
-                .collect()
-        } else {
-            self.running
-                .iter_mut()
-                .zip(row_of.iter())
-                .map(draw)
-                .collect()
-        };
+        let drawn = crate::kernels::zip_map_on(logits.device(), &mut self.running, &row_of, draw);
         for (s, tok) in self.running.iter_mut().zip(drawn) {
             if let Some(tok) = tok {
                 s.emit(tok, out);
@@ -805,6 +1062,7 @@ mod tests {
                 BatchConfig {
                     max_batch: 4,
                     tokens_per_step: 8,
+                    kv_memory: None,
                 },
             );
             let joins = vec![
@@ -847,6 +1105,7 @@ mod tests {
             BatchConfig {
                 max_batch: 3,
                 tokens_per_step: 8,
+                kv_memory: None,
             },
         );
         let a = gen
@@ -950,6 +1209,7 @@ mod tests {
                 BatchConfig {
                     max_batch: 4,
                     tokens_per_step: 16,
+                    kv_memory: None,
                 },
             )
             .with_prefix_cache(prefix.clone());
@@ -1033,5 +1293,122 @@ mod tests {
             );
             eprintln!("quantized={quantized}: cache-hit logits differ by {diff}");
         }
+    }
+
+    /// Under a KV budget too small for every sequence at once, sequences wait and are
+    /// preempted and resumed (their caches recomputed), none fails, the caches never hold more
+    /// than the budget between steps, and each sequence's greedy and seeded tokens are the
+    /// ones it generates alone; with a prefix cache, a resumed sequence takes back what it
+    /// holds of its ids. A prompt that alone needs more than the budget fails with an error
+    /// naming the budget.
+    ///
+    /// Tolerance: the Q4_1 kernels sum each row's blocks in the same order whatever the row
+    /// count, so a recomputed cache equals the one built token by token bit for bit.
+    #[test]
+    fn a_kv_budget_preempts_and_resumes_without_changing_tokens() {
+        use crate::prefix_cache::{PrefixCache, PrefixCacheConfig};
+        let tok = tokenizer();
+        let model = tiny_llama(true);
+        let m = model.as_ref();
+        // 2 layers x 2 KV heads x 16 wide, keys and values, f32: 512 bytes a position.
+        let block = KV_BLOCK * 512;
+        let sampled = params(
+            30,
+            SamplingParams {
+                temperature: 0.8,
+                seed: Some(5),
+                ..Default::default()
+            },
+        );
+        let greedy = params(30, SamplingParams::default());
+        // Prompts of 240 tokens: one block each at first, two once 16 tokens are generated.
+        let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(240, 40 + i)).collect();
+        let wanted: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let pr = if i % 2 == 0 { &greedy } else { &sampled };
+                alone(m, &tok, p, pr.clone())
+            })
+            .collect();
+        for with_prefix in [false, true] {
+            let budget = 5 * block;
+            let mut gen = BatchGenerator::new(
+                m,
+                &tok,
+                BatchConfig {
+                    max_batch: 4,
+                    tokens_per_step: 512,
+                    kv_memory: Some(budget),
+                },
+            );
+            if with_prefix {
+                gen = gen.with_prefix_cache(Arc::new(Mutex::new(PrefixCache::new(
+                    PrefixCacheConfig {
+                        block_size: 16,
+                        max_bytes: 1 << 26,
+                    },
+                ))));
+            }
+            let mut ids = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let pr = if i % 2 == 0 { &greedy } else { &sampled };
+                ids.push(gen.insert(ModelInput::text(p.clone()), pr.clone()).unwrap());
+            }
+            let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
+            let mut finished = 0;
+            let mut peak = 0;
+            let mut most_running = 0;
+            for _ in 0..2000 {
+                if gen.is_empty() {
+                    break;
+                }
+                for e in gen.step() {
+                    match e.event.expect("no sequence fails") {
+                        Event::Token { id, .. } => toks.entry(e.id).or_default().push(id),
+                        Event::Finished { reason, .. } => {
+                            assert_eq!(reason, FinishReason::MaxTokens);
+                            finished += 1;
+                        }
+                        Event::Text(_) => {}
+                    }
+                }
+                peak = peak.max(gen.kv_bytes());
+                most_running = most_running.max(gen.running());
+            }
+            assert!(gen.is_empty());
+            assert_eq!(finished, 4);
+            assert!(peak <= budget, "peak {peak} over the budget {budget}");
+            assert!(
+                gen.preemptions() > 0,
+                "with_prefix={with_prefix}: no preemption"
+            );
+            assert!(most_running >= 2);
+            for (id, want) in ids.iter().zip(&wanted) {
+                assert_eq!(&toks[id], want, "with_prefix={with_prefix}");
+            }
+            eprintln!(
+                "with_prefix={with_prefix}: {} preemptions, peak {peak} of {budget} bytes",
+                gen.preemptions()
+            );
+        }
+        // A prompt of 300 tokens needs 2 blocks; the budget is 1.
+        let mut gen = BatchGenerator::new(
+            m,
+            &tok,
+            BatchConfig {
+                kv_memory: Some(block),
+                ..Default::default()
+            },
+        );
+        let id = gen
+            .insert(ModelInput::text(prompt(300, 50)), greedy.clone())
+            .unwrap();
+        let events = gen.step();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].id, id);
+        let err = events[0].event.as_ref().expect_err("too big").to_string();
+        assert!(err.contains("KV memory budget of 131072 bytes"), "{err}");
+        assert!(gen.is_empty());
     }
 }

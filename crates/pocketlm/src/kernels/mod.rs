@@ -1202,6 +1202,29 @@ pub fn in_pool_on<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// `f(&mut items[i], &with[i])` for each `i` (up to the shorter slice), in order of `i`: on
+/// the CPU with more than one item in parallel on the rayon pool, one item per task (for
+/// per-sequence work of a batched step, each too small to split inside); on another device in
+/// turn on this thread (its work is queued on one stream anyway).
+pub fn zip_map_on<A: Send, B: Sync, R: Send>(
+    device: &Device,
+    items: &mut [A],
+    with: &[B],
+    f: impl Fn(&mut A, &B) -> R + Sync + Send,
+) -> Vec<R> {
+    if device.is_cpu() && items.len().min(with.len()) > 1 {
+        use rayon::prelude::*;
+        items
+            .par_iter_mut()
+            .zip(with.par_iter())
+            .with_max_len(1)
+            .map(|(a, b)| f(a, b))
+            .collect()
+    } else {
+        items.iter_mut().zip(with).map(|(a, b)| f(a, b)).collect()
+    }
+}
+
 /// A raw output pointer shared by the worker threads. Every tile writes a disjoint set of
 /// output elements, so concurrent writes never alias.
 #[derive(Clone, Copy)]

@@ -523,21 +523,11 @@ impl Attention {
         };
         // On the CPU the sequences attend in parallel: one decode row each is too little work
         // to split inside, and 16 of them one after the other were a tenth of a batched step.
-        let outs = if x.device().is_cpu() && caches.len() > 1 {
-            use rayon::prelude::*;
-            starts
-                .par_iter()
-                .zip(caches.par_iter_mut())
-                .with_max_len(1)
-                .map(|(se, cache)| one(se, &mut **cache))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            starts
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(se, cache)| one(se, &mut **cache))
-                .collect::<Result<Vec<_>>>()?
-        };
+        let outs = crate::kernels::zip_map_on(x.device(), caches, &starts, |cache, se| {
+            one(se, &mut **cache)
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
         let o = Tensor::cat(&outs, 1)?;
         self.output(&o, gate.as_ref(), mode)
     }
