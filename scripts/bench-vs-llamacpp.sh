@@ -23,12 +23,7 @@ out=$(mktemp -d)
 build_llamacpp llama-bench
 bench_bin="$lc/build/bin/llama-bench"
 
-if [ -n "${POCKETLM_BIN:-}" ]; then
-  pocketlm=$POCKETLM_BIN
-else
-  cargo build --release -q -p pocketlm-cli
-  pocketlm=${CARGO_TARGET_DIR:-target}/release/pocketlm
-fi
+pocketlm=$(pocketlm_bin release)
 
 # Appends to rows.jsonl one row per test of pl.json (pocketlm) with its llama-bench twin in
 # lc.json (same lengths and depth): rows LABEL KIND.

@@ -4,6 +4,7 @@
 #   $lc    llama.cpp's source and build tree: $home/llama.cpp
 #   build_llamacpp TARGET...   builds the named llama.cpp targets that are missing
 #   random_model NAME          prints the path of a random-weight GGUF (1b-q4_0, 8b-q4_0, ...)
+#   pocketlm_bin PROFILE       prints the pocketlm binary to measure ($POCKETLM_BIN or a build)
 home=${POCKETLM_HOME:-$HOME/.cache/pocketlm}
 lc="$home/llama.cpp"
 
@@ -39,6 +40,17 @@ build_llamacpp() {
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >/dev/null
   cmake --build "$lc/build" --target "${missing[@]}" -j "$(nproc)" >/dev/null
+}
+
+# Prints the pocketlm binary to measure: $POCKETLM_BIN when set, else this checkout's build of
+# cargo profile PROFILE (release, ci, ...), built first.
+pocketlm_bin() {
+  if [ -n "${POCKETLM_BIN:-}" ]; then
+    echo "$POCKETLM_BIN"
+    return
+  fi
+  cargo build --profile "$1" -q -p pocketlm-cli >&2
+  echo "${CARGO_TARGET_DIR:-target}/$1/pocketlm"
 }
 
 # A random model of a real shape: NAME = 1b-q4_0 | 1b-q4_k | 1b-q8_0 | 8b-q4_0 ..., written

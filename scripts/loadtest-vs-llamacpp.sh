@@ -21,12 +21,7 @@ out=$(mktemp -d)
 . scripts/llamacpp-common.sh
 build_llamacpp llama-server
 server_bin="$lc/build/bin/llama-server"
-if [ -n "${POCKETLM_BIN:-}" ]; then
-  pocketlm=$POCKETLM_BIN
-else
-  cargo build --profile ci -q -p pocketlm-cli
-  pocketlm=${CARGO_TARGET_DIR:-target}/ci/pocketlm
-fi
+pocketlm=$(pocketlm_bin ci)
 port=18471
 
 # load LABEL SERVER MODEL-LABEL ARGS... : runs the server given by ARGS, waits for /health,
