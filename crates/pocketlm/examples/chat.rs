@@ -27,6 +27,7 @@ fn main() -> pocketlm::Result<()> {
             },
             overflow: OverflowStrategy::Rotate,
             context_length: None,
+            engine: None,
         },
     )?;
     // Whole replies.

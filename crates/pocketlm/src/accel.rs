@@ -215,7 +215,18 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             .flatten()
             .map(|n| n.eps())
             .collect();
+        // The decoder applies one RMSNorm epsilon (the final norm's) to every block norm.
+        let mut block_norm_eps = [
+            Some(b.attn_norm),
+            Some(b.mlp_norm),
+            b.post_attn_norm,
+            b.post_mlp_norm,
+        ]
+        .into_iter()
+        .flatten()
+        .map(RmsNorm::eps);
         if a.v_norm.is_some()
+            || block_norm_eps.any(|e| e != plan.norm.eps())
             || a.output_gate
             || norm_eps.windows(2).any(|e| e[0] != e[1])
             || a.softcap.is_some()

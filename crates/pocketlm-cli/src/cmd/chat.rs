@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use pocketlm::generate::batch::BatchConfig;
+use pocketlm::generate::engine::Engine;
 use pocketlm::generate::GenerateParams;
 use pocketlm::session::{ChatSession, OverflowStrategy, SessionOptions};
 
@@ -142,6 +144,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
             Overflow::Truncate => OverflowStrategy::TruncateOldestTurns,
         },
         context_length: args.max_context,
+        // The library's continuous batch, as `serve` runs it (here for one conversation).
+        engine: Some(Arc::new(Engine::new(m.clone(), BatchConfig::default())?)),
     };
     let mut session = ChatSession::new(m.clone(), options)?;
     let load_prompt_cache = |session: &mut ChatSession| -> Result<()> {

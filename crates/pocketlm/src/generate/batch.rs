@@ -134,6 +134,8 @@ struct Seq<'a> {
     finished: bool,
     /// Prompt tokens to prefill, as inserted (what [`Phase::New`] will ask for).
     prompt_len: usize,
+    /// Its cache is kept when it ends, for [`BatchGenerator::take_cache`].
+    keep: bool,
 }
 
 impl Phase {
@@ -283,6 +285,8 @@ pub struct BatchGenerator<'a> {
     position_bytes: usize,
     /// Sequences preempted so far.
     preemptions: u64,
+    /// Caches of ended sequences inserted by [`BatchGenerator::insert_keeping`].
+    kept: std::collections::HashMap<SeqId, KvCache>,
 }
 
 impl<'a> BatchGenerator<'a> {
@@ -306,6 +310,7 @@ impl<'a> BatchGenerator<'a> {
                 .map(|&(heads, dim)| 2 * heads * dim * std::mem::size_of::<f32>())
                 .sum(),
             preemptions: 0,
+            kept: std::collections::HashMap::new(),
         }
     }
 
@@ -396,12 +401,42 @@ impl<'a> BatchGenerator<'a> {
         Ok(self.push_waiting(cache, tokens, text))
     }
 
+    /// As [`Self::insert_with_cache`], but when the sequence ends (finished, failed or ended
+    /// by a failed pass) its cache is kept for [`Self::take_cache`], and a refused input gives
+    /// the cache back with the error. For a caller that holds a conversation's cache between
+    /// turns ([`crate::generate::engine::Engine`]).
+    pub fn insert_keeping(
+        &mut self,
+        cache: KvCache,
+        input: ModelInput,
+        params: GenerateParams,
+    ) -> std::result::Result<SeqId, Box<(Error, KvCache)>> {
+        match sequence_parts(self.model, self.tokenizer, cache.offset(), input, params) {
+            Ok((tokens, text)) => {
+                let id = self.push_waiting(cache, tokens, text);
+                if let Some(s) = self.waiting.back_mut() {
+                    s.keep = true;
+                }
+                Ok(id)
+            }
+            Err(e) => Err(Box::new((e, cache))),
+        }
+    }
+
+    /// The cache of sequence `id` (inserted by [`Self::insert_keeping`]) once it has ended:
+    /// every position fed to the model (the prompt and the generated tokens but the last);
+    /// `None` before it ends, for another sequence, or when taken already.
+    pub fn take_cache(&mut self, id: SeqId) -> Option<KvCache> {
+        self.kept.remove(&id)
+    }
+
     fn push_waiting(&mut self, cache: KvCache, tokens: TokenState, text: TextState<'a>) -> SeqId {
         let id = SeqId(self.next_id);
         self.next_id += 1;
         let prompt_len = tokens.positions(cache.offset()) - cache.offset();
         self.waiting.push_back(Seq {
             prompt_len,
+            keep: false,
             id,
             cache,
             tokens,
@@ -514,7 +549,13 @@ impl<'a> BatchGenerator<'a> {
                 }
             }
         }
-        self.running.retain(|s| !matches!(s.phase, Phase::Done));
+        let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|s| matches!(s.phase, Phase::Done));
+        self.running = running;
+        for s in ended {
+            self.retire(s);
+        }
         out
     }
 
@@ -539,6 +580,7 @@ impl<'a> BatchGenerator<'a> {
                             )),
                             out,
                         );
+                        self.retire(s);
                         continue;
                     }
                     if !self.running.is_empty() {
@@ -549,9 +591,19 @@ impl<'a> BatchGenerator<'a> {
                 }
             }
             self.restore(&mut s, out);
-            if !matches!(s.phase, Phase::Done) {
+            if matches!(s.phase, Phase::Done) {
+                self.retire(s);
+            } else {
                 self.running.push(s);
             }
+        }
+    }
+
+    /// Drops an ended sequence, keeping its cache when it was inserted by
+    /// [`Self::insert_keeping`].
+    fn retire(&mut self, s: Seq<'a>) {
+        if s.keep {
+            self.kept.insert(s.id, s.cache);
         }
     }
 
@@ -636,6 +688,7 @@ impl<'a> BatchGenerator<'a> {
                         )),
                         out,
                     );
+                    self.retire(s);
                 }
             }
         }

@@ -9,6 +9,7 @@
 //!   it.
 
 pub mod batch;
+pub mod engine;
 pub mod stepper;
 
 #[cfg(test)]

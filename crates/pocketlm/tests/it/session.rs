@@ -461,3 +461,80 @@ fn quantized_cache_is_small_and_follows_the_float_cache() {
         }
     }
 }
+
+/// Two sessions on one [`Engine`], each on its own thread, share its continuous batch: every
+/// turn's reply (and, before a cancel, its prefill count) equals that of the same session
+/// without an engine, and a reply cancelled on the engine leaves its session usable. Q4_1 weights: the quantized
+/// kernels give each row the same sums whatever the batch, so the tokens are equal.
+#[test]
+fn sessions_on_one_engine_match_sessions_alone() {
+    use pocketlm::generate::batch::BatchConfig;
+    use pocketlm::generate::engine::Engine;
+    let m = model_with(false);
+    let engine = Arc::new(Engine::new(m.clone(), BatchConfig::default()).unwrap());
+    let systems = ["You are a concise assistant.", "You answer like a pirate."];
+    let run = |system: &str, engine: Option<Arc<Engine>>| {
+        let mut s = ChatSession::new(
+            m.clone(),
+            SessionOptions {
+                system: Some(system.into()),
+                params: greedy(16),
+                engine,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        for text in &TURNS[..2] {
+            let o = s.respond(text).unwrap();
+            out.push((o.token_ids, o.stats.prompt_tokens));
+        }
+        // Cancelled after one token, then one more turn.
+        {
+            let mut stream = s.respond_stream(TURNS[2]).unwrap();
+            assert!(matches!(stream.next(), Some(Ok(Event::Token { .. }))));
+        }
+        assert_eq!(s.history().len(), 6);
+        // How much of the cancelled reply the cache holds depends on how far the generation
+        // ran before the cancel arrived: the next prefill count may differ by a token or two.
+        let o = s.respond(TURNS[3]).unwrap();
+        out.push((o.token_ids, 0));
+        out
+    };
+    let together: Vec<_> = std::thread::scope(|sc| {
+        let handles: Vec<_> = systems
+            .iter()
+            .map(|sys| {
+                let e = engine.clone();
+                let run = &run;
+                sc.spawn(move || run(sys, Some(e)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let t = std::time::Instant::now();
+    let one = run(systems[0], Some(engine.clone()));
+    let on_engine = t.elapsed();
+    let t = std::time::Instant::now();
+    let alone = run(systems[0], None);
+    eprintln!(
+        "one session: {:.2} s on the engine, {:.2} s alone",
+        on_engine.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(one, alone);
+    for (sys, got) in systems.iter().zip(&together) {
+        assert_eq!(got, &run(sys, None), "{sys}");
+    }
+    // A session on an engine of another model is refused.
+    let other = Arc::new(Engine::new(model_with(true), BatchConfig::default()).unwrap());
+    let err = ChatSession::new(
+        m.clone(),
+        SessionOptions {
+            engine: Some(other),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("the engine serves"), "{err}");
+}
