@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
 //! prefill rows, which take a while with candle's scalar `Q4_1`, and/or section names
-//! `bandwidth`, `table`, `backends`, `sweeps` to run only those). Numbers are noisy when other
+//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants` to run only those). Numbers are noisy when other
 //! processes share the cores: each row is the best of several runs (median in brackets).
 //!
 //! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
@@ -504,11 +504,65 @@ fn model_sweeps(quick: bool) {
     }
 }
 
+/// The k-quant kernels on Llama-3.2-1B shapes (hidden 2048, kv 512, ffn 8192; `Q4_K` layers and
+/// a `Q6_K` output, cut to 32768 of its 128256 rows): repacked matrices (on CPUs with the packed
+/// kernels), 1 thread and the whole pool, decode (`m = 1..4`) and prefill (`m = 512`), in GB/s
+/// of weight bytes. The `L2` rows use a matrix small enough to stay in the cache (kernel
+/// throughput without memory stalls).
+fn kquants(quick: bool) {
+    let mut rng = StdRng::seed_from_u64(5);
+    let shapes = [
+        ("L2 q4k", GgmlDType::Q4K, 256, 2048),
+        ("ffn_up", GgmlDType::Q4K, 8192, 2048),
+        ("ffn_down", GgmlDType::Q4K, 2048, 8192),
+        ("DRAM q4k", GgmlDType::Q4K, 49152, 2048),
+        ("L2 q6k", GgmlDType::Q6K, 256, 2048),
+        ("output", GgmlDType::Q6K, 32768, 2048),
+    ];
+    println!(
+        "\nk-quants, Llama-3.2-1B shapes (repacked: {}):",
+        GgufMatrix::packed_kernels_here()
+    );
+    for (name, dtype, n, k) in shapes {
+        let q = quantize(&mut rng, dtype, n, k);
+        let w = GgufMatrix::from_qtensor(name, &q).unwrap().repacked();
+        let ms: &[usize] = if quick { &[1] } else { &[1, 2, 4, 512] };
+        for &m in ms {
+            if m == 512 && name.starts_with("L2") {
+                continue;
+            }
+            let x = rand_vec(&mut rng, m * k);
+            let mut out = vec![0f32; m * n];
+            for threads in [1, rayon::current_num_threads()] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let (b, med) = pool.install(|| {
+                    time(
+                        || w.matmul(&x, m, &mut out).unwrap(),
+                        if m < 8 { 30 } else { 3 },
+                        Duration::from_millis(if m < 8 { 300 } else { 1500 }),
+                    )
+                });
+                println!(
+                    "  {name:<9} {dtype:?} {n}x{k} m={m:<3} {threads}t: {} [{}] {:6.1} GB/s {:7.1} GFLOP/s",
+                    fmt_dur(b),
+                    fmt_dur(med),
+                    w.bytes().len() as f64 / b.as_secs_f64() / 1e9,
+                    2.0 * (m * n * k) as f64 / b.as_secs_f64() / 1e9
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
-    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`); all by default.
-    let sections = ["bandwidth", "table", "backends", "sweeps"];
+    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`); all by
+    // default.
+    let sections = ["bandwidth", "table", "backends", "sweeps", "kquants"];
     let chosen: Vec<&str> = sections
         .iter()
         .copied()
@@ -531,5 +585,8 @@ fn main() {
     }
     if run("sweeps") {
         model_sweeps(quick);
+    }
+    if run("kquants") {
+        kquants(quick);
     }
 }

@@ -1282,6 +1282,14 @@ pub(crate) fn q6k_tiled(m: usize) -> bool {
     m >= 8
 }
 
+/// Whether an `m`-row product is a decode-sized one whose weights are streamed from memory
+/// once (split on rows only, see `plan`) rather than re-read from L1 by prefill tiles: the
+/// packed `Q4_K`/`Q6_K` kernels then prefetch ahead of the hardware prefetcher.
+#[inline(always)]
+pub(crate) fn streams_weights(m: usize) -> bool {
+    m <= 8
+}
+
 /// A tile kernel: computes every output of the tile.
 ///
 /// # Safety
@@ -1347,7 +1355,7 @@ fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
         if job.n == 0 {
             continue;
         }
-        let (rows_per, m_per) = if m <= 8 {
+        let (rows_per, m_per) = if streams_weights(m) {
             // Decode: stream the weights once; split rows evenly, in pieces of >= 8 KiB.
             let bytes_per = (total_bytes / target_tasks).max(8 * 1024);
             ((bytes_per / job.row_bytes).max(1), m)
