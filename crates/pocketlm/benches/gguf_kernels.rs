@@ -518,6 +518,9 @@ fn kquants(quick: bool) {
         ("DRAM q4k", GgmlDType::Q4K, 49152, 2048),
         ("L2 q6k", GgmlDType::Q6K, 256, 2048),
         ("output", GgmlDType::Q6K, 32768, 2048),
+        ("DRAM q4_0", GgmlDType::Q4_0, 49152, 2048),
+        ("DRAM q4_1", GgmlDType::Q4_1, 49152, 2048),
+        ("DRAM q8_0", GgmlDType::Q8_0, 32768, 2048),
     ];
     println!(
         "\nk-quants, Llama-3.2-1B shapes (repacked: {}):",
@@ -546,7 +549,7 @@ fn kquants(quick: bool) {
                     )
                 });
                 println!(
-                    "  {name:<9} {dtype:?} {n}x{k} m={m:<3} {threads}t: {} [{}] {:6.1} GB/s {:7.1} GFLOP/s",
+                    "  {name:<10} {dtype:?} {n}x{k} m={m:<3} {threads}t: {} [{}] {:6.1} GB/s {:7.1} GFLOP/s",
                     fmt_dur(b),
                     fmt_dur(med),
                     w.bytes().len() as f64 / b.as_secs_f64() / 1e9,
