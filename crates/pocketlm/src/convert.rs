@@ -361,7 +361,9 @@ pub fn convert(
         let t = match opts.weight_deltas.get(name) {
             Some(d) => {
                 deltas_used += 1;
-                let dt = t.dtype();
+                // Rounded once, to the output dtype (the source's when none is asked for, as
+                // mlx-lm's `fuse` rounds to the weight's dtype).
+                let dt = out_dtype.unwrap_or(t.dtype());
                 (t.to_dtype(DType::F32)? + d.to_device(t.device())?)
                     .map_err(|e| Error::tensor(name, format!("adding the LoRA delta: {e}")))?
                     .to_dtype(dt)?

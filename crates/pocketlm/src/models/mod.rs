@@ -417,6 +417,44 @@ pub struct LinearSlot<'a> {
     pub permuted_heads: Option<usize>,
 }
 
+impl<'a> LinearSlot<'a> {
+    /// The layer `key` (`self_attn.q_proj`) of block `layer`, named
+    /// `model.layers.{layer}.{key}` (mlx-lm's module path for text models), in Hugging Face
+    /// row order.
+    pub fn new(layer: usize, key: &str, linear: &'a mut Linear) -> Self {
+        Self {
+            name: format!("model.layers.{layer}.{key}"),
+            layer: Some(layer),
+            key: key.to_string(),
+            linear,
+            permuted_heads: None,
+        }
+    }
+
+    /// The output layer, named `lm_head`.
+    pub fn output(linear: &'a mut Linear) -> Self {
+        Self {
+            name: "lm_head".into(),
+            layer: None,
+            key: "lm_head".into(),
+            linear,
+            permuted_heads: None,
+        }
+    }
+}
+
+/// `hidden: [batch, seq, hidden]` -> with `select: [n]` u32 (indices into the flattened
+/// `batch · seq` positions) those rows `[n, hidden]`, without it `hidden` itself: the rows
+/// [`Trainable::forward_head`] computes logits of.
+///
+/// Errors: an index past `batch · seq`; `hidden` not of rank 3.
+pub(crate) fn select_positions(hidden: &Tensor, select: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match select {
+        Some(idx) => hidden.reshape(((), hidden.dim(2)?))?.index_select(idx, 0)?,
+        None => hidden.clone(),
+    })
+}
+
 /// One registry entry.
 pub struct Architecture {
     /// config.json `model_type` values (the first is the canonical name).
