@@ -242,7 +242,9 @@ impl Adapter {
 
     /// Loads the adapter into `model`: any adapter already there is unloaded first (so
     /// adapters hot-swap on one base), then each layer the config selects becomes a LoRA layer
-    /// over the same frozen base. Returns the number of layers adapted.
+    /// over the same frozen base. Tensors match layers by [`canonical_name`], so an adapter
+    /// written for a multimodal wrapper's text model (`language_model.model.layers...`) loads
+    /// into the text-only form and back. Returns the number of layers adapted.
     ///
     /// Errors: [`LoraError::Unsupported`] for architectures without adapter support;
     /// [`LoraError::Tensor`] naming a selected layer without tensors, a tensor for a layer
@@ -259,6 +261,11 @@ impl Adapter {
             name: name.to_string(),
             msg,
         };
+        let by_name: HashMap<String, &(Tensor, Tensor)> = self
+            .weights
+            .iter()
+            .map(|(k, v)| (canonical_name(k), v))
+            .collect();
         let slots = trainable(model)?.linears_mut();
         if slots.is_empty() {
             return Err(LoraError::Unsupported(arch).into());
@@ -269,7 +276,7 @@ impl Adapter {
             if !self.config.selects(&slot, first) {
                 continue;
             }
-            let (a, b) = self.weights.get(&slot.name).ok_or_else(|| {
+            let (a, b) = by_name.get(&canonical_name(&slot.name)).ok_or_else(|| {
                 terr(
                     &format!("{}.lora_a", slot.name),
                     "missing (the config selects this layer)".into(),
@@ -299,12 +306,12 @@ impl Adapter {
                 .linears_mut()
                 .into_iter()
                 .filter(|s| matches!(s.linear, Linear::Lora(_)))
-                .map(|s| s.name)
+                .map(|s| canonical_name(&s.name))
                 .collect();
             let extra = self
                 .weights
                 .keys()
-                .find(|k| !selected.contains(k))
+                .find(|k| !selected.contains(&canonical_name(k)))
                 .cloned()
                 .unwrap_or_default();
             unload(model);
@@ -386,6 +393,24 @@ pub fn fuse(
         });
     }
     crate::convert::convert(src, out, &opts, progress)
+}
+
+/// A module or weight name with a multimodal wrapper's prefix taken off, so that the names of
+/// one text model's layers compare equal in every layout: `language_model.model.X` (mlx-lm's
+/// `gemma3`, `qwen2_vl`, `qwen3_5`) and `model.language_model.X` (transformers 5's
+/// multimodal checkpoints) become `model.X`, `language_model.lm_head` becomes `lm_head`;
+/// other names are returned as they are. Adapters ([`Adapter::apply`]) and fused weight deltas
+/// ([`crate::convert::ConvertOptions::weight_deltas`]) match layers by it.
+pub fn canonical_name(name: &str) -> String {
+    for wrapped in ["language_model.model.", "model.language_model."] {
+        if let Some(rest) = name.strip_prefix(wrapped) {
+            return format!("model.{rest}");
+        }
+    }
+    match name.strip_prefix("language_model.lm_head") {
+        Some(rest) => format!("lm_head{rest}"),
+        None => name.to_string(),
+    }
 }
 
 impl LinearSlot<'_> {
@@ -551,5 +576,32 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(back, (0..8).map(|x| x as f32).collect::<Vec<_>>());
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::canonical_name;
+
+    #[test]
+    fn wrapper_prefixes_are_taken_off() {
+        let q = "model.layers.3.self_attn.q_proj";
+        assert_eq!(
+            canonical_name("language_model.model.layers.3.self_attn.q_proj"),
+            q
+        );
+        assert_eq!(
+            canonical_name("model.language_model.layers.3.self_attn.q_proj"),
+            q
+        );
+        assert_eq!(canonical_name(q), q);
+        assert_eq!(
+            canonical_name("language_model.lm_head.weight"),
+            "lm_head.weight"
+        );
+        assert_eq!(
+            canonical_name("model.visual.blocks.0.attn.qkv"),
+            "model.visual.blocks.0.attn.qkv"
+        );
     }
 }

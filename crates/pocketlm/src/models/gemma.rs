@@ -335,7 +335,9 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
     let cfg: GemmaConfig = serde_json::from_value(text)
         .map_err(|e| Error::Model(format!("config.json `text_config`: {e}")))?;
     let w = build::language_model(w)?;
-    Ok(Box::new(Gemma::new(cfg, &w)?))
+    let mut m = Gemma::new(cfg, &w)?;
+    m.wrapper = Some("language_model");
+    Ok(Box::new(m))
 }
 
 #[derive(Debug)]
@@ -416,6 +418,9 @@ pub struct Gemma {
     rope_global: RotaryEmbedding,
     rope_local: RotaryEmbedding,
     final_softcap: Option<f64>,
+    /// Adapter names' prefix ([`crate::models::wrap_slots`]): `language_model` when loaded
+    /// from the multimodal `gemma3` config.
+    wrapper: Option<&'static str>,
     info: ModelInfo,
     device: Device,
 }
@@ -499,6 +504,7 @@ impl Gemma {
             rope_global: rope(&global)?,
             rope_local: rope(&local)?,
             final_softcap: cfg.final_logit_softcapping,
+            wrapper: None,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: if cfg.is_gemma3() { "gemma3" } else { "gemma2" }.into(),
@@ -638,7 +644,9 @@ impl CausalLM for Gemma {
 
 impl Trainable for Gemma {
     /// Per block `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` under
-    /// `model.layers.{i}` (mlx-lm's `gemma2` / `gemma3_text` module paths), then `lm_head`.
+    /// `model.layers.{i}` (mlx-lm's `gemma2` / `gemma3_text` module paths; under
+    /// `language_model.` for the multimodal `gemma3` config, as mlx-lm's `gemma3` wraps the
+    /// text model), then `lm_head`.
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
@@ -652,7 +660,7 @@ impl Trainable for Gemma {
             }
         }
         out.push(LinearSlot::output(&mut self.lm_head));
-        out
+        crate::models::wrap_slots(out, self.wrapper)
     }
 
     fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {

@@ -443,6 +443,22 @@ impl<'a> LinearSlot<'a> {
     }
 }
 
+/// `slots` renamed for a model loaded from a multimodal wrapper's config (`wrapper`:
+/// `language_model`, as mlx-lm's `gemma3`, `qwen2_vl` and `qwen3_5` models hold the text
+/// model): `model.layers.3.self_attn.q_proj` becomes `language_model.model.layers.3...`, the
+/// module paths mlx-lm's adapters of those models use. `None` leaves them as they are.
+pub(crate) fn wrap_slots<'a>(
+    mut slots: Vec<LinearSlot<'a>>,
+    wrapper: Option<&str>,
+) -> Vec<LinearSlot<'a>> {
+    if let Some(w) = wrapper {
+        for s in &mut slots {
+            s.name = format!("{w}.{}", s.name);
+        }
+    }
+    slots
+}
+
 /// `hidden: [batch, seq, hidden]` -> with `select: [n]` u32 (indices into the flattened
 /// `batch · seq` positions) those rows `[n, hidden]`, without it `hidden` itself: the rows
 /// [`Trainable::forward_head`] computes logits of.

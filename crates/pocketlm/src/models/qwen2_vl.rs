@@ -849,10 +849,12 @@ impl Qwen2Vl {
 /// Adapters and fine-tuning on the language model, text only (training examples have no
 /// images; the vision tower has no adapters and stays frozen).
 impl Trainable for Qwen2Vl {
-    /// The language model's `model.layers.{i}.self_attn.{q,k,v,o}_proj` and
-    /// `mlp.{gate,up,down}_proj` (the Hugging Face names of the text stack), then `lm_head`.
+    /// The language model's `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` under
+    /// `language_model.model.layers.{i}` (mlx-lm's `qwen2_vl` module paths: its model wraps a
+    /// `qwen2` text model), then `language_model.lm_head`.
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
-        self.decoder.linears_mut(QkRowOrder::HuggingFace)
+        let slots = self.decoder.linears_mut(QkRowOrder::HuggingFace);
+        crate::models::wrap_slots(slots, Some("language_model"))
     }
 
     fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {

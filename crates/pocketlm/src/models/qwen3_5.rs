@@ -273,6 +273,9 @@ pub struct Qwen35 {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
+    /// Adapter names' prefix ([`crate::models::wrap_slots`]): `language_model` when loaded
+    /// from a config with `text_config` (mlx-lm's `qwen3_5` / `qwen3_5_moe` models).
+    wrapper: Option<&'static str>,
     info: ModelInfo,
     device: Device,
 }
@@ -529,11 +532,17 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
         };
         Error::Model(format!("{at}: {e}"))
     })?;
-    if w.contains("model.embed_tokens.weight") {
-        return Ok(Box::new(Qwen35::new(&cfg, w)?));
+    let mut m = if w.contains("model.embed_tokens.weight") {
+        Qwen35::new(&cfg, w)?
+    } else {
+        Qwen35::new(&cfg, &build::language_model(w)?)?
+    };
+    // mlx-lm 0.32.2 reads only the wrapped form (`qwen3_5` with `text_config`), whose
+    // adapters name the text model's modules under `language_model.`.
+    if config.get("text_config").is_some() {
+        m.wrapper = Some("language_model");
     }
-    let w = build::language_model(w)?;
-    Ok(Box::new(Qwen35::new(&cfg, &w)?))
+    Ok(Box::new(m))
 }
 
 impl Qwen35 {
@@ -619,6 +628,7 @@ impl Qwen35 {
             norm: norm("model.norm.weight".into(), h)?,
             lm_head,
             rope,
+            wrapper: None,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: if cfg.num_experts > 0 {
@@ -756,7 +766,7 @@ impl Trainable for Qwen35 {
             }
         }
         out.push(LinearSlot::output(&mut self.lm_head));
-        out
+        crate::models::wrap_slots(out, self.wrapper)
     }
 
     fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {

@@ -1265,6 +1265,69 @@ fn lora_qwen2_vl() -> Res<()> {
         "qwen2_vl",
         1,
         Some(&["self_attn.q_proj", "self_attn.k_proj"]),
-        &["model.layers.1.self_attn.k_proj"],
+        &["language_model.model.layers.1.self_attn.k_proj"],
     )
+}
+
+/// mlx-lm's own adapter on a tiny folder (`scripts/golden/lora_2026.py`: `<name>_lora/`, made
+/// and loaded by mlx-lm under its module names) applied here, against mlx-lm's float32 logits
+/// over the prompt with the adapter (`mlx_lm.load(adapter_path=...)`) and without:
+/// - the base logits are within `base_bound` of mlx-lm's;
+/// - with the adapter, the logits are within `bound` of mlx-lm's, and so are the adapter's
+///   effect (adapted minus base logits, of each side) and the logits of the folder fused with
+///   it; the effect itself is over 100 times `bound`.
+fn check_mlx_adapter(name: &str, base_bound: f32, bound: f32) -> Res<()> {
+    use pocketlm::lora::{fuse, Adapter};
+    let g = tensors(&format!("{name}_lora.golden.safetensors"))?;
+    let ids = g["ids"].to_vec1::<u32>()?;
+    let want = g["logits"].flatten_all()?.to_vec1::<f32>()?;
+    let want_base = g["base_logits"].flatten_all()?.to_vec1::<f32>()?;
+    let adapter = Adapter::load(path(&format!("{name}_lora")))?;
+    let mut m = load(path(name), &cpu())?;
+    let base = all_logits(&m, &ids)?;
+    let db = max_diff(&base, &want_base);
+    assert!(db <= base_bound, "{name}: base {db} from mlx-lm");
+    let n = adapter.apply(m.model.as_mut())?;
+    assert_eq!(n, adapter.weights.len());
+    let got = all_logits(&m, &ids)?;
+    let d = max_diff(&got, &want);
+    let effect = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>();
+    let want_effect = effect(&want, &want_base);
+    let de = max_diff(&effect(&got, &base), &want_effect);
+    let moved = want_effect.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(
+        d <= bound && de <= bound && moved > 100.0 * bound,
+        "{name}: with mlx-lm's adapter {d} from mlx-lm, its effect {de} from mlx-lm's \
+         (which moved the logits by {moved})"
+    );
+    drop(m);
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("fused");
+    fuse(
+        &path(name),
+        &adapter,
+        &out,
+        false,
+        Some(candle_core::DType::F32),
+        &mut |_| {},
+    )?;
+    let fd = max_diff(&all_logits(&load(&out, &cpu())?, &ids)?, &want);
+    assert!(fd <= bound, "{name}: fused folder {fd} from mlx-lm");
+    println!(
+        "{name}: base {db:.1e} from mlx-lm; with mlx-lm's adapter {d:.1e}, its effect \
+         {de:.1e} (of {moved:.2}), fused {fd:.1e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn lora_lfm2_matches_mlx_lm() -> Res<()> {
+    check_mlx_adapter("lfm2", 1e-4, 1e-4)
+}
+
+#[test]
+fn lora_qwen3_5_matches_mlx_lm() -> Res<()> {
+    // mlx-lm's names from its wrapped `qwen3_5` model (`language_model.model.layers...`) on
+    // the text-only folder.
+    check_mlx_adapter("qwen3_5", 1e-4, 1e-4)
 }
