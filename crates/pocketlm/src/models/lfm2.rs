@@ -489,14 +489,14 @@ impl Lfm2 {
             .take(range.end)
             .skip(range.start)
         {
-            let mut c = match cache.as_deref_mut() {
+            let c = match cache.as_deref_mut() {
                 Some(c) => Some(c.layer_for_pass(i)?),
                 None => None,
             };
             let hn = layer.operator_norm.forward_mode(&x, mode)?;
             let r = match &layer.operator {
                 Operator::Attention(a) => a.forward(&hn, &pass, c, mode)?,
-                Operator::Conv(conv) => match c.as_deref_mut() {
+                Operator::Conv(conv) => match c {
                     Some(c) => conv.forward_mode(&hn, c.arrays_for(i, "convolution")?, mode)?,
                     None => conv.forward_mode(&hn, &mut ArraysCache::new(1), mode)?,
                 },

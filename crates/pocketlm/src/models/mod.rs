@@ -279,6 +279,13 @@ pub trait Trainable: CausalLM {
     /// adapters ([`crate::lora`]).
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>>;
 
+    /// Why this model takes adapters but cannot be fine-tuned, or `None` (the default) when the
+    /// training methods below work. [`crate::lora::train::TrainSession::new`] refuses such a
+    /// model with this message.
+    fn training_unsupported(&self) -> Option<String> {
+        None
+    }
+
     /// Training, first half: the hidden states `[batch, seq, hidden]` f32 after the embedding
     /// and blocks `0..upto`, computed by the inference path (no autograd graph), for
     /// `input_ids: [batch, seq]` u32 at positions `0..seq`.

@@ -680,7 +680,7 @@ impl Qwen35 {
             .take(range.end)
             .skip(range.start)
         {
-            let mut c = match cache.as_deref_mut() {
+            let c = match cache.as_deref_mut() {
                 Some(c) => Some(c.layer_for_pass(i)?),
                 None => None,
             };
@@ -691,7 +691,7 @@ impl Qwen35 {
                     net.forward_diff(&hn, dropout)?
                 }
                 (Mixer::Linear(net), Mode::Inference) => {
-                    let c = c.as_deref_mut().ok_or_else(|| {
+                    let c = c.ok_or_else(|| {
                         Error::InvalidArgument(
                             "linear attention for inference needs a cache".into(),
                         )

@@ -1021,7 +1021,7 @@ fn check_lora_fd(
     finite_differences: bool,
 ) -> Res<()> {
     use pocketlm::lora::train::TrainSession;
-    use pocketlm::lora::{fuse, unload, Adapter, AdapterConfig, LoraParameters};
+    use pocketlm::lora::{AdapterConfig, LoraParameters};
     use rand::{Rng, SeedableRng};
 
     let ids: Vec<u32> = vec![1, 17, 42, 99, 5, 120, 31, 8, 64, 3];
@@ -1112,7 +1112,29 @@ fn check_lora_fd(
         "{arch}: the adapters moved the logits by {moved}"
     );
 
-    // Save, unload, load, fuse.
+    round_trip(m, &dir, arch, &cfg, &ids, &base, &adapted, want)
+}
+
+/// The adapter loaded in `m` (config `cfg`; `adapted` its logits of `ids`, `base` those of
+/// the base): it names the layers `want`; saved and loaded back it gives `adapted`, unloaded
+/// `base` (exactly); `dir` fused with it (float32) gives `adapted` within 1e-4.
+#[allow(clippy::too_many_arguments)]
+fn round_trip(
+    mut m: LoadedModel,
+    dir: &std::path::Path,
+    arch: &str,
+    cfg: &pocketlm::lora::AdapterConfig,
+    ids: &[u32],
+    base: &[f32],
+    adapted: &[f32],
+    want: &[&str],
+) -> Res<()> {
+    use pocketlm::lora::{fuse, unload, Adapter};
+    let moved = max_diff(adapted, base);
+    assert!(
+        moved > 1e-2,
+        "{arch}: the adapters moved the logits by {moved}"
+    );
     let adapter = Adapter::from_model(m.model.as_mut(), cfg.clone())?;
     for name in want {
         assert!(
@@ -1124,18 +1146,18 @@ fn check_lora_fd(
     let tmp = tempfile::tempdir()?;
     adapter.save(tmp.path().join("adapter"))?;
     assert!(unload(m.model.as_mut()) > 0);
-    assert_eq!(all_logits(&m, &ids)?, base, "{arch}: unload");
+    assert_eq!(all_logits(&m, ids)?, base, "{arch}: unload");
     let loaded = Adapter::load(tmp.path().join("adapter"))?;
     assert_eq!(loaded.weights.len(), adapter.weights.len());
     let n = loaded.apply(m.model.as_mut())?;
     assert_eq!(n, adapter.weights.len());
     assert_eq!(
-        all_logits(&m, &ids)?,
+        all_logits(&m, ids)?,
         adapted,
         "{arch}: adapter after save/load"
     );
     unload(m.model.as_mut());
-    assert_eq!(all_logits(&m, &ids)?, base, "{arch}: second unload");
+    assert_eq!(all_logits(&m, ids)?, base, "{arch}: second unload");
     drop(m);
     // The plain float32 conversion keeps the base logits.
     let opts = pocketlm::convert::ConvertOptions {
@@ -1143,12 +1165,12 @@ fn check_lora_fd(
         ..Default::default()
     };
     let f32_dir = tmp.path().join("f32");
-    pocketlm::convert::convert(&dir, &f32_dir, &opts, &mut |_| {})?;
-    let d = max_diff(&all_logits(&load(&f32_dir, &cpu())?, &ids)?, &base);
+    pocketlm::convert::convert(dir, &f32_dir, &opts, &mut |_| {})?;
+    let d = max_diff(&all_logits(&load(&f32_dir, &cpu())?, ids)?, base);
     assert!(d <= 1e-4, "{arch}: float32 conversion vs source: {d}");
     let fused_dir = tmp.path().join("fused");
     fuse(
-        &dir,
+        dir,
         &loaded,
         &fused_dir,
         false,
@@ -1156,13 +1178,72 @@ fn check_lora_fd(
         &mut |_| {},
     )?;
     let fused = load(&fused_dir, &cpu())?;
-    let d = max_diff(&all_logits(&fused, &ids)?, &adapted);
+    let d = max_diff(&all_logits(&fused, ids)?, adapted);
     assert!(d <= 1e-4, "{arch}: fused vs adapted: {d}");
     println!(
         "{arch}: {} adapted layers, logits moved {moved:.3}, fused within {d:.1e}",
         adapter.weights.len()
     );
     Ok(())
+}
+
+/// For an architecture that takes adapters but is not fine-tuned here: a training session is
+/// refused with a message naming it; fresh adapters with random A and B (rank 3, scale 2) on
+/// the last `num_layers` blocks pass [`round_trip`].
+fn check_lora_no_training(dir: PathBuf, arch: &str, num_layers: i64, want: &[&str]) -> Res<()> {
+    use pocketlm::lora::train::TrainSession;
+    use pocketlm::lora::{attach_new, Adapter, AdapterConfig, LoraParameters};
+    use rand::{Rng, SeedableRng};
+
+    let ids: Vec<u32> = vec![1, 17, 42, 99, 5, 120, 31, 8, 64, 3];
+    let mut m = load(&dir, &cpu())?;
+    assert_eq!(m.model.info().architecture, arch);
+    let base = all_logits(&m, &ids)?;
+    let params = LoraParameters {
+        rank: 3,
+        scale: 2.0,
+        dropout: 0.0,
+        keys: None,
+    };
+    let cfg = AdapterConfig::new(num_layers, params);
+    let e = TrainSession::new(m.model.as_mut(), &cfg, None, 1, 1 << 20)
+        .err()
+        .ok_or("a training session started")?
+        .to_string();
+    assert!(e.contains(arch) && e.contains("not supported"), "{e}");
+    assert!(attach_new(m.model.as_mut(), &cfg, 1)? > 0);
+    let mut adapter = Adapter::from_model(m.model.as_mut(), cfg.clone())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut random = |t: &Tensor| -> Res<Tensor> {
+        let v: Vec<f32> = (0..t.elem_count())
+            .map(|_| rng.random_range(-0.2f32..0.2))
+            .collect();
+        Ok(Tensor::from_vec(v, t.shape(), t.device())?)
+    };
+    for (a, b) in adapter.weights.values_mut() {
+        *a = random(a)?;
+        *b = random(b)?;
+    }
+    adapter.apply(m.model.as_mut())?;
+    let adapted = all_logits(&m, &ids)?;
+    round_trip(m, &dir, arch, &cfg, &ids, &base, &adapted, want)
+}
+
+#[test]
+fn lora_gemma4() -> Res<()> {
+    // 5 layers [sliding, sliding, full, sliding, full], the full ones with keys as values (no
+    // v_proj), the last 2 KV-shared (no k_proj / v_proj), per-layer inputs.
+    check_lora_no_training(
+        path("gemma4_text"),
+        "gemma4",
+        3,
+        &[
+            "model.layers.2.self_attn.k_proj",
+            "model.layers.3.self_attn.q_proj",
+            "model.layers.4.per_layer_projection",
+            "model.layers.4.mlp.up_proj",
+        ],
+    )
 }
 
 fn archs_path(name: &str) -> PathBuf {
