@@ -1412,3 +1412,73 @@ fn lora_qwen3_5_matches_mlx_lm() -> Res<()> {
     // the text-only folder.
     check_mlx_adapter("qwen3_5", 1e-4, 1e-4)
 }
+
+// `convert -q` of the MoE folders against mlx-lm's own conversions (`<name>_mlx_q4`, 4-bit
+// group 32): the layers quantized other than the default (mlx-lm's `quant_predicate`: the
+// routers at 8 bits, group 64) are the same, by canonical name (mlx-lm's `qwen3_5_moe` names
+// them under `language_model.`).
+
+fn per_layer_quant(config: &serde_json::Value) -> Res<Vec<(String, serde_json::Value)>> {
+    let q = config
+        .get("quantization")
+        .and_then(|q| q.as_object())
+        .ok_or("config.json has no quantization")?;
+    let mut out: Vec<(String, serde_json::Value)> = q
+        .iter()
+        .filter(|(_, v)| {
+            !matches!(
+                v,
+                serde_json::Value::Number(_) | serde_json::Value::String(_)
+            )
+        })
+        .map(|(k, v)| {
+            let v = match v.as_object() {
+                Some(o) => {
+                    serde_json::json!({"bits": o.get("bits"), "group_size": o.get("group_size")})
+                }
+                None => v.clone(),
+            };
+            (pocketlm::lora::canonical_name(k), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn check_convert_quant_layers(name: &str) -> Res<()> {
+    use pocketlm::convert::{convert, ConvertOptions};
+    use pocketlm::safetensors_weights::QuantParams;
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("q4");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 32,
+            bits: 4,
+        }),
+        ..Default::default()
+    };
+    convert(&path(name), &out, &opts, &mut |_| {})?;
+    let read = |p: PathBuf| -> Res<serde_json::Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+    };
+    let ours = per_layer_quant(&read(out.join("config.json"))?)?;
+    let mlx = per_layer_quant(&read(path(&format!("{name}_mlx_q4")).join("config.json"))?)?;
+    assert!(
+        !mlx.is_empty(),
+        "{name}: mlx-lm quantized no layer otherwise"
+    );
+    assert_eq!(ours, mlx, "{name}: per-layer quantization against mlx-lm's");
+    // And the result loads and runs.
+    let m = load(&out, &cpu())?;
+    let l = all_logits(&m, &[1, 2, 3])?;
+    assert!(l.iter().all(|x| x.is_finite()));
+    Ok(())
+}
+
+#[test]
+fn convert_quantizes_routers_as_mlx_lm() -> Res<()> {
+    for name in ["qwen3_moe", "qwen3_5_moe", "gemma4_moe", "gpt_oss"] {
+        check_convert_quant_layers(name)?;
+    }
+    Ok(())
+}
