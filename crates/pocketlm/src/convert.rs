@@ -358,14 +358,14 @@ pub fn convert(
     // Float tensors on their way out: cast, then maybe quantize.
     let mut deltas_used = 0usize;
     // By canonical name, so that an adapter of a wrapped model's text layers fuses into any
-    // layout of the same weights (`crate::lora::canonical_name`).
+    // layout of the same weights (`crate::models::canonical_name`).
     let deltas: HashMap<String, &Tensor> = opts
         .weight_deltas
         .iter()
-        .map(|(k, v)| (crate::lora::canonical_name(k), v))
+        .map(|(k, v)| (crate::models::canonical_name(k), v))
         .collect();
     let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
-        let t = match deltas.get(&crate::lora::canonical_name(name)) {
+        let t = match deltas.get(&crate::models::canonical_name(name)) {
             Some(d) => {
                 deltas_used += 1;
                 // Rounded once, to the output dtype (the source's when none is asked for, as
@@ -454,7 +454,7 @@ pub fn convert(
                         );
                         let fp_mode = fp_source_mode(weights, &wn, &sn)?;
                         if keep_source_quant
-                            && !deltas.contains_key(&crate::lora::canonical_name(&wn))
+                            && !deltas.contains_key(&crate::models::canonical_name(&wn))
                         {
                             for n in [&wn, &sn, &bn] {
                                 if fp_mode.is_none() || weights.contains(n) {

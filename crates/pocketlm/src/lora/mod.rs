@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use crate::models::canonical_name;
 use crate::models::{CausalLM, LinearSlot, Trainable};
 use crate::nn::{Linear, LoraLinear};
 use crate::weights::QkRowOrder;
@@ -393,24 +394,6 @@ pub fn fuse(
         });
     }
     crate::convert::convert(src, out, &opts, progress)
-}
-
-/// A module or weight name with a multimodal wrapper's prefix taken off, so that the names of
-/// one text model's layers compare equal in every layout: `language_model.model.X` (mlx-lm's
-/// `gemma3`, `qwen2_vl`, `qwen3_5`) and `model.language_model.X` (transformers 5's
-/// multimodal checkpoints) become `model.X`, `language_model.lm_head` becomes `lm_head`;
-/// other names are returned as they are. Adapters ([`Adapter::apply`]) and fused weight deltas
-/// ([`crate::convert::ConvertOptions::weight_deltas`]) match layers by it.
-pub fn canonical_name(name: &str) -> String {
-    for wrapped in ["language_model.model.", "model.language_model."] {
-        if let Some(rest) = name.strip_prefix(wrapped) {
-            return format!("model.{rest}");
-        }
-    }
-    match name.strip_prefix("language_model.lm_head") {
-        Some(rest) => format!("lm_head{rest}"),
-        None => name.to_string(),
-    }
 }
 
 impl LinearSlot<'_> {
