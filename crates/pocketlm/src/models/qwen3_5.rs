@@ -748,7 +748,8 @@ impl Trainable for Qwen35 {
     /// Per block under `model.layers.{i}` (mlx-lm's `qwen3_5_text` module paths; the
     /// multimodal `qwen3_5` wrapper's are under `language_model.`): full-attention blocks'
     /// `self_attn.{q,k,v,o}_proj` (q with its output gate rows), linear-attention blocks'
-    /// `linear_attn.{in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj}`, dense MLPs'
+    /// `linear_attn.{in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj}` (not in a GGUF whose
+    /// value heads are stored tiled), dense MLPs'
     /// `mlp.{gate,up,down}_proj` (none for a mixture of experts); then `lm_head`.
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
         let mut out = Vec::new();
@@ -759,6 +760,17 @@ impl Trainable for Qwen35 {
                     .into_iter()
                     .map(|(k, l, _)| (k, l))
                     .collect(),
+                // llama.cpp's tiled value-head order (a GGUF with 2 or more key heads, fewer
+                // than value heads; with one key head it is the grouped order) reorders these
+                // layers' rows and columns; adapters, in Hugging Face order,
+                // would not fit them: they stay without (an adapter naming them is refused).
+                Mixer::Linear(net)
+                    if net.heads.order == ValueHeadOrder::Tiled
+                        && net.heads.n_k > 1
+                        && net.heads.n_k != net.heads.n_v =>
+                {
+                    Vec::new()
+                }
                 Mixer::Linear(net) => net.linears_mut(),
             };
             for (key, linear) in mixer.into_iter().chain(layer.mlp.linears_mut()) {

@@ -1482,3 +1482,22 @@ fn convert_quantizes_routers_as_mlx_lm() -> Res<()> {
     }
     Ok(())
 }
+
+/// A GGUF whose Gated DeltaNet value heads are stored tiled (2 key, 4 value heads) offers no
+/// adapter slots on its linear-attention layers (their rows are not in Hugging Face order);
+/// the untiled GGUF does.
+#[test]
+fn lora_qwen3_5_tiled_gguf_has_no_linear_attention_slots() -> Res<()> {
+    for (file, tiled) in [("qwen3_5_tiled.gguf", true), ("qwen3_5.gguf", false)] {
+        let mut m = load(path(file), &cpu())?;
+        let t = m.model.trainable_mut().ok_or("not trainable")?;
+        let names: Vec<String> = t.linears_mut().into_iter().map(|s| s.name).collect();
+        let linear = names.iter().any(|n| n.contains(".linear_attn."));
+        assert!(
+            names.iter().any(|n| n.contains(".self_attn.q_proj")),
+            "{file}: {names:?}"
+        );
+        assert_eq!(linear, !tiled, "{file}: {names:?}");
+    }
+    Ok(())
+}
