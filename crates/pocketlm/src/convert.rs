@@ -357,11 +357,20 @@ pub fn convert(
 
     // Float tensors on their way out: cast, then maybe quantize.
     let mut deltas_used = 0usize;
+    // By canonical name, so that an adapter of a wrapped model's text layers fuses into any
+    // layout of the same weights (`crate::models::canonical_name`).
+    let deltas: HashMap<String, &Tensor> = opts
+        .weight_deltas
+        .iter()
+        .map(|(k, v)| (crate::models::canonical_name(k), v))
+        .collect();
     let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
-        let t = match opts.weight_deltas.get(name) {
+        let t = match deltas.get(&crate::models::canonical_name(name)) {
             Some(d) => {
                 deltas_used += 1;
-                let dt = t.dtype();
+                // Rounded once, to the output dtype (the source's when none is asked for, as
+                // mlx-lm's `fuse` rounds to the weight's dtype).
+                let dt = out_dtype.unwrap_or(t.dtype());
                 (t.to_dtype(DType::F32)? + d.to_device(t.device())?)
                     .map_err(|e| Error::tensor(name, format!("adding the LoRA delta: {e}")))?
                     .to_dtype(dt)?
@@ -444,7 +453,9 @@ pub fn convert(
                             format!("{prefix}.biases"),
                         );
                         let fp_mode = fp_source_mode(weights, &wn, &sn)?;
-                        if keep_source_quant && !opts.weight_deltas.contains_key(&wn) {
+                        if keep_source_quant
+                            && !deltas.contains_key(&crate::models::canonical_name(&wn))
+                        {
                             for n in [&wn, &sn, &bn] {
                                 if fp_mode.is_none() || weights.contains(n) {
                                     writer.add(n.clone(), weights.raw(n, None)?)?;
@@ -612,7 +623,38 @@ struct QuantPlan {
     mode: QuantMode,
     /// The recipe, the position of the layer index in a layer path, and the layer count.
     recipe: Option<(QuantRecipe, usize, usize)>,
+    /// Module-path suffixes of the layers the model's own `quant_predicate` in mlx-lm keeps
+    /// at 8 bits, group 64 ([`router_suffixes`]); not used with a recipe (mlx-lm's recipe
+    /// predicate replaces the model's).
+    routers: &'static [&'static str],
     overrides: Vec<QuantOverride>,
+}
+
+/// The layers that mlx-lm 0.32.2's `quant_predicate` of the architecture of `config` quantizes
+/// at 8 bits with group size 64 instead of the default, by module-path suffix: the MoE
+/// routers (`qwen3_moe.py` `mlp.gate`; `qwen3_5.py` with experts `mlp.gate` and
+/// `mlp.shared_expert_gate`; `gemma4_text.py` `router.proj`; `gpt_oss.py` `mlp.router`).
+/// Dense models and the other architectures: none (`deepseek_v3.py` and `lfm2.py` have no
+/// `quant_predicate`).
+fn router_suffixes(config: &serde_json::Value) -> &'static [&'static str] {
+    let text = config.get("text_config").unwrap_or(config);
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let experts = text
+        .get("num_experts")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    match model_type {
+        "qwen3_moe" => &["mlp.gate"],
+        "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" if experts > 0 => {
+            &["mlp.gate", "mlp.shared_expert_gate"]
+        }
+        "gemma4" | "gemma4_text" => &["router.proj"],
+        "gpt_oss" => &["mlp.router"],
+        _ => &[],
+    }
 }
 
 impl QuantPlan {
@@ -683,13 +725,16 @@ impl QuantPlan {
             default,
             mode: opts.q_mode,
             recipe,
+            routers: router_suffixes(config),
             overrides: opts.overrides.clone(),
         }))
     }
 
     /// The quantization of layer `prefix` with weight `dims`; `None` keeps it in float. As
     /// mlx-lm's `quantize_model`: only 2-D weights whose last dimension is a multiple of the
-    /// default group size are candidates; then the recipe, then the overrides decide.
+    /// default group size are candidates; then the recipe, or without one the model's own
+    /// predicate (routers at 8 bits, group 64: [`router_suffixes`]; affine, as mlx-lm's
+    /// per-layer dict), then the overrides decide.
     ///
     /// Errors: [`Error::Tensor`] when the chosen group size does not divide the last dimension,
     /// or the recipe finds no layer index in the path.
@@ -722,6 +767,16 @@ impl QuantPlan {
             p = Some(LayerQuant::affine(QuantParams {
                 group_size: self.default.group_size,
                 bits: if high_layer { high } else { low },
+            }));
+        }
+        let router = self
+            .routers
+            .iter()
+            .any(|r| prefix == *r || prefix.ends_with(&format!(".{r}")));
+        if self.recipe.is_none() && router {
+            p = Some(LayerQuant::affine(QuantParams {
+                group_size: 64,
+                bits: 8,
             }));
         }
         if let Some(o) = self

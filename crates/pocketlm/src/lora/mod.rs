@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub use crate::models::canonical_name;
 use crate::models::{CausalLM, LinearSlot, Trainable};
 use crate::nn::{Linear, LoraLinear};
 use crate::weights::QkRowOrder;
@@ -242,7 +243,9 @@ impl Adapter {
 
     /// Loads the adapter into `model`: any adapter already there is unloaded first (so
     /// adapters hot-swap on one base), then each layer the config selects becomes a LoRA layer
-    /// over the same frozen base. Returns the number of layers adapted.
+    /// over the same frozen base. Tensors match layers by [`canonical_name`], so an adapter
+    /// written for a multimodal wrapper's text model (`language_model.model.layers...`) loads
+    /// into the text-only form and back. Returns the number of layers adapted.
     ///
     /// Errors: [`LoraError::Unsupported`] for architectures without adapter support;
     /// [`LoraError::Tensor`] naming a selected layer without tensors, a tensor for a layer
@@ -259,6 +262,11 @@ impl Adapter {
             name: name.to_string(),
             msg,
         };
+        let by_name: HashMap<String, &(Tensor, Tensor)> = self
+            .weights
+            .iter()
+            .map(|(k, v)| (canonical_name(k), v))
+            .collect();
         let slots = trainable(model)?.linears_mut();
         if slots.is_empty() {
             return Err(LoraError::Unsupported(arch).into());
@@ -269,7 +277,7 @@ impl Adapter {
             if !self.config.selects(&slot, first) {
                 continue;
             }
-            let (a, b) = self.weights.get(&slot.name).ok_or_else(|| {
+            let (a, b) = by_name.get(&canonical_name(&slot.name)).ok_or_else(|| {
                 terr(
                     &format!("{}.lora_a", slot.name),
                     "missing (the config selects this layer)".into(),
@@ -299,12 +307,12 @@ impl Adapter {
                 .linears_mut()
                 .into_iter()
                 .filter(|s| matches!(s.linear, Linear::Lora(_)))
-                .map(|s| s.name)
+                .map(|s| canonical_name(&s.name))
                 .collect();
             let extra = self
                 .weights
                 .keys()
-                .find(|k| !selected.contains(k))
+                .find(|k| !selected.contains(&canonical_name(k)))
                 .cloned()
                 .unwrap_or_default();
             unload(model);
@@ -551,5 +559,32 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(back, (0..8).map(|x| x as f32).collect::<Vec<_>>());
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::canonical_name;
+
+    #[test]
+    fn wrapper_prefixes_are_taken_off() {
+        let q = "model.layers.3.self_attn.q_proj";
+        assert_eq!(
+            canonical_name("language_model.model.layers.3.self_attn.q_proj"),
+            q
+        );
+        assert_eq!(
+            canonical_name("model.language_model.layers.3.self_attn.q_proj"),
+            q
+        );
+        assert_eq!(canonical_name(q), q);
+        assert_eq!(
+            canonical_name("language_model.lm_head.weight"),
+            "lm_head.weight"
+        );
+        assert_eq!(
+            canonical_name("model.visual.blocks.0.attn.qkv"),
+            "model.visual.blocks.0.attn.qkv"
+        );
     }
 }

@@ -229,7 +229,8 @@ impl<'m> TrainSession<'m> {
     /// Puts fresh adapters (or those of `resume`) on `model` as `config` says, and the
     /// training copies of the frozen weights of the adapted blocks and the output layer.
     ///
-    /// Errors: an architecture without training support; a `resume` file that does not fit.
+    /// Errors: an architecture without adapters, or with adapters but without training
+    /// ([`Trainable::training_unsupported`]); a `resume` file that does not fit.
     pub fn new(
         model: &'m mut dyn CausalLM,
         config: &AdapterConfig,
@@ -237,6 +238,9 @@ impl<'m> TrainSession<'m> {
         seed: u64,
         hidden_limit: usize,
     ) -> Result<Self> {
+        if let Some(why) = super::trainable(model)?.training_unsupported() {
+            return Err(Error::InvalidArgument(why));
+        }
         let n = attach_new(model, config, seed)?;
         if n == 0 {
             return Err(Error::InvalidArgument(

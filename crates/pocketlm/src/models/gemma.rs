@@ -5,13 +5,17 @@
 //! Reference: Hugging Face `modeling_gemma2.py`, `modeling_gemma3.py` (`Gemma3ForCausalLM`),
 //! mlx-lm `models/gemma2.py`, `models/gemma3_text.py`.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::names::{self, NameTable};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
-use crate::models::{build, CausalLM, DecodePlan, Logits, ModelInfo, PlanBlock};
+use crate::models::{
+    build, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock, Trainable,
+};
 use crate::nn::{
     softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics,
     RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
@@ -331,7 +335,9 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
     let cfg: GemmaConfig = serde_json::from_value(text)
         .map_err(|e| Error::Model(format!("config.json `text_config`: {e}")))?;
     let w = build::language_model(w)?;
-    Ok(Box::new(Gemma::new(cfg, &w)?))
+    let mut m = Gemma::new(cfg, &w)?;
+    m.wrapper = Some("language_model");
+    Ok(Box::new(m))
 }
 
 #[derive(Debug)]
@@ -376,17 +382,23 @@ impl SandwichMlp {
         })
     }
 
-    /// `x: [.., hidden]` f32 -> the normed MLP output `[.., hidden]` (without the residual).
+    /// `x: [.., hidden]` f32 -> the normed MLP output `[.., hidden]` (without the residual);
+    /// differentiable ops throughout for [`Mode::Training`].
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         self.post_feedforward_layernorm
-            .forward(&self.inner(x, mode)?)
+            .forward_mode(&self.inner(x, mode)?, mode)
     }
 
     /// `mlp(pre_feedforward_layernorm(x))`, without the post norm: Gemma 4's MoE block normalizes
     /// it on its own and adds the experts' output before [`Self::post`].
     pub fn inner(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         self.mlp
-            .forward(&self.pre_feedforward_layernorm.forward(x)?, mode)
+            .forward(&self.pre_feedforward_layernorm.forward_mode(x, mode)?, mode)
+    }
+
+    /// The MLP's linear layers by Hugging Face name within the block (`mlp.gate_proj`, ...).
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        self.mlp.linears_mut()
     }
 
     /// `post_feedforward_layernorm(y)`.
@@ -406,6 +418,9 @@ pub struct Gemma {
     rope_global: RotaryEmbedding,
     rope_local: RotaryEmbedding,
     final_softcap: Option<f64>,
+    /// Adapter names' prefix ([`crate::models::wrap_slots`]): `language_model` when loaded
+    /// from the multimodal `gemma3` config.
+    wrapper: Option<&'static str>,
     info: ModelInfo,
     device: Device,
 }
@@ -489,6 +504,7 @@ impl Gemma {
             rope_global: rope(&global)?,
             rope_local: rope(&local)?,
             final_softcap: cfg.final_logit_softcapping,
+            wrapper: None,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: if cfg.is_gemma3() { "gemma3" } else { "gemma2" }.into(),
@@ -503,38 +519,88 @@ impl Gemma {
     }
 }
 
+impl Gemma {
+    /// Blocks `range` on `x: [batch, seq, hidden]` f32 (the scaled embedding or an earlier
+    /// block's output) at positions from `offset`: for inference appending to `cache`
+    /// (required), for training as differentiable ops without a cache (see [`Mode`]).
+    ///
+    /// Errors: an inference pass without a cache; as [`Attention::forward`].
+    fn run_blocks(
+        &self,
+        mut x: Tensor,
+        range: Range<usize>,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let s = x.dim(1)?;
+        let global = AttentionPass::new(&self.rope_global, offset, s)?;
+        let local = AttentionPass::new(&self.rope_local, offset, s)?;
+        for (i, layer) in self
+            .layers
+            .iter()
+            .enumerate()
+            .take(range.end)
+            .skip(range.start)
+        {
+            let c = match cache.as_deref_mut() {
+                Some(c) => Some(c.layer_for_pass(i)?),
+                None => None,
+            };
+            let pass = match layer.self_attn.window {
+                Some(_) => &local,
+                None => &global,
+            };
+            let hn = layer.input_layernorm.forward_mode(&x, mode)?;
+            let a = layer.self_attn.forward(&hn, pass, c, mode)?;
+            x = (layer.post_attention_layernorm.forward_mode(&a, mode)? + x)?;
+            x = (layer.ffn.forward(&x, mode)? + x)?;
+        }
+        Ok(x)
+    }
+
+    /// The scaled token embedding of `input_ids: [batch, seq]` u32: `[batch, seq, hidden]` f32.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok((self.embed_tokens.forward(input_ids)? * self.embed_scale)?)
+    }
+
+    /// Final norm, output layer and soft-cap on `x: [.., hidden]` -> `[.., vocab]` f32.
+    fn head(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut out = self
+            .lm_head
+            .forward_mode(&self.norm.forward_mode(x, mode)?, mode)?;
+        if let Some(c) = self.final_softcap {
+            out = softcap(&out, c)?;
+        }
+        Ok(out)
+    }
+}
+
 impl CausalLM for Gemma {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
         let (_b, s) = input_ids.dims2()?;
         cache.check_layers(self.layers.len())?;
         let offset = cache.offset();
-        let global = AttentionPass::new(&self.rope_global, offset, s)?;
-        let local = AttentionPass::new(&self.rope_local, offset, s)?;
-        let mut x = (self.embed_tokens.forward(input_ids)? * self.embed_scale)?;
-        let mode = Mode::Inference;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache.layer_for_pass(i)?;
-            let pass = match layer.self_attn.window {
-                Some(_) => &local,
-                None => &global,
-            };
-            let hn = layer.input_layernorm.forward(&x)?;
-            let a = layer.self_attn.forward(&hn, pass, Some(c), mode)?;
-            x = (layer.post_attention_layernorm.forward(&a)? + x)?;
-            x = (layer.ffn.forward(&x, mode)? + x)?;
-        }
+        let x = self.embed(input_ids)?;
+        let all = 0..self.layers.len();
+        let x = self.run_blocks(x, all, offset, Some(cache), Mode::Inference)?;
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,
             Logits::All => x,
         };
-        let mut out = self.lm_head.forward(&self.norm.forward(&x)?)?;
-        if let Some(c) = self.final_softcap {
-            out = softcap(&out, c)?;
-        }
+        let out = self.head(&x, Mode::Inference)?;
         Ok(match logits {
             Logits::Last => out.squeeze(1)?,
             Logits::All => out,
         })
+    }
+
+    fn trainable(&self) -> Option<&dyn Trainable> {
+        Some(self)
+    }
+
+    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
+        Some(self)
     }
 
     fn info(&self) -> &ModelInfo {
@@ -573,5 +639,49 @@ impl CausalLM for Gemma {
             context_length: self.info.context_length,
             embed_scale: Some(self.embed_scale),
         })
+    }
+}
+
+impl Trainable for Gemma {
+    /// Per block `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` under
+    /// `model.layers.{i}` (mlx-lm's `gemma2` / `gemma3_text` module paths; under
+    /// `language_model.` for the multimodal `gemma3` config, as mlx-lm's `gemma3` wraps the
+    /// text model), then `lm_head`.
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let attn = layer
+                .self_attn
+                .linears_mut()
+                .into_iter()
+                .map(|(k, l, _)| (k, l));
+            for (key, linear) in attn.chain(layer.ffn.linears_mut()) {
+                out.push(LinearSlot::new(i, key, linear));
+            }
+        }
+        out.push(LinearSlot::output(&mut self.lm_head));
+        crate::models::wrap_slots(out, self.wrapper)
+    }
+
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut cache = KvCache::growing(self.layers.len());
+        let upto = upto.min(self.layers.len());
+        let x = self.embed(input_ids)?;
+        self.run_blocks(x, 0..upto, 0, Some(&mut cache), Mode::Inference)
+    }
+
+    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor> {
+        let mode = Mode::Training { dropout: train };
+        self.run_blocks(hidden.clone(), range, 0, None, mode)
+    }
+
+    fn forward_head(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x = crate::models::select_positions(hidden, select)?;
+        self.head(&x, Mode::Training { dropout: train })
     }
 }

@@ -47,7 +47,7 @@ use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::gemma::SandwichMlp;
-use crate::models::{build, CausalLM, Logits, ModelInfo};
+use crate::models::{build, CausalLM, LinearSlot, Logits, ModelInfo, Trainable};
 use crate::nn::{
     gelu_tanh, softcap, Activation, Attention, AttentionPass, Embedding, KvSource, Linear, Mode,
     Moe, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, ScaleAt, Scoring,
@@ -533,6 +533,9 @@ pub struct Gemma4 {
     n_caches: usize,
     /// `(kv_heads, head_dim)` of the cached layers.
     cache_shapes: Vec<(usize, usize)>,
+    /// Adapter names' prefix ([`crate::models::wrap_slots`]): `language_model` when loaded
+    /// from the multimodal `gemma4` config (mlx-lm's `gemma4` wraps `gemma4_text`).
+    wrapper: Option<&'static str>,
     info: ModelInfo,
     device: Device,
 }
@@ -679,6 +682,7 @@ impl Gemma4 {
             lm_head,
             ropes: ropes.into_iter().map(|(_, _, r)| r).collect(),
             final_softcap: cfg.final_logit_softcapping,
+            wrapper: None,
             n_caches,
             cache_shapes,
             device: w.device().clone(),
@@ -715,7 +719,9 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
     let cfg: Gemma4Config = serde_json::from_value(text)
         .map_err(|e| Error::Model(format!("config.json `text_config`: {e}")))?;
     let w = build::language_model(w)?;
-    Ok(Box::new(Gemma4::new(cfg, &w)?))
+    let mut m = Gemma4::new(cfg, &w)?;
+    m.wrapper = Some("language_model");
+    Ok(Box::new(m))
 }
 
 impl CausalLM for Gemma4 {
@@ -776,6 +782,14 @@ impl CausalLM for Gemma4 {
             Logits::Last => out.squeeze(1)?,
             Logits::All => out,
         })
+    }
+
+    fn trainable(&self) -> Option<&dyn Trainable> {
+        Some(self)
+    }
+
+    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
+        Some(self)
     }
 
     /// Growing caches for the layers with keys and values of their own (KV-shared layers have
@@ -964,6 +978,64 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
             },
         },
     }))
+}
+
+/// Adapters (load, unload, hot-swap, fuse) but not fine-tuning: a block's input is not only the
+/// previous block's output (per-layer inputs from the token ids, keys and values shared from
+/// earlier layers), so the training forward does not split at a block as [`Trainable`]'s does.
+impl Trainable for Gemma4 {
+    /// Per block under `model.layers.{i}` (mlx-lm's `gemma4_text` module paths; under
+    /// `language_model.` for the multimodal `gemma4` config): `self_attn.{q,k,v,o}_proj` (those
+    /// the layer has: no `k_proj`/`v_proj` on KV-shared layers, no `v_proj` where keys are the
+    /// values), `mlp.{gate,up,down}_proj`, `per_layer_input_gate` and `per_layer_projection`;
+    /// then `lm_head`. Not the mixture of experts (`router.proj`, `experts.switch_glu`).
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let mut own: Vec<(&'static str, &mut Linear)> = layer
+                .self_attn
+                .linears_mut()
+                .into_iter()
+                .map(|(k, l, _)| (k, l))
+                .collect();
+            own.extend(layer.ffn.linears_mut());
+            if let Some(b) = &mut layer.per_layer {
+                own.push(("per_layer_input_gate", &mut b.gate));
+                own.push(("per_layer_projection", &mut b.projection));
+            }
+            for (key, linear) in own {
+                out.push(LinearSlot::new(i, key, linear));
+            }
+        }
+        out.push(LinearSlot::output(&mut self.lm_head));
+        crate::models::wrap_slots(out, self.wrapper)
+    }
+
+    fn training_unsupported(&self) -> Option<String> {
+        Some(
+            "gemma4 adapters load, unload and fuse, but fine-tuning is not supported (per-layer \
+             inputs and shared keys/values do not split at a block)"
+                .into(),
+        )
+    }
+
+    fn hidden_states(&self, _input_ids: &Tensor, _upto: usize) -> Result<Tensor> {
+        Err(Error::InvalidArgument(
+            self.training_unsupported().unwrap_or_default(),
+        ))
+    }
+
+    fn forward_blocks(&self, _: &Tensor, _: std::ops::Range<usize>, _: bool) -> Result<Tensor> {
+        Err(Error::InvalidArgument(
+            self.training_unsupported().unwrap_or_default(),
+        ))
+    }
+
+    fn forward_head(&self, _: &Tensor, _: bool, _: Option<&Tensor>) -> Result<Tensor> {
+        Err(Error::InvalidArgument(
+            self.training_unsupported().unwrap_or_default(),
+        ))
+    }
 }
 
 #[cfg(test)]

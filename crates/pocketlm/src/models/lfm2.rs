@@ -11,13 +11,15 @@
 //! Reference: Hugging Face `models/lfm2/modeling_lfm2.py` and `configuration_lfm2.py`
 //! (transformers 5.24), mlx-lm `models/lfm2.py` (0.32.2).
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
-use crate::models::{build, CausalLM, Logits, ModelInfo};
+use crate::models::{build, CausalLM, LinearSlot, Logits, ModelInfo, Trainable};
 use crate::nn::{
     Activation, Attention, AttentionPass, CausalConv1d, Embedding, GateUp, GatedMlp, Linear, Mode,
     RmsNorm, RopeScaling, RotaryEmbedding,
@@ -207,8 +209,16 @@ impl ShortConv {
     ///
     /// Errors: shapes that do not agree with the weights or the state.
     pub fn forward(&self, x: &Tensor, cache: &mut ArraysCache) -> Result<Tensor> {
+        self.forward_mode(x, cache, Mode::Inference)
+    }
+
+    /// As [`Self::forward`]; for [`Mode::Training`] the projections run as differentiable ops
+    /// (the convolution always is one), so gradients reach adapters on and below it.
+    ///
+    /// Errors: as [`Self::forward`].
+    pub fn forward_mode(&self, x: &Tensor, cache: &mut ArraysCache, mode: Mode) -> Result<Tensor> {
         let h = self.hidden;
-        let bcx = self.in_proj.forward(x)?;
+        let bcx = self.in_proj.forward_mode(x, mode)?;
         let (b, c, xs) = (
             bcx.narrow(2, 0, h)?,
             bcx.narrow(2, h, h)?,
@@ -217,7 +227,7 @@ impl ShortConv {
         let (y, state) = self.conv.forward(&(b * xs)?, cache.get(0))?;
         cache.set(0, state)?;
         cache.advance(x.dim(1)?);
-        self.out_proj.forward(&(c * y)?)
+        self.out_proj.forward_mode(&(c * y)?, mode)
     }
 }
 
@@ -456,27 +466,65 @@ impl Lfm2 {
     }
 }
 
+impl Lfm2 {
+    /// Blocks `range` on `x: [batch, seq, hidden]` f32 at positions from `offset`: for
+    /// inference appending to `cache` (required), for training as differentiable ops, the
+    /// convolutions starting from zero states (see [`Mode`]).
+    ///
+    /// Errors: an inference pass without a cache; as [`Attention::forward`] and
+    /// [`ShortConv::forward`].
+    fn run_blocks(
+        &self,
+        mut x: Tensor,
+        range: Range<usize>,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let pass = AttentionPass::new(&self.rope, offset, x.dim(1)?)?;
+        for (i, layer) in self
+            .layers
+            .iter()
+            .enumerate()
+            .take(range.end)
+            .skip(range.start)
+        {
+            let c = match cache.as_deref_mut() {
+                Some(c) => Some(c.layer_for_pass(i)?),
+                None => None,
+            };
+            let hn = layer.operator_norm.forward_mode(&x, mode)?;
+            let r = match &layer.operator {
+                Operator::Attention(a) => a.forward(&hn, &pass, c, mode)?,
+                Operator::Conv(conv) => match c {
+                    Some(c) => conv.forward_mode(&hn, c.arrays_for(i, "convolution")?, mode)?,
+                    None => conv.forward_mode(&hn, &mut ArraysCache::new(1), mode)?,
+                },
+            };
+            x = (x + r)?;
+            let hn = layer.ffn_norm.forward_mode(&x, mode)?;
+            x = (layer.feed_forward.forward(&hn, mode)? + x)?;
+        }
+        Ok(x)
+    }
+}
+
 impl CausalLM for Lfm2 {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
         cache.check_layers(self.layers.len())?;
-        let seq = input_ids.dim(1)?;
-        let pass = AttentionPass::new(&self.rope, cache.offset(), seq)?;
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache.layer_for_pass(i)?;
-            let hn = layer.operator_norm.forward(&x)?;
-            let r = match &layer.operator {
-                Operator::Attention(a) => a.forward(&hn, &pass, Some(c), Mode::Inference)?,
-                Operator::Conv(conv) => {
-                    let state = c.arrays_for(i, "convolution")?;
-                    conv.forward(&hn, state)?
-                }
-            };
-            x = (x + r)?;
-            let hn = layer.ffn_norm.forward(&x)?;
-            x = (layer.feed_forward.forward(&hn, Mode::Inference)? + x)?;
-        }
+        let offset = cache.offset();
+        let x = self.embed_tokens.forward(input_ids)?;
+        let all = 0..self.layers.len();
+        let x = self.run_blocks(x, all, offset, Some(cache), Mode::Inference)?;
         build::output_logits(&x, &self.norm, &self.lm_head, logits)
+    }
+
+    fn trainable(&self) -> Option<&dyn Trainable> {
+        Some(self)
+    }
+
+    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
+        Some(self)
     }
 
     fn new_cache(&self) -> KvCache {
@@ -495,6 +543,70 @@ impl CausalLM for Lfm2 {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+}
+
+/// mlx-lm's (and Hugging Face's) names of the linear layers of an LFM2 block, for the
+/// names [`Attention::linears_mut`] and [`GatedMlp::linears_mut`] give them.
+fn lfm2_key(key: &'static str) -> &'static str {
+    match key {
+        "self_attn.o_proj" => "self_attn.out_proj",
+        "mlp.gate_proj" => "feed_forward.w1",
+        "mlp.up_proj" => "feed_forward.w3",
+        "mlp.down_proj" => "feed_forward.w2",
+        k => k,
+    }
+}
+
+impl Trainable for Lfm2 {
+    /// Per block under `model.layers.{i}` (mlx-lm's `lfm2` module paths): attention blocks'
+    /// `self_attn.{q,k,v,out}_proj`, convolution blocks' `conv.in_proj` and `conv.out_proj`
+    /// (not the depthwise `conv.conv`), and every block's `feed_forward.{w1,w3,w2}`; then
+    /// `lm_head`.
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let op: Vec<(&'static str, &mut Linear)> = match &mut layer.operator {
+                Operator::Attention(a) => a
+                    .linears_mut()
+                    .into_iter()
+                    .map(|(k, l, _)| (k, l))
+                    .collect(),
+                Operator::Conv(c) => vec![
+                    ("conv.in_proj", &mut c.in_proj),
+                    ("conv.out_proj", &mut c.out_proj),
+                ],
+            };
+            for (key, linear) in op.into_iter().chain(layer.feed_forward.linears_mut()) {
+                out.push(LinearSlot::new(i, lfm2_key(key), linear));
+            }
+        }
+        out.push(LinearSlot::output(&mut self.lm_head));
+        out
+    }
+
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut cache = self.new_cache();
+        let upto = upto.min(self.layers.len());
+        let x = self.embed_tokens.forward(input_ids)?;
+        self.run_blocks(x, 0..upto, 0, Some(&mut cache), Mode::Inference)
+    }
+
+    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor> {
+        let mode = Mode::Training { dropout: train };
+        self.run_blocks(hidden.clone(), range, 0, None, mode)
+    }
+
+    fn forward_head(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mode = Mode::Training { dropout: train };
+        let x = crate::models::select_positions(hidden, select)?;
+        self.lm_head
+            .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
     }
 }
 

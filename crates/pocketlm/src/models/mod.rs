@@ -279,6 +279,13 @@ pub trait Trainable: CausalLM {
     /// adapters ([`crate::lora`]).
     fn linears_mut(&mut self) -> Vec<LinearSlot<'_>>;
 
+    /// Why this model takes adapters but cannot be fine-tuned, or `None` (the default) when the
+    /// training methods below work. [`crate::lora::train::TrainSession::new`] refuses such a
+    /// model with this message.
+    fn training_unsupported(&self) -> Option<String> {
+        None
+    }
+
     /// Training, first half: the hidden states `[batch, seq, hidden]` f32 after the embedding
     /// and blocks `0..upto`, computed by the inference path (no autograd graph), for
     /// `input_ids: [batch, seq]` u32 at positions `0..seq`.
@@ -415,6 +422,78 @@ pub struct LinearSlot<'a> {
     /// Face order need their `lora_b` columns permuted. Set from the weights' layout
     /// ([`QkRowOrder::permuted_heads`]).
     pub permuted_heads: Option<usize>,
+}
+
+impl<'a> LinearSlot<'a> {
+    /// The layer `key` (`self_attn.q_proj`) of block `layer`, named
+    /// `model.layers.{layer}.{key}` (mlx-lm's module path for text models), in Hugging Face
+    /// row order.
+    pub fn new(layer: usize, key: &str, linear: &'a mut Linear) -> Self {
+        Self {
+            name: format!("model.layers.{layer}.{key}"),
+            layer: Some(layer),
+            key: key.to_string(),
+            linear,
+            permuted_heads: None,
+        }
+    }
+
+    /// The output layer, named `lm_head`.
+    pub fn output(linear: &'a mut Linear) -> Self {
+        Self {
+            name: "lm_head".into(),
+            layer: None,
+            key: "lm_head".into(),
+            linear,
+            permuted_heads: None,
+        }
+    }
+}
+
+/// A module or weight name with a multimodal wrapper's prefix taken off, so that the names of
+/// one text model's layers compare equal in every layout: `language_model.model.X` (mlx-lm's
+/// `gemma3`, `qwen2_vl`, `qwen3_5`) and `model.language_model.X` (transformers 5's
+/// multimodal checkpoints) become `model.X`, `language_model.lm_head` becomes `lm_head`;
+/// other names are returned as they are. Adapters ([`crate::lora::Adapter::apply`]) and fused weight deltas
+/// ([`crate::convert::ConvertOptions::weight_deltas`]) match layers by it.
+pub fn canonical_name(name: &str) -> String {
+    for wrapped in ["language_model.model.", "model.language_model."] {
+        if let Some(rest) = name.strip_prefix(wrapped) {
+            return format!("model.{rest}");
+        }
+    }
+    match name.strip_prefix("language_model.lm_head") {
+        Some(rest) => format!("lm_head{rest}"),
+        None => name.to_string(),
+    }
+}
+
+/// `slots` renamed for a model loaded from a multimodal wrapper's config (`wrapper`:
+/// `language_model`, as mlx-lm's `gemma3`, `qwen2_vl` and `qwen3_5` models hold the text
+/// model): `model.layers.3.self_attn.q_proj` becomes `language_model.model.layers.3...`, the
+/// module paths mlx-lm's adapters of those models use. `None` leaves them as they are.
+pub(crate) fn wrap_slots<'a>(
+    mut slots: Vec<LinearSlot<'a>>,
+    wrapper: Option<&str>,
+) -> Vec<LinearSlot<'a>> {
+    if let Some(w) = wrapper {
+        for s in &mut slots {
+            s.name = format!("{w}.{}", s.name);
+        }
+    }
+    slots
+}
+
+/// `hidden: [batch, seq, hidden]` -> with `select: [n]` u32 (indices into the flattened
+/// `batch · seq` positions) those rows `[n, hidden]`, without it `hidden` itself: the rows
+/// [`Trainable::forward_head`] computes logits of.
+///
+/// Errors: an index past `batch · seq`; `hidden` not of rank 3.
+pub(crate) fn select_positions(hidden: &Tensor, select: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match select {
+        Some(idx) => hidden.reshape(((), hidden.dim(2)?))?.index_select(idx, 0)?,
+        None => hidden.clone(),
+    })
 }
 
 /// One registry entry.

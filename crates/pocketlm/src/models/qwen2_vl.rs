@@ -21,12 +21,15 @@ use serde::Deserialize;
 use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
 use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
-use crate::models::{prefill_text, CausalLM, Logits, ModelInfo, ModelInput, Prefill, VisionInfo};
+use crate::models::{
+    prefill_text, CausalLM, LinearSlot, Logits, ModelInfo, ModelInput, Prefill, Trainable,
+    VisionInfo,
+};
 use crate::nn::{
     scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
     GatedMlp, Linear, Mode, Numerics, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding,
 };
-use crate::weights::Weights;
+use crate::weights::{QkRowOrder, Weights};
 use crate::{Error, Result};
 
 /// The text fields of config.json (top level in published folders, `text_config` in
@@ -805,6 +808,14 @@ impl CausalLM for Qwen2Vl {
         Some(&self.vision)
     }
 
+    fn trainable(&self) -> Option<&dyn Trainable> {
+        Some(self)
+    }
+
+    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
+        Some(self)
+    }
+
     fn prefill(&self, input: &ModelInput, cache: &mut KvCache, chunk: usize) -> Result<Prefill> {
         if input.images.is_empty() {
             return Ok(Prefill::text(prefill_text(self, &input.ids, cache, chunk)?));
@@ -823,6 +834,60 @@ impl CausalLM for Qwen2Vl {
             vision_time,
             image_tokens,
         })
+    }
+}
+
+impl Qwen2Vl {
+    /// The attention pass of a text-only sequence of `s` tokens at positions `0..s` (every
+    /// M-RoPE stream at the token's index), as training sees its examples.
+    fn text_pass(&self, s: usize) -> Result<AttentionPass<'_>> {
+        let (cos, sin) = self.cos_sin(&Self::text_positions(0, s))?;
+        Ok(AttentionPass::with_tables(&self.rope, cos, sin))
+    }
+}
+
+/// Adapters and fine-tuning on the language model, text only (training examples have no
+/// images; the vision tower has no adapters and stays frozen).
+impl Trainable for Qwen2Vl {
+    /// The language model's `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` under
+    /// `language_model.model.layers.{i}` (mlx-lm's `qwen2_vl` module paths: its model wraps a
+    /// `qwen2` text model), then `language_model.lm_head`.
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        let slots = self.decoder.linears_mut(QkRowOrder::HuggingFace);
+        crate::models::wrap_slots(slots, Some("language_model"))
+    }
+
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut cache = KvCache::growing(self.decoder.layers.len());
+        let pass = self.text_pass(input_ids.dim(1)?)?;
+        let x = self.decoder.embed_tokens.forward(input_ids)?;
+        let upto = upto.min(self.decoder.layers.len());
+        self.decoder
+            .run_blocks(x, 0..upto, &pass, Some(&mut cache), Mode::Inference)
+    }
+
+    fn forward_blocks(
+        &self,
+        hidden: &Tensor,
+        range: std::ops::Range<usize>,
+        train: bool,
+    ) -> Result<Tensor> {
+        if range.is_empty() {
+            return Ok(hidden.clone());
+        }
+        let pass = self.text_pass(hidden.dim(1)?)?;
+        let mode = Mode::Training { dropout: train };
+        self.decoder
+            .run_blocks(hidden.clone(), range, &pass, None, mode)
+    }
+
+    fn forward_head(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.decoder.forward_head(hidden, train, select)
     }
 }
 

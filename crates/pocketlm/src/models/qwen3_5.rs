@@ -36,6 +36,8 @@
 //! `qwen3_5_moe.py`, `qwen3_next.py` (0.32.2); llama.cpp as vendored by llama-cpp-python 0.3.36
 //! (`conversion/qwen.py`, `src/models/qwen35.cpp`, `qwen35moe.cpp`).
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -44,7 +46,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
 use crate::models::build::{self, ConvLayout, ExpertShape};
 use crate::models::decoder::Mlp;
-use crate::models::{CausalLM, Logits, ModelInfo};
+use crate::models::{CausalLM, LinearSlot, Logits, ModelInfo, Trainable};
 use crate::nn::{
     Attention, AttentionPass, CausalConv1d, DeltaHeads, Embedding, GatedDeltaNet, Linear, Mode,
     QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, Scoring, SharedExpert, ValueHeadOrder,
@@ -271,6 +273,9 @@ pub struct Qwen35 {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
+    /// Adapter names' prefix ([`crate::models::wrap_slots`]): `language_model` when loaded
+    /// from a config with `text_config` (mlx-lm's `qwen3_5` / `qwen3_5_moe` models).
+    wrapper: Option<&'static str>,
     info: ModelInfo,
     device: Device,
 }
@@ -527,11 +532,17 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
         };
         Error::Model(format!("{at}: {e}"))
     })?;
-    if w.contains("model.embed_tokens.weight") {
-        return Ok(Box::new(Qwen35::new(&cfg, w)?));
+    let mut m = if w.contains("model.embed_tokens.weight") {
+        Qwen35::new(&cfg, w)?
+    } else {
+        Qwen35::new(&cfg, &build::language_model(w)?)?
+    };
+    // mlx-lm 0.32.2 reads only the wrapped form (`qwen3_5` with `text_config`), whose
+    // adapters name the text model's modules under `language_model.`.
+    if config.get("text_config").is_some() {
+        m.wrapper = Some("language_model");
     }
-    let w = build::language_model(w)?;
-    Ok(Box::new(Qwen35::new(&cfg, &w)?))
+    Ok(Box::new(m))
 }
 
 impl Qwen35 {
@@ -617,6 +628,7 @@ impl Qwen35 {
             norm: norm("model.norm.weight".into(), h)?,
             lm_head,
             rope,
+            wrapper: None,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: if cfg.num_experts > 0 {
@@ -645,27 +657,72 @@ impl Qwen35 {
     }
 }
 
-impl CausalLM for Qwen35 {
-    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        cache.check_layers(self.layers.len())?;
-        let seq = input_ids.dim(1)?;
-        let pass = AttentionPass::new(&self.rope, cache.offset(), seq)?;
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let c = cache.layer_for_pass(i)?;
-            let hn = layer.input_layernorm.forward(&x)?;
-            let r = match &layer.mixer {
-                Mixer::Attention(a) => a.forward(&hn, &pass, Some(c), Mode::Inference)?,
-                Mixer::Linear(net) => {
-                    let state = c.arrays_for(i, "linear-attention")?;
-                    net.forward(&hn, state)?
+impl Qwen35 {
+    /// Blocks `range` on `x: [batch, seq, hidden]` f32 at positions from `offset`: for
+    /// inference appending to `cache` (required), for training as differentiable ops, the
+    /// linear-attention layers starting from zero states (see [`Mode`],
+    /// [`GatedDeltaNet::forward_diff`]).
+    ///
+    /// Errors: an inference pass without a cache; the layers' errors.
+    fn run_blocks(
+        &self,
+        mut x: Tensor,
+        range: Range<usize>,
+        offset: usize,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let pass = AttentionPass::new(&self.rope, offset, x.dim(1)?)?;
+        for (i, layer) in self
+            .layers
+            .iter()
+            .enumerate()
+            .take(range.end)
+            .skip(range.start)
+        {
+            let c = match cache.as_deref_mut() {
+                Some(c) => Some(c.layer_for_pass(i)?),
+                None => None,
+            };
+            let hn = layer.input_layernorm.forward_mode(&x, mode)?;
+            let r = match (&layer.mixer, mode) {
+                (Mixer::Attention(a), _) => a.forward(&hn, &pass, c, mode)?,
+                (Mixer::Linear(net), Mode::Training { dropout }) => {
+                    net.forward_diff(&hn, dropout)?
+                }
+                (Mixer::Linear(net), Mode::Inference) => {
+                    let c = c.ok_or_else(|| {
+                        Error::InvalidArgument(
+                            "linear attention for inference needs a cache".into(),
+                        )
+                    })?;
+                    net.forward(&hn, c.arrays_for(i, "linear-attention")?)?
                 }
             };
             x = (x + r)?;
-            let hn = layer.post_attention_layernorm.forward(&x)?;
-            x = (layer.mlp.forward(&hn, Mode::Inference)? + x)?;
+            let hn = layer.post_attention_layernorm.forward_mode(&x, mode)?;
+            x = (layer.mlp.forward(&hn, mode)? + x)?;
         }
+        Ok(x)
+    }
+}
+
+impl CausalLM for Qwen35 {
+    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
+        cache.check_layers(self.layers.len())?;
+        let offset = cache.offset();
+        let x = self.embed_tokens.forward(input_ids)?;
+        let all = 0..self.layers.len();
+        let x = self.run_blocks(x, all, offset, Some(cache), Mode::Inference)?;
         build::output_logits(&x, &self.norm, &self.lm_head, logits)
+    }
+
+    fn trainable(&self) -> Option<&dyn Trainable> {
+        Some(self)
+    }
+
+    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
+        Some(self)
     }
 
     fn new_cache(&self) -> KvCache {
@@ -684,6 +741,68 @@ impl CausalLM for Qwen35 {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+}
+
+impl Trainable for Qwen35 {
+    /// Per block under `model.layers.{i}` (mlx-lm's `qwen3_5_text` module paths; the
+    /// multimodal `qwen3_5` wrapper's are under `language_model.`): full-attention blocks'
+    /// `self_attn.{q,k,v,o}_proj` (q with its output gate rows), linear-attention blocks'
+    /// `linear_attn.{in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj}` (not in a GGUF whose
+    /// value heads are stored tiled), dense MLPs'
+    /// `mlp.{gate,up,down}_proj` (none for a mixture of experts); then `lm_head`.
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let mixer: Vec<(&'static str, &mut Linear)> = match &mut layer.mixer {
+                Mixer::Attention(a) => a
+                    .linears_mut()
+                    .into_iter()
+                    .map(|(k, l, _)| (k, l))
+                    .collect(),
+                // llama.cpp's tiled value-head order (a GGUF with 2 or more key heads, fewer
+                // than value heads; with one key head it is the grouped order) reorders these
+                // layers' rows and columns; adapters, in Hugging Face order,
+                // would not fit them: they stay without (an adapter naming them is refused).
+                Mixer::Linear(net)
+                    if net.heads.order == ValueHeadOrder::Tiled
+                        && net.heads.n_k > 1
+                        && net.heads.n_k != net.heads.n_v =>
+                {
+                    Vec::new()
+                }
+                Mixer::Linear(net) => net.linears_mut(),
+            };
+            for (key, linear) in mixer.into_iter().chain(layer.mlp.linears_mut()) {
+                out.push(LinearSlot::new(i, key, linear));
+            }
+        }
+        out.push(LinearSlot::output(&mut self.lm_head));
+        crate::models::wrap_slots(out, self.wrapper)
+    }
+
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut cache = self.new_cache();
+        let upto = upto.min(self.layers.len());
+        let x = self.embed_tokens.forward(input_ids)?;
+        self.run_blocks(x, 0..upto, 0, Some(&mut cache), Mode::Inference)
+    }
+
+    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor> {
+        let mode = Mode::Training { dropout: train };
+        self.run_blocks(hidden.clone(), range, 0, None, mode)
+    }
+
+    fn forward_head(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mode = Mode::Training { dropout: train };
+        let x = crate::models::select_positions(hidden, select)?;
+        self.lm_head
+            .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
     }
 }
 

@@ -31,7 +31,7 @@
 
 use candle_core::Tensor;
 
-use super::{CausalConv1d, Linear, RmsNorm};
+use super::{CausalConv1d, Linear, Mode, RmsNorm};
 use crate::kv_cache::ArraysCache;
 use crate::{Error, Result};
 
@@ -249,6 +249,94 @@ impl GatedDeltaNet {
         let z = self.in_proj_z.forward(x)?.reshape((b, s, h.n_v, h.d_v))?;
         let o = (self.norm.forward(&o)? * candle_nn::ops::silu(&z)?)?;
         self.out_proj.forward(&o.reshape((b, s, h.n_v * h.d_v))?)
+    }
+}
+
+impl GatedDeltaNet {
+    /// The layer for training ([`Mode::Training`]): `x: [batch, seq, hidden]` f32 from a zero
+    /// state (positions `0..seq`) -> `[batch, seq, hidden]` f32, built from differentiable
+    /// candle ops so that `backward()` reaches adapters on its projections and below it. The
+    /// same formulas as [`Self::forward`] (the recurrence a loop over tokens, each step a few
+    /// batched matrix products over the value heads; transformers'
+    /// `torch_recurrent_gated_delta_rule`); `dropout` turns adapter dropout on.
+    ///
+    /// Cost: `seq` steps of `O(batch · n_v · d_v · d_k)` each, and an autograd graph of a few
+    /// ops per token.
+    ///
+    /// Errors: shapes that do not agree with the weights.
+    pub fn forward_diff(&self, x: &Tensor, dropout: bool) -> Result<Tensor> {
+        let mode = Mode::Training { dropout };
+        let h = self.heads;
+        let (b, s, _) = x.dims3()?;
+        let dev = x.device();
+        let qkv = self.in_proj_qkv.forward_mode(x, mode)?;
+        let (conv, _) = self.conv.forward(&qkv, None)?;
+        let conv = candle_nn::ops::silu(&conv)?;
+        let kd = h.n_k * h.d_k;
+        let l2 = |t: Tensor| -> Result<Tensor> {
+            let n = (t.sqr()?.sum_keepdim(3)? + 1e-6)?.sqrt()?;
+            Ok(t.broadcast_div(&n)?)
+        };
+        // Key heads repeated for their value heads: [b, s, n_v, d_k].
+        let idx: Vec<u32> = (0..h.n_v).map(|j| h.key_head(j) as u32).collect();
+        let idx = Tensor::from_vec(idx, h.n_v, dev)?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(l2(t.reshape((b, s, h.n_k, h.d_k))?)?.index_select(&idx, 2)?)
+        };
+        let q = (heads(conv.narrow(2, 0, kd)?)? * (1.0 / (h.d_k as f64).sqrt()))?;
+        let k = heads(conv.narrow(2, kd, kd)?)?;
+        let v = conv
+            .narrow(2, 2 * kd, h.n_v * h.d_v)?
+            .reshape((b, s, h.n_v, h.d_v))?;
+        let beta = candle_nn::ops::sigmoid(&self.in_proj_b.forward_mode(x, mode)?)?;
+        let dt_bias = Tensor::new(self.dt_bias.as_slice(), dev)?;
+        let neg_a = Tensor::new(self.neg_a.as_slice(), dev)?;
+        // softplus(z) = max(z, 0) + ln(1 + e^-|z|), stable for every z.
+        let z = self
+            .in_proj_a
+            .forward_mode(x, mode)?
+            .broadcast_add(&dt_bias)?;
+        let softplus = (z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+        let decay = softplus.broadcast_mul(&neg_a)?.exp()?; // [b, s, n_v]
+        let mut state = Tensor::zeros((b, h.n_v, h.d_v, h.d_k), x.dtype(), dev)?;
+        let mut outs = Vec::with_capacity(s);
+        let at = |t: &Tensor, i: usize| -> Result<Tensor> { Ok(t.narrow(1, i, 1)?.squeeze(1)?) };
+        for i in 0..s {
+            let (qt, kt, vt) = (at(&q, i)?, at(&k, i)?, at(&v, i)?);
+            let dt = at(&decay, i)?.reshape((b, h.n_v, 1, 1))?;
+            let bt = at(&beta, i)?.reshape((b, h.n_v, 1))?;
+            state = state.broadcast_mul(&dt)?;
+            let kcol = kt.unsqueeze(3)?.contiguous()?; // [b, n_v, d_k, 1]
+            let mem = state.matmul(&kcol)?.squeeze(3)?; // [b, n_v, d_v]
+            let delta = (vt - mem)?.broadcast_mul(&bt)?;
+            let outer = delta
+                .unsqueeze(3)?
+                .contiguous()?
+                .matmul(&kt.unsqueeze(2)?.contiguous()?)?;
+            state = (state + outer)?;
+            let qcol = qt.unsqueeze(3)?.contiguous()?;
+            outs.push(state.matmul(&qcol)?.squeeze(3)?);
+        }
+        let o = Tensor::stack(&outs, 1)?; // [b, s, n_v, d_v]
+        let z = self
+            .in_proj_z
+            .forward_mode(x, mode)?
+            .reshape((b, s, h.n_v, h.d_v))?;
+        let o = (self.norm.forward_diff(&o)? * candle_nn::ops::silu(&z)?)?;
+        self.out_proj
+            .forward_mode(&o.reshape((b, s, h.n_v * h.d_v))?, mode)
+    }
+
+    /// The linear layers by Hugging Face name within the block (`linear_attn.in_proj_qkv`,
+    /// `in_proj_z`, `in_proj_b`, `in_proj_a`, `out_proj`), for adapters.
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("linear_attn.in_proj_qkv", &mut self.in_proj_qkv),
+            ("linear_attn.in_proj_z", &mut self.in_proj_z),
+            ("linear_attn.in_proj_b", &mut self.in_proj_b),
+            ("linear_attn.in_proj_a", &mut self.in_proj_a),
+            ("linear_attn.out_proj", &mut self.out_proj),
+        ]
     }
 }
 

@@ -967,3 +967,537 @@ fn gemma4_moe_mlx_q4_matches_mlx_lm() -> Res<()> {
     // mlx-lm's stacked 4-bit `experts.switch_glu.*` and 8-bit `router.proj`.
     check_mlx_q4_logits("gemma4_moe", 2.5)
 }
+
+// LoRA on the architectures with their own model structs (issue #25: "`convert` and LoRA
+// cover the new architectures"), on their tiny folders: for each, a session's adapters with
+// random A and B on the last `num_layers` blocks, then
+// - backward gives a nonzero gradient to every adapter variable, and two entries agree with
+//   central finite differences of the loss (the differentiable path is the loss's);
+// - the training path's logits equal the inference path's with the adapters;
+// - the adapters change the logits; saved and loaded back they give the same logits; unload
+//   restores the base logits bit for bit; `fuse` (float32) gives a folder whose logits are
+//   within 1e-4 of the adapted model's.
+
+/// `m`'s f32 logits `[seq, vocab]` of `ids` at every position, flattened.
+fn all_logits(m: &LoadedModel, ids: &[u32]) -> Res<Vec<f32>> {
+    let x = Tensor::new(ids, m.model.device())?.unsqueeze(0)?;
+    let mut cache = m.model.new_cache();
+    Ok(m.model
+        .forward(&x, &mut cache, Logits::All)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The LoRA checks above on folder `dir` (architecture `arch`), adapters on the last
+/// `num_layers` blocks on `keys` (`None`: every linear layer); `want` the adapted layer names
+/// the session must list (a few, by full module name).
+fn check_lora(
+    dir: PathBuf,
+    arch: &str,
+    num_layers: i64,
+    keys: Option<&[&str]>,
+    want: &[&str],
+) -> Res<()> {
+    check_lora_fd(dir, arch, num_layers, keys, want, true)
+}
+
+/// [`check_lora`]; `finite_differences: false` skips the comparison with finite differences
+/// (for mixtures of experts, whose routing weights are constant for the gradient:
+/// [`pocketlm::nn::Moe::forward`]).
+fn check_lora_fd(
+    dir: PathBuf,
+    arch: &str,
+    num_layers: i64,
+    keys: Option<&[&str]>,
+    want: &[&str],
+    finite_differences: bool,
+) -> Res<()> {
+    use pocketlm::lora::train::TrainSession;
+    use pocketlm::lora::{AdapterConfig, LoraParameters};
+    use rand::{Rng, SeedableRng};
+
+    let ids: Vec<u32> = vec![1, 17, 42, 99, 5, 120, 31, 8, 64, 3];
+    let mut m = load(&dir, &cpu())?;
+    assert_eq!(m.model.info().architecture, arch);
+    let base = all_logits(&m, &ids)?;
+    let params = LoraParameters {
+        rank: 3,
+        scale: 2.0,
+        dropout: 0.0,
+        keys: keys.map(|k| k.iter().map(|s| s.to_string()).collect()),
+    };
+    let cfg = AdapterConfig::new(num_layers, params);
+
+    // Training: random adapters, gradients, finite differences.
+    let mut s = TrainSession::new(m.model.as_mut(), &cfg, None, 1, 1 << 20)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for v in s.vars() {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|_| rng.random_range(-0.2f32..0.2))
+            .collect();
+        v.set(&Tensor::from_vec(vals, v.shape(), v.device())?)?;
+    }
+    let ex = [
+        pocketlm::lora::data::Example {
+            tokens: ids.clone(),
+            offset: 0,
+        },
+        pocketlm::lora::data::Example {
+            tokens: vec![9, 110, 33, 71, 5, 60],
+            offset: 2,
+        },
+    ];
+    let batch: Vec<(usize, &pocketlm::lora::data::Example)> = ex.iter().enumerate().collect();
+    let (loss, _) = s.batch_loss(0, &batch, 64, false)?;
+    let grads = loss.backward()?;
+    let vars = s.vars().to_vec();
+    for (vi, v) in vars.iter().enumerate() {
+        let g: Vec<f32> = grads
+            .get(v.as_tensor())
+            .ok_or("no gradient for an adapter variable")?
+            .flatten_all()?
+            .to_vec1()?;
+        assert!(
+            g.iter().any(|x| x.abs() > 1e-5),
+            "{arch}: variable {vi}: gradient all ~0"
+        );
+        // The lowest adapted layer's A (gradients through every adapted block) and the top's B.
+        if finite_differences && (vi == 0 || vi == vars.len() - 1) {
+            let i = (0..g.len())
+                .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+                .unwrap_or(0);
+            let orig: Vec<f32> = v.flatten_all()?.to_vec1()?;
+            let eps = 2e-3f32;
+            let mut eval = |d: f32| -> Res<f64> {
+                let mut p = orig.clone();
+                p[i] += d;
+                v.set(&Tensor::from_vec(p, v.shape(), v.device())?)?;
+                Ok(s.batch_loss(0, &batch, 64, false)?.0.to_scalar::<f32>()? as f64)
+            };
+            let fd = (eval(eps)? - eval(-eps)?) / (2.0 * eps as f64);
+            v.set(&Tensor::from_vec(orig, v.shape(), v.device())?)?;
+            let an = g[i] as f64;
+            assert!(
+                (an - fd).abs() <= 5e-4 + 2e-2 * an.abs(),
+                "{arch}: variable {vi} entry {i}: backward {an}, finite difference {fd}"
+            );
+        }
+    }
+    let first = s.first;
+    s.finish()?;
+
+    // The adapted model: inference and training paths agree, the logits moved.
+    let adapted = all_logits(&m, &ids)?;
+    let scale = adapted.iter().fold(1f32, |a, x| a.max(x.abs()));
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let t = m.model.trainable().ok_or("not trainable")?;
+    let h = t.hidden_states(&x, first)?;
+    let train_path: Vec<f32> = t
+        .forward_from(&h, first, false, None)?
+        .flatten_all()?
+        .to_vec1()?;
+    let d = max_diff(&train_path, &adapted);
+    assert!(d <= 1e-4 * scale, "{arch}: training vs inference path: {d}");
+    let moved = max_diff(&adapted, &base);
+    assert!(
+        moved > 1e-2,
+        "{arch}: the adapters moved the logits by {moved}"
+    );
+
+    round_trip(m, &dir, arch, &cfg, &ids, &base, &adapted, want)
+}
+
+/// The adapter loaded in `m` (config `cfg`; `adapted` its logits of `ids`, `base` those of
+/// the base): it names the layers `want`; saved and loaded back it gives `adapted`, unloaded
+/// `base` (exactly); `dir` fused with it (float32) gives `adapted` within 1e-4.
+#[allow(clippy::too_many_arguments)]
+fn round_trip(
+    mut m: LoadedModel,
+    dir: &std::path::Path,
+    arch: &str,
+    cfg: &pocketlm::lora::AdapterConfig,
+    ids: &[u32],
+    base: &[f32],
+    adapted: &[f32],
+    want: &[&str],
+) -> Res<()> {
+    use pocketlm::lora::{fuse, unload, Adapter};
+    let moved = max_diff(adapted, base);
+    assert!(
+        moved > 1e-2,
+        "{arch}: the adapters moved the logits by {moved}"
+    );
+    let adapter = Adapter::from_model(m.model.as_mut(), cfg.clone())?;
+    for name in want {
+        assert!(
+            adapter.weights.contains_key(*name),
+            "{arch}: no adapter on {name}; have {:?}",
+            adapter.weights.keys().collect::<Vec<_>>()
+        );
+    }
+    let tmp = tempfile::tempdir()?;
+    adapter.save(tmp.path().join("adapter"))?;
+    assert!(unload(m.model.as_mut()) > 0);
+    assert_eq!(all_logits(&m, ids)?, base, "{arch}: unload");
+    let loaded = Adapter::load(tmp.path().join("adapter"))?;
+    assert_eq!(loaded.weights.len(), adapter.weights.len());
+    let n = loaded.apply(m.model.as_mut())?;
+    assert_eq!(n, adapter.weights.len());
+    assert_eq!(
+        all_logits(&m, ids)?,
+        adapted,
+        "{arch}: adapter after save/load"
+    );
+    unload(m.model.as_mut());
+    assert_eq!(all_logits(&m, ids)?, base, "{arch}: second unload");
+    drop(m);
+    // The plain float32 conversion keeps the base logits.
+    let opts = pocketlm::convert::ConvertOptions {
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    };
+    let f32_dir = tmp.path().join("f32");
+    pocketlm::convert::convert(dir, &f32_dir, &opts, &mut |_| {})?;
+    let d = max_diff(&all_logits(&load(&f32_dir, &cpu())?, ids)?, base);
+    assert!(d <= 1e-4, "{arch}: float32 conversion vs source: {d}");
+    let fused_dir = tmp.path().join("fused");
+    fuse(
+        dir,
+        &loaded,
+        &fused_dir,
+        false,
+        Some(candle_core::DType::F32),
+        &mut |_| {},
+    )?;
+    let fused = load(&fused_dir, &cpu())?;
+    let d = max_diff(&all_logits(&fused, ids)?, adapted);
+    assert!(d <= 1e-4, "{arch}: fused vs adapted: {d}");
+    println!(
+        "{arch}: {} adapted layers, logits moved {moved:.3}, fused within {d:.1e}",
+        adapter.weights.len()
+    );
+    Ok(())
+}
+
+/// For an architecture that takes adapters but is not fine-tuned here: a training session is
+/// refused with a message naming it; fresh adapters with random A and B (rank 3, scale 2) on
+/// the last `num_layers` blocks pass [`round_trip`].
+fn check_lora_no_training(dir: PathBuf, arch: &str, num_layers: i64, want: &[&str]) -> Res<()> {
+    use pocketlm::lora::train::TrainSession;
+    use pocketlm::lora::{attach_new, Adapter, AdapterConfig, LoraParameters};
+    use rand::{Rng, SeedableRng};
+
+    let ids: Vec<u32> = vec![1, 17, 42, 99, 5, 120, 31, 8, 64, 3];
+    let mut m = load(&dir, &cpu())?;
+    assert_eq!(m.model.info().architecture, arch);
+    let base = all_logits(&m, &ids)?;
+    let params = LoraParameters {
+        rank: 3,
+        scale: 2.0,
+        dropout: 0.0,
+        keys: None,
+    };
+    let cfg = AdapterConfig::new(num_layers, params);
+    let e = TrainSession::new(m.model.as_mut(), &cfg, None, 1, 1 << 20)
+        .err()
+        .ok_or("a training session started")?
+        .to_string();
+    assert!(e.contains(arch) && e.contains("not supported"), "{e}");
+    assert!(attach_new(m.model.as_mut(), &cfg, 1)? > 0);
+    let mut adapter = Adapter::from_model(m.model.as_mut(), cfg.clone())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut random = |t: &Tensor| -> Res<Tensor> {
+        let v: Vec<f32> = (0..t.elem_count())
+            .map(|_| rng.random_range(-0.2f32..0.2))
+            .collect();
+        Ok(Tensor::from_vec(v, t.shape(), t.device())?)
+    };
+    for (a, b) in adapter.weights.values_mut() {
+        *a = random(a)?;
+        *b = random(b)?;
+    }
+    adapter.apply(m.model.as_mut())?;
+    let adapted = all_logits(&m, &ids)?;
+    round_trip(m, &dir, arch, &cfg, &ids, &base, &adapted, want)
+}
+
+#[test]
+fn lora_gemma4() -> Res<()> {
+    // 5 layers [sliding, sliding, full, sliding, full], the full ones with keys as values (no
+    // v_proj), the last 2 KV-shared (no k_proj / v_proj), per-layer inputs.
+    check_lora_no_training(
+        path("gemma4_text"),
+        "gemma4",
+        3,
+        &[
+            "model.layers.2.self_attn.k_proj",
+            "model.layers.3.self_attn.q_proj",
+            "model.layers.4.per_layer_projection",
+            "model.layers.4.mlp.up_proj",
+        ],
+    )
+}
+
+fn archs_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/archs")
+        .join(name)
+}
+
+#[test]
+fn lora_gemma2() -> Res<()> {
+    check_lora(
+        archs_path("gemma2"),
+        "gemma2",
+        -1,
+        None,
+        &[
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.mlp.down_proj",
+        ],
+    )
+}
+
+#[test]
+fn lora_gemma3() -> Res<()> {
+    check_lora(
+        archs_path("gemma3"),
+        "gemma3",
+        2,
+        Some(&["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj"]),
+        &["model.layers.1.self_attn.o_proj"],
+    )
+}
+
+#[test]
+fn lora_lfm2() -> Res<()> {
+    // 4 blocks [conv, attention, conv, attention]: the last 3 with every linear layer.
+    check_lora(
+        path("lfm2"),
+        "lfm2",
+        3,
+        None,
+        &[
+            "model.layers.1.self_attn.out_proj",
+            "model.layers.2.conv.in_proj",
+            "model.layers.2.conv.out_proj",
+            "model.layers.3.feed_forward.w1",
+        ],
+    )
+}
+
+#[test]
+fn lora_deepseek_v3() -> Res<()> {
+    // Built on the Llama stack; MoE layers (routing constant for the gradient).
+    check_lora_fd(
+        path("deepseek_v3"),
+        "deepseek_v3",
+        -1,
+        None,
+        &["model.layers.0.self_attn.kv_a_proj_with_mqa"],
+        false,
+    )
+}
+
+#[test]
+fn lora_qwen3_5() -> Res<()> {
+    // [linear, full, linear, full] attention: gradients through the Gated DeltaNet layers.
+    check_lora(
+        path("qwen3_5"),
+        "qwen3_5",
+        -1,
+        None,
+        &[
+            "model.layers.0.linear_attn.in_proj_qkv",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.2.linear_attn.in_proj_a",
+            "model.layers.2.linear_attn.out_proj",
+            "model.layers.3.mlp.down_proj",
+        ],
+    )
+}
+
+#[test]
+fn lora_qwen3_5_moe() -> Res<()> {
+    check_lora_fd(
+        path("qwen3_5_moe"),
+        "qwen3_5_moe",
+        -1,
+        Some(&["self_attn.o_proj", "linear_attn.in_proj_z"]),
+        &["model.layers.0.linear_attn.in_proj_z"],
+        false,
+    )
+}
+
+#[test]
+fn lora_qwen2_vl() -> Res<()> {
+    // The language model of the tiny Qwen2-VL (text-only examples).
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/vlm/qwen2_vl");
+    check_lora(
+        dir,
+        "qwen2_vl",
+        1,
+        Some(&["self_attn.q_proj", "self_attn.k_proj"]),
+        &["language_model.model.layers.1.self_attn.k_proj"],
+    )
+}
+
+/// mlx-lm's own adapter on a tiny folder (`scripts/golden/lora_2026.py`: `<name>_lora/`, made
+/// and loaded by mlx-lm under its module names) applied here, against mlx-lm's float32 logits
+/// over the prompt with the adapter (`mlx_lm.load(adapter_path=...)`) and without:
+/// - the base logits are within `base_bound` of mlx-lm's;
+/// - with the adapter, the logits are within `bound` of mlx-lm's, and so are the adapter's
+///   effect (adapted minus base logits, of each side) and the logits of the folder fused with
+///   it; the effect itself is over 100 times `bound`.
+fn check_mlx_adapter(name: &str, base_bound: f32, bound: f32) -> Res<()> {
+    use pocketlm::lora::{fuse, Adapter};
+    let g = tensors(&format!("{name}_lora.golden.safetensors"))?;
+    let ids = g["ids"].to_vec1::<u32>()?;
+    let want = g["logits"].flatten_all()?.to_vec1::<f32>()?;
+    let want_base = g["base_logits"].flatten_all()?.to_vec1::<f32>()?;
+    let adapter = Adapter::load(path(&format!("{name}_lora")))?;
+    let mut m = load(path(name), &cpu())?;
+    let base = all_logits(&m, &ids)?;
+    let db = max_diff(&base, &want_base);
+    assert!(db <= base_bound, "{name}: base {db} from mlx-lm");
+    let n = adapter.apply(m.model.as_mut())?;
+    assert_eq!(n, adapter.weights.len());
+    let got = all_logits(&m, &ids)?;
+    let d = max_diff(&got, &want);
+    let effect = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>();
+    let want_effect = effect(&want, &want_base);
+    let de = max_diff(&effect(&got, &base), &want_effect);
+    let moved = want_effect.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(
+        d <= bound && de <= bound && moved > 100.0 * bound,
+        "{name}: with mlx-lm's adapter {d} from mlx-lm, its effect {de} from mlx-lm's \
+         (which moved the logits by {moved})"
+    );
+    drop(m);
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("fused");
+    fuse(
+        &path(name),
+        &adapter,
+        &out,
+        false,
+        Some(candle_core::DType::F32),
+        &mut |_| {},
+    )?;
+    let fd = max_diff(&all_logits(&load(&out, &cpu())?, &ids)?, &want);
+    assert!(fd <= bound, "{name}: fused folder {fd} from mlx-lm");
+    println!(
+        "{name}: base {db:.1e} from mlx-lm; with mlx-lm's adapter {d:.1e}, its effect \
+         {de:.1e} (of {moved:.2}), fused {fd:.1e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn lora_lfm2_matches_mlx_lm() -> Res<()> {
+    check_mlx_adapter("lfm2", 1e-4, 1e-4)
+}
+
+#[test]
+fn lora_qwen3_5_matches_mlx_lm() -> Res<()> {
+    // mlx-lm's names from its wrapped `qwen3_5` model (`language_model.model.layers...`) on
+    // the text-only folder.
+    check_mlx_adapter("qwen3_5", 1e-4, 1e-4)
+}
+
+// `convert -q` of the MoE folders against mlx-lm's own conversions (`<name>_mlx_q4`, 4-bit
+// group 32): the layers quantized other than the default (mlx-lm's `quant_predicate`: the
+// routers at 8 bits, group 64) are the same, by canonical name (mlx-lm's `qwen3_5_moe` names
+// them under `language_model.`).
+
+fn per_layer_quant(config: &serde_json::Value) -> Res<Vec<(String, serde_json::Value)>> {
+    let q = config
+        .get("quantization")
+        .and_then(|q| q.as_object())
+        .ok_or("config.json has no quantization")?;
+    let mut out: Vec<(String, serde_json::Value)> = q
+        .iter()
+        .filter(|(_, v)| {
+            !matches!(
+                v,
+                serde_json::Value::Number(_) | serde_json::Value::String(_)
+            )
+        })
+        .map(|(k, v)| {
+            let v = match v.as_object() {
+                Some(o) => {
+                    serde_json::json!({"bits": o.get("bits"), "group_size": o.get("group_size")})
+                }
+                None => v.clone(),
+            };
+            (pocketlm::lora::canonical_name(k), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn check_convert_quant_layers(name: &str) -> Res<()> {
+    use pocketlm::convert::{convert, ConvertOptions};
+    use pocketlm::safetensors_weights::QuantParams;
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("q4");
+    let opts = ConvertOptions {
+        quantize: Some(QuantParams {
+            group_size: 32,
+            bits: 4,
+        }),
+        ..Default::default()
+    };
+    convert(&path(name), &out, &opts, &mut |_| {})?;
+    let read = |p: PathBuf| -> Res<serde_json::Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+    };
+    let ours = per_layer_quant(&read(out.join("config.json"))?)?;
+    let mlx = per_layer_quant(&read(path(&format!("{name}_mlx_q4")).join("config.json"))?)?;
+    assert!(
+        !mlx.is_empty(),
+        "{name}: mlx-lm quantized no layer otherwise"
+    );
+    assert_eq!(ours, mlx, "{name}: per-layer quantization against mlx-lm's");
+    // And the result loads and runs.
+    let m = load(&out, &cpu())?;
+    let l = all_logits(&m, &[1, 2, 3])?;
+    assert!(l.iter().all(|x| x.is_finite()));
+    Ok(())
+}
+
+#[test]
+fn convert_quantizes_routers_as_mlx_lm() -> Res<()> {
+    for name in ["qwen3_moe", "qwen3_5_moe", "gemma4_moe", "gpt_oss"] {
+        check_convert_quant_layers(name)?;
+    }
+    Ok(())
+}
+
+/// A GGUF whose Gated DeltaNet value heads are stored tiled (2 key, 4 value heads) offers no
+/// adapter slots on its linear-attention layers (their rows are not in Hugging Face order);
+/// the untiled GGUF does.
+#[test]
+fn lora_qwen3_5_tiled_gguf_has_no_linear_attention_slots() -> Res<()> {
+    for (file, tiled) in [("qwen3_5_tiled.gguf", true), ("qwen3_5.gguf", false)] {
+        let mut m = load(path(file), &cpu())?;
+        let t = m.model.trainable_mut().ok_or("not trainable")?;
+        let names: Vec<String> = t.linears_mut().into_iter().map(|s| s.name).collect();
+        let linear = names.iter().any(|n| n.contains(".linear_attn."));
+        assert!(
+            names.iter().any(|n| n.contains(".self_attn.q_proj")),
+            "{file}: {names:?}"
+        );
+        assert_eq!(linear, !tiled, "{file}: {names:?}");
+    }
+    Ok(())
+}
