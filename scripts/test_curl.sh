@@ -42,7 +42,7 @@ EOF
 }
 
 req health 200 "$BASE/health"
-py "$TMP/health" 'assert body == {"status": "ok"}, body' || fail "health body"
+py "$TMP/health" 'assert body["status"] == "ok" and {"running", "waiting", "kv_bytes", "kv_peak_bytes", "kv_budget_bytes", "preemptions"} <= set(body["engine"]), body' || fail "health body"
 ok "GET /health"
 
 req models 200 "${AUTH[@]}" "$BASE/v1/models"
