@@ -295,7 +295,7 @@ unsafe fn tile_scalar<const P: u8>(t: &Tile<'_>) {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::packed::avx512::{block_sums, nibbles};
+    use super::super::packed::avx512::{block_sums, nibbles, prefetch_ahead};
     use super::super::{Tile, TileFn};
     use super::ROWS;
     use crate::quant::mlx_affine::ParamDtype;
@@ -363,6 +363,8 @@ pub(crate) mod avx512 {
         let (k, nb) = (a.k, a.k / 32);
         let pm = t.mlx;
         let es = if P == 0 { 4 } else { 2 };
+        // Decode: prefetch the codes ahead, as the GGUF 4-bit kernels do.
+        let pf = super::super::streams_weights(a.m);
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             let mut accm = [_mm512_setzero_ps(); R];
@@ -371,6 +373,9 @@ pub(crate) mod avx512 {
                 let sc = params16::<P>(pm.scales.add(off));
                 let bi = params16::<P>(pm.biases.add(off));
                 for b in qg * pm.bpg..(qg + 1) * pm.bpg {
+                    if pf {
+                        prefetch_ahead(wg.add(b * 256), 256);
+                    }
                     let w = nibbles(wg.add(b * 256));
                     for i in 0..R {
                         let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;

@@ -307,7 +307,7 @@ pub(crate) mod avx512 {
     /// decode product's next blocks; the address may lie past the weight: prefetches do not
     /// fault).
     #[inline(always)]
-    fn prefetch_ahead(blk: *const u8, bytes: usize) {
+    pub(crate) fn prefetch_ahead(blk: *const u8, bytes: usize) {
         for l in 0..bytes.div_ceil(64) {
             // SAFETY: a prefetch reads nothing architecturally and never faults.
             unsafe {
