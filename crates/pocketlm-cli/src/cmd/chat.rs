@@ -217,12 +217,16 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 // Checked before each token is computed, so the session records exactly the
                 // text shown.
                 if interrupt.stopped() {
-                    // Dropping the stream ends the reply; the session keeps what was shown.
+                    // Dropping the stream ends the reply (the engine hands the cache back);
+                    // the session keeps what was shown. Only then is the reply over and the
+                    // notice shown: a Ctrl-C after it is one at the prompt.
+                    drop(stream);
+                    interrupt.set_generating(false);
                     writeln!(out)?;
                     eprintln!(
                         "(reply stopped; the conversation goes on. Ctrl-C at the prompt exits)"
                     );
-                    break;
+                    return Ok(());
                 }
                 let Some(ev) = stream.next() else { break };
                 write_event(&mut out, ev?, args.verbose)?;
