@@ -168,7 +168,7 @@ impl EngineStream {
     /// Cancels the generation (if it has not ended) and returns the cache the submission
     /// gave, holding every position fed to the model (the prompt and the tokens generated
     /// but the last), once the scheduler gives it back; `None` when the submission gave none
-    /// or the scheduler stopped without it (a panic in a step).
+    /// or a step of the batch failed (a panic: the generation then ended with an error).
     pub fn into_cache(mut self) -> Option<KvCache> {
         self.take_cache()
     }
@@ -291,7 +291,21 @@ fn schedule(model: &LoadedModel, config: BatchConfig, jobs: &mpsc::Receiver<Job>
         if gen.is_empty() {
             continue;
         }
-        for e in gen.step() {
+        let events = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gen.step())) {
+            Ok(events) => events,
+            Err(_) => {
+                // A bug in a step: every running generation ends with an error (their caches
+                // are lost); the generator starts over and the engine serves on.
+                gen = BatchGenerator::new(model.model.as_ref(), &model.tokenizer, config);
+                for (_, r) in running.drain() {
+                    let _ = r.out.send(Out::Event(Err(Error::Model(
+                        "the engine's generation step failed".into(),
+                    ))));
+                }
+                continue;
+            }
+        };
+        for e in events {
             let end = matches!(e.event, Ok(Event::Finished { .. }) | Err(_));
             if let Some(r) = running.get(&e.id) {
                 let _ = r.out.send(Out::Event(e.event));
