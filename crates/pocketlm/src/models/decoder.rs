@@ -301,10 +301,7 @@ impl Decoder {
         dropout: bool,
         select: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let x = match select {
-            Some(idx) => hidden.reshape(((), hidden.dim(2)?))?.index_select(idx, 0)?,
-            None => hidden.clone(),
-        };
+        let x = crate::models::select_positions(hidden, select)?;
         let mode = Mode::Training { dropout };
         self.lm_head
             .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
