@@ -141,7 +141,10 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// A fresh cache holding `depth` tokens (filled untimed, [`DEPTH_CHUNK`] tokens a pass).
+/// A fresh cache holding `depth` tokens (filled untimed, [`DEPTH_CHUNK`] tokens a pass). On a
+/// GPU it returns only once the device has finished the fill, as llama-bench's `test_prompt`
+/// ends with `llama_synchronize`: the passes are queued asynchronously, so without the wait the
+/// timed test after it would also pay for the fill's last queued kernels.
 fn cache_at(model: &dyn CausalLM, depth: usize, vocab: usize) -> Result<KvCache> {
     let mut cache = model.new_cache();
     let ids = tokens(depth, vocab);
@@ -149,6 +152,7 @@ fn cache_at(model: &dyn CausalLM, depth: usize, vocab: usize) -> Result<KvCache>
         let x = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
         forward(model, &x, &mut cache, Logits::Last)?;
     }
+    model.device().synchronize()?;
     Ok(cache)
 }
 
