@@ -66,6 +66,9 @@ fn single_stream(d: Device) -> Device {
     if let Device::Cuda(c) = &d {
         // Safety: every tensor pocketlm makes on this device is used on its default stream only.
         unsafe { c.disable_event_tracking() };
+        if let Err(e) = crate::cuda::keep_freed_memory(&d) {
+            tracing::warn!("CUDA memory pool left as it is: {e}");
+        }
     }
     d
 }

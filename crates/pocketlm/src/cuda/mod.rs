@@ -34,6 +34,51 @@ pub fn memory_info(dev: &Device) -> Option<(usize, usize)> {
     }
 }
 
+/// Keeps what the device's stream-ordered allocator frees mapped for the next allocation
+/// (the pool's `CU_MEMPOOL_ATTR_RELEASE_THRESHOLD` at its maximum, as PyTorch's caching
+/// allocator keeps freed blocks). cudarc allocates with `cuMemAllocAsync` from the device's
+/// current pool, whose threshold of 0 hands every freed byte back to the driver at each
+/// synchronization; a prompt's passes then map their temporaries (f16 weights, activations)
+/// afresh after every token read back. The memory stays the process's until it exits and
+/// counts as used in [`memory_info`]. `POCKETLM_CUDA_POOL_KEEP=0` leaves the threshold at 0.
+///
+/// Errors: the driver's, naming the call.
+pub fn keep_freed_memory(dev: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(d) = dev else {
+        return Ok(());
+    };
+    if std::env::var("POCKETLM_CUDA_POOL_KEEP").is_ok_and(|v| v == "0") {
+        return Ok(());
+    }
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's current pool, which lives as long as the context;
+    // the attribute's value is a `u64`, as the driver API documents for this attribute.
+    let r = unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(crate::Error::InvalidArgument(format!(
+            "cuDeviceGetMemPool failed: {r:?}"
+        )));
+    }
+    let r = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(crate::Error::InvalidArgument(format!(
+            "cuMemPoolSetAttribute(RELEASE_THRESHOLD) failed: {r:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// `‖a - b‖ / ‖b‖` over two equal-length slices (`‖·‖` the Euclidean norm): rounding that
 /// grows with the reduction length shows up here in proportion, unlike an element-wise bound.
 fn norm_rel_err(a: &[f32], b: &[f32]) -> f32 {
@@ -471,6 +516,7 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             (8, 8, 64, 64, 64, 80, true),
             (16, 2, 128, 33, 4133, 4200, true),
             (14, 2, 64, 2, 9, 9, false),
+            (12, 2, 64, 70, 1001, 1010, true),
         ] {
             seed += 1;
             let q = pseudo_random(nh * s * hd, seed);
@@ -496,13 +542,22 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                 "flash prefill h{nh} kv{nkv} d{hd} s{s} kv_len {kv_len} {} vs float",
                 if f16 { "f16" } else { "f32" }
             );
-            match flash_attention(&qt, &kt, &vt, scale)? {
-                Some(o) => {
-                    let got: Vec<f32> = o.flatten_all()?.to_vec1()?;
-                    let want = prefill_reference(&q, &k, &v, (nh, nkv, hd), s, kv_len, cap);
-                    record(&mut lines, name, norm_rel_err(&got, &want), 5e-3);
+            // f16 caches: both kernels (loaded through registers, and by cp.async).
+            let kernels: &[(bool, &str)] = if f16 {
+                &[(false, ""), (true, " (cp.async)")]
+            } else {
+                &[(false, "")]
+            };
+            for &(pipelined, which) in kernels {
+                let name = format!("{name}{which}");
+                match flash_attention_with(&qt, &kt, &vt, scale, pipelined)? {
+                    Some(o) => {
+                        let got: Vec<f32> = o.flatten_all()?.to_vec1()?;
+                        let want = prefill_reference(&q, &k, &v, (nh, nkv, hd), s, kv_len, cap);
+                        record(&mut lines, name, norm_rel_err(&got, &want), 5e-3);
+                    }
+                    None => record(&mut lines, format!("{name}: not taken"), f32::NAN, 5e-3),
                 }
-                None => record(&mut lines, format!("{name}: not taken"), f32::NAN, 5e-3),
             }
         }
         lines.extend(prefill_timing(dev)?);
@@ -658,6 +713,17 @@ fn prefill_timing(dev: &Device) -> Result<Vec<String>> {
             flash_attention(&q, &k, &v, scale as f32)?
                 .ok_or_else(|| crate::Error::InvalidArgument("flash attention not taken".into()))
         })?;
+        // The f16 cache the models keep on CUDA, with each of its two kernels.
+        let f16 = candle_core::DType::F16;
+        let (kh, vh) = (k.to_dtype(f16)?, v.to_dtype(f16)?);
+        let f16_kernel = |pipelined: bool| {
+            time(&|| {
+                flash_attention_with(&q, &kh, &vh, scale as f32, pipelined)?.ok_or_else(|| {
+                    crate::Error::InvalidArgument("flash attention not taken".into())
+                })
+            })
+        };
+        let (plain, piped) = (f16_kernel(false)?, f16_kernel(true)?);
         // The general CUDA path of `nn::scaled_dot_product_attention`: query heads grouped by
         // their kv head, GEMM, one scale + mask + softmax kernel, GEMM.
         let general = time(&|| {
@@ -668,8 +734,10 @@ fn prefill_timing(dev: &Device) -> Result<Vec<String>> {
         })?;
         let flops = 4.0 * (nh * hd) as f64 * (s * depth + s * (s + 1) / 2) as f64;
         lines.push(format!(
-            "timing prefill attention h{nh} kv{nkv} d{hd} s{s} depth {depth}: fused {fused:.3} ms ({:.0} TFLOP/s), gemm+softmax+gemm {general:.3} ms",
-            flops / fused / 1e9
+            "timing prefill attention h{nh} kv{nkv} d{hd} s{s} depth {depth}: fused {fused:.3} ms ({:.0} TFLOP/s), gemm+softmax+gemm {general:.3} ms; f16 cache: {plain:.3} ms ({:.0} TFLOP/s), cp.async pipelined {piped:.3} ms ({:.0} TFLOP/s)",
+            flops / fused / 1e9,
+            flops / plain / 1e9,
+            flops / piped / 1e9
         ));
     }
     Ok(lines)
@@ -915,6 +983,14 @@ fn flash_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("POCKETLM_FLASH_ATTN").map_or(true, |v| v != "0"))
 }
 
+/// Whether the fused prefill attention over an f16 cache streams its key/value tiles by
+/// cp.async a step ahead (`flash_prefill_*_f16p`); `POCKETLM_FLASH_PIPE=0` loads each tile
+/// through registers before using it, as the f32 kernels do.
+fn flash_pipelined() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("POCKETLM_FLASH_PIPE").map_or(true, |v| v != "0"))
+}
+
 /// The device address of element `layout.start_offset()` of a CUDA f32 or f16 tensor's storage.
 fn raw_address(t: &Tensor) -> Result<u64> {
     let (s, l) = t.storage_and_layout();
@@ -953,6 +1029,17 @@ fn raw_address(t: &Tensor) -> Result<u64> {
 /// Returns `None` where the kernel does not apply (off CUDA, batch > 1, head_dim not 64 or 128,
 /// other dtypes or layouts, `POCKETLM_FLASH_ATTN=0`); the caller then takes the general path.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+    flash_attention_with(q, k, v, scale, flash_pipelined())
+}
+
+/// [`flash_attention`] with the f16 kernel chosen by `pipelined` (see [`flash_pipelined`]).
+fn flash_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    pipelined: bool,
+) -> Result<Option<Tensor>> {
     use candle_core::DType;
     let Device::Cuda(dev) = q.device() else {
         return Ok(None);
@@ -992,10 +1079,10 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result
         let qp = device_address(&q)?;
         let (kp, vp) = (raw_address(k)?, raw_address(v)?);
         let (op, _sync) = out.device_ptr(&stream);
-        let kt = if k.dtype() == DType::F16 {
-            "f16"
-        } else {
-            "f32"
+        let kt = match k.dtype() {
+            DType::F16 if pipelined => "f16p",
+            DType::F16 => "f16",
+            _ => "f32",
         };
         let f = dev.get_or_load_custom_func(
             &format!("flash_prefill_d{d}_{kt}"),

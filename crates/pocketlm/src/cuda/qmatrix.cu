@@ -1237,10 +1237,16 @@ __device__ __forceinline__ uint4 load8_h(const float *p) {
   return r;
 }
 
-template <int D, typename KT>
+//
+// PIPE (f16 caches only): the tiles come in by cp.async, K and V each single-buffered but a step
+// ahead, as FlashAttention-2's kernel does: K of the next tile is in flight during this tile's
+// softmax and P V, V of the next during the next S = Q K^T. Otherwise (and for f32 caches, which
+// are converted on the way) each tile is loaded through registers, then used.
+template <int D, typename KT, bool PIPE>
 __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict__ k,
                               const KT *__restrict__ v, float *__restrict__ out, int s, int heads,
                               int n_kv, int kv_len, long long kv_head_stride, float scale_log2) {
+  static_assert(!PIPE || sizeof(KT) == 2, "the cp.async pipeline copies f16 rows as stored");
   constexpr int LD = D + 8;  // padded rows: conflict-free fragment loads and ldmatrix
   constexpr int KS = D / 16, NT = FA_BN / 8, DT = D / 8;
   __shared__ __align__(16) __half ks[FA_BN][LD];
@@ -1280,19 +1286,37 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
   const int pmin = r0 / G, pmax = min(rows - 1, r0 + FA_BM - 1) / G;
   const int kend = offset + pmax + 1;   // keys any row of the block sees
   const int kfull = offset + pmin + 1;  // keys every row of the block sees
-  for (int kt = 0; kt < kend; kt += FA_BN) {
-    __syncthreads();
+  // One tile of keys (or values) from position kt on, by cp.async; rows past the cache are zero.
+  auto load_async = [&](__half(*dst)[LD], const KT *src, int kt) {
     for (int i = threadIdx.x; i < FA_BN * D / 8; i += blockDim.x) {
       const int r = i / (D / 8), c = (i % (D / 8)) * 8, t = kt + r;
-      uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
-      if (t < kv_len) {
-        kx = load8_h(K + (size_t)t * D + c);
-        vx = load8_h(V + (size_t)t * D + c);
-      }
-      *reinterpret_cast<uint4 *>(&ks[r][c]) = kx;
-      *reinterpret_cast<uint4 *>(&vs[r][c]) = vx;
+      const bool ok = t < kv_len;
+      cp_async16(&dst[r][c], src + (size_t)(ok ? t : 0) * D + c, ok);
     }
-    __syncthreads();
+    cp_async_commit();
+  };
+  if constexpr (PIPE) {
+    load_async(ks, K, 0);
+    load_async(vs, V, 0);
+  }
+  for (int kt = 0; kt < kend; kt += FA_BN) {
+    if constexpr (PIPE) {
+      cp_async_wait<1>();  // this tile's keys (its values may still be in flight)
+      __syncthreads();
+    } else {
+      __syncthreads();
+      for (int i = threadIdx.x; i < FA_BN * D / 8; i += blockDim.x) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8, t = kt + r;
+        uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
+        if (t < kv_len) {
+          kx = load8_h(K + (size_t)t * D + c);
+          vx = load8_h(V + (size_t)t * D + c);
+        }
+        *reinterpret_cast<uint4 *>(&ks[r][c]) = kx;
+        *reinterpret_cast<uint4 *>(&vs[r][c]) = vx;
+      }
+      __syncthreads();
+    }
     float sc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; n++) {
@@ -1303,6 +1327,14 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
         const unsigned b0 = *reinterpret_cast<const unsigned *>(kr + 16 * j);
         const unsigned b1 = *reinterpret_cast<const unsigned *>(kr + 16 * j + 8);
         mma_16816(sc[n], qf[j], b0, b1);
+      }
+    }
+    if constexpr (PIPE) {
+      __syncthreads();  // every warp is done with ks: the next tile's keys may come in
+      if (kt + FA_BN < kend) {
+        load_async(ks, K, kt + FA_BN);
+      } else {
+        cp_async_commit();  // an empty group keeps the wait counts below the same
       }
     }
     if (kt + FA_BN > kfull) {
@@ -1340,6 +1372,10 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
     lb = lb * fb + sb;
 #pragma unroll
     for (int n = 0; n < DT; n++) o[n][0] *= fa, o[n][1] *= fa, o[n][2] *= fb, o[n][3] *= fb;
+    if constexpr (PIPE) {
+      cp_async_wait<1>();  // this tile's values
+      __syncthreads();
+    }
 #pragma unroll
     for (int j = 0; j < FA_BN / 16; j++) {
       // The score accumulators of key tiles 2j and 2j + 1 are the A fragment of P.
@@ -1353,6 +1389,14 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
         ldmatrix_x4_trans(b, &vs[16 * j + (lane & 15)][16 * n + (lane >> 4) * 8]);
         mma_16816(o[2 * n], pf, b[0], b[1]);
         mma_16816(o[2 * n + 1], pf, b[2], b[3]);
+      }
+    }
+    if constexpr (PIPE) {
+      __syncthreads();  // every warp is done with vs
+      if (kt + FA_BN < kend) {
+        load_async(vs, V, kt + FA_BN);
+      } else {
+        cp_async_commit();
       }
     }
   }
@@ -1370,13 +1414,15 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
   }
 }
 
-#define FLASH_KERNEL(D, KT, KN)                                                                    \
+#define FLASH_KERNEL(D, KT, KN, PIPE)                                                              \
   extern "C" __global__ void __launch_bounds__(128, 3) flash_prefill_d##D##_##KN(                  \
       const float *q, const KT *k, const KT *v, float *out, int s, int heads, int n_kv,            \
       int kv_len, long long kv_head_stride, float scale_log2) {                                   \
-    flash_prefill<D, KT>(q, k, v, out, s, heads, n_kv, kv_len, kv_head_stride, scale_log2);       \
+    flash_prefill<D, KT, PIPE>(q, k, v, out, s, heads, n_kv, kv_len, kv_head_stride, scale_log2); \
   }
-FLASH_KERNEL(64, float, f32)
-FLASH_KERNEL(128, float, f32)
-FLASH_KERNEL(64, __half, f16)
-FLASH_KERNEL(128, __half, f16)
+FLASH_KERNEL(64, float, f32, false)
+FLASH_KERNEL(128, float, f32, false)
+FLASH_KERNEL(64, __half, f16, false)
+FLASH_KERNEL(128, __half, f16, false)
+FLASH_KERNEL(64, __half, f16p, true)
+FLASH_KERNEL(128, __half, f16p, true)
