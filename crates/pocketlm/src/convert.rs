@@ -277,6 +277,124 @@ enum Source {
 enum Item {
     Plain(String),
     Quantized(String),
+    /// A stack of per-expert float weights (`parts`, expert order) written as one
+    /// `[n_experts, out, in]` tensor `name` ([`stack_experts`]).
+    Experts {
+        name: String,
+        parts: Vec<String>,
+    },
+    /// DeepSeek-V3's float `{p}.kv_b_proj.weight`, written as mlx-lm's `{p}.embed_q.weight`
+    /// and `{p}.unembed_out.weight` ([`split_kv_b`]).
+    KvB(String),
+}
+
+/// mlx-lm's `deepseek_v3.py` `sanitize` of `kv_b_proj` (`w: [heads · (qk_nope + v), kv_lora_rank]`
+/// from `config`'s `num_attention_heads`, `qk_nope_head_dim`, `v_head_dim`): `embed_q` `[heads,
+/// kv_lora_rank, qk_nope]` (each head's key rows, transposed) and `unembed_out` `[heads, v,
+/// kv_lora_rank]` (its value rows), in `w`'s dtype.
+///
+/// Errors: [`Error::Tensor`] naming `name` when `w` does not have that shape.
+fn split_kv_b(config: &serde_json::Value, name: &str, w: Tensor) -> Result<(Tensor, Tensor)> {
+    let get = |k: &str| config.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let (Some(heads), Some(nope), Some(v)) = (
+        get("num_attention_heads"),
+        get("qk_nope_head_dim"),
+        get("v_head_dim"),
+    ) else {
+        return Err(Error::tensor(
+            name,
+            "config.json lacks num_attention_heads, qk_nope_head_dim or v_head_dim",
+        ));
+    };
+    let split = || -> candle_core::Result<(Tensor, Tensor)> {
+        let (_, rank) = w.dims2()?;
+        let w = w.reshape((heads, nope + v, rank))?;
+        let wk = w.narrow(1, 0, nope)?.transpose(1, 2)?.contiguous()?;
+        let wv = w.narrow(1, nope, v)?.contiguous()?;
+        Ok((wk, wv))
+    };
+    split().map_err(|e| {
+        Error::tensor(
+            name,
+            format!(
+                "splitting into embed_q / unembed_out ({heads} heads of {nope} + {v} rows): {e}"
+            ),
+        )
+    })
+}
+
+/// Model types whose mlx-lm `sanitize` stacks Hugging Face's per-expert weights
+/// `{p}.mlp.experts.{e}.{gate,up,down}_proj.weight` into `{p}.mlp.switch_mlp.{...}.weight`
+/// `[n_experts, out, in]` (`qwen3_moe.py`, `qwen2_moe.py`, `deepseek_v3.py`), the layout
+/// `mlx_lm.convert` writes and `mlx_lm.load` expects.
+const STACKED_EXPERT_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "deepseek_v3", "kimi_k2"];
+
+/// `items` in the layout mlx-lm's `sanitize` gives a model in [`STACKED_EXPERT_TYPES`]: the float
+/// per-expert weights replaced by one [`Item::Experts`] per layer and projection (at the place
+/// of expert 0), and DeepSeek-V3's float `kv_b_proj` by an [`Item::KvB`]. Other models, and
+/// weights already quantized, are left as they are.
+///
+/// Errors: [`Error::Model`] naming the layer when its experts are not numbered `0..n`.
+fn stack_experts(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Item>> {
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    if !STACKED_EXPERT_TYPES.contains(&model_type) {
+        return Ok(items);
+    }
+    let mla = matches!(model_type, "deepseek_v3" | "kimi_k2");
+    let items: Vec<Item> = items
+        .into_iter()
+        .map(|item| match item {
+            Item::Plain(n) if mla && n.ends_with(".self_attn.kv_b_proj.weight") => Item::KvB(n),
+            other => other,
+        })
+        .collect();
+    // `{p}.mlp.experts.{e}.{proj}.weight` -> (`{p}.mlp.switch_mlp.{proj}.weight`, e).
+    let split = |name: &str| -> Option<(String, usize)> {
+        let rest = name.strip_suffix(".weight")?;
+        let (head, proj) = rest.rsplit_once('.')?;
+        let (p, e) = head.rsplit_once(".mlp.experts.")?;
+        let e = e.parse::<usize>().ok()?;
+        Some((format!("{p}.mlp.switch_mlp.{proj}.weight"), e))
+    };
+    let mut groups: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+    for item in &items {
+        if let Item::Plain(n) = item {
+            if let Some((stacked, e)) = split(n) {
+                groups.entry(stacked).or_default().push((e, n.clone()));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Item::Plain(n) = &item else {
+            out.push(item);
+            continue;
+        };
+        let Some((stacked, e)) = split(n) else {
+            out.push(item);
+            continue;
+        };
+        if e != 0 {
+            continue;
+        }
+        let mut parts = groups.remove(&stacked).unwrap_or_default();
+        parts.sort();
+        if parts.iter().enumerate().any(|(i, (e, _))| *e != i) {
+            return Err(Error::Model(format!(
+                "{stacked}: the experts are not numbered 0..{} (have {:?})",
+                parts.len(),
+                parts.iter().map(|(e, _)| *e).collect::<Vec<_>>()
+            )));
+        }
+        out.push(Item::Experts {
+            name: stacked,
+            parts: parts.into_iter().map(|(_, n)| n).collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// Converts `src` (a `.gguf` file or a model folder) into an MLX-format folder `out`, which
@@ -330,7 +448,10 @@ pub fn convert(
         Source::Folder { items, .. } => items
             .iter()
             .map(|i| match i {
-                Item::Plain(n) | Item::Quantized(n) => n.as_str(),
+                Item::Plain(n)
+                | Item::Quantized(n)
+                | Item::KvB(n)
+                | Item::Experts { name: n, .. } => n.as_str(),
             })
             .collect(),
     };
@@ -364,6 +485,13 @@ pub fn convert(
         .iter()
         .map(|(k, v)| (crate::models::canonical_name(k), v))
         .collect();
+    // Weights mlx-lm's `cast_predicate` leaves in their own dtype (DeepSeek-V3's router
+    // correction bias).
+    let mla_model = matches!(
+        config.get("model_type").and_then(|v| v.as_str()),
+        Some("deepseek_v3" | "kimi_k2")
+    );
+    let keeps_dtype = |n: &str| mla_model && n.ends_with(".e_score_correction_bias");
     let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
         let t = match deltas.get(&crate::models::canonical_name(name)) {
             Some(d) => {
@@ -378,12 +506,13 @@ pub fn convert(
             None => t,
         };
         let t = match out_dtype {
-            Some(d) => t.to_dtype(d)?,
-            None => t,
+            Some(d) if !keeps_dtype(name) => t.to_dtype(d)?,
+            _ => t,
         };
         if let Some(plan) = &plan {
             if let Some(prefix) =
                 quantizable(name, &t, plan.default.group_size, opts.quantize_vision)
+                    .filter(|p| plan.candidate(p))
             {
                 let chosen = plan.for_layer(prefix, t.dims())?;
                 if chosen != Some(plan.default_layer()) {
@@ -444,6 +573,26 @@ pub fn convert(
                         // F32 / F16 / BF16 only; other dtypes are an error naming the tensor.
                         let t = weights.float(name, None)?;
                         quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
+                        name.clone()
+                    }
+                    Item::Experts { name, parts } => {
+                        let ts = parts
+                            .iter()
+                            .map(|n| weights.float(n, None))
+                            .collect::<Result<Vec<_>>>()?;
+                        let t = Tensor::stack(&ts, 0)
+                            .map_err(|e| Error::tensor(name, format!("stacking experts: {e}")))?;
+                        quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
+                        name.clone()
+                    }
+                    Item::KvB(name) => {
+                        let (embed_q, unembed_out) =
+                            split_kv_b(&config, name, weights.float(name, None)?)?;
+                        let p = name.trim_end_matches("kv_b_proj.weight");
+                        for (suffix, t) in [("embed_q", embed_q), ("unembed_out", unembed_out)] {
+                            let n = format!("{p}{suffix}.weight");
+                            quantized_layers += usize::from(emit_float(&n, t, &mut writer)?);
+                        }
                         name.clone()
                     }
                     Item::Quantized(prefix) => {
@@ -577,8 +726,22 @@ fn quantizable<'a>(name: &'a str, t: &Tensor, group_size: usize, vision: bool) -
     if !vision && is_vision_tower(name) {
         return None;
     }
-    let dims = t.dims();
-    (dims.len() == 2 && dims[1].is_multiple_of(group_size)).then_some(prefix)
+    quantizable_shape(prefix, t.dims(), group_size).then_some(prefix)
+}
+
+/// Whether layer `prefix` of weight shape `dims` is one mlx-lm quantizes: a 2-D `Linear` /
+/// `Embedding`, or a 3-D stack of experts (`SwitchLinear`: `switch_mlp` / `switch_glu`) or of
+/// heads (DeepSeek-V3's `MultiLinear` `embed_q` / `unembed_out`), with
+/// the last dimension a multiple of `group_size`.
+fn quantizable_shape(prefix: &str, dims: &[usize], group_size: usize) -> bool {
+    let stacked = [".switch_mlp.", ".switch_glu."]
+        .iter()
+        .any(|s| prefix.contains(s))
+        || [".embed_q", ".unembed_out"]
+            .iter()
+            .any(|s| prefix.ends_with(s));
+    let rank_ok = dims.len() == 2 || (dims.len() == 3 && stacked);
+    rank_ok && dims.last().is_some_and(|c| c.is_multiple_of(group_size))
 }
 
 /// Whether a tensor belongs to a vision tower (Qwen2-VL `visual.*` and its other spellings).
@@ -627,7 +790,20 @@ struct QuantPlan {
     /// at 8 bits, group 64 ([`router_suffixes`]); not used with a recipe (mlx-lm's recipe
     /// predicate replaces the model's).
     routers: &'static [&'static str],
+    /// Module-path suffixes of 2-D weights that are not `Linear` layers in mlx-lm, so never
+    /// quantized ([`float_layer_suffixes`]).
+    float_layers: &'static [&'static str],
     overrides: Vec<QuantOverride>,
+}
+
+/// Weights of `config`'s architecture that mlx-lm keeps in float whatever the quantization,
+/// because its module there is no `Linear`: DeepSeek-V3's router `mlp.gate` (`MoEGate`, a
+/// plain weight) in `deepseek_v3.py`.
+fn float_layer_suffixes(config: &serde_json::Value) -> &'static [&'static str] {
+    match config.get("model_type").and_then(|v| v.as_str()) {
+        Some("deepseek_v3" | "kimi_k2") => &["mlp.gate"],
+        _ => &[],
+    }
 }
 
 /// The layers that mlx-lm 0.32.2's `quant_predicate` of the architecture of `config` quantizes
@@ -658,6 +834,15 @@ fn router_suffixes(config: &serde_json::Value) -> &'static [&'static str] {
 }
 
 impl QuantPlan {
+    /// Whether layer `prefix` is a module mlx-lm could quantize at all (not one of the
+    /// architecture's [`float_layer_suffixes`]).
+    fn candidate(&self, prefix: &str) -> bool {
+        !self
+            .float_layers
+            .iter()
+            .any(|f| prefix == *f || prefix.ends_with(&format!(".{f}")))
+    }
+
     /// The default layer quantization (params and mode).
     fn default_layer(&self) -> LayerQuant {
         LayerQuant {
@@ -726,6 +911,7 @@ impl QuantPlan {
             mode: opts.q_mode,
             recipe,
             routers: router_suffixes(config),
+            float_layers: float_layer_suffixes(config),
             overrides: opts.overrides.clone(),
         }))
     }
@@ -739,7 +925,7 @@ impl QuantPlan {
     /// Errors: [`Error::Tensor`] when the chosen group size does not divide the last dimension,
     /// or the recipe finds no layer index in the path.
     fn for_layer(&self, prefix: &str, dims: &[usize]) -> Result<Option<LayerQuant>> {
-        if dims.len() != 2 || !dims[1].is_multiple_of(self.default.group_size) {
+        if !quantizable_shape(prefix, dims, self.default.group_size) {
             return Ok(None);
         }
         let mut p = Some(self.default_layer());
@@ -788,12 +974,13 @@ impl QuantPlan {
             p = o.params.map(LayerQuant::affine);
         }
         if let Some(q) = p.map(|lq| lq.params) {
-            if !dims[1].is_multiple_of(q.group_size) {
+            let last = dims.last().copied().unwrap_or(0);
+            if !last.is_multiple_of(q.group_size) {
                 return Err(Error::tensor(
                     format!("{prefix}.weight"),
                     format!(
-                        "the last dimension {} is not a multiple of the group size {}",
-                        dims[1], q.group_size
+                        "the last dimension {last} is not a multiple of the group size {}",
+                        q.group_size
                     ),
                 ));
             }
@@ -837,6 +1024,7 @@ fn open_folder(src: &Path) -> Result<(serde_json::Value, Source)> {
             items.push(Item::Plain(n.clone()));
         }
     }
+    let items = stack_experts(items, &config)?;
     Ok((config, Source::Folder { weights, items }))
 }
 

@@ -1475,6 +1475,89 @@ fn check_convert_quant_layers(name: &str) -> Res<()> {
     Ok(())
 }
 
+/// A stored tensor: dtype name, shape, bytes.
+type StoredTensor = (String, Vec<usize>, Vec<u8>);
+
+/// Every tensor of the `*.safetensors` files of `dir`, by name.
+fn safetensors_of(dir: &std::path::Path) -> Res<HashMap<String, StoredTensor>> {
+    let mut out = HashMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p)?;
+            let st = safetensors::SafeTensors::deserialize(&bytes)?;
+            for (name, view) in st.tensors() {
+                let v = (
+                    format!("{:?}", view.dtype()),
+                    view.shape().to_vec(),
+                    view.data().to_vec(),
+                );
+                out.insert(name, v);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `convert -q` of a Hugging Face MoE folder writes what `mlx_lm.convert` writes, tensor for
+/// tensor and bit for bit (the same 4-bit g32 float32 conversion, committed by
+/// `scripts/golden/tiny_moe.py` and `tiny_deepseek_v3.py`): per-expert weights stacked into
+/// `switch_mlp` and quantized as 3-D `SwitchLinear` weights; for DeepSeek-V3 `kv_b_proj` split
+/// into the `MultiLinear` `embed_q` / `unembed_out`, the router `mlp.gate` in float and its
+/// correction bias in its own dtype (mlx-lm's `sanitize` and `cast_predicate`). So mlx-lm loads
+/// our conversions of these models.
+#[test]
+fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
+    use pocketlm::convert::{convert, ConvertOptions};
+    use pocketlm::safetensors_weights::QuantParams;
+    for name in ["qwen3_moe", "deepseek_v3"] {
+        let tmp = tempfile::tempdir()?;
+        let out = tmp.path().join("q4");
+        let opts = ConvertOptions {
+            quantize: Some(QuantParams {
+                group_size: 32,
+                bits: 4,
+            }),
+            dtype: Some(candle_core::DType::F32),
+            ..Default::default()
+        };
+        convert(&path(name), &out, &opts, &mut |_| {})?;
+        let ours = safetensors_of(&out)?;
+        let mlx = safetensors_of(&path(&format!("{name}_mlx_q4")))?;
+        let mut a: Vec<&String> = ours.keys().collect();
+        let mut b: Vec<&String> = mlx.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{name}: tensor names against mlx-lm's conversion");
+        assert!(
+            mlx.keys()
+                .any(|k| k.contains(".switch_mlp.") && k.ends_with(".scales")),
+            "{name}: mlx-lm's conversion has quantized expert stacks"
+        );
+        for (k, (dt, shape, bytes)) in &mlx {
+            let (odt, oshape, obytes) = &ours[k];
+            assert_eq!((odt, oshape), (dt, shape), "{name}: {k}");
+            assert!(obytes == bytes, "{name}: {k} differs from mlx-lm's bytes");
+        }
+        // And it loads and runs here.
+        let l = all_logits(&load(&out, &cpu())?, &[1, 2, 3])?;
+        assert!(l.iter().all(|x| x.is_finite()), "{name}");
+        // The float conversion (same stacked / split layout, unquantized) gives the source's
+        // logits.
+        let f32_dir = tmp.path().join("f32");
+        let opts = ConvertOptions {
+            dtype: Some(candle_core::DType::F32),
+            ..Default::default()
+        };
+        convert(&path(name), &f32_dir, &opts, &mut |_| {})?;
+        let ids = [1, 2, 3, 4, 5];
+        let base = all_logits(&load(path(name), &cpu())?, &ids)?;
+        let d = max_diff(&all_logits(&load(&f32_dir, &cpu())?, &ids)?, &base);
+        assert!(d <= 1e-4, "{name}: float32 conversion vs source: {d}");
+    }
+    Ok(())
+}
+
 #[test]
 fn convert_quantizes_routers_as_mlx_lm() -> Res<()> {
     for name in ["qwen3_moe", "qwen3_5_moe", "gemma4_moe", "gpt_oss"] {
