@@ -585,6 +585,14 @@ pub fn convert(
                         quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
                         name.clone()
                     }
+                    // A LoRA delta to fuse keeps `kv_b_proj` whole (our loader reads either).
+                    Item::KvB(name)
+                        if deltas.contains_key(&crate::models::canonical_name(name)) =>
+                    {
+                        let t = weights.float(name, None)?;
+                        quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
+                        name.clone()
+                    }
                     Item::KvB(name) => {
                         let (embed_q, unembed_out) =
                             split_kv_b(&config, name, weights.float(name, None)?)?;
