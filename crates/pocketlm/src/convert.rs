@@ -283,9 +283,121 @@ enum Item {
         name: String,
         parts: Vec<String>,
     },
-    /// DeepSeek-V3's float `{p}.kv_b_proj.weight`, written as mlx-lm's `{p}.embed_q.weight`
-    /// and `{p}.unembed_out.weight` ([`split_kv_b`]).
-    KvB(String),
+    /// A float tensor that mlx-lm's `sanitize` rewrites into others ([`sanitized`]).
+    Derived(String),
+}
+
+/// Whether mlx-lm's `sanitize` of `model_type` rewrites the float tensor `name` ([`sanitized`]).
+fn rewritten(model_type: &str, name: &str) -> bool {
+    match model_type {
+        "deepseek_v3" | "kimi_k2" => name.ends_with(".self_attn.kv_b_proj.weight"),
+        "gpt_oss" => [
+            ".mlp.experts.gate_up_proj",
+            ".mlp.experts.gate_up_proj_bias",
+            ".mlp.experts.down_proj",
+            ".mlp.experts.down_proj_bias",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s)),
+        "gemma4" | "gemma4_text" => [".experts.gate_up_proj", ".experts.down_proj"]
+            .iter()
+            .any(|s| name.ends_with(s)),
+        _ => false,
+    }
+}
+
+/// The tensors mlx-lm's `sanitize` makes of the float tensor `name` (`t`, in its dtype) of a
+/// `model_type` model where [`rewritten`]:
+/// - DeepSeek-V3 (`deepseek_v3.py`): `kv_b_proj` -> `embed_q`, `unembed_out` ([`split_kv_b`]).
+/// - gpt-oss (`gpt_oss.py`): transformers' `experts.gate_up_proj` `[experts, hidden, 2 · inter]`
+///   (gate and up columns interleaved) -> `experts.gate_proj.weight` / `experts.up_proj.weight`
+///   `[experts, inter, hidden]` (even / odd columns, transposed), its bias likewise into
+///   `experts.{gate,up}_proj.bias`; `experts.down_proj` `[experts, inter, hidden]` ->
+///   `experts.down_proj.weight` `[experts, hidden, inter]`, `down_proj_bias` -> `.bias`.
+/// - Gemma 4 (`gemma4_text.py`): `experts.gate_up_proj` `[experts, 2 · inter, hidden]` (gate
+///   rows first) -> `experts.switch_glu.{gate,up}_proj.weight`; `experts.down_proj` ->
+///   `experts.switch_glu.down_proj.weight`.
+///
+/// Errors: [`Error::Tensor`] naming `name` for a shape the rewrite does not fit.
+fn sanitized(
+    config: &serde_json::Value,
+    model_type: &str,
+    name: &str,
+    t: Tensor,
+) -> Result<Vec<(String, Tensor)>> {
+    let err = |e: candle_core::Error| Error::tensor(name, format!("rewriting as mlx-lm: {e}"));
+    // Even and odd positions of the last dimension.
+    let deinterleave = |t: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+        let mut d = t.dims().to_vec();
+        let n = d.pop().unwrap_or(0);
+        d.extend([n / 2, 2]);
+        let t = t.reshape(d.as_slice())?;
+        let last = d.len() - 1;
+        Ok((
+            t.narrow(last, 0, 1)?.squeeze(last)?,
+            t.narrow(last, 1, 1)?.squeeze(last)?,
+        ))
+    };
+    let base = |suffix: &str| name.strip_suffix(suffix).unwrap_or(name).to_string();
+    Ok(match model_type {
+        "deepseek_v3" | "kimi_k2" => {
+            let (embed_q, unembed_out) = split_kv_b(config, name, t)?;
+            let p = base("kv_b_proj.weight");
+            vec![
+                (format!("{p}embed_q.weight"), embed_q),
+                (format!("{p}unembed_out.weight"), unembed_out),
+            ]
+        }
+        "gpt_oss" if name.ends_with("gate_up_proj") => {
+            let p = base("gate_up_proj");
+            let (g, u) = deinterleave(&t).map_err(err)?;
+            let tr = |x: Tensor| x.transpose(1, 2).and_then(|x| x.contiguous());
+            vec![
+                (format!("{p}gate_proj.weight"), tr(g).map_err(err)?),
+                (format!("{p}up_proj.weight"), tr(u).map_err(err)?),
+            ]
+        }
+        "gpt_oss" if name.ends_with("gate_up_proj_bias") => {
+            let p = base("gate_up_proj_bias");
+            let (g, u) = deinterleave(&t).map_err(err)?;
+            let c = |x: Tensor| x.contiguous();
+            vec![
+                (format!("{p}gate_proj.bias"), c(g).map_err(err)?),
+                (format!("{p}up_proj.bias"), c(u).map_err(err)?),
+            ]
+        }
+        "gpt_oss" if name.ends_with("down_proj") => {
+            let p = base("down_proj");
+            let w = t
+                .transpose(1, 2)
+                .and_then(|x| x.contiguous())
+                .map_err(err)?;
+            vec![(format!("{p}down_proj.weight"), w)]
+        }
+        "gpt_oss" => vec![(format!("{}down_proj.bias", base("down_proj_bias")), t)],
+        _ if name.ends_with("gate_up_proj") => {
+            let p = base("gate_up_proj");
+            let (_, rows, _) = t.dims3().map_err(err)?;
+            let half = |i: usize| {
+                t.narrow(1, i * rows / 2, rows / 2)
+                    .and_then(|x| x.contiguous())
+            };
+            vec![
+                (
+                    format!("{p}switch_glu.gate_proj.weight"),
+                    half(0).map_err(err)?,
+                ),
+                (
+                    format!("{p}switch_glu.up_proj.weight"),
+                    half(1).map_err(err)?,
+                ),
+            ]
+        }
+        _ => vec![(
+            format!("{}switch_glu.down_proj.weight", base("down_proj")),
+            t,
+        )],
+    })
 }
 
 /// mlx-lm's `deepseek_v3.py` `sanitize` of `kv_b_proj` (`w: [heads · (qk_nope + v), kv_lora_rank]`
@@ -329,10 +441,24 @@ fn split_kv_b(config: &serde_json::Value, name: &str, w: Tensor) -> Result<(Tens
 /// `mlx_lm.convert` writes and `mlx_lm.load` expects.
 const STACKED_EXPERT_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "deepseek_v3", "kimi_k2"];
 
-/// `items` in the layout mlx-lm's `sanitize` gives a model in [`STACKED_EXPERT_TYPES`]: the float
-/// per-expert weights replaced by one [`Item::Experts`] per layer and projection (at the place
-/// of expert 0), and DeepSeek-V3's float `kv_b_proj` by an [`Item::KvB`]. Other models, and
-/// weights already quantized, are left as they are.
+/// [`stack_experts`], after which the float tensors that mlx-lm's `sanitize` rewrites
+/// ([`rewritten`]) become [`Item::Derived`].
+fn mlx_layout(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Item>> {
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    Ok(stack_experts(items, config)?
+        .into_iter()
+        .map(|item| match item {
+            Item::Plain(n) if rewritten(model_type, &n) => Item::Derived(n),
+            other => other,
+        })
+        .collect())
+}
+
+/// `items` of a model in [`STACKED_EXPERT_TYPES`] with the float per-expert weights replaced by one [`Item::Experts`] per layer and projection (at the place
+/// of expert 0). Other models, and weights already quantized, are left as they are.
 ///
 /// Errors: [`Error::Model`] naming the layer when its experts are not numbered `0..n`.
 fn stack_experts(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Item>> {
@@ -343,14 +469,6 @@ fn stack_experts(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Ite
     if !STACKED_EXPERT_TYPES.contains(&model_type) {
         return Ok(items);
     }
-    let mla = matches!(model_type, "deepseek_v3" | "kimi_k2");
-    let items: Vec<Item> = items
-        .into_iter()
-        .map(|item| match item {
-            Item::Plain(n) if mla && n.ends_with(".self_attn.kv_b_proj.weight") => Item::KvB(n),
-            other => other,
-        })
-        .collect();
     // `{p}.mlp.experts.{e}.{proj}.weight` -> (`{p}.mlp.switch_mlp.{proj}.weight`, e).
     let split = |name: &str| -> Option<(String, usize)> {
         let rest = name.strip_suffix(".weight")?;
@@ -450,7 +568,7 @@ pub fn convert(
             .map(|i| match i {
                 Item::Plain(n)
                 | Item::Quantized(n)
-                | Item::KvB(n)
+                | Item::Derived(n)
                 | Item::Experts { name: n, .. } => n.as_str(),
             })
             .collect(),
@@ -487,10 +605,12 @@ pub fn convert(
         .collect();
     // Weights mlx-lm's `cast_predicate` leaves in their own dtype (DeepSeek-V3's router
     // correction bias).
-    let mla_model = matches!(
-        config.get("model_type").and_then(|v| v.as_str()),
-        Some("deepseek_v3" | "kimi_k2")
-    );
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let mla_model = matches!(model_type.as_str(), "deepseek_v3" | "kimi_k2");
     let keeps_dtype = |n: &str| mla_model && n.ends_with(".e_score_correction_bias");
     let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
         let t = match deltas.get(&crate::models::canonical_name(name)) {
@@ -585,20 +705,17 @@ pub fn convert(
                         quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
                         name.clone()
                     }
-                    // A LoRA delta to fuse keeps `kv_b_proj` whole (our loader reads either).
-                    Item::KvB(name)
+                    // A LoRA delta to fuse keeps the tensor as it is (our loader reads either).
+                    Item::Derived(name)
                         if deltas.contains_key(&crate::models::canonical_name(name)) =>
                     {
                         let t = weights.float(name, None)?;
                         quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
                         name.clone()
                     }
-                    Item::KvB(name) => {
-                        let (embed_q, unembed_out) =
-                            split_kv_b(&config, name, weights.float(name, None)?)?;
-                        let p = name.trim_end_matches("kv_b_proj.weight");
-                        for (suffix, t) in [("embed_q", embed_q), ("unembed_out", unembed_out)] {
-                            let n = format!("{p}{suffix}.weight");
+                    Item::Derived(name) => {
+                        let t = weights.float(name, None)?;
+                        for (n, t) in sanitized(&config, &model_type, name, t)? {
                             quantized_layers += usize::from(emit_float(&n, t, &mut writer)?);
                         }
                         name.clone()
@@ -738,11 +855,12 @@ fn quantizable<'a>(name: &'a str, t: &Tensor, group_size: usize, vision: bool) -
 }
 
 /// Whether layer `prefix` of weight shape `dims` is one mlx-lm quantizes: a 2-D `Linear` /
-/// `Embedding`, or a 3-D stack of experts (`SwitchLinear`: `switch_mlp` / `switch_glu`) or of
+/// `Embedding`, or a 3-D stack of experts (`SwitchLinear`: `switch_mlp`, `switch_glu`, gpt-oss's
+/// `mlp.experts`) or of
 /// heads (DeepSeek-V3's `MultiLinear` `embed_q` / `unembed_out`), with
 /// the last dimension a multiple of `group_size`.
 fn quantizable_shape(prefix: &str, dims: &[usize], group_size: usize) -> bool {
-    let stacked = [".switch_mlp.", ".switch_glu."]
+    let stacked = [".switch_mlp.", ".switch_glu.", ".mlp.experts."]
         .iter()
         .any(|s| prefix.contains(s))
         || [".embed_q", ".unembed_out"]
@@ -1032,7 +1150,7 @@ fn open_folder(src: &Path) -> Result<(serde_json::Value, Source)> {
             items.push(Item::Plain(n.clone()));
         }
     }
-    let items = stack_experts(items, &config)?;
+    let items = mlx_layout(items, &config)?;
     Ok((config, Source::Folder { weights, items }))
 }
 

@@ -1500,17 +1500,17 @@ fn safetensors_of(dir: &std::path::Path) -> Res<HashMap<String, StoredTensor>> {
 }
 
 /// `convert -q` of a Hugging Face MoE folder writes what `mlx_lm.convert` writes, tensor for
-/// tensor and bit for bit (the same 4-bit g32 float32 conversion, committed by
-/// `scripts/golden/tiny_moe.py` and `tiny_deepseek_v3.py`): per-expert weights stacked into
-/// `switch_mlp` and quantized as 3-D `SwitchLinear` weights; for DeepSeek-V3 `kv_b_proj` split
-/// into the `MultiLinear` `embed_q` / `unembed_out`, the router `mlp.gate` in float and its
-/// correction bias in its own dtype (mlx-lm's `sanitize` and `cast_predicate`). So mlx-lm loads
-/// our conversions of these models.
+/// tensor and bit for bit (the same 4-bit g32 float32 conversion, committed by the golden
+/// scripts of `scripts/golden/`): per-expert weights stacked into `switch_mlp`, gpt-oss's and
+/// Gemma 4's fused `gate_up_proj` split (and transposed for gpt-oss), all quantized as 3-D
+/// `SwitchLinear` weights; for DeepSeek-V3 `kv_b_proj` split into the `MultiLinear` `embed_q` /
+/// `unembed_out`, the router `mlp.gate` in float and its correction bias in its own dtype
+/// (mlx-lm's `sanitize` and `cast_predicate`). So mlx-lm loads our conversions of these models.
 #[test]
 fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
     use pocketlm::convert::{convert, ConvertOptions};
     use pocketlm::safetensors_weights::QuantParams;
-    for name in ["qwen3_moe", "deepseek_v3"] {
+    for name in ["qwen3_moe", "deepseek_v3", "gpt_oss", "gemma4_moe"] {
         let tmp = tempfile::tempdir()?;
         let out = tmp.path().join("q4");
         let opts = ConvertOptions {
@@ -1530,8 +1530,11 @@ fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
         b.sort();
         assert_eq!(a, b, "{name}: tensor names against mlx-lm's conversion");
         assert!(
-            mlx.keys()
-                .any(|k| k.contains(".switch_mlp.") && k.ends_with(".scales")),
+            mlx.iter().any(
+                |(k, v)| (k.contains("experts.") || k.contains("switch_mlp."))
+                    && k.ends_with(".scales")
+                    && v.1.len() == 3
+            ),
             "{name}: mlx-lm's conversion has quantized expert stacks"
         );
         for (k, (dt, shape, bytes)) in &mlx {
