@@ -328,11 +328,15 @@ pub(crate) mod avx512 {
             let wg = unsafe { t.w.as_ptr().add(g * gbytes) };
             let mut r = t.ms.start;
             unsafe {
-                while r + 4 <= t.ms.end {
-                    rows::<4, WORDS, OFF>(t, wg, g, r);
-                    r += 4;
+                while r + 8 <= t.ms.end {
+                    rows::<8, WORDS, OFF>(t, wg, g, r);
+                    r += 8;
                 }
                 match t.ms.end - r {
+                    7 => rows::<7, WORDS, OFF>(t, wg, g, r),
+                    6 => rows::<6, WORDS, OFF>(t, wg, g, r),
+                    5 => rows::<5, WORDS, OFF>(t, wg, g, r),
+                    4 => rows::<4, WORDS, OFF>(t, wg, g, r),
                     3 => rows::<3, WORDS, OFF>(t, wg, g, r),
                     2 => rows::<2, WORDS, OFF>(t, wg, g, r),
                     1 => rows::<1, WORDS, OFF>(t, wg, g, r),
@@ -384,12 +388,29 @@ pub(crate) mod avx512 {
         _mm512_add_epi32(s0, s1)
     }
 
-    /// Activation rows `r..r + R` against the 16 weight rows of group `g` (at `wg`).
+    /// `$body` once for each `$i` in `0..$n` (`$n` a constant up to 8), written out: LLVM
+    /// leaves a loop over 8 activation rows rolled, with the accumulators in memory.
+    macro_rules! unroll8 {
+        ($n:expr, $i:ident => $body:block) => {
+            unroll8!(@ $n, $i, $body, 0 1 2 3 4 5 6 7)
+        };
+        (@ $n:expr, $i:ident, $body:block, $($k:literal)*) => {
+            $(
+                if $k < $n {
+                    let $i: usize = $k;
+                    $body
+                }
+            )*
+        };
+    }
+
+    /// Activation rows `r..r + R` (`R <= 8`) against the 16 weight rows of group `g` (at
+    /// `wg`): each block's code words are loaded (and unpacked) once for the `R` rows, and
+    /// each row's 8 dot products form one chain (the `R` rows' chains are independent).
     ///
     /// # Safety
     /// As [`tile`]; `r + R <= t.ms.end`.
     #[inline(always)]
-    #[allow(clippy::needless_range_loop)] // `i` indexes the activations and `acc` alike
     unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32>(
         t: &Tile<'_>,
         wg: *const u8,
@@ -400,10 +421,16 @@ pub(crate) mod avx512 {
         let (k, nb) = (a.k, a.k / 32);
         let gblock = 32 + 64 * WORDS;
         // Not for `Q8_0`: with 2 threads its products ran at 66-76 GB/s with the prefetch
-        // against 118-127 without (32768 x 2048, beyond the L3, Zen 5 VM).
-        let pf = WORDS == 4 && super::super::streams_weights(a.m);
+        // against 118-127 without (32768 x 2048, beyond the L3, Zen 5 VM). For every row
+        // count, but only in the tile's first pass over the group (the later passes find it in
+        // L1 or L2): at m = 16 the group comes from memory too (Llama-3.2-1B output matrix
+        // 128256 x 2048, m = 16, 2 threads: 12.2 -> 6.9 ms).
+        let pf = WORDS == 4 && r == t.ms.start;
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
+            let y0 = a.qs.as_ptr().add(r * k) as *const i32;
+            let isum = a.isum.as_ptr().add(r * nb);
+            let dy = a.d.as_ptr().add(r * nb);
             for b in 0..nb {
                 let blk = wg.add(b * gblock);
                 if pf {
@@ -418,14 +445,15 @@ pub(crate) mod avx512 {
                 } else {
                     w = nibbles(blk.add(32));
                 }
-                for i in 0..R {
-                    let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
-                    let off = -OFF * *a.isum.get_unchecked((r + i) * nb + b);
-                    let s = block_sums(&w, y, off);
-                    let dd =
-                        _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b)));
+                unroll8!(R, i => {
+                    let y = y0.add(i * k / 4 + 8 * b);
+                    let mut s = _mm512_set1_epi32(-OFF * *isum.add(i * nb + b));
+                    for (c, w) in w.iter().enumerate() {
+                        s = _mm512_dpbusd_epi32(s, *w, _mm512_set1_epi32(y.add(c).read_unaligned()));
+                    }
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*dy.add(i * nb + b)));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
-                }
+                });
             }
             for (i, v) in acc.iter().enumerate() {
                 _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), *v);
