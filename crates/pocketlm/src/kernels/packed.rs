@@ -412,7 +412,7 @@ pub(crate) mod avx512 {
     /// `y` is valid for 32 bytes; the CPU has AVX512F and AVX512-VNNI.
     #[inline]
     #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn chain(w: &[__m512i; 8], y: *const i32, init: i32) -> __m512i {
+    pub(crate) unsafe fn chain(w: &[__m512i; 8], y: *const i32, init: i32) -> __m512i {
         let mut s = _mm512_set1_epi32(init);
         for (c, w) in w.iter().enumerate() {
             let yc = unsafe { _mm512_set1_epi32(y.add(c).read_unaligned()) };
@@ -436,6 +436,7 @@ pub(crate) mod avx512 {
             )*
         };
     }
+    pub(crate) use unroll8;
 
     /// Blocks `bs` of activation rows `r..r + R` (`R <= 8`) against the 16 weight rows of
     /// group `g` (at `wg`): each block's code words are loaded (and unpacked) once for the `R`
