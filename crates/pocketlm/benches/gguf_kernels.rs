@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
 //! prefill rows, which take a while with candle's scalar `Q4_1`, and/or section names
-//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants` to run only those). Numbers are noisy when other
+//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0` to run only those). Numbers are noisy when other
 //! processes share the cores: each row is the best of several runs (median in brackets).
 //!
 //! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
@@ -560,12 +560,68 @@ fn kquants(quick: bool) {
     }
 }
 
+/// The packed `Q4_0` product on Llama-3.2-1B shapes (`ffn_down` 2048x8192, `ffn_up` 8192x2048,
+/// the output 128256x2048) at `m = 1, 4, 16, 64, 512` activation rows (decode, the server's
+/// batched decode of 16 clients, prefill), on the whole pool: time per call, GOP/s
+/// (`2·m·n·k / time`) and activation rows per second. Rows to run can be narrowed with
+/// `m=16` style arguments.
+fn q4_0(args: &[String]) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let shapes = [
+        ("ffn_down", 2048, 8192),
+        ("ffn_up", 8192, 2048),
+        ("output", 128256, 2048),
+    ];
+    let mut ms: Vec<usize> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
+        .collect();
+    if ms.is_empty() {
+        ms = vec![1, 4, 16, 64, 512];
+    }
+    println!(
+        "\npacked Q4_0, Llama-3.2-1B shapes (repacked: {}), {} threads:",
+        GgufMatrix::packed_kernels_here(),
+        rayon::current_num_threads()
+    );
+    for (name, n, k) in shapes {
+        let q = quantize(&mut rng, GgmlDType::Q4_0, n, k);
+        let w = GgufMatrix::from_qtensor(name, &q).unwrap().repacked();
+        for &m in &ms {
+            let x = rand_vec(&mut rng, m * k);
+            let mut out = vec![0f32; m * n];
+            let work = (m * n * k) as f64;
+            let (b, med) = in_pool(|| {
+                time(
+                    || w.matmul(&x, m, &mut out).unwrap(),
+                    if work < 1e9 { 20 } else { 3 },
+                    Duration::from_millis(if work < 1e9 { 400 } else { 1500 }),
+                )
+            });
+            println!(
+                "  {name:<8} {n}x{k} m={m:<3}: {} [{}] {:7.1} GOP/s {:8.1} rows/s",
+                fmt_dur(b),
+                fmt_dur(med),
+                2.0 * work / b.as_secs_f64() / 1e9,
+                m as f64 / b.as_secs_f64()
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
-    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`); all by
+    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`); all by
     // default.
-    let sections = ["bandwidth", "table", "backends", "sweeps", "kquants"];
+    let sections = [
+        "bandwidth",
+        "table",
+        "backends",
+        "sweeps",
+        "kquants",
+        "q4_0",
+    ];
     let chosen: Vec<&str> = sections
         .iter()
         .copied()
@@ -591,5 +647,8 @@ fn main() {
     }
     if run("kquants") {
         kquants(quick);
+    }
+    if run("q4_0") {
+        q4_0(&args);
     }
 }

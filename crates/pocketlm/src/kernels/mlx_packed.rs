@@ -295,7 +295,7 @@ unsafe fn tile_scalar<const P: u8>(t: &Tile<'_>) {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::packed::avx512::{block_sums, nibbles, prefetch_ahead};
+    use super::super::packed::avx512::{block_sums, chain, nibbles, prefetch_ahead, unroll8};
     use super::super::{Tile, TileFn};
     use super::ROWS;
     use crate::quant::mlx_affine::ParamDtype;
@@ -338,11 +338,15 @@ pub(crate) mod avx512 {
             let wg = unsafe { t.w.as_ptr().add(g * nb * 256) };
             let mut r = t.ms.start;
             unsafe {
-                while r + 4 <= t.ms.end {
-                    rows::<4, P>(t, wg, g, r);
-                    r += 4;
+                while r + 8 <= t.ms.end {
+                    rows::<8, P>(t, wg, g, r);
+                    r += 8;
                 }
                 match t.ms.end - r {
+                    7 => rows::<7, P>(t, wg, g, r),
+                    6 => rows::<6, P>(t, wg, g, r),
+                    5 => rows::<5, P>(t, wg, g, r),
+                    4 => rows::<4, P>(t, wg, g, r),
                     3 => rows::<3, P>(t, wg, g, r),
                     2 => rows::<2, P>(t, wg, g, r),
                     1 => rows::<1, P>(t, wg, g, r),
@@ -352,19 +356,21 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Activation rows `r..r + R` against the 16 weight rows of group `g` (codes at `wg`).
+    /// Activation rows `r..r + R` (`R <= 8`) against the 16 weight rows of group `g` (codes
+    /// at `wg`), written out row by row as the packed GGUF kernel does
+    /// ([`super::super::packed`]).
     ///
     /// # Safety
     /// As [`tile`]; `r + R <= t.ms.end`.
     #[inline(always)]
-    #[allow(clippy::needless_range_loop)] // `i` indexes the activations and `acc` alike
     unsafe fn rows<const R: usize, const P: u8>(t: &Tile<'_>, wg: *const u8, g: usize, r: usize) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 32);
         let pm = t.mlx;
         let es = if P == 0 { 4 } else { 2 };
-        // Decode: prefetch the codes ahead, as the GGUF 4-bit kernels do.
-        let pf = super::super::streams_weights(a.m);
+        // Prefetch the codes ahead, as the GGUF 4-bit kernels do: in the tile's first pass
+        // over the group (the group comes from memory for every row count).
+        let pf = r == t.ms.start;
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             let mut accm = [_mm512_setzero_ps(); R];
@@ -377,15 +383,19 @@ pub(crate) mod avx512 {
                         prefetch_ahead(wg.add(b * 256), 256);
                     }
                     let w = nibbles(wg.add(b * 256));
-                    for i in 0..R {
+                    unroll8!(R, i => {
                         let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
-                        let s = block_sums(&w, y, 0);
+                        let s = if R >= 4 {
+                            chain(&w, y, 0)
+                        } else {
+                            block_sums(&w, y, 0)
+                        };
                         let ab = (r + i) * nb + b;
                         let dd = _mm512_mul_ps(sc, _mm512_set1_ps(*a.d.get_unchecked(ab)));
                         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
                         accm[i] =
                             _mm512_fmadd_ps(bi, _mm512_set1_ps(*a.s.get_unchecked(ab)), accm[i]);
-                    }
+                    });
                 }
             }
             for (i, v) in acc.iter().enumerate() {

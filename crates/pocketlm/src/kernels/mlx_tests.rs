@@ -308,7 +308,7 @@ fn packed_mlx4_round_trips_and_matches_naive() {
                 assert_eq!(p.unpack(), q, "gs {gs} {dtype:?} n {n}");
                 assert_eq!(p.dequantize(), q.dequantize());
                 let (n, k) = (q.rows(), q.cols());
-                for m in [1, 2, 3, 4, 7, 9] {
+                for m in [1, 2, 3, 4, 7, 8, 9, 12, 15, 16, 17, 23, 64, 65, 70] {
                     let x = rand_vec(&mut rng, m * k, 2.0);
                     let (want, mag) = naive(&q, &x, m);
                     let reference = packed_matmul(Backend::Scalar, &p, &x, m);

@@ -565,6 +565,37 @@ fn packed_kernels_match_references_over_shapes() {
     }
 }
 
+/// The packed SIMD `Q4_0`/`Q8_0` kernels equal the portable packed kernel bit for bit at every
+/// activation row count around their blockings: 8 rows a pass (`m % 8` = 0..7 remainders),
+/// prefill tiles of 64 rows (and the halved tiles of multi-threaded plans), and `k` long
+/// enough for several weight groups' prefetch to run past a group.
+#[test]
+fn packed_simd_equals_packed_scalar_at_every_row_count() {
+    let mut rng = StdRng::seed_from_u64(23);
+    for dtype in [GgufType::Q4_0, GgufType::Q8_0] {
+        for (n, k) in [(48, 256), (32, 4096)] {
+            let bytes = random_block_bytes(&mut rng, dtype, n * k / 32);
+            let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), dtype, n, k).unwrap();
+            let packed = plain.into_packed();
+            for m in (1..=20).chain(60..=70) {
+                let x = rand_vec(&mut rng, m * k);
+                let mut want = vec![0f32; m * n];
+                packed
+                    .matmul_with(Backend::Scalar, &x, m, &mut want)
+                    .unwrap();
+                for backend in backends() {
+                    if !GgufMatrix::packs_on(backend) {
+                        continue;
+                    }
+                    let mut got = vec![0f32; m * n];
+                    packed.matmul_with(backend, &x, m, &mut got).unwrap();
+                    assert_eq!(got, want, "{dtype:?} {backend:?} n {n} k {k} m {m}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn packed_simd_equals_packed_scalar_bit_for_bit_and_unpacked_closely() {
     // The portable packed kernel does the SIMD one's float operations in the same order; the
