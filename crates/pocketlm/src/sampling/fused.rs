@@ -24,10 +24,12 @@
 //! - with no filter, the draw is one `exp` pass that also records the running sum every
 //!   [`BLOCK`] tokens, so the inverse-CDF walk only re-reads one block.
 //!
-//! Exactness: the same f32 `exp` (std's, i.e. the platform's `expf`), the same f64 sums in
-//! the same order and the same f32 roundings as the links, so the same seed draws the same ids
-//! (tests compare with the links one by one). The full-vocabulary `exp` pass therefore stays
-//! scalar; the other loops run over chunks of [`LANES`] f32 the compiler vectorizes.
+//! Exactness: the same f32 roundings, the same `exp` and the same sums in the same order as
+//! the links, so the same seed draws the same ids (tests compare with the links one by one).
+//! The log-sum-exp of the log-softmax ([`log_sum_exp`], shared with the link) uses a
+//! vectorizable `exp` ([`exp_nonpositive`]); the few `exp`s over candidates and the no-filter
+//! draw's pass use std's f32 `exp`. The other loops run over chunks of [`LANES`] f32 that the
+//! compiler vectorizes.
 
 use super::{apply_min_p, apply_temperature, categorical_draw, top_k_with, top_p_with};
 
@@ -130,15 +132,104 @@ pub(super) fn argmax(values: &[f32]) -> u32 {
     0
 }
 
-/// `ln Σ exp(x)` over the entries above `-inf` as [`super::log_softmax`] computes it: `max`
-/// is their maximum, each term `exp(x - max)` in f32, summed in f64 in index order, plus `max`.
+/// `ln Σ exp(x)` over the entries of `values` above `-inf` (NaN ignored), `max` being their
+/// maximum: `max + ln Σ exp(x - max)`, each term by [`exp_nonpositive`] (terms below `e^-86`
+/// dropped), summed in f64 over [`LANES`] lanes (lane `j` takes the entries `j, j + 16, ...`),
+/// the lanes then added in order. One vectorized pass; [`super::log_softmax`] and the fused
+/// chain both use it, so they agree bit for bit.
+///
+/// Tolerance: each term is within 4e-7 (relative) of the exponential of the f32 difference
+/// `x - max`, so the result is within 4e-7 (absolute) of what the log-softmax computed before
+/// (issue #24: std's f32 `exp`, within 1e-7, summed in index order; tested). The log-probabilities
+/// `(x - lse)` rounded to f32 can therefore differ from the old ones by one f32 step; a
+/// seeded draw changes only when the uniform draw or a filter boundary falls within about
+/// 1e-6 of a token's cumulative mass.
+///
+/// On x86-64 with AVX-512 or AVX2 the same loop is compiled for those (wider registers, the
+/// same operations in the same order, no fused multiply-add: the same result).
 pub(super) fn log_sum_exp(values: &[f32], max: f32) -> f64 {
-    let sum: f64 = values
-        .iter()
-        .filter(|l| **l > NEG)
-        .map(|&l| f64::from((l - max).exp()))
-        .sum();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { log_sum_exp_avx512(values, max) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { log_sum_exp_avx2(values, max) };
+        }
+    }
+    log_sum_exp_lanes(values, max)
+}
+
+/// [`log_sum_exp`] compiled for AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn log_sum_exp_avx512(values: &[f32], max: f32) -> f64 {
+    log_sum_exp_lanes(values, max)
+}
+
+/// [`log_sum_exp`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn log_sum_exp_avx2(values: &[f32], max: f32) -> f64 {
+    log_sum_exp_lanes(values, max)
+}
+
+/// The loop of [`log_sum_exp`].
+#[inline(always)]
+fn log_sum_exp_lanes(values: &[f32], max: f32) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (acc, &l) in lanes.iter_mut().zip(c) {
+            *acc += f64::from(exp_term(l - max));
+        }
+    }
+    let mut sum = 0.0f64;
+    for acc in lanes {
+        sum += acc;
+    }
+    for &l in chunks.remainder() {
+        sum += f64::from(exp_term(l - max));
+    }
     f64::from(max) + sum.ln()
+}
+
+/// `exp(d)` for `d <= 0` as a term of [`log_sum_exp`]: 0 below -86 (and for NaN or `-inf`).
+#[inline(always)]
+fn exp_term(d: f32) -> f32 {
+    if d >= -86.0 {
+        exp_nonpositive(d)
+    } else {
+        0.0
+    }
+}
+
+/// `e^x` in f32 for `x` in `[-86, 0]`, branch-free so that a loop of it vectorizes:
+/// `x = n·ln2 + r` with `n = round(x / ln2)` (by adding `1.5·2^23`) and `|r| <= ln2 / 2`
+/// (`ln2` split in two so that `n·LN2_HI` is exact, Cody and Waite), `e^r` by its Taylor
+/// polynomial of degree 7 (truncation below 6e-9 relative), times `2^n` by adding `n` to the
+/// exponent bits. Relative error below 4e-7 over the range (tested against f64 `exp`; 1e-7
+/// measured). Outside the range the result is meaningless.
+#[inline(always)]
+pub(super) fn exp_nonpositive(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_359_4; // 0x3f318000: 9 significant bits
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 - LN2_HI
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    let n_bits = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    f32::from_bits((p.to_bits() as i32).wrapping_add(n_bits << 23) as u32)
 }
 
 /// A log-probability as [`super::log_softmax`] rounds it: `(x - lse)` in f64, then f32.
@@ -370,6 +461,48 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn exp_nonpositive_is_within_4e7_of_exp() {
+        let mut worst = 0.0f64;
+        let mut x = -86.0f32;
+        while x <= 0.0 {
+            for d in [0.0f32, 1e-7, 3.3e-4, 0.1234567] {
+                let y = (x + d).min(0.0);
+                let want = f64::from(y).exp();
+                let err = ((f64::from(exp_nonpositive(y)) - want) / want).abs();
+                worst = worst.max(err);
+            }
+            x += 0.000_97;
+        }
+        assert!(worst < 4e-7, "{worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_term(NEG), 0.0);
+        assert_eq!(exp_term(f32::NAN), 0.0);
+        assert_eq!(exp_term(-86.5), 0.0);
+        eprintln!("exp_nonpositive: worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn log_sum_exp_is_close_to_f64() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for n in [1usize, 15, 16, 17, 1000, 50_000] {
+            let mut v: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0f32..10.0)).collect();
+            if n > 1 {
+                v[0] = NEG;
+            }
+            let max = max_value(&v);
+            // What the log-softmax computed before: std's f32 `exp` summed in index order.
+            let want = f64::from(max)
+                + v.iter()
+                    .filter(|l| **l > NEG)
+                    .map(|&l| f64::from((l - max).exp()))
+                    .sum::<f64>()
+                    .ln();
+            let got = log_sum_exp(&v, max);
+            assert!((got - want).abs() < 4e-7, "n {n}: {got} vs {want}");
+        }
+    }
 
     #[test]
     fn kth_largest_matches_a_sort() {
