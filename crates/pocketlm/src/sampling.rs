@@ -19,6 +19,13 @@
 //! Each step is a [`LogitsProcessor`] link ([`processors`]); more links (a grammar mask) go
 //! after step 2, added with [`Sampler::with_processor`].
 //!
+//! [`Sampler::sample`] runs the links of steps 1-2 one by one but steps 3-6 fused (the
+//! [`fused`] module): sanitizing fused with the copy of the logits, the filters run over a
+//! few candidates instead of the vocabulary when top-k binds or min-p is on, and one
+//! `exp` pass for the draw. It computes the same thing, bit for bit, as running every link in
+//! turn (the same f32 roundings and sums, and the log-softmax's vectorized log-sum-exp shared
+//! with the link; tested against the links).
+//!
 //! Note that, as in mlx-lm, the top-p mass is measured at temperature 1, before the
 //! temperature is applied (Hugging Face applies the temperature first).
 //!
@@ -32,6 +39,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 mod device;
+mod fused;
 pub mod processors;
 
 pub use device::{prefix_sample, DeviceSampling};
@@ -268,6 +276,8 @@ pub struct Sampler {
     /// `None`: greedy.
     rng: Option<StdRng>,
     buf: Vec<f32>,
+    /// Scratch of the fused filters and draw, reused across steps.
+    scratch: fused::Scratch,
 }
 
 impl std::fmt::Debug for Sampler {
@@ -338,6 +348,7 @@ impl Sampler {
             added: 0,
             rng,
             buf: Vec::new(),
+            scratch: fused::Scratch::default(),
         })
     }
 
@@ -372,6 +383,54 @@ impl Sampler {
     /// Never panics: NaN logits are never drawn, ids in `recent_tokens` beyond the vocabulary
     /// are ignored, and if every logit is `-inf`/NaN (or `logits` is empty) it returns 0.
     pub fn sample(&mut self, logits: &[f32], recent_tokens: &[u32]) -> u32 {
+        let greedy = self.rng.is_none();
+        let mut rng = self.rng.take();
+        let id = self.choose(logits, recent_tokens, greedy, || {
+            rng.as_mut().map_or(0.0, |r| r.random::<f64>())
+        });
+        self.rng = rng;
+        self.accept(id);
+        id
+    }
+
+    /// The chain and the draw of [`Sampler::sample`] (`greedy`: argmax, else the uniform draw
+    /// comes from `draw`, called once, only when something is drawable), without telling the
+    /// processors the id: the sanitize link fused with the copy into the scratch buffer,
+    /// the other logit processors in turn, then the filter links and the draw fused
+    /// ([`fused::filter_and_draw`]), which computes what running them one by one does.
+    fn choose(
+        &mut self,
+        logits: &[f32],
+        recent_tokens: &[u32],
+        greedy: bool,
+        draw: impl FnOnce() -> f64,
+    ) -> u32 {
+        // chain[0] is always `Sanitize`.
+        fused::copy_sanitized(logits, &mut self.buf);
+        for p in &mut self.chain[1..self.insert_at] {
+            p.process(&mut self.buf, recent_tokens);
+        }
+        if greedy {
+            return argmax(&self.buf);
+        }
+        let p = &self.params;
+        let filters = fused::Filters {
+            top_p: if p.top_p > 0.0 && p.top_p < 1.0 {
+                p.top_p
+            } else {
+                1.0
+            },
+            top_k: p.top_k,
+            min_p: p.min_p,
+            temperature: p.temperature,
+        };
+        fused::filter_and_draw(&mut self.buf, &filters, &mut self.scratch, draw)
+    }
+
+    /// The old step by step path: every link of the chain over the whole vocabulary, then
+    /// [`argmax`] or [`categorical`]; what [`Sampler::sample`] must draw.
+    #[cfg(test)]
+    fn sample_by_links(&mut self, logits: &[f32], recent_tokens: &[u32]) -> u32 {
         self.buf.clear();
         self.buf.extend_from_slice(logits);
         for p in &mut self.chain {
@@ -381,9 +440,7 @@ impl Sampler {
             None => argmax(&self.buf),
             Some(rng) => categorical_in_place(&mut self.buf, rng),
         };
-        for p in &mut self.chain {
-            p.accept(id);
-        }
+        self.accept(id);
         id
     }
 
@@ -428,11 +485,7 @@ pub fn argmax_on_device(logits: &candle_core::Tensor) -> crate::Result<u32> {
 /// `f32::MAX` (so `+inf` tokens share the whole probability, without `inf - inf = NaN`).
 pub fn sanitize(logits: &mut [f32]) {
     for l in logits.iter_mut() {
-        if l.is_nan() {
-            *l = f32::NEG_INFINITY;
-        } else if *l == f32::INFINITY {
-            *l = f32::MAX;
-        }
+        *l = fused::sanitize_one(*l);
     }
 }
 
@@ -490,18 +543,16 @@ pub fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
 }
 
 /// `x - logsumexp(x)` in place (mlx-lm's `generate_step`): logits `[vocab]` to
-/// log-probabilities (`exp` in f32, summed in f64). All `-inf` input is left as it is.
+/// log-probabilities: `lse` by the vectorized log-sum-exp of the fused chain (terms
+/// `exp(x - max)` in f32 by a polynomial within 4e-7 relative, summed in f64 over 16 lanes;
+/// within 4e-7 of the std-`exp`, index-order sum used before, see `fused::log_sum_exp`), then
+/// `(x - lse)` in f64 rounded to f32. All `-inf` input is left as it is.
 pub fn log_softmax(logits: &mut [f32]) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY || max.is_nan() {
+    let max = fused::max_value(logits);
+    if max == f32::NEG_INFINITY {
         return;
     }
-    let sum: f64 = logits
-        .iter()
-        .filter(|l| **l > f32::NEG_INFINITY)
-        .map(|&l| f64::from((l - max).exp()))
-        .sum();
-    let lse = f64::from(max) + sum.ln();
+    let lse = fused::log_sum_exp(logits, max);
     for l in logits.iter_mut() {
         *l = (f64::from(*l) - lse) as f32;
     }
@@ -660,15 +711,7 @@ fn top_p_with(logprobs: &mut [f32], top_p: f32, idx: &mut Vec<u32>) {
 /// Index of the largest value, the lowest index on ties; NaN never wins. Returns 0 when there
 /// is no value above `-inf` (or `logits` is empty).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_value {
-            best = i;
-            best_value = l;
-        }
-    }
-    best as u32
+    fused::argmax(logits)
 }
 
 /// Draws an index with probability `softmax(logits)` (`[vocab]`; `-inf` and NaN have
@@ -1071,6 +1114,128 @@ mod tests {
             for _ in 0..5 {
                 let want = categorical(&reference, &mut ref_rng);
                 assert_eq!(sampler.sample(&logits, &recent), want, "trial {trial}");
+            }
+        }
+    }
+
+    /// Logits for the fused-path tests: N(0, 2)-like noise with peaks, ties, NaN, `±inf`, or a
+    /// cluster of distinct logits whose log-probabilities round to the same f32 (a peak at 100
+    /// makes `x - lse` about -100, where an f32 step is 2^-17, while the cluster's logits differ
+    /// by 2^-20): top-k must then break the ties by id, not by logit.
+    fn fused_test_logits(rng: &mut StdRng, n: usize, kind: usize) -> Vec<f32> {
+        let mut v: Vec<f32> = (0..n)
+            .map(|_| {
+                let a: f32 = rng.random_range(-1.0..1.0);
+                let b: f32 = rng.random_range(-1.0..1.0);
+                2.0 * (a + b)
+            })
+            .collect();
+        match kind {
+            0 => {}
+            1 => {
+                for _ in 0..5 {
+                    let i = rng.random_range(0..n);
+                    v[i] = rng.random_range(8.0..14.0);
+                }
+                for _ in 0..n / 20 {
+                    let i = rng.random_range(0..n);
+                    v[i] = 1.5; // ties
+                }
+            }
+            2 => {
+                for (j, x) in [f32::NAN, NEG, f32::INFINITY, NEG, f32::NAN]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let i = (j * 7919) % n;
+                    v[i] = x;
+                }
+            }
+            _ => {
+                let peak = rng.random_range(0..n);
+                for (i, x) in v.iter_mut().enumerate() {
+                    *x = if i == peak {
+                        100.0
+                    } else if rng.random_bool(0.5) {
+                        (rng.random_range(0..64) as f32) * (-20f32).exp2()
+                    } else {
+                        -*x - 10.0
+                    };
+                }
+            }
+        }
+        v
+    }
+
+    /// The fused chain ([`Sampler::sample`]: candidates when top-k binds or min-p is on, one
+    /// pass otherwise) draws exactly the ids of running every link over the whole vocabulary,
+    /// for many seeds, parameter sets and logit shapes.
+    #[test]
+    fn fused_chain_draws_what_the_links_draw() {
+        let mut rng = StdRng::seed_from_u64(2024);
+        let mut candidate_draws = 0;
+        for trial in 0..600 {
+            let n = [3usize, 17, 300, 2500, 20_000][trial % 5];
+            let kind = (trial / 5) % 4;
+            let logits = fused_test_logits(&mut rng, n, kind);
+            let history: Vec<u32> = (0..40).map(|_| rng.random_range(0..n as u32 + 3)).collect();
+            let params = SamplingParams {
+                temperature: [0.3f32, 0.7, 1.0, 1.8][trial % 4],
+                top_p: [1.0f32, 0.5, 0.9, 0.95, 0.999][(trial / 3) % 5],
+                top_k: [0usize, 1, 2, 5, 40, n - 1, n, n + 5][(trial / 7) % 8],
+                min_p: [0.0f32, 0.05, 0.2][(trial / 11) % 3],
+                repetition_penalty: [1.0f32, 1.3][(trial / 2) % 2],
+                repetition_context_size: 16,
+                seed: Some(trial as u64),
+                ..SamplingParams::default()
+            };
+            candidate_draws +=
+                usize::from(params.top_k > 0 && params.top_k < n || params.min_p > 0.0);
+            let mut fused = Sampler::new(params.clone()).unwrap();
+            let mut links = Sampler::new(params.clone()).unwrap();
+            for step in 0..6 {
+                let want = links.sample_by_links(&logits, &history);
+                let got = fused.sample(&logits, &history);
+                assert_eq!(
+                    got, want,
+                    "trial {trial} step {step} n {n} kind {kind} {params:?}"
+                );
+            }
+        }
+        assert!(candidate_draws > 300, "{candidate_draws}");
+    }
+
+    /// The candidate path of top-k against the whole-vocabulary links on a large vocabulary,
+    /// the ranking decided by the f32 log-probabilities (ties inside the cluster of
+    /// [`fused_test_logits`]' last kind), many seeds.
+    #[test]
+    fn top_k_candidates_draw_what_the_full_vocabulary_draws() {
+        let mut rng = StdRng::seed_from_u64(77);
+        for trial in 0..40 {
+            let n = 40_000;
+            let logits = fused_test_logits(&mut rng, n, [1, 3][trial % 2]);
+            for (top_k, top_p, min_p) in [
+                (1usize, 1.0f32, 0.0f32),
+                (3, 0.9, 0.0),
+                (40, 0.95, 0.05),
+                (40, 1.0, 0.0),
+                (200, 0.5, 0.0),
+                (1000, 0.999, 0.01),
+            ] {
+                let params = SamplingParams {
+                    temperature: 0.7,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed: Some(1000 + trial as u64),
+                    ..SamplingParams::default()
+                };
+                let mut fused = Sampler::new(params.clone()).unwrap();
+                let mut links = Sampler::new(params.clone()).unwrap();
+                for _ in 0..8 {
+                    let want = links.sample_by_links(&logits, &[]);
+                    assert_eq!(fused.sample(&logits, &[]), want, "trial {trial} {params:?}");
+                }
             }
         }
     }

@@ -99,16 +99,8 @@ impl Sampler {
     /// [`Sampler::sample`] with the draw `u` (`[0, 1)`) given instead of taken from the
     /// generator (greedy samplers ignore it).
     pub fn sample_with_uniform(&mut self, logits: &[f32], recent_tokens: &[u32], u: f64) -> u32 {
-        self.buf.clear();
-        self.buf.extend_from_slice(logits);
-        for p in &mut self.chain {
-            p.process(&mut self.buf, recent_tokens);
-        }
-        let id = if self.rng.is_none() {
-            super::argmax(&self.buf)
-        } else {
-            categorical_draw(&mut self.buf, || u)
-        };
+        let greedy = self.rng.is_none();
+        let id = self.choose(logits, recent_tokens, greedy, || u);
         self.accept(id);
         id
     }
