@@ -49,6 +49,13 @@ mod fma_impl {
         super::swiglu_impl(gate, up, out)
     }
 
+    /// The `mul_add`s one instruction each instead of libm's software `fmaf` (0.9% of the
+    /// default model's server under 16 clients); both round once, so the result is the same.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rope_apply_impl(x: &mut [f32], cs: &[(f32, f32)], interleaved: bool) {
+        super::rope_apply_impl(x, cs, interleaved)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn attention_block(
@@ -370,6 +377,11 @@ pub fn rope_cos_sin(
 /// halves `(x[i], x[i + dims/2])` (`NEOX` mode, Hugging Face layout). Each output is
 /// `x0·cos - x1·sin` and `x0·sin + x1·cos`, rounded as ggml does.
 pub fn rope_apply(x: &mut [f32], cs: &[(f32, f32)], interleaved: bool) {
+    fma_dispatch!(rope_apply_impl(x, cs, interleaved))
+}
+
+#[inline(always)]
+fn rope_apply_impl(x: &mut [f32], cs: &[(f32, f32)], interleaved: bool) {
     let half = cs.len();
     for (i, &(c, s)) in cs.iter().enumerate() {
         let (i0, i1) = if interleaved {
