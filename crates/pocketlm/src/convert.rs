@@ -287,10 +287,25 @@ enum Item {
     Derived(String),
 }
 
+/// `config.json`'s `model_type` (`""` when missing).
+fn model_type(config: &serde_json::Value) -> &str {
+    config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+}
+
+/// Whether `model_type` is DeepSeek-V3's architecture (multi-head latent attention with a
+/// `MoEGate` router), whose mlx-lm module rewrites `kv_b_proj`, keeps the router in float and
+/// its correction bias in its own dtype.
+fn is_deepseek_v3(model_type: &str) -> bool {
+    matches!(model_type, "deepseek_v3" | "kimi_k2")
+}
+
 /// Whether mlx-lm's `sanitize` of `model_type` rewrites the float tensor `name` ([`sanitized`]).
 fn rewritten(model_type: &str, name: &str) -> bool {
     match model_type {
-        "deepseek_v3" | "kimi_k2" => name.ends_with(".self_attn.kv_b_proj.weight"),
+        m if is_deepseek_v3(m) => name.ends_with(".self_attn.kv_b_proj.weight"),
         "gpt_oss" => [
             ".mlp.experts.gate_up_proj",
             ".mlp.experts.gate_up_proj_bias",
@@ -340,7 +355,7 @@ fn sanitized(
     };
     let base = |suffix: &str| name.strip_suffix(suffix).unwrap_or(name).to_string();
     Ok(match model_type {
-        "deepseek_v3" | "kimi_k2" => {
+        m if is_deepseek_v3(m) => {
             let (embed_q, unembed_out) = split_kv_b(config, name, t)?;
             let p = base("kv_b_proj.weight");
             vec![
@@ -444,11 +459,8 @@ const STACKED_EXPERT_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "deepseek_v3",
 /// [`stack_experts`], after which the float tensors that mlx-lm's `sanitize` rewrites
 /// ([`rewritten`]) become [`Item::Derived`].
 fn mlx_layout(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Item>> {
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
-    Ok(stack_experts(items, config)?
+    let model_type = model_type(config);
+    Ok(stack_experts(items, model_type)?
         .into_iter()
         .map(|item| match item {
             Item::Plain(n) if rewritten(model_type, &n) => Item::Derived(n),
@@ -457,15 +469,12 @@ fn mlx_layout(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Item>>
         .collect())
 }
 
-/// `items` of a model in [`STACKED_EXPERT_TYPES`] with the float per-expert weights replaced by one [`Item::Experts`] per layer and projection (at the place
-/// of expert 0). Other models, and weights already quantized, are left as they are.
+/// `items` of a model in [`STACKED_EXPERT_TYPES`] with the float per-expert weights replaced
+/// by one [`Item::Experts`] per layer and projection (at the place of expert 0). Other
+/// models, and weights already quantized, are left as they are.
 ///
 /// Errors: [`Error::Model`] naming the layer when its experts are not numbered `0..n`.
-fn stack_experts(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Item>> {
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
+fn stack_experts(items: Vec<Item>, model_type: &str) -> Result<Vec<Item>> {
     if !STACKED_EXPERT_TYPES.contains(&model_type) {
         return Ok(items);
     }
@@ -605,13 +614,9 @@ pub fn convert(
         .collect();
     // Weights mlx-lm's `cast_predicate` leaves in their own dtype (DeepSeek-V3's router
     // correction bias).
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string();
-    let mla_model = matches!(model_type.as_str(), "deepseek_v3" | "kimi_k2");
-    let keeps_dtype = |n: &str| mla_model && n.ends_with(".e_score_correction_bias");
+    let model_type = model_type(&config).to_string();
+    let deepseek = is_deepseek_v3(&model_type);
+    let keeps_dtype = |n: &str| deepseek && n.ends_with(".e_score_correction_bias");
     let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
         let t = match deltas.get(&crate::models::canonical_name(name)) {
             Some(d) => {
@@ -705,17 +710,16 @@ pub fn convert(
                         quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
                         name.clone()
                     }
-                    // A LoRA delta to fuse keeps the tensor as it is (our loader reads either).
-                    Item::Derived(name)
-                        if deltas.contains_key(&crate::models::canonical_name(name)) =>
-                    {
-                        let t = weights.float(name, None)?;
-                        quantized_layers += usize::from(emit_float(name, t, &mut writer)?);
-                        name.clone()
-                    }
                     Item::Derived(name) => {
                         let t = weights.float(name, None)?;
-                        for (n, t) in sanitized(&config, &model_type, name, t)? {
+                        // A LoRA delta to fuse keeps the tensor as it is (our loader reads
+                        // either layout).
+                        let out = if deltas.contains_key(&crate::models::canonical_name(name)) {
+                            vec![(name.clone(), t)]
+                        } else {
+                            sanitized(&config, &model_type, name, t)?
+                        };
+                        for (n, t) in out {
                             quantized_layers += usize::from(emit_float(&n, t, &mut writer)?);
                         }
                         name.clone()
@@ -855,10 +859,9 @@ fn quantizable<'a>(name: &'a str, t: &Tensor, group_size: usize, vision: bool) -
 }
 
 /// Whether layer `prefix` of weight shape `dims` is one mlx-lm quantizes: a 2-D `Linear` /
-/// `Embedding`, or a 3-D stack of experts (`SwitchLinear`: `switch_mlp`, `switch_glu`, gpt-oss's
-/// `mlp.experts`) or of
-/// heads (DeepSeek-V3's `MultiLinear` `embed_q` / `unembed_out`), with
-/// the last dimension a multiple of `group_size`.
+/// `Embedding`, or a 3-D stack of experts (`SwitchLinear`: `switch_mlp`, `switch_glu`,
+/// gpt-oss's `mlp.experts`) or of heads (DeepSeek-V3's `MultiLinear` `embed_q` /
+/// `unembed_out`), with the last dimension a multiple of `group_size`.
 fn quantizable_shape(prefix: &str, dims: &[usize], group_size: usize) -> bool {
     let stacked = [".switch_mlp.", ".switch_glu.", ".mlp.experts."]
         .iter()
@@ -926,9 +929,10 @@ struct QuantPlan {
 /// because its module there is no `Linear`: DeepSeek-V3's router `mlp.gate` (`MoEGate`, a
 /// plain weight) in `deepseek_v3.py`.
 fn float_layer_suffixes(config: &serde_json::Value) -> &'static [&'static str] {
-    match config.get("model_type").and_then(|v| v.as_str()) {
-        Some("deepseek_v3" | "kimi_k2") => &["mlp.gate"],
-        _ => &[],
+    if is_deepseek_v3(model_type(config)) {
+        &["mlp.gate"]
+    } else {
+        &[]
     }
 }
 
@@ -940,15 +944,11 @@ fn float_layer_suffixes(config: &serde_json::Value) -> &'static [&'static str] {
 /// `quant_predicate`).
 fn router_suffixes(config: &serde_json::Value) -> &'static [&'static str] {
     let text = config.get("text_config").unwrap_or(config);
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default();
     let experts = text
         .get("num_experts")
         .and_then(|v| v.as_u64())
         .unwrap_or(0);
-    match model_type {
+    match model_type(config) {
         "qwen3_moe" => &["mlp.gate"],
         "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" if experts > 0 => {
             &["mlp.gate", "mlp.shared_expert_gate"]

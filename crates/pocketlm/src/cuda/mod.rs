@@ -42,9 +42,9 @@ pub fn memory_info(dev: &Device) -> Option<(usize, usize)> {
 /// afresh after every token read back. The memory stays the process's until it exits and
 /// counts as used in [`memory_info`]. `POCKETLM_CUDA_POOL_KEEP=0` leaves the threshold at 0.
 ///
-/// Errors: the driver's, naming the call.
+/// Errors: the driver's.
 pub fn keep_freed_memory(dev: &Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
     let Device::Cuda(d) = dev else {
         return Ok(());
     };
@@ -54,27 +54,17 @@ pub fn keep_freed_memory(dev: &Device) -> Result<()> {
     let stream = d.cuda_stream();
     let ctx = stream.context();
     ctx.bind_to_thread().w()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
-    // SAFETY: `pool` receives the device's current pool, which lives as long as the context;
-    // the attribute's value is a `u64`, as the driver API documents for this attribute.
-    let r = unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) };
-    if r != sys::CUresult::CUDA_SUCCESS {
-        return Err(crate::Error::InvalidArgument(format!(
-            "cuDeviceGetMemPool failed: {r:?}"
-        )));
-    }
-    let r = unsafe {
-        sys::cuMemPoolSetAttribute(
+    // SAFETY: the device is the context's; the pool it returns lives as long as the context;
+    // this attribute's value is a `u64`, as the driver API documents.
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device()).w()?;
+        result::mem_pool::set_attribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             &mut threshold as *mut u64 as *mut std::ffi::c_void,
         )
-    };
-    if r != sys::CUresult::CUDA_SUCCESS {
-        return Err(crate::Error::InvalidArgument(format!(
-            "cuMemPoolSetAttribute(RELEASE_THRESHOLD) failed: {r:?}"
-        )));
+        .w()?;
     }
     Ok(())
 }

@@ -1445,7 +1445,12 @@ fn per_layer_quant(config: &serde_json::Value) -> Res<Vec<(String, serde_json::V
     Ok(out)
 }
 
-fn check_convert_quant_layers(name: &str) -> Res<()> {
+/// `convert -q --q-bits 4 --q-group-size 32` (the settings of the golden `*_mlx_q4` folders,
+/// in `dtype` when given) of golden folder `name` into `q4` under a fresh temporary folder.
+fn convert_q4_g32(
+    name: &str,
+    dtype: Option<candle_core::DType>,
+) -> Res<(tempfile::TempDir, PathBuf)> {
     use pocketlm::convert::{convert, ConvertOptions};
     use pocketlm::safetensors_weights::QuantParams;
     let tmp = tempfile::tempdir()?;
@@ -1455,9 +1460,15 @@ fn check_convert_quant_layers(name: &str) -> Res<()> {
             group_size: 32,
             bits: 4,
         }),
+        dtype,
         ..Default::default()
     };
     convert(&path(name), &out, &opts, &mut |_| {})?;
+    Ok((tmp, out))
+}
+
+fn check_convert_quant_layers(name: &str) -> Res<()> {
+    let (_tmp, out) = convert_q4_g32(name, None)?;
     let read = |p: PathBuf| -> Res<serde_json::Value> {
         Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
     };
@@ -1509,19 +1520,8 @@ fn safetensors_of(dir: &std::path::Path) -> Res<HashMap<String, StoredTensor>> {
 #[test]
 fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
     use pocketlm::convert::{convert, ConvertOptions};
-    use pocketlm::safetensors_weights::QuantParams;
     for name in ["qwen3_moe", "deepseek_v3", "gpt_oss", "gemma4_moe"] {
-        let tmp = tempfile::tempdir()?;
-        let out = tmp.path().join("q4");
-        let opts = ConvertOptions {
-            quantize: Some(QuantParams {
-                group_size: 32,
-                bits: 4,
-            }),
-            dtype: Some(candle_core::DType::F32),
-            ..Default::default()
-        };
-        convert(&path(name), &out, &opts, &mut |_| {})?;
+        let (tmp, out) = convert_q4_g32(name, Some(candle_core::DType::F32))?;
         let ours = safetensors_of(&out)?;
         let mlx = safetensors_of(&path(&format!("{name}_mlx_q4")))?;
         let mut a: Vec<&String> = ours.keys().collect();
