@@ -10,7 +10,8 @@ References: llama.cpp as vendored by llama-cpp-python 0.3.36: its converter
 library (`llama_cpp.Llama`) for the greedy tokens.
 
 How to run (from the repository root, after `tiny_moe.py` (which clears the folder),
-`tiny_2026b.py`, `tiny_gpt_oss.py`, `tiny_deepseek_v3.py` and `tiny_qwen3_5.py`, in the
+`tiny_2026b.py`, `tiny_gemma4_moe.py`, `tiny_gpt_oss.py`, `tiny_deepseek_v3.py` and
+`tiny_qwen3_5.py`, in the
 environment of `tiny_moe.py`; `--only NAME` (repeatable) makes only those files):
 
     /tmp/venv-moe/bin/pip install --no-build-isolation llama-cpp-python==0.3.36
@@ -24,7 +25,7 @@ else there is touched):
 
 - `<name>.gguf`: `convert_hf_to_gguf.py --outtype q8_0` of the folder `<src>/` for
   (name, src) = (ministral3, ministral3), (gemma4_text, gemma4_text),
-  (gpt_oss_mxfp4, gpt_oss_mxfp4), (qwen3_5, qwen3_5), (qwen3_5_moe, qwen3_5_moe),
+  (gemma4_moe, gemma4_moe: experts kept fused as `ffn_gate_up_exps`), (gpt_oss_mxfp4, gpt_oss_mxfp4), (qwen3_5, qwen3_5), (qwen3_5_moe, qwen3_5_moe),
   (qwen3_5_tiled, a variant of qwen3_5 made here: `TILED`), and `--outtype f16` for
   (deepseek_v3, deepseek_v3) (why: `MODELS`). The Qwen3.5 folders are converted with
   `--no-mtp` (they have no multi-token-prediction layers, and without the flag the converter
@@ -76,6 +77,7 @@ QWEN35_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
 MODELS = [
     ("ministral3", "ministral3", "ministral3", "q8_0", {}, []),
     ("gemma4_text", "gemma4_text", "gemma4_text", "q8_0", {}, []),
+    ("gemma4_moe", "gemma4_moe", "gemma4_moe", "q8_0", {}, []),
     ("gpt_oss_mxfp4", "gpt_oss_mxfp4", "gpt_oss", "q8_0", {}, []),
     # f16: on the q8_0 conversion llama.cpp runs the split `attn_k_b` / `attn_v_b` as Q8_0 dot
     # products over 8-bit-rounded activations, where pocketlm joins them back into one f32

@@ -302,10 +302,41 @@ fn is_deepseek_v3(model_type: &str) -> bool {
     matches!(model_type, "deepseek_v3" | "kimi_k2")
 }
 
+/// Whether `model_type` is Qwen3.5's (dense or MoE; the text config's type or the wrapper's),
+/// whose mlx-lm modules (`qwen3_5.py`, `qwen3_5_moe.py`) hold the text model under
+/// `language_model.`.
+fn is_qwen3_5(model_type: &str) -> bool {
+    matches!(
+        model_type,
+        "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text"
+    )
+}
+
+/// The norms whose weights Qwen3.5's Hugging Face checkpoints store zero-centred (the layer
+/// computes `1 + w`) and mlx-lm's `qwen3_5.py` `sanitize` stores as `1 + w`: its `norm_keys`
+/// (not the DeltaNet's gated `linear_attn.norm`).
+const QWEN3_5_SHIFTED_NORMS: &[&str] = &[
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    "model.norm.weight",
+    ".q_norm.weight",
+    ".k_norm.weight",
+];
+
 /// Whether mlx-lm's `sanitize` of `model_type` rewrites the float tensor `name` ([`sanitized`]).
-fn rewritten(model_type: &str, name: &str) -> bool {
+/// `hf_qwen3_5`: a Qwen3.5 folder in Hugging Face's layout (a DeltaNet `conv1d.weight` of
+/// shape `[channels, 1, kernel]`, mlx-lm's `has_unsanitized_conv1d`), whose convolutions and
+/// zero-centred norms mlx-lm rewrites.
+fn rewritten(model_type: &str, name: &str, hf_qwen3_5: bool) -> bool {
     match model_type {
         m if is_deepseek_v3(m) => name.ends_with(".self_attn.kv_b_proj.weight"),
+        m if is_qwen3_5(m) => {
+            name.ends_with(".mlp.experts.gate_up_proj")
+                || name.ends_with(".mlp.experts.down_proj")
+                || (hf_qwen3_5
+                    && (name.ends_with(".linear_attn.conv1d.weight")
+                        || QWEN3_5_SHIFTED_NORMS.iter().any(|s| name.ends_with(s))))
+        }
         "gpt_oss" => [
             ".mlp.experts.gate_up_proj",
             ".mlp.experts.gate_up_proj_bias",
@@ -332,6 +363,11 @@ fn rewritten(model_type: &str, name: &str) -> bool {
 /// - Gemma 4 (`gemma4_text.py`): `experts.gate_up_proj` `[experts, 2 · inter, hidden]` (gate
 ///   rows first) -> `experts.switch_glu.{gate,up}_proj.weight`; `experts.down_proj` ->
 ///   `experts.switch_glu.down_proj.weight`.
+/// - Qwen3.5 (`qwen3_5.py`, `qwen3_5_moe.py`): the fused `mlp.experts.gate_up_proj` likewise
+///   -> `mlp.switch_mlp.{gate,up}_proj.weight`, `mlp.experts.down_proj` ->
+///   `mlp.switch_mlp.down_proj.weight`; the DeltaNet's `conv1d.weight` `[channels, 1, kernel]`
+///   -> `[channels, kernel, 1]`; the zero-centred norms ([`QWEN3_5_SHIFTED_NORMS`]) -> `1 + w`,
+///   rounded to their own dtype (mlx-lm adds in the checkpoint's dtype before any cast).
 ///
 /// Errors: [`Error::Tensor`] naming `name` for a shape the rewrite does not fit.
 fn sanitized(
@@ -390,24 +426,37 @@ fn sanitized(
             vec![(format!("{p}down_proj.weight"), w)]
         }
         "gpt_oss" => vec![(format!("{}down_proj.bias", base("down_proj_bias")), t)],
+        m if is_qwen3_5(m) && name.ends_with(".linear_attn.conv1d.weight") => {
+            let w = t
+                .transpose(1, 2)
+                .and_then(|x| x.contiguous())
+                .map_err(err)?;
+            vec![(name.to_string(), w)]
+        }
+        m if is_qwen3_5(m) && QWEN3_5_SHIFTED_NORMS.iter().any(|s| name.ends_with(s)) => {
+            vec![(name.to_string(), t.affine(1.0, 1.0).map_err(err)?)]
+        }
         _ if name.ends_with("gate_up_proj") => {
-            let p = base("gate_up_proj");
+            // Gemma 4: `{p}.experts.switch_glu.*`; Qwen3.5: `{p}.mlp.switch_mlp.*`.
+            let (p, glu) = if is_qwen3_5(model_type) {
+                (base("experts.gate_up_proj"), "switch_mlp")
+            } else {
+                (base("gate_up_proj"), "switch_glu")
+            };
             let (_, rows, _) = t.dims3().map_err(err)?;
             let half = |i: usize| {
                 t.narrow(1, i * rows / 2, rows / 2)
                     .and_then(|x| x.contiguous())
             };
             vec![
-                (
-                    format!("{p}switch_glu.gate_proj.weight"),
-                    half(0).map_err(err)?,
-                ),
-                (
-                    format!("{p}switch_glu.up_proj.weight"),
-                    half(1).map_err(err)?,
-                ),
+                (format!("{p}{glu}.gate_proj.weight"), half(0).map_err(err)?),
+                (format!("{p}{glu}.up_proj.weight"), half(1).map_err(err)?),
             ]
         }
+        m if is_qwen3_5(m) => vec![(
+            format!("{}switch_mlp.down_proj.weight", base("experts.down_proj")),
+            t,
+        )],
         _ => vec![(
             format!("{}switch_glu.down_proj.weight", base("down_proj")),
             t,
@@ -454,19 +503,82 @@ fn split_kv_b(config: &serde_json::Value, name: &str, w: Tensor) -> Result<(Tens
 /// `{p}.mlp.experts.{e}.{gate,up,down}_proj.weight` into `{p}.mlp.switch_mlp.{...}.weight`
 /// `[n_experts, out, in]` (`qwen3_moe.py`, `qwen2_moe.py`, `deepseek_v3.py`), the layout
 /// `mlx_lm.convert` writes and `mlx_lm.load` expects.
-const STACKED_EXPERT_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "deepseek_v3", "kimi_k2"];
+const STACKED_EXPERT_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen2_moe",
+    "deepseek_v3",
+    "kimi_k2",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+];
 
 /// [`stack_experts`], after which the float tensors that mlx-lm's `sanitize` rewrites
 /// ([`rewritten`]) become [`Item::Derived`].
-fn mlx_layout(items: Vec<Item>, config: &serde_json::Value) -> Result<Vec<Item>> {
+///
+/// Errors: those of [`stack_experts`]; a tensor of `weights` whose header cannot be read.
+fn mlx_layout(
+    items: Vec<Item>,
+    config: &serde_json::Value,
+    weights: &SafetensorsWeights,
+) -> Result<Vec<Item>> {
     let model_type = model_type(config);
+    let mut hf_qwen3_5 = false;
+    if is_qwen3_5(model_type) {
+        for n in weights.names() {
+            if n.ends_with(".linear_attn.conv1d.weight")
+                && weights.info(n)?.0.last().is_some_and(|&k| k != 1)
+            {
+                hf_qwen3_5 = true;
+            }
+        }
+    }
     Ok(stack_experts(items, model_type)?
         .into_iter()
         .map(|item| match item {
-            Item::Plain(n) if rewritten(model_type, &n) => Item::Derived(n),
+            Item::Plain(n) if rewritten(model_type, &n, hf_qwen3_5) => Item::Derived(n),
             other => other,
         })
         .collect())
+}
+
+/// Whether a folder of `config` with tensors `names` is written as mlx-lm's Qwen3.5 modules
+/// hold it: a text-only Qwen3.5 folder (no `text_config`, names not yet under
+/// `language_model.`), whose tensors mlx-lm's `sanitize` moves under `language_model.` and
+/// whose config it reads as `{"model_type": "qwen3_5[_moe]", "text_config": ...}`.
+fn wraps_qwen3_5_text(config: &serde_json::Value, names: &[&str]) -> bool {
+    is_qwen3_5(model_type(config))
+        && config.get("text_config").is_none()
+        && !names.iter().any(|n| n.starts_with("language_model."))
+}
+
+/// mlx-lm's config.json for a text-only Qwen3.5 folder's `config` ([`wraps_qwen3_5_text`]):
+/// `model_type` `qwen3_5_moe` (with experts) or `qwen3_5`, the text config under
+/// `text_config`, `tie_word_embeddings` and `eos_token_id` beside it, and the quantization
+/// (already in `config`, its layer paths under `language_model.`) at the top.
+fn qwen3_5_wrapper_config(mut config: serde_json::Value) -> serde_json::Value {
+    let Some(obj) = config.as_object_mut() else {
+        return config;
+    };
+    let mut top = serde_json::Map::new();
+    for k in ["quantization", "quantization_config", "torch_dtype"] {
+        if let Some(v) = obj.remove(k) {
+            top.insert(k.into(), v);
+        }
+    }
+    for k in ["tie_word_embeddings", "eos_token_id"] {
+        if let Some(v) = obj.get(k) {
+            top.insert(k.into(), v.clone());
+        }
+    }
+    let experts = obj.get("num_experts").and_then(|v| v.as_u64()).unwrap_or(0);
+    let wrapper = if experts > 0 {
+        "qwen3_5_moe"
+    } else {
+        "qwen3_5"
+    };
+    top.insert("model_type".into(), wrapper.into());
+    top.insert("text_config".into(), config);
+    serde_json::Value::Object(top)
 }
 
 /// `items` of a model in [`STACKED_EXPERT_TYPES`] with the float per-expert weights replaced
@@ -616,7 +728,20 @@ pub fn convert(
     // correction bias).
     let model_type = model_type(&config).to_string();
     let deepseek = is_deepseek_v3(&model_type);
-    let keeps_dtype = |n: &str| deepseek && n.ends_with(".e_score_correction_bias");
+    let qwen3_5 = is_qwen3_5(&model_type);
+    // mlx-lm's `cast_predicate`s: DeepSeek-V3's router correction bias, Qwen3.5's `A_log`.
+    let keeps_dtype = |n: &str| {
+        (deepseek && n.ends_with(".e_score_correction_bias")) || (qwen3_5 && n.ends_with(".A_log"))
+    };
+    // Output names: a text-only Qwen3.5 folder goes under `language_model.`, as mlx-lm holds it.
+    let wrap = matches!(source, Source::Folder { .. }) && wraps_qwen3_5_text(&config, &hf_names);
+    let out_name = |n: &str| -> String {
+        if wrap {
+            format!("language_model.{n}")
+        } else {
+            n.to_string()
+        }
+    };
     let mut emit_float = |name: &str, t: Tensor, w: &mut ShardWriter| -> Result<bool> {
         let t = match deltas.get(&crate::models::canonical_name(name)) {
             Some(d) => {
@@ -641,8 +766,9 @@ pub fn convert(
             {
                 let chosen = plan.for_layer(prefix, t.dims())?;
                 if chosen != Some(plan.default_layer()) {
-                    layer_overrides.insert(prefix.to_string(), chosen);
+                    layer_overrides.insert(out_name(prefix), chosen);
                 }
+                let prefix = out_name(prefix);
                 if let Some(lq) = chosen {
                     let p = lq.params;
                     match lq.mode {
@@ -664,7 +790,7 @@ pub fn convert(
                 }
             }
         }
-        w.add(name.to_string(), t)?;
+        w.add(out_name(name), t)?;
         Ok(false)
     };
 
@@ -736,7 +862,7 @@ pub fn convert(
                         {
                             for n in [&wn, &sn, &bn] {
                                 if fp_mode.is_none() || weights.contains(n) {
-                                    writer.add(n.clone(), weights.raw(n, None)?)?;
+                                    writer.add(out_name(n), weights.raw(n, None)?)?;
                                 }
                             }
                             quantized_layers += 1;
@@ -815,6 +941,9 @@ pub fn convert(
         if let Some(d) = out_dtype {
             obj.insert("torch_dtype".into(), dtype_name(d).into());
         }
+    }
+    if wrap {
+        config = qwen3_5_wrapper_config(config);
     }
     write_json(&tmp.path().join("config.json"), &config)?;
 
@@ -1150,7 +1279,7 @@ fn open_folder(src: &Path) -> Result<(serde_json::Value, Source)> {
             items.push(Item::Plain(n.clone()));
         }
     }
-    let items = mlx_layout(items, &config)?;
+    let items = mlx_layout(items, &config, &weights)?;
     Ok((config, Source::Folder { weights, items }))
 }
 

@@ -228,8 +228,9 @@ pub(crate) fn experts(
 
 /// Gated MLP experts of inner activation `activation` from stacked `{stacked}.{gate,up,down}_proj`
 /// ([`stacked_experts`]), else Hugging Face's fused `{hf}.gate_up_proj` `[n_experts, 2 · inter,
-/// hidden]` (gate rows first) and `{hf}.down_proj` `[n_experts, hidden, inter]` (float only),
-/// else per-expert `{hf}.{e}.{gate,up,down}_proj`.
+/// hidden]` (gate rows first) and `{hf}.down_proj` `[n_experts, hidden, inter]` (stacked and
+/// quantized where the source keeps `{hf}.gate_up_proj.weight`, as GGUF `ffn_gate_up_exps`
+/// does; else float), else per-expert `{hf}.{e}.{gate,up,down}_proj`.
 ///
 /// Errors: a missing or misshapen weight, named.
 pub(crate) fn experts_at(
@@ -247,6 +248,32 @@ pub(crate) fn experts_at(
     } = shape;
     if let Some(e) = stacked_experts(w, stacked, shape, false, activation, numerics)? {
         return Ok(e);
+    }
+    // The fused layout stacked and quantized (llama.cpp's converter keeps Gemma 4's fused
+    // experts as `ffn_gate_up_exps`): one `[2 · inter, hidden]` layer per expert, gate rows
+    // first, as the file holds it.
+    if let Some(gate_ups) = w.expert_linears(&format!("{hf}.gate_up_proj"), n, 2 * inter, h)? {
+        let downs = w
+            .expert_linears(&format!("{hf}.down_proj"), n, h, inter)?
+            .ok_or_else(|| {
+                Error::tensor(
+                    format!("{hf}.down_proj.weight"),
+                    "missing beside the stacked `gate_up_proj`",
+                )
+            })?;
+        return Ok(gate_ups
+            .into_iter()
+            .zip(downs)
+            .map(|(gate_up, down_proj)| GatedMlp {
+                gate_up: GateUp::Fused {
+                    gate_up,
+                    intermediate: inter,
+                },
+                down_proj,
+                activation,
+                numerics,
+            })
+            .collect());
     }
     let fused = format!("{hf}.gate_up_proj");
     if w.contains(&fused) {

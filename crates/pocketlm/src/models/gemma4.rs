@@ -853,6 +853,17 @@ pub static GGUF_NAMES: NameTable = NameTable {
         ("mlp.gate_proj", "ffn_gate"),
         ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"),
+        // The mixture-of-experts branch (`enable_moe_block`): llama.cpp keeps the experts
+        // fused as transformers saves them, the router's `scale` as `ffn_gate_inp.scale` and
+        // `per_expert_scale` as `ffn_down_exps.scale` (it scales each expert's output).
+        ("router.proj", "ffn_gate_inp"),
+        ("router.scale", "ffn_gate_inp.scale"),
+        ("router.per_expert_scale", "ffn_down_exps.scale"),
+        ("experts.gate_up_proj", "ffn_gate_up_exps"),
+        ("experts.down_proj", "ffn_down_exps"),
+        ("pre_feedforward_layernorm_2", "pre_ffw_norm_2"),
+        ("post_feedforward_layernorm_1", "post_ffw_norm_1"),
+        ("post_feedforward_layernorm_2", "post_ffw_norm_2"),
     ],
     gguf_only: &["rope_freqs.weight"],
 };
@@ -872,7 +883,11 @@ pub static GGUF_NAMES: NameTable = NameTable {
 ///   `rope_freqs.weight` (its entries equal to 1; the converter writes the others as 1e30),
 ///   sliding layers base `rope.freq_base_swa` over `rope.dimension_count_swa` dimensions;
 /// - `attention_k_eq_v` when a full layer with its own keys has no `attn_v`, as llama.cpp's
-///   graph uses the keys as values when `wv` is absent.
+///   graph uses the keys as values when `wv` is absent;
+/// - `enable_moe_block` when layer 0 has a router (`blk.0.ffn_gate_inp.weight`; llama.cpp's
+///   graph gives a layer experts exactly when it has one, and Gemma 4 gives every layer the
+///   same), then `num_experts`, `top_k_experts` and `moe_intermediate_size` from
+///   `expert_count`, `expert_used_count` and `expert_feed_forward_length`.
 ///
 /// Errors: a missing or mistyped key, or per-layer arrays of the wrong length, naming the
 /// file.
@@ -935,6 +950,14 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
     let ple = g
         .opt_usize(&k("embedding_length_per_layer_input"))?
         .unwrap_or(0);
+    let moe = g.has_tensor("blk.0.ffn_gate_inp.weight");
+    let expert_key = |s: &str| -> Result<Option<usize>> {
+        if moe {
+            g.get_usize(&k(s)).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
     Ok(serde_json::json!({
         "model_type": "gemma4_text",
         "vocab_size": embed_rows("token_embd.weight")?,
@@ -960,6 +983,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
         "max_position_embeddings": g.opt_usize(&k("context_length"))?.unwrap_or(131_072),
         "tie_word_embeddings": !g.has_tensor("output.weight"),
         "hidden_size_per_layer_input": ple,
+        "enable_moe_block": moe,
+        "num_experts": expert_key("expert_count")?,
+        "top_k_experts": expert_key("expert_used_count")?,
+        "moe_intermediate_size": expert_key("expert_feed_forward_length")?,
         "vocab_size_per_layer_input": if ple > 0 {
             embed_rows("per_layer_token_embd.weight")?
         } else {

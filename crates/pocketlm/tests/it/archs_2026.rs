@@ -766,6 +766,20 @@ fn gemma4_text_gguf_matches_llama_cpp() -> Res<()> {
     Ok(())
 }
 
+/// Gemma 4's mixture-of-experts layout (Gemma-4-26B-A4B's) as llama.cpp's `gemma4`: the config
+/// from `expert_count` / `expert_used_count` / `expert_feed_forward_length` and the router
+/// tensor; the experts kept fused by the converter (`ffn_gate_up_exps`, Q8_0, gate rows
+/// first) and run as one `[2 · inter, hidden]` product each, the router's `scale` from
+/// `ffn_gate_inp.scale`, `per_expert_scale` from `ffn_down_exps.scale`, the three extra norms.
+/// Every matrix Q8_0 (whose dot products both sides run in ggml's order), the router f32:
+/// measured 0, the logits bit for bit llama.cpp's (which are 0.74 from transformers' bfloat16
+/// ones).
+#[test]
+fn gemma4_moe_gguf_matches_llama_cpp() -> Res<()> {
+    check_llama_cpp("gemma4_moe", "gemma4_moe", "gemma4", 1e-3)?;
+    Ok(())
+}
+
 /// gpt-oss as llama.cpp's `gpt-oss`, from the Hub's MXFP4 layout: experts MXFP4 (ggml type
 /// 39) on our MXFP4 kernels, attention sinks, biases. Each expert read from the GGUF holds
 /// exactly the codes and scales of the Hub folder's experts (reordered, never rounded).
@@ -996,6 +1010,19 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// How far a float32 folder written by `convert` or `fuse` from a tiny model of `arch` may put
+/// the logits from the source's: 1e-4 (the weights are only cast), except Qwen3.5's, whose
+/// zero-centred norms are written as mlx-lm's `sanitize` writes them, `1 + w` rounded to the
+/// checkpoint's bfloat16 (`convert_writes_2026_models_in_mlx_lm_layout_bit_for_bit`): measured
+/// up to 0.23 on these models' logits (of up to 30); 0.3.
+fn float_conversion_bound(arch: &str) -> f32 {
+    if arch.starts_with("qwen3_5") {
+        0.3
+    } else {
+        1e-4
+    }
+}
+
 /// The LoRA checks above on folder `dir` (architecture `arch`), adapters on the last
 /// `num_layers` blocks on `keys` (`None`: every linear layer); `want` the adapted layer names
 /// the session must list (a few, by full module name).
@@ -1167,7 +1194,8 @@ fn round_trip(
     let f32_dir = tmp.path().join("f32");
     pocketlm::convert::convert(dir, &f32_dir, &opts, &mut |_| {})?;
     let d = max_diff(&all_logits(&load(&f32_dir, &cpu())?, ids)?, base);
-    assert!(d <= 1e-4, "{arch}: float32 conversion vs source: {d}");
+    let bound = float_conversion_bound(arch);
+    assert!(d <= bound, "{arch}: float32 conversion vs source: {d}");
     let fused_dir = tmp.path().join("fused");
     fuse(
         dir,
@@ -1179,7 +1207,7 @@ fn round_trip(
     )?;
     let fused = load(&fused_dir, &cpu())?;
     let d = max_diff(&all_logits(&fused, ids)?, adapted);
-    assert!(d <= 1e-4, "{arch}: fused vs adapted: {d}");
+    assert!(d <= bound, "{arch}: fused vs adapted: {d}");
     println!(
         "{arch}: {} adapted layers, logits moved {moved:.3}, fused within {d:.1e}",
         adapter.weights.len()
@@ -1393,7 +1421,8 @@ fn check_mlx_adapter(name: &str, base_bound: f32, bound: f32) -> Res<()> {
         &mut |_| {},
     )?;
     let fd = max_diff(&all_logits(&load(&out, &cpu())?, &ids)?, &want);
-    assert!(fd <= bound, "{name}: fused folder {fd} from mlx-lm");
+    let fused_bound = bound.max(float_conversion_bound(name));
+    assert!(fd <= fused_bound, "{name}: fused folder {fd} from mlx-lm");
     println!(
         "{name}: base {db:.1e} from mlx-lm; with mlx-lm's adapter {d:.1e}, its effect \
          {de:.1e} (of {moved:.2}), fused {fd:.1e}"
@@ -1510,17 +1539,35 @@ fn safetensors_of(dir: &std::path::Path) -> Res<HashMap<String, StoredTensor>> {
     Ok(out)
 }
 
-/// `convert -q` of a Hugging Face MoE folder writes what `mlx_lm.convert` writes, tensor for
-/// tensor and bit for bit (the same 4-bit g32 float32 conversion, committed by the golden
-/// scripts of `scripts/golden/`): per-expert weights stacked into `switch_mlp`, gpt-oss's and
-/// Gemma 4's fused `gate_up_proj` split (and transposed for gpt-oss), all quantized as 3-D
-/// `SwitchLinear` weights; for DeepSeek-V3 `kv_b_proj` split into the `MultiLinear` `embed_q` /
-/// `unembed_out`, the router `mlp.gate` in float and its correction bias in its own dtype
-/// (mlx-lm's `sanitize` and `cast_predicate`). So mlx-lm loads our conversions of these models.
+/// `convert -q` of a Hugging Face folder of the 2026 architectures whose mlx-lm modules
+/// rewrite the weights writes what `mlx_lm.convert` writes, tensor for tensor and bit for bit
+/// (the same 4-bit g32 float32 conversion, committed by the golden scripts of
+/// `scripts/golden/`): per-expert weights stacked into `switch_mlp`, gpt-oss's and Gemma 4's
+/// fused `gate_up_proj` split (and transposed for gpt-oss), all quantized as 3-D
+/// `SwitchLinear` weights; for DeepSeek-V3 `kv_b_proj` split into the `MultiLinear` `embed_q`
+/// / `unembed_out`, the router `mlp.gate` in float and its correction bias in its own dtype;
+/// for Qwen3.5 (dense and MoE) every tensor under `language_model.`, the DeltaNet convolution
+/// as `[channels, kernel, 1]`, the zero-centred norms as `1 + w` rounded to bfloat16, `A_log`
+/// kept bfloat16, and config.json in the wrapper form (`text_config`, the quantization's layer
+/// paths under `language_model.`) (mlx-lm's `sanitize`, `cast_predicate` and
+/// `quant_predicate`). So mlx-lm loads our conversions of these models.
+///
+/// The float conversions (same layout, unquantized) give the source's logits within 1e-4,
+/// except Qwen3.5's: mlx-lm rounds `1 + w` of its norms to bfloat16, which moves the logits by
+/// 0.144 (qwen3_5_moe) and 0.131 (qwen3_5), measured; transformers 5.24 with the same rounding
+/// applied to those norms moves them by the same amounts (0.14389 here, 0.14389 there, on ids
+/// 1..=5); bound 0.2.
 #[test]
-fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
+fn convert_writes_2026_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
     use pocketlm::convert::{convert, ConvertOptions};
-    for name in ["qwen3_moe", "deepseek_v3", "gpt_oss", "gemma4_moe"] {
+    let moe = [
+        "qwen3_moe",
+        "deepseek_v3",
+        "gpt_oss",
+        "gemma4_moe",
+        "qwen3_5_moe",
+    ];
+    for name in moe.into_iter().chain(["qwen3_5"]) {
         let (tmp, out) = convert_q4_g32(name, Some(candle_core::DType::F32))?;
         let ours = safetensors_of(&out)?;
         let mlx = safetensors_of(&path(&format!("{name}_mlx_q4")))?;
@@ -1530,11 +1577,12 @@ fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
         b.sort();
         assert_eq!(a, b, "{name}: tensor names against mlx-lm's conversion");
         assert!(
-            mlx.iter().any(
-                |(k, v)| (k.contains("experts.") || k.contains("switch_mlp."))
-                    && k.ends_with(".scales")
-                    && v.1.len() == 3
-            ),
+            !moe.contains(&name)
+                || mlx.iter().any(
+                    |(k, v)| (k.contains("experts.") || k.contains("switch_mlp."))
+                        && k.ends_with(".scales")
+                        && v.1.len() == 3
+                ),
             "{name}: mlx-lm's conversion has quantized expert stacks"
         );
         for (k, (dt, shape, bytes)) in &mlx {
@@ -1542,11 +1590,21 @@ fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
             assert_eq!((odt, oshape), (dt, shape), "{name}: {k}");
             assert!(obytes == bytes, "{name}: {k} differs from mlx-lm's bytes");
         }
+        // config.json: the same model type and per-layer quantization (mlx 0.32 also writes
+        // the default `mode: affine`, which we leave out).
+        let read = |p: PathBuf| -> Res<serde_json::Value> {
+            Ok(serde_json::from_str(&std::fs::read_to_string(
+                p.join("config.json"),
+            )?)?)
+        };
+        let (oc, mc) = (read(out.clone())?, read(path(&format!("{name}_mlx_q4")))?);
+        assert_eq!(oc["model_type"], mc["model_type"], "{name}: model_type");
+        let mut mq = mc["quantization"].clone();
+        mq.as_object_mut().map(|q| q.remove("mode"));
+        assert_eq!(oc["quantization"], mq, "{name}: quantization");
         // And it loads and runs here.
         let l = all_logits(&load(&out, &cpu())?, &[1, 2, 3])?;
         assert!(l.iter().all(|x| x.is_finite()), "{name}");
-        // The float conversion (same stacked / split layout, unquantized) gives the source's
-        // logits.
         let f32_dir = tmp.path().join("f32");
         let opts = ConvertOptions {
             dtype: Some(candle_core::DType::F32),
@@ -1556,7 +1614,13 @@ fn convert_writes_moe_models_in_mlx_lm_layout_bit_for_bit() -> Res<()> {
         let ids = [1, 2, 3, 4, 5];
         let base = all_logits(&load(path(name), &cpu())?, &ids)?;
         let d = max_diff(&all_logits(&load(&f32_dir, &cpu())?, &ids)?, &base);
-        assert!(d <= 1e-4, "{name}: float32 conversion vs source: {d}");
+        let bound = if name.starts_with("qwen3_5") {
+            0.2
+        } else {
+            1e-4
+        };
+        println!("{name}: float32 conversion vs source: {d:.2e}");
+        assert!(d <= bound, "{name}: float32 conversion vs source: {d}");
     }
     Ok(())
 }
