@@ -4,7 +4,10 @@
 # With no model named it runs the suite of issue #21: the default model, 1B-shaped random
 # models in Q4_0, Q4_K and Q8_0 (pp512/tg128) and an 8B-shaped Q4_0 (pp128/tg32), at each of
 # $DEPTHS. Random models (Llama-3 shapes, random weights: speed only) are written once by
-# ../shared/tools/make_random_gguf.py (or $MAKE_RANDOM_GGUF) into $POCKETLM_HOME/models.
+# scripts/make_random_gguf.py (or $MAKE_RANDOM_GGUF) into $POCKETLM_HOME/models. Named only
+# (not in the suite): any other shape of that script, e.g. the mixture of experts of issue #25,
+# `qwen3-30b-a3b-q4_0` (Qwen3-30B-A3B shape, 17 GB; pp512/tg128; MLX=0 skips its 17 GB MLX
+# conversion).
 # For each Q4_0 and Q4_1 model the MLX 4-bit g64 conversion (`pocketlm convert -q --q-bits 4
 # --q-group-size 64 --dtype f16`, cached next to the GGUF) is measured against llama.cpp's GGUF.
 # Settings (environment): THREADS (2), REPS (3), DEPTHS (0; e.g. "0,4096"), PP and TG (override

@@ -53,11 +53,12 @@ pocketlm_bin() {
   echo "${CARGO_TARGET_DIR:-target}/$1/pocketlm"
 }
 
-# A random model of a real shape: NAME = 1b-q4_0 | 1b-q4_k | 1b-q8_0 | 8b-q4_0 ..., written
-# once into $home/models by ../shared/tools/make_random_gguf.py (or $MAKE_RANDOM_GGUF) with
-# llama.cpp's Llama 3 vocabulary. Random weights: for speed only.
+# A random model of a real shape: NAME = SHAPE-TYPE (1b-q4_0 | 1b-q4_k | 1b-q8_0 | 8b-q4_0 |
+# qwen3-30b-a3b-q4_0 ...: the shapes of scripts/make_random_gguf.py), written once into
+# $home/models by scripts/make_random_gguf.py (or $MAKE_RANDOM_GGUF) with llama.cpp's
+# vocabulary of the family. Random weights: for speed only.
 random_model() {
-  local shape=${1%%-*} qtype=${1#*-} path="$home/models/random-$1.gguf"
+  local shape=${1%-*} qtype=${1##*-} path="$home/models/random-$1.gguf"
   if [ ! -f "$path" ]; then
     local py=python3
     if ! python3 -c "import gguf, numpy" 2>/dev/null; then
@@ -67,8 +68,8 @@ random_model() {
       py="$home/venv-gguf/bin/python"
     fi
     mkdir -p "$home/models"
-    VOCAB_GGUF="$lc/models/ggml-vocab-llama-bpe.gguf" "$py" \
-      "${MAKE_RANDOM_GGUF:-../shared/tools/make_random_gguf.py}" "$path.tmp" "$qtype" --shape "$shape" >&2
+    VOCAB_DIR="$lc/models" "$py" \
+      "${MAKE_RANDOM_GGUF:-scripts/make_random_gguf.py}" "$path.tmp" "$qtype" --shape "$shape" >&2
     mv "$path.tmp" "$path"
   fi
   echo "$path"

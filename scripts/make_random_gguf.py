@@ -14,6 +14,10 @@ usage: make_random_gguf.py OUT TYPE [--shape SHAPE]
                                    Llama 3's vocabulary, as llama.cpp ships no Gemma 3 one)
     gemma3-1b  Gemma-3-1B         (gemma3; 1152, 26 layers, 4/1 heads, head_dim 256, ffn 6912,
                                    window 512)
+    qwen3-30b-a3b Qwen3-30B-A3B   (qwen3moe: qwen3's attention, every layer a mixture of 128
+                                   experts of width 768, 8 per token; 2048, 48 layers, 32/4
+                                   heads, head_dim 128; the router f32 with random N(0, 1)
+                                   weights, so tokens spread over the experts; Q4_0 ~17 GB)
 A llama.cpp-style extension of ../shared/tools/make_random_gguf.py (which writes the first two).
 Needs numpy and the `gguf` Python package (PyPI, or llama.cpp's gguf-py on PYTHONPATH; lc/gguf-py
 is tried first). Tokenizer metadata comes from a llama.cpp vocabulary GGUF: $VOCAB_GGUF, or
@@ -23,7 +27,8 @@ output layer are the family's own. Norm weights are ones; quantized blocks rando
 scale (Q4_0 18 bytes / 32 values with the f16 d first, Q8_0 34/32, Q4_K 144/256 with f16 d and
 dmin first, Q6_K 210/256 with f16 d last). An 8B Q4_0 file takes about 30 s on the GPU machine.
 $LAYERS overrides the layer count (a small file to check the format with), $CTX the context
-length written (default 8192, Phi-3 4096).
+length written (default 8192, Phi-3 4096). Tensors are generated and written one at a time, so
+memory stays at the largest tensor whatever the file's size.
 """
 import os
 import sys
@@ -52,6 +57,9 @@ SHAPES = {
     "gemma3-4b": dict(arch="gemma3", vocab="llama-bpe", n_embd=2560, n_layer=34, n_head=8, n_kv=4,
                       head_dim=256, n_ff=10240, rope=1e6, eps=1e-6, qk_norm=True, post_norms=True,
                       window=1024, tied=True),
+    "qwen3-30b-a3b": dict(arch="qwen3moe", vocab="qwen2", n_embd=2048, n_layer=48, n_head=32,
+                          n_kv=4, head_dim=128, n_ff=6144, rope=1e6, eps=1e-6, qk_norm=True,
+                          experts=128, experts_used=8, expert_ff=768),
 }
 
 out, qtype = sys.argv[1], sys.argv[2]
@@ -63,13 +71,32 @@ BLOCK = {"q4_0": (T.Q4_0, 32, 18, 0), "q8_0": (T.Q8_0, 32, 34, 0),
          "q4_k": (T.Q4_K, 256, 144, 0), "q6_k": (T.Q6_K, 256, 210, 208)}
 
 
-def qtensor(rows, cols, kind):
+def qtensor(rows, cols, kind, experts=0):
     t, bs, nb, doff = BLOCK[kind]
-    a = rng.integers(0, 256, size=(rows, cols // bs, nb), dtype=np.uint8)
+    a = rng.integers(0, 256, size=(max(experts, 1) * rows, cols // bs, nb), dtype=np.uint8)
     a[:, :, doff:doff + 2] = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
     if kind == "q4_k":
         a[:, :, 2:4] = np.frombuffer(np.float16(0.001).tobytes(), dtype=np.uint8)
-    return a.reshape(rows, -1), t
+    return (a.reshape(experts, rows, -1) if experts else a.reshape(rows, -1)), t
+
+
+# (name, byte shape, numpy dtype, ggml type or None, make): announced first, generated and
+# written one at a time after the header.
+TENSORS = []
+
+
+def add_q(name, rows, cols, kind, experts=0):
+    t, bs, nb, _ = BLOCK[kind]
+    shape = ((experts,) if experts else ()) + (rows, cols // bs * nb)
+    TENSORS.append((name, shape, np.uint8, t, lambda: qtensor(rows, cols, kind, experts)[0]))
+
+
+def add_f(name, shape, make):
+    TENSORS.append((name, tuple(shape), np.float32, None, make))
+
+
+def ones(n):
+    return lambda: np.ones(n, dtype=np.float32)
 
 
 vocab_gguf = os.environ.get("VOCAB_GGUF") or os.path.join(
@@ -93,11 +120,13 @@ if hd != e // nh:
 if H.get("window"):
     w.add_sliding_window(H["window"])
 w.add_vocab_size(vocab)
-a, t = qtensor(vocab, e, qtype); w.add_tensor("token_embd.weight", a, raw_dtype=t)
-w.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
+if H.get("experts"):
+    w.add_expert_count(H["experts"]); w.add_expert_used_count(H["experts_used"])
+    w.add_expert_feed_forward_length(H["expert_ff"])
+add_q("token_embd.weight", vocab, e, qtype)
+add_f("output_norm.weight", [e], ones(e))
 if not H.get("tied"):
-    a, t = qtensor(vocab, e, "q6_k" if qtype == "q4_k" else qtype)
-    w.add_tensor("output.weight", a, raw_dtype=t)
+    add_q("output.weight", vocab, e, "q6_k" if qtype == "q4_k" else qtype)
 q_rows, kv_rows = nh * hd, nkv * hd
 for i in range(L):
     if H.get("fused"):
@@ -105,21 +134,37 @@ for i in range(L):
                 "ffn_up": (2 * ff, e), "ffn_down": (e, ff)}
     else:
         mats = {"attn_q": (q_rows, e), "attn_k": (kv_rows, e), "attn_v": (kv_rows, e),
-                "attn_output": (e, q_rows), "ffn_gate": (ff, e), "ffn_up": (ff, e),
-                "ffn_down": (e, ff)}
+                "attn_output": (e, q_rows)}
+        if not H.get("experts"):
+            mats.update({"ffn_gate": (ff, e), "ffn_up": (ff, e), "ffn_down": (e, ff)})
     for name, (rows, cols) in mats.items():
-        a, t = qtensor(rows, cols, qtype)
-        w.add_tensor(f"blk.{i}.{name}.weight", a, raw_dtype=t)
+        add_q(f"blk.{i}.{name}.weight", rows, cols, qtype)
+    if H.get("experts"):
+        n, eff = H["experts"], H["expert_ff"]
+        add_f(f"blk.{i}.ffn_gate_inp.weight", [n, e],
+              lambda: rng.standard_normal((n, e)).astype(np.float32))
+        for name, (rows, cols) in {"ffn_gate_exps": (eff, e), "ffn_up_exps": (eff, e),
+                                   "ffn_down_exps": (e, eff)}.items():
+            add_q(f"blk.{i}.{name}.weight", rows, cols, qtype, experts=n)
     if H.get("qkv_bias"):
         for name, rows in (("attn_q", q_rows), ("attn_k", kv_rows), ("attn_v", kv_rows)):
-            w.add_tensor(f"blk.{i}.{name}.bias", (rng.standard_normal(rows) * 0.1).astype(np.float32))
+            add_f(f"blk.{i}.{name}.bias", [rows],
+                  lambda rows=rows: (rng.standard_normal(rows) * 0.1).astype(np.float32))
     if H.get("qk_norm"):
-        w.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(hd, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(hd, dtype=np.float32))
-    w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, dtype=np.float32))
-    w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, dtype=np.float32))
+        add_f(f"blk.{i}.attn_q_norm.weight", [hd], ones(hd))
+        add_f(f"blk.{i}.attn_k_norm.weight", [hd], ones(hd))
+    add_f(f"blk.{i}.attn_norm.weight", [e], ones(e))
+    add_f(f"blk.{i}.ffn_norm.weight", [e], ones(e))
     if H.get("post_norms"):
-        w.add_tensor(f"blk.{i}.post_attention_norm.weight", np.ones(e, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.post_ffw_norm.weight", np.ones(e, dtype=np.float32))
-w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        add_f(f"blk.{i}.post_attention_norm.weight", [e], ones(e))
+        add_f(f"blk.{i}.post_ffw_norm.weight", [e], ones(e))
+for name, dims, dtype, t, _ in TENSORS:
+    w.add_tensor_info(name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize,
+                      raw_dtype=t)
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file()
+for name, dims, dtype, t, make in TENSORS:
+    a = make()
+    assert a.shape == dims and a.dtype == dtype, (name, a.shape, dims)
+    w.write_tensor_data(a)
+w.close()
 print("wrote", out, qtype, shape)

@@ -958,12 +958,6 @@ pub(crate) fn run_products(
         name: "<unnamed>".into(),
         msg: "fused product over no matrices".into(),
     })?;
-    if !backend.is_available() {
-        return Err(KernelError::BackendUnavailable {
-            name: first.name.to_string(),
-            backend,
-        });
-    }
     if outs.len() != mats.len() {
         return Err(KernelError::Input {
             name: first.name.to_string(),
@@ -982,25 +976,8 @@ pub(crate) fn run_products(
             });
         }
     }
-    if Some(x.len()) != m.checked_mul(k) {
-        return Err(KernelError::ArgLength {
-            name: first.name.to_string(),
-            arg: "x",
-            expected: m.saturating_mul(k),
-            got: x.len(),
-            what: format!("m = {m} rows of k = {k}"),
-        });
-    }
     for (w, out) in mats.iter().zip(outs.iter()) {
-        if Some(out.len()) != m.checked_mul(w.rows) {
-            return Err(KernelError::ArgLength {
-                name: w.name.to_string(),
-                arg: "out",
-                expected: m.saturating_mul(w.rows),
-                got: out.len(),
-                what: format!("m = {m} rows of n = {}", w.rows),
-            });
-        }
+        check_product(backend, w, x, m, out)?;
     }
     if m == 0 {
         return Ok(());
@@ -1051,6 +1028,112 @@ pub(crate) fn run_products(
 pub fn forward_fused(mats: &[&GgufMatrix], x: &Tensor) -> crate::Result<Vec<Tensor>> {
     let refs: Vec<MatRef<'_>> = mats.iter().map(|w| w.mat_ref()).collect();
     forward_refs(Backend::detect(), &refs, x)
+}
+
+/// Products with an input each, `outs[i][m, n_i] = xs[i][m, k_i] · W_iᵀ` (the down
+/// projections of a mixture of experts' chosen experts, each on its own expert's
+/// activations): each input is quantized on its own and all matrices' tiles go to the thread
+/// pool in one pass, so that several small products cost one dispatch instead of one each.
+/// Each output equals [`run_products`] of its matrix alone, bit for bit (a tile's result does
+/// not depend on the other jobs).
+///
+/// Errors: as [`run_products`], per matrix (`xs[i]` of `m` rows of its own `k_i`).
+pub(crate) fn run_products_each(
+    backend: Backend,
+    mats: &[MatRef<'_>],
+    xs: &[&[f32]],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    if mats.len() != xs.len() || mats.len() != outs.len() {
+        return Err(KernelError::Input {
+            name: mats.first().map_or("<unnamed>", |w| w.name).to_string(),
+            msg: format!(
+                "{} inputs and {} outputs given for {} matrices",
+                xs.len(),
+                outs.len(),
+                mats.len()
+            ),
+        });
+    }
+    let mut acts = Vec::with_capacity(mats.len());
+    for ((w, x), out) in mats.iter().zip(xs).zip(outs.iter_mut()) {
+        // The checks of one product, and its degenerate cases, as `run_products` has them.
+        if m == 0 || w.cols == 0 {
+            run_products(
+                backend,
+                std::slice::from_ref(w),
+                x,
+                m,
+                std::slice::from_mut(out),
+            )?;
+            acts.push(None);
+            continue;
+        }
+        check_product(backend, w, x, m, out)?;
+        acts.push(Some(quantize_acts(
+            backend,
+            w.kind.act_format(),
+            x,
+            m,
+            w.cols,
+        )));
+    }
+    let jobs: Vec<Job<'_>> = mats
+        .iter()
+        .zip(outs.iter_mut())
+        .zip(&acts)
+        .filter_map(|((w, out), a)| {
+            Some(Job {
+                w: w.w,
+                kind: w.kind,
+                n: w.rows,
+                row_bytes: w.row_bytes,
+                mlx: w.mlx,
+                acts: a.as_ref()?,
+                out: SyncPtr(out.as_mut_ptr()),
+            })
+        })
+        .collect();
+    if !jobs.is_empty() {
+        run_jobs(backend, &jobs, m);
+    }
+    Ok(())
+}
+
+/// The argument checks of one product `out[m, n] = x[m, k] · Wᵀ` ([`run_products`]'s).
+fn check_product(
+    backend: Backend,
+    w: &MatRef<'_>,
+    x: &[f32],
+    m: usize,
+    out: &[f32],
+) -> Result<(), KernelError> {
+    if !backend.is_available() {
+        return Err(KernelError::BackendUnavailable {
+            name: w.name.to_string(),
+            backend,
+        });
+    }
+    if Some(x.len()) != m.checked_mul(w.cols) {
+        return Err(KernelError::ArgLength {
+            name: w.name.to_string(),
+            arg: "x",
+            expected: m.saturating_mul(w.cols),
+            got: x.len(),
+            what: format!("m = {m} rows of k = {}", w.cols),
+        });
+    }
+    if Some(out.len()) != m.checked_mul(w.rows) {
+        return Err(KernelError::ArgLength {
+            name: w.name.to_string(),
+            arg: "out",
+            expected: m.saturating_mul(w.rows),
+            got: out.len(),
+            what: format!("m = {m} rows of n = {}", w.rows),
+        });
+    }
+    Ok(())
 }
 
 /// [`run_products`] over candle tensors, as [`forward_fused`] documents.
@@ -1113,6 +1196,53 @@ pub(crate) fn forward_refs(
             if let Some(last) = shape.last_mut() {
                 *last = w.rows;
             }
+            Ok(Tensor::from_vec(o, shape.as_slice(), &Device::Cpu)?)
+        })
+        .collect()
+}
+
+/// [`run_products_each`] over candle tensors: `xs[i]: [.., k_i]` f32 on the CPU, all with the
+/// same leading dimensions -> one `[.., n_i]` tensor per matrix.
+///
+/// Errors: [`crate::Error::InvalidArgument`] when the inputs' leading dimensions differ or an
+/// input is not f32; those of [`run_products_each`].
+pub(crate) fn forward_refs_each(
+    backend: Backend,
+    mats: &[MatRef<'_>],
+    xs: &[Tensor],
+) -> crate::Result<Vec<Tensor>> {
+    let Some(first) = xs.first() else {
+        return Ok(Vec::new());
+    };
+    let lead = &first.dims()[..first.rank().saturating_sub(1)];
+    let mut data = Vec::with_capacity(xs.len());
+    for (x, w) in xs.iter().zip(mats) {
+        if x.rank() == 0 || &x.dims()[..x.rank() - 1] != lead {
+            return Err(crate::Error::InvalidArgument(format!(
+                "`{}`: input of shape {:?}, the first's leading dimensions are {lead:?}",
+                w.name,
+                x.dims()
+            )));
+        }
+        if x.dtype() != DType::F32 {
+            return Err(crate::Error::InvalidArgument(format!(
+                "`{}`: input has dtype {:?}, expected f32",
+                w.name,
+                x.dtype()
+            )));
+        }
+        data.push(x.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let m: usize = lead.iter().product();
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    let xs: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
+    let mut out_refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    run_products_each(backend, mats, &xs, m, &mut out_refs)?;
+    mats.iter()
+        .zip(outs)
+        .map(|(w, o)| {
+            let mut shape = lead.to_vec();
+            shape.push(w.rows);
             Ok(Tensor::from_vec(o, shape.as_slice(), &Device::Cpu)?)
         })
         .collect()

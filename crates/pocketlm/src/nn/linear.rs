@@ -296,22 +296,58 @@ impl Linear {
     /// (q/k/v, gate/up); otherwise each runs on its own.
     pub fn forward_many(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         if layers.len() > 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
-            let refs: Option<Vec<MatRef<'_>>> = layers
-                .iter()
-                .map(|l| match l {
-                    Self::Kernel { weight, bias: None } => Some(weight.mat_ref()),
-                    Self::Mlx { weight, bias: None } if mlx_fast(weight, x) => {
-                        mlx_kernels::mat_ref(weight).ok()
-                    }
-                    Self::MlxPacked { weight, bias: None } => Some(weight.mat_ref()),
-                    _ => None,
-                })
-                .collect();
-            if let Some(refs) = refs {
+            if let Some(refs) = Self::kernel_refs(layers, x) {
                 return forward_refs(Backend::detect(), &refs, x);
             }
         }
         layers.iter().map(|l| l.forward(x)).collect()
+    }
+
+    /// Layers each on its own input, `xs[i]: [.., in_i]` -> `[.., out_i]` (all inputs with the
+    /// same leading dimensions; a mixture of experts' down projections on their experts'
+    /// activations). When all use our CPU kernels one parallel pass runs them all (each input
+    /// quantized on its own); otherwise each runs on its own. Either way each output is
+    /// [`Self::forward`]'s, bit for bit.
+    ///
+    /// Errors: `xs.len() != layers.len()`; those of [`Self::forward`].
+    pub fn forward_each(layers: &[&Linear], xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        if layers.len() != xs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} inputs for {} layers",
+                xs.len(),
+                layers.len()
+            )));
+        }
+        let cpu_f32 = xs
+            .iter()
+            .all(|x| x.device().is_cpu() && x.dtype() == DType::F32);
+        if layers.len() > 1 && cpu_f32 {
+            let refs: Option<Vec<MatRef<'_>>> = layers
+                .iter()
+                .zip(xs)
+                .map(|(l, x)| Self::kernel_refs(std::slice::from_ref(l), x)?.pop())
+                .collect();
+            if let Some(refs) = refs {
+                return crate::kernels::forward_refs_each(Backend::detect(), &refs, xs);
+            }
+        }
+        layers.iter().zip(xs).map(|(l, x)| l.forward(x)).collect()
+    }
+
+    /// The kernel matrices of `layers` when every one of them runs on our CPU kernels for
+    /// input `x` with no bias (what [`Self::forward_many`] batches), else `None`.
+    fn kernel_refs<'a>(layers: &[&'a Linear], x: &Tensor) -> Option<Vec<MatRef<'a>>> {
+        layers
+            .iter()
+            .map(|l| match l {
+                Self::Kernel { weight, bias: None } => Some(weight.mat_ref()),
+                Self::Mlx { weight, bias: None } if mlx_fast(weight, x) => {
+                    mlx_kernels::mat_ref(weight).ok()
+                }
+                Self::MlxPacked { weight, bias: None } => Some(weight.mat_ref()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// `x: [.., in]` -> `[.., out]`.

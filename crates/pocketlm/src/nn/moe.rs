@@ -216,9 +216,40 @@ impl Moe {
         let dev = x.device();
         let rf = route_x.reshape((n, ()))?;
         let routes = self.router.route(&rf.detach(), self.experts.len())?;
+        let y = if n == 1 && mode == Mode::Inference && dev.is_cpu() {
+            self.routed_one(&xf, &routes)?
+        } else {
+            self.routed_gathered(&xf, &routes, mode)?
+        };
+        let y = match &self.shared {
+            Some(shared) => {
+                let mut s = shared.mlp.forward(&xf, mode)?;
+                if let Some(g) = &shared.gate {
+                    let g = candle_nn::ops::sigmoid(&g.forward_mode(&xf, mode)?)?;
+                    s = s.broadcast_mul(&g)?;
+                }
+                (y + s)?
+            }
+            None => y,
+        };
+        Ok(y.reshape(dims)?)
+    }
+
+    /// The routed experts' part of the layer on `xf: [n, hidden]`, `routes` given
+    /// ([`Router::route`]): each expert chosen by at least one token runs once on the rows
+    /// routed to it (gathered with `index_select`); the outputs, times their weights, are added
+    /// back per token with one `index_add`, in expert order.
+    fn routed_gathered(
+        &self,
+        xf: &Tensor,
+        routes: &[Vec<(u32, f32)>],
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let n = xf.dim(0)?;
+        let dev = xf.device();
         let mut outs = Vec::new();
         let (mut tokens, mut weights) = (Vec::new(), Vec::new());
-        for (expert, route) in self.experts.iter().zip(&routes) {
+        for (expert, route) in self.experts.iter().zip(routes) {
             if route.is_empty() {
                 continue;
             }
@@ -232,24 +263,39 @@ impl Moe {
             tokens.extend(ids);
             weights.extend(route.iter().map(|&(_, w)| w));
         }
-        let mut y = if outs.is_empty() {
-            xf.zeros_like()?
-        } else {
-            let m = weights.len();
-            let gathered =
-                Tensor::cat(&outs, 0)?.broadcast_mul(&Tensor::from_vec(weights, (m, 1), dev)?)?;
-            xf.zeros_like()?
-                .index_add(&Tensor::from_vec(tokens, m, dev)?, &gathered, 0)?
-        };
-        if let Some(shared) = &self.shared {
-            let mut s = shared.mlp.forward(&xf, mode)?;
-            if let Some(g) = &shared.gate {
-                let g = candle_nn::ops::sigmoid(&g.forward_mode(&xf, mode)?)?;
-                s = s.broadcast_mul(&g)?;
-            }
-            y = (y + s)?;
+        if outs.is_empty() {
+            return Ok(xf.zeros_like()?);
         }
-        Ok(y.reshape(dims)?)
+        let m = weights.len();
+        let gathered =
+            Tensor::cat(&outs, 0)?.broadcast_mul(&Tensor::from_vec(weights, (m, 1), dev)?)?;
+        Ok(xf
+            .zeros_like()?
+            .index_add(&Tensor::from_vec(tokens, m, dev)?, &gathered, 0)?)
+    }
+
+    /// [`Self::routed_gathered`] for one token `xf: [1, hidden]` f32 on the CPU in inference:
+    /// the chosen experts run batched ([`GatedMlp::forward_all`]: two passes of the thread
+    /// pool for all of them, where a decode step would otherwise make two per expert), and
+    /// their weighted outputs are summed in expert order from zero, as `index_add` sums them
+    /// there, so the result is the same bit for bit.
+    fn routed_one(&self, xf: &Tensor, routes: &[Vec<(u32, f32)>]) -> Result<Tensor> {
+        let (mut mlps, mut weights) = (Vec::new(), Vec::new());
+        for (expert, route) in self.experts.iter().zip(routes) {
+            if let Some(&(_, w)) = route.first() {
+                mlps.push(expert);
+                weights.push(w);
+            }
+        }
+        let h = xf.dim(1)?;
+        let mut y = vec![0f32; h];
+        for (o, w) in GatedMlp::forward_all(&mlps, xf)?.into_iter().zip(weights) {
+            let o = o.flatten_all()?.to_vec1::<f32>()?;
+            for (a, v) in y.iter_mut().zip(o) {
+                *a += v * w;
+            }
+        }
+        Ok(Tensor::from_vec(y, (1, h), xf.device())?)
     }
 }
 
@@ -339,6 +385,79 @@ mod tests {
         assert!((got[0].1 - 0.5).abs() < 1e-6, "{got:?}");
         r.groups = None;
         assert_eq!(r.select(&logits)[0].0, 0);
+    }
+
+    /// A Q4_0 layer on our CPU kernels (repacked or in the file's layout).
+    fn q4(out: usize, inp: usize, seed: u64, repack: bool) -> Linear {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let Linear::Dense(d) = dense(out, inp, seed) else {
+            unreachable!()
+        };
+        let q = QTensor::quantize(d.weight(), GgmlDType::Q4_0).unwrap();
+        let w = crate::kernels::GgufMatrix::from_qtensor(format!("w{seed}"), &q).unwrap();
+        let weight = if repack { w.repacked() } else { w };
+        Linear::Kernel { weight, bias: None }
+    }
+
+    /// One token on our quantized kernels: the batched path (`routed_one`, every chosen
+    /// expert's products in two passes) gives the gathered path's output bit for bit, separate
+    /// and fused gate/up projections, repacked or not.
+    #[test]
+    fn one_token_batched_equals_gathered() {
+        let (h, inter, n_exp) = (64, 32, 6);
+        for repack in [false, true] {
+            let experts: Vec<GatedMlp> = (0..n_exp)
+                .map(|e| {
+                    let s = 10 * e as u64;
+                    GatedMlp {
+                        gate_up: if e % 2 == 0 {
+                            GateUp::Separate {
+                                gate: q4(inter, h, s, repack),
+                                up: q4(inter, h, s + 1, repack),
+                            }
+                        } else {
+                            GateUp::Fused {
+                                gate_up: q4(2 * inter, h, s, repack),
+                                intermediate: inter,
+                            }
+                        },
+                        down_proj: q4(h, inter, s + 2, repack),
+                        activation: Activation::Silu,
+                        numerics: Numerics::Reference,
+                    }
+                })
+                .collect();
+            let mut r = router(dense(n_exp, h, 99), Scoring::Softmax, true);
+            r.top_k = 3;
+            let moe = Moe {
+                router: r,
+                experts,
+                shared: None,
+            };
+            for t in 0..4 {
+                let x: Vec<f32> = (0..h).map(|i| ((i + 7 * t) as f32 * 0.37).sin()).collect();
+                let x = Tensor::from_vec(x, (1, h), &Device::Cpu).unwrap();
+                let routes = moe.router.route(&x, n_exp).unwrap();
+                assert_eq!(routes.iter().filter(|r| !r.is_empty()).count(), 3);
+                let one: Vec<f32> = moe
+                    .routed_one(&x, &routes)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let all: Vec<f32> = moe
+                    .routed_gathered(&x, &routes, Mode::Inference)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&one), bits(&all), "repack {repack}, token {t}");
+                assert!(one.iter().any(|&v| v != 0.0));
+            }
+        }
     }
 
     /// The gathered forward equals the per-token definition (each token through its top-k
