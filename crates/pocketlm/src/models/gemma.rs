@@ -401,9 +401,9 @@ impl SandwichMlp {
         self.mlp.linears_mut()
     }
 
-    /// `post_feedforward_layernorm(y)`.
-    pub fn post(&self, y: &Tensor) -> Result<Tensor> {
-        self.post_feedforward_layernorm.forward(y)
+    /// `post_feedforward_layernorm(y)` (differentiable in [`Mode::Training`]).
+    pub fn post(&self, y: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.post_feedforward_layernorm.forward_mode(y, mode)
     }
 }
 

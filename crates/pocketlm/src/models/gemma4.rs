@@ -472,21 +472,38 @@ struct Block {
 impl Block {
     /// The feed-forward part on the residual `x: [.., hidden]` f32, without the residual: the
     /// MLP, or with [`ExpertBranch`] the MLP and the experts (module docs).
-    fn feed_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mode = Mode::Inference;
+    /// Differentiable ops throughout in [`Mode::Training`] (the experts' routing constant for
+    /// the gradient, [`Moe::forward`]).
+    fn feed_forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let Some(e) = &self.experts else {
             return self.ffn.forward(x, mode);
         };
         let h1 = e
             .post_feedforward_layernorm_1
-            .forward(&self.ffn.inner(x, mode)?)?;
+            .forward_mode(&self.ffn.inner(x, mode)?, mode)?;
         let h2 = e.moe.forward_routed(
-            &e.router_norm.forward(x)?,
-            &e.pre_feedforward_layernorm_2.forward(x)?,
+            &e.router_norm.forward_mode(x, mode)?,
+            &e.pre_feedforward_layernorm_2.forward_mode(x, mode)?,
             mode,
         )?;
-        let h2 = e.post_feedforward_layernorm_2.forward(&h2)?;
-        self.ffn.post(&(h1 + h2)?)
+        let h2 = e.post_feedforward_layernorm_2.forward_mode(&h2, mode)?;
+        self.ffn.post(&(h1 + h2)?, mode)
+    }
+
+    /// After the attention's residual: the feed-forward part with its residual, the
+    /// per-layer-input branch (`inputs` `[batch, seq, layers, P]`, this is layer `i`) and the
+    /// layer scalar, on `x: [batch, seq, hidden]`.
+    fn finish(&self, x: Tensor, i: usize, inputs: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        let mut x = (self.feed_forward(&x, mode)? + x)?;
+        if let (Some(b), Some(inputs)) = (&self.per_layer, inputs) {
+            let g = gelu_tanh(&b.gate.forward_mode(&x, mode)?)?;
+            let g = (g * inputs.narrow(2, i, 1)?.squeeze(2)?)?;
+            x = (b
+                .norm
+                .forward_mode(&b.projection.forward_mode(&g, mode)?, mode)?
+                + x)?;
+        }
+        Ok((x * self.layer_scalar)?)
     }
 }
 
@@ -533,6 +550,9 @@ pub struct Gemma4 {
     n_caches: usize,
     /// `(kv_heads, head_dim)` of the cached layers.
     cache_shapes: Vec<(usize, usize)>,
+    /// The layers whose keys and values later layers share, with `kv_heads · head_dim` of
+    /// each, in layer order: the training carry holds their keys and values ([`Trainable`]).
+    kv_sources: Vec<(usize, usize)>,
     /// Adapter names' prefix ([`crate::models::wrap_slots`]): `language_model` when loaded
     /// from the multimodal `gemma4` config (mlx-lm's `gemma4` wraps `gemma4_text`).
     wrapper: Option<&'static str>,
@@ -658,6 +678,16 @@ impl Gemma4 {
             });
         }
         let n = cfg.num_hidden_layers;
+        let mut kv_sources: Vec<(usize, usize)> = Vec::new();
+        for layer in &layers {
+            if let KvSlot::Shared(j) = layer.kv {
+                if !kv_sources.iter().any(|&(s, _)| s == j) {
+                    let a = &layers[j].self_attn;
+                    kv_sources.push((j, a.n_kv_heads * a.head_dim));
+                }
+            }
+        }
+        kv_sources.sort_unstable();
         let per_layer = match ple {
             Some(pw) => Some(PerLayerEmbedding {
                 embed: w.embedding(
@@ -685,6 +715,7 @@ impl Gemma4 {
             wrapper: None,
             n_caches,
             cache_shapes,
+            kv_sources,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: "gemma4".into(),
@@ -696,6 +727,60 @@ impl Gemma4 {
                 context_length: cfg.max_position_embeddings,
             },
         })
+    }
+
+    /// Inference over `input_ids: [batch, seq]` u32 appended to `cache`, through blocks
+    /// `0..upto`: the hidden states `[batch, seq, hidden]`, the per-layer inputs `[batch, seq,
+    /// layers, P]` (with per-layer embeddings) and each run layer's keys and values
+    /// `[batch, kv_heads, len, head_dim]`.
+    ///
+    /// Errors: a cache of another layer count; shapes that do not agree with the weights.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        upto: usize,
+    ) -> Result<(Tensor, Option<Tensor>, Vec<Option<(Tensor, Tensor)>>)> {
+        let s = input_ids.dim(1)?;
+        if cache.n_layers() != self.n_caches {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache has {} layers, the model caches {} (layers without shared keys and values)",
+                cache.n_layers(),
+                self.n_caches
+            )));
+        }
+        let offset = cache.offset();
+        let passes = self
+            .ropes
+            .iter()
+            .map(|r| AttentionPass::new(r, offset, s))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = (self.embed_tokens.forward(input_ids)? * self.embed_scale)?;
+        let per_layer = match &self.per_layer {
+            Some(p) => Some(p.inputs(input_ids, &x, self.layers.len())?),
+            None => None,
+        };
+        let mut kvs: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
+        for (i, layer) in self.layers.iter().enumerate().take(upto) {
+            let source = match layer.kv {
+                KvSlot::Cache(c) => KvSource::Cache(cache.layer_for_pass(c)?),
+                KvSlot::Shared(j) => {
+                    let (k, v) = kvs[j].clone().ok_or_else(|| {
+                        Error::Model(format!("layer {i} shares the keys of layer {j}, not run"))
+                    })?;
+                    KvSource::Shared(k, v)
+                }
+            };
+            let hn = layer.input_layernorm.forward(&x)?;
+            let (a, kv) = layer
+                .self_attn
+                .forward_kv(&hn, &passes[layer.rope], source)?;
+            kvs[i] = Some(kv);
+            x = (layer.post_attention_layernorm.forward(&a)? + x)?;
+            x = layer.finish(x, i, per_layer.as_ref(), Mode::Inference)?;
+        }
+        Ok((x, per_layer, kvs))
     }
 }
 
@@ -726,50 +811,8 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
 
 impl CausalLM for Gemma4 {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        let (_b, s) = input_ids.dims2()?;
-        if cache.n_layers() != self.n_caches {
-            return Err(Error::InvalidArgument(format!(
-                "KV cache has {} layers, the model caches {} (layers without shared keys and values)",
-                cache.n_layers(),
-                self.n_caches
-            )));
-        }
-        let offset = cache.offset();
-        let passes = self
-            .ropes
-            .iter()
-            .map(|r| AttentionPass::new(r, offset, s))
-            .collect::<Result<Vec<_>>>()?;
-        let mut x = (self.embed_tokens.forward(input_ids)? * self.embed_scale)?;
-        let per_layer = match &self.per_layer {
-            Some(p) => Some(p.inputs(input_ids, &x, self.layers.len())?),
-            None => None,
-        };
-        let mut kvs: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
-        for (i, layer) in self.layers.iter().enumerate() {
-            let source = match layer.kv {
-                KvSlot::Cache(c) => KvSource::Cache(cache.layer_for_pass(c)?),
-                KvSlot::Shared(j) => {
-                    let (k, v) = kvs[j].clone().ok_or_else(|| {
-                        Error::Model(format!("layer {i} shares the keys of layer {j}, not run"))
-                    })?;
-                    KvSource::Shared(k, v)
-                }
-            };
-            let hn = layer.input_layernorm.forward(&x)?;
-            let (a, kv) = layer
-                .self_attn
-                .forward_kv(&hn, &passes[layer.rope], source)?;
-            kvs[i] = Some(kv);
-            x = (layer.post_attention_layernorm.forward(&a)? + x)?;
-            x = (layer.feed_forward(&x)? + x)?;
-            if let (Some(b), Some(inputs)) = (&layer.per_layer, &per_layer) {
-                let g = gelu_tanh(&b.gate.forward(&x)?)?;
-                let g = (g * inputs.narrow(2, i, 1)?.squeeze(2)?)?;
-                x = (b.norm.forward(&b.projection.forward(&g)?)? + x)?;
-            }
-            x = (x * layer.layer_scalar)?;
-        }
+        let s = input_ids.dim(1)?;
+        let (x, _, _) = self.run(input_ids, cache, self.layers.len())?;
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,
             Logits::All => x,
@@ -1007,9 +1050,70 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
     }))
 }
 
-/// Adapters (load, unload, hot-swap, fuse) but not fine-tuning: a block's input is not only the
-/// previous block's output (per-layer inputs from the token ids, keys and values shared from
-/// earlier layers), so the training forward does not split at a block as [`Trainable`]'s does.
+/// Keys or values `[batch, kv_heads, seq, head_dim]` as carry channels `[batch, seq, kv_heads ·
+/// head_dim]`.
+fn pack_heads(t: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = t.dims4()?;
+    Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))?)
+}
+
+/// The inverse of [`pack_heads`] for `head_dim` `d`.
+fn unpack_heads(t: &Tensor, d: usize) -> Result<Tensor> {
+    let (b, s, w) = t.dims3()?;
+    Ok(t.contiguous()?
+        .reshape((b, s, w / d, d))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+impl Gemma4 {
+    /// Width of the training carry: the hidden size, the per-layer inputs of every layer
+    /// (`layers · P`) and the keys and values of [`Self::kv_sources`].
+    fn carry_width(&self) -> usize {
+        self.info.hidden_size
+            + self
+                .per_layer
+                .as_ref()
+                .map_or(0, |p| p.width * self.layers.len())
+            + self.kv_sources.iter().map(|&(_, w)| 2 * w).sum::<usize>()
+    }
+
+    /// The training carry `[batch, seq, width]` of hidden states `x: [batch, seq, hidden]`,
+    /// per-layer inputs `[batch, seq, layers, P]` and the keys and values `kv(j)` of each
+    /// source layer (zeros for one not run yet).
+    fn pack_carry(
+        &self,
+        x: Tensor,
+        per_layer: Option<Tensor>,
+        kv: &dyn Fn(usize) -> Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let mut parts = vec![x];
+        if let Some(p) = per_layer {
+            let (b, s, l, w) = p.dims4()?;
+            parts.push(p.reshape((b, s, l * w))?);
+        }
+        for &(j, w) in &self.kv_sources {
+            match kv(j) {
+                Some((k, v)) => parts.extend([pack_heads(&k)?, pack_heads(&v)?]),
+                None => {
+                    let z = Tensor::zeros((b, s, w), candle_core::DType::F32, &self.device)?;
+                    parts.extend([z.clone(), z]);
+                }
+            }
+        }
+        Ok(Tensor::cat(&parts, 2)?)
+    }
+}
+
+/// Fine-tuning through a training carry. A Gemma 4 block reads more than the previous block's
+/// output: the per-layer inputs (made from the token ids and the embedding) and, on KV-shared
+/// layers, the keys and values of an earlier layer. So the tensor passed between blocks is
+/// `[batch, seq, hidden + layers · P + Σ 2 · kv_heads · head_dim]`: the hidden states, then
+/// the per-layer inputs, then the keys and values of each layer that later layers share
+/// ([`Gemma4::kv_sources`]), written by that layer when it runs. Blocks run one range at a time
+/// give the same result as all at once, and gradients reach a shared layer's `k_proj` /
+/// `v_proj` adapters through the carry (gradient checkpointing included).
 impl Trainable for Gemma4 {
     /// Per block under `model.layers.{i}` (mlx-lm's `gemma4_text` module paths; under
     /// `language_model.` for the multimodal `gemma4` config): `self_attn.{q,k,v,o}_proj` (those
@@ -1038,30 +1142,101 @@ impl Trainable for Gemma4 {
         crate::models::wrap_slots(out, self.wrapper)
     }
 
-    fn training_unsupported(&self) -> Option<String> {
-        Some(
-            "gemma4 adapters load, unload and fuse, but fine-tuning is not supported (per-layer \
-             inputs and shared keys/values do not split at a block)"
-                .into(),
-        )
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let upto = upto.min(self.layers.len());
+        let mut cache = self.new_cache();
+        let (x, per_layer, kvs) = self.run(input_ids, &mut cache, upto)?;
+        self.pack_carry(x, per_layer, &|j| kvs[j].clone())
     }
 
-    fn hidden_states(&self, _input_ids: &Tensor, _upto: usize) -> Result<Tensor> {
-        Err(Error::InvalidArgument(
-            self.training_unsupported().unwrap_or_default(),
-        ))
+    fn forward_blocks(
+        &self,
+        hidden: &Tensor,
+        range: std::ops::Range<usize>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mode = Mode::Training { dropout: train };
+        let (b, s, width) = hidden.dims3()?;
+        if width != self.carry_width() {
+            return Err(Error::InvalidArgument(format!(
+                "gemma4 training carry of width {width}, the model's is {} (hidden states, \
+                 per-layer inputs, shared keys and values: Gemma4::hidden_states)",
+                self.carry_width()
+            )));
+        }
+        let h = self.info.hidden_size;
+        let mut x = hidden.narrow(2, 0, h)?;
+        let mut off = h;
+        let (ple, inputs) = match &self.per_layer {
+            Some(p) => {
+                let lw = p.width * self.layers.len();
+                let t = hidden.narrow(2, off, lw)?;
+                off += lw;
+                let inputs = t.reshape((b, s, self.layers.len(), p.width))?;
+                (Some(t), Some(inputs))
+            }
+            None => (None, None),
+        };
+        let mut kv = Vec::with_capacity(self.kv_sources.len());
+        for &(_, w) in &self.kv_sources {
+            kv.push((hidden.narrow(2, off, w)?, hidden.narrow(2, off + w, w)?));
+            off += 2 * w;
+        }
+        let passes = self
+            .ropes
+            .iter()
+            .map(|r| AttentionPass::new(r, 0, s))
+            .collect::<Result<Vec<_>>>()?;
+        let source = |j: usize| self.kv_sources.iter().position(|&(s, _)| s == j);
+        for i in range.start.min(self.layers.len())..range.end.min(self.layers.len()) {
+            let layer = &self.layers[i];
+            let shared = match layer.kv {
+                KvSlot::Shared(j) => {
+                    let si = source(j).ok_or_else(|| {
+                        Error::Model(format!(
+                            "layer {i} shares the keys of layer {j}, not a source"
+                        ))
+                    })?;
+                    let d = self.layers[j].self_attn.head_dim;
+                    Some((unpack_heads(&kv[si].0, d)?, unpack_heads(&kv[si].1, d)?))
+                }
+                KvSlot::Cache(_) => None,
+            };
+            let hn = layer.input_layernorm.forward_mode(&x, mode)?;
+            let (a, (k, v)) =
+                layer
+                    .self_attn
+                    .forward_train_kv(&hn, &passes[layer.rope], shared, mode)?;
+            if let Some(si) = source(i) {
+                kv[si] = (pack_heads(&k)?, pack_heads(&v)?);
+            }
+            x = (layer.post_attention_layernorm.forward_mode(&a, mode)? + x)?;
+            x = layer.finish(x, i, inputs.as_ref(), mode)?;
+        }
+        let mut parts = vec![x];
+        parts.extend(ple);
+        for (k, v) in kv {
+            parts.extend([k, v]);
+        }
+        Ok(Tensor::cat(&parts, 2)?)
     }
 
-    fn forward_blocks(&self, _: &Tensor, _: std::ops::Range<usize>, _: bool) -> Result<Tensor> {
-        Err(Error::InvalidArgument(
-            self.training_unsupported().unwrap_or_default(),
-        ))
-    }
-
-    fn forward_head(&self, _: &Tensor, _: bool, _: Option<&Tensor>) -> Result<Tensor> {
-        Err(Error::InvalidArgument(
-            self.training_unsupported().unwrap_or_default(),
-        ))
+    fn forward_head(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        select: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mode = Mode::Training { dropout: train };
+        let x = hidden.narrow(2, 0, self.info.hidden_size)?.contiguous()?;
+        let x = crate::models::select_positions(&x, select)?;
+        let mut out = self
+            .lm_head
+            .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)?;
+        if let Some(c) = self.final_softcap {
+            out = softcap(&out, c)?;
+        }
+        Ok(out)
     }
 }
 

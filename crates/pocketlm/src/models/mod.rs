@@ -288,7 +288,10 @@ pub trait Trainable: CausalLM {
 
     /// Training, first half: the hidden states `[batch, seq, hidden]` f32 after the embedding
     /// and blocks `0..upto`, computed by the inference path (no autograd graph), for
-    /// `input_ids: [batch, seq]` u32 at positions `0..seq`.
+    /// `input_ids: [batch, seq]` u32 at positions `0..seq`. A model whose blocks read more than
+    /// the previous block's output carries that after the hidden size, `[batch, seq, width]`
+    /// (Gemma 4: per-layer inputs and shared keys and values); the methods below take and
+    /// return that same layout, which only the model itself reads.
     fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor>;
 
     /// Training: blocks `range` on `hidden: [batch, seq, hidden]` f32 (positions `0..seq`),

@@ -285,7 +285,9 @@ impl Attention {
         cache: Option<&mut (dyn LayerKvCache + 'static)>,
         mode: Mode,
     ) -> Result<Tensor> {
-        let s = x.dim(1)?;
+        if mode.is_training() {
+            return Ok(self.forward_train_kv(x, pass, None, mode)?.0);
+        }
         let (q, kv, gate) = self.heads(x, pass, mode)?;
         let (k, v) = kv.ok_or_else(|| {
             Error::InvalidArgument(
@@ -294,27 +296,48 @@ impl Attention {
                     .into(),
             )
         })?;
-        let o = match mode {
-            Mode::Training { .. } => {
-                let mask = pass.mask(s, s, self.window, x.device())?;
-                causal_attention_diff(
-                    &q,
-                    &k,
-                    &v,
-                    self.scale,
-                    self.softcap,
-                    self.sinks.as_ref(),
-                    &mask,
-                )?
-            }
-            Mode::Inference => {
-                let cache = cache.ok_or_else(|| {
-                    Error::InvalidArgument("attention for inference needs a KV cache".into())
-                })?;
-                self.attend_cached(q, &k, &v, pass, cache)?
-            }
-        };
+        let cache = cache.ok_or_else(|| {
+            Error::InvalidArgument("attention for inference needs a KV cache".into())
+        })?;
+        let o = self.attend_cached(q, &k, &v, pass, cache)?;
         self.output(&o, gate.as_ref(), mode)
+    }
+
+    /// Training attention of `x: [batch, seq, hidden]` f32 over positions `0..seq` (no cache),
+    /// from differentiable ops, over the layer's own keys and values or, with `shared`, over
+    /// an earlier layer's `[batch, kv_heads, seq, head_dim]` (Gemma 4's KV sharing, as
+    /// [`Self::forward_kv`] in inference). Returns the output `[batch, seq, hidden]` and the
+    /// keys and values attended over.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer without key/value projections and no
+    /// `shared`; shapes that do not agree with the weights.
+    pub fn forward_train_kv(
+        &self,
+        x: &Tensor,
+        pass: &AttentionPass<'_>,
+        shared: Option<(Tensor, Tensor)>,
+        mode: Mode,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let s = x.dim(1)?;
+        let (q, kv, gate) = self.heads(x, pass, mode)?;
+        let (k, v) = shared.or(kv).ok_or_else(|| {
+            Error::InvalidArgument(
+                "this attention layer has no key/value projections: it needs shared keys and \
+                 values"
+                    .into(),
+            )
+        })?;
+        let mask = pass.mask(s, s, self.window, x.device())?;
+        let o = causal_attention_diff(
+            &q,
+            &k,
+            &v,
+            self.scale,
+            self.softcap,
+            self.sinks.as_ref(),
+            &mask,
+        )?;
+        Ok((self.output(&o, gate.as_ref(), mode)?, (k, v)))
     }
 
     /// Inference attention whose keys and values may be shared between layers (Gemma 4's
