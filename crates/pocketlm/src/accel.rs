@@ -182,7 +182,7 @@ impl Accelerated {
 /// rotary embedding). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16
 /// for it (as llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
 fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
-    if std::env::var("POCKETLM_FUSED_DECODE").is_ok_and(|v| v == "0")
+    if crate::switches::switched_off("POCKETLM_FUSED_DECODE")
         || !device.is_cuda()
         || !plan.rope.offset_independent()
     {
@@ -297,7 +297,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         hidden,
         intermediate,
         interleaved: plan.rope.interleaved(),
-        kv_f16: !std::env::var("POCKETLM_KV_F16").is_ok_and(|v| v == "0"),
+        kv_f16: !crate::switches::switched_off("POCKETLM_KV_F16"),
         ropes,
         embed_scale: plan.embed_scale,
     }))

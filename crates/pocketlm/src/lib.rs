@@ -64,6 +64,7 @@ pub mod safetensors_weights;
 pub mod sampling;
 pub mod session;
 pub mod structured;
+mod switches;
 pub mod tokenizer;
 pub mod tools;
 pub mod weights;

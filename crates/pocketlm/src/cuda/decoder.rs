@@ -342,7 +342,7 @@ impl CudaDecoder {
                 .map(|(c, s)| Ok((tensor_ptr(c, &stream)?, tensor_ptr(s, &stream)?)))
                 .collect::<Result<_>>()?,
         };
-        let use_graph = std::env::var("POCKETLM_CUDA_GRAPH").map_or(true, |v| v != "0");
+        let use_graph = !crate::switches::switched_off("POCKETLM_CUDA_GRAPH");
         Ok(Self {
             kv_host: vec![0; 2 * spec.layers.len()],
             spec,

@@ -115,7 +115,7 @@ impl<'a> Launch<'a> {
 fn pdl_enabled(stream: &CudaStream) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        let off = std::env::var("POCKETLM_PDL").is_ok_and(|v| v == "0");
+        let off = crate::switches::switched_off("POCKETLM_PDL");
         let major = stream
             .context()
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)

@@ -48,7 +48,7 @@ pub fn keep_freed_memory(dev: &Device) -> Result<()> {
     let Device::Cuda(d) = dev else {
         return Ok(());
     };
-    if std::env::var("POCKETLM_CUDA_POOL_KEEP").is_ok_and(|v| v == "0") {
+    if crate::switches::switched_off("POCKETLM_CUDA_POOL_KEEP") {
         return Ok(());
     }
     let stream = d.cuda_stream();
@@ -970,7 +970,7 @@ pub fn softmax_scaled_masked(
 /// keeps the GEMM + softmax + GEMM path.
 fn flash_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("POCKETLM_FLASH_ATTN").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| !crate::switches::switched_off("POCKETLM_FLASH_ATTN"))
 }
 
 /// Whether the fused prefill attention over an f16 cache streams its key/value tiles by
@@ -978,7 +978,7 @@ fn flash_enabled() -> bool {
 /// through registers before using it, as the f32 kernels do.
 fn flash_pipelined() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("POCKETLM_FLASH_PIPE").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| !crate::switches::switched_off("POCKETLM_FLASH_PIPE"))
 }
 
 /// The device address of element `layout.start_offset()` of a CUDA f32 or f16 tensor's storage.
