@@ -127,7 +127,10 @@ impl Placement {
             Stored::Gguf { file, name, shape } => {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
-                    return Ok(Embedding::Kernel(file.matrix(name, &shape)?));
+                    return Ok(Embedding::Kernel {
+                        table: file.matrix(name, &shape)?,
+                        repack_output: self.repack,
+                    });
                 }
                 let q = file.qtensor(name, &shape, &self.device)?;
                 if self.dequantize || is_float(q.dtype()) {
