@@ -698,10 +698,15 @@ pub(crate) mod avx512 {
     ) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 32);
+        // Decode sizes: the tile's first pass over a group streams it from memory.
+        let pf = super::super::streams_weights(a.m) && r == t.ms.start;
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 8]; R];
             for b in 0..nb {
                 let blk = wg.add(b * 544);
+                if pf {
+                    prefetch_ahead(blk, 544);
+                }
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
                 let mut w = [_mm512_setzero_si512(); 8];
                 for (l, w) in w.iter_mut().enumerate() {
