@@ -84,7 +84,9 @@ impl Placement {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
                     // Repacked for this CPU's fastest kernels where it has them; embedding
-                    // tables (below, and tied output layers) keep GGUF's row layout.
+                    // tables (below) keep GGUF's row layout for lookups, and a tied output
+                    // layer gets a packed copy in the unpacked kernels' float order
+                    // (`Embedding::as_linear`).
                     let weight = file.matrix(name, &shape)?;
                     let weight = if self.repack {
                         weight.repacked()
