@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
 //! prefill rows, which take a while with candle's scalar `Q4_1`, and/or section names
-//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0` to run only those). Numbers are noisy when other
+//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output` to run only those). Numbers are noisy when other
 //! processes share the cores: each row is the best of several runs (median in brackets).
 //!
 //! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
@@ -609,6 +609,53 @@ fn q4_0(args: &[String]) {
     }
 }
 
+/// The default model's tied `Q8_0` output layer (49152x576) in the file's layout and packed
+/// in ggml's float order (`GgufMatrix::repacked_keeping_order`, the same bits), at `m = 1, 2,
+/// 4, 8, 16, 32, 64` activation rows (decode of one client up to the server's batches), on the
+/// whole pool from inside it: time per call and activation rows per second. Rows to run can be
+/// narrowed with `m=16` style arguments.
+fn tied_output(args: &[String]) {
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut ms: Vec<usize> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
+        .collect();
+    if ms.is_empty() {
+        ms = vec![1, 2, 4, 8, 16, 32, 64];
+    }
+    let q = quantize(&mut rng, GgmlDType::Q8_0, VOCAB, HIDDEN);
+    let plain = GgufMatrix::from_qtensor("output", &q).unwrap();
+    let packed = plain.clone().repacked_keeping_order();
+    println!(
+        "
+tied output {VOCAB}x{HIDDEN} Q8_0 (packed: {}), {} threads:",
+        packed.is_packed(),
+        rayon::current_num_threads()
+    );
+    for &m in &ms {
+        let x = rand_vec(&mut rng, m * HIDDEN);
+        let mut want = vec![0f32; m * VOCAB];
+        plain.matmul(&x, m, &mut want).unwrap();
+        for (label, w) in [("file layout", &plain), ("packed", &packed)] {
+            let mut out = vec![0f32; m * VOCAB];
+            let (b, med) = in_pool(|| {
+                time(
+                    || w.matmul(&x, m, &mut out).unwrap(),
+                    10,
+                    Duration::from_millis(300),
+                )
+            });
+            assert_eq!(out, want, "the packed product changed the bits");
+            println!(
+                "  m={m:<3} {label:<11}: {} [{}] {:8.1} rows/s",
+                fmt_dur(b),
+                fmt_dur(med),
+                m as f64 / b.as_secs_f64()
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
@@ -621,6 +668,7 @@ fn main() {
         "sweeps",
         "kquants",
         "q4_0",
+        "output",
     ];
     let chosen: Vec<&str> = sections
         .iter()
@@ -650,5 +698,8 @@ fn main() {
     }
     if run("q4_0") {
         q4_0(&args);
+    }
+    if run("output") {
+        tied_output(&args);
     }
 }

@@ -529,6 +529,9 @@ pub struct GgufMatrix {
     cols: usize,
     /// Whether `bytes` hold the packed layout ([`GgufMatrix::repacked`]) instead of GGUF's.
     packed: bool,
+    /// Whether the packed products keep the unpacked kernels' float order
+    /// ([`GgufMatrix::repacked_keeping_order`]).
+    vec_dot_order: bool,
 }
 
 impl GgufMatrix {
@@ -569,6 +572,7 @@ impl GgufMatrix {
             rows,
             cols,
             packed: false,
+            vec_dot_order: false,
         })
     }
 
@@ -585,6 +589,31 @@ impl GgufMatrix {
         } else {
             self
         }
+    }
+
+    /// The same matrix packed as [`Self::repacked`] does, but only where the packed products
+    /// then give exactly the bits of the unpacked kernels (ggml's `vec_dot` float order) on
+    /// every row count: `Q8_0` (through a kernel of its own, slower per activation row than
+    /// [`Self::repacked`]'s at prefill sizes) and `Q4_1`; otherwise `self` unchanged. For a
+    /// tied output layer whose logits are to stay bit for bit with llama.cpp's (the default
+    /// model's `Q8_0` `token_embd`): the packed kernel reads 16 rows per 512-bit word instead
+    /// of one row per 256-bit word.
+    pub fn repacked_keeping_order(self) -> Self {
+        if Self::packs_on(Backend::detect()) {
+            self.into_packed_keeping_order()
+        } else {
+            self
+        }
+    }
+
+    /// [`Self::repacked_keeping_order`] regardless of the CPU (for tests).
+    pub(crate) fn into_packed_keeping_order(self) -> Self {
+        if self.packed || packed::tile_fn_vec_dot(self.dtype).is_none() {
+            return self;
+        }
+        let m = self.into_packed();
+        let vec_dot_order = m.packed;
+        Self { vec_dot_order, ..m }
     }
 
     /// Whether this CPU has the kernels of the 16-row packed layouts (AVX-512 VNNI), so that
@@ -751,7 +780,9 @@ impl GgufMatrix {
         MatRef {
             name: &self.name,
             w: self.bytes(),
-            kind: if self.packed {
+            kind: if self.packed && self.vec_dot_order {
+                Kind::PackedVecDot(self.dtype)
+            } else if self.packed {
                 Kind::Packed(self.dtype)
             } else {
                 Kind::Gguf(self.dtype)
@@ -898,6 +929,9 @@ pub(crate) enum Kind {
     Gguf(GgufType),
     /// GGUF blocks repacked in groups of 16 rows ([`packed`]).
     Packed(GgufType),
+    /// [`Self::Packed`] with kernels in the unpacked kernels' float order (`Q8_0`, `Q4_1`:
+    /// [`packed::tile_fn_vec_dot`]).
+    PackedVecDot(GgufType),
     /// MLX affine 4-bit repacked in groups of 16 rows ([`mlx_packed`]).
     MlxPacked {
         /// Dtype of scales and biases.
@@ -915,7 +949,7 @@ pub(crate) enum Kind {
 impl Kind {
     fn act_format(self) -> ActFormat {
         match self {
-            Self::Gguf(t) | Self::Packed(t) => t.act_format(),
+            Self::Gguf(t) | Self::Packed(t) | Self::PackedVecDot(t) => t.act_format(),
             Self::Mlx { bits: 4, .. } | Self::MlxPacked { .. } => ActFormat::Q8_32Nib,
             Self::Mlx { .. } => ActFormat::Q8_32F,
         }
@@ -1438,6 +1472,15 @@ fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
             }
             return packed::tile_fn(t);
         }
+        Kind::PackedVecDot(t) => {
+            #[cfg(target_arch = "x86_64")]
+            if GgufMatrix::packs_on(backend) {
+                if let Some(f) = packed::avx512::tile_fn_vec_dot(t) {
+                    return f;
+                }
+            }
+            return packed::tile_fn_vec_dot(t).unwrap_or_else(|| packed::tile_fn(t));
+        }
         Kind::Mlx { bits, params } => return mlx::tile_fn(backend, bits, params),
         Kind::MlxPacked { params } => {
             #[cfg(target_arch = "x86_64")]
@@ -1501,7 +1544,9 @@ fn plan(jobs: &[Job<'_>], m: usize, threads: usize) -> Vec<Task> {
         };
         // Packed weights are split on whole groups of rows.
         let rows_per = match job.kind {
-            Kind::Packed(_) => rows_per.div_ceil(packed::ROWS) * packed::ROWS,
+            Kind::Packed(_) | Kind::PackedVecDot(_) => {
+                rows_per.div_ceil(packed::ROWS) * packed::ROWS
+            }
             Kind::MlxPacked { .. } => rows_per.div_ceil(mlx_packed::ROWS) * mlx_packed::ROWS,
             _ => rows_per,
         };

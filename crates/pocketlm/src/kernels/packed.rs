@@ -33,6 +33,15 @@
 //! order `((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))`, plus `accm`. The unpacked x86
 //! kernels compute the same, so packed and unpacked agree bit for bit there.
 //!
+//! `Q8_0` has a second kernel that keeps ggml's float order (`ggml_vec_dot_q8_0_q8_0` as the
+//! unpacked x86 kernels compute it, [`tile_fn_vec_dot`]), for the tied output layer of a model
+//! whose logits are compared bit for bit with llama.cpp's (the default model's `Q8_0`
+//! `token_embd`): per row, 8 float accumulators, one per 4-value group `L` (values
+//! `4L..4L + 4` = word `L`), each `fma(d·d_y, Σ_L, acc_L)` per block with `Σ_L` the exact
+//! integer `Σ q·y` of its 4 values, and at the end `hsum_float_8`'s order as for `Q4_1`. The
+//! unsigned codes `q + 128` give `Σ_L (q + 128)·y`, so each `Σ_L` starts from `-128·Σ_L y`
+//! (the activations' 4-value sums, computed once per tile).
+//!
 //! `Q4_K` (256-value super-blocks with 6-bit sub-block scales and mins) has its own group layout
 //! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels; `Q6_K` in
 //! [`super::packed_q6k`].
@@ -168,6 +177,17 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     }
 }
 
+/// The portable tile function of a packed type in the float order of the unpacked kernels
+/// (ggml's `vec_dot`, see the module docs), where it has one: `Q8_0` (its own kernel) and
+/// `Q4_1` (whose packed kernel keeps that order anyway).
+pub(crate) fn tile_fn_vec_dot(dtype: GgufType) -> Option<TileFn> {
+    match dtype {
+        GgufType::Q8_0 => Some(tile_scalar_q8_0_vec_dot),
+        GgufType::Q4_1 => Some(tile_scalar_q4_1),
+        _ => None,
+    }
+}
+
 /// The integer sum of block `b` of activation row `r` against row lane `i` of a packed block,
 /// offset included: `Σ_j code_j·y_j - OFF·Σy`.
 #[inline(always)]
@@ -219,6 +239,43 @@ unsafe fn tile_scalar<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
                 // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that the
                 // tile's elements belong to it only.
                 unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = *v };
+            }
+        }
+    }
+}
+
+/// The portable packed `Q8_0` kernel in ggml's float order (see the module docs).
+///
+/// # Safety
+/// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`].
+unsafe fn tile_scalar_q8_0_vec_dot(t: &Tile<'_>) {
+    let a = t.acts;
+    let nb = a.k / 32;
+    let gblock = 32 + 64 * 8;
+    for g in t.rows.start / ROWS..t.rows.end / ROWS {
+        let grp = &t.w[g * nb * gblock..(g + 1) * nb * gblock];
+        for r in t.ms.clone() {
+            let mut acc = [[0f32; 8]; ROWS];
+            for b in 0..nb {
+                let blk = &grp[b * gblock..(b + 1) * gblock];
+                let dy = a.d[r * nb + b];
+                let y = &a.qs[r * a.k + 32 * b..][..32];
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let dd = super::scalar::f16_at(blk, 2 * i) * dy;
+                    for (l, acc) in acc.iter_mut().enumerate() {
+                        let mut s = 0i32;
+                        for t in 0..4 {
+                            let q = (blk[32 + 64 * l + 4 * i + t] ^ 0x80) as i8;
+                            s += q as i32 * y[4 * l + t] as i32;
+                        }
+                        *acc = dd.mul_add(s as f32, *acc);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that the
+                // tile's elements belong to it only.
+                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = hsum8(acc) };
             }
         }
     }
@@ -293,6 +350,16 @@ pub(crate) mod avx512 {
             GgufType::Q8_0 => tile::<8, 128>,
             GgufType::Q4_1 => tile_q4_1,
             _ => tile::<4, 8>,
+        }
+    }
+
+    /// The tile function of a packed type in the unpacked kernels' float order, where it has
+    /// one (see [`super::tile_fn_vec_dot`]; callers check [`available`]).
+    pub(crate) fn tile_fn_vec_dot(dtype: GgufType) -> Option<TileFn> {
+        match dtype {
+            GgufType::Q8_0 => Some(tile_q8_0_vec_dot),
+            GgufType::Q4_1 => Some(tile_q4_1),
+            _ => None,
         }
     }
 
@@ -578,6 +645,92 @@ pub(crate) mod avx512 {
                     t.out.add((r + i) * t.ldo + g * ROWS),
                     _mm512_add_ps(s, accm[i]),
                 );
+            }
+        }
+    }
+
+    /// The packed `Q8_0` kernel in ggml's float order (see the module docs): the tile's
+    /// activations' 4-value sums first (the `-128·Σ_L y` each dot product starts from), then
+    /// per group activation rows two at a time (8 accumulators each).
+    ///
+    /// # Safety
+    /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
+    /// AVX512F and AVX512-VNNI.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn tile_q8_0_vec_dot(t: &Tile<'_>) {
+        let a = t.acts;
+        let nb = a.k / 32;
+        let m0 = t.ms.start;
+        // `[ms, k / 4]`: `-128·Σ y` of each 4 activation values.
+        let corr: Vec<i32> = a.qs[m0 * a.k..t.ms.end * a.k]
+            .chunks_exact(4)
+            .map(|y| -128 * y.iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
+        for g in t.rows.start / ROWS..t.rows.end / ROWS {
+            // SAFETY: group `g` lies inside the weight (rows checked by the caller).
+            let wg = unsafe { t.w.as_ptr().add(g * nb * 544) };
+            let mut r = m0;
+            unsafe {
+                while r + 2 <= t.ms.end {
+                    rows_q8_0_vec_dot::<2>(t, wg, g, r, corr.as_ptr().add((r - m0) * a.k / 4));
+                    r += 2;
+                }
+                if r < t.ms.end {
+                    rows_q8_0_vec_dot::<1>(t, wg, g, r, corr.as_ptr().add((r - m0) * a.k / 4));
+                }
+            }
+        }
+    }
+
+    /// Activation rows `r..r + R` against the 16 `Q8_0` rows of group `g` (at `wg`), in
+    /// ggml's float order; `corr` holds the rows' `-128·Σ_L y` (`k / 4` per row).
+    ///
+    /// # Safety
+    /// As [`tile_q8_0_vec_dot`]; `r + R <= t.ms.end`; `corr` valid for `R · k / 4` values.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // `i` indexes the activations and `acc` alike
+    unsafe fn rows_q8_0_vec_dot<const R: usize>(
+        t: &Tile<'_>,
+        wg: *const u8,
+        g: usize,
+        r: usize,
+        corr: *const i32,
+    ) {
+        let a = t.acts;
+        let (k, nb) = (a.k, a.k / 32);
+        // Decode sizes: the tile's first pass over a group streams it from memory.
+        let pf = super::super::streams_weights(a.m) && r == t.ms.start;
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 8]; R];
+            for b in 0..nb {
+                let blk = wg.add(b * 544);
+                if pf {
+                    prefetch_ahead(blk, 544);
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let mut w = [_mm512_setzero_si512(); 8];
+                for (l, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(blk.add(32 + 64 * l) as *const _);
+                }
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
+                    let c = corr.add(i * k / 4 + 8 * b);
+                    let dd =
+                        _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b)));
+                    for l in 0..8 {
+                        let yl = _mm512_set1_epi32(y.add(l).read_unaligned());
+                        let s = _mm512_dpbusd_epi32(_mm512_set1_epi32(*c.add(l)), w[l], yl);
+                        acc[i][l] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), acc[i][l]);
+                    }
+                }
+            }
+            for i in 0..R {
+                let x = &acc[i];
+                let s = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(x[4], x[0]), _mm512_add_ps(x[6], x[2])),
+                    _mm512_add_ps(_mm512_add_ps(x[5], x[1]), _mm512_add_ps(x[7], x[3])),
+                );
+                _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), s);
             }
         }
     }

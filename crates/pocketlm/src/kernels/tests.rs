@@ -731,3 +731,55 @@ fn packed_q4_1_equals_the_unpacked_x86_kernels_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn packed_keeping_order_equals_the_unpacked_x86_kernels_bit_for_bit() {
+    // `repacked_keeping_order`'s `Q8_0` kernel sums in ggml's `vec_dot_q8_0_q8_0` order (8
+    // lanes of 4 values, then `hsum_float_8`), as the unpacked x86 kernels do, for every row
+    // count around its pairs of activation rows and the planner's tiles (m = 1..20, 60..70),
+    // on shapes that are not multiples of the planner's row split or of 8 blocks; the portable
+    // packed kernel (any backend without the AVX-512 kernels) gives the same bits. The tied
+    // `Q8_0` output layer of the default model stays bit for bit with llama.cpp through it.
+    let mut rng = StdRng::seed_from_u64(26);
+    let x86 = [Backend::Avx2, Backend::Avx512Vnni];
+    let Some(reference) = backends().into_iter().find(|b| x86.contains(b)) else {
+        return;
+    };
+    for dtype in [GgufType::Q8_0, GgufType::Q4_1] {
+        for (n, k) in [(16, 32), (48, 576), (400, 96), (208, 1504)] {
+            let bytes = random_block_bytes(&mut rng, dtype, n * k / 32);
+            let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), dtype, n, k).unwrap();
+            let packed = plain.clone().into_packed_keeping_order();
+            assert!(packed.is_packed() && packed.vec_dot_order, "{dtype:?}");
+            assert_eq!(packed.bytes().len(), plain.bytes().len());
+            assert_eq!(packed.dequantize(), plain.dequantize(), "{dtype:?}");
+            let ms: Vec<usize> = if n * k > 100_000 {
+                vec![1, 2, 3, 16, 17, 61]
+            } else {
+                (1..=20).chain(60..=70).collect()
+            };
+            for m in ms {
+                let x = rand_vec(&mut rng, m * k);
+                let mut want = vec![0f32; m * n];
+                plain.matmul_with(reference, &x, m, &mut want).unwrap();
+                for backend in backends() {
+                    let mut got = vec![0f32; m * n];
+                    packed.matmul_with(backend, &x, m, &mut got).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} {n}x{k} m={m} {backend:?}");
+                    if x86.contains(&backend) {
+                        let mut unpacked = vec![0f32; m * n];
+                        plain.matmul_with(backend, &x, m, &mut unpacked).unwrap();
+                        assert_eq!(unpacked, want, "{dtype:?} {n}x{k} m={m} {backend:?}");
+                    }
+                }
+            }
+        }
+    }
+    // Types without such a kernel stay in the file's layout.
+    let w = quantized_weight(&mut rng, GgufType::Q4_0, 32, 64);
+    assert!(!w.mat.clone().into_packed_keeping_order().is_packed());
+}

@@ -82,9 +82,17 @@ impl PreNormBlock {
         mode: Mode,
     ) -> Result<Tensor> {
         let hn = self.input_layernorm.forward_mode(x, mode)?;
-        let x = (self.self_attn.forward(&hn, pass, cache, mode)? + x)?;
+        let attn = self.self_attn.forward(&hn, pass, cache, mode)?;
+        let x = match mode {
+            Mode::Inference => crate::nn::ops::add(&attn, x)?,
+            Mode::Training { .. } => (attn + x)?,
+        };
         let hn = self.post_attention_layernorm.forward_mode(&x, mode)?;
-        Ok((self.mlp.forward(&hn, mode)? + x)?)
+        let mlp = self.mlp.forward(&hn, mode)?;
+        match mode {
+            Mode::Inference => crate::nn::ops::add(&mlp, &x),
+            Mode::Training { .. } => Ok((mlp + x)?),
+        }
     }
 }
 
@@ -103,9 +111,9 @@ impl PreNormBlock {
     ) -> Result<Tensor> {
         let mode = Mode::Inference;
         let hn = self.input_layernorm.forward_mode(x, mode)?;
-        let x = (self.self_attn.forward_batched(&hn, pass, caches)? + x)?;
+        let x = crate::nn::ops::add(&self.self_attn.forward_batched(&hn, pass, caches)?, x)?;
         let hn = self.post_attention_layernorm.forward_mode(&x, mode)?;
-        Ok((self.mlp.forward(&hn, mode)? + x)?)
+        crate::nn::ops::add(&self.mlp.forward(&hn, mode)?, &x)
     }
 }
 

@@ -454,8 +454,16 @@ pub enum Embedding {
     Dense(Tensor),
     /// Quantized table `[vocab, hidden]`.
     Gguf(Arc<QTensor>),
-    /// Quantized table `[vocab, hidden]` used in place by our CPU kernels.
-    Kernel(GgufMatrix),
+    /// Quantized table `[vocab, hidden]` used in place by our CPU kernels (lookups read the
+    /// file's layout).
+    Kernel {
+        /// The table.
+        table: GgufMatrix,
+        /// Whether [`Self::as_linear`] gives a copy packed for this CPU's fastest kernels in
+        /// the unpacked kernels' float order ([`GgufMatrix::repacked_keeping_order`]; the
+        /// loader's repacking setting).
+        repack_output: bool,
+    },
     /// MLX affine quantized table (`QuantizedEmbedding`), `rows = vocab`, `cols = hidden`;
     /// looked-up rows are dequantized like `mx.dequantize` (in the dtype of the scales, then
     /// widened to f32).
@@ -480,7 +488,7 @@ impl Embedding {
                 Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)?)
             }
             Self::Gguf(q) => Ok(q.embedding(ids)?),
-            Self::Kernel(w) => {
+            Self::Kernel { table: w, .. } => {
                 let mut dims = ids.dims().to_vec();
                 dims.push(w.cols());
                 let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
@@ -528,8 +536,18 @@ impl Embedding {
         match self {
             Self::Dense(w) => Ok(Linear::dense(w.clone(), None)),
             Self::Gguf(q) => Linear::gguf(q.clone(), None),
-            Self::Kernel(w) => Ok(Linear::Kernel {
-                weight: w.clone(),
+            // A tied output layer reads the whole table each step, so packing it costs no
+            // memory that the product would not touch anyway (the copy is owned; lookups keep
+            // reading the mapped file).
+            Self::Kernel {
+                table,
+                repack_output,
+            } => Ok(Linear::Kernel {
+                weight: if *repack_output {
+                    table.clone().repacked_keeping_order()
+                } else {
+                    table.clone()
+                },
                 bias: None,
             }),
             Self::Mlx(q) => Linear::mlx_on(q.clone(), None, device),
@@ -547,7 +565,7 @@ impl Embedding {
         Ok(match self {
             Self::Dense(w) => w.dims2()?,
             Self::Gguf(q) => q.shape().dims2()?,
-            Self::Kernel(w) => (w.rows(), w.cols()),
+            Self::Kernel { table: w, .. } => (w.rows(), w.cols()),
             Self::Mlx(q) => (q.rows(), q.cols()),
             Self::MlxFp(q) => (q.rows(), q.cols()),
             #[cfg(feature = "cuda")]

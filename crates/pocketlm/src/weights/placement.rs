@@ -84,7 +84,9 @@ impl Placement {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
                     // Repacked for this CPU's fastest kernels where it has them; embedding
-                    // tables (below, and tied output layers) keep GGUF's row layout.
+                    // tables (below) keep GGUF's row layout for lookups, and a tied output
+                    // layer gets a packed copy in the unpacked kernels' float order
+                    // (`Embedding::as_linear`).
                     let weight = file.matrix(name, &shape)?;
                     let weight = if self.repack {
                         weight.repacked()
@@ -127,7 +129,10 @@ impl Placement {
             Stored::Gguf { file, name, shape } => {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
-                    return Ok(Embedding::Kernel(file.matrix(name, &shape)?));
+                    return Ok(Embedding::Kernel {
+                        table: file.matrix(name, &shape)?,
+                        repack_output: self.repack,
+                    });
                 }
                 let q = file.qtensor(name, &shape, &self.device)?;
                 if self.dequantize || is_float(q.dtype()) {
