@@ -194,32 +194,13 @@ mod avx512 {
         let kt = &kt[kh * blocks16 * d * LANES..][..blocks16 * d * LANES];
         let vv = &v[kh * hs..][..kv_len * d];
         let mut p = [[0f32; KEY_BLOCK]; 4];
-        // Each block of keys and values is read once for all the item's rows (from L1 for
-        // all but the first group), the groups of 4 rows inner.
-        let lo_all = (0..n).map(first).min().unwrap_or(0) / KEY_BLOCK * KEY_BLOCK;
-        let hi_all = (0..n).map(pos).max().unwrap_or(0) + 1;
-        let groups: Vec<(usize, usize, bool)> = (0..n)
-            .step_by(4)
-            .map(|g| {
-                let hi = (g..g + 4).map(pos).max().unwrap_or(0) + 1;
-                (
-                    g,
-                    hi,
-                    (g..g + 4).all(|r| pos(r) == pos(g) && first(r) == first(g)),
-                )
-            })
-            .collect();
-        let mut j0 = lo_all;
-        while j0 < hi_all {
-            for &(g, hi, same) in &groups {
-                let (f_g, p_g) = (first(g), pos(g));
-                if j0 >= hi || j0 + KEY_BLOCK <= (g..g + 4).map(first).min().unwrap_or(0) {
-                    continue;
-                }
+        for g in (0..n).step_by(4) {
+            let lo = (g..g + 4).map(first).min().unwrap_or(0) / LANES * LANES;
+            let hi = (g..g + 4).map(pos).max().unwrap_or(0) + 1;
+            let mut j0 = lo;
+            while j0 < hi {
                 let nsub = (hi - j0).div_ceil(LANES).min(4);
                 let keys = (j0 + nsub * LANES).min(kv_len) - j0;
-                // Whole block visible to all 4 rows: no mask.
-                let open = same && j0 >= f_g && j0 + nsub * LANES <= p_g + 1;
                 unsafe {
                     let s = match nsub {
                         1 => scores::<1>(&qs[g * d..], kt, j0 / LANES, d),
@@ -234,28 +215,23 @@ mod avx512 {
                         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
                         let mut sv = [_mm512_setzero_ps(); 4];
                         for (sub, svs) in sv.iter_mut().enumerate().take(nsub) {
-                            *svs = if open {
-                                s[i][sub]
-                            } else {
-                                let key = _mm512_add_epi32(
-                                    _mm512_set1_epi32((j0 + sub * LANES) as i32),
-                                    _mm512_setr_epi32(
-                                        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-                                    ),
-                                );
-                                let seen = _mm512_cmp_epi32_mask::<_MM_CMPINT_LE>(
-                                    key,
-                                    _mm512_set1_epi32(ps),
-                                ) & _mm512_cmp_epi32_mask::<_MM_CMPINT_NLT>(
-                                    key,
-                                    _mm512_set1_epi32(f),
-                                );
-                                _mm512_mask_blend_ps(
-                                    seen,
-                                    _mm512_set1_ps(f32::NEG_INFINITY),
-                                    s[i][sub],
-                                )
-                            };
+                            let key = _mm512_add_epi32(
+                                _mm512_set1_epi32((j0 + sub * LANES) as i32),
+                                _mm512_setr_epi32(
+                                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                ),
+                            );
+                            let seen =
+                                _mm512_cmp_epi32_mask::<_MM_CMPINT_LE>(key, _mm512_set1_epi32(ps))
+                                    & _mm512_cmp_epi32_mask::<_MM_CMPINT_NLT>(
+                                        key,
+                                        _mm512_set1_epi32(f),
+                                    );
+                            *svs = _mm512_mask_blend_ps(
+                                seen,
+                                _mm512_set1_ps(f32::NEG_INFINITY),
+                                s[i][sub],
+                            );
                             mx = _mm512_max_ps(mx, *svs);
                         }
                         let m_new = m[r].max(_mm512_reduce_max_ps(mx));
@@ -272,11 +248,7 @@ mod avx512 {
                             sum = _mm512_add_ps(sum, e);
                             _mm512_storeu_ps(pi.as_mut_ptr().add(sub * LANES), e);
                         }
-                        *ci = if m_new == m[r] {
-                            1.0
-                        } else {
-                            crate::kernels::float::expf(m[r] - m_new)
-                        };
+                        *ci = crate::kernels::float::expf(m[r] - m_new);
                         l[r] = l[r] * *ci + _mm512_reduce_add_ps(sum);
                         m[r] = m_new;
                     }
@@ -289,8 +261,8 @@ mod avx512 {
                         d,
                     );
                 }
+                j0 += nsub * LANES;
             }
-            j0 += KEY_BLOCK;
         }
         for (r, &(t, h)) in rows.iter().enumerate() {
             let (mut corr, mut lr) = (1.0, l[r]);
