@@ -81,7 +81,7 @@ pub(super) unsafe fn block(
     let first = |r: usize| window.map_or(0, |w| (pos(r) + 1).saturating_sub(w));
     // The scores `attention_block` keeps per row: up to the end of the last visible block.
     let len = |r: usize| ((pos(r) + 1).div_ceil(LANES) * LANES).min(kv_len);
-    let stride = (0..n).map(|r| len(r)).max().unwrap_or(0).div_ceil(LANES) * LANES;
+    let stride = (0..n).map(len).max().unwrap_or(0).div_ceil(LANES) * LANES;
     // Rows of probabilities: `-inf` where no score is written, zeros past `len` and in the
     // padding rows of the last tile.
     let mut p = vec![0f32; tiles * R * stride];

@@ -428,7 +428,10 @@ pub struct AttentionShape {
 /// [`softmax_scaled`]; then `Σ p_j v_j` over the positions (ggml multiplies by the transposed
 /// value cache) as `ggml_vec_dot_f32` does for one query (llamafile's `tinyBLAS` declines
 /// one-column products) and as `tinyBLAS` ([`dot_tinyblas`]) does for several, without
-/// materializing a transposed `v`. Rows run in parallel on the rayon pool.
+/// materializing a transposed `v`. Rows run in parallel on the rayon pool. Where the CPU has
+/// AVX-512, passes of 16 or more queries with a head dimension that is a multiple of 16 run
+/// these same operations in tiles of 4 rows (`kernels::attn_exact`: each load of a key or a
+/// value feeds 4 rows), with the same result bit for bit.
 ///
 /// Passes of 64 queries or more over 1,024 or more cached positions (long prompts at depth)
 /// take a tiled online-softmax kernel instead where the CPU has AVX-512
@@ -1080,6 +1083,19 @@ mod tests {
         }
     }
 
+    /// A test case of `attention`: `(heads, kv_heads, head_dim, queries or earlier positions,
+    /// earlier positions or extra head stride, window, softcap, sinks)` (see each test).
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<usize>,
+        Option<f32>,
+        bool,
+    );
+
     /// Operands for `attention` tests: `q: [heads, queries, d]`, `k`, `v` with heads `hs`
     /// apart, and the shape (`past` earlier positions, `extra` values between kv heads).
     #[allow(clippy::type_complexity)]
@@ -1122,16 +1138,7 @@ mod tests {
         }
         let sinks = [0.5f32, -1.0, 3.0, 40.0, -0.25, 2.0, 0.0, 1.0];
         // (heads, kv_heads, d, past, extra, window, softcap, sinks)
-        let configs: [(
-            usize,
-            usize,
-            usize,
-            usize,
-            usize,
-            Option<usize>,
-            Option<f32>,
-            bool,
-        ); 6] = [
+        let configs: [Case; 6] = [
             (4, 4, 64, 0, 0, None, None, false),
             (8, 2, 64, 19, 16, None, None, false),
             (8, 1, 128, 37, 0, Some(13), None, true),
@@ -1219,24 +1226,15 @@ mod tests {
     }
 
     /// Both fast kernels (the exact-order tiles below 1,024 keys, the online-softmax tiles
-    /// from there on) against attention in `f64`, within `2e-5` absolute (the values are in
-    /// `[-1, 1)`, scores up to about 16 before the scale): query counts 1 to 70, keys not a
+    /// from there on) against attention in `f64`, within `2e-5` absolute (queries and keys in
+    /// `[-2, 2)`, values in `[-1, 1)`, so outputs within 1): query counts 1 to 70, keys not a
     /// multiple of the tiles, head dims 64, 80 and 128, grouped-query ratios 1, 4 and 8,
     /// earlier positions, windows, soft-capping (row kernel only) and sinks.
     #[test]
     fn attention_matches_f64_softmax_attention() {
         let sinks = [0.5f32, -1.0, 3.0, 40.0, -0.25, 2.0, 0.0, 1.0];
         // (heads, kv_heads, d, queries, past, window, softcap, sinks)
-        let cases: [(
-            usize,
-            usize,
-            usize,
-            usize,
-            usize,
-            Option<usize>,
-            Option<f32>,
-            bool,
-        ); 10] = [
+        let cases: [Case; 10] = [
             (8, 2, 64, 1, 40, None, None, false),
             (8, 8, 64, 17, 0, None, None, false),
             (8, 1, 80, 33, 9, Some(20), None, true),
