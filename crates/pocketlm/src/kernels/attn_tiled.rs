@@ -37,7 +37,9 @@ pub(crate) const MIN_QUERIES: usize = 64;
 /// turn one-ulp differences into logit changes of about 0.2 on the default model: with the
 /// tiled kernel on 256-token windows, the default model's perplexity moved 1% from
 /// `llama-perplexity`'s). That equality costs speed: on the default model, pp512 at depth 0
-/// ran about 1.5x faster with the tiled kernel than with the row kernel.
+/// ran about 1.5x faster with the tiled kernel than with the row kernel before the row kernel
+/// had its AVX-512 tiles (`attn_exact`, 2.6x faster on `benches/attention`'s h32/8 d64 q512
+/// depth 0).
 pub(crate) const MIN_KEYS: usize = 1024;
 
 /// Queries per work item.

@@ -428,7 +428,10 @@ pub struct AttentionShape {
 /// [`softmax_scaled`]; then `Σ p_j v_j` over the positions (ggml multiplies by the transposed
 /// value cache) as `ggml_vec_dot_f32` does for one query (llamafile's `tinyBLAS` declines
 /// one-column products) and as `tinyBLAS` ([`dot_tinyblas`]) does for several, without
-/// materializing a transposed `v`. Rows run in parallel on the rayon pool.
+/// materializing a transposed `v`. Rows run in parallel on the rayon pool. Where the CPU has
+/// AVX-512, passes of 16 or more queries with a head dimension that is a multiple of 16 run
+/// these same operations in tiles of 4 rows (`kernels::attn_exact`: each load of a key or a
+/// value feeds 4 rows), with the same result bit for bit.
 ///
 /// Passes of 64 queries or more over 1,024 or more cached positions (long prompts at depth)
 /// take a tiled online-softmax kernel instead where the CPU has AVX-512
@@ -514,8 +517,31 @@ pub(crate) fn attention_rows(
     let kt = kt.as_deref();
     let items = work_items(kv_heads, queries, QUERY_BLOCK);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    let tiles = kt.filter(|_| super::attn_exact::applies(d, queries));
     let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
         let out = out_ptr.get();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kt) = tiles {
+            // SAFETY: `applies` checked the CPU and the shape; `kt` is `transpose_keys`'s;
+            // the operands hold their shapes (asserted above) and the items' rows are
+            // pairwise disjoint.
+            return unsafe {
+                super::attn_exact::block(
+                    q,
+                    kt,
+                    v,
+                    &shape,
+                    scale,
+                    softcap,
+                    window,
+                    sinks,
+                    *kh,
+                    ts.clone(),
+                    out,
+                )
+            };
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: the CPU has the features `attention_block_avx512` is compiled for;
@@ -1054,6 +1080,189 @@ mod tests {
                 let want = reference_row(&q, &k, &v, &shape, 0.125, softcap, window, sinks, idx);
                 assert_eq!(got, want, "d={d} queries={queries} row {idx}");
             }
+        }
+    }
+
+    /// A test case of `attention`: `(heads, kv_heads, head_dim, queries or earlier positions,
+    /// earlier positions or extra head stride, window, softcap, sinks)` (see each test).
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<usize>,
+        Option<f32>,
+        bool,
+    );
+
+    /// Operands for `attention` tests: `q: [heads, queries, d]`, `k`, `v` with heads `hs`
+    /// apart, and the shape (`past` earlier positions, `extra` values between kv heads).
+    #[allow(clippy::type_complexity)]
+    fn operands(
+        (heads, kv_heads, d, queries, past, extra): (usize, usize, usize, usize, usize, usize),
+        seed: u32,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, AttentionShape) {
+        let kv_len = queries + past;
+        let hs = kv_len * d + extra;
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            queries,
+            kv_len,
+            head_dim: d,
+            kv_head_stride: hs,
+        };
+        let q = values(heads * queries * d, 3 * seed + 1)
+            .iter()
+            .map(|x| 2.0 * x)
+            .collect();
+        let k = values(kv_heads * hs, 3 * seed + 2)
+            .iter()
+            .map(|x| 2.0 * x)
+            .collect();
+        (q, k, values(kv_heads * hs, 3 * seed + 3), shape)
+    }
+
+    /// The AVX-512 tiles of the row kernel (`attn_exact`, 4 rows per key and value load) keep
+    /// ggml's order bit for bit, on query counts from 2 to 70 (16 and more take the tiles),
+    /// key counts that are not multiples of 16, head dims with and without a tail after the
+    /// 64-value steps, grouped-query ratios 1, 4 and 8, caches with earlier positions, windows,
+    /// soft-capping and sinks.
+    #[test]
+    fn exact_tiles_keep_ggml_order_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if !crate::kernels::attn_exact::applies(64, 2) {
+            eprintln!("SKIPPED exact_tiles_keep_ggml_order_bit_for_bit: no AVX-512F here");
+            return;
+        }
+        let sinks = [0.5f32, -1.0, 3.0, 40.0, -0.25, 2.0, 0.0, 1.0];
+        // (heads, kv_heads, d, past, extra, window, softcap, sinks)
+        let configs: [Case; 6] = [
+            (4, 4, 64, 0, 0, None, None, false),
+            (8, 2, 64, 19, 16, None, None, false),
+            (8, 1, 128, 37, 0, Some(13), None, true),
+            (4, 1, 80, 5, 3, None, Some(3.0), false),
+            (4, 2, 16, 3, 0, Some(40), None, true),
+            (8, 2, 128, 100, 0, None, None, true),
+        ];
+        for queries in [2, 5, 15, 16, 17, 31, 33, 64, 70] {
+            for (ci, &(heads, kv_heads, d, past, extra, window, softcap, with_sinks)) in
+                configs.iter().enumerate()
+            {
+                let (q, k, v, shape) = operands(
+                    (heads, kv_heads, d, queries, past, extra),
+                    queries as u32 + 7 * ci as u32,
+                );
+                let sinks = with_sinks.then_some(&sinks[..heads]);
+                let scale = 1.0 / (d as f32).sqrt();
+                let mut got = vec![0f32; heads * queries * d];
+                attention(&q, &k, &v, shape, scale, softcap, window, sinks, &mut got);
+                for (idx, got) in got.chunks(d).enumerate() {
+                    let want =
+                        reference_row(&q, &k, &v, &shape, scale, softcap, window, sinks, idx);
+                    assert_eq!(got, want, "config {ci} queries={queries} row {idx}");
+                }
+            }
+        }
+    }
+
+    /// Softmax attention computed plainly in `f64`: `[queries, heads, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_f64(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: &AttentionShape,
+        scale: f32,
+        softcap: Option<f32>,
+        window: Option<usize>,
+        sinks: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let &AttentionShape {
+            heads,
+            kv_heads,
+            queries,
+            kv_len,
+            head_dim: d,
+            kv_head_stride: hs,
+        } = shape;
+        let mut out = vec![0f32; queries * heads * d];
+        for t in 0..queries {
+            let pos = kv_len - queries + t;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            for h in 0..heads {
+                let kh = h / (heads / kv_heads);
+                let qv = &q[(h * queries + t) * d..][..d];
+                let s: Vec<f64> = (first..=pos)
+                    .map(|j| {
+                        let kj = &k[kh * hs + j * d..][..d];
+                        let x = qv
+                            .iter()
+                            .zip(kj)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale as f64;
+                        softcap.map_or(x, |c| (x / c as f64).tanh() * c as f64)
+                    })
+                    .collect();
+                let sink = sinks.map(|s| s[h] as f64);
+                let m = s
+                    .iter()
+                    .copied()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().chain(sink.as_ref()).map(|x| (x - m).exp()).sum();
+                for c in 0..d {
+                    let o: f64 = (first..=pos)
+                        .zip(&s)
+                        .map(|(j, x)| (x - m).exp() * v[kh * hs + j * d + c] as f64)
+                        .sum();
+                    out[(t * heads + h) * d + c] = (o / z) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Both fast kernels (the exact-order tiles below 1,024 keys, the online-softmax tiles
+    /// from there on) against attention in `f64`, within `2e-5` absolute (queries and keys in
+    /// `[-2, 2)`, values in `[-1, 1)`, so outputs within 1): query counts 1 to 70, keys not a
+    /// multiple of the tiles, head dims 64, 80 and 128, grouped-query ratios 1, 4 and 8,
+    /// earlier positions, windows, soft-capping (row kernel only) and sinks.
+    #[test]
+    fn attention_matches_f64_softmax_attention() {
+        let sinks = [0.5f32, -1.0, 3.0, 40.0, -0.25, 2.0, 0.0, 1.0];
+        // (heads, kv_heads, d, queries, past, window, softcap, sinks)
+        let cases: [Case; 10] = [
+            (8, 2, 64, 1, 40, None, None, false),
+            (8, 8, 64, 17, 0, None, None, false),
+            (8, 1, 80, 33, 9, Some(20), None, true),
+            (4, 1, 128, 70, 3, None, Some(5.0), false),
+            (8, 2, 128, 64, 500, None, None, true),
+            // The tiled kernel: 64+ queries over 1,024+ keys.
+            (8, 2, 64, 64, 1000, None, None, false),
+            (8, 1, 64, 70, 1001, Some(300), None, true),
+            (4, 4, 128, 65, 1037, None, None, false),
+            (8, 2, 80, 67, 990, None, None, false),
+            (8, 2, 64, 70, 1100, Some(1090), None, false),
+        ];
+        for (ci, &(heads, kv_heads, d, queries, past, window, softcap, with_sinks)) in
+            cases.iter().enumerate()
+        {
+            let (q, k, v, shape) =
+                operands((heads, kv_heads, d, queries, past, 0), 100 + ci as u32);
+            let sinks = with_sinks.then_some(&sinks[..heads]);
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut got = vec![0f32; heads * queries * d];
+            attention(&q, &k, &v, shape, scale, softcap, window, sinks, &mut got);
+            let want = attention_f64(&q, &k, &v, &shape, scale, softcap, window, sinks);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-5, "case {ci}: max difference {worst}");
         }
     }
 

@@ -42,6 +42,8 @@
 //! until it ends instead of sleeping between products.
 
 mod act;
+#[cfg(target_arch = "x86_64")]
+mod attn_exact;
 mod attn_tiled;
 pub mod float;
 pub mod mlx;
