@@ -12,7 +12,8 @@
 # --q-group-size 64 --dtype f16`, cached next to the GGUF) is measured against llama.cpp's GGUF.
 # Settings (environment): THREADS (2), REPS (3), DEPTHS (0; e.g. "0,4096"), PP and TG (override
 # every model's lengths), MLX=0 to skip the conversions, POCKETLM_BIN to measure that binary
-# instead of building this checkout.
+# instead of building this checkout, LLAMA_BENCH to measure that llama-bench instead of the
+# script's build (e.g. a GGML_NATIVE build with AMX).
 # Builds llama.cpp's llama-bench once from the llama-cpp-python 0.3.36 sdist (PyPI; it vendors
 # llama.cpp build 0c1e570) into ${POCKETLM_HOME:-~/.cache/pocketlm}/llama.cpp. Needs cmake, a C++
 # compiler, pip and python3. Prints one table of ratios pocketlm / llama.cpp and peak memory.
@@ -24,7 +25,7 @@ depths=${DEPTHS:-0}
 out=$(mktemp -d)
 . scripts/llamacpp-common.sh
 build_llamacpp llama-bench
-bench_bin="$lc/build/bin/llama-bench"
+bench_bin=${LLAMA_BENCH:-$lc/build/bin/llama-bench}
 
 pocketlm=$(pocketlm_bin release)
 

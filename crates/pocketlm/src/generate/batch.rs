@@ -507,7 +507,13 @@ impl<'a> BatchGenerator<'a> {
             .iter()
             .map(|r| self.reserve(r, r.phase.pending(r.prompt_len) + 1))
             .sum();
-        running + self.waiting.iter().map(|s| s.cache.nbytes()).sum::<usize>()
+        running + self.waiting_bytes()
+    }
+
+    /// Bytes the waiting sequences' caches hold: none for a preempted one, the cached prefix for
+    /// one inserted with a prefix-cache hit, the cache given to [`Self::insert_with_cache`].
+    fn waiting_bytes(&self) -> usize {
+        self.waiting.iter().map(|s| s.cache.nbytes()).sum()
     }
 
     /// Admits waiting sequences, runs one forward pass over the running ones (see the module
@@ -668,7 +674,7 @@ impl<'a> BatchGenerator<'a> {
                 .zip(&plan)
                 .map(|(s, &n)| self.reserve(s, n))
                 .sum();
-            let used = running + self.waiting.iter().map(|s| s.cache.nbytes()).sum::<usize>();
+            let used = running + self.waiting_bytes();
             if used <= budget || self.running.is_empty() {
                 return;
             }

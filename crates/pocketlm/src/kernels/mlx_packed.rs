@@ -295,7 +295,9 @@ unsafe fn tile_scalar<const P: u8>(t: &Tile<'_>) {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::packed::avx512::{block_sums, chain, nibbles, prefetch_ahead, unroll8};
+    use super::super::packed::avx512::{
+        block_sums, chain, nibbles, prefetch_ahead, remainder_rows, unroll8,
+    };
     use super::super::{Tile, TileFn};
     use super::ROWS;
     use crate::quant::mlx_affine::ParamDtype;
@@ -342,16 +344,7 @@ pub(crate) mod avx512 {
                     rows::<8, P>(t, wg, g, r);
                     r += 8;
                 }
-                match t.ms.end - r {
-                    7 => rows::<7, P>(t, wg, g, r),
-                    6 => rows::<6, P>(t, wg, g, r),
-                    5 => rows::<5, P>(t, wg, g, r),
-                    4 => rows::<4, P>(t, wg, g, r),
-                    3 => rows::<3, P>(t, wg, g, r),
-                    2 => rows::<2, P>(t, wg, g, r),
-                    1 => rows::<1, P>(t, wg, g, r),
-                    _ => {}
-                }
+                remainder_rows!(t.ms.end - r, R => rows::<R, P>(t, wg, g, r));
             }
         }
     }

@@ -415,16 +415,7 @@ pub(crate) mod avx512 {
                         rows::<8, WORDS, OFF>(t, wg, g, r, bs.clone());
                         r += 8;
                     }
-                    match t.ms.end - r {
-                        7 => rows::<7, WORDS, OFF>(t, wg, g, r, bs.clone()),
-                        6 => rows::<6, WORDS, OFF>(t, wg, g, r, bs.clone()),
-                        5 => rows::<5, WORDS, OFF>(t, wg, g, r, bs.clone()),
-                        4 => rows::<4, WORDS, OFF>(t, wg, g, r, bs.clone()),
-                        3 => rows::<3, WORDS, OFF>(t, wg, g, r, bs.clone()),
-                        2 => rows::<2, WORDS, OFF>(t, wg, g, r, bs.clone()),
-                        1 => rows::<1, WORDS, OFF>(t, wg, g, r, bs.clone()),
-                        _ => {}
-                    }
+                    remainder_rows!(t.ms.end - r, R => rows::<R, WORDS, OFF>(t, wg, g, r, bs.clone()));
                 }
                 b0 = bs.end;
             }
@@ -505,6 +496,25 @@ pub(crate) mod avx512 {
         };
     }
     pub(crate) use unroll8;
+
+    /// `$body` with `$r` a constant equal to `$n` when `$n` is 1 to 7 (the activation rows a
+    /// tile has left after its passes of 8), nothing otherwise: the row count of a kernel
+    /// generic over it, chosen at run time.
+    macro_rules! remainder_rows {
+        ($n:expr, $r:ident => $body:expr) => {
+            remainder_rows!(@ $n, $r, $body, 1 2 3 4 5 6 7)
+        };
+        (@ $n:expr, $r:ident, $body:expr, $($k:literal)*) => {
+            match $n {
+                $($k => {
+                    const $r: usize = $k;
+                    $body
+                })*
+                _ => {}
+            }
+        };
+    }
+    pub(crate) use remainder_rows;
 
     /// Blocks `bs` of activation rows `r..r + R` (`R <= 8`) against the 16 weight rows of
     /// group `g` (at `wg`): each block's code words are loaded (and unpacked) once for the `R`

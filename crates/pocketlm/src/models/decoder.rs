@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::models::{DecodePlan, LinearSlot, Logits, PlanBlock};
 use crate::nn::{
-    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, QkvProj, RmsNorm,
+    residual, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, QkvProj, RmsNorm,
     RotaryEmbedding,
 };
 use crate::weights::QkRowOrder;
@@ -83,16 +83,9 @@ impl PreNormBlock {
     ) -> Result<Tensor> {
         let hn = self.input_layernorm.forward_mode(x, mode)?;
         let attn = self.self_attn.forward(&hn, pass, cache, mode)?;
-        let x = match mode {
-            Mode::Inference => crate::nn::ops::add(&attn, x)?,
-            Mode::Training { .. } => (attn + x)?,
-        };
+        let x = residual(&attn, x, mode)?;
         let hn = self.post_attention_layernorm.forward_mode(&x, mode)?;
-        let mlp = self.mlp.forward(&hn, mode)?;
-        match mode {
-            Mode::Inference => crate::nn::ops::add(&mlp, &x),
-            Mode::Training { .. } => Ok((mlp + x)?),
-        }
+        residual(&self.mlp.forward(&hn, mode)?, &x, mode)
     }
 }
 
@@ -111,9 +104,9 @@ impl PreNormBlock {
     ) -> Result<Tensor> {
         let mode = Mode::Inference;
         let hn = self.input_layernorm.forward_mode(x, mode)?;
-        let x = crate::nn::ops::add(&self.self_attn.forward_batched(&hn, pass, caches)?, x)?;
+        let x = crate::nn::add(&self.self_attn.forward_batched(&hn, pass, caches)?, x)?;
         let hn = self.post_attention_layernorm.forward_mode(&x, mode)?;
-        crate::nn::ops::add(&self.mlp.forward(&hn, mode)?, &x)
+        crate::nn::add(&self.mlp.forward(&hn, mode)?, &x)
     }
 }
 

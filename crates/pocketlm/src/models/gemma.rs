@@ -17,8 +17,8 @@ use crate::models::{
     build, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock, Trainable,
 };
 use crate::nn::{
-    softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Numerics,
-    RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
+    residual, softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode,
+    Numerics, RmsNorm, RopeScaling, RotaryEmbedding, ScaleAt,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -553,8 +553,12 @@ impl Gemma {
             };
             let hn = layer.input_layernorm.forward_mode(&x, mode)?;
             let a = layer.self_attn.forward(&hn, pass, c, mode)?;
-            x = (layer.post_attention_layernorm.forward_mode(&a, mode)? + x)?;
-            x = (layer.ffn.forward(&x, mode)? + x)?;
+            x = residual(
+                &layer.post_attention_layernorm.forward_mode(&a, mode)?,
+                &x,
+                mode,
+            )?;
+            x = residual(&layer.ffn.forward(&x, mode)?, &x, mode)?;
         }
         Ok(x)
     }

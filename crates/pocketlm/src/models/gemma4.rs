@@ -49,8 +49,8 @@ use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::gemma::SandwichMlp;
 use crate::models::{build, CausalLM, LinearSlot, Logits, ModelInfo, Trainable};
 use crate::nn::{
-    gelu_tanh, softcap, Activation, Attention, AttentionPass, Embedding, KvSource, Linear, Mode,
-    Moe, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, ScaleAt, Scoring,
+    add, gelu_tanh, residual, softcap, Activation, Attention, AttentionPass, Embedding, KvSource,
+    Linear, Mode, Moe, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, ScaleAt, Scoring,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -494,14 +494,14 @@ impl Block {
     /// per-layer-input branch (`inputs` `[batch, seq, layers, P]`, this is layer `i`) and the
     /// layer scalar, on `x: [batch, seq, hidden]`.
     fn finish(&self, x: Tensor, i: usize, inputs: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
-        let mut x = (self.feed_forward(&x, mode)? + x)?;
+        let mut x = residual(&self.feed_forward(&x, mode)?, &x, mode)?;
         if let (Some(b), Some(inputs)) = (&self.per_layer, inputs) {
             let g = gelu_tanh(&b.gate.forward_mode(&x, mode)?)?;
             let g = (g * inputs.narrow(2, i, 1)?.squeeze(2)?)?;
-            x = (b
+            let branch = b
                 .norm
-                .forward_mode(&b.projection.forward_mode(&g, mode)?, mode)?
-                + x)?;
+                .forward_mode(&b.projection.forward_mode(&g, mode)?, mode)?;
+            x = residual(&branch, &x, mode)?;
         }
         Ok((x * self.layer_scalar)?)
     }
@@ -777,7 +777,7 @@ impl Gemma4 {
                 .self_attn
                 .forward_kv(&hn, &passes[layer.rope], source)?;
             kvs[i] = Some(kv);
-            x = (layer.post_attention_layernorm.forward(&a)? + x)?;
+            x = add(&layer.post_attention_layernorm.forward(&a)?, &x)?;
             x = layer.finish(x, i, per_layer.as_ref(), Mode::Inference)?;
         }
         Ok((x, per_layer, kvs))
@@ -1210,7 +1210,11 @@ impl Trainable for Gemma4 {
             if let Some(si) = source(i) {
                 kv[si] = (pack_heads(&k)?, pack_heads(&v)?);
             }
-            x = (layer.post_attention_layernorm.forward_mode(&a, mode)? + x)?;
+            x = residual(
+                &layer.post_attention_layernorm.forward_mode(&a, mode)?,
+                &x,
+                mode,
+            )?;
             x = layer.finish(x, i, inputs.as_ref(), mode)?;
         }
         let mut parts = vec![x];

@@ -32,7 +32,7 @@ pub use mlp::{Activation, GateUp, GatedMlp};
 pub use mode::{Mode, Numerics};
 pub use moe::{GroupLimit, Moe, Router, Scoring, SharedExpert};
 pub use norm::{LayerNorm, RmsNorm};
-pub use ops::{gelu_tanh, softcap};
+pub use ops::{add, gelu_tanh, residual, softcap};
 pub use pooling::Pooling;
 pub use rope::{RopeScaling, RotaryEmbedding};
 pub use self_attention::{Attention, AttentionPass, KvSource, QkvProj, QueryTemperature, ScaleAt};

@@ -71,6 +71,17 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, a.shape(), a.device())?)
 }
 
+/// A residual connection `a + b` in `mode`: [`add`] at inference, candle's differentiable `+`
+/// in training (so that `backward()` goes through it).
+///
+/// Errors: candle's, for shapes that differ.
+pub fn residual(a: &Tensor, b: &Tensor, mode: crate::nn::Mode) -> Result<Tensor> {
+    match mode {
+        crate::nn::Mode::Inference => add(a, b),
+        crate::nn::Mode::Training { .. } => Ok((a + b)?),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
