@@ -12,6 +12,7 @@ mod gguf_config;
 #[cfg(test)]
 mod gguf_names_tests;
 pub mod gpt_oss;
+pub mod hybrid;
 pub mod lfm2;
 pub mod llama;
 pub mod ministral3;
