@@ -14,7 +14,8 @@ use crate::gguf::names::{self, NameTable};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::models::{
-    build, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock, Trainable,
+    build, BlockRun, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock, Trainable,
+    TrainableBlocks,
 };
 use crate::nn::{
     residual, softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode,
@@ -519,75 +520,12 @@ impl Gemma {
     }
 }
 
-impl Gemma {
-    /// Blocks `range` on `x: [batch, seq, hidden]` f32 (the scaled embedding or an earlier
-    /// block's output) at positions from `offset`: for inference appending to `cache`
-    /// (required), for training as differentiable ops without a cache (see [`Mode`]).
-    ///
-    /// Errors: an inference pass without a cache; as [`Attention::forward`].
-    fn run_blocks(
-        &self,
-        mut x: Tensor,
-        range: Range<usize>,
-        offset: usize,
-        mut cache: Option<&mut KvCache>,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        let s = x.dim(1)?;
-        let global = AttentionPass::new(&self.rope_global, offset, s)?;
-        let local = AttentionPass::new(&self.rope_local, offset, s)?;
-        for (i, layer) in self
-            .layers
-            .iter()
-            .enumerate()
-            .take(range.end)
-            .skip(range.start)
-        {
-            let c = match cache.as_deref_mut() {
-                Some(c) => Some(c.layer_for_pass(i)?),
-                None => None,
-            };
-            let pass = match layer.self_attn.window {
-                Some(_) => &local,
-                None => &global,
-            };
-            let hn = layer.input_layernorm.forward_mode(&x, mode)?;
-            let a = layer.self_attn.forward(&hn, pass, c, mode)?;
-            x = residual(
-                &layer.post_attention_layernorm.forward_mode(&a, mode)?,
-                &x,
-                mode,
-            )?;
-            x = residual(&layer.ffn.forward(&x, mode)?, &x, mode)?;
-        }
-        Ok(x)
-    }
-
-    /// The scaled token embedding of `input_ids: [batch, seq]` u32: `[batch, seq, hidden]` f32.
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        Ok((self.embed_tokens.forward(input_ids)? * self.embed_scale)?)
-    }
-
-    /// Final norm, output layer and soft-cap on `x: [.., hidden]` -> `[.., vocab]` f32.
-    fn head(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut out = self
-            .lm_head
-            .forward_mode(&self.norm.forward_mode(x, mode)?, mode)?;
-        if let Some(c) = self.final_softcap {
-            out = softcap(&out, c)?;
-        }
-        Ok(out)
-    }
-}
-
 impl CausalLM for Gemma {
     fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
         let (_b, s) = input_ids.dims2()?;
         cache.check_layers(self.layers.len())?;
-        let offset = cache.offset();
         let x = self.embed(input_ids)?;
-        let all = 0..self.layers.len();
-        let x = self.run_blocks(x, all, offset, Some(cache), Mode::Inference)?;
+        let x = self.run_blocks(x, 0..self.layers.len(), BlockRun::Inference(cache))?;
         let x = match logits {
             Logits::Last => x.narrow(1, s - 1, 1)?,
             Logits::All => x,
@@ -646,12 +584,12 @@ impl CausalLM for Gemma {
     }
 }
 
-impl Trainable for Gemma {
+impl TrainableBlocks for Gemma {
     /// Per block `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` under
     /// `model.layers.{i}` (mlx-lm's `gemma2` / `gemma3_text` module paths; under
     /// `language_model.` for the multimodal `gemma3` config, as mlx-lm's `gemma3` wraps the
     /// text model), then `lm_head`.
-    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+    fn linear_slots(&mut self) -> Vec<LinearSlot<'_>> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let attn = layer
@@ -667,25 +605,43 @@ impl Trainable for Gemma {
         crate::models::wrap_slots(out, self.wrapper)
     }
 
-    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
-        let mut cache = KvCache::growing(self.layers.len());
-        let upto = upto.min(self.layers.len());
-        let x = self.embed(input_ids)?;
-        self.run_blocks(x, 0..upto, 0, Some(&mut cache), Mode::Inference)
+    /// The scaled token embedding of `input_ids: [batch, seq]` u32: `[batch, seq, hidden]` f32.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok((self.embed_tokens.forward(input_ids)? * self.embed_scale)?)
     }
 
-    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor> {
-        let mode = Mode::Training { dropout: train };
-        self.run_blocks(hidden.clone(), range, 0, None, mode)
+    /// `x` is the scaled embedding or an earlier block's output.
+    ///
+    /// Errors: as [`BlockRun::layer`] and [`Attention::forward`].
+    fn run_blocks(&self, x: Tensor, range: Range<usize>, mut run: BlockRun<'_>) -> Result<Tensor> {
+        let mut x = x;
+        let (s, offset, mode) = (x.dim(1)?, run.offset(), run.mode());
+        let global = AttentionPass::new(&self.rope_global, offset, s)?;
+        let local = AttentionPass::new(&self.rope_local, offset, s)?;
+        for i in range.start..range.end.min(self.layers.len()) {
+            let layer = &self.layers[i];
+            let c = run.layer(i)?;
+            let pass = match layer.self_attn.window {
+                Some(_) => &local,
+                None => &global,
+            };
+            let hn = layer.input_layernorm.forward_mode(&x, mode)?;
+            let a = layer.self_attn.forward(&hn, pass, c, mode)?;
+            let a = layer.post_attention_layernorm.forward_mode(&a, mode)?;
+            x = residual(&a, &x, mode)?;
+            x = residual(&layer.ffn.forward(&x, mode)?, &x, mode)?;
+        }
+        Ok(x)
     }
 
-    fn forward_head(
-        &self,
-        hidden: &Tensor,
-        train: bool,
-        select: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let x = crate::models::select_positions(hidden, select)?;
-        self.head(&x, Mode::Training { dropout: train })
+    /// Final norm, output layer and soft-cap on `x: [.., hidden]` -> `[.., vocab]` f32.
+    fn head(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut out = self
+            .lm_head
+            .forward_mode(&self.norm.forward_mode(x, mode)?, mode)?;
+        if let Some(c) = self.final_softcap {
+            out = softcap(&out, c)?;
+        }
+        Ok(out)
     }
 }

@@ -8,21 +8,22 @@
 //! `k_layernorm`) before RoPE and an `out_proj`. The final norm is `model.embedding_norm`; the
 //! output layer is tied to the embedding by default. GGUF `lfm2` files as llama.cpp's converter
 //! writes them load through [`GGUF_NAMES`] and [`config_from_gguf`].
+//! The blocks run in the shared hybrid stack ([`HybridLm`]).
 //! Reference: Hugging Face `models/lfm2/modeling_lfm2.py` and `configuration_lfm2.py`
 //! (transformers 5.24), mlx-lm `models/lfm2.py` (0.32.2).
 
-use std::ops::Range;
-
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
-use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
-use crate::models::{build, CausalLM, LinearSlot, Logits, ModelInfo, Trainable};
+use crate::kv_cache::ArraysCache;
+use crate::models::decoder::Mlp;
+use crate::models::hybrid::{HybridBlock, HybridLm, Mixer, StateMixer};
+use crate::models::{build, CausalLM, ModelInfo};
 use crate::nn::{
-    Activation, Attention, AttentionPass, CausalConv1d, Embedding, GateUp, GatedMlp, Linear, Mode,
-    RmsNorm, RopeScaling, RotaryEmbedding,
+    Activation, Attention, CausalConv1d, GateUp, GatedMlp, Linear, Mode, RmsNorm, RopeScaling,
+    RotaryEmbedding,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -205,17 +206,11 @@ pub struct ShortConv {
 impl ShortConv {
     /// The operator on `x: [batch, seq, hidden]` f32 after the convolution state in `cache`
     /// (array 0, `[batch, L_cache - 1, hidden]`; unset: zeros), which it replaces and advances
-    /// by `seq` positions. Returns `[batch, seq, hidden]` f32.
+    /// by `seq` positions; for [`Mode::Training`] the projections run as differentiable ops
+    /// (the convolution always is one), so gradients reach adapters on and below it. Returns
+    /// `[batch, seq, hidden]` f32.
     ///
     /// Errors: shapes that do not agree with the weights or the state.
-    pub fn forward(&self, x: &Tensor, cache: &mut ArraysCache) -> Result<Tensor> {
-        self.forward_mode(x, cache, Mode::Inference)
-    }
-
-    /// As [`Self::forward`]; for [`Mode::Training`] the projections run as differentiable ops
-    /// (the convolution always is one), so gradients reach adapters on and below it.
-    ///
-    /// Errors: as [`Self::forward`].
     pub fn forward_mode(&self, x: &Tensor, cache: &mut ArraysCache, mode: Mode) -> Result<Tensor> {
         let h = self.hidden;
         let bcx = self.in_proj.forward_mode(x, mode)?;
@@ -231,42 +226,34 @@ impl ShortConv {
     }
 }
 
-/// A block's operator.
-#[derive(Debug)]
-// One block holds one; boxing the attention would add an indirection to half of them.
-#[allow(clippy::large_enum_variant)]
-pub enum Operator {
-    /// Grouped-query attention with q/k norms (HF `Lfm2Attention`).
-    Attention(Attention),
-    /// A gated short convolution.
-    Conv(ShortConv),
+impl StateMixer for ShortConv {
+    const KIND: &'static str = "convolution";
+    const ARRAYS: usize = 1;
+
+    fn forward_cached(&self, x: &Tensor, state: &mut ArraysCache) -> Result<Tensor> {
+        self.forward_mode(x, state, Mode::Inference)
+    }
+
+    fn forward_train(&self, x: &Tensor, dropout: bool) -> Result<Tensor> {
+        self.forward_mode(x, &mut ArraysCache::new(1), Mode::Training { dropout })
+    }
+
+    /// `conv.in_proj` and `conv.out_proj` (not the depthwise `conv.conv`).
+    fn adapter_linears(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("conv.in_proj", &mut self.in_proj),
+            ("conv.out_proj", &mut self.out_proj),
+        ]
+    }
 }
 
-/// An LFM2 block: `h = x + operator(operator_norm(x)); h + feed_forward(ffn_norm(h))`.
-#[derive(Debug)]
-pub struct Lfm2Block {
-    /// RMSNorm before the operator.
-    pub operator_norm: RmsNorm,
-    /// Attention or convolution.
-    pub operator: Operator,
-    /// RMSNorm before the feed-forward.
-    pub ffn_norm: RmsNorm,
-    /// SwiGLU: `w2(silu(w1(x)) ⊙ w3(x))`.
-    pub feed_forward: GatedMlp,
-}
-
-/// An LFM2 causal language model.
-#[derive(Debug)]
-pub struct Lfm2 {
-    embed_tokens: Embedding,
-    layers: Vec<Lfm2Block>,
-    /// `model.embedding_norm`: the final norm, despite its name.
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: RotaryEmbedding,
-    info: ModelInfo,
-    device: Device,
-}
+/// An LFM2 causal language model: blocks `h = x + operator(operator_norm(x)); h +
+/// feed_forward(ffn_norm(h))` whose operator is attention with q/k norms (HF `Lfm2Attention`)
+/// or a [`ShortConv`], and a SwiGLU feed-forward `w2(silu(w1(x)) ⊙ w3(x))`. Adapters: per
+/// block under `model.layers.{i}` (mlx-lm's `lfm2` module paths) attention blocks'
+/// `self_attn.{q,k,v,out}_proj`, convolution blocks' `conv.in_proj` and `conv.out_proj`, and
+/// every block's `feed_forward.{w1,w3,w2}`; then `lm_head`.
+pub type Lfm2 = HybridLm<ShortConv>;
 
 /// GGUF tensor names of llama.cpp's `lfm2` (`llama-arch.cpp`; `tensor_mapping.py` maps
 /// `model.embedding_norm`, the final norm, to `token_embd_norm`).
@@ -386,9 +373,9 @@ impl Lfm2 {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, attn) in cfg.attention_layers()?.into_iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let operator = if attn {
+            let mixer = if attn {
                 let a = format!("{p}.self_attn");
-                Operator::Attention(Attention {
+                Mixer::Attention(Attention {
                     q_norm: Some(norm(format!("{a}.q_layernorm.weight"), hd)?),
                     k_norm: Some(norm(format!("{a}.k_layernorm.weight"), hd)?),
                     ..Attention::plain(
@@ -406,7 +393,7 @@ impl Lfm2 {
                 };
                 let name = format!("{p}.conv.conv.weight");
                 let (weight, _) = build::conv_weight(w, &name, h, cfg.conv_l_cache)?;
-                Operator::Conv(ShortConv {
+                Mixer::State(ShortConv {
                     in_proj: w.linear(&format!("{p}.conv.in_proj"), 3 * h, h, bias)?,
                     conv: CausalConv1d::new(weight, conv_bias)?,
                     out_proj: w.linear(&format!("{p}.conv.out_proj"), h, h, bias)?,
@@ -414,11 +401,11 @@ impl Lfm2 {
                 })
             };
             let f = format!("{p}.feed_forward");
-            layers.push(Lfm2Block {
-                operator_norm: norm(format!("{p}.operator_norm.weight"), h)?,
-                operator,
-                ffn_norm: norm(format!("{p}.ffn_norm.weight"), h)?,
-                feed_forward: GatedMlp {
+            layers.push(HybridBlock {
+                mixer_norm: norm(format!("{p}.operator_norm.weight"), h)?,
+                mixer,
+                mlp_norm: norm(format!("{p}.ffn_norm.weight"), h)?,
+                mlp: Mlp::Dense(GatedMlp {
                     gate_up: GateUp::Separate {
                         gate: w.linear(&format!("{f}.w1"), ff, h, false)?,
                         up: w.linear(&format!("{f}.w3"), ff, h, false)?,
@@ -426,7 +413,7 @@ impl Lfm2 {
                     down_proj: w.linear(&format!("{f}.w2"), h, ff, false)?,
                     activation: Activation::Silu,
                     numerics,
-                },
+                }),
             });
         }
         let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, h)?;
@@ -443,6 +430,8 @@ impl Lfm2 {
             norm: norm("model.embedding_norm.weight".into(), h)?,
             lm_head,
             rope,
+            adapter_key: lfm2_key,
+            wrapper: None,
             device: w.device().clone(),
             info: ModelInfo {
                 architecture: "lfm2".into(),
@@ -455,95 +444,6 @@ impl Lfm2 {
             },
         })
     }
-
-    /// The empty state of layer `i` when it is a convolution layer (one array: the
-    /// convolution state), `None` for attention layers.
-    fn state(&self, i: usize) -> Option<ArraysCache> {
-        match self.layers.get(i).map(|l| &l.operator) {
-            Some(Operator::Conv(_)) => Some(ArraysCache::new(1)),
-            _ => None,
-        }
-    }
-}
-
-impl Lfm2 {
-    /// Blocks `range` on `x: [batch, seq, hidden]` f32 at positions from `offset`: for
-    /// inference appending to `cache` (required), for training as differentiable ops, the
-    /// convolutions starting from zero states (see [`Mode`]).
-    ///
-    /// Errors: an inference pass without a cache; as [`Attention::forward`] and
-    /// [`ShortConv::forward`].
-    fn run_blocks(
-        &self,
-        mut x: Tensor,
-        range: Range<usize>,
-        offset: usize,
-        mut cache: Option<&mut KvCache>,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        let pass = AttentionPass::new(&self.rope, offset, x.dim(1)?)?;
-        for (i, layer) in self
-            .layers
-            .iter()
-            .enumerate()
-            .take(range.end)
-            .skip(range.start)
-        {
-            let c = match cache.as_deref_mut() {
-                Some(c) => Some(c.layer_for_pass(i)?),
-                None => None,
-            };
-            let hn = layer.operator_norm.forward_mode(&x, mode)?;
-            let r = match &layer.operator {
-                Operator::Attention(a) => a.forward(&hn, &pass, c, mode)?,
-                Operator::Conv(conv) => match c {
-                    Some(c) => conv.forward_mode(&hn, c.arrays_for(i, "convolution")?, mode)?,
-                    None => conv.forward_mode(&hn, &mut ArraysCache::new(1), mode)?,
-                },
-            };
-            x = (x + r)?;
-            let hn = layer.ffn_norm.forward_mode(&x, mode)?;
-            x = (layer.feed_forward.forward(&hn, mode)? + x)?;
-        }
-        Ok(x)
-    }
-}
-
-impl CausalLM for Lfm2 {
-    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        cache.check_layers(self.layers.len())?;
-        let offset = cache.offset();
-        let x = self.embed_tokens.forward(input_ids)?;
-        let all = 0..self.layers.len();
-        let x = self.run_blocks(x, all, offset, Some(cache), Mode::Inference)?;
-        build::output_logits(&x, &self.norm, &self.lm_head, logits)
-    }
-
-    fn trainable(&self) -> Option<&dyn Trainable> {
-        Some(self)
-    }
-
-    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
-        Some(self)
-    }
-
-    fn new_cache(&self) -> KvCache {
-        KvCache::growing_with_states(self.layers.len(), |i| self.state(i))
-    }
-
-    fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
-        KvCache::with_states(self.layers.len(), self.info.head_dim, config, |i| {
-            self.state(i)
-        })
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
 }
 
 /// mlx-lm's (and Hugging Face's) names of the linear layers of an LFM2 block, for the
@@ -555,58 +455,6 @@ fn lfm2_key(key: &'static str) -> &'static str {
         "mlp.up_proj" => "feed_forward.w3",
         "mlp.down_proj" => "feed_forward.w2",
         k => k,
-    }
-}
-
-impl Trainable for Lfm2 {
-    /// Per block under `model.layers.{i}` (mlx-lm's `lfm2` module paths): attention blocks'
-    /// `self_attn.{q,k,v,out}_proj`, convolution blocks' `conv.in_proj` and `conv.out_proj`
-    /// (not the depthwise `conv.conv`), and every block's `feed_forward.{w1,w3,w2}`; then
-    /// `lm_head`.
-    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let op: Vec<(&'static str, &mut Linear)> = match &mut layer.operator {
-                Operator::Attention(a) => a
-                    .linears_mut()
-                    .into_iter()
-                    .map(|(k, l, _)| (k, l))
-                    .collect(),
-                Operator::Conv(c) => vec![
-                    ("conv.in_proj", &mut c.in_proj),
-                    ("conv.out_proj", &mut c.out_proj),
-                ],
-            };
-            for (key, linear) in op.into_iter().chain(layer.feed_forward.linears_mut()) {
-                out.push(LinearSlot::new(i, lfm2_key(key), linear));
-            }
-        }
-        out.push(LinearSlot::output(&mut self.lm_head));
-        out
-    }
-
-    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
-        let mut cache = self.new_cache();
-        let upto = upto.min(self.layers.len());
-        let x = self.embed_tokens.forward(input_ids)?;
-        self.run_blocks(x, 0..upto, 0, Some(&mut cache), Mode::Inference)
-    }
-
-    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor> {
-        let mode = Mode::Training { dropout: train };
-        self.run_blocks(hidden.clone(), range, 0, None, mode)
-    }
-
-    fn forward_head(
-        &self,
-        hidden: &Tensor,
-        train: bool,
-        select: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let mode = Mode::Training { dropout: train };
-        let x = crate::models::select_positions(hidden, select)?;
-        self.lm_head
-            .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
     }
 }
 

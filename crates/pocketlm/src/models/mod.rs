@@ -12,6 +12,7 @@ mod gguf_config;
 #[cfg(test)]
 mod gguf_names_tests;
 pub mod gpt_oss;
+pub mod hybrid;
 pub mod lfm2;
 pub mod llama;
 pub mod ministral3;
@@ -33,8 +34,8 @@ pub use decode_plan::{DecodePlan, PlanBlock};
 use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;
 use crate::image_processor::ProcessedImage;
-use crate::kv_cache::{KvCache, KvCacheConfig};
-use crate::nn::Linear;
+use crate::kv_cache::{KvCache, KvCacheConfig, LayerKvCache};
+use crate::nn::{Linear, Mode};
 use crate::weights::{GgufWeights, QkRowOrder, Weights};
 use crate::{Error, Result};
 
@@ -319,6 +320,93 @@ pub trait Trainable: CausalLM {
     ) -> Result<Tensor> {
         let x = self.forward_blocks(hidden, from..self.info().n_layers, train)?;
         self.forward_head(&x, train, select)
+    }
+}
+
+/// How [`TrainableBlocks::run_blocks`] runs the blocks.
+#[derive(Debug)]
+pub(crate) enum BlockRun<'a> {
+    /// Inference ([`Mode::Inference`]), appending to this cache, at positions from its offset.
+    Inference(&'a mut KvCache),
+    /// Training ([`Mode::Training`]): differentiable ops without a cache, at positions from 0;
+    /// `dropout` turns adapter dropout on.
+    Training {
+        /// Apply the adapters' dropout.
+        dropout: bool,
+    },
+}
+
+impl BlockRun<'_> {
+    /// The mode the layers run in.
+    pub(crate) fn mode(&self) -> Mode {
+        match self {
+            Self::Inference(_) => Mode::Inference,
+            Self::Training { dropout } => Mode::Training { dropout: *dropout },
+        }
+    }
+
+    /// The position of the first token: the cache's offset, 0 for training.
+    pub(crate) fn offset(&self) -> usize {
+        match self {
+            Self::Inference(c) => c.offset(),
+            Self::Training { .. } => 0,
+        }
+    }
+
+    /// Layer `i`'s cache for inference, `None` for training.
+    ///
+    /// Errors: as [`KvCache::layer_for_pass`].
+    pub(crate) fn layer(&mut self, i: usize) -> Result<Option<&mut (dyn LayerKvCache + 'static)>> {
+        match self {
+            Self::Inference(c) => Ok(Some(c.layer_for_pass(i)?)),
+            Self::Training { .. } => Ok(None),
+        }
+    }
+}
+
+/// A model whose training entry points are its inference blocks run in [`Mode::Training`]
+/// (LFM2, Qwen3.5, Gemma 2 and 3): it gives its embedding, blocks and head, and has
+/// [`Trainable`] from them: [`Trainable::hidden_states`] runs the embedding and blocks
+/// `0..upto` for inference with a fresh [`CausalLM::new_cache`], [`Trainable::forward_blocks`]
+/// the blocks for training, [`Trainable::forward_head`] the head for training on the
+/// [`select_positions`].
+pub(crate) trait TrainableBlocks: CausalLM {
+    /// As [`Trainable::linears_mut`].
+    fn linear_slots(&mut self) -> Vec<LinearSlot<'_>>;
+
+    /// The input of the first block from `input_ids: [batch, seq]` u32: `[batch, seq, hidden]`
+    /// f32.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor>;
+
+    /// Blocks `range` (clipped to the model's) on `x: [batch, seq, hidden]` f32, run as `run`
+    /// says.
+    ///
+    /// Errors: a cache too short; the layers' errors.
+    fn run_blocks(&self, x: Tensor, range: Range<usize>, run: BlockRun<'_>) -> Result<Tensor>;
+
+    /// Final norm and output layer on `x: [.., hidden]` f32 -> `[.., vocab]` f32.
+    fn head(&self, x: &Tensor, mode: Mode) -> Result<Tensor>;
+}
+
+impl<T: TrainableBlocks> Trainable for T {
+    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
+        self.linear_slots()
+    }
+
+    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut cache = self.new_cache();
+        let upto = upto.min(self.info().n_layers);
+        let x = self.embed(input_ids)?;
+        self.run_blocks(x, 0..upto, BlockRun::Inference(&mut cache))
+    }
+
+    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor> {
+        self.run_blocks(hidden.clone(), range, BlockRun::Training { dropout: train })
+    }
+
+    fn forward_head(&self, x: &Tensor, train: bool, select: Option<&Tensor>) -> Result<Tensor> {
+        let x = select_positions(x, select)?;
+        self.head(&x, Mode::Training { dropout: train })
     }
 }
 

@@ -11,7 +11,8 @@
 //!
 //! The cache of a linear-attention layer is an [`ArraysCache`] of two arrays (the convolution
 //! and recurrent states, mlx-lm's `ArraysCache(size=2)`), which chat sessions and prompt caches
-//! carry as they carry the other layers' keys and values.
+//! carry as they carry the other layers' keys and values. The blocks run in the shared hybrid
+//! stack ([`HybridLm`]).
 //!
 //! Checkpoints: the text-only `Qwen3_5ForCausalLM` / `Qwen3_5MoeForCausalLM` folders
 //! (`model_type` `qwen3_5_text` / `qwen3_5_moe_text`, weights under `model.`), and the
@@ -36,20 +37,19 @@
 //! `qwen3_5_moe.py`, `qwen3_next.py` (0.32.2); llama.cpp as vendored by llama-cpp-python 0.3.36
 //! (`conversion/qwen.py`, `src/models/qwen35.cpp`, `qwen35moe.cpp`).
 
-use std::ops::Range;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::gguf::names::{self, NameTable};
 use crate::gguf::GgufFile;
-use crate::kv_cache::{ArraysCache, KvCache, KvCacheConfig};
+use crate::kv_cache::ArraysCache;
 use crate::models::build::{self, ConvLayout, ExpertShape};
 use crate::models::decoder::Mlp;
-use crate::models::{CausalLM, LinearSlot, Logits, ModelInfo, Trainable};
+use crate::models::hybrid::{HybridBlock, HybridLm, Mixer, StateMixer};
+use crate::models::{CausalLM, ModelInfo};
 use crate::nn::{
-    Attention, AttentionPass, CausalConv1d, DeltaHeads, Embedding, GatedDeltaNet, Linear, Mode,
-    QkvProj, RmsNorm, RopeScaling, RotaryEmbedding, Router, Scoring, SharedExpert, ValueHeadOrder,
+    Attention, CausalConv1d, DeltaHeads, GatedDeltaNet, Linear, QkvProj, RmsNorm, RopeScaling,
+    RotaryEmbedding, Router, Scoring, SharedExpert, ValueHeadOrder,
 };
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -241,44 +241,43 @@ impl Qwen35Config {
     }
 }
 
-/// A block's token mixer.
-#[derive(Debug)]
-// One block holds one; boxing the attention would add an indirection to half of them.
-#[allow(clippy::large_enum_variant)]
-pub enum Mixer {
-    /// Gated full attention (HF `Qwen3_5Attention`).
-    Attention(Attention),
-    /// Gated DeltaNet linear attention (HF `Qwen3_5GatedDeltaNet`).
-    Linear(GatedDeltaNet),
+impl StateMixer for GatedDeltaNet {
+    const KIND: &'static str = "linear-attention";
+    const ARRAYS: usize = 2;
+
+    fn forward_cached(&self, x: &Tensor, state: &mut ArraysCache) -> Result<Tensor> {
+        self.forward(x, state)
+    }
+
+    fn forward_train(&self, x: &Tensor, dropout: bool) -> Result<Tensor> {
+        self.forward_diff(x, dropout)
+    }
+
+    /// `linear_attn.{in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj}`, none in a GGUF
+    /// whose value heads are stored tiled.
+    fn adapter_linears(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        // llama.cpp's tiled value-head order (a GGUF with 2 or more key heads, fewer than
+        // value heads; with one key head it is the grouped order) reorders these layers' rows
+        // and columns; adapters, in Hugging Face order, would not fit them: they stay without
+        // (an adapter naming them is refused).
+        let h = &self.heads;
+        if h.order == ValueHeadOrder::Tiled && h.n_k > 1 && h.n_k != h.n_v {
+            return Vec::new();
+        }
+        self.linears_mut()
+    }
 }
 
-/// A Qwen3.5 block: `h = x + mixer(input_layernorm(x)); h + mlp(post_attention_layernorm(h))`.
-#[derive(Debug)]
-pub struct Qwen35Block {
-    /// RMSNorm (1 + w) before the mixer.
-    pub input_layernorm: RmsNorm,
-    /// Full or linear attention.
-    pub mixer: Mixer,
-    /// RMSNorm (1 + w) before the feed-forward.
-    pub post_attention_layernorm: RmsNorm,
-    /// SwiGLU MLP or mixture of experts.
-    pub mlp: Mlp,
-}
-
-/// A Qwen3.5 causal language model (dense or MoE).
-#[derive(Debug)]
-pub struct Qwen35 {
-    embed_tokens: Embedding,
-    layers: Vec<Qwen35Block>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: RotaryEmbedding,
-    /// Adapter names' prefix ([`crate::models::wrap_slots`]): `language_model` when loaded
-    /// from a config with `text_config` (mlx-lm's `qwen3_5` / `qwen3_5_moe` models).
-    wrapper: Option<&'static str>,
-    info: ModelInfo,
-    device: Device,
-}
+/// A Qwen3.5 causal language model (dense or MoE): blocks `h = x +
+/// mixer(input_layernorm(x)); h + mlp(post_attention_layernorm(h))` whose mixer is gated full
+/// attention (HF `Qwen3_5Attention`) or a [`GatedDeltaNet`] (HF `Qwen3_5GatedDeltaNet`).
+/// Adapters: per block under `model.layers.{i}` (mlx-lm's `qwen3_5_text` module paths; the
+/// multimodal `qwen3_5` wrapper's are under `language_model.`) full-attention blocks'
+/// `self_attn.{q,k,v,o}_proj` (q with its output gate rows), linear-attention blocks'
+/// `linear_attn.{in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj}` (not in a GGUF whose
+/// value heads are stored tiled), dense MLPs' `mlp.{gate,up,down}_proj` (none for a mixture of
+/// experts); then `lm_head`.
+pub type Qwen35 = HybridLm<GatedDeltaNet>;
 
 /// A per-value-head vector `{a}.{name}` `[n_v]` on the host.
 fn head_values(w: &dyn Weights, a: &str, name: &str, n_v: usize) -> Result<Vec<f32>> {
@@ -586,7 +585,7 @@ impl Qwen35 {
             } else {
                 let (net, l) = delta_net(w, &p, cfg)?;
                 layout.get_or_insert(l);
-                Mixer::Linear(net)
+                Mixer::State(net)
             };
             mixers.push(mixer);
         }
@@ -603,10 +602,10 @@ impl Qwen35 {
                 a.q_norm = Some(norm(format!("{p}.self_attn.q_norm.weight"), hd)?);
                 a.k_norm = Some(norm(format!("{p}.self_attn.k_norm.weight"), hd)?);
             }
-            layers.push(Qwen35Block {
-                input_layernorm: norm(format!("{p}.input_layernorm.weight"), h)?,
+            layers.push(HybridBlock {
+                mixer_norm: norm(format!("{p}.input_layernorm.weight"), h)?,
                 mixer,
-                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp_norm: norm(format!("{p}.post_attention_layernorm.weight"), h)?,
                 mlp: mlp(w, &p, cfg)?,
             });
         }
@@ -628,6 +627,7 @@ impl Qwen35 {
             norm: norm("model.norm.weight".into(), h)?,
             lm_head,
             rope,
+            adapter_key: |key| key,
             wrapper: None,
             device: w.device().clone(),
             info: ModelInfo {
@@ -645,164 +645,6 @@ impl Qwen35 {
                 context_length: cfg.max_position_embeddings,
             },
         })
-    }
-
-    /// The empty state of layer `i` when it is a linear-attention layer (two arrays: the
-    /// convolution and recurrent states), `None` for full-attention layers.
-    fn state(&self, i: usize) -> Option<ArraysCache> {
-        match self.layers.get(i).map(|l| &l.mixer) {
-            Some(Mixer::Linear(_)) => Some(ArraysCache::new(2)),
-            _ => None,
-        }
-    }
-}
-
-impl Qwen35 {
-    /// Blocks `range` on `x: [batch, seq, hidden]` f32 at positions from `offset`: for
-    /// inference appending to `cache` (required), for training as differentiable ops, the
-    /// linear-attention layers starting from zero states (see [`Mode`],
-    /// [`GatedDeltaNet::forward_diff`]).
-    ///
-    /// Errors: an inference pass without a cache; the layers' errors.
-    fn run_blocks(
-        &self,
-        mut x: Tensor,
-        range: Range<usize>,
-        offset: usize,
-        mut cache: Option<&mut KvCache>,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        let pass = AttentionPass::new(&self.rope, offset, x.dim(1)?)?;
-        for (i, layer) in self
-            .layers
-            .iter()
-            .enumerate()
-            .take(range.end)
-            .skip(range.start)
-        {
-            let c = match cache.as_deref_mut() {
-                Some(c) => Some(c.layer_for_pass(i)?),
-                None => None,
-            };
-            let hn = layer.input_layernorm.forward_mode(&x, mode)?;
-            let r = match (&layer.mixer, mode) {
-                (Mixer::Attention(a), _) => a.forward(&hn, &pass, c, mode)?,
-                (Mixer::Linear(net), Mode::Training { dropout }) => {
-                    net.forward_diff(&hn, dropout)?
-                }
-                (Mixer::Linear(net), Mode::Inference) => {
-                    let c = c.ok_or_else(|| {
-                        Error::InvalidArgument(
-                            "linear attention for inference needs a cache".into(),
-                        )
-                    })?;
-                    net.forward(&hn, c.arrays_for(i, "linear-attention")?)?
-                }
-            };
-            x = (x + r)?;
-            let hn = layer.post_attention_layernorm.forward_mode(&x, mode)?;
-            x = (layer.mlp.forward(&hn, mode)? + x)?;
-        }
-        Ok(x)
-    }
-}
-
-impl CausalLM for Qwen35 {
-    fn forward(&self, input_ids: &Tensor, cache: &mut KvCache, logits: Logits) -> Result<Tensor> {
-        cache.check_layers(self.layers.len())?;
-        let offset = cache.offset();
-        let x = self.embed_tokens.forward(input_ids)?;
-        let all = 0..self.layers.len();
-        let x = self.run_blocks(x, all, offset, Some(cache), Mode::Inference)?;
-        build::output_logits(&x, &self.norm, &self.lm_head, logits)
-    }
-
-    fn trainable(&self) -> Option<&dyn Trainable> {
-        Some(self)
-    }
-
-    fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
-        Some(self)
-    }
-
-    fn new_cache(&self) -> KvCache {
-        KvCache::growing_with_states(self.layers.len(), |i| self.state(i))
-    }
-
-    fn make_cache(&self, config: &KvCacheConfig) -> Result<KvCache> {
-        KvCache::with_states(self.layers.len(), self.info.head_dim, config, |i| {
-            self.state(i)
-        })
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-}
-
-impl Trainable for Qwen35 {
-    /// Per block under `model.layers.{i}` (mlx-lm's `qwen3_5_text` module paths; the
-    /// multimodal `qwen3_5` wrapper's are under `language_model.`): full-attention blocks'
-    /// `self_attn.{q,k,v,o}_proj` (q with its output gate rows), linear-attention blocks'
-    /// `linear_attn.{in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,out_proj}` (not in a GGUF whose
-    /// value heads are stored tiled), dense MLPs'
-    /// `mlp.{gate,up,down}_proj` (none for a mixture of experts); then `lm_head`.
-    fn linears_mut(&mut self) -> Vec<LinearSlot<'_>> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let mixer: Vec<(&'static str, &mut Linear)> = match &mut layer.mixer {
-                Mixer::Attention(a) => a
-                    .linears_mut()
-                    .into_iter()
-                    .map(|(k, l, _)| (k, l))
-                    .collect(),
-                // llama.cpp's tiled value-head order (a GGUF with 2 or more key heads, fewer
-                // than value heads; with one key head it is the grouped order) reorders these
-                // layers' rows and columns; adapters, in Hugging Face order,
-                // would not fit them: they stay without (an adapter naming them is refused).
-                Mixer::Linear(net)
-                    if net.heads.order == ValueHeadOrder::Tiled
-                        && net.heads.n_k > 1
-                        && net.heads.n_k != net.heads.n_v =>
-                {
-                    Vec::new()
-                }
-                Mixer::Linear(net) => net.linears_mut(),
-            };
-            for (key, linear) in mixer.into_iter().chain(layer.mlp.linears_mut()) {
-                out.push(LinearSlot::new(i, key, linear));
-            }
-        }
-        out.push(LinearSlot::output(&mut self.lm_head));
-        crate::models::wrap_slots(out, self.wrapper)
-    }
-
-    fn hidden_states(&self, input_ids: &Tensor, upto: usize) -> Result<Tensor> {
-        let mut cache = self.new_cache();
-        let upto = upto.min(self.layers.len());
-        let x = self.embed_tokens.forward(input_ids)?;
-        self.run_blocks(x, 0..upto, 0, Some(&mut cache), Mode::Inference)
-    }
-
-    fn forward_blocks(&self, hidden: &Tensor, range: Range<usize>, train: bool) -> Result<Tensor> {
-        let mode = Mode::Training { dropout: train };
-        self.run_blocks(hidden.clone(), range, 0, None, mode)
-    }
-
-    fn forward_head(
-        &self,
-        hidden: &Tensor,
-        train: bool,
-        select: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let mode = Mode::Training { dropout: train };
-        let x = crate::models::select_positions(hidden, select)?;
-        self.lm_head
-            .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
     }
 }
 
