@@ -60,11 +60,13 @@ enum Command {
     Fuse(cmd::fuse::FuseArgs),
 }
 
-/// Asks glibc's malloc for one arena for the whole process, before any thread starts. The
-/// forward passes run on the thread pool's workers and glibc gives each worker an arena of its
-/// own, which keeps what that worker freed for its own later use: the 1B Q8_0's `bench -d 4096
-/// -p 512 -n 128` peaked at 2,171 MiB with the default arenas and 1,924 MiB with one (llama.cpp
-/// 1,926 MiB), at the same speed (2 threads, Xeon VM, 2026-12-05). Other C libraries: nothing.
+/// Asks glibc's malloc for one arena for the whole process, before any thread starts (every
+/// command but `serve`). The forward passes run on the thread pool's workers and glibc gives
+/// each worker an arena of its own, which keeps what that worker freed for its own later use:
+/// the 1B Q8_0's `bench -d 4096 -p 512 -n 128` peaked at 2,171 MiB with the default arenas and
+/// 1,924 MiB with one (llama.cpp 1,926 MiB), at the same speed (2 threads, Xeon VM,
+/// 2026-12-05). `serve` keeps glibc's arenas: with one, its HTTP, scheduler and pool threads
+/// contended for the lock and 16 clients got 20% fewer tokens/s. Other C libraries: nothing.
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only sets a malloc parameter; no thread has started yet.
@@ -74,7 +76,6 @@ fn one_malloc_arena() {
 }
 
 fn main() {
-    one_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POCKETLM_LOG")
@@ -83,6 +84,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        one_malloc_arena();
+    }
     if let Some(t) = cli.threads {
         // Before any compute thread starts: candle and rayon read it when their pools start.
         std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
