@@ -7,12 +7,15 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::cuda::{kv_address, CudaDecoder, DecoderLayer, DecoderSpec};
+use crate::cuda::{
+    kv_address, CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, MOE_MAX_EXPERTS,
+    MOE_MAX_TOPK,
+};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
-    CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, Prefill, Trainable, VisionInfo,
+    CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable, VisionInfo,
 };
-use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, RotaryEmbedding};
+use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, RotaryEmbedding, Scoring};
 use crate::{Error, Result};
 
 /// Positions the fused decode step's RoPE tables cover at most.
@@ -178,8 +181,9 @@ impl Accelerated {
 /// attention sinks, a query temperature, an activation other than SiLU or GELU-tanh,
 /// LongRoPE or partial rotary, head_dim other than 64/96/128/256. It takes the q/k/v bias
 /// (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 3),
-/// Gemma's post norms, GeGLU, embedding scale, query scale and per-layer RoPE (one table per
-/// rotary embedding). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16
+/// Gemma's post norms, GeGLU, embedding scale, query scale, per-layer RoPE (one table per
+/// rotary embedding), and mixtures of experts with softmax top-k routing and no shared expert
+/// (Qwen3-MoE; see [`ffn`]). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16
 /// for it (as llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
 fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     if crate::switches::switched_off("POCKETLM_FUSED_DECODE")
@@ -197,16 +201,13 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     let mut ropes: Vec<&RotaryEmbedding> = vec![plan.rope];
     let mut layers = Vec::with_capacity(plan.blocks.len());
     let mut dims = None;
+    let mut dense_inter = None;
     for b in &plan.blocks {
-        let (a, m) = (b.attention, b.mlp);
-        let (
-            QkvProj::Fused(qkv),
-            GateUp::Fused {
-                gate_up,
-                intermediate,
-            },
-        ) = (&a.qkv, &m.gate_up)
-        else {
+        let a = b.attention;
+        let QkvProj::Fused(qkv) = &a.qkv else {
+            return Ok(None);
+        };
+        let Some((ffn, activation)) = ffn(b.mlp, &mut dense_inter)? else {
             return Ok(None);
         };
         let rope = b.rope.unwrap_or(plan.rope);
@@ -232,7 +233,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             || a.softcap.is_some()
             || a.query_temperature.is_some()
             || a.sinks.is_some()
-            || !matches!(m.activation, Activation::Silu | Activation::GeluTanh)
+            || !matches!(activation, Activation::Silu | Activation::GeluTanh)
             || !rope.offset_independent()
             || rope.rotary_dim() != a.head_dim
             || rope.interleaved() != plan.rope.interleaved()
@@ -250,12 +251,10 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             Linear::Cuda { weight, bias } => (Some(weight.clone()), bias.clone()),
             _ => (None, None),
         };
-        let (Some(qkv), Some(o), Some(gate_up), Some(down)) =
-            (qkv, ours(&a.o_proj), ours(gate_up), ours(&m.down_proj))
-        else {
+        let (Some(qkv), Some(o)) = (qkv, ours(&a.o_proj)) else {
             return Ok(None);
         };
-        dims = Some((a.n_heads, a.n_kv_heads, a.head_dim, *intermediate));
+        dims = Some((a.n_heads, a.n_kv_heads, a.head_dim));
         let norm = |n: &Option<RmsNorm>| n.as_ref().map(|n| f32_vec(n.weight()));
         layers.push(DecoderLayer {
             attn_norm: b.attn_norm.weight().clone(),
@@ -270,16 +269,16 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             rope: rope_index,
             post_attn_norm: b.post_attn_norm.map(|n| f32_vec(n.weight())).transpose()?,
             post_mlp_norm: b.post_mlp_norm.map(|n| f32_vec(n.weight())).transpose()?,
-            gelu: m.activation == Activation::GeluTanh,
+            gelu: activation == Activation::GeluTanh,
             o,
             ffn_norm: b.mlp_norm.weight().clone(),
-            gate_up,
-            down,
+            ffn,
         });
     }
-    let Some((n_heads, n_kv_heads, head_dim, intermediate)) = dims else {
+    let Some((n_heads, n_kv_heads, head_dim)) = dims else {
         return Ok(None);
     };
+    let intermediate = dense_inter.unwrap_or(0);
     let hidden = plan.norm.weight().dim(0)?;
     let positions = plan.context_length.clamp(1, MAX_POSITIONS);
     let ropes = ropes
@@ -301,6 +300,85 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
         ropes,
         embed_scale: plan.embed_scale,
     }))
+}
+
+/// A plan's feed-forward layer as the decoder takes it, with its activation; `None` when it
+/// has layers other than ours: a dense MLP whose gate and up are not stacked, or whose dense
+/// width differs from the other dense layers' (`dense_inter`, set by the first); a mixture of
+/// experts with shared experts, routing other than softmax top-k (a selection bias, groups, a
+/// scale, per-expert scales), a router that is not a bias-free float matrix, experts not of
+/// our CUDA kernels' formats, or more experts or a larger top-k than the kernels take.
+fn ffn(
+    mlp: PlanMlp<'_>,
+    dense_inter: &mut Option<usize>,
+) -> Result<Option<(DecoderFfn, Activation)>> {
+    let ours = |l: &Linear| match l {
+        Linear::Cuda { weight, bias: None } => Some(weight.clone()),
+        _ => None,
+    };
+    match mlp {
+        PlanMlp::Dense(m) => {
+            let GateUp::Fused {
+                gate_up,
+                intermediate,
+            } = &m.gate_up
+            else {
+                return Ok(None);
+            };
+            if *dense_inter.get_or_insert(*intermediate) != *intermediate {
+                return Ok(None);
+            }
+            let (Some(gate_up), Some(down)) = (ours(gate_up), ours(&m.down_proj)) else {
+                return Ok(None);
+            };
+            Ok(Some((DecoderFfn::Dense { gate_up, down }, m.activation)))
+        }
+        PlanMlp::Moe(moe) => {
+            let r = &moe.router;
+            let Linear::Dense(gate) = &r.gate else {
+                return Ok(None);
+            };
+            if moe.shared.is_some()
+                || r.scoring != Scoring::Softmax
+                || r.selection_bias.is_some()
+                || r.groups.is_some()
+                || r.scale != 1.0
+                || r.expert_scale.is_some()
+                || gate.bias().is_some()
+                || moe.experts.len() > MOE_MAX_EXPERTS
+                || r.top_k == 0
+                || r.top_k > MOE_MAX_TOPK.min(moe.experts.len())
+            {
+                return Ok(None);
+            }
+            let Some(activation) = moe.experts.first().map(|e| e.activation) else {
+                return Ok(None);
+            };
+            let mut experts = Vec::with_capacity(moe.experts.len());
+            for e in &moe.experts {
+                let GateUp::Separate { gate, up } = &e.gate_up else {
+                    return Ok(None);
+                };
+                let (Some(g), Some(u), Some(d)) = (ours(gate), ours(up), ours(&e.down_proj)) else {
+                    return Ok(None);
+                };
+                if e.activation != activation {
+                    return Ok(None);
+                }
+                experts.push([g, u, d]);
+            }
+            let router = gate.weight().to_dtype(DType::F32)?.contiguous()?;
+            Ok(Some((
+                DecoderFfn::Moe(Box::new(DecoderMoe {
+                    router,
+                    experts,
+                    top_k: r.top_k,
+                    norm_topk_prob: r.norm_topk_prob,
+                })),
+                activation,
+            )))
+        }
+    }
 }
 
 impl CausalLM for Accelerated {

@@ -122,10 +122,85 @@ pub struct DecoderLayer {
     pub o: Arc<CudaQMatrix>,
     /// RMSNorm weight before the MLP, `[hidden]` f32.
     pub ffn_norm: Tensor,
-    /// Gate then up projections stacked by rows: `[2 intermediate, hidden]`.
-    pub gate_up: Arc<CudaQMatrix>,
-    /// Down projection `[hidden, intermediate]`.
-    pub down: Arc<CudaQMatrix>,
+    /// The feed-forward layer.
+    pub ffn: DecoderFfn,
+}
+
+/// The feed-forward layer of a [`DecoderLayer`].
+#[derive(Debug, Clone)]
+pub enum DecoderFfn {
+    /// A gated MLP.
+    Dense {
+        /// Gate then up projections stacked by rows: `[2 intermediate, hidden]`.
+        gate_up: Arc<CudaQMatrix>,
+        /// Down projection `[hidden, intermediate]`.
+        down: Arc<CudaQMatrix>,
+    },
+    /// A mixture of experts with softmax routing and no shared expert (Qwen3-MoE).
+    Moe(Box<DecoderMoe>),
+}
+
+/// A mixture-of-experts layer of the fused step: the router's logits (f32, on the normalized
+/// f32 input), the top-k choice with softmax weights, the chosen experts' gate/up GEMVs with
+/// SwiGLU (or GeGLU), and their down GEMVs summed with the weights into the residual, reading
+/// only the chosen experts' weights (`moe_router`, `moe_gate_up_*`, `moe_down_*` in
+/// qmatrix.cu). The weights are as transformers' `Qwen3MoeSparseMoeBlock` computes them:
+/// `softmax(logits)` over all experts, the `top_k` highest (lower index first among equals),
+/// divided by their sum when `norm_topk_prob`.
+#[derive(Debug, Clone)]
+pub struct DecoderMoe {
+    /// Router weight `[n_experts, hidden]` f32 on the device.
+    pub router: Tensor,
+    /// Per expert its gate `[intermediate, hidden]`, up `[intermediate, hidden]` and down
+    /// `[hidden, intermediate]` projections, all of one quantized format.
+    pub experts: Vec<[Arc<CudaQMatrix>; 3]>,
+    /// Experts per token (at most [`MOE_MAX_TOPK`]).
+    pub top_k: usize,
+    /// Divide the chosen experts' weights by their sum.
+    pub norm_topk_prob: bool,
+}
+
+/// Most experts a [`DecoderMoe`] may have (`MOE_MAX_EXPERTS` in qmatrix.cu).
+pub const MOE_MAX_EXPERTS: usize = 512;
+/// Most experts a token may take in a [`DecoderMoe`] (`MOE_MAX_TOPK` in qmatrix.cu).
+pub const MOE_MAX_TOPK: usize = 16;
+
+impl DecoderMoe {
+    /// The expert width.
+    fn intermediate(&self) -> usize {
+        self.experts.first().map_or(0, |e| e[0].dims().0)
+    }
+
+    /// Whether the shapes fit `hidden` and the kernels: one format, widths multiples of 32.
+    fn fits(&self, hidden: usize) -> bool {
+        let inter = self.intermediate();
+        let kernel = self.experts.first().map(|e| e[0].kernel_name());
+        let group = self.experts.first().map(|e| e[0].group());
+        !self.experts.is_empty()
+            && self.experts.len() <= MOE_MAX_EXPERTS
+            && (1..=MOE_MAX_TOPK.min(self.experts.len())).contains(&self.top_k)
+            && inter.is_multiple_of(32)
+            && self.router.dims() == [self.experts.len(), hidden]
+            && self.experts.iter().all(|[g, u, d]| {
+                g.dims() == (inter, hidden)
+                    && u.dims() == (inter, hidden)
+                    && d.dims() == (hidden, inter)
+                    && [g, u, d]
+                        .iter()
+                        .all(|m| Some(m.kernel_name()) == kernel && Some(m.group()) == group)
+            })
+    }
+
+    /// The device table the kernels read: per expert the codes, scales and biases addresses
+    /// of its gate, up and down matrices (9 u64).
+    fn table(&self, dev: &CudaDevice) -> Result<CudaSlice<u64>> {
+        let host: Vec<u64> = self
+            .experts
+            .iter()
+            .flat_map(|e| e.iter().flat_map(|m| m.raw_ptrs()))
+            .collect();
+        Ok(dev.cuda_stream().clone_htod(&host).w()?)
+    }
 }
 
 /// What [`CudaDecoder::new`] needs: weights, shapes and the RoPE tables.
@@ -148,7 +223,7 @@ pub struct DecoderSpec {
     pub head_dim: usize,
     /// Hidden size.
     pub hidden: usize,
-    /// MLP intermediate size.
+    /// Dense MLP intermediate size (any, when every layer is a mixture of experts).
     pub intermediate: usize,
     /// RoPE pairs adjacent values (GGUF Llama) rather than halves.
     pub interleaved: bool,
@@ -183,6 +258,10 @@ struct Buffers {
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     ffh: CudaSlice<f32>,
+    /// The normalized input of a mixture of experts in f32 (the router reads it).
+    xn: CudaSlice<f32>,
+    /// A mixture of experts' router logits.
+    logits: CudaSlice<f32>,
     out: CudaSlice<f32>,
     params: CudaSlice<i32>,
     kv: CudaSlice<u64>,
@@ -192,6 +271,8 @@ struct Buffers {
 /// lock.
 pub struct CudaDecoder {
     spec: DecoderSpec,
+    /// The expert tables `ptr.moe_tables` points into.
+    _moe_tables: Vec<Option<CudaSlice<u64>>>,
     dev: CudaDevice,
     buf: Buffers,
     /// Raw addresses of the buffers and weights the kernels take.
@@ -230,11 +311,16 @@ struct Ptrs {
     part_o: u64,
     part_ml: u64,
     ffh: u64,
+    xn: u64,
+    logits: u64,
     out: u64,
     params: u64,
     kv: u64,
     /// (cos, sin) of each of the spec's RoPE tables.
     ropes: Vec<(u64, u64)>,
+    /// Per layer the device address of its expert table (`DecoderMoe::table`), 0 for a dense
+    /// layer.
+    moe_tables: Vec<u64>,
 }
 
 pub(crate) fn tensor_ptr(
@@ -295,8 +381,12 @@ impl CudaDecoder {
                     && dims_ok(&l.post_mlp_norm, h)
                     && l.rope < spec.ropes.len()
                     && l.o.dims() == (h, nh * hd)
-                    && l.gate_up.dims() == (2 * inter, h)
-                    && l.down.dims() == (h, inter)
+                    && match &l.ffn {
+                        DecoderFfn::Dense { gate_up, down } => {
+                            gate_up.dims() == (2 * inter, h) && down.dims() == (h, inter)
+                        }
+                        DecoderFfn::Moe(m) => m.fits(h),
+                    }
             })
             && spec.lm_head.as_ref().is_none_or(|m| m.dims().1 == h);
         if !ok_shapes {
@@ -304,7 +394,34 @@ impl CudaDecoder {
                 "the fused CUDA decode step does not take this model's shapes".into(),
             ));
         }
-        let widest = h.max(nh * hd).max(inter);
+        // The feed-forward's hidden activations: the dense width, or top_k experts' widths.
+        let ff_width = spec
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                DecoderFfn::Dense { .. } => inter,
+                DecoderFfn::Moe(m) => m.top_k * m.intermediate(),
+            })
+            .max()
+            .unwrap_or(inter);
+        let n_experts = spec
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                DecoderFfn::Dense { .. } => 0,
+                DecoderFfn::Moe(m) => m.experts.len(),
+            })
+            .max()
+            .unwrap_or(0);
+        let moe_tables = spec
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                DecoderFfn::Dense { .. } => Ok(None),
+                DecoderFfn::Moe(m) => m.table(&dev).map(Some),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let widest = h.max(nh * hd).max(ff_width);
         let out_len = spec.lm_head.as_ref().map_or(h, |m| m.dims().0);
         let split = AttnSplit::from_env();
         let buf = Buffers {
@@ -316,7 +433,9 @@ impl CudaDecoder {
             y: dev.alloc_zeros::<f32>(h)?,
             part_o: dev.alloc_zeros::<f32>(nh * split.splits * hd)?,
             part_ml: dev.alloc_zeros::<f32>(2 * nh * split.splits)?,
-            ffh: dev.alloc_zeros::<f32>(inter)?,
+            ffh: dev.alloc_zeros::<f32>(ff_width.max(1))?,
+            xn: dev.alloc_zeros::<f32>(h)?,
+            logits: dev.alloc_zeros::<f32>(n_experts.max(1))?,
             out: dev.alloc_zeros::<f32>(out_len)?,
             params: dev.alloc_zeros::<i32>(4)?,
             kv: dev.alloc_zeros::<u64>(2 * spec.layers.len())?,
@@ -333,9 +452,15 @@ impl CudaDecoder {
             part_o: p(&buf.part_o),
             part_ml: p(&buf.part_ml),
             ffh: p(&buf.ffh),
+            xn: p(&buf.xn),
+            logits: p(&buf.logits),
             out: p(&buf.out),
             params: p(&buf.params),
             kv: p(&buf.kv),
+            moe_tables: moe_tables
+                .iter()
+                .map(|t| t.as_ref().map_or(0, |t| p(t)))
+                .collect(),
             ropes: spec
                 .ropes
                 .iter()
@@ -344,6 +469,7 @@ impl CudaDecoder {
         };
         let use_graph = !crate::switches::switched_off("POCKETLM_CUDA_GRAPH");
         Ok(Self {
+            _moe_tables: moe_tables,
             kv_host: vec![0; 2 * spec.layers.len()],
             spec,
             dev,
@@ -467,11 +593,13 @@ impl CudaDecoder {
         // rmsnorm_q8 holds up to 4 runs of 4 values a thread.
         let norm_threads = (h.div_ceil(16).div_ceil(32) * 32).clamp(32, 1024) as u32;
         // RMSNorm + quantization of the residual; with `post` (a post-norm weight), the
-        // projection waiting in `y` is first normalized by it and added to the residual.
-        let norm = |w: u64, post: Option<u64>| -> Result<()> {
+        // projection waiting in `y` is first normalized by it and added to the residual; with
+        // `xn` (else 0) the normalized values are also written there in f32.
+        let norm_to = |w: u64, post: Option<u64>, xn: u64| -> Result<()> {
             let mut b = Launch::new(&rmsnorm);
             b.arg(p.x).arg(w).arg(eps).arg(hi).arg(p.xq).arg(p.xd);
             b.arg(post.map_or(0, |_| p.y)).arg(post.unwrap_or(0));
+            b.arg(xn);
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (norm_threads, 1, 1),
@@ -480,6 +608,7 @@ impl CudaDecoder {
             // SAFETY: rmsnorm_q8's parameters, in order; the decoder's buffers.
             unsafe { b.launch(&stream, cfg) }
         };
+        let norm = |w: u64, post: Option<u64>| norm_to(w, post, 0);
         let norm_f32 = func("rmsnorm_f32")?;
         // rmsnorm_f32 of `x` into `y` (accumulate: added to it).
         let norm_into = |x: u64, w: u64, y: u64, accumulate: bool| -> Result<()> {
@@ -554,15 +683,31 @@ impl CudaDecoder {
                 self.split,
             )?;
             let post = add_residual(&l.o, &l.post_attn_norm)?;
-            norm(tensor_ptr(&l.ffn_norm, &stream)?, post)?;
-            let gated = if l.gelu {
-                Epilogue::GeGlu
-            } else {
-                Epilogue::SwiGlu
-            };
-            l.gate_up.launch_gemv(gated, p.xq, p.xd, p.ffh, 1)?;
-            quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
-            pending = add_residual(&l.down, &l.post_mlp_norm)?;
+            let ffn_norm = tensor_ptr(&l.ffn_norm, &stream)?;
+            match &l.ffn {
+                DecoderFfn::Dense { gate_up, down } => {
+                    norm(ffn_norm, post)?;
+                    let gated = if l.gelu {
+                        Epilogue::GeGlu
+                    } else {
+                        Epilogue::SwiGlu
+                    };
+                    gate_up.launch_gemv(gated, p.xq, p.xd, p.ffh, 1)?;
+                    quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
+                    pending = add_residual(down, &l.post_mlp_norm)?;
+                }
+                DecoderFfn::Moe(m) => {
+                    norm_to(ffn_norm, post, p.xn)?;
+                    let table = p.moe_tables[li as usize];
+                    let add = l.post_mlp_norm.is_none();
+                    self.launch_moe(m, table, l.gelu, add)?;
+                    pending = l
+                        .post_mlp_norm
+                        .as_ref()
+                        .map(|w| tensor_ptr(w, &stream))
+                        .transpose()?;
+                }
+            }
         }
         let wn = tensor_ptr(&s.norm, &stream)?;
         match &s.lm_head {
@@ -579,6 +724,86 @@ impl CudaDecoder {
         }
     }
 }
+
+impl CudaDecoder {
+    /// Launches a mixture of experts over the normalized input (`xn` f32, `xq`/`xd`
+    /// quantized): the router's logits, the chosen experts' gate/up GEMVs with SwiGLU (GeGLU
+    /// with `gelu`) into `ffh` `[top_k, intermediate]`, its quantization, and the down
+    /// GEMVs, weighted and summed in expert order, added to the residual `x` (`add`) or
+    /// written to `y` for a post norm. `table` is the layer's expert table
+    /// ([`DecoderMoe::table`]). Safe to capture in a CUDA graph.
+    fn launch_moe(&self, m: &DecoderMoe, table: u64, gelu: bool, add: bool) -> Result<()> {
+        let p = &self.ptr;
+        let stream = self.dev.cuda_stream();
+        let func = |name: &str| self.dev.get_or_load_custom_func(name, MODULE, PTX);
+        let (h, inter, n_exp, top_k) =
+            (self.spec.hidden, m.intermediate(), m.experts.len(), m.top_k);
+        let kernel = m.experts[0][0].kernel_name();
+        let group = m.experts[0][0].group() as i32;
+        // Four experts' logits a block, one warp each.
+        let router = func("moe_router")?;
+        let mut b = Launch::new(&router);
+        b.arg(tensor_ptr(&m.router, &stream)?)
+            .arg(p.xn)
+            .arg(p.logits)
+            .arg(n_exp as i32)
+            .arg(h as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (n_exp.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: moe_router's parameters, in order; the router weight and the decoder's buffers.
+        unsafe { b.launch(&stream, cfg) }?;
+        // The selection the gate/up and down kernels each make from the logits.
+        let select = |b: &mut Launch<'_>| {
+            b.arg(table)
+                .arg(p.logits)
+                .arg(n_exp as i32)
+                .arg(top_k as i32)
+                .arg(m.norm_topk_prob as i32)
+                .arg(p.xq)
+                .arg(p.xd);
+        };
+        let gate_up = func(&format!("moe_gate_up_{kernel}"))?;
+        let mut b = Launch::new(&gate_up);
+        select(&mut b);
+        b.arg(p.ffh)
+            .arg(inter as i32)
+            .arg(h as i32)
+            .arg(group)
+            .arg(gelu as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (inter.div_ceil(MOE_GATE_UP_ROWS) as u32, top_k as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: moe_gate_up_*'s parameters, in order; the expert table holds the addresses
+        // of matrices of this kernel's format and these shapes (`DecoderMoe::fits`).
+        unsafe { b.launch(&stream, cfg) }?;
+        quantize_q8(&self.dev, p.ffh, p.xq, p.xd, top_k * inter)?;
+        let down = func(&format!("moe_down_{kernel}"))?;
+        let mut b = Launch::new(&down);
+        select(&mut b);
+        b.arg(if add { p.x } else { p.y })
+            .arg(h as i32)
+            .arg(inter as i32)
+            .arg(group)
+            .arg(add as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (h.div_ceil(MOE_DOWN_ROWS) as u32, 1, 1),
+            block_dim: (32 * top_k as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: moe_down_*'s parameters, in order; as above.
+        unsafe { b.launch(&stream, cfg) }
+    }
+}
+
+/// Output rows of one `moe_gate_up_*` block (`MOE_GATE_UP_ROWS` in qmatrix.cu).
+const MOE_GATE_UP_ROWS: usize = 2;
+/// Output rows of one `moe_down_*` block (`MOE_DOWN_ROWS` in qmatrix.cu).
+const MOE_DOWN_ROWS: usize = 4;
 
 /// Device addresses the decode attention kernels take (see `attn_gqa` and `attn_merge` in
 /// qmatrix.cu).

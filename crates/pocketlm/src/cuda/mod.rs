@@ -11,7 +11,9 @@ mod launch;
 mod qmatrix;
 mod sample;
 
-pub use decoder::{CudaDecoder, DecoderLayer, DecoderSpec};
+pub use decoder::{
+    CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+};
 pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS};
 pub use sample::sample_token;
 

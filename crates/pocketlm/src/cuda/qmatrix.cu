@@ -483,6 +483,199 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
   out[idx] = v;
 }
 
+// ---- Mixture of experts in the decode step (one token) ----
+// The router's logits in f32, then in each block that needs them the choice: softmax over all
+// experts, the top_k highest (the lower index first among equals, as a stable sort), weights
+// divided by the chosen ones' sum when `norm` (transformers' Qwen3MoeSparseMoeBlock). The
+// chosen experts are kept in expert order: slot k of the gate/up output is the k-th chosen by
+// index, and the down kernel sums the weighted outputs in that order (as the CPU's index_add).
+// `table` holds per expert 9 addresses: codes, scales, biases of its gate, up, down matrices.
+#define MOE_MAX_EXPERTS 512
+#define MOE_MAX_TOPK 16
+#define MOE_GATE_UP_ROWS 2
+#define MOE_DOWN_ROWS 4
+
+// logits[e] = w[e] . xn, f32; one warp per expert (blockDim.x / 32 experts a block).
+extern "C" __global__ void moe_router(const float *__restrict__ w, const float *__restrict__ xn,
+                                      float *__restrict__ logits, int n_experts, int hidden) {
+  const int lane = threadIdx.x & 31;
+  const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (e < n_experts) {
+    const char *row = reinterpret_cast<const char *>(w + (size_t)e * hidden);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    for (int o = lane * 128; o < hidden * 4; o += 32 * 128)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(row + o));
+#endif
+  }
+  pdl_enter();
+  if (e >= n_experts) return;
+  float acc = 0.f;
+  for (int k = lane * 4; k < hidden; k += 128) {
+    const float4 a = __ldg(reinterpret_cast<const float4 *>(w + (size_t)e * hidden + k));
+    const float4 b = *reinterpret_cast<const float4 *>(xn + k);
+    acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) logits[e] = acc;
+}
+
+// The choice from `logits` (n experts) into shared s_id / s_w (top_k each, in expert order);
+// every thread of the block must call it; valid in all threads when it returns.
+__device__ void moe_select(const float *__restrict__ logits, int n, int top_k, int norm,
+                           int *s_id, float *s_w) {
+  __shared__ float s_l[MOE_MAX_EXPERTS];
+  __shared__ unsigned s_bits[MOE_MAX_EXPERTS / 32];
+  __shared__ float s_ms[2];
+  const int tid = threadIdx.x;
+  for (int e = tid; e < n; e += blockDim.x) s_l[e] = logits[e];
+  for (int i = tid; i < MOE_MAX_EXPERTS / 32; i += blockDim.x) s_bits[i] = 0u;
+  __syncthreads();
+  if (tid < 32) {
+    float m = -INFINITY;
+    for (int e = tid; e < n; e += 32) m = fmaxf(m, s_l[e]);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int e = tid; e < n; e += 32) sum += expf(s_l[e] - m);
+    sum = warp_sum(sum);
+    if (tid == 0) {
+      s_ms[0] = m;
+      s_ms[1] = sum;
+    }
+  }
+  for (int e = tid; e < n; e += blockDim.x) {
+    const float v = s_l[e];
+    int rank = 0;
+    for (int j = 0; j < n; j++) {
+      const float u = s_l[j];
+      rank += (u > v) || (u == v && j < e);
+    }
+    if (rank < top_k) atomicOr(&s_bits[e >> 5], 1u << (e & 31));
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const float m = s_ms[0], sum = s_ms[1];
+    int k = 0;
+    float chosen = 0.f;
+    for (int wd = 0; wd < (n + 31) / 32 && k < top_k; wd++) {
+      unsigned bits = s_bits[wd];
+      while (bits && k < top_k) {
+        const int e = wd * 32 + __ffs(bits) - 1;
+        bits &= bits - 1;
+        const float sc = expf(s_l[e] - m) / sum;
+        s_id[k] = e;
+        s_w[k] = sc;
+        chosen += sc;
+        k++;
+      }
+    }
+    for (; k < top_k; k++) {  // only with NaN logits: no expert, no weight
+      s_id[k] = 0;
+      s_w[k] = 0.f;
+    }
+    if (norm && chosen > 0.f)
+      for (int j = 0; j < top_k; j++) s_w[j] /= chosen;
+  }
+  __syncthreads();
+}
+
+// Gate/up of the chosen experts: block (b, k) computes outputs r = b*H .. +H of slot k,
+// h[k, r] = act(gate_e[r] . x) * (up_e[r] . x) for its expert e (act SiLU, or GELU-tanh with
+// `gelu`), x the quantized input (one row).
+template <int BITS, bool SIGNED, bool BIAS, typename S, int H>
+__device__ void moe_gate_up(const unsigned long long *__restrict__ table,
+                            const float *__restrict__ logits, int n_experts, int top_k, int norm,
+                            const int8_t *__restrict__ xq, const float2 *__restrict__ xd,
+                            float *__restrict__ h, int inter, int cols, int group, int gelu) {
+  __shared__ int s_id[MOE_MAX_TOPK];
+  __shared__ float s_w[MOE_MAX_TOPK];
+  pdl_enter();
+  moe_select(logits, n_experts, top_k, norm, s_id, s_w);
+  const int slot = blockIdx.y, first = blockIdx.x * H;
+  if (first >= inter) return;  // uniform across the block
+  const unsigned long long *t = table + (size_t)s_id[slot] * 9;
+  int rr[H];
+#pragma unroll
+  for (int k = 0; k < H; k++) rr[k] = min(first + k, inter - 1);
+  float g[H], u[H];
+  rows_dot<BITS, SIGNED, BIAS, S, H>(reinterpret_cast<const uint8_t *>(t[0]),
+                                     reinterpret_cast<const S *>(t[1]),
+                                     reinterpret_cast<const S *>(t[2]), xq, xd, rr, cols, group, g);
+  __syncthreads();  // rows_dot's shared sums are read by thread 0 before the next call writes
+  rows_dot<BITS, SIGNED, BIAS, S, H>(reinterpret_cast<const uint8_t *>(t[3]),
+                                     reinterpret_cast<const S *>(t[4]),
+                                     reinterpret_cast<const S *>(t[5]), xq, xd, rr, cols, group, u);
+  if (threadIdx.x != 0) return;
+#pragma unroll
+  for (int k = 0; k < H; k++) {
+    if (first + k >= inter) break;
+    const float a = gelu ? gelu_tanh(g[k]) : g[k] / (1.f + expf(-g[k]));
+    h[(size_t)slot * inter + first + k] = a * u[k];
+  }
+}
+
+// Down of the chosen experts, weighted and summed: block b takes rows r = b*R .. +R of the
+// output; warp k (one per slot, blockDim.x = 32 * top_k) dots them for slot k's expert with
+// row k of the quantized x [top_k, cols]; then y[r] (+)= sum_k w_k * dot_k in slot order.
+template <int BITS, bool SIGNED, bool BIAS, typename S, int R>
+__device__ void moe_down(const unsigned long long *__restrict__ table,
+                         const float *__restrict__ logits, int n_experts, int top_k, int norm,
+                         const int8_t *__restrict__ xq, const float2 *__restrict__ xd,
+                         float *__restrict__ y, int rows, int cols, int group, int add) {
+  __shared__ int s_id[MOE_MAX_TOPK];
+  __shared__ float s_w[MOE_MAX_TOPK];
+  __shared__ float red[MOE_MAX_TOPK][R];
+  pdl_enter();
+  moe_select(logits, n_experts, top_k, norm, s_id, s_w);
+  const int first = blockIdx.x * R;
+  if (first >= rows) return;  // uniform across the block
+  const int lane = threadIdx.x & 31, slot = threadIdx.x >> 5;
+  const unsigned long long *t = table + (size_t)s_id[slot] * 9 + 6;
+  const uint8_t *qs = reinterpret_cast<const uint8_t *>(t[0]);
+  const S *sc = reinterpret_cast<const S *>(t[1]);
+  const S *bi = reinterpret_cast<const S *>(t[2]);
+  const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
+  constexpr int BB = BITS == 4 ? 16 : 32;
+  const int8_t *xqs = xq + (size_t)slot * cols;
+  const float2 *xds = xd + (size_t)slot * nblocks;
+  float acc[R];
+#pragma unroll
+  for (int k = 0; k < R; k++) acc[k] = 0.f;
+  for (int b = lane; b < nblocks; b += 32) {
+    const int4 *xv = reinterpret_cast<const int4 *>(xqs + (size_t)b * 32);
+    const int4 x0 = xv[0], x1 = xv[1];
+    const float2 dx = xds[b];
+    const int g = b / bpg;
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+      const size_t row = (size_t)min(first + k, rows - 1);
+      const int isum = block_dot<BITS, SIGNED>(qs + (row * nblocks + b) * BB, x0, x1);
+      const float s = to_f32(sc[row * groups + g]);
+      if (BIAS) {
+        acc[k] += s * dx.x * (float)isum + to_f32(bi[row * groups + g]) * dx.y;
+      } else if (BITS == 4) {
+        acc[k] += s * (dx.x * (float)isum - 8.f * dx.y);
+      } else {
+        acc[k] += s * dx.x * (float)isum;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < R; k++) {
+    const float v = warp_sum(acc[k]);
+    if (lane == 0) red[slot][k] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < R && first + (int)threadIdx.x < rows) {
+    const int k = threadIdx.x;
+    float v = 0.f;
+    for (int j = 0; j < top_k; j++) v += red[j][k] * s_w[j];
+    if (add)
+      y[first + k] += v;
+    else
+      y[first + k] = v;
+  }
+}
+
 #define QGEMV(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, R)                                       \
   extern "C" __global__ void qgemv##EPIN##R##_##NAME(const uint8_t *qs, const S *sc,             \
                                                      const S *bi, const int8_t *xq,                \
@@ -522,6 +715,18 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
   extern "C" __global__ void qdequant_##NAME(const uint8_t *qs, const S *sc, const S *bi,         \
                                              uint4 *out, int rows, int cols, int group) {          \
     qdequant<BITS, SIGNED, BIAS, S>(qs, sc, bi, out, rows, cols, group);                           \
+  }                                                                                                \
+  extern "C" __global__ void moe_gate_up_##NAME(                                                    \
+      const unsigned long long *table, const float *logits, int n_experts, int top_k, int norm,   \
+      const int8_t *xq, const float2 *xd, float *h, int inter, int cols, int group, int gelu) {    \
+    moe_gate_up<BITS, SIGNED, BIAS, S, MOE_GATE_UP_ROWS>(table, logits, n_experts, top_k, norm,   \
+                                                         xq, xd, h, inter, cols, group, gelu);     \
+  }                                                                                                \
+  extern "C" __global__ void moe_down_##NAME(                                                       \
+      const unsigned long long *table, const float *logits, int n_experts, int top_k, int norm,   \
+      const int8_t *xq, const float2 *xd, float *y, int rows, int cols, int group, int add) {      \
+    moe_down<BITS, SIGNED, BIAS, S, MOE_DOWN_ROWS>(table, logits, n_experts, top_k, norm, xq, xd, \
+                                                   y, rows, cols, group, add);                     \
   }
 
 QKERNELS(q4_0, 4, false, false, __half)
@@ -561,12 +766,14 @@ __device__ __forceinline__ float block_rms_scale(float ss, int n, float eps, flo
 // thread holds up to RMS_CHUNKS runs of 4 values in registers (n <= 4 * RMS_CHUNKS * blockDim.x,
 // n a multiple of 32), and the 8 threads of a 32-value block reduce among themselves.
 // With `y` (else null): first x += RMSNorm(y) * w_post, written back to x (Gemma's post norm of
-// the projection y before the residual add, fused with the next block's pre-norm).
+// the projection y before the residual add, fused with the next block's pre-norm). With `xn`
+// (else null) the normalized values are also written there in f32 (a mixture of experts'
+// router reads them).
 #define RMS_CHUNKS 4
 extern "C" __global__ void rmsnorm_q8(float *__restrict__ x, const float *__restrict__ w,
                                       float eps, int n, int8_t *__restrict__ xq,
                                       float2 *__restrict__ xd, const float *__restrict__ y,
-                                      const float *__restrict__ w_post) {
+                                      const float *__restrict__ w_post, float *__restrict__ xn) {
   __shared__ float red[32];
   const int tid = threadIdx.x, lane = tid & 31;
   // The weights do not depend on the previous kernel: their loads are issued before the wait,
@@ -637,6 +844,7 @@ extern "C" __global__ void rmsnorm_q8(float *__restrict__ x, const float *__rest
     int sum = q0 + q1 + q2 + q3;
 #pragma unroll
     for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (in && xn) *reinterpret_cast<float4 *>(xn + i) = y;
     if (in) {
       char4 q;
       q.x = (signed char)q0;

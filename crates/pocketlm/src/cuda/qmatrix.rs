@@ -27,14 +27,19 @@ const GEMV_MAX_WARPS: usize = 16;
 /// rows and 2 warps, was the fastest of 8 shapes for decode on the H100 (8B-shaped Q4_0: 347
 /// tokens/s against 296-336 for 1-8 rows x 1-2 warps and 226-320 for 4-16 warps; Q8_0 the
 /// same order). `POCKETLM_GEMV=R,W` overrides it (W = 0: one warp per 1024 columns, at most
-/// 16), for tuning.
+/// 16), and `POCKETLM_GEMV_WIDE=R,W` for matrices of more than 8192 columns (a down
+/// projection), for tuning.
 fn gemv_shape(epi: Epilogue, cols: usize) -> (usize, usize) {
-    static OVERRIDE: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
-    let over = *OVERRIDE.get_or_init(|| {
-        let v = std::env::var("POCKETLM_GEMV").ok()?;
+    type Shape = Option<(usize, usize)>;
+    static OVERRIDE: std::sync::OnceLock<[Shape; 2]> = std::sync::OnceLock::new();
+    let parse = |var: &str| -> Shape {
+        let v = std::env::var(var).ok()?;
         let (r, w) = v.split_once(',')?;
         Some((r.trim().parse().ok()?, w.trim().parse().ok()?))
-    });
+    };
+    let [narrow, wide] =
+        *OVERRIDE.get_or_init(|| [parse("POCKETLM_GEMV"), parse("POCKETLM_GEMV_WIDE")]);
+    let over = if cols > 8192 { wide.or(narrow) } else { narrow };
     let auto_warps = cols.div_ceil(1024).clamp(1, GEMV_MAX_WARPS);
     let (r, w) = match over {
         Some((r, w)) if matches!(r, 1 | 2 | 4 | 8) => (r, if w == 0 { auto_warps } else { w }),
@@ -315,6 +320,21 @@ impl CudaQMatrix {
     /// `(rows, cols)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
+    }
+
+    /// The device addresses of the codes, scales and biases (0 for none).
+    pub(crate) fn raw_ptrs(&self) -> [u64; 3] {
+        self.ptrs
+    }
+
+    /// The kernels' name suffix of this matrix's format (`q4_0`, `a4_f16`, ...).
+    pub(crate) fn kernel_name(&self) -> &'static str {
+        self.kernel
+    }
+
+    /// Values per scale (32 for GGUF blocks, the MLX group size).
+    pub(crate) fn group(&self) -> usize {
+        self.group
     }
 
     /// Bytes held on the device.

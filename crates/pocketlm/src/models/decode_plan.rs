@@ -1,7 +1,8 @@
 //! A model's one-token decode step described as data, for a backend that runs it as fused
 //! kernels (the CUDA decoder, `crate::accel::Accelerated`): the embedding (optionally scaled),
 //! a stack of pre-norm residual blocks (RMSNorm, [`Attention`], optional RMSNorm of its output,
-//! residual add, RMSNorm, [`GatedMlp`], optional RMSNorm of its output, residual add), the final
+//! residual add, RMSNorm, a [`GatedMlp`] or a mixture of experts ([`Moe`]), optional RMSNorm of
+//! its output, residual add), the final
 //! norm and the output layer. A model whose blocks have this shape exports it through
 //! [`crate::models::CausalLM::decode_plan`]; the backend checks the layers it can run (weights
 //! of its own kinds, no soft-cap, ...) and otherwise leaves the step to the model.
@@ -10,7 +11,7 @@ use candle_core::Tensor;
 
 use crate::kv_cache::KvCache;
 use crate::nn::{
-    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, RmsNorm, RotaryEmbedding,
+    Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, RmsNorm, RotaryEmbedding,
 };
 use crate::Result;
 
@@ -43,8 +44,8 @@ pub struct PlanBlock<'a> {
     pub attention: &'a Attention,
     /// RMSNorm before the MLP.
     pub mlp_norm: &'a RmsNorm,
-    /// The gated MLP.
-    pub mlp: &'a GatedMlp,
+    /// The feed-forward layer.
+    pub mlp: PlanMlp<'a>,
     /// RMSNorm of the attention output before the residual add (Gemma's
     /// `post_attention_layernorm`), if any.
     pub post_attn_norm: Option<&'a RmsNorm>,
@@ -54,6 +55,28 @@ pub struct PlanBlock<'a> {
     /// This block's rotary embedding when it is not the plan's (Gemma 3's sliding-window
     /// layers), else `None`.
     pub rope: Option<&'a RotaryEmbedding>,
+}
+
+/// The feed-forward layer of a [`PlanBlock`].
+#[derive(Debug, Clone, Copy)]
+pub enum PlanMlp<'a> {
+    /// A gated MLP (SwiGLU, GeGLU).
+    Dense(&'a GatedMlp),
+    /// A mixture of experts (Qwen3-MoE's sparse blocks).
+    Moe(&'a Moe),
+}
+
+impl PlanMlp<'_> {
+    /// The layer on `x: [.., hidden]` f32 with its own code ([`GatedMlp::forward`],
+    /// [`Moe::forward`]).
+    ///
+    /// Errors: the layer's.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match self {
+            Self::Dense(m) => m.forward(x, mode),
+            Self::Moe(m) => m.forward(x, mode),
+        }
+    }
 }
 
 impl DecodePlan<'_> {

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use crate::kv_cache::{KvCache, LayerKvCache};
-use crate::models::{DecodePlan, LinearSlot, Logits, PlanBlock};
+use crate::models::{DecodePlan, LinearSlot, Logits, PlanBlock, PlanMlp};
 use crate::nn::{
     residual, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, QkvProj, RmsNorm,
     RotaryEmbedding,
@@ -308,8 +308,8 @@ impl Decoder {
             .forward_mode(&self.norm.forward_mode(&x, mode)?, mode)
     }
 
-    /// The one-token step as data ([`DecodePlan`]); `None` when a block has no plan form (a
-    /// mixture of experts, attention without RoPE, with sinks, or latent attention).
+    /// The one-token step as data ([`DecodePlan`]); `None` when a block has no plan form
+    /// (attention without RoPE, with sinks, or latent attention).
     pub fn decode_plan<'a>(
         &'a self,
         rope: &'a RotaryEmbedding,
@@ -326,7 +326,10 @@ impl Decoder {
                         && !matches!(b.self_attn.qkv, QkvProj::Latent(_)))
                     .then_some(&b.self_attn)?,
                     mlp_norm: &b.post_attention_layernorm,
-                    mlp: b.mlp.dense()?,
+                    mlp: match &b.mlp {
+                        Mlp::Dense(m) => PlanMlp::Dense(m),
+                        Mlp::Moe(m) => PlanMlp::Moe(m),
+                    },
                     post_attn_norm: None,
                     post_mlp_norm: None,
                     rope: None,

@@ -14,8 +14,8 @@ use crate::gguf::names::{self, NameTable};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::models::{
-    build, BlockRun, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock, Trainable,
-    TrainableBlocks,
+    build, BlockRun, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, PlanBlock, PlanMlp,
+    Trainable, TrainableBlocks,
 };
 use crate::nn::{
     residual, softcap, Activation, Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode,
@@ -566,7 +566,7 @@ impl CausalLM for Gemma {
                 attn_norm: &b.input_layernorm,
                 attention: &b.self_attn,
                 mlp_norm: &b.ffn.pre_feedforward_layernorm,
-                mlp: &b.ffn.mlp,
+                mlp: PlanMlp::Dense(&b.ffn.mlp),
                 post_attn_norm: Some(&b.post_attention_layernorm),
                 post_mlp_norm: Some(&b.ffn.post_feedforward_layernorm),
                 rope: b.self_attn.window.map(|_| &self.rope_local),

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 
-pub use decode_plan::{DecodePlan, PlanBlock};
+pub use decode_plan::{DecodePlan, PlanBlock, PlanMlp};
 
 use crate::gguf::names::NameTable;
 use crate::gguf::GgufFile;

@@ -147,7 +147,8 @@ impl Placement {
     /// The experts of the stacked GGUF tensor `name` `[n_experts, rows, cols]` (llama.cpp's
     /// `ffn_{gate,up,down}_exps`), one bias-free layer each: types of our CPU kernels become
     /// [`Linear::Kernel`] layers over each expert's slice of the mapped file (repacked as
-    /// [`Self::linear`] does); MXFP4 (gpt-oss) becomes MLX `mxfp4` layers
+    /// [`Self::linear`] does); on CUDA, types our CUDA kernels take become one
+    /// [`Linear::Cuda`] layer per expert; MXFP4 (gpt-oss) becomes MLX `mxfp4` layers
     /// ([`crate::gguf::mxfp4`]), dequantized when asked; float and other types are read as f32
     /// and each expert becomes a dense layer on the device.
     ///
@@ -164,6 +165,13 @@ impl Placement {
                 .collect();
         }
         let (_, dtype) = file.tensor_info(name)?;
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda()
+            && !self.dequantize
+            && crate::cuda::CudaQMatrix::supports_gguf(dtype, shape[2])
+        {
+            return self.cuda_experts(file, name, shape, dtype);
+        }
         if self.uses_cpu_kernels(dtype) {
             return (0..shape[0])
                 .map(|e| {
@@ -288,6 +296,33 @@ impl Placement {
             weight: Arc::new(m),
             bias,
         }))
+    }
+
+    /// On a CUDA device, each expert of the stacked GGUF tensor `name` `[n_experts, rows,
+    /// cols]` (of `dtype`, a type our kernels take) as its own [`crate::cuda::CudaQMatrix`]
+    /// layer: the fused decode step reads only the chosen experts' matrices.
+    #[cfg(feature = "cuda")]
+    fn cuda_experts(
+        &self,
+        file: &GgufFile,
+        name: &str,
+        shape: [usize; 3],
+        dtype: GgmlDType,
+    ) -> Result<Vec<Linear>> {
+        use crate::cuda::CudaQMatrix;
+        let q = file.qtensor(name, &shape, &Device::Cpu)?;
+        let raw = q.data()?;
+        let per = raw.len() / shape[0].max(1);
+        raw.chunks_exact(per)
+            .map(|part| {
+                let m = CudaQMatrix::from_gguf(dtype, part, shape[1], shape[2], &self.device)
+                    .map_err(|e| crate::Error::tensor(name, e.to_string()))?;
+                Ok(Linear::Cuda {
+                    weight: Arc::new(m),
+                    bias: None,
+                })
+            })
+            .collect()
     }
 
     fn f32(&self, t: Tensor) -> Result<Tensor> {

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use pocketlm::convert::{convert, ConvertOptions};
 use pocketlm::loader::{load, LoadOptions, LoadedModel};
-use pocketlm::models::Logits;
+use pocketlm::models::{Logits, PlanMlp};
 use pocketlm::safetensors_weights::QuantParams;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -482,8 +482,17 @@ fn gemma3_multimodal_layout_loads_text_model() -> Res<()> {
 /// no plan.
 #[test]
 fn decode_plans_describe_their_models() -> Res<()> {
-    for name in ["mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma2"] {
-        let m = load(dir(name), &cpu())?;
+    let moe = |n: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/archs_2026")
+            .join(n)
+    };
+    let models = ["mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma2"]
+        .map(|n| (n, dir(n)))
+        .into_iter()
+        .chain(["qwen3_moe", "qwen3_moe_sparse"].map(|n| (n, moe(n))));
+    for (name, path) in models {
+        let m = load(path, &cpu())?;
         let Some(plan) = m.model.decode_plan() else {
             assert_eq!(name, "gemma2", "{name} exports no decode plan");
             continue;
@@ -500,6 +509,18 @@ fn decode_plans_describe_their_models() -> Res<()> {
                 .iter()
                 .all(|b| b.rope.is_some() == b.attention.window.is_some()));
             assert!(plan.blocks.iter().any(|b| b.rope.is_some()));
+        }
+        // Qwen3-MoE's sparse blocks are mixtures of experts in the plan: every block of
+        // `qwen3_moe_sparse`, one of `qwen3_moe`'s two (the other in `mlp_only_layers`).
+        let experts = plan
+            .blocks
+            .iter()
+            .filter(|b| matches!(b.mlp, PlanMlp::Moe(_)))
+            .count();
+        match name {
+            "qwen3_moe_sparse" => assert_eq!(experts, plan.blocks.len()),
+            "qwen3_moe" => assert!(experts > 0 && experts < plan.blocks.len()),
+            _ => assert_eq!(experts, 0),
         }
         let (mut ours, mut theirs) = (m.model.new_cache(), m.model.new_cache());
         let ids: Vec<u32> = vec![5, 17, 42, 8, 99, 3];
