@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::constrain::{Constraint, GrammarEnv, GrammarMask};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::loader::LoadedModel;
 use crate::memory;
 use crate::models::{CausalLM, Logits};
@@ -39,6 +39,9 @@ pub struct BenchParams {
     /// [`crate::device::sample_on_device`]; a test named `tg128 +sampling`). A seed is
     /// best given, so that runs draw the same tokens.
     pub sampling: Option<SamplingParams>,
+    /// The KV cache every test runs with ([`CausalLM::make_cache`]; e.g.
+    /// [`KvCacheConfig::kv_f16`]); the default: the model's own ([`CausalLM::new_cache`]).
+    pub cache: KvCacheConfig,
 }
 
 impl Default for BenchParams {
@@ -50,6 +53,7 @@ impl Default for BenchParams {
             repetitions: 3,
             constraint: None,
             sampling: None,
+            cache: KvCacheConfig::default(),
         }
     }
 }
@@ -145,8 +149,17 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 /// GPU it returns only once the device has finished the fill, as llama-bench's `test_prompt`
 /// ends with `llama_synchronize`: the passes are queued asynchronously, so without the wait the
 /// timed test after it would also pay for the fill's last queued kernels.
-fn cache_at(model: &dyn CausalLM, depth: usize, vocab: usize) -> Result<KvCache> {
-    let mut cache = model.new_cache();
+fn cache_at(
+    model: &dyn CausalLM,
+    config: &KvCacheConfig,
+    depth: usize,
+    vocab: usize,
+) -> Result<KvCache> {
+    let mut cache = if *config == KvCacheConfig::default() {
+        model.new_cache()
+    } else {
+        model.make_cache(config)?
+    };
     let ids = tokens(depth, vocab);
     for chunk in ids.chunks(DEPTH_CHUNK) {
         let x = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
@@ -256,7 +269,7 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
             let input = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
             let mut samples = Vec::new();
             for rep in 0..=reps {
-                let mut cache = cache_at(model, depth, vocab)?;
+                let mut cache = cache_at(model, &params.cache, depth, vocab)?;
                 let t = Instant::now();
                 let l = forward(model, &input, &mut cache, Logits::Last)?;
                 l.to_dtype(candle_core::DType::F32)?
@@ -275,7 +288,7 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
             memory::release_free_heap();
             memory::reset_peak();
             for rep in 0..=reps {
-                let mut cache = cache_at(model, depth, vocab)?;
+                let mut cache = cache_at(model, &params.cache, depth, vocab)?;
                 let t = Instant::now();
                 for &id in &ids {
                     let x = Tensor::new(&[id], &dev)?.unsqueeze(0)?;
@@ -293,7 +306,7 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
             if let Some(c) = &params.constraint {
                 let mut samples = Vec::new();
                 for rep in 0..=reps {
-                    let mut cache = cache_at(model, depth, vocab)?;
+                    let mut cache = cache_at(model, &params.cache, depth, vocab)?;
                     let t = Instant::now();
                     constrained_decode(m, &mut cache, c, ids[0], n_gen)?;
                     if rep > 0 {
@@ -307,7 +320,7 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
             if let Some(sp) = &params.sampling {
                 let mut samples = Vec::new();
                 for rep in 0..=reps {
-                    let mut cache = cache_at(model, depth, vocab)?;
+                    let mut cache = cache_at(model, &params.cache, depth, vocab)?;
                     let t = Instant::now();
                     sampled_decode(model, &mut cache, sp, ids[0], n_gen)?;
                     if rep > 0 {

@@ -968,6 +968,13 @@ pub struct KvCacheConfig {
     /// ([`QuantizedKvCache::with_rotation`]); needs `kv_bits` and a power-of-two head
     /// dimension. mlx-lm does not rotate.
     pub kv_hadamard: bool,
+    /// Store the keys and values of growing layers in f16 instead of the model's f32 (half
+    /// the bytes, as llama.cpp's default `-ctk f16 -ctv f16`): the CPU attention reads the f16
+    /// cache as it is, widening it to f32 a kv head at a time
+    /// ([`crate::kernels::float::attention_f16`]), and its result equals the f32 cache's
+    /// attention over f16-rounded keys and values. Not combined with `max_kv_size` or `kv_bits`.
+    /// Default: `false` (f32).
+    pub kv_f16: bool,
 }
 
 impl Default for KvCacheConfig {
@@ -978,6 +985,7 @@ impl Default for KvCacheConfig {
             kv_bits: None,
             kv_group_size: 64,
             kv_hadamard: false,
+            kv_f16: false,
         }
     }
 }
@@ -985,8 +993,16 @@ impl Default for KvCacheConfig {
 impl KvCacheConfig {
     /// Checks the combination. Errors: [`Error::InvalidArgument`] for both a size bound and
     /// quantization (not combined here, as in mlx-lm), a bad `keep`/`max_kv_size`,
-    /// `kv_hadamard` without `kv_bits`; [`Error::Quant`] for unsupported bits or group size.
+    /// `kv_hadamard` without `kv_bits`, `kv_f16` with `max_kv_size` or `kv_bits`;
+    /// [`Error::Quant`] for unsupported bits or group size.
     pub fn validate(&self) -> Result<()> {
+        if self.kv_f16 && (self.max_kv_size.is_some() || self.kv_bits.is_some()) {
+            return Err(Error::InvalidArgument(
+                "kv_f16 stores a growing KV cache in f16; it does not combine with max_kv_size \
+                 or kv_bits"
+                    .into(),
+            ));
+        }
         if self.kv_hadamard && self.kv_bits.is_none() {
             return Err(Error::InvalidArgument(
                 "kv_hadamard rotates a quantized KV cache; set kv_bits too".into(),
@@ -1091,7 +1107,13 @@ impl KvCache {
                     QuantizedKvCache::new(b, config.kv_group_size)?
                         .with_rotation(config.kv_hadamard),
                 ),
-                (None, None, None) => Box::new(GrowingKvCache::new(256)),
+                (None, None, None) => {
+                    let mut c = GrowingKvCache::new(256);
+                    if config.kv_f16 {
+                        c.set_storage_dtype(DType::F16);
+                    }
+                    Box::new(c)
+                }
             });
         }
         Ok(Self {
@@ -1298,6 +1320,39 @@ mod tests {
         let (k, _) = e.update_stored(&a, &a).unwrap();
         assert_eq!(k.dtype(), DType::F32);
         assert_eq!(e.offset(), 3);
+    }
+
+    #[test]
+    fn kv_f16_config_stores_growing_layers_in_f16() {
+        // `KvCacheConfig::kv_f16`: half the bytes; `update_stored` gives the f16 buffers (what
+        // the CPU attention reads), `update` the caller's f32; not with rotation or bits.
+        let dev = Device::Cpu;
+        let cfg = KvCacheConfig {
+            kv_f16: true,
+            ..KvCacheConfig::default()
+        };
+        let mut c = KvCache::new(2, 4, &cfg).unwrap();
+        let mut f = KvCache::new(2, 4, &KvCacheConfig::default()).unwrap();
+        let a = Tensor::new(&[[[[1.0f32, 0.1, -2.5, 1e-3]]]], &dev).unwrap();
+        let (ks, vs) = c.layers[0].update_stored(&a, &a).unwrap();
+        assert_eq!((ks.dtype(), vs.dtype()), (DType::F16, DType::F16));
+        let (k, _) = c.layers[1].update(&a, &a).unwrap();
+        assert_eq!(k.dtype(), DType::F32);
+        f.layers[0].update(&a, &a).unwrap();
+        f.layers[1].update(&a, &a).unwrap();
+        assert_eq!(2 * c.nbytes(), f.nbytes());
+        for bad in [
+            KvCacheConfig {
+                kv_bits: Some(8),
+                ..cfg.clone()
+            },
+            KvCacheConfig {
+                max_kv_size: Some(64),
+                ..cfg.clone()
+            },
+        ] {
+            assert!(KvCache::new(1, 64, &bad).is_err());
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     pub sample: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Store the KV cache in f16 instead of f32 (as `generate --kv-f16`; llama-bench's
+    /// `-ctk f16 -ctv f16`).
+    #[arg(long)]
+    pub kv_f16: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +69,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             p.seed = p.seed.or(Some(0));
             p
         }),
+        cache: pocketlm::kv_cache::KvCacheConfig {
+            kv_f16: args.kv_f16,
+            ..Default::default()
+        },
     };
     let r = bench::run(&m, &params)?;
     if args.json {

@@ -28,6 +28,11 @@ pub struct KvArgs {
     /// (QuaRot's rotation; needs --kv-bits): same memory, smaller error. Not an mlx-lm option.
     #[arg(long, requires = "kv_bits")]
     pub kv_hadamard: bool,
+    /// Store the KV cache in f16 instead of f32: half the memory (llama.cpp's default cache
+    /// type, `-ctk f16 -ctv f16`), logits within f16 rounding of the keys and values. Not with
+    /// --max-kv-size or --kv-bits. Not an mlx-lm option.
+    #[arg(long, conflicts_with_all = ["max_kv_size", "kv_bits"])]
+    pub kv_f16: bool,
     /// A prompt cache made by `pocketlm cache-prompt`: its tokens are not prefilled again.
     /// `generate` also takes mlx-lm's (`mlx_lm cache_prompt`, or `cache-prompt --format mlx`):
     /// as in `mlx_lm generate`, the prompt is then the text after the cached one.
@@ -43,6 +48,7 @@ impl KvArgs {
             kv_bits: self.kv_bits,
             kv_group_size: self.kv_group_size,
             kv_hadamard: self.kv_hadamard,
+            kv_f16: self.kv_f16,
             ..Default::default()
         }
     }

@@ -82,8 +82,25 @@ pub(crate) fn attention(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
     let kt = transpose_keys(k, &shape);
+    attention_kt(q, &kt, v, shape, scale, window, sinks, out)
+}
+
+/// [`attention`] with the keys already transposed (`kt`, [`transpose_keys`]'s layout: the f16
+/// cache's path widens them on the way, `super::float::attention_f16`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_kt(
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
     let items = work_items(shape.kv_heads, shape.queries, QUERY_BLOCK);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
     items.par_iter().with_max_len(1).for_each(|(kh, ts)| {
@@ -92,7 +109,7 @@ pub(crate) fn attention(
         unsafe {
             avx512::item(
                 q,
-                &kt,
+                kt,
                 v,
                 &shape,
                 scale,

@@ -473,6 +473,18 @@ fn check_attention_operands(
     sinks: Option<&[f32]>,
     out: &[f32],
 ) {
+    check_attention_shape(q.len(), k.len(), v.len(), shape, sinks, out.len())
+}
+
+/// [`check_attention_operands`] on the slices' lengths (any element type of `k` and `v`).
+fn check_attention_shape(
+    q: usize,
+    k: usize,
+    v: usize,
+    shape: &AttentionShape,
+    sinks: Option<&[f32]>,
+    out: usize,
+) {
     let &AttentionShape {
         heads,
         kv_heads,
@@ -482,10 +494,10 @@ fn check_attention_operands(
         kv_head_stride: hs,
     } = shape;
     assert!(kv_heads > 0 && heads % kv_heads == 0 && kv_len >= queries);
-    assert!(q.len() >= heads * queries * d && out.len() >= heads * queries * d);
+    assert!(q >= heads * queries * d && out >= heads * queries * d);
     assert!(hs >= kv_len * d);
     let kv_need = (kv_heads - 1) * hs + kv_len * d;
-    assert!(k.len() >= kv_need && v.len() >= kv_need);
+    assert!(k >= kv_need && v >= kv_need);
     assert!(sinks.is_none_or(|s| s.len() >= heads));
 }
 
@@ -503,6 +515,37 @@ pub(crate) fn attention_rows(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    // Prefill: keys transposed once per call so that scores go 16 keys at a time.
+    let kt = (shape.queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
+    attention_rows_kt(
+        q,
+        k,
+        kt.as_deref(),
+        v,
+        shape,
+        scale,
+        softcap,
+        window,
+        sinks,
+        out,
+    )
+}
+
+/// [`attention_rows`] with the keys transposed by the caller when `kt` is given
+/// ([`transpose_keys`]; then `k` is not read and may be empty).
+#[allow(clippy::too_many_arguments)]
+fn attention_rows_kt(
+    q: &[f32],
+    k: &[f32],
+    kt: Option<&[f32]>,
+    v: &[f32],
+    shape: AttentionShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
     use rayon::prelude::*;
     let AttentionShape {
         heads,
@@ -512,81 +555,13 @@ pub(crate) fn attention_rows(
         head_dim: d,
         kv_head_stride: _,
     } = shape;
-    // Prefill: keys transposed once per call so that scores go 16 keys at a time.
-    let kt = (queries >= TRANSPOSE_MIN_QUERIES).then(|| transpose_keys(k, &shape));
-    let kt = kt.as_deref();
     let items = work_items(kv_heads, queries, QUERY_BLOCK);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
-    #[cfg(target_arch = "x86_64")]
-    let tiles = kt.filter(|_| super::attn_exact::applies(d, queries));
     let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
-        let out = out_ptr.get();
-        #[cfg(target_arch = "x86_64")]
-        if let Some(kt) = tiles {
-            // SAFETY: `applies` checked the CPU and the shape; `kt` is `transpose_keys`'s;
-            // the operands hold their shapes (asserted above) and the items' rows are
-            // pairwise disjoint.
-            return unsafe {
-                super::attn_exact::block(
-                    q,
-                    kt,
-                    v,
-                    &shape,
-                    scale,
-                    softcap,
-                    window,
-                    sinks,
-                    *kh,
-                    ts.clone(),
-                    out,
-                )
-            };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: the CPU has the features `attention_block_avx512` is compiled for;
-            // `out` holds `[queries, heads, d]` (asserted above) and the items' rows are
-            // pairwise disjoint.
-            return unsafe {
-                fma_impl::attention_block_avx512(
-                    q,
-                    k,
-                    kt,
-                    v,
-                    &shape,
-                    scale,
-                    softcap,
-                    window,
-                    sinks,
-                    *kh,
-                    ts.clone(),
-                    out,
-                )
-            };
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_fma() {
-            // SAFETY: as above, for AVX2 + FMA.
-            return unsafe {
-                fma_impl::attention_block(
-                    q,
-                    k,
-                    kt,
-                    v,
-                    &shape,
-                    scale,
-                    softcap,
-                    window,
-                    sinks,
-                    *kh,
-                    ts.clone(),
-                    out,
-                )
-            };
-        }
-        // SAFETY: as above.
+        // SAFETY: the operands hold their shapes (asserted by the callers), `kt` is
+        // `transpose_keys`'s and the items' rows are pairwise disjoint.
         unsafe {
-            attention_block(
+            row_block(
                 q,
                 k,
                 kt,
@@ -598,7 +573,7 @@ pub(crate) fn attention_rows(
                 sinks,
                 *kh,
                 ts.clone(),
-                out,
+                out_ptr.get(),
             )
         }
     };
@@ -607,6 +582,269 @@ pub(crate) fn attention_rows(
     } else {
         items.iter().for_each(block);
     }
+}
+
+/// One work item of [`attention_rows`] (the query heads of kv head `kh` at queries `ts`) on
+/// the best kernel this CPU has: the AVX-512 tiles of `attn_exact` when the keys are
+/// transposed, else [`attention_block`] compiled for AVX-512, AVX2 + FMA or plain code (the
+/// same result bit for bit on each).
+///
+/// # Safety
+/// The operands hold their shapes; `kt` is `transpose_keys(k, shape)` when given (and `k` is
+/// read only when it is not); `out` is valid for the item's rows `(t, h)` and no other thread
+/// writes them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_block(
+    q: &[f32],
+    k: &[f32],
+    kt: Option<&[f32]>,
+    v: &[f32],
+    shape: &AttentionShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    kh: usize,
+    ts: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(kt) = kt.filter(|_| super::attn_exact::applies(shape.head_dim, shape.queries)) {
+        // SAFETY: `applies` checked the CPU and the shape; the rest is the caller's.
+        return unsafe {
+            super::attn_exact::block(q, kt, v, shape, scale, softcap, window, sinks, kh, ts, out)
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has the features `attention_block_avx512` is compiled for; the
+        // rest is the caller's.
+        return unsafe {
+            fma_impl::attention_block_avx512(
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: as above, for AVX2 + FMA.
+        return unsafe {
+            fma_impl::attention_block(
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
+        };
+    }
+    // SAFETY: the caller's.
+    unsafe {
+        attention_block(
+            q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+        )
+    }
+}
+
+/// [`attention`] over an f16 KV cache: `k`, `v: [kv_heads, kv_len, head_dim]` f16 (heads
+/// `kv_head_stride` apart), the other operands and the result as there. The result is
+/// [`attention`]'s over the keys and values widened to f32, bit for bit (f16 -> f32 is
+/// exact), without a widened copy of the whole cache on decode:
+///
+/// - Decode and short passes (fewer than 16 queries): each work item (a kv head and up to 4
+///   queries) widens its kv head's keys and values into a buffer of its thread ([`widen_f16`]:
+///   AVX-512 `vcvtph2ps`, F16C, or `half`), which stays in the core's caches, and runs the row
+///   kernel on it; the cache itself is read once, at half the f32 cache's bytes.
+/// - Prefills (16 queries or more): the keys are widened inside their transposition
+///   ([`transpose_keys`], which the f32 path makes too) and the values once per pass, a cost
+///   shared by all the pass's queries.
+///
+/// # Panics
+/// As [`attention`].
+#[allow(clippy::too_many_arguments)] // the operands and ggml's four attention parameters
+pub fn attention_f16(
+    q: &[f32],
+    k: &[half::f16],
+    v: &[half::f16],
+    shape: AttentionShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    check_attention_shape(q.len(), k.len(), v.len(), &shape, sinks, out.len());
+    let AttentionShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        kv_head_stride: hs,
+    } = shape;
+    if queries >= TRANSPOSE_MIN_QUERIES {
+        let kt = transpose_keys_f16(k, &shape);
+        let mut vf = vec![0f32; kv_heads * kv_len * d];
+        vf.par_chunks_mut(kv_len * d)
+            .enumerate()
+            .for_each(|(h, dst)| widen_f16(&v[h * hs..][..kv_len * d], dst));
+        let packed = AttentionShape {
+            kv_head_stride: kv_len * d,
+            ..shape
+        };
+        #[cfg(target_arch = "x86_64")]
+        if super::attn_tiled::applies(&packed, softcap) {
+            return super::attn_tiled::attention_kt(q, &kt, &vf, packed, scale, window, sinks, out);
+        }
+        return attention_rows_kt(
+            q,
+            &[],
+            Some(&kt),
+            &vf,
+            packed,
+            scale,
+            softcap,
+            window,
+            sinks,
+            out,
+        );
+    }
+    thread_local! {
+        /// Widened keys and values of one kv head, and the output rows of one work item.
+        static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const {
+            std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
+        };
+    }
+    let rep = heads / kv_heads;
+    // One kv head alone: its query heads are heads `0..rep` of `q[kh·rep..]`.
+    let one = AttentionShape {
+        heads: rep,
+        kv_heads: 1,
+        queries,
+        kv_len,
+        head_dim: d,
+        kv_head_stride: kv_len * d,
+    };
+    let items = work_items(kv_heads, queries, QUERY_BLOCK);
+    let out_ptr = SyncMutPtr(out.as_mut_ptr());
+    let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
+        let kh = *kh;
+        SCRATCH.with(|cell| {
+            let mut bufs = cell.borrow_mut();
+            let [kf, vf, of] = &mut *bufs;
+            for (buf, n) in [
+                (&mut *kf, kv_len * d),
+                (&mut *vf, kv_len * d),
+                (&mut *of, queries * rep * d),
+            ] {
+                buf.resize(n, 0.0);
+            }
+            widen_f16(&k[kh * hs..][..kv_len * d], kf);
+            widen_f16(&v[kh * hs..][..kv_len * d], vf);
+            let qh = &q[kh * rep * queries * d..][..rep * queries * d];
+            let sh = sinks.map(|s| &s[kh * rep..][..rep]);
+            // SAFETY: `kf`, `vf` hold one kv head of `kv_len` positions, `qh` its query heads,
+            // `of` the `[queries, rep, d]` rows of `one`, written by this item alone.
+            unsafe {
+                row_block(
+                    qh,
+                    kf,
+                    None,
+                    vf,
+                    &one,
+                    scale,
+                    softcap,
+                    window,
+                    sh,
+                    0,
+                    ts.clone(),
+                    of.as_mut_ptr(),
+                )
+            };
+            for t in ts.clone() {
+                // SAFETY: rows `(t, kh·rep..(kh + 1)·rep)` of `out` belong to this item alone
+                // and lie inside it (`check_attention_shape`).
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.get().add((t * heads + kh * rep) * d),
+                        rep * d,
+                    )
+                };
+                dst.copy_from_slice(&of[t * rep * d..][..rep * d]);
+            }
+        })
+    };
+    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
+        items.par_iter().with_max_len(1).for_each(block);
+    } else {
+        items.iter().for_each(block);
+    }
+}
+
+/// `dst[i] = src[i]` widened from f16 to f32 (exact), with AVX-512F's `vcvtph2ps` 16 at a
+/// time or F16C's 8 at a time where the CPU has them, else with the `half` crate; every path
+/// gives the same bits.
+///
+/// # Panics
+/// If `dst` is shorter than `src`.
+pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    let dst = &mut dst[..src.len()];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the lengths agree.
+            return unsafe { widen_f16_avx512(src, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+        {
+            // SAFETY: the CPU has F16C and AVX; the lengths agree.
+            return unsafe { widen_f16_f16c(src, dst) };
+        }
+    }
+    widen_f16_scalar(src, dst)
+}
+
+/// [`widen_f16`] with the `half` crate, one value at a time (the reference and the path of
+/// other CPUs).
+pub fn widen_f16_scalar(src: &[half::f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// [`widen_f16`] with AVX-512F, 16 values an instruction.
+///
+/// # Safety
+/// The CPU has AVX-512F; `dst.len() == src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn widen_f16_avx512(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len() / LANES * LANES;
+    for i in (0..n).step_by(LANES) {
+        // SAFETY: `i + 16 <= n <= len` of both slices.
+        unsafe {
+            let h = _mm256_loadu_si256(src.as_ptr().add(i).cast::<__m256i>());
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        }
+    }
+    widen_f16_scalar(&src[n..], &mut dst[n..]);
+}
+
+/// [`widen_f16`] with F16C, 8 values an instruction.
+///
+/// # Safety
+/// The CPU has F16C and AVX; `dst.len() == src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+pub(crate) unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len() / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n <= len` of both slices.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+    }
+    widen_f16_scalar(&src[n..], &mut dst[n..]);
 }
 
 /// Queries per work item of [`attention`] (times the query heads of a kv head: the rows that
@@ -664,6 +902,35 @@ pub(crate) fn transpose_keys(k: &[f32], shape: &AttentionShape) -> Vec<f32> {
             for j in 0..LANES.min(kv_len - b * LANES) {
                 let key = &k[h * hs + (b * LANES + j) * d..][..d];
                 for (c, &x) in key.iter().enumerate() {
+                    dst[c * LANES + j] = x;
+                }
+            }
+        });
+    kt
+}
+
+/// [`transpose_keys`] of f16 keys, widened to f32 ([`widen_f16`]) on the way.
+pub(crate) fn transpose_keys_f16(k: &[half::f16], shape: &AttentionShape) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (d, hs, kv_len) = (shape.head_dim, shape.kv_head_stride, shape.kv_len);
+    let blocks = kv_len.div_ceil(LANES);
+    let mut kt = vec![0f32; shape.kv_heads * blocks * d * LANES];
+    kt.par_chunks_mut(d * LANES)
+        .enumerate()
+        .for_each(|(hb, dst)| {
+            let (h, b) = (hb / blocks, hb % blocks);
+            let n = LANES.min(kv_len - b * LANES);
+            let mut rows = [0f32; 256 * LANES];
+            let mut heap = Vec::new();
+            let rows: &mut [f32] = if n * d <= rows.len() {
+                &mut rows[..n * d]
+            } else {
+                heap.resize(n * d, 0.0);
+                &mut heap
+            };
+            widen_f16(&k[h * hs + b * LANES * d..][..n * d], rows);
+            for j in 0..n {
+                for (c, &x) in rows[j * d..][..d].iter().enumerate() {
                     dst[c * LANES + j] = x;
                 }
             }
@@ -800,7 +1067,6 @@ unsafe fn attention_block(
     } = *shape;
     let rep = heads / kv_heads;
     let offset = kv_len - queries;
-    let kk = &k[kh * hs..][..kv_len * d];
     let vv = &v[kh * hs..][..kv_len * d];
     // Rows `(t, h)`, query-major, with each one's position and first visible key.
     let rows: Vec<(usize, usize)> = ts
@@ -854,6 +1120,7 @@ unsafe fn attention_block(
             }
         }
         None => {
+            let kk = &k[kh * hs..][..kv_len * d];
             for j in lo_all..=hi_all {
                 let kj = &kk[j * d..][..d];
                 for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
@@ -1162,6 +1429,119 @@ mod tests {
                     let want =
                         reference_row(&q, &k, &v, &shape, scale, softcap, window, sinks, idx);
                     assert_eq!(got, want, "config {ci} queries={queries} row {idx}");
+                }
+            }
+        }
+    }
+
+    /// Rounds to f16 and back (what an f16 KV cache holds).
+    fn to_f16(x: &[f32]) -> Vec<half::f16> {
+        x.iter().map(|&v| half::f16::from_f32(v)).collect()
+    }
+
+    /// The f16 cache's attention ([`attention_f16`]: decode rows on a per-thread widened kv
+    /// head, prefills on keys widened in their transposition) equals the f32 attention over
+    /// the f16-rounded keys and values bit for bit (tolerance 0), and its rows equal the
+    /// plain scalar reference row ([`reference_row`]) where the row kernel runs: one to 70
+    /// queries, grouped-query ratios 1 to 8, head dims 16 to 128, strided heads, windows,
+    /// soft-capping and sinks; and with 64 queries over 1,024+ positions the tiled kernel.
+    #[test]
+    fn f16_cache_attention_equals_f32_attention_on_rounded_cache() {
+        let sinks = [0.5f32, -1.0, 3.0, 40.0, -0.25, 2.0, 0.0, 1.0];
+        // (heads, kv_heads, d, past, extra, window, softcap, sinks)
+        let configs: [Case; 7] = [
+            (4, 4, 64, 0, 0, None, None, false),
+            (8, 2, 64, 19, 16, None, None, false),
+            (8, 1, 128, 37, 0, Some(13), None, true),
+            (4, 1, 80, 5, 3, None, Some(3.0), false),
+            (4, 2, 16, 3, 0, Some(40), None, true),
+            (8, 2, 128, 100, 0, None, None, true),
+            (8, 8, 64, 300, 8, None, None, false),
+        ];
+        for queries in [1, 2, 5, 15, 16, 17, 64, 70] {
+            for (ci, &(heads, kv_heads, d, past, extra, window, softcap, with_sinks)) in
+                configs.iter().enumerate()
+            {
+                let (q, k, v, shape) = operands(
+                    (heads, kv_heads, d, queries, past, extra),
+                    queries as u32 + 11 * ci as u32,
+                );
+                let (k16, v16) = (to_f16(&k), to_f16(&v));
+                let (kr, vr): (Vec<f32>, Vec<f32>) = (
+                    k16.iter().map(|x| x.to_f32()).collect(),
+                    v16.iter().map(|x| x.to_f32()).collect(),
+                );
+                let sinks = with_sinks.then_some(&sinks[..heads]);
+                let scale = 1.0 / (d as f32).sqrt();
+                let n = heads * queries * d;
+                let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+                attention_f16(
+                    &q, &k16, &v16, shape, scale, softcap, window, sinks, &mut got,
+                );
+                attention(
+                    &q, &kr, &vr, shape, scale, softcap, window, sinks, &mut want,
+                );
+                assert_eq!(got, want, "config {ci} queries={queries}");
+                for (idx, row) in got.chunks(d).enumerate() {
+                    let r = reference_row(&q, &kr, &vr, &shape, scale, softcap, window, sinks, idx);
+                    assert_eq!(row, r, "config {ci} queries={queries} row {idx}: scalar");
+                }
+            }
+        }
+        // Long prefills: the tiled kernel (where the CPU has AVX-512), on keys widened in
+        // their transposition.
+        for (ci, &(heads, kv_heads, d, past, window)) in
+            [(8, 2, 64, 1000, None), (4, 1, 128, 1100, Some(700))]
+                .iter()
+                .enumerate()
+        {
+            let queries = 64;
+            let (q, k, v, shape) = operands((heads, kv_heads, d, queries, past, 16), 5 + ci as u32);
+            let (k16, v16) = (to_f16(&k), to_f16(&v));
+            let kr: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+            let vr: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let n = heads * queries * d;
+            let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+            attention_f16(&q, &k16, &v16, shape, scale, None, window, None, &mut got);
+            attention(&q, &kr, &vr, shape, scale, None, window, None, &mut want);
+            assert_eq!(got, want, "long prefill {ci}");
+        }
+    }
+
+    /// Every path of [`widen_f16`] (AVX-512F, F16C where the CPU has them) gives the scalar
+    /// `half` conversion's bits on all 65,536 f16 values (NaNs: a NaN), at lengths that leave
+    /// tails of every size.
+    #[test]
+    fn widen_f16_simd_paths_equal_scalar() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let same = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+        };
+        for len in [all.len(), 1, 7, 8, 15, 16, 17, 33, 1000] {
+            let src = &all[all.len() - len..];
+            let mut want = vec![0f32; len];
+            widen_f16_scalar(src, &mut want);
+            let mut got = vec![0f32; len];
+            widen_f16(src, &mut got);
+            assert!(same(&got, &want), "dispatch, len {len}");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    let mut g = vec![0f32; len];
+                    // SAFETY: the CPU has AVX-512F; the lengths agree.
+                    unsafe { widen_f16_avx512(src, &mut g) };
+                    assert!(same(&g, &want), "AVX-512, len {len}");
+                } else {
+                    eprintln!("widen_f16: no AVX-512F here, its path untested");
+                }
+                if std::arch::is_x86_feature_detected!("f16c") {
+                    let mut g = vec![0f32; len];
+                    // SAFETY: the CPU has F16C (and so AVX); the lengths agree.
+                    unsafe { widen_f16_f16c(src, &mut g) };
+                    assert!(same(&g, &want), "F16C, len {len}");
                 }
             }
         }

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Storage, Tensor};
 
-use crate::kernels::float::{attention as float_attention, AttentionShape};
+use crate::kernels::float::{attention as float_attention, attention_f16, AttentionShape};
 use crate::{Error, Result};
 
 /// Causal attention of `q: [b, heads, s, d]` over `k`, `v: [b, kv_heads, kv_len, d]` (the last
@@ -12,7 +12,9 @@ use crate::{Error, Result};
 /// projection.
 ///
 /// `f32` on the CPU runs [`crate::kernels::float::attention`] (ggml's numerics, no mask
-/// tensor, no transposed copies); other devices and dtypes build `mask` (passed in, from
+/// tensor, no transposed copies), or with `k`, `v` in f16 (an f16 KV cache,
+/// [`crate::kv_cache::KvCacheConfig::kv_f16`]) [`crate::kernels::float::attention_f16`], which
+/// reads them as they are; other devices and dtypes build `mask` (passed in, from
 /// [`causal_mask`]) and run [`scaled_dot_product_attention`].
 ///
 /// With `softcap = Some(c)` each score `s = q·k · scale` becomes `c · tanh(s / c)` before the
@@ -55,10 +57,12 @@ pub fn causal_attention_capped(
             sinks.map(|t| t.dims().to_vec())
         )));
     }
-    let cpu_f32 = [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    let cpu = [q, k, v].iter().all(|t| t.device().is_cpu()) && q.dtype() == DType::F32;
+    // An f16 KV cache's keys and values, read as they are by the kernel.
+    let kv_f16 = k.dtype() == DType::F16 && v.dtype() == DType::F16;
+    let cpu_f32 = cpu && (kv_f16 || (k.dtype() == DType::F32 && v.dtype() == DType::F32));
     if !cpu_f32 {
+        let (k, v) = (&k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?);
         let o = scaled_dot_product_attention(q, k, v, mask, scale, softcap, sinks)?;
         return Ok(o.transpose(1, 2)?.reshape((b, s, heads * d))?);
     }
@@ -85,7 +89,15 @@ pub fn causal_attention_capped(
             "attention: k/v not on the CPU".into(),
         ));
     };
-    let (kall, vall) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+    enum Kv<'a> {
+        F32(&'a [f32], &'a [f32]),
+        F16(&'a [half::f16], &'a [half::f16]),
+    }
+    let kv = if kv_f16 {
+        Kv::F16(kc.as_slice::<half::f16>()?, vc.as_slice::<half::f16>()?)
+    } else {
+        Kv::F32(kc.as_slice::<f32>()?, vc.as_slice::<f32>()?)
+    };
     for bi in 0..b {
         let ko = kl.start_offset() + bi * kl.stride()[0];
         let vo = vl.start_offset() + bi * vl.stride()[0];
@@ -105,17 +117,35 @@ pub fn causal_attention_capped(
             kv_head_stride: hs,
         };
         let span = (kv_heads - 1) * hs + kv_len * d;
-        float_attention(
+        let (qb, ob) = (
             &qv[bi * heads * s * d..][..heads * s * d],
-            &kall[ko..ko + span],
-            &vall[vo..vo + span],
-            shape,
-            scale as f32,
-            softcap.map(|c| c as f32),
-            window,
-            sinks.as_deref(),
             &mut out[bi * s * heads * d..][..s * heads * d],
         );
+        let (sc, cap, sk) = (scale as f32, softcap.map(|c| c as f32), sinks.as_deref());
+        match kv {
+            Kv::F32(kall, vall) => float_attention(
+                qb,
+                &kall[ko..ko + span],
+                &vall[vo..vo + span],
+                shape,
+                sc,
+                cap,
+                window,
+                sk,
+                ob,
+            ),
+            Kv::F16(kall, vall) => attention_f16(
+                qb,
+                &kall[ko..ko + span],
+                &vall[vo..vo + span],
+                shape,
+                sc,
+                cap,
+                window,
+                sk,
+                ob,
+            ),
+        }
     }
     Ok(Tensor::from_vec(out, (b, s, heads * d), q.device())?)
 }

@@ -466,7 +466,12 @@ impl Attention {
             let (k, v) = (ks.to_dtype(k.dtype())?, vs.to_dtype(v.dtype())?);
             return self.attend_general(q, &k, &v, pass);
         }
-        let (k, v) = cache.update(k, v)?;
+        // On the CPU the f32 kernel also reads an f16 cache's own buffers (no f32 copy).
+        let (k, v) = if q.device().is_cpu() && q.dtype() == DType::F32 {
+            cache.update_stored(k, v)?
+        } else {
+            cache.update(k, v)?
+        };
         self.attend_general(q, &k, &v, pass)
     }
 

@@ -213,3 +213,104 @@ fn first_step_logits_are_close_to_llama_cpp() {
     eprintln!("largest first-step logit difference from llama.cpp: {worst:e}");
     assert!(worst == 0.0, "largest difference {worst}");
 }
+
+/// The f16 KV cache (`KvCacheConfig::kv_f16`, llama.cpp's default cache type) on the default
+/// model: after each prompt the logits over the whole vocabulary stay within `F16_BOUND` of
+/// the f32 cache's (measured: 1.005 at worst over 49,152 logits and 7 prompts, 0.37 on
+/// llama.cpp's top 5, mean 0.19; llama.cpp's own f16 cache moves this model's first logits by
+/// about 0.2: its Q4_1 weights with 8-bit activations amplify the rounding of the keys and
+/// values, and the attention itself is exact on the rounded cache, see
+/// `kernels::float::tests::f16_cache_attention_equals_f32_attention_on_rounded_cache`), and
+/// greedy decoding follows llama.cpp's 32 tokens (recorded with an f32 cache) except at
+/// near-ties: where a path parts, llama.cpp's logit for our token is within `NEAR_TIE` of its
+/// best.
+#[test]
+fn f16_kv_cache_stays_close_to_f32_cache() {
+    const F16_BOUND: f32 = 1.5;
+    let m = default_model(false);
+    let cfg = pocketlm::kv_cache::KvCacheConfig {
+        kv_f16: true,
+        ..Default::default()
+    };
+    let (mut worst, mut worst_top5, mut mean) = (0f32, 0f32, 0f32);
+    let mut exact = 0;
+    let mut report = Vec::new();
+    let cases = golden()["cases"].as_array().unwrap().clone();
+    for c in &cases {
+        let prompt = ids(&c["prompt_ids"]);
+        let x = candle_core::Tensor::new(prompt.as_slice(), m.model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let last = |cache: &mut pocketlm::kv_cache::KvCache| -> Vec<f32> {
+            m.model
+                .forward(&x, cache, Logits::Last)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let mut c16 = m.model.make_cache(&cfg).unwrap();
+        let (a, b) = (last(&mut m.model.new_cache()), last(&mut c16));
+        assert!(c16.nbytes() > 0);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(d);
+        mean += a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+        for pair in c["top5_per_step"][0].as_array().unwrap() {
+            let id = pair[0].as_u64().unwrap() as usize;
+            worst_top5 = worst_top5.max((a[id] - b[id]).abs());
+        }
+
+        let want = ids(&c["greedy_ids"]);
+        let params = GenerateParams {
+            max_tokens: want.len(),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut cache = m.model.make_cache(&cfg).unwrap();
+        let out = generate(
+            m.model.as_ref(),
+            &m.tokenizer,
+            &mut cache,
+            &ids(&c["prompt_ids"]),
+            params,
+        )
+        .unwrap()
+        .collect_output()
+        .unwrap();
+        match out.token_ids.iter().zip(&want).position(|(a, b)| a != b) {
+            None => exact += 1,
+            Some(step) => {
+                let top5 = c["top5_per_step"][step].as_array().unwrap();
+                let best = top5[0][1].as_f64().unwrap();
+                let ours = out.token_ids[step] as u64;
+                let gap = top5
+                    .iter()
+                    .find(|p| p[0].as_u64() == Some(ours))
+                    .map(|p| best - p[1].as_f64().unwrap());
+                report.push(format!("parts at step {step}, gap {gap:?}"));
+                assert!(
+                    gap.is_some_and(|g| g <= NEAR_TIE),
+                    "f16 cache: at step {step} we chose {ours}, llama.cpp's top-5 {top5:?}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "f16 KV cache: first-step logits vs the f32 cache: largest difference {worst:.3} \
+         (llama.cpp's top 5: {worst_top5:.3}), mean {:.3}; {exact}/{} prompts equal llama.cpp \
+         for 32 steps; {report:?}",
+        mean / cases.len() as f32,
+        cases.len()
+    );
+    assert!(worst <= F16_BOUND, "f16 cache moved a logit by {worst}");
+}
