@@ -3,13 +3,13 @@
 //! through the model itself otherwise. The loader wraps every model placed on a CUDA device in
 //! it, so any architecture that exports a plan gets the fused step.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::cuda::{
-    kv_address, CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, MOE_MAX_EXPERTS,
-    MOE_MAX_TOPK,
+    kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec,
+    MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
@@ -192,10 +192,6 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     {
         return Ok(None);
     }
-    let ours = |l: &Linear| match l {
-        Linear::Cuda { weight, bias: None } => Some(weight.clone()),
-        _ => None,
-    };
     let f32_vec = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
     // The rotary embeddings the blocks use (the plan's first), each given one table.
     let mut ropes: Vec<&RotaryEmbedding> = vec![plan.rope];
@@ -302,6 +298,14 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
     }))
 }
 
+/// The matrix of a bias-free layer of our CUDA kernels' formats, else `None`.
+fn ours(l: &Linear) -> Option<Arc<CudaQMatrix>> {
+    match l {
+        Linear::Cuda { weight, bias: None } => Some(weight.clone()),
+        _ => None,
+    }
+}
+
 /// A plan's feed-forward layer as the decoder takes it, with its activation; `None` when it
 /// has layers other than ours: a dense MLP whose gate and up are not stacked, or whose dense
 /// width differs from the other dense layers' (`dense_inter`, set by the first); a mixture of
@@ -312,10 +316,6 @@ fn ffn(
     mlp: PlanMlp<'_>,
     dense_inter: &mut Option<usize>,
 ) -> Result<Option<(DecoderFfn, Activation)>> {
-    let ours = |l: &Linear| match l {
-        Linear::Cuda { weight, bias: None } => Some(weight.clone()),
-        _ => None,
-    };
     match mlp {
         PlanMlp::Dense(m) => {
             let GateUp::Fused {
