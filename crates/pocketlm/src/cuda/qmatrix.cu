@@ -124,6 +124,19 @@ __device__ __forceinline__ int block_dot(const uint8_t *__restrict__ q, const in
   return isum;
 }
 
+// One 32-value block's share of a row's dot product: the integer sum `isum` of the block's
+// codes with the activation block (dx = its (d, d * sum(codes))), times the block's scale `s`
+// (index gi), plus its bias times d * sum(codes) for the affine formats, or less 8 s d
+// sum(codes) for Q4_0's offset codes.
+template <int BITS, bool BIAS, typename S>
+__device__ __forceinline__ float block_term(int isum, const S *__restrict__ sc,
+                                            const S *__restrict__ bi, size_t gi, float2 dx) {
+  const float s = to_f32(sc[gi]);
+  if (BIAS) return s * dx.x * (float)isum + to_f32(bi[gi]) * dx.y;
+  if (BITS == 4) return s * (dx.x * (float)isum - 8.f * dx.y);
+  return s * dx.x * (float)isum;
+}
+
 // Most warps a GEMV block may have.
 #define GEMV_MAX_WARPS 16
 
@@ -155,14 +168,7 @@ __device__ __forceinline__ void rows_dot(const uint8_t *__restrict__ qs,
     for (int k = 0; k < R; k++) {
       const size_t row = (size_t)rr[k];
       const int isum = block_dot<BITS, SIGNED>(qs + (row * nblocks + b) * BB, x0, x1);
-      const float s = to_f32(sc[row * groups + g]);
-      if (BIAS) {
-        acc[k] += s * dx.x * (float)isum + to_f32(bi[row * groups + g]) * dx.y;
-      } else if (BITS == 4) {
-        acc[k] += s * (dx.x * (float)isum - 8.f * dx.y);
-      } else {
-        acc[k] += s * dx.x * (float)isum;
-      }
+      acc[k] += block_term<BITS, BIAS, S>(isum, sc, bi, row * groups + g, dx);
     }
   }
 #pragma unroll
@@ -649,14 +655,7 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
     for (int k = 0; k < R; k++) {
       const size_t row = (size_t)min(first + k, rows - 1);
       const int isum = block_dot<BITS, SIGNED>(qs + (row * nblocks + b) * BB, x0, x1);
-      const float s = to_f32(sc[row * groups + g]);
-      if (BIAS) {
-        acc[k] += s * dx.x * (float)isum + to_f32(bi[row * groups + g]) * dx.y;
-      } else if (BITS == 4) {
-        acc[k] += s * (dx.x * (float)isum - 8.f * dx.y);
-      } else {
-        acc[k] += s * dx.x * (float)isum;
-      }
+      acc[k] += block_term<BITS, BIAS, S>(isum, sc, bi, row * groups + g, dx);
     }
   }
 #pragma unroll
