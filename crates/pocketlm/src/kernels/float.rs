@@ -891,50 +891,37 @@ const TRANSPOSE_MIN_QUERIES: usize = 16;
 /// (component-major, positions past `kv_len` zero): `kt[((h · blocks + b) · d + c) · 16 + j]`
 /// is component `c` of key `16b + j` of head `h`.
 pub(crate) fn transpose_keys(k: &[f32], shape: &AttentionShape) -> Vec<f32> {
-    use rayon::prelude::*;
-    let (d, hs, kv_len) = (shape.head_dim, shape.kv_head_stride, shape.kv_len);
-    let blocks = kv_len.div_ceil(LANES);
-    let mut kt = vec![0f32; shape.kv_heads * blocks * d * LANES];
-    kt.par_chunks_mut(d * LANES)
-        .enumerate()
-        .for_each(|(hb, dst)| {
-            let (h, b) = (hb / blocks, hb % blocks);
-            for j in 0..LANES.min(kv_len - b * LANES) {
-                let key = &k[h * hs + (b * LANES + j) * d..][..d];
-                for (c, &x) in key.iter().enumerate() {
-                    dst[c * LANES + j] = x;
-                }
-            }
-        });
-    kt
+    transpose_keys_with(k, shape, |key, row| row.copy_from_slice(key))
 }
 
 /// [`transpose_keys`] of f16 keys, widened to f32 ([`widen_f16`]) on the way.
 pub(crate) fn transpose_keys_f16(k: &[half::f16], shape: &AttentionShape) -> Vec<f32> {
+    transpose_keys_with(k, shape, widen_f16)
+}
+
+/// [`transpose_keys`] of keys stored as `T`, each key row made f32 by `load(key, row)` (both
+/// `head_dim` long) before it is scattered into its block.
+fn transpose_keys_with<T: Sync>(
+    k: &[T],
+    shape: &AttentionShape,
+    load: impl Fn(&[T], &mut [f32]) + Sync,
+) -> Vec<f32> {
     use rayon::prelude::*;
     let (d, hs, kv_len) = (shape.head_dim, shape.kv_head_stride, shape.kv_len);
     let blocks = kv_len.div_ceil(LANES);
     let mut kt = vec![0f32; shape.kv_heads * blocks * d * LANES];
-    kt.par_chunks_mut(d * LANES)
-        .enumerate()
-        .for_each(|(hb, dst)| {
+    kt.par_chunks_mut(d * LANES).enumerate().for_each_init(
+        || vec![0f32; d],
+        |row, (hb, dst)| {
             let (h, b) = (hb / blocks, hb % blocks);
-            let n = LANES.min(kv_len - b * LANES);
-            let mut rows = [0f32; 256 * LANES];
-            let mut heap = Vec::new();
-            let rows: &mut [f32] = if n * d <= rows.len() {
-                &mut rows[..n * d]
-            } else {
-                heap.resize(n * d, 0.0);
-                &mut heap
-            };
-            widen_f16(&k[h * hs + b * LANES * d..][..n * d], rows);
-            for j in 0..n {
-                for (c, &x) in rows[j * d..][..d].iter().enumerate() {
+            for j in 0..LANES.min(kv_len - b * LANES) {
+                load(&k[h * hs + (b * LANES + j) * d..][..d], row);
+                for (c, &x) in row.iter().enumerate() {
                     dst[c * LANES + j] = x;
                 }
             }
-        });
+        },
+    );
     kt
 }
 
@@ -1434,9 +1421,14 @@ mod tests {
         }
     }
 
-    /// Rounds to f16 and back (what an f16 KV cache holds).
+    /// Rounds to f16 (what an f16 KV cache holds).
     fn to_f16(x: &[f32]) -> Vec<half::f16> {
         x.iter().map(|&v| half::f16::from_f32(v)).collect()
+    }
+
+    /// The f16 values as f32 (exact).
+    fn widened(x: &[half::f16]) -> Vec<f32> {
+        x.iter().map(|v| v.to_f32()).collect()
     }
 
     /// The f16 cache's attention ([`attention_f16`]: decode rows on a per-thread widened kv
@@ -1467,10 +1459,7 @@ mod tests {
                     queries as u32 + 11 * ci as u32,
                 );
                 let (k16, v16) = (to_f16(&k), to_f16(&v));
-                let (kr, vr): (Vec<f32>, Vec<f32>) = (
-                    k16.iter().map(|x| x.to_f32()).collect(),
-                    v16.iter().map(|x| x.to_f32()).collect(),
-                );
+                let (kr, vr) = (widened(&k16), widened(&v16));
                 let sinks = with_sinks.then_some(&sinks[..heads]);
                 let scale = 1.0 / (d as f32).sqrt();
                 let n = heads * queries * d;
@@ -1498,8 +1487,7 @@ mod tests {
             let queries = 64;
             let (q, k, v, shape) = operands((heads, kv_heads, d, queries, past, 16), 5 + ci as u32);
             let (k16, v16) = (to_f16(&k), to_f16(&v));
-            let kr: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
-            let vr: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+            let (kr, vr) = (widened(&k16), widened(&v16));
             let scale = 1.0 / (d as f32).sqrt();
             let n = heads * queries * d;
             let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
