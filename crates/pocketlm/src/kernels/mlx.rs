@@ -1,11 +1,12 @@
-//! CPU matrix products over MLX affine 4-bit and 8-bit weights ([`AffineQuantized`]), with the
+//! CPU matrix products over MLX affine weights of 2, 3, 4, 5, 6 and 8 bits ([`AffineQuantized`]), with the
 //! numerics of the GGUF kernels: `y[m, n] = x[m, k] · W[n, k]ᵀ` where each weight row stays
 //! in MLX's packed `u32` words and `x` is quantized once per call to 8-bit blocks of 32 values
 //! (ggml's `Q8_1`: `dy = amax / 127`, `qy = round(x / dy)`, `s = dy · Σqy`). For 4-bit weights
 //! `dy` and `s` are rounded to `f16` as ggml stores them, so a 4-bit product has the numerics
 //! of llama.cpp's `Q4_1 × Q8_1` (per-group instead of per-block scales); for 8-bit weights
 //! they stay `f32`, because the `q - 128` form below multiplies the error of `s` by
-//! `128 · scale`.
+//! `128 · scale`; for 2, 3, 5 and 6 bits they stay `f32` as well (the bit stream of a 32-value
+//! block, `4 · bits` bytes, is unpacked to one code a byte before the integer dot product).
 //!
 //! Per group `g` of `group_size` values (`scale`, `bias`, codes `q`) and per 32-value block `b`
 //! of the group:
@@ -32,7 +33,7 @@
 //! (`tests/it/mlx_interop.rs`), but with little margin: keeping `dy` and `s` in `f32` for 4-bit
 //! products too (more accurate) flips token 18 ("the" for mlx-lm's "a", a near tie), so
 //! token equality with mlx-lm is a property of these exact roundings, not a guarantee of
-//! 8-bit activations. Layers of other widths (2, 3, 5, 6 bits) keep the `f32` product.
+//! 8-bit activations.
 //!
 //! Threads, tiling and the backends are those of [`super`] (the GGUF kernels).
 
@@ -46,11 +47,11 @@ use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
 /// The name used in errors (an [`AffineQuantized`] has no name of its own).
 const NAME: &str = "<MLX affine weight>";
 
-/// Whether the fast kernels take this weight: 4 or 8 bits (any group size, any parameter
-/// dtype), on a little-endian CPU. Others go through
+/// Whether the fast kernels take this weight: 2, 3, 4, 5, 6 or 8 bits (any group size, any
+/// parameter dtype), on a little-endian CPU. Others go through
 /// [`crate::quant::mlx_affine::quantized_matmul`].
 pub fn supports(w: &AffineQuantized) -> bool {
-    cfg!(target_endian = "little") && matches!(w.bits(), 4 | 8)
+    cfg!(target_endian = "little") && matches!(w.bits(), 2 | 3 | 4 | 5 | 6 | 8)
 }
 
 /// The planner's view of `w`.
@@ -157,7 +158,8 @@ pub fn forward_fused(mats: &[&AffineQuantized], x: &Tensor) -> crate::Result<Vec
     forward_refs(Backend::detect(), &refs, x)
 }
 
-/// The tile function for MLX weights of `bits` (4 or 8) on `backend`.
+/// The tile function for MLX weights of `bits` (2, 3, 4, 5, 6 or 8) on `backend` (NEON runs
+/// widths other than 4 and 8 on the portable kernel).
 pub(crate) fn tile_fn(backend: Backend, bits: usize, params: ParamDtype) -> TileFn {
     match backend {
         #[cfg(target_arch = "x86_64")]
@@ -165,7 +167,7 @@ pub(crate) fn tile_fn(backend: Backend, bits: usize, params: ParamDtype) -> Tile
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512Vnni => super::x86::mlx_tile_fn(bits, params, true),
         #[cfg(target_arch = "aarch64")]
-        Backend::Neon => super::neon::mlx_tile_fn(bits, params),
+        Backend::Neon if matches!(bits, 4 | 8) => super::neon::mlx_tile_fn(bits, params),
         _ => scalar::mlx_tile_fn(bits, params),
     }
 }

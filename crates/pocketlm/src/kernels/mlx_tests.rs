@@ -1,4 +1,4 @@
-//! MLX affine kernels against naive references: every backend this CPU runs, bits 4 and 8,
+//! MLX affine kernels against naive references: every backend this CPU runs, bits 2-6 and 8,
 //! group sizes 32/64/128, parameters in f32/f16/bf16, many shapes (including row counts that
 //! exercise the 4-row blocking and its remainders, and products large enough to be split over
 //! threads).
@@ -11,6 +11,9 @@ use super::{quantize_acts, ActFormat, Backend};
 use crate::quant::mlx_affine::{AffineQuantized, GroupParams, ParamDtype};
 
 const PARAMS: [ParamDtype; 3] = [ParamDtype::F32, ParamDtype::F16, ParamDtype::BF16];
+
+/// Every width MLX quantizes to.
+const BITS: [usize; 6] = [2, 3, 4, 5, 6, 8];
 
 fn backends() -> Vec<Backend> {
     [
@@ -62,11 +65,14 @@ fn act_format(bits: usize) -> ActFormat {
     }
 }
 
-/// Code `c` of row `r` (MLX packing: low bits first).
+/// Code `c` of row `r` (MLX packing: a little-endian bit stream, low bits first; codes of 3,
+/// 5 and 6 bits may straddle two words).
 fn code(q: &AffineQuantized, r: usize, c: usize) -> i64 {
     let bit = c * q.bits();
-    let word = q.weight()[r * q.packed_cols() + bit / 32];
-    i64::from((word >> (bit % 32)) & ((1 << q.bits()) - 1))
+    let row = &q.weight()[r * q.packed_cols()..(r + 1) * q.packed_cols()];
+    let lo = u64::from(row[bit / 32]);
+    let hi = row.get(bit / 32 + 1).map_or(0, |&w| u64::from(w));
+    (((hi << 32 | lo) >> (bit % 32)) & ((1 << q.bits()) - 1)) as i64
 }
 
 /// The kernels' integers and scales, summed in f64 one term at a time (activations from the
@@ -127,7 +133,7 @@ fn mlx_kernels_match_naive_over_shapes() {
     let mut rng = StdRng::seed_from_u64(7);
     let mut cases = 0;
     for backend in backends() {
-        for bits in [4, 8] {
+        for bits in BITS {
             for gs in [32, 64, 128] {
                 for (pi, dtype) in PARAMS.into_iter().enumerate() {
                     for (si, (n, groups, m)) in [(1, 1, 1), (3, 2, 5), (17, 3, 4), (9, 4, 11)]
@@ -150,7 +156,7 @@ fn mlx_kernels_match_naive_over_shapes() {
             }
         }
     }
-    assert!(cases >= 72);
+    assert!(cases >= 216);
 }
 
 #[test]
@@ -163,6 +169,10 @@ fn mlx_kernels_match_naive_on_model_shapes_and_threads() {
             (4, 32, ParamDtype::F32),
             (8, 64, ParamDtype::BF16),
             (8, 128, ParamDtype::F16),
+            (2, 64, ParamDtype::F16),
+            (3, 64, ParamDtype::BF16),
+            (5, 32, ParamDtype::F16),
+            (6, 128, ParamDtype::F32),
         ] {
             let q = weight(&mut rng, 640, 640, gs, bits, dtype, false);
             for m in [1, 70] {
@@ -176,7 +186,7 @@ fn mlx_kernels_match_naive_on_model_shapes_and_threads() {
 fn extreme_codes_and_activations_do_not_saturate() {
     // All codes at their maximum against activations that all quantize to ±127: each
     // `vpmaddubsw` pair would be 2·255·127 > i16::MAX without the `q - 128` path.
-    for bits in [4, 8] {
+    for bits in BITS {
         let (n, k, gs) = (3, 128, 32);
         let words = vec![u32::MAX; n * k * bits / 32];
         let ones = GroupParams::from_f32(ParamDtype::F32, &vec![1.0; n * k / gs]);
@@ -207,7 +217,7 @@ fn error_vs_f32_product_is_the_activation_rounding() {
     // The bound of the module docs, computed from the quantized activations.
     let mut rng = StdRng::seed_from_u64(3);
     let (n, k, m) = (24, 384, 3);
-    for bits in [4, 8] {
+    for bits in BITS {
         for gs in [32, 64, 128] {
             let q = weight(&mut rng, n, k, gs, bits, ParamDtype::F16, false);
             let x = rand_vec(&mut rng, m * k, 3.0);
@@ -278,12 +288,13 @@ fn rows_do_not_depend_on_batching_or_fusing() {
 }
 
 #[test]
-fn unsupported_bits_and_bad_lengths_are_errors() {
+fn bad_lengths_are_errors() {
     let mut rng = StdRng::seed_from_u64(9);
-    let q3 = weight(&mut rng, 2, 64, 64, 3, ParamDtype::F32, false);
-    assert!(!super::mlx::supports(&q3));
+    for bits in BITS {
+        let q = weight(&mut rng, 2, 64, 64, bits, ParamDtype::F32, false);
+        assert!(super::mlx::supports(&q));
+    }
     let mut y = vec![0f32; 2];
-    assert!(matmul_with(Backend::Scalar, &q3, &[0.0; 64], 1, &mut y).is_err());
     let q4 = weight(&mut rng, 2, 64, 64, 4, ParamDtype::F32, false);
     assert!(matmul_with(Backend::Scalar, &q4, &[0.0; 63], 1, &mut y).is_err());
     assert!(matmul_with(Backend::Scalar, &q4, &[0.0; 64], 1, &mut y[..1]).is_err());

@@ -939,9 +939,9 @@ pub(crate) enum Kind {
         /// Dtype of scales and biases.
         params: ParamDtype,
     },
-    /// MLX affine, 4 or 8 bits.
+    /// MLX affine, 2, 3, 4, 5, 6 or 8 bits.
     Mlx {
-        /// Bits per code (4 or 8).
+        /// Bits per code (2, 3, 4, 5, 6 or 8).
         bits: usize,
         /// Dtype of scales and biases.
         params: ParamDtype,

@@ -338,15 +338,25 @@ pub(crate) unsafe fn mlx_param<const P: u8>(p: *const u8, i: usize) -> f32 {
     }
 }
 
-/// The portable MLX affine tile function for `bits` (4 or 8) and a parameter dtype.
+/// The portable MLX affine tile function for `bits` (2, 3, 4, 5, 6 or 8) and a parameter
+/// dtype.
 pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
-    match (bits, params) {
-        (4, ParamDtype::F32) => tile_mlx::<4, 0>,
-        (4, ParamDtype::F16) => tile_mlx::<4, 1>,
-        (4, ParamDtype::BF16) => tile_mlx::<4, 2>,
-        (_, ParamDtype::F32) => tile_mlx::<8, 0>,
-        (_, ParamDtype::F16) => tile_mlx::<8, 1>,
-        (_, ParamDtype::BF16) => tile_mlx::<8, 2>,
+    macro_rules! by_params {
+        ($bits:literal) => {
+            match params {
+                ParamDtype::F32 => tile_mlx::<$bits, 0>,
+                ParamDtype::F16 => tile_mlx::<$bits, 1>,
+                ParamDtype::BF16 => tile_mlx::<$bits, 2>,
+            }
+        };
+    }
+    match bits {
+        2 => by_params!(2),
+        3 => by_params!(3),
+        4 => by_params!(4),
+        5 => by_params!(5),
+        6 => by_params!(6),
+        _ => by_params!(8),
     }
 }
 
@@ -364,7 +374,8 @@ unsafe fn tile_mlx<const BITS: usize, const P: u8>(t: &Tile<'_>) {
 /// MLX affine weight row `j` against activation row `i`:
 /// `Σ_g Σ_{b in g} scale_g·dy_b·Σ q·y + bias_g·s_b`. 4-bit codes pair with `Q8_32Nib`
 /// activations (byte `c`: low nibble with position `c`, high nibble with `16 + c`), 8-bit
-/// codes (`u8`) with `Q8_32F` ones.
+/// codes (`u8`) and those of 2, 3, 5 and 6 bits (a little-endian bit stream of `4·BITS`
+/// bytes per 32-value block, [`unpack_block`]) with `Q8_32F` ones.
 ///
 /// # Safety
 /// As [`tile_mlx`].
@@ -393,9 +404,15 @@ unsafe fn dot_mlx<const BITS: usize, const P: u8>(t: &Tile<'_>, j: usize, i: usi
                             + i32::from(q >> 4) * i32::from(y[16 + c])
                     })
                     .sum()
-            } else {
+            } else if BITS == 8 {
                 row[32 * b..32 * b + 32]
                     .iter()
+                    .zip(y)
+                    .map(|(&q, &v)| i32::from(q) * i32::from(v))
+                    .sum()
+            } else {
+                let q = unpack_block::<BITS>(&row[4 * BITS * b..4 * BITS * (b + 1)]);
+                q.iter()
                     .zip(y)
                     .map(|(&q, &v)| i32::from(q) * i32::from(v))
                     .sum()
@@ -404,4 +421,24 @@ unsafe fn dot_mlx<const BITS: usize, const P: u8>(t: &Tile<'_>, j: usize, i: usi
         }
     }
     acc
+}
+
+/// The 32 codes of one block of `BITS`-bit MLX codes (`bytes`: `4·BITS` bytes of the row, a
+/// little-endian bit stream, low bits first, as MLX packs its `u32` words).
+#[inline(always)]
+pub(crate) fn unpack_block<const BITS: usize>(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mask = (1u32 << BITS) - 1;
+    let (mut buf, mut have) = (0u32, 0usize);
+    let mut it = bytes.iter();
+    for c in out.iter_mut() {
+        while have < BITS {
+            buf |= u32::from(it.next().copied().unwrap_or(0)) << have;
+            have += 8;
+        }
+        *c = (buf & mask) as u8;
+        buf >>= BITS;
+        have -= BITS;
+    }
+    out
 }

@@ -26,7 +26,8 @@ pub(crate) fn tile_fn(dtype: GgufType, vnni: bool) -> TileFn {
     }
 }
 
-/// The tile function of an MLX affine weight of `bits` (4 or 8) with parameters in `params`.
+/// The tile function of an MLX affine weight of `bits` (2, 3, 4, 5, 6 or 8) with parameters in
+/// `params`.
 pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, vnni: bool) -> TileFn {
     if vnni {
         vnni::mlx_tile_fn(bits, params)
@@ -34,6 +35,59 @@ pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, vnni: bool) -> TileFn
         avx2::mlx_tile_fn(bits, params)
     }
 }
+
+/// How 16 MLX codes of `BITS` bits (2, 3, 5, 6), a little-endian bit stream of `2·BITS` bytes
+/// in each 128-bit lane, become 16-bit words and then codes: `shuf[h]` gathers for code
+/// `8h + w` (word `w` of both lanes) the byte holding its lowest bit and the next one; the
+/// multiply by `mult[h][w] = 2^(16 - BITS - s)`, `s` the code's bit offset in that byte,
+/// moves its top bit to bit 15 (dropping the bits above), and a logical right shift by
+/// `16 - BITS` leaves the code.
+struct NbitUnpack {
+    shuf: [[u8; 32]; 2],
+    mult: [[u16; 16]; 2],
+}
+
+const fn nbit_unpack(bits: usize) -> NbitUnpack {
+    let mut t = NbitUnpack {
+        shuf: [[0; 32]; 2],
+        mult: [[0; 16]; 2],
+    };
+    if bits == 0 || bits > 8 {
+        return t;
+    }
+    let mut h = 0;
+    while h < 2 {
+        let mut w = 0;
+        while w < 8 {
+            let p = bits * (8 * h + w);
+            let lo = (p / 8) as u8;
+            let m = (1u32 << (16 - bits - p % 8)) as u16;
+            let mut lane = 0;
+            while lane < 2 {
+                t.shuf[h][16 * lane + 2 * w] = lo;
+                t.shuf[h][16 * lane + 2 * w + 1] = lo + 1;
+                t.mult[h][8 * lane + w] = m;
+                lane += 1;
+            }
+            w += 1;
+        }
+        h += 1;
+    }
+    t
+}
+
+/// [`NbitUnpack`] of each width, indexed by bits.
+const NBIT_UNPACK: [NbitUnpack; 9] = [
+    nbit_unpack(0),
+    nbit_unpack(1),
+    nbit_unpack(2),
+    nbit_unpack(3),
+    nbit_unpack(4),
+    nbit_unpack(5),
+    nbit_unpack(6),
+    nbit_unpack(7),
+    nbit_unpack(8),
+];
 
 /// Byte shuffles that broadcast the 16-bit scale `i` (0..8) of a 128-bit lane to all lanes
 /// (ggml's `get_scale_shuffle_k4`).
@@ -120,16 +174,28 @@ macro_rules! kernels {
         use std::arch::x86_64::*;
 
         use super::super::{q4k_gemm_row, q6k_tiled, GgufType, Tile, TileFn};
-        use super::{ParamDtype, SHUFFLE_K4, SHUFFLE_Q6};
+        use super::{ParamDtype, NBIT_UNPACK, SHUFFLE_K4, SHUFFLE_Q6};
 
         pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
             match (bits, params) {
                 (4, ParamDtype::F32) => tile_mlx4_f32,
                 (4, ParamDtype::F16) => tile_mlx4_f16,
                 (4, ParamDtype::BF16) => tile_mlx4_bf16,
-                (_, ParamDtype::F32) => tile_mlx8_f32,
-                (_, ParamDtype::F16) => tile_mlx8_f16,
-                (_, ParamDtype::BF16) => tile_mlx8_bf16,
+                (8, ParamDtype::F32) => tile_mlx8_f32,
+                (8, ParamDtype::F16) => tile_mlx8_f16,
+                (8, ParamDtype::BF16) => tile_mlx8_bf16,
+                (2, ParamDtype::F32) => tile_mlx2_f32,
+                (2, ParamDtype::F16) => tile_mlx2_f16,
+                (2, ParamDtype::BF16) => tile_mlx2_bf16,
+                (3, ParamDtype::F32) => tile_mlx3_f32,
+                (3, ParamDtype::F16) => tile_mlx3_f16,
+                (3, ParamDtype::BF16) => tile_mlx3_bf16,
+                (5, ParamDtype::F32) => tile_mlx5_f32,
+                (5, ParamDtype::F16) => tile_mlx5_f16,
+                (5, ParamDtype::BF16) => tile_mlx5_bf16,
+                (_, ParamDtype::F32) => tile_mlx6_f32,
+                (_, ParamDtype::F16) => tile_mlx6_f16,
+                (_, ParamDtype::BF16) => tile_mlx6_bf16,
             }
         }
 
@@ -139,6 +205,18 @@ macro_rules! kernels {
         tile_impl!($feat, tile_mlx8_f32, dot_mlx8, 0);
         tile_impl!($feat, tile_mlx8_f16, dot_mlx8, 1);
         tile_impl!($feat, tile_mlx8_bf16, dot_mlx8, 2);
+        tile_impl!($feat, tile_mlx2_f32, dot_mlxn, 0, 2);
+        tile_impl!($feat, tile_mlx2_f16, dot_mlxn, 1, 2);
+        tile_impl!($feat, tile_mlx2_bf16, dot_mlxn, 2, 2);
+        tile_impl!($feat, tile_mlx3_f32, dot_mlxn, 0, 3);
+        tile_impl!($feat, tile_mlx3_f16, dot_mlxn, 1, 3);
+        tile_impl!($feat, tile_mlx3_bf16, dot_mlxn, 2, 3);
+        tile_impl!($feat, tile_mlx5_f32, dot_mlxn, 0, 5);
+        tile_impl!($feat, tile_mlx5_f16, dot_mlxn, 1, 5);
+        tile_impl!($feat, tile_mlx5_bf16, dot_mlxn, 2, 5);
+        tile_impl!($feat, tile_mlx6_f32, dot_mlxn, 0, 6);
+        tile_impl!($feat, tile_mlx6_f16, dot_mlxn, 1, 6);
+        tile_impl!($feat, tile_mlx6_bf16, dot_mlxn, 2, 6);
 
         /// Scale or bias `i` of an MLX weight (`P`: 0 `f32`, 1 `f16`, 2 `bf16`) as `f32`.
         ///
@@ -249,6 +327,83 @@ macro_rules! kernels {
                             let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
                             let y = if $vnni { y } else { _mm256_sign_epi8(y, qs) };
                             let p = _mm256_cvtepi32_ps(dot_u8i8(qa, y));
+                            let dy = *yd.add(i * nb + b);
+                            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * dy), p, acc[i]);
+                            accm[i] = bi.mul_add(*ys.add(i * nb + b), accm[i]);
+                        }
+                    }
+                }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(acc[i]) + accm[i];
+                }
+                out
+            }
+        }
+
+        /// MLX affine codes of `BITS` bits (2, 3, 5 or 6) against `Q8_32F` activations:
+        /// `Σ_g Σ_{b in g} scale·dy·Σ q·y + bias·s`, the [`dot_mlx8`] sum. A 32-value block is
+        /// `4·BITS` bytes; its two halves (16 codes, `2·BITS` bytes each) are loaded into the
+        /// two 128-bit lanes and unpacked to bytes by [`NBIT_UNPACK`]'s shuffles, multiplies
+        /// and shifts, in order. Codes are below 64, so `vpmaddubsw` cannot saturate
+        /// (`2·63·127 < 2^15`). A block too close to the end of the matrix for two 16-byte
+        /// loads is copied to the stack first.
+        ///
+        /// # Safety
+        /// As [`dot_mlx4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_mlxn<const R: usize, const P: u8, const BITS: usize>(
+            t: &Tile<'_>,
+            j: usize,
+            r: usize,
+        ) -> [f32; R] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 32);
+            let pm = t.mlx;
+            let half = 2 * BITS;
+            let tb = &NBIT_UNPACK[BITS];
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let end = t.w.as_ptr() as usize + t.w.len();
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let ys = a.s.as_ptr().add(r * nb);
+                let sa = _mm256_loadu_si256(tb.shuf[0].as_ptr() as *const __m256i);
+                let sb = _mm256_loadu_si256(tb.shuf[1].as_ptr() as *const __m256i);
+                let ma = _mm256_loadu_si256(tb.mult[0].as_ptr() as *const __m256i);
+                let mb = _mm256_loadu_si256(tb.mult[1].as_ptr() as *const __m256i);
+                let cnt = _mm_cvtsi32_si128(16 - BITS as i32);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut accm = [0f32; R];
+                for g in 0..pm.gpr {
+                    let sc = mlx_param::<P>(pm.scales, j * pm.gpr + g);
+                    let bi = mlx_param::<P>(pm.biases, j * pm.gpr + g);
+                    for b in g * pm.bpg..(g + 1) * pm.bpg {
+                        let src = w.add(4 * BITS * b);
+                        let v = if end - src as usize >= half + 16 {
+                            let lo = _mm_loadu_si128(src as *const __m128i);
+                            let hi = _mm_loadu_si128(src.add(half) as *const __m128i);
+                            _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+                        } else {
+                            let mut buf = [0u8; 32];
+                            std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), half);
+                            std::ptr::copy_nonoverlapping(
+                                src.add(half),
+                                buf.as_mut_ptr().add(16),
+                                half,
+                            );
+                            _mm256_loadu_si256(buf.as_ptr() as *const __m256i)
+                        };
+                        let wa = _mm256_mullo_epi16(_mm256_shuffle_epi8(v, sa), ma);
+                        let wb = _mm256_mullo_epi16(_mm256_shuffle_epi8(v, sb), mb);
+                        let qx = _mm256_packus_epi16(
+                            _mm256_srl_epi16(wa, cnt),
+                            _mm256_srl_epi16(wb, cnt),
+                        );
+                        for i in 0..R {
+                            let y = _mm256_loadu_si256(yq.add(i * k + 32 * b) as *const __m256i);
+                            let p = _mm256_cvtepi32_ps(dot_u8i8(qx, y));
                             let dy = *yd.add(i * nb + b);
                             acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * dy), p, acc[i]);
                             accm[i] = bi.mul_add(*ys.add(i * nb + b), accm[i]);

@@ -42,11 +42,11 @@ pub enum Linear {
         bias: Option<Tensor>,
     },
     /// An MLX affine group-quantized weight (`QuantizedLinear` of mlx-community checkpoints):
-    /// `y = x (scale * q + bias)^T`. 4- and 8-bit weights with an f32 input on the CPU use our
+    /// `y = x (scale * q + bias)^T`. 2- to 6-bit weights with an f32 input on the CPU use our
     /// kernels ([`crate::kernels::mlx`]: the input quantized to 8 bits per 32 values, like
-    /// the GGUF path); other widths compute in f32 like `mx.quantized_matmul(x, w, scales,
-    /// biases, transpose=True)` with an f32 `x` ([`AffineQuantized::matmul`]), copying
-    /// inputs on another device to the CPU and back.
+    /// the GGUF path); 8-bit ones (and any loaded with `exact_mlx_matmul`) compute in f32 like
+    /// `mx.quantized_matmul(x, w, scales, biases, transpose=True)` with an f32 `x`
+    /// ([`AffineQuantized::matmul`]), copying inputs on another device to the CPU and back.
     Mlx {
         /// The quantized weight, `rows = out_features`, `cols = in_features`.
         weight: Arc<AffineQuantized>,
@@ -400,13 +400,15 @@ impl Linear {
 }
 
 /// Whether an MLX product runs on our kernels (which quantize activations to 8 bits, as
-/// ggml does): 4-bit weights with an f32 input on the CPU. 8-bit layers keep the exact f32
-/// arithmetic of `mx.quantized_matmul`: at 8 bits the activation rounding is no longer small
-/// against the weights' own, and moved the logits of the tiny 8-bit models of
-/// `tests/it/archs_golden.rs` by up to 2.6 from transformers on the same dequantized weights.
+/// ggml does): 2-, 3-, 4-, 5- and 6-bit weights with an f32 input on the CPU. 8-bit layers
+/// keep the exact f32 arithmetic of `mx.quantized_matmul`: at 8 bits the activation rounding
+/// is no longer small against the weights' own, and moved the logits of the tiny 8-bit models
+/// of `tests/it/archs_golden.rs` by up to 2.6 from transformers on the same dequantized
+/// weights. (At 6 bits a weight's rounding, up to `range / 126` of its group, still exceeds
+/// an activation's, up to `amax / 254` of its block, as with llama.cpp's `Q6_K × Q8_K`.)
 /// Weights loaded with [`crate::loader::LoadOptions::exact_mlx_matmul`] also keep it.
 fn mlx_fast(w: &AffineQuantized, x: &Tensor) -> bool {
-    w.bits() == 4
+    w.bits() != 8
         && !w.exact_matmul()
         && mlx_kernels::supports(w)
         && x.device().is_cpu()
