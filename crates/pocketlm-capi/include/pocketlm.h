@@ -92,7 +92,7 @@ typedef struct PocketlmLoadOptions {
   const char *adapter_path;
   // Keep GGUF weights in their file layout (llama.cpp's `--no-repack`).
   bool no_repack;
-  // Run MLX 4-bit layers with the f32 arithmetic of `mx.quantized_matmul`.
+  // Run MLX 2- to 6-bit layers with the f32 arithmetic of `mx.quantized_matmul`.
   bool exact_mlx_matmul;
 } PocketlmLoadOptions;
 

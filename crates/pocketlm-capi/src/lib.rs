@@ -104,7 +104,7 @@ pub struct PocketlmLoadOptions {
     pub adapter_path: *const c_char,
     /// Keep GGUF weights in their file layout (llama.cpp's `--no-repack`).
     pub no_repack: bool,
-    /// Run MLX 4-bit layers with the f32 arithmetic of `mx.quantized_matmul`.
+    /// Run MLX 2- to 6-bit layers with the f32 arithmetic of `mx.quantized_matmul`.
     pub exact_mlx_matmul: bool,
 }
 

@@ -26,7 +26,7 @@ pub struct LoadOptions {
     /// Dequantize quantized weights to f32 at load (for comparisons with float references;
     /// uses several times the memory).
     pub dequantize: bool,
-    /// Run MLX 4-bit layers with the f32 arithmetic of `mx.quantized_matmul` (dequantized
+    /// Run MLX 2- to 6-bit layers with the f32 arithmetic of `mx.quantized_matmul` (dequantized
     /// weights times f32 activations) instead of our CPU kernels, which quantize activations
     /// to 8 bits per block of 32 as ggml does (faster; logits move by ~1e-2..1e-1 on small
     /// models). 8-bit layers always use the f32 arithmetic.

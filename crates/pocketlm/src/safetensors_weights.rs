@@ -323,7 +323,7 @@ impl SafetensorsWeights {
         self
     }
 
-    /// Keep MLX 4-bit layers on `mx.quantized_matmul`'s f32 arithmetic
+    /// Keep MLX 2- to 6-bit layers on `mx.quantized_matmul`'s f32 arithmetic
     /// ([`crate::loader::LoadOptions::exact_mlx_matmul`]).
     pub fn exact_mlx_matmul(mut self, yes: bool) -> Self {
         self.exact_mlx_matmul = yes;

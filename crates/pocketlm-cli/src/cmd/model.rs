@@ -27,7 +27,7 @@ pub struct ModelArgs {
     /// load on top of the model. (`lora`: the adapter folder to write or test.)
     #[arg(long)]
     pub adapter_path: Option<PathBuf>,
-    /// Run MLX 4-bit layers with mx.quantized_matmul's f32 arithmetic instead of the faster
+    /// Run MLX 2- to 6-bit layers with mx.quantized_matmul's f32 arithmetic instead of the faster
     /// kernels that quantize activations to 8 bits (as llama.cpp does).
     #[arg(long)]
     pub exact_mlx_matmul: bool,
