@@ -315,8 +315,8 @@ impl SafetensorsWeights {
         self
     }
 
-    /// Repack MLX 4-bit layers for this CPU's fastest kernels where it has them (the default;
-    /// see [`crate::kernels::PackedMlx4`]), or keep MLX's layout
+    /// Repack MLX 2- to 6-bit layers for this CPU's fastest kernels where it has them (the default;
+    /// see [`crate::kernels::PackedMlx`]), or keep MLX's layout
     /// ([`crate::loader::LoadOptions::no_repack`]).
     pub fn repacked(mut self, yes: bool) -> Self {
         self.repack = yes;

@@ -1,21 +1,29 @@
-//! MLX affine 4-bit weights repacked at load into groups of 16 interleaved rows, for the
-//! AVX-512 VNNI kernel of [`super::packed`] (the `Q4_0` one) with MLX's per-group scales and
-//! biases: prefill and decode read each weight byte once per 4 activation rows, and 16 rows'
-//! integer sums come out side by side with no horizontal reduction.
+//! MLX affine weights of 2, 3, 4, 5 and 6 bits repacked at load into groups of 16 interleaved
+//! rows, for the AVX-512 VNNI kernel of [`super::packed`] (the `Q4_0` one) with MLX's
+//! per-group scales and biases: prefill and decode read each weight byte once per 4 activation
+//! rows, and 16 rows' integer sums come out side by side with no horizontal reduction.
 //!
-//! Layout of a [`PackedMlx4`] `[rows, cols]` (`rows` a multiple of 16; the same byte counts as
-//! MLX's tensors, only permuted):
+//! Layout of a [`PackedMlx`] `[rows, cols]` of `bits` bits (`rows` a multiple of 16; the same
+//! byte counts as MLX's tensors, only permuted):
 //! - codes: row group `g` (rows `16g..16g + 16`) whole, then group `g + 1`; within a group, per
-//!   32-value block `b`, 4 words of 64 bytes, word `c` holding 4 bytes per row (lane `i` =
-//!   bytes `4i..4i + 4` = row `16g + i`): byte `t` of lane `i` in word `c` is byte `4c + t` of
-//!   that row's block in MLX's `u32` stream, so its low nibble is code `8c + 2t` and its high
-//!   nibble code `8c + 2t + 1`. With the activations in `ActFormat::Q8_32Nib` order (even
-//!   values first), low nibbles pair with positions `4c + t` and high ones with `16 + 4c + t`:
-//!   the pairing of the packed `Q4_0` layout.
+//!   32-value block `b` (`4·bits` bytes of each row), `bits` words of 64 bytes, word `c`
+//!   holding 4 bytes per row (lane `i` = bytes `4i..4i + 4` = row `16g + i`): byte `t` of lane
+//!   `i` in word `c` is byte `4c + t` of that row's block in MLX's `u32` stream.
+//!   - 4 bits: the low nibble of that byte is code `8c + 2t` and its high nibble code
+//!     `8c + 2t + 1`. With the activations in `ActFormat::Q8_32Nib` order (even values first),
+//!     low nibbles pair with positions `4c + t` and high ones with `16 + 4c + t`: the pairing
+//!     of the packed `Q4_0` layout.
+//!   - 2, 3, 5, 6 bits: lane `i` of words `0..bits` is row `16g + i`'s block as a bit stream
+//!     of `32·bits` bits. Codes `4j..4j + 4` (bits `4j·bits..4(j + 1)·bits`) are shifted out
+//!     of two consecutive words (`vpshrdvd`, AVX512-VBMI2) and spread to one byte each
+//!     (`vpmultishiftqb`, AVX512-VBMI, then a mask), to pair with activation bytes
+//!     `4j..4j + 4` in their natural order (`ActFormat::Q8_32F`, `f32` `dy` and `s`, as the
+//!     unpacked kernels of these widths).
 //! - scales and biases: `[rows / 16, cols / group_size, 16]`, in their stored dtype.
 //!
 //! Per 32-value block `b` of group `q` and activation row `r` (`dy`, `s = dy·Σqy` of ggml's
-//! `Q8_1`, both rounded to `f16` as for the unpacked 4-bit kernel, see [`super::mlx`]):
+//! `Q8_1`, for 4 bits both rounded to `f16` as for the unpacked 4-bit kernel, see
+//! [`super::mlx`]):
 //!
 //! ```text
 //! acc  = fma(Σ code·qy, scale_q·dy, acc)      (exact integer sum, converted once)
@@ -35,11 +43,11 @@ use crate::quant::mlx_affine::{AffineQuantized, GroupParams, ParamDtype};
 /// Rows per interleaved group.
 pub(crate) const ROWS: usize = 16;
 
-/// An MLX affine 4-bit matrix `[rows, cols]` in the 16-row interleaved layout (see the module
-/// docs). Made by [`PackedMlx4::pack`], turned back by [`PackedMlx4::unpack`]; products give
+/// An MLX affine matrix `[rows, cols]` of 2, 3, 4, 5 or 6 bits in the 16-row interleaved
+/// layout (see the module docs). Made by [`PackedMlx::pack`], turned back by [`PackedMlx::unpack`]; products give
 /// the values of the unpacked kernels up to float summation order.
 #[derive(Debug, Clone)]
-pub struct PackedMlx4 {
+pub struct PackedMlx {
     codes: Vec<u8>,
     scales: Vec<u8>,
     biases: Vec<u8>,
@@ -47,6 +55,7 @@ pub struct PackedMlx4 {
     rows: usize,
     cols: usize,
     group_size: usize,
+    bits: usize,
     exact_matmul: bool,
 }
 
@@ -69,13 +78,29 @@ fn permute(src: &[u8], es: usize, old: impl Fn(usize) -> usize) -> Vec<u8> {
     out
 }
 
-impl PackedMlx4 {
-    /// Whether [`Self::pack`] takes `q`: 4 bits, `rows` a multiple of 16, a little-endian CPU.
+impl PackedMlx {
+    /// Whether [`Self::pack`] takes `q`: 2 to 6 bits, `rows` a multiple of 16, a
+    /// little-endian CPU.
     pub fn can_pack(q: &AffineQuantized) -> bool {
         cfg!(target_endian = "little")
-            && q.bits() == 4
+            && matches!(q.bits(), 2..=6)
             && q.cols() > 0
             && q.rows().is_multiple_of(ROWS)
+    }
+
+    /// Whether this CPU has the packed kernels of `bits`: AVX-512 VNNI (with BW), and for 2,
+    /// 3, 5 and 6 bits AVX512-VBMI and VBMI2 too. Elsewhere a packed matrix runs on the
+    /// portable kernel, slower than the unpacked kernels.
+    pub fn kernels_here(bits: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::GgufMatrix::packed_kernels_here() && avx512::runs(bits)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = bits;
+            false
+        }
     }
 
     /// The packed copy of `q`, or `None` unless [`Self::can_pack`].
@@ -83,22 +108,22 @@ impl PackedMlx4 {
         if !Self::can_pack(q) {
             return None;
         }
-        let (rows, cols, gs) = (q.rows(), q.cols(), q.group_size());
+        let (rows, cols, gs, bits) = (q.rows(), q.cols(), q.group_size(), q.bits());
         let (nb, gpr) = (cols / 32, q.groups_per_row());
-        let row_bytes = cols / 2;
+        let (row_bytes, blk_bytes) = (cols * bits / 8, 4 * bits);
         let words = q.weight();
         // SAFETY: `u32` words viewed as their bytes (little-endian, checked by `can_pack`).
         let src =
             unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 4) };
         let mut codes = vec![0u8; src.len()];
         codes
-            .par_chunks_exact_mut(nb * 256)
+            .par_chunks_exact_mut(nb * ROWS * blk_bytes)
             .zip(src.par_chunks_exact(ROWS * row_bytes))
             .for_each(|(dst, group)| {
                 for (i, row) in group.chunks_exact(row_bytes).enumerate() {
-                    for (b, blk) in row.chunks_exact(16).enumerate() {
-                        for c in 0..4 {
-                            dst[b * 256 + 64 * c + 4 * i..][..4]
+                    for (b, blk) in row.chunks_exact(blk_bytes).enumerate() {
+                        for c in 0..bits {
+                            dst[b * ROWS * blk_bytes + 64 * c + 4 * i..][..4]
                                 .copy_from_slice(&blk[4 * c..4 * c + 4]);
                         }
                     }
@@ -121,25 +146,28 @@ impl PackedMlx4 {
             rows,
             cols,
             group_size: gs,
+            bits,
             exact_matmul: q.exact_matmul(),
         })
     }
 
     /// The matrix in MLX's layout again (exactly the one packed).
     pub fn unpack(&self) -> AffineQuantized {
-        let (rows, cols, gpr) = (self.rows, self.cols, self.cols / self.group_size);
+        let (rows, cols, gpr, bits) =
+            (self.rows, self.cols, self.cols / self.group_size, self.bits);
         let nb = cols / 32;
-        let row_bytes = cols / 2;
+        let (row_bytes, blk_bytes) = (cols * bits / 8, 4 * bits);
         let mut codes = vec![0u8; self.codes.len()];
         codes
             .par_chunks_exact_mut(ROWS * row_bytes)
-            .zip(self.codes.par_chunks_exact(nb * 256))
+            .zip(self.codes.par_chunks_exact(nb * ROWS * blk_bytes))
             .for_each(|(group, src)| {
                 for (i, row) in group.chunks_exact_mut(row_bytes).enumerate() {
-                    for (b, blk) in row.chunks_exact_mut(16).enumerate() {
-                        for c in 0..4 {
-                            blk[4 * c..4 * c + 4]
-                                .copy_from_slice(&src[b * 256 + 64 * c + 4 * i..][..4]);
+                    for (b, blk) in row.chunks_exact_mut(blk_bytes).enumerate() {
+                        for c in 0..bits {
+                            blk[4 * c..4 * c + 4].copy_from_slice(
+                                &src[b * ROWS * blk_bytes + 64 * c + 4 * i..][..4],
+                            );
                         }
                     }
                 }
@@ -180,7 +208,7 @@ impl PackedMlx4 {
             rows,
             cols,
             self.group_size,
-            4,
+            bits,
         )
         .expect("a packed matrix holds a valid MLX matrix's buffers")
         .with_exact_matmul(self.exact_matmul)
@@ -201,6 +229,11 @@ impl PackedMlx4 {
         self.group_size
     }
 
+    /// Bits per code (2 to 6).
+    pub fn bits(&self) -> usize {
+        self.bits
+    }
+
     /// Whether products must keep `mx.quantized_matmul`'s f32 arithmetic (copied from the
     /// matrix packed; such layers are normally not packed at all).
     pub fn exact_matmul(&self) -> bool {
@@ -217,11 +250,12 @@ impl PackedMlx4 {
             name: "<MLX affine weight (packed)>",
             w: &self.codes,
             kind: Kind::MlxPacked {
+                bits: self.bits,
                 params: self.params,
             },
             rows: self.rows,
             cols: self.cols,
-            row_bytes: self.cols / 2,
+            row_bytes: self.cols * self.bits / 8,
             mlx: MlxParts {
                 scales: self.scales.as_ptr(),
                 biases: self.biases.as_ptr(),
@@ -232,32 +266,44 @@ impl PackedMlx4 {
     }
 }
 
-/// The portable tile function (the reference of the SIMD one: same integers, same float
-/// operations in the same order).
-pub(crate) fn tile_fn(params: ParamDtype) -> TileFn {
-    match params {
-        ParamDtype::F32 => tile_scalar::<0>,
-        ParamDtype::F16 => tile_scalar::<1>,
-        ParamDtype::BF16 => tile_scalar::<2>,
+/// The portable tile function for `bits` (the reference of the SIMD one: same integers, same
+/// float operations in the same order).
+pub(crate) fn tile_fn(bits: usize, params: ParamDtype) -> TileFn {
+    macro_rules! by_params {
+        ($bits:literal) => {
+            match params {
+                ParamDtype::F32 => tile_scalar::<$bits, 0>,
+                ParamDtype::F16 => tile_scalar::<$bits, 1>,
+                ParamDtype::BF16 => tile_scalar::<$bits, 2>,
+            }
+        };
+    }
+    match bits {
+        2 => by_params!(2),
+        3 => by_params!(3),
+        5 => by_params!(5),
+        6 => by_params!(6),
+        _ => by_params!(4),
     }
 }
 
 /// # Safety
 /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; `t.mlx` points at
 /// the packed scales and biases.
-unsafe fn tile_scalar<const P: u8>(t: &Tile<'_>) {
+unsafe fn tile_scalar<const BITS: usize, const P: u8>(t: &Tile<'_>) {
     let a = t.acts;
     let (k, nb) = (a.k, a.k / 32);
     let pm = t.mlx;
+    let gb = ROWS * 4 * BITS;
     for g in t.rows.start / ROWS..t.rows.end / ROWS {
-        let grp = &t.w[g * nb * 256..(g + 1) * nb * 256];
+        let grp = &t.w[g * nb * gb..(g + 1) * nb * gb];
         for r in t.ms.clone() {
             let mut acc = [0f32; ROWS];
             let mut accm = [0f32; ROWS];
             for qg in 0..pm.gpr {
                 let base = (g * pm.gpr + qg) * ROWS;
                 for b in qg * pm.bpg..(qg + 1) * pm.bpg {
-                    let blk = &grp[b * 256..(b + 1) * 256];
+                    let blk = &grp[b * gb..(b + 1) * gb];
                     let y = &a.qs[r * k + 32 * b..][..32];
                     let (dy, s) = (a.d[r * nb + b], a.s[r * nb + b]);
                     for i in 0..ROWS {
@@ -269,11 +315,23 @@ unsafe fn tile_scalar<const P: u8>(t: &Tile<'_>) {
                             )
                         };
                         let mut sum = 0i32;
-                        for c in 0..4 {
-                            for tt in 0..4 {
-                                let byte = blk[64 * c + 4 * i + tt];
-                                sum += i32::from(byte & 0xF) * i32::from(y[4 * c + tt]);
-                                sum += i32::from(byte >> 4) * i32::from(y[16 + 4 * c + tt]);
+                        if BITS == 4 {
+                            for c in 0..4 {
+                                for tt in 0..4 {
+                                    let byte = blk[64 * c + 4 * i + tt];
+                                    sum += i32::from(byte & 0xF) * i32::from(y[4 * c + tt]);
+                                    sum += i32::from(byte >> 4) * i32::from(y[16 + 4 * c + tt]);
+                                }
+                            }
+                        } else {
+                            let mut stream = [0u8; 24];
+                            for c in 0..BITS {
+                                stream[4 * c..4 * c + 4]
+                                    .copy_from_slice(&blk[64 * c + 4 * i..][..4]);
+                            }
+                            let q = super::scalar::unpack_block::<BITS>(&stream[..4 * BITS]);
+                            for (&q, &v) in q.iter().zip(y) {
+                                sum += i32::from(q) * i32::from(v);
                             }
                         }
                         acc[i] = (sum as f32).mul_add(sc * dy, acc[i]);
@@ -302,13 +360,31 @@ pub(crate) mod avx512 {
     use super::ROWS;
     use crate::quant::mlx_affine::ParamDtype;
 
-    /// The tile function for a parameter dtype (callers check
-    /// [`super::super::packed::avx512::available`]).
-    pub(crate) fn tile_fn(params: ParamDtype) -> TileFn {
-        match params {
-            ParamDtype::F32 => tile::<0>,
-            ParamDtype::F16 => tile::<1>,
-            ParamDtype::BF16 => tile::<2>,
+    /// Whether this CPU runs the kernel of `bits` (callers check
+    /// [`super::super::packed::avx512::available`] as well): 2, 3, 5 and 6 bits need
+    /// AVX512-VBMI and VBMI2 for their unpacking.
+    pub(crate) fn runs(bits: usize) -> bool {
+        bits == 4
+            || (is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512vbmi2"))
+    }
+
+    /// The tile function for `bits` and a parameter dtype (callers check [`runs`]).
+    pub(crate) fn tile_fn(bits: usize, params: ParamDtype) -> TileFn {
+        macro_rules! by_params {
+            ($tile:ident, $bits:literal) => {
+                match params {
+                    ParamDtype::F32 => $tile::<0, $bits>,
+                    ParamDtype::F16 => $tile::<1, $bits>,
+                    ParamDtype::BF16 => $tile::<2, $bits>,
+                }
+            };
+        }
+        match bits {
+            2 => by_params!(tile_n, 2),
+            3 => by_params!(tile_n, 3),
+            5 => by_params!(tile_n, 5),
+            6 => by_params!(tile_n, 6),
+            _ => by_params!(tile, 4),
         }
     }
 
@@ -329,24 +405,64 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// # Safety
-    /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
-    /// AVX512F and AVX512-VNNI.
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn tile<const P: u8>(t: &Tile<'_>) {
-        let nb = t.acts.k / 32;
-        for g in t.rows.start / ROWS..t.rows.end / ROWS {
-            // SAFETY: group `g` lies inside the weight (rows checked by the caller).
-            let wg = unsafe { t.w.as_ptr().add(g * nb * 256) };
-            let mut r = t.ms.start;
-            unsafe {
-                while r + 8 <= t.ms.end {
-                    rows::<8, P>(t, wg, g, r);
-                    r += 8;
+    /// The tile loop over row groups and 8 activation rows at a time, for a tile function
+    /// `$name` with target features `$feat`.
+    macro_rules! tile_loop {
+        ($name:ident, $feat:literal) => {
+            /// # Safety
+            /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU
+            /// has the function's target features.
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const P: u8, const BITS: usize>(t: &Tile<'_>) {
+                let gb = ROWS * 4 * BITS;
+                let nb = t.acts.k / 32;
+                for g in t.rows.start / ROWS..t.rows.end / ROWS {
+                    // SAFETY: group `g` lies inside the weight (rows checked by the caller).
+                    let wg = unsafe { t.w.as_ptr().add(g * nb * gb) };
+                    let mut r = t.ms.start;
+                    unsafe {
+                        while r + 8 <= t.ms.end {
+                            rows::<8, P, BITS>(t, wg, g, r);
+                            r += 8;
+                        }
+                        remainder_rows!(t.ms.end - r, R => rows::<R, P, BITS>(t, wg, g, r));
+                    }
                 }
-                remainder_rows!(t.ms.end - r, R => rows::<R, P>(t, wg, g, r));
             }
+        };
+    }
+    tile_loop!(tile, "avx512f,avx512vnni");
+    tile_loop!(tile_n, "avx512f,avx512bw,avx512vnni,avx512vbmi,avx512vbmi2");
+
+    /// Per lane (row), the codes of one 32-value block of `BITS` bits (2, 3, 5, 6) as bytes:
+    /// word `j` holds codes `4j..4j + 4`. `p` points at the block's `BITS` words of 64 bytes
+    /// (see the module docs).
+    ///
+    /// # Safety
+    /// `p` is valid for `64·BITS` bytes; the CPU has AVX512F, BW, VBMI and VBMI2.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vbmi2")]
+    unsafe fn nbit_codes<const BITS: usize>(p: *const u8) -> [__m512i; 8] {
+        let mut d = [_mm512_setzero_si512(); 6];
+        for (c, d) in d.iter_mut().enumerate().take(BITS) {
+            *d = unsafe { _mm512_loadu_si512(p.add(64 * c) as *const _) };
         }
+        // Byte `t` of each 32-bit half takes the 8 bits at `t·BITS` of that half.
+        let mut offsets = 0u64;
+        for b in 0..8 {
+            offsets |= ((32 * (b / 4) + BITS * (b % 4)) as u64) << (8 * b);
+        }
+        let ctrl = _mm512_set1_epi64(offsets as i64);
+        let mask = _mm512_set1_epi8(((1u16 << BITS) - 1) as i8);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for (j, w) in w.iter_mut().enumerate() {
+            let bit = 4 * j * BITS;
+            let (lo, s) = (bit / 32, (bit % 32) as i32);
+            let hi = (lo + 1).min(BITS - 1);
+            let x = _mm512_shrdv_epi32(d[lo], d[hi], _mm512_set1_epi32(s));
+            *w = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, x), mask);
+        }
+        w
     }
 
     /// Activation rows `r..r + R` (`R <= 8`) against the 16 weight rows of group `g` (codes
@@ -356,7 +472,12 @@ pub(crate) mod avx512 {
     /// # Safety
     /// As [`tile`]; `r + R <= t.ms.end`.
     #[inline(always)]
-    unsafe fn rows<const R: usize, const P: u8>(t: &Tile<'_>, wg: *const u8, g: usize, r: usize) {
+    unsafe fn rows<const R: usize, const P: u8, const BITS: usize>(
+        t: &Tile<'_>,
+        wg: *const u8,
+        g: usize,
+        r: usize,
+    ) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 32);
         let pm = t.mlx;
@@ -372,10 +493,15 @@ pub(crate) mod avx512 {
                 let sc = params16::<P>(pm.scales.add(off));
                 let bi = params16::<P>(pm.biases.add(off));
                 for b in qg * pm.bpg..(qg + 1) * pm.bpg {
+                    let blk = wg.add(b * ROWS * 4 * BITS);
                     if pf {
-                        prefetch_ahead(wg.add(b * 256), 256);
+                        prefetch_ahead(blk, ROWS * 4 * BITS);
                     }
-                    let w = nibbles(wg.add(b * 256));
+                    let w = if BITS == 4 {
+                        nibbles(blk)
+                    } else {
+                        nbit_codes::<BITS>(blk)
+                    };
                     unroll8!(R, i => {
                         let y = a.qs.as_ptr().add((r + i) * k + 32 * b) as *const i32;
                         let s = if R >= 4 {

@@ -301,22 +301,29 @@ fn bad_lengths_are_errors() {
 }
 
 /// A packed product on `backend` (the AVX-512 kernel on `Avx512Vnni`, else the portable twin).
-fn packed_matmul(backend: Backend, p: &super::PackedMlx4, x: &[f32], m: usize) -> Vec<f32> {
+fn packed_matmul(backend: Backend, p: &super::PackedMlx, x: &[f32], m: usize) -> Vec<f32> {
     let mut out = vec![f32::NAN; m * p.rows()];
     super::run_products(backend, &[p.mat_ref()], x, m, &mut [&mut out]).unwrap();
     out
 }
 
 #[test]
-fn packed_mlx4_round_trips_and_matches_naive() {
+fn packed_mlx_round_trips_and_matches_naive() {
     let mut rng = StdRng::seed_from_u64(23);
-    for gs in [32, 64, 128] {
+    for (bits, gs) in [32, 64, 128].into_iter().map(|gs| (4, gs)).chain([
+        (2, 64),
+        (3, 32),
+        (5, 128),
+        (6, 64),
+        (3, 128),
+        (6, 32),
+    ]) {
         for (pi, dtype) in PARAMS.into_iter().enumerate() {
             for (si, (n, groups)) in [(16, 1), (48, 3), (32, 2)].into_iter().enumerate() {
                 let k = gs * groups;
-                let q = weight(&mut rng, n, k, gs, 4, dtype, (si + pi) % 2 == 1);
-                let p = super::PackedMlx4::pack(&q).expect("4-bit, rows % 16 == 0");
-                assert_eq!(p.unpack(), q, "gs {gs} {dtype:?} n {n}");
+                let q = weight(&mut rng, n, k, gs, bits, dtype, (si + pi) % 2 == 1);
+                let p = super::PackedMlx::pack(&q).expect("2-6 bits, rows % 16 == 0");
+                assert_eq!(p.unpack(), q, "bits {bits} gs {gs} {dtype:?} n {n}");
                 assert_eq!(p.dequantize(), q.dequantize());
                 let (n, k) = (q.rows(), q.cols());
                 for m in [1, 2, 3, 4, 7, 8, 9, 12, 15, 16, 17, 23, 64, 65, 70] {
@@ -330,14 +337,14 @@ fn packed_mlx4_round_trips_and_matches_naive() {
                         assert_eq!(
                             got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                             reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                            "{backend:?} gs {gs} {dtype:?} n {n} k {k} m {m}"
+                            "{backend:?} bits {bits} gs {gs} {dtype:?} n {n} k {k} m {m}"
                         );
                     }
                     for (idx, ((&g, &w), &a)) in reference.iter().zip(&want).zip(&mag).enumerate() {
                         let tol = 4.0 * (k as f64 / 32.0 + 4.0) * f32::EPSILON as f64 * a + 1e-30;
                         assert!(
                             (g as f64 - w).abs() <= tol,
-                            "gs {gs} {dtype:?} n {n} k {k} m {m} out {idx}: {g} vs {w}"
+                            "bits {bits} gs {gs} {dtype:?} n {n} k {k} m {m} out {idx}: {g} vs {w}"
                         );
                     }
                 }
@@ -347,13 +354,18 @@ fn packed_mlx4_round_trips_and_matches_naive() {
 }
 
 #[test]
-fn packed_mlx4_on_model_shapes_and_threads_matches_unpacked() {
+fn packed_mlx_on_model_shapes_and_threads_matches_unpacked() {
     // Split over threads in decode (m = 1) and prefill (m = 70) tiling; the packed and unpacked
     // kernels share the integers and differ only in float summation order.
     let mut rng = StdRng::seed_from_u64(29);
-    for dtype in PARAMS {
-        let q = weight(&mut rng, 640, 1024, 64, 4, dtype, false);
-        let p = super::PackedMlx4::pack(&q).unwrap();
+    for (bits, dtype) in PARAMS.into_iter().map(|d| (4, d)).chain([
+        (2, ParamDtype::F16),
+        (3, ParamDtype::BF16),
+        (5, ParamDtype::F32),
+        (6, ParamDtype::F16),
+    ]) {
+        let q = weight(&mut rng, 640, 1024, 64, bits, dtype, false);
+        let p = super::PackedMlx::pack(&q).unwrap();
         for m in [1, 70] {
             let x = rand_vec(&mut rng, m * 1024, 2.0);
             let (want, mag) = naive(&q, &x, m);
@@ -361,7 +373,10 @@ fn packed_mlx4_on_model_shapes_and_threads_matches_unpacked() {
                 let got = packed_matmul(backend, &p, &x, m);
                 for (idx, ((&g, &w), &a)) in got.iter().zip(&want).zip(&mag).enumerate() {
                     let tol = 4.0 * (1024.0 / 32.0 + 4.0) * f32::EPSILON as f64 * a + 1e-30;
-                    assert!((g as f64 - w).abs() <= tol, "{backend:?} m {m} out {idx}");
+                    assert!(
+                        (g as f64 - w).abs() <= tol,
+                        "{backend:?} bits {bits} m {m} out {idx}"
+                    );
                 }
             }
         }
@@ -369,10 +384,14 @@ fn packed_mlx4_on_model_shapes_and_threads_matches_unpacked() {
 }
 
 #[test]
-fn packing_takes_only_4_bit_whole_row_groups() {
+fn packing_takes_2_to_6_bits_in_whole_row_groups() {
     let mut rng = StdRng::seed_from_u64(31);
     let q8 = weight(&mut rng, 16, 64, 64, 8, ParamDtype::F16, false);
-    assert!(super::PackedMlx4::pack(&q8).is_none());
-    let q4 = weight(&mut rng, 24, 64, 64, 4, ParamDtype::F16, false);
-    assert!(super::PackedMlx4::pack(&q4).is_none());
+    assert!(super::PackedMlx::pack(&q8).is_none());
+    for bits in [2, 3, 4, 5, 6] {
+        let q = weight(&mut rng, 24, 64, 64, bits, ParamDtype::F16, false);
+        assert!(super::PackedMlx::pack(&q).is_none());
+        let q = weight(&mut rng, 32, 64, 64, bits, ParamDtype::F16, false);
+        assert_eq!(super::PackedMlx::pack(&q).map(|p| p.bits()), Some(bits));
+    }
 }

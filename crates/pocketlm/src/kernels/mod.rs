@@ -78,7 +78,7 @@ use rayon::prelude::*;
 use crate::quant::mlx_affine::ParamDtype;
 
 pub(crate) use act::{quantize_acts, ActFormat, Acts};
-pub use mlx_packed::PackedMlx4;
+pub use mlx_packed::PackedMlx;
 
 /// The GGUF (ggml) block types that have kernels here.
 ///
@@ -619,7 +619,7 @@ impl GgufMatrix {
     }
 
     /// Whether this CPU has the kernels of the 16-row packed layouts (AVX-512 VNNI), so that
-    /// repacking weights at load pays off ([`Self::repacked`], [`PackedMlx4`]).
+    /// repacking weights at load pays off ([`Self::repacked`], [`PackedMlx`]).
     pub fn packed_kernels_here() -> bool {
         Self::packs_on(Backend::detect())
     }
@@ -934,8 +934,10 @@ pub(crate) enum Kind {
     /// [`Self::Packed`] with kernels in the unpacked kernels' float order (`Q8_0`, `Q4_1`:
     /// [`packed::tile_fn_vec_dot`]).
     PackedVecDot(GgufType),
-    /// MLX affine 4-bit repacked in groups of 16 rows ([`mlx_packed`]).
+    /// MLX affine 2- to 6-bit repacked in groups of 16 rows ([`mlx_packed`]).
     MlxPacked {
+        /// Bits per code (2 to 6).
+        bits: usize,
         /// Dtype of scales and biases.
         params: ParamDtype,
     },
@@ -952,8 +954,8 @@ impl Kind {
     fn act_format(self) -> ActFormat {
         match self {
             Self::Gguf(t) | Self::Packed(t) | Self::PackedVecDot(t) => t.act_format(),
-            Self::Mlx { bits: 4, .. } | Self::MlxPacked { .. } => ActFormat::Q8_32Nib,
-            Self::Mlx { .. } => ActFormat::Q8_32F,
+            Self::Mlx { bits: 4, .. } | Self::MlxPacked { bits: 4, .. } => ActFormat::Q8_32Nib,
+            Self::Mlx { .. } | Self::MlxPacked { .. } => ActFormat::Q8_32F,
         }
     }
 }
@@ -1484,12 +1486,12 @@ fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
             return packed::tile_fn_vec_dot(t).unwrap_or_else(|| packed::tile_fn(t));
         }
         Kind::Mlx { bits, params } => return mlx::tile_fn(backend, bits, params),
-        Kind::MlxPacked { params } => {
+        Kind::MlxPacked { bits, params } => {
             #[cfg(target_arch = "x86_64")]
-            if GgufMatrix::packs_on(backend) {
-                return mlx_packed::avx512::tile_fn(params);
+            if GgufMatrix::packs_on(backend) && mlx_packed::avx512::runs(bits) {
+                return mlx_packed::avx512::tile_fn(bits, params);
             }
-            return mlx_packed::tile_fn(params);
+            return mlx_packed::tile_fn(bits, params);
         }
     };
     match backend {

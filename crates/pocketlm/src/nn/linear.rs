@@ -9,7 +9,7 @@ use candle_core::{DType, Module, Tensor};
 use super::lora::{dense_forward, LoraLinear};
 use super::Mode;
 use crate::kernels::mlx as mlx_kernels;
-use crate::kernels::{forward_refs, Backend, GgufMatrix, MatRef, PackedMlx4};
+use crate::kernels::{forward_refs, Backend, GgufMatrix, MatRef, PackedMlx};
 use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
 use crate::quant::mlx_fp::FpQuantized;
 use crate::{Error, Result};
@@ -64,12 +64,12 @@ pub enum Linear {
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },
-    /// An MLX affine 4-bit weight repacked at load in groups of 16 rows for this CPU's
-    /// AVX-512 VNNI kernels ([`PackedMlx4`]); the numerics of [`Self::Mlx`]'s kernels up to
+    /// An MLX affine 2- to 6-bit weight repacked at load in groups of 16 rows for this CPU's
+    /// AVX-512 VNNI kernels ([`PackedMlx`]); the numerics of [`Self::Mlx`]'s kernels up to
     /// float summation order.
     MlxPacked {
         /// The packed weight, `rows = out_features`, `cols = in_features`.
-        weight: Arc<PackedMlx4>,
+        weight: Arc<PackedMlx>,
         /// Optional float bias `[out]`.
         bias: Option<Tensor>,
     },

@@ -9,7 +9,7 @@
 //! | float | either | dense | dense |
 //! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0, Q4_1, Q8_0, Q4_K and Q6_K repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
 //! | other GGUF block types | no | [`Linear::Gguf`] | as above |
-//! | MLX affine | no | [`Linear::Mlx`] ([`Linear::MlxPacked`] for 4-bit on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] for 4/8-bit, else dense |
+//! | MLX affine | no | [`Linear::Mlx`] ([`Linear::MlxPacked`] for 4-bit on CPUs with AVX-512 VNNI, 2/3/5/6-bit with VBMI2 as well) | [`Linear::Cuda`] for 4/8-bit, else dense |
 //! | MLX `mxfp4` / `mxfp8` / `nvfp4` | no | [`Linear::MlxFp`] | dense |
 //! | any quantized | yes | dense f32 | dense f32 |
 //!
@@ -23,7 +23,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::gguf::GgufFile;
-use crate::kernels::{GgufMatrix, PackedMlx4};
+use crate::kernels::PackedMlx;
 use crate::nn::{Embedding, Linear};
 use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
 use crate::quant::mlx_fp::FpQuantized;
@@ -57,7 +57,7 @@ pub struct Placement {
     /// the memory).
     pub dequantize: bool,
     /// Repack GGUF and MLX 4-bit weights for this CPU's fastest kernels where it has them
-    /// ([`crate::kernels::GgufMatrix::repacked`], [`PackedMlx4`]); `false` keeps the file's
+    /// ([`crate::kernels::GgufMatrix::repacked`], [`PackedMlx`]); `false` keeps the file's
     /// layout.
     pub repack: bool,
 }
@@ -70,7 +70,7 @@ impl Placement {
         match stored {
             Stored::Float(t) => Ok(Linear::dense(self.f32(t)?, bias)),
             Stored::Mlx(q) if self.dequantize => Ok(Linear::dense(self.dense_mlx(&q)?, bias)),
-            Stored::Mlx(q) if self.packs_mlx(&q) => match PackedMlx4::pack(&q) {
+            Stored::Mlx(q) if self.packs_mlx(&q) => match PackedMlx::pack(&q) {
                 Some(p) => Ok(Linear::MlxPacked {
                     weight: Arc::new(p),
                     bias,
@@ -239,14 +239,15 @@ impl Placement {
     }
 
     /// Whether an MLX matrix becomes a [`Linear::MlxPacked`] layer: repacking asked for, on the
-    /// CPU, a CPU with the packed kernels, and a 4-bit matrix that our kernels run (not kept
-    /// on `mx.quantized_matmul`'s f32 arithmetic) with rows in whole groups of 16.
+    /// CPU, a CPU with the packed kernels of its width, and a 2- to 6-bit matrix that our
+    /// kernels run (not kept on `mx.quantized_matmul`'s f32 arithmetic) with rows in whole
+    /// groups of 16.
     fn packs_mlx(&self, q: &AffineQuantized) -> bool {
         self.repack
             && self.device.is_cpu()
             && !q.exact_matmul()
-            && PackedMlx4::can_pack(q)
-            && GgufMatrix::packed_kernels_here()
+            && PackedMlx::can_pack(q)
+            && PackedMlx::kernels_here(q.bits())
     }
 
     /// Whether a GGUF tensor of `dtype` goes to our CPU kernels: quantized, of a type they
