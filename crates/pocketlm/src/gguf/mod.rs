@@ -666,6 +666,105 @@ mod tests {
         }
     }
 
+    /// A GGUF v3 file with no metadata and `tensors` (name, dims outermost first, ggml type
+    /// id, data), data aligned to 32 bytes as ggml writes it.
+    fn write_gguf(path: &Path, tensors: &[(&str, &[usize], u32, &[u8])]) {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        let mut offset = 0u64;
+        for (name, dims, ty, data) in tensors {
+            b.extend((name.len() as u64).to_le_bytes());
+            b.extend(name.as_bytes());
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in dims.iter().rev() {
+                b.extend((*d as u64).to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        for (_, _, _, data) in tensors {
+            b.resize(b.len().div_ceil(32) * 32, 0);
+            b.extend(*data);
+        }
+        std::fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn iq4_expert_stacks_and_mixed_files_read_in_place() {
+        // Random IQ4_XS / IQ4_NL bytes with finite f16 scales (every other bit pattern is a
+        // valid block), next to a Q8_0 tensor that candle reads.
+        let blocks = |ty: GgufType, n: usize, seed: u8| -> Vec<u8> {
+            let mut v: Vec<u8> = (0..n * ty.type_size())
+                .map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed) ^ (i >> 5) as u8)
+                .collect();
+            for (i, blk) in v.chunks_exact_mut(ty.type_size()).enumerate() {
+                let d = half::f16::from_f32(0.01 * (i as f32 - 3.0));
+                blk[..2].copy_from_slice(&d.to_le_bytes());
+            }
+            v
+        };
+        let xs = blocks(GgufType::Iq4Xs, 2 * 3, 1);
+        let nl = blocks(GgufType::Iq4Nl, 2 * 3 * 2, 2);
+        let q8 = blocks(GgufType::Q8_0, 4, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mixed.gguf");
+        write_gguf(
+            &p,
+            &[
+                ("a.q8", &[2, 64], 8, &q8),
+                ("b.xs", &[2, 3, 256], 23, &xs),
+                ("c.nl", &[2, 3, 64], 20, &nl),
+            ],
+        );
+        let f = GgufFile::open(&p).unwrap();
+        let cpu = Device::Cpu;
+        for (name, ty, bytes, cols) in [
+            ("b.xs", GgufType::Iq4Xs, &xs, 256),
+            ("c.nl", GgufType::Iq4Nl, &nl, 64),
+        ] {
+            let shape = [2, 3, cols];
+            let whole = GgufMatrix::new(name, WeightBytes::owned(bytes.clone()), ty, 6, cols)
+                .unwrap()
+                .dequantize();
+            let t = f32s(&f.tensor_f32(name, &shape, &cpu).unwrap());
+            assert_eq!(bits(&t), bits(&whole), "{name}");
+            for e in 0..2 {
+                let m = f.expert_matrix(name, shape, e).unwrap();
+                assert_eq!((m.rows(), m.cols(), m.dtype()), (3, cols, ty));
+                let part = &whole[e * 3 * cols..(e + 1) * 3 * cols];
+                assert_eq!(bits(&m.dequantize()), bits(part), "{name}[{e}]");
+            }
+            let err = f.expert_matrix(name, shape, 2).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+            let err = f.matrix(name, &[6, cols]).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+            for dequantize in [false, true] {
+                let p = Placement {
+                    device: cpu.clone(),
+                    dequantize,
+                    repack: true,
+                };
+                let layers = p.gguf_experts(&f, name, shape).unwrap();
+                assert_eq!(layers.len(), 2);
+                for (e, l) in layers.iter().enumerate() {
+                    assert_eq!(matches!(l, Linear::Kernel { .. }), !dequantize);
+                    let w = f32s(&l.dequantized_weight().unwrap());
+                    assert_eq!(bits(&w), bits(&whole[e * 3 * cols..(e + 1) * 3 * cols]));
+                }
+            }
+        }
+        // The candle-read tensor beside them is unchanged.
+        let q = f.matrix("a.q8", &[2, 64]).unwrap();
+        let want = GgufMatrix::new("q", WeightBytes::owned(q8.clone()), GgufType::Q8_0, 2, 64)
+            .unwrap()
+            .dequantize();
+        assert_eq!(q.dequantize(), want);
+        assert_eq!(f32s(&f.tensor_f32("a.q8", &[2, 64], &cpu).unwrap()), want);
+    }
+
     #[test]
     fn malformed_iq4_files_give_named_errors() {
         let good = std::fs::read(iq4_golden()).unwrap();
