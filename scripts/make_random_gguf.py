@@ -1,7 +1,8 @@
 """Write a GGUF with random weights of a real model's shapes, for speed measurements only.
 
 usage: make_random_gguf.py OUT TYPE [--shape SHAPE]
-  TYPE in q4_0 q8_0 q4_k; SHAPE (default 8b):
+  TYPE in q4_0 q8_0 q4_k iq4_nl iq4_xs (output.weight is q6_k for q4_k and the iq4 types);
+  SHAPE (default 8b):
     8b         Llama-3-8B         (llama; hidden 4096, 32 layers, 32/8 heads, ffn 14336)
     1b         Llama-3.2-1B       (llama; 2048, 16 layers, 32/8 heads, ffn 8192)
     qwen2-7b   Qwen2.5-7B         (qwen2: q/k/v biases; 3584, 28 layers, 28/4 heads, ffn 18944)
@@ -68,7 +69,8 @@ H = SHAPES[shape]
 rng = np.random.default_rng(0)
 T = gguf.GGMLQuantizationType
 BLOCK = {"q4_0": (T.Q4_0, 32, 18, 0), "q8_0": (T.Q8_0, 32, 34, 0),
-         "q4_k": (T.Q4_K, 256, 144, 0), "q6_k": (T.Q6_K, 256, 210, 208)}
+         "q4_k": (T.Q4_K, 256, 144, 0), "q6_k": (T.Q6_K, 256, 210, 208),
+         "iq4_nl": (T.IQ4_NL, 32, 18, 0), "iq4_xs": (T.IQ4_XS, 256, 136, 0)}
 
 
 def qtensor(rows, cols, kind, experts=0):
@@ -126,7 +128,7 @@ if H.get("experts"):
 add_q("token_embd.weight", vocab, e, qtype)
 add_f("output_norm.weight", [e], ones(e))
 if not H.get("tied"):
-    add_q("output.weight", vocab, e, "q6_k" if qtype == "q4_k" else qtype)
+    add_q("output.weight", vocab, e, "q6_k" if qtype in ("q4_k", "iq4_nl", "iq4_xs") else qtype)
 q_rows, kv_rows = nh * hd, nkv * hd
 for i in range(L):
     if H.get("fused"):

@@ -803,7 +803,7 @@ pub fn convert(
             n_kv_heads,
         } => {
             for (i, (hf, g)) in names.iter().enumerate() {
-                let (dims, _) = file.tensor_info(g)?;
+                let dims = file.tensor_dims(g)?;
                 let mut t = file.tensor_f32(g, &dims, &Device::Cpu)?;
                 if hf.ends_with("self_attn.q_proj.weight") {
                     t = qk_rows.to_hf(&t, *n_heads, hf)?;

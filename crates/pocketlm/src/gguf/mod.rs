@@ -1,8 +1,10 @@
 //! Reading GGUF files: metadata and tensors. Quantized tensors stay quantized (as candle
-//! `QTensor`s); float tensors are returned as `f32` candle tensors.
+//! `QTensor`s, or as [`GgufMatrix`]es used in place for the CPU kernels); float tensors are
+//! returned as `f32` candle tensors.
 //!
 //! Format reference: ggml's `docs/gguf.md` (version 2 and 3 files). Parsing is done by
-//! `candle_core::quantized::gguf_file`; this module adds file-named errors, typed metadata
+//! `candle_core::quantized::gguf_file`, except for the tensors of types it lacks (MXFP4,
+//! IQ4_NL, IQ4_XS: [`set_aside`]); this module adds file-named errors, typed metadata
 //! accessors. The Hugging Face <-> GGUF tensor names are per architecture:
 //! [`crate::gguf::names`].
 
@@ -17,12 +19,13 @@ use candle_core::{Device, Tensor};
 
 pub mod mxfp4;
 pub mod names;
+pub mod set_aside;
 
 use crate::error::candle_message;
 use crate::kernels::{GgufMatrix, GgufType, WeightBytes};
 use crate::quant::mlx_fp::FpQuantized;
 use crate::{Error, Result};
-use mxfp4::Mxfp4Info;
+use set_aside::{SetAsideInfo, SetAsideType};
 
 /// An opened GGUF file: its parsed header (metadata and tensor directory) and the file
 /// memory-mapped, so that quantized weights are used in place (no copy, near-zero load time;
@@ -30,8 +33,9 @@ use mxfp4::Mxfp4Info;
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    /// MXFP4 tensors (ggml type 39), which `content` leaves out: [`mxfp4`].
-    mxfp4: HashMap<String, Mxfp4Info>,
+    /// Tensors of the types candle lacks (MXFP4, IQ4_NL, IQ4_XS), which `content` leaves out:
+    /// [`set_aside`].
+    set_aside: HashMap<String, SetAsideInfo>,
     map: Arc<memmap2::Mmap>,
 }
 
@@ -52,22 +56,31 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let map = crate::kernels::mmap_file(&path)?;
-        let (content, mxfp4) = mxfp4::parse(&map).map_err(|e| {
+        let (content, set_aside) = set_aside::parse(&map).map_err(|e| {
             Error::Model(format!("{}: not a valid GGUF file ({e})", path.display()))
         })?;
         let file_len = map.len() as u64;
-        for (name, info) in &mxfp4 {
-            let end = content.tensor_data_offset + info.offset + info.bytes() as u64;
-            if !info
-                .dims
-                .last()
-                .is_some_and(|c| c.is_multiple_of(mxfp4::BLOCK))
-                || end > file_len
-            {
+        for (name, info) in &set_aside {
+            let ty = info.ty;
+            let Some(bytes) = info.bytes() else {
                 return Err(Error::Model(format!(
-                    "{}: MXFP4 tensor `{name}` {:?} is not whole blocks of 32 or ends at byte {end} past the file's {file_len}",
+                    "{}: {} tensor `{name}` {:?} is not whole blocks of {} values",
                     path.display(),
-                    info.dims
+                    ty.name(),
+                    info.dims,
+                    ty.block_size()
+                )));
+            };
+            let end = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|s| s.checked_add(bytes as u64));
+            if end.is_none_or(|end| end > file_len) {
+                return Err(Error::Model(format!(
+                    "{}: truncated GGUF file: {} tensor `{name}` ends at byte {} but the file has {file_len} bytes",
+                    path.display(),
+                    ty.name(),
+                    end.map_or("(overflow)".to_string(), |e| e.to_string())
                 )));
             }
         }
@@ -95,7 +108,7 @@ impl GgufFile {
         Ok(Self {
             path,
             content,
-            mxfp4,
+            set_aside,
             map,
         })
     }
@@ -117,24 +130,34 @@ impl GgufFile {
 
     /// Names of all tensors in the file.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.content.tensor_infos.keys().map(String::as_str)
+        self.content
+            .tensor_infos
+            .keys()
+            .chain(self.set_aside.keys())
+            .map(String::as_str)
     }
 
     /// Whether the file holds a tensor of this (GGUF) name.
     pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name) || self.mxfp4.contains_key(name)
+        self.content.tensor_infos.contains_key(name) || self.set_aside.contains_key(name)
     }
 
-    /// The directory entry of tensor `name`.
+    /// The directory entry of tensor `name` in candle's directory.
     ///
-    /// Errors: [`Error::Tensor`] when it is missing, or MXFP4 (read only by
-    /// [`Self::mxfp4_expert`]).
+    /// Errors: [`Error::Tensor`] when it is missing, or of a type candle lacks (MXFP4: read only
+    /// by [`Self::mxfp4_expert`]; IQ4_NL / IQ4_XS: read only by [`Self::matrix`],
+    /// [`Self::expert_matrix`] and [`Self::tensor_f32`]).
     fn info(&self, name: &str) -> Result<&candle_core::quantized::gguf_file::TensorInfo> {
         self.content.tensor_infos.get(name).ok_or_else(|| {
-            let why = if self.is_mxfp4(name) {
-                "is MXFP4 (ggml type 39), read only as stacked experts, in"
-            } else {
-                "missing from"
+            let why = match self.set_aside.get(name).map(|i| i.ty) {
+                Some(SetAsideType::Mxfp4) => {
+                    "is MXFP4 (ggml type 39), read only as stacked experts, in".to_string()
+                }
+                Some(SetAsideType::Kernel(t)) => format!(
+                    "is {}, which only the CPU kernels read (as a matrix or dequantized to f32), in",
+                    t.ggml_name()
+                ),
+                None => "missing from".to_string(),
             };
             Error::tensor(name, format!("{why} {}", self.path.display()))
         })
@@ -142,7 +165,65 @@ impl GgufFile {
 
     /// Whether tensor `name` is MXFP4 (ggml type 39; read it with [`Self::mxfp4_expert`]).
     pub fn is_mxfp4(&self, name: &str) -> bool {
-        self.mxfp4.contains_key(name)
+        self.set_aside
+            .get(name)
+            .is_some_and(|i| i.ty == SetAsideType::Mxfp4)
+    }
+
+    /// The block type of tensor `name` when it is of a type that candle lacks but our CPU
+    /// kernels read (IQ4_NL, IQ4_XS); `None` for every other tensor. Such a tensor is read only
+    /// by [`Self::matrix`], [`Self::expert_matrix`] and [`Self::tensor_f32`] (our own
+    /// dequantization); [`Self::qtensor`] and [`Self::tensor_info`] reject it by name.
+    pub fn kernel_only_type(&self, name: &str) -> Option<GgufType> {
+        match self.set_aside.get(name)?.ty {
+            SetAsideType::Kernel(t) => Some(t),
+            SetAsideType::Mxfp4 => None,
+        }
+    }
+
+    /// Shape of tensor `name`, row-major, outermost first (e.g. `[vocab, hidden]` for
+    /// `token_embd.weight`), whatever its type.
+    ///
+    /// Errors: [`Error::Tensor`] when it is missing.
+    pub fn tensor_dims(&self, name: &str) -> Result<Vec<usize>> {
+        match self.set_aside.get(name) {
+            Some(i) => Ok(i.dims.clone()),
+            None => Ok(self.info(name)?.shape.dims().to_vec()),
+        }
+    }
+
+    /// A set-aside tensor of a kernel type (IQ4_NL, IQ4_XS) of `expected` shape (any rank of
+    /// at least 1) as a matrix `[rows = product of the outer dims, cols = the last dim]` used
+    /// in place from the mapped file.
+    ///
+    /// Errors: [`Error::Tensor`] naming the tensor when it is of another shape.
+    fn kernel_only_matrix(
+        &self,
+        name: &str,
+        ty: GgufType,
+        info: &SetAsideInfo,
+        expected: &[usize],
+    ) -> Result<GgufMatrix> {
+        if info.dims != expected {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "has shape {:?} in {}, expected {expected:?}",
+                    info.dims,
+                    self.path.display()
+                ),
+            ));
+        }
+        let cols = info.dims.last().copied().unwrap_or(0);
+        let rows = info.dims[..info.dims.len().saturating_sub(1)]
+            .iter()
+            .product();
+        // `open` checked that the blocks lie inside the file.
+        let len = info.bytes().unwrap_or(usize::MAX);
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
+            .map_err(|_| Error::tensor(name, "offset past the address space"))?;
+        let bytes = WeightBytes::mapped(name, Arc::clone(&self.map), start, len)?;
+        Ok(GgufMatrix::new(name, bytes, ty, rows, cols)?)
     }
 
     /// Expert `expert` of a stacked MXFP4 expert tensor `[n_experts, rows, cols]` (gpt-oss's
@@ -157,12 +238,16 @@ impl GgufFile {
         expected: [usize; 3],
         expert: usize,
     ) -> Result<FpQuantized> {
-        let info = self.mxfp4.get(name).ok_or_else(|| {
-            Error::tensor(
-                name,
-                format!("is not an MXFP4 tensor of {}", self.path.display()),
-            )
-        })?;
+        let info = self
+            .set_aside
+            .get(name)
+            .filter(|i| i.ty == SetAsideType::Mxfp4)
+            .ok_or_else(|| {
+                Error::tensor(
+                    name,
+                    format!("is not an MXFP4 tensor of {}", self.path.display()),
+                )
+            })?;
         let [n, rows, cols] = expected;
         if info.dims != expected || expert >= n {
             return Err(Error::tensor(
@@ -195,13 +280,19 @@ impl GgufFile {
 
     /// Total bytes of tensor data in the file.
     pub fn tensor_data_bytes(&self) -> u64 {
+        let set_aside: u64 = self
+            .set_aside
+            .values()
+            .map(|i| i.bytes().unwrap_or(0) as u64)
+            .sum();
         self.content
             .tensor_infos
             .values()
             .map(|i| {
                 (i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64
             })
-            .sum()
+            .sum::<u64>()
+            + set_aside
     }
 
     /// Reads a tensor as stored (quantized types stay quantized), checking its shape against
@@ -235,6 +326,15 @@ impl GgufFile {
     /// Errors: [`Error::Tensor`] when missing, of another shape, or of a type the kernels do
     /// not handle.
     pub fn matrix(&self, name: &str, expected: &[usize]) -> Result<GgufMatrix> {
+        if let (Some(info), Some(ty)) = (self.set_aside.get(name), self.kernel_only_type(name)) {
+            if expected.len() != 2 {
+                return Err(Error::tensor(
+                    name,
+                    format!("read as a matrix with the shape {expected:?}, not 2-D"),
+                ));
+            }
+            return self.kernel_only_matrix(name, ty, info, expected);
+        }
         let (dims, _) = self.tensor_info(name)?;
         if dims != expected {
             return Err(Error::tensor(
@@ -261,26 +361,39 @@ impl GgufFile {
         expected: [usize; 3],
         expert: usize,
     ) -> Result<GgufMatrix> {
-        let info = self.info(name)?;
+        let (dims, dtype, offset) = match (self.set_aside.get(name), self.kernel_only_type(name)) {
+            (Some(info), Some(ty)) => (info.dims.as_slice(), Ok(ty), info.offset),
+            _ => {
+                let info = self.info(name)?;
+                let t = info.ggml_dtype;
+                let ty = GgufType::from_ggml(t).ok_or(t);
+                (info.shape.dims(), ty, info.offset)
+            }
+        };
         let [n, rows, cols] = expected;
-        if info.shape.dims() != expected || expert >= n {
+        if dims != expected || expert >= n {
             return Err(Error::tensor(
                 name,
                 format!(
-                    "has shape {:?} in {}, expected {expected:?} (expert {expert})",
-                    info.shape.dims(),
+                    "has shape {dims:?} in {}, expected {expected:?} (expert {expert})",
                     self.path.display()
                 ),
             ));
         }
-        let dtype = GgufType::from_ggml(info.ggml_dtype).ok_or_else(|| {
-            Error::tensor(
+        let dtype =
+            dtype.map_err(|t| Error::tensor(name, format!("type {t:?} has no CPU kernel")))?;
+        if !cols.is_multiple_of(dtype.block_size()) {
+            return Err(Error::tensor(
                 name,
-                format!("type {:?} has no CPU kernel", info.ggml_dtype),
-            )
-        })?;
+                format!(
+                    "{cols} columns is not a multiple of the {} block size {}",
+                    dtype.ggml_name(),
+                    dtype.block_size()
+                ),
+            ));
+        }
         let one = rows * (cols / dtype.block_size()) * dtype.type_size();
-        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
+        let start = usize::try_from(self.content.tensor_data_offset + offset)
             .map_err(|_| Error::tensor(name, "offset past the address space"))?
             + expert * one;
         let label = format!("{name}[{expert}]");
@@ -288,8 +401,18 @@ impl GgufFile {
         Ok(GgufMatrix::new(label, bytes, dtype, rows, cols)?)
     }
 
-    /// Reads a tensor and dequantizes it to `f32`. `expected` as in [`Self::qtensor`].
+    /// Reads a tensor and dequantizes it to `f32`. `expected` as in [`Self::qtensor`]. IQ4_NL
+    /// and IQ4_XS tensors (which candle lacks) are dequantized by our decoder (ggml's
+    /// `dequantize_row_iq4_nl` / `dequantize_row_iq4_xs`), on the CPU, then moved to `device`.
+    ///
+    /// Errors: [`Error::Tensor`] naming the tensor when it is missing, of another shape, or
+    /// MXFP4 (read only by [`Self::mxfp4_expert`]).
     pub fn tensor_f32(&self, name: &str, expected: &[usize], device: &Device) -> Result<Tensor> {
+        if let (Some(info), Some(ty)) = (self.set_aside.get(name), self.kernel_only_type(name)) {
+            let m = self.kernel_only_matrix(name, ty, info, expected)?;
+            let t = Tensor::from_vec(m.dequantize(), expected, &Device::Cpu)?;
+            return Ok(t.to_device(device)?);
+        }
         Ok(self.qtensor(name, expected, device)?.dequantize(device)?)
     }
 
@@ -430,6 +553,249 @@ fn int_value(v: &Value) -> Option<i128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::{Embedding, Linear};
+    use crate::weights::{Placement, Stored};
+
+    /// `scripts/golden/make_iq4_golden.py`'s file: IQ4_NL `[4, 128]` and IQ4_XS `[4, 512]`
+    /// tensors and gguf-py's dequantization of them.
+    fn iq4_golden() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/iq4/iq4.gguf")
+    }
+
+    const IQ4_TENSORS: [(&str, &str, [usize; 2], GgufType); 2] = [
+        ("iq4_nl.weight", "iq4_nl.deq", [4, 128], GgufType::Iq4Nl),
+        ("iq4_xs.weight", "iq4_xs.deq", [4, 512], GgufType::Iq4Xs),
+    ];
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn f32s(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn iq4_golden_dequantization_is_bit_exact() {
+        let f = GgufFile::open(iq4_golden()).unwrap();
+        let cpu = Device::Cpu;
+        for (name, deq, shape, ty) in IQ4_TENSORS {
+            let want = f32s(&f.tensor_f32(deq, &shape, &cpu).unwrap());
+            assert_eq!(f.kernel_only_type(name), Some(ty));
+            assert_eq!(f.kernel_only_type(deq), None);
+            assert!(f.has_tensor(name) && f.tensor_names().any(|n| n == name));
+            assert_eq!(f.tensor_dims(name).unwrap(), shape);
+            let m = f.matrix(name, &shape).unwrap();
+            assert_eq!((m.dtype(), m.rows(), m.cols()), (ty, shape[0], shape[1]));
+            assert!(m.weight_bytes().is_mapped());
+            assert_eq!(bits(&m.dequantize()), bits(&want), "{name}");
+            let t = f.tensor_f32(name, &shape, &cpu).unwrap();
+            assert_eq!(bits(&f32s(&t)), bits(&want), "{name}");
+            let e = m.embedding(&[3, 0]).unwrap();
+            let k = shape[1];
+            assert_eq!(bits(&e[..k]), bits(&want[3 * k..]), "{name}");
+            // What candle would have to read is refused by name, never a panic.
+            for e in [
+                f.qtensor(name, &shape, &cpu).unwrap_err(),
+                f.tensor_info(name).unwrap_err(),
+                f.matrix(name, &[shape[0], shape[1] + 32]).unwrap_err(),
+                f.tensor_f32(name, &[shape[1], shape[0]], &cpu).unwrap_err(),
+                f.expert_matrix(name, [1, shape[0], shape[1]], 0)
+                    .unwrap_err(),
+                f.mxfp4_expert(name, [1, shape[0], shape[1]], 0)
+                    .unwrap_err(),
+            ] {
+                assert!(e.to_string().contains(name), "{e}");
+            }
+            let e = f.qtensor(name, &shape, &cpu).unwrap_err().to_string();
+            assert!(e.contains(ty.ggml_name()), "{e}");
+        }
+        let data: u64 = 4 * 128 * 4 + 4 * 512 * 4 + 16 * 18 + 8 * 136;
+        assert_eq!(f.tensor_data_bytes(), data);
+    }
+
+    #[test]
+    fn iq4_tensors_are_placed_on_the_cpu_kernels_or_dequantized() {
+        let f = GgufFile::open(iq4_golden()).unwrap();
+        let cpu = Device::Cpu;
+        for (name, deq, shape, ty) in IQ4_TENSORS {
+            let want = f32s(&f.tensor_f32(deq, &shape, &cpu).unwrap());
+            for (dequantize, repack) in [(false, true), (false, false), (true, true)] {
+                let p = Placement {
+                    device: cpu.clone(),
+                    dequantize,
+                    repack,
+                };
+                let stored = || Stored::Gguf {
+                    file: &f,
+                    name,
+                    shape,
+                };
+                let l = p.linear(stored(), None).unwrap();
+                match &l {
+                    Linear::Kernel { weight, .. } => {
+                        assert!(!dequantize);
+                        assert_eq!(weight.dtype(), ty);
+                    }
+                    Linear::Dense(_) => assert!(dequantize),
+                    _ => panic!("{name}: unexpected layer"),
+                }
+                let w = f32s(&l.dequantized_weight().unwrap());
+                assert_eq!(bits(&w), bits(&want), "{name} {dequantize}");
+                let e = p.embedding(stored()).unwrap();
+                assert_eq!(matches!(e, Embedding::Kernel { .. }), !dequantize);
+                let ids = Tensor::new(&[2u32, 1], &cpu).unwrap();
+                let rows = f32s(&e.forward(&ids).unwrap());
+                let k = shape[1];
+                assert_eq!(bits(&rows[..k]), bits(&want[2 * k..3 * k]), "{name}");
+                // A product on the kernels against the dense one.
+                let x = Tensor::ones((1, k), candle_core::DType::F32, &cpu).unwrap();
+                let y = f32s(&l.forward(&x).unwrap());
+                for (r, got) in y.iter().enumerate() {
+                    let exact: f64 = want[r * k..(r + 1) * k].iter().map(|&v| v as f64).sum();
+                    let mag: f64 = want[r * k..(r + 1) * k]
+                        .iter()
+                        .map(|v| v.abs() as f64)
+                        .sum();
+                    assert!(
+                        (*got as f64 - exact).abs() <= 2e-3 * mag,
+                        "{name} row {r}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A GGUF v3 file with no metadata and `tensors` (name, dims outermost first, ggml type
+    /// id, data), data aligned to 32 bytes as ggml writes it.
+    fn write_gguf(path: &Path, tensors: &[(&str, &[usize], u32, &[u8])]) {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        let mut offset = 0u64;
+        for (name, dims, ty, data) in tensors {
+            b.extend((name.len() as u64).to_le_bytes());
+            b.extend(name.as_bytes());
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in dims.iter().rev() {
+                b.extend((*d as u64).to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        for (_, _, _, data) in tensors {
+            b.resize(b.len().div_ceil(32) * 32, 0);
+            b.extend(*data);
+        }
+        std::fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn iq4_expert_stacks_and_mixed_files_read_in_place() {
+        // Random IQ4_XS / IQ4_NL bytes with finite f16 scales (every other bit pattern is a
+        // valid block), next to a Q8_0 tensor that candle reads.
+        let blocks = |ty: GgufType, n: usize, seed: u8| -> Vec<u8> {
+            let mut v: Vec<u8> = (0..n * ty.type_size())
+                .map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed) ^ (i >> 5) as u8)
+                .collect();
+            for (i, blk) in v.chunks_exact_mut(ty.type_size()).enumerate() {
+                let d = half::f16::from_f32(0.01 * (i as f32 - 3.0));
+                blk[..2].copy_from_slice(&d.to_le_bytes());
+            }
+            v
+        };
+        let xs = blocks(GgufType::Iq4Xs, 2 * 3, 1);
+        let nl = blocks(GgufType::Iq4Nl, 2 * 3 * 2, 2);
+        let q8 = blocks(GgufType::Q8_0, 4, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mixed.gguf");
+        write_gguf(
+            &p,
+            &[
+                ("a.q8", &[2, 64], 8, &q8),
+                ("b.xs", &[2, 3, 256], 23, &xs),
+                ("c.nl", &[2, 3, 64], 20, &nl),
+            ],
+        );
+        let f = GgufFile::open(&p).unwrap();
+        let cpu = Device::Cpu;
+        for (name, ty, bytes, cols) in [
+            ("b.xs", GgufType::Iq4Xs, &xs, 256),
+            ("c.nl", GgufType::Iq4Nl, &nl, 64),
+        ] {
+            let shape = [2, 3, cols];
+            let whole = GgufMatrix::new(name, WeightBytes::owned(bytes.clone()), ty, 6, cols)
+                .unwrap()
+                .dequantize();
+            let t = f32s(&f.tensor_f32(name, &shape, &cpu).unwrap());
+            assert_eq!(bits(&t), bits(&whole), "{name}");
+            for e in 0..2 {
+                let m = f.expert_matrix(name, shape, e).unwrap();
+                assert_eq!((m.rows(), m.cols(), m.dtype()), (3, cols, ty));
+                let part = &whole[e * 3 * cols..(e + 1) * 3 * cols];
+                assert_eq!(bits(&m.dequantize()), bits(part), "{name}[{e}]");
+            }
+            let err = f.expert_matrix(name, shape, 2).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+            let err = f.matrix(name, &[6, cols]).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+            for dequantize in [false, true] {
+                let p = Placement {
+                    device: cpu.clone(),
+                    dequantize,
+                    repack: true,
+                };
+                let layers = p.gguf_experts(&f, name, shape).unwrap();
+                assert_eq!(layers.len(), 2);
+                for (e, l) in layers.iter().enumerate() {
+                    assert_eq!(matches!(l, Linear::Kernel { .. }), !dequantize);
+                    let w = f32s(&l.dequantized_weight().unwrap());
+                    assert_eq!(bits(&w), bits(&whole[e * 3 * cols..(e + 1) * 3 * cols]));
+                }
+            }
+        }
+        // The candle-read tensor beside them is unchanged.
+        let q = f.matrix("a.q8", &[2, 64]).unwrap();
+        let want = GgufMatrix::new("q", WeightBytes::owned(q8.clone()), GgufType::Q8_0, 2, 64)
+            .unwrap()
+            .dequantize();
+        assert_eq!(q.dequantize(), want);
+        assert_eq!(f32s(&f.tensor_f32("a.q8", &[2, 64], &cpu).unwrap()), want);
+    }
+
+    #[test]
+    fn malformed_iq4_files_give_named_errors() {
+        let good = std::fs::read(iq4_golden()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Cut into the last tensor (IQ4_XS).
+        let p = dir.path().join("cut.gguf");
+        std::fs::write(&p, &good[..good.len() - 100]).unwrap();
+        let e = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("cut.gguf") && e.contains("iq4_xs.weight") && e.contains("truncated"),
+            "{e}"
+        );
+        // IQ4_NL rows of 100 values: not whole blocks of 32 (`ne[0]`, the row length, follows
+        // the name and its dim count in the directory entry).
+        let key = b"iq4_nl.weight";
+        let at = good.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+        let mut bad = good.clone();
+        bad[at..at + 8].copy_from_slice(&100u64.to_le_bytes());
+        let p = dir.path().join("rows.gguf");
+        std::fs::write(&p, &bad).unwrap();
+        let e = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("rows.gguf") && e.contains("iq4_nl.weight") && e.contains("IQ4_NL"),
+            "{e}"
+        );
+        // A header cut short is no GGUF file at all.
+        let p = dir.path().join("head.gguf");
+        std::fs::write(&p, &good[..200]).unwrap();
+        let e = GgufFile::open(&p).unwrap_err().to_string();
+        assert!(e.contains("head.gguf"), "{e}");
+    }
 
     #[test]
     fn not_gguf_is_a_clear_error() {

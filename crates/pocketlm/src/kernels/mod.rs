@@ -3,9 +3,9 @@
 //! `y[m, n] = x[m, k] · W[n, k]ᵀ` where `W` stays in its GGUF byte layout (ggml blocks, see
 //! ggml's `ggml-common.h`) and `x` is `f32`. Like `ggml_compute_forward_mul_mat`, each call
 //! first quantizes the activation rows once, to 8-bit blocks matching the weight's block size
-//! (32 values with a scale for `Q4_0`, `Q4_1`, `Q5_0`, `Q8_0`; 256 values plus 16-value sums for the
-//! k-quants `Q4_K`, `Q6_K`), then takes integer dot products block by block and applies the
-//! float scales once per block.
+//! (32 values with a scale for `Q4_0`, `Q4_1`, `Q5_0`, `Q8_0`, `IQ4_NL`; 256 values plus 16-value
+//! sums for the k-quants `Q4_K`, `Q6_K` and for `IQ4_XS`), then takes integer dot products block
+//! by block and applies the float scales once per block.
 //!
 //! - [`GgufMatrix`]: a weight `[rows = n, cols = k]` holding the raw GGUF bytes without copying
 //!   them ([`WeightBytes`]: a range of a memory-mapped file, or an owned buffer), with
@@ -93,6 +93,17 @@ pub use mlx_packed::PackedMlx;
 ///   scale/min pairs), `qs: [u8; 128]`; value `d * sc_s * q - dmin * m_s` per 32-value sub-block.
 /// - `Q6_K`: 256 values in 210 bytes: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
 ///   value `d * scales[s] * (q - 32)` with 6-bit `q` per 16-value sub-block.
+/// - `IQ4_NL`: 32 values in 18 bytes: `d: f16, qs: [u8; 16]`, the nibbles `q_j` in `Q4_0`'s
+///   order; value `d * KVALUES_IQ4NL[q_j]` (ggml `block_iq4_nl`, `dequantize_row_iq4_nl`).
+/// - `IQ4_XS`: 256 values in 136 bytes: `d: f16, scales_h: u16, scales_l: [u8; 4], qs: [u8;
+///   128]`; sub-block `s` (32 values, nibbles in `Q4_0`'s order within its 16 bytes
+///   `qs[16s..16s + 16]`) has the 6-bit scale `ls_s = (scales_l[s / 2] >> 4·(s % 2)) & 0xF |
+///   ((scales_h >> 2s) & 3) << 4`; value `d * (ls_s - 32) * KVALUES_IQ4NL[q]` (ggml
+///   `block_iq4_xs`, `dequantize_row_iq4_xs`).
+///
+/// candle's `GgmlDType` has no IQ4 types: [`GgufType::from_ggml`] never returns them and
+/// [`GgufType::to_ggml`] returns `None` for them; GGUF files holding them are read by
+/// [`crate::gguf::GgufFile`] itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgufType {
     /// 4-bit, one scale per 32 values.
@@ -107,18 +118,27 @@ pub enum GgufType {
     Q4K,
     /// 6-bit k-quant, 256-value super-blocks.
     Q6K,
+    /// 4-bit non-linear (a 16-entry table), one scale per 32 values (ggml type 20).
+    Iq4Nl,
+    /// 4-bit non-linear, 256-value super-blocks with 6-bit sub-block scales (ggml type 23).
+    Iq4Xs,
 }
 
+/// The 16 values of the `IQ4_NL` / `IQ4_XS` codes (ggml `kvalues_iq4nl`, `ggml-common.h`).
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 impl GgufType {
-    /// Values per block (32, or 256 for k-quants).
+    /// Values per block (32, or 256 for k-quants and `IQ4_XS`).
     pub const fn block_size(self) -> usize {
         match self {
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => 32,
-            Self::Q4K | Self::Q6K => 256,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 | Self::Iq4Nl => 32,
+            Self::Q4K | Self::Q6K | Self::Iq4Xs => 256,
         }
     }
 
-    /// Bytes per block (18, 20, 22, 34, 144, 210).
+    /// Bytes per block (18, 20, 22, 34, 144, 210, 18, 136).
     pub const fn type_size(self) -> usize {
         match self {
             Self::Q4_0 => 18,
@@ -127,6 +147,8 @@ impl GgufType {
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q6K => 210,
+            Self::Iq4Nl => 18,
+            Self::Iq4Xs => 136,
         }
     }
 
@@ -143,24 +165,40 @@ impl GgufType {
         }
     }
 
-    /// The candle/ggml dtype.
-    pub fn to_ggml(self) -> GgmlDType {
+    /// The candle/ggml dtype; `None` for the types candle does not have (`IQ4_NL`, `IQ4_XS`).
+    pub fn to_ggml(self) -> Option<GgmlDType> {
         match self {
-            Self::Q4_0 => GgmlDType::Q4_0,
-            Self::Q4_1 => GgmlDType::Q4_1,
-            Self::Q5_0 => GgmlDType::Q5_0,
-            Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4K => GgmlDType::Q4K,
-            Self::Q6K => GgmlDType::Q6K,
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+            Self::Q4_1 => Some(GgmlDType::Q4_1),
+            Self::Q5_0 => Some(GgmlDType::Q5_0),
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4K => Some(GgmlDType::Q4K),
+            Self::Q6K => Some(GgmlDType::Q6K),
+            Self::Iq4Nl | Self::Iq4Xs => None,
+        }
+    }
+
+    /// ggml's name of the type (`Q4_0`, ..., `Q6_K`, `IQ4_NL`, `IQ4_XS`).
+    pub const fn ggml_name(self) -> &'static str {
+        match self {
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4K => "Q4_K",
+            Self::Q6K => "Q6_K",
+            Self::Iq4Nl => "IQ4_NL",
+            Self::Iq4Xs => "IQ4_XS",
         }
     }
 
     /// How activations are quantized for this weight type: 32-value blocks (ggml's `Q8_0`,
-    /// with the block sum of `Q8_1` kept as well) or 256-value `Q8_K` blocks.
+    /// with the block sum of `Q8_1` kept as well) or 256-value `Q8_K` blocks (as ggml pairs
+    /// `IQ4_NL` with `Q8_0` and `IQ4_XS` with `Q8_K`).
     pub(crate) fn act_format(self) -> ActFormat {
         match self {
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => ActFormat::Q8_32,
-            Self::Q4K | Self::Q6K => ActFormat::Q8K,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 | Self::Iq4Nl => ActFormat::Q8_32,
+            Self::Q4K | Self::Q6K | Self::Iq4Xs => ActFormat::Q8K,
         }
     }
 }
@@ -343,7 +381,7 @@ impl KernelError {
     pub fn detail(&self) -> String {
         match self {
             Self::UnsupportedType { dtype, .. } => format!(
-                "type {dtype} has no quantized matmul kernel (supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)"
+                "type {dtype} has no quantized matmul kernel (supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, IQ4_NL, IQ4_XS)"
             ),
             Self::NotBlockAligned { dtype, cols, .. } => format!(
                 "{cols} columns is not a multiple of the {dtype:?} block size {}",

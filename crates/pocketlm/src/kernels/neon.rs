@@ -20,6 +20,8 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         GgufType::Q8_0 => tile_q8_0,
         GgufType::Q4K => tile_q4k,
         GgufType::Q6K => tile_q6k,
+        // No NEON version yet: the portable kernels.
+        GgufType::Iq4Nl | GgufType::Iq4Xs => super::scalar::tile_fn(dtype),
     }
 }
 

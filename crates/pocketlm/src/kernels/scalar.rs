@@ -5,7 +5,7 @@
 
 use half::f16;
 
-use super::{Acts, GgufType, Tile, TileFn};
+use super::{Acts, GgufType, Tile, TileFn, KVALUES_IQ4NL};
 use crate::quant::mlx_affine::ParamDtype;
 
 /// `f16` at `p` (little-endian) as `f32`.
@@ -99,8 +99,47 @@ pub(crate) fn dequantize_row(dtype: GgufType, row: &[u8], out: &mut [f32]) {
                     }
                 }
             }
+            GgufType::Iq4Nl => {
+                let d = f16_at(blk, 0);
+                for (y, v) in y.iter_mut().zip(iq4_values(&blk[2..18])) {
+                    *y = d * v as f32;
+                }
+            }
+            GgufType::Iq4Xs => {
+                // dequantize_row_iq4_xs: dl = d·(ls - 32), then dl·kvalue.
+                let d = f16_at(blk, 0);
+                for s in 0..8 {
+                    let dl = d * (iq4xs_scale(blk, s) - 32) as f32;
+                    let qs = &blk[8 + 16 * s..8 + 16 * s + 16];
+                    for (y, v) in y[32 * s..32 * s + 32].iter_mut().zip(iq4_values(qs)) {
+                        *y = dl * v as f32;
+                    }
+                }
+            }
         }
     }
+}
+
+/// The 6-bit scale `ls` (`0..64`, used as `ls - 32`) of sub-block `s` (0..8) of an `IQ4_XS`
+/// block (ggml `dequantize_row_iq4_xs`).
+#[inline(always)]
+pub(crate) fn iq4xs_scale(blk: &[u8], s: usize) -> i32 {
+    let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+    let lo = (blk[4 + s / 2] >> (4 * (s % 2))) & 0xF;
+    let hi = ((scales_h >> (2 * s)) & 3) as u8;
+    (lo | (hi << 4)) as i32
+}
+
+/// The table values of 32 `IQ4_NL`-coded values from 16 bytes in `Q4_0`'s nibble order
+/// (byte `j`: value `j` low, `j + 16` high).
+#[inline(always)]
+pub(crate) fn iq4_values(qs: &[u8]) -> [i8; 32] {
+    let mut v = [0i8; 32];
+    for j in 0..16 {
+        v[j] = KVALUES_IQ4NL[(qs[j] & 0xF) as usize];
+        v[j + 16] = KVALUES_IQ4NL[(qs[j] >> 4) as usize];
+    }
+    v
 }
 
 /// The signed quants `q - 16` (`-16..16`) of a `Q5_0` block: the nibbles of bytes 6..22 as in
@@ -126,6 +165,8 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         GgufType::Q8_0 => tile::<Q8_0>,
         GgufType::Q4K => tile::<Q4K>,
         GgufType::Q6K => tile::<Q6K>,
+        GgufType::Iq4Nl => tile::<Iq4Nl>,
+        GgufType::Iq4Xs => tile::<Iq4Xs>,
     }
 }
 
@@ -140,6 +181,8 @@ struct Q5_0;
 struct Q8_0;
 struct Q4K;
 struct Q6K;
+struct Iq4Nl;
+struct Iq4Xs;
 
 /// Activation block `b` of row `r` (32 values) and its `(d, s)`.
 #[inline(always)]
@@ -303,6 +346,43 @@ impl RowDot for Q6K {
             } else {
                 acc + d * dy * isum as f32
             };
+        }
+        acc
+    }
+}
+
+/// `Σ_j v_j · y_j` of 32 table values against 32 activations.
+#[inline(always)]
+fn i8_isum(v: &[i8; 32], y: &[i8]) -> i32 {
+    v.iter().zip(y).map(|(&v, &y)| v as i32 * y as i32).sum()
+}
+
+impl RowDot for Iq4Nl {
+    // ggml_vec_dot_iq4_nl_q8_0 (generic): Σ_b d·dy·Σ kvalue(q)·y.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(18).enumerate() {
+            let (y, dy, _) = act32(a, r, b);
+            let d = f16_at(blk, 0);
+            acc += dy * d * i8_isum(&iq4_values(&blk[2..18]), y) as f32;
+        }
+        acc
+    }
+}
+
+impl RowDot for Iq4Xs {
+    // ggml_vec_dot_iq4_xs_q8_K (generic): per sub-block (d·dy·(ls - 32))·Σ kvalue(q)·y.
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let nb = a.k / 256;
+        let mut acc = 0f32;
+        for (b, blk) in w.chunks_exact(136).enumerate() {
+            let y = &a.qs[r * a.k + 256 * b..r * a.k + 256 * b + 256];
+            let d4d8 = f16_at(blk, 0) * a.d[r * nb + b];
+            for s in 0..8 {
+                let dl = d4d8 * (iq4xs_scale(blk, s) - 32) as f32;
+                let v = iq4_values(&blk[8 + 16 * s..8 + 16 * s + 16]);
+                acc += dl * i8_isum(&v, &y[32 * s..32 * s + 32]) as f32;
+            }
         }
         acc
     }

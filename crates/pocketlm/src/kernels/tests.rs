@@ -1,7 +1,9 @@
 //! Kernel tests: every backend against two references on random data over many shapes.
 //!
 //! 1. The exact product of the same quantized operands, in `f64`: weights dequantized by
-//!    candle's `QTensor::dequantize` (exact up to one `f32` rounding per value), activations
+//!    candle's `QTensor::dequantize` (exact up to one `f32` rounding per value; for `IQ4_NL`
+//!    and `IQ4_XS`, which candle lacks, by our decoder, itself checked bit for bit against
+//!    gguf-py in `crate::gguf`'s tests), activations
 //!    `d·q` from our `Q8` quantization. The kernels compute this sum with integer dot products
 //!    and `f32` block accumulation, so the tolerance is a few `f32` roundings per block
 //!    relative to the magnitude of the terms the kernel adds (`(k/32 + 16)·ε·Σ|terms|`).
@@ -18,13 +20,15 @@ use rand::{Rng, SeedableRng};
 use super::act::quantize_block_scalar;
 use super::*;
 
-const TYPES: [GgufType; 6] = [
+const TYPES: [GgufType; 8] = [
     GgufType::Q4_0,
     GgufType::Q4_1,
     GgufType::Q5_0,
     GgufType::Q8_0,
     GgufType::Q4K,
     GgufType::Q6K,
+    GgufType::Iq4Nl,
+    GgufType::Iq4Xs,
 ];
 
 fn backends() -> Vec<Backend> {
@@ -61,11 +65,25 @@ struct Weight {
     off: Vec<f64>,
 }
 
+/// A random `[n, k]` weight of `dtype`: candle's quantization of random values, or for the
+/// types candle lacks (`IQ4_NL`, `IQ4_XS`) random block bytes ([`random_weight`]).
 fn quantized_weight(rng: &mut StdRng, dtype: GgufType, n: usize, k: usize) -> Weight {
+    let Some(ggml) = dtype.to_ggml() else {
+        return random_weight(rng, dtype, n, k);
+    };
     let w = rand_vec(rng, n * k);
     let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-    let q = QTensor::quantize(&t, dtype.to_ggml()).unwrap();
+    let q = QTensor::quantize(&t, ggml).unwrap();
     weight_from_qtensor(&q)
+}
+
+/// A weight of random block bytes ([`random_block_bytes`]), dequantized by our decoder.
+fn random_weight(rng: &mut StdRng, dtype: GgufType, n: usize, k: usize) -> Weight {
+    let bytes = random_block_bytes(rng, dtype, n * k / dtype.block_size());
+    let mat = GgufMatrix::new("test.weight", WeightBytes::owned(bytes), dtype, n, k).unwrap();
+    let off = offsets(dtype, mat.bytes());
+    let deq = mat.dequantize();
+    Weight { mat, deq, off }
 }
 
 fn weight_from_qtensor(q: &QTensor) -> Weight {
@@ -83,7 +101,8 @@ fn weight_from_qtensor(q: &QTensor) -> Weight {
 
 /// Per element, the magnitude of the offset term that the kernels handle separately from the
 /// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K`: `|dmin·m_s|`, `Q6_K`: `32|d·sc_s|`;
-/// none for `Q5_0` and `Q8_0`, whose signed quants go into the integer products),
+/// none for `Q5_0`, `Q8_0`, `IQ4_NL` and `IQ4_XS`, whose signed values go into the integer
+/// products),
 /// decoded here straight from ggml's block layouts.
 fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
     let h = |b: &[u8], p: usize| half::f16::from_le_bytes([b[p], b[p + 1]]).to_f64();
@@ -92,8 +111,8 @@ fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
         match dtype {
             GgufType::Q4_0 => out.extend([8.0 * h(blk, 0).abs(); 32]),
             GgufType::Q4_1 => out.extend([h(blk, 2).abs(); 32]),
-            GgufType::Q5_0 => out.extend([0.0; 32]),
-            GgufType::Q8_0 => out.extend([0.0; 32]),
+            GgufType::Q5_0 | GgufType::Q8_0 | GgufType::Iq4Nl => out.extend([0.0; 32]),
+            GgufType::Iq4Xs => out.extend([0.0; 256]),
             GgufType::Q4K => {
                 let sc = &blk[4..16];
                 for s in 0..8 {
@@ -195,6 +214,8 @@ fn kernels_match_references_on_wide_matrices() {
         (GgufType::Q5_0, 129, 640),
         (GgufType::Q4K, 130, 1536),
         (GgufType::Q6K, 131, 768),
+        (GgufType::Iq4Nl, 129, 1056),
+        (GgufType::Iq4Xs, 130, 1536),
     ] {
         let w = quantized_weight(&mut rng, dtype, n, k);
         for m in [1, 13] {
@@ -206,7 +227,8 @@ fn kernels_match_references_on_wide_matrices() {
 }
 
 /// Random bytes with finite scales: bit patterns `QTensor::quantize` never writes (`Q8_0`
-/// weights of -128, all 6-bit `Q4_K` scales and mins, negative `Q6_K` scales).
+/// weights of -128, all 6-bit `Q4_K` scales and mins, negative `Q6_K` scales); for `IQ4_NL`
+/// and `IQ4_XS` every code and (`IQ4_XS`) every 6-bit sub-block scale.
 fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u8> {
     let mut bytes: Vec<u8> = (0..blocks * dtype.type_size())
         .map(|_| rng.random())
@@ -215,6 +237,7 @@ fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u
     for blk in bytes.chunks_exact_mut(dtype.type_size()) {
         let fields: &[usize] = match dtype {
             GgufType::Q4_0 | GgufType::Q5_0 | GgufType::Q8_0 => &[0],
+            GgufType::Iq4Nl | GgufType::Iq4Xs => &[0],
             GgufType::Q4_1 | GgufType::Q4K => &[0, 2],
             GgufType::Q6K => &[208],
         };
@@ -230,13 +253,20 @@ fn kernels_match_references_on_arbitrary_block_bytes() {
     let mut rng = StdRng::seed_from_u64(9);
     for dtype in TYPES {
         let (n, k) = (9, 512);
+        let Some(ggml) = dtype.to_ggml() else {
+            // No candle decoder to compare with (see `random_weight`).
+            let w = random_weight(&mut rng, dtype, n, k);
+            for m in [1, 5] {
+                for backend in backends() {
+                    check(&mut rng, &w, m, backend);
+                }
+            }
+            continue;
+        };
         let bytes = random_block_bytes(&mut rng, dtype, n * k / dtype.block_size());
-        let storage = QStorage::from_data(
-            std::borrow::Cow::Borrowed(&bytes[..]),
-            &Device::Cpu,
-            dtype.to_ggml(),
-        )
-        .unwrap();
+        let storage =
+            QStorage::from_data(std::borrow::Cow::Borrowed(&bytes[..]), &Device::Cpu, ggml)
+                .unwrap();
         let q = QTensor::new(storage, (n, k)).unwrap();
         let w = weight_from_qtensor(&q);
         // Our decoder gives candle's values exactly.

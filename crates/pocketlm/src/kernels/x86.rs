@@ -173,7 +173,7 @@ macro_rules! kernels {
     ($feat:literal, $vnni:literal, |$x:ident, $y:ident| $dot:expr) => {
         use std::arch::x86_64::*;
 
-        use super::super::{q4k_gemm_row, q6k_tiled, GgufType, Tile, TileFn};
+        use super::super::{q4k_gemm_row, q6k_tiled, GgufType, Tile, TileFn, KVALUES_IQ4NL};
         use super::{ParamDtype, NBIT_UNPACK, SHUFFLE_K4, SHUFFLE_Q6};
 
         pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
@@ -426,6 +426,8 @@ macro_rules! kernels {
                 GgufType::Q8_0 => tile_q8_0,
                 GgufType::Q4K => tile_q4k,
                 GgufType::Q6K => tile_q6k,
+                GgufType::Iq4Nl => tile_iq4nl,
+                GgufType::Iq4Xs => tile_iq4xs,
             }
         }
 
@@ -435,6 +437,8 @@ macro_rules! kernels {
         tile_impl!($feat, tile_q8_0, dot_q8_0);
         tile_impl!($feat, tile_q4k, dot_q4k);
         tile_impl!($feat, tile_q6k, dot_q6k);
+        tile_impl!($feat, tile_iq4nl, dot_iq4nl);
+        tile_impl!($feat, tile_iq4xs, dot_iq4xs);
 
         /// # Safety
         /// `out[(r + i) * ldo + j]` must be valid and owned by this tile for `i < R`.
@@ -665,6 +669,135 @@ macro_rules! kernels {
                     let d = f16_at(blk);
                     let qx = _mm256_loadu_si256(blk.add(2) as *const __m256i);
                     add_signed_block(&mut acc, qx, d, yq.add(32 * b), yd.add(b), k, nb);
+                }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(acc[i]);
+                }
+                out
+            }
+        }
+
+        /// The 32 signed table values of 16 bytes of `IQ4_NL`/`IQ4_XS` codes (byte `j`: value
+        /// `j` low, `j + 16` high), looked up with `vpshufb` as ggml's AVX2 kernels do.
+        ///
+        /// # Safety
+        /// `p` must be valid for a 16-byte read.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn iq4_lookup(p: *const u8, table: __m128i) -> __m256i {
+            let m4 = _mm_set1_epi8(0x0F);
+            let bits = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            let lo = _mm_shuffle_epi8(table, _mm_and_si128(bits, m4));
+            let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bits, 4), m4));
+            _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+        }
+
+        /// `IQ4_NL` against `Q8_32` activations, as ggml's AVX2 `ggml_vec_dot_iq4_nl_q8_0`:
+        /// the codes' table values (`vpshufb`), the sign trick of `Q8_0`, and `Σ_b d·dy·Σ v·y`
+        /// in two sets of eight f32 lanes (even and odd blocks) added before the horizontal
+        /// sum; an odd last block is added after it, in ggml's scalar order.
+        ///
+        /// # Safety
+        /// As [`dot_q4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_iq4nl<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 32);
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let table = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+                let mut acc1 = [_mm256_setzero_ps(); R];
+                let mut acc2 = [_mm256_setzero_ps(); R];
+                let mut b = 0;
+                while b + 1 < nb {
+                    let (b1, b2) = (w.add(b * 18), w.add(b * 18 + 18));
+                    let q1 = iq4_lookup(b1.add(2), table);
+                    let q2 = iq4_lookup(b2.add(2), table);
+                    add_signed_block(&mut acc1, q1, f16_at(b1), yq.add(32 * b), yd.add(b), k, nb);
+                    add_signed_block(
+                        &mut acc2,
+                        q2,
+                        f16_at(b2),
+                        yq.add(32 * b + 32),
+                        yd.add(b + 1),
+                        k,
+                        nb,
+                    );
+                    b += 2;
+                }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = hsum_ps(_mm256_add_ps(acc1[i], acc2[i]));
+                }
+                if b < nb {
+                    let blk = std::slice::from_raw_parts(w.add(b * 18), 18);
+                    let d = f16_at(blk.as_ptr());
+                    let v = super::super::scalar::iq4_values(&blk[2..]);
+                    for i in 0..R {
+                        let y = std::slice::from_raw_parts(yq.add(i * k + 32 * b), 32);
+                        let s: i32 = v.iter().zip(y).map(|(&v, &y)| v as i32 * y as i32).sum();
+                        out[i] += (*yd.add(i * nb + b) * d) * s as f32;
+                    }
+                }
+                out
+            }
+        }
+
+        /// `IQ4_XS` against `Q8_K` activations, as ggml's AVX2 `ggml_vec_dot_iq4_xs_q8_K`:
+        /// per 32-value sub-block the table values' products with the sign trick
+        /// (`vpmaddubsw`), times `ls - 32` (`vpmaddwd`), summed over the super-block in eight
+        /// `i32` lanes, then `Σ_b d·dy·Σ` in eight f32 lanes.
+        ///
+        /// # Safety
+        /// As [`dot_q4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_iq4xs<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+            let a = t.acts;
+            let (k, nb) = (a.k, a.k / 256);
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let table = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let blk = w.add(b * 136);
+                    let d = f16_at(blk);
+                    let mut sh = (blk.add(2) as *const u16).read_unaligned();
+                    let mut s1 = [_mm256_setzero_si256(); R];
+                    let mut s2 = [_mm256_setzero_si256(); R];
+                    for ib in (0..8).step_by(2) {
+                        let q1 = iq4_lookup(blk.add(8 + 16 * ib), table);
+                        let q2 = iq4_lookup(blk.add(24 + 16 * ib), table);
+                        let sl = *blk.add(4 + ib / 2);
+                        let ls1 = ((sl & 0xF) as i16 | ((sh << 4) & 0x30) as i16) - 32;
+                        let ls2 = ((sl >> 4) as i16 | ((sh << 2) & 0x30) as i16) - 32;
+                        sh >>= 4;
+                        let (a1, a2) = (_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(q2, q2));
+                        let (l1, l2) = (_mm256_set1_epi16(ls1), _mm256_set1_epi16(ls2));
+                        for i in 0..R {
+                            let y = yq.add(i * k + 256 * b + 32 * ib);
+                            let y1 = _mm256_loadu_si256(y as *const __m256i);
+                            let y2 = _mm256_loadu_si256(y.add(32) as *const __m256i);
+                            let p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(y1, q1));
+                            let p2 = _mm256_maddubs_epi16(a2, _mm256_sign_epi8(y2, q2));
+                            s1[i] = _mm256_add_epi32(_mm256_madd_epi16(p1, l1), s1[i]);
+                            s2[i] = _mm256_add_epi32(_mm256_madd_epi16(p2, l2), s2[i]);
+                        }
+                    }
+                    for i in 0..R {
+                        let dy = *yd.add(i * nb + b);
+                        acc[i] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * dy),
+                            _mm256_cvtepi32_ps(_mm256_add_epi32(s1[i], s2[i])),
+                            acc[i],
+                        );
+                    }
                 }
                 let mut out = [0f32; R];
                 for i in 0..R {

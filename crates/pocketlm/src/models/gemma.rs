@@ -268,7 +268,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
         .unwrap_or(hidden / heads.max(1));
     let vocab = match g.opt_usize(&k("vocab_size"))? {
         Some(v) => v,
-        None => g.tensor_info("token_embd.weight")?.0[0],
+        None => g.tensor_dims("token_embd.weight")?[0],
     };
     let is_27b = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
     let query_pre_attn_scalar = if is_27b {

@@ -989,7 +989,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
     let rot_swa = g
         .opt_usize(&k("rope.dimension_count_swa"))?
         .unwrap_or(head_swa);
-    let embed_rows = |name: &str| -> Result<usize> { Ok(g.tensor_info(name)?.0[0]) };
+    let embed_rows = |name: &str| -> Result<usize> { Ok(g.tensor_dims(name)?[0]) };
     let ple = g
         .opt_usize(&k("embedding_length_per_layer_input"))?
         .unwrap_or(0);

@@ -31,7 +31,7 @@ pub fn without_ffn(g: &GgufFile) -> Result<serde_json::Value> {
     let hidden = g.get_usize(&k("embedding_length"))?;
     let vocab = match g.opt_usize(&k("vocab_size"))? {
         Some(v) => v,
-        None => g.tensor_info("token_embd.weight")?.0[0],
+        None => g.tensor_dims("token_embd.weight")?[0],
     };
     let head_dim = match g.opt_usize(&k("attention.key_length"))? {
         Some(d) => d,

@@ -311,7 +311,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<serde_json::Value> {
         .is_some_and(|i| g.has_tensor(&format!("blk.{i}.shortconv.in_proj.bias")));
     let vocab = match g.opt_usize(&k("vocab_size"))? {
         Some(v) => v,
-        None => g.tensor_info("token_embd.weight")?.0[0],
+        None => g.tensor_dims("token_embd.weight")?[0],
     };
     Ok(serde_json::json!({
         "model_type": "lfm2",

@@ -8,6 +8,7 @@
 //! |---|---|---|---|
 //! | float | either | dense | dense |
 //! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0, Q4_1, Q8_0, Q4_K and Q6_K repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
+//! | GGUF IQ4_NL, IQ4_XS (which candle cannot read) | no | [`Linear::Kernel`] (memory-mapped, not repacked) | dense f32 (our dequantization) |
 //! | other GGUF block types | no | [`Linear::Gguf`] | as above |
 //! | MLX affine | no | [`Linear::Mlx`] ([`Linear::MlxPacked`] for 4-bit on CPUs with AVX-512 VNNI, 2/3/5/6-bit with VBMI2 as well) | [`Linear::Cuda`] for 4/8-bit, else dense |
 //! | MLX `mxfp4` / `mxfp8` / `nvfp4` | no | [`Linear::MlxFp`] | dense |
@@ -80,6 +81,19 @@ impl Placement {
             Stored::Mlx(q) => Linear::mlx_on(Arc::new(q), bias, &self.device),
             Stored::MlxFp(q) if self.dequantize => Ok(Linear::dense(self.dense_fp(&q)?, bias)),
             Stored::MlxFp(q) => Linear::mlx_fp_on(Arc::new(q), bias, &self.device),
+            Stored::Gguf { file, name, shape } if file.kernel_only_type(name).is_some() => {
+                if self.kernel_only_on_cpu() {
+                    let weight = file.matrix(name, &shape)?;
+                    let weight = if self.repack {
+                        weight.repacked()
+                    } else {
+                        weight
+                    };
+                    return Ok(Linear::Kernel { weight, bias });
+                }
+                let w = file.tensor_f32(name, &shape, &self.device)?;
+                Ok(Linear::dense(w, bias))
+            }
             Stored::Gguf { file, name, shape } => {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
@@ -126,6 +140,19 @@ impl Placement {
                 Ok(Embedding::Dense(self.dense_fp(&q)?))
             }
             Stored::MlxFp(q) => Ok(Embedding::MlxFp(Arc::new(q))),
+            Stored::Gguf { file, name, shape } if file.kernel_only_type(name).is_some() => {
+                if self.kernel_only_on_cpu() {
+                    return Ok(Embedding::Kernel {
+                        table: file.matrix(name, &shape)?,
+                        repack_output: self.repack,
+                    });
+                }
+                Ok(Embedding::Dense(file.tensor_f32(
+                    name,
+                    &shape,
+                    &self.device,
+                )?))
+            }
             Stored::Gguf { file, name, shape } => {
                 let (_, dtype) = file.tensor_info(name)?;
                 if self.uses_cpu_kernels(dtype) {
@@ -149,8 +176,9 @@ impl Placement {
     /// [`Linear::Kernel`] layers over each expert's slice of the mapped file (repacked as
     /// [`Self::linear`] does); on CUDA, types our CUDA kernels take become one
     /// [`Linear::Cuda`] layer per expert; MXFP4 (gpt-oss) becomes MLX `mxfp4` layers
-    /// ([`crate::gguf::mxfp4`]), dequantized when asked; float and other types are read as f32
-    /// and each expert becomes a dense layer on the device.
+    /// ([`crate::gguf::mxfp4`]), dequantized when asked; IQ4_NL / IQ4_XS as the types of our
+    /// CPU kernels on the CPU, else dense; float and other types are read as f32 and each
+    /// expert becomes a dense layer on the device.
     ///
     /// Errors: a missing tensor or one of another shape (named).
     pub fn gguf_experts(
@@ -164,15 +192,20 @@ impl Placement {
                 .map(|e| self.linear(Stored::MlxFp(file.mxfp4_expert(name, shape, e)?), None))
                 .collect();
         }
-        let (_, dtype) = file.tensor_info(name)?;
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda()
-            && !self.dequantize
-            && crate::cuda::CudaQMatrix::supports_gguf(dtype, shape[2])
-        {
-            return self.cuda_experts(file, name, shape, dtype);
-        }
-        if self.uses_cpu_kernels(dtype) {
+        let cpu_kernels = if file.kernel_only_type(name).is_some() {
+            self.kernel_only_on_cpu()
+        } else {
+            let (_, dtype) = file.tensor_info(name)?;
+            #[cfg(feature = "cuda")]
+            if self.device.is_cuda()
+                && !self.dequantize
+                && crate::cuda::CudaQMatrix::supports_gguf(dtype, shape[2])
+            {
+                return self.cuda_experts(file, name, shape, dtype);
+            }
+            self.uses_cpu_kernels(dtype)
+        };
+        if cpu_kernels {
             return (0..shape[0])
                 .map(|e| {
                     let weight = file.expert_matrix(name, shape, e)?;
@@ -257,6 +290,13 @@ impl Placement {
             && !self.dequantize
             && !is_float(dtype)
             && crate::kernels::GgufType::from_ggml(dtype).is_some()
+    }
+
+    /// Whether a GGUF tensor of a type that only our CPU kernels read (IQ4_NL, IQ4_XS) stays
+    /// quantized for them: on the CPU and not asked to be dequantized (elsewhere it is
+    /// dequantized to f32 by [`GgufFile::tensor_f32`]).
+    fn kernel_only_on_cpu(&self) -> bool {
+        self.device.is_cpu() && !self.dequantize
     }
 
     /// A candle quantized tensor as a layer: dense f32 when dequantizing or float, else
@@ -361,6 +401,9 @@ fn stacked_blocks(
     cols: usize,
     accept: impl Fn(GgmlDType) -> bool,
 ) -> Result<Option<(GgmlDType, Vec<u8>)>> {
+    if names.iter().any(|n| file.kernel_only_type(n).is_some()) {
+        return Ok(None);
+    }
     let mut dtype = None;
     for n in names {
         let (_, t) = file.tensor_info(n)?;
