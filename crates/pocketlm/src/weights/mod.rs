@@ -12,6 +12,8 @@ use crate::gguf::GgufFile;
 use crate::nn::{Embedding, Linear};
 use crate::{Error, Result};
 
+#[cfg(test)]
+mod iq4_tests;
 pub mod placement;
 
 pub use placement::{Placement, Stored};
