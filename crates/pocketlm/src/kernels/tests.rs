@@ -18,12 +18,13 @@ use rand::{Rng, SeedableRng};
 use super::act::quantize_block_scalar;
 use super::*;
 
-const TYPES: [GgufType; 6] = [
+const TYPES: [GgufType; 7] = [
     GgufType::Q4_0,
     GgufType::Q4_1,
     GgufType::Q5_0,
     GgufType::Q8_0,
     GgufType::Q4K,
+    GgufType::Q5K,
     GgufType::Q6K,
 ];
 
@@ -82,7 +83,8 @@ fn weight_from_qtensor(q: &QTensor) -> Weight {
 }
 
 /// Per element, the magnitude of the offset term that the kernels handle separately from the
-/// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K`: `|dmin·m_s|`, `Q6_K`: `32|d·sc_s|`;
+/// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K` and `Q5_K`: `|dmin·m_s|`,
+/// `Q6_K`: `32|d·sc_s|`;
 /// none for `Q5_0` and `Q8_0`, whose signed quants go into the integer products),
 /// decoded here straight from ggml's block layouts.
 fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
@@ -94,7 +96,7 @@ fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
             GgufType::Q4_1 => out.extend([h(blk, 2).abs(); 32]),
             GgufType::Q5_0 => out.extend([0.0; 32]),
             GgufType::Q8_0 => out.extend([0.0; 32]),
-            GgufType::Q4K => {
+            GgufType::Q4K | GgufType::Q5K => {
                 let sc = &blk[4..16];
                 for s in 0..8 {
                     let m = if s < 4 {
@@ -194,6 +196,7 @@ fn kernels_match_references_on_wide_matrices() {
         (GgufType::Q4_0, 130, 1536),
         (GgufType::Q5_0, 129, 640),
         (GgufType::Q4K, 130, 1536),
+        (GgufType::Q5K, 129, 1280),
         (GgufType::Q6K, 131, 768),
     ] {
         let w = quantized_weight(&mut rng, dtype, n, k);
@@ -206,7 +209,7 @@ fn kernels_match_references_on_wide_matrices() {
 }
 
 /// Random bytes with finite scales: bit patterns `QTensor::quantize` never writes (`Q8_0`
-/// weights of -128, all 6-bit `Q4_K` scales and mins, negative `Q6_K` scales).
+/// weights of -128, all 6-bit `Q4_K`/`Q5_K` scales and mins, negative `Q6_K` scales).
 fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u8> {
     let mut bytes: Vec<u8> = (0..blocks * dtype.type_size())
         .map(|_| rng.random())
@@ -215,7 +218,7 @@ fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u
     for blk in bytes.chunks_exact_mut(dtype.type_size()) {
         let fields: &[usize] = match dtype {
             GgufType::Q4_0 | GgufType::Q5_0 | GgufType::Q8_0 => &[0],
-            GgufType::Q4_1 | GgufType::Q4K => &[0, 2],
+            GgufType::Q4_1 | GgufType::Q4K | GgufType::Q5K => &[0, 2],
             GgufType::Q6K => &[208],
         };
         for &p in fields {
@@ -316,7 +319,7 @@ fn rows_do_not_depend_on_batching_fusing_or_threads() {
 #[test]
 fn forward_and_embedding_match_candle() {
     let mut rng = StdRng::seed_from_u64(12);
-    for dtype in [GgufType::Q8_0, GgufType::Q4_1, GgufType::Q6K] {
+    for dtype in [GgufType::Q8_0, GgufType::Q4_1, GgufType::Q5K, GgufType::Q6K] {
         let (n, k) = (40, 256);
         let w = quantized_weight(&mut rng, dtype, n, k);
         // embedding: exactly candle's dequantized rows.
@@ -523,12 +526,14 @@ fn bad_input_gives_typed_errors_naming_the_tensor() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("w2"), "{e}");
-    let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let q5 = QTensor::quantize(&t, GgmlDType::Q5K);
-    if let Ok(q5) = q5 {
-        let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
-        assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
-    }
+    let t = Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q2 = QTensor::quantize(&t, GgmlDType::Q2K).unwrap();
+    let e = GgufMatrix::from_qtensor("w2k", &q2).unwrap_err();
+    assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
+    assert!(
+        e.to_string().contains("w2k") && e.to_string().contains("Q5_K"),
+        "{e}"
+    );
     let q5 = QTensor::quantize(&t, GgmlDType::Q5_1).unwrap();
     let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
     assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
@@ -683,6 +688,18 @@ fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
     // The packed Q4_K kernels compute the unpacked kernels' integers and apply them with the
     // same fused multiply-adds in the same order, GEMM rows (groups of 4) and GEMV rows alike.
     check_packed_bit_exact(GgufType::Q4K, 24, &[1, 2, 3, 4, 5, 7, 9, 13, 64, 70], false);
+}
+
+#[test]
+fn packed_q5k_equals_unpacked_q5k_bit_for_bit() {
+    // The packed Q5_K kernels compute the unpacked kernels' integers and apply them with the
+    // portable kernel's float operations (ggml's tiled order for 8+ rows), on every backend.
+    check_packed_bit_exact(
+        GgufType::Q5K,
+        27,
+        &[1, 2, 3, 4, 5, 7, 8, 9, 13, 64, 70],
+        false,
+    );
 }
 
 #[test]
