@@ -703,6 +703,64 @@ fn packed_q5k_equals_unpacked_q5k_bit_for_bit() {
 }
 
 #[test]
+fn q5k_x86_kernels_sum_in_ggml_vec_dot_order() {
+    // Below 8 activation rows the unpacked x86 Q5_K kernels do the float operations of ggml's
+    // AVX2 `ggml_vec_dot_q5_K_q8_K` (llama.cpp repacks Q5_K only on aarch64): eight f32 lanes,
+    // lane `l` taking `fma(d·dy, Σ_s sc_s·Σ q·y over values 32s + 4l..32s + 4l + 4, acc_l)` per
+    // super-block, then `hsum_float_8`, then the minimums' chain `fma(dmin·dy, msum, accm)`.
+    let mut rng = StdRng::seed_from_u64(28);
+    let x86 = [Backend::Avx2, Backend::Avx512Vnni];
+    let (n, k) = (5, 1024);
+    let nb = k / 256;
+    let bytes = random_block_bytes(&mut rng, GgufType::Q5K, n * nb);
+    let w = GgufMatrix::new("w", WeightBytes::owned(bytes.clone()), GgufType::Q5K, n, k).unwrap();
+    for m in [1, 3, 7] {
+        let x = rand_vec(&mut rng, m * k);
+        let a = quantize_acts(Backend::Scalar, ActFormat::Q8K, &x, m, k);
+        let mut want = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let (mut acc, mut accm) = ([0f32; 8], 0f32);
+                for (b, blk) in bytes[j * nb * 176..(j + 1) * nb * 176]
+                    .chunks_exact(176)
+                    .enumerate()
+                {
+                    let q = scalar::q5k_codes(blk);
+                    let y = &a.qs[r * k + 256 * b..][..256];
+                    let bs = &a.bsums[r * (k / 16) + 16 * b..][..16];
+                    let dy = a.d[r * nb + b];
+                    let (d, dmin) = (scalar::f16_at(blk, 0), scalar::f16_at(blk, 2));
+                    let (mut lanes, mut msum) = ([0i32; 8], 0i32);
+                    for s in 0..8 {
+                        let (sc, mn) = scalar::scale_min_k4(s, &blk[4..16]);
+                        for t in 0..32 {
+                            lanes[t / 4] += sc as i32 * q[32 * s + t] as i32 * y[32 * s + t] as i32;
+                        }
+                        msum += mn as i32 * (bs[2 * s] as i32 + bs[2 * s + 1] as i32);
+                    }
+                    for l in 0..8 {
+                        acc[l] = (d * dy).mul_add(lanes[l] as f32, acc[l]);
+                    }
+                    accm = (msum as f32).mul_add(dmin * dy, accm);
+                }
+                let h = ((acc[4] + acc[0]) + (acc[6] + acc[2]))
+                    + ((acc[5] + acc[1]) + (acc[7] + acc[3]));
+                want[r * n + j] = h - accm;
+            }
+        }
+        for backend in backends().into_iter().filter(|b| x86.contains(b)) {
+            let mut got = vec![0f32; m * n];
+            w.matmul_with(backend, &x, m, &mut got).unwrap();
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "m={m} {backend:?}: {got:?} vs {want:?}");
+        }
+    }
+}
+
+#[test]
 fn packed_q6k_equals_the_portable_unpacked_q6k_bit_for_bit() {
     // The packed Q6_K kernels compute the unpacked kernels' integers and apply them with the
     // portable kernel's float operations (ggml's tiled order for 8+ rows), on every backend.
