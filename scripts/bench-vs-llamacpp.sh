@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Side-by-side speed of pocketlm and llama.cpp on the same GGUF files, same threads, one run.
-#   scripts/bench-vs-llamacpp.sh [MODEL.gguf | default | 1b-q4_0 | 1b-q4_k | 1b-q8_0 | 8b-q4_0
-#                                 | 1b-iq4_xs | 1b-iq4_nl ...]
+#   scripts/bench-vs-llamacpp.sh [MODEL.gguf | default | 1b-q4_0 | 1b-q4_k | 1b-q5_k | 1b-q8_0
+#                                 | 8b-q4_0 | 1b-iq4_xs | 1b-iq4_nl ...]
 # With no model named it runs the suite of issue #21: the default model, 1B-shaped random
 # models in Q4_0, Q4_K and Q8_0 (pp512/tg128) and an 8B-shaped Q4_0 (pp128/tg32), at each of
 # $DEPTHS. Random models (Llama-3 shapes, random weights: speed only) are written once by
 # scripts/make_random_gguf.py (or $MAKE_RANDOM_GGUF) into $POCKETLM_HOME/models. Named only
-# (not in the suite): any other shape or type of that script, e.g. `1b-iq4_xs` and `1b-iq4_nl`
-# (IQ4_XS / IQ4_NL with a Q6_K output layer, issue #21), or the mixture of experts of issue #25,
+# (not in the suite): any other shape or type of that script, e.g. `1b-q5_k` (Q5_K with a Q6_K
+# output layer, as a Q5_K_M file), `1b-iq4_xs` and `1b-iq4_nl` (IQ4_XS / IQ4_NL with a Q6_K
+# output layer, issue #21), or the mixture of experts of issue #25,
 # `qwen3-30b-a3b-q4_0` (Qwen3-30B-A3B shape, 17 GB; pp512/tg128; MLX=0 skips its 17 GB MLX
 # conversion).
 # For each Q4_0 and Q4_1 model the MLX 4-bit g64 conversion (`pocketlm convert -q --q-bits 4

@@ -1,8 +1,8 @@
 """Write a GGUF with random weights of a real model's shapes, for speed measurements only.
 
 usage: make_random_gguf.py OUT TYPE [--shape SHAPE]
-  TYPE in q4_0 q8_0 q4_k iq4_nl iq4_xs (output.weight is q6_k for q4_k and the iq4 types);
-  SHAPE (default 8b):
+  TYPE in q4_0 q8_0 q4_k q5_k iq4_nl iq4_xs (output.weight is q6_k for the k-quants and the iq4
+  types); SHAPE (default 8b):
     8b         Llama-3-8B         (llama; hidden 4096, 32 layers, 32/8 heads, ffn 14336)
     1b         Llama-3.2-1B       (llama; 2048, 16 layers, 32/8 heads, ffn 8192)
     qwen2-7b   Qwen2.5-7B         (qwen2: q/k/v biases; 3584, 28 layers, 28/4 heads, ffn 18944)
@@ -25,8 +25,9 @@ is tried first). Tokenizer metadata comes from a llama.cpp vocabulary GGUF: $VOC
 $VOCAB_DIR/ggml-vocab-{llama-bpe,qwen2,phi-3}.gguf by family (VOCAB_DIR default lc/models; the
 llama-cpp-python sdist ships them under vendor/llama.cpp/models/), so the vocabulary size and the
 output layer are the family's own. Norm weights are ones; quantized blocks random with a fixed
-scale (Q4_0 18 bytes / 32 values with the f16 d first, Q8_0 34/32, Q4_K 144/256 with f16 d and
-dmin first, Q6_K 210/256 with f16 d last). An 8B Q4_0 file takes about 30 s on the GPU machine.
+scale (Q4_0 18 bytes / 32 values with the f16 d first, Q8_0 34/32, Q4_K 144/256 and Q5_K 176/256
+with f16 d and dmin first, Q6_K 210/256 with f16 d last; q4_k and q5_k files get a Q6_K output
+layer, as llama.cpp's Q4_K_M/Q5_K_M do). An 8B Q4_0 file takes about 30 s on the GPU machine.
 $LAYERS overrides the layer count (a small file to check the format with), $CTX the context
 length written (default 8192, Phi-3 4096). Tensors are generated and written one at a time, so
 memory stays at the largest tensor whatever the file's size.
@@ -69,7 +70,8 @@ H = SHAPES[shape]
 rng = np.random.default_rng(0)
 T = gguf.GGMLQuantizationType
 BLOCK = {"q4_0": (T.Q4_0, 32, 18, 0), "q8_0": (T.Q8_0, 32, 34, 0),
-         "q4_k": (T.Q4_K, 256, 144, 0), "q6_k": (T.Q6_K, 256, 210, 208),
+         "q4_k": (T.Q4_K, 256, 144, 0), "q5_k": (T.Q5_K, 256, 176, 0),
+         "q6_k": (T.Q6_K, 256, 210, 208),
          "iq4_nl": (T.IQ4_NL, 32, 18, 0), "iq4_xs": (T.IQ4_XS, 256, 136, 0)}
 
 
@@ -77,7 +79,7 @@ def qtensor(rows, cols, kind, experts=0):
     t, bs, nb, doff = BLOCK[kind]
     a = rng.integers(0, 256, size=(max(experts, 1) * rows, cols // bs, nb), dtype=np.uint8)
     a[:, :, doff:doff + 2] = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
-    if kind == "q4_k":
+    if kind in ("q4_k", "q5_k"):
         a[:, :, 2:4] = np.frombuffer(np.float16(0.001).tobytes(), dtype=np.uint8)
     return (a.reshape(experts, rows, -1) if experts else a.reshape(rows, -1)), t
 
@@ -128,7 +130,7 @@ if H.get("experts"):
 add_q("token_embd.weight", vocab, e, qtype)
 add_f("output_norm.weight", [e], ones(e))
 if not H.get("tied"):
-    add_q("output.weight", vocab, e, "q6_k" if qtype in ("q4_k", "iq4_nl", "iq4_xs") else qtype)
+    add_q("output.weight", vocab, e, "q6_k" if qtype in ("q4_k", "q5_k", "iq4_nl", "iq4_xs") else qtype)
 q_rows, kv_rows = nh * hd, nkv * hd
 for i in range(L):
     if H.get("fused"):

@@ -4,8 +4,8 @@
 //! ggml's `ggml-common.h`) and `x` is `f32`. Like `ggml_compute_forward_mul_mat`, each call
 //! first quantizes the activation rows once, to 8-bit blocks matching the weight's block size
 //! (32 values with a scale for `Q4_0`, `Q4_1`, `Q5_0`, `Q8_0`, `IQ4_NL`; 256 values plus 16-value
-//! sums for the k-quants `Q4_K`, `Q6_K` and for `IQ4_XS`), then takes integer dot products block
-//! by block and applies the float scales once per block.
+//! sums for the k-quants `Q4_K`, `Q5_K`, `Q6_K` and for `IQ4_XS`), then takes integer dot
+//! products block by block and applies the float scales once per block.
 //!
 //! - [`GgufMatrix`]: a weight `[rows = n, cols = k]` holding the raw GGUF bytes without copying
 //!   them ([`WeightBytes`]: a range of a memory-mapped file, or an owned buffer), with
@@ -31,7 +31,9 @@
 //! tiled K-quant matmul (`tiled/tiled-kernel.cpp`, see [`q6k_tiled`]): per super-block the
 //! exact integer `Σ_s sc_s·(Σ q·y - 32·bsum_s)` is converted to `f32`, multiplied by `d`, and
 //! accumulated with one fused multiply-add by `dy`; fewer rows use the eight-lane order of
-//! `ggml_vec_dot_q6_K_q8_K`.
+//! `ggml_vec_dot_q6_K_q8_K`. `Q5_K`, which ggml-cpu repacks only on aarch64, follows its x86-64
+//! path the same way: the tiled matmul for 8 or more rows ([`q5k_tiled`]), else the eight-lane
+//! order of `ggml_vec_dot_q5_K_q8_K` in the unpacked x86 kernels.
 //!
 //! Threads: work is split with rayon over tiles of output rows (and, for prefill, of
 //! activation rows, so that each weight tile is read from L1 once per group of 4 activation
@@ -50,6 +52,7 @@ pub mod mlx;
 mod mlx_packed;
 mod packed;
 mod packed_q4k;
+mod packed_q5k;
 mod packed_q6k;
 mod scalar;
 
@@ -91,6 +94,10 @@ pub use mlx_packed::PackedMlx;
 /// - `Q8_0`: 32 values in 34 bytes: `d: f16, qs: [i8; 32]`; value `d * qs[j]`.
 /// - `Q4_K`: 256 values in 144 bytes: `d: f16, dmin: f16, scales: [u8; 12]` (eight 6-bit
 ///   scale/min pairs), `qs: [u8; 128]`; value `d * sc_s * q - dmin * m_s` per 32-value sub-block.
+/// - `Q5_K`: 256 values in 176 bytes: `d: f16, dmin: f16, scales: [u8; 12]` (as `Q4_K`),
+///   `qh: [u8; 32], qs: [u8; 128]`; value `d * sc_s * q - dmin * m_s` with the 4-bit `q` of
+///   `Q4_K` plus bit 4 from `qh`: value `64c + l` (`l < 32`) takes bit `2c` of `qh[l]`, value
+///   `64c + 32 + l` bit `2c + 1` (ggml's `dequantize_row_q5_K`).
 /// - `Q6_K`: 256 values in 210 bytes: `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`;
 ///   value `d * scales[s] * (q - 32)` with 6-bit `q` per 16-value sub-block.
 /// - `IQ4_NL`: 32 values in 18 bytes: `d: f16, qs: [u8; 16]`, the nibbles `q_j` in `Q4_0`'s
@@ -116,6 +123,8 @@ pub enum GgufType {
     Q8_0,
     /// 4-bit k-quant, 256-value super-blocks.
     Q4K,
+    /// 5-bit k-quant, 256-value super-blocks (`Q4K` plus one high bit per value).
+    Q5K,
     /// 6-bit k-quant, 256-value super-blocks.
     Q6K,
     /// 4-bit non-linear (a 16-entry table), one scale per 32 values (ggml type 20).
@@ -134,11 +143,11 @@ impl GgufType {
     pub const fn block_size(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 | Self::Iq4Nl => 32,
-            Self::Q4K | Self::Q6K | Self::Iq4Xs => 256,
+            Self::Q4K | Self::Q5K | Self::Q6K | Self::Iq4Xs => 256,
         }
     }
 
-    /// Bytes per block (18, 20, 22, 34, 144, 210, 18, 136).
+    /// Bytes per block (18, 20, 22, 34, 144, 176, 210, 18, 136).
     pub const fn type_size(self) -> usize {
         match self {
             Self::Q4_0 => 18,
@@ -146,6 +155,7 @@ impl GgufType {
             Self::Q5_0 => 22,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
             Self::Iq4Nl => 18,
             Self::Iq4Xs => 136,
@@ -160,6 +170,7 @@ impl GgufType {
             GgmlDType::Q5_0 => Some(Self::Q5_0),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             GgmlDType::Q4K => Some(Self::Q4K),
+            GgmlDType::Q5K => Some(Self::Q5K),
             GgmlDType::Q6K => Some(Self::Q6K),
             _ => None,
         }
@@ -173,6 +184,7 @@ impl GgufType {
             Self::Q5_0 => Some(GgmlDType::Q5_0),
             Self::Q8_0 => Some(GgmlDType::Q8_0),
             Self::Q4K => Some(GgmlDType::Q4K),
+            Self::Q5K => Some(GgmlDType::Q5K),
             Self::Q6K => Some(GgmlDType::Q6K),
             Self::Iq4Nl | Self::Iq4Xs => None,
         }
@@ -186,6 +198,7 @@ impl GgufType {
             Self::Q5_0 => "Q5_0",
             Self::Q8_0 => "Q8_0",
             Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
             Self::Q6K => "Q6_K",
             Self::Iq4Nl => "IQ4_NL",
             Self::Iq4Xs => "IQ4_XS",
@@ -198,7 +211,7 @@ impl GgufType {
     pub(crate) fn act_format(self) -> ActFormat {
         match self {
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 | Self::Iq4Nl => ActFormat::Q8_32,
-            Self::Q4K | Self::Q6K | Self::Iq4Xs => ActFormat::Q8K,
+            Self::Q4K | Self::Q5K | Self::Q6K | Self::Iq4Xs => ActFormat::Q8K,
         }
     }
 }
@@ -272,7 +285,7 @@ pub enum KernelError {
     UnsupportedType {
         /// Tensor name.
         name: String,
-        /// The type found (e.g. `Q5K`, `F16`).
+        /// The type found (e.g. `Q2K`, `F16`).
         dtype: String,
     },
     /// The column count (`k`) is not a whole number of blocks.
@@ -381,7 +394,7 @@ impl KernelError {
     pub fn detail(&self) -> String {
         match self {
             Self::UnsupportedType { dtype, .. } => format!(
-                "type {dtype} has no quantized matmul kernel (supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, IQ4_NL, IQ4_XS)"
+                "type {dtype} has no quantized matmul kernel (supported: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)"
             ),
             Self::NotBlockAligned { dtype, cols, .. } => format!(
                 "{cols} columns is not a multiple of the {dtype:?} block size {}",
@@ -618,8 +631,9 @@ impl GgufMatrix {
 
     /// The same matrix with its rows interleaved in groups of 16 for the CPU's fastest
     /// kernels, when this CPU has them (AVX-512 with VNNI) and the type has a packed layout
-    /// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q6_K`) and `rows` is a multiple of 16; otherwise `self` unchanged. The
-    /// packed bytes are an owned copy of the same size (`Q4_K`: 2.8% larger, see `packed_q4k`) (llama.cpp repacks the same way at load, see
+    /// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K`, `Q6_K`) and `rows` is a multiple of 16; otherwise `self` unchanged. The
+    /// packed bytes are an owned copy of the same size (`Q4_K`: 2.8% larger, see `packed_q4k`;
+    /// `Q5_K`: 2.3%, see `packed_q5k`) (llama.cpp repacks the same way at load, see
     /// `ggml-cpu/repack.cpp`); the memory-mapped pages they came from are released.
     /// Products, [`Self::embedding`] and [`Self::dequantize`] give the same values either way
     /// (products up to float summation order).
@@ -1485,6 +1499,16 @@ pub(crate) fn q4k_gemm_row(m: usize, r: usize) -> bool {
 /// 8 or more activation rows, `ggml_tiled_min_batch`) rather than `ggml_vec_dot_q6_K_q8_K`.
 #[inline(always)]
 pub(crate) fn q6k_tiled(m: usize) -> bool {
+    m >= 8
+}
+
+/// Whether an `m`-row `Q5_K` product goes through ggml-cpu's tiled K-quant matmul (the same
+/// threshold as [`q6k_tiled`]; ggml-cpu repacks `Q5_K` only on aarch64, so on x86-64 smaller
+/// products run `ggml_vec_dot_q5_K_q8_K`). Per super-block the tiled kernel turns the exact
+/// integers `isum = Σ_s sc_s·Σ q·y` and `msum = Σ_s m_s·bsum_s` into
+/// `fma(fnmadd(dmin, msum, isum·d), dy, acc)` (`tiled-kernel.cpp`, `HAS_MIN`).
+#[inline(always)]
+pub(crate) fn q5k_tiled(m: usize) -> bool {
     m >= 8
 }
 

@@ -19,6 +19,8 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         GgufType::Q5_0 => super::scalar::tile_fn(GgufType::Q5_0),
         GgufType::Q8_0 => tile_q8_0,
         GgufType::Q4K => tile_q4k,
+        // No NEON version yet: the portable kernel.
+        GgufType::Q5K => super::scalar::tile_fn(GgufType::Q5K),
         GgufType::Q6K => tile_q6k,
         // No NEON version yet: the portable kernels.
         GgufType::Iq4Nl | GgufType::Iq4Xs => super::scalar::tile_fn(dtype),

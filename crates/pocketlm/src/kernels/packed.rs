@@ -43,20 +43,25 @@
 //! (the activations' 4-value sums, computed once per tile).
 //!
 //! `Q4_K` (256-value super-blocks with 6-bit sub-block scales and mins) has its own group layout
-//! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels; `Q6_K` in
-//! [`super::packed_q6k`].
+//! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels; `Q5_K` in
+//! [`super::packed_q5k`]; `Q6_K` in [`super::packed_q6k`].
 
 use super::{Acts, GgufType, Tile, TileFn};
 
 /// Rows per interleaved group.
 pub(crate) const ROWS: usize = 16;
 
-/// Whether `dtype` has a packed layout (`Q4_K`'s is in [`super::packed_q4k`], `Q6_K`'s in
-/// [`super::packed_q6k`]).
+/// Whether `dtype` has a packed layout (`Q4_K`'s is in [`super::packed_q4k`], `Q5_K`'s in
+/// [`super::packed_q5k`], `Q6_K`'s in [`super::packed_q6k`]).
 pub(crate) fn supports(dtype: GgufType) -> bool {
     matches!(
         dtype,
-        GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q8_0 | GgufType::Q4K | GgufType::Q6K
+        GgufType::Q4_0
+            | GgufType::Q4_1
+            | GgufType::Q8_0
+            | GgufType::Q4K
+            | GgufType::Q5K
+            | GgufType::Q6K
     )
 }
 
@@ -84,6 +89,9 @@ pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) ->
     use rayon::prelude::*;
     if dtype == GgufType::Q4K {
         return super::packed_q4k::repack(bytes, rows, cols);
+    }
+    if dtype == GgufType::Q5K {
+        return super::packed_q5k::repack(bytes, rows, cols);
     }
     if dtype == GgufType::Q6K {
         return super::packed_q6k::repack(bytes, rows, cols);
@@ -135,6 +143,9 @@ pub(crate) fn dequantize_row(
     if dtype == GgufType::Q4K {
         return super::packed_q4k::dequantize_row(packed, cols, r, out);
     }
+    if dtype == GgufType::Q5K {
+        return super::packed_q5k::dequantize_row(packed, cols, r, out);
+    }
     if dtype == GgufType::Q6K {
         return super::packed_q6k::dequantize_row(packed, cols, r, out);
     }
@@ -170,6 +181,7 @@ pub(crate) fn dequantize_row(
 pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
         GgufType::Q4K => super::packed_q4k::tile_scalar,
+        GgufType::Q5K => super::packed_q5k::tile_scalar,
         GgufType::Q6K => super::packed_q6k::tile_scalar,
         GgufType::Q8_0 => tile_scalar::<8, 128>,
         GgufType::Q4_1 => tile_scalar_q4_1,
@@ -346,6 +358,7 @@ pub(crate) mod avx512 {
     pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         match dtype {
             GgufType::Q4K => super::super::packed_q4k::avx512::tile,
+            GgufType::Q5K => super::super::packed_q5k::avx512::tile,
             GgufType::Q6K => super::super::packed_q6k::avx512::tile,
             GgufType::Q8_0 => tile::<8, 128>,
             GgufType::Q4_1 => tile_q4_1,

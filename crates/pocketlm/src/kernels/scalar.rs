@@ -79,6 +79,17 @@ pub(crate) fn dequantize_row(dtype: GgufType, row: &[u8], out: &mut [f32]) {
                     }
                 }
             }
+            GgufType::Q5K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let q = q5k_codes(blk);
+                for s in 0..8 {
+                    let (sc, m) = scale_min_k4(s, &blk[4..16]);
+                    let (d1, m1) = (d * sc as f32, dmin * m as f32);
+                    for l in 0..32 {
+                        y[32 * s + l] = d1 * q[32 * s + l] as f32 - m1;
+                    }
+                }
+            }
             GgufType::Q6K => {
                 let d = f16_at(blk, 208);
                 for half in 0..2 {
@@ -156,6 +167,24 @@ fn q5_0_quants(blk: &[u8]) -> [i32; 32] {
     q
 }
 
+/// The 5-bit codes (`0..32`) of a `Q5_K` block (176 bytes), in value order: value `64c + l`
+/// (`l < 32`) is the low nibble of `qs[32c + l]` (bytes `48..176`) with bit `2c` of `qh[l]`
+/// (bytes `16..48`) as bit 4, value `64c + 32 + l` the high nibble with bit `2c + 1` (ggml's
+/// `dequantize_row_q5_K`).
+#[inline(always)]
+pub(crate) fn q5k_codes(blk: &[u8]) -> [u8; 256] {
+    let (qh, qs) = (&blk[16..48], &blk[48..176]);
+    let mut q = [0u8; 256];
+    for c in 0..4 {
+        for l in 0..32 {
+            let (b, h) = (qs[32 * c + l], qh[l] >> (2 * c));
+            q[64 * c + l] = (b & 0xF) | ((h & 1) << 4);
+            q[64 * c + 32 + l] = (b >> 4) | ((h & 2) << 3);
+        }
+    }
+    q
+}
+
 /// The tile function of a weight type.
 pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
     match dtype {
@@ -164,6 +193,7 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         GgufType::Q5_0 => tile::<Q5_0>,
         GgufType::Q8_0 => tile::<Q8_0>,
         GgufType::Q4K => tile::<Q4K>,
+        GgufType::Q5K => tile::<Q5K>,
         GgufType::Q6K => tile::<Q6K>,
         GgufType::Iq4Nl => tile::<Iq4Nl>,
         GgufType::Iq4Xs => tile::<Iq4Xs>,
@@ -180,6 +210,7 @@ struct Q4_1;
 struct Q5_0;
 struct Q8_0;
 struct Q4K;
+struct Q5K;
 struct Q6K;
 struct Iq4Nl;
 struct Iq4Xs;
@@ -299,6 +330,44 @@ impl RowDot for Q4K {
                 }
             }
             if !gemm {
+                acc = (isum as f32).mul_add(d * dy, acc);
+                accm = (msum as f32).mul_add(dmin * dy, accm);
+            }
+        }
+        acc - accm
+    }
+}
+
+impl RowDot for Q5K {
+    // d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s m_s·bsum_s with 5-bit `q`. For 8+ rows in the float
+    // order of ggml's tiled matmul (`super::q5k_tiled`); below that one fused multiply-add per
+    // super-block into each of two sums, `acc - accm` at the end (ggml's x86 `vec_dot` keeps
+    // eight lanes of `acc` instead, as the x86 kernels do).
+    fn dot(w: &[u8], a: &Acts, r: usize) -> f32 {
+        let nb = a.k / 256;
+        let tiled = super::q5k_tiled(a.m);
+        let (mut acc, mut accm) = (0f32, 0f32);
+        for (b, blk) in w.chunks_exact(176).enumerate() {
+            let y = &a.qs[r * a.k + 256 * b..r * a.k + 256 * b + 256];
+            let bsums = &a.bsums[r * (a.k / 16) + 16 * b..r * (a.k / 16) + 16 * b + 16];
+            let dy = a.d[r * nb + b];
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let q = q5k_codes(blk);
+            let (mut isum, mut msum) = (0i32, 0i32);
+            for s in 0..8 {
+                let (sc, m) = scale_min_k4(s, &blk[4..16]);
+                let mut sub = 0i32;
+                for l in 32 * s..32 * s + 32 {
+                    sub += q[l] as i32 * y[l] as i32;
+                }
+                isum += sc as i32 * sub;
+                msum += m as i32 * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32);
+            }
+            if tiled {
+                acc = (-dmin)
+                    .mul_add(msum as f32, isum as f32 * d)
+                    .mul_add(dy, acc);
+            } else {
                 acc = (isum as f32).mul_add(d * dy, acc);
                 accm = (msum as f32).mul_add(dmin * dy, accm);
             }

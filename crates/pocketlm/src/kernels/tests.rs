@@ -20,12 +20,13 @@ use rand::{Rng, SeedableRng};
 use super::act::quantize_block_scalar;
 use super::*;
 
-const TYPES: [GgufType; 8] = [
+const TYPES: [GgufType; 9] = [
     GgufType::Q4_0,
     GgufType::Q4_1,
     GgufType::Q5_0,
     GgufType::Q8_0,
     GgufType::Q4K,
+    GgufType::Q5K,
     GgufType::Q6K,
     GgufType::Iq4Nl,
     GgufType::Iq4Xs,
@@ -100,9 +101,9 @@ fn weight_from_qtensor(q: &QTensor) -> Weight {
 }
 
 /// Per element, the magnitude of the offset term that the kernels handle separately from the
-/// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K`: `|dmin·m_s|`, `Q6_K`: `32|d·sc_s|`;
-/// none for `Q5_0`, `Q8_0`, `IQ4_NL` and `IQ4_XS`, whose signed values go into the integer
-/// products),
+/// integer products (`Q4_0`: `8|d|`, `Q4_1`: `|m|`, `Q4_K` and `Q5_K`: `|dmin·m_s|`,
+/// `Q6_K`: `32|d·sc_s|`; none for `Q5_0`, `Q8_0`, `IQ4_NL` and `IQ4_XS`, whose signed values go
+/// into the integer products),
 /// decoded here straight from ggml's block layouts.
 fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
     let h = |b: &[u8], p: usize| half::f16::from_le_bytes([b[p], b[p + 1]]).to_f64();
@@ -113,7 +114,7 @@ fn offsets(dtype: GgufType, bytes: &[u8]) -> Vec<f64> {
             GgufType::Q4_1 => out.extend([h(blk, 2).abs(); 32]),
             GgufType::Q5_0 | GgufType::Q8_0 | GgufType::Iq4Nl => out.extend([0.0; 32]),
             GgufType::Iq4Xs => out.extend([0.0; 256]),
-            GgufType::Q4K => {
+            GgufType::Q4K | GgufType::Q5K => {
                 let sc = &blk[4..16];
                 for s in 0..8 {
                     let m = if s < 4 {
@@ -213,6 +214,7 @@ fn kernels_match_references_on_wide_matrices() {
         (GgufType::Q4_0, 130, 1536),
         (GgufType::Q5_0, 129, 640),
         (GgufType::Q4K, 130, 1536),
+        (GgufType::Q5K, 129, 1280),
         (GgufType::Q6K, 131, 768),
         (GgufType::Iq4Nl, 129, 1056),
         (GgufType::Iq4Xs, 130, 1536),
@@ -227,8 +229,8 @@ fn kernels_match_references_on_wide_matrices() {
 }
 
 /// Random bytes with finite scales: bit patterns `QTensor::quantize` never writes (`Q8_0`
-/// weights of -128, all 6-bit `Q4_K` scales and mins, negative `Q6_K` scales); for `IQ4_NL`
-/// and `IQ4_XS` every code and (`IQ4_XS`) every 6-bit sub-block scale.
+/// weights of -128, all 6-bit `Q4_K`/`Q5_K` scales and mins, negative `Q6_K` scales); for
+/// `IQ4_NL` and `IQ4_XS` every code and (`IQ4_XS`) every 6-bit sub-block scale.
 fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u8> {
     let mut bytes: Vec<u8> = (0..blocks * dtype.type_size())
         .map(|_| rng.random())
@@ -238,7 +240,7 @@ fn random_block_bytes(rng: &mut StdRng, dtype: GgufType, blocks: usize) -> Vec<u
         let fields: &[usize] = match dtype {
             GgufType::Q4_0 | GgufType::Q5_0 | GgufType::Q8_0 => &[0],
             GgufType::Iq4Nl | GgufType::Iq4Xs => &[0],
-            GgufType::Q4_1 | GgufType::Q4K => &[0, 2],
+            GgufType::Q4_1 | GgufType::Q4K | GgufType::Q5K => &[0, 2],
             GgufType::Q6K => &[208],
         };
         for &p in fields {
@@ -346,7 +348,7 @@ fn rows_do_not_depend_on_batching_fusing_or_threads() {
 #[test]
 fn forward_and_embedding_match_candle() {
     let mut rng = StdRng::seed_from_u64(12);
-    for dtype in [GgufType::Q8_0, GgufType::Q4_1, GgufType::Q6K] {
+    for dtype in [GgufType::Q8_0, GgufType::Q4_1, GgufType::Q5K, GgufType::Q6K] {
         let (n, k) = (40, 256);
         let w = quantized_weight(&mut rng, dtype, n, k);
         // embedding: exactly candle's dequantized rows.
@@ -553,12 +555,14 @@ fn bad_input_gives_typed_errors_naming_the_tensor() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("w2"), "{e}");
-    let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let q5 = QTensor::quantize(&t, GgmlDType::Q5K);
-    if let Ok(q5) = q5 {
-        let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
-        assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
-    }
+    let t = Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q2 = QTensor::quantize(&t, GgmlDType::Q2K).unwrap();
+    let e = GgufMatrix::from_qtensor("w2k", &q2).unwrap_err();
+    assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
+    assert!(
+        e.to_string().contains("w2k") && e.to_string().contains("Q5_K"),
+        "{e}"
+    );
     let q5 = QTensor::quantize(&t, GgmlDType::Q5_1).unwrap();
     let e = GgufMatrix::from_qtensor("w5", &q5).unwrap_err();
     assert!(matches!(e, KernelError::UnsupportedType { .. }), "{e}");
@@ -713,6 +717,76 @@ fn packed_q4k_equals_unpacked_q4k_bit_for_bit() {
     // The packed Q4_K kernels compute the unpacked kernels' integers and apply them with the
     // same fused multiply-adds in the same order, GEMM rows (groups of 4) and GEMV rows alike.
     check_packed_bit_exact(GgufType::Q4K, 24, &[1, 2, 3, 4, 5, 7, 9, 13, 64, 70], false);
+}
+
+#[test]
+fn packed_q5k_equals_unpacked_q5k_bit_for_bit() {
+    // The packed Q5_K kernels compute the unpacked kernels' integers and apply them with the
+    // portable kernel's float operations (ggml's tiled order for 8+ rows), on every backend.
+    check_packed_bit_exact(
+        GgufType::Q5K,
+        27,
+        &[1, 2, 3, 4, 5, 7, 8, 9, 13, 64, 70],
+        false,
+    );
+}
+
+#[test]
+fn q5k_x86_kernels_sum_in_ggml_vec_dot_order() {
+    // Below 8 activation rows the unpacked x86 Q5_K kernels do the float operations of ggml's
+    // AVX2 `ggml_vec_dot_q5_K_q8_K` (llama.cpp repacks Q5_K only on aarch64): eight f32 lanes,
+    // lane `l` taking `fma(d·dy, Σ_s sc_s·Σ q·y over values 32s + 4l..32s + 4l + 4, acc_l)` per
+    // super-block, then `hsum_float_8`, then the minimums' chain `fma(dmin·dy, msum, accm)`.
+    let mut rng = StdRng::seed_from_u64(28);
+    let x86 = [Backend::Avx2, Backend::Avx512Vnni];
+    let (n, k) = (5, 1024);
+    let nb = k / 256;
+    let bytes = random_block_bytes(&mut rng, GgufType::Q5K, n * nb);
+    let w = GgufMatrix::new("w", WeightBytes::owned(bytes.clone()), GgufType::Q5K, n, k).unwrap();
+    for m in [1, 3, 7] {
+        let x = rand_vec(&mut rng, m * k);
+        let a = quantize_acts(Backend::Scalar, ActFormat::Q8K, &x, m, k);
+        let mut want = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let (mut acc, mut accm) = ([0f32; 8], 0f32);
+                for (b, blk) in bytes[j * nb * 176..(j + 1) * nb * 176]
+                    .chunks_exact(176)
+                    .enumerate()
+                {
+                    let q = scalar::q5k_codes(blk);
+                    let y = &a.qs[r * k + 256 * b..][..256];
+                    let bs = &a.bsums[r * (k / 16) + 16 * b..][..16];
+                    let dy = a.d[r * nb + b];
+                    let (d, dmin) = (scalar::f16_at(blk, 0), scalar::f16_at(blk, 2));
+                    let (mut lanes, mut msum) = ([0i32; 8], 0i32);
+                    for s in 0..8 {
+                        let (sc, mn) = scalar::scale_min_k4(s, &blk[4..16]);
+                        for t in 0..32 {
+                            lanes[t / 4] += sc as i32 * q[32 * s + t] as i32 * y[32 * s + t] as i32;
+                        }
+                        msum += mn as i32 * (bs[2 * s] as i32 + bs[2 * s + 1] as i32);
+                    }
+                    for l in 0..8 {
+                        acc[l] = (d * dy).mul_add(lanes[l] as f32, acc[l]);
+                    }
+                    accm = (msum as f32).mul_add(dmin * dy, accm);
+                }
+                let h = ((acc[4] + acc[0]) + (acc[6] + acc[2]))
+                    + ((acc[5] + acc[1]) + (acc[7] + acc[3]));
+                want[r * n + j] = h - accm;
+            }
+        }
+        for backend in backends().into_iter().filter(|b| x86.contains(b)) {
+            let mut got = vec![0f32; m * n];
+            w.matmul_with(backend, &x, m, &mut got).unwrap();
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "m={m} {backend:?}: {got:?} vs {want:?}");
+        }
+    }
 }
 
 #[test]

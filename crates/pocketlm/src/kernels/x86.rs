@@ -173,7 +173,9 @@ macro_rules! kernels {
     ($feat:literal, $vnni:literal, |$x:ident, $y:ident| $dot:expr) => {
         use std::arch::x86_64::*;
 
-        use super::super::{q4k_gemm_row, q6k_tiled, GgufType, Tile, TileFn, KVALUES_IQ4NL};
+        use super::super::{
+            q4k_gemm_row, q5k_tiled, q6k_tiled, GgufType, Tile, TileFn, KVALUES_IQ4NL,
+        };
         use super::{ParamDtype, NBIT_UNPACK, SHUFFLE_K4, SHUFFLE_Q6};
 
         pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
@@ -425,6 +427,7 @@ macro_rules! kernels {
                 GgufType::Q5_0 => tile_q5_0,
                 GgufType::Q8_0 => tile_q8_0,
                 GgufType::Q4K => tile_q4k,
+                GgufType::Q5K => tile_q5k,
                 GgufType::Q6K => tile_q6k,
                 GgufType::Iq4Nl => tile_iq4nl,
                 GgufType::Iq4Xs => tile_iq4xs,
@@ -436,6 +439,7 @@ macro_rules! kernels {
         tile_impl!($feat, tile_q5_0, dot_q5_0);
         tile_impl!($feat, tile_q8_0, dot_q8_0);
         tile_impl!($feat, tile_q4k, dot_q4k);
+        tile_impl!($feat, tile_q5k, dot_q5k);
         tile_impl!($feat, tile_q6k, dot_q6k);
         tile_impl!($feat, tile_iq4nl, dot_iq4nl);
         tile_impl!($feat, tile_iq4xs, dot_iq4xs);
@@ -912,6 +916,130 @@ macro_rules! kernels {
                 let mut out = [0f32; R];
                 for i in 0..R {
                     out[i] = acc[i] - accm[i];
+                }
+                out
+            }
+        }
+
+        /// `Q5_K` against `Q8_K` activations, as ggml's AVX2 `ggml_vec_dot_q5_K_q8_K`:
+        /// `Σ_b d·dy·Σ_s sc_s·Σ q·y - dmin·dy·Σ_s m_s·bsum_s` with `q` in `0..32` (the nibbles
+        /// as in `Q4_K`, bit 4 from `qh`), the scaled sums in eight `f32` lanes
+        /// (`fma(d·dy, lanes, acc)` per super-block, then `hsum_float_8`) and the minimums in
+        /// one chain (`fma(dmin·dy, msum, accm)`, subtracted at the end); products of 8+ rows in
+        /// the float order of ggml's tiled matmul (see [`q5k_tiled`]).
+        ///
+        /// # Safety
+        /// As [`dot_q4`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_q5k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+            const KMASK1: u32 = 0x3f3f3f3f;
+            const KMASK2: u32 = 0x0f0f0f0f;
+            const KMASK3: u32 = 0x03030303;
+            let a = t.acts;
+            let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
+            unsafe {
+                let w = t.w.as_ptr().add(j * t.row_bytes);
+                let yq = a.qs.as_ptr().add(r * k);
+                let yd = a.d.as_ptr().add(r * nb);
+                let ybs = a.bsums.as_ptr().add(r * nbs);
+                let m4 = _mm256_set1_epi8(0x0F);
+                let m16 = _mm256_set1_epi8(0x10);
+                let tiled = q5k_tiled(a.m);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut acc1 = [0f32; R];
+                let mut accm = [0f32; R];
+                for b in 0..nb {
+                    let blk = w.add(b * 176);
+                    let d = f16_at(blk);
+                    let dmin = f16_at(blk.add(2));
+                    let sp = blk.add(4) as *const u32;
+                    let (u0, u1, u2) = (
+                        sp.read_unaligned(),
+                        sp.add(1).read_unaligned(),
+                        sp.add(2).read_unaligned(),
+                    );
+                    // 8 scales then 8 mins, 6 bits each.
+                    let s03 = u0 & KMASK1;
+                    let s47 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+                    let m03 = u1 & KMASK1;
+                    let m47 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+                    let mins_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
+                        m47 as i32, m03 as i32, s47 as i32, s03 as i32,
+                    ));
+                    let sc128 = _mm256_castsi256_si128(mins_scales);
+                    let scales = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(sc128), sc128);
+                    let mins = _mm256_extracti128_si256::<1>(mins_scales);
+                    let hbits = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+                    let qs = blk.add(48);
+                    let mut sumi = [_mm256_setzero_si256(); R];
+                    for c in 0..4 {
+                        let sl = _mm256_shuffle_epi8(
+                            scales,
+                            _mm256_loadu_si256(SHUFFLE_K4[2 * c].as_ptr() as *const __m256i),
+                        );
+                        let sh = _mm256_shuffle_epi8(
+                            scales,
+                            _mm256_loadu_si256(SHUFFLE_K4[2 * c + 1].as_ptr() as *const __m256i),
+                        );
+                        // Bit 4 of each code: 0x10 where bit `2c` (`2c + 1`) of its `qh` byte
+                        // is set.
+                        let (bl, bh) = (
+                            _mm256_set1_epi8(1 << (2 * c)),
+                            _mm256_set1_epi8((2 << (2 * c)) as u8 as i8),
+                        );
+                        let hl = _mm256_and_si256(
+                            _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl),
+                            m16,
+                        );
+                        let hh = _mm256_and_si256(
+                            _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh),
+                            m16,
+                        );
+                        let q4 = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                        let ql = _mm256_or_si256(_mm256_and_si256(q4, m4), hl);
+                        let qh = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4),
+                            hh,
+                        );
+                        for i in 0..R {
+                            let y = yq.add(i * k + 256 * b + 64 * c);
+                            let yl = _mm256_loadu_si256(y as *const __m256i);
+                            let yh = _mm256_loadu_si256(y.add(32) as *const __m256i);
+                            let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(ql, yl));
+                            let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(qh, yh));
+                            sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(pl, ph));
+                        }
+                    }
+                    for i in 0..R {
+                        let dy = *yd.add(i * nb + b);
+                        let bs = _mm256_loadu_si256(ybs.add(i * nbs + 16 * b) as *const __m256i);
+                        let bs32 = _mm_hadd_epi16(
+                            _mm256_castsi256_si128(bs),
+                            _mm256_extracti128_si256::<1>(bs),
+                        );
+                        let msum = hsum_epi32(_mm_madd_epi16(mins, bs32)) as f32;
+                        if tiled {
+                            let s = sumi[i];
+                            let isum = hsum_epi32(_mm_add_epi32(
+                                _mm256_castsi256_si128(s),
+                                _mm256_extracti128_si256::<1>(s),
+                            ));
+                            acc1[i] =
+                                (-dmin).mul_add(msum, isum as f32 * d).mul_add(dy, acc1[i]);
+                        } else {
+                            acc[i] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(d * dy),
+                                _mm256_cvtepi32_ps(sumi[i]),
+                                acc[i],
+                            );
+                            accm[i] = msum.mul_add(dmin * dy, accm[i]);
+                        }
+                    }
+                }
+                let mut out = [0f32; R];
+                for i in 0..R {
+                    out[i] = if tiled { acc1[i] } else { hsum_ps(acc[i]) - accm[i] };
                 }
                 out
             }

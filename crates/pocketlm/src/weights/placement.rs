@@ -420,3 +420,110 @@ fn stacked_blocks(
     }
     Ok(Some((dtype, raw)))
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{gguf_file, QMatMul};
+    use candle_core::Module;
+
+    use super::*;
+    use crate::kernels::{GgufMatrix, GgufType};
+
+    /// A `Q5_K` GGUF tensor (every Q5_K_M file has them) goes to our CPU kernels, repacked
+    /// where this CPU has the packed kernels, as a layer, as an embedding table and as the tied
+    /// output layer made from that table (unpacked: see `GgufMatrix::repacked_keeping_order`);
+    /// the products agree with candle's `QMatMul` and the looked-up rows equal candle's
+    /// dequantization.
+    #[test]
+    fn q5k_gguf_tensors_go_to_the_cpu_kernels() {
+        let (n, k) = (32, 512);
+        let vals: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let t = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::Q5K).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q5k.gguf");
+        let arch = gguf_file::Value::String("llama".into());
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("w", &q)]).unwrap();
+        drop(f);
+        let file = GgufFile::open(&path).unwrap();
+        let x = Tensor::from_vec(
+            (0..3 * k)
+                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                .collect(),
+            (3, k),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let deq: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = QMatMul::from_qtensor(q)
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        let close = |l: &Linear| {
+            let got: Vec<f32> = l
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * scale, "{a} vs candle's {b}");
+            }
+        };
+        let stored = || Stored::Gguf {
+            file: &file,
+            name: "w",
+            shape: [n, k],
+        };
+        for repack in [false, true] {
+            let p = Placement {
+                device: Device::Cpu,
+                dequantize: false,
+                repack,
+            };
+            let packs = repack && GgufMatrix::packed_kernels_here();
+            let l = p.linear(stored(), None).unwrap();
+            let Linear::Kernel { weight, .. } = &l else {
+                panic!("a Q5_K layer is not on the CPU kernels: {l:?}");
+            };
+            assert_eq!(weight.dtype(), GgufType::Q5K);
+            assert_eq!(weight.is_packed(), packs);
+            close(&l);
+            let e = p.embedding(stored()).unwrap();
+            assert!(matches!(e, Embedding::Kernel { .. }), "{e:?}");
+            let ids = Tensor::new(&[3u32, 0, 31, 3], &Device::Cpu).unwrap();
+            let rows: Vec<f32> = e
+                .forward(&ids)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, id) in [3, 0, 31, 3].into_iter().enumerate() {
+                assert_eq!(rows[i * k..(i + 1) * k], deq[id * k..(id + 1) * k]);
+            }
+            let out = e.as_linear(&Device::Cpu).unwrap();
+            let Linear::Kernel { weight, .. } = &out else {
+                panic!("a tied Q5_K output layer is not on the CPU kernels: {out:?}");
+            };
+            // Only types whose packed kernels keep the unpacked float order pack here.
+            assert!(!weight.is_packed());
+            close(&out);
+        }
+    }
+}
