@@ -507,6 +507,39 @@ macro_rules! kernels {
             $dot
         }
 
+        /// The 8 scales and 8 mins (6 bits each, ggml's `get_scale_min_k4` packing) of a
+        /// `Q4_K` / `Q5_K` super-block, from its 12 scale bytes at `sp`: the scales as `i16`
+        /// in both 128-bit lanes, the mins as 8 `i16`.
+        ///
+        /// # Safety
+        /// `sp` must be valid for a 12-byte read.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn k_scales_mins(sp: *const u8) -> (__m256i, __m128i) {
+            const KMASK1: u32 = 0x3f3f3f3f;
+            const KMASK2: u32 = 0x0f0f0f0f;
+            const KMASK3: u32 = 0x03030303;
+            let sp = sp as *const u32;
+            let (u0, u1, u2) = unsafe {
+                (
+                    sp.read_unaligned(),
+                    sp.add(1).read_unaligned(),
+                    sp.add(2).read_unaligned(),
+                )
+            };
+            // 8 scales then 8 mins, 6 bits each.
+            let s03 = u0 & KMASK1;
+            let s47 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+            let m03 = u1 & KMASK1;
+            let m47 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+            let mins_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
+                m47 as i32, m03 as i32, s47 as i32, s03 as i32,
+            ));
+            let sc128 = _mm256_castsi256_si128(mins_scales);
+            let scales = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(sc128), sc128);
+            (scales, _mm256_extracti128_si256::<1>(mins_scales))
+        }
+
         /// `Q4_0` (`Q4_0 = true`: offset `-8·d`) and `Q4_1` (`m` from the block) against
         /// `Q8_32` activations: `Σ_b d·dy·Σ q·y + m·s`.
         ///
@@ -820,9 +853,6 @@ macro_rules! kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
-            const KMASK1: u32 = 0x3f3f3f3f;
-            const KMASK2: u32 = 0x0f0f0f0f;
-            const KMASK3: u32 = 0x03030303;
             let a = t.acts;
             let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
             unsafe {
@@ -838,23 +868,7 @@ macro_rules! kernels {
                     let blk = w.add(b * 144);
                     let d = f16_at(blk);
                     let dmin = f16_at(blk.add(2));
-                    let sp = blk.add(4) as *const u32;
-                    let (u0, u1, u2) = (
-                        sp.read_unaligned(),
-                        sp.add(1).read_unaligned(),
-                        sp.add(2).read_unaligned(),
-                    );
-                    // 8 scales then 8 mins, 6 bits each.
-                    let s03 = u0 & KMASK1;
-                    let s47 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
-                    let m03 = u1 & KMASK1;
-                    let m47 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
-                    let mins_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                        m47 as i32, m03 as i32, s47 as i32, s03 as i32,
-                    ));
-                    let sc128 = _mm256_castsi256_si128(mins_scales);
-                    let scales = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(sc128), sc128);
-                    let mins = _mm256_extracti128_si256::<1>(mins_scales);
+                    let (scales, mins) = k_scales_mins(blk.add(4));
                     let qs = blk.add(16);
                     // pc[i][c]: row i, sub-blocks 2c and 2c + 1, scaled, in 8 lanes.
                     let mut pc = [[_mm256_setzero_si256(); 4]; R];
@@ -933,9 +947,6 @@ macro_rules! kernels {
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn dot_q5k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
-            const KMASK1: u32 = 0x3f3f3f3f;
-            const KMASK2: u32 = 0x0f0f0f0f;
-            const KMASK3: u32 = 0x03030303;
             let a = t.acts;
             let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
             unsafe {
@@ -953,23 +964,7 @@ macro_rules! kernels {
                     let blk = w.add(b * 176);
                     let d = f16_at(blk);
                     let dmin = f16_at(blk.add(2));
-                    let sp = blk.add(4) as *const u32;
-                    let (u0, u1, u2) = (
-                        sp.read_unaligned(),
-                        sp.add(1).read_unaligned(),
-                        sp.add(2).read_unaligned(),
-                    );
-                    // 8 scales then 8 mins, 6 bits each.
-                    let s03 = u0 & KMASK1;
-                    let s47 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
-                    let m03 = u1 & KMASK1;
-                    let m47 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
-                    let mins_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                        m47 as i32, m03 as i32, s47 as i32, s03 as i32,
-                    ));
-                    let sc128 = _mm256_castsi256_si128(mins_scales);
-                    let scales = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(sc128), sc128);
-                    let mins = _mm256_extracti128_si256::<1>(mins_scales);
+                    let (scales, mins) = k_scales_mins(blk.add(4));
                     let hbits = _mm256_loadu_si256(blk.add(16) as *const __m256i);
                     let qs = blk.add(48);
                     let mut sumi = [_mm256_setzero_si256(); R];
