@@ -262,6 +262,12 @@ struct Buffers {
     xn: CudaSlice<f32>,
     /// A mixture of experts' router logits.
     logits: CudaSlice<f32>,
+    /// The chosen experts' hidden activations, quantized: codes `[top_k, intermediate]` and
+    /// per-32 (d, d·Σq) pairs.
+    hq: CudaSlice<i8>,
+    hd: CudaSlice<f32>,
+    /// The router's block counter, then the chosen experts' ids and weights (`moe_router`).
+    sel: CudaSlice<u32>,
     out: CudaSlice<f32>,
     params: CudaSlice<i32>,
     kv: CudaSlice<u64>,
@@ -313,6 +319,9 @@ struct Ptrs {
     ffh: u64,
     xn: u64,
     logits: u64,
+    hq: u64,
+    hd: u64,
+    sel: u64,
     out: u64,
     params: u64,
     kv: u64,
@@ -394,16 +403,16 @@ impl CudaDecoder {
                 "the fused CUDA decode step does not take this model's shapes".into(),
             ));
         }
-        // The feed-forward's hidden activations: the dense width, or top_k experts' widths.
-        let ff_width = spec
+        // The chosen experts' hidden activations, top_k experts' widths (quantized).
+        let moe_width = spec
             .layers
             .iter()
             .map(|l| match &l.ffn {
-                DecoderFfn::Dense { .. } => inter,
+                DecoderFfn::Dense { .. } => 0,
                 DecoderFfn::Moe(m) => m.top_k * m.intermediate(),
             })
             .max()
-            .unwrap_or(inter);
+            .unwrap_or(0);
         let n_experts = spec
             .layers
             .iter()
@@ -421,7 +430,7 @@ impl CudaDecoder {
                 DecoderFfn::Moe(m) => m.table(&dev).map(Some),
             })
             .collect::<Result<Vec<_>>>()?;
-        let widest = h.max(nh * hd).max(ff_width);
+        let widest = h.max(nh * hd).max(inter);
         let out_len = spec.lm_head.as_ref().map_or(h, |m| m.dims().0);
         let split = AttnSplit::from_env();
         let buf = Buffers {
@@ -433,9 +442,12 @@ impl CudaDecoder {
             y: dev.alloc_zeros::<f32>(h)?,
             part_o: dev.alloc_zeros::<f32>(nh * split.splits * hd)?,
             part_ml: dev.alloc_zeros::<f32>(2 * nh * split.splits)?,
-            ffh: dev.alloc_zeros::<f32>(ff_width.max(1))?,
+            ffh: dev.alloc_zeros::<f32>(inter.max(1))?,
             xn: dev.alloc_zeros::<f32>(h)?,
             logits: dev.alloc_zeros::<f32>(n_experts.max(1))?,
+            hq: dev.alloc_zeros::<i8>(moe_width.max(32))?,
+            hd: dev.alloc_zeros::<f32>(moe_width.max(32) / 16)?,
+            sel: dev.alloc_zeros::<u32>(1 + 2 * MOE_MAX_TOPK)?,
             out: dev.alloc_zeros::<f32>(out_len)?,
             params: dev.alloc_zeros::<i32>(4)?,
             kv: dev.alloc_zeros::<u64>(2 * spec.layers.len())?,
@@ -454,6 +466,9 @@ impl CudaDecoder {
             ffh: p(&buf.ffh),
             xn: p(&buf.xn),
             logits: p(&buf.logits),
+            hq: p(&buf.hq),
+            hd: p(&buf.hd),
+            sel: p(&buf.sel),
             out: p(&buf.out),
             params: p(&buf.params),
             kv: p(&buf.kv),
@@ -727,8 +742,8 @@ impl CudaDecoder {
 
 impl CudaDecoder {
     /// Launches a mixture of experts over the normalized input (`xn` f32, `xq`/`xd`
-    /// quantized): the router's logits, the chosen experts' gate/up GEMVs with SwiGLU (GeGLU
-    /// with `gelu`) into `ffh` `[top_k, intermediate]`, its quantization, and the down
+    /// quantized), three kernels: the router's logits and the choice; the chosen experts'
+    /// gate/up GEMVs with SwiGLU (GeGLU with `gelu`), quantized into `hq`/`hd`; and the down
     /// GEMVs, weighted and summed in expert order, added to the residual `x` (`add`) or
     /// written to `y` for a post norm. `table` is the layer's expert table
     /// ([`DecoderMoe::table`]). Safe to capture in a CUDA graph.
@@ -740,52 +755,52 @@ impl CudaDecoder {
             (self.spec.hidden, m.intermediate(), m.experts.len(), m.top_k);
         let kernel = m.experts[0][0].kernel_name();
         let group = m.experts[0][0].group() as i32;
-        // Four experts' logits a block, one warp each.
+        // One block per expert's logit; the last one makes the choice.
         let router = func("moe_router")?;
         let mut b = Launch::new(&router);
         b.arg(tensor_ptr(&m.router, &stream)?)
             .arg(p.xn)
             .arg(p.logits)
             .arg(n_exp as i32)
-            .arg(h as i32);
+            .arg(h as i32)
+            .arg(top_k as i32)
+            .arg(m.norm_topk_prob as i32)
+            .arg(p.sel);
         let cfg = LaunchConfig {
-            grid_dim: (n_exp.div_ceil(4) as u32, 1, 1),
+            grid_dim: (n_exp as u32, 1, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: moe_router's parameters, in order; the router weight and the decoder's buffers.
         unsafe { b.launch(&stream, cfg) }?;
-        // The selection the gate/up and down kernels each make from the logits.
-        let select = |b: &mut Launch<'_>| {
-            b.arg(table)
-                .arg(p.logits)
-                .arg(n_exp as i32)
-                .arg(top_k as i32)
-                .arg(m.norm_topk_prob as i32)
-                .arg(p.xq)
-                .arg(p.xd);
-        };
         let gate_up = func(&format!("moe_gate_up_{kernel}"))?;
         let mut b = Launch::new(&gate_up);
-        select(&mut b);
-        b.arg(p.ffh)
+        b.arg(table)
+            .arg(p.sel)
+            .arg(p.xq)
+            .arg(p.xd)
+            .arg(p.hq)
+            .arg(p.hd)
             .arg(inter as i32)
             .arg(h as i32)
             .arg(group)
             .arg(gelu as i32);
         let cfg = LaunchConfig {
-            grid_dim: (inter.div_ceil(MOE_GATE_UP_ROWS) as u32, top_k as u32, 1),
-            block_dim: (64, 1, 1),
+            grid_dim: ((inter / 32) as u32, top_k as u32, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: moe_gate_up_*'s parameters, in order; the expert table holds the addresses
         // of matrices of this kernel's format and these shapes (`DecoderMoe::fits`).
         unsafe { b.launch(&stream, cfg) }?;
-        quantize_q8(&self.dev, p.ffh, p.xq, p.xd, top_k * inter)?;
         let down = func(&format!("moe_down_{kernel}"))?;
         let mut b = Launch::new(&down);
-        select(&mut b);
-        b.arg(if add { p.x } else { p.y })
+        b.arg(table)
+            .arg(p.sel)
+            .arg(top_k as i32)
+            .arg(p.hq)
+            .arg(p.hd)
+            .arg(if add { p.x } else { p.y })
             .arg(h as i32)
             .arg(inter as i32)
             .arg(group)
@@ -800,8 +815,6 @@ impl CudaDecoder {
     }
 }
 
-/// Output rows of one `moe_gate_up_*` block (`MOE_GATE_UP_ROWS` in qmatrix.cu).
-const MOE_GATE_UP_ROWS: usize = 2;
 /// Output rows of one `moe_down_*` block (`MOE_DOWN_ROWS` in qmatrix.cu).
 const MOE_DOWN_ROWS: usize = 4;
 

@@ -490,50 +490,38 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
 }
 
 // ---- Mixture of experts in the decode step (one token) ----
-// The router's logits in f32, then in each block that needs them the choice: softmax over all
+// The router's logits in f32 and the choice (in the router's last block): softmax over all
 // experts, the top_k highest (the lower index first among equals, as a stable sort), weights
 // divided by the chosen ones' sum when `norm` (transformers' Qwen3MoeSparseMoeBlock). The
-// chosen experts are kept in expert order: slot k of the gate/up output is the k-th chosen by
-// index, and the down kernel sums the weighted outputs in that order (as the CPU's index_add).
+// chosen experts are kept in expert order: slot k is the k-th chosen by index, and the down
+// kernel sums the weighted outputs in that order (as the CPU's index_add).
+// `sel` [1 + 2 * MOE_MAX_TOPK] u32: [0] a block counter (0 between steps), then the chosen
+// experts' ids, then their weights (f32 bits).
 // `table` holds per expert 9 addresses: codes, scales, biases of its gate, up, down matrices.
 #define MOE_MAX_EXPERTS 512
 #define MOE_MAX_TOPK 16
-#define MOE_GATE_UP_ROWS 2
 #define MOE_DOWN_ROWS 4
 
-// logits[e] = w[e] . xn, f32; one warp per expert (blockDim.x / 32 experts a block).
-extern "C" __global__ void moe_router(const float *__restrict__ w, const float *__restrict__ xn,
-                                      float *__restrict__ logits, int n_experts, int hidden) {
-  const int lane = threadIdx.x & 31;
-  const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (e < n_experts) {
-    const char *row = reinterpret_cast<const char *>(w + (size_t)e * hidden);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    for (int o = lane * 128; o < hidden * 4; o += 32 * 128)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(row + o));
-#endif
-  }
-  pdl_enter();
-  if (e >= n_experts) return;
-  float acc = 0.f;
-  for (int k = lane * 4; k < hidden; k += 128) {
-    const float4 a = __ldg(reinterpret_cast<const float4 *>(w + (size_t)e * hidden + k));
-    const float4 b = *reinterpret_cast<const float4 *>(xn + k);
-    acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-  }
-  acc = warp_sum(acc);
-  if (lane == 0) logits[e] = acc;
+// One 32-value block's share of a row's dot product: the integer sum `isum` of the block's
+// codes with the activation block (dx = its (d, d * sum)), scaled as rows_dot does.
+template <int BITS, bool BIAS, typename S>
+__device__ __forceinline__ float block_term(int isum, const S *__restrict__ sc,
+                                            const S *__restrict__ bi, size_t gi, float2 dx) {
+  const float s = to_f32(sc[gi]);
+  if (BIAS) return s * dx.x * (float)isum + to_f32(bi[gi]) * dx.y;
+  if (BITS == 4) return s * (dx.x * (float)isum - 8.f * dx.y);
+  return s * dx.x * (float)isum;
 }
 
 // The choice from `logits` (n experts) into shared s_id / s_w (top_k each, in expert order);
-// every thread of the block must call it; valid in all threads when it returns.
+// every thread of the block calls it; valid in all threads when it returns.
 __device__ void moe_select(const float *__restrict__ logits, int n, int top_k, int norm,
                            int *s_id, float *s_w) {
   __shared__ float s_l[MOE_MAX_EXPERTS];
   __shared__ unsigned s_bits[MOE_MAX_EXPERTS / 32];
   __shared__ float s_ms[2];
   const int tid = threadIdx.x;
-  for (int e = tid; e < n; e += blockDim.x) s_l[e] = logits[e];
+  for (int e = tid; e < n; e += blockDim.x) s_l[e] = __ldcg(logits + e);
   for (int i = tid; i < MOE_MAX_EXPERTS / 32; i += blockDim.x) s_bits[i] = 0u;
   __syncthreads();
   if (tid < 32) {
@@ -584,65 +572,119 @@ __device__ void moe_select(const float *__restrict__ logits, int n, int top_k, i
   __syncthreads();
 }
 
-// Gate/up of the chosen experts: block (b, k) computes outputs r = b*H .. +H of slot k,
-// h[k, r] = act(gate_e[r] . x) * (up_e[r] . x) for its expert e (act SiLU, or GELU-tanh with
-// `gelu`), x the quantized input (one row).
-template <int BITS, bool SIGNED, bool BIAS, typename S, int H>
-__device__ void moe_gate_up(const unsigned long long *__restrict__ table,
-                            const float *__restrict__ logits, int n_experts, int top_k, int norm,
-                            const int8_t *__restrict__ xq, const float2 *__restrict__ xd,
-                            float *__restrict__ h, int inter, int cols, int group, int gelu) {
+// logits[e] = w[e] . xn in f32, one block per expert; the last block to finish makes the
+// choice (moe_select) and writes it to `sel` (see above), resetting its counter.
+extern "C" __global__ void moe_router(const float *__restrict__ w, const float *__restrict__ xn,
+                                      float *__restrict__ logits, int n_experts, int hidden,
+                                      int top_k, int norm, unsigned *__restrict__ sel) {
+  __shared__ float red[32];
   __shared__ int s_id[MOE_MAX_TOPK];
   __shared__ float s_w[MOE_MAX_TOPK];
+  __shared__ bool last;
+  const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+  const float *row = w + (size_t)e * hidden;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  for (int o = tid * 32; o < hidden; o += blockDim.x * 32)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + o));
+#endif
   pdl_enter();
+  float acc = 0.f;
+  for (int k = tid * 4; k < hidden; k += blockDim.x * 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4 *>(row + k));
+    const float4 b = *reinterpret_cast<const float4 *>(xn + k);
+    acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) red[wid] = acc;
+  __syncthreads();
+  if (tid == 0) {
+    float v = 0.f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) v += red[i];
+    logits[e] = v;
+    __threadfence();
+    last = atomicAdd(sel, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;  // uniform across the block
+  __threadfence();
   moe_select(logits, n_experts, top_k, norm, s_id, s_w);
-  const int slot = blockIdx.y, first = blockIdx.x * H;
-  if (first >= inter) return;  // uniform across the block
-  const unsigned long long *t = table + (size_t)s_id[slot] * 9;
-  int rr[H];
+  if (tid < top_k) {
+    sel[1 + tid] = (unsigned)s_id[tid];
+    sel[1 + MOE_MAX_TOPK + tid] = __float_as_uint(s_w[tid]);
+  }
+  if (tid == 0) sel[0] = 0u;
+}
+
+// Gate/up of the chosen experts, quantized for the down projection: block (b, k), 8 warps,
+// computes outputs r = 32 b .. 32 b + 31 of slot k (warp w rows 32 b + 4 w .. + 3),
+// h[k, r] = act(gate_e[r] . x) * (up_e[r] . x) for its expert e (act SiLU, or GELU-tanh with
+// `gelu`), x the quantized input (one row), and writes them as one 8-bit block of
+// hq [top_k, inter] / hd [top_k, inter / 32] (as quantize_q8).
+template <int BITS, bool SIGNED, bool BIAS, typename S>
+__device__ void moe_gate_up(const unsigned long long *__restrict__ table,
+                            const unsigned *__restrict__ sel, const int8_t *__restrict__ xq,
+                            const float2 *__restrict__ xd, int8_t *__restrict__ hq,
+                            float2 *__restrict__ hd, int inter, int cols, int group, int gelu) {
+  __shared__ float sh[32];
+  pdl_enter();
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const unsigned long long *t = table + (size_t)sel[1 + slot] * 9;
+  const uint8_t *gq = reinterpret_cast<const uint8_t *>(t[0]);
+  const S *gs = reinterpret_cast<const S *>(t[1]);
+  const S *gb = reinterpret_cast<const S *>(t[2]);
+  const uint8_t *uq = reinterpret_cast<const uint8_t *>(t[3]);
+  const S *us = reinterpret_cast<const S *>(t[4]);
+  const S *ub = reinterpret_cast<const S *>(t[5]);
+  const int first = blockIdx.x * 32 + wid * 4;
+  const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
+  constexpr int BB = BITS == 4 ? 16 : 32;
+  float ag[4] = {0.f, 0.f, 0.f, 0.f}, au[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+  for (int b = lane; b < nblocks; b += 32) {
+    const int4 *xv = reinterpret_cast<const int4 *>(xq + (size_t)b * 32);
+    const int4 x0 = xv[0], x1 = xv[1];
+    const float2 dx = xd[b];
+    const int g = b / bpg;
 #pragma unroll
-  for (int k = 0; k < H; k++) rr[k] = min(first + k, inter - 1);
-  float g[H], u[H];
-  rows_dot<BITS, SIGNED, BIAS, S, H>(reinterpret_cast<const uint8_t *>(t[0]),
-                                     reinterpret_cast<const S *>(t[1]),
-                                     reinterpret_cast<const S *>(t[2]), xq, xd, rr, cols, group, g);
-  __syncthreads();  // rows_dot's shared sums are read by thread 0 before the next call writes
-  rows_dot<BITS, SIGNED, BIAS, S, H>(reinterpret_cast<const uint8_t *>(t[3]),
-                                     reinterpret_cast<const S *>(t[4]),
-                                     reinterpret_cast<const S *>(t[5]), xq, xd, rr, cols, group, u);
-  if (threadIdx.x != 0) return;
+    for (int k = 0; k < 4; k++) {
+      const size_t row = (size_t)(first + k);
+      const size_t at = (row * nblocks + b) * BB, gi = row * groups + g;
+      ag[k] += block_term<BITS, BIAS, S>(block_dot<BITS, SIGNED>(gq + at, x0, x1), gs, gb, gi, dx);
+      au[k] += block_term<BITS, BIAS, S>(block_dot<BITS, SIGNED>(uq + at, x0, x1), us, ub, gi, dx);
+    }
+  }
 #pragma unroll
-  for (int k = 0; k < H; k++) {
-    if (first + k >= inter) break;
-    const float a = gelu ? gelu_tanh(g[k]) : g[k] / (1.f + expf(-g[k]));
-    h[(size_t)slot * inter + first + k] = a * u[k];
+  for (int k = 0; k < 4; k++) {
+    const float g = warp_sum(ag[k]), u = warp_sum(au[k]);
+    if (lane == 0) sh[wid * 4 + k] = (gelu ? gelu_tanh(g) : g / (1.f + expf(-g))) * u;
+  }
+  __syncthreads();
+  if (wid == 0) {
+    const size_t blk = (size_t)slot * (inter >> 5) + blockIdx.x;
+    quant_block32(sh[lane], lane, hq + blk * 32, hd + blk);
   }
 }
 
 // Down of the chosen experts, weighted and summed: block b takes rows r = b*R .. +R of the
 // output; warp k (one per slot, blockDim.x = 32 * top_k) dots them for slot k's expert with
-// row k of the quantized x [top_k, cols]; then y[r] (+)= sum_k w_k * dot_k in slot order.
+// row k of the quantized h [top_k, cols]; then y[r] (+)= sum_k w_k * dot_k in slot order.
 template <int BITS, bool SIGNED, bool BIAS, typename S, int R>
 __device__ void moe_down(const unsigned long long *__restrict__ table,
-                         const float *__restrict__ logits, int n_experts, int top_k, int norm,
-                         const int8_t *__restrict__ xq, const float2 *__restrict__ xd,
+                         const unsigned *__restrict__ sel, int top_k,
+                         const int8_t *__restrict__ hq, const float2 *__restrict__ hd,
                          float *__restrict__ y, int rows, int cols, int group, int add) {
-  __shared__ int s_id[MOE_MAX_TOPK];
-  __shared__ float s_w[MOE_MAX_TOPK];
   __shared__ float red[MOE_MAX_TOPK][R];
   pdl_enter();
-  moe_select(logits, n_experts, top_k, norm, s_id, s_w);
   const int first = blockIdx.x * R;
-  if (first >= rows) return;  // uniform across the block
   const int lane = threadIdx.x & 31, slot = threadIdx.x >> 5;
-  const unsigned long long *t = table + (size_t)s_id[slot] * 9 + 6;
+  const unsigned long long *t = table + (size_t)sel[1 + slot] * 9 + 6;
   const uint8_t *qs = reinterpret_cast<const uint8_t *>(t[0]);
   const S *sc = reinterpret_cast<const S *>(t[1]);
   const S *bi = reinterpret_cast<const S *>(t[2]);
   const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
   constexpr int BB = BITS == 4 ? 16 : 32;
-  const int8_t *xqs = xq + (size_t)slot * cols;
-  const float2 *xds = xd + (size_t)slot * nblocks;
+  const int8_t *xqs = hq + (size_t)slot * cols;
+  const float2 *xds = hd + (size_t)slot * nblocks;
   float acc[R];
 #pragma unroll
   for (int k = 0; k < R; k++) acc[k] = 0.f;
@@ -667,7 +709,7 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   if (threadIdx.x < R && first + (int)threadIdx.x < rows) {
     const int k = threadIdx.x;
     float v = 0.f;
-    for (int j = 0; j < top_k; j++) v += red[j][k] * s_w[j];
+    for (int j = 0; j < top_k; j++) v += red[j][k] * __uint_as_float(sel[1 + MOE_MAX_TOPK + j]);
     if (add)
       y[first + k] += v;
     else
@@ -716,16 +758,15 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
     qdequant<BITS, SIGNED, BIAS, S>(qs, sc, bi, out, rows, cols, group);                           \
   }                                                                                                \
   extern "C" __global__ void moe_gate_up_##NAME(                                                    \
-      const unsigned long long *table, const float *logits, int n_experts, int top_k, int norm,   \
-      const int8_t *xq, const float2 *xd, float *h, int inter, int cols, int group, int gelu) {    \
-    moe_gate_up<BITS, SIGNED, BIAS, S, MOE_GATE_UP_ROWS>(table, logits, n_experts, top_k, norm,   \
-                                                         xq, xd, h, inter, cols, group, gelu);     \
+      const unsigned long long *table, const unsigned *sel, const int8_t *xq, const float2 *xd,   \
+      int8_t *hq, float2 *hd, int inter, int cols, int group, int gelu) {                          \
+    moe_gate_up<BITS, SIGNED, BIAS, S>(table, sel, xq, xd, hq, hd, inter, cols, group, gelu);     \
   }                                                                                                \
   extern "C" __global__ void moe_down_##NAME(                                                       \
-      const unsigned long long *table, const float *logits, int n_experts, int top_k, int norm,   \
-      const int8_t *xq, const float2 *xd, float *y, int rows, int cols, int group, int add) {      \
-    moe_down<BITS, SIGNED, BIAS, S, MOE_DOWN_ROWS>(table, logits, n_experts, top_k, norm, xq, xd, \
-                                                   y, rows, cols, group, add);                     \
+      const unsigned long long *table, const unsigned *sel, int top_k, const int8_t *hq,          \
+      const float2 *hd, float *y, int rows, int cols, int group, int add) {                        \
+    moe_down<BITS, SIGNED, BIAS, S, MOE_DOWN_ROWS>(table, sel, top_k, hq, hd, y, rows, cols,      \
+                                                   group, add);                                    \
   }
 
 QKERNELS(q4_0, 4, false, false, __half)
