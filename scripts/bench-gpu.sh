@@ -27,7 +27,8 @@
 # and 1b-mlx4 of step 3 may be named too, and e.g. qwen2-7b-q4_0.gguf, qwen3-8b-q4_0.gguf,
 # phi3-mini-q4_0.gguf, qwen3-30b-a3b-q4_0.gguf (a mixture of experts, 17 GB; `agree` runs on its
 # first 4 layers); every GGUF named is also run by llama-bench), DEPTHS
-# (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU.
+# (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU
+# (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL).
 # Models already in $WORK (a warm machine keeps it) are not written again.
 # Results: $OUT (or ./gpu-out) gets selftest.txt, agree.txt, bench-*.json, llama-*.json, summary.md.
 set -uo pipefail
@@ -121,19 +122,22 @@ for m in $MODELS; do
   stamp "llama-bench $m"; timeout "$(left)" "$LB" -m "$W/$m" -ngl 99 -p 512 -n 128 -d "$D" -r "$REPS" -o json > "$OUT/llama-${m%.gguf}.json" 2> "$OUT/llama-${m%.gguf}.err" || tail -3 "$OUT/llama-${m%.gguf}.err"
 done
 # Optional: NCU=1 profiles the decode kernels of about one token (the first NCU_SKIP matching
-# launches skipped, NCU_COUNT profiled) at depth 0 and at the first of $DEPTHS, on NCU_MODEL (the
-# first of MODELS by default): Nsight Compute, speed-of-light section, per-kernel summary.
+# launches skipped, NCU_COUNT profiled; kernels matching NCU_KERNELS) at depth 0 and at the first
+# of $DEPTHS, on each of NCU_MODELS (the first of MODELS by default): Nsight Compute, speed-of-light
+# section, per-kernel summary. NCU_PREFILL=0 skips the prefill profile.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
-  m1=${NCU_MODEL:-${MODELS%% *}}
+  for m1 in ${NCU_MODELS:-${MODELS%% *}}; do
   for d in 0 ${DEPTHS%%,*}; do
     stamp "ncu $m1 d$d"
     timeout "$(left)" ncu --clock-control none --section SpeedOfLight --print-summary per-kernel \
-      -k "regex:qgemv|attn_|rmsnorm_q8|swiglu" --launch-skip "${NCU_SKIP:-400}" --launch-count "${NCU_COUNT:-400}" \
-      "$PL" bench -m "$W/$m1" --device cuda -p 0 -n 64 -d "$d" -r 1 > "$OUT/ncu-d$d.txt" 2>&1 || tail -3 "$OUT/ncu-d$d.txt"
+      -k "regex:${NCU_KERNELS:-qgemv|attn_|rmsnorm_q8|swiglu|quantize_q8|moe_}" --launch-skip "${NCU_SKIP:-400}" --launch-count "${NCU_COUNT:-400}" \
+      "$PL" bench -m "$W/$m1" --device cuda -p 0 -n 64 -d "$d" -r 1 > "$OUT/ncu-${m1%.gguf}-d$d.txt" 2>&1 || tail -3 "$OUT/ncu-${m1%.gguf}-d$d.txt"
+    [ "${NCU_PREFILL:-1}" = 0 ] && continue
     # Prefill: every kernel's time (one metric, one pass) over the depth fill and one pp512.
     stamp "ncu prefill $m1 d$d"
     timeout "$(left)" ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-      "$PL" bench -m "$W/$m1" --device cuda -p 512 -n 0 -d "$d" -r 1 > "$OUT/ncu-pp-d$d.txt" 2>&1 || tail -3 "$OUT/ncu-pp-d$d.txt"
+      "$PL" bench -m "$W/$m1" --device cuda -p 512 -n 0 -d "$d" -r 1 > "$OUT/ncu-pp-${m1%.gguf}-d$d.txt" 2>&1 || tail -3 "$OUT/ncu-pp-${m1%.gguf}-d$d.txt"
+  done
   done
 fi
 
