@@ -28,7 +28,7 @@
 # phi3-mini-q4_0.gguf, qwen3-30b-a3b-q4_0.gguf (a mixture of experts, 17 GB; `agree` runs on its
 # first 4 layers); every GGUF named is also run by llama-bench), DEPTHS
 # (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU
-# (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL).
+# (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL), VARIANTS (see step 5).
 # Models already in $WORK (a warm machine keeps it) are not written again.
 # Results: $OUT (or ./gpu-out) gets selftest.txt, agree.txt, bench-*.json, llama-*.json, summary.md.
 set -uo pipefail
@@ -103,6 +103,10 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
     esac
     echo "== $m"; POCKETLM_LOG=info "$PL" agree -m "$W/$m" --device cuda -n 32
   done > "$OUT/agree.txt" 2>&1
+  # The decode step without its fused launches (each on by default) agrees too.
+  { echo "== 1b-q4_0.gguf, fusions off"
+    POCKETLM_FUSE_NORM=0 POCKETLM_FUSE_QUANT=0 POCKETLM_ATTN_FUSED_LEN=0 "$PL" agree -m "$W/1b-q4_0.gguf" --device cuda -n 32
+  } >> "$OUT/agree.txt" 2>&1
   grep -E "^==|all equal|fused CUDA decoder" "$OUT/agree.txt" | sed 's/.*INFO //'
 fi
 # 5. pocketlm bench on the four, then llama-bench on the two GGUFs once its build is done.
@@ -114,6 +118,19 @@ plbench() {
     --json > "$OUT/bench-$1.json" 2> "$OUT/bench-$1.err" || tail -3 "$OUT/bench-$1.err"
 }
 for m in $MODELS; do plbench $m; done
+# Optional: VARIANTS="label:VAR=V VAR2=V;label2:..." measures tg128 at depth 0 of the first of
+# MODELS again under each setting (a fusion or kernel switched off, a launch shape), in the same
+# call as the default: variant-LABEL.json, and one line each.
+if [ -n "${VARIANTS:-}" ]; then
+  IFS=';' read -ra vs <<< "$VARIANTS"
+  for v in "${vs[@]}"; do
+    label=${v%%:*}; m1=${MODELS%% *}
+    stamp "variant $label (${v#*:})"
+    env ${v#*:} timeout "$(left)" "$PL" bench -m "$W/$m1" --device cuda -p 0 -n 128 -r "$REPS" --json \
+      > "$OUT/variant-$label.json" 2> "$OUT/variant-$label.err" || tail -3 "$OUT/variant-$label.err"
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], ' '.join(f\"{t['name']} {t['mean_tps']:.1f} ± {t['stddev_tps']:.1f}\" for t in r['tests']))" "$OUT/variant-$label.json" "$label" 2>/dev/null
+  done
+fi
 stamp "waiting for llama.cpp"; wait $lc_pid; tail -2 "$OUT/lc-build.log"
 LB=$W/lc/build/bin/llama-bench
 for m in $MODELS; do
