@@ -103,10 +103,6 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
     esac
     echo "== $m"; POCKETLM_LOG=info "$PL" agree -m "$W/$m" --device cuda -n 32
   done > "$OUT/agree.txt" 2>&1
-  # The decode step without its fused launches (each on by default) agrees too.
-  { echo "== 1b-q4_0.gguf, fusions off"
-    POCKETLM_FUSE_NORM=0 POCKETLM_FUSE_QUANT=0 POCKETLM_ATTN_FUSED_LEN=0 "$PL" agree -m "$W/1b-q4_0.gguf" --device cuda -n 32
-  } >> "$OUT/agree.txt" 2>&1
   grep -E "^==|all equal|fused CUDA decoder" "$OUT/agree.txt" | sed 's/.*INFO //'
 fi
 # 5. pocketlm bench on the four, then llama-bench on the two GGUFs once its build is done.

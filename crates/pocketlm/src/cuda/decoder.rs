@@ -27,7 +27,7 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
 
 use super::launch::Launch;
-use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, FusedOut, RopeArgs, MODULE, PTX};
+use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
 use crate::{Error, Result};
 
 /// Most blocks the attention of one key/value head is split over (`ATTN_MAX_SPLITS` in
@@ -41,14 +41,11 @@ use crate::{Error, Result};
 /// more splits no longer cost a longer serial merge).
 /// With an f16 cache the splits run on the tensor cores (`attn_mma_*`) unless
 /// `POCKETLM_ATTN_KERNEL=simt` (`attn_gqa_*`, which an f32 cache always takes).
-/// With `fuse` the split that finishes last merges the splits itself (no `attn_merge`
-/// launch; see `attn_split_out` in qmatrix.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AttnSplit {
     splits: usize,
     min_chunk: usize,
     tensor_cores: bool,
-    fuse: bool,
 }
 
 /// The largest split count the kernel's merge takes (`ATTN_MAX_SPLITS`).
@@ -78,49 +75,6 @@ impl AttnSplit {
             splits: splits.clamp(1, MAX_SPLITS),
             min_chunk: min_chunk.max(1),
             tensor_cores,
-            fuse: false,
-        }
-    }
-
-    /// This split with the merge in the attention kernel.
-    fn fused(self) -> Self {
-        Self { fuse: true, ..self }
-    }
-}
-
-/// Which neighbouring launches the decode step fuses (each on by default; `0` turns it off):
-/// - `POCKETLM_FUSE_NORM`: the RMSNorm + quantization after a residual GEMV (o_proj, down)
-///   runs in that GEMV's last block (`qgemv_n*`), not as `rmsnorm_q8`;
-/// - `POCKETLM_FUSE_QUANT`: the quantization of the SwiGLU/GeGLU output runs in the gate/up
-///   GEMV (`qgemv_sq*`, `qgemv_gq*`), not as `quantize_q8`;
-/// - `POCKETLM_ATTN_FUSED_LEN` (default 512 positions) and `POCKETLM_ATTN_FUSED_SPLITS`
-///   (default 8): up to that many attended positions the decode attention runs in that many
-///   splits at most and merges them in its last block (no `attn_merge` launch); a second CUDA
-///   graph is captured for those steps. A length of 0 turns it off.
-///
-/// Each saves one launch per block (or two, the norm), about 2-3 µs of a step's serial chain
-/// of kernels each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fusion {
-    norm: bool,
-    quant: bool,
-    attn_len: usize,
-    attn_splits: usize,
-}
-
-impl Fusion {
-    fn from_env() -> Self {
-        let var = |name: &str, default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(default)
-        };
-        Self {
-            norm: !crate::switches::switched_off("POCKETLM_FUSE_NORM"),
-            quant: !crate::switches::switched_off("POCKETLM_FUSE_QUANT"),
-            attn_len: var("POCKETLM_ATTN_FUSED_LEN", 512),
-            attn_splits: var("POCKETLM_ATTN_FUSED_SPLITS", 8).clamp(1, MAX_SPLITS),
         }
     }
 }
@@ -304,13 +258,6 @@ struct Buffers {
     part_o: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     ffh: CudaSlice<f32>,
-    /// The gated feed-forward activations quantized by the fused gate/up GEMV (codes
-    /// `[intermediate]` and per-32 (d, d·Σq) pairs): apart from `xq` / `xd`, which the GEMV is
-    /// still reading while its first blocks quantize their outputs.
-    fq: CudaSlice<i8>,
-    fd: CudaSlice<f32>,
-    /// u32 counters of the fused launches' last blocks ([`Counters`]), 0 between launches.
-    cnt: CudaSlice<u32>,
     /// The normalized input of a mixture of experts in f32 (the router reads it).
     xn: CudaSlice<f32>,
     /// A mixture of experts' router logits.
@@ -337,16 +284,12 @@ pub struct CudaDecoder {
     /// Raw addresses of the buffers and weights the kernels take.
     ptr: Ptrs,
     kv_host: Vec<u64>,
-    /// The captured steps: `[0]` with the split attention and its merge kernel, `[1]` with
-    /// the fused short-context attention ([`Fusion`]).
-    graphs: [Option<CudaGraph>; 2],
-    /// Steps run so far of each kind; a kind's graph is captured on its second step (the first
-    /// loads the kernels).
-    steps: [usize; 2],
+    graph: Option<CudaGraph>,
+    /// Steps run so far; the graph is captured on the second (the first loads the kernels).
+    steps: usize,
     use_graph: bool,
     /// The decode attention's split of the cached positions over blocks.
     split: AttnSplit,
-    fusion: Fusion,
 }
 
 // SAFETY: the CUDA graph handles (raw pointers) are only used through `&mut self`, so never
@@ -358,7 +301,7 @@ impl std::fmt::Debug for CudaDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaDecoder")
             .field("layers", &self.spec.layers.len())
-            .field("graphs", &self.graphs.iter().filter(|g| g.is_some()).count())
+            .field("graph", &self.graph.is_some())
             .finish()
     }
 }
@@ -374,9 +317,6 @@ struct Ptrs {
     part_o: u64,
     part_ml: u64,
     ffh: u64,
-    fq: u64,
-    fd: u64,
-    cnt: Counters,
     xn: u64,
     logits: u64,
     hq: u64,
@@ -390,30 +330,6 @@ struct Ptrs {
     /// Per layer the device address of its expert table (`DecoderMoe::table`), 0 for a dense
     /// layer.
     moe_tables: Vec<u64>,
-}
-
-/// Device addresses of the fused launches' counters within one u32 buffer: the residual
-/// GEMVs' norm (one), the gate/up GEMV's 32-output chunks (`intermediate / 32`), the attention's
-/// head groups (at most `n_heads`).
-#[derive(Debug, Clone, Copy)]
-struct Counters {
-    norm: u64,
-    gate: u64,
-    attn: u64,
-    /// Counters in all.
-    len: usize,
-}
-
-impl Counters {
-    fn new(base: u64, intermediate: usize, n_heads: usize) -> Self {
-        let chunks = intermediate.div_ceil(32);
-        Self {
-            norm: base,
-            gate: base + 4,
-            attn: base + 4 * (1 + chunks as u64),
-            len: 1 + chunks + n_heads,
-        }
-    }
 }
 
 pub(crate) fn tensor_ptr(
@@ -517,8 +433,6 @@ impl CudaDecoder {
         let widest = h.max(nh * hd).max(inter);
         let out_len = spec.lm_head.as_ref().map_or(h, |m| m.dims().0);
         let split = AttnSplit::from_env();
-        let fusion = Fusion::from_env();
-        let counters = Counters::new(0, inter, nh);
         let buf = Buffers {
             x: dev.alloc_zeros::<f32>(h)?,
             xq: dev.alloc_zeros::<i8>(widest)?,
@@ -529,9 +443,6 @@ impl CudaDecoder {
             part_o: dev.alloc_zeros::<f32>(nh * split.splits * hd)?,
             part_ml: dev.alloc_zeros::<f32>(2 * nh * split.splits)?,
             ffh: dev.alloc_zeros::<f32>(inter.max(1))?,
-            fq: dev.alloc_zeros::<i8>(inter.max(32))?,
-            fd: dev.alloc_zeros::<f32>(inter.max(32) / 16)?,
-            cnt: dev.alloc_zeros::<u32>(counters.len)?,
             xn: dev.alloc_zeros::<f32>(h)?,
             logits: dev.alloc_zeros::<f32>(n_experts.max(1))?,
             hq: dev.alloc_zeros::<i8>(moe_width.max(32))?,
@@ -553,9 +464,6 @@ impl CudaDecoder {
             part_o: p(&buf.part_o),
             part_ml: p(&buf.part_ml),
             ffh: p(&buf.ffh),
-            fq: p(&buf.fq),
-            fd: p(&buf.fd),
-            cnt: Counters::new(p(&buf.cnt), inter, nh),
             xn: p(&buf.xn),
             logits: p(&buf.logits),
             hq: p(&buf.hq),
@@ -582,10 +490,9 @@ impl CudaDecoder {
             dev,
             buf,
             ptr,
-            graphs: [None, None],
-            steps: [0, 0],
+            graph: None,
+            steps: 0,
             split,
-            fusion,
             use_graph,
         })
     }
@@ -597,7 +504,7 @@ impl CudaDecoder {
 
     /// Whether the step runs as a captured CUDA graph.
     pub fn uses_graph(&self) -> bool {
-        self.graphs.iter().any(|g| g.is_some())
+        self.graph.is_some()
     }
 
     /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, at position
@@ -650,15 +557,13 @@ impl CudaDecoder {
             stream.memcpy_htod(&table, &mut self.buf.kv).w()?;
             self.kv_host = table;
         }
-        // Short contexts take the fused attention (its own graph).
-        let kind = usize::from(self.fusion.attn_len > 0 && pos < self.fusion.attn_len);
-        self.steps[kind] += 1;
-        if self.graphs[kind].is_none() && self.use_graph && self.steps[kind] >= 2 {
-            self.capture(kind)?;
+        self.steps += 1;
+        if self.graph.is_none() && self.use_graph && self.steps >= 2 {
+            self.capture()?;
         }
-        match &self.graphs[kind] {
+        match &self.graph {
             Some(g) => g.launch().w()?,
-            None => self.record(kind == 1)?,
+            None => self.record()?,
         }
         let n = self.buf.out.len();
         let mut out = unsafe { self.dev.alloc::<f32>(n) }?;
@@ -667,16 +572,16 @@ impl CudaDecoder {
     }
 
     /// Records the launches into a CUDA graph; on failure keeps launching them one by one.
-    fn capture(&mut self, kind: usize) -> Result<()> {
+    fn capture(&mut self) -> Result<()> {
         let stream = self.dev.cuda_stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
-        let recorded = self.record(kind == 1);
+        let recorded = self.record();
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         recorded?;
         match graph {
-            Ok(Some(g)) => self.graphs[kind] = Some(g),
+            Ok(Some(g)) => self.graph = Some(g),
             Ok(None) | Err(_) => {
                 tracing::warn!("CUDA graph capture failed; the decode step launches its kernels");
                 self.use_graph = false;
@@ -685,9 +590,8 @@ impl CudaDecoder {
         Ok(())
     }
 
-    /// Launches the kernels of one step on the device's stream (with `short_attn`, the fused
-    /// short-context attention of [`Fusion`]).
-    fn record(&self, short_attn: bool) -> Result<()> {
+    /// Launches the kernels of one step on the device's stream.
+    fn record(&self) -> Result<()> {
         let s = &self.spec;
         let p = &self.ptr;
         let (nh, nkv, hd, h, inter) = (
@@ -738,50 +642,24 @@ impl CudaDecoder {
             // SAFETY: rmsnorm_f32's parameters, in order; the decoder's buffers.
             unsafe { b.launch(&stream, cfg) }
         };
-        // A projection of the activations (xq, xd) added to the residual: directly, or (Gemma)
-        // written to `y`, its post norm's weight returned for the next `norm` to apply and add.
-        let add_residual = |m: &CudaQMatrix,
-                            (xq, xd): (u64, u64),
-                            post_norm: &Option<Tensor>|
-         -> Result<Option<u64>> {
+        // A projection added to the residual: directly, or (Gemma) written to `y`, its post
+        // norm's weight returned for the next `norm` to apply and add.
+        let add_residual = |m: &CudaQMatrix, post_norm: &Option<Tensor>| -> Result<Option<u64>> {
             match post_norm {
-                None => m.launch_gemv(Epilogue::Add, xq, xd, p.x, 1).map(|_| None),
+                None => m
+                    .launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)
+                    .map(|_| None),
                 Some(w) => {
-                    m.launch_gemv(Epilogue::Write, xq, xd, p.y, 1)?;
+                    m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.y, 1)?;
                     Ok(Some(tensor_ptr(w, &stream)?))
                 }
             }
         };
-        let fz = self.fusion;
-        // A projection added to the residual whose last block then applies the RMSNorm `w`
-        // and quantizes into (xq, xd) for the next GEMV (`rmsnorm_q8` fused).
-        let add_then_norm = |m: &CudaQMatrix, input: (u64, u64), w: u64| -> Result<()> {
-            let out = FusedOut {
-                norm: w,
-                eps,
-                xq: p.xq,
-                xd: p.xd,
-                cnt: p.cnt.norm,
-            };
-            m.launch_gemv_fused(Epilogue::Add, input.0, input.1, p.x, &out)
-        };
         let mut pending = None;
-        // Whether the residual's RMSNorm for the next GEMV is already in (xq, xd).
-        let mut normed = false;
         let opt_ptr = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0), |t| tensor_ptr(t, &stream));
-        let wn = tensor_ptr(&s.norm, &stream)?;
         for (li, l) in s.layers.iter().enumerate() {
-            // The RMSNorm weight applied to the residual after this block, when it is a plain
-            // `rmsnorm_q8` a down GEMV may take over: the next block's, or the final one before
-            // our output layer.
-            let next_norm = match s.layers.get(li + 1) {
-                Some(n) => Some(tensor_ptr(&n.attn_norm, &stream)?),
-                None => s.lm_head.as_ref().map(|_| wn),
-            };
             let li = li as i32;
-            if !std::mem::take(&mut normed) {
-                norm(tensor_ptr(&l.attn_norm, &stream)?, pending.take())?;
-            }
+            norm(tensor_ptr(&l.attn_norm, &stream)?, pending.take())?;
             let (cos, sin) = p.ropes[l.rope];
             let rope = RopeArgs {
                 cos,
@@ -813,62 +691,25 @@ impl CudaDecoder {
                     part_ml: p.part_ml,
                     xq: p.xq,
                     xd: p.xd,
-                    cnt: p.cnt.attn,
                 },
                 (nh, nkv, hd),
                 (l.window, l.scale),
                 s.kv_f16,
-                if short_attn {
-                    AttnSplit {
-                        splits: fz.attn_splits.min(self.split.splits),
-                        ..self.split
-                    }
-                    .fused()
-                } else {
-                    self.split
-                },
+                self.split,
             )?;
+            let post = add_residual(&l.o, &l.post_attn_norm)?;
             let ffn_norm = tensor_ptr(&l.ffn_norm, &stream)?;
-            let dense = matches!(l.ffn, DecoderFfn::Dense { .. });
-            let post = if fz.norm && dense && l.post_attn_norm.is_none() {
-                add_then_norm(&l.o, (p.xq, p.xd), ffn_norm)?;
-                normed = true;
-                None
-            } else {
-                add_residual(&l.o, (p.xq, p.xd), &l.post_attn_norm)?
-            };
             match &l.ffn {
                 DecoderFfn::Dense { gate_up, down } => {
-                    if !std::mem::take(&mut normed) {
-                        norm(ffn_norm, post)?;
-                    }
+                    norm(ffn_norm, post)?;
                     let gated = if l.gelu {
                         Epilogue::GeGlu
                     } else {
                         Epilogue::SwiGlu
                     };
-                    let hidden = if fz.quant && inter.is_multiple_of(32) {
-                        let out = FusedOut {
-                            norm: 0,
-                            eps,
-                            xq: p.fq,
-                            xd: p.fd,
-                            cnt: p.cnt.gate,
-                        };
-                        gate_up.launch_gemv_fused(gated, p.xq, p.xd, p.ffh, &out)?;
-                        (p.fq, p.fd)
-                    } else {
-                        gate_up.launch_gemv(gated, p.xq, p.xd, p.ffh, 1)?;
-                        quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
-                        (p.xq, p.xd)
-                    };
-                    match next_norm {
-                        Some(w) if fz.norm && l.post_mlp_norm.is_none() => {
-                            add_then_norm(down, hidden, w)?;
-                            normed = true;
-                        }
-                        _ => pending = add_residual(down, hidden, &l.post_mlp_norm)?,
-                    }
+                    gate_up.launch_gemv(gated, p.xq, p.xd, p.ffh, 1)?;
+                    quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
+                    pending = add_residual(down, &l.post_mlp_norm)?;
                 }
                 DecoderFfn::Moe(m) => {
                     norm_to(ffn_norm, post, p.xn)?;
@@ -883,11 +724,10 @@ impl CudaDecoder {
                 }
             }
         }
+        let wn = tensor_ptr(&s.norm, &stream)?;
         match &s.lm_head {
             Some(m) => {
-                if !normed {
-                    norm(wn, pending)?;
-                }
+                norm(wn, pending)?;
                 m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.out, 1)
             }
             None => {
@@ -989,17 +829,14 @@ struct AttnArgs {
     part_ml: u64,
     xq: u64,
     xd: u64,
-    /// `n_heads / G` u32 counters, 0 between launches (the fused merge).
-    cnt: u64,
 }
 
 /// Launches the decode attention over the cached positions (the last `window` of them when
 /// `window` > 0), scores scaled by `scale`: the splits (`attn_mma_d{hd}_g{G}_f16` up to
 /// head_dim 128, or `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G,
 /// `split.splits`) of 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one
-/// block of [`MERGE_THREADS`] a head), or with `split.fuse` the merge in the last split block of
-/// each head group. `part_o` holds `n_heads * splits * head_dim` f32, `part_ml` `n_heads *
-/// splits` (max, sum) pairs. Safe to capture in a CUDA graph.
+/// block of [`MERGE_THREADS`] a head). `part_o` holds `n_heads * splits * head_dim` f32,
+/// `part_ml` `n_heads * splits` (max, sum) pairs. Safe to capture in a CUDA graph.
 fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
@@ -1027,7 +864,6 @@ fn launch_attention(
         .arg(nkvi);
     b.arg(scale).arg(window).arg(min_chunk);
     b.arg(a.part_o).arg(a.part_ml);
-    b.arg(split.fuse as i32).arg(a.cnt).arg(a.xq).arg(a.xd);
     let cfg = LaunchConfig {
         grid_dim: ((nh / g) as u32, split.splits as u32, 1),
         block_dim: (128, 1, 1),
@@ -1036,9 +872,6 @@ fn launch_attention(
     let stream = dev.cuda_stream();
     // SAFETY: attn_*'s parameters, in order; the buffers documented above.
     unsafe { b.launch(&stream, cfg) }?;
-    if split.fuse {
-        return Ok(());
-    }
     let merge = dev.get_or_load_custom_func(&format!("attn_merge_d{hd}"), MODULE, PTX)?;
     let mut b = Launch::new(&merge);
     b.arg(a.params)
@@ -1069,7 +902,7 @@ type AttnTestInputs = (
 /// hd]` (f16 when `kv_f16`, else f32) with `len` positions cached.
 struct AttnTest {
     _bufs: AttnTestInputs,
-    _work: (CudaSlice<f32>, CudaSlice<f32>, CudaSlice<u32>),
+    _work: (CudaSlice<f32>, CudaSlice<f32>),
     xq: CudaSlice<i8>,
     xd: CudaSlice<f32>,
     args: AttnArgs,
@@ -1109,7 +942,6 @@ impl AttnTest {
         let part_ml = dev.alloc_zeros::<f32>(2 * nh * MAX_SPLITS)?;
         let xq = dev.alloc_zeros::<i8>(nh * hd)?;
         let xd = dev.alloc_zeros::<f32>(nh * hd / 16)?;
-        let cnt = dev.alloc_zeros::<u32>(nh)?;
         let args = AttnArgs {
             q: qb.ptr(&stream),
             params: params.ptr(&stream),
@@ -1119,11 +951,10 @@ impl AttnTest {
             part_ml: part_ml.ptr(&stream),
             xq: xq.ptr(&stream),
             xd: xd.ptr(&stream),
-            cnt: cnt.ptr(&stream),
         };
         Ok(Self {
             _bufs: (qb, kb, vb, params, kv),
-            _work: (part_o, part_ml, cnt),
+            _work: (part_o, part_ml),
             xq,
             xd,
             args,
@@ -1136,9 +967,7 @@ impl AttnTest {
 /// device as f16 when `kv_f16`, else f32), run twice with the default split and once with
 /// each of a few others (the returned result is the last: a split count's stale partial
 /// results must not leak into the next), on the tensor cores or not (head_dim 256: never),
-/// returned as the 8-bit codes times their block scale: `[n_heads * hd]`. With `fused`, every
-/// split merges in its last block (the short-context step's attention; a few split counts, the
-/// decoder's last, and the counters must come back to 0).
+/// returned as the 8-bit codes times their block scale: `[n_heads * hd]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_attention(
     dev: &CudaDevice,
@@ -1150,39 +979,22 @@ pub(crate) fn run_attention(
     cap: usize,
     kv_f16: bool,
     tensor_cores: bool,
-    fused: bool,
 ) -> Result<Vec<f32>> {
     let t = AttnTest::new(dev, q, k, v, (nh, hd), len, cap, kv_f16)?;
     let def = AttnSplit {
         tensor_cores,
         ..AttnSplit::from_env()
     };
-    let splits = if fused {
-        let f = Fusion::from_env().attn_splits;
-        [
-            AttnSplit::new(256, 16, tensor_cores).fused(),
-            AttnSplit::new(3, 64, tensor_cores).fused(),
-            AttnSplit::new(f, def.min_chunk, tensor_cores).fused(),
-            AttnSplit::new(f, def.min_chunk, tensor_cores).fused(),
-        ]
-    } else {
-        [
-            AttnSplit::new(256, 16, tensor_cores),
-            AttnSplit::new(7, 64, tensor_cores),
-            def,
-            def,
-        ]
-    };
-    for split in splits {
+    for split in [
+        AttnSplit::new(256, 16, tensor_cores),
+        AttnSplit::new(7, 64, tensor_cores),
+        def,
+        def,
+    ] {
         let scale = 1.0 / (hd as f32).sqrt();
         launch_attention(dev, &t.args, (nh, nkv, hd), (window, scale), kv_f16, split)?;
     }
     let stream = dev.cuda_stream();
-    if stream.clone_dtoh(&t._work.2).w()?.iter().any(|&c| c != 0) {
-        return Err(Error::InvalidArgument(
-            "the fused attention left a counter non-zero".into(),
-        ));
-    }
     let codes = stream.clone_dtoh(&t.xq).w()?;
     let scales = stream.clone_dtoh(&t.xd).w()?;
     Ok(codes

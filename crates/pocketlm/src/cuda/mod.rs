@@ -332,47 +332,6 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             norm_rel_err(&got_geg, &geg_want),
             1e-5,
         );
-        // The decode step's fused epilogues against the launches they replace: the outputs
-        // bit for bit; the quantized gated outputs bit for bit (the same quantization of the
-        // same values); the fused RMSNorm's codes within a code step (its sum of squares is
-        // added in another order).
-        for epi in [Epilogue::Add, Epilogue::SwiGlu, Epilogue::GeGlu] {
-            let n = if epi.gated() { rows / 2 } else { rows };
-            let y0 = if epi.gated() {
-                vec![0.0; n]
-            } else {
-                pseudo_random(n, seed + 11)
-            };
-            let w: Vec<f32> = pseudo_random(n, seed + 12)
-                .iter()
-                .map(|v| 1.0 + 0.5 * v)
-                .collect();
-            let [(fy, fq), (sy, sq)] =
-                qmatrix::run_fused_epilogue(&g, epi, &x, &y0, &w, 1e-5, dev)?;
-            let max_diff = |a: &[f32], b: &[f32]| {
-                a.iter()
-                    .zip(b)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max)
-            };
-            record(
-                &mut lines,
-                format!("fused {epi:?} gemv [{rows}x{cols}] output max_abs_diff"),
-                max_diff(&fy, &sy),
-                0.0,
-            );
-            let (what, err, tol) = if epi.gated() {
-                ("quantized max_abs_diff", max_diff(&fq, &sq), 0.0)
-            } else {
-                ("rmsnorm_q8", norm_rel_err(&fq, &sq), 1e-2)
-            };
-            record(
-                &mut lines,
-                format!("fused {epi:?} gemv [{rows}x{cols}] {what}"),
-                err,
-                tol,
-            );
-        }
     }
     // Embedding lookups: equal to the CPU's dequantize_row, bit for bit.
     for &bits in &[4usize, 8] {
@@ -507,37 +466,32 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             let v = pseudo_random(nkv * cap * hd, seed + 2);
             let want = attention_reference(&q, &k, &v, (nh, nkv, hd), (len, window), cap);
             // An f16 cache on the tensor cores and on the SIMT kernel; f32 on the SIMT one.
-            // Each also with the merge in the last split block (the short-context step's).
             let kernels: &[bool] = if kv_f16 { &[true, false] } else { &[false] };
             for &tc in kernels {
-                for fused in [false, true] {
-                    let got = decoder::run_attention(
-                        cd,
-                        &q,
-                        &k,
-                        &v,
-                        (nh, nkv, hd),
-                        (len, window),
-                        cap,
-                        kv_f16,
-                        tc,
-                        fused,
-                    )?;
-                    let kt = match (kv_f16, tc) {
-                        (true, true) => "f16 mma",
-                        (true, false) => "f16 simt",
-                        _ => "f32 simt",
-                    };
-                    let merge = if fused { " fused merge" } else { "" };
-                    record(
-                        &mut lines,
-                        format!(
-                            "attention h{nh} kv{nkv} d{hd} len {len} window {window} {kt}{merge} cache vs float"
-                        ),
-                        norm_rel_err(&got, &want),
-                        1e-2,
-                    );
-                }
+                let got = decoder::run_attention(
+                    cd,
+                    &q,
+                    &k,
+                    &v,
+                    (nh, nkv, hd),
+                    (len, window),
+                    cap,
+                    kv_f16,
+                    tc,
+                )?;
+                let kt = match (kv_f16, tc) {
+                    (true, true) => "f16 mma",
+                    (true, false) => "f16 simt",
+                    _ => "f32 simt",
+                };
+                record(
+                    &mut lines,
+                    format!(
+                        "attention h{nh} kv{nkv} d{hd} len {len} window {window} {kt} cache vs float"
+                    ),
+                    norm_rel_err(&got, &want),
+                    1e-2,
+                );
             }
         }
     }

@@ -220,110 +220,18 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-// The scale 1 / sqrt(sum / n + eps) of a block-wide sum of squares (each thread's share in
-// `ss`), in every thread; `red` is scratch of 32 floats (free again when it returns).
-__device__ __forceinline__ float block_rms_scale(float ss, int n, float eps, float *red) {
-  __shared__ float scale_s;
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  ss = warp_sum(ss);
-  if (lane == 0) red[wid] = ss;
-  __syncthreads();
-  if (wid == 0) {
-    float t = lane < nw ? red[lane] : 0.f;
-    t = warp_sum(t);
-    if (lane == 0) scale_s = 1.f / sqrtf(t / (float)n + eps);
-  }
-  __syncthreads();
-  return scale_s;
-}
-
-// RMSNorm + quantization of one row x [n] by a whole block of any width (a multiple of 32
-// threads; n a multiple of 32), as rmsnorm_q8 computes it but with the block's own thread
-// layout (so the sum of squares may differ from rmsnorm_q8's in its last bits): pass 1 the sum
-// of squares, pass 2 each thread normalizes, weighs and quantizes runs of 4 values, the 8
-// threads of a 32-value block sharing its scale. x is read through L2 (other blocks wrote it).
-__device__ void block_rmsnorm_q8(const float *x, const float *__restrict__ w, float eps, int n,
-                                 int8_t *__restrict__ xq, float2 *__restrict__ xd, float *red) {
-  const int tid = threadIdx.x, lane = tid & 31;
-  float ss = 0.f;
-  for (int i = 4 * tid; i < n; i += 4 * blockDim.x) {
-    const float4 v = __ldcg(reinterpret_cast<const float4 *>(x + i));
-    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-  }
-  const float scale = block_rms_scale(ss, n, eps, red);
-  for (int base = 0; base < n; base += 4 * blockDim.x) {  // uniform across the block
-    const int i = base + 4 * tid;
-    const bool in = i < n;
-    float4 y = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (in) {
-      const float4 v = __ldcg(reinterpret_cast<const float4 *>(x + i));
-      const float4 ww = __ldg(reinterpret_cast<const float4 *>(w + i));
-      y = make_float4((v.x * scale) * ww.x, (v.y * scale) * ww.y, (v.z * scale) * ww.z,
-                      (v.w * scale) * ww.w);
-    }
-    float amax = fmaxf(fmaxf(fabsf(y.x), fabsf(y.y)), fmaxf(fabsf(y.z), fabsf(y.w)));
-#pragma unroll
-    for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float d = amax / 127.f;
-    const float id = d != 0.f ? 1.f / d : 0.f;
-    const int q0 = __float2int_rn(y.x * id), q1 = __float2int_rn(y.y * id),
-              q2 = __float2int_rn(y.z * id), q3 = __float2int_rn(y.w * id);
-    int sum = q0 + q1 + q2 + q3;
-#pragma unroll
-    for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (in) {
-      char4 q;
-      q.x = (signed char)q0;
-      q.y = (signed char)q1;
-      q.z = (signed char)q2;
-      q.w = (signed char)q3;
-      *reinterpret_cast<char4 *>(xq + i) = q;
-      if ((lane & 7) == 0) xd[i >> 5] = make_float2(round_f16(d), round_f16((float)sum * d));
-    }
-  }
-}
-
-// Whether this block is the last of `total` to arrive at counter `*cnt` with `add` (threadfence
-// reduction, CUDA programming guide "Memory Fence Functions"): every thread's writes before the
-// call are made visible to the block that sees the count complete, which resets the counter to 0
-// for the next launch. Called by every thread of the block; the result is uniform.
-__device__ __forceinline__ bool last_to_arrive(unsigned *cnt, unsigned add, unsigned total) {
-  __shared__ int last_s;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const bool last = atomicAdd(cnt, add) + add == total;
-    if (last) *cnt = 0u;
-    last_s = last;
-  }
-  __syncthreads();
-  if (last_s) __threadfence();
-  return last_s;
-}
-
 // y[i, r] (op)= row r . x_i for the activation row i = blockIdx.y. Block b takes R weight rows.
 // EPI 0: write; 1: add to y (a residual); 2: SwiGLU, y[i, r] = silu(row r . x) * (row r+rows . x)
 // (gate rows first, then up rows, stacked in one matrix of 2*rows rows; block b takes outputs
 // r = b*R/2 .. +R/2, reading their gate and up rows); 3: GeGLU, the same with gelu_tanh.
-// The decode step's fused epilogues (one activation row; `cnt` device counters, 0 between
-// launches):
-// EPI 4: add to y, then the block that finishes last normalizes the whole of y (rows values)
-//   with RMSNorm weight `nw` and quantizes it into oq / od for the next GEMV (rmsnorm_q8 fused;
-//   one counter). The input xq / xd may be the same buffers as oq / od: every other block has
-//   finished reading them before the last one writes.
-// EPI 5 / 6: SwiGLU / GeGLU, then the last block of each 32 outputs quantizes them into
-//   oq / od (quantize_q8 fused, the same values bit for bit; rows / 32 counters; rows a
-//   multiple of 32).
 template <int BITS, bool SIGNED, bool BIAS, typename S, int EPI, int R>
 __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                       const S *__restrict__ bi, const int8_t *__restrict__ xq,
                       const float2 *__restrict__ xd, float *__restrict__ y, int rows, int cols,
-                      int group, const float *__restrict__ nw = nullptr, float eps = 0.f,
-                      int8_t *oq = nullptr, float2 *od = nullptr, unsigned *cnt = nullptr) {
+                      int group) {
   constexpr int H = R / 2;
   const int blk = blockIdx.x;
-  constexpr bool GATED = EPI == 2 || EPI == 3 || EPI == 5 || EPI == 6;
-  constexpr bool FUSED = EPI >= 4;
+  constexpr bool GATED = EPI == 2 || EPI == 3;
   const int first = GATED ? blk * H : blk * R;
   if (first >= rows) return;
   int rr[R];
@@ -340,37 +248,20 @@ __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
   float tot[R];
   rows_dot<BITS, SIGNED, BIAS, S, R>(qs, sc, bi, xq + (size_t)i * cols,
                                      xd + (size_t)i * (cols >> 5), rr, cols, group, tot);
-  if (!FUSED && threadIdx.x != 0) return;
+  if (threadIdx.x != 0) return;
   y += (size_t)i * rows;
-  if (threadIdx.x == 0) {
 #pragma unroll
-    for (int k = 0; k < (GATED ? H : R); k++) {
-      if (first + k >= rows) break;
-      if (EPI == 2 || EPI == 5) {
-        const float g = tot[k];
-        y[first + k] = g / (1.f + expf(-g)) * tot[k + H];
-      } else if (EPI == 3 || EPI == 6) {
-        y[first + k] = gelu_tanh(tot[k]) * tot[k + H];
-      } else if (EPI == 1 || EPI == 4) {
-        y[first + k] += tot[k];
-      } else {
-        y[first + k] = tot[k];
-      }
-    }
-  }
-  if (EPI == 4) {
-    __shared__ float red[32];
-    const unsigned mine = (unsigned)min(R, rows - first);
-    if (!last_to_arrive(cnt, mine, (unsigned)rows)) return;
-    block_rmsnorm_q8(y, nw, eps, rows, oq, od, red);
-  } else if (EPI == 5 || EPI == 6) {
-    const int c = first >> 5;
-    const unsigned mine = (unsigned)min(H, rows - first);
-    if (!last_to_arrive(cnt + c, mine, (unsigned)min(32, rows - 32 * c))) return;
-    if (threadIdx.x < 32) {
-      const int r = 32 * c + threadIdx.x;
-      const float v = r < rows ? __ldcg(y + r) : 0.f;
-      quant_block32(v, threadIdx.x, oq + (size_t)c * 32, od + c);
+  for (int k = 0; k < (GATED ? H : R); k++) {
+    if (first + k >= rows) break;
+    if (EPI == 2) {
+      const float g = tot[k];
+      y[first + k] = g / (1.f + expf(-g)) * tot[k + H];
+    } else if (EPI == 3) {
+      y[first + k] = gelu_tanh(tot[k]) * tot[k + H];
+    } else if (EPI == 1) {
+      y[first + k] += tot[k];
+    } else {
+      y[first + k] = tot[k];
     }
   }
 }
@@ -611,6 +502,17 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
 #define MOE_MAX_TOPK 16
 #define MOE_DOWN_ROWS 4
 
+// One 32-value block's share of a row's dot product: the integer sum `isum` of the block's
+// codes with the activation block (dx = its (d, d * sum)), scaled as rows_dot does.
+template <int BITS, bool BIAS, typename S>
+__device__ __forceinline__ float block_term(int isum, const S *__restrict__ sc,
+                                            const S *__restrict__ bi, size_t gi, float2 dx) {
+  const float s = to_f32(sc[gi]);
+  if (BIAS) return s * dx.x * (float)isum + to_f32(bi[gi]) * dx.y;
+  if (BITS == 4) return s * (dx.x * (float)isum - 8.f * dx.y);
+  return s * dx.x * (float)isum;
+}
+
 // The choice from `logits` (n experts) into shared s_id / s_w (top_k each, in expert order);
 // every thread of the block calls it; valid in all threads when it returns.
 __device__ void moe_select(const float *__restrict__ logits, int n, int top_k, int norm,
@@ -822,15 +724,6 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
                                                      int cols, int group) {                        \
     qgemv<BITS, SIGNED, BIAS, S, EPI, R>(qs, sc, bi, xq, xd, y, rows, cols, group);                \
   }
-// The decode step's fused epilogues (EPI 4, 5, 6 above).
-#define QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, R)                                 \
-  extern "C" __global__ void qgemv##EPIN##R##_##NAME(                                              \
-      const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, float *y,  \
-      int rows, int cols, int group, const float *nw, float eps, int8_t *oq, float2 *od,          \
-      unsigned *cnt) {                                                                             \
-    qgemv<BITS, SIGNED, BIAS, S, EPI, R>(qs, sc, bi, xq, xd, y, rows, cols, group, nw, eps, oq,   \
-                                         od, cnt);                                                 \
-  }
 #define QKERNELS(NAME, BITS, SIGNED, BIAS, S)                                                      \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _w, 0, 1)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _w, 0, 2)                                                     \
@@ -846,16 +739,6 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 2)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 4)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 8)                                                     \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _n, 4, 1)                                              \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _n, 4, 2)                                              \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _n, 4, 4)                                              \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _n, 4, 8)                                              \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _sq, 5, 2)                                             \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _sq, 5, 4)                                             \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _sq, 5, 8)                                             \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _gq, 6, 2)                                             \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _gq, 6, 4)                                             \
-  QGEMV_FUSED(NAME, BITS, SIGNED, BIAS, S, _gq, 6, 8)                                             \
   extern "C" __global__ void qgemv_rope_##NAME(                                                     \
       const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, int cols,  \
       int group, const float *cos_t, const float *sin_t, const int *params,                        \
@@ -900,6 +783,23 @@ QKERNELS(a8_f32, 8, false, true, float)
 // positions to attend (position + 1), [2] capacity of the KV cache buffers (positions).
 // `kv` (device memory): per layer the addresses of its key and value buffers, each
 // [kv_heads, capacity, head_dim] f32 or f16 (the decoder's choice, one for all layers).
+
+// The scale 1 / sqrt(sum / n + eps) of a block-wide sum of squares (each thread's share in
+// `ss`), in every thread; `red` is scratch of 32 floats (free again when it returns).
+__device__ __forceinline__ float block_rms_scale(float ss, int n, float eps, float *red) {
+  __shared__ float scale_s;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  ss = warp_sum(ss);
+  if (lane == 0) red[wid] = ss;
+  __syncthreads();
+  if (wid == 0) {
+    float t = lane < nw ? red[lane] : 0.f;
+    t = warp_sum(t);
+    if (lane == 0) scale_s = 1.f / sqrtf(t / (float)n + eps);
+  }
+  __syncthreads();
+  return scale_s;
+}
 
 // RMSNorm (Zhang & Sennrich 2019) of one row as ggml computes it (x * 1/sqrt(mean(x^2) + eps),
 // then * weight), quantized to 8 bits per 32 values for the next GEMV. One block per row; each
@@ -1127,16 +1027,9 @@ template <int G, int HD> struct AttnFinishSmem {
 // The end of a split block: its 4 warps have written their (unnormalized output, max, sum) per
 // head into sm (natural-log units); the block combines them into its split's part_o / part_ml,
 // which attn_merge then combines over the splits.
-// With `fuse` the block that finishes last among its head group's nsplit splits (counter
-// cnt[h0 / G], 0 between launches) then merges them itself, as attn_merge would, and quantizes
-// the G heads' outputs into xq / xd: one warp per 32 dimensions of a head, the splits summed in
-// order (the same formula as attn_merge, another order of the additions). This saves the merge
-// kernel where the splits are few (short contexts).
 template <int G, int HD>
 __device__ void attn_split_out(AttnFinishSmem<G, HD> &sm, int h0, int sp, int maxsplit,
-                               float *__restrict__ part_o, float2 *__restrict__ part_ml,
-                               int nsplit, int fuse, unsigned *cnt, int8_t *__restrict__ xq,
-                               float2 *__restrict__ xd) {
+                               float *__restrict__ part_o, float2 *__restrict__ part_ml) {
   __syncthreads();
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
@@ -1159,29 +1052,6 @@ __device__ void attn_split_out(AttnFinishSmem<G, HD> &sm, int h0, int sp, int ma
     for (int j = 0; j < 4; j++)
       if (sm.l[j][g] > 0.f) L += sm.l[j][g] * expf(sm.m[j][g] - M);
     part_ml[(size_t)(h0 + g) * maxsplit + sp] = make_float2(M, L);
-  }
-  if (!fuse || !last_to_arrive(cnt + h0 / G, 1u, (unsigned)nsplit)) return;
-  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  for (int pr = threadIdx.x >> 5; pr < G * (HD / 32); pr += nw) {
-    const int h = h0 + pr / (HD / 32), c = pr % (HD / 32);
-    const float2 *ml = part_ml + (size_t)h * maxsplit;
-    float M = -INFINITY;
-    for (int s = lane; s < nsplit; s += 32) {
-      const float2 v = __ldcg(ml + s);
-      if (v.y > 0.f) M = fmaxf(M, v.x);
-    }
-    M = warp_max(M);
-    const float *po = part_o + (size_t)h * maxsplit * HD + c * 32 + lane;
-    float L = 0.f, o = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < nsplit; s++) {
-      const float2 v = __ldcg(ml + s);
-      const float f = v.y > 0.f ? expf(v.x - M) : 0.f;
-      L += v.y * f;
-      o += __ldcg(po + (size_t)s * HD) * f;
-    }
-    const size_t k = (size_t)h * HD + c * 32;
-    quant_block32(o / L, lane, xq + k, xd + (k >> 5));
   }
 }
 
@@ -1266,8 +1136,7 @@ template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int fuse,
-                         unsigned *cnt, int8_t *__restrict__ xq, float2 *__restrict__ xd) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
   constexpr int HD = 32 * EPL;
   __shared__ AttnFinishSmem<G, HD> sm;
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
@@ -1353,7 +1222,7 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
       sm.l[w][g] = l[g];
     }
   }
-  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml, nsplit, fuse, cnt, xq, xd);
+  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml);
 }
 
 // The same split decode attention on the tensor cores, for an f16 cache: block (g, sp) streams
@@ -1372,8 +1241,7 @@ template <int HD, int G>
 __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int fuse,
-                         unsigned *cnt, int8_t *__restrict__ xq, float2 *__restrict__ xd) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
   constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
   constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
                             ? sizeof(AttnMmaSmem<HD, G>)
@@ -1485,7 +1353,7 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       sm.l[w][r] = l;
     }
   }
-  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml, nsplit, fuse, cnt, xq, xd);
+  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml);
 }
 
 #define ATTN_KERNEL(HDIM, EPL, G, KT, KN)                                                          \
@@ -1493,10 +1361,9 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
                                      const unsigned long long *kv, int layer, int n_heads,         \
                                      int n_kv, float scale, int window, int min_chunk,             \
-                                     float *part_o, float2 *part_ml, int fuse, unsigned *cnt,      \
-                                     int8_t *xq, float2 *xd) {                                     \
+                                     float *part_o, float2 *part_ml) {                             \
     attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,    \
-                         part_ml, fuse, cnt, xq, xd);                                              \
+                         part_ml);                                                                 \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
@@ -1517,10 +1384,9 @@ ATTN_KERNELS(8)
       attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
                                     const unsigned long long *kv, int layer, int n_heads,          \
                                     int n_kv, float scale, int window, int min_chunk,              \
-                                    float *part_o, float2 *part_ml, int fuse, unsigned *cnt,       \
-                                    int8_t *xq, float2 *xd) {                                      \
+                                    float *part_o, float2 *part_ml) {                              \
     attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,       \
-                      part_ml, fuse, cnt, xq, xd);                                                 \
+                      part_ml);                                                                    \
   }
 #define ATTN_MMA_KERNELS(G)                                                                        \
   ATTN_MMA_KERNEL(64, G)                                                                           \

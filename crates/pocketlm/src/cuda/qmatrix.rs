@@ -70,21 +70,6 @@ impl Epilogue {
     }
 }
 
-/// Where a fused decode GEMV ([`CudaQMatrix::launch_gemv_fused`]) writes its quantized output:
-/// device addresses.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FusedOut {
-    /// RMSNorm weight `[rows]` f32 (the `Add` epilogue; 0 otherwise).
-    pub norm: u64,
-    /// RMSNorm epsilon.
-    pub eps: f32,
-    /// Codes `[n]` i8 and per-32 `(d, d·Σq)` f32 pairs `[n / 32]` of the quantized output.
-    pub xq: u64,
-    pub xd: u64,
-    /// u32 counters, 0 between launches.
-    pub cnt: u64,
-}
-
 /// Device addresses and shapes for [`CudaQMatrix::launch_gemv_rope`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RopeArgs {
@@ -368,56 +353,12 @@ impl CudaQMatrix {
         y: u64,
         m: usize,
     ) -> Result<()> {
-        self.launch_gemv_with(epi, xq, xd, y, m, None)
-    }
-
-    /// The decode step's GEMV with the next step fused into its epilogue (one activation row;
-    /// `qgemv_n*`, `qgemv_sq*`, `qgemv_gq*` in qmatrix.cu):
-    /// - [`Epilogue::Add`]: `y += W x`, then the block that finishes last applies RMSNorm with
-    ///   `out.norm` (`[rows]` f32, epsilon `out.eps`) to the whole of `y` and quantizes it into
-    ///   `out.xq` / `out.xd` (what `rmsnorm_q8` would write; `out.cnt`: one u32 counter).
-    /// - [`Epilogue::SwiGlu`] / [`Epilogue::GeGlu`]: the gated outputs, then each 32 of them
-    ///   quantized into `out.xq` / `out.xd` as `quantize_q8` does, bit for bit (`out.cnt`:
-    ///   `rows / 64` u32 counters; `rows / 2` must be a multiple of 32).
-    ///
-    /// The counters must be 0 at launch and are 0 again after it. `out.xq` / `out.xd` may be
-    /// the input buffers `xq` / `xd`. Errors on [`Epilogue::Write`], or a gated matrix whose
-    /// output count is not a multiple of 32. Safe to capture in a CUDA graph.
-    pub(crate) fn launch_gemv_fused(
-        &self,
-        epi: Epilogue,
-        xq: u64,
-        xd: u64,
-        y: u64,
-        out: &FusedOut,
-    ) -> Result<()> {
-        if epi == Epilogue::Write || (epi.gated() && !(self.rows / 2).is_multiple_of(32)) {
-            return Err(Error::InvalidArgument(format!(
-                "no fused {epi:?} GEMV for a [{}x{}] matrix",
-                self.rows, self.cols
-            )));
-        }
-        self.launch_gemv_with(epi, xq, xd, y, 1, Some(out))
-    }
-
-    fn launch_gemv_with(
-        &self,
-        epi: Epilogue,
-        xq: u64,
-        xd: u64,
-        y: u64,
-        m: usize,
-        fused: Option<&FusedOut>,
-    ) -> Result<()> {
         let (rows_per_block, warps) = gemv_shape(epi, self.cols);
-        let prefix = match (epi, fused.is_some()) {
-            (Epilogue::Write, _) => "qgemv_w",
-            (Epilogue::Add, false) => "qgemv_a",
-            (Epilogue::SwiGlu, false) => "qgemv_s",
-            (Epilogue::GeGlu, false) => "qgemv_g",
-            (Epilogue::Add, true) => "qgemv_n",
-            (Epilogue::SwiGlu, true) => "qgemv_sq",
-            (Epilogue::GeGlu, true) => "qgemv_gq",
+        let prefix = match epi {
+            Epilogue::Write => "qgemv_w",
+            Epilogue::Add => "qgemv_a",
+            Epilogue::SwiGlu => "qgemv_s",
+            Epilogue::GeGlu => "qgemv_g",
         };
         let func = self.dev.get_or_load_custom_func(
             &format!("{prefix}{rows_per_block}_{}", self.kernel),
@@ -438,11 +379,7 @@ impl CudaQMatrix {
         let mut b = Launch::new(&func);
         b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
         b.arg(xq).arg(xd).arg(y).arg(ri).arg(ci).arg(gi);
-        if let Some(f) = fused {
-            b.arg(f.norm).arg(f.eps).arg(f.xq).arg(f.xd).arg(f.cnt);
-        }
-        // SAFETY: qgemv_{w,a,s,g,n,sq,gq}*'s parameters, in order; the matrix and the caller's
-        // buffers.
+        // SAFETY: qgemv_{w,a,s}*'s parameters, in order; the matrix and the caller's buffers.
         unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
     }
 
@@ -723,94 +660,6 @@ pub(crate) fn reference_gemv(
 
 /// Test helper: runs the GEMV with epilogue `epi` on `x: [cols]`, starting from `y0` (the
 /// output's initial contents), and returns the output.
-/// For the selftest: the fused decode GEMV ([`CudaQMatrix::launch_gemv_fused`]) and the two
-/// launches it replaces (the GEMV, then `rmsnorm_q8` with `norm` or `quantize_q8`), on one row
-/// `x` and starting output `y0`: `(fused, separate)`, each the output `y` and the quantized codes
-/// and (d, d·Σq) pairs, dequantized (`code * d` per value).
-pub(crate) fn run_fused_epilogue(
-    g: &CudaQMatrix,
-    epi: Epilogue,
-    x: &[f32],
-    y0: &[f32],
-    norm: &[f32],
-    eps: f32,
-    dev: &Device,
-) -> Result<[(Vec<f32>, Vec<f32>); 2]> {
-    let d = cuda_dev(dev)?;
-    let stream = d.cuda_stream();
-    let n = y0.len();
-    let xs = stream.clone_htod(x).w()?;
-    let nw = stream.clone_htod(norm).w()?;
-    let cnt = d.alloc_zeros::<u32>(n / 32 + 1)?;
-    let mut runs = Vec::new();
-    for fused in [true, false] {
-        let mut y = stream.clone_htod(y0).w()?;
-        let xq = unsafe { d.alloc::<i8>(x.len().max(n)) }?;
-        let xd = unsafe { d.alloc::<f32>(x.len().max(n) / 16) }?;
-        let oq = d.alloc_zeros::<i8>(n)?;
-        let od = d.alloc_zeros::<f32>(n / 16)?;
-        {
-            let p = |s: &CudaSlice<i8>| s.device_ptr(&stream).0;
-            let pf = |s: &CudaSlice<f32>| s.device_ptr(&stream).0;
-            let (xqp, xdp, oqp, odp) = (p(&xq), pf(&xd), p(&oq), pf(&od));
-            quantize_q8(d, pf(&xs), xqp, xdp, x.len())?;
-            let yp = y.device_ptr_mut(&stream).0;
-            if fused {
-                let out = FusedOut {
-                    norm: pf(&nw),
-                    eps,
-                    xq: oqp,
-                    xd: odp,
-                    cnt: cnt.device_ptr(&stream).0,
-                };
-                g.launch_gemv_fused(epi, xqp, xdp, yp, &out)?;
-            } else {
-                g.launch_gemv(epi, xqp, xdp, yp, 1)?;
-                if epi == Epilogue::Add {
-                    rmsnorm_q8(d, yp, pf(&nw), eps, n, oqp, odp)?;
-                } else {
-                    quantize_q8(d, yp, oqp, odp, n)?;
-                }
-            }
-        }
-        let yv = stream.clone_dtoh(&y).w()?;
-        let q = stream.clone_dtoh(&oq).w()?;
-        let dd = stream.clone_dtoh(&od).w()?;
-        let deq = q
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| c as f32 * dd[2 * (i / 32)])
-            .collect();
-        runs.push((yv, deq));
-    }
-    let counters = stream.clone_dtoh(&cnt).w()?;
-    if counters.iter().any(|&c| c != 0) {
-        return Err(Error::InvalidArgument(
-            "a fused GEMV left a counter non-zero".into(),
-        ));
-    }
-    let b = runs.pop().expect("two runs");
-    let a = runs.pop().expect("two runs");
-    Ok([a, b])
-}
-
-/// `rmsnorm_q8` of `x: [n]` with weight `w` into `xq` / `xd` (one block, as the decoder
-/// launches it; for tests).
-fn rmsnorm_q8(dev: &CudaDevice, x: u64, w: u64, eps: f32, n: usize, xq: u64, xd: u64) -> Result<()> {
-    let func = dev.get_or_load_custom_func("rmsnorm_q8", MODULE, PTX)?;
-    let threads = (n.div_ceil(16).div_ceil(32) * 32).clamp(32, 1024) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = Launch::new(&func);
-    b.arg(x).arg(w).arg(eps).arg(n as i32).arg(xq).arg(xd);
-    b.arg(0u64).arg(0u64).arg(0u64);
-    // SAFETY: rmsnorm_q8's parameters, in order; the caller's buffers of n values.
-    unsafe { b.launch(&dev.cuda_stream(), cfg) }
-}
-
 pub(crate) fn run_epilogue(
     g: &CudaQMatrix,
     epi: Epilogue,
