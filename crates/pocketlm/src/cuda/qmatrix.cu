@@ -502,17 +502,6 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
 #define MOE_MAX_TOPK 16
 #define MOE_DOWN_ROWS 4
 
-// One 32-value block's share of a row's dot product: the integer sum `isum` of the block's
-// codes with the activation block (dx = its (d, d * sum)), scaled as rows_dot does.
-template <int BITS, bool BIAS, typename S>
-__device__ __forceinline__ float block_term(int isum, const S *__restrict__ sc,
-                                            const S *__restrict__ bi, size_t gi, float2 dx) {
-  const float s = to_f32(sc[gi]);
-  if (BIAS) return s * dx.x * (float)isum + to_f32(bi[gi]) * dx.y;
-  if (BITS == 4) return s * (dx.x * (float)isum - 8.f * dx.y);
-  return s * dx.x * (float)isum;
-}
-
 // The choice from `logits` (n experts) into shared s_id / s_w (top_k each, in expert order);
 // every thread of the block calls it; valid in all threads when it returns.
 __device__ void moe_select(const float *__restrict__ logits, int n, int top_k, int norm,
