@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
 //! prefill rows, which take a while with candle's scalar `Q4_1`, and/or section names
-//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output` to run only those). Numbers are noisy when other
+//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output`, `iq4` to run only those). Numbers are noisy when other
 //! processes share the cores: each row is the best of several runs (median in brackets).
 //!
 //! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use pocketlm::kernels::{in_pool, matmul_fused, Backend, GgufMatrix};
+use pocketlm::kernels::{in_pool, matmul_fused, Backend, GgufMatrix, GgufType, WeightBytes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -609,6 +609,59 @@ fn q4_0(args: &[String]) {
     }
 }
 
+/// `IQ4_NL` and `IQ4_XS` (random codes and scales, small `f16` scales `d`) beside `Q4_0` on the
+/// Llama-3.2-1B feed-forward shapes (`ffn_down` 2048x8192, `ffn_up` 8192x2048), each in the
+/// file layout and repacked, at `m = 1, 64, 512` activation rows (narrowed with `m=64` style
+/// arguments), on the whole pool from inside it: time per call and GOP/s (`2·m·n·k / time`).
+fn iq4(args: &[String]) {
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut ms: Vec<usize> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
+        .collect();
+    if ms.is_empty() {
+        ms = vec![1, 64, 512];
+    }
+    println!(
+        "\nIQ4 vs Q4_0, Llama-3.2-1B shapes (packed kernels here: {}), {} threads:",
+        GgufMatrix::packed_kernels_here(),
+        rayon::current_num_threads()
+    );
+    for (name, n, k) in [("ffn_down", 2048, 8192), ("ffn_up", 8192, 2048)] {
+        for ty in [GgufType::Q4_0, GgufType::Iq4Nl, GgufType::Iq4Xs] {
+            let blocks = n * k / ty.block_size();
+            let mut bytes: Vec<u8> = (0..blocks * ty.type_size()).map(|_| rng.random()).collect();
+            for blk in bytes.chunks_exact_mut(ty.type_size()) {
+                let d = half::f16::from_f32(rng.random_range(-0.01f32..0.01));
+                blk[..2].copy_from_slice(&d.to_le_bytes());
+            }
+            let plain = GgufMatrix::new(name, WeightBytes::owned(bytes), ty, n, k).unwrap();
+            let packed = plain.clone().repacked();
+            for &m in &ms {
+                let x = rand_vec(&mut rng, m * k);
+                let mut out = vec![0f32; m * n];
+                let work = (m * n * k) as f64;
+                for (label, w) in [("file", &plain), ("packed", &packed)] {
+                    let (b, med) = in_pool(|| {
+                        time(
+                            || w.matmul(&x, m, &mut out).unwrap(),
+                            if work < 1e9 { 20 } else { 3 },
+                            Duration::from_millis(if work < 1e9 { 400 } else { 1500 }),
+                        )
+                    });
+                    println!(
+                        "  {name:<8} {n}x{k} {:<6} {label:<6} m={m:<3}: {} [{}] {:7.1} GOP/s",
+                        ty.ggml_name(),
+                        fmt_dur(b),
+                        fmt_dur(med),
+                        2.0 * work / b.as_secs_f64() / 1e9,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The default model's tied `Q8_0` output layer (49152x576) in the file's layout and packed
 /// in ggml's float order (`GgufMatrix::repacked_keeping_order`, the same bits), at `m = 1, 2,
 /// 4, 8, 16, 32, 64` activation rows (decode of one client up to the server's batches), on the
@@ -669,6 +722,7 @@ fn main() {
         "kquants",
         "q4_0",
         "output",
+        "iq4",
     ];
     let chosen: Vec<&str> = sections
         .iter()
@@ -701,5 +755,8 @@ fn main() {
     }
     if run("output") {
         tied_output(&args);
+    }
+    if run("iq4") {
+        iq4(&args);
     }
 }

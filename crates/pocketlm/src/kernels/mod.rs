@@ -51,6 +51,7 @@ pub mod float;
 pub mod mlx;
 mod mlx_packed;
 mod packed;
+mod packed_iq4xs;
 mod packed_q4k;
 mod packed_q5k;
 mod packed_q6k;
@@ -631,9 +632,10 @@ impl GgufMatrix {
 
     /// The same matrix with its rows interleaved in groups of 16 for the CPU's fastest
     /// kernels, when this CPU has them (AVX-512 with VNNI) and the type has a packed layout
-    /// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K`, `Q6_K`) and `rows` is a multiple of 16; otherwise `self` unchanged. The
-    /// packed bytes are an owned copy of the same size (`Q4_K`: 2.8% larger, see `packed_q4k`;
-    /// `Q5_K`: 2.3%, see `packed_q5k`) (llama.cpp repacks the same way at load, see
+    /// (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K`, `Q6_K`, `IQ4_NL`, `IQ4_XS`) and `rows` is a
+    /// multiple of 16; otherwise `self` unchanged. The packed bytes are an owned copy of the
+    /// same size (`Q4_K`: 2.8% larger, see `packed_q4k`; `Q5_K`: 2.3%, see `packed_q5k`;
+    /// `IQ4_XS`: 1.5%, see `packed_iq4xs`) (llama.cpp repacks the same way at load, see
     /// `ggml-cpu/repack.cpp`); the memory-mapped pages they came from are released.
     /// Products, [`Self::embedding`] and [`Self::dequantize`] give the same values either way
     /// (products up to float summation order).

@@ -15,14 +15,26 @@
 //!   plus 128 (`q ^ 0x80`, so `0..=255` as unsigned).
 //! - `Q4_1` (320 bytes a block): `16 × f16` scales `d`, then `16 × f16` minimums `m`, then 4
 //!   words as for `Q4_0` (values `0..16`, meaning `d·q + m`).
+//! - `IQ4_NL` (288 bytes a block): `Q4_0`'s bytes exactly (the GGUF block is `Q4_0`'s, ggml
+//!   `block_iq4_nl`); a code `q` means `KVALUES_IQ4NL[q]` instead of `q - 8`.
 //!
 //! A product then takes, per block and activation row, 8 `u8 × i8` dot products of 4 values
 //! (`vpdpbusd`), each against 4 activation bytes broadcast to every lane, giving the 16 rows'
 //! integer sums side by side with no horizontal reduction. The offsets of the unsigned codes
-//! (`-8·Σy` for `Q4_0`, `-128·Σy` for `Q8_0`, `Σy` the block's activation sum) start the integer
-//! accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. The
+//! (`-8·Σy` for `Q4_0`, `-128·Σy` for `Q8_0` and `IQ4_NL`, `Σy` the block's activation sum)
+//! start the integer accumulators, and each block adds `d_w·d_y·Σ` with one fused multiply-add per lane. The
 //! integers are exact, so this differs from the unpacked kernels only in float summation
 //! order; [`tile_fn`]'s portable version does the very same float operations as the SIMD one.
+//!
+//! `IQ4_NL` runs `Q4_0`'s kernel with one step more: after the nibbles are unpacked, a
+//! `vpshufb` maps each code `q` to the unsigned byte `KVALUES_IQ4NL[q] + 128` (`1..=241`,
+//! [`IQ4NL_U8`]), so that `vpdpbusd` against the signed activations gives `Σ (v + 128)·y`, and
+//! the `-128·Σy` offset leaves the exact `Σ v·y` of ggml's `ggml_vec_dot_iq4_nl_q8_0`
+//! (`ggml-cpu/arch/x86/quants.c`; ggml's AVX2 kernel looks the signed values up the same way).
+//! The float operations are `Q4_0`'s (one fused multiply-add `acc = fma(Σ, d·dy, acc)` per
+//! block and row), not the unpacked `IQ4_NL` kernels' ggml lane order (two sets of eight lanes,
+//! even and odd blocks): packed and unpacked agree to rounding, and the portable packed kernel
+//! is the bit-exact twin of the AVX-512 one.
 //!
 //! `Q4_1` keeps ggml's float order exactly (`ggml_vec_dot_q4_1_q8_1`, which llama.cpp uses for
 //! every row count: it does not repack `Q4_1`), so that the default model stays bit-for-bit
@@ -44,15 +56,29 @@
 //!
 //! `Q4_K` (256-value super-blocks with 6-bit sub-block scales and mins) has its own group layout
 //! and kernels in [`super::packed_q4k`], bit-identical to its unpacked kernels; `Q5_K` in
-//! [`super::packed_q5k`]; `Q6_K` in [`super::packed_q6k`].
+//! [`super::packed_q5k`]; `Q6_K` in [`super::packed_q6k`]; `IQ4_XS` in
+//! [`super::packed_iq4xs`].
 
-use super::{Acts, GgufType, Tile, TileFn};
+use super::{Acts, GgufType, Tile, TileFn, KVALUES_IQ4NL};
+
+/// `KVALUES_IQ4NL[q] + 128` (`1..=241`): the unsigned codes the packed `IQ4_NL` / `IQ4_XS`
+/// kernels feed `vpdpbusd` (the `+128` is taken back by a `-128·Σy` offset).
+pub(crate) const IQ4NL_U8: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (KVALUES_IQ4NL[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Rows per interleaved group.
 pub(crate) const ROWS: usize = 16;
 
 /// Whether `dtype` has a packed layout (`Q4_K`'s is in [`super::packed_q4k`], `Q5_K`'s in
-/// [`super::packed_q5k`], `Q6_K`'s in [`super::packed_q6k`]).
+/// [`super::packed_q5k`], `Q6_K`'s in [`super::packed_q6k`], `IQ4_XS`'s in
+/// [`super::packed_iq4xs`]).
 pub(crate) fn supports(dtype: GgufType) -> bool {
     matches!(
         dtype,
@@ -62,6 +88,8 @@ pub(crate) fn supports(dtype: GgufType) -> bool {
             | GgufType::Q4K
             | GgufType::Q5K
             | GgufType::Q6K
+            | GgufType::Iq4Nl
+            | GgufType::Iq4Xs
     )
 }
 
@@ -95,6 +123,9 @@ pub(crate) fn repack(dtype: GgufType, bytes: &[u8], rows: usize, cols: usize) ->
     }
     if dtype == GgufType::Q6K {
         return super::packed_q6k::repack(bytes, rows, cols);
+    }
+    if dtype == GgufType::Iq4Xs {
+        return super::packed_iq4xs::repack(bytes, rows, cols);
     }
     debug_assert!(supports(dtype) && rows.is_multiple_of(ROWS));
     let (ts, nb) = (dtype.type_size(), cols / 32);
@@ -149,6 +180,9 @@ pub(crate) fn dequantize_row(
     if dtype == GgufType::Q6K {
         return super::packed_q6k::dequantize_row(packed, cols, r, out);
     }
+    if dtype == GgufType::Iq4Xs {
+        return super::packed_iq4xs::dequantize_row(packed, cols, r, out);
+    }
     let (ts, nb) = (dtype.type_size(), cols / 32);
     let gblock = ROWS * ts;
     let (g, i) = (r / ROWS, r % ROWS);
@@ -166,9 +200,11 @@ pub(crate) fn dequantize_row(
             let c = (j % 16) / 4;
             let byte = blk[hdr + 64 * c + 4 * i + j % 4];
             let nib = if j < 16 { byte & 0xF } else { byte >> 4 };
-            // ggml's dequantize_row_q4_0 / _q4_1.
+            // ggml's dequantize_row_q4_0 / _q4_1 / _iq4_nl.
             *v = if dtype == GgufType::Q4_1 {
                 nib as f32 * d + super::scalar::f16_at(blk, 32 + 2 * i)
+            } else if dtype == GgufType::Iq4Nl {
+                d * KVALUES_IQ4NL[nib as usize] as f32
             } else {
                 (nib as i32 - 8) as f32 * d
             };
@@ -183,9 +219,11 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         GgufType::Q4K => super::packed_q4k::tile_scalar,
         GgufType::Q5K => super::packed_q5k::tile_scalar,
         GgufType::Q6K => super::packed_q6k::tile_scalar,
-        GgufType::Q8_0 => tile_scalar::<8, 128>,
+        GgufType::Iq4Xs => super::packed_iq4xs::tile_scalar,
+        GgufType::Q8_0 => tile_scalar::<8, 128, false>,
         GgufType::Q4_1 => tile_scalar_q4_1,
-        _ => tile_scalar::<4, 8>,
+        GgufType::Iq4Nl => tile_scalar::<4, 128, true>,
+        _ => tile_scalar::<4, 8, false>,
     }
 }
 
@@ -201,9 +239,10 @@ pub(crate) fn tile_fn_vec_dot(dtype: GgufType) -> Option<TileFn> {
 }
 
 /// The integer sum of block `b` of activation row `r` against row lane `i` of a packed block,
-/// offset included: `Σ_j code_j·y_j - OFF·Σy`.
+/// offset included: `Σ_j code_j·y_j - OFF·Σy`, where with `NL` (`IQ4_NL`) a nibble `q`'s code
+/// is [`IQ4NL_U8`]`[q]`.
 #[inline(always)]
-fn block_isum<const WORDS: usize, const OFF: i32>(
+fn block_isum<const WORDS: usize, const OFF: i32, const NL: bool>(
     blk: &[u8],
     a: &Acts,
     r: usize,
@@ -220,8 +259,14 @@ fn block_isum<const WORDS: usize, const OFF: i32>(
                 let hi = blk[32 + 64 * (c + 4) + 4 * i + t];
                 s += hi as i32 * y[16 + 4 * c + t] as i32;
             } else {
-                s += (byte & 0xF) as i32 * y[4 * c + t] as i32;
-                s += (byte >> 4) as i32 * y[16 + 4 * c + t] as i32;
+                let (lo, hi) = (byte & 0xF, byte >> 4);
+                let (lo, hi) = if NL {
+                    (IQ4NL_U8[lo as usize], IQ4NL_U8[hi as usize])
+                } else {
+                    (lo, hi)
+                };
+                s += lo as i32 * y[4 * c + t] as i32;
+                s += hi as i32 * y[16 + 4 * c + t] as i32;
             }
         }
     }
@@ -230,7 +275,7 @@ fn block_isum<const WORDS: usize, const OFF: i32>(
 
 /// # Safety
 /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`].
-unsafe fn tile_scalar<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
+unsafe fn tile_scalar<const WORDS: usize, const OFF: i32, const NL: bool>(t: &Tile<'_>) {
     let a = t.acts;
     let nb = a.k / 32;
     let gblock = 32 + 64 * WORDS;
@@ -243,7 +288,7 @@ unsafe fn tile_scalar<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
                 let dy = a.d[r * nb + b];
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let dd = super::scalar::f16_at(blk, 2 * i) * dy;
-                    let s = block_isum::<WORDS, OFF>(blk, a, r, b, i);
+                    let s = block_isum::<WORDS, OFF, NL>(blk, a, r, b, i);
                     *acc = (s as f32).mul_add(dd, *acc);
                 }
             }
@@ -360,9 +405,11 @@ pub(crate) mod avx512 {
             GgufType::Q4K => super::super::packed_q4k::avx512::tile,
             GgufType::Q5K => super::super::packed_q5k::avx512::tile,
             GgufType::Q6K => super::super::packed_q6k::avx512::tile,
-            GgufType::Q8_0 => tile::<8, 128>,
+            GgufType::Iq4Xs => super::super::packed_iq4xs::avx512::tile,
+            GgufType::Q8_0 => tile::<8, 128, false>,
             GgufType::Q4_1 => tile_q4_1,
-            _ => tile::<4, 8>,
+            GgufType::Iq4Nl => tile::<4, 128, true>,
+            _ => tile::<4, 8, false>,
         }
     }
 
@@ -402,13 +449,16 @@ pub(crate) mod avx512 {
     /// so the float operations and their order are those of one pass over all blocks). A
     /// `Q4_0` group of `k = 8192` (73 KiB) otherwise comes from L2 in every pass; the gain is
     /// small (`gguf_kernels q4_0`, 2048 x 8192 at m = 512: 13.8 -> 13.5 ms, within the noise).
-    const CHUNK_BYTES: usize = 18 * 1024;
+    pub(crate) const CHUNK_BYTES: usize = 18 * 1024;
 
+    /// The kernel of `Q4_0` (`WORDS = 4, OFF = 8`), `Q8_0` (`8, 128`) and, with `NL`, `IQ4_NL`
+    /// (`4, 128`: the nibbles mapped to [`super::IQ4NL_U8`] by `vpshufb`).
+    ///
     /// # Safety
     /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
-    /// AVX512F and AVX512-VNNI.
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn tile<const WORDS: usize, const OFF: i32>(t: &Tile<'_>) {
+    /// AVX512F, AVX512BW and AVX512-VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile<const WORDS: usize, const OFF: i32, const NL: bool>(t: &Tile<'_>) {
         let nb = t.acts.k / 32;
         let gbytes = nb * (32 + 64 * WORDS);
         let chunk = if t.ms.len() > 8 {
@@ -425,10 +475,10 @@ pub(crate) mod avx512 {
                 let mut r = t.ms.start;
                 unsafe {
                     while r + 8 <= t.ms.end {
-                        rows::<8, WORDS, OFF>(t, wg, g, r, bs.clone());
+                        rows::<8, WORDS, OFF, NL>(t, wg, g, r, bs.clone());
                         r += 8;
                     }
-                    remainder_rows!(t.ms.end - r, R => rows::<R, WORDS, OFF>(t, wg, g, r, bs.clone()));
+                    remainder_rows!(t.ms.end - r, R => rows::<R, WORDS, OFF, NL>(t, wg, g, r, bs.clone()));
                 }
                 b0 = bs.end;
             }
@@ -451,6 +501,31 @@ pub(crate) mod avx512 {
             w[c + 4] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
         }
         w
+    }
+
+    /// The 8 code words of [`nibbles`] mapped through a 16-byte table (`table` repeated in
+    /// each 128-bit lane): byte `q` becomes `table[q]` (`vpshufb`).
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512BW.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(crate) unsafe fn lookup(w: &mut [__m512i; 8], table: __m512i) {
+        for w in w.iter_mut() {
+            *w = _mm512_shuffle_epi8(table, *w);
+        }
+    }
+
+    /// [`super::IQ4NL_U8`] in each 128-bit lane, the table of [`lookup`] for `IQ4_NL` and
+    /// `IQ4_XS` codes.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn iq4_table() -> __m512i {
+        let t = unsafe { _mm_loadu_si128(super::IQ4NL_U8.as_ptr() as *const __m128i) };
+        _mm512_broadcast_i32x4(t)
     }
 
     /// `init + Σ code·y` for the 16 rows of a block: word `j` of `w` against activation bytes
@@ -539,7 +614,7 @@ pub(crate) mod avx512 {
     /// As [`tile`]; `r + R <= t.ms.end`, `bs.end <= k / 32`, and for `bs.start > 0` the
     /// output holds the sums of the blocks before.
     #[inline(always)]
-    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32>(
+    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32, const NL: bool>(
         t: &Tile<'_>,
         wg: *const u8,
         g: usize,
@@ -556,6 +631,7 @@ pub(crate) mod avx512 {
         // matrix 128256 x 2048 in `Q4_0`, m = 16, 2 threads: 12.2 -> 6.9 ms).
         let pf = WORDS == 4 && r == t.ms.start;
         unsafe {
+            let table = iq4_table();
             let out = t.out.add(r * t.ldo + g * ROWS);
             let mut acc = [_mm512_setzero_ps(); R];
             if bs.start > 0 {
@@ -579,6 +655,9 @@ pub(crate) mod avx512 {
                     }
                 } else {
                     w = nibbles(blk.add(32));
+                    if NL {
+                        lookup(&mut w, table);
+                    }
                 }
                 unroll8!(R, i => {
                     let y = y0.add(i * k / 4 + 8 * b);

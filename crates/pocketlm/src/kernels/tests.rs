@@ -799,10 +799,110 @@ fn packed_q6k_equals_the_portable_unpacked_q6k_bit_for_bit() {
 #[test]
 fn packing_keeps_shapes_it_cannot_pack_unchanged() {
     let mut rng = StdRng::seed_from_u64(23);
-    // 33 rows is not a whole number of groups; Q5_0 has no packed layout.
-    for (dtype, n) in [(GgufType::Q4_0, 33), (GgufType::Q5_0, 32)] {
-        let w = quantized_weight(&mut rng, dtype, n, 64);
+    // 33 and 40 rows are not whole numbers of groups; Q5_0 has no packed layout.
+    for (dtype, n) in [
+        (GgufType::Q4_0, 33),
+        (GgufType::Iq4Nl, 40),
+        (GgufType::Iq4Xs, 33),
+        (GgufType::Q5_0, 32),
+    ] {
+        let w = quantized_weight(&mut rng, dtype, n, 256);
         assert!(!w.mat.clone().into_packed().is_packed(), "{dtype:?} {n}");
+    }
+}
+
+/// The packed `IQ4_NL` / `IQ4_XS` products against the exact product of the dequantized weight
+/// and quantized activations, and against the plain f32 product, within [`check`]'s bounds
+/// (`(k/32 + 16)·ε_f32·Σ|w·x|` for the float summation; plus the activations' quantization
+/// error `Σ|w|·d_x·(1/2 + 127·2^-11)` against f32).
+#[test]
+fn packed_iq4_kernels_match_references() {
+    let mut rng = StdRng::seed_from_u64(27);
+    for dtype in [GgufType::Iq4Nl, GgufType::Iq4Xs] {
+        for (n, k) in [(16, 256), (48, 1024)] {
+            let w = packed_weight(&quantized_weight(&mut rng, dtype, n, k));
+            for m in [1, 3, 13] {
+                for backend in backends() {
+                    check(&mut rng, &w, m, backend);
+                }
+            }
+        }
+    }
+}
+
+/// The packed `IQ4_NL` / `IQ4_XS` kernels equal their portable twin ([`packed::tile_fn`]) bit
+/// for bit on every backend that runs them, for activation rows `m = 1..=20` and `64..=66`
+/// (the passes of 8 rows and their remainders, prefill tiles) on shapes of one and three
+/// groups, and at `k = 4096` (block chunks of more than 8 rows, prefetch past a group) for a
+/// few row counts; with the unpacked kernels (another
+/// float order) they agree to `2e-5` of the largest output (the naive references and their
+/// bounds are [`check`]'s, in `packed_iq4_kernels_match_references`). Row counts that
+/// are not whole 16-row groups stay in GGUF's layout
+/// (`packing_keeps_shapes_it_cannot_pack_unchanged`) and go through the unpacked kernels,
+/// checked here against the packed part of the same matrix.
+#[test]
+fn packed_iq4_equals_the_portable_twin_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(26);
+    for dtype in [GgufType::Iq4Nl, GgufType::Iq4Xs] {
+        for (n, k) in [(16, 256), (48, 512), (16, 4096)] {
+            let ms: Vec<usize> = if k > 512 {
+                vec![1, 9, 20, 65]
+            } else {
+                (1..=20).chain(64..=66).collect()
+            };
+            let bytes = random_block_bytes(&mut rng, dtype, n * k / dtype.block_size());
+            let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), dtype, n, k).unwrap();
+            let packed = plain.clone().into_packed();
+            assert!(packed.is_packed());
+            // The first `n - 9` rows alone (7, 39, 7): not whole groups, so not packed.
+            let tail_rows = n - 9;
+            let tail_bytes = plain.bytes()[..tail_rows * plain.row_bytes()].to_vec();
+            let tail = GgufMatrix::new("t", WeightBytes::owned(tail_bytes), dtype, tail_rows, k)
+                .unwrap()
+                .into_packed();
+            assert!(!tail.is_packed());
+            for m in ms {
+                let x = rand_vec(&mut rng, m * k);
+                let mut want = vec![0f32; m * n];
+                packed
+                    .matmul_with(Backend::Scalar, &x, m, &mut want)
+                    .unwrap();
+                let mut unpacked = vec![0f32; m * n];
+                plain
+                    .matmul_with(Backend::Scalar, &x, m, &mut unpacked)
+                    .unwrap();
+                let scale = unpacked.iter().fold(1f32, |a, v| a.max(v.abs()));
+                for backend in backends() {
+                    let mut got = vec![0f32; m * n];
+                    packed.matmul_with(backend, &x, m, &mut got).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} {backend:?} n {n} k {k} m {m}");
+                    for (a, b) in got.iter().zip(&unpacked) {
+                        assert!(
+                            (a - b).abs() <= 2e-5 * scale,
+                            "{dtype:?} {backend:?} m {m}: {a} vs unpacked {b}"
+                        );
+                    }
+                    let mut t = vec![0f32; m * tail_rows];
+                    tail.matmul_with(backend, &x, m, &mut t).unwrap();
+                    for r in 0..m {
+                        for (j, v) in t[r * tail_rows..][..tail_rows].iter().enumerate() {
+                            let u = unpacked[r * n + j];
+                            assert!((v - u).abs() <= 2e-5 * scale, "{dtype:?} tail {v} vs {u}");
+                        }
+                    }
+                }
+            }
+            assert_eq!(packed.dequantize(), plain.dequantize(), "{dtype:?}");
+            let ids = [0u32, 15, n as u32 / 2, n as u32 - 1];
+            assert_eq!(
+                packed.embedding(&ids).unwrap(),
+                plain.embedding(&ids).unwrap()
+            );
+        }
     }
 }
 

@@ -134,3 +134,75 @@ fn iq4_expert_stacks_and_mixed_files_read_in_place() {
     assert_eq!(q.dequantize(), want);
     assert_eq!(f32s(&f.tensor_f32("a.q8", &[2, 64], &cpu).unwrap()), want);
 }
+
+/// An `IQ4_NL` / `IQ4_XS` layer of whole 16-row groups is repacked where this CPU has the packed
+/// kernels and repacking is asked for (`--no-repack` keeps GGUF's layout), and gives the
+/// products of the unpacked layer to rounding; its embedding table keeps GGUF's rows.
+#[test]
+fn iq4_layers_are_repacked_where_the_cpu_packs() {
+    let (n, k) = (32, 512);
+    let blocks = |ty: GgufType, seed: u8| -> Vec<u8> {
+        let mut v: Vec<u8> = (0..n * k / ty.block_size() * ty.type_size())
+            .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ (i >> 7) as u8)
+            .collect();
+        for (i, blk) in v.chunks_exact_mut(ty.type_size()).enumerate() {
+            let d = half::f16::from_f32(0.002 * ((i % 11) as f32 - 5.0));
+            blk[..2].copy_from_slice(&d.to_le_bytes());
+        }
+        v
+    };
+    let (nl, xs) = (blocks(GgufType::Iq4Nl, 5), blocks(GgufType::Iq4Xs, 6));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("iq4_32.gguf");
+    write_gguf(&path, &[("nl", &[n, k], 20, &nl), ("xs", &[n, k], 23, &xs)]);
+    let f = GgufFile::open(&path).unwrap();
+    let cpu = Device::Cpu;
+    let x = Tensor::from_vec(
+        (0..3 * k)
+            .map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0)
+            .collect(),
+        (3, k),
+        &cpu,
+    )
+    .unwrap();
+    for (name, ty) in [("nl", GgufType::Iq4Nl), ("xs", GgufType::Iq4Xs)] {
+        let stored = || Stored::Gguf {
+            file: &f,
+            name,
+            shape: [n, k],
+        };
+        let mut outs = Vec::new();
+        for repack in [false, true] {
+            let p = Placement {
+                device: cpu.clone(),
+                dequantize: false,
+                repack,
+            };
+            let l = p.linear(stored(), None).unwrap();
+            let Linear::Kernel { weight, .. } = &l else {
+                panic!("{name}: not on the CPU kernels");
+            };
+            assert_eq!(weight.dtype(), ty);
+            assert_eq!(
+                weight.is_packed(),
+                repack && GgufMatrix::packed_kernels_here(),
+                "{name} repack {repack}"
+            );
+            let e = p.embedding(stored()).unwrap();
+            let Embedding::Kernel { table, .. } = &e else {
+                panic!("{name}: embedding not on the CPU kernels");
+            };
+            assert!(!table.is_packed());
+            outs.push(f32s(&l.forward(&x).unwrap()));
+            assert_eq!(
+                bits(&f32s(&l.dequantized_weight().unwrap())),
+                bits(&f.matrix(name, &[n, k]).unwrap().dequantize()),
+                "{name}"
+            );
+        }
+        let scale = outs[0].iter().fold(1f32, |a, v| a.max(v.abs()));
+        for (a, b) in outs[1].iter().zip(&outs[0]) {
+            assert!((a - b).abs() <= 1e-5 * scale, "{name}: {a} vs unpacked {b}");
+        }
+    }
+}

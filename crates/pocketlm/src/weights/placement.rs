@@ -7,8 +7,8 @@
 //! | stored | `dequantize` | CPU | CUDA |
 //! |---|---|---|---|
 //! | float | either | dense | dense |
-//! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0, Q4_1, Q8_0, Q4_K and Q6_K repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
-//! | GGUF IQ4_NL, IQ4_XS (which candle cannot read) | no | [`Linear::Kernel`] (memory-mapped, not repacked) | dense f32 (our dequantization) |
+//! | GGUF type of our CPU kernels (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) | no | [`Linear::Kernel`] (memory-mapped; Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K repacked in 16-row groups on CPUs with AVX-512 VNNI) | [`Linear::Cuda`] where our CUDA kernels take the type, else candle's [`Linear::Gguf`] |
+//! | GGUF IQ4_NL, IQ4_XS (which candle cannot read) | no | [`Linear::Kernel`] (memory-mapped; repacked in 16-row groups on CPUs with AVX-512 VNNI and BW) | dense f32 (our dequantization) |
 //! | other GGUF block types | no | [`Linear::Gguf`] | as above |
 //! | MLX affine | no | [`Linear::Mlx`] ([`Linear::MlxPacked`] for 4-bit on CPUs with AVX-512 VNNI, 2/3/5/6-bit with VBMI2 as well) | [`Linear::Cuda`] for 4/8-bit, else dense |
 //! | MLX `mxfp4` / `mxfp8` / `nvfp4` | no | [`Linear::MlxFp`] | dense |

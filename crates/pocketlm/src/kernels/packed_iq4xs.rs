@@ -1,0 +1,265 @@
+//! `IQ4_XS` weights repacked at load into groups of 16 interleaved rows (the layout family of
+//! [`super::packed`]; an `IQ4_XS` sub-block of 32 values is an `IQ4_NL` block without its own
+//! `f16` scale, so each sub-block is packed as [`super::packed`] packs an `IQ4_NL` block).
+//!
+//! GGUF's block (ggml `block_iq4_xs`, 136 bytes): `d: f16, scales_h: u16, scales_l: [u8; 4],
+//! qs: [u8; 128]`; sub-block `s` has the 6-bit scale `ls_s` (see [`super::GgufType::Iq4Xs`])
+//! and its 32 codes in `qs[16s..16s + 16]` (byte `j`: value `j` low, `j + 16` high), value
+//! `d·(ls_s - 32)·KVALUES_IQ4NL[q]` (ggml `dequantize_row_iq4_xs`).
+//!
+//! Layout of a packed matrix `[rows, cols]` (`rows` a multiple of 16, `cols` of 256): group
+//! `g` (rows `16g..16g + 16`) is stored whole, then group `g + 1`; within a group,
+//! super-block `b` (values `256b..256b + 256` of every row) takes [`GROUP_BLOCK`] = 2208
+//! bytes:
+//! - bytes `0..32`: the 16 rows' `d` (`f16`), row order;
+//! - bytes `32..160`: the sub-block scales decoded to `i8` `ls_s - 32`, `[sub-block s: 8][row:
+//!   16]`;
+//! - bytes `160..2208`: the codes as 32 words of 64 bytes, word `4s + c` holding 4 bytes per
+//!   row (lane `i` = bytes `4i..4i + 4` = row `16g + i`'s GGUF `qs[16s + 4c..16s + 4c + 4]`):
+//!   their low nibbles are values `32s + 4c..` and their high nibbles values `32s + 16 + 4c..`.
+//!
+//! That is 32 bytes more per 16 rows and super-block than GGUF's 2176 (1.5%): the scales are
+//! stored decoded so that the kernels need no bit surgery per token.
+//!
+//! Products (against `Q8_K` activations, as ggml pairs `IQ4_XS` with `Q8_K`): per row and
+//! super-block the exact integer `Σ_s (ls_s - 32)·Σ_j v_j·y_j` (the integers of ggml's
+//! `ggml_vec_dot_iq4_xs_q8_K`, `ggml-cpu/arch/x86/quants.c`), where the SIMD kernel takes each
+//! `Σ v·y` as `Σ (v + 128)·y - 128·Σy` (unsigned table codes [`super::packed::IQ4NL_U8`] for
+//! `vpdpbusd`; `Σy` from the activations' 16-value sums), then one fused multiply-add
+//! `acc = fma(isum, d·dy, acc)`. That float order is not the unpacked kernels' (ggml's AVX2
+//! kernel keeps eight lanes of partial sums per row and adds them at the end; the portable one
+//! applies the scale per sub-block), so packed and unpacked agree to rounding;
+//! [`tile_scalar`] does the AVX-512 kernel's integer and float operations in the same order
+//! (bit for bit).
+
+use super::packed::{IQ4NL_U8, ROWS};
+use super::scalar::{f16_at, iq4xs_scale};
+use super::{Acts, Tile, KVALUES_IQ4NL};
+
+/// Bytes of one super-block of a 16-row group.
+pub(crate) const GROUP_BLOCK: usize = QS + 64 * 32;
+/// Offset of the decoded scales in a group block.
+const SC: usize = 32;
+/// Offset of the code words.
+const QS: usize = 160;
+/// Bytes of a GGUF `IQ4_XS` block.
+const GGUF_BLOCK: usize = 136;
+
+/// Bytes of the packed form of a `[rows, cols]` matrix (`rows % 16 == 0`, `cols % 256 == 0`).
+pub(crate) fn packed_len(rows: usize, cols: usize) -> usize {
+    rows / ROWS * (cols / 256) * GROUP_BLOCK
+}
+
+/// The packed bytes of GGUF `IQ4_XS` `bytes` `[rows, cols]` (`rows % 16 == 0`). Groups are
+/// packed in parallel on the rayon pool.
+pub(crate) fn repack(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    let nb = cols / 256;
+    let row_bytes = nb * GGUF_BLOCK;
+    let mut out = vec![0u8; packed_len(rows, cols)];
+    if nb == 0 {
+        return out;
+    }
+    out.par_chunks_exact_mut(nb * GROUP_BLOCK)
+        .zip(bytes.par_chunks_exact(ROWS * row_bytes))
+        .for_each(|(dst, src)| {
+            for (i, row) in src.chunks_exact(row_bytes).enumerate() {
+                for (b, blk) in row.chunks_exact(GGUF_BLOCK).enumerate() {
+                    let db = &mut dst[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+                    db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
+                    for s in 0..8 {
+                        db[SC + 16 * s + i] = (iq4xs_scale(blk, s) - 32) as i8 as u8;
+                    }
+                    for w in 0..32 {
+                        db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&blk[8 + 4 * w..][..4]);
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// The code (`0..16`) of value `j` (`0..32`) of sub-block `s` for row lane `i` of a group block.
+#[inline(always)]
+fn code(blk: &[u8], s: usize, i: usize, j: usize) -> u8 {
+    let byte = blk[QS + 64 * (4 * s + (j % 16) / 4) + 4 * i + j % 4];
+    if j < 16 {
+        byte & 0xF
+    } else {
+        byte >> 4
+    }
+}
+
+/// Row `r` of a packed matrix with `cols` columns, dequantized into `out` (`cols` values;
+/// exactly ggml's `dequantize_row_iq4_xs` values: `dl = d·(ls - 32)`, then `dl·v`).
+pub(crate) fn dequantize_row(packed: &[u8], cols: usize, r: usize, out: &mut [f32]) {
+    let nb = cols / 256;
+    let (g, i) = (r / ROWS, r % ROWS);
+    let grp = &packed[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK];
+    for (b, o) in out.chunks_exact_mut(256).enumerate() {
+        let blk = &grp[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+        let d = f16_at(blk, 2 * i);
+        for (s, o) in o.chunks_exact_mut(32).enumerate() {
+            let dl = d * (blk[SC + 16 * s + i] as i8) as f32;
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = dl * KVALUES_IQ4NL[code(blk, s, i, j) as usize] as f32;
+            }
+        }
+    }
+}
+
+/// The exact integer `Σ_s (ls_s - 32)·(Σ_j (v_j + 128)·y_j - 128·Σy)` of super-block `b` for
+/// row lane `i` and activation row `r` (that is, `Σ_s (ls_s - 32)·Σ_j v_j·y_j`).
+#[inline(always)]
+fn block_isum(blk: &[u8], a: &Acts, r: usize, b: usize, i: usize) -> i32 {
+    let y = &a.qs[r * a.k + 256 * b..][..256];
+    let bsums = &a.bsums[r * (a.k / 16) + 16 * b..][..16];
+    let mut isum = 0i32;
+    for s in 0..8 {
+        let mut p = -128 * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32);
+        for j in 0..32 {
+            p += IQ4NL_U8[code(blk, s, i, j) as usize] as i32 * y[32 * s + j] as i32;
+        }
+        isum += (blk[SC + 16 * s + i] as i8) as i32 * p;
+    }
+    isum
+}
+
+/// The portable tile function (the reference of the SIMD kernel: the same integers and the
+/// same float operations in the same order).
+///
+/// # Safety
+/// See [`super::TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the
+/// activations are `Q8_K`.
+pub(crate) unsafe fn tile_scalar(t: &Tile<'_>) {
+    let a = t.acts;
+    let nb = a.k / 256;
+    for g in t.rows.start / ROWS..t.rows.end / ROWS {
+        let grp = &t.w[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK];
+        for r in t.ms.clone() {
+            for i in 0..ROWS {
+                let mut acc = 0f32;
+                for b in 0..nb {
+                    let blk = &grp[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+                    let dd = f16_at(blk, 2 * i) * a.d[r * nb + b];
+                    acc = (block_isum(blk, a, r, b, i) as f32).mul_add(dd, acc);
+                }
+                // SAFETY: the caller guarantees `out` is valid for `[m, ldo]` and that the
+                // tile's elements belong to it only.
+                unsafe { *t.out.add(r * t.ldo + g * ROWS + i) = acc };
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernel (AVX512F, AVX512BW for `vpshufb`, AVX512-VNNI for `vpdpbusd`): the
+/// blocking of the packed `Q4_0` kernel (activation rows 8 at a time, blocks in chunks that
+/// stay in L1 for more than 8 rows), each sub-block's codes unpacked and looked up once for
+/// all the rows of a pass.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::super::packed::avx512::{
+        block_sums, chain, iq4_table, lookup, nibbles, prefetch_ahead, remainder_rows, unroll8,
+        CHUNK_BYTES,
+    };
+    use super::super::Tile;
+    use super::{GROUP_BLOCK, QS, ROWS, SC};
+
+    /// # Safety
+    /// See [`super::super::TileFn`]; the tile's rows start and end on multiples of [`ROWS`];
+    /// the activations are `Q8_K`; the CPU has AVX512F, AVX512BW and AVX512-VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(crate) unsafe fn tile(t: &Tile<'_>) {
+        let nb = t.acts.k / 256;
+        let chunk = if t.ms.len() > 8 {
+            (CHUNK_BYTES / GROUP_BLOCK).max(1)
+        } else {
+            nb.max(1)
+        };
+        for g in t.rows.start / ROWS..t.rows.end / ROWS {
+            // SAFETY: group `g` lies inside the weight (rows checked by the caller).
+            let wg = unsafe { t.w.as_ptr().add(g * nb * GROUP_BLOCK) };
+            let mut b0 = 0;
+            while b0 < nb {
+                let bs = b0..(b0 + chunk).min(nb);
+                let mut r = t.ms.start;
+                unsafe {
+                    while r + 8 <= t.ms.end {
+                        rows::<8>(t, wg, g, r, bs.clone());
+                        r += 8;
+                    }
+                    remainder_rows!(t.ms.end - r, R => rows::<R>(t, wg, g, r, bs.clone()));
+                }
+                b0 = bs.end;
+            }
+        }
+    }
+
+    /// Super-blocks `bs` of activation rows `r..r + R` (`R <= 8`) against the 16 weight rows
+    /// of group `g` (at `wg`); the accumulators start at zero for the first super-block and
+    /// from the output (the sums of super-blocks `0..bs.start`) otherwise.
+    ///
+    /// # Safety
+    /// As [`tile`]; `r + R <= t.ms.end`, `bs.end <= k / 256`, and for `bs.start > 0` the
+    /// output holds the sums of the super-blocks before.
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(
+        t: &Tile<'_>,
+        wg: *const u8,
+        g: usize,
+        r: usize,
+        bs: std::ops::Range<usize>,
+    ) {
+        let a = t.acts;
+        let (k, nb) = (a.k, a.k / 256);
+        // As the packed `Q4_0` kernel: the tile's first pass over a group streams it.
+        let pf = r == t.ms.start;
+        unsafe {
+            let table = iq4_table();
+            let out = t.out.add(r * t.ldo + g * ROWS);
+            let mut acc = [_mm512_setzero_ps(); R];
+            if bs.start > 0 {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_loadu_ps(out.add(i * t.ldo));
+                }
+            }
+            let y0 = a.qs.as_ptr().add(r * k);
+            let bsums = a.bsums.as_ptr().add(r * (k / 16));
+            let dy = a.d.as_ptr().add(r * nb);
+            for b in bs {
+                let blk = wg.add(b * GROUP_BLOCK);
+                if pf {
+                    prefetch_ahead(blk, GROUP_BLOCK);
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let mut isum = [_mm512_setzero_si512(); R];
+                for s in 0..8 {
+                    let mut w = nibbles(blk.add(QS + 256 * s));
+                    lookup(&mut w, table);
+                    let sc =
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(SC + 16 * s) as *const _));
+                    unroll8!(R, i => {
+                        let y = y0.add(i * k + 256 * b + 32 * s) as *const i32;
+                        let bs2 = bsums.add(i * (k / 16) + 16 * b + 2 * s);
+                        let off = -128 * (*bs2 as i32 + *bs2.add(1) as i32);
+                        let p = if R >= 4 {
+                            chain(&w, y, off)
+                        } else {
+                            block_sums(&w, y, off)
+                        };
+                        isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(p, sc));
+                    });
+                }
+                unroll8!(R, i => {
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*dy.add(i * nb + b)));
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), dd, acc[i]);
+                });
+            }
+            for (i, v) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(i * t.ldo), *v);
+            }
+        }
+    }
+}
