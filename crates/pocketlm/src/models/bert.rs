@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::models::Encoder;
-use crate::nn::{Embedding, LayerNorm, Linear};
+use crate::nn::{ops, Embedding, LayerNorm, Linear};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -224,9 +224,12 @@ impl Bert {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, s, h))?;
-        let x = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + x)?)?;
+        let x = l
+            .attn_norm
+            .forward(&ops::add(&l.attn_out.forward(&ctx)?, x)?)?;
         let inner = self.act.apply(&l.intermediate.forward(&x)?)?;
-        l.out_norm.forward(&(l.output.forward(&inner)? + x)?)
+        l.out_norm
+            .forward(&ops::add(&l.output.forward(&inner)?, &x)?)
     }
 }
 

@@ -10,6 +10,7 @@
 use candle_core::Tensor;
 
 use crate::kv_cache::KvCache;
+use crate::nn::ops::residual;
 use crate::nn::{
     Attention, AttentionPass, Embedding, GatedMlp, Linear, Mode, Moe, RmsNorm, RotaryEmbedding,
 };
@@ -109,12 +110,12 @@ impl DecodePlan<'_> {
             if let Some(n) = b.post_attn_norm {
                 a = n.forward(&a)?;
             }
-            x = (x + a)?;
+            x = residual(&a, &x, mode)?;
             let mut m = b.mlp.forward(&b.mlp_norm.forward(&x)?, mode)?;
             if let Some(n) = b.post_mlp_norm {
                 m = n.forward(&m)?;
             }
-            x = (x + m)?;
+            x = residual(&m, &x, mode)?;
         }
         let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
         self.lm_head.forward(&self.norm.forward(&last)?)

@@ -26,7 +26,7 @@ use crate::models::{
     VisionInfo,
 };
 use crate::nn::{
-    scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
+    ops, scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
     GatedMlp, Linear, Mode, Numerics, QkvProj, RmsNorm, RopeScaling, RotaryEmbedding,
 };
 use crate::weights::{QkRowOrder, Weights};
@@ -517,7 +517,7 @@ impl VisionTower {
                 _ => &full,
             };
             let h = blk.norm1.forward(&x)?;
-            x = (&x + self.attention(blk, &h, &cos, &sin, lens)?)?;
+            x = ops::add(&x, &self.attention(blk, &h, &cos, &sin, lens)?)?;
             let h = blk.norm2.forward(&x)?;
             let y = match &blk.mlp {
                 VisionMlp::Plain { fc1, fc2 } => {
@@ -528,7 +528,7 @@ impl VisionTower {
                     down.forward(&(g * up.forward(&h)?)?)?
                 }
             };
-            x = (x + y)?;
+            x = ops::add(&x, &y)?;
         }
         let h = self
             .merger_norm
