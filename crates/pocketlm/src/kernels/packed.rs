@@ -76,6 +76,41 @@ pub(crate) const IQ4NL_U8: [u8; 16] = {
 /// Rows per interleaved group.
 pub(crate) const ROWS: usize = 16;
 
+/// The repacking loop of the 256-value super-block layouts (`Q4_K`, `Q5_K`, `Q6_K`,
+/// `IQ4_XS`): `bytes` holds `[rows, cols]` (`rows % 16 == 0`, `cols % 256 == 0`) in GGUF blocks
+/// of `gguf_block` bytes; the result holds each 16-row group whole, super-block after
+/// super-block, in `group_block` bytes each, and `fill(group_block, i, gguf_block)` writes row
+/// `i`'s share of one from that row's GGUF block (the layout's own part). Groups are packed in
+/// parallel on the rayon pool.
+pub(crate) fn repack_superblocks(
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    (gguf_block, group_block): (usize, usize),
+    fill: impl Fn(&mut [u8], usize, &[u8]) + Sync,
+) -> Vec<u8> {
+    use rayon::prelude::*;
+    let nb = cols / 256;
+    let row_bytes = nb * gguf_block;
+    let mut out = vec![0u8; rows / ROWS * nb * group_block];
+    if nb == 0 {
+        return out;
+    }
+    out.par_chunks_exact_mut(nb * group_block)
+        .zip(bytes.par_chunks_exact(ROWS * row_bytes))
+        .for_each(|(dst, src)| {
+            for (i, row) in src.chunks_exact(row_bytes).enumerate() {
+                for (db, blk) in dst
+                    .chunks_exact_mut(group_block)
+                    .zip(row.chunks_exact(gguf_block))
+                {
+                    fill(db, i, blk);
+                }
+            }
+        });
+    out
+}
+
 /// Whether `dtype` has a packed layout (`Q4_K`'s is in [`super::packed_q4k`], `Q5_K`'s in
 /// [`super::packed_q5k`], `Q6_K`'s in [`super::packed_q6k`], `IQ4_XS`'s in
 /// [`super::packed_iq4xs`]).

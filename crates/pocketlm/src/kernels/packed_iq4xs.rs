@@ -45,38 +45,24 @@ const QS: usize = 160;
 /// Bytes of a GGUF `IQ4_XS` block.
 const GGUF_BLOCK: usize = 136;
 
-/// Bytes of the packed form of a `[rows, cols]` matrix (`rows % 16 == 0`, `cols % 256 == 0`).
-pub(crate) fn packed_len(rows: usize, cols: usize) -> usize {
-    rows / ROWS * (cols / 256) * GROUP_BLOCK
-}
-
 /// The packed bytes of GGUF `IQ4_XS` `bytes` `[rows, cols]` (`rows % 16 == 0`). Groups are
 /// packed in parallel on the rayon pool.
 pub(crate) fn repack(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    use rayon::prelude::*;
-    let nb = cols / 256;
-    let row_bytes = nb * GGUF_BLOCK;
-    let mut out = vec![0u8; packed_len(rows, cols)];
-    if nb == 0 {
-        return out;
-    }
-    out.par_chunks_exact_mut(nb * GROUP_BLOCK)
-        .zip(bytes.par_chunks_exact(ROWS * row_bytes))
-        .for_each(|(dst, src)| {
-            for (i, row) in src.chunks_exact(row_bytes).enumerate() {
-                for (b, blk) in row.chunks_exact(GGUF_BLOCK).enumerate() {
-                    let db = &mut dst[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
-                    db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
-                    for s in 0..8 {
-                        db[SC + 16 * s + i] = (iq4xs_scale(blk, s) - 32) as i8 as u8;
-                    }
-                    for w in 0..32 {
-                        db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&blk[8 + 4 * w..][..4]);
-                    }
-                }
+    super::packed::repack_superblocks(
+        bytes,
+        rows,
+        cols,
+        (GGUF_BLOCK, GROUP_BLOCK),
+        |db, i, blk| {
+            db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
+            for s in 0..8 {
+                db[SC + 16 * s + i] = (iq4xs_scale(blk, s) - 32) as i8 as u8;
             }
-        });
-    out
+            for w in 0..32 {
+                db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&blk[8 + 4 * w..][..4]);
+            }
+        },
+    )
 }
 
 /// The code (`0..16`) of value `j` (`0..32`) of sub-block `s` for row lane `i` of a group block.

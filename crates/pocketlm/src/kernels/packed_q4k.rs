@@ -39,41 +39,27 @@ const QS: usize = 320;
 /// Bytes of a GGUF `Q4_K` block.
 const GGUF_BLOCK: usize = 144;
 
-/// Bytes of the packed form of a `[rows, cols]` matrix (`rows % 16 == 0`, `cols % 256 == 0`).
-pub(crate) fn packed_len(rows: usize, cols: usize) -> usize {
-    rows / ROWS * (cols / 256) * GROUP_BLOCK
-}
-
 /// The packed bytes of GGUF `Q4_K` `bytes` `[rows, cols]` (`rows % 16 == 0`). Groups are packed
 /// in parallel on the rayon pool.
 pub(crate) fn repack(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    use rayon::prelude::*;
-    let nb = cols / 256;
-    let row_bytes = nb * GGUF_BLOCK;
-    let mut out = vec![0u8; packed_len(rows, cols)];
-    if nb == 0 {
-        return out;
-    }
-    out.par_chunks_exact_mut(nb * GROUP_BLOCK)
-        .zip(bytes.par_chunks_exact(ROWS * row_bytes))
-        .for_each(|(dst, src)| {
-            for (i, row) in src.chunks_exact(row_bytes).enumerate() {
-                for (b, blk) in row.chunks_exact(GGUF_BLOCK).enumerate() {
-                    let db = &mut dst[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
-                    db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
-                    db[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&blk[2..4]);
-                    for s in 0..8 {
-                        let (sc, m) = scale_min_k4(s, &blk[4..16]);
-                        db[SC + 16 * s + i] = sc;
-                        db[MIN + 32 * (s / 2) + 2 * i + s % 2] = m;
-                    }
-                    for w in 0..32 {
-                        db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&blk[16 + 4 * w..][..4]);
-                    }
-                }
+    super::packed::repack_superblocks(
+        bytes,
+        rows,
+        cols,
+        (GGUF_BLOCK, GROUP_BLOCK),
+        |db, i, blk| {
+            db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
+            db[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&blk[2..4]);
+            for s in 0..8 {
+                let (sc, m) = scale_min_k4(s, &blk[4..16]);
+                db[SC + 16 * s + i] = sc;
+                db[MIN + 32 * (s / 2) + 2 * i + s % 2] = m;
             }
-        });
-    out
+            for w in 0..32 {
+                db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&blk[16 + 4 * w..][..4]);
+            }
+        },
+    )
 }
 
 /// Row `r` of a packed matrix with `cols` columns, dequantized into `out` (`cols` values;

@@ -38,36 +38,27 @@ const GGUF_BLOCK: usize = 210;
 /// The packed bytes of GGUF `Q6_K` `bytes` `[rows, cols]` (`rows % 16 == 0`), the same length.
 /// Groups are packed in parallel on the rayon pool.
 pub(crate) fn repack(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    use rayon::prelude::*;
-    let nb = cols / 256;
-    let row_bytes = nb * GGUF_BLOCK;
-    let mut out = vec![0u8; rows / ROWS * nb * GROUP_BLOCK];
-    if nb == 0 {
-        return out;
-    }
-    out.par_chunks_exact_mut(nb * GROUP_BLOCK)
-        .zip(bytes.par_chunks_exact(ROWS * row_bytes))
-        .for_each(|(dst, src)| {
-            for (i, row) in src.chunks_exact(row_bytes).enumerate() {
-                for (b, blk) in row.chunks_exact(GGUF_BLOCK).enumerate() {
-                    let db = &mut dst[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
-                    db[2 * i..2 * i + 2].copy_from_slice(&blk[208..210]);
-                    for s in 0..16 {
-                        db[SC + 16 * s + i] = blk[192 + s];
-                    }
-                    for h in 0..2 {
-                        for t in 0..8 {
-                            let words = [64 * h + 4 * t, 64 * h + 32 + 4 * t, 128 + 32 * h + 4 * t];
-                            for (w, &from) in words.iter().enumerate() {
-                                let at = QS + 64 * (24 * h + 8 * w + t) + 4 * i;
-                                db[at..at + 4].copy_from_slice(&blk[from..from + 4]);
-                            }
-                        }
+    super::packed::repack_superblocks(
+        bytes,
+        rows,
+        cols,
+        (GGUF_BLOCK, GROUP_BLOCK),
+        |db, i, blk| {
+            db[2 * i..2 * i + 2].copy_from_slice(&blk[208..210]);
+            for s in 0..16 {
+                db[SC + 16 * s + i] = blk[192 + s];
+            }
+            for h in 0..2 {
+                for t in 0..8 {
+                    let words = [64 * h + 4 * t, 64 * h + 32 + 4 * t, 128 + 32 * h + 4 * t];
+                    for (w, &from) in words.iter().enumerate() {
+                        let at = QS + 64 * (24 * h + 8 * w + t) + 4 * i;
+                        db[at..at + 4].copy_from_slice(&blk[from..from + 4]);
                     }
                 }
             }
-        });
-    out
+        },
+    )
 }
 
 /// The 6-bit code of value `v` (0..256) of row lane `i` in a packed group block.
