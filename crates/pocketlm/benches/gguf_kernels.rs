@@ -763,8 +763,8 @@ tied output {VOCAB}x{HIDDEN} Q8_0 (packed: {}), {} threads:",
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
-    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output`, `iq4`, `q5k`); all by
-    // default.
+    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`,
+    // `output`, `iq4`, `q5k`); all by default.
     let sections = [
         "bandwidth",
         "table",
