@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
 //! prefill rows, which take a while with candle's scalar `Q4_1`, and/or section names
-//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output`, `iq4` to run only those). Numbers are noisy when other
+//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output`, `iq4`, `q5k` to run only those). Numbers are noisy when other
 //! processes share the cores: each row is the best of several runs (median in brackets).
 //!
 //! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
@@ -662,6 +662,57 @@ fn iq4(args: &[String]) {
     }
 }
 
+/// The packed `Q5_K` product on Llama-3.2-1B shapes (`ffn_up` 8192x2048, `ffn_down` 2048x8192,
+/// and a 256x2048 matrix that stays in the L2), beside `Q4_K` on the same shapes, at `m = 1,
+/// 16, 512` activation rows (decode, a small batch, prefill), on the whole pool: time per call,
+/// GOP/s (`2·m·n·k / time`) and activation rows per second. Rows to run can be narrowed with
+/// `m=16` style arguments.
+fn q5k(args: &[String]) {
+    let mut rng = StdRng::seed_from_u64(9);
+    let shapes = [
+        ("L2", 256, 2048),
+        ("ffn_up", 8192, 2048),
+        ("ffn_down", 2048, 8192),
+    ];
+    let mut ms: Vec<usize> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
+        .collect();
+    if ms.is_empty() {
+        ms = vec![1, 16, 512];
+    }
+    println!(
+        "\npacked Q5_K and Q4_K, Llama-3.2-1B shapes (repacked: {}), {} threads:",
+        GgufMatrix::packed_kernels_here(),
+        rayon::current_num_threads()
+    );
+    for (name, n, k) in shapes {
+        for dtype in [GgmlDType::Q5K, GgmlDType::Q4K] {
+            let q = quantize(&mut rng, dtype, n, k);
+            let w = GgufMatrix::from_qtensor(name, &q).unwrap().repacked();
+            for &m in &ms {
+                let x = rand_vec(&mut rng, m * k);
+                let mut out = vec![0f32; m * n];
+                let work = (m * n * k) as f64;
+                let (b, med) = in_pool(|| {
+                    time(
+                        || w.matmul(&x, m, &mut out).unwrap(),
+                        if work < 1e9 { 20 } else { 3 },
+                        Duration::from_millis(if work < 1e9 { 400 } else { 1500 }),
+                    )
+                });
+                println!(
+                    "  {name:<8} {dtype:?} {n}x{k} m={m:<3}: {} [{}] {:7.1} GOP/s {:8.1} rows/s",
+                    fmt_dur(b),
+                    fmt_dur(med),
+                    2.0 * work / b.as_secs_f64() / 1e9,
+                    m as f64 / b.as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
 /// The default model's tied `Q8_0` output layer (49152x576) in the file's layout and packed
 /// in ggml's float order (`GgufMatrix::repacked_keeping_order`, the same bits), at `m = 1, 2,
 /// 4, 8, 16, 32, 64` activation rows (decode of one client up to the server's batches), on the
@@ -712,8 +763,8 @@ tied output {VOCAB}x{HIDDEN} Q8_0 (packed: {}), {} threads:",
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
-    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`); all by
-    // default.
+    // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`,
+    // `output`, `iq4`, `q5k`); all by default.
     let sections = [
         "bandwidth",
         "table",
@@ -723,6 +774,7 @@ fn main() {
         "q4_0",
         "output",
         "iq4",
+        "q5k",
     ];
     let chosen: Vec<&str> = sections
         .iter()
@@ -758,5 +810,8 @@ fn main() {
     }
     if run("iq4") {
         iq4(&args);
+    }
+    if run("q5k") {
+        q5k(&args);
     }
 }

@@ -192,6 +192,10 @@ pub(crate) mod avx512 {
         let a = t.acts;
         let nb = a.k / 256;
         let tiled = super::super::q5k_tiled(a.m);
+        if tiled && t.ms.len() >= DECODED_MIN_ROWS {
+            // SAFETY: as this function's.
+            return unsafe { tile_decoded(t) };
+        }
         for g in t.rows.start / ROWS..t.rows.end / ROWS {
             // SAFETY: group `g` lies inside the weight (rows checked by the caller).
             let wg = unsafe { t.w.as_ptr().add(g * nb * GROUP_BLOCK) };
@@ -220,6 +224,188 @@ pub(crate) mod avx512 {
                         rows::<1, false>(t, wg, g, r);
                     }
                 }
+            }
+        }
+    }
+
+    /// Activation rows of a tile from which [`tile_decoded`] takes the tile (products of 8 or
+    /// more rows only: it does the float operations of ggml's tiled order).
+    const DECODED_MIN_ROWS: usize = 8;
+
+    /// Super-blocks of a group that [`tile_decoded`] decodes at a time (`64 * 64` bytes of
+    /// codes each).
+    const CHUNK: usize = 2;
+
+    /// The 5-bit codes of super-block `blk` of a group into `codes` (64 words): word
+    /// `2(8c + t)` holds the low-nibble codes of code word `8c + t` (sub-block `2c`), word
+    /// `2(8c + t) + 1` its high-nibble codes (sub-block `2c + 1`), each byte the code itself.
+    ///
+    /// # Safety
+    /// `blk` points at a whole group block; the CPU has AVX512F.
+    #[inline(always)]
+    unsafe fn decode(blk: *const u8, codes: &mut [__m512i]) {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m16 = _mm512_set1_epi8(0x10);
+        unsafe {
+            for tw in 0..8 {
+                let mut h = _mm512_loadu_si512(blk.add(QH + 64 * tw) as *const _);
+                for c in 0..4 {
+                    let v = _mm512_loadu_si512(blk.add(QS + 64 * (8 * c + tw)) as *const _);
+                    let lo = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
+                        v,
+                        _mm512_and_si512(_mm512_slli_epi32::<4>(h), m16),
+                        m4,
+                    );
+                    let hi = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
+                        _mm512_srli_epi32::<4>(v),
+                        _mm512_and_si512(_mm512_slli_epi32::<3>(h), m16),
+                        m4,
+                    );
+                    codes[2 * (8 * c + tw)] = lo;
+                    codes[2 * (8 * c + tw) + 1] = hi;
+                    h = _mm512_srli_epi32::<2>(h);
+                }
+            }
+        }
+    }
+
+    /// A tile of 8 or more activation rows in ggml's tiled order: per group, [`CHUNK`]
+    /// super-blocks at a time are decoded once to bytes holding the 5-bit codes, then every
+    /// activation row of the tile runs over them (groups of 4 rows; the accumulators go
+    /// through the output between chunks, so the float operations and their order are those
+    /// of one pass over all super-blocks). The high bits are thus merged once per tile
+    /// instead of once per 4 activation rows.
+    ///
+    /// # Safety
+    /// As [`tile`]; `q5k_tiled(t.acts.m)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_decoded(t: &Tile<'_>) {
+        let nb = t.acts.k / 256;
+        let mut codes = [_mm512_setzero_si512(); 64 * CHUNK];
+        for g in t.rows.start / ROWS..t.rows.end / ROWS {
+            // SAFETY: group `g` lies inside the weight (rows checked by the caller).
+            let wg = unsafe { t.w.as_ptr().add(g * nb * GROUP_BLOCK) };
+            let mut b0 = 0;
+            while b0 < nb {
+                let b1 = (b0 + CHUNK).min(nb);
+                for b in b0..b1 {
+                    // SAFETY: block `b` of group `g` lies inside the weight.
+                    unsafe { decode(wg.add(b * GROUP_BLOCK), &mut codes[64 * (b - b0)..]) };
+                }
+                let mut r = t.ms.start;
+                // SAFETY: the rows lie in the tile.
+                unsafe {
+                    while r + 4 <= t.ms.end {
+                        rows_decoded::<4>(t, wg, &codes, g, r, b0..b1);
+                        r += 4;
+                    }
+                    if r + 2 <= t.ms.end {
+                        rows_decoded::<2>(t, wg, &codes, g, r, b0..b1);
+                        r += 2;
+                    }
+                    if r < t.ms.end {
+                        rows_decoded::<1>(t, wg, &codes, g, r, b0..b1);
+                    }
+                }
+                b0 = b1;
+            }
+        }
+    }
+
+    /// Activation rows `r..r + R` against super-blocks `bs` of the 16 weight rows of group `g`
+    /// (at `wg`; their codes decoded in `codes`), in ggml's tiled order: the sums so far are
+    /// read from the output (unless `bs` starts the row) and written back.
+    ///
+    /// # Safety
+    /// As [`tile_decoded`]; `r + R <= t.ms.end`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // `i` indexes the activations and the sums alike
+    unsafe fn rows_decoded<const R: usize>(
+        t: &Tile<'_>,
+        wg: *const u8,
+        codes: &[__m512i],
+        g: usize,
+        r: usize,
+        bs: std::ops::Range<usize>,
+    ) {
+        let a = t.acts;
+        let (k, nb) = (a.k, a.k / 256);
+        let ones = _mm_set1_epi16(1);
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            if bs.start > 0 {
+                for i in 0..R {
+                    acc[i] = _mm512_loadu_ps(t.out.add((r + i) * t.ldo + g * ROWS));
+                }
+            }
+            for b in bs.clone() {
+                let blk = wg.add(b * GROUP_BLOCK);
+                let cw = codes.as_ptr().add(64 * (b - bs.start));
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+                let mut pairs = [[0i32; 4]; R];
+                for i in 0..R {
+                    let bp = a.bsums.as_ptr().add((r + i) * (k / 16) + 16 * b) as *const __m128i;
+                    let p = _mm_packs_epi32(
+                        _mm_madd_epi16(_mm_loadu_si128(bp), ones),
+                        _mm_madd_epi16(_mm_loadu_si128(bp.add(1)), ones),
+                    );
+                    _mm_storeu_si128(pairs[i].as_mut_ptr() as *mut __m128i, p);
+                }
+                let mut isum = [_mm512_setzero_si512(); R];
+                let mut msum = [_mm512_setzero_si512(); R];
+                for c in 0..4 {
+                    let mut s1 = [_mm512_setzero_si512(); R];
+                    let mut s2 = [_mm512_setzero_si512(); R];
+                    for tw in 0..8 {
+                        let lo = *cw.add(2 * (8 * c + tw));
+                        let hi = *cw.add(2 * (8 * c + tw) + 1);
+                        for i in 0..R {
+                            let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 64 * c + 4 * tw)
+                                as *const i32;
+                            s1[i] = _mm512_dpbusd_epi32(
+                                s1[i],
+                                lo,
+                                _mm512_set1_epi32(y.read_unaligned()),
+                            );
+                            s2[i] = _mm512_dpbusd_epi32(
+                                s2[i],
+                                hi,
+                                _mm512_set1_epi32(y.add(8).read_unaligned()),
+                            );
+                        }
+                    }
+                    let sc1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        blk.add(SC + 32 * c) as *const __m128i
+                    ));
+                    let sc2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        blk.add(SC + 32 * c + 16) as *const __m128i
+                    ));
+                    let mins = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                        blk.add(MIN + 32 * c) as *const __m256i
+                    ));
+                    for i in 0..R {
+                        let pair = _mm512_set1_epi32(pairs[i][c]);
+                        msum[i] = _mm512_dpwssd_epi32(msum[i], mins, pair);
+                        isum[i] = _mm512_add_epi32(
+                            isum[i],
+                            _mm512_add_epi32(
+                                _mm512_mullo_epi32(s1[i], sc1),
+                                _mm512_mullo_epi32(s2[i], sc2),
+                            ),
+                        );
+                    }
+                }
+                for i in 0..R {
+                    let dy = _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b));
+                    let fi = _mm512_cvtepi32_ps(isum[i]);
+                    let fm = _mm512_cvtepi32_ps(msum[i]);
+                    let s = _mm512_fnmadd_ps(dmin, fm, _mm512_mul_ps(fi, d));
+                    acc[i] = _mm512_fmadd_ps(s, dy, acc[i]);
+                }
+            }
+            for i in 0..R {
+                _mm512_storeu_ps(t.out.add((r + i) * t.ldo + g * ROWS), acc[i]);
             }
         }
     }
