@@ -47,19 +47,25 @@ pub(crate) fn repack(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
         rows,
         cols,
         (GGUF_BLOCK, GROUP_BLOCK),
-        |db, i, blk| {
-            db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
-            db[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&blk[2..4]);
-            for s in 0..8 {
-                let (sc, m) = scale_min_k4(s, &blk[4..16]);
-                db[SC + 16 * s + i] = sc;
-                db[MIN + 32 * (s / 2) + 2 * i + s % 2] = m;
-            }
-            for w in 0..32 {
-                db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&blk[16 + 4 * w..][..4]);
-            }
-        },
+        |db, i, blk| fill(db, i, blk, &blk[16..144]),
     )
+}
+
+/// Row lane `i`'s share of a group block (this layout's first [`GROUP_BLOCK`] bytes) from its
+/// GGUF block `blk`, whose first 16 bytes are `d`, `dmin` and the 12 bytes of 6-bit scales and
+/// mins, with the 128 bytes of 4-bit codes `qs`: `Q4_K`'s whole layout, and the part of
+/// `Q5_K`'s ([`super::packed_q5k`]) without the high bits.
+pub(crate) fn fill(db: &mut [u8], i: usize, blk: &[u8], qs: &[u8]) {
+    db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
+    db[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&blk[2..4]);
+    for s in 0..8 {
+        let (sc, m) = scale_min_k4(s, &blk[4..16]);
+        db[SC + 16 * s + i] = sc;
+        db[MIN + 32 * (s / 2) + 2 * i + s % 2] = m;
+    }
+    for w in 0..32 {
+        db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&qs[4 * w..][..4]);
+    }
 }
 
 /// Row `r` of a packed matrix with `cols` columns, dequantized into `out` (`cols` values;
@@ -170,7 +176,7 @@ pub(crate) unsafe fn tile_scalar(t: &Tile<'_>) {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::Tile;
+    use super::super::{Acts, Tile};
     use super::{GROUP_BLOCK, MIN, QS, ROWS, SC};
 
     /// Bytes ahead of the super-block in use that a decode product prefetches (about 5
@@ -223,6 +229,30 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// Row `r + i`'s activation sums of sub-blocks `2c` and `2c + 1` of super-block `b`, as
+    /// the `i16` pair of word `c` of entry `i` (|sum| <= 32 · 127, so the pack does not
+    /// saturate): the second operand of `vpdpwssd` against the mins. Shared with `Q5_K`.
+    ///
+    /// # Safety
+    /// Rows `r..r + R` and super-block `b` lie in the `Q8_K` activations `a`; the CPU has
+    /// AVX512F.
+    #[inline(always)]
+    pub(crate) unsafe fn bsum_pairs<const R: usize>(a: &Acts, r: usize, b: usize) -> [[i32; 4]; R] {
+        let ones = _mm_set1_epi16(1);
+        let mut pairs = [[0i32; 4]; R];
+        for (i, pair) in pairs.iter_mut().enumerate() {
+            unsafe {
+                let bs = a.bsums.as_ptr().add((r + i) * (a.k / 16) + 16 * b) as *const __m128i;
+                let p = _mm_packs_epi32(
+                    _mm_madd_epi16(_mm_loadu_si128(bs), ones),
+                    _mm_madd_epi16(_mm_loadu_si128(bs.add(1)), ones),
+                );
+                _mm_storeu_si128(pair.as_mut_ptr() as *mut __m128i, p);
+            }
+        }
+        pairs
+    }
+
     /// Activation rows `r..r + R` against the 16 weight rows of group `g` (at `wg`).
     ///
     /// # Safety
@@ -238,7 +268,6 @@ pub(crate) mod avx512 {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 256);
         let m4 = _mm512_set1_epi8(0x0F);
-        let ones = _mm_set1_epi16(1);
         // Independent dot-product chains per sum (two for one row: `vpdpbusd`'s latency
         // otherwise bounds a single-row product).
         let chains = if R == 1 { 2 } else { 1 };
@@ -262,20 +291,12 @@ pub(crate) mod avx512 {
                 let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
                 let mut dd = [_mm512_setzero_ps(); R];
                 let mut ddm = [_mm512_setzero_ps(); R];
-                // Row `i`'s activation sums of sub-blocks `2c` and `2c + 1` as the `i16` pair
-                // of word `c` (|sum| <= 32 · 127, so the pack does not saturate).
-                let mut pairs = [[0i32; 4]; R];
                 for i in 0..R {
                     let dy = _mm512_set1_ps(*a.d.get_unchecked((r + i) * nb + b));
                     dd[i] = _mm512_mul_ps(d, dy);
                     ddm[i] = _mm512_mul_ps(dmin, dy);
-                    let bs = a.bsums.as_ptr().add((r + i) * (k / 16) + 16 * b) as *const __m128i;
-                    let p = _mm_packs_epi32(
-                        _mm_madd_epi16(_mm_loadu_si128(bs), ones),
-                        _mm_madd_epi16(_mm_loadu_si128(bs.add(1)), ones),
-                    );
-                    _mm_storeu_si128(pairs[i].as_mut_ptr() as *mut __m128i, p);
                 }
+                let pairs = bsum_pairs::<R>(a, r, b);
                 // GEMV: `Σ sc·Σ q·y` of the low sub-blocks, and 16 times that of the high ones.
                 let mut isum = [_mm512_setzero_si512(); R];
                 let mut isum16 = [_mm512_setzero_si512(); R];

@@ -29,7 +29,7 @@
 //! differ from both by rounding.)
 
 use super::packed::ROWS;
-use super::scalar::{f16_at, scale_min_k4};
+use super::scalar::f16_at;
 use super::{Acts, Tile};
 
 /// Bytes of one super-block of a 16-row group.
@@ -54,16 +54,8 @@ pub(crate) fn repack(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
         cols,
         (GGUF_BLOCK, GROUP_BLOCK),
         |db, i, blk| {
-            db[2 * i..2 * i + 2].copy_from_slice(&blk[0..2]);
-            db[32 + 2 * i..32 + 2 * i + 2].copy_from_slice(&blk[2..4]);
-            for s in 0..8 {
-                let (sc, m) = scale_min_k4(s, &blk[4..16]);
-                db[SC + 16 * s + i] = sc;
-                db[MIN + 32 * (s / 2) + 2 * i + s % 2] = m;
-            }
-            for w in 0..32 {
-                db[QS + 64 * w + 4 * i..][..4].copy_from_slice(&blk[48 + 4 * w..][..4]);
-            }
+            // `Q4_K`'s layout (the same offsets), then the high bits.
+            super::packed_q4k::fill(db, i, blk, &blk[48..176]);
             for t in 0..8 {
                 db[QH + 64 * t + 4 * i..][..4].copy_from_slice(&blk[16 + 4 * t..][..4]);
             }
@@ -174,6 +166,7 @@ pub(crate) unsafe fn tile_scalar(t: &Tile<'_>) {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::packed_q4k::avx512::bsum_pairs;
     use super::super::Tile;
     use super::{GROUP_BLOCK, MIN, QH, QS, ROWS, SC};
 
@@ -183,6 +176,28 @@ pub(crate) mod avx512 {
 
     /// `vpternlogd` truth table of `(a & c) | b`.
     const A_AND_C_OR_B: i32 = 0xEC;
+
+    /// The 5-bit codes of code word `v` (64 bytes of two nibbles each) with the high bits in
+    /// bits 0 and 1 of the bytes of `h` (shifted so that sub-block pair `c`'s bits come
+    /// first): `(low-nibble codes, high-nibble codes)`, one code a byte.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F.
+    #[inline(always)]
+    unsafe fn merge_high(v: __m512i, h: __m512i) -> (__m512i, __m512i) {
+        let (m4, m16) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10));
+        let lo = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
+            v,
+            _mm512_and_si512(_mm512_slli_epi32::<4>(h), m16),
+            m4,
+        );
+        let hi = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
+            _mm512_srli_epi32::<4>(v),
+            _mm512_and_si512(_mm512_slli_epi32::<3>(h), m16),
+            m4,
+        );
+        (lo, hi)
+    }
 
     /// # Safety
     /// See [`super::super::TileFn`]; the tile's rows start and end on multiples of [`ROWS`];
@@ -244,23 +259,12 @@ pub(crate) mod avx512 {
     /// `blk` points at a whole group block; the CPU has AVX512F.
     #[inline(always)]
     unsafe fn decode(blk: *const u8, codes: &mut [__m512i]) {
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m16 = _mm512_set1_epi8(0x10);
         unsafe {
             for tw in 0..8 {
                 let mut h = _mm512_loadu_si512(blk.add(QH + 64 * tw) as *const _);
                 for c in 0..4 {
                     let v = _mm512_loadu_si512(blk.add(QS + 64 * (8 * c + tw)) as *const _);
-                    let lo = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
-                        v,
-                        _mm512_and_si512(_mm512_slli_epi32::<4>(h), m16),
-                        m4,
-                    );
-                    let hi = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
-                        _mm512_srli_epi32::<4>(v),
-                        _mm512_and_si512(_mm512_slli_epi32::<3>(h), m16),
-                        m4,
-                    );
+                    let (lo, hi) = merge_high(v, h);
                     codes[2 * (8 * c + tw)] = lo;
                     codes[2 * (8 * c + tw) + 1] = hi;
                     h = _mm512_srli_epi32::<2>(h);
@@ -330,7 +334,6 @@ pub(crate) mod avx512 {
     ) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 256);
-        let ones = _mm_set1_epi16(1);
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             if bs.start > 0 {
@@ -343,15 +346,7 @@ pub(crate) mod avx512 {
                 let cw = codes.as_ptr().add(64 * (b - bs.start));
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
                 let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
-                let mut pairs = [[0i32; 4]; R];
-                for i in 0..R {
-                    let bp = a.bsums.as_ptr().add((r + i) * (k / 16) + 16 * b) as *const __m128i;
-                    let p = _mm_packs_epi32(
-                        _mm_madd_epi16(_mm_loadu_si128(bp), ones),
-                        _mm_madd_epi16(_mm_loadu_si128(bp.add(1)), ones),
-                    );
-                    _mm_storeu_si128(pairs[i].as_mut_ptr() as *mut __m128i, p);
-                }
+                let pairs = bsum_pairs::<R>(a, r, b);
                 let mut isum = [_mm512_setzero_si512(); R];
                 let mut msum = [_mm512_setzero_si512(); R];
                 for c in 0..4 {
@@ -424,9 +419,6 @@ pub(crate) mod avx512 {
     ) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 256);
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m16 = _mm512_set1_epi8(0x10);
-        let ones = _mm_set1_epi16(1);
         // Independent dot-product chains per sum (two for one row: `vpdpbusd`'s latency
         // otherwise bounds a single-row product).
         let chains = if R == 1 { 2 } else { 1 };
@@ -448,17 +440,7 @@ pub(crate) mod avx512 {
                 }
                 let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
                 let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
-                // Row `i`'s activation sums of sub-blocks `2c` and `2c + 1` as the `i16` pair
-                // of word `c` (|sum| <= 32 · 127, so the pack does not saturate).
-                let mut pairs = [[0i32; 4]; R];
-                for i in 0..R {
-                    let bs = a.bsums.as_ptr().add((r + i) * (k / 16) + 16 * b) as *const __m128i;
-                    let p = _mm_packs_epi32(
-                        _mm_madd_epi16(_mm_loadu_si128(bs), ones),
-                        _mm_madd_epi16(_mm_loadu_si128(bs.add(1)), ones),
-                    );
-                    _mm_storeu_si128(pairs[i].as_mut_ptr() as *mut __m128i, p);
-                }
+                let pairs = bsum_pairs::<R>(a, r, b);
                 let mut isum = [_mm512_setzero_si512(); R];
                 let mut msum = [_mm512_setzero_si512(); R];
                 for c in 0..4 {
@@ -481,16 +463,7 @@ pub(crate) mod avx512 {
                             _mm512_loadu_si512(blk.add(QH + 64 * tw) as *const _),
                             shift,
                         );
-                        let lo = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
-                            v,
-                            _mm512_and_si512(_mm512_slli_epi32::<4>(h), m16),
-                            m4,
-                        );
-                        let hi = _mm512_ternarylogic_epi32::<A_AND_C_OR_B>(
-                            _mm512_srli_epi32::<4>(v),
-                            _mm512_and_si512(_mm512_slli_epi32::<3>(h), m16),
-                            m4,
-                        );
+                        let (lo, hi) = merge_high(v, h);
                         let ch = tw % chains;
                         for i in 0..R {
                             let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 64 * c + 4 * tw)
