@@ -9,6 +9,8 @@
 //! the signed extreme; values stay in `[-127, 127]` either way). The SIMD and scalar versions
 //! produce identical bytes.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::Backend;
@@ -65,6 +67,19 @@ pub(crate) struct Acts {
     /// `Q8_32*`: `[m, k / 32]`, the exact integer `Σq` per block (the offsets of the packed
     /// kernels, [`super::packed`]). Empty for `Q8K`.
     pub isum: Vec<i32>,
+    /// `[m, k]`: `qs` biased to unsigned bytes (`q + 128`, that is `q ^ 0x80`), made on first
+    /// use by [`Acts::biased`] (the packed `IQ4_XS` prefill kernel's unsigned operand of
+    /// `vpdpbusd`, [`super::packed_iq4xs`]).
+    pub biased: OnceLock<Vec<u8>>,
+}
+
+impl Acts {
+    /// [`Acts::biased`]'s bytes `q + 128` of `qs` (`[m, k]`), made on the first call (the
+    /// first caller makes them, callers on other threads wait for it).
+    pub(crate) fn biased(&self) -> &[u8] {
+        self.biased
+            .get_or_init(|| self.qs.iter().map(|&q| q as u8 ^ 0x80).collect())
+    }
 }
 
 /// Rows below this many values are quantized on the calling thread.
@@ -101,6 +116,7 @@ pub(crate) fn quantize_acts(
         } else {
             Vec::new()
         },
+        biased: OnceLock::new(),
     };
     if m == 0 || k == 0 {
         return acts;

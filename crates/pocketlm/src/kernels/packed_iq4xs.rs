@@ -23,10 +23,12 @@
 //!
 //! Products (against `Q8_K` activations, as ggml pairs `IQ4_XS` with `Q8_K`): per row and
 //! super-block the exact integer `Σ_s (ls_s - 32)·Σ_j v_j·y_j` (the integers of ggml's
-//! `ggml_vec_dot_iq4_xs_q8_K`, `ggml-cpu/arch/x86/quants.c`), where the SIMD kernel takes each
-//! `Σ v·y` as `Σ (v + 128)·y - 128·Σy` (unsigned table codes [`super::packed::IQ4NL_U8`] for
-//! `vpdpbusd`; `Σy` from the activations' 16-value sums), then one fused multiply-add
-//! `acc = fma(isum, d·dy, acc)`. That float order is not the unpacked kernels' (ggml's AVX2
+//! `ggml_vec_dot_iq4_xs_q8_K`, `ggml-cpu/arch/x86/quants.c`), where the SIMD kernel of fewer
+//! than 8 activation rows takes each `Σ v·y` as `Σ (v + 128)·y - 128·Σy` (unsigned table codes
+//! [`super::packed::IQ4NL_U8`] for `vpdpbusd`; `Σy` from the activations' 16-value sums), and
+//! the one of 8 or more as `Σ v·(y + 128) - 128·Σv` (signed values against the activations
+//! biased to unsigned bytes; `Σv` does not depend on the activation row, so its share is made
+//! once per tile), then one fused multiply-add `acc = fma(isum, d·dy, acc)`. That float order is not the unpacked kernels' (ggml's AVX2
 //! kernel keeps eight lanes of partial sums per row and adds them at the end; the portable one
 //! applies the scale per sub-block), so packed and unpacked agree to rounding;
 //! [`tile_scalar`] does the AVX-512 kernel's integer and float operations in the same order
@@ -148,9 +150,8 @@ pub(crate) mod avx512 {
 
     use super::super::packed::avx512::{
         block_sums, chain, iq4_table, lookup, nibbles, prefetch_ahead, remainder_rows, unroll8,
-        CHUNK_BYTES,
     };
-    use super::super::Tile;
+    use super::super::{Tile, KVALUES_IQ4NL};
     use super::{GROUP_BLOCK, QS, ROWS, SC};
 
     /// # Safety
@@ -158,28 +159,211 @@ pub(crate) mod avx512 {
     /// the activations are `Q8_K`; the CPU has AVX512F, AVX512BW and AVX512-VNNI.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(crate) unsafe fn tile(t: &Tile<'_>) {
+        if t.ms.len() >= DECODED_MIN_ROWS {
+            // SAFETY: as this function's.
+            return unsafe { tile_decoded(t) };
+        }
+        unsafe { tile_rows(t) }
+    }
+
+    /// Prefetches into L1 the cache lines of the `bytes` bytes at `p` (which may lie past the
+    /// weight: prefetches do not fault): the next chunk of [`tile_decoded`], whose weights come
+    /// from memory in a model's prefill (each tile of activation rows takes the whole matrix
+    /// before the next tile comes back to a group).
+    #[inline(always)]
+    fn prefetch_next(p: *const u8, bytes: usize) {
+        for l in 0..bytes.div_ceil(64) {
+            // SAFETY: a prefetch reads nothing architecturally and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8) };
+        }
+    }
+
+    /// Activation rows of a tile from which [`tile`] decodes the codes once per tile
+    /// ([`tile_decoded`]) instead of once per pass of 8 rows.
+    const DECODED_MIN_ROWS: usize = 8;
+
+    /// Super-blocks of a group that [`tile_decoded`] decodes at a time (`64 * 64` bytes of
+    /// codes each).
+    const CHUNK: usize = 2;
+
+    /// Super-block `blk` of a group decoded for [`rows_decoded`]: into `codes` (64 words) the
+    /// signed values `KVALUES_IQ4NL[q]`, word `8s + j` holding those of sub-block `s`'s
+    /// activation bytes `4j..4j + 4` (the [`nibbles`] order), one value a byte; into `sc` (8
+    /// words) the sub-block scales `ls_s - 32` as `i32` lanes; and the returned word, the
+    /// activation-independent part of the integer sum, `-128·Σ_s (ls_s - 32)·Σ_j v_j` per row
+    /// lane (see [`tile_decoded`]).
+    ///
+    /// # Safety
+    /// `blk` points at a whole group block; the CPU has AVX512F, AVX512BW and AVX512-VNNI.
+    #[inline(always)]
+    unsafe fn decode(blk: *const u8, codes: &mut [__m512i], sc: &mut [__m512i]) -> __m512i {
+        unsafe {
+            let table =
+                _mm512_broadcast_i32x4(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i));
+            let ones = _mm512_set1_epi8(1);
+            let mut c = _mm512_setzero_si512();
+            for s in 0..8 {
+                let mut w = nibbles(blk.add(QS + 256 * s));
+                lookup(&mut w, table);
+                // `Σ_j v_j` of the sub-block, per row lane (two chains).
+                let (mut v0, mut v1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for j in 0..4 {
+                    v0 = _mm512_dpbusd_epi32(v0, ones, w[2 * j]);
+                    v1 = _mm512_dpbusd_epi32(v1, ones, w[2 * j + 1]);
+                }
+                let scs = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(SC + 16 * s) as *const _));
+                c = _mm512_add_epi32(c, _mm512_mullo_epi32(_mm512_add_epi32(v0, v1), scs));
+                codes[8 * s..8 * s + 8].copy_from_slice(&w);
+                sc[s] = scs;
+            }
+            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(c))
+        }
+    }
+
+    /// A tile of 8 or more activation rows: per group, [`CHUNK`] super-blocks at a time are
+    /// decoded once ([`decode`]), then every activation row of the tile runs over them (passes
+    /// of 8 rows; the accumulators go through the output between chunks, so the float
+    /// operations and their order are those of one pass over all super-blocks, the portable
+    /// twin's). The integers are the same exact `Σ_s (ls_s - 32)·Σ_j v_j·y_j`, taken the other
+    /// way round from [`tile_rows`]: the signed values against the activations biased to
+    /// unsigned bytes `y + 128` ([`super::super::Acts::biased`]) give `Σ (y + 128)·v`, and
+    /// `-128·Σ_s (ls_s - 32)·Σ_j v_j`, which does not depend on the activation row, is made
+    /// once per tile and super-block by [`decode`] (no per-row offset from the activation
+    /// sums, and no unpacking or table lookup per pass).
+    ///
+    /// # Safety
+    /// As [`tile`]; `t.ms.len() >= 8`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_decoded(t: &Tile<'_>) {
         let nb = t.acts.k / 256;
-        let chunk = if t.ms.len() > 8 {
-            (CHUNK_BYTES / GROUP_BLOCK).max(1)
-        } else {
-            nb.max(1)
-        };
+        let yu = t.acts.biased().as_ptr();
+        let mut codes = [_mm512_setzero_si512(); 64 * CHUNK];
+        let mut sc = [_mm512_setzero_si512(); 8 * CHUNK];
+        let mut cst = [_mm512_setzero_si512(); CHUNK];
         for g in t.rows.start / ROWS..t.rows.end / ROWS {
             // SAFETY: group `g` lies inside the weight (rows checked by the caller).
             let wg = unsafe { t.w.as_ptr().add(g * nb * GROUP_BLOCK) };
             let mut b0 = 0;
             while b0 < nb {
-                let bs = b0..(b0 + chunk).min(nb);
+                let b1 = (b0 + CHUNK).min(nb);
+                for b in b0..b1 {
+                    let j = b - b0;
+                    // SAFETY: block `b` of group `g` lies inside the weight.
+                    cst[j] = unsafe {
+                        decode(
+                            wg.add(b * GROUP_BLOCK),
+                            &mut codes[64 * j..64 * j + 64],
+                            &mut sc[8 * j..8 * j + 8],
+                        )
+                    };
+                }
+                // The next chunk's weights (the next group's after the last chunk: the tile's
+                // next group or, mostly, the next tile's), while the rows run over this one.
+                prefetch_next(wg.wrapping_add(b1 * GROUP_BLOCK), CHUNK * GROUP_BLOCK);
+                let d = Decoded {
+                    codes: &codes,
+                    sc: &sc,
+                    cst: &cst,
+                    yu,
+                };
                 let mut r = t.ms.start;
+                // SAFETY: the rows lie in the tile.
                 unsafe {
                     while r + 8 <= t.ms.end {
-                        rows::<8>(t, wg, g, r, bs.clone());
+                        rows_decoded::<8>(t, wg, &d, g, r, b0..b1);
                         r += 8;
                     }
-                    remainder_rows!(t.ms.end - r, R => rows::<R>(t, wg, g, r, bs.clone()));
+                    remainder_rows!(t.ms.end - r, R => rows_decoded::<R>(t, wg, &d, g, r, b0..b1));
                 }
-                b0 = bs.end;
+                b0 = b1;
             }
+        }
+    }
+
+    /// A chunk of super-blocks decoded by [`decode`], and the biased activations.
+    struct Decoded<'a> {
+        /// 64 words per super-block.
+        codes: &'a [__m512i],
+        /// 8 words per super-block.
+        sc: &'a [__m512i],
+        /// 1 word per super-block.
+        cst: &'a [__m512i],
+        /// [`super::super::Acts::biased`].
+        yu: *const u8,
+    }
+
+    /// Activation rows `r..r + R` (`R <= 8`) against super-blocks `bs` of the 16 weight rows
+    /// of group `g` (at `wg`; decoded in `d`): the sums so far are read from the output
+    /// (unless `bs` starts the row) and written back.
+    ///
+    /// # Safety
+    /// As [`tile_decoded`]; `r + R <= t.ms.end`.
+    #[inline(always)]
+    unsafe fn rows_decoded<const R: usize>(
+        t: &Tile<'_>,
+        wg: *const u8,
+        d: &Decoded<'_>,
+        g: usize,
+        r: usize,
+        bs: std::ops::Range<usize>,
+    ) {
+        let a = t.acts;
+        let (k, nb) = (a.k, a.k / 256);
+        unsafe {
+            let out = t.out.add(r * t.ldo + g * ROWS);
+            let mut acc = [_mm512_setzero_ps(); R];
+            if bs.start > 0 {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_loadu_ps(out.add(i * t.ldo));
+                }
+            }
+            let y0 = d.yu.add(r * k);
+            let dy = a.d.as_ptr().add(r * nb);
+            for b in bs.clone() {
+                let j = b - bs.start;
+                let blk = wg.add(b * GROUP_BLOCK);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let cw = d.codes.as_ptr().add(64 * j);
+                let mut isum = [d.cst[j]; R];
+                for s in 0..8 {
+                    let mut p = [_mm512_setzero_si512(); R];
+                    for w in 0..8 {
+                        let code = *cw.add(8 * s + w);
+                        unroll8!(R, i => {
+                            let y = y0.add(i * k + 256 * b + 32 * s + 4 * w) as *const i32;
+                            let yb = _mm512_set1_epi32(y.read_unaligned());
+                            p[i] = _mm512_dpbusd_epi32(p[i], yb, code);
+                        });
+                    }
+                    let sc = d.sc[8 * j + s];
+                    unroll8!(R, i => {
+                        isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(p[i], sc));
+                    });
+                }
+                unroll8!(R, i => {
+                    let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*dy.add(i * nb + b)));
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), dd, acc[i]);
+                });
+            }
+            for (i, v) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add(i * t.ldo), *v);
+            }
+        }
+    }
+
+    /// The kernel of fewer than 8 activation rows: the blocking of the packed `Q4_0` kernel
+    /// (each sub-block's codes unpacked and looked up once for all the rows of the tile).
+    ///
+    /// # Safety
+    /// As [`tile`]; `t.ms.len() < 8`.
+    #[inline(always)]
+    unsafe fn tile_rows(t: &Tile<'_>) {
+        let nb = t.acts.k / 256;
+        for g in t.rows.start / ROWS..t.rows.end / ROWS {
+            // SAFETY: group `g` lies inside the weight (rows checked by the caller).
+            let wg = unsafe { t.w.as_ptr().add(g * nb * GROUP_BLOCK) };
+            let r = t.ms.start;
+            unsafe { remainder_rows!(t.ms.len(), R => rows::<R>(t, wg, g, r, 0..nb)) };
         }
     }
 

@@ -243,6 +243,18 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// Prefetches into L1 the cache lines of the `bytes` bytes at `p` (which may lie past the
+    /// weight: prefetches do not fault): the next chunk of [`tile_decoded`], whose weights come
+    /// from memory in a model's prefill (each tile of activation rows takes the whole matrix
+    /// before the next tile comes back to a group).
+    #[inline(always)]
+    fn prefetch_next(p: *const u8, bytes: usize) {
+        for l in 0..bytes.div_ceil(64) {
+            // SAFETY: a prefetch reads nothing architecturally and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8) };
+        }
+    }
+
     /// Activation rows of a tile from which [`tile_decoded`] takes the tile (products of 8 or
     /// more rows only: it does the float operations of ggml's tiled order).
     const DECODED_MIN_ROWS: usize = 8;
@@ -296,6 +308,9 @@ pub(crate) mod avx512 {
                     // SAFETY: block `b` of group `g` lies inside the weight.
                     unsafe { decode(wg.add(b * GROUP_BLOCK), &mut codes[64 * (b - b0)..]) };
                 }
+                // The next chunk's weights (the next group's after the last chunk: the tile's
+                // next group or, mostly, the next tile's), while the rows run over this one.
+                prefetch_next(wg.wrapping_add(b1 * GROUP_BLOCK), CHUNK * GROUP_BLOCK);
                 let mut r = t.ms.start;
                 // SAFETY: the rows lie in the tile.
                 unsafe {
