@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 
 use crate::cuda::{
-    kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec,
-    MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    kv_address, BatchSeq, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe,
+    DecoderSpec, MAX_BATCH, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
-    CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable, VisionInfo,
+    BatchRow, CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable,
+    VisionInfo,
 };
 use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, RotaryEmbedding, Scoring};
 use crate::{Error, Result};
@@ -76,11 +77,36 @@ impl Accelerated {
             return Ok(None);
         };
         let pos = cache.offset();
-        if pos + 1 >= dec.spec().max_positions() {
+        let Some((ptrs, capacity)) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
+            return Ok(None);
+        };
+        let x = plan.embed_tokens.forward(input_ids)?;
+        let out = dec.step(&x, pos, &ptrs, capacity)?;
+        commit_one(cache, plan.blocks.len())?;
+        if dec.spec().lm_head.is_some() {
+            Ok(Some(out))
+        } else {
+            Ok(Some(plan.lm_head.forward(&out)?))
+        }
+    }
+
+    /// The key/value buffer addresses of each of the `n_layers` layers of `cache`, with room
+    /// made for one more position appended in place, and their capacity; `None` when the
+    /// fused step does not take the cache (layers at other offsets or not appending in place,
+    /// other dtypes, positions past the step's RoPE tables).
+    ///
+    /// Errors: the cache's, while making room.
+    fn kv_buffers(
+        &self,
+        dec: &CudaDecoder,
+        cache: &mut KvCache,
+        n_layers: usize,
+    ) -> Result<Option<KvBuffers>> {
+        let pos = cache.offset();
+        if pos + 1 >= dec.spec().max_positions() || cache.n_layers() != n_layers {
             return Ok(None);
         }
         let (nkv, hd) = (dec.spec().n_kv_heads, dec.spec().head_dim);
-        let n_layers = plan.blocks.len();
         let mut bufs = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let Some(layer) = cache.layer(i) else {
@@ -94,7 +120,10 @@ impl Accelerated {
                 None => return Ok(None),
             }
         }
-        let capacity = bufs[0].0.dim(2)?;
+        let Some(first) = bufs.first() else {
+            return Ok(None);
+        };
+        let capacity = first.0.dim(2)?;
         let kv_dtype = if dec.spec().kv_f16 {
             DType::F16
         } else {
@@ -111,12 +140,61 @@ impl Accelerated {
             }
             ptrs.push((kv_address(k)?, kv_address(v)?));
         }
-        let x = plan.embed_tokens.forward(input_ids)?;
-        let out = dec.step(&x, pos, &ptrs, capacity)?;
-        for i in 0..n_layers {
-            if let Some(layer) = cache.layer(i) {
-                layer.commit(1)?;
+        Ok(Some((ptrs, capacity)))
+    }
+
+    /// One token of each row through the fused step at once ([`CudaDecoder::step_batch`]);
+    /// `None` when it does not apply: fewer than 2 or more than [`MAX_BATCH`] rows, a row of
+    /// more than one token, no plan or one the step does not take (mixtures of experts run
+    /// one sequence at a time), a cache [`Self::kv_buffers`] refuses, or
+    /// `POCKETLM_FUSED_BATCH=0`.
+    fn fused_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Option<Tensor>> {
+        if !(2..=MAX_BATCH).contains(&rows.len())
+            || rows.iter().any(|r| r.ids.len() != 1)
+            || crate::switches::switched_off("POCKETLM_FUSED_BATCH")
+        {
+            return Ok(None);
+        }
+        let Some(plan) = self.inner.decode_plan() else {
+            return Ok(None);
+        };
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Error::Model("the CUDA decoder lock is poisoned".into()))?;
+        if matches!(*state, State::Untried) {
+            *state = self.build(&plan)?;
+        }
+        let State::Ready(dec) = &mut *state else {
+            return Ok(None);
+        };
+        if !dec.batches() {
+            return Ok(None);
+        }
+        let n_layers = plan.blocks.len();
+        let mut bufs = Vec::with_capacity(rows.len());
+        for r in rows.iter_mut() {
+            let pos = r.cache.offset();
+            match self.kv_buffers(dec, r.cache, n_layers)? {
+                Some((kv, capacity)) => bufs.push((pos, kv, capacity)),
+                None => return Ok(None),
             }
+        }
+        let ids: Vec<u32> = rows.iter().map(|r| r.ids[0]).collect();
+        let x = plan
+            .embed_tokens
+            .forward(&Tensor::new(ids.as_slice(), self.inner.device())?)?;
+        let seqs: Vec<BatchSeq<'_>> = bufs
+            .iter()
+            .map(|(pos, kv, capacity)| BatchSeq {
+                pos: *pos,
+                kv,
+                capacity: *capacity,
+            })
+            .collect();
+        let out = dec.step_batch(&x, &seqs)?;
+        for r in rows.iter_mut() {
+            commit_one(r.cache, n_layers)?;
         }
         if dec.spec().lm_head.is_some() {
             Ok(Some(out))
@@ -173,6 +251,22 @@ impl Accelerated {
         }
         cache
     }
+}
+
+/// Per layer the key and value buffer addresses of a cache, and their capacity in positions.
+type KvBuffers = (Vec<(u64, u64)>, usize);
+
+/// Marks the position the fused step wrote into each of the `n_layers` layers of `cache` as
+/// filled.
+///
+/// Errors: the cache's.
+fn commit_one(cache: &mut KvCache, n_layers: usize) -> Result<()> {
+    for i in 0..n_layers {
+        if let Some(layer) = cache.layer(i) {
+            layer.commit(1)?;
+        }
+    }
+    Ok(())
 }
 
 /// The decoder's weights and tables from a plan, or `None` when the plan has something the
@@ -393,6 +487,13 @@ impl CausalLM for Accelerated {
             }
         }
         self.inner.forward(input_ids, cache, logits)
+    }
+
+    fn forward_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Tensor> {
+        if let Some(out) = self.fused_batch(rows)? {
+            return Ok(out);
+        }
+        self.inner.forward_batch(rows)
     }
 
     fn new_cache(&self) -> KvCache {

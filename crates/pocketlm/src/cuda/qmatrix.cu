@@ -197,6 +197,13 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes) {
 #endif
 }
 
+// Asks L2 for the 128-byte line at p (sm_90 and later; a hint, nothing elsewhere).
+__device__ __forceinline__ void prefetch_line(const void *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 // Asks L2 for the R weight rows rr[] (codes, scales, biases) of a GEMV block. The weights do not depend on the kernel
 // before in the stream, so the GEMVs issue this before pdl_enter(): with programmatic dependent
 // launch their blocks become resident while that kernel (RMSNorm, attention, quantization) is
@@ -366,9 +373,13 @@ extern "C" __global__ void qkv_post(const float *__restrict__ y, const float *__
                                     const int *__restrict__ params,
                                     const unsigned long long *__restrict__ kv, int layer,
                                     float *__restrict__ q_out, int n_heads, int n_kv, int hd,
-                                    int interleaved, int kv_half) {
+                                    int interleaved, int kv_half, int kv_stride) {
   __shared__ float red[8];
   const int head = blockIdx.x, t = threadIdx.x, half = hd >> 1;
+  {  // Sequence blockIdx.y of a batch: its own q/k/v row, params, cache table and queries.
+    const size_t z = blockIdx.y;
+    y += z * gridDim.x * hd, params += 4 * z, kv += z * kv_stride, q_out += z * n_heads * hd;
+  }
   const bool on = t < half;
   const QkvPair p = qkv_pair(head, on ? t : 0, n_heads, n_kv, hd, interleaved);
   const float *w = head < n_heads ? q_norm : head < n_heads + n_kv ? k_norm : nullptr;
@@ -706,6 +717,200 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   }
 }
 
+// ---- Small-batch quantized GEMM on the tensor cores (batched decode) ----
+// y[i, r] (op)= row r . x_i for m activation rows (m <= 8 * NT), every weight block read once for
+// all m rows: int8 mma.m16n8k32 (PTX ISA, "Matrix Fragments for mma.m16n8k32") of a 32-value
+// weight block of 16 rows (A: codes, u8 or s8) with the same block of 8 activation rows (B: q8
+// codes), one 16x8 integer tile per block and mma, then scaled into f32 accumulators as the GEMV
+// does (block_term: s * d * isum + bias * d * sum(codes), or less 8 s d sum(codes) for Q4_0's
+// offset codes), as llama.cpp's MMQ kernels do. A warp takes MMQ_MT tiles of 16 weight rows and
+// NT tiles of 8 activation rows; the MMQ_WARPS warps of a block take the same rows and every
+// MMQ_WARPS-th weight block of the block's share of the columns, and add their results through
+// shared memory. blockIdx.y splits the columns into gridDim.y shares whose results are added
+// to y atomically (EPI 0 and 1 only; the caller zeroes y first for EPI 0). EPI as qgemv: 0
+// write, 1 add, 2 SwiGLU, 3 GeGLU (a tile of 16 rows is then 8 gate rows and their 8 up rows).
+#define MMQ_WARPS 4
+#define MMQ_MT 2
+
+template <bool SIGNED>
+__device__ __forceinline__ void mma_16832(int *c, const unsigned *a, unsigned b0, unsigned b1) {
+  if (SIGNED)
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// block_term with the block's scale (and bias) already loaded.
+template <int BITS, bool BIAS>
+__device__ __forceinline__ float mmq_term(int isum, float s, float b, float2 dx) {
+  if (BIAS) return s * dx.x * (float)isum + b * dx.y;
+  if (BITS == 4) return s * (dx.x * (float)isum - 8.f * dx.y);
+  return s * dx.x * (float)isum;
+}
+
+template <int BITS, bool SIGNED, bool BIAS, typename S, int EPI, int NT>
+__device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
+                     const S *__restrict__ bi, const int8_t *__restrict__ xq,
+                     const float2 *__restrict__ xd, float *__restrict__ y, int rows, int cols,
+                     int group, int m) {
+  constexpr bool GATED = EPI == 2 || EPI == 3;
+  constexpr int BB = BITS == 4 ? 16 : 32;
+  // Outputs of one 16-row tile: 16, or 8 gate/up pairs.
+  constexpr int TO = GATED ? 8 : 16;
+  __shared__ float red[MMQ_WARPS - 1][MMQ_MT][NT][4][32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
+  const int out0 = blockIdx.x * MMQ_MT * TO;
+  const int per = (nblocks + gridDim.y - 1) / gridDim.y;
+  const int kb0 = blockIdx.y * per, kb1 = min(nblocks, kb0 + per);
+  // The weight rows of this thread's fragment rows g and g + 8 in each tile.
+  int rlo[MMQ_MT], rhi[MMQ_MT];
+#pragma unroll
+  for (int t = 0; t < MMQ_MT; t++) {
+    if (GATED) {
+      rlo[t] = min(out0 + t * TO + g, rows - 1);
+      rhi[t] = rlo[t] + rows;
+    } else {
+      rlo[t] = min(out0 + t * TO + g, rows - 1);
+      rhi[t] = min(out0 + t * TO + g + 8, rows - 1);
+    }
+  }
+  // The block's weights do not depend on the kernel before: asked of L2 before the wait, as the
+  // GEMVs do (prefetch_rows).
+  if (kb0 < kb1) {
+    const size_t lo = (size_t)kb0 * BB;
+    const int nl = (int)(((size_t)(kb1 - kb0) * BB + 127) / 128);
+    for (int i = threadIdx.x; i < MMQ_MT * 16 * nl; i += blockDim.x) {
+      const int k = i / nl, line = i % nl, tt = k >> 4, kk = k & 15;
+      const int r = GATED ? (kk < 8 ? min(out0 + tt * TO + kk, rows - 1)
+                                    : min(out0 + tt * TO + kk - 8, rows - 1) + rows)
+                          : min(out0 + tt * TO + kk, rows - 1);
+      prefetch_line(qs + (size_t)r * nblocks * BB + lo + (size_t)line * 128);
+    }
+  }
+  pdl_enter();
+  // Activation rows of this thread's B fragment (token g of each tile) and of its C columns
+  // (tokens 2q, 2q + 1), clamped into range (the results of clamped rows are not stored).
+  int tb[NT], tc0[NT], tc1[NT];
+#pragma unroll
+  for (int n = 0; n < NT; n++) {
+    tb[n] = min(8 * n + g, m - 1);
+    tc0[n] = min(8 * n + 2 * q, m - 1);
+    tc1[n] = min(8 * n + 2 * q + 1, m - 1);
+  }
+  float acc[MMQ_MT][NT][4];
+#pragma unroll
+  for (int t = 0; t < MMQ_MT; t++)
+#pragma unroll
+    for (int n = 0; n < NT; n++) acc[t][n][0] = acc[t][n][1] = acc[t][n][2] = acc[t][n][3] = 0.f;
+#pragma unroll 2
+  for (int b = kb0 + w; b < kb1; b += MMQ_WARPS) {
+    unsigned a[MMQ_MT][4];
+    float slo[MMQ_MT], shi[MMQ_MT], blo[MMQ_MT], bhi[MMQ_MT];
+    const int gi = b / bpg;
+#pragma unroll
+    for (int t = 0; t < MMQ_MT; t++) {
+      const uint8_t *plo = qs + ((size_t)rlo[t] * nblocks + b) * BB + 4 * q;
+      const uint8_t *phi = qs + ((size_t)rhi[t] * nblocks + b) * BB + 4 * q;
+      if (BITS == 4) {
+        const unsigned wl = __ldg(reinterpret_cast<const unsigned *>(plo));
+        const unsigned wh = __ldg(reinterpret_cast<const unsigned *>(phi));
+        a[t][0] = wl & 0x0F0F0F0Fu;
+        a[t][1] = wh & 0x0F0F0F0Fu;
+        a[t][2] = (wl >> 4) & 0x0F0F0F0Fu;
+        a[t][3] = (wh >> 4) & 0x0F0F0F0Fu;
+      } else {
+        a[t][0] = __ldg(reinterpret_cast<const unsigned *>(plo));
+        a[t][1] = __ldg(reinterpret_cast<const unsigned *>(phi));
+        a[t][2] = __ldg(reinterpret_cast<const unsigned *>(plo + 16));
+        a[t][3] = __ldg(reinterpret_cast<const unsigned *>(phi + 16));
+      }
+      slo[t] = to_f32(sc[(size_t)rlo[t] * groups + gi]);
+      shi[t] = to_f32(sc[(size_t)rhi[t] * groups + gi]);
+      blo[t] = BIAS ? to_f32(bi[(size_t)rlo[t] * groups + gi]) : 0.f;
+      bhi[t] = BIAS ? to_f32(bi[(size_t)rhi[t] * groups + gi]) : 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      const int8_t *xb = xq + (size_t)tb[n] * cols + (size_t)b * 32 + 4 * q;
+      const unsigned b0 = __ldg(reinterpret_cast<const unsigned *>(xb));
+      const unsigned b1 = __ldg(reinterpret_cast<const unsigned *>(xb + 16));
+      const float2 d0 = __ldg(xd + (size_t)tc0[n] * nblocks + b);
+      const float2 d1 = __ldg(xd + (size_t)tc1[n] * nblocks + b);
+#pragma unroll
+      for (int t = 0; t < MMQ_MT; t++) {
+        int c[4] = {0, 0, 0, 0};
+        mma_16832<SIGNED>(c, a[t], b0, b1);
+        acc[t][n][0] += mmq_term<BITS, BIAS>(c[0], slo[t], blo[t], d0);
+        acc[t][n][1] += mmq_term<BITS, BIAS>(c[1], slo[t], blo[t], d1);
+        acc[t][n][2] += mmq_term<BITS, BIAS>(c[2], shi[t], bhi[t], d0);
+        acc[t][n][3] += mmq_term<BITS, BIAS>(c[3], shi[t], bhi[t], d1);
+      }
+    }
+  }
+  if (w > 0) {
+#pragma unroll
+    for (int t = 0; t < MMQ_MT; t++)
+#pragma unroll
+      for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) red[w - 1][t][n][e][lane] = acc[t][n][e];
+  }
+  __syncthreads();
+  if (w > 0) return;
+#pragma unroll
+  for (int t = 0; t < MMQ_MT; t++)
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float v = acc[t][n][e];
+#pragma unroll
+        for (int j = 0; j < MMQ_WARPS - 1; j++) v += red[j][t][n][e][lane];
+        acc[t][n][e] = v;
+      }
+  const bool split = gridDim.y > 1;
+#pragma unroll
+  for (int t = 0; t < MMQ_MT; t++) {
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int tok = 8 * n + 2 * q + h;
+        if (tok >= m) continue;
+        float *yr = y + (size_t)tok * rows;
+        if (GATED) {
+          const int o = out0 + t * TO + g;
+          if (o >= rows) continue;
+          const float gv = acc[t][n][h], uv = acc[t][n][2 + h];
+          yr[o] = (EPI == 3 ? gelu_tanh(gv) : gv / (1.f + expf(-gv))) * uv;
+        } else {
+#pragma unroll
+          for (int half = 0; half < 2; half++) {
+            const int o = out0 + t * TO + g + 8 * half;
+            if (o >= rows) continue;
+            const float v = acc[t][n][2 * half + h];
+            if (split)
+              atomicAdd(yr + o, v);
+            else if (EPI == 1)
+              yr[o] += v;
+            else
+              yr[o] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
 #define QGEMV(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, R)                                       \
   extern "C" __global__ void qgemv##EPIN##R##_##NAME(const uint8_t *qs, const S *sc,             \
                                                      const S *bi, const int8_t *xq,                \
@@ -713,6 +918,17 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
                                                      int cols, int group) {                        \
     qgemv<BITS, SIGNED, BIAS, S, EPI, R>(qs, sc, bi, xq, xd, y, rows, cols, group);                \
   }
+#define QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, NT)                                       \
+  extern "C" __global__ void __launch_bounds__(32 * MMQ_WARPS) qmmq##EPIN##NT##_##NAME(          \
+      const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, float *y,  \
+      int rows, int cols, int group, int m) {                                                      \
+    qmmq<BITS, SIGNED, BIAS, S, EPI, NT>(qs, sc, bi, xq, xd, y, rows, cols, group, m);             \
+  }
+#define QMMQS(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI)                                              \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 1)                                                  \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 2)                                                  \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 4)                                                  \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 8)
 #define QKERNELS(NAME, BITS, SIGNED, BIAS, S)                                                      \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _w, 0, 1)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _w, 0, 2)                                                     \
@@ -728,6 +944,10 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 2)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 4)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 8)                                                     \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _w, 0)                                                        \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _a, 1)                                                        \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _s, 2)                                                        \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _g, 3)                                                        \
   extern "C" __global__ void qgemv_rope_##NAME(                                                     \
       const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, int cols,  \
       int group, const float *cos_t, const float *sin_t, const int *params,                        \
@@ -805,6 +1025,12 @@ extern "C" __global__ void rmsnorm_q8(float *__restrict__ x, const float *__rest
                                       const float *__restrict__ w_post, float *__restrict__ xn) {
   __shared__ float red[32];
   const int tid = threadIdx.x, lane = tid & 31;
+  {  // Row blockIdx.y of a batch: the buffers are [rows, n] (xd [rows, n / 32]).
+    const size_t r = blockIdx.y;
+    x += r * n, xq += r * n, xd += r * (n >> 5);
+    if (y) y += r * n;
+    if (xn) xn += r * n;
+  }
   // The weights do not depend on the previous kernel: their loads are issued before the wait,
   // so that they overlap it and the reduction (one memory round trip instead of two).
   float4 v[RMS_CHUNKS], ww[RMS_CHUNKS], wp[RMS_CHUNKS];
@@ -892,6 +1118,7 @@ extern "C" __global__ void rmsnorm_q8(float *__restrict__ x, const float *__rest
 extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float *__restrict__ w,
                                        float eps, int n, float *__restrict__ y, int accumulate) {
   pdl_enter();
+  x += (size_t)blockIdx.y * n, y += (size_t)blockIdx.y * n;  // row blockIdx.y of [rows, n]
   __shared__ float red[32];
   const int tid = threadIdx.x;
   float ss = 0.f;
@@ -1073,6 +1300,11 @@ __device__ void attn_merge(const int *__restrict__ params, int window, int min_c
   __shared__ float red[NW];
   pdl_enter();
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+  {  // Sequence blockIdx.y of a batch: its params, partial results and output row.
+    const size_t z = blockIdx.y, nh = gridDim.x;
+    params += 4 * z, part_o += z * nh * maxsplit * HD, part_ml += z * nh * maxsplit;
+    xq += z * nh * HD, xd += z * nh * HD / 32;
+  }
   const int len = params[1];
   const int nsplit = attn_splits(len - attn_lo(len, window), min_chunk, maxsplit).y;
   const float2 *ml = part_ml + (size_t)h * maxsplit;
@@ -1125,10 +1357,15 @@ template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride) {
   constexpr int HD = 32 * EPL;
   __shared__ AttnFinishSmem<G, HD> sm;
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
+  {  // Sequence blockIdx.z of a batch: its queries, params, cache table and partial results.
+    const size_t z = blockIdx.z;
+    q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
+    part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
+  }
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int len = params[1], cap = params[2], lo = attn_lo(len, window);
   const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
@@ -1230,7 +1467,7 @@ template <int HD, int G>
 __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride) {
   constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
   constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
                             ? sizeof(AttnMmaSmem<HD, G>)
@@ -1239,6 +1476,11 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   AttnMmaSmem<HD, G> &st = *reinterpret_cast<AttnMmaSmem<HD, G> *>(raw);
   AttnFinishSmem<G, HD> &sm = *reinterpret_cast<AttnFinishSmem<G, HD> *>(raw);
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
+  {  // Sequence blockIdx.z of a batch: its queries, params, cache table and partial results.
+    const size_t z = blockIdx.z;
+    q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
+    part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
+  }
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, quad = lane & 3, r = lane >> 2;
   const int len = params[1], cap = params[2], lo = attn_lo(len, window);
   const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
@@ -1350,9 +1592,9 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
                                      const unsigned long long *kv, int layer, int n_heads,         \
                                      int n_kv, float scale, int window, int min_chunk,             \
-                                     float *part_o, float2 *part_ml) {                             \
+                                     float *part_o, float2 *part_ml, int kv_stride) {              \
     attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,    \
-                         part_ml);                                                                 \
+                         part_ml, kv_stride);                                                      \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
@@ -1373,9 +1615,9 @@ ATTN_KERNELS(8)
       attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
                                     const unsigned long long *kv, int layer, int n_heads,          \
                                     int n_kv, float scale, int window, int min_chunk,              \
-                                    float *part_o, float2 *part_ml) {                              \
+                                    float *part_o, float2 *part_ml, int kv_stride) {               \
     attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,       \
-                      part_ml);                                                                    \
+                      part_ml, kv_stride);                                                         \
   }
 #define ATTN_MMA_KERNELS(G)                                                                        \
   ATTN_MMA_KERNEL(64, G)                                                                           \
