@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 
 use crate::cuda::{
-    kv_address, BatchSeq, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe,
-    DecoderSpec, MAX_BATCH, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec,
+    SeqStep, MAX_BATCH, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
@@ -77,11 +77,20 @@ impl Accelerated {
             return Ok(None);
         };
         let pos = cache.offset();
-        let Some((ptrs, capacity)) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
+        let Some(rope_pos) = rope_position(cache) else {
+            return Ok(None);
+        };
+        let Some((kv, capacity)) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
             return Ok(None);
         };
         let x = plan.embed_tokens.forward(input_ids)?;
-        let out = dec.step(&x, pos, &ptrs, capacity)?;
+        let seq = SeqStep {
+            pos,
+            rope_pos,
+            kv: &kv,
+            capacity,
+        };
+        let out = dec.step(&x, &seq)?;
         commit_one(cache, plan.blocks.len())?;
         if dec.spec().lm_head.is_some() {
             Ok(Some(out))
@@ -175,8 +184,11 @@ impl Accelerated {
         let mut bufs = Vec::with_capacity(rows.len());
         for r in rows.iter_mut() {
             let pos = r.cache.offset();
+            let Some(rope_pos) = rope_position(r.cache) else {
+                return Ok(None);
+            };
             match self.kv_buffers(dec, r.cache, n_layers)? {
-                Some((kv, capacity)) => bufs.push((pos, kv, capacity)),
+                Some((kv, capacity)) => bufs.push((pos, rope_pos, kv, capacity)),
                 None => return Ok(None),
             }
         }
@@ -184,10 +196,11 @@ impl Accelerated {
         let x = plan
             .embed_tokens
             .forward(&Tensor::new(ids.as_slice(), self.inner.device())?)?;
-        let seqs: Vec<BatchSeq<'_>> = bufs
+        let seqs: Vec<SeqStep<'_>> = bufs
             .iter()
-            .map(|(pos, kv, capacity)| BatchSeq {
+            .map(|(pos, rope_pos, kv, capacity)| SeqStep {
                 pos: *pos,
+                rope_pos: *rope_pos,
                 kv,
                 capacity: *capacity,
             })
@@ -251,6 +264,12 @@ impl Accelerated {
         }
         cache
     }
+}
+
+/// The RoPE position of the next token of `cache`: its offset plus its RoPE delta (Qwen2-VL's
+/// text after images; 0 for other models), `None` if that is negative.
+fn rope_position(cache: &KvCache) -> Option<usize> {
+    usize::try_from(cache.offset() as i64 + cache.rope_delta()).ok()
 }
 
 /// Per layer the key and value buffer addresses of a cache, and their capacity in positions.

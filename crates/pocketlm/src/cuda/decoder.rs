@@ -255,17 +255,40 @@ impl DecoderSpec {
     }
 }
 
-/// One sequence of [`CudaDecoder::step_batch`]: the position of its new token, its cache
-/// buffers per layer as device addresses `(keys, values)` (each `[n_kv_heads, capacity,
-/// head_dim]`, holding positions `0..pos`; position `pos` is written), and their capacity.
+/// One sequence's part of a decode step ([`CudaDecoder::step`], [`CudaDecoder::step_batch`]):
+/// the position of its new token, the position RoPE rotates it at, its cache buffers per layer
+/// as device addresses `(keys, values)` (each `[n_kv_heads, capacity, head_dim]`, f16 when
+/// [`DecoderSpec::kv_f16`], else f32, holding positions `0..pos`; the kernels write position
+/// `pos`), and their capacity.
 #[derive(Debug, Clone, Copy)]
-pub struct BatchSeq<'a> {
-    /// Position of the new token (`< capacity`).
+pub struct SeqStep<'a> {
+    /// Position of the new token in the cache (`< capacity`).
     pub pos: usize,
+    /// Its RoPE position: `pos` for text models; a vision-language model's text after images
+    /// runs at `pos` plus the cache's RoPE delta (Qwen2-VL's M-RoPE, where all three axes of a
+    /// text token share one position). Below the tables' `max_positions`.
+    pub rope_pos: usize,
     /// Per layer the key and value buffer addresses.
     pub kv: &'a [(u64, u64)],
     /// Positions the buffers hold.
     pub capacity: usize,
+}
+
+impl SeqStep<'_> {
+    /// Whether it fits a decoder of `n_layers` layers whose RoPE tables cover `max_positions`.
+    pub fn fits(&self, n_layers: usize, max_positions: usize) -> bool {
+        self.kv.len() == n_layers
+            && self.pos < self.capacity
+            && self.pos < max_positions
+            && self.rope_pos < max_positions
+            && i32::try_from(self.capacity).is_ok()
+    }
+
+    /// The kernels' `params` row: position, attended length, capacity, RoPE offset.
+    fn params(&self) -> [i32; 4] {
+        let p = self.pos as i32;
+        [p, p + 1, self.capacity as i32, self.rope_pos as i32 - p]
+    }
 }
 
 /// Scratch buffers of the decode step (device memory).
@@ -563,25 +586,19 @@ impl CudaDecoder {
         self.graph.is_some()
     }
 
-    /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, at position
-    /// `pos` (`< spec.max_positions()`), with the key/value buffers of each layer given as
-    /// device addresses `kv[l] = (keys, values)`, each `[n_kv_heads, capacity, head_dim]` f16
-    /// when [`DecoderSpec::kv_f16`], else f32, holding positions `0..pos`; the kernels write
-    /// position `pos` into them. Returns the logits `[1, vocab]` f32, or with no output layer of
-    /// ours the final normalized hidden state `[1, hidden]`.
-    pub fn step(
-        &mut self,
-        x: &Tensor,
-        pos: usize,
-        kv: &[(u64, u64)],
-        capacity: usize,
-    ) -> Result<Tensor> {
+    /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, for the
+    /// sequence `seq` (its position, RoPE position and cache buffers, see [`SeqStep`]).
+    /// Returns the logits `[1, vocab]` f32, or with no output layer of ours the final
+    /// normalized hidden state `[1, hidden]`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when `x`, the cache or the positions do not fit
+    /// ([`SeqStep::fits`]); the driver's errors.
+    pub fn step(&mut self, x: &Tensor, seq: &SeqStep<'_>) -> Result<Tensor> {
         let h = self.spec.hidden;
-        if x.elem_count() != h
-            || kv.len() != self.spec.layers.len()
-            || pos >= capacity
-            || pos >= self.spec.max_positions()
-        {
+        let SeqStep {
+            pos, kv, capacity, ..
+        } = *seq;
+        if x.elem_count() != h || !seq.fits(self.spec.layers.len(), self.spec.max_positions()) {
             return Err(Error::InvalidArgument(format!(
                 "decode step at position {pos} (capacity {capacity}, tables {}) with {} values \
                  and {} cache layers",
@@ -606,8 +623,9 @@ impl CudaDecoder {
                 .slice(l.start_offset()..l.start_offset() + h);
             stream.memcpy_dtod(&src, &mut self.buf.x).w()?;
         }
-        let params = [pos as i32, pos as i32 + 1, capacity as i32, 0];
-        stream.memcpy_htod(&params, &mut self.buf.params).w()?;
+        stream
+            .memcpy_htod(&seq.params(), &mut self.buf.params)
+            .w()?;
         let table: Vec<u64> = kv.iter().flat_map(|&(k, v)| [k, v]).collect();
         if table != self.kv_host {
             stream.memcpy_htod(&table, &mut self.buf.kv).w()?;
@@ -663,20 +681,22 @@ impl CudaDecoder {
     ///
     /// Errors: [`Error::InvalidArgument`] for a batch out of range, shapes or positions the
     /// step does not take, or a model with a mixture of experts; the driver's errors.
-    pub fn step_batch(&mut self, x: &Tensor, seqs: &[BatchSeq<'_>]) -> Result<Tensor> {
+    pub fn step_batch(&mut self, x: &Tensor, seqs: &[SeqStep<'_>]) -> Result<Tensor> {
         let (h, n_layers, b) = (self.spec.hidden, self.spec.layers.len(), seqs.len());
         let moe = !self.batches();
-        let bad = seqs.iter().find(|q| {
-            q.kv.len() != n_layers || q.pos >= q.capacity || q.pos >= self.spec.max_positions()
-        });
+        let bad = seqs
+            .iter()
+            .find(|q| !q.fits(n_layers, self.spec.max_positions()));
         if !(2..=MAX_BATCH).contains(&b) || x.elem_count() != b * h || moe || bad.is_some() {
             return Err(Error::InvalidArgument(format!(
                 "batched decode step of {b} sequences (2..={MAX_BATCH}) with {} values{}{}",
                 x.elem_count(),
                 if moe { ", a mixture of experts" } else { "" },
                 bad.map_or(String::new(), |q| format!(
-                    ", a sequence at position {} (capacity {}, tables {}) with {} cache layers",
+                    ", a sequence at position {} (RoPE position {}, capacity {}, tables {}) with \
+                     {} cache layers",
                     q.pos,
+                    q.rope_pos,
                     q.capacity,
                     self.spec.max_positions(),
                     q.kv.len()
@@ -702,10 +722,7 @@ impl CudaDecoder {
                     .w()?;
             }
         }
-        let params: Vec<i32> = seqs
-            .iter()
-            .flat_map(|q| [q.pos as i32, q.pos as i32 + 1, q.capacity as i32, 0])
-            .collect();
+        let params: Vec<i32> = seqs.iter().flat_map(SeqStep::params).collect();
         let table: Vec<u64> = seqs
             .iter()
             .flat_map(|q| q.kv.iter().flat_map(|&(k, v)| [k, v]))

@@ -12,7 +12,7 @@ mod qmatrix;
 mod sample;
 
 pub use decoder::{
-    BatchSeq, CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, MAX_BATCH,
+    CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, SeqStep, MAX_BATCH,
     MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS, MMQ_MAX_ROWS};

@@ -293,6 +293,8 @@ __device__ __forceinline__ QkvPair qkv_pair(int head, int i, int n_heads, int n_
 }
 
 // Stores pair p's values (a, b) at position params[0]: q/k rotated by RoPE (Su et al. 2021)
+// at position params[0] + params[3] (a vision-language model's text positions run behind or
+// ahead of the cache's after its images: Qwen2-VL's M-RoPE delta; 0 otherwise)
 // with the tables cos/sin [positions, hd/2], q into q_out [n_heads, hd], k and v into the
 // layer's cache (see the decode-step notes below for params, kv; f32, or f16 when kv_half,
 // rounded to nearest).
@@ -316,7 +318,8 @@ __device__ __forceinline__ void qkv_store(const QkvPair &p, float a, float b,
     put(kv[2 * layer + 1], at + p.i1, b);
     return;
   }
-  const float c = cos_t[(size_t)pos * half + p.i], s = sin_t[(size_t)pos * half + p.i];
+  const size_t rp = (size_t)(pos + params[3]);
+  const float c = cos_t[rp * half + p.i], s = sin_t[rp * half + p.i];
   const float r0 = a * c - b * s, r1 = a * s + b * c;
   if (p.head < n_heads) {
     q_out[(size_t)p.head * hd + p.i0] = r0;
@@ -989,7 +992,8 @@ QKERNELS(a8_f32, 8, false, true, float)
 
 // ---- The fused decode step (one token) ----
 // `params` (device memory, set before each step): [0] position of the new token, [1] number of
-// positions to attend (position + 1), [2] capacity of the KV cache buffers (positions).
+// positions to attend (position + 1), [2] capacity of the KV cache buffers (positions), [3] the
+// RoPE position's offset from [0] (Qwen2-VL's M-RoPE delta after images; else 0).
 // `kv` (device memory): per layer the addresses of its key and value buffers, each
 // [kv_heads, capacity, head_dim] f32 or f16 (the decoder's choice, one for all layers).
 
