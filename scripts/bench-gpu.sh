@@ -25,7 +25,7 @@
 #     bound (tg bound = bandwidth / bytes of weights read per token) and sampled / greedy decode.
 # Knobs (environment): MODELS (default: 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8; 1b-q4_0.gguf
 # and 1b-mlx4 of step 3 may be named too, and e.g. qwen2-7b-q4_0.gguf, qwen3-8b-q4_0.gguf,
-# phi3-mini-q4_0.gguf, qwen3-30b-a3b-q4_0.gguf (a mixture of experts, 17 GB; `agree` runs on its
+# phi3-mini-q4_0.gguf, gemma2-2b-q4_0.gguf, qwen3-30b-a3b-q4_0.gguf (a mixture of experts, 17 GB; `agree` runs on its
 # first 4 layers); every GGUF named is also run by llama-bench), DEPTHS
 # (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU
 # (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL), VARIANTS and BATCHES (see step 5).

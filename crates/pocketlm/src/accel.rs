@@ -92,11 +92,7 @@ impl Accelerated {
         };
         let out = dec.step(&x, &seq)?;
         commit_one(cache, plan.blocks.len())?;
-        if dec.spec().lm_head.is_some() {
-            Ok(Some(out))
-        } else {
-            Ok(Some(plan.lm_head.forward(&out)?))
-        }
+        finish_logits(&plan, dec, out).map(Some)
     }
 
     /// The key/value buffer addresses of each of the `n_layers` layers of `cache`, with room
@@ -209,11 +205,7 @@ impl Accelerated {
         for r in rows.iter_mut() {
             commit_one(r.cache, n_layers)?;
         }
-        if dec.spec().lm_head.is_some() {
-            Ok(Some(out))
-        } else {
-            Ok(Some(plan.lm_head.forward(&out)?))
-        }
+        finish_logits(&plan, dec, out).map(Some)
     }
 
     /// The fused step for `plan`, or [`State::Unavailable`] when it does not take the model
@@ -272,6 +264,22 @@ fn rope_position(cache: &KvCache) -> Option<usize> {
     usize::try_from(cache.offset() as i64 + cache.rope_delta()).ok()
 }
 
+/// The logits from the fused step's output `out`: the output layer applied when it is not one
+/// of the step's, then the plan's final soft-cap (Gemma 2), if any.
+///
+/// Errors: the layers'.
+fn finish_logits(plan: &DecodePlan<'_>, dec: &CudaDecoder, out: Tensor) -> Result<Tensor> {
+    let logits = if dec.spec().lm_head.is_some() {
+        out
+    } else {
+        plan.lm_head.forward(&out)?
+    };
+    match plan.final_softcap {
+        Some(c) => crate::nn::softcap(&logits, c),
+        None => Ok(logits),
+    }
+}
+
 /// Per layer the key and value buffer addresses of a cache, and their capacity in positions.
 type KvBuffers = (Vec<(u64, u64)>, usize);
 
@@ -290,11 +298,12 @@ fn commit_one(cache: &mut KvCache, n_layers: usize) -> Result<()> {
 
 /// The decoder's weights and tables from a plan, or `None` when the plan has something the
 /// fused step does not take: layers other than our CUDA quantized matrices (or adapters),
-/// biases other than the q/k/v projection's, a value norm, an output gate, a soft-cap,
-/// attention sinks, a query temperature, an activation other than SiLU or GELU-tanh,
-/// LongRoPE or partial rotary, head_dim other than 64/96/128/256. It takes the q/k/v bias
-/// (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 3),
-/// Gemma's post norms, GeGLU, embedding scale, query scale, per-layer RoPE (one table per
+/// biases other than the q/k/v projection's, a value norm, an output gate, attention sinks, a
+/// query temperature, an activation other than SiLU or GELU-tanh, LongRoPE or partial rotary,
+/// head_dim other than 64/96/128/256. It takes the q/k/v bias (Qwen2), per-head q/k RMSNorm
+/// (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 2/3), Gemma's post norms and
+/// Gemma 2's attention and logit soft-caps, GeGLU, embedding scale, query scale, RoPE at a
+/// position offset (Qwen2-VL's text after images), per-layer RoPE (one table per
 /// rotary embedding), and mixtures of experts with softmax top-k routing and no shared expert
 /// (Qwen3-MoE; see [`ffn`]). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16
 /// for it (as llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
@@ -339,7 +348,6 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             || block_norm_eps.any(|e| e != plan.norm.eps())
             || a.output_gate
             || norm_eps.windows(2).any(|e| e[0] != e[1])
-            || a.softcap.is_some()
             || a.query_temperature.is_some()
             || a.sinks.is_some()
             || !matches!(activation, Activation::Silu | Activation::GeluTanh)
@@ -375,6 +383,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             window: a.window.unwrap_or(0),
             // Where the scale applies (scores or queries) changes rounding only.
             scale: a.scale as f32,
+            softcap: a.softcap.unwrap_or(0.0) as f32,
             rope: rope_index,
             post_attn_norm: b.post_attn_norm.map(|n| f32_vec(n.weight())).transpose()?,
             post_mlp_norm: b.post_mlp_norm.map(|n| f32_vec(n.weight())).transpose()?,

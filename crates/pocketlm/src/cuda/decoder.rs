@@ -117,6 +117,9 @@ pub struct DecoderLayer {
     pub window: usize,
     /// The scores' scale (`head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`).
     pub scale: f32,
+    /// The scores' soft-cap `c` (Gemma 2's `attn_logit_softcapping`: `c · tanh(s / c)` after
+    /// the scale), 0 for none.
+    pub softcap: f32,
     /// Which of [`DecoderSpec::ropes`] rotates this block's queries and keys.
     pub rope: usize,
     /// RMSNorm weight `[hidden]` f32 of the attention output before the residual add (Gemma),
@@ -978,7 +981,7 @@ impl CudaDecoder {
                     kv_stride,
                 },
                 (nh, nkv, hd),
-                (l.window, l.scale),
+                (l.window, l.scale, l.softcap),
                 s.kv_f16,
                 self.split,
             )?;
@@ -1129,7 +1132,8 @@ struct AttnArgs {
 }
 
 /// Launches the decode attention over the cached positions (the last `window` of them when
-/// `window` > 0), scores scaled by `scale`: the splits (`attn_mma_d{hd}_g{G}_f16` up to
+/// `window` > 0), scores scaled by `scale` (and soft-capped, `c tanh(s / c)`, by `softcap` = c
+/// when it is above 0): the splits (`attn_mma_d{hd}_g{G}_f16` up to
 /// head_dim 128, or `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G,
 /// `split.splits`) of 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one
 /// block of [`MERGE_THREADS`] a head). `part_o` holds `n_heads * splits * head_dim` f32,
@@ -1139,13 +1143,20 @@ fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
     (nh, nkv, hd): (usize, usize, usize),
-    (window, scale): (usize, f32),
+    (window, scale, softcap): (usize, f32, f32),
     kv_f16: bool,
     split: AttnSplit,
 ) -> Result<()> {
     let g = heads_per_block(nh, nkv);
     // The tensor-core kernel's two key/value stages do not fit in shared memory at head_dim 256.
-    let name = match (kv_f16, split.tensor_cores && hd <= 128) {
+    let mma = kv_f16 && split.tensor_cores && hd <= 128;
+    // The tensor-core kernel's scores are in base-2 units.
+    let softcap = if mma {
+        softcap * std::f32::consts::LOG2_E
+    } else {
+        softcap
+    };
+    let name = match (kv_f16, mma) {
         (true, true) => format!("attn_mma_d{hd}_g{g}_f16"),
         (true, false) => format!("attn_gqa_d{hd}_g{g}_f16"),
         (false, _) => format!("attn_gqa_d{hd}_g{g}_f32"),
@@ -1161,7 +1172,10 @@ fn launch_attention(
         .arg(nhi)
         .arg(nkvi);
     b.arg(scale).arg(window).arg(min_chunk);
-    b.arg(a.part_o).arg(a.part_ml).arg(a.kv_stride as i32);
+    b.arg(a.part_o)
+        .arg(a.part_ml)
+        .arg(a.kv_stride as i32)
+        .arg(softcap);
     let cfg = LaunchConfig {
         grid_dim: ((nh / g) as u32, split.splits as u32, a.batch as u32),
         block_dim: (128, 1, 1),
@@ -1292,7 +1306,14 @@ pub(crate) fn run_attention(
         def,
     ] {
         let scale = 1.0 / (hd as f32).sqrt();
-        launch_attention(dev, &t.args, (nh, nkv, hd), (window, scale), kv_f16, split)?;
+        launch_attention(
+            dev,
+            &t.args,
+            (nh, nkv, hd),
+            (window, scale, 0.0),
+            kv_f16,
+            split,
+        )?;
     }
     let stream = dev.cuda_stream();
     let codes = stream.clone_dtoh(&t.xq).w()?;
@@ -1338,12 +1359,12 @@ pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
             ] {
                 let split = AttnSplit::new(splits, min_chunk, tc);
                 for _ in 0..5 {
-                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale), true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale, 0.0), true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let t0 = std::time::Instant::now();
                 for _ in 0..50 {
-                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale), true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale, 0.0), true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let us = t0.elapsed().as_secs_f64() * 1e6 / 50.0;

@@ -1361,7 +1361,8 @@ template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride,
+                         float softcap) {
   constexpr int HD = 32 * EPL;
   __shared__ AttnFinishSmem<G, HD> sm;
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
@@ -1418,7 +1419,11 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
 #pragma unroll
     for (int g = 0; g < G; g++)
 #pragma unroll
-      for (int p = 0; p < ATTN_TILE; p++) s[g][p] = warp_sum(s[g][p]);
+      for (int p = 0; p < ATTN_TILE; p++) {
+        s[g][p] = warp_sum(s[g][p]);
+        // Gemma 2's attention soft-cap: c tanh(s / c) (softcap = c; 0: none).
+        if (softcap > 0.f) s[g][p] = softcap * tanhf(s[g][p] / softcap);
+      }
 #pragma unroll
     for (int g = 0; g < G; g++) {
       float mn = m[g];
@@ -1471,7 +1476,8 @@ template <int HD, int G>
 __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride,
+                         float softcap) {
   constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
   constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
                             ? sizeof(AttnMmaSmem<HD, G>)
@@ -1546,6 +1552,12 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       mma_16816(sc, qf[j], b[0], b[1]);
       mma_16816(sc, qf[j + 1], b[2], b[3]);
     }
+    // Gemma 2's attention soft-cap, c tanh(s / c), in base-2 units (softcap = c log2(e); 0:
+    // none), before the mask.
+    if (softcap > 0.f) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) sc[e] = softcap * tanhf(sc[e] / softcap);
+    }
     const int ta = t0 + 8 * w + 2 * quad;
     if (ta >= end) sc[0] = -INFINITY;
     if (ta + 1 >= end) sc[1] = -INFINITY;
@@ -1596,9 +1608,9 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
                                      const unsigned long long *kv, int layer, int n_heads,         \
                                      int n_kv, float scale, int window, int min_chunk,             \
-                                     float *part_o, float2 *part_ml, int kv_stride) {              \
+                                     float *part_o, float2 *part_ml, int kv_stride, float softcap) { \
     attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,    \
-                         part_ml, kv_stride);                                                      \
+                         part_ml, kv_stride, softcap);                                             \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
@@ -1619,9 +1631,9 @@ ATTN_KERNELS(8)
       attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
                                     const unsigned long long *kv, int layer, int n_heads,          \
                                     int n_kv, float scale, int window, int min_chunk,              \
-                                    float *part_o, float2 *part_ml, int kv_stride) {               \
+                                    float *part_o, float2 *part_ml, int kv_stride, float softcap) {  \
     attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,       \
-                      part_ml, kv_stride);                                                         \
+                      part_ml, kv_stride, softcap);                                                \
   }
 #define ATTN_MMA_KERNELS(G)                                                                        \
   ATTN_MMA_KERNEL(64, G)                                                                           \

@@ -33,6 +33,9 @@ pub struct DecodePlan<'a> {
     pub context_length: usize,
     /// A factor on the embedding rows (Gemma: `sqrt(hidden)`), if any.
     pub embed_scale: Option<f64>,
+    /// The logits' soft-cap `c` (Gemma 2's `final_logit_softcapping`: `c · tanh(logits / c)`),
+    /// if any.
+    pub final_softcap: Option<f64>,
 }
 
 /// One pre-norm residual block: `x += post_attn_norm(attention(attn_norm(x)));
@@ -131,6 +134,10 @@ impl DecodePlan<'_> {
             x = residual(&m, &x, mode)?;
         }
         let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
-        self.lm_head.forward(&self.norm.forward(&last)?)
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        match self.final_softcap {
+            Some(c) => crate::nn::ops::softcap(&logits, c),
+            None => Ok(logits),
+        }
     }
 }

@@ -331,8 +331,11 @@ fn qwen2_5_vl_mlx_vlm_folder() -> Res<()> {
 #[test]
 fn qwen2_vl_decode_plan_after_images() -> Res<()> {
     let g = golden("qwen2_vl")?;
-    let m = load(&golden_dir().join("qwen2_vl"), &cpu())?;
-    let plan = m.model.decode_plan().ok_or("qwen2_vl exports no decode plan")?;
+    let m = load(golden_dir().join("qwen2_vl"), &cpu())?;
+    let plan = m
+        .model
+        .decode_plan()
+        .ok_or("qwen2_vl exports no decode plan")?;
     let (p, names) = PROMPTS[1];
     let input = ModelInput {
         ids: g[&format!("{p}.ids")].to_vec1()?,
@@ -340,7 +343,11 @@ fn qwen2_vl_decode_plan_after_images() -> Res<()> {
     };
     let mut theirs = m.model.new_cache();
     let mut l = m.model.prefill(&input, &mut theirs, 512)?.logits;
-    assert_ne!(theirs.rope_delta(), 0, "the image prompt leaves a RoPE delta");
+    assert_ne!(
+        theirs.rope_delta(),
+        0,
+        "the image prompt leaves a RoPE delta"
+    );
     let mut ours = m.model.new_cache();
     m.model.prefill(&input, &mut ours, 512)?;
     let mut worst = 0f32;
@@ -351,7 +358,10 @@ fn qwen2_vl_decode_plan_after_images() -> Res<()> {
         let got = plan.forward(&x, &mut ours)?;
         worst = worst.max(max_abs_diff(&got, &l)?);
     }
-    assert!(worst <= 1e-4, "qwen2_vl plan vs model after images: {worst}");
+    assert!(
+        worst <= 1e-4,
+        "qwen2_vl plan vs model after images: {worst}"
+    );
     println!("qwen2_vl decode plan after images: max logit diff {worst:.1e} over 4 steps");
     Ok(())
 }
