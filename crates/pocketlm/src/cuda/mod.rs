@@ -175,7 +175,10 @@ fn float_matmul(x: &[f32], m: usize, w: &[f32], rows: usize, cols: usize) -> Vec
 /// product with the dequantized weights (the cost of 8-bit activations, tolerance 2e-2); the
 /// prefill path (m = 65, f16 weights and inputs, cuBLAS) against the float product (5e-3); the
 /// `Add`, `SwiGlu` and `GeGlu` epilogues of both against the CPU (1e-5).
+/// `POCKETLM_SELFTEST=matmul` runs only the matrix products of up to 2^22 weights and the
+/// epilogues (a quick check of the matrix kernels).
 pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
+    let matmul_only = std::env::var("POCKETLM_SELFTEST").is_ok_and(|v| v == "matmul");
     let mut lines = Vec::new();
     let mut ok = true;
     let mut seed = 1u64;
@@ -245,6 +248,9 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
     };
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for &(rows, cols) in &shapes {
+            if matmul_only && rows * cols > 1 << 22 {
+                continue;
+            }
             seed += 1;
             let w = pseudo_random(rows * cols, seed);
             let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu)?;
@@ -268,7 +274,8 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             for pd in [ParamDtype::F16, ParamDtype::BF16, ParamDtype::F32] {
                 for &(rows, cols) in &shapes {
                     // The large shapes (Llama-3-8B's) once per bit width and dtype, at g64.
-                    if cols % group != 0 || (rows * cols > 1 << 22 && group != 64) {
+                    let large = rows * cols > 1 << 22;
+                    if cols % group != 0 || (large && (group != 64 || matmul_only)) {
                         continue;
                     }
                     seed += 1;
@@ -348,6 +355,9 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                 1e-5,
             );
         }
+    }
+    if matmul_only {
+        return Ok((lines, ok));
     }
     // Embedding lookups: equal to the CPU's dequantize_row, bit for bit.
     for &bits in &[4usize, 8] {

@@ -720,20 +720,35 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   }
 }
 
+// 16 bytes from global memory to shared memory, asynchronously (cp.async, sm_80+; bypassing L1);
+// with `valid` false the 16 bytes are zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // ---- Small-batch quantized GEMM on the tensor cores (batched decode) ----
 // y[i, r] (op)= row r . x_i for m activation rows (m <= 8 * NT), every weight block read once for
 // all m rows: int8 mma.m16n8k32 (PTX ISA, "Matrix Fragments for mma.m16n8k32") of a 32-value
 // weight block of 16 rows (A: codes, u8 or s8) with the same block of 8 activation rows (B: q8
 // codes), one 16x8 integer tile per block and mma, then scaled into f32 accumulators as the GEMV
 // does (block_term: s * d * isum + bias * d * sum(codes), or less 8 s d sum(codes) for Q4_0's
-// offset codes), as llama.cpp's MMQ kernels do. A warp takes MMQ_MT tiles of 16 weight rows and
-// NT tiles of 8 activation rows; the MMQ_WARPS warps of a block take the same rows and every
-// MMQ_WARPS-th weight block of the block's share of the columns, and add their results through
-// shared memory. blockIdx.y splits the columns into gridDim.y shares whose results are added
-// to y atomically (EPI 0 and 1 only; the caller zeroes y first for EPI 0). EPI as qgemv: 0
-// write, 1 add, 2 SwiGLU, 3 GeGLU (a tile of 16 rows is then 8 gate rows and their 8 up rows).
+// offset codes), as llama.cpp's MMQ kernels do. A block of MMQ_WARPS warps takes MMQ_ROWS
+// weight rows (16 a warp) and all m activation rows, and walks its columns in chunks of MMQ_KC
+// weight blocks staged in shared memory (codes and activations by cp.async, two stages: the
+// next chunk is in flight while this one is used; rows padded by 16 bytes so that the fragment
+// reads hit 32 different banks). blockIdx.y splits the columns into gridDim.y shares whose
+// results are added to y atomically (EPI 0 and 1 only; the caller zeroes y first for EPI 0).
+// EPI as qgemv: 0 write, 1 add, 2 SwiGLU, 3 GeGLU (a warp's 16 rows are then 8 gate rows and
+// their 8 up rows, a block's outputs 32).
 #define MMQ_WARPS 4
-#define MMQ_MT 2
+#define MMQ_ROWS 64
+#define MMQ_KC 4
 
 template <bool SIGNED>
 __device__ __forceinline__ void mma_16832(int *c, const unsigned *a, unsigned b0, unsigned b1) {
@@ -759,6 +774,18 @@ __device__ __forceinline__ float mmq_term(int isum, float s, float b, float2 dx)
   return s * dx.x * (float)isum;
 }
 
+// One stage of a qmmq block: a chunk of MMQ_KC weight blocks of its MMQ_ROWS rows (codes,
+// scales and biases in f32) and of its 8 * NT activation rows (codes, (d, d * sum)).
+template <int BITS, int NT> struct MmqStage {
+  static constexpr int WB = MMQ_KC * (BITS == 4 ? 16 : 32) + 16;
+  static constexpr int XB = MMQ_KC * 32 + 16;
+  uint8_t w[MMQ_ROWS][WB];
+  int8_t x[8 * NT][XB];
+  float2 dx[8 * NT][MMQ_KC];
+  float s[MMQ_ROWS][MMQ_KC];
+  float b[MMQ_ROWS][MMQ_KC];
+};
+
 template <int BITS, bool SIGNED, bool BIAS, typename S, int EPI, int NT>
 __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                      const S *__restrict__ bi, const int8_t *__restrict__ xq,
@@ -766,148 +793,169 @@ __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                      int group, int m) {
   constexpr bool GATED = EPI == 2 || EPI == 3;
   constexpr int BB = BITS == 4 ? 16 : 32;
-  // Outputs of one 16-row tile: 16, or 8 gate/up pairs.
-  constexpr int TO = GATED ? 8 : 16;
-  __shared__ float red[MMQ_WARPS - 1][MMQ_MT][NT][4][32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  constexpr int NTOK = 8 * NT;
+  // Per thread: scale/bias entries and (d, d * sum) entries of a chunk it loads.
+  constexpr int SE = MMQ_ROWS * MMQ_KC / (32 * MMQ_WARPS);
+  constexpr int DE = (NTOK * MMQ_KC + 32 * MMQ_WARPS - 1) / (32 * MMQ_WARPS);
+  __shared__ __align__(16) MmqStage<BITS, NT> st[2];
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
   const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
-  const int out0 = blockIdx.x * MMQ_MT * TO;
-  const int per = (nblocks + gridDim.y - 1) / gridDim.y;
-  const int kb0 = blockIdx.y * per, kb1 = min(nblocks, kb0 + per);
-  // The weight rows of this thread's fragment rows g and g + 8 in each tile.
-  int rlo[MMQ_MT], rhi[MMQ_MT];
-#pragma unroll
-  for (int t = 0; t < MMQ_MT; t++) {
+  const int out0 = blockIdx.x * (GATED ? MMQ_ROWS / 2 : MMQ_ROWS);
+  const int per = ((nblocks + gridDim.y - 1) / gridDim.y + MMQ_KC - 1) / MMQ_KC * MMQ_KC;
+  const int kb0 = min(nblocks, (int)blockIdx.y * per), kb1 = min(nblocks, kb0 + per);
+  // The weight row of the block's local row lr (clamped into range).
+  auto wrow = [&](int lr) {
     if (GATED) {
-      rlo[t] = min(out0 + t * TO + g, rows - 1);
-      rhi[t] = rlo[t] + rows;
-    } else {
-      rlo[t] = min(out0 + t * TO + g, rows - 1);
-      rhi[t] = min(out0 + t * TO + g + 8, rows - 1);
+      const int k = lr & 15, o = min(out0 + (lr >> 4) * 8 + (k & 7), rows - 1);
+      return k < 8 ? o : o + rows;
     }
-  }
-  // The block's weights do not depend on the kernel before: asked of L2 before the wait, as the
-  // GEMVs do (prefetch_rows).
+    return min(out0 + lr, rows - 1);
+  };
+  // The weights do not depend on the kernel before: asked of L2 before the wait, as the GEMVs
+  // do (prefetch_rows).
   if (kb0 < kb1) {
     const size_t lo = (size_t)kb0 * BB;
     const int nl = (int)(((size_t)(kb1 - kb0) * BB + 127) / 128);
-    for (int i = threadIdx.x; i < MMQ_MT * 16 * nl; i += blockDim.x) {
-      const int k = i / nl, line = i % nl, tt = k >> 4, kk = k & 15;
-      const int r = GATED ? (kk < 8 ? min(out0 + tt * TO + kk, rows - 1)
-                                    : min(out0 + tt * TO + kk - 8, rows - 1) + rows)
-                          : min(out0 + tt * TO + kk, rows - 1);
-      prefetch_line(qs + (size_t)r * nblocks * BB + lo + (size_t)line * 128);
-    }
+    for (int i = tid; i < MMQ_ROWS * nl; i += blockDim.x)
+      prefetch_line(qs + (size_t)wrow(i / nl) * nblocks * BB + lo + (size_t)(i % nl) * 128);
   }
   pdl_enter();
-  // Activation rows of this thread's B fragment (token g of each tile) and of its C columns
-  // (tokens 2q, 2q + 1), clamped into range (the results of clamped rows are not stored).
-  int tb[NT], tc0[NT], tc1[NT];
+  const int nchunks = (kb1 - kb0 + MMQ_KC - 1) / MMQ_KC;
+  // Codes and activations of chunk c into stage st[c & 1] (cp.async; zeros past kb1).
+  auto load_async = [&](int c) {
+    MmqStage<BITS, NT> &t = st[c & 1];
+    const int kb = kb0 + c * MMQ_KC;
+    constexpr int WP = MMQ_KC * BB / 16, XP = MMQ_KC * 2;
+    for (int i = tid; i < MMQ_ROWS * WP; i += blockDim.x) {
+      const int lr = i / WP, p = i % WP, j = p * 16 / BB;
+      const bool ok = kb + j < kb1;
+      const uint8_t *src = qs + ((size_t)wrow(lr) * nblocks + (ok ? kb : kb0)) * BB + p * 16;
+      cp_async16(&t.w[lr][p * 16], src, ok);
+    }
+    for (int i = tid; i < NTOK * XP; i += blockDim.x) {
+      const int tk = i / XP, p = i % XP, j = p >> 1;
+      const bool ok = kb + j < kb1;
+      const int8_t *src = xq + (size_t)min(tk, m - 1) * cols + (size_t)(ok ? kb : kb0) * 32 + p * 16;
+      cp_async16(&t.x[tk][p * 16], src, ok);
+    }
+    cp_async_commit();
+  };
+  // Scales, biases and (d, d * sum) of chunk c, into registers (stored by store_regs).
+  float rs[SE], rb[SE];
+  float2 rd[DE];
+  auto load_regs = [&](int c) {
+    const int kb = kb0 + c * MMQ_KC;
 #pragma unroll
-  for (int n = 0; n < NT; n++) {
-    tb[n] = min(8 * n + g, m - 1);
-    tc0[n] = min(8 * n + 2 * q, m - 1);
-    tc1[n] = min(8 * n + 2 * q + 1, m - 1);
+    for (int e = 0; e < SE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS, lr = i / MMQ_KC, j = i % MMQ_KC;
+      const bool ok = kb + j < kb1;
+      const size_t gi = (size_t)wrow(lr) * groups + (ok ? kb + j : kb0) / bpg;
+      rs[e] = ok ? to_f32(sc[gi]) : 0.f;
+      rb[e] = BIAS && ok ? to_f32(bi[gi]) : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < DE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS, tk = i / MMQ_KC, j = i % MMQ_KC;
+      const bool ok = i < NTOK * MMQ_KC && kb + j < kb1;
+      rd[e] = ok ? __ldg(xd + (size_t)min(tk, m - 1) * nblocks + kb + j) : make_float2(0.f, 0.f);
+    }
+  };
+  auto store_regs = [&](int c) {
+    MmqStage<BITS, NT> &t = st[c & 1];
+#pragma unroll
+    for (int e = 0; e < SE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS;
+      t.s[i / MMQ_KC][i % MMQ_KC] = rs[e];
+      t.b[i / MMQ_KC][i % MMQ_KC] = rb[e];
+    }
+#pragma unroll
+    for (int e = 0; e < DE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS;
+      if (i < NTOK * MMQ_KC) t.dx[i / MMQ_KC][i % MMQ_KC] = rd[e];
+    }
+  };
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  if (nchunks > 0) {
+    load_async(0);
+    load_regs(0);
+    store_regs(0);
+    cp_async_wait<0>();
+    __syncthreads();
   }
-  float acc[MMQ_MT][NT][4];
+  const int lo = 16 * w + g, hi = lo + 8;
+  for (int c = 0; c < nchunks; c++) {
+    const bool next = c + 1 < nchunks;
+    if (next) {
+      load_async(c + 1);
+      load_regs(c + 1);
+    }
+    const MmqStage<BITS, NT> &t = st[c & 1];
 #pragma unroll
-  for (int t = 0; t < MMQ_MT; t++)
-#pragma unroll
-    for (int n = 0; n < NT; n++) acc[t][n][0] = acc[t][n][1] = acc[t][n][2] = acc[t][n][3] = 0.f;
-#pragma unroll 2
-  for (int b = kb0 + w; b < kb1; b += MMQ_WARPS) {
-    unsigned a[MMQ_MT][4];
-    float slo[MMQ_MT], shi[MMQ_MT], blo[MMQ_MT], bhi[MMQ_MT];
-    const int gi = b / bpg;
-#pragma unroll
-    for (int t = 0; t < MMQ_MT; t++) {
-      const uint8_t *plo = qs + ((size_t)rlo[t] * nblocks + b) * BB + 4 * q;
-      const uint8_t *phi = qs + ((size_t)rhi[t] * nblocks + b) * BB + 4 * q;
+    for (int j = 0; j < MMQ_KC; j++) {
+      unsigned a[4];
       if (BITS == 4) {
-        const unsigned wl = __ldg(reinterpret_cast<const unsigned *>(plo));
-        const unsigned wh = __ldg(reinterpret_cast<const unsigned *>(phi));
-        a[t][0] = wl & 0x0F0F0F0Fu;
-        a[t][1] = wh & 0x0F0F0F0Fu;
-        a[t][2] = (wl >> 4) & 0x0F0F0F0Fu;
-        a[t][3] = (wh >> 4) & 0x0F0F0F0Fu;
+        const unsigned wl = *reinterpret_cast<const unsigned *>(&t.w[lo][j * 16 + 4 * q]);
+        const unsigned wh = *reinterpret_cast<const unsigned *>(&t.w[hi][j * 16 + 4 * q]);
+        a[0] = wl & 0x0F0F0F0Fu;
+        a[1] = wh & 0x0F0F0F0Fu;
+        a[2] = (wl >> 4) & 0x0F0F0F0Fu;
+        a[3] = (wh >> 4) & 0x0F0F0F0Fu;
       } else {
-        a[t][0] = __ldg(reinterpret_cast<const unsigned *>(plo));
-        a[t][1] = __ldg(reinterpret_cast<const unsigned *>(phi));
-        a[t][2] = __ldg(reinterpret_cast<const unsigned *>(plo + 16));
-        a[t][3] = __ldg(reinterpret_cast<const unsigned *>(phi + 16));
+        a[0] = *reinterpret_cast<const unsigned *>(&t.w[lo][j * 32 + 4 * q]);
+        a[1] = *reinterpret_cast<const unsigned *>(&t.w[hi][j * 32 + 4 * q]);
+        a[2] = *reinterpret_cast<const unsigned *>(&t.w[lo][j * 32 + 16 + 4 * q]);
+        a[3] = *reinterpret_cast<const unsigned *>(&t.w[hi][j * 32 + 16 + 4 * q]);
       }
-      slo[t] = to_f32(sc[(size_t)rlo[t] * groups + gi]);
-      shi[t] = to_f32(sc[(size_t)rhi[t] * groups + gi]);
-      blo[t] = BIAS ? to_f32(bi[(size_t)rlo[t] * groups + gi]) : 0.f;
-      bhi[t] = BIAS ? to_f32(bi[(size_t)rhi[t] * groups + gi]) : 0.f;
-    }
+      const float slo = t.s[lo][j], shi = t.s[hi][j];
+      const float blo = BIAS ? t.b[lo][j] : 0.f, bhi = BIAS ? t.b[hi][j] : 0.f;
 #pragma unroll
-    for (int n = 0; n < NT; n++) {
-      const int8_t *xb = xq + (size_t)tb[n] * cols + (size_t)b * 32 + 4 * q;
-      const unsigned b0 = __ldg(reinterpret_cast<const unsigned *>(xb));
-      const unsigned b1 = __ldg(reinterpret_cast<const unsigned *>(xb + 16));
-      const float2 d0 = __ldg(xd + (size_t)tc0[n] * nblocks + b);
-      const float2 d1 = __ldg(xd + (size_t)tc1[n] * nblocks + b);
-#pragma unroll
-      for (int t = 0; t < MMQ_MT; t++) {
-        int c[4] = {0, 0, 0, 0};
-        mma_16832<SIGNED>(c, a[t], b0, b1);
-        acc[t][n][0] += mmq_term<BITS, BIAS>(c[0], slo[t], blo[t], d0);
-        acc[t][n][1] += mmq_term<BITS, BIAS>(c[1], slo[t], blo[t], d1);
-        acc[t][n][2] += mmq_term<BITS, BIAS>(c[2], shi[t], bhi[t], d0);
-        acc[t][n][3] += mmq_term<BITS, BIAS>(c[3], shi[t], bhi[t], d1);
+      for (int n = 0; n < NT; n++) {
+        const unsigned b0 = *reinterpret_cast<const unsigned *>(&t.x[8 * n + g][j * 32 + 4 * q]);
+        const unsigned b1 =
+            *reinterpret_cast<const unsigned *>(&t.x[8 * n + g][j * 32 + 16 + 4 * q]);
+        const float2 d0 = t.dx[8 * n + 2 * q][j], d1 = t.dx[8 * n + 2 * q + 1][j];
+        int cc[4] = {0, 0, 0, 0};
+        mma_16832<SIGNED>(cc, a, b0, b1);
+        acc[n][0] += mmq_term<BITS, BIAS>(cc[0], slo, blo, d0);
+        acc[n][1] += mmq_term<BITS, BIAS>(cc[1], slo, blo, d1);
+        acc[n][2] += mmq_term<BITS, BIAS>(cc[2], shi, bhi, d0);
+        acc[n][3] += mmq_term<BITS, BIAS>(cc[3], shi, bhi, d1);
       }
     }
+    if (next) {
+      // Stage (c + 1) & 1 held chunk c - 1, which every warp finished before the last barrier.
+      store_regs(c + 1);
+      cp_async_wait<0>();
+    }
+    __syncthreads();
   }
-  if (w > 0) {
-#pragma unroll
-    for (int t = 0; t < MMQ_MT; t++)
-#pragma unroll
-      for (int n = 0; n < NT; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) red[w - 1][t][n][e][lane] = acc[t][n][e];
-  }
-  __syncthreads();
-  if (w > 0) return;
-#pragma unroll
-  for (int t = 0; t < MMQ_MT; t++)
-#pragma unroll
-    for (int n = 0; n < NT; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        float v = acc[t][n][e];
-#pragma unroll
-        for (int j = 0; j < MMQ_WARPS - 1; j++) v += red[j][t][n][e][lane];
-        acc[t][n][e] = v;
-      }
   const bool split = gridDim.y > 1;
 #pragma unroll
-  for (int t = 0; t < MMQ_MT; t++) {
+  for (int n = 0; n < NT; n++) {
 #pragma unroll
-    for (int n = 0; n < NT; n++) {
+    for (int h = 0; h < 2; h++) {
+      const int tok = 8 * n + 2 * q + h;
+      if (tok >= m) continue;
+      float *yr = y + (size_t)tok * rows;
+      if (GATED) {
+        const int o = out0 + 8 * w + g;
+        if (o >= rows) continue;
+        const float gv = acc[n][h], uv = acc[n][2 + h];
+        yr[o] = (EPI == 3 ? gelu_tanh(gv) : gv / (1.f + expf(-gv))) * uv;
+      } else {
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int tok = 8 * n + 2 * q + h;
-        if (tok >= m) continue;
-        float *yr = y + (size_t)tok * rows;
-        if (GATED) {
-          const int o = out0 + t * TO + g;
+        for (int half = 0; half < 2; half++) {
+          const int o = out0 + 16 * w + g + 8 * half;
           if (o >= rows) continue;
-          const float gv = acc[t][n][h], uv = acc[t][n][2 + h];
-          yr[o] = (EPI == 3 ? gelu_tanh(gv) : gv / (1.f + expf(-gv))) * uv;
-        } else {
-#pragma unroll
-          for (int half = 0; half < 2; half++) {
-            const int o = out0 + t * TO + g + 8 * half;
-            if (o >= rows) continue;
-            const float v = acc[t][n][2 * half + h];
-            if (split)
-              atomicAdd(yr + o, v);
-            else if (EPI == 1)
-              yr[o] += v;
-            else
-              yr[o] = v;
-          }
+          const float v = acc[n][2 * half + h];
+          if (split)
+            atomicAdd(yr + o, v);
+          else if (EPI == 1)
+            yr[o] += v;
+          else
+            yr[o] = v;
         }
       }
     }
@@ -1201,7 +1249,7 @@ __device__ __forceinline__ void load_row(const __half *__restrict__ src, float *
   }
 }
 
-// Tensor-core and asynchronous-copy helpers (sm_80+).
+// Tensor-core helpers (sm_80+; the cp.async ones are above).
 __device__ __forceinline__ void mma_16816(float *c, const unsigned *a, unsigned b0, unsigned b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -1220,15 +1268,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned *r, const __half *p) 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
-}
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 __device__ __forceinline__ void ldmatrix_x4(unsigned *r, const __half *p) {
   const unsigned a = (unsigned)__cvta_generic_to_shared(p);

@@ -53,14 +53,16 @@ fn gemv_shape(epi: Epilogue, cols: usize) -> (usize, usize) {
     (r, w.clamp(1, GEMV_MAX_WARPS))
 }
 
-/// Warps of a `qmmq_*` block (`MMQ_WARPS` in qmatrix.cu) and outputs of one block (`MMQ_MT`
-/// tiles of 16 rows).
+/// Warps of a `qmmq_*` block (`MMQ_WARPS` in qmatrix.cu), its weight rows (`MMQ_ROWS`: the
+/// outputs of one block, half as many for the gated epilogues) and the 32-value blocks of a
+/// chunk it stages (`MMQ_KC`).
 const MMQ_WARPS: u32 = 4;
-const MMQ_TILE_OUT: usize = 32;
+const MMQ_TILE_OUT: usize = 64;
+const MMQ_KC: usize = 4;
 
 /// Column splits of a small-batch GEMM launch of `tiles` row tiles over `nblocks` 32-value
-/// blocks a row: enough blocks for 4 per multiprocessor, each warp keeping at least 4 weight
-/// blocks, at most 16. `POCKETLM_MMQ_SPLITS=N` sets it (for tuning; 1 turns the atomic sums
+/// blocks a row: enough blocks for 4 per multiprocessor, each split keeping at least two
+/// chunks, at most 16. `POCKETLM_MMQ_SPLITS=N` sets it (for tuning; 1 turns the atomic sums
 /// off).
 fn mmq_splits(tiles: usize, nblocks: usize, sms: usize) -> usize {
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
@@ -69,7 +71,7 @@ fn mmq_splits(tiles: usize, nblocks: usize, sms: usize) -> usize {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
     });
-    let most = (nblocks / (4 * MMQ_WARPS as usize)).clamp(1, 16);
+    let most = (nblocks / (2 * MMQ_KC)).clamp(1, 16);
     over.unwrap_or_else(|| (4 * sms).div_ceil(tiles.max(1)))
         .clamp(1, most)
 }
