@@ -12,7 +12,7 @@
 #  3. writes a random-weight Llama-3.2-1B-shaped Q4_0 GGUF, converts it to MLX 4-bit g64
 #     (`pocketlm convert`) and runs `pocketlm agree` on both and on the other GGUFs of MODELS
 #     but the 8B Llama ones (greedy tokens and logits, CPU vs GPU, same binary: 5 prompts, 32
-#     steps);
+#     steps; then the 5 prompts decoded together on the GPU, batched, against the CPU again);
 #  4. writes the GGUFs of MODELS, `SHAPE-TYPE.gguf` (scripts/make_random_gguf.py, with a context
 #     of 32768 so that the deep tests fit; SHAPE one of its shapes, TYPE q4_0, q8_0 or q4_k), and
 #     MLX 4-bit and 8-bit g64 folders of the 8B shapes (scripts/make_random_mlx.py, from the 1B
@@ -25,10 +25,10 @@
 #     bound (tg bound = bandwidth / bytes of weights read per token) and sampled / greedy decode.
 # Knobs (environment): MODELS (default: 8b-q4_0.gguf 8b-mlx4 8b-q8_0.gguf 8b-mlx8; 1b-q4_0.gguf
 # and 1b-mlx4 of step 3 may be named too, and e.g. qwen2-7b-q4_0.gguf, qwen3-8b-q4_0.gguf,
-# phi3-mini-q4_0.gguf, qwen3-30b-a3b-q4_0.gguf (a mixture of experts, 17 GB; `agree` runs on its
+# phi3-mini-q4_0.gguf, gemma2-2b-q4_0.gguf, qwen3-30b-a3b-q4_0.gguf (a mixture of experts, 17 GB; `agree` runs on its
 # first 4 layers); every GGUF named is also run by llama-bench), DEPTHS
 # (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU
-# (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL), VARIANTS (see step 5).
+# (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL), VARIANTS and BATCHES (see step 5).
 # Models already in $WORK (a warm machine keeps it) are not written again.
 # Results: $OUT (or ./gpu-out) gets selftest.txt, agree.txt, bench-*.json, llama-*.json, summary.md.
 set -uo pipefail
@@ -55,7 +55,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 ( cd "$W" && tar xzf "$OLDPWD/${GPU_DIR:-.gpu}/lc.tgz" && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null &&
-  cmake --build lc/build --target llama-bench -j 14 >/dev/null && echo built ) > "$OUT/lc-build.log" 2>&1 &
+  cmake --build lc/build --target llama-bench ${BATCHES:+llama-batched-bench} -j 14 >/dev/null && echo built ) > "$OUT/lc-build.log" 2>&1 &
 lc_pid=$!
 while [ ! -f "$W/lc/models/ggml-vocab-llama-bpe.gguf" ]; do sleep 1; done; sleep 1
 cp ${GPU_DIR:-.gpu}/ggml-vocab-*.gguf "$W/lc/models/" 2>/dev/null
@@ -101,9 +101,9 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
       q=${m%.gguf}; q=${q##*-}; s4=${m%-$q.gguf}; m=$s4-4layers-$q.gguf
       [ -f "$W/$m" ] || (cd "$W" && LAYERS=4 python3 "$TOOLS/make_random_gguf.py" "$m" "$q" --shape "$s4" >/dev/null);;
     esac
-    echo "== $m"; POCKETLM_LOG=info "$PL" agree -m "$W/$m" --device cuda -n 32
+    echo "== $m"; POCKETLM_LOG=info "$PL" agree -m "$W/$m" --device cuda -n 32 --batch
   done > "$OUT/agree.txt" 2>&1
-  grep -E "^==|all equal|fused CUDA decoder" "$OUT/agree.txt" | sed 's/.*INFO //'
+  grep -E "^==|all equal|fused CUDA decoder|^batched" "$OUT/agree.txt" | sed 's/.*INFO //'
 fi
 # 5. pocketlm bench on the four, then llama-bench on the two GGUFs once its build is done.
 BUDGET=${BUDGET:-560}; left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
@@ -127,8 +127,25 @@ if [ -n "${VARIANTS:-}" ]; then
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], ' '.join(f\"{t['name']} {t['mean_tps']:.1f} ± {t['stddev_tps']:.1f}\" for t in r['tests']))" "$OUT/variant-$label.json" "$label" 2>/dev/null
   done
 fi
+# Optional: BATCHES="8,32" measures batched decode on the first of MODELS: each of B sequences'
+# cache filled with 128 tokens, then 128 tokens decoded for all of them together, aggregate
+# tokens/s (`pocketlm bench -p 0 -n 128 -d 128 --batch $BATCHES`, with B = 1 as its tg128 @
+# d128), against llama-batched-bench -npp 128 -ntg 128 -npl 1,$BATCHES (its S_TG) below.
+if [ -n "${BATCHES:-}" ]; then
+  m1=${MODELS%% *}; stamp "pocketlm batched $m1 ($BATCHES)"
+  timeout "$(left)" "$PL" bench -m "$W/$m1" --device cuda -p 0 -n 128 -d 128 -r "$REPS" --batch "$BATCHES" \
+    --json > "$OUT/batched-$m1.json" 2> "$OUT/batched-$m1.err" || tail -3 "$OUT/batched-$m1.err"
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('\n'.join(f\"pocketlm {t['name']}: {t['mean_tps']:.1f} ± {t['stddev_tps']:.1f} t/s\" for t in r['tests']))" "$OUT/batched-$m1.json" 2>/dev/null
+fi
 stamp "waiting for llama.cpp"; wait $lc_pid; tail -2 "$OUT/lc-build.log"
 LB=$W/lc/build/bin/llama-bench
+if [ -n "${BATCHES:-}" ]; then
+  m1=${MODELS%% *}; stamp "llama-batched-bench $m1"
+  timeout "$(left)" "$W/lc/build/bin/llama-batched-bench" -m "$W/$m1" -ngl 99 -c 20480 -npp 128 -ntg 128 \
+    -npl "1,$BATCHES" > "$OUT/llama-batched.txt" 2>&1 || tail -3 "$OUT/llama-batched.txt"
+  # Its table: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+  awk -F'|' '$2 ~ /^ *[0-9]+ *$/ {gsub(/ /,""); printf "llama.cpp tg%s x%s @ d%s (S_TG): %s t/s\n", $3, $4, $2, $9}' "$OUT/llama-batched.txt"
+fi
 for m in $MODELS; do
   case $m in *.gguf) ;; *) continue;; esac
   [ -f "$W/$m" ] || continue

@@ -15,6 +15,10 @@ usage: make_random_gguf.py OUT TYPE [--shape SHAPE]
                                    Llama 3's vocabulary, as llama.cpp ships no Gemma 3 one)
     gemma3-1b  Gemma-3-1B         (gemma3; 1152, 26 layers, 4/1 heads, head_dim 256, ffn 6912,
                                    window 512)
+    gemma2-2b  Gemma-2-2B         (gemma2: attention soft-cap 50 and final logit soft-cap 30,
+                                   post norms, GeGLU, window 4096 on every other layer; 2304, 26
+                                   layers, 8/4 heads, head_dim 256, ffn 9216; Llama 3's
+                                   vocabulary)
     qwen3-30b-a3b Qwen3-30B-A3B   (qwen3moe: qwen3's attention, every layer a mixture of 128
                                    experts of width 768, 8 per token; 2048, 48 layers, 32/4
                                    heads, head_dim 128; the router f32 with random N(0, 1)
@@ -56,6 +60,9 @@ SHAPES = {
     "gemma3-1b": dict(arch="gemma3", vocab="llama-bpe", n_embd=1152, n_layer=26, n_head=4, n_kv=1,
                       head_dim=256, n_ff=6912, rope=1e6, eps=1e-6, qk_norm=True, post_norms=True,
                       window=512, tied=True),
+    "gemma2-2b": dict(arch="gemma2", vocab="llama-bpe", n_embd=2304, n_layer=26, n_head=8, n_kv=4,
+                      head_dim=256, n_ff=9216, rope=10000.0, eps=1e-6, post_norms=True,
+                      window=4096, tied=True, attn_softcap=50.0, final_softcap=30.0),
     "gemma3-4b": dict(arch="gemma3", vocab="llama-bpe", n_embd=2560, n_layer=34, n_head=8, n_kv=4,
                       head_dim=256, n_ff=10240, rope=1e6, eps=1e-6, qk_norm=True, post_norms=True,
                       window=1024, tied=True),
@@ -123,6 +130,9 @@ if hd != e // nh:
     w.add_key_length(hd); w.add_value_length(hd)
 if H.get("window"):
     w.add_sliding_window(H["window"])
+if H.get("attn_softcap"):
+    w.add_float32(f"{arch}.attn_logit_softcapping", H["attn_softcap"])
+    w.add_float32(f"{arch}.final_logit_softcapping", H["final_softcap"])
 w.add_vocab_size(vocab)
 if H.get("experts"):
     w.add_expert_count(H["experts"]); w.add_expert_used_count(H["experts_used"])

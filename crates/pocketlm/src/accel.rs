@@ -9,11 +9,12 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::cuda::{
     kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec,
-    MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    SeqStep, MAX_BATCH, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
-    CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable, VisionInfo,
+    BatchRow, CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable,
+    VisionInfo,
 };
 use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, RotaryEmbedding, Scoring};
 use crate::{Error, Result};
@@ -76,11 +77,41 @@ impl Accelerated {
             return Ok(None);
         };
         let pos = cache.offset();
-        if pos + 1 >= dec.spec().max_positions() {
+        let Some(rope_pos) = rope_position(cache) else {
+            return Ok(None);
+        };
+        let Some((kv, capacity)) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
+            return Ok(None);
+        };
+        let x = plan.embed_tokens.forward(input_ids)?;
+        let seq = SeqStep {
+            pos,
+            rope_pos,
+            kv: &kv,
+            capacity,
+        };
+        let out = dec.step(&x, &seq)?;
+        commit_one(cache, plan.blocks.len())?;
+        finish_logits(&plan, dec, out).map(Some)
+    }
+
+    /// The key/value buffer addresses of each of the `n_layers` layers of `cache`, with room
+    /// made for one more position appended in place, and their capacity; `None` when the
+    /// fused step does not take the cache (layers at other offsets or not appending in place,
+    /// other dtypes, positions past the step's RoPE tables).
+    ///
+    /// Errors: the cache's, while making room.
+    fn kv_buffers(
+        &self,
+        dec: &CudaDecoder,
+        cache: &mut KvCache,
+        n_layers: usize,
+    ) -> Result<Option<KvBuffers>> {
+        let pos = cache.offset();
+        if pos + 1 >= dec.spec().max_positions() || cache.n_layers() != n_layers {
             return Ok(None);
         }
         let (nkv, hd) = (dec.spec().n_kv_heads, dec.spec().head_dim);
-        let n_layers = plan.blocks.len();
         let mut bufs = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let Some(layer) = cache.layer(i) else {
@@ -94,7 +125,10 @@ impl Accelerated {
                 None => return Ok(None),
             }
         }
-        let capacity = bufs[0].0.dim(2)?;
+        let Some(first) = bufs.first() else {
+            return Ok(None);
+        };
+        let capacity = first.0.dim(2)?;
         let kv_dtype = if dec.spec().kv_f16 {
             DType::F16
         } else {
@@ -111,18 +145,67 @@ impl Accelerated {
             }
             ptrs.push((kv_address(k)?, kv_address(v)?));
         }
-        let x = plan.embed_tokens.forward(input_ids)?;
-        let out = dec.step(&x, pos, &ptrs, capacity)?;
-        for i in 0..n_layers {
-            if let Some(layer) = cache.layer(i) {
-                layer.commit(1)?;
+        Ok(Some((ptrs, capacity)))
+    }
+
+    /// One token of each row through the fused step at once ([`CudaDecoder::step_batch`]);
+    /// `None` when it does not apply: fewer than 2 or more than [`MAX_BATCH`] rows, a row of
+    /// more than one token, no plan or one the step does not take (mixtures of experts run
+    /// one sequence at a time), a cache [`Self::kv_buffers`] refuses, or
+    /// `POCKETLM_FUSED_BATCH=0`.
+    fn fused_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Option<Tensor>> {
+        if !(2..=MAX_BATCH).contains(&rows.len())
+            || rows.iter().any(|r| r.ids.len() != 1)
+            || crate::switches::switched_off("POCKETLM_FUSED_BATCH")
+        {
+            return Ok(None);
+        }
+        let Some(plan) = self.inner.decode_plan() else {
+            return Ok(None);
+        };
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Error::Model("the CUDA decoder lock is poisoned".into()))?;
+        if matches!(*state, State::Untried) {
+            *state = self.build(&plan)?;
+        }
+        let State::Ready(dec) = &mut *state else {
+            return Ok(None);
+        };
+        if !dec.batches() {
+            return Ok(None);
+        }
+        let n_layers = plan.blocks.len();
+        let mut bufs = Vec::with_capacity(rows.len());
+        for r in rows.iter_mut() {
+            let pos = r.cache.offset();
+            let Some(rope_pos) = rope_position(r.cache) else {
+                return Ok(None);
+            };
+            match self.kv_buffers(dec, r.cache, n_layers)? {
+                Some((kv, capacity)) => bufs.push((pos, rope_pos, kv, capacity)),
+                None => return Ok(None),
             }
         }
-        if dec.spec().lm_head.is_some() {
-            Ok(Some(out))
-        } else {
-            Ok(Some(plan.lm_head.forward(&out)?))
+        let ids: Vec<u32> = rows.iter().map(|r| r.ids[0]).collect();
+        let x = plan
+            .embed_tokens
+            .forward(&Tensor::new(ids.as_slice(), self.inner.device())?)?;
+        let seqs: Vec<SeqStep<'_>> = bufs
+            .iter()
+            .map(|(pos, rope_pos, kv, capacity)| SeqStep {
+                pos: *pos,
+                rope_pos: *rope_pos,
+                kv,
+                capacity: *capacity,
+            })
+            .collect();
+        let out = dec.step_batch(&x, &seqs)?;
+        for r in rows.iter_mut() {
+            commit_one(r.cache, n_layers)?;
         }
+        finish_logits(&plan, dec, out).map(Some)
     }
 
     /// The fused step for `plan`, or [`State::Unavailable`] when it does not take the model
@@ -175,13 +258,52 @@ impl Accelerated {
     }
 }
 
+/// The RoPE position of the next token of `cache`: its offset plus its RoPE delta (Qwen2-VL's
+/// text after images; 0 for other models), `None` if that is negative.
+fn rope_position(cache: &KvCache) -> Option<usize> {
+    usize::try_from(cache.offset() as i64 + cache.rope_delta()).ok()
+}
+
+/// The logits from the fused step's output `out`: the output layer applied when it is not one
+/// of the step's, then the plan's final soft-cap (Gemma 2), if any.
+///
+/// Errors: the layers'.
+fn finish_logits(plan: &DecodePlan<'_>, dec: &CudaDecoder, out: Tensor) -> Result<Tensor> {
+    let logits = if dec.spec().lm_head.is_some() {
+        out
+    } else {
+        plan.lm_head.forward(&out)?
+    };
+    match plan.final_softcap {
+        Some(c) => crate::nn::softcap(&logits, c),
+        None => Ok(logits),
+    }
+}
+
+/// Per layer the key and value buffer addresses of a cache, and their capacity in positions.
+type KvBuffers = (Vec<(u64, u64)>, usize);
+
+/// Marks the position the fused step wrote into each of the `n_layers` layers of `cache` as
+/// filled.
+///
+/// Errors: the cache's.
+fn commit_one(cache: &mut KvCache, n_layers: usize) -> Result<()> {
+    for i in 0..n_layers {
+        if let Some(layer) = cache.layer(i) {
+            layer.commit(1)?;
+        }
+    }
+    Ok(())
+}
+
 /// The decoder's weights and tables from a plan, or `None` when the plan has something the
 /// fused step does not take: layers other than our CUDA quantized matrices (or adapters),
-/// biases other than the q/k/v projection's, a value norm, an output gate, a soft-cap,
-/// attention sinks, a query temperature, an activation other than SiLU or GELU-tanh,
-/// LongRoPE or partial rotary, head_dim other than 64/96/128/256. It takes the q/k/v bias
-/// (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 3),
-/// Gemma's post norms, GeGLU, embedding scale, query scale, per-layer RoPE (one table per
+/// biases other than the q/k/v projection's, a value norm, an output gate, attention sinks, a
+/// query temperature, an activation other than SiLU or GELU-tanh, LongRoPE or partial rotary,
+/// head_dim other than 64/96/128/256. It takes the q/k/v bias (Qwen2), per-head q/k RMSNorm
+/// (Qwen3, Gemma 3), sliding windows (Mistral, Phi-3, Gemma 2/3), Gemma's post norms and
+/// Gemma 2's attention and logit soft-caps, GeGLU, embedding scale, query scale, RoPE at a
+/// position offset (Qwen2-VL's text after images), per-layer RoPE (one table per
 /// rotary embedding), and mixtures of experts with softmax top-k routing and no shared expert
 /// (Qwen3-MoE; see [`ffn`]). `POCKETLM_FUSED_DECODE=0` turns it off. The KV cache is kept in f16
 /// for it (as llama.cpp's default), `POCKETLM_KV_F16=0` keeps f32.
@@ -226,7 +348,6 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             || block_norm_eps.any(|e| e != plan.norm.eps())
             || a.output_gate
             || norm_eps.windows(2).any(|e| e[0] != e[1])
-            || a.softcap.is_some()
             || a.query_temperature.is_some()
             || a.sinks.is_some()
             || !matches!(activation, Activation::Silu | Activation::GeluTanh)
@@ -262,6 +383,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
             window: a.window.unwrap_or(0),
             // Where the scale applies (scores or queries) changes rounding only.
             scale: a.scale as f32,
+            softcap: a.softcap.unwrap_or(0.0) as f32,
             rope: rope_index,
             post_attn_norm: b.post_attn_norm.map(|n| f32_vec(n.weight())).transpose()?,
             post_mlp_norm: b.post_mlp_norm.map(|n| f32_vec(n.weight())).transpose()?,
@@ -393,6 +515,13 @@ impl CausalLM for Accelerated {
             }
         }
         self.inner.forward(input_ids, cache, logits)
+    }
+
+    fn forward_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Tensor> {
+        if let Some(out) = self.fused_batch(rows)? {
+            return Ok(out);
+        }
+        self.inner.forward_batch(rows)
     }
 
     fn new_cache(&self) -> KvCache {

@@ -3,7 +3,10 @@
 //! context depth `d` (the cache first filled with `d` tokens, untimed, in chunks of
 //! [`DEPTH_CHUNK`] as llama.cpp's default micro-batch of 512) and repeated, reported in tokens
 //! per second as mean and standard deviation over the repetitions. Every combination of the
-//! lists is run, as `llama-bench -p 512,1024 -n 128 -d 0,4096` does.
+//! lists is run, as `llama-bench -p 512,1024 -n 128 -d 0,4096` does. With batch sizes
+//! ([`BenchParams::batch`]), each decode test also runs for that many sequences decoded
+//! together (one [`CausalLM::forward_batch`] a step), reported as the aggregate tokens per
+//! second of all sequences, as `llama-batched-bench` reports its `S_TG`.
 
 use std::time::Instant;
 
@@ -13,7 +16,7 @@ use crate::constrain::{Constraint, GrammarEnv, GrammarMask};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::loader::LoadedModel;
 use crate::memory;
-use crate::models::{CausalLM, Logits};
+use crate::models::{BatchRow, CausalLM, Logits};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::Result;
 
@@ -42,6 +45,10 @@ pub struct BenchParams {
     /// The KV cache every test runs with ([`CausalLM::make_cache`]; e.g.
     /// [`KvCacheConfig::kv_f16`]); the default: the model's own ([`CausalLM::new_cache`]).
     pub cache: KvCacheConfig,
+    /// Batch sizes (2 or more; smaller entries are skipped) at which each decode test runs
+    /// again: that many sequences, each with its own cache at the test's depth, decoded
+    /// together (a test named `tg128 x32`, see [`run`]).
+    pub batch: Vec<usize>,
 }
 
 impl Default for BenchParams {
@@ -54,6 +61,7 @@ impl Default for BenchParams {
             constraint: None,
             sampling: None,
             cache: KvCacheConfig::default(),
+            batch: Vec::new(),
         }
     }
 }
@@ -243,10 +251,33 @@ fn sampled_decode(
     Ok(())
 }
 
+/// `n_gen` decode steps of `caches.len()` sequences together: per step one
+/// [`CausalLM::forward_batch`] of one token a sequence (sequence `i` feeds `ids[(step + i) %
+/// len]`) and the greedy ids on the model's device, one copy back.
+fn batched_decode(model: &dyn CausalLM, caches: &mut [KvCache], ids: &[u32]) -> Result<()> {
+    for step in 0..ids.len() {
+        let feed: Vec<u32> = (0..caches.len())
+            .map(|i| ids[(step + i) % ids.len()])
+            .collect();
+        let mut rows: Vec<BatchRow<'_>> = caches
+            .iter_mut()
+            .zip(&feed)
+            .map(|(cache, id)| BatchRow {
+                ids: std::slice::from_ref(id),
+                cache,
+            })
+            .collect();
+        let l = crate::kernels::in_pool_on(model.device(), || model.forward_batch(&mut rows))?;
+        l.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    }
+    Ok(())
+}
+
 /// Runs the tests on a loaded model: for each depth, each prefill length, then each decode
 /// length (and, with [`BenchParams::constraint`], that decode length again under the grammar,
 /// see `constrained_decode`; with [`BenchParams::sampling`], again drawing with the sampler,
-/// see `sampled_decode`). One untimed warm-up run precedes each test.
+/// see `sampled_decode`; with [`BenchParams::batch`], again for each batch size, see
+/// `batched_decode`). One untimed warm-up run precedes each test.
 ///
 /// Errors: those of the model's forward pass (a depth plus test length beyond the model's
 /// context is the model's error); with a constraint, [`crate::Error::Constraint`].
@@ -331,6 +362,26 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
                 r.name.push_str(" +sampling");
                 tests.push(r);
             }
+            for &b in params.batch.iter().filter(|&&b| b > 1) {
+                let mut samples = Vec::new();
+                for rep in 0..=reps {
+                    let mut caches = (0..b)
+                        .map(|_| cache_at(model, &params.cache, depth, vocab))
+                        .collect::<Result<Vec<_>>>()?;
+                    let t = Instant::now();
+                    batched_decode(model, &mut caches, &ids)?;
+                    if rep > 0 {
+                        samples.push((b * n_gen) as f64 / t.elapsed().as_secs_f64());
+                    }
+                }
+                let mut r = TestResult::new("tg", n_gen, depth, samples);
+                r.name = match depth {
+                    0 => format!("tg{n_gen} x{b}"),
+                    _ => format!("tg{n_gen} x{b} @ d{depth}"),
+                };
+                r.n_tokens = b * n_gen;
+                tests.push(r);
+            }
         }
     }
     let gpu = crate::device::gpu_memory(&dev);
@@ -396,38 +447,118 @@ pub fn compare_devices(
     let (mut ca, mut cb) = (a.new_cache(), b.new_cache());
     let mut la = logits(a, &mut ca, prompt)?;
     let mut lb = logits(b, &mut cb, prompt)?;
-    let mut r = Agreement {
-        prompt_tokens: prompt.len(),
-        steps,
-        equal_steps: 0,
-        max_abs_logit_diff: 0.0,
-        max_abs_logit: 0.0,
-        top2_gap_at_difference: None,
-        tokens_a: Vec::new(),
-        tokens_b: Vec::new(),
-    };
+    let mut r = Agreement::new(prompt.len(), steps);
     for _ in 0..steps {
-        for (x, y) in la.iter().zip(&lb) {
-            r.max_abs_logit_diff = r.max_abs_logit_diff.max((x - y).abs());
-            r.max_abs_logit = r.max_abs_logit.max(x.abs());
+        let Some(ta) = r.observe(&la, &lb) else {
+            break;
+        };
+        la = logits(a, &mut ca, &[ta])?;
+        lb = logits(b, &mut cb, &[ta])?;
+    }
+    Ok(r)
+}
+
+impl Agreement {
+    fn new(prompt_tokens: usize, steps: usize) -> Self {
+        Self {
+            prompt_tokens,
+            steps,
+            equal_steps: 0,
+            max_abs_logit_diff: 0.0,
+            max_abs_logit: 0.0,
+            top2_gap_at_difference: None,
+            tokens_a: Vec::new(),
+            tokens_b: Vec::new(),
         }
-        let (ta, tb) = (crate::sampling::argmax(&la), crate::sampling::argmax(&lb));
-        r.tokens_a.push(ta);
-        r.tokens_b.push(tb);
+    }
+
+    /// Compares one step's logits (`la` the reference's): the reference's token when both
+    /// choose it, `None` at the first difference (recorded with the reference's top-2 gap).
+    fn observe(&mut self, la: &[f32], lb: &[f32]) -> Option<u32> {
+        for (x, y) in la.iter().zip(lb) {
+            self.max_abs_logit_diff = self.max_abs_logit_diff.max((x - y).abs());
+            self.max_abs_logit = self.max_abs_logit.max(x.abs());
+        }
+        let (ta, tb) = (crate::sampling::argmax(la), crate::sampling::argmax(lb));
+        self.tokens_a.push(ta);
+        self.tokens_b.push(tb);
         if ta != tb {
-            let top = la[ta as usize];
             let second = la
                 .iter()
                 .enumerate()
                 .filter(|&(i, _)| i != ta as usize)
                 .map(|(_, &v)| v)
                 .fold(f32::NEG_INFINITY, f32::max);
-            r.top2_gap_at_difference = Some(top - second);
+            self.top2_gap_at_difference = Some(la[ta as usize] - second);
+            return None;
+        }
+        self.equal_steps += 1;
+        Some(ta)
+    }
+}
+
+/// As [`compare_devices`] for several prompts at once, with `b`'s decode steps batched: each
+/// prompt is prefilled alone on both models, then every step runs `a` once per prompt and `b`
+/// once for all of them ([`CausalLM::forward_batch`], each row fed `a`'s token), comparing
+/// each prompt's logits with `a`'s. A prompt past its first difference keeps being fed (so
+/// the batch keeps its size) but is no longer compared.
+pub fn compare_batched(
+    a: &dyn crate::models::CausalLM,
+    b: &dyn crate::models::CausalLM,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> Result<Vec<Agreement>> {
+    let cpu = |l: Tensor| -> Result<Vec<f32>> {
+        Ok(l.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1()?)
+    };
+    let one = |m: &dyn crate::models::CausalLM, c: &mut KvCache, ids: &[u32]| -> Result<Vec<f32>> {
+        let x = Tensor::new(ids, m.device())?.unsqueeze(0)?;
+        cpu(m.forward(&x, c, Logits::Last)?)
+    };
+    let mut ca: Vec<KvCache> = prompts.iter().map(|_| a.new_cache()).collect();
+    let mut cb: Vec<KvCache> = prompts.iter().map(|_| b.new_cache()).collect();
+    let mut la = Vec::with_capacity(prompts.len());
+    let mut lb = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        la.push(one(a, &mut ca[i], p)?);
+        lb.push(one(b, &mut cb[i], p)?);
+    }
+    let mut out: Vec<Agreement> = prompts
+        .iter()
+        .map(|p| Agreement::new(p.len(), steps))
+        .collect();
+    let mut live = vec![true; prompts.len()];
+    for _ in 0..steps {
+        let mut feed = Vec::with_capacity(prompts.len());
+        for i in 0..prompts.len() {
+            let t = if live[i] {
+                out[i].observe(&la[i], &lb[i])
+            } else {
+                None
+            };
+            live[i] &= t.is_some();
+            feed.push(t.unwrap_or_else(|| crate::sampling::argmax(&la[i])));
+        }
+        if !live.iter().any(|&l| l) {
             break;
         }
-        r.equal_steps += 1;
-        la = logits(a, &mut ca, &[ta])?;
-        lb = logits(b, &mut cb, &[ta])?;
+        for i in 0..prompts.len() {
+            la[i] = one(a, &mut ca[i], &[feed[i]])?;
+        }
+        let mut rows: Vec<BatchRow<'_>> = cb
+            .iter_mut()
+            .zip(&feed)
+            .map(|(cache, id)| BatchRow {
+                ids: std::slice::from_ref(id),
+                cache,
+            })
+            .collect();
+        let l = cpu(b.forward_batch(&mut rows)?)?;
+        let vocab = l.len() / prompts.len();
+        lb = l.chunks(vocab).map(<[f32]>::to_vec).collect();
     }
-    Ok(r)
+    Ok(out)
 }

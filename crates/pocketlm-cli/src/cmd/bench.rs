@@ -35,6 +35,11 @@ pub struct BenchArgs {
     pub sample: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Batch sizes, comma-separated: each tg test runs again with that many sequences decoded
+    /// together (`tg128 x32`: aggregate tokens/s of all sequences, as llama-batched-bench's
+    /// S_TG at `-npl 32`; 1 is the plain tg test).
+    #[arg(long = "batch", value_delimiter = ',')]
+    pub batch: Vec<usize>,
     /// Store the KV cache in f16 instead of f32 (as `generate --kv-f16`; llama-bench's
     /// `-ctk f16 -ctv f16`).
     #[arg(long)]
@@ -73,6 +78,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             kv_f16: args.kv_f16,
             ..Default::default()
         },
+        batch: args.batch,
     };
     let r = bench::run(&m, &params)?;
     if args.json {

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use pocketlm::bench::compare_devices;
+use pocketlm::bench::{compare_batched, compare_devices};
 
 use super::model::ModelArgs;
 
@@ -21,6 +21,10 @@ pub struct AgreeArgs {
     /// Dequantize every weight to f32 at load on both devices (isolates the quantized kernels).
     #[arg(long)]
     pub dequantize: bool,
+    /// Also decode all prompts together on the other device (batched decode, each step one
+    /// forward pass over every prompt) and compare each with the CPU again.
+    #[arg(long)]
+    pub batch: bool,
 }
 
 const PROMPTS: [&str; 5] = [
@@ -70,6 +74,28 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
                 .map(|g| format!(" | first difference where the CPU's top-2 gap is {g:.3e}"))
                 .unwrap_or_default(),
         );
+    }
+    if args.batch {
+        let ids = prompts
+            .iter()
+            .map(|p| a.encode(&pocketlm::loader::Prompt::Text(p.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rs = compare_batched(a.model.as_ref(), b.model.as_ref(), &ids, args.steps)?;
+        for (r, p) in rs.iter().zip(&prompts) {
+            all &= r.equal_steps == r.steps;
+            println!(
+                "batched {}: {:>2}/{} tokens equal | max |dlogit| {:.3e} (max |logit| {:.2}){} | \
+                 {p:?}",
+                prompts.len(),
+                r.equal_steps,
+                r.steps,
+                r.max_abs_logit_diff,
+                r.max_abs_logit,
+                r.top2_gap_at_difference
+                    .map(|g| format!(" | first difference where the CPU's top-2 gap is {g:.3e}"))
+                    .unwrap_or_default(),
+            );
+        }
     }
     println!("all equal: {all}");
     Ok(())

@@ -17,6 +17,14 @@
 //! The graph reads the position, the attended length and the cache capacity from a small device
 //! buffer and the cache addresses from a device table, both written before each replay, so one
 //! graph serves every position and survives the cache growing.
+//!
+//! [`CudaDecoder::step_batch`] runs the same step for up to [`MAX_BATCH`] sequences at once
+//! (batched decode, as llama.cpp's server decodes its slots): each sequence has its own row of
+//! every activation buffer, its own position and its own KV cache buffers (per sequence a
+//! params row and a run of the address table), every projection is one small-batch GEMM on the
+//! tensor cores over all rows (`qmmq_*`: each weight block read once), and attention runs per
+//! sequence over its own cache on the grid's last dimension. One graph is recorded per batch
+//! size.
 
 use std::sync::Arc;
 
@@ -109,6 +117,9 @@ pub struct DecoderLayer {
     pub window: usize,
     /// The scores' scale (`head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`).
     pub scale: f32,
+    /// The scores' soft-cap `c` (Gemma 2's `attn_logit_softcapping`: `c · tanh(s / c)` after
+    /// the scale), 0 for none.
+    pub softcap: f32,
     /// Which of [`DecoderSpec::ropes`] rotates this block's queries and keys.
     pub rope: usize,
     /// RMSNorm weight `[hidden]` f32 of the attention output before the residual add (Gemma),
@@ -247,6 +258,42 @@ impl DecoderSpec {
     }
 }
 
+/// One sequence's part of a decode step ([`CudaDecoder::step`], [`CudaDecoder::step_batch`]):
+/// the position of its new token, the position RoPE rotates it at, its cache buffers per layer
+/// as device addresses `(keys, values)` (each `[n_kv_heads, capacity, head_dim]`, f16 when
+/// [`DecoderSpec::kv_f16`], else f32, holding positions `0..pos`; the kernels write position
+/// `pos`), and their capacity.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqStep<'a> {
+    /// Position of the new token in the cache (`< capacity`).
+    pub pos: usize,
+    /// Its RoPE position: `pos` for text models; a vision-language model's text after images
+    /// runs at `pos` plus the cache's RoPE delta (Qwen2-VL's M-RoPE, where all three axes of a
+    /// text token share one position). Below the tables' `max_positions`.
+    pub rope_pos: usize,
+    /// Per layer the key and value buffer addresses.
+    pub kv: &'a [(u64, u64)],
+    /// Positions the buffers hold.
+    pub capacity: usize,
+}
+
+impl SeqStep<'_> {
+    /// Whether it fits a decoder of `n_layers` layers whose RoPE tables cover `max_positions`.
+    pub fn fits(&self, n_layers: usize, max_positions: usize) -> bool {
+        self.kv.len() == n_layers
+            && self.pos < self.capacity
+            && self.pos < max_positions
+            && self.rope_pos < max_positions
+            && i32::try_from(self.capacity).is_ok()
+    }
+
+    /// The kernels' `params` row: position, attended length, capacity, RoPE offset.
+    fn params(&self) -> [i32; 4] {
+        let p = self.pos as i32;
+        [p, p + 1, self.capacity as i32, self.rope_pos as i32 - p]
+    }
+}
+
 /// Scratch buffers of the decode step (device memory).
 struct Buffers {
     x: CudaSlice<f32>,
@@ -273,6 +320,30 @@ struct Buffers {
     kv: CudaSlice<u64>,
 }
 
+/// Most sequences [`CudaDecoder::step_batch`] takes (the small-batch GEMM's
+/// [`super::qmatrix::MMQ_MAX_ROWS`]).
+pub const MAX_BATCH: usize = super::qmatrix::MMQ_MAX_ROWS;
+
+/// Buffers and graphs of the batched step, made at its first use for [`MAX_BATCH`] rows.
+struct BatchState {
+    /// The device buffers `ptr` points into (x, xq, xd, q, qkv, y, part_o, part_ml, ffh, out;
+    /// params; kv).
+    _bufs: (
+        Vec<CudaSlice<f32>>,
+        CudaSlice<i8>,
+        CudaSlice<i32>,
+        CudaSlice<u64>,
+    ),
+    params: u64,
+    kv: u64,
+    out: u64,
+    x: u64,
+    ptr: Ptrs,
+    kv_host: Vec<u64>,
+    /// Per batch size its graph and the steps run at that size.
+    graphs: std::collections::HashMap<usize, (usize, Option<CudaGraph>)>,
+}
+
 /// The fused decode step (see the module documentation). Not thread-safe: hold it behind a
 /// lock.
 pub struct CudaDecoder {
@@ -290,6 +361,8 @@ pub struct CudaDecoder {
     use_graph: bool,
     /// The decode attention's split of the cached positions over blocks.
     split: AttnSplit,
+    /// The batched step's buffers and graphs, once used.
+    batch: Option<BatchState>,
 }
 
 // SAFETY: the CUDA graph handles (raw pointers) are only used through `&mut self`, so never
@@ -494,6 +567,7 @@ impl CudaDecoder {
             steps: 0,
             split,
             use_graph,
+            batch: None,
         })
     }
 
@@ -502,30 +576,32 @@ impl CudaDecoder {
         &self.spec
     }
 
+    /// Whether [`Self::step_batch`] takes this model (no mixture-of-experts layer).
+    pub fn batches(&self) -> bool {
+        self.spec
+            .layers
+            .iter()
+            .all(|l| matches!(l.ffn, DecoderFfn::Dense { .. }))
+    }
+
     /// Whether the step runs as a captured CUDA graph.
     pub fn uses_graph(&self) -> bool {
         self.graph.is_some()
     }
 
-    /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, at position
-    /// `pos` (`< spec.max_positions()`), with the key/value buffers of each layer given as
-    /// device addresses `kv[l] = (keys, values)`, each `[n_kv_heads, capacity, head_dim]` f16
-    /// when [`DecoderSpec::kv_f16`], else f32, holding positions `0..pos`; the kernels write
-    /// position `pos` into them. Returns the logits `[1, vocab]` f32, or with no output layer of
-    /// ours the final normalized hidden state `[1, hidden]`.
-    pub fn step(
-        &mut self,
-        x: &Tensor,
-        pos: usize,
-        kv: &[(u64, u64)],
-        capacity: usize,
-    ) -> Result<Tensor> {
+    /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, for the
+    /// sequence `seq` (its position, RoPE position and cache buffers, see [`SeqStep`]).
+    /// Returns the logits `[1, vocab]` f32, or with no output layer of ours the final
+    /// normalized hidden state `[1, hidden]`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when `x`, the cache or the positions do not fit
+    /// ([`SeqStep::fits`]); the driver's errors.
+    pub fn step(&mut self, x: &Tensor, seq: &SeqStep<'_>) -> Result<Tensor> {
         let h = self.spec.hidden;
-        if x.elem_count() != h
-            || kv.len() != self.spec.layers.len()
-            || pos >= capacity
-            || pos >= self.spec.max_positions()
-        {
+        let SeqStep {
+            pos, kv, capacity, ..
+        } = *seq;
+        if x.elem_count() != h || !seq.fits(self.spec.layers.len(), self.spec.max_positions()) {
             return Err(Error::InvalidArgument(format!(
                 "decode step at position {pos} (capacity {capacity}, tables {}) with {} values \
                  and {} cache layers",
@@ -550,8 +626,9 @@ impl CudaDecoder {
                 .slice(l.start_offset()..l.start_offset() + h);
             stream.memcpy_dtod(&src, &mut self.buf.x).w()?;
         }
-        let params = [pos as i32, pos as i32 + 1, capacity as i32, 0];
-        stream.memcpy_htod(&params, &mut self.buf.params).w()?;
+        stream
+            .memcpy_htod(&seq.params(), &mut self.buf.params)
+            .w()?;
         let table: Vec<u64> = kv.iter().flat_map(|&(k, v)| [k, v]).collect();
         if table != self.kv_host {
             stream.memcpy_htod(&table, &mut self.buf.kv).w()?;
@@ -573,27 +650,236 @@ impl CudaDecoder {
 
     /// Records the launches into a CUDA graph; on failure keeps launching them one by one.
     fn capture(&mut self) -> Result<()> {
-        let stream = self.dev.cuda_stream();
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .w()?;
-        let recorded = self.record();
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        recorded?;
-        match graph {
-            Ok(Some(g)) => self.graph = Some(g),
-            Ok(None) | Err(_) => {
-                tracing::warn!("CUDA graph capture failed; the decode step launches its kernels");
-                self.use_graph = false;
-            }
+        match self.capture_with(&self.ptr, 1)? {
+            Some(g) => self.graph = Some(g),
+            None => self.use_graph = false,
         }
         Ok(())
     }
 
+    /// The launches of [`Self::record_with`] captured into a CUDA graph, or `None` (logged)
+    /// when capture fails.
+    fn capture_with(&self, p: &Ptrs, batch: usize) -> Result<Option<CudaGraph>> {
+        let stream = self.dev.cuda_stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .w()?;
+        let recorded = self.record_with(p, batch);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        match graph {
+            Ok(Some(g)) => Ok(Some(g)),
+            Ok(None) | Err(_) => {
+                tracing::warn!("CUDA graph capture failed; the decode step launches its kernels");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Runs one token of each of `seqs.len()` sequences (2 to [`MAX_BATCH`]) together: `x:
+    /// [batch, hidden]` f32 (row i the embedding of sequence i's token), `seqs[i]` its position,
+    /// its cache buffers per layer (as [`Self::step`]'s `kv`) and their capacity. Returns the
+    /// logits `[batch, vocab]` f32 (row i sequence i's), or with no output layer of ours the
+    /// final normalized hidden states `[batch, hidden]`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a batch out of range, shapes or positions the
+    /// step does not take, or a model with a mixture of experts; the driver's errors.
+    pub fn step_batch(&mut self, x: &Tensor, seqs: &[SeqStep<'_>]) -> Result<Tensor> {
+        let (h, n_layers, b) = (self.spec.hidden, self.spec.layers.len(), seqs.len());
+        let moe = !self.batches();
+        let bad = seqs
+            .iter()
+            .find(|q| !q.fits(n_layers, self.spec.max_positions()));
+        if !(2..=MAX_BATCH).contains(&b) || x.elem_count() != b * h || moe || bad.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "batched decode step of {b} sequences (2..={MAX_BATCH}) with {} values{}{}",
+                x.elem_count(),
+                if moe { ", a mixture of experts" } else { "" },
+                bad.map_or(String::new(), |q| format!(
+                    ", a sequence at position {} (RoPE position {}, capacity {}, tables {}) with \
+                     {} cache layers",
+                    q.pos,
+                    q.rope_pos,
+                    q.capacity,
+                    self.spec.max_positions(),
+                    q.kv.len()
+                )),
+            )));
+        }
+        if self.batch.is_none() {
+            self.batch = Some(self.batch_state()?);
+        }
+        let stream = self.dev.cuda_stream();
+        let st = self.batch.as_mut().expect("made above");
+        {
+            let mut x = x.to_dtype(DType::F32)?.flatten_all()?;
+            if let Some(f) = self.spec.embed_scale {
+                x = (x * f)?;
+            }
+            let x = x.contiguous()?;
+            let src = tensor_ptr(&x, &stream)?;
+            // SAFETY: both buffers hold at least b * h f32 (x checked above, st.x MAX_BATCH rows).
+            unsafe {
+                sys::cuMemcpyDtoDAsync_v2(st.x, src, b * h * 4, stream.cu_stream())
+                    .result()
+                    .w()?;
+            }
+        }
+        let params: Vec<i32> = seqs.iter().flat_map(SeqStep::params).collect();
+        let table: Vec<u64> = seqs
+            .iter()
+            .flat_map(|q| q.kv.iter().flat_map(|&(k, v)| [k, v]))
+            .collect();
+        // SAFETY: params holds MAX_BATCH * 4 i32 and kv MAX_BATCH * 2 n_layers u64 on the
+        // device; the host vectors live until the synchronizing copy of the logits below.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                st.params,
+                params.as_ptr() as *const std::ffi::c_void,
+                params.len() * 4,
+                stream.cu_stream(),
+            )
+            .result()
+            .w()?;
+            if st.kv_host.get(..table.len()) != Some(&table[..]) {
+                sys::cuMemcpyHtoDAsync_v2(
+                    st.kv,
+                    table.as_ptr() as *const std::ffi::c_void,
+                    table.len() * 8,
+                    stream.cu_stream(),
+                )
+                .result()
+                .w()?;
+                st.kv_host.clear();
+                st.kv_host.extend_from_slice(&table);
+            }
+        }
+        let (steps, graph) = st.graphs.entry(b).or_insert((0, None));
+        *steps += 1;
+        let capture = graph.is_none() && self.use_graph && *steps >= 2;
+        let ptr = st.ptr.clone();
+        let out_ptr = st.out;
+        if capture {
+            let g = self.capture_with(&ptr, b)?;
+            if let Some(st) = self.batch.as_mut() {
+                if let Some(e) = st.graphs.get_mut(&b) {
+                    e.1 = g;
+                }
+            }
+        }
+        let st = self.batch.as_ref().expect("made above");
+        match st.graphs.get(&b).and_then(|e| e.1.as_ref()) {
+            Some(g) => g.launch().w()?,
+            None => self.record_with(&ptr, b)?,
+        }
+        let n = b * self.out_len();
+        let out = unsafe { self.dev.alloc::<f32>(n) }?;
+        // SAFETY: out holds n f32, the step's output buffer MAX_BATCH rows of out_len.
+        unsafe {
+            sys::cuMemcpyDtoDAsync_v2(out.ptr(&stream), out_ptr, n * 4, stream.cu_stream())
+                .result()
+                .w()?;
+        }
+        Ok(super::qmatrix::into_tensor(
+            out,
+            &self.dev,
+            (b, self.out_len()),
+        ))
+    }
+
+    /// Values of the step's output row: the vocabulary with an output layer of ours, else the
+    /// hidden size.
+    fn out_len(&self) -> usize {
+        self.spec
+            .lm_head
+            .as_ref()
+            .map_or(self.spec.hidden, |m| m.dims().0)
+    }
+
+    /// The batched step's buffers for [`MAX_BATCH`] rows.
+    fn batch_state(&self) -> Result<BatchState> {
+        let s = &self.spec;
+        let (nh, nkv, hd, h, inter) = (
+            s.n_heads,
+            s.n_kv_heads,
+            s.head_dim,
+            s.hidden,
+            s.intermediate,
+        );
+        let widest = h.max(nh * hd).max(inter);
+        let qkv_rows = (nh + 2 * nkv) * hd;
+        let r = MAX_BATCH;
+        let dev = &self.dev;
+        let f = |n: usize| dev.alloc_zeros::<f32>(n.max(1));
+        let floats = vec![
+            f(r * h)?,
+            f(r * widest / 16)?,
+            f(r * nh * hd)?,
+            f(r * qkv_rows)?,
+            f(r * h)?,
+            f(r * nh * self.split.splits * hd)?,
+            f(r * 2 * nh * self.split.splits)?,
+            f(r * inter)?,
+            f(r * self.out_len())?,
+        ];
+        let xq = dev.alloc_zeros::<i8>(r * widest)?;
+        let params = dev.alloc_zeros::<i32>(r * 4)?;
+        let kv = dev.alloc_zeros::<u64>(r * 2 * s.layers.len())?;
+        let stream = dev.cuda_stream();
+        let fp: Vec<u64> = floats.iter().map(|b| b.ptr(&stream)).collect();
+        let ptr = Ptrs {
+            x: fp[0],
+            xq: xq.ptr(&stream),
+            xd: fp[1],
+            q: fp[2],
+            qkv: fp[3],
+            y: fp[4],
+            part_o: fp[5],
+            part_ml: fp[6],
+            ffh: fp[7],
+            xn: 0,
+            logits: 0,
+            hq: 0,
+            hd: 0,
+            sel: 0,
+            out: fp[8],
+            params: params.ptr(&stream),
+            kv: kv.ptr(&stream),
+            ropes: self.ptr.ropes.clone(),
+            moe_tables: self.ptr.moe_tables.clone(),
+        };
+        Ok(BatchState {
+            params: ptr.params,
+            kv: ptr.kv,
+            out: ptr.out,
+            x: ptr.x,
+            ptr,
+            _bufs: (floats, xq, params, kv),
+            kv_host: Vec::new(),
+            graphs: std::collections::HashMap::new(),
+        })
+    }
+
     /// Launches the kernels of one step on the device's stream.
     fn record(&self) -> Result<()> {
+        self.record_with(&self.ptr, 1)
+    }
+
+    /// Launches the kernels of one step of `batch` sequences on the buffers at `p` (the
+    /// one-token step's, or [`BatchState`]'s): every per-token buffer holds a row per sequence,
+    /// `params` 4 i32 and `kv` `2 n_layers` addresses per sequence. A batch takes the
+    /// small-batch GEMM for every projection; mixtures of experts take one sequence only.
+    fn record_with(&self, p: &Ptrs, batch: usize) -> Result<()> {
         let s = &self.spec;
-        let p = &self.ptr;
+        let kv_stride = 2 * s.layers.len();
+        // A projection of the step's rows: the GEMV for one, the small-batch GEMM for more.
+        let project = |m: &CudaQMatrix, epi: Epilogue, y: u64| -> Result<()> {
+            if batch == 1 {
+                m.launch_gemv(epi, p.xq, p.xd, y, 1)
+            } else {
+                m.launch_mmq(epi, p.xq, p.xd, y, batch)
+            }
+        };
         let (nh, nkv, hd, h, inter) = (
             s.n_heads,
             s.n_kv_heads,
@@ -616,7 +902,7 @@ impl CudaDecoder {
             b.arg(post.map_or(0, |_| p.y)).arg(post.unwrap_or(0));
             b.arg(xn);
             let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
+                grid_dim: (1, batch as u32, 1),
                 block_dim: (norm_threads, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -635,7 +921,7 @@ impl CudaDecoder {
                 .arg(y)
                 .arg(accumulate as i32);
             let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
+                grid_dim: (1, batch as u32, 1),
                 block_dim: (1024, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -646,11 +932,9 @@ impl CudaDecoder {
         // norm's weight returned for the next `norm` to apply and add.
         let add_residual = |m: &CudaQMatrix, post_norm: &Option<Tensor>| -> Result<Option<u64>> {
             match post_norm {
-                None => m
-                    .launch_gemv(Epilogue::Add, p.xq, p.xd, p.x, 1)
-                    .map(|_| None),
+                None => project(m, Epilogue::Add, p.x).map(|_| None),
                 Some(w) => {
-                    m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.y, 1)?;
+                    project(m, Epilogue::Write, p.y)?;
                     Ok(Some(tensor_ptr(w, &stream)?))
                 }
             }
@@ -678,6 +962,8 @@ impl CudaDecoder {
                 k_norm: opt_ptr(&l.k_norm)?,
                 norm_eps: l.qk_norm_eps,
                 scratch: p.qkv,
+                batch,
+                kv_stride,
             };
             l.qkv.launch_gemv_rope(p.xq, p.xd, &rope)?;
             launch_attention(
@@ -691,9 +977,11 @@ impl CudaDecoder {
                     part_ml: p.part_ml,
                     xq: p.xq,
                     xd: p.xd,
+                    batch,
+                    kv_stride,
                 },
                 (nh, nkv, hd),
-                (l.window, l.scale),
+                (l.window, l.scale, l.softcap),
                 s.kv_f16,
                 self.split,
             )?;
@@ -707,9 +995,16 @@ impl CudaDecoder {
                     } else {
                         Epilogue::SwiGlu
                     };
-                    gate_up.launch_gemv(gated, p.xq, p.xd, p.ffh, 1)?;
-                    quantize_q8(&self.dev, p.ffh, p.xq, p.xd, inter)?;
+                    project(gate_up, gated, p.ffh)?;
+                    quantize_q8(&self.dev, p.ffh, p.xq, p.xd, batch * inter)?;
                     pending = add_residual(down, &l.post_mlp_norm)?;
+                }
+                DecoderFfn::Moe(_) if batch > 1 => {
+                    return Err(Error::InvalidArgument(
+                        "the fused CUDA decode step runs mixtures of experts one sequence at a \
+                         time"
+                            .into(),
+                    ))
                 }
                 DecoderFfn::Moe(m) => {
                     norm_to(ffn_norm, post, p.xn)?;
@@ -728,7 +1023,7 @@ impl CudaDecoder {
         match &s.lm_head {
             Some(m) => {
                 norm(wn, pending)?;
-                m.launch_gemv(Epilogue::Write, p.xq, p.xd, p.out, 1)
+                project(m, Epilogue::Write, p.out)
             }
             None => {
                 if let Some(w) = pending {
@@ -829,25 +1124,39 @@ struct AttnArgs {
     part_ml: u64,
     xq: u64,
     xd: u64,
+    /// Sequences (1 for the one-token step): each has its own rows of `q`, `part_o`,
+    /// `part_ml`, `xq`/`xd`, its own 4 `params` and its own `kv_stride` u64 of `kv`.
+    batch: usize,
+    /// See `batch`.
+    kv_stride: usize,
 }
 
 /// Launches the decode attention over the cached positions (the last `window` of them when
-/// `window` > 0), scores scaled by `scale`: the splits (`attn_mma_d{hd}_g{G}_f16` up to
+/// `window` > 0), scores scaled by `scale` (and soft-capped, `c tanh(s / c)`, by `softcap` = c
+/// when it is above 0): the splits (`attn_mma_d{hd}_g{G}_f16` up to
 /// head_dim 128, or `attn_gqa_d{hd}_g{G}_{f32|f16}` for the cache's dtype; grid (n_heads / G,
 /// `split.splits`) of 128 threads), then their merge and quantization (`attn_merge_d{hd}`: one
 /// block of [`MERGE_THREADS`] a head). `part_o` holds `n_heads * splits * head_dim` f32,
-/// `part_ml` `n_heads * splits` (max, sum) pairs. Safe to capture in a CUDA graph.
+/// `part_ml` `n_heads * splits` (max, sum) pairs, each times [`AttnArgs::batch`] (a batch's
+/// sequences on the grid's last dimension). Safe to capture in a CUDA graph.
 fn launch_attention(
     dev: &CudaDevice,
     a: &AttnArgs,
     (nh, nkv, hd): (usize, usize, usize),
-    (window, scale): (usize, f32),
+    (window, scale, softcap): (usize, f32, f32),
     kv_f16: bool,
     split: AttnSplit,
 ) -> Result<()> {
     let g = heads_per_block(nh, nkv);
     // The tensor-core kernel's two key/value stages do not fit in shared memory at head_dim 256.
-    let name = match (kv_f16, split.tensor_cores && hd <= 128) {
+    let mma = kv_f16 && split.tensor_cores && hd <= 128;
+    // The tensor-core kernel's scores are in base-2 units.
+    let softcap = if mma {
+        softcap * std::f32::consts::LOG2_E
+    } else {
+        softcap
+    };
+    let name = match (kv_f16, mma) {
         (true, true) => format!("attn_mma_d{hd}_g{g}_f16"),
         (true, false) => format!("attn_gqa_d{hd}_g{g}_f16"),
         (false, _) => format!("attn_gqa_d{hd}_g{g}_f32"),
@@ -863,9 +1172,12 @@ fn launch_attention(
         .arg(nhi)
         .arg(nkvi);
     b.arg(scale).arg(window).arg(min_chunk);
-    b.arg(a.part_o).arg(a.part_ml);
+    b.arg(a.part_o)
+        .arg(a.part_ml)
+        .arg(a.kv_stride as i32)
+        .arg(softcap);
     let cfg = LaunchConfig {
-        grid_dim: ((nh / g) as u32, split.splits as u32, 1),
+        grid_dim: ((nh / g) as u32, split.splits as u32, a.batch as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -880,7 +1192,7 @@ fn launch_attention(
         .arg(split.splits as i32);
     b.arg(a.part_o).arg(a.part_ml).arg(a.xq).arg(a.xd);
     let cfg = LaunchConfig {
-        grid_dim: (nh as u32, 1, 1),
+        grid_dim: (nh as u32, a.batch as u32, 1),
         block_dim: (MERGE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -951,6 +1263,8 @@ impl AttnTest {
             part_ml: part_ml.ptr(&stream),
             xq: xq.ptr(&stream),
             xd: xd.ptr(&stream),
+            batch: 1,
+            kv_stride: 0,
         };
         Ok(Self {
             _bufs: (qb, kb, vb, params, kv),
@@ -992,7 +1306,14 @@ pub(crate) fn run_attention(
         def,
     ] {
         let scale = 1.0 / (hd as f32).sqrt();
-        launch_attention(dev, &t.args, (nh, nkv, hd), (window, scale), kv_f16, split)?;
+        launch_attention(
+            dev,
+            &t.args,
+            (nh, nkv, hd),
+            (window, scale, 0.0),
+            kv_f16,
+            split,
+        )?;
     }
     let stream = dev.cuda_stream();
     let codes = stream.clone_dtoh(&t.xq).w()?;
@@ -1038,12 +1359,12 @@ pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
             ] {
                 let split = AttnSplit::new(splits, min_chunk, tc);
                 for _ in 0..5 {
-                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale), true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale, 0.0), true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let t0 = std::time::Instant::now();
                 for _ in 0..50 {
-                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale), true, split)?;
+                    launch_attention(dev, &t.args, (nh, nkv, hd), (0, scale, 0.0), true, split)?;
                 }
                 dev.cuda_stream().synchronize().w()?;
                 let us = t0.elapsed().as_secs_f64() * 1e6 / 50.0;

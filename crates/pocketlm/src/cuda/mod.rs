@@ -12,9 +12,10 @@ mod qmatrix;
 mod sample;
 
 pub use decoder::{
-    CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, SeqStep, MAX_BATCH,
+    MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
-pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS};
+pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS, MMQ_MAX_ROWS};
 pub use sample::sample_token;
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -169,12 +170,15 @@ fn float_matmul(x: &[f32], m: usize, w: &[f32], rows: usize, cols: usize) -> Vec
 /// device.
 ///
 /// For each format (GGUF `Q4_0`, `Q4_1`, `Q8_0`; MLX bits 4/8 x groups 32/64/128 x f16/bf16/f32
-/// scales) and shape: the GEMV (m <= 8) against the CPU mirror of its formula
-/// ([`qmatrix::reference_gemv`], tolerance 1e-5) and against the float product with the
-/// dequantized weights (the cost of 8-bit activations, tolerance 2e-2); the prefill path
-/// (m = 17, f16 weights and inputs, cuBLAS) against the float product (5e-3); the `Add` and
-/// `SwiGlu` epilogues against the CPU (1e-5).
+/// scales) and shape: the GEMV (m = 1) and the small-batch GEMM (m = 3 to 40) against the CPU
+/// mirror of their formula ([`qmatrix::reference_gemv`], tolerance 1e-5) and against the float
+/// product with the dequantized weights (the cost of 8-bit activations, tolerance 2e-2); the
+/// prefill path (m = 65, f16 weights and inputs, cuBLAS) against the float product (5e-3); the
+/// `Add`, `SwiGlu` and `GeGlu` epilogues of both against the CPU (1e-5).
+/// `POCKETLM_SELFTEST=matmul` runs only the matrix products of up to 2^22 weights and the
+/// epilogues (a quick check of the matrix kernels).
 pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
+    let matmul_only = std::env::var("POCKETLM_SELFTEST").is_ok_and(|v| v == "matmul");
     let mut lines = Vec::new();
     let mut ok = true;
     let mut seed = 1u64;
@@ -207,25 +211,27 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                      seed: u64|
      -> Result<()> {
         let (rows, cols) = g.dims();
-        for &m in &[1usize, 3, 8, 17] {
-            if rows * cols > 1 << 22 && m == 3 {
+        for &m in &[1usize, 3, 8, 17, 40, 65] {
+            let large = rows * cols > 1 << 22;
+            if (large && matches!(m, 3 | 65)) || (m == 40 && rows * cols > 1 << 20) {
                 continue;
             }
             let x = pseudo_random(m * cols, seed + 1000);
             let xt = Tensor::from_vec(x.clone(), (m, cols), dev)?;
             let got: Vec<f32> = g.forward(&xt)?.flatten_all()?.to_vec1()?;
             let float = float_matmul(&x, m, wf, rows, cols);
-            if m <= GEMV_MAX_ROWS {
+            if m <= MMQ_MAX_ROWS {
                 let want = qmatrix::reference_gemv(&x, m, rows, cols, block);
+                let kind = if m == 1 { "gemv" } else { "mmq" };
                 record(
                     lines,
-                    format!("{label} gemv [{rows}x{cols}] m={m} vs formula"),
+                    format!("{label} {kind} [{rows}x{cols}] m={m} vs formula"),
                     norm_rel_err(&got, &want),
                     1e-5,
                 );
                 record(
                     lines,
-                    format!("{label} gemv [{rows}x{cols}] m={m} vs float"),
+                    format!("{label} {kind} [{rows}x{cols}] m={m} vs float"),
                     norm_rel_err(&got, &float),
                     2e-2,
                 );
@@ -242,6 +248,9 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
     };
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for &(rows, cols) in &shapes {
+            if matmul_only && rows * cols > 1 << 22 {
+                continue;
+            }
             seed += 1;
             let w = pseudo_random(rows * cols, seed);
             let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu)?;
@@ -265,7 +274,8 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             for pd in [ParamDtype::F16, ParamDtype::BF16, ParamDtype::F32] {
                 for &(rows, cols) in &shapes {
                     // The large shapes (Llama-3-8B's) once per bit width and dtype, at g64.
-                    if cols % group != 0 || (rows * cols > 1 << 22 && group != 64) {
+                    let large = rows * cols > 1 << 22;
+                    if cols % group != 0 || (large && (group != 64 || matmul_only)) {
                         continue;
                     }
                     seed += 1;
@@ -286,52 +296,68 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             }
         }
     }
-    // Epilogues, on raw buffers as the decoder uses them.
-    for (rows, cols) in [(256usize, 512usize), (14336 * 2, 4096)] {
+    // Epilogues, on raw buffers as the decoder uses them: the GEMV (m = 1) and the small-batch
+    // GEMM (columns split over blocks and added atomically on the last shape).
+    for (rows, cols) in [(256usize, 512usize), (14336 * 2, 4096), (4096, 14336)] {
         seed += 1;
         let w = pseudo_random(rows * cols, seed);
         let q = crate::quant::mlx_affine::quantize(&w, rows, cols, 64, 4, ParamDtype::F16)?;
         let g = CudaQMatrix::from_mlx(&q, dev)?;
-        let x = pseudo_random(cols, seed + 7);
-        let plain = qmatrix::reference_gemv(&x, 1, rows, cols, |r, b| mlx_block(&q, r, b));
-        let y0 = pseudo_random(rows, seed + 9);
-        let add_want: Vec<f32> = plain.iter().zip(&y0).map(|(a, b)| a + b).collect();
-        let got_add = qmatrix::run_epilogue(&g, Epilogue::Add, &x, &y0, dev)?;
-        record(
-            &mut lines,
-            format!("mlx b4 g64 F16 gemv add [{rows}x{cols}]"),
-            norm_rel_err(&got_add, &add_want),
-            1e-5,
-        );
-        let n = rows / 2;
-        let swi_want: Vec<f32> = (0..n)
-            .map(|r| {
-                let gt = plain[r];
-                gt / (1.0 + (-gt).exp()) * plain[r + n]
-            })
-            .collect();
-        let got_swi = qmatrix::run_epilogue(&g, Epilogue::SwiGlu, &x, &vec![0.0; n], dev)?;
-        record(
-            &mut lines,
-            format!("mlx b4 g64 F16 gemv swiglu [{rows}x{cols}]"),
-            norm_rel_err(&got_swi, &swi_want),
-            1e-5,
-        );
-        let gelu = |x: f32| {
-            let x = x as f64;
-            0.5 * x
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        let ms: &[usize] = if rows * cols > 1 << 20 {
+            &[1, 5]
+        } else {
+            &[1, 5, 33, 64]
         };
-        let geg_want: Vec<f32> = (0..n)
-            .map(|r| (gelu(plain[r]) * plain[r + n] as f64) as f32)
-            .collect();
-        let got_geg = qmatrix::run_epilogue(&g, Epilogue::GeGlu, &x, &vec![0.0; n], dev)?;
-        record(
-            &mut lines,
-            format!("mlx b4 g64 F16 gemv geglu [{rows}x{cols}]"),
-            norm_rel_err(&got_geg, &geg_want),
-            1e-5,
-        );
+        for &m in ms {
+            let kind = if m == 1 { "gemv" } else { "mmq" };
+            let mmq = (m > 1).then_some(m);
+            let x = pseudo_random(m * cols, seed + 7);
+            let plain = qmatrix::reference_gemv(&x, m, rows, cols, |r, b| mlx_block(&q, r, b));
+            let y0 = pseudo_random(m * rows, seed + 9);
+            let add_want: Vec<f32> = plain.iter().zip(&y0).map(|(a, b)| a + b).collect();
+            let got_add = qmatrix::run_epilogue(&g, Epilogue::Add, &x, &y0, dev, mmq)?;
+            record(
+                &mut lines,
+                format!("mlx b4 g64 F16 {kind} add [{rows}x{cols}] m={m}"),
+                norm_rel_err(&got_add, &add_want),
+                1e-5,
+            );
+            let n = rows / 2;
+            let gated = |f: &dyn Fn(f64) -> f64| -> Vec<f32> {
+                (0..m * n)
+                    .map(|i| {
+                        let (t, r) = (i / n, i % n);
+                        let gt = plain[t * rows + r] as f64;
+                        (f(gt) * plain[t * rows + r + n] as f64) as f32
+                    })
+                    .collect()
+            };
+            let swi_want = gated(&|g| g / (1.0 + (-g).exp()));
+            let got_swi =
+                qmatrix::run_epilogue(&g, Epilogue::SwiGlu, &x, &vec![0.0; m * n], dev, mmq)?;
+            record(
+                &mut lines,
+                format!("mlx b4 g64 F16 {kind} swiglu [{rows}x{cols}] m={m}"),
+                norm_rel_err(&got_swi, &swi_want),
+                1e-5,
+            );
+            let geg_want = gated(&|x| {
+                0.5 * x
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+            });
+            let got_geg =
+                qmatrix::run_epilogue(&g, Epilogue::GeGlu, &x, &vec![0.0; m * n], dev, mmq)?;
+            record(
+                &mut lines,
+                format!("mlx b4 g64 F16 {kind} geglu [{rows}x{cols}] m={m}"),
+                norm_rel_err(&got_geg, &geg_want),
+                1e-5,
+            );
+        }
+    }
+    if matmul_only {
+        return Ok((lines, ok));
     }
     // Embedding lookups: equal to the CPU's dequantize_row, bit for bit.
     for &bits in &[4usize, 8] {

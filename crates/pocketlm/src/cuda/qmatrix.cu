@@ -197,6 +197,13 @@ __device__ __forceinline__ void prefetch_l2(const void *p, size_t bytes) {
 #endif
 }
 
+// Asks L2 for the 128-byte line at p (sm_90 and later; a hint, nothing elsewhere).
+__device__ __forceinline__ void prefetch_line(const void *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 // Asks L2 for the R weight rows rr[] (codes, scales, biases) of a GEMV block. The weights do not depend on the kernel
 // before in the stream, so the GEMVs issue this before pdl_enter(): with programmatic dependent
 // launch their blocks become resident while that kernel (RMSNorm, attention, quantization) is
@@ -286,6 +293,8 @@ __device__ __forceinline__ QkvPair qkv_pair(int head, int i, int n_heads, int n_
 }
 
 // Stores pair p's values (a, b) at position params[0]: q/k rotated by RoPE (Su et al. 2021)
+// at position params[0] + params[3] (a vision-language model's text positions run behind or
+// ahead of the cache's after its images: Qwen2-VL's M-RoPE delta; 0 otherwise)
 // with the tables cos/sin [positions, hd/2], q into q_out [n_heads, hd], k and v into the
 // layer's cache (see the decode-step notes below for params, kv; f32, or f16 when kv_half,
 // rounded to nearest).
@@ -309,7 +318,8 @@ __device__ __forceinline__ void qkv_store(const QkvPair &p, float a, float b,
     put(kv[2 * layer + 1], at + p.i1, b);
     return;
   }
-  const float c = cos_t[(size_t)pos * half + p.i], s = sin_t[(size_t)pos * half + p.i];
+  const size_t rp = (size_t)(pos + params[3]);
+  const float c = cos_t[rp * half + p.i], s = sin_t[rp * half + p.i];
   const float r0 = a * c - b * s, r1 = a * s + b * c;
   if (p.head < n_heads) {
     q_out[(size_t)p.head * hd + p.i0] = r0;
@@ -366,9 +376,13 @@ extern "C" __global__ void qkv_post(const float *__restrict__ y, const float *__
                                     const int *__restrict__ params,
                                     const unsigned long long *__restrict__ kv, int layer,
                                     float *__restrict__ q_out, int n_heads, int n_kv, int hd,
-                                    int interleaved, int kv_half) {
+                                    int interleaved, int kv_half, int kv_stride) {
   __shared__ float red[8];
   const int head = blockIdx.x, t = threadIdx.x, half = hd >> 1;
+  {  // Sequence blockIdx.y of a batch: its own q/k/v row, params, cache table and queries.
+    const size_t z = blockIdx.y;
+    y += z * gridDim.x * hd, params += 4 * z, kv += z * kv_stride, q_out += z * n_heads * hd;
+  }
   const bool on = t < half;
   const QkvPair p = qkv_pair(head, on ? t : 0, n_heads, n_kv, hd, interleaved);
   const float *w = head < n_heads ? q_norm : head < n_heads + n_kv ? k_norm : nullptr;
@@ -706,6 +720,248 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   }
 }
 
+// 16 bytes from global memory to shared memory, asynchronously (cp.async, sm_80+; bypassing L1);
+// with `valid` false the 16 bytes are zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- Small-batch quantized GEMM on the tensor cores (batched decode) ----
+// y[i, r] (op)= row r . x_i for m activation rows (m <= 8 * NT), every weight block read once for
+// all m rows: int8 mma.m16n8k32 (PTX ISA, "Matrix Fragments for mma.m16n8k32") of a 32-value
+// weight block of 16 rows (A: codes, u8 or s8) with the same block of 8 activation rows (B: q8
+// codes), one 16x8 integer tile per block and mma, then scaled into f32 accumulators as the GEMV
+// does (block_term: s * d * isum + bias * d * sum(codes), or less 8 s d sum(codes) for Q4_0's
+// offset codes), as llama.cpp's MMQ kernels do. A block of MMQ_WARPS warps takes MMQ_ROWS
+// weight rows (16 a warp) and all m activation rows, and walks its columns in chunks of MMQ_KC
+// weight blocks staged in shared memory (codes and activations by cp.async, two stages: the
+// next chunk is in flight while this one is used; rows padded by 16 bytes so that the fragment
+// reads hit 32 different banks). blockIdx.y splits the columns into gridDim.y shares whose
+// results are added to y atomically (EPI 0 and 1 only; the caller zeroes y first for EPI 0).
+// EPI as qgemv: 0 write, 1 add, 2 SwiGLU, 3 GeGLU (a warp's 16 rows are then 8 gate rows and
+// their 8 up rows, a block's outputs 32).
+#define MMQ_WARPS 4
+#define MMQ_ROWS 64
+#define MMQ_KC 4
+
+template <bool SIGNED>
+__device__ __forceinline__ void mma_16832(int *c, const unsigned *a, unsigned b0, unsigned b1) {
+  if (SIGNED)
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// block_term with the block's scale (and bias) already loaded.
+template <int BITS, bool BIAS>
+__device__ __forceinline__ float mmq_term(int isum, float s, float b, float2 dx) {
+  if (BIAS) return s * dx.x * (float)isum + b * dx.y;
+  if (BITS == 4) return s * (dx.x * (float)isum - 8.f * dx.y);
+  return s * dx.x * (float)isum;
+}
+
+// One stage of a qmmq block: a chunk of MMQ_KC weight blocks of its MMQ_ROWS rows (codes,
+// scales and biases in f32) and of its 8 * NT activation rows (codes, (d, d * sum)).
+template <int BITS, int NT> struct MmqStage {
+  static constexpr int WB = MMQ_KC * (BITS == 4 ? 16 : 32) + 16;
+  static constexpr int XB = MMQ_KC * 32 + 16;
+  uint8_t w[MMQ_ROWS][WB];
+  int8_t x[8 * NT][XB];
+  float2 dx[8 * NT][MMQ_KC];
+  float s[MMQ_ROWS][MMQ_KC];
+  float b[MMQ_ROWS][MMQ_KC];
+};
+
+template <int BITS, bool SIGNED, bool BIAS, typename S, int EPI, int NT>
+__device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
+                     const S *__restrict__ bi, const int8_t *__restrict__ xq,
+                     const float2 *__restrict__ xd, float *__restrict__ y, int rows, int cols,
+                     int group, int m) {
+  constexpr bool GATED = EPI == 2 || EPI == 3;
+  constexpr int BB = BITS == 4 ? 16 : 32;
+  constexpr int NTOK = 8 * NT;
+  // Per thread: scale/bias entries and (d, d * sum) entries of a chunk it loads.
+  constexpr int SE = MMQ_ROWS * MMQ_KC / (32 * MMQ_WARPS);
+  constexpr int DE = (NTOK * MMQ_KC + 32 * MMQ_WARPS - 1) / (32 * MMQ_WARPS);
+  __shared__ __align__(16) MmqStage<BITS, NT> st[2];
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, q = lane & 3;
+  const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
+  const int out0 = blockIdx.x * (GATED ? MMQ_ROWS / 2 : MMQ_ROWS);
+  const int per = ((nblocks + gridDim.y - 1) / gridDim.y + MMQ_KC - 1) / MMQ_KC * MMQ_KC;
+  const int kb0 = min(nblocks, (int)blockIdx.y * per), kb1 = min(nblocks, kb0 + per);
+  // The weight row of the block's local row lr (clamped into range).
+  auto wrow = [&](int lr) {
+    if (GATED) {
+      const int k = lr & 15, o = min(out0 + (lr >> 4) * 8 + (k & 7), rows - 1);
+      return k < 8 ? o : o + rows;
+    }
+    return min(out0 + lr, rows - 1);
+  };
+  // The weights do not depend on the kernel before: asked of L2 before the wait, as the GEMVs
+  // do (prefetch_rows).
+  if (kb0 < kb1) {
+    const size_t lo = (size_t)kb0 * BB;
+    const int nl = (int)(((size_t)(kb1 - kb0) * BB + 127) / 128);
+    for (int i = tid; i < MMQ_ROWS * nl; i += blockDim.x)
+      prefetch_line(qs + (size_t)wrow(i / nl) * nblocks * BB + lo + (size_t)(i % nl) * 128);
+  }
+  pdl_enter();
+  const int nchunks = (kb1 - kb0 + MMQ_KC - 1) / MMQ_KC;
+  // Codes and activations of chunk c into stage st[c & 1] (cp.async; zeros past kb1).
+  auto load_async = [&](int c) {
+    MmqStage<BITS, NT> &t = st[c & 1];
+    const int kb = kb0 + c * MMQ_KC;
+    constexpr int WP = MMQ_KC * BB / 16, XP = MMQ_KC * 2;
+    for (int i = tid; i < MMQ_ROWS * WP; i += blockDim.x) {
+      const int lr = i / WP, p = i % WP, j = p * 16 / BB;
+      const bool ok = kb + j < kb1;
+      const uint8_t *src = qs + ((size_t)wrow(lr) * nblocks + (ok ? kb : kb0)) * BB + p * 16;
+      cp_async16(&t.w[lr][p * 16], src, ok);
+    }
+    for (int i = tid; i < NTOK * XP; i += blockDim.x) {
+      const int tk = i / XP, p = i % XP, j = p >> 1;
+      const bool ok = kb + j < kb1;
+      const int8_t *src = xq + (size_t)min(tk, m - 1) * cols + (size_t)(ok ? kb : kb0) * 32 + p * 16;
+      cp_async16(&t.x[tk][p * 16], src, ok);
+    }
+    cp_async_commit();
+  };
+  // Scales, biases and (d, d * sum) of chunk c, into registers (stored by store_regs).
+  float rs[SE], rb[SE];
+  float2 rd[DE];
+  auto load_regs = [&](int c) {
+    const int kb = kb0 + c * MMQ_KC;
+#pragma unroll
+    for (int e = 0; e < SE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS, lr = i / MMQ_KC, j = i % MMQ_KC;
+      const bool ok = kb + j < kb1;
+      const size_t gi = (size_t)wrow(lr) * groups + (ok ? kb + j : kb0) / bpg;
+      rs[e] = ok ? to_f32(sc[gi]) : 0.f;
+      rb[e] = BIAS && ok ? to_f32(bi[gi]) : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < DE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS, tk = i / MMQ_KC, j = i % MMQ_KC;
+      const bool ok = i < NTOK * MMQ_KC && kb + j < kb1;
+      rd[e] = ok ? __ldg(xd + (size_t)min(tk, m - 1) * nblocks + kb + j) : make_float2(0.f, 0.f);
+    }
+  };
+  auto store_regs = [&](int c) {
+    MmqStage<BITS, NT> &t = st[c & 1];
+#pragma unroll
+    for (int e = 0; e < SE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS;
+      t.s[i / MMQ_KC][i % MMQ_KC] = rs[e];
+      t.b[i / MMQ_KC][i % MMQ_KC] = rb[e];
+    }
+#pragma unroll
+    for (int e = 0; e < DE; e++) {
+      const int i = tid + e * 32 * MMQ_WARPS;
+      if (i < NTOK * MMQ_KC) t.dx[i / MMQ_KC][i % MMQ_KC] = rd[e];
+    }
+  };
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  if (nchunks > 0) {
+    load_async(0);
+    load_regs(0);
+    store_regs(0);
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+  const int lo = 16 * w + g, hi = lo + 8;
+  for (int c = 0; c < nchunks; c++) {
+    const bool next = c + 1 < nchunks;
+    if (next) {
+      load_async(c + 1);
+      load_regs(c + 1);
+    }
+    const MmqStage<BITS, NT> &t = st[c & 1];
+#pragma unroll
+    for (int j = 0; j < MMQ_KC; j++) {
+      unsigned a[4];
+      if (BITS == 4) {
+        const unsigned wl = *reinterpret_cast<const unsigned *>(&t.w[lo][j * 16 + 4 * q]);
+        const unsigned wh = *reinterpret_cast<const unsigned *>(&t.w[hi][j * 16 + 4 * q]);
+        a[0] = wl & 0x0F0F0F0Fu;
+        a[1] = wh & 0x0F0F0F0Fu;
+        a[2] = (wl >> 4) & 0x0F0F0F0Fu;
+        a[3] = (wh >> 4) & 0x0F0F0F0Fu;
+      } else {
+        a[0] = *reinterpret_cast<const unsigned *>(&t.w[lo][j * 32 + 4 * q]);
+        a[1] = *reinterpret_cast<const unsigned *>(&t.w[hi][j * 32 + 4 * q]);
+        a[2] = *reinterpret_cast<const unsigned *>(&t.w[lo][j * 32 + 16 + 4 * q]);
+        a[3] = *reinterpret_cast<const unsigned *>(&t.w[hi][j * 32 + 16 + 4 * q]);
+      }
+      const float slo = t.s[lo][j], shi = t.s[hi][j];
+      const float blo = BIAS ? t.b[lo][j] : 0.f, bhi = BIAS ? t.b[hi][j] : 0.f;
+#pragma unroll
+      for (int n = 0; n < NT; n++) {
+        const unsigned b0 = *reinterpret_cast<const unsigned *>(&t.x[8 * n + g][j * 32 + 4 * q]);
+        const unsigned b1 =
+            *reinterpret_cast<const unsigned *>(&t.x[8 * n + g][j * 32 + 16 + 4 * q]);
+        const float2 d0 = t.dx[8 * n + 2 * q][j], d1 = t.dx[8 * n + 2 * q + 1][j];
+        int cc[4] = {0, 0, 0, 0};
+        mma_16832<SIGNED>(cc, a, b0, b1);
+        acc[n][0] += mmq_term<BITS, BIAS>(cc[0], slo, blo, d0);
+        acc[n][1] += mmq_term<BITS, BIAS>(cc[1], slo, blo, d1);
+        acc[n][2] += mmq_term<BITS, BIAS>(cc[2], shi, bhi, d0);
+        acc[n][3] += mmq_term<BITS, BIAS>(cc[3], shi, bhi, d1);
+      }
+    }
+    if (next) {
+      // Stage (c + 1) & 1 held chunk c - 1, which every warp finished before the last barrier.
+      store_regs(c + 1);
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+  }
+  const bool split = gridDim.y > 1;
+#pragma unroll
+  for (int n = 0; n < NT; n++) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int tok = 8 * n + 2 * q + h;
+      if (tok >= m) continue;
+      float *yr = y + (size_t)tok * rows;
+      if (GATED) {
+        const int o = out0 + 8 * w + g;
+        if (o >= rows) continue;
+        const float gv = acc[n][h], uv = acc[n][2 + h];
+        yr[o] = (EPI == 3 ? gelu_tanh(gv) : gv / (1.f + expf(-gv))) * uv;
+      } else {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+          const int o = out0 + 16 * w + g + 8 * half;
+          if (o >= rows) continue;
+          const float v = acc[n][2 * half + h];
+          if (split)
+            atomicAdd(yr + o, v);
+          else if (EPI == 1)
+            yr[o] += v;
+          else
+            yr[o] = v;
+        }
+      }
+    }
+  }
+}
+
 #define QGEMV(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, R)                                       \
   extern "C" __global__ void qgemv##EPIN##R##_##NAME(const uint8_t *qs, const S *sc,             \
                                                      const S *bi, const int8_t *xq,                \
@@ -713,6 +969,17 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
                                                      int cols, int group) {                        \
     qgemv<BITS, SIGNED, BIAS, S, EPI, R>(qs, sc, bi, xq, xd, y, rows, cols, group);                \
   }
+#define QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, NT)                                       \
+  extern "C" __global__ void __launch_bounds__(32 * MMQ_WARPS) qmmq##EPIN##NT##_##NAME(          \
+      const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, float *y,  \
+      int rows, int cols, int group, int m) {                                                      \
+    qmmq<BITS, SIGNED, BIAS, S, EPI, NT>(qs, sc, bi, xq, xd, y, rows, cols, group, m);             \
+  }
+#define QMMQS(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI)                                              \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 1)                                                  \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 2)                                                  \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 4)                                                  \
+  QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 8)
 #define QKERNELS(NAME, BITS, SIGNED, BIAS, S)                                                      \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _w, 0, 1)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _w, 0, 2)                                                     \
@@ -728,6 +995,10 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 2)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 4)                                                     \
   QGEMV(NAME, BITS, SIGNED, BIAS, S, _g, 3, 8)                                                     \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _w, 0)                                                        \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _a, 1)                                                        \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _s, 2)                                                        \
+  QMMQS(NAME, BITS, SIGNED, BIAS, S, _g, 3)                                                        \
   extern "C" __global__ void qgemv_rope_##NAME(                                                     \
       const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, int cols,  \
       int group, const float *cos_t, const float *sin_t, const int *params,                        \
@@ -769,7 +1040,8 @@ QKERNELS(a8_f32, 8, false, true, float)
 
 // ---- The fused decode step (one token) ----
 // `params` (device memory, set before each step): [0] position of the new token, [1] number of
-// positions to attend (position + 1), [2] capacity of the KV cache buffers (positions).
+// positions to attend (position + 1), [2] capacity of the KV cache buffers (positions), [3] the
+// RoPE position's offset from [0] (Qwen2-VL's M-RoPE delta after images; else 0).
 // `kv` (device memory): per layer the addresses of its key and value buffers, each
 // [kv_heads, capacity, head_dim] f32 or f16 (the decoder's choice, one for all layers).
 
@@ -805,6 +1077,12 @@ extern "C" __global__ void rmsnorm_q8(float *__restrict__ x, const float *__rest
                                       const float *__restrict__ w_post, float *__restrict__ xn) {
   __shared__ float red[32];
   const int tid = threadIdx.x, lane = tid & 31;
+  {  // Row blockIdx.y of a batch: the buffers are [rows, n] (xd [rows, n / 32]).
+    const size_t r = blockIdx.y;
+    x += r * n, xq += r * n, xd += r * (n >> 5);
+    if (y) y += r * n;
+    if (xn) xn += r * n;
+  }
   // The weights do not depend on the previous kernel: their loads are issued before the wait,
   // so that they overlap it and the reduction (one memory round trip instead of two).
   float4 v[RMS_CHUNKS], ww[RMS_CHUNKS], wp[RMS_CHUNKS];
@@ -892,6 +1170,7 @@ extern "C" __global__ void rmsnorm_q8(float *__restrict__ x, const float *__rest
 extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float *__restrict__ w,
                                        float eps, int n, float *__restrict__ y, int accumulate) {
   pdl_enter();
+  x += (size_t)blockIdx.y * n, y += (size_t)blockIdx.y * n;  // row blockIdx.y of [rows, n]
   __shared__ float red[32];
   const int tid = threadIdx.x;
   float ss = 0.f;
@@ -970,7 +1249,7 @@ __device__ __forceinline__ void load_row(const __half *__restrict__ src, float *
   }
 }
 
-// Tensor-core and asynchronous-copy helpers (sm_80+).
+// Tensor-core helpers (sm_80+; the cp.async ones are above).
 __device__ __forceinline__ void mma_16816(float *c, const unsigned *a, unsigned b0, unsigned b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -989,15 +1268,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned *r, const __half *p) 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
-}
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 __device__ __forceinline__ void ldmatrix_x4(unsigned *r, const __half *p) {
   const unsigned a = (unsigned)__cvta_generic_to_shared(p);
@@ -1073,6 +1343,11 @@ __device__ void attn_merge(const int *__restrict__ params, int window, int min_c
   __shared__ float red[NW];
   pdl_enter();
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+  {  // Sequence blockIdx.y of a batch: its params, partial results and output row.
+    const size_t z = blockIdx.y, nh = gridDim.x;
+    params += 4 * z, part_o += z * nh * maxsplit * HD, part_ml += z * nh * maxsplit;
+    xq += z * nh * HD, xd += z * nh * HD / 32;
+  }
   const int len = params[1];
   const int nsplit = attn_splits(len - attn_lo(len, window), min_chunk, maxsplit).y;
   const float2 *ml = part_ml + (size_t)h * maxsplit;
@@ -1125,10 +1400,16 @@ template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride,
+                         float softcap) {
   constexpr int HD = 32 * EPL;
   __shared__ AttnFinishSmem<G, HD> sm;
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
+  {  // Sequence blockIdx.z of a batch: its queries, params, cache table and partial results.
+    const size_t z = blockIdx.z;
+    q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
+    part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
+  }
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int len = params[1], cap = params[2], lo = attn_lo(len, window);
   const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
@@ -1177,7 +1458,11 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
 #pragma unroll
     for (int g = 0; g < G; g++)
 #pragma unroll
-      for (int p = 0; p < ATTN_TILE; p++) s[g][p] = warp_sum(s[g][p]);
+      for (int p = 0; p < ATTN_TILE; p++) {
+        s[g][p] = warp_sum(s[g][p]);
+        // Gemma 2's attention soft-cap: c tanh(s / c) (softcap = c; 0: none).
+        if (softcap > 0.f) s[g][p] = softcap * tanhf(s[g][p] / softcap);
+      }
 #pragma unroll
     for (int g = 0; g < G; g++) {
       float mn = m[g];
@@ -1230,7 +1515,8 @@ template <int HD, int G>
 __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
                          int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml) {
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride,
+                         float softcap) {
   constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
   constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
                             ? sizeof(AttnMmaSmem<HD, G>)
@@ -1239,6 +1525,11 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   AttnMmaSmem<HD, G> &st = *reinterpret_cast<AttnMmaSmem<HD, G> *>(raw);
   AttnFinishSmem<G, HD> &sm = *reinterpret_cast<AttnFinishSmem<G, HD> *>(raw);
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
+  {  // Sequence blockIdx.z of a batch: its queries, params, cache table and partial results.
+    const size_t z = blockIdx.z;
+    q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
+    part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
+  }
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, quad = lane & 3, r = lane >> 2;
   const int len = params[1], cap = params[2], lo = attn_lo(len, window);
   const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
@@ -1300,6 +1591,12 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       mma_16816(sc, qf[j], b[0], b[1]);
       mma_16816(sc, qf[j + 1], b[2], b[3]);
     }
+    // Gemma 2's attention soft-cap, c tanh(s / c), in base-2 units (softcap = c log2(e); 0:
+    // none), before the mask.
+    if (softcap > 0.f) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) sc[e] = softcap * tanhf(sc[e] / softcap);
+    }
     const int ta = t0 + 8 * w + 2 * quad;
     if (ta >= end) sc[0] = -INFINITY;
     if (ta + 1 >= end) sc[1] = -INFINITY;
@@ -1350,9 +1647,9 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
                                      const unsigned long long *kv, int layer, int n_heads,         \
                                      int n_kv, float scale, int window, int min_chunk,             \
-                                     float *part_o, float2 *part_ml) {                             \
+                                     float *part_o, float2 *part_ml, int kv_stride, float softcap) { \
     attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,    \
-                         part_ml);                                                                 \
+                         part_ml, kv_stride, softcap);                                             \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
@@ -1373,9 +1670,9 @@ ATTN_KERNELS(8)
       attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
                                     const unsigned long long *kv, int layer, int n_heads,          \
                                     int n_kv, float scale, int window, int min_chunk,              \
-                                    float *part_o, float2 *part_ml) {                              \
+                                    float *part_o, float2 *part_ml, int kv_stride, float softcap) {  \
     attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,       \
-                      part_ml);                                                                    \
+                      part_ml, kv_stride, softcap);                                                \
   }
 #define ATTN_MMA_KERNELS(G)                                                                        \
   ATTN_MMA_KERNEL(64, G)                                                                           \

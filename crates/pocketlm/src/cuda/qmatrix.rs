@@ -1,10 +1,11 @@
 //! Block-quantized weight matrices on a CUDA device, one layout for GGUF `Q4_0`, `Q4_1`, `Q8_0`
 //! and MLX affine 4- and 8-bit weights (layout and formulas in `src/cuda/qmatrix.cu`): integer
-//! (dp4a) GEMV against activations quantized to 8 bits per 32 values for decode, and
-//! dequantization to f16 + a cuBLAS GEMM for prefill.
+//! (dp4a) GEMV against activations quantized to 8 bits per 32 values for decode, an int8
+//! tensor-core GEMM for small batches (batched decode, up to 64 rows), and dequantization to f16
+//! + a cuBLAS GEMM for prefill.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    sys, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::quantized::GgmlDType;
@@ -19,6 +20,9 @@ pub(crate) const MODULE: &str = "pocketlm_qmatrix";
 /// Input rows up to which [`CudaQMatrix::forward`] runs the GEMV kernel; above, it dequantizes
 /// to f16 and runs a cuBLAS GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Most activation rows the small-batch GEMM takes (`qmmq_*` in qmatrix.cu: up to 8 tiles of 8
+/// rows); [`CudaQMatrix::forward`] runs it for 2 to this many rows.
+pub const MMQ_MAX_ROWS: usize = 64;
 /// Most warps per thread block in the GEMV kernel (`GEMV_MAX_WARPS` in qmatrix.cu).
 const GEMV_MAX_WARPS: usize = 16;
 
@@ -47,6 +51,40 @@ fn gemv_shape(epi: Epilogue, cols: usize) -> (usize, usize) {
     };
     let r = if epi.gated() { r.max(2) } else { r };
     (r, w.clamp(1, GEMV_MAX_WARPS))
+}
+
+/// Warps of a `qmmq_*` block (`MMQ_WARPS` in qmatrix.cu), its weight rows (`MMQ_ROWS`: the
+/// outputs of one block, half as many for the gated epilogues) and the 32-value blocks of a
+/// chunk it stages (`MMQ_KC`).
+const MMQ_WARPS: u32 = 4;
+const MMQ_TILE_OUT: usize = 64;
+const MMQ_KC: usize = 4;
+
+/// Column splits of a small-batch GEMM launch of `tiles` row tiles over `nblocks` 32-value
+/// blocks a row: enough blocks for 4 per multiprocessor, each split keeping at least two
+/// chunks, at most 16. `POCKETLM_MMQ_SPLITS=N` sets it (for tuning; 1 turns the atomic sums
+/// off).
+fn mmq_splits(tiles: usize, nblocks: usize, sms: usize) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let over = *OVERRIDE.get_or_init(|| {
+        std::env::var("POCKETLM_MMQ_SPLITS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    });
+    let most = (nblocks / (2 * MMQ_KC)).clamp(1, 16);
+    over.unwrap_or_else(|| (4 * sms).div_ceil(tiles.max(1)))
+        .clamp(1, most)
+}
+
+/// The device's multiprocessor count (132 on an H100 SXM), read once per process.
+fn multiprocessors(dev: &CudaDevice) -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        dev.cuda_stream()
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(132, |n| n.max(1) as usize)
+    })
 }
 
 /// What the GEMV kernel does with each output value.
@@ -101,9 +139,15 @@ pub(crate) struct RopeArgs {
     pub k_norm: u64,
     /// See `q_norm`.
     pub norm_eps: f32,
-    /// With a q or k norm: room for the projection's `(n_heads + 2 n_kv_heads) head_dim` f32
-    /// outputs, normalized by a second kernel.
+    /// With a q or k norm, or a batch: room for the projection's `(n_heads + 2 n_kv_heads)
+    /// head_dim` f32 outputs of each sequence, finished by a second kernel.
     pub scratch: u64,
+    /// Sequences of the step (1: the one-token step); each has its own row of the activations,
+    /// of `q_out` and of `scratch`, its own `params` (4 i32) and its own run of `kv_stride`
+    /// u64 in `kv`.
+    pub batch: usize,
+    /// See `batch`.
+    pub kv_stride: usize,
 }
 
 /// A quantized matrix `[rows, cols]` on a CUDA device (`cols` a multiple of 32).
@@ -383,11 +427,88 @@ impl CudaQMatrix {
         unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
     }
 
+    /// Launches the small-batch GEMM on the tensor cores (`qmmq_*` in qmatrix.cu) on raw device
+    /// buffers: for `m` activation rows (`1 <= m <=` [`MMQ_MAX_ROWS`]; `xq: [m, cols]` i8, `xd:
+    /// [m, cols / 32]` (d, d·Σq) f32 pairs), writes or adds `y: [m, out]` f32, `out = rows` (or
+    /// `rows / 2` for the gated epilogues), reading each weight block once for all `m` rows.
+    /// Matrices with few row tiles split their columns over more blocks, whose results are
+    /// added atomically (for [`Epilogue::Write`], into `y` zeroed first), so the sums of such a
+    /// launch may differ from run to run in the last bits. Safe to capture in a CUDA graph.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for `m` out of range; the driver's launch errors.
+    pub(crate) fn launch_mmq(
+        &self,
+        epi: Epilogue,
+        xq: u64,
+        xd: u64,
+        y: u64,
+        m: usize,
+    ) -> Result<()> {
+        if m == 0 || m > MMQ_MAX_ROWS {
+            return Err(Error::InvalidArgument(format!(
+                "small-batch GEMM of {m} rows (1..={MMQ_MAX_ROWS})"
+            )));
+        }
+        let nt = match m.div_ceil(8) {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => 8,
+        };
+        let prefix = match epi {
+            Epilogue::Write => "qmmq_w",
+            Epilogue::Add => "qmmq_a",
+            Epilogue::SwiGlu => "qmmq_s",
+            Epilogue::GeGlu => "qmmq_g",
+        };
+        let func = self.dev.get_or_load_custom_func(
+            &format!("{prefix}{nt}_{}", self.kernel),
+            MODULE,
+            PTX,
+        )?;
+        let out = if epi.gated() {
+            self.rows / 2
+        } else {
+            self.rows
+        };
+        let tiles = out.div_ceil(if epi.gated() {
+            MMQ_TILE_OUT / 2
+        } else {
+            MMQ_TILE_OUT
+        });
+        let splits = if epi.gated() {
+            1
+        } else {
+            mmq_splits(tiles, self.cols / 32, multiprocessors(&self.dev))
+        };
+        let stream = self.dev.cuda_stream();
+        if splits > 1 && epi == Epilogue::Write {
+            // SAFETY: y holds m * out f32 (the caller's buffer); the stream is the launch's.
+            unsafe {
+                sys::cuMemsetD32Async(y, 0, m * out, stream.cu_stream())
+                    .result()
+                    .w()?;
+            }
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (32 * MMQ_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ri, ci, gi, mi) = (out as i32, self.cols as i32, self.group as i32, m as i32);
+        let mut b = Launch::new(&func);
+        b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
+        b.arg(xq).arg(xd).arg(y).arg(ri).arg(ci).arg(gi).arg(mi);
+        // SAFETY: qmmq_*'s parameters, in order; the matrix and the caller's buffers.
+        unsafe { b.launch(&stream, cfg) }
+    }
+
     /// Launches the decode step's q/k/v GEMV with RoPE and the KV-cache append in its epilogue
     /// (`qgemv_rope` in qmatrix.cu): this matrix stacks `[q; k; v]` rows of `rope.n_heads`,
-    /// `rope.n_kv_heads`, `rope.n_kv_heads` heads; one activation row. With a q or k norm, a
-    /// plain GEMV into `rope.scratch` and `qkv_post` (norms, RoPE, append) instead. Safe to
-    /// capture in a CUDA graph.
+    /// `rope.n_kv_heads`, `rope.n_kv_heads` heads; one activation row a sequence. With a q or k
+    /// norm, a plain GEMV into `rope.scratch` and `qkv_post` (norms, RoPE, append) instead; for
+    /// a batch ([`RopeArgs::batch`] > 1) the small-batch GEMM and `qkv_post` over every
+    /// sequence. Safe to capture in a CUDA graph.
     pub(crate) fn launch_gemv_rope(&self, xq: u64, xd: u64, rope: &RopeArgs) -> Result<()> {
         // The arguments both kernels end with, in order: tables, params, cache table, layer,
         // q_out, shapes, flags.
@@ -404,12 +525,20 @@ impl CudaQMatrix {
                 .arg(rope.interleaved as i32)
                 .arg(rope.kv_half as i32);
         };
-        if rope.q_norm != 0 || rope.k_norm != 0 {
-            self.launch_gemv(Epilogue::Write, xq, xd, rope.scratch, 1)?;
+        if rope.q_norm != 0 || rope.k_norm != 0 || rope.batch > 1 {
+            if rope.batch > 1 {
+                self.launch_mmq(Epilogue::Write, xq, xd, rope.scratch, rope.batch)?;
+            } else {
+                self.launch_gemv(Epilogue::Write, xq, xd, rope.scratch, 1)?;
+            }
             let func = self.dev.get_or_load_custom_func("qkv_post", MODULE, PTX)?;
             let threads = (rope.head_dim / 2).div_ceil(32) * 32;
             let cfg = LaunchConfig {
-                grid_dim: ((rope.n_heads + 2 * rope.n_kv_heads) as u32, 1, 1),
+                grid_dim: (
+                    (rope.n_heads + 2 * rope.n_kv_heads) as u32,
+                    rope.batch as u32,
+                    1,
+                ),
                 block_dim: (threads as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -420,6 +549,7 @@ impl CudaQMatrix {
                 .arg(rope.k_norm);
             b.arg(rope.norm_eps);
             tail(&mut b);
+            b.arg(rope.kv_stride as i32);
             // SAFETY: qkv_post's parameters, in order; the decoder's buffers.
             return unsafe { b.launch(&self.dev.cuda_stream(), cfg) };
         }
@@ -445,8 +575,8 @@ impl CudaQMatrix {
         unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
     }
 
-    /// `x: [.., cols]` (any float dtype) -> `[.., rows]` f32: the GEMV kernel for up to
-    /// [`GEMV_MAX_ROWS`] rows of `x`, else dequantize to f16 + cuBLAS.
+    /// `x: [.., cols]` (any float dtype) -> `[.., rows]` f32: the GEMV kernel for one row of
+    /// `x`, the small-batch GEMM for up to [`MMQ_MAX_ROWS`], else dequantize to f16 + cuBLAS.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let k = dims.pop().unwrap_or(0);
@@ -459,7 +589,7 @@ impl CudaQMatrix {
         let m: usize = dims.iter().product();
         dims.push(self.rows);
         let x2 = x.to_dtype(DType::F32)?.reshape((m, k))?.contiguous()?;
-        let y = if m <= GEMV_MAX_ROWS {
+        let y = if m <= MMQ_MAX_ROWS {
             self.gemv(&x2)?
         } else {
             let w = self.dequantize_f16()?;
@@ -470,11 +600,12 @@ impl CudaQMatrix {
         Ok(y.reshape(dims)?)
     }
 
-    /// `x: [m, cols]` f32 contiguous, `1 <= m <= 8` -> `[m, rows]` f32 (activations quantized
-    /// to 8 bits per 32 values first).
+    /// `x: [m, cols]` f32 contiguous, `1 <= m <=` [`MMQ_MAX_ROWS`] -> `[m, rows]` f32
+    /// (activations quantized to 8 bits per 32 values first): the GEMV kernel for one row, the
+    /// small-batch GEMM ([`Self::launch_mmq`]) for more.
     pub fn gemv(&self, x: &Tensor) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
-        if m == 0 || m > GEMV_MAX_ROWS || k != self.cols || x.dtype() != DType::F32 {
+        if m == 0 || m > MMQ_MAX_ROWS || k != self.cols || x.dtype() != DType::F32 {
             return Err(Error::InvalidArgument(format!(
                 "quantized GEMV of {:?} {:?} with a [{}, {}] matrix",
                 x.dims(),
@@ -501,13 +632,16 @@ impl CudaQMatrix {
                 xd.device_ptr(&stream).0,
                 m * k,
             )?;
-            self.launch_gemv(
-                Epilogue::Write,
+            let (xqp, xdp, op) = (
                 xq.device_ptr(&stream).0,
                 xd.device_ptr(&stream).0,
                 out.device_ptr(&stream).0,
-                m,
-            )?;
+            );
+            if m == 1 {
+                self.launch_gemv(Epilogue::Write, xqp, xdp, op, 1)?;
+            } else {
+                self.launch_mmq(Epilogue::Write, xqp, xdp, op, m)?;
+            }
         }
         Ok(into_tensor(out, &self.dev, (m, self.rows)))
     }
@@ -666,6 +800,7 @@ pub(crate) fn run_epilogue(
     x: &[f32],
     y0: &[f32],
     dev: &Device,
+    mmq_rows: Option<usize>,
 ) -> Result<Vec<f32>> {
     let d = cuda_dev(dev)?;
     let stream = d.cuda_stream();
@@ -681,7 +816,10 @@ pub(crate) fn run_epilogue(
         );
         quantize_q8(d, xp, xqp, xdp, x.len())?;
         let yp = y.device_ptr_mut(&stream).0;
-        g.launch_gemv(epi, xqp, xdp, yp, 1)?;
+        match mmq_rows {
+            Some(m) => g.launch_mmq(epi, xqp, xdp, yp, m)?,
+            None => g.launch_gemv(epi, xqp, xdp, yp, 1)?,
+        }
     }
     Ok(stream.clone_dtoh(&y).w()?)
 }

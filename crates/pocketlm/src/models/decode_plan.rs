@@ -33,6 +33,9 @@ pub struct DecodePlan<'a> {
     pub context_length: usize,
     /// A factor on the embedding rows (Gemma: `sqrt(hidden)`), if any.
     pub embed_scale: Option<f64>,
+    /// The logits' soft-cap `c` (Gemma 2's `final_logit_softcapping`: `c · tanh(logits / c)`),
+    /// if any.
+    pub final_softcap: Option<f64>,
 }
 
 /// One pre-norm residual block: `x += post_attn_norm(attention(attn_norm(x)));
@@ -82,7 +85,9 @@ impl PlanMlp<'_> {
 
 impl DecodePlan<'_> {
     /// Runs the step the plan describes with the layers' own code: `input_ids: [1, seq]` u32
-    /// at the positions after those in `cache` (one layer per block), appending to it; returns
+    /// at the positions after those in `cache` (one layer per block), appending to it, rotated
+    /// by RoPE at those positions plus the cache's RoPE delta ([`KvCache::rope_delta`]: a
+    /// vision-language model's text after its images); returns
     /// the logits of the last position `[1, vocab]` f32. A fused backend must compute the same
     /// (up to its kernels' rounding), and the model's own forward pass must too: the tests
     /// compare the two, which checks that a model's plan describes it.
@@ -95,7 +100,18 @@ impl DecodePlan<'_> {
         if let Some(f) = self.embed_scale {
             x = (x * f)?;
         }
-        let global = AttentionPass::new(self.rope, offset, seq)?;
+        let delta = cache.rope_delta();
+        let global = if delta == 0 {
+            AttentionPass::new(self.rope, offset, seq)?
+        } else {
+            let start = usize::try_from(offset as i64 + delta).map_err(|_| {
+                crate::Error::InvalidArgument(format!(
+                    "RoPE position {offset} + {delta} of the decode plan is negative"
+                ))
+            })?;
+            let (cos, sin) = self.rope.cos_sin(start, seq)?;
+            AttentionPass::with_tables(self.rope, cos, sin)
+        };
         let mode = Mode::Inference;
         for (i, b) in self.blocks.iter().enumerate() {
             let local = b
@@ -118,6 +134,10 @@ impl DecodePlan<'_> {
             x = residual(&m, &x, mode)?;
         }
         let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
-        self.lm_head.forward(&self.norm.forward(&last)?)
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        match self.final_softcap {
+            Some(c) => crate::nn::ops::softcap(&logits, c),
+            None => Ok(logits),
+        }
     }
 }

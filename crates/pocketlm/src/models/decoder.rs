@@ -344,6 +344,7 @@ impl Decoder {
             rope,
             context_length,
             embed_scale: None,
+            final_softcap: None,
         })
     }
 

@@ -553,12 +553,9 @@ impl CausalLM for Gemma {
         &self.device
     }
 
-    /// The sandwich blocks with their post norms, the local RoPE on sliding-window layers and
-    /// the embedding scale; `None` with a final logit soft-cap (Gemma 2).
+    /// The sandwich blocks with their post norms, the local RoPE on sliding-window layers, the
+    /// embedding scale and Gemma 2's soft-caps (the attention's in its layers, the logits').
     fn decode_plan(&self) -> Option<DecodePlan<'_>> {
-        if self.final_softcap.is_some() {
-            return None;
-        }
         let blocks = self
             .layers
             .iter()
@@ -580,6 +577,7 @@ impl CausalLM for Gemma {
             rope: &self.rope_global,
             context_length: self.info.context_length,
             embed_scale: Some(self.embed_scale),
+            final_softcap: self.final_softcap,
         })
     }
 }

@@ -22,8 +22,8 @@ use crate::image_processor::ProcessedImage;
 use crate::kv_cache::KvCache;
 use crate::models::decoder::{Decoder, Mlp, PreNormBlock};
 use crate::models::{
-    prefill_text, CausalLM, LinearSlot, Logits, ModelInfo, ModelInput, Prefill, Trainable,
-    VisionInfo,
+    prefill_text, CausalLM, DecodePlan, LinearSlot, Logits, ModelInfo, ModelInput, Prefill,
+    Trainable, VisionInfo,
 };
 use crate::nn::{
     ops, scaled_dot_product_attention, Activation, Attention, AttentionPass, Embedding, GateUp,
@@ -814,6 +814,14 @@ impl CausalLM for Qwen2Vl {
 
     fn trainable_mut(&mut self) -> Option<&mut dyn Trainable> {
         Some(self)
+    }
+
+    /// The text stack's step: a text token's three M-RoPE positions are equal, so its
+    /// rotation is plain RoPE at the cache's offset plus its RoPE delta (set by an image
+    /// prefill), which the plan's consumers add.
+    fn decode_plan(&self) -> Option<DecodePlan<'_>> {
+        self.decoder
+            .decode_plan(&self.rope, self.info.context_length)
     }
 
     fn prefill(&self, input: &ModelInput, cache: &mut KvCache, chunk: usize) -> Result<Prefill> {

@@ -514,8 +514,8 @@ fn gemma3_multimodal_layout_loads_text_model() -> Res<()> {
 /// Each model's decode plan (what the fused CUDA decoder runs) describes the model: run with
 /// the layers' own code ([`pocketlm::models::DecodePlan::forward`]) it gives the model's logits
 /// for a 6-token prefill and 4 single-token steps, each with its own KV cache. Gemma 3 takes
-/// the plan's post norms, GeGLU, embedding scale and local RoPE; Gemma 2 (final soft-cap) has
-/// no plan.
+/// the plan's post norms, GeGLU, embedding scale and local RoPE; Gemma 2 its attention and
+/// final logit soft-caps too.
 #[test]
 fn decode_plans_describe_their_models() -> Res<()> {
     let moe = |n: &str| {
@@ -529,11 +529,18 @@ fn decode_plans_describe_their_models() -> Res<()> {
         .chain(["qwen3_moe", "qwen3_moe_sparse"].map(|n| (n, moe(n))));
     for (name, path) in models {
         let m = load(path, &cpu())?;
-        let Some(plan) = m.model.decode_plan() else {
-            assert_eq!(name, "gemma2", "{name} exports no decode plan");
-            continue;
-        };
-        assert_ne!(name, "gemma2", "Gemma 2's final soft-cap has no plan form");
+        let plan = m
+            .model
+            .decode_plan()
+            .ok_or_else(|| format!("{name} exports no decode plan"))?;
+        assert_eq!(
+            plan.final_softcap.is_some(),
+            name == "gemma2",
+            "{name}: final soft-cap"
+        );
+        if name == "gemma2" {
+            assert!(plan.blocks.iter().all(|b| b.attention.softcap.is_some()));
+        }
         if name == "gemma3" {
             assert!(plan.embed_scale.is_some());
             assert!(plan

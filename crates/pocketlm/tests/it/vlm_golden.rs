@@ -324,3 +324,44 @@ fn qwen2_vl_mlx_vlm_folder() -> Res<()> {
 fn qwen2_5_vl_mlx_vlm_folder() -> Res<()> {
     check_mlx_vlm("qwen2_5_vl", "qwen2_5_vl", 3.0)
 }
+
+/// The text stack's decode plan (what the fused CUDA step runs) gives the model's own logits
+/// after an image prompt, whose M-RoPE leaves the cache with a nonzero RoPE delta: 4 greedy
+/// single-token steps after the prefill (one into each of two caches), within 1e-4.
+#[test]
+fn qwen2_vl_decode_plan_after_images() -> Res<()> {
+    let g = golden("qwen2_vl")?;
+    let m = load(golden_dir().join("qwen2_vl"), &cpu())?;
+    let plan = m
+        .model
+        .decode_plan()
+        .ok_or("qwen2_vl exports no decode plan")?;
+    let (p, names) = PROMPTS[1];
+    let input = ModelInput {
+        ids: g[&format!("{p}.ids")].to_vec1()?,
+        images: images(&m, names)?,
+    };
+    let mut theirs = m.model.new_cache();
+    let mut l = m.model.prefill(&input, &mut theirs, 512)?.logits;
+    assert_ne!(
+        theirs.rope_delta(),
+        0,
+        "the image prompt leaves a RoPE delta"
+    );
+    let mut ours = m.model.new_cache();
+    m.model.prefill(&input, &mut ours, 512)?;
+    let mut worst = 0f32;
+    for _ in 0..4 {
+        let t = l.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let x = Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?;
+        l = m.model.forward(&x, &mut theirs, Logits::Last)?;
+        let got = plan.forward(&x, &mut ours)?;
+        worst = worst.max(max_abs_diff(&got, &l)?);
+    }
+    assert!(
+        worst <= 1e-4,
+        "qwen2_vl plan vs model after images: {worst}"
+    );
+    println!("qwen2_vl decode plan after images: max logit diff {worst:.1e} over 4 steps");
+    Ok(())
+}
