@@ -59,10 +59,14 @@ impl Accelerated {
         }
     }
 
-    /// One token through the fused step, appending to `cache` in place; `None` when the step
-    /// does not apply (no plan or one it does not take, caches that do not append in place,
-    /// positions past its tables), and the caller takes the model's own path.
-    fn fused_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
+    /// `f` with the model's plan and the fused step (built at the first call); `None` when the
+    /// model exports no plan or the step does not take it.
+    ///
+    /// Errors: a poisoned lock, building the step, and `f`'s.
+    fn with_decoder<R>(
+        &self,
+        f: impl FnOnce(&DecodePlan<'_>, &mut CudaDecoder) -> Result<Option<R>>,
+    ) -> Result<Option<R>> {
         let Some(plan) = self.inner.decode_plan() else {
             return Ok(None);
         };
@@ -76,23 +80,32 @@ impl Accelerated {
         let State::Ready(dec) = &mut *state else {
             return Ok(None);
         };
-        let pos = cache.offset();
-        let Some(rope_pos) = rope_position(cache) else {
-            return Ok(None);
-        };
-        let Some((kv, capacity)) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
-            return Ok(None);
-        };
-        let x = plan.embed_tokens.forward(input_ids)?;
-        let seq = SeqStep {
-            pos,
-            rope_pos,
-            kv: &kv,
-            capacity,
-        };
-        let out = dec.step(&x, &seq)?;
-        commit_one(cache, plan.blocks.len())?;
-        finish_logits(&plan, dec, out).map(Some)
+        f(&plan, dec)
+    }
+
+    /// One token through the fused step, appending to `cache` in place; `None` when the step
+    /// does not apply (no plan or one it does not take, caches that do not append in place,
+    /// positions past its tables), and the caller takes the model's own path.
+    fn fused_step(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        self.with_decoder(|plan, dec| {
+            let pos = cache.offset();
+            let Some(rope_pos) = rope_position(cache) else {
+                return Ok(None);
+            };
+            let Some((kv, capacity)) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
+                return Ok(None);
+            };
+            let x = plan.embed_tokens.forward(input_ids)?;
+            let seq = SeqStep {
+                pos,
+                rope_pos,
+                kv: &kv,
+                capacity,
+            };
+            let out = dec.step(&x, &seq)?;
+            commit_one(cache, plan.blocks.len())?;
+            finish_logits(plan, dec, out).map(Some)
+        })
     }
 
     /// The key/value buffer addresses of each of the `n_layers` layers of `cache`, with room
@@ -160,52 +173,41 @@ impl Accelerated {
         {
             return Ok(None);
         }
-        let Some(plan) = self.inner.decode_plan() else {
-            return Ok(None);
-        };
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| Error::Model("the CUDA decoder lock is poisoned".into()))?;
-        if matches!(*state, State::Untried) {
-            *state = self.build(&plan)?;
-        }
-        let State::Ready(dec) = &mut *state else {
-            return Ok(None);
-        };
-        if !dec.batches() {
-            return Ok(None);
-        }
-        let n_layers = plan.blocks.len();
-        let mut bufs = Vec::with_capacity(rows.len());
-        for r in rows.iter_mut() {
-            let pos = r.cache.offset();
-            let Some(rope_pos) = rope_position(r.cache) else {
+        self.with_decoder(|plan, dec| {
+            if !dec.batches() {
                 return Ok(None);
-            };
-            match self.kv_buffers(dec, r.cache, n_layers)? {
-                Some((kv, capacity)) => bufs.push((pos, rope_pos, kv, capacity)),
-                None => return Ok(None),
             }
-        }
-        let ids: Vec<u32> = rows.iter().map(|r| r.ids[0]).collect();
-        let x = plan
-            .embed_tokens
-            .forward(&Tensor::new(ids.as_slice(), self.inner.device())?)?;
-        let seqs: Vec<SeqStep<'_>> = bufs
-            .iter()
-            .map(|(pos, rope_pos, kv, capacity)| SeqStep {
-                pos: *pos,
-                rope_pos: *rope_pos,
-                kv,
-                capacity: *capacity,
-            })
-            .collect();
-        let out = dec.step_batch(&x, &seqs)?;
-        for r in rows.iter_mut() {
-            commit_one(r.cache, n_layers)?;
-        }
-        finish_logits(&plan, dec, out).map(Some)
+            let n_layers = plan.blocks.len();
+            let mut bufs = Vec::with_capacity(rows.len());
+            for r in rows.iter_mut() {
+                let pos = r.cache.offset();
+                let Some(rope_pos) = rope_position(r.cache) else {
+                    return Ok(None);
+                };
+                match self.kv_buffers(dec, r.cache, n_layers)? {
+                    Some((kv, capacity)) => bufs.push((pos, rope_pos, kv, capacity)),
+                    None => return Ok(None),
+                }
+            }
+            let ids: Vec<u32> = rows.iter().map(|r| r.ids[0]).collect();
+            let x = plan
+                .embed_tokens
+                .forward(&Tensor::new(ids.as_slice(), self.inner.device())?)?;
+            let seqs: Vec<SeqStep<'_>> = bufs
+                .iter()
+                .map(|(pos, rope_pos, kv, capacity)| SeqStep {
+                    pos: *pos,
+                    rope_pos: *rope_pos,
+                    kv,
+                    capacity: *capacity,
+                })
+                .collect();
+            let out = dec.step_batch(&x, &seqs)?;
+            for r in rows.iter_mut() {
+                commit_one(r.cache, n_layers)?;
+            }
+            finish_logits(plan, dec, out).map(Some)
+        })
     }
 
     /// The fused step for `plan`, or [`State::Unavailable`] when it does not take the model

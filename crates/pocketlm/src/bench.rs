@@ -251,6 +251,18 @@ fn sampled_decode(
     Ok(())
 }
 
+/// The rows of a batched pass feeding `ids[i]` to the sequence of `caches[i]`.
+fn one_token_rows<'a>(caches: &'a mut [KvCache], ids: &'a [u32]) -> Vec<BatchRow<'a>> {
+    caches
+        .iter_mut()
+        .zip(ids)
+        .map(|(cache, id)| BatchRow {
+            ids: std::slice::from_ref(id),
+            cache,
+        })
+        .collect()
+}
+
 /// `n_gen` decode steps of `caches.len()` sequences together: per step one
 /// [`CausalLM::forward_batch`] of one token a sequence (sequence `i` feeds `ids[(step + i) %
 /// len]`) and the greedy ids on the model's device, one copy back.
@@ -259,14 +271,7 @@ fn batched_decode(model: &dyn CausalLM, caches: &mut [KvCache], ids: &[u32]) -> 
         let feed: Vec<u32> = (0..caches.len())
             .map(|i| ids[(step + i) % ids.len()])
             .collect();
-        let mut rows: Vec<BatchRow<'_>> = caches
-            .iter_mut()
-            .zip(&feed)
-            .map(|(cache, id)| BatchRow {
-                ids: std::slice::from_ref(id),
-                cache,
-            })
-            .collect();
+        let mut rows = one_token_rows(caches, &feed);
         let l = crate::kernels::in_pool_on(model.device(), || model.forward_batch(&mut rows))?;
         l.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     }
@@ -548,15 +553,7 @@ pub fn compare_batched(
         for i in 0..prompts.len() {
             la[i] = one(a, &mut ca[i], &[feed[i]])?;
         }
-        let mut rows: Vec<BatchRow<'_>> = cb
-            .iter_mut()
-            .zip(&feed)
-            .map(|(cache, id)| BatchRow {
-                ids: std::slice::from_ref(id),
-                cache,
-            })
-            .collect();
-        let l = cpu(b.forward_batch(&mut rows)?)?;
+        let l = cpu(b.forward_batch(&mut one_token_rows(&mut cb, &feed))?)?;
         let vocab = l.len() / prompts.len();
         lb = l.chunks(vocab).map(<[f32]>::to_vec).collect();
     }

@@ -63,17 +63,7 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
     for p in &prompts {
         let ids = a.encode(&pocketlm::loader::Prompt::Text(p.clone()))?;
         let r = compare_devices(a.model.as_ref(), b.model.as_ref(), &ids, args.steps)?;
-        all &= r.equal_steps == r.steps;
-        println!(
-            "{:>2}/{} tokens equal | max |dlogit| {:.3e} (max |logit| {:.2}){} | {p:?}",
-            r.equal_steps,
-            r.steps,
-            r.max_abs_logit_diff,
-            r.max_abs_logit,
-            r.top2_gap_at_difference
-                .map(|g| format!(" | first difference where the CPU's top-2 gap is {g:.3e}"))
-                .unwrap_or_default(),
-        );
+        all &= report("", &r, p);
     }
     if args.batch {
         let ids = prompts
@@ -81,24 +71,28 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
             .map(|p| a.encode(&pocketlm::loader::Prompt::Text(p.clone())))
             .collect::<Result<Vec<_>, _>>()?;
         let rs = compare_batched(a.model.as_ref(), b.model.as_ref(), &ids, args.steps)?;
+        let label = format!("batched {}: ", prompts.len());
         for (r, p) in rs.iter().zip(&prompts) {
-            all &= r.equal_steps == r.steps;
-            println!(
-                "batched {}: {:>2}/{} tokens equal | max |dlogit| {:.3e} (max |logit| {:.2}){} | \
-                 {p:?}",
-                prompts.len(),
-                r.equal_steps,
-                r.steps,
-                r.max_abs_logit_diff,
-                r.max_abs_logit,
-                r.top2_gap_at_difference
-                    .map(|g| format!(" | first difference where the CPU's top-2 gap is {g:.3e}"))
-                    .unwrap_or_default(),
-            );
+            all &= report(&label, r, p);
         }
     }
     println!("all equal: {all}");
     Ok(())
+}
+
+/// Prints one prompt's agreement after `label`; whether every step agreed.
+fn report(label: &str, r: &pocketlm::bench::Agreement, prompt: &str) -> bool {
+    println!(
+        "{label}{:>2}/{} tokens equal | max |dlogit| {:.3e} (max |logit| {:.2}){} | {prompt:?}",
+        r.equal_steps,
+        r.steps,
+        r.max_abs_logit_diff,
+        r.max_abs_logit,
+        r.top2_gap_at_difference
+            .map(|g| format!(" | first difference where the CPU's top-2 gap is {g:.3e}"))
+            .unwrap_or_default(),
+    );
+    r.equal_steps == r.steps
 }
 
 /// Runs `gpu-selftest`: every CUDA kernel against the CPU reference over many shapes.

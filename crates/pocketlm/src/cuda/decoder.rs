@@ -731,25 +731,11 @@ impl CudaDecoder {
             .flat_map(|q| q.kv.iter().flat_map(|&(k, v)| [k, v]))
             .collect();
         // SAFETY: params holds MAX_BATCH * 4 i32 and kv MAX_BATCH * 2 n_layers u64 on the
-        // device; the host vectors live until the synchronizing copy of the logits below.
+        // device (b <= MAX_BATCH, each sequence n_layers pairs).
         unsafe {
-            sys::cuMemcpyHtoDAsync_v2(
-                st.params,
-                params.as_ptr() as *const std::ffi::c_void,
-                params.len() * 4,
-                stream.cu_stream(),
-            )
-            .result()
-            .w()?;
+            htod(st.params, &params, &stream)?;
             if st.kv_host.get(..table.len()) != Some(&table[..]) {
-                sys::cuMemcpyHtoDAsync_v2(
-                    st.kv,
-                    table.as_ptr() as *const std::ffi::c_void,
-                    table.len() * 8,
-                    stream.cu_stream(),
-                )
-                .result()
-                .w()?;
+                htod(st.kv, &table, &stream)?;
                 st.kv_host.clear();
                 st.kv_host.extend_from_slice(&table);
             }
@@ -1108,6 +1094,33 @@ impl CudaDecoder {
         // SAFETY: moe_down_*'s parameters, in order; as above.
         unsafe { b.launch(&stream, cfg) }
     }
+}
+
+/// Copies `src` to the device address `dst` on `stream`, in stream order. The host slice may be
+/// dropped when it returns: from pageable memory the driver stages the bytes before returning
+/// (CUDA programming guide, "Asynchronous Concurrent Execution").
+///
+/// # Safety
+/// `dst` must hold `size_of_val(src)` bytes on the stream's device.
+///
+/// Errors: the driver's.
+unsafe fn htod<T: Copy>(
+    dst: u64,
+    src: &[T],
+    stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<()> {
+    // SAFETY: as the function's; src is valid for its length.
+    unsafe {
+        sys::cuMemcpyHtoDAsync_v2(
+            dst,
+            src.as_ptr() as *const std::ffi::c_void,
+            std::mem::size_of_val(src),
+            stream.cu_stream(),
+        )
+        .result()
+        .w()?;
+    }
+    Ok(())
 }
 
 /// Output rows of one `moe_down_*` block (`MOE_DOWN_ROWS` in qmatrix.cu).

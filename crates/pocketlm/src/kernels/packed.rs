@@ -470,11 +470,19 @@ pub(crate) mod avx512 {
     /// fault).
     #[inline(always)]
     pub(crate) fn prefetch_ahead(blk: *const u8, bytes: usize) {
+        prefetch_l1(blk.wrapping_add(PREFETCH), bytes);
+    }
+
+    /// Prefetches into L1 the cache lines of the `bytes` bytes at `p` (which may lie past the
+    /// weight: prefetches do not fault); the tile-decoded prefill kernels' next chunk
+    /// (`packed_q5k`, `packed_iq4xs`), whose weights come from memory in a model's prefill
+    /// (each tile of activation rows takes the whole matrix before the next tile comes back
+    /// to a group).
+    #[inline(always)]
+    pub(crate) fn prefetch_l1(p: *const u8, bytes: usize) {
         for l in 0..bytes.div_ceil(64) {
             // SAFETY: a prefetch reads nothing architecturally and never faults.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH + 64 * l) as *const i8)
-            };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8) };
         }
     }
 

@@ -149,7 +149,8 @@ pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::packed::avx512::{
-        block_sums, chain, iq4_table, lookup, nibbles, prefetch_ahead, remainder_rows, unroll8,
+        block_sums, chain, iq4_table, lookup, nibbles, prefetch_ahead, prefetch_l1, remainder_rows,
+        unroll8,
     };
     use super::super::{Tile, KVALUES_IQ4NL};
     use super::{GROUP_BLOCK, QS, ROWS, SC};
@@ -164,18 +165,6 @@ pub(crate) mod avx512 {
             return unsafe { tile_decoded(t) };
         }
         unsafe { tile_rows(t) }
-    }
-
-    /// Prefetches into L1 the cache lines of the `bytes` bytes at `p` (which may lie past the
-    /// weight: prefetches do not fault): the next chunk of [`tile_decoded`], whose weights come
-    /// from memory in a model's prefill (each tile of activation rows takes the whole matrix
-    /// before the next tile comes back to a group).
-    #[inline(always)]
-    fn prefetch_next(p: *const u8, bytes: usize) {
-        for l in 0..bytes.div_ceil(64) {
-            // SAFETY: a prefetch reads nothing architecturally and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8) };
-        }
     }
 
     /// Activation rows of a tile from which [`tile`] decodes the codes once per tile
@@ -259,7 +248,7 @@ pub(crate) mod avx512 {
                 }
                 // The next chunk's weights (the next group's after the last chunk: the tile's
                 // next group or, mostly, the next tile's), while the rows run over this one.
-                prefetch_next(wg.wrapping_add(b1 * GROUP_BLOCK), CHUNK * GROUP_BLOCK);
+                prefetch_l1(wg.wrapping_add(b1 * GROUP_BLOCK), CHUNK * GROUP_BLOCK);
                 let d = Decoded {
                     codes: &codes,
                     sc: &sc,

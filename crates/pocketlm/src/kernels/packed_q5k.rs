@@ -166,6 +166,7 @@ pub(crate) unsafe fn tile_scalar(t: &Tile<'_>) {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::packed::avx512::prefetch_l1;
     use super::super::packed_q4k::avx512::bsum_pairs;
     use super::super::Tile;
     use super::{GROUP_BLOCK, MIN, QH, QS, ROWS, SC};
@@ -243,18 +244,6 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Prefetches into L1 the cache lines of the `bytes` bytes at `p` (which may lie past the
-    /// weight: prefetches do not fault): the next chunk of [`tile_decoded`], whose weights come
-    /// from memory in a model's prefill (each tile of activation rows takes the whole matrix
-    /// before the next tile comes back to a group).
-    #[inline(always)]
-    fn prefetch_next(p: *const u8, bytes: usize) {
-        for l in 0..bytes.div_ceil(64) {
-            // SAFETY: a prefetch reads nothing architecturally and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l) as *const i8) };
-        }
-    }
-
     /// Activation rows of a tile from which [`tile_decoded`] takes the tile (products of 8 or
     /// more rows only: it does the float operations of ggml's tiled order).
     const DECODED_MIN_ROWS: usize = 8;
@@ -310,7 +299,7 @@ pub(crate) mod avx512 {
                 }
                 // The next chunk's weights (the next group's after the last chunk: the tile's
                 // next group or, mostly, the next tile's), while the rows run over this one.
-                prefetch_next(wg.wrapping_add(b1 * GROUP_BLOCK), CHUNK * GROUP_BLOCK);
+                prefetch_l1(wg.wrapping_add(b1 * GROUP_BLOCK), CHUNK * GROUP_BLOCK);
                 let mut r = t.ms.start;
                 // SAFETY: the rows lie in the tile.
                 unsafe {
