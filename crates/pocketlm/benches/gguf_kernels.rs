@@ -61,6 +61,32 @@ fn quantize(rng: &mut StdRng, dtype: GgmlDType, n: usize, k: usize) -> QTensor {
     QTensor::quantize(&t, dtype).unwrap()
 }
 
+/// The activation row counts to run: the `m=N` arguments, else `default`.
+fn row_counts(args: &[String], default: &[usize]) -> Vec<usize> {
+    let ms: Vec<usize> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
+        .collect();
+    if ms.is_empty() {
+        default.to_vec()
+    } else {
+        ms
+    }
+}
+
+/// [`time`] of `w.matmul` on `m` rows of `x` into `out`, on the whole pool from inside it: 20
+/// runs within 400 ms below 10^9 multiply-adds, else 3 within 1.5 s.
+fn time_matmul(w: &GgufMatrix, x: &[f32], m: usize, out: &mut [f32]) -> (Duration, Duration) {
+    let small = m * w.rows() * w.cols() < 1_000_000_000;
+    in_pool(|| {
+        time(
+            || w.matmul(x, m, out).unwrap(),
+            if small { 20 } else { 3 },
+            Duration::from_millis(if small { 400 } else { 1500 }),
+        )
+    })
+}
+
 fn memory_bandwidth() {
     const LEN: usize = 512 << 20;
     let src: Vec<u64> = (0..LEN / 8).map(|i| i as u64).collect();
@@ -572,13 +598,7 @@ fn q4_0(args: &[String]) {
         ("ffn_up", 8192, 2048),
         ("output", 128256, 2048),
     ];
-    let mut ms: Vec<usize> = args
-        .iter()
-        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
-        .collect();
-    if ms.is_empty() {
-        ms = vec![1, 4, 16, 64, 512];
-    }
+    let ms = row_counts(args, &[1, 4, 16, 64, 512]);
     println!(
         "\npacked Q4_0, Llama-3.2-1B shapes (repacked: {}), {} threads:",
         GgufMatrix::packed_kernels_here(),
@@ -591,13 +611,7 @@ fn q4_0(args: &[String]) {
             let x = rand_vec(&mut rng, m * k);
             let mut out = vec![0f32; m * n];
             let work = (m * n * k) as f64;
-            let (b, med) = in_pool(|| {
-                time(
-                    || w.matmul(&x, m, &mut out).unwrap(),
-                    if work < 1e9 { 20 } else { 3 },
-                    Duration::from_millis(if work < 1e9 { 400 } else { 1500 }),
-                )
-            });
+            let (b, med) = time_matmul(&w, &x, m, &mut out);
             println!(
                 "  {name:<8} {n}x{k} m={m:<3}: {} [{}] {:7.1} GOP/s {:8.1} rows/s",
                 fmt_dur(b),
@@ -615,13 +629,7 @@ fn q4_0(args: &[String]) {
 /// arguments), on the whole pool from inside it: time per call and GOP/s (`2·m·n·k / time`).
 fn iq4(args: &[String]) {
     let mut rng = StdRng::seed_from_u64(9);
-    let mut ms: Vec<usize> = args
-        .iter()
-        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
-        .collect();
-    if ms.is_empty() {
-        ms = vec![1, 64, 512];
-    }
+    let ms = row_counts(args, &[1, 64, 512]);
     println!(
         "\nIQ4 vs Q4_0, Llama-3.2-1B shapes (packed kernels here: {}), {} threads:",
         GgufMatrix::packed_kernels_here(),
@@ -642,13 +650,7 @@ fn iq4(args: &[String]) {
                 let mut out = vec![0f32; m * n];
                 let work = (m * n * k) as f64;
                 for (label, w) in [("file", &plain), ("packed", &packed)] {
-                    let (b, med) = in_pool(|| {
-                        time(
-                            || w.matmul(&x, m, &mut out).unwrap(),
-                            if work < 1e9 { 20 } else { 3 },
-                            Duration::from_millis(if work < 1e9 { 400 } else { 1500 }),
-                        )
-                    });
+                    let (b, med) = time_matmul(w, &x, m, &mut out);
                     println!(
                         "  {name:<8} {n}x{k} {:<6} {label:<6} m={m:<3}: {} [{}] {:7.1} GOP/s",
                         ty.ggml_name(),
@@ -674,13 +676,7 @@ fn q5k(args: &[String]) {
         ("ffn_up", 8192, 2048),
         ("ffn_down", 2048, 8192),
     ];
-    let mut ms: Vec<usize> = args
-        .iter()
-        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
-        .collect();
-    if ms.is_empty() {
-        ms = vec![1, 16, 512];
-    }
+    let ms = row_counts(args, &[1, 16, 512]);
     println!(
         "\npacked Q5_K and Q4_K, Llama-3.2-1B shapes (repacked: {}), {} threads:",
         GgufMatrix::packed_kernels_here(),
@@ -694,13 +690,7 @@ fn q5k(args: &[String]) {
                 let x = rand_vec(&mut rng, m * k);
                 let mut out = vec![0f32; m * n];
                 let work = (m * n * k) as f64;
-                let (b, med) = in_pool(|| {
-                    time(
-                        || w.matmul(&x, m, &mut out).unwrap(),
-                        if work < 1e9 { 20 } else { 3 },
-                        Duration::from_millis(if work < 1e9 { 400 } else { 1500 }),
-                    )
-                });
+                let (b, med) = time_matmul(&w, &x, m, &mut out);
                 println!(
                     "  {name:<8} {dtype:?} {n}x{k} m={m:<3}: {} [{}] {:7.1} GOP/s {:8.1} rows/s",
                     fmt_dur(b),
@@ -720,13 +710,7 @@ fn q5k(args: &[String]) {
 /// narrowed with `m=16` style arguments.
 fn tied_output(args: &[String]) {
     let mut rng = StdRng::seed_from_u64(8);
-    let mut ms: Vec<usize> = args
-        .iter()
-        .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
-        .collect();
-    if ms.is_empty() {
-        ms = vec![1, 2, 4, 8, 16, 32, 64];
-    }
+    let ms = row_counts(args, &[1, 2, 4, 8, 16, 32, 64]);
     let q = quantize(&mut rng, GgmlDType::Q8_0, VOCAB, HIDDEN);
     let plain = GgufMatrix::from_qtensor("output", &q).unwrap();
     let packed = plain.clone().repacked_keeping_order();
