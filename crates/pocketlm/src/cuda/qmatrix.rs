@@ -106,6 +106,16 @@ impl Epilogue {
     pub fn gated(self) -> bool {
         matches!(self, Self::SwiGlu | Self::GeGlu)
     }
+
+    /// The letter of the product kernels' names for this epilogue (`qgemv_w2_*`, `qmmq_s4_*`).
+    fn letter(self) -> char {
+        match self {
+            Self::Write => 'w',
+            Self::Add => 'a',
+            Self::SwiGlu => 's',
+            Self::GeGlu => 'g',
+        }
+    }
 }
 
 /// Device addresses and shapes for [`CudaQMatrix::launch_gemv_rope`].
@@ -398,32 +408,54 @@ impl CudaQMatrix {
         m: usize,
     ) -> Result<()> {
         let (rows_per_block, warps) = gemv_shape(epi, self.cols);
-        let prefix = match epi {
-            Epilogue::Write => "qgemv_w",
-            Epilogue::Add => "qgemv_a",
-            Epilogue::SwiGlu => "qgemv_s",
-            Epilogue::GeGlu => "qgemv_g",
-        };
-        let func = self.dev.get_or_load_custom_func(
-            &format!("{prefix}{rows_per_block}_{}", self.kernel),
-            MODULE,
-            PTX,
-        )?;
-        let (out, blocks) = if epi.gated() {
-            (self.rows / 2, (self.rows / 2).div_ceil(rows_per_block / 2))
+        let out = self.outputs(epi);
+        let blocks = out.div_ceil(if epi.gated() {
+            rows_per_block / 2
         } else {
-            (self.rows, self.rows.div_ceil(rows_per_block))
-        };
+            rows_per_block
+        });
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, m as u32, 1),
             block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let name = format!("qgemv_{}{rows_per_block}_{}", epi.letter(), self.kernel);
+        self.launch_product(&name, cfg, [xq, xd, y], out, None)
+    }
+
+    /// Outputs of a product with epilogue `epi`: the rows, half of them for the gated ones.
+    fn outputs(&self, epi: Epilogue) -> usize {
+        if epi.gated() {
+            self.rows / 2
+        } else {
+            self.rows
+        }
+    }
+
+    /// Launches the product kernel `name` (a `qgemv_*` or `qmmq_*` of this matrix's format)
+    /// with the parameters both take, in order: the matrix's codes, scales and biases, `xq`,
+    /// `xd`, `y`, `out` outputs, the columns and the group size; then `m` activation rows for
+    /// the GEMM.
+    ///
+    /// Errors: the driver's (loading the kernel, launching it).
+    fn launch_product(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        [xq, xd, y]: [u64; 3],
+        out: usize,
+        m: Option<usize>,
+    ) -> Result<()> {
+        let func = self.dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let (ri, ci, gi) = (out as i32, self.cols as i32, self.group as i32);
         let mut b = Launch::new(&func);
         b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
         b.arg(xq).arg(xd).arg(y).arg(ri).arg(ci).arg(gi);
-        // SAFETY: qgemv_{w,a,s}*'s parameters, in order; the matrix and the caller's buffers.
+        if let Some(m) = m {
+            b.arg(m as i32);
+        }
+        // SAFETY: qgemv_*'s and qmmq_*'s parameters, in order (the caller names a kernel of
+        // this matrix's format); the matrix and the caller's buffers.
         unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
     }
 
@@ -455,22 +487,7 @@ impl CudaQMatrix {
             3 | 4 => 4,
             _ => 8,
         };
-        let prefix = match epi {
-            Epilogue::Write => "qmmq_w",
-            Epilogue::Add => "qmmq_a",
-            Epilogue::SwiGlu => "qmmq_s",
-            Epilogue::GeGlu => "qmmq_g",
-        };
-        let func = self.dev.get_or_load_custom_func(
-            &format!("{prefix}{nt}_{}", self.kernel),
-            MODULE,
-            PTX,
-        )?;
-        let out = if epi.gated() {
-            self.rows / 2
-        } else {
-            self.rows
-        };
+        let out = self.outputs(epi);
         let tiles = out.div_ceil(if epi.gated() {
             MMQ_TILE_OUT / 2
         } else {
@@ -495,12 +512,8 @@ impl CudaQMatrix {
             block_dim: (32 * MMQ_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ri, ci, gi, mi) = (out as i32, self.cols as i32, self.group as i32, m as i32);
-        let mut b = Launch::new(&func);
-        b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
-        b.arg(xq).arg(xd).arg(y).arg(ri).arg(ci).arg(gi).arg(mi);
-        // SAFETY: qmmq_*'s parameters, in order; the matrix and the caller's buffers.
-        unsafe { b.launch(&stream, cfg) }
+        let name = format!("qmmq_{}{nt}_{}", epi.letter(), self.kernel);
+        self.launch_product(&name, cfg, [xq, xd, y], out, Some(m))
     }
 
     /// Launches the decode step's q/k/v GEMV with RoPE and the KV-cache append in its epilogue
