@@ -263,6 +263,7 @@ fn backends_for(rng: &mut StdRng, w: &GgufMatrix, ms: &[usize]) {
         Backend::Scalar,
         Backend::Avx2,
         Backend::Avx512Vnni,
+        Backend::AvxVnni,
         Backend::Neon,
     ]
     .into_iter()

@@ -220,6 +220,7 @@ fn backends() {
         Backend::Scalar,
         Backend::Avx2,
         Backend::Avx512Vnni,
+        Backend::AvxVnni,
         Backend::Neon,
     ] {
         if !backend.is_available() {

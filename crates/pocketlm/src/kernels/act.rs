@@ -236,7 +236,11 @@ fn f16_round(x: f32) -> f32 {
 /// `d = amax / 127` and the multiplier `id = 127 / amax` (0 for an all-zero block), as ggml.
 fn quantize_block(backend: Backend, x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(backend, Backend::Avx2 | Backend::Avx512Vnni) && x.len().is_multiple_of(32) {
+    if matches!(
+        backend,
+        Backend::Avx2 | Backend::Avx512Vnni | Backend::AvxVnni
+    ) && x.len().is_multiple_of(32)
+    {
         // SAFETY: these backends are only used when the CPU has AVX2 (checked by callers
         // through `Backend::is_available`); lengths are equal multiples of 32.
         return unsafe { quantize_block_avx2(x, q) };

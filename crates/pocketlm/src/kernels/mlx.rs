@@ -163,9 +163,9 @@ pub fn forward_fused(mats: &[&AffineQuantized], x: &Tensor) -> crate::Result<Vec
 pub(crate) fn tile_fn(backend: Backend, bits: usize, params: ParamDtype) -> TileFn {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => super::x86::mlx_tile_fn(bits, params, false),
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512Vnni => super::x86::mlx_tile_fn(bits, params, true),
+        Backend::Avx2 | Backend::Avx512Vnni | Backend::AvxVnni => {
+            super::x86::mlx_tile_fn(bits, params, backend)
+        }
         #[cfg(target_arch = "aarch64")]
         Backend::Neon if matches!(bits, 4 | 8) => super::neon::mlx_tile_fn(bits, params),
         _ => scalar::mlx_tile_fn(bits, params),

@@ -20,6 +20,7 @@ fn backends() -> Vec<Backend> {
         Backend::Scalar,
         Backend::Avx2,
         Backend::Avx512Vnni,
+        Backend::AvxVnni,
         Backend::Neon,
     ]
     .into_iter()

@@ -228,6 +228,11 @@ pub enum Backend {
     /// `Q4_1` and `Q8_0` use `vpdpbusd` on 256-bit registers (as ggml does when built with
     /// `GGML_AVX512_VNNI`). Same integers, same float operations as `Avx2`.
     Avx512Vnni,
+    /// [`Backend::Avx2`] plus AVX-VNNI (the VEX encoding of `vpdpbusd`, on CPUs without
+    /// AVX-512: Intel Alder Lake and later client cores, Sierra Forest): the same kernels as
+    /// [`Backend::Avx512Vnni`] (as ggml does when built with `GGML_AVX_VNNI`). Same integers,
+    /// same float operations as `Avx2`.
+    AvxVnni,
     /// aarch64 Advanced SIMD (baseline on every aarch64 CPU).
     Neon,
 }
@@ -237,7 +242,7 @@ impl Backend {
     pub fn detect() -> Self {
         static DETECTED: OnceLock<Backend> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            [Self::Avx512Vnni, Self::Avx2, Self::Neon]
+            [Self::Avx512Vnni, Self::AvxVnni, Self::Avx2, Self::Neon]
                 .into_iter()
                 .find(|b| b.is_available())
                 .unwrap_or(Self::Scalar)
@@ -267,6 +272,16 @@ impl Backend {
                         && is_x86_feature_detected!("avx512f")
                         && is_x86_feature_detected!("avx512vl")
                         && is_x86_feature_detected!("avx512vnni")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    false
+                }
+            }
+            Self::AvxVnni => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    Self::Avx2.is_available() && is_x86_feature_detected!("avxvnni")
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 {
@@ -1560,9 +1575,7 @@ fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
     };
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => x86::tile_fn(dtype, false),
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512Vnni => x86::tile_fn(dtype, true),
+        Backend::Avx2 | Backend::Avx512Vnni | Backend::AvxVnni => x86::tile_fn(dtype, backend),
         #[cfg(target_arch = "aarch64")]
         Backend::Neon => neon::tile_fn(dtype),
         _ => scalar::tile_fn(dtype),

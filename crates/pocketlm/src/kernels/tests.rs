@@ -37,6 +37,7 @@ fn backends() -> Vec<Backend> {
         Backend::Scalar,
         Backend::Avx2,
         Backend::Avx512Vnni,
+        Backend::AvxVnni,
         Backend::Neon,
     ]
     .into_iter()
@@ -738,7 +739,7 @@ fn q5k_x86_kernels_sum_in_ggml_vec_dot_order() {
     // lane `l` taking `fma(d·dy, Σ_s sc_s·Σ q·y over values 32s + 4l..32s + 4l + 4, acc_l)` per
     // super-block, then `hsum_float_8`, then the minimums' chain `fma(dmin·dy, msum, accm)`.
     let mut rng = StdRng::seed_from_u64(28);
-    let x86 = [Backend::Avx2, Backend::Avx512Vnni];
+    let x86 = [Backend::Avx2, Backend::Avx512Vnni, Backend::AvxVnni];
     let (n, k) = (5, 1024);
     let nb = k / 256;
     let bytes = random_block_bytes(&mut rng, GgufType::Q5K, n * nb);
@@ -912,7 +913,7 @@ fn packed_q4_1_equals_the_unpacked_x86_kernels_bit_for_bit() {
     // `hsum_float_8`, then the minimums), as the unpacked x86 kernels do, for every row count;
     // the default model's bit-for-bit agreement with llama.cpp rests on it.
     let mut rng = StdRng::seed_from_u64(25);
-    let x86 = [Backend::Avx2, Backend::Avx512Vnni];
+    let x86 = [Backend::Avx2, Backend::Avx512Vnni, Backend::AvxVnni];
     for (n, k) in [(16, 32), (48, 576), (32, 1536)] {
         let bytes = random_block_bytes(&mut rng, GgufType::Q4_1, n * k / 32);
         let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q4_1, n, k).unwrap();
@@ -945,7 +946,7 @@ fn packed_keeping_order_equals_the_unpacked_x86_kernels_bit_for_bit() {
     // packed kernel (any backend without the AVX-512 kernels) gives the same bits. The tied
     // `Q8_0` output layer of the default model stays bit for bit with llama.cpp through it.
     let mut rng = StdRng::seed_from_u64(26);
-    let x86 = [Backend::Avx2, Backend::Avx512Vnni];
+    let x86 = [Backend::Avx2, Backend::Avx512Vnni, Backend::AvxVnni];
     let Some(reference) = backends().into_iter().find(|b| x86.contains(b)) else {
         return;
     };

@@ -1,7 +1,7 @@
 //! x86-64 kernels, after ggml-cpu's AVX2 `ggml_vec_dot_*` (`arch/x86/quants.c`) and candle's
-//! port of them (`candle-core/src/quantized/avx.rs`), built twice: AVX2 + FMA + F16C, and the
-//! same plus AVX512-VNNI, whose `vpdpbusd` replaces the `vpmaddubsw` + `vpmaddwd` pair of the
-//! 32-value block types.
+//! port of them (`candle-core/src/quantized/avx.rs`), built three times: AVX2 + FMA + F16C, and
+//! the same plus AVX512-VNNI or plus AVX-VNNI, whose `vpdpbusd` (EVEX or VEX encoded) replaces
+//! the `vpmaddubsw` + `vpmaddwd` pair of the 32-value block types.
 //!
 //! Each kernel takes one weight row against `R <= 4` activation rows: the weight block is
 //! loaded and unpacked once and reused for every activation row, so prefill reads each weight
@@ -14,25 +14,26 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use super::{GgufType, TileFn};
+use super::{Backend, GgufType, TileFn};
 use crate::quant::mlx_affine::ParamDtype;
 
-/// The tile function of a weight type; `vnni` picks the AVX512-VNNI build.
-pub(crate) fn tile_fn(dtype: GgufType, vnni: bool) -> TileFn {
-    if vnni {
-        vnni::tile_fn(dtype)
-    } else {
-        avx2::tile_fn(dtype)
+/// The tile function of a weight type on `backend` (`Avx512Vnni` and `AvxVnni` pick their
+/// `vpdpbusd` builds, anything else the AVX2 one).
+pub(crate) fn tile_fn(dtype: GgufType, backend: Backend) -> TileFn {
+    match backend {
+        Backend::Avx512Vnni => vnni::tile_fn(dtype),
+        Backend::AvxVnni => avx_vnni::tile_fn(dtype),
+        _ => avx2::tile_fn(dtype),
     }
 }
 
 /// The tile function of an MLX affine weight of `bits` (2, 3, 4, 5, 6 or 8) with parameters in
-/// `params`.
-pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, vnni: bool) -> TileFn {
-    if vnni {
-        vnni::mlx_tile_fn(bits, params)
-    } else {
-        avx2::mlx_tile_fn(bits, params)
+/// `params`, on `backend` as [`tile_fn`].
+pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, backend: Backend) -> TileFn {
+    match backend {
+        Backend::Avx512Vnni => vnni::mlx_tile_fn(bits, params),
+        Backend::AvxVnni => avx_vnni::mlx_tile_fn(bits, params),
+        _ => avx2::mlx_tile_fn(bits, params),
     }
 }
 
@@ -1145,5 +1146,12 @@ mod avx2 {
 mod vnni {
     kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", true, |x, y| {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, y)
+    });
+}
+
+/// The same with AVX-VNNI's `vpdpbusd` (VEX encoded: CPUs with AVX-VNNI but no AVX-512).
+mod avx_vnni {
+    kernels!("avx2,fma,f16c,avxvnni", true, |x, y| {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
     });
 }
