@@ -46,6 +46,7 @@
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod attn_exact;
+#[cfg(target_arch = "x86_64")]
 mod attn_tiled;
 pub mod float;
 pub mod mlx;
