@@ -264,6 +264,7 @@ fn backends_for(rng: &mut StdRng, w: &GgufMatrix, ms: &[usize]) {
         Backend::Avx2,
         Backend::Avx512Vnni,
         Backend::Neon,
+        Backend::NeonDotprod,
     ]
     .into_iter()
     .filter(|b| b.is_available())

@@ -221,6 +221,7 @@ fn backends() {
         Backend::Avx2,
         Backend::Avx512Vnni,
         Backend::Neon,
+        Backend::NeonDotprod,
     ] {
         if !backend.is_available() {
             continue;

@@ -14,8 +14,9 @@
 //! - [`matmul_fused`] / [`forward_fused`]: several matrices sharing one input (q/k/v,
 //!   gate/up) with one activation quantization and one parallel pass.
 //! - [`Backend`]: the instruction set used, chosen at run time ([`Backend::detect`]): AVX2, FMA
-//!   and F16C on x86-64 (with AVX512-VNNI's `vpdpbusd` where the CPU has it), NEON on aarch64,
-//!   and a portable scalar fallback. All compute the same integers; results differ only by
+//!   and F16C on x86-64 (with AVX512-VNNI's `vpdpbusd` where the CPU has it), NEON on aarch64
+//!   (with the `dotprod` extension's `sdot` where the CPU has it), and a portable scalar
+//!   fallback. All compute the same integers; results differ only by
 //!   float summation order.
 //!
 //! Float order: within a block the integer sums are exact; the float scales are applied as
@@ -231,6 +232,11 @@ pub enum Backend {
     Avx512Vnni,
     /// aarch64 Advanced SIMD (baseline on every aarch64 CPU).
     Neon,
+    /// [`Backend::Neon`] plus the `dotprod` extension (Armv8.2-A, checked at run time): the
+    /// 8-bit dot products use `sdot` instead of `smull` + `sadalp` (as ggml does when built
+    /// with `__ARM_FEATURE_DOTPROD`). Same integers, same float operations as `Neon`, so the
+    /// same results bit for bit.
+    NeonDotprod,
 }
 
 impl Backend {
@@ -238,7 +244,7 @@ impl Backend {
     pub fn detect() -> Self {
         static DETECTED: OnceLock<Backend> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            [Self::Avx512Vnni, Self::Avx2, Self::Neon]
+            [Self::Avx512Vnni, Self::Avx2, Self::NeonDotprod, Self::Neon]
                 .into_iter()
                 .find(|b| b.is_available())
                 .unwrap_or(Self::Scalar)
@@ -275,6 +281,16 @@ impl Backend {
                 }
             }
             Self::Neon => cfg!(target_arch = "aarch64"),
+            Self::NeonDotprod => {
+                #[cfg(target_arch = "aarch64")]
+                {
+                    std::arch::is_aarch64_feature_detected!("dotprod")
+                }
+                #[cfg(not(target_arch = "aarch64"))]
+                {
+                    false
+                }
+            }
         }
     }
 }
@@ -1565,7 +1581,9 @@ fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512Vnni => x86::tile_fn(dtype, true),
         #[cfg(target_arch = "aarch64")]
-        Backend::Neon => neon::tile_fn(dtype),
+        Backend::Neon => neon::tile_fn(dtype, false),
+        #[cfg(target_arch = "aarch64")]
+        Backend::NeonDotprod => neon::tile_fn(dtype, true),
         _ => scalar::tile_fn(dtype),
     }
 }

@@ -1,36 +1,62 @@
 //! aarch64 Advanced SIMD (NEON) kernels, after ggml-cpu's ARM `ggml_vec_dot_*`
-//! (`arch/arm/quants.c`) without the optional `dotprod`/`i8mm` extensions: 8-bit products
-//! with `smull`/`smull2` widened into 32-bit lanes with `sadalp`, so every aarch64 CPU runs
-//! them. Same structure as the AVX2 kernels: one weight row against `R <= 4` activation rows,
-//! each weight block unpacked once.
+//! (`arch/arm/quants.c`), built twice: for every aarch64 CPU, with 8-bit products from
+//! `smull`/`smull2` widened into 32-bit lanes with `sadalp`, and for CPUs with the `dotprod`
+//! extension ([`super::Backend::NeonDotprod`]), with `sdot` (ggml's `ggml_vdotq_s32` when built
+//! with `__ARM_FEATURE_DOTPROD`). Both sum the same exact integers and then do the same float
+//! operations, so their results are equal bit for bit. Same structure as the AVX2 kernels: one
+//! weight row against `R <= 4` activation rows, each weight block unpacked once. (The `i8mm`
+//! extension's `smmla` is not used.)
+//!
+//! Float order: each kernel applies the block scales with the float operations of its portable
+//! twin ([`super::scalar`]), in the same order, so the results equal
+//! [`super::Backend::Scalar`]'s bit for bit (tested), except the MLX 8-bit kernel's, which
+//! differ by rounding: it takes the codes as `q - 128` (`smull` and `sdot` multiply signed
+//! bytes) with `128·scale` folded into the bias.
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::aarch64::*;
+use std::arch::asm;
 
 use super::scalar::{f16_at, mlx_param, scale_min_k4};
 use super::{GgufType, Tile, TileFn};
 use crate::quant::mlx_affine::ParamDtype;
 
-pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
-    match dtype {
-        GgufType::Q4_0 => tile_q4_0,
-        GgufType::Q4_1 => tile_q4_1,
+/// The tile function of a weight type; `dotprod` picks the `sdot` build, which needs the CPU's
+/// `dotprod` extension ([`super::Backend::NeonDotprod`]).
+pub(crate) fn tile_fn(dtype: GgufType, dotprod: bool) -> TileFn {
+    let (plain, dp): (TileFn, TileFn) = match dtype {
+        GgufType::Q4_0 => (tile_q4_0, tile_q4_0_dp),
+        GgufType::Q4_1 => (tile_q4_1, tile_q4_1_dp),
         // No NEON version yet: the portable kernel.
-        GgufType::Q5_0 => super::scalar::tile_fn(GgufType::Q5_0),
-        GgufType::Q8_0 => tile_q8_0,
-        GgufType::Q4K => tile_q4k,
+        GgufType::Q5_0 => return super::scalar::tile_fn(GgufType::Q5_0),
+        GgufType::Q8_0 => (tile_q8_0, tile_q8_0_dp),
+        GgufType::Q4K => (tile_q4k, tile_q4k_dp),
         // No NEON version yet: the portable kernel.
-        GgufType::Q5K => super::scalar::tile_fn(GgufType::Q5K),
-        GgufType::Q6K => tile_q6k,
+        GgufType::Q5K => return super::scalar::tile_fn(GgufType::Q5K),
+        GgufType::Q6K => (tile_q6k, tile_q6k_dp),
         // No NEON version yet: the portable kernels.
-        GgufType::Iq4Nl | GgufType::Iq4Xs => super::scalar::tile_fn(dtype),
+        GgufType::Iq4Nl | GgufType::Iq4Xs => return super::scalar::tile_fn(dtype),
+    };
+    if dotprod {
+        dp
+    } else {
+        plain
     }
 }
 
+/// Tile driver: groups of 4 activation rows, then the 1-3 left over, each against every
+/// weight row of the tile. `tile_impl!(plain, dotprod, dot, args..)` defines `plain`, which
+/// calls `dot::<R, false, args..>`, and `dotprod`, which calls `dot::<R, true, args..>` and is
+/// compiled with the `dotprod` extension.
 macro_rules! tile_impl {
-    ($name:ident, $dot:ident $(, $arg:tt)*) => {
+    ($name:ident, $name_dp:ident, $dot:ident $(, $arg:tt)*) => {
+        tile_impl!(@one [], $name, $dot, false $(, $arg)*);
+        tile_impl!(@one [#[target_feature(enable = "dotprod")]], $name_dp, $dot, true $(, $arg)*);
+    };
+    (@one [$(#[$attr:meta])*], $name:ident, $dot:ident $(, $arg:tt)*) => {
         /// # Safety
-        /// See [`TileFn`].
+        /// See [`TileFn`]; the CPU must have the features it is compiled with.
+        $(#[$attr])*
         unsafe fn $name(t: &Tile<'_>) {
             let mut r = t.ms.start;
             while r + 4 <= t.ms.end {
@@ -65,27 +91,33 @@ macro_rules! tile_impl {
     };
 }
 
-tile_impl!(tile_q4_0, dot_q4, true);
-tile_impl!(tile_q4_1, dot_q4, false);
-tile_impl!(tile_q8_0, dot_q8_0);
-tile_impl!(tile_q4k, dot_q4k);
-tile_impl!(tile_q6k, dot_q6k);
-tile_impl!(tile_mlx4_f32, dot_mlx4, 0);
-tile_impl!(tile_mlx4_f16, dot_mlx4, 1);
-tile_impl!(tile_mlx4_bf16, dot_mlx4, 2);
-tile_impl!(tile_mlx8_f32, dot_mlx8, 0);
-tile_impl!(tile_mlx8_f16, dot_mlx8, 1);
-tile_impl!(tile_mlx8_bf16, dot_mlx8, 2);
+tile_impl!(tile_q4_0, tile_q4_0_dp, dot_q4, true);
+tile_impl!(tile_q4_1, tile_q4_1_dp, dot_q4, false);
+tile_impl!(tile_q8_0, tile_q8_0_dp, dot_q8_0);
+tile_impl!(tile_q4k, tile_q4k_dp, dot_q4k);
+tile_impl!(tile_q6k, tile_q6k_dp, dot_q6k);
+tile_impl!(tile_mlx4_f32, tile_mlx4_f32_dp, dot_mlx4, 0);
+tile_impl!(tile_mlx4_f16, tile_mlx4_f16_dp, dot_mlx4, 1);
+tile_impl!(tile_mlx4_bf16, tile_mlx4_bf16_dp, dot_mlx4, 2);
+tile_impl!(tile_mlx8_f32, tile_mlx8_f32_dp, dot_mlx8, 0);
+tile_impl!(tile_mlx8_f16, tile_mlx8_f16_dp, dot_mlx8, 1);
+tile_impl!(tile_mlx8_bf16, tile_mlx8_bf16_dp, dot_mlx8, 2);
 
-/// The tile function of an MLX affine weight of `bits` (4 or 8) with parameters in `params`.
-pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
-    match (bits, params) {
-        (4, ParamDtype::F32) => tile_mlx4_f32,
-        (4, ParamDtype::F16) => tile_mlx4_f16,
-        (4, ParamDtype::BF16) => tile_mlx4_bf16,
-        (_, ParamDtype::F32) => tile_mlx8_f32,
-        (_, ParamDtype::F16) => tile_mlx8_f16,
-        (_, ParamDtype::BF16) => tile_mlx8_bf16,
+/// The tile function of an MLX affine weight of `bits` (4 or 8) with parameters in `params`;
+/// `dotprod` as in [`tile_fn`].
+pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, dotprod: bool) -> TileFn {
+    let (plain, dp): (TileFn, TileFn) = match (bits, params) {
+        (4, ParamDtype::F32) => (tile_mlx4_f32, tile_mlx4_f32_dp),
+        (4, ParamDtype::F16) => (tile_mlx4_f16, tile_mlx4_f16_dp),
+        (4, ParamDtype::BF16) => (tile_mlx4_bf16, tile_mlx4_bf16_dp),
+        (_, ParamDtype::F32) => (tile_mlx8_f32, tile_mlx8_f32_dp),
+        (_, ParamDtype::F16) => (tile_mlx8_f16, tile_mlx8_f16_dp),
+        (_, ParamDtype::BF16) => (tile_mlx8_bf16, tile_mlx8_bf16_dp),
+    };
+    if dotprod {
+        dp
+    } else {
+        plain
     }
 }
 
@@ -95,7 +127,11 @@ pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype) -> TileFn {
 /// # Safety
 /// As [`dot_q4`]; `t.mlx` points at the weight's scales and biases.
 #[inline(always)]
-unsafe fn dot_mlx4<const R: usize, const P: u8>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+unsafe fn dot_mlx4<const R: usize, const DP: bool, const P: u8>(
+    t: &Tile<'_>,
+    j: usize,
+    r: usize,
+) -> [f32; R] {
     let a = t.acts;
     let (k, nb) = (a.k, a.k / 32);
     let pm = t.mlx;
@@ -112,8 +148,8 @@ unsafe fn dot_mlx4<const R: usize, const P: u8>(t: &Tile<'_>, j: usize, r: usize
                 let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                    let s = dot16(
-                        dot16(vdupq_n_s32(0), lo, load_s8(y)),
+                    let s = dot16::<DP>(
+                        dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
                         hi,
                         load_s8(y.add(16)),
                     );
@@ -133,7 +169,11 @@ unsafe fn dot_mlx4<const R: usize, const P: u8>(t: &Tile<'_>, j: usize, r: usize
 /// # Safety
 /// As [`dot_mlx4`].
 #[inline(always)]
-unsafe fn dot_mlx8<const R: usize, const P: u8>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+unsafe fn dot_mlx8<const R: usize, const DP: bool, const P: u8>(
+    t: &Tile<'_>,
+    j: usize,
+    r: usize,
+) -> [f32; R] {
     let a = t.acts;
     let (k, nb) = (a.k, a.k / 32);
     let pm = t.mlx;
@@ -150,8 +190,8 @@ unsafe fn dot_mlx8<const R: usize, const P: u8>(t: &Tile<'_>, j: usize, r: usize
                 let q1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), flip));
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                    let s = dot16(
-                        dot16(vdupq_n_s32(0), q0, load_s8(y)),
+                    let s = dot16::<DP>(
+                        dot16::<DP>(vdupq_n_s32(0), q0, load_s8(y)),
                         q1,
                         load_s8(y.add(16)),
                     );
@@ -174,14 +214,44 @@ unsafe fn store<const R: usize>(t: &Tile<'_>, r: usize, j: usize, v: &[f32; R]) 
     }
 }
 
-/// `acc + Σ a·b` over 16 `i8` lanes, in 4 `i32` lanes (no 16-bit overflow: each `smull`
-/// product is at most 2^14 and is widened before it is added).
+/// `acc + Σ a·b` over 16 `i8` lanes, in 4 `i32` lanes: with `DP`, one `sdot` (lane `l` adds
+/// the products of bytes `4l..4l + 4`); without, `smull`/`smull2` and `sadalp` (lane `l` adds
+/// those of bytes `2l, 2l + 1, 2l + 8, 2l + 9`; no 16-bit overflow: each product is at most
+/// 2^14 and is widened before it is added). The lanes differ, their sum does not.
+///
+/// # Safety
+/// With `DP`, the CPU must have the `dotprod` extension.
 #[inline(always)]
-unsafe fn dot16(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+unsafe fn dot16<const DP: bool>(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    if DP {
+        // SAFETY: the caller guarantees the extension.
+        return unsafe { sdot(acc, a, b) };
+    }
     unsafe {
         let acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
         vpadalq_s16(acc, vmull_high_s8(a, b))
     }
+}
+
+/// `sdot acc.4s, a.16b, b.16b` (`vdotq_s32`, whose intrinsic is not stable yet).
+///
+/// # Safety
+/// The CPU must have the `dotprod` extension.
+#[target_feature(enable = "dotprod")]
+#[inline]
+unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: register-only instruction (no memory, stack or flags), available per the
+    // caller's guarantee.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
 }
 
 /// The 16 bytes at `p` as signed lanes.
@@ -193,9 +263,14 @@ unsafe fn load_s8(p: *const i8) -> int8x16_t {
 /// `Q4_0` (`Q4_0 = true`: offset `-8·d`) and `Q4_1` against `Q8_32` activations.
 ///
 /// # Safety
-/// `j` is a weight row and `r..r + R` activation rows of the tile (see [`TileFn`]).
+/// `j` is a weight row and `r..r + R` activation rows of the tile (see [`TileFn`]); with `DP`,
+/// the CPU has the `dotprod` extension.
 #[inline(always)]
-unsafe fn dot_q4<const R: usize, const Q4_0: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+unsafe fn dot_q4<const R: usize, const DP: bool, const Q4_0: bool>(
+    t: &Tile<'_>,
+    j: usize,
+    r: usize,
+) -> [f32; R] {
     let a = t.acts;
     let (k, nb) = (a.k, a.k / 32);
     let (bs, qoff) = if Q4_0 { (18, 2) } else { (20, 4) };
@@ -212,8 +287,8 @@ unsafe fn dot_q4<const R: usize, const Q4_0: bool>(t: &Tile<'_>, j: usize, r: us
             let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
             for i in 0..R {
                 let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                let s = dot16(
-                    dot16(vdupq_n_s32(0), lo, load_s8(y)),
+                let s = dot16::<DP>(
+                    dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
                     hi,
                     load_s8(y.add(16)),
                 );
@@ -231,7 +306,7 @@ unsafe fn dot_q4<const R: usize, const Q4_0: bool>(t: &Tile<'_>, j: usize, r: us
 /// # Safety
 /// As [`dot_q4`].
 #[inline(always)]
-unsafe fn dot_q8_0<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+unsafe fn dot_q8_0<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
     let a = t.acts;
     let (k, nb) = (a.k, a.k / 32);
     let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
@@ -244,8 +319,8 @@ unsafe fn dot_q8_0<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R]
             let q1 = load_s8(blk.as_ptr().add(18) as *const i8);
             for i in 0..R {
                 let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                let s = dot16(
-                    dot16(vdupq_n_s32(0), q0, load_s8(y)),
+                let s = dot16::<DP>(
+                    dot16::<DP>(vdupq_n_s32(0), q0, load_s8(y)),
                     q1,
                     load_s8(y.add(16)),
                 );
@@ -262,7 +337,7 @@ unsafe fn dot_q8_0<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R]
 /// # Safety
 /// As [`dot_q4`].
 #[inline(always)]
-unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+unsafe fn dot_q4k<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
     let a = t.acts;
     let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
     let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
@@ -293,8 +368,12 @@ unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] 
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 64 * c);
                     let zero = vdupq_n_s32(0);
-                    let sl = dot16(dot16(zero, l0, load_s8(y)), l1, load_s8(y.add(16)));
-                    let sh = dot16(dot16(zero, h0, load_s8(y.add(32))), h1, load_s8(y.add(48)));
+                    let sl = dot16::<DP>(dot16::<DP>(zero, l0, load_s8(y)), l1, load_s8(y.add(16)));
+                    let sh = dot16::<DP>(
+                        dot16::<DP>(zero, h0, load_s8(y.add(32))),
+                        h1,
+                        load_s8(y.add(48)),
+                    );
                     let part = sc[2 * c] * vaddvq_s32(sl) + sc[2 * c + 1] * vaddvq_s32(sh);
                     if gemm[i] {
                         // ggml's repacked GEMM: one step per pair of sub-blocks.
@@ -337,7 +416,7 @@ unsafe fn dot_q4k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] 
 /// # Safety
 /// As [`dot_q4`].
 #[inline(always)]
-unsafe fn dot_q6k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+unsafe fn dot_q6k<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
     let a = t.acts;
     let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
     let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
@@ -376,7 +455,7 @@ unsafe fn dot_q6k<const R: usize>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] 
                     for i in 0..R {
                         let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 128 * h + l0);
                         for (kk, qv) in q.iter().enumerate() {
-                            let s = dot16(
+                            let s = dot16::<DP>(
                                 vdupq_n_s32(0),
                                 vreinterpretq_s8_u8(*qv),
                                 load_s8(y.add(32 * kk)),
