@@ -34,7 +34,9 @@
 //! accumulated with one fused multiply-add by `dy`; fewer rows use the eight-lane order of
 //! `ggml_vec_dot_q6_K_q8_K`. `Q5_K`, which ggml-cpu repacks only on aarch64, follows its x86-64
 //! path the same way: the tiled matmul for 8 or more rows ([`q5k_tiled`]), else the eight-lane
-//! order of `ggml_vec_dot_q5_K_q8_K` in the unpacked x86 kernels.
+//! order of `ggml_vec_dot_q5_K_q8_K` in the unpacked x86 kernels. The portable kernels keep one
+//! float sum where ggml's AVX2 ones keep eight lanes; the NEON kernels do the portable kernels'
+//! float operations in their order, so their results equal the portable ones bit for bit.
 //!
 //! Threads: work is split with rayon over tiles of output rows (and, for prefill, of
 //! activation rows, so that each weight tile is read from L1 once per group of 4 activation

@@ -17,8 +17,8 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use super::scalar::{f16_at, mlx_param, scale_min_k4};
-use super::{GgufType, Tile, TileFn};
+use super::scalar::{f16_at, iq4xs_scale, mlx_param, scale_min_k4};
+use super::{GgufType, Tile, TileFn, KVALUES_IQ4NL};
 use crate::quant::mlx_affine::ParamDtype;
 
 /// The tile function of a weight type; `dotprod` picks the `sdot` build, which needs the CPU's
@@ -27,15 +27,13 @@ pub(crate) fn tile_fn(dtype: GgufType, dotprod: bool) -> TileFn {
     let (plain, dp): (TileFn, TileFn) = match dtype {
         GgufType::Q4_0 => (tile_q4_0, tile_q4_0_dp),
         GgufType::Q4_1 => (tile_q4_1, tile_q4_1_dp),
-        // No NEON version yet: the portable kernel.
-        GgufType::Q5_0 => return super::scalar::tile_fn(GgufType::Q5_0),
+        GgufType::Q5_0 => (tile_q5_0, tile_q5_0_dp),
         GgufType::Q8_0 => (tile_q8_0, tile_q8_0_dp),
         GgufType::Q4K => (tile_q4k, tile_q4k_dp),
-        // No NEON version yet: the portable kernel.
-        GgufType::Q5K => return super::scalar::tile_fn(GgufType::Q5K),
+        GgufType::Q5K => (tile_q5k, tile_q5k_dp),
         GgufType::Q6K => (tile_q6k, tile_q6k_dp),
-        // No NEON version yet: the portable kernels.
-        GgufType::Iq4Nl | GgufType::Iq4Xs => return super::scalar::tile_fn(dtype),
+        GgufType::Iq4Nl => (tile_iq4nl, tile_iq4nl_dp),
+        GgufType::Iq4Xs => (tile_iq4xs, tile_iq4xs_dp),
     };
     if dotprod {
         dp
@@ -93,9 +91,13 @@ macro_rules! tile_impl {
 
 tile_impl!(tile_q4_0, tile_q4_0_dp, dot_q4, true);
 tile_impl!(tile_q4_1, tile_q4_1_dp, dot_q4, false);
+tile_impl!(tile_q5_0, tile_q5_0_dp, dot_q5_0);
 tile_impl!(tile_q8_0, tile_q8_0_dp, dot_q8_0);
 tile_impl!(tile_q4k, tile_q4k_dp, dot_q4k);
+tile_impl!(tile_q5k, tile_q5k_dp, dot_q5k);
 tile_impl!(tile_q6k, tile_q6k_dp, dot_q6k);
+tile_impl!(tile_iq4nl, tile_iq4nl_dp, dot_iq4nl);
+tile_impl!(tile_iq4xs, tile_iq4xs_dp, dot_iq4xs);
 tile_impl!(tile_mlx4_f32, tile_mlx4_f32_dp, dot_mlx4, 0);
 tile_impl!(tile_mlx4_f16, tile_mlx4_f16_dp, dot_mlx4, 1);
 tile_impl!(tile_mlx4_bf16, tile_mlx4_bf16_dp, dot_mlx4, 2);
@@ -332,6 +334,51 @@ unsafe fn dot_q8_0<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: us
     acc
 }
 
+/// `Q5_0` against `Q8_32` activations, after ggml's ARM `ggml_vec_dot_q5_0_q8_0`: bit 4 of
+/// each value (from `qh`) is spread to its byte (`vtst` against the bit masks `1, 2, .., 128`
+/// instead of ggml's `table_b2b_1` lookups) and the signed codes `q - 16` are dotted with the
+/// activations. Float order of the portable kernel: per block `acc += d·dy·Σ (q - 16)·y`.
+///
+/// # Safety
+/// As [`dot_q4`].
+#[inline(always)]
+unsafe fn dot_q5_0<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    const BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+    unsafe {
+        let m4 = vdupq_n_u8(0x0F);
+        let b4 = vdupq_n_u8(0x10);
+        let bits = vld1q_u8(BITS.as_ptr());
+        let off = vdupq_n_s8(16);
+        for b in 0..nb {
+            let blk = &row[b * 22..(b + 1) * 22];
+            let d = f16_at(blk, 0);
+            // Bits 0..16 of `qh` (little-endian) belong to the low nibbles, 16..32 to the high.
+            let hl = vtstq_u8(vcombine_u8(vdup_n_u8(blk[2]), vdup_n_u8(blk[3])), bits);
+            let hh = vtstq_u8(vcombine_u8(vdup_n_u8(blk[4]), vdup_n_u8(blk[5])), bits);
+            let v = vld1q_u8(blk.as_ptr().add(6));
+            let lo = vorrq_u8(vandq_u8(v, m4), vandq_u8(hl, b4));
+            let hi = vorrq_u8(vshrq_n_u8::<4>(v), vandq_u8(hh, b4));
+            let lo = vsubq_s8(vreinterpretq_s8_u8(lo), off);
+            let hi = vsubq_s8(vreinterpretq_s8_u8(hi), off);
+            for i in 0..R {
+                let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
+                let s = dot16::<DP>(
+                    dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
+                    hi,
+                    load_s8(y.add(16)),
+                );
+                let dy = *a.d.get_unchecked((r + i) * nb + b);
+                acc[i] += d * dy * vaddvq_s32(s) as f32;
+            }
+        }
+    }
+    acc
+}
+
 /// `Q4_K` against `Q8_K` activations.
 ///
 /// # Safety
@@ -411,6 +458,90 @@ unsafe fn dot_q4k<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usi
     out
 }
 
+/// `Q5_K` against `Q8_K` activations, after ggml's ARM `ggml_vec_dot_q5_K_q8_K`: per 64
+/// values the nibbles of 32 bytes of `qs` get bit 4 from the two low bits of `qh` (shifted
+/// down by 2 for the next 64), then the eight sub-block sums are scaled in integers and the
+/// mins applied through the activations' 16-value sums. Float order of the portable kernel:
+/// for 8 or more activation rows ggml's tiled matmul (`super::q5k_tiled`), else one fused
+/// multiply-add per super-block into each of `acc` and `acc_min`, and `acc - acc_min`.
+///
+/// # Safety
+/// As [`dot_q4`].
+#[inline(always)]
+unsafe fn dot_q5k<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb, nbs) = (a.k, a.k / 256, a.k / 16);
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let tiled = super::q5k_tiled(a.m);
+    let mut acc = [0f32; R];
+    let mut accm = [0f32; R];
+    unsafe {
+        let m4 = vdupq_n_u8(0x0F);
+        let one = vdupq_n_u8(1);
+        let two = vdupq_n_u8(2);
+        for b in 0..nb {
+            let blk = &row[b * 176..(b + 1) * 176];
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let mut sc = [0i32; 8];
+            let mut mn = [0i32; 8];
+            for s in 0..8 {
+                let (a_, b_) = scale_min_k4(s, &blk[4..16]);
+                sc[s] = a_ as i32;
+                mn[s] = b_ as i32;
+            }
+            let mut qh0 = vld1q_u8(blk.as_ptr().add(16));
+            let mut qh1 = vld1q_u8(blk.as_ptr().add(32));
+            let qs = blk.as_ptr().add(48);
+            let mut isum = [0i32; R];
+            for c in 0..4 {
+                let q0 = vld1q_u8(qs.add(32 * c));
+                let q1 = vld1q_u8(qs.add(32 * c + 16));
+                // Value 64c + l takes bit 2c of qh[l], value 64c + 32 + l bit 2c + 1.
+                let l0 = vorrq_u8(vandq_u8(q0, m4), vshlq_n_u8::<4>(vandq_u8(qh0, one)));
+                let l1 = vorrq_u8(vandq_u8(q1, m4), vshlq_n_u8::<4>(vandq_u8(qh1, one)));
+                let h0 = vorrq_u8(vshrq_n_u8::<4>(q0), vshlq_n_u8::<3>(vandq_u8(qh0, two)));
+                let h1 = vorrq_u8(vshrq_n_u8::<4>(q1), vshlq_n_u8::<3>(vandq_u8(qh1, two)));
+                qh0 = vshrq_n_u8::<2>(qh0);
+                qh1 = vshrq_n_u8::<2>(qh1);
+                let (l0, l1) = (vreinterpretq_s8_u8(l0), vreinterpretq_s8_u8(l1));
+                let (h0, h1) = (vreinterpretq_s8_u8(h0), vreinterpretq_s8_u8(h1));
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 64 * c);
+                    let zero = vdupq_n_s32(0);
+                    let sl = dot16::<DP>(dot16::<DP>(zero, l0, load_s8(y)), l1, load_s8(y.add(16)));
+                    let sh = dot16::<DP>(
+                        dot16::<DP>(zero, h0, load_s8(y.add(32))),
+                        h1,
+                        load_s8(y.add(48)),
+                    );
+                    isum[i] += sc[2 * c] * vaddvq_s32(sl) + sc[2 * c + 1] * vaddvq_s32(sh);
+                }
+            }
+            for i in 0..R {
+                let bsums = &a.bsums[(r + i) * nbs + 16 * b..(r + i) * nbs + 16 * b + 16];
+                let mut msum = 0i32;
+                for s in 0..8 {
+                    msum += mn[s] * (bsums[2 * s] as i32 + bsums[2 * s + 1] as i32);
+                }
+                let dy = *a.d.get_unchecked((r + i) * nb + b);
+                if tiled {
+                    acc[i] = (-dmin)
+                        .mul_add(msum as f32, isum[i] as f32 * d)
+                        .mul_add(dy, acc[i]);
+                } else {
+                    acc[i] = (isum[i] as f32).mul_add(d * dy, acc[i]);
+                    accm[i] = (msum as f32).mul_add(dmin * dy, accm[i]);
+                }
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for i in 0..R {
+        out[i] = acc[i] - accm[i];
+    }
+    out
+}
+
 /// `Q6_K` against `Q8_K` activations.
 ///
 /// # Safety
@@ -479,6 +610,95 @@ unsafe fn dot_q6k<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usi
                 } else {
                     acc[i] + d * dy * isum as f32
                 };
+            }
+        }
+    }
+    acc
+}
+
+/// 16 bytes of `IQ4_NL` nibbles (`Q4_0` order) as the table values of their low and high
+/// nibbles (`tbl` a register holding [`KVALUES_IQ4NL`]), ggml's `vqtbl1q_s8` lookups.
+///
+/// # Safety
+/// `p` must be valid for reading 16 bytes.
+#[inline(always)]
+unsafe fn iq4_lookup(tbl: int8x16_t, p: *const u8) -> (int8x16_t, int8x16_t) {
+    unsafe {
+        let v = vld1q_u8(p);
+        (
+            vqtbl1q_s8(tbl, vandq_u8(v, vdupq_n_u8(0x0F))),
+            vqtbl1q_s8(tbl, vshrq_n_u8::<4>(v)),
+        )
+    }
+}
+
+/// `IQ4_NL` against `Q8_32` activations, after ggml's ARM `ggml_vec_dot_iq4_nl_q8_0` (one
+/// block at a time instead of two). Float order of the portable kernel (ggml's generic one):
+/// per block `acc += dy·d·Σ kvalue(q)·y`.
+///
+/// # Safety
+/// As [`dot_q4`].
+#[inline(always)]
+unsafe fn dot_iq4nl<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        let tbl = vld1q_s8(KVALUES_IQ4NL.as_ptr());
+        for b in 0..nb {
+            let blk = &row[b * 18..(b + 1) * 18];
+            let d = f16_at(blk, 0);
+            let (lo, hi) = iq4_lookup(tbl, blk.as_ptr().add(2));
+            for i in 0..R {
+                let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
+                let s = dot16::<DP>(
+                    dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
+                    hi,
+                    load_s8(y.add(16)),
+                );
+                let dy = *a.d.get_unchecked((r + i) * nb + b);
+                acc[i] += dy * d * vaddvq_s32(s) as f32;
+            }
+        }
+    }
+    acc
+}
+
+/// `IQ4_XS` against `Q8_K` activations, after ggml's ARM `ggml_vec_dot_iq4_xs_q8_K`: the
+/// 16 bytes of each 32-value sub-block looked up as for `IQ4_NL`. Float order of the portable
+/// kernel (ggml's generic one, not the ARM kernel's integer scaling): per sub-block
+/// `acc += (d·dy·(ls - 32))·Σ kvalue(q)·y`.
+///
+/// # Safety
+/// As [`dot_q4`].
+#[inline(always)]
+unsafe fn dot_iq4xs<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: usize) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 256);
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        let tbl = vld1q_s8(KVALUES_IQ4NL.as_ptr());
+        for b in 0..nb {
+            let blk = &row[b * 136..(b + 1) * 136];
+            let d = f16_at(blk, 0);
+            let mut d4d8 = [0f32; R];
+            for i in 0..R {
+                d4d8[i] = d * *a.d.get_unchecked((r + i) * nb + b);
+            }
+            for s in 0..8 {
+                let ls = (iq4xs_scale(blk, s) - 32) as f32;
+                let (lo, hi) = iq4_lookup(tbl, blk.as_ptr().add(8 + 16 * s));
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 32 * s);
+                    let sum = dot16::<DP>(
+                        dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
+                        hi,
+                        load_s8(y.add(16)),
+                    );
+                    acc[i] += d4d8[i] * ls * vaddvq_s32(sum) as f32;
+                }
             }
         }
     }
