@@ -158,8 +158,7 @@ pub fn forward_fused(mats: &[&AffineQuantized], x: &Tensor) -> crate::Result<Vec
     forward_refs(Backend::detect(), &refs, x)
 }
 
-/// The tile function for MLX weights of `bits` (2, 3, 4, 5, 6 or 8) on `backend` (NEON runs
-/// widths other than 4 and 8 on the portable kernel).
+/// The tile function for MLX weights of `bits` (2, 3, 4, 5, 6 or 8) on `backend`.
 pub(crate) fn tile_fn(backend: Backend, bits: usize, params: ParamDtype) -> TileFn {
     match backend {
         #[cfg(target_arch = "x86_64")]
@@ -167,11 +166,9 @@ pub(crate) fn tile_fn(backend: Backend, bits: usize, params: ParamDtype) -> Tile
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512Vnni => super::x86::mlx_tile_fn(bits, params, true),
         #[cfg(target_arch = "aarch64")]
-        Backend::Neon if matches!(bits, 4 | 8) => super::neon::mlx_tile_fn(bits, params, false),
+        Backend::Neon => super::neon::mlx_tile_fn(bits, params, false),
         #[cfg(target_arch = "aarch64")]
-        Backend::NeonDotprod if matches!(bits, 4 | 8) => {
-            super::neon::mlx_tile_fn(bits, params, true)
-        }
+        Backend::NeonDotprod => super::neon::mlx_tile_fn(bits, params, true),
         _ => scalar::mlx_tile_fn(bits, params),
     }
 }

@@ -267,9 +267,9 @@ fn error_vs_f32_product_is_the_activation_rounding() {
 }
 
 /// The NEON MLX kernels sum the same integers with `dotprod` as without and do the same float
-/// operations, so the two agree bit for bit; the 4-bit one also does the portable kernel's
-/// float operations in its order, so it equals [`Backend::Scalar`] bit for bit (the 8-bit one
-/// folds `128·scale` into the bias, see `mlx_kernels_match_naive_over_shapes`).
+/// operations, so the two agree bit for bit; those of 2 to 6 bits also do the portable
+/// kernel's float operations in its order, so they equal [`Backend::Scalar`] bit for bit (the
+/// 8-bit one folds `128·scale` into the bias, see `mlx_kernels_match_naive_over_shapes`).
 #[test]
 fn neon_mlx_kernels_are_bit_exact() {
     if !Backend::Neon.is_available() {

@@ -105,13 +105,38 @@ tile_impl!(tile_mlx8_f32, tile_mlx8_f32_dp, dot_mlx8, 0);
 tile_impl!(tile_mlx8_f16, tile_mlx8_f16_dp, dot_mlx8, 1);
 tile_impl!(tile_mlx8_bf16, tile_mlx8_bf16_dp, dot_mlx8, 2);
 
-/// The tile function of an MLX affine weight of `bits` (4 or 8) with parameters in `params`;
-/// `dotprod` as in [`tile_fn`].
+tile_impl!(tile_mlx2_f32, tile_mlx2_f32_dp, dot_mlxn, 0, 2);
+tile_impl!(tile_mlx2_f16, tile_mlx2_f16_dp, dot_mlxn, 1, 2);
+tile_impl!(tile_mlx2_bf16, tile_mlx2_bf16_dp, dot_mlxn, 2, 2);
+tile_impl!(tile_mlx3_f32, tile_mlx3_f32_dp, dot_mlxn, 0, 3);
+tile_impl!(tile_mlx3_f16, tile_mlx3_f16_dp, dot_mlxn, 1, 3);
+tile_impl!(tile_mlx3_bf16, tile_mlx3_bf16_dp, dot_mlxn, 2, 3);
+tile_impl!(tile_mlx5_f32, tile_mlx5_f32_dp, dot_mlxn, 0, 5);
+tile_impl!(tile_mlx5_f16, tile_mlx5_f16_dp, dot_mlxn, 1, 5);
+tile_impl!(tile_mlx5_bf16, tile_mlx5_bf16_dp, dot_mlxn, 2, 5);
+tile_impl!(tile_mlx6_f32, tile_mlx6_f32_dp, dot_mlxn, 0, 6);
+tile_impl!(tile_mlx6_f16, tile_mlx6_f16_dp, dot_mlxn, 1, 6);
+tile_impl!(tile_mlx6_bf16, tile_mlx6_bf16_dp, dot_mlxn, 2, 6);
+
+/// The tile function of an MLX affine weight of `bits` (2, 3, 4, 5, 6 or 8) with parameters
+/// in `params`; `dotprod` as in [`tile_fn`].
 pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, dotprod: bool) -> TileFn {
     let (plain, dp): (TileFn, TileFn) = match (bits, params) {
+        (2, ParamDtype::F32) => (tile_mlx2_f32, tile_mlx2_f32_dp),
+        (2, ParamDtype::F16) => (tile_mlx2_f16, tile_mlx2_f16_dp),
+        (2, ParamDtype::BF16) => (tile_mlx2_bf16, tile_mlx2_bf16_dp),
+        (3, ParamDtype::F32) => (tile_mlx3_f32, tile_mlx3_f32_dp),
+        (3, ParamDtype::F16) => (tile_mlx3_f16, tile_mlx3_f16_dp),
+        (3, ParamDtype::BF16) => (tile_mlx3_bf16, tile_mlx3_bf16_dp),
         (4, ParamDtype::F32) => (tile_mlx4_f32, tile_mlx4_f32_dp),
         (4, ParamDtype::F16) => (tile_mlx4_f16, tile_mlx4_f16_dp),
         (4, ParamDtype::BF16) => (tile_mlx4_bf16, tile_mlx4_bf16_dp),
+        (5, ParamDtype::F32) => (tile_mlx5_f32, tile_mlx5_f32_dp),
+        (5, ParamDtype::F16) => (tile_mlx5_f16, tile_mlx5_f16_dp),
+        (5, ParamDtype::BF16) => (tile_mlx5_bf16, tile_mlx5_bf16_dp),
+        (6, ParamDtype::F32) => (tile_mlx6_f32, tile_mlx6_f32_dp),
+        (6, ParamDtype::F16) => (tile_mlx6_f16, tile_mlx6_f16_dp),
+        (6, ParamDtype::BF16) => (tile_mlx6_bf16, tile_mlx6_bf16_dp),
         (_, ParamDtype::F32) => (tile_mlx8_f32, tile_mlx8_f32_dp),
         (_, ParamDtype::F16) => (tile_mlx8_f16, tile_mlx8_f16_dp),
         (_, ParamDtype::BF16) => (tile_mlx8_bf16, tile_mlx8_bf16_dp),
@@ -121,6 +146,112 @@ pub(crate) fn mlx_tile_fn(bits: usize, params: ParamDtype, dotprod: bool) -> Til
     } else {
         plain
     }
+}
+
+/// How 32 MLX codes of `BITS` bits (2, 3, 5, 6), a little-endian bit stream of `4·BITS`
+/// bytes, become bytes: code `8h + w` is 16-bit lane `w` of group `h` (0..4), gathered by
+/// `tbl[h]` (bytes `p / 8` and `p / 8 + 1` of the stream, `p = BITS·(8h + w)` its first bit)
+/// and shifted right by `p % 8` (`shift[h][w]` holds `-(p % 8)` for `ushl`), then masked.
+struct NbitUnpack {
+    tbl: [[u8; 16]; 4],
+    shift: [[i16; 8]; 4],
+}
+
+const fn nbit_unpack(bits: usize) -> NbitUnpack {
+    let mut t = NbitUnpack {
+        tbl: [[0; 16]; 4],
+        shift: [[0; 8]; 4],
+    };
+    let mut h = 0;
+    while h < 4 {
+        let mut w = 0;
+        while w < 8 {
+            let p = bits * (8 * h + w);
+            t.tbl[h][2 * w] = (p / 8) as u8;
+            t.tbl[h][2 * w + 1] = (p / 8 + 1) as u8;
+            t.shift[h][w] = -((p % 8) as i16);
+            w += 1;
+        }
+        h += 1;
+    }
+    t
+}
+
+/// [`NbitUnpack`] of each width, indexed by bits (only 2, 3, 5 and 6 are used).
+const NBIT_UNPACK: [NbitUnpack; 7] = [
+    nbit_unpack(0),
+    nbit_unpack(1),
+    nbit_unpack(2),
+    nbit_unpack(3),
+    nbit_unpack(4),
+    nbit_unpack(5),
+    nbit_unpack(6),
+];
+
+/// The 32 codes of one block of `BITS`-bit MLX codes (`BITS` in 2, 3, 5, 6) at `p` (`4·BITS`
+/// bytes) as two vectors of signed bytes (codes `0..16` and `16..32`, all below 64), the NEON
+/// twin of [`super::scalar::unpack_block`].
+///
+/// # Safety
+/// `p` must be valid for reading `4·BITS` bytes.
+#[inline(always)]
+unsafe fn unpack_mlxn<const BITS: usize>(p: *const u8) -> (int8x16_t, int8x16_t) {
+    let u = &NBIT_UNPACK[BITS];
+    // The stream plus zeros: the gathers read up to byte `4·BITS`.
+    let mut buf = [0u8; 32];
+    unsafe {
+        std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), 4 * BITS);
+        let tbl = vld1q_u8_x2(buf.as_ptr());
+        let mask = vdupq_n_u16((1 << BITS) - 1);
+        let group = |h: usize| {
+            let v = vreinterpretq_u16_u8(vqtbl2q_u8(tbl, vld1q_u8(u.tbl[h].as_ptr())));
+            vandq_u16(vshlq_u16(v, vld1q_s16(u.shift[h].as_ptr())), mask)
+        };
+        (
+            vreinterpretq_s8_u8(vcombine_u8(vmovn_u16(group(0)), vmovn_u16(group(1)))),
+            vreinterpretq_s8_u8(vcombine_u8(vmovn_u16(group(2)), vmovn_u16(group(3)))),
+        )
+    }
+}
+
+/// MLX affine 2, 3, 5 or 6-bit against `Q8_32F` activations: codes unpacked by
+/// [`unpack_mlxn`], then dotted as the 8-bit codes are (signed: they are below 64). Float
+/// order of the portable kernel: per block `acc += scale·dy·Σ q·y + bias·s`.
+///
+/// # Safety
+/// As [`dot_mlx4`].
+#[inline(always)]
+unsafe fn dot_mlxn<const R: usize, const DP: bool, const P: u8, const BITS: usize>(
+    t: &Tile<'_>,
+    j: usize,
+    r: usize,
+) -> [f32; R] {
+    let a = t.acts;
+    let (k, nb) = (a.k, a.k / 32);
+    let pm = t.mlx;
+    let row = &t.w[j * t.row_bytes..(j + 1) * t.row_bytes];
+    let mut acc = [0f32; R];
+    unsafe {
+        for g in 0..pm.gpr {
+            let sc = mlx_param::<P>(pm.scales, j * pm.gpr + g);
+            let bi = mlx_param::<P>(pm.biases, j * pm.gpr + g);
+            for b in g * pm.bpg..(g + 1) * pm.bpg {
+                let (q0, q1) = unpack_mlxn::<BITS>(row[4 * BITS * b..4 * BITS * (b + 1)].as_ptr());
+                for i in 0..R {
+                    let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
+                    let s = dot16::<DP>(
+                        dot16::<DP>(vdupq_n_s32(0), q0, load_s8(y)),
+                        q1,
+                        load_s8(y.add(16)),
+                    );
+                    let dy = *a.d.get_unchecked((r + i) * nb + b);
+                    let sy = *a.s.get_unchecked((r + i) * nb + b);
+                    acc[i] += sc * dy * vaddvq_s32(s) as f32 + bi * sy;
+                }
+            }
+        }
+    }
+    acc
 }
 
 /// MLX affine 4-bit against `Q8_32Nib` activations (low nibbles are the even codes, high
