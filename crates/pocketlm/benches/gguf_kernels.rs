@@ -265,6 +265,7 @@ fn backends_for(rng: &mut StdRng, w: &GgufMatrix, ms: &[usize]) {
         Backend::Avx512Vnni,
         Backend::AvxVnni,
         Backend::Neon,
+        Backend::NeonDotprod,
     ]
     .into_iter()
     .filter(|b| b.is_available())

@@ -222,6 +222,7 @@ fn backends() {
         Backend::Avx512Vnni,
         Backend::AvxVnni,
         Backend::Neon,
+        Backend::NeonDotprod,
     ] {
         if !backend.is_available() {
             continue;

@@ -76,6 +76,7 @@ pub(crate) struct Acts {
 impl Acts {
     /// [`Acts::biased`]'s bytes `q + 128` of `qs` (`[m, k]`), made on the first call (the
     /// first caller makes them, callers on other threads wait for it).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the AVX-512 kernels
     pub(crate) fn biased(&self) -> &[u8] {
         self.biased
             .get_or_init(|| self.qs.iter().map(|&q| q as u8 ^ 0x80).collect())

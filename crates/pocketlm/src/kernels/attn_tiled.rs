@@ -51,21 +51,13 @@ const KEY_BLOCK: usize = 4 * LANES;
 /// Whether the tiled kernel takes a pass of this shape on this CPU ([`MIN_QUERIES`],
 /// [`MIN_KEYS`], AVX-512F, a head dimension that is a multiple of 16, no soft-capping).
 pub(crate) fn applies(shape: &AttentionShape, softcap: Option<f32>) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        softcap.is_none()
-            && shape.queries >= MIN_QUERIES
-            && shape.kv_len >= MIN_KEYS
-            && shape.head_dim > 0
-            && shape.head_dim.is_multiple_of(LANES)
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (shape, softcap);
-        false
-    }
+    softcap.is_none()
+        && shape.queries >= MIN_QUERIES
+        && shape.kv_len >= MIN_KEYS
+        && shape.head_dim > 0
+        && shape.head_dim.is_multiple_of(LANES)
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Causal attention with the operands and result of [`super::float::attention`] (the caller

@@ -15,8 +15,8 @@
 //! y += scale · dy_b · Σ_{i in b} q_i · qy_i  +  bias · s_b
 //! ```
 //!
-//! an integer dot product per block (`vpmaddubsw`/`vpdpbusd` on x86-64, `smull` on NEON) and
-//! two float multiply-adds. 4-bit words hold codes low bits first, so byte `c` of a block has
+//! an integer dot product per block (`vpmaddubsw`/`vpdpbusd` on x86-64, `smull`/`sdot` on
+//! NEON) and two float multiply-adds. 4-bit words hold codes low bits first, so byte `c` of a block has
 //! codes `2c` and `2c + 1` in its low and high nibbles; the activations of 4-bit products are
 //! permuted once per call to that order (`ActFormat::Q8_32Nib`), so no per-weight shuffle is
 //! needed. 8-bit codes are unsigned bytes; where the instruction needs signed ones (AVX2's
@@ -158,8 +158,7 @@ pub fn forward_fused(mats: &[&AffineQuantized], x: &Tensor) -> crate::Result<Vec
     forward_refs(Backend::detect(), &refs, x)
 }
 
-/// The tile function for MLX weights of `bits` (2, 3, 4, 5, 6 or 8) on `backend` (NEON runs
-/// widths other than 4 and 8 on the portable kernel).
+/// The tile function for MLX weights of `bits` (2, 3, 4, 5, 6 or 8) on `backend`.
 pub(crate) fn tile_fn(backend: Backend, bits: usize, params: ParamDtype) -> TileFn {
     match backend {
         #[cfg(target_arch = "x86_64")]
@@ -167,7 +166,9 @@ pub(crate) fn tile_fn(backend: Backend, bits: usize, params: ParamDtype) -> Tile
             super::x86::mlx_tile_fn(bits, params, backend)
         }
         #[cfg(target_arch = "aarch64")]
-        Backend::Neon if matches!(bits, 4 | 8) => super::neon::mlx_tile_fn(bits, params),
+        Backend::Neon => super::neon::mlx_tile_fn(bits, params, false),
+        #[cfg(target_arch = "aarch64")]
+        Backend::NeonDotprod => super::neon::mlx_tile_fn(bits, params, true),
         _ => scalar::mlx_tile_fn(bits, params),
     }
 }

@@ -22,6 +22,7 @@ fn backends() -> Vec<Backend> {
         Backend::Avx512Vnni,
         Backend::AvxVnni,
         Backend::Neon,
+        Backend::NeonDotprod,
     ]
     .into_iter()
     .filter(|b| b.is_available())
@@ -262,6 +263,51 @@ fn error_vs_f32_product_is_the_activation_rounding() {
             }
             eprintln!("bits {bits} gs {gs}: largest error / bound = {worst:.3}");
             assert!(worst > 0.0);
+        }
+    }
+}
+
+/// The NEON MLX kernels sum the same integers with `dotprod` as without and do the same float
+/// operations, so the two agree bit for bit; those of 2 to 6 bits also do the portable
+/// kernel's float operations in its order, so they equal [`Backend::Scalar`] bit for bit (the
+/// 8-bit one folds `128·scale` into the bias, see `mlx_kernels_match_naive_over_shapes`).
+#[test]
+fn neon_mlx_kernels_are_bit_exact() {
+    if !Backend::Neon.is_available() {
+        return;
+    }
+    let dotprod = Backend::NeonDotprod.is_available();
+    let mut rng = StdRng::seed_from_u64(13);
+    for bits in BITS {
+        for (gs, dtype) in [
+            (32, ParamDtype::F16),
+            (64, ParamDtype::BF16),
+            (128, ParamDtype::F32),
+        ] {
+            for (n, arbitrary) in [(5, false), (3, true)] {
+                let k = 256;
+                let q = weight(&mut rng, n, k, gs, bits, dtype, arbitrary);
+                for m in (1..=9).chain([64, 65]) {
+                    let x = rand_vec(&mut rng, m * k, 2.0);
+                    let run = |backend| {
+                        let mut y = vec![f32::NAN; m * n];
+                        matmul_with(backend, &q, &x, m, &mut y).unwrap();
+                        y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                    };
+                    let neon = run(Backend::Neon);
+                    let what = format!("bits {bits} gs {gs} {dtype:?} n {n} m {m}");
+                    if bits != 8 {
+                        assert_eq!(neon, run(Backend::Scalar), "Neon vs Scalar, {what}");
+                    }
+                    if dotprod {
+                        assert_eq!(
+                            neon,
+                            run(Backend::NeonDotprod),
+                            "NeonDotprod vs Neon, {what}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -14,8 +14,9 @@
 //! - [`matmul_fused`] / [`forward_fused`]: several matrices sharing one input (q/k/v,
 //!   gate/up) with one activation quantization and one parallel pass.
 //! - [`Backend`]: the instruction set used, chosen at run time ([`Backend::detect`]): AVX2, FMA
-//!   and F16C on x86-64 (with AVX512-VNNI's `vpdpbusd` where the CPU has it), NEON on aarch64,
-//!   and a portable scalar fallback. All compute the same integers; results differ only by
+//!   and F16C on x86-64 (with AVX512-VNNI's `vpdpbusd` where the CPU has it), NEON on aarch64
+//!   (with the `dotprod` extension's `sdot` where the CPU has it), and a portable scalar
+//!   fallback. All compute the same integers; results differ only by
 //!   float summation order.
 //!
 //! Float order: within a block the integer sums are exact; the float scales are applied as
@@ -33,7 +34,9 @@
 //! accumulated with one fused multiply-add by `dy`; fewer rows use the eight-lane order of
 //! `ggml_vec_dot_q6_K_q8_K`. `Q5_K`, which ggml-cpu repacks only on aarch64, follows its x86-64
 //! path the same way: the tiled matmul for 8 or more rows ([`q5k_tiled`]), else the eight-lane
-//! order of `ggml_vec_dot_q5_K_q8_K` in the unpacked x86 kernels.
+//! order of `ggml_vec_dot_q5_K_q8_K` in the unpacked x86 kernels. The portable kernels keep one
+//! float sum where ggml's AVX2 ones keep eight lanes; the NEON kernels do the portable kernels'
+//! float operations in their order, so their results equal the portable ones bit for bit.
 //!
 //! Threads: work is split with rayon over tiles of output rows (and, for prefill, of
 //! activation rows, so that each weight tile is read from L1 once per group of 4 activation
@@ -46,6 +49,7 @@
 mod act;
 #[cfg(target_arch = "x86_64")]
 mod attn_exact;
+#[cfg(target_arch = "x86_64")]
 mod attn_tiled;
 pub mod float;
 pub mod mlx;
@@ -235,6 +239,11 @@ pub enum Backend {
     AvxVnni,
     /// aarch64 Advanced SIMD (baseline on every aarch64 CPU).
     Neon,
+    /// [`Backend::Neon`] plus the `dotprod` extension (Armv8.2-A, checked at run time): the
+    /// 8-bit dot products use `sdot` instead of `smull` + `sadalp` (as ggml does when built
+    /// with `__ARM_FEATURE_DOTPROD`). Same integers, same float operations as `Neon`, so the
+    /// same results bit for bit.
+    NeonDotprod,
 }
 
 impl Backend {
@@ -242,10 +251,16 @@ impl Backend {
     pub fn detect() -> Self {
         static DETECTED: OnceLock<Backend> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            [Self::Avx512Vnni, Self::AvxVnni, Self::Avx2, Self::Neon]
-                .into_iter()
-                .find(|b| b.is_available())
-                .unwrap_or(Self::Scalar)
+            [
+                Self::Avx512Vnni,
+                Self::AvxVnni,
+                Self::Avx2,
+                Self::NeonDotprod,
+                Self::Neon,
+            ]
+            .into_iter()
+            .find(|b| b.is_available())
+            .unwrap_or(Self::Scalar)
         })
     }
 
@@ -289,6 +304,16 @@ impl Backend {
                 }
             }
             Self::Neon => cfg!(target_arch = "aarch64"),
+            Self::NeonDotprod => {
+                #[cfg(target_arch = "aarch64")]
+                {
+                    std::arch::is_aarch64_feature_detected!("dotprod")
+                }
+                #[cfg(not(target_arch = "aarch64"))]
+                {
+                    false
+                }
+            }
         }
     }
 }
@@ -1577,7 +1602,9 @@ fn tile_fn(backend: Backend, kind: Kind) -> TileFn {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 | Backend::Avx512Vnni | Backend::AvxVnni => x86::tile_fn(dtype, backend),
         #[cfg(target_arch = "aarch64")]
-        Backend::Neon => neon::tile_fn(dtype),
+        Backend::Neon => neon::tile_fn(dtype, false),
+        #[cfg(target_arch = "aarch64")]
+        Backend::NeonDotprod => neon::tile_fn(dtype, true),
         _ => scalar::tile_fn(dtype),
     }
 }

@@ -39,6 +39,7 @@ fn backends() -> Vec<Backend> {
         Backend::Avx512Vnni,
         Backend::AvxVnni,
         Backend::Neon,
+        Backend::NeonDotprod,
     ]
     .into_iter()
     .filter(|b| b.is_available())
@@ -195,9 +196,60 @@ fn kernels_match_references_over_shapes() {
         for &k in ks {
             for n in [1, 6, 33] {
                 let w = quantized_weight(&mut rng, dtype, n, k);
-                for m in [1, 2, 7, 64] {
+                for m in [1, 2, 3, 4, 5, 7, 64] {
                     for backend in backends() {
                         check(&mut rng, &w, m, backend);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The NEON kernels, with and without `dotprod`, do the float operations of the portable
+/// kernels in the same order on the same integers, so they equal [`Backend::Scalar`] bit for
+/// bit: every type, weights quantized by candle and of arbitrary block bytes, odd weight row
+/// counts, activation rows `m = 1..=9` (4-row groups and each remainder, and the `m >= 8`
+/// tiled orders of `Q5_K` and `Q6_K`), 13, 64 and 65. (The x86 kernels keep eight float lanes
+/// as ggml's AVX2 ones do; the other tests compare them with the references within a
+/// tolerance.)
+#[test]
+fn neon_kernels_equal_the_portable_kernels_bit_for_bit() {
+    let neon: Vec<Backend> = backends()
+        .into_iter()
+        .filter(|b| matches!(b, Backend::Neon | Backend::NeonDotprod))
+        .collect();
+    if neon.is_empty() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(31);
+    for dtype in TYPES {
+        let k = if dtype.block_size() == 32 { 160 } else { 512 };
+        for n in [1, 3, 17] {
+            for arbitrary in [false, true] {
+                let w = if arbitrary {
+                    random_weight(&mut rng, dtype, n, k)
+                } else {
+                    quantized_weight(&mut rng, dtype, n, k)
+                };
+                for m in (1..=9).chain([13, 64, 65]) {
+                    let x = rand_vec(&mut rng, m * k);
+                    let mut want = vec![f32::NAN; m * n];
+                    w.mat
+                        .matmul_with(Backend::Scalar, &x, m, &mut want)
+                        .unwrap();
+                    for &backend in &neon {
+                        let mut got = vec![f32::NAN; m * n];
+                        w.mat.matmul_with(backend, &x, m, &mut got).unwrap();
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{dtype:?} {backend:?} arbitrary={arbitrary} n={n} m={m}: {got:?} vs \
+                             {want:?}"
+                        );
                     }
                 }
             }
