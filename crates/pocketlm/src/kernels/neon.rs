@@ -239,14 +239,10 @@ unsafe fn dot_mlxn<const R: usize, const DP: bool, const P: u8, const BITS: usiz
                 let (q0, q1) = unpack_mlxn::<BITS>(row[4 * BITS * b..4 * BITS * (b + 1)].as_ptr());
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                    let s = dot16::<DP>(
-                        dot16::<DP>(vdupq_n_s32(0), q0, load_s8(y)),
-                        q1,
-                        load_s8(y.add(16)),
-                    );
+                    let s = block_dot::<DP>(q0, q1, y);
                     let dy = *a.d.get_unchecked((r + i) * nb + b);
                     let sy = *a.s.get_unchecked((r + i) * nb + b);
-                    acc[i] += sc * dy * vaddvq_s32(s) as f32 + bi * sy;
+                    acc[i] += sc * dy * s as f32 + bi * sy;
                 }
             }
         }
@@ -281,14 +277,10 @@ unsafe fn dot_mlx4<const R: usize, const DP: bool, const P: u8>(
                 let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                    let s = dot16::<DP>(
-                        dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
-                        hi,
-                        load_s8(y.add(16)),
-                    );
+                    let s = block_dot::<DP>(lo, hi, y);
                     let dy = *a.d.get_unchecked((r + i) * nb + b);
                     let sy = *a.s.get_unchecked((r + i) * nb + b);
-                    acc[i] += sc * dy * vaddvq_s32(s) as f32 + bi * sy;
+                    acc[i] += sc * dy * s as f32 + bi * sy;
                 }
             }
         }
@@ -323,14 +315,10 @@ unsafe fn dot_mlx8<const R: usize, const DP: bool, const P: u8>(
                 let q1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), flip));
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                    let s = dot16::<DP>(
-                        dot16::<DP>(vdupq_n_s32(0), q0, load_s8(y)),
-                        q1,
-                        load_s8(y.add(16)),
-                    );
+                    let s = block_dot::<DP>(q0, q1, y);
                     let dy = *a.d.get_unchecked((r + i) * nb + b);
                     let sy = *a.s.get_unchecked((r + i) * nb + b);
-                    acc[i] += sc * dy * vaddvq_s32(s) as f32 + bi * sy;
+                    acc[i] += sc * dy * s as f32 + bi * sy;
                 }
             }
         }
@@ -393,6 +381,23 @@ unsafe fn load_s8(p: *const i8) -> int8x16_t {
     unsafe { vld1q_s8(p) }
 }
 
+/// `Σ w·y` over a 32-value block: `lo` and `hi` its first and last 16 signed weight values,
+/// `y` the activation row's 32 codes (the integer sum every 32-value block kernel takes).
+///
+/// # Safety
+/// `y` is readable for 32 bytes; with `DP`, as [`dot16`].
+#[inline(always)]
+unsafe fn block_dot<const DP: bool>(lo: int8x16_t, hi: int8x16_t, y: *const i8) -> i32 {
+    unsafe {
+        let s = dot16::<DP>(
+            dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
+            hi,
+            load_s8(y.add(16)),
+        );
+        vaddvq_s32(s)
+    }
+}
+
 /// `Q4_0` (`Q4_0 = true`: offset `-8·d`) and `Q4_1` against `Q8_32` activations.
 ///
 /// # Safety
@@ -420,14 +425,10 @@ unsafe fn dot_q4<const R: usize, const DP: bool, const Q4_0: bool>(
             let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
             for i in 0..R {
                 let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                let s = dot16::<DP>(
-                    dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
-                    hi,
-                    load_s8(y.add(16)),
-                );
+                let s = block_dot::<DP>(lo, hi, y);
                 let dy = *a.d.get_unchecked((r + i) * nb + b);
                 let sy = *a.s.get_unchecked((r + i) * nb + b);
-                acc[i] += d * dy * vaddvq_s32(s) as f32 + m * sy;
+                acc[i] += d * dy * s as f32 + m * sy;
             }
         }
     }
@@ -452,13 +453,9 @@ unsafe fn dot_q8_0<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: us
             let q1 = load_s8(blk.as_ptr().add(18) as *const i8);
             for i in 0..R {
                 let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                let s = dot16::<DP>(
-                    dot16::<DP>(vdupq_n_s32(0), q0, load_s8(y)),
-                    q1,
-                    load_s8(y.add(16)),
-                );
+                let s = block_dot::<DP>(q0, q1, y);
                 let dy = *a.d.get_unchecked((r + i) * nb + b);
-                acc[i] += d * dy * vaddvq_s32(s) as f32;
+                acc[i] += d * dy * s as f32;
             }
         }
     }
@@ -497,13 +494,9 @@ unsafe fn dot_q5_0<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: us
             let hi = vsubq_s8(vreinterpretq_s8_u8(hi), off);
             for i in 0..R {
                 let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                let s = dot16::<DP>(
-                    dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
-                    hi,
-                    load_s8(y.add(16)),
-                );
+                let s = block_dot::<DP>(lo, hi, y);
                 let dy = *a.d.get_unchecked((r + i) * nb + b);
-                acc[i] += d * dy * vaddvq_s32(s) as f32;
+                acc[i] += d * dy * s as f32;
             }
         }
     }
@@ -783,13 +776,9 @@ unsafe fn dot_iq4nl<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: u
             let (lo, hi) = iq4_lookup(tbl, blk.as_ptr().add(2));
             for i in 0..R {
                 let y = a.qs.as_ptr().add((r + i) * k + 32 * b);
-                let s = dot16::<DP>(
-                    dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
-                    hi,
-                    load_s8(y.add(16)),
-                );
+                let s = block_dot::<DP>(lo, hi, y);
                 let dy = *a.d.get_unchecked((r + i) * nb + b);
-                acc[i] += dy * d * vaddvq_s32(s) as f32;
+                acc[i] += dy * d * s as f32;
             }
         }
     }
@@ -823,12 +812,8 @@ unsafe fn dot_iq4xs<const R: usize, const DP: bool>(t: &Tile<'_>, j: usize, r: u
                 let (lo, hi) = iq4_lookup(tbl, blk.as_ptr().add(8 + 16 * s));
                 for i in 0..R {
                     let y = a.qs.as_ptr().add((r + i) * k + 256 * b + 32 * s);
-                    let sum = dot16::<DP>(
-                        dot16::<DP>(vdupq_n_s32(0), lo, load_s8(y)),
-                        hi,
-                        load_s8(y.add(16)),
-                    );
-                    acc[i] += d4d8[i] * ls * vaddvq_s32(sum) as f32;
+                    let sum = block_dot::<DP>(lo, hi, y);
+                    acc[i] += d4d8[i] * ls * sum as f32;
                 }
             }
         }
