@@ -259,17 +259,7 @@ fn backends_and_threads() {
 
 fn backends_for(rng: &mut StdRng, w: &GgufMatrix, ms: &[usize]) {
     let (n, k) = (w.rows(), w.cols());
-    let backends: Vec<Backend> = [
-        Backend::Scalar,
-        Backend::Avx2,
-        Backend::Avx512Vnni,
-        Backend::AvxVnni,
-        Backend::Neon,
-        Backend::NeonDotprod,
-    ]
-    .into_iter()
-    .filter(|b| b.is_available())
-    .collect();
+    let backends = Backend::available();
     for &m in ms {
         let x = rand_vec(rng, m * k);
         let mut out = vec![0f32; m * n];

@@ -216,17 +216,7 @@ fn backends() {
     println!("backends, mlx 4-bit g64 f16 and 8-bit g64 f16, ffn_gate [{FFN}, {HIDDEN}]:");
     let w4 = W::Mlx(W::mlx(&mut rng, FFN, HIDDEN, 4, ParamDtype::F16));
     let w8 = W::Mlx(W::mlx(&mut rng, FFN, HIDDEN, 8, ParamDtype::F16));
-    for backend in [
-        Backend::Scalar,
-        Backend::Avx2,
-        Backend::Avx512Vnni,
-        Backend::AvxVnni,
-        Backend::Neon,
-        Backend::NeonDotprod,
-    ] {
-        if !backend.is_available() {
-            continue;
-        }
+    for backend in Backend::available() {
         for m in [1, 64] {
             row(&format!("{backend:?} 4-bit"), &w4, HIDDEN, m, backend);
             row(&format!("{backend:?} 8-bit"), &w8, HIDDEN, m, backend);

@@ -15,20 +15,6 @@ const PARAMS: [ParamDtype; 3] = [ParamDtype::F32, ParamDtype::F16, ParamDtype::B
 /// Every width MLX quantizes to.
 const BITS: [usize; 6] = [2, 3, 4, 5, 6, 8];
 
-fn backends() -> Vec<Backend> {
-    [
-        Backend::Scalar,
-        Backend::Avx2,
-        Backend::Avx512Vnni,
-        Backend::AvxVnni,
-        Backend::Neon,
-        Backend::NeonDotprod,
-    ]
-    .into_iter()
-    .filter(|b| b.is_available())
-    .collect()
-}
-
 fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
@@ -134,7 +120,7 @@ fn check(rng: &mut StdRng, q: &AffineQuantized, m: usize, backend: Backend) {
 fn mlx_kernels_match_naive_over_shapes() {
     let mut rng = StdRng::seed_from_u64(7);
     let mut cases = 0;
-    for backend in backends() {
+    for backend in Backend::available() {
         for bits in BITS {
             for gs in [32, 64, 128] {
                 for (pi, dtype) in PARAMS.into_iter().enumerate() {
@@ -165,7 +151,7 @@ fn mlx_kernels_match_naive_over_shapes() {
 fn mlx_kernels_match_naive_on_model_shapes_and_threads() {
     // Large enough to be split over threads, in decode (m = 1) and prefill (m = 70) tiling.
     let mut rng = StdRng::seed_from_u64(11);
-    for backend in backends() {
+    for backend in Backend::available() {
         for (bits, gs, dtype) in [
             (4, 64, ParamDtype::F16),
             (4, 32, ParamDtype::F32),
@@ -197,7 +183,7 @@ fn extreme_codes_and_activations_do_not_saturate() {
         let max = ((1u32 << bits) - 1) as f32;
         for sign in [1.0f32, -1.0] {
             let x = vec![sign; k];
-            for backend in backends() {
+            for backend in Backend::available() {
                 let mut y = vec![0f32; n];
                 matmul_with(backend, &q, &x, 1, &mut y).unwrap();
                 for v in y {
@@ -319,7 +305,7 @@ fn rows_do_not_depend_on_batching_or_fusing() {
     let a = weight(&mut rng, 40, k, 64, 4, ParamDtype::F16, false);
     let b = weight(&mut rng, 24, k, 32, 8, ParamDtype::F32, false);
     let x = rand_vec(&mut rng, m * k, 1.0);
-    for backend in backends() {
+    for backend in Backend::available() {
         let mut ya = vec![0f32; m * 40];
         let mut yb = vec![0f32; m * 24];
         matmul_fused_with(backend, &[&a, &b], &x, m, &mut [&mut ya, &mut yb]).unwrap();
@@ -377,7 +363,7 @@ fn packed_mlx_round_trips_and_matches_naive() {
                     let x = rand_vec(&mut rng, m * k, 2.0);
                     let (want, mag) = naive(&q, &x, m);
                     let reference = packed_matmul(Backend::Scalar, &p, &x, m);
-                    for backend in backends() {
+                    for backend in Backend::available() {
                         let got = packed_matmul(backend, &p, &x, m);
                         // Every backend runs the packed twin or the AVX-512 kernel, which
                         // perform the same float operations: bit for bit equal.
@@ -416,7 +402,7 @@ fn packed_mlx_on_model_shapes_and_threads_matches_unpacked() {
         for m in [1, 70] {
             let x = rand_vec(&mut rng, m * 1024, 2.0);
             let (want, mag) = naive(&q, &x, m);
-            for backend in backends() {
+            for backend in Backend::available() {
                 let got = packed_matmul(backend, &p, &x, m);
                 for (idx, ((&g, &w), &a)) in got.iter().zip(&want).zip(&mag).enumerate() {
                     let tol = 4.0 * (1024.0 / 32.0 + 4.0) * f32::EPSILON as f64 * a + 1e-30;

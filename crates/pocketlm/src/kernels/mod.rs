@@ -247,6 +247,22 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every backend, in declaration order (`Scalar` first).
+    pub const ALL: [Backend; 6] = [
+        Self::Scalar,
+        Self::Avx2,
+        Self::Avx512Vnni,
+        Self::AvxVnni,
+        Self::Neon,
+        Self::NeonDotprod,
+    ];
+
+    /// The backends this CPU can run ([`Self::is_available`]), in the order of [`Self::ALL`]:
+    /// what the kernel tests compare with the scalar reference and the kernel benches time.
+    pub fn available() -> Vec<Backend> {
+        Self::ALL.into_iter().filter(|b| b.is_available()).collect()
+    }
+
     /// The fastest backend this CPU supports (detected once, then cached).
     pub fn detect() -> Self {
         static DETECTED: OnceLock<Backend> = OnceLock::new();

@@ -32,19 +32,8 @@ const TYPES: [GgufType; 9] = [
     GgufType::Iq4Xs,
 ];
 
-fn backends() -> Vec<Backend> {
-    [
-        Backend::Scalar,
-        Backend::Avx2,
-        Backend::Avx512Vnni,
-        Backend::AvxVnni,
-        Backend::Neon,
-        Backend::NeonDotprod,
-    ]
-    .into_iter()
-    .filter(|b| b.is_available())
-    .collect()
-}
+/// The x86-64 backends (they share ggml's eight-lane float order).
+const X86: [Backend; 3] = [Backend::Avx2, Backend::Avx512Vnni, Backend::AvxVnni];
 
 /// Uniform values in `[-1, 1)` with an occasional outlier (as real activations have).
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -197,7 +186,7 @@ fn kernels_match_references_over_shapes() {
             for n in [1, 6, 33] {
                 let w = quantized_weight(&mut rng, dtype, n, k);
                 for m in [1, 2, 3, 4, 5, 7, 64] {
-                    for backend in backends() {
+                    for backend in Backend::available() {
                         check(&mut rng, &w, m, backend);
                     }
                 }
@@ -215,7 +204,7 @@ fn kernels_match_references_over_shapes() {
 /// tolerance.)
 #[test]
 fn neon_kernels_equal_the_portable_kernels_bit_for_bit() {
-    let neon: Vec<Backend> = backends()
+    let neon: Vec<Backend> = Backend::available()
         .into_iter()
         .filter(|b| matches!(b, Backend::Neon | Backend::NeonDotprod))
         .collect();
@@ -274,7 +263,7 @@ fn kernels_match_references_on_wide_matrices() {
     ] {
         let w = quantized_weight(&mut rng, dtype, n, k);
         for m in [1, 13] {
-            for backend in backends() {
+            for backend in Backend::available() {
                 check(&mut rng, &w, m, backend);
             }
         }
@@ -312,7 +301,7 @@ fn kernels_match_references_on_arbitrary_block_bytes() {
             // No candle decoder to compare with (see `random_weight`).
             let w = random_weight(&mut rng, dtype, n, k);
             for m in [1, 5] {
-                for backend in backends() {
+                for backend in Backend::available() {
                     check(&mut rng, &w, m, backend);
                 }
             }
@@ -327,7 +316,7 @@ fn kernels_match_references_on_arbitrary_block_bytes() {
         // Our decoder gives candle's values exactly.
         assert_eq!(w.mat.dequantize(), w.deq, "{dtype:?} dequantize");
         for m in [1, 5] {
-            for backend in backends() {
+            for backend in Backend::available() {
                 check(&mut rng, &w, m, backend);
             }
         }
@@ -342,7 +331,7 @@ fn simd_activation_quantization_is_bit_identical() {
     for (i, v) in x[32..64].iter_mut().enumerate() {
         *v = i as f32 * 0.5 - 8.0; // ties at .5 steps
     }
-    for backend in backends() {
+    for backend in Backend::available() {
         for fmt in [
             ActFormat::Q8_32,
             ActFormat::Q8_32F,
@@ -373,7 +362,7 @@ fn rows_do_not_depend_on_batching_fusing_or_threads() {
     let q = quantized_weight(&mut rng, GgufType::Q4_1, 96, k).mat;
     let kk = quantized_weight(&mut rng, GgufType::Q8_0, 32, k).mat;
     let x = rand_vec(&mut rng, m * k);
-    for backend in backends() {
+    for backend in Backend::available() {
         let mut batched = vec![0f32; m * 96];
         q.matmul_with(backend, &x, m, &mut batched).unwrap();
         for r in 0..m {
@@ -644,7 +633,7 @@ fn packed_kernels_match_references_over_shapes() {
         for (n, k) in [(16, 32), (48, 576), (32, 1536), (400, 256)] {
             let w = packed_weight(&quantized_weight(&mut rng, dtype, n, k));
             for m in [1, 2, 3, 5, 13, 64] {
-                for backend in backends() {
+                for backend in Backend::available() {
                     check(&mut rng, &w, m, backend);
                 }
             }
@@ -670,7 +659,7 @@ fn packed_simd_equals_packed_scalar_at_every_row_count() {
                 packed
                     .matmul_with(Backend::Scalar, &x, m, &mut want)
                     .unwrap();
-                for backend in backends() {
+                for backend in Backend::available() {
                     if !GgufMatrix::packs_on(backend) {
                         continue;
                     }
@@ -698,7 +687,7 @@ fn packed_simd_equals_packed_scalar_bit_for_bit_and_unpacked_closely() {
         packed
             .matmul_with(Backend::Scalar, &x, m, &mut want)
             .unwrap();
-        for backend in backends() {
+        for backend in Backend::available() {
             let mut got = vec![0f32; m * n];
             packed.matmul_with(backend, &x, m, &mut got).unwrap();
             if GgufMatrix::packs_on(backend) || backend == Backend::Scalar {
@@ -746,7 +735,7 @@ fn check_packed_bit_exact(dtype: GgufType, seed: u64, ms: &[usize], same_bytes: 
             plain
                 .matmul_with(Backend::Scalar, &x, m, &mut want)
                 .unwrap();
-            for backend in backends() {
+            for backend in Backend::available() {
                 let mut got = vec![0f32; m * n];
                 packed.matmul_with(backend, &x, m, &mut got).unwrap();
                 let same = got
@@ -791,7 +780,6 @@ fn q5k_x86_kernels_sum_in_ggml_vec_dot_order() {
     // lane `l` taking `fma(d·dy, Σ_s sc_s·Σ q·y over values 32s + 4l..32s + 4l + 4, acc_l)` per
     // super-block, then `hsum_float_8`, then the minimums' chain `fma(dmin·dy, msum, accm)`.
     let mut rng = StdRng::seed_from_u64(28);
-    let x86 = [Backend::Avx2, Backend::Avx512Vnni, Backend::AvxVnni];
     let (n, k) = (5, 1024);
     let nb = k / 256;
     let bytes = random_block_bytes(&mut rng, GgufType::Q5K, n * nb);
@@ -830,7 +818,7 @@ fn q5k_x86_kernels_sum_in_ggml_vec_dot_order() {
                 want[r * n + j] = h - accm;
             }
         }
-        for backend in backends().into_iter().filter(|b| x86.contains(b)) {
+        for backend in Backend::available().into_iter().filter(|b| X86.contains(b)) {
             let mut got = vec![0f32; m * n];
             w.matmul_with(backend, &x, m, &mut got).unwrap();
             let same = got
@@ -875,7 +863,7 @@ fn packed_iq4_kernels_match_references() {
         for (n, k) in [(16, 256), (48, 1024)] {
             let w = packed_weight(&quantized_weight(&mut rng, dtype, n, k));
             for m in [1, 3, 13] {
-                for backend in backends() {
+                for backend in Backend::available() {
                     check(&mut rng, &w, m, backend);
                 }
             }
@@ -925,7 +913,7 @@ fn packed_iq4_equals_the_portable_twin_bit_for_bit() {
                     .matmul_with(Backend::Scalar, &x, m, &mut unpacked)
                     .unwrap();
                 let scale = unpacked.iter().fold(1f32, |a, v| a.max(v.abs()));
-                for backend in backends() {
+                for backend in Backend::available() {
                     let mut got = vec![0f32; m * n];
                     packed.matmul_with(backend, &x, m, &mut got).unwrap();
                     let same = got
@@ -965,7 +953,6 @@ fn packed_q4_1_equals_the_unpacked_x86_kernels_bit_for_bit() {
     // `hsum_float_8`, then the minimums), as the unpacked x86 kernels do, for every row count;
     // the default model's bit-for-bit agreement with llama.cpp rests on it.
     let mut rng = StdRng::seed_from_u64(25);
-    let x86 = [Backend::Avx2, Backend::Avx512Vnni, Backend::AvxVnni];
     for (n, k) in [(16, 32), (48, 576), (32, 1536)] {
         let bytes = random_block_bytes(&mut rng, GgufType::Q4_1, n * k / 32);
         let plain = GgufMatrix::new("w", WeightBytes::owned(bytes), GgufType::Q4_1, n, k).unwrap();
@@ -974,7 +961,7 @@ fn packed_q4_1_equals_the_unpacked_x86_kernels_bit_for_bit() {
         assert_eq!(packed.bytes().len(), plain.bytes().len());
         for m in [1, 2, 3, 5, 64] {
             let x = rand_vec(&mut rng, m * k);
-            for backend in backends().into_iter().filter(|b| x86.contains(b)) {
+            for backend in Backend::available().into_iter().filter(|b| X86.contains(b)) {
                 let mut want = vec![0f32; m * n];
                 plain.matmul_with(backend, &x, m, &mut want).unwrap();
                 let mut got = vec![0f32; m * n];
@@ -998,8 +985,7 @@ fn packed_keeping_order_equals_the_unpacked_x86_kernels_bit_for_bit() {
     // packed kernel (any backend without the AVX-512 kernels) gives the same bits. The tied
     // `Q8_0` output layer of the default model stays bit for bit with llama.cpp through it.
     let mut rng = StdRng::seed_from_u64(26);
-    let x86 = [Backend::Avx2, Backend::Avx512Vnni, Backend::AvxVnni];
-    let Some(reference) = backends().into_iter().find(|b| x86.contains(b)) else {
+    let Some(reference) = Backend::available().into_iter().find(|b| X86.contains(b)) else {
         return;
     };
     for dtype in [GgufType::Q8_0, GgufType::Q4_1] {
@@ -1019,7 +1005,7 @@ fn packed_keeping_order_equals_the_unpacked_x86_kernels_bit_for_bit() {
                 let x = rand_vec(&mut rng, m * k);
                 let mut want = vec![0f32; m * n];
                 plain.matmul_with(reference, &x, m, &mut want).unwrap();
-                for backend in backends() {
+                for backend in Backend::available() {
                     let mut got = vec![0f32; m * n];
                     packed.matmul_with(backend, &x, m, &mut got).unwrap();
                     let same = got
@@ -1027,7 +1013,7 @@ fn packed_keeping_order_equals_the_unpacked_x86_kernels_bit_for_bit() {
                         .zip(&want)
                         .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{dtype:?} {n}x{k} m={m} {backend:?}");
-                    if x86.contains(&backend) {
+                    if X86.contains(&backend) {
                         let mut unpacked = vec![0f32; m * n];
                         plain.matmul_with(backend, &x, m, &mut unpacked).unwrap();
                         assert_eq!(unpacked, want, "{dtype:?} {n}x{k} m={m} {backend:?}");
