@@ -8,12 +8,10 @@
 #     `qmmq_*` launches: 4 a layer and the LM head), per kernel and grid: time, DRAM and L2
 #     bytes, SM throughput and instructions.
 # About 330 s on an H100 (2026-12-05; its output is in stop 45's closing note).
-set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-R=$PWD; W=/tmp/pl-gpu; mkdir -p $W; PL=$W/pocketlm
-t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" .gpu/pocketlm.xz $PL; chmod +x $PL
-nvidia-smi --query-gpu=name --format=csv,noheader
+# With ALL_KERNELS=1, step 2 instead times every decode kernel (one metric, Nsight Compute) of a
+# whole 32-sequence run (-n 2), grouped by kernel and grid: the batched step's kernels are those
+# whose grid holds 32 on its sequence dimension, and the qmmq ones (stop 46's closing note).
+. scripts/gpu-setup.sh
 (cd $W && tar xzf $R/.gpu/lc.tgz lc/gguf-py lc/models/ggml-vocab-llama-bpe.gguf 2>/dev/null || tar xzf $R/.gpu/lc.tgz)
 export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py CTX=4096
 [ -f $W/8b.gguf ] || (cd $W && python3 $R/scripts/make_random_gguf.py 8b.gguf q4_0 --shape 8b >/dev/null)
@@ -25,6 +23,24 @@ for s in default 1 2 4 16; do
 done
 unset POCKETLM_MMQ_SPLITS
 stamp ncu
+if [ "${ALL_KERNELS:-0}" = 1 ]; then
+  ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+    -k 'regex:rmsnorm|qmmq|attn_|quantize_q8|glu_q8|qkv_post|qgemv|argmax' \
+    $PL bench -m $M --device cuda -p 0 -n 2 -d 128 -r 1 --batch 32 > $W/ncuall.csv 2> $W/ncuall.err
+  python3 - $W/ncuall.csv <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
+h = rows[0]; data = [dict(zip(h, r)) for r in rows[2:]]
+agg = collections.defaultdict(lambda: [0, 0.0])
+for d in data:
+    key = (d["Kernel Name"].split("(")[0][:40], d.get("Grid Size", ""), d.get("Block Size", ""))
+    agg[key][0] += 1; agg[key][1] += float(d["gpu__time_duration.sum"].replace(",", ""))
+print("units", rows[1][h.index("gpu__time_duration.sum")], "kernels", len(data))
+for (n, g, b), a in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+    print(f"  {n} grid {g} block {b}: n={a[0]} mean={a[1]/a[0]:.1f} total={a[1]:.0f}")
+PY
+  stamp done; exit 0
+fi
 NCUM=gpu__time_duration.sum,dram__bytes_read.sum,lts__t_bytes.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum
 for b in 8 32; do
   ncu --clock-control none --metrics $NCUM --csv --page raw -k regex:qmmq --launch-skip 129 --launch-count 129 \

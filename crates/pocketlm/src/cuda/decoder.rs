@@ -49,11 +49,26 @@ use crate::{Error, Result};
 /// more splits no longer cost a longer serial merge).
 /// With an f16 cache the splits run on the tensor cores (`attn_mma_*`) unless
 /// `POCKETLM_ATTN_KERNEL=simt` (`attn_gqa_*`, which an f32 cache always takes).
+///
+/// A batched step ([`CudaDecoder::step_batch`]) of `b` sequences already has a block per
+/// sequence and key/value head, so it splits less: at most `max(batch_splits, 32 / b)`
+/// (`POCKETLM_ATTN_BATCH_SPLITS`, default 8; the `32 / b` keeps two or three sequences deep
+/// in a long context on enough blocks, a guard that was not measured) of at least
+/// `batch_min_chunk` positions (`POCKETLM_ATTN_BATCH_MIN_CHUNK`, default 16). With the
+/// one-sequence rule, 32 sequences 128 to 192 positions deep spent 20% of a step in the
+/// attention and its merge (H100, 8B Q4_0: 36 + 15 µs a layer, Nsight Compute); capped at 8
+/// splits the step gave 4,219 aggregate tokens/s against 3,902 (H100). On the H200, tg64 after
+/// 128 tokens, aggregate tokens/s at 8 / 32 sequences: at most 16 splits 1,837 / 4,170, 8
+/// splits 1,824 / 4,121, 4 splits 1,881 / 4,396 (not yet measured with the split gated
+/// product, so not the default); after 1,024 tokens, 8 splits 1,708 / 3,658 against 32
+/// splits 1,596 / 3,084.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AttnSplit {
     splits: usize,
     min_chunk: usize,
     tensor_cores: bool,
+    batch_splits: usize,
+    batch_min_chunk: usize,
 }
 
 /// The largest split count the kernel's merge takes (`ATTN_MAX_SPLITS`).
@@ -71,18 +86,38 @@ impl AttnSplit {
                 .unwrap_or(default)
         };
         let simt = std::env::var("POCKETLM_ATTN_KERNEL").is_ok_and(|v| v == "simt");
-        Self::new(
+        let mut s = Self::new(
             var("POCKETLM_ATTN_SPLITS", 64),
             var("POCKETLM_ATTN_MIN_CHUNK", 16),
             !simt,
-        )
+        );
+        s.batch_splits = var("POCKETLM_ATTN_BATCH_SPLITS", 8).clamp(1, s.splits);
+        s.batch_min_chunk = var("POCKETLM_ATTN_BATCH_MIN_CHUNK", 16).max(1);
+        s
     }
 
     fn new(splits: usize, min_chunk: usize, tensor_cores: bool) -> Self {
+        let splits = splits.clamp(1, MAX_SPLITS);
         Self {
-            splits: splits.clamp(1, MAX_SPLITS),
+            splits,
             min_chunk: min_chunk.max(1),
             tensor_cores,
+            batch_splits: splits,
+            batch_min_chunk: min_chunk.max(1),
+        }
+    }
+
+    /// The split a step of `batch` sequences takes: this one for one sequence, else at most
+    /// `max(batch_splits, 32 / batch)` of at least `batch_min_chunk` positions (never more
+    /// splits than the buffers were sized for).
+    fn for_batch(self, batch: usize) -> Self {
+        if batch <= 1 {
+            return self;
+        }
+        Self {
+            splits: self.batch_splits.max(32 / batch).min(self.splits),
+            min_chunk: self.batch_min_chunk,
+            ..self
         }
     }
 }
@@ -805,7 +840,8 @@ impl CudaDecoder {
             f(r * h)?,
             f(r * nh * self.split.splits * hd)?,
             f(r * 2 * nh * self.split.splits)?,
-            f(r * inter)?,
+            // Room for the gate and up halves of a gated product split over its columns.
+            f(r * 2 * inter)?,
             f(r * self.out_len())?,
         ];
         let xq = dev.alloc_zeros::<i8>(r * widest)?;
@@ -969,7 +1005,7 @@ impl CudaDecoder {
                 (nh, nkv, hd),
                 (l.window, l.scale, l.softcap),
                 s.kv_f16,
-                self.split,
+                self.split.for_batch(batch),
             )?;
             let post = add_residual(&l.o, &l.post_attn_norm)?;
             let ffn_norm = tensor_ptr(&l.ffn_norm, &stream)?;
@@ -981,8 +1017,17 @@ impl CudaDecoder {
                     } else {
                         Epilogue::SwiGlu
                     };
-                    project(gate_up, gated, p.ffh)?;
-                    quantize_q8(&self.dev, p.ffh, p.xq, p.xd, batch * inter)?;
+                    match gate_up.gated_splits(batch) {
+                        1 => {
+                            project(gate_up, gated, p.ffh)?;
+                            quantize_q8(&self.dev, p.ffh, p.xq, p.xd, batch * inter)?;
+                        }
+                        // ffh holds 2 inter values a row in the batched step's buffers.
+                        splits => {
+                            let io = [p.xq, p.xd, p.ffh];
+                            gate_up.launch_gated_split(l.gelu, io, batch, splits)?;
+                        }
+                    }
                     pending = add_residual(down, &l.post_mlp_norm)?;
                 }
                 DecoderFfn::Moe(_) if batch > 1 => {

@@ -354,6 +354,20 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                 norm_rel_err(&got_geg, &geg_want),
                 1e-5,
             );
+            // The batched step's unfused gated product (split columns, then glu_q8): its
+            // 8-bit output against the same values; 1e-2 is the 8-bit rounding's share.
+            if m > 1 {
+                for (gelu, want, what) in [(false, &swi_want, "swiglu"), (true, &geg_want, "geglu")]
+                {
+                    let got = qmatrix::run_gated_split(&g, gelu, &x, dev, m, 4)?;
+                    record(
+                        &mut lines,
+                        format!("mlx b4 g64 F16 mmq {what} split4+q8 [{rows}x{cols}] m={m}"),
+                        norm_rel_err(&got, want),
+                        1e-2,
+                    );
+                }
+            }
         }
     }
     if matmul_only {

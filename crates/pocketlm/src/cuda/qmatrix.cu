@@ -227,6 +227,22 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+// y [m, 2n] (the gate columns, then the up columns) -> the codes [m, n] int8 and per-block
+// (d, d * sum) [m, n / 32] of act(gate) * up, act SiLU or (gelu) GELU-tanh, as the gated
+// epilogues of qgemv/qmmq and then quantize_q8 give; one warp a 32-value block. For the batched
+// step's gated products split over the columns (whose sums cannot take the epilogue).
+extern "C" __global__ void glu_q8(const float *__restrict__ y, int8_t *__restrict__ xq,
+                                  float2 *__restrict__ xd, int m, int n, int gelu) {
+  pdl_enter();
+  const int b = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31, nb = n >> 5;
+  if (b >= m * nb) return;
+  const int i = b / nb, j = (b % nb) * 32 + lane;
+  const float g = y[(size_t)i * 2 * n + j], u = y[(size_t)i * 2 * n + n + j];
+  const float v = (gelu ? gelu_tanh(g) : g / (1.f + expf(-g))) * u;
+  quant_block32(v, lane, xq + (size_t)b * 32, xd + b);
+}
+
 // y[i, r] (op)= row r . x_i for the activation row i = blockIdx.y. Block b takes R weight rows.
 // EPI 0: write; 1: add to y (a residual); 2: SwiGLU, y[i, r] = silu(row r . x) * (row r+rows . x)
 // (gate rows first, then up rows, stacked in one matrix of 2*rows rows; block b takes outputs

@@ -85,6 +85,17 @@ fn mmq_splits(tiles: usize, nblocks: usize, sms: usize, nt: usize) -> usize {
     .clamp(1, most)
 }
 
+/// Tiles of 8 activation rows a `qmmq_*` kernel takes for `m` rows (the kernels are built for
+/// 1, 2, 4 and 8).
+fn mmq_tiles(m: usize) -> usize {
+    match m.div_ceil(8) {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
 /// The device's multiprocessor count (132 on an H100 SXM), read once per process.
 fn multiprocessors(dev: &CudaDevice) -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -485,28 +496,92 @@ impl CudaQMatrix {
         y: u64,
         m: usize,
     ) -> Result<()> {
-        if m == 0 || m > MMQ_MAX_ROWS {
-            return Err(Error::InvalidArgument(format!(
-                "small-batch GEMM of {m} rows (1..={MMQ_MAX_ROWS})"
-            )));
-        }
-        let nt = match m.div_ceil(8) {
-            1 => 1,
-            2 => 2,
-            3 | 4 => 4,
-            _ => 8,
-        };
-        let out = self.outputs(epi);
-        let tiles = out.div_ceil(if epi.gated() {
-            MMQ_TILE_OUT / 2
-        } else {
-            MMQ_TILE_OUT
-        });
         let splits = if epi.gated() {
             1
         } else {
-            mmq_splits(tiles, self.cols / 32, multiprocessors(&self.dev), nt)
+            let sms = multiprocessors(&self.dev);
+            mmq_splits(self.mmq_row_tiles(epi), self.cols / 32, sms, mmq_tiles(m))
         };
+        self.launch_mmq_split(epi, [xq, xd, y], m, splits)
+    }
+
+    /// Blocks of a `qmmq_*` launch along the outputs: `MMQ_TILE_OUT` outputs a block, half as
+    /// many for the gated epilogues.
+    fn mmq_row_tiles(&self, epi: Epilogue) -> usize {
+        let per = if epi.gated() {
+            MMQ_TILE_OUT / 2
+        } else {
+            MMQ_TILE_OUT
+        };
+        self.outputs(epi).div_ceil(per)
+    }
+
+    /// Column splits for a gated product of `m` activation rows taken unfused
+    /// ([`Self::launch_gated_split`]), or 1 to take the fused gated epilogue: 1 for one row
+    /// (the GEMV), else 4. The fused epilogue keeps a block's whole row of columns, 448 blocks
+    /// for Llama-3-8B's gate/up: too few in flight. H200, 8B Q4_0, tg128 after 128 tokens,
+    /// aggregate tokens/s at 8 / 16 / 32 / 64 sequences: fused 1,885 / 2,883 / 4,327 / 5,174,
+    /// 4 splits 1,893 / 3,115 / 4,415 / 5,278 (tg64 at 8 / 32: 2 splits 1,995 / 4,103, 8 splits
+    /// 1,968 / 4,318). For tuning, `POCKETLM_MMQ_GATED_SPLITS=N` sets it (0 and 1: fused).
+    pub(crate) fn gated_splits(&self, m: usize) -> usize {
+        static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let over = *OVERRIDE.get_or_init(|| {
+            std::env::var("POCKETLM_MMQ_GATED_SPLITS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        });
+        if !(2..=MMQ_MAX_ROWS).contains(&m) {
+            return 1;
+        }
+        let most = (self.cols / 32 / (2 * MMQ_KC)).clamp(1, 16);
+        over.unwrap_or(4).clamp(1, most)
+    }
+
+    /// A gated product (this matrix stacks the gate rows, then the up rows) of `m` activation
+    /// rows split over `splits` column shares: the plain product into `scratch: [m, rows]` f32
+    /// (zeroed first, the shares added atomically), then `glu_q8` (SiLU, or GELU-tanh with
+    /// `gelu`, of the gate times the up value) quantized into `xq: [m, rows / 2]` i8 and `xd`
+    /// (d, d·Σq) pairs, as [`Epilogue::SwiGlu`] / [`Epilogue::GeGlu`] followed by
+    /// [`quantize_q8`] give up to the summation order. Safe to capture in a CUDA graph.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for `m` out of range; the driver's launch errors.
+    pub(crate) fn launch_gated_split(
+        &self,
+        gelu: bool,
+        [xq, xd, scratch]: [u64; 3],
+        m: usize,
+        splits: usize,
+    ) -> Result<()> {
+        self.launch_mmq_split(Epilogue::Write, [xq, xd, scratch], m, splits)?;
+        let n = self.rows / 2;
+        let func = self.dev.get_or_load_custom_func("glu_q8", MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (((m * n) as u32).div_ceil(256).max(1), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = Launch::new(&func);
+        b.arg(scratch).arg(xq).arg(xd);
+        b.arg(m as i32).arg(n as i32).arg(gelu as i32);
+        // SAFETY: glu_q8's parameters, in order; scratch holds m * rows f32, xq m * n i8 and xd
+        // m * n / 32 pairs (the caller's buffers).
+        unsafe { b.launch(&self.dev.cuda_stream(), cfg) }
+    }
+
+    /// [`Self::launch_mmq`] with the column splits given.
+    fn launch_mmq_split(
+        &self,
+        epi: Epilogue,
+        [xq, xd, y]: [u64; 3],
+        m: usize,
+        splits: usize,
+    ) -> Result<()> {
+        if m == 0 || m > MMQ_MAX_ROWS || (epi.gated() && splits > 1) {
+            return Err(Error::InvalidArgument(format!(
+                "small-batch GEMM of {m} rows (1..={MMQ_MAX_ROWS}) in {splits} splits"
+            )));
+        }
+        let (nt, out, tiles) = (mmq_tiles(m), self.outputs(epi), self.mmq_row_tiles(epi));
         let stream = self.dev.cuda_stream();
         if splits > 1 && epi == Epilogue::Write {
             // SAFETY: y holds m * out f32 (the caller's buffer); the stream is the launch's.
@@ -816,6 +891,39 @@ pub(crate) fn reference_gemv(
 
 /// Test helper: runs the GEMV with epilogue `epi` on `x: [cols]`, starting from `y0` (the
 /// output's initial contents), and returns the output.
+/// For the self-test: [`CudaQMatrix::launch_gated_split`] of `x: [m, cols]` in `splits` shares,
+/// its 8-bit output read back and dequantized (code times `d`): `[m, rows / 2]`.
+pub(crate) fn run_gated_split(
+    g: &CudaQMatrix,
+    gelu: bool,
+    x: &[f32],
+    dev: &Device,
+    m: usize,
+    splits: usize,
+) -> Result<Vec<f32>> {
+    let d = cuda_dev(dev)?;
+    let stream = d.cuda_stream();
+    let n = g.rows / 2;
+    let xs = stream.clone_htod(x).w()?;
+    let xq = d.alloc_zeros::<i8>(x.len().max(m * n))?;
+    let xd = d.alloc_zeros::<f32>(x.len().max(m * n) / 16)?;
+    let scratch = d.alloc_zeros::<f32>(m * g.rows)?;
+    {
+        let (xp, xqp, xdp, sp) = (
+            xs.device_ptr(&stream).0,
+            xq.device_ptr(&stream).0,
+            xd.device_ptr(&stream).0,
+            scratch.device_ptr(&stream).0,
+        );
+        quantize_q8(d, xp, xqp, xdp, x.len())?;
+        g.launch_gated_split(gelu, [xqp, xdp, sp], m, splits)?;
+    }
+    let (codes, dd) = (stream.clone_dtoh(&xq).w()?, stream.clone_dtoh(&xd).w()?);
+    Ok((0..m * n)
+        .map(|i| codes[i] as f32 * dd[2 * (i / 32)])
+        .collect())
+}
+
 pub(crate) fn run_epilogue(
     g: &CudaQMatrix,
     epi: Epilogue,
