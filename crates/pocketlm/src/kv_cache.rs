@@ -77,6 +77,23 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
             "this KV cache does not take in-place appends".into(),
         ))
     }
+    /// For a kernel that reads the cache through its block table ([`Self::paged`]): appends
+    /// `k`, `v` (`[1, kv_heads, new, head_dim]`) without gathering anything and returns
+    /// `true`; `false` (the default) for a cache that is not paged, which then appends
+    /// nothing (the caller uses [`Self::update`]).
+    ///
+    /// Errors: as [`Self::update`] (for a paged cache: shapes that are not the layer's, a
+    /// pool out of blocks).
+    fn append_paged(&mut self, k: &Tensor, v: &Tensor) -> Result<bool> {
+        let _ = (k, v);
+        Ok(false)
+    }
+    /// The held keys and values read in place through a block table
+    /// ([`crate::kv_pool::PagedKvCache`]: vLLM's PagedAttention); `None` (the default) for a
+    /// contiguous cache.
+    fn paged(&self) -> Option<crate::kv_pool::PagedKv<'_>> {
+        None
+    }
     /// Asks an empty cache to store keys and values as `dtype` (f16 for a fused decode kernel
     /// that reads them so, halving the bytes read a token) while [`Self::update`] still takes
     /// and returns its callers' dtype. Returns whether it will; the default: it will not.
