@@ -1354,6 +1354,69 @@ mod tests {
         }
     }
 
+    /// A model decoding over paged caches (the attention reading the block table in place)
+    /// gives the logits of growing caches bit for bit, and so the same greedy tokens: a prompt
+    /// prefilled in chunks that straddle block edges, then 45 tokens one at a time.
+    #[test]
+    fn a_paged_cache_decodes_as_a_growing_cache_bit_for_bit() {
+        use crate::kv_cache::LayerKvCache;
+        use crate::kv_pool::{KvBlockPool, PagedKvCache, BLOCK};
+        for quantized in [false, true] {
+            let model = tiny_llama(quantized);
+            let m = model.as_ref();
+            let shapes = m.cache_shapes();
+            let pool = Arc::new(KvBlockPool::new(&shapes, 8).unwrap());
+            let mut paged = KvCache::from_layers(
+                (0..shapes.len())
+                    .map(|i| {
+                        Box::new(PagedKvCache::new(pool.clone(), i).unwrap())
+                            as Box<dyn LayerKvCache>
+                    })
+                    .collect(),
+            );
+            let mut grow = m.new_cache();
+            let p = prompt(21, 7);
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            let a = crate::models::prefill_text(m, &p, &mut paged, 6).unwrap();
+            let b = crate::models::prefill_text(m, &p, &mut grow, 6).unwrap();
+            assert_eq!(bits(&a), bits(&b), "quantized={quantized}: prefill");
+            let mut next = b.flatten_all().unwrap().argmax(0).unwrap();
+            let mut tokens = Vec::new();
+            for i in 0..45 {
+                let id = next.to_scalar::<u32>().unwrap();
+                tokens.push(id);
+                let x = Tensor::new(&[id], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let a = m.forward(&x, &mut paged, Logits::Last).unwrap();
+                let b = m.forward(&x, &mut grow, Logits::Last).unwrap();
+                assert_eq!(bits(&a), bits(&b), "quantized={quantized}: token {i}");
+                next = b.flatten_all().unwrap().argmax(0).unwrap();
+            }
+            assert_eq!(paged.offset(), 21 + 45);
+            assert_eq!(pool.used_blocks(), (21 + 45usize).div_ceil(BLOCK));
+            assert!(
+                tokens
+                    .iter()
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+                    > 3,
+                "a decode that does not move: {tokens:?}"
+            );
+            drop(paged);
+            assert_eq!(pool.used_blocks(), 0);
+        }
+    }
+
     /// Under a KV budget too small for every sequence at once, sequences wait and are
     /// preempted and resumed (their caches recomputed), none fails, the caches never hold more
     /// than the budget between steps, and each sequence's greedy and seeded tokens are the
