@@ -1194,6 +1194,22 @@ impl KvCache {
         Ok(())
     }
 
+    /// Replaces layer `i`'s cache with `layer` and returns the old one (e.g. a growing layer
+    /// of a fresh cache by a [`crate::kv_pool::PagedKvCache`]).
+    ///
+    /// Errors: [`Error::InvalidArgument`] past the last layer.
+    pub fn set_layer(
+        &mut self,
+        i: usize,
+        layer: Box<dyn LayerKvCache>,
+    ) -> Result<Box<dyn LayerKvCache>> {
+        let n = self.layers.len();
+        let slot = self.layers.get_mut(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("layer {i} of a KV cache of {n} layers"))
+        })?;
+        Ok(std::mem::replace(slot, layer))
+    }
+
     /// Layer `i`'s cache, to read.
     pub fn layer_ref(&self, i: usize) -> Option<&(dyn LayerKvCache + 'static)> {
         self.layers.get(i).map(|b| b.as_ref())
