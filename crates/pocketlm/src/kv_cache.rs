@@ -94,6 +94,24 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     fn paged(&self) -> Option<crate::kv_pool::PagedKv<'_>> {
         None
     }
+    /// Appends whole blocks of a KV block pool by reference (one more reference each, no
+    /// copy): `ids`, blocks of layer `layer` of `pool`, [`crate::kv_pool::BLOCK`] positions
+    /// each (a prefix cache's blocks, SGLang's RadixAttention over vLLM's blocks). Returns
+    /// whether it did; `false` (the default; a paged cache of another pool or layer, or not at
+    /// a block edge) appends nothing, and the caller copies the blocks' keys and values in
+    /// with [`Self::update`].
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a block that is not in use (the cache is as
+    /// before).
+    fn share_blocks(
+        &mut self,
+        pool: &std::sync::Arc<crate::kv_pool::KvBlockPool>,
+        layer: usize,
+        ids: &[u32],
+    ) -> Result<bool> {
+        let _ = (pool, layer, ids);
+        Ok(false)
+    }
     /// Asks an empty cache to store keys and values as `dtype` (f16 for a fused decode kernel
     /// that reads them so, halving the bytes read a token) while [`Self::update`] still takes
     /// and returns its callers' dtype. Returns whether it will; the default: it will not.

@@ -274,6 +274,134 @@ impl KvBlockPool {
     }
 }
 
+/// Whole blocks of every layer of a [`KvBlockPool`] held by reference (one each), e.g. a
+/// prefix-cache node's run (SGLang's RadixAttention over vLLM's blocks): `ids[i]` are blocks of
+/// pool layer `i`, the same number in every layer, in position order. Dropping it releases
+/// them; a clone takes one more reference to each.
+#[derive(Debug)]
+pub struct PoolBlocks {
+    pool: Arc<KvBlockPool>,
+    ids: Vec<Vec<u32>>,
+}
+
+impl PoolBlocks {
+    /// Takes one more reference to each of `ids[i]` (blocks of layer `i` of `pool`, in use).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer count other than the pool's, layers of
+    /// different lengths, or a block not in use (no reference is kept then).
+    pub fn share(pool: &Arc<KvBlockPool>, ids: Vec<Vec<u32>>) -> Result<Self> {
+        if ids.len() != pool.n_layers() || ids.iter().any(|l| l.len() != ids[0].len()) {
+            return Err(Error::InvalidArgument(format!(
+                "pool blocks: {} layers of {:?} blocks, the pool has {} layers",
+                ids.len(),
+                ids.iter().map(Vec::len).collect::<Vec<_>>(),
+                pool.n_layers()
+            )));
+        }
+        let mut out = Self {
+            pool: pool.clone(),
+            ids: vec![Vec::new(); ids.len()],
+        };
+        for (i, layer) in ids.into_iter().enumerate() {
+            for id in layer {
+                // On error `out` drops and releases what it took.
+                pool.retain(i, id)?;
+                out.ids[i].push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<KvBlockPool> {
+        &self.pool
+    }
+
+    /// Blocks per layer.
+    pub fn n_blocks(&self) -> usize {
+        self.ids.first().map_or(0, Vec::len)
+    }
+
+    /// Layer `layer`'s block ids (empty past the last layer).
+    pub fn ids(&self, layer: usize) -> &[u32] {
+        self.ids.get(layer).map_or(&[], Vec::as_slice)
+    }
+
+    /// Bytes of the blocks, all layers.
+    pub fn nbytes(&self) -> usize {
+        self.n_blocks() * self.pool.block_bytes()
+    }
+
+    /// Keeps the first `at` blocks of each layer and returns the others.
+    pub fn split_off(&mut self, at: usize) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            ids: self
+                .ids
+                .iter_mut()
+                .map(|l| l.split_off(at.min(l.len())))
+                .collect(),
+        }
+    }
+
+    /// The first `blocks` blocks of layer `layer` gathered into keys and values
+    /// `[1, kv_heads, blocks · BLOCK, head_dim]` f32 on the CPU.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an unknown layer or more blocks than held.
+    pub fn gather(&self, layer: usize, blocks: usize) -> Result<(Tensor, Tensor)> {
+        let l = self.pool.layer(layer)?;
+        let ids = self.ids(layer);
+        if blocks > ids.len() {
+            return Err(Error::InvalidArgument(format!(
+                "pool blocks: {blocks} blocks of layer {layer}, {} held",
+                ids.len()
+            )));
+        }
+        let (h, d, len) = (l.kv_heads, l.head_dim, blocks * BLOCK);
+        let mut k = vec![0f32; h * len * d];
+        let mut v = vec![0f32; h * len * d];
+        for (bi, &id) in ids[..blocks].iter().enumerate() {
+            let blk = l.read(id);
+            for hh in 0..h {
+                let src = (hh * BLOCK) * d..(hh * BLOCK + BLOCK) * d;
+                let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + BLOCK) * d;
+                k[dst.clone()].copy_from_slice(&blk.k[src.clone()]);
+                v[dst].copy_from_slice(&blk.v[src]);
+            }
+        }
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(k, (1, h, len, d), &dev)?,
+            Tensor::from_vec(v, (1, h, len, d), &dev)?,
+        ))
+    }
+}
+
+impl Clone for PoolBlocks {
+    fn clone(&self) -> Self {
+        for (i, l) in self.ids.iter().enumerate() {
+            for &id in l {
+                // In use: this value holds a reference to it.
+                let _ = self.pool.retain(i, id);
+            }
+        }
+        Self {
+            pool: self.pool.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+}
+
+impl Drop for PoolBlocks {
+    fn drop(&mut self) {
+        for (i, l) in self.ids.iter().enumerate() {
+            for &id in l {
+                self.pool.release(i, id);
+            }
+        }
+    }
+}
+
 /// Keys and values of one layer's cache read in place through its block table: block `b`
 /// holds positions `b·BLOCK..(b + 1)·BLOCK`, each `[kv_heads, BLOCK, head_dim]` f32 (only the
 /// first `len - b·BLOCK` positions of the last block are meaningful). Holds a read lock on
@@ -284,6 +412,9 @@ pub struct PagedKv<'a> {
     len: usize,
     kv_heads: usize,
     head_dim: usize,
+    pool: &'a Arc<KvBlockPool>,
+    table: &'a [u32],
+    layer: usize,
 }
 
 impl PagedKv<'_> {
@@ -310,6 +441,21 @@ impl PagedKv<'_> {
     /// Positions per block ([`BLOCK`]).
     pub fn block(&self) -> usize {
         BLOCK
+    }
+
+    /// The pool the blocks are in.
+    pub fn pool(&self) -> &Arc<KvBlockPool> {
+        self.pool
+    }
+
+    /// The block table: block ids of layer [`Self::layer`] of the pool, in position order.
+    pub fn table(&self) -> &[u32] {
+        self.table
+    }
+
+    /// The pool layer the blocks belong to.
+    pub fn layer(&self) -> usize {
+        self.layer
     }
 
     /// Each block's keys, `[kv_heads, BLOCK, head_dim]` f32, in table order.
@@ -504,6 +650,9 @@ impl PagedKvCache {
             len: self.len,
             kv_heads: l.kv_heads,
             head_dim: l.head_dim,
+            pool: &self.pool,
+            table: &self.table,
+            layer: self.layer,
         }
     }
 
@@ -540,6 +689,28 @@ impl LayerKvCache for PagedKvCache {
 
     fn paged(&self) -> Option<PagedKv<'_>> {
         Some(self.view())
+    }
+
+    fn share_blocks(&mut self, pool: &Arc<KvBlockPool>, layer: usize, ids: &[u32]) -> Result<bool> {
+        if !Arc::ptr_eq(pool, &self.pool)
+            || layer != self.layer
+            || !self.len.is_multiple_of(BLOCK)
+            || self.table.len() != self.len / BLOCK
+        {
+            return Ok(false);
+        }
+        for (n, &id) in ids.iter().enumerate() {
+            if let Err(e) = self.pool.retain(layer, id) {
+                // Give back the references taken so far: the cache is as before.
+                for &taken in &ids[..n] {
+                    self.pool.release(layer, taken);
+                }
+                return Err(e);
+            }
+        }
+        self.table.extend_from_slice(ids);
+        self.len += ids.len() * BLOCK;
+        Ok(true)
     }
 
     fn offset(&self) -> usize {

@@ -616,6 +616,7 @@ impl<'a> BatchGenerator<'a> {
         let mut out = Vec::new();
         self.admit(&mut out);
         self.fit_budget(&mut out);
+        self.reclaim_blocks();
         if let Some(i) = self.running.iter().position(
             |s| matches!(&s.phase, Phase::Prefill { input, .. } if !input.images.is_empty()),
         ) {
@@ -709,7 +710,12 @@ impl<'a> BatchGenerator<'a> {
         if let Phase::Resume { replay, done, .. } = &mut s.phase {
             if let Some(p) = self.prefix.as_ref().filter(|_| *done == 0) {
                 let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-                match p.lookup_into(replay, &mut s.cache) {
+                if let Some(pool) = &self.pool {
+                    // Blocks the lookup may copy into (none for blocks it shares).
+                    p.reclaim_pool_blocks(pool, replay.len().div_ceil(BLOCK));
+                }
+                // More tokens follow the replayed ones: every whole cached block may match.
+                match p.resume_into(replay, &mut s.cache) {
                     Ok(n) => {
                         *done = n;
                         s.fed = Some(replay[..n].to_vec());
@@ -787,6 +793,29 @@ impl<'a> BatchGenerator<'a> {
                     self.retire(s);
                 }
             }
+        }
+    }
+
+    /// With a block pool and a prefix cache: evicts prefix-cache leaves holding pool blocks
+    /// until the pool has the blocks the next pass takes (the budget counts the sequences'
+    /// blocks, not those only the prefix cache holds).
+    fn reclaim_blocks(&self) {
+        let (Some(pool), Some(prefix)) = (&self.pool, &self.prefix) else {
+            return;
+        };
+        let need: usize = self
+            .running
+            .iter()
+            .zip(self.plan())
+            .map(|(s, n)| {
+                let at = s.cache.offset();
+                (at + n).div_ceil(BLOCK) - at.div_ceil(BLOCK)
+            })
+            .sum();
+        if pool.free_blocks() < need {
+            let mut p = prefix.lock().unwrap_or_else(|e| e.into_inner());
+            let n = p.reclaim_pool_blocks(pool, need);
+            tracing::debug!(need, evicted = n, "KV pool: prefix-cache blocks reclaimed");
         }
     }
 
@@ -1512,6 +1541,78 @@ mod tests {
         for (id, p) in ids.iter().zip(&prompts) {
             assert_eq!(toks[id], alone(m, &tok, p, greedy.clone()));
         }
+    }
+
+    /// With a KV budget and a prefix cache, a finished sequence's blocks stay in the pool
+    /// under the prefix cache, and two later sequences starting with the same 64 tokens take
+    /// those blocks into their tables by reference: together they hold fewer pool blocks than
+    /// twice what one sequence takes, and each generates its tokens alone.
+    #[test]
+    fn sequences_with_a_cached_prefix_share_its_pool_blocks() {
+        use crate::kv_pool::BLOCK;
+        use crate::prefix_cache::{PrefixCache, PrefixCacheConfig};
+        let tok = tokenizer();
+        let model = tiny_llama(true);
+        let m = model.as_ref();
+        let greedy = params(8, SamplingParams::default());
+        let prefix = prompt(64, 90);
+        let with = |seed: u64| {
+            let mut p = prefix.clone();
+            p.extend(prompt(10, seed));
+            p
+        };
+        let cache = Arc::new(Mutex::new(PrefixCache::new(PrefixCacheConfig {
+            block_size: BLOCK,
+            max_bytes: 1 << 26,
+        })));
+        let mut gen = BatchGenerator::new(
+            m,
+            &tok,
+            BatchConfig {
+                max_batch: 4,
+                tokens_per_step: 256,
+                kv_memory: Some(64 * BLOCK * 512),
+            },
+        )
+        .with_prefix_cache(cache.clone());
+        let pool = gen.kv_pool().expect("a pool on the CPU").clone();
+        let run = |gen: &mut BatchGenerator<'_>, prompts: &[Vec<u32>]| {
+            let ids: Vec<SeqId> = prompts
+                .iter()
+                .map(|p| {
+                    gen.insert(ModelInput::text(p.clone()), greedy.clone())
+                        .unwrap()
+                })
+                .collect();
+            let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
+            let mut peak = 0;
+            while !gen.is_empty() {
+                for e in gen.step() {
+                    if let Event::Token { id, .. } = e.event.expect("no sequence fails") {
+                        toks.entry(e.id).or_default().push(id);
+                    }
+                }
+                peak = peak.max(pool.used_blocks());
+            }
+            let toks: Vec<Vec<u32>> = ids.iter().map(|id| toks[id].clone()).collect();
+            (toks, peak)
+        };
+        // One sequence alone, between steps: at most 74 prompt tokens and 6 more fed, 5 blocks
+        // (it ends within the step that would take a sixth).
+        let (_, one) = run(&mut gen, &[with(91)]);
+        assert_eq!(one, (74 + 6usize).div_ceil(BLOCK));
+        // The prefix cache keeps its 5 whole blocks in the pool.
+        assert_eq!(pool.used_blocks(), 5);
+        let (b, c) = (with(92), with(93));
+        let (toks, two) = run(&mut gen, &[b.clone(), c.clone()]);
+        // 5 blocks of the prefix cache (4 of them in both tables) and one of each's own.
+        assert_eq!(two, 5 + 1 + 1);
+        assert!(
+            two < 2 * one,
+            "{two} blocks for two sequences, {one} for one"
+        );
+        assert_eq!(toks[0], alone(m, &tok, &b, greedy.clone()));
+        assert_eq!(toks[1], alone(m, &tok, &c, greedy.clone()));
     }
 
     /// A model decoding over paged caches (the attention reading the block table in place)
