@@ -239,7 +239,13 @@ impl Persist {
             if !c.is_dirty() {
                 return;
             }
-            c.snapshot()
+            match c.snapshot() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("saving the prefix cache failed: {e}");
+                    return;
+                }
+            }
         };
         self.last = Instant::now();
         let (dir, id) = (dir.clone(), id.clone());

@@ -77,6 +77,41 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
             "this KV cache does not take in-place appends".into(),
         ))
     }
+    /// For a kernel that reads the cache through its block table ([`Self::paged`]): appends
+    /// `k`, `v` (`[1, kv_heads, new, head_dim]`) without gathering anything and returns
+    /// `true`; `false` (the default) for a cache that is not paged, which then appends
+    /// nothing (the caller uses [`Self::update`]).
+    ///
+    /// Errors: as [`Self::update`] (for a paged cache: shapes that are not the layer's, a
+    /// pool out of blocks).
+    fn append_paged(&mut self, k: &Tensor, v: &Tensor) -> Result<bool> {
+        let _ = (k, v);
+        Ok(false)
+    }
+    /// The held keys and values read in place through a block table
+    /// ([`crate::kv_pool::PagedKvCache`]: vLLM's PagedAttention); `None` (the default) for a
+    /// contiguous cache.
+    fn paged(&self) -> Option<crate::kv_pool::PagedKv<'_>> {
+        None
+    }
+    /// Appends whole blocks of a KV block pool by reference (one more reference each, no
+    /// copy): `ids`, blocks of layer `layer` of `pool`, [`crate::kv_pool::BLOCK`] positions
+    /// each (a prefix cache's blocks, SGLang's RadixAttention over vLLM's blocks). Returns
+    /// whether it did; `false` (the default; a paged cache of another pool or layer, or not at
+    /// a block edge) appends nothing, and the caller copies the blocks' keys and values in
+    /// with [`Self::update`].
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a block that is not in use (the cache is as
+    /// before).
+    fn share_blocks(
+        &mut self,
+        pool: &std::sync::Arc<crate::kv_pool::KvBlockPool>,
+        layer: usize,
+        ids: &[u32],
+    ) -> Result<bool> {
+        let _ = (pool, layer, ids);
+        Ok(false)
+    }
     /// Asks an empty cache to store keys and values as `dtype` (f16 for a fused decode kernel
     /// that reads them so, halving the bytes read a token) while [`Self::update`] still takes
     /// and returns its callers' dtype. Returns whether it will; the default: it will not.
@@ -1175,6 +1210,22 @@ impl KvCache {
             )));
         }
         Ok(())
+    }
+
+    /// Replaces layer `i`'s cache with `layer` and returns the old one (e.g. a growing layer
+    /// of a fresh cache by a [`crate::kv_pool::PagedKvCache`]).
+    ///
+    /// Errors: [`Error::InvalidArgument`] past the last layer.
+    pub fn set_layer(
+        &mut self,
+        i: usize,
+        layer: Box<dyn LayerKvCache>,
+    ) -> Result<Box<dyn LayerKvCache>> {
+        let n = self.layers.len();
+        let slot = self.layers.get_mut(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("layer {i} of a KV cache of {n} layers"))
+        })?;
+        Ok(std::mem::replace(slot, layer))
     }
 
     /// Layer `i`'s cache, to read.

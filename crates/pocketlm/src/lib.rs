@@ -50,6 +50,7 @@ pub mod image_processor;
 pub mod json_file;
 pub mod kernels;
 pub mod kv_cache;
+pub mod kv_pool;
 pub mod loader;
 pub mod lora;
 pub mod memory;

@@ -7,6 +7,13 @@
 //!   each node holds, for every layer, the keys and values of its run
 //!   (`[1, kv_heads, run, head_dim]`, the dtype the cache's [`LayerKvCache::state`] gives:
 //!   f32 on CPU). A node is split at a block boundary when a new sequence diverges inside it.
+//! - Sequences whose caches are paged in one [`KvBlockPool`] (a batch under a KV budget,
+//!   [`crate::generate::batch`]) with blocks of [`BLOCK`] tokens: a node holds the run's pool
+//!   blocks by reference instead of a copy (vLLM's automatic prefix caching), and a lookup
+//!   into a paged cache of that pool puts those block ids in its block table (appends then go
+//!   to fresh blocks; a shared block is copied before it is written). They count against the
+//!   pool until evicted: [`PrefixCache::reclaim_pool_blocks`] gives them back when sequences
+//!   need the room. Lookups into other caches copy them out.
 //! - [`PrefixCache::lookup`] builds a cache holding the longest cached block-aligned prefix of
 //!   a prompt, never the whole prompt (at least one token is left to prefill, for its logits).
 //! - [`PrefixCache::insert`] adds a finished sequence's tokens (prompt and generated tokens
@@ -17,7 +24,8 @@
 //!   float cache, f32 or f16 storage). Rotating (sliding-window) and quantized caches, and
 //!   prompts with images (multimodal RoPE), are neither looked up nor inserted.
 //!
-//! Persistence ([`PrefixCache::save`], [`PrefixCache::load`]): one safetensors file,
+//! Persistence ([`PrefixCache::save`], [`PrefixCache::load`]; pool blocks are gathered into
+//! tensors when written, and a loaded tree holds tensors): one safetensors file,
 //! `prefix-cache.safetensors` in the cache directory, written to a temporary file beside it
 //! and renamed over it. Tensors `nodes.{j}.layers.{i}.keys` / `.values` for node `j` (nodes
 //! numbered so that a parent comes before its children) and layer `i`; string metadata:
@@ -35,6 +43,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::kv_cache::{KvCache, LayerKvCache};
+use crate::kv_pool::{KvBlockPool, PoolBlocks, BLOCK};
 use crate::models::CausalLM;
 use crate::prompt_cache::ModelIdentity;
 use crate::{Error, Result};
@@ -70,20 +79,54 @@ struct Node {
     parent: usize,
     /// The run's token ids (a multiple of the block size; empty for the root).
     tokens: Vec<u32>,
-    /// Per layer: keys and values `[1, kv_heads, tokens.len(), head_dim]`.
-    kv: Vec<(Tensor, Tensor)>,
+    /// The run's keys and values.
+    kv: NodeKv,
     /// Children by the token ids of their first block.
     children: HashMap<Vec<u32>, usize>,
     last_used: u64,
     bytes: usize,
 }
 
+/// A node's keys and values.
+#[derive(Debug, Clone)]
+enum NodeKv {
+    /// Per layer: keys and values `[1, kv_heads, run, head_dim]` of its own.
+    Tensors(Vec<(Tensor, Tensor)>),
+    /// The run's blocks in the KV block pool of the sequences that computed it, held by
+    /// reference and given to new sequences' block tables as they are (block size
+    /// [`BLOCK`]; vLLM's automatic prefix caching).
+    Blocks(PoolBlocks),
+}
+
+impl NodeKv {
+    fn nbytes(&self) -> usize {
+        match self {
+            NodeKv::Tensors(kv) => kv
+                .iter()
+                .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+                .sum(),
+            NodeKv::Blocks(b) => b.nbytes(),
+        }
+    }
+
+    /// Layer `i`'s first `len` positions as tensors (`[1, kv_heads, len, head_dim]`; blocks
+    /// are gathered, `len` a multiple of [`BLOCK`]).
+    fn layer(&self, i: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            NodeKv::Tensors(kv) => {
+                let (k, v) = kv.get(i).ok_or_else(|| {
+                    Error::InvalidArgument(format!("prefix cache: no layer {i} in a node"))
+                })?;
+                Ok((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))
+            }
+            NodeKv::Blocks(b) => b.gather(i, len / BLOCK),
+        }
+    }
+}
+
 impl Node {
-    fn new(parent: usize, tokens: Vec<u32>, kv: Vec<(Tensor, Tensor)>, clock: u64) -> Self {
-        let bytes = kv
-            .iter()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum();
+    fn new(parent: usize, tokens: Vec<u32>, kv: NodeKv, clock: u64) -> Self {
+        let bytes = kv.nbytes();
         Self {
             parent,
             tokens,
@@ -93,6 +136,22 @@ impl Node {
             bytes,
         }
     }
+}
+
+/// Appends `parts` (keys and values `[1, kv_heads, run, head_dim]`, in order) to `layer` in
+/// one update and empties the list.
+fn append_parts(layer: &mut dyn LayerKvCache, parts: &mut Vec<(Tensor, Tensor)>) -> Result<()> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = std::mem::take(parts).into_iter().unzip();
+    let (k, v) = if ks.len() == 1 {
+        (ks[0].clone(), vs[0].clone())
+    } else {
+        (Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)
+    };
+    layer.update(&k, &v)?;
+    Ok(())
 }
 
 /// What [`PrefixCache::load`] found.
@@ -135,7 +194,12 @@ impl PrefixCache {
                 block_size: config.block_size.max(1),
                 ..config
             },
-            nodes: vec![Some(Node::new(0, Vec::new(), Vec::new(), 0))],
+            nodes: vec![Some(Node::new(
+                0,
+                Vec::new(),
+                NodeKv::Tensors(Vec::new()),
+                0,
+            ))],
             free: Vec::new(),
             bytes: 0,
             clock: 0,
@@ -237,13 +301,30 @@ impl PrefixCache {
     /// Errors: [`Error::InvalidArgument`] when `cache` is not empty or has another layer
     /// count than the cached sequences; tensor errors (shapes the model's layers refuse).
     pub fn lookup_into(&mut self, ids: &[u32], cache: &mut KvCache) -> Result<usize> {
+        let b = self.config.block_size;
+        self.lookup_upto(ids, ids.len().saturating_sub(1) / b * b, cache)
+    }
+
+    /// As [`Self::lookup_into`] for ids that more tokens will follow (a sequence resumed from
+    /// the ids its cache held): every whole cached block of `ids` may match, the last one
+    /// included.
+    ///
+    /// Errors: as [`Self::lookup_into`].
+    pub fn resume_into(&mut self, ids: &[u32], cache: &mut KvCache) -> Result<usize> {
+        let b = self.config.block_size;
+        self.lookup_upto(ids, ids.len() / b * b, cache)
+    }
+
+    /// [`Self::lookup_into`] matching at most `ids[..limit]` (`limit` a multiple of the block
+    /// size).
+    fn lookup_upto(&mut self, ids: &[u32], limit: usize, cache: &mut KvCache) -> Result<usize> {
         if cache.offset() != 0 {
             return Err(Error::InvalidArgument(format!(
                 "prefix cache lookup: the cache already holds {} positions",
                 cache.offset()
             )));
         }
-        if !cache.sliceable() || ids.len() <= 1 {
+        if !cache.sliceable() || limit == 0 {
             return Ok(0);
         }
         if let Some(n) = self.n_layers {
@@ -254,29 +335,71 @@ impl PrefixCache {
                 )));
             }
         }
-        let b = self.config.block_size;
-        let limit = (ids.len() - 1) / b * b;
         let (path, matched) = self.walk(&ids[..limit]);
         if matched == 0 {
             return Ok(0);
         }
         for i in 0..cache.n_layers() {
-            let mut ks = Vec::with_capacity(path.len());
-            let mut vs = Vec::with_capacity(path.len());
-            for &(n, len) in &path {
-                let (k, v) = &self.node(n).kv[i];
-                ks.push(k.narrow(2, 0, len)?);
-                vs.push(v.narrow(2, 0, len)?);
-            }
-            let (k, v) = if ks.len() == 1 {
-                (ks.remove(0), vs.remove(0))
-            } else {
-                (Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)
-            };
             let layer: &mut dyn LayerKvCache = cache.layer_for_pass(i)?;
-            layer.update(&k, &v)?;
+            // Runs to copy in, in order; a node of pool blocks goes into a paged cache of the
+            // same pool by reference.
+            let mut parts = Vec::with_capacity(path.len());
+            for &(n, len) in &path {
+                match &self.node(n).kv {
+                    NodeKv::Blocks(b) if len % BLOCK == 0 => {
+                        append_parts(layer, &mut parts)?;
+                        if !layer.share_blocks(b.pool(), i, &b.ids(i)[..len / BLOCK])? {
+                            parts.push(b.gather(i, len / BLOCK)?);
+                        }
+                    }
+                    kv => parts.push(kv.layer(i, len)?),
+                }
+            }
+            append_parts(layer, &mut parts)?;
         }
         Ok(matched)
+    }
+
+    /// The blocks of positions `from..to` (multiples of [`BLOCK`]) of `cache` when every layer
+    /// is a paged cache of one pool (layer `i` in pool layer `i`) and this tree's blocks are
+    /// the pool's; `None` otherwise.
+    fn pool_blocks(&self, cache: &KvCache, from: usize, to: usize) -> Option<Result<PoolBlocks>> {
+        if self.config.block_size != BLOCK || cache.n_layers() == 0 {
+            return None;
+        }
+        let mut pool: Option<std::sync::Arc<KvBlockPool>> = None;
+        let mut ids = Vec::with_capacity(cache.n_layers());
+        for i in 0..cache.n_layers() {
+            let view = cache.layer_ref(i)?.paged()?;
+            let same = pool
+                .as_ref()
+                .is_none_or(|p| std::sync::Arc::ptr_eq(p, view.pool()));
+            if !same || view.layer() != i || view.table().len() < to / BLOCK {
+                return None;
+            }
+            pool.get_or_insert_with(|| view.pool().clone());
+            ids.push(view.table()[from / BLOCK..to / BLOCK].to_vec());
+        }
+        Some(PoolBlocks::share(&pool?, ids))
+    }
+
+    /// Evicts least recently used leaves holding blocks of `pool` until it has `free` free
+    /// blocks ([`KvBlockPool::free_blocks`]) or no such leaf is left (blocks that running
+    /// sequences share stay in use). Returns the nodes evicted.
+    pub fn reclaim_pool_blocks(
+        &mut self,
+        pool: &std::sync::Arc<KvBlockPool>,
+        free: usize,
+    ) -> usize {
+        let mut evicted = 0;
+        while pool.free_blocks() < free
+            && self.evict_lru_leaf(
+                |kv| matches!(kv, NodeKv::Blocks(b) if std::sync::Arc::ptr_eq(b.pool(), pool)),
+            )
+        {
+            evicted += 1;
+        }
+        evicted
     }
 
     /// [`Self::lookup_into`] a fresh cache of `model` ([`CausalLM::new_cache`]): the matched
@@ -330,18 +453,24 @@ impl PrefixCache {
         if matched == n {
             return Ok(0);
         }
-        let mut kv = Vec::with_capacity(n_layers);
-        for i in 0..n_layers {
-            let Some((k, v)) = cache.layer_state(i)? else {
-                return Err(Error::InvalidArgument(format!(
-                    "prefix cache insert: layer {i} of the cache is empty"
-                )));
-            };
-            kv.push((
-                k.narrow(2, matched, n - matched)?.copy()?,
-                v.narrow(2, matched, n - matched)?.copy()?,
-            ));
-        }
+        let kv = match self.pool_blocks(cache, matched, n) {
+            Some(blocks) => NodeKv::Blocks(blocks?),
+            None => {
+                let mut kv = Vec::with_capacity(n_layers);
+                for i in 0..n_layers {
+                    let Some((k, v)) = cache.layer_state(i)? else {
+                        return Err(Error::InvalidArgument(format!(
+                            "prefix cache insert: layer {i} of the cache is empty"
+                        )));
+                    };
+                    kv.push((
+                        k.narrow(2, matched, n - matched)?.copy()?,
+                        v.narrow(2, matched, n - matched)?.copy()?,
+                    ));
+                }
+                NodeKv::Tensors(kv)
+            }
+        };
         let now = self.tick();
         let node = self.add(Node::new(parent, ids[matched..].to_vec(), kv, now));
         self.node_mut(parent)
@@ -358,16 +487,26 @@ impl PrefixCache {
         let b = self.config.block_size;
         let old = self.nodes[i].take().expect("a live prefix-cache node");
         self.bytes -= old.bytes;
-        let mut head_kv = Vec::with_capacity(old.kv.len());
-        let mut tail_kv = Vec::with_capacity(old.kv.len());
         let rest = old.tokens.len() - at;
-        for (k, v) in &old.kv {
-            head_kv.push((k.narrow(2, 0, at)?.copy()?, v.narrow(2, 0, at)?.copy()?));
-            tail_kv.push((
-                k.narrow(2, at, rest)?.copy()?,
-                v.narrow(2, at, rest)?.copy()?,
-            ));
-        }
+        let (head_kv, tail_kv) = match old.kv {
+            NodeKv::Tensors(kv) => {
+                let mut head_kv = Vec::with_capacity(kv.len());
+                let mut tail_kv = Vec::with_capacity(kv.len());
+                for (k, v) in &kv {
+                    head_kv.push((k.narrow(2, 0, at)?.copy()?, v.narrow(2, 0, at)?.copy()?));
+                    tail_kv.push((
+                        k.narrow(2, at, rest)?.copy()?,
+                        v.narrow(2, at, rest)?.copy()?,
+                    ));
+                }
+                (NodeKv::Tensors(head_kv), NodeKv::Tensors(tail_kv))
+            }
+            // `at` is a multiple of the block size, which is `BLOCK` for pool blocks.
+            NodeKv::Blocks(mut head) => {
+                let tail = head.split_off(at / BLOCK);
+                (NodeKv::Blocks(head), NodeKv::Blocks(tail))
+            }
+        };
         let mut head = Node::new(
             old.parent,
             old.tokens[..at].to_vec(),
@@ -396,35 +535,42 @@ impl PrefixCache {
 
     /// Evicts least recently used leaves until the budget holds.
     fn evict(&mut self) {
-        while self.bytes > self.config.max_bytes {
-            let victim = self
-                .nodes
-                .iter()
-                .enumerate()
-                .skip(1)
-                .filter_map(|(i, n)| n.as_ref().map(|n| (i, n)))
-                .filter(|(_, n)| n.children.is_empty())
-                .min_by_key(|(_, n)| n.last_used)
-                .map(|(i, _)| i);
-            let Some(i) = victim else { break };
-            let node = self.nodes[i].take().expect("a live prefix-cache node");
-            self.bytes -= node.bytes;
-            self.free.push(i);
-            let key = &node.tokens[..self.config.block_size];
-            self.node_mut(node.parent).children.remove(key);
-            self.dirty = true;
-            tracing::debug!(
-                tokens = node.tokens.len(),
-                bytes = node.bytes,
-                "prefix cache: evicted a node"
-            );
-        }
+        while self.bytes > self.config.max_bytes && self.evict_lru_leaf(|_| true) {}
+    }
+
+    /// Evicts the least recently used leaf whose keys and values `which` accepts (pool blocks
+    /// go back to the pool unless sequences share them); returns whether there was one.
+    fn evict_lru_leaf(&mut self, which: impl Fn(&NodeKv) -> bool) -> bool {
+        let victim = self
+            .nodes
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter_map(|(i, n)| n.as_ref().map(|n| (i, n)))
+            .filter(|(_, n)| n.children.is_empty() && which(&n.kv))
+            .min_by_key(|(_, n)| n.last_used)
+            .map(|(i, _)| i);
+        let Some(i) = victim else { return false };
+        let node = self.nodes[i].take().expect("a live prefix-cache node");
+        self.bytes -= node.bytes;
+        self.free.push(i);
+        let key = &node.tokens[..self.config.block_size];
+        self.node_mut(node.parent).children.remove(key);
+        self.dirty = true;
+        tracing::debug!(
+            tokens = node.tokens.len(),
+            bytes = node.bytes,
+            "prefix cache: evicted a node"
+        );
+        true
     }
 
     /// The tree as it is now, for [`PrefixSnapshot::write`] (on another thread: the tensors
-    /// are shared, not copied); marks the tree clean.
-    pub fn snapshot(&mut self) -> PrefixSnapshot {
-        self.dirty = false;
+    /// are shared, not copied; nodes of pool blocks are gathered into tensors, so that the
+    /// snapshot holds no block of the pool); marks the tree clean.
+    ///
+    /// Errors: tensor errors gathering pool blocks (the tree stays dirty).
+    pub fn snapshot(&mut self) -> Result<PrefixSnapshot> {
         // Parents before children: breadth-first from the root.
         let mut order = Vec::new();
         let mut index = HashMap::new();
@@ -439,11 +585,19 @@ impl PrefixCache {
                 order.push(i);
             }
         }
+        let n_layers = self.n_layers.unwrap_or(0);
         let nodes = order
             .iter()
             .map(|&i| {
                 let n = self.node(i);
-                SnapshotNode {
+                // Pool blocks are copied out now, so that the write pins none of them.
+                let kv = match &n.kv {
+                    NodeKv::Tensors(kv) => kv.clone(),
+                    kv => (0..n_layers)
+                        .map(|l| kv.layer(l, n.tokens.len()))
+                        .collect::<Result<_>>()?,
+                };
+                Ok(SnapshotNode {
                     parent: if n.parent == 0 {
                         -1
                     } else {
@@ -451,15 +605,16 @@ impl PrefixCache {
                     },
                     tokens: n.tokens.clone(),
                     last_used: n.last_used,
-                    kv: n.kv.clone(),
-                }
+                    kv,
+                })
             })
-            .collect();
-        PrefixSnapshot {
+            .collect::<Result<_>>()?;
+        self.dirty = false;
+        Ok(PrefixSnapshot {
             block_size: self.config.block_size,
-            n_layers: self.n_layers.unwrap_or(0),
+            n_layers,
             nodes,
-        }
+        })
     }
 
     /// Writes the tree to `dir` ([`FILE_NAME`], see the module documentation), creating the
@@ -467,7 +622,7 @@ impl PrefixCache {
     ///
     /// Errors: [`Error::Io`] naming the file when it cannot be written.
     pub fn save(&mut self, dir: &Path, identity: &ModelIdentity) -> Result<PathBuf> {
-        self.snapshot().write(dir, identity)
+        self.snapshot()?.write(dir, identity)
     }
 
     /// A cache with `config`'s bounds holding what `dir`'s file holds for the model
@@ -610,7 +765,12 @@ impl PrefixCache {
             }
             let key = e.tokens[..block].to_vec();
             cache.clock = cache.clock.max(e.last_used);
-            let node = cache.add(Node::new(parent, e.tokens, kv, e.last_used));
+            let node = cache.add(Node::new(
+                parent,
+                e.tokens,
+                NodeKv::Tensors(kv),
+                e.last_used,
+            ));
             if cache.node_mut(parent).children.insert(key, node).is_some() {
                 return Err(format!(
                     "{file}: node {j} starts with the same block as a sibling"
@@ -630,6 +790,8 @@ struct SnapshotNode {
     parent: i64,
     tokens: Vec<u32>,
     last_used: u64,
+    /// Per layer: keys and values `[1, kv_heads, tokens.len(), head_dim]` (a node's pool
+    /// blocks gathered).
     kv: Vec<(Tensor, Tensor)>,
 }
 
@@ -920,6 +1082,119 @@ mod tests {
             size: 1234,
             architecture: "llama".into(),
         }
+    }
+
+    /// An empty cache of [`LAYERS`] paged layers in `pool`.
+    fn empty_paged(pool: &std::sync::Arc<KvBlockPool>) -> KvCache {
+        KvCache::from_layers(
+            (0..LAYERS)
+                .map(|l| {
+                    Box::new(crate::kv_pool::PagedKvCache::new(pool.clone(), l).unwrap())
+                        as Box<dyn LayerKvCache>
+                })
+                .collect(),
+        )
+    }
+
+    /// Appends positions `from..ids.len()` of what [`cache_of`] gives for `ids` to `c`.
+    fn append_of(c: &mut KvCache, ids: &[u32], from: usize) {
+        let src = cache_of(ids);
+        for l in 0..LAYERS {
+            let (k, v) = src.layer_state(l).unwrap().unwrap();
+            let n = ids.len() - from;
+            let (k, v) = (k.narrow(2, from, n).unwrap(), v.narrow(2, from, n).unwrap());
+            c.layer(l).unwrap().update(&k, &v).unwrap();
+        }
+    }
+
+    /// With blocks of [`BLOCK`] tokens and caches paged in one pool, the tree holds the
+    /// pool's blocks by reference: two sequences starting with a cached 64-token prefix get its
+    /// blocks in their tables and take fewer blocks than twice one sequence; a split splits
+    /// the blocks, lookups into growing caches copy them, saving gathers them, and reclaiming
+    /// gives them back once no sequence shares them.
+    #[test]
+    fn pool_blocks_are_shared_by_reference() {
+        use std::sync::Arc;
+        let pool = Arc::new(KvBlockPool::new(&[(2, 3); LAYERS], 64).unwrap());
+        let mut p = PrefixCache::new(PrefixCacheConfig {
+            block_size: BLOCK,
+            max_bytes: 1 << 20,
+        });
+        let with = |tail: u32, n: usize| {
+            let mut v = seq(0, 64);
+            v.extend(seq(tail, n));
+            v
+        };
+        let a = with(1000, 10);
+        let mut ca = empty_paged(&pool);
+        append_of(&mut ca, &a, 0);
+        let one = pool.used_blocks();
+        assert_eq!(one, 5);
+        assert_eq!(p.insert(&a, &ca).unwrap(), 64);
+        assert_eq!(p.nbytes(), 4 * pool.block_bytes());
+        drop(ca);
+        assert_eq!(
+            pool.used_blocks(),
+            4,
+            "the tree keeps the prefix's 4 blocks"
+        );
+
+        let (b, c) = (with(2000, 10), with(3000, 10));
+        let mut cb = empty_paged(&pool);
+        let mut cc = empty_paged(&pool);
+        assert_eq!(p.lookup_into(&b, &mut cb).unwrap(), 64);
+        assert_eq!(p.lookup_into(&c, &mut cc).unwrap(), 64);
+        assert_eq!(pool.used_blocks(), 4, "looked up by reference, not copied");
+        append_of(&mut cb, &b, 64);
+        append_of(&mut cc, &c, 64);
+        assert_holds(&cb, &b);
+        assert_holds(&cc, &c);
+        let two = pool.used_blocks();
+        assert_eq!(two, 4 + 1 + 1);
+        assert!(
+            two < 2 * one,
+            "{two} blocks for two sequences, {one} for one"
+        );
+        for l in 0..LAYERS {
+            let tb = cb.layer_ref(l).unwrap().paged().unwrap().table().to_vec();
+            let tc = cc.layer_ref(l).unwrap().paged().unwrap().table().to_vec();
+            assert_eq!(tb[..4], tc[..4]);
+            assert_ne!(tb[4], tc[4]);
+            assert!(tb[..4].iter().all(|&id| pool.refs(l, id) == Some(3)));
+        }
+        // Into a growing cache the blocks are copied.
+        assert_eq!(hit(&mut p, &b), 64);
+
+        // Diverging after 32 tokens splits the node and its blocks.
+        let mut d = seq(0, 32);
+        d.extend(seq(4000, 40));
+        let mut cd = empty_paged(&pool);
+        append_of(&mut cd, &d, 0);
+        assert_eq!(p.insert(&d, &cd).unwrap(), 32);
+        drop(cd);
+        assert_eq!(p.n_nodes(), 3);
+        assert_eq!(pool.used_blocks(), 6 + 2);
+        assert_eq!(hit(&mut p, &b), 64);
+        assert_eq!(hit(&mut p, &d), 64);
+        let mut ce = empty_paged(&pool);
+        assert_eq!(p.lookup_into(&d, &mut ce).unwrap(), 64);
+        assert_holds(&ce, &d[..64]);
+        drop(ce);
+
+        // Saved (blocks gathered) and loaded (as tensors).
+        let dir = tempfile::tempdir().unwrap();
+        let me = identity("/models/a.gguf");
+        p.save(dir.path(), &me).unwrap();
+        let (mut q, _) = PrefixCache::load(dir.path(), &me, p.config(), &Device::Cpu).unwrap();
+        assert_eq!((q.n_nodes(), q.nbytes()), (3, p.nbytes()));
+        assert_eq!(hit(&mut q, &b), 64);
+        assert_eq!(hit(&mut q, &d), 64);
+
+        // Reclaiming: the blocks B and C share stay in use until they are dropped.
+        assert_eq!(p.reclaim_pool_blocks(&pool, 64), 3);
+        assert_eq!(pool.used_blocks(), 6);
+        drop((cb, cc));
+        assert_eq!(pool.used_blocks(), 0);
     }
 
     #[test]

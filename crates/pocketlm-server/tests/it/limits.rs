@@ -186,9 +186,10 @@ fn chat_without_a_chat_template_is_a_bad_request() {
     assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
 }
 
-/// Under a KV memory budget of two blocks of the default model's cache (256 positions x 30
-/// layers x 3 KV heads x 64 x keys and values x 4 bytes = 11.8 MB a block), three concurrent
-/// requests all succeed (one waits for room) with the texts each gets alone.
+/// Under a KV memory budget of two 256-position blocks of the default model's cache (256
+/// positions x 30 layers x 3 KV heads x 64 x keys and values x 4 bytes = 11.8 MB a block),
+/// which the CPU's KV block pool holds as 32 blocks of 16 positions, three concurrent requests
+/// all succeed with the texts each gets alone.
 #[test]
 fn requests_beyond_the_kv_memory_budget_wait_and_succeed() {
     let addr = super::start_server(ServerConfig {

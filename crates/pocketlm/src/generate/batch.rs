@@ -26,14 +26,21 @@
 //! [`BatchGenerator::cached_tokens`] says how many were reused), and every sequence that
 //! finishes normally adds the tokens it fed to the model (prompt and generated) to the cache.
 //!
-//! With a KV memory budget ([`BatchConfig::kv_memory`]), the sequences' caches are accounted in
-//! blocks of [`KV_BLOCK`] positions (the step by which a growing cache allocates): a waiting
+//! With a KV memory budget ([`BatchConfig::kv_memory`]) on the CPU, the sequences' keys and
+//! values live in one [`KvBlockPool`] of `kv_memory / block_bytes` blocks of
+//! [`crate::kv_pool::BLOCK`] positions (vLLM's PagedAttention, Kwon et al. 2023): each
+//! sequence's attention layers are [`PagedKvCache`]s, block tables into the pool, and decode
+//! reads the blocks in place. Caches are accounted in the pool's blocks (on other devices, where
+//! caches stay growing ones, in blocks of [`KV_BLOCK`] positions, the step by which a growing
+//! cache allocates): a waiting
 //! sequence is admitted only when the blocks of its whole prompt fit next to what the running
 //! ones hold and will hold up to their next token, and when the running ones' next step would
 //! not fit, the latest admitted is preempted: its cache is dropped and it waits at the head of
 //! the queue, to be resumed later by recomputing its cache from the token ids it had fed (the
 //! prefix cache, when there is one, gives back what it holds of them), as vLLM's recompute
-//! preemption does. Nothing fails for want of memory but a sequence that alone does not fit.
+//! preemption does; a preempted sequence's blocks go back to the pool. Nothing fails for want
+//! of memory but a sequence that alone does not fit. A cache given back by
+//! [`BatchGenerator::remove`] keeps its blocks until it is dropped.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -42,7 +49,8 @@ use std::time::{Duration, Instant};
 use super::{
     sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, Token, TokenState,
 };
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, LayerKvCache};
+use crate::kv_pool::{KvBlockPool, PagedKvCache, BLOCK};
 use crate::models::{BatchRow, CausalLM, ModelInput};
 use crate::prefix_cache::PrefixCache;
 use crate::tokenizer::Tokenizer;
@@ -57,14 +65,16 @@ pub struct BatchConfig {
     /// prompt chunks take what is left, at least a quarter of it. At least 1. Default 256.
     pub tokens_per_step: usize,
     /// Bytes the sequences' KV caches may hold together (running and waiting; the prefix
-    /// cache has its own bound), counted in [`KV_BLOCK`]-position blocks of f32 keys and
-    /// values for every layer of [`CausalLM::cache_shapes`]; `None` (the default): no bound.
-    /// See the module documentation.
+    /// cache has its own bound), counted in blocks of f32 keys and values for every layer of
+    /// [`CausalLM::cache_shapes`]: on the CPU the blocks of one shared [`KvBlockPool`]
+    /// ([`crate::kv_pool::BLOCK`] positions, `kv_memory / block_bytes` of them), elsewhere
+    /// [`KV_BLOCK`]-position blocks of each sequence's own cache; `None` (the default): no
+    /// bound. See the module documentation.
     pub kv_memory: Option<usize>,
 }
 
-/// Positions per block of the KV memory budget ([`BatchConfig::kv_memory`]): the step by which
-/// [`KvCache::growing`] caches allocate.
+/// Positions per block of the KV memory budget ([`BatchConfig::kv_memory`]) where there is no
+/// block pool (a model off the CPU): the step by which [`KvCache::growing`] caches allocate.
 pub const KV_BLOCK: usize = 256;
 
 impl Default for BatchConfig {
@@ -287,11 +297,27 @@ pub struct BatchGenerator<'a> {
     preemptions: u64,
     /// Caches of ended sequences inserted by [`BatchGenerator::insert_keeping`].
     kept: std::collections::HashMap<SeqId, KvCache>,
+    /// The blocks of the sequences' keys and values under a KV budget on the CPU.
+    pool: Option<Arc<KvBlockPool>>,
 }
 
 impl<'a> BatchGenerator<'a> {
     /// An empty generator over `model` and `tokenizer`; `config`'s bounds are raised to 1.
+    /// With [`BatchConfig::kv_memory`] and a model on the CPU, the KV block pool is made here
+    /// (its blocks' storage is allocated as they are first used).
     pub fn new(model: &'a dyn CausalLM, tokenizer: &'a Tokenizer, config: BatchConfig) -> Self {
+        let pool = config
+            .kv_memory
+            .filter(|_| model.device().is_cpu())
+            .and_then(
+                |bytes| match KvBlockPool::with_bytes(&model.cache_shapes(), bytes) {
+                    Ok(p) => Some(Arc::new(p)),
+                    Err(e) => {
+                        tracing::warn!("no KV block pool, caches are accounted instead: {e}");
+                        None
+                    }
+                },
+            );
         Self {
             model,
             tokenizer,
@@ -311,7 +337,62 @@ impl<'a> BatchGenerator<'a> {
                 .sum(),
             preemptions: 0,
             kept: std::collections::HashMap::new(),
+            pool,
         }
+    }
+
+    /// The KV block pool of the sequences' caches (see the module documentation); `None`
+    /// without a KV budget or off the CPU.
+    pub fn kv_pool(&self) -> Option<&Arc<KvBlockPool>> {
+        self.pool.as_ref()
+    }
+
+    /// A fresh cache for a sequence ([`CausalLM::new_cache`]), its growing key/value layers
+    /// replaced by [`PagedKvCache`]s of the pool when there is one (layers with an array
+    /// state stay as they are).
+    fn fresh_cache(&self) -> KvCache {
+        let mut cache = self.model.new_cache();
+        let Some(pool) = &self.pool else {
+            return cache;
+        };
+        if cache.n_layers() != pool.n_layers() {
+            return cache;
+        }
+        for i in 0..cache.n_layers() {
+            let growing = cache
+                .layer_ref(i)
+                .is_some_and(|l| l.kind() == "KVCache" && l.sliceable() && l.offset() == 0);
+            if !growing {
+                continue;
+            }
+            match PagedKvCache::new(pool.clone(), i) {
+                Ok(p) => {
+                    // In range: `i < n_layers`.
+                    let _ = cache.set_layer(i, Box::new(p) as Box<dyn LayerKvCache>);
+                }
+                Err(e) => tracing::warn!("layer {i} keeps a growing cache: {e}"),
+            }
+        }
+        cache
+    }
+
+    /// Positions per block of the budget's accounting: the pool's blocks, else [`KV_BLOCK`].
+    fn unit(&self) -> usize {
+        if self.pool.is_some() {
+            BLOCK
+        } else {
+            KV_BLOCK
+        }
+    }
+
+    /// The KV budget in bytes: [`BatchConfig::kv_memory`], down to the pool's whole blocks
+    /// where there is a pool.
+    fn budget(&self) -> Option<usize> {
+        let b = self.config.kv_memory?;
+        Some(match &self.pool {
+            Some(p) => b.min(p.n_blocks() * p.block_bytes()),
+            None => b,
+        })
     }
 
     /// Uses `prefix` (shared, e.g. with a thread that saves it) for the sequences inserted from
@@ -335,10 +416,17 @@ impl<'a> BatchGenerator<'a> {
     /// With a prefix cache, a text prompt starts from its longest cached prefix (at least one
     /// token is still prefilled) and the sampler's history still holds the whole prompt.
     pub fn insert(&mut self, mut input: ModelInput, params: GenerateParams) -> Result<SeqId> {
-        let mut cache = self.model.new_cache();
         if !input.images.is_empty() {
-            return self.insert_with_cache(cache, input, params);
+            return self.insert_with_cache(self.fresh_cache(), input, params);
         }
+        let budget = self.config.kv_memory.is_some();
+        // Under a budget the hit is only counted here, in a cache outside the block pool (the
+        // waiting sequence holds none; see below).
+        let mut cache = if budget {
+            self.model.new_cache()
+        } else {
+            self.fresh_cache()
+        };
         let all = input.ids.clone();
         let mut cached = 0;
         if let Some(p) = self.prefix.as_ref().filter(|_| cache.sliceable()) {
@@ -355,22 +443,25 @@ impl<'a> BatchGenerator<'a> {
         let (tokens, text) =
             sequence_parts(self.model, self.tokenizer, cache.offset(), input, params)?;
         let tokens = tokens.with_history_prefix(&all[..cached]);
-        let budget = self.config.kv_memory.is_some();
-        let fresh = budget.then(|| self.model.new_cache());
+        let fresh = budget.then(|| self.fresh_cache());
         let id = self.push_waiting(cache, tokens, text);
         if let Some(s) = self.waiting.back_mut() {
             s.cached = cached;
             s.fed = Some(all[..cached].to_vec());
-            if let (Some(fresh), true) = (fresh, cached > 0) {
-                // Under a budget a waiting sequence holds no cache: the hit is looked up again
-                // when it is admitted.
-                s.cache = fresh;
-                s.fed = Some(Vec::new());
-                s.phase = Phase::Resume {
-                    replay: all[..cached].to_vec(),
-                    done: 0,
-                    then: Box::new(Phase::New),
-                };
+            match fresh {
+                Some(fresh) if cached == 0 => s.cache = fresh,
+                Some(fresh) => {
+                    // Under a budget a waiting sequence holds no cache: the hit is looked up
+                    // again when it is admitted.
+                    s.cache = fresh;
+                    s.fed = Some(Vec::new());
+                    s.phase = Phase::Resume {
+                        replay: all[..cached].to_vec(),
+                        done: 0,
+                        then: Box::new(Phase::New),
+                    };
+                }
+                None => {}
             }
         }
         Ok(id)
@@ -491,12 +582,11 @@ impl<'a> BatchGenerator<'a> {
     }
 
     /// Bytes `s`'s cache holds once `extra` more positions are in it: its blocks of
-    /// [`KV_BLOCK`] positions, or what it holds now if that is more.
+    /// [`Self::unit`] positions, or what it holds now if that is more.
     fn reserve(&self, s: &Seq<'_>, extra: usize) -> usize {
-        let blocks = (s.cache.offset() + extra).div_ceil(KV_BLOCK);
-        s.cache
-            .nbytes()
-            .max(blocks * KV_BLOCK * self.position_bytes)
+        let unit = self.unit();
+        let blocks = (s.cache.offset() + extra).div_ceil(unit);
+        s.cache.nbytes().max(blocks * unit * self.position_bytes)
     }
 
     /// Bytes the running sequences need up to their next token, plus what the waiting ones
@@ -526,6 +616,7 @@ impl<'a> BatchGenerator<'a> {
         let mut out = Vec::new();
         self.admit(&mut out);
         self.fit_budget(&mut out);
+        self.reclaim_blocks();
         if let Some(i) = self.running.iter().position(
             |s| matches!(&s.phase, Phase::Prefill { input, .. } if !input.images.is_empty()),
         ) {
@@ -574,7 +665,7 @@ impl<'a> BatchGenerator<'a> {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            if let Some(budget) = self.config.kv_memory {
+            if let Some(budget) = self.budget() {
                 let need = self.reserve(&s, s.phase.pending(s.prompt_len) + 1);
                 if self.committed() + need > budget {
                     if need > budget {
@@ -619,14 +710,19 @@ impl<'a> BatchGenerator<'a> {
         if let Phase::Resume { replay, done, .. } = &mut s.phase {
             if let Some(p) = self.prefix.as_ref().filter(|_| *done == 0) {
                 let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
-                match p.lookup_into(replay, &mut s.cache) {
+                if let Some(pool) = &self.pool {
+                    // Blocks the lookup may copy into (none for blocks it shares).
+                    p.reclaim_pool_blocks(pool, replay.len().div_ceil(BLOCK));
+                }
+                // More tokens follow the replayed ones: every whole cached block may match.
+                match p.resume_into(replay, &mut s.cache) {
                     Ok(n) => {
                         *done = n;
                         s.fed = Some(replay[..n].to_vec());
                     }
                     Err(e) => {
                         tracing::warn!("prefix cache lookup failed, recomputing: {e}");
-                        s.cache = self.model.new_cache();
+                        s.cache = self.fresh_cache();
                     }
                 }
             }
@@ -663,7 +759,7 @@ impl<'a> BatchGenerator<'a> {
     /// not all known: images, or a cache given to [`Self::insert_with_cache`]) is never
     /// preempted; when no other can be and the pass still does not fit, the latest fails.
     fn fit_budget(&mut self, out: &mut Vec<BatchEvent>) {
-        let Some(budget) = self.config.kv_memory else {
+        let Some(budget) = self.budget() else {
             return;
         };
         loop {
@@ -700,6 +796,29 @@ impl<'a> BatchGenerator<'a> {
         }
     }
 
+    /// With a block pool and a prefix cache: evicts prefix-cache leaves holding pool blocks
+    /// until the pool has the blocks the next pass takes (the budget counts the sequences'
+    /// blocks, not those only the prefix cache holds).
+    fn reclaim_blocks(&self) {
+        let (Some(pool), Some(prefix)) = (&self.pool, &self.prefix) else {
+            return;
+        };
+        let need: usize = self
+            .running
+            .iter()
+            .zip(self.plan())
+            .map(|(s, n)| {
+                let at = s.cache.offset();
+                (at + n).div_ceil(BLOCK) - at.div_ceil(BLOCK)
+            })
+            .sum();
+        if pool.free_blocks() < need {
+            let mut p = prefix.lock().unwrap_or_else(|e| e.into_inner());
+            let n = p.reclaim_pool_blocks(pool, need);
+            tracing::debug!(need, evicted = n, "KV pool: prefix-cache blocks reclaimed");
+        }
+    }
+
     /// Drops running sequence `i`'s cache and puts it at the head of the waiting queue, to be
     /// recomputed from its fed ids when it is admitted again.
     fn preempt(&mut self, i: usize) {
@@ -726,7 +845,7 @@ impl<'a> BatchGenerator<'a> {
             bytes = s.cache.nbytes(),
             "KV budget: preempted a sequence"
         );
-        s.cache = self.model.new_cache();
+        s.cache = self.fresh_cache();
         self.preemptions += 1;
         self.waiting.push_front(s);
     }
@@ -1354,6 +1473,211 @@ mod tests {
         }
     }
 
+    /// Under a KV budget on the CPU the sequences' caches are block tables into one pool of
+    /// `kv_memory / block_bytes` blocks: after every step the blocks in use are exactly those
+    /// the sequences' caches hold (none leaks, a preempted sequence's come back), never more
+    /// than the pool has, the pool does fill up, and every block is back when all are done;
+    /// no sequence fails and the greedy tokens are each one's alone.
+    #[test]
+    fn the_kv_pool_holds_the_sequences_blocks_and_never_overflows() {
+        let tok = tokenizer();
+        let model = tiny_llama(true);
+        let m = model.as_ref();
+        let greedy = params(24, SamplingParams::default());
+        let prompts: Vec<Vec<u32>> = [50, 130, 17, 90, 64, 33]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| prompt(n, 70 + i as u64))
+            .collect();
+        // 2 layers x 2 KV heads x 16 wide, f32 keys and values: 8 KiB a block of 16.
+        let block_bytes = 16 * 512;
+        // 30 blocks and a few bytes: 480 positions, the pool rounds down.
+        let budget = 30 * block_bytes + 100;
+        let mut gen = BatchGenerator::new(
+            m,
+            &tok,
+            BatchConfig {
+                max_batch: 6,
+                tokens_per_step: 64,
+                kv_memory: Some(budget),
+            },
+        );
+        let pool = gen.kv_pool().expect("a pool on the CPU").clone();
+        assert_eq!((pool.n_blocks(), pool.block_bytes()), (30, block_bytes));
+        let ids: Vec<SeqId> = prompts
+            .iter()
+            .map(|p| {
+                gen.insert(ModelInput::text(p.clone()), greedy.clone())
+                    .unwrap()
+            })
+            .collect();
+        let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        let mut peak = 0;
+        for _ in 0..3000 {
+            if gen.is_empty() {
+                break;
+            }
+            for e in gen.step() {
+                if let Event::Token { id, .. } = e.event.expect("no sequence fails") {
+                    toks.entry(e.id).or_default().push(id);
+                }
+            }
+            let used = pool.used_blocks();
+            assert!(
+                used <= pool.n_blocks(),
+                "{used} blocks of {}",
+                pool.n_blocks()
+            );
+            assert_eq!(used * block_bytes, gen.kv_bytes(), "blocks in use vs held");
+            peak = peak.max(used);
+        }
+        assert!(gen.is_empty());
+        assert!(gen.preemptions() > 0, "the budget never bound");
+        assert!(
+            peak >= 25,
+            "the pool never filled: peak {peak} of 30 blocks"
+        );
+        assert_eq!(pool.used_blocks(), 0, "every block is back");
+        for (id, p) in ids.iter().zip(&prompts) {
+            assert_eq!(toks[id], alone(m, &tok, p, greedy.clone()));
+        }
+    }
+
+    /// With a KV budget and a prefix cache, a finished sequence's blocks stay in the pool
+    /// under the prefix cache, and two later sequences starting with the same 64 tokens take
+    /// those blocks into their tables by reference: together they hold fewer pool blocks than
+    /// twice what one sequence takes, and each generates its tokens alone.
+    #[test]
+    fn sequences_with_a_cached_prefix_share_its_pool_blocks() {
+        use crate::kv_pool::BLOCK;
+        use crate::prefix_cache::{PrefixCache, PrefixCacheConfig};
+        let tok = tokenizer();
+        let model = tiny_llama(true);
+        let m = model.as_ref();
+        let greedy = params(8, SamplingParams::default());
+        let prefix = prompt(64, 90);
+        let with = |seed: u64| {
+            let mut p = prefix.clone();
+            p.extend(prompt(10, seed));
+            p
+        };
+        let cache = Arc::new(Mutex::new(PrefixCache::new(PrefixCacheConfig {
+            block_size: BLOCK,
+            max_bytes: 1 << 26,
+        })));
+        let mut gen = BatchGenerator::new(
+            m,
+            &tok,
+            BatchConfig {
+                max_batch: 4,
+                tokens_per_step: 256,
+                kv_memory: Some(64 * BLOCK * 512),
+            },
+        )
+        .with_prefix_cache(cache.clone());
+        let pool = gen.kv_pool().expect("a pool on the CPU").clone();
+        let run = |gen: &mut BatchGenerator<'_>, prompts: &[Vec<u32>]| {
+            let ids: Vec<SeqId> = prompts
+                .iter()
+                .map(|p| {
+                    gen.insert(ModelInput::text(p.clone()), greedy.clone())
+                        .unwrap()
+                })
+                .collect();
+            let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
+            let mut peak = 0;
+            while !gen.is_empty() {
+                for e in gen.step() {
+                    if let Event::Token { id, .. } = e.event.expect("no sequence fails") {
+                        toks.entry(e.id).or_default().push(id);
+                    }
+                }
+                peak = peak.max(pool.used_blocks());
+            }
+            let toks: Vec<Vec<u32>> = ids.iter().map(|id| toks[id].clone()).collect();
+            (toks, peak)
+        };
+        // One sequence alone, between steps: at most 74 prompt tokens and 6 more fed, 5 blocks
+        // (it ends within the step that would take a sixth).
+        let (_, one) = run(&mut gen, &[with(91)]);
+        assert_eq!(one, (74 + 6usize).div_ceil(BLOCK));
+        // The prefix cache keeps its 5 whole blocks in the pool.
+        assert_eq!(pool.used_blocks(), 5);
+        let (b, c) = (with(92), with(93));
+        let (toks, two) = run(&mut gen, &[b.clone(), c.clone()]);
+        // 5 blocks of the prefix cache (4 of them in both tables) and one of each's own.
+        assert_eq!(two, 5 + 1 + 1);
+        assert!(
+            two < 2 * one,
+            "{two} blocks for two sequences, {one} for one"
+        );
+        assert_eq!(toks[0], alone(m, &tok, &b, greedy.clone()));
+        assert_eq!(toks[1], alone(m, &tok, &c, greedy.clone()));
+    }
+
+    /// A model decoding over paged caches (the attention reading the block table in place)
+    /// gives the logits of growing caches bit for bit, and so the same greedy tokens: a prompt
+    /// prefilled in chunks that straddle block edges, then 45 tokens one at a time.
+    #[test]
+    fn a_paged_cache_decodes_as_a_growing_cache_bit_for_bit() {
+        use crate::kv_cache::LayerKvCache;
+        use crate::kv_pool::{KvBlockPool, PagedKvCache, BLOCK};
+        for quantized in [false, true] {
+            let model = tiny_llama(quantized);
+            let m = model.as_ref();
+            let shapes = m.cache_shapes();
+            let pool = Arc::new(KvBlockPool::new(&shapes, 8).unwrap());
+            let mut paged = KvCache::from_layers(
+                (0..shapes.len())
+                    .map(|i| {
+                        Box::new(PagedKvCache::new(pool.clone(), i).unwrap())
+                            as Box<dyn LayerKvCache>
+                    })
+                    .collect(),
+            );
+            let mut grow = m.new_cache();
+            let p = prompt(21, 7);
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            let a = crate::models::prefill_text(m, &p, &mut paged, 6).unwrap();
+            let b = crate::models::prefill_text(m, &p, &mut grow, 6).unwrap();
+            assert_eq!(bits(&a), bits(&b), "quantized={quantized}: prefill");
+            let mut next = b.flatten_all().unwrap().argmax(0).unwrap();
+            let mut tokens = Vec::new();
+            for i in 0..45 {
+                let id = next.to_scalar::<u32>().unwrap();
+                tokens.push(id);
+                let x = Tensor::new(&[id], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let a = m.forward(&x, &mut paged, Logits::Last).unwrap();
+                let b = m.forward(&x, &mut grow, Logits::Last).unwrap();
+                assert_eq!(bits(&a), bits(&b), "quantized={quantized}: token {i}");
+                next = b.flatten_all().unwrap().argmax(0).unwrap();
+            }
+            assert_eq!(paged.offset(), 21 + 45);
+            assert_eq!(pool.used_blocks(), (21 + 45usize).div_ceil(BLOCK));
+            assert!(
+                tokens
+                    .iter()
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+                    > 3,
+                "a decode that does not move: {tokens:?}"
+            );
+            drop(paged);
+            assert_eq!(pool.used_blocks(), 0);
+        }
+    }
+
     /// Under a KV budget too small for every sequence at once, sequences wait and are
     /// preempted and resumed (their caches recomputed), none fails, the caches never hold more
     /// than the budget between steps, and each sequence's greedy and seeded tokens are the
@@ -1391,7 +1715,9 @@ mod tests {
             })
             .collect();
         for with_prefix in [false, true] {
-            let budget = 5 * block;
+            // 48 pool blocks of 16 positions: three 240-token prompts fit (16 blocks each up to
+            // their 16th token), the fourth waits, and growing past 256 positions preempts.
+            let budget = 3 * block;
             let mut gen = BatchGenerator::new(
                 m,
                 &tok,

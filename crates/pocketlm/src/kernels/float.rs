@@ -42,7 +42,7 @@ fn has_fma() -> bool {
 /// The hot loops compiled with AVX2 + FMA (their bodies are `#[inline(always)]`).
 #[cfg(target_arch = "x86_64")]
 mod fma_impl {
-    use super::AttentionShape;
+    use super::{AttentionShape, PagedShape};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn swiglu_impl(gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -102,6 +102,49 @@ mod fma_impl {
             super::attention_block(
                 q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
             )
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attention_paged_block(
+        q: &[f32],
+        k: &[&[f32]],
+        v: &[&[f32]],
+        shape: &PagedShape,
+        scale: f32,
+        softcap: Option<f32>,
+        window: Option<usize>,
+        sinks: Option<&[f32]>,
+        kh: usize,
+        ts: std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            super::attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out)
+        }
+    }
+
+    /// [`attention_paged_block`] with 512-bit vectors (the same IEEE operations).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attention_paged_block_avx512(
+        q: &[f32],
+        k: &[&[f32]],
+        v: &[&[f32]],
+        shape: &PagedShape,
+        scale: f32,
+        softcap: Option<f32>,
+        window: Option<usize>,
+        sinks: Option<&[f32]>,
+        kh: usize,
+        ts: std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            super::attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out)
         }
     }
 }
@@ -1197,6 +1240,287 @@ fn pv_slot<const D: usize>(p: &[f32], vv: &[f32], s: usize, slots: usize, a: &mu
     a.copy_from_slice(&r);
 }
 
+/// Shapes of one [`attention_paged`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (query head `h` reads kv head `h / (heads / kv_heads)`).
+    pub kv_heads: usize,
+    /// Query positions (the last `queries` of the `kv_len` cached positions).
+    pub queries: usize,
+    /// Cached positions, the new ones included.
+    pub kv_len: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Positions per block (at least 1).
+    pub block: usize,
+}
+
+/// [`attention`] over keys and values held in blocks (vLLM's PagedAttention, Kwon et al.
+/// 2023): `k[b]`, `v[b]` are block `b` of a block table, each `[kv_heads, block, head_dim]`
+/// f32 holding positions `b·block..(b + 1)·block` (only the first `kv_len` positions overall
+/// are read), walked in place without a gathered copy; `q` and `out` as in [`attention`].
+///
+/// Each output row is computed with the operations of [`attention`]'s row kernel in the same
+/// order (the scores [`dot_vec`] per key, [`softmax_scaled_sink`] over the row, then `p_j·v_j`
+/// into the slot `j mod 64` for one query or `j mod 16` for several, in position order,
+/// combined as ggml's lanes are), so the result equals [`attention`]'s on the same keys and
+/// values laid out contiguously bit for bit, wherever [`attention`] runs its row kernel: fewer
+/// than 16 queries (one-token decode), and more with the transposed-key tiles that keep its
+/// order; not the tiled online-softmax kernel of long prefills. Rows run in parallel on the
+/// rayon pool.
+///
+/// # Panics
+/// If a block is shorter than `kv_heads · block · head_dim`, there are fewer than
+/// `ceil(kv_len / block)` blocks, `q` or `out` are shorter than their shapes, `sinks` shorter
+/// than `heads`, or `heads` is not a multiple of `kv_heads` (internal callers check shapes
+/// first).
+#[allow(clippy::too_many_arguments)] // the operands and ggml's four attention parameters
+pub fn attention_paged(
+    q: &[f32],
+    k: &[&[f32]],
+    v: &[&[f32]],
+    shape: PagedShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let PagedShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        block,
+    } = shape;
+    assert!(kv_heads > 0 && heads % kv_heads == 0 && kv_len >= queries && block > 0);
+    assert!(q.len() >= heads * queries * d && out.len() >= heads * queries * d);
+    let blocks = kv_len.div_ceil(block);
+    assert!(k.len() >= blocks && v.len() >= blocks);
+    let need = kv_heads * block * d;
+    assert!(k[..blocks]
+        .iter()
+        .chain(&v[..blocks])
+        .all(|b| b.len() >= need));
+    assert!(sinks.is_none_or(|s| s.len() >= heads));
+    let items = work_items(kv_heads, queries, QUERY_BLOCK);
+    let out_ptr = SyncMutPtr(out.as_mut_ptr());
+    let run = |(kh, ts): &(usize, std::ops::Range<usize>)| {
+        // SAFETY: the operands hold their shapes (asserted above) and the items' rows are
+        // pairwise disjoint.
+        unsafe {
+            paged_row_block(
+                q,
+                k,
+                v,
+                &shape,
+                scale,
+                softcap,
+                window,
+                sinks,
+                *kh,
+                ts.clone(),
+                out_ptr.get(),
+            )
+        }
+    };
+    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
+        items.par_iter().with_max_len(1).for_each(run);
+    } else {
+        items.iter().for_each(run);
+    }
+}
+
+/// One work item of [`attention_paged`] on the best build of [`attention_paged_block`] this
+/// CPU has (AVX-512, AVX2 + FMA or plain code: the same result bit for bit).
+///
+/// # Safety
+/// As [`attention_paged_block`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn paged_row_block(
+    q: &[f32],
+    k: &[&[f32]],
+    v: &[&[f32]],
+    shape: &PagedShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    kh: usize,
+    ts: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has the features it is compiled for; the rest is the caller's.
+        return unsafe {
+            fma_impl::attention_paged_block_avx512(
+                q, k, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: as above, for AVX2 + FMA.
+        return unsafe {
+            fma_impl::attention_paged_block(
+                q, k, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
+        };
+    }
+    // SAFETY: the caller's.
+    unsafe { attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out) }
+}
+
+/// [`attention_block`] (without transposed keys) over a block table: the query heads of kv
+/// head `kh` at queries `ts`, the same operations in the same order, each key and value row
+/// found through its block (`k[j / block]`, row `kh · block + j mod block`).
+///
+/// # Safety
+/// `out` is valid for the rows `(t, h)` of the item (`t` in `ts`, `h` in kv head `kh`'s query
+/// heads), and no other thread writes them; the operands hold their shapes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_paged_block(
+    q: &[f32],
+    k: &[&[f32]],
+    v: &[&[f32]],
+    shape: &PagedShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    kh: usize,
+    ts: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    let PagedShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        block,
+    } = *shape;
+    let rep = heads / kv_heads;
+    let offset = kv_len - queries;
+    // Each position's key and value row of kv head `kh`, found once.
+    let row = |blocks: &[&'_ [f32]], j: usize| -> *const f32 {
+        blocks[j / block][(kh * block + j % block) * d..][..d].as_ptr()
+    };
+    let krows: Vec<*const f32> = (0..kv_len).map(|j| row(k, j)).collect();
+    let vrows: Vec<*const f32> = (0..kv_len).map(|j| row(v, j)).collect();
+    // SAFETY: each pointer starts a row of `d` values of a block that outlives this call.
+    let key = |j: usize| unsafe { std::slice::from_raw_parts(krows[j], d) };
+    let val = |j: usize| unsafe { std::slice::from_raw_parts(vrows[j], d) };
+    let rows: Vec<(usize, usize)> = ts
+        .clone()
+        .flat_map(|t| (kh * rep..(kh + 1) * rep).map(move |h| (t, h)))
+        .collect();
+    let pos = |t: usize| offset + t;
+    let first = |t: usize| window.map_or(0, |w| (pos(t) + 1).saturating_sub(w));
+    let qv = |t: usize, h: usize| &q[(h * queries + t) * d..][..d];
+    // As in `attention_block`: a row's scores up to its position, in 16-value chunks.
+    let mut ps: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|&(t, _)| {
+            let len = (pos(t) + 1)
+                .div_ceil(LANES)
+                .saturating_mul(LANES)
+                .min(kv_len);
+            vec![f32::NEG_INFINITY; len]
+        })
+        .collect();
+    let lo_all = ts.clone().map(first).min().unwrap_or(0);
+    let hi_all = ts.clone().map(pos).max().unwrap_or(0);
+    for j in lo_all..=hi_all {
+        let kj = key(j);
+        for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
+            if j >= first(t) && j <= pos(t) {
+                p[j] = dot_vec(qv(t, h), kj);
+            }
+        }
+    }
+    for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
+        let softmax_scale = match softcap {
+            Some(c) => {
+                let inv = 1.0 / c;
+                for pj in p.iter_mut().take(pos(t) + 1).skip(first(t)) {
+                    *pj = (*pj * scale * inv).tanh() * c;
+                }
+                1.0
+            }
+            None => scale,
+        };
+        softmax_scaled_sink(p, softmax_scale, sinks.map(|s| s[h]));
+    }
+    let groups = if queries == 1 { 4 } else { 1 };
+    let slots = groups * LANES;
+    let mut accs = vec![0f32; rows.len() * slots * d];
+    for s in 0..slots {
+        for ((&(t, _), p), acc) in rows.iter().zip(&ps).zip(accs.chunks_exact_mut(slots * d)) {
+            let p = &p[..pos(t) + 1];
+            let a = &mut acc[s * d..][..d];
+            match d {
+                64 => pv_slot_rows::<64>(p, &val, s, slots, a),
+                128 => pv_slot_rows::<128>(p, &val, s, slots, a),
+                _ => {
+                    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
+                        for (a, &x) in a.iter_mut().zip(val(j)) {
+                            *a = pj.mul_add(x, *a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut lanes = vec![0f32; LANES * d];
+    for (&(t, h), acc) in rows.iter().zip(accs.chunks_exact(slots * d)) {
+        let at = |g: usize, l: usize| &acc[(g * LANES + l) * d..][..d];
+        for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
+            if groups == 4 {
+                let (a0, a1, a2, a3) = (at(0, l), at(1, l), at(2, l), at(3, l));
+                for c in 0..d {
+                    lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
+                }
+            } else {
+                lane.copy_from_slice(at(0, l));
+            }
+        }
+        let ln = |l: usize| &lanes[l * d..][..d];
+        // SAFETY: row `(t, h)` belongs to this item (the caller's guarantee).
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add((t * heads + h) * d), d) };
+        for (c, oc) in o.iter_mut().enumerate() {
+            let h = |i: usize| ln(i)[c] + ln(i + 8)[c];
+            let q = [h(0) + h(4), h(1) + h(5), h(2) + h(6), h(3) + h(7)];
+            *oc = (q[0] + q[2]) + (q[1] + q[3]);
+        }
+    }
+}
+
+/// [`pv_slot`] with each position's value row found by `val(j)` (a block table).
+#[inline(always)]
+fn pv_slot_rows<'v, const D: usize>(
+    p: &[f32],
+    val: &impl Fn(usize) -> &'v [f32],
+    s: usize,
+    slots: usize,
+    a: &mut [f32],
+) {
+    let mut r = [0f32; D];
+    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
+        let x: &[f32; D] = val(j)[..D].try_into().expect("D values");
+        for c in 0..D {
+            r[c] = pj.mul_add(x[c], r[c]);
+        }
+    }
+    a.copy_from_slice(&r);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1335,6 +1659,88 @@ mod tests {
                 assert_eq!(got, want, "d={d} queries={queries} row {idx}");
             }
         }
+    }
+
+    /// The paged kernel over a block table equals the contiguous kernel on the same keys and
+    /// values bit for bit: lengths on both sides of block edges, blocks of 16 and 5
+    /// positions, grouped-query heads, head dims with and without the register paths, a
+    /// window, a soft-cap, sinks, one query (decode) and a few.
+    #[test]
+    fn paged_attention_equals_contiguous_attention_bit_for_bit() {
+        let sinks = [0.5f32, -1.0, 3.0, 40.0, 0.0, 1.0, 2.0, -2.0];
+        let mut cases = 0;
+        for (heads, kv_heads, d, window, softcap, sinks) in [
+            (4, 2, 64, None, None, None),
+            (8, 2, 128, Some(20), None, None),
+            (4, 4, 16, None, Some(30.0), None),
+            (8, 1, 40, None, None, Some(&sinks[..])),
+            (4, 2, 64, Some(7), Some(20.0), Some(&sinks[..])),
+        ] {
+            for block in [16, 5] {
+                for kv_len in [1usize, 15, 16, 17, 31, 32, 33, 64, 100] {
+                    for queries in [1, 3] {
+                        if queries > kv_len {
+                            continue;
+                        }
+                        let blocks = kv_len.div_ceil(block);
+                        let q = values(heads * queries * d, 1 + kv_len as u32);
+                        // Blocks `[kv_heads, block, d]`, filled past `kv_len` with values that
+                        // must not be read.
+                        let kb: Vec<Vec<f32>> = (0..blocks)
+                            .map(|b| values(kv_heads * block * d, 100 + b as u32))
+                            .collect();
+                        let vb: Vec<Vec<f32>> = (0..blocks)
+                            .map(|b| values(kv_heads * block * d, 900 + b as u32))
+                            .collect();
+                        // The same positions laid out `[kv_heads, kv_len, d]`.
+                        let gather = |bl: &[Vec<f32>]| {
+                            let mut out = vec![0f32; kv_heads * kv_len * d];
+                            for h in 0..kv_heads {
+                                for j in 0..kv_len {
+                                    let src = &bl[j / block][(h * block + j % block) * d..][..d];
+                                    out[(h * kv_len + j) * d..][..d].copy_from_slice(src);
+                                }
+                            }
+                            out
+                        };
+                        let (k, v) = (gather(&kb), gather(&vb));
+                        let shape = AttentionShape {
+                            heads,
+                            kv_heads,
+                            queries,
+                            kv_len,
+                            head_dim: d,
+                            kv_head_stride: kv_len * d,
+                        };
+                        let mut want = vec![0f32; heads * queries * d];
+                        attention(&q, &k, &v, shape, 0.125, softcap, window, sinks, &mut want);
+                        let paged = PagedShape {
+                            heads,
+                            kv_heads,
+                            queries,
+                            kv_len,
+                            head_dim: d,
+                            block,
+                        };
+                        let kr: Vec<&[f32]> = kb.iter().map(Vec::as_slice).collect();
+                        let vr: Vec<&[f32]> = vb.iter().map(Vec::as_slice).collect();
+                        let mut got = vec![f32::NAN; heads * queries * d];
+                        attention_paged(
+                            &q, &kr, &vr, paged, 0.125, softcap, window, sinks, &mut got,
+                        );
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "heads {heads}/{kv_heads} d {d} block {block} kv_len {kv_len} \
+                             queries {queries}"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert!(cases > 150);
     }
 
     /// A test case of `attention`: `(heads, kv_heads, head_dim, queries or earlier positions,

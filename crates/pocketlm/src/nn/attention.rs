@@ -150,6 +150,72 @@ pub fn causal_attention_capped(
     Ok(Tensor::from_vec(out, (b, s, heads * d), q.device())?)
 }
 
+/// Causal attention of `q: [1, heads, s, head_dim]` f32 on the CPU over a cache read in place
+/// through its block table (`kv`, [`crate::kv_pool::PagedKv`]: vLLM's PagedAttention), the
+/// last `s` cached positions being the queries' own; returns `[1, s, heads · head_dim]` as
+/// [`causal_attention_capped`] does, equal to its result on the same keys and values gathered
+/// into a tensor bit for bit ([`crate::kernels::float::attention_paged`] keeps the row
+/// kernel's order) for fewer than 16 queries.
+///
+/// Errors: [`Error::InvalidArgument`] for `q` not f32 on the CPU, a batch other than 1, heads
+/// that are not a multiple of the cache's kv heads, another head dimension, fewer cached
+/// positions than queries, or sinks that are not `[heads]`.
+pub fn causal_attention_paged(
+    q: &Tensor,
+    kv: &crate::kv_pool::PagedKv<'_>,
+    scale: f64,
+    softcap: Option<f64>,
+    window: Option<usize>,
+    sinks: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let kv_heads = kv.kv_heads();
+    if b != 1
+        || !q.device().is_cpu()
+        || q.dtype() != DType::F32
+        || kv.head_dim() != d
+        || heads % kv_heads != 0
+        || kv.len() < s
+        || sinks.is_some_and(|t| t.dims() != [heads])
+    {
+        return Err(Error::InvalidArgument(format!(
+            "paged attention: q {:?} {:?} on {:?}, a cache of {} positions of [{kv_heads}, {}], \
+             sinks {:?}",
+            q.dims(),
+            q.dtype(),
+            q.device(),
+            kv.len(),
+            kv.head_dim(),
+            sinks.map(|t| t.dims().to_vec())
+        )));
+    }
+    let qv = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let sinks = sinks
+        .map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    let shape = crate::kernels::float::PagedShape {
+        heads,
+        kv_heads,
+        queries: s,
+        kv_len: kv.len(),
+        head_dim: d,
+        block: kv.block(),
+    };
+    let mut out = vec![0f32; s * heads * d];
+    crate::kernels::float::attention_paged(
+        &qv,
+        &kv.keys(),
+        &kv.values(),
+        shape,
+        scale as f32,
+        softcap.map(|c| c as f32),
+        window,
+        sinks.as_deref(),
+        &mut out,
+    );
+    Ok(Tensor::from_vec(out, (1, s, heads * d), q.device())?)
+}
+
 /// Differentiable causal attention from candle ops (for training, no KV cache):
 /// `q: [b, heads, s, d]`, `k`, `v: [b, kv_heads, s, d]` -> `[b, s, heads · d]`, with
 /// `mask: [s, s]` from [`causal_mask`], an optional soft-cap `c · tanh(score / c)` of the

@@ -9,7 +9,9 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{causal_attention_capped, causal_attention_diff, causal_mask};
+use super::attention::{
+    causal_attention_capped, causal_attention_diff, causal_attention_paged, causal_mask,
+};
 use super::{Linear, Mla, Mode, RmsNorm, RotaryEmbedding};
 use crate::kv_cache::LayerKvCache;
 use crate::{Error, Result};
@@ -465,6 +467,29 @@ impl Attention {
             }
             let (k, v) = (ks.to_dtype(k.dtype())?, vs.to_dtype(v.dtype())?);
             return self.attend_general(q, &k, &v, pass);
+        }
+        // One-token decode over a paged cache on the CPU: the kernel walks the block table
+        // (vLLM's PagedAttention), with no gathered copy of the keys and values.
+        if q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && q.dims()[..3] == [1, self.n_heads, 1]
+            && cache.append_paged(k, v)?
+        {
+            let kv = cache.paged().ok_or_else(|| {
+                Error::InvalidArgument("a paged KV cache gave no block table".into())
+            })?;
+            let (q, scale) = match self.scale_at {
+                ScaleAt::Scores => (q, self.scale),
+                ScaleAt::Queries => ((q * self.scale)?, 1.0),
+            };
+            return causal_attention_paged(
+                &q,
+                &kv,
+                scale,
+                self.softcap,
+                self.window,
+                self.sinks.as_ref(),
+            );
         }
         // On the CPU the f32 kernel also reads an f16 cache's own buffers (no f32 copy).
         let (k, v) = if q.device().is_cpu() && q.dtype() == DType::F32 {

@@ -1,0 +1,973 @@
+//! A physical KV block pool shared by many sequences, read through block tables (vLLM's
+//! PagedAttention, Kwon et al. 2023, "Efficient Memory Management for Large Language Model
+//! Serving with PagedAttention"), on the CPU.
+//!
+//! - [`KvBlockPool`] holds, for every attention layer of a model, the same number of blocks of
+//!   [`BLOCK`] positions of f32 keys and values, each `[kv_heads, BLOCK, head_dim]`
+//!   (head-major inside the block, as a growing cache's buffer is, so that a head's positions
+//!   in a block are one contiguous run), with a free list and a reference count per block.
+//!   Block ids are `u32` and name a block of one layer: a sequence holds one block table per
+//!   layer, the same number of blocks in each (all layers grow in step), so "a block" of the
+//!   budget is one block in every layer ([`KvBlockPool::block_bytes`]). Storage is allocated
+//!   the first time a block is used and kept when it is freed: memory grows to the most
+//!   blocks ever in use, never past the pool's count.
+//! - [`PagedKvCache`] is one layer's [`LayerKvCache`] over the pool: a block table and a
+//!   length. Appends go into the last block (copied first when it is shared: copy-on-write)
+//!   and then into blocks taken from the free list; [`PagedKvCache::fork`] shares every block
+//!   (reference counts), truncation and dropping give blocks back.
+//! - One-token decode on the CPU reads the blocks in place ([`LayerKvCache::paged`],
+//!   [`crate::kernels::float::attention_paged`]); other callers get the keys and values
+//!   gathered into contiguous tensors by [`LayerKvCache::update`].
+//!
+//! Why [`BLOCK`] = 16: vLLM's default block size and llama.cpp's KV padding granule (its CPU
+//! flash-attention pads the cache to 256 but allocates cells one by one; vLLM found 16 the
+//! best trade between the last block's waste, at most 15 positions a sequence, and the table
+//! walk), the 16-lane chunk of the CPU attention's softmax, and the prefix cache's default
+//! block size ([`crate::prefix_cache::PrefixCacheConfig::block_size`]), so that prefixes are
+//! cut on block edges.
+//!
+//! Concurrency: the free lists and reference counts sit behind one mutex per layer; each
+//! block's data behind its own read-write lock. A block is written only by the one cache that
+//! holds it alone (a shared block is copied before it is written), so sequences attending on
+//! several threads take uncontended read locks only.
+
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::kv_cache::LayerKvCache;
+use crate::{Error, Result};
+
+/// Positions per block (see the module documentation for why 16).
+pub const BLOCK: usize = 16;
+
+/// One block's keys and values, each `[kv_heads, BLOCK, head_dim]` f32; empty until the block
+/// is first used.
+#[derive(Debug, Default)]
+struct BlockData {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Free list and reference counts of one layer's blocks.
+#[derive(Debug)]
+struct Meta {
+    /// Free block ids; the next taken is the last.
+    free: Vec<u32>,
+    /// References per block (0: free).
+    refs: Vec<u32>,
+}
+
+/// One layer's blocks.
+#[derive(Debug)]
+struct LayerPool {
+    kv_heads: usize,
+    head_dim: usize,
+    blocks: Vec<RwLock<BlockData>>,
+    meta: Mutex<Meta>,
+}
+
+impl LayerPool {
+    fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        // A poisoned lock only means a thread panicked holding it; the lists stay consistent
+        // (every change is one push or pop plus a count).
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Values per block of keys (or of values).
+    fn block_len(&self) -> usize {
+        self.kv_heads * BLOCK * self.head_dim
+    }
+
+    fn read(&self, id: u32) -> RwLockReadGuard<'_, BlockData> {
+        self.blocks[id as usize]
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self, id: u32) -> RwLockWriteGuard<'_, BlockData> {
+        self.blocks[id as usize]
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A fixed number of KV blocks for every attention layer of a model, shared by the sequences'
+/// [`PagedKvCache`]s (see the module documentation). Shared as `Arc<KvBlockPool>`; all
+/// methods take `&self`.
+#[derive(Debug)]
+pub struct KvBlockPool {
+    layers: Vec<LayerPool>,
+    n_blocks: usize,
+}
+
+impl KvBlockPool {
+    /// A pool of `n_blocks` blocks of [`BLOCK`] positions per layer, layer `i` holding
+    /// `shapes[i] = (kv_heads, head_dim)` ([`crate::models::CausalLM::cache_shapes`]).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for no layers, a zero-sized layer, or more blocks
+    /// than `u32` ids name.
+    pub fn new(shapes: &[(usize, usize)], n_blocks: usize) -> Result<Self> {
+        if shapes.is_empty() || shapes.iter().any(|&(h, d)| h == 0 || d == 0) {
+            return Err(Error::InvalidArgument(format!(
+                "a KV block pool needs layers of at least one head and dimension, got {shapes:?}"
+            )));
+        }
+        if n_blocks > u32::MAX as usize {
+            return Err(Error::InvalidArgument(format!(
+                "a KV block pool of {n_blocks} blocks: at most {} (u32 block ids)",
+                u32::MAX
+            )));
+        }
+        let layers = shapes
+            .iter()
+            .map(|&(kv_heads, head_dim)| LayerPool {
+                kv_heads,
+                head_dim,
+                blocks: (0..n_blocks).map(|_| RwLock::default()).collect(),
+                meta: Mutex::new(Meta {
+                    // Taken from the end: block 0 first.
+                    free: (0..n_blocks as u32).rev().collect(),
+                    refs: vec![0; n_blocks],
+                }),
+            })
+            .collect();
+        Ok(Self { layers, n_blocks })
+    }
+
+    /// The pool whose blocks fit in `bytes` ([`Self::blocks_for`]).
+    ///
+    /// Errors: as [`Self::new`].
+    pub fn with_bytes(shapes: &[(usize, usize)], bytes: usize) -> Result<Self> {
+        Self::new(shapes, Self::blocks_for(shapes, bytes))
+    }
+
+    /// Blocks of layers `shapes` that `bytes` hold: `bytes / block_bytes`, rounded down.
+    pub fn blocks_for(shapes: &[(usize, usize)], bytes: usize) -> usize {
+        bytes / Self::shape_block_bytes(shapes).max(1)
+    }
+
+    /// Bytes of one block in every layer of `shapes`: f32 keys and values of [`BLOCK`]
+    /// positions.
+    pub fn shape_block_bytes(shapes: &[(usize, usize)]) -> usize {
+        shapes
+            .iter()
+            .map(|&(h, d)| 2 * h * d * BLOCK * std::mem::size_of::<f32>())
+            .sum()
+    }
+
+    /// Bytes of one block in every layer (the unit of a KV memory budget).
+    pub fn block_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 2 * l.block_len() * std::mem::size_of::<f32>())
+            .sum()
+    }
+
+    /// Blocks per layer.
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Attention layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `(kv_heads, head_dim)` of layer `layer`, `None` past the last.
+    pub fn layer_shape(&self, layer: usize) -> Option<(usize, usize)> {
+        self.layers.get(layer).map(|l| (l.kv_heads, l.head_dim))
+    }
+
+    /// Free blocks of the layer that has the fewest.
+    pub fn free_blocks(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.meta().free.len())
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Blocks in use in the layer that uses the most (`n_blocks - free_blocks`).
+    pub fn used_blocks(&self) -> usize {
+        self.n_blocks - self.free_blocks()
+    }
+
+    /// References to block `id` of layer `layer` (0: free; `None` for an unknown block).
+    pub fn refs(&self, layer: usize, id: u32) -> Option<u32> {
+        let l = self.layers.get(layer)?;
+        l.meta().refs.get(id as usize).copied()
+    }
+
+    /// The layer, or an error naming it.
+    fn layer(&self, layer: usize) -> Result<&LayerPool> {
+        self.layers.get(layer).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer {layer} of a KV block pool of {} layers",
+                self.layers.len()
+            ))
+        })
+    }
+
+    /// Takes a free block of layer `layer` (one reference) with its storage allocated.
+    ///
+    /// Errors: [`Error::InvalidArgument`] naming the layer and the pool's size when no block
+    /// is free, or for an unknown layer.
+    pub fn allocate(&self, layer: usize) -> Result<u32> {
+        let l = self.layer(layer)?;
+        let id = {
+            let mut m = l.meta();
+            let id = m.free.pop().ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "the KV block pool is out of blocks: layer {layer} has all {} blocks of {BLOCK} \
+                     positions in use",
+                    self.n_blocks
+                ))
+            })?;
+            m.refs[id as usize] = 1;
+            id
+        };
+        // The block was free: no cache reads or writes it.
+        let mut b = l.write(id);
+        if b.k.is_empty() {
+            b.k = vec![0.0; l.block_len()];
+            b.v = vec![0.0; l.block_len()];
+        }
+        Ok(id)
+    }
+
+    /// Adds a reference to block `id` of layer `layer` (a table that shares it).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an unknown layer or a free or unknown block.
+    pub fn retain(&self, layer: usize, id: u32) -> Result<()> {
+        let l = self.layer(layer)?;
+        let mut m = l.meta();
+        match m.refs.get_mut(id as usize) {
+            Some(r) if *r > 0 => {
+                *r += 1;
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "KV block {id} of layer {layer} is not in use: it cannot be shared"
+            ))),
+        }
+    }
+
+    /// Drops a reference to block `id` of layer `layer`; the last one frees it. Unknown or
+    /// free blocks are ignored (so that dropping a cache never fails).
+    pub fn release(&self, layer: usize, id: u32) {
+        let Some(l) = self.layers.get(layer) else {
+            return;
+        };
+        let mut m = l.meta();
+        let Some(r) = m.refs.get_mut(id as usize) else {
+            return;
+        };
+        match *r {
+            0 => {}
+            1 => {
+                *r = 0;
+                m.free.push(id);
+            }
+            _ => *r -= 1,
+        }
+    }
+}
+
+/// Whole blocks of every layer of a [`KvBlockPool`] held by reference (one each), e.g. a
+/// prefix-cache node's run (SGLang's RadixAttention over vLLM's blocks): `ids[i]` are blocks of
+/// pool layer `i`, the same number in every layer, in position order. Dropping it releases
+/// them; a clone takes one more reference to each.
+#[derive(Debug)]
+pub struct PoolBlocks {
+    pool: Arc<KvBlockPool>,
+    ids: Vec<Vec<u32>>,
+}
+
+impl PoolBlocks {
+    /// Takes one more reference to each of `ids[i]` (blocks of layer `i` of `pool`, in use).
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer count other than the pool's, layers of
+    /// different lengths, or a block not in use (no reference is kept then).
+    pub fn share(pool: &Arc<KvBlockPool>, ids: Vec<Vec<u32>>) -> Result<Self> {
+        if ids.len() != pool.n_layers() || ids.iter().any(|l| l.len() != ids[0].len()) {
+            return Err(Error::InvalidArgument(format!(
+                "pool blocks: {} layers of {:?} blocks, the pool has {} layers",
+                ids.len(),
+                ids.iter().map(Vec::len).collect::<Vec<_>>(),
+                pool.n_layers()
+            )));
+        }
+        let mut out = Self {
+            pool: pool.clone(),
+            ids: vec![Vec::new(); ids.len()],
+        };
+        for (i, layer) in ids.into_iter().enumerate() {
+            for id in layer {
+                // On error `out` drops and releases what it took.
+                pool.retain(i, id)?;
+                out.ids[i].push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<KvBlockPool> {
+        &self.pool
+    }
+
+    /// Blocks per layer.
+    pub fn n_blocks(&self) -> usize {
+        self.ids.first().map_or(0, Vec::len)
+    }
+
+    /// Layer `layer`'s block ids (empty past the last layer).
+    pub fn ids(&self, layer: usize) -> &[u32] {
+        self.ids.get(layer).map_or(&[], Vec::as_slice)
+    }
+
+    /// Bytes of the blocks, all layers.
+    pub fn nbytes(&self) -> usize {
+        self.n_blocks() * self.pool.block_bytes()
+    }
+
+    /// Keeps the first `at` blocks of each layer and returns the others.
+    pub fn split_off(&mut self, at: usize) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            ids: self
+                .ids
+                .iter_mut()
+                .map(|l| l.split_off(at.min(l.len())))
+                .collect(),
+        }
+    }
+
+    /// The first `blocks` blocks of layer `layer` gathered into keys and values
+    /// `[1, kv_heads, blocks · BLOCK, head_dim]` f32 on the CPU.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an unknown layer or more blocks than held.
+    pub fn gather(&self, layer: usize, blocks: usize) -> Result<(Tensor, Tensor)> {
+        let l = self.pool.layer(layer)?;
+        let ids = self.ids(layer);
+        if blocks > ids.len() {
+            return Err(Error::InvalidArgument(format!(
+                "pool blocks: {blocks} blocks of layer {layer}, {} held",
+                ids.len()
+            )));
+        }
+        let (h, d, len) = (l.kv_heads, l.head_dim, blocks * BLOCK);
+        let mut k = vec![0f32; h * len * d];
+        let mut v = vec![0f32; h * len * d];
+        for (bi, &id) in ids[..blocks].iter().enumerate() {
+            let blk = l.read(id);
+            for hh in 0..h {
+                let src = (hh * BLOCK) * d..(hh * BLOCK + BLOCK) * d;
+                let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + BLOCK) * d;
+                k[dst.clone()].copy_from_slice(&blk.k[src.clone()]);
+                v[dst].copy_from_slice(&blk.v[src]);
+            }
+        }
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(k, (1, h, len, d), &dev)?,
+            Tensor::from_vec(v, (1, h, len, d), &dev)?,
+        ))
+    }
+}
+
+impl Clone for PoolBlocks {
+    fn clone(&self) -> Self {
+        for (i, l) in self.ids.iter().enumerate() {
+            for &id in l {
+                // In use: this value holds a reference to it.
+                let _ = self.pool.retain(i, id);
+            }
+        }
+        Self {
+            pool: self.pool.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+}
+
+impl Drop for PoolBlocks {
+    fn drop(&mut self) {
+        for (i, l) in self.ids.iter().enumerate() {
+            for &id in l {
+                self.pool.release(i, id);
+            }
+        }
+    }
+}
+
+/// Keys and values of one layer's cache read in place through its block table: block `b`
+/// holds positions `b·BLOCK..(b + 1)·BLOCK`, each `[kv_heads, BLOCK, head_dim]` f32 (only the
+/// first `len - b·BLOCK` positions of the last block are meaningful). Holds a read lock on
+/// each block while it lives.
+#[derive(Debug)]
+pub struct PagedKv<'a> {
+    blocks: Vec<RwLockReadGuard<'a, BlockData>>,
+    len: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    pool: &'a Arc<KvBlockPool>,
+    table: &'a [u32],
+    layer: usize,
+}
+
+impl PagedKv<'_> {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    /// Width of a head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Positions per block ([`BLOCK`]).
+    pub fn block(&self) -> usize {
+        BLOCK
+    }
+
+    /// The pool the blocks are in.
+    pub fn pool(&self) -> &Arc<KvBlockPool> {
+        self.pool
+    }
+
+    /// The block table: block ids of layer [`Self::layer`] of the pool, in position order.
+    pub fn table(&self) -> &[u32] {
+        self.table
+    }
+
+    /// The pool layer the blocks belong to.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// Each block's keys, `[kv_heads, BLOCK, head_dim]` f32, in table order.
+    pub fn keys(&self) -> Vec<&[f32]> {
+        self.blocks.iter().map(|b| b.k.as_slice()).collect()
+    }
+
+    /// Each block's values, as [`Self::keys`].
+    pub fn values(&self) -> Vec<&[f32]> {
+        self.blocks.iter().map(|b| b.v.as_slice()).collect()
+    }
+}
+
+/// One attention layer's cache in a [`KvBlockPool`]: a block table and a length (see the
+/// module documentation). Keys and values are `[1, kv_heads, seq, head_dim]`, held in f32;
+/// the tensors given back are gathered copies on the input's device and in its dtype.
+/// [`LayerKvCache::nbytes`] counts the blocks in the table (shared ones included); dropping
+/// the cache gives them back.
+#[derive(Debug)]
+pub struct PagedKvCache {
+    pool: Arc<KvBlockPool>,
+    layer: usize,
+    table: Vec<u32>,
+    len: usize,
+}
+
+impl PagedKvCache {
+    /// An empty cache of layer `layer` of `pool`.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a layer the pool does not have.
+    pub fn new(pool: Arc<KvBlockPool>, layer: usize) -> Result<Self> {
+        pool.layer(layer)?;
+        Ok(Self {
+            pool,
+            layer,
+            table: Vec::new(),
+            len: 0,
+        })
+    }
+
+    /// The block ids of the table, in position order.
+    pub fn block_table(&self) -> &[u32] {
+        &self.table
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<KvBlockPool> {
+        &self.pool
+    }
+
+    /// A cache holding the same positions in the same blocks (one more reference each): the
+    /// first append to a shared partial block copies it first.
+    ///
+    /// Errors: as [`KvBlockPool::retain`] (not for a consistent table).
+    pub fn fork(&self) -> Result<Self> {
+        let mut out = Self {
+            pool: self.pool.clone(),
+            layer: self.layer,
+            table: Vec::with_capacity(self.table.len()),
+            len: self.len,
+        };
+        for &id in &self.table {
+            self.pool.retain(self.layer, id)?;
+            out.table.push(id);
+        }
+        Ok(out)
+    }
+
+    fn layer_pool(&self) -> &LayerPool {
+        &self.pool.layers[self.layer]
+    }
+
+    /// Makes table entry `i` a block this cache holds alone, copying a shared one's first
+    /// `held` positions into a fresh block.
+    fn own(&mut self, i: usize, held: usize) -> Result<()> {
+        let old = self.table[i];
+        if self.pool.refs(self.layer, old).unwrap_or(0) <= 1 {
+            return Ok(());
+        }
+        let new = self.pool.allocate(self.layer)?;
+        {
+            let l = self.layer_pool();
+            let src = l.read(old);
+            let mut dst = l.write(new);
+            let d = l.head_dim;
+            for h in 0..l.kv_heads {
+                let r = (h * BLOCK) * d..(h * BLOCK + held) * d;
+                dst.k[r.clone()].copy_from_slice(&src.k[r.clone()]);
+                dst.v[r.clone()].copy_from_slice(&src.v[r]);
+            }
+        }
+        self.pool.release(self.layer, old);
+        self.table[i] = new;
+        Ok(())
+    }
+
+    /// Appends `k`, `v` (`[1, kv_heads, n, head_dim]`, any float dtype, any device).
+    ///
+    /// Errors: shapes that are not this layer's; [`Error::InvalidArgument`] when the pool is
+    /// out of blocks (the positions that fit are not kept: the cache is as before).
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (kv_heads, d) = (self.layer_pool().kv_heads, self.layer_pool().head_dim);
+        let (b, h, n, kd) = k.dims4()?;
+        if (b, h, kd) != (1, kv_heads, d) || v.dims() != k.dims() {
+            return Err(Error::InvalidArgument(format!(
+                "a paged KV cache of layer {} holds [1, {kv_heads}, seq, {d}]; appending keys \
+                 {:?} and values {:?}",
+                self.layer,
+                k.dims(),
+                v.dims()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (kf, vf) = (flat(k)?, flat(v)?);
+        let (old_len, old_blocks) = (self.len, self.table.len());
+        let r = self.write_positions(&kf, &vf, n);
+        if r.is_err() {
+            // Give back what this append took.
+            for id in self.table.drain(old_blocks..) {
+                self.pool.release(self.layer, id);
+            }
+            self.len = old_len;
+        }
+        r
+    }
+
+    /// Writes `n` positions of `kf`, `vf` (`[kv_heads, n, head_dim]` f32) after the held ones.
+    fn write_positions(&mut self, kf: &[f32], vf: &[f32], n: usize) -> Result<()> {
+        let (kv_heads, d) = (self.layer_pool().kv_heads, self.layer_pool().head_dim);
+        let mut done = 0;
+        while done < n {
+            let pos = self.len;
+            let (bi, off) = (pos / BLOCK, pos % BLOCK);
+            if bi == self.table.len() {
+                let id = self.pool.allocate(self.layer)?;
+                self.table.push(id);
+            } else {
+                self.own(bi, off)?;
+            }
+            let take = (BLOCK - off).min(n - done);
+            let l = &self.pool.layers[self.layer];
+            let mut blk = l.write(self.table[bi]);
+            for h in 0..kv_heads {
+                let src = (h * n + done) * d..(h * n + done + take) * d;
+                let dst = (h * BLOCK + off) * d..(h * BLOCK + off + take) * d;
+                blk.k[dst.clone()].copy_from_slice(&kf[src.clone()]);
+                blk.v[dst].copy_from_slice(&vf[src]);
+            }
+            drop(blk);
+            self.len += take;
+            done += take;
+        }
+        Ok(())
+    }
+
+    /// The held keys and values gathered into `[1, kv_heads, len, head_dim]` f32 tensors on
+    /// the CPU, `None` when empty.
+    fn gather(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        let view = self.view();
+        let (h, d, len) = (view.kv_heads, view.head_dim, self.len);
+        let mut k = vec![0f32; h * len * d];
+        let mut v = vec![0f32; h * len * d];
+        for (bi, blk) in view.blocks.iter().enumerate() {
+            let take = (len - bi * BLOCK).min(BLOCK);
+            for hh in 0..h {
+                let src = (hh * BLOCK) * d..(hh * BLOCK + take) * d;
+                let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + take) * d;
+                k[dst.clone()].copy_from_slice(&blk.k[src.clone()]);
+                v[dst].copy_from_slice(&blk.v[src]);
+            }
+        }
+        let dev = Device::Cpu;
+        Ok(Some((
+            Tensor::from_vec(k, (1, h, len, d), &dev)?,
+            Tensor::from_vec(v, (1, h, len, d), &dev)?,
+        )))
+    }
+
+    /// The blocks read in place.
+    fn view(&self) -> PagedKv<'_> {
+        let l = self.layer_pool();
+        PagedKv {
+            blocks: self.table.iter().map(|&id| l.read(id)).collect(),
+            len: self.len,
+            kv_heads: l.kv_heads,
+            head_dim: l.head_dim,
+            pool: &self.pool,
+            table: &self.table,
+            layer: self.layer,
+        }
+    }
+
+    /// Gives back blocks `from..` of the table.
+    fn release_from(&mut self, from: usize) {
+        for id in self.table.drain(from..) {
+            self.pool.release(self.layer, id);
+        }
+    }
+}
+
+impl Drop for PagedKvCache {
+    fn drop(&mut self) {
+        self.release_from(0);
+    }
+}
+
+impl LayerKvCache for PagedKvCache {
+    fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.append(k, v)?;
+        let (ko, vo) = self.gather()?.ok_or_else(|| {
+            Error::InvalidArgument("a paged KV cache: nothing to attend to".into())
+        })?;
+        Ok((
+            ko.to_device(k.device())?.to_dtype(k.dtype())?,
+            vo.to_device(v.device())?.to_dtype(v.dtype())?,
+        ))
+    }
+
+    fn append_paged(&mut self, k: &Tensor, v: &Tensor) -> Result<bool> {
+        self.append(k, v)?;
+        Ok(true)
+    }
+
+    fn paged(&self) -> Option<PagedKv<'_>> {
+        Some(self.view())
+    }
+
+    fn share_blocks(&mut self, pool: &Arc<KvBlockPool>, layer: usize, ids: &[u32]) -> Result<bool> {
+        if !Arc::ptr_eq(pool, &self.pool)
+            || layer != self.layer
+            || !self.len.is_multiple_of(BLOCK)
+            || self.table.len() != self.len / BLOCK
+        {
+            return Ok(false);
+        }
+        for (n, &id) in ids.iter().enumerate() {
+            if let Err(e) = self.pool.retain(layer, id) {
+                // Give back the references taken so far: the cache is as before.
+                for &taken in &ids[..n] {
+                    self.pool.release(layer, taken);
+                }
+                return Err(e);
+            }
+        }
+        self.table.extend_from_slice(ids);
+        self.len += ids.len() * BLOCK;
+        Ok(true)
+    }
+
+    fn offset(&self) -> usize {
+        self.len
+    }
+
+    fn nbytes(&self) -> usize {
+        self.table.len() * 2 * self.layer_pool().block_len() * std::mem::size_of::<f32>()
+    }
+
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        self.gather()
+    }
+
+    fn reset(&mut self) {
+        self.release_from(0);
+        self.len = 0;
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            return Err(Error::InvalidArgument(format!(
+                "cannot truncate a KV cache of {} positions to {len}",
+                self.len
+            )));
+        }
+        self.release_from(len.div_ceil(BLOCK));
+        self.len = len;
+        Ok(())
+    }
+
+    fn sliceable(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::GrowingKvCache;
+
+    /// `[1, heads, n, d]` of distinct values, from `seed`.
+    fn kv(heads: usize, n: usize, d: usize, seed: f32) -> Tensor {
+        let v: Vec<f32> = (0..heads * n * d)
+            .map(|i| seed + i as f32 * 0.001 + ((i * 7919) % 13) as f32)
+            .collect();
+        Tensor::from_vec(v, (1, heads, n, d), &Device::Cpu).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    fn assert_same_state(a: &dyn LayerKvCache, b: &dyn LayerKvCache) {
+        assert_eq!(a.offset(), b.offset());
+        match (a.state().unwrap(), b.state().unwrap()) {
+            (Some((ka, va)), Some((kb, vb))) => {
+                assert_eq!(ka.dims(), kb.dims());
+                assert_eq!(bits(&ka), bits(&kb));
+                assert_eq!(bits(&va), bits(&vb));
+            }
+            (None, None) => {}
+            (x, y) => panic!("states differ: {x:?} vs {y:?}"),
+        }
+    }
+
+    fn pool(n: usize) -> Arc<KvBlockPool> {
+        Arc::new(KvBlockPool::new(&[(2, 8), (3, 4)], n).unwrap())
+    }
+
+    #[test]
+    fn pool_allocates_refcounts_and_frees() {
+        let p = pool(3);
+        assert_eq!(p.block_bytes(), 2 * (2 * 8 + 3 * 4) * BLOCK * 4);
+        assert_eq!(
+            KvBlockPool::blocks_for(&[(2, 8), (3, 4)], 7 * p.block_bytes() + 1),
+            7
+        );
+        let a = p.allocate(0).unwrap();
+        let b = p.allocate(0).unwrap();
+        assert_ne!(a, b);
+        assert_eq!((p.refs(0, a), p.refs(1, a)), (Some(1), Some(0)));
+        assert_eq!(p.free_blocks(), 1);
+        p.retain(0, a).unwrap();
+        assert_eq!(p.refs(0, a), Some(2));
+        p.release(0, a);
+        assert_eq!(p.refs(0, a), Some(1));
+        p.release(0, a);
+        assert_eq!(p.refs(0, a), Some(0));
+        assert!(p.retain(0, a).is_err(), "a free block cannot be shared");
+        p.release(0, a); // ignored
+        assert_eq!(p.free_blocks(), 2);
+        assert!(p.allocate(2).is_err());
+        assert!(KvBlockPool::new(&[], 4).is_err());
+        assert!(KvBlockPool::new(&[(0, 4)], 4).is_err());
+    }
+
+    #[test]
+    fn pool_exhaustion_is_an_error_naming_the_pool() {
+        let p = Arc::new(KvBlockPool::new(&[(1, 4)], 2).unwrap());
+        let mut c = PagedKvCache::new(p.clone(), 0).unwrap();
+        c.update(&kv(1, 2 * BLOCK, 4, 0.0), &kv(1, 2 * BLOCK, 4, 1.0))
+            .unwrap();
+        let before = c.state().unwrap().unwrap();
+        let err = c
+            .update(&kv(1, 3, 4, 2.0), &kv(1, 3, 4, 3.0))
+            .expect_err("no block left");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("out of blocks") && msg.contains("all 2 blocks"),
+            "{msg}"
+        );
+        // The cache is as before and holds its two blocks.
+        assert_eq!(c.offset(), 2 * BLOCK);
+        assert_eq!(bits(&c.state().unwrap().unwrap().0), bits(&before.0));
+        assert_eq!(p.free_blocks(), 0);
+        // A failed append that had taken a block gives it back.
+        c.truncate(BLOCK).unwrap();
+        assert_eq!(p.free_blocks(), 1);
+        let err = c.update(&kv(1, BLOCK + 3, 4, 2.0), &kv(1, BLOCK + 3, 4, 3.0));
+        assert!(err.is_err());
+        assert_eq!((c.offset(), p.free_blocks()), (BLOCK, 1));
+        drop(c);
+        assert_eq!(p.free_blocks(), 2);
+    }
+
+    /// The same appends (1 position, several, across block edges) give the growing cache's
+    /// state bit for bit, and the same returned keys and values.
+    #[test]
+    fn paged_cache_holds_what_a_growing_cache_holds() {
+        let p = pool(64);
+        for layer in 0..2 {
+            let (h, d) = p.layer_shape(layer).unwrap();
+            let mut paged = PagedKvCache::new(p.clone(), layer).unwrap();
+            let mut grow = GrowingKvCache::new(256);
+            let mut seed = 0.0;
+            for n in [1, 3, 15, 1, 16, 17, 1, 1, 40, 2] {
+                let (k, v) = (kv(h, n, d, seed), kv(h, n, d, seed + 0.5));
+                seed += 1.0;
+                let (kp, vp) = paged.update(&k, &v).unwrap();
+                let (kg, vg) = grow.update(&k, &v).unwrap();
+                assert_eq!(bits(&kp), bits(&kg));
+                assert_eq!(bits(&vp), bits(&vg));
+                assert_same_state(&paged, &grow);
+                assert_eq!(paged.block_table().len(), paged.offset().div_ceil(BLOCK));
+                assert_eq!(
+                    paged.nbytes(),
+                    paged.block_table().len() * 2 * h * BLOCK * d * 4
+                );
+            }
+            for len in [90, 64, 33, 32, 0] {
+                paged.truncate(len).unwrap();
+                grow.truncate(len).unwrap();
+                assert_same_state(&paged, &grow);
+                assert_eq!(paged.block_table().len(), len.div_ceil(BLOCK));
+            }
+            assert!(paged.truncate(1).is_err());
+            let (k, v) = (kv(h, 20, d, 9.0), kv(h, 20, d, 9.5));
+            paged.update(&k, &v).unwrap();
+            grow.update(&k, &v).unwrap();
+            assert_same_state(&paged, &grow);
+            paged.reset();
+            assert_eq!((paged.offset(), paged.nbytes()), (0, 0));
+            assert!(paged.state().unwrap().is_none());
+        }
+        assert_eq!(p.used_blocks(), 0);
+    }
+
+    /// A fork shares every block; appending to the shared partial block copies it (the
+    /// original is unchanged), truncating and dropping give blocks back.
+    #[test]
+    fn forks_share_blocks_and_copy_on_write() {
+        let p = pool(16);
+        let (h, d) = p.layer_shape(0).unwrap();
+        let mut a = PagedKvCache::new(p.clone(), 0).unwrap();
+        a.update(&kv(h, 40, d, 0.0), &kv(h, 40, d, 0.5)).unwrap();
+        assert_eq!(p.refs(0, a.block_table()[0]), Some(1));
+        let free0 = p.layers[0].meta().free.len();
+        let mut b = a.fork().unwrap();
+        assert_eq!(b.block_table(), a.block_table());
+        assert!(a.block_table().iter().all(|&id| p.refs(0, id) == Some(2)));
+        assert_eq!(
+            p.layers[0].meta().free.len(),
+            free0,
+            "a fork takes no block"
+        );
+        let a_state = a.state().unwrap().unwrap();
+        // b writes into the shared third block (8 of 16 positions held): copied first.
+        let mut g = GrowingKvCache::new(256);
+        g.update(&a_state.0, &a_state.1).unwrap();
+        let (k, v) = (kv(h, 5, d, 7.0), kv(h, 5, d, 7.5));
+        b.update(&k, &v).unwrap();
+        g.update(&k, &v).unwrap();
+        assert_same_state(&b, &g);
+        assert_eq!(b.block_table()[..2], a.block_table()[..2]);
+        assert_ne!(b.block_table()[2], a.block_table()[2]);
+        assert_eq!(p.refs(0, a.block_table()[2]), Some(1));
+        assert_eq!(p.refs(0, b.block_table()[2]), Some(1));
+        assert_eq!(p.layers[0].meta().free.len(), free0 - 1);
+        let after = a.state().unwrap().unwrap();
+        assert_eq!(
+            bits(&after.0),
+            bits(&a_state.0),
+            "the original is unchanged"
+        );
+        assert_eq!(bits(&after.1), bits(&a_state.1));
+        // Truncating b to one block drops its references to the others.
+        b.truncate(BLOCK).unwrap();
+        assert_eq!(p.refs(0, a.block_table()[1]), Some(1));
+        assert_eq!(p.refs(0, a.block_table()[0]), Some(2));
+        assert_eq!(p.layers[0].meta().free.len(), free0);
+        // Appending into a full shared block takes a fresh block, leaving the shared one.
+        b.update(&kv(h, 1, d, 3.0), &kv(h, 1, d, 3.5)).unwrap();
+        assert_eq!(b.block_table()[0], a.block_table()[0]);
+        assert_eq!(p.refs(0, a.block_table()[0]), Some(2));
+        drop(a);
+        assert_eq!(p.refs(0, b.block_table()[0]), Some(1));
+        assert_eq!(p.layers[0].meta().free.len(), 16 - 2);
+        drop(b);
+        assert_eq!(p.used_blocks(), 0);
+    }
+
+    #[test]
+    fn paged_view_reads_the_blocks_in_place() {
+        let p = pool(8);
+        let (h, d) = p.layer_shape(1).unwrap();
+        let mut c = PagedKvCache::new(p.clone(), 1).unwrap();
+        assert!(c
+            .append_paged(&kv(h, 20, d, 0.0), &kv(h, 20, d, 0.5))
+            .unwrap());
+        let (k, v) = c.state().unwrap().unwrap();
+        let (kf, vf) = (
+            k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let view = c.paged().expect("a view");
+        assert_eq!((view.len(), view.kv_heads(), view.head_dim()), (20, h, d));
+        let (kb, vb) = (view.keys(), view.values());
+        assert_eq!(kb.len(), 2);
+        for hh in 0..h {
+            for j in 0..20 {
+                let (b, o) = (j / BLOCK, j % BLOCK);
+                let at = (hh * BLOCK + o) * d;
+                let want = (hh * 20 + j) * d;
+                assert_eq!(kb[b][at..at + d], kf[want..want + d]);
+                assert_eq!(vb[b][at..at + d], vf[want..want + d]);
+            }
+        }
+        drop(view);
+        assert!(c
+            .append_paged(&kv(h + 1, 1, d, 0.0), &kv(h + 1, 1, d, 0.0))
+            .is_err());
+    }
+}
