@@ -13,6 +13,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::kv_pool::{KvBlockPool, PagedKv, PagedKvCache};
 use crate::quant::hadamard;
 use crate::quant::mlx_affine::{self, AffineQuantized, GroupParams, ParamDtype};
 use crate::{Error, Result};
@@ -91,7 +92,7 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     /// The held keys and values read in place through a block table
     /// ([`crate::kv_pool::PagedKvCache`]: vLLM's PagedAttention); `None` (the default) for a
     /// contiguous cache.
-    fn paged(&self) -> Option<crate::kv_pool::PagedKv<'_>> {
+    fn paged(&self) -> Option<PagedKv<'_>> {
         None
     }
     /// Appends whole blocks of a KV block pool by reference (one more reference each, no
@@ -105,7 +106,7 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     /// before).
     fn share_blocks(
         &mut self,
-        pool: &std::sync::Arc<crate::kv_pool::KvBlockPool>,
+        pool: &std::sync::Arc<KvBlockPool>,
         layer: usize,
         ids: &[u32],
     ) -> Result<bool> {
@@ -988,6 +989,57 @@ impl LayerKvCache for ArraysCache {
     }
 }
 
+/// A block table into a shared KV block pool ([`crate::kv_pool`], vLLM's PagedAttention):
+/// decode reads the blocks in place ([`LayerKvCache::paged`]), other callers get gathered
+/// copies.
+impl LayerKvCache for PagedKvCache {
+    fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        PagedKvCache::update(self, k, v)
+    }
+
+    fn append_paged(&mut self, k: &Tensor, v: &Tensor) -> Result<bool> {
+        self.append(k, v)?;
+        Ok(true)
+    }
+
+    fn paged(&self) -> Option<PagedKv<'_>> {
+        Some(self.view())
+    }
+
+    fn share_blocks(
+        &mut self,
+        pool: &std::sync::Arc<KvBlockPool>,
+        layer: usize,
+        ids: &[u32],
+    ) -> Result<bool> {
+        PagedKvCache::share_blocks(self, pool, layer, ids)
+    }
+
+    fn offset(&self) -> usize {
+        self.len()
+    }
+
+    fn nbytes(&self) -> usize {
+        PagedKvCache::nbytes(self)
+    }
+
+    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
+        self.gather()
+    }
+
+    fn reset(&mut self) {
+        PagedKvCache::reset(self)
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        PagedKvCache::truncate(self, len)
+    }
+
+    fn sliceable(&self) -> bool {
+        true
+    }
+}
+
 /// Which kind of KV cache to build (mlx-lm's `max_kv_size`, `kv_bits`, `kv_group_size`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvCacheConfig {
@@ -1808,5 +1860,231 @@ mod tests {
             ..had
         };
         assert!(KvCache::new(layers, 96, &had32).is_err());
+    }
+}
+
+#[cfg(test)]
+mod paged_tests {
+    //! [`PagedKvCache`] through the [`LayerKvCache`] trait, against [`GrowingKvCache`].
+    use std::sync::Arc;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::kv_pool::BLOCK;
+
+    /// `[1, heads, n, d]` of distinct values, from `seed`.
+    fn kv(heads: usize, n: usize, d: usize, seed: f32) -> Tensor {
+        let v: Vec<f32> = (0..heads * n * d)
+            .map(|i| seed + i as f32 * 0.001 + ((i * 7919) % 13) as f32)
+            .collect();
+        Tensor::from_vec(v, (1, heads, n, d), &Device::Cpu).unwrap()
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    fn assert_same_state(a: &dyn LayerKvCache, b: &dyn LayerKvCache) {
+        assert_eq!(a.offset(), b.offset());
+        match (a.state().unwrap(), b.state().unwrap()) {
+            (Some((ka, va)), Some((kb, vb))) => {
+                assert_eq!(ka.dims(), kb.dims());
+                assert_eq!(bits(&ka), bits(&kb));
+                assert_eq!(bits(&va), bits(&vb));
+            }
+            (None, None) => {}
+            (x, y) => panic!("states differ: {x:?} vs {y:?}"),
+        }
+    }
+
+    fn pool(n: usize) -> Arc<KvBlockPool> {
+        Arc::new(KvBlockPool::new(&[(2, 8), (3, 4)], n).unwrap())
+    }
+
+    #[test]
+    fn pool_allocates_refcounts_and_frees() {
+        let p = pool(3);
+        assert_eq!(p.block_bytes(), 2 * (2 * 8 + 3 * 4) * BLOCK * 4);
+        assert_eq!(
+            KvBlockPool::blocks_for(&[(2, 8), (3, 4)], 7 * p.block_bytes() + 1),
+            7
+        );
+        let a = p.allocate(0).unwrap();
+        let b = p.allocate(0).unwrap();
+        assert_ne!(a, b);
+        assert_eq!((p.refs(0, a), p.refs(1, a)), (Some(1), Some(0)));
+        assert_eq!(p.free_blocks(), 1);
+        p.retain(0, a).unwrap();
+        assert_eq!(p.refs(0, a), Some(2));
+        p.release(0, a);
+        assert_eq!(p.refs(0, a), Some(1));
+        p.release(0, a);
+        assert_eq!(p.refs(0, a), Some(0));
+        assert!(p.retain(0, a).is_err(), "a free block cannot be shared");
+        p.release(0, a); // ignored
+        assert_eq!(p.free_blocks(), 2);
+        assert!(p.allocate(2).is_err());
+        assert!(KvBlockPool::new(&[], 4).is_err());
+        assert!(KvBlockPool::new(&[(0, 4)], 4).is_err());
+    }
+
+    #[test]
+    fn pool_exhaustion_is_an_error_naming_the_pool() {
+        let p = Arc::new(KvBlockPool::new(&[(1, 4)], 2).unwrap());
+        let mut c = PagedKvCache::new(p.clone(), 0).unwrap();
+        c.update(&kv(1, 2 * BLOCK, 4, 0.0), &kv(1, 2 * BLOCK, 4, 1.0))
+            .unwrap();
+        let before = c.state().unwrap().unwrap();
+        let err = c
+            .update(&kv(1, 3, 4, 2.0), &kv(1, 3, 4, 3.0))
+            .expect_err("no block left");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("out of blocks") && msg.contains("all 2 blocks"),
+            "{msg}"
+        );
+        // The cache is as before and holds its two blocks.
+        assert_eq!(c.offset(), 2 * BLOCK);
+        assert_eq!(bits(&c.state().unwrap().unwrap().0), bits(&before.0));
+        assert_eq!(p.free_blocks(), 0);
+        // A failed append that had taken a block gives it back.
+        c.truncate(BLOCK).unwrap();
+        assert_eq!(p.free_blocks(), 1);
+        let err = c.update(&kv(1, BLOCK + 3, 4, 2.0), &kv(1, BLOCK + 3, 4, 3.0));
+        assert!(err.is_err());
+        assert_eq!((c.offset(), p.free_blocks()), (BLOCK, 1));
+        drop(c);
+        assert_eq!(p.free_blocks(), 2);
+    }
+
+    /// The same appends (1 position, several, across block edges) give the growing cache's
+    /// state bit for bit, and the same returned keys and values.
+    #[test]
+    fn paged_cache_holds_what_a_growing_cache_holds() {
+        let p = pool(64);
+        for layer in 0..2 {
+            let (h, d) = p.layer_shape(layer).unwrap();
+            let mut paged = PagedKvCache::new(p.clone(), layer).unwrap();
+            let mut grow = GrowingKvCache::new(256);
+            let mut seed = 0.0;
+            for n in [1, 3, 15, 1, 16, 17, 1, 1, 40, 2] {
+                let (k, v) = (kv(h, n, d, seed), kv(h, n, d, seed + 0.5));
+                seed += 1.0;
+                let (kp, vp) = paged.update(&k, &v).unwrap();
+                let (kg, vg) = grow.update(&k, &v).unwrap();
+                assert_eq!(bits(&kp), bits(&kg));
+                assert_eq!(bits(&vp), bits(&vg));
+                assert_same_state(&paged, &grow);
+                assert_eq!(paged.block_table().len(), paged.offset().div_ceil(BLOCK));
+                assert_eq!(
+                    paged.nbytes(),
+                    paged.block_table().len() * 2 * h * BLOCK * d * 4
+                );
+            }
+            for len in [90, 64, 33, 32, 0] {
+                paged.truncate(len).unwrap();
+                grow.truncate(len).unwrap();
+                assert_same_state(&paged, &grow);
+                assert_eq!(paged.block_table().len(), len.div_ceil(BLOCK));
+            }
+            assert!(paged.truncate(1).is_err());
+            let (k, v) = (kv(h, 20, d, 9.0), kv(h, 20, d, 9.5));
+            paged.update(&k, &v).unwrap();
+            grow.update(&k, &v).unwrap();
+            assert_same_state(&paged, &grow);
+            paged.reset();
+            assert_eq!((paged.offset(), paged.nbytes()), (0, 0));
+            assert!(paged.state().unwrap().is_none());
+        }
+        assert_eq!(p.used_blocks(), 0);
+    }
+
+    /// A fork shares every block; appending to the shared partial block copies it (the
+    /// original is unchanged), truncating and dropping give blocks back.
+    #[test]
+    fn forks_share_blocks_and_copy_on_write() {
+        let p = pool(16);
+        let (h, d) = p.layer_shape(0).unwrap();
+        let mut a = PagedKvCache::new(p.clone(), 0).unwrap();
+        a.update(&kv(h, 40, d, 0.0), &kv(h, 40, d, 0.5)).unwrap();
+        assert_eq!(p.refs(0, a.block_table()[0]), Some(1));
+        let free0 = p.free_blocks();
+        let mut b = a.fork().unwrap();
+        assert_eq!(b.block_table(), a.block_table());
+        assert!(a.block_table().iter().all(|&id| p.refs(0, id) == Some(2)));
+        assert_eq!(p.free_blocks(), free0, "a fork takes no block");
+        let a_state = a.state().unwrap().unwrap();
+        // b writes into the shared third block (8 of 16 positions held): copied first.
+        let mut g = GrowingKvCache::new(256);
+        g.update(&a_state.0, &a_state.1).unwrap();
+        let (k, v) = (kv(h, 5, d, 7.0), kv(h, 5, d, 7.5));
+        b.update(&k, &v).unwrap();
+        g.update(&k, &v).unwrap();
+        assert_same_state(&b, &g);
+        assert_eq!(b.block_table()[..2], a.block_table()[..2]);
+        assert_ne!(b.block_table()[2], a.block_table()[2]);
+        assert_eq!(p.refs(0, a.block_table()[2]), Some(1));
+        assert_eq!(p.refs(0, b.block_table()[2]), Some(1));
+        assert_eq!(p.free_blocks(), free0 - 1);
+        let after = a.state().unwrap().unwrap();
+        assert_eq!(
+            bits(&after.0),
+            bits(&a_state.0),
+            "the original is unchanged"
+        );
+        assert_eq!(bits(&after.1), bits(&a_state.1));
+        // Truncating b to one block drops its references to the others.
+        b.truncate(BLOCK).unwrap();
+        assert_eq!(p.refs(0, a.block_table()[1]), Some(1));
+        assert_eq!(p.refs(0, a.block_table()[0]), Some(2));
+        assert_eq!(p.free_blocks(), free0);
+        // Appending into a full shared block takes a fresh block, leaving the shared one.
+        b.update(&kv(h, 1, d, 3.0), &kv(h, 1, d, 3.5)).unwrap();
+        assert_eq!(b.block_table()[0], a.block_table()[0]);
+        assert_eq!(p.refs(0, a.block_table()[0]), Some(2));
+        drop(a);
+        assert_eq!(p.refs(0, b.block_table()[0]), Some(1));
+        assert_eq!(p.free_blocks(), 16 - 2);
+        drop(b);
+        assert_eq!(p.used_blocks(), 0);
+    }
+
+    #[test]
+    fn paged_view_reads_the_blocks_in_place() {
+        let p = pool(8);
+        let (h, d) = p.layer_shape(1).unwrap();
+        let mut c = PagedKvCache::new(p.clone(), 1).unwrap();
+        assert!(c
+            .append_paged(&kv(h, 20, d, 0.0), &kv(h, 20, d, 0.5))
+            .unwrap());
+        let (k, v) = c.state().unwrap().unwrap();
+        let (kf, vf) = (
+            k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let view = c.paged().expect("a view");
+        assert_eq!((view.len(), view.kv_heads(), view.head_dim()), (20, h, d));
+        let (kb, vb) = (view.keys(), view.values());
+        assert_eq!(kb.len(), 2);
+        for hh in 0..h {
+            for j in 0..20 {
+                let (b, o) = (j / BLOCK, j % BLOCK);
+                let at = (hh * BLOCK + o) * d;
+                let want = (hh * 20 + j) * d;
+                assert_eq!(kb[b][at..at + d], kf[want..want + d]);
+                assert_eq!(vb[b][at..at + d], vf[want..want + d]);
+            }
+        }
+        drop(view);
+        assert!(c
+            .append_paged(&kv(h + 1, 1, d, 0.0), &kv(h + 1, 1, d, 0.0))
+            .is_err());
     }
 }

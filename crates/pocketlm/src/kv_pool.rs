@@ -15,16 +15,16 @@
 //!   length. Appends go into the last block (copied first when it is shared: copy-on-write)
 //!   and then into blocks taken from the free list; [`PagedKvCache::fork`] shares every block
 //!   (reference counts), truncation and dropping give blocks back.
-//! - One-token decode on the CPU reads the blocks in place ([`LayerKvCache::paged`],
+//! - One-token decode on the CPU reads the blocks in place
+//!   ([`crate::kv_cache::LayerKvCache::paged`],
 //!   [`crate::kernels::float::attention_paged`]); other callers get the keys and values
-//!   gathered into contiguous tensors by [`LayerKvCache::update`].
+//!   gathered into contiguous tensors by [`PagedKvCache::update`].
 //!
-//! Why [`BLOCK`] = 16: vLLM's default block size and llama.cpp's KV padding granule (its CPU
-//! flash-attention pads the cache to 256 but allocates cells one by one; vLLM found 16 the
-//! best trade between the last block's waste, at most 15 positions a sequence, and the table
-//! walk), the 16-lane chunk of the CPU attention's softmax, and the prefix cache's default
-//! block size ([`crate::prefix_cache::PrefixCacheConfig::block_size`]), so that prefixes are
-//! cut on block edges.
+//! Why [`BLOCK`] = 16: it is vLLM's default block size (the paper's trade between the last
+//! block's waste, at most 15 positions a sequence, and the length of the table to walk), the
+//! 16-value chunk of the CPU attention's softmax ([`crate::kernels::float::LANES`]), and the
+//! prefix cache's default block size ([`crate::prefix_cache::PrefixCacheConfig::block_size`]),
+//! so that cached prefixes end on block edges and their blocks can be shared as they are.
 //!
 //! Concurrency: the free lists and reference counts sit behind one mutex per layer; each
 //! block's data behind its own read-write lock. A block is written only by the one cache that
@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::kv_cache::LayerKvCache;
 use crate::{Error, Result};
 
 /// Positions per block (see the module documentation for why 16).
@@ -470,9 +469,10 @@ impl PagedKv<'_> {
 }
 
 /// One attention layer's cache in a [`KvBlockPool`]: a block table and a length (see the
-/// module documentation). Keys and values are `[1, kv_heads, seq, head_dim]`, held in f32;
+/// module documentation); its [`crate::kv_cache::LayerKvCache`] implementation lives with the
+/// trait in `kv_cache` (this module does not depend on it). Keys and values are `[1, kv_heads, seq, head_dim]`, held in f32;
 /// the tensors given back are gathered copies on the input's device and in its dtype.
-/// [`LayerKvCache::nbytes`] counts the blocks in the table (shared ones included); dropping
+/// [`Self::nbytes`] counts the blocks in the table (shared ones included); dropping
 /// the cache gives them back.
 #[derive(Debug)]
 pub struct PagedKvCache {
@@ -552,11 +552,12 @@ impl PagedKvCache {
         Ok(())
     }
 
-    /// Appends `k`, `v` (`[1, kv_heads, n, head_dim]`, any float dtype, any device).
+    /// Appends `k`, `v` (`[1, kv_heads, n, head_dim]`, any float dtype, any device) without
+    /// gathering anything.
     ///
     /// Errors: shapes that are not this layer's; [`Error::InvalidArgument`] when the pool is
     /// out of blocks (the positions that fit are not kept: the cache is as before).
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let (kv_heads, d) = (self.layer_pool().kv_heads, self.layer_pool().head_dim);
         let (b, h, n, kd) = k.dims4()?;
         if (b, h, kd) != (1, kv_heads, d) || v.dims() != k.dims() {
@@ -618,7 +619,9 @@ impl PagedKvCache {
 
     /// The held keys and values gathered into `[1, kv_heads, len, head_dim]` f32 tensors on
     /// the CPU, `None` when empty.
-    fn gather(&self) -> Result<Option<(Tensor, Tensor)>> {
+    ///
+    /// Errors: tensor errors (none for a consistent cache).
+    pub fn gather(&self) -> Result<Option<(Tensor, Tensor)>> {
         if self.len == 0 {
             return Ok(None);
         }
@@ -642,8 +645,8 @@ impl PagedKvCache {
         )))
     }
 
-    /// The blocks read in place.
-    fn view(&self) -> PagedKv<'_> {
+    /// The blocks read in place (read locks held while the view lives).
+    pub fn view(&self) -> PagedKv<'_> {
         let l = self.layer_pool();
         PagedKv {
             blocks: self.table.iter().map(|&id| l.read(id)).collect(),
@@ -670,8 +673,14 @@ impl Drop for PagedKvCache {
     }
 }
 
-impl LayerKvCache for PagedKvCache {
-    fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+/// The [`crate::kv_cache::LayerKvCache`] operations (implemented in `kv_cache`, which owns
+/// the trait) on the cache's own terms.
+impl PagedKvCache {
+    /// Appends `k`, `v` and returns every held position gathered into `[1, kv_heads, len,
+    /// head_dim]` tensors on `k`'s device, in its dtype.
+    ///
+    /// Errors: as [`Self::append`].
+    pub fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         self.append(k, v)?;
         let (ko, vo) = self.gather()?.ok_or_else(|| {
             Error::InvalidArgument("a paged KV cache: nothing to attend to".into())
@@ -682,16 +691,17 @@ impl LayerKvCache for PagedKvCache {
         ))
     }
 
-    fn append_paged(&mut self, k: &Tensor, v: &Tensor) -> Result<bool> {
-        self.append(k, v)?;
-        Ok(true)
-    }
-
-    fn paged(&self) -> Option<PagedKv<'_>> {
-        Some(self.view())
-    }
-
-    fn share_blocks(&mut self, pool: &Arc<KvBlockPool>, layer: usize, ids: &[u32]) -> Result<bool> {
+    /// Appends whole blocks `ids` of layer `layer` of `pool` by reference (one more reference
+    /// each, no copy), [`BLOCK`] positions each. Returns whether it did: `false` (nothing
+    /// appended) for another pool or layer, or a cache not at a block edge.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a block not in use (the cache is as before).
+    pub fn share_blocks(
+        &mut self,
+        pool: &Arc<KvBlockPool>,
+        layer: usize,
+        ids: &[u32],
+    ) -> Result<bool> {
         if !Arc::ptr_eq(pool, &self.pool)
             || layer != self.layer
             || !self.len.is_multiple_of(BLOCK)
@@ -713,24 +723,31 @@ impl LayerKvCache for PagedKvCache {
         Ok(true)
     }
 
-    fn offset(&self) -> usize {
+    /// Positions held.
+    pub fn len(&self) -> usize {
         self.len
     }
 
-    fn nbytes(&self) -> usize {
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of the blocks in the table (shared ones included).
+    pub fn nbytes(&self) -> usize {
         self.table.len() * 2 * self.layer_pool().block_len() * std::mem::size_of::<f32>()
     }
 
-    fn state(&self) -> Result<Option<(Tensor, Tensor)>> {
-        self.gather()
-    }
-
-    fn reset(&mut self) {
+    /// Gives every block back and forgets all positions.
+    pub fn reset(&mut self) {
         self.release_from(0);
         self.len = 0;
     }
 
-    fn truncate(&mut self, len: usize) -> Result<()> {
+    /// Drops the positions from `len` on, giving back the blocks past the last one kept.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when `len` is more than held.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len > self.len {
             return Err(Error::InvalidArgument(format!(
                 "cannot truncate a KV cache of {} positions to {len}",
@@ -740,234 +757,5 @@ impl LayerKvCache for PagedKvCache {
         self.release_from(len.div_ceil(BLOCK));
         self.len = len;
         Ok(())
-    }
-
-    fn sliceable(&self) -> bool {
-        true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kv_cache::GrowingKvCache;
-
-    /// `[1, heads, n, d]` of distinct values, from `seed`.
-    fn kv(heads: usize, n: usize, d: usize, seed: f32) -> Tensor {
-        let v: Vec<f32> = (0..heads * n * d)
-            .map(|i| seed + i as f32 * 0.001 + ((i * 7919) % 13) as f32)
-            .collect();
-        Tensor::from_vec(v, (1, heads, n, d), &Device::Cpu).unwrap()
-    }
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
-    }
-
-    fn assert_same_state(a: &dyn LayerKvCache, b: &dyn LayerKvCache) {
-        assert_eq!(a.offset(), b.offset());
-        match (a.state().unwrap(), b.state().unwrap()) {
-            (Some((ka, va)), Some((kb, vb))) => {
-                assert_eq!(ka.dims(), kb.dims());
-                assert_eq!(bits(&ka), bits(&kb));
-                assert_eq!(bits(&va), bits(&vb));
-            }
-            (None, None) => {}
-            (x, y) => panic!("states differ: {x:?} vs {y:?}"),
-        }
-    }
-
-    fn pool(n: usize) -> Arc<KvBlockPool> {
-        Arc::new(KvBlockPool::new(&[(2, 8), (3, 4)], n).unwrap())
-    }
-
-    #[test]
-    fn pool_allocates_refcounts_and_frees() {
-        let p = pool(3);
-        assert_eq!(p.block_bytes(), 2 * (2 * 8 + 3 * 4) * BLOCK * 4);
-        assert_eq!(
-            KvBlockPool::blocks_for(&[(2, 8), (3, 4)], 7 * p.block_bytes() + 1),
-            7
-        );
-        let a = p.allocate(0).unwrap();
-        let b = p.allocate(0).unwrap();
-        assert_ne!(a, b);
-        assert_eq!((p.refs(0, a), p.refs(1, a)), (Some(1), Some(0)));
-        assert_eq!(p.free_blocks(), 1);
-        p.retain(0, a).unwrap();
-        assert_eq!(p.refs(0, a), Some(2));
-        p.release(0, a);
-        assert_eq!(p.refs(0, a), Some(1));
-        p.release(0, a);
-        assert_eq!(p.refs(0, a), Some(0));
-        assert!(p.retain(0, a).is_err(), "a free block cannot be shared");
-        p.release(0, a); // ignored
-        assert_eq!(p.free_blocks(), 2);
-        assert!(p.allocate(2).is_err());
-        assert!(KvBlockPool::new(&[], 4).is_err());
-        assert!(KvBlockPool::new(&[(0, 4)], 4).is_err());
-    }
-
-    #[test]
-    fn pool_exhaustion_is_an_error_naming_the_pool() {
-        let p = Arc::new(KvBlockPool::new(&[(1, 4)], 2).unwrap());
-        let mut c = PagedKvCache::new(p.clone(), 0).unwrap();
-        c.update(&kv(1, 2 * BLOCK, 4, 0.0), &kv(1, 2 * BLOCK, 4, 1.0))
-            .unwrap();
-        let before = c.state().unwrap().unwrap();
-        let err = c
-            .update(&kv(1, 3, 4, 2.0), &kv(1, 3, 4, 3.0))
-            .expect_err("no block left");
-        let msg = err.to_string();
-        assert!(
-            msg.contains("out of blocks") && msg.contains("all 2 blocks"),
-            "{msg}"
-        );
-        // The cache is as before and holds its two blocks.
-        assert_eq!(c.offset(), 2 * BLOCK);
-        assert_eq!(bits(&c.state().unwrap().unwrap().0), bits(&before.0));
-        assert_eq!(p.free_blocks(), 0);
-        // A failed append that had taken a block gives it back.
-        c.truncate(BLOCK).unwrap();
-        assert_eq!(p.free_blocks(), 1);
-        let err = c.update(&kv(1, BLOCK + 3, 4, 2.0), &kv(1, BLOCK + 3, 4, 3.0));
-        assert!(err.is_err());
-        assert_eq!((c.offset(), p.free_blocks()), (BLOCK, 1));
-        drop(c);
-        assert_eq!(p.free_blocks(), 2);
-    }
-
-    /// The same appends (1 position, several, across block edges) give the growing cache's
-    /// state bit for bit, and the same returned keys and values.
-    #[test]
-    fn paged_cache_holds_what_a_growing_cache_holds() {
-        let p = pool(64);
-        for layer in 0..2 {
-            let (h, d) = p.layer_shape(layer).unwrap();
-            let mut paged = PagedKvCache::new(p.clone(), layer).unwrap();
-            let mut grow = GrowingKvCache::new(256);
-            let mut seed = 0.0;
-            for n in [1, 3, 15, 1, 16, 17, 1, 1, 40, 2] {
-                let (k, v) = (kv(h, n, d, seed), kv(h, n, d, seed + 0.5));
-                seed += 1.0;
-                let (kp, vp) = paged.update(&k, &v).unwrap();
-                let (kg, vg) = grow.update(&k, &v).unwrap();
-                assert_eq!(bits(&kp), bits(&kg));
-                assert_eq!(bits(&vp), bits(&vg));
-                assert_same_state(&paged, &grow);
-                assert_eq!(paged.block_table().len(), paged.offset().div_ceil(BLOCK));
-                assert_eq!(
-                    paged.nbytes(),
-                    paged.block_table().len() * 2 * h * BLOCK * d * 4
-                );
-            }
-            for len in [90, 64, 33, 32, 0] {
-                paged.truncate(len).unwrap();
-                grow.truncate(len).unwrap();
-                assert_same_state(&paged, &grow);
-                assert_eq!(paged.block_table().len(), len.div_ceil(BLOCK));
-            }
-            assert!(paged.truncate(1).is_err());
-            let (k, v) = (kv(h, 20, d, 9.0), kv(h, 20, d, 9.5));
-            paged.update(&k, &v).unwrap();
-            grow.update(&k, &v).unwrap();
-            assert_same_state(&paged, &grow);
-            paged.reset();
-            assert_eq!((paged.offset(), paged.nbytes()), (0, 0));
-            assert!(paged.state().unwrap().is_none());
-        }
-        assert_eq!(p.used_blocks(), 0);
-    }
-
-    /// A fork shares every block; appending to the shared partial block copies it (the
-    /// original is unchanged), truncating and dropping give blocks back.
-    #[test]
-    fn forks_share_blocks_and_copy_on_write() {
-        let p = pool(16);
-        let (h, d) = p.layer_shape(0).unwrap();
-        let mut a = PagedKvCache::new(p.clone(), 0).unwrap();
-        a.update(&kv(h, 40, d, 0.0), &kv(h, 40, d, 0.5)).unwrap();
-        assert_eq!(p.refs(0, a.block_table()[0]), Some(1));
-        let free0 = p.layers[0].meta().free.len();
-        let mut b = a.fork().unwrap();
-        assert_eq!(b.block_table(), a.block_table());
-        assert!(a.block_table().iter().all(|&id| p.refs(0, id) == Some(2)));
-        assert_eq!(
-            p.layers[0].meta().free.len(),
-            free0,
-            "a fork takes no block"
-        );
-        let a_state = a.state().unwrap().unwrap();
-        // b writes into the shared third block (8 of 16 positions held): copied first.
-        let mut g = GrowingKvCache::new(256);
-        g.update(&a_state.0, &a_state.1).unwrap();
-        let (k, v) = (kv(h, 5, d, 7.0), kv(h, 5, d, 7.5));
-        b.update(&k, &v).unwrap();
-        g.update(&k, &v).unwrap();
-        assert_same_state(&b, &g);
-        assert_eq!(b.block_table()[..2], a.block_table()[..2]);
-        assert_ne!(b.block_table()[2], a.block_table()[2]);
-        assert_eq!(p.refs(0, a.block_table()[2]), Some(1));
-        assert_eq!(p.refs(0, b.block_table()[2]), Some(1));
-        assert_eq!(p.layers[0].meta().free.len(), free0 - 1);
-        let after = a.state().unwrap().unwrap();
-        assert_eq!(
-            bits(&after.0),
-            bits(&a_state.0),
-            "the original is unchanged"
-        );
-        assert_eq!(bits(&after.1), bits(&a_state.1));
-        // Truncating b to one block drops its references to the others.
-        b.truncate(BLOCK).unwrap();
-        assert_eq!(p.refs(0, a.block_table()[1]), Some(1));
-        assert_eq!(p.refs(0, a.block_table()[0]), Some(2));
-        assert_eq!(p.layers[0].meta().free.len(), free0);
-        // Appending into a full shared block takes a fresh block, leaving the shared one.
-        b.update(&kv(h, 1, d, 3.0), &kv(h, 1, d, 3.5)).unwrap();
-        assert_eq!(b.block_table()[0], a.block_table()[0]);
-        assert_eq!(p.refs(0, a.block_table()[0]), Some(2));
-        drop(a);
-        assert_eq!(p.refs(0, b.block_table()[0]), Some(1));
-        assert_eq!(p.layers[0].meta().free.len(), 16 - 2);
-        drop(b);
-        assert_eq!(p.used_blocks(), 0);
-    }
-
-    #[test]
-    fn paged_view_reads_the_blocks_in_place() {
-        let p = pool(8);
-        let (h, d) = p.layer_shape(1).unwrap();
-        let mut c = PagedKvCache::new(p.clone(), 1).unwrap();
-        assert!(c
-            .append_paged(&kv(h, 20, d, 0.0), &kv(h, 20, d, 0.5))
-            .unwrap());
-        let (k, v) = c.state().unwrap().unwrap();
-        let (kf, vf) = (
-            k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        let view = c.paged().expect("a view");
-        assert_eq!((view.len(), view.kv_heads(), view.head_dim()), (20, h, d));
-        let (kb, vb) = (view.keys(), view.values());
-        assert_eq!(kb.len(), 2);
-        for hh in 0..h {
-            for j in 0..20 {
-                let (b, o) = (j / BLOCK, j % BLOCK);
-                let at = (hh * BLOCK + o) * d;
-                let want = (hh * 20 + j) * d;
-                assert_eq!(kb[b][at..at + d], kf[want..want + d]);
-                assert_eq!(vb[b][at..at + d], vf[want..want + d]);
-            }
-        }
-        drop(view);
-        assert!(c
-            .append_paged(&kv(h + 1, 1, d, 0.0), &kv(h + 1, 1, d, 0.0))
-            .is_err());
     }
 }
