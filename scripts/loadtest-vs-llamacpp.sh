@@ -9,8 +9,10 @@
 # (`--cache-ram 0`), so that repeated prompts favour neither. Models without a chat template
 # (the random ones) are sent plain prompts on /v1/completions (`loadtest.py --completions`).
 # Settings (environment): THREADS (2), CLIENTS, REQUESTS, TOKENS, POCKETLM_BIN (else this
-# checkout's `ci` build). Builds llama-server once (scripts/llamacpp-common.sh). Prints one
-# table: aggregate tokens/s, the ratio, TTFT and latency p50/p99.
+# checkout's `ci` build), DEVICE (cpu; `cuda` runs pocketlm with `--device cuda` and
+# llama-server with every layer on the GPU, `-ngl 99`), LLAMA_SERVER (a llama-server binary
+# already built, as on the GPU machine; else it is built once by scripts/llamacpp-common.sh).
+# Prints one table: aggregate tokens/s, the ratio, TTFT and latency p50/p99.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-2}
@@ -19,8 +21,18 @@ requests=${REQUESTS:-64}
 tokens=${TOKENS:-32}
 out=$(mktemp -d)
 . scripts/llamacpp-common.sh
-build_llamacpp llama-server
-server_bin="$lc/build/bin/llama-server"
+device=${DEVICE:-cpu}
+if [ -n "${LLAMA_SERVER:-}" ]; then
+  server_bin=$LLAMA_SERVER
+else
+  build_llamacpp llama-server
+  server_bin="$lc/build/bin/llama-server"
+fi
+pl_device=() lc_device=()
+if [ "$device" != cpu ]; then
+  pl_device=(--device "$device")
+  lc_device=(-ngl 99)
+fi
 pocketlm=$(pocketlm_bin ci)
 port=18471
 
@@ -32,7 +44,8 @@ load() {
   "$@" > "$out/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
     kill -0 "$pid" 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
     sleep 0.5
   done
@@ -66,13 +79,14 @@ data = Path(sys.argv[1]).read_bytes()[:64 << 20]
 sys.exit(0 if b"tokenizer.chat_template" in data else 1)
 PY
   load "pocketlm serve, $label" pocketlm "$label" "$pocketlm" -t "$threads" serve --port "$port" \
-    --model "$model" --max-batch "$clients" --queue-size 256 --prefix-cache-memory 0
+    --model "$model" "${pl_device[@]}" --max-batch "$clients" --queue-size 256 --prefix-cache-memory 0
   load "llama-server, $label" llama.cpp "$label" "$server_bin" -m "$model" --port "$port" \
-    -t "$threads" -tb "$threads" -np "$clients" -c $(( clients * 512 )) -cb --cache-ram 0
+    -t "$threads" -tb "$threads" -np "$clients" -c $(( clients * 512 )) -cb --cache-ram 0 "${lc_device[@]}"
 done
 
 echo
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $threads threads; $tokens tokens a request"
+[ "$device" = cpu ] || echo "device: $device ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
 python3 - "$out/rows.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

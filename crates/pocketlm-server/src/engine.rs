@@ -79,6 +79,9 @@ pub struct EngineConfig {
     /// ([`BatchConfig::kv_memory`]: requests wait, and running ones are preempted and resumed,
     /// rather than go over it); `None`: no bound.
     pub kv_memory: Option<usize>,
+    /// Decode headroom kept at admission under `kv_memory`, in positions
+    /// ([`BatchConfig::kv_reserve`]).
+    pub kv_reserve: usize,
 }
 
 /// Settings of the engine's prefix cache.
@@ -329,6 +332,7 @@ impl Engine {
             max_batch,
             tokens_per_step: config.max_tokens_per_step.max(1),
             kv_memory: config.kv_memory,
+            kv_reserve: config.kv_reserve,
         };
         let persist = config
             .prefix_cache

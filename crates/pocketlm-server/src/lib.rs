@@ -95,6 +95,10 @@ pub struct ServerConfig {
     /// requests wait and running ones are preempted and later resumed, none fails
     /// ([`pocketlm::generate::batch::BatchConfig::kv_memory`]). `None` (the default): no bound.
     pub kv_memory: Option<usize>,
+    /// Under `kv_memory`, positions of decode headroom each running request keeps when another
+    /// is admitted (`serve --kv-reserve`;
+    /// [`pocketlm::generate::batch::BatchConfig::kv_reserve`]).
+    pub kv_reserve: usize,
 }
 
 /// Connection timeouts: slow or idle clients do not hold connections open forever.
@@ -136,6 +140,7 @@ impl Default for ServerConfig {
             prefix_cache_dir: None,
             prefix_cache_save_interval: Duration::from_secs(60),
             kv_memory: None,
+            kv_reserve: pocketlm::generate::batch::KV_RESERVE,
         }
     }
 }
@@ -199,6 +204,7 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
                     save_interval: config.prefix_cache_save_interval,
                 }),
                 kv_memory: config.kv_memory,
+                kv_reserve: config.kv_reserve,
             },
         )),
         created: unix_now(),

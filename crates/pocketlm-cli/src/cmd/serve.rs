@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// prompt alone needs more. Default: no bound.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub kv_memory: Option<usize>,
+    /// With --kv-memory: positions each running request must still be able to add before a
+    /// waiting one is admitted (decode headroom; fewer preemptions, smaller batches). 0 admits
+    /// a request as soon as its prompt fits.
+    #[arg(long, value_name = "N", default_value_t = pocketlm::generate::batch::KV_RESERVE)]
+    pub kv_reserve: usize,
     /// Directory the prefix cache is loaded from at start and saved to (every minute while it
     /// changes, and at shutdown). Default: $POCKETLM_HOME/prefix-cache/<model>-<hash>.
     #[arg(long, value_name = "DIR")]
@@ -155,6 +160,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         prefix_cache_memory: args.prefix_cache_memory,
         prefix_cache_dir,
         kv_memory: args.kv_memory,
+        kv_reserve: args.kv_reserve,
         ..ServerConfig::default()
     };
     pocketlm_server::run(m, config).context("serving")
