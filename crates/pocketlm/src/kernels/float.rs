@@ -589,18 +589,8 @@ fn attention_rows_kt(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
-    let AttentionShape {
-        heads,
-        kv_heads,
-        queries,
-        kv_len,
-        head_dim: d,
-        kv_head_stride: _,
-    } = shape;
-    let items = work_items(kv_heads, queries, QUERY_BLOCK);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
-    let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
+    for_each_item(&shape, |kh, ts| {
         // SAFETY: the operands hold their shapes (asserted by the callers), `kt` is
         // `transpose_keys`'s and the items' rows are pairwise disjoint.
         unsafe {
@@ -614,16 +604,37 @@ fn attention_rows_kt(
                 softcap,
                 window,
                 sinks,
-                *kh,
-                ts.clone(),
+                kh,
+                ts,
                 out_ptr.get(),
             )
         }
-    };
+    })
+}
+
+/// Runs `item(kh, ts)` on every work item of an attention pass of `shape` ([`work_items`]: a
+/// kv head `kh` and a block `ts` of up to [`QUERY_BLOCK`] queries), in parallel on the rayon
+/// pool when the pass is large enough (`heads · queries · kv_len · head_dim` of 2^15 or more,
+/// and more than one item), else in order on this thread.
+fn for_each_item<F>(shape: &AttentionShape, item: F)
+where
+    F: Fn(usize, std::ops::Range<usize>) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let &AttentionShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        kv_head_stride: _,
+    } = shape;
+    let items = work_items(kv_heads, queries, QUERY_BLOCK);
+    let run = |(kh, ts): &(usize, std::ops::Range<usize>)| item(*kh, ts.clone());
     if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
-        items.par_iter().with_max_len(1).for_each(block);
+        items.par_iter().with_max_len(1).for_each(run);
     } else {
-        items.iter().for_each(block);
+        items.iter().for_each(run);
     }
 }
 
@@ -765,10 +776,8 @@ pub fn attention_f16(
         head_dim: d,
         kv_head_stride: kv_len * d,
     };
-    let items = work_items(kv_heads, queries, QUERY_BLOCK);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
-    let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
-        let kh = *kh;
+    for_each_item(&shape, |kh, ts| {
         SCRATCH.with(|cell| {
             let mut bufs = cell.borrow_mut();
             let [kf, vf, of] = &mut *bufs;
@@ -813,12 +822,7 @@ pub fn attention_f16(
                 dst.copy_from_slice(&of[t * rep * d..][..rep * d]);
             }
         })
-    };
-    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
-        items.par_iter().with_max_len(1).for_each(block);
-    } else {
-        items.iter().for_each(block);
-    }
+    })
 }
 
 /// `dst[i] = src[i]` widened from f16 to f32 (exact), with AVX-512F's `vcvtph2ps` 16 at a
@@ -1288,7 +1292,6 @@ pub fn attention_paged(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
     let PagedShape {
         heads,
         kv_heads,
@@ -1307,9 +1310,17 @@ pub fn attention_paged(
         .chain(&v[..blocks])
         .all(|b| b.len() >= need));
     assert!(sinks.is_none_or(|s| s.len() >= heads));
-    let items = work_items(kv_heads, queries, QUERY_BLOCK);
+    // The same keys and values as if gathered contiguously (for the work items).
+    let flat = AttentionShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        kv_head_stride: kv_len * d,
+    };
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
-    let run = |(kh, ts): &(usize, std::ops::Range<usize>)| {
+    for_each_item(&flat, |kh, ts| {
         // SAFETY: the operands hold their shapes (asserted above) and the items' rows are
         // pairwise disjoint.
         unsafe {
@@ -1322,17 +1333,12 @@ pub fn attention_paged(
                 softcap,
                 window,
                 sinks,
-                *kh,
-                ts.clone(),
+                kh,
+                ts,
                 out_ptr.get(),
             )
         }
-    };
-    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
-        items.par_iter().with_max_len(1).for_each(run);
-    } else {
-        items.iter().for_each(run);
-    }
+    })
 }
 
 /// One work item of [`attention_paged`] on the best build of [`attention_paged_block`] this
