@@ -42,7 +42,7 @@ fn has_fma() -> bool {
 /// The hot loops compiled with AVX2 + FMA (their bodies are `#[inline(always)]`).
 #[cfg(target_arch = "x86_64")]
 mod fma_impl {
-    use super::{AttentionShape, PagedShape};
+    use super::{AttentionShape, KvRows};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn swiglu_impl(gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -58,11 +58,10 @@ mod fma_impl {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_block(
+    pub(super) unsafe fn attention_block<R: KvRows>(
         q: &[f32],
-        k: &[f32],
+        kv: &R,
         kt: Option<&[f32]>,
-        v: &[f32],
         shape: &AttentionShape,
         scale: f32,
         softcap: Option<f32>,
@@ -74,20 +73,17 @@ mod fma_impl {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            super::attention_block(
-                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
-            )
+            super::attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out)
         }
     }
 
     /// [`attention_block`] with 512-bit vectors (the same IEEE operations, so the same result).
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_block_avx512(
+    pub(super) unsafe fn attention_block_avx512<R: KvRows>(
         q: &[f32],
-        k: &[f32],
+        kv: &R,
         kt: Option<&[f32]>,
-        v: &[f32],
         shape: &AttentionShape,
         scale: f32,
         softcap: Option<f32>,
@@ -99,52 +95,7 @@ mod fma_impl {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            super::attention_block(
-                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
-            )
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_paged_block(
-        q: &[f32],
-        k: &[&[f32]],
-        v: &[&[f32]],
-        shape: &PagedShape,
-        scale: f32,
-        softcap: Option<f32>,
-        window: Option<usize>,
-        sinks: Option<&[f32]>,
-        kh: usize,
-        ts: std::ops::Range<usize>,
-        out: *mut f32,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            super::attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out)
-        }
-    }
-
-    /// [`attention_paged_block`] with 512-bit vectors (the same IEEE operations).
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_paged_block_avx512(
-        q: &[f32],
-        k: &[&[f32]],
-        v: &[&[f32]],
-        shape: &PagedShape,
-        scale: f32,
-        softcap: Option<f32>,
-        window: Option<usize>,
-        sinks: Option<&[f32]>,
-        kh: usize,
-        ts: std::ops::Range<usize>,
-        out: *mut f32,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            super::attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out)
+            super::attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out)
         }
     }
 }
@@ -589,24 +540,36 @@ fn attention_rows_kt(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    let (kv_len, d, hs) = (shape.kv_len, shape.head_dim, shape.kv_head_stride);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
     for_each_item(&shape, |kh, ts| {
+        let out = out_ptr.get();
+        // The AVX-512 tiles of `attn_exact` where they apply (transposed keys, 16 queries or
+        // more), else the row kernel over kv head `kh`'s rows.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kt) = kt.filter(|_| super::attn_exact::applies(d, shape.queries)) {
+            // SAFETY: `applies` checked the CPU and the shape; the rest as below.
+            return unsafe {
+                super::attn_exact::block(
+                    q, kt, v, &shape, scale, softcap, window, sinks, kh, ts, out,
+                )
+            };
+        }
+        let kv = HeadRows {
+            // Not read when the keys come transposed (then `k` may be empty).
+            k: if kt.is_some() {
+                &[]
+            } else {
+                &k[kh * hs..][..kv_len * d]
+            },
+            v: &v[kh * hs..][..kv_len * d],
+            d,
+        };
         // SAFETY: the operands hold their shapes (asserted by the callers), `kt` is
         // `transpose_keys`'s and the items' rows are pairwise disjoint.
         unsafe {
             row_block(
-                q,
-                k,
-                kt,
-                v,
-                &shape,
-                scale,
-                softcap,
-                window,
-                sinks,
-                kh,
-                ts,
-                out_ptr.get(),
+                q, &kv, kt, &shape, scale, softcap, window, sinks, kh, ts, out,
             )
         }
     })
@@ -621,38 +584,28 @@ where
     F: Fn(usize, std::ops::Range<usize>) + Sync + Send,
 {
     use rayon::prelude::*;
-    let &AttentionShape {
-        heads,
-        kv_heads,
-        queries,
-        kv_len,
-        head_dim: d,
-        kv_head_stride: _,
-    } = shape;
-    let items = work_items(kv_heads, queries, QUERY_BLOCK);
+    let items = work_items(shape.kv_heads, shape.queries, QUERY_BLOCK);
     let run = |(kh, ts): &(usize, std::ops::Range<usize>)| item(*kh, ts.clone());
-    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
+    let multiply_adds = shape.heads * shape.queries * shape.kv_len * shape.head_dim;
+    if multiply_adds >= 1 << 15 && items.len() > 1 {
         items.par_iter().with_max_len(1).for_each(run);
     } else {
         items.iter().for_each(run);
     }
 }
 
-/// One work item of [`attention_rows`] (the query heads of kv head `kh` at queries `ts`) on
-/// the best kernel this CPU has: the AVX-512 tiles of `attn_exact` when the keys are
-/// transposed, else [`attention_block`] compiled for AVX-512, AVX2 + FMA or plain code (the
-/// same result bit for bit on each).
+/// One work item of [`attention`]'s row kernel (the query heads of kv head `kh` at queries
+/// `ts`, over kv head `kh`'s rows `kv`, wherever they are stored) on the best build of
+/// [`attention_block`] this CPU has: AVX-512, AVX2 + FMA or plain code (the same result bit
+/// for bit on each).
 ///
 /// # Safety
-/// The operands hold their shapes; `kt` is `transpose_keys(k, shape)` when given (and `k` is
-/// read only when it is not); `out` is valid for the item's rows `(t, h)` and no other thread
-/// writes them.
+/// As [`attention_block`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_block(
+unsafe fn row_block<R: KvRows>(
     q: &[f32],
-    k: &[f32],
+    kv: &R,
     kt: Option<&[f32]>,
-    v: &[f32],
     shape: &AttentionShape,
     scale: f32,
     softcap: Option<f32>,
@@ -663,19 +616,12 @@ unsafe fn row_block(
     out: *mut f32,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(kt) = kt.filter(|_| super::attn_exact::applies(shape.head_dim, shape.queries)) {
-        // SAFETY: `applies` checked the CPU and the shape; the rest is the caller's.
-        return unsafe {
-            super::attn_exact::block(q, kt, v, shape, scale, softcap, window, sinks, kh, ts, out)
-        };
-    }
-    #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU has the features `attention_block_avx512` is compiled for; the
         // rest is the caller's.
         return unsafe {
             fma_impl::attention_block_avx512(
-                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+                q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out,
             )
         };
     }
@@ -683,17 +629,11 @@ unsafe fn row_block(
     if has_fma() {
         // SAFETY: as above, for AVX2 + FMA.
         return unsafe {
-            fma_impl::attention_block(
-                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
-            )
+            fma_impl::attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out)
         };
     }
     // SAFETY: the caller's.
-    unsafe {
-        attention_block(
-            q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
-        )
-    }
+    unsafe { attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out) }
 }
 
 /// [`attention`] over an f16 KV cache: `k`, `v: [kv_heads, kv_len, head_dim]` f16 (heads
@@ -792,14 +732,14 @@ pub fn attention_f16(
             widen_f16(&v[kh * hs..][..kv_len * d], vf);
             let qh = &q[kh * rep * queries * d..][..rep * queries * d];
             let sh = sinks.map(|s| &s[kh * rep..][..rep]);
+            let kv = HeadRows { k: kf, v: vf, d };
             // SAFETY: `kf`, `vf` hold one kv head of `kv_len` positions, `qh` its query heads,
             // `of` the `[queries, rep, d]` rows of `one`, written by this item alone.
             unsafe {
                 row_block(
                     qh,
-                    kf,
+                    &kv,
                     None,
-                    vf,
                     &one,
                     scale,
                     softcap,
@@ -1066,22 +1006,101 @@ fn scores16(qv: &[f32], kt: &[f32], out: &mut [f32; LANES]) {
     }
 }
 
-/// A block of output rows of [`attention`]: the query heads of kv head `kh` at queries `ts`,
-/// written to `out` (`[queries, heads, head_dim]`). Each row's result is exactly what it would
-/// be alone (the same operations in the same order); the rows are only interleaved so that
-/// every block of 16 keys (and every stripe of values) is loaded once for all of them instead
-/// of once per row, which keeps long contexts in the caches.
+/// Where [`attention_block`] finds the keys and values of one kv head: the key and the value
+/// row of position `j`, `[head_dim]` f32 each, for `j < kv_len`. [`HeadRows`] holds them
+/// contiguously ([`attention`]), [`PagedRows`] through a block table ([`attention_paged`]);
+/// the kernel is compiled once per kind, so its loops call no function to find a row.
+trait KvRows {
+    /// The key of position `j` (`[head_dim]`).
+    fn key(&self, j: usize) -> &[f32];
+    /// The value of position `j` (`[head_dim]`).
+    fn value(&self, j: usize) -> &[f32];
+}
+
+/// One kv head of a contiguous cache: `k`, `v: [kv_len, head_dim]` f32, position `j` at
+/// `j · head_dim` (`k` may be empty where the kernel reads transposed keys instead).
+struct HeadRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    /// Head dimension.
+    d: usize,
+}
+
+impl KvRows for HeadRows<'_> {
+    #[inline(always)]
+    fn key(&self, j: usize) -> &[f32] {
+        &self.k[j * self.d..][..self.d]
+    }
+
+    #[inline(always)]
+    fn value(&self, j: usize) -> &[f32] {
+        &self.v[j * self.d..][..self.d]
+    }
+}
+
+/// One kv head of a block table (vLLM's PagedAttention): each position's key and value row,
+/// `[head_dim]` f32, found once through its block when made.
+struct PagedRows<'a> {
+    k: Vec<&'a [f32]>,
+    v: Vec<&'a [f32]>,
+}
+
+impl<'a> PagedRows<'a> {
+    /// The rows of kv head `kh` at positions `0..kv_len` of blocks `k`, `v` (each
+    /// `[kv_heads, block, head_dim]`; position `j` is row `kh · block + j mod block` of block
+    /// `j / block`).
+    ///
+    /// # Panics
+    /// If a block the positions need is missing or shorter than `kv_heads · block · head_dim`.
+    fn new(k: &[&'a [f32]], v: &[&'a [f32]], shape: &PagedShape, kh: usize) -> Self {
+        let &PagedShape {
+            kv_len,
+            head_dim: d,
+            block,
+            ..
+        } = shape;
+        let rows = |blocks: &[&'a [f32]]| -> Vec<&'a [f32]> {
+            (0..kv_len)
+                .map(|j| &blocks[j / block][(kh * block + j % block) * d..][..d])
+                .collect()
+        };
+        Self {
+            k: rows(k),
+            v: rows(v),
+        }
+    }
+}
+
+impl KvRows for PagedRows<'_> {
+    #[inline(always)]
+    fn key(&self, j: usize) -> &[f32] {
+        self.k[j]
+    }
+
+    #[inline(always)]
+    fn value(&self, j: usize) -> &[f32] {
+        self.v[j]
+    }
+}
+
+/// A block of output rows of [`attention`] and [`attention_paged`]: the query heads of kv head
+/// `kh` at queries `ts`, written to `out` (`[queries, heads, head_dim]`), over the keys and
+/// values of `kv` (kv head `kh`'s rows, wherever they are stored) or, when `kt` is given, the
+/// keys of [`transpose_keys`] (then `kv`'s keys are not read). `shape` is that of the keys and
+/// values laid out contiguously (its `kv_head_stride` is not read). Each row's result is
+/// exactly what it would be alone (the same operations in the same order); the rows are only
+/// interleaved so that every block of 16 keys (and every stripe of values) is loaded once for
+/// all of them instead of once per row, which keeps long contexts in the caches.
 ///
 /// # Safety
 /// `out` is valid for the rows `(t, h)` of the block (`t` in `ts`, `h` in kv head `kh`'s
 /// query heads), and no other thread writes them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attention_block(
+unsafe fn attention_block<R: KvRows>(
     q: &[f32],
-    k: &[f32],
+    kv: &R,
     kt: Option<&[f32]>,
-    v: &[f32],
     shape: &AttentionShape,
     scale: f32,
     softcap: Option<f32>,
@@ -1097,11 +1116,10 @@ unsafe fn attention_block(
         queries,
         kv_len,
         head_dim: d,
-        kv_head_stride: hs,
+        kv_head_stride: _,
     } = *shape;
     let rep = heads / kv_heads;
     let offset = kv_len - queries;
-    let vv = &v[kh * hs..][..kv_len * d];
     // Rows `(t, h)`, query-major, with each one's position and first visible key.
     let rows: Vec<(usize, usize)> = ts
         .clone()
@@ -1154,9 +1172,8 @@ unsafe fn attention_block(
             }
         }
         None => {
-            let kk = &k[kh * hs..][..kv_len * d];
             for j in lo_all..=hi_all {
-                let kj = &kk[j * d..][..d];
+                let kj = kv.key(j);
                 for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
                     if j >= first(t) && j <= pos(t) {
                         p[j] = dot_vec(qv(t, h), kj);
@@ -1192,11 +1209,11 @@ unsafe fn attention_block(
             let p = &p[..pos(t) + 1];
             let a = &mut acc[s * d..][..d];
             match d {
-                64 => pv_slot::<64>(p, vv, s, slots, a),
-                128 => pv_slot::<128>(p, vv, s, slots, a),
+                64 => pv_slot::<64, R>(p, kv, s, slots, a),
+                128 => pv_slot::<128, R>(p, kv, s, slots, a),
                 _ => {
                     for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-                        for (a, &x) in a.iter_mut().zip(&vv[j * d..][..d]) {
+                        for (a, &x) in a.iter_mut().zip(kv.value(j)) {
                             *a = pj.mul_add(x, *a);
                         }
                     }
@@ -1231,12 +1248,13 @@ unsafe fn attention_block(
 }
 
 /// `a[c] = Σ p_j·v_j[c]` over the positions `j = s, s + slots, ...` of `p`, in order (one
-/// fused multiply-add each), with the `D` accumulators in registers.
+/// fused multiply-add each), with the `D` accumulators in registers; `v_j` is `kv`'s value of
+/// position `j`.
 #[inline(always)]
-fn pv_slot<const D: usize>(p: &[f32], vv: &[f32], s: usize, slots: usize, a: &mut [f32]) {
+fn pv_slot<const D: usize, R: KvRows>(p: &[f32], kv: &R, s: usize, slots: usize, a: &mut [f32]) {
     let mut r = [0f32; D];
     for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-        let x: &[f32; D] = vv[j * D..][..D].try_into().expect("D values");
+        let x: &[f32; D] = kv.value(j)[..D].try_into().expect("D values");
         for c in 0..D {
             r[c] = pj.mul_add(x[c], r[c]);
         }
@@ -1259,6 +1277,21 @@ pub struct PagedShape {
     pub head_dim: usize,
     /// Positions per block (at least 1).
     pub block: usize,
+}
+
+impl PagedShape {
+    /// The shape of these keys and values gathered contiguously (`[kv_heads, kv_len,
+    /// head_dim]`, heads `kv_len · head_dim` apart): the one the row kernel takes.
+    fn gathered(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            queries: self.queries,
+            kv_len: self.kv_len,
+            head_dim: self.head_dim,
+            kv_head_stride: self.kv_len * self.head_dim,
+        }
+    }
 }
 
 /// [`attention`] over keys and values held in blocks (vLLM's PagedAttention, Kwon et al.
@@ -1310,25 +1343,18 @@ pub fn attention_paged(
         .chain(&v[..blocks])
         .all(|b| b.len() >= need));
     assert!(sinks.is_none_or(|s| s.len() >= heads));
-    // The same keys and values as if gathered contiguously (for the work items).
-    let flat = AttentionShape {
-        heads,
-        kv_heads,
-        queries,
-        kv_len,
-        head_dim: d,
-        kv_head_stride: kv_len * d,
-    };
+    let flat = shape.gathered();
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
     for_each_item(&flat, |kh, ts| {
+        let kv = PagedRows::new(k, v, &shape, kh);
         // SAFETY: the operands hold their shapes (asserted above) and the items' rows are
         // pairwise disjoint.
         unsafe {
-            paged_row_block(
+            row_block(
                 q,
-                k,
-                v,
-                &shape,
+                &kv,
+                None,
+                &flat,
                 scale,
                 softcap,
                 window,
@@ -1339,192 +1365,6 @@ pub fn attention_paged(
             )
         }
     })
-}
-
-/// One work item of [`attention_paged`] on the best build of [`attention_paged_block`] this
-/// CPU has (AVX-512, AVX2 + FMA or plain code: the same result bit for bit).
-///
-/// # Safety
-/// As [`attention_paged_block`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn paged_row_block(
-    q: &[f32],
-    k: &[&[f32]],
-    v: &[&[f32]],
-    shape: &PagedShape,
-    scale: f32,
-    softcap: Option<f32>,
-    window: Option<usize>,
-    sinks: Option<&[f32]>,
-    kh: usize,
-    ts: std::ops::Range<usize>,
-    out: *mut f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has the features it is compiled for; the rest is the caller's.
-        return unsafe {
-            fma_impl::attention_paged_block_avx512(
-                q, k, v, shape, scale, softcap, window, sinks, kh, ts, out,
-            )
-        };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_fma() {
-        // SAFETY: as above, for AVX2 + FMA.
-        return unsafe {
-            fma_impl::attention_paged_block(
-                q, k, v, shape, scale, softcap, window, sinks, kh, ts, out,
-            )
-        };
-    }
-    // SAFETY: the caller's.
-    unsafe { attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out) }
-}
-
-/// [`attention_block`] (without transposed keys) over a block table: the query heads of kv
-/// head `kh` at queries `ts`, the same operations in the same order, each key and value row
-/// found through its block (`k[j / block]`, row `kh · block + j mod block`).
-///
-/// # Safety
-/// `out` is valid for the rows `(t, h)` of the item (`t` in `ts`, `h` in kv head `kh`'s query
-/// heads), and no other thread writes them; the operands hold their shapes.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attention_paged_block(
-    q: &[f32],
-    k: &[&[f32]],
-    v: &[&[f32]],
-    shape: &PagedShape,
-    scale: f32,
-    softcap: Option<f32>,
-    window: Option<usize>,
-    sinks: Option<&[f32]>,
-    kh: usize,
-    ts: std::ops::Range<usize>,
-    out: *mut f32,
-) {
-    let PagedShape {
-        heads,
-        kv_heads,
-        queries,
-        kv_len,
-        head_dim: d,
-        block,
-    } = *shape;
-    let rep = heads / kv_heads;
-    let offset = kv_len - queries;
-    // Each position's key and value row of kv head `kh`, found once.
-    let row = |blocks: &[&'_ [f32]], j: usize| -> *const f32 {
-        blocks[j / block][(kh * block + j % block) * d..][..d].as_ptr()
-    };
-    let krows: Vec<*const f32> = (0..kv_len).map(|j| row(k, j)).collect();
-    let vrows: Vec<*const f32> = (0..kv_len).map(|j| row(v, j)).collect();
-    // SAFETY: each pointer starts a row of `d` values of a block that outlives this call.
-    let key = |j: usize| unsafe { std::slice::from_raw_parts(krows[j], d) };
-    let val = |j: usize| unsafe { std::slice::from_raw_parts(vrows[j], d) };
-    let rows: Vec<(usize, usize)> = ts
-        .clone()
-        .flat_map(|t| (kh * rep..(kh + 1) * rep).map(move |h| (t, h)))
-        .collect();
-    let pos = |t: usize| offset + t;
-    let first = |t: usize| window.map_or(0, |w| (pos(t) + 1).saturating_sub(w));
-    let qv = |t: usize, h: usize| &q[(h * queries + t) * d..][..d];
-    // As in `attention_block`: a row's scores up to its position, in 16-value chunks.
-    let mut ps: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|&(t, _)| {
-            let len = (pos(t) + 1)
-                .div_ceil(LANES)
-                .saturating_mul(LANES)
-                .min(kv_len);
-            vec![f32::NEG_INFINITY; len]
-        })
-        .collect();
-    let lo_all = ts.clone().map(first).min().unwrap_or(0);
-    let hi_all = ts.clone().map(pos).max().unwrap_or(0);
-    for j in lo_all..=hi_all {
-        let kj = key(j);
-        for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
-            if j >= first(t) && j <= pos(t) {
-                p[j] = dot_vec(qv(t, h), kj);
-            }
-        }
-    }
-    for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
-        let softmax_scale = match softcap {
-            Some(c) => {
-                let inv = 1.0 / c;
-                for pj in p.iter_mut().take(pos(t) + 1).skip(first(t)) {
-                    *pj = (*pj * scale * inv).tanh() * c;
-                }
-                1.0
-            }
-            None => scale,
-        };
-        softmax_scaled_sink(p, softmax_scale, sinks.map(|s| s[h]));
-    }
-    let groups = if queries == 1 { 4 } else { 1 };
-    let slots = groups * LANES;
-    let mut accs = vec![0f32; rows.len() * slots * d];
-    for s in 0..slots {
-        for ((&(t, _), p), acc) in rows.iter().zip(&ps).zip(accs.chunks_exact_mut(slots * d)) {
-            let p = &p[..pos(t) + 1];
-            let a = &mut acc[s * d..][..d];
-            match d {
-                64 => pv_slot_rows::<64>(p, &val, s, slots, a),
-                128 => pv_slot_rows::<128>(p, &val, s, slots, a),
-                _ => {
-                    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-                        for (a, &x) in a.iter_mut().zip(val(j)) {
-                            *a = pj.mul_add(x, *a);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let mut lanes = vec![0f32; LANES * d];
-    for (&(t, h), acc) in rows.iter().zip(accs.chunks_exact(slots * d)) {
-        let at = |g: usize, l: usize| &acc[(g * LANES + l) * d..][..d];
-        for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
-            if groups == 4 {
-                let (a0, a1, a2, a3) = (at(0, l), at(1, l), at(2, l), at(3, l));
-                for c in 0..d {
-                    lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
-                }
-            } else {
-                lane.copy_from_slice(at(0, l));
-            }
-        }
-        let ln = |l: usize| &lanes[l * d..][..d];
-        // SAFETY: row `(t, h)` belongs to this item (the caller's guarantee).
-        let o = unsafe { std::slice::from_raw_parts_mut(out.add((t * heads + h) * d), d) };
-        for (c, oc) in o.iter_mut().enumerate() {
-            let h = |i: usize| ln(i)[c] + ln(i + 8)[c];
-            let q = [h(0) + h(4), h(1) + h(5), h(2) + h(6), h(3) + h(7)];
-            *oc = (q[0] + q[2]) + (q[1] + q[3]);
-        }
-    }
-}
-
-/// [`pv_slot`] with each position's value row found by `val(j)` (a block table).
-#[inline(always)]
-fn pv_slot_rows<'v, const D: usize>(
-    p: &[f32],
-    val: &impl Fn(usize) -> &'v [f32],
-    s: usize,
-    slots: usize,
-    a: &mut [f32],
-) {
-    let mut r = [0f32; D];
-    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-        let x: &[f32; D] = val(j)[..D].try_into().expect("D values");
-        for c in 0..D {
-            r[c] = pj.mul_add(x[c], r[c]);
-        }
-    }
-    a.copy_from_slice(&r);
 }
 
 #[cfg(test)]
