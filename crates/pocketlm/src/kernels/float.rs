@@ -60,8 +60,9 @@ mod fma_impl {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn attention_block<R: KvRows>(
         q: &[f32],
-        kv: &R,
+        k: R,
         kt: Option<&[f32]>,
+        v: R,
         shape: &AttentionShape,
         scale: f32,
         softcap: Option<f32>,
@@ -73,7 +74,9 @@ mod fma_impl {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            super::attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out)
+            super::attention_block(
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
         }
     }
 
@@ -82,8 +85,9 @@ mod fma_impl {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn attention_block_avx512<R: KvRows>(
         q: &[f32],
-        kv: &R,
+        k: R,
         kt: Option<&[f32]>,
+        v: R,
         shape: &AttentionShape,
         scale: f32,
         softcap: Option<f32>,
@@ -95,7 +99,9 @@ mod fma_impl {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            super::attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out)
+            super::attention_block(
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
         }
     }
 }
@@ -555,21 +561,19 @@ fn attention_rows_kt(
                 )
             };
         }
-        let kv = HeadRows {
-            // Not read when the keys come transposed (then `k` may be empty).
-            k: if kt.is_some() {
-                &[]
-            } else {
-                &k[kh * hs..][..kv_len * d]
-            },
-            v: &v[kh * hs..][..kv_len * d],
-            d,
+        // Kv head `kh`'s rows (its keys are not read when they come transposed, and then `k`
+        // may be empty).
+        let kh_k: &[f32] = if kt.is_some() {
+            &[]
+        } else {
+            &k[kh * hs..][..kv_len * d]
         };
+        let kh_v = &v[kh * hs..][..kv_len * d];
         // SAFETY: the operands hold their shapes (asserted by the callers), `kt` is
         // `transpose_keys`'s and the items' rows are pairwise disjoint.
         unsafe {
             row_block(
-                q, &kv, kt, &shape, scale, softcap, window, sinks, kh, ts, out,
+                q, kh_k, kt, kh_v, &shape, scale, softcap, window, sinks, kh, ts, out,
             )
         }
     })
@@ -595,7 +599,7 @@ where
 }
 
 /// One work item of [`attention`]'s row kernel (the query heads of kv head `kh` at queries
-/// `ts`, over kv head `kh`'s rows `kv`, wherever they are stored) on the best build of
+/// `ts`, over kv head `kh`'s rows `k`, `v`, wherever they are stored) on the best build of
 /// [`attention_block`] this CPU has: AVX-512, AVX2 + FMA or plain code (the same result bit
 /// for bit on each).
 ///
@@ -604,8 +608,9 @@ where
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_block<R: KvRows>(
     q: &[f32],
-    kv: &R,
+    k: R,
     kt: Option<&[f32]>,
+    v: R,
     shape: &AttentionShape,
     scale: f32,
     softcap: Option<f32>,
@@ -621,7 +626,7 @@ unsafe fn row_block<R: KvRows>(
         // rest is the caller's.
         return unsafe {
             fma_impl::attention_block_avx512(
-                q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out,
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
             )
         };
     }
@@ -629,11 +634,17 @@ unsafe fn row_block<R: KvRows>(
     if has_fma() {
         // SAFETY: as above, for AVX2 + FMA.
         return unsafe {
-            fma_impl::attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out)
+            fma_impl::attention_block(
+                q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+            )
         };
     }
     // SAFETY: the caller's.
-    unsafe { attention_block(q, kv, kt, shape, scale, softcap, window, sinks, kh, ts, out) }
+    unsafe {
+        attention_block(
+            q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
+        )
+    }
 }
 
 /// [`attention`] over an f16 KV cache: `k`, `v: [kv_heads, kv_len, head_dim]` f16 (heads
@@ -732,14 +743,14 @@ pub fn attention_f16(
             widen_f16(&v[kh * hs..][..kv_len * d], vf);
             let qh = &q[kh * rep * queries * d..][..rep * queries * d];
             let sh = sinks.map(|s| &s[kh * rep..][..rep]);
-            let kv = HeadRows { k: kf, v: vf, d };
             // SAFETY: `kf`, `vf` hold one kv head of `kv_len` positions, `qh` its query heads,
             // `of` the `[queries, rep, d]` rows of `one`, written by this item alone.
             unsafe {
                 row_block(
                     qh,
-                    &kv,
+                    &kf[..],
                     None,
+                    &vf[..],
                     &one,
                     scale,
                     softcap,
@@ -1006,91 +1017,59 @@ fn scores16(qv: &[f32], kt: &[f32], out: &mut [f32; LANES]) {
     }
 }
 
-/// Where [`attention_block`] finds the keys and values of one kv head: the key and the value
-/// row of position `j`, `[head_dim]` f32 each, for `j < kv_len`. [`HeadRows`] holds them
-/// contiguously ([`attention`]), [`PagedRows`] through a block table ([`attention_paged`]);
-/// the kernel is compiled once per kind, so its loops call no function to find a row.
-trait KvRows {
-    /// The key of position `j` (`[head_dim]`).
-    fn key(&self, j: usize) -> &[f32];
-    /// The value of position `j` (`[head_dim]`).
-    fn value(&self, j: usize) -> &[f32];
+/// Where [`attention_block`] finds the rows of one kv head's keys or values: row `j`
+/// (`[d]` f32, `d` the head dimension) holds position `j < kv_len`. Sources: a contiguous
+/// `[kv_len, d]` slice ([`attention`]) and a slice of rows found through a block table
+/// ([`attention_paged`], [`paged_rows`]). The kernel takes its sources by value and is
+/// compiled once per kind, so its loops call no function to find a row, and on slices it
+/// indexes them as a kernel written for slices alone would.
+trait KvRows: Copy {
+    /// Row `j` (`[d]`).
+    fn row(&self, j: usize, d: usize) -> &[f32];
 }
 
-/// One kv head of a contiguous cache: `k`, `v: [kv_len, head_dim]` f32, position `j` at
-/// `j · head_dim` (`k` may be empty where the kernel reads transposed keys instead).
-struct HeadRows<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
-    /// Head dimension.
-    d: usize,
-}
-
-impl KvRows for HeadRows<'_> {
+/// `[kv_len, d]`: row `j` at `j · d`.
+impl KvRows for &[f32] {
     #[inline(always)]
-    fn key(&self, j: usize) -> &[f32] {
-        &self.k[j * self.d..][..self.d]
-    }
-
-    #[inline(always)]
-    fn value(&self, j: usize) -> &[f32] {
-        &self.v[j * self.d..][..self.d]
+    fn row(&self, j: usize, d: usize) -> &[f32] {
+        &self[j * d..][..d]
     }
 }
 
-/// One kv head of a block table (vLLM's PagedAttention): each position's key and value row,
-/// `[head_dim]` f32, found once through its block when made.
-struct PagedRows<'a> {
-    k: Vec<&'a [f32]>,
-    v: Vec<&'a [f32]>,
-}
-
-impl<'a> PagedRows<'a> {
-    /// The rows of kv head `kh` at positions `0..kv_len` of blocks `k`, `v` (each
-    /// `[kv_heads, block, head_dim]`; position `j` is row `kh · block + j mod block` of block
-    /// `j / block`).
-    ///
-    /// # Panics
-    /// If a block the positions need is missing or shorter than `kv_heads · block · head_dim`.
-    fn new(k: &[&'a [f32]], v: &[&'a [f32]], shape: &PagedShape, kh: usize) -> Self {
-        let &PagedShape {
-            kv_len,
-            head_dim: d,
-            block,
-            ..
-        } = shape;
-        let rows = |blocks: &[&'a [f32]]| -> Vec<&'a [f32]> {
-            (0..kv_len)
-                .map(|j| &blocks[j / block][(kh * block + j % block) * d..][..d])
-                .collect()
-        };
-        Self {
-            k: rows(k),
-            v: rows(v),
-        }
+/// One row per position, `d` long already.
+impl KvRows for &[&[f32]] {
+    #[inline(always)]
+    fn row(&self, j: usize, _: usize) -> &[f32] {
+        self[j]
     }
 }
 
-impl KvRows for PagedRows<'_> {
-    #[inline(always)]
-    fn key(&self, j: usize) -> &[f32] {
-        self.k[j]
-    }
-
-    #[inline(always)]
-    fn value(&self, j: usize) -> &[f32] {
-        self.v[j]
-    }
+/// The rows of kv head `kh` at positions `0..kv_len` of a block table (vLLM's PagedAttention):
+/// `blocks[b]` is `[kv_heads, block, head_dim]` f32 and holds positions `b·block..(b + 1)·block`,
+/// so position `j` is row `kh · block + j mod block` of block `j / block`.
+///
+/// # Panics
+/// If a block the positions need is missing or shorter than `kv_heads · block · head_dim`.
+fn paged_rows<'a>(blocks: &[&'a [f32]], shape: &PagedShape, kh: usize) -> Vec<&'a [f32]> {
+    let &PagedShape {
+        kv_len,
+        head_dim: d,
+        block,
+        ..
+    } = shape;
+    (0..kv_len)
+        .map(|j| &blocks[j / block][(kh * block + j % block) * d..][..d])
+        .collect()
 }
 
 /// A block of output rows of [`attention`] and [`attention_paged`]: the query heads of kv head
-/// `kh` at queries `ts`, written to `out` (`[queries, heads, head_dim]`), over the keys and
-/// values of `kv` (kv head `kh`'s rows, wherever they are stored) or, when `kt` is given, the
-/// keys of [`transpose_keys`] (then `kv`'s keys are not read). `shape` is that of the keys and
-/// values laid out contiguously (its `kv_head_stride` is not read). Each row's result is
-/// exactly what it would be alone (the same operations in the same order); the rows are only
-/// interleaved so that every block of 16 keys (and every stripe of values) is loaded once for
-/// all of them instead of once per row, which keeps long contexts in the caches.
+/// `kh` at queries `ts`, written to `out` (`[queries, heads, head_dim]`), over kv head `kh`'s
+/// key and value rows `k`, `v` (wherever they are stored) or, when `kt` is given, the keys of
+/// [`transpose_keys`] (then `k` is not read). `shape` is that of the keys and values laid out
+/// contiguously (its `kv_head_stride` is not read). Each row's result is exactly what it would
+/// be alone (the same operations in the same order); the rows are only interleaved so that
+/// every block of 16 keys (and every stripe of values) is loaded once for all of them instead
+/// of once per row, which keeps long contexts in the caches.
 ///
 /// # Safety
 /// `out` is valid for the rows `(t, h)` of the block (`t` in `ts`, `h` in kv head `kh`'s
@@ -1099,8 +1078,9 @@ impl KvRows for PagedRows<'_> {
 #[allow(clippy::too_many_arguments)]
 unsafe fn attention_block<R: KvRows>(
     q: &[f32],
-    kv: &R,
+    k: R,
     kt: Option<&[f32]>,
+    v: R,
     shape: &AttentionShape,
     scale: f32,
     softcap: Option<f32>,
@@ -1173,7 +1153,7 @@ unsafe fn attention_block<R: KvRows>(
         }
         None => {
             for j in lo_all..=hi_all {
-                let kj = kv.key(j);
+                let kj = k.row(j, d);
                 for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
                     if j >= first(t) && j <= pos(t) {
                         p[j] = dot_vec(qv(t, h), kj);
@@ -1209,11 +1189,11 @@ unsafe fn attention_block<R: KvRows>(
             let p = &p[..pos(t) + 1];
             let a = &mut acc[s * d..][..d];
             match d {
-                64 => pv_slot::<64, R>(p, kv, s, slots, a),
-                128 => pv_slot::<128, R>(p, kv, s, slots, a),
+                64 => pv_slot::<64, R>(p, v, s, slots, a),
+                128 => pv_slot::<128, R>(p, v, s, slots, a),
                 _ => {
                     for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-                        for (a, &x) in a.iter_mut().zip(kv.value(j)) {
+                        for (a, &x) in a.iter_mut().zip(v.row(j, d)) {
                             *a = pj.mul_add(x, *a);
                         }
                     }
@@ -1248,13 +1228,12 @@ unsafe fn attention_block<R: KvRows>(
 }
 
 /// `a[c] = Σ p_j·v_j[c]` over the positions `j = s, s + slots, ...` of `p`, in order (one
-/// fused multiply-add each), with the `D` accumulators in registers; `v_j` is `kv`'s value of
-/// position `j`.
+/// fused multiply-add each), with the `D` accumulators in registers; `v_j` is row `j` of `v`.
 #[inline(always)]
-fn pv_slot<const D: usize, R: KvRows>(p: &[f32], kv: &R, s: usize, slots: usize, a: &mut [f32]) {
+fn pv_slot<const D: usize, R: KvRows>(p: &[f32], v: R, s: usize, slots: usize, a: &mut [f32]) {
     let mut r = [0f32; D];
     for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-        let x: &[f32; D] = kv.value(j)[..D].try_into().expect("D values");
+        let x: &[f32; D] = v.row(j, D).try_into().expect("D values");
         for c in 0..D {
             r[c] = pj.mul_add(x[c], r[c]);
         }
@@ -1346,14 +1325,15 @@ pub fn attention_paged(
     let flat = shape.gathered();
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
     for_each_item(&flat, |kh, ts| {
-        let kv = PagedRows::new(k, v, &shape, kh);
+        let (kr, vr) = (paged_rows(k, &shape, kh), paged_rows(v, &shape, kh));
         // SAFETY: the operands hold their shapes (asserted above) and the items' rows are
         // pairwise disjoint.
         unsafe {
             row_block(
                 q,
-                &kv,
+                &kr[..],
                 None,
+                &vr[..],
                 &flat,
                 scale,
                 softcap,
