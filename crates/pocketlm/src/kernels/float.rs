@@ -42,7 +42,7 @@ fn has_fma() -> bool {
 /// The hot loops compiled with AVX2 + FMA (their bodies are `#[inline(always)]`).
 #[cfg(target_arch = "x86_64")]
 mod fma_impl {
-    use super::{AttentionShape, PagedShape};
+    use super::{AttentionShape, KvRows};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn swiglu_impl(gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -58,11 +58,11 @@ mod fma_impl {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_block(
+    pub(super) unsafe fn attention_block<R: KvRows>(
         q: &[f32],
-        k: &[f32],
+        k: R,
         kt: Option<&[f32]>,
-        v: &[f32],
+        v: R,
         shape: &AttentionShape,
         scale: f32,
         softcap: Option<f32>,
@@ -83,11 +83,11 @@ mod fma_impl {
     /// [`attention_block`] with 512-bit vectors (the same IEEE operations, so the same result).
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_block_avx512(
+    pub(super) unsafe fn attention_block_avx512<R: KvRows>(
         q: &[f32],
-        k: &[f32],
+        k: R,
         kt: Option<&[f32]>,
-        v: &[f32],
+        v: R,
         shape: &AttentionShape,
         scale: f32,
         softcap: Option<f32>,
@@ -102,49 +102,6 @@ mod fma_impl {
             super::attention_block(
                 q, k, kt, v, shape, scale, softcap, window, sinks, kh, ts, out,
             )
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_paged_block(
-        q: &[f32],
-        k: &[&[f32]],
-        v: &[&[f32]],
-        shape: &PagedShape,
-        scale: f32,
-        softcap: Option<f32>,
-        window: Option<usize>,
-        sinks: Option<&[f32]>,
-        kh: usize,
-        ts: std::ops::Range<usize>,
-        out: *mut f32,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            super::attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out)
-        }
-    }
-
-    /// [`attention_paged_block`] with 512-bit vectors (the same IEEE operations).
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_paged_block_avx512(
-        q: &[f32],
-        k: &[&[f32]],
-        v: &[&[f32]],
-        shape: &PagedShape,
-        scale: f32,
-        softcap: Option<f32>,
-        window: Option<usize>,
-        sinks: Option<&[f32]>,
-        kh: usize,
-        ts: std::ops::Range<usize>,
-        out: *mut f32,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            super::attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out)
         }
     }
 }
@@ -589,59 +546,71 @@ fn attention_rows_kt(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
-    let AttentionShape {
-        heads,
-        kv_heads,
-        queries,
-        kv_len,
-        head_dim: d,
-        kv_head_stride: _,
-    } = shape;
-    let items = work_items(kv_heads, queries, QUERY_BLOCK);
+    let (kv_len, d, hs) = (shape.kv_len, shape.head_dim, shape.kv_head_stride);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
-    let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
+    for_each_item(&shape, |kh, ts| {
+        let out = out_ptr.get();
+        // The AVX-512 tiles of `attn_exact` where they apply (transposed keys, 16 queries or
+        // more), else the row kernel over kv head `kh`'s rows.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(kt) = kt.filter(|_| super::attn_exact::applies(d, shape.queries)) {
+            // SAFETY: `applies` checked the CPU and the shape; the rest as below.
+            return unsafe {
+                super::attn_exact::block(
+                    q, kt, v, &shape, scale, softcap, window, sinks, kh, ts, out,
+                )
+            };
+        }
+        // Kv head `kh`'s rows (its keys are not read when they come transposed, and then `k`
+        // may be empty).
+        let kh_k: &[f32] = if kt.is_some() {
+            &[]
+        } else {
+            &k[kh * hs..][..kv_len * d]
+        };
+        let kh_v = &v[kh * hs..][..kv_len * d];
         // SAFETY: the operands hold their shapes (asserted by the callers), `kt` is
         // `transpose_keys`'s and the items' rows are pairwise disjoint.
         unsafe {
             row_block(
-                q,
-                k,
-                kt,
-                v,
-                &shape,
-                scale,
-                softcap,
-                window,
-                sinks,
-                *kh,
-                ts.clone(),
-                out_ptr.get(),
+                q, kh_k, kt, kh_v, &shape, scale, softcap, window, sinks, kh, ts, out,
             )
         }
-    };
-    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
-        items.par_iter().with_max_len(1).for_each(block);
+    })
+}
+
+/// Runs `item(kh, ts)` on every work item of an attention pass of `shape` ([`work_items`]: a
+/// kv head `kh` and a block `ts` of up to [`QUERY_BLOCK`] queries), in parallel on the rayon
+/// pool when the pass is large enough (`heads · queries · kv_len · head_dim` of 2^15 or more,
+/// and more than one item), else in order on this thread.
+fn for_each_item<F>(shape: &AttentionShape, item: F)
+where
+    F: Fn(usize, std::ops::Range<usize>) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let items = work_items(shape.kv_heads, shape.queries, QUERY_BLOCK);
+    let run = |(kh, ts): &(usize, std::ops::Range<usize>)| item(*kh, ts.clone());
+    let multiply_adds = shape.heads * shape.queries * shape.kv_len * shape.head_dim;
+    if multiply_adds >= 1 << 15 && items.len() > 1 {
+        items.par_iter().with_max_len(1).for_each(run);
     } else {
-        items.iter().for_each(block);
+        items.iter().for_each(run);
     }
 }
 
-/// One work item of [`attention_rows`] (the query heads of kv head `kh` at queries `ts`) on
-/// the best kernel this CPU has: the AVX-512 tiles of `attn_exact` when the keys are
-/// transposed, else [`attention_block`] compiled for AVX-512, AVX2 + FMA or plain code (the
-/// same result bit for bit on each).
+/// One work item of [`attention`]'s row kernel (the query heads of kv head `kh` at queries
+/// `ts`, over kv head `kh`'s rows `k`, `v`, wherever they are stored) on the best build of
+/// [`attention_block`] this CPU has: AVX-512, AVX2 + FMA or plain code (the same result bit
+/// for bit on each).
 ///
 /// # Safety
-/// The operands hold their shapes; `kt` is `transpose_keys(k, shape)` when given (and `k` is
-/// read only when it is not); `out` is valid for the item's rows `(t, h)` and no other thread
-/// writes them.
+/// As [`attention_block`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn row_block(
+unsafe fn row_block<R: KvRows>(
     q: &[f32],
-    k: &[f32],
+    k: R,
     kt: Option<&[f32]>,
-    v: &[f32],
+    v: R,
     shape: &AttentionShape,
     scale: f32,
     softcap: Option<f32>,
@@ -651,13 +620,6 @@ unsafe fn row_block(
     ts: std::ops::Range<usize>,
     out: *mut f32,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(kt) = kt.filter(|_| super::attn_exact::applies(shape.head_dim, shape.queries)) {
-        // SAFETY: `applies` checked the CPU and the shape; the rest is the caller's.
-        return unsafe {
-            super::attn_exact::block(q, kt, v, shape, scale, softcap, window, sinks, kh, ts, out)
-        };
-    }
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU has the features `attention_block_avx512` is compiled for; the
@@ -765,10 +727,8 @@ pub fn attention_f16(
         head_dim: d,
         kv_head_stride: kv_len * d,
     };
-    let items = work_items(kv_heads, queries, QUERY_BLOCK);
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
-    let block = |(kh, ts): &(usize, std::ops::Range<usize>)| {
-        let kh = *kh;
+    for_each_item(&shape, |kh, ts| {
         SCRATCH.with(|cell| {
             let mut bufs = cell.borrow_mut();
             let [kf, vf, of] = &mut *bufs;
@@ -788,9 +748,9 @@ pub fn attention_f16(
             unsafe {
                 row_block(
                     qh,
-                    kf,
+                    &kf[..],
                     None,
-                    vf,
+                    &vf[..],
                     &one,
                     scale,
                     softcap,
@@ -813,12 +773,7 @@ pub fn attention_f16(
                 dst.copy_from_slice(&of[t * rep * d..][..rep * d]);
             }
         })
-    };
-    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
-        items.par_iter().with_max_len(1).for_each(block);
-    } else {
-        items.iter().for_each(block);
-    }
+    })
 }
 
 /// `dst[i] = src[i]` widened from f16 to f32 (exact), with AVX-512F's `vcvtph2ps` 16 at a
@@ -1062,8 +1017,56 @@ fn scores16(qv: &[f32], kt: &[f32], out: &mut [f32; LANES]) {
     }
 }
 
-/// A block of output rows of [`attention`]: the query heads of kv head `kh` at queries `ts`,
-/// written to `out` (`[queries, heads, head_dim]`). Each row's result is exactly what it would
+/// Where [`attention_block`] finds the rows of one kv head's keys or values: row `j`
+/// (`[d]` f32, `d` the head dimension) holds position `j < kv_len`. Sources: a contiguous
+/// `[kv_len, d]` slice ([`attention`]) and a slice of rows found through a block table
+/// ([`attention_paged`], [`paged_rows`]). The kernel takes its sources by value and is
+/// compiled once per kind, so its loops call no function to find a row, and on slices it
+/// indexes them as a kernel written for slices alone would.
+trait KvRows: Copy {
+    /// Row `j` (`[d]`).
+    fn row(&self, j: usize, d: usize) -> &[f32];
+}
+
+/// `[kv_len, d]`: row `j` at `j · d`.
+impl KvRows for &[f32] {
+    #[inline(always)]
+    fn row(&self, j: usize, d: usize) -> &[f32] {
+        &self[j * d..][..d]
+    }
+}
+
+/// One row per position, `d` long already.
+impl KvRows for &[&[f32]] {
+    #[inline(always)]
+    fn row(&self, j: usize, _: usize) -> &[f32] {
+        self[j]
+    }
+}
+
+/// The rows of kv head `kh` at positions `0..kv_len` of a block table (vLLM's PagedAttention):
+/// `blocks[b]` is `[kv_heads, block, head_dim]` f32 and holds positions `b·block..(b + 1)·block`,
+/// so position `j` is row `kh · block + j mod block` of block `j / block`.
+///
+/// # Panics
+/// If a block the positions need is missing or shorter than `kv_heads · block · head_dim`.
+fn paged_rows<'a>(blocks: &[&'a [f32]], shape: &PagedShape, kh: usize) -> Vec<&'a [f32]> {
+    let &PagedShape {
+        kv_len,
+        head_dim: d,
+        block,
+        ..
+    } = shape;
+    (0..kv_len)
+        .map(|j| &blocks[j / block][(kh * block + j % block) * d..][..d])
+        .collect()
+}
+
+/// A block of output rows of [`attention`] and [`attention_paged`]: the query heads of kv head
+/// `kh` at queries `ts`, written to `out` (`[queries, heads, head_dim]`), over kv head `kh`'s
+/// key and value rows `k`, `v` (wherever they are stored) or, when `kt` is given, the keys of
+/// [`transpose_keys`] (then `k` is not read). `shape` is that of the keys and values laid out
+/// contiguously (its `kv_head_stride` is not read). Each row's result is exactly what it would
 /// be alone (the same operations in the same order); the rows are only interleaved so that
 /// every block of 16 keys (and every stripe of values) is loaded once for all of them instead
 /// of once per row, which keeps long contexts in the caches.
@@ -1073,11 +1076,11 @@ fn scores16(qv: &[f32], kt: &[f32], out: &mut [f32; LANES]) {
 /// query heads), and no other thread writes them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attention_block(
+unsafe fn attention_block<R: KvRows>(
     q: &[f32],
-    k: &[f32],
+    k: R,
     kt: Option<&[f32]>,
-    v: &[f32],
+    v: R,
     shape: &AttentionShape,
     scale: f32,
     softcap: Option<f32>,
@@ -1093,11 +1096,10 @@ unsafe fn attention_block(
         queries,
         kv_len,
         head_dim: d,
-        kv_head_stride: hs,
+        kv_head_stride: _,
     } = *shape;
     let rep = heads / kv_heads;
     let offset = kv_len - queries;
-    let vv = &v[kh * hs..][..kv_len * d];
     // Rows `(t, h)`, query-major, with each one's position and first visible key.
     let rows: Vec<(usize, usize)> = ts
         .clone()
@@ -1150,9 +1152,8 @@ unsafe fn attention_block(
             }
         }
         None => {
-            let kk = &k[kh * hs..][..kv_len * d];
             for j in lo_all..=hi_all {
-                let kj = &kk[j * d..][..d];
+                let kj = k.row(j, d);
                 for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
                     if j >= first(t) && j <= pos(t) {
                         p[j] = dot_vec(qv(t, h), kj);
@@ -1188,11 +1189,11 @@ unsafe fn attention_block(
             let p = &p[..pos(t) + 1];
             let a = &mut acc[s * d..][..d];
             match d {
-                64 => pv_slot::<64>(p, vv, s, slots, a),
-                128 => pv_slot::<128>(p, vv, s, slots, a),
+                64 => pv_slot::<64, R>(p, v, s, slots, a),
+                128 => pv_slot::<128, R>(p, v, s, slots, a),
                 _ => {
                     for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-                        for (a, &x) in a.iter_mut().zip(&vv[j * d..][..d]) {
+                        for (a, &x) in a.iter_mut().zip(v.row(j, d)) {
                             *a = pj.mul_add(x, *a);
                         }
                     }
@@ -1227,12 +1228,12 @@ unsafe fn attention_block(
 }
 
 /// `a[c] = Σ p_j·v_j[c]` over the positions `j = s, s + slots, ...` of `p`, in order (one
-/// fused multiply-add each), with the `D` accumulators in registers.
+/// fused multiply-add each), with the `D` accumulators in registers; `v_j` is row `j` of `v`.
 #[inline(always)]
-fn pv_slot<const D: usize>(p: &[f32], vv: &[f32], s: usize, slots: usize, a: &mut [f32]) {
+fn pv_slot<const D: usize, R: KvRows>(p: &[f32], v: R, s: usize, slots: usize, a: &mut [f32]) {
     let mut r = [0f32; D];
     for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-        let x: &[f32; D] = vv[j * D..][..D].try_into().expect("D values");
+        let x: &[f32; D] = v.row(j, D).try_into().expect("D values");
         for c in 0..D {
             r[c] = pj.mul_add(x[c], r[c]);
         }
@@ -1255,6 +1256,21 @@ pub struct PagedShape {
     pub head_dim: usize,
     /// Positions per block (at least 1).
     pub block: usize,
+}
+
+impl PagedShape {
+    /// The shape of these keys and values gathered contiguously (`[kv_heads, kv_len,
+    /// head_dim]`, heads `kv_len · head_dim` apart): the one the row kernel takes.
+    fn gathered(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            queries: self.queries,
+            kv_len: self.kv_len,
+            head_dim: self.head_dim,
+            kv_head_stride: self.kv_len * self.head_dim,
+        }
+    }
 }
 
 /// [`attention`] over keys and values held in blocks (vLLM's PagedAttention, Kwon et al.
@@ -1288,7 +1304,6 @@ pub fn attention_paged(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    use rayon::prelude::*;
     let PagedShape {
         heads,
         kv_heads,
@@ -1307,218 +1322,29 @@ pub fn attention_paged(
         .chain(&v[..blocks])
         .all(|b| b.len() >= need));
     assert!(sinks.is_none_or(|s| s.len() >= heads));
-    let items = work_items(kv_heads, queries, QUERY_BLOCK);
+    let flat = shape.gathered();
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
-    let run = |(kh, ts): &(usize, std::ops::Range<usize>)| {
+    for_each_item(&flat, |kh, ts| {
+        let (kr, vr) = (paged_rows(k, &shape, kh), paged_rows(v, &shape, kh));
         // SAFETY: the operands hold their shapes (asserted above) and the items' rows are
         // pairwise disjoint.
         unsafe {
-            paged_row_block(
+            row_block(
                 q,
-                k,
-                v,
-                &shape,
+                &kr[..],
+                None,
+                &vr[..],
+                &flat,
                 scale,
                 softcap,
                 window,
                 sinks,
-                *kh,
-                ts.clone(),
+                kh,
+                ts,
                 out_ptr.get(),
             )
         }
-    };
-    if heads * queries * kv_len * d >= 1 << 15 && items.len() > 1 {
-        items.par_iter().with_max_len(1).for_each(run);
-    } else {
-        items.iter().for_each(run);
-    }
-}
-
-/// One work item of [`attention_paged`] on the best build of [`attention_paged_block`] this
-/// CPU has (AVX-512, AVX2 + FMA or plain code: the same result bit for bit).
-///
-/// # Safety
-/// As [`attention_paged_block`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn paged_row_block(
-    q: &[f32],
-    k: &[&[f32]],
-    v: &[&[f32]],
-    shape: &PagedShape,
-    scale: f32,
-    softcap: Option<f32>,
-    window: Option<usize>,
-    sinks: Option<&[f32]>,
-    kh: usize,
-    ts: std::ops::Range<usize>,
-    out: *mut f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the CPU has the features it is compiled for; the rest is the caller's.
-        return unsafe {
-            fma_impl::attention_paged_block_avx512(
-                q, k, v, shape, scale, softcap, window, sinks, kh, ts, out,
-            )
-        };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_fma() {
-        // SAFETY: as above, for AVX2 + FMA.
-        return unsafe {
-            fma_impl::attention_paged_block(
-                q, k, v, shape, scale, softcap, window, sinks, kh, ts, out,
-            )
-        };
-    }
-    // SAFETY: the caller's.
-    unsafe { attention_paged_block(q, k, v, shape, scale, softcap, window, sinks, kh, ts, out) }
-}
-
-/// [`attention_block`] (without transposed keys) over a block table: the query heads of kv
-/// head `kh` at queries `ts`, the same operations in the same order, each key and value row
-/// found through its block (`k[j / block]`, row `kh · block + j mod block`).
-///
-/// # Safety
-/// `out` is valid for the rows `(t, h)` of the item (`t` in `ts`, `h` in kv head `kh`'s query
-/// heads), and no other thread writes them; the operands hold their shapes.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attention_paged_block(
-    q: &[f32],
-    k: &[&[f32]],
-    v: &[&[f32]],
-    shape: &PagedShape,
-    scale: f32,
-    softcap: Option<f32>,
-    window: Option<usize>,
-    sinks: Option<&[f32]>,
-    kh: usize,
-    ts: std::ops::Range<usize>,
-    out: *mut f32,
-) {
-    let PagedShape {
-        heads,
-        kv_heads,
-        queries,
-        kv_len,
-        head_dim: d,
-        block,
-    } = *shape;
-    let rep = heads / kv_heads;
-    let offset = kv_len - queries;
-    // Each position's key and value row of kv head `kh`, found once.
-    let row = |blocks: &[&'_ [f32]], j: usize| -> *const f32 {
-        blocks[j / block][(kh * block + j % block) * d..][..d].as_ptr()
-    };
-    let krows: Vec<*const f32> = (0..kv_len).map(|j| row(k, j)).collect();
-    let vrows: Vec<*const f32> = (0..kv_len).map(|j| row(v, j)).collect();
-    // SAFETY: each pointer starts a row of `d` values of a block that outlives this call.
-    let key = |j: usize| unsafe { std::slice::from_raw_parts(krows[j], d) };
-    let val = |j: usize| unsafe { std::slice::from_raw_parts(vrows[j], d) };
-    let rows: Vec<(usize, usize)> = ts
-        .clone()
-        .flat_map(|t| (kh * rep..(kh + 1) * rep).map(move |h| (t, h)))
-        .collect();
-    let pos = |t: usize| offset + t;
-    let first = |t: usize| window.map_or(0, |w| (pos(t) + 1).saturating_sub(w));
-    let qv = |t: usize, h: usize| &q[(h * queries + t) * d..][..d];
-    // As in `attention_block`: a row's scores up to its position, in 16-value chunks.
-    let mut ps: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|&(t, _)| {
-            let len = (pos(t) + 1)
-                .div_ceil(LANES)
-                .saturating_mul(LANES)
-                .min(kv_len);
-            vec![f32::NEG_INFINITY; len]
-        })
-        .collect();
-    let lo_all = ts.clone().map(first).min().unwrap_or(0);
-    let hi_all = ts.clone().map(pos).max().unwrap_or(0);
-    for j in lo_all..=hi_all {
-        let kj = key(j);
-        for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
-            if j >= first(t) && j <= pos(t) {
-                p[j] = dot_vec(qv(t, h), kj);
-            }
-        }
-    }
-    for (&(t, h), p) in rows.iter().zip(ps.iter_mut()) {
-        let softmax_scale = match softcap {
-            Some(c) => {
-                let inv = 1.0 / c;
-                for pj in p.iter_mut().take(pos(t) + 1).skip(first(t)) {
-                    *pj = (*pj * scale * inv).tanh() * c;
-                }
-                1.0
-            }
-            None => scale,
-        };
-        softmax_scaled_sink(p, softmax_scale, sinks.map(|s| s[h]));
-    }
-    let groups = if queries == 1 { 4 } else { 1 };
-    let slots = groups * LANES;
-    let mut accs = vec![0f32; rows.len() * slots * d];
-    for s in 0..slots {
-        for ((&(t, _), p), acc) in rows.iter().zip(&ps).zip(accs.chunks_exact_mut(slots * d)) {
-            let p = &p[..pos(t) + 1];
-            let a = &mut acc[s * d..][..d];
-            match d {
-                64 => pv_slot_rows::<64>(p, &val, s, slots, a),
-                128 => pv_slot_rows::<128>(p, &val, s, slots, a),
-                _ => {
-                    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-                        for (a, &x) in a.iter_mut().zip(val(j)) {
-                            *a = pj.mul_add(x, *a);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let mut lanes = vec![0f32; LANES * d];
-    for (&(t, h), acc) in rows.iter().zip(accs.chunks_exact(slots * d)) {
-        let at = |g: usize, l: usize| &acc[(g * LANES + l) * d..][..d];
-        for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
-            if groups == 4 {
-                let (a0, a1, a2, a3) = (at(0, l), at(1, l), at(2, l), at(3, l));
-                for c in 0..d {
-                    lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
-                }
-            } else {
-                lane.copy_from_slice(at(0, l));
-            }
-        }
-        let ln = |l: usize| &lanes[l * d..][..d];
-        // SAFETY: row `(t, h)` belongs to this item (the caller's guarantee).
-        let o = unsafe { std::slice::from_raw_parts_mut(out.add((t * heads + h) * d), d) };
-        for (c, oc) in o.iter_mut().enumerate() {
-            let h = |i: usize| ln(i)[c] + ln(i + 8)[c];
-            let q = [h(0) + h(4), h(1) + h(5), h(2) + h(6), h(3) + h(7)];
-            *oc = (q[0] + q[2]) + (q[1] + q[3]);
-        }
-    }
-}
-
-/// [`pv_slot`] with each position's value row found by `val(j)` (a block table).
-#[inline(always)]
-fn pv_slot_rows<'v, const D: usize>(
-    p: &[f32],
-    val: &impl Fn(usize) -> &'v [f32],
-    s: usize,
-    slots: usize,
-    a: &mut [f32],
-) {
-    let mut r = [0f32; D];
-    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-        let x: &[f32; D] = val(j)[..D].try_into().expect("D values");
-        for c in 0..D {
-            r[c] = pj.mul_add(x[c], r[c]);
-        }
-    }
-    a.copy_from_slice(&r);
+    })
 }
 
 #[cfg(test)]
