@@ -1179,44 +1179,46 @@ unsafe fn attention_block<R: KvRows>(
         softmax_scaled_sink(p, softmax_scale, sinks.map(|s| s[h]));
     }
     // Slot `s` (lane `s % 16` of accumulator `s / 16`) sums `p_j·v_j` over the positions
-    // `j ≡ s (mod slots)` in order, as ggml's lanes do; each slot is summed in registers. The
-    // slot loop is outside the row loop, so that a slot's stripe of values is loaded once.
+    // `j ≡ s (mod slots)` in order, as ggml's lanes do; each slot is summed in registers, and
+    // a lane's slots are combined as ggml combines its accumulators (`(a0 + a2) + (a1 + a3)`)
+    // as soon as they are summed, so only a row's 16 lanes are stored, not its `slots`
+    // accumulators (a quarter of the stores, and of the buffer, for one-token decode). The
+    // lane loop is outside the row loop, so that a lane's stripes of values are loaded once
+    // for all the rows while they are in the cache.
     let groups = if queries == 1 { 4 } else { 1 };
-    let slots = groups * LANES;
-    let mut accs = vec![0f32; rows.len() * slots * d];
-    for s in 0..slots {
-        for ((&(t, _), p), acc) in rows.iter().zip(&ps).zip(accs.chunks_exact_mut(slots * d)) {
+    let mut lanes = vec![0f32; rows.len() * LANES * d];
+    for l in 0..LANES {
+        for ((&(t, _), p), ln) in rows.iter().zip(&ps).zip(lanes.chunks_exact_mut(LANES * d)) {
             let p = &p[..pos(t) + 1];
-            let a = &mut acc[s * d..][..d];
+            let lane = &mut ln[l * d..][..d];
             match d {
-                64 => pv_slot::<64, R>(p, v, s, slots, a),
-                128 => pv_slot::<128, R>(p, v, s, slots, a),
+                64 => pv_lane::<64, R>(p, v, l, groups, lane),
+                128 => pv_lane::<128, R>(p, v, l, groups, lane),
                 _ => {
-                    for (j, &pj) in p.iter().enumerate().skip(s).step_by(slots) {
-                        for (a, &x) in a.iter_mut().zip(v.row(j, d)) {
-                            *a = pj.mul_add(x, *a);
+                    let slot = |s: usize| {
+                        let mut a = vec![0f32; d];
+                        for (j, &pj) in p.iter().enumerate().skip(s).step_by(groups * LANES) {
+                            for (a, &x) in a.iter_mut().zip(v.row(j, d)) {
+                                *a = pj.mul_add(x, *a);
+                            }
                         }
+                        a
+                    };
+                    if groups == 4 {
+                        let a = [0, 1, 2, 3].map(|g| slot(g * LANES + l));
+                        for c in 0..d {
+                            lane[c] = (a[0][c] + a[2][c]) + (a[1][c] + a[3][c]);
+                        }
+                    } else {
+                        lane.copy_from_slice(&slot(l));
                     }
                 }
             }
         }
     }
-    let mut lanes = vec![0f32; LANES * d];
-    for (&(t, h), acc) in rows.iter().zip(accs.chunks_exact(slots * d)) {
-        // Lanes combined as ggml does (`(a0 + a2) + (a1 + a3)` over accumulators, then
-        // `reduce_add16`), every output dimension at once.
-        let at = |g: usize, l: usize| &acc[(g * LANES + l) * d..][..d];
-        for (l, lane) in lanes.chunks_exact_mut(d).enumerate() {
-            if groups == 4 {
-                let (a0, a1, a2, a3) = (at(0, l), at(1, l), at(2, l), at(3, l));
-                for c in 0..d {
-                    lane[c] = (a0[c] + a2[c]) + (a1[c] + a3[c]);
-                }
-            } else {
-                lane.copy_from_slice(at(0, l));
-            }
-        }
-        let ln = |l: usize| &lanes[l * d..][..d];
+    for (&(t, h), ln) in rows.iter().zip(lanes.chunks_exact(LANES * d)) {
+        // The lanes reduced as ggml's `reduce_add16` does, every output dimension at once.
+        let ln = |l: usize| &ln[l * d..][..d];
         // SAFETY: row `(t, h)` belongs to this block (the caller's guarantee).
         let o = unsafe { std::slice::from_raw_parts_mut(out.add((t * heads + h) * d), d) };
         for (c, oc) in o.iter_mut().enumerate() {
@@ -1224,6 +1226,28 @@ unsafe fn attention_block<R: KvRows>(
             let q = [h(0) + h(4), h(1) + h(5), h(2) + h(6), h(3) + h(7)];
             *oc = (q[0] + q[2]) + (q[1] + q[3]);
         }
+    }
+}
+
+/// Lane `l` of one row's `p_j·v_j` sums into `lane` (`[D]`): with `groups = 4` (one query,
+/// ggml's 4 accumulators of 16 lanes) `(a0 + a2) + (a1 + a3)` of the slots
+/// `a_g` = [`pv_slot`] at `s = 16g + l` of 64; with `groups = 1` the slot `l` of 16.
+#[inline(always)]
+fn pv_lane<const D: usize, R: KvRows>(p: &[f32], v: R, l: usize, groups: usize, lane: &mut [f32]) {
+    let slots = groups * LANES;
+    if groups != 4 {
+        return pv_slot::<D, R>(p, v, l, slots, lane);
+    }
+    let (mut a, mut b) = ([0f32; D], [0f32; D]);
+    pv_slot::<D, R>(p, v, l, slots, &mut a);
+    pv_slot::<D, R>(p, v, 2 * LANES + l, slots, &mut b);
+    for c in 0..D {
+        lane[c] = a[c] + b[c];
+    }
+    pv_slot::<D, R>(p, v, LANES + l, slots, &mut a);
+    pv_slot::<D, R>(p, v, 3 * LANES + l, slots, &mut b);
+    for c in 0..D {
+        lane[c] += a[c] + b[c];
     }
 }
 
