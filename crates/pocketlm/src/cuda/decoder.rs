@@ -51,17 +51,18 @@ use crate::{Error, Result};
 /// `POCKETLM_ATTN_KERNEL=simt` (`attn_gqa_*`, which an f32 cache always takes).
 ///
 /// A batched step ([`CudaDecoder::step_batch`]) of `b` sequences already has a block per
-/// sequence and key/value head, so it splits less: at most `max(batch_splits, 32 / b)`
-/// (`POCKETLM_ATTN_BATCH_SPLITS`, default 8; the `32 / b` keeps two or three sequences deep
-/// in a long context on enough blocks, a guard that was not measured) of at least
+/// sequence and key/value head, so it splits less: at most `max(batch_splits, 64 / b)`
+/// (`POCKETLM_ATTN_BATCH_SPLITS`, default 4; the `64 / b` keeps 8 splits at 8 sequences and
+/// more for fewer, so that a few sequences deep in a long context stay on enough blocks) of at least
 /// `batch_min_chunk` positions (`POCKETLM_ATTN_BATCH_MIN_CHUNK`, default 16). With the
 /// one-sequence rule, 32 sequences 128 to 192 positions deep spent 20% of a step in the
 /// attention and its merge (H100, 8B Q4_0: 36 + 15 µs a layer, Nsight Compute); capped at 8
 /// splits the step gave 4,219 aggregate tokens/s against 3,902 (H100). On the H200, tg64 after
 /// 128 tokens, aggregate tokens/s at 8 / 32 sequences: at most 16 splits 1,837 / 4,170, 8
-/// splits 1,824 / 4,121, 4 splits 1,881 / 4,396 (not yet measured with the split gated
-/// product, so not the default); after 1,024 tokens, 8 splits 1,708 / 3,658 against 32
-/// splits 1,596 / 3,084.
+/// splits 1,824 / 4,121, 4 splits 1,881 / 4,396; after 1,024 tokens, 8 splits 1,708 / 3,658
+/// against 32 splits 1,596 / 3,084. With the split gated product (H100, tg128 after 128
+/// tokens, 8 / 16 / 32 / 64 sequences): 4 splits 1,739 / 2,976 / 4,345 / 5,146 against 8
+/// splits 1,726 / 2,933 / 4,243 / 5,159.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AttnSplit {
     splits: usize,
@@ -91,7 +92,7 @@ impl AttnSplit {
             var("POCKETLM_ATTN_MIN_CHUNK", 16),
             !simt,
         );
-        s.batch_splits = var("POCKETLM_ATTN_BATCH_SPLITS", 8).clamp(1, s.splits);
+        s.batch_splits = var("POCKETLM_ATTN_BATCH_SPLITS", 4).clamp(1, s.splits);
         s.batch_min_chunk = var("POCKETLM_ATTN_BATCH_MIN_CHUNK", 16).max(1);
         s
     }
@@ -108,14 +109,14 @@ impl AttnSplit {
     }
 
     /// The split a step of `batch` sequences takes: this one for one sequence, else at most
-    /// `max(batch_splits, 32 / batch)` of at least `batch_min_chunk` positions (never more
+    /// `max(batch_splits, 64 / batch)` of at least `batch_min_chunk` positions (never more
     /// splits than the buffers were sized for).
     fn for_batch(self, batch: usize) -> Self {
         if batch <= 1 {
             return self;
         }
         Self {
-            splits: self.batch_splits.max(32 / batch).min(self.splits),
+            splits: self.batch_splits.max(64 / batch).min(self.splits),
             min_chunk: self.batch_min_chunk,
             ..self
         }
