@@ -1195,6 +1195,54 @@ mod tests {
         out
     }
 
+    /// Inserts `prompts` (each with `p`) and steps `gen` until every sequence has ended (at
+    /// most 3,000 steps, none failing), calling `after_step` after each step; returns each
+    /// sequence's token ids, in the order of `prompts`.
+    fn run_to_end(
+        gen: &mut BatchGenerator<'_>,
+        prompts: &[Vec<u32>],
+        p: &GenerateParams,
+        mut after_step: impl FnMut(&BatchGenerator<'_>),
+    ) -> Vec<Vec<u32>> {
+        let ids: Vec<SeqId> = prompts
+            .iter()
+            .map(|q| gen.insert(ModelInput::text(q.clone()), p.clone()).unwrap())
+            .collect();
+        let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        for _ in 0..3000 {
+            if gen.is_empty() {
+                break;
+            }
+            for e in gen.step() {
+                if let Event::Token { id, .. } = e.event.expect("no sequence fails") {
+                    toks.entry(e.id).or_default().push(id);
+                }
+            }
+            after_step(gen);
+        }
+        assert!(gen.is_empty(), "the batch never finishes");
+        ids.iter()
+            .map(|id| toks.remove(id).unwrap_or_default())
+            .collect()
+    }
+
+    /// A batch of at most 4 sequences and 512 tokens a step under a KV budget of `budget`
+    /// bytes with a decode headroom of `reserve` positions.
+    fn four_under<'a>(
+        m: &'a dyn CausalLM,
+        tok: &'a Tokenizer,
+        budget: usize,
+        reserve: usize,
+    ) -> BatchGenerator<'a> {
+        let config = BatchConfig {
+            max_batch: 4,
+            tokens_per_step: 512,
+            kv_memory: Some(budget),
+            kv_reserve: reserve,
+        };
+        BatchGenerator::new(m, tok, config)
+    }
+
     /// Logits of one batched pass against each sequence's own passes, on caches holding
     /// prompts of different lengths; then greedy tokens of three sequences of different
     /// prompt lengths joining at different steps (one prefilled over several steps, the
@@ -1527,24 +1575,8 @@ mod tests {
         );
         let pool = gen.kv_pool().expect("a pool on the CPU").clone();
         assert_eq!((pool.n_blocks(), pool.block_bytes()), (30, block_bytes));
-        let ids: Vec<SeqId> = prompts
-            .iter()
-            .map(|p| {
-                gen.insert(ModelInput::text(p.clone()), greedy.clone())
-                    .unwrap()
-            })
-            .collect();
-        let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
         let mut peak = 0;
-        for _ in 0..3000 {
-            if gen.is_empty() {
-                break;
-            }
-            for e in gen.step() {
-                if let Event::Token { id, .. } = e.event.expect("no sequence fails") {
-                    toks.entry(e.id).or_default().push(id);
-                }
-            }
+        let toks = run_to_end(&mut gen, &prompts, &greedy, |gen| {
             let used = pool.used_blocks();
             assert!(
                 used <= pool.n_blocks(),
@@ -1553,16 +1585,15 @@ mod tests {
             );
             assert_eq!(used * block_bytes, gen.kv_bytes(), "blocks in use vs held");
             peak = peak.max(used);
-        }
-        assert!(gen.is_empty());
+        });
         assert!(gen.preemptions() > 0, "the budget never bound");
         assert!(
             peak >= 25,
             "the pool never filled: peak {peak} of 30 blocks"
         );
         assert_eq!(pool.used_blocks(), 0, "every block is back");
-        for (id, p) in ids.iter().zip(&prompts) {
-            assert_eq!(toks[id], alone(m, &tok, p, greedy.clone()));
+        for (t, p) in toks.iter().zip(&prompts) {
+            assert_eq!(t, &alone(m, &tok, p, greedy.clone()));
         }
     }
 
@@ -1742,16 +1773,7 @@ mod tests {
             // 48 pool blocks of 16 positions: three 240-token prompts fit (16 blocks each up to
             // their 16th token), the fourth waits, and growing past 256 positions preempts.
             let budget = 3 * block;
-            let mut gen = BatchGenerator::new(
-                m,
-                &tok,
-                BatchConfig {
-                    max_batch: 4,
-                    tokens_per_step: 512,
-                    kv_memory: Some(budget),
-                    kv_reserve: 0,
-                },
-            );
+            let mut gen = four_under(m, &tok, budget, 0);
             if with_prefix {
                 gen = gen.with_prefix_cache(Arc::new(Mutex::new(PrefixCache::new(
                     PrefixCacheConfig {
@@ -1842,38 +1864,12 @@ mod tests {
         // 2 layers x 2 KV heads x 16 wide, keys and values, f32: 512 bytes a position.
         let budget = 48 * BLOCK * 512;
         for (reserve, preempts) in [(0, true), (150, false)] {
-            let mut gen = BatchGenerator::new(
-                m,
-                &tok,
-                BatchConfig {
-                    max_batch: 4,
-                    tokens_per_step: 512,
-                    kv_memory: Some(budget),
-                    kv_reserve: reserve,
-                },
-            );
-            let ids: Vec<SeqId> = prompts
-                .iter()
-                .map(|p| {
-                    gen.insert(ModelInput::text(p.clone()), greedy.clone())
-                        .unwrap()
-                })
-                .collect();
-            let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
+            let mut gen = four_under(m, &tok, budget, reserve);
             let (mut peak, mut most_running) = (0, 0);
-            for _ in 0..2000 {
-                if gen.is_empty() {
-                    break;
-                }
-                for e in gen.step() {
-                    if let Event::Token { id, .. } = e.event.expect("no sequence fails") {
-                        toks.entry(e.id).or_default().push(id);
-                    }
-                }
+            let toks = run_to_end(&mut gen, &prompts, &greedy, |gen| {
                 peak = peak.max(gen.kv_bytes());
                 most_running = most_running.max(gen.running());
-            }
-            assert!(gen.is_empty());
+            });
             assert!(
                 peak <= budget,
                 "reserve {reserve}: peak {peak} over {budget}"
@@ -1884,9 +1880,7 @@ mod tests {
                 if preempts { 4 } else { 3 },
                 "reserve {reserve}"
             );
-            for (id, want) in ids.iter().zip(&wanted) {
-                assert_eq!(&toks[id], want, "reserve {reserve}");
-            }
+            assert_eq!(toks, wanted, "reserve {reserve}");
         }
     }
 }
