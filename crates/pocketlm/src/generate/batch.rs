@@ -30,7 +30,8 @@
 //! values live in one [`KvBlockPool`] of `kv_memory / block_bytes` blocks of
 //! [`crate::kv_pool::BLOCK`] positions (vLLM's PagedAttention, Kwon et al. 2023): each
 //! sequence's attention layers are [`PagedKvCache`]s, block tables into the pool, and decode
-//! reads the blocks in place. Caches are accounted in the pool's blocks (on other devices, where
+//! reads the blocks in place. Caches are accounted in the pool's blocks, a block in the tables of
+//! several sequences (a prefix shared through the prefix cache) once (on other devices, where
 //! caches stay growing ones, in blocks of [`KV_BLOCK`] positions, the step by which a growing
 //! cache allocates): a waiting
 //! sequence is admitted only when the blocks of its whole prompt fit next to what the running
@@ -585,11 +586,34 @@ impl<'a> BatchGenerator<'a> {
 
     /// Bytes the sequences' KV caches hold now, running and waiting ([`KvCache::nbytes`]).
     pub fn kv_bytes(&self) -> usize {
-        self.running
+        let held: usize = self
+            .running
             .iter()
             .chain(&self.waiting)
             .map(|s| s.cache.nbytes())
-            .sum()
+            .sum();
+        held.saturating_sub(self.shared_bytes())
+    }
+
+    /// Bytes that summing the sequences' caches counts more than once: with the pool, every
+    /// block in the tables of `n > 1` sequences (a prefix taken from the prefix cache by
+    /// reference, a fork) counts `n - 1` times too many, one block in every layer
+    /// ([`KvBlockPool::block_bytes`]). The first paged layer's tables stand for all (the
+    /// layers of a sequence take, share and copy their blocks in step).
+    fn shared_bytes(&self) -> usize {
+        let Some(pool) = &self.pool else {
+            return 0;
+        };
+        let mut holders = std::collections::HashMap::<u32, usize>::new();
+        for s in self.running.iter().chain(&self.waiting) {
+            let table =
+                (0..s.cache.n_layers()).find_map(|i| s.cache.layer_ref(i).and_then(|l| l.paged()));
+            for &id in table.iter().flat_map(|t| t.table()) {
+                *holders.entry(id).or_default() += 1;
+            }
+        }
+        let extra: usize = holders.values().map(|n| n - 1).sum();
+        extra * pool.block_bytes()
     }
 
     /// Sequences preempted for the KV budget so far (each resumed later; see the module
@@ -607,14 +631,14 @@ impl<'a> BatchGenerator<'a> {
     }
 
     /// Bytes the running sequences need up to their next token and `ahead` positions past
-    /// it, plus what the waiting ones hold.
+    /// it, plus what the waiting ones hold, a block shared by several counted once.
     fn committed(&self, ahead: usize) -> usize {
         let running: usize = self
             .running
             .iter()
             .map(|r| self.reserve(r, r.phase.pending(r.prompt_len) + 1 + ahead))
             .sum();
-        running + self.waiting_bytes()
+        (running + self.waiting_bytes()).saturating_sub(self.shared_bytes())
     }
 
     /// Bytes the waiting sequences' caches hold: none for a preempted one, the cached prefix for
@@ -789,7 +813,7 @@ impl<'a> BatchGenerator<'a> {
                 .zip(&plan)
                 .map(|(s, &n)| self.reserve(s, n))
                 .sum();
-            let used = running + self.waiting_bytes();
+            let used = (running + self.waiting_bytes()).saturating_sub(self.shared_bytes());
             if used <= budget || self.running.is_empty() {
                 return;
             }
@@ -1631,37 +1655,27 @@ mod tests {
         )
         .with_prefix_cache(cache.clone());
         let pool = gen.kv_pool().expect("a pool on the CPU").clone();
+        // The most pool blocks in use, and the most the sequences' caches hold (`kv_bytes`).
         let run = |gen: &mut BatchGenerator<'_>, prompts: &[Vec<u32>]| {
-            let ids: Vec<SeqId> = prompts
-                .iter()
-                .map(|p| {
-                    gen.insert(ModelInput::text(p.clone()), greedy.clone())
-                        .unwrap()
-                })
-                .collect();
-            let mut toks: HashMap<SeqId, Vec<u32>> = HashMap::new();
-            let mut peak = 0;
-            while !gen.is_empty() {
-                for e in gen.step() {
-                    if let Event::Token { id, .. } = e.event.expect("no sequence fails") {
-                        toks.entry(e.id).or_default().push(id);
-                    }
-                }
+            let (mut peak, mut held) = (0, 0);
+            let toks = run_to_end(gen, prompts, &greedy, |gen| {
                 peak = peak.max(pool.used_blocks());
-            }
-            let toks: Vec<Vec<u32>> = ids.iter().map(|id| toks[id].clone()).collect();
-            (toks, peak)
+                held = held.max(gen.kv_bytes());
+            });
+            (toks, peak, held)
         };
         // One sequence alone, between steps: at most 74 prompt tokens and 6 more fed, 5 blocks
         // (it ends within the step that would take a sixth).
-        let (_, one) = run(&mut gen, &[with(91)]);
+        let (_, one, _) = run(&mut gen, &[with(91)]);
         assert_eq!(one, (74 + 6usize).div_ceil(BLOCK));
         // The prefix cache keeps its 5 whole blocks in the pool.
         assert_eq!(pool.used_blocks(), 5);
         let (b, c) = (with(92), with(93));
-        let (toks, two) = run(&mut gen, &[b.clone(), c.clone()]);
+        let (toks, two, held) = run(&mut gen, &[b.clone(), c.clone()]);
         // 5 blocks of the prefix cache (4 of them in both tables) and one of each's own.
         assert_eq!(two, 5 + 1 + 1);
+        // The budget counts the 4 shared blocks once: 6 blocks, not 10.
+        assert_eq!(held, (4 + 1 + 1) * pool.block_bytes());
         assert!(
             two < 2 * one,
             "{two} blocks for two sequences, {one} for one"
