@@ -905,6 +905,7 @@ fn cuda_of(t: &Tensor) -> Result<&candle_core::cuda_backend::CudaDevice> {
     }
 }
 
+/// A launch of one thread per value for `n` values, in blocks of 256 threads.
 fn grid_1d(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u32).div_ceil(256), 1, 1),

@@ -555,11 +555,7 @@ impl CudaQMatrix {
         self.launch_mmq_split(Epilogue::Write, [xq, xd, scratch], m, splits)?;
         let n = self.rows / 2;
         let func = self.dev.get_or_load_custom_func("glu_q8", MODULE, PTX)?;
-        let cfg = LaunchConfig {
-            grid_dim: (((m * n) as u32).div_ceil(256).max(1), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::grid_1d((m * n).max(1));
         let mut b = Launch::new(&func);
         b.arg(scratch).arg(xq).arg(xd);
         b.arg(m as i32).arg(n as i32).arg(gelu as i32);
@@ -774,11 +770,7 @@ impl CudaQMatrix {
             let iv = s.as_cuda_slice::<u32>()?.slice(l.start_offset()..);
             let (ip, _s1) = iv.device_ptr(&stream);
             let (op, _s2) = out.device_ptr(&stream);
-            let cfg = LaunchConfig {
-                grid_dim: (((n * self.cols) as u32).div_ceil(256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = super::grid_1d(n * self.cols);
             let (ni, ci, gi) = (n as i32, self.cols as i32, self.group as i32);
             let mut b = func.builder();
             b.arg(&self.ptrs[0]);
@@ -832,11 +824,7 @@ impl CudaQMatrix {
 pub(crate) fn quantize_q8(dev: &CudaDevice, x: u64, xq: u64, xd: u64, n: usize) -> Result<()> {
     let func = dev.get_or_load_custom_func("quantize_q8", MODULE, PTX)?;
     let nb = (n / 32) as i32;
-    let cfg = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::grid_1d(n);
     let mut b = Launch::new(&func);
     b.arg(x).arg(xq).arg(xd).arg(nb);
     // SAFETY: quantize_q8's parameters, in order; the caller's buffers of n values.
