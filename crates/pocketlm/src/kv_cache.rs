@@ -1882,13 +1882,7 @@ mod paged_tests {
     }
 
     fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
+        crate::gguf::tests::bits(&crate::gguf::tests::f32s(t))
     }
 
     fn assert_same_state(a: &dyn LayerKvCache, b: &dyn LayerKvCache) {

@@ -1706,15 +1706,7 @@ mod tests {
             );
             let mut grow = m.new_cache();
             let p = prompt(21, 7);
-            let bits = |t: &Tensor| -> Vec<u32> {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect()
-            };
+            let bits = |t: &Tensor| crate::gguf::tests::bits(&crate::gguf::tests::f32s(t));
             let a = crate::models::prefill_text(m, &p, &mut paged, 6).unwrap();
             let b = crate::models::prefill_text(m, &p, &mut grow, 6).unwrap();
             assert_eq!(bits(&a), bits(&b), "quantized={quantized}: prefill");
