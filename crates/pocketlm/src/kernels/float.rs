@@ -1486,6 +1486,7 @@ mod tests {
             (40, None, None, 20, None),
             (64, None, None, 1, None),
             (128, Some(9), None, 1, None),
+            (80, None, None, 1, None),
             (64, Some(7), None, 20, Some(&sinks[..])),
             (64, None, None, 1, Some(&sinks[..])),
         ] {
