@@ -71,6 +71,10 @@ pub(crate) struct Acts {
     /// use by [`Acts::biased`] (the packed `IQ4_XS` prefill kernel's unsigned operand of
     /// `vpdpbusd`, [`super::packed_iq4xs`]).
     pub biased: OnceLock<Vec<u8>>,
+    /// `[m, k / 4]`: `-128 ·` the sum of each 4 consecutive values of `qs`, made on first use
+    /// by [`Acts::neg128_sums4`] (the offsets of the packed `Q8_0` kernel in ggml's order,
+    /// [`super::packed`]).
+    pub sums4: OnceLock<Vec<i32>>,
 }
 
 impl Acts {
@@ -80,6 +84,20 @@ impl Acts {
     pub(crate) fn biased(&self) -> &[u8] {
         self.biased
             .get_or_init(|| self.qs.iter().map(|&q| q as u8 ^ 0x80).collect())
+    }
+
+    /// [`Acts::sums4`]: `-128 · Σ` of each 4 values of `qs` (`[m, k / 4]`), made once per
+    /// product on the first call, not once per tile (a tile of the output layer holds 16 to 64
+    /// of its 49,152 rows, and summing the activations again in each was as costly as the
+    /// tile's dot products at 16 activation rows).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the AVX-512 kernels
+    pub(crate) fn neg128_sums4(&self) -> &[i32] {
+        self.sums4.get_or_init(|| {
+            self.qs
+                .chunks_exact(4)
+                .map(|y| -128 * y.iter().map(|&v| v as i32).sum::<i32>())
+                .collect()
+        })
     }
 }
 
@@ -118,6 +136,7 @@ pub(crate) fn quantize_acts(
             Vec::new()
         },
         biased: OnceLock::new(),
+        sums4: OnceLock::new(),
     };
     if m == 0 || k == 0 {
         return acts;

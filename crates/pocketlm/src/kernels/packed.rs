@@ -805,23 +805,19 @@ pub(crate) mod avx512 {
     unsafe fn tile_q8_0_vec_dot(t: &Tile<'_>) {
         let a = t.acts;
         let nb = a.k / 32;
-        let m0 = t.ms.start;
-        // `[ms, k / 4]`: `-128·Σ y` of each 4 activation values.
-        let corr: Vec<i32> = a.qs[m0 * a.k..t.ms.end * a.k]
-            .chunks_exact(4)
-            .map(|y| -128 * y.iter().map(|&v| v as i32).sum::<i32>())
-            .collect();
+        // `[m, k / 4]`: `-128·Σ y` of each 4 activation values, made once per product.
+        let corr = a.neg128_sums4();
         for g in t.rows.start / ROWS..t.rows.end / ROWS {
             // SAFETY: group `g` lies inside the weight (rows checked by the caller).
             let wg = unsafe { t.w.as_ptr().add(g * nb * 544) };
-            let mut r = m0;
+            let mut r = t.ms.start;
             unsafe {
                 while r + 2 <= t.ms.end {
-                    rows_q8_0_vec_dot::<2>(t, wg, g, r, corr.as_ptr().add((r - m0) * a.k / 4));
+                    rows_q8_0_vec_dot::<2>(t, wg, g, r, corr.as_ptr().add(r * a.k / 4));
                     r += 2;
                 }
                 if r < t.ms.end {
-                    rows_q8_0_vec_dot::<1>(t, wg, g, r, corr.as_ptr().add((r - m0) * a.k / 4));
+                    rows_q8_0_vec_dot::<1>(t, wg, g, r, corr.as_ptr().add(r * a.k / 4));
                 }
             }
         }
