@@ -82,6 +82,8 @@ pub struct EngineConfig {
     /// Decode headroom kept at admission under `kv_memory`, in positions
     /// ([`BatchConfig::kv_reserve`]).
     pub kv_reserve: usize,
+    /// Keys and values in f16, half the bytes a position ([`BatchConfig::kv_f16`]).
+    pub kv_f16: bool,
 }
 
 /// Settings of the engine's prefix cache.
@@ -333,6 +335,7 @@ impl Engine {
             tokens_per_step: config.max_tokens_per_step.max(1),
             kv_memory: config.kv_memory,
             kv_reserve: config.kv_reserve,
+            kv_f16: config.kv_f16,
         };
         let persist = config
             .prefix_cache

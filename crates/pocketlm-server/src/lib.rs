@@ -99,6 +99,9 @@ pub struct ServerConfig {
     /// is admitted (`serve --kv-reserve`;
     /// [`pocketlm::generate::batch::BatchConfig::kv_reserve`]).
     pub kv_reserve: usize,
+    /// Store the requests' keys and values in f16, half the bytes of f32 (`serve --kv-f16`;
+    /// [`pocketlm::generate::batch::BatchConfig::kv_f16`]). Default `false`.
+    pub kv_f16: bool,
 }
 
 /// Connection timeouts: slow or idle clients do not hold connections open forever.
@@ -141,6 +144,7 @@ impl Default for ServerConfig {
             prefix_cache_save_interval: Duration::from_secs(60),
             kv_memory: None,
             kv_reserve: pocketlm::generate::batch::KV_RESERVE,
+            kv_f16: false,
         }
     }
 }
@@ -205,6 +209,7 @@ pub fn router(model: Arc<LoadedModel>, config: &ServerConfig) -> Router {
                 }),
                 kv_memory: config.kv_memory,
                 kv_reserve: config.kv_reserve,
+                kv_f16: config.kv_f16,
             },
         )),
         created: unix_now(),

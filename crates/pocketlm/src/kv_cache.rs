@@ -1899,13 +1899,33 @@ mod paged_tests {
     }
 
     fn pool(n: usize) -> Arc<KvBlockPool> {
-        Arc::new(KvBlockPool::new(&[(2, 8), (3, 4)], n).unwrap())
+        pool_of(n, DType::F32)
+    }
+
+    fn pool_of(n: usize, dtype: DType) -> Arc<KvBlockPool> {
+        Arc::new(KvBlockPool::with_dtype(&[(2, 8), (3, 4)], n, dtype).unwrap())
+    }
+
+    /// A growing cache storing `dtype` (the twin of a pool of that dtype).
+    fn growing_of(dtype: DType) -> GrowingKvCache {
+        let mut g = GrowingKvCache::new(256);
+        assert!(g.set_storage_dtype(dtype));
+        g
     }
 
     #[test]
     fn pool_allocates_refcounts_and_frees() {
         let p = pool(3);
         assert_eq!(p.block_bytes(), 2 * (2 * 8 + 3 * 4) * BLOCK * 4);
+        let half = pool_of(3, DType::F16);
+        assert_eq!(2 * half.block_bytes(), p.block_bytes());
+        assert_eq!(
+            KvBlockPool::with_bytes_of(&[(2, 8), (3, 4)], 7 * half.block_bytes(), DType::F16)
+                .unwrap()
+                .n_blocks(),
+            7
+        );
+        assert!(KvBlockPool::with_dtype(&[(2, 8)], 1, DType::BF16).is_err());
         assert_eq!(
             KvBlockPool::blocks_for(&[(2, 8), (3, 4)], 7 * p.block_bytes() + 1),
             7
@@ -1959,14 +1979,22 @@ mod paged_tests {
     }
 
     /// The same appends (1 position, several, across block edges) give the growing cache's
-    /// state bit for bit, and the same returned keys and values.
+    /// state bit for bit, and the same returned keys and values: an f32 pool an f32 cache's,
+    /// an f16 pool an f16 cache's (values rounded to f16 alike, half the bytes).
     #[test]
     fn paged_cache_holds_what_a_growing_cache_holds() {
-        let p = pool(64);
+        for dtype in [DType::F32, DType::F16] {
+            paged_cache_holds_what_a_growing_cache_of(dtype);
+        }
+    }
+
+    fn paged_cache_holds_what_a_growing_cache_of(dtype: DType) {
+        let p = pool_of(64, dtype);
+        assert_eq!(p.dtype(), dtype);
         for layer in 0..2 {
             let (h, d) = p.layer_shape(layer).unwrap();
             let mut paged = PagedKvCache::new(p.clone(), layer).unwrap();
-            let mut grow = GrowingKvCache::new(256);
+            let mut grow = growing_of(dtype);
             let mut seed = 0.0;
             for n in [1, 3, 15, 1, 16, 17, 1, 1, 40, 2] {
                 let (k, v) = (kv(h, n, d, seed), kv(h, n, d, seed + 0.5));
@@ -1979,7 +2007,7 @@ mod paged_tests {
                 assert_eq!(paged.block_table().len(), paged.offset().div_ceil(BLOCK));
                 assert_eq!(
                     paged.nbytes(),
-                    paged.block_table().len() * 2 * h * BLOCK * d * 4
+                    paged.block_table().len() * 2 * h * BLOCK * d * dtype.size_in_bytes()
                 );
             }
             for len in [90, 64, 33, 32, 0] {
@@ -2001,10 +2029,17 @@ mod paged_tests {
     }
 
     /// A fork shares every block; appending to the shared partial block copies it (the
-    /// original is unchanged), truncating and dropping give blocks back.
+    /// original is unchanged), truncating and dropping give blocks back; in an f32 and in an
+    /// f16 pool.
     #[test]
     fn forks_share_blocks_and_copy_on_write() {
-        let p = pool(16);
+        for dtype in [DType::F32, DType::F16] {
+            forks_share_blocks_and_copy_on_write_of(dtype);
+        }
+    }
+
+    fn forks_share_blocks_and_copy_on_write_of(dtype: DType) {
+        let p = pool_of(16, dtype);
         let (h, d) = p.layer_shape(0).unwrap();
         let mut a = PagedKvCache::new(p.clone(), 0).unwrap();
         a.update(&kv(h, 40, d, 0.0), &kv(h, 40, d, 0.5)).unwrap();
@@ -2016,7 +2051,7 @@ mod paged_tests {
         assert_eq!(p.free_blocks(), free0, "a fork takes no block");
         let a_state = a.state().unwrap().unwrap();
         // b writes into the shared third block (8 of 16 positions held): copied first.
-        let mut g = GrowingKvCache::new(256);
+        let mut g = growing_of(dtype);
         g.update(&a_state.0, &a_state.1).unwrap();
         let (k, v) = (kv(h, 5, d, 7.0), kv(h, 5, d, 7.5));
         b.update(&k, &v).unwrap();

@@ -3,7 +3,8 @@
 //! Serving with PagedAttention"), on the CPU.
 //!
 //! - [`KvBlockPool`] holds, for every attention layer of a model, the same number of blocks of
-//!   [`BLOCK`] positions of f32 keys and values, each `[kv_heads, BLOCK, head_dim]`
+//!   [`BLOCK`] positions of keys and values, each `[kv_heads, BLOCK, head_dim]`, in f32 or
+//!   ([`KvBlockPool::new_f16`]) in f16, half the bytes
 //!   (head-major inside the block, as a growing cache's buffer is, so that a head's positions
 //!   in a block are one contiguous run), with a free list and a reference count per block.
 //!   Block ids are `u32` and name a block of one layer: a sequence holds one block table per
@@ -31,21 +32,88 @@
 //! holds it alone (a shared block is copied before it is written), so sequences attending on
 //! several threads take uncontended read locks only.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 
 use crate::{Error, Result};
 
 /// Positions per block (see the module documentation for why 16).
 pub const BLOCK: usize = 16;
 
-/// One block's keys and values, each `[kv_heads, BLOCK, head_dim]` f32; empty until the block
+/// One block's keys and values, each `[kv_heads, BLOCK, head_dim]`, in f32 or (a pool made
+/// with [`KvBlockPool::new_f16`]) in f16 (the other pair stays empty); empty until the block
 /// is first used.
 #[derive(Debug, Default)]
 struct BlockData {
     k: Vec<f32>,
     v: Vec<f32>,
+    k16: Vec<f16>,
+    v16: Vec<f16>,
+}
+
+impl BlockData {
+    /// Whether the block's storage is allocated.
+    fn is_allocated(&self) -> bool {
+        !self.k.is_empty() || !self.k16.is_empty()
+    }
+
+    /// Allocates `len` zero values of keys and of values, in f16 or f32.
+    fn allocate(&mut self, len: usize, f16: bool) {
+        if f16 {
+            self.k16 = vec![f16::ZERO; len];
+            self.v16 = vec![f16::ZERO; len];
+        } else {
+            self.k = vec![0.0; len];
+            self.v = vec![0.0; len];
+        }
+    }
+
+    /// Copies values `r` of `src`'s keys and values (a block of the same pool) into this one.
+    fn copy_from(&mut self, src: &BlockData, r: Range<usize>) {
+        if self.k16.is_empty() {
+            self.k[r.clone()].copy_from_slice(&src.k[r.clone()]);
+            self.v[r.clone()].copy_from_slice(&src.v[r]);
+        } else {
+            self.k16[r.clone()].copy_from_slice(&src.k16[r.clone()]);
+            self.v16[r.clone()].copy_from_slice(&src.v16[r]);
+        }
+    }
+
+    /// Writes `k`, `v` (f32) at values `at..`: as they are, or rounded to the nearest f16
+    /// (`half::f16::from_f32`, as candle's `to_dtype(F16)` and a growing f16 cache do).
+    fn write(&mut self, at: usize, k: &[f32], v: &[f32]) {
+        let r = at..at + k.len();
+        if self.k16.is_empty() {
+            self.k[r.clone()].copy_from_slice(k);
+            self.v[r].copy_from_slice(v);
+        } else {
+            for (d, &x) in self.k16[r.clone()].iter_mut().zip(k) {
+                *d = f16::from_f32(x);
+            }
+            for (d, &x) in self.v16[r].iter_mut().zip(v) {
+                *d = f16::from_f32(x);
+            }
+        }
+    }
+
+    /// Reads values `r` of the keys and values into `k`, `v` as f32 (exactly: every f16 is an
+    /// f32).
+    fn read(&self, r: Range<usize>, k: &mut [f32], v: &mut [f32]) {
+        if self.k16.is_empty() {
+            k.copy_from_slice(&self.k[r.clone()]);
+            v.copy_from_slice(&self.v[r]);
+        } else {
+            for (d, x) in k.iter_mut().zip(&self.k16[r.clone()]) {
+                *d = x.to_f32();
+            }
+            for (d, x) in v.iter_mut().zip(&self.v16[r]) {
+                *d = x.to_f32();
+            }
+        }
+    }
 }
 
 /// Free list and reference counts of one layer's blocks.
@@ -98,6 +166,8 @@ impl LayerPool {
 pub struct KvBlockPool {
     layers: Vec<LayerPool>,
     n_blocks: usize,
+    /// Keys and values stored in f16 ([`Self::new_f16`]) instead of f32.
+    f16: bool,
 }
 
 impl KvBlockPool {
@@ -107,6 +177,29 @@ impl KvBlockPool {
     /// Errors: [`Error::InvalidArgument`] for no layers, a zero-sized layer, or more blocks
     /// than `u32` ids name.
     pub fn new(shapes: &[(usize, usize)], n_blocks: usize) -> Result<Self> {
+        Self::with_dtype(shapes, n_blocks, DType::F32)
+    }
+
+    /// [`Self::new`] storing keys and values in f16: half the bytes a block (llama.cpp's
+    /// default KV cache type, `-ctk f16 -ctv f16`; a growing cache's
+    /// [`crate::kv_cache::KvCacheConfig::kv_f16`]). Values are rounded to the nearest f16 as
+    /// they are appended and read back as f32, so attention over the pool equals attention
+    /// over a growing f16 cache of the same positions.
+    ///
+    /// Errors: as [`Self::new`].
+    pub fn new_f16(shapes: &[(usize, usize)], n_blocks: usize) -> Result<Self> {
+        Self::with_dtype(shapes, n_blocks, DType::F16)
+    }
+
+    /// [`Self::new`] (`dtype` f32) or [`Self::new_f16`] (f16).
+    ///
+    /// Errors: as [`Self::new`], and [`Error::InvalidArgument`] for another dtype.
+    pub fn with_dtype(shapes: &[(usize, usize)], n_blocks: usize, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Err(Error::InvalidArgument(format!(
+                "a KV block pool stores f32 or f16 keys and values, not {dtype:?}"
+            )));
+        }
         if shapes.is_empty() || shapes.iter().any(|&(h, d)| h == 0 || d == 0) {
             return Err(Error::InvalidArgument(format!(
                 "a KV block pool needs layers of at least one head and dimension, got {shapes:?}"
@@ -131,17 +224,29 @@ impl KvBlockPool {
                 }),
             })
             .collect();
-        Ok(Self { layers, n_blocks })
+        Ok(Self {
+            layers,
+            n_blocks,
+            f16: dtype == DType::F16,
+        })
     }
 
-    /// The pool whose blocks fit in `bytes` ([`Self::blocks_for`]).
+    /// The pool of f32 blocks that fit in `bytes` ([`Self::blocks_for`]).
     ///
     /// Errors: as [`Self::new`].
     pub fn with_bytes(shapes: &[(usize, usize)], bytes: usize) -> Result<Self> {
         Self::new(shapes, Self::blocks_for(shapes, bytes))
     }
 
-    /// Blocks of layers `shapes` that `bytes` hold: `bytes / block_bytes`, rounded down.
+    /// The pool of `dtype` (f32 or f16) blocks that fit in `bytes`.
+    ///
+    /// Errors: as [`Self::with_dtype`].
+    pub fn with_bytes_of(shapes: &[(usize, usize)], bytes: usize, dtype: DType) -> Result<Self> {
+        let block = Self::shape_block_bytes_of(shapes, dtype).max(1);
+        Self::with_dtype(shapes, bytes / block, dtype)
+    }
+
+    /// Blocks of f32 layers `shapes` that `bytes` hold: `bytes / block_bytes`, rounded down.
     pub fn blocks_for(shapes: &[(usize, usize)], bytes: usize) -> usize {
         bytes / Self::shape_block_bytes(shapes).max(1)
     }
@@ -149,17 +254,32 @@ impl KvBlockPool {
     /// Bytes of one block in every layer of `shapes`: f32 keys and values of [`BLOCK`]
     /// positions.
     pub fn shape_block_bytes(shapes: &[(usize, usize)]) -> usize {
+        Self::shape_block_bytes_of(shapes, DType::F32)
+    }
+
+    /// Bytes of one block in every layer of `shapes`, keys and values of [`BLOCK`] positions
+    /// in `dtype`.
+    pub fn shape_block_bytes_of(shapes: &[(usize, usize)], dtype: DType) -> usize {
         shapes
             .iter()
-            .map(|&(h, d)| 2 * h * d * BLOCK * std::mem::size_of::<f32>())
+            .map(|&(h, d)| 2 * h * d * BLOCK * dtype.size_in_bytes())
             .sum()
+    }
+
+    /// The dtype keys and values are stored in: f32, or f16 for [`Self::new_f16`].
+    pub fn dtype(&self) -> DType {
+        if self.f16 {
+            DType::F16
+        } else {
+            DType::F32
+        }
     }
 
     /// Bytes of one block in every layer (the unit of a KV memory budget).
     pub fn block_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| 2 * l.block_len() * std::mem::size_of::<f32>())
+            .map(|l| 2 * l.block_len() * self.dtype().size_in_bytes())
             .sum()
     }
 
@@ -228,9 +348,8 @@ impl KvBlockPool {
         };
         // The block was free: no cache reads or writes it.
         let mut b = l.write(id);
-        if b.k.is_empty() {
-            b.k = vec![0.0; l.block_len()];
-            b.v = vec![0.0; l.block_len()];
+        if !b.is_allocated() {
+            b.allocate(l.block_len(), self.f16);
         }
         Ok(id)
     }
@@ -344,7 +463,8 @@ impl PoolBlocks {
     }
 
     /// The first `blocks` blocks of layer `layer` gathered into keys and values
-    /// `[1, kv_heads, blocks · BLOCK, head_dim]` f32 on the CPU.
+    /// `[1, kv_heads, blocks · BLOCK, head_dim]` f32 on the CPU (an f16 pool's values
+    /// widened).
     ///
     /// Errors: [`Error::InvalidArgument`] for an unknown layer or more blocks than held.
     pub fn gather(&self, layer: usize, blocks: usize) -> Result<(Tensor, Tensor)> {
@@ -364,8 +484,7 @@ impl PoolBlocks {
             for hh in 0..h {
                 let src = (hh * BLOCK) * d..(hh * BLOCK + BLOCK) * d;
                 let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + BLOCK) * d;
-                k[dst.clone()].copy_from_slice(&blk.k[src.clone()]);
-                v[dst].copy_from_slice(&blk.v[src]);
+                blk.read(src, &mut k[dst.clone()], &mut v[dst]);
             }
         }
         let dev = Device::Cpu;
@@ -402,9 +521,9 @@ impl Drop for PoolBlocks {
 }
 
 /// Keys and values of one layer's cache read in place through its block table: block `b`
-/// holds positions `b·BLOCK..(b + 1)·BLOCK`, each `[kv_heads, BLOCK, head_dim]` f32 (only the
-/// first `len - b·BLOCK` positions of the last block are meaningful). Holds a read lock on
-/// each block while it lives.
+/// holds positions `b·BLOCK..(b + 1)·BLOCK`, each `[kv_heads, BLOCK, head_dim]` f32, or f16
+/// in an f16 pool ([`Self::dtype`]; only the first `len - b·BLOCK` positions of the last
+/// block are meaningful). Holds a read lock on each block while it lives.
 #[derive(Debug)]
 pub struct PagedKv<'a> {
     blocks: Vec<RwLockReadGuard<'a, BlockData>>,
@@ -457,7 +576,13 @@ impl PagedKv<'_> {
         self.layer
     }
 
-    /// Each block's keys, `[kv_heads, BLOCK, head_dim]` f32, in table order.
+    /// The dtype of the blocks: [`KvBlockPool::dtype`].
+    pub fn dtype(&self) -> DType {
+        self.pool.dtype()
+    }
+
+    /// Each block's keys, `[kv_heads, BLOCK, head_dim]` f32, in table order (empty slices in
+    /// an f16 pool: see [`Self::keys_f16`]).
     pub fn keys(&self) -> Vec<&[f32]> {
         self.blocks.iter().map(|b| b.k.as_slice()).collect()
     }
@@ -466,11 +591,22 @@ impl PagedKv<'_> {
     pub fn values(&self) -> Vec<&[f32]> {
         self.blocks.iter().map(|b| b.v.as_slice()).collect()
     }
+
+    /// Each block's keys in an f16 pool, `[kv_heads, BLOCK, head_dim]` f16, in table order
+    /// (empty slices in an f32 pool).
+    pub fn keys_f16(&self) -> Vec<&[f16]> {
+        self.blocks.iter().map(|b| b.k16.as_slice()).collect()
+    }
+
+    /// Each block's values in an f16 pool, as [`Self::keys_f16`].
+    pub fn values_f16(&self) -> Vec<&[f16]> {
+        self.blocks.iter().map(|b| b.v16.as_slice()).collect()
+    }
 }
 
 /// One attention layer's cache in a [`KvBlockPool`]: a block table and a length (see the
 /// module documentation); its [`crate::kv_cache::LayerKvCache`] implementation lives with the
-/// trait in `kv_cache` (this module does not depend on it). Keys and values are `[1, kv_heads, seq, head_dim]`, held in f32;
+/// trait in `kv_cache` (this module does not depend on it). Keys and values are `[1, kv_heads, seq, head_dim]`, held in the pool's dtype (f32 or f16);
 /// the tensors given back are gathered copies on the input's device and in its dtype.
 /// [`Self::nbytes`] counts the blocks in the table (shared ones included); dropping
 /// the cache gives them back.
@@ -542,9 +678,7 @@ impl PagedKvCache {
             let mut dst = l.write(new);
             let d = l.head_dim;
             for h in 0..l.kv_heads {
-                let r = (h * BLOCK) * d..(h * BLOCK + held) * d;
-                dst.k[r.clone()].copy_from_slice(&src.k[r.clone()]);
-                dst.v[r.clone()].copy_from_slice(&src.v[r]);
+                dst.copy_from(&src, (h * BLOCK) * d..(h * BLOCK + held) * d);
             }
         }
         self.pool.release(self.layer, old);
@@ -606,9 +740,7 @@ impl PagedKvCache {
             let mut blk = l.write(self.table[bi]);
             for h in 0..kv_heads {
                 let src = (h * n + done) * d..(h * n + done + take) * d;
-                let dst = (h * BLOCK + off) * d..(h * BLOCK + off + take) * d;
-                blk.k[dst.clone()].copy_from_slice(&kf[src.clone()]);
-                blk.v[dst].copy_from_slice(&vf[src]);
+                blk.write((h * BLOCK + off) * d, &kf[src.clone()], &vf[src]);
             }
             drop(blk);
             self.len += take;
@@ -618,7 +750,7 @@ impl PagedKvCache {
     }
 
     /// The held keys and values gathered into `[1, kv_heads, len, head_dim]` f32 tensors on
-    /// the CPU, `None` when empty.
+    /// the CPU (an f16 pool's values widened), `None` when empty.
     ///
     /// Errors: tensor errors (none for a consistent cache).
     pub fn gather(&self) -> Result<Option<(Tensor, Tensor)>> {
@@ -634,8 +766,7 @@ impl PagedKvCache {
             for hh in 0..h {
                 let src = (hh * BLOCK) * d..(hh * BLOCK + take) * d;
                 let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + take) * d;
-                k[dst.clone()].copy_from_slice(&blk.k[src.clone()]);
-                v[dst].copy_from_slice(&blk.v[src]);
+                blk.read(src, &mut k[dst.clone()], &mut v[dst]);
             }
         }
         let dev = Device::Cpu;
@@ -735,7 +866,7 @@ impl PagedKvCache {
 
     /// Bytes of the blocks in the table (shared ones included).
     pub fn nbytes(&self) -> usize {
-        self.table.len() * 2 * self.layer_pool().block_len() * std::mem::size_of::<f32>()
+        self.table.len() * 2 * self.layer_pool().block_len() * self.pool.dtype().size_in_bytes()
     }
 
     /// Gives every block back and forgets all positions.

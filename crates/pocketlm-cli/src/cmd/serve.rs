@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// a request as soon as its prompt fits.
     #[arg(long, value_name = "N", default_value_t = pocketlm::generate::batch::KV_RESERVE)]
     pub kv_reserve: usize,
+    /// Store the requests' keys and values in f16 instead of f32: half the memory a token, so
+    /// twice the tokens under --kv-memory (llama-server's default cache type, f16). Attention
+    /// reads the f16 values widened to f32, as `generate --kv-f16` does.
+    #[arg(long)]
+    pub kv_f16: bool,
     /// Directory the prefix cache is loaded from at start and saved to (every minute while it
     /// changes, and at shutdown). Default: $POCKETLM_HOME/prefix-cache/<model>-<hash>.
     #[arg(long, value_name = "DIR")]
@@ -161,6 +166,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         prefix_cache_dir,
         kv_memory: args.kv_memory,
         kv_reserve: args.kv_reserve,
+        kv_f16: args.kv_f16,
         ..ServerConfig::default()
     };
     pocketlm_server::run(m, config).context("serving")

@@ -42,12 +42,15 @@
 //! the queue, to be resumed later by recomputing its cache from the token ids it had fed (the
 //! prefix cache, when there is one, gives back what it holds of them), as vLLM's recompute
 //! preemption does; a preempted sequence's blocks go back to the pool. Nothing fails for want
-//! of memory but a sequence that alone does not fit. A cache given back by
-//! [`BatchGenerator::remove`] keeps its blocks until it is dropped.
+//! of memory but a sequence that alone does not fit. With [`BatchConfig::kv_f16`] the pool's
+//! blocks (or, without a budget, the growing caches) hold f16, half the bytes. A cache given
+//! back by [`BatchGenerator::remove`] keeps its blocks until it is dropped.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use candle_core::DType;
 
 use super::{
     sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, Token, TokenState,
@@ -81,6 +84,14 @@ pub struct BatchConfig {
     /// for fewer preemptions (each recomputes the preempted cache). 0: admit as soon as the
     /// prompt fits. Default [`KV_RESERVE`].
     pub kv_reserve: usize,
+    /// Store the sequences' keys and values in f16 instead of f32: half the bytes a position,
+    /// so twice the positions under [`Self::kv_memory`] (llama.cpp's default KV cache type,
+    /// `-ctk f16 -ctv f16`). The block pool is then an f16 one
+    /// ([`KvBlockPool::new_f16`]), and growing caches store f16
+    /// ([`KvCache::set_storage_dtype`]); attention reads the f16 values widened to f32, as a
+    /// single generation with [`crate::kv_cache::KvCacheConfig::kv_f16`] does, so a sequence's
+    /// tokens equal that generation's. Default `false`.
+    pub kv_f16: bool,
 }
 
 /// Default [`BatchConfig::kv_reserve`], in positions: four pool blocks. Measured on
@@ -100,6 +111,7 @@ impl Default for BatchConfig {
             tokens_per_step: 256,
             kv_memory: None,
             kv_reserve: KV_RESERVE,
+            kv_f16: false,
         }
     }
 }
@@ -323,18 +335,23 @@ impl<'a> BatchGenerator<'a> {
     /// With [`BatchConfig::kv_memory`] and a model on the CPU, the KV block pool is made here
     /// (its blocks' storage is allocated as they are first used).
     pub fn new(model: &'a dyn CausalLM, tokenizer: &'a Tokenizer, config: BatchConfig) -> Self {
+        let kv_dtype = if config.kv_f16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
         let pool = config
             .kv_memory
             .filter(|_| model.device().is_cpu())
-            .and_then(
-                |bytes| match KvBlockPool::with_bytes(&model.cache_shapes(), bytes) {
+            .and_then(|bytes| {
+                match KvBlockPool::with_bytes_of(&model.cache_shapes(), bytes, kv_dtype) {
                     Ok(p) => Some(Arc::new(p)),
                     Err(e) => {
                         tracing::warn!("no KV block pool, caches are accounted instead: {e}");
                         None
                     }
-                },
-            );
+                }
+            });
         Self {
             model,
             tokenizer,
@@ -343,6 +360,7 @@ impl<'a> BatchGenerator<'a> {
                 tokens_per_step: config.tokens_per_step.max(1),
                 kv_memory: config.kv_memory,
                 kv_reserve: config.kv_reserve,
+                kv_f16: config.kv_f16,
             },
             running: Vec::new(),
             waiting: VecDeque::new(),
@@ -351,7 +369,7 @@ impl<'a> BatchGenerator<'a> {
             position_bytes: model
                 .cache_shapes()
                 .iter()
-                .map(|&(heads, dim)| 2 * heads * dim * std::mem::size_of::<f32>())
+                .map(|&(heads, dim)| 2 * heads * dim * kv_dtype.size_in_bytes())
                 .sum(),
             preemptions: 0,
             kept: std::collections::HashMap::new(),
@@ -369,7 +387,7 @@ impl<'a> BatchGenerator<'a> {
     /// replaced by [`PagedKvCache`]s of the pool when there is one (layers with an array
     /// state stay as they are).
     fn fresh_cache(&self) -> KvCache {
-        let mut cache = self.model.new_cache();
+        let mut cache = self.new_cache();
         let Some(pool) = &self.pool else {
             return cache;
         };
@@ -390,6 +408,17 @@ impl<'a> BatchGenerator<'a> {
                 }
                 Err(e) => tracing::warn!("layer {i} keeps a growing cache: {e}"),
             }
+        }
+        cache
+    }
+
+    /// The model's fresh cache ([`CausalLM::new_cache`]), its growing layers storing f16
+    /// under [`BatchConfig::kv_f16`].
+    fn new_cache(&self) -> KvCache {
+        let mut cache = self.model.new_cache();
+        if self.config.kv_f16 {
+            // Layers that cannot store f16 (an array state) keep their own.
+            cache.set_storage_dtype(DType::F16);
         }
         cache
     }
@@ -441,7 +470,7 @@ impl<'a> BatchGenerator<'a> {
         // Under a budget the hit is only counted here, in a cache outside the block pool (the
         // waiting sequence holds none; see below).
         let mut cache = if budget {
-            self.model.new_cache()
+            self.new_cache()
         } else {
             self.fresh_cache()
         };
@@ -1263,6 +1292,7 @@ mod tests {
             tokens_per_step: 512,
             kv_memory: Some(budget),
             kv_reserve: reserve,
+            kv_f16: false,
         };
         BatchGenerator::new(m, tok, config)
     }
@@ -1333,6 +1363,7 @@ mod tests {
                     tokens_per_step: 8,
                     kv_memory: None,
                     kv_reserve: 0,
+                    kv_f16: false,
                 },
             );
             let joins = vec![
@@ -1377,6 +1408,7 @@ mod tests {
                 tokens_per_step: 8,
                 kv_memory: None,
                 kv_reserve: 0,
+                kv_f16: false,
             },
         );
         let a = gen
@@ -1482,6 +1514,7 @@ mod tests {
                     tokens_per_step: 16,
                     kv_memory: None,
                     kv_reserve: 0,
+                    kv_f16: false,
                 },
             )
             .with_prefix_cache(prefix.clone());
@@ -1595,6 +1628,7 @@ mod tests {
                 tokens_per_step: 64,
                 kv_memory: Some(budget),
                 kv_reserve: 0,
+                kv_f16: false,
             },
         );
         let pool = gen.kv_pool().expect("a pool on the CPU").clone();
@@ -1651,6 +1685,7 @@ mod tests {
                 tokens_per_step: 256,
                 kv_memory: Some(64 * BLOCK * 512),
                 kv_reserve: 0,
+                kv_f16: false,
             },
         )
         .with_prefix_cache(cache.clone());
@@ -1888,5 +1923,60 @@ mod tests {
             );
             assert_eq!(toks, wanted, "reserve {reserve}");
         }
+    }
+
+    /// `kv_f16`: the pool stores f16, so half the bytes of the f32 test above hold as many
+    /// blocks (three sequences run, none is preempted), and each sequence's tokens are the
+    /// ones it generates alone with an f16 cache.
+    #[test]
+    fn an_f16_pool_holds_twice_the_positions_in_the_same_bytes() {
+        let tok = tokenizer();
+        let model = tiny_llama(true);
+        let m = model.as_ref();
+        let greedy = params(150, SamplingParams::default());
+        let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(64, 60 + i)).collect();
+        let wanted: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut cache = m.new_cache();
+                assert!(cache.set_storage_dtype(DType::F16));
+                generate(m, &tok, &mut cache, p, greedy.clone())
+                    .expect("starts")
+                    .collect_output()
+                    .expect("generates")
+                    .token_ids
+            })
+            .collect();
+        // 2 layers x 2 KV heads x 16 wide, keys and values, f16: 256 bytes a position.
+        let budget = 48 * BLOCK * 256;
+        let config = BatchConfig {
+            max_batch: 4,
+            tokens_per_step: 512,
+            kv_memory: Some(budget),
+            kv_reserve: 150,
+            kv_f16: true,
+        };
+        let mut gen = BatchGenerator::new(m, &tok, config);
+        let pool = gen.kv_pool().expect("a pool").clone();
+        assert_eq!((pool.dtype(), pool.n_blocks()), (DType::F16, 48));
+        let (mut peak, mut most_running) = (0, 0);
+        let toks = run_to_end(&mut gen, &prompts, &greedy, |gen| {
+            peak = peak.max(gen.kv_bytes());
+            most_running = most_running.max(gen.running());
+        });
+        assert!(peak <= budget, "peak {peak} over {budget}");
+        assert_eq!((gen.preemptions(), most_running), (0, 3));
+        assert_eq!(toks, wanted);
+        // Without a budget the growing caches store f16 alike.
+        let mut gen = BatchGenerator::new(
+            m,
+            &tok,
+            BatchConfig {
+                kv_memory: None,
+                ..config
+            },
+        );
+        assert!(gen.kv_pool().is_none());
+        assert_eq!(run_to_end(&mut gen, &prompts, &greedy, |_| {}), wanted);
     }
 }

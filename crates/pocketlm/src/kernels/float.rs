@@ -1371,6 +1371,87 @@ pub fn attention_paged(
     })
 }
 
+/// [`attention_paged`] over blocks of f16 keys and values (an f16 KV block pool,
+/// [`crate::kv_pool::KvBlockPool::new_f16`]): each work item widens its kv head's rows of the
+/// blocks into a thread's f32 scratch ([`widen_f16`], exact), as [`attention_f16`] widens a
+/// contiguous f16 cache, and runs the same row kernel, so the result equals [`attention_paged`]
+/// on the widened blocks, and [`attention_f16`] on the same positions, bit for bit.
+///
+/// # Panics
+/// As [`attention_paged`].
+#[allow(clippy::too_many_arguments)] // the operands and ggml's four attention parameters
+pub fn attention_paged_f16(
+    q: &[f32],
+    k: &[&[half::f16]],
+    v: &[&[half::f16]],
+    shape: PagedShape,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let PagedShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        block,
+    } = shape;
+    assert!(kv_heads > 0 && heads % kv_heads == 0 && kv_len >= queries && block > 0);
+    assert!(q.len() >= heads * queries * d && out.len() >= heads * queries * d);
+    let blocks = kv_len.div_ceil(block);
+    assert!(k.len() >= blocks && v.len() >= blocks);
+    let need = kv_heads * block * d;
+    assert!(k[..blocks]
+        .iter()
+        .chain(&v[..blocks])
+        .all(|b| b.len() >= need));
+    assert!(sinks.is_none_or(|s| s.len() >= heads));
+    thread_local! {
+        /// One kv head's keys and values widened to f32, `[kv_len, head_dim]` each.
+        static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const {
+            std::cell::RefCell::new([Vec::new(), Vec::new()])
+        };
+    }
+    let flat = shape.gathered();
+    let out_ptr = SyncMutPtr(out.as_mut_ptr());
+    for_each_item(&flat, |kh, ts| {
+        SCRATCH.with(|cell| {
+            let mut bufs = cell.borrow_mut();
+            let [kf, vf] = &mut *bufs;
+            kf.resize(kv_len * d, 0.0);
+            vf.resize(kv_len * d, 0.0);
+            for b in 0..blocks {
+                let take = block.min(kv_len - b * block);
+                let src = kh * block * d..(kh * block + take) * d;
+                let dst = b * block * d..(b * block + take) * d;
+                widen_f16(&k[b][src.clone()], &mut kf[dst.clone()]);
+                widen_f16(&v[b][src], &mut vf[dst]);
+            }
+            // SAFETY: the operands hold their shapes (asserted above), `kf`, `vf` kv head
+            // `kh`'s `kv_len` rows, and the items' rows are pairwise disjoint.
+            unsafe {
+                row_block(
+                    q,
+                    &kf[..],
+                    None,
+                    &vf[..],
+                    &flat,
+                    scale,
+                    softcap,
+                    window,
+                    sinks,
+                    kh,
+                    ts,
+                    out_ptr.get(),
+                )
+            }
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1513,7 +1594,8 @@ mod tests {
     }
 
     /// The paged kernel over a block table equals the contiguous kernel on the same keys and
-    /// values bit for bit: lengths on both sides of block edges, blocks of 16 and 5
+    /// values bit for bit, and its f16 twin the paged kernel on the widened f16 blocks:
+    /// lengths on both sides of block edges, blocks of 16 and 5
     /// positions, grouped-query heads, head dims with and without the register paths, a
     /// window, a soft-cap, sinks, one query (decode) and a few.
     #[test]
@@ -1586,6 +1668,40 @@ mod tests {
                             "heads {heads}/{kv_heads} d {d} block {block} kv_len {kv_len} \
                              queries {queries}"
                         );
+                        // f16 blocks: the f32 kernel on their widened values, bit for bit.
+                        let half = |bl: &[Vec<f32>]| -> Vec<Vec<half::f16>> {
+                            bl.iter()
+                                .map(|b| b.iter().map(|&x| half::f16::from_f32(x)).collect())
+                                .collect()
+                        };
+                        let wide = |bl: &[Vec<half::f16>]| -> Vec<Vec<f32>> {
+                            bl.iter()
+                                .map(|b| b.iter().map(|x| x.to_f32()).collect())
+                                .collect()
+                        };
+                        let (kh, vh) = (half(&kb), half(&vb));
+                        let (kw, vw) = (wide(&kh), wide(&vh));
+                        let kw: Vec<&[f32]> = kw.iter().map(Vec::as_slice).collect();
+                        let vw: Vec<&[f32]> = vw.iter().map(Vec::as_slice).collect();
+                        let mut want16 = vec![f32::NAN; heads * queries * d];
+                        attention_paged(
+                            &q,
+                            &kw,
+                            &vw,
+                            paged,
+                            0.125,
+                            softcap,
+                            window,
+                            sinks,
+                            &mut want16,
+                        );
+                        let kh: Vec<&[half::f16]> = kh.iter().map(Vec::as_slice).collect();
+                        let vh: Vec<&[half::f16]> = vh.iter().map(Vec::as_slice).collect();
+                        let mut got16 = vec![f32::NAN; heads * queries * d];
+                        attention_paged_f16(
+                            &q, &kh, &vh, paged, 0.125, softcap, window, sinks, &mut got16,
+                        );
+                        assert_eq!(bits(&got16), bits(&want16), "f16 blocks");
                         cases += 1;
                     }
                 }

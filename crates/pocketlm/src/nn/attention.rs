@@ -152,7 +152,8 @@ pub fn causal_attention_capped(
 
 /// Causal attention of `q: [1, heads, s, head_dim]` f32 on the CPU over a cache read in place
 /// through its block table (`kv`, [`crate::kv_pool::PagedKv`]: vLLM's PagedAttention), the
-/// last `s` cached positions being the queries' own; returns `[1, s, heads · head_dim]` as
+/// last `s` cached positions being the queries' own (an f16 pool's blocks through
+/// [`crate::kernels::float::attention_paged_f16`]); returns `[1, s, heads · head_dim]` as
 /// [`causal_attention_capped`] does, equal to its result on the same keys and values gathered
 /// into a tensor bit for bit ([`crate::kernels::float::attention_paged`] keeps the row
 /// kernel's order) for fewer than 16 queries.
@@ -202,17 +203,32 @@ pub fn causal_attention_paged(
         block: kv.block(),
     };
     let mut out = vec![0f32; s * heads * d];
-    crate::kernels::float::attention_paged(
-        &qv,
-        &kv.keys(),
-        &kv.values(),
-        shape,
-        scale as f32,
-        softcap.map(|c| c as f32),
-        window,
-        sinks.as_deref(),
-        &mut out,
-    );
+    let (scale, softcap) = (scale as f32, softcap.map(|c| c as f32));
+    if kv.dtype() == DType::F16 {
+        crate::kernels::float::attention_paged_f16(
+            &qv,
+            &kv.keys_f16(),
+            &kv.values_f16(),
+            shape,
+            scale,
+            softcap,
+            window,
+            sinks.as_deref(),
+            &mut out,
+        );
+    } else {
+        crate::kernels::float::attention_paged(
+            &qv,
+            &kv.keys(),
+            &kv.values(),
+            shape,
+            scale,
+            softcap,
+            window,
+            sinks.as_deref(),
+            &mut out,
+        );
+    }
     Ok(Tensor::from_vec(out, (1, s, heads * d), q.device())?)
 }
 
