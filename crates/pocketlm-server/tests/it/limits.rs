@@ -189,12 +189,22 @@ fn chat_without_a_chat_template_is_a_bad_request() {
 /// Under a KV memory budget of two 256-position blocks of the default model's cache (256
 /// positions x 30 layers x 3 KV heads x 64 x keys and values x 4 bytes = 11.8 MB a block),
 /// which the CPU's KV block pool holds as 32 blocks of 16 positions, three concurrent requests
-/// all succeed with the texts each gets alone.
+/// all succeed with the texts each gets alone; with `kv_f16` too (64 blocks of half the
+/// bytes: the same requests alone peak at half the bytes).
 #[test]
 fn requests_beyond_the_kv_memory_budget_wait_and_succeed() {
+    let f32_peak = kv_budget_run(false);
+    let f16_peak = kv_budget_run(true);
+    assert_eq!(f32_peak, 2 * f16_peak);
+}
+
+/// The run of [`requests_beyond_the_kv_memory_budget_wait_and_succeed`] on a server with
+/// `kv_f16`; returns the KV peak after the requests ran one at a time.
+fn kv_budget_run(kv_f16: bool) -> u64 {
     let addr = super::start_server(ServerConfig {
         port: 0,
         kv_memory: Some(24_000_000),
+        kv_f16,
         ..ServerConfig::default()
     });
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -214,12 +224,22 @@ fn requests_beyond_the_kv_memory_budget_wait_and_succeed() {
         assert_eq!(status, 200, "{v}");
         v["choices"][0]["text"].as_str().expect("text").to_string()
     };
+    let engine = || {
+        let mut r = agent
+            .get(format!("http://{addr}/health"))
+            .call()
+            .expect("GET /health");
+        let v: Value =
+            serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json");
+        v["engine"].clone()
+    };
     let prompts = [
         "The capital of France is",
         "Once upon a time, in a small village,",
         "def fibonacci(n):",
     ];
     let alone: Vec<String> = prompts.iter().map(|p| complete(p)).collect();
+    let alone_peak = engine()["kv_peak_bytes"].as_u64().expect("peak");
     let together: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = prompts
             .iter()
@@ -230,17 +250,12 @@ fn requests_beyond_the_kv_memory_budget_wait_and_succeed() {
             .map(|h| h.join().expect("client"))
             .collect()
     });
-    assert_eq!(together, alone);
+    assert_eq!(together, alone, "kv_f16 {kv_f16}");
     // The measured peak stayed within the budget; two blocks at most were ever held.
-    let mut r = agent
-        .get(format!("http://{addr}/health"))
-        .call()
-        .expect("GET /health");
-    let v: Value =
-        serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json");
-    let e = &v["engine"];
-    assert_eq!(e["kv_budget_bytes"], 24_000_000, "{v}");
+    let e = engine();
+    assert_eq!(e["kv_budget_bytes"], 24_000_000, "{e}");
     let peak = e["kv_peak_bytes"].as_u64().expect("peak");
-    assert!(peak > 0 && peak <= 2 * 11_796_480, "{v}");
-    assert_eq!(e["running"], 0, "{v}");
+    assert!(peak > 0 && peak <= 2 * 11_796_480, "{e}");
+    assert_eq!(e["running"], 0, "{e}");
+    alone_peak
 }
