@@ -1297,6 +1297,38 @@ impl PagedShape {
     }
 }
 
+/// The panics of [`attention_paged`] and [`attention_paged_f16`]: `q` and `out` (their
+/// lengths) shorter than `[heads, queries, head_dim]`, fewer than `ceil(kv_len / block)` blocks
+/// of `k` or `v` or one shorter than `kv_heads · block · head_dim`, `sinks` shorter than
+/// `heads`, `heads` not a multiple of `kv_heads`, more queries than positions.
+fn check_paged_shape<T>(
+    q_len: usize,
+    k: &[&[T]],
+    v: &[&[T]],
+    shape: &PagedShape,
+    sinks: Option<&[f32]>,
+    out_len: usize,
+) {
+    let &PagedShape {
+        heads,
+        kv_heads,
+        queries,
+        kv_len,
+        head_dim: d,
+        block,
+    } = shape;
+    assert!(kv_heads > 0 && heads % kv_heads == 0 && kv_len >= queries && block > 0);
+    assert!(q_len >= heads * queries * d && out_len >= heads * queries * d);
+    let blocks = kv_len.div_ceil(block);
+    assert!(k.len() >= blocks && v.len() >= blocks);
+    let need = kv_heads * block * d;
+    assert!(k[..blocks]
+        .iter()
+        .chain(&v[..blocks])
+        .all(|b| b.len() >= need));
+    assert!(sinks.is_none_or(|s| s.len() >= heads));
+}
+
 /// [`attention`] over keys and values held in blocks (vLLM's PagedAttention, Kwon et al.
 /// 2023): `k[b]`, `v[b]` are block `b` of a block table, each `[kv_heads, block, head_dim]`
 /// f32 holding positions `b·block..(b + 1)·block` (only the first `kv_len` positions overall
@@ -1328,24 +1360,7 @@ pub fn attention_paged(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    let PagedShape {
-        heads,
-        kv_heads,
-        queries,
-        kv_len,
-        head_dim: d,
-        block,
-    } = shape;
-    assert!(kv_heads > 0 && heads % kv_heads == 0 && kv_len >= queries && block > 0);
-    assert!(q.len() >= heads * queries * d && out.len() >= heads * queries * d);
-    let blocks = kv_len.div_ceil(block);
-    assert!(k.len() >= blocks && v.len() >= blocks);
-    let need = kv_heads * block * d;
-    assert!(k[..blocks]
-        .iter()
-        .chain(&v[..blocks])
-        .all(|b| b.len() >= need));
-    assert!(sinks.is_none_or(|s| s.len() >= heads));
+    check_paged_shape(q.len(), k, v, &shape, sinks, out.len());
     let flat = shape.gathered();
     let out_ptr = SyncMutPtr(out.as_mut_ptr());
     for_each_item(&flat, |kh, ts| {
@@ -1391,24 +1406,14 @@ pub fn attention_paged_f16(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    check_paged_shape(q.len(), k, v, &shape, sinks, out.len());
     let PagedShape {
-        heads,
-        kv_heads,
-        queries,
         kv_len,
         head_dim: d,
         block,
+        ..
     } = shape;
-    assert!(kv_heads > 0 && heads % kv_heads == 0 && kv_len >= queries && block > 0);
-    assert!(q.len() >= heads * queries * d && out.len() >= heads * queries * d);
     let blocks = kv_len.div_ceil(block);
-    assert!(k.len() >= blocks && v.len() >= blocks);
-    let need = kv_heads * block * d;
-    assert!(k[..blocks]
-        .iter()
-        .chain(&v[..blocks])
-        .all(|b| b.len() >= need));
-    assert!(sinks.is_none_or(|s| s.len() >= heads));
     thread_local! {
         /// One kv head's keys and values widened to f32, `[kv_len, head_dim]` each.
         static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const {
