@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 
+use crate::kernels::float::widen_f16;
 use crate::{Error, Result};
 
 /// Positions per block (see the module documentation for why 16).
@@ -100,18 +101,14 @@ impl BlockData {
     }
 
     /// Reads values `r` of the keys and values into `k`, `v` as f32 (exactly: every f16 is an
-    /// f32).
+    /// f32; [`widen_f16`]).
     fn read(&self, r: Range<usize>, k: &mut [f32], v: &mut [f32]) {
         if self.k16.is_empty() {
             k.copy_from_slice(&self.k[r.clone()]);
             v.copy_from_slice(&self.v[r]);
         } else {
-            for (d, x) in k.iter_mut().zip(&self.k16[r.clone()]) {
-                *d = x.to_f32();
-            }
-            for (d, x) in v.iter_mut().zip(&self.v16[r]) {
-                *d = x.to_f32();
-            }
+            widen_f16(&self.k16[r.clone()], k);
+            widen_f16(&self.v16[r], v);
         }
     }
 }
@@ -235,7 +232,7 @@ impl KvBlockPool {
     ///
     /// Errors: as [`Self::new`].
     pub fn with_bytes(shapes: &[(usize, usize)], bytes: usize) -> Result<Self> {
-        Self::new(shapes, Self::blocks_for(shapes, bytes))
+        Self::with_bytes_of(shapes, bytes, DType::F32)
     }
 
     /// The pool of `dtype` (f32 or f16) blocks that fit in `bytes`.
@@ -606,10 +603,10 @@ impl PagedKv<'_> {
 
 /// One attention layer's cache in a [`KvBlockPool`]: a block table and a length (see the
 /// module documentation); its [`crate::kv_cache::LayerKvCache`] implementation lives with the
-/// trait in `kv_cache` (this module does not depend on it). Keys and values are `[1, kv_heads, seq, head_dim]`, held in the pool's dtype (f32 or f16);
-/// the tensors given back are gathered copies on the input's device and in its dtype.
-/// [`Self::nbytes`] counts the blocks in the table (shared ones included); dropping
-/// the cache gives them back.
+/// trait in `kv_cache` (this module does not depend on it). Keys and values are `[1, kv_heads,
+/// seq, head_dim]`, held in the pool's dtype (f32 or f16); the tensors given back are gathered
+/// copies on the input's device and in its dtype. [`Self::nbytes`] counts the blocks in the
+/// table (shared ones included); dropping the cache gives them back.
 #[derive(Debug)]
 pub struct PagedKvCache {
     pool: Arc<KvBlockPool>,

@@ -53,8 +53,8 @@ use crate::{Error, Result};
 /// A batched step ([`CudaDecoder::step_batch`]) of `b` sequences already has a block per
 /// sequence and key/value head, so it splits less: at most `max(batch_splits, 64 / b)`
 /// (`POCKETLM_ATTN_BATCH_SPLITS`, default 4; the `64 / b` keeps 8 splits at 8 sequences and
-/// more for fewer, so that a few sequences deep in a long context stay on enough blocks) of at least
-/// `batch_min_chunk` positions (`POCKETLM_ATTN_BATCH_MIN_CHUNK`, default 16). With the
+/// more for fewer, so that a few sequences deep in a long context stay on enough blocks) of at
+/// least `batch_min_chunk` positions (`POCKETLM_ATTN_BATCH_MIN_CHUNK`, default 16). With the
 /// one-sequence rule, 32 sequences 128 to 192 positions deep spent 20% of a step in the
 /// attention and its merge (H100, 8B Q4_0: 36 + 15 µs a layer, Nsight Compute); capped at 8
 /// splits the step gave 4,219 aggregate tokens/s against 3,902 (H100). On the H200, tg64 after

@@ -1210,7 +1210,17 @@ mod tests {
 
     /// The token ids one sequence generates alone ([`generate`]).
     fn alone(model: &dyn CausalLM, tok: &Tokenizer, prompt: &[u32], p: GenerateParams) -> Vec<u32> {
-        let mut cache = model.new_cache();
+        alone_in(model.new_cache(), model, tok, prompt, p)
+    }
+
+    /// [`alone`] in `cache` (an f16 one, say).
+    fn alone_in(
+        mut cache: KvCache,
+        model: &dyn CausalLM,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        p: GenerateParams,
+    ) -> Vec<u32> {
         let out = generate(model, tok, &mut cache, prompt, p)
             .expect("starts")
             .collect_output()
@@ -1287,14 +1297,40 @@ mod tests {
         budget: usize,
         reserve: usize,
     ) -> BatchGenerator<'a> {
-        let config = BatchConfig {
+        BatchGenerator::new(m, tok, four_under_config(budget, reserve))
+    }
+
+    /// The configuration of [`four_under`] (f32 caches).
+    fn four_under_config(budget: usize, reserve: usize) -> BatchConfig {
+        BatchConfig {
             max_batch: 4,
             tokens_per_step: 512,
             kv_memory: Some(budget),
             kv_reserve: reserve,
             kv_f16: false,
-        };
-        BatchGenerator::new(m, tok, config)
+        }
+    }
+
+    /// The four prompts of 64 tokens and greedy 150-token answers of the KV headroom tests,
+    /// whose caches end at 214 positions (14 pool blocks).
+    fn four_long_answers() -> (Vec<Vec<u32>>, GenerateParams) {
+        let prompts = (0..4).map(|i| prompt(64, 60 + i)).collect();
+        (prompts, params(150, SamplingParams::default()))
+    }
+
+    /// [`run_to_end`], also returning the most KV bytes held after a step and the most
+    /// sequences running at once.
+    fn run_measured(
+        gen: &mut BatchGenerator<'_>,
+        prompts: &[Vec<u32>],
+        p: &GenerateParams,
+    ) -> (Vec<Vec<u32>>, usize, usize) {
+        let (mut peak, mut most_running) = (0, 0);
+        let toks = run_to_end(gen, prompts, p, |gen| {
+            peak = peak.max(gen.kv_bytes());
+            most_running = most_running.max(gen.running());
+        });
+        (toks, peak, most_running)
     }
 
     /// Logits of one batched pass against each sequence's own passes, on caches holding
@@ -1896,8 +1932,7 @@ mod tests {
         let tok = tokenizer();
         let model = tiny_llama(true);
         let m = model.as_ref();
-        let greedy = params(150, SamplingParams::default());
-        let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(64, 60 + i)).collect();
+        let (prompts, greedy) = four_long_answers();
         let wanted: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| alone(m, &tok, p, greedy.clone()))
@@ -1906,11 +1941,7 @@ mod tests {
         let budget = 48 * BLOCK * 512;
         for (reserve, preempts) in [(0, true), (150, false)] {
             let mut gen = four_under(m, &tok, budget, reserve);
-            let (mut peak, mut most_running) = (0, 0);
-            let toks = run_to_end(&mut gen, &prompts, &greedy, |gen| {
-                peak = peak.max(gen.kv_bytes());
-                most_running = most_running.max(gen.running());
-            });
+            let (toks, peak, most_running) = run_measured(&mut gen, &prompts, &greedy);
             assert!(
                 peak <= budget,
                 "reserve {reserve}: peak {peak} over {budget}"
@@ -1933,37 +1964,25 @@ mod tests {
         let tok = tokenizer();
         let model = tiny_llama(true);
         let m = model.as_ref();
-        let greedy = params(150, SamplingParams::default());
-        let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(64, 60 + i)).collect();
+        let (prompts, greedy) = four_long_answers();
         let wanted: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| {
                 let mut cache = m.new_cache();
                 assert!(cache.set_storage_dtype(DType::F16));
-                generate(m, &tok, &mut cache, p, greedy.clone())
-                    .expect("starts")
-                    .collect_output()
-                    .expect("generates")
-                    .token_ids
+                alone_in(cache, m, &tok, p, greedy.clone())
             })
             .collect();
         // 2 layers x 2 KV heads x 16 wide, keys and values, f16: 256 bytes a position.
         let budget = 48 * BLOCK * 256;
         let config = BatchConfig {
-            max_batch: 4,
-            tokens_per_step: 512,
-            kv_memory: Some(budget),
-            kv_reserve: 150,
             kv_f16: true,
+            ..four_under_config(budget, 150)
         };
         let mut gen = BatchGenerator::new(m, &tok, config);
         let pool = gen.kv_pool().expect("a pool").clone();
         assert_eq!((pool.dtype(), pool.n_blocks()), (DType::F16, 48));
-        let (mut peak, mut most_running) = (0, 0);
-        let toks = run_to_end(&mut gen, &prompts, &greedy, |gen| {
-            peak = peak.max(gen.kv_bytes());
-            most_running = most_running.max(gen.running());
-        });
+        let (toks, peak, most_running) = run_measured(&mut gen, &prompts, &greedy);
         assert!(peak <= budget, "peak {peak} over {budget}");
         assert_eq!((gen.preemptions(), most_running), (0, 3));
         assert_eq!(toks, wanted);
