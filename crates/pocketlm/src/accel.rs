@@ -520,6 +520,16 @@ impl CausalLM for Accelerated {
     }
 
     fn forward_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Tensor> {
+        // One sequence's one token (a server with one request running) takes the fused
+        // one-sequence step, as `forward` does; its logits are `[1, vocab]` either way.
+        if let [row] = rows {
+            if row.ids.len() == 1 && row.cache.n_layers() == self.inner.info().n_layers {
+                let ids = Tensor::new(&[[row.ids[0]]], self.inner.device())?;
+                if let Some(out) = self.fused_step(&ids, row.cache)? {
+                    return Ok(out);
+                }
+            }
+        }
         if let Some(out) = self.fused_batch(rows)? {
             return Ok(out);
         }
