@@ -97,6 +97,72 @@ pub fn device_name(d: &Device) -> String {
     }
 }
 
+/// The tokens of several rows of a batch's logits (`[rows, vocab]`, any float dtype, on CUDA)
+/// drawn on the device together: for each `(row, pick)` the row's argmax or its draw under the
+/// pick's chain, in at most two launches (one argmax over the rows, one sampling kernel for
+/// the sampled ones, [`crate::cuda::sample_tokens`]) and one copy back each, not a launch and a
+/// copy a row. `None` for a row whose candidates do not fit the sampling kernel (the caller
+/// draws it on the CPU with the pick's uniform), and for every row off CUDA or in a build
+/// without the `cuda` feature.
+///
+/// Errors: CUDA errors of the launches and copies; a row out of `logits`.
+pub(crate) fn draw_rows_on_device(
+    logits: &candle_core::Tensor,
+    picks: &[(usize, &crate::generate::DevicePick)],
+) -> crate::Result<Vec<Option<u32>>> {
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = logits;
+        Ok(vec![None; picks.len()])
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let mut ids = vec![None; picks.len()];
+        use crate::generate::DevicePick;
+        use candle_core::{Tensor, D};
+        if !logits.device().is_cuda() || picks.is_empty() {
+            return Ok(ids);
+        }
+        let rows = logits.dim(0)?;
+        if let Some(&(r, _)) = picks.iter().find(|&&(r, _)| r >= rows) {
+            return Err(crate::Error::InvalidArgument(format!(
+                "row {r} of a batch's logits of {rows} rows"
+            )));
+        }
+        let idx = |which: &[usize]| -> crate::Result<Tensor> {
+            let v: Vec<u32> = which.iter().map(|&r| r as u32).collect();
+            Ok(Tensor::new(v.as_slice(), logits.device())?)
+        };
+        let (mut greedy, mut sampled) = (Vec::new(), Vec::new());
+        for (j, (r, p)) in picks.iter().enumerate() {
+            match p {
+                DevicePick::Argmax => greedy.push((j, *r)),
+                DevicePick::Sample(d, u) => sampled.push((j, *r, d, *u)),
+            }
+        }
+        if !greedy.is_empty() {
+            let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+            for &(j, r) in &greedy {
+                ids[j] = Some(best[r]);
+            }
+        }
+        if !sampled.is_empty() {
+            let which: Vec<usize> = sampled.iter().map(|s| s.1).collect();
+            let l = if which.iter().copied().eq(0..rows) {
+                logits.clone()
+            } else {
+                logits.index_select(&idx(&which)?, 0)?
+            };
+            let draws: Vec<_> = sampled.iter().map(|&(_, _, d, u)| (d, u)).collect();
+            let got = crate::cuda::sample_tokens(&l, &draws)?;
+            for (&(j, ..), id) in sampled.iter().zip(got) {
+                ids[j] = id;
+            }
+        }
+        Ok(ids)
+    }
+}
+
 /// The next token drawn on the logits' own device (a GPU), only the id copied back:
 /// `logits: [1, vocab]` or `[vocab]` (any float dtype) on CUDA, `history` the ids of the prompt
 /// and of the tokens generated so far (oldest first). `Ok(None)` when it does not apply (logits

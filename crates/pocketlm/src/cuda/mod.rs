@@ -16,7 +16,7 @@ pub use decoder::{
     MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS, MMQ_MAX_ROWS};
-pub use sample::sample_token;
+pub use sample::{sample_token, sample_tokens};
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -778,7 +778,8 @@ fn prefill_timing(dev: &Device) -> Result<Vec<String>> {
 /// GPU sampling ([`sample_token`]) vs the CPU chain ([`crate::sampling::Sampler`]) with the
 /// same uniform draws, over vocabularies of real sizes, logits with ties, NaN and infinities,
 /// and the sampler's settings: every drawn id must be equal. Draws the kernel hands back to the
-/// CPU (too many candidates) are counted, not compared.
+/// CPU (too many candidates) are counted, not compared. Each draw is made again from the same
+/// logits as a row of a batch's `[2, vocab]` (as `serve` on CUDA samples), which must agree.
 fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Result<()> {
     use crate::sampling::{Sampler, SamplingParams};
     let settings: [(f32, f32, usize, f32, f32); 7] = [
@@ -796,6 +797,8 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
         (32000, 12.0),
         (151936, 3.0),
         (1000, 4.0),
+        // Not a multiple of 4: the batch's rows are padded, a row alone copied.
+        (50257, 5.0),
     ] {
         let mut logits: Vec<f32> = pseudo_random(vocab, vocab as u64)
             .iter()
@@ -817,6 +820,48 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
             .take(3)
             .for_each(|&i| logits[i as usize] = spread * 1.4);
         let lt = Tensor::from_vec(logits.clone(), vocab, dev)?;
+        // A batch's rows drawn in one launch (`sample_tokens`) equal each row drawn alone.
+        let mut plans = Vec::new();
+        for (si, &(temperature, top_p, top_k, min_p, pen)) in settings.iter().enumerate() {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                repetition_penalty: pen,
+                repetition_context_size: 64,
+                seed: Some(si as u64),
+                ..SamplingParams::default()
+            };
+            if let Some(plan) = Sampler::new(params)?.device_sampling(&history, vocab) {
+                plans.push(plan);
+            }
+        }
+        let scaled: Vec<Tensor> = (0..plans.len())
+            .map(|r| (&lt * (1.0 + 0.1 * r as f64)).map_err(crate::Error::from))
+            .collect::<Result<_>>()?;
+        let batch = Tensor::stack(&scaled, 0)?;
+        let draws: Vec<(&crate::sampling::DeviceSampling, f64)> = plans
+            .iter()
+            .enumerate()
+            .map(|(r, p)| (p, (r as f64 + 0.37) / plans.len() as f64))
+            .collect();
+        let together = sample_tokens(&batch, &draws)?;
+        let mut same = 0;
+        for (r, &(p, u)) in draws.iter().enumerate() {
+            same += usize::from(sample_token(&batch.get(r)?, p, u)? == together[r]);
+        }
+        let pass = same == draws.len();
+        *ok &= pass;
+        lines.push(format!(
+            "{:<62} equal {same}/{} {}",
+            format!("sample V={vocab} batch of {} rows", draws.len()),
+            draws.len(),
+            if pass { "PASS" } else { "FAIL" }
+        ));
+        // The same logits as row 1 of a batch's `[2, vocab]` (starting inside the buffer).
+        let batch = Tensor::stack(&[&lt.neg()?, &lt], 0)?;
+        let row = batch.narrow(0, 1, 1)?;
         for (si, &(temperature, top_p, top_k, min_p, pen)) in settings.iter().enumerate() {
             let params = SamplingParams {
                 temperature,
@@ -837,7 +882,12 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
                 let u = (j as f64 + 0.5) / 24.0 * 0.999;
                 let want = cpu.sample_with_uniform(&logits, &history, u);
                 total += 1;
-                match sample_token(&lt, &plan, u)? {
+                let got = sample_token(&lt, &plan, u)?;
+                // A batch row must draw what the tensor alone draws.
+                if sample_token(&row, &plan, u)? != got {
+                    continue;
+                }
+                match got {
                     Some(id) if id == want => equal += 1,
                     Some(_) => {}
                     None => fallback += 1,

@@ -91,17 +91,18 @@ __device__ void bitonic(float *v, unsigned *id, int n) {
   }
 }
 
-// logits [n] f32 (read only) -> out[0] the token id, out[1] the status: 0 drawn, 1 too many
+// sample_token: logits [n] f32 (read only) -> out[0] the token id, out[1] the status: 0 drawn, 1 too many
 // candidates (the caller samples on the CPU with the same draw u). work [n] f32 scratch.
 // pen_ids [n_pen]: distinct ids < n whose logit the repetition penalty rewrites (x < 0: x *
 // penalty, else x / penalty). top_k 0: off; top_p >= 1: off (and no log-softmax); ln_min_p
 // -inf: min-p off (else ln(min_p), computed by the caller as the CPU does); inv_temp = 1 / T;
 // u in [0, 1) the uniform draw.
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_token(const float *__restrict__ logits, float *__restrict__ work, int n,
-                 const unsigned *__restrict__ pen_ids, int n_pen, float penalty, int top_k,
-                 float top_p, float ln_min_p, float inv_temp, double u,
-                 unsigned *__restrict__ out) {
+__device__ __forceinline__ void sample_row(const float *__restrict__ logits,
+                                           float *__restrict__ work, int n,
+                                           const unsigned *__restrict__ pen_ids, int n_pen,
+                                           float penalty, int top_k, float top_p,
+                                           float ln_min_p, float inv_temp, double u,
+                                           unsigned *__restrict__ out) {
   __shared__ float sv[SAMPLE_CAP];
   __shared__ unsigned si[SAMPLE_CAP];
   __shared__ int hist[SAMPLE_BINS];
@@ -324,4 +325,30 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     out[0] = pick;
     out[1] = 0;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_token(const float *__restrict__ logits, float *__restrict__ work, int n,
+                 const unsigned *__restrict__ pen_ids, int n_pen, float penalty, int top_k,
+                 float top_p, float ln_min_p, float inv_temp, double u,
+                 unsigned *__restrict__ out) {
+  sample_row(logits, work, n, pen_ids, n_pen, penalty, top_k, top_p, ln_min_p, inv_temp, u, out);
+}
+
+// The rows of a batch's logits at once, one block a row: row r of logits [rows, stride] f32
+// (its first n values; stride a multiple of 4, for for_each's 16-byte loads) is drawn as
+// sample_token draws it, with work [rows, stride] scratch and
+// params [rows, 8] u32: the first of its penalized ids in pen_ids, their count, penalty (f32
+// bits), top_k, top_p (f32 bits), ln_min_p (f32 bits), inv_temp (f32 bits), unused; us[r] its
+// draw; out[2r], out[2r + 1] its id and status.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_tokens(const float *__restrict__ logits, long long stride, float *__restrict__ work,
+                  int n, const unsigned *__restrict__ pen_ids,
+                  const unsigned *__restrict__ params, const double *__restrict__ us,
+                  unsigned *__restrict__ out) {
+  const int r = blockIdx.x;
+  const unsigned *p = params + 8 * r;
+  sample_row(logits + (long long)r * stride, work + (long long)r * stride, n, pen_ids + p[0],
+             (int)p[1], __uint_as_float(p[2]), (int)p[3], __uint_as_float(p[4]),
+             __uint_as_float(p[5]), __uint_as_float(p[6]), us[r], out + 2 * r);
 }

@@ -53,7 +53,8 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 
 use super::{
-    sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, Token, TokenState,
+    sequence_parts, DeviceDrawn, Event, GenerateParams, Next, PrefillStats, TextState, Token,
+    TokenState,
 };
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::kv_pool::{KvBlockPool, PagedKvCache, BLOCK};
@@ -268,10 +269,10 @@ impl Seq<'_> {
     /// Draws the next token from the logits `[1, vocab]` after the sequence's part of a pass
     /// (its sampler, grammar and prefill statistics); [`Self::emit`] then yields it. The draws
     /// of a step's sequences are independent, so they run in parallel.
-    fn draw(&mut self, logits: &candle_core::Tensor) -> Result<Token> {
+    fn draw(&mut self, logits: &candle_core::Tensor, drawn: Option<DeviceDrawn>) -> Result<Token> {
         let phase = std::mem::replace(&mut self.phase, Phase::Done);
         let tok = match phase {
-            Phase::Decode(_) => self.tokens.accept(logits),
+            Phase::Decode(_) => self.tokens.accept_drawn(logits, drawn),
             Phase::Prefill {
                 prompt_tokens,
                 started,
@@ -281,9 +282,10 @@ impl Seq<'_> {
                     prompt_tokens,
                     ..Default::default()
                 };
-                let tok =
-                    self.tokens
-                        .accept_prefill(logits, stats, started.unwrap_or_else(Instant::now));
+                let started = started.unwrap_or_else(Instant::now);
+                let tok = self
+                    .tokens
+                    .accept_prefill_drawn(logits, stats, started, drawn);
                 crate::memory::release_free_heap();
                 if let Some(p) = self.tokens.prefill_stats() {
                     self.text.set_prefill(p);
@@ -992,6 +994,51 @@ impl<'a> BatchGenerator<'a> {
             .collect()
     }
 
+    /// On a GPU, the tokens of the sequences drawing from `logits` (`row_of`: each running
+    /// sequence's row) drawn there together ([`crate::device::draw_rows_on_device`]), for
+    /// the sequences whose choice runs there; `None` for the others and off a GPU. A failed
+    /// draw fails the sequences that took part (their uniform draws are spent) and takes
+    /// their rows out of `row_of`.
+    fn draw_on_device(
+        &mut self,
+        logits: &candle_core::Tensor,
+        row_of: &mut [Option<usize>],
+        out: &mut Vec<BatchEvent>,
+    ) -> Vec<Option<DeviceDrawn>> {
+        let mut pre = vec![None; row_of.len()];
+        if logits.device().is_cpu() {
+            return pre;
+        }
+        let Ok(vocab) = logits.dim(1) else {
+            return pre;
+        };
+        let mut picks = Vec::new();
+        for (i, (s, k)) in self.running.iter_mut().zip(row_of.iter()).enumerate() {
+            if let Some(k) = k {
+                if let Some(p) = s.tokens.device_pick(vocab) {
+                    picks.push((i, *k, p));
+                }
+            }
+        }
+        let rows: Vec<_> = picks.iter().map(|(_, k, p)| (*k, p)).collect();
+        match crate::device::draw_rows_on_device(logits, &rows) {
+            Ok(ids) => {
+                for ((i, _, pick), id) in picks.into_iter().zip(ids) {
+                    pre[i] = Some(DeviceDrawn { pick, id });
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (i, ..) in picks {
+                    let err = Error::Model(format!("drawing the batch's tokens failed: {msg}"));
+                    self.running[i].fail(err, out);
+                    row_of[i] = None;
+                }
+            }
+        }
+        pre
+    }
+
     /// One forward pass over the planned rows, then each sequence takes its logits.
     fn batched_pass(&mut self, out: &mut Vec<BatchEvent>) {
         let plan = self.plan();
@@ -1077,16 +1124,18 @@ impl<'a> BatchGenerator<'a> {
             }
             row_of[i] = Some(k);
         }
-        let draw = |s: &mut Seq<'a>, k: &Option<usize>| {
+        let pre = self.draw_on_device(&logits, &mut row_of, out);
+        let draw = |s: &mut Seq<'a>, (k, pre): &(Option<usize>, Option<DeviceDrawn>)| {
             k.map(|k| {
                 logits
                     .get(k)
                     .and_then(|l| l.unsqueeze(0))
                     .map_err(Error::from)
-                    .and_then(|row| s.draw(&row))
+                    .and_then(|row| s.draw(&row, pre.clone()))
             })
         };
-        let drawn = crate::kernels::zip_map_on(logits.device(), &mut self.running, &row_of, draw);
+        let with: Vec<_> = row_of.into_iter().zip(pre).collect();
+        let drawn = crate::kernels::zip_map_on(logits.device(), &mut self.running, &with, draw);
         for (s, tok) in self.running.iter_mut().zip(drawn) {
             if let Some(tok) = tok {
                 s.emit(tok, out);

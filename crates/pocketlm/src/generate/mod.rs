@@ -28,6 +28,7 @@ use crate::{Error, Result};
 pub use stepper::{
     token_logprobs, Next, PrefillStats, Token, TokenLogprobs, TokenState, TokenStepper,
 };
+pub(crate) use stepper::{DeviceDrawn, DevicePick};
 
 /// What to generate and when to stop.
 #[derive(Debug, Clone)]

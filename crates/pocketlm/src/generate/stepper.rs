@@ -115,6 +115,24 @@ pub enum Next {
     Feed(Vec<u32>),
 }
 
+/// How a sequence's next token is drawn on a GPU ([`TokenState::device_pick`]).
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the plan is read by the CUDA kernel's caller
+pub(crate) enum DevicePick {
+    /// Greedy: the argmax of the logits.
+    Argmax,
+    /// The sampler's chain with its uniform draw (`[0, 1)`), taken already.
+    Sample(crate::sampling::DeviceSampling, f64),
+}
+
+/// What a batch's draw on the device gave a sequence: its pick, and the id (`None` when the
+/// kernel left the row to the CPU: the sampler then draws it there with the same uniform).
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceDrawn {
+    pub(crate) pick: DevicePick,
+    pub(crate) id: Option<u32>,
+}
+
 /// The per-sequence half of the [`TokenStepper`], without the model: the sampler chain (grammar
 /// masks included), the history the processors see, fast-forward of forced tokens and the
 /// log-probabilities. The caller runs the forward passes it asks for ([`Self::next_need`]) and
@@ -255,10 +273,22 @@ impl TokenState {
     pub fn accept_prefill(
         &mut self,
         logits: &Tensor,
-        mut stats: PrefillStats,
+        stats: PrefillStats,
         started: Instant,
     ) -> Result<Token> {
-        let r = self.choose(logits);
+        self.accept_prefill_drawn(logits, stats, started, None)
+    }
+
+    /// [`Self::accept_prefill`] with the token possibly drawn already on the logits' device
+    /// (see [`Self::device_pick`]).
+    pub(crate) fn accept_prefill_drawn(
+        &mut self,
+        logits: &Tensor,
+        mut stats: PrefillStats,
+        started: Instant,
+        drawn: Option<DeviceDrawn>,
+    ) -> Result<Token> {
+        let r = self.choose(logits, drawn);
         self.failed |= r.is_err();
         let tok = r?;
         stats.time = started.elapsed();
@@ -271,6 +301,16 @@ impl TokenState {
     ///
     /// Errors: as [`Self::next_need`].
     pub fn accept(&mut self, logits: &Tensor) -> Result<Token> {
+        self.accept_drawn(logits, None)
+    }
+
+    /// [`Self::accept`] with the token possibly drawn already on the logits' device (see
+    /// [`Self::device_pick`]).
+    pub(crate) fn accept_drawn(
+        &mut self,
+        logits: &Tensor,
+        drawn: Option<DeviceDrawn>,
+    ) -> Result<Token> {
         if self.unfed.is_empty() || self.pending.is_some() {
             self.failed = true;
             return Err(Error::InvalidArgument(
@@ -280,7 +320,7 @@ impl TokenState {
         self.history.extend_from_slice(&self.unfed);
         self.decode_passes += 1;
         self.unfed.clear();
-        let r = self.choose(logits);
+        let r = self.choose(logits, drawn);
         self.failed |= r.is_err();
         self.drawn(r?)
     }
@@ -306,8 +346,50 @@ impl TokenState {
         Ok(())
     }
 
-    /// Chooses a token from `logits` (`[1, vocab]`, any float dtype, any device).
-    fn choose(&mut self, logits: &Tensor) -> Result<Token> {
+    /// How the token the next [`Self::accept`] / [`Self::accept_prefill`] chooses can be drawn
+    /// on a GPU together with other sequences' (one launch for a batch's rows, not one and a
+    /// copy back a row): the argmax when greedy, else the sampler's chain over `vocab` logits
+    /// with the uniform draw, which this takes from the sampler's generator now (the caller
+    /// then hands the result to [`Self::accept_drawn`] / [`Self::accept_prefill_drawn`]).
+    /// `None` when the choice runs on the CPU (log-probabilities asked for, a chain the kernel
+    /// does not run), as [`crate::device::sample_on_device`] decides.
+    pub(crate) fn device_pick(&mut self, vocab: usize) -> Option<DevicePick> {
+        if self.logprobs.is_some() || self.failed {
+            return None;
+        }
+        if self.sampler.is_plain_argmax() {
+            return Some(DevicePick::Argmax);
+        }
+        // The history the choice sees: the tokens fed by this pass join it at `accept`.
+        let plan = if self.unfed.is_empty() {
+            self.sampler.device_sampling(&self.history, vocab)
+        } else {
+            let h = [&self.history[..], &self.unfed[..]].concat();
+            self.sampler.device_sampling(&h, vocab)
+        }?;
+        let u = self.sampler.next_uniform()?;
+        Some(DevicePick::Sample(plan, u))
+    }
+
+    /// Chooses a token from `logits` (`[1, vocab]`, any float dtype, any device), or takes the
+    /// one `drawn` on the device.
+    fn choose(&mut self, logits: &Tensor, drawn: Option<DeviceDrawn>) -> Result<Token> {
+        if let Some(d) = drawn {
+            match (d.pick, d.id) {
+                (DevicePick::Argmax, Some(id)) => return Ok(Token { id, logprobs: None }),
+                (DevicePick::Sample(..), Some(id)) => {
+                    self.sampler.accept(id);
+                    return Ok(Token { id, logprobs: None });
+                }
+                // Too many candidates for the kernel: the same draw on the CPU.
+                (DevicePick::Sample(_, u), None) => {
+                    let l: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                    let id = self.sampler.sample_with_uniform(&l, &self.history, u);
+                    return Ok(Token { id, logprobs: None });
+                }
+                (DevicePick::Argmax, None) => {}
+            }
+        }
         if !logits.device().is_cpu() && self.logprobs.is_none() {
             if self.sampler.is_plain_argmax() {
                 // Greedy on a GPU: the argmax runs there and one u32 comes back, not the logits.
@@ -553,6 +635,77 @@ mod tests {
             ..Default::default()
         })
         .expect("valid")
+    }
+
+    /// A batch's draw made on the device ([`TokenState::device_pick`], then the result handed
+    /// to `accept_drawn`): the kernel's ids are taken as drawn, and a row the kernel leaves to
+    /// the CPU draws, with the uniform the pick took, the token a plain `accept` draws.
+    #[test]
+    fn device_picks_keep_the_sequences_draws() {
+        let vocab = 64;
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            repetition_penalty: 1.3,
+            seed: Some(5),
+            ..Default::default()
+        };
+        let state = || {
+            let s = Sampler::new(params.clone()).expect("valid");
+            TokenState::new(ModelInput::text(vec![3, 1, 4]), s, None)
+        };
+        let (mut plain, mut split) = (state(), state());
+        let logits =
+            |id: u32| Tensor::new(random_logits(vocab, id as u64).as_slice(), &Device::Cpu);
+        let mut last = 4;
+        for step in 0..40 {
+            for st in [&mut plain, &mut split] {
+                assert!(matches!(
+                    st.next_need().expect("need"),
+                    Next::Prompt { .. } | Next::Feed(_)
+                ));
+            }
+            let l = logits(last).expect("tensor").unsqueeze(0).expect("row");
+            let want = if step == 0 {
+                plain.accept_prefill(&l, PrefillStats::default(), Instant::now())
+            } else {
+                plain.accept(&l)
+            }
+            .expect("plain")
+            .id;
+            let pick = split.device_pick(vocab).expect("the chain runs on a GPU");
+            let DevicePick::Sample(ref plan, _) = pick else {
+                panic!("a sampled chain picked {pick:?}");
+            };
+            // The plan penalizes the history with this step's fed token in it.
+            if step > 0 {
+                assert!(plan.penalized.contains(&last), "step {step}");
+            }
+            // Even steps: the kernel left the row to the CPU; odd: it drew `want` itself.
+            let id = (step % 2 == 1).then_some(want);
+            let drawn = Some(DeviceDrawn { pick, id });
+            let got = if step == 0 {
+                split.accept_prefill_drawn(&l, PrefillStats::default(), Instant::now(), drawn)
+            } else {
+                split.accept_drawn(&l, drawn)
+            }
+            .expect("split")
+            .id;
+            assert_eq!(got, want, "step {step}");
+            last = want;
+        }
+        // Greedy: the argmax, no uniform taken.
+        let mut greedy = TokenState::new(ModelInput::text(vec![1]), sampler(0.0), None);
+        greedy.next_need().expect("need");
+        assert!(matches!(
+            greedy.device_pick(vocab),
+            Some(DevicePick::Argmax)
+        ));
+        // Log-probabilities are computed on the CPU.
+        let mut lp = TokenState::new(ModelInput::text(vec![1]), sampler(0.7), Some(2));
+        lp.next_need().expect("need");
+        assert!(lp.device_pick(vocab).is_none());
     }
 
     #[test]
