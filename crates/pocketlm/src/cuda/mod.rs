@@ -792,6 +792,19 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
         (1.2, 0.95, 0, 0.0, 1.0),
         (0.6, 1.0, 0, 0.1, 1.1),
     ];
+    let params_of =
+        |si: usize, &(temperature, top_p, top_k, min_p, pen): &(f32, f32, usize, f32, f32)| {
+            SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                repetition_penalty: pen,
+                repetition_context_size: 64,
+                seed: Some(si as u64),
+                ..SamplingParams::default()
+            }
+        };
     for &(vocab, spread) in &[
         (128256usize, 6.0f32),
         (32000, 12.0),
@@ -822,18 +835,10 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
         let lt = Tensor::from_vec(logits.clone(), vocab, dev)?;
         // A batch's rows drawn in one launch (`sample_tokens`) equal each row drawn alone.
         let mut plans = Vec::new();
-        for (si, &(temperature, top_p, top_k, min_p, pen)) in settings.iter().enumerate() {
-            let params = SamplingParams {
-                temperature,
-                top_p,
-                top_k,
-                min_p,
-                repetition_penalty: pen,
-                repetition_context_size: 64,
-                seed: Some(si as u64),
-                ..SamplingParams::default()
-            };
-            if let Some(plan) = Sampler::new(params)?.device_sampling(&history, vocab) {
+        for (si, setting) in settings.iter().enumerate() {
+            if let Some(plan) =
+                Sampler::new(params_of(si, setting))?.device_sampling(&history, vocab)
+            {
                 plans.push(plan);
             }
         }
@@ -863,17 +868,7 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
         let batch = Tensor::stack(&[&lt.neg()?, &lt], 0)?;
         let row = batch.narrow(0, 1, 1)?;
         for (si, &(temperature, top_p, top_k, min_p, pen)) in settings.iter().enumerate() {
-            let params = SamplingParams {
-                temperature,
-                top_p,
-                top_k,
-                min_p,
-                repetition_penalty: pen,
-                repetition_context_size: 64,
-                seed: Some(si as u64),
-                ..SamplingParams::default()
-            };
-            let mut cpu = Sampler::new(params)?;
+            let mut cpu = Sampler::new(params_of(si, &settings[si]))?;
             let Some(plan) = cpu.device_sampling(&history, vocab) else {
                 continue;
             };
