@@ -108,7 +108,7 @@ pub fn device_name(d: &Device) -> String {
 /// Errors: CUDA errors of the launches and copies; a row out of `logits`.
 pub(crate) fn draw_rows_on_device(
     logits: &candle_core::Tensor,
-    picks: &[(usize, &crate::generate::DevicePick)],
+    picks: &[(usize, &crate::sampling::DevicePick)],
 ) -> crate::Result<Vec<Option<u32>>> {
     #[cfg(not(feature = "cuda"))]
     {
@@ -118,7 +118,7 @@ pub(crate) fn draw_rows_on_device(
     #[cfg(feature = "cuda")]
     {
         let mut ids = vec![None; picks.len()];
-        use crate::generate::DevicePick;
+        use crate::sampling::DevicePick;
         use candle_core::{Tensor, D};
         if !logits.device().is_cuda() || picks.is_empty() {
             return Ok(ids);

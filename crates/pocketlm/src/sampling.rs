@@ -43,6 +43,7 @@ mod fused;
 pub mod processors;
 
 pub use device::{prefix_sample, DeviceSampling};
+pub(crate) use device::{DeviceDrawn, DevicePick};
 pub use processors::LogitsProcessor;
 
 /// Sampling parameters, as mlx-lm's `generate` / MLX Swift's `GenerateParameters`.

@@ -53,13 +53,13 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 
 use super::{
-    sequence_parts, DeviceDrawn, Event, GenerateParams, Next, PrefillStats, TextState, Token,
-    TokenState,
+    sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, Token, TokenState,
 };
 use crate::kv_cache::{KvCache, LayerKvCache};
 use crate::kv_pool::{KvBlockPool, PagedKvCache, BLOCK};
 use crate::models::{BatchRow, CausalLM, ModelInput};
 use crate::prefix_cache::PrefixCache;
+use crate::sampling::DeviceDrawn;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 

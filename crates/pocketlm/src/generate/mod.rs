@@ -28,7 +28,6 @@ use crate::{Error, Result};
 pub use stepper::{
     token_logprobs, Next, PrefillStats, Token, TokenLogprobs, TokenState, TokenStepper,
 };
-pub(crate) use stepper::{DeviceDrawn, DevicePick};
 
 /// What to generate and when to stop.
 #[derive(Debug, Clone)]

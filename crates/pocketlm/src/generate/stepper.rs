@@ -25,7 +25,7 @@ use candle_core::{DType, Tensor};
 
 use crate::kv_cache::KvCache;
 use crate::models::{CausalLM, Logits, ModelInput};
-use crate::sampling::{self, Sampler};
+use crate::sampling::{self, DeviceDrawn, DevicePick, Sampler};
 use crate::{Error, Result};
 
 /// Log-probabilities at one generation step: `log_softmax` of the model's raw logits (before
@@ -113,24 +113,6 @@ pub enum Next {
     /// Feed these ids (the last drawn token, then the forced tokens yielded after it) in one
     /// forward pass, then pass the logits of the last one to [`TokenState::accept`].
     Feed(Vec<u32>),
-}
-
-/// How a sequence's next token is drawn on a GPU ([`TokenState::device_pick`]).
-#[derive(Debug, Clone)]
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the plan is read by the CUDA kernel's caller
-pub(crate) enum DevicePick {
-    /// Greedy: the argmax of the logits.
-    Argmax,
-    /// The sampler's chain with its uniform draw (`[0, 1)`), taken already.
-    Sample(crate::sampling::DeviceSampling, f64),
-}
-
-/// What a batch's draw on the device gave a sequence: its pick, and the id (`None` when the
-/// kernel left the row to the CPU: the sampler then draws it there with the same uniform).
-#[derive(Debug, Clone)]
-pub(crate) struct DeviceDrawn {
-    pub(crate) pick: DevicePick,
-    pub(crate) id: Option<u32>,
 }
 
 /// The per-sequence half of the [`TokenStepper`], without the model: the sampler chain (grammar

@@ -30,6 +30,24 @@ pub struct DeviceSampling {
     pub inv_temp: f32,
 }
 
+/// How a sequence's next token is drawn on a GPU ([`crate::generate::TokenState`]'s `device_pick`).
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the plan is read by the CUDA kernel's caller
+pub(crate) enum DevicePick {
+    /// Greedy: the argmax of the logits.
+    Argmax,
+    /// The sampler's chain with its uniform draw (`[0, 1)`), taken already.
+    Sample(DeviceSampling, f64),
+}
+
+/// What a batch's draw on the device gave a sequence: its pick, and the id (`None` when the
+/// kernel left the row to the CPU: the sampler then draws it there with the same uniform).
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceDrawn {
+    pub(crate) pick: DevicePick,
+    pub(crate) id: Option<u32>,
+}
+
 impl DeviceSampling {
     /// Whether a filter is on (else the draw runs over the whole vocabulary).
     pub fn filters(&self) -> bool {
