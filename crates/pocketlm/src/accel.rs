@@ -83,6 +83,13 @@ impl Accelerated {
         f(&plan, dec)
     }
 
+    /// Whether the model has a fused decode step (built here when untried).
+    ///
+    /// Errors: as [`Self::with_decoder`].
+    fn has_fused_step(&self) -> Result<bool> {
+        Ok(self.with_decoder(|_, _| Ok(Some(())))?.is_some())
+    }
+
     /// One token through the fused step, appending to `cache` in place; `None` when the step
     /// does not apply (no plan or one it does not take, caches that do not append in place,
     /// positions past its tables), and the caller takes the model's own path.
@@ -532,6 +539,19 @@ impl CausalLM for Accelerated {
         }
         if let Some(out) = self.fused_batch(rows)? {
             return Ok(out);
+        }
+        // One-token rows beside prompt chunks (a server admitting requests while others
+        // decode): the one-token rows take the fused step and the chunks the model's own
+        // batched pass, instead of one layer-by-layer pass for all.
+        if !crate::switches::switched_off("POCKETLM_SPLIT_MIXED") && self.has_fused_step()? {
+            let split = crate::models::forward_split(
+                rows,
+                |one| self.forward_batch(one),
+                |more| self.inner.forward_batch(more),
+            )?;
+            if let Some(out) = split {
+                return Ok(out);
+            }
         }
         self.inner.forward_batch(rows)
     }

@@ -695,7 +695,17 @@ impl<'a> BatchGenerator<'a> {
             // A prompt with images: the vision tower and the whole prompt, in a pass of its own.
             self.prefill_whole(i, &mut out);
         } else {
-            self.batched_pass(&mut out);
+            let started = Instant::now();
+            let plan = self.plan();
+            self.batched_pass(&plan, &mut out);
+            // The tokens drawn (copied back from a GPU) end the pass: its whole time.
+            tracing::debug!(
+                rows = plan.iter().filter(|&&n| n > 0).count(),
+                one_token_rows = plan.iter().filter(|&&n| n == 1).count(),
+                tokens = plan.iter().sum::<usize>(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "batched pass"
+            );
         }
         if let Some(p) = &self.prefix {
             for s in &self.running {
@@ -1039,13 +1049,13 @@ impl<'a> BatchGenerator<'a> {
         pre
     }
 
-    /// One forward pass over the planned rows, then each sequence takes its logits.
-    fn batched_pass(&mut self, out: &mut Vec<BatchEvent>) {
-        let plan = self.plan();
+    /// One forward pass over the rows of `plan` ([`Self::plan`]), then each sequence takes its
+    /// logits.
+    fn batched_pass(&mut self, plan: &[usize], out: &mut Vec<BatchEvent>) {
         let now = Instant::now();
         let mut rows = Vec::new();
         let mut members = Vec::new();
-        for (i, (s, &n)) in self.running.iter_mut().zip(&plan).enumerate() {
+        for (i, (s, &n)) in self.running.iter_mut().zip(plan).enumerate() {
             if n == 0 {
                 continue;
             }
@@ -1224,6 +1234,13 @@ mod tests {
         }
     }
 
+    /// max |a - b| over two f32 tensors of one shape.
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("f32 tensors of one shape")
+    }
+
     /// A tiny random Llama (2 layers, 4 heads over 2 KV heads, hidden 64) over the
     /// single-byte tokenizer's 257 tokens.
     fn tiny_llama(quantized: bool) -> Box<dyn CausalLM> {
@@ -1392,6 +1409,83 @@ mod tests {
     /// each activation row on its own and sum each row's blocks in the same order whatever
     /// the row count, so there they are equal bit for bit.
     #[test]
+    fn a_split_pass_keeps_each_rows_logits_and_cache() {
+        let m = tiny_llama(true);
+        let m = m.as_ref();
+        let prompts = [prompt(3, 11), prompt(9, 12), prompt(5, 13), prompt(7, 14)];
+        let feeds: [Vec<u32>; 4] = [vec![7], prompt(4, 15), vec![9], prompt(6, 16)];
+        let caches = || -> Vec<KvCache> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut c = m.new_cache();
+                    crate::models::prefill_text(m, p, &mut c, 512).expect("prefill");
+                    c
+                })
+                .collect()
+        };
+        let (mut whole, mut split) = (caches(), caches());
+        let mut rows: Vec<BatchRow<'_>> = whole
+            .iter_mut()
+            .zip(&feeds)
+            .map(|(cache, ids)| BatchRow { ids, cache })
+            .collect();
+        let reference = m.forward_batch(&mut rows).expect("one pass");
+        drop(rows);
+        let mut groups = Vec::new();
+        let mut rows: Vec<BatchRow<'_>> = split
+            .iter_mut()
+            .zip(&feeds)
+            .map(|(cache, ids)| BatchRow { ids, cache })
+            .collect();
+        let out = crate::models::forward_split(
+            &mut rows,
+            |one| {
+                groups.push(one.iter().map(|r| r.ids.len()).collect::<Vec<_>>());
+                m.forward_batch(one)
+            },
+            |more| m.forward_batch(more),
+        )
+        .expect("two passes")
+        .expect("both groups have rows");
+        drop(rows);
+        assert_eq!(groups, [vec![1, 1]]);
+        assert_eq!(out.dims(), reference.dims());
+        // The packed products sum each row alone: the same logits whichever rows share a pass.
+        let diff = max_abs_diff(&out, &reference);
+        assert!(diff <= 1e-5, "split logits differ by {diff}");
+        for ((a, b), (p, f)) in whole.iter().zip(&split).zip(prompts.iter().zip(&feeds)) {
+            assert_eq!(
+                (a.offset(), b.offset()),
+                (p.len() + f.len(), p.len() + f.len())
+            );
+        }
+
+        // Nothing to split: every row one token, or none; a closure's wrong row count.
+        let mut rows: Vec<BatchRow<'_>> = split
+            .iter_mut()
+            .map(|cache| BatchRow { ids: &[3], cache })
+            .collect();
+        let none =
+            crate::models::forward_split(&mut rows[..2], |_| unreachable!(), |_| unreachable!());
+        assert!(none.expect("no pass").is_none());
+        rows[1].ids = &[3, 4];
+        let e = crate::models::forward_split(
+            &mut rows[..2],
+            |one| m.forward_batch(one),
+            |_| {
+                Ok(Tensor::zeros(
+                    (3, 257),
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )?)
+            },
+        )
+        .expect_err("three logits rows for one row");
+        assert!(e.to_string().contains("for 1 rows"), "{e}");
+    }
+
+    #[test]
     fn batched_greedy_decoding_matches_each_sequence_alone() {
         let tok = tokenizer();
         for quantized in [false, true] {
@@ -1421,14 +1515,7 @@ mod tests {
             let batched = m.forward_batch(&mut rows).expect("batched pass");
             assert_eq!(batched.dims(), &[3, 257]);
             let single = Tensor::cat(&single, 0).unwrap();
-            let diff = (batched - &single)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&batched, &single);
             let tol = if quantized { 0.0 } else { 1e-4 };
             assert!(
                 diff <= tol,

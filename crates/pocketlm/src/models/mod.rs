@@ -434,6 +434,56 @@ pub(crate) fn check_batch(rows: &[BatchRow<'_>]) -> Result<()> {
     Ok(())
 }
 
+/// A batched pass run as two: the rows of one token (decoding sequences) by `decode` and the
+/// others (prompt chunks, forced tokens) by `rest`, each over its rows in their order, and the
+/// logits put back in the order of `rows`: `[rows.len(), vocab]` f32, as
+/// [`CausalLM::forward_batch`] returns. `None` (nothing run) unless both groups have rows.
+///
+/// On a GPU the fused decode step takes only one-token rows; a server admitting a request
+/// while others decode would otherwise run all of them layer by layer.
+///
+/// Errors: the closures'; they must return one logits row per row given.
+// Used by the CUDA accelerator (`crate::accel`); tested in all builds.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn forward_split(
+    rows: &mut [BatchRow<'_>],
+    decode: impl FnOnce(&mut [BatchRow<'_>]) -> Result<Tensor>,
+    rest: impl FnOnce(&mut [BatchRow<'_>]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let n_decode = rows.iter().filter(|r| r.ids.len() == 1).count();
+    if n_decode == 0 || n_decode == rows.len() {
+        return Ok(None);
+    }
+    let (mut one, mut more) = (Vec::new(), Vec::new());
+    // Row i's place in `[decode logits; rest logits]`.
+    let mut place = Vec::with_capacity(rows.len());
+    for r in rows.iter_mut() {
+        let row = BatchRow {
+            ids: r.ids,
+            cache: &mut *r.cache,
+        };
+        if row.ids.len() == 1 {
+            place.push(one.len() as u32);
+            one.push(row);
+        } else {
+            place.push((n_decode + more.len()) as u32);
+            more.push(row);
+        }
+    }
+    let a = decode(&mut one)?;
+    let b = rest(&mut more)?;
+    for (t, n, what) in [(&a, one.len(), "one-token"), (&b, more.len(), "other")] {
+        if t.dims().first() != Some(&n) {
+            return Err(Error::Model(format!(
+                "the batched pass over the {what} rows gave logits {:?} for {n} rows",
+                t.dims()
+            )));
+        }
+    }
+    let place = Tensor::new(place.as_slice(), a.device())?;
+    Ok(Some(Tensor::cat(&[&a, &b], 0)?.index_select(&place, 0)?))
+}
+
 /// An encoded prompt as a model takes it (MLX Swift's `LMInput`): token ids with one
 /// placeholder token per image token, and the preprocessed images in prompt order.
 #[derive(Debug, Clone, Default)]

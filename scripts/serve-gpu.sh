@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One `device` call (run from the repo root; carry: [".gpu"], holding `pocketlm.xz`, a stripped
+# `--features cuda` build, and `lc.tgz`, llama.cpp's source with `tools/ui`): `serve --device
+# cuda` under $CLIENTS clients (32; $REQUESTS requests of exactly $TOKENS tokens, temperature
+# 0.7, seeded; 8B Q4_0 random weights), each server loaded twice in a row (cold, then warm), with
+# the mixed passes split (the default) and not (`POCKETLM_SPLIT_MIXED=0`), and a summary of
+# the engine's passes from its debug log (`batched pass`: rows, one-token rows, tokens, ms) by
+# kind: all one-token rows, prompt chunks only, both. Then scripts/loadtest-vs-llamacpp.sh
+# against llama-server built in the same call (it builds beside the first runs). SELFTEST=1 runs
+# `gpu-selftest` first.
+. scripts/gpu-setup.sh
+clients=${CLIENTS:-32} requests=${REQUESTS:-96} tokens=${TOKENS:-128} port=18472
+(cd $W && tar xzf $R/.gpu/lc.tgz)
+( cd $W && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >/dev/null &&
+  cmake --build lc/build --target llama-server -j 12 >/dev/null && echo built ) > $W/lc-build.log 2>&1 & pb=$!
+if [ -n "${SELFTEST:-}" ]; then
+  stamp "gpu-selftest"
+  $PL gpu-selftest > $W/selftest.log 2>&1
+  grep FAIL $W/selftest.log | head -5; grep -iE "sampl" $W/selftest.log | tail -3; tail -2 $W/selftest.log
+fi
+export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py
+(cd $W && python3 $R/scripts/make_random_gguf.py 8b.gguf q4_0 --shape 8b >/dev/null); M=$W/8b.gguf
+stamp "model made"
+
+passes() { # summary of the `batched pass` lines of a server log
+  python3 - "$1" <<'PY'
+import re, sys
+kinds = {}
+for line in open(sys.argv[1], errors="replace"):
+    if "batched pass" not in line:
+        continue
+    f = dict(re.findall(r"(\w+)=([\d.]+)", re.sub(r"\x1b\[[0-9;]*m", "", line)))
+    rows, one, ms = int(f["rows"]), int(f["one_token_rows"]), float(f["ms"])
+    kind = "one-token rows" if one == rows else ("prompt chunks" if one == 0 else "mixed")
+    kinds.setdefault(kind, []).append((ms, rows, int(f["tokens"])))
+for kind, v in kinds.items():
+    v.sort()
+    tot = sum(m for m, _, _ in v)
+    print(f"  {kind}: {len(v)} passes, {tot / 1e3:.2f} s, median {v[len(v) // 2][0]:.1f} ms, "
+          f"max {v[-1][0]:.1f} ms ({v[-1][1]} rows, {v[-1][2]} tokens)")
+PY
+}
+
+for split in 1 0; do
+  : > $W/serve.log
+  POCKETLM_SPLIT_MIXED=$split POCKETLM_LOG=pocketlm=debug,pocketlm_server=info $PL -t 8 serve --port $port \
+    --model $M --device cuda --max-batch $clients --queue-size 256 --prefix-cache-memory 0 >> $W/serve.log 2>&1 &
+  ps=$!
+  for _ in $(seq 1 240); do
+    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      http://127.0.0.1:$port/health >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  for run in cold warm; do
+    : > $W/serve.log
+    stamp "split=$split, $run"
+    python3 scripts/loadtest.py --url http://127.0.0.1:$port --clients $clients --requests $requests \
+      --max-tokens $tokens --ignore-eos --completions --deadline 200 --label "split=$split $run" 2>&1 | tail -4
+    passes $W/serve.log
+  done
+  kill $ps; wait $ps 2>/dev/null
+done
+stamp "waiting for llama.cpp"
+wait $pb
+grep -q built $W/lc-build.log || { echo "llama.cpp did not build"; tail -5 $W/lc-build.log; exit 1; }
+stamp "against llama-server"
+DEVICE=cuda LLAMA_SERVER=$W/lc/build/bin/llama-server POCKETLM_BIN=$PL THREADS=8 CLIENTS=$clients \
+  REQUESTS=$requests TOKENS=$tokens timeout 240 bash scripts/loadtest-vs-llamacpp.sh $M 2>$W/lt.err | tail -8
+grep -iE "failed|error" $W/lt.err | head -10
+stamp done
