@@ -91,7 +91,7 @@ __device__ void bitonic(float *v, unsigned *id, int n) {
   }
 }
 
-// sample_token: logits [n] f32 (read only) -> out[0] the token id, out[1] the status: 0 drawn, 1 too many
+// sample_row (one block): logits [n] f32 (read only) -> out[0] the token id, out[1] the status: 0 drawn, 1 too many
 // candidates (the caller samples on the CPU with the same draw u). work [n] f32 scratch.
 // pen_ids [n_pen]: distinct ids < n whose logit the repetition penalty rewrites (x < 0: x *
 // penalty, else x / penalty). top_k 0: off; top_p >= 1: off (and no log-softmax); ln_min_p
@@ -327,17 +327,9 @@ __device__ __forceinline__ void sample_row(const float *__restrict__ logits,
   }
 }
 
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_token(const float *__restrict__ logits, float *__restrict__ work, int n,
-                 const unsigned *__restrict__ pen_ids, int n_pen, float penalty, int top_k,
-                 float top_p, float ln_min_p, float inv_temp, double u,
-                 unsigned *__restrict__ out) {
-  sample_row(logits, work, n, pen_ids, n_pen, penalty, top_k, top_p, ln_min_p, inv_temp, u, out);
-}
-
 // The rows of a batch's logits at once, one block a row: row r of logits [rows, stride] f32
 // (its first n values; stride a multiple of 4, for for_each's 16-byte loads) is drawn as
-// sample_token draws it, with work [rows, stride] scratch and
+// sample_row draws it alone, with work [rows, stride] scratch and
 // params [rows, 8] u32: the first of its penalized ids in pen_ids, their count, penalty (f32
 // bits), top_k, top_p (f32 bits), ln_min_p (f32 bits), inv_temp (f32 bits), unused; us[r] its
 // draw; out[2r], out[2r + 1] its id and status.
