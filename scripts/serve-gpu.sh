@@ -7,11 +7,12 @@
 # the engine's passes from its debug log (`batched pass`: rows, one-token rows, tokens, ms) by
 # kind: all one-token rows, prompt chunks only, both. Then scripts/loadtest-vs-llamacpp.sh
 # against llama-server built in the same call (it builds beside the first runs). SELFTEST=1 runs
-# `gpu-selftest` first.
+# `gpu-selftest` first, BENCH=1 `bench` tg128 greedy and sampled; LLAMA=0 skips llama.cpp (its source still gives make_random_gguf.py its
+# vocabulary).
 . scripts/gpu-setup.sh
 clients=${CLIENTS:-32} requests=${REQUESTS:-96} tokens=${TOKENS:-128} port=18472
 (cd $W && tar xzf $R/.gpu/lc.tgz)
-( cd $W && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+[ "${LLAMA:-1}" = 0 ] || ( cd $W && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >/dev/null &&
   cmake --build lc/build --target llama-server -j 12 >/dev/null && echo built ) > $W/lc-build.log 2>&1 & pb=$!
@@ -27,14 +28,25 @@ stamp "model made"
 passes() { # summary of the `batched pass` lines of a server log
   python3 - "$1" <<'PY'
 import re, sys
-kinds = {}
+from datetime import datetime
+kinds, prev, gap = {}, None, (0.0, "")
 for line in open(sys.argv[1], errors="replace"):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    t = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)", line)
+    if t:
+        t = datetime.fromisoformat(t.group(1)[:26]).timestamp()
+        if prev is not None and t - prev > gap[0]:
+            gap = (t - prev, line.strip()[:160])
+        prev = t
     if "batched pass" not in line:
         continue
-    f = dict(re.findall(r"(\w+)=([\d.]+)", re.sub(r"\x1b\[[0-9;]*m", "", line)))
+    f = dict(re.findall(r"(\w+)=([\d.]+)", line))
     rows, one, ms = int(f["rows"]), int(f["one_token_rows"]), float(f["ms"])
     kind = "one-token rows" if one == rows else ("prompt chunks" if one == 0 else "mixed")
     kinds.setdefault(kind, []).append((ms, rows, int(f["tokens"])))
+print(f"  longest gap between log lines: {gap[0]:.2f} s, before: {gap[1]}")
+every = sorted((m, k, r, t) for k, v in kinds.items() for m, r, t in v)
+print("  slowest: " + ", ".join(f"{m:.0f} ms ({k}, {r} rows, {t} tokens)" for m, k, r, t in every[-3:]))
 for kind, v in kinds.items():
     v.sort()
     tot = sum(m for m, _, _ in v)
@@ -53,6 +65,7 @@ for split in 1 0; do
       http://127.0.0.1:$port/health >/dev/null 2>&1 && break
     sleep 0.5
   done
+  stamp "server up"
   for run in cold warm; do
     : > $W/serve.log
     stamp "split=$split, $run"
@@ -62,6 +75,12 @@ for split in 1 0; do
   done
   kill $ps; wait $ps 2>/dev/null
 done
+if [ -n "${BENCH:-}" ]; then # one sequence, greedy and sampled (the single-row sampling path)
+  $PL bench -m $M --device cuda -p 0 -n 128 -r 3 --sample --temp 0.7 --top-p 0.9 --top-k 40 \
+    --min-p 0 --repetition-penalty 1 --seed 1 2>&1 | grep "^|" | tail -3
+  stamp "bench done"
+fi
+[ "${LLAMA:-1}" = 0 ] && { stamp done; exit 0; }
 stamp "waiting for llama.cpp"
 wait $pb
 grep -q built $W/lc-build.log || { echo "llama.cpp did not build"; tail -5 $W/lc-build.log; exit 1; }
