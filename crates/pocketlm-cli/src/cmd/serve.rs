@@ -77,6 +77,12 @@ pub struct ServeArgs {
     /// changes, and at shutdown). Default: $POCKETLM_HOME/prefix-cache/<model>-<hash>.
     #[arg(long, value_name = "DIR")]
     pub prefix_cache_dir: Option<std::path::PathBuf>,
+    /// Skip the warm-up run at start (a few tokens through the prompt, decode, batched and
+    /// mixed passes on throwaway caches, as llama-server's `--no-warmup` skips its own). On a
+    /// GPU it loads the kernels and records the decode graphs before the first request; on a
+    /// machine's first run that includes the driver's compilation of the kernels (seconds).
+    #[arg(long)]
+    pub no_warmup: bool,
     /// Print loading details.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -128,6 +134,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         keep_alive: seconds("keep-alive-timeout", args.keep_alive_timeout)?,
     };
     let m = load(&args.model, args.verbose)?;
+    if !args.no_warmup {
+        let took = m.warm_up().context("the warm-up run")?;
+        if args.verbose {
+            eprintln!("pocketlm: warm-up run in {:.2} s", took.as_secs_f64());
+        }
+        tracing::info!(seconds = took.as_secs_f64(), "warm-up run");
+    }
     let prefix_cache_dir = match args.prefix_cache_dir {
         Some(d) => Some(d),
         None if args.prefix_cache_memory > 0 => {
