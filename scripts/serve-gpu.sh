@@ -2,12 +2,13 @@
 # One `device` call (run from the repo root; carry: [".gpu"], holding `pocketlm.xz`, a stripped
 # `--features cuda` build, and `lc.tgz`, llama.cpp's source with `tools/ui`): `serve --device
 # cuda` under $CLIENTS clients (32; $REQUESTS requests of exactly $TOKENS tokens, temperature
-# 0.7, seeded; 8B Q4_0 random weights), each server loaded twice in a row (cold, then warm), with
+# 0.7, seeded; random Q4_0 weights of the $SHAPE of make_random_gguf.py, 8b), each server loaded twice in a row (cold, then warm), with
 # the mixed passes split (the default) and not (`POCKETLM_SPLIT_MIXED=0`), and a summary of
 # the engine's passes from its debug log (`batched pass`: rows, one-token rows, tokens, ms) by
 # kind: all one-token rows, prompt chunks only, both. Then scripts/loadtest-vs-llamacpp.sh
 # against llama-server built in the same call (it builds beside the first runs). SELFTEST=1 runs
-# `gpu-selftest` first, BENCH=1 `bench` tg128 greedy and sampled; LLAMA=0 skips llama.cpp (its source still gives make_random_gguf.py its
+# `gpu-selftest` first, NOCACHE=1 starts a server with the driver's PTX cache off (its warm-up
+# time), BENCH=1 `bench` tg128 greedy and sampled; LLAMA=0 skips llama.cpp (its source still gives make_random_gguf.py its
 # vocabulary).
 . scripts/gpu-setup.sh
 clients=${CLIENTS:-32} requests=${REQUESTS:-96} tokens=${TOKENS:-128} port=18472
@@ -22,7 +23,8 @@ if [ -n "${SELFTEST:-}" ]; then
   grep FAIL $W/selftest.log | head -5; grep -iE "sampl" $W/selftest.log | tail -3; tail -2 $W/selftest.log
 fi
 export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py
-(cd $W && python3 $R/scripts/make_random_gguf.py 8b.gguf q4_0 --shape 8b >/dev/null); M=$W/8b.gguf
+shape=${SHAPE:-8b}
+(cd $W && python3 $R/scripts/make_random_gguf.py $shape.gguf q4_0 --shape $shape >/dev/null); M=$W/$shape.gguf
 stamp "model made"
 
 passes() { # summary of the `batched pass` lines of a server log
@@ -66,6 +68,7 @@ for split in 1 0; do
     sleep 0.5
   done
   stamp "server up"
+  sed 's/\x1b\[[0-9;]*m//g' $W/serve.log | grep -a "warm-up run" | sed 's/^/  /'
   for run in cold warm; do
     : > $W/serve.log
     stamp "split=$split, $run"
@@ -75,6 +78,17 @@ for split in 1 0; do
   done
   kill $ps; wait $ps 2>/dev/null
 done
+if [ -n "${NOCACHE:-}" ]; then # the warm-up with the driver's PTX cache off (each module compiled again)
+  stamp "a server with CUDA_CACHE_DISABLE=1"
+  CUDA_CACHE_DISABLE=1 POCKETLM_LOG=pocketlm=info $PL -t 8 serve --port $port --model $M --device cuda \
+    --prefix-cache-memory 0 > $W/nocache.log 2>&1 &
+  ps=$!
+  for _ in $(seq 1 240); do
+    grep -aq "serving on" $W/nocache.log && break; sleep 0.5
+  done
+  sed 's/\x1b\[[0-9;]*m//g' $W/nocache.log | grep -a "warm-up run" | sed 's/^/  /'
+  kill $ps; wait $ps 2>/dev/null
+fi
 if [ -n "${BENCH:-}" ]; then # one sequence, greedy and sampled (the single-row sampling path)
   $PL bench -m $M --device cuda -p 0 -n 128 -r 3 --sample --temp 0.7 --top-p 0.9 --top-k 40 \
     --min-p 0 --repetition-penalty 1 --seed 1 2>&1 | grep "^|" | tail -3

@@ -35,7 +35,8 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
 
 use super::launch::Launch;
-use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs, MODULE, PTX};
+use super::modules::{kernel, QMATRIX};
+use super::qmatrix::{quantize_q8, CudaQMatrix, Epilogue, RopeArgs};
 use crate::{Error, Result};
 
 /// Most blocks the attention of one key/value head is split over (`ATTN_MAX_SPLITS` in
@@ -910,7 +911,7 @@ impl CudaDecoder {
             s.hidden,
             s.intermediate,
         );
-        let func = |name: &str| self.dev.get_or_load_custom_func(name, MODULE, PTX);
+        let func = |name: &str| kernel(&self.dev, &QMATRIX, name);
         let rmsnorm = func("rmsnorm_q8")?;
         let stream = self.dev.cuda_stream();
         let (eps, hi) = (s.eps, h as i32);
@@ -1077,7 +1078,7 @@ impl CudaDecoder {
     fn launch_moe(&self, m: &DecoderMoe, table: u64, gelu: bool, add: bool) -> Result<()> {
         let p = &self.ptr;
         let stream = self.dev.cuda_stream();
-        let func = |name: &str| self.dev.get_or_load_custom_func(name, MODULE, PTX);
+        let func = |name: &str| kernel(&self.dev, &QMATRIX, name);
         let (h, inter, n_exp, top_k) =
             (self.spec.hidden, m.intermediate(), m.experts.len(), m.top_k);
         let kernel = m.experts[0][0].kernel_name();
@@ -1220,7 +1221,7 @@ fn launch_attention(
         (true, false) => format!("attn_gqa_d{hd}_g{g}_f16"),
         (false, _) => format!("attn_gqa_d{hd}_g{g}_f32"),
     };
-    let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let f = kernel(dev, &QMATRIX, &name)?;
     let (nhi, nkvi) = (nh as i32, nkv as i32);
     let (window, min_chunk) = (window as i32, split.min_chunk as i32);
     let mut b = Launch::new(&f);
@@ -1243,7 +1244,7 @@ fn launch_attention(
     let stream = dev.cuda_stream();
     // SAFETY: attn_*'s parameters, in order; the buffers documented above.
     unsafe { b.launch(&stream, cfg) }?;
-    let merge = dev.get_or_load_custom_func(&format!("attn_merge_d{hd}"), MODULE, PTX)?;
+    let merge = kernel(dev, &QMATRIX, &format!("attn_merge_d{hd}"))?;
     let mut b = Launch::new(&merge);
     b.arg(a.params)
         .arg(window)

@@ -2,12 +2,14 @@
 //! affine 4/8-bit weights ([`CudaQMatrix`]: integer GEMV for decode, f16 dequantization + cuBLAS
 //! for prefill), the fused decode step replayed as a CUDA graph ([`CudaDecoder`], run for any
 //! model that exports a [`crate::models::DecodePlan`] of its shape by `crate::accel`), and GPU
-//! memory readings. The kernels are in `src/cuda/*.cu`, compiled to PTX by `build.rs` with
-//! `nvcc`; [`selftest`] compares each matrix kernel with its CPU reference over many shapes
-//! (`pocketlm gpu-selftest` runs it on a GPU machine).
+//! memory readings. The kernels are in `src/cuda/*.cu`, compiled by `build.rs` with `nvcc` into
+//! fat binaries (machine code and PTX) that `modules` loads; [`selftest`] compares each matrix
+//! kernel with its CPU reference over many shapes (`pocketlm gpu-selftest` runs it on a GPU
+//! machine).
 
 mod decoder;
 mod launch;
+mod modules;
 mod qmatrix;
 mod sample;
 
@@ -25,6 +27,7 @@ use candle_core::{Device, Tensor};
 
 use crate::quant::mlx_affine::{AffineQuantized, ParamDtype};
 use crate::Result;
+use modules::{kernel, QMATRIX};
 
 /// `(free, total)` bytes of the GPU's memory (`cuMemGetInfo`), `None` off CUDA.
 pub fn memory_info(dev: &Device) -> Option<(usize, usize)> {
@@ -981,7 +984,7 @@ pub fn swiglu_stacked(y: &Tensor, n: usize) -> Result<Tensor> {
         let stream = dev.cuda_stream();
         let yp = device_address(&y)?;
         let (op, _sync) = out.device_ptr(&stream);
-        let f = dev.get_or_load_custom_func("swiglu_stacked", qmatrix::MODULE, qmatrix::PTX)?;
+        let f = kernel(dev, &QMATRIX, "swiglu_stacked")?;
         let (mi, ni) = (m as i32, n as i32);
         let mut b = f.builder();
         b.arg(&yp);
@@ -1035,8 +1038,7 @@ pub fn softmax_scaled_masked(
             Some(m) => device_address(m)?,
             None => 0u64,
         };
-        let f =
-            dev.get_or_load_custom_func("softmax_scaled_masked", qmatrix::MODULE, qmatrix::PTX)?;
+        let f = kernel(dev, &QMATRIX, "softmax_scaled_masked")?;
         let (ci, qi) = (cols as i32, q_len.max(1) as i32);
         let mut b = f.builder();
         b.arg(&op);
@@ -1162,11 +1164,7 @@ fn flash_attention_with(
             DType::F16 => "f16",
             _ => "f32",
         };
-        let f = dev.get_or_load_custom_func(
-            &format!("flash_prefill_d{d}_{kt}"),
-            qmatrix::MODULE,
-            qmatrix::PTX,
-        )?;
+        let f = kernel(dev, &QMATRIX, &format!("flash_prefill_d{d}_{kt}"))?;
         let (si, hi, kvi, li) = (s as i32, heads as i32, n_kv as i32, kv_len as i32);
         let hs = if n_kv > 1 { ks[1] as i64 } else { 0i64 };
         let scale_log2 = scale * std::f32::consts::LOG2_E;

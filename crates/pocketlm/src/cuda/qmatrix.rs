@@ -12,11 +12,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Storage, Tensor};
 
 use super::launch::Launch;
+use super::modules::{kernel, QMATRIX};
 use crate::quant::mlx_affine::{AffineQuantized, GroupParams};
 use crate::{Error, Result};
 
-pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/qmatrix.ptx"));
-pub(crate) const MODULE: &str = "pocketlm_qmatrix";
 /// Input rows up to which [`CudaQMatrix::forward`] runs the GEMV kernel; above, it dequantizes
 /// to f16 and runs a cuBLAS GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -466,7 +465,7 @@ impl CudaQMatrix {
         out: usize,
         m: Option<usize>,
     ) -> Result<()> {
-        let func = self.dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let func = kernel(&self.dev, &QMATRIX, name)?;
         let (ri, ci, gi) = (out as i32, self.cols as i32, self.group as i32);
         let mut b = Launch::new(&func);
         b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
@@ -554,7 +553,7 @@ impl CudaQMatrix {
     ) -> Result<()> {
         self.launch_mmq_split(Epilogue::Write, [xq, xd, scratch], m, splits)?;
         let n = self.rows / 2;
-        let func = self.dev.get_or_load_custom_func("glu_q8", MODULE, PTX)?;
+        let func = kernel(&self.dev, &QMATRIX, "glu_q8")?;
         let cfg = super::grid_1d((m * n).max(1));
         let mut b = Launch::new(&func);
         b.arg(scratch).arg(xq).arg(xd);
@@ -624,7 +623,7 @@ impl CudaQMatrix {
             } else {
                 self.launch_gemv(Epilogue::Write, xq, xd, rope.scratch, 1)?;
             }
-            let func = self.dev.get_or_load_custom_func("qkv_post", MODULE, PTX)?;
+            let func = kernel(&self.dev, &QMATRIX, "qkv_post")?;
             let threads = (rope.head_dim / 2).div_ceil(32) * 32;
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -646,11 +645,7 @@ impl CudaQMatrix {
             // SAFETY: qkv_post's parameters, in order; the decoder's buffers.
             return unsafe { b.launch(&self.dev.cuda_stream(), cfg) };
         }
-        let func = self.dev.get_or_load_custom_func(
-            &format!("qgemv_rope_{}", self.kernel),
-            MODULE,
-            PTX,
-        )?;
+        let func = kernel(&self.dev, &QMATRIX, &format!("qgemv_rope_{}", self.kernel))?;
         let half = rope.head_dim / 2;
         let blocks = (rope.n_heads + 2 * rope.n_kv_heads) * half;
         let cfg = LaunchConfig {
@@ -755,9 +750,7 @@ impl CudaQMatrix {
         }
         let flat = ids.flatten_all()?.contiguous()?;
         let n = flat.elem_count();
-        let func =
-            self.dev
-                .get_or_load_custom_func(&format!("qembed_{}", self.kernel), MODULE, PTX)?;
+        let func = kernel(&self.dev, &QMATRIX, &format!("qembed_{}", self.kernel))?;
         let out = unsafe { self.dev.alloc::<f32>(n * self.cols) }?;
         {
             let stream = self.dev.cuda_stream();
@@ -790,9 +783,7 @@ impl CudaQMatrix {
 
     /// The whole matrix `[rows, cols]` in f16 (each value formed in f32, rounded once).
     pub fn dequantize_f16(&self) -> Result<Tensor> {
-        let func =
-            self.dev
-                .get_or_load_custom_func(&format!("qdequant_{}", self.kernel), MODULE, PTX)?;
+        let func = kernel(&self.dev, &QMATRIX, &format!("qdequant_{}", self.kernel))?;
         let n = self.rows * self.cols;
         let out = unsafe { self.dev.alloc::<half::f16>(n) }?;
         {
@@ -822,7 +813,7 @@ impl CudaQMatrix {
 /// Quantizes `n` f32 values at `x` (n a multiple of 32) to 8-bit codes at `xq` and per-32
 /// `(d, d·Σq)` pairs at `xd` (ggml's `quantize_row_q8_1` on the CPU, parameters rounded to f16).
 pub(crate) fn quantize_q8(dev: &CudaDevice, x: u64, xq: u64, xd: u64, n: usize) -> Result<()> {
-    let func = dev.get_or_load_custom_func("quantize_q8", MODULE, PTX)?;
+    let func = kernel(dev, &QMATRIX, "quantize_q8")?;
     let nb = (n / 32) as i32;
     let cfg = super::grid_1d(n);
     let mut b = Launch::new(&func);

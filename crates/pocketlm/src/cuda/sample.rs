@@ -6,11 +6,9 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKer
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Device, Storage, Tensor};
 
+use super::modules::{kernel, SAMPLE};
 use crate::sampling::DeviceSampling;
 use crate::{Error, Result};
-
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
-const MODULE: &str = "pocketlm_sample";
 
 /// Draws the next token from `logits` (`[1, vocab]` or `[vocab]`, any float dtype, on CUDA;
 /// a row of a larger tensor, as a batch's `[B, vocab]`, too)
@@ -90,7 +88,7 @@ pub fn sample_tokens(
     }
     let us: Vec<f64> = draws.iter().map(|&(_, u)| u).collect();
     let stream = dev.cuda_stream();
-    let func = dev.get_or_load_custom_func("sample_tokens", MODULE, PTX)?;
+    let func = kernel(dev, &SAMPLE, "sample_tokens")?;
     let work = unsafe { dev.alloc::<f32>(rows * stride) }?;
     let pen = stream.clone_htod(&pen).w()?;
     let params = stream.clone_htod(&params).w()?;
