@@ -1399,15 +1399,11 @@ mod tests {
         (toks, peak, most_running)
     }
 
-    /// Logits of one batched pass against each sequence's own passes, on caches holding
-    /// prompts of different lengths; then greedy tokens of three sequences of different
-    /// prompt lengths joining at different steps (one prefilled over several steps, the
-    /// budget being 8 tokens) are those each generates alone.
-    ///
-    /// Tolerance: the dense model's batched logits equal the single path's up to 1e-4
-    /// (candle's f32 matmul may tile 3 rows differently than 1); the Q4_1 kernels quantize
-    /// each activation row on its own and sum each row's blocks in the same order whatever
-    /// the row count, so there they are equal bit for bit.
+    /// A pass split into its one-token rows and its prompt chunks
+    /// ([`crate::models::forward_split`], what the CUDA accelerator runs) gives every row the
+    /// logits of the one pass over all of them, in the rows' order, and appends each row's
+    /// tokens to its own cache; nothing is split when one group is empty, and a group's wrong
+    /// row count is an error.
     #[test]
     fn a_split_pass_keeps_each_rows_logits_and_cache() {
         let m = tiny_llama(true);
@@ -1485,6 +1481,15 @@ mod tests {
         assert!(e.to_string().contains("for 1 rows"), "{e}");
     }
 
+    /// Logits of one batched pass against each sequence's own passes, on caches holding
+    /// prompts of different lengths; then greedy tokens of three sequences of different
+    /// prompt lengths joining at different steps (one prefilled over several steps, the
+    /// budget being 8 tokens) are those each generates alone.
+    ///
+    /// Tolerance: the dense model's batched logits equal the single path's up to 1e-4
+    /// (candle's f32 matmul may tile 3 rows differently than 1); the Q4_1 kernels quantize
+    /// each activation row on its own and sum each row's blocks in the same order whatever
+    /// the row count, so there they are equal bit for bit.
     #[test]
     fn batched_greedy_decoding_matches_each_sequence_alone() {
         let tok = tokenizer();
