@@ -2,14 +2,16 @@
 # One `device` call (run from the repo root; carry: [".gpu"], holding `pocketlm.xz`, a stripped
 # `--features cuda` build, and `lc.tgz`, llama.cpp's source with `tools/ui`): `serve --device
 # cuda` under $CLIENTS clients (32; $REQUESTS requests of exactly $TOKENS tokens, temperature
-# 0.7, seeded; random Q4_0 weights of the $SHAPE of make_random_gguf.py, 8b), each server loaded twice in a row (cold, then warm), with
-# the mixed passes split (the default) and not (`POCKETLM_SPLIT_MIXED=0`), and a summary of
-# the engine's passes from its debug log (`batched pass`: rows, one-token rows, tokens, ms) by
-# kind: all one-token rows, prompt chunks only, both. Then scripts/loadtest-vs-llamacpp.sh
-# against llama-server built in the same call (it builds beside the first runs). SELFTEST=1 runs
-# `gpu-selftest` first, NOCACHE=1 starts a server with the driver's PTX cache off (its warm-up
-# time), BENCH=1 `bench` tg128 greedy and sampled; LLAMA=0 skips llama.cpp (its source still gives make_random_gguf.py its
-# vocabulary).
+# 0.7, seeded; random Q4_0 weights of make_random_gguf.py's shape $SHAPE, 8b), each server
+# loaded twice in a row (cold, then warm), with the mixed passes split (the default) and not
+# (`POCKETLM_SPLIT_MIXED=0`; SPLITS="1" runs only the first), with a summary of the engine's
+# passes from its debug log (`batched pass`: rows, one-token rows, tokens, ms) by kind (all
+# one-token rows, prompt chunks only, both), the slowest and the longest gap between log lines,
+# and the server's warm-up time. Then scripts/loadtest-vs-llamacpp.sh against llama-server
+# built in the same call (it builds beside the first runs). Options: SELFTEST=1 runs
+# `gpu-selftest` first; NOCACHE=1 starts a server with the driver's PTX cache off (its warm-up
+# time); BENCH=1 runs `bench` tg128, greedy and sampled; LLAMA=0 skips llama.cpp (its source
+# still gives make_random_gguf.py its vocabulary).
 . scripts/gpu-setup.sh
 clients=${CLIENTS:-32} requests=${REQUESTS:-96} tokens=${TOKENS:-128} port=18472
 (cd $W && tar xzf $R/.gpu/lc.tgz)
@@ -57,7 +59,7 @@ for kind, v in kinds.items():
 PY
 }
 
-for split in 1 0; do
+for split in ${SPLITS:-1 0}; do
   : > $W/serve.log
   POCKETLM_SPLIT_MIXED=$split POCKETLM_LOG=pocketlm=debug,pocketlm_server=info $PL -t 8 serve --port $port \
     --model $M --device cuda --max-batch $clients --queue-size 256 --prefix-cache-memory 0 >> $W/serve.log 2>&1 &
