@@ -191,20 +191,8 @@ pub fn sample_on_device(
         let Some(u) = sampler.next_uniform() else {
             return Ok(None);
         };
-        let id = match crate::cuda::sample_token(logits, &plan, u)? {
-            Some(id) => {
-                sampler.accept(id);
-                id
-            }
-            None => {
-                let l: Vec<f32> = logits
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1()?;
-                sampler.sample_with_uniform(&l, history, u)
-            }
-        };
-        Ok(Some(id))
+        let id = crate::cuda::sample_token(logits, &plan, u)?;
+        Ok(Some(sampler.finish_device_draw(id, logits, history, u)?))
     }
     #[cfg(not(feature = "cuda"))]
     {

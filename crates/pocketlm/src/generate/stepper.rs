@@ -359,14 +359,10 @@ impl TokenState {
         if let Some(d) = drawn {
             match (d.pick, d.id) {
                 (DevicePick::Argmax, Some(id)) => return Ok(Token { id, logprobs: None }),
-                (DevicePick::Sample(..), Some(id)) => {
-                    self.sampler.accept(id);
-                    return Ok(Token { id, logprobs: None });
-                }
-                // Too many candidates for the kernel: the same draw on the CPU.
-                (DevicePick::Sample(_, u), None) => {
-                    let l: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                    let id = self.sampler.sample_with_uniform(&l, &self.history, u);
+                (DevicePick::Sample(_, u), id) => {
+                    let id = self
+                        .sampler
+                        .finish_device_draw(id, logits, &self.history, u)?;
                     return Ok(Token { id, logprobs: None });
                 }
                 (DevicePick::Argmax, None) => {}

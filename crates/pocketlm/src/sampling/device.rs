@@ -123,6 +123,34 @@ impl Sampler {
         id
     }
 
+    /// The token of a draw made on the device with the uniform `u`: `id` as the kernel drew it
+    /// (the chain told of it), or, where the kernel left the draw to the CPU (`None`: too many
+    /// candidates), the same draw on the CPU over `logits` (`[1, vocab]` or `[vocab]`, any
+    /// float dtype, any device; copied back).
+    ///
+    /// Errors: copying the logits back.
+    pub(crate) fn finish_device_draw(
+        &mut self,
+        id: Option<u32>,
+        logits: &candle_core::Tensor,
+        recent_tokens: &[u32],
+        u: f64,
+    ) -> crate::Result<u32> {
+        Ok(match id {
+            Some(id) => {
+                self.accept(id);
+                id
+            }
+            None => {
+                let l: Vec<f32> = logits
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?;
+                self.sample_with_uniform(&l, recent_tokens, u)
+            }
+        })
+    }
+
     /// Tells each processor of the chain the token drawn ([`super::LogitsProcessor::accept`]).
     pub fn accept(&mut self, id: u32) {
         for p in &mut self.chain {
