@@ -1081,7 +1081,7 @@ impl CudaDecoder {
         let func = |name: &str| kernel(&self.dev, &QMATRIX, name);
         let (h, inter, n_exp, top_k) =
             (self.spec.hidden, m.intermediate(), m.experts.len(), m.top_k);
-        let kernel = m.experts[0][0].kernel_name();
+        let suffix = m.experts[0][0].kernel_name();
         let group = m.experts[0][0].group() as i32;
         // One block per expert's logit; the last one makes the choice.
         let router = func("moe_router")?;
@@ -1101,7 +1101,7 @@ impl CudaDecoder {
         };
         // SAFETY: moe_router's parameters, in order; the router weight and the decoder's buffers.
         unsafe { b.launch(&stream, cfg) }?;
-        let gate_up = func(&format!("moe_gate_up_{kernel}"))?;
+        let gate_up = func(&format!("moe_gate_up_{suffix}"))?;
         let mut b = Launch::new(&gate_up);
         b.arg(table)
             .arg(p.sel)
@@ -1121,7 +1121,7 @@ impl CudaDecoder {
         // SAFETY: moe_gate_up_*'s parameters, in order; the expert table holds the addresses
         // of matrices of this kernel's format and these shapes (`DecoderMoe::fits`).
         unsafe { b.launch(&stream, cfg) }?;
-        let down = func(&format!("moe_down_{kernel}"))?;
+        let down = func(&format!("moe_down_{suffix}"))?;
         let mut b = Launch::new(&down);
         b.arg(table)
             .arg(p.sel)

@@ -91,8 +91,9 @@ __device__ void bitonic(float *v, unsigned *id, int n) {
   }
 }
 
-// sample_row (one block): logits [n] f32 (read only) -> out[0] the token id, out[1] the status: 0 drawn, 1 too many
-// candidates (the caller samples on the CPU with the same draw u). work [n] f32 scratch.
+// sample_row (one block): logits [n] f32 (read only) -> out[0] the token id, out[1] the
+// status: 0 drawn, 1 too many candidates (the caller samples on the CPU with the same draw u).
+// work [n] f32 scratch.
 // pen_ids [n_pen]: distinct ids < n whose logit the repetition penalty rewrites (x < 0: x *
 // penalty, else x / penalty). top_k 0: off; top_p >= 1: off (and no log-softmax); ln_min_p
 // -inf: min-p off (else ln(min_p), computed by the caller as the CPU does); inv_temp = 1 / T;
@@ -329,10 +330,10 @@ __device__ __forceinline__ void sample_row(const float *__restrict__ logits,
 
 // The rows of a batch's logits at once, one block a row: row r of logits [rows, stride] f32
 // (its first n values; stride a multiple of 4, for for_each's 16-byte loads) is drawn as
-// sample_row draws it alone, with work [rows, stride] scratch and
-// params [rows, 8] u32: the first of its penalized ids in pen_ids, their count, penalty (f32
-// bits), top_k, top_p (f32 bits), ln_min_p (f32 bits), inv_temp (f32 bits), unused; us[r] its
-// draw; out[2r], out[2r + 1] its id and status.
+// sample_row draws it alone, with work [rows, stride] scratch and params [rows, 8] u32: the
+// first of its penalized ids in pen_ids, their count, penalty (f32 bits), top_k, top_p (f32
+// bits), ln_min_p (f32 bits), inv_temp (f32 bits), unused; us[r] its draw; out[2r],
+// out[2r + 1] its id and status.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_tokens(const float *__restrict__ logits, long long stride, float *__restrict__ work,
                   int n, const unsigned *__restrict__ pen_ids,

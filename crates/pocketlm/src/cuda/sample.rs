@@ -1,6 +1,7 @@
 //! Token sampling on the GPU (kernel `sample_tokens` in `src/cuda/sample.cu`, one block a row):
 //! the sampler's chain ([`DeviceSampling`]) and one uniform draw per row in, the token ids out,
-//! with no copy of the logits and no sort of the vocabulary. See [`crate::device::sample_on_device`] for its use.
+//! with no copy of the logits and no sort of the vocabulary. See
+//! [`crate::device::sample_on_device`] and [`crate::device::draw_rows_on_device`] for its use.
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
