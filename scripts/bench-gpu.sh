@@ -28,7 +28,8 @@
 # phi3-mini-q4_0.gguf, gemma2-2b-q4_0.gguf, qwen3-30b-a3b-q4_0.gguf (a mixture of experts, 17 GB; `agree` runs on its
 # first 4 layers); every GGUF named is also run by llama-bench), DEPTHS
 # (default 4096,16384; empty: depth 0 only), REPS (3), SKIP_CHECKS, BUDGET (seconds, 560), NCU
-# (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL), VARIANTS and BATCHES (see step 5).
+# (with NCU_MODELS, NCU_KERNELS, NCU_SKIP, NCU_COUNT, NCU_PREFILL), VARIANTS, BATCHES and
+# BATCH_VARIANTS (see step 5).
 # Models already in $WORK (a warm machine keeps it) are not written again.
 # Results: $OUT (or ./gpu-out) gets selftest.txt, agree.txt, bench-*.json, llama-*.json, summary.md.
 set -uo pipefail
@@ -136,6 +137,18 @@ if [ -n "${BATCHES:-}" ]; then
   timeout "$(left)" "$PL" bench -m "$W/$m1" --device cuda -p 0 -n 128 -d 128 -r "$REPS" --batch "$BATCHES" \
     --json > "$OUT/batched-$m1.json" 2> "$OUT/batched-$m1.err" || tail -3 "$OUT/batched-$m1.err"
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('\n'.join(f\"pocketlm {t['name']}: {t['mean_tps']:.1f} ± {t['stddev_tps']:.1f} t/s\" for t in r['tests']))" "$OUT/batched-$m1.json" 2>/dev/null
+fi
+# Optional: BATCH_VARIANTS="label:VAR=V;..." measures the batched rows of BATCHES again under each
+# setting, in the same call: batched-LABEL.json, and one line each.
+if [ -n "${BATCHES:-}" ] && [ -n "${BATCH_VARIANTS:-}" ]; then
+  IFS=';' read -ra vs <<< "$BATCH_VARIANTS"
+  for v in "${vs[@]}"; do
+    label=${v%%:*}; m1=${MODELS%% *}
+    stamp "batched variant $label (${v#*:})"
+    env ${v#*:} timeout "$(left)" "$PL" bench -m "$W/$m1" --device cuda -p 0 -n 128 -d 128 -r "$REPS" \
+      --batch "$BATCHES" --json > "$OUT/batched-$label.json" 2> "$OUT/batched-$label.err" || tail -3 "$OUT/batched-$label.err"
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], ' '.join(f\"{t['name']} {t['mean_tps']:.1f} ± {t['stddev_tps']:.1f}\" for t in r['tests']))" "$OUT/batched-$label.json" "$label" 2>/dev/null
+  done
 fi
 stamp "waiting for llama.cpp"; wait $lc_pid; tail -2 "$OUT/lc-build.log"
 LB=$W/lc/build/bin/llama-bench

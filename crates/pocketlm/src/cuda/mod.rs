@@ -499,6 +499,11 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             (8, 4, 256, 3000, 3000, true, 0),
             (4, 1, 256, 700, 720, false, 0),
             (4, 1, 256, 700, 720, true, 512),
+            // Short contexts, which one split finishes by itself (the default `direct`).
+            (32, 32, 96, 100, 128, true, 0),
+            (4, 1, 256, 120, 128, false, 0),
+            (8, 4, 256, 128, 128, true, 0),
+            (12, 2, 64, 129, 160, true, 0),
         ] {
             seed += 1;
             let q = pseudo_random(nh * hd, seed);

@@ -1212,7 +1212,10 @@ extern "C" __global__ void rmsnorm_f32(const float *__restrict__ x, const float 
 // Most splits (gridDim.y) the merge takes.
 #define ATTN_MAX_SPLITS 256
 // The splits of `len` cached positions (see above): (positions a split takes, splits used).
-__device__ __forceinline__ int2 attn_splits(int len, int min_chunk, int maxsplit) {
+// Up to `direct` positions take one split, which then normalizes and quantizes its heads'
+// outputs itself (attn_split_out), and the merge kernel has nothing to do.
+__device__ __forceinline__ int2 attn_splits(int len, int min_chunk, int maxsplit, int direct) {
+  if (len <= direct) return make_int2(max(len, 1), 1);
   const int chunk = max(min_chunk, (len + maxsplit - 1) / maxsplit);
   return make_int2(chunk, (len + chunk - 1) / chunk);
 }
@@ -1301,11 +1304,37 @@ template <int G, int HD> struct AttnFinishSmem {
 
 // The end of a split block: its 4 warps have written their (unnormalized output, max, sum) per
 // head into sm (natural-log units); the block combines them into its split's part_o / part_ml,
-// which attn_merge then combines over the splits.
+// which attn_merge then combines over the splits. When it is the only split (nsplit == 1) it
+// finishes the heads' outputs itself: O = o / l, quantized into xq / xd as attn_merge does
+// (one split: the merge's weights are exp(0) = 1, so these are the merge's bits), and the
+// merge kernel leaves them.
 template <int G, int HD>
 __device__ void attn_split_out(AttnFinishSmem<G, HD> &sm, int h0, int sp, int maxsplit,
-                               float *__restrict__ part_o, float2 *__restrict__ part_ml) {
+                               float *__restrict__ part_o, float2 *__restrict__ part_ml,
+                               int nsplit, int8_t *__restrict__ xq, float2 *__restrict__ xd) {
   __syncthreads();
+  if (nsplit == 1) {
+    // G * HD is a multiple of 32 and the block of 128 threads: each warp takes whole 32-value
+    // quantization blocks of one head.
+    const int lane = threadIdx.x & 31;
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+      const int g = i / HD, d = i % HD;
+      float M = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; j++) M = fmaxf(M, sm.m[j][g]);
+      float o = 0.f, L = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+        if (sm.l[j][g] > 0.f) {
+          const float f = expf(sm.m[j][g] - M);
+          o += sm.o[j][g][d] * f;
+          L += sm.l[j][g] * f;
+        }
+      const int k = (h0 + g) * HD + d;
+      quant_block32(o / L, lane, xq + (k & ~31), xd + (k >> 5));
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
     const int g = i / HD, d = i % HD;
     float M = -INFINITY;
@@ -1350,7 +1379,7 @@ __device__ __forceinline__ void prefetch_kv(const KT *K, const KT *V, int start,
 #define ATTN_MERGE_THREADS 512
 template <int HD>
 __device__ void attn_merge(const int *__restrict__ params, int window, int min_chunk,
-                           int maxsplit, const float *__restrict__ part_o,
+                           int direct, int maxsplit, const float *__restrict__ part_o,
                            const float2 *__restrict__ part_ml, int8_t *__restrict__ xq,
                            float2 *__restrict__ xd) {
   constexpr int P = ATTN_MERGE_THREADS / HD, NW = ATTN_MERGE_THREADS / 32;
@@ -1365,7 +1394,10 @@ __device__ void attn_merge(const int *__restrict__ params, int window, int min_c
     xq += z * nh * HD, xd += z * nh * HD / 32;
   }
   const int len = params[1];
-  const int nsplit = attn_splits(len - attn_lo(len, window), min_chunk, maxsplit).y;
+  const int nsplit = attn_splits(len - attn_lo(len, window), min_chunk, maxsplit, direct).y;
+  // One split finished the output itself (attn_split_out); the wait above is kept, so that the
+  // next kernel's wait on this one still covers it.
+  if (nsplit == 1) return;
   const float2 *ml = part_ml + (size_t)h * maxsplit;
   float M = -INFINITY;
   for (int s = tid; s < nsplit; s += ATTN_MERGE_THREADS) {
@@ -1415,8 +1447,9 @@ __device__ void attn_merge(const int *__restrict__ params, int window, int min_c
 template <int EPL, int G, typename KT>
 __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
-                         int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride,
+                         int n_kv, float scale, int window, int min_chunk, int direct,
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml,
+                         int8_t *__restrict__ xq, float2 *__restrict__ xd, int kv_stride,
                          float softcap) {
   constexpr int HD = 32 * EPL;
   __shared__ AttnFinishSmem<G, HD> sm;
@@ -1425,10 +1458,11 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
     const size_t z = blockIdx.z;
     q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
     part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
+    xq += z * n_heads * HD, xd += z * n_heads * HD / 32;
   }
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int len = params[1], cap = params[2], lo = attn_lo(len, window);
-  const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
+  const int2 splits = attn_splits(len - lo, min_chunk, maxsplit, direct);
   const int chunk = splits.x, nsplit = splits.y;
   if (sp >= nsplit) return;
   const int start = lo + sp * chunk, end = min(len, start + chunk);
@@ -1512,7 +1546,7 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
       sm.l[w][g] = l[g];
     }
   }
-  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml);
+  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml, nsplit, xq, xd);
 }
 
 // The same split decode attention on the tensor cores, for an f16 cache: block (g, sp) streams
@@ -1530,8 +1564,9 @@ template <int HD, int G> struct AttnMmaSmem {
 template <int HD, int G>
 __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ params,
                          const unsigned long long *__restrict__ kv, int layer, int n_heads,
-                         int n_kv, float scale, int window, int min_chunk,
-                         float *__restrict__ part_o, float2 *__restrict__ part_ml, int kv_stride,
+                         int n_kv, float scale, int window, int min_chunk, int direct,
+                         float *__restrict__ part_o, float2 *__restrict__ part_ml,
+                         int8_t *__restrict__ xq, float2 *__restrict__ xd, int kv_stride,
                          float softcap) {
   constexpr int KS = HD / 16, DT = HD / 8, CH = HD / 8;  // CH: 16-byte chunks a row
   constexpr size_t SZ = sizeof(AttnMmaSmem<HD, G>) > sizeof(AttnFinishSmem<G, HD>)
@@ -1545,10 +1580,11 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
     const size_t z = blockIdx.z;
     q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
     part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
+    xq += z * n_heads * HD, xd += z * n_heads * HD / 32;
   }
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, quad = lane & 3, r = lane >> 2;
   const int len = params[1], cap = params[2], lo = attn_lo(len, window);
-  const int2 splits = attn_splits(len - lo, min_chunk, maxsplit);
+  const int2 splits = attn_splits(len - lo, min_chunk, maxsplit, direct);
   const int chunk = splits.x, nsplit = splits.y;
   if (sp >= nsplit) return;
   const int start = lo + sp * chunk, end = min(len, start + chunk);
@@ -1655,17 +1691,17 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
       sm.l[w][r] = l;
     }
   }
-  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml);
+  attn_split_out<G, HD>(sm, h0, sp, maxsplit, part_o, part_ml, nsplit, xq, xd);
 }
 
 #define ATTN_KERNEL(HDIM, EPL, G, KT, KN)                                                          \
   extern "C" __global__ void __launch_bounds__(128)                                                \
-      attn_gqa_d##HDIM##_g##G##_##KN(const float *q, const int *params,                            \
-                                     const unsigned long long *kv, int layer, int n_heads,         \
-                                     int n_kv, float scale, int window, int min_chunk,             \
-                                     float *part_o, float2 *part_ml, int kv_stride, float softcap) { \
-    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,    \
-                         part_ml, kv_stride, softcap);                                             \
+      attn_gqa_d##HDIM##_g##G##_##KN(                                                           \
+          const float *q, const int *params, const unsigned long long *kv, int layer, int n_heads, \
+          int n_kv, float scale, int window, int min_chunk, int direct, float *part_o,             \
+          float2 *part_ml, int8_t *xq, float2 *xd, int kv_stride, float softcap) {                 \
+    attn_gqa<EPL, G, KT>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, direct,    \
+                         part_o, part_ml, xq, xd, kv_stride, softcap);                             \
   }
 #define ATTN_KERNELS(G)                                                                            \
   ATTN_KERNEL(64, 2, G, float, f32)                                                                \
@@ -1683,12 +1719,12 @@ ATTN_KERNELS(8)
 
 #define ATTN_MMA_KERNEL(HDIM, G)                                                                   \
   extern "C" __global__ void __launch_bounds__(128, 4)                                             \
-      attn_mma_d##HDIM##_g##G##_f16(const float *q, const int *params,                             \
-                                    const unsigned long long *kv, int layer, int n_heads,          \
-                                    int n_kv, float scale, int window, int min_chunk,              \
-                                    float *part_o, float2 *part_ml, int kv_stride, float softcap) {  \
-    attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, part_o,       \
-                      part_ml, kv_stride, softcap);                                                \
+      attn_mma_d##HDIM##_g##G##_f16(                                                            \
+          const float *q, const int *params, const unsigned long long *kv, int layer, int n_heads, \
+          int n_kv, float scale, int window, int min_chunk, int direct, float *part_o,             \
+          float2 *part_ml, int8_t *xq, float2 *xd, int kv_stride, float softcap) {                 \
+    attn_mma<HDIM, G>(q, params, kv, layer, n_heads, n_kv, scale, window, min_chunk, direct,       \
+                      part_o, part_ml, xq, xd, kv_stride, softcap);                                \
   }
 #define ATTN_MMA_KERNELS(G)                                                                        \
   ATTN_MMA_KERNEL(64, G)                                                                           \
@@ -1701,9 +1737,9 @@ ATTN_MMA_KERNELS(8)
 
 #define ATTN_MERGE_KERNEL(HDIM)                                                                    \
   extern "C" __global__ void __launch_bounds__(ATTN_MERGE_THREADS) attn_merge_d##HDIM(             \
-      const int *params, int window, int min_chunk, int maxsplit, const float *part_o,             \
-      const float2 *part_ml, int8_t *xq, float2 *xd) {                                             \
-    attn_merge<HDIM>(params, window, min_chunk, maxsplit, part_o, part_ml, xq, xd);                \
+      const int *params, int window, int min_chunk, int direct, int maxsplit,                      \
+      const float *part_o, const float2 *part_ml, int8_t *xq, float2 *xd) {                        \
+    attn_merge<HDIM>(params, window, min_chunk, direct, maxsplit, part_o, part_ml, xq, xd);        \
   }
 ATTN_MERGE_KERNEL(64)
 ATTN_MERGE_KERNEL(96)
