@@ -90,6 +90,24 @@ impl Accelerated {
         Ok(self.with_decoder(|_, _| Ok(Some(())))?.is_some())
     }
 
+    /// Whether the model has a fused decode step that runs one sequence at a time only (a
+    /// mixture of experts: the batched step refuses it).
+    ///
+    /// Errors: as [`Self::with_decoder`].
+    fn fused_step_is_single(&self) -> Result<bool> {
+        Ok(self.with_decoder(|_, dec| Ok(Some(!dec.batches())))? == Some(true))
+    }
+
+    /// One batch row of one token through the fused step ([`Self::fused_step`]); `None` when
+    /// the row has more tokens, its cache other layers, or the step does not take it.
+    fn fused_row(&self, row: &mut BatchRow<'_>) -> Result<Option<Tensor>> {
+        if row.ids.len() != 1 || row.cache.n_layers() != self.inner.info().n_layers {
+            return Ok(None);
+        }
+        let ids = Tensor::new(&[[row.ids[0]]], self.inner.device())?;
+        self.fused_step(&ids, row.cache)
+    }
+
     /// One token through the fused step, appending to `cache` in place; `None` when the step
     /// does not apply (no plan or one it does not take, caches that do not append in place,
     /// positions past its tables), and the caller takes the model's own path.
@@ -530,15 +548,25 @@ impl CausalLM for Accelerated {
         // One sequence's one token (a server with one request running) takes the fused
         // one-sequence step, as `forward` does; its logits are `[1, vocab]` either way.
         if let [row] = rows {
-            if row.ids.len() == 1 && row.cache.n_layers() == self.inner.info().n_layers {
-                let ids = Tensor::new(&[[row.ids[0]]], self.inner.device())?;
-                if let Some(out) = self.fused_step(&ids, row.cache)? {
-                    return Ok(out);
-                }
+            if let Some(out) = self.fused_row(row)? {
+                return Ok(out);
             }
         }
         if let Some(out) = self.fused_batch(rows)? {
             return Ok(out);
+        }
+        // Decoding rows of a model whose fused step runs one sequence at a time (a mixture of
+        // experts): that step once per row, instead of one layer-by-layer pass for all.
+        if rows.len() > 1
+            && rows.iter().all(|r| r.ids.len() == 1)
+            && !crate::switches::switched_off("POCKETLM_FUSED_ROWS")
+            && self.fused_step_is_single()?
+        {
+            return crate::models::forward_each(
+                rows,
+                |row| self.fused_row(row),
+                |rest| self.inner.forward_batch(rest),
+            );
         }
         // One-token rows beside prompt chunks (a server admitting requests while others
         // decode): the one-token rows take the fused step and the chunks the model's own

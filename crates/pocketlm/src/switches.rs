@@ -1,8 +1,8 @@
 //! Switches for A/B measurements of fast paths, read from the environment: each path is on
 //! unless its variable is `0` (`POCKETLM_FLASH_ATTN=0 pocketlm bench ...` measures the path
 //! it replaced, in the same binary). The switches, where they are read:
-//! `POCKETLM_FUSED_DECODE`, `POCKETLM_KV_F16`, `POCKETLM_FUSED_BATCH`, `POCKETLM_SPLIT_MIXED`
-//! ([`crate::accel`]), `POCKETLM_CUDA_GRAPH`,
+//! `POCKETLM_FUSED_DECODE`, `POCKETLM_KV_F16`, `POCKETLM_FUSED_BATCH`, `POCKETLM_SPLIT_MIXED`,
+//! `POCKETLM_FUSED_ROWS` ([`crate::accel`]), `POCKETLM_CUDA_GRAPH`,
 //! `POCKETLM_CUDA_POOL_KEEP`, `POCKETLM_FLASH_ATTN`, `POCKETLM_FLASH_PIPE`, `POCKETLM_PDL`
 //! (`crate::cuda`, with the `cuda` feature).
 

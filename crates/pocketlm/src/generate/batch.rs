@@ -1481,6 +1481,92 @@ mod tests {
         assert!(e.to_string().contains("for 1 rows"), "{e}");
     }
 
+    /// A batched pass run row by row ([`crate::models::forward_each`], what the CUDA
+    /// accelerator runs for a mixture of experts) gives every row the logits of the one pass
+    /// over all of them and appends to each row's cache; a row the step refuses runs with the
+    /// rows after it through the other closure, and a wrong row count is an error.
+    #[test]
+    fn a_pass_row_by_row_keeps_each_rows_logits_and_cache() {
+        let m = tiny_llama(true);
+        let m = m.as_ref();
+        let prompts = [prompt(3, 21), prompt(9, 22), prompt(5, 23), prompt(7, 24)];
+        let caches = || -> Vec<KvCache> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut c = m.new_cache();
+                    crate::models::prefill_text(m, p, &mut c, 512).expect("prefill");
+                    c
+                })
+                .collect()
+        };
+        let feeds = [[7u32], [9], [11], [13]];
+        let mut whole = caches();
+        let mut rows: Vec<BatchRow<'_>> = whole
+            .iter_mut()
+            .zip(&feeds)
+            .map(|(cache, ids)| BatchRow { ids, cache })
+            .collect();
+        let reference = m.forward_batch(&mut rows).expect("one pass");
+        drop(rows);
+        // Every row stepped alone, then the step refusing the third row: the last two go
+        // through `rest` together.
+        for refuse in [None, Some(2usize)] {
+            let mut each = caches();
+            let mut rows: Vec<BatchRow<'_>> = each
+                .iter_mut()
+                .zip(&feeds)
+                .map(|(cache, ids)| BatchRow { ids, cache })
+                .collect();
+            let (mut stepped, mut rest_rows) = (0usize, Vec::new());
+            let out = crate::models::forward_each(
+                &mut rows,
+                |row| {
+                    if Some(stepped) == refuse {
+                        return Ok(None);
+                    }
+                    stepped += 1;
+                    let ids = Tensor::new(&[[row.ids[0]]], &Device::Cpu)?;
+                    Ok(Some(m.forward(&ids, row.cache, Logits::Last)?))
+                },
+                |rest| {
+                    rest_rows.push(rest.len());
+                    m.forward_batch(rest)
+                },
+            )
+            .expect("row by row");
+            drop(rows);
+            assert_eq!(out.dims(), reference.dims());
+            let diff = max_abs_diff(&out, &reference);
+            assert!(diff <= 1e-5, "refuse {refuse:?}: logits differ by {diff}");
+            let want_rest: Vec<usize> = refuse.map(|r| feeds.len() - r).into_iter().collect();
+            assert_eq!(rest_rows, want_rest);
+            for (c, p) in each.iter().zip(&prompts) {
+                assert_eq!(c.offset(), p.len() + 1);
+            }
+        }
+        // A step giving two rows for one.
+        let mut each = caches();
+        let mut rows: Vec<BatchRow<'_>> = each
+            .iter_mut()
+            .zip(&feeds)
+            .map(|(cache, ids)| BatchRow { ids, cache })
+            .collect();
+        let e = crate::models::forward_each(
+            &mut rows[..2],
+            |_| {
+                Ok(Some(Tensor::zeros(
+                    (2, 257),
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )?))
+            },
+            |_| unreachable!(),
+        )
+        .expect_err("two logits rows for one row");
+        assert!(e.to_string().contains("for 1 rows"), "{e}");
+    }
+
     /// Logits of one batched pass against each sequence's own passes, on caches holding
     /// prompts of different lengths; then greedy tokens of three sequences of different
     /// prompt lengths joining at different steps (one prefilled over several steps, the

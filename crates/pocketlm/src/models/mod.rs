@@ -484,6 +484,45 @@ pub(crate) fn forward_split(
     Ok(Some(Tensor::cat(&[&a, &b], 0)?.index_select(&place, 0)?))
 }
 
+/// A batched pass run row by row: `step` takes each row in order and gives its logits `[1,
+/// vocab]`, or `None` when it cannot take that row, in which case `rest` runs that row and all
+/// after it together; the logits `[rows.len(), vocab]` in the order of `rows`, as
+/// [`CausalLM::forward_batch`] returns.
+///
+/// On a GPU a model whose fused decode step runs one sequence at a time (a mixture of experts)
+/// decodes a batch faster through that step once per row than layer by layer for all rows.
+///
+/// Errors: the closures'; `step` must give one logits row and `rest` one per row given.
+// Used by the CUDA accelerator (`crate::accel`); tested in all builds.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn forward_each(
+    rows: &mut [BatchRow<'_>],
+    mut step: impl FnMut(&mut BatchRow<'_>) -> Result<Option<Tensor>>,
+    rest: impl FnOnce(&mut [BatchRow<'_>]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let check = |out: &Tensor, i: usize, n: usize| {
+        if out.dims().first() == Some(&n) {
+            return Ok(());
+        }
+        Err(Error::Model(format!(
+            "the pass over row {i} gave logits {:?} for {n} rows",
+            out.dims()
+        )))
+    };
+    let mut outs = Vec::with_capacity(rows.len());
+    for i in 0..rows.len() {
+        let Some(out) = step(&mut rows[i])? else {
+            let out = rest(&mut rows[i..])?;
+            check(&out, i, rows.len() - i)?;
+            outs.push(out);
+            break;
+        };
+        check(&out, i, 1)?;
+        outs.push(out);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
 /// An encoded prompt as a model takes it (MLX Swift's `LMInput`): token ids with one
 /// placeholder token per image token, and the preprocessed images in prompt order.
 #[derive(Debug, Clone, Default)]
