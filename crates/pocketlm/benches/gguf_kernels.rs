@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p pocketlm --bench gguf_kernels` (add `-- quick` to skip the candle
 //! prefill rows, which take a while with candle's scalar `Q4_1`, and/or section names
-//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output`, `iq4`, `q5k` to run only those). Numbers are noisy when other
+//! `bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`, `output`, `q4_1`, `iq4`, `q5k` to run only those). Numbers are noisy when other
 //! processes share the cores: each row is the best of several runs (median in brackets).
 //!
 //! Prints, per shape and batch `m`: time per call, GB/s of weight bytes streamed (bytes /
@@ -701,23 +701,51 @@ fn q5k(args: &[String]) {
 /// whole pool from inside it: time per call and activation rows per second. Rows to run can be
 /// narrowed with `m=16` style arguments.
 fn tied_output(args: &[String]) {
-    let mut rng = StdRng::seed_from_u64(8);
     let ms = row_counts(args, &[1, 2, 4, 8, 16, 32, 64]);
-    let q = quantize(&mut rng, GgmlDType::Q8_0, VOCAB, HIDDEN);
-    let plain = GgufMatrix::from_qtensor("output", &q).unwrap();
+    packed_keeping_order("tied output", GgmlDType::Q8_0, VOCAB, HIDDEN, &ms, 8);
+}
+
+/// The default model's `Q4_1` matrices (`ffn_gate/up` 1536x576, `ffn_down` 576x1536, `attn_q/o`
+/// 576x576) in the file layout and packed, at `m = 1, 2, 4, 8, 16, 32, 64` activation rows,
+/// as [`tied_output`]; the packed kernel keeps ggml's float order, so the bits must match.
+fn q4_1(args: &[String]) {
+    let ms = row_counts(args, &[1, 2, 4, 8, 16, 32, 64]);
+    for (label, n, k) in [
+        ("ffn_gate/up", FFN, HIDDEN),
+        ("ffn_down", HIDDEN, FFN),
+        ("attn_q/o", HIDDEN, HIDDEN),
+    ] {
+        packed_keeping_order(label, GgmlDType::Q4_1, n, k, &ms, 9);
+    }
+}
+
+/// Times an `n x k` matrix of `dtype` in the file layout and repacked in ggml's float order
+/// (`repacked_keeping_order`) at each of `ms` activation rows, on the whole pool from inside it,
+/// and checks that both give the same bits.
+fn packed_keeping_order(
+    label: &str,
+    dtype: GgmlDType,
+    n: usize,
+    k: usize,
+    ms: &[usize],
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let q = quantize(&mut rng, dtype, n, k);
+    let plain = GgufMatrix::from_qtensor(label, &q).unwrap();
     let packed = plain.clone().repacked_keeping_order();
     println!(
         "
-tied output {VOCAB}x{HIDDEN} Q8_0 (packed: {}), {} threads:",
+{label} {n}x{k} {dtype:?} (packed: {}), {} threads:",
         packed.is_packed(),
         rayon::current_num_threads()
     );
-    for &m in &ms {
-        let x = rand_vec(&mut rng, m * HIDDEN);
-        let mut want = vec![0f32; m * VOCAB];
+    for &m in ms {
+        let x = rand_vec(&mut rng, m * k);
+        let mut want = vec![0f32; m * n];
         plain.matmul(&x, m, &mut want).unwrap();
-        for (label, w) in [("file layout", &plain), ("packed", &packed)] {
-            let mut out = vec![0f32; m * VOCAB];
+        for (layout, w) in [("file layout", &plain), ("packed", &packed)] {
+            let mut out = vec![0f32; m * n];
             let (b, med) = in_pool(|| {
                 time(
                     || w.matmul(&x, m, &mut out).unwrap(),
@@ -727,7 +755,7 @@ tied output {VOCAB}x{HIDDEN} Q8_0 (packed: {}), {} threads:",
             });
             assert_eq!(out, want, "the packed product changed the bits");
             println!(
-                "  m={m:<3} {label:<11}: {} [{}] {:8.1} rows/s",
+                "  m={m:<3} {layout:<11}: {} [{}] {:8.1} rows/s",
                 fmt_dur(b),
                 fmt_dur(med),
                 m as f64 / b.as_secs_f64()
@@ -740,7 +768,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
     // Optional section names (`bandwidth`, `table`, `backends`, `sweeps`, `kquants`, `q4_0`,
-    // `output`, `iq4`, `q5k`); all by default.
+    // `output`, `q4_1`, `iq4`, `q5k`); all by default.
     let sections = [
         "bandwidth",
         "table",
@@ -749,6 +777,7 @@ fn main() {
         "kquants",
         "q4_0",
         "output",
+        "q4_1",
         "iq4",
         "q5k",
     ];
@@ -783,6 +812,9 @@ fn main() {
     }
     if run("output") {
         tied_output(&args);
+    }
+    if run("q4_1") {
+        q4_1(&args);
     }
     if run("iq4") {
         iq4(&args);
