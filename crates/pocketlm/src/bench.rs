@@ -189,9 +189,10 @@ fn forward(
 }
 
 /// `n_gen` decode steps under `constraint`, each as a generation runs them: one forward pass,
-/// the logits copied to the CPU, the grammar's mask and a greedy draw, the drawn token fed
-/// next. When the grammar completes (an end-of-generation token is drawn) a fresh grammar
-/// starts, so that every step is masked.
+/// the grammar's mask and a greedy draw (on the logits' device when
+/// [`crate::device::sample_on_device`] applies, else the logits copied to the CPU), the drawn
+/// token fed next. When the grammar completes (an end-of-generation token is drawn) a fresh
+/// grammar starts, so that every step is masked.
 fn constrained_decode(
     m: &LoadedModel,
     cache: &mut KvCache,
@@ -210,8 +211,13 @@ fn constrained_decode(
     for _ in 0..n_gen {
         let x = Tensor::new(&[id], model.device())?.unsqueeze(0)?;
         let l = forward(model, &x, cache, Logits::Last)?;
-        let l: Vec<f32> = l.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        id = sampler.sample(&l, &[]);
+        id = match crate::device::sample_on_device(&mut sampler, &l, &[])? {
+            Some(id) => id,
+            None => {
+                let l: Vec<f32> = l.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+                sampler.sample(&l, &[])
+            }
+        };
         if let Some(why) = sampler.failure() {
             return Err(crate::constrain::ConstraintError::Rejected(why).into());
         }

@@ -188,9 +188,7 @@ pub fn sample_on_device(
         let Some(plan) = sampler.device_sampling(history, vocab) else {
             return Ok(None);
         };
-        let Some(u) = sampler.next_uniform() else {
-            return Ok(None);
-        };
+        let u = sampler.device_uniform();
         let id = crate::cuda::sample_token(logits, &plan, u)?;
         Ok(Some(sampler.finish_device_draw(id, logits, history, u)?))
     }

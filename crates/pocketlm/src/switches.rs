@@ -4,7 +4,8 @@
 //! `POCKETLM_FUSED_DECODE`, `POCKETLM_KV_F16`, `POCKETLM_FUSED_BATCH`, `POCKETLM_SPLIT_MIXED`,
 //! `POCKETLM_FUSED_ROWS` ([`crate::accel`]), `POCKETLM_CUDA_GRAPH`,
 //! `POCKETLM_CUDA_POOL_KEEP`, `POCKETLM_FLASH_ATTN`, `POCKETLM_FLASH_PIPE`, `POCKETLM_PDL`
-//! (`crate::cuda`, with the `cuda` feature).
+//! (`crate::cuda`, with the `cuda` feature), `POCKETLM_DEVICE_MASK` (`crate::sampling`: a
+//! grammar's mask applied by the GPU sampler).
 
 /// Whether environment variable `name` turns its path off: set to exactly `0`.
 // Every switch is on a `cuda` path; the function is kept (and tested) in all builds.

@@ -317,6 +317,16 @@ impl LogitsProcessor for GrammarMask {
             _ => None,
         }
     }
+
+    /// The mask [`Self::process`] applies, as words (none set once the grammar failed, as
+    /// `process` then sets every logit to `-inf`).
+    fn mask_words(&mut self) -> Option<Vec<u32>> {
+        Some(
+            self.mask()
+                .map(|m| m.as_slice().to_vec())
+                .unwrap_or_default(),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -372,6 +382,41 @@ mod tests {
         assert!(m.failure().is_none());
         // Ids beyond the vocabulary (padded embedding rows) are never allowed.
         assert_eq!(allowed(&mut m, 300), vec![256]);
+    }
+
+    /// `mask_words` (what the GPU sampler applies) lets through the ids `process` leaves
+    /// finite, at every step of a grammar, with ids past the words never allowed; once the
+    /// grammar has failed, none.
+    #[test]
+    fn mask_words_are_the_mask_process_applies() {
+        let tok = bytes_tokenizer();
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let c = Constraint::Regex("a(b|c)d".into());
+        let (mut by_process, mut by_words) = (
+            GrammarMask::new(env.clone(), &c).unwrap(),
+            GrammarMask::new(env, &c).unwrap(),
+        );
+        let from_words = |w: &[u32], n: usize| -> Vec<u32> {
+            (0..n as u32)
+                .filter(|&i| {
+                    w.get(i as usize / 32)
+                        .is_some_and(|&x| x & (1 << (i % 32)) != 0)
+                })
+                .collect()
+        };
+        for next in [b'a', b'c', b'd'] {
+            let want = allowed(&mut by_process, 300);
+            let words = by_words.mask_words().expect("a grammar is a mask");
+            assert_eq!(from_words(&words, 300), want);
+            by_process.accept(next as u32);
+            by_words.accept(next as u32);
+        }
+        assert_eq!(from_words(&by_words.mask_words().unwrap(), 300), vec![256]);
+        // A token the grammar refuses fails it: nothing is allowed after.
+        by_words.accept(b'x' as u32);
+        let words = by_words.mask_words().unwrap();
+        assert!(by_words.failure().is_some());
+        assert!(from_words(&words, 300).is_empty());
     }
 
     /// The single-byte vocabulary (EOS `<|endoftext|>` = 256) with two added tokens as

@@ -783,14 +783,54 @@ fn prefill_timing(dev: &Device) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// A mask for the sampling selftest, as a grammar's: every id below `vocab` but those `≡ 2 (mod
+/// 5)` and `skip` (one of the ids tied at the top), or with `few` only 5 ids (the ids `≡ 1
+/// (mod vocab / 5)`, as a grammar allowing a few tokens).
+struct SelftestMask {
+    vocab: usize,
+    skip: usize,
+    few: bool,
+}
+
+impl SelftestMask {
+    fn allows(&self, i: usize) -> bool {
+        if self.few {
+            return i < self.vocab && i % (self.vocab / 5) == 1;
+        }
+        i < self.vocab && i % 5 != 2 && i != self.skip
+    }
+}
+
+impl crate::sampling::LogitsProcessor for SelftestMask {
+    fn name(&self) -> &str {
+        "selftest mask"
+    }
+    fn process(&mut self, logits: &mut [f32], _history: &[u32]) {
+        for (i, l) in logits.iter_mut().enumerate() {
+            if !self.allows(i) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    fn mask_words(&mut self) -> Option<Vec<u32>> {
+        let mut w = vec![0u32; self.vocab.div_ceil(32)];
+        for i in (0..self.vocab).filter(|&i| self.allows(i)) {
+            w[i / 32] |= 1 << (i % 32);
+        }
+        Some(w)
+    }
+}
+
 /// GPU sampling ([`sample_token`]) vs the CPU chain ([`crate::sampling::Sampler`]) with the
 /// same uniform draws, over vocabularies of real sizes, logits with ties, NaN and infinities,
-/// and the sampler's settings: every drawn id must be equal. Draws the kernel hands back to the
-/// CPU (too many candidates) are counted, not compared. Each draw is made again from the same
-/// logits as a row of a batch's `[2, vocab]` (as `serve` on CUDA samples), which must agree.
+/// and the sampler's settings (greedy ones too, as the top-1 plan), each also under two masks
+/// (as a grammar's, [`SelftestMask`]): every drawn id must be equal. Draws the kernel hands
+/// back to the CPU (too many candidates) are counted, not compared, except under the mask of
+/// few ids, where none may be. Each draw is made again from the same logits as a row of a
+/// batch's `[2, vocab]` (as `serve` on CUDA samples), which must agree.
 fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Result<()> {
     use crate::sampling::{Sampler, SamplingParams};
-    let settings: [(f32, f32, usize, f32, f32); 7] = [
+    let settings: [(f32, f32, usize, f32, f32); 9] = [
         // (temperature, top_p, top_k, min_p, repetition penalty)
         (0.7, 0.9, 40, 0.0, 1.0),
         (0.7, 0.9, 40, 0.05, 1.3),
@@ -799,6 +839,10 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
         (0.8, 1.0, 10, 0.0, 1.0),
         (1.2, 0.95, 0, 0.0, 1.0),
         (0.6, 1.0, 0, 0.1, 1.1),
+        // Greedy: the top-1 plan under a mask or a repetition penalty (plain greedy takes the
+        // argmax path and is skipped).
+        (0.0, 1.0, 0, 0.0, 1.0),
+        (0.0, 1.0, 0, 0.0, 1.3),
     ];
     let params_of =
         |si: usize, &(temperature, top_p, top_k, min_p, pen): &(f32, f32, usize, f32, f32)| {
@@ -841,12 +885,22 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
             .take(3)
             .for_each(|&i| logits[i as usize] = spread * 1.4);
         let lt = Tensor::from_vec(logits.clone(), vocab, dev)?;
-        // A batch's rows drawn in one launch (`sample_tokens`) equal each row drawn alone.
+        let skip = vocab / 3;
+        // mask 0: none; 1: most ids; 2: five ids.
+        let sampler = |si: usize, mask: usize| -> Result<Sampler> {
+            let s = Sampler::new(params_of(si, &settings[si]))?;
+            Ok(if mask > 0 {
+                let few = mask == 2;
+                s.with_processor(Box::new(SelftestMask { vocab, skip, few }))
+            } else {
+                s
+            })
+        };
+        // A batch's rows drawn in one launch (`sample_tokens`) equal each row drawn alone
+        // (every other setting under the mask).
         let mut plans = Vec::new();
-        for (si, setting) in settings.iter().enumerate() {
-            if let Some(plan) =
-                Sampler::new(params_of(si, setting))?.device_sampling(&history, vocab)
-            {
+        for si in 0..settings.len() {
+            if let Some(plan) = sampler(si, si % 3)?.device_sampling(&history, vocab) {
                 plans.push(plan);
             }
         }
@@ -875,8 +929,9 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
         // The same logits as row 1 of a batch's `[2, vocab]` (starting inside the buffer).
         let batch = Tensor::stack(&[&lt.neg()?, &lt], 0)?;
         let row = batch.narrow(0, 1, 1)?;
-        for (si, &(temperature, top_p, top_k, min_p, pen)) in settings.iter().enumerate() {
-            let mut cpu = Sampler::new(params_of(si, &settings[si]))?;
+        for (si, mask) in (0..3 * settings.len()).map(|k| (k / 3, k % 3)) {
+            let (temperature, top_p, top_k, min_p, pen) = settings[si];
+            let mut cpu = sampler(si, mask)?;
             let Some(plan) = cpu.device_sampling(&history, vocab) else {
                 continue;
             };
@@ -896,11 +951,14 @@ fn sample_selftest(dev: &Device, lines: &mut Vec<String>, ok: &mut bool) -> Resu
                     None => fallback += 1,
                 }
             }
-            let pass = equal + fallback == total;
+            let pass = equal + fallback == total && (mask < 2 || fallback == 0);
             *ok &= pass;
             lines.push(format!(
                 "{:<62} equal {equal}/{total} (cpu fallback {fallback}) {}",
-                format!("sample V={vocab} t{temperature} p{top_p} k{top_k} minp{min_p} rep{pen}"),
+                format!(
+                    "sample V={vocab} t{temperature} p{top_p} k{top_k} minp{min_p} rep{pen}{}",
+                    ["", " mask", " mask5"][mask]
+                ),
                 if pass { "PASS" } else { "FAIL" }
             ));
         }

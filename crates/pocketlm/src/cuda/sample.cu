@@ -1,6 +1,7 @@
-// Token sampling on the GPU (src/cuda/sample.rs): the chain of src/sampling.rs (sanitize,
-// repetition penalty, log-softmax when top-p is on, top-k, min-p, top-p, temperature, then one
-// draw by inverse CDF in token-id order) in one kernel of one 1024-thread block, with no sort of
+// Token sampling on the GPU (src/cuda/sample.rs): the chain of src/sampling.rs (sanitize, an
+// added mask such as a grammar's, repetition penalty, log-softmax when top-p is on, top-k,
+// min-p, top-p, temperature, then one draw by inverse CDF in token-id order) in one kernel of
+// one 1024-thread block, with no sort of
 // the vocabulary: the filters keep a prefix of the ranking (larger value first, lower id on
 // ties), so a histogram of the distance to the top logit picks a threshold, the tokens above it
 // (a few hundred) are gathered and sorted in shared memory, and the kept prefix is found on them.
@@ -97,9 +98,11 @@ __device__ void bitonic(float *v, unsigned *id, int n) {
 // pen_ids [n_pen]: distinct ids < n whose logit the repetition penalty rewrites (x < 0: x *
 // penalty, else x / penalty). top_k 0: off; top_p >= 1: off (and no log-softmax); ln_min_p
 // -inf: min-p off (else ln(min_p), computed by the caller as the CPU does); inv_temp = 1 / T;
-// u in [0, 1) the uniform draw.
+// u in [0, 1) the uniform draw. mask (may be null): ceil(n / 32) words, bit i % 32 of word i / 32
+// set when id i may be drawn (a grammar's mask; the others are -inf from the start).
 __device__ __forceinline__ void sample_row(const float *__restrict__ logits,
                                            float *__restrict__ work, int n,
+                                           const unsigned *__restrict__ mask,
                                            const unsigned *__restrict__ pen_ids, int n_pen,
                                            float penalty, int top_k, float top_p,
                                            float ln_min_p, float inv_temp, double u,
@@ -114,8 +117,13 @@ __device__ __forceinline__ void sample_row(const float *__restrict__ logits,
   __shared__ int s_count, s_keep, s_bin;
   const int tid = threadIdx.x, nt = blockDim.x;
   const bool use_p = top_p < 1.f;
-  // 1. sanitize, penalty; the top value and the drawable count.
-  for_each(logits, n, [&](int i, float x) { work[i] = sanitize(x); });
+  // 1. sanitize, the mask, penalty; the top value and the drawable count.
+  if (mask)
+    for_each(logits, n, [&](int i, float x) {
+      work[i] = (mask[i >> 5] >> (i & 31)) & 1u ? sanitize(x) : -INFINITY;
+    });
+  else
+    for_each(logits, n, [&](int i, float x) { work[i] = sanitize(x); });
   __syncthreads();
   for (int j = tid; j < n_pen; j += nt) {
     const float l = work[pen_ids[j]];
@@ -245,7 +253,9 @@ __device__ __forceinline__ void sample_row(const float *__restrict__ logits,
     stop = min(stop + 1, SAMPLE_BINS - 1);
     const int count = hist[stop];
     s_bin = stop;
-    s_count = stop == SAMPLE_BINS - 1 || count > SAMPLE_CAP ? -1 : count;
+    // The last bin holds every value from SAMPLE_RANGE below the top on: reaching it gathers
+    // every drawable token, which fits when few are left (a grammar's mask).
+    s_count = count > SAMPLE_CAP ? -1 : count;
     s_keep = 0;
     // The log-softmax's log-sum-exp (top-p only): max + ln(sum of exp(x - max)).
     redd[0] = (double)mx + log(total);
@@ -332,16 +342,18 @@ __device__ __forceinline__ void sample_row(const float *__restrict__ logits,
 // (its first n values; stride a multiple of 4, for for_each's 16-byte loads) is drawn as
 // sample_row draws it alone, with work [rows, stride] scratch and params [rows, 8] u32: the
 // first of its penalized ids in pen_ids, their count, penalty (f32 bits), top_k, top_p (f32
-// bits), ln_min_p (f32 bits), inv_temp (f32 bits), unused; us[r] its draw; out[2r],
-// out[2r + 1] its id and status.
+// bits), ln_min_p (f32 bits), inv_temp (f32 bits), and its mask (0: none; m > 0: words
+// (m - 1) * ceil(n / 32) .. of masks); us[r] its draw; out[2r], out[2r + 1] its id and status.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_tokens(const float *__restrict__ logits, long long stride, float *__restrict__ work,
                   int n, const unsigned *__restrict__ pen_ids,
                   const unsigned *__restrict__ params, const double *__restrict__ us,
-                  unsigned *__restrict__ out) {
+                  const unsigned *__restrict__ masks, unsigned *__restrict__ out) {
   const int r = blockIdx.x;
   const unsigned *p = params + 8 * r;
-  sample_row(logits + (long long)r * stride, work + (long long)r * stride, n, pen_ids + p[0],
-             (int)p[1], __uint_as_float(p[2]), (int)p[3], __uint_as_float(p[4]),
-             __uint_as_float(p[5]), __uint_as_float(p[6]), us[r], out + 2 * r);
+  const unsigned *mask = p[7] ? masks + (size_t)(p[7] - 1) * ((n + 31) / 32) : nullptr;
+  sample_row(logits + (long long)r * stride, work + (long long)r * stride, n, mask,
+             pen_ids + p[0], (int)p[1], __uint_as_float(p[2]), (int)p[3],
+             __uint_as_float(p[4]), __uint_as_float(p[5]), __uint_as_float(p[6]), us[r],
+             out + 2 * r);
 }

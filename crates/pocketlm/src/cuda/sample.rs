@@ -71,7 +71,19 @@ pub fn sample_tokens(
     }
     let mut pen: Vec<u32> = Vec::new();
     let mut params: Vec<u32> = Vec::with_capacity(8 * rows);
+    // The masked rows' masks, each ceil(n / 32) words (ids past a mask's words not allowed).
+    let words = n.div_ceil(32);
+    let mut masks: Vec<u32> = Vec::new();
     for (d, _) in draws {
+        let mask = match &d.mask {
+            Some(m) => {
+                let at = masks.len();
+                masks.extend(m.iter().take(words));
+                masks.resize(at + words, 0);
+                (at / words + 1) as u32
+            }
+            None => 0,
+        };
         params.extend_from_slice(&[
             pen.len() as u32,
             d.penalized.len() as u32,
@@ -80,12 +92,15 @@ pub fn sample_tokens(
             d.top_p.to_bits(),
             d.ln_min_p.to_bits(),
             d.inv_temp.to_bits(),
-            0,
+            mask,
         ]);
         pen.extend_from_slice(&d.penalized);
     }
     if pen.is_empty() {
         pen.push(0);
+    }
+    if masks.is_empty() {
+        masks.push(0);
     }
     let us: Vec<f64> = draws.iter().map(|&(_, u)| u).collect();
     let stream = dev.cuda_stream();
@@ -94,6 +109,7 @@ pub fn sample_tokens(
     let pen = stream.clone_htod(&pen).w()?;
     let params = stream.clone_htod(&params).w()?;
     let us = stream.clone_htod(&us).w()?;
+    let masks = stream.clone_htod(&masks).w()?;
     let out = dev.alloc_zeros::<u32>(2 * rows)?;
     {
         let (s, lay) = l.storage_and_layout();
@@ -105,11 +121,12 @@ pub fn sample_tokens(
         let off = lay.start_offset();
         let lv = s.as_cuda_slice::<f32>()?.slice(off..off + rows * stride);
         let lp = lv.device_ptr(&stream).0;
-        let (wp, pp, prp, up, op) = (
+        let (wp, pp, prp, up, mp, op) = (
             work.device_ptr(&stream).0,
             pen.device_ptr(&stream).0,
             params.device_ptr(&stream).0,
             us.device_ptr(&stream).0,
+            masks.device_ptr(&stream).0,
             out.device_ptr(&stream).0,
         );
         let (ni, st) = (n as i32, stride as i64);
@@ -121,6 +138,7 @@ pub fn sample_tokens(
         b.arg(&pp);
         b.arg(&prp);
         b.arg(&up);
+        b.arg(&mp);
         b.arg(&op);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),

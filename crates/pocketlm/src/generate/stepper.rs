@@ -349,7 +349,7 @@ impl TokenState {
             let h = [&self.history[..], &self.unfed[..]].concat();
             self.sampler.device_sampling(&h, vocab)
         }?;
-        let u = self.sampler.next_uniform()?;
+        let u = self.sampler.device_uniform();
         Some(DevicePick::Sample(plan, u))
     }
 
@@ -363,7 +363,7 @@ impl TokenState {
                     let id = self
                         .sampler
                         .finish_device_draw(id, logits, &self.history, u)?;
-                    return Ok(Token { id, logprobs: None });
+                    return self.drawn_on_device(id);
                 }
                 (DevicePick::Argmax, None) => {}
             }
@@ -380,11 +380,22 @@ impl TokenState {
             if let Some(id) =
                 crate::device::sample_on_device(&mut self.sampler, logits, &self.history)?
             {
-                return Ok(Token { id, logprobs: None });
+                return self.drawn_on_device(id);
             }
         }
         let l: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
         self.choose_from(&l)
+    }
+
+    /// The token `id` the sampler's chain drew on the device.
+    ///
+    /// Errors: [`crate::constrain::ConstraintError::Rejected`] when a processor (a grammar
+    /// whose mask went to the device) reports a failure, as [`Self::choose_from`].
+    fn drawn_on_device(&mut self, id: u32) -> Result<Token> {
+        if let Some(why) = self.sampler.failure() {
+            return Err(crate::constrain::ConstraintError::Rejected(why).into());
+        }
+        Ok(Token { id, logprobs: None })
     }
 
     /// Chooses a token from `logits` (`[vocab]` f32 raw logits).
@@ -684,6 +695,92 @@ mod tests {
         let mut lp = TokenState::new(ModelInput::text(vec![1]), sampler(0.7), Some(2));
         lp.next_need().expect("need");
         assert!(lp.device_pick(vocab).is_none());
+    }
+
+    /// The same with a grammar in the chain: its mask goes to the device with the plan
+    /// (`mask_words`), the kernel's CPU mirror ([`crate::sampling::prefix_sample`]) draws
+    /// what a plain `accept` draws, and every token keeps to the grammar.
+    #[test]
+    fn device_picks_with_a_grammar_keep_the_sequences_draws() {
+        use crate::constrain::{Constraint, GrammarEnv, GrammarMask};
+        let tok = crate::tokenizer::Tokenizer::from_gguf_metadata(
+            &crate::tokenizer::test_util::single_byte_gpt2(),
+        )
+        .expect("tokenizer");
+        let env = GrammarEnv::for_tokenizer(&tok).expect("grammar env");
+        let vocab = 257;
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k: 20,
+            seed: Some(8),
+            ..Default::default()
+        };
+        let state = || {
+            let c = Constraint::Regex("[a-e]{40}".into());
+            let mask = GrammarMask::new(env.clone(), &c).expect("grammar");
+            let s = Sampler::new(params.clone())
+                .expect("valid")
+                .with_processor(Box::new(mask));
+            TokenState::new(ModelInput::text(vec![b'x' as u32]), s, None)
+        };
+        let (mut plain, mut split) = (state(), state());
+        let mut last = b'x' as u32;
+        for step in 0..24 {
+            for st in [&mut plain, &mut split] {
+                st.next_need().expect("need");
+            }
+            let raw = random_logits(vocab, last as u64);
+            let l = Tensor::new(raw.as_slice(), &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("row");
+            let want = if step == 0 {
+                plain.accept_prefill(&l, PrefillStats::default(), Instant::now())
+            } else {
+                plain.accept(&l)
+            }
+            .expect("plain")
+            .id;
+            assert!((b'a'..=b'e').contains(&(want as u8)), "step {step}: {want}");
+            let pick = split
+                .device_pick(vocab)
+                .expect("a masked chain runs on a GPU");
+            let DevicePick::Sample(ref plan, u) = pick else {
+                panic!("a sampled chain picked {pick:?}");
+            };
+            assert!(plan.mask.is_some());
+            // Odd steps: the kernel's draw (its CPU mirror); even: left to the CPU.
+            let id = (step % 2 == 1).then(|| crate::sampling::prefix_sample(&raw, plan, u));
+            assert!(id.is_none_or(|id| id == want), "step {step}");
+            let drawn = Some(DeviceDrawn { pick, id });
+            let got = if step == 0 {
+                split.accept_prefill_drawn(&l, PrefillStats::default(), Instant::now(), drawn)
+            } else {
+                split.accept_drawn(&l, drawn)
+            }
+            .expect("split")
+            .id;
+            assert_eq!(got, want, "step {step}");
+            last = want;
+        }
+        // A drawn token the grammar refuses fails it; the next draw made on the device reports
+        // that as the CPU path does.
+        split.next_need().expect("need");
+        let l = Tensor::new(random_logits(vocab, 1).as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("row");
+        let pick = split.device_pick(vocab).expect("pick");
+        let bad = Some(DeviceDrawn {
+            pick,
+            id: Some(b'z' as u32),
+        });
+        split.accept_drawn(&l, bad).expect("taken as drawn");
+        split.next_need().expect("need");
+        let pick = split.device_pick(vocab).expect("pick");
+        let drawn = Some(DeviceDrawn { pick, id: Some(0) });
+        let e = split
+            .accept_drawn(&l, drawn)
+            .expect_err("the grammar failed");
+        assert!(matches!(e, crate::Error::Constraint(_)), "{e}");
     }
 
     #[test]

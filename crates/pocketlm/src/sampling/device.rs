@@ -28,6 +28,10 @@ pub struct DeviceSampling {
     pub ln_min_p: f32,
     /// `1 / temperature` in f32, as [`super::apply_temperature`] multiplies.
     pub inv_temp: f32,
+    /// The ids the processors added to the chain let through (a grammar's mask,
+    /// [`super::LogitsProcessor::mask_words`], several intersected): bit `i % 32` of word
+    /// `i / 32` set when id `i` may be drawn, ids past the words not; `None`: every id.
+    pub mask: Option<Vec<u32>>,
 }
 
 /// How a sequence's next token is drawn on a GPU ([`crate::generate::TokenState`]'s `device_pick`).
@@ -57,19 +61,24 @@ impl DeviceSampling {
 
 impl Sampler {
     /// The chain as [`DeviceSampling`] for a step with `history` (prompt and generated ids,
-    /// oldest first) over `vocab` logits; `None` when it is greedy (the argmax path applies) or
-    /// holds a link the kernel does not run (presence/frequency penalties, logit biases, an
-    /// added processor such as a grammar mask).
-    pub fn device_sampling(&self, history: &[u32], vocab: usize) -> Option<DeviceSampling> {
+    /// oldest first) over `vocab` logits; `None` when it is the plain argmax (the argmax path
+    /// applies) or holds a link the kernel does not run (presence/frequency penalties, logit
+    /// biases, an added processor that is not a mask). An added mask (a grammar) is asked for
+    /// this step's ids ([`super::LogitsProcessor::mask_words`]) in place of its `process`. A
+    /// greedy chain with a mask or a repetition penalty is the kernel's top-1 (top-k 1: the
+    /// largest value, the lowest id on ties, as [`super::argmax`]; the draw does not matter).
+    pub fn device_sampling(&mut self, history: &[u32], vocab: usize) -> Option<DeviceSampling> {
         let p = &self.params;
-        if self.rng.is_none()
-            || self.added > 0
+        if self.is_plain_argmax()
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
             || !p.logit_bias.is_empty()
         {
             return None;
         }
+        let mask = self.added_mask()?;
+        let greedy = self.rng.is_none();
+        let p = &self.params;
         let penalized = if p.repetition_penalty != 1.0 {
             let start = history.len().saturating_sub(p.repetition_context_size);
             let mut ids: Vec<u32> = history[start..]
@@ -84,6 +93,17 @@ impl Sampler {
             Vec::new()
         };
         let temp = p.temperature;
+        if greedy {
+            return Some(DeviceSampling {
+                penalty: p.repetition_penalty,
+                penalized,
+                top_k: 1,
+                top_p: 1.0,
+                ln_min_p: f32::NEG_INFINITY,
+                inv_temp: 1.0,
+                mask,
+            });
+        }
         Some(DeviceSampling {
             penalty: p.repetition_penalty,
             penalized,
@@ -103,7 +123,27 @@ impl Sampler {
             } else {
                 1.0 / temp
             },
+            mask,
         })
+    }
+
+    /// The added processors' ids as one mask (each one's
+    /// [`super::LogitsProcessor::mask_words`], intersected): `Some(None)` with none added,
+    /// `None` when one of them is not a mask.
+    fn added_mask(&mut self) -> Option<Option<Vec<u32>>> {
+        if self.added > 0 && crate::switches::switched_off("POCKETLM_DEVICE_MASK") {
+            return None;
+        }
+        let first = self.insert_at - self.added;
+        let mut mask: Option<Vec<u32>> = None;
+        for p in &mut self.chain[first..self.insert_at] {
+            let w = p.mask_words()?;
+            mask = Some(match mask {
+                None => w,
+                Some(m) => m.iter().zip(&w).map(|(a, b)| a & b).collect(),
+            });
+        }
+        Some(mask)
     }
 
     /// The uniform draw of the next token (`[0, 1)` from the sampler's seeded generator), for
@@ -112,6 +152,12 @@ impl Sampler {
     pub fn next_uniform(&mut self) -> Option<f64> {
         use rand::Rng;
         self.rng.as_mut().map(|r| r.random::<f64>())
+    }
+
+    /// The draw a step on the device takes: [`Self::next_uniform`], or `0` for a greedy chain
+    /// (its top-1 plan does not use it; none is taken from the generator).
+    pub(crate) fn device_uniform(&mut self) -> f64 {
+        self.next_uniform().unwrap_or(0.0)
     }
 
     /// [`Sampler::sample`] with the draw `u` (`[0, 1)`) given instead of taken from the
@@ -160,13 +206,20 @@ impl Sampler {
 }
 
 /// The GPU kernel's algorithm on the CPU (see the module docs): `logits: [vocab]` raw f32, the
-/// chain `d`, the draw `u` in `[0, 1)` -> the token id. Sanitize and penalty, the log-softmax
-/// values when top-p is on, the full ranking, the kept prefix (top-k, then min-p against the
-/// top value, then top-p on the mass ranked above), then temperature and the inverse-CDF draw
-/// in id order.
+/// chain `d`, the draw `u` in `[0, 1)` -> the token id. Sanitize, the mask and the penalty,
+/// the log-softmax values when top-p is on, the full ranking, the kept prefix (top-k, then
+/// min-p against the top value, then top-p on the mass ranked above), then temperature and the
+/// inverse-CDF draw in id order.
 pub fn prefix_sample(logits: &[f32], d: &DeviceSampling, u: f64) -> u32 {
     let mut x = logits.to_vec();
     sanitize(&mut x);
+    if let Some(m) = &d.mask {
+        for (i, v) in x.iter_mut().enumerate() {
+            if m.get(i / 32).is_none_or(|&w| w & (1 << (i % 32)) == 0) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
     if d.penalty != 1.0 {
         apply_repetition_penalty(&mut x, &d.penalized, d.penalty, usize::MAX);
     }
@@ -230,6 +283,29 @@ mod tests {
         }
     }
 
+    /// A mask processor for tests: lets through the ids of a set.
+    pub(crate) struct Allowed(pub(crate) Vec<u32>);
+
+    impl crate::sampling::LogitsProcessor for Allowed {
+        fn name(&self) -> &str {
+            "allowed"
+        }
+        fn process(&mut self, logits: &mut [f32], _history: &[u32]) {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if !self.0.contains(&(i as u32)) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        fn mask_words(&mut self) -> Option<Vec<u32>> {
+            let mut w = vec![0u32; self.0.iter().max().map_or(0, |&m| m as usize / 32 + 1)];
+            for &i in &self.0 {
+                w[i as usize / 32] |= 1 << (i % 32);
+            }
+            Some(w)
+        }
+    }
+
     #[test]
     fn prefix_algorithm_draws_what_the_chain_draws() {
         let mut rng = StdRng::seed_from_u64(17);
@@ -245,10 +321,55 @@ mod tests {
                 .collect();
             let history: Vec<u32> = (0..30).map(|_| rng.random_range(0..n as u32 + 3)).collect();
             let mut sampler = Sampler::new(params(trial)).unwrap();
+            // Every third trial with a mask (a grammar's), some with two intersected.
+            if trial % 3 == 1 {
+                let ids: Vec<u32> = (0..n as u32).filter(|i| i % 3 != 0).collect();
+                sampler = sampler.with_processor(Box::new(Allowed(ids)));
+                if trial % 2 == 1 {
+                    let ids: Vec<u32> = (0..n as u32 / 2).collect();
+                    sampler = sampler.with_processor(Box::new(Allowed(ids)));
+                }
+            }
             let d = sampler.device_sampling(&history, n).expect("device-able");
+            assert_eq!(d.mask.is_some(), trial % 3 == 1);
             for _ in 0..4 {
                 let u: f64 = rng.random();
                 let want = sampler.sample_with_uniform(&logits, &history, u);
+                assert_eq!(prefix_sample(&logits, &d, u), want, "trial {trial} u {u}");
+            }
+        }
+    }
+
+    /// A greedy chain with a mask or a repetition penalty, as the kernel's top-1 plan, picks
+    /// the argmax the CPU chain picks, whatever the draw.
+    #[test]
+    fn the_top_1_plan_of_a_greedy_chain_is_its_argmax() {
+        let mut rng = StdRng::seed_from_u64(23);
+        for trial in 0..60 {
+            let n = [5usize, 300, 5000][trial % 3];
+            let logits: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..20) {
+                    0 => 2.5, // ties at the top
+                    1 => f32::NAN,
+                    _ => rng.random_range(-3.0f32..3.0),
+                })
+                .collect();
+            let history: Vec<u32> = (0..20).map(|_| rng.random_range(0..n as u32)).collect();
+            let mut sampler = Sampler::new(SamplingParams {
+                repetition_penalty: [1.0f32, 1.4][trial % 2],
+                repetition_context_size: 8,
+                ..SamplingParams::default()
+            })
+            .unwrap();
+            if trial % 2 == 0 || trial % 3 == 0 {
+                let ids: Vec<u32> = (0..n as u32)
+                    .filter(|i| i % 4 != trial as u32 % 4)
+                    .collect();
+                sampler = sampler.with_processor(Box::new(Allowed(ids)));
+            }
+            let d = sampler.device_sampling(&history, n).expect("device-able");
+            let want = sampler.sample(&logits, &history);
+            for u in [0.0, 0.5, 0.999] {
                 assert_eq!(prefix_sample(&logits, &d, u), want, "trial {trial} u {u}");
             }
         }
@@ -298,17 +419,41 @@ mod tests {
         .device_sampling(&[], 100)
         .unwrap();
         assert!(!off.filters());
-        let greedy = Sampler::new(SamplingParams::default()).unwrap();
+        let mut greedy = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(greedy.device_sampling(&[], 100), None);
-        let biased = Sampler::new(SamplingParams {
+        let mut biased = Sampler::new(SamplingParams {
             logit_bias: vec![(1, 2.0)],
             ..p.clone()
         })
         .unwrap();
         assert_eq!(biased.device_sampling(&[], 100), None);
-        let masked = Sampler::new(p)
+        // An added processor that is not a mask keeps the draw on the CPU; masks intersect.
+        let mut other = Sampler::new(p.clone())
             .unwrap()
             .with_processor(Box::new(super::super::processors::Sanitize));
-        assert_eq!(masked.device_sampling(&[], 100), None);
+        assert_eq!(other.device_sampling(&[], 100), None);
+        let mut masked = Sampler::new(p)
+            .unwrap()
+            .with_processor(Box::new(Allowed(vec![1, 3, 40])))
+            .with_processor(Box::new(Allowed(vec![3, 40, 70])));
+        let m = masked.device_sampling(&[], 100).unwrap().mask;
+        assert_eq!(m, Some(vec![1 << 3, 1 << 8]));
+        // Greedy with a mask or a repetition penalty: the top-1 plan.
+        let mut greedy_masked = Sampler::new(SamplingParams::default())
+            .unwrap()
+            .with_processor(Box::new(Allowed(vec![2])));
+        let d = greedy_masked.device_sampling(&[], 100).unwrap();
+        assert_eq!((d.top_k, d.top_p, d.inv_temp), (1, 1.0, 1.0));
+        assert_eq!(d.mask, Some(vec![1 << 2]));
+        let mut greedy_penalty = Sampler::new(SamplingParams {
+            repetition_penalty: 1.5,
+            ..SamplingParams::default()
+        })
+        .unwrap();
+        let d = greedy_penalty.device_sampling(&[7], 100).unwrap();
+        assert_eq!(
+            (d.top_k, d.penalized.as_slice(), d.mask),
+            (1, &[7][..], None)
+        );
     }
 }

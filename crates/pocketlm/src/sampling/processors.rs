@@ -35,6 +35,14 @@ pub trait LogitsProcessor: Send {
     fn failure(&self) -> Option<String> {
         None
     }
+    /// This step's effect when the processor is a mask and nothing else (a grammar): the ids it
+    /// lets through as bits (bit `i % 32` of word `i / 32` set when id `i` may be drawn; ids
+    /// past the words may not), so that the mask can be applied where the logits are (the GPU
+    /// sampler) in place of [`Self::process`]; asked instead of `process`, at most once a step.
+    /// `None` (the default): not a mask, the logits must go through `process`.
+    fn mask_words(&mut self) -> Option<Vec<u32>> {
+        None
+    }
 }
 
 /// [`sanitize`]: NaN to `-inf`, `+inf` to `f32::MAX`. Always the first link.
