@@ -1265,6 +1265,33 @@ mod tests {
         (0..n).map(|_| rng.random_range(0..256)).collect()
     }
 
+    /// A cache per prompt, each holding its prompt (prefilled by `m`).
+    fn prefilled(m: &dyn CausalLM, prompts: &[Vec<u32>]) -> Vec<KvCache> {
+        prompts
+            .iter()
+            .map(|p| {
+                let mut c = m.new_cache();
+                crate::models::prefill_text(m, p, &mut c, 512).expect("prefill");
+                c
+            })
+            .collect()
+    }
+
+    /// The batch rows feeding `feeds[i]` to `caches[i]`.
+    fn rows_of<'a, F: AsRef<[u32]>>(
+        caches: &'a mut [KvCache],
+        feeds: &'a [F],
+    ) -> Vec<BatchRow<'a>> {
+        caches
+            .iter_mut()
+            .zip(feeds)
+            .map(|(cache, ids)| BatchRow {
+                ids: ids.as_ref(),
+                cache,
+            })
+            .collect()
+    }
+
     fn params(max_tokens: usize, sampling: SamplingParams) -> GenerateParams {
         GenerateParams {
             max_tokens,
@@ -1410,30 +1437,13 @@ mod tests {
         let m = m.as_ref();
         let prompts = [prompt(3, 11), prompt(9, 12), prompt(5, 13), prompt(7, 14)];
         let feeds: [Vec<u32>; 4] = [vec![7], prompt(4, 15), vec![9], prompt(6, 16)];
-        let caches = || -> Vec<KvCache> {
-            prompts
-                .iter()
-                .map(|p| {
-                    let mut c = m.new_cache();
-                    crate::models::prefill_text(m, p, &mut c, 512).expect("prefill");
-                    c
-                })
-                .collect()
-        };
+        let caches = || prefilled(m, &prompts);
         let (mut whole, mut split) = (caches(), caches());
-        let mut rows: Vec<BatchRow<'_>> = whole
-            .iter_mut()
-            .zip(&feeds)
-            .map(|(cache, ids)| BatchRow { ids, cache })
-            .collect();
+        let mut rows = rows_of(&mut whole, &feeds);
         let reference = m.forward_batch(&mut rows).expect("one pass");
         drop(rows);
         let mut groups = Vec::new();
-        let mut rows: Vec<BatchRow<'_>> = split
-            .iter_mut()
-            .zip(&feeds)
-            .map(|(cache, ids)| BatchRow { ids, cache })
-            .collect();
+        let mut rows = rows_of(&mut split, &feeds);
         let out = crate::models::forward_split(
             &mut rows,
             |one| {
@@ -1490,34 +1500,17 @@ mod tests {
         let m = tiny_llama(true);
         let m = m.as_ref();
         let prompts = [prompt(3, 21), prompt(9, 22), prompt(5, 23), prompt(7, 24)];
-        let caches = || -> Vec<KvCache> {
-            prompts
-                .iter()
-                .map(|p| {
-                    let mut c = m.new_cache();
-                    crate::models::prefill_text(m, p, &mut c, 512).expect("prefill");
-                    c
-                })
-                .collect()
-        };
+        let caches = || prefilled(m, &prompts);
         let feeds = [[7u32], [9], [11], [13]];
         let mut whole = caches();
-        let mut rows: Vec<BatchRow<'_>> = whole
-            .iter_mut()
-            .zip(&feeds)
-            .map(|(cache, ids)| BatchRow { ids, cache })
-            .collect();
+        let mut rows = rows_of(&mut whole, &feeds);
         let reference = m.forward_batch(&mut rows).expect("one pass");
         drop(rows);
         // Every row stepped alone, then the step refusing the third row: the last two go
         // through `rest` together.
         for refuse in [None, Some(2usize)] {
             let mut each = caches();
-            let mut rows: Vec<BatchRow<'_>> = each
-                .iter_mut()
-                .zip(&feeds)
-                .map(|(cache, ids)| BatchRow { ids, cache })
-                .collect();
+            let mut rows = rows_of(&mut each, &feeds);
             let (mut stepped, mut rest_rows) = (0usize, Vec::new());
             let out = crate::models::forward_each(
                 &mut rows,
@@ -1547,11 +1540,7 @@ mod tests {
         }
         // A step giving two rows for one.
         let mut each = caches();
-        let mut rows: Vec<BatchRow<'_>> = each
-            .iter_mut()
-            .zip(&feeds)
-            .map(|(cache, ids)| BatchRow { ids, cache })
-            .collect();
+        let mut rows = rows_of(&mut each, &feeds);
         let e = crate::models::forward_each(
             &mut rows[..2],
             |_| {

@@ -626,6 +626,33 @@ mod tests {
         .expect("valid")
     }
 
+    /// The token `st` chooses from `l` at `step` (`accept_prefill` at step 0, `accept` after).
+    fn accept_at(st: &mut TokenState, step: usize, l: &Tensor) -> u32 {
+        if step == 0 {
+            st.accept_prefill(l, PrefillStats::default(), Instant::now())
+        } else {
+            st.accept(l)
+        }
+        .expect("accept")
+        .id
+    }
+
+    /// The same for a draw made on the device (`accept_prefill_drawn` / `accept_drawn`).
+    fn accept_drawn_at(
+        st: &mut TokenState,
+        step: usize,
+        l: &Tensor,
+        drawn: Option<DeviceDrawn>,
+    ) -> u32 {
+        if step == 0 {
+            st.accept_prefill_drawn(l, PrefillStats::default(), Instant::now(), drawn)
+        } else {
+            st.accept_drawn(l, drawn)
+        }
+        .expect("accept drawn")
+        .id
+    }
+
     /// A batch's draw made on the device ([`TokenState::device_pick`], then the result handed
     /// to `accept_drawn`): the kernel's ids are taken as drawn, and a row the kernel leaves to
     /// the CPU draws, with the uniform the pick took, the token a plain `accept` draws.
@@ -656,13 +683,7 @@ mod tests {
                 ));
             }
             let l = logits(last).expect("tensor").unsqueeze(0).expect("row");
-            let want = if step == 0 {
-                plain.accept_prefill(&l, PrefillStats::default(), Instant::now())
-            } else {
-                plain.accept(&l)
-            }
-            .expect("plain")
-            .id;
+            let want = accept_at(&mut plain, step, &l);
             let pick = split.device_pick(vocab).expect("the chain runs on a GPU");
             let DevicePick::Sample(ref plan, _) = pick else {
                 panic!("a sampled chain picked {pick:?}");
@@ -674,13 +695,7 @@ mod tests {
             // Even steps: the kernel left the row to the CPU; odd: it drew `want` itself.
             let id = (step % 2 == 1).then_some(want);
             let drawn = Some(DeviceDrawn { pick, id });
-            let got = if step == 0 {
-                split.accept_prefill_drawn(&l, PrefillStats::default(), Instant::now(), drawn)
-            } else {
-                split.accept_drawn(&l, drawn)
-            }
-            .expect("split")
-            .id;
+            let got = accept_drawn_at(&mut split, step, &l, drawn);
             assert_eq!(got, want, "step {step}");
             last = want;
         }
@@ -733,13 +748,7 @@ mod tests {
             let l = Tensor::new(raw.as_slice(), &Device::Cpu)
                 .and_then(|t| t.unsqueeze(0))
                 .expect("row");
-            let want = if step == 0 {
-                plain.accept_prefill(&l, PrefillStats::default(), Instant::now())
-            } else {
-                plain.accept(&l)
-            }
-            .expect("plain")
-            .id;
+            let want = accept_at(&mut plain, step, &l);
             assert!((b'a'..=b'e').contains(&(want as u8)), "step {step}: {want}");
             let pick = split
                 .device_pick(vocab)
@@ -752,13 +761,7 @@ mod tests {
             let id = (step % 2 == 1).then(|| crate::sampling::prefix_sample(&raw, plan, u));
             assert!(id.is_none_or(|id| id == want), "step {step}");
             let drawn = Some(DeviceDrawn { pick, id });
-            let got = if step == 0 {
-                split.accept_prefill_drawn(&l, PrefillStats::default(), Instant::now(), drawn)
-            } else {
-                split.accept_drawn(&l, drawn)
-            }
-            .expect("split")
-            .id;
+            let got = accept_drawn_at(&mut split, step, &l, drawn);
             assert_eq!(got, want, "step {step}");
             last = want;
         }
