@@ -12,7 +12,9 @@
 //! grammar forces (llguidance's fast-forward tokens), else the end-of-generation token once
 //! the grammar accepts, else the first allowed of the closing tokens ([`closing_tokens`]:
 //! a string's end with the brackets after it, then brackets, then `0`), else the allowed token
-//! of fewest bytes that is not whitespace (lowest id on ties).
+//! of fewest bytes that is not whitespace (lowest id on ties). A `0` is not taken where a
+//! second `0` could follow it: there the walk is inside a number (JSON allows no `00` at a
+//! number's start), which a `0` would only lengthen.
 
 use llguidance::Matcher;
 use toktrie::{SimpleVob, TokTrie};
@@ -90,6 +92,7 @@ pub fn closing_path(
 ) -> Option<Vec<u32>> {
     let mut m = m.deep_clone();
     let mut path = Vec::new();
+    let zero = |t: u32| trie.token(t) == b"0";
     while path.len() < limit {
         if m.is_stopped() || m.is_accepting().ok()? {
             path.push(eos);
@@ -101,7 +104,12 @@ pub fn closing_path(
             path.extend(forced);
             continue;
         }
-        let mask = m.compute_mask().ok()?;
+        let mut mask = m.compute_mask().ok()?;
+        for &t in closers.iter().filter(|&&t| zero(t)) {
+            if mask.is_allowed(t) && m.validate_tokens(&[t, t]).ok() == Some(2) {
+                mask.disallow_token(t);
+            }
+        }
         let next = closers
             .iter()
             .copied()

@@ -569,6 +569,34 @@ mod tests {
         }
     }
 
+    /// A model that loves a digit inside an integer: the way to the end leaves the number
+    /// (a `0` there would only lengthen it), so the budget still closes the object.
+    #[test]
+    fn a_token_budget_closes_an_integer_in_time() {
+        let tok = bytes_tokenizer();
+        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let schema = Constraint::JsonSchema(serde_json::json!({
+            "type": "object",
+            "properties": {"days": {"type": "integer"}, "city": {"type": "string"}},
+            "required": ["days", "city"],
+        }));
+        for ff in [false, true] {
+            let mut m = GrammarMask::with_options(env.clone(), &schema, ff, None).unwrap();
+            let (out, ended) = drive(&mut m, b'7', 40);
+            assert!(!ended, "{}", String::from_utf8_lossy(&out));
+            for budget in [40, 25] {
+                let mut m =
+                    GrammarMask::with_options(env.clone(), &schema, ff, Some(budget)).unwrap();
+                let (out, ended) = drive(&mut m, b'7', budget);
+                let text = String::from_utf8(out).unwrap();
+                assert!(ended, "fast-forward {ff}, budget {budget}: {text}");
+                let v: serde_json::Value = serde_json::from_str(&text).expect(&text);
+                assert!(v["days"].is_number(), "{text}");
+                assert!(v["city"].is_string(), "{text}");
+            }
+        }
+    }
+
     #[test]
     fn closing_tokens_are_string_ends_then_brackets_then_zero() {
         let tok = bytes_tokenizer();
