@@ -8,8 +8,6 @@
 //! grammar's mask applied by the GPU sampler).
 
 /// Whether environment variable `name` turns its path off: set to exactly `0`.
-// Every switch is on a `cuda` path; the function is kept (and tested) in all builds.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn switched_off(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "0")
 }

@@ -251,19 +251,8 @@ impl GrammarMask {
 /// Sets `logits[i]` to `-inf` for every `i` not set in `mask` (ids beyond the mask, which a
 /// model with padded embedding rows has, included).
 pub fn apply_mask(mask: &SimpleVob, logits: &mut [f32]) {
-    let words = mask.as_slice();
-    for (w, chunk) in logits.chunks_mut(32).enumerate() {
-        let bits = words.get(w).copied().unwrap_or(0);
-        if bits == u32::MAX {
-            continue;
-        }
-        for (b, l) in chunk.iter_mut().enumerate() {
-            if bits & (1 << b) == 0 {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-    }
-    // `mask.len()` may not be a multiple of 32: bits past it are zero in `words`.
+    // `mask.len()` may not be a multiple of 32: bits past it are zero in its words.
+    crate::sampling::processors::apply_mask_words(mask.as_slice(), logits);
 }
 
 impl LogitsProcessor for GrammarMask {

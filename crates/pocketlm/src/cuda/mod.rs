@@ -799,6 +799,13 @@ impl SelftestMask {
         }
         i < self.vocab && i % 5 != 2 && i != self.skip
     }
+
+    fn words(&self) -> Vec<u32> {
+        let ids = (0..self.vocab)
+            .filter(|&i| self.allows(i))
+            .map(|i| i as u32);
+        crate::sampling::processors::mask_words_of(ids)
+    }
 }
 
 impl crate::sampling::LogitsProcessor for SelftestMask {
@@ -806,18 +813,11 @@ impl crate::sampling::LogitsProcessor for SelftestMask {
         "selftest mask"
     }
     fn process(&mut self, logits: &mut [f32], _history: &[u32]) {
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !self.allows(i) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        let words = self.words();
+        crate::sampling::processors::apply_mask_words(&words, logits);
     }
     fn mask_words(&mut self) -> Option<Vec<u32>> {
-        let mut w = vec![0u32; self.vocab.div_ceil(32)];
-        for i in (0..self.vocab).filter(|&i| self.allows(i)) {
-            w[i / 32] |= 1 << (i % 32);
-        }
-        Some(w)
+        Some(self.words())
     }
 }
 

@@ -1,12 +1,12 @@
 // Token sampling on the GPU (src/cuda/sample.rs): the chain of src/sampling.rs (sanitize, an
 // added mask such as a grammar's, repetition penalty, log-softmax when top-p is on, top-k,
 // min-p, top-p, temperature, then one draw by inverse CDF in token-id order) in one kernel of
-// one 1024-thread block, with no sort of
-// the vocabulary: the filters keep a prefix of the ranking (larger value first, lower id on
-// ties), so a histogram of the distance to the top logit picks a threshold, the tokens above it
-// (a few hundred) are gathered and sorted in shared memory, and the kept prefix is found on them.
-// With no filter (temperature only) the draw runs over the whole vocabulary as a block scan.
-// Only the token id (and a status) is written back. Built by build.rs with nvcc into PTX.
+// one 1024-thread block, with no sort of the vocabulary: the filters keep a prefix of the
+// ranking (larger value first, lower id on ties), so a histogram of the distance to the top
+// logit picks a threshold, the tokens above it (a few hundred) are gathered and sorted in
+// shared memory, and the kept prefix is found on them. With no filter (temperature only) the
+// draw runs over the whole vocabulary as a block scan. Only the token id (and a status) is
+// written back. Built by build.rs with nvcc into a fat binary.
 #include <stdint.h>
 
 #define SAMPLE_THREADS 1024

@@ -214,11 +214,7 @@ pub fn prefix_sample(logits: &[f32], d: &DeviceSampling, u: f64) -> u32 {
     let mut x = logits.to_vec();
     sanitize(&mut x);
     if let Some(m) = &d.mask {
-        for (i, v) in x.iter_mut().enumerate() {
-            if m.get(i / 32).is_none_or(|&w| w & (1 << (i % 32)) == 0) {
-                *v = f32::NEG_INFINITY;
-            }
-        }
+        super::processors::apply_mask_words(m, &mut x);
     }
     if d.penalty != 1.0 {
         apply_repetition_penalty(&mut x, &d.penalized, d.penalty, usize::MAX);
@@ -266,6 +262,7 @@ pub fn prefix_sample(logits: &[f32], d: &DeviceSampling, u: f64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::processors::{apply_mask_words, mask_words_of};
     use crate::sampling::SamplingParams;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -291,18 +288,11 @@ mod tests {
             "allowed"
         }
         fn process(&mut self, logits: &mut [f32], _history: &[u32]) {
-            for (i, l) in logits.iter_mut().enumerate() {
-                if !self.0.contains(&(i as u32)) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
+            let words = mask_words_of(self.0.iter().copied());
+            apply_mask_words(&words, logits);
         }
         fn mask_words(&mut self) -> Option<Vec<u32>> {
-            let mut w = vec![0u32; self.0.iter().max().map_or(0, |&m| m as usize / 32 + 1)];
-            for &i in &self.0 {
-                w[i as usize / 32] |= 1 << (i % 32);
-            }
-            Some(w)
+            Some(mask_words_of(self.0.iter().copied()))
         }
     }
 

@@ -45,6 +45,37 @@ pub trait LogitsProcessor: Send {
     }
 }
 
+/// Sets `logits[i]` to `-inf` for every id `i` whose bit is not set in `words` (bit `i % 32` of
+/// word `i / 32`, as [`LogitsProcessor::mask_words`] gives them; ids past the words included).
+pub fn apply_mask_words(words: &[u32], logits: &mut [f32]) {
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = words.get(w).copied().unwrap_or(0);
+        if bits == u32::MAX {
+            continue;
+        }
+        for (b, l) in chunk.iter_mut().enumerate() {
+            if bits & (1 << b) == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// The mask words ([`LogitsProcessor::mask_words`]) letting through exactly `ids`.
+// Built by the test masks of the sampler and of the GPU selftest.
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+pub(crate) fn mask_words_of(ids: impl IntoIterator<Item = u32>) -> Vec<u32> {
+    let mut w = Vec::new();
+    for i in ids {
+        let k = i as usize / 32;
+        if w.len() <= k {
+            w.resize(k + 1, 0);
+        }
+        w[k] |= 1 << (i % 32);
+    }
+    w
+}
+
 /// [`sanitize`]: NaN to `-inf`, `+inf` to `f32::MAX`. Always the first link.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sanitize;
