@@ -527,34 +527,52 @@ mod tests {
         (out, false)
     }
 
-    #[test]
-    fn a_token_budget_closes_the_json_in_time() {
+    /// A model that loves `favourite` under the JSON Schema `properties` (both fields
+    /// required), with and without fast-forward: without a budget it never ends within 40
+    /// steps; with budgets 40 and 25 it ends within them. The outputs with a budget, parsed:
+    /// (budget, text, value).
+    fn budgeted_outputs(
+        properties: serde_json::Value,
+        favourite: u8,
+    ) -> Vec<(usize, String, serde_json::Value)> {
         let tok = bytes_tokenizer();
         let env = GrammarEnv::for_tokenizer(&tok).unwrap();
+        let required: Vec<&String> = properties.as_object().unwrap().keys().collect();
         let schema = Constraint::JsonSchema(serde_json::json!({
             "type": "object",
-            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            "required": ["city", "days"],
+            "properties": properties,
+            "required": required,
         }));
+        let mut outputs = Vec::new();
         for ff in [false, true] {
-            // Without a budget, a model that loves `a` stays inside the string.
             let mut m = GrammarMask::with_options(env.clone(), &schema, ff, None).unwrap();
-            let (out, ended) = drive(&mut m, b'a', 40);
+            let (out, ended) = drive(&mut m, favourite, 40);
             assert!(!ended, "{}", String::from_utf8_lossy(&out));
-            // With one, it writes `a`s while the budget allows, then closes: the output
-            // parses and matches the schema, EOS included within the 40 steps.
             for budget in [40, 25] {
                 let mut m =
                     GrammarMask::with_options(env.clone(), &schema, ff, Some(budget)).unwrap();
-                let (out, ended) = drive(&mut m, b'a', budget);
+                let (out, ended) = drive(&mut m, favourite, budget);
                 let text = String::from_utf8(out).unwrap();
                 assert!(ended, "fast-forward {ff}, budget {budget}: {text}");
                 let v: serde_json::Value = serde_json::from_str(&text).expect(&text);
-                let city = v["city"].as_str().expect(&text);
-                assert!(city.bytes().all(|b| b == b'a'), "{text}");
-                assert!(budget < 40 || city.len() >= 5, "{text}");
-                assert!(v["days"].is_i64(), "{text}");
+                outputs.push((budget, text, v));
             }
+        }
+        outputs
+    }
+
+    /// Without a budget, a model that loves `a` stays inside the string. With one, it writes
+    /// `a`s while the budget allows, then closes: the output parses and matches the schema,
+    /// EOS included within the steps.
+    #[test]
+    fn a_token_budget_closes_the_json_in_time() {
+        let properties =
+            serde_json::json!({"city": {"type": "string"}, "days": {"type": "integer"}});
+        for (budget, text, v) in budgeted_outputs(properties, b'a') {
+            let city = v["city"].as_str().expect(&text);
+            assert!(city.bytes().all(|b| b == b'a'), "{text}");
+            assert!(budget < 40 || city.len() >= 5, "{text}");
+            assert!(v["days"].is_i64(), "{text}");
         }
     }
 
@@ -562,27 +580,11 @@ mod tests {
     /// (a `0` there would only lengthen it), so the budget still closes the object.
     #[test]
     fn a_token_budget_closes_an_integer_in_time() {
-        let tok = bytes_tokenizer();
-        let env = GrammarEnv::for_tokenizer(&tok).unwrap();
-        let schema = Constraint::JsonSchema(serde_json::json!({
-            "type": "object",
-            "properties": {"days": {"type": "integer"}, "city": {"type": "string"}},
-            "required": ["days", "city"],
-        }));
-        for ff in [false, true] {
-            let mut m = GrammarMask::with_options(env.clone(), &schema, ff, None).unwrap();
-            let (out, ended) = drive(&mut m, b'7', 40);
-            assert!(!ended, "{}", String::from_utf8_lossy(&out));
-            for budget in [40, 25] {
-                let mut m =
-                    GrammarMask::with_options(env.clone(), &schema, ff, Some(budget)).unwrap();
-                let (out, ended) = drive(&mut m, b'7', budget);
-                let text = String::from_utf8(out).unwrap();
-                assert!(ended, "fast-forward {ff}, budget {budget}: {text}");
-                let v: serde_json::Value = serde_json::from_str(&text).expect(&text);
-                assert!(v["days"].is_number(), "{text}");
-                assert!(v["city"].is_string(), "{text}");
-            }
+        let properties =
+            serde_json::json!({"days": {"type": "integer"}, "city": {"type": "string"}});
+        for (_, text, v) in budgeted_outputs(properties, b'7') {
+            assert!(v["days"].is_number(), "{text}");
+            assert!(v["city"].is_string(), "{text}");
         }
     }
 
