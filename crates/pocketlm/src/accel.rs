@@ -9,14 +9,14 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::cuda::{
     kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec,
-    SeqStep, MAX_BATCH, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    MoeRows, SeqStep, MAX_BATCH, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
     BatchRow, CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable,
     VisionInfo,
 };
-use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, RotaryEmbedding, Scoring};
+use crate::nn::{Activation, GateUp, Linear, Moe, QkvProj, RmsNorm, RotaryEmbedding, Scoring};
 use crate::{Error, Result};
 
 /// Positions the fused decode step's RoPE tables cover at most.
@@ -91,7 +91,7 @@ impl Accelerated {
     }
 
     /// Whether the model has a fused decode step that runs one sequence at a time only (a
-    /// mixture of experts: the batched step refuses it).
+    /// mixture of experts under `POCKETLM_MOE_BATCH=0`: the batched step refuses it).
     ///
     /// Errors: as [`Self::with_decoder`].
     fn fused_step_is_single(&self) -> Result<bool> {
@@ -188,8 +188,8 @@ impl Accelerated {
 
     /// One token of each row through the fused step at once ([`CudaDecoder::step_batch`]);
     /// `None` when it does not apply: fewer than 2 or more than [`MAX_BATCH`] rows, a row of
-    /// more than one token, no plan or one the step does not take (mixtures of experts run
-    /// one sequence at a time), a cache [`Self::kv_buffers`] refuses, or
+    /// more than one token, no plan or one the step does not take (or does not batch:
+    /// [`CudaDecoder::batches`]), a cache [`Self::kv_buffers`] refuses, or
     /// `POCKETLM_FUSED_BATCH=0`.
     fn fused_batch(&self, rows: &mut [BatchRow<'_>]) -> Result<Option<Tensor>> {
         if !(2..=MAX_BATCH).contains(&rows.len())
@@ -449,8 +449,13 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
 
 /// The matrix of a bias-free layer of our CUDA kernels' formats, else `None`.
 fn ours(l: &Linear) -> Option<Arc<CudaQMatrix>> {
+    ours_ref(l).cloned()
+}
+
+/// [`ours`], borrowed.
+fn ours_ref(l: &Linear) -> Option<&Arc<CudaQMatrix>> {
     match l {
-        Linear::Cuda { weight, bias: None } => Some(weight.clone()),
+        Linear::Cuda { weight, bias: None } => Some(weight),
         _ => None,
     }
 }
@@ -483,50 +488,82 @@ fn ffn(
             Ok(Some((DecoderFfn::Dense { gate_up, down }, m.activation)))
         }
         PlanMlp::Moe(moe) => {
-            let r = &moe.router;
-            let Linear::Dense(gate) = &r.gate else {
-                return Ok(None);
-            };
-            if moe.shared.is_some()
-                || r.scoring != Scoring::Softmax
-                || r.selection_bias.is_some()
-                || r.groups.is_some()
-                || r.scale != 1.0
-                || r.expert_scale.is_some()
-                || gate.bias().is_some()
-                || moe.experts.len() > MOE_MAX_EXPERTS
-                || r.top_k == 0
-                || r.top_k > MOE_MAX_TOPK.min(moe.experts.len())
-            {
-                return Ok(None);
-            }
-            let Some(activation) = moe.experts.first().map(|e| e.activation) else {
-                return Ok(None);
-            };
-            let mut experts = Vec::with_capacity(moe.experts.len());
-            for e in &moe.experts {
-                let GateUp::Separate { gate, up } = &e.gate_up else {
-                    return Ok(None);
-                };
-                let (Some(g), Some(u), Some(d)) = (ours(gate), ours(up), ours(&e.down_proj)) else {
-                    return Ok(None);
-                };
-                if e.activation != activation {
-                    return Ok(None);
-                }
-                experts.push([g, u, d]);
-            }
-            let router = gate.weight().to_dtype(DType::F32)?.contiguous()?;
-            Ok(Some((
-                DecoderFfn::Moe(Box::new(DecoderMoe {
-                    router,
-                    experts,
-                    top_k: r.top_k,
-                    norm_topk_prob: r.norm_topk_prob,
-                })),
-                activation,
-            )))
+            Ok(decoder_moe(moe)?.map(|(m, activation)| (DecoderFfn::Moe(Box::new(m)), activation)))
         }
+    }
+}
+
+/// A mixture of experts as the fused kernels take it, with its experts' activation; `None`
+/// when it has shared experts, routing other than softmax top-k (a selection bias, groups, a
+/// scale, per-expert scales), a router that is not a bias-free float matrix, experts not of
+/// our CUDA kernels' formats (or with adapters), mixed activations, or more experts or a
+/// larger top-k than the kernels take.
+///
+/// Errors: converting the router's weight to f32.
+fn decoder_moe(moe: &Moe) -> Result<Option<(DecoderMoe, Activation)>> {
+    let r = &moe.router;
+    let Linear::Dense(gate) = &r.gate else {
+        return Ok(None);
+    };
+    if moe.shared.is_some()
+        || r.scoring != Scoring::Softmax
+        || r.selection_bias.is_some()
+        || r.groups.is_some()
+        || r.scale != 1.0
+        || r.expert_scale.is_some()
+        || gate.bias().is_some()
+        || moe.experts.len() > MOE_MAX_EXPERTS
+        || r.top_k == 0
+        || r.top_k > MOE_MAX_TOPK.min(moe.experts.len())
+    {
+        return Ok(None);
+    }
+    let Some(activation) = moe.experts.first().map(|e| e.activation) else {
+        return Ok(None);
+    };
+    let Some(experts) = expert_matrices(moe) else {
+        return Ok(None);
+    };
+    if moe.experts.iter().any(|e| e.activation != activation) {
+        return Ok(None);
+    }
+    let router = gate.weight().to_dtype(DType::F32)?.contiguous()?;
+    let experts = experts.into_iter().map(|e| e.map(Arc::clone)).collect();
+    Ok(Some((
+        DecoderMoe {
+            router,
+            experts,
+            top_k: r.top_k,
+            norm_topk_prob: r.norm_topk_prob,
+        },
+        activation,
+    )))
+}
+
+/// Per expert its gate, up and down matrices when all are ours (separate gate and up, no
+/// bias, no adapter), else `None`.
+pub(crate) fn expert_matrices(moe: &Moe) -> Option<Vec<[&Arc<CudaQMatrix>; 3]>> {
+    moe.experts
+        .iter()
+        .map(|e| {
+            let GateUp::Separate { gate, up } = &e.gate_up else {
+                return None;
+            };
+            Some([ours_ref(gate)?, ours_ref(up)?, ours_ref(&e.down_proj)?])
+        })
+        .collect()
+}
+
+/// The kernels that run `moe` over many token rows on the GPU ([`MoeRows`]), `None` when
+/// [`decoder_moe`] or the kernels do not take it, or its activation is not SiLU or GELU-tanh.
+///
+/// Errors: as [`decoder_moe`]; the driver's.
+pub(crate) fn moe_rows(moe: &Moe, device: &Device) -> Result<Option<MoeRows>> {
+    match decoder_moe(moe)? {
+        Some((m, a @ (Activation::Silu | Activation::GeluTanh))) => {
+            MoeRows::new(m, a == Activation::GeluTanh, device)
+        }
+        _ => Ok(None),
     }
 }
 
@@ -556,7 +593,7 @@ impl CausalLM for Accelerated {
             return Ok(out);
         }
         // Decoding rows of a model whose fused step runs one sequence at a time (a mixture of
-        // experts): that step once per row, instead of one layer-by-layer pass for all.
+        // experts under POCKETLM_MOE_BATCH=0): that step once per row, instead of one layer-by-layer pass for all.
         if rows.len() > 1
             && rows.iter().all(|r| r.ids.len() == 1)
             && !crate::switches::switched_off("POCKETLM_FUSED_ROWS")

@@ -22,9 +22,13 @@ pub struct AgreeArgs {
     #[arg(long)]
     pub dequantize: bool,
     /// Also decode all prompts together on the other device (batched decode, each step one
-    /// forward pass over every prompt) and compare each with the CPU again.
+    /// forward pass over every prompt) and compare each with the reference again.
     #[arg(long)]
     pub batch: bool,
+    /// The device that decodes one prompt at a time as the reference. `--reference-device
+    /// cuda --batch` checks a GPU's batched decode against its own one-sequence decode.
+    #[arg(long, default_value = "cpu")]
+    pub reference_device: String,
 }
 
 const PROMPTS: [&str; 5] = [
@@ -37,8 +41,8 @@ const PROMPTS: [&str; 5] = [
 
 /// Runs `agree`: the model on the CPU (reference) and on `--device`, in lockstep.
 pub fn run_agree(args: AgreeArgs) -> Result<()> {
-    let mut cpu_args = args.model.clone();
-    cpu_args.device = "cpu".into();
+    let mut ref_args = args.model.clone();
+    ref_args.device = args.reference_device.clone();
     let load = |m: &super::model::ModelArgs| -> Result<pocketlm::loader::LoadedModel> {
         let path = super::model::resolve(m.model.as_deref())?;
         let opts = pocketlm::loader::LoadOptions {
@@ -48,7 +52,7 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
         };
         Ok(pocketlm::loader::load(&path, &opts)?)
     };
-    let a = load(&cpu_args)?;
+    let a = load(&ref_args)?;
     let b = load(&args.model)?;
     let prompts: Vec<String> = if args.prompts.is_empty() {
         PROMPTS.iter().map(|s| s.to_string()).collect()
@@ -56,7 +60,8 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
         args.prompts.clone()
     };
     println!(
-        "reference: cpu; other: {}",
+        "reference: {}; other: {}",
+        pocketlm::device::device_name(a.model.device()),
         pocketlm::device::device_name(b.model.device())
     );
     let mut all = true;
@@ -89,7 +94,7 @@ fn report(label: &str, r: &pocketlm::bench::Agreement, prompt: &str) -> bool {
         r.max_abs_logit_diff,
         r.max_abs_logit,
         r.top2_gap_at_difference
-            .map(|g| format!(" | first difference where the CPU's top-2 gap is {g:.3e}"))
+            .map(|g| format!(" | first difference where the reference's top-2 gap is {g:.3e}"))
             .unwrap_or_default(),
     );
     r.equal_steps == r.steps

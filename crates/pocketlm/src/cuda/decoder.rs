@@ -235,6 +235,13 @@ pub struct DecoderMoe {
 pub const MOE_MAX_EXPERTS: usize = 512;
 /// Most experts a token may take in a [`DecoderMoe`] (`MOE_MAX_TOPK` in qmatrix.cu).
 pub const MOE_MAX_TOPK: usize = 16;
+/// u32 words of one row's choice in `sel` (`MOE_SEL_WORDS` in qmatrix.cu): a block counter,
+/// then [`MOE_MAX_TOPK`] expert ids and as many weights.
+const MOE_SEL_WORDS: usize = 1 + 2 * MOE_MAX_TOPK;
+/// u32 words of the batched step's grouped choices (`moe_group` in qmatrix.cu): a counter, the
+/// number of chosen experts, their ids, their entries' offsets, then up to [`MAX_BATCH`] rows'
+/// entries.
+const MOE_GRP_WORDS: usize = 2 + 2 * MOE_MAX_EXPERTS + 1 + MAX_BATCH * MOE_MAX_TOPK;
 
 impl DecoderMoe {
     /// The expert width.
@@ -274,6 +281,122 @@ impl DecoderMoe {
     }
 }
 
+/// A mixture of experts run over many token rows at once (a prompt's, in the general forward
+/// pass) on the batched decode step's kernels ([`DecoderMoe`]'s grouped path): per chunk of
+/// up to [`MAX_BATCH`] rows, the rows quantized to 8 bits (`quantize_q8`), the router and the
+/// choice, each chosen expert's gate/up and down GEMVs over the rows that chose it, and the
+/// weighted sum. In place of one product per expert over its gathered rows, a gather and a
+/// scatter per expert and a host synchronization for the routing.
+pub struct MoeRows {
+    moe: DecoderMoe,
+    table: CudaSlice<u64>,
+    gelu: bool,
+    dev: CudaDevice,
+}
+
+impl std::fmt::Debug for MoeRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoeRows")
+            .field("experts", &self.moe.experts.len())
+            .field("top_k", &self.moe.top_k)
+            .finish()
+    }
+}
+
+impl MoeRows {
+    /// The kernels for `moe` (SwiGLU, or GeGLU with `gelu`) on `device`; `None` when its
+    /// shapes or formats do not fit them (see [`CudaDecoder::new`]'s) or `device` is not CUDA.
+    ///
+    /// Errors: the driver's, copying the expert table.
+    pub fn new(moe: DecoderMoe, gelu: bool, device: &Device) -> Result<Option<Self>> {
+        let Device::Cuda(dev) = device else {
+            return Ok(None);
+        };
+        let hidden = moe.router.dims().get(1).copied().unwrap_or(0);
+        if hidden == 0 || !hidden.is_multiple_of(32) || !moe.fits(hidden) {
+            return Ok(None);
+        }
+        let table = moe.table(dev)?;
+        Ok(Some(Self {
+            moe,
+            table,
+            gelu,
+            dev: dev.clone(),
+        }))
+    }
+
+    /// Whether it runs these expert matrices (per expert gate, up, down, in order): the
+    /// layers it was made from have not been replaced since.
+    pub fn runs(&self, experts: &[[&Arc<CudaQMatrix>; 3]]) -> bool {
+        self.moe.experts.len() == experts.len()
+            && self
+                .moe
+                .experts
+                .iter()
+                .zip(experts)
+                .all(|(a, b)| a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b)))
+    }
+
+    /// The layer on `x: [n, hidden]` (f32, or converted to it) on the CUDA device: `[n,
+    /// hidden]` f32, each row `Σ_k w_k · expert_k(row)` over its `top_k` chosen experts, as
+    /// [`DecoderMoe`] computes one row of the decode step.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for another width; the driver's.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let m = &self.moe;
+        let h = m.router.dims()[1];
+        let (n, w) = x.dims2()?;
+        if w != h {
+            return Err(Error::InvalidArgument(format!(
+                "mixture of experts of width {h} on rows of {w} values"
+            )));
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let dev = &self.dev;
+        let stream = dev.cuda_stream();
+        let (r, k, inter, n_exp) = (
+            MAX_BATCH.min(n.max(1)),
+            m.top_k,
+            m.intermediate(),
+            m.experts.len(),
+        );
+        let xq = dev.alloc_zeros::<i8>(r * h)?;
+        let hq = dev.alloc_zeros::<i8>(r * k * inter)?;
+        let f = |n: usize| dev.alloc_zeros::<f32>(n);
+        let (xd, logits, hd, part) = (
+            f(r * h / 16)?,
+            f(r * n_exp)?,
+            f(r * k * inter / 16)?,
+            f(r * k * h)?,
+        );
+        let sel = dev.alloc_zeros::<u32>(r * MOE_SEL_WORDS)?;
+        let grp = dev.alloc_zeros::<u32>(MOE_GRP_WORDS)?;
+        let y = f(n * h)?;
+        let (x0, y0) = (tensor_ptr(&x, &stream)?, y.ptr(&stream));
+        let mut p = Ptrs {
+            xq: xq.ptr(&stream),
+            xd: xd.ptr(&stream),
+            logits: logits.ptr(&stream),
+            hq: hq.ptr(&stream),
+            hd: hd.ptr(&stream),
+            sel: sel.ptr(&stream),
+            grp: grp.ptr(&stream),
+            part: part.ptr(&stream),
+            ..Ptrs::default()
+        };
+        let table = self.table.ptr(&stream);
+        for c0 in (0..n).step_by(MAX_BATCH) {
+            let rows = MAX_BATCH.min(n - c0);
+            let at = (c0 * h * 4) as u64;
+            quantize_q8(dev, x0 + at, p.xq, p.xd, rows * h)?;
+            p.xn = x0 + at;
+            p.y = y0 + at;
+            m.launch(dev, h, &p, table, (self.gelu, false), rows)?;
+        }
+        Ok(super::qmatrix::into_tensor(y, dev, (n, h)))
+    }
+}
+
 /// What [`CudaDecoder::new`] needs: weights, shapes and the RoPE tables.
 #[derive(Debug, Clone)]
 pub struct DecoderSpec {
@@ -308,6 +431,18 @@ pub struct DecoderSpec {
 }
 
 impl DecoderSpec {
+    /// Over the mixture-of-experts layers, the most of `f` (0 with none).
+    fn moe_max(&self, f: impl Fn(&DecoderMoe) -> usize) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                DecoderFfn::Dense { .. } => 0,
+                DecoderFfn::Moe(m) => f(m),
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Positions the RoPE tables cover (the fewest of any table).
     pub fn max_positions(&self) -> usize {
         self.ropes
@@ -384,16 +519,20 @@ struct Buffers {
 /// [`super::qmatrix::MMQ_MAX_ROWS`]).
 pub const MAX_BATCH: usize = super::qmatrix::MMQ_MAX_ROWS;
 
+/// The batched step's device buffers, held for the addresses in its [`Ptrs`]: (x, xd, q, qkv,
+/// y, part_o, part_ml, ffh, out, xn, logits, hd, part; xq, hq; params; kv; sel, grp).
+type BatchBuffers = (
+    Vec<CudaSlice<f32>>,
+    Vec<CudaSlice<i8>>,
+    CudaSlice<i32>,
+    CudaSlice<u64>,
+    Vec<CudaSlice<u32>>,
+);
+
 /// Buffers and graphs of the batched step, made at its first use for [`MAX_BATCH`] rows.
 struct BatchState {
-    /// The device buffers `ptr` points into (x, xq, xd, q, qkv, y, part_o, part_ml, ffh, out;
-    /// params; kv).
-    _bufs: (
-        Vec<CudaSlice<f32>>,
-        CudaSlice<i8>,
-        CudaSlice<i32>,
-        CudaSlice<u64>,
-    ),
+    /// The device buffers `ptr` points into.
+    _bufs: BatchBuffers,
     params: u64,
     kv: u64,
     out: u64,
@@ -439,7 +578,7 @@ impl std::fmt::Debug for CudaDecoder {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Ptrs {
     x: u64,
     xq: u64,
@@ -455,6 +594,12 @@ struct Ptrs {
     hq: u64,
     hd: u64,
     sel: u64,
+    /// The batched step's choices grouped by expert (`moe_group` in qmatrix.cu); 0 in the
+    /// one-token step.
+    grp: u64,
+    /// The batched step's unweighted expert outputs `[rows * top_k, hidden]` f32; 0 in the
+    /// one-token step.
+    part: u64,
     out: u64,
     params: u64,
     kv: u64,
@@ -537,24 +682,8 @@ impl CudaDecoder {
             ));
         }
         // The chosen experts' hidden activations, top_k experts' widths (quantized).
-        let moe_width = spec
-            .layers
-            .iter()
-            .map(|l| match &l.ffn {
-                DecoderFfn::Dense { .. } => 0,
-                DecoderFfn::Moe(m) => m.top_k * m.intermediate(),
-            })
-            .max()
-            .unwrap_or(0);
-        let n_experts = spec
-            .layers
-            .iter()
-            .map(|l| match &l.ffn {
-                DecoderFfn::Dense { .. } => 0,
-                DecoderFfn::Moe(m) => m.experts.len(),
-            })
-            .max()
-            .unwrap_or(0);
+        let moe_width = spec.moe_max(|m| m.top_k * m.intermediate());
+        let n_experts = spec.moe_max(|m| m.experts.len());
         let moe_tables = spec
             .layers
             .iter()
@@ -580,7 +709,7 @@ impl CudaDecoder {
             logits: dev.alloc_zeros::<f32>(n_experts.max(1))?,
             hq: dev.alloc_zeros::<i8>(moe_width.max(32))?,
             hd: dev.alloc_zeros::<f32>(moe_width.max(32) / 16)?,
-            sel: dev.alloc_zeros::<u32>(1 + 2 * MOE_MAX_TOPK)?,
+            sel: dev.alloc_zeros::<u32>(MOE_SEL_WORDS)?,
             out: dev.alloc_zeros::<f32>(out_len)?,
             params: dev.alloc_zeros::<i32>(4)?,
             kv: dev.alloc_zeros::<u64>(2 * spec.layers.len())?,
@@ -602,6 +731,8 @@ impl CudaDecoder {
             hq: p(&buf.hq),
             hd: p(&buf.hd),
             sel: p(&buf.sel),
+            grp: 0,
+            part: 0,
             out: p(&buf.out),
             params: p(&buf.params),
             kv: p(&buf.kv),
@@ -636,12 +767,14 @@ impl CudaDecoder {
         &self.spec
     }
 
-    /// Whether [`Self::step_batch`] takes this model (no mixture-of-experts layer).
+    /// Whether [`Self::step_batch`] takes this model: always, but a model with a mixture of
+    /// experts under `POCKETLM_MOE_BATCH=0` (its rows then take [`Self::step`] one by one).
     pub fn batches(&self) -> bool {
         self.spec
             .layers
             .iter()
             .all(|l| matches!(l.ffn, DecoderFfn::Dense { .. }))
+            || !crate::switches::switched_off("POCKETLM_MOE_BATCH")
     }
 
     /// Whether the step runs as a captured CUDA graph.
@@ -743,7 +876,7 @@ impl CudaDecoder {
     /// final normalized hidden states `[batch, hidden]`.
     ///
     /// Errors: [`Error::InvalidArgument`] for a batch out of range, shapes or positions the
-    /// step does not take, or a model with a mixture of experts; the driver's errors.
+    /// step does not take, or a model [`Self::batches`] refuses; the driver's errors.
     pub fn step_batch(&mut self, x: &Tensor, seqs: &[SeqStep<'_>]) -> Result<Tensor> {
         let (h, n_layers, b) = (self.spec.hidden, self.spec.layers.len(), seqs.len());
         let moe = !self.batches();
@@ -754,7 +887,11 @@ impl CudaDecoder {
             return Err(Error::InvalidArgument(format!(
                 "batched decode step of {b} sequences (2..={MAX_BATCH}) with {} values{}{}",
                 x.elem_count(),
-                if moe { ", a mixture of experts" } else { "" },
+                if moe {
+                    ", a mixture of experts (POCKETLM_MOE_BATCH=0)"
+                } else {
+                    ""
+                },
                 bad.map_or(String::new(), |q| format!(
                     ", a sequence at position {} (RoPE position {}, capacity {}, tables {}) with \
                      {} cache layers",
@@ -868,15 +1005,27 @@ impl CudaDecoder {
             // Room for the gate and up halves of a gated product split over its columns.
             f(r * 2 * inter)?,
             f(r * self.out_len())?,
+            // A mixture of experts' buffers (one value each without one).
+            f(r * s.moe_max(|_| h))?,
+            f(r * s.moe_max(|m| m.experts.len()))?,
+            f(r * s.moe_max(|m| m.top_k * m.intermediate()) / 16)?,
+            f(r * s.moe_max(|m| m.top_k) * h)?,
         ];
-        let xq = dev.alloc_zeros::<i8>(r * widest)?;
+        let bytes = vec![
+            dev.alloc_zeros::<i8>(r * widest)?,
+            dev.alloc_zeros::<i8>((r * s.moe_max(|m| m.top_k * m.intermediate())).max(1))?,
+        ];
+        let words = vec![
+            dev.alloc_zeros::<u32>(r * MOE_SEL_WORDS)?,
+            dev.alloc_zeros::<u32>(MOE_GRP_WORDS)?,
+        ];
         let params = dev.alloc_zeros::<i32>(r * 4)?;
         let kv = dev.alloc_zeros::<u64>(r * 2 * s.layers.len())?;
         let stream = dev.cuda_stream();
         let fp: Vec<u64> = floats.iter().map(|b| b.ptr(&stream)).collect();
         let ptr = Ptrs {
             x: fp[0],
-            xq: xq.ptr(&stream),
+            xq: bytes[0].ptr(&stream),
             xd: fp[1],
             q: fp[2],
             qkv: fp[3],
@@ -884,11 +1033,13 @@ impl CudaDecoder {
             part_o: fp[5],
             part_ml: fp[6],
             ffh: fp[7],
-            xn: 0,
-            logits: 0,
-            hq: 0,
-            hd: 0,
-            sel: 0,
+            xn: fp[9],
+            logits: fp[10],
+            hq: bytes[1].ptr(&stream),
+            hd: fp[11],
+            sel: words[0].ptr(&stream),
+            grp: words[1].ptr(&stream),
+            part: fp[12],
             out: fp[8],
             params: params.ptr(&stream),
             kv: kv.ptr(&stream),
@@ -901,7 +1052,7 @@ impl CudaDecoder {
             out: ptr.out,
             x: ptr.x,
             ptr,
-            _bufs: (floats, xq, params, kv),
+            _bufs: (floats, bytes, params, kv, words),
             kv_host: Vec::new(),
             graphs: std::collections::HashMap::new(),
         })
@@ -915,7 +1066,8 @@ impl CudaDecoder {
     /// Launches the kernels of one step of `batch` sequences on the buffers at `p` (the
     /// one-token step's, or [`BatchState`]'s): every per-token buffer holds a row per sequence,
     /// `params` 4 i32 and `kv` `2 n_layers` addresses per sequence. A batch takes the
-    /// small-batch GEMM for every projection; mixtures of experts take one sequence only.
+    /// small-batch GEMM for every projection, and its mixtures of experts read each chosen
+    /// expert once for all rows ([`Self::launch_moe`]).
     fn record_with(&self, p: &Ptrs, batch: usize) -> Result<()> {
         let s = &self.spec;
         let kv_stride = 2 * s.layers.len();
@@ -1055,18 +1207,11 @@ impl CudaDecoder {
                     }
                     pending = add_residual(down, &l.post_mlp_norm)?;
                 }
-                DecoderFfn::Moe(_) if batch > 1 => {
-                    return Err(Error::InvalidArgument(
-                        "the fused CUDA decode step runs mixtures of experts one sequence at a \
-                         time"
-                            .into(),
-                    ))
-                }
                 DecoderFfn::Moe(m) => {
                     norm_to(ffn_norm, post, p.xn)?;
                     let table = p.moe_tables[li as usize];
                     let add = l.post_mlp_norm.is_none();
-                    self.launch_moe(m, table, l.gelu, add)?;
+                    m.launch(&self.dev, s.hidden, p, table, (l.gelu, add), batch)?;
                     pending = l
                         .post_mlp_norm
                         .as_ref()
@@ -1091,22 +1236,35 @@ impl CudaDecoder {
     }
 }
 
-impl CudaDecoder {
-    /// Launches a mixture of experts over the normalized input (`xn` f32, `xq`/`xd`
-    /// quantized), three kernels: the router's logits and the choice; the chosen experts'
-    /// gate/up GEMVs with SwiGLU (GeGLU with `gelu`), quantized into `hq`/`hd`; and the down
-    /// GEMVs, weighted and summed in expert order, added to the residual `x` (`add`) or
-    /// written to `y` for a post norm. `table` is the layer's expert table
-    /// ([`DecoderMoe::table`]). Safe to capture in a CUDA graph.
-    fn launch_moe(&self, m: &DecoderMoe, table: u64, gelu: bool, add: bool) -> Result<()> {
-        let p = &self.ptr;
-        let stream = self.dev.cuda_stream();
-        let func = |name: &str| kernel(&self.dev, &QMATRIX, name);
-        let (h, inter, n_exp, top_k) =
-            (self.spec.hidden, m.intermediate(), m.experts.len(), m.top_k);
+impl DecoderMoe {
+    /// Launches the mixture of experts over the normalized input of `batch` rows at `p` (`xn`
+    /// f32, `xq`/`xd` quantized, a row per token, `hidden` values each): the router's logits
+    /// and each row's choice; the chosen experts' gate/up GEMVs with SwiGLU (GeGLU with
+    /// `gelu`), quantized into `hq`/`hd`; and the down GEMVs, weighted and summed in slot
+    /// order, added to the residual `x` (`add`) or written to `y`. Without `p.grp` (the
+    /// one-token step) three kernels index the experts by the row's choice; with it the
+    /// router's last block groups the rows' choices by expert and each chosen expert's weights
+    /// are read once for all the rows that chose it (`moe_gate_up_rows_*`, `moe_down_rows_*`),
+    /// then `moe_combine` weights and sums each row's slots. `table` is the layer's expert
+    /// table ([`DecoderMoe::table`]). Safe to capture in a CUDA graph.
+    fn launch(
+        &self,
+        dev: &CudaDevice,
+        h: usize,
+        p: &Ptrs,
+        table: u64,
+        (gelu, add): (bool, bool),
+        batch: usize,
+    ) -> Result<()> {
+        let m = self;
+        let stream = dev.cuda_stream();
+        let func = |name: &str| kernel(dev, &QMATRIX, name);
+        let (inter, n_exp, top_k) = (m.intermediate(), m.experts.len(), m.top_k);
         let suffix = m.experts[0][0].kernel_name();
         let group = m.experts[0][0].group() as i32;
-        // One block per expert's logit; the last one makes the choice.
+        let rows = p.grp != 0;
+        // One block per expert's logit and row; the last one of a row makes its choice, the
+        // last row's groups the choices.
         let router = func("moe_router")?;
         let mut b = Launch::new(&router);
         b.arg(tensor_ptr(&m.router, &stream)?)
@@ -1116,53 +1274,93 @@ impl CudaDecoder {
             .arg(h as i32)
             .arg(top_k as i32)
             .arg(m.norm_topk_prob as i32)
-            .arg(p.sel);
+            .arg(p.sel)
+            .arg(if rows { p.grp } else { 0 });
         let cfg = LaunchConfig {
-            grid_dim: (n_exp as u32, 1, 1),
+            grid_dim: (n_exp as u32, batch as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: moe_router's parameters, in order; the router weight and the decoder's buffers.
+        // SAFETY: moe_router's parameters, in order; the router weight and the decoder's
+        // buffers, `batch` rows of xn, logits and sel (and grp for a batch).
         unsafe { b.launch(&stream, cfg) }?;
-        let gate_up = func(&format!("moe_gate_up_{suffix}"))?;
+        let cfg = |grid: (u32, u32), threads: u32| LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Gate/up: (table, the choice: sel, or grp and top_k), then these; down: (table, sel
+        // or grp, top_k, hq, hd), then its output and these.
+        let gate_up_args = |b: &mut Launch<'_>| {
+            b.arg(p.xq)
+                .arg(p.xd)
+                .arg(p.hq)
+                .arg(p.hd)
+                .arg(inter as i32)
+                .arg(h as i32)
+                .arg(group)
+                .arg(gelu as i32);
+        };
+        let down_args = |b: &mut Launch<'_>, index: u64| {
+            b.arg(table)
+                .arg(index)
+                .arg(top_k as i32)
+                .arg(p.hq)
+                .arg(p.hd);
+        };
+        let y = if add { p.x } else { p.y };
+        if !rows {
+            let gate_up = func(&format!("moe_gate_up_{suffix}"))?;
+            let mut b = Launch::new(&gate_up);
+            b.arg(table).arg(p.sel);
+            gate_up_args(&mut b);
+            // SAFETY: moe_gate_up_*'s parameters, in order; the expert table holds the
+            // addresses of matrices of this kernel's format and these shapes
+            // (`DecoderMoe::fits`).
+            unsafe { b.launch(&stream, cfg(((inter / 32) as u32, top_k as u32), 256)) }?;
+            let down = func(&format!("moe_down_{suffix}"))?;
+            let mut b = Launch::new(&down);
+            down_args(&mut b, p.sel);
+            b.arg(y)
+                .arg(h as i32)
+                .arg(inter as i32)
+                .arg(group)
+                .arg(add as i32);
+            let grid = (h.div_ceil(MOE_DOWN_ROWS) as u32, 1);
+            // SAFETY: moe_down_*'s parameters, in order; as above.
+            return unsafe { b.launch(&stream, cfg(grid, 32 * top_k as u32)) };
+        }
+        // Blocks for each expert chosen by any row: at most this many.
+        let chosen = n_exp.min(batch * top_k) as u32;
+        let gate_up = func(&format!("moe_gate_up_rows_{suffix}"))?;
         let mut b = Launch::new(&gate_up);
-        b.arg(table)
-            .arg(p.sel)
-            .arg(p.xq)
-            .arg(p.xd)
-            .arg(p.hq)
-            .arg(p.hd)
-            .arg(inter as i32)
-            .arg(h as i32)
-            .arg(group)
-            .arg(gelu as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((inter / 32) as u32, top_k as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: moe_gate_up_*'s parameters, in order; the expert table holds the addresses
-        // of matrices of this kernel's format and these shapes (`DecoderMoe::fits`).
-        unsafe { b.launch(&stream, cfg) }?;
-        let down = func(&format!("moe_down_{suffix}"))?;
+        b.arg(table).arg(p.grp).arg(top_k as i32);
+        gate_up_args(&mut b);
+        // SAFETY: moe_gate_up_rows_*'s parameters, in order; the expert table holds matrices of
+        // this kernel's format and these shapes (`DecoderMoe::fits`); hq/hd hold batch * top_k
+        // rows.
+        unsafe { b.launch(&stream, cfg(((inter / 32) as u32, chosen), 256)) }?;
+        let down = func(&format!("moe_down_rows_{suffix}"))?;
         let mut b = Launch::new(&down);
-        b.arg(table)
-            .arg(p.sel)
-            .arg(top_k as i32)
-            .arg(p.hq)
-            .arg(p.hd)
-            .arg(if add { p.x } else { p.y })
+        down_args(&mut b, p.grp);
+        b.arg(p.part).arg(h as i32).arg(inter as i32).arg(group);
+        let grid = (
+            h.div_ceil(MOE_DOWN_WARP_ROWS * MOE_DOWN_WARPS) as u32,
+            chosen,
+        );
+        // SAFETY: moe_down_rows_*'s parameters, in order; as above, part holds batch * top_k
+        // rows of h.
+        unsafe { b.launch(&stream, cfg(grid, 32 * MOE_DOWN_WARPS as u32)) }?;
+        let combine = func("moe_combine")?;
+        let mut b = Launch::new(&combine);
+        b.arg(p.sel)
+            .arg(p.part)
+            .arg(y)
             .arg(h as i32)
-            .arg(inter as i32)
-            .arg(group)
+            .arg(top_k as i32)
             .arg(add as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (h.div_ceil(MOE_DOWN_ROWS) as u32, 1, 1),
-            block_dim: (32 * top_k as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: moe_down_*'s parameters, in order; as above.
-        unsafe { b.launch(&stream, cfg) }
+        // SAFETY: moe_combine's parameters, in order; batch rows of sel, part and x / y.
+        unsafe { b.launch(&stream, cfg((h.div_ceil(256) as u32, batch as u32), 256)) }
     }
 }
 
@@ -1195,6 +1393,10 @@ unsafe fn htod<T: Copy>(
 
 /// Output rows of one `moe_down_*` block (`MOE_DOWN_ROWS` in qmatrix.cu).
 const MOE_DOWN_ROWS: usize = 4;
+/// Output rows of one warp of a `moe_down_rows_*` block (`MOE_DOWN_WARP_ROWS` in qmatrix.cu).
+const MOE_DOWN_WARP_ROWS: usize = 8;
+/// Warps of a `moe_down_rows_*` block.
+const MOE_DOWN_WARPS: usize = 8;
 
 /// Device addresses the decode attention kernels take (see `attn_gqa` and `attn_merge` in
 /// qmatrix.cu).

@@ -14,7 +14,7 @@ mod qmatrix;
 mod sample;
 
 pub use decoder::{
-    CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, SeqStep, MAX_BATCH,
+    CudaDecoder, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec, MoeRows, SeqStep, MAX_BATCH,
     MOE_MAX_EXPERTS, MOE_MAX_TOPK,
 };
 pub use qmatrix::{CudaQMatrix, Epilogue, GEMV_MAX_ROWS, MMQ_MAX_ROWS};

@@ -83,45 +83,58 @@ extern "C" __global__ void quantize_q8(const float *__restrict__ x, int8_t *__re
   quant_block32(x[(size_t)b * 32 + lane], lane, xq + (size_t)b * 32, xd + b);
 }
 
+// One 32-value weight block's codes (at q): 16 bytes for 4 bits (c1 unused), 32 for 8 bits.
+template <int BITS>
+__device__ __forceinline__ void block_codes(const uint8_t *__restrict__ q, uint4 &c0, uint4 &c1) {
+  const uint4 *qv = reinterpret_cast<const uint4 *>(q);
+  c0 = __ldg(qv);
+  if (BITS == 8) c1 = __ldg(qv + 1);
+}
+
+// Integer dot product of one 32-value weight block's codes (block_codes) with an activation
+// block.
+template <int BITS, bool SIGNED>
+__device__ __forceinline__ int codes_dot(const uint4 c0, const uint4 c1, const int4 x0,
+                                         const int4 x1) {
+  int isum = 0;
+  if (BITS == 4) {
+    isum = dp4a_ss((int)(c0.x & 0x0F0F0F0Fu), x0.x, isum);
+    isum = dp4a_ss((int)(c0.y & 0x0F0F0F0Fu), x0.y, isum);
+    isum = dp4a_ss((int)(c0.z & 0x0F0F0F0Fu), x0.z, isum);
+    isum = dp4a_ss((int)(c0.w & 0x0F0F0F0Fu), x0.w, isum);
+    isum = dp4a_ss((int)((c0.x >> 4) & 0x0F0F0F0Fu), x1.x, isum);
+    isum = dp4a_ss((int)((c0.y >> 4) & 0x0F0F0F0Fu), x1.y, isum);
+    isum = dp4a_ss((int)((c0.z >> 4) & 0x0F0F0F0Fu), x1.z, isum);
+    isum = dp4a_ss((int)((c0.w >> 4) & 0x0F0F0F0Fu), x1.w, isum);
+  } else if (SIGNED) {
+    isum = dp4a_ss((int)c0.x, x0.x, isum);
+    isum = dp4a_ss((int)c0.y, x0.y, isum);
+    isum = dp4a_ss((int)c0.z, x0.z, isum);
+    isum = dp4a_ss((int)c0.w, x0.w, isum);
+    isum = dp4a_ss((int)c1.x, x1.x, isum);
+    isum = dp4a_ss((int)c1.y, x1.y, isum);
+    isum = dp4a_ss((int)c1.z, x1.z, isum);
+    isum = dp4a_ss((int)c1.w, x1.w, isum);
+  } else {
+    isum = dp4a_us(c0.x, x0.x, isum);
+    isum = dp4a_us(c0.y, x0.y, isum);
+    isum = dp4a_us(c0.z, x0.z, isum);
+    isum = dp4a_us(c0.w, x0.w, isum);
+    isum = dp4a_us(c1.x, x1.x, isum);
+    isum = dp4a_us(c1.y, x1.y, isum);
+    isum = dp4a_us(c1.z, x1.z, isum);
+    isum = dp4a_us(c1.w, x1.w, isum);
+  }
+  return isum;
+}
+
 // Integer dot product of one 32-value weight block (codes at q) with an activation block.
 template <int BITS, bool SIGNED>
 __device__ __forceinline__ int block_dot(const uint8_t *__restrict__ q, const int4 x0,
                                          const int4 x1) {
-  int isum = 0;
-  if (BITS == 4) {
-    const uint4 c = __ldg(reinterpret_cast<const uint4 *>(q));
-    isum = dp4a_ss((int)(c.x & 0x0F0F0F0Fu), x0.x, isum);
-    isum = dp4a_ss((int)(c.y & 0x0F0F0F0Fu), x0.y, isum);
-    isum = dp4a_ss((int)(c.z & 0x0F0F0F0Fu), x0.z, isum);
-    isum = dp4a_ss((int)(c.w & 0x0F0F0F0Fu), x0.w, isum);
-    isum = dp4a_ss((int)((c.x >> 4) & 0x0F0F0F0Fu), x1.x, isum);
-    isum = dp4a_ss((int)((c.y >> 4) & 0x0F0F0F0Fu), x1.y, isum);
-    isum = dp4a_ss((int)((c.z >> 4) & 0x0F0F0F0Fu), x1.z, isum);
-    isum = dp4a_ss((int)((c.w >> 4) & 0x0F0F0F0Fu), x1.w, isum);
-  } else {
-    const uint4 *qv = reinterpret_cast<const uint4 *>(q);
-    const uint4 c0 = __ldg(qv), c1 = __ldg(qv + 1);
-    if (SIGNED) {
-      isum = dp4a_ss((int)c0.x, x0.x, isum);
-      isum = dp4a_ss((int)c0.y, x0.y, isum);
-      isum = dp4a_ss((int)c0.z, x0.z, isum);
-      isum = dp4a_ss((int)c0.w, x0.w, isum);
-      isum = dp4a_ss((int)c1.x, x1.x, isum);
-      isum = dp4a_ss((int)c1.y, x1.y, isum);
-      isum = dp4a_ss((int)c1.z, x1.z, isum);
-      isum = dp4a_ss((int)c1.w, x1.w, isum);
-    } else {
-      isum = dp4a_us(c0.x, x0.x, isum);
-      isum = dp4a_us(c0.y, x0.y, isum);
-      isum = dp4a_us(c0.z, x0.z, isum);
-      isum = dp4a_us(c0.w, x0.w, isum);
-      isum = dp4a_us(c1.x, x1.x, isum);
-      isum = dp4a_us(c1.y, x1.y, isum);
-      isum = dp4a_us(c1.z, x1.z, isum);
-      isum = dp4a_us(c1.w, x1.w, isum);
-    }
-  }
-  return isum;
+  uint4 c0, c1 = make_uint4(0u, 0u, 0u, 0u);
+  block_codes<BITS>(q, c0, c1);
+  return codes_dot<BITS, SIGNED>(c0, c1, x0, x1);
 }
 
 // One 32-value block's share of a row's dot product: the integer sum `isum` of the block's
@@ -531,6 +544,25 @@ __device__ void qembed(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
 #define MOE_MAX_EXPERTS 512
 #define MOE_MAX_TOPK 16
 #define MOE_DOWN_ROWS 4
+// Most rows of a batched step (MMQ_MAX_ROWS); a row mask is 64 bits.
+#define MOE_MAX_ROWS 64
+// Output rows of one warp of moe_down_rows.
+#define MOE_DOWN_WARP_ROWS 8
+
+// One expert matrix's codes, scales and biases: matrix m (0 gate, 1 up, 2 down) of the
+// expert whose 9 table addresses start at t.
+template <typename S>
+struct ExpertMat {
+  const uint8_t *q;
+  const S *s;
+  const S *b;
+};
+template <typename S>
+__device__ __forceinline__ ExpertMat<S> expert_mat(const unsigned long long *__restrict__ t,
+                                                   int m) {
+  return {reinterpret_cast<const uint8_t *>(t[3 * m]), reinterpret_cast<const S *>(t[3 * m + 1]),
+          reinterpret_cast<const S *>(t[3 * m + 2])};
+}
 
 // The choice from `logits` (n experts) into shared s_id / s_w (top_k each, in expert order);
 // every thread of the block calls it; valid in all threads when it returns.
@@ -591,16 +623,87 @@ __device__ void moe_select(const float *__restrict__ logits, int n, int top_k, i
   __syncthreads();
 }
 
-// logits[e] = w[e] . xn in f32, one block per expert; the last block to finish makes the
-// choice (moe_select) and writes it to `sel` (see above), resetting its counter.
+// The rows' choices grouped by expert, for the batched step's kernels (moe_gate_up_rows,
+// moe_down_rows): `grp` [MOE_GRP_WORDS] u32: [0] a block counter (0 between steps), [1] the
+// number of experts chosen by any row, [MOE_GRP_IDS + i] the i-th of them (in expert order),
+// [MOE_GRP_OFF + i .. + i + 1] the range of its entries in [MOE_GRP_ENTRIES ..], each entry
+// row * MOE_MAX_TOPK + slot, in row order.
+#define MOE_SEL_WORDS (1 + 2 * MOE_MAX_TOPK)
+#define MOE_GRP_IDS 2
+#define MOE_GRP_OFF (MOE_GRP_IDS + MOE_MAX_EXPERTS)
+#define MOE_GRP_ENTRIES (MOE_GRP_OFF + MOE_MAX_EXPERTS + 1)
+
+// Groups the `rows` rows' choices in `sel` (MOE_SEL_WORDS a row; rows <= 64) by expert into
+// `grp` (see above); every thread of the block calls it. Per expert a mask of the rows that
+// chose it: an entry's place among its expert's entries is the number of earlier rows in the
+// mask (a row chooses an expert at most once), so the entries come out in row order.
+__device__ void moe_group(const unsigned *__restrict__ sel, int rows, int n, int top_k,
+                          unsigned *__restrict__ grp) {
+  __shared__ unsigned long long s_mask[MOE_MAX_EXPERTS];
+  __shared__ int s_off[MOE_MAX_EXPERTS];
+  __shared__ int s_ent[MOE_MAX_ROWS * MOE_MAX_TOPK];
+  const int tid = threadIdx.x, lane = tid & 31, entries = rows * top_k;
+  for (int e = tid; e < n; e += blockDim.x) s_mask[e] = 0ull;
+  __syncthreads();
+  for (int i = tid; i < entries; i += blockDim.x) {
+    const int r = i / top_k, e = (int)__ldcg(sel + r * MOE_SEL_WORDS + 1 + i % top_k);
+    s_ent[i] = e;
+    atomicOr(&s_mask[e], 1ull << r);
+  }
+  __syncthreads();
+  if (tid < 32) {  // prefix sums of the entry counts and of the chosen experts, in expert order
+    int off = 0, act = 0;
+    for (int e0 = 0; e0 < n; e0 += 32) {
+      const int e = e0 + lane;
+      const int c = e < n ? __popcll(s_mask[e]) : 0;
+      int ci = c, ai = c > 0;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int cu = __shfl_up_sync(0xffffffffu, ci, d), au = __shfl_up_sync(0xffffffffu, ai, d);
+        if (lane >= d) ci += cu, ai += au;
+      }
+      if (e < n) {
+        s_off[e] = off + ci - c;
+        if (c > 0) {
+          grp[MOE_GRP_IDS + act + ai - 1] = (unsigned)e;
+          grp[MOE_GRP_OFF + act + ai - 1] = (unsigned)(off + ci - c);
+        }
+      }
+      off += __shfl_sync(0xffffffffu, ci, 31);
+      act += __shfl_sync(0xffffffffu, ai, 31);
+    }
+    if (lane == 0) {
+      grp[MOE_GRP_OFF + act] = (unsigned)off;
+      grp[1] = (unsigned)act;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < entries; i += blockDim.x) {
+    const int r = i / top_k, e = s_ent[i];
+    const int at = s_off[e] + __popcll(s_mask[e] & ((1ull << r) - 1ull));
+    grp[MOE_GRP_ENTRIES + at] = (unsigned)(r * MOE_MAX_TOPK + i % top_k);
+  }
+}
+
+// logits[e] = w[e] . xn in f32, one block per expert and row (blockIdx.y of a batch; xn
+// [rows, hidden], logits [rows, n_experts], sel [rows, MOE_SEL_WORDS]); the last block of a
+// row to finish makes its choice (moe_select) and writes it to the row's `sel` (see above),
+// resetting its counter. With `grp` (batched steps), the last row to be chosen groups all
+// rows' choices by expert into it (moe_group).
 extern "C" __global__ void moe_router(const float *__restrict__ w, const float *__restrict__ xn,
                                       float *__restrict__ logits, int n_experts, int hidden,
-                                      int top_k, int norm, unsigned *__restrict__ sel) {
+                                      int top_k, int norm, unsigned *__restrict__ sel,
+                                      unsigned *__restrict__ grp) {
   __shared__ float red[32];
   __shared__ int s_id[MOE_MAX_TOPK];
   __shared__ float s_w[MOE_MAX_TOPK];
   __shared__ bool last;
   const int e = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+  unsigned *const sel0 = sel;
+  {
+    const size_t r = blockIdx.y;
+    xn += r * hidden, logits += r * n_experts, sel += r * MOE_SEL_WORDS;
+  }
   const float *row = w + (size_t)e * hidden;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   for (int o = tid * 32; o < hidden; o += blockDim.x * 32)
@@ -632,6 +735,15 @@ extern "C" __global__ void moe_router(const float *__restrict__ w, const float *
     sel[1 + MOE_MAX_TOPK + tid] = __float_as_uint(s_w[tid]);
   }
   if (tid == 0) sel[0] = 0u;
+  if (!grp) return;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(grp, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;  // uniform across the block
+  __threadfence();
+  moe_group(sel0, gridDim.y, n_experts, top_k, grp);
+  if (tid == 0) grp[0] = 0u;
 }
 
 // Gate/up of the chosen experts, quantized for the down projection: block (b, k), 8 warps,
@@ -648,12 +760,9 @@ __device__ void moe_gate_up(const unsigned long long *__restrict__ table,
   pdl_enter();
   const int slot = blockIdx.y, lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   const unsigned long long *t = table + (size_t)sel[1 + slot] * 9;
-  const uint8_t *gq = reinterpret_cast<const uint8_t *>(t[0]);
-  const S *gs = reinterpret_cast<const S *>(t[1]);
-  const S *gb = reinterpret_cast<const S *>(t[2]);
-  const uint8_t *uq = reinterpret_cast<const uint8_t *>(t[3]);
-  const S *us = reinterpret_cast<const S *>(t[4]);
-  const S *ub = reinterpret_cast<const S *>(t[5]);
+  const ExpertMat<S> gm = expert_mat<S>(t, 0), um = expert_mat<S>(t, 1);
+  const uint8_t *gq = gm.q, *uq = um.q;
+  const S *gs = gm.s, *gb = gm.b, *us = um.s, *ub = um.b;
   const int first = blockIdx.x * 32 + wid * 4;
   const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
   constexpr int BB = BITS == 4 ? 16 : 32;
@@ -696,10 +805,9 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
   pdl_enter();
   const int first = blockIdx.x * R;
   const int lane = threadIdx.x & 31, slot = threadIdx.x >> 5;
-  const unsigned long long *t = table + (size_t)sel[1 + slot] * 9 + 6;
-  const uint8_t *qs = reinterpret_cast<const uint8_t *>(t[0]);
-  const S *sc = reinterpret_cast<const S *>(t[1]);
-  const S *bi = reinterpret_cast<const S *>(t[2]);
+  const ExpertMat<S> dm = expert_mat<S>(table + (size_t)sel[1 + slot] * 9, 2);
+  const uint8_t *qs = dm.q;
+  const S *sc = dm.s, *bi = dm.b;
   const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
   constexpr int BB = BITS == 4 ? 16 : 32;
   const int8_t *xqs = hq + (size_t)slot * cols;
@@ -734,6 +842,196 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
     else
       y[first + k] = v;
   }
+}
+
+// ---- Mixture of experts in the batched decode step ----
+// The rows' choices grouped by expert (moe_group): one block per tile and chosen expert reads
+// that expert's weights once for every row that chose it, MOE_CHUNK rows at a time. Each
+// output value is summed in the order the one-token kernels above sum it (the same lanes over
+// the same 32-value blocks, then warp_sum; moe_combine sums the slots in slot order), so a row
+// of a batch gets the bits it gets alone.
+#define MOE_CHUNK 4
+
+// The entries [c0, c0 + n) of the grouped choices as (row, slot), n <= MOE_CHUNK (entries
+// past n repeat the last one).
+__device__ __forceinline__ void moe_entries(const unsigned *__restrict__ grp, int c0, int n,
+                                            int *rr, int *slot) {
+#pragma unroll
+  for (int j = 0; j < MOE_CHUNK; j++) {
+    const unsigned ent = grp[MOE_GRP_ENTRIES + c0 + min(j, n - 1)];
+    rr[j] = (int)(ent / MOE_MAX_TOPK);
+    slot[j] = (int)(ent % MOE_MAX_TOPK);
+  }
+}
+
+// Gate/up of the chosen experts for a batch: block (b, a), 8 warps, takes outputs
+// 32 b .. 32 b + 31 of the a-th chosen expert (grp) for each row that chose it, as
+// moe_gate_up does for one: h[row, slot] from row `row` of the quantized input xq [rows, cols]
+// into hq [rows * top_k, inter] / hd [rows * top_k, inter / 32]. Blocks past the number of
+// chosen experts return.
+template <int BITS, bool SIGNED, bool BIAS, typename S>
+__device__ void moe_gate_up_rows(const unsigned long long *__restrict__ table,
+                                 const unsigned *__restrict__ grp, int top_k,
+                                 const int8_t *__restrict__ xq, const float2 *__restrict__ xd,
+                                 int8_t *__restrict__ hq, float2 *__restrict__ hd, int inter,
+                                 int cols, int group, int gelu) {
+  __shared__ float sh[MOE_CHUNK][32];
+  pdl_enter();
+  const int a = blockIdx.y;
+  if (a >= (int)grp[1]) return;  // uniform across the block
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int begin = (int)grp[MOE_GRP_OFF + a], end = (int)grp[MOE_GRP_OFF + a + 1];
+  const unsigned long long *t = table + (size_t)grp[MOE_GRP_IDS + a] * 9;
+  const ExpertMat<S> gm = expert_mat<S>(t, 0), um = expert_mat<S>(t, 1);
+  const uint8_t *gq = gm.q, *uq = um.q;
+  const S *gs = gm.s, *gb = gm.b, *us = um.s, *ub = um.b;
+  const int first = blockIdx.x * 32 + wid * 4;
+  const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
+  constexpr int BB = BITS == 4 ? 16 : 32;
+  for (int c0 = begin; c0 < end; c0 += MOE_CHUNK) {
+    const int n = min(MOE_CHUNK, end - c0);
+    int rr[MOE_CHUNK], slot[MOE_CHUNK];
+    moe_entries(grp, c0, n, rr, slot);
+    float ag[MOE_CHUNK][4], au[MOE_CHUNK][4];
+#pragma unroll
+    for (int j = 0; j < MOE_CHUNK; j++)
+#pragma unroll
+      for (int k = 0; k < 4; k++) ag[j][k] = au[j][k] = 0.f;
+    for (int b = lane; b < nblocks; b += 32) {
+      int4 x0[MOE_CHUNK], x1[MOE_CHUNK];
+      float2 dx[MOE_CHUNK];
+#pragma unroll
+      for (int j = 0; j < MOE_CHUNK; j++) {
+        const int4 *xv = reinterpret_cast<const int4 *>(xq + (size_t)rr[j] * cols + (size_t)b * 32);
+        x0[j] = xv[0];
+        x1[j] = xv[1];
+        dx[j] = xd[(size_t)rr[j] * nblocks + b];
+      }
+      const int g = b / bpg;
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        const size_t row = (size_t)(first + k);
+        const size_t at = (row * nblocks + b) * BB, gi = row * groups + g;
+        uint4 g0, g1 = make_uint4(0u, 0u, 0u, 0u), u0, u1 = g1;
+        block_codes<BITS>(gq + at, g0, g1);
+        block_codes<BITS>(uq + at, u0, u1);
+#pragma unroll
+        for (int j = 0; j < MOE_CHUNK; j++) {
+          if (j < n) {
+            ag[j][k] += block_term<BITS, BIAS, S>(codes_dot<BITS, SIGNED>(g0, g1, x0[j], x1[j]),
+                                                  gs, gb, gi, dx[j]);
+            au[j][k] += block_term<BITS, BIAS, S>(codes_dot<BITS, SIGNED>(u0, u1, x0[j], x1[j]),
+                                                  us, ub, gi, dx[j]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < MOE_CHUNK; j++) {
+      if (j < n) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+          const float g = warp_sum(ag[j][k]), u = warp_sum(au[j][k]);
+          if (lane == 0) sh[j][wid * 4 + k] = (gelu ? gelu_tanh(g) : g / (1.f + expf(-g))) * u;
+        }
+      }
+    }
+    __syncthreads();
+    if (wid < n) {
+      const unsigned ent = grp[MOE_GRP_ENTRIES + c0 + wid];
+      const size_t hrow = (size_t)(ent / MOE_MAX_TOPK) * top_k + ent % MOE_MAX_TOPK;
+      const size_t blk = hrow * (inter >> 5) + blockIdx.x;
+      quant_block32(sh[wid][lane], lane, hq + blk * 32, hd + blk);
+    }
+    __syncthreads();
+  }
+}
+
+// Down of the chosen experts for a batch, unweighted: block (b, a), warp w takes output rows
+// r = (b * warps + w) * R .. + R of the a-th chosen expert (grp) for each row that chose it,
+// dotted with the row's h (hq [rows * top_k, cols]) as moe_down does for one, into
+// part [rows * top_k, out_rows]; moe_combine weights and sums them.
+template <int BITS, bool SIGNED, bool BIAS, typename S, int R>
+__device__ void moe_down_rows(const unsigned long long *__restrict__ table,
+                              const unsigned *__restrict__ grp, int top_k,
+                              const int8_t *__restrict__ hq, const float2 *__restrict__ hd,
+                              float *__restrict__ part, int rows, int cols, int group) {
+  pdl_enter();
+  const int a = blockIdx.y;
+  if (a >= (int)grp[1]) return;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const int first = (blockIdx.x * (blockDim.x >> 5) + wid) * R;
+  if (first >= rows) return;  // uniform across the warp; no block barrier below
+  const int begin = (int)grp[MOE_GRP_OFF + a], end = (int)grp[MOE_GRP_OFF + a + 1];
+  const ExpertMat<S> dm = expert_mat<S>(table + (size_t)grp[MOE_GRP_IDS + a] * 9, 2);
+  const uint8_t *qs = dm.q;
+  const S *sc = dm.s, *bi = dm.b;
+  const int nblocks = cols >> 5, groups = cols / group, bpg = group >> 5;
+  constexpr int BB = BITS == 4 ? 16 : 32;
+  for (int c0 = begin; c0 < end; c0 += MOE_CHUNK) {
+    const int n = min(MOE_CHUNK, end - c0);
+    int rr[MOE_CHUNK], slot[MOE_CHUNK];
+    moe_entries(grp, c0, n, rr, slot);
+    float acc[MOE_CHUNK][R];
+#pragma unroll
+    for (int j = 0; j < MOE_CHUNK; j++)
+#pragma unroll
+      for (int k = 0; k < R; k++) acc[j][k] = 0.f;
+    for (int b = lane; b < nblocks; b += 32) {
+      int4 x0[MOE_CHUNK], x1[MOE_CHUNK];
+      float2 dx[MOE_CHUNK];
+#pragma unroll
+      for (int j = 0; j < MOE_CHUNK; j++) {
+        const size_t hrow = (size_t)rr[j] * top_k + slot[j];
+        const int4 *xv = reinterpret_cast<const int4 *>(hq + hrow * cols + (size_t)b * 32);
+        x0[j] = xv[0];
+        x1[j] = xv[1];
+        dx[j] = hd[hrow * nblocks + b];
+      }
+      const int g = b / bpg;
+#pragma unroll
+      for (int k = 0; k < R; k++) {
+        const size_t row = (size_t)min(first + k, rows - 1);
+        uint4 c0w, c1w = make_uint4(0u, 0u, 0u, 0u);
+        block_codes<BITS>(qs + (row * nblocks + b) * BB, c0w, c1w);
+#pragma unroll
+        for (int j = 0; j < MOE_CHUNK; j++)
+          if (j < n)
+            acc[j][k] += block_term<BITS, BIAS, S>(codes_dot<BITS, SIGNED>(c0w, c1w, x0[j], x1[j]),
+                                                   sc, bi, row * groups + g, dx[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < MOE_CHUNK; j++) {
+      if (j < n) {
+        const size_t hrow = (size_t)rr[j] * top_k + slot[j];
+#pragma unroll
+        for (int k = 0; k < R; k++) {
+          const float v = warp_sum(acc[j][k]);
+          if (lane == 0 && first + k < rows) part[hrow * rows + first + k] = v;
+        }
+      }
+    }
+  }
+}
+
+// y[row, i] (+)= sum_k w_k * part[row * top_k + k, i] over the row's slots in slot order, its
+// weights w_k from `sel` (MOE_SEL_WORDS a row): block (b, row), value i = b * blockDim.x + tid.
+extern "C" __global__ void moe_combine(const unsigned *__restrict__ sel,
+                                       const float *__restrict__ part, float *__restrict__ y,
+                                       int rows, int top_k, int add) {
+  pdl_enter();
+  const int r = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  const unsigned *s = sel + (size_t)r * MOE_SEL_WORDS;
+  float v = 0.f;
+  for (int j = 0; j < top_k; j++)
+    v += part[((size_t)r * top_k + j) * rows + i] * __uint_as_float(s[1 + MOE_MAX_TOPK + j]);
+  float *o = y + (size_t)r * rows + i;
+  if (add)
+    *o += v;
+  else
+    *o = v;
 }
 
 // 16 bytes from global memory to shared memory, asynchronously (cp.async, sm_80+; bypassing L1);
@@ -1043,6 +1341,18 @@ __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
       const float2 *hd, float *y, int rows, int cols, int group, int add) {                        \
     moe_down<BITS, SIGNED, BIAS, S, MOE_DOWN_ROWS>(table, sel, top_k, hq, hd, y, rows, cols,      \
                                                    group, add);                                    \
+  }                                                                                                \
+  extern "C" __global__ void moe_gate_up_rows_##NAME(                                               \
+      const unsigned long long *table, const unsigned *grp, int top_k, const int8_t *xq,          \
+      const float2 *xd, int8_t *hq, float2 *hd, int inter, int cols, int group, int gelu) {       \
+    moe_gate_up_rows<BITS, SIGNED, BIAS, S>(table, grp, top_k, xq, xd, hq, hd, inter, cols,      \
+                                            group, gelu);                                          \
+  }                                                                                                \
+  extern "C" __global__ void moe_down_rows_##NAME(                                                  \
+      const unsigned long long *table, const unsigned *grp, int top_k, const int8_t *hq,          \
+      const float2 *hd, float *part, int rows, int cols, int group) {                              \
+    moe_down_rows<BITS, SIGNED, BIAS, S, MOE_DOWN_WARP_ROWS>(table, grp, top_k, hq, hd, part,     \
+                                                             rows, cols, group);                   \
   }
 
 QKERNELS(q4_0, 4, false, false, __half)

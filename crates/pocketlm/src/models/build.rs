@@ -438,6 +438,7 @@ pub(crate) fn moe(
         router: router(gate),
         experts: experts(w, p, shape, w.layout().numerics)?,
         shared: None,
+        kernels: Default::default(),
     })
 }
 

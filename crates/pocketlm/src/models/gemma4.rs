@@ -446,6 +446,7 @@ impl ExpertBranch {
                 router,
                 experts,
                 shared: None,
+                kernels: Default::default(),
             },
             pre_feedforward_layernorm_2: n("pre_feedforward_layernorm_2")?,
             post_feedforward_layernorm_1: n("post_feedforward_layernorm_1")?,

@@ -247,6 +247,7 @@ pub fn build(config: &serde_json::Value, w: &dyn Weights) -> Result<Box<dyn Caus
             },
             experts: experts(w, p, shape, activation)?,
             shared: None,
+            kernels: Default::default(),
         }))))
     };
     let hooks = LayerHooks {

@@ -30,7 +30,7 @@ pub use lora::LoraLinear;
 pub use mla::{Absorbed, Mla, MlaQuery};
 pub use mlp::{Activation, GateUp, GatedMlp};
 pub use mode::{Mode, Numerics};
-pub use moe::{GroupLimit, Moe, Router, Scoring, SharedExpert};
+pub use moe::{GroupLimit, Moe, MoeKernels, Router, Scoring, SharedExpert};
 pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{add, gelu_tanh, residual, softcap};
 pub use pooling::Pooling;

@@ -184,6 +184,83 @@ pub struct Moe {
     pub experts: Vec<GatedMlp>,
     /// Shared experts, if any.
     pub shared: Option<SharedExpert>,
+    /// The GPU kernels its inference passes run on, once made.
+    pub kernels: MoeKernels,
+}
+
+/// The GPU kernels a [`Moe`] runs its inference passes on (feature `cuda`;
+/// [`crate::cuda::MoeRows`]: the router, each chosen expert's weights read once for all the
+/// tokens that chose it, and the weighted sum, in place of a host round trip for the routing
+/// and a product, a gather and a scatter per expert), made at the first pass on a CUDA device
+/// and made again when its expert layers change (adapters loaded, fused or unloaded). Empty in
+/// other builds, and for layers the kernels do not take (the general path runs them).
+#[derive(Default)]
+pub struct MoeKernels {
+    #[cfg(feature = "cuda")]
+    state: std::sync::Mutex<Option<KernelState>>,
+}
+
+/// The expert matrices the kernels were made for (per expert gate, up, down: ours, or `None`),
+/// and the kernels, if they take the layer.
+#[cfg(feature = "cuda")]
+type KernelState = (
+    Vec<Option<std::sync::Arc<crate::cuda::CudaQMatrix>>>,
+    Option<std::sync::Arc<crate::cuda::MoeRows>>,
+);
+
+impl std::fmt::Debug for MoeKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoeKernels").finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl MoeKernels {
+    /// The kernels for `moe` on `device`, made now when untried or when its expert layers
+    /// changed since; `None` when they do not take it.
+    ///
+    /// Errors: a poisoned lock; making them (the driver's).
+    fn get(
+        &self,
+        moe: &Moe,
+        device: &candle_core::Device,
+    ) -> Result<Option<std::sync::Arc<crate::cuda::MoeRows>>> {
+        let now: Vec<_> = moe
+            .experts
+            .iter()
+            .flat_map(|e| {
+                let gate_up = match &e.gate_up {
+                    super::GateUp::Separate { gate, up } => [Some(gate), Some(up)],
+                    super::GateUp::Fused { .. } => [None, None],
+                };
+                gate_up
+                    .into_iter()
+                    .chain([Some(&e.down_proj)])
+                    .map(|l| match l {
+                        Some(Linear::Cuda { weight, bias: None }) => Some(weight.clone()),
+                        _ => None,
+                    })
+            })
+            .collect();
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Error::Model("the mixture of experts' kernel lock is poisoned".into()))?;
+        if let Some((made_for, k)) = &*state {
+            let same = made_for.len() == now.len()
+                && made_for.iter().zip(&now).all(|(a, b)| match (a, b) {
+                    (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                });
+            if same {
+                return Ok(k.clone());
+            }
+        }
+        let k = crate::accel::moe_rows(moe, device)?.map(std::sync::Arc::new);
+        *state = Some((now, k.clone()));
+        Ok(k)
+    }
 }
 
 impl Moe {
@@ -194,10 +271,23 @@ impl Moe {
     ///
     /// In [`Mode::Training`] the experts run as differentiable ops, so gradients reach `x`
     /// through them; the routing (choice and weights) is computed from the inference values
-    /// and is constant for the gradient.
+    /// and is constant for the gradient. Inference on a CUDA device runs on the fused kernels
+    /// when they take the layer ([`MoeKernels`]; `POCKETLM_MOE_KERNELS=0` keeps this path):
+    /// the same choice and weights, the products on 8-bit activations as the decode step's.
     ///
     /// Errors: shapes that do not agree with the weights.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if mode == Mode::Inference
+            && x.device().is_cuda()
+            && !crate::switches::switched_off("POCKETLM_MOE_KERNELS")
+        {
+            if let Some(k) = self.kernels.get(self, x.device())? {
+                let dims = x.dims().to_vec();
+                let h = dims.last().copied().unwrap_or(0);
+                return Ok(k.forward(&x.reshape(((), h))?)?.reshape(dims)?);
+            }
+        }
         self.forward_routed(x, x, mode)
     }
 
@@ -433,6 +523,7 @@ mod tests {
                 router: r,
                 experts,
                 shared: None,
+                kernels: MoeKernels::default(),
             };
             for t in 0..4 {
                 let x: Vec<f32> = (0..h).map(|i| ((i + 7 * t) as f32 * 0.37).sin()).collect();
@@ -473,6 +564,7 @@ mod tests {
                 mlp: mlp(h, inter, 77),
                 gate: Some(dense(1, h, 55)),
             }),
+            kernels: MoeKernels::default(),
         };
         let x = Tensor::from_vec(
             (0..7 * h).map(|i| (i as f32 * 0.37).sin()).collect(),
