@@ -8,15 +8,14 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 
 use crate::cuda::{
-    kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderMoe, DecoderSpec,
-    MoeRows, SeqStep, MAX_BATCH, MOE_MAX_EXPERTS, MOE_MAX_TOPK,
+    kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderSpec, SeqStep, MAX_BATCH,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::models::{
     BatchRow, CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable,
     VisionInfo,
 };
-use crate::nn::{Activation, GateUp, Linear, Moe, QkvProj, RmsNorm, RotaryEmbedding, Scoring};
+use crate::nn::{Activation, GateUp, Linear, QkvProj, RmsNorm, RotaryEmbedding};
 use crate::{Error, Result};
 
 /// Positions the fused decode step's RoPE tables cover at most.
@@ -449,15 +448,7 @@ fn spec(plan: &DecodePlan<'_>, device: &Device) -> Result<Option<DecoderSpec>> {
 
 /// The matrix of a bias-free layer of our CUDA kernels' formats, else `None`.
 fn ours(l: &Linear) -> Option<Arc<CudaQMatrix>> {
-    ours_ref(l).cloned()
-}
-
-/// [`ours`], borrowed.
-fn ours_ref(l: &Linear) -> Option<&Arc<CudaQMatrix>> {
-    match l {
-        Linear::Cuda { weight, bias: None } => Some(weight),
-        _ => None,
-    }
+    l.cuda_matrix().cloned()
 }
 
 /// A plan's feed-forward layer as the decoder takes it, with its activation; `None` when it
@@ -487,83 +478,9 @@ fn ffn(
             };
             Ok(Some((DecoderFfn::Dense { gate_up, down }, m.activation)))
         }
-        PlanMlp::Moe(moe) => {
-            Ok(decoder_moe(moe)?.map(|(m, activation)| (DecoderFfn::Moe(Box::new(m)), activation)))
-        }
-    }
-}
-
-/// A mixture of experts as the fused kernels take it, with its experts' activation; `None`
-/// when it has shared experts, routing other than softmax top-k (a selection bias, groups, a
-/// scale, per-expert scales), a router that is not a bias-free float matrix, experts not of
-/// our CUDA kernels' formats (or with adapters), mixed activations, or more experts or a
-/// larger top-k than the kernels take.
-///
-/// Errors: converting the router's weight to f32.
-fn decoder_moe(moe: &Moe) -> Result<Option<(DecoderMoe, Activation)>> {
-    let r = &moe.router;
-    let Linear::Dense(gate) = &r.gate else {
-        return Ok(None);
-    };
-    if moe.shared.is_some()
-        || r.scoring != Scoring::Softmax
-        || r.selection_bias.is_some()
-        || r.groups.is_some()
-        || r.scale != 1.0
-        || r.expert_scale.is_some()
-        || gate.bias().is_some()
-        || moe.experts.len() > MOE_MAX_EXPERTS
-        || r.top_k == 0
-        || r.top_k > MOE_MAX_TOPK.min(moe.experts.len())
-    {
-        return Ok(None);
-    }
-    let Some(activation) = moe.experts.first().map(|e| e.activation) else {
-        return Ok(None);
-    };
-    let Some(experts) = expert_matrices(moe) else {
-        return Ok(None);
-    };
-    if moe.experts.iter().any(|e| e.activation != activation) {
-        return Ok(None);
-    }
-    let router = gate.weight().to_dtype(DType::F32)?.contiguous()?;
-    let experts = experts.into_iter().map(|e| e.map(Arc::clone)).collect();
-    Ok(Some((
-        DecoderMoe {
-            router,
-            experts,
-            top_k: r.top_k,
-            norm_topk_prob: r.norm_topk_prob,
-        },
-        activation,
-    )))
-}
-
-/// Per expert its gate, up and down matrices when all are ours (separate gate and up, no
-/// bias, no adapter), else `None`.
-pub(crate) fn expert_matrices(moe: &Moe) -> Option<Vec<[&Arc<CudaQMatrix>; 3]>> {
-    moe.experts
-        .iter()
-        .map(|e| {
-            let GateUp::Separate { gate, up } = &e.gate_up else {
-                return None;
-            };
-            Some([ours_ref(gate)?, ours_ref(up)?, ours_ref(&e.down_proj)?])
-        })
-        .collect()
-}
-
-/// The kernels that run `moe` over many token rows on the GPU ([`MoeRows`]), `None` when
-/// [`decoder_moe`] or the kernels do not take it, or its activation is not SiLU or GELU-tanh.
-///
-/// Errors: as [`decoder_moe`]; the driver's.
-pub(crate) fn moe_rows(moe: &Moe, device: &Device) -> Result<Option<MoeRows>> {
-    match decoder_moe(moe)? {
-        Some((m, a @ (Activation::Silu | Activation::GeluTanh))) => {
-            MoeRows::new(m, a == Activation::GeluTanh, device)
-        }
-        _ => Ok(None),
+        PlanMlp::Moe(moe) => Ok(moe
+            .decoder_moe()?
+            .map(|(m, activation)| (DecoderFfn::Moe(Box::new(m)), activation))),
     }
 }
 

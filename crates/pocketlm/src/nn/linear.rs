@@ -202,6 +202,16 @@ impl Linear {
         }
     }
 
+    /// The matrix of a bias-free layer of our CUDA kernels' formats (no adapter), else `None`:
+    /// what the fused CUDA kernels take.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_matrix(&self) -> Option<&std::sync::Arc<crate::cuda::CudaQMatrix>> {
+        match self {
+            Self::Cuda { weight, bias: None } => Some(weight),
+            _ => None,
+        }
+    }
+
     /// The same layer with `bias` `[out]` in place of its own (gpt-oss's experts: the stacked
     /// weights come without biases, which are stored beside them).
     ///

@@ -13,6 +13,8 @@
 
 use candle_core::{DType, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::Activation;
 use super::{GatedMlp, Linear, Mode};
 use crate::{Error, Result};
 
@@ -236,10 +238,7 @@ impl MoeKernels {
                 gate_up
                     .into_iter()
                     .chain([Some(&e.down_proj)])
-                    .map(|l| match l {
-                        Some(Linear::Cuda { weight, bias: None }) => Some(weight.clone()),
-                        _ => None,
-                    })
+                    .map(|l| l.and_then(Linear::cuda_matrix).cloned())
             })
             .collect();
         let mut state = self
@@ -257,9 +256,84 @@ impl MoeKernels {
                 return Ok(k.clone());
             }
         }
-        let k = crate::accel::moe_rows(moe, device)?.map(std::sync::Arc::new);
+        let k = moe.rows_kernels(device)?.map(std::sync::Arc::new);
         *state = Some((now, k.clone()));
         Ok(k)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Moe {
+    /// The layer as the fused CUDA kernels take it, with its experts' activation; `None` when
+    /// it has shared experts, routing other than softmax top-k (a selection bias, groups, a
+    /// scale, per-expert scales), a router that is not a bias-free float matrix, experts not
+    /// of our CUDA kernels' formats (or with adapters), mixed activations, or more experts or
+    /// a larger top-k than the kernels take.
+    ///
+    /// Errors: converting the router's weight to f32.
+    pub(crate) fn decoder_moe(&self) -> Result<Option<(crate::cuda::DecoderMoe, Activation)>> {
+        use crate::cuda::{MOE_MAX_EXPERTS, MOE_MAX_TOPK};
+        let r = &self.router;
+        let Linear::Dense(gate) = &r.gate else {
+            return Ok(None);
+        };
+        if self.shared.is_some()
+            || r.scoring != Scoring::Softmax
+            || r.selection_bias.is_some()
+            || r.groups.is_some()
+            || r.scale != 1.0
+            || r.expert_scale.is_some()
+            || gate.bias().is_some()
+            || self.experts.len() > MOE_MAX_EXPERTS
+            || r.top_k == 0
+            || r.top_k > MOE_MAX_TOPK.min(self.experts.len())
+        {
+            return Ok(None);
+        }
+        let Some(activation) = self.experts.first().map(|e| e.activation) else {
+            return Ok(None);
+        };
+        if self.experts.iter().any(|e| e.activation != activation) {
+            return Ok(None);
+        }
+        let mut experts = Vec::with_capacity(self.experts.len());
+        for e in &self.experts {
+            let super::GateUp::Separate { gate, up } = &e.gate_up else {
+                return Ok(None);
+            };
+            let (Some(g), Some(u), Some(d)) = (
+                gate.cuda_matrix(),
+                up.cuda_matrix(),
+                e.down_proj.cuda_matrix(),
+            ) else {
+                return Ok(None);
+            };
+            experts.push([g.clone(), u.clone(), d.clone()]);
+        }
+        let router = gate.weight().to_dtype(DType::F32)?.contiguous()?;
+        Ok(Some((
+            crate::cuda::DecoderMoe {
+                router,
+                experts,
+                top_k: r.top_k,
+                norm_topk_prob: r.norm_topk_prob,
+            },
+            activation,
+        )))
+    }
+
+    /// The kernels that run the layer over many token rows on the GPU
+    /// ([`crate::cuda::MoeRows`]); `None` when [`Self::decoder_moe`] or the kernels do not
+    /// take it, or its activation is not SiLU or GELU-tanh.
+    ///
+    /// Errors: as [`Self::decoder_moe`]; the driver's.
+    fn rows_kernels(&self, device: &candle_core::Device) -> Result<Option<crate::cuda::MoeRows>> {
+        match self.decoder_moe()? {
+            Some((m, a @ (Activation::Silu | Activation::GeluTanh))) => {
+                crate::cuda::MoeRows::new(m, a == Activation::GeluTanh, device)
+            }
+            _ => Ok(None),
+        }
     }
 }
 
