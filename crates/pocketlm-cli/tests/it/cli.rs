@@ -682,6 +682,54 @@ fn chat_with_a_rotating_cache_and_truncation() {
 /// values are checked against the references in the library's tests/it/perplexity.rs), the
 /// KL divergence of the model against itself, and named errors for an empty file, a missing
 /// file and a context longer than the model's.
+/// `agree --reference-device cpu` on the CPU: the model against a second load of itself, one
+/// prompt at a time and (`--batch`) both prompts decoded together, must agree to the bit (the
+/// CPU's batched kernels sum in the one-row order).
+#[test]
+fn agree_on_the_cpu_against_itself_is_exact() {
+    let model = default_model();
+    let out = pocketlm(&[
+        "agree",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--reference-device",
+        "cpu",
+        "-n",
+        "4",
+        "-p",
+        "The capital of France is",
+        "-p",
+        "def f(x):",
+        "--batch",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("reference: cpu; other: cpu"), "{stdout}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("tokens equal"))
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    assert_eq!(
+        rows.iter().filter(|l| l.starts_with("batched 2: ")).count(),
+        2,
+        "{stdout}"
+    );
+    for r in rows {
+        assert!(
+            r.contains(" 4/4 tokens equal | max |dlogit| 0.000e0 "),
+            "{r}"
+        );
+    }
+    assert!(stdout.ends_with("all equal: true\n"), "{stdout}");
+}
+
 #[test]
 fn perplexity_reports_and_errors() {
     let model = default_model();
