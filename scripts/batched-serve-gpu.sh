@@ -9,10 +9,7 @@
 . scripts/gpu-setup.sh
 (cd $W && tar xzf $R/.gpu/lc.tgz)
 [ -d $W/lc/tools/ui ] || echo "lc.tgz has no tools/ui: llama-server will not configure"
-( cd $W && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >/dev/null &&
-  cmake --build lc/build --target llama-batched-bench llama-server -j 16 >/dev/null && echo built ) > $W/lc-build.log 2>&1 & pb=$!
+build_llama llama-batched-bench llama-server
 export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py CTX=8192
 (cd $W && python3 $R/scripts/make_random_gguf.py 8b.gguf q4_0 --shape 8b >/dev/null); M=$W/8b.gguf
 stamp "batched table, defaults"
@@ -20,7 +17,7 @@ $PL bench -m $M --device cuda -p 0 -n 128 -d 128 -r 2 --batch 1,8,16,32,64 2>&1 
 stamp "attention <= 8 splits"
 POCKETLM_ATTN_BATCH_SPLITS=8 $PL bench -m $M --device cuda -p 0 -n 128 -d 128 -r 2 --batch 16,32 2>&1 | grep "^|" | tail -2
 stamp "waiting for llama.cpp"
-wait $pb
+wait $lc
 if ! grep -q built $W/lc-build.log; then
   echo "llama.cpp did not build"; tail -5 $W/lc-build.log; exit 1
 fi

@@ -3,9 +3,9 @@
 # root; carry: [".gpu"], which must hold `pocketlm.xz`, `lc.tgz` and llama.cpp's
 # `ggml-vocab-qwen2.gguf`). On a random Qwen3-30B-A3B-shaped Q4_0 (scripts/make_random_gguf.py):
 #  1. `agree --batch` on its first 4 layers: greedy tokens and logits, CPU against GPU, one
-#     sequence at a time and the 5 prompts decoded together; then the GPU's batched decode
-#     against its own one-sequence decode (`--reference-device cuda`), where equal bits show
-#     as max |dlogit| 0;
+#     sequence at a time and the 5 prompts decoded together; then the GPU against a second
+#     load of itself (`--reference-device cuda`; the small-batch GEMM's split sums by atomicAdd
+#     keep even one sequence from giving the same bits twice);
 #  2. `bench --batch $BATCHES` (default 8,32; each cache filled with 128 tokens, then $TOKENS
 #     decoded for all together, aggregate tokens/s) with the batched fused step, with the rows
 #     one by one, and with POCKETLM_FUSED_ROWS=0 as well (the model's own layer-by-layer
@@ -21,11 +21,7 @@ set -uo pipefail
 . scripts/gpu-setup.sh
 BATCHES=${BATCHES:-8,32}; TOKENS=${TOKENS:-32}; REPS=${REPS:-2}
 (cd $W && tar xzf $R/.gpu/lc.tgz)
-[ "${LLAMA:-1}" = 0 ] || ( cd $W && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
-    -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null &&
-  cmake --build lc/build --target llama-batched-bench llama-bench -j 12 >/dev/null && echo built ) > $W/lc-build.log 2>&1 &
-lc=$!
+[ "${LLAMA:-1}" = 0 ] || build_llama llama-batched-bench llama-bench
 cp $R/.gpu/ggml-vocab-qwen2.gguf $W/lc/models/
 export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py CTX=4096
 M=$W/qwen3-30b-a3b-q4_0.gguf M4=$W/qwen3-30b-a3b-4layers-q4_0.gguf

@@ -15,10 +15,7 @@
 . scripts/gpu-setup.sh
 clients=${CLIENTS:-32} requests=${REQUESTS:-96} tokens=${TOKENS:-128} port=18472
 (cd $W && tar xzf $R/.gpu/lc.tgz)
-[ "${LLAMA:-1}" = 0 ] || ( cd $W && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >/dev/null &&
-  cmake --build lc/build --target llama-server -j 12 >/dev/null && echo built ) > $W/lc-build.log 2>&1 & pb=$!
+[ "${LLAMA:-1}" = 0 ] || build_llama llama-server
 if [ -n "${SELFTEST:-}" ]; then
   stamp "gpu-selftest"
   $PL gpu-selftest > $W/selftest.log 2>&1
@@ -98,7 +95,7 @@ if [ -n "${BENCH:-}" ]; then # one sequence, greedy and sampled (the single-row 
 fi
 [ "${LLAMA:-1}" = 0 ] && { stamp done; exit 0; }
 stamp "waiting for llama.cpp"
-wait $pb
+wait $lc
 grep -q built $W/lc-build.log || { echo "llama.cpp did not build"; tail -5 $W/lc-build.log; exit 1; }
 stamp "against llama-server"
 DEVICE=cuda LLAMA_SERVER=$W/lc/build/bin/llama-server POCKETLM_BIN=$PL THREADS=8 CLIENTS=$clients \

@@ -8,9 +8,7 @@
 # H200 (2026-12-05; its output is in stop 46's closing note and README's batched table).
 . scripts/gpu-setup.sh
 (cd $W && tar xzf $R/.gpu/lc.tgz)
-( cd $W && cmake -S lc -B lc/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null &&
-  cmake --build lc/build --target llama-batched-bench -j 12 >/dev/null && echo built ) > $W/lc-build.log 2>&1 &
+build_llama llama-batched-bench
 export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py CTX=8192
 (cd $W && python3 $R/scripts/make_random_gguf.py 8b.gguf q4_0 --shape 8b >/dev/null) & p8=$!
 (cd $W && python3 $R/scripts/make_random_gguf.py 1b.gguf q4_0 --shape 1b >/dev/null)
