@@ -510,7 +510,8 @@ impl CausalLM for Accelerated {
             return Ok(out);
         }
         // Decoding rows of a model whose fused step runs one sequence at a time (a mixture of
-        // experts under POCKETLM_MOE_BATCH=0): that step once per row, instead of one layer-by-layer pass for all.
+        // experts under POCKETLM_MOE_BATCH=0): that step once per row, instead of one
+        // layer-by-layer pass for all.
         if rows.len() > 1
             && rows.iter().all(|r| r.ids.len() == 1)
             && !crate::switches::switched_off("POCKETLM_FUSED_ROWS")

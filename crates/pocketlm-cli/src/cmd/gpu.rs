@@ -39,7 +39,8 @@ const PROMPTS: [&str; 5] = [
     "1, 2, 3, 5, 8, 13,",
 ];
 
-/// Runs `agree`: the model on the CPU (reference) and on `--device`, in lockstep.
+/// Runs `agree`: the model on `--reference-device` (the CPU by default) and on `--device`, in
+/// lockstep.
 pub fn run_agree(args: AgreeArgs) -> Result<()> {
     let mut ref_args = args.model.clone();
     ref_args.device = args.reference_device.clone();

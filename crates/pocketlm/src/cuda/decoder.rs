@@ -325,18 +325,6 @@ impl MoeRows {
         }))
     }
 
-    /// Whether it runs these expert matrices (per expert gate, up, down, in order): the
-    /// layers it was made from have not been replaced since.
-    pub fn runs(&self, experts: &[[&Arc<CudaQMatrix>; 3]]) -> bool {
-        self.moe.experts.len() == experts.len()
-            && self
-                .moe
-                .experts
-                .iter()
-                .zip(experts)
-                .all(|(a, b)| a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b)))
-    }
-
     /// The layer on `x: [n, hidden]` (f32, or converted to it) on the CUDA device: `[n,
     /// hidden]` f32, each row `Σ_k w_k · expert_k(row)` over its `top_k` chosen experts, as
     /// [`DecoderMoe`] computes one row of the decode step.
@@ -991,6 +979,8 @@ impl CudaDecoder {
         );
         let widest = h.max(nh * hd).max(inter);
         let qkv_rows = (nh + 2 * nkv) * hd;
+        // The chosen experts' hidden activations of a row, quantized.
+        let moe_width = s.moe_max(|m| m.top_k * m.intermediate());
         let r = MAX_BATCH;
         let dev = &self.dev;
         let f = |n: usize| dev.alloc_zeros::<f32>(n.max(1));
@@ -1008,12 +998,12 @@ impl CudaDecoder {
             // A mixture of experts' buffers (one value each without one).
             f(r * s.moe_max(|_| h))?,
             f(r * s.moe_max(|m| m.experts.len()))?,
-            f(r * s.moe_max(|m| m.top_k * m.intermediate()) / 16)?,
+            f(r * moe_width / 16)?,
             f(r * s.moe_max(|m| m.top_k) * h)?,
         ];
         let bytes = vec![
             dev.alloc_zeros::<i8>(r * widest)?,
-            dev.alloc_zeros::<i8>((r * s.moe_max(|m| m.top_k * m.intermediate())).max(1))?,
+            dev.alloc_zeros::<i8>((r * moe_width).max(1))?,
         ];
         let words = vec![
             dev.alloc_zeros::<u32>(r * MOE_SEL_WORDS)?,
@@ -1067,7 +1057,7 @@ impl CudaDecoder {
     /// one-token step's, or [`BatchState`]'s): every per-token buffer holds a row per sequence,
     /// `params` 4 i32 and `kv` `2 n_layers` addresses per sequence. A batch takes the
     /// small-batch GEMM for every projection, and its mixtures of experts read each chosen
-    /// expert once for all rows ([`Self::launch_moe`]).
+    /// expert once for all rows ([`DecoderMoe::launch`]).
     fn record_with(&self, p: &Ptrs, batch: usize) -> Result<()> {
         let s = &self.spec;
         let kv_stride = 2 * s.layers.len();
@@ -1263,6 +1253,11 @@ impl DecoderMoe {
         let suffix = m.experts[0][0].kernel_name();
         let group = m.experts[0][0].group() as i32;
         let rows = p.grp != 0;
+        let cfg = |grid: (u32, u32), threads: u32| LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // One block per expert's logit and row; the last one of a row makes its choice, the
         // last row's groups the choices.
         let router = func("moe_router")?;
@@ -1276,19 +1271,9 @@ impl DecoderMoe {
             .arg(m.norm_topk_prob as i32)
             .arg(p.sel)
             .arg(if rows { p.grp } else { 0 });
-        let cfg = LaunchConfig {
-            grid_dim: (n_exp as u32, batch as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: moe_router's parameters, in order; the router weight and the decoder's
         // buffers, `batch` rows of xn, logits and sel (and grp for a batch).
-        unsafe { b.launch(&stream, cfg) }?;
-        let cfg = |grid: (u32, u32), threads: u32| LaunchConfig {
-            grid_dim: (grid.0, grid.1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        unsafe { b.launch(&stream, cfg((n_exp as u32, batch as u32), 128)) }?;
         // Gate/up: (table, the choice: sel, or grp and top_k), then these; down: (table, sel
         // or grp, top_k, hq, hd), then its output and these.
         let gate_up_args = |b: &mut Launch<'_>| {

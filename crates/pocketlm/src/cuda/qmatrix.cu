@@ -636,7 +636,10 @@ __device__ void moe_select(const float *__restrict__ logits, int n, int top_k, i
 // Groups the `rows` rows' choices in `sel` (MOE_SEL_WORDS a row; rows <= 64) by expert into
 // `grp` (see above); every thread of the block calls it. Per expert a mask of the rows that
 // chose it: an entry's place among its expert's entries is the number of earlier rows in the
-// mask (a row chooses an expert at most once), so the entries come out in row order.
+// mask (a row chooses an expert at most once), so the entries come out in row order. Only a
+// row of NaN logits repeats an expert (expert 0 in its empty slots, at weight 0): its entries
+// share one place, so one of those slots is computed and the others keep part's old values,
+// which moe_combine multiplies by their weight 0.
 __device__ void moe_group(const unsigned *__restrict__ sel, int rows, int n, int top_k,
                           unsigned *__restrict__ grp) {
   __shared__ unsigned long long s_mask[MOE_MAX_EXPERTS];
@@ -848,8 +851,9 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
 // The rows' choices grouped by expert (moe_group): one block per tile and chosen expert reads
 // that expert's weights once for every row that chose it, MOE_CHUNK rows at a time. Each
 // output value is summed in the order the one-token kernels above sum it (the same lanes over
-// the same 32-value blocks, then warp_sum; moe_combine sums the slots in slot order), so a row
-// of a batch gets the bits it gets alone.
+// the same 32-value blocks, then warp_sum; moe_combine sums the slots in slot order), so from
+// the same input a row's expert output has the bits the one-token kernels give it (the batched
+// step's other projections, on the small-batch GEMM, sum their column splits by atomicAdd).
 #define MOE_CHUNK 4
 
 // The entries [c0, c0 + n) of the grouped choices as (row, slot), n <= MOE_CHUNK (entries

@@ -238,7 +238,7 @@ impl MoeKernels {
                 gate_up
                     .into_iter()
                     .chain([Some(&e.down_proj)])
-                    .map(|l| l.and_then(Linear::cuda_matrix).cloned())
+                    .map(|l| l.and_then(Linear::cuda_matrix))
             })
             .collect();
         let mut state = self
@@ -257,7 +257,8 @@ impl MoeKernels {
             }
         }
         let k = moe.rows_kernels(device)?.map(std::sync::Arc::new);
-        *state = Some((now, k.clone()));
+        let made_for = now.into_iter().map(|m| m.cloned()).collect();
+        *state = Some((made_for, k.clone()));
         Ok(k)
     }
 }
