@@ -11,6 +11,7 @@ use crate::cuda::{
     kv_address, CudaDecoder, CudaQMatrix, DecoderFfn, DecoderLayer, DecoderSpec, SeqStep, MAX_BATCH,
 };
 use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::kv_pool::BLOCK;
 use crate::models::{
     BatchRow, CausalLM, DecodePlan, Logits, ModelInfo, ModelInput, PlanMlp, Prefill, Trainable,
     VisionInfo,
@@ -116,28 +117,24 @@ impl Accelerated {
             let Some(rope_pos) = rope_position(cache) else {
                 return Ok(None);
             };
-            let Some((kv, capacity)) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
+            let Some(bufs) = self.kv_buffers(dec, cache, plan.blocks.len())? else {
                 return Ok(None);
             };
             let x = plan.embed_tokens.forward(input_ids)?;
-            let seq = SeqStep {
-                pos,
-                rope_pos,
-                kv: &kv,
-                capacity,
-            };
-            let out = dec.step(&x, &seq)?;
+            let out = dec.step(&x, &bufs.step(pos, rope_pos))?;
             commit_one(cache, plan.blocks.len())?;
             finish_logits(plan, dec, out).map(Some)
         })
     }
 
-    /// The key/value buffer addresses of each of the `n_layers` layers of `cache`, with room
-    /// made for one more position appended in place, and their capacity; `None` when the
-    /// fused step does not take the cache (layers at other offsets or not appending in place,
-    /// other dtypes, positions past the step's RoPE tables).
+    /// The key/value buffers of each of the `n_layers` layers of `cache`, with room made for
+    /// one more position appended in place ([`KvBuffers`]): a cache's own growing buffers, or
+    /// for a cache paged in a [`crate::kv_pool::KvBlockPool`] on the GPU the pool layers'
+    /// blocks and the block table. `None` when the fused step does not take the cache (layers
+    /// at other offsets or not appending in place, other dtypes or shapes, paged layers whose
+    /// tables differ, positions past the step's RoPE tables).
     ///
-    /// Errors: the cache's, while making room.
+    /// Errors: the cache's, while making room (a block pool out of blocks).
     fn kv_buffers(
         &self,
         dec: &CudaDecoder,
@@ -145,11 +142,19 @@ impl Accelerated {
         n_layers: usize,
     ) -> Result<Option<KvBuffers>> {
         let pos = cache.offset();
-        if pos + 1 >= dec.spec().max_positions() || cache.n_layers() != n_layers {
+        if pos + 1 >= dec.spec().max_positions() || cache.n_layers() != n_layers || n_layers == 0 {
             return Ok(None);
         }
         let (nkv, hd) = (dec.spec().n_kv_heads, dec.spec().head_dim);
-        let mut bufs = Vec::with_capacity(n_layers);
+        let kv_dtype = if dec.spec().kv_f16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let dtype_ok = |k: &Tensor, v: &Tensor| k.dtype() == kv_dtype && v.dtype() == kv_dtype;
+        let mut ptrs = Vec::with_capacity(n_layers);
+        let mut capacity = None;
+        let mut blocks: Option<Vec<u32>> = None;
         for i in 0..n_layers {
             let Some(layer) = cache.layer(i) else {
                 return Ok(None);
@@ -157,32 +162,47 @@ impl Accelerated {
             if layer.offset() != pos {
                 return Ok(None);
             }
-            match layer.reserve_in_place(1, nkv, hd, self.inner.device())? {
-                Some(kv) => bufs.push(kv),
-                None => return Ok(None),
+            // Every layer the way the first goes: its own buffers, or blocks of a pool.
+            if i == 0 || blocks.is_none() {
+                if let Some((k, v)) = layer.reserve_in_place(1, nkv, hd, self.inner.device())? {
+                    let cap = k.dim(2)?;
+                    if *capacity.get_or_insert(cap) != cap || v.dim(2)? != cap || !dtype_ok(&k, &v)
+                    {
+                        return Ok(None);
+                    }
+                    ptrs.push((kv_address(&k)?, kv_address(&v)?));
+                    continue;
+                }
+                if i > 0 {
+                    return Ok(None);
+                }
             }
-        }
-        let Some(first) = bufs.first() else {
-            return Ok(None);
-        };
-        let capacity = first.0.dim(2)?;
-        let kv_dtype = if dec.spec().kv_f16 {
-            DType::F16
-        } else {
-            DType::F32
-        };
-        let mut ptrs = Vec::with_capacity(bufs.len());
-        for (k, v) in &bufs {
-            if k.dim(2)? != capacity
-                || v.dim(2)? != capacity
-                || k.dtype() != kv_dtype
-                || v.dtype() != kv_dtype
-            {
+            let Some((k, v, table)) = layer.reserve_paged(1)? else {
+                return Ok(None);
+            };
+            let pool_shape = |t: &Tensor| {
+                t.dims4()
+                    .is_ok_and(|(_, h, b, d)| (h, b, d) == (nkv, BLOCK, hd))
+            };
+            if !pool_shape(&k) || !pool_shape(&v) || !dtype_ok(&k, &v) {
                 return Ok(None);
             }
-            ptrs.push((kv_address(k)?, kv_address(v)?));
+            match &blocks {
+                Some(b) if *b != table => return Ok(None),
+                Some(_) => {}
+                None => blocks = Some(table),
+            }
+            ptrs.push((kv_address(&k)?, kv_address(&v)?));
         }
-        Ok(Some((ptrs, capacity)))
+        let capacity = match &blocks {
+            Some(b) => b.len() * BLOCK,
+            None => capacity.unwrap_or(0),
+        };
+        Ok(Some(KvBuffers {
+            ptrs,
+            capacity,
+            blocks,
+        }))
     }
 
     /// One token of each row through the fused step at once ([`CudaDecoder::step_batch`]);
@@ -209,7 +229,7 @@ impl Accelerated {
                     return Ok(None);
                 };
                 match self.kv_buffers(dec, r.cache, n_layers)? {
-                    Some((kv, capacity)) => bufs.push((pos, rope_pos, kv, capacity)),
+                    Some(kv) => bufs.push((pos, rope_pos, kv)),
                     None => return Ok(None),
                 }
             }
@@ -219,12 +239,7 @@ impl Accelerated {
                 .forward(&Tensor::new(ids.as_slice(), self.inner.device())?)?;
             let seqs: Vec<SeqStep<'_>> = bufs
                 .iter()
-                .map(|(pos, rope_pos, kv, capacity)| SeqStep {
-                    pos: *pos,
-                    rope_pos: *rope_pos,
-                    kv,
-                    capacity: *capacity,
-                })
+                .map(|(pos, rope_pos, kv)| kv.step(*pos, *rope_pos))
                 .collect();
             let out = dec.step_batch(&x, &seqs)?;
             for r in rows.iter_mut() {
@@ -306,8 +321,28 @@ fn finish_logits(plan: &DecodePlan<'_>, dec: &CudaDecoder, out: Tensor) -> Resul
     }
 }
 
-/// Per layer the key and value buffer addresses of a cache, and their capacity in positions.
-type KvBuffers = (Vec<(u64, u64)>, usize);
+/// A cache's buffers for the fused step ([`SeqStep`]).
+struct KvBuffers {
+    /// Per layer the key and value buffer addresses (a paged cache's: its pool layers').
+    ptrs: Vec<(u64, u64)>,
+    /// Positions the buffers hold (a paged cache: its table's blocks times [`BLOCK`]).
+    capacity: usize,
+    /// A paged cache's block table, the same in every layer.
+    blocks: Option<Vec<u32>>,
+}
+
+impl KvBuffers {
+    /// The step's view of the buffers for the token at `pos` (RoPE position `rope_pos`).
+    fn step(&self, pos: usize, rope_pos: usize) -> SeqStep<'_> {
+        SeqStep {
+            pos,
+            rope_pos,
+            kv: &self.ptrs,
+            capacity: self.capacity,
+            blocks: self.blocks.as_deref(),
+        }
+    }
+}
 
 /// Marks the position the fused step wrote into each of the `n_layers` layers of `cache` as
 /// filled.

@@ -49,6 +49,11 @@ pub struct BenchParams {
     /// again: that many sequences, each with its own cache at the test's depth, decoded
     /// together (a test named `tg128 x32`, see [`run`]).
     pub batch: Vec<usize>,
+    /// Each batched decode test runs again with the sequences' caches paged in one
+    /// [`crate::kv_pool::KvBlockPool`] on the model's device, sized for them (a test named
+    /// `tg128 x32 paged`): f16 blocks on a GPU (what the fused CUDA step reads), else the
+    /// blocks of [`KvCacheConfig::kv_f16`]'s dtype.
+    pub paged: bool,
 }
 
 impl Default for BenchParams {
@@ -62,6 +67,7 @@ impl Default for BenchParams {
             sampling: None,
             cache: KvCacheConfig::default(),
             batch: Vec::new(),
+            paged: false,
         }
     }
 }
@@ -163,11 +169,45 @@ fn cache_at(
     depth: usize,
     vocab: usize,
 ) -> Result<KvCache> {
+    cache_in(model, config, None, depth, vocab)
+}
+
+/// A KV block pool on `model`'s device for `seqs` sequences of `positions` positions each
+/// (and one block more each, for the block a fused step reserves ahead): f16 on a GPU, else
+/// `config`'s dtype.
+fn paged_pool(
+    model: &dyn CausalLM,
+    config: &KvCacheConfig,
+    seqs: usize,
+    positions: usize,
+) -> Result<std::sync::Arc<crate::kv_pool::KvBlockPool>> {
+    use crate::kv_pool::{KvBlockPool, BLOCK};
+    let dtype = if config.kv_f16 || !model.device().is_cpu() {
+        candle_core::DType::F16
+    } else {
+        candle_core::DType::F32
+    };
+    let blocks = seqs * (positions.div_ceil(BLOCK) + 1);
+    let pool = KvBlockPool::on_device(&model.cache_shapes(), blocks, dtype, model.device())?;
+    Ok(std::sync::Arc::new(pool))
+}
+
+/// [`cache_at`], its growing layers paged in `pool` when given ([`KvCache::page_into`]).
+fn cache_in(
+    model: &dyn CausalLM,
+    config: &KvCacheConfig,
+    pool: Option<&std::sync::Arc<crate::kv_pool::KvBlockPool>>,
+    depth: usize,
+    vocab: usize,
+) -> Result<KvCache> {
     let mut cache = if *config == KvCacheConfig::default() {
         model.new_cache()
     } else {
         model.make_cache(config)?
     };
+    if let Some(pool) = pool {
+        cache.page_into(pool);
+    }
     let ids = tokens(depth, vocab);
     for chunk in ids.chunks(DEPTH_CHUNK) {
         let x = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
@@ -373,11 +413,21 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
                 r.name.push_str(" +sampling");
                 tests.push(r);
             }
-            for &b in params.batch.iter().filter(|&&b| b > 1) {
+            let batches = params.batch.iter().filter(|&&b| b > 1);
+            let layouts: &[bool] = if params.paged {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for (&b, &paged) in batches.flat_map(|b| layouts.iter().map(move |p| (b, p))) {
                 let mut samples = Vec::new();
                 for rep in 0..=reps {
+                    let pool = match paged {
+                        true => Some(paged_pool(model, &params.cache, b, depth + n_gen)?),
+                        false => None,
+                    };
                     let mut caches = (0..b)
-                        .map(|_| cache_at(model, &params.cache, depth, vocab))
+                        .map(|_| cache_in(model, &params.cache, pool.as_ref(), depth, vocab))
                         .collect::<Result<Vec<_>>>()?;
                     let t = Instant::now();
                     batched_decode(model, &mut caches, &ids)?;
@@ -390,6 +440,9 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
                     0 => format!("tg{n_gen} x{b}"),
                     _ => format!("tg{n_gen} x{b} @ d{depth}"),
                 };
+                if paged {
+                    r.name.push_str(" paged");
+                }
                 r.n_tokens = b * n_gen;
                 tests.push(r);
             }
@@ -512,12 +565,16 @@ impl Agreement {
 /// prompt is prefilled alone on both models, then every step runs `a` once per prompt and `b`
 /// once for all of them ([`CausalLM::forward_batch`], each row fed `a`'s token), comparing
 /// each prompt's logits with `a`'s. A prompt past its first difference keeps being fed (so
-/// the batch keeps its size) but is no longer compared.
+/// the batch keeps its size) but is no longer compared. With `paged`, `b`'s caches are paged
+/// in one [`crate::kv_pool::KvBlockPool`] on its device, sized for the prompts and steps
+/// (f16 blocks on a GPU, what the fused CUDA step reads; f32 on the CPU), as a server with a
+/// KV memory budget keeps them.
 pub fn compare_batched(
     a: &dyn crate::models::CausalLM,
     b: &dyn crate::models::CausalLM,
     prompts: &[Vec<u32>],
     steps: usize,
+    paged: bool,
 ) -> Result<Vec<Agreement>> {
     let cpu = |l: Tensor| -> Result<Vec<f32>> {
         Ok(l.to_dtype(candle_core::DType::F32)?
@@ -530,7 +587,26 @@ pub fn compare_batched(
         cpu(m.forward(&x, c, Logits::Last)?)
     };
     let mut ca: Vec<KvCache> = prompts.iter().map(|_| a.new_cache()).collect();
-    let mut cb: Vec<KvCache> = prompts.iter().map(|_| b.new_cache()).collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pool = match paged {
+        true => Some(paged_pool(
+            b,
+            &KvCacheConfig::default(),
+            prompts.len(),
+            longest + steps + 1,
+        )?),
+        false => None,
+    };
+    let mut cb: Vec<KvCache> = prompts
+        .iter()
+        .map(|_| {
+            let mut c = b.new_cache();
+            if let Some(pool) = &pool {
+                c.page_into(pool);
+            }
+            c
+        })
+        .collect();
     let mut la = Vec::with_capacity(prompts.len());
     let mut lb = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {

@@ -68,7 +68,20 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
         let _ = (n, kv_heads, head_dim, device);
         Ok(None)
     }
-    /// Counts `n` positions written in place into the buffers of [`Self::reserve_in_place`].
+    /// For a fused kernel that appends in place through a block table on a device
+    /// ([`PagedKvCache::reserve_device`]): makes the table cover `n` more positions and
+    /// returns the pool layer's key and value storage (`[n_blocks, kv_heads, BLOCK,
+    /// head_dim]` each, [`KvBlockPool::device_blocks`]) and the block table (block ids in
+    /// position order). `None` (the default) for a cache that is not paged on a device; after
+    /// writing, call [`Self::commit`].
+    ///
+    /// Errors: [`Error::InvalidArgument`] when the pool is out of blocks.
+    fn reserve_paged(&mut self, n: usize) -> Result<Option<(Tensor, Tensor, Vec<u32>)>> {
+        let _ = n;
+        Ok(None)
+    }
+    /// Counts `n` positions written in place into the buffers of [`Self::reserve_in_place`]
+    /// (or the blocks of [`Self::reserve_paged`]).
     ///
     /// Errors: [`Error::InvalidArgument`] for a cache that does not append in place (the
     /// default) or when `n` exceeds the room reserved.
@@ -998,12 +1011,26 @@ impl LayerKvCache for PagedKvCache {
     }
 
     fn append_paged(&mut self, k: &Tensor, v: &Tensor) -> Result<bool> {
+        // Blocks held as device tensors are read by the fused CUDA step, not the CPU kernel.
+        if !self.pool().in_host_memory() {
+            return Ok(false);
+        }
         self.append(k, v)?;
         Ok(true)
     }
 
     fn paged(&self) -> Option<PagedKv<'_>> {
         Some(self.view())
+    }
+
+    fn reserve_paged(&mut self, n: usize) -> Result<Option<(Tensor, Tensor, Vec<u32>)>> {
+        Ok(self
+            .reserve_device(n)?
+            .map(|(k, v, table)| (k, v, table.to_vec())))
+    }
+
+    fn commit(&mut self, n: usize) -> Result<()> {
+        PagedKvCache::commit(self, n)
     }
 
     fn share_blocks(
@@ -1278,6 +1305,35 @@ impl KvCache {
             Error::InvalidArgument(format!("layer {i} of a KV cache of {n} layers"))
         })?;
         Ok(std::mem::replace(slot, layer))
+    }
+
+    /// Replaces the empty growing key/value layers of this (fresh) cache by
+    /// [`crate::kv_pool::PagedKvCache`]s of `pool` (layer `i` in pool layer `i`: vLLM's
+    /// PagedAttention); layers of other kinds (an array state, a rotating or quantized cache)
+    /// and caches whose layer count is not the pool's stay as they are. Returns the layers
+    /// paged.
+    pub fn page_into(&mut self, pool: &std::sync::Arc<KvBlockPool>) -> usize {
+        if self.n_layers() != pool.n_layers() {
+            return 0;
+        }
+        let mut paged = 0;
+        for i in 0..self.n_layers() {
+            let growing = self
+                .layer_ref(i)
+                .is_some_and(|l| l.kind() == "KVCache" && l.sliceable() && l.offset() == 0);
+            if !growing {
+                continue;
+            }
+            match PagedKvCache::new(pool.clone(), i) {
+                Ok(p) => {
+                    // In range: `i < n_layers`.
+                    let _ = self.set_layer(i, Box::new(p) as Box<dyn LayerKvCache>);
+                    paged += 1;
+                }
+                Err(e) => tracing::warn!("layer {i} keeps a growing cache: {e}"),
+            }
+        }
+        paged
     }
 
     /// Layer `i`'s cache, to read.
@@ -1906,6 +1962,17 @@ mod paged_tests {
         Arc::new(KvBlockPool::with_dtype(&[(2, 8), (3, 4)], n, dtype).unwrap())
     }
 
+    /// [`pool_of`], or with `tensors` a pool holding its blocks as tensors (a GPU's storage,
+    /// [`KvBlockPool::on_tensors`]) on the CPU.
+    fn pool_in(n: usize, dtype: DType, tensors: bool) -> Arc<KvBlockPool> {
+        if !tensors {
+            return pool_of(n, dtype);
+        }
+        let p = KvBlockPool::on_tensors(&[(2, 8), (3, 4)], n, dtype, &Device::Cpu).unwrap();
+        assert!(!p.in_host_memory());
+        Arc::new(p)
+    }
+
     /// A growing cache storing `dtype` (the twin of a pool of that dtype).
     fn growing_of(dtype: DType) -> GrowingKvCache {
         let mut g = GrowingKvCache::new(256);
@@ -1980,16 +2047,19 @@ mod paged_tests {
 
     /// The same appends (1 position, several, across block edges) give the growing cache's
     /// state bit for bit, and the same returned keys and values: an f32 pool an f32 cache's,
-    /// an f16 pool an f16 cache's (values rounded to f16 alike, half the bytes).
+    /// an f16 pool an f16 cache's (values rounded to f16 alike, half the bytes); blocks in
+    /// host memory and blocks held as tensors (a GPU's storage) alike.
     #[test]
     fn paged_cache_holds_what_a_growing_cache_holds() {
         for dtype in [DType::F32, DType::F16] {
-            paged_cache_holds_what_a_growing_cache_of(dtype);
+            for tensors in [false, true] {
+                paged_cache_holds_what_a_growing_cache_of(dtype, tensors);
+            }
         }
     }
 
-    fn paged_cache_holds_what_a_growing_cache_of(dtype: DType) {
-        let p = pool_of(64, dtype);
+    fn paged_cache_holds_what_a_growing_cache_of(dtype: DType, tensors: bool) {
+        let p = pool_in(64, dtype, tensors);
         assert_eq!(p.dtype(), dtype);
         for layer in 0..2 {
             let (h, d) = p.layer_shape(layer).unwrap();
@@ -2030,16 +2100,18 @@ mod paged_tests {
 
     /// A fork shares every block; appending to the shared partial block copies it (the
     /// original is unchanged), truncating and dropping give blocks back; in an f32 and in an
-    /// f16 pool.
+    /// f16 pool, in host memory and held as tensors.
     #[test]
     fn forks_share_blocks_and_copy_on_write() {
         for dtype in [DType::F32, DType::F16] {
-            forks_share_blocks_and_copy_on_write_of(dtype);
+            for tensors in [false, true] {
+                forks_share_blocks_and_copy_on_write_of(dtype, tensors);
+            }
         }
     }
 
-    fn forks_share_blocks_and_copy_on_write_of(dtype: DType) {
-        let p = pool_of(16, dtype);
+    fn forks_share_blocks_and_copy_on_write_of(dtype: DType, tensors: bool) {
+        let p = pool_in(16, dtype, tensors);
         let (h, d) = p.layer_shape(0).unwrap();
         let mut a = PagedKvCache::new(p.clone(), 0).unwrap();
         a.update(&kv(h, 40, d, 0.0), &kv(h, 40, d, 0.5)).unwrap();
@@ -2115,5 +2187,63 @@ mod paged_tests {
         assert!(c
             .append_paged(&kv(h + 1, 1, d, 0.0), &kv(h + 1, 1, d, 0.0))
             .is_err());
+    }
+
+    /// A pool held as tensors (a GPU's storage) serves the fused step's in-place appends: the
+    /// reservation covers the next position (a new block at a block edge, a copy of a shared
+    /// last block), hands out the pool layer's storage and the table, and the positions
+    /// written there (as the kernels write them: block `table[t / BLOCK]`, row `t % BLOCK`)
+    /// are the cache's after the commit; the CPU's paged attention does not take such a
+    /// cache.
+    #[test]
+    fn tensor_blocks_take_in_place_appends() {
+        let p = pool_in(8, DType::F16, true);
+        let (h, d) = p.layer_shape(0).unwrap();
+        let mut c = PagedKvCache::new(p.clone(), 0).unwrap();
+        let mut g = growing_of(DType::F16);
+        let (k, v) = (kv(h, BLOCK - 1, d, 0.0), kv(h, BLOCK - 1, d, 0.5));
+        c.update(&k, &v).unwrap();
+        g.update(&k, &v).unwrap();
+        // A fork shares the partial block: the reservation copies it first.
+        let shared = c.fork().unwrap();
+        for step in 0..3 {
+            let pos = c.offset();
+            let (ks, vs, table) = c.reserve_paged(1).unwrap().expect("tensor blocks");
+            assert_eq!(ks.dims(), [8, h, BLOCK, d]);
+            assert_eq!(table.len(), (pos + 1).div_ceil(BLOCK));
+            if step == 0 {
+                assert_ne!(table[0], shared.block_table()[0], "copied on write");
+            }
+            let (kn, vn) = (kv(h, 1, d, 10.0 + step as f32), kv(h, 1, d, 20.0));
+            for (src, dst) in [(&kn, &ks), (&vn, &vs)] {
+                let row = src.to_dtype(DType::F16).unwrap();
+                dst.narrow(0, table[pos / BLOCK] as usize, 1)
+                    .unwrap()
+                    .slice_set(&row, 2, pos % BLOCK)
+                    .unwrap();
+            }
+            LayerKvCache::commit(&mut c, 1).unwrap();
+            g.update(&kn, &vn).unwrap();
+            assert_same_state(&c, &g);
+        }
+        assert_eq!(c.block_table().len(), 2);
+        assert!(LayerKvCache::commit(&mut c, BLOCK).is_err(), "not reserved");
+        // The fork still holds what it held.
+        assert_eq!(shared.offset(), BLOCK - 1);
+        assert_eq!(
+            bits(&shared.state().unwrap().unwrap().0),
+            bits(
+                &k.to_dtype(DType::F16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            )
+        );
+        assert!(!c
+            .append_paged(&kv(h, 1, d, 0.0), &kv(h, 1, d, 0.0))
+            .unwrap());
+        // Host blocks take no such reservation.
+        let mut host = PagedKvCache::new(pool(4), 0).unwrap();
+        assert!(host.reserve_paged(1).unwrap().is_none());
     }
 }

@@ -20,6 +20,11 @@
 //!   ([`crate::kv_cache::LayerKvCache::paged`],
 //!   [`crate::kernels::float::attention_paged`]); other callers get the keys and values
 //!   gathered into contiguous tensors by [`PagedKvCache::update`].
+//! - On a GPU ([`KvBlockPool::on_device`]) each layer's blocks are two device tensors
+//!   `[n_blocks, kv_heads, BLOCK, head_dim]` allocated whole when the pool is made (vLLM
+//!   allocates its KV blocks up front too), written and copied with tensor operations and
+//!   gathered with `index_select`. The fused CUDA decode step reads and appends them in place
+//!   through the block table ([`crate::kv_cache::LayerKvCache::reserve_paged`]).
 //!
 //! Why [`BLOCK`] = 16: it is vLLM's default block size (the paper's trade between the last
 //! block's waste, at most 15 positions a sequence, and the length of the table to walk), the
@@ -122,12 +127,22 @@ struct Meta {
     refs: Vec<u32>,
 }
 
-/// One layer's blocks.
+/// One layer's blocks on a device: keys and values `[n_blocks, kv_heads, BLOCK, head_dim]` in
+/// the pool's dtype.
+#[derive(Debug)]
+struct DeviceBlocks {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// One layer's blocks: in host memory (`blocks`, allocated block by block), or on a device
+/// (`device`; `blocks` then stays empty).
 #[derive(Debug)]
 struct LayerPool {
     kv_heads: usize,
     head_dim: usize,
     blocks: Vec<RwLock<BlockData>>,
+    device: Option<DeviceBlocks>,
     meta: Mutex<Meta>,
 }
 
@@ -149,6 +164,63 @@ impl LayerPool {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Copies block `src`'s keys and values into block `dst`: positions `0..held` of each head
+    /// in host memory, the whole block on a device.
+    fn copy_block(&self, src: u32, dst: u32, held: usize) -> Result<()> {
+        if let Some(dev) = &self.device {
+            for t in [&dev.k, &dev.v] {
+                let block = t.narrow(0, src as usize, 1)?.copy()?;
+                t.slice_set(&block, 0, dst as usize)?;
+            }
+            return Ok(());
+        }
+        let src = self.read(src);
+        let mut dst = self.write(dst);
+        let d = self.head_dim;
+        for h in 0..self.kv_heads {
+            dst.copy_from(&src, (h * BLOCK) * d..(h * BLOCK + held) * d);
+        }
+        Ok(())
+    }
+
+    /// Blocks `ids` gathered into keys and values `[1, kv_heads, len, head_dim]` f32 (the
+    /// first `len` positions; f16 values widened): on the CPU from host memory, on the pool's
+    /// device from device blocks.
+    fn gather(&self, ids: &[u32], len: usize) -> Result<(Tensor, Tensor)> {
+        let (h, d) = (self.kv_heads, self.head_dim);
+        if let Some(dev) = &self.device {
+            let idx = Tensor::from_slice(ids, ids.len(), dev.k.device())?;
+            let take = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.index_select(&idx, 0)?
+                    .transpose(0, 1)?
+                    .reshape((1, h, ids.len() * BLOCK, d))?
+                    .narrow(2, 0, len)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?)
+            };
+            return Ok((take(&dev.k)?, take(&dev.v)?));
+        }
+        let mut k = vec![0f32; h * len * d];
+        let mut v = vec![0f32; h * len * d];
+        for (bi, &id) in ids.iter().enumerate() {
+            let take = (len.saturating_sub(bi * BLOCK)).min(BLOCK);
+            if take == 0 {
+                break;
+            }
+            let blk = self.read(id);
+            for hh in 0..h {
+                let src = (hh * BLOCK) * d..(hh * BLOCK + take) * d;
+                let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + take) * d;
+                blk.read(src, &mut k[dst.clone()], &mut v[dst]);
+            }
+        }
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(k, (1, h, len, d), &dev)?,
+            Tensor::from_vec(v, (1, h, len, d), &dev)?,
+        ))
+    }
+
     fn write(&self, id: u32) -> RwLockWriteGuard<'_, BlockData> {
         self.blocks[id as usize]
             .write()
@@ -165,6 +237,8 @@ pub struct KvBlockPool {
     n_blocks: usize,
     /// Keys and values stored in f16 ([`Self::new_f16`]) instead of f32.
     f16: bool,
+    /// Where the blocks are: the CPU (host memory) or a GPU ([`Self::on_device`]).
+    device: Device,
 }
 
 impl KvBlockPool {
@@ -192,6 +266,43 @@ impl KvBlockPool {
     ///
     /// Errors: as [`Self::new`], and [`Error::InvalidArgument`] for another dtype.
     pub fn with_dtype(shapes: &[(usize, usize)], n_blocks: usize, dtype: DType) -> Result<Self> {
+        Self::on_device(shapes, n_blocks, dtype, &Device::Cpu)
+    }
+
+    /// [`Self::with_dtype`] with the blocks on `device`: in host memory for the CPU (allocated
+    /// block by block as they are first used), else as two tensors a layer, `[n_blocks,
+    /// kv_heads, BLOCK, head_dim]` of `dtype`, allocated (zeroed) here.
+    ///
+    /// Errors: as [`Self::with_dtype`], and the device's allocation errors.
+    pub fn on_device(
+        shapes: &[(usize, usize)],
+        n_blocks: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(shapes, n_blocks, dtype, device, !device.is_cpu())
+    }
+
+    /// A pool whose blocks are tensors on `device` whatever it is, for tests of the GPU's
+    /// storage on the CPU.
+    #[cfg(test)]
+    pub(crate) fn on_tensors(
+        shapes: &[(usize, usize)],
+        n_blocks: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(shapes, n_blocks, dtype, device, true)
+    }
+
+    /// [`Self::on_device`], the blocks tensors when `tensors`, else in host memory.
+    fn build(
+        shapes: &[(usize, usize)],
+        n_blocks: usize,
+        dtype: DType,
+        device: &Device,
+        tensors: bool,
+    ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F16) {
             return Err(Error::InvalidArgument(format!(
                 "a KV block pool stores f32 or f16 keys and values, not {dtype:?}"
@@ -208,24 +319,53 @@ impl KvBlockPool {
                 u32::MAX
             )));
         }
-        let layers = shapes
-            .iter()
-            .map(|&(kv_heads, head_dim)| LayerPool {
+        let mut layers = Vec::with_capacity(shapes.len());
+        for &(kv_heads, head_dim) in shapes {
+            let (blocks, device) = if !tensors {
+                ((0..n_blocks).map(|_| RwLock::default()).collect(), None)
+            } else {
+                let shape = (n_blocks, kv_heads, BLOCK, head_dim);
+                let k = Tensor::zeros(shape, dtype, device)?;
+                let v = Tensor::zeros(shape, dtype, device)?;
+                (Vec::new(), Some(DeviceBlocks { k, v }))
+            };
+            layers.push(LayerPool {
                 kv_heads,
                 head_dim,
-                blocks: (0..n_blocks).map(|_| RwLock::default()).collect(),
+                blocks,
+                device,
                 meta: Mutex::new(Meta {
                     // Taken from the end: block 0 first.
                     free: (0..n_blocks as u32).rev().collect(),
                     refs: vec![0; n_blocks],
                 }),
-            })
-            .collect();
+            });
+        }
         Ok(Self {
             layers,
             n_blocks,
             f16: dtype == DType::F16,
+            device: device.clone(),
         })
+    }
+
+    /// The device the blocks are on ([`Self::on_device`]).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the blocks are in host memory, read in place by the CPU's paged attention
+    /// ([`PagedKv::keys`]); `false` for blocks held as device tensors.
+    pub fn in_host_memory(&self) -> bool {
+        self.layers.iter().all(|l| l.device.is_none())
+    }
+
+    /// Layer `layer`'s key and value storage on a device, `[n_blocks, kv_heads, BLOCK,
+    /// head_dim]` each in [`Self::dtype`] (block `id` is row `id`); `None` for a pool in host
+    /// memory or an unknown layer.
+    pub fn device_blocks(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        let d = self.layers.get(layer)?.device.as_ref()?;
+        Some((&d.k, &d.v))
     }
 
     /// The pool of f32 blocks that fit in `bytes` ([`Self::blocks_for`]).
@@ -239,8 +379,21 @@ impl KvBlockPool {
     ///
     /// Errors: as [`Self::with_dtype`].
     pub fn with_bytes_of(shapes: &[(usize, usize)], bytes: usize, dtype: DType) -> Result<Self> {
+        Self::with_bytes_on(shapes, bytes, dtype, &Device::Cpu)
+    }
+
+    /// The pool of `dtype` (f32 or f16) blocks on `device` ([`Self::on_device`]) that fit in
+    /// `bytes`.
+    ///
+    /// Errors: as [`Self::on_device`].
+    pub fn with_bytes_on(
+        shapes: &[(usize, usize)],
+        bytes: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let block = Self::shape_block_bytes_of(shapes, dtype).max(1);
-        Self::with_dtype(shapes, bytes / block, dtype)
+        Self::on_device(shapes, bytes / block, dtype, device)
     }
 
     /// Blocks of f32 layers `shapes` that `bytes` hold: `bytes / block_bytes`, rounded down.
@@ -343,10 +496,12 @@ impl KvBlockPool {
             m.refs[id as usize] = 1;
             id
         };
-        // The block was free: no cache reads or writes it.
-        let mut b = l.write(id);
-        if !b.is_allocated() {
-            b.allocate(l.block_len(), self.f16);
+        if l.device.is_none() {
+            // The block was free: no cache reads or writes it.
+            let mut b = l.write(id);
+            if !b.is_allocated() {
+                b.allocate(l.block_len(), self.f16);
+            }
         }
         Ok(id)
     }
@@ -460,8 +615,8 @@ impl PoolBlocks {
     }
 
     /// The first `blocks` blocks of layer `layer` gathered into keys and values
-    /// `[1, kv_heads, blocks · BLOCK, head_dim]` f32 on the CPU (an f16 pool's values
-    /// widened).
+    /// `[1, kv_heads, blocks · BLOCK, head_dim]` f32 (an f16 pool's values widened), on the
+    /// CPU for a pool in host memory, on its device otherwise.
     ///
     /// Errors: [`Error::InvalidArgument`] for an unknown layer or more blocks than held.
     pub fn gather(&self, layer: usize, blocks: usize) -> Result<(Tensor, Tensor)> {
@@ -473,22 +628,7 @@ impl PoolBlocks {
                 ids.len()
             )));
         }
-        let (h, d, len) = (l.kv_heads, l.head_dim, blocks * BLOCK);
-        let mut k = vec![0f32; h * len * d];
-        let mut v = vec![0f32; h * len * d];
-        for (bi, &id) in ids[..blocks].iter().enumerate() {
-            let blk = l.read(id);
-            for hh in 0..h {
-                let src = (hh * BLOCK) * d..(hh * BLOCK + BLOCK) * d;
-                let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + BLOCK) * d;
-                blk.read(src, &mut k[dst.clone()], &mut v[dst]);
-            }
-        }
-        let dev = Device::Cpu;
-        Ok((
-            Tensor::from_vec(k, (1, h, len, d), &dev)?,
-            Tensor::from_vec(v, (1, h, len, d), &dev)?,
-        ))
+        l.gather(&ids[..blocks], blocks * BLOCK)
     }
 }
 
@@ -669,14 +809,9 @@ impl PagedKvCache {
             return Ok(());
         }
         let new = self.pool.allocate(self.layer)?;
-        {
-            let l = self.layer_pool();
-            let src = l.read(old);
-            let mut dst = l.write(new);
-            let d = l.head_dim;
-            for h in 0..l.kv_heads {
-                dst.copy_from(&src, (h * BLOCK) * d..(h * BLOCK + held) * d);
-            }
+        if let Err(e) = self.layer_pool().copy_block(old, new, held) {
+            self.pool.release(self.layer, new);
+            return Err(e);
         }
         self.pool.release(self.layer, old);
         self.table[i] = new;
@@ -703,12 +838,16 @@ impl PagedKvCache {
         if n == 0 {
             return Ok(());
         }
-        let flat = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
-        let (kf, vf) = (flat(k)?, flat(v)?);
         let (old_len, old_blocks) = (self.len, self.table.len());
-        let r = self.write_positions(&kf, &vf, n);
+        let r = if self.layer_pool().device.is_some() {
+            self.write_device(k, v, n)
+        } else {
+            let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let (kf, vf) = (flat(k)?, flat(v)?);
+            self.write_positions(&kf, &vf, n)
+        };
         if r.is_err() {
             // Give back what this append took.
             for id in self.table.drain(old_blocks..) {
@@ -719,19 +858,56 @@ impl PagedKvCache {
         r
     }
 
+    /// Makes table entry `pos / BLOCK` a block this cache holds alone and may write at
+    /// position `pos` (the next one): a new block at a block edge, else the last one (copied
+    /// first when shared).
+    fn block_for(&mut self, pos: usize) -> Result<usize> {
+        let (bi, off) = (pos / BLOCK, pos % BLOCK);
+        if bi == self.table.len() {
+            let id = self.pool.allocate(self.layer)?;
+            self.table.push(id);
+        } else {
+            self.own(bi, off)?;
+        }
+        Ok(bi)
+    }
+
+    /// Writes `n` positions of `k`, `v` (`[1, kv_heads, n, head_dim]`, any float dtype) after
+    /// the held ones into the device blocks, converted to the pool's dtype (rounded to nearest
+    /// for f16) and moved to its device.
+    fn write_device(&mut self, k: &Tensor, v: &Tensor, n: usize) -> Result<()> {
+        let dtype = self.pool.dtype();
+        let dev = self.pool.device().clone();
+        let k = k.to_device(&dev)?.to_dtype(dtype)?;
+        let v = v.to_device(&dev)?.to_dtype(dtype)?;
+        let mut done = 0;
+        while done < n {
+            let pos = self.len;
+            let off = pos % BLOCK;
+            let bi = self.block_for(pos)?;
+            let take = (BLOCK - off).min(n - done);
+            let id = self.table[bi] as usize;
+            let blocks = self.layer_pool().device.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("a paged KV cache lost its device blocks".into())
+            })?;
+            for (src, dst) in [(&k, &blocks.k), (&v, &blocks.v)] {
+                let part = src.narrow(2, done, take)?.contiguous()?;
+                dst.narrow(0, id, 1)?.slice_set(&part, 2, off)?;
+            }
+            self.len += take;
+            done += take;
+        }
+        Ok(())
+    }
+
     /// Writes `n` positions of `kf`, `vf` (`[kv_heads, n, head_dim]` f32) after the held ones.
     fn write_positions(&mut self, kf: &[f32], vf: &[f32], n: usize) -> Result<()> {
         let (kv_heads, d) = (self.layer_pool().kv_heads, self.layer_pool().head_dim);
         let mut done = 0;
         while done < n {
             let pos = self.len;
-            let (bi, off) = (pos / BLOCK, pos % BLOCK);
-            if bi == self.table.len() {
-                let id = self.pool.allocate(self.layer)?;
-                self.table.push(id);
-            } else {
-                self.own(bi, off)?;
-            }
+            let off = pos % BLOCK;
+            let bi = self.block_for(pos)?;
             let take = (BLOCK - off).min(n - done);
             let l = &self.pool.layers[self.layer];
             let mut blk = l.write(self.table[bi]);
@@ -746,38 +922,68 @@ impl PagedKvCache {
         Ok(())
     }
 
-    /// The held keys and values gathered into `[1, kv_heads, len, head_dim]` f32 tensors on
-    /// the CPU (an f16 pool's values widened), `None` when empty.
+    /// The held keys and values gathered into `[1, kv_heads, len, head_dim]` f32 tensors (an
+    /// f16 pool's values widened), on the CPU for a pool in host memory, on its device
+    /// otherwise; `None` when empty.
     ///
     /// Errors: tensor errors (none for a consistent cache).
     pub fn gather(&self) -> Result<Option<(Tensor, Tensor)>> {
         if self.len == 0 {
             return Ok(None);
         }
-        let view = self.view();
-        let (h, d, len) = (view.kv_heads, view.head_dim, self.len);
-        let mut k = vec![0f32; h * len * d];
-        let mut v = vec![0f32; h * len * d];
-        for (bi, blk) in view.blocks.iter().enumerate() {
-            let take = (len - bi * BLOCK).min(BLOCK);
-            for hh in 0..h {
-                let src = (hh * BLOCK) * d..(hh * BLOCK + take) * d;
-                let dst = (hh * len + bi * BLOCK) * d..(hh * len + bi * BLOCK + take) * d;
-                blk.read(src, &mut k[dst.clone()], &mut v[dst]);
-            }
-        }
-        let dev = Device::Cpu;
-        Ok(Some((
-            Tensor::from_vec(k, (1, h, len, d), &dev)?,
-            Tensor::from_vec(v, (1, h, len, d), &dev)?,
-        )))
+        let blocks = self.len.div_ceil(BLOCK);
+        self.layer_pool()
+            .gather(&self.table[..blocks], self.len)
+            .map(Some)
     }
 
-    /// The blocks read in place (read locks held while the view lives).
+    /// For the fused CUDA decode step, which writes the keys and values of the next `n`
+    /// positions itself: makes the table cover them (blocks taken from the pool, a shared
+    /// last block copied first) and returns the layer's device storage (keys, values:
+    /// [`KvBlockPool::device_blocks`]) and the table; [`Self::commit`] then counts the
+    /// positions written. `None` for a pool in host memory.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when the pool is out of blocks (the blocks taken are
+    /// kept: the next append uses them).
+    pub fn reserve_device(&mut self, n: usize) -> Result<Option<(Tensor, Tensor, &[u32])>> {
+        if self.layer_pool().device.is_none() {
+            return Ok(None);
+        }
+        for pos in self.len..self.len + n {
+            self.block_for(pos)?;
+        }
+        let Some(d) = &self.layer_pool().device else {
+            return Ok(None);
+        };
+        Ok(Some((d.k.clone(), d.v.clone(), &self.table)))
+    }
+
+    /// Counts `n` positions written in place after [`Self::reserve_device`].
+    ///
+    /// Errors: [`Error::InvalidArgument`] when the table does not cover them.
+    pub fn commit(&mut self, n: usize) -> Result<()> {
+        if self.len + n > self.table.len() * BLOCK {
+            return Err(Error::InvalidArgument(format!(
+                "a paged KV cache of {} positions in {} blocks: {n} more were not reserved",
+                self.len,
+                self.table.len()
+            )));
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    /// The blocks read in place (read locks held while the view lives). For a pool on a
+    /// device the view carries the table and shapes only: its [`PagedKv::keys`] and the
+    /// like are empty.
     pub fn view(&self) -> PagedKv<'_> {
         let l = self.layer_pool();
         PagedKv {
-            blocks: self.table.iter().map(|&id| l.read(id)).collect(),
+            blocks: if l.device.is_some() {
+                Vec::new()
+            } else {
+                self.table.iter().map(|&id| l.read(id)).collect()
+            },
             len: self.len,
             kv_heads: l.kv_heads,
             head_dim: l.head_dim,

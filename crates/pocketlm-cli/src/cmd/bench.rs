@@ -44,6 +44,11 @@ pub struct BenchArgs {
     /// `-ctk f16 -ctv f16`).
     #[arg(long)]
     pub kv_f16: bool,
+    /// With --batch: each batched decode test runs again with the sequences' KV caches paged
+    /// in one block pool on the model's device (`tg128 x32 paged`; f16 blocks on a GPU), as
+    /// `serve --kv-memory` keeps them
+    #[arg(long)]
+    pub paged: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +84,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ..Default::default()
         },
         batch: args.batch,
+        paged: args.paged,
     };
     let r = bench::run(&m, &params)?;
     if args.json {

@@ -29,6 +29,11 @@ pub struct AgreeArgs {
     /// cuda --batch` checks a GPU's batched decode against its own one-sequence decode.
     #[arg(long, default_value = "cpu")]
     pub reference_device: String,
+    /// With --batch: decode all prompts together once more with the other device's KV caches
+    /// paged in one block pool (as `serve --kv-memory` keeps them; on CUDA the fused step reads
+    /// and appends the blocks through their block tables).
+    #[arg(long)]
+    pub paged: bool,
 }
 
 const PROMPTS: [&str; 5] = [
@@ -76,10 +81,18 @@ pub fn run_agree(args: AgreeArgs) -> Result<()> {
             .iter()
             .map(|p| a.encode(&pocketlm::loader::Prompt::Text(p.clone())))
             .collect::<Result<Vec<_>, _>>()?;
-        let rs = compare_batched(a.model.as_ref(), b.model.as_ref(), &ids, args.steps)?;
-        let label = format!("batched {}: ", prompts.len());
-        for (r, p) in rs.iter().zip(&prompts) {
-            all &= report(&label, r, p);
+        let layouts: &[bool] = if args.paged { &[false, true] } else { &[false] };
+        for &paged in layouts {
+            let (a, b) = (a.model.as_ref(), b.model.as_ref());
+            let rs = compare_batched(a, b, &ids, args.steps, paged)?;
+            let label = format!(
+                "batched {}{}: ",
+                prompts.len(),
+                if paged { " paged" } else { "" }
+            );
+            for (r, p) in rs.iter().zip(&prompts) {
+                all &= report(&label, r, p);
+            }
         }
     }
     println!("all equal: {all}");

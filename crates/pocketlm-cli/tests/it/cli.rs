@@ -678,13 +678,10 @@ fn chat_with_a_rotating_cache_and_truncation() {
     }
 }
 
-/// `perplexity`: the JSON report on the golden text with llama-perplexity's windows (the
-/// values are checked against the references in the library's tests/it/perplexity.rs), the
-/// KL divergence of the model against itself, and named errors for an empty file, a missing
-/// file and a context longer than the model's.
 /// `agree --reference-device cpu` on the CPU: the model against a second load of itself, one
-/// prompt at a time and (`--batch`) both prompts decoded together, must agree to the bit (the
-/// CPU's batched kernels sum in the one-row order).
+/// prompt at a time, (`--batch`) both prompts decoded together, and (`--paged`) decoded
+/// together from caches paged in one block pool, must agree to the bit (the CPU's batched
+/// kernels sum in the one-row order, its paged attention in the contiguous one's).
 #[test]
 fn agree_on_the_cpu_against_itself_is_exact() {
     let model = default_model();
@@ -703,6 +700,7 @@ fn agree_on_the_cpu_against_itself_is_exact() {
         "-p",
         "def f(x):",
         "--batch",
+        "--paged",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -715,12 +713,14 @@ fn agree_on_the_cpu_against_itself_is_exact() {
         .lines()
         .filter(|l| l.contains("tokens equal"))
         .collect();
-    assert_eq!(rows.len(), 4, "{stdout}");
-    assert_eq!(
-        rows.iter().filter(|l| l.starts_with("batched 2: ")).count(),
-        2,
-        "{stdout}"
-    );
+    assert_eq!(rows.len(), 6, "{stdout}");
+    for label in ["batched 2: ", "batched 2 paged: "] {
+        assert_eq!(
+            rows.iter().filter(|l| l.starts_with(label)).count(),
+            2,
+            "{stdout}"
+        );
+    }
     for r in rows {
         assert!(
             r.contains(" 4/4 tokens equal | max |dlogit| 0.000e0 "),
@@ -730,6 +730,10 @@ fn agree_on_the_cpu_against_itself_is_exact() {
     assert!(stdout.ends_with("all equal: true\n"), "{stdout}");
 }
 
+/// `perplexity`: the JSON report on the golden text with llama-perplexity's windows (the
+/// values are checked against the references in the library's tests/it/perplexity.rs), the
+/// KL divergence of the model against itself, and named errors for an empty file, a missing
+/// file and a context longer than the model's.
 #[test]
 fn perplexity_reports_and_errors() {
     let model = default_model();

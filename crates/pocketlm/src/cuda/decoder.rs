@@ -445,7 +445,10 @@ impl DecoderSpec {
 /// the position of its new token, the position RoPE rotates it at, its cache buffers per layer
 /// as device addresses `(keys, values)` (each `[n_kv_heads, capacity, head_dim]`, f16 when
 /// [`DecoderSpec::kv_f16`], else f32, holding positions `0..pos`; the kernels write position
-/// `pos`), and their capacity.
+/// `pos`), and their capacity. For a paged cache ([`crate::kv_pool::PagedKvCache`]) the
+/// addresses are the pool layers' blocks (`[n_blocks, n_kv_heads, BLOCK, head_dim]` each) and
+/// `blocks` the block table every layer shares (position `t` in block `blocks[t / BLOCK]`,
+/// row `t % BLOCK`); the capacity is then `blocks.len() · BLOCK`.
 #[derive(Debug, Clone, Copy)]
 pub struct SeqStep<'a> {
     /// Position of the new token in the cache (`< capacity`).
@@ -458,6 +461,9 @@ pub struct SeqStep<'a> {
     pub kv: &'a [(u64, u64)],
     /// Positions the buffers hold.
     pub capacity: usize,
+    /// The block table of a paged cache (ids of [`crate::kv_pool::BLOCK`]-position blocks in
+    /// position order); `None` for contiguous buffers.
+    pub blocks: Option<&'a [u32]>,
 }
 
 impl SeqStep<'_> {
@@ -468,12 +474,80 @@ impl SeqStep<'_> {
             && self.pos < max_positions
             && self.rope_pos < max_positions
             && i32::try_from(self.capacity).is_ok()
+            && self.blocks.is_none_or(|b| {
+                b.len() * BLOCK == self.capacity
+                    && b.len() <= table_row(max_positions)
+                    && b.iter().all(|&id| i32::try_from(id).is_ok())
+            })
     }
 
-    /// The kernels' `params` row: position, attended length, capacity, RoPE offset.
-    fn params(&self) -> [i32; 4] {
+    /// The kernels' `params` row ([`KV_PARAMS`] i32): position, attended length, capacity,
+    /// RoPE offset, the block table's device address `table` (low and high words; 0 for
+    /// contiguous buffers), two unused.
+    fn params(&self, table: u64) -> [i32; KV_PARAMS] {
         let p = self.pos as i32;
-        [p, p + 1, self.capacity as i32, self.rope_pos as i32 - p]
+        let t = if self.blocks.is_some() { table } else { 0 };
+        [
+            p,
+            p + 1,
+            self.capacity as i32,
+            self.rope_pos as i32 - p,
+            t as u32 as i32,
+            (t >> 32) as u32 as i32,
+            0,
+            0,
+        ]
+    }
+}
+
+/// Ints of a sequence's `params` row (`KV_PARAMS` in qmatrix.cu).
+const KV_PARAMS: usize = 8;
+
+/// Positions of a block of a paged cache (`KV_BLOCK` in qmatrix.cu).
+const BLOCK: usize = crate::kv_pool::BLOCK;
+const _: () = assert!(BLOCK == 16, "qmatrix.cu's KV_BLOCK is 16");
+
+/// Entries of a sequence's row of the block tables: blocks of `max_positions`, and one more (a
+/// block a cache reserved ahead).
+fn table_row(max_positions: usize) -> usize {
+    max_positions.div_ceil(BLOCK) + 1
+}
+
+/// The paged caches' block tables on the device, a row of [`table_row`] entries for each of
+/// [`MAX_BATCH`] sequences, and what each row last received (rows are uploaded when they
+/// change: every [`BLOCK`] positions).
+struct BlockTables {
+    buf: CudaSlice<i32>,
+    row: usize,
+    host: Vec<Vec<u32>>,
+}
+
+impl BlockTables {
+    fn new(dev: &CudaDevice, max_positions: usize) -> Result<Self> {
+        let row = table_row(max_positions);
+        Ok(Self {
+            buf: dev.alloc_zeros::<i32>(MAX_BATCH * row)?,
+            row,
+            host: vec![Vec::new(); MAX_BATCH],
+        })
+    }
+
+    /// The device address of row `z` holding `blocks` (uploaded when it differs from what the
+    /// row holds; `blocks.len() <= row`, checked by [`SeqStep::fits`]).
+    fn put(
+        &mut self,
+        z: usize,
+        blocks: &[u32],
+        stream: &Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    ) -> Result<u64> {
+        let addr = self.buf.ptr(stream) + (z * self.row * 4) as u64;
+        if self.host[z] != blocks {
+            let ids: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
+            // SAFETY: row z holds `self.row >= blocks.len()` i32 (z < MAX_BATCH).
+            unsafe { htod(addr, &ids, stream)? };
+            self.host[z] = blocks.to_vec();
+        }
+        Ok(addr)
     }
 }
 
@@ -550,6 +624,8 @@ pub struct CudaDecoder {
     split: AttnSplit,
     /// The batched step's buffers and graphs, once used.
     batch: Option<BatchState>,
+    /// The block tables of paged caches (the one-token step uses row 0).
+    tables: BlockTables,
 }
 
 // SAFETY: the CUDA graph handles (raw pointers) are only used through `&mut self`, so never
@@ -699,7 +775,7 @@ impl CudaDecoder {
             hd: dev.alloc_zeros::<f32>(moe_width.max(32) / 16)?,
             sel: dev.alloc_zeros::<u32>(MOE_SEL_WORDS)?,
             out: dev.alloc_zeros::<f32>(out_len)?,
-            params: dev.alloc_zeros::<i32>(4)?,
+            params: dev.alloc_zeros::<i32>(KV_PARAMS)?,
             kv: dev.alloc_zeros::<u64>(2 * spec.layers.len())?,
         };
         let stream = dev.cuda_stream();
@@ -735,7 +811,9 @@ impl CudaDecoder {
                 .collect::<Result<_>>()?,
         };
         let use_graph = !crate::switches::switched_off("POCKETLM_CUDA_GRAPH");
+        let tables = BlockTables::new(&dev, spec.max_positions())?;
         Ok(Self {
+            tables,
             _moe_tables: moe_tables,
             kv_host: vec![0; 2 * spec.layers.len()],
             spec,
@@ -792,6 +870,10 @@ impl CudaDecoder {
             )));
         }
         let stream = self.dev.cuda_stream();
+        let table = match seq.blocks {
+            Some(b) => self.tables.put(0, b, &stream)?,
+            None => 0,
+        };
         {
             let mut x = x.to_dtype(DType::F32)?.flatten_all()?;
             if let Some(f) = self.spec.embed_scale {
@@ -808,7 +890,7 @@ impl CudaDecoder {
             stream.memcpy_dtod(&src, &mut self.buf.x).w()?;
         }
         stream
-            .memcpy_htod(&seq.params(), &mut self.buf.params)
+            .memcpy_htod(&seq.params(table), &mut self.buf.params)
             .w()?;
         let table: Vec<u64> = kv.iter().flat_map(|&(k, v)| [k, v]).collect();
         if table != self.kv_host {
@@ -910,12 +992,20 @@ impl CudaDecoder {
                     .w()?;
             }
         }
-        let params: Vec<i32> = seqs.iter().flat_map(SeqStep::params).collect();
+        let mut params = Vec::with_capacity(b * KV_PARAMS);
+        for (z, q) in seqs.iter().enumerate() {
+            let table = match q.blocks {
+                Some(ids) => self.tables.put(z, ids, &stream)?,
+                None => 0,
+            };
+            params.extend(q.params(table));
+        }
+        let st = self.batch.as_mut().expect("made above");
         let table: Vec<u64> = seqs
             .iter()
             .flat_map(|q| q.kv.iter().flat_map(|&(k, v)| [k, v]))
             .collect();
-        // SAFETY: params holds MAX_BATCH * 4 i32 and kv MAX_BATCH * 2 n_layers u64 on the
+        // SAFETY: params holds MAX_BATCH * KV_PARAMS i32 and kv MAX_BATCH * 2 n_layers u64 on the
         // device (b <= MAX_BATCH, each sequence n_layers pairs).
         unsafe {
             htod(st.params, &params, &stream)?;
@@ -1009,7 +1099,7 @@ impl CudaDecoder {
             dev.alloc_zeros::<u32>(r * MOE_SEL_WORDS)?,
             dev.alloc_zeros::<u32>(MOE_GRP_WORDS)?,
         ];
-        let params = dev.alloc_zeros::<i32>(r * 4)?;
+        let params = dev.alloc_zeros::<i32>(r * KV_PARAMS)?;
         let kv = dev.alloc_zeros::<u64>(r * 2 * s.layers.len())?;
         let stream = dev.cuda_stream();
         let fp: Vec<u64> = floats.iter().map(|b| b.ptr(&stream)).collect();
@@ -1055,7 +1145,7 @@ impl CudaDecoder {
 
     /// Launches the kernels of one step of `batch` sequences on the buffers at `p` (the
     /// one-token step's, or [`BatchState`]'s): every per-token buffer holds a row per sequence,
-    /// `params` 4 i32 and `kv` `2 n_layers` addresses per sequence. A batch takes the
+    /// `params` [`KV_PARAMS`] i32 and `kv` `2 n_layers` addresses per sequence. A batch takes the
     /// small-batch GEMM for every projection, and its mixtures of experts read each chosen
     /// expert once for all rows ([`DecoderMoe::launch`]).
     fn record_with(&self, p: &Ptrs, batch: usize) -> Result<()> {
@@ -1395,7 +1485,8 @@ struct AttnArgs {
     xq: u64,
     xd: u64,
     /// Sequences (1 for the one-token step): each has its own rows of `q`, `part_o`,
-    /// `part_ml`, `xq`/`xd`, its own 4 `params` and its own `kv_stride` u64 of `kv`.
+    /// `part_ml`, `xq`/`xd`, its own [`KV_PARAMS`] `params` and its own `kv_stride` u64 of
+    /// `kv`.
     batch: usize,
     /// See `batch`.
     kv_stride: usize,
@@ -1472,18 +1563,44 @@ fn launch_attention(
     unsafe { b.launch(&stream, cfg) }
 }
 
-/// The inputs of [`AttnTest`], held for the kernels: q, keys, values, params, the key/value
-/// address table.
+/// The inputs of [`AttnTest`], held for the kernels: q, keys, values, params and the block
+/// table, the key/value address table.
 type AttnTestInputs = (
     CudaSlice<f32>,
     CudaSlice<u8>,
     CudaSlice<u8>,
-    CudaSlice<i32>,
+    (CudaSlice<i32>, CudaSlice<i32>),
     CudaSlice<u64>,
 );
 
+/// `x: [n_kv, cap, hd]` laid out as a paged cache's pool: `[n_blocks, n_kv, BLOCK, hd]` with
+/// position `t` in block `table[t / BLOCK]`, where the table takes the blocks in a scrambled
+/// order (block `i` of the sequence is pool block `(5 i + 3) % n_blocks`, `n_blocks` the
+/// sequence's blocks plus 3, coprime with 5) and the other blocks hold a large constant, so
+/// that a kernel reading the wrong block, or past the sequence's blocks, goes visibly wrong.
+/// Returns the pool and the table.
+fn paged_layout(x: &[f32], nkv: usize, cap: usize, hd: usize) -> (Vec<f32>, Vec<i32>) {
+    let used = cap.div_ceil(BLOCK);
+    let mut n_blocks = used + 3;
+    while n_blocks.is_multiple_of(5) {
+        n_blocks += 1;
+    }
+    let table: Vec<i32> = (0..used).map(|i| ((5 * i + 3) % n_blocks) as i32).collect();
+    let mut pool = vec![1.0e4f32; n_blocks * nkv * BLOCK * hd];
+    for h in 0..nkv {
+        for t in 0..cap {
+            let b = table[t / BLOCK] as usize;
+            let dst = ((b * nkv + h) * BLOCK + t % BLOCK) * hd;
+            let src = (h * cap + t) * hd;
+            pool[dst..dst + hd].copy_from_slice(&x[src..src + hd]);
+        }
+    }
+    (pool, table)
+}
+
 /// Device buffers for one decode attention call of `q: [n_heads, hd]` over `k`, `v: [n_kv, cap,
-/// hd]` (f16 when `kv_f16`, else f32) with `len` positions cached.
+/// hd]` (f16 when `kv_f16`, else f32) with `len` positions cached, contiguous or (`paged`) in
+/// a block pool read through a block table ([`paged_layout`]).
 struct AttnTest {
     _bufs: AttnTestInputs,
     _work: (CudaSlice<f32>, CudaSlice<f32>),
@@ -1502,10 +1619,18 @@ impl AttnTest {
         (nh, hd): (usize, usize),
         len: usize,
         cap: usize,
-        kv_f16: bool,
+        (kv_f16, paged): (bool, bool),
     ) -> Result<Self> {
         let stream = dev.cuda_stream();
         let qb = stream.clone_htod(q).w()?;
+        let nkv = k.len() / (cap * hd).max(1);
+        let (k, v, table) = if paged {
+            let (k, table) = paged_layout(k, nkv, cap, hd);
+            let (v, _) = paged_layout(v, nkv, cap, hd);
+            (k, v, table)
+        } else {
+            (k.to_vec(), v.to_vec(), vec![0])
+        };
         let upload = |x: &[f32]| -> Result<CudaSlice<u8>> {
             let bytes: Vec<u8> = if kv_f16 {
                 x.iter()
@@ -1516,10 +1641,21 @@ impl AttnTest {
             };
             Ok(stream.clone_htod(&bytes).w()?)
         };
-        let kb = upload(k)?;
-        let vb = upload(v)?;
+        let kb = upload(&k)?;
+        let vb = upload(&v)?;
+        let tb = stream.clone_htod(&table).w()?;
+        let t = if paged { tb.ptr(&stream) } else { 0 };
         let params = stream
-            .clone_htod(&[len as i32 - 1, len as i32, cap as i32, 0])
+            .clone_htod(&[
+                len as i32 - 1,
+                len as i32,
+                cap as i32,
+                0,
+                t as u32 as i32,
+                (t >> 32) as u32 as i32,
+                0,
+                0,
+            ])
             .w()?;
         let kv = stream.clone_htod(&[kb.ptr(&stream), vb.ptr(&stream)]).w()?;
         let part_o = dev.alloc_zeros::<f32>(nh * MAX_SPLITS * hd)?;
@@ -1539,7 +1675,7 @@ impl AttnTest {
             kv_stride: 0,
         };
         Ok(Self {
-            _bufs: (qb, kb, vb, params, kv),
+            _bufs: (qb, kb, vb, (params, tb), kv),
             _work: (part_o, part_ml),
             xq,
             xd,
@@ -1550,7 +1686,8 @@ impl AttnTest {
 
 /// Test helper: the decode attention of `q: [n_heads, hd]` over the first `len` positions of
 /// `k`, `v: [n_kv, cap, hd]` (the last `window` of them when `window` > 0; stored on the
-/// device as f16 when `kv_f16`, else f32), run twice with the default split and once with
+/// device as f16 when `kv_f16`, else f32; with `paged` in a block pool read through a block
+/// table, [`paged_layout`]), run twice with the default split and once with
 /// each of a few others (the returned result is the last: a split count's stale partial
 /// results must not leak into the next), on the tensor cores or not (head_dim 256: never),
 /// returned as the 8-bit codes times their block scale: `[n_heads * hd]`.
@@ -1563,10 +1700,10 @@ pub(crate) fn run_attention(
     (nh, nkv, hd): (usize, usize, usize),
     (len, window): (usize, usize),
     cap: usize,
-    kv_f16: bool,
+    (kv_f16, paged): (bool, bool),
     tensor_cores: bool,
 ) -> Result<Vec<f32>> {
-    let t = AttnTest::new(dev, q, k, v, (nh, hd), len, cap, kv_f16)?;
+    let t = AttnTest::new(dev, q, k, v, (nh, hd), len, cap, (kv_f16, paged))?;
     let def = AttnSplit {
         tensor_cores,
         ..AttnSplit::from_env()
@@ -1612,7 +1749,7 @@ pub(crate) fn attention_timing(dev: &CudaDevice) -> Result<Vec<String>> {
         let kv: Vec<f32> = (0..nkv * len * hd)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
             .collect();
-        let t = AttnTest::new(dev, &q, &kv, &kv, (nh, hd), len, len, true)?;
+        let t = AttnTest::new(dev, &q, &kv, &kv, (nh, hd), len, len, (true, false))?;
         let bytes = (2 * nkv * len * hd * 2) as f64;
         for tc in [false, true] {
             let mut line = format!(

@@ -516,17 +516,20 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
             // An f16 cache on the tensor cores and on the SIMT kernel; f32 on the SIMT one.
             let kernels: &[bool] = if kv_f16 { &[true, false] } else { &[false] };
             for &tc in kernels {
-                let got = decoder::run_attention(
-                    cd,
-                    &q,
-                    &k,
-                    &v,
-                    (nh, nkv, hd),
-                    (len, window),
-                    cap,
-                    kv_f16,
-                    tc,
-                )?;
+                let run = |paged: bool| {
+                    decoder::run_attention(
+                        cd,
+                        &q,
+                        &k,
+                        &v,
+                        (nh, nkv, hd),
+                        (len, window),
+                        cap,
+                        (kv_f16, paged),
+                        tc,
+                    )
+                };
+                let got = run(false)?;
                 let kt = match (kv_f16, tc) {
                     (true, true) => "f16 mma",
                     (true, false) => "f16 simt",
@@ -539,6 +542,15 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                     ),
                     norm_rel_err(&got, &want),
                     1e-2,
+                );
+                // The same cache in scrambled pool blocks through a block table: the same
+                // values read in the same order, so the same bits.
+                let paged = run(true)?;
+                record(
+                    &mut lines,
+                    format!("attention h{nh} kv{nkv} d{hd} len {len} window {window} {kt} paged vs contiguous"),
+                    norm_rel_err(&paged, &got),
+                    0.0,
                 );
             }
         }

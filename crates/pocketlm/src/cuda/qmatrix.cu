@@ -302,6 +302,29 @@ __device__ void qgemv(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
   }
 }
 
+// A decode step's per-sequence `params` (KV_PARAMS ints; see "The fused decode step" below) and
+// the positions of a block of a paged KV cache (kv_pool::BLOCK on the Rust side).
+#define KV_PARAMS 8
+#define KV_BLOCK 16
+
+// The block table of a sequence whose KV cache is paged: params[4], params[5] hold its device
+// address (low, high word); null for a contiguous cache.
+__device__ __forceinline__ const int *kv_table(const int *__restrict__ params) {
+  const unsigned long long a =
+      ((unsigned long long)(unsigned)params[5] << 32) | (unsigned long long)(unsigned)params[4];
+  return reinterpret_cast<const int *>(a);
+}
+
+// The offset, in values, of position t of key/value head h in a layer's cache buffer: a
+// contiguous [n_kv, cap, hd] buffer (tbl null), or the pool layer's [n_blocks, n_kv, KV_BLOCK,
+// hd] blocks read through the block table tbl (vLLM's PagedAttention, Kwon et al. 2023).
+__device__ __forceinline__ size_t kv_offset(const int *__restrict__ tbl, int cap, int n_kv, int h,
+                                            int t, int hd) {
+  if (tbl)
+    return (((size_t)tbl[t / KV_BLOCK] * n_kv + h) * KV_BLOCK + (t % KV_BLOCK)) * (size_t)hd;
+  return ((size_t)h * cap + t) * (size_t)hd;
+}
+
 // The decode step's q/k/v outputs are taken in pairs: pair p of the stacked q, k, v heads
 // ((n_heads + 2 n_kv) hd / 2 of them) is, for a q or k head, the two rows RoPE rotates together
 // ((2i, 2i+1) of the head when interleaved, else (i, i + hd/2)) and, for a v head, two
@@ -335,6 +358,7 @@ __device__ __forceinline__ void qkv_store(const QkvPair &p, float a, float b,
                                           float *__restrict__ q_out, int n_heads, int n_kv, int hd,
                                           int kv_half) {
   const int pos = params[0], cap = params[2], half = hd >> 1;
+  const int *tbl = kv_table(params);
   auto put = [&](unsigned long long base, size_t at, float val) {
     if (kv_half)
       reinterpret_cast<__half *>(base)[at] = __float2half_rn(val);
@@ -342,7 +366,7 @@ __device__ __forceinline__ void qkv_store(const QkvPair &p, float a, float b,
       reinterpret_cast<float *>(base)[at] = val;
   };
   if (p.head >= n_heads + n_kv) {
-    const size_t at = ((size_t)(p.head - n_heads - n_kv) * cap + pos) * hd;
+    const size_t at = kv_offset(tbl, cap, n_kv, p.head - n_heads - n_kv, pos, hd);
     put(kv[2 * layer + 1], at + p.i0, a);
     put(kv[2 * layer + 1], at + p.i1, b);
     return;
@@ -354,7 +378,7 @@ __device__ __forceinline__ void qkv_store(const QkvPair &p, float a, float b,
     q_out[(size_t)p.head * hd + p.i0] = r0;
     q_out[(size_t)p.head * hd + p.i1] = r1;
   } else {
-    const size_t row = ((size_t)(p.head - n_heads) * cap + pos) * hd;
+    const size_t row = kv_offset(tbl, cap, n_kv, p.head - n_heads, pos, hd);
     put(kv[2 * layer], row + p.i0, r0);
     put(kv[2 * layer], row + p.i1, r1);
   }
@@ -410,7 +434,8 @@ extern "C" __global__ void qkv_post(const float *__restrict__ y, const float *__
   const int head = blockIdx.x, t = threadIdx.x, half = hd >> 1;
   {  // Sequence blockIdx.y of a batch: its own q/k/v row, params, cache table and queries.
     const size_t z = blockIdx.y;
-    y += z * gridDim.x * hd, params += 4 * z, kv += z * kv_stride, q_out += z * n_heads * hd;
+    y += z * gridDim.x * hd, params += KV_PARAMS * z, kv += z * kv_stride,
+        q_out += z * n_heads * hd;
   }
   const bool on = t < half;
   const QkvPair p = qkv_pair(head, on ? t : 0, n_heads, n_kv, hd, interleaved);
@@ -1369,11 +1394,14 @@ QKERNELS(a8_bf16, 8, false, true, __nv_bfloat16)
 QKERNELS(a8_f32, 8, false, true, float)
 
 // ---- The fused decode step (one token) ----
-// `params` (device memory, set before each step): [0] position of the new token, [1] number of
-// positions to attend (position + 1), [2] capacity of the KV cache buffers (positions), [3] the
-// RoPE position's offset from [0] (Qwen2-VL's M-RoPE delta after images; else 0).
+// `params` (device memory, set before each step; KV_PARAMS ints a sequence): [0] position of the
+// new token, [1] number of positions to attend (position + 1), [2] capacity of the KV cache
+// buffers (positions), [3] the RoPE position's offset from [0] (Qwen2-VL's M-RoPE delta after
+// images; else 0), [4] and [5] the address of the sequence's block table (kv_table; 0: a
+// contiguous cache), [6], [7] unused.
 // `kv` (device memory): per layer the addresses of its key and value buffers, each
-// [kv_heads, capacity, head_dim] f32 or f16 (the decoder's choice, one for all layers).
+// [kv_heads, capacity, head_dim] f32 or f16 (the decoder's choice, one for all layers), or for a
+// paged cache the pool layer's blocks [n_blocks, kv_heads, KV_BLOCK, head_dim] (kv_offset).
 
 // The scale 1 / sqrt(sum / n + eps) of a block-wide sum of squares (each thread's share in
 // `ss`), in every thread; `red` is scratch of 32 floats (free again when it returns).
@@ -1677,11 +1705,18 @@ __device__ void attn_split_out(AttnFinishSmem<G, HD> &sm, int h0, int sp, int ma
 // contiguous in each buffer. Issued before pdl_enter() (the cached positions before this
 // token's were written by earlier steps; a line the previous kernel is still writing is read
 // again from L2 after the wait), so that they stream in while the q/k/v GEMV runs.
+// A paged cache's rows are contiguous within a block: one request per block's run.
 template <typename KT>
-__device__ __forceinline__ void prefetch_kv(const KT *K, const KT *V, int start, int end, int hd) {
-  const size_t bytes = (size_t)(end - start) * hd * sizeof(KT);
-  prefetch_l2(K + (size_t)start * hd, bytes);
-  prefetch_l2(V + (size_t)start * hd, bytes);
+__device__ __forceinline__ void prefetch_kv(const KT *K, const KT *V, const int *tbl, int cap,
+                                            int n_kv, int h, int start, int end, int hd) {
+  for (int t = start; t < end;) {
+    const int run = tbl ? min(end, (t / KV_BLOCK + 1) * KV_BLOCK) - t : end - t;
+    const size_t off = kv_offset(tbl, cap, n_kv, h, t, hd);
+    const size_t bytes = (size_t)run * hd * sizeof(KT);
+    prefetch_l2(K + off, bytes);
+    prefetch_l2(V + off, bytes);
+    t += run;
+  }
 }
 
 // The reduction of flash-decoding (Dao et al. 2023), as its own kernel launched after the split
@@ -1704,7 +1739,7 @@ __device__ void attn_merge(const int *__restrict__ params, int window, int min_c
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   {  // Sequence blockIdx.y of a batch: its params, partial results and output row.
     const size_t z = blockIdx.y, nh = gridDim.x;
-    params += 4 * z, part_o += z * nh * maxsplit * HD, part_ml += z * nh * maxsplit;
+    params += KV_PARAMS * z, part_o += z * nh * maxsplit * HD, part_ml += z * nh * maxsplit;
     xq += z * nh * HD, xd += z * nh * HD / 32;
   }
   const int len = params[1];
@@ -1770,7 +1805,7 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   {  // Sequence blockIdx.z of a batch: its queries, params, cache table and partial results.
     const size_t z = blockIdx.z;
-    q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
+    q += z * n_heads * HD, params += KV_PARAMS * z, kv += z * kv_stride;
     part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
     xq += z * n_heads * HD, xd += z * n_heads * HD / 32;
   }
@@ -1782,9 +1817,10 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
   const int start = lo + sp * chunk, end = min(len, start + chunk);
   const int h0 = grp * G;
   const int kvh = h0 / (n_heads / n_kv);
-  const KT *K = reinterpret_cast<const KT *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
-  const KT *V = reinterpret_cast<const KT *>(kv[2 * layer + 1]) + (size_t)kvh * cap * HD;
-  prefetch_kv(K, V, start, end, HD);
+  const int *tbl = kv_table(params);
+  const KT *K = reinterpret_cast<const KT *>(kv[2 * layer]);
+  const KT *V = reinterpret_cast<const KT *>(kv[2 * layer + 1]);
+  prefetch_kv(K, V, tbl, cap, n_kv, kvh, start, end, HD);
   pdl_enter();
   float qr[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
@@ -1806,8 +1842,9 @@ __device__ void attn_gqa(const float *__restrict__ q, const int *__restrict__ pa
 #pragma unroll
       for (int e = 0; e < EPL; e++) kr[p][e] = 0.f, vr[p][e] = 0.f;
       if (t < end) {
-        load_row<EPL>(K + (size_t)t * HD + lane * EPL, kr[p]);
-        load_row<EPL>(V + (size_t)t * HD + lane * EPL, vr[p]);
+        const size_t off = kv_offset(tbl, cap, n_kv, kvh, t, HD) + lane * EPL;
+        load_row<EPL>(K + off, kr[p]);
+        load_row<EPL>(V + off, vr[p]);
       }
     }
 #pragma unroll
@@ -1892,7 +1929,7 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   const int grp = blockIdx.x, sp = blockIdx.y, maxsplit = gridDim.y;
   {  // Sequence blockIdx.z of a batch: its queries, params, cache table and partial results.
     const size_t z = blockIdx.z;
-    q += z * n_heads * HD, params += 4 * z, kv += z * kv_stride;
+    q += z * n_heads * HD, params += KV_PARAMS * z, kv += z * kv_stride;
     part_o += z * n_heads * gridDim.y * HD, part_ml += z * n_heads * gridDim.y;
     xq += z * n_heads * HD, xd += z * n_heads * HD / 32;
   }
@@ -1904,9 +1941,10 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
   const int start = lo + sp * chunk, end = min(len, start + chunk);
   const int h0 = grp * G;
   const int kvh = h0 / (n_heads / n_kv);
-  const __half *K = reinterpret_cast<const __half *>(kv[2 * layer]) + (size_t)kvh * cap * HD;
-  const __half *V = reinterpret_cast<const __half *>(kv[2 * layer + 1]) + (size_t)kvh * cap * HD;
-  prefetch_kv(K, V, start, end, HD);
+  const int *tbl = kv_table(params);
+  const __half *K = reinterpret_cast<const __half *>(kv[2 * layer]);
+  const __half *V = reinterpret_cast<const __half *>(kv[2 * layer + 1]);
+  prefetch_kv(K, V, tbl, cap, n_kv, kvh, start, end, HD);
   pdl_enter();
   const float sl = scale * 1.4426950408889634f;
   // Q rows r (a0, a2) and r + 8 (a1, a3, always zero: G <= 8).
@@ -1926,7 +1964,7 @@ __device__ void attn_mma(const float *__restrict__ q, const int *__restrict__ pa
     for (int i = threadIdx.x; i < AM_TILE * CH; i += blockDim.x) {
       const int row = i / CH, c = (i % CH) * 8, t = t0 + row;
       const bool ok = t < end;
-      const size_t off = (size_t)(ok ? t : start) * HD + c;
+      const size_t off = kv_offset(tbl, cap, n_kv, kvh, ok ? t : start, HD) + c;
       cp_async16(&st.k[stage][row][c], K + off, ok);
       cp_async16(&st.v[stage][row][c], V + off, ok);
     }

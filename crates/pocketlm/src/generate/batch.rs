@@ -26,11 +26,13 @@
 //! [`BatchGenerator::cached_tokens`] says how many were reused), and every sequence that
 //! finishes normally adds the tokens it fed to the model (prompt and generated) to the cache.
 //!
-//! With a KV memory budget ([`BatchConfig::kv_memory`]) on the CPU, the sequences' keys and
-//! values live in one [`KvBlockPool`] of `kv_memory / block_bytes` blocks of
-//! [`crate::kv_pool::BLOCK`] positions (vLLM's PagedAttention, Kwon et al. 2023): each
-//! sequence's attention layers are [`PagedKvCache`]s, block tables into the pool, and decode
-//! reads the blocks in place. Caches are accounted in the pool's blocks, a block in the tables of
+//! With a KV memory budget ([`BatchConfig::kv_memory`]) on the CPU or a CUDA GPU, the
+//! sequences' keys and values live in one [`KvBlockPool`] of `kv_memory / block_bytes` blocks
+//! of [`crate::kv_pool::BLOCK`] positions (vLLM's PagedAttention, Kwon et al. 2023): each
+//! sequence's attention layers are [`crate::kv_pool::PagedKvCache`]s, block tables into the pool, and decode
+//! reads the blocks in place (on the CPU the paged attention kernel, on CUDA the fused decode
+//! step; on the GPU the pool holds f16 and is allocated whole when the generator is made).
+//! Caches are accounted in the pool's blocks, a block in the tables of
 //! several sequences (a prefix shared through the prefix cache) once (on other devices, where
 //! caches stay growing ones, in blocks of [`KV_BLOCK`] positions, the step by which a growing
 //! cache allocates): a waiting
@@ -55,8 +57,8 @@ use candle_core::DType;
 use super::{
     sequence_parts, Event, GenerateParams, Next, PrefillStats, TextState, Token, TokenState,
 };
-use crate::kv_cache::{KvCache, LayerKvCache};
-use crate::kv_pool::{KvBlockPool, PagedKvCache, BLOCK};
+use crate::kv_cache::KvCache;
+use crate::kv_pool::{KvBlockPool, BLOCK};
 use crate::models::{BatchRow, CausalLM, ModelInput};
 use crate::prefix_cache::PrefixCache;
 use crate::sampling::DeviceDrawn;
@@ -73,7 +75,8 @@ pub struct BatchConfig {
     pub tokens_per_step: usize,
     /// Bytes the sequences' KV caches may hold together (running and waiting; the prefix
     /// cache has its own bound), counted in blocks of f32 keys and values for every layer of
-    /// [`CausalLM::cache_shapes`]: on the CPU the blocks of one shared [`KvBlockPool`]
+    /// [`CausalLM::cache_shapes`] (f16 with [`Self::kv_f16`] or on a CUDA GPU): on the CPU
+    /// and on CUDA the blocks of one shared [`KvBlockPool`]
     /// ([`crate::kv_pool::BLOCK`] positions, `kv_memory / block_bytes` of them), elsewhere
     /// [`KV_BLOCK`]-position blocks of each sequence's own cache; `None` (the default): no
     /// bound. See the module documentation.
@@ -102,7 +105,7 @@ pub struct BatchConfig {
 pub const KV_RESERVE: usize = 64;
 
 /// Positions per block of the KV memory budget ([`BatchConfig::kv_memory`]) where there is no
-/// block pool (a model off the CPU): the step by which [`KvCache::growing`] caches allocate.
+/// block pool (a model on neither the CPU nor CUDA): the step by which [`KvCache::growing`] caches allocate.
 pub const KV_BLOCK: usize = 256;
 
 impl Default for BatchConfig {
@@ -328,25 +331,30 @@ pub struct BatchGenerator<'a> {
     preemptions: u64,
     /// Caches of ended sequences inserted by [`BatchGenerator::insert_keeping`].
     kept: std::collections::HashMap<SeqId, KvCache>,
-    /// The blocks of the sequences' keys and values under a KV budget on the CPU.
+    /// The blocks of the sequences' keys and values under a KV budget on the CPU or CUDA.
     pool: Option<Arc<KvBlockPool>>,
 }
 
 impl<'a> BatchGenerator<'a> {
     /// An empty generator over `model` and `tokenizer`; `config`'s bounds are raised to 1.
-    /// With [`BatchConfig::kv_memory`] and a model on the CPU, the KV block pool is made here
-    /// (its blocks' storage is allocated as they are first used).
+    /// With [`BatchConfig::kv_memory`] and a model on the CPU or a CUDA GPU, the KV block pool
+    /// is made here (on the CPU its blocks' storage is allocated as they are first used, on
+    /// the GPU all of it now).
     pub fn new(model: &'a dyn CausalLM, tokenizer: &'a Tokenizer, config: BatchConfig) -> Self {
-        let kv_dtype = if config.kv_f16 {
+        let device = model.device();
+        // On a GPU the pool holds f16, what the fused CUDA step reads and writes by default
+        // (a step that stores f32, `POCKETLM_KV_F16=0`, leaves such caches to the layer-by-
+        // layer path).
+        let kv_dtype = if config.kv_f16 || device.is_cuda() {
             DType::F16
         } else {
             DType::F32
         };
         let pool = config
             .kv_memory
-            .filter(|_| model.device().is_cpu())
+            .filter(|_| device.is_cpu() || device.is_cuda())
             .and_then(|bytes| {
-                match KvBlockPool::with_bytes_of(&model.cache_shapes(), bytes, kv_dtype) {
+                match KvBlockPool::with_bytes_on(&model.cache_shapes(), bytes, kv_dtype, device) {
                     Ok(p) => Some(Arc::new(p)),
                     Err(e) => {
                         tracing::warn!("no KV block pool, caches are accounted instead: {e}");
@@ -380,36 +388,18 @@ impl<'a> BatchGenerator<'a> {
     }
 
     /// The KV block pool of the sequences' caches (see the module documentation); `None`
-    /// without a KV budget or off the CPU.
+    /// without a KV budget or on a device other than the CPU and CUDA.
     pub fn kv_pool(&self) -> Option<&Arc<KvBlockPool>> {
         self.pool.as_ref()
     }
 
     /// A fresh cache for a sequence ([`CausalLM::new_cache`]), its growing key/value layers
-    /// replaced by [`PagedKvCache`]s of the pool when there is one (layers with an array
+    /// replaced by [`crate::kv_pool::PagedKvCache`]s of the pool when there is one (layers with an array
     /// state stay as they are).
     fn fresh_cache(&self) -> KvCache {
         let mut cache = self.new_cache();
-        let Some(pool) = &self.pool else {
-            return cache;
-        };
-        if cache.n_layers() != pool.n_layers() {
-            return cache;
-        }
-        for i in 0..cache.n_layers() {
-            let growing = cache
-                .layer_ref(i)
-                .is_some_and(|l| l.kind() == "KVCache" && l.sliceable() && l.offset() == 0);
-            if !growing {
-                continue;
-            }
-            match PagedKvCache::new(pool.clone(), i) {
-                Ok(p) => {
-                    // In range: `i < n_layers`.
-                    let _ = cache.set_layer(i, Box::new(p) as Box<dyn LayerKvCache>);
-                }
-                Err(e) => tracing::warn!("layer {i} keeps a growing cache: {e}"),
-            }
+        if let Some(pool) = &self.pool {
+            cache.page_into(pool);
         }
         cache
     }

@@ -1666,9 +1666,10 @@ fn lora_qwen3_5_tiled_gguf_has_no_linear_attention_slots() -> Res<()> {
 }
 
 /// `bench::compare_batched` of the tiny gpt-oss with itself on the CPU (the check `agree
-/// --batch` runs against a GPU): every prompt's 6 greedy tokens equal and its batched logits
-/// within 1e-4 of the one-sequence ones; and `bench::run` with a batch size adds the batched
-/// decode test, counting the tokens of every sequence.
+/// --batch` runs against a GPU), with growing and with paged caches: every prompt's 6 greedy
+/// tokens equal and its batched logits within 1e-4 of the one-sequence ones; and `bench::run`
+/// with a batch size adds the batched decode test (and with `paged` its paged twin),
+/// counting the tokens of every sequence.
 #[test]
 fn batched_agreement_and_bench_on_the_cpu() -> Res<()> {
     let g = tensors("gpt_oss.golden.safetensors")?;
@@ -1677,24 +1678,29 @@ fn batched_agreement_and_bench_on_the_cpu() -> Res<()> {
         .map(|p| g[&format!("ids{p}")].to_vec1::<u32>())
         .collect::<Result<Vec<_>, _>>()?;
     let model = m.model.as_ref();
-    let rs = pocketlm::bench::compare_batched(model, model, &prompts, 6)?;
-    assert_eq!(rs.len(), 3);
-    for (i, r) in rs.iter().enumerate() {
-        assert_eq!(r.equal_steps, 6, "prompt {i}: {r:?}");
-        assert!(r.max_abs_logit_diff <= 1e-4, "prompt {i}: {r:?}");
-        assert_eq!(r.prompt_tokens, prompts[i].len());
+    for paged in [false, true] {
+        let rs = pocketlm::bench::compare_batched(model, model, &prompts, 6, paged)?;
+        assert_eq!(rs.len(), 3);
+        for (i, r) in rs.iter().enumerate() {
+            assert_eq!(r.equal_steps, 6, "prompt {i} (paged {paged}): {r:?}");
+            assert!(r.max_abs_logit_diff <= 1e-4, "prompt {i}: {r:?}");
+            assert_eq!(r.prompt_tokens, prompts[i].len());
+        }
     }
     let params = pocketlm::bench::BenchParams {
         n_prompt: vec![0],
         n_gen: vec![4],
         repetitions: 1,
         batch: vec![1, 3],
+        paged: true,
         ..Default::default()
     };
     let report = pocketlm::bench::run(&m, &params)?;
     let names: Vec<&str> = report.tests.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names, ["tg4", "tg4 x3"]);
-    assert_eq!(report.tests[1].n_tokens, 12);
-    assert!(report.tests[1].mean_tps > 0.0);
+    assert_eq!(names, ["tg4", "tg4 x3", "tg4 x3 paged"]);
+    for t in &report.tests[1..] {
+        assert_eq!(t.n_tokens, 12);
+        assert!(t.mean_tps > 0.0);
+    }
     Ok(())
 }
