@@ -300,7 +300,7 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
         }
     }
     // Epilogues, on raw buffers as the decoder uses them: the GEMV (m = 1) and the small-batch
-    // GEMM (columns split over blocks and added atomically on the last shape).
+    // GEMM (columns split over blocks on the last shape).
     for (rows, cols) in [(256usize, 512usize), (14336 * 2, 4096), (4096, 14336)] {
         seed += 1;
         let w = pseudo_random(rows * cols, seed);
@@ -325,6 +325,34 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                 norm_rel_err(&got_add, &add_want),
                 1e-5,
             );
+            // With the column splits added in split order (`POCKETLM_MMQ_DETERMINISTIC=1`),
+            // the same launch again gives the same bits, and the sums of the atomic way.
+            if m > 1 {
+                let was = qmatrix::set_serial_splits(true);
+                let first = qmatrix::run_epilogue(&g, Epilogue::Add, &x, &y0, dev, mmq);
+                let mut again = Vec::new();
+                for _ in 0..4 {
+                    again.push(qmatrix::run_epilogue(&g, Epilogue::Add, &x, &y0, dev, mmq));
+                }
+                qmatrix::set_serial_splits(was);
+                let first = first?;
+                let mut most = 0f32;
+                for a in again {
+                    most = most.max(norm_rel_err(&a?, &first));
+                }
+                record(
+                    &mut lines,
+                    format!("mlx b4 g64 F16 mmq add [{rows}x{cols}] m={m} serial vs atomic"),
+                    norm_rel_err(&first, &got_add),
+                    1e-6,
+                );
+                record(
+                    &mut lines,
+                    format!("mlx b4 g64 F16 mmq add [{rows}x{cols}] m={m} serial, 4 reruns"),
+                    most,
+                    0.0,
+                );
+            }
             let n = rows / 2;
             let gated = |f: &dyn Fn(f64) -> f64| -> Vec<f32> {
                 (0..m * n)

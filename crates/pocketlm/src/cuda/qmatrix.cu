@@ -878,7 +878,8 @@ __device__ void moe_down(const unsigned long long *__restrict__ table,
 // output value is summed in the order the one-token kernels above sum it (the same lanes over
 // the same 32-value blocks, then warp_sum; moe_combine sums the slots in slot order), so from
 // the same input a row's expert output has the bits the one-token kernels give it (the batched
-// step's other projections, on the small-batch GEMM, sum their column splits by atomicAdd).
+// step's other projections, on the small-batch GEMM, add their column splits atomically unless
+// POCKETLM_MMQ_DETERMINISTIC=1).
 #define MOE_CHUNK 4
 
 // The entries [c0, c0 + n) of the grouped choices as (row, slot), n <= MOE_CHUNK (entries
@@ -1133,7 +1134,7 @@ template <int BITS, bool SIGNED, bool BIAS, typename S, int EPI, int NT>
 __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
                      const S *__restrict__ bi, const int8_t *__restrict__ xq,
                      const float2 *__restrict__ xd, float *__restrict__ y, int rows, int cols,
-                     int group, int m) {
+                     int group, int m, unsigned *__restrict__ turn) {
   constexpr bool GATED = EPI == 2 || EPI == 3;
   constexpr int BB = BITS == 4 ? 16 : 32;
   constexpr int NTOK = 8 * NT;
@@ -1274,7 +1275,23 @@ __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
     }
     __syncthreads();
   }
-  const bool split = gridDim.y > 1;
+  // Column splits (gridDim.y > 1) add their sums into y: with `turn` (a counter per row tile,
+  // 0 between launches) in split order, one split after the other (CUTLASS's serial split-K),
+  // so that every output is ((s0 + s1) + s2) ... the same bits run after run; split 0 writes
+  // (EPI 0) or adds to y (EPI 1) and the last sets the counter back to 0. Blocks start in
+  // order of their linear index, so split s - 1 of a tile has started before split s waits
+  // for it. Without `turn`, atomically, in the order the splits finish (y zeroed first for
+  // EPI 0).
+  const bool split = gridDim.y > 1, serial = split && turn != nullptr;
+  if (serial) {
+    if (tid == 0) {
+      const volatile unsigned *t = turn + blockIdx.x;
+      while (*t != blockIdx.y) {
+      }
+      __threadfence();
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int n = 0; n < NT; n++) {
 #pragma unroll
@@ -1293,7 +1310,9 @@ __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
           const int o = out0 + 16 * w + g + 8 * half;
           if (o >= rows) continue;
           const float v = acc[n][2 * half + h];
-          if (split)
+          if (serial)
+            __stcg(yr + o, EPI == 0 && blockIdx.y == 0 ? v : __ldcg(yr + o) + v);
+          else if (split)
             atomicAdd(yr + o, v);
           else if (EPI == 1)
             yr[o] += v;
@@ -1302,6 +1321,11 @@ __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
         }
       }
     }
+  }
+  if (serial) {
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) atomicExch(turn + blockIdx.x, blockIdx.y + 1 == gridDim.y ? 0u : blockIdx.y + 1);
   }
 }
 
@@ -1315,8 +1339,8 @@ __device__ void qmmq(const uint8_t *__restrict__ qs, const S *__restrict__ sc,
 #define QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, NT)                                       \
   extern "C" __global__ void __launch_bounds__(32 * MMQ_WARPS) qmmq##EPIN##NT##_##NAME(          \
       const uint8_t *qs, const S *sc, const S *bi, const int8_t *xq, const float2 *xd, float *y,  \
-      int rows, int cols, int group, int m) {                                                      \
-    qmmq<BITS, SIGNED, BIAS, S, EPI, NT>(qs, sc, bi, xq, xd, y, rows, cols, group, m);             \
+      int rows, int cols, int group, int m, unsigned *turn) {                                      \
+    qmmq<BITS, SIGNED, BIAS, S, EPI, NT>(qs, sc, bi, xq, xd, y, rows, cols, group, m, turn);       \
   }
 #define QMMQS(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI)                                              \
   QMMQ(NAME, BITS, SIGNED, BIAS, S, EPIN, EPI, 1)                                                  \

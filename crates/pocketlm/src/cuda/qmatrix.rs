@@ -65,7 +65,7 @@ const MMQ_KC: usize = 4;
 /// little per byte it loads, and more blocks in flight read the weights faster (H100, 8B
 /// Q4_0, 8 sequences: 1,716 aggregate tokens/s with 16 splits everywhere against 1,418 with
 /// the rule below; at 32 sequences 16 splits were 2% slower). Beyond, enough blocks for 4 per
-/// multiprocessor. `POCKETLM_MMQ_SPLITS=N` sets it (for tuning; 1 turns the atomic sums off).
+/// multiprocessor. `POCKETLM_MMQ_SPLITS=N` sets it (for tuning; 1: no split).
 fn mmq_splits(tiles: usize, nblocks: usize, sms: usize, nt: usize) -> usize {
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let over = *OVERRIDE.get_or_init(|| {
@@ -82,6 +82,36 @@ fn mmq_splits(tiles: usize, nblocks: usize, sms: usize, nt: usize) -> usize {
         }
     })
     .clamp(1, most)
+}
+
+/// The small-batch GEMM's way of adding its column splits: 0 not read yet, 1 atomically in
+/// the order they finish (the default), 2 in split order ([`serial_splits`]).
+static SPLIT_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the small-batch GEMM adds its column splits in split order, one after the other
+/// (serial split-K, as CUTLASS's: a launch gives the same bits every run, so a GPU decode is
+/// reproducible), instead of atomically in the order they finish: `POCKETLM_MMQ_DETERMINISTIC=1`
+/// (read once). Off by default: on an H100 (2026-12-06, 8B-shaped Q4_0, same call) it cost
+/// pp16 27%, pp64 29%, tg128 x8 45% and x32 33% of the tokens/s (the splits of a row tile
+/// wait for each other: up to 16 in a chain), one sequence's decode nothing (the GEMV).
+pub(crate) fn serial_splits() -> bool {
+    use std::sync::atomic::Ordering;
+    match SPLIT_MODE.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("POCKETLM_MMQ_DETERMINISTIC").is_ok_and(|v| v == "1");
+            SPLIT_MODE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        m => m == 2,
+    }
+}
+
+/// Sets [`serial_splits`] for the launches from now on (the self-test checks both ways);
+/// returns the previous setting. CUDA graphs captured before keep the way they captured.
+pub(crate) fn set_serial_splits(on: bool) -> bool {
+    let was = serial_splits();
+    SPLIT_MODE.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+    was
 }
 
 /// Tiles of 8 activation rows a `qmmq_*` kernel takes for `m` rows (the kernels are built for
@@ -193,6 +223,9 @@ pub struct CudaQMatrix {
     cols: usize,
     group: usize,
     dev: CudaDevice,
+    /// A counter per row tile of the small-batch GEMM (0 between launches): the order in
+    /// which its column splits add their sums under [`serial_splits`] (`turn` of `qmmq_*`).
+    turns: CudaSlice<u32>,
 }
 
 /// Host-side repacked parts: codes, scales and biases as raw bytes, kernel suffix, group size.
@@ -377,7 +410,12 @@ impl CudaQMatrix {
             ptr(&scales),
             biases.as_ref().map(ptr).unwrap_or(0),
         ];
+        // Row tiles of the widest launch: MMQ_TILE_OUT / 2 outputs (gated), else MMQ_TILE_OUT.
+        let turns = stream
+            .alloc_zeros::<u32>(rows.div_ceil(MMQ_TILE_OUT / 2).max(1))
+            .w()?;
         Ok(Self {
+            turns,
             codes,
             scales,
             biases,
@@ -471,7 +509,13 @@ impl CudaQMatrix {
         b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
         b.arg(xq).arg(xd).arg(y).arg(ri).arg(ci).arg(gi);
         if let Some(m) = m {
-            b.arg(m as i32);
+            let stream = self.dev.cuda_stream();
+            let turn = if serial_splits() {
+                self.turns.device_ptr(&stream).0
+            } else {
+                0
+            };
+            b.arg(m as i32).arg(turn);
         }
         // SAFETY: qgemv_*'s and qmmq_*'s parameters, in order (the caller names a kernel of
         // this matrix's format); the matrix and the caller's buffers.
@@ -484,7 +528,10 @@ impl CudaQMatrix {
     /// `rows / 2` for the gated epilogues), reading each weight block once for all `m` rows.
     /// Matrices with few row tiles split their columns over more blocks, whose results are
     /// added atomically (for [`Epilogue::Write`], into `y` zeroed first), so the sums of such a
-    /// launch may differ from run to run in the last bits. Safe to capture in a CUDA graph.
+    /// launch may differ from run to run in the last bits; with [`serial_splits`] in split
+    /// order instead (the same bits every run, slower), which needs the launches of one matrix
+    /// not to overlap (they share its split counters): one stream, as candle's device has.
+    /// Safe to capture in a CUDA graph.
     ///
     /// Errors: [`Error::InvalidArgument`] for `m` out of range; the driver's launch errors.
     pub(crate) fn launch_mmq(
@@ -538,7 +585,7 @@ impl CudaQMatrix {
 
     /// A gated product (this matrix stacks the gate rows, then the up rows) of `m` activation
     /// rows split over `splits` column shares: the plain product into `scratch: [m, rows]` f32
-    /// (zeroed first, the shares added atomically), then `glu_q8` (SiLU, or GELU-tanh with
+    /// (the shares added as [`Self::launch_mmq`]'s are), then `glu_q8` (SiLU, or GELU-tanh with
     /// `gelu`, of the gate times the up value) quantized into `xq: [m, rows / 2]` i8 and `xd`
     /// (d, d·Σq) pairs, as [`Epilogue::SwiGlu`] / [`Epilogue::GeGlu`] followed by
     /// [`quantize_q8`] give up to the summation order. Safe to capture in a CUDA graph.
@@ -578,7 +625,7 @@ impl CudaQMatrix {
         }
         let (nt, out, tiles) = (mmq_tiles(m), self.outputs(epi), self.mmq_row_tiles(epi));
         let stream = self.dev.cuda_stream();
-        if splits > 1 && epi == Epilogue::Write {
+        if splits > 1 && epi == Epilogue::Write && !serial_splits() {
             // SAFETY: y holds m * out f32 (the caller's buffer); the stream is the launch's.
             unsafe {
                 sys::cuMemsetD32Async(y, 0, m * out, stream.cu_stream())
