@@ -21,11 +21,7 @@ export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py CTX=8192
 (cd $W && python3 $R/scripts/make_random_gguf.py 8b.gguf q4_0 --shape 8b >/dev/null) & p8=$!
 (cd $W && python3 $R/scripts/make_random_gguf.py 1b.gguf q4_0 --shape 1b >/dev/null)
 stamp "1b made; gpu-selftest"
-$PL gpu-selftest > $W/selftest.log 2>&1
-echo "PASS $(grep -c PASS $W/selftest.log), FAIL $(grep -c FAIL $W/selftest.log)"
-grep FAIL $W/selftest.log | head -5
-grep "paged vs contiguous" $W/selftest.log | head -3
-tail -1 $W/selftest.log
+selftest "paged vs contiguous"
 stamp "agree against the CPU"
 $PL agree -m $W/1b.gguf --device cuda -n 32 --batch --paged 2>&1 | grep -E "tokens equal|all equal"
 stamp "agree against the GPU"
@@ -46,11 +42,7 @@ for budget in none $kv; do
   $PL -t 8 serve --port $port --model $W/1b.gguf --device cuda --max-batch $clients --queue-size 256 \
     --prefix-cache-memory 0 "${args[@]}" > $W/serve.log 2>&1 &
   ps=$!
-  for _ in $(seq 1 240); do
-    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-      http://127.0.0.1:$port/health >/dev/null 2>&1 && break
-    sleep 0.5
-  done
+  wait_health $port
   stamp "serve, KV budget $budget"
   python3 scripts/loadtest.py --url http://127.0.0.1:$port --clients $clients --requests $requests \
     --max-tokens $tokens --ignore-eos --completions --deadline 200 --label "kv $budget" 2>&1 | tail -4

@@ -61,11 +61,7 @@ for split in ${SPLITS:-1 0}; do
   POCKETLM_SPLIT_MIXED=$split POCKETLM_LOG=pocketlm=debug,pocketlm_server=info $PL -t 8 serve --port $port \
     --model $M --device cuda --max-batch $clients --queue-size 256 --prefix-cache-memory 0 >> $W/serve.log 2>&1 &
   ps=$!
-  for _ in $(seq 1 240); do
-    python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-      http://127.0.0.1:$port/health >/dev/null 2>&1 && break
-    sleep 0.5
-  done
+  wait_health $port
   stamp "server up"
   sed 's/\x1b\[[0-9;]*m//g' $W/serve.log | grep -a "warm-up run" | sed 's/^/  /'
   for run in cold warm; do
