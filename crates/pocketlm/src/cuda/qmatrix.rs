@@ -91,9 +91,9 @@ static SPLIT_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::ne
 /// Whether the small-batch GEMM adds its column splits in split order, one after the other
 /// (serial split-K, as CUTLASS's: a launch gives the same bits every run, so a GPU decode is
 /// reproducible), instead of atomically in the order they finish: `POCKETLM_MMQ_DETERMINISTIC=1`
-/// (read once). Off by default: on an H100 (2026-12-06, 8B-shaped Q4_0, same call) it cost
-/// pp16 27%, pp64 29%, tg128 x8 45% and x32 33% of the tokens/s (the splits of a row tile
-/// wait for each other: up to 16 in a chain), one sequence's decode nothing (the GEMV).
+/// (read once). Off by default: on an H100 (2026-12-06, 8B-shaped Q4_0, two calls) it cost
+/// pp16 22-27%, pp64 28-29%, tg128 x8 45% and x32 31-33% of the tokens/s (the splits of a row
+/// tile wait for each other: up to 16 in a chain), one sequence's decode nothing (the GEMV).
 pub(crate) fn serial_splits() -> bool {
     use std::sync::atomic::Ordering;
     match SPLIT_MODE.load(Ordering::Relaxed) {
