@@ -92,6 +92,9 @@ def main():
     ap.add_argument("--completions", action="store_true",
                     help="send plain prompts to /v1/completions instead of chat messages to "
                          "/v1/chat/completions (for a model without a chat template)")
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                    help="start every prompt with the same text of this many words (a shared "
+                         "system prompt, for a server's prefix cache)")
     args = ap.parse_args()
     u = urllib.parse.urlparse(args.url)
     headers = {"Content-Type": "application/json"}
@@ -99,6 +102,11 @@ def main():
         headers["Authorization"] = f"Bearer {args.api_key}"
     path = "/v1/completions" if args.completions else "/v1/chat/completions"
     prompts = ["Say hello.", "What is 2+2?", "Name a color.", "Write one word about the sea."]
+    if args.shared_prefix:
+        words = ("you are a helpful assistant who answers briefly and plainly "
+                 "about the sea the sky and numbers").split()
+        prefix = " ".join(words[i % len(words)] for i in range(args.shared_prefix))
+        prompts = [f"{prefix}\n{p}" for p in prompts]
     lock = threading.Lock()
     state = {"next": 0}
     ttfts, totals, tokens, failures = [], [], [], []
