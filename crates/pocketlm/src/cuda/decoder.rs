@@ -485,19 +485,27 @@ impl SeqStep<'_> {
     /// RoPE offset, the block table's device address `table` (low and high words; 0 for
     /// contiguous buffers), two unused.
     fn params(&self, table: u64) -> [i32; KV_PARAMS] {
-        let p = self.pos as i32;
         let t = if self.blocks.is_some() { table } else { 0 };
-        [
-            p,
-            p + 1,
-            self.capacity as i32,
-            self.rope_pos as i32 - p,
-            t as u32 as i32,
-            (t >> 32) as u32 as i32,
-            0,
-            0,
-        ]
+        params_row(self.pos, self.capacity, self.rope_pos, t)
     }
+}
+
+/// A sequence's `params` row as the kernels read it (see "The fused decode step" in
+/// qmatrix.cu): the new token's position `pos`, the attended length `pos + 1`, the buffers'
+/// `capacity`, the RoPE position's offset from `pos`, the block table's device address
+/// `table` (low, high word; 0: contiguous buffers), two unused.
+fn params_row(pos: usize, capacity: usize, rope_pos: usize, table: u64) -> [i32; KV_PARAMS] {
+    let p = pos as i32;
+    [
+        p,
+        p + 1,
+        capacity as i32,
+        rope_pos as i32 - p,
+        table as u32 as i32,
+        (table >> 32) as u32 as i32,
+        0,
+        0,
+    ]
 }
 
 /// Ints of a sequence's `params` row (`KV_PARAMS` in qmatrix.cu).
@@ -1646,16 +1654,7 @@ impl AttnTest {
         let tb = stream.clone_htod(&table).w()?;
         let t = if paged { tb.ptr(&stream) } else { 0 };
         let params = stream
-            .clone_htod(&[
-                len as i32 - 1,
-                len as i32,
-                cap as i32,
-                0,
-                t as u32 as i32,
-                (t >> 32) as u32 as i32,
-                0,
-                0,
-            ])
+            .clone_htod(&params_row(len - 1, cap, len - 1, t))
             .w()?;
         let kv = stream.clone_htod(&[kb.ptr(&stream), vb.ptr(&stream)]).w()?;
         let part_o = dev.alloc_zeros::<f32>(nh * MAX_SPLITS * hd)?;
