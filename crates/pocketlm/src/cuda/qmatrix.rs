@@ -915,8 +915,6 @@ pub(crate) fn reference_gemv(
     y
 }
 
-/// Test helper: runs the GEMV with epilogue `epi` on `x: [cols]`, starting from `y0` (the
-/// output's initial contents), and returns the output.
 /// For the self-test: [`CudaQMatrix::launch_gated_split`] of `x: [m, cols]` in `splits` shares,
 /// its 8-bit output read back and dequantized (code times `d`): `[m, rows / 2]`.
 pub(crate) fn run_gated_split(
@@ -950,6 +948,8 @@ pub(crate) fn run_gated_split(
         .collect())
 }
 
+/// Test helper: runs the GEMV with epilogue `epi` on `x: [cols]`, starting from `y0` (the
+/// output's initial contents), and returns the output.
 pub(crate) fn run_epilogue(
     g: &CudaQMatrix,
     epi: Epilogue,
