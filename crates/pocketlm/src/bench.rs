@@ -49,10 +49,10 @@ pub struct BenchParams {
     /// again: that many sequences, each with its own cache at the test's depth, decoded
     /// together (a test named `tg128 x32`, see [`run`]).
     pub batch: Vec<usize>,
-    /// Each batched decode test runs again with the sequences' caches paged in one
-    /// [`crate::kv_pool::KvBlockPool`] on the model's device, sized for them (a test named
-    /// `tg128 x32 paged`): f16 blocks on a GPU (what the fused CUDA step reads), else the
-    /// blocks of [`KvCacheConfig::kv_f16`]'s dtype.
+    /// Each batched decode test, and each prompt test at a depth, runs again with the caches
+    /// paged in one [`crate::kv_pool::KvBlockPool`] on the model's device, sized for them
+    /// (tests named `tg128 x32 paged`, `pp512 @ d4096 paged`): f16 blocks on a CUDA GPU
+    /// (what the fused CUDA step reads), else the blocks of [`KvCacheConfig::kv_f16`]'s dtype.
     pub paged: bool,
 }
 
@@ -173,8 +173,9 @@ fn cache_at(
 }
 
 /// A KV block pool on `model`'s device for `seqs` sequences of `positions` positions each
-/// (and one block more each, for the block a fused step reserves ahead): f16 on a GPU, else
-/// `config`'s dtype.
+/// (and one block more each, for the block a fused step reserves ahead), of the dtype
+/// `serve --kv-memory` gives it ([`KvBlockPool::dtype_for`]: f16 on a CUDA GPU, else
+/// `config`'s).
 fn paged_pool(
     model: &dyn CausalLM,
     config: &KvCacheConfig,
@@ -182,11 +183,7 @@ fn paged_pool(
     positions: usize,
 ) -> Result<std::sync::Arc<crate::kv_pool::KvBlockPool>> {
     use crate::kv_pool::{KvBlockPool, BLOCK};
-    let dtype = if config.kv_f16 || !model.device().is_cpu() {
-        candle_core::DType::F16
-    } else {
-        candle_core::DType::F32
-    };
+    let dtype = KvBlockPool::dtype_for(model.device(), config.kv_f16);
     let blocks = seqs * (positions.div_ceil(BLOCK) + 1);
     let pool = KvBlockPool::on_device(&model.cache_shapes(), blocks, dtype, model.device())?;
     Ok(std::sync::Arc::new(pool))
@@ -345,13 +342,27 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
     } else {
         &params.depth[..]
     };
+    // With `paged`, the prompt tests at a depth and the batched decode tests run again over
+    // caches paged in a block pool.
+    let layouts: &[bool] = if params.paged {
+        &[false, true]
+    } else {
+        &[false]
+    };
     for &depth in depths {
-        for &n_prompt in params.n_prompt.iter().filter(|&&n| n > 0) {
+        let prompts = params.n_prompt.iter().filter(|&&n| n > 0);
+        let prompt_layouts = if depth > 0 { layouts } else { &[false][..] };
+        for (&n_prompt, &paged) in prompts.flat_map(|n| prompt_layouts.iter().map(move |p| (n, p)))
+        {
             let ids = tokens(n_prompt, vocab);
             let input = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
             let mut samples = Vec::new();
             for rep in 0..=reps {
-                let mut cache = cache_at(model, &params.cache, depth, vocab)?;
+                let pool = match paged {
+                    true => Some(paged_pool(model, &params.cache, 1, depth + n_prompt)?),
+                    false => None,
+                };
+                let mut cache = cache_in(model, &params.cache, pool.as_ref(), depth, vocab)?;
                 let t = Instant::now();
                 let l = forward(model, &input, &mut cache, Logits::Last)?;
                 l.to_dtype(candle_core::DType::F32)?
@@ -361,7 +372,11 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
                     samples.push(n_prompt as f64 / t.elapsed().as_secs_f64());
                 }
             }
-            tests.push(TestResult::new("pp", n_prompt, depth, samples));
+            let mut r = TestResult::new("pp", n_prompt, depth, samples);
+            if paged {
+                r.name.push_str(" paged");
+            }
+            tests.push(r);
         }
         for &n_gen in params.n_gen.iter().filter(|&&n| n > 0) {
             let ids = tokens(n_gen, vocab);
@@ -414,11 +429,6 @@ pub fn run(m: &LoadedModel, params: &BenchParams) -> Result<BenchReport> {
                 tests.push(r);
             }
             let batches = params.batch.iter().filter(|&&b| b > 1);
-            let layouts: &[bool] = if params.paged {
-                &[false, true]
-            } else {
-                &[false]
-            };
             for (&b, &paged) in batches.flat_map(|b| layouts.iter().map(move |p| (b, p))) {
                 let mut samples = Vec::new();
                 for rep in 0..=reps {

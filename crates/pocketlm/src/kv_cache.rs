@@ -1010,6 +1010,10 @@ impl LayerKvCache for PagedKvCache {
         PagedKvCache::update(self, k, v)
     }
 
+    fn update_stored(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        PagedKvCache::update_stored(self, k, v)
+    }
+
     fn append_paged(&mut self, k: &Tensor, v: &Tensor) -> Result<bool> {
         // Blocks held as device tensors are read by the fused CUDA step, not the CPU kernel.
         if !self.pool().in_host_memory() {
@@ -2245,5 +2249,33 @@ mod paged_tests {
         // Host blocks take no such reservation.
         let mut host = PagedKvCache::new(pool(4), 0).unwrap();
         assert!(host.reserve_paged(1).unwrap().is_none());
+    }
+
+    /// `update_stored` of a cache in device-style blocks gives the blocks' own dtype (f16, for
+    /// the CUDA flash prefill) with the values `update` widens to f32; host blocks give f32.
+    #[test]
+    fn stored_gathers_keep_the_blocks_dtype() {
+        for tensors in [true, false] {
+            let p = pool_in(8, DType::F16, tensors);
+            let (h, d) = p.layer_shape(0).unwrap();
+            let mut c = PagedKvCache::new(p.clone(), 0).unwrap();
+            let mut w = PagedKvCache::new(p, 0).unwrap();
+            let mut g = growing_of(DType::F16);
+            // Past a block edge, so that the gather spans two blocks.
+            for (n, at) in [(BLOCK - 3, 0.0), (5, 3.0)] {
+                let (k, v) = (kv(h, n, d, at), kv(h, n, d, at + 0.5));
+                let (ks, vs) = LayerKvCache::update_stored(&mut c, &k, &v).unwrap();
+                let (kw, vw) = w.update(&k, &v).unwrap();
+                let (kg, vg) = g.update(&k, &v).unwrap();
+                let want = if tensors { DType::F16 } else { DType::F32 };
+                assert_eq!((ks.dtype(), vs.dtype()), (want, want));
+                assert_eq!(ks.dims(), kw.dims());
+                let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                assert_eq!(bits(&wide(&ks)), bits(&kw));
+                assert_eq!(bits(&wide(&vs)), bits(&vw));
+                assert_eq!(bits(&kw), bits(&kg));
+                assert_eq!(bits(&vw), bits(&vg));
+            }
+        }
     }
 }

@@ -185,18 +185,20 @@ impl LayerPool {
 
     /// Blocks `ids` gathered into keys and values `[1, kv_heads, len, head_dim]` f32 (the
     /// first `len` positions; f16 values widened): on the CPU from host memory, on the pool's
-    /// device from device blocks.
-    fn gather(&self, ids: &[u32], len: usize) -> Result<(Tensor, Tensor)> {
+    /// device from device blocks, there in the blocks' own dtype when `widen` is false (half
+    /// the bytes of an f16 pool, for a kernel that reads f16).
+    fn gather(&self, ids: &[u32], len: usize, widen: bool) -> Result<(Tensor, Tensor)> {
         let (h, d) = (self.kv_heads, self.head_dim);
         if let Some(dev) = &self.device {
             let idx = Tensor::from_slice(ids, ids.len(), dev.k.device())?;
             let take = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.index_select(&idx, 0)?
+                let t = t
+                    .index_select(&idx, 0)?
                     .transpose(0, 1)?
                     .reshape((1, h, ids.len() * BLOCK, d))?
-                    .narrow(2, 0, len)?
-                    .to_dtype(DType::F32)?
-                    .contiguous()?)
+                    .narrow(2, 0, len)?;
+                let t = if widen { t.to_dtype(DType::F32)? } else { t };
+                Ok(t.contiguous()?)
             };
             return Ok((take(&dev.k)?, take(&dev.v)?));
         }
@@ -267,6 +269,18 @@ impl KvBlockPool {
     /// Errors: as [`Self::new`], and [`Error::InvalidArgument`] for another dtype.
     pub fn with_dtype(shapes: &[(usize, usize)], n_blocks: usize, dtype: DType) -> Result<Self> {
         Self::on_device(shapes, n_blocks, dtype, &Device::Cpu)
+    }
+
+    /// The dtype of a pool on `device` for caches that store f16 when `kv_f16`: f16 then, and
+    /// on a CUDA GPU always (what the fused CUDA decode step reads and writes by default; a
+    /// step that stores f32, `POCKETLM_KV_F16=0`, leaves such caches to the layer-by-layer
+    /// path); f32 otherwise.
+    pub fn dtype_for(device: &Device, kv_f16: bool) -> DType {
+        if kv_f16 || device.is_cuda() {
+            DType::F16
+        } else {
+            DType::F32
+        }
     }
 
     /// [`Self::with_dtype`] with the blocks on `device`: in host memory for the CPU (allocated
@@ -628,7 +642,7 @@ impl PoolBlocks {
                 ids.len()
             )));
         }
-        l.gather(&ids[..blocks], blocks * BLOCK)
+        l.gather(&ids[..blocks], blocks * BLOCK, true)
     }
 }
 
@@ -928,12 +942,17 @@ impl PagedKvCache {
     ///
     /// Errors: tensor errors (none for a consistent cache).
     pub fn gather(&self) -> Result<Option<(Tensor, Tensor)>> {
+        self.gather_as(true)
+    }
+
+    /// [`Self::gather`], with a device pool's values left in its dtype unless `widen`.
+    fn gather_as(&self, widen: bool) -> Result<Option<(Tensor, Tensor)>> {
         if self.len == 0 {
             return Ok(None);
         }
         let blocks = self.len.div_ceil(BLOCK);
         self.layer_pool()
-            .gather(&self.table[..blocks], self.len)
+            .gather(&self.table[..blocks], self.len, widen)
             .map(Some)
     }
 
@@ -1015,14 +1034,22 @@ impl PagedKvCache {
     ///
     /// Errors: as [`Self::append`].
     pub fn update(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (ko, vo) = self.update_stored(k, v)?;
+        Ok((ko.to_dtype(k.dtype())?, vo.to_dtype(v.dtype())?))
+    }
+
+    /// As [`Self::update`], but on a device pool the keys and values come back in the pool's
+    /// dtype (an f16 pool's blocks gathered as f16, for a kernel that reads f16, such as the
+    /// CUDA flash prefill: half the bytes of the f32 copy and no conversion); from a pool in
+    /// host memory f32, as [`Self::gather`].
+    ///
+    /// Errors: as [`Self::update`].
+    pub fn update_stored(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         self.append(k, v)?;
-        let (ko, vo) = self.gather()?.ok_or_else(|| {
+        let (ko, vo) = self.gather_as(false)?.ok_or_else(|| {
             Error::InvalidArgument("a paged KV cache: nothing to attend to".into())
         })?;
-        Ok((
-            ko.to_device(k.device())?.to_dtype(k.dtype())?,
-            vo.to_device(v.device())?.to_dtype(v.dtype())?,
-        ))
+        Ok((ko.to_device(k.device())?, vo.to_device(v.device())?))
     }
 
     /// Appends whole blocks `ids` of layer `layer` of `pool` by reference (one more reference

@@ -44,9 +44,9 @@ pub struct BenchArgs {
     /// `-ctk f16 -ctv f16`).
     #[arg(long)]
     pub kv_f16: bool,
-    /// With --batch: each batched decode test runs again with the sequences' KV caches paged
-    /// in one block pool on the model's device (`tg128 x32 paged`; f16 blocks on a GPU), as
-    /// `serve --kv-memory` keeps them
+    /// Each batched decode test (--batch), and each prompt test at a depth (-d), runs again
+    /// with the KV caches paged in one block pool on the model's device (`tg128 x32 paged`,
+    /// `pp512 @ d4096 paged`; f16 blocks on a CUDA GPU), as `serve --kv-memory` keeps them
     #[arg(long)]
     pub paged: bool,
     /// Print the report as JSON.

@@ -342,14 +342,7 @@ impl<'a> BatchGenerator<'a> {
     /// the GPU all of it now).
     pub fn new(model: &'a dyn CausalLM, tokenizer: &'a Tokenizer, config: BatchConfig) -> Self {
         let device = model.device();
-        // On a GPU the pool holds f16, what the fused CUDA step reads and writes by default
-        // (a step that stores f32, `POCKETLM_KV_F16=0`, leaves such caches to the layer-by-
-        // layer path).
-        let kv_dtype = if config.kv_f16 || device.is_cuda() {
-            DType::F16
-        } else {
-            DType::F32
-        };
+        let kv_dtype = KvBlockPool::dtype_for(device, config.kv_f16);
         let pool = config
             .kv_memory
             .filter(|_| device.is_cpu() || device.is_cuda())

@@ -1688,8 +1688,9 @@ fn batched_agreement_and_bench_on_the_cpu() -> Res<()> {
         }
     }
     let params = pocketlm::bench::BenchParams {
-        n_prompt: vec![0],
+        n_prompt: vec![5],
         n_gen: vec![4],
+        depth: vec![0, 20],
         repetitions: 1,
         batch: vec![1, 3],
         paged: true,
@@ -1697,9 +1698,27 @@ fn batched_agreement_and_bench_on_the_cpu() -> Res<()> {
     };
     let report = pocketlm::bench::run(&m, &params)?;
     let names: Vec<&str> = report.tests.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names, ["tg4", "tg4 x3", "tg4 x3 paged"]);
-    for t in &report.tests[1..] {
-        assert_eq!(t.n_tokens, 12);
+    assert_eq!(
+        names,
+        [
+            "pp5",
+            "tg4",
+            "tg4 x3",
+            "tg4 x3 paged",
+            "pp5 @ d20",
+            "pp5 @ d20 paged",
+            "tg4 @ d20",
+            "tg4 x3 @ d20",
+            "tg4 x3 @ d20 paged"
+        ]
+    );
+    for t in &report.tests {
+        let want = match (t.name.starts_with("pp"), t.name.contains("x3")) {
+            (true, _) => 5,
+            (false, true) => 12,
+            (false, false) => 4,
+        };
+        assert_eq!(t.n_tokens, want, "{}", t.name);
         assert!(t.mean_tps > 0.0);
     }
     Ok(())
