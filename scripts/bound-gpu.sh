@@ -11,13 +11,14 @@
 # 3. `serve --device cuda` of the 1B with `--kv-memory $KV` (64MiB) and the prefix cache on,
 #    under $CLIENTS clients (32) whose prompts share a $PREFIX-word start (200), twice (the
 #    second run finds the prefix cached): tokens/s, TTFT, failed requests, KV peak, preemptions.
+# BENCH=0 runs 2 and 3 only.
 set -uo pipefail
 export MODELS=${MODELS:-8b-q4_0.gguf 8b-mlx4} DEPTHS=${DEPTHS-} NCU=${NCU-1} NCU_PREFILL=0
 export NCU_MODELS=${NCU_MODELS:-8b-q4_0.gguf} NCU_SKIP=${NCU_SKIP:-2000} NCU_COUNT=${NCU_COUNT:-260}
 export BUDGET=${BUDGET:-470} REPS=${REPS:-3} POCKETLM_SELFTEST=${POCKETLM_SELFTEST-matmul}
 export VARIANTS=${VARIANTS-}
 OUT=${OUT:-$PWD/gpu-out}; export OUT WORK=/tmp/pl-gpu
-bash scripts/bench-gpu.sh
+[ "${BENCH:-1}" = 0 ] || bash scripts/bench-gpu.sh
 for f in "$OUT"/ncu-*-d0.txt; do
   [ -f "$f" ] || continue
   echo "== $f"
@@ -25,6 +26,7 @@ for f in "$OUT"/ncu-*-d0.txt; do
 done
 . scripts/gpu-setup.sh
 clients=${CLIENTS:-32} requests=${REQUESTS:-64} tokens=${TOKENS:-128} kv=${KV:-64MiB} port=18474
+[ -d $W/lc ] || (cd $W && tar xzf $R/.gpu/lc.tgz)
 export VOCAB_DIR=$W/lc/models PYTHONPATH=$W/lc/gguf-py CTX=8192
 [ -f $W/1b.gguf ] || (cd $W && python3 $R/scripts/make_random_gguf.py 1b.gguf q4_0 --shape 1b >/dev/null)
 stamp "agree --batch --paged"
