@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::kv_pool::{KvBlockPool, PagedKv, PagedKvCache};
+use crate::kv_pool::{KvBlockPool, PagedBlocks, PagedKv, PagedKvCache};
 use crate::quant::hadamard;
 use crate::quant::mlx_affine::{self, AffineQuantized, GroupParams, ParamDtype};
 use crate::{Error, Result};
@@ -78,6 +78,17 @@ pub trait LayerKvCache: Send + Sync + std::fmt::Debug {
     /// Errors: [`Error::InvalidArgument`] when the pool is out of blocks.
     fn reserve_paged(&mut self, n: usize) -> Result<Option<(Tensor, Tensor, Vec<u32>)>> {
         let _ = n;
+        Ok(None)
+    }
+    /// For a kernel that reads a paged cache's blocks in place on a device (the CUDA flash
+    /// prefill): appends `k`, `v` (`[1, kv_heads, new, head_dim]`) and returns the pool
+    /// layer's key and value storage (`[n_blocks, kv_heads, BLOCK, head_dim]` each), the block
+    /// table (block ids in position order) and the number of positions held. `None` (the
+    /// default; nothing appended) for a cache that is not paged on a device.
+    ///
+    /// Errors: as [`Self::update`].
+    fn append_device(&mut self, k: &Tensor, v: &Tensor) -> Result<Option<PagedBlocks>> {
+        let _ = (k, v);
         Ok(None)
     }
     /// Counts `n` positions written in place into the buffers of [`Self::reserve_in_place`]
@@ -1025,6 +1036,10 @@ impl LayerKvCache for PagedKvCache {
 
     fn paged(&self) -> Option<PagedKv<'_>> {
         Some(self.view())
+    }
+
+    fn append_device(&mut self, k: &Tensor, v: &Tensor) -> Result<Option<PagedBlocks>> {
+        PagedKvCache::append_device(self, k, v)
     }
 
     fn reserve_paged(&mut self, n: usize) -> Result<Option<(Tensor, Tensor, Vec<u32>)>> {
@@ -2249,6 +2264,53 @@ mod paged_tests {
         // Host blocks take no such reservation.
         let mut host = PagedKvCache::new(pool(4), 0).unwrap();
         assert!(host.reserve_paged(1).unwrap().is_none());
+    }
+
+    /// `append_device` of a cache in device-style blocks appends and hands out the pool
+    /// layer's blocks and the table: position `t` of head `h` is row `t % BLOCK` of head `h`
+    /// of block `table[t / BLOCK]` (what the CUDA flash prefill reads); host blocks give
+    /// `None` and append nothing.
+    #[test]
+    fn device_appends_hand_out_the_blocks_in_place() {
+        let p = pool_in(8, DType::F16, true);
+        let (h, d) = p.layer_shape(0).unwrap();
+        let mut c = PagedKvCache::new(p, 0).unwrap();
+        let n = BLOCK + 3;
+        let (k, v) = (kv(h, n, d, 0.0), kv(h, n, d, 0.5));
+        let b = LayerKvCache::append_device(&mut c, &k, &v)
+            .unwrap()
+            .expect("tensor blocks");
+        assert_eq!((b.len, c.offset()), (n, n));
+        assert_eq!(b.table, c.block_table()[..2]);
+        assert_eq!(b.k.dims(), [8, h, BLOCK, d]);
+        let half = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        for (blocks, src) in [(&b.k, &k), (&b.v, &v)] {
+            let (all, want) = (half(blocks), half(src));
+            for hh in 0..h {
+                for t in 0..n {
+                    let at = ((b.table[t / BLOCK] as usize * h + hh) * BLOCK + t % BLOCK) * d;
+                    assert_eq!(
+                        all[at..at + d],
+                        want[(hh * n + t) * d..][..d],
+                        "h {hh} t {t}"
+                    );
+                }
+            }
+        }
+        let mut host = PagedKvCache::new(pool(4), 0).unwrap();
+        assert!(LayerKvCache::append_device(&mut host, &k, &v)
+            .unwrap()
+            .is_none());
+        assert_eq!(host.offset(), 0);
     }
 
     /// `update_stored` of a cache in device-style blocks gives the blocks' own dtype (f16, for

@@ -755,6 +755,20 @@ impl PagedKv<'_> {
     }
 }
 
+/// A paged cache's keys and values as a kernel reads them in place on a device
+/// ([`PagedKvCache::append_device`]).
+#[derive(Debug, Clone)]
+pub struct PagedBlocks {
+    /// The pool layer's keys, `[n_blocks, kv_heads, BLOCK, head_dim]`.
+    pub k: Tensor,
+    /// The pool layer's values, as `k`.
+    pub v: Tensor,
+    /// The cache's block ids in position order: `table[t / BLOCK]` holds position `t`.
+    pub table: Vec<u32>,
+    /// Positions held.
+    pub len: usize,
+}
+
 /// One attention layer's cache in a [`KvBlockPool`]: a block table and a length (see the
 /// module documentation); its [`crate::kv_cache::LayerKvCache`] implementation lives with the
 /// trait in `kv_cache` (this module does not depend on it). Keys and values are `[1, kv_heads,
@@ -954,6 +968,28 @@ impl PagedKvCache {
         self.layer_pool()
             .gather(&self.table[..blocks], self.len, widen)
             .map(Some)
+    }
+
+    /// For a kernel that reads the blocks in place on the pool's device (the CUDA flash
+    /// prefill): appends `k`, `v` (`[1, kv_heads, new, head_dim]`) and returns the layer's
+    /// device storage, the table and the length ([`PagedBlocks`]); `None` (nothing
+    /// appended) for a pool in host memory.
+    ///
+    /// Errors: as [`Self::append`].
+    pub fn append_device(&mut self, k: &Tensor, v: &Tensor) -> Result<Option<PagedBlocks>> {
+        if self.layer_pool().device.is_none() {
+            return Ok(None);
+        }
+        self.append(k, v)?;
+        let Some((kb, vb)) = self.pool.device_blocks(self.layer) else {
+            return Ok(None);
+        };
+        Ok(Some(PagedBlocks {
+            k: kb.clone(),
+            v: vb.clone(),
+            table: self.table[..self.len.div_ceil(BLOCK)].to_vec(),
+            len: self.len,
+        }))
     }
 
     /// For the fused CUDA decode step, which writes the keys and values of the next `n`

@@ -639,6 +639,39 @@ pub fn selftest(dev: &Device) -> Result<(Vec<String>, bool)> {
                     None => record(&mut lines, format!("{name}: not taken"), f32::NAN, 5e-3),
                 }
             }
+            // The same keys and values in scrambled pool blocks read through a block table
+            // (a paged cache, as `serve --kv-memory` keeps it): the same bits. The blocks no
+            // position maps to hold 1e4, so a wrong block shows.
+            if f16 {
+                let bl = crate::kv_pool::BLOCK;
+                let used = kv_len.div_ceil(bl);
+                let mut nb = used + 3;
+                if nb % 7 == 0 {
+                    nb += 1;
+                }
+                let table: Vec<u32> = (0..used).map(|i| ((7 * i + 3) % nb) as u32).collect();
+                let pool = |src: &[f32]| -> Result<Tensor> {
+                    let mut b = vec![1e4f32; nb * nkv * bl * hd];
+                    for h in 0..nkv {
+                        for t in 0..kv_len {
+                            let at = ((table[t / bl] as usize * nkv + h) * bl + t % bl) * hd;
+                            b[at..at + hd].copy_from_slice(&src[(h * cap + t) * hd..][..hd]);
+                        }
+                    }
+                    Ok(Tensor::from_vec(b, (nb, nkv, bl, hd), dev)?.to_dtype(dt)?)
+                };
+                let (kb, vb) = (pool(&k)?, pool(&v)?);
+                let paged = flash_attention_paged(&qt, &kb, &vb, &table, kv_len, scale)?;
+                let contiguous = flash_attention_with(&qt, &kt, &vt, scale, flash_pipelined())?;
+                let err = match contiguous {
+                    Some(c) => norm_rel_err(
+                        &paged.flatten_all()?.to_vec1()?,
+                        &c.flatten_all()?.to_vec1()?,
+                    ),
+                    None => f32::NAN,
+                };
+                record(&mut lines, format!("{name} paged vs contiguous"), err, 0.0);
+            }
         }
         lines.extend(prefill_timing(dev)?);
     }
@@ -1255,21 +1288,63 @@ fn flash_attention_with(
     {
         return Ok(None);
     }
+    let hs = if n_kv > 1 { ks[1] as i64 } else { 0i64 };
+    let shape = FlashShape {
+        s,
+        heads,
+        n_kv,
+        kv_len,
+        d,
+    };
+    let kv = (raw_address(k)?, raw_address(v)?, k.dtype());
+    launch_flash(dev, q, kv, (hs, 0), &shape, scale, pipelined).map(Some)
+}
+
+/// The sizes of a [`flash_attention`] launch: `s` queries of `heads` heads over `kv_len`
+/// positions of `n_kv` key/value heads, head dimension `d`.
+struct FlashShape {
+    s: usize,
+    heads: usize,
+    n_kv: usize,
+    kv_len: usize,
+    d: usize,
+}
+
+/// Launches `flash_prefill_*` for `q: [1, heads, s, d]` f32 over keys and values at the device
+/// addresses `kv` (f32 or f16 as its dtype says), their heads `kv_head_stride` values apart or,
+/// with `table` (the device address of `i32` block ids; else 0), in a pool layer's blocks
+/// `[n_blocks, n_kv, 16, d]`: `[1, s, heads * d]` f32.
+fn launch_flash(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    q: &Tensor,
+    kv: (u64, u64, candle_core::DType),
+    (kv_head_stride, table): (i64, u64),
+    sh: &FlashShape,
+    scale: f32,
+    pipelined: bool,
+) -> Result<Tensor> {
+    use candle_core::DType;
+    let FlashShape {
+        s,
+        heads,
+        n_kv,
+        kv_len,
+        d,
+    } = *sh;
     let q = q.contiguous()?;
     let out = unsafe { dev.alloc::<f32>(s * heads * d) }?;
     {
         let stream = dev.cuda_stream();
         let qp = device_address(&q)?;
-        let (kp, vp) = (raw_address(k)?, raw_address(v)?);
+        let (kp, vp, dtype) = kv;
         let (op, _sync) = out.device_ptr(&stream);
-        let kt = match k.dtype() {
+        let kt = match dtype {
             DType::F16 if pipelined => "f16p",
             DType::F16 => "f16",
             _ => "f32",
         };
         let f = kernel(dev, &QMATRIX, &format!("flash_prefill_d{d}_{kt}"))?;
         let (si, hi, kvi, li) = (s as i32, heads as i32, n_kv as i32, kv_len as i32);
-        let hs = if n_kv > 1 { ks[1] as i64 } else { 0i64 };
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let mut bld = f.builder();
         bld.arg(&qp);
@@ -1280,7 +1355,8 @@ fn flash_attention_with(
         bld.arg(&hi);
         bld.arg(&kvi);
         bld.arg(&li);
-        bld.arg(&hs);
+        bld.arg(&kv_head_stride);
+        bld.arg(&table);
         bld.arg(&scale_log2);
         let rows = s * (heads / n_kv);
         let cfg = LaunchConfig {
@@ -1290,5 +1366,86 @@ fn flash_attention_with(
         };
         unsafe { bld.launch(cfg) }.w()?;
     }
-    Ok(Some(qmatrix::into_tensor(out, dev, vec![1, s, heads * d])))
+    Ok(qmatrix::into_tensor(out, dev, vec![1, s, heads * d]))
+}
+
+/// Whether [`flash_attention_paged`] takes queries `q` (`[1, heads, s, head_dim]` f32 on CUDA,
+/// head_dim 64 or 128, `POCKETLM_FLASH_ATTN` not `0`): what to ask before appending to a paged
+/// cache.
+pub fn flash_paged_applies(q: &Tensor) -> bool {
+    matches!(q.dims(), &[1, _, s, 64 | 128] if s > 0)
+        && q.dtype() == candle_core::DType::F32
+        && q.device().is_cuda()
+        && flash_enabled()
+}
+
+/// [`flash_attention`] over a paged KV cache read in place: `k_blocks`, `v_blocks` are a pool
+/// layer's blocks `[n_blocks, kv_heads, 16, head_dim]` (f16 or f32, contiguous) and `table`
+/// the sequence's block ids (`table[t / 16]` holds position `t`), `kv_len` positions; the
+/// queries are the last `s` of them. No gathered copy of the keys and values is made (vLLM's
+/// PagedAttention). Only the table (4 bytes a block) is copied to the device.
+///
+/// Errors: [`crate::Error::InvalidArgument`] where the kernel does not apply (see
+/// [`flash_paged_applies`]; blocks of another shape or dtype, a table too short for
+/// `kv_len`, fewer positions than queries); the driver's errors.
+pub fn flash_attention_paged(
+    q: &Tensor,
+    k_blocks: &Tensor,
+    v_blocks: &Tensor,
+    table: &[u32],
+    kv_len: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    use candle_core::DType;
+    let bad = |what: &str| {
+        Err(crate::Error::InvalidArgument(format!(
+            "paged flash attention: {what} (q {:?}, blocks {:?} {:?}, {} block ids, {kv_len} positions)",
+            q.dims(),
+            k_blocks.dims(),
+            k_blocks.dtype(),
+            table.len()
+        )))
+    };
+    let Device::Cuda(dev) = q.device() else {
+        return bad("not on CUDA");
+    };
+    if !flash_paged_applies(q) {
+        return bad("queries the kernel does not take");
+    }
+    let (_, heads, s, d) = q.dims4()?;
+    let Ok((_, n_kv, block, kd)) = k_blocks.dims4() else {
+        return bad("blocks are not 4-dimensional");
+    };
+    if block != crate::kv_pool::BLOCK
+        || kd != d
+        || v_blocks.dims() != k_blocks.dims()
+        || v_blocks.dtype() != k_blocks.dtype()
+        || !matches!(k_blocks.dtype(), DType::F32 | DType::F16)
+        || !k_blocks.is_contiguous()
+        || !v_blocks.is_contiguous()
+        || n_kv == 0
+        || heads % n_kv != 0
+    {
+        return bad("blocks of another shape or dtype");
+    }
+    if kv_len < s || table.len() < kv_len.div_ceil(block) {
+        return bad("too few positions or block ids");
+    }
+    let ids: Vec<i32> = table.iter().map(|&b| b as i32).collect();
+    let stream = dev.cuda_stream();
+    let ids = stream.clone_htod(&ids).w()?;
+    let tp = ids.device_ptr(&stream).0;
+    let shape = FlashShape {
+        s,
+        heads,
+        n_kv,
+        kv_len,
+        d,
+    };
+    let kv = (
+        raw_address(k_blocks)?,
+        raw_address(v_blocks)?,
+        k_blocks.dtype(),
+    );
+    launch_flash(dev, q, kv, (0, tp), &shape, scale, flash_pipelined())
 }

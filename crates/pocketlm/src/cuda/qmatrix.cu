@@ -2177,7 +2177,9 @@ extern "C" __global__ void softmax_scaled_masked(float *__restrict__ att,
 // softmax(q k^T * scale, causal) v for the s queries of one sequence at positions
 // kv_len - s .. kv_len - 1 over keys 0 .. kv_len - 1, without the score matrix in memory.
 // q [heads, s, D] f32, k and v [n_kv, kv_len, D] (heads kv_head_stride elements apart, rows D
-// apart) in KT (float or __half), out [s, heads, D] f32 (the input of the output projection).
+// apart) in KT (float or __half), or with a block table `tbl` (else null) a paged cache's pool
+// layer [n_blocks, n_kv, KV_BLOCK, D] whose block tbl[t / KV_BLOCK] holds position t (kv_offset's
+// layout, read in place), out [s, heads, D] f32 (the input of the output projection).
 // The G = heads / n_kv query heads that share a key/value head are rows of one matrix: row
 // r = pos * G + g, so each key/value tile loaded into shared memory serves all of them. Block
 // (x, kvh) of 4 warps takes rows 64x .. 64x + 63 of head group kvh, each warp 16 of them, and
@@ -2207,7 +2209,8 @@ __device__ __forceinline__ uint4 load8_h(const float *p) {
 template <int D, typename KT, bool PIPE>
 __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict__ k,
                               const KT *__restrict__ v, float *__restrict__ out, int s, int heads,
-                              int n_kv, int kv_len, long long kv_head_stride, float scale_log2) {
+                              int n_kv, int kv_len, long long kv_head_stride,
+                              const int *__restrict__ tbl, float scale_log2) {
   static_assert(!PIPE || sizeof(KT) == 2, "the cp.async pipeline copies f16 rows as stored");
   constexpr int LD = D + 8;  // padded rows: conflict-free fragment loads and ldmatrix
   constexpr int KS = D / 16, NT = FA_BN / 8, DT = D / 8;
@@ -2222,8 +2225,12 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
   const int ra = r0 + w * 16 + (lane >> 2), rb = ra + 8;
   const int ca = min(ra, rows - 1), cb = min(rb, rows - 1);
   const int pa = ca / G, pb = cb / G, ha = kvh * G + ca % G, hb = kvh * G + cb % G;
-  const KT *K = k + (size_t)kvh * kv_head_stride;
-  const KT *V = v + (size_t)kvh * kv_head_stride;
+  // Row t of key/value head kvh in `base` (k or v).
+  auto row = [&](const KT *base, int t) -> const KT * {
+    if (tbl)
+      return base + (((size_t)tbl[t / KV_BLOCK] * n_kv + kvh) * KV_BLOCK + t % KV_BLOCK) * D;
+    return base + (size_t)kvh * kv_head_stride + (size_t)t * D;
+  };
   // Q as A fragments, scaled into base 2.
   unsigned qf[KS][4];
   {
@@ -2253,13 +2260,13 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
     for (int i = threadIdx.x; i < FA_BN * D / 8; i += blockDim.x) {
       const int r = i / (D / 8), c = (i % (D / 8)) * 8, t = kt + r;
       const bool ok = t < kv_len;
-      cp_async16(&dst[r][c], src + (size_t)(ok ? t : 0) * D + c, ok);
+      cp_async16(&dst[r][c], row(src, ok ? t : 0) + c, ok);
     }
     cp_async_commit();
   };
   if constexpr (PIPE) {
-    load_async(ks, K, 0);
-    load_async(vs, V, 0);
+    load_async(ks, k, 0);
+    load_async(vs, v, 0);
   }
   for (int kt = 0; kt < kend; kt += FA_BN) {
     if constexpr (PIPE) {
@@ -2271,8 +2278,8 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
         const int r = i / (D / 8), c = (i % (D / 8)) * 8, t = kt + r;
         uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
         if (t < kv_len) {
-          kx = load8_h(K + (size_t)t * D + c);
-          vx = load8_h(V + (size_t)t * D + c);
+          kx = load8_h(row(k, t) + c);
+          vx = load8_h(row(v, t) + c);
         }
         *reinterpret_cast<uint4 *>(&ks[r][c]) = kx;
         *reinterpret_cast<uint4 *>(&vs[r][c]) = vx;
@@ -2294,7 +2301,7 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
     if constexpr (PIPE) {
       __syncthreads();  // every warp is done with ks: the next tile's keys may come in
       if (kt + FA_BN < kend) {
-        load_async(ks, K, kt + FA_BN);
+        load_async(ks, k, kt + FA_BN);
       } else {
         cp_async_commit();  // an empty group keeps the wait counts below the same
       }
@@ -2356,7 +2363,7 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
     if constexpr (PIPE) {
       __syncthreads();  // every warp is done with vs
       if (kt + FA_BN < kend) {
-        load_async(vs, V, kt + FA_BN);
+        load_async(vs, v, kt + FA_BN);
       } else {
         cp_async_commit();
       }
@@ -2379,8 +2386,9 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
 #define FLASH_KERNEL(D, KT, KN, PIPE)                                                              \
   extern "C" __global__ void __launch_bounds__(128, 3) flash_prefill_d##D##_##KN(                  \
       const float *q, const KT *k, const KT *v, float *out, int s, int heads, int n_kv,            \
-      int kv_len, long long kv_head_stride, float scale_log2) {                                   \
-    flash_prefill<D, KT, PIPE>(q, k, v, out, s, heads, n_kv, kv_len, kv_head_stride, scale_log2); \
+      int kv_len, long long kv_head_stride, const int *tbl, float scale_log2) {                   \
+    flash_prefill<D, KT, PIPE>(q, k, v, out, s, heads, n_kv, kv_len, kv_head_stride, tbl,         \
+                               scale_log2);                                                        \
   }
 FLASH_KERNEL(64, float, f32, false)
 FLASH_KERNEL(128, float, f32, false)

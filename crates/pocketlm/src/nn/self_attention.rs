@@ -460,6 +460,16 @@ impl Attention {
                 .window
                 .is_none_or(|w| cache.attend_len(q.dim(2).unwrap_or(0)) <= w)
         {
+            // A cache paged in a pool on the GPU: the kernel reads its blocks in place through
+            // the block table (no gathered copy).
+            if crate::cuda::flash_paged_applies(&q) {
+                if let Some(b) = cache.append_device(k, v)? {
+                    let scale = self.scale as f32;
+                    return crate::cuda::flash_attention_paged(
+                        &q, &b.k, &b.v, &b.table, b.len, scale,
+                    );
+                }
+            }
             let (ks, vs) = cache.update_stored(k, v)?;
             // Either scale placement is the same product here (the kernel scales q in f32).
             if let Some(o) = crate::cuda::flash_attention(&q, &ks, &vs, self.scale as f32)? {
