@@ -977,16 +977,14 @@ impl PagedKvCache {
     ///
     /// Errors: as [`Self::append`].
     pub fn append_device(&mut self, k: &Tensor, v: &Tensor) -> Result<Option<PagedBlocks>> {
-        if self.layer_pool().device.is_none() {
-            return Ok(None);
-        }
-        self.append(k, v)?;
         let Some((kb, vb)) = self.pool.device_blocks(self.layer) else {
             return Ok(None);
         };
+        let (kb, vb) = (kb.clone(), vb.clone());
+        self.append(k, v)?;
         Ok(Some(PagedBlocks {
-            k: kb.clone(),
-            v: vb.clone(),
+            k: kb,
+            v: vb,
             table: self.table[..self.len.div_ceil(BLOCK)].to_vec(),
             len: self.len,
         }))
