@@ -2225,10 +2225,10 @@ __device__ void flash_prefill(const float *__restrict__ q, const KT *__restrict_
   const int ra = r0 + w * 16 + (lane >> 2), rb = ra + 8;
   const int ca = min(ra, rows - 1), cb = min(rb, rows - 1);
   const int pa = ca / G, pb = cb / G, ha = kvh * G + ca % G, hb = kvh * G + cb % G;
-  // Row t of key/value head kvh in `base` (k or v).
+  // Row t of key/value head kvh in `base` (k or v): through the block table as the decode
+  // kernels read it (kv_offset; its capacity is not read then), else heads kv_head_stride apart.
   auto row = [&](const KT *base, int t) -> const KT * {
-    if (tbl)
-      return base + (((size_t)tbl[t / KV_BLOCK] * n_kv + kvh) * KV_BLOCK + t % KV_BLOCK) * D;
+    if (tbl) return base + kv_offset(tbl, 0, n_kv, kvh, t, D);
     return base + (size_t)kvh * kv_head_stride + (size_t)t * D;
   };
   // Q as A fragments, scaled into base 2.

@@ -509,9 +509,8 @@ impl CudaQMatrix {
         b.arg(self.ptrs[0]).arg(self.ptrs[1]).arg(self.ptrs[2]);
         b.arg(xq).arg(xd).arg(y).arg(ri).arg(ci).arg(gi);
         if let Some(m) = m {
-            let stream = self.dev.cuda_stream();
             let turn = if serial_splits() {
-                self.turns.device_ptr(&stream).0
+                self.turns.device_ptr(&self.dev.cuda_stream()).0
             } else {
                 0
             };
