@@ -35,6 +35,28 @@ pub fn default_model(dequantize: bool) -> Arc<LoadedModel> {
         .clone()
 }
 
+/// The default model loaded with [`LoadOptions::no_repack`]: its Q4_1 weights in the file's
+/// layout, every product in the float order of ggml's `vec_dot` kernels, so that its logits
+/// are llama.cpp's bit for bit (the repacked load sums `Q4_1` blocks in another order). Loaded
+/// once per test process and shared.
+///
+/// Panics, naming the path, when it cannot be loaded.
+pub fn default_model_in_ggml_order() -> Arc<LoadedModel> {
+    static GGML_ORDER: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    GGML_ORDER
+        .get_or_init(|| {
+            let path = default_model_path();
+            let opts = LoadOptions {
+                no_repack: true,
+                ..Default::default()
+            };
+            let m =
+                load(&path, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+            Arc::new(m)
+        })
+        .clone()
+}
+
 /// A fresh, unshared load of the default model (for tests that change it, such as adapters).
 ///
 /// Panics, naming the path, when it cannot be loaded.

@@ -34,8 +34,9 @@ pub struct LoadOptions {
     /// Keep GGUF weights in their file layout instead of repacking them at load for this
     /// CPU's fastest kernels (llama.cpp's `--no-repack`): slower prefill, memory-mapped
     /// weights, and products in the float order of ggml's `vec_dot` kernels, the order
-    /// llama.cpp's x86 build uses for `Q8_0` (it repacks `Q4_0` and `Q4_K` only). MLX 4-bit
-    /// layers likewise keep MLX's layout and the unpacked kernels' float order.
+    /// llama.cpp's x86 build uses for `Q8_0` and `Q4_1` (it repacks `Q4_0` and `Q4_K` only):
+    /// with it the default model's logits are llama.cpp's bit for bit. MLX 4-bit layers
+    /// likewise keep MLX's layout and the unpacked kernels' float order.
     pub no_repack: bool,
 }
 

@@ -705,11 +705,11 @@ impl GgufMatrix {
 
     /// The same matrix packed as [`Self::repacked`] does, but only where the packed products
     /// then give exactly the bits of the unpacked kernels (ggml's `vec_dot` float order) on
-    /// every row count: `Q8_0` (through a kernel of its own, slower per activation row than
-    /// [`Self::repacked`]'s at prefill sizes) and `Q4_1`; otherwise `self` unchanged. For a
-    /// tied output layer whose logits are to stay bit for bit with llama.cpp's (the default
-    /// model's `Q8_0` `token_embd`): the packed kernel reads 16 rows per 512-bit word instead
-    /// of one row per 256-bit word.
+    /// every row count: `Q8_0` and `Q4_1` (through kernels of their own, 2-3 times the vector
+    /// operations of [`Self::repacked`]'s); otherwise `self` unchanged. For products whose
+    /// outputs are to stay bit for bit with llama.cpp's (which keeps ggml's order for both
+    /// types) at the packed layout's memory speed: the packed kernels read 16 rows per 512-bit
+    /// word instead of one row per 256-bit word.
     pub fn repacked_keeping_order(self) -> Self {
         if Self::packs_on(Backend::detect()) {
             self.into_packed_keeping_order()

@@ -36,19 +36,24 @@
 //! even and odd blocks): packed and unpacked agree to rounding, and the portable packed kernel
 //! is the bit-exact twin of the AVX-512 one.
 //!
-//! `Q4_1` keeps ggml's float order exactly (`ggml_vec_dot_q4_1_q8_1`, which llama.cpp uses for
-//! every row count: it does not repack `Q4_1`), so that the default model stays bit-for-bit
-//! with llama.cpp: per row, 8 float accumulators, one per 4-value group `L` of ggml's 256-bit
-//! vector (values `4L..4L + 4`: word `L % 4`'s low nibbles for `L < 4`, high ones after), each
-//! `fma(d·d_y, Σ_L, acc_L)` per block with `Σ_L` the exact integer sum of its 4 products; a
-//! chain `fma(m, s, accm)` for the minimums (`s = d_y·Σy`); at the end ggml's `hsum_float_8`
-//! order `((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))`, plus `accm`. The unpacked x86
-//! kernels compute the same, so packed and unpacked agree bit for bit there.
+//! `Q4_1` runs `Q4_0`'s kernel with the minimums' term: since `Σ_j (d·q_j + m)·d_y·y_j =
+//! d·d_y·Σ + m·s_y` (`Σ` the block's exact integer `Σ q·y`, `s_y = d_y·Σy` the `Q8_1`
+//! activation block's sum, ggml's `block_q8_1.s`), each block adds `fma(Σ, d·d_y, acc)` and
+//! then `fma(m, s_y, acc)` per lane. That is not ggml's order (`ggml_vec_dot_q4_1_q8_1`
+//! converts each 4-value partial sum to float: 8 float accumulators a row, 3 times the vector
+//! operations), so the packed products differ from llama.cpp's in rounding only; unpacked
+//! (`LoadOptions::no_repack`) and through [`tile_fn_vec_dot`] the kernels keep ggml's order
+//! bit for bit: per row, 8 float accumulators, one per 4-value group `L` of ggml's 256-bit
+//! vector (values `4L..4L + 4`: word `L % 4`'s low nibbles for `L < 4`, high ones after),
+//! each `fma(d·d_y, Σ_L, acc_L)` per block with `Σ_L` the exact integer sum of its 4
+//! products; a chain `fma(m, s, accm)` for the minimums (`s = d_y·Σy`); at the end ggml's
+//! `hsum_float_8` order `((a4 + a0) + (a6 + a2)) + ((a5 + a1) + (a7 + a3))`, plus `accm`.
+//! Either way each row's blocks are summed in the same order whatever the row count, so a
+//! batch of sequences gets the bits each sequence gets alone.
 //!
 //! `Q8_0` has a second kernel that keeps ggml's float order (`ggml_vec_dot_q8_0_q8_0` as the
-//! unpacked x86 kernels compute it, [`tile_fn_vec_dot`]), for the tied output layer of a model
-//! whose logits are compared bit for bit with llama.cpp's (the default model's `Q8_0`
-//! `token_embd`): per row, 8 float accumulators, one per 4-value group `L` (values
+//! unpacked x86 kernels compute it, [`tile_fn_vec_dot`],
+//! `GgufMatrix::repacked_keeping_order`): per row, 8 float accumulators, one per 4-value group `L` (values
 //! `4L..4L + 4` = word `L`), each `fma(d·d_y, Σ_L, acc_L)` per block with `Σ_L` the exact
 //! integer `Σ q·y` of its 4 values, and at the end `hsum_float_8`'s order as for `Q4_1`. The
 //! unsigned codes `q + 128` give `Σ_L (q + 128)·y`, so each `Σ_L` starts from `-128·Σ_L y`
@@ -255,16 +260,15 @@ pub(crate) fn tile_fn(dtype: GgufType) -> TileFn {
         GgufType::Q5K => super::packed_q5k::tile_scalar,
         GgufType::Q6K => super::packed_q6k::tile_scalar,
         GgufType::Iq4Xs => super::packed_iq4xs::tile_scalar,
-        GgufType::Q8_0 => tile_scalar::<8, 128, false>,
-        GgufType::Q4_1 => tile_scalar_q4_1,
-        GgufType::Iq4Nl => tile_scalar::<4, 128, true>,
-        _ => tile_scalar::<4, 8, false>,
+        GgufType::Q8_0 => tile_scalar::<8, 128, false, false>,
+        GgufType::Q4_1 => tile_scalar::<4, 0, false, true>,
+        GgufType::Iq4Nl => tile_scalar::<4, 128, true, false>,
+        _ => tile_scalar::<4, 8, false, false>,
     }
 }
 
 /// The portable tile function of a packed type in the float order of the unpacked kernels
-/// (ggml's `vec_dot`, see the module docs), where it has one: `Q8_0` (its own kernel) and
-/// `Q4_1` (whose packed kernel keeps that order anyway).
+/// (ggml's `vec_dot`, see the module docs), where it has one: `Q8_0` and `Q4_1`.
 pub(crate) fn tile_fn_vec_dot(dtype: GgufType) -> Option<TileFn> {
     match dtype {
         GgufType::Q8_0 => Some(tile_scalar_q8_0_vec_dot),
@@ -277,7 +281,7 @@ pub(crate) fn tile_fn_vec_dot(dtype: GgufType) -> Option<TileFn> {
 /// offset included: `Σ_j code_j·y_j - OFF·Σy`, where with `NL` (`IQ4_NL`) a nibble `q`'s code
 /// is [`IQ4NL_U8`]`[q]`.
 #[inline(always)]
-fn block_isum<const WORDS: usize, const OFF: i32, const NL: bool>(
+fn block_isum<const WORDS: usize, const OFF: i32, const NL: bool, const MIN: bool>(
     blk: &[u8],
     a: &Acts,
     r: usize,
@@ -285,13 +289,18 @@ fn block_isum<const WORDS: usize, const OFF: i32, const NL: bool>(
     i: usize,
 ) -> i32 {
     let y = &a.qs[r * a.k + 32 * b..][..32];
-    let mut s = -OFF * a.isum[r * (a.k / 32) + b];
+    let hdr = header::<MIN>();
+    let mut s = if OFF == 0 {
+        0
+    } else {
+        -OFF * a.isum[r * (a.k / 32) + b]
+    };
     for c in 0..4 {
         for t in 0..4 {
-            let byte = blk[32 + 64 * c + 4 * i + t];
+            let byte = blk[hdr + 64 * c + 4 * i + t];
             if WORDS == 8 {
                 s += byte as i32 * y[4 * c + t] as i32;
-                let hi = blk[32 + 64 * (c + 4) + 4 * i + t];
+                let hi = blk[hdr + 64 * (c + 4) + 4 * i + t];
                 s += hi as i32 * y[16 + 4 * c + t] as i32;
             } else {
                 let (lo, hi) = (byte & 0xF, byte >> 4);
@@ -308,12 +317,30 @@ fn block_isum<const WORDS: usize, const OFF: i32, const NL: bool>(
     s
 }
 
+/// Bytes of a packed block before its quant words: the 16 scales, and with `MIN` (`Q4_1`)
+/// the 16 minimums.
+const fn header<const MIN: bool>() -> usize {
+    if MIN {
+        64
+    } else {
+        32
+    }
+}
+
+/// The portable packed kernel of `Q4_0` (`WORDS = 4, OFF = 8`), `Q8_0` (`8, 128`), `IQ4_NL`
+/// (`4, 128`, `NL`) and `Q4_1` (`4, 0`, `MIN`): per block and row `acc = fma(Σ, d·d_y, acc)`
+/// with `Σ` the block's exact integer sum, and for `Q4_1` then `acc = fma(m, s_y, acc)` (`s_y
+/// = d_y·Σy`, the `Q8_1` activation block's sum), since `Σ_j (d·q_j + m)·d_y·y_j = d·d_y·Σ +
+/// m·s_y`.
+///
 /// # Safety
 /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`].
-unsafe fn tile_scalar<const WORDS: usize, const OFF: i32, const NL: bool>(t: &Tile<'_>) {
+unsafe fn tile_scalar<const WORDS: usize, const OFF: i32, const NL: bool, const MIN: bool>(
+    t: &Tile<'_>,
+) {
     let a = t.acts;
     let nb = a.k / 32;
-    let gblock = 32 + 64 * WORDS;
+    let gblock = header::<MIN>() + 64 * WORDS;
     for g in t.rows.start / ROWS..t.rows.end / ROWS {
         let grp = &t.w[g * nb * gblock..(g + 1) * nb * gblock];
         for r in t.ms.clone() {
@@ -323,8 +350,12 @@ unsafe fn tile_scalar<const WORDS: usize, const OFF: i32, const NL: bool>(t: &Ti
                 let dy = a.d[r * nb + b];
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let dd = super::scalar::f16_at(blk, 2 * i) * dy;
-                    let s = block_isum::<WORDS, OFF, NL>(blk, a, r, b, i);
+                    let s = block_isum::<WORDS, OFF, NL, MIN>(blk, a, r, b, i);
                     *acc = (s as f32).mul_add(dd, *acc);
+                    if MIN {
+                        let m = super::scalar::f16_at(blk, 32 + 2 * i);
+                        *acc = m.mul_add(a.s[r * nb + b], *acc);
+                    }
                 }
             }
             for (i, v) in acc.iter().enumerate() {
@@ -441,10 +472,10 @@ pub(crate) mod avx512 {
             GgufType::Q5K => super::super::packed_q5k::avx512::tile,
             GgufType::Q6K => super::super::packed_q6k::avx512::tile,
             GgufType::Iq4Xs => super::super::packed_iq4xs::avx512::tile,
-            GgufType::Q8_0 => tile::<8, 128, false>,
-            GgufType::Q4_1 => tile_q4_1,
-            GgufType::Iq4Nl => tile::<4, 128, true>,
-            _ => tile::<4, 8, false>,
+            GgufType::Q8_0 => tile::<8, 128, false, false>,
+            GgufType::Q4_1 => tile::<4, 0, false, true>,
+            GgufType::Iq4Nl => tile::<4, 128, true, false>,
+            _ => tile::<4, 8, false, false>,
         }
     }
 
@@ -494,18 +525,22 @@ pub(crate) mod avx512 {
     /// small (`gguf_kernels q4_0`, 2048 x 8192 at m = 512: 13.8 -> 13.5 ms, within the noise).
     pub(crate) const CHUNK_BYTES: usize = 18 * 1024;
 
-    /// The kernel of `Q4_0` (`WORDS = 4, OFF = 8`), `Q8_0` (`8, 128`) and, with `NL`, `IQ4_NL`
-    /// (`4, 128`: the nibbles mapped to [`super::IQ4NL_U8`] by `vpshufb`).
+    /// The kernel of `Q4_0` (`WORDS = 4, OFF = 8`), `Q8_0` (`8, 128`), with `NL` `IQ4_NL`
+    /// (`4, 128`: the nibbles mapped to [`super::IQ4NL_U8`] by `vpshufb`) and with `MIN` `Q4_1`
+    /// (`4, 0`: the minimums' term added after each block's, as [`super::tile_scalar`]).
     ///
     /// # Safety
     /// See [`TileFn`]; the tile's rows start and end on multiples of [`ROWS`]; the CPU has
     /// AVX512F, AVX512BW and AVX512-VNNI.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile<const WORDS: usize, const OFF: i32, const NL: bool>(t: &Tile<'_>) {
+    unsafe fn tile<const WORDS: usize, const OFF: i32, const NL: bool, const MIN: bool>(
+        t: &Tile<'_>,
+    ) {
         let nb = t.acts.k / 32;
-        let gbytes = nb * (32 + 64 * WORDS);
+        let gblock = super::header::<MIN>() + 64 * WORDS;
+        let gbytes = nb * gblock;
         let chunk = if t.ms.len() > 8 {
-            (CHUNK_BYTES / (32 + 64 * WORDS)).max(1)
+            (CHUNK_BYTES / gblock).max(1)
         } else {
             nb.max(1)
         };
@@ -518,10 +553,10 @@ pub(crate) mod avx512 {
                 let mut r = t.ms.start;
                 unsafe {
                     while r + 8 <= t.ms.end {
-                        rows::<8, WORDS, OFF, NL>(t, wg, g, r, bs.clone());
+                        rows::<8, WORDS, OFF, NL, MIN>(t, wg, g, r, bs.clone());
                         r += 8;
                     }
-                    remainder_rows!(t.ms.end - r, R => rows::<R, WORDS, OFF, NL>(t, wg, g, r, bs.clone()));
+                    remainder_rows!(t.ms.end - r, R => rows::<R, WORDS, OFF, NL, MIN>(t, wg, g, r, bs.clone()));
                 }
                 b0 = bs.end;
             }
@@ -657,7 +692,13 @@ pub(crate) mod avx512 {
     /// As [`tile`]; `r + R <= t.ms.end`, `bs.end <= k / 32`, and for `bs.start > 0` the
     /// output holds the sums of the blocks before.
     #[inline(always)]
-    unsafe fn rows<const R: usize, const WORDS: usize, const OFF: i32, const NL: bool>(
+    unsafe fn rows<
+        const R: usize,
+        const WORDS: usize,
+        const OFF: i32,
+        const NL: bool,
+        const MIN: bool,
+    >(
         t: &Tile<'_>,
         wg: *const u8,
         g: usize,
@@ -666,7 +707,8 @@ pub(crate) mod avx512 {
     ) {
         let a = t.acts;
         let (k, nb) = (a.k, a.k / 32);
-        let gblock = 32 + 64 * WORDS;
+        let hdr = super::header::<MIN>();
+        let gblock = hdr + 64 * WORDS;
         // Not for `Q8_0`: with 2 threads its products ran at 66-76 GB/s with the prefetch
         // against 118-127 without (32768 x 2048, beyond the L3, Zen 5 VM). For every row
         // count, but only in the tile's first pass over the group or chunk (the later passes
@@ -691,20 +733,25 @@ pub(crate) mod avx512 {
                     prefetch_ahead(blk, gblock);
                 }
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let mw = if MIN {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i))
+                } else {
+                    _mm512_setzero_ps()
+                };
                 let mut w = [_mm512_setzero_si512(); 8];
                 if WORDS == 8 {
                     for (c, w) in w.iter_mut().enumerate() {
-                        *w = _mm512_loadu_si512(blk.add(32 + 64 * c) as *const _);
+                        *w = _mm512_loadu_si512(blk.add(hdr + 64 * c) as *const _);
                     }
                 } else {
-                    w = nibbles(blk.add(32));
+                    w = nibbles(blk.add(hdr));
                     if NL {
                         lookup(&mut w, table);
                     }
                 }
                 unroll8!(R, i => {
                     let y = y0.add(i * k / 4 + 8 * b);
-                    let off = -OFF * *isum.add(i * nb + b);
+                    let off = if OFF == 0 { 0 } else { -OFF * *isum.add(i * nb + b) };
                     let s = if R >= 4 {
                         chain(&w, y, off)
                     } else {
@@ -712,6 +759,10 @@ pub(crate) mod avx512 {
                     };
                     let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*dy.add(i * nb + b)));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
+                    if MIN {
+                        let sy = _mm512_set1_ps(*a.s.as_ptr().add((r + i) * nb + b));
+                        acc[i] = _mm512_fmadd_ps(mw, sy, acc[i]);
+                    }
                 });
             }
             for (i, v) in acc.iter().enumerate() {

@@ -471,9 +471,8 @@ pub enum Embedding {
     Kernel {
         /// The table.
         table: GgufMatrix,
-        /// Whether [`Self::as_linear`] gives a copy packed for this CPU's fastest kernels in
-        /// the unpacked kernels' float order ([`GgufMatrix::repacked_keeping_order`]; the
-        /// loader's repacking setting).
+        /// Whether [`Self::as_linear`] gives a copy packed for this CPU's fastest kernels
+        /// ([`GgufMatrix::repacked`]; the loader's repacking setting).
         repack_output: bool,
     },
     /// MLX affine quantized table (`QuantizedEmbedding`), `rows = vocab`, `cols = hidden`;
@@ -556,7 +555,7 @@ impl Embedding {
                 repack_output,
             } => Ok(Linear::Kernel {
                 weight: if *repack_output {
-                    table.clone().repacked_keeping_order()
+                    table.clone().repacked()
                 } else {
                     table.clone()
                 },

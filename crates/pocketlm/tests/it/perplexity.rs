@@ -87,7 +87,10 @@ fn perplexity_equals_transformers_on_the_float_model() -> Res<()> {
 fn perplexity_equals_llama_perplexity_on_the_gguf() -> Res<()> {
     let (text, g) = golden()?;
     let l = &g["llama_perplexity"];
-    let m = pocketlm_testutil::default_model(false);
+    // In ggml's float order (the repacked load's `Q4_1` order moves the first window's
+    // perplexity by 1.5%, the whole text's by 0.6%: 21.13 against 21.0082, whose stated
+    // uncertainty is 3.35).
+    let m = pocketlm_testutil::default_model_in_ggml_order();
     let params = PerplexityParams {
         convention: Convention::LlamaCpp,
         ..PerplexityParams::new(l["context"].as_u64().ok_or("context")? as usize)
