@@ -11,7 +11,7 @@
 # 3. `serve --device cuda` of the 1B with `--kv-memory $KV` (64MiB) and the prefix cache on,
 #    under $CLIENTS clients (32) whose prompts share a $PREFIX-word start (200), twice (the
 #    second run finds the prefix cached): tokens/s, TTFT, failed requests, KV peak, preemptions.
-# BENCH=0 runs 2 and 3 only.
+# BENCH=0 runs 2 and 3 only; SERVE=0 runs 1 only.
 set -uo pipefail
 export MODELS=${MODELS:-8b-q4_0.gguf 8b-mlx4} DEPTHS=${DEPTHS-} NCU=${NCU-1} NCU_PREFILL=0
 export NCU_MODELS=${NCU_MODELS:-8b-q4_0.gguf} NCU_SKIP=${NCU_SKIP:-2000} NCU_COUNT=${NCU_COUNT:-260}
@@ -24,6 +24,7 @@ for f in "$OUT"/ncu-*-d0.txt; do
   echo "== $f"
   grep -E "^  [a-z_0-9]+.*\(|Duration|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\)" "$f" | head -120
 done
+[ "${SERVE:-1}" = 0 ] && exit 0
 . scripts/gpu-setup.sh
 clients=${CLIENTS:-32} requests=${REQUESTS:-64} tokens=${TOKENS:-128} kv=${KV:-64MiB} port=18474
 [ -d $W/lc ] || (cd $W && tar xzf $R/.gpu/lc.tgz)

@@ -74,8 +74,13 @@ use crate::{Error, Result};
 /// H100 (8B Q4_0, tg128 after 128 tokens, aggregate t/s at 16 / 32 / 64 sequences) it gave
 /// 3,028.9 / 4,530.6 / 5,477.2 against 2,992.2 / 4,408.2 / 5,212.2 with the batch's direct
 /// length 0; one sequence's tg128 did not move (427.6, 422.2 against 425.6, 415.8 t/s).
+///
+/// `short`: every step launched with this split attends at most `direct` positions, so the
+/// attention takes one split block per head group and no merge kernel is launched (the
+/// one-token step's second graph, used while the attended length is at most `direct`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AttnSplit {
+    short: bool,
     splits: usize,
     min_chunk: usize,
     tensor_cores: bool,
@@ -121,6 +126,7 @@ impl AttnSplit {
     fn new(splits: usize, min_chunk: usize, tensor_cores: bool) -> Self {
         let splits = splits.clamp(1, MAX_SPLITS);
         Self {
+            short: false,
             splits,
             min_chunk: min_chunk.max(1),
             tensor_cores,
@@ -624,10 +630,14 @@ pub struct CudaDecoder {
     /// Raw addresses of the buffers and weights the kernels take.
     ptr: Ptrs,
     kv_host: Vec<u64>,
-    graph: Option<CudaGraph>,
-    /// Steps run so far; the graph is captured on the second (the first loads the kernels).
+    /// The step's graphs: for any attended length, and for lengths up to the split's
+    /// `direct` (no merge kernel, [`AttnSplit`]'s `short`).
+    graphs: [Option<CudaGraph>; 2],
+    /// Steps run so far; a graph is captured from the second on (the first loads the kernels).
     steps: usize,
     use_graph: bool,
+    /// Whether short contexts take their own graph (`POCKETLM_SHORT_GRAPH=0`: no).
+    short_graph: bool,
     /// The decode attention's split of the cached positions over blocks.
     split: AttnSplit,
     /// The batched step's buffers and graphs, once used.
@@ -645,7 +655,7 @@ impl std::fmt::Debug for CudaDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaDecoder")
             .field("layers", &self.spec.layers.len())
-            .field("graph", &self.graph.is_some())
+            .field("graph", &self.uses_graph())
             .finish()
     }
 }
@@ -828,10 +838,11 @@ impl CudaDecoder {
             dev,
             buf,
             ptr,
-            graph: None,
+            graphs: [None, None],
             steps: 0,
             split,
             use_graph,
+            short_graph: !crate::switches::switched_off("POCKETLM_SHORT_GRAPH"),
             batch: None,
         })
     }
@@ -853,7 +864,7 @@ impl CudaDecoder {
 
     /// Whether the step runs as a captured CUDA graph.
     pub fn uses_graph(&self) -> bool {
-        self.graph.is_some()
+        self.graphs.iter().any(Option::is_some)
     }
 
     /// Runs one token: `x: [1, 1, hidden]` (or `[hidden]`) f32, its embedding, for the
@@ -906,12 +917,13 @@ impl CudaDecoder {
             self.kv_host = table;
         }
         self.steps += 1;
-        if self.graph.is_none() && self.use_graph && self.steps >= 2 {
-            self.capture()?;
+        let short = self.short_graph && pos < self.split.direct;
+        if self.graphs[short as usize].is_none() && self.use_graph && self.steps >= 2 {
+            self.capture(short)?;
         }
-        match &self.graph {
+        match &self.graphs[short as usize] {
             Some(g) => g.launch().w()?,
-            None => self.record()?,
+            None => self.record_with(&self.ptr, 1, short)?,
         }
         let n = self.buf.out.len();
         let mut out = unsafe { self.dev.alloc::<f32>(n) }?;
@@ -920,9 +932,9 @@ impl CudaDecoder {
     }
 
     /// Records the launches into a CUDA graph; on failure keeps launching them one by one.
-    fn capture(&mut self) -> Result<()> {
-        match self.capture_with(&self.ptr, 1)? {
-            Some(g) => self.graph = Some(g),
+    fn capture(&mut self, short: bool) -> Result<()> {
+        match self.capture_with(&self.ptr, 1, short)? {
+            Some(g) => self.graphs[short as usize] = Some(g),
             None => self.use_graph = false,
         }
         Ok(())
@@ -930,12 +942,12 @@ impl CudaDecoder {
 
     /// The launches of [`Self::record_with`] captured into a CUDA graph, or `None` (logged)
     /// when capture fails.
-    fn capture_with(&self, p: &Ptrs, batch: usize) -> Result<Option<CudaGraph>> {
+    fn capture_with(&self, p: &Ptrs, batch: usize, short: bool) -> Result<Option<CudaGraph>> {
         let stream = self.dev.cuda_stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
-        let recorded = self.record_with(p, batch);
+        let recorded = self.record_with(p, batch, short);
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         recorded?;
         match graph {
@@ -1029,7 +1041,7 @@ impl CudaDecoder {
         let ptr = st.ptr.clone();
         let out_ptr = st.out;
         if capture {
-            let g = self.capture_with(&ptr, b)?;
+            let g = self.capture_with(&ptr, b, false)?;
             if let Some(st) = self.batch.as_mut() {
                 if let Some(e) = st.graphs.get_mut(&b) {
                     e.1 = g;
@@ -1039,7 +1051,7 @@ impl CudaDecoder {
         let st = self.batch.as_ref().expect("made above");
         match st.graphs.get(&b).and_then(|e| e.1.as_ref()) {
             Some(g) => g.launch().w()?,
-            None => self.record_with(&ptr, b)?,
+            None => self.record_with(&ptr, b, false)?,
         }
         let n = b * self.out_len();
         let out = unsafe { self.dev.alloc::<f32>(n) }?;
@@ -1146,17 +1158,13 @@ impl CudaDecoder {
         })
     }
 
-    /// Launches the kernels of one step on the device's stream.
-    fn record(&self) -> Result<()> {
-        self.record_with(&self.ptr, 1)
-    }
-
     /// Launches the kernels of one step of `batch` sequences on the buffers at `p` (the
     /// one-token step's, or [`BatchState`]'s): every per-token buffer holds a row per sequence,
     /// `params` [`KV_PARAMS`] i32 and `kv` `2 n_layers` addresses per sequence. A batch takes the
     /// small-batch GEMM for every projection, and its mixtures of experts read each chosen
-    /// expert once for all rows ([`DecoderMoe::launch`]).
-    fn record_with(&self, p: &Ptrs, batch: usize) -> Result<()> {
+    /// expert once for all rows ([`DecoderMoe::launch`]). With `short`, every step it is
+    /// launched for attends at most the split's `direct` positions ([`AttnSplit`]).
+    fn record_with(&self, p: &Ptrs, batch: usize, short: bool) -> Result<()> {
         let s = &self.spec;
         let kv_stride = 2 * s.layers.len();
         // A projection of the step's rows: the GEMV for one, the small-batch GEMM for more.
@@ -1270,7 +1278,10 @@ impl CudaDecoder {
                 (nh, nkv, hd),
                 (l.window, l.scale, l.softcap),
                 s.kv_f16,
-                self.split.for_batch(batch),
+                AttnSplit {
+                    short,
+                    ..self.split.for_batch(batch)
+                },
             )?;
             let post = add_residual(&l.o, &l.post_attn_norm)?;
             let ffn_norm = tensor_ptr(&l.ffn_norm, &stream)?;
@@ -1546,14 +1557,19 @@ fn launch_attention(
     b.arg(scale).arg(window).arg(min_chunk).arg(direct);
     b.arg(a.part_o).arg(a.part_ml).arg(a.xq).arg(a.xd);
     b.arg(a.kv_stride as i32).arg(softcap);
+    // Short: one split, which writes the output itself (at most `direct` positions).
+    let splits = if split.short { 1 } else { split.splits };
     let cfg = LaunchConfig {
-        grid_dim: ((nh / g) as u32, split.splits as u32, a.batch as u32),
+        grid_dim: ((nh / g) as u32, splits as u32, a.batch as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
     let stream = dev.cuda_stream();
     // SAFETY: attn_*'s parameters, in order; the buffers documented above.
     unsafe { b.launch(&stream, cfg) }?;
+    if split.short {
+        return Ok(());
+    }
     let merge = kernel(dev, &QMATRIX, &format!("attn_merge_d{hd}"))?;
     let mut b = Launch::new(&merge);
     b.arg(a.params)
@@ -1688,7 +1704,8 @@ impl AttnTest {
 /// device as f16 when `kv_f16`, else f32; with `paged` in a block pool read through a block
 /// table, [`paged_layout`]), run twice with the default split and once with
 /// each of a few others (the returned result is the last: a split count's stale partial
-/// results must not leak into the next), on the tensor cores or not (head_dim 256: never),
+/// results must not leak into the next; up to the split's `direct` positions the last is the
+/// short graph's single split), on the tensor cores or not (head_dim 256: never),
 /// returned as the 8-bit codes times their block scale: `[n_heads * hd]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_attention(
@@ -1707,12 +1724,17 @@ pub(crate) fn run_attention(
         tensor_cores,
         ..AttnSplit::from_env()
     };
-    for split in [
+    let mut splits = vec![
         AttnSplit::new(256, 16, tensor_cores),
         AttnSplit::new(7, 64, tensor_cores),
         def,
         def,
-    ] {
+    ];
+    // Up to `direct` positions, last the short graph's launch (one split, no merge).
+    if len <= def.direct {
+        splits.push(AttnSplit { short: true, ..def });
+    }
+    for split in splits {
         let scale = 1.0 / (hd as f32).sqrt();
         launch_attention(
             dev,
