@@ -45,14 +45,10 @@ pub fn default_model_in_ggml_order() -> Arc<LoadedModel> {
     static GGML_ORDER: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     GGML_ORDER
         .get_or_init(|| {
-            let path = default_model_path();
-            let opts = LoadOptions {
+            Arc::new(load_default_with(&LoadOptions {
                 no_repack: true,
                 ..Default::default()
-            };
-            let m =
-                load(&path, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-            Arc::new(m)
+            }))
         })
         .clone()
 }
@@ -61,12 +57,16 @@ pub fn default_model_in_ggml_order() -> Arc<LoadedModel> {
 ///
 /// Panics, naming the path, when it cannot be loaded.
 pub fn load_default_model(dequantize: bool) -> LoadedModel {
-    let path = default_model_path();
-    let opts = LoadOptions {
+    load_default_with(&LoadOptions {
         dequantize,
         ..Default::default()
-    };
-    load(&path, &opts).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    })
+}
+
+/// The default model loaded with `opts`; panics, naming the path, when it cannot be loaded.
+fn load_default_with(opts: &LoadOptions) -> LoadedModel {
+    let path = default_model_path();
+    load(&path, opts).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
 }
 
 /// `$POCKETLM_HOME/models/<file>` (default home `~/.cache/pocketlm`), for optional models that

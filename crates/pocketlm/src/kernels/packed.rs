@@ -52,9 +52,8 @@
 //! batch of sequences gets the bits each sequence gets alone.
 //!
 //! `Q8_0` has a second kernel that keeps ggml's float order (`ggml_vec_dot_q8_0_q8_0` as the
-//! unpacked x86 kernels compute it, [`tile_fn_vec_dot`],
-//! `GgufMatrix::repacked_keeping_order`): per row, 8 float accumulators, one per 4-value group `L` (values
-//! `4L..4L + 4` = word `L`), each `fma(d·d_y, Σ_L, acc_L)` per block with `Σ_L` the exact
+//! unpacked x86 kernels compute it, [`tile_fn_vec_dot`], `GgufMatrix::repacked_keeping_order`):
+//! per row, 8 float accumulators, one per 4-value group `L` (values `4L..4L + 4` = word `L`), each `fma(d·d_y, Σ_L, acc_L)` per block with `Σ_L` the exact
 //! integer `Σ q·y` of its 4 values, and at the end `hsum_float_8`'s order as for `Q4_1`. The
 //! unsigned codes `q + 128` give `Σ_L (q + 128)·y`, so each `Σ_L` starts from `-128·Σ_L y`
 //! (the activations' 4-value sums, computed once per tile).
@@ -317,14 +316,10 @@ fn block_isum<const WORDS: usize, const OFF: i32, const NL: bool, const MIN: boo
     s
 }
 
-/// Bytes of a packed block before its quant words: the 16 scales, and with `MIN` (`Q4_1`)
-/// the 16 minimums.
+/// Bytes of a packed block before its quant words: 16 rows' `f16` [`params`], the scales and
+/// with `MIN` (`Q4_1`) the minimums.
 const fn header<const MIN: bool>() -> usize {
-    if MIN {
-        64
-    } else {
-        32
-    }
+    32 * params(if MIN { GgufType::Q4_1 } else { GgufType::Q4_0 })
 }
 
 /// The portable packed kernel of `Q4_0` (`WORDS = 4, OFF = 8`), `Q8_0` (`8, 128`), `IQ4_NL`
@@ -727,6 +722,8 @@ pub(crate) mod avx512 {
             let y0 = a.qs.as_ptr().add(r * k) as *const i32;
             let isum = a.isum.as_ptr().add(r * nb);
             let dy = a.d.as_ptr().add(r * nb);
+            // `Q4_1`: the activation blocks' `d_y·Σy` (empty for `Q8K` activations, unused).
+            let sy = a.s.as_ptr().wrapping_add(r * nb);
             for b in bs {
                 let blk = wg.add(b * gblock);
                 if pf {
@@ -760,8 +757,8 @@ pub(crate) mod avx512 {
                     let dd = _mm512_mul_ps(dw, _mm512_set1_ps(*dy.add(i * nb + b)));
                     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[i]);
                     if MIN {
-                        let sy = _mm512_set1_ps(*a.s.as_ptr().add((r + i) * nb + b));
-                        acc[i] = _mm512_fmadd_ps(mw, sy, acc[i]);
+                        let s = _mm512_set1_ps(*sy.add(i * nb + b));
+                        acc[i] = _mm512_fmadd_ps(mw, s, acc[i]);
                     }
                 });
             }

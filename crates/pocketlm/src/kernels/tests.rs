@@ -872,8 +872,8 @@ fn packed_iq4_kernels_match_references() {
 }
 
 /// The packed `IQ4_NL` / `IQ4_XS` / `Q4_1` kernels equal their portable twin
-/// ([`packed::tile_fn`]) bit for bit on every backend that runs them, for activation rows `m = 1..=20` and `64..=66`
-/// (the passes of 8 rows and their remainders, prefill tiles) on shapes of one and three
+/// ([`packed::tile_fn`]) bit for bit on every backend that runs them, for activation rows
+/// `m = 1..=20` and `64..=66` (the passes of 8 rows and their remainders, prefill tiles) on shapes of one and three
 /// groups, and at `k = 4096` (block chunks of more than 8 rows, prefetch past a group) for a
 /// few row counts; with the unpacked kernels (another
 /// float order) they agree to `2e-5` of the largest output (the naive references and their

@@ -70,6 +70,25 @@ fn prompt_of(m: &LoadedModel, c: &Value) -> Prompt {
     }
 }
 
+/// `m`'s logits `[vocab]` at the last position of `prompt`, prefilled into `cache`.
+fn last_logits(
+    m: &LoadedModel,
+    prompt: &[u32],
+    cache: &mut pocketlm::kv_cache::KvCache,
+) -> Vec<f32> {
+    let x = candle_core::Tensor::new(prompt, m.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.model
+        .forward(&x, cache, Logits::Last)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 #[test]
 fn tokenization_matches_llama_cpp_and_transformers() {
     let m = default_model(false);
@@ -94,20 +113,7 @@ fn tokenization_matches_llama_cpp_and_transformers() {
 fn dequantized_logits_match_transformers() {
     let m = default_model(true);
     for c in golden()["cases"].as_array().unwrap() {
-        let prompt = ids(&c["prompt_ids"]);
-        let x = candle_core::Tensor::new(prompt.as_slice(), m.model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut cache = m.model.new_cache();
-        let logits: Vec<f32> = m
-            .model
-            .forward(&x, &mut cache, Logits::Last)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let logits = last_logits(&m, &ids(&c["prompt_ids"]), &mut m.model.new_cache());
         for pair in c["hf_f32_top20_last"].as_array().unwrap() {
             let (id, want) = (
                 pair[0].as_u64().unwrap() as usize,
@@ -184,20 +190,7 @@ fn greedy_against_llama_cpp(m: &LoadedModel) -> (usize, Vec<String>) {
 fn first_step_against_llama_cpp(m: &LoadedModel) -> (f64, f64) {
     let (mut worst, mut sum, mut n) = (0f64, 0f64, 0usize);
     for c in golden()["cases"].as_array().unwrap() {
-        let prompt = ids(&c["prompt_ids"]);
-        let x = candle_core::Tensor::new(prompt.as_slice(), m.model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut cache = m.model.new_cache();
-        let logits: Vec<f32> = m
-            .model
-            .forward(&x, &mut cache, Logits::Last)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let logits = last_logits(m, &ids(&c["prompt_ids"]), &mut m.model.new_cache());
         for pair in c["top5_per_step"][0].as_array().unwrap() {
             let (id, want) = (
                 pair[0].as_u64().unwrap() as usize,
@@ -278,19 +271,7 @@ fn f16_kv_cache_stays_close_to_f32_cache() {
     let cases = golden()["cases"].as_array().unwrap().clone();
     for c in &cases {
         let prompt = ids(&c["prompt_ids"]);
-        let x = candle_core::Tensor::new(prompt.as_slice(), m.model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let last = |cache: &mut pocketlm::kv_cache::KvCache| -> Vec<f32> {
-            m.model
-                .forward(&x, cache, Logits::Last)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let last = |cache: &mut pocketlm::kv_cache::KvCache| last_logits(&m, &prompt, cache);
         let mut c16 = m.model.make_cache(&cfg).unwrap();
         let (a, b) = (last(&mut m.model.new_cache()), last(&mut c16));
         assert!(c16.nbytes() > 0);
