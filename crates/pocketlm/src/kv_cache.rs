@@ -2313,6 +2313,42 @@ mod paged_tests {
         assert_eq!(host.offset(), 0);
     }
 
+    /// Appends to device-style blocks write each run of whole blocks with consecutive ids at
+    /// once and the rest block by block; either way every position lands where the growing
+    /// cache has it: chunks that start and end mid-block, runs broken by an id that does not
+    /// follow, a run that ends the chunk. A dropped cache's blocks come back to the free list
+    /// so that the next cache takes them in order.
+    #[test]
+    fn device_appends_write_runs_of_consecutive_blocks() {
+        let p = pool_in(16, DType::F16, true);
+        let (h, d) = p.layer_shape(0).unwrap();
+        let fill = |c: &mut PagedKvCache, n: usize, at: f32| {
+            c.update(&kv(h, n, d, at), &kv(h, n, d, at + 0.5)).unwrap();
+        };
+        // Fragment the free list: `a` takes blocks 0-5, `b` 6-7, then `a` is dropped.
+        let mut a = PagedKvCache::new(p.clone(), 0).unwrap();
+        fill(&mut a, 6 * BLOCK, 0.0);
+        let mut b = PagedKvCache::new(p.clone(), 0).unwrap();
+        let mut gb = growing_of(DType::F16);
+        let (kb, vb) = (kv(h, 2 * BLOCK, d, 1.0), kv(h, 2 * BLOCK, d, 1.5));
+        b.update(&kb, &vb).unwrap();
+        gb.update(&kb, &vb).unwrap();
+        assert_eq!(a.block_table(), [0, 1, 2, 3, 4, 5]);
+        drop(a);
+        let mut c = PagedKvCache::new(p.clone(), 0).unwrap();
+        let mut g = growing_of(DType::F16);
+        let mut at = 2.0;
+        for n in [BLOCK - 3, 5 * BLOCK + 7, 2 * BLOCK - 4, 2 * BLOCK, 1] {
+            let (k, v) = (kv(h, n, d, at), kv(h, n, d, at + 0.5));
+            c.update(&k, &v).unwrap();
+            g.update(&k, &v).unwrap();
+            assert_same_state(&c, &g);
+            at += 10.0;
+        }
+        assert_eq!(c.block_table(), [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12]);
+        assert_same_state(&b, &gb);
+    }
+
     /// `update_stored` of a cache in device-style blocks gives the blocks' own dtype (f16, for
     /// the CUDA flash prefill) with the values `update` widens to f32; host blocks give f32.
     #[test]
