@@ -168,7 +168,7 @@ done
 # launches skipped, NCU_COUNT profiled; kernels matching NCU_KERNELS) at depth 0 and at the first
 # of $DEPTHS, on each of NCU_MODELS (the first of MODELS by default): Nsight Compute, speed-of-light
 # section, per-kernel summary. NCU_PREFILL=0 skips the prefill profile.
-if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
+if [ "${NCU:-0}" != 0 ] && command -v ncu >/dev/null; then
   for m1 in ${NCU_MODELS:-${MODELS%% *}}; do
   for d in 0 ${DEPTHS%%,*}; do
     stamp "ncu $m1 d$d"

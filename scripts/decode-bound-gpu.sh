@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # One `device` call (repo root; carry: [".gpu"]): the one-token decode against the HBM bound on
 # this card, with the checks that cover the decode graphs.
-# 1. scripts/bound-gpu.sh with SERVE=0 SKIP_CHECKS=1 and NCU empty (its ncu off: any value turns
-#    it on): 8B-shaped Q4_0 and MLX 4-bit at depth 0 (pp512, tg128, sampled), llama-bench built
-#    in the same call, HBM read bound, and VARIANTS (default: the short-context graph off, and
-#    GEMV launch shapes).
+# 1. scripts/bound-gpu.sh with SERVE=0 NCU=0 SKIP_CHECKS=1: 8B-shaped Q4_0 and MLX 4-bit at
+#    depth 0 (pp512, tg128, sampled), llama-bench built in the same call, HBM read bound, and
+#    VARIANTS (default: the short-context graph off, and GEMV launch shapes).
 # 2. pp512 at depth 4096 into a growing cache and into a paged one (`bench --paged`: a prompt
 #    under `serve --kv-memory`), 8B Q4_0.
 # 3. The full `gpu-selftest` (every kernel, the short attention launch among them).
@@ -15,7 +14,7 @@
 #    8B Q4_0 (where the bound is missed).
 set -uo pipefail
 t0=$(date +%s)
-export OUT=${OUT:-$PWD/gpu-out} MODELS=${MODELS:-8b-q4_0.gguf 8b-mlx4} SERVE=0 NCU= SKIP_CHECKS=1
+export OUT=${OUT:-$PWD/gpu-out} MODELS=${MODELS:-8b-q4_0.gguf 8b-mlx4} SERVE=0 NCU=0 SKIP_CHECKS=1
 export BUDGET=${BUDGET:-360}
 export VARIANTS=${VARIANTS-one:POCKETLM_SHORT_GRAPH=0;g21:POCKETLM_GEMV=2,1;g12:POCKETLM_GEMV=1,2;g24:POCKETLM_GEMV=2,4;gw24:POCKETLM_GEMV_WIDE=2,4}
 bash scripts/bound-gpu.sh
