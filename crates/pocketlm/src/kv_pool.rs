@@ -878,9 +878,7 @@ impl PagedKvCache {
         };
         if r.is_err() {
             // Give back what this append took.
-            for id in self.table.drain(old_blocks..).rev() {
-                self.pool.release(self.layer, id);
-            }
+            self.release_from(old_blocks);
             self.len = old_len;
         }
         r
@@ -929,10 +927,10 @@ impl PagedKvCache {
                     run += 1;
                 }
             }
-            let take = if off == 0 && run * BLOCK <= n - done {
+            // A run's blocks are whole: the loop takes one only when the chunk covers it.
+            let take = if run > 1 {
                 run * BLOCK
             } else {
-                run = 1;
                 (BLOCK - off).min(n - done)
             };
             let id = self.table[bi] as usize;
@@ -941,7 +939,7 @@ impl PagedKvCache {
             })?;
             for (src, dst) in [(&k, &blocks.k), (&v, &blocks.v)] {
                 let part = src.narrow(2, done, take)?;
-                if take == run * BLOCK && run > 1 {
+                if run > 1 {
                     // [1, kv_heads, run·BLOCK, d] -> [run, kv_heads, BLOCK, d]
                     let part = part
                         .reshape((kv_heads, run, BLOCK, d))?
