@@ -902,9 +902,10 @@ impl PagedKvCache {
     /// the held ones into the device blocks, converted to the pool's dtype (rounded to nearest
     /// for f16) and moved to its device. Whole blocks whose ids follow each other in the table
     /// (a fresh pool hands them out in order, [`Self::release_from`] gives them back so) are
-    /// written together: one transposing copy and one `slice_set` per run and k/v, instead of
-    /// two copies per block (on CUDA each copy is a launch; a 512-position chunk filled 32
-    /// blocks one by one).
+    /// written together: one transposing copy and one `slice_set` per run and k/v (one copy
+    /// more when the run is only part of the chunk: candle reshapes a strided view by copying
+    /// it), instead of two copies per block (on CUDA each copy is a launch; a 512-position
+    /// chunk filled 32 blocks one by one).
     fn write_device(&mut self, k: &Tensor, v: &Tensor, n: usize) -> Result<()> {
         let dtype = self.pool.dtype();
         let dev = self.pool.device().clone();
